@@ -1,0 +1,62 @@
+# moe-cluster: the two commands for a fresh Debian/Ubuntu machine are `make run` and `make test`.
+# Every target installs missing Debian packages first (scripts/install-deps.sh).
+
+JOBS ?= $(shell nproc)
+BUILD ?= build
+CMAKE_FLAGS ?=
+FUZZ_SECONDS ?= 30
+RUN_DIR ?= $(BUILD)/run
+
+.PHONY: all deps configure build test test-unit fuzz run bench test-asan clean
+
+all: build
+
+deps:
+	@bash scripts/install-deps.sh
+
+$(BUILD)/CMakeCache.txt:
+	@$(MAKE) --no-print-directory deps
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_FLAGS)
+
+configure: $(BUILD)/CMakeCache.txt
+
+build: deps configure
+	cmake --build $(BUILD) -j $(JOBS)
+
+# Every test: unit and integration tests through ctest, then the fuzzers for FUZZ_SECONDS each.
+test: build
+	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
+	@$(MAKE) --no-print-directory fuzz
+
+test-unit: build
+	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
+
+fuzz: deps
+	@test -f build-fuzz/CMakeCache.txt || \
+	  CC=clang CXX=clang++ cmake -S . -B build-fuzz -DMOE_FUZZ=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	    -DMOE_FUZZ_SECONDS=$(FUZZ_SECONDS)
+	cmake --build build-fuzz -j $(JOBS)
+	cd build-fuzz && ctest --output-on-failure
+
+# ASan + UBSan build of every test, in build-asan/.
+test-asan: deps
+	@test -f build-asan/CMakeCache.txt || \
+	  cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOE_SANITIZE=address,undefined
+	cmake --build build-asan -j $(JOBS)
+	cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	  ctest --output-on-failure -j $(JOBS) -LE slow
+
+# The demo: a 16-expert checkpoint, then the in-process layer on a few batches.
+run: build
+	@mkdir -p $(RUN_DIR)
+	@test -f $(RUN_DIR)/demo.safetensors || $(BUILD)/bin/moe-client init-checkpoint \
+	  --out $(RUN_DIR)/demo.safetensors --experts 16 --d-model 512 --d-ff 2048 --top-k 2 \
+	  --activation silu --gated --seed 1
+	$(BUILD)/bin/moe-client demo --checkpoint $(RUN_DIR)/demo.safetensors --batches 20 --batch-size 256
+
+bench: build
+	@bash scripts/install-deps.sh bench
+	bash bench/run_all.sh $(BUILD)
+
+clean:
+	rm -rf $(BUILD) build-asan build-fuzz

@@ -1,0 +1,339 @@
+#include "expert_server/expert_ffn.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <unordered_map>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "expert_server/activation.h"
+#include "oneapi/dnnl/dnnl.hpp"
+#include "services/common/status_macros.h"
+
+namespace moe::expert {
+namespace {
+
+using dnnl::memory;
+using Tag = memory::format_tag;
+using Dt = memory::data_type;
+constexpr memory::dim kRt = DNNL_RUNTIME_DIM_VAL;
+
+const dnnl::engine& CpuEngine() {
+  static const dnnl::engine* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
+  return *engine;
+}
+
+dnnl::stream& ThreadStream() {
+  thread_local dnnl::stream stream(CpuEngine());
+  return stream;
+}
+
+// A per-thread buffer that only grows; `slot` picks one of a few independent buffers.
+float* ThreadBuffer(int slot, size_t floats) {
+  struct Buf {
+    float* p = nullptr;
+    size_t n = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf bufs[4];
+  Buf& b = bufs[slot];
+  if (b.n < floats) {
+    std::free(b.p);
+    const size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
+    b.p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    b.n = floats;
+  }
+  return b.p;
+}
+
+void AddScratchpad(const dnnl::primitive_desc_base& pd,
+                   std::unordered_map<int, memory>* args) {
+  const memory::desc sd = pd.scratchpad_desc();
+  const size_t bytes = sd.get_size();
+  if (bytes == 0) return;
+  (*args)[DNNL_ARG_SCRATCHPAD] = memory(sd, CpuEngine(), ThreadBuffer(3, bytes / 4 + 1));
+}
+
+dnnl::primitive_attr UserScratchpadAttr() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+// dst[rows, n] = src[rows, k] * W^T (+ bias) (then eltwise), W stored [n, k] row-major and
+// reordered once into the primitive's preferred layout.
+class WeightsMatmul {
+ public:
+  WeightsMatmul(int64_t k, int64_t n, const float* w, const float* bias,
+                std::optional<std::pair<dnnl::algorithm, float>> eltwise)
+      : k_(k), n_(n) {
+    const memory::desc src({kRt, k}, Dt::f32, Tag::ab);
+    const memory::desc wei({k, n}, Dt::f32, Tag::any);
+    const memory::desc dst({kRt, n}, Dt::f32, Tag::ab);
+    const memory::desc bias_md =
+        bias != nullptr ? memory::desc({1, n}, Dt::f32, Tag::ab) : memory::desc();
+    dnnl::primitive_attr attr = UserScratchpadAttr();
+    if (eltwise) {
+      dnnl::post_ops po;
+      po.append_eltwise(1.f, eltwise->first, eltwise->second, 0.f);
+      attr.set_post_ops(po);
+    }
+    pd_ = dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, wei, bias_md, dst), attr,
+                                       CpuEngine());
+    prim_ = dnnl::matmul(pd_);
+    memory plain({{k, n}, Dt::f32, Tag::ba}, CpuEngine(), const_cast<float*>(w));
+    weights_ = memory(pd_.weights_desc(), CpuEngine());
+    dnnl::stream s(CpuEngine());
+    dnnl::reorder(plain, weights_).execute(s, plain, weights_);
+    s.wait();
+    if (bias != nullptr) {
+      bias_.assign(bias, bias + n);
+      bias_mem_ = memory({{1, n}, Dt::f32, Tag::ab}, CpuEngine(), bias_.data());
+    }
+  }
+
+  void Run(const float* src, int64_t rows, float* dst) const {
+    std::unordered_map<int, memory> args;
+    args[DNNL_ARG_SRC] =
+        memory({{rows, k_}, Dt::f32, Tag::ab}, CpuEngine(), const_cast<float*>(src));
+    args[DNNL_ARG_WEIGHTS] = weights_;
+    args[DNNL_ARG_DST] = memory({{rows, n_}, Dt::f32, Tag::ab}, CpuEngine(), dst);
+    if (!bias_.empty()) args[DNNL_ARG_BIAS] = bias_mem_;
+    AddScratchpad(pd_, &args);
+    dnnl::stream& s = ThreadStream();
+    prim_.execute(s, args);
+    s.wait();
+  }
+
+ private:
+  int64_t k_, n_;
+  dnnl::matmul::primitive_desc pd_;
+  dnnl::matmul prim_;
+  memory weights_;
+  std::vector<float> bias_;
+  memory bias_mem_;
+};
+
+// C[M, N] (+)= op(A) op(B) with every dimension given at run time. op(A) = A^T reads A stored
+// [K, M]; op(B) = B^T reads B stored [N, K]. Used by the backward pass.
+class RuntimeGemm {
+ public:
+  RuntimeGemm(bool trans_a, bool trans_b, bool accumulate) : ta_(trans_a), tb_(trans_b) {
+    const memory::desc a({kRt, kRt}, Dt::f32, ta_ ? Tag::ba : Tag::ab);
+    const memory::desc b({kRt, kRt}, Dt::f32, tb_ ? Tag::ba : Tag::ab);
+    const memory::desc c({kRt, kRt}, Dt::f32, Tag::ab);
+    dnnl::primitive_attr attr = UserScratchpadAttr();
+    if (accumulate) {
+      dnnl::post_ops po;
+      po.append_sum(1.f);
+      attr.set_post_ops(po);
+    }
+    pd_ = dnnl::matmul::primitive_desc(dnnl::matmul::desc(a, b, c), attr, CpuEngine());
+    prim_ = dnnl::matmul(pd_);
+  }
+
+  void Run(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k) const {
+    std::unordered_map<int, memory> args;
+    args[DNNL_ARG_SRC] = memory({{m, k}, Dt::f32, ta_ ? Tag::ba : Tag::ab}, CpuEngine(),
+                                const_cast<float*>(a));
+    args[DNNL_ARG_WEIGHTS] = memory({{k, n}, Dt::f32, tb_ ? Tag::ba : Tag::ab}, CpuEngine(),
+                                    const_cast<float*>(b));
+    args[DNNL_ARG_DST] = memory({{m, n}, Dt::f32, Tag::ab}, CpuEngine(), c);
+    AddScratchpad(pd_, &args);
+    dnnl::stream& s = ThreadStream();
+    prim_.execute(s, args);
+    s.wait();
+  }
+
+ private:
+  bool ta_, tb_;
+  dnnl::matmul::primitive_desc pd_;
+  dnnl::matmul prim_;
+};
+
+std::pair<dnnl::algorithm, float> EltwiseFor(common::Activation a) {
+  switch (a) {
+    case common::Activation::kRelu:
+      return {dnnl::algorithm::eltwise_relu, 0.f};
+    case common::Activation::kGelu:
+      return {dnnl::algorithm::eltwise_gelu_erf, 0.f};
+    case common::Activation::kSilu:
+      return {dnnl::algorithm::eltwise_swish, 1.f};
+  }
+  return {dnnl::algorithm::eltwise_relu, 0.f};
+}
+
+const float* DataOrNull(const std::vector<float>& v) { return v.empty() ? nullptr : v.data(); }
+
+void ColumnSum(const float* m, int64_t rows, int64_t cols, std::vector<float>* out) {
+  out->assign(static_cast<size_t>(cols), 0.f);
+  float* o = out->data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = m + r * cols;
+    for (int64_t c = 0; c < cols; ++c) o[c] += row[c];
+  }
+}
+
+template <typename Fn>
+absl::Status Guard(const char* what, Fn&& fn) {
+  try {
+    fn();
+  } catch (const dnnl::error& e) {
+    return absl::InternalError(absl::StrCat("oneDNN ", what, " failed: ", e.what()));
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(absl::StrCat(what, ": out of memory"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+struct ExpertFfn::Impl {
+  std::unique_ptr<WeightsMatmul> up_act;  // act(W1 x + b1)
+  std::unique_ptr<WeightsMatmul> up_raw;  // W1 x + b1
+  std::unique_ptr<WeightsMatmul> up3;     // W3 x + b3
+  std::unique_ptr<WeightsMatmul> down;    // W2 a + b2
+  RuntimeGemm gemm_nn{false, false, false};
+  RuntimeGemm gemm_nn_acc{false, false, true};
+  RuntimeGemm gemm_tn{true, false, false};
+};
+
+ExpertFfn::~ExpertFfn() = default;
+
+absl::StatusOr<std::unique_ptr<ExpertFfn>> ExpertFfn::Create(const common::ModelConfig& config,
+                                                             common::ExpertWeights weights) {
+  if (config.d_model <= 0 || config.d_ff <= 0) {
+    return absl::InvalidArgumentError("expert dimensions must be positive");
+  }
+  RETURN_IF_ERROR(common::ValidateExpert(config, weights));
+  auto ffn = std::unique_ptr<ExpertFfn>(new ExpertFfn());
+  ffn->config_ = config;
+  ffn->weights_ = std::move(weights);
+  RETURN_IF_ERROR(ffn->Rebuild());
+  return ffn;
+}
+
+absl::Status ExpertFfn::Rebuild() {
+  return Guard("primitive creation", [this] {
+    const int64_t d = config_.d_model, f = config_.d_ff;
+    auto impl = std::make_unique<Impl>();
+    const common::ExpertWeights& w = weights_;
+    impl->up_act = std::make_unique<WeightsMatmul>(d, f, w.w1.data(), DataOrNull(w.b1),
+                                                   EltwiseFor(config_.activation));
+    impl->up_raw = std::make_unique<WeightsMatmul>(d, f, w.w1.data(), DataOrNull(w.b1),
+                                                   std::nullopt);
+    if (config_.gated) {
+      impl->up3 = std::make_unique<WeightsMatmul>(d, f, w.w3.data(), DataOrNull(w.b3),
+                                                  std::nullopt);
+    }
+    impl->down = std::make_unique<WeightsMatmul>(f, d, w.w2.data(), DataOrNull(w.b2),
+                                                 std::nullopt);
+    impl_ = std::move(impl);
+  });
+}
+
+double ExpertFfn::FlopsPerRow() const {
+  return 2.0 * config_.d_model * config_.d_ff * (config_.gated ? 3 : 2);
+}
+
+absl::Status ExpertFfn::Forward(const float* x, int64_t rows, float* y) const {
+  if (rows < 0) return absl::InvalidArgumentError("negative row count");
+  if (rows == 0) return absl::OkStatus();
+  return Guard("forward", [&] {
+    const size_t hidden = static_cast<size_t>(rows) * config_.d_ff;
+    float* a = ThreadBuffer(0, hidden);
+    impl_->up_act->Run(x, rows, a);
+    if (config_.gated) {
+      float* g = ThreadBuffer(1, hidden);
+      impl_->up3->Run(x, rows, g);
+      for (size_t i = 0; i < hidden; ++i) a[i] *= g[i];
+    }
+    impl_->down->Run(a, rows, y);
+  });
+}
+
+absl::Status ExpertFfn::ForwardTrain(const float* x, int64_t rows, float* y,
+                                     ForwardCache* cache) const {
+  if (rows < 0) return absl::InvalidArgumentError("negative row count");
+  const size_t hidden = static_cast<size_t>(rows) * config_.d_ff;
+  cache->rows = rows;
+  cache->h1.resize(hidden);
+  cache->a.resize(hidden);
+  cache->h3.resize(config_.gated ? hidden : 0);
+  if (rows == 0) return absl::OkStatus();
+  return Guard("forward", [&] {
+    const common::Activation act = config_.activation;
+    impl_->up_raw->Run(x, rows, cache->h1.data());
+    if (config_.gated) {
+      impl_->up3->Run(x, rows, cache->h3.data());
+      for (size_t i = 0; i < hidden; ++i) cache->a[i] = Activate(act, cache->h1[i]) * cache->h3[i];
+    } else {
+      for (size_t i = 0; i < hidden; ++i) cache->a[i] = Activate(act, cache->h1[i]);
+    }
+    impl_->down->Run(cache->a.data(), rows, y);
+  });
+}
+
+absl::Status ExpertFfn::Backward(const float* x, const float* dy, const ForwardCache& cache,
+                                 float* dx, common::ExpertWeights* grads) const {
+  const int64_t m = cache.rows, d = config_.d_model, f = config_.d_ff;
+  const size_t hidden = static_cast<size_t>(m) * f;
+  const common::ExpertWeights& w = weights_;
+  grads->w1.assign(static_cast<size_t>(f * d), 0.f);
+  grads->w2.assign(static_cast<size_t>(d * f), 0.f);
+  grads->w3.assign(config_.gated ? static_cast<size_t>(f * d) : 0, 0.f);
+  grads->b1.assign(w.b1.empty() ? 0 : f, 0.f);
+  grads->b2.assign(w.b2.empty() ? 0 : d, 0.f);
+  grads->b3.assign(w.b3.empty() ? 0 : f, 0.f);
+  if (m == 0) return absl::OkStatus();
+  return Guard("backward", [&] {
+    const common::Activation act = config_.activation;
+    std::vector<float> da(hidden), dh1(hidden), dh3(config_.gated ? hidden : 0);
+    impl_->gemm_nn.Run(dy, w.w2.data(), da.data(), m, f, d);            // dA = dY W2
+    impl_->gemm_tn.Run(dy, cache.a.data(), grads->w2.data(), d, f, m);  // dW2 = dY^T A
+    if (!w.b2.empty()) ColumnSum(dy, m, d, &grads->b2);
+    if (config_.gated) {
+      for (size_t i = 0; i < hidden; ++i) {
+        const float h1 = cache.h1[i];
+        dh3[i] = da[i] * Activate(act, h1);
+        dh1[i] = da[i] * cache.h3[i] * ActivateGrad(act, h1);
+      }
+    } else {
+      for (size_t i = 0; i < hidden; ++i) dh1[i] = da[i] * ActivateGrad(act, cache.h1[i]);
+    }
+    impl_->gemm_tn.Run(dh1.data(), x, grads->w1.data(), f, d, m);  // dW1 = dH1^T X
+    impl_->gemm_nn.Run(dh1.data(), w.w1.data(), dx, m, d, f);      // dX = dH1 W1
+    if (!w.b1.empty()) ColumnSum(dh1.data(), m, f, &grads->b1);
+    if (config_.gated) {
+      impl_->gemm_tn.Run(dh3.data(), x, grads->w3.data(), f, d, m);  // dW3 = dH3^T X
+      impl_->gemm_nn_acc.Run(dh3.data(), w.w3.data(), dx, m, d, f);  // dX += dH3 W3
+      if (!w.b3.empty()) ColumnSum(dh3.data(), m, f, &grads->b3);
+    }
+  });
+}
+
+absl::Status ExpertFfn::ApplySgd(const common::ExpertWeights& g, float lr) {
+  auto check = [](const std::vector<float>& p, const std::vector<float>& grad, const char* name) {
+    if (grad.size() != p.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("gradient for ", name, " has ", grad.size(),
+                                                     " values, expected ", p.size()));
+    }
+    return absl::OkStatus();
+  };
+  common::ExpertWeights& w = weights_;
+  RETURN_IF_ERROR(check(w.w1, g.w1, "w1.weight"));
+  RETURN_IF_ERROR(check(w.w2, g.w2, "w2.weight"));
+  RETURN_IF_ERROR(check(w.w3, g.w3, "w3.weight"));
+  RETURN_IF_ERROR(check(w.b1, g.b1, "w1.bias"));
+  RETURN_IF_ERROR(check(w.b2, g.b2, "w2.bias"));
+  RETURN_IF_ERROR(check(w.b3, g.b3, "w3.bias"));
+  for (auto [p, q] : {std::pair{&w.w1, &g.w1}, {&w.w2, &g.w2}, {&w.w3, &g.w3}, {&w.b1, &g.b1},
+                      {&w.b2, &g.b2}, {&w.b3, &g.b3}}) {
+    for (size_t i = 0; i < p->size(); ++i) (*p)[i] -= lr * (*q)[i];
+  }
+  return Rebuild();
+}
+
+}  // namespace moe::expert

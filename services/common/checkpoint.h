@@ -1,0 +1,92 @@
+#ifndef MOE_SERVICES_COMMON_CHECKPOINT_H_
+#define MOE_SERVICES_COMMON_CHECKPOINT_H_
+
+// The MoE layer's checkpoint (DESIGN.md "The model and its math"): Mixtral tensor names under an
+// optional prefix, metadata for activation, top_k and normalize_topk.
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/strings/string_view.h"
+#include "absl/status/statusor.h"
+#include "services/common/safetensors.h"
+
+namespace moe::common {
+
+enum class Activation { kRelu, kGelu, kSilu };
+
+absl::string_view ActivationName(Activation a);
+absl::StatusOr<Activation> ParseActivation(absl::string_view name);
+
+struct ModelConfig {
+  int num_experts = 0;
+  int d_model = 0;
+  int d_ff = 0;
+  int top_k = 0;
+  Activation activation = Activation::kSilu;
+  bool normalize_topk = true;
+  bool gated = false;
+};
+
+// One expert's parameters, FP32 row-major in checkpoint layout. An empty bias is absent.
+struct ExpertWeights {
+  std::vector<float> w1;  // [d_ff, d_model]
+  std::vector<float> w2;  // [d_model, d_ff]
+  std::vector<float> w3;  // [d_ff, d_model], empty unless gated
+  std::vector<float> b1;  // [d_ff]
+  std::vector<float> b2;  // [d_model]
+  std::vector<float> b3;  // [d_ff]
+};
+
+struct GateWeights {
+  std::vector<float> weight;  // [E, d_model]
+  std::vector<float> bias;    // [E] or empty
+};
+
+struct Checkpoint {
+  ModelConfig config;
+  GateWeights gate;
+  std::vector<ExpertWeights> experts;  // indexed by expert id; see LoadOptions::experts
+};
+
+// Overrides for metadata a checkpoint lacks (a real Mixtral file carries none).
+struct LoadOptions {
+  std::string tensor_prefix;
+  // Which experts to read; nullopt reads all. Experts not read stay empty.
+  std::optional<std::vector<int>> experts;
+  std::optional<Activation> activation;
+  std::optional<int> top_k;
+  std::optional<bool> normalize_topk;
+};
+
+// The tensor name of `suffix` (e.g. "w1.weight") for expert `e`.
+std::string ExpertTensorName(absl::string_view prefix, int expert, absl::string_view suffix);
+
+// Reads the config: E from gate.weight, d_model, d_ff from experts.0.w1.weight, gated from
+// experts.0.w3.weight, metadata (defaults: silu, top_k 2, normalize_topk true).
+absl::StatusOr<ModelConfig> ReadModelConfig(const SafetensorsReader& reader,
+                                            const LoadOptions& options);
+
+// Reads one expert, checking every tensor's shape against `config`. Errors name the tensor.
+absl::StatusOr<ExpertWeights> ReadExpert(const SafetensorsReader& reader, absl::string_view prefix,
+                                         const ModelConfig& config, int expert);
+
+absl::StatusOr<Checkpoint> LoadCheckpoint(const std::string& path, const LoadOptions& options);
+absl::StatusOr<Checkpoint> LoadCheckpoint(const SafetensorsReader& reader,
+                                          const LoadOptions& options);
+
+// Writes `checkpoint` (all experts must be present) as F32 safetensors with metadata.
+absl::Status SaveCheckpoint(const std::string& path, const Checkpoint& checkpoint,
+                            absl::string_view tensor_prefix = "");
+
+// Checks internal consistency of sizes (used before building kernels from weights that did not
+// come from a file, e.g. copied from a peer).
+absl::Status ValidateExpert(const ModelConfig& config, const ExpertWeights& w);
+
+}  // namespace moe::common
+
+#endif  // MOE_SERVICES_COMMON_CHECKPOINT_H_

@@ -1,0 +1,198 @@
+#include "services/common/checkpoint.h"
+
+#include <cstdio>
+
+#include <gtest/gtest.h>
+
+#include "services/common/random_checkpoint.h"
+
+namespace moe::common {
+namespace {
+
+ModelConfig SmallConfig(bool gated) {
+  ModelConfig c;
+  c.num_experts = 4;
+  c.d_model = 6;
+  c.d_ff = 10;
+  c.top_k = 2;
+  c.activation = Activation::kGelu;
+  c.normalize_topk = false;
+  c.gated = gated;
+  return c;
+}
+
+std::string TempPath(const std::string& name) { return ::testing::TempDir() + "/" + name; }
+
+TEST(Checkpoint, SaveLoadRoundTripGatedWithBias) {
+  RandomCheckpointSpec spec{SmallConfig(true), /*bias=*/true, /*seed=*/3};
+  const Checkpoint ck = MakeRandomCheckpoint(spec);
+  const std::string path = TempPath("ck_gated.safetensors");
+  ASSERT_TRUE(SaveCheckpoint(path, ck).ok());
+  auto loaded = LoadCheckpoint(path, {});
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->config.num_experts, 4);
+  EXPECT_EQ(loaded->config.d_model, 6);
+  EXPECT_EQ(loaded->config.d_ff, 10);
+  EXPECT_EQ(loaded->config.top_k, 2);
+  EXPECT_EQ(loaded->config.activation, Activation::kGelu);
+  EXPECT_FALSE(loaded->config.normalize_topk);
+  EXPECT_TRUE(loaded->config.gated);
+  EXPECT_EQ(loaded->gate.weight, ck.gate.weight);
+  EXPECT_EQ(loaded->gate.bias, ck.gate.bias);
+  for (int e = 0; e < 4; ++e) {
+    EXPECT_EQ(loaded->experts[e].w1, ck.experts[e].w1);
+    EXPECT_EQ(loaded->experts[e].w2, ck.experts[e].w2);
+    EXPECT_EQ(loaded->experts[e].w3, ck.experts[e].w3);
+    EXPECT_EQ(loaded->experts[e].b1, ck.experts[e].b1);
+    EXPECT_EQ(loaded->experts[e].b2, ck.experts[e].b2);
+    EXPECT_EQ(loaded->experts[e].b3, ck.experts[e].b3);
+  }
+  std::remove(path.c_str());
+}
+
+TEST(Checkpoint, NonGatedWithoutBiasAndPrefix) {
+  RandomCheckpointSpec spec{SmallConfig(false), false, 5};
+  const Checkpoint ck = MakeRandomCheckpoint(spec);
+  const std::string path = TempPath("ck_prefix.safetensors");
+  const std::string prefix = "model.layers.0.block_sparse_moe.";
+  ASSERT_TRUE(SaveCheckpoint(path, ck, prefix).ok());
+  auto no_prefix = LoadCheckpoint(path, {});
+  EXPECT_EQ(no_prefix.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(no_prefix.status().message().find("'gate.weight' is missing"), std::string::npos);
+  LoadOptions opts;
+  opts.tensor_prefix = prefix;
+  auto loaded = LoadCheckpoint(path, opts);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_FALSE(loaded->config.gated);
+  EXPECT_TRUE(loaded->gate.bias.empty());
+  EXPECT_TRUE(loaded->experts[2].b1.empty());
+  EXPECT_TRUE(loaded->experts[2].w3.empty());
+  EXPECT_EQ(loaded->experts[2].w2, ck.experts[2].w2);
+  std::remove(path.c_str());
+}
+
+TEST(Checkpoint, LoadsSubsetOfExperts) {
+  const Checkpoint ck = MakeRandomCheckpoint({SmallConfig(false), false, 9});
+  const std::string path = TempPath("ck_subset.safetensors");
+  ASSERT_TRUE(SaveCheckpoint(path, ck).ok());
+  LoadOptions opts;
+  opts.experts = std::vector<int>{1, 3};
+  auto loaded = LoadCheckpoint(path, opts);
+  ASSERT_TRUE(loaded.ok());
+  EXPECT_TRUE(loaded->experts[0].w1.empty());
+  EXPECT_EQ(loaded->experts[1].w1, ck.experts[1].w1);
+  EXPECT_EQ(loaded->experts[3].w2, ck.experts[3].w2);
+  std::remove(path.c_str());
+}
+
+TEST(Checkpoint, Bf16TensorsLoadAsFloat) {
+  const ModelConfig c = SmallConfig(false);
+  const Checkpoint ck = MakeRandomCheckpoint({c, false, 2});
+  SafetensorsWriter w;
+  ASSERT_TRUE(w.AddBF16("gate.weight", {4, 6}, ck.gate.weight).ok());
+  for (int e = 0; e < 4; ++e) {
+    ASSERT_TRUE(w.AddBF16(ExpertTensorName("", e, "w1.weight"), {10, 6}, ck.experts[e].w1).ok());
+    ASSERT_TRUE(w.AddF32(ExpertTensorName("", e, "w2.weight"), {6, 10}, ck.experts[e].w2).ok());
+  }
+  auto r = SafetensorsReader::Parse(w.Serialize(), "bf16");
+  ASSERT_TRUE(r.ok());
+  auto loaded = LoadCheckpoint(**r, {});
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_NEAR(loaded->experts[1].w1[3], ck.experts[1].w1[3], 1e-2);
+  EXPECT_EQ(loaded->config.activation, Activation::kSilu);  // default without metadata
+  EXPECT_EQ(loaded->config.top_k, 2);
+  EXPECT_TRUE(loaded->config.normalize_topk);
+}
+
+// Builds a file from `ck`'s tensors, letting `edit` change one before writing.
+std::string Serialized(const Checkpoint& ck,
+                       const std::function<void(SafetensorsWriter&)>& extra,
+                       const std::string& skip = "", const std::string& activation = "relu",
+                       const std::string& top_k = "2") {
+  const ModelConfig& c = ck.config;
+  SafetensorsWriter w;
+  w.SetMetadata("activation", activation);
+  w.SetMetadata("top_k", top_k);
+  auto add = [&](const std::string& name, std::vector<int64_t> shape,
+                 const std::vector<float>& v) {
+    if (name != skip) {
+      EXPECT_TRUE(w.AddF32(name, shape, v).ok()) << name;
+    }
+  };
+  add("gate.weight", {c.num_experts, c.d_model}, ck.gate.weight);
+  for (int e = 0; e < c.num_experts; ++e) {
+    add(ExpertTensorName("", e, "w1.weight"), {c.d_ff, c.d_model}, ck.experts[e].w1);
+    add(ExpertTensorName("", e, "w2.weight"), {c.d_model, c.d_ff}, ck.experts[e].w2);
+  }
+  if (extra) extra(w);
+  return w.Serialize();
+}
+
+absl::Status LoadBytes(const std::string& bytes) {
+  auto r = SafetensorsReader::Parse(bytes, "ck.safetensors");
+  if (!r.ok()) return r.status();
+  return LoadCheckpoint(**r, {}).status();
+}
+
+void ExpectError(const absl::Status& st, const std::string& needle) {
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_NE(st.message().find(needle), std::string::npos) << st;
+}
+
+TEST(Checkpoint, ErrorsNameTheTensor) {
+  const Checkpoint ck = MakeRandomCheckpoint({SmallConfig(false), false, 1});
+  EXPECT_TRUE(LoadBytes(Serialized(ck, nullptr)).ok());
+  // A wrong shape for one expert's w2.
+  const std::string w2 = ExpertTensorName("", 3, "w2.weight");
+  auto edit = [&](SafetensorsWriter& w) {
+    EXPECT_TRUE(w.AddF32("experts.3.w2.bias", {7}, std::vector<float>(7)).ok());
+  };
+  ExpectError(LoadBytes(Serialized(ck, edit)), "'experts.3.w2.bias' has shape [7], expected [6]");
+  // A missing tensor.
+  auto missing = LoadBytes(Serialized(ck, nullptr, w2));
+  EXPECT_EQ(missing.code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(missing.message().find("'experts.3.w2.weight' is missing"), std::string::npos);
+  // Gate and expert disagree on d_model.
+  auto wide = [&](SafetensorsWriter& w) {
+    EXPECT_TRUE(w.AddF32("gate.weight", {4, 7}, std::vector<float>(28)).ok());
+  };
+  ExpectError(LoadBytes(Serialized(ck, wide, "gate.weight")), "'experts.0.w1.weight' must be");
+  // Gated experts must all be gated.
+  auto w3 = [&](SafetensorsWriter& w) {
+    EXPECT_TRUE(w.AddF32("experts.2.w3.weight", {10, 6}, std::vector<float>(60)).ok());
+  };
+  ExpectError(LoadBytes(Serialized(ck, w3)), "'experts.2.w3.weight' is present");
+}
+
+TEST(Checkpoint, BadMetadata) {
+  const Checkpoint ck = MakeRandomCheckpoint({SmallConfig(false), false, 1});
+  ExpectError(LoadBytes(Serialized(ck, nullptr, "", "tanh")), "activation 'tanh'");
+  ExpectError(LoadBytes(Serialized(ck, nullptr, "", "relu", "x")), "top_k 'x'");
+  ExpectError(LoadBytes(Serialized(ck, nullptr, "", "relu", "5")), "top_k 5 must be in [1, 4]");
+}
+
+TEST(Checkpoint, OptionsOverrideMetadata) {
+  const Checkpoint ck = MakeRandomCheckpoint({SmallConfig(false), false, 1});
+  auto r = SafetensorsReader::Parse(Serialized(ck, nullptr), "x");
+  ASSERT_TRUE(r.ok());
+  LoadOptions opts;
+  opts.activation = Activation::kSilu;
+  opts.top_k = 3;
+  opts.normalize_topk = false;
+  auto c = ReadModelConfig(**r, opts);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->activation, Activation::kSilu);
+  EXPECT_EQ(c->top_k, 3);
+  EXPECT_FALSE(c->normalize_topk);
+}
+
+TEST(Checkpoint, ValidateExpertChecksSizes) {
+  const ModelConfig c = SmallConfig(true);
+  ExpertWeights w = MakeRandomCheckpoint({c, true, 1}).experts[0];
+  EXPECT_TRUE(ValidateExpert(c, w).ok());
+  w.b3.pop_back();
+  EXPECT_EQ(ValidateExpert(c, w).code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace moe::common
