@@ -1,6 +1,8 @@
 #include "router/moe_layer.h"
 
+#include <algorithm>
 #include <cstring>
+#include <memory>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -69,6 +71,29 @@ GateParams MoeLayer::gate_params() const {
                     config_.num_experts, config_.d_model};
 }
 
+absl::Status MoeLayer::RunExperts(const ExpertGroups& groups, const float* in, float* out) const {
+  const int64_t d = config_.d_model;
+  // Largest groups first, handed out one at a time to the OpenMP threads; each expert's matmuls
+  // then run single-threaded inside the parallel region (no nested teams).
+  std::vector<int> order;
+  for (int e = 0; e < config_.num_experts; ++e) {
+    if (groups.offsets[e + 1] > groups.offsets[e]) order.push_back(e);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+    return groups.offsets[a + 1] - groups.offsets[a] > groups.offsets[b + 1] - groups.offsets[b];
+  });
+  std::vector<absl::Status> status(order.size());
+  const int count = static_cast<int>(order.size());
+#pragma omp parallel for schedule(dynamic, 1) if (count > 1)
+  for (int i = 0; i < count; ++i) {
+    const int e = order[i];
+    const int64_t begin = groups.offsets[e], rows = groups.offsets[e + 1] - begin;
+    status[i] = experts_[e]->Forward(in + begin * d, rows, out + begin * d);
+  }
+  for (absl::Status& st : status) RETURN_IF_ERROR(st);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<LayerOutput> MoeLayer::Forward(const float* x, int64_t n) const {
   const int k = config_.top_k;
   const int64_t d = config_.d_model;
@@ -77,13 +102,10 @@ absl::StatusOr<LayerOutput> MoeLayer::Forward(const float* x, int64_t n) const {
                      GatingOptions{k, config_.normalize_topk, options_.capacity_factor});
   const ExpertGroups groups = GroupByExpert(out.gating);
   const int64_t rows = static_cast<int64_t>(groups.assignment.size());
-  std::vector<float> in(rows * d), eo(rows * d);
-  GatherRows(x, d, k, groups.assignment.data(), rows, in.data());
-  for (int e = 0; e < config_.num_experts; ++e) {
-    const int64_t begin = groups.offsets[e], count = groups.offsets[e + 1] - begin;
-    if (count == 0) continue;
-    RETURN_IF_ERROR(experts_[e]->Forward(in.data() + begin * d, count, eo.data() + begin * d));
-  }
+  // Scratch rows, left uninitialised: every row is written before it is read.
+  std::unique_ptr<float[]> in(new float[rows * d]), eo(new float[rows * d]);
+  GatherRows(x, d, k, groups.assignment.data(), rows, in.get());
+  RETURN_IF_ERROR(RunExperts(groups, in.get(), eo.get()));
   // Combine in rank order j = 0..k-1 for every token.
   out.y.assign(n * d, 0.f);
   for (int64_t t = 0; t < n; ++t) {
@@ -92,7 +114,7 @@ absl::StatusOr<LayerOutput> MoeLayer::Forward(const float* x, int64_t n) const {
       const int64_t slot = groups.slot[t * k + j];
       if (slot < 0) continue;
       const float w = out.gating.weights[t * k + j];
-      const float* o = eo.data() + slot * d;
+      const float* o = eo.get() + slot * d;
       for (int64_t i = 0; i < d; ++i) yt[i] += w * o[i];
     }
   }

@@ -15,6 +15,15 @@
 
 namespace moe::router {
 
+// Rows of a batch grouped by expert: for expert e, assignments
+// [offsets[e], offsets[e+1]) of `assignment` (each t * k + j) in token order.
+struct ExpertGroups {
+  std::vector<int64_t> offsets;     // [E + 1]
+  std::vector<int64_t> assignment;  // admitted assignments
+  std::vector<int64_t> slot;        // [N * k]: row of each assignment in the grouped order, or -1
+};
+ExpertGroups GroupByExpert(const GatingResult& g);
+
 struct MoeLayerOptions {
   double capacity_factor = 0.0;
 };
@@ -56,20 +65,14 @@ class MoeLayer {
 
  private:
   MoeLayer() = default;
+  // Runs every expert's group of rows (in -> out, grouped order) across the OpenMP threads.
+  absl::Status RunExperts(const ExpertGroups& groups, const float* in, float* out) const;
   common::ModelConfig config_;
   MoeLayerOptions options_;
   common::GateWeights gate_;
   std::vector<std::unique_ptr<expert::ExpertFfn>> experts_;
 };
 
-// Rows of a batch grouped by expert: for expert e, assignments
-// [offsets[e], offsets[e+1]) of `assignment` (each t * k + j) in token order.
-struct ExpertGroups {
-  std::vector<int64_t> offsets;     // [E + 1]
-  std::vector<int64_t> assignment;  // admitted assignments
-  std::vector<int64_t> slot;        // [N * k]: row of each assignment in the grouped order, or -1
-};
-ExpertGroups GroupByExpert(const GatingResult& g);
 
 }  // namespace moe::router
 

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every benchmark and writes docs/PERFORMANCE.md and docs/performance.json from the numbers
+# of this one run. usage: bench/run_all.sh [BUILD_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD=${1:-build}
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+echo "[1/3] expert FFN against the FMA peak (bench/ffn_bench)" >&2
+"$BUILD/bin/ffn_bench" --benchmark_format=json --benchmark_out="$OUT/ffn.json" \
+  --benchmark_out_format=json >/dev/null 2>"$OUT/ffn.err"
+cat "$OUT/ffn.err" >&2
+echo "[2/3] in-process layer (bench/layer_bench)" >&2
+"$BUILD/bin/layer_bench" --benchmark_out="$OUT/layer.json" --benchmark_out_format=json >/dev/null
+echo "[3/3] the same layer in PyTorch (bench/torch_layer.py)" >&2
+/usr/bin/python3 bench/torch_layer.py 256 1.0 >"$OUT/torch.jsonl"
+/usr/bin/python3 bench/report.py "$OUT" docs/PERFORMANCE.md docs/performance.json
