@@ -94,7 +94,8 @@ TEST(Checkpoint, Bf16TensorsLoadAsFloat) {
     ASSERT_TRUE(w.AddBF16(ExpertTensorName("", e, "w1.weight"), {10, 6}, ck.experts[e].w1).ok());
     ASSERT_TRUE(w.AddF32(ExpertTensorName("", e, "w2.weight"), {6, 10}, ck.experts[e].w2).ok());
   }
-  auto r = SafetensorsReader::Parse(w.Serialize(), "bf16");
+  const std::string bytes = w.Serialize();  // the reader views these bytes
+  auto r = SafetensorsReader::Parse(bytes, "bf16");
   ASSERT_TRUE(r.ok());
   auto loaded = LoadCheckpoint(**r, {});
   ASSERT_TRUE(loaded.ok()) << loaded.status();
@@ -173,7 +174,8 @@ TEST(Checkpoint, BadMetadata) {
 
 TEST(Checkpoint, OptionsOverrideMetadata) {
   const Checkpoint ck = MakeRandomCheckpoint({SmallConfig(false), false, 1});
-  auto r = SafetensorsReader::Parse(Serialized(ck, nullptr), "x");
+  const std::string bytes = Serialized(ck, nullptr);
+  auto r = SafetensorsReader::Parse(bytes, "x");
   ASSERT_TRUE(r.ok());
   LoadOptions opts;
   opts.activation = Activation::kSilu;
