@@ -11,12 +11,15 @@
 #include "client/cli_util.h"
 #include "router/moe_layer.h"
 #include "services/common/checkpoint.h"
+#include "services/common/flags.h"
 #include "services/common/random_checkpoint.h"
 #include "services/common/safetensors.h"
 #include "services/common/status_macros.h"
 
 namespace moe::client {
 namespace {
+
+using common::Flags;
 
 constexpr char kUsage[] = R"(moe-client: talk to a moe-cluster, or run the MoE layer in process.
 

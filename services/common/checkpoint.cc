@@ -189,6 +189,36 @@ absl::Status ValidateExpert(const ModelConfig& c, const ExpertWeights& w) {
   return absl::OkStatus();
 }
 
+namespace {
+
+absl::Status AddExpert(SafetensorsWriter* w, const std::string& p, const ModelConfig& c, int e,
+                       const ExpertWeights& x) {
+  RETURN_IF_ERROR(ValidateExpert(c, x));
+  auto n = [&](absl::string_view s) { return ExpertTensorName(p, e, s); };
+  RETURN_IF_ERROR(w->AddF32(n("w1.weight"), {c.d_ff, c.d_model}, x.w1));
+  RETURN_IF_ERROR(w->AddF32(n("w2.weight"), {c.d_model, c.d_ff}, x.w2));
+  if (c.gated) RETURN_IF_ERROR(w->AddF32(n("w3.weight"), {c.d_ff, c.d_model}, x.w3));
+  if (!x.b1.empty()) RETURN_IF_ERROR(w->AddF32(n("w1.bias"), {c.d_ff}, x.b1));
+  if (!x.b2.empty()) RETURN_IF_ERROR(w->AddF32(n("w2.bias"), {c.d_model}, x.b2));
+  if (!x.b3.empty()) RETURN_IF_ERROR(w->AddF32(n("w3.bias"), {c.d_ff}, x.b3));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> SerializeExpert(const ModelConfig& config, int expert,
+                                            const ExpertWeights& weights) {
+  SafetensorsWriter w;
+  RETURN_IF_ERROR(AddExpert(&w, "", config, expert, weights));
+  return w.Serialize();
+}
+
+absl::StatusOr<ExpertWeights> ParseExpert(absl::string_view bytes, const ModelConfig& config,
+                                          int expert) {
+  ASSIGN_OR_RETURN(auto reader, SafetensorsReader::Parse(bytes, "expert copy"));
+  return ReadExpert(*reader, "", config, expert);
+}
+
 absl::Status SaveCheckpoint(const std::string& path, const Checkpoint& ck,
                             absl::string_view prefix) {
   const ModelConfig& c = ck.config;
@@ -204,15 +234,7 @@ absl::Status SaveCheckpoint(const std::string& path, const Checkpoint& ck,
     return absl::InvalidArgumentError("checkpoint must hold every expert to be saved");
   }
   for (int e = 0; e < c.num_experts; ++e) {
-    const ExpertWeights& x = ck.experts[e];
-    RETURN_IF_ERROR(ValidateExpert(c, x));
-    auto n = [&](absl::string_view s) { return ExpertTensorName(p, e, s); };
-    RETURN_IF_ERROR(w.AddF32(n("w1.weight"), {c.d_ff, c.d_model}, x.w1));
-    RETURN_IF_ERROR(w.AddF32(n("w2.weight"), {c.d_model, c.d_ff}, x.w2));
-    if (c.gated) RETURN_IF_ERROR(w.AddF32(n("w3.weight"), {c.d_ff, c.d_model}, x.w3));
-    if (!x.b1.empty()) RETURN_IF_ERROR(w.AddF32(n("w1.bias"), {c.d_ff}, x.b1));
-    if (!x.b2.empty()) RETURN_IF_ERROR(w.AddF32(n("w2.bias"), {c.d_model}, x.b2));
-    if (!x.b3.empty()) RETURN_IF_ERROR(w.AddF32(n("w3.bias"), {c.d_ff}, x.b3));
+    RETURN_IF_ERROR(AddExpert(&w, p, c, e, ck.experts[e]));
   }
   return w.Write(path);
 }

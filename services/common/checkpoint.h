@@ -83,6 +83,13 @@ absl::StatusOr<Checkpoint> LoadCheckpoint(const SafetensorsReader& reader,
 absl::Status SaveCheckpoint(const std::string& path, const Checkpoint& checkpoint,
                             absl::string_view tensor_prefix = "");
 
+// One expert's weights as an in-memory safetensors file (checkpoint tensor names, F32), and
+// back; ParseExpert checks every shape against `config`.
+absl::StatusOr<std::string> SerializeExpert(const ModelConfig& config, int expert,
+                                            const ExpertWeights& weights);
+absl::StatusOr<ExpertWeights> ParseExpert(absl::string_view bytes, const ModelConfig& config,
+                                          int expert);
+
 // Checks internal consistency of sizes (used before building kernels from weights that did not
 // come from a file, e.g. copied from a peer).
 absl::Status ValidateExpert(const ModelConfig& config, const ExpertWeights& w);

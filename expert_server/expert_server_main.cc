@@ -1,0 +1,115 @@
+// moe-expert-server: hosts experts of a MoE checkpoint and computes them for the router.
+// Run with --help for the flags.
+
+#include <csignal>
+#include <cstdio>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "expert_server/shard_server.h"
+#include "services/common/flags.h"
+#include "services/common/signals.h"
+#include "services/common/status_macros.h"
+
+namespace {
+
+constexpr char kUsage[] = R"(moe-expert-server: serves experts of a MoE checkpoint over gRPC.
+
+usage: moe-expert-server --checkpoint PATH [flags]
+
+  --port N                 gRPC port (default 50061; 0 picks a free one and prints it)
+  --host H                 address to bind (default 0.0.0.0)
+  --metrics-port N         Prometheus /metrics port (default: off; 0 picks one)
+  --checkpoint PATH        safetensors checkpoint (required)
+  --tensor-prefix P        tensor name prefix, e.g. model.layers.0.block_sparse_moe.
+  --activation A           override the checkpoint's activation (relu|gelu|silu)
+  --experts LIST           experts to load at start: all (default), none, or e.g. 0,1,5
+  --threads N              compute threads (default 1)
+  --max-coalesced-rows N   rows merged into one expert matmul (default 1024)
+  --batch-delay-us N       wait up to N us for more rows before computing (default 0)
+  --max-queue-rows N       queued rows before batches are refused (default 65536)
+  --max-batch-rows N       rows one batch may assign (default 8192)
+  --max-message-mb N       gRPC message size limit (default 64)
+)";
+
+absl::Status Run(int argc, char** argv) {
+  using moe::common::Flags;
+  ASSIGN_OR_RETURN(
+      Flags f, Flags::Parse(argc, argv, 1,
+                            {{"port", true}, {"host", true}, {"metrics-port", true},
+                             {"checkpoint", true}, {"tensor-prefix", true}, {"activation", true},
+                             {"experts", true}, {"threads", true}, {"max-coalesced-rows", true},
+                             {"batch-delay-us", true}, {"max-queue-rows", true},
+                             {"max-batch-rows", true}, {"max-message-mb", true}}));
+  moe::expert::ShardServerOptions o;
+  ASSIGN_OR_RETURN(o.checkpoint, f.Require("checkpoint"));
+  ASSIGN_OR_RETURN(int64_t port, f.GetInt("port", 50061));
+  const std::string host = f.Get("host", "0.0.0.0");
+  o.address = absl::StrCat(host, ":", port);
+  if (f.Has("metrics-port")) {
+    ASSIGN_OR_RETURN(int64_t mp, f.GetInt("metrics-port", 0));
+    o.metrics_address = absl::StrCat(host, ":", mp);
+  }
+  o.load.tensor_prefix = f.Get("tensor-prefix");
+  if (f.Has("activation")) {
+    ASSIGN_OR_RETURN(auto act, moe::common::ParseActivation(f.Get("activation")));
+    o.load.activation = act;
+  }
+  const std::string experts = f.Get("experts", "all");
+  if (experts == "none") {
+    o.initial_experts = std::vector<int>{};
+  } else if (experts != "all") {
+    ASSIGN_OR_RETURN(std::vector<int> list, f.GetIntList("experts"));
+    o.initial_experts = list;
+  }
+  ASSIGN_OR_RETURN(int64_t threads, f.GetInt("threads", 1));
+  ASSIGN_OR_RETURN(o.pool.max_coalesced_rows, f.GetInt("max-coalesced-rows", 1024));
+  ASSIGN_OR_RETURN(int64_t delay_us, f.GetInt("batch-delay-us", 0));
+  ASSIGN_OR_RETURN(o.pool.max_queue_rows, f.GetInt("max-queue-rows", 65536));
+  ASSIGN_OR_RETURN(o.max_batch_rows, f.GetInt("max-batch-rows", 8192));
+  ASSIGN_OR_RETURN(int64_t mb, f.GetInt("max-message-mb", 64));
+  if (threads < 1 || threads > 256) return absl::InvalidArgumentError("--threads must be in [1, 256]");
+  if (o.pool.max_coalesced_rows < 1 || o.pool.max_queue_rows < 1 || o.max_batch_rows < 1 ||
+      delay_us < 0 || mb < 1 || mb > 2000) {
+    return absl::InvalidArgumentError("row limits, --batch-delay-us and --max-message-mb must be positive");
+  }
+  o.pool.threads = static_cast<int>(threads);
+  o.pool.batch_delay = absl::Microseconds(delay_us);
+  o.limits.max_message_bytes = static_cast<int>(mb << 20);
+
+  moe::common::BlockTerminationSignals();
+  ASSIGN_OR_RETURN(auto server, moe::expert::ShardServer::Start(o));
+  std::printf("moe-expert-server listening on %s:%d%s\n", host.c_str(), server->port(),
+              server->metrics_port() ? absl::StrCat(", metrics on :", server->metrics_port()).c_str()
+                                     : "");
+  std::fflush(stdout);
+  std::thread waiter([&] {
+    const int sig = moe::common::WaitForTerminationSignal();
+    std::fprintf(stderr, "moe-expert-server: signal %d, shutting down\n", sig);
+    server->Shutdown(absl::Milliseconds(500));
+  });
+  absl::Status loaded = server->WaitUntilLoaded(absl::InfiniteDuration());
+  if (!loaded.ok()) {
+    std::fprintf(stderr, "moe-expert-server: loading experts failed: %s\n",
+                 std::string(loaded.message()).c_str());
+  }
+  server->Wait();
+  moe::common::WakeSignalWaiter();
+  waiter.join();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc > 1 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h")) {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  absl::Status st = Run(argc, argv);
+  if (!st.ok()) {
+    std::fprintf(stderr, "moe-expert-server: %s (see --help)\n", std::string(st.message()).c_str());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,260 @@
+#include "expert_server/expert_store.h"
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace moe::expert {
+
+absl::string_view ExpertStateName(ExpertState s) {
+  switch (s) {
+    case ExpertState::kLoading: return "loading";
+    case ExpertState::kReady: return "ready";
+    case ExpertState::kDraining: return "draining";
+    case ExpertState::kFailed: return "failed";
+  }
+  return "?";
+}
+
+ExpertLease::ExpertLease(ExpertStore* store, std::shared_ptr<ExpertHandle> handle, int64_t rows)
+    : store_(store), handle_(std::move(handle)), rows_(rows) {
+  handle_->in_flight_rows.fetch_add(rows_);
+}
+
+ExpertLease::ExpertLease(ExpertLease&& other) noexcept
+    : store_(other.store_), handle_(std::move(other.handle_)), rows_(other.rows_) {
+  other.store_ = nullptr;
+  other.rows_ = 0;
+}
+
+ExpertLease& ExpertLease::operator=(ExpertLease&& other) noexcept {
+  if (this != &other) {
+    Reset();
+    store_ = other.store_;
+    handle_ = std::move(other.handle_);
+    rows_ = other.rows_;
+    other.store_ = nullptr;
+    other.rows_ = 0;
+  }
+  return *this;
+}
+
+ExpertLease::~ExpertLease() { Reset(); }
+
+void ExpertLease::Reset() {
+  if (handle_ == nullptr) return;
+  if (handle_->in_flight_rows.fetch_sub(rows_) == rows_ && store_ != nullptr) {
+    store_->Released(handle_.get());
+  }
+  handle_.reset();
+  store_ = nullptr;
+}
+
+ExpertStore::ExpertStore(common::ModelConfig config, CheckpointLoader checkpoint, PeerLoader peer)
+    : config_(config), checkpoint_(std::move(checkpoint)), peer_(std::move(peer)) {
+  loader_ = std::thread([this] { LoaderLoop(); });
+}
+
+ExpertStore::~ExpertStore() { StopLoading(); }
+
+void ExpertStore::SetOnChange(std::function<void()> on_change) {
+  absl::MutexLock lock(&mu_);
+  on_change_ = std::move(on_change);
+}
+
+void ExpertStore::NotifyChange() {
+  std::function<void()> cb;
+  {
+    absl::MutexLock lock(&mu_);
+    cb = on_change_;
+  }
+  if (cb) cb();
+}
+
+absl::Status ExpertStore::CheckVersion(uint64_t version) {
+  if (version != 0 && version < version_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "placement version ", version, " is older than the shard's version ", version_));
+  }
+  if (version > version_) version_ = version;
+  return absl::OkStatus();
+}
+
+absl::Status ExpertStore::Load(const std::vector<int>& experts, uint64_t version,
+                               const std::string& peer, std::function<void(absl::Status)> done) {
+  {
+    absl::MutexLock lock(&mu_);
+    for (int e : experts) {
+      if (e < 0 || e >= config_.num_experts) {
+        return absl::InvalidArgumentError(absl::StrCat("expert ", e, " is out of range [0, ",
+                                                       config_.num_experts, ")"));
+      }
+    }
+    if (stopping_) return absl::UnavailableError("shard is shutting down");
+    absl::Status st = CheckVersion(version);
+    if (!st.ok()) return st;
+    std::vector<int> todo;
+    for (int e : experts) {
+      auto it = entries_.find(e);
+      const bool have = it != entries_.end() && (it->second.state == ExpertState::kReady ||
+                                                 it->second.state == ExpertState::kDraining);
+      if (have && peer.empty()) {
+        it->second.state = ExpertState::kReady;  // cancels a drain
+        continue;
+      }
+      if (!have) entries_[e] = Entry{ExpertState::kLoading, nullptr, ""};
+      todo.push_back(e);
+    }
+    jobs_.push_back(Job{std::move(todo), peer, std::move(done)});
+  }
+  NotifyChange();
+  return absl::OkStatus();
+}
+
+void ExpertStore::StopLoading() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_ && !loader_.joinable()) return;
+    stopping_ = true;
+  }
+  if (loader_.joinable()) loader_.join();
+}
+
+void ExpertStore::LoaderLoop() {
+  while (true) {
+    Job job;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](ExpertStore* s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+            return s->stopping_ || !s->jobs_.empty();
+          },
+          this));
+      if (stopping_) break;
+      job = std::move(jobs_.front());
+      jobs_.pop_front();
+    }
+    absl::Status first_error;
+    for (int e : job.experts) {
+      {
+        absl::MutexLock lock(&mu_);
+        if (stopping_) {
+          first_error = absl::UnavailableError("shard is shutting down");
+          break;
+        }
+      }
+      absl::StatusOr<common::ExpertWeights> w =
+          job.peer.empty() ? checkpoint_(e) : peer_(job.peer, e);
+      absl::StatusOr<std::unique_ptr<ExpertFfn>> ffn =
+          w.ok() ? ExpertFfn::Create(config_, std::move(*w)) : w.status();
+      {
+        absl::MutexLock lock(&mu_);
+        Entry& entry = entries_[e];
+        if (ffn.ok()) {
+          auto handle = std::make_shared<ExpertHandle>();
+          handle->id = e;
+          handle->ffn = std::move(*ffn);
+          entry = Entry{ExpertState::kReady, std::move(handle), ""};
+        } else {
+          const std::string msg = absl::StrCat("expert ", e, ": ", ffn.status().message());
+          if (first_error.ok()) first_error = absl::Status(ffn.status().code(), msg);
+          // A failed reload keeps the weights it had.
+          if (entry.handle == nullptr) entry = Entry{ExpertState::kFailed, nullptr, msg};
+        }
+      }
+      NotifyChange();
+    }
+    if (job.done) job.done(first_error);
+  }
+  // Shutting down: answer every job still queued.
+  std::deque<Job> left;
+  {
+    absl::MutexLock lock(&mu_);
+    left.swap(jobs_);
+  }
+  for (Job& j : left) {
+    if (j.done) j.done(absl::UnavailableError("shard is shutting down"));
+  }
+}
+
+absl::Status ExpertStore::Unload(const std::vector<int>& experts, uint64_t version) {
+  std::vector<std::shared_ptr<ExpertHandle>> idle;
+  {
+    absl::MutexLock lock(&mu_);
+    absl::Status st = CheckVersion(version);
+    if (!st.ok()) return st;
+    for (int e : experts) {
+      auto it = entries_.find(e);
+      if (it == entries_.end()) continue;
+      if (it->second.handle == nullptr || it->second.handle->in_flight_rows.load() == 0) {
+        idle.push_back(std::move(it->second.handle));
+        entries_.erase(it);
+      } else {
+        it->second.state = ExpertState::kDraining;
+      }
+    }
+  }
+  NotifyChange();
+  return absl::OkStatus();
+}
+
+void ExpertStore::Released(ExpertHandle* handle) {
+  bool removed = false;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = entries_.find(handle->id);
+    if (it != entries_.end() && it->second.handle.get() == handle &&
+        it->second.state == ExpertState::kDraining && handle->in_flight_rows.load() == 0) {
+      entries_.erase(it);
+      removed = true;
+    }
+  }
+  if (removed) NotifyChange();
+}
+
+absl::StatusOr<ExpertLease> ExpertStore::Acquire(int expert, int64_t rows) {
+  absl::MutexLock lock(&mu_);
+  if (expert < 0 || expert >= config_.num_experts) {
+    return absl::InvalidArgumentError(absl::StrCat("unknown expert ", expert, " (the model has ",
+                                                   config_.num_experts, " experts)"));
+  }
+  auto it = entries_.find(expert);
+  if (it == entries_.end() || it->second.handle == nullptr) {
+    const char* why = it == entries_.end()                          ? "not loaded"
+                      : it->second.state == ExpertState::kLoading ? "still loading"
+                                                                    : "failed to load";
+    return absl::FailedPreconditionError(absl::StrCat("expert ", expert, " is ", why,
+                                                      " on this shard (placement version ",
+                                                      version_, ")"));
+  }
+  return ExpertLease(this, it->second.handle, rows);
+}
+
+std::shared_ptr<ExpertHandle> ExpertStore::Find(int expert) const {
+  absl::MutexLock lock(&mu_);
+  auto it = entries_.find(expert);
+  return it == entries_.end() ? nullptr : it->second.handle;
+}
+
+std::vector<ExpertInfo> ExpertStore::Snapshot() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<ExpertInfo> out;
+  for (const auto& [e, entry] : entries_) {
+    out.push_back(ExpertInfo{e, entry.state, entry.error,
+                             entry.handle ? entry.handle->in_flight_rows.load() : 0});
+  }
+  return out;
+}
+
+uint64_t ExpertStore::placement_version() const {
+  absl::MutexLock lock(&mu_);
+  return version_;
+}
+
+int ExpertStore::ready_count() const {
+  absl::MutexLock lock(&mu_);
+  int n = 0;
+  for (const auto& [e, entry] : entries_) n += entry.state == ExpertState::kReady;
+  return n;
+}
+
+}  // namespace moe::expert

@@ -1,0 +1,134 @@
+#ifndef MOE_EXPERT_SERVER_EXPERT_STORE_H_
+#define MOE_EXPERT_SERVER_EXPERT_STORE_H_
+
+// The experts a shard hosts, their lifecycle (loading, ready, draining, failed) and the shard's
+// placement version. Loading runs on a background thread; draining experts keep serving until
+// their in-flight work is done, then go. No gRPC here: weights come from injected loaders.
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "expert_server/expert_ffn.h"
+#include "services/common/checkpoint.h"
+
+namespace moe::expert {
+
+enum class ExpertState { kLoading, kReady, kDraining, kFailed };
+
+// A loaded expert. Shared: in-flight work keeps it alive after it leaves the store.
+struct ExpertHandle {
+  int id = 0;
+  std::unique_ptr<ExpertFfn> ffn;
+  std::atomic<int64_t> in_flight_rows{0};
+};
+
+class ExpertStore;
+
+// Counts `rows` of in-flight work against an expert until destroyed.
+class ExpertLease {
+ public:
+  ExpertLease() = default;
+  ExpertLease(ExpertStore* store, std::shared_ptr<ExpertHandle> handle, int64_t rows);
+  ExpertLease(ExpertLease&& other) noexcept;
+  ExpertLease& operator=(ExpertLease&& other) noexcept;
+  ~ExpertLease();
+  const std::shared_ptr<ExpertHandle>& handle() const { return handle_; }
+
+ private:
+  void Reset();
+  ExpertStore* store_ = nullptr;
+  std::shared_ptr<ExpertHandle> handle_;
+  int64_t rows_ = 0;
+};
+
+struct ExpertInfo {
+  int expert = 0;
+  ExpertState state = ExpertState::kLoading;
+  std::string error;
+  int64_t in_flight_rows = 0;
+};
+
+class ExpertStore {
+ public:
+  // Reads expert e's weights (from the checkpoint, or from a peer shard at `peer`).
+  using CheckpointLoader = std::function<absl::StatusOr<common::ExpertWeights>(int expert)>;
+  using PeerLoader = std::function<absl::StatusOr<common::ExpertWeights>(const std::string& peer,
+                                                                        int expert)>;
+
+  ExpertStore(common::ModelConfig config, CheckpointLoader checkpoint, PeerLoader peer);
+  ~ExpertStore();
+
+  // Schedules `experts` for loading under `version` (from `peer` when not empty). `done` runs on
+  // the loader thread once all finished, with the first failure if any. An expert already ready
+  // is reloaded only when copying from a peer. Errors now: INVALID_ARGUMENT for an expert out of
+  // range, FAILED_PRECONDITION for a version older than the shard's.
+  absl::Status Load(const std::vector<int>& experts, uint64_t version, const std::string& peer,
+                    std::function<void(absl::Status)> done);
+
+  // Stops the loader: the expert being read finishes, queued jobs are answered UNAVAILABLE.
+  void StopLoading();
+
+  // Marks `experts` draining; each leaves once its in-flight work is done.
+  absl::Status Unload(const std::vector<int>& experts, uint64_t version);
+
+  // A ready or draining expert, leased for `rows` of work. INVALID_ARGUMENT when out of range,
+  // FAILED_PRECONDITION naming the expert and the placement version when not loaded here.
+  absl::StatusOr<ExpertLease> Acquire(int expert, int64_t rows);
+
+  // The handle of a ready or draining expert, or null.
+  std::shared_ptr<ExpertHandle> Find(int expert) const;
+
+  std::vector<ExpertInfo> Snapshot() const;
+  uint64_t placement_version() const;
+  int ready_count() const;
+  const common::ModelConfig& config() const { return config_; }
+
+  // Called (without locks held) whenever an expert changes state.
+  void SetOnChange(std::function<void()> on_change);
+
+ private:
+  friend class ExpertLease;
+  struct Entry {
+    ExpertState state = ExpertState::kLoading;
+    std::shared_ptr<ExpertHandle> handle;
+    std::string error;
+  };
+  struct Job {
+    std::vector<int> experts;
+    std::string peer;
+    std::function<void(absl::Status)> done;
+  };
+
+  void LoaderLoop();
+  void Released(ExpertHandle* handle);
+  void NotifyChange();
+  absl::Status CheckVersion(uint64_t version) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const common::ModelConfig config_;
+  const CheckpointLoader checkpoint_;
+  const PeerLoader peer_;
+
+  mutable absl::Mutex mu_;
+  std::map<int, Entry> entries_ ABSL_GUARDED_BY(mu_);
+  uint64_t version_ ABSL_GUARDED_BY(mu_) = 0;
+  std::deque<Job> jobs_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::function<void()> on_change_ ABSL_GUARDED_BY(mu_);
+  std::thread loader_;
+};
+
+absl::string_view ExpertStateName(ExpertState s);
+
+}  // namespace moe::expert
+
+#endif  // MOE_EXPERT_SERVER_EXPERT_STORE_H_

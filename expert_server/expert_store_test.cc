@@ -1,0 +1,114 @@
+#include "expert_server/expert_store.h"
+
+#include <gtest/gtest.h>
+
+#include "absl/synchronization/notification.h"
+#include "services/common/random_checkpoint.h"
+
+namespace moe::expert {
+namespace {
+
+common::ModelConfig Config() {
+  common::ModelConfig c;
+  c.num_experts = 3;
+  c.d_model = 8;
+  c.d_ff = 16;
+  c.top_k = 1;
+  c.activation = common::Activation::kRelu;
+  return c;
+}
+
+class ExpertStoreTest : public ::testing::Test {
+ protected:
+  ExpertStoreTest()
+      : ck_(common::MakeRandomCheckpoint({Config(), false, 3})),
+        store_(
+            Config(),
+            [this](int e) -> absl::StatusOr<common::ExpertWeights> {
+              if (e == 2) return absl::DataLossError("disk on fire");
+              return ck_.experts[e];
+            },
+            [this](const std::string& peer, int e) -> absl::StatusOr<common::ExpertWeights> {
+              if (peer != "peer:1") return absl::UnavailableError("no such peer");
+              common::ExpertWeights w = ck_.experts[e];
+              w.w1[0] += 1.f;  // distinguishable copy
+              return w;
+            }) {}
+
+  absl::Status LoadAndWait(std::vector<int> experts, uint64_t version, std::string peer = "") {
+    absl::Notification done;
+    absl::Status result;
+    absl::Status st = store_.Load(experts, version, peer, [&](absl::Status s) {
+      result = s;
+      done.Notify();
+    });
+    if (!st.ok()) return st;
+    done.WaitForNotification();
+    return result;
+  }
+
+  common::Checkpoint ck_;
+  ExpertStore store_;
+};
+
+TEST_F(ExpertStoreTest, LoadsFromCheckpointAndReportsFailures) {
+  EXPECT_TRUE(LoadAndWait({0, 1}, 1).ok());
+  EXPECT_EQ(store_.ready_count(), 2);
+  const absl::Status st = LoadAndWait({2}, 1);
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(st.message().find("expert 2: disk on fire"), std::string::npos);
+  auto snap = store_.Snapshot();
+  ASSERT_EQ(snap.size(), 3u);
+  EXPECT_EQ(snap[2].state, ExpertState::kFailed);
+  auto lease = store_.Acquire(2, 1);
+  EXPECT_EQ(lease.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(lease.status().message().find("failed to load"), std::string::npos);
+}
+
+TEST_F(ExpertStoreTest, RangeAndVersionChecks) {
+  EXPECT_EQ(store_.Load({3}, 1, "", nullptr).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(LoadAndWait({0}, 5).ok());
+  EXPECT_EQ(store_.placement_version(), 5u);
+  EXPECT_EQ(store_.Load({1}, 4, "", nullptr).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(store_.Unload({0}, 4).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(store_.Acquire(-1, 1).status().code(), absl::StatusCode::kInvalidArgument);
+  auto missing = store_.Acquire(1, 1);
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(missing.status().message().find("expert 1 is not loaded on this shard (placement version 5)"),
+            std::string::npos);
+}
+
+TEST_F(ExpertStoreTest, DrainingExpertStaysUntilItsLeasesEnd) {
+  ASSERT_TRUE(LoadAndWait({0, 1}, 1).ok());
+  auto lease = store_.Acquire(0, 7);
+  ASSERT_TRUE(lease.ok());
+  EXPECT_EQ(lease->handle()->in_flight_rows.load(), 7);
+  ASSERT_TRUE(store_.Unload({0, 1}, 2).ok());
+  // Expert 1 was idle: gone at once. Expert 0 drains and still serves.
+  EXPECT_EQ(store_.Find(1), nullptr);
+  ASSERT_NE(store_.Find(0), nullptr);
+  EXPECT_EQ(store_.Snapshot()[0].state, ExpertState::kDraining);
+  EXPECT_TRUE(store_.Acquire(0, 1).ok());
+  *lease = ExpertLease();  // the in-flight work finishes
+  EXPECT_EQ(store_.Find(0), nullptr);
+  EXPECT_TRUE(store_.Snapshot().empty());
+}
+
+TEST_F(ExpertStoreTest, PeerCopyReplacesWeights) {
+  ASSERT_TRUE(LoadAndWait({1}, 1).ok());
+  const float before = store_.Find(1)->ffn->weights().w1[0];
+  ASSERT_TRUE(LoadAndWait({1}, 2, "peer:1").ok());
+  EXPECT_EQ(store_.Find(1)->ffn->weights().w1[0], before + 1.f);
+  // A failed copy keeps the expert it had.
+  EXPECT_EQ(LoadAndWait({1}, 3, "peer:2").code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(store_.Snapshot()[0].state, ExpertState::kReady);
+  EXPECT_EQ(store_.Find(1)->ffn->weights().w1[0], before + 1.f);
+}
+
+TEST_F(ExpertStoreTest, StopLoadingAnswersQueuedJobs) {
+  store_.StopLoading();
+  EXPECT_EQ(store_.Load({0}, 1, "", nullptr).code(), absl::StatusCode::kUnavailable);
+}
+
+}  // namespace
+}  // namespace moe::expert

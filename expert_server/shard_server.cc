@@ -1,0 +1,626 @@
+#include "expert_server/shard_server.h"
+
+#include <deque>
+#include <mutex>
+#include <set>
+
+#include <grpcpp/health_check_service_interface.h>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "moe/v1/expert_shard.grpc.pb.h"
+#include "services/common/grpc_status.h"
+#include "services/common/status_macros.h"
+#include "services/common/tensor_codec.h"
+
+namespace moe::expert {
+namespace {
+
+constexpr size_t kChunkBytes = 1 << 20;
+
+v1::ExpertStatus::State ToProto(ExpertState s) {
+  switch (s) {
+    case ExpertState::kLoading: return v1::ExpertStatus::LOADING;
+    case ExpertState::kReady: return v1::ExpertStatus::READY;
+    case ExpertState::kDraining: return v1::ExpertStatus::DRAINING;
+    case ExpertState::kFailed: return v1::ExpertStatus::FAILED;
+  }
+  return v1::ExpertStatus::STATE_UNSPECIFIED;
+}
+
+const char* ReasonFor(absl::StatusCode code) {
+  switch (code) {
+    case absl::StatusCode::kFailedPrecondition: return "not_loaded";
+    case absl::StatusCode::kResourceExhausted: return "too_large";
+    case absl::StatusCode::kUnavailable: return "shutdown";
+    default: return "invalid";
+  }
+}
+
+// Copies expert `e`'s current weights from the shard at `peer` through ExportExpert.
+absl::StatusOr<common::ExpertWeights> CopyFromPeer(const common::ModelConfig& config,
+                                                   const common::RpcLimits& limits,
+                                                   const std::string& peer, int e) {
+  auto channel = grpc::CreateCustomChannel(peer, grpc::InsecureChannelCredentials(),
+                                           common::ClientChannelArgs(limits));
+  auto stub = v1::ExpertShard::NewStub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  v1::ExportExpertRequest req;
+  req.set_expert(e);
+  auto reader = stub->ExportExpert(&ctx, req);
+  std::string bytes;
+  v1::ExpertChunk chunk;
+  while (reader->Read(&chunk)) {
+    if (chunk.offset() != bytes.size() || chunk.total_bytes() > (uint64_t{8} << 30) ||
+        chunk.offset() + chunk.data().size() > chunk.total_bytes()) {
+      ctx.TryCancel();
+      reader->Finish();
+      return absl::DataLossError(absl::StrCat("expert ", e, " from ", peer,
+                                              ": chunk at offset ", chunk.offset(),
+                                              " does not continue the copy"));
+    }
+    if (bytes.empty()) bytes.reserve(chunk.total_bytes());
+    bytes += chunk.data();
+  }
+  grpc::Status st = reader->Finish();
+  if (!st.ok()) {
+    absl::Status s = common::FromGrpcStatus(st);
+    return absl::Status(s.code(), absl::StrCat("copying expert ", e, " from ", peer, ": ",
+                                               s.message()));
+  }
+  return common::ParseExpert(bytes, config, e);
+}
+
+}  // namespace
+
+class DispatchReactor;
+
+// What a Dispatch stream shares with the tasks it submitted; outlives the reactor.
+struct StreamCore {
+  std::mutex mu;
+  DispatchReactor* reactor = nullptr;  // null once the RPC is done
+  std::deque<std::unique_ptr<v1::DispatchResponse>> outbox;
+  bool writing = false;
+  bool reads_done = false;
+  bool finished = false;
+  int outstanding = 0;  // accepted batches not yet answered
+  std::shared_ptr<std::atomic<bool>> cancelled = std::make_shared<std::atomic<bool>>(false);
+
+  // Queues a response (from any thread); `accepted` marks the answer to a submitted batch.
+  void Deliver(std::unique_ptr<v1::DispatchResponse> response, bool accepted);
+  // Ends the RPC with `status` unless it has ended.
+  void End(const grpc::Status& status);
+
+  void WriteNextLocked();
+  void MaybeFinishLocked();
+  void FinishLocked(const grpc::Status& status);
+};
+
+class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
+ public:
+  ShardServerOptions options;
+  common::ModelConfig config;
+  std::unique_ptr<common::SafetensorsReader> checkpoint;
+  std::shared_ptr<prometheus::Registry> registry;
+  std::unique_ptr<ShardMetrics> metrics;
+  std::unique_ptr<ExpertStore> store;
+  std::unique_ptr<ComputePool> pool;
+  std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<common::MetricsEndpoint> metrics_endpoint;
+  int port = 0;
+
+  absl::Notification initial_loaded;
+  absl::Status initial_status;
+
+  std::mutex mu;
+  std::set<std::shared_ptr<StreamCore>> streams;
+  bool serving = false;
+  bool shutting_down = false;
+  std::once_flag shutdown_once;
+
+  grpc::ServerBidiReactor<v1::DispatchRequest, v1::DispatchResponse>* Dispatch(
+      grpc::CallbackServerContext* ctx) override;
+  grpc::ServerUnaryReactor* LoadExperts(grpc::CallbackServerContext* ctx,
+                                        const v1::LoadExpertsRequest* req,
+                                        v1::ShardStatus* resp) override;
+  grpc::ServerUnaryReactor* UnloadExperts(grpc::CallbackServerContext* ctx,
+                                          const v1::UnloadExpertsRequest* req,
+                                          v1::ShardStatus* resp) override;
+  grpc::ServerWriteReactor<v1::ExpertChunk>* ExportExpert(
+      grpc::CallbackServerContext* ctx, const v1::ExportExpertRequest* req) override;
+  grpc::ServerUnaryReactor* GetStatus(grpc::CallbackServerContext* ctx,
+                                      const v1::GetShardStatusRequest* req,
+                                      v1::ShardStatus* resp) override;
+
+  void FillStatus(v1::ShardStatus* s) const;
+  void SetServing(bool serving);
+  void OnStoreChange();
+  void DoShutdown(absl::Duration grace);
+};
+
+class DispatchReactor final
+    : public grpc::ServerBidiReactor<v1::DispatchRequest, v1::DispatchResponse> {
+ public:
+  DispatchReactor(ShardServer::Impl* impl, grpc::CallbackServerContext* ctx)
+      : impl_(impl), ctx_(ctx), core_(std::make_shared<StreamCore>()) {
+    core_->reactor = this;
+    bool refuse = false;
+    {
+      std::lock_guard<std::mutex> lock(impl_->mu);
+      refuse = impl_->shutting_down;
+      if (!refuse) impl_->streams.insert(core_);
+    }
+    if (refuse) {
+      core_->End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "shard is shutting down"));
+      return;
+    }
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      std::lock_guard<std::mutex> lock(core_->mu);
+      core_->reads_done = true;
+      core_->MaybeFinishLocked();
+      return;
+    }
+    Handle(request_);
+    std::lock_guard<std::mutex> lock(core_->mu);
+    if (!core_->finished) StartRead(&request_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(core_->mu);
+    core_->writing = false;
+    if (!core_->outbox.empty()) core_->outbox.pop_front();
+    if (!ok) {
+      core_->FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "stream broken"));
+      return;
+    }
+    core_->WriteNextLocked();
+    core_->MaybeFinishLocked();
+  }
+
+  void OnCancel() override {
+    core_->cancelled->store(true);
+    core_->End(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the caller"));
+  }
+
+  void OnDone() override {
+    core_->cancelled->store(true);
+    {
+      std::lock_guard<std::mutex> lock(core_->mu);
+      core_->reactor = nullptr;
+      core_->outbox.clear();
+    }
+    {
+      std::lock_guard<std::mutex> lock(impl_->mu);
+      impl_->streams.erase(core_);
+    }
+    delete this;
+  }
+
+ private:
+  void Reject(uint64_t batch_id, const absl::Status& st, const char* reason) {
+    impl_->metrics->Rejected(reason);
+    auto r = std::make_unique<v1::DispatchResponse>();
+    r->set_batch_id(batch_id);
+    r->set_code(static_cast<int>(st.code()));
+    r->set_message(std::string(st.message()));
+    r->set_placement_version(impl_->store->placement_version());
+    core_->Deliver(std::move(r), false);
+  }
+
+  void Handle(const v1::DispatchRequest& req) {
+    impl_->metrics->BytesIn(static_cast<double>(req.ByteSizeLong()));
+    const uint64_t id = req.batch_id();
+    const int64_t d = impl_->config.d_model;
+    const int64_t max_rows = impl_->options.max_batch_rows;
+    if (req.experts_size() == 0) {
+      Reject(id, absl::InvalidArgumentError(absl::StrCat(
+                     "batch ", id, " is empty: it assigns no rows to any expert")),
+             "invalid");
+      return;
+    }
+    common::DecodeLimits limits;
+    limits.max_rank = 2;
+    limits.max_elements = max_rows * d;
+    absl::StatusOr<common::TensorView> view =
+        common::DecodeMatrix(req.rows(), absl::StrCat("batch ", id, " rows"), d, limits);
+    if (!view.ok()) {
+      Reject(id, view.status(),
+             view.status().code() == absl::StatusCode::kResourceExhausted ? "too_large"
+                                                                           : "invalid");
+      return;
+    }
+    const int64_t num_rows = view->dim(0);
+    if (num_rows == 0) {
+      Reject(id, absl::InvalidArgumentError(absl::StrCat("batch ", id, " is empty: 0 rows")),
+             "invalid");
+      return;
+    }
+    int64_t assigned = 0;
+    for (const v1::ExpertRows& er : req.experts()) assigned += er.rows_size();
+    if (assigned > max_rows) {
+      Reject(id, absl::ResourceExhaustedError(absl::StrCat(
+                     "batch ", id, " assigns ", assigned, " rows, more than the shard's limit of ",
+                     max_rows, " per batch; split it")),
+             "too_large");
+      return;
+    }
+    auto task = std::make_shared<DispatchTask>();
+    task->batch_id = id;
+    std::set<int> seen;
+    for (const v1::ExpertRows& er : req.experts()) {
+      if (!seen.insert(er.expert()).second) {
+        Reject(id, absl::InvalidArgumentError(absl::StrCat(
+                       "batch ", id, " lists expert ", er.expert(), " twice")),
+               "invalid");
+        return;
+      }
+      for (int32_t r : er.rows()) {
+        if (r < 0 || r >= num_rows) {
+          Reject(id, absl::InvalidArgumentError(absl::StrCat(
+                         "batch ", id, " expert ", er.expert(), ": row index ", r,
+                         " is out of range [0, ", num_rows, ")")),
+                 "invalid");
+          return;
+        }
+      }
+      absl::StatusOr<ExpertLease> lease = impl_->store->Acquire(er.expert(), er.rows_size());
+      if (!lease.ok()) {
+        Reject(id, absl::Status(lease.status().code(),
+                                absl::StrCat("batch ", id, ": ", lease.status().message())),
+               ReasonFor(lease.status().code()));
+        return;
+      }
+      DispatchTask::Part part;
+      part.expert = er.expert();
+      part.lease = std::move(*lease);
+      part.row_index.assign(er.rows().begin(), er.rows().end());
+      task->parts.push_back(std::move(part));
+    }
+    task->num_rows = num_rows;
+    task->rows.resize(static_cast<size_t>(num_rows * d));
+    common::ViewToFloat(*view, task->rows.data());
+    absl::Time deadline = absl::FromChrono(ctx_->deadline());
+    if (req.timeout_ms() > 0) {
+      deadline = std::min(deadline, absl::Now() + absl::Milliseconds(req.timeout_ms()));
+    }
+    task->deadline = deadline;
+    task->cancelled = core_->cancelled;
+    const common::WireType out_type = req.output_dtype() == v1::BFLOAT16
+                                          ? common::WireType::kBFloat16
+                                          : common::WireType::kFloat32;
+    ShardServer::Impl* impl = impl_;
+    std::weak_ptr<StreamCore> weak = core_;
+    task->done = [impl, weak, out_type, d](DispatchTask& t, const absl::Status& st) {
+      std::shared_ptr<StreamCore> core = weak.lock();
+      auto r = std::make_unique<v1::DispatchResponse>();
+      r->set_batch_id(t.batch_id);
+      r->set_placement_version(impl->store->placement_version());
+      if (st.ok()) {
+        for (DispatchTask::Part& p : t.parts) {
+          v1::ExpertOutput* o = r->add_outputs();
+          o->set_expert(p.expert);
+          common::EncodeTensor(p.output, {static_cast<int64_t>(p.row_index.size()), d},
+                               out_type, o->mutable_output());
+        }
+      } else {
+        r->set_code(static_cast<int>(st.code()));
+        r->set_message(std::string(st.message()));
+      }
+      impl->metrics->BytesOut(static_cast<double>(r->ByteSizeLong()));
+      // Release the experts before answering, so a drained expert can go.
+      t.parts.clear();
+      if (core) core->Deliver(std::move(r), true);
+    };
+    {
+      std::lock_guard<std::mutex> lock(core_->mu);
+      ++core_->outstanding;
+    }
+    absl::Status st = impl_->pool->Submit(task);
+    if (!st.ok()) {
+      {
+        std::lock_guard<std::mutex> lock(core_->mu);
+        --core_->outstanding;
+      }
+      Reject(id, absl::Status(st.code(), absl::StrCat("batch ", id, ": ", st.message())),
+             st.code() == absl::StatusCode::kResourceExhausted ? "queue_full" : "shutdown");
+    }
+  }
+
+  ShardServer::Impl* impl_;
+  grpc::CallbackServerContext* ctx_;
+  std::shared_ptr<StreamCore> core_;
+  v1::DispatchRequest request_;
+};
+
+void StreamCore::Deliver(std::unique_ptr<v1::DispatchResponse> response, bool accepted) {
+  std::lock_guard<std::mutex> lock(mu);
+  if (accepted) --outstanding;
+  if (reactor == nullptr || finished) return;
+  outbox.push_back(std::move(response));
+  if (!writing) WriteNextLocked();
+}
+
+void StreamCore::End(const grpc::Status& status) {
+  std::lock_guard<std::mutex> lock(mu);
+  FinishLocked(status);
+}
+
+void StreamCore::WriteNextLocked() {
+  if (writing || finished || outbox.empty() || reactor == nullptr) return;
+  writing = true;
+  reactor->StartWrite(outbox.front().get());
+}
+
+void StreamCore::MaybeFinishLocked() {
+  if (reads_done && outstanding == 0 && outbox.empty() && !writing) {
+    FinishLocked(grpc::Status::OK);
+  }
+}
+
+void StreamCore::FinishLocked(const grpc::Status& status) {
+  if (finished || reactor == nullptr) return;
+  finished = true;
+  reactor->Finish(status);
+}
+
+grpc::ServerBidiReactor<v1::DispatchRequest, v1::DispatchResponse>* ShardServer::Impl::Dispatch(
+    grpc::CallbackServerContext* ctx) {
+  return new DispatchReactor(this, ctx);
+}
+
+void ShardServer::Impl::FillStatus(v1::ShardStatus* s) const {
+  for (const ExpertInfo& info : store->Snapshot()) {
+    v1::ExpertStatus* e = s->add_experts();
+    e->set_expert(info.expert);
+    e->set_state(ToProto(info.state));
+    e->set_error(info.error);
+    e->set_in_flight_rows(info.in_flight_rows);
+  }
+  s->set_queue_rows(pool->queued_rows());
+  s->set_queue_batches(pool->queued_batches());
+  s->set_placement_version(store->placement_version());
+  s->set_threads(pool->threads());
+  s->set_num_experts(config.num_experts);
+  s->set_d_model(config.d_model);
+  s->set_d_ff(config.d_ff);
+  std::lock_guard<std::mutex> lock(const_cast<std::mutex&>(mu));
+  s->set_serving(serving && !shutting_down);
+}
+
+grpc::ServerUnaryReactor* ShardServer::Impl::LoadExperts(grpc::CallbackServerContext* ctx,
+                                                         const v1::LoadExpertsRequest* req,
+                                                         v1::ShardStatus* resp) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  const std::vector<int> experts(req->experts().begin(), req->experts().end());
+  std::function<void(absl::Status)> done;
+  if (req->wait()) {
+    done = [this, reactor, resp](absl::Status st) {
+      FillStatus(resp);
+      reactor->Finish(common::ToGrpcStatus(st));
+    };
+  }
+  absl::Status st = store->Load(experts, req->placement_version(), req->source_peer(), done);
+  if (!st.ok()) {
+    reactor->Finish(common::ToGrpcStatus(st));
+  } else if (!req->wait()) {
+    FillStatus(resp);
+    reactor->Finish(grpc::Status::OK);
+  }
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ShardServer::Impl::UnloadExperts(grpc::CallbackServerContext* ctx,
+                                                           const v1::UnloadExpertsRequest* req,
+                                                           v1::ShardStatus* resp) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  absl::Status st = store->Unload(std::vector<int>(req->experts().begin(), req->experts().end()),
+                                  req->placement_version());
+  if (st.ok()) FillStatus(resp);
+  reactor->Finish(common::ToGrpcStatus(st));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ShardServer::Impl::GetStatus(grpc::CallbackServerContext* ctx,
+                                                       const v1::GetShardStatusRequest*,
+                                                       v1::ShardStatus* resp) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  FillStatus(resp);
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+// Streams one expert's weights as a safetensors file in pieces of at most 1 MiB, the next piece
+// started from OnWriteDone.
+class ExportReactor final : public grpc::ServerWriteReactor<v1::ExpertChunk> {
+ public:
+  ExportReactor(ShardServer::Impl* impl, int expert) : expert_(expert) {
+    std::shared_ptr<ExpertHandle> h = impl->store->Find(expert);
+    if (h == nullptr) {
+      Finish(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                          absl::StrCat("expert ", expert, " is not loaded on this shard")));
+      return;
+    }
+    absl::StatusOr<std::string> bytes =
+        common::SerializeExpert(impl->config, expert, h->ffn->weights());
+    if (!bytes.ok()) {
+      Finish(common::ToGrpcStatus(bytes.status()));
+      return;
+    }
+    data_ = std::move(*bytes);
+    Next();
+  }
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "copy cancelled"));
+      return;
+    }
+    Next();
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  void Next() {
+    if (offset_ >= data_.size()) {
+      Finish(grpc::Status::OK);
+      return;
+    }
+    const size_t n = std::min(kChunkBytes, data_.size() - offset_);
+    chunk_.set_expert(expert_);
+    chunk_.set_total_bytes(data_.size());
+    chunk_.set_offset(offset_);
+    chunk_.mutable_data()->assign(data_, offset_, n);
+    offset_ += n;
+    StartWrite(&chunk_);
+  }
+  int expert_;
+  std::string data_;
+  size_t offset_ = 0;
+  v1::ExpertChunk chunk_;
+};
+
+grpc::ServerWriteReactor<v1::ExpertChunk>* ShardServer::Impl::ExportExpert(
+    grpc::CallbackServerContext*, const v1::ExportExpertRequest* req) {
+  return new ExportReactor(this, req->expert());
+}
+
+void ShardServer::Impl::SetServing(bool value) {
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (shutting_down) return;
+    serving = value;
+  }
+  if (server) server->GetHealthCheckService()->SetServingStatus(value);
+}
+
+void ShardServer::Impl::OnStoreChange() {
+  metrics->SetExpertsLoaded(store->ready_count());
+  metrics->SetPlacementVersion(static_cast<double>(store->placement_version()));
+}
+
+void ShardServer::Impl::DoShutdown(absl::Duration grace) {
+  std::call_once(shutdown_once, [&] {
+    std::vector<std::shared_ptr<StreamCore>> open;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      shutting_down = true;
+      serving = false;
+      open.assign(streams.begin(), streams.end());
+    }
+    server->GetHealthCheckService()->Shutdown();
+    for (auto& s : open) {
+      s->cancelled->store(true);
+      s->End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "shard is shutting down"));
+    }
+    store->StopLoading();
+    pool->Shutdown();
+    server->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+  });
+}
+
+ShardServer::ShardServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+ShardServer::~ShardServer() {
+  Shutdown();
+  impl_->server->Wait();
+}
+
+absl::StatusOr<std::unique_ptr<ShardServer>> ShardServer::Start(ShardServerOptions options) {
+  auto impl = std::make_unique<Impl>();
+  impl->options = std::move(options);
+  const ShardServerOptions& o = impl->options;
+  if (o.checkpoint.empty()) return absl::InvalidArgumentError("--checkpoint is required");
+  ASSIGN_OR_RETURN(impl->checkpoint, common::SafetensorsReader::Open(o.checkpoint));
+  ASSIGN_OR_RETURN(impl->config, common::ReadModelConfig(*impl->checkpoint, o.load));
+  impl->registry = o.registry ? o.registry : std::make_shared<prometheus::Registry>();
+  impl->metrics = std::make_unique<ShardMetrics>(*impl->registry, impl->config.num_experts);
+  Impl* raw = impl.get();
+  impl->store = std::make_unique<ExpertStore>(
+      impl->config,
+      [raw](int e) {
+        return common::ReadExpert(*raw->checkpoint, raw->options.load.tensor_prefix, raw->config,
+                                  e);
+      },
+      [raw](const std::string& peer, int e) {
+        return CopyFromPeer(raw->config, raw->options.limits, peer, e);
+      });
+  impl->store->SetOnChange([raw] { raw->OnStoreChange(); });
+  impl->pool =
+      std::make_unique<ComputePool>(impl->config.d_model, o.pool, impl->metrics.get());
+
+  common::EnableHealthAndReflection();
+  grpc::ServerBuilder builder;
+  common::ConfigureServerBuilder(&builder, o.limits);
+  builder.AddListeningPort(o.address, grpc::InsecureServerCredentials(), &impl->port);
+  builder.RegisterService(impl.get());
+  impl->server = builder.BuildAndStart();
+  if (impl->server == nullptr || impl->port == 0) {
+    impl->pool->Shutdown();
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", o.address, " (port in use or bad address)"));
+  }
+  impl->server->GetHealthCheckService()->SetServingStatus(false);
+  if (!o.metrics_address.empty()) {
+    auto ep = common::MetricsEndpoint::Start(o.metrics_address, impl->registry);
+    if (!ep.ok()) {
+      impl->DoShutdown(absl::ZeroDuration());
+      impl->server->Wait();
+      return ep.status();
+    }
+    impl->metrics_endpoint = std::move(*ep);
+  }
+  std::vector<int> initial;
+  if (o.initial_experts) {
+    initial = *o.initial_experts;
+  } else {
+    for (int e = 0; e < impl->config.num_experts; ++e) initial.push_back(e);
+  }
+  auto on_loaded = [raw](absl::Status st) {
+    raw->initial_status = st;
+    if (st.ok()) raw->SetServing(true);
+    raw->initial_loaded.Notify();
+  };
+  if (initial.empty()) {
+    // Serving once the router has loaded something.
+    raw->initial_loaded.Notify();
+    impl->store->SetOnChange([raw] {
+      raw->OnStoreChange();
+      if (raw->store->ready_count() > 0) raw->SetServing(true);
+    });
+  } else {
+    absl::Status st = impl->store->Load(initial, 0, "", on_loaded);
+    if (!st.ok()) {
+      impl->DoShutdown(absl::ZeroDuration());
+      impl->server->Wait();
+      return st;
+    }
+  }
+  return std::unique_ptr<ShardServer>(new ShardServer(std::move(impl)));
+}
+
+int ShardServer::port() const { return impl_->port; }
+int ShardServer::metrics_port() const {
+  return impl_->metrics_endpoint ? impl_->metrics_endpoint->port() : 0;
+}
+std::string ShardServer::address() const { return absl::StrCat("127.0.0.1:", impl_->port); }
+void ShardServer::Shutdown(absl::Duration grace) { impl_->DoShutdown(grace); }
+void ShardServer::Wait() { impl_->server->Wait(); }
+ExpertStore& ShardServer::store() { return *impl_->store; }
+ComputePool& ShardServer::pool() { return *impl_->pool; }
+const std::shared_ptr<prometheus::Registry>& ShardServer::registry() const {
+  return impl_->registry;
+}
+
+absl::Status ShardServer::WaitUntilLoaded(absl::Duration timeout) {
+  if (!impl_->initial_loaded.WaitForNotificationWithTimeout(timeout)) {
+    return absl::DeadlineExceededError("initial experts still loading");
+  }
+  return impl_->initial_status;
+}
+
+}  // namespace moe::expert

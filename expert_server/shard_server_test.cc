@@ -1,0 +1,586 @@
+#include "expert_server/shard_server.h"
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <thread>
+
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <gtest/gtest.h>
+
+#include "moe/v1/expert_shard.grpc.pb.h"
+#include "services/common/random_checkpoint.h"
+#include "services/common/tensor_codec.h"
+
+namespace moe::expert {
+namespace {
+
+using Stream = grpc::ClientReaderWriter<v1::DispatchRequest, v1::DispatchResponse>;
+
+common::ModelConfig TestConfig() {
+  common::ModelConfig c;
+  c.num_experts = 4;
+  c.d_model = 32;
+  c.d_ff = 64;
+  c.top_k = 2;
+  c.activation = common::Activation::kSilu;
+  c.gated = true;
+  return c;
+}
+
+class ShardServerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    ck_ = new common::Checkpoint(common::MakeRandomCheckpoint({TestConfig(), true, 17}));
+    path_ = new std::string(::testing::TempDir() + "/shard_test.safetensors");
+    ASSERT_TRUE(common::SaveCheckpoint(*path_, *ck_).ok());
+  }
+
+  std::unique_ptr<ShardServer> StartServer(ShardServerOptions o = {}) {
+    o.checkpoint = *path_;
+    auto s = ShardServer::Start(o);
+    EXPECT_TRUE(s.ok()) << s.status();
+    if (!s.ok()) return nullptr;
+    EXPECT_TRUE((*s)->WaitUntilLoaded(absl::Seconds(30)).ok());
+    return std::move(*s);
+  }
+
+  static std::unique_ptr<v1::ExpertShard::Stub> Stub(const ShardServer& s) {
+    return v1::ExpertShard::NewStub(grpc::CreateChannel(s.address(),
+                                                        grpc::InsecureChannelCredentials()));
+  }
+
+  // A batch of `rows` random rows; expert e gets the rows listed in `assign[e]`.
+  static v1::DispatchRequest Batch(uint64_t id, int64_t rows,
+                                   const std::map<int, std::vector<int>>& assign,
+                                   uint64_t seed = 1) {
+    v1::DispatchRequest r;
+    r.set_batch_id(id);
+    common::EncodeTensor(common::RandomMatrix(rows, TestConfig().d_model, seed + id),
+                         {rows, TestConfig().d_model}, common::WireType::kFloat32,
+                         r.mutable_rows());
+    for (const auto& [e, idx] : assign) {
+      v1::ExpertRows* er = r.add_experts();
+      er->set_expert(e);
+      for (int i : idx) er->add_rows(i);
+    }
+    return r;
+  }
+
+  // The in-process kernel's output for expert e on the listed rows of `req`.
+  static std::vector<float> Reference(const v1::DispatchRequest& req, int e,
+                                      const common::ExpertWeights* weights = nullptr) {
+    const int64_t d = TestConfig().d_model;
+    auto view = common::DecodeTensor(req.rows(), "rows");
+    std::vector<float> all = common::ViewToFloat(*view);
+    std::vector<float> in;
+    for (const auto& er : req.experts()) {
+      if (er.expert() != e) continue;
+      for (int r : er.rows()) in.insert(in.end(), all.begin() + r * d, all.begin() + (r + 1) * d);
+    }
+    auto ffn = ExpertFfn::Create(TestConfig(), weights ? *weights : ck_->experts[e]);
+    const int64_t m = static_cast<int64_t>(in.size()) / d;
+    std::vector<float> out(m * d);
+    EXPECT_TRUE((*ffn)->Forward(in.data(), m, out.data()).ok());
+    return out;
+  }
+
+  static std::vector<float> Output(const v1::DispatchResponse& resp, int e) {
+    for (const auto& o : resp.outputs()) {
+      if (o.expert() == e) return common::ViewToFloat(*common::DecodeTensor(o.output(), "out"));
+    }
+    ADD_FAILURE() << "no output for expert " << e;
+    return {};
+  }
+
+  static double Metric(prometheus::Registry& reg, const std::string& name,
+                       const std::map<std::string, std::string>& labels = {}) {
+    for (const auto& fam : reg.Collect()) {
+      if (fam.name != name) continue;
+      for (const auto& m : fam.metric) {
+        bool match = true;
+        for (const auto& [k, v] : labels) {
+          bool found = false;
+          for (const auto& l : m.label) found |= l.name == k && l.value == v;
+          match &= found;
+        }
+        if (!match) continue;
+        if (fam.type == prometheus::MetricType::Counter) return m.counter.value;
+        if (fam.type == prometheus::MetricType::Gauge) return m.gauge.value;
+        if (fam.type == prometheus::MetricType::Histogram) {
+          return static_cast<double>(m.histogram.sample_count);
+        }
+      }
+    }
+    return -1;
+  }
+
+  static common::Checkpoint* ck_;
+  static std::string* path_;
+};
+
+common::Checkpoint* ShardServerTest::ck_ = nullptr;
+std::string* ShardServerTest::path_ = nullptr;
+
+TEST_F(ShardServerTest, OutputsBitIdenticalToInProcessKernel) {
+  auto server = StartServer();
+  auto stub = Stub(*server);
+  grpc::ClientContext ctx;
+  auto stream = stub->Dispatch(&ctx);
+  // Row 2 goes to experts 0 and 1 and travels once.
+  const v1::DispatchRequest req = Batch(7, 10, {{0, {0, 2, 5}}, {1, {1, 2, 3, 9}}});
+  ASSERT_TRUE(stream->Write(req));
+  v1::DispatchResponse resp;
+  ASSERT_TRUE(stream->Read(&resp));
+  EXPECT_EQ(resp.batch_id(), 7u);
+  EXPECT_EQ(resp.code(), 0) << resp.message();
+  ASSERT_EQ(resp.outputs_size(), 2);
+  for (int e : {0, 1}) {
+    const std::vector<float> got = Output(resp, e), want = Reference(req, e);
+    ASSERT_EQ(got.size(), want.size());
+    EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * 4), 0) << "expert " << e;
+  }
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+TEST_F(ShardServerTest, ManyBatchesInFlightOnOneStreamAndBf16) {
+  ShardServerOptions o;
+  o.pool.threads = 2;
+  auto server = StartServer(o);
+  auto stub = Stub(*server);
+  grpc::ClientContext ctx;
+  auto stream = stub->Dispatch(&ctx);
+  constexpr int kBatches = 40;
+  std::map<uint64_t, v1::DispatchRequest> sent;
+  for (int i = 0; i < kBatches; ++i) {
+    v1::DispatchRequest req = Batch(100 + i, 6, {{i % 4, {0, 1, 2}}, {(i + 1) % 4, {3, 4, 5, 0}}});
+    if (i % 2 == 1) req.set_output_dtype(v1::BFLOAT16);
+    sent[req.batch_id()] = req;
+    ASSERT_TRUE(stream->Write(req));
+  }
+  stream->WritesDone();
+  int got = 0;
+  v1::DispatchResponse resp;
+  while (stream->Read(&resp)) {
+    ASSERT_EQ(resp.code(), 0) << resp.message();
+    const v1::DispatchRequest& req = sent.at(resp.batch_id());
+    for (const auto& er : req.experts()) {
+      const std::vector<float> out = Output(resp, er.expert()), want = Reference(req, er.expert());
+      ASSERT_EQ(out.size(), want.size());
+      const double tol = req.output_dtype() == v1::BFLOAT16 ? 1e-2 : 1e-5;
+      for (size_t i = 0; i < out.size(); ++i) {
+        ASSERT_NEAR(out[i], want[i], tol * (1 + std::fabs(want[i])));
+      }
+    }
+    ++got;
+  }
+  EXPECT_EQ(got, kBatches);
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+TEST_F(ShardServerTest, SeveralStreamsAtOnce) {
+  ShardServerOptions o;
+  o.pool.threads = 2;
+  auto server = StartServer(o);
+  auto stub = Stub(*server);
+  std::vector<std::thread> clients;
+  std::atomic<int> ok{0};
+  for (int c = 0; c < 4; ++c) {
+    clients.emplace_back([&, c] {
+      grpc::ClientContext ctx;
+      auto stream = stub->Dispatch(&ctx);
+      std::map<uint64_t, v1::DispatchRequest> sent;
+      for (int i = 0; i < 15; ++i) {
+        v1::DispatchRequest req = Batch(c * 1000 + i, 4, {{(c + i) % 4, {0, 1, 2, 3}}}, c);
+        sent[req.batch_id()] = req;
+        stream->Write(req);
+      }
+      stream->WritesDone();
+      v1::DispatchResponse resp;
+      while (stream->Read(&resp)) {
+        const auto& req = sent.at(resp.batch_id());
+        const int e = req.experts(0).expert();
+        const auto out = Output(resp, e), want = Reference(req, e);
+        bool same = out.size() == want.size();
+        for (size_t i = 0; same && i < out.size(); ++i) {
+          same = std::fabs(out[i] - want[i]) <= 1e-5 * (1 + std::fabs(want[i]));
+        }
+        if (resp.code() == 0 && same) ++ok;
+      }
+      stream->Finish();
+    });
+  }
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(ok.load(), 60);
+}
+
+TEST_F(ShardServerTest, ConcurrentBatchesForOneExpertAreCoalesced) {
+  ShardServerOptions o;
+  o.pool.threads = 1;
+  o.pool.batch_delay = absl::Milliseconds(200);
+  auto server = StartServer(o);
+  auto stub = Stub(*server);
+  grpc::ClientContext ctx;
+  auto stream = stub->Dispatch(&ctx);
+  std::map<uint64_t, v1::DispatchRequest> sent;
+  for (int i = 0; i < 8; ++i) {
+    v1::DispatchRequest req = Batch(i, 5, {{2, {0, 1, 2, 3, 4}}});
+    sent[i] = req;
+    ASSERT_TRUE(stream->Write(req));
+  }
+  stream->WritesDone();
+  v1::DispatchResponse resp;
+  int n = 0;
+  while (stream->Read(&resp)) {
+    ASSERT_EQ(resp.code(), 0) << resp.message();
+    const auto out = Output(resp, 2), want = Reference(sent.at(resp.batch_id()), 2);
+    for (size_t i = 0; i < out.size(); ++i) {
+      ASSERT_NEAR(out[i], want[i], 1e-5 * (1 + std::fabs(want[i])));
+    }
+    ++n;
+  }
+  EXPECT_EQ(n, 8);
+  EXPECT_TRUE(stream->Finish().ok());
+  // All 8 batches (40 rows) reached the queue within the delay: fewer matmuls than batches.
+  const double matmuls = Metric(*server->registry(), "moe_shard_coalesced_rows");
+  EXPECT_GE(matmuls, 1);
+  EXPECT_LT(matmuls, 8);
+  EXPECT_EQ(Metric(*server->registry(), "moe_shard_tokens_total", {{"expert", "2"}}), 40);
+  EXPECT_EQ(Metric(*server->registry(), "moe_shard_batches_total", {{"expert", "2"}}), 8);
+}
+
+// Sends `req` on a fresh stream and returns the response.
+v1::DispatchResponse RoundTrip(v1::ExpertShard::Stub* stub, const v1::DispatchRequest& req) {
+  grpc::ClientContext ctx;
+  auto stream = stub->Dispatch(&ctx);
+  EXPECT_TRUE(stream->Write(req));
+  v1::DispatchResponse resp;
+  EXPECT_TRUE(stream->Read(&resp));
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+  return resp;
+}
+
+TEST_F(ShardServerTest, BadBatchesGetClearErrorsAndTheStreamKeepsServing) {
+  ShardServerOptions o;
+  o.initial_experts = std::vector<int>{0, 1};
+  o.max_batch_rows = 64;
+  auto server = StartServer(o);
+  auto stub = Stub(*server);
+  grpc::ClientContext ctx;
+  auto stream = stub->Dispatch(&ctx);
+  struct Case {
+    const char* name;
+    v1::DispatchRequest req;
+    int code;
+    const char* needle;
+  };
+  std::vector<Case> cases;
+  {
+    v1::DispatchRequest r = Batch(1, 2, {{0, {0, 1}}});
+    r.mutable_rows()->set_shape(1, 31);
+    r.mutable_rows()->mutable_data()->resize(2 * 31 * 4);
+    cases.push_back({"wrong row width", r, grpc::INVALID_ARGUMENT, "must be [N, 32]"});
+  }
+  cases.push_back({"unknown expert", Batch(2, 2, {{99, {0}}}), grpc::INVALID_ARGUMENT,
+                   "unknown expert 99"});
+  cases.push_back({"not loaded", Batch(3, 2, {{2, {0}}}), grpc::FAILED_PRECONDITION,
+                   "expert 2 is not loaded on this shard (placement version 0)"});
+  {
+    v1::DispatchRequest r = Batch(4, 2, {{0, {0}}});
+    r.mutable_rows()->mutable_data()->resize(7);
+    cases.push_back({"malformed tensor", r, grpc::INVALID_ARGUMENT, "data has 7 bytes"});
+  }
+  {
+    v1::DispatchRequest r = Batch(5, 2, {});
+    cases.push_back({"no experts", r, grpc::INVALID_ARGUMENT, "is empty"});
+  }
+  {
+    v1::DispatchRequest r = Batch(6, 0, {{0, {}}});
+    cases.push_back({"zero rows", r, grpc::INVALID_ARGUMENT, "0 rows"});
+  }
+  {
+    v1::DispatchRequest r = Batch(7, 1, {{0, {0}}});
+    r.mutable_rows()->set_shape(0, int64_t{1} << 40);
+    cases.push_back({"huge declared size", r, grpc::RESOURCE_EXHAUSTED, "elements"});
+  }
+  {
+    std::vector<int> many(100, 0);
+    cases.push_back({"too many rows", Batch(8, 1, {{0, many}}), grpc::RESOURCE_EXHAUSTED,
+                     "more than the shard's limit of 64"});
+  }
+  cases.push_back({"row out of range", Batch(9, 3, {{0, {0, 3}}}), grpc::INVALID_ARGUMENT,
+                   "row index 3 is out of range [0, 3)"});
+  cases.push_back({"duplicate expert", Batch(10, 3, {{0, {0}}, {1, {1}}}), grpc::INVALID_ARGUMENT,
+                   "twice"});
+  cases.back().req.mutable_experts(1)->set_expert(0);
+  {
+    v1::DispatchRequest r = Batch(11, 2, {{0, {0}}});
+    r.mutable_rows()->set_dtype(static_cast<v1::DataType>(9));
+    cases.push_back({"unknown dtype", r, grpc::INVALID_ARGUMENT, "dtype 9"});
+  }
+  for (const Case& c : cases) ASSERT_TRUE(stream->Write(c.req)) << c.name;
+  // A good batch after all of them.
+  const v1::DispatchRequest good = Batch(50, 3, {{1, {0, 1, 2}}});
+  ASSERT_TRUE(stream->Write(good));
+  stream->WritesDone();
+  std::map<uint64_t, v1::DispatchResponse> got;
+  v1::DispatchResponse resp;
+  while (stream->Read(&resp)) got[resp.batch_id()] = resp;
+  EXPECT_TRUE(stream->Finish().ok());
+  for (const Case& c : cases) {
+    ASSERT_TRUE(got.count(c.req.batch_id())) << c.name;
+    const auto& r = got[c.req.batch_id()];
+    EXPECT_EQ(r.code(), c.code) << c.name << ": " << r.message();
+    EXPECT_NE(r.message().find(c.needle), std::string::npos) << c.name << ": " << r.message();
+  }
+  ASSERT_TRUE(got.count(50));
+  EXPECT_EQ(got[50].code(), 0);
+  EXPECT_EQ(Output(got[50], 1), Reference(good, 1));
+  EXPECT_GE(Metric(*server->registry(), "moe_shard_rejected_batches_total", {{"reason", "invalid"}}), 7);
+  EXPECT_EQ(Metric(*server->registry(), "moe_shard_rejected_batches_total", {{"reason", "not_loaded"}}), 1);
+}
+
+TEST_F(ShardServerTest, GarbageThenVanishingStreamDoesNotHurtOthers) {
+  auto server = StartServer();
+  {
+    auto channel = grpc::CreateChannel(server->address(), grpc::InsecureChannelCredentials());
+    grpc::GenericStub generic(channel);
+    grpc::ClientContext ctx;
+    grpc::CompletionQueue cq;
+    auto call = generic.PrepareCall(&ctx, "/moe.v1.ExpertShard/Dispatch", &cq);
+    void* tag;
+    bool ok;
+    call->StartCall(reinterpret_cast<void*>(1));
+    cq.Next(&tag, &ok);
+    const std::string junk = "\xff\xff\xff\xff\x0f garbage that is not a DispatchRequest";
+    grpc::Slice slice(junk);
+    grpc::ByteBuffer buf(&slice, 1);
+    call->Write(buf, reinterpret_cast<void*>(2));
+    cq.Next(&tag, &ok);
+    ctx.TryCancel();  // and vanish
+    grpc::Status st;
+    call->Finish(&st, reinterpret_cast<void*>(3));
+    while (cq.Next(&tag, &ok)) {
+      if (tag == reinterpret_cast<void*>(3)) break;
+    }
+    cq.Shutdown();
+    while (cq.Next(&tag, &ok)) {
+    }
+  }
+  auto stub = Stub(*server);
+  const v1::DispatchRequest req = Batch(1, 2, {{3, {0, 1}}});
+  const v1::DispatchResponse resp = RoundTrip(stub.get(), req);
+  EXPECT_EQ(resp.code(), 0) << resp.message();
+  EXPECT_EQ(Output(resp, 3), Reference(req, 3));
+}
+
+TEST_F(ShardServerTest, FullQueueRejectsExactlyWhatDoesNotFitAtOnce) {
+  ShardServerOptions o;
+  o.pool.threads = 1;
+  o.pool.batch_delay = absl::Milliseconds(300);
+  o.pool.max_queue_rows = 100;
+  auto server = StartServer(o);
+  auto stub = Stub(*server);
+  grpc::ClientContext ctx;
+  auto stream = stub->Dispatch(&ctx);
+  std::vector<int> rows30(30);
+  for (int i = 0; i < 30; ++i) rows30[i] = i;
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < 10; ++i) ASSERT_TRUE(stream->Write(Batch(i, 30, {{0, rows30}})));
+  stream->WritesDone();
+  std::map<uint64_t, std::pair<int, double>> got;
+  v1::DispatchResponse resp;
+  while (stream->Read(&resp)) {
+    got[resp.batch_id()] = {resp.code(), std::chrono::duration<double>(
+                                             std::chrono::steady_clock::now() - start).count()};
+    if (resp.code() != 0) {
+      EXPECT_NE(resp.message().find("queue is full"), std::string::npos) << resp.message();
+    }
+  }
+  EXPECT_TRUE(stream->Finish().ok());
+  ASSERT_EQ(got.size(), 10u);
+  // 3 batches of 30 rows fit in 100; the other 7 are refused, before the delay has passed.
+  for (int i = 0; i < 10; ++i) {
+    if (i < 3) {
+      EXPECT_EQ(got[i].first, 0) << i;
+    } else {
+      EXPECT_EQ(got[i].first, grpc::RESOURCE_EXHAUSTED) << i;
+      EXPECT_LT(got[i].second, 0.25) << "batch " << i << " was not refused at once";
+    }
+  }
+  EXPECT_EQ(Metric(*server->registry(), "moe_shard_rejected_batches_total", {{"reason", "queue_full"}}), 7);
+}
+
+TEST_F(ShardServerTest, CancelledStreamStopsItsPendingWork) {
+  ShardServerOptions o;
+  o.pool.threads = 1;
+  o.pool.batch_delay = absl::Milliseconds(300);
+  auto server = StartServer(o);
+  auto stub = Stub(*server);
+  {
+    grpc::ClientContext ctx;
+    auto stream = stub->Dispatch(&ctx);
+    for (int i = 0; i < 5; ++i) ASSERT_TRUE(stream->Write(Batch(i, 4, {{1, {0, 1, 2, 3}}})));
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // let the server read them
+    ctx.TryCancel();
+    stream->Finish();
+  }
+  // Wait past the delay: the worker must have dropped the items rather than computed them.
+  for (int i = 0; i < 50 && Metric(*server->registry(), "moe_shard_rejected_batches_total",
+                                   {{"reason", "cancelled"}}) < 5; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(Metric(*server->registry(), "moe_shard_rejected_batches_total", {{"reason", "cancelled"}}), 5);
+  EXPECT_EQ(Metric(*server->registry(), "moe_shard_tokens_total", {{"expert", "1"}}), 0);
+}
+
+TEST_F(ShardServerTest, PassedDeadlineStopsPendingWork) {
+  ShardServerOptions o;
+  o.pool.threads = 1;
+  o.pool.batch_delay = absl::Milliseconds(200);
+  auto server = StartServer(o);
+  auto stub = Stub(*server);
+  v1::DispatchRequest req = Batch(1, 2, {{0, {0, 1}}});
+  req.set_timeout_ms(50);
+  const v1::DispatchResponse resp = RoundTrip(stub.get(), req);
+  EXPECT_EQ(resp.code(), grpc::DEADLINE_EXCEEDED) << resp.message();
+  EXPECT_EQ(Metric(*server->registry(), "moe_shard_tokens_total", {{"expert", "0"}}), 0);
+}
+
+TEST_F(ShardServerTest, SecondShardCopiesAnExpertFromAPeer) {
+  auto a = StartServer();
+  ShardServerOptions o;
+  o.initial_experts = std::vector<int>{};
+  auto b = StartServer(o);
+  auto stub_b = Stub(*b);
+  {
+    grpc::ClientContext ctx;
+    v1::LoadExpertsRequest req;
+    req.add_experts(2);
+    req.set_placement_version(3);
+    req.set_source_peer(a->address());
+    req.set_wait(true);
+    v1::ShardStatus st;
+    ASSERT_TRUE(stub_b->LoadExperts(&ctx, req, &st).ok());
+    ASSERT_EQ(st.experts_size(), 1);
+    EXPECT_EQ(st.experts(0).state(), v1::ExpertStatus::READY);
+    EXPECT_EQ(st.placement_version(), 3u);
+    EXPECT_TRUE(st.serving());
+  }
+  const v1::DispatchRequest req = Batch(1, 5, {{2, {0, 1, 2, 3, 4}}});
+  const auto from_b = RoundTrip(stub_b.get(), req);
+  const auto from_a = RoundTrip(Stub(*a).get(), req);
+  ASSERT_EQ(from_b.code(), 0) << from_b.message();
+  EXPECT_EQ(Output(from_b, 2), Output(from_a, 2));
+  EXPECT_EQ(Output(from_b, 2), Reference(req, 2));
+  // An older placement version is refused; a missing peer expert fails clearly.
+  grpc::ClientContext ctx;
+  v1::LoadExpertsRequest old;
+  old.add_experts(1);
+  old.set_placement_version(2);
+  v1::ShardStatus st;
+  EXPECT_EQ(stub_b->LoadExperts(&ctx, old, &st).error_code(), grpc::FAILED_PRECONDITION);
+}
+
+TEST_F(ShardServerTest, UnloadDrainsAndStatusReportsState) {
+  auto server = StartServer();
+  auto stub = Stub(*server);
+  {
+    grpc::ClientContext ctx;
+    v1::UnloadExpertsRequest req;
+    req.add_experts(3);
+    req.set_placement_version(5);
+    v1::ShardStatus st;
+    ASSERT_TRUE(stub->UnloadExperts(&ctx, req, &st).ok());
+    EXPECT_EQ(st.placement_version(), 5u);
+    for (const auto& e : st.experts()) EXPECT_NE(e.expert(), 3);
+    EXPECT_EQ(st.num_experts(), 4);
+    EXPECT_EQ(st.d_model(), 32);
+    EXPECT_EQ(st.threads(), 1);
+  }
+  const auto resp = RoundTrip(stub.get(), Batch(1, 1, {{3, {0}}}));
+  EXPECT_EQ(resp.code(), grpc::FAILED_PRECONDITION);
+  EXPECT_NE(resp.message().find("placement version 5"), std::string::npos) << resp.message();
+}
+
+TEST_F(ShardServerTest, HealthFollowsLoadingAndShutdown) {
+  ShardServerOptions o;
+  o.initial_experts = std::vector<int>{};
+  auto server = StartServer(o);
+  auto channel = grpc::CreateChannel(server->address(), grpc::InsecureChannelCredentials());
+  auto health = [&] {
+    auto h = common::CheckHealth(channel.get(), absl::Seconds(5));
+    EXPECT_TRUE(h.ok()) << h.status();
+    return h.ok() ? *h : common::HealthState::kUnknown;
+  };
+  EXPECT_EQ(health(), common::HealthState::kNotServing);
+  grpc::ClientContext ctx;
+  v1::LoadExpertsRequest req;
+  req.add_experts(0);
+  req.set_wait(true);
+  v1::ShardStatus st;
+  ASSERT_TRUE(Stub(*server)->LoadExperts(&ctx, req, &st).ok());
+  EXPECT_EQ(health(), common::HealthState::kServing);
+  server->Shutdown(absl::Milliseconds(100));
+  // Once shutdown starts the server either answers NOT_SERVING or no longer answers at all.
+  auto after = common::CheckHealth(channel.get(), absl::Seconds(2));
+  if (after.ok()) {
+    EXPECT_EQ(*after, common::HealthState::kNotServing);
+  }
+}
+
+TEST_F(ShardServerTest, SigtermEndsOpenStreamsAndExitsPromptly) {
+  int out[2];
+  ASSERT_EQ(pipe(out), 0);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    dup2(out[1], 1);
+    close(out[0]);
+    execl(MOE_EXPERT_SERVER_BIN, MOE_EXPERT_SERVER_BIN, "--checkpoint", path_->c_str(), "--port",
+          "0", "--host", "127.0.0.1", static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  close(out[1]);
+  FILE* f = fdopen(out[0], "r");
+  char line[256] = {0};
+  ASSERT_NE(fgets(line, sizeof(line), f), nullptr);
+  const char* colon = std::strrchr(line, ':');
+  ASSERT_NE(colon, nullptr) << line;
+  const std::string addr = "127.0.0.1:" + std::to_string(std::atoi(colon + 1));
+  auto stub = v1::ExpertShard::NewStub(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  auto stream = stub->Dispatch(&ctx);
+  // Wait until the experts are loaded and the stream works.
+  v1::DispatchResponse resp;
+  for (int i = 0; i < 100; ++i) {
+    ASSERT_TRUE(stream->Write(Batch(i, 1, {{0, {0}}})));
+    ASSERT_TRUE(stream->Read(&resp));
+    if (resp.code() == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_EQ(resp.code(), 0) << resp.message();
+  const auto start = std::chrono::steady_clock::now();
+  kill(pid, SIGTERM);
+  while (stream->Read(&resp)) {
+  }
+  const grpc::Status st = stream->Finish();
+  EXPECT_EQ(st.error_code(), grpc::UNAVAILABLE) << st.error_message();
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_LT(seconds, 2.0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  fclose(f);
+}
+
+}  // namespace
+}  // namespace moe::expert

@@ -1,0 +1,87 @@
+#include "services/common/flags.h"
+
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+
+namespace moe::common {
+
+absl::StatusOr<Flags> Flags::Parse(int argc, char** argv, int first,
+                                   const std::map<std::string, bool>& known) {
+  Flags flags;
+  for (int i = first; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg.rfind("--", 0) != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("unexpected argument '", arg, "'"));
+    }
+    std::string name = arg.substr(2), value;
+    bool has_value = false;
+    if (auto eq = name.find('='); eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+      has_value = true;
+    }
+    auto it = known.find(name);
+    if (it == known.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name));
+    }
+    if (it->second && !has_value) {
+      if (i + 1 >= argc) {
+        return absl::InvalidArgumentError(absl::StrCat("flag --", name, " needs a value"));
+      }
+      value = argv[++i];
+    } else if (!it->second && !has_value) {
+      value = "true";
+    }
+    flags.values_[name] = value;
+  }
+  return flags;
+}
+
+std::string Flags::Get(const std::string& name, const std::string& def) const {
+  auto it = values_.find(name);
+  return it == values_.end() ? def : it->second;
+}
+
+absl::StatusOr<int64_t> Flags::GetInt(const std::string& name, int64_t def) const {
+  if (!Has(name)) return def;
+  int64_t v;
+  if (!absl::SimpleAtoi(Get(name), &v)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " must be an integer, got '", Get(name), "'"));
+  }
+  return v;
+}
+
+absl::StatusOr<double> Flags::GetDouble(const std::string& name, double def) const {
+  if (!Has(name)) return def;
+  double v;
+  if (!absl::SimpleAtod(Get(name), &v)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " must be a number, got '", Get(name), "'"));
+  }
+  return v;
+}
+
+absl::StatusOr<std::string> Flags::Require(const std::string& name) const {
+  if (!Has(name)) return absl::InvalidArgumentError(absl::StrCat("--", name, " is required"));
+  return Get(name);
+}
+
+absl::StatusOr<std::vector<int>> Flags::GetIntList(const std::string& name) const {
+  std::vector<int> out;
+  const std::string v = Get(name);
+  if (v.empty()) return out;
+  for (absl::string_view part : absl::StrSplit(v, ',')) {
+    int x;
+    if (!absl::SimpleAtoi(part, &x)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", name, " must be a comma-separated list of integers, got '", v, "'"));
+    }
+    out.push_back(x);
+  }
+  return out;
+}
+
+}  // namespace moe::common

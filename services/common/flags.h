@@ -1,0 +1,35 @@
+#ifndef MOE_SERVICES_COMMON_FLAGS_H_
+#define MOE_SERVICES_COMMON_FLAGS_H_
+
+// Command-line flags for every binary: --name value, --name=value, or --flag for booleans.
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace moe::common {
+
+class Flags {
+ public:
+  // `known` maps each accepted flag to whether it takes a value. Unknown flags and stray
+  // arguments are INVALID_ARGUMENT naming them.
+  static absl::StatusOr<Flags> Parse(int argc, char** argv, int first,
+                                     const std::map<std::string, bool>& known);
+  bool Has(const std::string& name) const { return values_.count(name) > 0; }
+  std::string Get(const std::string& name, const std::string& def = "") const;
+  absl::StatusOr<int64_t> GetInt(const std::string& name, int64_t def) const;
+  absl::StatusOr<double> GetDouble(const std::string& name, double def) const;
+  absl::StatusOr<std::string> Require(const std::string& name) const;
+  // A comma-separated list of integers; "" is empty.
+  absl::StatusOr<std::vector<int>> GetIntList(const std::string& name) const;
+
+ private:
+  std::map<std::string, std::string> values_;
+};
+
+}  // namespace moe::common
+
+#endif  // MOE_SERVICES_COMMON_FLAGS_H_

@@ -1,0 +1,103 @@
+#include "services/common/server_util.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace moe::common {
+
+void ConfigureServerBuilder(grpc::ServerBuilder* builder, const RpcLimits& limits) {
+  builder->SetMaxReceiveMessageSize(limits.max_message_bytes);
+  builder->SetMaxSendMessageSize(limits.max_message_bytes);
+  builder->AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  builder->AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 500);
+  builder->AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 1000);
+  builder->AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder->AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  // Accept the clients' 500 ms pings instead of answering them with GOAWAY.
+  builder->AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 200);
+  builder->AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
+}
+
+grpc::ChannelArguments ClientChannelArgs(const RpcLimits& limits) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(limits.max_message_bytes);
+  args.SetMaxSendMessageSize(limits.max_message_bytes);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 500);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 1000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  // Reconnect quickly once a shard is back.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  // Each client gets its own connection rather than sharing a subchannel with other channels.
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  return args;
+}
+
+void EnableHealthAndReflection() {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+}
+
+absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
+    const std::string& address, std::shared_ptr<prometheus::Registry> registry) {
+  auto ep = std::unique_ptr<MetricsEndpoint>(new MetricsEndpoint());
+  try {
+    ep->exposer_ = std::make_unique<prometheus::Exposer>(address, 1);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot serve metrics on ", address, ": ", e.what(), " (port in use?)"));
+  }
+  ep->exposer_->RegisterCollectable(registry);
+  const std::vector<int> ports = ep->exposer_->GetListeningPorts();
+  ep->port_ = ports.empty() ? 0 : ports.front();
+  return ep;
+}
+
+absl::StatusOr<HealthState> CheckHealth(grpc::Channel* channel, absl::Duration timeout) {
+  grpc::GenericStub stub(channel->shared_from_this());
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  grpc::CompletionQueue cq;
+  grpc::Slice empty("", 0);
+  grpc::ByteBuffer request(&empty, 1);  // HealthCheckRequest{service: ""} is zero bytes
+  grpc::ByteBuffer response;
+  grpc::Status status;
+  std::unique_ptr<grpc::GenericClientAsyncResponseReader> call =
+      stub.PrepareUnaryCall(&ctx, "/grpc.health.v1.Health/Check", request, &cq);
+  call->StartCall();
+  call->Finish(&response, &status, reinterpret_cast<void*>(1));
+  void* tag = nullptr;
+  bool ok = false;
+  cq.Next(&tag, &ok);
+  cq.Shutdown();
+  while (cq.Next(&tag, &ok)) {
+  }
+  if (!status.ok()) {
+    return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
+                        absl::StrCat("health check: ", status.error_message()));
+  }
+  std::vector<grpc::Slice> slices;
+  if (!response.Dump(&slices).ok()) return absl::InternalError("health check: bad response");
+  std::string bytes;
+  for (const grpc::Slice& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  // HealthCheckResponse{ServingStatus status = 1}: 0x08 then the enum value; absent means 0.
+  int value = 0;
+  if (bytes.size() >= 2 && bytes[0] == 0x08) value = static_cast<unsigned char>(bytes[1]);
+  switch (value) {
+    case 1: return HealthState::kServing;
+    case 2: return HealthState::kNotServing;
+    default: return HealthState::kUnknown;
+  }
+}
+
+bool WaitForConnected(grpc::Channel* channel, absl::Duration timeout) {
+  return channel->WaitForConnected(absl::ToChronoTime(absl::Now() + timeout));
+}
+
+}  // namespace moe::common

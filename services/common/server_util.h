@@ -1,0 +1,58 @@
+#ifndef MOE_SERVICES_COMMON_SERVER_UTIL_H_
+#define MOE_SERVICES_COMMON_SERVER_UTIL_H_
+
+// Server bootstrap shared by every service: keepalive, message sizes, health and reflection,
+// client channel settings, and the Prometheus /metrics endpoint.
+
+#include <memory>
+#include <string>
+
+#include <grpcpp/grpcpp.h>
+#include <prometheus/exposer.h>
+#include <prometheus/registry.h>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace moe::common {
+
+struct RpcLimits {
+  // Largest message sent or received; batches are bounded well below this by row limits.
+  int max_message_bytes = 64 << 20;
+};
+
+// Keepalive pings every 500 ms with a 1 s timeout on both sides: a peer that stops answering is
+// detected within 2 s. Disables SO_REUSEPORT so a stale server cannot take a share of connections.
+void ConfigureServerBuilder(grpc::ServerBuilder* builder, const RpcLimits& limits = {});
+
+// Channel arguments for internal clients (router -> shard, shard -> peer), matching the above.
+grpc::ChannelArguments ClientChannelArgs(const RpcLimits& limits = {});
+
+// Turns on the default grpc.health.v1 service and v1alpha server reflection; call before
+// building any server.
+void EnableHealthAndReflection();
+
+// Serves `registry` on http://ADDRESS/metrics. `address` is host:port; port 0 picks one.
+class MetricsEndpoint {
+ public:
+  static absl::StatusOr<std::unique_ptr<MetricsEndpoint>> Start(
+      const std::string& address, std::shared_ptr<prometheus::Registry> registry);
+  int port() const { return port_; }
+
+ private:
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  int port_ = 0;
+};
+
+enum class HealthState { kUnknown, kServing, kNotServing };
+
+// One grpc.health.v1.Health/Check of the whole server (service ""). UNAVAILABLE and friends come
+// back as errors; the two messages involved are encoded by hand (no generated health stubs).
+absl::StatusOr<HealthState> CheckHealth(grpc::Channel* channel, absl::Duration timeout);
+
+// Blocks until the channel is connected or `timeout` passes.
+bool WaitForConnected(grpc::Channel* channel, absl::Duration timeout);
+
+}  // namespace moe::common
+
+#endif  // MOE_SERVICES_COMMON_SERVER_UTIL_H_

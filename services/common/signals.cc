@@ -1,0 +1,31 @@
+#include "services/common/signals.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
+
+namespace moe::common {
+
+void BlockTerminationSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGUSR1);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+}
+
+int WaitForTerminationSignal() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGUSR1);
+  int sig = 0;
+  sigwait(&set, &sig);
+  return sig == SIGUSR1 ? 0 : sig;
+}
+
+void WakeSignalWaiter() { kill(getpid(), SIGUSR1); }
+
+}  // namespace moe::common
