@@ -1,6 +1,8 @@
 // moe-client: the command-line tool for moe-cluster. Run without arguments for usage.
 
 #include <chrono>
+#include <deque>
+#include <random>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -8,7 +10,19 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include <algorithm>
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+
 #include "client/cli_util.h"
+#include "client/router_client.h"
+#include "services/common/grpc_status.h"
+#include "services/common/tensor_codec.h"
 #include "router/moe_layer.h"
 #include "services/common/checkpoint.h"
 #include "services/common/flags.h"
@@ -32,9 +46,21 @@ commands:
       write a seeded random checkpoint (safetensors, Mixtral tensor names)
   make-tokens --out PATH --tokens N --d-model D [--seed S]
       write a random tokens [N, D] file for `forward`
-  forward --checkpoint PATH --input IN.safetensors --output OUT.safetensors --local
-          [--tensor-prefix P] [--capacity-factor C]
-      run the layer on tensor `tokens` [N, d_model]; writes `output`, `expert_ids`, `weights`
+  forward --input IN.safetensors --output OUT.safetensors
+          (--router HOST:PORT [--bf16] | --local --checkpoint PATH [--tensor-prefix P]
+           [--capacity-factor C])
+      run the layer on tensor `tokens` [N, d_model] through the cluster (or in process);
+      writes `output`, `expert_ids`, `weights` (`infer` is the same command)
+  info --router HOST:PORT
+      the model and the shards with their health and experts
+  placement --router HOST:PORT [--rebalance STRATEGY] [--dry-run]
+      the placement table; --rebalance switches strategy (replicated|sharded|hybrid|dynamic),
+      --dry-run only scores the proposal
+  load --router HOST:PORT [--checkpoint PATH --zipf S] [--concurrency C] [--batch-size N]
+       [--duration SECONDS | --requests R] [--seed S]
+      a load generator: C concurrent InferStream streams of N-token requests; with a checkpoint
+      and --zipf, expert popularity follows a Zipf law of exponent S. Prints tokens/s,
+      p50/p95/p99 latency and errors by code
   demo --checkpoint PATH [--batches B] [--batch-size N] [--tensor-prefix P]
       run the in-process layer on random batches; print tokens/s and per-expert load
 )";
@@ -124,35 +150,275 @@ absl::StatusOr<std::unique_ptr<router::MoeLayer>> LoadLayer(const Flags& f) {
   return router::MoeLayer::Create(std::move(ck), router::MoeLayerOptions{cf});
 }
 
+absl::StatusOr<std::pair<std::vector<float>, int64_t>> ReadTokens(const std::string& path) {
+  ASSIGN_OR_RETURN(auto reader, common::SafetensorsReader::Open(path));
+  const common::StTensor* t = reader->Find("tokens");
+  if (t == nullptr || t->shape.size() != 2) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": needs a tensor 'tokens' [N, d_model]"));
+  }
+  ASSIGN_OR_RETURN(std::vector<float> x, reader->ReadFloat("tokens"));
+  return std::make_pair(std::move(x), t->shape[1]);
+}
+
+absl::Status WriteForward(const std::string& out_path, int64_t n, int64_t d, int k,
+                          const std::vector<float>& y, const std::vector<int32_t>& ids,
+                          const std::vector<float>& weights, int64_t dropped) {
+  common::SafetensorsWriter w;
+  RETURN_IF_ERROR(w.AddF32("output", {n, d}, y));
+  RETURN_IF_ERROR(w.AddI32("expert_ids", {n, k}, ids));
+  RETURN_IF_ERROR(w.AddF32("weights", {n, k}, weights));
+  RETURN_IF_ERROR(w.Write(out_path));
+  std::printf("wrote %s: output [%lld, %lld], expert_ids and weights [%lld, %d]; %lld dropped\n",
+              out_path.c_str(), static_cast<long long>(n), static_cast<long long>(d),
+              static_cast<long long>(n), k, static_cast<long long>(dropped));
+  return absl::OkStatus();
+}
+
 absl::Status Forward(const Flags& f) {
-  if (!f.Has("local")) {
-    return absl::InvalidArgumentError(
-        "forward needs --local (the in-process layer); --router comes with the router");
+  if (f.Has("local") == f.Has("router")) {
+    return absl::InvalidArgumentError("forward needs exactly one of --local or --router HOST:PORT");
   }
   ASSIGN_OR_RETURN(std::string in_path, f.Require("input"));
   ASSIGN_OR_RETURN(std::string out_path, f.Require("output"));
+  ASSIGN_OR_RETURN(auto tokens, ReadTokens(in_path));
+  const std::vector<float>& x = tokens.first;
+  const int64_t d = tokens.second;
+  const int64_t n = d > 0 ? static_cast<int64_t>(x.size()) / d : 0;
+  if (f.Has("router")) {
+    auto stub = MakeRouterStub(f.Get("router"));
+    v1::InferRequest req;
+    req.set_request_id("forward");
+    req.set_return_routing(true);
+    common::EncodeTensor(x, {n, d},
+                         f.Has("bf16") ? common::WireType::kBFloat16 : common::WireType::kFloat32,
+                         req.mutable_tokens());
+    v1::InferResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    grpc::Status st = stub->Infer(&ctx, req, &resp);
+    if (!st.ok()) {
+      absl::Status s = common::FromGrpcStatus(st);
+      return absl::Status(s.code(), absl::StrCat(absl::StatusCodeToString(s.code()), ": ",
+                                                 s.message()));
+    }
+    ASSIGN_OR_RETURN(common::TensorView v, common::DecodeMatrix(resp.output(), "output", d));
+    const int k = static_cast<int>(resp.routing().top_k());
+    return WriteForward(out_path, n, d, k, common::ViewToFloat(v),
+                        {resp.routing().expert_ids().begin(), resp.routing().expert_ids().end()},
+                        {resp.routing().weights().begin(), resp.routing().weights().end()},
+                        resp.stats().dropped_assignments());
+  }
   ASSIGN_OR_RETURN(auto layer, LoadLayer(f));
   const common::ModelConfig& c = layer->config();
-  ASSIGN_OR_RETURN(auto reader, common::SafetensorsReader::Open(in_path));
-  const common::StTensor* t = reader->Find("tokens");
-  if (t == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(in_path, ": no tensor named 'tokens'"));
-  }
-  if (t->shape.size() != 2 || t->shape[1] != c.d_model) {
+  if (d != c.d_model) {
     return absl::InvalidArgumentError(absl::StrCat(in_path, ": 'tokens' must be [N, ", c.d_model,
                                                    "] for this checkpoint"));
   }
-  ASSIGN_OR_RETURN(std::vector<float> x, reader->ReadFloat("tokens"));
-  const int64_t n = t->shape[0];
   ASSIGN_OR_RETURN(router::LayerOutput out, layer->Forward(x.data(), n));
-  common::SafetensorsWriter w;
-  RETURN_IF_ERROR(w.AddF32("output", {n, c.d_model}, out.y));
-  RETURN_IF_ERROR(w.AddI32("expert_ids", {n, c.top_k}, out.gating.expert_ids));
-  RETURN_IF_ERROR(w.AddF32("weights", {n, c.top_k}, out.gating.weights));
-  RETURN_IF_ERROR(w.Write(out_path));
-  std::printf("wrote %s: output [%lld, %d], expert_ids and weights [%lld, %d]; %lld dropped\n",
-              out_path.c_str(), static_cast<long long>(n), c.d_model, static_cast<long long>(n),
-              c.top_k, static_cast<long long>(out.gating.dropped));
+  return WriteForward(out_path, n, d, c.top_k, out.y, out.gating.expert_ids, out.gating.weights,
+                      out.gating.dropped);
+}
+
+absl::Status Info(const Flags& f) {
+  ASSIGN_OR_RETURN(std::string addr, f.Require("router"));
+  auto stub = MakeRouterStub(addr);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  v1::ClusterInfo info;
+  grpc::Status st = stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info);
+  if (!st.ok()) return common::FromGrpcStatus(st);
+  std::printf("model: %d experts, d_model %d, d_ff %d, top-%d, %s%s, normalize_topk %s\n",
+              info.num_experts(), info.d_model(), info.d_ff(), info.top_k(),
+              info.activation().c_str(), info.gated() ? " gated" : "",
+              info.normalize_topk() ? "true" : "false");
+  std::printf("placement: %s, version %llu, capacity factor %g\n",
+              info.placement_strategy().c_str(),
+              static_cast<unsigned long long>(info.placement_version()), info.capacity_factor());
+  std::vector<std::vector<std::string>> rows;
+  for (int s = 0; s < info.shards_size(); ++s) {
+    const v1::ShardInfo& si = info.shards(s);
+    rows.push_back({absl::StrCat(s), si.address(), si.healthy() ? "up" : "DOWN",
+                    absl::StrJoin(si.experts(), ",")});
+  }
+  PrintTable({"shard", "address", "health", "experts"}, rows);
+  return absl::OkStatus();
+}
+
+void PrintPlacement(const v1::Placement& p) {
+  std::printf("placement %s, version %llu%s, imbalance %.3f\n", p.strategy().c_str(),
+              static_cast<unsigned long long>(p.version()), p.applied() ? "" : " (proposal, not applied)",
+              p.imbalance());
+  std::vector<std::vector<std::string>> rows;
+  for (const v1::ExpertPlacement& e : p.experts()) {
+    std::vector<std::string> where;
+    for (int s : e.shards()) where.push_back(absl::StrCat(s));
+    rows.push_back({absl::StrCat(e.expert()), absl::StrJoin(where, ","),
+                    absl::StrFormat("%.1f", e.load())});
+  }
+  PrintTable({"expert", "shards", "load (tokens/batch)"}, rows);
+  rows.clear();
+  for (int s = 0; s < p.shard_addresses_size(); ++s) {
+    rows.push_back({absl::StrCat(s), p.shard_addresses(s),
+                    s < p.shard_load_size() ? absl::StrFormat("%.1f", p.shard_load(s)) : "-"});
+  }
+  PrintTable({"shard", "address", "expected load"}, rows);
+}
+
+absl::Status PlacementCmd(const Flags& f) {
+  ASSIGN_OR_RETURN(std::string addr, f.Require("router"));
+  auto stub = MakeRouterStub(addr);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(300));
+  v1::Placement p;
+  grpc::Status st;
+  if (f.Has("rebalance") || f.Has("dry-run")) {
+    v1::RebalanceRequest req;
+    req.set_strategy(f.Get("rebalance"));
+    req.set_dry_run(f.Has("dry-run"));
+    st = stub->Rebalance(&ctx, req, &p);
+  } else {
+    st = stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &p);
+  }
+  if (!st.ok()) return common::FromGrpcStatus(st);
+  PrintPlacement(p);
+  return absl::OkStatus();
+}
+
+absl::Status Load(const Flags& f) {
+  ASSIGN_OR_RETURN(std::string addr, f.Require("router"));
+  ASSIGN_OR_RETURN(int64_t concurrency, f.GetInt("concurrency", 4));
+  ASSIGN_OR_RETURN(int64_t batch, f.GetInt("batch-size", 64));
+  ASSIGN_OR_RETURN(double duration, f.GetDouble("duration", 10));
+  ASSIGN_OR_RETURN(int64_t max_requests, f.GetInt("requests", 0));
+  ASSIGN_OR_RETURN(double zipf, f.GetDouble("zipf", 0));
+  ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 1));
+  ASSIGN_OR_RETURN(int64_t window, f.GetInt("window", 2));
+  if (concurrency < 1 || batch < 1 || duration <= 0 || max_requests < 0 || window < 1) {
+    return absl::InvalidArgumentError("--concurrency, --batch-size, --duration and --window must be positive");
+  }
+  auto stub = MakeRouterStub(addr);
+  v1::ClusterInfo info;
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    grpc::Status st = stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info);
+    if (!st.ok()) {
+      return absl::UnavailableError(absl::StrCat("cannot reach the router at ", addr, ": ",
+                                                 st.error_message()));
+    }
+  }
+  const int d = info.d_model();
+  common::GateWeights gate;
+  if (f.Has("checkpoint")) {
+    common::LoadOptions lo;
+    lo.experts = std::vector<int>{};
+    lo.tensor_prefix = f.Get("tensor-prefix");
+    ASSIGN_OR_RETURN(common::Checkpoint ck, common::LoadCheckpoint(f.Get("checkpoint"), lo));
+    gate = std::move(ck.gate);
+  } else if (zipf > 0) {
+    return absl::InvalidArgumentError("--zipf needs --checkpoint (the gate decides the routing)");
+  }
+  const auto start = std::chrono::steady_clock::now();
+  const auto end = start + std::chrono::milliseconds(static_cast<int64_t>(duration * 1000));
+  std::mutex mu;
+  std::vector<double> latencies;
+  std::map<std::string, int64_t> codes;
+  std::atomic<int64_t> issued{0}, tokens_ok{0}, completed{0};
+  auto worker = [&](int w) {
+    std::unique_ptr<ZipfTokens> gen;
+    if (!gate.weight.empty()) {
+      gen = std::make_unique<ZipfTokens>(gate, info.num_experts(), d, zipf, seed * 1000 + w);
+    }
+    std::mt19937_64 rng(seed * 7919 + w);
+    std::uniform_real_distribution<float> u(-1.f, 1.f);
+    grpc::ClientContext ctx;
+    auto stream = stub->InferStream(&ctx);
+    std::deque<std::chrono::steady_clock::time_point> sent;
+    auto more = [&] {
+      return std::chrono::steady_clock::now() < end &&
+             (max_requests == 0 || issued.load() < max_requests);
+    };
+    bool open = true;
+    while (open) {
+      while (static_cast<int64_t>(sent.size()) < window && more()) {
+        if (max_requests > 0 && issued.fetch_add(1) >= max_requests) break;
+        if (max_requests == 0) issued.fetch_add(1);
+        v1::InferRequest req;
+        std::vector<float> x;
+        if (gen) {
+          x = gen->Next(batch);
+        } else {
+          x.resize(static_cast<size_t>(batch * d));
+          for (float& v : x) v = u(rng);
+        }
+        common::EncodeTensor(x, {batch, d}, common::WireType::kFloat32, req.mutable_tokens());
+        sent.push_back(std::chrono::steady_clock::now());
+        if (!stream->Write(req)) {
+          open = false;
+          break;
+        }
+      }
+      if (sent.empty()) break;
+      v1::InferResponse resp;
+      if (!stream->Read(&resp)) break;
+      const double lat = std::chrono::duration<double>(std::chrono::steady_clock::now() -
+                                                       sent.front()).count();
+      sent.pop_front();
+      std::lock_guard<std::mutex> lock(mu);
+      const std::string code = absl::StatusCodeToString(static_cast<absl::StatusCode>(resp.code()));
+      ++codes[code];
+      if (resp.code() == 0) {
+        latencies.push_back(lat);
+        tokens_ok += batch;
+      }
+      ++completed;
+    }
+    stream->WritesDone();
+    grpc::Status st = stream->Finish();
+    std::lock_guard<std::mutex> lock(mu);
+    for (size_t i = 0; i < sent.size(); ++i) {
+      ++codes[absl::StatusCodeToString(static_cast<absl::StatusCode>(st.ok() ? 14 : st.error_code()))];
+    }
+  };
+  std::vector<std::thread> workers;
+  for (int w = 0; w < concurrency; ++w) workers.emplace_back(worker, w);
+  Progress progress("load", max_requests > 0 ? max_requests : static_cast<int64_t>(duration * 10));
+  while (true) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const int64_t done = max_requests > 0 ? completed.load() : static_cast<int64_t>(el * 10);
+    progress.Update(done, absl::StrFormat("%.0f tokens/s", tokens_ok.load() / std::max(el, 1e-9)));
+    if (std::chrono::steady_clock::now() >= end + std::chrono::seconds(60)) break;
+    if ((max_requests > 0 && completed.load() >= max_requests) ||
+        (max_requests == 0 && std::chrono::steady_clock::now() >= end)) {
+      break;
+    }
+  }
+  for (auto& w : workers) w.join();
+  progress.Finish();
+  const double elapsed =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::sort(latencies.begin(), latencies.end());
+  auto pct = [&](double q) {
+    if (latencies.empty()) return 0.0;
+    return 1e3 * latencies[std::min(latencies.size() - 1,
+                                    static_cast<size_t>(q * static_cast<double>(latencies.size())))];
+  };
+  int64_t total = 0, errors = 0;
+  for (const auto& [code, n] : codes) {
+    total += n;
+    if (code != "OK") errors += n;
+  }
+  PrintTable({"metric", "value"},
+             {{"requests", absl::StrCat(total)},
+              {"tokens/s", absl::StrFormat("%.0f", tokens_ok.load() / elapsed)},
+              {"p50 latency (ms)", absl::StrFormat("%.2f", pct(0.50))},
+              {"p95 latency (ms)", absl::StrFormat("%.2f", pct(0.95))},
+              {"p99 latency (ms)", absl::StrFormat("%.2f", pct(0.99))},
+              {"errors", absl::StrCat(errors)}});
+  std::vector<std::vector<std::string>> rows;
+  for (const auto& [code, n] : codes) rows.push_back({code, absl::StrCat(n)});
+  PrintTable({"code", "requests"}, rows);
   return absl::OkStatus();
 }
 
@@ -209,8 +475,19 @@ int Main(int argc, char** argv) {
       {"make-tokens", {{{"out", true}, {"tokens", true}, {"d-model", true}, {"seed", true}}, MakeTokens}},
       {"forward",
        {{{"checkpoint", true}, {"input", true}, {"output", true}, {"local", false},
-         {"tensor-prefix", true}, {"capacity-factor", true}},
+         {"router", true}, {"bf16", false}, {"tensor-prefix", true}, {"capacity-factor", true}},
         Forward}},
+      {"infer",
+       {{{"checkpoint", true}, {"input", true}, {"output", true}, {"local", false},
+         {"router", true}, {"bf16", false}, {"tensor-prefix", true}, {"capacity-factor", true}},
+        Forward}},
+      {"info", {{{"router", true}}, Info}},
+      {"placement", {{{"router", true}, {"rebalance", true}, {"dry-run", false}}, PlacementCmd}},
+      {"load",
+       {{{"router", true}, {"checkpoint", true}, {"tensor-prefix", true}, {"zipf", true},
+         {"concurrency", true}, {"batch-size", true}, {"duration", true}, {"requests", true},
+         {"seed", true}, {"window", true}},
+        Load}},
       {"demo",
        {{{"checkpoint", true}, {"batches", true}, {"batch-size", true}, {"tensor-prefix", true},
          {"capacity-factor", true}},

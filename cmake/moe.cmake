@@ -6,6 +6,10 @@ if(MOE_WERROR)
 endif()
 
 if(MOE_SANITIZE)
+  # GCC 12 reports false maybe-uninitialized warnings under the sanitizers' instrumentation.
+  if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
+    list(APPEND MOE_WARNINGS -Wno-maybe-uninitialized)
+  endif()
   add_compile_options(-fsanitize=${MOE_SANITIZE} -fno-omit-frame-pointer -fno-sanitize-recover=all)
   add_link_options(-fsanitize=${MOE_SANITIZE})
 endif()

@@ -76,11 +76,14 @@ GatingResult RouteFromLogits(std::vector<float> logits, int64_t n, int num_exper
     for (int64_t t = 0; t < n; ++t) {
       const size_t a = t * k + j;
       const int e = g.selected[a];
-      if (g.capacity > 0 && g.expert_load[e] >= g.capacity) {
+      const int64_t cap =
+          g.capacity * (options.capacity_scale.empty() ? 1 : options.capacity_scale[e]);
+      if (g.capacity > 0 && g.expert_load[e] >= cap) {
         g.expert_ids[a] = -1;
         g.weights[a] = 0.f;
         ++g.dropped;
       } else {
+        if (g.capacity > 0 && g.expert_load[e] >= g.capacity) ++g.spilled;
         ++g.expert_load[e];
       }
     }

@@ -21,6 +21,9 @@ struct GatingOptions {
   int top_k = 1;
   bool normalize_topk = true;
   double capacity_factor = 0.0;  // 0: no capacity limit
+  // Per-expert multiplier of the capacity (e.g. its replica count when overflow spills to other
+  // replicas); empty means 1 for every expert.
+  std::vector<int> capacity_scale;
 };
 
 struct GatingResult {
@@ -38,7 +41,8 @@ struct GatingResult {
   std::vector<float> weights;
   std::vector<int64_t> expert_load;  // admitted assignments per expert, [E]
   int64_t dropped = 0;
-  int64_t capacity = 0;  // per expert; 0 when unlimited
+  int64_t capacity = 0;  // per expert (per replica when scaled); 0 when unlimited
+  int64_t spilled = 0;   // admitted assignments past the unscaled capacity
   float load_balance_loss = 0.f;
   float router_z_loss = 0.f;
 };

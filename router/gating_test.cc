@@ -12,7 +12,7 @@ namespace {
 
 GatingResult FromLogits(std::vector<float> logits, int64_t n, int e, int k, bool normalize,
                         double cf = 0) {
-  return RouteFromLogits(std::move(logits), n, e, GatingOptions{k, normalize, cf});
+  return RouteFromLogits(std::move(logits), n, e, GatingOptions{k, normalize, cf, {}});
 }
 
 TEST(Gating, TiesGoToLowerExpertId) {
@@ -106,7 +106,7 @@ TEST(Gating, RoutingAndLossesMatchNaiveReference) {
       const int64_t n = 40;
       const std::vector<float> x = common::RandomMatrix(n, c.d_model, 32);
       GateParams gp{ck.gate.weight.data(), ck.gate.bias.data(), c.num_experts, c.d_model};
-      GatingResult g = Route(gp, x.data(), n, GatingOptions{2, normalize, cf});
+      GatingResult g = Route(gp, x.data(), n, GatingOptions{2, normalize, cf, {}});
       testing::NaiveRouting ref = testing::NaiveRoute(ck, x, n, cf);
       EXPECT_EQ(g.expert_ids, std::vector<int32_t>(ref.ids.begin(), ref.ids.end()));
       for (size_t i = 0; i < ref.weights.size(); ++i) EXPECT_NEAR(g.weights[i], ref.weights[i], 1e-6);

@@ -42,6 +42,23 @@ ExpertGroups GroupByExpert(const GatingResult& g) {
   return groups;
 }
 
+std::vector<float> CombineOutputs(const GatingResult& g, const ExpertGroups& groups,
+                                  const float* eo, int64_t d) {
+  const int k = g.top_k;
+  std::vector<float> y(g.tokens * d, 0.f);
+  for (int64_t t = 0; t < g.tokens; ++t) {
+    float* yt = y.data() + t * d;
+    for (int j = 0; j < k; ++j) {
+      const int64_t slot = groups.slot[t * k + j];
+      if (slot < 0) continue;
+      const float w = g.weights[t * k + j];
+      const float* o = eo + slot * d;
+      for (int64_t i = 0; i < d; ++i) yt[i] += w * o[i];
+    }
+  }
+  return y;
+}
+
 absl::StatusOr<std::unique_ptr<MoeLayer>> MoeLayer::Create(common::Checkpoint ck,
                                                           const MoeLayerOptions& options) {
   auto layer = std::unique_ptr<MoeLayer>(new MoeLayer());
@@ -99,25 +116,14 @@ absl::StatusOr<LayerOutput> MoeLayer::Forward(const float* x, int64_t n) const {
   const int64_t d = config_.d_model;
   LayerOutput out;
   out.gating = Route(gate_params(), x, n,
-                     GatingOptions{k, config_.normalize_topk, options_.capacity_factor});
+                     GatingOptions{k, config_.normalize_topk, options_.capacity_factor, {}});
   const ExpertGroups groups = GroupByExpert(out.gating);
   const int64_t rows = static_cast<int64_t>(groups.assignment.size());
   // Scratch rows, left uninitialised: every row is written before it is read.
   std::unique_ptr<float[]> in(new float[rows * d]), eo(new float[rows * d]);
   GatherRows(x, d, k, groups.assignment.data(), rows, in.get());
   RETURN_IF_ERROR(RunExperts(groups, in.get(), eo.get()));
-  // Combine in rank order j = 0..k-1 for every token.
-  out.y.assign(n * d, 0.f);
-  for (int64_t t = 0; t < n; ++t) {
-    float* yt = out.y.data() + t * d;
-    for (int j = 0; j < k; ++j) {
-      const int64_t slot = groups.slot[t * k + j];
-      if (slot < 0) continue;
-      const float w = out.gating.weights[t * k + j];
-      const float* o = eo.get() + slot * d;
-      for (int64_t i = 0; i < d; ++i) yt[i] += w * o[i];
-    }
-  }
+  out.y = CombineOutputs(out.gating, groups, eo.get(), d);
   return out;
 }
 
@@ -127,7 +133,7 @@ absl::StatusOr<LayerGradients> MoeLayer::Backward(const float* x, const float* d
   const int64_t d = config_.d_model;
   LayerGradients grads;
   grads.gating = Route(gate_params(), x, n,
-                       GatingOptions{k, config_.normalize_topk, options_.capacity_factor});
+                       GatingOptions{k, config_.normalize_topk, options_.capacity_factor, {}});
   const GatingResult& g = grads.gating;
   const ExpertGroups groups = GroupByExpert(g);
   const int64_t rows = static_cast<int64_t>(groups.assignment.size());

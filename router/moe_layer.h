@@ -24,6 +24,11 @@ struct ExpertGroups {
 };
 ExpertGroups GroupByExpert(const GatingResult& g);
 
+// y [N, d] = sum_j w_tj * eo[slot(t, j)], added in rank order j = 0..k-1 for every token; `eo`
+// holds the expert outputs in grouped order. The one combine both the layer and the router use.
+std::vector<float> CombineOutputs(const GatingResult& g, const ExpertGroups& groups,
+                                  const float* eo, int64_t d);
+
 struct MoeLayerOptions {
   double capacity_factor = 0.0;
 };

@@ -1,0 +1,44 @@
+#include "client/router_client.h"
+
+#include <cmath>
+
+#include <grpcpp/grpcpp.h>
+
+#include "services/common/server_util.h"
+
+namespace moe::client {
+
+std::unique_ptr<v1::Router::Stub> MakeRouterStub(const std::string& address) {
+  return v1::Router::NewStub(grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(),
+                                                       common::ClientChannelArgs()));
+}
+
+ZipfTokens::ZipfTokens(const common::GateWeights& gate, int num_experts, int d_model, double s,
+                       uint64_t seed)
+    : rng_(seed), d_model_(d_model) {
+  std::vector<double> p(num_experts);
+  for (int e = 0; e < num_experts; ++e) {
+    p[e] = 1.0 / std::pow(e + 1.0, s);
+    std::vector<float> row(gate.weight.begin() + static_cast<int64_t>(e) * d_model,
+                           gate.weight.begin() + static_cast<int64_t>(e + 1) * d_model);
+    double norm = 0;
+    for (float v : row) norm += static_cast<double>(v) * v;
+    norm = std::sqrt(std::max(norm, 1e-12));
+    for (float& v : row) v = static_cast<float>(v / norm);
+    dirs_.push_back(std::move(row));
+  }
+  pick_ = std::discrete_distribution<int>(p.begin(), p.end());
+}
+
+std::vector<float> ZipfTokens::Next(int64_t n) {
+  std::vector<float> x(static_cast<size_t>(n * d_model_));
+  // Scale so the chosen expert's logit stands well above the others'.
+  const float scale = 4.f * std::sqrt(static_cast<float>(d_model_)) / 8.f;
+  for (int64_t t = 0; t < n; ++t) {
+    const std::vector<float>& dir = dirs_[pick_(rng_)];
+    for (int i = 0; i < d_model_; ++i) x[t * d_model_ + i] = scale * dir[i] + noise_(rng_);
+  }
+  return x;
+}
+
+}  // namespace moe::client

@@ -1,0 +1,38 @@
+#ifndef MOE_CLIENT_ROUTER_CLIENT_H_
+#define MOE_CLIENT_ROUTER_CLIENT_H_
+
+// A small C++ client library for moe.v1.Router: channels, and token generators for load.
+
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "moe/v1/router.grpc.pb.h"
+#include "services/common/checkpoint.h"
+
+namespace moe::client {
+
+std::unique_ptr<v1::Router::Stub> MakeRouterStub(const std::string& address);
+
+// Tokens whose top-1 expert follows a Zipf law: expert e (by rank) is picked with probability
+// proportional to 1 / (e + 1)^s, and the token points along that expert's gate row (plus noise),
+// so the gate sends it there. s = 0 is uniform.
+class ZipfTokens {
+ public:
+  ZipfTokens(const common::GateWeights& gate, int num_experts, int d_model, double s,
+             uint64_t seed);
+  std::vector<float> Next(int64_t n);
+
+ private:
+  std::vector<std::vector<float>> dirs_;  // unit gate rows
+  std::discrete_distribution<int> pick_;
+  std::normal_distribution<float> noise_{0.f, 0.3f};
+  std::mt19937_64 rng_;
+  int d_model_;
+};
+
+}  // namespace moe::client
+
+#endif  // MOE_CLIENT_ROUTER_CLIENT_H_

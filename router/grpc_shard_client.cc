@@ -1,0 +1,229 @@
+#include "router/grpc_shard_client.h"
+
+#include <deque>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "services/common/grpc_status.h"
+
+namespace moe::router {
+
+// One Dispatch stream. Batches in flight are remembered by id; when the stream ends every one of
+// them fails with UNAVAILABLE so the dispatcher can send it elsewhere.
+class GrpcShardClient::Stream final
+    : public grpc::ClientBidiReactor<v1::DispatchRequest, v1::DispatchResponse> {
+ public:
+  explicit Stream(GrpcShardClient* owner) : owner_(owner) {
+    owner_->stub_->async()->Dispatch(&ctx_, this);
+    AddHold();  // released once no more writes will be made
+    StartRead(&response_);
+    StartCall();
+  }
+
+  // False when the stream no longer takes batches.
+  bool Send(std::shared_ptr<const v1::DispatchRequest> req, DispatchDone done) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) return false;
+    pending_[req->batch_id()] = std::move(done);
+    outbox_.push_back(std::move(req));
+    if (!writing_) {
+      writing_ = true;
+      StartWrite(outbox_.front().get());
+    }
+    return true;
+  }
+
+  void Close() {
+    ctx_.TryCancel();
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    outbox_.pop_front();
+    writing_ = false;
+    if (!ok) {
+      CloseLocked();
+      return;
+    }
+    if (!outbox_.empty() && !closed_) {
+      writing_ = true;
+      StartWrite(outbox_.front().get());
+    }
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      std::lock_guard<std::mutex> lock(mu_);
+      CloseLocked();
+      return;
+    }
+    v1::DispatchResponse resp = std::move(response_);
+    DispatchDone done;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = pending_.find(resp.batch_id());
+      if (it != pending_.end()) {
+        done = std::move(it->second);
+        pending_.erase(it);
+      }
+    }
+    StartRead(&response_);
+    if (done) done(std::move(resp));
+  }
+
+  void OnDone(const grpc::Status& status) override {
+    std::map<uint64_t, DispatchDone> pending;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      pending.swap(pending_);
+    }
+    const absl::Status err = absl::UnavailableError(
+        absl::StrCat("shard ", owner_->address_, ": stream ended (",
+                     status.ok() ? "closed" : status.error_message(), ")"));
+    for (auto& [id, done] : pending) done(err);
+    owner_->StreamEnded(this, status);
+    delete this;
+  }
+
+ private:
+  void CloseLocked() {
+    if (closed_) return;
+    closed_ = true;
+    RemoveHold();
+  }
+
+  GrpcShardClient* owner_;
+  grpc::ClientContext ctx_;
+  v1::DispatchResponse response_;
+  std::mutex mu_;
+  bool closed_ = false;
+  bool writing_ = false;
+  std::deque<std::shared_ptr<const v1::DispatchRequest>> outbox_;
+  std::map<uint64_t, DispatchDone> pending_;
+};
+
+GrpcShardClient::GrpcShardClient(std::string address, const common::RpcLimits& limits,
+                                 std::function<void(bool)> on_health_change,
+                                 absl::Duration health_interval)
+    : address_(std::move(address)),
+      channel_(grpc::CreateCustomChannel(address_, grpc::InsecureChannelCredentials(),
+                                         common::ClientChannelArgs(limits))),
+      stub_(v1::ExpertShard::NewStub(channel_)),
+      on_health_change_(std::move(on_health_change)),
+      health_interval_(health_interval) {
+  health_thread_ = std::thread([this] { HealthLoop(); });
+}
+
+GrpcShardClient::~GrpcShardClient() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+    if (stream_ != nullptr) stream_->Close();
+  }
+  stop_cv_.notify_all();
+  health_thread_.join();
+  std::unique_lock<std::mutex> lock(mu_);
+  streams_done_.wait(lock, [this] { return live_streams_ == 0; });
+}
+
+void GrpcShardClient::SetHealthy(bool healthy) {
+  if (healthy_.exchange(healthy) != healthy && on_health_change_) on_health_change_(healthy);
+}
+
+void GrpcShardClient::HealthLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopping_) {
+    lock.unlock();
+    const auto h = common::CheckHealth(channel_.get(), std::max(health_interval_ * 2,
+                                                                absl::Milliseconds(500)));
+    SetHealthy(h.ok() && *h == common::HealthState::kServing);
+    lock.lock();
+    stop_cv_.wait_for(lock, absl::ToChronoNanoseconds(health_interval_), [this] { return stopping_; });
+  }
+}
+
+void GrpcShardClient::StreamEnded(Stream* stream, const grpc::Status& status) {
+  bool failed = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stream_ == stream) stream_ = nullptr;
+    --live_streams_;
+    failed = !stopping_ && status.error_code() != grpc::StatusCode::OK;
+  }
+  streams_done_.notify_all();
+  // A broken stream takes the shard out of rotation until a health check says SERVING again.
+  if (failed) SetHealthy(false);
+}
+
+void GrpcShardClient::Dispatch(std::shared_ptr<const v1::DispatchRequest> request, int64_t rows,
+                               DispatchDone done) {
+  outstanding_rows_.fetch_add(rows);
+  DispatchDone wrapped = [this, rows, done = std::move(done)](
+                             absl::StatusOr<v1::DispatchResponse> r) {
+    outstanding_rows_.fetch_sub(rows);
+    done(std::move(r));
+  };
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (stopping_) break;
+    if (stream_ == nullptr) {
+      stream_ = new Stream(this);
+      ++live_streams_;
+    }
+    Stream* s = stream_;
+    // Send under the client lock so the stream cannot end between the check and the send.
+    if (s->Send(request, wrapped)) return;
+    if (stream_ == s) stream_ = nullptr;  // closed: open a fresh one
+  }
+  wrapped(absl::UnavailableError(absl::StrCat("shard ", address_, " is not accepting batches")));
+}
+
+namespace {
+
+absl::StatusOr<v1::ShardStatus> Result(const grpc::Status& st, v1::ShardStatus status,
+                                       const std::string& address, const char* what) {
+  if (st.ok()) return status;
+  absl::Status s = common::FromGrpcStatus(st);
+  return absl::Status(s.code(), absl::StrCat(what, " on shard ", address, ": ", s.message()));
+}
+
+}  // namespace
+
+absl::StatusOr<v1::ShardStatus> GrpcShardClient::LoadExperts(const std::vector<int>& experts,
+                                                             uint64_t version,
+                                                             const std::string& peer,
+                                                             absl::Duration timeout) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  v1::LoadExpertsRequest req;
+  for (int e : experts) req.add_experts(e);
+  req.set_placement_version(version);
+  req.set_source_peer(peer);
+  req.set_wait(true);
+  v1::ShardStatus status;
+  return Result(stub_->LoadExperts(&ctx, req, &status), std::move(status), address_,
+                "loading experts");
+}
+
+absl::StatusOr<v1::ShardStatus> GrpcShardClient::UnloadExperts(const std::vector<int>& experts,
+                                                               uint64_t version,
+                                                               absl::Duration timeout) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  v1::UnloadExpertsRequest req;
+  for (int e : experts) req.add_experts(e);
+  req.set_placement_version(version);
+  v1::ShardStatus status;
+  return Result(stub_->UnloadExperts(&ctx, req, &status), std::move(status), address_,
+                "unloading experts");
+}
+
+absl::StatusOr<v1::ShardStatus> GrpcShardClient::GetStatus(absl::Duration timeout) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  v1::ShardStatus status;
+  return Result(stub_->GetStatus(&ctx, v1::GetShardStatusRequest(), &status), std::move(status),
+                address_, "status");
+}
+
+}  // namespace moe::router

@@ -1,0 +1,73 @@
+#ifndef MOE_ROUTER_GRPC_SHARD_CLIENT_H_
+#define MOE_ROUTER_GRPC_SHARD_CLIENT_H_
+
+// ShardClient over gRPC: one long-lived Dispatch stream per shard (reopened after a failure),
+// keepalive on the channel, and a health watcher that takes the shard out of rotation when it
+// stops answering or says NOT_SERVING and brings it back when it is SERVING again.
+
+#include <atomic>
+#include <condition_variable>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+
+#include "moe/v1/expert_shard.grpc.pb.h"
+#include "router/shard_client.h"
+#include "services/common/server_util.h"
+
+namespace moe::router {
+
+class GrpcShardClient final : public ShardClient {
+ public:
+  // `on_health_change` runs (from the watcher thread or a gRPC thread) when healthy() flips.
+  GrpcShardClient(std::string address, const common::RpcLimits& limits,
+                  std::function<void(bool)> on_health_change = nullptr,
+                  absl::Duration health_interval = absl::Milliseconds(250));
+  ~GrpcShardClient() override;
+
+  void Dispatch(std::shared_ptr<const v1::DispatchRequest> request, int64_t rows,
+                DispatchDone done) override;
+  bool healthy() const override { return healthy_.load(); }
+  int64_t outstanding_rows() const override { return outstanding_rows_.load(); }
+  const std::string& address() const override { return address_; }
+  absl::StatusOr<v1::ShardStatus> LoadExperts(const std::vector<int>& experts, uint64_t version,
+                                              const std::string& peer,
+                                              absl::Duration timeout) override;
+  absl::StatusOr<v1::ShardStatus> UnloadExperts(const std::vector<int>& experts,
+                                                uint64_t version,
+                                                absl::Duration timeout) override;
+  absl::StatusOr<v1::ShardStatus> GetStatus(absl::Duration timeout) override;
+
+  class Stream;
+
+ private:
+  friend class Stream;
+  void SetHealthy(bool healthy);
+  void StreamEnded(Stream* stream, const grpc::Status& status);
+  void HealthLoop();
+
+  const std::string address_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::ExpertShard::Stub> stub_;
+  std::function<void(bool)> on_health_change_;
+  const absl::Duration health_interval_;
+
+  std::atomic<bool> healthy_{false};
+  std::atomic<int64_t> outstanding_rows_{0};
+
+  std::mutex mu_;
+  Stream* stream_ = nullptr;  // the open stream, if any
+  int live_streams_ = 0;
+  std::condition_variable streams_done_;
+  bool stopping_ = false;
+  std::condition_variable stop_cv_;
+  std::thread health_thread_;
+};
+
+}  // namespace moe::router
+
+#endif  // MOE_ROUTER_GRPC_SHARD_CLIENT_H_

@@ -1,0 +1,164 @@
+#include "router/placement.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace moe::router {
+
+absl::string_view StrategyName(Strategy s) {
+  switch (s) {
+    case Strategy::kReplicated: return "replicated";
+    case Strategy::kSharded: return "sharded";
+    case Strategy::kHybrid: return "hybrid";
+    case Strategy::kDynamic: return "dynamic";
+  }
+  return "?";
+}
+
+absl::StatusOr<Strategy> ParseStrategy(absl::string_view name) {
+  if (name == "replicated") return Strategy::kReplicated;
+  if (name == "sharded") return Strategy::kSharded;
+  if (name == "hybrid") return Strategy::kHybrid;
+  if (name == "dynamic") return Strategy::kDynamic;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "placement strategy '", name, "' is not one of replicated, sharded, hybrid, dynamic"));
+}
+
+std::vector<int> Placement::ExpertsOn(int shard) const {
+  std::vector<int> out;
+  for (size_t e = 0; e < replicas.size(); ++e) {
+    if (Holds(shard, static_cast<int>(e))) out.push_back(static_cast<int>(e));
+  }
+  return out;
+}
+
+bool Placement::Holds(int shard, int expert) const {
+  const auto& r = replicas[expert];
+  return std::binary_search(r.begin(), r.end(), shard);
+}
+
+namespace {
+
+int CeilDiv(int a, int b) { return (a + b - 1) / b; }
+
+void Dynamic(Placement* p, int E, int S, const std::vector<double>& raw, int slots) {
+  std::vector<double> load(raw.begin(), raw.end());
+  const double total = std::accumulate(load.begin(), load.end(), 0.0);
+  if (total <= 0) std::fill(load.begin(), load.end(), 1.0);
+  const double sum = std::accumulate(load.begin(), load.end(), 0.0);
+  const int budget = std::max(slots * S, E);
+  // Replica counts proportional to load, at least 1 and at most S each.
+  std::vector<int> count(E);
+  for (int e = 0; e < E; ++e) {
+    count[e] = std::clamp(static_cast<int>(std::lround(load[e] / sum * budget)), 1, S);
+  }
+  int used = std::accumulate(count.begin(), count.end(), 0);
+  while (used > budget) {
+    // Take a replica from the expert whose replicas carry the least load each.
+    int best = -1;
+    for (int e = 0; e < E; ++e) {
+      if (count[e] > 1 && (best < 0 || load[e] / count[e] < load[best] / count[best])) best = e;
+    }
+    if (best < 0) break;
+    --count[best];
+    --used;
+  }
+  // Heaviest replica first onto the least-loaded shard without that expert and with a slot free.
+  struct Rep {
+    int expert;
+    double load;
+  };
+  std::vector<Rep> reps;
+  for (int e = 0; e < E; ++e) {
+    for (int r = 0; r < count[e]; ++r) reps.push_back({e, load[e] / count[e]});
+  }
+  std::stable_sort(reps.begin(), reps.end(),
+                   [](const Rep& a, const Rep& b) { return a.load > b.load; });
+  std::vector<double> shard_load(S, 0.0);
+  std::vector<int> shard_slots(S, 0);
+  const int cap = std::max(slots, CeilDiv(E, S));
+  for (const Rep& rep : reps) {
+    int best = -1;
+    for (int s = 0; s < S; ++s) {
+      if (p->Holds(s, rep.expert)) continue;
+      const bool room = shard_slots[s] < cap;
+      if (best < 0) {
+        best = s;
+        continue;
+      }
+      const bool best_room = shard_slots[best] < cap;
+      if (room != best_room) {
+        if (room) best = s;
+      } else if (shard_load[s] < shard_load[best]) {
+        best = s;
+      }
+    }
+    if (best < 0) continue;  // every shard already holds it
+    auto& r = p->replicas[rep.expert];
+    r.insert(std::upper_bound(r.begin(), r.end(), best), best);
+    shard_load[best] += rep.load;
+    ++shard_slots[best];
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<Placement> ComputePlacement(Strategy strategy, int E, int S,
+                                           const std::vector<double>& load,
+                                           int slots_per_shard) {
+  if (E < 1) return absl::InvalidArgumentError("placement needs at least one expert");
+  if (S < 1) return absl::UnavailableError("placement needs at least one shard");
+  if (static_cast<int>(load.size()) != E) {
+    return absl::InvalidArgumentError("placement: one load value per expert is needed");
+  }
+  Placement p;
+  p.strategy = strategy;
+  p.num_shards = S;
+  p.replicas.assign(E, {});
+  std::vector<int> all(S);
+  std::iota(all.begin(), all.end(), 0);
+  switch (strategy) {
+    case Strategy::kReplicated:
+      for (int e = 0; e < E; ++e) p.replicas[e] = all;
+      break;
+    case Strategy::kSharded: {
+      const int block = CeilDiv(E, S);
+      for (int e = 0; e < E; ++e) p.replicas[e] = {e / block};
+      break;
+    }
+    case Strategy::kHybrid: {
+      const int h = E / 2, rest = E - h;
+      const int block = CeilDiv(rest, S);
+      for (int e = 0; e < h; ++e) p.replicas[e] = all;
+      for (int e = h; e < E; ++e) p.replicas[e] = {(e - h) / block};
+      break;
+    }
+    case Strategy::kDynamic:
+      Dynamic(&p, E, S, load, slots_per_shard > 0 ? slots_per_shard : CeilDiv(2 * E, S));
+      break;
+  }
+  return p;
+}
+
+std::vector<double> ShardLoads(const Placement& p, const std::vector<double>& load) {
+  std::vector<double> out(p.num_shards, 0.0);
+  for (size_t e = 0; e < p.replicas.size() && e < load.size(); ++e) {
+    const auto& r = p.replicas[e];
+    for (int s : r) out[s] += load[e] / static_cast<double>(r.size());
+  }
+  return out;
+}
+
+double Imbalance(const Placement& p, const std::vector<double>& load) {
+  const std::vector<double> s = ShardLoads(p, load);
+  if (s.empty()) return 0.0;
+  const double mean = std::accumulate(s.begin(), s.end(), 0.0) / static_cast<double>(s.size());
+  if (mean <= 0) return 0.0;
+  return *std::max_element(s.begin(), s.end()) / mean - 1.0;
+}
+
+}  // namespace moe::router

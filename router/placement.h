@@ -1,0 +1,51 @@
+#ifndef MOE_ROUTER_PLACEMENT_H_
+#define MOE_ROUTER_PLACEMENT_H_
+
+// Expert placement over S shards (DESIGN.md "Placement"). Pure logic, no gRPC.
+//   replicated: every expert on every shard.
+//   sharded:    expert e on shard floor(e / ceil(E/S)).
+//   hybrid:     experts 0 .. floor(E/2)-1 on every shard, the rest block-sharded.
+//   dynamic:    replica counts proportional to load within a per-shard slot budget (every expert
+//               at least one), then replicas placed heaviest-first onto the least-loaded shard
+//               that does not hold that expert and has a free slot.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace moe::router {
+
+enum class Strategy { kReplicated, kSharded, kHybrid, kDynamic };
+
+absl::string_view StrategyName(Strategy s);
+absl::StatusOr<Strategy> ParseStrategy(absl::string_view name);
+
+struct Placement {
+  uint64_t version = 0;
+  Strategy strategy = Strategy::kHybrid;
+  int num_shards = 0;
+  std::vector<std::vector<int>> replicas;  // per expert: shard indexes, ascending
+
+  // Experts hosted by `shard`.
+  std::vector<int> ExpertsOn(int shard) const;
+  bool Holds(int shard, int expert) const;
+};
+
+// `slots_per_shard` bounds how many experts one shard may host under `dynamic`; 0 picks
+// ceil(2 E / S). `load` is per-expert tokens per batch (any scale; all zero means uniform).
+absl::StatusOr<Placement> ComputePlacement(Strategy strategy, int num_experts, int num_shards,
+                                           const std::vector<double>& load,
+                                           int slots_per_shard = 0);
+
+// Expected load per shard when each expert's load is split evenly over its replicas.
+std::vector<double> ShardLoads(const Placement& p, const std::vector<double>& load);
+
+// max/mean - 1 of ShardLoads; 0 when there is no load.
+double Imbalance(const Placement& p, const std::vector<double>& load);
+
+}  // namespace moe::router
+
+#endif  // MOE_ROUTER_PLACEMENT_H_

@@ -1,0 +1,124 @@
+// moe-router: the cluster's front door (moe.v1.Router). Run with --help for the flags.
+
+#include <cstdio>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "router/router_server.h"
+#include "services/common/flags.h"
+#include "services/common/signals.h"
+#include "services/common/status_macros.h"
+
+namespace {
+
+constexpr char kUsage[] = R"(moe-router: gates tokens and serves the MoE layer over its expert shards.
+
+usage: moe-router --checkpoint PATH --shards HOST:PORT[,HOST:PORT...] [flags]
+
+  --port N                   gRPC port (default 50051; 0 picks a free one and prints it)
+  --host H                   address to bind (default 0.0.0.0)
+  --metrics-port N           Prometheus /metrics port (default: off; 0 picks one)
+  --checkpoint PATH          safetensors checkpoint (the router reads the gate)
+  --tensor-prefix P          tensor name prefix
+  --activation A / --top-k K override the checkpoint's metadata
+  --placement S              replicated | sharded | hybrid (default) | dynamic
+  --capacity-factor C        per-expert capacity factor; 0 (default) is unlimited
+  --overflow drop|spill      what happens past capacity (default drop)
+  --threads N                request worker threads (default 16)
+  --dynamic-slots N          experts per shard under dynamic placement (default ceil(2E/S))
+  --imbalance-threshold X    dynamic: rebalance when max/mean - 1 of shard load exceeds X (0.2)
+  --rebalance-cooldown-s N   dynamic: at least N seconds between rebalances (default 5)
+  --max-batch-tokens N       tokens one request may carry (default 8192)
+  --wire fp32|bf16           row format towards the shards (default fp32)
+  --timeout-s N              deadline for requests that come without one (default 30)
+)";
+
+absl::Status Run(int argc, char** argv) {
+  using moe::common::Flags;
+  ASSIGN_OR_RETURN(
+      Flags f, Flags::Parse(argc, argv, 1,
+                            {{"port", true}, {"host", true}, {"metrics-port", true},
+                             {"checkpoint", true}, {"tensor-prefix", true}, {"activation", true},
+                             {"top-k", true}, {"shards", true}, {"placement", true},
+                             {"capacity-factor", true}, {"overflow", true}, {"threads", true},
+                             {"dynamic-slots", true}, {"imbalance-threshold", true},
+                             {"rebalance-cooldown-s", true}, {"max-batch-tokens", true},
+                             {"wire", true}, {"timeout-s", true}}));
+  moe::router::RouterServerOptions o;
+  ASSIGN_OR_RETURN(o.checkpoint, f.Require("checkpoint"));
+  ASSIGN_OR_RETURN(std::string shards, f.Require("shards"));
+  for (absl::string_view s : absl::StrSplit(shards, ',', absl::SkipEmpty())) {
+    o.shards.emplace_back(s);
+  }
+  ASSIGN_OR_RETURN(int64_t port, f.GetInt("port", 50051));
+  const std::string host = f.Get("host", "0.0.0.0");
+  o.address = absl::StrCat(host, ":", port);
+  if (f.Has("metrics-port")) {
+    ASSIGN_OR_RETURN(int64_t mp, f.GetInt("metrics-port", 0));
+    o.metrics_address = absl::StrCat(host, ":", mp);
+  }
+  o.load.tensor_prefix = f.Get("tensor-prefix");
+  if (f.Has("activation")) {
+    ASSIGN_OR_RETURN(auto act, moe::common::ParseActivation(f.Get("activation")));
+    o.load.activation = act;
+  }
+  if (f.Has("top-k")) {
+    ASSIGN_OR_RETURN(int64_t k, f.GetInt("top-k", 2));
+    o.load.top_k = static_cast<int>(k);
+  }
+  ASSIGN_OR_RETURN(o.strategy, moe::router::ParseStrategy(f.Get("placement", "hybrid")));
+  ASSIGN_OR_RETURN(o.capacity_factor, f.GetDouble("capacity-factor", 0.0));
+  const std::string overflow = f.Get("overflow", "drop");
+  if (overflow != "drop" && overflow != "spill") {
+    return absl::InvalidArgumentError("--overflow must be drop or spill");
+  }
+  o.overflow = overflow == "spill" ? moe::router::Overflow::kSpill : moe::router::Overflow::kDrop;
+  ASSIGN_OR_RETURN(int64_t threads, f.GetInt("threads", 16));
+  ASSIGN_OR_RETURN(int64_t slots, f.GetInt("dynamic-slots", 0));
+  ASSIGN_OR_RETURN(o.imbalance_threshold, f.GetDouble("imbalance-threshold", 0.2));
+  ASSIGN_OR_RETURN(double cooldown, f.GetDouble("rebalance-cooldown-s", 5));
+  ASSIGN_OR_RETURN(o.max_batch_tokens, f.GetInt("max-batch-tokens", 8192));
+  ASSIGN_OR_RETURN(double timeout, f.GetDouble("timeout-s", 30));
+  const std::string wire = f.Get("wire", "fp32");
+  if (wire != "fp32" && wire != "bf16") return absl::InvalidArgumentError("--wire must be fp32 or bf16");
+  if (threads < 1 || slots < 0 || o.max_batch_tokens < 1 || timeout <= 0 || cooldown < 0) {
+    return absl::InvalidArgumentError("--threads, --max-batch-tokens and --timeout-s must be positive");
+  }
+  o.worker_threads = static_cast<int>(threads);
+  o.dynamic_slots_per_shard = static_cast<int>(slots);
+  o.rebalance_cooldown = absl::Seconds(cooldown);
+  o.default_timeout = absl::Seconds(timeout);
+  o.wire = wire == "bf16" ? moe::common::WireType::kBFloat16 : moe::common::WireType::kFloat32;
+
+  moe::common::BlockTerminationSignals();
+  ASSIGN_OR_RETURN(auto server, moe::router::RouterServer::Start(o));
+  std::printf("moe-router listening on %s:%d%s\n", host.c_str(), server->port(),
+              server->metrics_port() ? absl::StrCat(", metrics on :", server->metrics_port()).c_str()
+                                     : "");
+  std::fflush(stdout);
+  std::thread waiter([&] {
+    const int sig = moe::common::WaitForTerminationSignal();
+    if (sig != 0) std::fprintf(stderr, "moe-router: signal %d, shutting down\n", sig);
+    server->Shutdown(absl::Milliseconds(500));
+  });
+  server->Wait();
+  moe::common::WakeSignalWaiter();
+  waiter.join();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc > 1 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h")) {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  absl::Status st = Run(argc, argv);
+  if (!st.ok()) {
+    std::fprintf(stderr, "moe-router: %s (see --help)\n", std::string(st.message()).c_str());
+    return 1;
+  }
+  return 0;
+}

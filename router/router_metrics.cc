@@ -1,0 +1,109 @@
+#include "router/router_metrics.h"
+
+namespace moe::router {
+namespace {
+
+const prometheus::Histogram::BucketBoundaries kLatency = {
+    1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
+
+}  // namespace
+
+RouterMetrics::RouterMetrics(prometheus::Registry& registry, int num_experts,
+                             const std::vector<std::string>& shards) {
+  requests_ = &prometheus::BuildCounter()
+                   .Name("moe_router_requests_total")
+                   .Help("Requests by method and gRPC status code")
+                   .Register(registry);
+  request_seconds_ = &prometheus::BuildHistogram()
+                          .Name("moe_router_request_seconds")
+                          .Help("Whole-request latency by method")
+                          .Register(registry);
+  auto& stage = prometheus::BuildHistogram()
+                    .Name("moe_router_stage_seconds")
+                    .Help("Latency of the gate, dispatch and combine stages")
+                    .Register(registry);
+  for (const char* s : {"gate", "dispatch", "combine"}) stages_[s] = &stage.Add({{"stage", s}}, kLatency);
+  for (const char* m : {"Infer", "InferStream"}) {
+    request_hists_[m] = &request_seconds_->Add({{"method", m}}, kLatency);
+    request_counters_[{m, "OK"}] = &requests_->Add({{"method", m}, {"code", "OK"}});
+  }
+  tokens_ = &prometheus::BuildCounter()
+                 .Name("moe_router_tokens_total")
+                 .Help("Tokens routed")
+                 .Register(registry)
+                 .Add({});
+  auto& per_expert = prometheus::BuildCounter()
+                         .Name("moe_expert_tokens_total")
+                         .Help("Admitted token assignments per expert")
+                         .Register(registry);
+  for (int e = 0; e < num_experts; ++e) {
+    expert_tokens_.push_back(&per_expert.Add({{"expert", std::to_string(e)}}));
+  }
+  auto& assignments = prometheus::BuildCounter()
+                          .Name("moe_router_assignments_total")
+                          .Help("Assignments over capacity, by outcome (dropped or spilled)")
+                          .Register(registry);
+  dropped_ = &assignments.Add({{"outcome", "dropped"}});
+  spilled_ = &assignments.Add({{"outcome", "spilled"}});
+  failovers_ = &prometheus::BuildCounter()
+                    .Name("moe_router_failovers_total")
+                    .Help("Shard failures recovered by re-sending to another replica")
+                    .Register(registry)
+                    .Add({});
+  rebalances_ = &prometheus::BuildCounter()
+                     .Name("moe_router_rebalances_total")
+                     .Help("Placement changes applied")
+                     .Register(registry)
+                     .Add({});
+  imbalance_ = &prometheus::BuildGauge()
+                    .Name("moe_router_load_imbalance")
+                    .Help("max/mean - 1 of expected shard load under the current placement")
+                    .Register(registry)
+                    .Add({});
+  placement_version_ = &prometheus::BuildGauge()
+                            .Name("moe_router_placement_version")
+                            .Help("Version of the placement in use")
+                            .Register(registry)
+                            .Add({});
+  auto& up = prometheus::BuildGauge()
+                 .Name("moe_shard_up")
+                 .Help("1 when the shard is in rotation")
+                 .Register(registry);
+  for (const std::string& s : shards) shard_up_.push_back(&up.Add({{"shard", s}}));
+}
+
+void RouterMetrics::Request(const std::string& method, const std::string& code, double seconds) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto key = std::make_pair(method, code);
+  auto it = request_counters_.find(key);
+  if (it == request_counters_.end()) {
+    it = request_counters_.emplace(key, &requests_->Add({{"method", method}, {"code", code}})).first;
+  }
+  it->second->Increment();
+  auto h = request_hists_.find(method);
+  if (h == request_hists_.end()) {
+    h = request_hists_.emplace(method, &request_seconds_->Add({{"method", method}}, kLatency)).first;
+  }
+  h->second->Observe(seconds);
+}
+
+void RouterMetrics::Stage(const std::string& stage, double seconds) {
+  auto it = stages_.find(stage);
+  if (it != stages_.end()) it->second->Observe(seconds);
+}
+
+void RouterMetrics::Tokens(int64_t tokens, const std::vector<int64_t>& per_expert,
+                           int64_t dropped, int64_t spilled) {
+  tokens_->Increment(static_cast<double>(tokens));
+  for (size_t e = 0; e < per_expert.size() && e < expert_tokens_.size(); ++e) {
+    if (per_expert[e] > 0) expert_tokens_[e]->Increment(static_cast<double>(per_expert[e]));
+  }
+  if (dropped > 0) dropped_->Increment(static_cast<double>(dropped));
+  if (spilled > 0) spilled_->Increment(static_cast<double>(spilled));
+}
+
+void RouterMetrics::SetShardUp(int shard, bool up) {
+  if (shard >= 0 && shard < static_cast<int>(shard_up_.size())) shard_up_[shard]->Set(up ? 1 : 0);
+}
+
+}  // namespace moe::router

@@ -1,0 +1,53 @@
+#ifndef MOE_ROUTER_ROUTER_METRICS_H_
+#define MOE_ROUTER_ROUTER_METRICS_H_
+
+// The router's Prometheus metrics; families built once, labelled handles cached.
+
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <prometheus/counter.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+namespace moe::router {
+
+class RouterMetrics {
+ public:
+  RouterMetrics(prometheus::Registry& registry, int num_experts,
+                const std::vector<std::string>& shards);
+
+  void Request(const std::string& method, const std::string& code, double seconds);
+  void Stage(const std::string& stage, double seconds);
+  void Tokens(int64_t tokens, const std::vector<int64_t>& per_expert, int64_t dropped,
+              int64_t spilled);
+  void Failovers(int n) { failovers_->Increment(n); }
+  void Rebalanced() { rebalances_->Increment(); }
+  void SetImbalance(double v) { imbalance_->Set(v); }
+  void SetPlacementVersion(double v) { placement_version_->Set(v); }
+  void SetShardUp(int shard, bool up);
+
+ private:
+  prometheus::Family<prometheus::Counter>* requests_;
+  prometheus::Family<prometheus::Histogram>* request_seconds_;
+  std::mutex mu_;
+  std::map<std::pair<std::string, std::string>, prometheus::Counter*> request_counters_;
+  std::map<std::string, prometheus::Histogram*> request_hists_;
+  std::map<std::string, prometheus::Histogram*> stages_;
+  prometheus::Counter* tokens_;
+  std::vector<prometheus::Counter*> expert_tokens_;
+  prometheus::Counter* dropped_;
+  prometheus::Counter* spilled_;
+  prometheus::Counter* failovers_;
+  prometheus::Counter* rebalances_;
+  prometheus::Gauge* imbalance_;
+  prometheus::Gauge* placement_version_;
+  std::vector<prometheus::Gauge*> shard_up_;
+};
+
+}  // namespace moe::router
+
+#endif  // MOE_ROUTER_ROUTER_METRICS_H_

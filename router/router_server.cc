@@ -1,0 +1,607 @@
+#include "router/router_server.h"
+
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include <grpcpp/health_check_service_interface.h>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/notification.h"
+#include "moe/v1/router.grpc.pb.h"
+#include "router/dispatcher.h"
+#include "router/gating.h"
+#include "router/grpc_shard_client.h"
+#include "router/load_stats.h"
+#include "router/router_metrics.h"
+#include "services/common/grpc_status.h"
+#include "services/common/status_macros.h"
+#include "services/common/thread_pool.h"
+
+namespace moe::router {
+namespace {
+
+double Seconds(std::chrono::steady_clock::time_point since) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
+}
+
+std::string CodeName(absl::StatusCode code) {
+  return absl::StatusCodeToString(code);
+}
+
+}  // namespace
+
+class RouterServer::Impl final : public v1::Router::CallbackService {
+ public:
+  RouterServerOptions options;
+  common::ModelConfig config;
+  common::GateWeights gate;
+  std::shared_ptr<prometheus::Registry> registry;
+  std::unique_ptr<RouterMetrics> metrics;
+  std::vector<std::shared_ptr<ShardClient>> shards;
+  std::unique_ptr<Dispatcher> dispatcher;
+  std::unique_ptr<LoadStats> load_stats;
+  std::unique_ptr<common::ThreadPool> pool;
+  std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<common::MetricsEndpoint> metrics_endpoint;
+  int port = 0;
+
+  std::mutex table_mu;
+  std::shared_ptr<const RoutingTable> table;  // null until the first placement is live
+  std::mutex placement_mu;                     // serialises placement changes
+  uint64_t version = 0;
+  std::chrono::steady_clock::time_point last_rebalance = std::chrono::steady_clock::now();
+  std::atomic<Strategy> strategy{Strategy::kHybrid};
+
+  absl::Notification ready;
+  std::mutex control_mu;
+  std::condition_variable control_cv;
+  bool stopping = false;
+  std::thread control;
+  std::once_flag shutdown_once;
+
+  // ---- the request path ----
+
+  std::shared_ptr<const RoutingTable> Table() {
+    std::lock_guard<std::mutex> lock(table_mu);
+    return table;
+  }
+
+  absl::Status Forward(const v1::InferRequest& req, v1::InferResponse* resp, absl::Time deadline) {
+    const int64_t d = config.d_model;
+    common::DecodeLimits limits;
+    limits.max_rank = 2;
+    limits.max_elements = options.max_batch_tokens * d;
+    absl::StatusOr<common::TensorView> view =
+        common::DecodeMatrix(req.tokens(), "tokens", d, limits);
+    if (!view.ok()) {
+      if (view.status().code() == absl::StatusCode::kResourceExhausted) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            view.status().message(), "; at most ", options.max_batch_tokens,
+            " tokens per request"));
+      }
+      return view.status();
+    }
+    const int64_t n = view->dim(0);
+    if (n == 0) return absl::InvalidArgumentError("tokens: the batch is empty (0 tokens)");
+    if (n > options.max_batch_tokens) {
+      return absl::ResourceExhaustedError(absl::StrCat("tokens: ", n, " tokens exceed the limit of ",
+                                                       options.max_batch_tokens,
+                                                       " per request; split the batch"));
+    }
+    std::vector<float> x = common::ViewToFloat(*view);
+    for (int64_t i = 0; i < n * d; ++i) {
+      if (!std::isfinite(x[i])) {
+        return absl::InvalidArgumentError(absl::StrCat("tokens[", i / d, ", ", i % d, "] is ",
+                                                       std::isnan(x[i]) ? "NaN" : "infinite"));
+      }
+    }
+    std::shared_ptr<const RoutingTable> t = Table();
+    if (t == nullptr) return absl::UnavailableError("the router is still loading its placement");
+    auto start = std::chrono::steady_clock::now();
+    GatingOptions gopt{config.top_k, config.normalize_topk, options.capacity_factor, {}};
+    if (options.overflow == Overflow::kSpill && options.capacity_factor > 0) {
+      for (const auto& r : t->placement.replicas) {
+        gopt.capacity_scale.push_back(std::max<int>(1, static_cast<int>(r.size())));
+      }
+    }
+    GateParams gp{gate.weight.data(), gate.bias.empty() ? nullptr : gate.bias.data(),
+                  config.num_experts, config.d_model};
+    GatingResult g = Route(gp, x.data(), n, gopt);
+    metrics->Stage("gate", Seconds(start));
+    start = std::chrono::steady_clock::now();
+    DispatchStats stats;
+    absl::StatusOr<std::vector<float>> y = dispatcher->Run(*t, x.data(), n, g, deadline, &stats);
+    metrics->Stage("dispatch", Seconds(start));
+    if (stats.failovers > 0) metrics->Failovers(stats.failovers);
+    if (!y.ok()) return y.status();
+    start = std::chrono::steady_clock::now();
+    load_stats->Record(g.expert_load);
+    metrics->Tokens(n, g.expert_load, g.dropped, g.spilled);
+    resp->set_request_id(req.request_id());
+    const common::WireType out_type = req.tokens().dtype() == v1::BFLOAT16
+                                          ? common::WireType::kBFloat16
+                                          : common::WireType::kFloat32;
+    common::EncodeTensor(*y, {n, d}, out_type, resp->mutable_output());
+    if (req.return_routing()) {
+      v1::Routing* r = resp->mutable_routing();
+      r->set_top_k(config.top_k);
+      r->mutable_expert_ids()->Add(g.expert_ids.begin(), g.expert_ids.end());
+      r->mutable_weights()->Add(g.weights.begin(), g.weights.end());
+    }
+    v1::RoutingStats* s = resp->mutable_stats();
+    s->set_dropped_assignments(g.dropped);
+    s->set_load_balance_loss(g.load_balance_loss);
+    s->set_router_z_loss(g.router_z_loss);
+    metrics->Stage("combine", Seconds(start));
+    return absl::OkStatus();
+  }
+
+  absl::Time DeadlineOf(grpc::CallbackServerContext* ctx) const {
+    const absl::Time client = absl::FromChrono(ctx->deadline());
+    return std::min(client, absl::Now() + options.default_timeout);
+  }
+
+  // ---- placement ----
+
+  v1::Placement ToProto(const Placement& p, bool applied) {
+    v1::Placement out;
+    out.set_version(p.version);
+    out.set_strategy(std::string(StrategyName(p.strategy)));
+    for (const auto& s : shards) out.add_shard_addresses(s->address());
+    const std::vector<double> load = load_stats->Load();
+    for (size_t e = 0; e < p.replicas.size(); ++e) {
+      v1::ExpertPlacement* ep = out.add_experts();
+      ep->set_expert(static_cast<int>(e));
+      for (int s : p.replicas[e]) ep->add_shards(s);
+      ep->set_load(load[e]);
+    }
+    out.set_imbalance(Imbalance(p, load));
+    for (double l : ShardLoads(p, load)) out.add_shard_load(l);
+    out.set_applied(applied);
+    return out;
+  }
+
+  absl::StatusOr<Placement> Propose(Strategy s) {
+    return ComputePlacement(s, config.num_experts, static_cast<int>(shards.size()),
+                            load_stats->Load(), options.dynamic_slots_per_shard);
+  }
+
+  // Loads the new replicas everywhere, switches, then lets the old ones drain away.
+  absl::Status Apply(Placement next) {
+    std::lock_guard<std::mutex> lock(placement_mu);
+    std::shared_ptr<const RoutingTable> old = Table();
+    next.version = ++version;
+    const int S = static_cast<int>(shards.size());
+    std::vector<std::vector<int>> to_load(S), to_unload(S);
+    for (int s = 0; s < S; ++s) {
+      for (int e : next.ExpertsOn(s)) {
+        if (old == nullptr || !old->placement.Holds(s, e)) to_load[s].push_back(e);
+      }
+      if (old != nullptr) {
+        for (int e : old->placement.ExpertsOn(s)) {
+          if (!next.Holds(s, e)) to_unload[s].push_back(e);
+        }
+      }
+    }
+    std::vector<absl::Status> results(S);
+    std::vector<std::thread> loaders;
+    for (int s = 0; s < S; ++s) {
+      if (to_load[s].empty()) continue;
+      loaders.emplace_back([&, s] {
+        results[s] =
+            shards[s]->LoadExperts(to_load[s], next.version, "", absl::Minutes(5)).status();
+      });
+    }
+    for (auto& th : loaders) th.join();
+    for (int s = 0; s < S; ++s) {
+      if (!results[s].ok()) return results[s];
+    }
+    {
+      std::lock_guard<std::mutex> tl(table_mu);
+      table = std::make_shared<RoutingTable>(RoutingTable{next, shards});
+    }
+    metrics->SetPlacementVersion(static_cast<double>(next.version));
+    metrics->SetImbalance(Imbalance(next, load_stats->Load()));
+    metrics->Rebalanced();
+    last_rebalance = std::chrono::steady_clock::now();
+    strategy.store(next.strategy);
+    for (int s = 0; s < S; ++s) {
+      if (!to_unload[s].empty()) {
+        shards[s]->UnloadExperts(to_unload[s], next.version, absl::Seconds(10)).IgnoreError();
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // Reloads what a restarted shard lost, and rebalances a dynamic placement past the threshold.
+  void Reconcile() {
+    std::shared_ptr<const RoutingTable> t = Table();
+    if (t == nullptr) return;
+    for (int s = 0; s < static_cast<int>(shards.size()); ++s) {
+      absl::StatusOr<v1::ShardStatus> st = shards[s]->GetStatus(absl::Milliseconds(500));
+      if (!st.ok()) continue;
+      std::set<int> have;
+      for (const auto& e : st->experts()) {
+        if (e.state() == v1::ExpertStatus::READY || e.state() == v1::ExpertStatus::LOADING) {
+          have.insert(e.expert());
+        }
+      }
+      std::vector<int> missing;
+      for (int e : t->placement.ExpertsOn(s)) {
+        if (!have.count(e)) missing.push_back(e);
+      }
+      if (!missing.empty()) {
+        shards[s]->LoadExperts(missing, t->placement.version, "", absl::Minutes(5)).IgnoreError();
+      }
+    }
+    const std::vector<double> load = load_stats->Load();
+    const double imbalance = Imbalance(t->placement, load);
+    metrics->SetImbalance(imbalance);
+    if (strategy.load() != Strategy::kDynamic || load_stats->batches() == 0) return;
+    if (std::chrono::steady_clock::now() - last_rebalance <
+        absl::ToChronoNanoseconds(options.rebalance_cooldown)) {
+      return;
+    }
+    if (imbalance <= options.imbalance_threshold) return;
+    absl::StatusOr<Placement> next = Propose(Strategy::kDynamic);
+    if (next.ok() && Imbalance(*next, load) < imbalance - 0.05) Apply(*next).IgnoreError();
+  }
+
+  void ControlLoop() {
+    std::unique_lock<std::mutex> lock(control_mu);
+    while (!stopping) {
+      lock.unlock();
+      if (!ready.HasBeenNotified()) {
+        absl::StatusOr<Placement> p = Propose(strategy.load());
+        absl::Status st = p.ok() ? Apply(*p) : p.status();
+        if (st.ok()) {
+          server->GetHealthCheckService()->SetServingStatus(true);
+          ready.Notify();
+        }
+      } else {
+        Reconcile();
+      }
+      lock.lock();
+      control_cv.wait_for(lock,
+                          ready.HasBeenNotified()
+                              ? absl::ToChronoNanoseconds(options.reconcile_interval)
+                              : std::chrono::milliseconds(250),
+                          [this] { return stopping; });
+    }
+  }
+
+  // ---- RPC handlers ----
+
+  grpc::ServerUnaryReactor* Infer(grpc::CallbackServerContext* ctx, const v1::InferRequest* req,
+                                  v1::InferResponse* resp) override {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    const auto start = std::chrono::steady_clock::now();
+    const absl::Time deadline = DeadlineOf(ctx);
+    if (!pool->Submit([this, reactor, req, resp, deadline, start] {
+          absl::Status st = Forward(*req, resp, deadline);
+          metrics->Request("Infer", CodeName(st.code()), Seconds(start));
+          reactor->Finish(common::ToGrpcStatus(st));
+        })) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "router is shutting down"));
+    }
+    return reactor;
+  }
+
+  grpc::ServerBidiReactor<v1::InferRequest, v1::InferResponse>* InferStream(
+      grpc::CallbackServerContext* ctx) override;
+
+  grpc::ServerUnaryReactor* TrainStep(grpc::CallbackServerContext* ctx,
+                                      const v1::TrainStepRequest*,
+                                      v1::TrainStepResponse*) override {
+    auto* reactor = ctx->DefaultReactor();
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
+                                 "TrainStep arrives with the coordinator; this router serves "
+                                 "inference only"));
+    return reactor;
+  }
+
+  grpc::ServerUnaryReactor* SaveCheckpoint(grpc::CallbackServerContext* ctx,
+                                           const v1::SaveCheckpointRequest*,
+                                           v1::SaveCheckpointResponse*) override {
+    auto* reactor = ctx->DefaultReactor();
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
+                                 "SaveCheckpoint arrives with the coordinator"));
+    return reactor;
+  }
+
+  grpc::ServerUnaryReactor* GetClusterInfo(grpc::CallbackServerContext* ctx,
+                                           const v1::GetClusterInfoRequest*,
+                                           v1::ClusterInfo* info) override {
+    auto* reactor = ctx->DefaultReactor();
+    info->set_d_model(config.d_model);
+    info->set_d_ff(config.d_ff);
+    info->set_num_experts(config.num_experts);
+    info->set_top_k(config.top_k);
+    info->set_activation(std::string(common::ActivationName(config.activation)));
+    info->set_gated(config.gated);
+    info->set_normalize_topk(config.normalize_topk);
+    info->set_capacity_factor(options.capacity_factor);
+    std::shared_ptr<const RoutingTable> t = Table();
+    info->set_placement_strategy(std::string(StrategyName(strategy.load())));
+    if (t) info->set_placement_version(t->placement.version);
+    for (int s = 0; s < static_cast<int>(shards.size()); ++s) {
+      v1::ShardInfo* si = info->add_shards();
+      si->set_address(shards[s]->address());
+      si->set_healthy(shards[s]->healthy());
+      if (t) {
+        for (int e : t->placement.ExpertsOn(s)) si->add_experts(e);
+        si->set_placement_version(t->placement.version);
+      }
+    }
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+
+  grpc::ServerUnaryReactor* GetPlacement(grpc::CallbackServerContext* ctx,
+                                         const v1::GetPlacementRequest*,
+                                         v1::Placement* out) override {
+    auto* reactor = ctx->DefaultReactor();
+    std::shared_ptr<const RoutingTable> t = Table();
+    if (t == nullptr) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                   "the initial placement is still loading"));
+      return reactor;
+    }
+    *out = ToProto(t->placement, true);
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+
+  grpc::ServerUnaryReactor* Rebalance(grpc::CallbackServerContext* ctx,
+                                      const v1::RebalanceRequest* req,
+                                      v1::Placement* out) override {
+    auto* reactor = ctx->DefaultReactor();
+    Strategy s = strategy.load();
+    if (!req->strategy().empty()) {
+      absl::StatusOr<Strategy> parsed = ParseStrategy(req->strategy());
+      if (!parsed.ok()) {
+        reactor->Finish(common::ToGrpcStatus(parsed.status()));
+        return reactor;
+      }
+      s = *parsed;
+    }
+    const bool dry = req->dry_run();
+    if (!pool->Submit([this, reactor, out, s, dry] {
+          absl::StatusOr<Placement> p = Propose(s);
+          absl::Status st = p.status();
+          if (st.ok() && !dry) {
+            st = Apply(*p);
+            if (st.ok()) p = Table()->placement;
+          }
+          if (st.ok()) *out = ToProto(*p, !dry);
+          reactor->Finish(common::ToGrpcStatus(st));
+        })) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "router is shutting down"));
+    }
+    return reactor;
+  }
+
+  void DoShutdown(absl::Duration grace) {
+    std::call_once(shutdown_once, [&] {
+      server->GetHealthCheckService()->Shutdown();
+      {
+        std::lock_guard<std::mutex> lock(control_mu);
+        stopping = true;
+      }
+      control_cv.notify_all();
+      if (control.joinable()) control.join();
+      server->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+      pool->Shutdown();
+    });
+  }
+};
+
+// InferStream: requests are computed concurrently on the worker pool; responses go back in
+// request order. State shared with the workers lives in a core that outlives the reactor.
+struct InferStreamCore {
+  std::mutex mu;
+  grpc::ServerBidiReactor<v1::InferRequest, v1::InferResponse>* reactor = nullptr;
+  std::map<uint64_t, std::unique_ptr<v1::InferResponse>> done;  // finished, not yet written
+  uint64_t next_to_write = 0;
+  std::deque<std::unique_ptr<v1::InferResponse>> outbox;
+  bool writing = false, reads_done = false, finished = false;
+  int in_flight = 0;
+
+  void WriteNextLocked() {
+    if (writing || finished || outbox.empty() || reactor == nullptr) return;
+    writing = true;
+    reactor->StartWrite(outbox.front().get());
+  }
+  void MaybeFinishLocked() {
+    if (reads_done && in_flight == 0 && outbox.empty() && !writing) FinishLocked(grpc::Status::OK);
+  }
+  void FinishLocked(const grpc::Status& st) {
+    if (finished || reactor == nullptr) return;
+    finished = true;
+    reactor->Finish(st);
+  }
+  void Complete(uint64_t seq, std::unique_ptr<v1::InferResponse> resp) {
+    std::lock_guard<std::mutex> lock(mu);
+    --in_flight;
+    done[seq] = std::move(resp);
+    while (!done.empty() && done.begin()->first == next_to_write) {
+      outbox.push_back(std::move(done.begin()->second));
+      done.erase(done.begin());
+      ++next_to_write;
+    }
+    WriteNextLocked();
+    MaybeFinishLocked();
+  }
+};
+
+class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest, v1::InferResponse> {
+ public:
+  InferStreamReactor(RouterServer::Impl* impl, grpc::CallbackServerContext* ctx)
+      : impl_(impl), ctx_(ctx), core_(std::make_shared<InferStreamCore>()) {
+    core_->reactor = this;
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      std::lock_guard<std::mutex> lock(core_->mu);
+      core_->reads_done = true;
+      core_->MaybeFinishLocked();
+      return;
+    }
+    auto req = std::make_shared<v1::InferRequest>(std::move(request_));
+    const uint64_t seq = next_seq_++;
+    {
+      std::lock_guard<std::mutex> lock(core_->mu);
+      ++core_->in_flight;
+      if (!core_->finished) StartRead(&request_);
+    }
+    const absl::Time deadline = impl_->DeadlineOf(ctx_);
+    const auto start = std::chrono::steady_clock::now();
+    RouterServer::Impl* impl = impl_;
+    std::shared_ptr<InferStreamCore> core = core_;
+    auto work = [impl, core, req, seq, deadline, start] {
+      auto resp = std::make_unique<v1::InferResponse>();
+      absl::Status st = impl->Forward(*req, resp.get(), deadline);
+      impl->metrics->Request("InferStream", CodeName(st.code()), Seconds(start));
+      if (!st.ok()) {
+        resp = std::make_unique<v1::InferResponse>();
+        resp->set_request_id(req->request_id());
+        resp->set_code(static_cast<int>(st.code()));
+        resp->set_message(std::string(st.message()));
+      }
+      core->Complete(seq, std::move(resp));
+    };
+    if (!impl_->pool->Submit(work)) {
+      auto resp = std::make_unique<v1::InferResponse>();
+      resp->set_request_id(req->request_id());
+      resp->set_code(static_cast<int>(absl::StatusCode::kUnavailable));
+      resp->set_message("router is shutting down");
+      core_->Complete(seq, std::move(resp));
+    }
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(core_->mu);
+    core_->writing = false;
+    if (!core_->outbox.empty()) core_->outbox.pop_front();
+    if (!ok) {
+      core_->FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "stream broken"));
+      return;
+    }
+    core_->WriteNextLocked();
+    core_->MaybeFinishLocked();
+  }
+
+  void OnCancel() override {
+    std::lock_guard<std::mutex> lock(core_->mu);
+    core_->FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the caller"));
+  }
+
+  void OnDone() override {
+    {
+      std::lock_guard<std::mutex> lock(core_->mu);
+      core_->reactor = nullptr;
+      core_->outbox.clear();
+    }
+    delete this;
+  }
+
+ private:
+  RouterServer::Impl* impl_;
+  grpc::CallbackServerContext* ctx_;
+  std::shared_ptr<InferStreamCore> core_;
+  v1::InferRequest request_;
+  uint64_t next_seq_ = 0;
+};
+
+grpc::ServerBidiReactor<v1::InferRequest, v1::InferResponse>* RouterServer::Impl::InferStream(
+    grpc::CallbackServerContext* ctx) {
+  return new InferStreamReactor(this, ctx);
+}
+
+RouterServer::RouterServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+RouterServer::~RouterServer() {
+  Shutdown();
+  impl_->server->Wait();
+}
+
+absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOptions options) {
+  auto impl = std::make_unique<Impl>();
+  impl->options = std::move(options);
+  RouterServerOptions& o = impl->options;
+  if (o.checkpoint.empty()) return absl::InvalidArgumentError("--checkpoint is required");
+  if (o.shards.empty()) return absl::InvalidArgumentError("--shards needs at least one host:port");
+  if (o.capacity_factor < 0) return absl::InvalidArgumentError("--capacity-factor must be >= 0");
+  common::LoadOptions lo = o.load;
+  lo.experts = std::vector<int>{};  // the router needs the gate only
+  ASSIGN_OR_RETURN(common::Checkpoint ck, common::LoadCheckpoint(o.checkpoint, lo));
+  impl->config = ck.config;
+  impl->gate = std::move(ck.gate);
+  impl->registry = o.registry ? o.registry : std::make_shared<prometheus::Registry>();
+  impl->metrics = std::make_unique<RouterMetrics>(*impl->registry, impl->config.num_experts, o.shards);
+  impl->load_stats = std::make_unique<LoadStats>(impl->config.num_experts);
+  impl->dispatcher = std::make_unique<Dispatcher>(impl->config, DispatcherOptions{o.wire, 4});
+  impl->strategy.store(o.strategy);
+  Impl* raw = impl.get();
+  for (size_t s = 0; s < o.shards.size(); ++s) {
+    auto on_change = [raw, s](bool up) { raw->metrics->SetShardUp(static_cast<int>(s), up); };
+    impl->shards.push_back(o.shard_factory
+                               ? o.shard_factory(o.shards[s], on_change)
+                               : std::make_shared<GrpcShardClient>(o.shards[s], o.limits, on_change));
+  }
+  impl->pool = std::make_unique<common::ThreadPool>(std::max(1, o.worker_threads));
+
+  common::EnableHealthAndReflection();
+  grpc::ServerBuilder builder;
+  common::ConfigureServerBuilder(&builder, o.limits);
+  builder.AddListeningPort(o.address, grpc::InsecureServerCredentials(), &impl->port);
+  builder.RegisterService(impl.get());
+  impl->server = builder.BuildAndStart();
+  if (impl->server == nullptr || impl->port == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", o.address, " (port in use or bad address)"));
+  }
+  impl->server->GetHealthCheckService()->SetServingStatus(false);
+  if (!o.metrics_address.empty()) {
+    auto ep = common::MetricsEndpoint::Start(o.metrics_address, impl->registry);
+    if (!ep.ok()) {
+      impl->DoShutdown(absl::ZeroDuration());
+      impl->server->Wait();
+      return ep.status();
+    }
+    impl->metrics_endpoint = std::move(*ep);
+  }
+  impl->control = std::thread([raw] { raw->ControlLoop(); });
+  return std::unique_ptr<RouterServer>(new RouterServer(std::move(impl)));
+}
+
+int RouterServer::port() const { return impl_->port; }
+int RouterServer::metrics_port() const {
+  return impl_->metrics_endpoint ? impl_->metrics_endpoint->port() : 0;
+}
+std::string RouterServer::address() const { return absl::StrCat("127.0.0.1:", impl_->port); }
+void RouterServer::Shutdown(absl::Duration grace) { impl_->DoShutdown(grace); }
+void RouterServer::Wait() { impl_->server->Wait(); }
+const std::shared_ptr<prometheus::Registry>& RouterServer::registry() const {
+  return impl_->registry;
+}
+
+absl::Status RouterServer::WaitUntilReady(absl::Duration timeout) {
+  if (!impl_->ready.WaitForNotificationWithTimeout(timeout)) {
+    return absl::DeadlineExceededError(
+        "the router's placement is not live yet (are the shards up?)");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace moe::router

@@ -1,0 +1,77 @@
+#ifndef MOE_ROUTER_ROUTER_SERVER_H_
+#define MOE_ROUTER_ROUTER_SERVER_H_
+
+// The public moe.v1.Router service: gating, placement, fan-out to the shards and reassembly,
+// failover, live rebalancing, health, reflection and metrics.
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <prometheus/registry.h>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "router/placement.h"
+#include "router/shard_client.h"
+#include "services/common/checkpoint.h"
+#include "services/common/server_util.h"
+#include "services/common/tensor_codec.h"
+
+namespace moe::router {
+
+enum class Overflow { kDrop, kSpill };
+
+struct RouterServerOptions {
+  std::string address = "127.0.0.1:0";
+  std::string metrics_address;  // empty: no /metrics
+  std::string checkpoint;
+  common::LoadOptions load;
+  std::vector<std::string> shards;  // host:port of each expert shard
+  Strategy strategy = Strategy::kHybrid;
+  double capacity_factor = 0.0;
+  Overflow overflow = Overflow::kDrop;
+  int worker_threads = 16;
+  int dynamic_slots_per_shard = 0;  // 0: ceil(2E/S)
+  double imbalance_threshold = 0.2;
+  absl::Duration rebalance_cooldown = absl::Seconds(5);
+  absl::Duration reconcile_interval = absl::Seconds(1);
+  int64_t max_batch_tokens = 8192;
+  common::WireType wire = common::WireType::kFloat32;
+  // Deadline applied to requests that come without one.
+  absl::Duration default_timeout = absl::Seconds(30);
+  common::RpcLimits limits;
+  std::shared_ptr<prometheus::Registry> registry;
+  // Builds the client for one shard (tests inject fakes); null uses gRPC.
+  std::function<std::shared_ptr<ShardClient>(const std::string& address,
+                                              std::function<void(bool)> on_health_change)>
+      shard_factory;
+};
+
+class RouterServer {
+ public:
+  // Loads the gate, binds and serves; health is NOT_SERVING until the initial placement is
+  // loaded on the shards (retried in the background until it is).
+  static absl::StatusOr<std::unique_ptr<RouterServer>> Start(RouterServerOptions options);
+  ~RouterServer();
+
+  int port() const;
+  int metrics_port() const;
+  std::string address() const;
+  // Blocks until the initial placement is live or `timeout` passes.
+  absl::Status WaitUntilReady(absl::Duration timeout);
+  void Shutdown(absl::Duration grace = absl::Seconds(1));
+  void Wait();
+  const std::shared_ptr<prometheus::Registry>& registry() const;
+
+  class Impl;
+
+ private:
+  explicit RouterServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace moe::router
+
+#endif  // MOE_ROUTER_ROUTER_SERVER_H_

@@ -1,0 +1,47 @@
+#ifndef MOE_ROUTER_SHARD_CLIENT_H_
+#define MOE_ROUTER_SHARD_CLIENT_H_
+
+// The router's view of one expert-shard server. The gRPC implementation keeps one long-lived
+// Dispatch stream; tests use in-memory fakes.
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "moe/v1/expert_shard.pb.h"
+
+namespace moe::router {
+
+class ShardClient {
+ public:
+  using DispatchDone = std::function<void(absl::StatusOr<v1::DispatchResponse>)>;
+  virtual ~ShardClient() = default;
+
+  // Sends one batch. `done` runs exactly once, on any thread (possibly before Send returns), with
+  // the shard's response or an error: UNAVAILABLE when the shard is down or the stream broke.
+  virtual void Dispatch(std::shared_ptr<const v1::DispatchRequest> request, int64_t rows,
+                        DispatchDone done) = 0;
+
+  // In rotation: reachable, SERVING, and no stream failure since the last good health check.
+  virtual bool healthy() const = 0;
+  // Rows sent and not yet answered.
+  virtual int64_t outstanding_rows() const = 0;
+  virtual const std::string& address() const = 0;
+
+  // Blocking admin calls (used by the placement manager, never on a request path).
+  virtual absl::StatusOr<v1::ShardStatus> LoadExperts(const std::vector<int>& experts,
+                                                      uint64_t version, const std::string& peer,
+                                                      absl::Duration timeout) = 0;
+  virtual absl::StatusOr<v1::ShardStatus> UnloadExperts(const std::vector<int>& experts,
+                                                        uint64_t version,
+                                                        absl::Duration timeout) = 0;
+  virtual absl::StatusOr<v1::ShardStatus> GetStatus(absl::Duration timeout) = 0;
+};
+
+}  // namespace moe::router
+
+#endif  // MOE_ROUTER_SHARD_CLIENT_H_
