@@ -77,12 +77,14 @@ absl::StatusOr<std::vector<float>> Dispatcher::Run(const RoutingTable& table, co
     for (int e = 0; e < E; ++e) {
       const std::vector<int64_t>& pos = remaining[e];
       if (pos.empty()) continue;
-      std::vector<int> cands;
+      std::vector<int> cands, unhealthy;
       for (int s : table.placement.replicas[e]) {
-        if (s < S && table.shards[s] && !excluded[s] && table.shards[s]->healthy()) {
-          cands.push_back(s);
-        }
+        if (s >= S || !table.shards[s] || excluded[s]) continue;
+        (table.shards[s]->healthy() ? cands : unhealthy).push_back(s);
       }
+      // With no replica in rotation, still try the ones out of it that this batch has not seen
+      // fail: a health check may have been slow, and a dead shard fails fast anyway.
+      if (cands.empty()) cands = unhealthy;
       if (cands.empty()) {
         std::vector<std::string> where;
         for (int s : table.placement.replicas[e]) {

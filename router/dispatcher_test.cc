@@ -1,1 +1,194 @@
+#include "router/dispatcher.h"
+
+#include <thread>
+
 #include <gtest/gtest.h>
+
+#include "router/moe_layer.h"
+#include "services/common/random_checkpoint.h"
+
+namespace moe::router {
+namespace {
+
+common::ModelConfig Config() {
+  common::ModelConfig c;
+  c.num_experts = 4;
+  c.d_model = 16;
+  c.d_ff = 24;
+  c.top_k = 2;
+  c.activation = common::Activation::kRelu;
+  return c;
+}
+
+// A shard in memory: computes its experts with ExpertFfn, or fails as told.
+class FakeShard : public ShardClient {
+ public:
+  FakeShard(std::string name, const common::Checkpoint& ck) : name_(std::move(name)) {
+    for (const auto& w : ck.experts) experts_.push_back(*expert::ExpertFfn::Create(ck.config, w));
+  }
+  void Dispatch(std::shared_ptr<const v1::DispatchRequest> req, int64_t,
+                DispatchDone done) override {
+    ++batches;
+    requests.push_back(*req);
+    if (fail_with != absl::StatusCode::kOk) {
+      done(absl::Status(fail_with, name_ + " failed"));
+      return;
+    }
+    if (never_answer) {
+      parked.push_back(std::move(done));
+      return;
+    }
+    const int64_t d = Config().d_model;
+    auto view = common::DecodeTensor(req->rows(), "rows");
+    std::vector<float> rows = common::ViewToFloat(*view);
+    v1::DispatchResponse resp;
+    resp.set_batch_id(req->batch_id());
+    for (const auto& er : req->experts()) {
+      std::vector<float> in, out(er.rows_size() * d);
+      for (int r : er.rows()) in.insert(in.end(), rows.begin() + r * d, rows.begin() + (r + 1) * d);
+      EXPECT_TRUE(experts_[er.expert()]->Forward(in.data(), er.rows_size(), out.data()).ok());
+      auto* o = resp.add_outputs();
+      o->set_expert(er.expert());
+      common::EncodeTensor(out, {er.rows_size(), d}, common::WireType::kFloat32, o->mutable_output());
+    }
+    done(resp);
+  }
+  bool healthy() const override { return healthy_; }
+  void CheckHealthNow() override {}
+  int64_t outstanding_rows() const override { return 0; }
+  const std::string& address() const override { return name_; }
+  absl::StatusOr<v1::ShardStatus> LoadExperts(const std::vector<int>&, uint64_t,
+                                              const std::string&, absl::Duration) override {
+    return v1::ShardStatus();
+  }
+  absl::StatusOr<v1::ShardStatus> UnloadExperts(const std::vector<int>&, uint64_t,
+                                                absl::Duration) override {
+    return v1::ShardStatus();
+  }
+  absl::StatusOr<v1::ShardStatus> GetStatus(absl::Duration) override { return v1::ShardStatus(); }
+
+  bool healthy_ = true;
+  absl::StatusCode fail_with = absl::StatusCode::kOk;
+  bool never_answer = false;
+  int batches = 0;
+  std::vector<v1::DispatchRequest> requests;
+  std::vector<DispatchDone> parked;
+
+ private:
+  std::string name_;
+  std::vector<std::unique_ptr<expert::ExpertFfn>> experts_;
+};
+
+struct Rig {
+  Rig(Strategy s, int shards) : ck(common::MakeRandomCheckpoint({Config(), false, 9})) {
+    layer = *MoeLayer::Create(ck);
+    table.placement = *ComputePlacement(s, 4, shards, std::vector<double>(4, 1.0));
+    table.placement.version = 3;
+    for (int i = 0; i < shards; ++i) {
+      fakes.push_back(std::make_shared<FakeShard>("shard" + std::to_string(i), ck));
+      table.shards.push_back(fakes.back());
+    }
+  }
+  absl::StatusOr<std::vector<float>> Run(const std::vector<float>& x, int64_t n,
+                                         absl::Duration timeout = absl::Seconds(10),
+                                         DispatchStats* stats = nullptr) {
+    GatingResult g = Route(layer->gate_params(), x.data(), n, GatingOptions{2, true, 0, {}});
+    return dispatcher.Run(table, x.data(), n, g, absl::Now() + timeout, stats);
+  }
+  common::Checkpoint ck;
+  std::unique_ptr<MoeLayer> layer;
+  RoutingTable table;
+  std::vector<std::shared_ptr<FakeShard>> fakes;
+  Dispatcher dispatcher{Config(), DispatcherOptions{}};
+};
+
+TEST(Dispatcher, MatchesTheInProcessLayerForEveryStrategy) {
+  for (Strategy s : {Strategy::kReplicated, Strategy::kSharded, Strategy::kHybrid}) {
+    Rig setup(s, 3);
+    const int64_t n = 40;
+    const std::vector<float> x = common::RandomMatrix(n, 16, 3);
+    auto y = setup.Run(x, n);
+    ASSERT_TRUE(y.ok()) << y.status();
+    auto ref = setup.layer->Forward(x.data(), n);
+    ASSERT_EQ(y->size(), ref->y.size());
+    for (size_t i = 0; i < y->size(); ++i) EXPECT_NEAR((*y)[i], ref->y[i], 1e-5);
+  }
+}
+
+TEST(Dispatcher, EachTokenRowTravelsOncePerShard) {
+  Rig setup(Strategy::kSharded, 1);  // one shard holds every expert
+  const int64_t n = 10;
+  ASSERT_TRUE(setup.Run(common::RandomMatrix(n, 16, 4), n).ok());
+  ASSERT_EQ(setup.fakes[0]->requests.size(), 1u);
+  const auto& req = setup.fakes[0]->requests[0];
+  EXPECT_EQ(req.rows().shape(0), n);  // 10 tokens, 20 assignments, 10 rows on the wire
+  int assigned = 0;
+  for (const auto& er : req.experts()) assigned += er.rows_size();
+  EXPECT_EQ(assigned, 2 * n);
+  EXPECT_EQ(req.placement_version(), 3u);
+  EXPECT_GT(req.timeout_ms(), 0u);
+}
+
+TEST(Dispatcher, FailsOverToAnotherReplica) {
+  Rig setup(Strategy::kReplicated, 3);
+  setup.fakes[0]->fail_with = absl::StatusCode::kUnavailable;
+  setup.fakes[1]->fail_with = absl::StatusCode::kFailedPrecondition;
+  const int64_t n = 64;
+  const std::vector<float> x = common::RandomMatrix(n, 16, 5);
+  DispatchStats stats;
+  auto y = setup.Run(x, n, absl::Seconds(10), &stats);
+  ASSERT_TRUE(y.ok()) << y.status();
+  EXPECT_EQ(stats.failovers, 2);
+  auto ref = setup.layer->Forward(x.data(), n);
+  for (size_t i = 0; i < y->size(); ++i) EXPECT_NEAR((*y)[i], ref->y[i], 1e-5);
+}
+
+TEST(Dispatcher, ExpertWithoutHealthyReplicaIsUnavailableByName) {
+  Rig setup(Strategy::kSharded, 2);  // experts 0,1 on shard 0; 2,3 on shard 1
+  setup.fakes[1]->healthy_ = false;
+  setup.fakes[1]->fail_with = absl::StatusCode::kUnavailable;  // really down
+  const int64_t n = 30;
+  auto y = setup.Run(common::RandomMatrix(n, 16, 6), n);
+  EXPECT_EQ(y.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(y.status().message().find("has no healthy replica"), std::string::npos);
+  EXPECT_NE(y.status().message().find("shard1"), std::string::npos) << y.status();
+  // The same when the shard fails mid-batch instead.
+  Rig again(Strategy::kSharded, 2);
+  again.fakes[1]->fail_with = absl::StatusCode::kUnavailable;
+  auto z = again.Run(common::RandomMatrix(n, 16, 6), n);
+  EXPECT_EQ(z.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(z.status().message().find("expert "), std::string::npos);
+}
+
+TEST(Dispatcher, OutOfRotationReplicaIsTriedWhenItIsTheOnlyOne) {
+  Rig setup(Strategy::kSharded, 2);
+  setup.fakes[1]->healthy_ = false;  // a slow health check, but the shard answers
+  const int64_t n = 30;
+  const std::vector<float> x = common::RandomMatrix(n, 16, 6);
+  auto y = setup.Run(x, n);
+  ASSERT_TRUE(y.ok()) << y.status();
+  auto ref = setup.layer->Forward(x.data(), n);
+  for (size_t i = 0; i < y->size(); ++i) EXPECT_NEAR((*y)[i], ref->y[i], 1e-5);
+}
+
+TEST(Dispatcher, NeverWaitsPastTheDeadline) {
+  Rig setup(Strategy::kReplicated, 1);
+  setup.fakes[0]->never_answer = true;
+  const auto start = absl::Now();
+  auto y = setup.Run(common::RandomMatrix(5, 16, 7), 5, absl::Milliseconds(100));
+  EXPECT_EQ(y.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_LT(absl::Now() - start, absl::Milliseconds(300));
+  // A late answer after the deadline is harmless.
+  for (auto& done : setup.fakes[0]->parked) done(absl::UnavailableError("late"));
+}
+
+TEST(Dispatcher, NonRetryableShardErrorsAreReturned) {
+  Rig setup(Strategy::kReplicated, 2);
+  setup.fakes[0]->fail_with = absl::StatusCode::kInvalidArgument;
+  setup.fakes[1]->fail_with = absl::StatusCode::kInvalidArgument;
+  auto y = setup.Run(common::RandomMatrix(5, 16, 8), 5);
+  EXPECT_EQ(y.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace moe::router

@@ -130,13 +130,29 @@ void GrpcShardClient::SetHealthy(bool healthy) {
   if (healthy_.exchange(healthy) != healthy && on_health_change_) on_health_change_(healthy);
 }
 
+bool GrpcShardClient::ProbeHealth() {
+  const auto h =
+      common::CheckHealth(channel_.get(), std::max(health_interval_ * 2, absl::Milliseconds(500)));
+  return h.ok() && *h == common::HealthState::kServing;
+}
+
+void GrpcShardClient::CheckHealthNow() {
+  if (ProbeHealth()) SetHealthy(true);
+}
+
 void GrpcShardClient::HealthLoop() {
+  // Two failed checks in a row take the shard out (one slow answer on a busy machine does not);
+  // one good check brings it back. A broken stream takes it out at once (StreamEnded).
+  int failures = 0;
   std::unique_lock<std::mutex> lock(mu_);
   while (!stopping_) {
     lock.unlock();
-    const auto h = common::CheckHealth(channel_.get(), std::max(health_interval_ * 2,
-                                                                absl::Milliseconds(500)));
-    SetHealthy(h.ok() && *h == common::HealthState::kServing);
+    if (ProbeHealth()) {
+      failures = 0;
+      SetHealthy(true);
+    } else if (++failures >= 2) {
+      SetHealthy(false);
+    }
     lock.lock();
     stop_cv_.wait_for(lock, absl::ToChronoNanoseconds(health_interval_), [this] { return stopping_; });
   }

@@ -32,6 +32,7 @@ class GrpcShardClient final : public ShardClient {
   void Dispatch(std::shared_ptr<const v1::DispatchRequest> request, int64_t rows,
                 DispatchDone done) override;
   bool healthy() const override { return healthy_.load(); }
+  void CheckHealthNow() override;
   int64_t outstanding_rows() const override { return outstanding_rows_.load(); }
   const std::string& address() const override { return address_; }
   absl::StatusOr<v1::ShardStatus> LoadExperts(const std::vector<int>& experts, uint64_t version,
@@ -49,6 +50,7 @@ class GrpcShardClient final : public ShardClient {
   void SetHealthy(bool healthy);
   void StreamEnded(Stream* stream, const grpc::Status& status);
   void HealthLoop();
+  bool ProbeHealth();
 
   const std::string address_;
   std::shared_ptr<grpc::Channel> channel_;

@@ -1,1 +1,84 @@
+#include "router/placement.h"
+
+#include <numeric>
+
 #include <gtest/gtest.h>
+
+namespace moe::router {
+namespace {
+
+std::vector<double> Uniform(int e) { return std::vector<double>(e, 1.0); }
+
+TEST(Placement, Replicated) {
+  auto p = ComputePlacement(Strategy::kReplicated, 5, 3, Uniform(5));
+  ASSERT_TRUE(p.ok());
+  for (const auto& r : p->replicas) EXPECT_EQ(r, (std::vector<int>{0, 1, 2}));
+}
+
+TEST(Placement, ShardedIsContiguousBlocks) {
+  // E = 10, S = 4: ceil(10/4) = 3 -> shards 0,0,0,1,1,1,2,2,2,3.
+  auto p = ComputePlacement(Strategy::kSharded, 10, 4, Uniform(10));
+  ASSERT_TRUE(p.ok());
+  const std::vector<int> want = {0, 0, 0, 1, 1, 1, 2, 2, 2, 3};
+  for (int e = 0; e < 10; ++e) EXPECT_EQ(p->replicas[e], std::vector<int>{want[e]}) << e;
+  EXPECT_EQ(p->ExpertsOn(1), (std::vector<int>{3, 4, 5}));
+}
+
+TEST(Placement, HybridReplicatesTheFirstHalf) {
+  // E = 9: experts 0..3 everywhere; the other 5 block-sharded over 2 shards (block 3).
+  auto p = ComputePlacement(Strategy::kHybrid, 9, 2, Uniform(9));
+  ASSERT_TRUE(p.ok());
+  for (int e = 0; e < 4; ++e) EXPECT_EQ(p->replicas[e], (std::vector<int>{0, 1}));
+  const std::vector<int> want = {0, 0, 0, 1, 1};
+  for (int e = 4; e < 9; ++e) EXPECT_EQ(p->replicas[e], std::vector<int>{want[e - 4]}) << e;
+}
+
+TEST(Placement, MoreShardsThanExperts) {
+  auto p = ComputePlacement(Strategy::kSharded, 2, 5, Uniform(2));
+  ASSERT_TRUE(p.ok());
+  EXPECT_EQ(p->replicas[0], std::vector<int>{0});
+  EXPECT_EQ(p->replicas[1], std::vector<int>{1});
+  EXPECT_TRUE(p->ExpertsOn(4).empty());
+}
+
+TEST(Placement, DynamicReplicatesHotExpertsWithinBudget) {
+  // Zipf-like load over 16 experts, 4 shards, 6 slots each.
+  std::vector<double> load(16);
+  for (int e = 0; e < 16; ++e) load[e] = 100.0 / (e + 1);
+  auto p = ComputePlacement(Strategy::kDynamic, 16, 4, load, 6);
+  ASSERT_TRUE(p.ok());
+  int total = 0;
+  for (int e = 0; e < 16; ++e) {
+    EXPECT_GE(p->replicas[e].size(), 1u) << e;
+    total += static_cast<int>(p->replicas[e].size());
+  }
+  EXPECT_LE(total, 24);
+  for (int s = 0; s < 4; ++s) EXPECT_LE(p->ExpertsOn(s).size(), 6u);
+  EXPECT_GE(p->replicas[0].size(), p->replicas[15].size());
+  EXPECT_GT(p->replicas[0].size(), 1u);
+  // Much better balanced than hybrid under the same load.
+  auto hybrid = ComputePlacement(Strategy::kHybrid, 16, 4, load);
+  EXPECT_LT(Imbalance(*p, load), 0.2);
+  EXPECT_GT(Imbalance(*hybrid, load), Imbalance(*p, load));
+}
+
+TEST(Placement, DynamicWithNoLoadIsStillComplete) {
+  auto p = ComputePlacement(Strategy::kDynamic, 7, 3, std::vector<double>(7, 0.0));
+  ASSERT_TRUE(p.ok());
+  for (const auto& r : p->replicas) EXPECT_FALSE(r.empty());
+}
+
+TEST(Placement, ImbalanceAndErrors) {
+  auto p = ComputePlacement(Strategy::kSharded, 4, 2, Uniform(4));
+  EXPECT_DOUBLE_EQ(Imbalance(*p, {1, 1, 1, 1}), 0.0);
+  EXPECT_DOUBLE_EQ(Imbalance(*p, {3, 1, 0, 0}), 1.0);  // loads 4 and 0: max/mean - 1 = 1
+  EXPECT_EQ(ComputePlacement(Strategy::kSharded, 4, 0, Uniform(4)).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(ComputePlacement(Strategy::kSharded, 4, 2, Uniform(3)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseStrategy("random").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(*ParseStrategy("dynamic"), Strategy::kDynamic);
+}
+
+}  // namespace
+}  // namespace moe::router

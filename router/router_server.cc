@@ -76,8 +76,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   absl::Status Forward(const v1::InferRequest& req, v1::InferResponse* resp, absl::Time deadline) {
     const int64_t d = config.d_model;
+    if (req.tokens().shape_size() == 2 && req.tokens().shape(0) > options.max_batch_tokens) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "tokens: ", req.tokens().shape(0), " tokens exceed the limit of ",
+          options.max_batch_tokens, " per request; split the batch"));
+    }
     common::DecodeLimits limits;
-    limits.max_rank = 2;
     limits.max_elements = options.max_batch_tokens * d;
     absl::StatusOr<common::TensorView> view =
         common::DecodeMatrix(req.tokens(), "tokens", d, limits);
@@ -204,6 +208,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     for (int s = 0; s < S; ++s) {
       if (!results[s].ok()) return results[s];
     }
+    // A shard that just loaded its first experts turned SERVING: see it before switching.
+    for (int s = 0; s < S; ++s) {
+      if (!to_load[s].empty() && !shards[s]->healthy()) shards[s]->CheckHealthNow();
+    }
     {
       std::lock_guard<std::mutex> tl(table_mu);
       table = std::make_shared<RoutingTable>(RoutingTable{next, shards});
@@ -213,6 +221,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     metrics->Rebalanced();
     last_rebalance = std::chrono::steady_clock::now();
     strategy.store(next.strategy);
+    // Requests routed with the old table still hold it: let them finish before its replicas go.
+    const auto drain_until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (old != nullptr && old.use_count() > 1 && std::chrono::steady_clock::now() < drain_until) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
     for (int s = 0; s < S; ++s) {
       if (!to_unload[s].empty()) {
         shards[s]->UnloadExperts(to_unload[s], next.version, absl::Seconds(10)).IgnoreError();

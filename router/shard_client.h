@@ -28,6 +28,8 @@ class ShardClient {
 
   // In rotation: reachable, SERVING, and no stream failure since the last good health check.
   virtual bool healthy() const = 0;
+  // Asks the shard's health now (instead of at the next periodic check) and updates healthy().
+  virtual void CheckHealthNow() = 0;
   // Rows sent and not yet answered.
   virtual int64_t outstanding_rows() const = 0;
   virtual const std::string& address() const = 0;

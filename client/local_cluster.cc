@@ -1,0 +1,102 @@
+#include "client/local_cluster.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "services/common/server_util.h"
+#include "services/common/status_macros.h"
+
+namespace moe::client {
+
+std::string ExecutableDir() {
+  char buf[4096];
+  const ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  if (n <= 0) return ".";
+  std::string path(buf, static_cast<size_t>(n));
+  return path.substr(0, path.rfind('/'));
+}
+
+absl::StatusOr<common::Subprocess> LocalCluster::SpawnShard(int i, int port) {
+  std::vector<std::string> args;
+  if (i < static_cast<int>(options_.shard_wrappers.size())) args = options_.shard_wrappers[i];
+  args.insert(args.end(), {options_.bin_dir + "/moe-expert-server", "--checkpoint",
+                           options_.checkpoint, "--host", "127.0.0.1", "--port",
+                           std::to_string(port), "--experts", "none"});
+  if (options_.metrics_port >= 0) {
+    args.insert(args.end(), {"--metrics-port", std::to_string(options_.metrics_port + 1 + i)});
+  }
+  args.insert(args.end(), options_.shard_args.begin(), options_.shard_args.end());
+  return common::Subprocess::Spawn(args);
+}
+
+absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
+    const LocalClusterOptions& options, absl::Duration timeout) {
+  auto c = std::unique_ptr<LocalCluster>(new LocalCluster());
+  c->options_ = options;
+  if (c->options_.bin_dir.empty()) c->options_.bin_dir = ExecutableDir();
+  if (access(options.checkpoint.c_str(), R_OK) != 0) {
+    return absl::NotFoundError(absl::StrCat("checkpoint ", options.checkpoint,
+                                            " not found (make one with moe-client init-checkpoint)"));
+  }
+  for (int i = 0; i < options.shards; ++i) {
+    if (options.verbose) std::fprintf(stderr, "moe-cluster: starting shard %d\n", i);
+    ASSIGN_OR_RETURN(common::Subprocess p, c->SpawnShard(i, 0));
+    ASSIGN_OR_RETURN(int port, p.ReadListeningPort(absl::Seconds(60)));
+    c->shard_addresses_.push_back(absl::StrCat("127.0.0.1:", port));
+    c->shards_.push_back(std::move(p));
+  }
+  std::vector<std::string> args = {c->options_.bin_dir + "/moe-router", "--checkpoint",
+                                    options.checkpoint, "--host", "127.0.0.1", "--port",
+                                    std::to_string(options.router_port), "--shards",
+                                    absl::StrJoin(c->shard_addresses_, ","), "--placement",
+                                    options.placement};
+  if (options.metrics_port >= 0) {
+    args.insert(args.end(), {"--metrics-port", std::to_string(options.metrics_port)});
+  }
+  args.insert(args.end(), options.router_args.begin(), options.router_args.end());
+  if (options.verbose) std::fprintf(stderr, "moe-cluster: starting the router\n");
+  ASSIGN_OR_RETURN(c->router_, common::Subprocess::Spawn(args));
+  ASSIGN_OR_RETURN(int port, c->router_.ReadListeningPort(absl::Seconds(60)));
+  c->router_address_ = absl::StrCat("127.0.0.1:", port);
+  auto channel = grpc::CreateChannel(c->router_address_, grpc::InsecureChannelCredentials());
+  const absl::Time deadline = absl::Now() + timeout;
+  if (options.verbose) std::fprintf(stderr, "moe-cluster: waiting for the placement to load\n");
+  while (true) {
+    auto h = common::CheckHealth(channel.get(), absl::Seconds(1));
+    if (h.ok() && *h == common::HealthState::kServing) break;
+    if (c->router_.Exited()) return absl::InternalError("the router exited during start-up");
+    if (absl::Now() > deadline) {
+      return absl::DeadlineExceededError("the router did not become SERVING in time");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return c;
+}
+
+absl::Status LocalCluster::RestartShard(int i) {
+  const std::string& addr = shard_addresses_[i];
+  const int port = std::atoi(addr.c_str() + addr.rfind(':') + 1);
+  ASSIGN_OR_RETURN(common::Subprocess p, SpawnShard(i, port));
+  ASSIGN_OR_RETURN(int got, p.ReadListeningPort(absl::Seconds(60)));
+  if (got != port) return absl::InternalError("restarted shard took another port");
+  shards_[i] = std::move(p);
+  return absl::OkStatus();
+}
+
+void LocalCluster::Stop(absl::Duration grace) {
+  router_.Signal(SIGTERM);
+  router_.Wait(grace).IgnoreError();
+  for (auto& s : shards_) s.Signal(SIGTERM);
+  for (auto& s : shards_) s.Wait(grace).IgnoreError();
+}
+
+LocalCluster::~LocalCluster() = default;
+
+}  // namespace moe::client

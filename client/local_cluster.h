@@ -1,0 +1,64 @@
+#ifndef MOE_CLIENT_LOCAL_CLUSTER_H_
+#define MOE_CLIENT_LOCAL_CLUSTER_H_
+
+// A cluster of local processes on loopback: N moe-expert-server processes and a moe-router over
+// them. Used by moe-cluster, the multi-process tests and the benchmarks.
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "services/common/subprocess.h"
+
+namespace moe::client {
+
+struct LocalClusterOptions {
+  std::string bin_dir;  // holds moe-expert-server and moe-router
+  std::string checkpoint;
+  int shards = 4;
+  std::string placement = "hybrid";
+  int router_port = 0;
+  int metrics_port = -1;  // router on it, shard i on +1+i; -1: none
+  std::vector<std::string> shard_args;   // extra flags for every shard
+  std::vector<std::string> router_args;  // extra flags for the router
+  // Shard i's command is prefixed with wrap(i) (e.g. taskset -c i); empty: none.
+  std::vector<std::vector<std::string>> shard_wrappers;
+  bool verbose = false;  // print progress to stderr
+};
+
+class LocalCluster {
+ public:
+  // Starts everything and returns once the router is SERVING.
+  static absl::StatusOr<std::unique_ptr<LocalCluster>> Start(const LocalClusterOptions& options,
+                                                             absl::Duration timeout = absl::Minutes(2));
+  ~LocalCluster();  // SIGKILLs whatever still runs
+
+  // SIGTERM to the router, then the shards; waits for them.
+  void Stop(absl::Duration grace = absl::Seconds(5));
+
+  const std::string& router_address() const { return router_address_; }
+  const std::vector<std::string>& shard_addresses() const { return shard_addresses_; }
+  common::Subprocess& shard(int i) { return shards_[i]; }
+  common::Subprocess& router() { return router_; }
+
+  // Starts shard i again (after it was killed) on the same port; it loads nothing until the
+  // router gives it its experts back.
+  absl::Status RestartShard(int i);
+
+ private:
+  absl::StatusOr<common::Subprocess> SpawnShard(int i, int port);
+  LocalClusterOptions options_;
+  std::vector<common::Subprocess> shards_;
+  common::Subprocess router_;
+  std::vector<std::string> shard_addresses_;
+  std::string router_address_;
+};
+
+// Directory of the running executable.
+std::string ExecutableDir();
+
+}  // namespace moe::client
+
+#endif  // MOE_CLIENT_LOCAL_CLUSTER_H_

@@ -1,0 +1,450 @@
+// Multi-process tests on loopback: real moe-expert-server and moe-router processes, checked
+// against the in-process MoeLayer on the same checkpoint.
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include "client/local_cluster.h"
+#include "client/router_client.h"
+#include "moe/v1/router.grpc.pb.h"
+#include "router/moe_layer.h"
+#include "services/common/random_checkpoint.h"
+#include "services/common/tensor_codec.h"
+
+namespace moe {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+common::ModelConfig Config() {
+  common::ModelConfig c;
+  c.num_experts = 8;
+  c.d_model = 32;
+  c.d_ff = 64;
+  c.top_k = 2;
+  c.activation = common::Activation::kSilu;
+  c.gated = true;
+  return c;
+}
+
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+// GET http://127.0.0.1:port/metrics and return the value of the first line starting with
+// `series` (e.g. `moe_shard_rejected_batches_total{reason="deadline"}`), or -1.
+double ScrapeMetric(int port, const std::string& series) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return -1;
+  }
+  const std::string req = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n";
+  (void)!write(fd, req.data(), req.size());
+  std::string body;
+  char buf[8192];
+  ssize_t n;
+  while ((n = read(fd, buf, sizeof(buf))) > 0) body.append(buf, static_cast<size_t>(n));
+  close(fd);
+  size_t at = 0;
+  while ((at = body.find(series, at)) != std::string::npos) {
+    if (at == 0 || body[at - 1] == '\n') {
+      return std::atof(body.c_str() + at + series.size());
+    }
+    at += series.size();
+  }
+  return -1;
+}
+
+class ClusterTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    ck_ = new common::Checkpoint(common::MakeRandomCheckpoint({Config(), true, 23}));
+    path_ = new std::string(::testing::TempDir() + "/cluster_test.safetensors");
+    ASSERT_TRUE(common::SaveCheckpoint(*path_, *ck_).ok());
+    layer_ = router::MoeLayer::Create(*ck_).value().release();
+  }
+
+  std::unique_ptr<client::LocalCluster> Start(const std::string& placement, int shards,
+                                              std::vector<std::string> router_args = {},
+                                              std::vector<std::string> shard_args = {},
+                                              int metrics_port = -1) {
+    client::LocalClusterOptions o;
+    o.bin_dir = MOE_BIN_DIR;
+    o.checkpoint = *path_;
+    o.shards = shards;
+    o.placement = placement;
+    o.router_args = std::move(router_args);
+    o.shard_args = std::move(shard_args);
+    o.metrics_port = metrics_port;
+    auto c = client::LocalCluster::Start(o);
+    EXPECT_TRUE(c.ok()) << c.status();
+    return c.ok() ? std::move(*c) : nullptr;
+  }
+
+  static v1::InferRequest Request(const std::vector<float>& x, int64_t n, const std::string& id) {
+    v1::InferRequest r;
+    r.set_request_id(id);
+    r.set_return_routing(true);
+    common::EncodeTensor(x, {n, Config().d_model}, common::WireType::kFloat32, r.mutable_tokens());
+    return r;
+  }
+
+  // Checks a response against the in-process layer (1e-5) and returns whether it matched.
+  static bool Matches(const std::vector<float>& x, int64_t n, const v1::InferResponse& resp,
+                      const router::MoeLayer& layer) {
+    auto ref = layer.Forward(x.data(), n);
+    auto v = common::DecodeMatrix(resp.output(), "output", Config().d_model);
+    if (!v.ok() || v->dim(0) != n) return false;
+    const std::vector<float> y = common::ViewToFloat(*v);
+    for (size_t i = 0; i < y.size(); ++i) {
+      if (std::fabs(y[i] - ref->y[i]) > 1e-5 * (1 + std::fabs(ref->y[i]))) return false;
+    }
+    if (resp.has_routing()) {
+      for (int i = 0; i < resp.routing().expert_ids_size(); ++i) {
+        if (resp.routing().expert_ids(i) != ref->gating.expert_ids[i]) return false;
+      }
+    }
+    return true;
+  }
+
+  static grpc::Status Infer(v1::Router::Stub* stub, const v1::InferRequest& req,
+                            v1::InferResponse* resp, int deadline_ms = 10000) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms));
+    return stub->Infer(&ctx, req, resp);
+  }
+
+  // Load from `threads` clients until `stop`; counts successes, failures and wrong answers.
+  struct LoadResult {
+    std::atomic<int> ok{0}, failed{0}, wrong{0};
+    std::string first_error;
+    std::mutex mu;
+  };
+  static void RunLoad(const std::string& router, int threads, std::atomic<bool>* stop,
+                      LoadResult* result) {
+    std::vector<std::thread> ts;
+    for (int t = 0; t < threads; ++t) {
+      ts.emplace_back([&, t] {
+        auto stub = client::MakeRouterStub(router);
+        for (int i = 0; !stop->load(); ++i) {
+          const int64_t n = 1 + (i * 7 + t) % 24;
+          const std::vector<float> x = common::RandomMatrix(n, Config().d_model, t * 100000 + i);
+          v1::InferResponse resp;
+          grpc::Status st = Infer(stub.get(), Request(x, n, "load"), &resp);
+          if (!st.ok()) {
+            ++result->failed;
+            std::lock_guard<std::mutex> lock(result->mu);
+            if (result->first_error.empty()) {
+              result->first_error = std::to_string(st.error_code()) + ": " + st.error_message();
+            }
+          } else if (!Matches(x, n, resp, *layer_)) {
+            ++result->wrong;
+          } else {
+            ++result->ok;
+          }
+        }
+      });
+    }
+    for (auto& t : ts) t.join();
+  }
+
+  static common::Checkpoint* ck_;
+  static std::string* path_;
+  static router::MoeLayer* layer_;
+};
+
+common::Checkpoint* ClusterTest::ck_ = nullptr;
+std::string* ClusterTest::path_ = nullptr;
+router::MoeLayer* ClusterTest::layer_ = nullptr;
+
+class StrategyTest : public ClusterTest, public ::testing::WithParamInterface<const char*> {};
+
+TEST_P(StrategyTest, InferAndInferStreamMatchTheInProcessLayer) {
+  auto cluster = Start(GetParam(), 3);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  for (int64_t n : {1, 7, 64, 300}) {
+    const std::vector<float> x = common::RandomMatrix(n, Config().d_model, 1000 + n);
+    v1::InferResponse resp;
+    grpc::Status st = Infer(stub.get(), Request(x, n, "one"), &resp);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    EXPECT_EQ(resp.request_id(), "one");
+    EXPECT_EQ(resp.routing().top_k(), 2u);
+    EXPECT_TRUE(Matches(x, n, resp, *layer_)) << GetParam() << " n=" << n;
+  }
+  // Many requests in flight on one stream come back in request order.
+  grpc::ClientContext ctx;
+  auto stream = stub->InferStream(&ctx);
+  std::vector<std::vector<float>> inputs;
+  for (int i = 0; i < 24; ++i) {
+    const int64_t n = 1 + (i * 5) % 40;
+    inputs.push_back(common::RandomMatrix(n, Config().d_model, 5000 + i));
+    ASSERT_TRUE(stream->Write(Request(inputs.back(), n, "r" + std::to_string(i))));
+  }
+  stream->WritesDone();
+  v1::InferResponse resp;
+  int i = 0;
+  while (stream->Read(&resp)) {
+    EXPECT_EQ(resp.request_id(), "r" + std::to_string(i));
+    EXPECT_EQ(resp.code(), 0) << resp.message();
+    const int64_t n = static_cast<int64_t>(inputs[i].size()) / Config().d_model;
+    EXPECT_TRUE(Matches(inputs[i], n, resp, *layer_)) << "stream request " << i;
+    ++i;
+  }
+  EXPECT_EQ(i, 24);
+  EXPECT_TRUE(stream->Finish().ok());
+  // The placement the router reports is the strategy asked for.
+  grpc::ClientContext pctx;
+  v1::Placement p;
+  ASSERT_TRUE(stub->GetPlacement(&pctx, v1::GetPlacementRequest(), &p).ok());
+  EXPECT_EQ(p.strategy(), GetParam());
+  EXPECT_EQ(p.experts_size(), 8);
+}
+
+INSTANTIATE_TEST_SUITE_P(Strategies, StrategyTest,
+                         ::testing::Values("replicated", "sharded", "hybrid", "dynamic"));
+
+TEST_F(ClusterTest, CapacityDropMatchesTheLayerAndSpillDropsLess) {
+  auto cluster = Start("replicated", 2, {"--capacity-factor", "0.5"});
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  auto capped = router::MoeLayer::Create(*ck_, {0.5});
+  const int64_t n = 80;
+  const std::vector<float> x = common::RandomMatrix(n, Config().d_model, 77);
+  v1::InferResponse resp;
+  ASSERT_TRUE(Infer(stub.get(), Request(x, n, "cap"), &resp).ok());
+  EXPECT_TRUE(Matches(x, n, resp, **capped));
+  EXPECT_GT(resp.stats().dropped_assignments(), 0);
+  const int64_t dropped = resp.stats().dropped_assignments();
+  cluster.reset();
+  auto spill = Start("replicated", 2, {"--capacity-factor", "0.5", "--overflow", "spill"});
+  ASSERT_NE(spill, nullptr);
+  auto stub2 = client::MakeRouterStub(spill->router_address());
+  ASSERT_TRUE(Infer(stub2.get(), Request(x, n, "spill"), &resp).ok());
+  EXPECT_LT(resp.stats().dropped_assignments(), dropped);
+}
+
+TEST_F(ClusterTest, KilledShardWithReplicasLosesNoRequest) {
+  auto cluster = Start("replicated", 3);
+  ASSERT_NE(cluster, nullptr);
+  std::atomic<bool> stop{false};
+  LoadResult result;
+  std::thread load([&] { RunLoad(cluster->router_address(), 4, &stop, &result); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  cluster->shard(1).Signal(SIGKILL);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  stop = true;
+  load.join();
+  EXPECT_EQ(result.failed.load(), 0) << result.first_error;
+  EXPECT_EQ(result.wrong.load(), 0);
+  EXPECT_GT(result.ok.load(), 20);
+}
+
+TEST_F(ClusterTest, KilledShardWithoutReplicasFailsFastNamingTheExpert) {
+  auto cluster = Start("sharded", 2);  // experts 0-3 on shard 0, 4-7 on shard 1
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  // Find tokens routed only to shard 0's experts, and tokens that need shard 1.
+  std::vector<float> safe, doomed;
+  for (int seed = 0; safe.size() < 4 * 32 || doomed.size() < 32; ++seed) {
+    const std::vector<float> x = common::RandomMatrix(1, Config().d_model, 900000 + seed);
+    auto out = layer_->Forward(x.data(), 1);
+    const bool on0 = out->gating.expert_ids[0] < 4 && out->gating.expert_ids[1] < 4;
+    auto& dst = on0 ? safe : doomed;
+    if (dst.size() < (on0 ? 4u : 1u) * 32) dst.insert(dst.end(), x.begin(), x.end());
+  }
+  v1::InferResponse resp;
+  ASSERT_TRUE(Infer(stub.get(), Request(doomed, 1, "warm"), &resp).ok());
+  cluster->shard(1).Signal(SIGKILL);
+  const auto start = Clock::now();
+  grpc::Status st = Infer(stub.get(), Request(doomed, 1, "doomed"), &resp);
+  const double took = Since(start);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+  EXPECT_NE(st.error_message().find("expert "), std::string::npos) << st.error_message();
+  EXPECT_LT(took, 1.0);
+  st = Infer(stub.get(), Request(safe, 4, "safe"), &resp);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  EXPECT_TRUE(Matches(safe, 4, resp, *layer_));
+}
+
+TEST_F(ClusterTest, StalledShardLeavesRotationAndComesBack) {
+  auto cluster = Start("replicated", 3);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  auto healthy = [&](int shard) {
+    grpc::ClientContext ctx;
+    v1::ClusterInfo info;
+    if (!stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info).ok()) return true;
+    return info.shards(shard).healthy();
+  };
+  ASSERT_TRUE(healthy(2));
+  cluster->shard(2).Signal(SIGSTOP);
+  auto start = Clock::now();
+  while (healthy(2) && Since(start) < 5) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const double out_after = Since(start);
+  EXPECT_LT(out_after, 2.0);
+  // Requests still succeed while it is stalled.
+  const std::vector<float> x = common::RandomMatrix(16, Config().d_model, 31);
+  v1::InferResponse resp;
+  grpc::Status st = Infer(stub.get(), Request(x, 16, "stalled"), &resp);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  EXPECT_TRUE(Matches(x, 16, resp, *layer_));
+  cluster->shard(2).Signal(SIGCONT);
+  start = Clock::now();
+  while (!healthy(2) && Since(start) < 5) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_LT(Since(start), 2.0);
+  EXPECT_TRUE(healthy(2));
+}
+
+TEST_F(ClusterTest, RebalanceUnderLoadNeverFailsARequest) {
+  auto cluster = Start("hybrid", 3, {"--rebalance-cooldown-s", "0"});
+  ASSERT_NE(cluster, nullptr);
+  std::atomic<bool> stop{false};
+  LoadResult result;
+  std::thread load([&] { RunLoad(cluster->router_address(), 3, &stop, &result); });
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  uint64_t last_version = 0;
+  for (const char* s : {"sharded", "replicated", "dynamic", "hybrid", "sharded"}) {
+    grpc::ClientContext ctx;
+    v1::RebalanceRequest req;
+    req.set_strategy(s);
+    v1::Placement p;
+    grpc::Status st = stub->Rebalance(&ctx, req, &p);
+    ASSERT_TRUE(st.ok()) << s << ": " << st.error_message();
+    EXPECT_EQ(p.strategy(), s);
+    EXPECT_TRUE(p.applied());
+    EXPECT_GT(p.version(), last_version);
+    last_version = p.version();
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  // A dry run changes nothing.
+  grpc::ClientContext ctx;
+  v1::RebalanceRequest dry;
+  dry.set_strategy("replicated");
+  dry.set_dry_run(true);
+  v1::Placement p;
+  ASSERT_TRUE(stub->Rebalance(&ctx, dry, &p).ok());
+  EXPECT_FALSE(p.applied());
+  grpc::ClientContext ctx2;
+  ASSERT_TRUE(stub->GetPlacement(&ctx2, v1::GetPlacementRequest(), &p).ok());
+  EXPECT_EQ(p.strategy(), "sharded");
+  EXPECT_EQ(p.version(), last_version);
+  stop = true;
+  load.join();
+  EXPECT_EQ(result.failed.load(), 0) << result.first_error;
+  EXPECT_EQ(result.wrong.load(), 0);
+  EXPECT_GT(result.ok.load(), 10);
+}
+
+TEST_F(ClusterTest, BadRequestsGetClearErrors) {
+  auto cluster = Start("hybrid", 2, {"--max-batch-tokens", "100"});
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  const int d = Config().d_model;
+  struct Case {
+    const char* name;
+    v1::InferRequest req;
+    grpc::StatusCode code;
+    const char* needle;
+  };
+  std::vector<Case> cases;
+  {
+    v1::InferRequest r;
+    common::EncodeTensor(common::RandomMatrix(2, d + 1, 1), {2, d + 1}, common::WireType::kFloat32,
+                         r.mutable_tokens());
+    cases.push_back({"wrong d_model", r, grpc::INVALID_ARGUMENT, "must be [N, 32]"});
+  }
+  {
+    std::vector<float> x = common::RandomMatrix(3, d, 2);
+    x[d + 4] = std::nanf("");
+    cases.push_back({"NaN", Request(x, 3, "nan"), grpc::INVALID_ARGUMENT, "tokens[1, 4] is NaN"});
+    x[d + 4] = INFINITY;
+    cases.push_back({"Inf", Request(x, 3, "inf"), grpc::INVALID_ARGUMENT, "is infinite"});
+  }
+  cases.push_back({"empty", Request({}, 0, "empty"), grpc::INVALID_ARGUMENT, "empty"});
+  cases.push_back({"oversized", Request(common::RandomMatrix(101, d, 3), 101, "big"),
+                   grpc::RESOURCE_EXHAUSTED, "exceed the limit of 100"});
+  {
+    v1::InferRequest r = Request(common::RandomMatrix(2, d, 4), 2, "short");
+    r.mutable_tokens()->mutable_data()->resize(17);
+    cases.push_back({"malformed", r, grpc::INVALID_ARGUMENT, "data has 17 bytes"});
+    r = Request(common::RandomMatrix(1, d, 4), 1, "huge");
+    r.mutable_tokens()->set_shape(0, int64_t{1} << 40);
+    cases.push_back({"huge declared", r, grpc::RESOURCE_EXHAUSTED, "tokens"});
+    r = Request(common::RandomMatrix(1, d, 4), 1, "dtype");
+    r.mutable_tokens()->set_dtype(static_cast<v1::DataType>(5));
+    cases.push_back({"unknown dtype", r, grpc::INVALID_ARGUMENT, "dtype 5"});
+    r = Request(common::RandomMatrix(1, d, 4), 1, "rank");
+    r.mutable_tokens()->add_shape(1);
+    cases.push_back({"rank 3", r, grpc::INVALID_ARGUMENT, "must be [N, 32]"});
+  }
+  for (const Case& c : cases) {
+    v1::InferResponse resp;
+    grpc::Status st = Infer(stub.get(), c.req, &resp);
+    EXPECT_EQ(st.error_code(), c.code) << c.name << ": " << st.error_message();
+    EXPECT_NE(st.error_message().find(c.needle), std::string::npos)
+        << c.name << ": " << st.error_message();
+  }
+  // On a stream, a bad request gets an error response and the others go through.
+  grpc::ClientContext ctx;
+  auto stream = stub->InferStream(&ctx);
+  const std::vector<float> good = common::RandomMatrix(3, d, 5);
+  ASSERT_TRUE(stream->Write(Request(good, 3, "a")));
+  ASSERT_TRUE(stream->Write(cases[1].req));
+  ASSERT_TRUE(stream->Write(Request(good, 3, "c")));
+  stream->WritesDone();
+  std::vector<v1::InferResponse> got(3);
+  for (auto& r : got) ASSERT_TRUE(stream->Read(&r));
+  EXPECT_TRUE(stream->Finish().ok());
+  EXPECT_EQ(got[0].code(), 0);
+  EXPECT_EQ(got[1].code(), grpc::INVALID_ARGUMENT);
+  EXPECT_NE(got[1].message().find("NaN"), std::string::npos);
+  EXPECT_EQ(got[2].code(), 0);
+  EXPECT_TRUE(Matches(good, 3, got[2], *layer_));
+  // The router still serves after all of that.
+  v1::InferResponse resp;
+  EXPECT_TRUE(Infer(stub.get(), Request(good, 3, "after"), &resp).ok());
+}
+
+TEST_F(ClusterTest, ClientDeadlineReachesTheShards) {
+  const int metrics = 21000 + static_cast<int>(getpid() % 20000);
+  // The shards hold work for 400 ms before computing; the client waits 150 ms.
+  auto cluster = Start("replicated", 1, {}, {"--batch-delay-us", "400000"}, metrics);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  const std::vector<float> x = common::RandomMatrix(4, Config().d_model, 6);
+  v1::InferResponse resp;
+  const auto start = Clock::now();
+  grpc::Status st = Infer(stub.get(), Request(x, 4, "late"), &resp, 150);
+  const double took = Since(start);
+  EXPECT_EQ(st.error_code(), grpc::DEADLINE_EXCEEDED) << st.error_message();
+  EXPECT_LT(took, 0.3);
+  // The shard dropped the queued work when the deadline passed instead of computing it.
+  const std::string series = "moe_shard_rejected_batches_total{reason=\"deadline\"}";
+  double dropped = -1;
+  for (int i = 0; i < 100 && dropped < 1; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    dropped = ScrapeMetric(metrics + 1, series);
+  }
+  EXPECT_GE(dropped, 1);
+  EXPECT_EQ(ScrapeMetric(metrics + 1, "moe_shard_tokens_total{expert=\"0\"}"), 0);
+}
+
+}  // namespace
+}  // namespace moe
