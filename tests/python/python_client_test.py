@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Runs the Python client example against a real local cluster (moe-cluster) and checks its
+answers against `moe-client forward --local` on the same tokens, and its errors by status code.
+
+usage: python_client_test.py BUILD_DIR WORK_DIR
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+build, work = sys.argv[1], sys.argv[2]
+sys.path.insert(0, os.path.join(build, "python"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../client/python"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../torch"))
+import grpc  # noqa: E402
+import moe_client  # noqa: E402
+import st  # noqa: E402
+
+bin_dir = os.path.join(build, "bin")
+os.makedirs(work, exist_ok=True)
+ck = os.path.join(work, "py.safetensors")
+subprocess.run([f"{bin_dir}/moe-client", "init-checkpoint", "--out", ck, "--experts", "6",
+                "--d-model", "24", "--d-ff", "40", "--top-k", "2", "--activation", "gelu",
+                "--bias"], check=True, stdout=subprocess.DEVNULL)
+cluster = subprocess.Popen([f"{bin_dir}/moe-cluster", "--checkpoint", ck, "--shards", "2",
+                            "--router-port", "0", "--placement", "sharded"],
+                           stdout=subprocess.PIPE, text=True)
+failures = []
+try:
+    router = None
+    for line in cluster.stdout:
+        if line.startswith("READY router="):
+            router = line.strip().split("=", 1)[1]
+            break
+    assert router, "moe-cluster did not print READY"
+    stub = moe_client.connect(router)
+    info = moe_client.cluster_info(stub)
+    if info.num_experts != 6 or info.d_model != 24 or info.placement_strategy != "sharded":
+        failures.append(f"cluster info wrong: {info}")
+    # The example script itself.
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(moe_client.__file__),
+                                                       "moe_client.py"),
+                          "--router", router, "--tokens", "5", "--save",
+                          os.path.join(work, "py.npz")],
+                         env=dict(os.environ, PYTHONPATH=os.path.join(build, "python")),
+                         capture_output=True, text=True)
+    if out.returncode != 0 or "token 0: expert" not in out.stdout:
+        failures.append(f"example failed: {out.stdout} {out.stderr}")
+    saved = np.load(os.path.join(work, "py.npz"))
+    # Same tokens through the in-process layer.
+    inp = os.path.join(work, "py_in.safetensors")
+    ref = os.path.join(work, "py_ref.safetensors")
+    st.save(inp, {"tokens": saved["tokens"]})
+    subprocess.run([f"{bin_dir}/moe-client", "forward", "--local", "--checkpoint", ck,
+                    "--input", inp, "--output", ref], check=True, stdout=subprocess.DEVNULL)
+    expect, _ = st.load(ref)
+    err = np.abs(saved["output"] - expect["output"]).max()
+    if err > 1e-5:
+        failures.append(f"output differs from the in-process layer by {err}")
+    if not np.array_equal(saved["expert_ids"], expect["expert_ids"]):
+        failures.append("routing differs from the in-process layer")
+    # Errors come back as gRPC status codes.
+    try:
+        moe_client.infer(stub, np.zeros((2, 23), dtype=np.float32))
+        failures.append("wrong d_model was accepted")
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.INVALID_ARGUMENT or "must be [N, 24]" not in e.details():
+            failures.append(f"wrong d_model: {e.code()} {e.details()}")
+    bad = np.zeros((2, 24), dtype=np.float32)
+    bad[1, 3] = np.nan
+    try:
+        moe_client.infer(stub, bad)
+        failures.append("NaN was accepted")
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+            failures.append(f"NaN: {e.code()} {e.details()}")
+finally:
+    cluster.terminate()
+    cluster.wait(timeout=20)
+
+for f in failures:
+    print("FAIL:", f)
+print("python client:", "ok" if not failures else f"{len(failures)} failures")
+sys.exit(1 if failures else 0)
