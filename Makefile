@@ -46,13 +46,10 @@ test-asan: deps
 	cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  ctest --output-on-failure -j $(JOBS) -LE slow
 
-# The demo: a 16-expert checkpoint, then the in-process layer on a few batches.
+# The demo: a 16-expert checkpoint, a local cluster of 4 shards (hybrid placement), ~20 s of
+# Zipf-skewed load, the summary and the placement table; serves until Ctrl-C.
 run: build
-	@mkdir -p $(RUN_DIR)
-	@test -f $(RUN_DIR)/demo.safetensors || $(BUILD)/bin/moe-client init-checkpoint \
-	  --out $(RUN_DIR)/demo.safetensors --experts 16 --d-model 512 --d-ff 2048 --top-k 2 \
-	  --activation silu --gated --seed 1
-	$(BUILD)/bin/moe-client demo --checkpoint $(RUN_DIR)/demo.safetensors --batches 20 --batch-size 256
+	bash scripts/run-demo.sh $(BUILD)
 
 bench: build
 	@bash scripts/install-deps.sh bench

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# `make run`: a demo checkpoint, a local cluster of 4 shards with hybrid placement, ~20 s of
+# Zipf-skewed load with a progress bar, the summary and the placement table; then the cluster
+# keeps serving until Ctrl-C.
+set -euo pipefail
+BUILD=${1:-build}
+BIN="$BUILD/bin"
+RUN_DIR="$BUILD/run"
+PORT=${MOE_ROUTER_PORT:-50051}
+DURATION=${MOE_DEMO_SECONDS:-20}
+mkdir -p "$RUN_DIR"
+CK="$RUN_DIR/demo.safetensors"
+if [ ! -f "$CK" ]; then
+  "$BIN/moe-client" init-checkpoint --out "$CK" --experts 16 --d-model 512 --d-ff 2048 \
+    --top-k 2 --activation silu --gated --seed 1
+fi
+"$BIN/moe-cluster" --checkpoint "$CK" --shards 4 --placement hybrid --router-port "$PORT" \
+  --metrics-port "${MOE_METRICS_PORT:-9400}" > "$RUN_DIR/cluster.out" &
+CLUSTER=$!
+trap 'kill -TERM $CLUSTER 2>/dev/null; wait $CLUSTER 2>/dev/null || true' EXIT INT TERM
+for _ in $(seq 1 600); do
+  if grep -q '^READY' "$RUN_DIR/cluster.out" 2>/dev/null; then break; fi
+  if ! kill -0 $CLUSTER 2>/dev/null; then
+    echo "run-demo: moe-cluster failed to start (is port $PORT taken? set MOE_ROUTER_PORT)" >&2
+    exit 1
+  fi
+  sleep 0.1
+done
+ROUTER=$(sed -n 's/^READY router=//p' "$RUN_DIR/cluster.out")
+[ -n "$ROUTER" ] || { echo "run-demo: the cluster did not become ready" >&2; exit 1; }
+echo "cluster ready: router at $ROUTER (metrics on :${MOE_METRICS_PORT:-9400})"
+"$BIN/moe-client" info --router "$ROUTER"
+echo
+echo "load: ${DURATION} s, 4 streams of 64-token requests, Zipf skew 1.2 over experts"
+"$BIN/moe-client" load --router "$ROUTER" --checkpoint "$CK" --zipf 1.2 --concurrency 4 \
+  --batch-size 64 --duration "$DURATION"
+echo
+"$BIN/moe-client" placement --router "$ROUTER"
+echo
+if [ -n "${MOE_DEMO_EXIT:-}" ]; then exit 0; fi
+echo "the cluster keeps serving at $ROUTER; try: $BIN/moe-client info --router $ROUTER"
+echo "press Ctrl-C to stop"
+wait $CLUSTER
