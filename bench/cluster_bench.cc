@@ -4,6 +4,7 @@
 // trip to the same router (GetClusterInfo), all measured in this run. Prints one JSON object.
 
 #include <omp.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -45,7 +46,7 @@ int main(int argc, char** argv) {
   c.activation = moe::common::Activation::kSilu;
   c.gated = true;
   const auto ck = moe::common::MakeRandomCheckpoint({c, false, 1});
-  const std::string path = "/tmp/moe_cluster_bench.safetensors";
+  const std::string path = "/tmp/moe_cluster_bench_" + std::to_string(getpid()) + ".safetensors";
   if (!moe::common::SaveCheckpoint(path, ck).ok()) return 1;
   const std::vector<int64_t> sizes = {1, 16, 256, 1024};
   const int cores = static_cast<int>(std::thread::hardware_concurrency());

@@ -3,6 +3,7 @@
 // on one Dispatch stream.
 
 #include <omp.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <thread>
@@ -46,7 +47,7 @@ void BM_InProcess(benchmark::State& state) {
 }
 
 void BM_Shard(benchmark::State& state) {
-  const std::string path = "/tmp/moe_shard_bench.safetensors";
+  const std::string path = "/tmp/moe_shard_bench_" + std::to_string(getpid()) + ".safetensors";
   if (!moe::common::SaveCheckpoint(path, Checkpoint()).ok()) state.SkipWithError("checkpoint");
   moe::expert::ShardServerOptions o;
   o.checkpoint = path;

@@ -64,6 +64,11 @@ absl::Status ComputePool::Submit(std::shared_ptr<DispatchTask> task) {
   return absl::OkStatus();
 }
 
+bool ComputePool::HasRoom(int64_t rows) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return !stopping_ && queued_rows_ + rows <= options_.max_queue_rows;
+}
+
 int64_t ComputePool::queued_rows() const {
   std::lock_guard<std::mutex> lock(mu_);
   return queued_rows_;

@@ -70,6 +70,9 @@ class ComputePool {
   // Fails everything queued with UNAVAILABLE and joins the workers. Idempotent.
   void Shutdown();
 
+  // Whether `rows` more rows fit the queue now (a cheap check before decoding a batch; Submit
+  // decides).
+  bool HasRoom(int64_t rows) const;
   int64_t queued_rows() const;
   int64_t queued_batches() const;
   int threads() const { return options_.threads; }

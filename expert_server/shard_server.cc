@@ -250,6 +250,14 @@ class DispatchReactor final
              "too_large");
       return;
     }
+    // Refuse what cannot be queued before allocating anything for it.
+    if (!impl_->pool->HasRoom(assigned)) {
+      Reject(id, absl::ResourceExhaustedError(absl::StrCat(
+                     "batch ", id, ": shard queue is full (", impl_->pool->queued_rows(),
+                     " rows queued, the batch has ", assigned, "); retry later")),
+             "queue_full");
+      return;
+    }
     auto task = std::make_shared<DispatchTask>();
     task->batch_id = id;
     std::set<int> seen;

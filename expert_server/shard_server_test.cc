@@ -17,6 +17,7 @@
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/common/random_checkpoint.h"
 #include "services/common/tensor_codec.h"
+#include "tests/reference/test_util.h"
 
 namespace moe::expert {
 namespace {
@@ -38,9 +39,13 @@ class ShardServerTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     ck_ = new common::Checkpoint(common::MakeRandomCheckpoint({TestConfig(), true, 17}));
-    path_ = new std::string(::testing::TempDir() + "/shard_test.safetensors");
+    path_ = new std::string(::moe::testing::TempPath("shard_test.safetensors"));
     ASSERT_TRUE(common::SaveCheckpoint(*path_, *ck_).ok());
+    setup_ok_ = true;
   }
+
+  // A failure in SetUpTestSuite would only skip the tests; fail them instead.
+  void SetUp() override { ASSERT_TRUE(setup_ok_) << "suite set-up failed"; }
 
   std::unique_ptr<ShardServer> StartServer(ShardServerOptions o = {}) {
     o.checkpoint = *path_;
@@ -123,8 +128,10 @@ class ShardServerTest : public ::testing::Test {
 
   static common::Checkpoint* ck_;
   static std::string* path_;
+  static bool setup_ok_;
 };
 
+bool ShardServerTest::setup_ok_ = false;
 common::Checkpoint* ShardServerTest::ck_ = nullptr;
 std::string* ShardServerTest::path_ = nullptr;
 
@@ -417,6 +424,41 @@ TEST_F(ShardServerTest, FullQueueRejectsExactlyWhatDoesNotFitAtOnce) {
     }
   }
   EXPECT_EQ(Metric(*server->registry(), "moe_shard_rejected_batches_total", {{"reason", "queue_full"}}), 7);
+  // A flood of batches that do not fit is refused without the server's memory growing: the
+  // queue stays bounded and refused batches are not decoded.
+  auto rss_mb = [] {
+    long pages = 0, resident = 0;
+    FILE* f = std::fopen("/proc/self/statm", "r");
+    if (f != nullptr) {
+      if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
+      std::fclose(f);
+    }
+    return static_cast<double>(resident) * static_cast<double>(sysconf(_SC_PAGESIZE)) / (1 << 20);
+  };
+  grpc::ClientContext ctx2;
+  auto flood = stub->Dispatch(&ctx2);
+  std::vector<int> rows90(90);
+  for (int i = 0; i < 90; ++i) rows90[i] = i;
+  ASSERT_TRUE(flood->Write(Batch(1000, 90, {{0, rows90}})));  // fills the queue
+  const v1::DispatchRequest big = Batch(1001, 60, {{0, std::vector<int>(rows90.begin(), rows90.begin() + 60)}});
+  const double before = rss_mb();
+  int refused = 0;
+  for (int i = 0; i < 100; ++i) {
+    v1::DispatchRequest r = big;
+    r.set_batch_id(2000 + i);
+    ASSERT_TRUE(flood->Write(r));
+    v1::DispatchResponse resp;
+    ASSERT_TRUE(flood->Read(&resp));
+    refused += resp.code() == grpc::RESOURCE_EXHAUSTED;
+  }
+  EXPECT_EQ(refused, 100);
+  EXPECT_LT(rss_mb() - before, 20.0) << "memory grew under overload";
+  EXPECT_LE(server->pool().queued_rows(), 100);
+  flood->WritesDone();
+  v1::DispatchResponse last;
+  while (flood->Read(&last)) {
+  }
+  flood->Finish();
 }
 
 TEST_F(ShardServerTest, CancelledStreamStopsItsPendingWork) {
@@ -534,6 +576,44 @@ TEST_F(ShardServerTest, HealthFollowsLoadingAndShutdown) {
   auto after = common::CheckHealth(channel.get(), absl::Seconds(2));
   if (after.ok()) {
     EXPECT_EQ(*after, common::HealthState::kNotServing);
+  }
+}
+
+TEST_F(ShardServerTest, ReflectionListsTheShardService) {
+  auto server = StartServer();
+  auto channel = grpc::CreateChannel(server->address(), grpc::InsecureChannelCredentials());
+  grpc::GenericStub generic(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  grpc::CompletionQueue cq;
+  auto call = generic.PrepareCall(
+      &ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
+  void* tag;
+  bool ok;
+  call->StartCall(reinterpret_cast<void*>(1));
+  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+  // ServerReflectionRequest{list_services: ""}: field 7, length-delimited, empty.
+  const std::string req("\x3a\x00", 2);
+  grpc::Slice slice(req);
+  grpc::ByteBuffer out(&slice, 1);
+  call->Write(out, reinterpret_cast<void*>(2));
+  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+  grpc::ByteBuffer in;
+  call->Read(&in, reinterpret_cast<void*>(3));
+  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(in.Dump(&slices).ok());
+  std::string bytes;
+  for (auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  EXPECT_NE(bytes.find("moe.v1.ExpertShard"), std::string::npos);
+  EXPECT_NE(bytes.find("grpc.health.v1.Health"), std::string::npos);
+  ctx.TryCancel();
+  grpc::Status st;
+  call->Finish(&st, reinterpret_cast<void*>(4));
+  while (cq.Next(&tag, &ok) && tag != reinterpret_cast<void*>(4)) {
+  }
+  cq.Shutdown();
+  while (cq.Next(&tag, &ok)) {
   }
 }
 

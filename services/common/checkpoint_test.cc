@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include "services/common/random_checkpoint.h"
+#include "tests/reference/test_util.h"
 
 namespace moe::common {
 namespace {
@@ -21,7 +22,7 @@ ModelConfig SmallConfig(bool gated) {
   return c;
 }
 
-std::string TempPath(const std::string& name) { return ::testing::TempDir() + "/" + name; }
+using ::moe::testing::TempPath;
 
 TEST(Checkpoint, SaveLoadRoundTripGatedWithBias) {
   RandomCheckpointSpec spec{SmallConfig(true), /*bias=*/true, /*seed=*/3};

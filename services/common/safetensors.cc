@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -318,7 +319,9 @@ std::string SafetensorsWriter::Serialize() const {
 }
 
 absl::Status SafetensorsWriter::Write(const std::string& path) const {
-  const std::string tmp = path + ".tmp";
+  // A temporary name of our own, so concurrent writers of one path cannot collide.
+  static std::atomic<uint64_t> counter{0};
+  const std::string tmp = absl::StrCat(path, ".tmp.", getpid(), ".", counter.fetch_add(1));
   {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
     if (!f) return absl::PermissionDeniedError(absl::StrCat(path, ": cannot open for writing"));

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include "services/common/bf16.h"
+#include "tests/reference/test_util.h"
 
 namespace moe::common {
 namespace {
@@ -69,7 +70,7 @@ TEST(Safetensors, HeaderIsPaddedToEightBytes) {
 }
 
 TEST(Safetensors, WriteAndOpenThroughMmap) {
-  const std::string path = ::testing::TempDir() + "/st_roundtrip.safetensors";
+  const std::string path = ::moe::testing::TempPath("st_roundtrip.safetensors");
   SafetensorsWriter w;
   ASSERT_TRUE(w.AddF32("w", {4}, std::vector<float>{0.5f, 1.5f, 2.5f, 3.5f}).ok());
   ASSERT_TRUE(w.Write(path).ok());
@@ -86,7 +87,7 @@ TEST(Safetensors, MissingFileIsNotFound) {
 }
 
 TEST(Safetensors, EmptyAndTruncatedFiles) {
-  const std::string path = ::testing::TempDir() + "/st_empty.safetensors";
+  const std::string path = ::moe::testing::TempPath("st_empty.safetensors");
   { std::ofstream f(path); }
   auto r = SafetensorsReader::Open(path);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);

@@ -45,11 +45,5 @@ TEST(GrpcStatus, EveryCodeRoundTrips) {
   }
 }
 
-TEST(GrpcStatus, OutOfRangeGrpcCodeBecomesUnknown) {
-  const grpc::Status g(static_cast<grpc::StatusCode>(99), "weird");
-  EXPECT_EQ(FromGrpcStatus(g).code(), absl::StatusCode::kUnknown);
-  EXPECT_EQ(FromGrpcStatus(g).message(), "weird");
-}
-
 }  // namespace
 }  // namespace moe::common

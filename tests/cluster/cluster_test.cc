@@ -21,6 +21,7 @@
 #include "router/moe_layer.h"
 #include "services/common/random_checkpoint.h"
 #include "services/common/tensor_codec.h"
+#include "tests/reference/test_util.h"
 
 namespace moe {
 namespace {
@@ -42,9 +43,8 @@ double Since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
-// GET http://127.0.0.1:port/metrics and return the value of the first line starting with
-// `series` (e.g. `moe_shard_rejected_batches_total{reason="deadline"}`), or -1.
-double ScrapeMetric(int port, const std::string& series) {
+// The text of http://127.0.0.1:port/metrics ("" when unreachable).
+std::string ScrapeBody(int port) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
@@ -52,7 +52,7 @@ double ScrapeMetric(int port, const std::string& series) {
   inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
   if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
     close(fd);
-    return -1;
+    return "";
   }
   const std::string req = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n";
   (void)!write(fd, req.data(), req.size());
@@ -61,6 +61,13 @@ double ScrapeMetric(int port, const std::string& series) {
   ssize_t n;
   while ((n = read(fd, buf, sizeof(buf))) > 0) body.append(buf, static_cast<size_t>(n));
   close(fd);
+  return body;
+}
+
+// GET http://127.0.0.1:port/metrics and return the value of the first line starting with
+// `series` (e.g. `moe_shard_rejected_batches_total{reason="deadline"}`), or -1.
+double ScrapeMetric(int port, const std::string& series) {
+  const std::string body = ScrapeBody(port);
   size_t at = 0;
   while ((at = body.find(series, at)) != std::string::npos) {
     if (at == 0 || body[at - 1] == '\n') {
@@ -75,10 +82,14 @@ class ClusterTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     ck_ = new common::Checkpoint(common::MakeRandomCheckpoint({Config(), true, 23}));
-    path_ = new std::string(::testing::TempDir() + "/cluster_test.safetensors");
+    path_ = new std::string(::moe::testing::TempPath("cluster_test.safetensors"));
     ASSERT_TRUE(common::SaveCheckpoint(*path_, *ck_).ok());
     layer_ = router::MoeLayer::Create(*ck_).value().release();
+    setup_ok_ = true;
   }
+
+  // A failure in SetUpTestSuite would only skip the tests; fail them instead.
+  void SetUp() override { ASSERT_TRUE(setup_ok_) << "suite set-up failed"; }
 
   std::unique_ptr<client::LocalCluster> Start(const std::string& placement, int shards,
                                               std::vector<std::string> router_args = {},
@@ -167,7 +178,10 @@ class ClusterTest : public ::testing::Test {
   static common::Checkpoint* ck_;
   static std::string* path_;
   static router::MoeLayer* layer_;
+  static bool setup_ok_;
 };
+
+bool ClusterTest::setup_ok_ = false;
 
 common::Checkpoint* ClusterTest::ck_ = nullptr;
 std::string* ClusterTest::path_ = nullptr;
@@ -444,6 +458,84 @@ TEST_F(ClusterTest, ClientDeadlineReachesTheShards) {
   }
   EXPECT_GE(dropped, 1);
   EXPECT_EQ(ScrapeMetric(metrics + 1, "moe_shard_tokens_total{expert=\"0\"}"), 0);
+}
+
+TEST_F(ClusterTest, RouterMetricsCoverRequestsStagesExpertsAndShards) {
+  const int metrics = 41000 + static_cast<int>(getpid() % 10000);
+  auto cluster = Start("hybrid", 2, {"--capacity-factor", "0.3"}, {}, metrics);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  for (int i = 0; i < 5; ++i) {
+    const std::vector<float> x = common::RandomMatrix(40, Config().d_model, 300 + i);
+    v1::InferResponse resp;
+    ASSERT_TRUE(Infer(stub.get(), Request(x, 40, "m"), &resp).ok());
+  }
+  v1::InferResponse resp;
+  EXPECT_FALSE(Infer(stub.get(), Request({}, 0, "bad"), &resp).ok());
+  const std::string body = ScrapeBody(metrics);
+  for (const char* series :
+       {"moe_router_requests_total{code=\"OK\",method=\"Infer\"} 5",
+        "moe_router_requests_total{code=\"INVALID_ARGUMENT\",method=\"Infer\"} 1",
+        "moe_router_request_seconds_count{method=\"Infer\"} 6",
+        "moe_router_stage_seconds_count{stage=\"gate\"} 5",
+        "moe_router_stage_seconds_count{stage=\"dispatch\"} 5",
+        "moe_router_stage_seconds_count{stage=\"combine\"} 5", "moe_router_tokens_total 200",
+        "moe_router_placement_version 1", "moe_router_failovers_total 0"}) {
+    EXPECT_NE(body.find(std::string("\n") + series), std::string::npos) << series;
+  }
+  for (const char* prefix : {"moe_expert_tokens_total{expert=\"0\"}", "moe_router_load_imbalance",
+                             "moe_router_assignments_total{outcome=\"dropped\"}",
+                             "moe_router_assignments_total{outcome=\"spilled\"}"}) {
+    EXPECT_GE(ScrapeMetric(metrics, prefix), 0) << prefix;
+  }
+  EXPECT_GT(ScrapeMetric(metrics, "moe_router_assignments_total{outcome=\"dropped\"}"), 0);
+  for (const std::string& shard : cluster->shard_addresses()) {
+    EXPECT_EQ(ScrapeMetric(metrics, "moe_shard_up{shard=\"" + shard + "\"}"), 1) << shard;
+  }
+  // The shards count what they computed.
+  EXPECT_GT(ScrapeMetric(metrics + 1, "moe_shard_experts_loaded"), 0);
+  EXPECT_NE(ScrapeBody(metrics + 1).find("moe_shard_compute_seconds_count"), std::string::npos);
+}
+
+TEST_F(ClusterTest, DynamicPlacementRebalancesItselfUnderSkew) {
+  auto cluster = Start("dynamic", 4,
+                       {"--rebalance-cooldown-s", "0.2", "--dynamic-slots", "3",
+                        "--imbalance-threshold", "0.2"});
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  auto placement = [&] {
+    grpc::ClientContext ctx;
+    v1::Placement p;
+    EXPECT_TRUE(stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &p).ok());
+    return p;
+  };
+  const v1::Placement before = placement();
+  // Expert 0 of a Zipf(1.5) popularity gets most of the tokens.
+  client::ZipfTokens gen(ck_->gate, Config().num_experts, Config().d_model, 1.5, 5);
+  const auto start = Clock::now();
+  v1::Placement now = before;
+  int sent = 0;
+  while (Since(start) < 15 && now.version() == before.version()) {
+    const std::vector<float> x = gen.Next(64);
+    v1::InferResponse resp;
+    ASSERT_TRUE(Infer(stub.get(), Request(x, 64, "zipf"), &resp).ok());
+    EXPECT_TRUE(Matches(x, 64, resp, *layer_));
+    ++sent;
+    if (sent % 10 == 0) now = placement();
+  }
+  EXPECT_GT(now.version(), before.version()) << "no rebalance after " << sent << " requests";
+  EXPECT_EQ(now.strategy(), "dynamic");
+  // The hottest expert got more replicas than the coldest, and the expected imbalance is low.
+  int hot = 0;
+  double hot_load = -1;
+  for (const auto& e : now.experts()) {
+    if (e.load() > hot_load) {
+      hot_load = e.load();
+      hot = e.expert();
+    }
+  }
+  EXPECT_GT(now.experts(hot).shards_size(), 1);
+  EXPECT_LT(now.imbalance(), 0.2);
 }
 
 }  // namespace
