@@ -1,0 +1,42 @@
+#ifndef MOE_SERVICES_COLLECTIVE_TRANSPORT_H_
+#define MOE_SERVICES_COLLECTIVE_TRANSPORT_H_
+
+// The small transport interface the ring all-reduce is written against: each rank sends chunks
+// to the next rank and receives them from the previous one. No gRPC here.
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace moe::collective {
+
+enum class WireFormat : int32_t { kFloat32 = 0, kBFloat16 = 1 };
+
+// One piece of one ring step. `payload` holds `count` elements in `wire` format.
+struct Chunk {
+  uint64_t generation = 0;  // which collective this belongs to
+  int32_t step = 0;         // 0 .. 2(N-1)-1
+  int32_t piece = 0;        // index within the step
+  int64_t offset = 0;       // first element of the buffer it covers
+  int64_t count = 0;        // elements
+  WireFormat wire = WireFormat::kFloat32;
+  std::string payload;
+};
+
+class PeerTransport {
+ public:
+  virtual ~PeerTransport() = default;
+  // Queues `chunk` for the next rank and returns without waiting for it to be read. ABORTED when
+  // the link to the next rank is broken.
+  virtual absl::Status Send(Chunk chunk) = 0;
+  // The next chunk of `generation` from the previous rank. Chunks of an older generation are
+  // refused (dropped). ABORTED when the link from the previous rank is broken, DEADLINE_EXCEEDED
+  // at `deadline`.
+  virtual absl::StatusOr<Chunk> Recv(uint64_t generation, absl::Time deadline) = 0;
+};
+
+}  // namespace moe::collective
+
+#endif  // MOE_SERVICES_COLLECTIVE_TRANSPORT_H_
