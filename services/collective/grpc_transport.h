@@ -1,0 +1,85 @@
+#ifndef MOE_SERVICES_COLLECTIVE_GRPC_TRANSPORT_H_
+#define MOE_SERVICES_COLLECTIVE_GRPC_TRANSPORT_H_
+
+// The ring's gRPC transport: a moe.v1.Collective service receives chunks from the previous rank
+// into a hub of mailboxes (one per ring group); each rank's GrpcPeerTransport streams its chunks
+// to the next rank from a writer thread, so Send never waits for the receiver.
+
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+
+#include "moe/v1/collective.grpc.pb.h"
+#include "services/collective/transport.h"
+
+namespace moe::collective {
+
+// Chunks received for each ring group, waiting for their rank to take them.
+class CollectiveHub {
+ public:
+  void Deliver(const std::string& group, Chunk chunk);
+  // The incoming stream of `generation` for `group` broke: its Take fails with ABORTED.
+  void Break(const std::string& group, uint64_t generation);
+  absl::StatusOr<Chunk> Take(const std::string& group, uint64_t generation, absl::Time deadline);
+  // Drops a finished group's leftovers.
+  void Forget(const std::string& group);
+  int64_t refused() const;
+
+ private:
+  struct Mailbox {
+    std::deque<Chunk> chunks;
+    uint64_t broken_generation = 0;  // 0: none
+  };
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<std::string, Mailbox> boxes_;
+  int64_t refused_ = 0;
+};
+
+// The service that feeds a hub.
+class CollectiveService final : public v1::Collective::CallbackService {
+ public:
+  explicit CollectiveService(CollectiveHub* hub) : hub_(hub) {}
+  grpc::ServerReadReactor<v1::CollectiveChunk>* Push(grpc::CallbackServerContext* ctx,
+                                                     v1::CollectiveAck* ack) override;
+
+ private:
+  CollectiveHub* hub_;
+};
+
+class GrpcPeerTransport final : public PeerTransport {
+ public:
+  // `next` reaches rank + 1's Collective service; the outgoing stream lives until `deadline`.
+  GrpcPeerTransport(CollectiveHub* hub, std::string group, int rank,
+                    std::shared_ptr<grpc::Channel> next, absl::Time deadline);
+  ~GrpcPeerTransport() override;  // flushes and closes the outgoing stream
+
+  absl::Status Send(Chunk chunk) override;
+  absl::StatusOr<Chunk> Recv(uint64_t generation, absl::Time deadline) override;
+
+ private:
+  void WriterLoop();
+
+  CollectiveHub* hub_;
+  const std::string group_;
+  const int rank_;
+  std::unique_ptr<v1::Collective::Stub> stub_;
+  grpc::ClientContext ctx_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Chunk> queue_;
+  bool closing_ = false;
+  bool broken_ = false;
+  std::string broken_reason_;
+  std::thread writer_;
+};
+
+}  // namespace moe::collective
+
+#endif  // MOE_SERVICES_COLLECTIVE_GRPC_TRANSPORT_H_

@@ -1,0 +1,109 @@
+// moe-ring-rank: one rank of a ring all-reduce over gRPC, as a process. Used by the
+// multi-process collective tests and the all-reduce benchmark.
+//
+// It serves moe.v1.Collective on 127.0.0.1:0 and prints "listening on HOST:PORT", waits for
+// --peers-file to list every rank's address (one per line), all-reduces --length integer-valued
+// floats --repeat times, checks the sums and prints
+// "RESULT code=CODE ms=MS correct=0|1 seconds_per_op=S".
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/str_cat.h"
+#include "services/collective/grpc_transport.h"
+#include "services/collective/ring_allreduce.h"
+#include "services/common/flags.h"
+#include "services/common/server_util.h"
+#include "services/common/status_macros.h"
+
+namespace {
+
+float Init(int rank, int64_t i) { return static_cast<float>((rank + 1) * 3 + (i % 11) - 5); }
+
+absl::Status Run(int argc, char** argv) {
+  using moe::common::Flags;
+  ASSIGN_OR_RETURN(Flags f, Flags::Parse(argc, argv, 1,
+                                         {{"rank", true}, {"world", true}, {"peers-file", true},
+                                          {"length", true}, {"deadline-ms", true},
+                                          {"repeat", true}, {"wire", true}}));
+  ASSIGN_OR_RETURN(int64_t rank, f.GetInt("rank", 0));
+  ASSIGN_OR_RETURN(int64_t world, f.GetInt("world", 1));
+  ASSIGN_OR_RETURN(std::string peers_file, f.Require("peers-file"));
+  ASSIGN_OR_RETURN(int64_t length, f.GetInt("length", 1000));
+  ASSIGN_OR_RETURN(int64_t deadline_ms, f.GetInt("deadline-ms", 10000));
+  ASSIGN_OR_RETURN(int64_t repeat, f.GetInt("repeat", 1));
+  moe::collective::AllReduceOptions opts;
+  if (f.Get("wire", "fp32") == "bf16") opts.wire = moe::collective::WireFormat::kBFloat16;
+
+  moe::collective::CollectiveHub hub;
+  moe::collective::CollectiveService service(&hub);
+  grpc::ServerBuilder builder;
+  moe::common::ConfigureServerBuilder(&builder, moe::common::RpcLimits{});
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  auto server = builder.BuildAndStart();
+  if (!server) return absl::UnavailableError("cannot listen");
+  std::printf("listening on 127.0.0.1:%d\n", port);
+  std::fflush(stdout);
+
+  std::vector<std::string> peers;
+  for (int i = 0; i < 3000 && static_cast<int64_t>(peers.size()) < world; ++i) {
+    peers.clear();
+    std::ifstream in(peers_file);
+    std::string line;
+    while (std::getline(in, line)) {
+      if (!line.empty()) peers.push_back(line);
+    }
+    if (static_cast<int64_t>(peers.size()) < world) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+  if (static_cast<int64_t>(peers.size()) < world) return absl::DeadlineExceededError("no peers file");
+  auto next = grpc::CreateCustomChannel(peers[(rank + 1) % world], grpc::InsecureChannelCredentials(),
+                                        moe::common::ClientChannelArgs());
+  std::vector<float> data(static_cast<size_t>(length));
+  absl::Status st;
+  double total = 0;
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t g = 1; g <= repeat && st.ok(); ++g) {
+    for (int64_t i = 0; i < length; ++i) data[i] = Init(static_cast<int>(rank), i);
+    const absl::Time deadline = absl::Now() + absl::Milliseconds(deadline_ms);
+    moe::collective::GrpcPeerTransport transport(&hub, "bench", static_cast<int>(rank), next,
+                                                 deadline);
+    const auto t = std::chrono::steady_clock::now();
+    st = moe::collective::RingAllReduce(absl::MakeSpan(data), static_cast<int>(rank),
+                                        static_cast<int>(world), static_cast<uint64_t>(g),
+                                        deadline, &transport, opts);
+    total += std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+  }
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  bool correct = st.ok();
+  for (int64_t i = 0; correct && i < length; ++i) {
+    float want = 0;
+    for (int q = 0; q < world; ++q) want += Init(q, i);
+    correct = data[i] == want;
+  }
+  std::printf("RESULT code=%s ms=%.1f correct=%d seconds_per_op=%.6f\n",
+              absl::StatusCodeToString(st.code()).c_str(), ms, correct ? 1 : 0,
+              total / static_cast<double>(repeat));
+  std::fflush(stdout);
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::Status st = Run(argc, argv);
+  if (!st.ok()) {
+    std::fprintf(stderr, "moe-ring-rank: %s\n", std::string(st.message()).c_str());
+    return 1;
+  }
+  return 0;
+}

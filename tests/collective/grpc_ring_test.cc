@@ -1,0 +1,123 @@
+// The ring all-reduce over real gRPC between processes (moe-ring-rank), with a rank killed,
+// stalled, or gone before the first message.
+
+#include <signal.h>
+
+#include <chrono>
+#include <fstream>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "absl/strings/str_cat.h"
+#include "services/common/subprocess.h"
+#include "tests/reference/test_util.h"
+
+namespace moe {
+namespace {
+
+struct Ring {
+  std::vector<common::Subprocess> ranks;
+  std::string peers_file;
+};
+
+// Starts `world` ranks; the peers file is written once all have ports (or, with `skip`, that
+// rank's address is one nobody listens on).
+Ring StartRing(int world, int64_t length, int64_t deadline_ms, int skip = -1,
+               const std::string& name = "ring") {
+  Ring ring;
+  ring.peers_file = moe::testing::TempPath(name + ".peers");
+  std::remove(ring.peers_file.c_str());
+  std::vector<std::string> addrs;
+  for (int r = 0; r < world; ++r) {
+    if (r == skip) {
+      addrs.push_back("127.0.0.1:1");  // nothing listens there
+      continue;
+    }
+    auto p = common::Subprocess::Spawn(
+        {MOE_BIN_DIR "/moe-ring-rank", "--rank", std::to_string(r), "--world",
+         std::to_string(world), "--peers-file", ring.peers_file, "--length",
+         std::to_string(length), "--deadline-ms", std::to_string(deadline_ms)});
+    EXPECT_TRUE(p.ok());
+    auto port = p->ReadListeningPort(absl::Seconds(20));
+    EXPECT_TRUE(port.ok()) << port.status();
+    addrs.push_back(absl::StrCat("127.0.0.1:", port.ok() ? *port : 0));
+    ring.ranks.push_back(std::move(*p));
+  }
+  const std::string tmp = ring.peers_file + ".tmp";
+  {
+    std::ofstream out(tmp);
+    for (const auto& a : addrs) out << a << "\n";
+  }
+  std::rename(tmp.c_str(), ring.peers_file.c_str());
+  return ring;
+}
+
+struct Result {
+  std::string code;
+  double ms = 0;
+  bool correct = false;
+};
+
+Result ReadResult(common::Subprocess& p, absl::Duration timeout) {
+  Result r;
+  auto line = p.ReadLineWith("RESULT", timeout);
+  if (!line.ok()) {
+    r.code = "NO_RESULT";
+    return r;
+  }
+  const size_t c = line->find("code="), m = line->find("ms="), k = line->find("correct=");
+  r.code = line->substr(c + 5, line->find(' ', c) - c - 5);
+  r.ms = std::atof(line->c_str() + m + 3);
+  r.correct = line->at(k + 8) == '1';
+  return r;
+}
+
+TEST(GrpcRing, ExactSumsAcrossProcesses) {
+  for (int world : {2, 3, 4}) {
+    for (int64_t length : {1L, 7L, 300001L}) {
+      Ring ring = StartRing(world, length, 20000, -1, absl::StrCat("ok", world, "_", length));
+      for (auto& p : ring.ranks) {
+        Result r = ReadResult(p, absl::Seconds(30));
+        EXPECT_EQ(r.code, "OK") << "world " << world << " length " << length;
+        EXPECT_TRUE(r.correct) << "world " << world << " length " << length;
+      }
+    }
+  }
+}
+
+// Survivors of a ring with a failing rank 1 must all end with ABORTED or DEADLINE_EXCEEDED
+// within the deadline plus 0.5 s.
+void ExpectSurvivorsReturn(Ring& ring, const std::vector<int>& survivors, double deadline_ms) {
+  for (int r : survivors) {
+    Result res = ReadResult(ring.ranks[r], absl::Seconds(20));
+    EXPECT_TRUE(res.code == "ABORTED" || res.code == "DEADLINE_EXCEEDED")
+        << "rank " << r << ": " << res.code;
+    EXPECT_LT(res.ms, deadline_ms + 500) << "rank " << r;
+  }
+}
+
+TEST(GrpcRing, RankKilledMidway) {
+  // 3 ranks, 60 M floats: long enough to kill one in the middle.
+  Ring ring = StartRing(3, 60'000'000, 3000, -1, "kill");
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  ring.ranks[1].Signal(SIGKILL);
+  ExpectSurvivorsReturn(ring, {0, 2}, 3000);
+}
+
+TEST(GrpcRing, RankStalled) {
+  Ring ring = StartRing(3, 60'000'000, 3000, -1, "stall");
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  ring.ranks[1].Signal(SIGSTOP);
+  ExpectSurvivorsReturn(ring, {0, 2}, 3000);
+  ring.ranks[1].Signal(SIGCONT);
+}
+
+TEST(GrpcRing, RankGoneBeforeTheFirstMessage) {
+  // Rank 1 never starts: ranks 0 and 2 run with an address nobody listens on.
+  Ring ring = StartRing(3, 1000, 1500, /*skip=*/1, "gone");
+  ExpectSurvivorsReturn(ring, {0, 1}, 1500);
+}
+
+}  // namespace
+}  // namespace moe
