@@ -182,8 +182,40 @@ void ComputePool::Compute(ExpertHandle* expert, std::vector<Item>& items) {
     }
     live.push_back(&it);
   }
-  if (live.empty()) return;
+  // Training forwards run one by one, keeping their activations for Backward.
   const int64_t d = d_model_;
+  std::vector<Item*> infer;
+  for (Item* it : live) {
+    DispatchTask& t = *it->task;
+    if (t.train_step == 0) {
+      infer.push_back(it);
+      continue;
+    }
+    DispatchTask::Part& part = t.parts[it->part];
+    const int64_t n = static_cast<int64_t>(part.row_index.size());
+    part.input.resize(n * d);
+    for (int64_t r = 0; r < n; ++r) {
+      std::memcpy(&part.input[r * d], &t.rows[static_cast<int64_t>(part.row_index[r]) * d],
+                  sizeof(float) * d);
+    }
+    part.output.resize(n * d);
+    part.cache = std::make_shared<ForwardCache>();
+    const auto start = std::chrono::steady_clock::now();
+    absl::Status st = expert->ffn->ForwardTrain(part.input.data(), n, part.output.data(),
+                                                part.cache.get());
+    if (metrics_ && st.ok()) {
+      metrics_->ObserveCompute(expert->id, 1, n,
+                               std::chrono::duration<double>(std::chrono::steady_clock::now() -
+                                                             start).count());
+    }
+    if (!st.ok()) {
+      Finish(t, st);
+    } else if (t.remaining_.fetch_sub(1) == 1) {
+      Finish(t, absl::OkStatus());
+    }
+  }
+  live.swap(infer);
+  if (live.empty()) return;
   int64_t rows = 0;
   for (Item* it : live) rows += static_cast<int64_t>(it->task->parts[it->part].row_index.size());
   // Gather every item's rows into one matrix.

@@ -35,9 +35,14 @@ struct DispatchTask {
     ExpertLease lease;
     std::vector<int32_t> row_index;
     std::vector<float> output;  // [row_index.size(), d_model] once computed
+    // Training forwards only: the gathered input rows and what Backward needs.
+    std::vector<float> input;
+    std::shared_ptr<ForwardCache> cache;
   };
   std::vector<Part> parts;
   absl::Time deadline = absl::InfiniteFuture();
+  // Non-zero: a training forward (computed per batch, not coalesced, keeping its cache).
+  uint64_t train_step = 0;
   // Set by the owner (e.g. when its stream is cancelled); pending items are then dropped.
   std::shared_ptr<std::atomic<bool>> cancelled;
   // Runs exactly once, on a pool thread, with OK and every Part's output filled, or an error.

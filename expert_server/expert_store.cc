@@ -229,6 +229,23 @@ absl::StatusOr<ExpertLease> ExpertStore::Acquire(int expert, int64_t rows) {
   return ExpertLease(this, it->second.handle, rows);
 }
 
+absl::Status ExpertStore::ReplaceExpert(int expert, std::unique_ptr<ExpertFfn> ffn) {
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = entries_.find(expert);
+    if (it == entries_.end() || it->second.handle == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("expert ", expert, " is not loaded on this shard"));
+    }
+    auto handle = std::make_shared<ExpertHandle>();
+    handle->id = expert;
+    handle->ffn = std::move(ffn);
+    it->second.handle = std::move(handle);
+  }
+  NotifyChange();
+  return absl::OkStatus();
+}
+
 std::shared_ptr<ExpertHandle> ExpertStore::Find(int expert) const {
   absl::MutexLock lock(&mu_);
   auto it = entries_.find(expert);

@@ -75,6 +75,10 @@ class ExpertStore {
   absl::Status Load(const std::vector<int>& experts, uint64_t version, const std::string& peer,
                     std::function<void(absl::Status)> done);
 
+  // Swaps in new weights for a loaded expert (after a training step); work in flight keeps the
+  // old ones. FAILED_PRECONDITION when the expert is not loaded.
+  absl::Status ReplaceExpert(int expert, std::unique_ptr<ExpertFfn> ffn);
+
   // Stops the loader: the expert being read finishes, queued jobs are answered UNAVAILABLE.
   void StopLoading();
 

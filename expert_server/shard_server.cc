@@ -13,6 +13,7 @@
 #include "services/common/grpc_status.h"
 #include "services/common/status_macros.h"
 #include "services/common/tensor_codec.h"
+#include "services/common/thread_pool.h"
 
 namespace moe::expert {
 namespace {
@@ -133,6 +134,28 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
   grpc::ServerUnaryReactor* GetStatus(grpc::CallbackServerContext* ctx,
                                       const v1::GetShardStatusRequest* req,
                                       v1::ShardStatus* resp) override;
+  grpc::ServerUnaryReactor* Backward(grpc::CallbackServerContext* ctx,
+                                     const v1::BackwardRequest* req,
+                                     v1::BackwardResponse* resp) override;
+  grpc::ServerUnaryReactor* FinishStep(grpc::CallbackServerContext* ctx,
+                                       const v1::FinishStepRequest* req,
+                                       v1::FinishStepResponse* resp) override;
+
+  // ---- training state: per step, the kept forwards and the accumulated gradients ----
+  struct CachedForward {
+    std::vector<float> input;
+    std::shared_ptr<ForwardCache> cache;
+  };
+  struct StepState {
+    std::map<std::pair<uint64_t, int>, CachedForward> forwards;  // (batch, expert)
+    std::map<int, common::ExpertWeights> grads;
+  };
+  std::mutex train_mu;
+  std::map<uint64_t, StepState> steps;
+  std::unique_ptr<common::ThreadPool> train_pool;
+
+  absl::Status RunBackward(const v1::BackwardRequest& req, v1::BackwardResponse* resp);
+  absl::StatusOr<std::vector<int>> RunFinishStep(const v1::FinishStepRequest& req);
 
   void FillStatus(v1::ShardStatus* s) const;
   void SetServing(bool serving);
@@ -298,6 +321,7 @@ class DispatchReactor final
       deadline = std::min(deadline, absl::Now() + absl::Milliseconds(req.timeout_ms()));
     }
     task->deadline = deadline;
+    task->train_step = req.train_step();
     task->cancelled = core_->cancelled;
     const common::WireType out_type = req.output_dtype() == v1::BFLOAT16
                                           ? common::WireType::kBFloat16
@@ -309,6 +333,14 @@ class DispatchReactor final
       auto r = std::make_unique<v1::DispatchResponse>();
       r->set_batch_id(t.batch_id);
       r->set_placement_version(impl->store->placement_version());
+      if (st.ok() && t.train_step != 0) {
+        std::lock_guard<std::mutex> lock(impl->train_mu);
+        auto& step = impl->steps[t.train_step];
+        for (DispatchTask::Part& p : t.parts) {
+          step.forwards[{t.batch_id, p.expert}] =
+              ShardServer::Impl::CachedForward{std::move(p.input), std::move(p.cache)};
+        }
+      }
       if (st.ok()) {
         for (DispatchTask::Part& p : t.parts) {
           v1::ExpertOutput* o = r->add_outputs();
@@ -497,6 +529,130 @@ grpc::ServerWriteReactor<v1::ExpertChunk>* ShardServer::Impl::ExportExpert(
   return new ExportReactor(this, req->expert());
 }
 
+namespace {
+
+void AddInto(std::vector<float>& acc, const std::vector<float>& g) {
+  if (acc.empty()) {
+    acc = g;
+    return;
+  }
+  for (size_t i = 0; i < acc.size() && i < g.size(); ++i) acc[i] += g[i];
+}
+
+}  // namespace
+
+absl::Status ShardServer::Impl::RunBackward(const v1::BackwardRequest& req,
+                                            v1::BackwardResponse* resp) {
+  const int64_t d = config.d_model;
+  resp->set_batch_id(req.batch_id());
+  for (const v1::ExpertOutput& g : req.grads()) {
+    CachedForward fwd;
+    {
+      std::lock_guard<std::mutex> lock(train_mu);
+      auto st = steps.find(req.train_step());
+      bool found = false;
+      if (st != steps.end()) {
+        auto it = st->second.forwards.find({req.batch_id(), g.expert()});
+        if (it != st->second.forwards.end()) {
+          fwd = std::move(it->second);
+          st->second.forwards.erase(it);
+          found = true;
+        }
+      }
+      if (!found) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "no training forward of batch ", req.batch_id(), " for expert ", g.expert(),
+            " in step ", req.train_step(), " on this shard"));
+      }
+    }
+    ASSIGN_OR_RETURN(common::TensorView view,
+                     common::DecodeMatrix(g.output(), absl::StrCat("grad of expert ", g.expert()), d));
+    if (view.dim(0) != fwd.cache->rows) {
+      return absl::InvalidArgumentError(absl::StrCat("grad of expert ", g.expert(), " has ",
+                                                     view.dim(0), " rows, the forward had ",
+                                                     fwd.cache->rows));
+    }
+    std::shared_ptr<ExpertHandle> h = store->Find(g.expert());
+    if (h == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("expert ", g.expert(), " left this shard during the step"));
+    }
+    const std::vector<float> dy = common::ViewToFloat(view);
+    std::vector<float> dx(dy.size());
+    common::ExpertWeights grads;
+    RETURN_IF_ERROR(h->ffn->Backward(fwd.input.data(), dy.data(), *fwd.cache, dx.data(), &grads));
+    {
+      std::lock_guard<std::mutex> lock(train_mu);
+      common::ExpertWeights& acc = steps[req.train_step()].grads[g.expert()];
+      AddInto(acc.w1, grads.w1);
+      AddInto(acc.w2, grads.w2);
+      AddInto(acc.w3, grads.w3);
+      AddInto(acc.b1, grads.b1);
+      AddInto(acc.b2, grads.b2);
+      AddInto(acc.b3, grads.b3);
+    }
+    v1::ExpertOutput* out = resp->add_grad_inputs();
+    out->set_expert(g.expert());
+    common::EncodeTensor(dx, {view.dim(0), d}, common::WireType::kFloat32, out->mutable_output());
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<int>> ShardServer::Impl::RunFinishStep(const v1::FinishStepRequest& req) {
+  StepState state;
+  {
+    std::lock_guard<std::mutex> lock(train_mu);
+    auto it = steps.find(req.train_step());
+    if (it != steps.end()) {
+      state = std::move(it->second);
+      steps.erase(it);
+    }
+  }
+  std::vector<int> updated;
+  if (!req.commit()) return updated;
+  for (auto& [e, g] : state.grads) {
+    std::shared_ptr<ExpertHandle> h = store->Find(e);
+    if (h == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("expert ", e, " left this shard before its update"));
+    }
+    // Update a copy and swap it in: work in flight keeps the weights it started with.
+    ASSIGN_OR_RETURN(std::unique_ptr<ExpertFfn> next, ExpertFfn::Create(config, h->ffn->weights()));
+    RETURN_IF_ERROR(next->ApplySgd(g, req.learning_rate()));
+    RETURN_IF_ERROR(store->ReplaceExpert(e, std::move(next)));
+    updated.push_back(e);
+  }
+  return updated;
+}
+
+grpc::ServerUnaryReactor* ShardServer::Impl::Backward(grpc::CallbackServerContext* ctx,
+                                                      const v1::BackwardRequest* req,
+                                                      v1::BackwardResponse* resp) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (!train_pool->Submit([this, reactor, req, resp] {
+        reactor->Finish(common::ToGrpcStatus(RunBackward(*req, resp)));
+      })) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "shard is shutting down"));
+  }
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ShardServer::Impl::FinishStep(grpc::CallbackServerContext* ctx,
+                                                        const v1::FinishStepRequest* req,
+                                                        v1::FinishStepResponse* resp) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (!train_pool->Submit([this, reactor, req, resp] {
+        absl::StatusOr<std::vector<int>> updated = RunFinishStep(*req);
+        if (updated.ok()) {
+          for (int e : *updated) resp->add_updated_experts(e);
+        }
+        reactor->Finish(common::ToGrpcStatus(updated.status()));
+      })) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "shard is shutting down"));
+  }
+  return reactor;
+}
+
 void ShardServer::Impl::SetServing(bool value) {
   {
     std::lock_guard<std::mutex> lock(mu);
@@ -527,6 +683,7 @@ void ShardServer::Impl::DoShutdown(absl::Duration grace) {
     }
     store->StopLoading();
     pool->Shutdown();
+    train_pool->Shutdown();
     server->Shutdown(absl::ToChronoTime(absl::Now() + grace));
   });
 }
@@ -560,6 +717,7 @@ absl::StatusOr<std::unique_ptr<ShardServer>> ShardServer::Start(ShardServerOptio
   impl->store->SetOnChange([raw] { raw->OnStoreChange(); });
   impl->pool =
       std::make_unique<ComputePool>(impl->config.d_model, o.pool, impl->metrics.get());
+  impl->train_pool = std::make_unique<common::ThreadPool>(std::max(1, o.pool.threads));
 
   common::EnableHealthAndReflection();
   grpc::ServerBuilder builder;

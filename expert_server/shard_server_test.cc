@@ -579,6 +579,123 @@ TEST_F(ShardServerTest, HealthFollowsLoadingAndShutdown) {
   }
 }
 
+// Reads expert e's current weights from a shard through ExportExpert.
+common::ExpertWeights Export(v1::ExpertShard::Stub* stub, int e) {
+  grpc::ClientContext ctx;
+  v1::ExportExpertRequest req;
+  req.set_expert(e);
+  auto reader = stub->ExportExpert(&ctx, req);
+  std::string bytes;
+  v1::ExpertChunk chunk;
+  while (reader->Read(&chunk)) bytes += chunk.data();
+  EXPECT_TRUE(reader->Finish().ok());
+  auto w = common::ParseExpert(bytes, TestConfig(), e);
+  EXPECT_TRUE(w.ok()) << w.status();
+  return w.ok() ? *w : common::ExpertWeights();
+}
+
+TEST_F(ShardServerTest, TrainingForwardBackwardCommitAndAbort) {
+  auto server = StartServer();
+  auto stub = Stub(*server);
+  const int64_t d = TestConfig().d_model;
+  grpc::ClientContext ctx;
+  auto stream = stub->Dispatch(&ctx);
+  v1::DispatchRequest req = Batch(5, 6, {{1, {0, 2, 3}}, {2, {1, 2, 5}}});
+  req.set_train_step(1);
+  ASSERT_TRUE(stream->Write(req));
+  v1::DispatchResponse resp;
+  ASSERT_TRUE(stream->Read(&resp));
+  ASSERT_EQ(resp.code(), 0) << resp.message();
+  // The reference: the same kernel's training forward and backward on the same rows.
+  const std::vector<float> all = common::ViewToFloat(*common::DecodeTensor(req.rows(), "rows"));
+  v1::BackwardRequest back;
+  back.set_train_step(1);
+  back.set_batch_id(5);
+  std::map<int, common::ExpertWeights> ref_grads;
+  std::map<int, std::vector<float>> ref_dx;
+  for (const auto& er : req.experts()) {
+    std::vector<float> in;
+    for (int r : er.rows()) in.insert(in.end(), all.begin() + r * d, all.begin() + (r + 1) * d);
+    const int64_t m = er.rows_size();
+    auto ffn = ExpertFfn::Create(TestConfig(), ck_->experts[er.expert()]);
+    ForwardCache cache;
+    std::vector<float> y(m * d), dx(m * d);
+    ASSERT_TRUE((*ffn)->ForwardTrain(in.data(), m, y.data(), &cache).ok());
+    EXPECT_EQ(Output(resp, er.expert()), y) << "expert " << er.expert();
+    const std::vector<float> dy = common::RandomMatrix(m, d, 70 + er.expert());
+    ASSERT_TRUE((*ffn)->Backward(in.data(), dy.data(), cache, dx.data(), &ref_grads[er.expert()]).ok());
+    ref_dx[er.expert()] = dx;
+    v1::ExpertOutput* g = back.add_grads();
+    g->set_expert(er.expert());
+    common::EncodeTensor(dy, {m, d}, common::WireType::kFloat32, g->mutable_output());
+  }
+  {
+    grpc::ClientContext bctx;
+    v1::BackwardResponse bresp;
+    grpc::Status st = stub->Backward(&bctx, back, &bresp);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    ASSERT_EQ(bresp.grad_inputs_size(), 2);
+    for (const auto& gi : bresp.grad_inputs()) {
+      EXPECT_EQ(common::ViewToFloat(*common::DecodeTensor(gi.output(), "dx")), ref_dx[gi.expert()]);
+    }
+  }
+  {
+    // The forward is used once: a second backward of the same batch is refused.
+    grpc::ClientContext bctx;
+    v1::BackwardResponse bresp;
+    grpc::Status st = stub->Backward(&bctx, back, &bresp);
+    EXPECT_EQ(st.error_code(), grpc::FAILED_PRECONDITION);
+    EXPECT_NE(st.error_message().find("no training forward of batch 5"), std::string::npos);
+  }
+  {
+    grpc::ClientContext fctx;
+    v1::FinishStepRequest fin;
+    fin.set_train_step(1);
+    fin.set_commit(true);
+    fin.set_learning_rate(0.25f);
+    v1::FinishStepResponse fresp;
+    ASSERT_TRUE(stub->FinishStep(&fctx, fin, &fresp).ok());
+    EXPECT_EQ(fresp.updated_experts_size(), 2);
+  }
+  for (int e : {1, 2}) {
+    const common::ExpertWeights now = Export(stub.get(), e);
+    const common::ExpertWeights& before = ck_->experts[e];
+    ASSERT_EQ(now.w1.size(), before.w1.size());
+    for (size_t i = 0; i < now.w1.size(); ++i) {
+      ASSERT_EQ(now.w1[i], before.w1[i] - 0.25f * ref_grads[e].w1[i]) << e << " w1 " << i;
+    }
+    for (size_t i = 0; i < now.b2.size(); ++i) {
+      ASSERT_EQ(now.b2[i], before.b2[i] - 0.25f * ref_grads[e].b2[i]) << e << " b2 " << i;
+    }
+  }
+  EXPECT_EQ(Export(stub.get(), 0).w1, ck_->experts[0].w1);  // untouched
+  // An aborted step changes nothing.
+  const common::ExpertWeights kept = Export(stub.get(), 1);
+  req.set_train_step(2);
+  req.set_batch_id(6);
+  ASSERT_TRUE(stream->Write(req));
+  ASSERT_TRUE(stream->Read(&resp));
+  back.set_train_step(2);
+  back.set_batch_id(6);
+  {
+    grpc::ClientContext bctx;
+    v1::BackwardResponse bresp;
+    ASSERT_TRUE(stub->Backward(&bctx, back, &bresp).ok());
+    grpc::ClientContext fctx;
+    v1::FinishStepRequest fin;
+    fin.set_train_step(2);
+    fin.set_commit(false);
+    v1::FinishStepResponse fresp;
+    ASSERT_TRUE(stub->FinishStep(&fctx, fin, &fresp).ok());
+    EXPECT_EQ(fresp.updated_experts_size(), 0);
+  }
+  EXPECT_EQ(Export(stub.get(), 1).w1, kept.w1);
+  stream->WritesDone();
+  while (stream->Read(&resp)) {
+  }
+  stream->Finish();
+}
+
 TEST_F(ShardServerTest, ReflectionListsTheShardService) {
   auto server = StartServer();
   auto channel = grpc::CreateChannel(server->address(), grpc::InsecureChannelCredentials());
