@@ -148,7 +148,9 @@ void ExpertStore::LoaderLoop() {
           w.ok() ? ExpertFfn::Create(config_, std::move(*w)) : w.status();
       {
         absl::MutexLock lock(&mu_);
-        Entry& entry = entries_[e];
+        auto found = entries_.find(e);
+        if (found == entries_.end()) continue;  // unloaded while it was loading
+        Entry& entry = found->second;
         if (ffn.ok()) {
           auto handle = std::make_shared<ExpertHandle>();
           handle->id = e;
@@ -233,9 +235,10 @@ absl::Status ExpertStore::ReplaceExpert(int expert, std::unique_ptr<ExpertFfn> f
   {
     absl::MutexLock lock(&mu_);
     auto it = entries_.find(expert);
-    if (it == entries_.end() || it->second.handle == nullptr) {
+    if (it == entries_.end() || it->second.handle == nullptr ||
+        it->second.state != ExpertState::kReady) {
       return absl::FailedPreconditionError(
-          absl::StrCat("expert ", expert, " is not loaded on this shard"));
+          absl::StrCat("expert ", expert, " is not ready on this shard"));
     }
     auto handle = std::make_shared<ExpertHandle>();
     handle->id = expert;

@@ -3,6 +3,7 @@
 #include <deque>
 #include <mutex>
 #include <set>
+#include <thread>
 
 #include <grpcpp/health_check_service_interface.h>
 
@@ -14,6 +15,8 @@
 #include "services/common/status_macros.h"
 #include "services/common/tensor_codec.h"
 #include "services/common/thread_pool.h"
+#include "services/collective/grpc_transport.h"
+#include "services/collective/ring_allreduce.h"
 
 namespace moe::expert {
 namespace {
@@ -149,12 +152,29 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
   struct StepState {
     std::map<std::pair<uint64_t, int>, CachedForward> forwards;  // (batch, expert)
     std::map<int, common::ExpertWeights> grads;
+    bool failed = false;  // a reduction failed: only an abort may end the step
   };
   std::mutex train_mu;
   std::map<uint64_t, StepState> steps;
+  // Steps already finished (the most recent ones): late forwards of them are not kept.
+  std::set<uint64_t> finished_steps;
+  std::deque<uint64_t> finished_order;
+  void MarkFinishedLocked(uint64_t step) {
+    if (finished_steps.insert(step).second) finished_order.push_back(step);
+    while (finished_order.size() > 4096) {
+      finished_steps.erase(finished_order.front());
+      finished_order.pop_front();
+    }
+  }
   std::unique_ptr<common::ThreadPool> train_pool;
 
   absl::Status RunBackward(const v1::BackwardRequest& req, v1::BackwardResponse* resp);
+  absl::Status RunReduce(const v1::ReduceGradientsRequest& req, v1::ReduceGradientsResponse* resp);
+  grpc::ServerUnaryReactor* ReduceGradients(grpc::CallbackServerContext* ctx,
+                                            const v1::ReduceGradientsRequest* req,
+                                            v1::ReduceGradientsResponse* resp) override;
+  collective::CollectiveHub hub;
+  std::unique_ptr<collective::CollectiveService> collective_service;
   absl::StatusOr<std::vector<int>> RunFinishStep(const v1::FinishStepRequest& req);
 
   void FillStatus(v1::ShardStatus* s) const;
@@ -335,10 +355,12 @@ class DispatchReactor final
       r->set_placement_version(impl->store->placement_version());
       if (st.ok() && t.train_step != 0) {
         std::lock_guard<std::mutex> lock(impl->train_mu);
-        auto& step = impl->steps[t.train_step];
-        for (DispatchTask::Part& p : t.parts) {
-          step.forwards[{t.batch_id, p.expert}] =
-              ShardServer::Impl::CachedForward{std::move(p.input), std::move(p.cache)};
+        if (!impl->finished_steps.count(t.train_step)) {
+          auto& step = impl->steps[t.train_step];
+          for (DispatchTask::Part& p : t.parts) {
+            step.forwards[{t.batch_id, p.expert}] =
+                ShardServer::Impl::CachedForward{std::move(p.input), std::move(p.cache)};
+          }
         }
       }
       if (st.ok()) {
@@ -353,8 +375,10 @@ class DispatchReactor final
         r->set_message(std::string(st.message()));
       }
       impl->metrics->BytesOut(static_cast<double>(r->ByteSizeLong()));
-      // Release the experts before answering, so a drained expert can go.
-      t.parts.clear();
+      // On success every part is done: release the experts before answering, so a drained expert
+      // can go. On error another worker may still be computing a part; the leases go with the
+      // task once its last queued item is dropped.
+      if (st.ok()) t.parts.clear();
       if (core) core->Deliver(std::move(r), true);
     };
     {
@@ -583,7 +607,12 @@ absl::Status ShardServer::Impl::RunBackward(const v1::BackwardRequest& req,
     RETURN_IF_ERROR(h->ffn->Backward(fwd.input.data(), dy.data(), *fwd.cache, dx.data(), &grads));
     {
       std::lock_guard<std::mutex> lock(train_mu);
-      common::ExpertWeights& acc = steps[req.train_step()].grads[g.expert()];
+      auto st = steps.find(req.train_step());
+      if (st == steps.end()) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("step ", req.train_step(), " ended during its backward"));
+      }
+      common::ExpertWeights& acc = st->second.grads[g.expert()];
       AddInto(acc.w1, grads.w1);
       AddInto(acc.w2, grads.w2);
       AddInto(acc.w3, grads.w3);
@@ -607,9 +636,14 @@ absl::StatusOr<std::vector<int>> ShardServer::Impl::RunFinishStep(const v1::Fini
       state = std::move(it->second);
       steps.erase(it);
     }
+    MarkFinishedLocked(req.train_step());
   }
   std::vector<int> updated;
   if (!req.commit()) return updated;
+  if (state.failed) {
+    return absl::AbortedError(absl::StrCat("step ", req.train_step(),
+                                           ": a gradient reduction failed; the step was dropped"));
+  }
   for (auto& [e, g] : state.grads) {
     std::shared_ptr<ExpertHandle> h = store->Find(e);
     if (h == nullptr) {
@@ -623,6 +657,107 @@ absl::StatusOr<std::vector<int>> ShardServer::Impl::RunFinishStep(const v1::Fini
     updated.push_back(e);
   }
   return updated;
+}
+
+absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
+                                          v1::ReduceGradientsResponse* resp) {
+  const int world = req.members_size();
+  if (req.rank() < 0 || req.rank() >= world) {
+    return absl::InvalidArgumentError(absl::StrCat("rank ", req.rank(), " of ", world));
+  }
+  // Take this shard's gradients of the group's experts out of the step (zeros where it computed
+  // no rows), reduce them without holding the lock, and put the sums back.
+  std::map<int, common::ExpertWeights> grads;
+  {
+    std::lock_guard<std::mutex> lock(train_mu);
+    if (finished_steps.count(req.train_step())) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("step ", req.train_step(), " has already ended on this shard"));
+    }
+    StepState& step = steps[req.train_step()];
+    for (int e : req.experts()) {
+      std::shared_ptr<ExpertHandle> h = store->Find(e);
+      if (h == nullptr) {
+        step.failed = true;
+        return absl::FailedPreconditionError(
+            absl::StrCat("expert ", e, " is not loaded on this shard"));
+      }
+      common::ExpertWeights g;
+      auto it = step.grads.find(e);
+      if (it != step.grads.end()) {
+        g = std::move(it->second);
+        step.grads.erase(it);
+      }
+      const common::ExpertWeights& w = h->ffn->weights();
+      auto fit = [](std::vector<float>& v, size_t n) {
+        if (v.size() != n) v.assign(n, 0.f);
+      };
+      fit(g.w1, w.w1.size());
+      fit(g.w2, w.w2.size());
+      fit(g.w3, w.w3.size());
+      fit(g.b1, w.b1.size());
+      fit(g.b2, w.b2.size());
+      fit(g.b3, w.b3.size());
+      grads[e] = std::move(g);
+    }
+  }
+  std::vector<absl::Span<float>> spans;
+  int64_t elements = 0;
+  for (int e : req.experts()) {
+    common::ExpertWeights& g = grads[e];
+    for (auto* v : {&g.w1, &g.w2, &g.w3, &g.b1, &g.b2, &g.b3}) {
+      spans.push_back(absl::MakeSpan(*v));
+      elements += static_cast<int64_t>(v->size());
+    }
+  }
+  // Bounded whatever the caller asks, so shutdown never waits long on a stuck ring.
+  const absl::Time deadline =
+      absl::Now() + absl::Milliseconds(std::min<uint32_t>(
+                        req.timeout_ms() > 0 ? req.timeout_ms() : 30000, 120000));
+  auto next = grpc::CreateCustomChannel(req.members((req.rank() + 1) % world),
+                                        grpc::InsecureChannelCredentials(),
+                                        common::ClientChannelArgs(options.limits));
+  collective::AllReduceOptions opts;
+  if (req.bf16_wire()) opts.wire = collective::WireFormat::kBFloat16;
+  const auto start = std::chrono::steady_clock::now();
+  absl::Status st;
+  {
+    collective::GrpcPeerTransport transport(&hub, req.group(), req.rank(), next, deadline);
+    // The step's accumulators are only touched by this step's calls, which the coordinator
+    // serialises: reduce in place without holding the lock across the network.
+    st = collective::RingAllReduceFused(spans, req.rank(), world, req.generation(), deadline,
+                                        &transport, opts);
+  }
+  hub.Forget(req.group(), req.generation());
+  resp->set_elements(elements);
+  resp->set_seconds(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  std::lock_guard<std::mutex> lock(train_mu);
+  auto step = steps.find(req.train_step());
+  if (step == steps.end()) {
+    return st.ok() ? absl::AbortedError(absl::StrCat("step ", req.train_step(),
+                                                     " ended during its reduction"))
+                   : st;
+  }
+  for (auto& [e, g] : grads) {
+    // A backward that arrived during the reduction would be lost: that step cannot commit.
+    if (step->second.grads.count(e)) step->second.failed = true;
+    step->second.grads[e] = std::move(g);
+  }
+  // A failed reduction leaves partial sums: the step must be aborted, never committed.
+  if (!st.ok()) step->second.failed = true;
+  return st;
+}
+
+grpc::ServerUnaryReactor* ShardServer::Impl::ReduceGradients(
+    grpc::CallbackServerContext* ctx, const v1::ReduceGradientsRequest* req,
+    v1::ReduceGradientsResponse* resp) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  // The ring blocks on its peers: run it on a thread of its own, not on a gRPC or compute thread.
+  std::thread([this, reactor, req, resp] {
+    reactor->Finish(common::ToGrpcStatus(RunReduce(*req, resp)));
+  }).detach();
+  return reactor;
 }
 
 grpc::ServerUnaryReactor* ShardServer::Impl::Backward(grpc::CallbackServerContext* ctx,
@@ -724,6 +859,8 @@ absl::StatusOr<std::unique_ptr<ShardServer>> ShardServer::Start(ShardServerOptio
   common::ConfigureServerBuilder(&builder, o.limits);
   builder.AddListeningPort(o.address, grpc::InsecureServerCredentials(), &impl->port);
   builder.RegisterService(impl.get());
+  impl->collective_service = std::make_unique<collective::CollectiveService>(&impl->hub);
+  builder.RegisterService(impl->collective_service.get());
   impl->server = builder.BuildAndStart();
   if (impl->server == nullptr || impl->port == 0) {
     impl->pool->Shutdown();

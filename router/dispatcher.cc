@@ -47,6 +47,36 @@ void AppendRow(const float* row, int64_t d, common::WireType wire, std::string* 
 
 }  // namespace
 
+std::shared_ptr<v1::DispatchRequest> BuildShardRequest(
+    const std::map<int, std::vector<int64_t>>& plan, const ExpertGroups& groups, int k,
+    const float* x, int64_t d, common::WireType wire, std::vector<int32_t>* local) {
+  auto req = std::make_shared<v1::DispatchRequest>();
+  req->set_output_dtype(wire == common::WireType::kBFloat16 ? v1::BFLOAT16 : v1::FLOAT32);
+  v1::Tensor* rows = req->mutable_rows();
+  std::string* bytes = rows->mutable_data();
+  int32_t num_rows = 0;
+  std::vector<int64_t> touched;
+  for (const auto& [e, pos] : plan) {
+    v1::ExpertRows* er = req->add_experts();
+    er->set_expert(e);
+    er->mutable_rows()->Reserve(static_cast<int>(pos.size()));
+    for (int64_t p : pos) {
+      const int64_t t = groups.assignment[p] / k;
+      if ((*local)[t] < 0) {
+        (*local)[t] = num_rows++;
+        touched.push_back(t);
+        AppendRow(x + t * d, d, wire, bytes);
+      }
+      er->add_rows((*local)[t]);
+    }
+  }
+  for (int64_t t : touched) (*local)[t] = -1;
+  rows->add_shape(num_rows);
+  rows->add_shape(d);
+  rows->set_dtype(wire == common::WireType::kBFloat16 ? v1::BFLOAT16 : v1::FLOAT32);
+  return req;
+}
+
 Dispatcher::Dispatcher(const common::ModelConfig& config, DispatcherOptions options)
     : config_(config), options_(options) {}
 
@@ -120,36 +150,12 @@ absl::StatusOr<std::vector<float>> Dispatcher::Run(const RoutingTable& table, co
     std::vector<int32_t> local(n, -1);
     for (int s = 0; s < S; ++s) {
       if (plan[s].empty()) continue;
-      auto req = std::make_shared<v1::DispatchRequest>();
+      auto req = BuildShardRequest(plan[s], groups, k, x, d, options_.wire, &local);
       req->set_batch_id(next_batch_id_.fetch_add(1));
       req->set_timeout_ms(timeout_ms);
       req->set_placement_version(table.placement.version);
-      req->set_output_dtype(options_.wire == common::WireType::kBFloat16 ? v1::BFLOAT16
-                                                                         : v1::FLOAT32);
-      v1::Tensor* rows = req->mutable_rows();
-      std::string* bytes = rows->mutable_data();
-      int32_t num_rows = 0;
       int64_t total = 0;
-      std::vector<int64_t> touched;
-      for (const auto& [e, pos] : plan[s]) {
-        v1::ExpertRows* er = req->add_experts();
-        er->set_expert(e);
-        er->mutable_rows()->Reserve(static_cast<int>(pos.size()));
-        for (int64_t p : pos) {
-          const int64_t t = groups.assignment[p] / k;
-          if (local[t] < 0) {
-            local[t] = num_rows++;
-            touched.push_back(t);
-            AppendRow(x + t * d, d, options_.wire, bytes);
-          }
-          er->add_rows(local[t]);
-        }
-        total += static_cast<int64_t>(pos.size());
-      }
-      for (int64_t t : touched) local[t] = -1;
-      rows->add_shape(num_rows);
-      rows->add_shape(d);
-      rows->set_dtype(options_.wire == common::WireType::kBFloat16 ? v1::BFLOAT16 : v1::FLOAT32);
+      for (const auto& [e, pos] : plan[s]) total += static_cast<int64_t>(pos.size());
       {
         std::lock_guard<std::mutex> lock(rd->mu);
         ++rd->waiting;

@@ -10,12 +10,14 @@
 
 #include <atomic>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "router/gating.h"
+#include "router/moe_layer.h"
 #include "router/placement.h"
 #include "router/shard_client.h"
 #include "services/common/checkpoint.h"
@@ -38,6 +40,12 @@ struct DispatcherOptions {
   common::WireType wire = common::WireType::kFloat32;
   int max_rounds = 4;  // send rounds per batch (the first plus failovers)
 };
+
+// The Dispatch request for one shard: each token row once, then per expert (ascending) the
+// positions of `plan` in order. `local` is scratch of size n filled with -1 (restored on return).
+std::shared_ptr<v1::DispatchRequest> BuildShardRequest(
+    const std::map<int, std::vector<int64_t>>& plan, const ExpertGroups& groups, int k,
+    const float* x, int64_t d, common::WireType wire, std::vector<int32_t>* local);
 
 class Dispatcher {
  public:

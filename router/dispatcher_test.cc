@@ -66,6 +66,16 @@ class FakeShard : public ShardClient {
     return v1::ShardStatus();
   }
   absl::StatusOr<v1::ShardStatus> GetStatus(absl::Duration) override { return v1::ShardStatus(); }
+  absl::StatusOr<v1::BackwardResponse> Backward(const v1::BackwardRequest&,
+                                                absl::Duration) override {
+    return absl::UnimplementedError("fake");
+  }
+  absl::Status FinishStep(uint64_t, bool, float, absl::Duration) override {
+    return absl::OkStatus();
+  }
+  absl::StatusOr<std::string> ExportExpert(int, absl::Duration) override {
+    return absl::UnimplementedError("fake");
+  }
 
   bool healthy_ = true;
   absl::StatusCode fail_with = absl::StatusCode::kOk;

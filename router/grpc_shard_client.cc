@@ -162,13 +162,15 @@ void GrpcShardClient::StreamEnded(Stream* stream, const grpc::Status& status) {
   bool failed = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stream_ == stream) stream_ = nullptr;
-    --live_streams_;
     failed = !stopping_ && status.error_code() != grpc::StatusCode::OK;
   }
-  streams_done_.notify_all();
   // A broken stream takes the shard out of rotation until a health check says SERVING again.
+  // Done before the stream counts as ended: the destructor waits for that, then frees us.
   if (failed) SetHealthy(false);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (stream_ == stream) stream_ = nullptr;
+  --live_streams_;
+  streams_done_.notify_all();
 }
 
 void GrpcShardClient::Dispatch(std::shared_ptr<const v1::DispatchRequest> request, int64_t rows,
@@ -240,6 +242,49 @@ absl::StatusOr<v1::ShardStatus> GrpcShardClient::GetStatus(absl::Duration timeou
   v1::ShardStatus status;
   return Result(stub_->GetStatus(&ctx, v1::GetShardStatusRequest(), &status), std::move(status),
                 address_, "status");
+}
+
+absl::StatusOr<v1::BackwardResponse> GrpcShardClient::Backward(const v1::BackwardRequest& request,
+                                                               absl::Duration timeout) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  v1::BackwardResponse resp;
+  grpc::Status st = stub_->Backward(&ctx, request, &resp);
+  if (!st.ok()) {
+    absl::Status s = common::FromGrpcStatus(st);
+    return absl::Status(s.code(), absl::StrCat("backward on shard ", address_, ": ", s.message()));
+  }
+  return resp;
+}
+
+absl::Status GrpcShardClient::FinishStep(uint64_t step, bool commit, float learning_rate,
+                                         absl::Duration timeout) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  v1::FinishStepRequest req;
+  req.set_train_step(step);
+  req.set_commit(commit);
+  req.set_learning_rate(learning_rate);
+  v1::FinishStepResponse resp;
+  return common::FromGrpcStatus(stub_->FinishStep(&ctx, req, &resp));
+}
+
+absl::StatusOr<std::string> GrpcShardClient::ExportExpert(int expert, absl::Duration timeout) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  v1::ExportExpertRequest req;
+  req.set_expert(expert);
+  auto reader = stub_->ExportExpert(&ctx, req);
+  std::string bytes;
+  v1::ExpertChunk chunk;
+  while (reader->Read(&chunk)) bytes += chunk.data();
+  grpc::Status st = reader->Finish();
+  if (!st.ok()) {
+    absl::Status s = common::FromGrpcStatus(st);
+    return absl::Status(s.code(), absl::StrCat("export of expert ", expert, " from ", address_,
+                                               ": ", s.message()));
+  }
+  return bytes;
 }
 
 }  // namespace moe::router

@@ -42,6 +42,11 @@ class GrpcShardClient final : public ShardClient {
                                                 uint64_t version,
                                                 absl::Duration timeout) override;
   absl::StatusOr<v1::ShardStatus> GetStatus(absl::Duration timeout) override;
+  absl::StatusOr<v1::BackwardResponse> Backward(const v1::BackwardRequest& request,
+                                                absl::Duration timeout) override;
+  absl::Status FinishStep(uint64_t step, bool commit, float learning_rate,
+                          absl::Duration timeout) override;
+  absl::StatusOr<std::string> ExportExpert(int expert, absl::Duration timeout) override;
 
   class Stream;
 

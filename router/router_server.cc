@@ -264,6 +264,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       return;
     }
     if (imbalance <= options.imbalance_threshold) return;
+    t.reset();  // Apply waits for every holder of the current table to let go of it
     absl::StatusOr<Placement> next = Propose(Strategy::kDynamic);
     if (next.ok() && Imbalance(*next, load) < imbalance - 0.05) Apply(*next).IgnoreError();
   }
@@ -427,6 +428,10 @@ struct InferStreamCore {
   std::deque<std::unique_ptr<v1::InferResponse>> outbox;
   bool writing = false, reads_done = false, finished = false;
   int in_flight = 0;
+  // Reading stops while this many requests are in flight, and resumes as they complete.
+  static constexpr int kMaxInFlight = 64;
+  bool read_paused = false;
+  std::function<void()> resume_read;  // the reactor's StartRead; valid while reactor is set
 
   void WriteNextLocked() {
     if (writing || finished || outbox.empty() || reactor == nullptr) return;
@@ -444,6 +449,10 @@ struct InferStreamCore {
   void Complete(uint64_t seq, std::unique_ptr<v1::InferResponse> resp) {
     std::lock_guard<std::mutex> lock(mu);
     --in_flight;
+    if (read_paused && !finished && reactor != nullptr && in_flight < kMaxInFlight) {
+      read_paused = false;
+      resume_read();
+    }
     done[seq] = std::move(resp);
     while (!done.empty() && done.begin()->first == next_to_write) {
       outbox.push_back(std::move(done.begin()->second));
@@ -460,6 +469,7 @@ class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest
   InferStreamReactor(RouterServer::Impl* impl, grpc::CallbackServerContext* ctx)
       : impl_(impl), ctx_(ctx), core_(std::make_shared<InferStreamCore>()) {
     core_->reactor = this;
+    core_->resume_read = [this] { StartRead(&request_); };
     StartRead(&request_);
   }
 
@@ -475,7 +485,13 @@ class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest
     {
       std::lock_guard<std::mutex> lock(core_->mu);
       ++core_->in_flight;
-      if (!core_->finished) StartRead(&request_);
+      if (!core_->finished) {
+        if (core_->in_flight < InferStreamCore::kMaxInFlight) {
+          StartRead(&request_);
+        } else {
+          core_->read_paused = true;
+        }
+      }
     }
     const absl::Time deadline = impl_->DeadlineOf(ctx_);
     const auto start = std::chrono::steady_clock::now();

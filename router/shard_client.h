@@ -42,6 +42,13 @@ class ShardClient {
                                                         uint64_t version,
                                                         absl::Duration timeout) = 0;
   virtual absl::StatusOr<v1::ShardStatus> GetStatus(absl::Duration timeout) = 0;
+  // Training and checkpoint calls (blocking, from worker threads).
+  virtual absl::StatusOr<v1::BackwardResponse> Backward(const v1::BackwardRequest& request,
+                                                        absl::Duration timeout) = 0;
+  virtual absl::Status FinishStep(uint64_t step, bool commit, float learning_rate,
+                                  absl::Duration timeout) = 0;
+  // The expert's current weights as safetensors bytes (ExportExpert).
+  virtual absl::StatusOr<std::string> ExportExpert(int expert, absl::Duration timeout) = 0;
 };
 
 }  // namespace moe::router

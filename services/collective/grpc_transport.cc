@@ -22,9 +22,15 @@ void CollectiveHub::Break(const std::string& group, uint64_t generation) {
   cv_.notify_all();
 }
 
-void CollectiveHub::Forget(const std::string& group) {
+void CollectiveHub::Forget(const std::string& group, uint64_t generation) {
   std::lock_guard<std::mutex> lock(mu_);
-  boxes_.erase(group);
+  auto it = boxes_.find(group);
+  if (it == boxes_.end()) return;
+  auto& chunks = it->second.chunks;
+  for (auto c = chunks.begin(); c != chunks.end();) {
+    c = c->generation <= generation ? chunks.erase(c) : std::next(c);
+  }
+  if (chunks.empty() && it->second.broken_generation <= generation) boxes_.erase(it);
 }
 
 int64_t CollectiveHub::refused() const {
@@ -73,8 +79,11 @@ class PushReactor final : public grpc::ServerReadReactor<v1::CollectiveChunk> {
       Finish(grpc::Status::OK);
       return;
     }
-    group_ = msg_.group();
-    generation_ = msg_.generation();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      group_ = msg_.group();
+      generation_ = msg_.generation();
+    }
     Chunk c;
     c.generation = msg_.generation();
     c.step = msg_.step();
@@ -88,7 +97,8 @@ class PushReactor final : public grpc::ServerReadReactor<v1::CollectiveChunk> {
     StartRead(&msg_);
   }
   void OnCancel() override {
-    // The sender died or was cut off mid-collective.
+    // The sender died or was cut off mid-collective (runs concurrently with OnReadDone).
+    std::lock_guard<std::mutex> lock(mu_);
     if (!group_.empty()) hub_->Break(group_, generation_);
   }
   void OnDone() override { delete this; }
@@ -97,6 +107,7 @@ class PushReactor final : public grpc::ServerReadReactor<v1::CollectiveChunk> {
   CollectiveHub* hub_;
   v1::CollectiveAck* ack_;
   v1::CollectiveChunk msg_;
+  std::mutex mu_;
   std::string group_;
   uint64_t generation_ = 0;
   int64_t count_ = 0;

@@ -27,8 +27,8 @@ class CollectiveHub {
   // The incoming stream of `generation` for `group` broke: its Take fails with ABORTED.
   void Break(const std::string& group, uint64_t generation);
   absl::StatusOr<Chunk> Take(const std::string& group, uint64_t generation, absl::Time deadline);
-  // Drops a finished group's leftovers.
-  void Forget(const std::string& group);
+  // Drops a finished collective's leftovers (chunks of `generation` and older).
+  void Forget(const std::string& group, uint64_t generation);
   int64_t refused() const;
 
  private:

@@ -1,0 +1,244 @@
+#include "router/trainer.h"
+
+#include <condition_variable>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace moe::router {
+
+std::vector<v1::ReplicaGroup> ReplicaGroups(const RoutingTable& table) {
+  std::map<std::vector<int>, std::vector<int>> by_set;
+  for (size_t e = 0; e < table.placement.replicas.size(); ++e) {
+    const auto& r = table.placement.replicas[e];
+    if (r.size() >= 2) by_set[r].push_back(static_cast<int>(e));
+  }
+  std::vector<v1::ReplicaGroup> out;
+  for (const auto& [shards, experts] : by_set) {
+    v1::ReplicaGroup g;
+    for (int e : experts) g.add_experts(e);
+    for (int s : shards) g.add_shards(table.shards[s]->address());
+    out.push_back(std::move(g));
+  }
+  return out;
+}
+
+Trainer::Trainer(const common::ModelConfig& config, Committer committer)
+    : config_(config),
+      committer_(std::move(committer)),
+      // Steps of different router lifetimes must not collide on a shard.
+      next_step_(static_cast<uint64_t>(absl::ToUnixMillis(absl::Now())) << 16) {}
+
+void Trainer::AbortEverywhere(const RoutingTable& table, uint64_t step) {
+  for (const auto& s : table.shards) {
+    s->FinishStep(step, /*commit=*/false, 0.f, absl::Seconds(10)).IgnoreError();
+  }
+}
+
+absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
+                                          const common::GateWeights& gate, const float* x,
+                                          const float* dy, int64_t n, const TrainParams& params,
+                                          absl::Time deadline) {
+  const int k = config_.top_k, E = config_.num_experts;
+  const int64_t d = config_.d_model;
+  const int S = static_cast<int>(table.shards.size());
+  TrainResult result;
+  result.step = next_step_.fetch_add(1);
+  GateParams gp{gate.weight.data(), gate.bias.empty() ? nullptr : gate.bias.data(), E,
+                config_.d_model};
+  result.gating = Route(gp, x, n, GatingOptions{k, config_.normalize_topk, params.capacity_factor, {}});
+  const GatingResult& g = result.gating;
+  const ExpertGroups groups = GroupByExpert(g);
+  // Each expert's rows in contiguous parts over its healthy replicas.
+  std::vector<std::map<int, std::vector<int64_t>>> plan(S);
+  for (int e = 0; e < E; ++e) {
+    const int64_t begin = groups.offsets[e], count = groups.offsets[e + 1] - begin;
+    if (count == 0) continue;
+    std::vector<int> reps;
+    for (int s : table.placement.replicas[e]) {
+      if (s < S && table.shards[s]->healthy()) reps.push_back(s);
+    }
+    if (reps.empty()) {
+      return absl::UnavailableError(absl::StrCat("expert ", e, " has no healthy replica"));
+    }
+    for (size_t i = 0; i < reps.size(); ++i) {
+      const int64_t b = begin + count * static_cast<int64_t>(i) / static_cast<int64_t>(reps.size());
+      const int64_t en =
+          begin + count * static_cast<int64_t>(i + 1) / static_cast<int64_t>(reps.size());
+      auto& dst = plan[reps[i]][e];
+      for (int64_t p = b; p < en; ++p) dst.push_back(p);
+    }
+  }
+  // Training forwards.
+  struct Wait {
+    std::mutex mu;
+    std::condition_variable cv;
+    int waiting = 0;
+    std::vector<std::pair<int, absl::StatusOr<v1::DispatchResponse>>> results;
+  };
+  auto wait = std::make_shared<Wait>();
+  std::vector<uint64_t> batch_of(S, 0);
+  std::vector<int32_t> local(n, -1);
+  const uint32_t timeout_ms = static_cast<uint32_t>(
+      std::max<int64_t>(1, absl::ToInt64Milliseconds(deadline - absl::Now())));
+  for (int s = 0; s < S; ++s) {
+    if (plan[s].empty()) continue;
+    auto req = BuildShardRequest(plan[s], groups, k, x, d, common::WireType::kFloat32, &local);
+    batch_of[s] = next_batch_id_.fetch_add(1);
+    req->set_batch_id(batch_of[s]);
+    req->set_train_step(result.step);
+    req->set_timeout_ms(timeout_ms);
+    req->set_placement_version(table.placement.version);
+    int64_t rows = 0;
+    for (const auto& [e, pos] : plan[s]) rows += static_cast<int64_t>(pos.size());
+    {
+      std::lock_guard<std::mutex> lock(wait->mu);
+      ++wait->waiting;
+    }
+    table.shards[s]->Dispatch(req, rows, [wait, s](absl::StatusOr<v1::DispatchResponse> r) {
+      std::lock_guard<std::mutex> lock(wait->mu);
+      wait->results.emplace_back(s, std::move(r));
+      --wait->waiting;
+      wait->cv.notify_all();
+    });
+  }
+  std::vector<float> eo(groups.assignment.size() * d);
+  {
+    std::unique_lock<std::mutex> lock(wait->mu);
+    if (!wait->cv.wait_until(lock, absl::ToChronoTime(deadline),
+                             [&] { return wait->waiting == 0; })) {
+      lock.unlock();
+      AbortEverywhere(table, result.step);
+      return absl::DeadlineExceededError("deadline passed during the training forward");
+    }
+  }
+  for (auto& [s, r] : wait->results) {
+    absl::Status err = r.ok() ? absl::Status(static_cast<absl::StatusCode>(r->code()), r->message())
+                              : r.status();
+    if (err.ok() && r->outputs_size() != static_cast<int>(plan[s].size())) {
+      err = absl::InternalError("a shard left experts unanswered");
+    }
+    if (!err.ok()) {
+      AbortEverywhere(table, result.step);
+      return absl::AbortedError(absl::StrCat("training forward on shard ",
+                                             table.shards[s]->address(), " failed: ",
+                                             err.message(), "; step aborted, no weight changed"));
+    }
+    for (const v1::ExpertOutput& out : r->outputs()) {
+      const std::vector<int64_t>& pos = plan[s][out.expert()];
+      auto v = common::DecodeMatrix(out.output(), "output", d);
+      if (!v.ok() || v->dim(0) != static_cast<int64_t>(pos.size())) {
+        AbortEverywhere(table, result.step);
+        return absl::AbortedError("a shard answered a malformed training forward");
+      }
+      const std::vector<float> vals = common::ViewToFloat(*v);
+      for (size_t i = 0; i < pos.size(); ++i) {
+        std::memcpy(&eo[pos[i] * d], &vals[i * d], sizeof(float) * d);
+      }
+    }
+  }
+  // Backward through the combine: dL/dw = <dy, E(x)>, and each expert sees w * dy.
+  std::vector<float> dweights(n * k, 0.f);
+  for (int64_t a = 0; a < n * k; ++a) {
+    const int64_t slot = groups.slot[a];
+    if (slot < 0) continue;
+    const float* dyt = dy + (a / k) * d;
+    const float* o = &eo[slot * d];
+    float dot = 0.f;
+    for (int64_t i = 0; i < d; ++i) dot += dyt[i] * o[i];
+    dweights[a] = dot;
+  }
+  std::vector<float> dxe(groups.assignment.size() * d);
+  std::vector<absl::Status> back_status(S);
+  std::vector<std::thread> threads;
+  for (int s = 0; s < S; ++s) {
+    if (plan[s].empty()) continue;
+    threads.emplace_back([&, s] {
+      v1::BackwardRequest req;
+      req.set_train_step(result.step);
+      req.set_batch_id(batch_of[s]);
+      for (const auto& [e, pos] : plan[s]) {
+        std::vector<float> rows(pos.size() * d);
+        for (size_t i = 0; i < pos.size(); ++i) {
+          const int64_t a = groups.assignment[pos[i]];
+          const float w = g.weights[a];
+          const float* dyt = dy + (a / k) * d;
+          for (int64_t j = 0; j < d; ++j) rows[i * d + j] = w * dyt[j];
+        }
+        v1::ExpertOutput* out = req.add_grads();
+        out->set_expert(e);
+        common::EncodeTensor(rows, {static_cast<int64_t>(pos.size()), d},
+                             common::WireType::kFloat32, out->mutable_output());
+      }
+      absl::StatusOr<v1::BackwardResponse> resp =
+          table.shards[s]->Backward(req, std::max(deadline - absl::Now(), absl::Milliseconds(1)));
+      if (!resp.ok()) {
+        back_status[s] = resp.status();
+        return;
+      }
+      for (const v1::ExpertOutput& gi : resp->grad_inputs()) {
+        auto it = plan[s].find(gi.expert());
+        auto v = common::DecodeMatrix(gi.output(), "grad_input", d);
+        if (it == plan[s].end() || !v.ok() || v->dim(0) != static_cast<int64_t>(it->second.size())) {
+          back_status[s] = absl::InternalError("malformed backward answer");
+          return;
+        }
+        const std::vector<float> vals = common::ViewToFloat(*v);
+        for (size_t i = 0; i < it->second.size(); ++i) {
+          std::memcpy(&dxe[it->second[i] * d], &vals[i * d], sizeof(float) * d);
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int s = 0; s < S; ++s) {
+    if (!back_status[s].ok()) {
+      AbortEverywhere(table, result.step);
+      return absl::AbortedError(absl::StrCat("backward on shard ", table.shards[s]->address(),
+                                             " failed: ", back_status[s].message(),
+                                             "; step aborted, no weight changed"));
+    }
+  }
+  result.grad_input.assign(n * d, 0.f);
+  for (int64_t a = 0; a < n * k; ++a) {
+    const int64_t slot = groups.slot[a];
+    if (slot < 0) continue;
+    float* gx = &result.grad_input[(a / k) * d];
+    const float* src = &dxe[slot * d];
+    for (int64_t i = 0; i < d; ++i) gx[i] += src[i];
+  }
+  // The gate.
+  std::vector<float> dlogits(n * E);
+  GateBackward(g, dweights.data(), config_.normalize_topk, params.aux_loss_coef,
+               params.z_loss_coef, dlogits.data());
+  result.gate_weight.resize(static_cast<size_t>(E) * d);
+  result.gate_bias.resize(gate.bias.size());
+  GateParamBackward(gp, x, dlogits.data(), n, result.gate_weight.data(),
+                    gate.bias.empty() ? nullptr : result.gate_bias.data(),
+                    result.grad_input.data());
+  // Commit: replicas sum their gradients, then every shard applies its update, or none does.
+  v1::CommitStepRequest commit;
+  commit.set_train_step(result.step);
+  commit.set_learning_rate(params.learning_rate);
+  for (auto& grp : ReplicaGroups(table)) *commit.add_groups() = std::move(grp);
+  for (const auto& s : table.shards) commit.add_shards(s->address());
+  commit.set_timeout_ms(static_cast<uint32_t>(
+      std::max<int64_t>(1000, absl::ToInt64Milliseconds(deadline - absl::Now()))));
+  absl::StatusOr<v1::CommitStepResponse> done = committer_(commit);
+  if (!done.ok()) {
+    AbortEverywhere(table, result.step);
+    return absl::AbortedError(absl::StrCat("commit of step ", result.step, " failed: ",
+                                           done.status().message()));
+  }
+  if (!done->committed()) {
+    return absl::AbortedError(absl::StrCat("step ", result.step, " aborted, no weight changed: ",
+                                           done->reason()));
+  }
+  return result;
+}
+
+}  // namespace moe::router

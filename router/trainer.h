@@ -1,0 +1,68 @@
+#ifndef MOE_ROUTER_TRAINER_H_
+#define MOE_ROUTER_TRAINER_H_
+
+// One training step over the cluster: gate forward, training forwards on the shards (which keep
+// their activations), backward through the combine and the experts (dX from the shards, expert
+// gradients accumulated there), backward through the gate with the auxiliary losses, then the
+// commit: replicated experts' gradients are summed over their replicas by ring all-reduce and
+// every shard applies SGD, or, if anything failed, every shard drops the step. No gRPC here.
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "moe/v1/coordinator.pb.h"
+#include "router/dispatcher.h"
+#include "router/gating.h"
+#include "services/common/checkpoint.h"
+
+namespace moe::router {
+
+struct TrainParams {
+  float learning_rate = 0.f;
+  float aux_loss_coef = 0.f;
+  float z_loss_coef = 0.f;
+  double capacity_factor = 0.0;
+};
+
+struct TrainResult {
+  uint64_t step = 0;
+  std::vector<float> grad_input;   // [N, d_model]
+  std::vector<float> gate_weight;  // dL/dWg [E, d_model]
+  std::vector<float> gate_bias;    // dL/dbg [E] or empty
+  GatingResult gating;
+};
+
+class Trainer {
+ public:
+  // Runs the commit protocol (the coordinator's CommitStep).
+  using Committer =
+      std::function<absl::StatusOr<v1::CommitStepResponse>(const v1::CommitStepRequest&)>;
+
+  Trainer(const common::ModelConfig& config, Committer committer);
+
+  // One step on tokens x [n, d_model] with dL/dy = dy. On success every shard has applied its
+  // update; the caller applies `gate_weight`/`gate_bias` to the gate. On failure no shard changed
+  // a weight: ABORTED (or UNAVAILABLE when an expert has no healthy replica).
+  absl::StatusOr<TrainResult> Step(const RoutingTable& table, const common::GateWeights& gate,
+                                   const float* x, const float* dy, int64_t n,
+                                   const TrainParams& params, absl::Time deadline);
+
+ private:
+  void AbortEverywhere(const RoutingTable& table, uint64_t step);
+
+  const common::ModelConfig config_;
+  Committer committer_;
+  std::atomic<uint64_t> next_step_;
+  std::atomic<uint64_t> next_batch_id_{1};
+};
+
+// Replicated experts grouped by their replica set (ring order = shard order).
+std::vector<v1::ReplicaGroup> ReplicaGroups(const RoutingTable& table);
+
+}  // namespace moe::router
+
+#endif  // MOE_ROUTER_TRAINER_H_

@@ -1,0 +1,57 @@
+// moe-coordinator: shard membership and the commit-or-abort of training steps.
+
+#include <cstdio>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "services/common/flags.h"
+#include "services/common/signals.h"
+#include "services/common/status_macros.h"
+#include "services/coordinator/coordinator_server.h"
+
+namespace {
+
+absl::Status Run(int argc, char** argv) {
+  ASSIGN_OR_RETURN(moe::common::Flags f,
+                   moe::common::Flags::Parse(argc, argv, 1,
+                                             {{"port", true}, {"host", true},
+                                              {"metrics-port", true}, {"lease-ms", true}}));
+  moe::coordinator::CoordinatorOptions o;
+  ASSIGN_OR_RETURN(int64_t port, f.GetInt("port", 50041));
+  const std::string host = f.Get("host", "0.0.0.0");
+  o.address = absl::StrCat(host, ":", port);
+  if (f.Has("metrics-port")) {
+    ASSIGN_OR_RETURN(int64_t mp, f.GetInt("metrics-port", 0));
+    o.metrics_address = absl::StrCat(host, ":", mp);
+  }
+  ASSIGN_OR_RETURN(int64_t lease, f.GetInt("lease-ms", 3000));
+  if (lease < 100) return absl::InvalidArgumentError("--lease-ms must be at least 100");
+  o.lease = absl::Milliseconds(lease);
+  moe::common::BlockTerminationSignals();
+  ASSIGN_OR_RETURN(auto server, moe::coordinator::CoordinatorServer::Start(o));
+  std::printf("moe-coordinator listening on %s:%d\n", host.c_str(), server->port());
+  std::fflush(stdout);
+  std::thread waiter([&] {
+    if (moe::common::WaitForTerminationSignal() != 0) server->Shutdown();
+  });
+  server->Wait();
+  moe::common::WakeSignalWaiter();
+  waiter.join();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--help") {
+    std::puts("moe-coordinator [--port 50041] [--host 0.0.0.0] [--metrics-port N] [--lease-ms 3000]\n"
+              "  shard membership (register/heartbeat with leases) and training-step commit/abort");
+    return 0;
+  }
+  absl::Status st = Run(argc, argv);
+  if (!st.ok()) {
+    std::fprintf(stderr, "moe-coordinator: %s\n", std::string(st.message()).c_str());
+    return 1;
+  }
+  return 0;
+}

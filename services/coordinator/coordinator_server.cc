@@ -1,0 +1,306 @@
+#include "services/coordinator/coordinator_server.h"
+
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <prometheus/counter.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+
+#include "absl/strings/str_cat.h"
+#include "moe/v1/coordinator.grpc.pb.h"
+#include "moe/v1/expert_shard.grpc.pb.h"
+#include "services/common/grpc_status.h"
+#include "services/common/thread_pool.h"
+
+namespace moe::coordinator {
+
+class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
+ public:
+  CoordinatorOptions options;
+  std::shared_ptr<prometheus::Registry> registry;
+  std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<common::MetricsEndpoint> metrics_endpoint;
+  std::unique_ptr<common::ThreadPool> pool;
+  int port = 0;
+
+  std::mutex mu;
+  std::map<std::string, absl::Time> members;
+  uint64_t membership_version = 0;
+  std::atomic<uint64_t> generation{0};
+  std::mutex step_mu;  // one step at a time
+
+  prometheus::Family<prometheus::Counter>* steps_family;
+  prometheus::Counter* commits;
+  prometheus::Counter* aborts;
+  prometheus::Family<prometheus::Counter>* failures_family;
+  prometheus::Histogram* allreduce_seconds;
+  prometheus::Counter* allreduce_bytes;
+  prometheus::Gauge* bus_bandwidth;
+  prometheus::Gauge* members_gauge;
+
+  void InitMetrics() {
+    steps_family = &prometheus::BuildCounter()
+                        .Name("moe_coordinator_steps_total")
+                        .Help("Training steps by outcome")
+                        .Register(*registry);
+    commits = &steps_family->Add({{"outcome", "commit"}});
+    aborts = &steps_family->Add({{"outcome", "abort"}});
+    failures_family = &prometheus::BuildCounter()
+                           .Name("moe_coordinator_allreduce_failures_total")
+                           .Help("Failed gradient reductions by status code")
+                           .Register(*registry);
+    allreduce_seconds = &prometheus::BuildHistogram()
+                             .Name("moe_coordinator_allreduce_seconds")
+                             .Help("Time of one replica group's gradient all-reduce")
+                             .Register(*registry)
+                             .Add({}, prometheus::Histogram::BucketBoundaries{
+                                          1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25,
+                                          0.5, 1, 2.5, 5, 10});
+    allreduce_bytes = &prometheus::BuildCounter()
+                           .Name("moe_coordinator_allreduce_bytes_total")
+                           .Help("Gradient bytes all-reduced (buffer size per group)")
+                           .Register(*registry)
+                           .Add({});
+    bus_bandwidth = &prometheus::BuildGauge()
+                         .Name("moe_coordinator_allreduce_bus_bandwidth_bytes_per_second")
+                         .Help("2 (N-1)/N * bytes / time of the last all-reduce")
+                         .Register(*registry)
+                         .Add({});
+    members_gauge = &prometheus::BuildGauge()
+                         .Name("moe_coordinator_members")
+                         .Help("Shards holding a lease")
+                         .Register(*registry)
+                         .Add({});
+  }
+
+  void ExpireLocked() {
+    const absl::Time now = absl::Now();
+    for (auto it = members.begin(); it != members.end();) {
+      if (now - it->second > options.lease) {
+        it = members.erase(it);
+        ++membership_version;
+      } else {
+        ++it;
+      }
+    }
+    members_gauge->Set(static_cast<double>(members.size()));
+  }
+
+  grpc::ServerUnaryReactor* Register(grpc::CallbackServerContext* ctx,
+                                     const v1::RegisterRequest* req,
+                                     v1::RegisterResponse* resp) override {
+    auto* reactor = ctx->DefaultReactor();
+    if (req->address().empty()) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "address is empty"));
+      return reactor;
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    ExpireLocked();
+    if (members.emplace(req->address(), absl::Now()).second) {
+      ++membership_version;
+    } else {
+      members[req->address()] = absl::Now();
+    }
+    members_gauge->Set(static_cast<double>(members.size()));
+    resp->set_membership_version(membership_version);
+    resp->set_lease_ms(absl::ToInt64Milliseconds(options.lease));
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+
+  grpc::ServerUnaryReactor* Heartbeat(grpc::CallbackServerContext* ctx,
+                                      const v1::HeartbeatRequest* req,
+                                      v1::HeartbeatResponse* resp) override {
+    auto* reactor = ctx->DefaultReactor();
+    std::lock_guard<std::mutex> lock(mu);
+    ExpireLocked();
+    auto it = members.find(req->address());
+    if (it != members.end()) it->second = absl::Now();
+    resp->set_known(it != members.end());
+    resp->set_membership_version(membership_version);
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+
+  grpc::ServerUnaryReactor* ListMembers(grpc::CallbackServerContext* ctx,
+                                        const v1::ListMembersRequest*,
+                                        v1::Membership* out) override {
+    auto* reactor = ctx->DefaultReactor();
+    std::lock_guard<std::mutex> lock(mu);
+    ExpireLocked();
+    out->set_version(membership_version);
+    for (const auto& [addr, seen] : members) {
+      v1::Member* m = out->add_members();
+      m->set_address(addr);
+      m->set_last_seen_ms_ago(absl::ToInt64Milliseconds(absl::Now() - seen));
+    }
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+
+  grpc::ServerUnaryReactor* CommitStep(grpc::CallbackServerContext* ctx,
+                                       const v1::CommitStepRequest* req,
+                                       v1::CommitStepResponse* resp) override {
+    auto* reactor = ctx->DefaultReactor();
+    if (!pool->Submit([this, reactor, req, resp] {
+          RunStep(*req, resp);
+          reactor->Finish(grpc::Status::OK);
+        })) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "coordinator is shutting down"));
+    }
+    return reactor;
+  }
+
+  std::unique_ptr<v1::ExpertShard::Stub> ShardStub(const std::string& address) {
+    return v1::ExpertShard::NewStub(grpc::CreateCustomChannel(
+        address, grpc::InsecureChannelCredentials(), common::ClientChannelArgs(options.limits)));
+  }
+
+  // Reduce every group (groups in parallel, every member of a group in parallel); then commit
+  // everywhere if all succeeded, else abort everywhere.
+  void RunStep(const v1::CommitStepRequest& req, v1::CommitStepResponse* resp) {
+    std::lock_guard<std::mutex> step_lock(step_mu);
+    const uint32_t timeout_ms = req.timeout_ms() > 0 ? req.timeout_ms() : 30000;
+    struct Call {
+      int group;
+      int rank;
+      grpc::Status status;
+      v1::ReduceGradientsResponse resp;
+    };
+    std::vector<Call> calls;
+    for (int g = 0; g < req.groups_size(); ++g) {
+      if (req.groups(g).shards_size() < 2) continue;
+      for (int r = 0; r < req.groups(g).shards_size(); ++r) calls.push_back({g, r, {}, {}});
+    }
+    std::vector<uint64_t> generations(req.groups_size());
+    for (auto& gen : generations) gen = generation.fetch_add(1) + 1;
+    std::vector<std::thread> threads;
+    for (Call& c : calls) {
+      threads.emplace_back([&, this] {
+        const v1::ReplicaGroup& group = req.groups(c.group);
+        v1::ReduceGradientsRequest rr;
+        rr.set_train_step(req.train_step());
+        rr.set_group(absl::StrCat("step", req.train_step(), "-group", c.group));
+        for (int e : group.experts()) rr.add_experts(e);
+        for (const auto& s : group.shards()) rr.add_members(s);
+        rr.set_rank(c.rank);
+        rr.set_generation(generations[c.group]);
+        rr.set_timeout_ms(timeout_ms);
+        rr.set_bf16_wire(req.bf16_wire());
+        grpc::ClientContext cctx;
+        cctx.set_deadline(std::chrono::system_clock::now() +
+                          std::chrono::milliseconds(timeout_ms + 1000));
+        c.status = ShardStub(group.shards(c.rank))->ReduceGradients(&cctx, rr, &c.resp);
+      });
+    }
+    for (auto& t : threads) t.join();
+    std::string reason;
+    for (const Call& c : calls) {
+      if (!c.status.ok()) {
+        failures_family
+            ->Add({{"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(
+                                c.status.error_code()))}})
+            .Increment();
+        if (reason.empty()) {
+          reason = absl::StrCat("group ", c.group, " rank ", c.rank, " (",
+                                req.groups(c.group).shards(c.rank), "): ", c.status.error_message());
+        }
+      } else if (c.rank == 0) {
+        const int n = req.groups(c.group).shards_size();
+        const double bytes = 4.0 * static_cast<double>(c.resp.elements());
+        allreduce_seconds->Observe(c.resp.seconds());
+        allreduce_bytes->Increment(bytes);
+        resp->set_allreduce_bytes(resp->allreduce_bytes() + static_cast<int64_t>(bytes));
+        resp->set_allreduce_seconds(std::max(resp->allreduce_seconds(), c.resp.seconds()));
+        if (c.resp.seconds() > 0) {
+          bus_bandwidth->Set(2.0 * (n - 1) / n * bytes / c.resp.seconds());
+        }
+      }
+    }
+    const bool commit = reason.empty();
+    // Second phase: every shard commits, or every shard aborts.
+    std::vector<grpc::Status> finish(req.shards_size());
+    threads.clear();
+    for (int s = 0; s < req.shards_size(); ++s) {
+      threads.emplace_back([&, s, this] {
+        v1::FinishStepRequest fr;
+        fr.set_train_step(req.train_step());
+        fr.set_commit(commit);
+        fr.set_learning_rate(req.learning_rate());
+        v1::FinishStepResponse fresp;
+        grpc::ClientContext cctx;
+        cctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+        finish[s] = ShardStub(req.shards(s))->FinishStep(&cctx, fr, &fresp);
+      });
+    }
+    for (auto& t : threads) t.join();
+    for (int s = 0; s < req.shards_size() && commit; ++s) {
+      if (!finish[s].ok()) {
+        reason = absl::StrCat("commit on ", req.shards(s), " failed: ", finish[s].error_message(),
+                              " (replicas may now differ; SaveCheckpoint reports it)");
+      }
+    }
+    resp->set_committed(commit);
+    resp->set_reason(reason);
+    (commit ? commits : aborts)->Increment();
+  }
+};
+
+CoordinatorServer::CoordinatorServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+CoordinatorServer::~CoordinatorServer() {
+  Shutdown();
+  impl_->server->Wait();
+}
+
+absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
+    CoordinatorOptions options) {
+  auto impl = std::make_unique<Impl>();
+  impl->options = std::move(options);
+  impl->registry =
+      impl->options.registry ? impl->options.registry : std::make_shared<prometheus::Registry>();
+  impl->InitMetrics();
+  impl->pool = std::make_unique<common::ThreadPool>(4);
+  common::EnableHealthAndReflection();
+  grpc::ServerBuilder builder;
+  common::ConfigureServerBuilder(&builder, impl->options.limits);
+  builder.AddListeningPort(impl->options.address, grpc::InsecureServerCredentials(), &impl->port);
+  builder.RegisterService(impl.get());
+  impl->server = builder.BuildAndStart();
+  if (impl->server == nullptr || impl->port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", impl->options.address));
+  }
+  if (!impl->options.metrics_address.empty()) {
+    auto ep = common::MetricsEndpoint::Start(impl->options.metrics_address, impl->registry);
+    if (!ep.ok()) {
+      impl->server->Shutdown();
+      impl->server->Wait();
+      return ep.status();
+    }
+    impl->metrics_endpoint = std::move(*ep);
+  }
+  return std::unique_ptr<CoordinatorServer>(new CoordinatorServer(std::move(impl)));
+}
+
+int CoordinatorServer::port() const { return impl_->port; }
+int CoordinatorServer::metrics_port() const {
+  return impl_->metrics_endpoint ? impl_->metrics_endpoint->port() : 0;
+}
+std::string CoordinatorServer::address() const { return absl::StrCat("127.0.0.1:", impl_->port); }
+void CoordinatorServer::Shutdown(absl::Duration grace) {
+  impl_->server->GetHealthCheckService()->Shutdown();
+  impl_->server->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+  impl_->pool->Shutdown();
+}
+void CoordinatorServer::Wait() { impl_->server->Wait(); }
+const std::shared_ptr<prometheus::Registry>& CoordinatorServer::registry() const {
+  return impl_->registry;
+}
+
+}  // namespace moe::coordinator
