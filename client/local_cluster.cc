@@ -45,6 +45,18 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
     return absl::NotFoundError(absl::StrCat("checkpoint ", options.checkpoint,
                                             " not found (make one with moe-client init-checkpoint)"));
   }
+  if (options.coordinator) {
+    if (options.verbose) std::fprintf(stderr, "moe-cluster: starting the coordinator\n");
+    std::vector<std::string> cargs = {c->options_.bin_dir + "/moe-coordinator", "--host",
+                                      "127.0.0.1", "--port", "0"};
+    if (options.metrics_port >= 0) {
+      cargs.insert(cargs.end(),
+                   {"--metrics-port", std::to_string(options.metrics_port + 1 + options.shards)});
+    }
+    ASSIGN_OR_RETURN(c->coordinator_, common::Subprocess::Spawn(cargs));
+    ASSIGN_OR_RETURN(int cport, c->coordinator_.ReadListeningPort(absl::Seconds(60)));
+    c->coordinator_address_ = absl::StrCat("127.0.0.1:", cport);
+  }
   for (int i = 0; i < options.shards; ++i) {
     if (options.verbose) std::fprintf(stderr, "moe-cluster: starting shard %d\n", i);
     ASSIGN_OR_RETURN(common::Subprocess p, c->SpawnShard(i, 0));
@@ -59,6 +71,9 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
                                     options.placement};
   if (options.metrics_port >= 0) {
     args.insert(args.end(), {"--metrics-port", std::to_string(options.metrics_port)});
+  }
+  if (!c->coordinator_address_.empty()) {
+    args.insert(args.end(), {"--coordinator", c->coordinator_address_});
   }
   args.insert(args.end(), options.router_args.begin(), options.router_args.end());
   if (options.verbose) std::fprintf(stderr, "moe-cluster: starting the router\n");
@@ -95,6 +110,10 @@ void LocalCluster::Stop(absl::Duration grace) {
   router_.Wait(grace).IgnoreError();
   for (auto& s : shards_) s.Signal(SIGTERM);
   for (auto& s : shards_) s.Wait(grace).IgnoreError();
+  if (!coordinator_address_.empty()) {
+    coordinator_.Signal(SIGTERM);
+    coordinator_.Wait(grace).IgnoreError();
+  }
 }
 
 LocalCluster::~LocalCluster() = default;

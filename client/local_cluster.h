@@ -25,7 +25,8 @@ struct LocalClusterOptions {
   std::vector<std::string> router_args;  // extra flags for the router
   // Shard i's command is prefixed with wrap(i) (e.g. taskset -c i); empty: none.
   std::vector<std::vector<std::string>> shard_wrappers;
-  bool verbose = false;  // print progress to stderr
+  bool coordinator = true;  // start moe-coordinator and point the router at it
+  bool verbose = false;     // print progress to stderr
 };
 
 class LocalCluster {
@@ -42,6 +43,8 @@ class LocalCluster {
   const std::vector<std::string>& shard_addresses() const { return shard_addresses_; }
   common::Subprocess& shard(int i) { return shards_[i]; }
   common::Subprocess& router() { return router_; }
+  // Empty when started without a coordinator.
+  const std::string& coordinator_address() const { return coordinator_address_; }
 
   // Starts shard i again (after it was killed) on the same port; it loads nothing until the
   // router gives it its experts back.
@@ -52,6 +55,8 @@ class LocalCluster {
   LocalClusterOptions options_;
   std::vector<common::Subprocess> shards_;
   common::Subprocess router_;
+  common::Subprocess coordinator_;
+  std::string coordinator_address_;
   std::vector<std::string> shard_addresses_;
   std::string router_address_;
 };

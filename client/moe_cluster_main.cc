@@ -31,7 +31,8 @@ usage: moe-cluster --checkpoint PATH [flags]
   --placement S            replicated | sharded | hybrid (default) | dynamic
   --router-port N          router port (default 50051; 0 picks a free one)
   --shard-threads N        compute threads per shard (default 1)
-  --metrics-port N         router /metrics on N, shard i on N+1+i (default: off)
+  --metrics-port N         router /metrics on N, shard i on N+1+i, coordinator on N+1+shards
+                           (default: off)
   --capacity-factor C      passed to the router
   --overflow drop|spill    passed to the router
   --wire fp32|bf16         passed to the router
@@ -71,6 +72,7 @@ absl::Status Run(int argc, char** argv) {
     std::printf("shard %d addr=%s pid=%d\n", i, cluster->shard_addresses()[i].c_str(),
                 cluster->shard(i).pid());
   }
+  std::printf("coordinator addr=%s\n", cluster->coordinator_address().c_str());
   std::printf("router addr=%s pid=%d\n", cluster->router_address().c_str(), cluster->router().pid());
   std::printf("READY router=%s\n", cluster->router_address().c_str());
   std::fflush(stdout);

@@ -358,6 +358,7 @@ class DispatchReactor final
         if (!impl->finished_steps.count(t.train_step)) {
           auto& step = impl->steps[t.train_step];
           for (DispatchTask::Part& p : t.parts) {
+            if (p.cache == nullptr) continue;  // no rows for this expert
             step.forwards[{t.batch_id, p.expert}] =
                 ShardServer::Impl::CachedForward{std::move(p.input), std::move(p.cache)};
           }

@@ -32,6 +32,7 @@ usage: moe-router --checkpoint PATH --shards HOST:PORT[,HOST:PORT...] [flags]
   --max-batch-tokens N       tokens one request may carry (default 8192)
   --wire fp32|bf16           row format towards the shards (default fp32)
   --timeout-s N              deadline for requests that come without one (default 30)
+  --coordinator HOST:PORT    moe-coordinator, needed for TrainStep
 )";
 
 absl::Status Run(int argc, char** argv) {
@@ -44,7 +45,7 @@ absl::Status Run(int argc, char** argv) {
                              {"capacity-factor", true}, {"overflow", true}, {"threads", true},
                              {"dynamic-slots", true}, {"imbalance-threshold", true},
                              {"rebalance-cooldown-s", true}, {"max-batch-tokens", true},
-                             {"wire", true}, {"timeout-s", true}}));
+                             {"wire", true}, {"timeout-s", true}, {"coordinator", true}}));
   moe::router::RouterServerOptions o;
   ASSIGN_OR_RETURN(o.checkpoint, f.Require("checkpoint"));
   ASSIGN_OR_RETURN(std::string shards, f.Require("shards"));
@@ -59,6 +60,7 @@ absl::Status Run(int argc, char** argv) {
     o.metrics_address = absl::StrCat(host, ":", mp);
   }
   o.load.tensor_prefix = f.Get("tensor-prefix");
+  o.coordinator = f.Get("coordinator");
   if (f.Has("activation")) {
     ASSIGN_OR_RETURN(auto act, moe::common::ParseActivation(f.Get("activation")));
     o.load.activation = act;

@@ -21,6 +21,8 @@
 #include "router/grpc_shard_client.h"
 #include "router/load_stats.h"
 #include "router/router_metrics.h"
+#include "router/trainer.h"
+#include "moe/v1/coordinator.grpc.pb.h"
 #include "services/common/grpc_status.h"
 #include "services/common/status_macros.h"
 #include "services/common/thread_pool.h"
@@ -42,7 +44,17 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
  public:
   RouterServerOptions options;
   common::ModelConfig config;
-  common::GateWeights gate;
+  // The gate, replaced as a whole after each training step (requests keep the one they read).
+  std::mutex gate_mu;
+  std::shared_ptr<const common::GateWeights> gate;
+  std::shared_ptr<const common::GateWeights> Gate() {
+    std::lock_guard<std::mutex> lock(gate_mu);
+    return gate;
+  }
+  std::unique_ptr<Trainer> trainer;
+  std::unique_ptr<v1::Coordinator::Stub> coordinator;
+  std::mutex train_mu;  // one training step at a time
+  std::atomic<uint64_t> steps_done{0};
   std::shared_ptr<prometheus::Registry> registry;
   std::unique_ptr<RouterMetrics> metrics;
   std::vector<std::shared_ptr<ShardClient>> shards;
@@ -116,7 +128,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         gopt.capacity_scale.push_back(std::max<int>(1, static_cast<int>(r.size())));
       }
     }
-    GateParams gp{gate.weight.data(), gate.bias.empty() ? nullptr : gate.bias.data(),
+    std::shared_ptr<const common::GateWeights> gw = Gate();
+    GateParams gp{gw->weight.data(), gw->bias.empty() ? nullptr : gw->bias.data(),
                   config.num_experts, config.d_model};
     GatingResult g = Route(gp, x.data(), n, gopt);
     metrics->Stage("gate", Seconds(start));
@@ -312,22 +325,137 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   grpc::ServerBidiReactor<v1::InferRequest, v1::InferResponse>* InferStream(
       grpc::CallbackServerContext* ctx) override;
 
+  // Decodes an [N, d_model] tensor of finite values.
+  absl::StatusOr<std::vector<float>> FiniteMatrix(const v1::Tensor& t, const char* what,
+                                                  int64_t* n) {
+    const int64_t d = config.d_model;
+    if (t.shape_size() == 2 && t.shape(0) > options.max_batch_tokens) {
+      return absl::ResourceExhaustedError(absl::StrCat(what, ": ", t.shape(0),
+                                                       " tokens exceed the limit of ",
+                                                       options.max_batch_tokens));
+    }
+    common::DecodeLimits limits;
+    limits.max_elements = options.max_batch_tokens * d;
+    ASSIGN_OR_RETURN(common::TensorView v, common::DecodeMatrix(t, what, d, limits));
+    *n = v.dim(0);
+    if (*n == 0) return absl::InvalidArgumentError(absl::StrCat(what, ": the batch is empty"));
+    std::vector<float> x = common::ViewToFloat(v);
+    for (size_t i = 0; i < x.size(); ++i) {
+      if (!std::isfinite(x[i])) {
+        return absl::InvalidArgumentError(absl::StrCat(what, "[", i / d, ", ", i % d, "] is ",
+                                                       std::isnan(x[i]) ? "NaN" : "infinite"));
+      }
+    }
+    return x;
+  }
+
+  absl::Status Train(const v1::TrainStepRequest& req, v1::TrainStepResponse* resp,
+                     absl::Time deadline) {
+    if (trainer == nullptr) {
+      return absl::FailedPreconditionError(
+          "TrainStep needs the coordinator: start moe-router with --coordinator HOST:PORT");
+    }
+    int64_t n = 0, n_dy = 0;
+    ASSIGN_OR_RETURN(std::vector<float> x, FiniteMatrix(req.tokens(), "tokens", &n));
+    ASSIGN_OR_RETURN(std::vector<float> dy, FiniteMatrix(req.grad_output(), "grad_output", &n_dy));
+    if (n_dy != n) {
+      return absl::InvalidArgumentError(absl::StrCat("grad_output has ", n_dy,
+                                                     " rows, tokens has ", n));
+    }
+    for (float v : {req.learning_rate(), req.aux_loss_coef(), req.z_loss_coef()}) {
+      if (!std::isfinite(v)) {
+        return absl::InvalidArgumentError("learning_rate and loss coefficients must be finite");
+      }
+    }
+    std::lock_guard<std::mutex> lock(train_mu);
+    std::shared_ptr<const RoutingTable> t = Table();
+    if (t == nullptr) return absl::UnavailableError("the router is still loading its placement");
+    std::shared_ptr<const common::GateWeights> gw = Gate();
+    TrainParams p{req.learning_rate(), req.aux_loss_coef(), req.z_loss_coef(),
+                  options.capacity_factor};
+    ASSIGN_OR_RETURN(TrainResult r, trainer->Step(*t, *gw, x.data(), dy.data(), n, p, deadline));
+    auto next = std::make_shared<common::GateWeights>(*gw);
+    for (size_t i = 0; i < next->weight.size(); ++i) {
+      next->weight[i] -= req.learning_rate() * r.gate_weight[i];
+    }
+    for (size_t i = 0; i < next->bias.size(); ++i) {
+      next->bias[i] -= req.learning_rate() * r.gate_bias[i];
+    }
+    {
+      std::lock_guard<std::mutex> gl(gate_mu);
+      gate = std::move(next);
+    }
+    common::EncodeTensor(r.grad_input, {n, config.d_model}, common::WireType::kFloat32,
+                         resp->mutable_grad_input());
+    resp->set_step(++steps_done);
+    v1::RoutingStats* s = resp->mutable_stats();
+    s->set_dropped_assignments(r.gating.dropped);
+    s->set_load_balance_loss(r.gating.load_balance_loss);
+    s->set_router_z_loss(r.gating.router_z_loss);
+    return absl::OkStatus();
+  }
+
+  absl::Status Save(const v1::SaveCheckpointRequest& req, v1::SaveCheckpointResponse* resp) {
+    if (req.path().empty()) return absl::InvalidArgumentError("path is empty");
+    std::lock_guard<std::mutex> lock(train_mu);  // weights do not move while we read them
+    std::shared_ptr<const RoutingTable> t = Table();
+    if (t == nullptr) return absl::UnavailableError("the router is still loading its placement");
+    common::Checkpoint ck;
+    ck.config = config;
+    ck.gate = *Gate();
+    ck.experts.resize(config.num_experts);
+    bool identical = true;
+    for (int e = 0; e < config.num_experts; ++e) {
+      bool divergent = false;
+      for (size_t i = 0; i < t->placement.replicas[e].size(); ++i) {
+        const int s = t->placement.replicas[e][i];
+        ASSIGN_OR_RETURN(std::string bytes, shards[s]->ExportExpert(e, absl::Seconds(60)));
+        ASSIGN_OR_RETURN(common::ExpertWeights w, common::ParseExpert(bytes, config, e));
+        if (i == 0) {
+          ck.experts[e] = std::move(w);
+        } else if (w.w1 != ck.experts[e].w1 || w.w2 != ck.experts[e].w2 ||
+                   w.w3 != ck.experts[e].w3 || w.b1 != ck.experts[e].b1 ||
+                   w.b2 != ck.experts[e].b2 || w.b3 != ck.experts[e].b3) {
+          divergent = true;
+        }
+      }
+      if (divergent) {
+        identical = false;
+        resp->add_divergent_experts(e);
+      }
+    }
+    RETURN_IF_ERROR(common::SaveCheckpoint(req.path(), ck, options.load.tensor_prefix));
+    resp->set_path(req.path());
+    resp->set_replicas_identical(identical);
+    resp->set_step(steps_done.load());
+    return absl::OkStatus();
+  }
+
   grpc::ServerUnaryReactor* TrainStep(grpc::CallbackServerContext* ctx,
-                                      const v1::TrainStepRequest*,
-                                      v1::TrainStepResponse*) override {
+                                      const v1::TrainStepRequest* req,
+                                      v1::TrainStepResponse* resp) override {
     auto* reactor = ctx->DefaultReactor();
-    reactor->Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                                 "TrainStep arrives with the coordinator; this router serves "
-                                 "inference only"));
+    const auto start = std::chrono::steady_clock::now();
+    const absl::Time deadline = DeadlineOf(ctx);
+    if (!pool->Submit([this, reactor, req, resp, deadline, start] {
+          absl::Status st = Train(*req, resp, deadline);
+          metrics->Request("TrainStep", CodeName(st.code()), Seconds(start));
+          reactor->Finish(common::ToGrpcStatus(st));
+        })) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "router is shutting down"));
+    }
     return reactor;
   }
 
   grpc::ServerUnaryReactor* SaveCheckpoint(grpc::CallbackServerContext* ctx,
-                                           const v1::SaveCheckpointRequest*,
-                                           v1::SaveCheckpointResponse*) override {
+                                           const v1::SaveCheckpointRequest* req,
+                                           v1::SaveCheckpointResponse* resp) override {
     auto* reactor = ctx->DefaultReactor();
-    reactor->Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                                 "SaveCheckpoint arrives with the coordinator"));
+    if (!pool->Submit([this, reactor, req, resp] {
+          reactor->Finish(common::ToGrpcStatus(Save(*req, resp)));
+        })) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "router is shutting down"));
+    }
     return reactor;
   }
 
@@ -575,7 +703,23 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   lo.experts = std::vector<int>{};  // the router needs the gate only
   ASSIGN_OR_RETURN(common::Checkpoint ck, common::LoadCheckpoint(o.checkpoint, lo));
   impl->config = ck.config;
-  impl->gate = std::move(ck.gate);
+  impl->gate = std::make_shared<const common::GateWeights>(std::move(ck.gate));
+  if (!o.coordinator.empty()) {
+    impl->coordinator = v1::Coordinator::NewStub(grpc::CreateCustomChannel(
+        o.coordinator, grpc::InsecureChannelCredentials(), common::ClientChannelArgs(o.limits)));
+    v1::Coordinator::Stub* stub = impl->coordinator.get();
+    impl->trainer = std::make_unique<Trainer>(
+        impl->config, [stub](const v1::CommitStepRequest& req)
+                          -> absl::StatusOr<v1::CommitStepResponse> {
+          grpc::ClientContext ctx;
+          ctx.set_deadline(std::chrono::system_clock::now() +
+                           std::chrono::milliseconds(req.timeout_ms() + 5000));
+          v1::CommitStepResponse resp;
+          grpc::Status st = stub->CommitStep(&ctx, req, &resp);
+          if (!st.ok()) return common::FromGrpcStatus(st);
+          return resp;
+        });
+  }
   impl->registry = o.registry ? o.registry : std::make_shared<prometheus::Registry>();
   impl->metrics = std::make_unique<RouterMetrics>(*impl->registry, impl->config.num_experts, o.shards);
   impl->load_stats = std::make_unique<LoadStats>(impl->config.num_experts);

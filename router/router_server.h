@@ -29,6 +29,7 @@ struct RouterServerOptions {
   std::string checkpoint;
   common::LoadOptions load;
   std::vector<std::string> shards;  // host:port of each expert shard
+  std::string coordinator;          // host:port of moe-coordinator; needed by TrainStep
   Strategy strategy = Strategy::kHybrid;
   double capacity_factor = 0.0;
   Overflow overflow = Overflow::kDrop;

@@ -69,6 +69,7 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
       const int64_t b = begin + count * static_cast<int64_t>(i) / static_cast<int64_t>(reps.size());
       const int64_t en =
           begin + count * static_cast<int64_t>(i + 1) / static_cast<int64_t>(reps.size());
+      if (en == b) continue;  // fewer rows than replicas
       auto& dst = plan[reps[i]][e];
       for (int64_t p = b; p < en; ++p) dst.push_back(p);
     }
