@@ -56,6 +56,13 @@ commands:
   placement --router HOST:PORT [--rebalance STRATEGY] [--dry-run]
       the placement table; --rebalance switches strategy (replicated|sharded|hybrid|dynamic),
       --dry-run only scores the proposal
+  train --router HOST:PORT --steps K [--learning-rate LR] [--aux-loss-coef A] [--z-loss-coef Z]
+        (--tokens T.safetensors --grad-output G.safetensors | --synthetic --batch-size N [--seed S])
+      K training steps; with files, the same batch every step (`tokens` and `grad_output`
+      [N, d_model]); --synthetic regresses the layer onto a fixed random linear target
+      (loss = mean squared error, grad_output = 2 (y - target) / N). Prints the loss per step.
+  save-checkpoint --router HOST:PORT --path PATH
+      the current (trained) weights as a safetensors checkpoint on the router's file system
   load --router HOST:PORT [--checkpoint PATH --zipf S] [--concurrency C] [--batch-size N]
        [--duration SECONDS | --requests R] [--seed S]
       a load generator: C concurrent InferStream streams of N-token requests; with a checkpoint
@@ -284,6 +291,124 @@ absl::Status PlacementCmd(const Flags& f) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<v1::ClusterInfo> GetInfo(v1::Router::Stub* stub, const std::string& addr) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  v1::ClusterInfo info;
+  grpc::Status st = stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info);
+  if (!st.ok()) {
+    return absl::UnavailableError(absl::StrCat("cannot reach the router at ", addr, ": ",
+                                               st.error_message()));
+  }
+  return info;
+}
+
+absl::Status Train(const Flags& f) {
+  ASSIGN_OR_RETURN(std::string addr, f.Require("router"));
+  ASSIGN_OR_RETURN(int64_t steps, f.GetInt("steps", 10));
+  ASSIGN_OR_RETURN(double lr, f.GetDouble("learning-rate", 0.01));
+  ASSIGN_OR_RETURN(double aux, f.GetDouble("aux-loss-coef", 0.0));
+  ASSIGN_OR_RETURN(double z, f.GetDouble("z-loss-coef", 0.0));
+  ASSIGN_OR_RETURN(int64_t batch, f.GetInt("batch-size", 64));
+  ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 1));
+  if (steps < 1 || batch < 1) return absl::InvalidArgumentError("--steps and --batch-size must be >= 1");
+  auto stub = MakeRouterStub(addr);
+  ASSIGN_OR_RETURN(v1::ClusterInfo info, GetInfo(stub.get(), addr));
+  const int64_t d = info.d_model();
+  std::vector<float> x, dy_fixed, target;
+  const bool synthetic = f.Has("synthetic");
+  if (synthetic == (f.Has("tokens") || f.Has("grad-output"))) {
+    return absl::InvalidArgumentError("train needs --synthetic, or --tokens and --grad-output");
+  }
+  if (synthetic) {
+    x = common::RandomMatrix(batch, d, seed);
+    // A fixed random linear target T x, the layer regresses onto it.
+    const std::vector<float> t = common::RandomMatrix(d, d, seed + 1);
+    target.assign(batch * d, 0.f);
+    for (int64_t i = 0; i < batch; ++i) {
+      for (int64_t o = 0; o < d; ++o) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < d; ++j) acc += t[o * d + j] * x[i * d + j];
+        target[i * d + o] = acc / static_cast<float>(d);
+      }
+    }
+  } else {
+    ASSIGN_OR_RETURN(auto tok, ReadTokens(f.Get("tokens")));
+    ASSIGN_OR_RETURN(auto reader, common::SafetensorsReader::Open(f.Get("grad-output")));
+    ASSIGN_OR_RETURN(dy_fixed, reader->ReadFloat("grad_output"));
+    x = std::move(tok.first);
+    if (tok.second != d || dy_fixed.size() != x.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("tokens and grad_output must both be [N, ",
+                                                     d, "]"));
+    }
+    batch = static_cast<int64_t>(x.size()) / d;
+  }
+  Progress progress("train", steps);
+  std::vector<std::vector<std::string>> rows;
+  for (int64_t s = 0; s < steps; ++s) {
+    std::vector<float> dy = dy_fixed;
+    double loss = 0;
+    if (synthetic) {
+      v1::InferRequest req;
+      common::EncodeTensor(x, {batch, d}, common::WireType::kFloat32, req.mutable_tokens());
+      v1::InferResponse resp;
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+      grpc::Status st = stub->Infer(&ctx, req, &resp);
+      if (!st.ok()) return common::FromGrpcStatus(st);
+      ASSIGN_OR_RETURN(common::TensorView v, common::DecodeMatrix(resp.output(), "output", d));
+      const std::vector<float> y = common::ViewToFloat(v);
+      dy.resize(y.size());
+      for (size_t i = 0; i < y.size(); ++i) {
+        const float r = y[i] - target[i];
+        loss += static_cast<double>(r) * r / static_cast<double>(batch);
+        dy[i] = 2.f * r / static_cast<float>(batch);
+      }
+    }
+    v1::TrainStepRequest req;
+    common::EncodeTensor(x, {batch, d}, common::WireType::kFloat32, req.mutable_tokens());
+    common::EncodeTensor(dy, {batch, d}, common::WireType::kFloat32, req.mutable_grad_output());
+    req.set_learning_rate(static_cast<float>(lr));
+    req.set_aux_loss_coef(static_cast<float>(aux));
+    req.set_z_loss_coef(static_cast<float>(z));
+    v1::TrainStepResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+    grpc::Status st = stub->TrainStep(&ctx, req, &resp);
+    if (!st.ok()) {
+      absl::Status e = common::FromGrpcStatus(st);
+      return absl::Status(e.code(), absl::StrCat("step ", s + 1, ": ",
+                                                 absl::StatusCodeToString(e.code()), ": ",
+                                                 e.message()));
+    }
+    rows.push_back({absl::StrCat(resp.step()), synthetic ? absl::StrFormat("%.6f", loss) : "-",
+                    absl::StrFormat("%.5f", resp.stats().load_balance_loss()),
+                    absl::StrFormat("%.4f", resp.stats().router_z_loss())});
+    progress.Update(s + 1, synthetic ? absl::StrFormat("loss %.5f", loss) : "");
+  }
+  progress.Finish();
+  PrintTable({"step", "loss", "load_balance_loss", "router_z_loss"}, rows);
+  return absl::OkStatus();
+}
+
+absl::Status SaveCheckpointCmd(const Flags& f) {
+  ASSIGN_OR_RETURN(std::string addr, f.Require("router"));
+  ASSIGN_OR_RETURN(std::string path, f.Require("path"));
+  auto stub = MakeRouterStub(addr);
+  v1::SaveCheckpointRequest req;
+  req.set_path(path);
+  v1::SaveCheckpointResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(300));
+  grpc::Status st = stub->SaveCheckpoint(&ctx, req, &resp);
+  if (!st.ok()) return common::FromGrpcStatus(st);
+  std::printf("wrote %s after step %llu; replicas identical: %s%s\n", resp.path().c_str(),
+              static_cast<unsigned long long>(resp.step()),
+              resp.replicas_identical() ? "yes" : "NO, divergent experts ",
+              resp.replicas_identical() ? "" : absl::StrJoin(resp.divergent_experts(), ",").c_str());
+  return absl::OkStatus();
+}
+
 absl::Status Load(const Flags& f) {
   ASSIGN_OR_RETURN(std::string addr, f.Require("router"));
   ASSIGN_OR_RETURN(int64_t concurrency, f.GetInt("concurrency", 4));
@@ -482,6 +607,12 @@ int Main(int argc, char** argv) {
          {"router", true}, {"bf16", false}, {"tensor-prefix", true}, {"capacity-factor", true}},
         Forward}},
       {"info", {{{"router", true}}, Info}},
+      {"train",
+       {{{"router", true}, {"steps", true}, {"learning-rate", true}, {"aux-loss-coef", true},
+         {"z-loss-coef", true}, {"tokens", true}, {"grad-output", true}, {"synthetic", false},
+         {"batch-size", true}, {"seed", true}},
+        Train}},
+      {"save-checkpoint", {{{"router", true}, {"path", true}}, SaveCheckpointCmd}},
       {"placement", {{{"router", true}, {"rebalance", true}, {"dry-run", false}}, PlacementCmd}},
       {"load",
        {{{"router", true}, {"checkpoint", true}, {"tensor-prefix", true}, {"zipf", true},
