@@ -30,6 +30,8 @@ usage: moe-expert-server --checkpoint PATH [flags]
   --max-queue-rows N       queued rows before batches are refused (default 65536)
   --max-batch-rows N       rows one batch may assign (default 8192)
   --max-message-mb N       gRPC message size limit (default 64)
+  --coordinator HOST:PORT  register with moe-coordinator and keep a lease (membership)
+  --advertise HOST:PORT    the address to register (default 127.0.0.1:<port>)
 )";
 
 absl::Status Run(int argc, char** argv) {
@@ -40,7 +42,8 @@ absl::Status Run(int argc, char** argv) {
                              {"checkpoint", true}, {"tensor-prefix", true}, {"activation", true},
                              {"experts", true}, {"threads", true}, {"max-coalesced-rows", true},
                              {"batch-delay-us", true}, {"max-queue-rows", true},
-                             {"max-batch-rows", true}, {"max-message-mb", true}}));
+                             {"max-batch-rows", true}, {"max-message-mb", true},
+                             {"coordinator", true}, {"advertise", true}}));
   moe::expert::ShardServerOptions o;
   ASSIGN_OR_RETURN(o.checkpoint, f.Require("checkpoint"));
   ASSIGN_OR_RETURN(int64_t port, f.GetInt("port", 50061));
@@ -51,6 +54,8 @@ absl::Status Run(int argc, char** argv) {
     o.metrics_address = absl::StrCat(host, ":", mp);
   }
   o.load.tensor_prefix = f.Get("tensor-prefix");
+  o.coordinator = f.Get("coordinator");
+  o.advertise_address = f.Get("advertise");
   if (f.Has("activation")) {
     ASSIGN_OR_RETURN(auto act, moe::common::ParseActivation(f.Get("activation")));
     o.load.activation = act;

@@ -1,5 +1,6 @@
 #include "expert_server/shard_server.h"
 
+#include <condition_variable>
 #include <deque>
 #include <mutex>
 #include <set>
@@ -10,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
+#include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/common/grpc_status.h"
 #include "services/common/status_macros.h"
@@ -117,6 +119,45 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
 
   absl::Notification initial_loaded;
   absl::Status initial_status;
+
+  std::thread heartbeat;
+  std::mutex hb_mu;
+  std::condition_variable hb_cv;
+  bool hb_stop = false;
+  // Registers with the coordinator and keeps the lease (re-registering when it forgot us).
+  void HeartbeatLoop() {
+    auto stub = v1::Coordinator::NewStub(grpc::CreateCustomChannel(
+        options.coordinator, grpc::InsecureChannelCredentials(),
+        common::ClientChannelArgs(options.limits)));
+    const std::string self = options.advertise_address.empty()
+                                 ? absl::StrCat("127.0.0.1:", port)
+                                 : options.advertise_address;
+    bool registered = false;
+    std::chrono::milliseconds period(300);
+    std::unique_lock<std::mutex> lock(hb_mu);
+    while (!hb_stop) {
+      lock.unlock();
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(1));
+      if (!registered) {
+        v1::RegisterRequest req;
+        req.set_address(self);
+        v1::RegisterResponse resp;
+        if (stub->Register(&ctx, req, &resp).ok()) {
+          registered = true;
+          period = std::chrono::milliseconds(std::max<int64_t>(100, resp.lease_ms() / 4));
+        }
+      } else {
+        v1::HeartbeatRequest req;
+        req.set_address(self);
+        v1::HeartbeatResponse resp;
+        grpc::Status st = stub->Heartbeat(&ctx, req, &resp);
+        if (!st.ok() || !resp.known()) registered = false;
+      }
+      lock.lock();
+      hb_cv.wait_for(lock, period, [this] { return hb_stop; });
+    }
+  }
 
   std::mutex mu;
   std::set<std::shared_ptr<StreamCore>> streams;
@@ -813,6 +854,12 @@ void ShardServer::Impl::DoShutdown(absl::Duration grace) {
       open.assign(streams.begin(), streams.end());
     }
     server->GetHealthCheckService()->Shutdown();
+    {
+      std::lock_guard<std::mutex> lock(hb_mu);
+      hb_stop = true;
+    }
+    hb_cv.notify_all();
+    if (heartbeat.joinable()) heartbeat.join();
     for (auto& s : open) {
       s->cancelled->store(true);
       s->End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "shard is shutting down"));
@@ -904,6 +951,7 @@ absl::StatusOr<std::unique_ptr<ShardServer>> ShardServer::Start(ShardServerOptio
       return st;
     }
   }
+  if (!o.coordinator.empty()) impl->heartbeat = std::thread([raw] { raw->HeartbeatLoop(); });
   return std::unique_ptr<ShardServer>(new ShardServer(std::move(impl)));
 }
 

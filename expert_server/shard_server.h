@@ -34,6 +34,10 @@ struct ShardServerOptions {
   int64_t max_batch_rows = 8192;
   common::RpcLimits limits;
   std::shared_ptr<prometheus::Registry> registry;  // created when null
+  // moe-coordinator to register with and heartbeat to; empty: none.
+  std::string coordinator;
+  // The address peers and the router reach this shard at; empty: 127.0.0.1:<port>.
+  std::string advertise_address;
 };
 
 class ShardServer {

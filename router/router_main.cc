@@ -14,7 +14,10 @@ namespace {
 
 constexpr char kUsage[] = R"(moe-router: gates tokens and serves the MoE layer over its expert shards.
 
-usage: moe-router --checkpoint PATH --shards HOST:PORT[,HOST:PORT...] [flags]
+usage: moe-router --checkpoint PATH (--shards HOST:PORT[,...] | --coordinator HOST:PORT) [flags]
+
+  --shards LIST              the expert shards; without it the router follows the shards that
+                             registered with --coordinator (joins and leaves seen live)
 
   --port N                   gRPC port (default 50051; 0 picks a free one and prints it)
   --host H                   address to bind (default 0.0.0.0)
@@ -48,7 +51,7 @@ absl::Status Run(int argc, char** argv) {
                              {"wire", true}, {"timeout-s", true}, {"coordinator", true}}));
   moe::router::RouterServerOptions o;
   ASSIGN_OR_RETURN(o.checkpoint, f.Require("checkpoint"));
-  ASSIGN_OR_RETURN(std::string shards, f.Require("shards"));
+  const std::string shards = f.Get("shards");
   for (absl::string_view s : absl::StrSplit(shards, ',', absl::SkipEmpty())) {
     o.shards.emplace_back(s);
   }

@@ -65,11 +65,11 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, int num_experts,
                             .Help("Version of the placement in use")
                             .Register(registry)
                             .Add({});
-  auto& up = prometheus::BuildGauge()
-                 .Name("moe_shard_up")
-                 .Help("1 when the shard is in rotation")
-                 .Register(registry);
-  for (const std::string& s : shards) shard_up_.push_back(&up.Add({{"shard", s}}));
+  shard_up_family_ = &prometheus::BuildGauge()
+                         .Name("moe_shard_up")
+                         .Help("1 when the shard is in rotation")
+                         .Register(registry);
+  for (const std::string& s : shards) shard_up_[s] = &shard_up_family_->Add({{"shard", s}});
 }
 
 void RouterMetrics::Request(const std::string& method, const std::string& code, double seconds) {
@@ -102,8 +102,13 @@ void RouterMetrics::Tokens(int64_t tokens, const std::vector<int64_t>& per_exper
   if (spilled > 0) spilled_->Increment(static_cast<double>(spilled));
 }
 
-void RouterMetrics::SetShardUp(int shard, bool up) {
-  if (shard >= 0 && shard < static_cast<int>(shard_up_.size())) shard_up_[shard]->Set(up ? 1 : 0);
+void RouterMetrics::SetShardUp(const std::string& shard, bool up) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = shard_up_.find(shard);
+  if (it == shard_up_.end()) {
+    it = shard_up_.emplace(shard, &shard_up_family_->Add({{"shard", shard}})).first;
+  }
+  it->second->Set(up ? 1 : 0);
 }
 
 }  // namespace moe::router

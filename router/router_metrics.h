@@ -28,7 +28,7 @@ class RouterMetrics {
   void Rebalanced() { rebalances_->Increment(); }
   void SetImbalance(double v) { imbalance_->Set(v); }
   void SetPlacementVersion(double v) { placement_version_->Set(v); }
-  void SetShardUp(int shard, bool up);
+  void SetShardUp(const std::string& shard, bool up);
 
  private:
   prometheus::Family<prometheus::Counter>* requests_;
@@ -45,7 +45,8 @@ class RouterMetrics {
   prometheus::Counter* rebalances_;
   prometheus::Gauge* imbalance_;
   prometheus::Gauge* placement_version_;
-  std::vector<prometheus::Gauge*> shard_up_;
+  prometheus::Family<prometheus::Gauge>* shard_up_family_;
+  std::map<std::string, prometheus::Gauge*> shard_up_;
 };
 
 }  // namespace moe::router

@@ -57,7 +57,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::atomic<uint64_t> steps_done{0};
   std::shared_ptr<prometheus::Registry> registry;
   std::unique_ptr<RouterMetrics> metrics;
-  std::vector<std::shared_ptr<ShardClient>> shards;
+  // Shard clients by address (kept across membership changes).
+  std::mutex clients_mu;
+  std::map<std::string, std::shared_ptr<ShardClient>> clients;
   std::unique_ptr<Dispatcher> dispatcher;
   std::unique_ptr<LoadStats> load_stats;
   std::unique_ptr<common::ThreadPool> pool;
@@ -166,13 +168,45 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return std::min(client, absl::Now() + options.default_timeout);
   }
 
+  std::shared_ptr<ShardClient> ClientFor(const std::string& address) {
+    std::lock_guard<std::mutex> lock(clients_mu);
+    auto it = clients.find(address);
+    if (it != clients.end()) return it->second;
+    auto on_change = [this, address](bool up) { metrics->SetShardUp(address, up); };
+    auto c = options.shard_factory
+                 ? options.shard_factory(address, on_change)
+                 : std::make_shared<GrpcShardClient>(address, options.limits, on_change);
+    clients[address] = c;
+    return c;
+  }
+
+  // The shards the next placement spreads over: --shards, or the coordinator's members.
+  absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> Members() {
+    std::vector<std::string> addrs = options.shards;
+    if (addrs.empty()) {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+      v1::Membership m;
+      grpc::Status st = coordinator->ListMembers(&ctx, v1::ListMembersRequest(), &m);
+      if (!st.ok()) return common::FromGrpcStatus(st);
+      for (const auto& mem : m.members()) addrs.push_back(mem.address());
+      std::sort(addrs.begin(), addrs.end());
+      if (addrs.empty()) return absl::UnavailableError("no shard has joined yet");
+    }
+    std::vector<std::shared_ptr<ShardClient>> out;
+    for (const auto& a : addrs) out.push_back(ClientFor(a));
+    return out;
+  }
+
   // ---- placement ----
 
   v1::Placement ToProto(const Placement& p, bool applied) {
     v1::Placement out;
     out.set_version(p.version);
     out.set_strategy(std::string(StrategyName(p.strategy)));
-    for (const auto& s : shards) out.add_shard_addresses(s->address());
+    if (std::shared_ptr<const RoutingTable> t = Table()) {
+      for (const auto& s : t->shards) out.add_shard_addresses(s->address());
+    }
     const std::vector<double> load = load_stats->Load();
     for (size_t e = 0; e < p.replicas.size(); ++e) {
       v1::ExpertPlacement* ep = out.add_experts();
@@ -186,25 +220,65 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return out;
   }
 
-  absl::StatusOr<Placement> Propose(Strategy s) {
-    return ComputePlacement(s, config.num_experts, static_cast<int>(shards.size()),
-                            load_stats->Load(), options.dynamic_slots_per_shard);
+  absl::StatusOr<Placement> Propose(Strategy s, int num_shards) {
+    return ComputePlacement(s, config.num_experts, num_shards, load_stats->Load(),
+                            options.dynamic_slots_per_shard);
   }
 
-  // Loads the new replicas everywhere, switches, then lets the old ones drain away.
-  absl::Status Apply(Placement next) {
+  // Loads the new replicas everywhere (copied from a live replica once the model has trained,
+  // else from the checkpoint), switches, then lets the old ones drain away.
+  absl::Status Apply(Placement next, std::vector<std::shared_ptr<ShardClient>> next_shards) {
     std::lock_guard<std::mutex> lock(placement_mu);
     std::shared_ptr<const RoutingTable> old = Table();
     next.version = ++version;
-    const int S = static_cast<int>(shards.size());
-    std::vector<std::vector<int>> to_load(S), to_unload(S);
-    for (int s = 0; s < S; ++s) {
-      for (int e : next.ExpertsOn(s)) {
-        if (old == nullptr || !old->placement.Holds(s, e)) to_load[s].push_back(e);
-      }
-      if (old != nullptr) {
+    const int S = static_cast<int>(next_shards.size());
+    // What each address held under the old placement.
+    std::map<std::string, std::set<int>> held;
+    std::map<int, std::vector<std::string>> old_replicas;
+    if (old != nullptr) {
+      for (int s = 0; s < static_cast<int>(old->shards.size()); ++s) {
         for (int e : old->placement.ExpertsOn(s)) {
-          if (!next.Holds(s, e)) to_unload[s].push_back(e);
+          held[old->shards[s]->address()].insert(e);
+          old_replicas[e].push_back(old->shards[s]->address());
+        }
+      }
+    }
+    std::set<std::string> next_addrs;
+    for (const auto& c : next_shards) next_addrs.insert(c->address());
+    const bool trained = steps_done.load() > 0;
+    // to_load[s]: source peer ("" = checkpoint) -> experts.
+    std::vector<std::map<std::string, std::vector<int>>> to_load(S);
+    std::vector<std::vector<int>> to_unload(old ? old->shards.size() : 0);
+    for (int s = 0; s < S; ++s) {
+      const std::set<int>& had = held[next_shards[s]->address()];
+      for (int e : next.ExpertsOn(s)) {
+        if (had.count(e)) continue;
+        std::string source;
+        if (trained) {
+          for (const auto& a : old_replicas[e]) {
+            if (next_addrs.count(a) && ClientFor(a)->healthy()) {
+              source = a;
+              break;
+            }
+          }
+          if (source.empty()) {
+            return absl::UnavailableError(absl::StrCat(
+                "expert ", e, " has no live replica to copy its trained weights from"));
+          }
+        }
+        to_load[s][source].push_back(e);
+      }
+    }
+    if (old != nullptr) {
+      for (int s = 0; s < static_cast<int>(old->shards.size()); ++s) {
+        const std::string& a = old->shards[s]->address();
+        if (!next_addrs.count(a)) continue;  // it left
+        const int ns = static_cast<int>(
+            std::find_if(next_shards.begin(), next_shards.end(),
+                         [&](const auto& c) { return c->address() == a; }) -
+            next_shards.begin());
+        for (int e : old->placement.ExpertsOn(s)) {
+          if (!next.Holds(ns, e)) to_unload[s].push_back(e);
         }
       }
     }
@@ -213,8 +287,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     for (int s = 0; s < S; ++s) {
       if (to_load[s].empty()) continue;
       loaders.emplace_back([&, s] {
-        results[s] =
-            shards[s]->LoadExperts(to_load[s], next.version, "", absl::Minutes(5)).status();
+        for (const auto& [source, experts] : to_load[s]) {
+          results[s] = next_shards[s]->LoadExperts(experts, next.version, source,
+                                                   absl::Minutes(5)).status();
+          if (!results[s].ok()) return;
+        }
       });
     }
     for (auto& th : loaders) th.join();
@@ -223,11 +300,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     // A shard that just loaded its first experts turned SERVING: see it before switching.
     for (int s = 0; s < S; ++s) {
-      if (!to_load[s].empty() && !shards[s]->healthy()) shards[s]->CheckHealthNow();
+      if (!to_load[s].empty() && !next_shards[s]->healthy()) next_shards[s]->CheckHealthNow();
     }
     {
       std::lock_guard<std::mutex> tl(table_mu);
-      table = std::make_shared<RoutingTable>(RoutingTable{next, shards});
+      table = std::make_shared<RoutingTable>(RoutingTable{next, next_shards});
     }
     metrics->SetPlacementVersion(static_cast<double>(next.version));
     metrics->SetImbalance(Imbalance(next, load_stats->Load()));
@@ -239,9 +316,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     while (old != nullptr && old.use_count() > 1 && std::chrono::steady_clock::now() < drain_until) {
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
-    for (int s = 0; s < S; ++s) {
+    for (size_t s = 0; s < to_unload.size(); ++s) {
       if (!to_unload[s].empty()) {
-        shards[s]->UnloadExperts(to_unload[s], next.version, absl::Seconds(10)).IgnoreError();
+        old->shards[s]->UnloadExperts(to_unload[s], next.version, absl::Seconds(10)).IgnoreError();
       }
     }
     return absl::OkStatus();
@@ -251,8 +328,25 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   void Reconcile() {
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return;
-    for (int s = 0; s < static_cast<int>(shards.size()); ++s) {
-      absl::StatusOr<v1::ShardStatus> st = shards[s]->GetStatus(absl::Milliseconds(500));
+    if (options.shards.empty()) {
+      // Follow membership: a shard that joined or left changes the placement.
+      absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> members = Members();
+      if (members.ok()) {
+        bool same = members->size() == t->shards.size();
+        for (size_t i = 0; same && i < members->size(); ++i) {
+          same = (*members)[i]->address() == t->shards[i]->address();
+        }
+        if (!same) {
+          t.reset();
+          absl::StatusOr<Placement> p =
+              Propose(strategy.load(), static_cast<int>(members->size()));
+          if (p.ok()) Apply(*p, *members).IgnoreError();
+          return;
+        }
+      }
+    }
+    for (int s = 0; s < static_cast<int>(t->shards.size()); ++s) {
+      absl::StatusOr<v1::ShardStatus> st = t->shards[s]->GetStatus(absl::Milliseconds(500));
       if (!st.ok()) continue;
       std::set<int> have;
       for (const auto& e : st->experts()) {
@@ -265,7 +359,19 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         if (!have.count(e)) missing.push_back(e);
       }
       if (!missing.empty()) {
-        shards[s]->LoadExperts(missing, t->placement.version, "", absl::Minutes(5)).IgnoreError();
+        // Trained weights come from a live replica; before training, from the checkpoint.
+        std::string source;
+        if (steps_done.load() > 0) {
+          for (int e : missing) {
+            for (int r : t->placement.replicas[e]) {
+              if (r != s && t->shards[r]->healthy()) source = t->shards[r]->address();
+            }
+          }
+        }
+        if (steps_done.load() == 0 || !source.empty()) {
+          t->shards[s]->LoadExperts(missing, t->placement.version, source, absl::Minutes(5))
+              .IgnoreError();
+        }
       }
     }
     const std::vector<double> load = load_stats->Load();
@@ -278,8 +384,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     if (imbalance <= options.imbalance_threshold) return;
     t.reset();  // Apply waits for every holder of the current table to let go of it
-    absl::StatusOr<Placement> next = Propose(Strategy::kDynamic);
-    if (next.ok() && Imbalance(*next, load) < imbalance - 0.05) Apply(*next).IgnoreError();
+    std::vector<std::shared_ptr<ShardClient>> current;
+    {
+      std::shared_ptr<const RoutingTable> now = Table();
+      if (now == nullptr) return;
+      current = now->shards;
+    }
+    absl::StatusOr<Placement> next = Propose(Strategy::kDynamic, static_cast<int>(current.size()));
+    if (next.ok() && Imbalance(*next, load) < imbalance - 0.05) {
+      Apply(*next, std::move(current)).IgnoreError();
+    }
   }
 
   void ControlLoop() {
@@ -287,8 +401,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     while (!stopping) {
       lock.unlock();
       if (!ready.HasBeenNotified()) {
-        absl::StatusOr<Placement> p = Propose(strategy.load());
-        absl::Status st = p.ok() ? Apply(*p) : p.status();
+        absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> members = Members();
+        absl::StatusOr<Placement> p =
+            members.ok() ? Propose(strategy.load(), static_cast<int>(members->size()))
+                         : absl::StatusOr<Placement>(members.status());
+        absl::Status st = p.ok() ? Apply(*p, *members) : p.status();
         if (st.ok()) {
           server->GetHealthCheckService()->SetServingStatus(true);
           ready.Notify();
@@ -409,7 +526,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       bool divergent = false;
       for (size_t i = 0; i < t->placement.replicas[e].size(); ++i) {
         const int s = t->placement.replicas[e][i];
-        ASSIGN_OR_RETURN(std::string bytes, shards[s]->ExportExpert(e, absl::Seconds(60)));
+        ASSIGN_OR_RETURN(std::string bytes, t->shards[s]->ExportExpert(e, absl::Seconds(60)));
         ASSIGN_OR_RETURN(common::ExpertWeights w, common::ParseExpert(bytes, config, e));
         if (i == 0) {
           ck.experts[e] = std::move(w);
@@ -474,14 +591,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     std::shared_ptr<const RoutingTable> t = Table();
     info->set_placement_strategy(std::string(StrategyName(strategy.load())));
     if (t) info->set_placement_version(t->placement.version);
-    for (int s = 0; s < static_cast<int>(shards.size()); ++s) {
+    for (int s = 0; t && s < static_cast<int>(t->shards.size()); ++s) {
       v1::ShardInfo* si = info->add_shards();
-      si->set_address(shards[s]->address());
-      si->set_healthy(shards[s]->healthy());
-      if (t) {
-        for (int e : t->placement.ExpertsOn(s)) si->add_experts(e);
-        si->set_placement_version(t->placement.version);
-      }
+      si->set_address(t->shards[s]->address());
+      si->set_healthy(t->shards[s]->healthy());
+      for (int e : t->placement.ExpertsOn(s)) si->add_experts(e);
+      si->set_placement_version(t->placement.version);
     }
     reactor->Finish(grpc::Status::OK);
     return reactor;
@@ -517,10 +632,18 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     const bool dry = req->dry_run();
     if (!pool->Submit([this, reactor, out, s, dry] {
-          absl::StatusOr<Placement> p = Propose(s);
+          std::shared_ptr<const RoutingTable> now = Table();
+          if (now == nullptr) {
+            reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                         "the initial placement is still loading"));
+            return;
+          }
+          std::vector<std::shared_ptr<ShardClient>> current = now->shards;
+          now.reset();
+          absl::StatusOr<Placement> p = Propose(s, static_cast<int>(current.size()));
           absl::Status st = p.status();
           if (st.ok() && !dry) {
-            st = Apply(*p);
+            st = Apply(*p, std::move(current));
             if (st.ok()) p = Table()->placement;
           }
           if (st.ok()) *out = ToProto(*p, !dry);
@@ -697,7 +820,10 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   impl->options = std::move(options);
   RouterServerOptions& o = impl->options;
   if (o.checkpoint.empty()) return absl::InvalidArgumentError("--checkpoint is required");
-  if (o.shards.empty()) return absl::InvalidArgumentError("--shards needs at least one host:port");
+  if (o.shards.empty() && o.coordinator.empty()) {
+    return absl::InvalidArgumentError(
+        "give --shards HOST:PORT,... or --coordinator HOST:PORT to follow its membership");
+  }
   if (o.capacity_factor < 0) return absl::InvalidArgumentError("--capacity-factor must be >= 0");
   common::LoadOptions lo = o.load;
   lo.experts = std::vector<int>{};  // the router needs the gate only
@@ -725,13 +851,7 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   impl->load_stats = std::make_unique<LoadStats>(impl->config.num_experts);
   impl->dispatcher = std::make_unique<Dispatcher>(impl->config, DispatcherOptions{o.wire, 4});
   impl->strategy.store(o.strategy);
-  Impl* raw = impl.get();
-  for (size_t s = 0; s < o.shards.size(); ++s) {
-    auto on_change = [raw, s](bool up) { raw->metrics->SetShardUp(static_cast<int>(s), up); };
-    impl->shards.push_back(o.shard_factory
-                               ? o.shard_factory(o.shards[s], on_change)
-                               : std::make_shared<GrpcShardClient>(o.shards[s], o.limits, on_change));
-  }
+  for (const std::string& a : o.shards) impl->ClientFor(a);
   impl->pool = std::make_unique<common::ThreadPool>(std::max(1, o.worker_threads));
 
   common::EnableHealthAndReflection();
@@ -754,6 +874,7 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
     }
     impl->metrics_endpoint = std::move(*ep);
   }
+  Impl* raw = impl.get();
   impl->control = std::thread([raw] { raw->ControlLoop(); });
   return std::unique_ptr<RouterServer>(new RouterServer(std::move(impl)));
 }

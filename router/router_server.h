@@ -28,8 +28,9 @@ struct RouterServerOptions {
   std::string metrics_address;  // empty: no /metrics
   std::string checkpoint;
   common::LoadOptions load;
-  std::vector<std::string> shards;  // host:port of each expert shard
-  std::string coordinator;          // host:port of moe-coordinator; needed by TrainStep
+  // host:port of each expert shard; empty follows the coordinator's membership instead.
+  std::vector<std::string> shards;
+  std::string coordinator;  // host:port of moe-coordinator; needed by TrainStep
   Strategy strategy = Strategy::kHybrid;
   double capacity_factor = 0.0;
   Overflow overflow = Overflow::kDrop;

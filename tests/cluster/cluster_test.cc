@@ -21,6 +21,8 @@
 #include "router/moe_layer.h"
 #include "services/common/random_checkpoint.h"
 #include "services/common/tensor_codec.h"
+#include "services/common/subprocess.h"
+#include "absl/strings/str_cat.h"
 #include "tests/reference/test_util.h"
 
 namespace moe {
@@ -536,6 +538,123 @@ TEST_F(ClusterTest, DynamicPlacementRebalancesItselfUnderSkew) {
   }
   EXPECT_GT(now.experts(hot).shards_size(), 1);
   EXPECT_LT(now.imbalance(), 0.2);
+}
+
+// Starts moe-coordinator, a router following its membership, and `shards` shards that register.
+struct MembershipCluster {
+  common::Subprocess coordinator, router;
+  std::vector<common::Subprocess> shards;
+  std::string coordinator_addr, router_addr;
+
+  absl::Status AddShard(const std::string& checkpoint) {
+    auto p = common::Subprocess::Spawn({MOE_BIN_DIR "/moe-expert-server", "--checkpoint",
+                                        checkpoint, "--host", "127.0.0.1", "--port", "0",
+                                        "--experts", "none", "--coordinator", coordinator_addr});
+    if (!p.ok()) return p.status();
+    auto port = p->ReadListeningPort(absl::Seconds(30));
+    if (!port.ok()) return port.status();
+    shards.push_back(std::move(*p));
+    return absl::OkStatus();
+  }
+};
+
+int ShardCount(v1::Router::Stub* stub, bool healthy_only) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  v1::ClusterInfo info;
+  if (!stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info).ok()) return -1;
+  int n = 0;
+  for (const auto& s : info.shards()) n += !healthy_only || s.healthy();
+  return n;
+}
+
+TEST_F(ClusterTest, RouterFollowsMembershipAndTrainingSurvivesAShardLoss) {
+  MembershipCluster mc;
+  auto c = common::Subprocess::Spawn({MOE_BIN_DIR "/moe-coordinator", "--host", "127.0.0.1",
+                                      "--port", "0", "--lease-ms", "1000"});
+  ASSERT_TRUE(c.ok());
+  mc.coordinator = std::move(*c);
+  auto cport = mc.coordinator.ReadListeningPort(absl::Seconds(30));
+  ASSERT_TRUE(cport.ok());
+  mc.coordinator_addr = absl::StrCat("127.0.0.1:", *cport);
+  for (int i = 0; i < 2; ++i) ASSERT_TRUE(mc.AddShard(*path_).ok());
+  auto r = common::Subprocess::Spawn({MOE_BIN_DIR "/moe-router", "--checkpoint", *path_, "--host",
+                                      "127.0.0.1", "--port", "0", "--coordinator",
+                                      mc.coordinator_addr, "--placement", "replicated"});
+  ASSERT_TRUE(r.ok());
+  mc.router = std::move(*r);
+  auto rport = mc.router.ReadListeningPort(absl::Seconds(30));
+  ASSERT_TRUE(rport.ok());
+  auto stub = client::MakeRouterStub(absl::StrCat("127.0.0.1:", *rport));
+  auto wait_for = [&](int shards, double seconds) {
+    const auto start = Clock::now();
+    while (Since(start) < seconds) {
+      if (ShardCount(stub.get(), true) == shards && ShardCount(stub.get(), false) == shards) {
+        return Since(start);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return -1.0;
+  };
+  ASSERT_GE(wait_for(2, 20), 0) << "the router did not pick up the two shards";
+  // A shard that joins is seen without restarts.
+  ASSERT_TRUE(mc.AddShard(*path_).ok());
+  EXPECT_GE(wait_for(3, 10), 0) << "the third shard was not picked up";
+  const std::vector<float> x = common::RandomMatrix(16, Config().d_model, 61);
+  v1::InferResponse resp;
+  ASSERT_TRUE(Infer(stub.get(), Request(x, 16, "m"), &resp).ok());
+  EXPECT_TRUE(Matches(x, 16, resp, *layer_));
+  // Train one step on three replicas.
+  auto train = [&](uint64_t seed, int deadline_ms) {
+    v1::TrainStepRequest req;
+    common::EncodeTensor(common::RandomMatrix(24, Config().d_model, seed), {24, Config().d_model},
+                         common::WireType::kFloat32, req.mutable_tokens());
+    common::EncodeTensor(common::RandomMatrix(24, Config().d_model, seed + 1),
+                         {24, Config().d_model}, common::WireType::kFloat32,
+                         req.mutable_grad_output());
+    req.set_learning_rate(0.1f);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms));
+    v1::TrainStepResponse tresp;
+    return stub->TrainStep(&ctx, req, &tresp);
+  };
+  auto save = [&](const std::string& name) {
+    grpc::ClientContext ctx;
+    v1::SaveCheckpointRequest req;
+    req.set_path(moe::testing::TempPath(name));
+    v1::SaveCheckpointResponse sresp;
+    grpc::Status st = stub->SaveCheckpoint(&ctx, req, &sresp);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    EXPECT_TRUE(sresp.replicas_identical());
+    return common::LoadCheckpoint(req.path(), {});
+  };
+  ASSERT_TRUE(train(100, 20000).ok());
+  auto before = save("member_before.safetensors");
+  ASSERT_TRUE(before.ok());
+  // A stalled shard makes the next step abort in time, and no weight changes anywhere.
+  mc.shards[2].Signal(SIGSTOP);
+  const auto start = Clock::now();
+  grpc::Status st = train(200, 3000);
+  EXPECT_FALSE(st.ok());
+  EXPECT_LT(Since(start), 3.5);
+  mc.shards[2].Signal(SIGCONT);
+  EXPECT_GE(wait_for(3, 10), 0);
+  auto unchanged = save("member_unchanged.safetensors");
+  ASSERT_TRUE(unchanged.ok());
+  for (int e = 0; e < Config().num_experts; ++e) {
+    EXPECT_EQ(unchanged->experts[e].w1, before->experts[e].w1) << "expert " << e << " changed";
+  }
+  EXPECT_EQ(unchanged->gate.weight, before->gate.weight);
+  // A shard that leaves is seen too, and training goes on with the others.
+  mc.shards[0].Signal(SIGKILL);
+  EXPECT_GE(wait_for(2, 10), 0) << "the killed shard did not leave the membership";
+  EXPECT_EQ(ShardCount(stub.get(), false), 2);
+  st = train(300, 20000);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  auto after = save("member_after.safetensors");
+  ASSERT_TRUE(after.ok());
+  EXPECT_NE(after->experts[0].w1, before->experts[0].w1);
+  ASSERT_TRUE(Infer(stub.get(), Request(x, 16, "m2"), &resp).ok());
 }
 
 }  // namespace
