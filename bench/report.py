@@ -48,9 +48,11 @@ def main():
     shard_table = [{"rows": r, "in_process_rows_per_s": v["InProcess"], "shard_rows_per_s": v["Shard"],
                     "ratio": v["Shard"] / v["InProcess"]} for r, v in sorted(shard_rows.items())]
     cluster = json.load(open(os.path.join(src, "cluster.json")))
+    allreduce = [json.loads(l) for l in open(os.path.join(src, "allreduce.jsonl")) if l.strip()]
     machine = cpu_name()
     result = {"machine": machine, "fma_peak_gflops_1thread": peak, "expert_ffn": ffn_rows,
-              "layer_vs_torch": layer_rows, "shard_vs_kernel": shard_table, "cluster": cluster}
+              "layer_vs_torch": layer_rows, "shard_vs_kernel": shard_table, "cluster": cluster,
+              "allreduce": allreduce}
     os.makedirs(os.path.dirname(md_path) or ".", exist_ok=True)
     json.dump(result, open(json_path, "w"), indent=2)
     lines = ["# Performance", "",
@@ -96,6 +98,18 @@ def main():
               f"{lat['in_process_p50_s'] * 1e3:.3f} ms, bare gRPC unary round trip to the router "
               f"{lat['bare_rtt_p50_s'] * 1e6:.0f} us: the cluster adds "
               f"**{lat['added_in_round_trips']:.1f} round trips**."]
+    lines += ["", "## Ring all-reduce against Gloo and Open MPI", "",
+              "Bus bandwidth 2 (N-1)/N * bytes / time in GB/s, ranks as processes on this machine.",
+              "Ours: the gRPC ring (moe-ring-rank). Gloo: its ring all-reduce over TCP, every",
+              "connection warmed first. Open MPI: MPI_Allreduce over loopback TCP, and over shared",
+              "memory (the upper bound).", "",
+              "| ranks | MiB | ours | Gloo | ours / Gloo | MPI TCP | MPI shm |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    fmt = lambda v: f"{v:.2f}" if v else "-"
+    for r in allreduce:
+        ratio = f"{r['ours'] / r['gloo']:.2f}" if r.get("ours") and r.get("gloo") else "-"
+        lines.append(f"| {r['ranks']} | {r['MiB']} | {fmt(r.get('ours'))} | {fmt(r.get('gloo'))} | "
+                     f"{ratio} | {fmt(r.get('mpi_tcp'))} | {fmt(r.get('mpi_shm'))} |")
     open(md_path, "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -15,7 +15,7 @@ PACKAGES=(
 # Optional tool sets, asked for by name: `install-deps.sh bench` adds the benchmark peers.
 for extra in "$@"; do
   case "$extra" in
-    bench) PACKAGES+=(python3-matplotlib libopenblas0-pthread) ;;
+    bench) PACKAGES+=(python3-matplotlib libopenblas0-pthread libgloo-dev openmpi-bin libopenmpi-dev) ;;
     *) echo "install-deps.sh: unknown extra '$extra' (known: bench)" >&2; exit 2 ;;
   esac
 done

@@ -1,5 +1,6 @@
 #include "services/collective/ring_allreduce.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -25,19 +26,26 @@ void Encode(const float* src, int64_t n, WireFormat wire, std::string* out) {
   }
 }
 
-// dst[i] (+)= decoded payload[i].
+// dst[i] (+)= decoded payload[i], a block at a time so the loops vectorise.
 void Apply(const std::string& payload, WireFormat wire, bool add, float* dst, int64_t n) {
   const auto* p = reinterpret_cast<const unsigned char*>(payload.data());
-  for (int64_t i = 0; i < n; ++i) {
-    float v;
+  constexpr int64_t kBlock = 1024;
+  float buf[kBlock];
+  for (int64_t at = 0; at < n; at += kBlock) {
+    const int64_t m = std::min(kBlock, n - at);
     if (wire == WireFormat::kFloat32) {
-      std::memcpy(&v, p + 4 * i, 4);
+      std::memcpy(buf, p + 4 * at, sizeof(float) * m);
     } else {
-      uint16_t h;
-      std::memcpy(&h, p + 2 * i, 2);
-      v = common::Bf16ToFloat(h);
+      uint16_t half[kBlock];
+      std::memcpy(half, p + 2 * at, 2 * m);
+      for (int64_t i = 0; i < m; ++i) buf[i] = common::Bf16ToFloat(half[i]);
     }
-    dst[i] = add ? dst[i] + v : v;
+    float* d = dst + at;
+    if (add) {
+      for (int64_t i = 0; i < m; ++i) d[i] += buf[i];
+    } else {
+      std::memcpy(d, buf, sizeof(float) * m);
+    }
   }
 }
 

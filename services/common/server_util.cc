@@ -20,6 +20,9 @@ void ConfigureServerBuilder(grpc::ServerBuilder* builder, const RpcLimits& limit
   // Accept the clients' 500 ms pings instead of answering them with GOAWAY.
   builder->AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 200);
   builder->AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
+  // Large initial flow-control windows: bulk streams (expert copies, the ring) need not wait for
+  // the BDP probe to grow them.
+  builder->AddChannelArgument(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 8 << 20);
 }
 
 grpc::ChannelArguments ClientChannelArgs(const RpcLimits& limits) {
@@ -36,6 +39,7 @@ grpc::ChannelArguments ClientChannelArgs(const RpcLimits& limits) {
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   // Each client gets its own connection rather than sharing a subchannel with other channels.
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 8 << 20);
   return args;
 }
 

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""All-reduce bus bandwidth (2 (N-1)/N * bytes / time) of our gRPC ring (moe-ring-rank) beside
+Gloo's ring all-reduce over TCP and Open MPI's MPI_Allreduce (over loopback TCP, and over shared
+memory as the upper bound), at 1, 16 and 64 MiB and 2 and 4 ranks, all in this one run.
+Prints a table and writes JSON lines to the file given as the first argument.
+
+usage: allreduce_bench.py OUT.jsonl BIN_DIR
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+out_path, bin_dir = sys.argv[1], sys.argv[2]
+SIZES = [1, 16, 64]
+WORLDS = [2, 4]
+REPEAT = {1: 20, 16: 6, 64: 3}
+
+
+def seconds(text):
+    vals = [float(v) for v in re.findall(r"seconds_per_op=([0-9.e+-]+)", text)]
+    return max(vals) if vals else None
+
+
+def ours(world, elements, repeat):
+    tmp = tempfile.mkdtemp()
+    peers = os.path.join(tmp, "peers")
+    procs, addrs = [], []
+    for r in range(world):
+        p = subprocess.Popen([f"{bin_dir}/moe-ring-rank", "--rank", str(r), "--world", str(world),
+                              "--peers-file", peers, "--length", str(elements), "--repeat",
+                              str(repeat), "--deadline-ms", "120000"],
+                             stdout=subprocess.PIPE, text=True)
+        line = p.stdout.readline()
+        addrs.append(line.strip().split("listening on ")[1])
+        procs.append(p)
+    with open(peers + ".tmp", "w") as f:
+        f.write("\n".join(addrs) + "\n")
+    os.rename(peers + ".tmp", peers)
+    text = "".join(p.communicate(timeout=300)[0] for p in procs)
+    shutil.rmtree(tmp)
+    if "correct=1" not in text:
+        return None
+    return seconds(text)
+
+
+def gloo(world, elements, repeat):
+    exe = f"{bin_dir}/gloo_allreduce"
+    if not os.path.exists(exe):
+        return None
+    store = tempfile.mkdtemp()
+    procs = [subprocess.Popen([exe, str(r), str(world), store, str(elements), str(repeat)],
+                              stdout=subprocess.PIPE, text=True) for r in range(world)]
+    text = "".join(p.communicate(timeout=300)[0] for p in procs)
+    shutil.rmtree(store)
+    return seconds(text)
+
+
+def mpi(world, elements, repeat, tcp):
+    exe = f"{bin_dir}/mpi_allreduce"
+    if not os.path.exists(exe) or not shutil.which("mpirun"):
+        return None
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(world)]
+    if tcp:
+        cmd += ["--mca", "pml", "ob1", "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include",
+                "lo"]
+    r = subprocess.run(cmd + [exe, str(elements), str(repeat)], capture_output=True, text=True,
+                       timeout=300)
+    return seconds(r.stdout)
+
+
+rows = []
+with open(out_path, "w") as out:
+    for world in WORLDS:
+        for mib in SIZES:
+            elements = mib * (1 << 20) // 4
+            nbytes = elements * 4
+            res = {"ranks": world, "MiB": mib}
+            for name, fn in [("ours", lambda: ours(world, elements, REPEAT[mib])),
+                             ("gloo", lambda: gloo(world, elements, REPEAT[mib])),
+                             ("mpi_tcp", lambda: mpi(world, elements, REPEAT[mib], True)),
+                             ("mpi_shm", lambda: mpi(world, elements, REPEAT[mib], False))]:
+                t = fn()
+                res[name] = None if t is None else 2 * (world - 1) / world * nbytes / t / 1e9
+            out.write(json.dumps(res) + "\n")
+            rows.append(res)
+            print(f"ranks {world} {mib:3d} MiB: " + "  ".join(
+                f"{k} {res[k]:.2f} GB/s" if res[k] else f"{k} -"
+                for k in ("ours", "gloo", "mpi_tcp", "mpi_shm")), file=sys.stderr, flush=True)
