@@ -32,6 +32,9 @@ absl::StatusOr<common::Subprocess> LocalCluster::SpawnShard(int i, int port) {
   if (options_.metrics_port >= 0) {
     args.insert(args.end(), {"--metrics-port", std::to_string(options_.metrics_port + 1 + i)});
   }
+  if (!coordinator_address_.empty()) {
+    args.insert(args.end(), {"--coordinator", coordinator_address_});  // membership
+  }
   args.insert(args.end(), options_.shard_args.begin(), options_.shard_args.end());
   return common::Subprocess::Spawn(args);
 }
