@@ -1,6 +1,7 @@
 #include "expert_server/shard_server.h"
 
 #include <condition_variable>
+#include <cstdio>
 #include <deque>
 #include <mutex>
 #include <set>
@@ -53,6 +54,7 @@ absl::StatusOr<common::ExpertWeights> CopyFromPeer(const common::ModelConfig& co
   auto stub = v1::ExpertShard::NewStub(channel);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  ctx.set_wait_for_ready(true);
   v1::ExportExpertRequest req;
   req.set_expert(e);
   auto reader = stub->ExportExpert(&ctx, req);
@@ -787,7 +789,12 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
     step->second.grads[e] = std::move(g);
   }
   // A failed reduction leaves partial sums: the step must be aborted, never committed.
-  if (!st.ok()) step->second.failed = true;
+  if (!st.ok()) {
+    step->second.failed = true;
+    std::fprintf(stderr, "moe-expert-server: step %llu: gradient reduction %s failed: %s\n",
+                 static_cast<unsigned long long>(req.train_step()), req.group().c_str(),
+                 std::string(st.message()).c_str());
+  }
   return st;
 }
 

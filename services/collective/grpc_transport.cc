@@ -124,6 +124,9 @@ GrpcPeerTransport::GrpcPeerTransport(CollectiveHub* hub, std::string group, int 
                                      std::shared_ptr<grpc::Channel> next, absl::Time deadline)
     : hub_(hub), group_(std::move(group)), rank_(rank), stub_(v1::Collective::NewStub(next)) {
   ctx_.set_deadline(absl::ToChronoTime(deadline));
+  // A next rank that is not reachable yet (starting, or a transient connect failure) is retried
+  // until the deadline; a stream that breaks once open still fails at once.
+  ctx_.set_wait_for_ready(true);
   writer_ = std::thread([this] { WriterLoop(); });
 }
 

@@ -157,9 +157,17 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     return reactor;
   }
 
-  std::unique_ptr<v1::ExpertShard::Stub> ShardStub(const std::string& address) {
-    return v1::ExpertShard::NewStub(grpc::CreateCustomChannel(
-        address, grpc::InsecureChannelCredentials(), common::ClientChannelArgs(options.limits)));
+  // One channel per shard, kept: a fresh connection per call can fail transiently on a busy host.
+  std::mutex stubs_mu;
+  std::map<std::string, std::shared_ptr<v1::ExpertShard::Stub>> stubs;
+  std::shared_ptr<v1::ExpertShard::Stub> ShardStub(const std::string& address) {
+    std::lock_guard<std::mutex> lock(stubs_mu);
+    auto& s = stubs[address];
+    if (s == nullptr) {
+      s = v1::ExpertShard::NewStub(grpc::CreateCustomChannel(
+          address, grpc::InsecureChannelCredentials(), common::ClientChannelArgs(options.limits)));
+    }
+    return s;
   }
 
   // Reduce every group (groups in parallel, every member of a group in parallel); then commit
@@ -196,11 +204,20 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
         grpc::ClientContext cctx;
         cctx.set_deadline(std::chrono::system_clock::now() +
                           std::chrono::milliseconds(timeout_ms + 1000));
+        // Ride out a connection attempt that fails transiently; the deadline still bounds it.
+        cctx.set_wait_for_ready(true);
         c.status = ShardStub(group.shards(c.rank))->ReduceGradients(&cctx, rr, &c.resp);
       });
     }
     for (auto& t : threads) t.join();
     std::string reason;
+    // Report the root cause: a member that failed by itself, rather than one that then waited
+    // for it until the deadline.
+    std::stable_sort(calls.begin(), calls.end(), [](const Call& a, const Call& b) {
+      return (a.status.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED &&
+              !a.status.ok()) > (b.status.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED &&
+                                 !b.status.ok());
+    });
     for (const Call& c : calls) {
       if (!c.status.ok()) {
         failures_family
@@ -236,6 +253,7 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
         v1::FinishStepResponse fresp;
         grpc::ClientContext cctx;
         cctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+        cctx.set_wait_for_ready(true);
         finish[s] = ShardStub(req.shards(s))->FinishStep(&cctx, fr, &fresp);
       });
     }
