@@ -82,6 +82,7 @@ absl::Status Run(int argc, char** argv) {
   o.pool.batch_delay = absl::Microseconds(delay_us);
   o.limits.max_message_bytes = static_cast<int>(mb << 20);
 
+  moe::common::TuneAllocatorForLargeBuffers();
   moe::common::BlockTerminationSignals();
   ASSIGN_OR_RETURN(auto server, moe::expert::ShardServer::Start(o));
   std::printf("moe-expert-server listening on %s:%d%s\n", host.c_str(), server->port(),

@@ -96,6 +96,7 @@ absl::Status Run(int argc, char** argv) {
   o.default_timeout = absl::Seconds(timeout);
   o.wire = wire == "bf16" ? moe::common::WireType::kBFloat16 : moe::common::WireType::kFloat32;
 
+  moe::common::TuneAllocatorForLargeBuffers();
   moe::common::BlockTerminationSignals();
   ASSIGN_OR_RETURN(auto server, moe::router::RouterServer::Start(o));
   std::printf("moe-router listening on %s:%d%s\n", host.c_str(), server->port(),

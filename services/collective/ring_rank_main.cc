@@ -6,6 +6,7 @@
 // floats --repeat times, checks the sums and prints
 // "RESULT code=CODE ms=MS correct=0|1 seconds_per_op=S".
 
+
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -18,6 +19,7 @@
 #include "services/collective/ring_allreduce.h"
 #include "services/common/flags.h"
 #include "services/common/server_util.h"
+#include "services/common/signals.h"
 #include "services/common/status_macros.h"
 
 namespace {
@@ -25,6 +27,7 @@ namespace {
 float Init(int rank, int64_t i) { return static_cast<float>((rank + 1) * 3 + (i % 11) - 5); }
 
 absl::Status Run(int argc, char** argv) {
+  moe::common::TuneAllocatorForLargeBuffers();
   using moe::common::Flags;
   ASSIGN_OR_RETURN(Flags f, Flags::Parse(argc, argv, 1,
                                          {{"rank", true}, {"world", true}, {"peers-file", true},

@@ -1,10 +1,16 @@
 #include "services/common/signals.h"
 
+#include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
 
 namespace moe::common {
+
+void TuneAllocatorForLargeBuffers() {
+  mallopt(M_MMAP_THRESHOLD, 256 << 20);
+  mallopt(M_TRIM_THRESHOLD, 512 << 20);
+}
 
 void BlockTerminationSignals() {
   sigset_t set;

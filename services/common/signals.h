@@ -7,6 +7,10 @@
 namespace moe::common {
 
 void BlockTerminationSignals();
+
+// Keeps large transient buffers (MiB-sized batches and chunks) on the heap instead of a fresh
+// mmap, munmap and page faults for each one. Call first in main.
+void TuneAllocatorForLargeBuffers();
 // Returns the signal received (SIGTERM or SIGINT), or 0 after WakeSignalWaiter().
 int WaitForTerminationSignal();
 // Makes a pending WaitForTerminationSignal() return 0 (when the server stopped by itself).
