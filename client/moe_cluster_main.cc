@@ -104,14 +104,5 @@ absl::Status Run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc > 1 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h")) {
-    std::fputs(kUsage, stdout);
-    return 0;
-  }
-  absl::Status st = Run(argc, argv);
-  if (!st.ok()) {
-    std::fprintf(stderr, "moe-cluster: %s\n", std::string(st.message()).c_str());
-    return 1;
-  }
-  return 0;
+  return moe::common::RunMain(argc, argv, "moe-cluster", kUsage, Run);
 }

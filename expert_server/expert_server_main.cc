@@ -89,33 +89,21 @@ absl::Status Run(int argc, char** argv) {
               server->metrics_port() ? absl::StrCat(", metrics on :", server->metrics_port()).c_str()
                                      : "");
   std::fflush(stdout);
-  std::thread waiter([&] {
-    const int sig = moe::common::WaitForTerminationSignal();
-    std::fprintf(stderr, "moe-expert-server: signal %d, shutting down\n", sig);
-    server->Shutdown(absl::Milliseconds(500));
-  });
-  absl::Status loaded = server->WaitUntilLoaded(absl::InfiniteDuration());
-  if (!loaded.ok()) {
-    std::fprintf(stderr, "moe-expert-server: loading experts failed: %s\n",
-                 std::string(loaded.message()).c_str());
-  }
-  server->Wait();
-  moe::common::WakeSignalWaiter();
-  waiter.join();
+  moe::common::ServeUntilSignal(
+      "moe-expert-server", [&] { server->Shutdown(absl::Milliseconds(500)); },
+      [&] {
+        absl::Status loaded = server->WaitUntilLoaded(absl::InfiniteDuration());
+        if (!loaded.ok()) {
+          std::fprintf(stderr, "moe-expert-server: loading experts failed: %s\n",
+                       std::string(loaded.message()).c_str());
+        }
+        server->Wait();
+      });
   return absl::OkStatus();
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc > 1 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h")) {
-    std::fputs(kUsage, stdout);
-    return 0;
-  }
-  absl::Status st = Run(argc, argv);
-  if (!st.ok()) {
-    std::fprintf(stderr, "moe-expert-server: %s (see --help)\n", std::string(st.message()).c_str());
-    return 1;
-  }
-  return 0;
+  return moe::common::RunMain(argc, argv, "moe-expert-server", kUsage, Run);
 }

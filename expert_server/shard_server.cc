@@ -16,6 +16,7 @@
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/common/grpc_status.h"
 #include "services/common/status_macros.h"
+#include "services/common/stream_outbox.h"
 #include "services/common/tensor_codec.h"
 #include "services/common/thread_pool.h"
 #include "services/collective/grpc_transport.h"
@@ -86,24 +87,15 @@ absl::StatusOr<common::ExpertWeights> CopyFromPeer(const common::ModelConfig& co
 class DispatchReactor;
 
 // What a Dispatch stream shares with the tasks it submitted; outlives the reactor.
-struct StreamCore {
-  std::mutex mu;
-  DispatchReactor* reactor = nullptr;  // null once the RPC is done
-  std::deque<std::unique_ptr<v1::DispatchResponse>> outbox;
-  bool writing = false;
-  bool reads_done = false;
-  bool finished = false;
-  int outstanding = 0;  // accepted batches not yet answered
+struct StreamCore : common::StreamOutbox<v1::DispatchRequest, v1::DispatchResponse> {
   std::shared_ptr<std::atomic<bool>> cancelled = std::make_shared<std::atomic<bool>>(false);
 
   // Queues a response (from any thread); `accepted` marks the answer to a submitted batch.
-  void Deliver(std::unique_ptr<v1::DispatchResponse> response, bool accepted);
-  // Ends the RPC with `status` unless it has ended.
-  void End(const grpc::Status& status);
-
-  void WriteNextLocked();
-  void MaybeFinishLocked();
-  void FinishLocked(const grpc::Status& status);
+  void Deliver(std::unique_ptr<v1::DispatchResponse> response, bool accepted) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (accepted) --pending;
+    PushLocked(std::move(response));
+  }
 };
 
 class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
@@ -247,9 +239,7 @@ class DispatchReactor final
 
   void OnReadDone(bool ok) override {
     if (!ok) {
-      std::lock_guard<std::mutex> lock(core_->mu);
-      core_->reads_done = true;
-      core_->MaybeFinishLocked();
+      core_->ReadsDone();
       return;
     }
     Handle(request_);
@@ -257,17 +247,7 @@ class DispatchReactor final
     if (!core_->finished) StartRead(&request_);
   }
 
-  void OnWriteDone(bool ok) override {
-    std::lock_guard<std::mutex> lock(core_->mu);
-    core_->writing = false;
-    if (!core_->outbox.empty()) core_->outbox.pop_front();
-    if (!ok) {
-      core_->FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "stream broken"));
-      return;
-    }
-    core_->WriteNextLocked();
-    core_->MaybeFinishLocked();
-  }
+  void OnWriteDone(bool ok) override { core_->WriteDone(ok); }
 
   void OnCancel() override {
     core_->cancelled->store(true);
@@ -276,11 +256,7 @@ class DispatchReactor final
 
   void OnDone() override {
     core_->cancelled->store(true);
-    {
-      std::lock_guard<std::mutex> lock(core_->mu);
-      core_->reactor = nullptr;
-      core_->outbox.clear();
-    }
+    core_->Detach();
     {
       std::lock_guard<std::mutex> lock(impl_->mu);
       impl_->streams.erase(core_);
@@ -427,13 +403,13 @@ class DispatchReactor final
     };
     {
       std::lock_guard<std::mutex> lock(core_->mu);
-      ++core_->outstanding;
+      ++core_->pending;
     }
     absl::Status st = impl_->pool->Submit(task);
     if (!st.ok()) {
       {
         std::lock_guard<std::mutex> lock(core_->mu);
-        --core_->outstanding;
+        --core_->pending;
       }
       Reject(id, absl::Status(st.code(), absl::StrCat("batch ", id, ": ", st.message())),
              st.code() == absl::StatusCode::kResourceExhausted ? "queue_full" : "shutdown");
@@ -445,37 +421,6 @@ class DispatchReactor final
   std::shared_ptr<StreamCore> core_;
   v1::DispatchRequest request_;
 };
-
-void StreamCore::Deliver(std::unique_ptr<v1::DispatchResponse> response, bool accepted) {
-  std::lock_guard<std::mutex> lock(mu);
-  if (accepted) --outstanding;
-  if (reactor == nullptr || finished) return;
-  outbox.push_back(std::move(response));
-  if (!writing) WriteNextLocked();
-}
-
-void StreamCore::End(const grpc::Status& status) {
-  std::lock_guard<std::mutex> lock(mu);
-  FinishLocked(status);
-}
-
-void StreamCore::WriteNextLocked() {
-  if (writing || finished || outbox.empty() || reactor == nullptr) return;
-  writing = true;
-  reactor->StartWrite(outbox.front().get());
-}
-
-void StreamCore::MaybeFinishLocked() {
-  if (reads_done && outstanding == 0 && outbox.empty() && !writing) {
-    FinishLocked(grpc::Status::OK);
-  }
-}
-
-void StreamCore::FinishLocked(const grpc::Status& status) {
-  if (finished || reactor == nullptr) return;
-  finished = true;
-  reactor->Finish(status);
-}
 
 grpc::ServerBidiReactor<v1::DispatchRequest, v1::DispatchResponse>* ShardServer::Impl::Dispatch(
     grpc::CallbackServerContext* ctx) {

@@ -25,6 +25,7 @@
 #include "moe/v1/coordinator.grpc.pb.h"
 #include "services/common/grpc_status.h"
 #include "services/common/status_macros.h"
+#include "services/common/stream_outbox.h"
 #include "services/common/thread_pool.h"
 
 namespace moe::router {
@@ -671,46 +672,27 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
 // InferStream: requests are computed concurrently on the worker pool; responses go back in
 // request order. State shared with the workers lives in a core that outlives the reactor.
-struct InferStreamCore {
-  std::mutex mu;
-  grpc::ServerBidiReactor<v1::InferRequest, v1::InferResponse>* reactor = nullptr;
+struct InferStreamCore : common::StreamOutbox<v1::InferRequest, v1::InferResponse> {
   std::map<uint64_t, std::unique_ptr<v1::InferResponse>> done;  // finished, not yet written
   uint64_t next_to_write = 0;
-  std::deque<std::unique_ptr<v1::InferResponse>> outbox;
-  bool writing = false, reads_done = false, finished = false;
-  int in_flight = 0;
   // Reading stops while this many requests are in flight, and resumes as they complete.
   static constexpr int kMaxInFlight = 64;
   bool read_paused = false;
   std::function<void()> resume_read;  // the reactor's StartRead; valid while reactor is set
 
-  void WriteNextLocked() {
-    if (writing || finished || outbox.empty() || reactor == nullptr) return;
-    writing = true;
-    reactor->StartWrite(outbox.front().get());
-  }
-  void MaybeFinishLocked() {
-    if (reads_done && in_flight == 0 && outbox.empty() && !writing) FinishLocked(grpc::Status::OK);
-  }
-  void FinishLocked(const grpc::Status& st) {
-    if (finished || reactor == nullptr) return;
-    finished = true;
-    reactor->Finish(st);
-  }
   void Complete(uint64_t seq, std::unique_ptr<v1::InferResponse> resp) {
     std::lock_guard<std::mutex> lock(mu);
-    --in_flight;
-    if (read_paused && !finished && reactor != nullptr && in_flight < kMaxInFlight) {
+    --pending;
+    if (read_paused && !finished && reactor != nullptr && pending < kMaxInFlight) {
       read_paused = false;
       resume_read();
     }
     done[seq] = std::move(resp);
     while (!done.empty() && done.begin()->first == next_to_write) {
-      outbox.push_back(std::move(done.begin()->second));
+      PushLocked(std::move(done.begin()->second));
       done.erase(done.begin());
       ++next_to_write;
     }
-    WriteNextLocked();
     MaybeFinishLocked();
   }
 };
@@ -726,18 +708,16 @@ class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest
 
   void OnReadDone(bool ok) override {
     if (!ok) {
-      std::lock_guard<std::mutex> lock(core_->mu);
-      core_->reads_done = true;
-      core_->MaybeFinishLocked();
+      core_->ReadsDone();
       return;
     }
     auto req = std::make_shared<v1::InferRequest>(std::move(request_));
     const uint64_t seq = next_seq_++;
     {
       std::lock_guard<std::mutex> lock(core_->mu);
-      ++core_->in_flight;
+      ++core_->pending;
       if (!core_->finished) {
-        if (core_->in_flight < InferStreamCore::kMaxInFlight) {
+        if (core_->pending < InferStreamCore::kMaxInFlight) {
           StartRead(&request_);
         } else {
           core_->read_paused = true;
@@ -769,29 +749,14 @@ class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest
     }
   }
 
-  void OnWriteDone(bool ok) override {
-    std::lock_guard<std::mutex> lock(core_->mu);
-    core_->writing = false;
-    if (!core_->outbox.empty()) core_->outbox.pop_front();
-    if (!ok) {
-      core_->FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "stream broken"));
-      return;
-    }
-    core_->WriteNextLocked();
-    core_->MaybeFinishLocked();
-  }
+  void OnWriteDone(bool ok) override { core_->WriteDone(ok); }
 
   void OnCancel() override {
-    std::lock_guard<std::mutex> lock(core_->mu);
-    core_->FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the caller"));
+    core_->End(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the caller"));
   }
 
   void OnDone() override {
-    {
-      std::lock_guard<std::mutex> lock(core_->mu);
-      core_->reactor = nullptr;
-      core_->outbox.clear();
-    }
+    core_->Detach();
     delete this;
   }
 

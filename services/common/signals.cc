@@ -1,6 +1,9 @@
 #include "services/common/signals.h"
 
 #include <malloc.h>
+#include <cstdio>
+#include <string>
+#include <thread>
 #include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
@@ -33,5 +36,33 @@ int WaitForTerminationSignal() {
 }
 
 void WakeSignalWaiter() { kill(getpid(), SIGUSR1); }
+
+void ServeUntilSignal(const char* name, const std::function<void()>& shutdown,
+                      const std::function<void()>& wait) {
+  std::thread waiter([&] {
+    const int sig = WaitForTerminationSignal();
+    if (sig != 0) {
+      std::fprintf(stderr, "%s: signal %d, shutting down\n", name, sig);
+      shutdown();
+    }
+  });
+  wait();
+  WakeSignalWaiter();
+  waiter.join();
+}
+
+int RunMain(int argc, char** argv, const char* name, const char* usage,
+            absl::Status (*run)(int, char**)) {
+  if (argc > 1 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h")) {
+    std::fputs(usage, stdout);
+    return 0;
+  }
+  const absl::Status st = run(argc, argv);
+  if (!st.ok()) {
+    std::fprintf(stderr, "%s: %s (see --help)\n", name, std::string(st.message()).c_str());
+    return 1;
+  }
+  return 0;
+}
 
 }  // namespace moe::common

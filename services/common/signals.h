@@ -4,6 +4,10 @@
 // SIGTERM/SIGINT handling for the service binaries: block the signals in every thread (call
 // first in main), then wait for one on a dedicated thread.
 
+#include <functional>
+
+#include "absl/status/status.h"
+
 namespace moe::common {
 
 void BlockTerminationSignals();
@@ -15,6 +19,16 @@ void TuneAllocatorForLargeBuffers();
 int WaitForTerminationSignal();
 // Makes a pending WaitForTerminationSignal() return 0 (when the server stopped by itself).
 void WakeSignalWaiter();
+
+// Serves until SIGTERM/SIGINT (then runs `shutdown`, logging the signal as `name`) or until
+// `wait` returns by itself. Call after BlockTerminationSignals().
+void ServeUntilSignal(const char* name, const std::function<void()>& shutdown,
+                      const std::function<void()>& wait);
+
+// A binary's main: --help/-h prints `usage`; an error from `run` prints
+// "NAME: message (see --help)" and exits 1.
+int RunMain(int argc, char** argv, const char* name, const char* usage,
+            absl::Status (*run)(int, char**));
 
 }  // namespace moe::common
 

@@ -11,6 +11,10 @@
 
 namespace {
 
+constexpr char kUsage[] =
+    "moe-coordinator [--port 50041] [--host 0.0.0.0] [--metrics-port N] [--lease-ms 3000]\n"
+    "  shard membership (register/heartbeat with leases) and training-step commit/abort\n";
+
 absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(moe::common::Flags f,
                    moe::common::Flags::Parse(argc, argv, 1,
@@ -31,27 +35,13 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(auto server, moe::coordinator::CoordinatorServer::Start(o));
   std::printf("moe-coordinator listening on %s:%d\n", host.c_str(), server->port());
   std::fflush(stdout);
-  std::thread waiter([&] {
-    if (moe::common::WaitForTerminationSignal() != 0) server->Shutdown();
-  });
-  server->Wait();
-  moe::common::WakeSignalWaiter();
-  waiter.join();
+  moe::common::ServeUntilSignal(
+      "moe-coordinator", [&] { server->Shutdown(); }, [&] { server->Wait(); });
   return absl::OkStatus();
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc > 1 && std::string(argv[1]) == "--help") {
-    std::puts("moe-coordinator [--port 50041] [--host 0.0.0.0] [--metrics-port N] [--lease-ms 3000]\n"
-              "  shard membership (register/heartbeat with leases) and training-step commit/abort");
-    return 0;
-  }
-  absl::Status st = Run(argc, argv);
-  if (!st.ok()) {
-    std::fprintf(stderr, "moe-coordinator: %s\n", std::string(st.message()).c_str());
-    return 1;
-  }
-  return 0;
+  return moe::common::RunMain(argc, argv, "moe-coordinator", kUsage, Run);
 }
