@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "services/common/security.h"
 #include "services/common/server_util.h"
 #include "services/common/status_macros.h"
 
@@ -36,6 +37,7 @@ absl::StatusOr<common::Subprocess> LocalCluster::SpawnShard(int i, int port) {
     args.insert(args.end(), {"--coordinator", coordinator_address_});  // membership
   }
   args.insert(args.end(), options_.shard_args.begin(), options_.shard_args.end());
+  args.insert(args.end(), options_.common_args.begin(), options_.common_args.end());
   return common::Subprocess::Spawn(args);
 }
 
@@ -52,6 +54,7 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
     if (options.verbose) std::fprintf(stderr, "moe-cluster: starting the coordinator\n");
     std::vector<std::string> cargs = {c->options_.bin_dir + "/moe-coordinator", "--host",
                                       "127.0.0.1", "--port", "0"};
+    cargs.insert(cargs.end(), options.common_args.begin(), options.common_args.end());
     if (options.metrics_port >= 0) {
       cargs.insert(cargs.end(),
                    {"--metrics-port", std::to_string(options.metrics_port + 1 + options.shards)});
@@ -79,11 +82,12 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
     args.insert(args.end(), {"--coordinator", c->coordinator_address_});
   }
   args.insert(args.end(), options.router_args.begin(), options.router_args.end());
+  args.insert(args.end(), options.common_args.begin(), options.common_args.end());
   if (options.verbose) std::fprintf(stderr, "moe-cluster: starting the router\n");
   ASSIGN_OR_RETURN(c->router_, common::Subprocess::Spawn(args));
   ASSIGN_OR_RETURN(int port, c->router_.ReadListeningPort(absl::Seconds(60)));
   c->router_address_ = absl::StrCat("127.0.0.1:", port);
-  auto channel = grpc::CreateChannel(c->router_address_, grpc::InsecureChannelCredentials());
+  auto channel = grpc::CreateChannel(c->router_address_, common::ChannelCredentials());
   const absl::Time deadline = absl::Now() + timeout;
   if (options.verbose) std::fprintf(stderr, "moe-cluster: waiting for the placement to load\n");
   while (true) {

@@ -23,6 +23,7 @@ struct LocalClusterOptions {
   int metrics_port = -1;  // router on it, shard i on +1+i; -1: none
   std::vector<std::string> shard_args;   // extra flags for every shard
   std::vector<std::string> router_args;  // extra flags for the router
+  std::vector<std::string> common_args;  // extra flags for every service (e.g. --tls-*)
   // Shard i's command is prefixed with wrap(i) (e.g. taskset -c i); empty: none.
   std::vector<std::vector<std::string>> shard_wrappers;
   bool coordinator = true;  // start moe-coordinator and point the router at it

@@ -26,6 +26,7 @@
 #include "router/moe_layer.h"
 #include "services/common/checkpoint.h"
 #include "services/common/flags.h"
+#include "services/common/security.h"
 #include "services/common/random_checkpoint.h"
 #include "services/common/safetensors.h"
 #include "services/common/status_macros.h"
@@ -38,6 +39,9 @@ using common::Flags;
 constexpr char kUsage[] = R"(moe-client: talk to a moe-cluster, or run the MoE layer in process.
 
 usage: moe-client COMMAND [flags]
+
+every command also takes --tls-ca F [--tls-cert F --tls-key F] (TLS, mutual with a client
+certificate) and --auth-token-file F (sends "authorization: Bearer <token>").
 
 commands:
   init-checkpoint --out PATH --experts E --d-model D --d-ff F --top-k K
@@ -629,13 +633,21 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "moe-client: unknown command '%s' (run `moe-client help`)\n", cmd.c_str());
     return 2;
   }
-  absl::StatusOr<Flags> flags = Flags::Parse(argc, argv, 2, it->second.flags);
+  std::map<std::string, bool> known = common::WithTlsFlags(it->second.flags);
+  known["auth-token-file"] = true;
+  absl::StatusOr<Flags> flags = Flags::Parse(argc, argv, 2, known);
   if (!flags.ok()) {
     std::fprintf(stderr, "moe-client %s: %s (run `moe-client help`)\n", cmd.c_str(),
                  std::string(flags.status().message()).c_str());
     return 2;
   }
-  absl::Status st = it->second.run(*flags);
+  absl::Status st = common::ConfigureTlsFromFlags(*flags);
+  if (st.ok() && flags->Has("auth-token-file")) {
+    absl::StatusOr<std::string> token = common::ReadTokenFile(flags->Get("auth-token-file"));
+    st = token.status();
+    if (token.ok()) SetAuthToken(*token);
+  }
+  if (st.ok()) st = it->second.run(*flags);
   if (!st.ok()) {
     std::fprintf(stderr, "moe-client %s: %s\n", cmd.c_str(), std::string(st.message()).c_str());
     return 1;

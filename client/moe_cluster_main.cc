@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "services/common/flags.h"
+#include "services/common/security.h"
 #include "services/common/server_util.h"
 #include "services/common/signals.h"
 #include "services/common/status_macros.h"
@@ -37,6 +38,9 @@ usage: moe-cluster --checkpoint PATH [flags]
   --overflow drop|spill    passed to the router
   --wire fp32|bf16         passed to the router
   --bin-dir DIR            where moe-router and moe-expert-server are (default: beside this)
+  --tls-dir DIR            TLS everywhere with the files of scripts/make-certs.sh DIR
+  --require-client-cert    mutual TLS: services refuse callers without DIR's client certificate
+  --auth-token-file F      the router requires "authorization: Bearer <token in F>"
 )";
 
 absl::Status Run(int argc, char** argv) {
@@ -46,7 +50,9 @@ absl::Status Run(int argc, char** argv) {
                             {{"checkpoint", true}, {"shards", true}, {"placement", true},
                              {"router-port", true}, {"shard-threads", true},
                              {"metrics-port", true}, {"capacity-factor", true},
-                             {"overflow", true}, {"wire", true}, {"bin-dir", true}}));
+                             {"overflow", true}, {"wire", true}, {"bin-dir", true},
+                             {"tls-dir", true}, {"require-client-cert", false},
+                             {"auth-token-file", true}}));
   ASSIGN_OR_RETURN(std::string checkpoint, f.Require("checkpoint"));
   ASSIGN_OR_RETURN(int64_t num_shards, f.GetInt("shards", 4));
   ASSIGN_OR_RETURN(int64_t router_port, f.GetInt("router-port", 50051));
@@ -65,6 +71,18 @@ absl::Status Run(int argc, char** argv) {
   o.shard_args = {"--threads", std::to_string(shard_threads)};
   for (const char* pass : {"capacity-factor", "overflow", "wire"}) {
     if (f.Has(pass)) o.router_args.insert(o.router_args.end(), {absl::StrCat("--", pass), f.Get(pass)});
+  }
+  if (f.Has("tls-dir")) {
+    // Services present DIR/server.crt to each other; this launcher checks health as a client.
+    const std::string dir = f.Get("tls-dir");
+    o.common_args = {"--tls-cert", dir + "/server.crt", "--tls-key", dir + "/server.key",
+                     "--tls-ca", dir + "/ca.crt"};
+    if (f.Has("require-client-cert")) o.common_args.push_back("--require-client-cert");
+    RETURN_IF_ERROR(moe::common::ConfigureTls(
+        {dir + "/client.crt", dir + "/client.key", dir + "/ca.crt", false}));
+  }
+  if (f.Has("auth-token-file")) {
+    o.router_args.insert(o.router_args.end(), {"--auth-token-file", f.Get("auth-token-file")});
   }
   o.verbose = true;
   ASSIGN_OR_RETURN(auto cluster, moe::client::LocalCluster::Start(o, absl::Minutes(5)));

@@ -4,13 +4,23 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "services/common/security.h"
 #include "services/common/server_util.h"
 
 namespace moe::client {
 
+namespace {
+std::string& Token() {
+  static std::string* token = new std::string();
+  return *token;
+}
+}  // namespace
+
+void SetAuthToken(std::string token) { Token() = std::move(token); }
+
 std::unique_ptr<v1::Router::Stub> MakeRouterStub(const std::string& address) {
-  return v1::Router::NewStub(grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(),
-                                                       common::ClientChannelArgs()));
+  return v1::Router::NewStub(
+      common::CreateAuthorizedChannel(address, common::ClientChannelArgs(), Token()));
 }
 
 ZipfTokens::ZipfTokens(const common::GateWeights& gate, int num_experts, int d_model, double s,

@@ -14,6 +14,9 @@
 
 namespace moe::client {
 
+// Calls through stubs made afterwards carry "authorization: Bearer <token>" (empty: none).
+void SetAuthToken(std::string token);
+// A stub over the process's TLS configuration (common::ConfigureTls) and auth token.
 std::unique_ptr<v1::Router::Stub> MakeRouterStub(const std::string& address);
 
 // Tokens whose top-1 expert follows a Zipf law: expert e (by rank) is picked with probability

@@ -8,10 +8,12 @@
 #include "absl/strings/str_cat.h"
 #include "expert_server/shard_server.h"
 #include "services/common/flags.h"
+#include "services/common/security.h"
 #include "services/common/signals.h"
 #include "services/common/status_macros.h"
 
 namespace {
+
 
 constexpr char kUsage[] = R"(moe-expert-server: serves experts of a MoE checkpoint over gRPC.
 
@@ -32,18 +34,19 @@ usage: moe-expert-server --checkpoint PATH [flags]
   --max-message-mb N       gRPC message size limit (default 64)
   --coordinator HOST:PORT  register with moe-coordinator and keep a lease (membership)
   --advertise HOST:PORT    the address to register (default 127.0.0.1:<port>)
+  --tls-cert F --tls-key F serve TLS (and present this certificate to peers)
+  --tls-ca F               trust this CA; --require-client-cert refuses callers without one
 )";
 
 absl::Status Run(int argc, char** argv) {
   using moe::common::Flags;
   ASSIGN_OR_RETURN(
-      Flags f, Flags::Parse(argc, argv, 1,
-                            {{"port", true}, {"host", true}, {"metrics-port", true},
+      Flags f, Flags::Parse(argc, argv, 1, moe::common::WithTlsFlags({{"port", true}, {"host", true}, {"metrics-port", true},
                              {"checkpoint", true}, {"tensor-prefix", true}, {"activation", true},
                              {"experts", true}, {"threads", true}, {"max-coalesced-rows", true},
                              {"batch-delay-us", true}, {"max-queue-rows", true},
                              {"max-batch-rows", true}, {"max-message-mb", true},
-                             {"coordinator", true}, {"advertise", true}}));
+                             {"coordinator", true}, {"advertise", true}})));
   moe::expert::ShardServerOptions o;
   ASSIGN_OR_RETURN(o.checkpoint, f.Require("checkpoint"));
   ASSIGN_OR_RETURN(int64_t port, f.GetInt("port", 50061));
@@ -83,6 +86,7 @@ absl::Status Run(int argc, char** argv) {
   o.limits.max_message_bytes = static_cast<int>(mb << 20);
 
   moe::common::TuneAllocatorForLargeBuffers();
+  RETURN_IF_ERROR(moe::common::ConfigureTlsFromFlags(f));
   moe::common::BlockTerminationSignals();
   ASSIGN_OR_RETURN(auto server, moe::expert::ShardServer::Start(o));
   std::printf("moe-expert-server listening on %s:%d%s\n", host.c_str(), server->port(),

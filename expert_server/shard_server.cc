@@ -14,6 +14,7 @@
 #include "absl/synchronization/notification.h"
 #include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
+#include "services/common/security.h"
 #include "services/common/grpc_status.h"
 #include "services/common/status_macros.h"
 #include "services/common/stream_outbox.h"
@@ -50,7 +51,7 @@ const char* ReasonFor(absl::StatusCode code) {
 absl::StatusOr<common::ExpertWeights> CopyFromPeer(const common::ModelConfig& config,
                                                    const common::RpcLimits& limits,
                                                    const std::string& peer, int e) {
-  auto channel = grpc::CreateCustomChannel(peer, grpc::InsecureChannelCredentials(),
+  auto channel = grpc::CreateCustomChannel(peer, common::ChannelCredentials(),
                                            common::ClientChannelArgs(limits));
   auto stub = v1::ExpertShard::NewStub(channel);
   grpc::ClientContext ctx;
@@ -121,7 +122,7 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
   // Registers with the coordinator and keeps the lease (re-registering when it forgot us).
   void HeartbeatLoop() {
     auto stub = v1::Coordinator::NewStub(grpc::CreateCustomChannel(
-        options.coordinator, grpc::InsecureChannelCredentials(),
+        options.coordinator, common::ChannelCredentials(),
         common::ClientChannelArgs(options.limits)));
     const std::string self = options.advertise_address.empty()
                                  ? absl::StrCat("127.0.0.1:", port)
@@ -704,7 +705,7 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
       absl::Now() + absl::Milliseconds(std::min<uint32_t>(
                         req.timeout_ms() > 0 ? req.timeout_ms() : 30000, 120000));
   auto next = grpc::CreateCustomChannel(req.members((req.rank() + 1) % world),
-                                        grpc::InsecureChannelCredentials(),
+                                        common::ChannelCredentials(),
                                         common::ClientChannelArgs(options.limits));
   collective::AllReduceOptions opts;
   if (req.bf16_wire()) opts.wire = collective::WireFormat::kBFloat16;
@@ -857,7 +858,7 @@ absl::StatusOr<std::unique_ptr<ShardServer>> ShardServer::Start(ShardServerOptio
   common::EnableHealthAndReflection();
   grpc::ServerBuilder builder;
   common::ConfigureServerBuilder(&builder, o.limits);
-  builder.AddListeningPort(o.address, grpc::InsecureServerCredentials(), &impl->port);
+  builder.AddListeningPort(o.address, common::ServerCredentials(), &impl->port);
   builder.RegisterService(impl.get());
   impl->collective_service = std::make_unique<collective::CollectiveService>(&impl->hub);
   builder.RegisterService(impl->collective_service.get());

@@ -4,6 +4,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "services/common/security.h"
 #include "services/common/grpc_status.h"
 
 namespace moe::router {
@@ -106,7 +107,7 @@ GrpcShardClient::GrpcShardClient(std::string address, const common::RpcLimits& l
                                  std::function<void(bool)> on_health_change,
                                  absl::Duration health_interval)
     : address_(std::move(address)),
-      channel_(grpc::CreateCustomChannel(address_, grpc::InsecureChannelCredentials(),
+      channel_(grpc::CreateCustomChannel(address_, common::ChannelCredentials(),
                                          common::ClientChannelArgs(limits))),
       stub_(v1::ExpertShard::NewStub(channel_)),
       on_health_change_(std::move(on_health_change)),

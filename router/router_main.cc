@@ -7,10 +7,12 @@
 #include "absl/strings/str_split.h"
 #include "router/router_server.h"
 #include "services/common/flags.h"
+#include "services/common/security.h"
 #include "services/common/signals.h"
 #include "services/common/status_macros.h"
 
 namespace {
+
 
 constexpr char kUsage[] = R"(moe-router: gates tokens and serves the MoE layer over its expert shards.
 
@@ -36,19 +38,21 @@ usage: moe-router --checkpoint PATH (--shards HOST:PORT[,...] | --coordinator HO
   --wire fp32|bf16           row format towards the shards (default fp32)
   --timeout-s N              deadline for requests that come without one (default 30)
   --coordinator HOST:PORT    moe-coordinator, needed for TrainStep
+  --auth-token-file F        require "authorization: Bearer <token in F>" on every Router call
+  --tls-cert F --tls-key F   serve TLS (and present this certificate to shards)
+  --tls-ca F                 trust this CA for peers; --require-client-cert: mutual TLS
 )";
 
 absl::Status Run(int argc, char** argv) {
   using moe::common::Flags;
   ASSIGN_OR_RETURN(
-      Flags f, Flags::Parse(argc, argv, 1,
-                            {{"port", true}, {"host", true}, {"metrics-port", true},
+      Flags f, Flags::Parse(argc, argv, 1, moe::common::WithTlsFlags({{"port", true}, {"host", true}, {"metrics-port", true},
                              {"checkpoint", true}, {"tensor-prefix", true}, {"activation", true},
                              {"top-k", true}, {"shards", true}, {"placement", true},
                              {"capacity-factor", true}, {"overflow", true}, {"threads", true},
                              {"dynamic-slots", true}, {"imbalance-threshold", true},
                              {"rebalance-cooldown-s", true}, {"max-batch-tokens", true},
-                             {"wire", true}, {"timeout-s", true}, {"coordinator", true}}));
+                             {"wire", true}, {"timeout-s", true}, {"coordinator", true}, {"auth-token-file", true}})));
   moe::router::RouterServerOptions o;
   ASSIGN_OR_RETURN(o.checkpoint, f.Require("checkpoint"));
   const std::string shards = f.Get("shards");
@@ -64,6 +68,9 @@ absl::Status Run(int argc, char** argv) {
   }
   o.load.tensor_prefix = f.Get("tensor-prefix");
   o.coordinator = f.Get("coordinator");
+  if (f.Has("auth-token-file")) {
+    ASSIGN_OR_RETURN(o.auth_token, moe::common::ReadTokenFile(f.Get("auth-token-file")));
+  }
   if (f.Has("activation")) {
     ASSIGN_OR_RETURN(auto act, moe::common::ParseActivation(f.Get("activation")));
     o.load.activation = act;
@@ -97,6 +104,7 @@ absl::Status Run(int argc, char** argv) {
   o.wire = wire == "bf16" ? moe::common::WireType::kBFloat16 : moe::common::WireType::kFloat32;
 
   moe::common::TuneAllocatorForLargeBuffers();
+  RETURN_IF_ERROR(moe::common::ConfigureTlsFromFlags(f));
   moe::common::BlockTerminationSignals();
   ASSIGN_OR_RETURN(auto server, moe::router::RouterServer::Start(o));
   std::printf("moe-router listening on %s:%d%s\n", host.c_str(), server->port(),

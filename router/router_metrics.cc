@@ -65,6 +65,11 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, int num_experts,
                             .Help("Version of the placement in use")
                             .Register(registry)
                             .Add({});
+  auto& refused = prometheus::BuildCounter()
+                      .Name("moe_router_auth_refused_total")
+                      .Help("Calls refused for a missing or wrong bearer token")
+                      .Register(registry);
+  for (const char* r : {"missing_token", "wrong_token"}) auth_refused_[r] = &refused.Add({{"reason", r}});
   shard_up_family_ = &prometheus::BuildGauge()
                          .Name("moe_shard_up")
                          .Help("1 when the shard is in rotation")
@@ -100,6 +105,11 @@ void RouterMetrics::Tokens(int64_t tokens, const std::vector<int64_t>& per_exper
   }
   if (dropped > 0) dropped_->Increment(static_cast<double>(dropped));
   if (spilled > 0) spilled_->Increment(static_cast<double>(spilled));
+}
+
+void RouterMetrics::AuthRefused(const std::string& reason) {
+  auto it = auth_refused_.find(reason);
+  if (it != auth_refused_.end()) it->second->Increment();
 }
 
 void RouterMetrics::SetShardUp(const std::string& shard, bool up) {

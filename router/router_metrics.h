@@ -29,6 +29,8 @@ class RouterMetrics {
   void SetImbalance(double v) { imbalance_->Set(v); }
   void SetPlacementVersion(double v) { placement_version_->Set(v); }
   void SetShardUp(const std::string& shard, bool up);
+  // reason: missing_token, wrong_token.
+  void AuthRefused(const std::string& reason);
 
  private:
   prometheus::Family<prometheus::Counter>* requests_;
@@ -46,6 +48,7 @@ class RouterMetrics {
   prometheus::Gauge* imbalance_;
   prometheus::Gauge* placement_version_;
   prometheus::Family<prometheus::Gauge>* shard_up_family_;
+  std::map<std::string, prometheus::Counter*> auth_refused_;
   std::map<std::string, prometheus::Gauge*> shard_up_;
 };
 

@@ -23,6 +23,7 @@
 #include "router/router_metrics.h"
 #include "router/trainer.h"
 #include "moe/v1/coordinator.grpc.pb.h"
+#include "services/common/security.h"
 #include "services/common/grpc_status.h"
 #include "services/common/status_macros.h"
 #include "services/common/stream_outbox.h"
@@ -162,6 +163,20 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     s->set_router_z_loss(g.router_z_loss);
     metrics->Stage("combine", Seconds(start));
     return absl::OkStatus();
+  }
+
+  // Whether the call carries the bearer token (always, when none is configured); refusals are
+  // counted by reason.
+  bool Authorized(const grpc::CallbackServerContext* ctx) {
+    if (options.auth_token.empty()) return true;
+    const common::AuthResult r = common::CheckBearer(ctx->client_metadata(), options.auth_token);
+    if (r == common::AuthResult::kOk) return true;
+    metrics->AuthRefused(r == common::AuthResult::kMissing ? "missing_token" : "wrong_token");
+    return false;
+  }
+  static grpc::Status Unauthenticated() {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "missing or wrong bearer token (send authorization: Bearer <token>)");
   }
 
   absl::Time DeadlineOf(grpc::CallbackServerContext* ctx) const {
@@ -428,6 +443,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   grpc::ServerUnaryReactor* Infer(grpc::CallbackServerContext* ctx, const v1::InferRequest* req,
                                   v1::InferResponse* resp) override {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    if (!Authorized(ctx)) {
+      reactor->Finish(Unauthenticated());
+      return reactor;
+    }
     const auto start = std::chrono::steady_clock::now();
     const absl::Time deadline = DeadlineOf(ctx);
     if (!pool->Submit([this, reactor, req, resp, deadline, start] {
@@ -553,6 +572,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                       const v1::TrainStepRequest* req,
                                       v1::TrainStepResponse* resp) override {
     auto* reactor = ctx->DefaultReactor();
+    if (!Authorized(ctx)) {
+      reactor->Finish(Unauthenticated());
+      return reactor;
+    }
     const auto start = std::chrono::steady_clock::now();
     const absl::Time deadline = DeadlineOf(ctx);
     if (!pool->Submit([this, reactor, req, resp, deadline, start] {
@@ -569,6 +592,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                            const v1::SaveCheckpointRequest* req,
                                            v1::SaveCheckpointResponse* resp) override {
     auto* reactor = ctx->DefaultReactor();
+    if (!Authorized(ctx)) {
+      reactor->Finish(Unauthenticated());
+      return reactor;
+    }
     if (!pool->Submit([this, reactor, req, resp] {
           reactor->Finish(common::ToGrpcStatus(Save(*req, resp)));
         })) {
@@ -581,6 +608,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                            const v1::GetClusterInfoRequest*,
                                            v1::ClusterInfo* info) override {
     auto* reactor = ctx->DefaultReactor();
+    if (!Authorized(ctx)) {
+      reactor->Finish(Unauthenticated());
+      return reactor;
+    }
     info->set_d_model(config.d_model);
     info->set_d_ff(config.d_ff);
     info->set_num_experts(config.num_experts);
@@ -607,6 +638,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                          const v1::GetPlacementRequest*,
                                          v1::Placement* out) override {
     auto* reactor = ctx->DefaultReactor();
+    if (!Authorized(ctx)) {
+      reactor->Finish(Unauthenticated());
+      return reactor;
+    }
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) {
       reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
@@ -622,6 +657,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                       const v1::RebalanceRequest* req,
                                       v1::Placement* out) override {
     auto* reactor = ctx->DefaultReactor();
+    if (!Authorized(ctx)) {
+      reactor->Finish(Unauthenticated());
+      return reactor;
+    }
     Strategy s = strategy.load();
     if (!req->strategy().empty()) {
       absl::StatusOr<Strategy> parsed = ParseStrategy(req->strategy());
@@ -703,6 +742,10 @@ class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest
       : impl_(impl), ctx_(ctx), core_(std::make_shared<InferStreamCore>()) {
     core_->reactor = this;
     core_->resume_read = [this] { StartRead(&request_); };
+    if (!impl_->Authorized(ctx)) {
+      core_->End(RouterServer::Impl::Unauthenticated());
+      return;
+    }
     StartRead(&request_);
   }
 
@@ -797,7 +840,7 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   impl->gate = std::make_shared<const common::GateWeights>(std::move(ck.gate));
   if (!o.coordinator.empty()) {
     impl->coordinator = v1::Coordinator::NewStub(grpc::CreateCustomChannel(
-        o.coordinator, grpc::InsecureChannelCredentials(), common::ClientChannelArgs(o.limits)));
+        o.coordinator, common::ChannelCredentials(), common::ClientChannelArgs(o.limits)));
     v1::Coordinator::Stub* stub = impl->coordinator.get();
     impl->trainer = std::make_unique<Trainer>(
         impl->config, [stub](const v1::CommitStepRequest& req)
@@ -822,7 +865,7 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   common::EnableHealthAndReflection();
   grpc::ServerBuilder builder;
   common::ConfigureServerBuilder(&builder, o.limits);
-  builder.AddListeningPort(o.address, grpc::InsecureServerCredentials(), &impl->port);
+  builder.AddListeningPort(o.address, common::ServerCredentials(), &impl->port);
   builder.RegisterService(impl.get());
   impl->server = builder.BuildAndStart();
   if (impl->server == nullptr || impl->port == 0) {

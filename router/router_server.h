@@ -31,6 +31,9 @@ struct RouterServerOptions {
   // host:port of each expert shard; empty follows the coordinator's membership instead.
   std::vector<std::string> shards;
   std::string coordinator;  // host:port of moe-coordinator; needed by TrainStep
+  // Non-empty: every Router call must carry "authorization: Bearer <auth_token>" (health and
+  // reflection are exempt).
+  std::string auth_token;
   Strategy strategy = Strategy::kHybrid;
   double capacity_factor = 0.0;
   Overflow overflow = Overflow::kDrop;

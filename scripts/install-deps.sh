@@ -10,7 +10,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev googletest libbenchmark-dev
   clang libclang-rt-14-dev
   python3 python3-torch python3-numpy python3-grpcio python3-protobuf
-  curl procps
+  curl procps openssl
 )
 # Optional tool sets, asked for by name: `install-deps.sh bench` adds the benchmark peers.
 for extra in "$@"; do

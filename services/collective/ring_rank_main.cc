@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "services/collective/grpc_transport.h"
 #include "services/collective/ring_allreduce.h"
+#include "services/common/security.h"
 #include "services/common/flags.h"
 #include "services/common/server_util.h"
 #include "services/common/signals.h"
@@ -47,7 +48,7 @@ absl::Status Run(int argc, char** argv) {
   grpc::ServerBuilder builder;
   moe::common::ConfigureServerBuilder(&builder, moe::common::RpcLimits{});
   int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort("127.0.0.1:0", moe::common::ServerCredentials(), &port);
   builder.RegisterService(&service);
   auto server = builder.BuildAndStart();
   if (!server) return absl::UnavailableError("cannot listen");
@@ -67,7 +68,7 @@ absl::Status Run(int argc, char** argv) {
     }
   }
   if (static_cast<int64_t>(peers.size()) < world) return absl::DeadlineExceededError("no peers file");
-  auto next = grpc::CreateCustomChannel(peers[(rank + 1) % world], grpc::InsecureChannelCredentials(),
+  auto next = grpc::CreateCustomChannel(peers[(rank + 1) % world], moe::common::ChannelCredentials(),
                                         moe::common::ClientChannelArgs());
   std::vector<float> data(static_cast<size_t>(length));
   absl::Status st;

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
+#include "services/common/security.h"
 #include "services/common/grpc_status.h"
 #include "services/common/thread_pool.h"
 
@@ -165,7 +166,7 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     auto& s = stubs[address];
     if (s == nullptr) {
       s = v1::ExpertShard::NewStub(grpc::CreateCustomChannel(
-          address, grpc::InsecureChannelCredentials(), common::ClientChannelArgs(options.limits)));
+          address, common::ChannelCredentials(), common::ClientChannelArgs(options.limits)));
     }
     return s;
   }
@@ -288,7 +289,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
   common::EnableHealthAndReflection();
   grpc::ServerBuilder builder;
   common::ConfigureServerBuilder(&builder, impl->options.limits);
-  builder.AddListeningPort(impl->options.address, grpc::InsecureServerCredentials(), &impl->port);
+  builder.AddListeningPort(impl->options.address, common::ServerCredentials(), &impl->port);
   builder.RegisterService(impl.get());
   impl->server = builder.BuildAndStart();
   if (impl->server == nullptr || impl->port == 0) {

@@ -1,0 +1,160 @@
+#include "services/common/security.h"
+
+#include <fstream>
+#include <mutex>
+#include <sstream>
+
+#include <grpcpp/support/client_interceptor.h>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "services/common/status_macros.h"
+
+namespace moe::common {
+namespace {
+
+struct TlsState {
+  std::mutex mu;
+  bool enabled = false;
+  bool require_client_cert = false;
+  std::string cert, key, ca;
+};
+
+TlsState& State() {
+  static TlsState* s = new TlsState();
+  return *s;
+}
+
+absl::StatusOr<std::string> ReadFile(const std::string& path, const char* what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::NotFoundError(absl::StrCat(what, " ", path, " cannot be read"));
+  }
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+class BearerInterceptor : public grpc::experimental::Interceptor {
+ public:
+  explicit BearerInterceptor(const std::string* header) : header_(header) {}
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(
+            grpc::experimental::InterceptionHookPoints::PRE_SEND_INITIAL_METADATA)) {
+      methods->GetSendInitialMetadata()->insert({"authorization", *header_});
+    }
+    methods->Proceed();
+  }
+
+ private:
+  const std::string* header_;
+};
+
+class BearerInterceptorFactory : public grpc::experimental::ClientInterceptorFactoryInterface {
+ public:
+  explicit BearerInterceptorFactory(std::string token) : header_("Bearer " + token) {}
+  grpc::experimental::Interceptor* CreateClientInterceptor(
+      grpc::experimental::ClientRpcInfo*) override {
+    return new BearerInterceptor(&header_);
+  }
+
+ private:
+  const std::string header_;  // lives as long as the channel (the factory is owned by it)
+};
+
+}  // namespace
+
+absl::Status ConfigureTls(const TlsOptions& o) {
+  TlsState& s = State();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.enabled = false;
+  if (o.cert_file.empty() && o.key_file.empty() && o.ca_file.empty()) return absl::OkStatus();
+  if (o.ca_file.empty()) return absl::InvalidArgumentError("--tls-ca is required for TLS");
+  if (o.cert_file.empty() != o.key_file.empty()) {
+    return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
+  }
+  ASSIGN_OR_RETURN(s.ca, ReadFile(o.ca_file, "--tls-ca"));
+  if (!o.cert_file.empty()) {
+    ASSIGN_OR_RETURN(s.cert, ReadFile(o.cert_file, "--tls-cert"));
+    ASSIGN_OR_RETURN(s.key, ReadFile(o.key_file, "--tls-key"));
+  }
+  s.require_client_cert = o.require_client_cert;
+  s.enabled = true;
+  return absl::OkStatus();
+}
+
+bool TlsEnabled() {
+  TlsState& s = State();
+  std::lock_guard<std::mutex> lock(s.mu);
+  return s.enabled;
+}
+
+std::shared_ptr<grpc::ServerCredentials> ServerCredentials() {
+  TlsState& s = State();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (!s.enabled || s.cert.empty()) return grpc::InsecureServerCredentials();
+  grpc::SslServerCredentialsOptions opts(
+      s.require_client_cert ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                            : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  opts.pem_root_certs = s.ca;
+  opts.pem_key_cert_pairs.push_back({s.key, s.cert});
+  return grpc::SslServerCredentials(opts);
+}
+
+std::shared_ptr<grpc::ChannelCredentials> ChannelCredentials() {
+  TlsState& s = State();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (!s.enabled) return grpc::InsecureChannelCredentials();
+  grpc::SslCredentialsOptions opts;
+  opts.pem_root_certs = s.ca;
+  opts.pem_private_key = s.key;   // presented for mutual TLS when set
+  opts.pem_cert_chain = s.cert;
+  return grpc::SslCredentials(opts);
+}
+
+std::map<std::string, bool> WithTlsFlags(std::map<std::string, bool> known) {
+  known.insert({{"tls-cert", true}, {"tls-key", true}, {"tls-ca", true},
+                {"require-client-cert", false}});
+  return known;
+}
+
+absl::Status ConfigureTlsFromFlags(const Flags& f) {
+  return ConfigureTls(TlsOptions{f.Get("tls-cert"), f.Get("tls-key"), f.Get("tls-ca"),
+                                 f.Has("require-client-cert")});
+}
+
+absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
+  ASSIGN_OR_RETURN(std::string text, ReadFile(path, "--auth-token-file"));
+  std::string token(absl::StripAsciiWhitespace(text));
+  if (token.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("--auth-token-file ", path, " is empty"));
+  }
+  return token;
+}
+
+AuthResult CheckBearer(const std::multimap<grpc::string_ref, grpc::string_ref>& metadata,
+                       const std::string& token) {
+  auto it = metadata.find("authorization");
+  if (it == metadata.end()) return AuthResult::kMissing;
+  const std::string got(it->second.data(), it->second.size());
+  const std::string want = "Bearer " + token;
+  // Compare every byte whatever the lengths, so timing says nothing about the token.
+  unsigned char diff = got.size() == want.size() ? 0 : 1;
+  for (size_t i = 0; i < want.size(); ++i) {
+    diff |= static_cast<unsigned char>(want[i] ^ (i < got.size() ? got[i] : 0));
+  }
+  return diff == 0 ? AuthResult::kOk : AuthResult::kWrong;
+}
+
+std::shared_ptr<grpc::Channel> CreateAuthorizedChannel(const std::string& address,
+                                                       const grpc::ChannelArguments& args,
+                                                       const std::string& token) {
+  if (token.empty()) return grpc::CreateCustomChannel(address, ChannelCredentials(), args);
+  std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>> factories;
+  factories.push_back(std::make_unique<BearerInterceptorFactory>(token));
+  return grpc::experimental::CreateCustomChannelWithInterceptors(address, ChannelCredentials(),
+                                                                 args, std::move(factories));
+}
+
+}  // namespace moe::common

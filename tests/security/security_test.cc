@@ -1,0 +1,208 @@
+// TLS, mutual TLS and bearer tokens on a real cluster: every wrong way in is refused.
+
+#include <unistd.h>
+
+#include <fstream>
+#include <sstream>
+
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include "absl/strings/str_cat.h"
+#include "client/local_cluster.h"
+#include "moe/v1/expert_shard.grpc.pb.h"
+#include "moe/v1/router.grpc.pb.h"
+#include "services/common/random_checkpoint.h"
+#include "services/common/security.h"
+#include "services/common/server_util.h"
+#include "tests/reference/test_util.h"
+
+namespace moe {
+namespace {
+
+std::string Read(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::string Scrape(int port);
+
+class SecurityTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new std::string(moe::testing::TempPath("certs"));
+    other_ = new std::string(moe::testing::TempPath("other_certs"));
+    for (const std::string* d : {dir_, other_}) {
+      const std::string cmd =
+          absl::StrCat("bash ", MOE_SOURCE_DIR, "/scripts/make-certs.sh ", *d, " >/dev/null");
+      ASSERT_EQ(std::system(cmd.c_str()), 0);
+    }
+    common::ModelConfig c;
+    c.num_experts = 4;
+    c.d_model = 16;
+    c.d_ff = 24;
+    c.top_k = 2;
+    const std::string ck = moe::testing::TempPath("sec.safetensors");
+    ASSERT_TRUE(common::SaveCheckpoint(ck, common::MakeRandomCheckpoint({c, false, 1})).ok());
+    // This process is a client of the cluster: trusted CA and the cluster's client certificate.
+    ASSERT_TRUE(common::ConfigureTls({*dir_ + "/client.crt", *dir_ + "/client.key",
+                                      *dir_ + "/ca.crt", false})
+                    .ok());
+    metrics_ = 31000 + static_cast<int>(getpid() % 20000);
+    client::LocalClusterOptions o;
+    o.bin_dir = MOE_BIN_DIR;
+    o.checkpoint = ck;
+    o.shards = 2;
+    o.metrics_port = metrics_;
+    o.common_args = {"--tls-cert", *dir_ + "/server.crt", "--tls-key", *dir_ + "/server.key",
+                     "--tls-ca", *dir_ + "/ca.crt", "--require-client-cert"};
+    o.router_args = {"--auth-token-file", *dir_ + "/token"};
+    auto cl = client::LocalCluster::Start(o);
+    ASSERT_TRUE(cl.ok()) << cl.status();
+    cluster_ = cl->release();
+    token_ = new std::string(Read(*dir_ + "/token"));
+    while (!token_->empty() && std::isspace(static_cast<unsigned char>(token_->back()))) {
+      token_->pop_back();
+    }
+  }
+  static void TearDownTestSuite() {
+    delete cluster_;
+    cluster_ = nullptr;
+  }
+
+  // A channel to `address` with the given CA and (optionally) client certificate; "" CA means
+  // plaintext.
+  static std::shared_ptr<grpc::Channel> Channel(const std::string& address, const std::string& ca,
+                                                const std::string& cert_dir) {
+    if (ca.empty()) return grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+    grpc::SslCredentialsOptions opts;
+    opts.pem_root_certs = Read(ca);
+    if (!cert_dir.empty()) {
+      opts.pem_cert_chain = Read(cert_dir + "/client.crt");
+      opts.pem_private_key = Read(cert_dir + "/client.key");
+    }
+    return grpc::CreateChannel(address, grpc::SslCredentials(opts));
+  }
+
+  static grpc::Status Info(const std::shared_ptr<grpc::Channel>& ch, const std::string& token) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    if (!token.empty()) ctx.AddMetadata("authorization", "Bearer " + token);
+    v1::ClusterInfo info;
+    return v1::Router::NewStub(ch)->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info);
+  }
+
+  static std::string* dir_;
+  static std::string* other_;
+  static std::string* token_;
+  static client::LocalCluster* cluster_;
+  static int metrics_;
+};
+
+std::string* SecurityTest::dir_ = nullptr;
+std::string* SecurityTest::other_ = nullptr;
+std::string* SecurityTest::token_ = nullptr;
+client::LocalCluster* SecurityTest::cluster_ = nullptr;
+int SecurityTest::metrics_ = 0;
+
+TEST_F(SecurityTest, TheRightCertificateAndTokenGetIn) {
+  ASSERT_NE(cluster_, nullptr);
+  auto ch = Channel(cluster_->router_address(), *dir_ + "/ca.crt", *dir_);
+  grpc::Status st = Info(ch, *token_);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+}
+
+TEST_F(SecurityTest, EveryWrongWayInIsRefused) {
+  ASSERT_NE(cluster_, nullptr);
+  const std::string& router = cluster_->router_address();
+  // No client certificate (mutual TLS is required).
+  EXPECT_EQ(Info(Channel(router, *dir_ + "/ca.crt", ""), *token_).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  // A certificate from another CA, trusting another CA.
+  EXPECT_EQ(Info(Channel(router, *other_ + "/ca.crt", *other_), *token_).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  // Our client certificate, but not trusting the server's CA.
+  EXPECT_EQ(Info(Channel(router, *other_ + "/ca.crt", *dir_), *token_).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  // Plaintext.
+  EXPECT_EQ(Info(Channel(router, "", ""), *token_).error_code(), grpc::StatusCode::UNAVAILABLE);
+  // Missing and wrong tokens over good TLS.
+  auto good = Channel(router, *dir_ + "/ca.crt", *dir_);
+  grpc::Status missing = Info(good, "");
+  EXPECT_EQ(missing.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_NE(missing.error_message().find("bearer token"), std::string::npos);
+  EXPECT_EQ(Info(good, *token_ + "x").error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(Info(good, "short").error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  // The refusals are counted.
+  const std::string body = Scrape(metrics_);
+  auto count = [&](const std::string& series) {
+    const size_t at = body.find(series);
+    return at == std::string::npos ? -1.0 : std::atof(body.c_str() + at + series.size());
+  };
+  EXPECT_GE(count("moe_router_auth_refused_total{reason=\"missing_token\"} "), 1);
+  EXPECT_GE(count("moe_router_auth_refused_total{reason=\"wrong_token\"} "), 2);
+  // Health checks need no token.
+  auto h = common::CheckHealth(good.get(), absl::Seconds(5));
+  ASSERT_TRUE(h.ok()) << h.status();
+  EXPECT_EQ(*h, common::HealthState::kServing);
+}
+
+TEST_F(SecurityTest, InternalServicesRefuseCallersWithoutTheClusterCertificate) {
+  ASSERT_NE(cluster_, nullptr);
+  const std::string& shard = cluster_->shard_addresses()[0];
+  auto status = [&](const std::shared_ptr<grpc::Channel>& ch) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    v1::ShardStatus s;
+    return v1::ExpertShard::NewStub(ch)->GetStatus(&ctx, v1::GetShardStatusRequest(), &s);
+  };
+  EXPECT_TRUE(status(Channel(shard, *dir_ + "/ca.crt", *dir_)).ok());
+  EXPECT_EQ(status(Channel(shard, *dir_ + "/ca.crt", "")).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(status(Channel(shard, "", "")).error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(status(Channel(shard, *other_ + "/ca.crt", *other_)).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+}
+
+TEST_F(SecurityTest, MetricsExposeNoSecrets) {
+  ASSERT_NE(cluster_, nullptr);
+  for (int port : {metrics_, metrics_ + 1, metrics_ + 2, metrics_ + 3}) {
+    const std::string body = Scrape(port);
+    EXPECT_FALSE(body.empty()) << "port " << port;
+    EXPECT_EQ(body.find(*token_), std::string::npos) << "port " << port;
+    EXPECT_EQ(body.find("PRIVATE KEY"), std::string::npos) << "port " << port;
+  }
+}
+
+}  // namespace
+}  // namespace moe
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+namespace moe {
+namespace {
+std::string Scrape(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return "";
+  }
+  const std::string req = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n";
+  (void)!write(fd, req.data(), req.size());
+  std::string body;
+  char buf[8192];
+  ssize_t n;
+  while ((n = read(fd, buf, sizeof(buf))) > 0) body.append(buf, static_cast<size_t>(n));
+  close(fd);
+  return body;
+}
+}  // namespace
+}  // namespace moe
