@@ -14,8 +14,19 @@ if [ ! -f "$CK" ]; then
   "$BIN/moe-client" init-checkpoint --out "$CK" --experts 16 --d-model 512 --d-ff 2048 \
     --top-k 2 --activation silu --gated --seed 1
 fi
+# MOE_TLS=1: mutual TLS between every service and the client, and a bearer token on the router.
+CLUSTER_TLS=()
+CLIENT_TLS=()
+if [ -n "${MOE_TLS:-}" ]; then
+  CERTS="$RUN_DIR/certs"
+  [ -f "$CERTS/ca.crt" ] || bash scripts/make-certs.sh "$CERTS"
+  CLUSTER_TLS=(--tls-dir "$CERTS" --require-client-cert --auth-token-file "$CERTS/token")
+  CLIENT_TLS=(--tls-ca "$CERTS/ca.crt" --tls-cert "$CERTS/client.crt" --tls-key "$CERTS/client.key"
+              --auth-token-file "$CERTS/token")
+  echo "TLS on: certificates in $CERTS; clients need: ${CLIENT_TLS[*]}"
+fi
 "$BIN/moe-cluster" --checkpoint "$CK" --shards 4 --placement hybrid --router-port "$PORT" \
-  --metrics-port "${MOE_METRICS_PORT:-9400}" > "$RUN_DIR/cluster.out" &
+  --metrics-port "${MOE_METRICS_PORT:-9400}" "${CLUSTER_TLS[@]}" > "$RUN_DIR/cluster.out" &
 CLUSTER=$!
 trap 'kill -TERM $CLUSTER 2>/dev/null; wait $CLUSTER 2>/dev/null || true' EXIT INT TERM
 for _ in $(seq 1 600); do
@@ -29,13 +40,13 @@ done
 ROUTER=$(sed -n 's/^READY router=//p' "$RUN_DIR/cluster.out")
 [ -n "$ROUTER" ] || { echo "run-demo: the cluster did not become ready" >&2; exit 1; }
 echo "cluster ready: router at $ROUTER (metrics on :${MOE_METRICS_PORT:-9400})"
-"$BIN/moe-client" info --router "$ROUTER"
+"$BIN/moe-client" info --router "$ROUTER" "${CLIENT_TLS[@]}"
 echo
 echo "load: ${DURATION} s, 4 streams of 64-token requests, Zipf skew 1.2 over experts"
 "$BIN/moe-client" load --router "$ROUTER" --checkpoint "$CK" --zipf 1.2 --concurrency 4 \
-  --batch-size 64 --duration "$DURATION"
+  --batch-size 64 --duration "$DURATION" "${CLIENT_TLS[@]}"
 echo
-"$BIN/moe-client" placement --router "$ROUTER"
+"$BIN/moe-client" placement --router "$ROUTER" "${CLIENT_TLS[@]}"
 echo
 if [ -n "${MOE_DEMO_EXIT:-}" ]; then exit 0; fi
 echo "the cluster keeps serving at $ROUTER; try: $BIN/moe-client info --router $ROUTER"
