@@ -440,23 +440,31 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   // ---- RPC handlers ----
 
-  grpc::ServerUnaryReactor* Infer(grpc::CallbackServerContext* ctx, const v1::InferRequest* req,
-                                  v1::InferResponse* resp) override {
+  // Checks the token, then runs `work` (which returns the call's status) on the worker pool and
+  // finishes the unary call with it; `method`, when given, is recorded in the request metrics.
+  template <typename Work>
+  grpc::ServerUnaryReactor* Offload(grpc::CallbackServerContext* ctx, const char* method,
+                                    Work work) {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
     if (!Authorized(ctx)) {
       reactor->Finish(Unauthenticated());
       return reactor;
     }
     const auto start = std::chrono::steady_clock::now();
-    const absl::Time deadline = DeadlineOf(ctx);
-    if (!pool->Submit([this, reactor, req, resp, deadline, start] {
-          absl::Status st = Forward(*req, resp, deadline);
-          metrics->Request("Infer", CodeName(st.code()), Seconds(start));
+    if (!pool->Submit([this, reactor, method, start, work = std::move(work)] {
+          const absl::Status st = work();
+          if (method != nullptr) metrics->Request(method, CodeName(st.code()), Seconds(start));
           reactor->Finish(common::ToGrpcStatus(st));
         })) {
       reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "router is shutting down"));
     }
     return reactor;
+  }
+
+  grpc::ServerUnaryReactor* Infer(grpc::CallbackServerContext* ctx, const v1::InferRequest* req,
+                                  v1::InferResponse* resp) override {
+    const absl::Time deadline = DeadlineOf(ctx);
+    return Offload(ctx, "Infer", [this, req, resp, deadline] { return Forward(*req, resp, deadline); });
   }
 
   grpc::ServerBidiReactor<v1::InferRequest, v1::InferResponse>* InferStream(
@@ -571,37 +579,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   grpc::ServerUnaryReactor* TrainStep(grpc::CallbackServerContext* ctx,
                                       const v1::TrainStepRequest* req,
                                       v1::TrainStepResponse* resp) override {
-    auto* reactor = ctx->DefaultReactor();
-    if (!Authorized(ctx)) {
-      reactor->Finish(Unauthenticated());
-      return reactor;
-    }
-    const auto start = std::chrono::steady_clock::now();
     const absl::Time deadline = DeadlineOf(ctx);
-    if (!pool->Submit([this, reactor, req, resp, deadline, start] {
-          absl::Status st = Train(*req, resp, deadline);
-          metrics->Request("TrainStep", CodeName(st.code()), Seconds(start));
-          reactor->Finish(common::ToGrpcStatus(st));
-        })) {
-      reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "router is shutting down"));
-    }
-    return reactor;
+    return Offload(ctx, "TrainStep", [this, req, resp, deadline] { return Train(*req, resp, deadline); });
   }
 
   grpc::ServerUnaryReactor* SaveCheckpoint(grpc::CallbackServerContext* ctx,
                                            const v1::SaveCheckpointRequest* req,
                                            v1::SaveCheckpointResponse* resp) override {
-    auto* reactor = ctx->DefaultReactor();
-    if (!Authorized(ctx)) {
-      reactor->Finish(Unauthenticated());
-      return reactor;
-    }
-    if (!pool->Submit([this, reactor, req, resp] {
-          reactor->Finish(common::ToGrpcStatus(Save(*req, resp)));
-        })) {
-      reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "router is shutting down"));
-    }
-    return reactor;
+    return Offload(ctx, "SaveCheckpoint", [this, req, resp] { return Save(*req, resp); });
   }
 
   grpc::ServerUnaryReactor* GetClusterInfo(grpc::CallbackServerContext* ctx,
@@ -656,42 +641,23 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   grpc::ServerUnaryReactor* Rebalance(grpc::CallbackServerContext* ctx,
                                       const v1::RebalanceRequest* req,
                                       v1::Placement* out) override {
-    auto* reactor = ctx->DefaultReactor();
-    if (!Authorized(ctx)) {
-      reactor->Finish(Unauthenticated());
-      return reactor;
-    }
-    Strategy s = strategy.load();
-    if (!req->strategy().empty()) {
-      absl::StatusOr<Strategy> parsed = ParseStrategy(req->strategy());
-      if (!parsed.ok()) {
-        reactor->Finish(common::ToGrpcStatus(parsed.status()));
-        return reactor;
+    return Offload(ctx, "Rebalance", [this, req, out]() -> absl::Status {
+      Strategy s = strategy.load();
+      if (!req->strategy().empty()) {
+        ASSIGN_OR_RETURN(s, ParseStrategy(req->strategy()));
       }
-      s = *parsed;
-    }
-    const bool dry = req->dry_run();
-    if (!pool->Submit([this, reactor, out, s, dry] {
-          std::shared_ptr<const RoutingTable> now = Table();
-          if (now == nullptr) {
-            reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                         "the initial placement is still loading"));
-            return;
-          }
-          std::vector<std::shared_ptr<ShardClient>> current = now->shards;
-          now.reset();
-          absl::StatusOr<Placement> p = Propose(s, static_cast<int>(current.size()));
-          absl::Status st = p.status();
-          if (st.ok() && !dry) {
-            st = Apply(*p, std::move(current));
-            if (st.ok()) p = Table()->placement;
-          }
-          if (st.ok()) *out = ToProto(*p, !dry);
-          reactor->Finish(common::ToGrpcStatus(st));
-        })) {
-      reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "router is shutting down"));
-    }
-    return reactor;
+      std::shared_ptr<const RoutingTable> now = Table();
+      if (now == nullptr) return absl::UnavailableError("the initial placement is still loading");
+      std::vector<std::shared_ptr<ShardClient>> current = now->shards;
+      now.reset();  // Apply waits for every holder of the current table
+      ASSIGN_OR_RETURN(Placement p, Propose(s, static_cast<int>(current.size())));
+      if (!req->dry_run()) {
+        RETURN_IF_ERROR(Apply(p, std::move(current)));
+        p = Table()->placement;
+      }
+      *out = ToProto(p, !req->dry_run());
+      return absl::OkStatus();
+    });
   }
 
   void DoShutdown(absl::Duration grace) {
