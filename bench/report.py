@@ -17,6 +17,32 @@ def cpu_name():
     return f"{model}, {os.cpu_count()} vCPUs, {platform.system()} {platform.release()}"
 
 
+def plot_cluster(cluster, path):
+    """tokens/s against tokens per request, cluster beside in-process; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = cluster["throughput"]
+    n = [r["N"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(n, [r["in_process_tokens_per_s"] for r in rows], "o-", label="in-process layer")
+    ax.plot(n, [r["cluster_tokens_per_s"] for r in rows], "s-",
+            label=f"cluster (router + {cluster['shards']} shards)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens per request")
+    ax.set_ylabel("tokens/s")
+    ax.set_title("MoE layer throughput (16 experts, d_model 512, top-2)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def main():
     src, md_path, json_path = sys.argv[1:4]
     ffn = json.load(open(os.path.join(src, "ffn.json")))
@@ -110,6 +136,10 @@ def main():
         ratio = f"{r['ours'] / r['gloo']:.2f}" if r.get("ours") and r.get("gloo") else "-"
         lines.append(f"| {r['ranks']} | {r['MiB']} | {fmt(r.get('ours'))} | {fmt(r.get('gloo'))} | "
                      f"{ratio} | {fmt(r.get('mpi_tcp'))} | {fmt(r.get('mpi_shm'))} |")
+    plot = plot_cluster(cluster, os.path.join(os.path.dirname(md_path) or ".", "cluster_throughput.png"))
+    if plot:
+        lines += ["", "## Cluster throughput against batch size", "",
+                  f"![tokens/s against tokens per request]({os.path.basename(plot)})"]
     open(md_path, "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
