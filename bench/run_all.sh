@@ -6,18 +6,20 @@ cd "$(dirname "$0")/.."
 BUILD=${1:-build}
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-echo "[1/6] expert FFN against the FMA peak (bench/ffn_bench)" >&2
+echo "[1/7] expert FFN against the FMA peak (bench/ffn_bench)" >&2
 "$BUILD/bin/ffn_bench" --benchmark_format=json --benchmark_out="$OUT/ffn.json" \
   --benchmark_out_format=json >/dev/null 2>"$OUT/ffn.err"
 cat "$OUT/ffn.err" >&2
-echo "[2/6] in-process layer (bench/layer_bench)" >&2
+echo "[2/7] in-process layer (bench/layer_bench)" >&2
 "$BUILD/bin/layer_bench" --benchmark_out="$OUT/layer.json" --benchmark_out_format=json >/dev/null
-echo "[3/6] the same layer in PyTorch (bench/torch_layer.py)" >&2
+echo "[3/7] the same layer in PyTorch (bench/torch_layer.py)" >&2
 /usr/bin/python3 bench/torch_layer.py 256 1.0 >"$OUT/torch.jsonl"
-echo "[4/6] one shard on loopback against the in-process kernel (bench/shard_bench)" >&2
+echo "[4/7] one shard on loopback against the in-process kernel (bench/shard_bench)" >&2
 "$BUILD/bin/shard_bench" --benchmark_out="$OUT/shard.json" --benchmark_out_format=json >/dev/null 2>&1
-echo "[5/6] the cluster against the in-process layer (bench/cluster_bench)" >&2
+echo "[5/7] the cluster against the in-process layer (bench/cluster_bench)" >&2
 "$BUILD/bin/cluster_bench" 2 >"$OUT/cluster.json" 2>"$OUT/cluster.err" || { cat "$OUT/cluster.err" >&2; exit 1; }
-echo "[6/6] ring all-reduce against Gloo and Open MPI (bench/allreduce_bench.py)" >&2
+echo "[6/7] ring all-reduce against Gloo and Open MPI (bench/allreduce_bench.py)" >&2
 /usr/bin/python3 bench/allreduce_bench.py "$OUT/allreduce.jsonl" "$BUILD/bin"
+echo "[7/7] hybrid against dynamic placement under Zipf load (bench/placement_bench.py)" >&2
+/usr/bin/python3 bench/placement_bench.py "$OUT/placement.jsonl" "$BUILD/bin" 10
 /usr/bin/python3 bench/report.py "$OUT" docs/PERFORMANCE.md docs/performance.json

@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "services/common/flags.h"
 #include "services/common/security.h"
 #include "services/common/server_util.h"
@@ -41,6 +42,8 @@ usage: moe-cluster --checkpoint PATH [flags]
   --tls-dir DIR            TLS everywhere with the files of scripts/make-certs.sh DIR
   --require-client-cert    mutual TLS: services refuse callers without DIR's client certificate
   --auth-token-file F      the router requires "authorization: Bearer <token in F>"
+  --pin-shards             run shard i on CPU i mod cores (equal CPU shares, for benchmarks)
+  --router-args "ARGS"     more flags for the router, space-separated
 )";
 
 absl::Status Run(int argc, char** argv) {
@@ -52,6 +55,7 @@ absl::Status Run(int argc, char** argv) {
                              {"metrics-port", true}, {"capacity-factor", true},
                              {"overflow", true}, {"wire", true}, {"bin-dir", true},
                              {"tls-dir", true}, {"require-client-cert", false},
+                             {"pin-shards", false}, {"router-args", true},
                              {"auth-token-file", true}}));
   ASSIGN_OR_RETURN(std::string checkpoint, f.Require("checkpoint"));
   ASSIGN_OR_RETURN(int64_t num_shards, f.GetInt("shards", 4));
@@ -83,6 +87,16 @@ absl::Status Run(int argc, char** argv) {
   }
   if (f.Has("auth-token-file")) {
     o.router_args.insert(o.router_args.end(), {"--auth-token-file", f.Get("auth-token-file")});
+  }
+  if (f.Has("pin-shards")) {
+    // Shard i runs on CPU i mod cores: shards get equal CPU shares, like separate machines.
+    const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+    for (int i = 0; i < o.shards; ++i) {
+      o.shard_wrappers.push_back({"/usr/bin/taskset", "-c", std::to_string(i % cores)});
+    }
+  }
+  for (absl::string_view a : absl::StrSplit(f.Get("router-args"), ' ', absl::SkipEmpty())) {
+    o.router_args.emplace_back(a);
   }
   o.verbose = true;
   ASSIGN_OR_RETURN(auto cluster, moe::client::LocalCluster::Start(o, absl::Minutes(5)));

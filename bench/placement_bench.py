@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Hybrid against dynamic placement under Zipf-skewed load: 4 shards pinned to the cores (equal
+CPU shares, like separate machines), moe-client load with expert popularity Zipf(1.2); a warm-up
+lets dynamic placement see the load and rebalance, then tokens/s and p99 are measured. Prints a
+line per placement and writes JSON lines to the file given as the first argument.
+
+usage: placement_bench.py OUT.jsonl BIN_DIR [SECONDS]
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+out_path, bin_dir = sys.argv[1], sys.argv[2]
+seconds = float(sys.argv[3]) if len(sys.argv) > 3 else 10.0
+work = tempfile.mkdtemp()
+ck = os.path.join(work, "zipf.safetensors")
+subprocess.run([f"{bin_dir}/moe-client", "init-checkpoint", "--out", ck, "--experts", "16",
+                "--d-model", "512", "--d-ff", "2048", "--top-k", "2", "--activation", "silu",
+                "--gated", "--seed", "1"], check=True, stdout=subprocess.DEVNULL)
+
+
+def load(router, duration):
+    r = subprocess.run([f"{bin_dir}/moe-client", "load", "--router", router, "--checkpoint", ck,
+                        "--zipf", "1.2", "--concurrency", "4", "--batch-size", "64",
+                        "--duration", str(duration)], capture_output=True, text=True, check=True)
+    tps = float(re.search(r"tokens/s\s+([0-9.]+)", r.stdout).group(1))
+    p99 = float(re.search(r"p99 latency \(ms\)\s+([0-9.]+)", r.stdout).group(1))
+    errors = int(re.search(r"errors\s+([0-9]+)", r.stdout).group(1))
+    return tps, p99, errors
+
+
+results = {}
+with open(out_path, "w") as out:
+    for placement in ("hybrid", "dynamic"):
+        cluster = subprocess.Popen(
+            [f"{bin_dir}/moe-cluster", "--checkpoint", ck, "--shards", "4", "--router-port", "0",
+             "--placement", placement, "--pin-shards",
+             "--router-args", "--rebalance-cooldown-s 1 --imbalance-threshold 0.2"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            router = next(l.split("=", 1)[1].strip() for l in cluster.stdout
+                          if l.startswith("READY router="))
+            load(router, max(3.0, seconds / 2))  # warm-up: dynamic sees the skew and rebalances
+            tps, p99, errors = load(router, seconds)
+            placement_out = subprocess.run([f"{bin_dir}/moe-client", "placement", "--router",
+                                            router], capture_output=True, text=True).stdout
+            version = int(re.search(r"version (\d+)", placement_out).group(1))
+        finally:
+            cluster.terminate()
+            cluster.wait(timeout=30)
+        results[placement] = tps
+        row = {"placement": placement, "tokens_per_s": tps, "p99_ms": p99, "errors": errors,
+               "placement_version": version}
+        out.write(json.dumps(row) + "\n")
+        print(f"{placement:8s}: {tps:8.0f} tokens/s, p99 {p99:.1f} ms, {errors} errors, "
+              f"placement version {version}", file=sys.stderr, flush=True)
+print(f"dynamic / hybrid: {results['dynamic'] / results['hybrid']:.2f}x", file=sys.stderr)
