@@ -855,29 +855,16 @@ absl::StatusOr<std::unique_ptr<ShardServer>> ShardServer::Start(ShardServerOptio
       std::make_unique<ComputePool>(impl->config.d_model, o.pool, impl->metrics.get());
   impl->train_pool = std::make_unique<common::ThreadPool>(std::max(1, o.pool.threads));
 
-  common::EnableHealthAndReflection();
-  grpc::ServerBuilder builder;
-  common::ConfigureServerBuilder(&builder, o.limits);
-  builder.AddListeningPort(o.address, common::ServerCredentials(), &impl->port);
-  builder.RegisterService(impl.get());
-  impl->collective_service = std::make_unique<collective::CollectiveService>(&impl->hub);
-  builder.RegisterService(impl->collective_service.get());
-  impl->server = builder.BuildAndStart();
-  if (impl->server == nullptr || impl->port == 0) {
-    impl->pool->Shutdown();
-    return absl::UnavailableError(
-        absl::StrCat("cannot listen on ", o.address, " (port in use or bad address)"));
-  }
-  impl->server->GetHealthCheckService()->SetServingStatus(false);
   if (!o.metrics_address.empty()) {
-    auto ep = common::MetricsEndpoint::Start(o.metrics_address, impl->registry);
-    if (!ep.ok()) {
-      impl->DoShutdown(absl::ZeroDuration());
-      impl->server->Wait();
-      return ep.status();
-    }
-    impl->metrics_endpoint = std::move(*ep);
+    ASSIGN_OR_RETURN(impl->metrics_endpoint,
+                     common::MetricsEndpoint::Start(o.metrics_address, impl->registry));
   }
+  impl->collective_service = std::make_unique<collective::CollectiveService>(&impl->hub);
+  ASSIGN_OR_RETURN(common::StartedServer started,
+                   common::StartServer(o.address, {impl.get(), impl->collective_service.get()},
+                                       o.limits));
+  impl->server = std::move(started.server);
+  impl->port = started.port;
   std::vector<int> initial;
   if (o.initial_experts) {
     initial = *o.initial_experts;

@@ -828,26 +828,14 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   for (const std::string& a : o.shards) impl->ClientFor(a);
   impl->pool = std::make_unique<common::ThreadPool>(std::max(1, o.worker_threads));
 
-  common::EnableHealthAndReflection();
-  grpc::ServerBuilder builder;
-  common::ConfigureServerBuilder(&builder, o.limits);
-  builder.AddListeningPort(o.address, common::ServerCredentials(), &impl->port);
-  builder.RegisterService(impl.get());
-  impl->server = builder.BuildAndStart();
-  if (impl->server == nullptr || impl->port == 0) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot listen on ", o.address, " (port in use or bad address)"));
-  }
-  impl->server->GetHealthCheckService()->SetServingStatus(false);
   if (!o.metrics_address.empty()) {
-    auto ep = common::MetricsEndpoint::Start(o.metrics_address, impl->registry);
-    if (!ep.ok()) {
-      impl->DoShutdown(absl::ZeroDuration());
-      impl->server->Wait();
-      return ep.status();
-    }
-    impl->metrics_endpoint = std::move(*ep);
+    ASSIGN_OR_RETURN(impl->metrics_endpoint,
+                     common::MetricsEndpoint::Start(o.metrics_address, impl->registry));
   }
+  ASSIGN_OR_RETURN(common::StartedServer started,
+                   common::StartServer(o.address, {impl.get()}, o.limits));
+  impl->server = std::move(started.server);
+  impl->port = started.port;
   Impl* raw = impl.get();
   impl->control = std::thread([raw] { raw->ControlLoop(); });
   return std::unique_ptr<RouterServer>(new RouterServer(std::move(impl)));

@@ -6,6 +6,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "services/common/security.h"
 
 namespace moe::common {
 
@@ -46,6 +47,24 @@ grpc::ChannelArguments ClientChannelArgs(const RpcLimits& limits) {
 void EnableHealthAndReflection() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+}
+
+absl::StatusOr<StartedServer> StartServer(const std::string& address,
+                                          const std::vector<grpc::Service*>& services,
+                                          const RpcLimits& limits) {
+  EnableHealthAndReflection();
+  grpc::ServerBuilder builder;
+  ConfigureServerBuilder(&builder, limits);
+  StartedServer started;
+  builder.AddListeningPort(address, ServerCredentials(), &started.port);
+  for (grpc::Service* s : services) builder.RegisterService(s);
+  started.server = builder.BuildAndStart();
+  if (started.server == nullptr || started.port == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", address, " (port in use or bad address)"));
+  }
+  started.server->GetHealthCheckService()->SetServingStatus(false);
+  return started;
 }
 
 absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(

@@ -6,6 +6,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <grpcpp/grpcpp.h>
 #include <prometheus/exposer.h>
@@ -31,6 +32,18 @@ grpc::ChannelArguments ClientChannelArgs(const RpcLimits& limits = {});
 // Turns on the default grpc.health.v1 service and v1alpha server reflection; call before
 // building any server.
 void EnableHealthAndReflection();
+
+struct StartedServer {
+  std::unique_ptr<grpc::Server> server;
+  int port = 0;
+};
+
+// Builds and starts a server on `address` (port 0 picks one) serving `services`, with the settings
+// above, the process's TLS credentials, reflection, and health NOT_SERVING until the caller says
+// otherwise. UNAVAILABLE naming the address when it cannot listen.
+absl::StatusOr<StartedServer> StartServer(const std::string& address,
+                                          const std::vector<grpc::Service*>& services,
+                                          const RpcLimits& limits);
 
 // Serves `registry` on http://ADDRESS/metrics. `address` is host:port; port 0 picks one.
 class MetricsEndpoint {

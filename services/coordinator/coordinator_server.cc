@@ -17,6 +17,7 @@
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/common/security.h"
 #include "services/common/grpc_status.h"
+#include "services/common/status_macros.h"
 #include "services/common/thread_pool.h"
 
 namespace moe::coordinator {
@@ -286,24 +287,15 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
       impl->options.registry ? impl->options.registry : std::make_shared<prometheus::Registry>();
   impl->InitMetrics();
   impl->pool = std::make_unique<common::ThreadPool>(4);
-  common::EnableHealthAndReflection();
-  grpc::ServerBuilder builder;
-  common::ConfigureServerBuilder(&builder, impl->options.limits);
-  builder.AddListeningPort(impl->options.address, common::ServerCredentials(), &impl->port);
-  builder.RegisterService(impl.get());
-  impl->server = builder.BuildAndStart();
-  if (impl->server == nullptr || impl->port == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", impl->options.address));
-  }
   if (!impl->options.metrics_address.empty()) {
-    auto ep = common::MetricsEndpoint::Start(impl->options.metrics_address, impl->registry);
-    if (!ep.ok()) {
-      impl->server->Shutdown();
-      impl->server->Wait();
-      return ep.status();
-    }
-    impl->metrics_endpoint = std::move(*ep);
+    ASSIGN_OR_RETURN(impl->metrics_endpoint, common::MetricsEndpoint::Start(
+                                                 impl->options.metrics_address, impl->registry));
   }
+  ASSIGN_OR_RETURN(common::StartedServer started,
+                   common::StartServer(impl->options.address, {impl.get()}, impl->options.limits));
+  impl->server = std::move(started.server);
+  impl->port = started.port;
+  impl->server->GetHealthCheckService()->SetServingStatus(true);
   return std::unique_ptr<CoordinatorServer>(new CoordinatorServer(std::move(impl)));
 }
 

@@ -45,26 +45,7 @@ double Since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
-// The text of http://127.0.0.1:port/metrics ("" when unreachable).
-std::string ScrapeBody(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    close(fd);
-    return "";
-  }
-  const std::string req = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n";
-  (void)!write(fd, req.data(), req.size());
-  std::string body;
-  char buf[8192];
-  ssize_t n;
-  while ((n = read(fd, buf, sizeof(buf))) > 0) body.append(buf, static_cast<size_t>(n));
-  close(fd);
-  return body;
-}
+std::string ScrapeBody(int port) { return moe::testing::ScrapeMetrics(port); }
 
 // GET http://127.0.0.1:port/metrics and return the value of the first line starting with
 // `series` (e.g. `moe_shard_rejected_batches_total{reason="deadline"}`), or -1.

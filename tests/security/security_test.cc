@@ -27,7 +27,7 @@ std::string Read(const std::string& path) {
   return ss.str();
 }
 
-std::string Scrape(int port);
+std::string Scrape(int port) { return moe::testing::ScrapeMetrics(port); }
 
 class SecurityTest : public ::testing::Test {
  protected:
@@ -179,30 +179,3 @@ TEST_F(SecurityTest, MetricsExposeNoSecrets) {
 }  // namespace
 }  // namespace moe
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-
-namespace moe {
-namespace {
-std::string Scrape(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    close(fd);
-    return "";
-  }
-  const std::string req = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n";
-  (void)!write(fd, req.data(), req.size());
-  std::string body;
-  char buf[8192];
-  ssize_t n;
-  while ((n = read(fd, buf, sizeof(buf))) > 0) body.append(buf, static_cast<size_t>(n));
-  close(fd);
-  return body;
-}
-}  // namespace
-}  // namespace moe
