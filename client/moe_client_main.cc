@@ -230,14 +230,24 @@ absl::Status Forward(const Flags& f) {
                       out.gating.dropped);
 }
 
-absl::Status Info(const Flags& f) {
-  ASSIGN_OR_RETURN(std::string addr, f.Require("router"));
-  auto stub = MakeRouterStub(addr);
+// The router's ClusterInfo; an unreachable router is named in the error.
+absl::StatusOr<v1::ClusterInfo> GetInfo(v1::Router::Stub* stub, const std::string& addr) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
   v1::ClusterInfo info;
   grpc::Status st = stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info);
+  if (st.error_code() == grpc::StatusCode::UNAVAILABLE) {
+    return absl::UnavailableError(absl::StrCat("cannot reach the router at ", addr, ": ",
+                                               st.error_message()));
+  }
   if (!st.ok()) return common::FromGrpcStatus(st);
+  return info;
+}
+
+absl::Status Info(const Flags& f) {
+  ASSIGN_OR_RETURN(std::string addr, f.Require("router"));
+  auto stub = MakeRouterStub(addr);
+  ASSIGN_OR_RETURN(v1::ClusterInfo info, GetInfo(stub.get(), addr));
   std::printf("model: %d experts, d_model %d, d_ff %d, top-%d, %s%s, normalize_topk %s\n",
               info.num_experts(), info.d_model(), info.d_ff(), info.top_k(),
               info.activation().c_str(), info.gated() ? " gated" : "",
@@ -293,18 +303,6 @@ absl::Status PlacementCmd(const Flags& f) {
   if (!st.ok()) return common::FromGrpcStatus(st);
   PrintPlacement(p);
   return absl::OkStatus();
-}
-
-absl::StatusOr<v1::ClusterInfo> GetInfo(v1::Router::Stub* stub, const std::string& addr) {
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-  v1::ClusterInfo info;
-  grpc::Status st = stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info);
-  if (!st.ok()) {
-    return absl::UnavailableError(absl::StrCat("cannot reach the router at ", addr, ": ",
-                                               st.error_message()));
-  }
-  return info;
 }
 
 absl::Status Train(const Flags& f) {
@@ -426,16 +424,7 @@ absl::Status Load(const Flags& f) {
     return absl::InvalidArgumentError("--concurrency, --batch-size, --duration and --window must be positive");
   }
   auto stub = MakeRouterStub(addr);
-  v1::ClusterInfo info;
-  {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-    grpc::Status st = stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info);
-    if (!st.ok()) {
-      return absl::UnavailableError(absl::StrCat("cannot reach the router at ", addr, ": ",
-                                                 st.error_message()));
-    }
-  }
+  ASSIGN_OR_RETURN(v1::ClusterInfo info, GetInfo(stub.get(), addr));
   const int d = info.d_model();
   common::GateWeights gate;
   if (f.Has("checkpoint")) {

@@ -49,13 +49,8 @@ absl::Status Run(int argc, char** argv) {
                              {"coordinator", true}, {"advertise", true}})));
   moe::expert::ShardServerOptions o;
   ASSIGN_OR_RETURN(o.checkpoint, f.Require("checkpoint"));
-  ASSIGN_OR_RETURN(int64_t port, f.GetInt("port", 50061));
+  RETURN_IF_ERROR(f.ListenAddresses(50061, &o.address, &o.metrics_address));
   const std::string host = f.Get("host", "0.0.0.0");
-  o.address = absl::StrCat(host, ":", port);
-  if (f.Has("metrics-port")) {
-    ASSIGN_OR_RETURN(int64_t mp, f.GetInt("metrics-port", 0));
-    o.metrics_address = absl::StrCat(host, ":", mp);
-  }
   o.load.tensor_prefix = f.Get("tensor-prefix");
   o.coordinator = f.Get("coordinator");
   o.advertise_address = f.Get("advertise");

@@ -59,13 +59,8 @@ absl::Status Run(int argc, char** argv) {
   for (absl::string_view s : absl::StrSplit(shards, ',', absl::SkipEmpty())) {
     o.shards.emplace_back(s);
   }
-  ASSIGN_OR_RETURN(int64_t port, f.GetInt("port", 50051));
+  RETURN_IF_ERROR(f.ListenAddresses(50051, &o.address, &o.metrics_address));
   const std::string host = f.Get("host", "0.0.0.0");
-  o.address = absl::StrCat(host, ":", port);
-  if (f.Has("metrics-port")) {
-    ASSIGN_OR_RETURN(int64_t mp, f.GetInt("metrics-port", 0));
-    o.metrics_address = absl::StrCat(host, ":", mp);
-  }
   o.load.tensor_prefix = f.Get("tensor-prefix");
   o.coordinator = f.Get("coordinator");
   if (f.Has("auth-token-file")) {

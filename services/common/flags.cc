@@ -69,6 +69,20 @@ absl::StatusOr<std::string> Flags::Require(const std::string& name) const {
   return Get(name);
 }
 
+absl::Status Flags::ListenAddresses(int64_t default_port, std::string* address,
+                                    std::string* metrics_address) const {
+  const std::string host = Get("host", "0.0.0.0");
+  absl::StatusOr<int64_t> port = GetInt("port", default_port);
+  if (!port.ok()) return port.status();
+  *address = absl::StrCat(host, ":", *port);
+  if (Has("metrics-port")) {
+    absl::StatusOr<int64_t> mp = GetInt("metrics-port", 0);
+    if (!mp.ok()) return mp.status();
+    *metrics_address = absl::StrCat(host, ":", *mp);
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<int>> Flags::GetIntList(const std::string& name) const {
   std::vector<int> out;
   const std::string v = Get(name);

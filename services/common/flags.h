@@ -23,6 +23,10 @@ class Flags {
   absl::StatusOr<int64_t> GetInt(const std::string& name, int64_t def) const;
   absl::StatusOr<double> GetDouble(const std::string& name, double def) const;
   absl::StatusOr<std::string> Require(const std::string& name) const;
+  // --host (default 0.0.0.0) with --port (default `default_port`) as `address`, and, when
+  // --metrics-port is given, --host with it as `metrics_address`.
+  absl::Status ListenAddresses(int64_t default_port, std::string* address,
+                               std::string* metrics_address) const;
   // A comma-separated list of integers; "" is empty.
   absl::StatusOr<std::vector<int>> GetIntList(const std::string& name) const;
 

@@ -44,10 +44,16 @@ grpc::ChannelArguments ClientChannelArgs(const RpcLimits& limits) {
   return args;
 }
 
+namespace {
+
+// Turns on the default grpc.health.v1 service and v1alpha server reflection for servers built
+// afterwards.
 void EnableHealthAndReflection() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
 }
+
+}  // namespace
 
 absl::StatusOr<StartedServer> StartServer(const std::string& address,
                                           const std::vector<grpc::Service*>& services,
@@ -119,8 +125,5 @@ absl::StatusOr<HealthState> CheckHealth(grpc::Channel* channel, absl::Duration t
   }
 }
 
-bool WaitForConnected(grpc::Channel* channel, absl::Duration timeout) {
-  return channel->WaitForConnected(absl::ToChronoTime(absl::Now() + timeout));
-}
 
 }  // namespace moe::common

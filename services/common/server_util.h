@@ -29,17 +29,13 @@ void ConfigureServerBuilder(grpc::ServerBuilder* builder, const RpcLimits& limit
 // Channel arguments for internal clients (router -> shard, shard -> peer), matching the above.
 grpc::ChannelArguments ClientChannelArgs(const RpcLimits& limits = {});
 
-// Turns on the default grpc.health.v1 service and v1alpha server reflection; call before
-// building any server.
-void EnableHealthAndReflection();
-
 struct StartedServer {
   std::unique_ptr<grpc::Server> server;
   int port = 0;
 };
 
 // Builds and starts a server on `address` (port 0 picks one) serving `services`, with the settings
-// above, the process's TLS credentials, reflection, and health NOT_SERVING until the caller says
+// above, the process's TLS credentials, reflection, and grpc.health.v1 NOT_SERVING until the caller says
 // otherwise. UNAVAILABLE naming the address when it cannot listen.
 absl::StatusOr<StartedServer> StartServer(const std::string& address,
                                           const std::vector<grpc::Service*>& services,
@@ -63,8 +59,6 @@ enum class HealthState { kUnknown, kServing, kNotServing };
 // back as errors; the two messages involved are encoded by hand (no generated health stubs).
 absl::StatusOr<HealthState> CheckHealth(grpc::Channel* channel, absl::Duration timeout);
 
-// Blocks until the channel is connected or `timeout` passes.
-bool WaitForConnected(grpc::Channel* channel, absl::Duration timeout);
 
 }  // namespace moe::common
 

@@ -22,13 +22,8 @@ absl::Status Run(int argc, char** argv) {
                    moe::common::Flags::Parse(argc, argv, 1, moe::common::WithTlsFlags({{"port", true}, {"host", true},
                                               {"metrics-port", true}, {"lease-ms", true}})));
   moe::coordinator::CoordinatorOptions o;
-  ASSIGN_OR_RETURN(int64_t port, f.GetInt("port", 50041));
+  RETURN_IF_ERROR(f.ListenAddresses(50041, &o.address, &o.metrics_address));
   const std::string host = f.Get("host", "0.0.0.0");
-  o.address = absl::StrCat(host, ":", port);
-  if (f.Has("metrics-port")) {
-    ASSIGN_OR_RETURN(int64_t mp, f.GetInt("metrics-port", 0));
-    o.metrics_address = absl::StrCat(host, ":", mp);
-  }
   ASSIGN_OR_RETURN(int64_t lease, f.GetInt("lease-ms", 3000));
   if (lease < 100) return absl::InvalidArgumentError("--lease-ms must be at least 100");
   o.lease = absl::Milliseconds(lease);
