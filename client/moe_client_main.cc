@@ -21,12 +21,14 @@
 
 #include "client/cli_util.h"
 #include "client/router_client.h"
+#include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/common/grpc_status.h"
 #include "services/common/tensor_codec.h"
 #include "router/moe_layer.h"
 #include "services/common/checkpoint.h"
 #include "services/common/flags.h"
 #include "services/common/security.h"
+#include "services/common/server_util.h"
 #include "services/common/random_checkpoint.h"
 #include "services/common/safetensors.h"
 #include "services/common/status_macros.h"
@@ -55,6 +57,11 @@ commands:
            [--capacity-factor C])
       run the layer on tensor `tokens` [N, d_model] through the cluster (or in process);
       writes `output`, `expert_ids`, `weights` (`infer` is the same command)
+  health --addr HOST:PORT [--timeout-ms 2000]
+      grpc.health.v1 check of a router, shard or coordinator; exits 0 only when SERVING
+  drain --addr SHARD_HOST:PORT [--timeout-ms 10000]
+      before stopping a shard: it turns NOT_SERVING, routers move their work away and close
+      their streams; returns once none is open (exit 1 if the timeout passed first)
   info --router HOST:PORT
       the model and the shards with their health and experts
   placement --router HOST:PORT [--rebalance STRATEGY] [--dry-run]
@@ -242,6 +249,52 @@ absl::StatusOr<v1::ClusterInfo> GetInfo(v1::Router::Stub* stub, const std::strin
   }
   if (!st.ok()) return common::FromGrpcStatus(st);
   return info;
+}
+
+// grpc.health.v1 of any moe service (router, shard or coordinator): exit 0 only when SERVING.
+// Used by container health checks; health checks need no token.
+absl::Status Health(const Flags& f) {
+  ASSIGN_OR_RETURN(std::string addr, f.Require("addr"));
+  ASSIGN_OR_RETURN(int64_t timeout_ms, f.GetInt("timeout-ms", 2000));
+  auto channel = common::CreateAuthorizedChannel(addr, common::ClientChannelArgs(), "");
+  absl::StatusOr<common::HealthState> state =
+      common::CheckHealth(channel.get(), absl::Milliseconds(timeout_ms));
+  if (!state.ok()) {
+    return absl::UnavailableError(
+        absl::StrCat("no health answer from ", addr, ": ", state.status().message()));
+  }
+  if (*state != common::HealthState::kServing) {
+    return absl::UnavailableError(absl::StrCat(addr, " is up but NOT_SERVING"));
+  }
+  std::printf("%s SERVING\n", addr.c_str());
+  return absl::OkStatus();
+}
+
+// Drains an expert shard before a planned stop (Kubernetes preStop): see ExpertShard.Drain.
+absl::Status DrainCmd(const Flags& f) {
+  ASSIGN_OR_RETURN(std::string addr, f.Require("addr"));
+  ASSIGN_OR_RETURN(int64_t timeout_ms, f.GetInt("timeout-ms", 10000));
+  auto stub = v1::ExpertShard::NewStub(
+      common::CreateAuthorizedChannel(addr, common::ClientChannelArgs(), ""));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(timeout_ms + 5000));
+  v1::DrainRequest req;
+  req.set_timeout_ms(timeout_ms);
+  v1::DrainResponse resp;
+  const absl::Time start = absl::Now();
+  grpc::Status st = stub->Drain(&ctx, req, &resp);
+  if (!st.ok()) {
+    return absl::Status(common::FromGrpcStatus(st).code(),
+                        absl::StrCat("drain of ", addr, ": ", st.error_message()));
+  }
+  if (!resp.drained()) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        addr, ": ", resp.open_streams(), " Dispatch streams still open after ", timeout_ms,
+        " ms; their batches are re-sent to other replicas when the shard stops"));
+  }
+  std::printf("%s drained in %.0f ms: NOT_SERVING, no Dispatch stream open\n", addr.c_str(),
+              absl::ToDoubleMilliseconds(absl::Now() - start));
+  return absl::OkStatus();
 }
 
 absl::Status Info(const Flags& f) {
@@ -600,6 +653,8 @@ int Main(int argc, char** argv) {
          {"router", true}, {"bf16", false}, {"tensor-prefix", true}, {"capacity-factor", true}},
         Forward}},
       {"info", {{{"router", true}}, Info}},
+      {"health", {{{"addr", true}, {"timeout-ms", true}}, Health}},
+      {"drain", {{{"addr", true}, {"timeout-ms", true}}, DrainCmd}},
       {"train",
        {{{"router", true}, {"steps", true}, {"learning-rate", true}, {"aux-loss-coef", true},
          {"z-loss-coef", true}, {"tokens", true}, {"grad-output", true}, {"synthetic", false},

@@ -33,7 +33,11 @@ function(moe_binary name)
 endfunction()
 
 # moe_test(NAME SRCS ... DEPS ... [TIMEOUT s]): a GoogleTest binary whose tests ctest lists one by one.
+# Without MOE_BUILD_TESTS it defines nothing; callers guard follow-ups with if(TARGET name).
 function(moe_test name)
+  if(NOT MOE_BUILD_TESTS)
+    return()
+  endif()
   cmake_parse_arguments(ARG "" "TIMEOUT" "SRCS;DEPS" ${ARGN})
   if(NOT ARG_TIMEOUT)
     set(ARG_TIMEOUT 300)

@@ -156,8 +156,11 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
 
   std::mutex mu;
   std::set<std::shared_ptr<StreamCore>> streams;
+  std::condition_variable streams_cv;  // a stream ended, or shutting down
   bool serving = false;
+  bool draining = false;  // Drain was called: NOT_SERVING until the process ends
   bool shutting_down = false;
+  std::vector<std::thread> drain_waiters;  // joined by DoShutdown
   std::once_flag shutdown_once;
 
   grpc::ServerBidiReactor<v1::DispatchRequest, v1::DispatchResponse>* Dispatch(
@@ -173,6 +176,8 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
   grpc::ServerUnaryReactor* GetStatus(grpc::CallbackServerContext* ctx,
                                       const v1::GetShardStatusRequest* req,
                                       v1::ShardStatus* resp) override;
+  grpc::ServerUnaryReactor* Drain(grpc::CallbackServerContext* ctx, const v1::DrainRequest* req,
+                                  v1::DrainResponse* resp) override;
   grpc::ServerUnaryReactor* Backward(grpc::CallbackServerContext* ctx,
                                      const v1::BackwardRequest* req,
                                      v1::BackwardResponse* resp) override;
@@ -262,6 +267,7 @@ class DispatchReactor final
       std::lock_guard<std::mutex> lock(impl_->mu);
       impl_->streams.erase(core_);
     }
+    impl_->streams_cv.notify_all();
     delete this;
   }
 
@@ -486,6 +492,42 @@ grpc::ServerUnaryReactor* ShardServer::Impl::GetStatus(grpc::CallbackServerConte
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   FillStatus(resp);
   reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ShardServer::Impl::Drain(grpc::CallbackServerContext* ctx,
+                                                   const v1::DrainRequest* req,
+                                                   v1::DrainResponse* resp) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (req->timeout_ms() < 0 || req->timeout_ms() > 60000) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                 absl::StrCat("drain timeout_ms must be in [0, 60000], got ",
+                                              req->timeout_ms())));
+    return reactor;
+  }
+  const absl::Duration timeout =
+      absl::Milliseconds(req->timeout_ms() == 0 ? 10000 : req->timeout_ms());
+  std::lock_guard<std::mutex> lock(mu);
+  if (shutting_down) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "shard is shutting down"));
+    return reactor;
+  }
+  draining = true;
+  serving = false;
+  server->GetHealthCheckService()->SetServingStatus(false);
+  std::printf("moe-expert-server: draining: NOT_SERVING, waiting for %zu Dispatch streams\n",
+              streams.size());
+  std::fflush(stdout);
+  // The wait runs on its own thread (joined by DoShutdown) so no gRPC thread blocks on it.
+  drain_waiters.emplace_back([this, reactor, resp, timeout] {
+    std::unique_lock<std::mutex> l(mu);
+    streams_cv.wait_for(l, absl::ToChronoNanoseconds(timeout),
+                        [this] { return streams.empty() || shutting_down; });
+    resp->set_open_streams(static_cast<int32_t>(streams.size()));
+    resp->set_drained(streams.empty());
+    l.unlock();
+    reactor->Finish(grpc::Status::OK);
+  });
   return reactor;
 }
 
@@ -786,7 +828,7 @@ grpc::ServerUnaryReactor* ShardServer::Impl::FinishStep(grpc::CallbackServerCont
 void ShardServer::Impl::SetServing(bool value) {
   {
     std::lock_guard<std::mutex> lock(mu);
-    if (shutting_down) return;
+    if (shutting_down || draining) return;
     serving = value;
   }
   if (server) server->GetHealthCheckService()->SetServingStatus(value);
@@ -807,6 +849,13 @@ void ShardServer::Impl::DoShutdown(absl::Duration grace) {
       open.assign(streams.begin(), streams.end());
     }
     server->GetHealthCheckService()->Shutdown();
+    streams_cv.notify_all();
+    std::vector<std::thread> waiters;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      waiters.swap(drain_waiters);
+    }
+    for (std::thread& t : waiters) t.join();
     {
       std::lock_guard<std::mutex> lock(hb_mu);
       hb_stop = true;

@@ -38,6 +38,16 @@ class GrpcShardClient::Stream final
     ctx_.TryCancel();
   }
 
+  // Takes no more batches, writes those already accepted, then half-closes: the shard answers
+  // what it has and ends the stream with OK (how a draining shard is let go).
+  void CloseGracefully() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) return;
+    closed_ = true;
+    graceful_ = true;
+    if (!writing_) StartWritesDoneLocked();
+  }
+
   void OnWriteDone(bool ok) override {
     std::lock_guard<std::mutex> lock(mu_);
     outbox_.pop_front();
@@ -46,10 +56,17 @@ class GrpcShardClient::Stream final
       CloseLocked();
       return;
     }
-    if (!outbox_.empty() && !closed_) {
+    if (!outbox_.empty() && (!closed_ || graceful_)) {
       writing_ = true;
       StartWrite(outbox_.front().get());
+    } else if (graceful_) {
+      StartWritesDoneLocked();
     }
+  }
+
+  void OnWritesDoneDone(bool /*ok*/) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    ReleaseHoldLocked();
   }
 
   void OnReadDone(bool ok) override {
@@ -88,8 +105,20 @@ class GrpcShardClient::Stream final
 
  private:
   void CloseLocked() {
-    if (closed_) return;
     closed_ = true;
+    graceful_ = false;
+    ReleaseHoldLocked();
+  }
+
+  void StartWritesDoneLocked() {
+    if (writes_done_) return;
+    writes_done_ = true;
+    StartWritesDone();
+  }
+
+  void ReleaseHoldLocked() {
+    if (hold_released_) return;
+    hold_released_ = true;
     RemoveHold();
   }
 
@@ -98,6 +127,9 @@ class GrpcShardClient::Stream final
   v1::DispatchResponse response_;
   std::mutex mu_;
   bool closed_ = false;
+  bool graceful_ = false;       // closed by CloseGracefully: the outbox is still written
+  bool writes_done_ = false;    // StartWritesDone was called
+  bool hold_released_ = false;
   bool writing_ = false;
   std::deque<std::shared_ptr<const v1::DispatchRequest>> outbox_;
   std::map<uint64_t, DispatchDone> pending_;
@@ -131,26 +163,37 @@ void GrpcShardClient::SetHealthy(bool healthy) {
   if (healthy_.exchange(healthy) != healthy && on_health_change_) on_health_change_(healthy);
 }
 
-bool GrpcShardClient::ProbeHealth() {
-  const auto h =
-      common::CheckHealth(channel_.get(), std::max(health_interval_ * 2, absl::Milliseconds(500)));
-  return h.ok() && *h == common::HealthState::kServing;
+absl::StatusOr<common::HealthState> GrpcShardClient::ProbeHealth() {
+  return common::CheckHealth(channel_.get(),
+                             std::max(health_interval_ * 2, absl::Milliseconds(500)));
 }
 
 void GrpcShardClient::CheckHealthNow() {
-  if (ProbeHealth()) SetHealthy(true);
+  const auto h = ProbeHealth();
+  if (h.ok() && *h == common::HealthState::kServing) SetHealthy(true);
 }
 
 void GrpcShardClient::HealthLoop() {
   // Two failed checks in a row take the shard out (one slow answer on a busy machine does not);
-  // one good check brings it back. A broken stream takes it out at once (StreamEnded).
+  // one good check brings it back. A broken stream takes it out at once (StreamEnded). A shard
+  // that answers NOT_SERVING says so on purpose (draining, or no experts loaded): it leaves at
+  // once and its stream is closed gracefully, so the batches on it are answered, not re-sent.
   int failures = 0;
   std::unique_lock<std::mutex> lock(mu_);
   while (!stopping_) {
     lock.unlock();
-    if (ProbeHealth()) {
+    const auto h = ProbeHealth();
+    if (h.ok() && *h == common::HealthState::kServing) {
       failures = 0;
       SetHealthy(true);
+    } else if (h.ok()) {
+      failures = 0;
+      SetHealthy(false);
+      std::lock_guard<std::mutex> l(mu_);
+      if (stream_ != nullptr) {
+        stream_->CloseGracefully();
+        stream_ = nullptr;
+      }
     } else if (++failures >= 2) {
       SetHealthy(false);
     }

@@ -55,7 +55,7 @@ class GrpcShardClient final : public ShardClient {
   void SetHealthy(bool healthy);
   void StreamEnded(Stream* stream, const grpc::Status& status);
   void HealthLoop();
-  bool ProbeHealth();
+  absl::StatusOr<common::HealthState> ProbeHealth();
 
   const std::string address_;
   std::shared_ptr<grpc::Channel> channel_;

@@ -57,6 +57,11 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
                            .Name("moe_coordinator_allreduce_failures_total")
                            .Help("Failed gradient reductions by status code")
                            .Register(*registry);
+    // The codes a reduction fails with, present at zero so that dashboards and alerts see the
+    // series before the first failure; any other code is added when it happens.
+    for (const char* code : {"ABORTED", "DEADLINE_EXCEEDED", "UNAVAILABLE"}) {
+      failures_family->Add({{"code", code}});
+    }
     allreduce_seconds = &prometheus::BuildHistogram()
                              .Name("moe_coordinator_allreduce_seconds")
                              .Help("Time of one replica group's gradient all-reduce")

@@ -17,6 +17,7 @@
 
 #include "client/local_cluster.h"
 #include "client/router_client.h"
+#include "moe/v1/expert_shard.grpc.pb.h"
 #include "moe/v1/router.grpc.pb.h"
 #include "router/moe_layer.h"
 #include "services/common/random_checkpoint.h"
@@ -251,6 +252,55 @@ TEST_F(ClusterTest, KilledShardWithReplicasLosesNoRequest) {
   EXPECT_EQ(result.failed.load(), 0) << result.first_error;
   EXPECT_EQ(result.wrong.load(), 0);
   EXPECT_GT(result.ok.load(), 20);
+}
+
+// The planned stop of Kubernetes' preStop: `moe-client drain` turns the shard NOT_SERVING, the
+// router closes its stream once the batches on it are answered, and the SIGTERM that follows
+// interrupts nothing: no failed request, and not even a failover.
+TEST_F(ClusterTest, DrainedShardStopsWithoutAFailover) {
+  const int metrics = 42000 + static_cast<int>(getpid() % 10000);
+  auto cluster = Start("replicated", 3, {}, {}, metrics);
+  ASSERT_NE(cluster, nullptr);
+  std::atomic<bool> stop{false};
+  LoadResult result;
+  std::thread load([&] { RunLoad(cluster->router_address(), 4, &stop, &result); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+
+  const auto t0 = Clock::now();
+  auto drain = common::Subprocess::Spawn({std::string(MOE_BIN_DIR) + "/moe-client", "drain",
+                                          "--addr", cluster->shard_addresses()[1],
+                                          "--timeout-ms", "10000"});
+  ASSERT_TRUE(drain.ok()) << drain.status();
+  auto line = drain->ReadLineWith("drained", absl::Seconds(15));
+  ASSERT_TRUE(line.ok()) << line.status();
+  auto exit = drain->Wait(absl::Seconds(5));
+  ASSERT_TRUE(exit.ok());
+  EXPECT_TRUE(WIFEXITED(*exit) && WEXITSTATUS(*exit) == 0) << *line;
+  EXPECT_LT(Since(t0), 3.0) << "drain took too long";
+  EXPECT_EQ(ScrapeMetric(metrics,
+                         "moe_shard_up{shard=\"" + cluster->shard_addresses()[1] + "\"}"), 0);
+
+  const int ok_at_drain = result.ok.load();
+  cluster->shard(1).Signal(SIGTERM);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1000));
+  stop = true;
+  load.join();
+  EXPECT_EQ(result.failed.load(), 0) << result.first_error;
+  EXPECT_EQ(result.wrong.load(), 0);
+  EXPECT_GT(result.ok.load(), ok_at_drain + 10) << "serving went on after the drain";
+  EXPECT_EQ(ScrapeMetric(metrics, "moe_router_failovers_total"), 0);
+
+  // A drain timeout out of range is refused by name; the other shards keep serving.
+  auto stub = v1::ExpertShard::NewStub(
+      grpc::CreateChannel(cluster->shard_addresses()[0], grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  v1::DrainRequest req;
+  req.set_timeout_ms(600000);
+  v1::DrainResponse resp;
+  grpc::Status st = stub->Drain(&ctx, req, &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("timeout_ms must be in [0, 60000]"), std::string::npos)
+      << st.error_message();
 }
 
 TEST_F(ClusterTest, KilledShardWithoutReplicasFailsFastNamingTheExpert) {

@@ -1,0 +1,144 @@
+// Validates rendered Kubernetes manifests (kubectl kustomize output on stdin or in a file):
+// every object against the Kubernetes schemas (npm's kubernetes-models), then the checks that
+// tie objects together: selectors, ports, probes, config references and the addresses the
+// services give each other. Prints one line per problem and exits 1 if there is any.
+//
+//   kubectl kustomize deploy/k8s/overlays/dev | node tests/deploy/validate_k8s.mjs dev
+import fs from "node:fs";
+import yaml from "js-yaml";
+import * as core from "kubernetes-models/v1";
+import * as apps from "kubernetes-models/apps/v1";
+import * as policy from "kubernetes-models/policy/v1";
+import * as monitoring from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
+
+const GROUPS = { v1: core, "apps/v1": apps, "policy/v1": policy, "monitoring.coreos.com/v1": monitoring };
+const name = process.argv[2] || "manifests";
+const text = fs.readFileSync(process.argv[3] || 0, "utf8");
+const objects = yaml.loadAll(text).filter((o) => o);
+const problems = [];
+const id = (o) => `${o.kind}/${o.metadata?.name}`;
+const fail = (o, msg) => problems.push(`${id(o)}: ${msg}`);
+
+// 1. Schemas.
+for (const o of objects) {
+  const Model = GROUPS[o.apiVersion]?.[o.kind];
+  if (!Model) { fail(o, `no schema known for ${o.apiVersion} ${o.kind}`); continue; }
+  try { new Model(o).validate(); } catch (e) { fail(o, `schema: ${e.message}`); }
+}
+
+const ofKind = (k) => objects.filter((o) => o.kind === k);
+const workloads = [...ofKind("Deployment"), ...ofKind("StatefulSet")];
+const services = ofKind("Service");
+const matches = (selector, labels) =>
+  Object.entries(selector || {}).every(([k, v]) => labels?.[k] === v);
+const podLabels = (w) => w.spec.template.metadata.labels;
+const containers = (w) => [...(w.spec.template.spec.initContainers || []), ...w.spec.template.spec.containers];
+const ports = (w) => w.spec.template.spec.containers.flatMap((c) => c.ports || []);
+
+// 2. Every object in one namespace, every namespaced object's namespace exists.
+const namespaces = new Set(ofKind("Namespace").map((n) => n.metadata.name));
+for (const o of objects) {
+  if (o.kind === "Namespace") continue;
+  if (!namespaces.has(o.metadata.namespace)) fail(o, `namespace '${o.metadata.namespace}' is not among the objects`);
+}
+
+// 3. Workloads: the selector picks the pod template; probes and env refer to what exists.
+const configMaps = new Map(ofKind("ConfigMap").map((c) => [c.metadata.name, c]));
+for (const w of workloads) {
+  if (!matches(w.spec.selector.matchLabels, podLabels(w))) fail(w, "spec.selector does not match the pod template's labels");
+  const portNumbers = new Set(ports(w).map((p) => p.containerPort));
+  for (const c of w.spec.template.spec.containers) {
+    for (const probe of ["startupProbe", "readinessProbe", "livenessProbe"]) {
+      const p = c[probe];
+      if (!p) { if (probe !== "startupProbe") fail(w, `container ${c.name} has no ${probe}`); continue; }
+      if (!p.grpc) fail(w, `container ${c.name}'s ${probe} is not a native gRPC probe`);
+      else if (!portNumbers.has(p.grpc.port)) fail(w, `${probe} port ${p.grpc.port} is not a container port`);
+    }
+    if (!c.resources?.requests || !c.resources?.limits) fail(w, `container ${c.name} lacks resource requests or limits`);
+    const grpcPort = (c.ports || []).find((p) => p.name === "grpc");
+    const args = c.args || [];
+    const port = args[args.indexOf("--port") + 1];
+    if (grpcPort && String(grpcPort.containerPort) !== port) fail(w, `--port ${port} is not the grpc container port ${grpcPort.containerPort}`);
+    const mport = (c.ports || []).find((p) => p.name === "metrics");
+    const margs = args[args.indexOf("--metrics-port") + 1];
+    if (mport && String(mport.containerPort) !== margs) fail(w, `--metrics-port ${margs} is not the metrics container port`);
+  }
+  for (const c of containers(w)) {
+    for (const ref of c.envFrom || []) {
+      const cm = ref.configMapRef && configMaps.get(ref.configMapRef.name);
+      if (ref.configMapRef && !cm) fail(w, `container ${c.name} reads missing ConfigMap ${ref.configMapRef.name}`);
+      // Every $(VAR) in args comes from the container's env or its ConfigMaps.
+      const known = new Set([...(c.env || []).map((e) => e.name), ...Object.keys(cm?.data || {})]);
+      for (const a of [...(c.args || []), ...(c.command || [])]) {
+        for (const m of String(a).matchAll(/\$\(([A-Z_]+)\)/g)) {
+          if (!known.has(m[1])) fail(w, `container ${c.name} uses $(${m[1]}), which no env or ConfigMap defines`);
+        }
+      }
+    }
+    for (const v of c.volumeMounts || []) {
+      if (!(w.spec.template.spec.volumes || []).some((vol) => vol.name === v.name)) fail(w, `volume ${v.name} is mounted but not defined`);
+    }
+  }
+  if (w.spec.template.spec.securityContext?.runAsNonRoot !== true) fail(w, "pods must run as non-root");
+}
+
+// 4. Services: select pods of some workload, and their target ports are named container ports.
+for (const s of services) {
+  const backing = workloads.filter((w) => matches(s.spec.selector, podLabels(w)));
+  if (backing.length !== 1) { fail(s, `selector matches ${backing.length} workloads (want 1)`); continue; }
+  const names = new Set(ports(backing[0]).map((p) => p.name));
+  for (const p of s.spec.ports) {
+    if (typeof p.targetPort === "string" && !names.has(p.targetPort)) fail(s, `targetPort '${p.targetPort}' is not a port of ${id(backing[0])}`);
+  }
+}
+
+// 5. StatefulSets have their headless Service; PodDisruptionBudgets cover a workload.
+for (const st of ofKind("StatefulSet")) {
+  const svc = services.find((s) => s.metadata.name === st.spec.serviceName);
+  if (!svc) fail(st, `serviceName '${st.spec.serviceName}' has no Service`);
+  else if (svc.spec.clusterIP !== "None") fail(st, `Service ${st.spec.serviceName} is not headless`);
+}
+for (const pdb of ofKind("PodDisruptionBudget")) {
+  if (!workloads.some((w) => matches(pdb.spec.selector.matchLabels, podLabels(w)))) fail(pdb, "selector matches no workload");
+}
+
+// 6. The ServiceMonitor finds a `metrics` port on every Service it selects, and selects them all.
+for (const sm of ofKind("ServiceMonitor")) {
+  const picked = services.filter((s) => matches(sm.spec.selector.matchLabels, s.metadata.labels));
+  if (picked.length !== services.length) fail(sm, `selects ${picked.length} of ${services.length} Services`);
+  for (const ep of sm.spec.endpoints) {
+    for (const s of picked) if (!s.spec.ports.some((p) => p.name === ep.port)) fail(sm, `${id(s)} has no port '${ep.port}'`);
+  }
+}
+
+// 7. Addresses the services give each other: --coordinator HOST:PORT names a Service port, and
+//    a shard's --advertise is its pod name under its headless Service, on its grpc port.
+for (const w of workloads) {
+  for (const c of w.spec.template.spec.containers) {
+    const args = c.args || [];
+    const i = args.indexOf("--coordinator");
+    if (i >= 0) {
+      const [host, port] = args[i + 1].split(":");
+      const svc = services.find((s) => s.metadata.name === host);
+      if (!svc || !svc.spec.ports.some((p) => String(p.port) === port)) fail(w, `--coordinator ${args[i + 1]} is not a Service port`);
+    }
+    const j = args.indexOf("--advertise");
+    if (j >= 0) {
+      const want = `$(POD_NAME).${w.spec.serviceName}:${args[args.indexOf("--port") + 1]}`;
+      if (args[j + 1] !== want) fail(w, `--advertise ${args[j + 1]} should be ${want}`);
+      if (!(c.env || []).some((e) => e.name === "POD_NAME" && e.valueFrom?.fieldRef?.fieldPath === "metadata.name")) fail(w, "POD_NAME is not the pod's name");
+    }
+  }
+}
+
+// 8. What the deployment must have.
+for (const [kind, n] of [["StatefulSet", "moe-shard"], ["Deployment", "moe-router"], ["Deployment", "moe-coordinator"],
+                         ["PodDisruptionBudget", "moe-shard"], ["ServiceMonitor", "moe-cluster"], ["ConfigMap", "moe-config"]]) {
+  if (!objects.some((o) => o.kind === kind && o.metadata.name === n)) problems.push(`${kind}/${n}: missing`);
+}
+
+if (problems.length) {
+  for (const p of problems) console.log(`FAIL ${name}: ${p}`);
+  process.exit(1);
+}
+console.log(`ok ${name}: ${objects.length} objects valid (${[...new Set(objects.map((o) => o.kind))].join(", ")})`);
