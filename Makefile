@@ -7,7 +7,7 @@ CMAKE_FLAGS ?=
 FUZZ_SECONDS ?= 30
 RUN_DIR ?= $(BUILD)/run
 
-.PHONY: all deps configure build test test-unit fuzz run bench test-asan clean
+.PHONY: all deps configure build test test-unit fuzz run bench test-asan test-compose clean
 
 all: build
 
@@ -45,6 +45,13 @@ test-asan: deps
 	cmake --build build-asan -j $(JOBS)
 	cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  ctest --output-on-failure -j $(JOBS) -LE slow
+
+# The container path: the image from deploy/docker/Dockerfile, docker-compose.yml on the host's
+# network, token batches checked against the in-process layer (tests/deploy/compose_smoke.sh).
+# Starts a Docker engine if none runs.
+test-compose: build
+	@bash scripts/install-deps.sh compose
+	bash tests/deploy/compose_smoke.sh $(BUILD)
 
 # The demo: a 16-expert checkpoint, a local cluster of 4 shards (hybrid placement), ~20 s of
 # Zipf-skewed load, the summary and the placement table; serves until Ctrl-C.

@@ -6,6 +6,7 @@
 #   install-deps.sh build    only what building the services needs (the container image's build
 #                            stage: cmake -DMOE_BUILD_TESTS=OFF)
 #   install-deps.sh bench    the default set plus the benchmark peers (Gloo, Open MPI, OpenBLAS)
+#   install-deps.sh compose  the default set plus a Docker engine and debootstrap (make test-compose)
 set -euo pipefail
 
 BUILD_PACKAGES=(
@@ -30,7 +31,8 @@ for extra in "$@"; do
   case "$extra" in
     build) PACKAGES=("${BUILD_PACKAGES[@]}") ;;
     bench) PACKAGES+=(python3-matplotlib libopenblas0-pthread libgloo-dev openmpi-bin libopenmpi-dev) ;;
-    *) echo "install-deps.sh: unknown set '$extra' (known: build, bench)" >&2; exit 2 ;;
+    compose) PACKAGES+=(docker.io debootstrap) ;;
+    *) echo "install-deps.sh: unknown set '$extra' (known: build, bench, compose)" >&2; exit 2 ;;
   esac
 done
 
