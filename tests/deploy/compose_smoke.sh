@@ -7,12 +7,13 @@
 # moe-client and checks the answers against the in-process layer, then tears everything down.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
-BUILD="${1:-$repo/build}"
+BUILD="$(cd "${1:-$repo/build}" && pwd)"
 STATE="${MOE_COMPOSE_STATE:-$BUILD/compose}"
+mkdir -p "$STATE"
+STATE="$(cd "$STATE" && pwd)"   # absolute: compose reads a relative volume source as a volume name
 BIN="$BUILD/bin"
 PROJECT=moe-smoke
 export DOCKER_BUILDKIT=0 COMPOSE_DOCKER_CLI_BUILD=0
-mkdir -p "$STATE"
 say() { printf '[compose-smoke %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 die() { say "FAILED: $*"; exit 1; }
 [ -x "$BIN/moe-client" ] || die "no $BIN/moe-client: run make build first"
