@@ -152,8 +152,35 @@ def main():
     if plot:
         lines += ["", "## Cluster throughput against batch size", "",
                   f"![tokens/s against tokens per request]({os.path.basename(plot)})"]
+    lines += scale_section(os.path.join(os.path.dirname(md_path) or ".", "scale.json"))
     open(md_path, "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def scale_section(path):
+    """The scale run on a many-core machine (bench/scale_run.sh, kept in docs/scale.json: it is
+    not made by make bench, which runs on this 2-core machine)."""
+    if not os.path.exists(path):
+        return []
+    d = json.load(open(path))
+    p = d["points"]
+    c1, l1 = p[0]["cluster_tokens_per_s"], p[0]["in_process_tokens_per_s"]
+    out = ["", "## Scale run: 1 to 8 shards on a 16-core machine", "",
+           f"Machine: {d['machine']}, {d['date']}. Command: `{d['command']}`.",
+           f"{d['tokens_per_request']}-token requests, {d['seconds_per_point']} s per point after a warm-up,",
+           "`moe-client load` with 2S+2 streams, `sharded` placement. Efficiency is tokens/s at S divided",
+           "by S times tokens/s at 1 (for the cluster and for the in-process layer each).", "",
+           "| shards S | in-process tokens/s (S threads) | cluster tokens/s | cluster / in-process | "
+           "cluster efficiency | in-process efficiency | cluster p99 ms | errors |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in p:
+        s = r["shards"]
+        out.append(f"| {s} | {r['in_process_tokens_per_s']:.0f} | {r['cluster_tokens_per_s']:.0f} | "
+                   f"{r['cluster_tokens_per_s'] / r['in_process_tokens_per_s']:.2f} | "
+                   f"{r['cluster_tokens_per_s'] / (s * c1):.2f} | "
+                   f"{r['in_process_tokens_per_s'] / (s * l1):.2f} | {r['cluster_p99_ms']:.0f} | {r['errors']} |")
+    out += ["", d["notes"]]
+    return out
 
 
 if __name__ == "__main__":
