@@ -24,11 +24,24 @@ std::string ExecutableDir() {
   return path.substr(0, path.rfind('/'));
 }
 
+std::string LocalCluster::ShardHost(int i) const {
+  return i < static_cast<int>(options_.shard_hosts.size()) ? options_.shard_hosts[i] : "127.0.0.1";
+}
+
+std::vector<std::string> LocalCluster::RouterShardAddresses() const {
+  std::vector<std::string> out;
+  for (int i = 0; i < static_cast<int>(shard_addresses_.size()); ++i) {
+    out.push_back(options_.route_shard ? options_.route_shard(i, shard_addresses_[i])
+                                       : shard_addresses_[i]);
+  }
+  return out;
+}
+
 absl::StatusOr<common::Subprocess> LocalCluster::SpawnShard(int i, int port) {
   std::vector<std::string> args;
   if (i < static_cast<int>(options_.shard_wrappers.size())) args = options_.shard_wrappers[i];
   args.insert(args.end(), {options_.bin_dir + "/moe-expert-server", "--checkpoint",
-                           options_.checkpoint, "--host", "127.0.0.1", "--port",
+                           options_.checkpoint, "--host", ShardHost(i), "--port",
                            std::to_string(port), "--experts", "none"});
   if (options_.metrics_port >= 0) {
     args.insert(args.end(), {"--metrics-port", std::to_string(options_.metrics_port + 1 + i)});
@@ -67,13 +80,13 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
     if (options.verbose) std::fprintf(stderr, "moe-cluster: starting shard %d\n", i);
     ASSIGN_OR_RETURN(common::Subprocess p, c->SpawnShard(i, 0));
     ASSIGN_OR_RETURN(int port, p.ReadListeningPort(absl::Seconds(60)));
-    c->shard_addresses_.push_back(absl::StrCat("127.0.0.1:", port));
+    c->shard_addresses_.push_back(absl::StrCat(c->ShardHost(i), ":", port));
     c->shards_.push_back(std::move(p));
   }
   std::vector<std::string> args = {c->options_.bin_dir + "/moe-router", "--checkpoint",
                                     options.checkpoint, "--host", "127.0.0.1", "--port",
                                     std::to_string(options.router_port), "--shards",
-                                    absl::StrJoin(c->shard_addresses_, ","), "--placement",
+                                    absl::StrJoin(c->RouterShardAddresses(), ","), "--placement",
                                     options.placement};
   if (options.metrics_port >= 0) {
     args.insert(args.end(), {"--metrics-port", std::to_string(options.metrics_port)});

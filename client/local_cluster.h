@@ -4,6 +4,7 @@
 // A cluster of local processes on loopback: N moe-expert-server processes and a moe-router over
 // them. Used by moe-cluster, the multi-process tests and the benchmarks.
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -26,6 +27,12 @@ struct LocalClusterOptions {
   std::vector<std::string> common_args;  // extra flags for every service (e.g. --tls-*)
   // Shard i's command is prefixed with wrap(i) (e.g. taskset -c i); empty: none.
   std::vector<std::vector<std::string>> shard_wrappers;
+  // The address shard i binds and is reached at (e.g. its network namespace's); default
+  // 127.0.0.1.
+  std::vector<std::string> shard_hosts;
+  // Given shard i's address, the address the router is to use for it (e.g. a test's proxy in
+  // front of it); unset: the shard's own.
+  std::function<std::string(int, const std::string&)> route_shard;
   bool coordinator = true;  // start moe-coordinator and point the router at it
   bool verbose = false;     // print progress to stderr
 };
@@ -53,6 +60,8 @@ class LocalCluster {
 
  private:
   absl::StatusOr<common::Subprocess> SpawnShard(int i, int port);
+  std::string ShardHost(int i) const;
+  std::vector<std::string> RouterShardAddresses() const;
   LocalClusterOptions options_;
   std::vector<common::Subprocess> shards_;
   common::Subprocess router_;

@@ -38,7 +38,7 @@ absl::StatusOr<Subprocess> Subprocess::Spawn(const std::vector<std::string>& arg
     std::vector<char*> args;
     for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);
-    execv(args[0], args.data());
+    execvp(args[0], args.data());
     std::fprintf(stderr, "cannot run %s: %s\n", args[0], std::strerror(errno));
     _exit(127);
   }
@@ -57,7 +57,7 @@ Subprocess::Subprocess(Subprocess&& o) noexcept
 
 Subprocess& Subprocess::operator=(Subprocess&& o) noexcept {
   if (this != &o) {
-    this->~Subprocess();
+    Release();
     pid_ = o.pid_;
     out_fd_ = o.out_fd_;
     buffer_ = std::move(o.buffer_);
@@ -68,7 +68,9 @@ Subprocess& Subprocess::operator=(Subprocess&& o) noexcept {
   return *this;
 }
 
-Subprocess::~Subprocess() {
+Subprocess::~Subprocess() { Release(); }
+
+void Subprocess::Release() {
   if (pid_ > 0 && !reaped_) {
     kill(pid_, SIGKILL);
     kill(pid_, SIGCONT);

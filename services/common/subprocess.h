@@ -17,7 +17,8 @@ namespace moe::common {
 
 class Subprocess {
  public:
-  // Starts `argv[0]` with `argv`; stdout is piped (stderr inherited).
+  // Starts `argv[0]` (searched in PATH when it has no slash) with `argv`; stdout is piped
+  // (stderr inherited).
   static absl::StatusOr<Subprocess> Spawn(const std::vector<std::string>& argv);
   Subprocess() = default;
   Subprocess(Subprocess&& other) noexcept;
@@ -37,6 +38,7 @@ class Subprocess {
   pid_t pid() const { return pid_; }
 
  private:
+  void Release();  // SIGKILLs and reaps a child still running, closes the pipe
   pid_t pid_ = -1;
   int out_fd_ = -1;
   std::string buffer_;

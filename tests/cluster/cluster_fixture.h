@@ -1,0 +1,184 @@
+#ifndef MOE_TESTS_CLUSTER_CLUSTER_FIXTURE_H_
+#define MOE_TESTS_CLUSTER_CLUSTER_FIXTURE_H_
+
+// The fixture of the multi-process tests (tests/cluster, tests/fault): a small checkpoint, local
+// clusters of real moe-expert-server and moe-router processes, a load generator that checks
+// every answer against the in-process MoeLayer, and metric scraping.
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include "client/local_cluster.h"
+#include "client/router_client.h"
+#include "moe/v1/expert_shard.grpc.pb.h"
+#include "moe/v1/router.grpc.pb.h"
+#include "router/moe_layer.h"
+#include "services/common/random_checkpoint.h"
+#include "services/common/tensor_codec.h"
+#include "services/common/subprocess.h"
+#include "absl/strings/str_cat.h"
+#include "tests/reference/test_util.h"
+
+namespace moe::testing {
+
+using Clock = std::chrono::steady_clock;
+
+inline common::ModelConfig Config() {
+  common::ModelConfig c;
+  c.num_experts = 8;
+  c.d_model = 32;
+  c.d_ff = 64;
+  c.top_k = 2;
+  c.activation = common::Activation::kSilu;
+  c.gated = true;
+  return c;
+}
+
+inline double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+inline std::string ScrapeBody(int port) { return ScrapeMetrics(port); }
+
+// GET http://127.0.0.1:port/metrics and return the value of the first line starting with
+// `series` (e.g. `moe_shard_rejected_batches_total{reason="deadline"}`), or -1.
+inline double ScrapeMetric(int port, const std::string& series) {
+  const std::string body = ScrapeBody(port);
+  size_t at = 0;
+  while ((at = body.find(series, at)) != std::string::npos) {
+    if (at == 0 || body[at - 1] == '\n') {
+      return std::atof(body.c_str() + at + series.size());
+    }
+    at += series.size();
+  }
+  return -1;
+}
+
+class ClusterTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    ck_ = new common::Checkpoint(common::MakeRandomCheckpoint({Config(), true, 23}));
+    path_ = new std::string(TempPath("cluster_test.safetensors"));
+    ASSERT_TRUE(common::SaveCheckpoint(*path_, *ck_).ok());
+    layer_ = router::MoeLayer::Create(*ck_).value().release();
+    setup_ok_ = true;
+  }
+
+  // A failure in SetUpTestSuite would only skip the tests; fail them instead.
+  void SetUp() override { ASSERT_TRUE(setup_ok_) << "suite set-up failed"; }
+
+  // Starts a cluster of `o` (bin_dir and checkpoint filled in).
+  std::unique_ptr<client::LocalCluster> StartWith(client::LocalClusterOptions o) {
+    o.bin_dir = MOE_BIN_DIR;
+    o.checkpoint = *path_;
+    auto c = client::LocalCluster::Start(o);
+    EXPECT_TRUE(c.ok()) << c.status();
+    return c.ok() ? std::move(*c) : nullptr;
+  }
+
+  std::unique_ptr<client::LocalCluster> Start(const std::string& placement, int shards,
+                                              std::vector<std::string> router_args = {},
+                                              std::vector<std::string> shard_args = {},
+                                              int metrics_port = -1) {
+    client::LocalClusterOptions o;
+    o.shards = shards;
+    o.placement = placement;
+    o.router_args = std::move(router_args);
+    o.shard_args = std::move(shard_args);
+    o.metrics_port = metrics_port;
+    return StartWith(std::move(o));
+  }
+
+  static v1::InferRequest Request(const std::vector<float>& x, int64_t n, const std::string& id) {
+    v1::InferRequest r;
+    r.set_request_id(id);
+    r.set_return_routing(true);
+    common::EncodeTensor(x, {n, Config().d_model}, common::WireType::kFloat32, r.mutable_tokens());
+    return r;
+  }
+
+  // Checks a response against the in-process layer (1e-5) and returns whether it matched.
+  static bool Matches(const std::vector<float>& x, int64_t n, const v1::InferResponse& resp,
+                      const router::MoeLayer& layer) {
+    auto ref = layer.Forward(x.data(), n);
+    auto v = common::DecodeMatrix(resp.output(), "output", Config().d_model);
+    if (!v.ok() || v->dim(0) != n) return false;
+    const std::vector<float> y = common::ViewToFloat(*v);
+    for (size_t i = 0; i < y.size(); ++i) {
+      if (std::fabs(y[i] - ref->y[i]) > 1e-5 * (1 + std::fabs(ref->y[i]))) return false;
+    }
+    if (resp.has_routing()) {
+      for (int i = 0; i < resp.routing().expert_ids_size(); ++i) {
+        if (resp.routing().expert_ids(i) != ref->gating.expert_ids[i]) return false;
+      }
+    }
+    return true;
+  }
+
+  static grpc::Status Infer(v1::Router::Stub* stub, const v1::InferRequest& req,
+                            v1::InferResponse* resp, int deadline_ms = 10000) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms));
+    return stub->Infer(&ctx, req, resp);
+  }
+
+  // Load from `threads` clients until `stop`; counts successes, failures and wrong answers.
+  struct LoadResult {
+    std::atomic<int> ok{0}, failed{0}, wrong{0};
+    std::string first_error;
+    std::mutex mu;
+  };
+  static void RunLoad(const std::string& router, int threads, std::atomic<bool>* stop,
+                      LoadResult* result) {
+    std::vector<std::thread> ts;
+    for (int t = 0; t < threads; ++t) {
+      ts.emplace_back([&, t] {
+        auto stub = client::MakeRouterStub(router);
+        for (int i = 0; !stop->load(); ++i) {
+          const int64_t n = 1 + (i * 7 + t) % 24;
+          const std::vector<float> x = common::RandomMatrix(n, Config().d_model, t * 100000 + i);
+          v1::InferResponse resp;
+          grpc::Status st = Infer(stub.get(), Request(x, n, "load"), &resp);
+          if (!st.ok()) {
+            ++result->failed;
+            std::lock_guard<std::mutex> lock(result->mu);
+            if (result->first_error.empty()) {
+              result->first_error = std::to_string(st.error_code()) + ": " + st.error_message();
+            }
+          } else if (!Matches(x, n, resp, *layer_)) {
+            ++result->wrong;
+          } else {
+            ++result->ok;
+          }
+        }
+      });
+    }
+    for (auto& t : ts) t.join();
+  }
+
+  static common::Checkpoint* ck_;
+  static std::string* path_;
+  static router::MoeLayer* layer_;
+  static bool setup_ok_;
+};
+
+inline bool ClusterTest::setup_ok_ = false;
+
+inline common::Checkpoint* ClusterTest::ck_ = nullptr;
+inline std::string* ClusterTest::path_ = nullptr;
+inline router::MoeLayer* ClusterTest::layer_ = nullptr;
+
+}  // namespace moe::testing
+
+#endif  // MOE_TESTS_CLUSTER_CLUSTER_FIXTURE_H_

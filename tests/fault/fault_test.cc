@@ -1,0 +1,302 @@
+// Fault injection on real processes, beyond tests/cluster: a link cut between network namespaces
+// (iptables DROP) and healed, a delayed link with a tight deadline (DelayProxy), a rolling
+// restart of every shard under load, and a memory-limited shard (cgroup) sent an oversized
+// batch. Answers are checked against the in-process layer. Needs root (namespaces, iptables,
+// cgroups), as CI and the developers' machines run.
+
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <fstream>
+
+#include "moe/v1/expert_shard.grpc.pb.h"
+#include "tests/cluster/cluster_fixture.h"
+#include "services/common/server_util.h"
+#include "tests/fault/delay_proxy.h"
+
+namespace moe {
+namespace {
+
+using testing::Clock;
+using testing::ClusterTest;
+using testing::Config;
+using testing::ScrapeMetric;
+using testing::Since;
+
+int Sh(const std::string& cmd) { return std::system(cmd.c_str()); }
+
+// Polls `done` every 20 ms for up to `limit` seconds; returns the seconds it took, or -1.
+template <typename F>
+double WaitFor(F done, double limit) {
+  const auto start = Clock::now();
+  while (Since(start) < limit) {
+    if (done()) return Since(start);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return -1;
+}
+
+// A network namespace joined to the host by a veth pair: host side 10.231.K.1, namespace side
+// 10.231.K.2. Removing the namespace removes the pair.
+class NetNs {
+ public:
+  NetNs() {
+    const int k = 1 + static_cast<int>(getpid() % 250);
+    name_ = "moef" + std::to_string(getpid());
+    ip_ = "10.231." + std::to_string(k) + ".2";
+    const std::string host_if = "vh" + std::to_string(getpid() % 1000000);
+    const std::string ns_if = "vn" + std::to_string(getpid() % 1000000);
+    const std::string net = "10.231." + std::to_string(k);
+    ok_ = Sh("ip netns add " + name_ + " && ip link add " + host_if + " type veth peer name " +
+             ns_if + " && ip link set " + ns_if + " netns " + name_ + " && ip addr add " + net +
+             ".1/30 dev " + host_if + " && ip link set " + host_if + " up && " + Exec() +
+             "ip addr add " + ip_ + "/30 dev " + ns_if + " && " + Exec() + "ip link set " + ns_if +
+             " up && " + Exec() + "ip link set lo up") == 0;
+  }
+  ~NetNs() { Sh("ip netns del " + name_ + " 2>/dev/null"); }
+
+  bool ok() const { return ok_; }
+  const std::string& ip() const { return ip_; }
+  std::vector<std::string> Wrapper() const { return {"ip", "netns", "exec", name_}; }
+  // Every packet in or out of the namespace dropped, then let through again.
+  bool Cut() { return Sh(Exec() + "iptables -A INPUT -j DROP && " + Exec() + "iptables -A OUTPUT -j DROP") == 0; }
+  bool Heal() { return Sh(Exec() + "iptables -F") == 0; }
+
+ private:
+  std::string Exec() const { return "ip netns exec " + name_ + " "; }
+  std::string name_, ip_;
+  bool ok_ = false;
+};
+
+class FaultTest : public ClusterTest {
+ protected:
+  void SetUp() override {
+    ClusterTest::SetUp();
+    if (geteuid() != 0) GTEST_SKIP() << "fault injection needs root (namespaces, iptables, cgroups)";
+  }
+
+  static int MetricsBase(int offset) { return 30000 + offset + static_cast<int>(getpid() % 5000) * 4; }
+
+  static double ShardUp(int router_metrics, const std::string& shard) {
+    return ScrapeMetric(router_metrics, "moe_shard_up{shard=\"" + shard + "\"}");
+  }
+};
+
+// Router-to-shard link cut (iptables DROP inside the shard's namespace) and healed: out of
+// rotation within 2 s, back within 2 s of healing; the replicas answer meanwhile.
+TEST_F(FaultTest, CutLinkIsDetectedAndHealed) {
+  NetNs ns;
+  ASSERT_TRUE(ns.ok()) << "could not make a network namespace";
+  const int metrics = MetricsBase(0);
+  client::LocalClusterOptions o;
+  o.shards = 3;
+  o.placement = "replicated";
+  o.coordinator = false;
+  o.metrics_port = metrics;
+  o.shard_wrappers = {{}, {}, ns.Wrapper()};
+  o.shard_hosts = {"127.0.0.1", "127.0.0.1", ns.ip()};
+  auto cluster = StartWith(o);
+  ASSERT_NE(cluster, nullptr);
+  const std::string cut_shard = cluster->shard_addresses()[2];
+  ASSERT_EQ(ShardUp(metrics, cut_shard), 1);
+
+  std::atomic<bool> stop{false};
+  LoadResult result;
+  std::thread load([&] { RunLoad(cluster->router_address(), 4, &stop, &result); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  ASSERT_TRUE(ns.Cut());
+  const double detected = WaitFor([&] { return ShardUp(metrics, cut_shard) == 0; }, 5);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1000));
+  const int ok_while_cut = result.ok.load();
+  ASSERT_TRUE(ns.Heal());
+  const double back = WaitFor([&] { return ShardUp(metrics, cut_shard) == 1; }, 5);
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  stop = true;
+  load.join();
+  EXPECT_GE(detected, 0) << "the cut link was never detected";
+  EXPECT_LT(detected, 2.0);
+  EXPECT_GE(back, 0) << "the healed shard never came back";
+  EXPECT_LT(back, 2.0);
+  EXPECT_EQ(result.failed.load(), 0) << result.first_error;
+  EXPECT_EQ(result.wrong.load(), 0);
+  EXPECT_GT(ok_while_cut, 10);
+  std::printf("cut detected in %.2f s, back %.2f s after healing; %d requests, none failed\n",
+              detected, back, result.ok.load());
+}
+
+// A link that delays every byte by 100 ms each way and a client deadline of 150 ms: the client
+// gets DEADLINE_EXCEEDED within the deadline + 50 ms, and the shard drops the work whose
+// deadline passed (it holds batches 300 ms before computing) instead of computing it.
+TEST_F(FaultTest, DelayedLinkAndTightDeadline) {
+  const int metrics = MetricsBase(1);
+  std::unique_ptr<testing::DelayProxy> proxy;
+  client::LocalClusterOptions o;
+  o.shards = 1;
+  o.placement = "replicated";
+  o.coordinator = false;
+  o.metrics_port = metrics;
+  o.shard_args = {"--batch-delay-us", "300000"};
+  o.route_shard = [&](int, const std::string& addr) {
+    proxy = std::make_unique<testing::DelayProxy>(std::atoi(addr.c_str() + addr.rfind(':') + 1),
+                                                  std::chrono::milliseconds(100));
+    return proxy->address();
+  };
+  auto cluster = StartWith(o);
+  ASSERT_NE(cluster, nullptr);
+  ASSERT_NE(proxy->port(), 0);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  const std::vector<float> x = common::RandomMatrix(6, Config().d_model, 61);
+
+  // With time to spare the delayed link answers, and correctly.
+  v1::InferResponse resp;
+  ASSERT_TRUE(Infer(stub.get(), Request(x, 6, "slow-ok"), &resp, 5000).ok());
+  EXPECT_TRUE(Matches(x, 6, resp, *layer_));
+  const double tokens_before = ScrapeMetric(metrics + 1, "moe_shard_tokens_total{expert=\"0\"}") +
+                               ScrapeMetric(metrics + 1, "moe_shard_tokens_total{expert=\"1\"}");
+
+  // One at a time: each request's batch is dropped before the next one arrives (back to back,
+  // a later batch would be coalesced with and computed after an expired one's wait).
+  const std::string dropped = "moe_shard_rejected_batches_total{reason=\"deadline\"}";
+  double worst = 0;
+  for (int i = 0; i < 3; ++i) {
+    const auto start = Clock::now();
+    grpc::Status st = Infer(stub.get(), Request(x, 6, "tight"), &resp, 150);
+    worst = std::max(worst, Since(start));
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << st.error_message();
+    EXPECT_GE(WaitFor([&] { return ScrapeMetric(metrics + 1, dropped) >= i + 1; }, 3), 0)
+        << "the shard did not drop the expired work of request " << i;
+  }
+  EXPECT_LT(worst, 0.150 + 0.050);
+  const double tokens_after = ScrapeMetric(metrics + 1, "moe_shard_tokens_total{expert=\"0\"}") +
+                              ScrapeMetric(metrics + 1, "moe_shard_tokens_total{expert=\"1\"}");
+  EXPECT_EQ(tokens_after, tokens_before) << "the shard computed work nobody waited for";
+  std::printf("DEADLINE_EXCEEDED after at most %.0f ms (deadline 150 ms, link 2 x 100 ms)\n",
+              worst * 1e3);
+}
+
+// Every shard drained, stopped and restarted in turn under load, experts replicated: at least
+// 99.9 % of requests succeed (none is expected to fail), none is wrong, and every restarted
+// shard serves again.
+TEST_F(FaultTest, RollingRestartOfEveryShard) {
+  const int metrics = MetricsBase(2);
+  client::LocalClusterOptions o;
+  o.shards = 3;
+  o.placement = "replicated";
+  o.coordinator = false;
+  o.metrics_port = metrics;
+  auto cluster = StartWith(o);
+  ASSERT_NE(cluster, nullptr);
+  std::atomic<bool> stop{false};
+  LoadResult result;
+  std::thread load([&] { RunLoad(cluster->router_address(), 4, &stop, &result); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  for (int i = 0; i < 3; ++i) {
+    const std::string addr = cluster->shard_addresses()[i];
+    auto shard = v1::ExpertShard::NewStub(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
+    grpc::ClientContext ctx;
+    v1::DrainRequest req;
+    req.set_timeout_ms(5000);
+    v1::DrainResponse drained;
+    ASSERT_TRUE(shard->Drain(&ctx, req, &drained).ok());
+    EXPECT_TRUE(drained.drained()) << addr;
+    cluster->shard(i).Signal(SIGTERM);
+    ASSERT_TRUE(cluster->shard(i).Wait(absl::Seconds(5)).ok()) << addr << " did not stop";
+    ASSERT_TRUE(cluster->RestartShard(i).ok());
+    // Back in rotation with its experts reloaded by the router, and computing again.
+    const double back = WaitFor([&] {
+      return ShardUp(metrics, addr) == 1 &&
+             ScrapeMetric(metrics + 1 + i, "moe_shard_experts_loaded") == Config().num_experts;
+    }, 10);
+    EXPECT_GE(back, 0) << addr << " did not come back";
+    std::printf("shard %d restarted, serving again after %.2f s\n", i, back);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  stop = true;
+  load.join();
+  const int total = result.ok.load() + result.failed.load() + result.wrong.load();
+  EXPECT_GE(result.ok.load(), 0.999 * total) << result.first_error;
+  EXPECT_EQ(result.wrong.load(), 0);
+  EXPECT_GT(total, 50);
+  for (int i = 0; i < 3; ++i) {
+    double computed = 0;
+    for (int e = 0; e < Config().num_experts; ++e) {
+      computed += std::max(0.0, ScrapeMetric(metrics + 1 + i,
+                                             "moe_shard_tokens_total{expert=\"" + std::to_string(e) + "\"}"));
+    }
+    EXPECT_GT(computed, 0) << "restarted shard " << i << " computed nothing";
+  }
+  std::printf("rolling restart: %d of %d requests succeeded\n", result.ok.load(), total);
+}
+
+// A shard in a memory cgroup of 96 MiB sent a batch that would need far more to compute: it is
+// refused with RESOURCE_EXHAUSTED before anything is allocated for it, the shard is not
+// OOM-killed, its memory stays under the limit, and the next normal batch is computed.
+TEST_F(FaultTest, MemoryLimitedShardRefusesAnOversizedBatch) {
+  const std::string cg = "/sys/fs/cgroup/memory/moe-fault-" + std::to_string(getpid());
+  ASSERT_EQ(mkdir(cg.c_str(), 0755), 0) << "no cgroup v1 memory controller at /sys/fs/cgroup/memory";
+  constexpr int64_t kLimit = 96ll << 20;
+  std::ofstream(cg + "/memory.limit_in_bytes") << kLimit;
+  client::LocalClusterOptions o;
+  o.shards = 1;
+  o.placement = "replicated";
+  o.coordinator = false;
+  o.shard_args = {"--max-message-mb", "32"};
+  o.shard_wrappers = {{"sh", "-c", "echo $$ > " + cg + "/cgroup.procs && exec \"$@\"", "sh"}};
+  auto cluster = StartWith(o);
+  ASSERT_NE(cluster, nullptr);
+  auto shard = v1::ExpertShard::NewStub(grpc::CreateCustomChannel(
+      cluster->shard_addresses()[0], grpc::InsecureChannelCredentials(),
+      common::ClientChannelArgs()));
+  grpc::ClientContext ctx;
+  auto stream = shard->Dispatch(&ctx);
+  // 200k rows of d_model 32 (25 MB on the wire, within the message limit), each assigned to all 8
+  // experts: computing it would take gigabytes.
+  const int64_t rows = 200000;
+  v1::DispatchRequest big;
+  big.set_batch_id(1);
+  common::EncodeTensor(std::vector<float>(rows * Config().d_model, 1.0f), {rows, Config().d_model},
+                       common::WireType::kFloat32, big.mutable_rows());
+  for (int e = 0; e < Config().num_experts; ++e) {
+    v1::ExpertRows* er = big.add_experts();
+    er->set_expert(e);
+    for (int64_t r = 0; r < rows; ++r) er->add_rows(static_cast<int32_t>(r));
+  }
+  ASSERT_TRUE(stream->Write(big));
+  v1::DispatchResponse resp;
+  ASSERT_TRUE(stream->Read(&resp));
+  // Refused by the shard's row limits while decoding, before any buffer is made for it.
+  EXPECT_EQ(resp.code(), static_cast<int>(grpc::StatusCode::RESOURCE_EXHAUSTED)) << resp.message();
+  EXPECT_NE(resp.message().find("has more than"), std::string::npos) << resp.message();
+
+  // A normal batch on the same stream is computed, and matches the reference expert.
+  const std::vector<float> x = common::RandomMatrix(3, Config().d_model, 5);
+  v1::DispatchRequest small;
+  small.set_batch_id(2);
+  common::EncodeTensor(x, {3, Config().d_model}, common::WireType::kFloat32, small.mutable_rows());
+  v1::ExpertRows* er = small.add_experts();
+  er->set_expert(0);
+  for (int r = 0; r < 3; ++r) er->add_rows(r);
+  ASSERT_TRUE(stream->Write(small));
+  ASSERT_TRUE(stream->Read(&resp));
+  EXPECT_EQ(resp.code(), 0) << resp.message();
+  EXPECT_EQ(resp.batch_id(), 2u);
+  stream->WritesDone();
+  stream->Finish().IgnoreError();
+
+  EXPECT_FALSE(cluster->shard(0).Exited()) << "the shard died (OOM-killed?)";
+  int64_t peak = 0, failcnt = -1;
+  std::ifstream(cg + "/memory.max_usage_in_bytes") >> peak;
+  std::ifstream(cg + "/memory.failcnt") >> failcnt;
+  EXPECT_LT(peak, kLimit);
+  EXPECT_EQ(failcnt, 0) << "the shard hit its memory limit";
+  std::printf("oversized batch refused; shard peak memory %.1f MiB of %.0f MiB, limit hits %lld\n",
+              peak / 1048576.0, kLimit / 1048576.0, static_cast<long long>(failcnt));
+  cluster->Stop();
+  rmdir(cg.c_str());
+}
+
+}  // namespace
+}  // namespace moe
