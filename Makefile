@@ -36,7 +36,7 @@ fuzz: deps
 	  CC=clang CXX=clang++ cmake -S . -B build-fuzz -DMOE_FUZZ=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
 	    -DMOE_FUZZ_SECONDS=$(FUZZ_SECONDS)
 	cmake --build build-fuzz -j $(JOBS)
-	cd build-fuzz && ctest --output-on-failure
+	cd build-fuzz && ctest --output-on-failure -j $(JOBS)
 
 # ASan + UBSan build of every test, in build-asan/.
 test-asan: deps

@@ -30,6 +30,9 @@ function(moe_binary name)
   add_executable(${name} ${ARG_SRCS})
   target_compile_options(${name} PRIVATE ${MOE_WARNINGS})
   target_link_libraries(${name} PRIVATE ${ARG_DEPS})
+  if(MOE_FUZZ)
+    set_target_properties(${name} PROPERTIES EXCLUDE_FROM_ALL TRUE)
+  endif()
 endfunction()
 
 # moe_test(NAME SRCS ... DEPS ... [TIMEOUT s]): a GoogleTest binary whose tests ctest lists one by one.

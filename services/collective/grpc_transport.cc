@@ -66,6 +66,18 @@ absl::StatusOr<Chunk> CollectiveHub::Take(const std::string& group, uint64_t gen
   }
 }
 
+Chunk ChunkFromProto(v1::CollectiveChunk&& msg) {
+  Chunk c;
+  c.generation = msg.generation();
+  c.step = msg.step();
+  c.piece = msg.piece();
+  c.offset = msg.offset();
+  c.count = msg.count();
+  c.wire = msg.wire() == 1 ? WireFormat::kBFloat16 : WireFormat::kFloat32;
+  c.payload = std::move(*msg.mutable_payload());
+  return c;
+}
+
 namespace {
 
 class PushReactor final : public grpc::ServerReadReactor<v1::CollectiveChunk> {
@@ -84,15 +96,7 @@ class PushReactor final : public grpc::ServerReadReactor<v1::CollectiveChunk> {
       group_ = msg_.group();
       generation_ = msg_.generation();
     }
-    Chunk c;
-    c.generation = msg_.generation();
-    c.step = msg_.step();
-    c.piece = msg_.piece();
-    c.offset = msg_.offset();
-    c.count = msg_.count();
-    c.wire = msg_.wire() == 1 ? WireFormat::kBFloat16 : WireFormat::kFloat32;
-    c.payload = std::move(*msg_.mutable_payload());
-    hub_->Deliver(group_, std::move(c));
+    hub_->Deliver(group_, ChunkFromProto(std::move(msg_)));
     ++count_;
     StartRead(&msg_);
   }

@@ -21,6 +21,9 @@
 namespace moe::collective {
 
 // Chunks received for each ring group, waiting for their rank to take them.
+// A received message as the ring's chunk (the payload is moved, not copied).
+Chunk ChunkFromProto(v1::CollectiveChunk&& msg);
+
 class CollectiveHub {
  public:
   void Deliver(const std::string& group, Chunk chunk);
