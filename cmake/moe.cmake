@@ -35,21 +35,26 @@ function(moe_binary name)
   endif()
 endfunction()
 
-# moe_test(NAME SRCS ... DEPS ... [TIMEOUT s]): a GoogleTest binary whose tests ctest lists one by one.
+# moe_test(NAME SRCS ... DEPS ... [TIMEOUT s] [RESOURCE_LOCK name]): a GoogleTest binary whose
+# tests ctest lists one by one (tests sharing a RESOURCE_LOCK never run at the same time).
 # Without MOE_BUILD_TESTS it defines nothing; callers guard follow-ups with if(TARGET name).
 function(moe_test name)
   if(NOT MOE_BUILD_TESTS)
     return()
   endif()
-  cmake_parse_arguments(ARG "" "TIMEOUT" "SRCS;DEPS" ${ARGN})
+  cmake_parse_arguments(ARG "" "TIMEOUT;RESOURCE_LOCK" "SRCS;DEPS" ${ARGN})
   if(NOT ARG_TIMEOUT)
     set(ARG_TIMEOUT 300)
+  endif()
+  set(extra)
+  if(ARG_RESOURCE_LOCK)
+    set(extra RESOURCE_LOCK ${ARG_RESOURCE_LOCK})
   endif()
   add_executable(${name} ${ARG_SRCS})
   target_compile_options(${name} PRIVATE ${MOE_WARNINGS})
   target_link_libraries(${name} PRIVATE ${ARG_DEPS} GTest::gmock GTest::gtest_main)
   gtest_discover_tests(${name} DISCOVERY_MODE PRE_TEST
-    PROPERTIES TIMEOUT ${ARG_TIMEOUT} LABELS unit)
+    PROPERTIES TIMEOUT ${ARG_TIMEOUT} LABELS unit ${extra})
 endfunction()
 
 include(GoogleTest OPTIONAL)

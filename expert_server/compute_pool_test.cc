@@ -2,7 +2,7 @@
 
 #include <gtest/gtest.h>
 
-#include "absl/synchronization/notification.h"
+#include "services/common/notification.h"
 #include "services/common/random_checkpoint.h"
 
 namespace moe::expert {
@@ -23,12 +23,12 @@ struct Fixture {
       : ck(common::MakeRandomCheckpoint({Config(), true, 5})),
         store(Config(), [this](int e) { return absl::StatusOr<common::ExpertWeights>(ck.experts[e]); },
               nullptr) {
-    absl::Notification n;
+    common::Notification n;
     EXPECT_TRUE(store.Load({0, 1}, 0, "", [&](absl::Status) { n.Notify(); }).ok());
     n.WaitForNotification();
   }
 
-  std::shared_ptr<DispatchTask> Task(int expert, int64_t rows, absl::Notification* done,
+  std::shared_ptr<DispatchTask> Task(int expert, int64_t rows, common::Notification* done,
                                      absl::Status* result) {
     auto t = std::make_shared<DispatchTask>();
     t->num_rows = rows;
@@ -52,7 +52,7 @@ struct Fixture {
 TEST(ComputePool, ComputesRowsInTheRequestedOrder) {
   Fixture fx;
   ComputePool pool(8, ComputePoolOptions{}, nullptr);
-  absl::Notification done;
+  common::Notification done;
   absl::Status result;
   auto task = fx.Task(1, 5, &done, &result);
   ASSERT_TRUE(pool.Submit(task).ok());
@@ -73,7 +73,7 @@ TEST(ComputePool, QueueLimitAndShutdown) {
   o.batch_delay = absl::Seconds(10);  // nothing gets computed before Shutdown
   o.max_queue_rows = 10;
   ComputePool pool(8, o, nullptr);
-  absl::Notification d1, d2, d3;
+  common::Notification d1, d2, d3;
   absl::Status r1, r2, r3;
   ASSERT_TRUE(pool.Submit(fx.Task(0, 6, &d1, &r1)).ok());
   EXPECT_EQ(pool.queued_rows(), 6);

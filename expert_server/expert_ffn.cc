@@ -4,13 +4,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <memory>
 #include <tuple>
 #include <optional>
 #include <unordered_map>
 
 #include "absl/status/status.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/strings/str_cat.h"
 #include "expert_server/activation.h"
 #include "oneapi/dnnl/dnnl.hpp"
@@ -138,14 +138,14 @@ class WeightsMatmul {
 
   // The fixed-shape primitive for `rows`, from a process-wide cache keyed by the whole shape.
   std::shared_ptr<const Fixed> FixedFor(int64_t rows) const {
-    static absl::Mutex mu(absl::kConstInit);
+    static std::mutex mu;  // std, not absl: visible to ThreadSanitizer
     static auto* cache = new std::map<std::tuple<int64_t, int64_t, int64_t, bool, int, float>,
                                       std::shared_ptr<const Fixed>>();
     const auto key = std::make_tuple(k_, n_, rows, has_bias_,
                                      eltwise_ ? static_cast<int>(eltwise_->first) : -1,
                                      eltwise_ ? eltwise_->second : 0.f);
     {
-      absl::MutexLock lock(&mu);
+      std::lock_guard<std::mutex> lock(mu);
       auto it = cache->find(key);
       if (it != cache->end()) return it->second;
     }
@@ -155,7 +155,7 @@ class WeightsMatmul {
       throw dnnl::error(dnnl_unimplemented, "weights layout differs between row counts");
     }
     fixed->prim = dnnl::matmul(fixed->pd);
-    absl::MutexLock lock(&mu);
+    std::lock_guard<std::mutex> lock(mu);
     return cache->emplace(key, std::move(fixed)).first->second;
   }
 

@@ -57,14 +57,14 @@ ExpertStore::ExpertStore(common::ModelConfig config, CheckpointLoader checkpoint
 ExpertStore::~ExpertStore() { StopLoading(); }
 
 void ExpertStore::SetOnChange(std::function<void()> on_change) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   on_change_ = std::move(on_change);
 }
 
 void ExpertStore::NotifyChange() {
   std::function<void()> cb;
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     cb = on_change_;
   }
   if (cb) cb();
@@ -82,7 +82,7 @@ absl::Status ExpertStore::CheckVersion(uint64_t version) {
 absl::Status ExpertStore::Load(const std::vector<int>& experts, uint64_t version,
                                const std::string& peer, std::function<void(absl::Status)> done) {
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     for (int e : experts) {
       if (e < 0 || e >= config_.num_experts) {
         return absl::InvalidArgumentError(absl::StrCat("expert ", e, " is out of range [0, ",
@@ -106,16 +106,18 @@ absl::Status ExpertStore::Load(const std::vector<int>& experts, uint64_t version
     }
     jobs_.push_back(Job{std::move(todo), peer, std::move(done)});
   }
+  jobs_cv_.notify_all();
   NotifyChange();
   return absl::OkStatus();
 }
 
 void ExpertStore::StopLoading() {
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     if (stopping_ && !loader_.joinable()) return;
     stopping_ = true;
   }
+  jobs_cv_.notify_all();
   if (loader_.joinable()) loader_.join();
 }
 
@@ -123,12 +125,8 @@ void ExpertStore::LoaderLoop() {
   while (true) {
     Job job;
     {
-      absl::MutexLock lock(&mu_);
-      mu_.Await(absl::Condition(
-          +[](ExpertStore* s) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-            return s->stopping_ || !s->jobs_.empty();
-          },
-          this));
+      std::unique_lock<std::mutex> lock(mu_);
+      jobs_cv_.wait(lock, [this] { return stopping_ || !jobs_.empty(); });
       if (stopping_) break;
       job = std::move(jobs_.front());
       jobs_.pop_front();
@@ -136,7 +134,7 @@ void ExpertStore::LoaderLoop() {
     absl::Status first_error;
     for (int e : job.experts) {
       {
-        absl::MutexLock lock(&mu_);
+        std::lock_guard<std::mutex> lock(mu_);
         if (stopping_) {
           first_error = absl::UnavailableError("shard is shutting down");
           break;
@@ -147,7 +145,7 @@ void ExpertStore::LoaderLoop() {
       absl::StatusOr<std::unique_ptr<ExpertFfn>> ffn =
           w.ok() ? ExpertFfn::Create(config_, std::move(*w)) : w.status();
       {
-        absl::MutexLock lock(&mu_);
+        std::lock_guard<std::mutex> lock(mu_);
         auto found = entries_.find(e);
         if (found == entries_.end()) continue;  // unloaded while it was loading
         Entry& entry = found->second;
@@ -170,7 +168,7 @@ void ExpertStore::LoaderLoop() {
   // Shutting down: answer every job still queued.
   std::deque<Job> left;
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     left.swap(jobs_);
   }
   for (Job& j : left) {
@@ -181,7 +179,7 @@ void ExpertStore::LoaderLoop() {
 absl::Status ExpertStore::Unload(const std::vector<int>& experts, uint64_t version) {
   std::vector<std::shared_ptr<ExpertHandle>> idle;
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     absl::Status st = CheckVersion(version);
     if (!st.ok()) return st;
     for (int e : experts) {
@@ -202,7 +200,7 @@ absl::Status ExpertStore::Unload(const std::vector<int>& experts, uint64_t versi
 void ExpertStore::Released(ExpertHandle* handle) {
   bool removed = false;
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     auto it = entries_.find(handle->id);
     if (it != entries_.end() && it->second.handle.get() == handle &&
         it->second.state == ExpertState::kDraining && handle->in_flight_rows.load() == 0) {
@@ -214,7 +212,7 @@ void ExpertStore::Released(ExpertHandle* handle) {
 }
 
 absl::StatusOr<ExpertLease> ExpertStore::Acquire(int expert, int64_t rows) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (expert < 0 || expert >= config_.num_experts) {
     return absl::InvalidArgumentError(absl::StrCat("unknown expert ", expert, " (the model has ",
                                                    config_.num_experts, " experts)"));
@@ -233,7 +231,7 @@ absl::StatusOr<ExpertLease> ExpertStore::Acquire(int expert, int64_t rows) {
 
 absl::Status ExpertStore::ReplaceExpert(int expert, std::unique_ptr<ExpertFfn> ffn) {
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     auto it = entries_.find(expert);
     if (it == entries_.end() || it->second.handle == nullptr ||
         it->second.state != ExpertState::kReady) {
@@ -250,13 +248,13 @@ absl::Status ExpertStore::ReplaceExpert(int expert, std::unique_ptr<ExpertFfn> f
 }
 
 std::shared_ptr<ExpertHandle> ExpertStore::Find(int expert) const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   auto it = entries_.find(expert);
   return it == entries_.end() ? nullptr : it->second.handle;
 }
 
 std::vector<ExpertInfo> ExpertStore::Snapshot() const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   std::vector<ExpertInfo> out;
   for (const auto& [e, entry] : entries_) {
     out.push_back(ExpertInfo{e, entry.state, entry.error,
@@ -266,12 +264,12 @@ std::vector<ExpertInfo> ExpertStore::Snapshot() const {
 }
 
 uint64_t ExpertStore::placement_version() const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   return version_;
 }
 
 int ExpertStore::ready_count() const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   int n = 0;
   for (const auto& [e, entry] : entries_) n += entry.state == ExpertState::kReady;
   return n;

@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
+#include <mutex>
 #include "expert_server/expert_ffn.h"
 #include "services/common/checkpoint.h"
 
@@ -116,18 +116,21 @@ class ExpertStore {
   void LoaderLoop();
   void Released(ExpertHandle* handle);
   void NotifyChange();
-  absl::Status CheckVersion(uint64_t version) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status CheckVersion(uint64_t version);  // mu_ held
 
   const common::ModelConfig config_;
   const CheckpointLoader checkpoint_;
   const PeerLoader peer_;
 
-  mutable absl::Mutex mu_;
-  std::map<int, Entry> entries_ ABSL_GUARDED_BY(mu_);
-  uint64_t version_ ABSL_GUARDED_BY(mu_) = 0;
-  std::deque<Job> jobs_ ABSL_GUARDED_BY(mu_);
-  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  std::function<void()> on_change_ ABSL_GUARDED_BY(mu_);
+  // std::mutex rather than absl::Mutex: Debian's Abseil is not built with ThreadSanitizer, which
+  // then could not see this lock (make test-tsan).
+  mutable std::mutex mu_;
+  std::condition_variable jobs_cv_;  // a job was queued, or stopping
+  std::map<int, Entry> entries_;
+  uint64_t version_ = 0;
+  std::deque<Job> jobs_;
+  bool stopping_ = false;
+  std::function<void()> on_change_;
   std::thread loader_;
 };
 

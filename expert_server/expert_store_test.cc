@@ -2,7 +2,7 @@
 
 #include <gtest/gtest.h>
 
-#include "absl/synchronization/notification.h"
+#include "services/common/notification.h"
 #include "services/common/random_checkpoint.h"
 
 namespace moe::expert {
@@ -36,7 +36,7 @@ class ExpertStoreTest : public ::testing::Test {
             }) {}
 
   absl::Status LoadAndWait(std::vector<int> experts, uint64_t version, std::string peer = "") {
-    absl::Notification done;
+    common::Notification done;
     absl::Status result;
     absl::Status st = store_.Load(experts, version, peer, [&](absl::Status s) {
       result = s;

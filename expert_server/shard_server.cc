@@ -11,7 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/notification.h"
+#include "services/common/notification.h"
 #include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/common/security.h"
@@ -112,7 +112,7 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
   std::unique_ptr<common::MetricsEndpoint> metrics_endpoint;
   int port = 0;
 
-  absl::Notification initial_loaded;
+  common::Notification initial_loaded;
   absl::Status initial_status;
 
   std::thread heartbeat;

@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "absl/synchronization/mutex.h"
+#include <mutex>
 
 namespace moe::router {
 
@@ -21,9 +21,9 @@ class LoadStats {
 
  private:
   const double alpha_;
-  mutable absl::Mutex mu_;
-  std::vector<double> ema_ ABSL_GUARDED_BY(mu_);
-  int64_t batches_ ABSL_GUARDED_BY(mu_) = 0;
+  mutable std::mutex mu_;
+  std::vector<double> ema_;
+  int64_t batches_ = 0;
 };
 
 }  // namespace moe::router

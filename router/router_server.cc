@@ -14,7 +14,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "absl/synchronization/notification.h"
+#include "services/common/notification.h"
 #include "moe/v1/router.grpc.pb.h"
 #include "router/dispatcher.h"
 #include "router/gating.h"
@@ -76,7 +76,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::chrono::steady_clock::time_point last_rebalance = std::chrono::steady_clock::now();
   std::atomic<Strategy> strategy{Strategy::kHybrid};
 
-  absl::Notification ready;
+  common::Notification ready;
   std::mutex control_mu;
   std::condition_variable control_cv;
   bool stopping = false;

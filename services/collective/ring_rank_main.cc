@@ -1,7 +1,8 @@
 // moe-ring-rank: one rank of a ring all-reduce over gRPC, as a process. Used by the
 // multi-process collective tests and the all-reduce benchmark.
 //
-// It serves moe.v1.Collective on 127.0.0.1:0 and prints "listening on HOST:PORT", waits for
+// It serves moe.v1.Collective on --host (default 127.0.0.1), port 0, and prints "listening on
+// HOST:PORT", waits for
 // --peers-file to list every rank's address (one per line), all-reduces --length integer-valued
 // floats --repeat times, checks the sums and prints
 // "RESULT code=CODE ms=MS correct=0|1 seconds_per_op=S".
@@ -33,7 +34,7 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(Flags f, Flags::Parse(argc, argv, 1,
                                          {{"rank", true}, {"world", true}, {"peers-file", true},
                                           {"length", true}, {"deadline-ms", true},
-                                          {"repeat", true}, {"wire", true}}));
+                                          {"repeat", true}, {"wire", true}, {"host", true}}));
   ASSIGN_OR_RETURN(int64_t rank, f.GetInt("rank", 0));
   ASSIGN_OR_RETURN(int64_t world, f.GetInt("world", 1));
   ASSIGN_OR_RETURN(std::string peers_file, f.Require("peers-file"));
@@ -48,11 +49,12 @@ absl::Status Run(int argc, char** argv) {
   grpc::ServerBuilder builder;
   moe::common::ConfigureServerBuilder(&builder, moe::common::RpcLimits{});
   int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", moe::common::ServerCredentials(), &port);
+  const std::string host = f.Get("host", "127.0.0.1");
+  builder.AddListeningPort(host + ":0", moe::common::ServerCredentials(), &port);
   builder.RegisterService(&service);
   auto server = builder.BuildAndStart();
   if (!server) return absl::UnavailableError("cannot listen");
-  std::printf("listening on 127.0.0.1:%d\n", port);
+  std::printf("listening on %s:%d\n", host.c_str(), port);
   std::fflush(stdout);
 
   std::vector<std::string> peers;

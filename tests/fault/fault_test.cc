@@ -47,6 +47,7 @@ class NetNs {
     const int k = 1 + static_cast<int>(getpid() % 250);
     name_ = "moef" + std::to_string(getpid());
     ip_ = "10.231." + std::to_string(k) + ".2";
+    host_ip_ = "10.231." + std::to_string(k) + ".1";
     const std::string host_if = "vh" + std::to_string(getpid() % 1000000);
     const std::string ns_if = "vn" + std::to_string(getpid() % 1000000);
     const std::string net = "10.231." + std::to_string(k);
@@ -60,6 +61,7 @@ class NetNs {
 
   bool ok() const { return ok_; }
   const std::string& ip() const { return ip_; }
+  const std::string& host_ip() const { return host_ip_; }
   std::vector<std::string> Wrapper() const { return {"ip", "netns", "exec", name_}; }
   // Every packet in or out of the namespace dropped, then let through again.
   bool Cut() { return Sh(Exec() + "iptables -A INPUT -j DROP && " + Exec() + "iptables -A OUTPUT -j DROP") == 0; }
@@ -67,7 +69,7 @@ class NetNs {
 
  private:
   std::string Exec() const { return "ip netns exec " + name_ + " "; }
-  std::string name_, ip_;
+  std::string name_, ip_, host_ip_;
   bool ok_ = false;
 };
 
@@ -296,6 +298,51 @@ TEST_F(FaultTest, MemoryLimitedShardRefusesAnOversizedBatch) {
               peak / 1048576.0, kLimit / 1048576.0, static_cast<long long>(failcnt));
   cluster->Stop();
   rmdir(cg.c_str());
+}
+
+// A ring of 3 rank processes with rank 2 in its own namespace; its links are cut (iptables DROP)
+// mid all-reduce: the surviving ranks return ABORTED or DEADLINE_EXCEEDED within their
+// deadline + 0.5 s.
+TEST_F(FaultTest, RingRankCutOffMidAllReduce) {
+  NetNs ns;
+  ASSERT_TRUE(ns.ok()) << "could not make a network namespace";
+  const std::string peers = ::moe::testing::TempPath("cut.peers");
+  std::remove(peers.c_str());
+  constexpr int kDeadlineMs = 3000;
+  std::vector<common::Subprocess> ranks;
+  std::vector<std::string> addrs;
+  for (int r = 0; r < 3; ++r) {
+    std::vector<std::string> argv;
+    if (r == 2) argv = ns.Wrapper();
+    argv.insert(argv.end(), {std::string(MOE_BIN_DIR) + "/moe-ring-rank", "--rank", std::to_string(r),
+                             "--world", "3", "--peers-file", peers, "--length", "60000000",
+                             "--deadline-ms", std::to_string(kDeadlineMs), "--host",
+                             r == 2 ? ns.ip() : ns.host_ip()});
+    auto p = common::Subprocess::Spawn(argv);
+    ASSERT_TRUE(p.ok()) << p.status();
+    auto port = p->ReadListeningPort(absl::Seconds(20));
+    ASSERT_TRUE(port.ok()) << port.status();
+    addrs.push_back((r == 2 ? ns.ip() : ns.host_ip()) + ":" + std::to_string(*port));
+    ranks.push_back(std::move(*p));
+  }
+  {
+    std::ofstream out(peers + ".tmp");
+    for (const auto& a : addrs) out << a << "\n";
+  }
+  std::rename((peers + ".tmp").c_str(), peers.c_str());
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  ASSERT_TRUE(ns.Cut());
+  for (int r : {0, 1}) {
+    auto line = ranks[r].ReadLineWith("RESULT", absl::Seconds(20));
+    ASSERT_TRUE(line.ok()) << "rank " << r << ": " << line.status();
+    const bool failed = line->find("code=ABORTED") != std::string::npos ||
+                        line->find("code=DEADLINE_EXCEEDED") != std::string::npos;
+    EXPECT_TRUE(failed) << "rank " << r << ": " << *line;
+    const double ms = std::atof(line->c_str() + line->find("ms=") + 3);
+    EXPECT_LT(ms, kDeadlineMs + 500) << "rank " << r << ": " << *line;
+    std::printf("rank %d: %s\n", r, line->c_str());
+  }
+  ns.Heal();
 }
 
 }  // namespace
