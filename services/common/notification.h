@@ -30,6 +30,10 @@ class Notification {
   }
   bool WaitForNotificationWithTimeout(absl::Duration timeout) const {
     std::unique_lock<std::mutex> lock(mu_);
+    if (timeout >= absl::Hours(24 * 365)) {  // "forever": now + the largest duration overflows
+      cv_.wait(lock, [this] { return notified_; });
+      return true;
+    }
     return cv_.wait_for(lock, absl::ToChronoNanoseconds(timeout), [this] { return notified_; });
   }
 
