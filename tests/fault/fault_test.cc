@@ -233,13 +233,18 @@ TEST_F(FaultTest, RollingRestartOfEveryShard) {
   std::printf("rolling restart: %d of %d requests succeeded\n", result.ok.load(), total);
 }
 
-// A shard in a memory cgroup of 96 MiB sent a batch that would need far more to compute: it is
+// A shard in a memory cgroup of 96 MiB (768 MiB in sanitizer builds) sent a batch that would need
+// gigabytes to compute: it is
 // refused with RESOURCE_EXHAUSTED before anything is allocated for it, the shard is not
 // OOM-killed, its memory stays under the limit, and the next normal batch is computed.
 TEST_F(FaultTest, MemoryLimitedShardRefusesAnOversizedBatch) {
   const std::string cg = "/sys/fs/cgroup/memory/moe-fault-" + std::to_string(getpid());
   ASSERT_EQ(mkdir(cg.c_str(), 0755), 0) << "no cgroup v1 memory controller at /sys/fs/cgroup/memory";
+#ifdef MOE_SANITIZED
+  constexpr int64_t kLimit = 768ll << 20;  // still far below what the batch would need
+#else
   constexpr int64_t kLimit = 96ll << 20;
+#endif
   std::ofstream(cg + "/memory.limit_in_bytes") << kLimit;
   client::LocalClusterOptions o;
   o.shards = 1;
