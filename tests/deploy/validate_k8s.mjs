@@ -51,8 +51,24 @@ for (const w of workloads) {
     for (const probe of ["startupProbe", "readinessProbe", "livenessProbe"]) {
       const p = c[probe];
       if (!p) { if (probe !== "startupProbe") fail(w, `container ${c.name} has no ${probe}`); continue; }
-      if (!p.grpc) fail(w, `container ${c.name}'s ${probe} is not a native gRPC probe`);
-      else if (!portNumbers.has(p.grpc.port)) fail(w, `${probe} port ${p.grpc.port} is not a container port`);
+      const tls = (c.args || []).includes("--tls-cert");
+      if (p.grpc) {
+        if (tls) fail(w, `container ${c.name} serves TLS, which its native gRPC ${probe} cannot speak`);
+        if (!portNumbers.has(p.grpc.port)) fail(w, `${probe} port ${p.grpc.port} is not a container port`);
+      } else if (p.exec && tls) {
+        // With TLS: `moe-client health --addr localhost:PORT` with the cluster's client certificate.
+        const cmd = p.exec.command || [];
+        const addr = cmd[cmd.indexOf("--addr") + 1] || "";
+        if (cmd[0] !== "moe-client" || cmd[1] !== "health") fail(w, `${probe} is not moe-client health`);
+        if (!portNumbers.has(Number(addr.split(":")[1]))) fail(w, `${probe} checks ${addr}, not a container port`);
+        for (const flag of ["--tls-ca", "--tls-cert", "--tls-key"]) {
+          const file = cmd[cmd.indexOf(flag) + 1];
+          if (!cmd.includes(flag)) fail(w, `${probe} lacks ${flag}`);
+          else if (!(c.volumeMounts || []).some((m) => file.startsWith(m.mountPath + "/"))) fail(w, `${probe}'s ${flag} ${file} is not on a mounted volume`);
+        }
+      } else {
+        fail(w, `container ${c.name}'s ${probe} is neither a native gRPC probe nor (with TLS) moe-client health`);
+      }
     }
     if (!c.resources?.requests || !c.resources?.limits) fail(w, `container ${c.name} lacks resource requests or limits`);
     const grpcPort = (c.ports || []).find((p) => p.name === "grpc");
