@@ -274,10 +274,14 @@ absl::Status Health(const Flags& f) {
 absl::Status DrainCmd(const Flags& f) {
   ASSIGN_OR_RETURN(std::string addr, f.Require("addr"));
   ASSIGN_OR_RETURN(int64_t timeout_ms, f.GetInt("timeout-ms", 10000));
+  if (timeout_ms < 0 || timeout_ms > 60000) {
+    return absl::InvalidArgumentError("--timeout-ms must be in [0, 60000] (0: the shard's 10 s)");
+  }
+  const int64_t waits_ms = timeout_ms == 0 ? 10000 : timeout_ms;
   auto stub = v1::ExpertShard::NewStub(
       common::CreateAuthorizedChannel(addr, common::ClientChannelArgs(), ""));
   grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(timeout_ms + 5000));
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(waits_ms + 5000));
   v1::DrainRequest req;
   req.set_timeout_ms(timeout_ms);
   v1::DrainResponse resp;
@@ -289,7 +293,7 @@ absl::Status DrainCmd(const Flags& f) {
   }
   if (!resp.drained()) {
     return absl::DeadlineExceededError(absl::StrCat(
-        addr, ": ", resp.open_streams(), " Dispatch streams still open after ", timeout_ms,
+        addr, ": ", resp.open_streams(), " Dispatch streams still open after ", waits_ms,
         " ms; their batches are re-sent to other replicas when the shard stops"));
   }
   std::printf("%s drained in %.0f ms: NOT_SERVING, no Dispatch stream open\n", addr.c_str(),

@@ -826,11 +826,10 @@ grpc::ServerUnaryReactor* ShardServer::Impl::FinishStep(grpc::CallbackServerCont
 }
 
 void ShardServer::Impl::SetServing(bool value) {
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    if (shutting_down || draining) return;
-    serving = value;
-  }
+  // Under mu, like Drain: a SERVING set here cannot land after Drain's NOT_SERVING.
+  std::lock_guard<std::mutex> lock(mu);
+  if (shutting_down || draining) return;
+  serving = value;
   if (server) server->GetHealthCheckService()->SetServingStatus(value);
 }
 

@@ -150,8 +150,11 @@ class ProtoMutator {
         return;
       }
       case FieldDescriptor::CPPTYPE_UINT64: {
-        const auto old = static_cast<int64_t>(rep ? r->GetRepeatedUInt64(*m, f, index) : r->GetUInt64(*m, f));
-        const auto v = static_cast<uint64_t>(Int(old, 0, INT64_MAX));
+        const uint64_t old = rep ? r->GetRepeatedUInt64(*m, f, index) : r->GetUInt64(*m, f);
+        const uint64_t choices[] = {0, 1, 2, 7, 64, 4096, 1ull << 32, 1ull << 63, UINT64_MAX,
+                                    UINT64_MAX - 1, old + 1, old - 1, old * 2, old / 2,
+                                    static_cast<uint64_t>(Int(0, 0, INT64_MAX))};
+        const uint64_t v = choices[Pick(sizeof(choices) / sizeof(choices[0]))];
         rep ? r->SetRepeatedUInt64(m, f, index, v) : r->SetUInt64(m, f, v);
         return;
       }

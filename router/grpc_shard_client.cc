@@ -151,7 +151,9 @@ GrpcShardClient::~GrpcShardClient() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
-    if (stream_ != nullptr) stream_->Close();
+    // Every live stream, also one closing gracefully: a shard that stopped answering must not
+    // keep the destructor waiting.
+    for (Stream* s : live_) s->Close();
   }
   stop_cv_.notify_all();
   health_thread_.join();
@@ -186,7 +188,7 @@ void GrpcShardClient::HealthLoop() {
     if (h.ok() && *h == common::HealthState::kServing) {
       failures = 0;
       SetHealthy(true);
-    } else if (h.ok()) {
+    } else if (h.ok() && *h == common::HealthState::kNotServing) {
       failures = 0;
       SetHealthy(false);
       std::lock_guard<std::mutex> l(mu_);
@@ -213,6 +215,7 @@ void GrpcShardClient::StreamEnded(Stream* stream, const grpc::Status& status) {
   if (failed) SetHealthy(false);
   std::lock_guard<std::mutex> lock(mu_);
   if (stream_ == stream) stream_ = nullptr;
+  live_.erase(stream);
   --live_streams_;
   streams_done_.notify_all();
 }
@@ -230,6 +233,7 @@ void GrpcShardClient::Dispatch(std::shared_ptr<const v1::DispatchRequest> reques
     if (stopping_) break;
     if (stream_ == nullptr) {
       stream_ = new Stream(this);
+      live_.insert(stream_);
       ++live_streams_;
     }
     Stream* s = stream_;

@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 
@@ -68,6 +69,7 @@ class GrpcShardClient final : public ShardClient {
 
   std::mutex mu_;
   Stream* stream_ = nullptr;  // the open stream, if any
+  std::set<Stream*> live_;  // started and not yet ended
   int live_streams_ = 0;
   std::condition_variable streams_done_;
   bool stopping_ = false;

@@ -154,9 +154,18 @@ export MOE_CERTS="$CERTS"
 OVERRIDES=(-f "$repo/deploy/docker/compose.tls.yml")
 stack_check tls --tls-ca "$CERTS/ca.crt" --tls-cert "$CERTS/client.crt" --tls-key "$CERTS/client.key" \
   --auth-token-file "$CERTS/token"
+TLS_CLIENT=(--tls-ca "$CERTS/ca.crt" --tls-cert "$CERTS/client.crt" --tls-key "$CERTS/client.key")
 if "$BIN/moe-client" info --router "$ROUTER" > "$STATE/plain.txt" 2>&1; then
   die "[tls] a plaintext client was answered"
 fi
+grep -q "Connection refused" "$STATE/plain.txt" && die "[tls] nothing listens on $ROUTER: $(tail -1 "$STATE/plain.txt")"
 say "[tls] a plaintext client is refused: $(tail -1 "$STATE/plain.txt")"
-say "PASSED: non-root image; plain and TLS stacks healthy with 4 shards up, answers equal to the in-process layer, 2 x 200 requests without an error; plaintext refused under TLS"
-echo "compose-smoke: 11 passed, 0 failed"
+if "$BIN/moe-client" info --router "$ROUTER" "${TLS_CLIENT[@]}" > "$STATE/notoken.txt" 2>&1; then
+  die "[tls] a client without the bearer token was answered"
+fi
+grep -q "bearer token" "$STATE/notoken.txt" || die "[tls] no token: $(tail -1 "$STATE/notoken.txt")"
+say "[tls] a client without the token is refused: $(tail -1 "$STATE/notoken.txt")"
+"$BIN/moe-client" info --router "$ROUTER" "${TLS_CLIENT[@]}" --auth-token-file "$CERTS/token" >/dev/null \
+  || die "[tls] the router stopped answering the cluster's own client"
+say "PASSED: non-root image; plain and TLS stacks healthy with 4 shards up, answers equal to the in-process layer, 2 x 200 requests without an error; plaintext and token-less clients refused under TLS"
+echo "compose-smoke: 12 passed, 0 failed"

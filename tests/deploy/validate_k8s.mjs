@@ -70,6 +70,14 @@ for (const w of workloads) {
         fail(w, `container ${c.name}'s ${probe} is neither a native gRPC probe nor (with TLS) moe-client health`);
       }
     }
+    const hook = c.lifecycle?.preStop?.exec?.command;
+    if (hook && hook[0] === "moe-client") {
+      const addr = hook[hook.indexOf("--addr") + 1] || "";
+      if (!portNumbers.has(Number(addr.split(":")[1]))) fail(w, `preStop reaches ${addr}, not a container port`);
+      if ((c.args || []).includes("--tls-cert") && !["--tls-ca", "--tls-cert", "--tls-key"].every((f) => hook.includes(f))) {
+        fail(w, `container ${c.name} serves TLS but its preStop hook connects without the client certificate`);
+      }
+    }
     if (!c.resources?.requests || !c.resources?.limits) fail(w, `container ${c.name} lacks resource requests or limits`);
     const grpcPort = (c.ports || []).find((p) => p.name === "grpc");
     const args = c.args || [];
@@ -80,15 +88,16 @@ for (const w of workloads) {
     if (mport && String(mport.containerPort) !== margs) fail(w, `--metrics-port ${margs} is not the metrics container port`);
   }
   for (const c of containers(w)) {
+    // Every $(VAR) in command and args comes from the container's env or its ConfigMaps.
+    const known = new Set((c.env || []).map((e) => e.name));
     for (const ref of c.envFrom || []) {
       const cm = ref.configMapRef && configMaps.get(ref.configMapRef.name);
       if (ref.configMapRef && !cm) fail(w, `container ${c.name} reads missing ConfigMap ${ref.configMapRef.name}`);
-      // Every $(VAR) in args comes from the container's env or its ConfigMaps.
-      const known = new Set([...(c.env || []).map((e) => e.name), ...Object.keys(cm?.data || {})]);
-      for (const a of [...(c.args || []), ...(c.command || [])]) {
-        for (const m of String(a).matchAll(/\$\(([A-Z_]+)\)/g)) {
-          if (!known.has(m[1])) fail(w, `container ${c.name} uses $(${m[1]}), which no env or ConfigMap defines`);
-        }
+      for (const k of Object.keys(cm?.data || {})) known.add(k);
+    }
+    for (const a of [...(c.args || []), ...(c.command || [])]) {
+      for (const m of String(a).matchAll(/\$\(([A-Z0-9_]+)\)/g)) {
+        if (!known.has(m[1])) fail(w, `container ${c.name} uses $(${m[1]}), which no env or ConfigMap defines`);
       }
     }
     for (const v of c.volumeMounts || []) {
