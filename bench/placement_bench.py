@@ -13,6 +13,9 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../client/python"))
+import local_cluster  # noqa: E402
+
 out_path, bin_dir = sys.argv[1], sys.argv[2]
 seconds = float(sys.argv[3]) if len(sys.argv) > 3 else 10.0
 work = tempfile.mkdtemp()
@@ -35,14 +38,11 @@ def load(router, duration):
 results = {}
 with open(out_path, "w") as out:
     for placement in ("hybrid", "dynamic"):
-        cluster = subprocess.Popen(
-            [f"{bin_dir}/moe-cluster", "--checkpoint", ck, "--shards", "4", "--router-port", "0",
-             "--placement", placement, "--pin-shards",
-             "--router-args", "--rebalance-cooldown-s 1 --imbalance-threshold 0.2"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        cluster, router = local_cluster.start(
+            bin_dir, ck, "--shards", "4", "--placement", placement, "--pin-shards",
+            "--router-args", "--rebalance-cooldown-s 1 --imbalance-threshold 0.2",
+            stderr=subprocess.DEVNULL)
         try:
-            router = next(l.split("=", 1)[1].strip() for l in cluster.stdout
-                          if l.startswith("READY router="))
             load(router, max(3.0, seconds / 2))  # warm-up: dynamic sees the skew and rebalances
             tps, p99, errors = load(router, seconds)
             placement_out = subprocess.run([f"{bin_dir}/moe-client", "placement", "--router",

@@ -157,20 +157,11 @@ def main():
     print("\n".join(lines))
 
 
-def scale_section(path):
-    """The scale run on a many-core machine (bench/scale_run.sh, kept in docs/scale.json: it is
-    not made by make bench, which runs on this 2-core machine)."""
-    if not os.path.exists(path):
-        return []
-    d = json.load(open(path))
+def scale_table(d):
+    """The scale run's table (markdown): tokens/s, ratio and scaling efficiency per shard count."""
     p = d["points"]
     c1, l1 = p[0]["cluster_tokens_per_s"], p[0]["in_process_tokens_per_s"]
-    out = ["", "## Scale run: 1 to 8 shards on a 16-core machine", "",
-           f"Machine: {d['machine']}, {d['date']}. Command: `{d['command']}`.",
-           f"{d['tokens_per_request']}-token requests, {d['seconds_per_point']} s per point after a warm-up,",
-           "`moe-client load` with 2S+2 streams, `sharded` placement. Efficiency is tokens/s at S divided",
-           "by S times tokens/s at 1 (for the cluster and for the in-process layer each).", "",
-           "| shards S | in-process tokens/s (S threads) | cluster tokens/s | cluster / in-process | "
+    out = ["| shards S | in-process tokens/s (S threads) | cluster tokens/s | cluster / in-process | "
            "cluster efficiency | in-process efficiency | cluster p99 ms | errors |",
            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in p:
@@ -179,8 +170,21 @@ def scale_section(path):
                    f"{r['cluster_tokens_per_s'] / r['in_process_tokens_per_s']:.2f} | "
                    f"{r['cluster_tokens_per_s'] / (s * c1):.2f} | "
                    f"{r['in_process_tokens_per_s'] / (s * l1):.2f} | {r['cluster_p99_ms']:.0f} | {r['errors']} |")
-    out += ["", d["notes"]]
     return out
+
+
+def scale_section(path):
+    """The scale run on a many-core machine (bench/scale_run.sh, kept in docs/scale.json: it is
+    not made by make bench, which runs on this 2-core machine)."""
+    if not os.path.exists(path):
+        return []
+    d = json.load(open(path))
+    out = ["", "## Scale run: 1 to 8 shards on a 16-core machine", "",
+           f"Machine: {d['machine']}, {d['date']}. Command: `{d['command']}`.",
+           f"{d['tokens_per_request']}-token requests, {d['seconds_per_point']} s per point after a warm-up,",
+           "`moe-client load` with 2S+2 streams, `sharded` placement. Efficiency is tokens/s at S divided",
+           "by S times tokens/s at 1 (for the cluster and for the in-process layer each).", ""]
+    return out + scale_table(d) + ["", d["notes"]]
 
 
 if __name__ == "__main__":

@@ -55,16 +55,9 @@ done
   (IFS=,; printf '%s' "${rows[*]}")
   printf ']}\n'
 } > "$OUT/scale.json"
-/usr/bin/env python3 - "$OUT/scale.json" <<'PY'
+/usr/bin/env python3 - "$OUT/scale.json" "$(dirname "$0")" <<'PY'
 import json, sys
-d = json.load(open(sys.argv[1]))
-p = d["points"]
-c1, l1 = p[0]["cluster_tokens_per_s"], p[0]["in_process_tokens_per_s"]
-print(f"{'shards':>6} {'in-process tok/s':>17} {'cluster tok/s':>14} {'cluster/in-proc':>15} "
-      f"{'cluster eff.':>12} {'in-proc eff.':>12}")
-for r in p:
-    s = r["shards"]
-    print(f"{s:>6} {r['in_process_tokens_per_s']:>17.0f} {r['cluster_tokens_per_s']:>14.0f} "
-          f"{r['cluster_tokens_per_s'] / r['in_process_tokens_per_s']:>15.2f} "
-          f"{r['cluster_tokens_per_s'] / (s * c1):>12.2f} {r['in_process_tokens_per_s'] / (s * l1):>12.2f}")
+sys.path.insert(0, sys.argv[2])
+import report
+print("\n".join(report.scale_table(json.load(open(sys.argv[1])))))
 PY

@@ -51,10 +51,9 @@ inline double Since(Clock::time_point t) {
 
 inline std::string ScrapeBody(int port) { return ScrapeMetrics(port); }
 
-// GET http://127.0.0.1:port/metrics and return the value of the first line starting with
-// `series` (e.g. `moe_shard_rejected_batches_total{reason="deadline"}`), or -1.
-inline double ScrapeMetric(int port, const std::string& series) {
-  const std::string body = ScrapeBody(port);
+// The value of the first line of a /metrics `body` starting with `series`
+// (e.g. `moe_shard_rejected_batches_total{reason="deadline"}`), or -1.
+inline double MetricValue(const std::string& body, const std::string& series) {
   size_t at = 0;
   while ((at = body.find(series, at)) != std::string::npos) {
     if (at == 0 || body[at - 1] == '\n') {
@@ -63,6 +62,11 @@ inline double ScrapeMetric(int port, const std::string& series) {
     at += series.size();
   }
   return -1;
+}
+
+// GET http://127.0.0.1:port/metrics and return the value of `series` in it, or -1.
+inline double ScrapeMetric(int port, const std::string& series) {
+  return MetricValue(ScrapeBody(port), series);
 }
 
 class ClusterTest : public ::testing::Test {

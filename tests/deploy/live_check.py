@@ -26,6 +26,8 @@ import yaml
 
 build, work = sys.argv[1], sys.argv[2]
 repo = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../.."))
+sys.path.insert(0, os.path.join(repo, "client/python"))
+import local_cluster  # noqa: E402
 bin_dir = os.path.join(build, "bin")
 shutil.rmtree(work, ignore_errors=True)
 os.makedirs(work)
@@ -83,17 +85,9 @@ try:
     run([f"{bin_dir}/moe-client", "init-checkpoint", "--out", ck, "--experts", "8", "--d-model",
          "64", "--d-ff", "128", "--top-k", "2", "--activation", "silu", "--gated", "--seed", "3"],
         check=True)
-    cluster = subprocess.Popen([f"{bin_dir}/moe-cluster", "--checkpoint", ck, "--shards", "4",
-                                "--placement", "hybrid", "--router-port", "0",
-                                "--metrics-port", str(base)], stdout=subprocess.PIPE, text=True)
+    cluster, router = local_cluster.start(bin_dir, ck, "--shards", "4", "--placement", "hybrid",
+                                          "--metrics-port", str(base))
     procs.append(cluster)
-    router = None
-    for line in cluster.stdout:
-        if line.startswith("READY router="):
-            router = line.strip().split("=", 1)[1]
-            break
-    if not router:
-        sys.exit("live_check: moe-cluster did not print READY")
     print(f"cluster ready: router {router}, metrics on {base}..{base + 5}")
 
     # promtool check metrics on every service's /metrics.

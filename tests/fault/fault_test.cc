@@ -87,6 +87,17 @@ class FaultTest : public ClusterTest {
 
   static int MetricsBase(int offset) { return 30000 + offset + static_cast<int>(getpid() % 5000) * 4; }
 
+  // Token rows the shard whose /metrics is on `port` computed, over every expert (one scrape).
+  static double ShardTokens(int port) {
+    const std::string body = testing::ScrapeBody(port);
+    double sum = 0;
+    for (int e = 0; e < Config().num_experts; ++e) {
+      sum += std::max(0.0, testing::MetricValue(body, "moe_shard_tokens_total{expert=\"" +
+                                                          std::to_string(e) + "\"}"));
+    }
+    return sum;
+  }
+
   static double ShardUp(int router_metrics, const std::string& shard) {
     return ScrapeMetric(router_metrics, "moe_shard_up{shard=\"" + shard + "\"}");
   }
@@ -161,15 +172,7 @@ TEST_F(FaultTest, DelayedLinkAndTightDeadline) {
   v1::InferResponse resp;
   ASSERT_TRUE(Infer(stub.get(), Request(x, 6, "slow-ok"), &resp, 5000).ok());
   EXPECT_TRUE(Matches(x, 6, resp, *layer_));
-  auto computed = [&] {
-    double sum = 0;
-    for (int e = 0; e < Config().num_experts; ++e) {
-      sum += std::max(0.0, ScrapeMetric(metrics + 1, "moe_shard_tokens_total{expert=\"" +
-                                                         std::to_string(e) + "\"}"));
-    }
-    return sum;
-  };
-  const double tokens_before = computed();
+  const double tokens_before = ShardTokens(metrics + 1);
   EXPECT_GT(tokens_before, 0) << "the shard's token counter did not see the answered request";
 
   // One at a time: each request's batch is dropped before the next one arrives (back to back,
@@ -185,7 +188,7 @@ TEST_F(FaultTest, DelayedLinkAndTightDeadline) {
         << "the shard did not drop the expired work of request " << i;
   }
   EXPECT_LT(worst, 0.150 + 0.050);
-  const double tokens_after = computed();
+  const double tokens_after = ShardTokens(metrics + 1);
   EXPECT_EQ(tokens_after, tokens_before) << "the shard computed work nobody waited for";
   std::printf("DEADLINE_EXCEEDED after at most %.0f ms (deadline 150 ms, link 2 x 100 ms)\n",
               worst * 1e3);
@@ -235,12 +238,7 @@ TEST_F(FaultTest, RollingRestartOfEveryShard) {
   EXPECT_EQ(result.wrong.load(), 0);
   EXPECT_GT(total, 50);
   for (int i = 0; i < 3; ++i) {
-    double computed = 0;
-    for (int e = 0; e < Config().num_experts; ++e) {
-      computed += std::max(0.0, ScrapeMetric(metrics + 1 + i,
-                                             "moe_shard_tokens_total{expert=\"" + std::to_string(e) + "\"}"));
-    }
-    EXPECT_GT(computed, 0) << "restarted shard " << i << " computed nothing";
+    EXPECT_GT(ShardTokens(metrics + 1 + i), 0) << "restarted shard " << i << " computed nothing";
   }
   std::printf("rolling restart: %d of %d requests succeeded\n", result.ok.load(), total);
 }

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(build, "python"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../client/python"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../torch"))
 import grpc  # noqa: E402
+import local_cluster  # noqa: E402
 import moe_client  # noqa: E402
 import st  # noqa: E402
 
@@ -24,17 +25,9 @@ ck = os.path.join(work, "py.safetensors")
 subprocess.run([f"{bin_dir}/moe-client", "init-checkpoint", "--out", ck, "--experts", "6",
                 "--d-model", "24", "--d-ff", "40", "--top-k", "2", "--activation", "gelu",
                 "--bias"], check=True, stdout=subprocess.DEVNULL)
-cluster = subprocess.Popen([f"{bin_dir}/moe-cluster", "--checkpoint", ck, "--shards", "2",
-                            "--router-port", "0", "--placement", "sharded"],
-                           stdout=subprocess.PIPE, text=True)
+cluster, router = local_cluster.start(bin_dir, ck, "--shards", "2", "--placement", "sharded")
 failures = []
 try:
-    router = None
-    for line in cluster.stdout:
-        if line.startswith("READY router="):
-            router = line.strip().split("=", 1)[1]
-            break
-    assert router, "moe-cluster did not print READY"
     stub = moe_client.connect(router)
     info = moe_client.cluster_info(stub)
     if info.num_experts != 6 or info.d_model != 24 or info.placement_strategy != "sharded":

@@ -20,7 +20,9 @@ build, work = sys.argv[1], sys.argv[2]
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
 sys.path.insert(0, os.path.join(build, "python"))
+sys.path.insert(0, os.path.join(here, "../../client/python"))
 import grpc  # noqa: E402
+import local_cluster  # noqa: E402
 import st  # noqa: E402
 from crosscheck import torch_layer  # noqa: E402
 from moe.v1 import router_pb2, router_pb2_grpc, tensor_pb2  # noqa: E402
@@ -49,17 +51,9 @@ def run(placement):
                     "--d-model", str(D), "--d-ff", str(F), "--top-k", str(K), "--activation",
                     "silu", "--gated", "--bias", "--seed", "3"], check=True,
                    stdout=subprocess.DEVNULL)
-    cluster = subprocess.Popen([f"{bin_dir}/moe-cluster", "--checkpoint", ck, "--shards", "3",
-                                "--router-port", "0", "--placement", placement],
-                               stdout=subprocess.PIPE, text=True)
+    cluster, router = local_cluster.start(bin_dir, ck, "--shards", "3", "--placement", placement)
     failures = []
     try:
-        router = None
-        for line in cluster.stdout:
-            if line.startswith("READY router="):
-                router = line.strip().split("=", 1)[1]
-                break
-        assert router, "moe-cluster did not start"
         stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(router))
         rng = np.random.default_rng(17)
         x = rng.uniform(-1, 1, (N, D)).astype(np.float32)

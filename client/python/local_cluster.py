@@ -1,0 +1,17 @@
+"""Starts `moe-cluster` (coordinator, expert shards and router on loopback) for scripts, tests and
+benchmarks, and waits until it is ready."""
+import subprocess
+
+
+def start(bin_dir, checkpoint, *args, stderr=None):
+    """Runs `moe-cluster --checkpoint CHECKPOINT --router-port 0 ARGS...` and returns
+    (process, router address) once it printed READY; raises RuntimeError if it exits first.
+    Stop it with process.terminate() (SIGTERM stops every service)."""
+    p = subprocess.Popen([f"{bin_dir}/moe-cluster", "--checkpoint", checkpoint,
+                          "--router-port", "0", *args],
+                         stdout=subprocess.PIPE, stderr=stderr, text=True)
+    for line in p.stdout:
+        if line.startswith("READY router="):
+            return p, line.strip().split("=", 1)[1]
+    p.wait()
+    raise RuntimeError(f"moe-cluster exited ({p.returncode}) before it was ready")
