@@ -1,7 +1,7 @@
 #include "router/dispatcher.h"
 
 #include <algorithm>
-#include <condition_variable>
+#include <atomic>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -11,17 +11,11 @@
 #include "absl/strings/str_join.h"
 #include "router/moe_layer.h"
 #include "services/common/bf16.h"
+#include "services/common/deadline_timer.h"
+#include "services/common/notification.h"
 
 namespace moe::router {
 namespace {
-
-// The answers of one send round, shared with the shard callbacks (which may outlive the round).
-struct Round {
-  std::mutex mu;
-  std::condition_variable cv;
-  int waiting = 0;
-  std::vector<std::pair<int, absl::StatusOr<v1::DispatchResponse>>> results;
-};
 
 // Shard errors worth re-sending elsewhere: the shard is gone, busy, or no longer has the expert.
 bool Retryable(absl::StatusCode code) {
@@ -77,39 +71,101 @@ std::shared_ptr<v1::DispatchRequest> BuildShardRequest(
   return req;
 }
 
-Dispatcher::Dispatcher(const common::ModelConfig& config, DispatcherOptions options)
-    : config_(config), options_(options) {}
+struct Dispatcher::Shared {
+  common::ModelConfig config;
+  DispatcherOptions options;
+  std::atomic<uint64_t> next_batch_id{1};
+};
 
-absl::StatusOr<std::vector<float>> Dispatcher::Run(const RoutingTable& table, const float* x,
-                                                   int64_t n, const GatingResult& gating,
-                                                   absl::Time deadline, DispatchStats* stats) {
-  const int k = config_.top_k, E = config_.num_experts;
-  const int64_t d = config_.d_model;
-  const int S = static_cast<int>(table.shards.size());
-  const ExpertGroups groups = GroupByExpert(gating);
-  std::vector<float> eo(groups.assignment.size() * d);
-  // Positions (into groups.assignment) still to compute, per expert.
-  std::vector<std::vector<int64_t>> remaining(E);
-  for (int e = 0; e < E; ++e) {
-    for (int64_t p = groups.offsets[e]; p < groups.offsets[e + 1]; ++p) remaining[e].push_back(p);
+// One batch in flight. Sending a round and completing it never overlap: the round's answers are
+// counted down from the number of shards sent to plus one, and the sender drops its one only
+// after the last send, so whoever reaches zero (a shard callback or the sender) owns the round's
+// state from there on. `mu_` guards the answers, the count and `finished_`; the deadline timer
+// may finish the call at any time, after which answers are ignored.
+class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
+ public:
+  Call(std::shared_ptr<Shared> shared, std::shared_ptr<const RoutingTable> table,
+       std::vector<float> x, int64_t n, GatingResult gating, absl::Time deadline, Done done)
+      : shared_(std::move(shared)),
+        table_(std::move(table)),
+        x_(std::move(x)),
+        n_(n),
+        gating_(std::move(gating)),
+        deadline_(deadline),
+        done_(std::move(done)) {}
+
+  void Begin() {
+    const int E = shared_->config.num_experts;
+    const int S = static_cast<int>(table_->shards.size());
+    groups_ = GroupByExpert(gating_);
+    eo_.resize(groups_.assignment.size() * shared_->config.d_model);
+    remaining_.resize(E);
+    for (int e = 0; e < E; ++e) {
+      for (int64_t p = groups_.offsets[e]; p < groups_.offsets[e + 1]; ++p) {
+        remaining_[e].push_back(p);
+      }
+    }
+    excluded_.assign(S, false);
+    if (absl::Now() >= deadline_) {
+      Finish(absl::DeadlineExceededError("deadline passed before the batch reached the shards"));
+      return;
+    }
+    std::weak_ptr<Call> weak = weak_from_this();
+    const uint64_t id = common::DeadlineTimer::Process().Schedule(deadline_, [weak] {
+      if (std::shared_ptr<Call> call = weak.lock()) call->Expire();
+    });
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      timer_id_ = id;
+    }
+    SendRound();
   }
-  std::vector<bool> excluded(S, false);
-  for (int round = 0; round < options_.max_rounds; ++round) {
+
+ private:
+  void Expire() {
+    int waiting = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      waiting = waiting_ > 0 ? waiting_ - (sending_ ? 1 : 0) : 0;
+    }
+    Finish(absl::DeadlineExceededError(
+        absl::StrCat("deadline passed waiting for ", waiting, " shard(s) to answer")));
+  }
+
+  // Plans what is left over the healthy replicas and sends one batch per shard.
+  void SendRound() {
+    const int k = shared_->config.top_k, E = shared_->config.num_experts;
+    const int64_t d = shared_->config.d_model;
+    const RoutingTable& table = *table_;
+    const int S = static_cast<int>(table.shards.size());
     bool any = false;
-    for (const auto& r : remaining) any |= !r.empty();
-    if (!any) break;
+    for (const auto& r : remaining_) any |= !r.empty();
+    if (!any) {
+      Finish(CombineOutputs(gating_, groups_, eo_.data(), d));
+      return;
+    }
+    if (round_ >= shared_->options.max_rounds) {
+      for (int e = 0; e < E; ++e) {
+        if (!remaining_[e].empty()) {
+          Finish(absl::UnavailableError(absl::StrCat("expert ", e, " could not be computed after ",
+                                                     shared_->options.max_rounds, " attempts")));
+          return;
+        }
+      }
+    }
+    ++round_;
     // Plan: each expert's rows over its healthy replicas, evening out outstanding rows.
-    std::vector<std::map<int, std::vector<int64_t>>> plan(S);
+    plan_.assign(S, {});
     std::vector<int64_t> planned(S, 0);
     for (int s = 0; s < S; ++s) {
       if (table.shards[s]) planned[s] = table.shards[s]->outstanding_rows();
     }
     for (int e = 0; e < E; ++e) {
-      const std::vector<int64_t>& pos = remaining[e];
+      const std::vector<int64_t>& pos = remaining_[e];
       if (pos.empty()) continue;
       std::vector<int> cands, unhealthy;
       for (int s : table.placement.replicas[e]) {
-        if (s >= S || !table.shards[s] || excluded[s]) continue;
+        if (s >= S || !table.shards[s] || excluded_[s]) continue;
         (table.shards[s]->healthy() ? cands : unhealthy).push_back(s);
       }
       // With no replica in rotation, still try the ones out of it that this batch has not seen
@@ -120,9 +176,10 @@ absl::StatusOr<std::vector<float>> Dispatcher::Run(const RoutingTable& table, co
         for (int s : table.placement.replicas[e]) {
           where.push_back(s < S && table.shards[s] ? table.shards[s]->address() : "?");
         }
-        return absl::UnavailableError(absl::StrCat(
-            "expert ", e, " has no healthy replica (placement version ",
-            table.placement.version, ", hosted on ", absl::StrJoin(where, ", "), ")"));
+        Finish(absl::UnavailableError(absl::StrCat(
+            "expert ", e, " has no healthy replica (placement version ", table.placement.version,
+            ", hosted on ", absl::StrJoin(where, ", "), ")")));
+        return;
       }
       const int64_t chunk =
           std::max<int64_t>(1, static_cast<int64_t>(pos.size()) / (4 * cands.size()));
@@ -132,52 +189,80 @@ absl::StatusOr<std::vector<float>> Dispatcher::Run(const RoutingTable& table, co
           if (planned[s] < planned[best]) best = s;
         }
         const size_t end = std::min(pos.size(), i + static_cast<size_t>(chunk));
-        auto& dst = plan[best][e];
+        auto& dst = plan_[best][e];
         dst.insert(dst.end(), pos.begin() + static_cast<int64_t>(i),
                    pos.begin() + static_cast<int64_t>(end));
         planned[best] += static_cast<int64_t>(end - i);
       }
     }
-    for (auto& r : remaining) r.clear();
-    // Send one batch per shard; a token row used by several of its experts travels once.
-    auto rd = std::make_shared<Round>();
-    const absl::Duration left = deadline - absl::Now();
+    for (auto& r : remaining_) r.clear();
+    const absl::Duration left = deadline_ - absl::Now();
     if (left <= absl::ZeroDuration()) {
-      return absl::DeadlineExceededError("deadline passed before the batch reached the shards");
+      Finish(absl::DeadlineExceededError("deadline passed before the batch reached the shards"));
+      return;
     }
     const uint32_t timeout_ms = static_cast<uint32_t>(
         std::clamp<int64_t>(absl::ToInt64Milliseconds(left), 1, int64_t{1} << 31));
-    std::vector<int32_t> local(n, -1);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (finished_) return;
+      results_.clear();
+      waiting_ = 1;  // the sender's own count, dropped after the last send
+      sending_ = true;
+    }
+    // One batch per shard; a token row used by several of its experts travels once.
+    std::vector<int32_t> local(n_, -1);
+    std::shared_ptr<Call> self = shared_from_this();
     for (int s = 0; s < S; ++s) {
-      if (plan[s].empty()) continue;
-      auto req = BuildShardRequest(plan[s], groups, k, x, d, options_.wire, &local);
-      req->set_batch_id(next_batch_id_.fetch_add(1));
+      if (plan_[s].empty()) continue;
+      auto req = BuildShardRequest(plan_[s], groups_, k, x_.data(), d, shared_->options.wire,
+                                   &local);
+      req->set_batch_id(shared_->next_batch_id.fetch_add(1));
       req->set_timeout_ms(timeout_ms);
       req->set_placement_version(table.placement.version);
       int64_t total = 0;
-      for (const auto& [e, pos] : plan[s]) total += static_cast<int64_t>(pos.size());
+      for (const auto& [e, pos] : plan_[s]) total += static_cast<int64_t>(pos.size());
       {
-        std::lock_guard<std::mutex> lock(rd->mu);
-        ++rd->waiting;
+        std::lock_guard<std::mutex> lock(mu_);
+        ++waiting_;
       }
-      if (stats) ++stats->shard_batches;
-      table.shards[s]->Dispatch(req, total, [rd, s](absl::StatusOr<v1::DispatchResponse> r) {
-        std::lock_guard<std::mutex> lock(rd->mu);
-        rd->results.emplace_back(s, std::move(r));
-        --rd->waiting;
-        rd->cv.notify_all();
+      ++stats_.shard_batches;
+      table.shards[s]->Dispatch(req, total, [self, s](absl::StatusOr<v1::DispatchResponse> r) {
+        self->Answer(s, std::move(r));
       });
     }
+    Answer(-1, absl::StatusOr<v1::DispatchResponse>());  // the sender's count
+  }
+
+  // One answer of the round (shard -1: the sender is done sending).
+  void Answer(int s, absl::StatusOr<v1::DispatchResponse> r) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (s < 0) {
+        sending_ = false;
+      } else {
+        results_.emplace_back(s, std::move(r));
+      }
+      if (--waiting_ > 0 || finished_) return;
+    }
+    const DispatcherOptions& o = shared_->options;
+    if (o.offload && static_cast<int64_t>(groups_.assignment.size()) > o.inline_assignments) {
+      std::shared_ptr<Call> self = shared_from_this();
+      if (o.offload([self] { self->RoundDone(); })) return;
+    }
+    RoundDone();
+  }
+
+  // Every answer of the round is in: copy the outputs into place, fail over what failed, and
+  // either send the next round or finish.
+  void RoundDone() {
+    const int64_t d = shared_->config.d_model;
+    const RoutingTable& table = *table_;
     std::vector<std::pair<int, absl::StatusOr<v1::DispatchResponse>>> results;
     {
-      std::unique_lock<std::mutex> lock(rd->mu);
-      const bool all = rd->cv.wait_until(lock, absl::ToChronoTime(deadline),
-                                         [&] { return rd->waiting == 0; });
-      if (!all) {
-        return absl::DeadlineExceededError(absl::StrCat(
-            "deadline passed waiting for ", rd->waiting, " shard(s) to answer"));
-      }
-      results.swap(rd->results);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (finished_) return;
+      results.swap(results_);
     }
     for (auto& [s, result] : results) {
       absl::Status err = result.ok() ? absl::Status(static_cast<absl::StatusCode>(result->code()),
@@ -186,55 +271,125 @@ absl::StatusOr<std::vector<float>> Dispatcher::Run(const RoutingTable& table, co
       if (err.ok()) {
         // Copy each expert's rows back to their positions, checking the shapes.
         for (const v1::ExpertOutput& out : result->outputs()) {
-          auto it = plan[s].find(out.expert());
+          auto it = plan_[s].find(out.expert());
           absl::StatusOr<common::TensorView> v = common::DecodeMatrix(out.output(), "output", d);
-          if (it == plan[s].end() || !v.ok() ||
+          if (it == plan_[s].end() || !v.ok() ||
               v->dim(0) != static_cast<int64_t>(it->second.size())) {
             err = absl::InternalError(absl::StrCat("shard ", table.shards[s]->address(),
                                                    " answered with a malformed output"));
             break;
           }
         }
-        if (err.ok() && result->outputs_size() != static_cast<int>(plan[s].size())) {
+        if (err.ok() && result->outputs_size() != static_cast<int>(plan_[s].size())) {
           err = absl::InternalError(absl::StrCat("shard ", table.shards[s]->address(),
                                                  " left experts unanswered"));
         }
         if (err.ok()) {
           for (const v1::ExpertOutput& out : result->outputs()) {
-            const std::vector<int64_t>& pos = plan[s][out.expert()];
+            const std::vector<int64_t>& pos = plan_[s][out.expert()];
             const common::TensorView v = *common::DecodeMatrix(out.output(), "output", d);
-            std::vector<float> vals = common::ViewToFloat(v);
-            for (size_t i = 0; i < pos.size(); ++i) {
-              std::memcpy(&eo[pos[i] * d], &vals[i * d], sizeof(float) * d);
+            if (v.type == common::WireType::kFloat32) {
+              const char* src = v.bytes.data();
+              for (size_t i = 0; i < pos.size(); ++i) {
+                std::memcpy(&eo_[pos[i] * d], src + i * d * sizeof(float), sizeof(float) * d);
+              }
+            } else {
+              std::vector<float> vals = common::ViewToFloat(v);
+              for (size_t i = 0; i < pos.size(); ++i) {
+                std::memcpy(&eo_[pos[i] * d], &vals[i * d], sizeof(float) * d);
+              }
             }
           }
           continue;
         }
       }
       if (err.code() == absl::StatusCode::kDeadlineExceeded) {
-        return absl::DeadlineExceededError(absl::StrCat(
-            "deadline passed on shard ", table.shards[s]->address(), ": ", err.message()));
+        Finish(absl::DeadlineExceededError(absl::StrCat(
+            "deadline passed on shard ", table.shards[s]->address(), ": ", err.message())));
+        return;
       }
       if (!Retryable(err.code())) {
-        return absl::Status(err.code(), absl::StrCat("shard ", table.shards[s]->address(), ": ",
-                                                     err.message()));
+        Finish(absl::Status(err.code(), absl::StrCat("shard ", table.shards[s]->address(), ": ",
+                                                     err.message())));
+        return;
       }
       // Fail over: this shard is out for the rest of the batch; its rows go elsewhere.
-      excluded[s] = true;
-      if (stats) ++stats->failovers;
-      for (const auto& [e, pos] : plan[s]) {
-        remaining[e].insert(remaining[e].end(), pos.begin(), pos.end());
+      excluded_[s] = true;
+      ++stats_.failovers;
+      for (const auto& [e, pos] : plan_[s]) {
+        remaining_[e].insert(remaining_[e].end(), pos.begin(), pos.end());
       }
     }
+    SendRound();
   }
-  for (int e = 0; e < E; ++e) {
-    if (!remaining[e].empty()) {
-      return absl::UnavailableError(absl::StrCat("expert ", e, " could not be computed after ",
-                                                 options_.max_rounds, " attempts"));
+
+  void Finish(absl::StatusOr<std::vector<float>> y) {
+    uint64_t timer = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (finished_) return;
+      finished_ = true;
+      timer = timer_id_;
     }
+    if (timer != 0) common::DeadlineTimer::Process().Cancel(timer);
+    Done done = std::move(done_);
+    done(std::move(y), gating_, stats_);
   }
-  std::vector<float> y = CombineOutputs(gating, groups, eo.data(), d);
-  return y;
+
+  const std::shared_ptr<Shared> shared_;
+  const std::shared_ptr<const RoutingTable> table_;
+  const std::vector<float> x_;
+  const int64_t n_;
+  const GatingResult gating_;
+  const absl::Time deadline_;
+  Done done_;
+
+  // The round's state, owned by the thread that sends or completes it (see above).
+  ExpertGroups groups_;
+  std::vector<float> eo_;
+  std::vector<std::vector<int64_t>> remaining_;  // positions still to compute, per expert
+  std::vector<bool> excluded_;
+  std::vector<std::map<int, std::vector<int64_t>>> plan_;
+  int round_ = 0;
+  DispatchStats stats_;
+
+  std::mutex mu_;
+  int waiting_ = 0;
+  bool sending_ = false;
+  bool finished_ = false;
+  uint64_t timer_id_ = 0;
+  std::vector<std::pair<int, absl::StatusOr<v1::DispatchResponse>>> results_;
+};
+
+Dispatcher::Dispatcher(const common::ModelConfig& config, DispatcherOptions options)
+    : shared_(std::make_shared<Shared>()) {
+  shared_->config = config;
+  shared_->options = std::move(options);
+}
+
+Dispatcher::~Dispatcher() = default;
+
+void Dispatcher::Start(std::shared_ptr<const RoutingTable> table, std::vector<float> x, int64_t n,
+                       GatingResult gating, absl::Time deadline, Done done) {
+  auto call = std::make_shared<Call>(shared_, std::move(table), std::move(x), n,
+                                     std::move(gating), deadline, std::move(done));
+  call->Begin();
+}
+
+absl::StatusOr<std::vector<float>> Dispatcher::Run(const RoutingTable& table, const float* x,
+                                                   int64_t n, const GatingResult& gating,
+                                                   absl::Time deadline, DispatchStats* stats) {
+  common::Notification answered;
+  absl::StatusOr<std::vector<float>> out;
+  Start(std::make_shared<const RoutingTable>(table),
+        std::vector<float>(x, x + n * shared_->config.d_model), n, gating, deadline,
+        [&](absl::StatusOr<std::vector<float>> y, const GatingResult&, const DispatchStats& st) {
+          out = std::move(y);
+          if (stats) *stats = st;
+          answered.Notify();
+        });
+  answered.WaitForNotification();
+  return out;
 }
 
 }  // namespace moe::router

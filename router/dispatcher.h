@@ -6,10 +6,11 @@
 // sent once per shard), the expert outputs come back, and the gate-weighted sum is combined in
 // the original token order. A shard that fails mid-batch is excluded and its rows are re-sent to
 // another replica; an expert left without a healthy replica fails the batch with UNAVAILABLE
-// naming it. No gRPC here: shards are ShardClients.
+// naming it. Asynchronous: nothing blocks between sending and the answers, which are combined on
+// the thread that brings the last one. No gRPC here: shards are ShardClients.
 
-#include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <vector>
@@ -39,6 +40,12 @@ struct DispatchStats {
 struct DispatcherOptions {
   common::WireType wire = common::WireType::kFloat32;
   int max_rounds = 4;  // send rounds per batch (the first plus failovers)
+  // Where a batch's answers are decoded and combined: inline on the thread that brought the last
+  // answer when the batch has at most `inline_assignments` token-expert assignments (one fewer
+  // thread hand-off on the latency path), otherwise through `offload` (which returns false when
+  // it cannot take the work; then it runs inline). Null `offload`: always inline.
+  std::function<bool(std::function<void()>)> offload;
+  int64_t inline_assignments = 512;
 };
 
 // The Dispatch request for one shard: each token row once, then per expert (ascending) the
@@ -49,17 +56,31 @@ std::shared_ptr<v1::DispatchRequest> BuildShardRequest(
 
 class Dispatcher {
  public:
-  Dispatcher(const common::ModelConfig& config, DispatcherOptions options);
+  // y [n, d_model] or an error, with the gating the batch was routed by and what it took.
+  using Done = std::function<void(absl::StatusOr<std::vector<float>> y, const GatingResult& gating,
+                                  const DispatchStats& stats)>;
 
-  // y [n, d_model] for tokens x [n, d_model] routed by `gating`. Never hangs past `deadline`.
+  Dispatcher(const common::ModelConfig& config, DispatcherOptions options);
+  ~Dispatcher();
+
+  // Starts the fan-out of tokens x [n, d_model] routed by `gating` and returns without waiting.
+  // `done` runs exactly once: on the thread of the last shard answer, on the deadline timer's
+  // thread when `deadline` passes first (late answers are then ignored), on an `offload` thread,
+  // or on this thread when the batch fails before anything is sent. Batches in flight keep what
+  // they need (table, tokens, gating) alive themselves.
+  void Start(std::shared_ptr<const RoutingTable> table, std::vector<float> x, int64_t n,
+             GatingResult gating, absl::Time deadline, Done done);
+
+  // The same, waiting for the answer.
   absl::StatusOr<std::vector<float>> Run(const RoutingTable& table, const float* x, int64_t n,
                                          const GatingResult& gating, absl::Time deadline,
                                          DispatchStats* stats);
 
+  class Call;
+
  private:
-  const common::ModelConfig config_;
-  const DispatcherOptions options_;
-  std::atomic<uint64_t> next_batch_id_{1};
+  struct Shared;
+  std::shared_ptr<Shared> shared_;  // what calls in flight use; outlives the Dispatcher if needed
 };
 
 }  // namespace moe::router

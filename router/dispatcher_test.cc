@@ -1,10 +1,12 @@
 #include "router/dispatcher.h"
 
+#include <atomic>
 #include <thread>
 
 #include <gtest/gtest.h>
 
 #include "router/moe_layer.h"
+#include "services/common/notification.h"
 #include "services/common/random_checkpoint.h"
 
 namespace moe::router {
@@ -198,6 +200,98 @@ TEST(Dispatcher, NonRetryableShardErrorsAreReturned) {
   setup.fakes[1]->fail_with = absl::StatusCode::kInvalidArgument;
   auto y = setup.Run(common::RandomMatrix(5, 16, 8), 5);
   EXPECT_EQ(y.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(Dispatcher, StartReturnsBeforeTheAnswersAndCombinesOnTheAnsweringThread) {
+  Rig setup(Strategy::kSharded, 2);
+  for (auto& f : setup.fakes) f->never_answer = true;
+  const int64_t n = 6;
+  const auto x = common::RandomMatrix(n, 16, 11);
+  GatingResult g = Route(setup.layer->gate_params(), x.data(), n, GatingOptions{2, true, 0, {}});
+  common::Notification answered;
+  absl::StatusOr<std::vector<float>> y;
+  std::thread::id done_on;
+  setup.dispatcher.Start(std::make_shared<const RoutingTable>(setup.table), x, n, g,
+                         absl::Now() + absl::Seconds(10),
+                         [&](absl::StatusOr<std::vector<float>> out, const GatingResult& gating,
+                             const DispatchStats& stats) {
+                           EXPECT_EQ(gating.tokens, n);
+                           EXPECT_GE(stats.shard_batches, 1);
+                           y = std::move(out);
+                           done_on = std::this_thread::get_id();
+                           answered.Notify();
+                         });
+  // Nothing answered yet: Start has returned without waiting.
+  EXPECT_FALSE(answered.HasBeenNotified());
+  // The parked answers come from another thread, like a gRPC callback.
+  std::thread shard_thread([&] {
+    for (auto& f : setup.fakes) {
+      f->never_answer = false;
+      for (size_t i = 0; i < f->parked.size(); ++i) {
+        // Replay the request now that the fake computes.
+        v1::DispatchRequest req = f->requests[i];
+        f->Dispatch(std::make_shared<v1::DispatchRequest>(req), 0, std::move(f->parked[i]));
+      }
+    }
+  });
+  const std::thread::id shard_id = shard_thread.get_id();
+  shard_thread.join();
+  ASSERT_TRUE(answered.HasBeenNotified());
+  EXPECT_EQ(done_on, shard_id);
+  ASSERT_TRUE(y.ok()) << y.status();
+  const auto want = setup.layer->Forward(x.data(), n);
+  for (size_t i = 0; i < y->size(); ++i) EXPECT_NEAR((*y)[i], want->y[i], 1e-5);
+}
+
+TEST(Dispatcher, LargeBatchesAreCombinedThroughOffload) {
+  Rig setup(Strategy::kReplicated, 1);
+  std::atomic<int> offloaded{0};
+  DispatcherOptions o;
+  o.inline_assignments = 4;
+  o.offload = [&](std::function<void()> work) {
+    ++offloaded;
+    std::thread(std::move(work)).detach();
+    return true;
+  };
+  Dispatcher dispatcher(Config(), o);
+  for (int64_t n : {2, 8}) {  // 4 and 16 assignments
+    const auto x = common::RandomMatrix(n, 16, 12);
+    GatingResult g = Route(setup.layer->gate_params(), x.data(), n, GatingOptions{2, true, 0, {}});
+    auto y = dispatcher.Run(setup.table, x.data(), n, g, absl::Now() + absl::Seconds(10), nullptr);
+    ASSERT_TRUE(y.ok()) << y.status();
+    const auto want = setup.layer->Forward(x.data(), n);
+    for (size_t i = 0; i < y->size(); ++i) EXPECT_NEAR((*y)[i], want->y[i], 1e-5);
+    EXPECT_EQ(offloaded.load(), n == 2 ? 0 : 1) << n;
+  }
+}
+
+TEST(Dispatcher, DeadlineFiresWhileAnswersAreOutstandingAndLateOnesAreIgnored) {
+  Rig setup(Strategy::kSharded, 2);
+  setup.fakes[1]->never_answer = true;  // shard 0 answers, shard 1 never does
+  const int64_t n = 16;
+  const auto x = common::RandomMatrix(n, 16, 13);
+  GatingResult g = Route(setup.layer->gate_params(), x.data(), n, GatingOptions{2, true, 0, {}});
+  common::Notification answered;
+  absl::Status status;
+  int calls = 0;
+  const absl::Time start = absl::Now();
+  setup.dispatcher.Start(std::make_shared<const RoutingTable>(setup.table), x, n, g,
+                         start + absl::Milliseconds(150),
+                         [&](absl::StatusOr<std::vector<float>> out, const GatingResult&,
+                             const DispatchStats&) {
+                           ++calls;
+                           status = out.status();
+                           answered.Notify();
+                         });
+  ASSERT_TRUE(answered.WaitForNotificationWithTimeout(absl::Seconds(5)));
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_EQ(status.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_NE(status.message().find("waiting for 1 shard(s)"), absl::string_view::npos) << status;
+  EXPECT_GE(took, absl::Milliseconds(150));
+  EXPECT_LT(took, absl::Milliseconds(400));
+  ASSERT_FALSE(setup.fakes[1]->parked.empty());
+  for (auto& done : setup.fakes[1]->parked) done(absl::UnavailableError("late"));
+  EXPECT_EQ(calls, 1);
 }
 
 }  // namespace

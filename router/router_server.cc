@@ -90,41 +90,82 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return table;
   }
 
-  absl::Status Forward(const v1::InferRequest& req, v1::InferResponse* resp, absl::Time deadline) {
+  // Requests being forwarded; DoShutdown waits for none to be left before the router goes.
+  std::mutex inflight_mu;
+  std::condition_variable inflight_cv;
+  int64_t inflight = 0;
+
+  // Batches of up to this many tokens are gated and sent on the thread that received them (a
+  // gRPC thread) and their answers combined on the thread that brought the last one: no thread
+  // hand-off on the latency path. Larger ones are gated on the worker pool and combined there.
+  static constexpr int64_t kInlineTokens = 256;
+
+  using ForwardDone = std::function<void(absl::Status)>;
+
+  // Validates and gates `req`, fans it out to the shards and fills `resp`. Returns at once;
+  // `done` runs exactly once (perhaps before Forward returns), and nothing here touches `req` or
+  // `resp` after it.
+  void Forward(const v1::InferRequest* req, v1::InferResponse* resp, absl::Time deadline,
+               ForwardDone done) {
+    {
+      std::lock_guard<std::mutex> lock(inflight_mu);
+      ++inflight;
+    }
+    ForwardDone finish = [this, done = std::move(done)](absl::Status st) {
+      done(st);
+      std::lock_guard<std::mutex> lock(inflight_mu);
+      if (--inflight == 0) inflight_cv.notify_all();
+    };
+    const int64_t tokens = req->tokens().shape_size() == 2 ? req->tokens().shape(0) : 0;
+    if (tokens > kInlineTokens) {
+      if (!pool->Submit([this, req, resp, deadline, finish] {
+            ForwardNow(req, resp, deadline, finish);
+          })) {
+        finish(absl::UnavailableError("router is shutting down"));
+      }
+      return;
+    }
+    ForwardNow(req, resp, deadline, std::move(finish));
+  }
+
+  void ForwardNow(const v1::InferRequest* req, v1::InferResponse* resp, absl::Time deadline,
+                  ForwardDone done) {
     const int64_t d = config.d_model;
-    if (req.tokens().shape_size() == 2 && req.tokens().shape(0) > options.max_batch_tokens) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "tokens: ", req.tokens().shape(0), " tokens exceed the limit of ",
-          options.max_batch_tokens, " per request; split the batch"));
+    if (req->tokens().shape_size() == 2 && req->tokens().shape(0) > options.max_batch_tokens) {
+      return done(absl::ResourceExhaustedError(absl::StrCat(
+          "tokens: ", req->tokens().shape(0), " tokens exceed the limit of ",
+          options.max_batch_tokens, " per request; split the batch")));
     }
     common::DecodeLimits limits;
     limits.max_elements = options.max_batch_tokens * d;
     absl::StatusOr<common::TensorView> view =
-        common::DecodeMatrix(req.tokens(), "tokens", d, limits);
+        common::DecodeMatrix(req->tokens(), "tokens", d, limits);
     if (!view.ok()) {
       if (view.status().code() == absl::StatusCode::kResourceExhausted) {
-        return absl::ResourceExhaustedError(absl::StrCat(
+        return done(absl::ResourceExhaustedError(absl::StrCat(
             view.status().message(), "; at most ", options.max_batch_tokens,
-            " tokens per request"));
+            " tokens per request")));
       }
-      return view.status();
+      return done(view.status());
     }
     const int64_t n = view->dim(0);
-    if (n == 0) return absl::InvalidArgumentError("tokens: the batch is empty (0 tokens)");
+    if (n == 0) return done(absl::InvalidArgumentError("tokens: the batch is empty (0 tokens)"));
     if (n > options.max_batch_tokens) {
-      return absl::ResourceExhaustedError(absl::StrCat("tokens: ", n, " tokens exceed the limit of ",
-                                                       options.max_batch_tokens,
-                                                       " per request; split the batch"));
+      return done(absl::ResourceExhaustedError(absl::StrCat(
+          "tokens: ", n, " tokens exceed the limit of ", options.max_batch_tokens,
+          " per request; split the batch")));
     }
     std::vector<float> x = common::ViewToFloat(*view);
     for (int64_t i = 0; i < n * d; ++i) {
       if (!std::isfinite(x[i])) {
-        return absl::InvalidArgumentError(absl::StrCat("tokens[", i / d, ", ", i % d, "] is ",
-                                                       std::isnan(x[i]) ? "NaN" : "infinite"));
+        return done(absl::InvalidArgumentError(absl::StrCat(
+            "tokens[", i / d, ", ", i % d, "] is ", std::isnan(x[i]) ? "NaN" : "infinite")));
       }
     }
     std::shared_ptr<const RoutingTable> t = Table();
-    if (t == nullptr) return absl::UnavailableError("the router is still loading its placement");
+    if (t == nullptr) {
+      return done(absl::UnavailableError("the router is still loading its placement"));
+    }
     auto start = std::chrono::steady_clock::now();
     GatingOptions gopt{config.top_k, config.normalize_topk, options.capacity_factor, {}};
     if (options.overflow == Overflow::kSpill && options.capacity_factor > 0) {
@@ -138,31 +179,35 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     GatingResult g = Route(gp, x.data(), n, gopt);
     metrics->Stage("gate", Seconds(start));
     start = std::chrono::steady_clock::now();
-    DispatchStats stats;
-    absl::StatusOr<std::vector<float>> y = dispatcher->Run(*t, x.data(), n, g, deadline, &stats);
-    metrics->Stage("dispatch", Seconds(start));
-    if (stats.failovers > 0) metrics->Failovers(stats.failovers);
-    if (!y.ok()) return y.status();
-    start = std::chrono::steady_clock::now();
-    load_stats->Record(g.expert_load);
-    metrics->Tokens(n, g.expert_load, g.dropped, g.spilled);
-    resp->set_request_id(req.request_id());
-    const common::WireType out_type = req.tokens().dtype() == v1::BFLOAT16
-                                          ? common::WireType::kBFloat16
-                                          : common::WireType::kFloat32;
-    common::EncodeTensor(*y, {n, d}, out_type, resp->mutable_output());
-    if (req.return_routing()) {
-      v1::Routing* r = resp->mutable_routing();
-      r->set_top_k(config.top_k);
-      r->mutable_expert_ids()->Add(g.expert_ids.begin(), g.expert_ids.end());
-      r->mutable_weights()->Add(g.weights.begin(), g.weights.end());
-    }
-    v1::RoutingStats* s = resp->mutable_stats();
-    s->set_dropped_assignments(g.dropped);
-    s->set_load_balance_loss(g.load_balance_loss);
-    s->set_router_z_loss(g.router_z_loss);
-    metrics->Stage("combine", Seconds(start));
-    return absl::OkStatus();
+    dispatcher->Start(
+        std::move(t), std::move(x), n, std::move(g), deadline,
+        [this, req, resp, n, start, done = std::move(done)](
+            absl::StatusOr<std::vector<float>> y, const GatingResult& g,
+            const DispatchStats& stats) {
+          metrics->Stage("dispatch", Seconds(start));
+          if (stats.failovers > 0) metrics->Failovers(stats.failovers);
+          if (!y.ok()) return done(y.status());
+          const auto combine = std::chrono::steady_clock::now();
+          load_stats->Record(g.expert_load);
+          metrics->Tokens(n, g.expert_load, g.dropped, g.spilled);
+          resp->set_request_id(req->request_id());
+          const common::WireType out_type = req->tokens().dtype() == v1::BFLOAT16
+                                                ? common::WireType::kBFloat16
+                                                : common::WireType::kFloat32;
+          common::EncodeTensor(*y, {n, config.d_model}, out_type, resp->mutable_output());
+          if (req->return_routing()) {
+            v1::Routing* r = resp->mutable_routing();
+            r->set_top_k(config.top_k);
+            r->mutable_expert_ids()->Add(g.expert_ids.begin(), g.expert_ids.end());
+            r->mutable_weights()->Add(g.weights.begin(), g.weights.end());
+          }
+          v1::RoutingStats* s = resp->mutable_stats();
+          s->set_dropped_assignments(g.dropped);
+          s->set_load_balance_loss(g.load_balance_loss);
+          s->set_router_z_loss(g.router_z_loss);
+          metrics->Stage("combine", Seconds(combine));
+          done(absl::OkStatus());
+        });
   }
 
   // Whether the call carries the bearer token (always, when none is configured); refusals are
@@ -463,8 +508,17 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   grpc::ServerUnaryReactor* Infer(grpc::CallbackServerContext* ctx, const v1::InferRequest* req,
                                   v1::InferResponse* resp) override {
-    const absl::Time deadline = DeadlineOf(ctx);
-    return Offload(ctx, "Infer", [this, req, resp, deadline] { return Forward(*req, resp, deadline); });
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    if (!Authorized(ctx)) {
+      reactor->Finish(Unauthenticated());
+      return reactor;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    Forward(req, resp, DeadlineOf(ctx), [this, reactor, start](absl::Status st) {
+      metrics->Request("Infer", CodeName(st.code()), Seconds(start));
+      reactor->Finish(common::ToGrpcStatus(st));
+    });
+    return reactor;
   }
 
   grpc::ServerBidiReactor<v1::InferRequest, v1::InferResponse>* InferStream(
@@ -671,12 +725,17 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (control.joinable()) control.join();
       server->Shutdown(absl::ToChronoTime(absl::Now() + grace));
       pool->Shutdown();
+      // Forwards of streams that were cancelled may still wait for their shards (never past
+      // their deadlines); they use this object until they are done.
+      std::unique_lock<std::mutex> lock(inflight_mu);
+      inflight_cv.wait(lock, [this] { return inflight == 0; });
     });
   }
 };
 
-// InferStream: requests are computed concurrently on the worker pool; responses go back in
-// request order. State shared with the workers lives in a core that outlives the reactor.
+// InferStream: requests are forwarded concurrently (up to kMaxInFlight per stream); responses go
+// back in request order. State shared with the forwards lives in a core that outlives the
+// reactor.
 struct InferStreamCore : common::StreamOutbox<v1::InferRequest, v1::InferResponse> {
   std::map<uint64_t, std::unique_ptr<v1::InferResponse>> done;  // finished, not yet written
   uint64_t next_to_write = 0;
@@ -737,25 +796,20 @@ class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest
     const auto start = std::chrono::steady_clock::now();
     RouterServer::Impl* impl = impl_;
     std::shared_ptr<InferStreamCore> core = core_;
-    auto work = [impl, core, req, seq, deadline, start] {
-      auto resp = std::make_unique<v1::InferResponse>();
-      absl::Status st = impl->Forward(*req, resp.get(), deadline);
-      impl->metrics->Request("InferStream", CodeName(st.code()), Seconds(start));
-      if (!st.ok()) {
-        resp = std::make_unique<v1::InferResponse>();
-        resp->set_request_id(req->request_id());
-        resp->set_code(static_cast<int>(st.code()));
-        resp->set_message(std::string(st.message()));
-      }
-      core->Complete(seq, std::move(resp));
-    };
-    if (!impl_->pool->Submit(work)) {
-      auto resp = std::make_unique<v1::InferResponse>();
-      resp->set_request_id(req->request_id());
-      resp->set_code(static_cast<int>(absl::StatusCode::kUnavailable));
-      resp->set_message("router is shutting down");
-      core_->Complete(seq, std::move(resp));
-    }
+    auto resp = std::make_shared<v1::InferResponse>();
+    impl->Forward(req.get(), resp.get(), deadline,
+                  [impl, core, req, resp, seq, start](absl::Status st) {
+                    impl->metrics->Request("InferStream", CodeName(st.code()), Seconds(start));
+                    auto out = std::make_unique<v1::InferResponse>();
+                    if (st.ok()) {
+                      out->Swap(resp.get());
+                    } else {
+                      out->set_request_id(req->request_id());
+                      out->set_code(static_cast<int>(st.code()));
+                      out->set_message(std::string(st.message()));
+                    }
+                    core->Complete(seq, std::move(out));
+                  });
   }
 
   void OnWriteDone(bool ok) override { core_->WriteDone(ok); }
@@ -823,7 +877,13 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   impl->registry = o.registry ? o.registry : std::make_shared<prometheus::Registry>();
   impl->metrics = std::make_unique<RouterMetrics>(*impl->registry, impl->config.num_experts, o.shards);
   impl->load_stats = std::make_unique<LoadStats>(impl->config.num_experts);
-  impl->dispatcher = std::make_unique<Dispatcher>(impl->config, DispatcherOptions{o.wire, 4});
+  DispatcherOptions dopt;
+  dopt.wire = o.wire;
+  Impl* pooled = impl.get();
+  dopt.offload = [pooled](std::function<void()> work) {
+    return pooled->pool->Submit(std::move(work));
+  };
+  impl->dispatcher = std::make_unique<Dispatcher>(impl->config, std::move(dopt));
   impl->strategy.store(o.strategy);
   for (const std::string& a : o.shards) impl->ClientFor(a);
   impl->pool = std::make_unique<common::ThreadPool>(std::max(1, o.worker_threads));
