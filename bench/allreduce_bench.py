@@ -26,14 +26,15 @@ def seconds(text):
     return max(vals) if vals else None
 
 
-def ours(world, elements, repeat):
+def ours(world, elements, repeat, persistent):
     tmp = tempfile.mkdtemp()
     peers = os.path.join(tmp, "peers")
     procs, addrs = [], []
     for r in range(world):
         p = subprocess.Popen([f"{bin_dir}/moe-ring-rank", "--rank", str(r), "--world", str(world),
                               "--peers-file", peers, "--length", str(elements), "--repeat",
-                              str(repeat), "--deadline-ms", "120000"],
+                              str(repeat), "--deadline-ms", "120000"]
+                             + (["--persistent"] if persistent else []),
                              stdout=subprocess.PIPE, text=True)
         line = p.stdout.readline()
         addrs.append(line.strip().split("listening on ")[1])
@@ -80,7 +81,9 @@ with open(out_path, "w") as out:
             elements = mib * (1 << 20) // 4
             nbytes = elements * 4
             res = {"ranks": world, "MiB": mib}
-            for name, fn in [("ours", lambda: ours(world, elements, REPEAT[mib])),
+            for name, fn in [("ours", lambda: ours(world, elements, REPEAT[mib], True)),
+                             ("ours_stream_per_op",
+                              lambda: ours(world, elements, REPEAT[mib], False)),
                              ("gloo", lambda: gloo(world, elements, REPEAT[mib])),
                              ("mpi_tcp", lambda: mpi(world, elements, REPEAT[mib], True)),
                              ("mpi_shm", lambda: mpi(world, elements, REPEAT[mib], False))]:
@@ -90,4 +93,5 @@ with open(out_path, "w") as out:
             rows.append(res)
             print(f"ranks {world} {mib:3d} MiB: " + "  ".join(
                 f"{k} {res[k]:.2f} GB/s" if res[k] else f"{k} -"
-                for k in ("ours", "gloo", "mpi_tcp", "mpi_shm")), file=sys.stderr, flush=True)
+                for k in ("ours", "ours_stream_per_op", "gloo", "mpi_tcp", "mpi_shm")),
+                file=sys.stderr, flush=True)

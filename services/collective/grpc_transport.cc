@@ -1,5 +1,10 @@
 #include "services/collective/grpc_transport.h"
 
+#include <google/protobuf/io/coded_stream.h>
+#include <google/protobuf/wire_format_lite.h>
+#include <grpcpp/support/proto_buffer_reader.h>
+#include <grpcpp/support/proto_buffer_writer.h>
+
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 
@@ -74,29 +79,140 @@ Chunk ChunkFromProto(v1::CollectiveChunk&& msg) {
   c.offset = msg.offset();
   c.count = msg.count();
   c.wire = msg.wire() == 1 ? WireFormat::kBFloat16 : WireFormat::kFloat32;
-  c.payload = std::move(*msg.mutable_payload());
+  c.payload = Payload::Take(std::move(*msg.mutable_payload()));
   return c;
 }
 
 namespace {
 
-class PushReactor final : public grpc::ServerReadReactor<v1::CollectiveChunk> {
+constexpr int kPayloadField = v1::CollectiveChunk::kPayloadFieldNumber;
+
+void AppendVarint(uint64_t v, std::string* out) {
+  while (v >= 0x80) {
+    out->push_back(static_cast<char>((v & 0x7f) | 0x80));
+    v >>= 7;
+  }
+  out->push_back(static_cast<char>(v));
+}
+
+}  // namespace
+
+grpc::ByteBuffer ChunkToWire(const std::string& group, int from_rank, Chunk chunk) {
+  v1::CollectiveChunk head;
+  head.set_group(group);
+  head.set_generation(chunk.generation);
+  head.set_from_rank(from_rank);
+  head.set_step(chunk.step);
+  head.set_piece(chunk.piece);
+  head.set_offset(chunk.offset);
+  head.set_count(chunk.count);
+  head.set_wire(chunk.wire == WireFormat::kBFloat16 ? 1 : 0);
+  std::string prefix = head.SerializeAsString();
+  // A length-delimited field appended to a serialized message is that field of the message.
+  const size_t size = chunk.payload.size();
+  AppendVarint((kPayloadField << 3) | 2, &prefix);
+  AppendVarint(size, &prefix);
+  std::vector<grpc::Slice> slices;
+  slices.emplace_back(prefix);
+  for (absl::string_view piece : chunk.payload.pieces) {
+    if (piece.empty()) continue;
+    // Each slice holds a reference to the payload's owner until gRPC has written it.
+    auto* keep = new std::shared_ptr<const void>(chunk.payload.owner);
+    slices.emplace_back(
+        const_cast<char*>(piece.data()), piece.size(),
+        [](void* k) { delete static_cast<std::shared_ptr<const void>*>(k); }, keep);
+  }
+  return grpc::ByteBuffer(slices.data(), slices.size());
+}
+
+absl::StatusOr<Chunk> ChunkFromWire(grpc::ByteBuffer wire, std::string* group) {
+  using google::protobuf::internal::WireFormatLite;
+  auto owned = std::make_shared<grpc::ByteBuffer>(std::move(wire));
+  grpc::ProtoBufferReader reader(owned.get());
+  google::protobuf::io::CodedInputStream in(&reader);
+  Chunk c;
+  auto bad = [](const char* what) {
+    return absl::InvalidArgumentError(absl::StrCat("collective chunk: malformed ", what));
+  };
+  uint64_t v = 0;
+  uint32_t tag;
+  while ((tag = in.ReadTag()) != 0) {
+    const int field = WireFormatLite::GetTagFieldNumber(tag);
+    const auto type = WireFormatLite::GetTagWireType(tag);
+    const bool varint = type == WireFormatLite::WIRETYPE_VARINT;
+    if (field == v1::CollectiveChunk::kGroupFieldNumber &&
+        type == WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
+      if (!WireFormatLite::ReadString(&in, group)) return bad("group");
+    } else if (field == kPayloadField && type == WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
+      uint32_t len = 0;
+      if (!in.ReadVarint32(&len)) return bad("payload length");
+      c.payload.pieces.clear();  // a repeated field: the last one wins, as in protobuf
+      while (len > 0) {
+        const void* data = nullptr;
+        int size = 0;
+        if (!in.GetDirectBufferPointer(&data, &size) || size <= 0) return bad("payload");
+        const uint32_t take = std::min<uint32_t>(len, static_cast<uint32_t>(size));
+        c.payload.pieces.emplace_back(static_cast<const char*>(data), take);
+        if (!in.Skip(static_cast<int>(take))) return bad("payload");
+        len -= take;
+      }
+    } else if (varint && (field == v1::CollectiveChunk::kGenerationFieldNumber ||
+                          field == v1::CollectiveChunk::kFromRankFieldNumber ||
+                          field == v1::CollectiveChunk::kStepFieldNumber ||
+                          field == v1::CollectiveChunk::kPieceFieldNumber ||
+                          field == v1::CollectiveChunk::kOffsetFieldNumber ||
+                          field == v1::CollectiveChunk::kCountFieldNumber ||
+                          field == v1::CollectiveChunk::kWireFieldNumber)) {
+      if (!in.ReadVarint64(&v)) return bad("field");
+      switch (field) {
+        case v1::CollectiveChunk::kGenerationFieldNumber: c.generation = v; break;
+        case v1::CollectiveChunk::kStepFieldNumber: c.step = static_cast<int32_t>(v); break;
+        case v1::CollectiveChunk::kPieceFieldNumber: c.piece = static_cast<int32_t>(v); break;
+        case v1::CollectiveChunk::kOffsetFieldNumber: c.offset = static_cast<int64_t>(v); break;
+        case v1::CollectiveChunk::kCountFieldNumber: c.count = static_cast<int64_t>(v); break;
+        case v1::CollectiveChunk::kWireFieldNumber:
+          c.wire = static_cast<int32_t>(v) == 1 ? WireFormat::kBFloat16 : WireFormat::kFloat32;
+          break;
+        default: break;  // from_rank: informational
+      }
+    } else if (!WireFormatLite::SkipField(&in, tag)) {
+      return bad("field");
+    }
+  }
+  if (!in.ConsumedEntireMessage()) return bad("message");
+  c.payload.owner = std::move(owned);
+  return c;
+}
+
+namespace {
+
+class PushReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
  public:
-  PushReactor(CollectiveHub* hub, v1::CollectiveAck* ack) : hub_(hub), ack_(ack) {
+  PushReactor(CollectiveHub* hub, grpc::ByteBuffer* ack) : hub_(hub), ack_(ack) {
     StartRead(&msg_);
   }
   void OnReadDone(bool ok) override {
     if (!ok) {
-      ack_->set_chunks(count_);
+      v1::CollectiveAck ack;
+      ack.set_chunks(count_);
+      bool own = false;
+      grpc::GenericSerialize<grpc::ProtoBufferWriter, v1::CollectiveAck>(ack, ack_, &own);
       Finish(grpc::Status::OK);
+      return;
+    }
+    std::string group;
+    absl::StatusOr<Chunk> c = ChunkFromWire(std::move(msg_), &group);
+    msg_.Clear();
+    if (!c.ok()) {
+      Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::string(c.status().message())));
       return;
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
-      group_ = msg_.group();
-      generation_ = msg_.generation();
+      group_ = group;
+      generation_ = c->generation;
     }
-    hub_->Deliver(group_, ChunkFromProto(std::move(msg_)));
+    hub_->Deliver(group, *std::move(c));
     ++count_;
     StartRead(&msg_);
   }
@@ -109,8 +225,8 @@ class PushReactor final : public grpc::ServerReadReactor<v1::CollectiveChunk> {
 
  private:
   CollectiveHub* hub_;
-  v1::CollectiveAck* ack_;
-  v1::CollectiveChunk msg_;
+  grpc::ByteBuffer* ack_;
+  grpc::ByteBuffer msg_;
   std::mutex mu_;
   std::string group_;
   uint64_t generation_ = 0;
@@ -119,14 +235,14 @@ class PushReactor final : public grpc::ServerReadReactor<v1::CollectiveChunk> {
 
 }  // namespace
 
-grpc::ServerReadReactor<v1::CollectiveChunk>* CollectiveService::Push(
-    grpc::CallbackServerContext*, v1::CollectiveAck* ack) {
+grpc::ServerReadReactor<grpc::ByteBuffer>* CollectiveService::Push(
+    grpc::CallbackServerContext*, grpc::ByteBuffer* ack) {
   return new PushReactor(hub_, ack);
 }
 
 GrpcPeerTransport::GrpcPeerTransport(CollectiveHub* hub, std::string group, int rank,
                                      std::shared_ptr<grpc::Channel> next, absl::Time deadline)
-    : hub_(hub), group_(std::move(group)), rank_(rank), stub_(v1::Collective::NewStub(next)) {
+    : hub_(hub), group_(std::move(group)), rank_(rank), channel_(std::move(next)) {
   ctx_.set_deadline(absl::ToChronoTime(deadline));
   // A next rank that is not reachable yet (starting, or a transient connect failure) is retried
   // until the deadline; a stream that breaks once open still fails at once.
@@ -144,11 +260,14 @@ GrpcPeerTransport::~GrpcPeerTransport() {
 }
 
 void GrpcPeerTransport::WriterLoop() {
-  v1::CollectiveAck ack;
-  std::unique_ptr<grpc::ClientWriter<v1::CollectiveChunk>> writer = stub_->Push(&ctx_, &ack);
-  v1::CollectiveChunk msg;
-  msg.set_group(group_);
-  msg.set_from_rank(rank_);
+  // Push with raw messages (ChunkToWire): the payload goes out from the chunk's own memory.
+  static const char* const kMethod = "/moe.v1.Collective/Push";
+  const grpc::internal::RpcMethod method(kMethod, grpc::internal::RpcMethod::CLIENT_STREAMING,
+                                         channel_);
+  grpc::ByteBuffer ack;
+  std::unique_ptr<grpc::ClientWriter<grpc::ByteBuffer>> writer(
+      grpc::internal::ClientWriterFactory<grpc::ByteBuffer>::Create(channel_.get(), method, &ctx_,
+                                                                    &ack));
   std::unique_lock<std::mutex> lock(mu_);
   while (true) {
     cv_.wait(lock, [this] { return closing_ || !queue_.empty(); });
@@ -156,14 +275,7 @@ void GrpcPeerTransport::WriterLoop() {
     Chunk c = std::move(queue_.front());
     queue_.pop_front();
     lock.unlock();
-    msg.set_generation(c.generation);
-    msg.set_step(c.step);
-    msg.set_piece(c.piece);
-    msg.set_offset(c.offset);
-    msg.set_count(c.count);
-    msg.set_wire(c.wire == WireFormat::kBFloat16 ? 1 : 0);
-    *msg.mutable_payload() = std::move(c.payload);
-    const bool ok = writer->Write(msg);
+    const bool ok = writer->Write(ChunkToWire(group_, rank_, std::move(c)));
     lock.lock();
     if (!ok) {
       broken_ = true;

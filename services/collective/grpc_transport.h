@@ -24,6 +24,13 @@ namespace moe::collective {
 // A received message as the ring's chunk (the payload is moved, not copied).
 Chunk ChunkFromProto(v1::CollectiveChunk&& msg);
 
+// The wire form of a CollectiveChunk without protobuf's copies: the small fields serialized,
+// then the payload field whose bytes are the chunk's own pieces (referenced, not copied).
+grpc::ByteBuffer ChunkToWire(const std::string& group, int from_rank, Chunk chunk);
+// A received CollectiveChunk as the ring's chunk, its payload pointing into the message's slices
+// (kept alive with it). `group` gets the ring's name. INVALID_ARGUMENT when it does not parse.
+absl::StatusOr<Chunk> ChunkFromWire(grpc::ByteBuffer wire, std::string* group);
+
 class CollectiveHub {
  public:
   void Deliver(const std::string& group, Chunk chunk);
@@ -45,12 +52,14 @@ class CollectiveHub {
   int64_t refused_ = 0;
 };
 
-// The service that feeds a hub.
-class CollectiveService final : public v1::Collective::CallbackService {
+// The service that feeds a hub. Push is served raw (ByteBuffer in, parsed by ChunkFromWire) so
+// a chunk's payload reaches the ring without being copied out of the received slices.
+class CollectiveService final
+    : public v1::Collective::WithRawCallbackMethod_Push<v1::Collective::Service> {
  public:
   explicit CollectiveService(CollectiveHub* hub) : hub_(hub) {}
-  grpc::ServerReadReactor<v1::CollectiveChunk>* Push(grpc::CallbackServerContext* ctx,
-                                                     v1::CollectiveAck* ack) override;
+  grpc::ServerReadReactor<grpc::ByteBuffer>* Push(grpc::CallbackServerContext* ctx,
+                                                  grpc::ByteBuffer* ack) override;
 
  private:
   CollectiveHub* hub_;
@@ -72,7 +81,7 @@ class GrpcPeerTransport final : public PeerTransport {
   CollectiveHub* hub_;
   const std::string group_;
   const int rank_;
-  std::unique_ptr<v1::Collective::Stub> stub_;
+  std::shared_ptr<grpc::Channel> channel_;
   grpc::ClientContext ctx_;
   std::mutex mu_;
   std::condition_variable cv_;

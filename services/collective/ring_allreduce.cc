@@ -13,38 +13,80 @@ int Mod(int a, int n) { return ((a % n) + n) % n; }
 
 size_t WireBytes(WireFormat w) { return w == WireFormat::kBFloat16 ? 2 : 4; }
 
-void Encode(const float* src, int64_t n, WireFormat wire, std::string* out) {
-  out->resize(static_cast<size_t>(n) * WireBytes(wire));
+void Encode(const float* src, int64_t n, WireFormat wire, Payload* out) {
+  char* dst = out->Allocate(static_cast<size_t>(n) * WireBytes(wire));
   if (wire == WireFormat::kFloat32) {
-    if (n > 0) std::memcpy(out->data(), src, sizeof(float) * n);
+    if (n > 0) std::memcpy(dst, src, sizeof(float) * n);
     return;
   }
-  auto* dst = reinterpret_cast<unsigned char*>(out->data());
   for (int64_t i = 0; i < n; ++i) {
     const uint16_t h = common::FloatToBf16(src[i]);
     std::memcpy(dst + 2 * i, &h, 2);
   }
 }
 
-// dst[i] (+)= decoded payload[i], a block at a time so the loops vectorise.
-void Apply(const std::string& payload, WireFormat wire, bool add, float* dst, int64_t n) {
-  const auto* p = reinterpret_cast<const unsigned char*>(payload.data());
+// dst[i] (+)= the m elements at p. FP32 adds straight from the bytes (unaligned loads; the loop
+// vectorises); BF16 decodes a block at a time first.
+void ApplyRun(const unsigned char* p, int64_t m, WireFormat wire, bool add, float* dst) {
+  if (wire == WireFormat::kFloat32) {
+    if (!add) {
+      if (m > 0) std::memcpy(dst, p, sizeof(float) * m);
+      return;
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      float v;
+      std::memcpy(&v, p + 4 * i, sizeof(float));
+      dst[i] += v;
+    }
+    return;
+  }
   constexpr int64_t kBlock = 1024;
   float buf[kBlock];
-  for (int64_t at = 0; at < n; at += kBlock) {
-    const int64_t m = std::min(kBlock, n - at);
-    if (wire == WireFormat::kFloat32) {
-      std::memcpy(buf, p + 4 * at, sizeof(float) * m);
-    } else {
-      uint16_t half[kBlock];
-      std::memcpy(half, p + 2 * at, 2 * m);
-      for (int64_t i = 0; i < m; ++i) buf[i] = common::Bf16ToFloat(half[i]);
+  for (int64_t at = 0; at < m; at += kBlock) {
+    const int64_t b = std::min(kBlock, m - at);
+    for (int64_t i = 0; i < b; ++i) {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * (at + i), 2);
+      buf[i] = common::Bf16ToFloat(h);
     }
     float* d = dst + at;
     if (add) {
-      for (int64_t i = 0; i < m; ++i) d[i] += buf[i];
+      for (int64_t i = 0; i < b; ++i) d[i] += buf[i];
     } else {
-      std::memcpy(d, buf, sizeof(float) * m);
+      std::memcpy(d, buf, sizeof(float) * b);
+    }
+  }
+}
+
+// dst[i] (+)= decoded payload[i] for the n elements of a payload of n * wire size bytes, read
+// piece by piece where it lies (an element may straddle two pieces).
+void Apply(const Payload& payload, WireFormat wire, bool add, float* dst, int64_t n) {
+  const size_t esz = WireBytes(wire);
+  int64_t at = 0;
+  unsigned char carry[4];
+  size_t have = 0;
+  for (absl::string_view piece : payload.pieces) {
+    const auto* p = reinterpret_cast<const unsigned char*>(piece.data());
+    size_t len = piece.size();
+    if (have > 0) {
+      const size_t take = std::min(esz - have, len);
+      std::memcpy(carry + have, p, take);
+      have += take;
+      p += take;
+      len -= take;
+      if (have < esz) continue;
+      ApplyRun(carry, 1, wire, add, dst + at);
+      ++at;
+      have = 0;
+    }
+    const int64_t whole = std::min<int64_t>(static_cast<int64_t>(len / esz), n - at);
+    ApplyRun(p, whole, wire, add, dst + at);
+    at += whole;
+    p += whole * esz;
+    len -= whole * esz;
+    if (len > 0) {
+      std::memcpy(carry, p, len);
+      have = len;
     }
   }
 }
@@ -71,52 +113,71 @@ absl::Status RingAllReduce(absl::Span<float> data, int rank, int world, uint64_t
     return (e - b + piece_elems - 1) / piece_elems;
   };
   const int steps = 2 * (world - 1);
-  for (int step = 0; step < steps; ++step) {
+  auto send_seg_of = [&](int step) {
     const bool gather = step >= world - 1;
     const int s = gather ? step - (world - 1) : step;
-    const int send_seg = gather ? Mod(rank + 1 - s, world) : Mod(rank - s, world);
-    const int recv_seg = gather ? Mod(rank - s, world) : Mod(rank - s - 1, world);
+    return gather ? Mod(rank + 1 - s, world) : Mod(rank - s, world);
+  };
+  auto recv_seg_of = [&](int step) {
+    const bool gather = step >= world - 1;
+    const int s = gather ? step - (world - 1) : step;
+    return gather ? Mod(rank - s, world) : Mod(rank - s - 1, world);
+  };
+  // Sends piece k of `step`'s segment. At the first all-gather step this rank's segment is final:
+  // it is finished (averaged, rounded to the wire) piece by piece just before it leaves.
+  auto send_piece = [&](int step, int64_t k) -> absl::Status {
+    const auto [sb, se] = Segment(length, world, send_seg_of(step));
+    Chunk c;
+    c.generation = generation;
+    c.step = step;
+    c.piece = static_cast<int32_t>(k);
+    c.offset = sb + k * piece_elems;
+    c.count = std::min(piece_elems, se - c.offset);
+    c.wire = options.wire;
     if (step == world - 1) {
-      // This rank owns segment (rank + 1) mod N: finish it before anyone copies it.
-      const auto [b, e] = Segment(length, world, send_seg);
+      float* p = data.data() + c.offset;
       if (options.op == ReduceOp::kAvg) {
-        for (int64_t i = b; i < e; ++i) data[i] /= static_cast<float>(world);
+        for (int64_t i = 0; i < c.count; ++i) p[i] /= static_cast<float>(world);
       }
       if (options.wire == WireFormat::kBFloat16) {
-        for (int64_t i = b; i < e; ++i) data[i] = common::Bf16ToFloat(common::FloatToBf16(data[i]));
+        for (int64_t i = 0; i < c.count; ++i) p[i] = common::Bf16ToFloat(common::FloatToBf16(p[i]));
       }
     }
-    const auto [sb, se] = Segment(length, world, send_seg);
+    Encode(data.data() + c.offset, c.count, options.wire, &c.payload);
+    return transport->Send(std::move(c));
+  };
+  // Pipelined: the first step's pieces all leave at once (the data is ready); from then on piece
+  // k of step s + 1 covers exactly what piece k of step s received, so it leaves as soon as that
+  // piece has arrived and been reduced, while the rest of step s is still on the wire. Each link
+  // still carries the pieces in (step, piece) order.
+  if (steps > 0) {
+    for (int64_t k = 0; k < pieces_of(send_seg_of(0)); ++k) {
+      absl::Status st = send_piece(0, k);
+      if (!st.ok()) return st;
+    }
+  }
+  for (int step = 0; step < steps; ++step) {
+    const bool gather = step >= world - 1;
+    const int recv_seg = recv_seg_of(step);
     const auto [rb, re] = Segment(length, world, recv_seg);
-    const int64_t send_pieces = pieces_of(send_seg), recv_pieces = pieces_of(recv_seg);
-    // Piece k of this step goes out, then piece k comes in; sends never wait for the receiver.
-    for (int64_t k = 0; k < std::max(send_pieces, recv_pieces); ++k) {
-      if (k < send_pieces) {
-        Chunk c;
-        c.generation = generation;
-        c.step = step;
-        c.piece = static_cast<int32_t>(k);
-        c.offset = sb + k * piece_elems;
-        c.count = std::min(piece_elems, se - c.offset);
-        c.wire = options.wire;
-        Encode(data.data() + c.offset, c.count, options.wire, &c.payload);
-        absl::Status st = transport->Send(std::move(c));
-        if (!st.ok()) return st;
+    const int64_t recv_pieces = pieces_of(recv_seg);
+    for (int64_t k = 0; k < recv_pieces; ++k) {
+      absl::StatusOr<Chunk> c = transport->Recv(generation, deadline);
+      if (!c.ok()) return c.status();
+      const int64_t offset = rb + k * piece_elems;
+      const int64_t count = std::min(piece_elems, re - offset);
+      if (c->step != step || c->piece != k || c->offset != offset || c->count != count ||
+          c->wire != options.wire ||
+          c->payload.size() != static_cast<size_t>(count) * WireBytes(options.wire)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "rank ", rank, ": unexpected chunk (step ", c->step, " piece ", c->piece, " offset ",
+            c->offset, " count ", c->count, "), expected step ", step, " piece ", k,
+            " offset ", offset, " count ", count, ": ranks disagree on the buffer"));
       }
-      if (k < recv_pieces) {
-        absl::StatusOr<Chunk> c = transport->Recv(generation, deadline);
-        if (!c.ok()) return c.status();
-        const int64_t offset = rb + k * piece_elems;
-        const int64_t count = std::min(piece_elems, re - offset);
-        if (c->step != step || c->piece != k || c->offset != offset || c->count != count ||
-            c->wire != options.wire ||
-            c->payload.size() != static_cast<size_t>(count) * WireBytes(options.wire)) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "rank ", rank, ": unexpected chunk (step ", c->step, " piece ", c->piece, " offset ",
-              c->offset, " count ", c->count, "), expected step ", step, " piece ", k,
-              " offset ", offset, " count ", count, ": ranks disagree on the buffer"));
-        }
-        Apply(c->payload, options.wire, !gather, data.data() + offset, count);
+      Apply(c->payload, options.wire, !gather, data.data() + offset, count);
+      if (step + 1 < steps) {
+        absl::Status st = send_piece(step + 1, k);
+        if (!st.ok()) return st;
       }
     }
   }

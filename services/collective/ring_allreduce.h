@@ -10,8 +10,9 @@
 // s = 0 .. N-2, rank r sends segment (r + 1 - s) mod N, now final, and overwrites segment
 // (r - s) mod N with what it receives; after N - 1 more steps every rank holds every sum. Each
 // rank sends and receives 2 (N - 1) / N of the buffer. Segments travel in pieces of at most
-// 1 MiB of wire bytes, and a piece is forwarded as soon as it has arrived and been reduced, so
-// consecutive steps overlap (pipelining). With a BF16 wire the owner rounds its final segment to
+// 1 MiB of wire bytes. The first step's pieces leave at once, and every later piece as soon as
+// the piece it covers has arrived and been reduced, so consecutive steps overlap (pipelining)
+// and no rank waits for a whole segment. With a BF16 wire the owner rounds its final segment to
 // BF16 before the all-gather, so every rank ends with the same bits.
 
 #include <cstdint>

@@ -128,7 +128,7 @@ TEST(Ring, OlderGenerationMessagesAreRefused) {
   Chunk stale;
   stale.generation = 4;
   stale.count = 1;
-  stale.payload.assign(4, '\0');
+  stale.payload = Payload::Copy(std::string(4, '\0'));
   ring.Inject(0, stale);
   std::vector<absl::Status> st;
   auto out = RunRing(world, 100, AllReduceOptions{}, IntegerInit, &st, &ring, /*generation=*/5);

@@ -5,14 +5,33 @@
 // to the next rank and receives them from the previous one. No gRPC here.
 
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 
 namespace moe::collective {
 
 enum class WireFormat : int32_t { kFloat32 = 0, kBFloat16 = 1 };
+
+// A chunk's bytes as contiguous pieces, in order, kept alive by `owner`: the sender's own
+// buffer, or the slices of a received message, so nothing is copied between the ring and the
+// wire on either side.
+struct Payload {
+  std::vector<absl::string_view> pieces;
+  std::shared_ptr<const void> owner;
+
+  size_t size() const;
+  // Fresh memory of `n` bytes (not zeroed) as the only piece, to be filled through the result.
+  char* Allocate(size_t n);
+  // A copy of `bytes` as the only piece.
+  static Payload Copy(absl::string_view bytes);
+  // `bytes` itself, moved, as the only piece.
+  static Payload Take(std::string bytes);
+};
 
 // One piece of one ring step. `payload` holds `count` elements in `wire` format.
 struct Chunk {
@@ -22,7 +41,7 @@ struct Chunk {
   int64_t offset = 0;       // first element of the buffer it covers
   int64_t count = 0;        // elements
   WireFormat wire = WireFormat::kFloat32;
-  std::string payload;
+  Payload payload;
 };
 
 class PeerTransport {
