@@ -74,6 +74,9 @@ class GrpcPeerTransport final : public PeerTransport {
 
   absl::Status Send(Chunk chunk) override;
   absl::StatusOr<Chunk> Recv(uint64_t generation, absl::Time deadline) override;
+  // gRPC copies a message's bytes into the socket before the next rank can have them, and drops
+  // its slices (and so the payload's owner) once written.
+  bool CanBorrow() const override { return true; }
 
  private:
   void WriterLoop();

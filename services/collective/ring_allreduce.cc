@@ -4,7 +4,9 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "services/common/bf16.h"
+#include "services/common/notification.h"
 
 namespace moe::collective {
 namespace {
@@ -113,6 +115,24 @@ absl::Status RingAllReduce(absl::Span<float> data, int rank, int world, uint64_t
     return (e - b + piece_elems - 1) / piece_elems;
   };
   const int steps = 2 * (world - 1);
+  // Borrowed sends: pieces point into `data`. That is safe while the collective runs: a region is
+  // changed again (reduced into, finished, or overwritten by the all-gather) only before it is
+  // sent, or after what was sent from it has travelled around the ring to come back, i.e. after
+  // the next rank has received it. The last pieces are waited for before returning.
+  const bool borrow = options.keepalive != nullptr && options.wire == WireFormat::kFloat32 &&
+                      transport->CanBorrow();
+  struct Loan {
+    Loan(std::shared_ptr<const void> k, std::shared_ptr<common::Notification> r)
+        : keepalive(std::move(k)), returned(std::move(r)) {}
+    Loan(const Loan&) = delete;
+    Loan& operator=(const Loan&) = delete;
+    ~Loan() { returned->Notify(); }  // the last piece that left from `data` is gone
+    std::shared_ptr<const void> keepalive;
+    std::shared_ptr<common::Notification> returned;
+  };
+  auto returned = std::make_shared<common::Notification>();
+  std::shared_ptr<const Loan> loan;
+  if (borrow) loan = std::make_shared<const Loan>(options.keepalive, returned);
   auto send_seg_of = [&](int step) {
     const bool gather = step >= world - 1;
     const int s = gather ? step - (world - 1) : step;
@@ -143,7 +163,13 @@ absl::Status RingAllReduce(absl::Span<float> data, int rank, int world, uint64_t
         for (int64_t i = 0; i < c.count; ++i) p[i] = common::Bf16ToFloat(common::FloatToBf16(p[i]));
       }
     }
-    Encode(data.data() + c.offset, c.count, options.wire, &c.payload);
+    if (borrow) {
+      c.payload.pieces.assign(1, absl::string_view(reinterpret_cast<const char*>(data.data() + c.offset),
+                                                    sizeof(float) * static_cast<size_t>(c.count)));
+      c.payload.owner = loan;
+    } else {
+      Encode(data.data() + c.offset, c.count, options.wire, &c.payload);
+    }
     return transport->Send(std::move(c));
   };
   // Pipelined: the first step's pieces all leave at once (the data is ready); from then on piece
@@ -181,6 +207,14 @@ absl::Status RingAllReduce(absl::Span<float> data, int rank, int world, uint64_t
       }
     }
   }
+  if (loan != nullptr) {
+    // Every piece that left from `data` must be off it before the caller may change it.
+    loan.reset();
+    if (!returned->WaitForNotificationWithTimeout(deadline - absl::Now())) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          "rank ", rank, ": the last pieces had not left for the next rank by the deadline"));
+    }
+  }
   if (world == 1 && options.wire == WireFormat::kBFloat16) {
     // A ring of one still rounds like the others would.
     for (float& v : data) v = common::Bf16ToFloat(common::FloatToBf16(v));
@@ -193,14 +227,18 @@ absl::Status RingAllReduceFused(const std::vector<absl::Span<float>>& tensors, i
                                 PeerTransport* transport, const AllReduceOptions& options) {
   size_t total = 0;
   for (const auto& t : tensors) total += t.size();
-  std::vector<float> fused(total);
+  // Shared: a transport that borrows the buffer may hold on to it past a failed collective.
+  auto owned = std::make_shared<std::vector<float>>(total);
+  std::vector<float>& fused = *owned;
   size_t at = 0;
   for (const auto& t : tensors) {
     if (!t.empty()) std::memcpy(fused.data() + at, t.data(), sizeof(float) * t.size());
     at += t.size();
   }
+  AllReduceOptions o = options;
+  o.keepalive = owned;
   absl::Status st = RingAllReduce(absl::MakeSpan(fused), rank, world, generation, deadline,
-                                  transport, options);
+                                  transport, o);
   if (!st.ok()) return st;
   at = 0;
   for (const auto& t : tensors) {

@@ -16,6 +16,7 @@
 // BF16 before the all-gather, so every rank ends with the same bits.
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -31,6 +32,11 @@ struct AllReduceOptions {
   ReduceOp op = ReduceOp::kSum;
   WireFormat wire = WireFormat::kFloat32;
   int64_t max_piece_bytes = 1 << 20;
+  // When set, it owns the buffer being reduced, and FP32 pieces leave straight from it (no copy)
+  // where the transport can borrow; it then keeps the buffer alive for as long as the transport
+  // holds a piece, also past a failed collective. A successful collective returns only once the
+  // transport has let go of every piece, so the buffer may be changed right after.
+  std::shared_ptr<const void> keepalive;
 };
 
 // Reduces `data` in place across `world` ranks; this process is `rank`. Every rank must call it

@@ -76,7 +76,10 @@ absl::Status Run(int argc, char** argv) {
   if (static_cast<int64_t>(peers.size()) < world) return absl::DeadlineExceededError("no peers file");
   auto next = grpc::CreateCustomChannel(peers[(rank + 1) % world], moe::common::ChannelCredentials(),
                                         moe::common::ClientChannelArgs());
-  std::vector<float> data(static_cast<size_t>(length));
+  // Owned by a shared pointer so the transport may send straight from it (AllReduceOptions).
+  auto owned = std::make_shared<std::vector<float>>(static_cast<size_t>(length));
+  std::vector<float>& data = *owned;
+  opts.keepalive = owned;
   absl::Status st;
   double total = 0;
   double ms = 0;  // the last collective, from setting its deadline to its transport's teardown

@@ -54,6 +54,11 @@ class PeerTransport {
   // refused (dropped). ABORTED when the link from the previous rank is broken, DEADLINE_EXCEEDED
   // at `deadline`.
   virtual absl::StatusOr<Chunk> Recv(uint64_t generation, absl::Time deadline) = 0;
+  // Whether Send may be given payloads that borrow the caller's memory: the transport only ever
+  // reads it before the chunk has reached the next rank, and keeps `owner` (which keeps the
+  // memory alive) until it no longer reads it. A transport that hands the bytes themselves to
+  // the receiver (in memory) must not.
+  virtual bool CanBorrow() const { return false; }
 };
 
 }  // namespace moe::collective

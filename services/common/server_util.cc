@@ -41,6 +41,9 @@ grpc::ChannelArguments ClientChannelArgs(const RpcLimits& limits) {
   // Each client gets its own connection rather than sharing a subchannel with other channels.
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 8 << 20);
+  // No transparent retries: the callers fail over themselves, and the retry layer would hold on
+  // to every message of a stream's first 256 KiB (the ring's borrowed buffers among them).
+  args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
   return args;
 }
 
