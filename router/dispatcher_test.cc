@@ -192,6 +192,7 @@ TEST(Dispatcher, NeverWaitsPastTheDeadline) {
   EXPECT_LT(absl::Now() - start, absl::Milliseconds(300));
   // A late answer after the deadline is harmless.
   for (auto& done : setup.fakes[0]->parked) done(absl::UnavailableError("late"));
+  setup.fakes[0]->parked.clear();  // they hold the batch, which holds the table and the fakes
 }
 
 TEST(Dispatcher, NonRetryableShardErrorsAreReturned) {
@@ -236,6 +237,7 @@ TEST(Dispatcher, StartReturnsBeforeTheAnswersAndCombinesOnTheAnsweringThread) {
   });
   const std::thread::id shard_id = shard_thread.get_id();
   shard_thread.join();
+  for (auto& f : setup.fakes) f->parked.clear();
   ASSERT_TRUE(answered.HasBeenNotified());
   EXPECT_EQ(done_on, shard_id);
   ASSERT_TRUE(y.ok()) << y.status();
@@ -291,6 +293,7 @@ TEST(Dispatcher, DeadlineFiresWhileAnswersAreOutstandingAndLateOnesAreIgnored) {
   EXPECT_LT(took, absl::Milliseconds(400));
   ASSERT_FALSE(setup.fakes[1]->parked.empty());
   for (auto& done : setup.fakes[1]->parked) done(absl::UnavailableError("late"));
+  setup.fakes[1]->parked.clear();  // they hold the batch, which holds the table and the fakes
   EXPECT_EQ(calls, 1);
 }
 
