@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
 #include "services/common/security.h"
 #include "services/common/server_util.h"
 #include "services/common/status_macros.h"
@@ -118,11 +119,26 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
 absl::Status LocalCluster::RestartShard(int i) {
   const std::string& addr = shard_addresses_[i];
   const int port = std::atoi(addr.c_str() + addr.rfind(':') + 1);
-  ASSIGN_OR_RETURN(common::Subprocess p, SpawnShard(i, port));
-  ASSIGN_OR_RETURN(int got, p.ReadListeningPort(absl::Seconds(60)));
-  if (got != port) return absl::InternalError("restarted shard took another port");
-  shards_[i] = std::move(p);
-  return absl::OkStatus();
+  // The port came from the ephemeral range, and while nothing listens on it, the connections
+  // that keep trying to reach it can briefly take it as their own local port (a loopback
+  // connect may even pick it and connect to itself). Such a connection fails and goes within
+  // moments, so a shard that cannot bind yet is started again, for up to 10 s.
+  const absl::Time until = absl::Now() + absl::Seconds(10);
+  absl::Status last;
+  do {
+    ASSIGN_OR_RETURN(common::Subprocess p, SpawnShard(i, port));
+    absl::StatusOr<int> got = p.ReadListeningPort(absl::Seconds(60));
+    if (got.ok() && *got == port) {
+      shards_[i] = std::move(p);
+      return absl::OkStatus();
+    }
+    last = got.ok() ? absl::InternalError("restarted shard took another port") : got.status();
+    p.Signal(SIGKILL);
+    p.Wait(absl::Seconds(5)).IgnoreError();
+    absl::SleepFor(absl::Milliseconds(200));
+  } while (absl::Now() < until);
+  return absl::UnavailableError(absl::StrCat("shard ", i, " could not listen on port ", port,
+                                             " again: ", last.message()));
 }
 
 void LocalCluster::Stop(absl::Duration grace) {
