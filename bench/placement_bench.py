@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Hybrid against dynamic placement under Zipf-skewed load: 4 shards pinned to the cores (equal
 CPU shares, like separate machines), moe-client load with expert popularity Zipf(1.2); a warm-up
-lets dynamic placement see the load and rebalance, then tokens/s and p99 are measured. Prints a
-line per placement and writes JSON lines to the file given as the first argument.
+lets dynamic placement see the load and rebalance, then tokens/s and p99 are measured. Two
+popularity orders: by expert id (expert 0 the most popular: the hot experts are exactly the ones
+hybrid replicates everywhere, hybrid's best case) and a seeded shuffle (which experts are hot is
+not known in advance, what dynamic placement is for). Prints a line per run and writes JSON
+lines to the file given as the first argument.
 
 usage: placement_bench.py OUT.jsonl BIN_DIR [SECONDS]
 """
@@ -25,36 +28,42 @@ subprocess.run([f"{bin_dir}/moe-client", "init-checkpoint", "--out", ck, "--expe
                 "--gated", "--seed", "1"], check=True, stdout=subprocess.DEVNULL)
 
 
-def load(router, duration):
+def load(router, duration, hot_order):
     r = subprocess.run([f"{bin_dir}/moe-client", "load", "--router", router, "--checkpoint", ck,
-                        "--zipf", "1.2", "--concurrency", "4", "--batch-size", "64",
-                        "--duration", str(duration)], capture_output=True, text=True, check=True)
+                        "--zipf", "1.2", "--hot-order", str(hot_order), "--concurrency", "4",
+                        "--batch-size", "64", "--duration", str(duration)],
+                       capture_output=True, text=True, check=True)
     tps = float(re.search(r"tokens/s\s+([0-9.]+)", r.stdout).group(1))
     p99 = float(re.search(r"p99 latency \(ms\)\s+([0-9.]+)", r.stdout).group(1))
     errors = int(re.search(r"errors\s+([0-9]+)", r.stdout).group(1))
     return tps, p99, errors
 
 
+ORDERS = [("by_id", 0), ("shuffled", 7)]
 results = {}
 with open(out_path, "w") as out:
-    for placement in ("hybrid", "dynamic"):
-        cluster, router = local_cluster.start(
-            bin_dir, ck, "--shards", "4", "--placement", placement, "--pin-shards",
-            "--router-args", "--rebalance-cooldown-s 1 --imbalance-threshold 0.2",
-            stderr=subprocess.DEVNULL)
-        try:
-            load(router, max(3.0, seconds / 2))  # warm-up: dynamic sees the skew and rebalances
-            tps, p99, errors = load(router, seconds)
-            placement_out = subprocess.run([f"{bin_dir}/moe-client", "placement", "--router",
-                                            router], capture_output=True, text=True).stdout
-            version = int(re.search(r"version (\d+)", placement_out).group(1))
-        finally:
-            cluster.terminate()
-            cluster.wait(timeout=30)
-        results[placement] = tps
-        row = {"placement": placement, "tokens_per_s": tps, "p99_ms": p99, "errors": errors,
-               "placement_version": version}
-        out.write(json.dumps(row) + "\n")
-        print(f"{placement:8s}: {tps:8.0f} tokens/s, p99 {p99:.1f} ms, {errors} errors, "
-              f"placement version {version}", file=sys.stderr, flush=True)
-print(f"dynamic / hybrid: {results['dynamic'] / results['hybrid']:.2f}x", file=sys.stderr)
+    for order, hot_order in ORDERS:
+        for placement in ("hybrid", "dynamic"):
+            cluster, router = local_cluster.start(
+                bin_dir, ck, "--shards", "4", "--placement", placement, "--pin-shards",
+                "--router-args", "--rebalance-cooldown-s 1 --imbalance-threshold 0.2",
+                stderr=subprocess.DEVNULL)
+            try:
+                # Warm-up: dynamic placement sees the skew and rebalances.
+                load(router, max(3.0, seconds / 2), hot_order)
+                tps, p99, errors = load(router, seconds, hot_order)
+                placement_out = subprocess.run([f"{bin_dir}/moe-client", "placement", "--router",
+                                                router], capture_output=True, text=True).stdout
+                version = int(re.search(r"version (\d+)", placement_out).group(1))
+            finally:
+                cluster.terminate()
+                cluster.wait(timeout=30)
+            results[(order, placement)] = tps
+            row = {"order": order, "placement": placement, "tokens_per_s": tps, "p99_ms": p99,
+                   "errors": errors, "placement_version": version}
+            out.write(json.dumps(row) + "\n")
+            print(f"{order:8s} {placement:8s}: {tps:8.0f} tokens/s, p99 {p99:.1f} ms, "
+                  f"{errors} errors, placement version {version}", file=sys.stderr, flush=True)
+for order, _ in ORDERS:
+    print(f"{order}: dynamic / hybrid {results[(order, 'dynamic')] / results[(order, 'hybrid')]:.2f}x",
+          file=sys.stderr)

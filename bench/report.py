@@ -140,17 +140,23 @@ def main():
         lines.append(f"| {r['ranks']} | {r['MiB']} | {fmt(r.get('ours'))} | "
                      f"{fmt(r.get('ours_stream_per_op'))} | {fmt(r.get('gloo'))} | "
                      f"{ratio} | {fmt(r.get('mpi_tcp'))} | {fmt(r.get('mpi_shm'))} |")
-    by = {r["placement"]: r for r in placement}
+    by = {(r.get("order", "by_id"), r["placement"]): r for r in placement}
     lines += ["", "## Hybrid against dynamic placement under Zipf(1.2) load", "",
               "4 shards pinned to the cores (shard i on CPU i mod cores), `moe-client load` with",
               "4 streams of 64 tokens and expert popularity Zipf(1.2); measured after a warm-up in",
-              "which dynamic placement sees the skew and rebalances.", "",
-              "| placement | tokens/s | p99 ms | errors | placement version |", "|---|---:|---:|---:|---:|"]
+              "which dynamic placement sees the skew and rebalances. Popularity by expert id",
+              "(expert 0 the most popular) makes the hot experts exactly the ones `hybrid`",
+              "replicates everywhere, its best case; shuffled (`--hot-order 7`), which experts are",
+              "hot is not known in advance, the case dynamic placement is for.", "",
+              "| popularity | placement | tokens/s | p99 ms | errors | placement version |",
+              "|---|---|---:|---:|---:|---:|"]
     for r in placement:
-        lines.append(f"| {r['placement']} | {r['tokens_per_s']:.0f} | {r['p99_ms']:.1f} | "
-                     f"{r['errors']} | {r['placement_version']} |")
-    if "hybrid" in by and "dynamic" in by:
-        lines += ["", f"dynamic / hybrid: **{by['dynamic']['tokens_per_s'] / by['hybrid']['tokens_per_s']:.2f}x**"]
+        lines.append(f"| {r.get('order', 'by_id')} | {r['placement']} | {r['tokens_per_s']:.0f} | "
+                     f"{r['p99_ms']:.1f} | {r['errors']} | {r['placement_version']} |")
+    for order in ("by_id", "shuffled"):
+        if (order, "hybrid") in by and (order, "dynamic") in by:
+            ratio = by[(order, "dynamic")]["tokens_per_s"] / by[(order, "hybrid")]["tokens_per_s"]
+            lines += ["", f"dynamic / hybrid, popularity {order}: **{ratio:.2f}x**"]
     plot = plot_cluster(cluster, os.path.join(os.path.dirname(md_path) or ".", "cluster_throughput.png"))
     if plot:
         lines += ["", "## Cluster throughput against batch size", "",

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <deque>
+#include <numeric>
 #include <random>
 #include <cstdio>
 #include <string>
@@ -75,9 +76,10 @@ commands:
   save-checkpoint --router HOST:PORT --path PATH
       the current (trained) weights as a safetensors checkpoint on the router's file system
   load --router HOST:PORT [--checkpoint PATH --zipf S] [--concurrency C] [--batch-size N]
-       [--duration SECONDS | --requests R] [--seed S]
+       [--duration SECONDS | --requests R] [--seed S] [--hot-order K]
       a load generator: C concurrent InferStream streams of N-token requests; with a checkpoint
-      and --zipf, expert popularity follows a Zipf law of exponent S. Prints tokens/s,
+      and --zipf, expert popularity follows a Zipf law of exponent S (expert 0 the most
+      popular, or with --hot-order K a shuffle of the experts seeded by K). Prints tokens/s,
       p50/p95/p99 latency and errors by code
   demo --checkpoint PATH [--batches B] [--batch-size N] [--tensor-prefix P]
       run the in-process layer on random batches; print tokens/s and per-expert load
@@ -477,6 +479,7 @@ absl::Status Load(const Flags& f) {
   ASSIGN_OR_RETURN(double zipf, f.GetDouble("zipf", 0));
   ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 1));
   ASSIGN_OR_RETURN(int64_t window, f.GetInt("window", 2));
+  ASSIGN_OR_RETURN(int64_t hot_order, f.GetInt("hot-order", 0));
   if (concurrency < 1 || batch < 1 || duration <= 0 || max_requests < 0 || window < 1) {
     return absl::InvalidArgumentError("--concurrency, --batch-size, --duration and --window must be positive");
   }
@@ -493,6 +496,13 @@ absl::Status Load(const Flags& f) {
   } else if (zipf > 0) {
     return absl::InvalidArgumentError("--zipf needs --checkpoint (the gate decides the routing)");
   }
+  // Which experts are popular: by id (expert 0 most), or a shuffle seeded by --hot-order.
+  std::vector<int> order;
+  if (hot_order != 0) {
+    order.resize(info.num_experts());
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), std::mt19937_64(static_cast<uint64_t>(hot_order)));
+  }
   const auto start = std::chrono::steady_clock::now();
   const auto end = start + std::chrono::milliseconds(static_cast<int64_t>(duration * 1000));
   std::mutex mu;
@@ -502,7 +512,8 @@ absl::Status Load(const Flags& f) {
   auto worker = [&](int w) {
     std::unique_ptr<ZipfTokens> gen;
     if (!gate.weight.empty()) {
-      gen = std::make_unique<ZipfTokens>(gate, info.num_experts(), d, zipf, seed * 1000 + w);
+      gen = std::make_unique<ZipfTokens>(gate, info.num_experts(), d, zipf, seed * 1000 + w,
+                                         order);
     }
     std::mt19937_64 rng(seed * 7919 + w);
     std::uniform_real_distribution<float> u(-1.f, 1.f);
@@ -668,8 +679,8 @@ int Main(int argc, char** argv) {
       {"placement", {{{"router", true}, {"rebalance", true}, {"dry-run", false}}, PlacementCmd}},
       {"load",
        {{{"router", true}, {"checkpoint", true}, {"tensor-prefix", true}, {"zipf", true},
-         {"concurrency", true}, {"batch-size", true}, {"duration", true}, {"requests", true},
-         {"seed", true}, {"window", true}},
+         {"hot-order", true}, {"concurrency", true}, {"batch-size", true}, {"duration", true},
+         {"requests", true}, {"seed", true}, {"window", true}},
         Load}},
       {"demo",
        {{{"checkpoint", true}, {"batches", true}, {"batch-size", true}, {"tensor-prefix", true},

@@ -24,11 +24,13 @@ std::unique_ptr<v1::Router::Stub> MakeRouterStub(const std::string& address) {
 }
 
 ZipfTokens::ZipfTokens(const common::GateWeights& gate, int num_experts, int d_model, double s,
-                       uint64_t seed)
+                       uint64_t seed, const std::vector<int>& order)
     : rng_(seed), d_model_(d_model) {
   std::vector<double> p(num_experts);
+  for (int r = 0; r < num_experts; ++r) {
+    p[order.empty() ? r : order[r]] = 1.0 / std::pow(r + 1.0, s);
+  }
   for (int e = 0; e < num_experts; ++e) {
-    p[e] = 1.0 / std::pow(e + 1.0, s);
     std::vector<float> row(gate.weight.begin() + static_cast<int64_t>(e) * d_model,
                            gate.weight.begin() + static_cast<int64_t>(e + 1) * d_model);
     double norm = 0;

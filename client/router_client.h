@@ -24,8 +24,10 @@ std::unique_ptr<v1::Router::Stub> MakeRouterStub(const std::string& address);
 // so the gate sends it there. s = 0 is uniform.
 class ZipfTokens {
  public:
+  // Expert popularity by rank: the r-th most popular expert is `order`[r], or expert r when
+  // `order` is empty.
   ZipfTokens(const common::GateWeights& gate, int num_experts, int d_model, double s,
-             uint64_t seed);
+             uint64_t seed, const std::vector<int>& order = {});
   std::vector<float> Next(int64_t n);
 
  private:
