@@ -58,7 +58,7 @@ struct DispatchTask {
 
 struct ComputePoolOptions {
   int threads = 1;
-  int64_t max_coalesced_rows = 1024;
+  int64_t max_coalesced_rows = 256;
   absl::Duration batch_delay = absl::ZeroDuration();
   int64_t max_queue_rows = 1 << 16;
 };

@@ -27,7 +27,7 @@ usage: moe-expert-server --checkpoint PATH [flags]
   --activation A           override the checkpoint's activation (relu|gelu|silu)
   --experts LIST           experts to load at start: all (default), none, or e.g. 0,1,5
   --threads N              compute threads (default 1)
-  --max-coalesced-rows N   rows merged into one expert matmul (default 1024)
+  --max-coalesced-rows N   rows merged into one expert matmul (default 256)
   --batch-delay-us N       wait up to N us for more rows before computing (default 0)
   --max-queue-rows N       queued rows before batches are refused (default 65536)
   --max-batch-rows N       rows one batch may assign (default 8192)
@@ -66,7 +66,7 @@ absl::Status Run(int argc, char** argv) {
     o.initial_experts = list;
   }
   ASSIGN_OR_RETURN(int64_t threads, f.GetInt("threads", 1));
-  ASSIGN_OR_RETURN(o.pool.max_coalesced_rows, f.GetInt("max-coalesced-rows", 1024));
+  ASSIGN_OR_RETURN(o.pool.max_coalesced_rows, f.GetInt("max-coalesced-rows", 256));
   ASSIGN_OR_RETURN(int64_t delay_us, f.GetInt("batch-delay-us", 0));
   ASSIGN_OR_RETURN(o.pool.max_queue_rows, f.GetInt("max-queue-rows", 65536));
   ASSIGN_OR_RETURN(o.max_batch_rows, f.GetInt("max-batch-rows", 8192));
