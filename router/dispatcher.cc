@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -75,18 +76,46 @@ struct Dispatcher::Shared {
   common::ModelConfig config;
   DispatcherOptions options;
   std::atomic<uint64_t> next_batch_id{1};
+
+  // Calls not yet finished, held here (shard callbacks only hold weak references, so a shard
+  // that never answers keeps nothing alive), and the number of Call objects not yet destroyed.
+  std::mutex mu;
+  std::condition_variable idle;
+  std::map<uint64_t, std::shared_ptr<Call>> unfinished;
+  uint64_t next_call = 0;
+  int64_t alive = 0;
+  bool stopping = false;
+};
+
+// Counts a Call from its construction to the end of its destruction (declared before the
+// members that hold shard clients, so it is destroyed after them).
+class Dispatcher::Token {
+ public:
+  explicit Token(Shared* shared) : shared_(shared) {
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    ++shared_->alive;
+  }
+  ~Token() {
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    if (--shared_->alive == 0) shared_->idle.notify_all();
+  }
+
+ private:
+  Shared* shared_;
 };
 
 // One batch in flight. Sending a round and completing it never overlap: the round's answers are
 // counted down from the number of shards sent to plus one, and the sender drops its one only
 // after the last send, so whoever reaches zero (a shard callback or the sender) owns the round's
 // state from there on. `mu_` guards the answers, the count and `finished_`; the deadline timer
-// may finish the call at any time, after which answers are ignored.
+// may finish the call at any time, after which answers are ignored. The Call is held by
+// Shared::unfinished until it finishes, and otherwise only while one of its methods runs.
 class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
  public:
   Call(std::shared_ptr<Shared> shared, std::shared_ptr<const RoutingTable> table,
        std::vector<float> x, int64_t n, GatingResult gating, absl::Time deadline, Done done)
       : shared_(std::move(shared)),
+        token_(shared_.get()),
         table_(std::move(table)),
         x_(std::move(x)),
         n_(n),
@@ -94,7 +123,8 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
         deadline_(deadline),
         done_(std::move(done)) {}
 
-  void Begin() {
+  void Begin(uint64_t id) {
+    id_ = id;
     const int E = shared_->config.num_experts;
     const int S = static_cast<int>(table_->shards.size());
     groups_ = GroupByExpert(gating_);
@@ -111,12 +141,12 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
       return;
     }
     std::weak_ptr<Call> weak = weak_from_this();
-    const uint64_t id = common::DeadlineTimer::Process().Schedule(deadline_, [weak] {
+    const uint64_t timer = common::DeadlineTimer::Process().Schedule(deadline_, [weak] {
       if (std::shared_ptr<Call> call = weak.lock()) call->Expire();
     });
     {
       std::lock_guard<std::mutex> lock(mu_);
-      timer_id_ = id;
+      timer_id_ = timer;
     }
     SendRound();
   }
@@ -139,6 +169,15 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
     const RoutingTable& table = *table_;
     const int S = static_cast<int>(table.shards.size());
     bool any = false;
+    bool stopping = false;
+    {
+      std::lock_guard<std::mutex> lock(shared_->mu);
+      stopping = shared_->stopping;
+    }
+    if (stopping) {
+      Finish(absl::UnavailableError("router is shutting down"));
+      return;
+    }
     for (const auto& r : remaining_) any |= !r.empty();
     if (!any) {
       Finish(CombineOutputs(gating_, groups_, eo_.data(), d));
@@ -212,7 +251,7 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
     }
     // One batch per shard; a token row used by several of its experts travels once.
     std::vector<int32_t> local(n_, -1);
-    std::shared_ptr<Call> self = shared_from_this();
+    std::weak_ptr<Call> weak = weak_from_this();
     for (int s = 0; s < S; ++s) {
       if (plan_[s].empty()) continue;
       auto req = BuildShardRequest(plan_[s], groups_, k, x_.data(), d, shared_->options.wire,
@@ -225,10 +264,10 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
       {
         std::lock_guard<std::mutex> lock(mu_);
         ++waiting_;
+        ++stats_.shard_batches;
       }
-      ++stats_.shard_batches;
-      table.shards[s]->Dispatch(req, total, [self, s](absl::StatusOr<v1::DispatchResponse> r) {
-        self->Answer(s, std::move(r));
+      table.shards[s]->Dispatch(req, total, [weak, s](absl::StatusOr<v1::DispatchResponse> r) {
+        if (std::shared_ptr<Call> self = weak.lock()) self->Answer(s, std::move(r));
       });
     }
     Answer(-1, absl::StatusOr<v1::DispatchResponse>());  // the sender's count
@@ -315,7 +354,10 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
       }
       // Fail over: this shard is out for the rest of the batch; its rows go elsewhere.
       excluded_[s] = true;
-      ++stats_.failovers;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        ++stats_.failovers;
+      }
       for (const auto& [e, pos] : plan_[s]) {
         remaining_[e].insert(remaining_[e].end(), pos.begin(), pos.end());
       }
@@ -325,18 +367,38 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
 
   void Finish(absl::StatusOr<std::vector<float>> y) {
     uint64_t timer = 0;
+    DispatchStats stats;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (finished_) return;
       finished_ = true;
       timer = timer_id_;
+      stats = stats_;
     }
     if (timer != 0) common::DeadlineTimer::Process().Cancel(timer);
     Done done = std::move(done_);
-    done(std::move(y), gating_, stats_);
+    done(std::move(y), gating_, stats);
+    // No longer held for its answers: it goes once the method that finished it returns.
+    std::shared_ptr<Call> self;
+    {
+      std::lock_guard<std::mutex> lock(shared_->mu);
+      auto it = shared_->unfinished.find(id_);
+      if (it != shared_->unfinished.end()) {
+        self = std::move(it->second);
+        shared_->unfinished.erase(it);
+      }
+    }
   }
 
+ public:
+  // Dispatcher::Shutdown: fails the call now.
+  void Cancel() { Finish(absl::UnavailableError("router is shutting down")); }
+
+ private:
+
   const std::shared_ptr<Shared> shared_;
+  const Token token_;  // destroyed after the members below (table_ holds the shard clients)
+  uint64_t id_ = 0;
   const std::shared_ptr<const RoutingTable> table_;
   const std::vector<float> x_;
   const int64_t n_;
@@ -367,13 +429,32 @@ Dispatcher::Dispatcher(const common::ModelConfig& config, DispatcherOptions opti
   shared_->options = std::move(options);
 }
 
-Dispatcher::~Dispatcher() = default;
+Dispatcher::~Dispatcher() { Shutdown(); }
 
 void Dispatcher::Start(std::shared_ptr<const RoutingTable> table, std::vector<float> x, int64_t n,
                        GatingResult gating, absl::Time deadline, Done done) {
   auto call = std::make_shared<Call>(shared_, std::move(table), std::move(x), n,
                                      std::move(gating), deadline, std::move(done));
-  call->Begin();
+  uint64_t id = 0;
+  {
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    id = ++shared_->next_call;
+    shared_->unfinished[id] = call;
+  }
+  call->Begin(id);
+}
+
+void Dispatcher::Shutdown() {
+  std::vector<std::shared_ptr<Call>> calls;
+  {
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    shared_->stopping = true;
+    for (auto& [id, call] : shared_->unfinished) calls.push_back(call);
+  }
+  for (auto& call : calls) call->Cancel();
+  calls.clear();
+  std::unique_lock<std::mutex> lock(shared_->mu);
+  shared_->idle.wait(lock, [this] { return shared_->alive == 0; });
 }
 
 absl::StatusOr<std::vector<float>> Dispatcher::Run(const RoutingTable& table, const float* x,

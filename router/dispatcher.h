@@ -61,13 +61,14 @@ class Dispatcher {
                                   const DispatchStats& stats)>;
 
   Dispatcher(const common::ModelConfig& config, DispatcherOptions options);
-  ~Dispatcher();
+  ~Dispatcher();  // Shutdown()
 
   // Starts the fan-out of tokens x [n, d_model] routed by `gating` and returns without waiting.
   // `done` runs exactly once: on the thread of the last shard answer, on the deadline timer's
   // thread when `deadline` passes first (late answers are then ignored), on an `offload` thread,
   // or on this thread when the batch fails before anything is sent. Batches in flight keep what
-  // they need (table, tokens, gating) alive themselves.
+  // they need (table, tokens, gating) alive themselves until they finish; a shard that never
+  // answers keeps nothing alive.
   void Start(std::shared_ptr<const RoutingTable> table, std::vector<float> x, int64_t n,
              GatingResult gating, absl::Time deadline, Done done);
 
@@ -76,7 +77,12 @@ class Dispatcher {
                                          const GatingResult& gating, absl::Time deadline,
                                          DispatchStats* stats);
 
+  // Fails every batch in flight with UNAVAILABLE (their `done` runs) and every later Start at
+  // once, then waits until no batch holds anything (its routing table and shard clients).
+  void Shutdown();
+
   class Call;
+  class Token;
 
  private:
   struct Shared;

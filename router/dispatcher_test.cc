@@ -297,5 +297,44 @@ TEST(Dispatcher, DeadlineFiresWhileAnswersAreOutstandingAndLateOnesAreIgnored) {
   EXPECT_EQ(calls, 1);
 }
 
+TEST(Dispatcher, ShutdownFailsBatchesInFlightAndASilentShardKeepsNothingAlive) {
+  Rig setup(Strategy::kReplicated, 1);
+  setup.fakes[0]->never_answer = true;
+  Dispatcher dispatcher(Config(), DispatcherOptions{});
+  const auto x = common::RandomMatrix(3, 16, 14);
+  GatingResult g = Route(setup.layer->gate_params(), x.data(), 3, GatingOptions{2, true, 0, {}});
+  auto table = std::make_shared<const RoutingTable>(setup.table);
+  std::weak_ptr<const RoutingTable> watch = table;
+  absl::Status status;
+  int calls = 0;
+  dispatcher.Start(std::move(table), x, 3, g, absl::Now() + absl::Seconds(30),
+                   [&](absl::StatusOr<std::vector<float>> y, const GatingResult&,
+                       const DispatchStats&) {
+                     ++calls;
+                     status = y.status();
+                   });
+  ASSERT_EQ(setup.fakes[0]->parked.size(), 1u);  // sent, never answered
+  EXPECT_FALSE(watch.expired());                  // the batch in flight holds its table
+  dispatcher.Shutdown();
+  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(status.message().find("shutting down"), absl::string_view::npos) << status;
+  // The shard still holds its callback, but that no longer keeps the batch (nor the table and
+  // shard clients it holds) alive; a late answer is ignored.
+  EXPECT_TRUE(watch.expired());
+  setup.fakes[0]->parked[0](absl::UnavailableError("late"));
+  EXPECT_EQ(calls, 1);
+  // Later batches fail at once.
+  dispatcher.Start(std::make_shared<const RoutingTable>(setup.table), x, 3, g,
+                   absl::Now() + absl::Seconds(30),
+                   [&](absl::StatusOr<std::vector<float>> y, const GatingResult&,
+                       const DispatchStats&) {
+                     ++calls;
+                     status = y.status();
+                   });
+  EXPECT_EQ(calls, 2);
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable);
+}
+
 }  // namespace
 }  // namespace moe::router

@@ -723,10 +723,21 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
       control_cv.notify_all();
       if (control.joinable()) control.join();
-      server->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+      // Requests in flight may finish within the grace period; after it, whatever still waits
+      // for a shard fails with UNAVAILABLE, so the server's shutdown (which waits for every
+      // call to finish) ends, and no batch is left holding a shard client.
+      const absl::Time until = absl::Now() + grace;
+      std::thread cancel_late([this, until] {
+        {
+          std::unique_lock<std::mutex> lock(inflight_mu);
+          inflight_cv.wait_until(lock, absl::ToChronoTime(until), [this] { return inflight == 0; });
+        }
+        dispatcher->Shutdown();
+      });
+      server->Shutdown(absl::ToChronoTime(until));
       pool->Shutdown();
-      // Forwards of streams that were cancelled may still wait for their shards (never past
-      // their deadlines); they use this object until they are done.
+      cancel_late.join();
+      // Forwards use this object until their `done` has run.
       std::unique_lock<std::mutex> lock(inflight_mu);
       inflight_cv.wait(lock, [this] { return inflight == 0; });
     });

@@ -144,8 +144,11 @@ absl::StatusOr<Chunk> ChunkFromWire(grpc::ByteBuffer wire, std::string* group) {
         type == WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
       if (!WireFormatLite::ReadString(&in, group)) return bad("group");
     } else if (field == kPayloadField && type == WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
-      uint32_t len = 0;
-      if (!in.ReadVarint32(&len)) return bad("payload length");
+      uint64_t len64 = 0;
+      if (!in.ReadVarint64(&len64) || len64 > static_cast<uint64_t>(INT32_MAX)) {
+        return bad("payload length");
+      }
+      uint32_t len = static_cast<uint32_t>(len64);
       c.payload.pieces.clear();  // a repeated field: the last one wins, as in protobuf
       while (len > 0) {
         const void* data = nullptr;
@@ -204,6 +207,11 @@ class PushReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
     absl::StatusOr<Chunk> c = ChunkFromWire(std::move(msg_), &group);
     msg_.Clear();
     if (!c.ok()) {
+      // The stream is of no use any more: the collective it feeds fails now, not at its deadline.
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!group_.empty()) hub_->Break(group_, generation_);
+      }
       Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::string(c.status().message())));
       return;
     }

@@ -9,12 +9,69 @@
 
 #include <gtest/gtest.h>
 
+#include <grpcpp/grpcpp.h>
+
 #include "absl/strings/str_cat.h"
+#include "services/collective/grpc_transport.h"
 #include "services/common/subprocess.h"
 #include "tests/reference/test_util.h"
 
 namespace moe {
 namespace {
+
+// A serialized message as gRPC hands it over: in slices of `cut` bytes.
+grpc::ByteBuffer Sliced(const std::string& bytes, size_t cut) {
+  std::vector<grpc::Slice> slices;
+  for (size_t at = 0; at < bytes.size(); at += cut) {
+    slices.emplace_back(bytes.data() + at, std::min(cut, bytes.size() - at));
+  }
+  return grpc::ByteBuffer(slices.data(), slices.size());
+}
+
+TEST(ChunkWire, RoundTripsThroughAnySlicingAndRefusesMalformedMessages) {
+  collective::Chunk c;
+  c.generation = 7;
+  c.step = 2;
+  c.piece = 1;
+  c.offset = 40;
+  c.count = 5;
+  c.payload = collective::Payload::Copy(std::string("0123456789abcdefghij"));
+  grpc::ByteBuffer wire = collective::ChunkToWire("g", 3, c);
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(wire.Dump(&slices).ok());
+  std::string bytes;
+  for (const auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  // What protobuf makes of the same bytes.
+  v1::CollectiveChunk proto;
+  ASSERT_TRUE(proto.ParseFromString(bytes));
+  EXPECT_EQ(proto.group(), "g");
+  EXPECT_EQ(proto.from_rank(), 3);
+  EXPECT_EQ(proto.payload(), "0123456789abcdefghij");
+  for (size_t cut : {1, 3, 7, 1000}) {
+    std::string group;
+    auto got = collective::ChunkFromWire(Sliced(bytes, cut), &group);
+    ASSERT_TRUE(got.ok()) << got.status();
+    std::string payload;
+    for (absl::string_view p : got->payload.pieces) payload.append(p.data(), p.size());
+    EXPECT_EQ(group, "g");
+    EXPECT_EQ(payload, "0123456789abcdefghij") << cut;
+    EXPECT_EQ(got->generation, 7u);
+    EXPECT_EQ(got->step, 2);
+    EXPECT_EQ(got->piece, 1);
+    EXPECT_EQ(got->offset, 40);
+    EXPECT_EQ(got->count, 5);
+  }
+  // A payload length past 32 bits (protobuf refuses it too), and a payload cut short.
+  const std::string overlong = std::string("\x4a\x85\x80\x80\x80\x10", 6) + "abcde";
+  std::string group;
+  EXPECT_EQ(collective::ChunkFromWire(Sliced(overlong, 2), &group).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_FALSE(proto.ParseFromString(overlong));
+  EXPECT_EQ(collective::ChunkFromWire(Sliced(bytes.substr(0, bytes.size() - 3), 4), &group)
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
 
 struct Ring {
   std::vector<common::Subprocess> ranks;
