@@ -82,7 +82,7 @@ struct Dispatcher::Shared {
   std::mutex mu;
   std::condition_variable idle;
   std::map<uint64_t, std::shared_ptr<Call>> unfinished;
-  uint64_t next_call = 0;
+  std::atomic<uint64_t> next_call{0};
   int64_t alive = 0;
   bool stopping = false;
 };
@@ -112,10 +112,11 @@ class Dispatcher::Token {
 // Shared::unfinished until it finishes, and otherwise only while one of its methods runs.
 class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
  public:
-  Call(std::shared_ptr<Shared> shared, std::shared_ptr<const RoutingTable> table,
+  Call(std::shared_ptr<Shared> shared, uint64_t id, std::shared_ptr<const RoutingTable> table,
        std::vector<float> x, int64_t n, GatingResult gating, absl::Time deadline, Done done)
       : shared_(std::move(shared)),
         token_(shared_.get()),
+        id_(id),
         table_(std::move(table)),
         x_(std::move(x)),
         n_(n),
@@ -123,8 +124,7 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
         deadline_(deadline),
         done_(std::move(done)) {}
 
-  void Begin(uint64_t id) {
-    id_ = id;
+  void Begin() {
     const int E = shared_->config.num_experts;
     const int S = static_cast<int>(table_->shards.size());
     groups_ = GroupByExpert(gating_);
@@ -327,16 +327,15 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
           for (const v1::ExpertOutput& out : result->outputs()) {
             const std::vector<int64_t>& pos = plan_[s][out.expert()];
             const common::TensorView v = *common::DecodeMatrix(out.output(), "output", d);
-            if (v.type == common::WireType::kFloat32) {
-              const char* src = v.bytes.data();
-              for (size_t i = 0; i < pos.size(); ++i) {
-                std::memcpy(&eo_[pos[i] * d], src + i * d * sizeof(float), sizeof(float) * d);
-              }
-            } else {
-              std::vector<float> vals = common::ViewToFloat(v);
-              for (size_t i = 0; i < pos.size(); ++i) {
-                std::memcpy(&eo_[pos[i] * d], &vals[i * d], sizeof(float) * d);
-              }
+            // FP32 rows are copied straight from the message; BF16 ones are decoded first.
+            std::vector<float> decoded;
+            const char* src = v.bytes.data();
+            if (v.type != common::WireType::kFloat32) {
+              decoded = common::ViewToFloat(v);
+              src = reinterpret_cast<const char*>(decoded.data());
+            }
+            for (size_t i = 0; i < pos.size(); ++i) {
+              std::memcpy(&eo_[pos[i] * d], src + i * d * sizeof(float), sizeof(float) * d);
             }
           }
           continue;
@@ -395,10 +394,9 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
   void Cancel() { Finish(absl::UnavailableError("router is shutting down")); }
 
  private:
-
   const std::shared_ptr<Shared> shared_;
   const Token token_;  // destroyed after the members below (table_ holds the shard clients)
-  uint64_t id_ = 0;
+  const uint64_t id_;  // its key in Shared::unfinished
   const std::shared_ptr<const RoutingTable> table_;
   const std::vector<float> x_;
   const int64_t n_;
@@ -433,15 +431,14 @@ Dispatcher::~Dispatcher() { Shutdown(); }
 
 void Dispatcher::Start(std::shared_ptr<const RoutingTable> table, std::vector<float> x, int64_t n,
                        GatingResult gating, absl::Time deadline, Done done) {
-  auto call = std::make_shared<Call>(shared_, std::move(table), std::move(x), n,
+  const uint64_t id = ++shared_->next_call;
+  auto call = std::make_shared<Call>(shared_, id, std::move(table), std::move(x), n,
                                      std::move(gating), deadline, std::move(done));
-  uint64_t id = 0;
   {
     std::lock_guard<std::mutex> lock(shared_->mu);
-    id = ++shared_->next_call;
     shared_->unfinished[id] = call;
   }
-  call->Begin(id);
+  call->Begin();
 }
 
 void Dispatcher::Shutdown() {

@@ -159,13 +159,7 @@ absl::StatusOr<Chunk> ChunkFromWire(grpc::ByteBuffer wire, std::string* group) {
         if (!in.Skip(static_cast<int>(take))) return bad("payload");
         len -= take;
       }
-    } else if (varint && (field == v1::CollectiveChunk::kGenerationFieldNumber ||
-                          field == v1::CollectiveChunk::kFromRankFieldNumber ||
-                          field == v1::CollectiveChunk::kStepFieldNumber ||
-                          field == v1::CollectiveChunk::kPieceFieldNumber ||
-                          field == v1::CollectiveChunk::kOffsetFieldNumber ||
-                          field == v1::CollectiveChunk::kCountFieldNumber ||
-                          field == v1::CollectiveChunk::kWireFieldNumber)) {
+    } else if (varint) {
       if (!in.ReadVarint64(&v)) return bad("field");
       switch (field) {
         case v1::CollectiveChunk::kGenerationFieldNumber: c.generation = v; break;
@@ -176,7 +170,7 @@ absl::StatusOr<Chunk> ChunkFromWire(grpc::ByteBuffer wire, std::string* group) {
         case v1::CollectiveChunk::kWireFieldNumber:
           c.wire = static_cast<int32_t>(v) == 1 ? WireFormat::kBFloat16 : WireFormat::kFloat32;
           break;
-        default: break;  // from_rank: informational
+        default: break;  // from_rank (informational) or a field this parser does not know
       }
     } else if (!WireFormatLite::SkipField(&in, tag)) {
       return bad("field");

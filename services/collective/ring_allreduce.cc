@@ -164,8 +164,8 @@ absl::Status RingAllReduce(absl::Span<float> data, int rank, int world, uint64_t
       }
     }
     if (borrow) {
-      c.payload.pieces.assign(1, absl::string_view(reinterpret_cast<const char*>(data.data() + c.offset),
-                                                    sizeof(float) * static_cast<size_t>(c.count)));
+      const char* from = reinterpret_cast<const char*>(data.data() + c.offset);
+      c.payload.pieces.assign(1, absl::string_view(from, sizeof(float) * c.count));
       c.payload.owner = loan;
     } else {
       Encode(data.data() + c.offset, c.count, options.wire, &c.payload);

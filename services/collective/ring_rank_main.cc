@@ -80,6 +80,9 @@ absl::Status Run(int argc, char** argv) {
   auto owned = std::make_shared<std::vector<float>>(static_cast<size_t>(length));
   std::vector<float>& data = *owned;
   opts.keepalive = owned;
+  auto fresh_inputs = [&] {
+    for (int64_t i = 0; i < length; ++i) data[i] = Init(static_cast<int>(rank), i);
+  };
   absl::Status st;
   double total = 0;
   double ms = 0;  // the last collective, from setting its deadline to its transport's teardown
@@ -96,18 +99,18 @@ absl::Status Run(int argc, char** argv) {
                                             static_cast<int>(world), g++, deadline, &transport,
                                             opts);
     };
-    for (int64_t i = 0; i < length; ++i) data[i] = Init(static_cast<int>(rank), i);
+    fresh_inputs();
     st = reduce();
     const auto t = std::chrono::steady_clock::now();
     for (int64_t r = 0; r < repeat && st.ok(); ++r) st = reduce();
     total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-    for (int64_t i = 0; i < length; ++i) data[i] = Init(static_cast<int>(rank), i);
+    fresh_inputs();
     const auto last = std::chrono::steady_clock::now();
     if (st.ok()) st = reduce();
     ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - last).count();
   }
   for (int64_t g = 1; !persistent && g <= repeat && st.ok(); ++g) {
-    for (int64_t i = 0; i < length; ++i) data[i] = Init(static_cast<int>(rank), i);
+    fresh_inputs();
     const auto start = std::chrono::steady_clock::now();
     const absl::Time deadline = absl::Now() + absl::Milliseconds(deadline_ms);
     {
