@@ -133,7 +133,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "cluster N=%lld: %.0f tokens/s\n", static_cast<long long>(n),
                  cluster_tps.back());
   }
-  (*cluster)->Stop();
+  if (const absl::Status st = (*cluster)->Stop(); !st.ok()) {
+    std::fprintf(stderr, "cluster_bench: %s\n", std::string(st.message()).c_str());
+  }
   std::string rows;
   for (size_t i = 0; i < sizes.size(); ++i) {
     rows += absl::StrCat(i ? ", " : "", "{\"N\": ", sizes[i], ", \"in_process_tokens_per_s\": ",

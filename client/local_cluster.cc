@@ -141,15 +141,31 @@ absl::Status LocalCluster::RestartShard(int i) {
                                              " again: ", last.message()));
 }
 
-void LocalCluster::Stop(absl::Duration grace) {
+absl::Status LocalCluster::Stop(absl::Duration grace) {
+  std::vector<std::string> problems;
+  auto stop = [&](common::Subprocess& p, const std::string& name) {
+    if (p.pid() <= 0) return;
+    const absl::StatusOr<int> st = p.Wait(grace);
+    if (!st.ok()) {
+      problems.push_back(absl::StrCat(name, " (pid ", p.pid(), ") still ran after ",
+                                      absl::FormatDuration(grace), "; killed"));
+      p.Signal(SIGKILL);
+      p.Wait(absl::Seconds(5)).IgnoreError();
+    } else if (*st != 0) {
+      problems.push_back(absl::StrCat(name, " (pid ", p.pid(), ") ", common::DescribeWaitStatus(*st)));
+    }
+  };
   router_.Signal(SIGTERM);
-  router_.Wait(grace).IgnoreError();
+  stop(router_, "the router");
   for (auto& s : shards_) s.Signal(SIGTERM);
-  for (auto& s : shards_) s.Wait(grace).IgnoreError();
+  for (size_t i = 0; i < shards_.size(); ++i) stop(shards_[i], absl::StrCat("shard ", i));
   if (!coordinator_address_.empty()) {
     coordinator_.Signal(SIGTERM);
-    coordinator_.Wait(grace).IgnoreError();
+    stop(coordinator_, "the coordinator");
   }
+  if (problems.empty()) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat("not every service stopped cleanly: ",
+                                          absl::StrJoin(problems, "; ")));
 }
 
 LocalCluster::~LocalCluster() = default;

@@ -44,8 +44,10 @@ class LocalCluster {
                                                              absl::Duration timeout = absl::Minutes(2));
   ~LocalCluster();  // SIGKILLs whatever still runs
 
-  // SIGTERM to the router, then the shards; waits for them.
-  void Stop(absl::Duration grace = absl::Seconds(5));
+  // SIGTERM to the router, then the shards, then the coordinator; waits for each. An error names
+  // every process that did not exit with status 0 (also one that died earlier on its own) or was
+  // still running after `grace` (it is then killed).
+  absl::Status Stop(absl::Duration grace = absl::Seconds(5));
 
   const std::string& router_address() const { return router_address_; }
   const std::vector<std::string>& shard_addresses() const { return shard_addresses_; }

@@ -127,8 +127,12 @@ absl::Status Run(int argc, char** argv) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
-  cluster->Stop();
+  const absl::Status stopped = cluster->Stop();
   waiter.join();
+  if (!stopped.ok()) {
+    return absl::Status(stopped.code(), absl::StrCat(stopped.message(),
+                                                     "; their own messages are above"));
+  }
   std::fprintf(stderr, "moe-cluster: stopped\n");
   return absl::OkStatus();
 }

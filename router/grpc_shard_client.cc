@@ -99,8 +99,15 @@ class GrpcShardClient::Stream final
         absl::StrCat("shard ", owner_->address_, ": stream ended (",
                      status.ok() ? "closed" : status.error_message(), ")"));
     for (auto& [id, done] : pending) done(err);
-    owner_->StreamEnded(this, status);
+    // The owner counts the stream gone only once it is deleted: our ClientContext holds a
+    // reference to the channel, and the owner may be destroyed as soon as StreamReleased returns.
+    // Were the channel's last reference dropped here, on gRPC's callback thread, gRPC 1.51 would
+    // join that very thread while releasing its callback queue and free the queue twice (seen
+    // under ASan at router exit).
+    GrpcShardClient* owner = owner_;
+    owner->StreamEnded(this, status);
     delete this;
+    owner->StreamReleased();
   }
 
  private:
@@ -211,11 +218,15 @@ void GrpcShardClient::StreamEnded(Stream* stream, const grpc::Status& status) {
     failed = !stopping_ && status.error_code() != grpc::StatusCode::OK;
   }
   // A broken stream takes the shard out of rotation until a health check says SERVING again.
-  // Done before the stream counts as ended: the destructor waits for that, then frees us.
+  // Done before the stream counts as released: the destructor waits for that, then frees us.
   if (failed) SetHealthy(false);
   std::lock_guard<std::mutex> lock(mu_);
   if (stream_ == stream) stream_ = nullptr;
   live_.erase(stream);
+}
+
+void GrpcShardClient::StreamReleased() {
+  std::lock_guard<std::mutex> lock(mu_);
   --live_streams_;
   streams_done_.notify_all();
 }

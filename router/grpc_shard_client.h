@@ -55,6 +55,7 @@ class GrpcShardClient final : public ShardClient {
   friend class Stream;
   void SetHealthy(bool healthy);
   void StreamEnded(Stream* stream, const grpc::Status& status);
+  void StreamReleased();  // the stream's object (and its hold on the channel) is gone
   void HealthLoop();
   absl::StatusOr<common::HealthState> ProbeHealth();
 

@@ -59,7 +59,9 @@ int RunMain(int argc, char** argv, const char* name, const char* usage,
   }
   const absl::Status st = run(argc, argv);
   if (!st.ok()) {
-    std::fprintf(stderr, "%s: %s (see --help)\n", name, std::string(st.message()).c_str());
+    // Only a bad command line is helped by the usage text.
+    std::fprintf(stderr, "%s: %s%s\n", name, std::string(st.message()).c_str(),
+                 st.code() == absl::StatusCode::kInvalidArgument ? " (see --help)" : "");
     return 1;
   }
   return 0;

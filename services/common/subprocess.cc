@@ -50,7 +50,11 @@ absl::StatusOr<Subprocess> Subprocess::Spawn(const std::vector<std::string>& arg
 }
 
 Subprocess::Subprocess(Subprocess&& o) noexcept
-    : pid_(o.pid_), out_fd_(o.out_fd_), buffer_(std::move(o.buffer_)), reaped_(o.reaped_) {
+    : pid_(o.pid_),
+      out_fd_(o.out_fd_),
+      buffer_(std::move(o.buffer_)),
+      reaped_(o.reaped_),
+      wait_status_(o.wait_status_) {
   o.pid_ = -1;
   o.out_fd_ = -1;
 }
@@ -62,6 +66,7 @@ Subprocess& Subprocess::operator=(Subprocess&& o) noexcept {
     out_fd_ = o.out_fd_;
     buffer_ = std::move(o.buffer_);
     reaped_ = o.reaped_;
+    wait_status_ = o.wait_status_;
     o.pid_ = -1;
     o.out_fd_ = -1;
   }
@@ -122,24 +127,32 @@ void Subprocess::Signal(int sig) const {
 }
 
 bool Subprocess::Exited() {
-  if (reaped_) return true;
-  int st;
-  if (waitpid(pid_, &st, WNOHANG) == pid_) reaped_ = true;
+  if (reaped_ || pid_ <= 0) return true;
+  int st = 0;
+  if (waitpid(pid_, &st, WNOHANG) == pid_) {
+    reaped_ = true;
+    wait_status_ = st;
+  }
   return reaped_;
 }
 
 absl::StatusOr<int> Subprocess::Wait(absl::Duration timeout) {
   const absl::Time deadline = absl::Now() + timeout;
   while (true) {
-    int st = 0;
-    const pid_t r = waitpid(pid_, &st, WNOHANG);
-    if (r == pid_) {
-      reaped_ = true;
-      return st;
-    }
+    if (Exited()) return wait_status_;
     if (absl::Now() > deadline) return absl::DeadlineExceededError("process still running");
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
+}
+
+std::string DescribeWaitStatus(int wait_status) {
+  if (WIFEXITED(wait_status)) return absl::StrCat("exited with status ", WEXITSTATUS(wait_status));
+  if (WIFSIGNALED(wait_status)) {
+    const int sig = WTERMSIG(wait_status);
+    const char* name = strsignal(sig);
+    return absl::StrCat("killed by signal ", sig, name != nullptr ? absl::StrCat(" (", name, ")") : "");
+  }
+  return absl::StrCat("ended with wait status ", wait_status);
 }
 
 }  // namespace moe::common

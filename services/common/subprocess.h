@@ -31,9 +31,9 @@ class Subprocess {
   absl::StatusOr<int> ReadListeningPort(absl::Duration timeout);
 
   void Signal(int sig) const;
-  // Waits for exit; returns the wait status, or DEADLINE_EXCEEDED.
+  // Waits for exit; returns the wait status (also when reaped before), or DEADLINE_EXCEEDED.
   absl::StatusOr<int> Wait(absl::Duration timeout);
-  // True when the child has exited (reaps it).
+  // True when the child has exited (reaps it and keeps its wait status for Wait).
   bool Exited();
   pid_t pid() const { return pid_; }
 
@@ -43,7 +43,11 @@ class Subprocess {
   int out_fd_ = -1;
   std::string buffer_;
   bool reaped_ = false;
+  int wait_status_ = 0;
 };
+
+// "exited with status 1", "killed by signal 9 (Killed)".
+std::string DescribeWaitStatus(int wait_status);
 
 }  // namespace moe::common
 

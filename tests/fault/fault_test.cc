@@ -321,7 +321,8 @@ TEST_F(FaultTest, MemoryLimitedShardRefusesAnOversizedBatch) {
   EXPECT_EQ(failcnt, 0) << "the shard hit its memory limit";
   std::printf("oversized batch refused; shard peak memory %.1f MiB of %.0f MiB, limit hits %lld\n",
               peak / 1048576.0, kLimit / 1048576.0, static_cast<long long>(failcnt));
-  cluster->Stop();
+  const absl::Status stopped = cluster->Stop();
+  EXPECT_TRUE(stopped.ok()) << stopped;
   cluster.reset();  // every process of the group reaped before the group goes
   rmdir(cg.c_str());
 }

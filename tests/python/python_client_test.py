@@ -71,7 +71,9 @@ try:
             failures.append(f"NaN: {e.code()} {e.details()}")
 finally:
     cluster.terminate()
-    cluster.wait(timeout=20)
+    # moe-cluster exits non-zero when a service did not stop cleanly (ASan's exit errors too).
+    if cluster.wait(timeout=20) != 0:
+        failures.append(f"moe-cluster exited with {cluster.returncode} on SIGTERM")
 
 for f in failures:
     print("FAIL:", f)

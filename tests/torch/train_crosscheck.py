@@ -91,7 +91,9 @@ def run(placement):
         failures.append(f"{placement}: {e.code().name}: {e.details()}")
     finally:
         cluster.terminate()
-        cluster.wait(timeout=30)
+        # moe-cluster exits non-zero when a service did not stop cleanly (ASan's exit errors too).
+        if cluster.wait(timeout=30) != 0:
+            failures.append(f"{placement}: moe-cluster exited with {cluster.returncode} on SIGTERM")
     return failures
 
 
