@@ -221,7 +221,8 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
         return;
       }
       const int64_t chunk =
-          std::max<int64_t>(1, static_cast<int64_t>(pos.size()) / (4 * cands.size()));
+          std::max<int64_t>({int64_t{1}, shared_->options.min_split_rows,
+                             static_cast<int64_t>(pos.size() / (4 * cands.size()))});
       for (size_t i = 0; i < pos.size(); i += chunk) {
         int best = cands[0];
         for (int s : cands) {

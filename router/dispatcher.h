@@ -46,6 +46,12 @@ struct DispatcherOptions {
   // it cannot take the work; then it runs inline). Null `offload`: always inline.
   std::function<bool(std::function<void()>)> offload;
   int64_t inline_assignments = 512;
+  // An expert's rows in one batch go to its replicas in pieces of at least this many (the last
+  // may be smaller), each to the replica with the least outstanding work: an expert's weights
+  // are read once per piece, and below ~32 rows the kernel spends more on reading them than on
+  // arithmetic, so a few rows are not scattered over every replica. Batches still alternate
+  // between replicas as their outstanding work changes.
+  int64_t min_split_rows = 32;
 };
 
 // The Dispatch request for one shard: each token row once, then per expert (ascending) the

@@ -57,7 +57,7 @@ class FakeShard : public ShardClient {
   }
   bool healthy() const override { return healthy_; }
   void CheckHealthNow() override {}
-  int64_t outstanding_rows() const override { return 0; }
+  int64_t outstanding_rows() const override { return outstanding; }
   const std::string& address() const override { return name_; }
   absl::StatusOr<v1::ShardStatus> LoadExperts(const std::vector<int>&, uint64_t,
                                               const std::string&, absl::Duration) override {
@@ -82,6 +82,7 @@ class FakeShard : public ShardClient {
   bool healthy_ = true;
   absl::StatusCode fail_with = absl::StatusCode::kOk;
   bool never_answer = false;
+  int64_t outstanding = 0;  // what outstanding_rows() reports
   int batches = 0;
   std::vector<v1::DispatchRequest> requests;
   std::vector<DispatchDone> parked;
@@ -139,6 +140,66 @@ TEST(Dispatcher, EachTokenRowTravelsOncePerShard) {
   EXPECT_EQ(assigned, 2 * n);
   EXPECT_EQ(req.placement_version(), 3u);
   EXPECT_GT(req.timeout_ms(), 0u);
+}
+
+int64_t RowsSent(const FakeShard& s) {
+  int64_t rows = 0;
+  for (const auto& req : s.requests) {
+    for (const auto& er : req.experts()) rows += er.rows_size();
+  }
+  return rows;
+}
+
+TEST(Dispatcher, AFewRowsOfAnExpertGoWholeToOneReplica) {
+  Rig setup(Strategy::kReplicated, 2);  // every expert on both shards
+  const int64_t n = 10;                 // 20 assignments: under 32 rows per expert
+  const std::vector<float> x = common::RandomMatrix(n, 16, 21);
+  auto y = setup.Run(x, n);
+  ASSERT_TRUE(y.ok()) << y.status();
+  EXPECT_EQ(RowsSent(*setup.fakes[0]) + RowsSent(*setup.fakes[1]), 2 * n);
+  std::vector<int> holders(4, 0);
+  for (const auto& fake : setup.fakes) {
+    for (const auto& req : fake->requests) {
+      for (const auto& er : req.experts()) ++holders[er.expert()];
+    }
+  }
+  for (int e = 0; e < 4; ++e) EXPECT_LE(holders[e], 1) << "expert " << e << " was split";
+  auto ref = setup.layer->Forward(x.data(), n);
+  for (size_t i = 0; i < y->size(); ++i) EXPECT_NEAR((*y)[i], ref->y[i], 1e-5);
+}
+
+TEST(Dispatcher, RowsGoToTheReplicaWithLessOutstandingWork) {
+  Rig setup(Strategy::kReplicated, 2);
+  setup.fakes[0]->outstanding = 1000;
+  const int64_t n = 10;
+  ASSERT_TRUE(setup.Run(common::RandomMatrix(n, 16, 23), n).ok());
+  EXPECT_EQ(setup.fakes[0]->batches, 0);
+  EXPECT_EQ(RowsSent(*setup.fakes[1]), 2 * n);
+}
+
+TEST(Dispatcher, ManyRowsOfAnExpertAreSplitInPiecesOverItsReplicas) {
+  Rig setup(Strategy::kReplicated, 2);
+  const int64_t n = 200;  // 400 assignments, about 100 rows per expert
+  const std::vector<float> x = common::RandomMatrix(n, 16, 22);
+  auto y = setup.Run(x, n);
+  ASSERT_TRUE(y.ok()) << y.status();
+  const int64_t a = RowsSent(*setup.fakes[0]), b = RowsSent(*setup.fakes[1]);
+  EXPECT_EQ(a + b, 2 * n);
+  EXPECT_LE(std::abs(a - b), DispatcherOptions().min_split_rows) << a << " against " << b;
+  // Every expert with at least two pieces' worth of rows is on both shards.
+  GatingResult g = Route(setup.layer->gate_params(), x.data(), n, GatingOptions{2, true, 0, {}});
+  std::vector<int> per_expert(4, 0);
+  for (int e : g.expert_ids) ++per_expert[e];
+  for (int e = 0; e < 4; ++e) {
+    if (per_expert[e] < 2 * DispatcherOptions().min_split_rows) continue;
+    for (const auto& fake : setup.fakes) {
+      bool has = false;
+      for (const auto& er : fake->requests[0].experts()) has |= er.expert() == e;
+      EXPECT_TRUE(has) << "expert " << e << " (" << per_expert[e] << " rows) not split";
+    }
+  }
+  auto ref = setup.layer->Forward(x.data(), n);
+  for (size_t i = 0; i < y->size(); ++i) EXPECT_NEAR((*y)[i], ref->y[i], 1e-5);
 }
 
 TEST(Dispatcher, FailsOverToAnotherReplica) {

@@ -890,6 +890,7 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   impl->load_stats = std::make_unique<LoadStats>(impl->config.num_experts);
   DispatcherOptions dopt;
   dopt.wire = o.wire;
+  dopt.min_split_rows = o.min_split_rows;
   Impl* pooled = impl.get();
   dopt.offload = [pooled](std::function<void()> work) {
     return pooled->pool->Submit(std::move(work));
