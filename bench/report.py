@@ -142,7 +142,9 @@ def main():
                      f"{ratio} | {fmt(r.get('mpi_tcp'))} | {fmt(r.get('mpi_shm'))} |")
     by = {(r.get("order", "by_id"), r["placement"]): r for r in placement}
     lines += ["", "## Hybrid against dynamic placement under Zipf(1.2) load", "",
-              "4 shards pinned to the cores (shard i on CPU i mod cores), `moe-client load` with",
+              f"4 shards, each limited to {placement[0].get('shard_cpus', '?') if placement else '?'} "
+              "CPUs by a cgroup CPU quota of its own (`moe-cluster --shard-cpus`: like a machine",
+              "of that size, a shard cannot borrow a neighbour's idle time), `moe-client load` with",
               "4 streams of 64 tokens and expert popularity Zipf(1.2); measured after a warm-up in",
               "which dynamic placement sees the skew and rebalances. Popularity by expert id",
               "(expert 0 the most popular) makes the hot experts exactly the ones `hybrid`",

@@ -21,6 +21,7 @@
 #include "services/common/signals.h"
 #include "services/common/status_macros.h"
 #include "services/common/subprocess.h"
+#include "client/cpu_limit.h"
 #include "client/local_cluster.h"
 
 namespace {
@@ -43,6 +44,8 @@ usage: moe-cluster --checkpoint PATH [flags]
   --require-client-cert    mutual TLS: services refuse callers without DIR's client certificate
   --auth-token-file F      the router requires "authorization: Bearer <token in F>"
   --pin-shards             run shard i on CPU i mod cores (equal CPU shares, for benchmarks)
+  --shard-cpus C           limit each shard to C CPUs (a cgroup CPU quota each, like machines
+                           of that size; for benchmarks; needs root)
   --router-args "ARGS"     more flags for the router, space-separated
 )";
 
@@ -55,7 +58,7 @@ absl::Status Run(int argc, char** argv) {
                              {"metrics-port", true}, {"capacity-factor", true},
                              {"overflow", true}, {"wire", true}, {"bin-dir", true},
                              {"tls-dir", true}, {"require-client-cert", false},
-                             {"pin-shards", false}, {"router-args", true},
+                             {"pin-shards", false}, {"shard-cpus", true}, {"router-args", true},
                              {"auth-token-file", true}}));
   ASSIGN_OR_RETURN(std::string checkpoint, f.Require("checkpoint"));
   ASSIGN_OR_RETURN(int64_t num_shards, f.GetInt("shards", 4));
@@ -94,6 +97,15 @@ absl::Status Run(int argc, char** argv) {
     for (int i = 0; i < o.shards; ++i) {
       o.shard_wrappers.push_back({"/usr/bin/taskset", "-c", std::to_string(i % cores)});
     }
+  }
+  moe::client::CpuLimits cpu_limits;  // outlives the cluster: its cgroups go once it stopped
+  if (f.Has("shard-cpus")) {
+    if (f.Has("pin-shards")) {
+      return absl::InvalidArgumentError("--shard-cpus and --pin-shards exclude each other");
+    }
+    ASSIGN_OR_RETURN(double cpus, f.GetDouble("shard-cpus", 1));
+    ASSIGN_OR_RETURN(cpu_limits, moe::client::CpuLimits::Create(o.shards, cpus));
+    for (int i = 0; i < o.shards; ++i) o.shard_wrappers.push_back(cpu_limits.Wrapper(i));
   }
   for (absl::string_view a : absl::StrSplit(f.Get("router-args"), ' ', absl::SkipEmpty())) {
     o.router_args.emplace_back(a);

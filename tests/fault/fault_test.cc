@@ -11,9 +11,11 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <sstream>
 #include <iterator>
 
 #include "moe/v1/expert_shard.grpc.pb.h"
+#include "client/cpu_limit.h"
 #include "tests/cluster/cluster_fixture.h"
 #include "services/common/server_util.h"
 #include "tests/fault/delay_proxy.h"
@@ -241,6 +243,51 @@ TEST_F(FaultTest, RollingRestartOfEveryShard) {
     EXPECT_GT(ShardTokens(metrics + 1 + i), 0) << "restarted shard " << i << " computed nothing";
   }
   std::printf("rolling restart: %d of %d requests succeeded\n", result.ok.load(), total);
+}
+
+// moe-cluster --shard-cpus: a process started through a CPU limit's wrapper is in its cgroup and
+// gets no more CPU time than its quota, however busy it is; the cgroup goes with the limit.
+TEST_F(FaultTest, CpuLimitHoldsABusyProcessToItsQuota) {
+  auto limits = client::CpuLimits::Create(1, 0.25);
+  ASSERT_TRUE(limits.ok()) << limits.status();
+  std::vector<std::string> argv = limits->Wrapper(0);
+  const std::string dir = argv.back();
+  argv.insert(argv.end(), {"/bin/sh", "-c", "while :; do :; done"});
+  auto busy = common::Subprocess::Spawn(argv);
+  ASSERT_TRUE(busy.ok()) << busy.status();
+  std::string groups;
+  for (const absl::Time until = absl::Now() + absl::Seconds(5); absl::Now() < until;) {
+    std::ifstream in("/proc/" + std::to_string(busy->pid()) + "/cgroup");
+    groups.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    if (groups.find(dir.substr(dir.rfind('/'))) != std::string::npos) break;
+    absl::SleepFor(absl::Milliseconds(20));  // the wrapper moves itself, then execs
+  }
+  ASSERT_NE(groups.find(dir.substr(dir.rfind('/'))), std::string::npos)
+      << "not in the CPU cgroup " << dir << ": " << groups;
+  auto cpu_seconds = [&] {
+    std::ifstream in("/proc/" + std::to_string(busy->pid()) + "/stat");
+    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::istringstream fields(stat.substr(stat.rfind(')') + 2));
+    std::string f;
+    long long utime = 0, stime = 0;
+    for (int i = 3; i <= 15 && fields >> f; ++i) {
+      if (i == 14) utime = std::atoll(f.c_str());
+      if (i == 15) stime = std::atoll(f.c_str());
+    }
+    return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+  };
+  const double before = cpu_seconds();
+  const absl::Time t0 = absl::Now();
+  absl::SleepFor(absl::Seconds(2));
+  const double used = cpu_seconds() - before;
+  const double wall = absl::ToDoubleSeconds(absl::Now() - t0);
+  busy->Signal(SIGKILL);
+  ASSERT_TRUE(busy->Wait(absl::Seconds(5)).ok());
+  EXPECT_LE(used, 0.25 * wall + 0.1) << "a 0.25-CPU limit let a busy loop use " << used << " s";
+  EXPECT_GE(used, 0.25 * wall * 0.3) << "the busy loop hardly ran (" << used << " s)";
+  std::printf("a busy loop limited to 0.25 CPUs used %.2f s of CPU in %.2f s\n", used, wall);
+  *limits = client::CpuLimits();  // removes the cgroup
+  EXPECT_NE(access(dir.c_str(), F_OK), 0) << dir << " was left behind";
 }
 
 // A shard in a memory cgroup of 96 MiB (768 MiB in sanitizer builds) sent a batch that would need
