@@ -138,7 +138,7 @@ absl::StatusOr<Placement> ComputePlacement(Strategy strategy, int E, int S,
       break;
     }
     case Strategy::kDynamic:
-      Dynamic(&p, E, S, load, slots_per_shard > 0 ? slots_per_shard : CeilDiv(2 * E, S));
+      Dynamic(&p, E, S, load, slots_per_shard > 0 ? slots_per_shard : CeilDiv(5 * E, 4 * S));
       break;
   }
   return p;

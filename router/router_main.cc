@@ -31,7 +31,7 @@ usage: moe-router --checkpoint PATH (--shards HOST:PORT[,...] | --coordinator HO
   --capacity-factor C        per-expert capacity factor; 0 (default) is unlimited
   --overflow drop|spill      what happens past capacity (default drop)
   --threads N                request worker threads (default 16)
-  --dynamic-slots N          experts per shard under dynamic placement (default ceil(2E/S))
+  --dynamic-slots N          experts per shard under dynamic placement (default ceil(5E/4S))
   --imbalance-threshold X    dynamic: rebalance when max/mean - 1 of shard load exceeds X (0.2)
   --rebalance-cooldown-s N   dynamic: at least N seconds between rebalances (default 5)
   --max-batch-tokens N       tokens one request may carry (default 8192)

@@ -38,7 +38,7 @@ struct RouterServerOptions {
   double capacity_factor = 0.0;
   Overflow overflow = Overflow::kDrop;
   int worker_threads = 16;
-  int dynamic_slots_per_shard = 0;  // 0: ceil(2E/S)
+  int dynamic_slots_per_shard = 0;  // 0: ceil(5E/4S)
   double imbalance_threshold = 0.2;
   absl::Duration rebalance_cooldown = absl::Seconds(5);
   absl::Duration reconcile_interval = absl::Seconds(1);
