@@ -15,7 +15,8 @@ namespace moe::client {
 
 class CpuLimits {
  public:
-  // Makes `count` cgroups of `cpus` CPUs each (CFS period 10 ms), named after this process.
+  // Makes `count` cgroups of `cpus` CPUs each (0.01 up to the machine's CPUs; CFS period 10 ms,
+  // longer under 0.1 CPUs since quotas start at 1 ms), named after this process.
   static absl::StatusOr<CpuLimits> Create(int count, double cpus);
   CpuLimits() = default;
   CpuLimits(CpuLimits&& other) noexcept;

@@ -152,7 +152,8 @@ absl::Status LocalCluster::Stop(absl::Duration grace) {
       p.Signal(SIGKILL);
       p.Wait(absl::Seconds(5)).IgnoreError();
     } else if (*st != 0) {
-      problems.push_back(absl::StrCat(name, " (pid ", p.pid(), ") ", common::DescribeWaitStatus(*st)));
+      problems.push_back(
+          absl::StrCat(name, " (pid ", p.pid(), ") ", common::DescribeWaitStatus(*st)));
     }
   };
   router_.Signal(SIGTERM);

@@ -141,10 +141,7 @@ absl::Status Run(int argc, char** argv) {
   }
   const absl::Status stopped = cluster->Stop();
   waiter.join();
-  if (!stopped.ok()) {
-    return absl::Status(stopped.code(), absl::StrCat(stopped.message(),
-                                                     "; their own messages are above"));
-  }
+  if (!stopped.ok()) return stopped;
   std::fprintf(stderr, "moe-cluster: stopped\n");
   return absl::OkStatus();
 }

@@ -199,6 +199,8 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
     for (int s = 0; s < S; ++s) {
       if (table.shards[s]) planned[s] = table.shards[s]->outstanding_rows();
     }
+    // Ties (an idle router sees no outstanding work) go round the replicas, not to the first.
+    const uint64_t spread = shared_->next_batch_id.load(std::memory_order_relaxed);
     for (int e = 0; e < E; ++e) {
       const std::vector<int64_t>& pos = remaining_[e];
       if (pos.empty()) continue;
@@ -224,8 +226,10 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
           std::max<int64_t>({int64_t{1}, shared_->options.min_split_rows,
                              static_cast<int64_t>(pos.size() / (4 * cands.size()))});
       for (size_t i = 0; i < pos.size(); i += chunk) {
-        int best = cands[0];
-        for (int s : cands) {
+        const size_t first = static_cast<size_t>((spread + e + i) % cands.size());
+        int best = cands[first];
+        for (size_t j = 1; j < cands.size(); ++j) {
+          const int s = cands[(first + j) % cands.size()];
           if (planned[s] < planned[best]) best = s;
         }
         const size_t end = std::min(pos.size(), i + static_cast<size_t>(chunk));

@@ -178,25 +178,39 @@ TEST(Dispatcher, RowsGoToTheReplicaWithLessOutstandingWork) {
 }
 
 TEST(Dispatcher, ManyRowsOfAnExpertAreSplitInPiecesOverItsReplicas) {
-  Rig setup(Strategy::kReplicated, 2);
-  const int64_t n = 200;  // 400 assignments, about 100 rows per expert
+  Rig setup(Strategy::kReplicated, 4);  // every expert on all four shards
+  const int64_t n = 200;                // 400 assignments, about 100 rows per expert
   const std::vector<float> x = common::RandomMatrix(n, 16, 22);
   auto y = setup.Run(x, n);
   ASSERT_TRUE(y.ok()) << y.status();
-  const int64_t a = RowsSent(*setup.fakes[0]), b = RowsSent(*setup.fakes[1]);
-  EXPECT_EQ(a + b, 2 * n);
-  EXPECT_LE(std::abs(a - b), DispatcherOptions().min_split_rows) << a << " against " << b;
-  // Every expert with at least two pieces' worth of rows is on both shards.
+  const int64_t piece = 32;
+  ASSERT_EQ(DispatcherOptions().min_split_rows, piece) << "the rig runs with the default";
   GatingResult g = Route(setup.layer->gate_params(), x.data(), n, GatingOptions{2, true, 0, {}});
-  std::vector<int> per_expert(4, 0);
+  std::vector<int64_t> per_expert(4, 0);
   for (int e : g.expert_ids) ++per_expert[e];
-  for (int e = 0; e < 4; ++e) {
-    if (per_expert[e] < 2 * DispatcherOptions().min_split_rows) continue;
-    for (const auto& fake : setup.fakes) {
-      bool has = false;
-      for (const auto& er : fake->requests[0].experts()) has |= er.expert() == e;
-      EXPECT_TRUE(has) << "expert " << e << " (" << per_expert[e] << " rows) not split";
+  // rows[e][s]: expert e's rows sent to shard s.
+  std::vector<std::vector<int64_t>> rows(4, std::vector<int64_t>(4, 0));
+  int64_t total = 0;
+  for (int s = 0; s < 4; ++s) {
+    ASSERT_LE(setup.fakes[s]->requests.size(), 1u);
+    for (const auto& req : setup.fakes[s]->requests) {
+      for (const auto& er : req.experts()) {
+        rows[er.expert()][s] += er.rows_size();
+        total += er.rows_size();
+      }
     }
+  }
+  EXPECT_EQ(total, 2 * n);
+  for (int e = 0; e < 4; ++e) {
+    int holders = 0, small = 0;
+    for (int s = 0; s < 4; ++s) {
+      holders += rows[e][s] > 0;
+      small += rows[e][s] > 0 && rows[e][s] < piece;
+    }
+    // Pieces of `piece` rows (the last may be smaller) over the least busy replicas.
+    EXPECT_LE(small, 1) << "expert " << e << " scattered in small pieces";
+    EXPECT_GE(holders, per_expert[e] >= 2 * piece ? 2 : 1)
+        << "expert " << e << " (" << per_expert[e] << " rows) not spread over its replicas";
   }
   auto ref = setup.layer->Forward(x.data(), n);
   for (size_t i = 0; i < y->size(); ++i) EXPECT_NEAR((*y)[i], ref->y[i], 1e-5);

@@ -35,7 +35,8 @@ struct Placement {
 };
 
 // `slots_per_shard` bounds how many experts one shard may host under `dynamic`; 0 picks
-// ceil(5 E / 4 S): one replica of every expert and a quarter more for the hot ones. `load` is per-expert tokens per batch (any scale; all zero means uniform).
+// ceil(5 E / 4 S): one replica of every expert and a quarter more for the hot ones. `load` is
+// per-expert tokens per batch (any scale; all zero means uniform).
 absl::StatusOr<Placement> ComputePlacement(Strategy strategy, int num_experts, int num_shards,
                                            const std::vector<double>& load,
                                            int slots_per_shard = 0);

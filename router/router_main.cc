@@ -36,7 +36,7 @@ usage: moe-router --checkpoint PATH (--shards HOST:PORT[,...] | --coordinator HO
   --rebalance-cooldown-s N   dynamic: at least N seconds between rebalances (default 5)
   --max-batch-tokens N       tokens one request may carry (default 8192)
   --min-split-rows N         an expert's rows in a batch go to its replicas in pieces of at
-                             least N (default 32; 1 spreads every row)
+                             least N (default 32; 1: pieces of rows / (4 x replicas))
   --wire fp32|bf16           row format towards the shards (default fp32)
   --timeout-s N              deadline for requests that come without one (default 30)
   --coordinator HOST:PORT    moe-coordinator, needed for TrainStep
@@ -96,7 +96,8 @@ absl::Status Run(int argc, char** argv) {
   if (threads < 1 || slots < 0 || o.max_batch_tokens < 1 || o.min_split_rows < 1 || timeout <= 0 ||
       cooldown < 0) {
     return absl::InvalidArgumentError(
-        "--threads, --max-batch-tokens, --min-split-rows and --timeout-s must be positive");
+        "--threads, --max-batch-tokens, --min-split-rows and --timeout-s must be positive, "
+        "--dynamic-slots and --rebalance-cooldown-s not negative");
   }
   o.worker_threads = static_cast<int>(threads);
   o.dynamic_slots_per_shard = static_cast<int>(slots);

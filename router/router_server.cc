@@ -59,7 +59,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::atomic<uint64_t> steps_done{0};
   std::shared_ptr<prometheus::Registry> registry;
   std::unique_ptr<RouterMetrics> metrics;
-  // Shard clients by address (kept across membership changes).
+  // Shard clients by address (kept across membership changes). Never pruned while serving: a
+  // batch finishing on a gRPC callback thread may drop a routing table's reference to a client,
+  // and a client destroyed there would wait for its own stream and drop its channel on that
+  // thread (see GrpcShardClient::StreamReleased). Pruning must hand the client to another thread.
   std::mutex clients_mu;
   std::map<std::string, std::shared_ptr<ShardClient>> clients;
   std::unique_ptr<Dispatcher> dispatcher;

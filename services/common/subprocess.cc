@@ -138,6 +138,7 @@ bool Subprocess::Exited() {
 
 absl::StatusOr<int> Subprocess::Wait(absl::Duration timeout) {
   const absl::Time deadline = absl::Now() + timeout;
+  if (pid_ <= 0) return absl::FailedPreconditionError("no process was started");
   while (true) {
     if (Exited()) return wait_status_;
     if (absl::Now() > deadline) return absl::DeadlineExceededError("process still running");
@@ -149,8 +150,9 @@ std::string DescribeWaitStatus(int wait_status) {
   if (WIFEXITED(wait_status)) return absl::StrCat("exited with status ", WEXITSTATUS(wait_status));
   if (WIFSIGNALED(wait_status)) {
     const int sig = WTERMSIG(wait_status);
-    const char* name = strsignal(sig);
-    return absl::StrCat("killed by signal ", sig, name != nullptr ? absl::StrCat(" (", name, ")") : "");
+    const char* name = sigabbrev_np(sig);  // "SEGV"; thread-safe, unlike strsignal
+    return absl::StrCat("killed by signal ", sig,
+                        name != nullptr ? absl::StrCat(" (SIG", name, ")") : "");
   }
   return absl::StrCat("ended with wait status ", wait_status);
 }
