@@ -152,7 +152,7 @@ int64_t RowsSent(const FakeShard& s) {
 
 TEST(Dispatcher, AFewRowsOfAnExpertGoWholeToOneReplica) {
   Rig setup(Strategy::kReplicated, 2);  // every expert on both shards
-  const int64_t n = 10;                 // 20 assignments: under 32 rows per expert
+  const int64_t n = 10;                 // 20 assignments: under 64 rows per expert
   const std::vector<float> x = common::RandomMatrix(n, 16, 21);
   auto y = setup.Run(x, n);
   ASSERT_TRUE(y.ok()) << y.status();
@@ -179,11 +179,11 @@ TEST(Dispatcher, RowsGoToTheReplicaWithLessOutstandingWork) {
 
 TEST(Dispatcher, ManyRowsOfAnExpertAreSplitInPiecesOverItsReplicas) {
   Rig setup(Strategy::kReplicated, 4);  // every expert on all four shards
-  const int64_t n = 200;                // 400 assignments, about 100 rows per expert
+  const int64_t n = 400;                // 800 assignments, about 200 rows per expert
   const std::vector<float> x = common::RandomMatrix(n, 16, 22);
   auto y = setup.Run(x, n);
   ASSERT_TRUE(y.ok()) << y.status();
-  const int64_t piece = 32;
+  const int64_t piece = 64;
   ASSERT_EQ(DispatcherOptions().min_split_rows, piece) << "the rig runs with the default";
   GatingResult g = Route(setup.layer->gate_params(), x.data(), n, GatingOptions{2, true, 0, {}});
   std::vector<int64_t> per_expert(4, 0);

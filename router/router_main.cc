@@ -36,7 +36,7 @@ usage: moe-router --checkpoint PATH (--shards HOST:PORT[,...] | --coordinator HO
   --rebalance-cooldown-s N   dynamic: at least N seconds between rebalances (default 5)
   --max-batch-tokens N       tokens one request may carry (default 8192)
   --min-split-rows N         an expert's rows in a batch go to its replicas in pieces of at
-                             least N (default 32; 1: pieces of rows / (4 x replicas))
+                             least N (default 64; 1: pieces of rows / (4 x replicas))
   --wire fp32|bf16           row format towards the shards (default fp32)
   --timeout-s N              deadline for requests that come without one (default 30)
   --coordinator HOST:PORT    moe-coordinator, needed for TrainStep
@@ -89,7 +89,7 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(o.imbalance_threshold, f.GetDouble("imbalance-threshold", 0.2));
   ASSIGN_OR_RETURN(double cooldown, f.GetDouble("rebalance-cooldown-s", 5));
   ASSIGN_OR_RETURN(o.max_batch_tokens, f.GetInt("max-batch-tokens", 8192));
-  ASSIGN_OR_RETURN(o.min_split_rows, f.GetInt("min-split-rows", 32));
+  ASSIGN_OR_RETURN(o.min_split_rows, f.GetInt("min-split-rows", 64));
   ASSIGN_OR_RETURN(double timeout, f.GetDouble("timeout-s", 30));
   const std::string wire = f.Get("wire", "fp32");
   if (wire != "fp32" && wire != "bf16") return absl::InvalidArgumentError("--wire must be fp32 or bf16");

@@ -44,7 +44,7 @@ struct RouterServerOptions {
   absl::Duration reconcile_interval = absl::Seconds(1);
   int64_t max_batch_tokens = 8192;
   common::WireType wire = common::WireType::kFloat32;
-  int64_t min_split_rows = 32;  // DispatcherOptions::min_split_rows
+  int64_t min_split_rows = 64;  // DispatcherOptions::min_split_rows
   // Deadline applied to requests that come without one.
   absl::Duration default_timeout = absl::Seconds(30);
   common::RpcLimits limits;
