@@ -44,6 +44,25 @@ def load(router, duration, hot_order):
 # shards; the rest is left to the router and the load generator.
 SHARD_CPUS = round(0.8 * os.cpu_count() / 4, 2)
 SHARD_LIMIT = ["--shard-cpus", str(SHARD_CPUS)]
+
+
+def cpu_quota_possible():
+    if os.geteuid() != 0:
+        return False
+    if os.path.exists("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"):
+        return True
+    try:
+        return "cpu" in open("/sys/fs/cgroup/cgroup.controllers").read().split()
+    except OSError:
+        return False
+
+
+if not cpu_quota_possible():
+    print("placement_bench: no cgroup CPU quota here (needs root and a cpu controller); shards "
+          "pinned two to a core instead, where a busy shard can borrow its neighbour's idle time",
+          file=sys.stderr)
+    SHARD_CPUS = "pinned"
+    SHARD_LIMIT = ["--pin-shards"]
 ORDERS = [("by_id", 0), ("shuffled", 7)]
 results = {}
 with open(out_path, "w") as out:

@@ -142,9 +142,8 @@ def main():
                      f"{ratio} | {fmt(r.get('mpi_tcp'))} | {fmt(r.get('mpi_shm'))} |")
     by = {(r.get("order", "by_id"), r["placement"]): r for r in placement}
     lines += ["", "## Hybrid against dynamic placement under Zipf(1.2) load", "",
-              f"4 shards, each limited to {placement[0].get('shard_cpus', '?') if placement else '?'} "
-              "CPUs by a cgroup CPU quota of its own (`moe-cluster --shard-cpus`: like a machine",
-              "of that size, a shard cannot borrow a neighbour's idle time), `moe-client load` with",
+              placement_limit_text(placement),
+              "`moe-client load` with",
               "4 streams of 64 tokens and expert popularity Zipf(1.2); measured after a warm-up in",
               "which dynamic placement sees the skew and rebalances. Popularity by expert id",
               "(expert 0 the most popular) makes the hot experts exactly the ones `hybrid`",
@@ -166,6 +165,17 @@ def main():
     lines += scale_section(os.path.join(os.path.dirname(md_path) or ".", "scale.json"))
     open(md_path, "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def placement_limit_text(placement):
+    """How the placement benchmark gave the shards equal CPU shares."""
+    cpus = placement[0].get("shard_cpus") if placement else None
+    if cpus == "pinned":
+        return ("4 shards pinned two to a core (no cgroup CPU quota on this machine: a busy shard "
+                "can borrow its core-mate's idle time),")
+    return (f"4 shards, each limited to {cpus} CPUs by a cgroup CPU quota of its own "
+            "(`moe-cluster --shard-cpus`: like a machine of that size, a shard cannot borrow a "
+            "neighbour's idle time),")
 
 
 def scale_table(d):
