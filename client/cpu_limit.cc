@@ -118,8 +118,8 @@ void CpuLimits::Remove() {
   dirs_.clear();
 }
 
-std::vector<std::string> CpuLimits::Wrapper(int i) const {
-  return {"/bin/sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"", dirs_[i]};
+std::vector<std::string> CgroupWrapper(const std::string& dir) {
+  return {"/bin/sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"", dir};
 }
 
 }  // namespace moe::client

@@ -13,6 +13,10 @@
 
 namespace moe::client {
 
+// Prefix for a command line that runs it in the cgroup directory `dir` (any controller): the
+// shell moves itself into the cgroup, then execs the command.
+std::vector<std::string> CgroupWrapper(const std::string& dir);
+
 class CpuLimits {
  public:
   // Makes `count` cgroups of `cpus` CPUs each (0.01 up to the machine's CPUs; CFS period 10 ms,
@@ -23,9 +27,8 @@ class CpuLimits {
   CpuLimits& operator=(CpuLimits&& other) noexcept;
   ~CpuLimits();  // removes the cgroups (they must be empty by then: stop the processes first)
 
-  // Prefix for a command line that runs it in limit i: the shell moves itself into the cgroup,
-  // then execs the command.
-  std::vector<std::string> Wrapper(int i) const;
+  // CgroupWrapper of limit i.
+  std::vector<std::string> Wrapper(int i) const { return CgroupWrapper(dirs_[i]); }
 
  private:
   void Remove();

@@ -89,7 +89,7 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(o.imbalance_threshold, f.GetDouble("imbalance-threshold", 0.2));
   ASSIGN_OR_RETURN(double cooldown, f.GetDouble("rebalance-cooldown-s", 5));
   ASSIGN_OR_RETURN(o.max_batch_tokens, f.GetInt("max-batch-tokens", 8192));
-  ASSIGN_OR_RETURN(o.min_split_rows, f.GetInt("min-split-rows", 64));
+  ASSIGN_OR_RETURN(o.min_split_rows, f.GetInt("min-split-rows", o.min_split_rows));
   ASSIGN_OR_RETURN(double timeout, f.GetDouble("timeout-s", 30));
   const std::string wire = f.Get("wire", "fp32");
   if (wire != "fp32" && wire != "bf16") return absl::InvalidArgumentError("--wire must be fp32 or bf16");

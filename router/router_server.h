@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "router/dispatcher.h"
 #include "router/placement.h"
 #include "router/shard_client.h"
 #include "services/common/checkpoint.h"
@@ -44,7 +45,7 @@ struct RouterServerOptions {
   absl::Duration reconcile_interval = absl::Seconds(1);
   int64_t max_batch_tokens = 8192;
   common::WireType wire = common::WireType::kFloat32;
-  int64_t min_split_rows = 64;  // DispatcherOptions::min_split_rows
+  int64_t min_split_rows = DispatcherOptions().min_split_rows;
   // Deadline applied to requests that come without one.
   absl::Duration default_timeout = absl::Seconds(30);
   common::RpcLimits limits;

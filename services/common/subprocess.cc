@@ -137,8 +137,8 @@ bool Subprocess::Exited() {
 }
 
 absl::StatusOr<int> Subprocess::Wait(absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
   if (pid_ <= 0) return absl::FailedPreconditionError("no process was started");
+  const absl::Time deadline = absl::Now() + timeout;
   while (true) {
     if (Exited()) return wait_status_;
     if (absl::Now() > deadline) return absl::DeadlineExceededError("process still running");

@@ -46,7 +46,7 @@ class Subprocess {
   int wait_status_ = 0;
 };
 
-// "exited with status 1", "killed by signal 9 (Killed)".
+// "exited with status 1", "killed by signal 9 (SIGKILL)".
 std::string DescribeWaitStatus(int wait_status);
 
 }  // namespace moe::common

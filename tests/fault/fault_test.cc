@@ -29,6 +29,12 @@ using testing::Config;
 using testing::ScrapeMetric;
 using testing::Since;
 
+// /proc/PID/NAME, whole ("" when unreadable).
+std::string ProcFile(pid_t pid, const std::string& name) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/" + name);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
 int Sh(const std::string& cmd) { return std::system(cmd.c_str()); }
 
 // Polls `done` every 20 ms for up to `limit` seconds; returns the seconds it took, or -1.
@@ -255,18 +261,17 @@ TEST_F(FaultTest, CpuLimitHoldsABusyProcessToItsQuota) {
   argv.insert(argv.end(), {"/bin/sh", "-c", "while :; do :; done"});
   auto busy = common::Subprocess::Spawn(argv);
   ASSERT_TRUE(busy.ok()) << busy.status();
-  std::string groups;
-  for (const absl::Time until = absl::Now() + absl::Seconds(5); absl::Now() < until;) {
-    std::ifstream in("/proc/" + std::to_string(busy->pid()) + "/cgroup");
-    groups.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-    if (groups.find(dir.substr(dir.rfind('/'))) != std::string::npos) break;
+  const std::string name = dir.substr(dir.rfind('/'));
+  std::string groups = ProcFile(busy->pid(), "cgroup");
+  for (const absl::Time until = absl::Now() + absl::Seconds(5);
+       groups.find(name) == std::string::npos && absl::Now() < until;) {
     absl::SleepFor(absl::Milliseconds(20));  // the wrapper moves itself, then execs
+    groups = ProcFile(busy->pid(), "cgroup");
   }
-  ASSERT_NE(groups.find(dir.substr(dir.rfind('/'))), std::string::npos)
+  ASSERT_NE(groups.find(name), std::string::npos)
       << "not in the CPU cgroup " << dir << ": " << groups;
   auto cpu_seconds = [&] {
-    std::ifstream in("/proc/" + std::to_string(busy->pid()) + "/stat");
-    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const std::string stat = ProcFile(busy->pid(), "stat");
     std::istringstream fields(stat.substr(stat.rfind(')') + 2));
     std::string f;
     long long utime = 0, stime = 0;
@@ -311,12 +316,11 @@ TEST_F(FaultTest, MemoryLimitedShardRefusesAnOversizedBatch) {
   o.placement = "replicated";
   o.coordinator = false;
   o.shard_args = {"--max-message-mb", "32"};
-  o.shard_wrappers = {{"sh", "-c", "echo $$ > " + cg + "/cgroup.procs && exec \"$@\"", "sh"}};
+  o.shard_wrappers = {client::CgroupWrapper(cg)};
   auto cluster = StartWith(o);
   ASSERT_NE(cluster, nullptr);
   {
-    std::ifstream in("/proc/" + std::to_string(cluster->shard(0).pid()) + "/cgroup");
-    const std::string groups((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const std::string groups = ProcFile(cluster->shard(0).pid(), "cgroup");
     ASSERT_NE(groups.find("moe-fault-" + std::to_string(getpid())), std::string::npos)
         << "the shard is not in the memory cgroup: " << groups;
   }
