@@ -66,7 +66,8 @@ absl::Status Run(int argc, char** argv) {
     o.initial_experts = list;
   }
   ASSIGN_OR_RETURN(int64_t threads, f.GetInt("threads", 1));
-  ASSIGN_OR_RETURN(o.pool.max_coalesced_rows, f.GetInt("max-coalesced-rows", 256));
+  ASSIGN_OR_RETURN(o.pool.max_coalesced_rows,
+                   f.GetInt("max-coalesced-rows", o.pool.max_coalesced_rows));
   ASSIGN_OR_RETURN(int64_t delay_us, f.GetInt("batch-delay-us", 0));
   ASSIGN_OR_RETURN(o.pool.max_queue_rows, f.GetInt("max-queue-rows", 65536));
   ASSIGN_OR_RETURN(o.max_batch_rows, f.GetInt("max-batch-rows", 8192));
