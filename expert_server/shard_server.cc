@@ -194,6 +194,7 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
     std::map<std::pair<uint64_t, int>, CachedForward> forwards;  // (batch, expert)
     std::map<int, common::ExpertWeights> grads;
     bool failed = false;  // a reduction failed: only an abort may end the step
+    std::chrono::steady_clock::time_point opened;
   };
   std::mutex train_mu;
   std::map<uint64_t, StepState> steps;
@@ -206,6 +207,22 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
       finished_steps.erase(finished_order.front());
       finished_order.pop_front();
     }
+  }
+  // The state of `step`, opened now if new; opening one drops every step older than step_ttl.
+  StepState& OpenStepLocked(uint64_t step) {
+    auto [it, fresh] = steps.try_emplace(step);
+    if (!fresh) return it->second;
+    const auto now = std::chrono::steady_clock::now();
+    it->second.opened = now;
+    for (auto s = steps.begin(); s != steps.end();) {
+      if (now - s->second.opened > absl::ToChronoNanoseconds(options.step_ttl)) {
+        MarkFinishedLocked(s->first);
+        s = steps.erase(s);
+      } else {
+        ++s;
+      }
+    }
+    return it->second;
   }
   std::unique_ptr<common::ThreadPool> train_pool;
 
@@ -382,7 +399,7 @@ class DispatchReactor final
       if (st.ok() && t.train_step != 0) {
         std::lock_guard<std::mutex> lock(impl->train_mu);
         if (!impl->finished_steps.count(t.train_step)) {
-          auto& step = impl->steps[t.train_step];
+          auto& step = impl->OpenStepLocked(t.train_step);
           for (DispatchTask::Part& p : t.parts) {
             if (p.cache == nullptr) continue;  // no rows for this expert
             step.forwards[{t.batch_id, p.expert}] =
@@ -706,7 +723,7 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
       return absl::FailedPreconditionError(
           absl::StrCat("step ", req.train_step(), " has already ended on this shard"));
     }
-    StepState& step = steps[req.train_step()];
+    StepState& step = OpenStepLocked(req.train_step());
     for (int e : req.experts()) {
       std::shared_ptr<ExpertHandle> h = store->Find(e);
       if (h == nullptr) {

@@ -38,6 +38,10 @@ struct ShardServerOptions {
   std::string coordinator;
   // The address peers and the router reach this shard at; empty: 127.0.0.1:<port>.
   std::string advertise_address;
+  // A training step's kept activations and gradients are dropped this long after the step's
+  // first forward arrived, when no FinishStep came (a router that died, or whose abort did not
+  // get through). Swept whenever a new step starts. Far longer than any step's deadline.
+  absl::Duration step_ttl = absl::Minutes(10);
 };
 
 class ShardServer {

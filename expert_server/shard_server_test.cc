@@ -696,6 +696,54 @@ TEST_F(ShardServerTest, TrainingForwardBackwardCommitAndAbort) {
   stream->Finish();
 }
 
+TEST_F(ShardServerTest, AStepNobodyFinishesIsDroppedOnceStale) {
+  ShardServerOptions o;
+  o.step_ttl = absl::Seconds(1);
+  auto server = StartServer(o);
+  auto stub = Stub(*server);
+  grpc::ClientContext ctx;
+  auto stream = stub->Dispatch(&ctx);
+  const int64_t d = TestConfig().d_model;
+  auto forward = [&](uint64_t step, uint64_t batch) {
+    v1::DispatchRequest req = Batch(batch, 2, {{1, {0, 1}}});
+    req.set_train_step(step);
+    ASSERT_TRUE(stream->Write(req));
+    v1::DispatchResponse resp;
+    ASSERT_TRUE(stream->Read(&resp));
+    ASSERT_EQ(resp.code(), 0) << resp.message();
+  };
+  auto backward = [&](uint64_t step, uint64_t batch) {
+    v1::BackwardRequest back;
+    back.set_train_step(step);
+    back.set_batch_id(batch);
+    v1::ExpertOutput* g = back.add_grads();
+    g->set_expert(1);
+    common::EncodeTensor(common::RandomMatrix(2, d, 3), {2, d}, common::WireType::kFloat32,
+                         g->mutable_output());
+    grpc::ClientContext bctx;
+    v1::BackwardResponse bresp;
+    return stub->Backward(&bctx, back, &bresp);
+  };
+  forward(1, 10);
+  forward(2, 20);  // a new step within the TTL leaves step 1 alone
+  EXPECT_TRUE(backward(1, 10).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));  // let steps 1 and 2 go stale
+  forward(3, 30);  // opening step 3 drops them
+  grpc::Status st = backward(2, 20);
+  EXPECT_EQ(st.error_code(), grpc::FAILED_PRECONDITION);
+  EXPECT_NE(st.error_message().find("no training forward of batch 20"), std::string::npos)
+      << st.error_message();
+  forward(1, 11);  // a late forward of a dropped step is not kept
+  st = backward(1, 11);
+  EXPECT_EQ(st.error_code(), grpc::FAILED_PRECONDITION);
+  EXPECT_TRUE(backward(3, 30).ok());
+  stream->WritesDone();
+  v1::DispatchResponse resp;
+  while (stream->Read(&resp)) {
+  }
+  stream->Finish();
+}
+
 TEST_F(ShardServerTest, ReflectionListsTheShardService) {
   auto server = StartServer();
   auto channel = grpc::CreateChannel(server->address(), grpc::InsecureChannelCredentials());

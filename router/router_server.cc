@@ -1,5 +1,6 @@
 #include "router/router_server.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -376,8 +377,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     last_rebalance = std::chrono::steady_clock::now();
     strategy.store(next.strategy);
     // Requests routed with the old table still hold it: let them finish before its replicas go.
+    // With nothing to unload (shards only joined or left) there is nothing to wait for, and
+    // waiting would hold up the control loop behind a slow request.
+    const bool unloads = std::any_of(to_unload.begin(), to_unload.end(),
+                                     [](const std::vector<int>& u) { return !u.empty(); });
     const auto drain_until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-    while (old != nullptr && old.use_count() > 1 && std::chrono::steady_clock::now() < drain_until) {
+    while (unloads && old.use_count() > 1 && std::chrono::steady_clock::now() < drain_until) {
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
     for (size_t s = 0; s < to_unload.size(); ++s) {

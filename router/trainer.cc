@@ -34,9 +34,14 @@ Trainer::Trainer(const common::ModelConfig& config, Committer committer)
       next_step_(static_cast<uint64_t>(absl::ToUnixMillis(absl::Now())) << 16) {}
 
 void Trainer::AbortEverywhere(const RoutingTable& table, uint64_t step) {
+  std::vector<std::thread> aborts;
+  aborts.reserve(table.shards.size());
   for (const auto& s : table.shards) {
-    s->FinishStep(step, /*commit=*/false, 0.f, absl::Seconds(10)).IgnoreError();
+    aborts.emplace_back([&s, step] {
+      s->FinishStep(step, /*commit=*/false, 0.f, kAbortTimeout).IgnoreError();
+    });
   }
+  for (auto& t : aborts) t.join();
 }
 
 absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,

@@ -52,6 +52,10 @@ class Trainer {
                                    const TrainParams& params, absl::Time deadline);
 
  private:
+  // Tells every shard to drop the step's kept activations and gradients, all at once and for at
+  // most kAbortTimeout: a stalled shard must not hold the failed call (and the routing table it
+  // pins) for longer. A shard the abort does not reach drops the step itself once it is stale.
+  static constexpr absl::Duration kAbortTimeout = absl::Seconds(2);
   void AbortEverywhere(const RoutingTable& table, uint64_t step);
 
   const common::ModelConfig config_;

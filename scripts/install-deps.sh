@@ -19,6 +19,8 @@ TEST_PACKAGES=(
   clang libclang-rt-14-dev
   python3 python3-torch python3-numpy python3-grpcio python3-protobuf python3-yaml
   curl procps openssl
+  # fault injection (tests/fault): network namespaces and cut links
+  iproute2 iptables
   # deployment checks (tests/deploy): compose, YAML, Prometheus rules and a live Prometheus
   docker-compose yamllint prometheus
 )
