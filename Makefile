@@ -72,8 +72,12 @@ test-compose: build
 run: build
 	bash scripts/run-demo.sh $(BUILD)
 
-bench: build
+# The peers (Gloo, Open MPI) are found when CMake configures: install them first, then configure
+# again so that a build directory made before they were installed builds them too.
+bench: deps
 	@bash scripts/install-deps.sh bench
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_FLAGS)
+	cmake --build $(BUILD) -j $(JOBS)
 	bash bench/run_all.sh $(BUILD)
 
 clean:

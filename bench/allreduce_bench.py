@@ -74,6 +74,12 @@ def mpi(world, elements, repeat, tcp):
     return seconds(r.stdout)
 
 
+for peer, package in (("gloo_allreduce", "libgloo-dev"), ("mpi_allreduce", "libopenmpi-dev")):
+    if not os.path.exists(f"{bin_dir}/{peer}"):
+        print(f"allreduce_bench: {peer} was not built ({package} was missing when CMake "
+              f"configured), so its column stays empty; `make bench` installs it and configures "
+              f"again", file=sys.stderr)
+
 rows = []
 with open(out_path, "w") as out:
     for world in WORLDS:

@@ -199,8 +199,11 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
     for (int s = 0; s < S; ++s) {
       if (table.shards[s]) planned[s] = table.shards[s]->outstanding_rows();
     }
-    // Ties (an idle router sees no outstanding work) go round the replicas, not to the first.
-    const uint64_t spread = shared_->next_batch_id.load(std::memory_order_relaxed);
+    // Ties (an idle router sees no outstanding work) go to the expert's home replica, a fixed
+    // one per expert (and per piece of a large batch): a replica that serves an expert again
+    // finds its weights still in cache, where going round the replicas made every copy of the
+    // expert cold (at 1 row, 12 MiB of weights read from memory instead of cache). The homes of
+    // different experts spread over the replicas; outstanding work still breaks every non-tie.
     for (int e = 0; e < E; ++e) {
       const std::vector<int64_t>& pos = remaining_[e];
       if (pos.empty()) continue;
@@ -226,7 +229,9 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
           std::max<int64_t>({int64_t{1}, shared_->options.min_split_rows,
                              static_cast<int64_t>(pos.size() / (4 * cands.size()))});
       for (size_t i = 0; i < pos.size(); i += chunk) {
-        const size_t first = static_cast<size_t>((spread + e + i) % cands.size());
+        const size_t first =
+            static_cast<size_t>((static_cast<size_t>(e) + i / static_cast<size_t>(chunk)) %
+                                cands.size());
         int best = cands[first];
         for (size_t j = 1; j < cands.size(); ++j) {
           const int s = cands[(first + j) % cands.size()];

@@ -1,6 +1,7 @@
 #include "router/dispatcher.h"
 
 #include <atomic>
+#include <set>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -175,6 +176,30 @@ TEST(Dispatcher, RowsGoToTheReplicaWithLessOutstandingWork) {
   ASSERT_TRUE(setup.Run(common::RandomMatrix(n, 16, 23), n).ok());
   EXPECT_EQ(setup.fakes[0]->batches, 0);
   EXPECT_EQ(RowsSent(*setup.fakes[1]), 2 * n);
+}
+
+TEST(Dispatcher, AnIdleClusterSendsEachExpertToItsHomeReplicaEveryTime) {
+  Rig setup(Strategy::kReplicated, 4);  // every expert on all four shards
+  // home[e]: the shard that got expert e's rows; it must stay the same over many batches so the
+  // weights it reads stay in that shard's cache, and the experts' homes must not all coincide.
+  std::vector<int> home(4, -1);
+  for (int b = 0; b < 12; ++b) {
+    for (auto& f : setup.fakes) f->requests.clear();
+    ASSERT_TRUE(setup.Run(common::RandomMatrix(2, 16, 40 + b), 2).ok());
+    for (int s = 0; s < 4; ++s) {
+      for (const auto& req : setup.fakes[s]->requests) {
+        for (const auto& er : req.experts()) {
+          if (home[er.expert()] < 0) home[er.expert()] = s;
+          EXPECT_EQ(home[er.expert()], s) << "expert " << er.expert() << " moved in batch " << b;
+        }
+      }
+    }
+  }
+  std::set<int> homes;
+  for (int h : home) {
+    if (h >= 0) homes.insert(h);
+  }
+  EXPECT_GE(homes.size(), 2u) << "every expert's home is the same shard";
 }
 
 TEST(Dispatcher, ManyRowsOfAnExpertAreSplitInPiecesOverItsReplicas) {
