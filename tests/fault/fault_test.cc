@@ -133,11 +133,22 @@ TEST_F(FaultTest, CutLinkIsDetectedAndHealed) {
   LoadResult result;
   std::thread load([&] { RunLoad(cluster->router_address(), 4, &stop, &result); });
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
-  ASSERT_TRUE(ns.Cut());
+  // On failure, stop the load before leaving the test (a joinable thread would abort the run).
+  auto fail_stop = [&] {
+    stop = true;
+    load.join();
+  };
+  if (!ns.Cut()) {
+    fail_stop();
+    FAIL() << "iptables could not cut the link (scripts/install-deps.sh installs iptables)";
+  }
   const double detected = WaitFor([&] { return ShardUp(metrics, cut_shard) == 0; }, 5);
   std::this_thread::sleep_for(std::chrono::milliseconds(1000));
   const int ok_while_cut = result.ok.load();
-  ASSERT_TRUE(ns.Heal());
+  if (!ns.Heal()) {
+    fail_stop();
+    FAIL() << "iptables could not heal the link";
+  }
   const double back = WaitFor([&] { return ShardUp(metrics, cut_shard) == 1; }, 5);
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
   stop = true;
@@ -409,7 +420,7 @@ TEST_F(FaultTest, RingRankCutOffMidAllReduce) {
   }
   std::rename((peers + ".tmp").c_str(), peers.c_str());
   std::this_thread::sleep_for(std::chrono::milliseconds(400));
-  ASSERT_TRUE(ns.Cut());
+  ASSERT_TRUE(ns.Cut()) << "iptables could not cut the link (scripts/install-deps.sh installs iptables)";
   for (int r : {0, 1}) {
     auto line = ranks[r].ReadLineWith("RESULT", absl::Seconds(20));
     ASSERT_TRUE(line.ok()) << "rank " << r << ": " << line.status();
