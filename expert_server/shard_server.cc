@@ -55,8 +55,11 @@ absl::StatusOr<common::ExpertWeights> CopyFromPeer(const common::ModelConfig& co
                                            common::ClientChannelArgs(limits));
   auto stub = v1::ExpertShard::NewStub(channel);
   grpc::ClientContext ctx;
+  // Fail fast when the peer cannot be reached (not wait_for_ready): the router picked it as a
+  // live replica, and one that just died must not hold this load, and the router's placement
+  // switch waiting on it, until the deadline. A peer that stalls mid-copy is cut off by the
+  // channel's keepalive.
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
-  ctx.set_wait_for_ready(true);
   v1::ExportExpertRequest req;
   req.set_expert(e);
   auto reader = stub->ExportExpert(&ctx, req);

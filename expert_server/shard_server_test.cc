@@ -532,6 +532,38 @@ TEST_F(ShardServerTest, SecondShardCopiesAnExpertFromAPeer) {
   EXPECT_EQ(stub_b->LoadExperts(&ctx, old, &st).error_code(), grpc::FAILED_PRECONDITION);
 }
 
+TEST_F(ShardServerTest, ACopyFromAPeerThatIsGoneFailsAtOnce) {
+  // A port that was just listening and is closed now: nothing answers there.
+  std::string gone;
+  {
+    auto peer = StartServer();
+    gone = peer->address();
+    peer->Shutdown();
+  }
+  ShardServerOptions o;
+  o.initial_experts = std::vector<int>{};
+  auto b = StartServer(o);
+  auto stub_b = Stub(*b);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  v1::LoadExpertsRequest req;
+  req.add_experts(2);
+  req.set_placement_version(1);
+  req.set_source_peer(gone);
+  req.set_wait(true);
+  v1::ShardStatus st;
+  const auto start = std::chrono::steady_clock::now();
+  grpc::Status s = stub_b->LoadExperts(&ctx, req, &st);
+  const double took =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  // The load fails in about a connection attempt, not at the copy's 120 s deadline (which held
+  // up the router's placement switch when a source shard had just died).
+  EXPECT_LT(took, 10.0);
+  EXPECT_EQ(s.error_code(), grpc::UNAVAILABLE) << s.error_message();
+  EXPECT_NE(s.error_message().find("copying expert 2 from " + gone), std::string::npos)
+      << s.error_message();
+}
+
 TEST_F(ShardServerTest, UnloadDrainsAndStatusReportsState) {
   auto server = StartServer();
   auto stub = Stub(*server);

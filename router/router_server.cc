@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <cstdio>
 #include <deque>
 #include <map>
 #include <mutex>
@@ -294,6 +295,22 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // else from the checkpoint), switches, then lets the old ones drain away.
   absl::Status Apply(Placement next, std::vector<std::shared_ptr<ShardClient>> next_shards) {
     std::lock_guard<std::mutex> lock(placement_mu);
+    const std::string what = absl::StrCat(StrategyName(next.strategy), " placement over ",
+                                          next_shards.size(), " shards");
+    absl::Status st = SwitchLocked(std::move(next), std::move(next_shards));
+    // One line per change for the operator (the placement table is in GetPlacement).
+    if (st.ok()) {
+      std::fprintf(stderr, "moe-router: placement version %llu applied: %s\n",
+                   static_cast<unsigned long long>(version), what.c_str());
+    } else {
+      std::fprintf(stderr, "moe-router: %s not applied, the current placement stays: %s\n",
+                   what.c_str(), std::string(st.message()).c_str());
+    }
+    return st;
+  }
+
+  // Apply's work, with placement_mu held.
+  absl::Status SwitchLocked(Placement next, std::vector<std::shared_ptr<ShardClient>> next_shards) {
     std::shared_ptr<const RoutingTable> old = Table();
     next.version = ++version;
     const int S = static_cast<int>(next_shards.size());
