@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Hybrid against dynamic placement under Zipf-skewed load: 4 shards, each with an equal cgroup CPU
 quota (like separate machines), moe-client load with expert popularity Zipf(1.2); a warm-up
-lets dynamic placement see the load and rebalance, then tokens/s and p99 are measured. Two
+lets dynamic placement see the load and rebalance, then tokens/s and p99 are measured. Three
 popularity orders: by expert id (expert 0 the most popular: the hot experts are exactly the ones
-hybrid replicates everywhere, hybrid's best case) and a seeded shuffle (which experts are hot is
-not known in advance, what dynamic placement is for). Prints a line per run and writes JSON
+hybrid replicates everywhere, hybrid's best case), a seeded shuffle (which experts are hot is
+not known in advance, what dynamic placement is for), and reversed (the hot experts are the ones
+hybrid does not replicate, its worst case). Prints a line per run and writes JSON
 lines to the file given as the first argument.
 
 usage: placement_bench.py OUT.jsonl BIN_DIR [SECONDS]
@@ -63,7 +64,7 @@ if not cpu_quota_possible():
           file=sys.stderr)
     SHARD_CPUS = "pinned"
     SHARD_LIMIT = ["--pin-shards"]
-ORDERS = [("by_id", 0), ("shuffled", 7)]
+ORDERS = [("by_id", 0), ("shuffled", 7), ("reversed", -1)]
 results = {}
 with open(out_path, "w") as out:
     for order, hot_order in ORDERS:

@@ -145,16 +145,21 @@ def main():
               placement_limit_text(placement),
               "`moe-client load` with",
               "4 streams of 64 tokens and expert popularity Zipf(1.2); measured after a warm-up in",
-              "which dynamic placement sees the skew and rebalances. Popularity by expert id",
-              "(expert 0 the most popular) makes the hot experts exactly the ones `hybrid`",
-              "replicates everywhere, its best case; shuffled (`--hot-order 7`), which experts are",
-              "hot is not known in advance, the case dynamic placement is for.", "",
+              "which dynamic placement sees the skew and rebalances. Three popularity orders:",
+              "by expert id (expert 0 the most popular), the hot experts are exactly the ones",
+              "`hybrid` replicates everywhere, its best case; shuffled (`--hot-order 7`), an",
+              "arbitrary order (here the hottest expert, 10, is one `hybrid` keeps on one shard);",
+              "reversed (`--hot-order -1`), the hot experts are the ones `hybrid` does not",
+              "replicate, its worst case. A token's second expert follows the gate rather than the",
+              "Zipf law, so even the hottest expert gets 20-24 % of the assignments, and `hybrid`",
+              "fills every shard's spare capacity with its replicated experts: a static guess costs",
+              "it only where the hot experts sit together on one shard.", "",
               "| popularity | placement | tokens/s | p99 ms | errors | placement version |",
               "|---|---|---:|---:|---:|---:|"]
     for r in placement:
         lines.append(f"| {r.get('order', 'by_id')} | {r['placement']} | {r['tokens_per_s']:.0f} | "
                      f"{r['p99_ms']:.1f} | {r['errors']} | {r['placement_version']} |")
-    for order in ("by_id", "shuffled"):
+    for order in ("by_id", "shuffled", "reversed"):
         if (order, "hybrid") in by and (order, "dynamic") in by:
             ratio = by[(order, "dynamic")]["tokens_per_s"] / by[(order, "hybrid")]["tokens_per_s"]
             lines += ["", f"dynamic / hybrid, popularity {order}: **{ratio:.2f}x**"]

@@ -79,7 +79,8 @@ commands:
        [--duration SECONDS | --requests R] [--seed S] [--hot-order K]
       a load generator: C concurrent InferStream streams of N-token requests; with a checkpoint
       and --zipf, expert popularity follows a Zipf law of exponent S (expert 0 the most
-      popular, or with --hot-order K a shuffle of the experts seeded by K). Prints tokens/s,
+      popular; with --hot-order K > 0 a shuffle of the experts seeded by K, with
+      --hot-order -1 the reverse: expert E-1 the most popular). Prints tokens/s,
       p50/p95/p99 latency and errors by code
   demo --checkpoint PATH [--batches B] [--batch-size N] [--tensor-prefix P]
       run the in-process layer on random batches; print tokens/s and per-expert load
@@ -493,6 +494,11 @@ absl::Status Load(const Flags& f) {
   if (concurrency < 1 || batch < 1 || duration <= 0 || max_requests < 0 || window < 1) {
     return absl::InvalidArgumentError("--concurrency, --batch-size, --duration and --window must be positive");
   }
+  if (hot_order < -1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--hot-order ", hot_order, ": use 0 (by id), K > 0 (a shuffle seeded by K) or -1 "
+        "(reversed)"));
+  }
   auto stub = MakeRouterStub(addr);
   ASSIGN_OR_RETURN(v1::ClusterInfo info, GetInfo(stub.get(), addr));
   const int d = info.d_model();
@@ -506,12 +512,17 @@ absl::Status Load(const Flags& f) {
   } else if (zipf > 0) {
     return absl::InvalidArgumentError("--zipf needs --checkpoint (the gate decides the routing)");
   }
-  // Which experts are popular: by id (expert 0 most), or a shuffle seeded by --hot-order.
+  // Which experts are popular: by id (expert 0 most), a shuffle seeded by --hot-order, or the
+  // reverse of the ids (-1).
   std::vector<int> order;
   if (hot_order != 0) {
     order.resize(info.num_experts());
     std::iota(order.begin(), order.end(), 0);
-    std::shuffle(order.begin(), order.end(), std::mt19937_64(static_cast<uint64_t>(hot_order)));
+    if (hot_order == -1) {
+      std::reverse(order.begin(), order.end());
+    } else {
+      std::shuffle(order.begin(), order.end(), std::mt19937_64(static_cast<uint64_t>(hot_order)));
+    }
   }
   const auto start = std::chrono::steady_clock::now();
   const auto end = start + std::chrono::milliseconds(static_cast<int64_t>(duration * 1000));
