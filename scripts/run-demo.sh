@@ -28,10 +28,15 @@ fi
 "$BIN/moe-cluster" --checkpoint "$CK" --shards 4 --placement hybrid --router-port "$PORT" \
   --metrics-port "${MOE_METRICS_PORT:-9400}" "${CLUSTER_TLS[@]}" > "$RUN_DIR/cluster.out" &
 CLUSTER=$!
-trap 'kill -TERM $CLUSTER 2>/dev/null; wait $CLUSTER 2>/dev/null || true' EXIT
+trap 'kill -TERM $CLUSTER 2>/dev/null || true; wait $CLUSTER 2>/dev/null || true' EXIT
 # Ctrl-C stops the cluster; the demo then exits with moe-cluster's status (0 when every service
 # stopped cleanly, else 1 with a line naming the ones that did not).
-stop_cluster() { kill -TERM $CLUSTER 2>/dev/null; wait $CLUSTER; exit $?; }
+stop_cluster() {
+  kill -TERM $CLUSTER 2>/dev/null || true  # (gone already when Ctrl-C reached it too)
+  local st=0
+  wait $CLUSTER || st=$?
+  exit $st
+}
 trap stop_cluster INT TERM
 for _ in $(seq 1 600); do
   if grep -q '^READY' "$RUN_DIR/cluster.out" 2>/dev/null; then break; fi
