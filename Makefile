@@ -6,6 +6,7 @@ BUILD ?= build
 CMAKE_FLAGS ?=
 FUZZ_SECONDS ?= 30
 RUN_DIR ?= $(BUILD)/run
+CONFIGURE = cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_FLAGS)
 
 .PHONY: all deps configure build test test-unit fuzz run bench test-asan test-tsan test-compose clean
 
@@ -16,7 +17,7 @@ deps:
 
 $(BUILD)/CMakeCache.txt:
 	@$(MAKE) --no-print-directory deps
-	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_FLAGS)
+	$(CONFIGURE)
 
 configure: $(BUILD)/CMakeCache.txt
 
@@ -76,8 +77,8 @@ run: build
 # again so that a build directory made before they were installed builds them too.
 bench: deps
 	@bash scripts/install-deps.sh bench
-	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_FLAGS)
-	cmake --build $(BUILD) -j $(JOBS)
+	$(CONFIGURE)
+	@$(MAKE) --no-print-directory build
 	bash bench/run_all.sh $(BUILD)
 
 clean:

@@ -133,26 +133,25 @@ TEST_F(FaultTest, CutLinkIsDetectedAndHealed) {
   LoadResult result;
   std::thread load([&] { RunLoad(cluster->router_address(), 4, &stop, &result); });
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
-  // On failure, stop the load before leaving the test (a joinable thread would abort the run).
-  auto fail_stop = [&] {
+  // Also on failure: the load stops before the test is left (a joinable thread aborts the run).
+  auto stop_load = [&] {
     stop = true;
     load.join();
   };
   if (!ns.Cut()) {
-    fail_stop();
+    stop_load();
     FAIL() << "iptables could not cut the link (scripts/install-deps.sh installs iptables)";
   }
   const double detected = WaitFor([&] { return ShardUp(metrics, cut_shard) == 0; }, 5);
   std::this_thread::sleep_for(std::chrono::milliseconds(1000));
   const int ok_while_cut = result.ok.load();
   if (!ns.Heal()) {
-    fail_stop();
+    stop_load();
     FAIL() << "iptables could not heal the link";
   }
   const double back = WaitFor([&] { return ShardUp(metrics, cut_shard) == 1; }, 5);
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
-  stop = true;
-  load.join();
+  stop_load();
   EXPECT_GE(detected, 0) << "the cut link was never detected";
   EXPECT_LT(detected, 2.0);
   EXPECT_GE(back, 0) << "the healed shard never came back";
