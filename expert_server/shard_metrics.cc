@@ -65,6 +65,12 @@ ShardMetrics::ShardMetrics(prometheus::Registry& registry, int num_experts) {
                             .Help("Placement version the shard last loaded or unloaded under")
                             .Register(registry)
                             .Add({});
+  auto& loads = prometheus::BuildCounter()
+                    .Name("moe_shard_expert_loads_total")
+                    .Help("Experts' weights read by this shard, by source (checkpoint or peer)")
+                    .Register(registry);
+  loads_checkpoint_ = &loads.Add({{"source", "checkpoint"}});
+  loads_peer_ = &loads.Add({{"source", "peer"}});
 }
 
 void ShardMetrics::ObserveCompute(int expert, int batches, int64_t rows, double seconds) {

@@ -29,6 +29,8 @@ class ShardMetrics {
   void BytesOut(double n) { bytes_out_->Increment(n); }
   void SetExpertsLoaded(int n) { experts_loaded_->Set(n); }
   void SetPlacementVersion(double v) { placement_version_->Set(v); }
+  // One expert's weights read, from the checkpoint or copied from a peer shard.
+  void ExpertRead(bool from_peer) { (from_peer ? loads_peer_ : loads_checkpoint_)->Increment(); }
 
  private:
   std::vector<prometheus::Counter*> tokens_;
@@ -44,6 +46,8 @@ class ShardMetrics {
   prometheus::Counter* bytes_out_;
   prometheus::Gauge* experts_loaded_;
   prometheus::Gauge* placement_version_;
+  prometheus::Counter* loads_checkpoint_;
+  prometheus::Counter* loads_peer_;
 };
 
 }  // namespace moe::expert

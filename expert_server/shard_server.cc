@@ -912,11 +912,16 @@ absl::StatusOr<std::unique_ptr<ShardServer>> ShardServer::Start(ShardServerOptio
   impl->store = std::make_unique<ExpertStore>(
       impl->config,
       [raw](int e) {
-        return common::ReadExpert(*raw->checkpoint, raw->options.load.tensor_prefix, raw->config,
-                                  e);
+        absl::StatusOr<common::ExpertWeights> w = common::ReadExpert(
+            *raw->checkpoint, raw->options.load.tensor_prefix, raw->config, e);
+        if (w.ok()) raw->metrics->ExpertRead(/*from_peer=*/false);
+        return w;
       },
       [raw](const std::string& peer, int e) {
-        return CopyFromPeer(raw->config, raw->options.limits, peer, e);
+        absl::StatusOr<common::ExpertWeights> w =
+            CopyFromPeer(raw->config, raw->options.limits, peer, e);
+        if (w.ok()) raw->metrics->ExpertRead(/*from_peer=*/true);
+        return w;
       });
   impl->store->SetOnChange([raw] { raw->OnStoreChange(); });
   impl->pool =

@@ -257,9 +257,12 @@ void GrpcShardClient::Dispatch(std::shared_ptr<const v1::DispatchRequest> reques
 
 namespace {
 
-absl::StatusOr<v1::ShardStatus> Result(const grpc::Status& st, v1::ShardStatus status,
+// The RPC's answer, or its error naming the shard. Callers make the call in a statement of its
+// own before passing `status`: as an argument beside the call, a by-value parameter may be
+// constructed from the still-empty message before the call fills it (GCC does so).
+absl::StatusOr<v1::ShardStatus> Result(const grpc::Status& st, v1::ShardStatus&& status,
                                        const std::string& address, const char* what) {
-  if (st.ok()) return status;
+  if (st.ok()) return std::move(status);
   absl::Status s = common::FromGrpcStatus(st);
   return absl::Status(s.code(), absl::StrCat(what, " on shard ", address, ": ", s.message()));
 }
@@ -278,8 +281,8 @@ absl::StatusOr<v1::ShardStatus> GrpcShardClient::LoadExperts(const std::vector<i
   req.set_source_peer(peer);
   req.set_wait(true);
   v1::ShardStatus status;
-  return Result(stub_->LoadExperts(&ctx, req, &status), std::move(status), address_,
-                "loading experts");
+  const grpc::Status st = stub_->LoadExperts(&ctx, req, &status);
+  return Result(st, std::move(status), address_, "loading experts");
 }
 
 absl::StatusOr<v1::ShardStatus> GrpcShardClient::UnloadExperts(const std::vector<int>& experts,
@@ -291,16 +294,16 @@ absl::StatusOr<v1::ShardStatus> GrpcShardClient::UnloadExperts(const std::vector
   for (int e : experts) req.add_experts(e);
   req.set_placement_version(version);
   v1::ShardStatus status;
-  return Result(stub_->UnloadExperts(&ctx, req, &status), std::move(status), address_,
-                "unloading experts");
+  const grpc::Status st = stub_->UnloadExperts(&ctx, req, &status);
+  return Result(st, std::move(status), address_, "unloading experts");
 }
 
 absl::StatusOr<v1::ShardStatus> GrpcShardClient::GetStatus(absl::Duration timeout) {
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
   v1::ShardStatus status;
-  return Result(stub_->GetStatus(&ctx, v1::GetShardStatusRequest(), &status), std::move(status),
-                address_, "status");
+  const grpc::Status st = stub_->GetStatus(&ctx, v1::GetShardStatusRequest(), &status);
+  return Result(st, std::move(status), address_, "status");
 }
 
 absl::StatusOr<v1::BackwardResponse> GrpcShardClient::Backward(const v1::BackwardRequest& request,

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdio>
+#include <cstring>
 #include <deque>
 #include <map>
 #include <mutex>
@@ -32,7 +33,19 @@
 #include "services/common/thread_pool.h"
 
 namespace moe::router {
+
 namespace {
+
+// Whether two copies of an expert are bit-identical: compares bytes, so that a NaN equals itself
+// and -0 differs from +0 (float == would say the opposite of both).
+bool SameBits(const common::ExpertWeights& a, const common::ExpertWeights& b) {
+  auto same = [](const std::vector<float>& x, const std::vector<float>& y) {
+    return x.size() == y.size() &&
+           (x.empty() || std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0);
+  };
+  return same(a.w1, b.w1) && same(a.w2, b.w2) && same(a.w3, b.w3) && same(a.b1, b.b1) &&
+         same(a.b2, b.b2) && same(a.b3, b.b3);
+}
 
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
@@ -57,7 +70,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   }
   std::unique_ptr<Trainer> trainer;
   std::unique_ptr<v1::Coordinator::Stub> coordinator;
-  std::mutex train_mu;  // one training step at a time
+  // One training step at a time. Copies of an expert to a new or restarted replica hold it too:
+  // a copy taken while a step commits could miss that step's update on one replica only.
+  std::timed_mutex train_mu;
+  // How long a placement change or a reload waits for a running training step before it gives up
+  // (the control loop tries again on its next tick).
+  static constexpr auto kTrainWait = std::chrono::seconds(5);
   std::atomic<uint64_t> steps_done{0};
   std::shared_ptr<prometheus::Registry> registry;
   std::unique_ptr<RouterMetrics> metrics;
@@ -311,6 +329,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   // Apply's work, with placement_mu held.
   absl::Status SwitchLocked(Placement next, std::vector<std::shared_ptr<ShardClient>> next_shards) {
+    // No training step runs while replicas are copied and the table switches.
+    std::unique_lock<std::timed_mutex> train_lock(train_mu, std::defer_lock);
+    if (!train_lock.try_lock_for(kTrainWait)) {
+      return absl::UnavailableError(
+          "a training step is still running; the change is tried again once it has ended");
+    }
     std::shared_ptr<const RoutingTable> old = Table();
     next.version = ++version;
     const int S = static_cast<int>(next_shards.size());
@@ -388,6 +412,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       std::lock_guard<std::mutex> tl(table_mu);
       table = std::make_shared<RoutingTable>(RoutingTable{next, next_shards});
     }
+    train_lock.unlock();  // steps now use the new table
     metrics->SetPlacementVersion(static_cast<double>(next.version));
     metrics->SetImbalance(Imbalance(next, load_stats->Load()));
     metrics->Rebalanced();
@@ -445,6 +470,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         if (!have.count(e)) missing.push_back(e);
       }
       if (!missing.empty()) {
+        // Not while a step runs: the copy could miss its update (tried again next tick).
+        std::unique_lock<std::timed_mutex> train_lock(train_mu, std::defer_lock);
+        if (!train_lock.try_lock_for(kTrainWait)) continue;
         // Trained weights come from a live replica; before training, from the checkpoint.
         std::string source;
         if (steps_done.load() > 0) {
@@ -591,7 +619,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         return absl::InvalidArgumentError("learning_rate and loss coefficients must be finite");
       }
     }
-    std::lock_guard<std::mutex> lock(train_mu);
+    std::unique_lock<std::timed_mutex> lock(train_mu, std::defer_lock);
+    if (!lock.try_lock_until(absl::ToChronoTime(deadline))) {
+      return absl::DeadlineExceededError(
+          "the deadline passed while waiting for the previous training step or an expert copy "
+          "to finish");
+    }
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return absl::UnavailableError("the router is still loading its placement");
     std::shared_ptr<const common::GateWeights> gw = Gate();
@@ -621,7 +654,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   absl::Status Save(const v1::SaveCheckpointRequest& req, v1::SaveCheckpointResponse* resp) {
     if (req.path().empty()) return absl::InvalidArgumentError("path is empty");
-    std::lock_guard<std::mutex> lock(train_mu);  // weights do not move while we read them
+    std::lock_guard<std::timed_mutex> lock(train_mu);  // weights do not move while we read them
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return absl::UnavailableError("the router is still loading its placement");
     common::Checkpoint ck;
@@ -637,9 +670,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         ASSIGN_OR_RETURN(common::ExpertWeights w, common::ParseExpert(bytes, config, e));
         if (i == 0) {
           ck.experts[e] = std::move(w);
-        } else if (w.w1 != ck.experts[e].w1 || w.w2 != ck.experts[e].w2 ||
-                   w.w3 != ck.experts[e].w3 || w.b1 != ck.experts[e].b1 ||
-                   w.b2 != ck.experts[e].b2 || w.b3 != ck.experts[e].b3) {
+        } else if (!SameBits(w, ck.experts[e])) {
           divergent = true;
         }
       }

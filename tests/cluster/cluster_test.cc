@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include "absl/strings/str_join.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "tests/cluster/cluster_fixture.h"
 
@@ -438,6 +439,36 @@ struct MembershipCluster {
   }
 };
 
+// One TrainStep of 24 random tokens (from `seed`).
+grpc::Status Train(v1::Router::Stub* stub, uint64_t seed, int deadline_ms,
+                   float learning_rate = 0.1f) {
+  v1::TrainStepRequest req;
+  common::EncodeTensor(common::RandomMatrix(24, Config().d_model, seed), {24, Config().d_model},
+                       common::WireType::kFloat32, req.mutable_tokens());
+  common::EncodeTensor(common::RandomMatrix(24, Config().d_model, seed + 1),
+                       {24, Config().d_model}, common::WireType::kFloat32,
+                       req.mutable_grad_output());
+  req.set_learning_rate(learning_rate);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms));
+  v1::TrainStepResponse resp;
+  return stub->TrainStep(&ctx, req, &resp);
+}
+
+// SaveCheckpoint to a temporary file `name`; expects every expert's replicas identical and
+// returns the checkpoint read back.
+absl::StatusOr<common::Checkpoint> SaveIdentical(v1::Router::Stub* stub, const std::string& name) {
+  grpc::ClientContext ctx;
+  v1::SaveCheckpointRequest req;
+  req.set_path(moe::testing::TempPath(name));
+  v1::SaveCheckpointResponse resp;
+  grpc::Status st = stub->SaveCheckpoint(&ctx, req, &resp);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  EXPECT_TRUE(resp.replicas_identical())
+      << "replicas differ for experts " << absl::StrJoin(resp.divergent_experts(), ", ");
+  return common::LoadCheckpoint(req.path(), {});
+}
+
 int ShardCount(v1::Router::Stub* stub, bool healthy_only) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
@@ -485,29 +516,8 @@ TEST_F(ClusterTest, RouterFollowsMembershipAndTrainingSurvivesAShardLoss) {
   ASSERT_TRUE(Infer(stub.get(), Request(x, 16, "m"), &resp).ok());
   EXPECT_TRUE(Matches(x, 16, resp, *layer_));
   // Train one step on three replicas.
-  auto train = [&](uint64_t seed, int deadline_ms) {
-    v1::TrainStepRequest req;
-    common::EncodeTensor(common::RandomMatrix(24, Config().d_model, seed), {24, Config().d_model},
-                         common::WireType::kFloat32, req.mutable_tokens());
-    common::EncodeTensor(common::RandomMatrix(24, Config().d_model, seed + 1),
-                         {24, Config().d_model}, common::WireType::kFloat32,
-                         req.mutable_grad_output());
-    req.set_learning_rate(0.1f);
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms));
-    v1::TrainStepResponse tresp;
-    return stub->TrainStep(&ctx, req, &tresp);
-  };
-  auto save = [&](const std::string& name) {
-    grpc::ClientContext ctx;
-    v1::SaveCheckpointRequest req;
-    req.set_path(moe::testing::TempPath(name));
-    v1::SaveCheckpointResponse sresp;
-    grpc::Status st = stub->SaveCheckpoint(&ctx, req, &sresp);
-    EXPECT_TRUE(st.ok()) << st.error_message();
-    EXPECT_TRUE(sresp.replicas_identical());
-    return common::LoadCheckpoint(req.path(), {});
-  };
+  auto train = [&](uint64_t seed, int deadline_ms) { return Train(stub.get(), seed, deadline_ms); };
+  auto save = [&](const std::string& name) { return SaveIdentical(stub.get(), name); };
   ASSERT_TRUE(train(100, 20000).ok());
   auto before = save("member_before.safetensors");
   ASSERT_TRUE(before.ok());
@@ -535,6 +545,41 @@ TEST_F(ClusterTest, RouterFollowsMembershipAndTrainingSurvivesAShardLoss) {
   ASSERT_TRUE(after.ok());
   EXPECT_NE(after->experts[0].w1, before->experts[0].w1);
   ASSERT_TRUE(Infer(stub.get(), Request(x, 16, "m2"), &resp).ok());
+}
+
+// A trained cluster whose shards all hold their experts copies none of them. The router's control
+// loop once read every shard's status as empty, so each second it saw every expert missing
+// everywhere and copied them all again from a peer, also while a step was committing: a replica
+// could then miss that step's update (the replicas differed after some steps under load).
+TEST_F(ClusterTest, ATrainedClusterWithEveryShardWholeCopiesNoExpert) {
+  const int metrics = 11000 + static_cast<int>(getpid() % 5000) * 4;
+  auto cluster = Start("replicated", 3, {}, {}, metrics);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  // Steps back to back for 3 s, so that about three ticks of the control loop (1 s) fall among
+  // them, at least 5 steps.
+  const auto start = Clock::now();
+  int steps = 0;
+  while (Since(start) < 3.0 || steps < 5) {
+    // A small rate: random gradients at 0.1 drive the weights to NaN within 100 steps.
+    grpc::Status st = Train(stub.get(), 1000 + 2 * steps, 20000, 0.005f);
+    ASSERT_TRUE(st.ok()) << "step " << steps << ": " << st.error_message();
+    ++steps;
+  }
+  absl::StatusOr<common::Checkpoint> saved = SaveIdentical(stub.get(), "whole_cluster.safetensors");
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  for (int e = 0; e < Config().num_experts; ++e) {
+    EXPECT_NE(saved->experts[e].w1, ck_->experts[e].w1) << "expert " << e << " did not train";
+    for (float v : saved->experts[e].w1) ASSERT_TRUE(std::isfinite(v)) << "expert " << e;
+  }
+  for (int s = 0; s < 3; ++s) {
+    const std::string body = ScrapeBody(metrics + 1 + s);
+    EXPECT_EQ(testing::MetricValue(body, "moe_shard_expert_loads_total{source=\"checkpoint\"}"),
+              Config().num_experts)
+        << "shard " << s;
+    EXPECT_EQ(testing::MetricValue(body, "moe_shard_expert_loads_total{source=\"peer\"}"), 0)
+        << "shard " << s << " copied experts during " << steps << " steps";
+  }
 }
 
 }  // namespace
