@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include "router/moe_layer.h"
+#include "router/trainer.h"
 #include "services/common/notification.h"
 #include "services/common/random_checkpoint.h"
 
@@ -69,11 +70,34 @@ class FakeShard : public ShardClient {
     return v1::ShardStatus();
   }
   absl::StatusOr<v1::ShardStatus> GetStatus(absl::Duration) override { return v1::ShardStatus(); }
-  absl::StatusOr<v1::BackwardResponse> Backward(const v1::BackwardRequest&,
+  // dX of zeros, shaped like each expert's gradient rows (the trainer's plumbing, not its math).
+  absl::StatusOr<v1::BackwardResponse> Backward(const v1::BackwardRequest& req,
                                                 absl::Duration) override {
-    return absl::UnimplementedError("fake");
+    v1::BackwardResponse resp;
+    resp.set_batch_id(req.batch_id());
+    for (const v1::ExpertOutput& g : req.grads()) {
+      auto view = common::DecodeMatrix(g.output(), "grad", Config().d_model);
+      if (!view.ok()) return view.status();
+      v1::ExpertOutput* o = resp.add_grad_inputs();
+      o->set_expert(g.expert());
+      common::EncodeTensor(std::vector<float>(view->dim(0) * Config().d_model, 0.f),
+                           {view->dim(0), Config().d_model}, common::WireType::kFloat32,
+                           o->mutable_output());
+    }
+    return resp;
   }
-  absl::Status FinishStep(uint64_t, bool, float, absl::Duration) override {
+  struct Finish {
+    uint64_t step;
+    bool commit;
+    float learning_rate;
+  };
+  absl::Status FinishStep(uint64_t step, bool commit, float learning_rate,
+                          absl::Duration) override {
+    finishes.push_back({step, commit, learning_rate});
+    if (finish_failures > 0) {
+      --finish_failures;
+      return absl::DeadlineExceededError(name_ + " did not answer");
+    }
     return absl::OkStatus();
   }
   absl::StatusOr<std::string> ExportExpert(int, absl::Duration) override {
@@ -84,6 +108,8 @@ class FakeShard : public ShardClient {
   absl::StatusCode fail_with = absl::StatusCode::kOk;
   bool never_answer = false;
   int64_t outstanding = 0;  // what outstanding_rows() reports
+  int finish_failures = 0;  // FinishStep fails this many more times
+  std::vector<Finish> finishes;
   int batches = 0;
   std::vector<v1::DispatchRequest> requests;
   std::vector<DispatchDone> parked;
@@ -434,6 +460,81 @@ TEST(Dispatcher, ShutdownFailsBatchesInFlightAndASilentShardKeepsNothingAlive) {
                    });
   EXPECT_EQ(calls, 2);
   EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable);
+}
+
+// The trainer's two-phase commit, with shards in memory and a committer standing in for the
+// coordinator: a committed step that one shard did not confirm is committed all the same; that
+// shard is asked again until it confirms, and no step starts before.
+struct TrainRig {
+  explicit TrainRig(int unconfirmed_commits)
+      : rig(Strategy::kReplicated, 3),
+        trainer(Config(), [this, unconfirmed_commits](const v1::CommitStepRequest& req)
+                              -> absl::StatusOr<v1::CommitStepResponse> {
+          v1::CommitStepResponse r;
+          r.set_committed(true);
+          if (++commits <= unconfirmed_commits) {
+            r.add_unconfirmed_shards(req.shards(1));
+            r.set_reason("commit on shard1 not confirmed: deadline exceeded");
+          }
+          return r;
+        }) {}
+  absl::StatusOr<TrainResult> Step(uint64_t seed) {
+    const int64_t n = 12;
+    const std::vector<float> x = common::RandomMatrix(n, Config().d_model, seed);
+    const std::vector<float> dy = common::RandomMatrix(n, Config().d_model, seed + 1);
+    return trainer.Step(rig.table, rig.ck.gate, x.data(), dy.data(), n, TrainParams{0.25f},
+                        absl::Now() + absl::Seconds(10));
+  }
+  Rig rig;
+  int commits = 0;
+  Trainer trainer;
+};
+
+TEST(Trainer, AShardThatDidNotConfirmACommitIsAskedAgainAndHoldsBackTheNextStep) {
+  TrainRig t(/*unconfirmed_commits=*/1);
+  t.rig.fakes[1]->finish_failures = 2;
+  absl::StatusOr<TrainResult> first = t.Step(5);
+  ASSERT_TRUE(first.ok()) << first.status();  // committed
+  EXPECT_TRUE(t.rig.fakes[1]->finishes.empty());
+  // The next step asks shard1 first; it fails again, so the step is refused before it starts.
+  absl::StatusOr<TrainResult> second = t.Step(7);
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(second.status().message().find(
+                absl::StrCat("shard shard1 has not confirmed step ", first->step)),
+            std::string::npos)
+      << second.status();
+  EXPECT_EQ(t.commits, 1);
+  EXPECT_EQ(t.rig.fakes[0]->batches, 1) << "the refused step reached the shards";
+  // The control loop asks again: a last failure, then shard1 confirms.
+  t.trainer.RetryConfirmations(t.rig.table);
+  EXPECT_FALSE(t.trainer.Unconfirmed().ok());
+  t.trainer.RetryConfirmations(t.rig.table);
+  EXPECT_TRUE(t.trainer.Unconfirmed().ok()) << t.trainer.Unconfirmed();
+  ASSERT_EQ(t.rig.fakes[1]->finishes.size(), 3u);
+  for (const FakeShard::Finish& f : t.rig.fakes[1]->finishes) {
+    EXPECT_EQ(f.step, first->step);
+    EXPECT_TRUE(f.commit);
+    EXPECT_EQ(f.learning_rate, 0.25f);
+  }
+  EXPECT_TRUE(t.rig.fakes[0]->finishes.empty()) << "a shard that confirmed was asked again";
+  t.trainer.RetryConfirmations(t.rig.table);
+  EXPECT_EQ(t.rig.fakes[1]->finishes.size(), 3u) << "a confirmed shard was asked again";
+  absl::StatusOr<TrainResult> third = t.Step(9);
+  ASSERT_TRUE(third.ok()) << third.status();
+  EXPECT_EQ(t.commits, 2);
+}
+
+TEST(Trainer, AnUnconfirmedShardThatLeftThePlacementIsDropped) {
+  TrainRig t(/*unconfirmed_commits=*/1);
+  t.rig.fakes[1]->finish_failures = 100;  // never answers again
+  ASSERT_TRUE(t.Step(5).ok());
+  t.trainer.RetryConfirmations(t.rig.table);
+  EXPECT_FALSE(t.trainer.Unconfirmed().ok());
+  RoutingTable without = t.rig.table;
+  without.shards.erase(without.shards.begin() + 1);
+  without.placement = *ComputePlacement(Strategy::kReplicated, 4, 2, std::vector<double>(4, 1.0));
+  t.trainer.RetryConfirmations(without);
+  EXPECT_TRUE(t.trainer.Unconfirmed().ok()) << t.trainer.Unconfirmed();
 }
 
 }  // namespace

@@ -488,6 +488,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         }
       }
     }
+    // Shards that missed a commit's confirmation are asked again (not while a step runs).
+    if (trainer != nullptr) {
+      std::unique_lock<std::timed_mutex> train_lock(train_mu, std::try_to_lock);
+      if (train_lock.owns_lock()) trainer->RetryConfirmations(*t);
+    }
     const std::vector<double> load = load_stats->Load();
     const double imbalance = Imbalance(t->placement, load);
     metrics->SetImbalance(imbalance);

@@ -1,6 +1,7 @@
 #include "router/trainer.h"
 
 #include <condition_variable>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -8,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "services/common/status_macros.h"
 
 namespace moe::router {
 
@@ -33,6 +35,40 @@ Trainer::Trainer(const common::ModelConfig& config, Committer committer)
       // Steps of different router lifetimes must not collide on a shard.
       next_step_(static_cast<uint64_t>(absl::ToUnixMillis(absl::Now())) << 16) {}
 
+void Trainer::RetryConfirmations(const RoutingTable& table) {
+  std::map<std::string, PendingCommit> todo;
+  {
+    std::lock_guard<std::mutex> lock(unconfirmed_mu_);
+    todo = unconfirmed_;
+  }
+  for (const auto& [address, u] : todo) {
+    const ShardClient* found = nullptr;
+    absl::Status st;
+    for (const auto& s : table.shards) {
+      if (s->address() != address) continue;
+      found = s.get();
+      st = s->FinishStep(u.step, /*commit=*/true, u.learning_rate, kAbortTimeout);
+      break;
+    }
+    if (found != nullptr && !st.ok()) continue;
+    std::fprintf(stderr, "moe-router: step %llu: %s %s\n", static_cast<unsigned long long>(u.step),
+                 address.c_str(),
+                 found ? "has now confirmed the commit"
+                       : "left the placement before confirming the commit; dropped");
+    std::lock_guard<std::mutex> lock(unconfirmed_mu_);
+    unconfirmed_.erase(address);
+  }
+}
+
+absl::Status Trainer::Unconfirmed() const {
+  std::lock_guard<std::mutex> lock(unconfirmed_mu_);
+  if (unconfirmed_.empty()) return absl::OkStatus();
+  const auto& [address, u] = *unconfirmed_.begin();
+  return absl::UnavailableError(absl::StrCat(
+      "shard ", address, " has not confirmed step ", u.step, " (", u.reason,
+      "); steps resume once it has applied that update (the router asks it again every second)"));
+}
+
 void Trainer::AbortEverywhere(const RoutingTable& table, uint64_t step) {
   std::vector<std::thread> aborts;
   aborts.reserve(table.shards.size());
@@ -51,6 +87,9 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   const int k = config_.top_k, E = config_.num_experts;
   const int64_t d = config_.d_model;
   const int S = static_cast<int>(table.shards.size());
+  // The previous commit first: every shard must hold the same weights before a step starts.
+  RetryConfirmations(table);
+  RETURN_IF_ERROR(Unconfirmed());
   TrainResult result;
   result.step = next_step_.fetch_add(1);
   // Every replica must apply the update: with one out of rotation the step could not commit, so
@@ -255,6 +294,17 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   if (!done->committed()) {
     return absl::AbortedError(absl::StrCat("step ", result.step, " aborted, no weight changed: ",
                                            done->reason()));
+  }
+  if (done->unconfirmed_shards_size() > 0) {
+    std::lock_guard<std::mutex> lock(unconfirmed_mu_);
+    for (const std::string& address : done->unconfirmed_shards()) {
+      unconfirmed_[address] = PendingCommit{result.step, params.learning_rate, done->reason()};
+    }
+    std::fprintf(stderr,
+                 "moe-router: step %llu committed, but %d shard(s) did not confirm it (%s); "
+                 "FinishStep is sent again until they do, and no step starts before\n",
+                 static_cast<unsigned long long>(result.step), done->unconfirmed_shards_size(),
+                 done->reason().c_str());
   }
   return result;
 }

@@ -10,6 +10,9 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <map>
+#include <mutex>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -44,12 +47,24 @@ class Trainer {
 
   Trainer(const common::ModelConfig& config, Committer committer);
 
-  // One step on tokens x [n, d_model] with dL/dy = dy. On success every shard has applied its
-  // update; the caller applies `gate_weight`/`gate_bias` to the gate. On failure no shard changed
-  // a weight: ABORTED (or UNAVAILABLE when an expert has no healthy replica).
+  // One step on tokens x [n, d_model] with dL/dy = dy. On success the step is committed: every
+  // shard has applied its update, or one that did not confirm it is asked again (see
+  // RetryConfirmations); the caller applies `gate_weight`/`gate_bias` to the gate. On failure no
+  // shard changed a weight: ABORTED (or UNAVAILABLE when an expert has no healthy replica, or
+  // while a shard has not confirmed the previous commit).
   absl::StatusOr<TrainResult> Step(const RoutingTable& table, const common::GateWeights& gate,
                                    const float* x, const float* dy, int64_t n,
                                    const TrainParams& params, absl::Time deadline);
+
+  // A committed step whose FinishStep{commit} failed on some shards (unreachable or stalled past
+  // the step's timeout) is committed all the same, like any two-phase commit: each such shard is
+  // sent FinishStep{commit} again (idempotent on the shard: it applies a step's update once)
+  // until it confirms, or it is dropped once it has left `table` (a shard that comes back gets
+  // its experts copied from live replicas). No step starts while one is unconfirmed: that
+  // shard's weights may lack the update. Called by Step and by the router's control loop.
+  void RetryConfirmations(const RoutingTable& table);
+  // OK, or UNAVAILABLE naming a shard that has not confirmed a committed step.
+  absl::Status Unconfirmed() const;
 
  private:
   // Tells every shard to drop the step's kept activations and gradients, all at once and for at
@@ -60,6 +75,13 @@ class Trainer {
 
   const common::ModelConfig config_;
   Committer committer_;
+  struct PendingCommit {
+    uint64_t step = 0;
+    float learning_rate = 0.f;
+    std::string reason;
+  };
+  mutable std::mutex unconfirmed_mu_;
+  std::map<std::string, PendingCommit> unconfirmed_;  // by shard address
   std::atomic<uint64_t> next_step_;
   std::atomic<uint64_t> next_batch_id_{1};
 };

@@ -1,5 +1,6 @@
 #include "services/coordinator/coordinator_server.h"
 
+#include <algorithm>
 #include <atomic>
 #include <map>
 #include <mutex>
@@ -248,7 +249,10 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
       }
     }
     const bool commit = reason.empty();
-    // Second phase: every shard commits, or every shard aborts.
+    // Second phase: every shard commits, or every shard aborts. Bounded by the step's timeout
+    // (at least 1 s): a shard that does not confirm in time is reported, not waited for.
+    const auto finish_deadline = std::chrono::system_clock::now() +
+                                 std::chrono::milliseconds(std::max<uint32_t>(timeout_ms, 1000));
     std::vector<grpc::Status> finish(req.shards_size());
     threads.clear();
     for (int s = 0; s < req.shards_size(); ++s) {
@@ -259,7 +263,7 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
         fr.set_learning_rate(req.learning_rate());
         v1::FinishStepResponse fresp;
         grpc::ClientContext cctx;
-        cctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+        cctx.set_deadline(finish_deadline);
         cctx.set_wait_for_ready(true);
         finish[s] = ShardStub(req.shards(s))->FinishStep(&cctx, fr, &fresp);
       });
@@ -267,8 +271,11 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     for (auto& t : threads) t.join();
     for (int s = 0; s < req.shards_size() && commit; ++s) {
       if (!finish[s].ok()) {
-        reason = absl::StrCat("commit on ", req.shards(s), " failed: ", finish[s].error_message(),
-                              " (replicas may now differ; SaveCheckpoint reports it)");
+        resp->add_unconfirmed_shards(req.shards(s));
+        if (reason.empty()) {
+          reason = absl::StrCat("commit on ", req.shards(s), " not confirmed: ",
+                                finish[s].error_message());
+        }
       }
     }
     resp->set_committed(commit);

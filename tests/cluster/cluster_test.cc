@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include "absl/strings/str_join.h"
+#include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "tests/cluster/cluster_fixture.h"
 
@@ -580,6 +581,43 @@ TEST_F(ClusterTest, ATrainedClusterWithEveryShardWholeCopiesNoExpert) {
     EXPECT_EQ(testing::MetricValue(body, "moe_shard_expert_loads_total{source=\"peer\"}"), 0)
         << "shard " << s << " copied experts during " << steps << " steps";
   }
+}
+
+// The coordinator's second phase is bounded by the step's timeout: a shard that does not confirm
+// the commit in time is named in unconfirmed_shards (the router sends it FinishStep again) and
+// does not hold up the others.
+TEST_F(ClusterTest, CoordinatorNamesAShardThatDidNotConfirmACommit) {
+  auto c = common::Subprocess::Spawn({MOE_BIN_DIR "/moe-coordinator", "--host", "127.0.0.1",
+                                      "--port", "0"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto cport = c->ReadListeningPort(absl::Seconds(30));
+  ASSERT_TRUE(cport.ok()) << cport.status();
+  auto shard = common::Subprocess::Spawn({MOE_BIN_DIR "/moe-expert-server", "--checkpoint", *path_,
+                                          "--host", "127.0.0.1", "--port", "0"});
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  auto sport = shard->ReadListeningPort(absl::Seconds(30));
+  ASSERT_TRUE(sport.ok()) << sport.status();
+  const std::string live = absl::StrCat("127.0.0.1:", *sport), gone = "127.0.0.1:1";
+  auto stub = v1::Coordinator::NewStub(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", *cport), grpc::InsecureChannelCredentials()));
+  v1::CommitStepRequest req;
+  req.set_train_step(42);
+  req.set_learning_rate(0.1f);
+  req.add_shards(live);
+  req.add_shards(gone);
+  req.set_timeout_ms(500);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+  v1::CommitStepResponse resp;
+  const auto start = Clock::now();
+  grpc::Status st = stub->CommitStep(&ctx, req, &resp);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_LT(Since(start), 3.0);
+  EXPECT_TRUE(resp.committed());
+  ASSERT_EQ(resp.unconfirmed_shards_size(), 1);
+  EXPECT_EQ(resp.unconfirmed_shards(0), gone);
+  EXPECT_NE(resp.reason().find("commit on " + gone + " not confirmed"), std::string::npos)
+      << resp.reason();
 }
 
 }  // namespace
