@@ -937,9 +937,11 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
     impl->trainer = std::make_unique<Trainer>(
         impl->config, [stub](const v1::CommitStepRequest& req)
                           -> absl::StatusOr<v1::CommitStepResponse> {
+          // Longer than the coordinator can take (the reductions' timeout + 1 s, then 5 s for
+          // the second phase): giving up first would abort a step it may be committing.
           grpc::ClientContext ctx;
           ctx.set_deadline(std::chrono::system_clock::now() +
-                           std::chrono::milliseconds(req.timeout_ms() + 5000));
+                           std::chrono::milliseconds(req.timeout_ms() + 8000));
           v1::CommitStepResponse resp;
           grpc::Status st = stub->CommitStep(&ctx, req, &resp);
           if (!st.ok()) return common::FromGrpcStatus(st);

@@ -179,7 +179,9 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
   }
 
   // Reduce every group (groups in parallel, every member of a group in parallel); then commit
-  // everywhere if all succeeded, else abort everywhere.
+  // everywhere if all succeeded, else abort everywhere. Takes at most the request's timeout plus
+  // 1 s for the reductions and kFinishTimeout for the second phase (the router waits that long).
+  static constexpr auto kFinishTimeout = std::chrono::seconds(5);
   void RunStep(const v1::CommitStepRequest& req, v1::CommitStepResponse* resp) {
     std::lock_guard<std::mutex> step_lock(step_mu);
     const uint32_t timeout_ms = req.timeout_ms() > 0 ? req.timeout_ms() : 30000;
@@ -249,10 +251,9 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
       }
     }
     const bool commit = reason.empty();
-    // Second phase: every shard commits, or every shard aborts. Bounded by the step's timeout
-    // (at least 1 s): a shard that does not confirm in time is reported, not waited for.
-    const auto finish_deadline = std::chrono::system_clock::now() +
-                                 std::chrono::milliseconds(std::max<uint32_t>(timeout_ms, 1000));
+    // Second phase: every shard commits, or every shard aborts. Bounded by kFinishTimeout: a
+    // shard that does not confirm in time is reported, not waited for.
+    const auto finish_deadline = std::chrono::system_clock::now() + kFinishTimeout;
     std::vector<grpc::Status> finish(req.shards_size());
     threads.clear();
     for (int s = 0; s < req.shards_size(); ++s) {

@@ -583,9 +583,9 @@ TEST_F(ClusterTest, ATrainedClusterWithEveryShardWholeCopiesNoExpert) {
   }
 }
 
-// The coordinator's second phase is bounded by the step's timeout: a shard that does not confirm
-// the commit in time is named in unconfirmed_shards (the router sends it FinishStep again) and
-// does not hold up the others.
+// The coordinator's second phase is bounded (5 s): a shard that does not confirm the commit in
+// time is named in unconfirmed_shards (the router sends it FinishStep again) and does not hold
+// up the others.
 TEST_F(ClusterTest, CoordinatorNamesAShardThatDidNotConfirmACommit) {
   auto c = common::Subprocess::Spawn({MOE_BIN_DIR "/moe-coordinator", "--host", "127.0.0.1",
                                       "--port", "0"});
@@ -612,7 +612,7 @@ TEST_F(ClusterTest, CoordinatorNamesAShardThatDidNotConfirmACommit) {
   const auto start = Clock::now();
   grpc::Status st = stub->CommitStep(&ctx, req, &resp);
   ASSERT_TRUE(st.ok()) << st.error_message();
-  EXPECT_LT(Since(start), 3.0);
+  EXPECT_LT(Since(start), 7.0);
   EXPECT_TRUE(resp.committed());
   ASSERT_EQ(resp.unconfirmed_shards_size(), 1);
   EXPECT_EQ(resp.unconfirmed_shards(0), gone);
