@@ -2,12 +2,16 @@
 """All-reduce bus bandwidth (2 (N-1)/N * bytes / time) of our gRPC ring (moe-ring-rank) beside
 Gloo's ring all-reduce over TCP and Open MPI's MPI_Allreduce (over loopback TCP, and over shared
 memory as the upper bound), at 1, 16 and 64 MiB and 2 and 4 ranks, all in this one run.
-Prints a table and writes JSON lines to the file given as the first argument.
+Ours and Gloo, whose ratio is the target, run in ROUNDS alternating pairs (ours first, then Gloo
+first, ...): this VM's speed drifts by tens of percent between runs, so each is reported as its
+median and the ratio as the median of the pairs' ratios. Prints a table and writes JSON lines to
+the file given as the first argument.
 
 usage: allreduce_bench.py OUT.jsonl BIN_DIR
 """
 import json
 import os
+import statistics
 import re
 import shutil
 import subprocess
@@ -19,6 +23,7 @@ out_path, bin_dir = sys.argv[1], sys.argv[2]
 SIZES = [1, 16, 64]
 WORLDS = [2, 4]
 REPEAT = {1: 20, 16: 6, 64: 3}
+ROUNDS = 3
 
 
 def seconds(text):
@@ -87,14 +92,28 @@ with open(out_path, "w") as out:
             elements = mib * (1 << 20) // 4
             nbytes = elements * 4
             res = {"ranks": world, "MiB": mib}
-            for name, fn in [("ours", lambda: ours(world, elements, REPEAT[mib], True)),
-                             ("ours_stream_per_op",
+            busbw = lambda t: None if t is None else 2 * (world - 1) / world * nbytes / t / 1e9
+            # The target's pair, alternating which goes first.
+            pairs = []
+            for r in range(ROUNDS):
+                first_ours = r % 2 == 0
+                a = busbw(ours(world, elements, REPEAT[mib], True) if first_ours else
+                          gloo(world, elements, REPEAT[mib]))
+                b = busbw(gloo(world, elements, REPEAT[mib]) if first_ours else
+                          ours(world, elements, REPEAT[mib], True))
+                pairs.append((a, b) if first_ours else (b, a))
+            got = [o for o, _ in pairs if o]
+            res["ours"] = statistics.median(got) if got else None
+            got = [g for _, g in pairs if g]
+            res["gloo"] = statistics.median(got) if got else None
+            ratios = [o / g for o, g in pairs if o and g]
+            res["ours_vs_gloo"] = statistics.median(ratios) if ratios else None
+            res["rounds"] = [{"ours": o, "gloo": g} for o, g in pairs]
+            for name, fn in [("ours_stream_per_op",
                               lambda: ours(world, elements, REPEAT[mib], False)),
-                             ("gloo", lambda: gloo(world, elements, REPEAT[mib])),
                              ("mpi_tcp", lambda: mpi(world, elements, REPEAT[mib], True)),
                              ("mpi_shm", lambda: mpi(world, elements, REPEAT[mib], False))]:
-                t = fn()
-                res[name] = None if t is None else 2 * (world - 1) / world * nbytes / t / 1e9
+                res[name] = busbw(fn())
             out.write(json.dumps(res) + "\n")
             rows.append(res)
             print(f"ranks {world} {mib:3d} MiB: " + "  ".join(

@@ -131,12 +131,15 @@ def main():
               "link after a warm-up, as Gloo is measured (its ring all-reduce over TCP, every",
               "connection warmed first); \"new stream\": a stream opened per collective, as a",
               "training step does. Open MPI: MPI_Allreduce over loopback TCP, and over shared",
-              "memory (the upper bound).", "",
+              "memory (the upper bound). Ours and Gloo run in 3 alternating pairs: each column",
+              "is the median of its 3 runs, and ours / Gloo the median of the 3 pairs' ratios",
+              "(this VM's speed drifts between runs; the others are single runs).", "",
               "| ranks | MiB | ours | ours, new stream | Gloo | ours / Gloo | MPI TCP | MPI shm |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     fmt = lambda v: f"{v:.2f}" if v else "-"
     for r in allreduce:
-        ratio = f"{r['ours'] / r['gloo']:.2f}" if r.get("ours") and r.get("gloo") else "-"
+        ratio = (f"{r['ours_vs_gloo']:.2f}" if r.get("ours_vs_gloo") else
+                 f"{r['ours'] / r['gloo']:.2f}" if r.get("ours") and r.get("gloo") else "-")
         lines.append(f"| {r['ranks']} | {r['MiB']} | {fmt(r.get('ours'))} | "
                      f"{fmt(r.get('ours_stream_per_op'))} | {fmt(r.get('gloo'))} | "
                      f"{ratio} | {fmt(r.get('mpi_tcp'))} | {fmt(r.get('mpi_shm'))} |")

@@ -237,6 +237,10 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
   collective::CollectiveHub hub;
   std::unique_ptr<collective::CollectiveService> collective_service;
   absl::StatusOr<std::vector<int>> RunFinishStep(const v1::FinishStepRequest& req);
+  absl::Status ApplyUpdate(int expert, const common::ExpertWeights& grad, float learning_rate);
+  // Steps whose update a FinishStep is applying now (train_mu); finish_cv signals the end.
+  std::set<uint64_t> applying_steps;
+  std::condition_variable finish_cv;
 
   void FillStatus(v1::ShardStatus* s) const;
   void SetServing(bool serving);
@@ -680,35 +684,63 @@ absl::Status ShardServer::Impl::RunBackward(const v1::BackwardRequest& req,
 }
 
 absl::StatusOr<std::vector<int>> ShardServer::Impl::RunFinishStep(const v1::FinishStepRequest& req) {
-  StepState state;
-  {
-    std::lock_guard<std::mutex> lock(train_mu);
-    auto it = steps.find(req.train_step());
-    if (it != steps.end()) {
-      state = std::move(it->second);
-      steps.erase(it);
-    }
-    MarkFinishedLocked(req.train_step());
+  const uint64_t step_id = req.train_step();
+  std::unique_lock<std::mutex> lock(train_mu);
+  // A repeat (the router asks again when a commit went unconfirmed) waits for a call that is
+  // still applying the step, then finds the step gone: each update is applied once.
+  finish_cv.wait(lock, [&] { return !applying_steps.count(step_id); });
+  auto it = steps.find(step_id);
+  if (it == steps.end()) {  // applied or dropped before, or never seen here (a restarted shard)
+    MarkFinishedLocked(step_id);
+    return std::vector<int>{};
   }
+  if (!req.commit() || it->second.failed) {
+    const bool failed = it->second.failed;
+    steps.erase(it);
+    MarkFinishedLocked(step_id);
+    if (req.commit() && failed) {
+      return absl::AbortedError(absl::StrCat(
+          "step ", step_id, ": a gradient reduction failed; the step was dropped"));
+    }
+    return std::vector<int>{};
+  }
+  std::map<int, common::ExpertWeights> grads = std::move(it->second.grads);
+  it->second.grads.clear();
+  applying_steps.insert(step_id);
+  lock.unlock();
   std::vector<int> updated;
-  if (!req.commit()) return updated;
-  if (state.failed) {
-    return absl::AbortedError(absl::StrCat("step ", req.train_step(),
-                                           ": a gradient reduction failed; the step was dropped"));
+  absl::Status st;
+  for (auto g = grads.begin(); g != grads.end();) {
+    st = ApplyUpdate(g->first, g->second, req.learning_rate());
+    if (!st.ok()) break;
+    updated.push_back(g->first);
+    g = grads.erase(g);
   }
-  for (auto& [e, g] : state.grads) {
-    std::shared_ptr<ExpertHandle> h = store->Find(e);
-    if (h == nullptr) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("expert ", e, " left this shard before its update"));
-    }
-    // Update a copy and swap it in: work in flight keeps the weights it started with.
-    ASSIGN_OR_RETURN(std::unique_ptr<ExpertFfn> next, ExpertFfn::Create(config, h->ffn->weights()));
-    RETURN_IF_ERROR(next->ApplySgd(g, req.learning_rate()));
-    RETURN_IF_ERROR(store->ReplaceExpert(e, std::move(next)));
-    updated.push_back(e);
+  lock.lock();
+  applying_steps.erase(step_id);
+  if (st.ok()) {
+    steps.erase(step_id);
+    MarkFinishedLocked(step_id);
+  } else {
+    // Keep what is not applied yet: a repeat applies the rest, not the whole step again.
+    steps[step_id].grads = std::move(grads);
   }
+  finish_cv.notify_all();
+  if (!st.ok()) return st;
   return updated;
+}
+
+absl::Status ShardServer::Impl::ApplyUpdate(int expert, const common::ExpertWeights& grad,
+                                            float learning_rate) {
+  std::shared_ptr<ExpertHandle> h = store->Find(expert);
+  if (h == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("expert ", expert, " left this shard before its update"));
+  }
+  // Update a copy and swap it in: work in flight keeps the weights it started with.
+  ASSIGN_OR_RETURN(std::unique_ptr<ExpertFfn> next, ExpertFfn::Create(config, h->ffn->weights()));
+  RETURN_IF_ERROR(next->ApplySgd(grad, learning_rate));
+  return store->ReplaceExpert(expert, std::move(next));
 }
 
 absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,

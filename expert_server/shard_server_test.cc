@@ -626,6 +626,7 @@ common::ExpertWeights Export(v1::ExpertShard::Stub* stub, int e) {
   return w.ok() ? *w : common::ExpertWeights();
 }
 
+// A commit's update is applied once per expert, also when FinishStep comes again.
 TEST_F(ShardServerTest, TrainingForwardBackwardCommitAndAbort) {
   auto server = StartServer();
   auto stub = Stub(*server);
@@ -679,15 +680,48 @@ TEST_F(ShardServerTest, TrainingForwardBackwardCommitAndAbort) {
     EXPECT_EQ(st.error_code(), grpc::FAILED_PRECONDITION);
     EXPECT_NE(st.error_message().find("no training forward of batch 5"), std::string::npos);
   }
-  {
+  v1::FinishStepRequest fin;
+  fin.set_train_step(1);
+  fin.set_commit(true);
+  fin.set_learning_rate(0.25f);
+  auto finish = [&](v1::FinishStepResponse* fresp) {
     grpc::ClientContext fctx;
-    v1::FinishStepRequest fin;
-    fin.set_train_step(1);
-    fin.set_commit(true);
-    fin.set_learning_rate(0.25f);
+    return stub->FinishStep(&fctx, fin, fresp);
+  };
+  {
+    // Expert 2 leaves before the commit: expert 1 is updated, and the step keeps expert 2's
+    // gradient for a repeat.
+    grpc::ClientContext uctx;
+    v1::UnloadExpertsRequest unload;
+    unload.add_experts(2);
+    v1::ShardStatus status;
+    ASSERT_TRUE(stub->UnloadExperts(&uctx, unload, &status).ok());
     v1::FinishStepResponse fresp;
-    ASSERT_TRUE(stub->FinishStep(&fctx, fin, &fresp).ok());
-    EXPECT_EQ(fresp.updated_experts_size(), 2);
+    grpc::Status st = finish(&fresp);
+    EXPECT_EQ(st.error_code(), grpc::FAILED_PRECONDITION);
+    EXPECT_NE(st.error_message().find("expert 2 left this shard before its update"),
+              std::string::npos)
+        << st.error_message();
+    grpc::ClientContext lctx;
+    v1::LoadExpertsRequest load;
+    load.add_experts(2);
+    load.set_wait(true);
+    ASSERT_TRUE(stub->LoadExperts(&lctx, load, &status).ok());
+  }
+  {
+    // The repeat (the router sends one when a commit went unconfirmed), twice at once: expert 2
+    // is updated once, expert 1 not again; a later repeat has nothing left to do.
+    v1::FinishStepResponse a, b, c;
+    grpc::Status sa, sb;
+    std::thread other([&] { sb = finish(&b); });
+    sa = finish(&a);
+    other.join();
+    ASSERT_TRUE(sa.ok()) << sa.error_message();
+    ASSERT_TRUE(sb.ok()) << sb.error_message();
+    ASSERT_EQ(a.updated_experts_size() + b.updated_experts_size(), 1);
+    EXPECT_EQ(a.updated_experts_size() ? a.updated_experts(0) : b.updated_experts(0), 2);
+    ASSERT_TRUE(finish(&c).ok());
+    EXPECT_EQ(c.updated_experts_size(), 0);
   }
   for (int e : {1, 2}) {
     const common::ExpertWeights now = Export(stub.get(), e);

@@ -333,7 +333,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     std::unique_lock<std::timed_mutex> train_lock(train_mu, std::defer_lock);
     if (!train_lock.try_lock_for(kTrainWait)) {
       return absl::UnavailableError(
-          "a training step is still running; the change is tried again once it has ended");
+          "a training step is still running; the placement is unchanged, try again once it ends");
+    }
+    // A shard that has not confirmed the last commit may lack its update: it must confirm (or be
+    // leaving) before any copy. Shards not in `next_shards` are dropped from the list.
+    if (trainer != nullptr) {
+      trainer->RetryConfirmations(RoutingTable{next, next_shards});
+      RETURN_IF_ERROR(trainer->Unconfirmed());
     }
     std::shared_ptr<const RoutingTable> old = Table();
     next.version = ++version;
@@ -435,6 +441,32 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return absl::OkStatus();
   }
 
+  // Loads `missing[s]` on each shard s of `t`, with train_mu held. Trained weights come from a live
+  // replica (chosen per expert; experts with none stay missing, their trained weights are gone),
+  // untrained ones from the checkpoint.
+  void ReloadMissing(const RoutingTable& t, const std::vector<std::vector<int>>& missing) {
+    const bool trained = steps_done.load() > 0;
+    for (int s = 0; s < static_cast<int>(t.shards.size()); ++s) {
+      std::map<std::string, std::vector<int>> by_source;
+      for (int e : missing[s]) {
+        if (!trained) {
+          by_source[""].push_back(e);
+          continue;
+        }
+        for (int r : t.placement.replicas[e]) {
+          if (r != s && t.shards[r]->healthy()) {
+            by_source[t.shards[r]->address()].push_back(e);
+            break;
+          }
+        }
+      }
+      for (const auto& [source, experts] : by_source) {
+        t.shards[s]->LoadExperts(experts, t.placement.version, source, absl::Minutes(5))
+            .IgnoreError();
+      }
+    }
+  }
+
   // Reloads what a restarted shard lost, and rebalances a dynamic placement past the threshold.
   void Reconcile() {
     std::shared_ptr<const RoutingTable> t = Table();
@@ -456,6 +488,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         }
       }
     }
+    // What each shard is missing of its placement (a restarted shard: everything).
+    std::vector<std::vector<int>> missing(t->shards.size());
+    bool any_missing = false;
     for (int s = 0; s < static_cast<int>(t->shards.size()); ++s) {
       absl::StatusOr<v1::ShardStatus> st = t->shards[s]->GetStatus(absl::Milliseconds(500));
       if (!st.ok()) continue;
@@ -465,33 +500,20 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           have.insert(e.expert());
         }
       }
-      std::vector<int> missing;
       for (int e : t->placement.ExpertsOn(s)) {
-        if (!have.count(e)) missing.push_back(e);
+        if (!have.count(e)) missing[s].push_back(e);
       }
-      if (!missing.empty()) {
-        // Not while a step runs: the copy could miss its update (tried again next tick).
-        std::unique_lock<std::timed_mutex> train_lock(train_mu, std::defer_lock);
-        if (!train_lock.try_lock_for(kTrainWait)) continue;
-        // Trained weights come from a live replica; before training, from the checkpoint.
-        std::string source;
-        if (steps_done.load() > 0) {
-          for (int e : missing) {
-            for (int r : t->placement.replicas[e]) {
-              if (r != s && t->shards[r]->healthy()) source = t->shards[r]->address();
-            }
-          }
-        }
-        if (steps_done.load() == 0 || !source.empty()) {
-          t->shards[s]->LoadExperts(missing, t->placement.version, source, absl::Minutes(5))
-              .IgnoreError();
-        }
-      }
+      any_missing = any_missing || !missing[s].empty();
     }
-    // Shards that missed a commit's confirmation are asked again (not while a step runs).
-    if (trainer != nullptr) {
-      std::unique_lock<std::timed_mutex> train_lock(train_mu, std::try_to_lock);
-      if (train_lock.owns_lock()) trainer->RetryConfirmations(*t);
+    if (trainer != nullptr || any_missing) {
+      // Not while a step runs: a copy could miss its update (tried again next tick).
+      std::unique_lock<std::timed_mutex> train_lock(train_mu, std::defer_lock);
+      if (train_lock.try_lock_for(any_missing ? kTrainWait : std::chrono::seconds(0))) {
+        // Shards that missed a commit's confirmation are asked again first: until each has
+        // applied that update, none may be the source of a copy.
+        if (trainer != nullptr) trainer->RetryConfirmations(*t);
+        if (trainer == nullptr || trainer->Unconfirmed().ok()) ReloadMissing(*t, missing);
+      }
     }
     const std::vector<double> load = load_stats->Load();
     const double imbalance = Imbalance(t->placement, load);
@@ -662,6 +684,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     std::lock_guard<std::timed_mutex> lock(train_mu);  // weights do not move while we read them
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return absl::UnavailableError("the router is still loading its placement");
+    if (trainer != nullptr) {  // a replica that has not confirmed the last commit may be stale
+      trainer->RetryConfirmations(*t);
+      RETURN_IF_ERROR(trainer->Unconfirmed());
+    }
     common::Checkpoint ck;
     ck.config = config;
     ck.gate = *Gate();
