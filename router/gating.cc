@@ -6,15 +6,34 @@
 
 namespace moe::router {
 
+namespace {
+
+// sum_i a[i] * b[i] in 16 independent partial sums, so the compiler can keep them in vector
+// registers (a single running sum is one long chain of dependent adds that it may not reorder).
+float Dot(const float* a, const float* b, int d) {
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {};
+  int i = 0;
+  for (; i + kLanes <= d; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
+  }
+  for (int w = kLanes / 2; w > 0; w /= 2) {
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  }
+  float sum = acc[0];
+  for (; i < d; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+}  // namespace
+
 void ComputeLogits(const GateParams& gate, const float* x, int64_t n, float* logits) {
   const int e_count = gate.num_experts, d = gate.d_model;
   for (int64_t t = 0; t < n; ++t) {
     const float* xt = x + t * d;
     for (int e = 0; e < e_count; ++e) {
       const float* we = gate.weight + static_cast<int64_t>(e) * d;
-      float acc = 0.f;
-      for (int i = 0; i < d; ++i) acc += we[i] * xt[i];
-      logits[t * e_count + e] = acc + (gate.bias != nullptr ? gate.bias[e] : 0.f);
+      logits[t * e_count + e] = Dot(we, xt, d) + (gate.bias != nullptr ? gate.bias[e] : 0.f);
     }
   }
 }
