@@ -506,10 +506,9 @@ TEST(Trainer, AShardThatDidNotConfirmACommitIsAskedAgainAndHoldsBackTheNextStep)
   EXPECT_EQ(t.commits, 1);
   EXPECT_EQ(t.rig.fakes[0]->batches, 1) << "the refused step reached the shards";
   // The control loop asks again: a last failure, then shard1 confirms.
-  t.trainer.RetryConfirmations(t.rig.table);
-  EXPECT_FALSE(t.trainer.Unconfirmed().ok());
-  t.trainer.RetryConfirmations(t.rig.table);
-  EXPECT_TRUE(t.trainer.Unconfirmed().ok()) << t.trainer.Unconfirmed();
+  EXPECT_FALSE(t.trainer.RetryConfirmations(t.rig.table).ok());
+  const absl::Status confirmed = t.trainer.RetryConfirmations(t.rig.table);
+  EXPECT_TRUE(confirmed.ok()) << confirmed;
   ASSERT_EQ(t.rig.fakes[1]->finishes.size(), 3u);
   for (const FakeShard::Finish& f : t.rig.fakes[1]->finishes) {
     EXPECT_EQ(f.step, first->step);
@@ -517,7 +516,7 @@ TEST(Trainer, AShardThatDidNotConfirmACommitIsAskedAgainAndHoldsBackTheNextStep)
     EXPECT_EQ(f.learning_rate, 0.25f);
   }
   EXPECT_TRUE(t.rig.fakes[0]->finishes.empty()) << "a shard that confirmed was asked again";
-  t.trainer.RetryConfirmations(t.rig.table);
+  EXPECT_TRUE(t.trainer.RetryConfirmations(t.rig.table).ok());
   EXPECT_EQ(t.rig.fakes[1]->finishes.size(), 3u) << "a confirmed shard was asked again";
   absl::StatusOr<TrainResult> third = t.Step(9);
   ASSERT_TRUE(third.ok()) << third.status();
@@ -528,13 +527,12 @@ TEST(Trainer, AnUnconfirmedShardThatLeftThePlacementIsDropped) {
   TrainRig t(/*unconfirmed_commits=*/1);
   t.rig.fakes[1]->finish_failures = 100;  // never answers again
   ASSERT_TRUE(t.Step(5).ok());
-  t.trainer.RetryConfirmations(t.rig.table);
-  EXPECT_FALSE(t.trainer.Unconfirmed().ok());
+  EXPECT_FALSE(t.trainer.RetryConfirmations(t.rig.table).ok());
   RoutingTable without = t.rig.table;
   without.shards.erase(without.shards.begin() + 1);
   without.placement = *ComputePlacement(Strategy::kReplicated, 4, 2, std::vector<double>(4, 1.0));
-  t.trainer.RetryConfirmations(without);
-  EXPECT_TRUE(t.trainer.Unconfirmed().ok()) << t.trainer.Unconfirmed();
+  const absl::Status dropped = t.trainer.RetryConfirmations(without);
+  EXPECT_TRUE(dropped.ok()) << dropped;
 }
 
 }  // namespace

@@ -338,8 +338,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // A shard that has not confirmed the last commit may lack its update: it must confirm (or be
     // leaving) before any copy. Shards not in `next_shards` are dropped from the list.
     if (trainer != nullptr) {
-      trainer->RetryConfirmations(RoutingTable{next, next_shards});
-      RETURN_IF_ERROR(trainer->Unconfirmed());
+      RETURN_IF_ERROR(trainer->RetryConfirmations(RoutingTable{next, next_shards}));
     }
     std::shared_ptr<const RoutingTable> old = Table();
     next.version = ++version;
@@ -511,8 +510,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (train_lock.try_lock_for(any_missing ? kTrainWait : std::chrono::seconds(0))) {
         // Shards that missed a commit's confirmation are asked again first: until each has
         // applied that update, none may be the source of a copy.
-        if (trainer != nullptr) trainer->RetryConfirmations(*t);
-        if (trainer == nullptr || trainer->Unconfirmed().ok()) ReloadMissing(*t, missing);
+        if (trainer == nullptr || trainer->RetryConfirmations(*t).ok()) ReloadMissing(*t, missing);
       }
     }
     const std::vector<double> load = load_stats->Load();
@@ -685,8 +683,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return absl::UnavailableError("the router is still loading its placement");
     if (trainer != nullptr) {  // a replica that has not confirmed the last commit may be stale
-      trainer->RetryConfirmations(*t);
-      RETURN_IF_ERROR(trainer->Unconfirmed());
+      RETURN_IF_ERROR(trainer->RetryConfirmations(*t));
     }
     common::Checkpoint ck;
     ck.config = config;

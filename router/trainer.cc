@@ -35,7 +35,7 @@ Trainer::Trainer(const common::ModelConfig& config, Committer committer)
       // Steps of different router lifetimes must not collide on a shard.
       next_step_(static_cast<uint64_t>(absl::ToUnixMillis(absl::Now())) << 16) {}
 
-void Trainer::RetryConfirmations(const RoutingTable& table) {
+absl::Status Trainer::RetryConfirmations(const RoutingTable& table) {
   std::map<std::string, PendingCommit> todo;
   {
     std::lock_guard<std::mutex> lock(unconfirmed_mu_);
@@ -58,6 +58,7 @@ void Trainer::RetryConfirmations(const RoutingTable& table) {
     std::lock_guard<std::mutex> lock(unconfirmed_mu_);
     unconfirmed_.erase(address);
   }
+  return Unconfirmed();
 }
 
 absl::Status Trainer::Unconfirmed() const {
@@ -88,8 +89,7 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   const int64_t d = config_.d_model;
   const int S = static_cast<int>(table.shards.size());
   // The previous commit first: every shard must hold the same weights before a step starts.
-  RetryConfirmations(table);
-  RETURN_IF_ERROR(Unconfirmed());
+  RETURN_IF_ERROR(RetryConfirmations(table));
   TrainResult result;
   result.step = next_step_.fetch_add(1);
   // Every replica must apply the update: with one out of rotation the step could not commit, so

@@ -61,12 +61,13 @@ class Trainer {
   // sent FinishStep{commit} again (idempotent on the shard: it applies a step's update once)
   // until it confirms, or it is dropped once it has left `table` (a shard that comes back gets
   // its experts copied from live replicas). No step starts while one is unconfirmed: that
-  // shard's weights may lack the update. Called by Step and by the router's control loop.
-  void RetryConfirmations(const RoutingTable& table);
-  // OK, or UNAVAILABLE naming a shard that has not confirmed a committed step.
-  absl::Status Unconfirmed() const;
+  // shard's weights may lack the update. Called by Step, by the router's control loop, and
+  // before any copy of an expert or checkpoint save. Returns OK once every shard has confirmed,
+  // else UNAVAILABLE naming a shard that has not.
+  absl::Status RetryConfirmations(const RoutingTable& table);
 
  private:
+  absl::Status Unconfirmed() const;
   // Tells every shard to drop the step's kept activations and gradients, all at once and for at
   // most kAbortTimeout: a stalled shard must not hold the failed call (and the routing table it
   // pins) for longer. A shard the abort does not reach drops the step itself once it is stale.
