@@ -94,14 +94,13 @@ with open(out_path, "w") as out:
             res = {"ranks": world, "MiB": mib}
             busbw = lambda t: None if t is None else 2 * (world - 1) / world * nbytes / t / 1e9
             # The target's pair, alternating which goes first.
+            pair = {"ours": lambda: ours(world, elements, REPEAT[mib], True),
+                    "gloo": lambda: gloo(world, elements, REPEAT[mib])}
             pairs = []
             for r in range(ROUNDS):
-                first_ours = r % 2 == 0
-                a = busbw(ours(world, elements, REPEAT[mib], True) if first_ours else
-                          gloo(world, elements, REPEAT[mib]))
-                b = busbw(gloo(world, elements, REPEAT[mib]) if first_ours else
-                          ours(world, elements, REPEAT[mib], True))
-                pairs.append((a, b) if first_ours else (b, a))
+                got = {name: busbw(pair[name]())
+                       for name in (("ours", "gloo") if r % 2 == 0 else ("gloo", "ours"))}
+                pairs.append((got["ours"], got["gloo"]))
             got = [o for o, _ in pairs if o]
             res["ours"] = statistics.median(got) if got else None
             got = [g for _, g in pairs if g]
