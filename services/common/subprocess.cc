@@ -10,7 +10,6 @@
 #include <pthread.h>
 
 #include <cerrno>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -22,24 +21,35 @@ namespace moe::common {
 
 absl::StatusOr<Subprocess> Subprocess::Spawn(const std::vector<std::string>& argv) {
   if (argv.empty()) return absl::InvalidArgumentError("no command");
+  // Everything the child needs is built here, before fork: between fork and exec the child of a
+  // multi-threaded parent may only make async-signal-safe calls. An allocation there can wait
+  // forever on an allocator lock that another thread of the parent held at the fork (seen under
+  // ASan: a restarted shard that never started, with the parent waiting for its port).
+  std::vector<char*> args;
+  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  const std::string exec_failed =
+      absl::StrCat("cannot run ", argv[0], ": not found or not executable\n");
+  sigset_t unblocked;
+  sigemptyset(&unblocked);
   int fds[2];
   if (pipe2(fds, O_CLOEXEC) != 0) return absl::InternalError("pipe failed");
   const pid_t parent = getpid();
   const pid_t pid = fork();
-  if (pid < 0) return absl::InternalError(absl::StrCat("fork failed: ", std::strerror(errno)));
+  if (pid < 0) {
+    const int err = errno;
+    close(fds[0]);
+    close(fds[1]);
+    return absl::InternalError(absl::StrCat("fork failed: ", std::strerror(err)));
+  }
   if (pid == 0) {
     prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (getppid() != parent) _exit(1);
     dup2(fds[1], 1);
     // Unblock the signals a launcher may have blocked for sigwait.
-    sigset_t set;
-    sigemptyset(&set);
-    pthread_sigmask(SIG_SETMASK, &set, nullptr);
-    std::vector<char*> args;
-    for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
+    pthread_sigmask(SIG_SETMASK, &unblocked, nullptr);
     execvp(args[0], args.data());
-    std::fprintf(stderr, "cannot run %s: %s\n", args[0], std::strerror(errno));
+    if (write(2, exec_failed.data(), exec_failed.size()) < 0) _exit(126);
     _exit(127);
   }
   close(fds[1]);

@@ -171,6 +171,26 @@ class ClusterTest : public ::testing::Test {
     for (auto& t : ts) t.join();
   }
 
+  // RunLoad on a thread of its own for the scope of a test; Stop() (or leaving the scope, also
+  // through a failed ASSERT, which would otherwise abort on a joinable thread) ends it.
+  class BackgroundLoad {
+   public:
+    BackgroundLoad(const std::string& router, int threads)
+        : thread_([this, router, threads] { RunLoad(router, threads, &stop_, &result_); }) {}
+    ~BackgroundLoad() { Stop(); }
+    const LoadResult& Stop() {
+      stop_ = true;
+      if (thread_.joinable()) thread_.join();
+      return result_;
+    }
+    const LoadResult& result() const { return result_; }
+
+   private:
+    std::atomic<bool> stop_{false};
+    LoadResult result_;
+    std::thread thread_;
+  };
+
   static common::Checkpoint* ck_;
   static std::string* path_;
   static router::MoeLayer* layer_;

@@ -92,14 +92,12 @@ TEST_F(ClusterTest, CapacityDropMatchesTheLayerAndSpillDropsLess) {
 TEST_F(ClusterTest, KilledShardWithReplicasLosesNoRequest) {
   auto cluster = Start("replicated", 3);
   ASSERT_NE(cluster, nullptr);
-  std::atomic<bool> stop{false};
-  LoadResult result;
-  std::thread load([&] { RunLoad(cluster->router_address(), 4, &stop, &result); });
+  BackgroundLoad load(cluster->router_address(), 4);
+  const LoadResult& result = load.result();
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
   cluster->shard(1).Signal(SIGKILL);
   std::this_thread::sleep_for(std::chrono::milliseconds(1500));
-  stop = true;
-  load.join();
+  load.Stop();
   EXPECT_EQ(result.failed.load(), 0) << result.first_error;
   EXPECT_EQ(result.wrong.load(), 0);
   EXPECT_GT(result.ok.load(), 20);
@@ -112,9 +110,8 @@ TEST_F(ClusterTest, DrainedShardStopsWithoutAFailover) {
   const int metrics = 42000 + static_cast<int>(getpid() % 10000);
   auto cluster = Start("replicated", 3, {}, {}, metrics);
   ASSERT_NE(cluster, nullptr);
-  std::atomic<bool> stop{false};
-  LoadResult result;
-  std::thread load([&] { RunLoad(cluster->router_address(), 4, &stop, &result); });
+  BackgroundLoad load(cluster->router_address(), 4);
+  const LoadResult& result = load.result();
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
 
   const auto t0 = Clock::now();
@@ -134,8 +131,7 @@ TEST_F(ClusterTest, DrainedShardStopsWithoutAFailover) {
   const int ok_at_drain = result.ok.load();
   cluster->shard(1).Signal(SIGTERM);
   std::this_thread::sleep_for(std::chrono::milliseconds(1000));
-  stop = true;
-  load.join();
+  load.Stop();
   EXPECT_EQ(result.failed.load(), 0) << result.first_error;
   EXPECT_EQ(result.wrong.load(), 0);
   EXPECT_GT(result.ok.load(), ok_at_drain + 10) << "serving went on after the drain";
@@ -213,9 +209,8 @@ TEST_F(ClusterTest, StalledShardLeavesRotationAndComesBack) {
 TEST_F(ClusterTest, RebalanceUnderLoadNeverFailsARequest) {
   auto cluster = Start("hybrid", 3, {"--rebalance-cooldown-s", "0"});
   ASSERT_NE(cluster, nullptr);
-  std::atomic<bool> stop{false};
-  LoadResult result;
-  std::thread load([&] { RunLoad(cluster->router_address(), 3, &stop, &result); });
+  BackgroundLoad load(cluster->router_address(), 3);
+  const LoadResult& result = load.result();
   auto stub = client::MakeRouterStub(cluster->router_address());
   uint64_t last_version = 0;
   for (const char* s : {"sharded", "replicated", "dynamic", "hybrid", "sharded"}) {
@@ -243,8 +238,7 @@ TEST_F(ClusterTest, RebalanceUnderLoadNeverFailsARequest) {
   ASSERT_TRUE(stub->GetPlacement(&ctx2, v1::GetPlacementRequest(), &p).ok());
   EXPECT_EQ(p.strategy(), "sharded");
   EXPECT_EQ(p.version(), last_version);
-  stop = true;
-  load.join();
+  load.Stop();
   EXPECT_EQ(result.failed.load(), 0) << result.first_error;
   EXPECT_EQ(result.wrong.load(), 0);
   EXPECT_GT(result.ok.load(), 10);

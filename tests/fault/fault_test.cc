@@ -129,29 +129,17 @@ TEST_F(FaultTest, CutLinkIsDetectedAndHealed) {
   const std::string cut_shard = cluster->shard_addresses()[2];
   ASSERT_EQ(ShardUp(metrics, cut_shard), 1);
 
-  std::atomic<bool> stop{false};
-  LoadResult result;
-  std::thread load([&] { RunLoad(cluster->router_address(), 4, &stop, &result); });
+  BackgroundLoad load(cluster->router_address(), 4);
+  const LoadResult& result = load.result();
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
-  // Also on failure: the load stops before the test is left (a joinable thread aborts the run).
-  auto stop_load = [&] {
-    stop = true;
-    load.join();
-  };
-  if (!ns.Cut()) {
-    stop_load();
-    FAIL() << "iptables could not cut the link (scripts/install-deps.sh installs iptables)";
-  }
+  ASSERT_TRUE(ns.Cut()) << "iptables could not cut the link (scripts/install-deps.sh installs it)";
   const double detected = WaitFor([&] { return ShardUp(metrics, cut_shard) == 0; }, 5);
   std::this_thread::sleep_for(std::chrono::milliseconds(1000));
   const int ok_while_cut = result.ok.load();
-  if (!ns.Heal()) {
-    stop_load();
-    FAIL() << "iptables could not heal the link";
-  }
+  ASSERT_TRUE(ns.Heal()) << "iptables could not heal the link";
   const double back = WaitFor([&] { return ShardUp(metrics, cut_shard) == 1; }, 5);
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
-  stop_load();
+  load.Stop();
   EXPECT_GE(detected, 0) << "the cut link was never detected";
   EXPECT_LT(detected, 2.0);
   EXPECT_GE(back, 0) << "the healed shard never came back";
@@ -224,9 +212,8 @@ TEST_F(FaultTest, RollingRestartOfEveryShard) {
   o.metrics_port = metrics;
   auto cluster = StartWith(o);
   ASSERT_NE(cluster, nullptr);
-  std::atomic<bool> stop{false};
-  LoadResult result;
-  std::thread load([&] { RunLoad(cluster->router_address(), 4, &stop, &result); });
+  BackgroundLoad load(cluster->router_address(), 4);
+  const LoadResult& result = load.result();
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
   for (int i = 0; i < 3; ++i) {
     const std::string addr = cluster->shard_addresses()[i];
@@ -239,7 +226,8 @@ TEST_F(FaultTest, RollingRestartOfEveryShard) {
     EXPECT_TRUE(drained.drained()) << addr;
     cluster->shard(i).Signal(SIGTERM);
     ASSERT_TRUE(cluster->shard(i).Wait(absl::Seconds(5)).ok()) << addr << " did not stop";
-    ASSERT_TRUE(cluster->RestartShard(i).ok());
+    const absl::Status restarted = cluster->RestartShard(i);
+    ASSERT_TRUE(restarted.ok()) << restarted;
     // Back in rotation with its experts reloaded by the router, and computing again.
     const double back = WaitFor([&] {
       return ShardUp(metrics, addr) == 1 &&
@@ -249,8 +237,7 @@ TEST_F(FaultTest, RollingRestartOfEveryShard) {
     std::printf("shard %d restarted, serving again after %.2f s\n", i, back);
   }
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
-  stop = true;
-  load.join();
+  load.Stop();
   const int total = result.ok.load() + result.failed.load() + result.wrong.load();
   EXPECT_GE(result.ok.load(), 0.999 * total) << result.first_error;
   EXPECT_EQ(result.wrong.load(), 0);
