@@ -78,10 +78,11 @@ commands:
   load --router HOST:PORT [--checkpoint PATH --zipf S] [--concurrency C] [--batch-size N]
        [--duration SECONDS | --requests R] [--seed S] [--hot-order K]
       a load generator: C concurrent InferStream streams of N-token requests; with a checkpoint
-      and --zipf, expert popularity follows a Zipf law of exponent S (expert 0 the most
-      popular; with --hot-order K > 0 a shuffle of the experts seeded by K, with
-      --hot-order -1 the reverse: expert E-1 the most popular). Prints tokens/s,
-      p50/p95/p99 latency and errors by code
+      and --zipf, expert popularity follows a Zipf law of exponent S: each token's top-k
+      experts are drawn by it without replacement (expert 0 the most popular; with
+      --hot-order K > 0 a shuffle of the experts seeded by K, with --hot-order -1 the
+      reverse: expert E-1 the most popular). Prints tokens/s, p50/p95/p99 latency and
+      errors by code
   demo --checkpoint PATH [--batches B] [--batch-size N] [--tensor-prefix P]
       run the in-process layer on random batches; print tokens/s and per-expert load
 )";
@@ -534,7 +535,7 @@ absl::Status Load(const Flags& f) {
     std::unique_ptr<ZipfTokens> gen;
     if (!gate.weight.empty()) {
       gen = std::make_unique<ZipfTokens>(gate, info.num_experts(), d, zipf, seed * 1000 + w,
-                                         order);
+                                         order, info.top_k());
     }
     std::mt19937_64 rng(seed * 7919 + w);
     std::uniform_real_distribution<float> u(-1.f, 1.f);

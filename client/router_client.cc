@@ -1,5 +1,6 @@
 #include "client/router_client.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include <grpcpp/grpcpp.h>
@@ -24,11 +25,13 @@ std::unique_ptr<v1::Router::Stub> MakeRouterStub(const std::string& address) {
 }
 
 ZipfTokens::ZipfTokens(const common::GateWeights& gate, int num_experts, int d_model, double s,
-                       uint64_t seed, const std::vector<int>& order)
-    : rng_(seed), d_model_(d_model) {
-  std::vector<double> p(num_experts);
+                       uint64_t seed, const std::vector<int>& order, int picks)
+    : popularity_(num_experts),
+      picks_(std::clamp(picks, 1, num_experts)),
+      rng_(seed),
+      d_model_(d_model) {
   for (int r = 0; r < num_experts; ++r) {
-    p[order.empty() ? r : order[r]] = 1.0 / std::pow(r + 1.0, s);
+    popularity_[order.empty() ? r : order[r]] = 1.0 / std::pow(r + 1.0, s);
   }
   for (int e = 0; e < num_experts; ++e) {
     std::vector<float> row(gate.weight.begin() + static_cast<int64_t>(e) * d_model,
@@ -39,16 +42,26 @@ ZipfTokens::ZipfTokens(const common::GateWeights& gate, int num_experts, int d_m
     for (float& v : row) v = static_cast<float>(v / norm);
     dirs_.push_back(std::move(row));
   }
-  pick_ = std::discrete_distribution<int>(p.begin(), p.end());
 }
 
 std::vector<float> ZipfTokens::Next(int64_t n) {
   std::vector<float> x(static_cast<size_t>(n * d_model_));
-  // Scale so the chosen expert's logit stands well above the others'.
+  // Scale so the chosen experts' logits stand well above the others'; each later pick at 0.8
+  // of the one before, so the order of the picks is also the gate's.
   const float scale = 4.f * std::sqrt(static_cast<float>(d_model_)) / 8.f;
+  std::vector<double> left(popularity_.size());
   for (int64_t t = 0; t < n; ++t) {
-    const std::vector<float>& dir = dirs_[pick_(rng_)];
-    for (int i = 0; i < d_model_; ++i) x[t * d_model_ + i] = scale * dir[i] + noise_(rng_);
+    float* row = &x[static_cast<size_t>(t * d_model_)];
+    for (int i = 0; i < d_model_; ++i) row[i] = noise_(rng_);
+    left = popularity_;
+    float strength = scale;
+    for (int k = 0; k < picks_; ++k) {
+      const int e = std::discrete_distribution<int>(left.begin(), left.end())(rng_);
+      left[e] = 0;  // without replacement
+      const std::vector<float>& dir = dirs_[e];
+      for (int i = 0; i < d_model_; ++i) row[i] += strength * dir[i];
+      strength *= 0.8f;
+    }
   }
   return x;
 }

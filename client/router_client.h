@@ -19,20 +19,22 @@ void SetAuthToken(std::string token);
 // A stub over the process's TLS configuration (common::ConfigureTls) and auth token.
 std::unique_ptr<v1::Router::Stub> MakeRouterStub(const std::string& address);
 
-// Tokens whose top-1 expert follows a Zipf law: expert e (by rank) is picked with probability
-// proportional to 1 / (e + 1)^s, and the token points along that expert's gate row (plus noise),
-// so the gate sends it there. s = 0 is uniform.
+// Tokens whose experts follow a Zipf law: each token's `picks` experts (the layer's top-k) are
+// drawn without replacement, the expert of popularity rank r with weight 1 / (r + 1)^s, and the
+// token points along the sum of their unit gate rows (the first drawn strongest) plus noise, so
+// the gate sends it to exactly those experts. s = 0 is uniform.
 class ZipfTokens {
  public:
   // Expert popularity by rank: the r-th most popular expert is `order`[r], or expert r when
   // `order` is empty.
   ZipfTokens(const common::GateWeights& gate, int num_experts, int d_model, double s,
-             uint64_t seed, const std::vector<int>& order = {});
+             uint64_t seed, const std::vector<int>& order = {}, int picks = 1);
   std::vector<float> Next(int64_t n);
 
  private:
   std::vector<std::vector<float>> dirs_;  // unit gate rows
-  std::discrete_distribution<int> pick_;
+  std::vector<double> popularity_;        // by expert id, unnormalized
+  int picks_;
   std::normal_distribution<float> noise_{0.f, 0.3f};
   std::mt19937_64 rng_;
   int d_model_;
