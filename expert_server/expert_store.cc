@@ -121,6 +121,12 @@ void ExpertStore::StopLoading() {
   if (loader_.joinable()) loader_.join();
 }
 
+absl::StatusOr<LoadedExpert> ExpertStore::ReadCheckpoint(int expert) const {
+  absl::StatusOr<common::ExpertWeights> w = checkpoint_(expert);
+  if (!w.ok()) return w.status();
+  return LoadedExpert{std::move(*w), 0};
+}
+
 void ExpertStore::LoaderLoop() {
   while (true) {
     Job job;
@@ -140,10 +146,9 @@ void ExpertStore::LoaderLoop() {
           break;
         }
       }
-      absl::StatusOr<common::ExpertWeights> w =
-          job.peer.empty() ? checkpoint_(e) : peer_(job.peer, e);
+      absl::StatusOr<LoadedExpert> w = job.peer.empty() ? ReadCheckpoint(e) : peer_(job.peer, e);
       absl::StatusOr<std::unique_ptr<ExpertFfn>> ffn =
-          w.ok() ? ExpertFfn::Create(config_, std::move(*w)) : w.status();
+          w.ok() ? ExpertFfn::Create(config_, std::move(w->weights)) : w.status();
       {
         std::lock_guard<std::mutex> lock(mu_);
         auto found = entries_.find(e);
@@ -153,6 +158,7 @@ void ExpertStore::LoaderLoop() {
           auto handle = std::make_shared<ExpertHandle>();
           handle->id = e;
           handle->ffn = std::move(*ffn);
+          handle->trained_step = w->trained_step;
           entry = Entry{ExpertState::kReady, std::move(handle), ""};
         } else {
           const std::string msg = absl::StrCat("expert ", e, ": ", ffn.status().message());
@@ -229,7 +235,8 @@ absl::StatusOr<ExpertLease> ExpertStore::Acquire(int expert, int64_t rows) {
   return ExpertLease(this, it->second.handle, rows);
 }
 
-absl::Status ExpertStore::ReplaceExpert(int expert, std::unique_ptr<ExpertFfn> ffn) {
+absl::Status ExpertStore::ReplaceExpert(int expert, std::unique_ptr<ExpertFfn> ffn,
+                                        uint64_t trained_step) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = entries_.find(expert);
@@ -241,6 +248,7 @@ absl::Status ExpertStore::ReplaceExpert(int expert, std::unique_ptr<ExpertFfn> f
     auto handle = std::make_shared<ExpertHandle>();
     handle->id = expert;
     handle->ffn = std::move(ffn);
+    handle->trained_step = trained_step;
     it->second.handle = std::move(handle);
   }
   NotifyChange();
@@ -258,7 +266,8 @@ std::vector<ExpertInfo> ExpertStore::Snapshot() const {
   std::vector<ExpertInfo> out;
   for (const auto& [e, entry] : entries_) {
     out.push_back(ExpertInfo{e, entry.state, entry.error,
-                             entry.handle ? entry.handle->in_flight_rows.load() : 0});
+                             entry.handle ? entry.handle->in_flight_rows.load() : 0,
+                             entry.handle ? entry.handle->trained_step : 0});
   }
   return out;
 }

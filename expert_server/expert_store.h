@@ -29,6 +29,7 @@ enum class ExpertState { kLoading, kReady, kDraining, kFailed };
 struct ExpertHandle {
   int id = 0;
   std::unique_ptr<ExpertFfn> ffn;
+  uint64_t trained_step = 0;  // the last training step applied to ffn's weights (0: checkpoint)
   std::atomic<int64_t> in_flight_rows{0};
 };
 
@@ -56,14 +57,21 @@ struct ExpertInfo {
   ExpertState state = ExpertState::kLoading;
   std::string error;
   int64_t in_flight_rows = 0;
+  uint64_t trained_step = 0;
+};
+
+// An expert's weights as read, and the last training step applied to them (0: the checkpoint's).
+struct LoadedExpert {
+  common::ExpertWeights weights;
+  uint64_t trained_step = 0;
 };
 
 class ExpertStore {
  public:
   // Reads expert e's weights (from the checkpoint, or from a peer shard at `peer`).
   using CheckpointLoader = std::function<absl::StatusOr<common::ExpertWeights>(int expert)>;
-  using PeerLoader = std::function<absl::StatusOr<common::ExpertWeights>(const std::string& peer,
-                                                                        int expert)>;
+  using PeerLoader =
+      std::function<absl::StatusOr<LoadedExpert>(const std::string& peer, int expert)>;
 
   ExpertStore(common::ModelConfig config, CheckpointLoader checkpoint, PeerLoader peer);
   ~ExpertStore();
@@ -75,9 +83,9 @@ class ExpertStore {
   absl::Status Load(const std::vector<int>& experts, uint64_t version, const std::string& peer,
                     std::function<void(absl::Status)> done);
 
-  // Swaps in new weights for a loaded expert (after a training step); work in flight keeps the
-  // old ones. FAILED_PRECONDITION when the expert is not loaded.
-  absl::Status ReplaceExpert(int expert, std::unique_ptr<ExpertFfn> ffn);
+  // Swaps in new weights for a loaded expert (after training step `trained_step`); work in
+  // flight keeps the old ones. FAILED_PRECONDITION when the expert is not loaded.
+  absl::Status ReplaceExpert(int expert, std::unique_ptr<ExpertFfn> ffn, uint64_t trained_step);
 
   // Stops the loader: the expert being read finishes, queued jobs are answered UNAVAILABLE.
   void StopLoading();
@@ -114,6 +122,7 @@ class ExpertStore {
   };
 
   void LoaderLoop();
+  absl::StatusOr<LoadedExpert> ReadCheckpoint(int expert) const;
   void Released(ExpertHandle* handle);
   void NotifyChange();
   absl::Status CheckVersion(uint64_t version);  // mu_ held

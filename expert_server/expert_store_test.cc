@@ -28,11 +28,11 @@ class ExpertStoreTest : public ::testing::Test {
               if (e == 2) return absl::DataLossError("disk on fire");
               return ck_.experts[e];
             },
-            [this](const std::string& peer, int e) -> absl::StatusOr<common::ExpertWeights> {
+            [this](const std::string& peer, int e) -> absl::StatusOr<LoadedExpert> {
               if (peer != "peer:1") return absl::UnavailableError("no such peer");
               common::ExpertWeights w = ck_.experts[e];
               w.w1[0] += 1.f;  // distinguishable copy
-              return w;
+              return LoadedExpert{std::move(w), 17};  // trained up to step 17 on the peer
             }) {}
 
   absl::Status LoadAndWait(std::vector<int> experts, uint64_t version, std::string peer = "") {
@@ -97,12 +97,29 @@ TEST_F(ExpertStoreTest, DrainingExpertStaysUntilItsLeasesEnd) {
 TEST_F(ExpertStoreTest, PeerCopyReplacesWeights) {
   ASSERT_TRUE(LoadAndWait({1}, 1).ok());
   const float before = store_.Find(1)->ffn->weights().w1[0];
+  EXPECT_EQ(store_.Snapshot()[0].trained_step, 0u) << "the checkpoint's weights are at step 0";
   ASSERT_TRUE(LoadAndWait({1}, 2, "peer:1").ok());
   EXPECT_EQ(store_.Find(1)->ffn->weights().w1[0], before + 1.f);
+  EXPECT_EQ(store_.Snapshot()[0].trained_step, 17u) << "a copy is at its source's step";
   // A failed copy keeps the expert it had.
   EXPECT_EQ(LoadAndWait({1}, 3, "peer:2").code(), absl::StatusCode::kUnavailable);
   EXPECT_EQ(store_.Snapshot()[0].state, ExpertState::kReady);
   EXPECT_EQ(store_.Find(1)->ffn->weights().w1[0], before + 1.f);
+  EXPECT_EQ(store_.Snapshot()[0].trained_step, 17u);
+}
+
+TEST_F(ExpertStoreTest, ReplacedWeightsCarryTheirTrainingStep) {
+  ASSERT_TRUE(LoadAndWait({0}, 1).ok());
+  auto next = ExpertFfn::Create(Config(), ck_.experts[1]);
+  ASSERT_TRUE(next.ok()) << next.status();
+  ASSERT_TRUE(store_.ReplaceExpert(0, std::move(*next), 42).ok());
+  EXPECT_EQ(store_.Snapshot()[0].trained_step, 42u);
+  EXPECT_EQ(store_.Find(0)->trained_step, 42u);
+  EXPECT_EQ(store_.Find(0)->ffn->weights().w1, ck_.experts[1].w1);
+  auto missing = ExpertFfn::Create(Config(), ck_.experts[1]);
+  ASSERT_TRUE(missing.ok());
+  EXPECT_EQ(store_.ReplaceExpert(1, std::move(*missing), 43).code(),
+            absl::StatusCode::kFailedPrecondition);
 }
 
 TEST_F(ExpertStoreTest, StopLoadingAnswersQueuedJobs) {

@@ -47,8 +47,9 @@ const char* ReasonFor(absl::StatusCode code) {
   }
 }
 
-// Copies expert `e`'s current weights from the shard at `peer` through ExportExpert.
-absl::StatusOr<common::ExpertWeights> CopyFromPeer(const common::ModelConfig& config,
+// Copies expert `e`'s current weights, and the step they are at, from the shard at `peer`
+// through ExportExpert.
+absl::StatusOr<LoadedExpert> CopyFromPeer(const common::ModelConfig& config,
                                                    const common::RpcLimits& limits,
                                                    const std::string& peer, int e) {
   auto channel = grpc::CreateCustomChannel(peer, common::ChannelCredentials(),
@@ -64,8 +65,10 @@ absl::StatusOr<common::ExpertWeights> CopyFromPeer(const common::ModelConfig& co
   req.set_expert(e);
   auto reader = stub->ExportExpert(&ctx, req);
   std::string bytes;
+  uint64_t trained_step = 0;
   v1::ExpertChunk chunk;
   while (reader->Read(&chunk)) {
+    trained_step = chunk.trained_step();
     if (chunk.offset() != bytes.size() || chunk.total_bytes() > (uint64_t{8} << 30) ||
         chunk.offset() + chunk.data().size() > chunk.total_bytes()) {
       ctx.TryCancel();
@@ -83,7 +86,8 @@ absl::StatusOr<common::ExpertWeights> CopyFromPeer(const common::ModelConfig& co
     return absl::Status(s.code(), absl::StrCat("copying expert ", e, " from ", peer, ": ",
                                                s.message()));
   }
-  return common::ParseExpert(bytes, config, e);
+  ASSIGN_OR_RETURN(common::ExpertWeights w, common::ParseExpert(bytes, config, e));
+  return LoadedExpert{std::move(w), trained_step};
 }
 
 }  // namespace
@@ -237,7 +241,9 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
   collective::CollectiveHub hub;
   std::unique_ptr<collective::CollectiveService> collective_service;
   absl::StatusOr<std::vector<int>> RunFinishStep(const v1::FinishStepRequest& req);
-  absl::Status ApplyUpdate(int expert, const common::ExpertWeights& grad, float learning_rate);
+  // SGD on `expert` for training step `step`: weights -= learning_rate * grad.
+  absl::Status ApplyUpdate(int expert, const common::ExpertWeights& grad, float learning_rate,
+                           uint64_t step);
   // Steps whose update a FinishStep is applying now (train_mu); finish_cv signals the end.
   std::set<uint64_t> applying_steps;
   std::condition_variable finish_cv;
@@ -465,6 +471,7 @@ void ShardServer::Impl::FillStatus(v1::ShardStatus* s) const {
     e->set_state(ToProto(info.state));
     e->set_error(info.error);
     e->set_in_flight_rows(info.in_flight_rows);
+    e->set_trained_step(info.trained_step);
   }
   s->set_queue_rows(pool->queued_rows());
   s->set_queue_batches(pool->queued_batches());
@@ -573,6 +580,7 @@ class ExportReactor final : public grpc::ServerWriteReactor<v1::ExpertChunk> {
       return;
     }
     data_ = std::move(*bytes);
+    chunk_.set_trained_step(h->trained_step);
     Next();
   }
   void OnWriteDone(bool ok) override {
@@ -711,7 +719,7 @@ absl::StatusOr<std::vector<int>> ShardServer::Impl::RunFinishStep(const v1::Fini
   std::vector<int> updated;
   absl::Status st;
   for (auto g = grads.begin(); g != grads.end();) {
-    st = ApplyUpdate(g->first, g->second, req.learning_rate());
+    st = ApplyUpdate(g->first, g->second, req.learning_rate(), step_id);
     if (!st.ok()) break;
     updated.push_back(g->first);
     g = grads.erase(g);
@@ -731,7 +739,7 @@ absl::StatusOr<std::vector<int>> ShardServer::Impl::RunFinishStep(const v1::Fini
 }
 
 absl::Status ShardServer::Impl::ApplyUpdate(int expert, const common::ExpertWeights& grad,
-                                            float learning_rate) {
+                                            float learning_rate, uint64_t step) {
   std::shared_ptr<ExpertHandle> h = store->Find(expert);
   if (h == nullptr) {
     return absl::FailedPreconditionError(
@@ -740,7 +748,7 @@ absl::Status ShardServer::Impl::ApplyUpdate(int expert, const common::ExpertWeig
   // Update a copy and swap it in: work in flight keeps the weights it started with.
   ASSIGN_OR_RETURN(std::unique_ptr<ExpertFfn> next, ExpertFfn::Create(config, h->ffn->weights()));
   RETURN_IF_ERROR(next->ApplySgd(grad, learning_rate));
-  return store->ReplaceExpert(expert, std::move(next));
+  return store->ReplaceExpert(expert, std::move(next), step);
 }
 
 absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
@@ -950,8 +958,7 @@ absl::StatusOr<std::unique_ptr<ShardServer>> ShardServer::Start(ShardServerOptio
         return w;
       },
       [raw](const std::string& peer, int e) {
-        absl::StatusOr<common::ExpertWeights> w =
-            CopyFromPeer(raw->config, raw->options.limits, peer, e);
+        absl::StatusOr<LoadedExpert> w = CopyFromPeer(raw->config, raw->options.limits, peer, e);
         if (w.ok()) raw->metrics->ExpertRead(/*from_peer=*/true);
         return w;
       });

@@ -735,6 +735,16 @@ TEST_F(ShardServerTest, TrainingForwardBackwardCommitAndAbort) {
     }
   }
   EXPECT_EQ(Export(stub.get(), 0).w1, ck_->experts[0].w1);  // untouched
+  // The shard reports the step each expert's weights are at (the router compares replicas).
+  auto trained_steps = [&] {
+    grpc::ClientContext sctx;
+    v1::ShardStatus status;
+    EXPECT_TRUE(stub->GetStatus(&sctx, v1::GetShardStatusRequest(), &status).ok());
+    std::map<int, uint64_t> at;
+    for (const auto& e : status.experts()) at[e.expert()] = e.trained_step();
+    return at;
+  };
+  EXPECT_EQ(trained_steps(), (std::map<int, uint64_t>{{0, 0}, {1, 1}, {2, 1}, {3, 0}}));
   // An aborted step changes nothing.
   const common::ExpertWeights kept = Export(stub.get(), 1);
   req.set_train_step(2);
@@ -756,6 +766,7 @@ TEST_F(ShardServerTest, TrainingForwardBackwardCommitAndAbort) {
     EXPECT_EQ(fresp.updated_experts_size(), 0);
   }
   EXPECT_EQ(Export(stub.get(), 1).w1, kept.w1);
+  EXPECT_EQ(trained_steps(), (std::map<int, uint64_t>{{0, 0}, {1, 1}, {2, 1}, {3, 0}}));
   stream->WritesDone();
   while (stream->Read(&resp)) {
   }

@@ -55,6 +55,12 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, int num_experts,
                      .Help("Placement changes applied")
                      .Register(registry)
                      .Add({});
+  stale_replicas_ = &prometheus::BuildCounter()
+                         .Name("moe_router_stale_replicas_total")
+                         .Help("Replicas found behind their expert's latest training step and "
+                               "copied again from an up-to-date replica")
+                         .Register(registry)
+                         .Add({});
   imbalance_ = &prometheus::BuildGauge()
                     .Name("moe_router_load_imbalance")
                     .Help("max/mean - 1 of expected shard load under the current placement")

@@ -466,7 +466,54 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
   }
 
-  // Reloads what a restarted shard lost, and rebalances a dynamic placement past the threshold.
+  // Copies again, from a replica at the latest training step, every replica of an expert whose
+  // weights are at an older step (ExpertStatus.trained_step): a shard that came back with the
+  // checkpoint's weights (restarted with --experts all), or one that confirmed a commit whose
+  // step it no longer had (restarted, or dropped after step_ttl). train_mu held, and every shard
+  // has confirmed the last commit, so no update is on its way to any replica.
+  void ReloadStale(const RoutingTable& t) {
+    const int S = static_cast<int>(t.shards.size());
+    std::vector<std::map<int, uint64_t>> at(S);  // READY experts' steps, per shard
+    for (int s = 0; s < S; ++s) {
+      absl::StatusOr<v1::ShardStatus> st = t.shards[s]->GetStatus(absl::Milliseconds(500));
+      if (!st.ok()) continue;
+      for (const auto& e : st->experts()) {
+        if (e.state() == v1::ExpertStatus::READY) at[s][e.expert()] = e.trained_step();
+      }
+    }
+    std::vector<std::map<std::string, std::vector<int>>> stale(S);  // shard -> source -> experts
+    int count = 0;
+    for (int e = 0; e < static_cast<int>(t.placement.replicas.size()); ++e) {
+      int latest = -1;
+      for (int r : t.placement.replicas[e]) {
+        if (at[r].count(e) && (latest < 0 || at[r][e] > at[latest][e])) latest = r;
+      }
+      if (latest < 0) continue;
+      for (int r : t.placement.replicas[e]) {
+        if (!at[r].count(e) || at[r][e] >= at[latest][e]) continue;
+        std::fprintf(stderr,
+                     "moe-router: expert %d on %s is at training step %llu, its replica on %s at "
+                     "%llu: copying it again\n",
+                     e, t.shards[r]->address().c_str(),
+                     static_cast<unsigned long long>(at[r][e]),
+                     t.shards[latest]->address().c_str(),
+                     static_cast<unsigned long long>(at[latest][e]));
+        stale[r][t.shards[latest]->address()].push_back(e);
+        ++count;
+      }
+    }
+    if (count == 0) return;
+    metrics->StaleReplicasRecopied(count);
+    for (int s = 0; s < S; ++s) {
+      for (const auto& [source, experts] : stale[s]) {
+        t.shards[s]->LoadExperts(experts, t.placement.version, source, absl::Minutes(5))
+            .IgnoreError();
+      }
+    }
+  }
+
+  // Reloads what a restarted shard lost, copies replicas left behind by training again, and
+  // rebalances a dynamic placement past the threshold.
   void Reconcile() {
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return;
@@ -510,7 +557,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (train_lock.try_lock_for(any_missing ? kTrainWait : std::chrono::seconds(0))) {
         // Shards that missed a commit's confirmation are asked again first: until each has
         // applied that update, none may be the source of a copy.
-        if (trainer == nullptr || trainer->RetryConfirmations(*t).ok()) ReloadMissing(*t, missing);
+        if (trainer == nullptr || trainer->RetryConfirmations(*t).ok()) {
+          ReloadMissing(*t, missing);
+          if (trainer != nullptr) ReloadStale(*t);
+        }
       }
     }
     const std::vector<double> load = load_stats->Load();

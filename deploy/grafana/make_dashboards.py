@@ -97,6 +97,10 @@ TRAINING = [
     panel("All-reduce failures by code",
           [(f"sum by (code) (increase(moe_coordinator_allreduce_failures_total[{RI}]))", "{{code}}")],
           desc="Each failure aborts its step: no replica changes a weight"),
+    panel("Replicas copied again (behind their expert's training step)",
+          [(f"sum(increase(moe_router_stale_replicas_total[{RI}]))", "replicas")],
+          desc="A replica at an older training step than its expert's others (a shard restarted "
+               "with the checkpoint's weights) is copied again from an up-to-date one"),
 ]
 
 

@@ -577,6 +577,46 @@ TEST_F(ClusterTest, ATrainedClusterWithEveryShardWholeCopiesNoExpert) {
   }
 }
 
+// A shard of a trained cluster killed and started again with --experts all (as Kubernetes and
+// compose start shards) comes back READY with the checkpoint's weights, at training step 0: the
+// router sees its replicas behind the others' step and copies them again from a trained
+// replica, so the replicas end identical and trained.
+TEST_F(ClusterTest, AShardBackWithTheCheckpointsWeightsIsCopiedFromATrainedReplica) {
+  const int metrics = 5000 + static_cast<int>(getpid() % 1400) * 4;  // below the ephemeral ports
+  auto cluster = Start("replicated", 3, {}, {"--experts", "all"}, metrics);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  for (int step = 0; step < 3; ++step) {
+    grpc::Status st = Train(stub.get(), 3000 + step, 20000, 0.005f);
+    ASSERT_TRUE(st.ok()) << "step " << step << ": " << st.error_message();
+  }
+  cluster->shard(1).Signal(SIGKILL);
+  ASSERT_TRUE(cluster->shard(1).Wait(absl::Seconds(5)).ok());
+  const absl::Status restarted = cluster->RestartShard(1);
+  ASSERT_TRUE(restarted.ok()) << restarted;
+  const std::string stale = "moe_router_stale_replicas_total";
+  const auto start = Clock::now();
+  while (ScrapeMetric(metrics, stale) < Config().num_experts && Since(start) < 20) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_EQ(ScrapeMetric(metrics, stale), Config().num_experts)
+      << "the router did not copy the restarted shard's experts again";
+  // The copies are in place once the shard has read them all from its peers.
+  while (ScrapeMetric(metrics + 2, "moe_shard_expert_loads_total{source=\"peer\"}") <
+             Config().num_experts &&
+         Since(start) < 30) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  absl::StatusOr<common::Checkpoint> saved = SaveIdentical(stub.get(), "stale_back.safetensors");
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  for (int e = 0; e < Config().num_experts; ++e) {
+    EXPECT_NE(saved->experts[e].w1, ck_->experts[e].w1) << "expert " << e << " lost its training";
+  }
+  // And the next step trains every replica alike.
+  ASSERT_TRUE(Train(stub.get(), 3100, 20000, 0.005f).ok());
+  EXPECT_TRUE(SaveIdentical(stub.get(), "stale_back_next.safetensors").ok());
+}
+
 // The coordinator's second phase is bounded (5 s): a shard that does not confirm the commit in
 // time is named in unconfirmed_shards (the router sends it FinishStep again) and does not hold
 // up the others.
