@@ -473,8 +473,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // has confirmed the last commit, so no update is on its way to any replica.
   void ReloadStale(const RoutingTable& t) {
     const int S = static_cast<int>(t.shards.size());
-    std::vector<std::map<int, uint64_t>> at(S);  // READY experts' steps, per shard
+    std::vector<std::map<int, uint64_t>> at(S);  // READY experts' steps, per shard in rotation
     for (int s = 0; s < S; ++s) {
+      if (!t.shards[s]->healthy()) continue;  // neither a source nor a target now
       absl::StatusOr<v1::ShardStatus> st = t.shards[s]->GetStatus(absl::Milliseconds(500));
       if (!st.ok()) continue;
       for (const auto& e : st->experts()) {
