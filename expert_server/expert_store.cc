@@ -154,7 +154,10 @@ void ExpertStore::LoaderLoop() {
         auto found = entries_.find(e);
         if (found == entries_.end()) continue;  // unloaded while it was loading
         Entry& entry = found->second;
-        if (ffn.ok()) {
+        if (ffn.ok() && entry.handle != nullptr && entry.handle->trained_step > w->trained_step) {
+          // A copy older than the weights it would replace (trained meanwhile): keep these.
+          entry.state = ExpertState::kReady;
+        } else if (ffn.ok()) {
           auto handle = std::make_shared<ExpertHandle>();
           handle->id = e;
           handle->ffn = std::move(*ffn);
@@ -236,7 +239,7 @@ absl::StatusOr<ExpertLease> ExpertStore::Acquire(int expert, int64_t rows) {
 }
 
 absl::Status ExpertStore::ReplaceExpert(int expert, std::unique_ptr<ExpertFfn> ffn,
-                                        uint64_t trained_step) {
+                                        uint64_t trained_step, const ExpertHandle* expected) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = entries_.find(expert);
@@ -244,6 +247,10 @@ absl::Status ExpertStore::ReplaceExpert(int expert, std::unique_ptr<ExpertFfn> f
         it->second.state != ExpertState::kReady) {
       return absl::FailedPreconditionError(
           absl::StrCat("expert ", expert, " is not ready on this shard"));
+    }
+    if (expected != nullptr && it->second.handle.get() != expected) {
+      return absl::AbortedError(
+          absl::StrCat("expert ", expert, "'s weights were replaced while its update was computed"));
     }
     auto handle = std::make_shared<ExpertHandle>();
     handle->id = expert;

@@ -84,8 +84,10 @@ class ExpertStore {
                     std::function<void(absl::Status)> done);
 
   // Swaps in new weights for a loaded expert (after training step `trained_step`); work in
-  // flight keeps the old ones. FAILED_PRECONDITION when the expert is not loaded.
-  absl::Status ReplaceExpert(int expert, std::unique_ptr<ExpertFfn> ffn, uint64_t trained_step);
+  // flight keeps the old ones. FAILED_PRECONDITION when the expert is not loaded; ABORTED when
+  // `expected` is given and the expert's weights are no longer those (a copy landed meanwhile).
+  absl::Status ReplaceExpert(int expert, std::unique_ptr<ExpertFfn> ffn, uint64_t trained_step,
+                             const ExpertHandle* expected = nullptr);
 
   // Stops the loader: the expert being read finishes, queued jobs are answered UNAVAILABLE.
   void StopLoading();

@@ -120,6 +120,20 @@ TEST_F(ExpertStoreTest, ReplacedWeightsCarryTheirTrainingStep) {
   ASSERT_TRUE(missing.ok());
   EXPECT_EQ(store_.ReplaceExpert(1, std::move(*missing), 43).code(),
             absl::StatusCode::kFailedPrecondition);
+  // An update computed on weights that were replaced meanwhile is refused.
+  const ExpertHandle* read = store_.Find(0).get();
+  auto first = ExpertFfn::Create(Config(), ck_.experts[2]);
+  ASSERT_TRUE(first.ok());
+  ASSERT_TRUE(store_.ReplaceExpert(0, std::move(*first), 44, read).ok());
+  auto late = ExpertFfn::Create(Config(), ck_.experts[1]);
+  ASSERT_TRUE(late.ok());
+  EXPECT_EQ(store_.ReplaceExpert(0, std::move(*late), 45, read).code(), absl::StatusCode::kAborted);
+  EXPECT_EQ(store_.Find(0)->trained_step, 44u);
+  // A copy from a peer at an older step (17) does not undo the training since.
+  ASSERT_TRUE(LoadAndWait({0}, 2, "peer:1").ok());
+  EXPECT_EQ(store_.Find(0)->trained_step, 44u);
+  EXPECT_EQ(store_.Find(0)->ffn->weights().w1, ck_.experts[2].w1);
+  EXPECT_EQ(store_.Snapshot()[0].state, ExpertState::kReady);
 }
 
 TEST_F(ExpertStoreTest, StopLoadingAnswersQueuedJobs) {

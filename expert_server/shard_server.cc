@@ -740,15 +740,24 @@ absl::StatusOr<std::vector<int>> ShardServer::Impl::RunFinishStep(const v1::Fini
 
 absl::Status ShardServer::Impl::ApplyUpdate(int expert, const common::ExpertWeights& grad,
                                             float learning_rate, uint64_t step) {
-  std::shared_ptr<ExpertHandle> h = store->Find(expert);
-  if (h == nullptr) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("expert ", expert, " left this shard before its update"));
+  // The router copies experts only between steps, but a copy it gave up waiting for may still
+  // land: the update goes onto the weights it read only if they are still the expert's, and
+  // weights already at this step (copied from a replica that had applied it) are not updated
+  // twice.
+  for (int attempt = 1;; ++attempt) {
+    std::shared_ptr<ExpertHandle> h = store->Find(expert);
+    if (h == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("expert ", expert, " left this shard before its update"));
+    }
+    if (h->trained_step >= step) return absl::OkStatus();
+    // Update a copy and swap it in: work in flight keeps the weights it started with.
+    ASSIGN_OR_RETURN(std::unique_ptr<ExpertFfn> next,
+                     ExpertFfn::Create(config, h->ffn->weights()));
+    RETURN_IF_ERROR(next->ApplySgd(grad, learning_rate));
+    absl::Status st = store->ReplaceExpert(expert, std::move(next), step, h.get());
+    if (st.code() != absl::StatusCode::kAborted || attempt == 3) return st;
   }
-  // Update a copy and swap it in: work in flight keeps the weights it started with.
-  ASSIGN_OR_RETURN(std::unique_ptr<ExpertFfn> next, ExpertFfn::Create(config, h->ffn->weights()));
-  RETURN_IF_ERROR(next->ApplySgd(grad, learning_rate));
-  return store->ReplaceExpert(expert, std::move(next), step);
 }
 
 absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,

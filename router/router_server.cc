@@ -341,6 +341,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       RETURN_IF_ERROR(trainer->RetryConfirmations(RoutingTable{next, next_shards}));
     }
     std::shared_ptr<const RoutingTable> old = Table();
+    // Replicas behind their expert's latest step are brought up to it first, so that any live
+    // replica is a right source, and one that stays is not left behind. After a router restart
+    // steps_done is 0, but the shards' weights tell whether they were trained.
+    bool trained = steps_done.load() > 0;
+    if (trainer != nullptr && old != nullptr) RETURN_IF_ERROR(ReloadStale(*old, &trained));
     next.version = ++version;
     const int S = static_cast<int>(next_shards.size());
     // What each address held under the old placement.
@@ -356,7 +361,6 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     std::set<std::string> next_addrs;
     for (const auto& c : next_shards) next_addrs.insert(c->address());
-    const bool trained = steps_done.load() > 0;
     // to_load[s]: source peer ("" = checkpoint) -> experts.
     std::vector<std::map<std::string, std::vector<int>>> to_load(S);
     std::vector<std::vector<int>> to_unload(old ? old->shards.size() : 0);
@@ -469,9 +473,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // Copies again, from a replica at the latest training step, every replica of an expert whose
   // weights are at an older step (ExpertStatus.trained_step): a shard that came back with the
   // checkpoint's weights (restarted with --experts all), or one that confirmed a commit whose
-  // step it no longer had (restarted, or dropped after step_ttl). train_mu held, and every shard
-  // has confirmed the last commit, so no update is on its way to any replica.
-  void ReloadStale(const RoutingTable& t) {
+  // step it no longer had (restarted, or dropped after step_ttl). Runs with train_mu held and
+  // every shard confirmed, so no update is on its way to any replica: before each step (which
+  // would otherwise stamp its step on a stale replica too), before a placement change copies
+  // replicas, and on each control-loop tick. UNAVAILABLE when a copy failed; `trained` (if not
+  // null) tells whether any replica has been trained.
+  absl::Status ReloadStale(const RoutingTable& t, bool* trained = nullptr) {
     const int S = static_cast<int>(t.shards.size());
     std::vector<std::map<int, uint64_t>> at(S);  // READY experts' steps, per shard in rotation
     for (int s = 0; s < S; ++s) {
@@ -479,11 +486,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       absl::StatusOr<v1::ShardStatus> st = t.shards[s]->GetStatus(absl::Milliseconds(500));
       if (!st.ok()) continue;
       for (const auto& e : st->experts()) {
-        if (e.state() == v1::ExpertStatus::READY) at[s][e.expert()] = e.trained_step();
+        if (e.state() != v1::ExpertStatus::READY) continue;
+        at[s][e.expert()] = e.trained_step();
+        if (trained != nullptr && e.trained_step() > 0) *trained = true;
       }
     }
     std::vector<std::map<std::string, std::vector<int>>> stale(S);  // shard -> source -> experts
-    int count = 0;
     for (int e = 0; e < static_cast<int>(t.placement.replicas.size()); ++e) {
       int latest = -1;
       for (int r : t.placement.replicas[e]) {
@@ -500,17 +508,30 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                      t.shards[latest]->address().c_str(),
                      static_cast<unsigned long long>(at[latest][e]));
         stale[r][t.shards[latest]->address()].push_back(e);
-        ++count;
       }
     }
-    if (count == 0) return;
-    metrics->StaleReplicasRecopied(count);
+    absl::Status result;
     for (int s = 0; s < S; ++s) {
       for (const auto& [source, experts] : stale[s]) {
-        t.shards[s]->LoadExperts(experts, t.placement.version, source, absl::Minutes(5))
-            .IgnoreError();
+        absl::Status st =
+            t.shards[s]->LoadExperts(experts, t.placement.version, source, absl::Minutes(5))
+                .status();
+        if (st.ok()) {
+          metrics->StaleReplicasRecopied(static_cast<int>(experts.size()));
+          continue;
+        }
+        std::fprintf(stderr, "moe-router: copying experts %s from %s to %s failed: %s\n",
+                     absl::StrJoin(experts, ",").c_str(), source.c_str(),
+                     t.shards[s]->address().c_str(), std::string(st.message()).c_str());
+        if (result.ok()) {
+          result = absl::UnavailableError(absl::StrCat(
+              "replicas of experts ", absl::StrJoin(experts, ","), " on ", t.shards[s]->address(),
+              " are behind their latest training step and copying them from ", source,
+              " failed: ", st.message()));
+        }
       }
     }
+    return result;
   }
 
   // Reloads what a restarted shard lost, copies replicas left behind by training again, and
@@ -558,9 +579,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (train_lock.try_lock_for(any_missing ? kTrainWait : std::chrono::seconds(0))) {
         // Shards that missed a commit's confirmation are asked again first: until each has
         // applied that update, none may be the source of a copy.
-        if (trainer == nullptr || trainer->RetryConfirmations(*t).ok()) {
+        // The table read before the lock may have been replaced meanwhile: next tick, then.
+        if (Table() == t && (trainer == nullptr || trainer->RetryConfirmations(*t).ok())) {
           ReloadMissing(*t, missing);
-          if (trainer != nullptr) ReloadStale(*t);
+          if (trainer != nullptr) ReloadStale(*t).IgnoreError();  // logged; again next tick
         }
       }
     }
@@ -703,6 +725,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return absl::UnavailableError("the router is still loading its placement");
+    // Every replica at the same step first: the step stamps its id on each one it updates.
+    RETURN_IF_ERROR(trainer->RetryConfirmations(*t));
+    RETURN_IF_ERROR(ReloadStale(*t));
     std::shared_ptr<const common::GateWeights> gw = Gate();
     TrainParams p{req.learning_rate(), req.aux_loss_coef(), req.z_loss_coef(),
                   options.capacity_factor};

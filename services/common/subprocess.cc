@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -28,8 +29,7 @@ absl::StatusOr<Subprocess> Subprocess::Spawn(const std::vector<std::string>& arg
   std::vector<char*> args;
   for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
-  const std::string exec_failed =
-      absl::StrCat("cannot run ", argv[0], ": not found or not executable\n");
+  const std::string exec_failed = absl::StrCat("cannot run ", argv[0], ": ");
   sigset_t unblocked;
   sigemptyset(&unblocked);
   int fds[2];
@@ -49,7 +49,12 @@ absl::StatusOr<Subprocess> Subprocess::Spawn(const std::vector<std::string>& arg
     // Unblock the signals a launcher may have blocked for sigwait.
     pthread_sigmask(SIG_SETMASK, &unblocked, nullptr);
     execvp(args[0], args.data());
-    if (write(2, exec_failed.data(), exec_failed.size()) < 0) _exit(126);
+    // strerrordesc_np reads a constant table: no locale, no allocation.
+    const char* why = strerrordesc_np(errno);
+    const struct iovec parts[] = {{const_cast<char*>(exec_failed.data()), exec_failed.size()},
+                                  {const_cast<char*>(why), why ? std::strlen(why) : 0},
+                                  {const_cast<char*>("\n"), 1}};
+    [[maybe_unused]] const ssize_t written = writev(2, parts, 3);
     _exit(127);
   }
   close(fds[1]);

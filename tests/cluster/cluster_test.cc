@@ -578,9 +578,11 @@ TEST_F(ClusterTest, ATrainedClusterWithEveryShardWholeCopiesNoExpert) {
 }
 
 // A shard of a trained cluster killed and started again with --experts all (as Kubernetes and
-// compose start shards) comes back READY with the checkpoint's weights, at training step 0: the
-// router sees its replicas behind the others' step and copies them again from a trained
-// replica, so the replicas end identical and trained.
+// compose start shards) comes back READY with the checkpoint's weights, at training step 0. The
+// next step, sent as soon as the router takes the shard back, must not train those weights as
+// if they were current (it would stamp its step on them, and no later check could tell): the
+// router copies the replicas behind their expert's latest step from a trained one first, and
+// the replicas end identical and trained.
 TEST_F(ClusterTest, AShardBackWithTheCheckpointsWeightsIsCopiedFromATrainedReplica) {
   const int metrics = 5000 + static_cast<int>(getpid() % 1400) * 4;  // below the ephemeral ports
   auto cluster = Start("replicated", 3, {}, {"--experts", "all"}, metrics);
@@ -594,19 +596,18 @@ TEST_F(ClusterTest, AShardBackWithTheCheckpointsWeightsIsCopiedFromATrainedRepli
   ASSERT_TRUE(cluster->shard(1).Wait(absl::Seconds(5)).ok());
   const absl::Status restarted = cluster->RestartShard(1);
   ASSERT_TRUE(restarted.ok()) << restarted;
-  const std::string stale = "moe_router_stale_replicas_total";
+  // Steps are refused (UNAVAILABLE) until the router has the shard back in rotation.
   const auto start = Clock::now();
-  while (ScrapeMetric(metrics, stale) < Config().num_experts && Since(start) < 20) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  grpc::Status next = Train(stub.get(), 3050, 20000, 0.005f);
+  while (next.error_code() == grpc::StatusCode::UNAVAILABLE && Since(start) < 20) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    next = Train(stub.get(), 3050, 20000, 0.005f);
   }
-  EXPECT_EQ(ScrapeMetric(metrics, stale), Config().num_experts)
+  ASSERT_TRUE(next.ok()) << next.error_message();
+  EXPECT_EQ(ScrapeMetric(metrics, "moe_router_stale_replicas_total"), Config().num_experts)
       << "the router did not copy the restarted shard's experts again";
-  // The copies are in place once the shard has read them all from its peers.
-  while (ScrapeMetric(metrics + 2, "moe_shard_expert_loads_total{source=\"peer\"}") <
-             Config().num_experts &&
-         Since(start) < 30) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
+  EXPECT_EQ(ScrapeMetric(metrics + 2, "moe_shard_expert_loads_total{source=\"peer\"}"),
+            Config().num_experts);
   absl::StatusOr<common::Checkpoint> saved = SaveIdentical(stub.get(), "stale_back.safetensors");
   ASSERT_TRUE(saved.ok()) << saved.status();
   for (int e = 0; e < Config().num_experts; ++e) {
