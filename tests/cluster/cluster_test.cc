@@ -107,7 +107,7 @@ TEST_F(ClusterTest, KilledShardWithReplicasLosesNoRequest) {
 // router closes its stream once the batches on it are answered, and the SIGTERM that follows
 // interrupts nothing: no failed request, and not even a failover.
 TEST_F(ClusterTest, DrainedShardStopsWithoutAFailover) {
-  const int metrics = 42000 + static_cast<int>(getpid() % 10000);
+  const int metrics = testing::FreePortBlock(5);
   auto cluster = Start("replicated", 3, {}, {}, metrics);
   ASSERT_NE(cluster, nullptr);
   BackgroundLoad load(cluster->router_address(), 4);
@@ -315,7 +315,7 @@ TEST_F(ClusterTest, BadRequestsGetClearErrors) {
 }
 
 TEST_F(ClusterTest, ClientDeadlineReachesTheShards) {
-  const int metrics = 21000 + static_cast<int>(getpid() % 20000);
+  const int metrics = testing::FreePortBlock(3);
   // The shards hold work for 400 ms before computing; the client waits 150 ms.
   auto cluster = Start("replicated", 1, {}, {"--batch-delay-us", "400000"}, metrics);
   ASSERT_NE(cluster, nullptr);
@@ -339,7 +339,7 @@ TEST_F(ClusterTest, ClientDeadlineReachesTheShards) {
 }
 
 TEST_F(ClusterTest, RouterMetricsCoverRequestsStagesExpertsAndShards) {
-  const int metrics = 41000 + static_cast<int>(getpid() % 10000);
+  const int metrics = testing::FreePortBlock(4);
   auto cluster = Start("hybrid", 2, {"--capacity-factor", "0.3"}, {}, metrics);
   ASSERT_NE(cluster, nullptr);
   auto stub = client::MakeRouterStub(cluster->router_address());
@@ -547,7 +547,7 @@ TEST_F(ClusterTest, RouterFollowsMembershipAndTrainingSurvivesAShardLoss) {
 // everywhere and copied them all again from a peer, also while a step was committing: a replica
 // could then miss that step's update (the replicas differed after some steps under load).
 TEST_F(ClusterTest, ATrainedClusterWithEveryShardWholeCopiesNoExpert) {
-  const int metrics = 11000 + static_cast<int>(getpid() % 5000) * 4;
+  const int metrics = testing::FreePortBlock(5);
   auto cluster = Start("replicated", 3, {}, {}, metrics);
   ASSERT_NE(cluster, nullptr);
   auto stub = client::MakeRouterStub(cluster->router_address());
@@ -584,7 +584,7 @@ TEST_F(ClusterTest, ATrainedClusterWithEveryShardWholeCopiesNoExpert) {
 // router copies the replicas behind their expert's latest step from a trained one first, and
 // the replicas end identical and trained.
 TEST_F(ClusterTest, AShardBackWithTheCheckpointsWeightsIsCopiedFromATrainedReplica) {
-  const int metrics = 5000 + static_cast<int>(getpid() % 1400) * 4;  // below the ephemeral ports
+  const int metrics = testing::FreePortBlock(5);
   auto cluster = Start("replicated", 3, {}, {"--experts", "all"}, metrics);
   ASSERT_NE(cluster, nullptr);
   auto stub = client::MakeRouterStub(cluster->router_address());

@@ -93,7 +93,8 @@ class FaultTest : public ClusterTest {
     if (geteuid() != 0) GTEST_SKIP() << "fault injection needs root (namespaces, iptables, cgroups)";
   }
 
-  static int MetricsBase(int offset) { return 30000 + offset + static_cast<int>(getpid() % 5000) * 4; }
+  // The router's port, then each shard's.
+  static int MetricsBase(int shards) { return testing::FreePortBlock(1 + shards); }
 
   // Token rows the shard whose /metrics is on `port` computed, over every expert (one scrape).
   static double ShardTokens(int port) {
@@ -116,7 +117,7 @@ class FaultTest : public ClusterTest {
 TEST_F(FaultTest, CutLinkIsDetectedAndHealed) {
   NetNs ns;
   ASSERT_TRUE(ns.ok()) << "could not make a network namespace";
-  const int metrics = MetricsBase(0);
+  const int metrics = MetricsBase(3);
   client::LocalClusterOptions o;
   o.shards = 3;
   o.placement = "replicated";
@@ -204,7 +205,7 @@ TEST_F(FaultTest, DelayedLinkAndTightDeadline) {
 // 99.9 % of requests succeed (none is expected to fail), none is wrong, and every restarted
 // shard serves again.
 TEST_F(FaultTest, RollingRestartOfEveryShard) {
-  const int metrics = MetricsBase(2);
+  const int metrics = MetricsBase(3);
   client::LocalClusterOptions o;
   o.shards = 3;
   o.placement = "replicated";

@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <ctime>
 #include <string>
 
 #include <gtest/gtest.h>
@@ -15,6 +16,32 @@ namespace moe::testing {
 // A path in the test temp directory that no other test process uses (ctest runs in parallel).
 inline std::string TempPath(const std::string& name) {
   return ::testing::TempDir() + "/moe_" + std::to_string(getpid()) + "_" + name;
+}
+
+// The first of `n` consecutive loopback ports that nothing uses now, for services a test starts
+// on fixed ports (metrics endpoints, which the test then scrapes). Below Linux's ephemeral range
+// (32768 and up), where outgoing connections take their local ports, and chosen at random, so
+// tests that ctest runs in parallel rarely try the same block; each port is checked by binding
+// it. -1 if no free block turns up.
+inline int FreePortBlock(int n) {
+  unsigned seed = static_cast<unsigned>(getpid()) * 2654435761u ^
+                  static_cast<unsigned>(time(nullptr));
+  for (int attempt = 0; attempt < 200; ++attempt) {
+    seed = seed * 1103515245u + 12345u;
+    const int base = 10000 + static_cast<int>((seed >> 8) % 22000u);
+    bool free = true;
+    for (int p = base; free && p < base + n; ++p) {
+      const int fd = socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in addr{};
+      addr.sin_family = AF_INET;
+      addr.sin_port = htons(static_cast<uint16_t>(p));
+      inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+      free = fd >= 0 && bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+      if (fd >= 0) close(fd);
+    }
+    if (free) return base;
+  }
+  return -1;
 }
 
 // The body of http://127.0.0.1:port/metrics (headers included), "" when nothing listens.

@@ -50,7 +50,7 @@ class SecurityTest : public ::testing::Test {
     ASSERT_TRUE(common::ConfigureTls({*dir_ + "/client.crt", *dir_ + "/client.key",
                                       *dir_ + "/ca.crt", false})
                     .ok());
-    metrics_ = 31000 + static_cast<int>(getpid() % 20000);
+    metrics_ = testing::FreePortBlock(4);
     client::LocalClusterOptions o;
     o.bin_dir = MOE_BIN_DIR;
     o.checkpoint = ck;
