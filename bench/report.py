@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 
@@ -46,8 +47,13 @@ def plot_cluster(cluster, path):
 def main():
     src, md_path, json_path = sys.argv[1:4]
     ffn = json.load(open(os.path.join(src, "ffn.json")))
-    layer = json.load(open(os.path.join(src, "layer.json")))
-    torch_rows = [json.loads(l) for l in open(os.path.join(src, "torch.jsonl")) if l.strip()]
+    layer_runs, torch_runs = [], []  # alternating pairs of runs (bench/run_all.sh)
+    for pair in range(1, 100):
+        lp, tp = (os.path.join(src, f"layer_{pair}.json"), os.path.join(src, f"torch_{pair}.jsonl"))
+        if not (os.path.exists(lp) and os.path.exists(tp)):
+            break
+        layer_runs.append(json.load(open(lp)))
+        torch_runs.append([json.loads(l) for l in open(tp) if l.strip()])
     peak = None
     ffn_rows = []
     for b in ffn["benchmarks"]:
@@ -55,17 +61,28 @@ def main():
         peak = b["peak_GFLOPs"]
         ffn_rows.append({"variant": m.group(1), "M": int(m.group(2)), "gflops": b["GFLOPs"],
                          "of_peak": b["GFLOPs"] / b["peak_GFLOPs"]})
+    # Per (variant, N, threads): each side's median over the pairs, and the median of the pairs'
+    # ratios (against PyTorch at the same thread count, and at its better one).
+    pairs = {}
+    for layer, torch_rows in zip(layer_runs, torch_runs):
+        torch_by = {(r["variant"], r["threads"]): r["tokens_per_s"] for r in torch_rows}
+        for b in layer["benchmarks"]:
+            m = re.match(r"BM_LayerForward/(\w+)/N:(\d+)/threads:(\d+)", b["name"])
+            v, n, t = m.group(1), int(m.group(2)), int(m.group(3))
+            best = max(torch_by.get((v, 1), 0), torch_by.get((v, 2), 0))
+            pairs.setdefault((v, n, t), []).append((b["tokens_per_s"], torch_by.get((v, t)), best))
     layer_rows = []
-    torch_by = {(r["variant"], r["threads"]): r["tokens_per_s"] for r in torch_rows}
-    for b in layer["benchmarks"]:
-        m = re.match(r"BM_LayerForward/(\w+)/N:(\d+)/threads:(\d+)", b["name"])
-        v, n, t = m.group(1), int(m.group(2)), int(m.group(3))
-        ours = b["tokens_per_s"]
-        ref = torch_by.get((v, t))
-        best_torch = max(torch_by.get((v, 1), 0), torch_by.get((v, 2), 0))
+    for (v, n, t), runs in pairs.items():
+        ours = statistics.median(r[0] for r in runs)
+        refs = [r[1] for r in runs if r[1]]
+        ratios = [r[0] / r[1] for r in runs if r[1]]
+        best_ratios = [r[0] / r[2] for r in runs if r[2]]
         layer_rows.append({"variant": v, "N": n, "threads": t, "tokens_per_s": ours,
-                           "torch_tokens_per_s": ref, "ratio": ours / ref if ref else None,
-                           "ratio_vs_best_torch": ours / best_torch if best_torch else None})
+                           "torch_tokens_per_s": statistics.median(refs) if refs else None,
+                           "ratio": statistics.median(ratios) if ratios else None,
+                           "ratio_vs_best_torch":
+                               statistics.median(best_ratios) if best_ratios else None,
+                           "pair_ratios": ratios, "pairs": len(runs)})
     shard = json.load(open(os.path.join(src, "shard.json")))
     shard_rows = {}
     for b in shard["benchmarks"]:
@@ -93,15 +110,19 @@ def main():
         lines.append(f"| {r['variant']} | {r['M']} | {r['gflops']:.1f} | {r['of_peak']:.2f} |")
     lines += ["", "## In-process layer against PyTorch", "",
               "16 experts, d_model 512, d_ff 2048, top-2, N tokens per batch. PyTorch: Debian's torch,",
-              "the usual loop over experts with index_add (bench/torch_layer.py).", "",
-              "| variant | N | threads | ours tokens/s | PyTorch tokens/s | ratio | vs PyTorch's best thread count |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "the usual loop over experts with index_add (bench/torch_layer.py). Ours and PyTorch",
+              f"ran in {max((r['pairs'] for r in layer_rows), default=0)} alternating pairs: "
+              "tokens/s are each side's median, ratios the median",
+              "of the pairs' ratios (the pairs' ratios in the last column).", "",
+              "| variant | N | threads | ours tokens/s | PyTorch tokens/s | ratio | vs PyTorch's best thread count | pairs |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in layer_rows:
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
         best = f"{r['ratio_vs_best_torch']:.2f}x" if r["ratio_vs_best_torch"] else "-"
         torch_tps = f"{r['torch_tokens_per_s']:.0f}" if r["torch_tokens_per_s"] else "-"
+        each = ", ".join(f"{x:.2f}" for x in r["pair_ratios"])
         lines.append(f"| {r['variant']} | {r['N']} | {r['threads']} | {r['tokens_per_s']:.0f} | "
-                     f"{torch_tps} | {ratio} | {best} |")
+                     f"{torch_tps} | {ratio} | {best} | {each} |")
     lines += ["", "## One shard on loopback against the in-process kernel", "",
               "One expert (d_model 512, d_ff 2048, gated SiLU), 1 compute thread both ways; the",
               "client keeps 8 batches in flight on one Dispatch stream, so the shard coalesces",

@@ -10,10 +10,15 @@ echo "[1/7] expert FFN against the FMA peak (bench/ffn_bench)" >&2
 "$BUILD/bin/ffn_bench" --benchmark_format=json --benchmark_out="$OUT/ffn.json" \
   --benchmark_out_format=json >/dev/null 2>"$OUT/ffn.err"
 cat "$OUT/ffn.err" >&2
-echo "[2/7] in-process layer (bench/layer_bench)" >&2
-"$BUILD/bin/layer_bench" --benchmark_out="$OUT/layer.json" --benchmark_out_format=json >/dev/null
-echo "[3/7] the same layer in PyTorch (bench/torch_layer.py)" >&2
-/usr/bin/python3 bench/torch_layer.py 256 1.0 >"$OUT/torch.jsonl"
+# Ours and PyTorch in 3 alternating pairs: on this VM either side's tokens/s moves by up to 15 %
+# between runs a minute apart, so the report takes medians.
+for pair in 1 2 3; do
+  echo "[2/7] in-process layer (bench/layer_bench), pair $pair of 3" >&2
+  "$BUILD/bin/layer_bench" --benchmark_out="$OUT/layer_$pair.json" --benchmark_out_format=json \
+    >/dev/null
+  echo "[3/7] the same layer in PyTorch (bench/torch_layer.py), pair $pair of 3" >&2
+  /usr/bin/python3 bench/torch_layer.py 256 1.0 >"$OUT/torch_$pair.jsonl"
+done
 echo "[4/7] one shard on loopback against the in-process kernel (bench/shard_bench)" >&2
 "$BUILD/bin/shard_bench" --benchmark_out="$OUT/shard.json" --benchmark_out_format=json >/dev/null 2>&1
 echo "[5/7] the cluster against the in-process layer (bench/cluster_bench)" >&2
