@@ -61,6 +61,12 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, int num_experts,
                                "copied again from an up-to-date replica")
                          .Register(registry)
                          .Add({});
+  lost_training_ = &prometheus::BuildCounter()
+                        .Name("moe_router_experts_lost_training_total")
+                        .Help("Experts whose every replica fell back below a training step the "
+                              "expert had reached (its only trained replica restarted)")
+                        .Register(registry)
+                        .Add({});
   imbalance_ = &prometheus::BuildGauge()
                     .Name("moe_router_load_imbalance")
                     .Help("max/mean - 1 of expected shard load under the current placement")

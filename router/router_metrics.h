@@ -27,6 +27,7 @@ class RouterMetrics {
   void Failovers(int n) { failovers_->Increment(n); }
   void Rebalanced() { rebalances_->Increment(); }
   void StaleReplicasRecopied(int n) { stale_replicas_->Increment(n); }
+  void ExpertLostTraining() { lost_training_->Increment(); }
   void SetImbalance(double v) { imbalance_->Set(v); }
   void SetPlacementVersion(double v) { placement_version_->Set(v); }
   void SetShardUp(const std::string& shard, bool up);
@@ -47,6 +48,7 @@ class RouterMetrics {
   prometheus::Counter* failovers_;
   prometheus::Counter* rebalances_;
   prometheus::Counter* stale_replicas_;
+  prometheus::Counter* lost_training_;
   prometheus::Gauge* imbalance_;
   prometheus::Gauge* placement_version_;
   prometheus::Family<prometheus::Gauge>* shard_up_family_;

@@ -77,6 +77,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // (the control loop tries again on its next tick).
   static constexpr auto kTrainWait = std::chrono::seconds(5);
   std::atomic<uint64_t> steps_done{0};
+  // The latest training step each expert's replicas were seen at (train_mu held): an expert
+  // whose replicas are all back below it lost its training.
+  std::map<int, uint64_t> reached_step;
   std::shared_ptr<prometheus::Registry> registry;
   std::unique_ptr<RouterMetrics> metrics;
   // Shard clients by address (kept across membership changes). Never pruned while serving: a
@@ -494,10 +497,26 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     std::vector<std::map<std::string, std::vector<int>>> stale(S);  // shard -> source -> experts
     for (int e = 0; e < static_cast<int>(t.placement.replicas.size()); ++e) {
       int latest = -1;
+      bool all_seen = true;
       for (int r : t.placement.replicas[e]) {
+        all_seen = all_seen && at[r].count(e);
         if (at[r].count(e) && (latest < 0 || at[r][e] > at[latest][e])) latest = r;
       }
       if (latest < 0) continue;
+      uint64_t& reached = reached_step[e];
+      if (all_seen && at[latest][e] < reached) {
+        // Every replica is behind a step this expert had reached: the one that held it restarted
+        // (the only replica, under sharded or hybrid). Nothing holds those weights any more.
+        std::fprintf(stderr,
+                     "moe-router: expert %d lost its training: every replica is at step %llu, it "
+                     "had reached step %llu or later (its only trained replica restarted); it "
+                     "serves and trains from those weights now\n",
+                     e, static_cast<unsigned long long>(at[latest][e]),
+                     static_cast<unsigned long long>(reached));
+        metrics->ExpertLostTraining();
+        reached = at[latest][e];
+      }
+      reached = std::max(reached, at[latest][e]);
       for (int r : t.placement.replicas[e]) {
         if (!at[r].count(e) || at[r][e] >= at[latest][e]) continue;
         std::fprintf(stderr,

@@ -101,6 +101,10 @@ TRAINING = [
           [(f"sum(increase(moe_router_stale_replicas_total[{RI}]))", "replicas")],
           desc="A replica at an older training step than its expert's others (a shard restarted "
                "with the checkpoint's weights) is copied again from an up-to-date one"),
+    panel("Experts that lost their training",
+          [("sum(moe_router_experts_lost_training_total)", "experts")], kind="stat", width=6,
+          desc="Every replica of the expert fell back below a step it had reached (its only "
+               "trained replica restarted): it serves and trains from the checkpoint's weights"),
 ]
 
 

@@ -618,6 +618,37 @@ TEST_F(ClusterTest, AShardBackWithTheCheckpointsWeightsIsCopiedFromATrainedRepli
   EXPECT_TRUE(SaveIdentical(stub.get(), "stale_back_next.safetensors").ok());
 }
 
+// Under `sharded`, a trained expert's only replica that restarts with --experts all has nothing
+// to be copied from: the router cannot bring the training back, but says so (a log line and
+// moe_router_experts_lost_training_total, once per expert) instead of training on silently.
+TEST_F(ClusterTest, AnExpertWhoseOnlyReplicaRestartedIsReportedAsHavingLostItsTraining) {
+  const int metrics = testing::FreePortBlock(4);
+  auto cluster = Start("sharded", 2, {}, {"--experts", "all"}, metrics);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  for (int step = 0; step < 2; ++step) {
+    ASSERT_TRUE(Train(stub.get(), 4000 + step, 20000, 0.005f).ok()) << "step " << step;
+  }
+  const std::string lost = "moe_router_experts_lost_training_total";
+  EXPECT_EQ(ScrapeMetric(metrics, lost), 0);
+  cluster->shard(0).Signal(SIGKILL);
+  ASSERT_TRUE(cluster->shard(0).Wait(absl::Seconds(5)).ok());
+  const absl::Status restarted = cluster->RestartShard(0);
+  ASSERT_TRUE(restarted.ok()) << restarted;
+  const auto start = Clock::now();
+  grpc::Status next = Train(stub.get(), 4050, 20000, 0.005f);
+  while (next.error_code() == grpc::StatusCode::UNAVAILABLE && Since(start) < 20) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    next = Train(stub.get(), 4050, 20000, 0.005f);
+  }
+  ASSERT_TRUE(next.ok()) << next.error_message();
+  // Shard 0 held half of the experts, each its only replica.
+  EXPECT_EQ(ScrapeMetric(metrics, lost), Config().num_experts / 2);
+  ASSERT_TRUE(Train(stub.get(), 4060, 20000, 0.005f).ok());
+  EXPECT_EQ(ScrapeMetric(metrics, lost), Config().num_experts / 2) << "reported once per expert";
+  EXPECT_EQ(ScrapeMetric(metrics, "moe_router_stale_replicas_total"), 0) << "no copy to make";
+}
+
 // The coordinator's second phase is bounded (5 s): a shard that does not confirm the commit in
 // time is named in unconfirmed_shards (the router sends it FinishStep again) and does not hold
 // up the others.
