@@ -7,6 +7,8 @@
 #include "absl/strings/str_join.h"
 #include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
+#include "services/common/grpc_status.h"
+#include "services/common/status_macros.h"
 #include "tests/cluster/cluster_fixture.h"
 
 namespace moe {
@@ -577,6 +579,24 @@ TEST_F(ClusterTest, ATrainedClusterWithEveryShardWholeCopiesNoExpert) {
   }
 }
 
+// Kills shard `s` and starts it again on its port, then trains one step (seed `seed`) as soon as
+// the router takes steps again (UNAVAILABLE until the shard is back in rotation).
+absl::Status KillRestartAndTrain(client::LocalCluster& cluster, int s, v1::Router::Stub* stub,
+                                 uint64_t seed) {
+  cluster.shard(s).Signal(SIGKILL);
+  if (!cluster.shard(s).Wait(absl::Seconds(5)).ok()) {
+    return absl::DeadlineExceededError("the killed shard did not exit");
+  }
+  RETURN_IF_ERROR(cluster.RestartShard(s));
+  const auto start = Clock::now();
+  grpc::Status st = Train(stub, seed, 20000, 0.005f);
+  while (st.error_code() == grpc::StatusCode::UNAVAILABLE && Since(start) < 20) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    st = Train(stub, seed, 20000, 0.005f);
+  }
+  return common::FromGrpcStatus(st);
+}
+
 // A shard of a trained cluster killed and started again with --experts all (as Kubernetes and
 // compose start shards) comes back READY with the checkpoint's weights, at training step 0. The
 // next step, sent as soon as the router takes the shard back, must not train those weights as
@@ -592,18 +612,8 @@ TEST_F(ClusterTest, AShardBackWithTheCheckpointsWeightsIsCopiedFromATrainedRepli
     grpc::Status st = Train(stub.get(), 3000 + step, 20000, 0.005f);
     ASSERT_TRUE(st.ok()) << "step " << step << ": " << st.error_message();
   }
-  cluster->shard(1).Signal(SIGKILL);
-  ASSERT_TRUE(cluster->shard(1).Wait(absl::Seconds(5)).ok());
-  const absl::Status restarted = cluster->RestartShard(1);
-  ASSERT_TRUE(restarted.ok()) << restarted;
-  // Steps are refused (UNAVAILABLE) until the router has the shard back in rotation.
-  const auto start = Clock::now();
-  grpc::Status next = Train(stub.get(), 3050, 20000, 0.005f);
-  while (next.error_code() == grpc::StatusCode::UNAVAILABLE && Since(start) < 20) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    next = Train(stub.get(), 3050, 20000, 0.005f);
-  }
-  ASSERT_TRUE(next.ok()) << next.error_message();
+  const absl::Status next = KillRestartAndTrain(*cluster, 1, stub.get(), 3050);
+  ASSERT_TRUE(next.ok()) << next;
   EXPECT_EQ(ScrapeMetric(metrics, "moe_router_stale_replicas_total"), Config().num_experts)
       << "the router did not copy the restarted shard's experts again";
   EXPECT_EQ(ScrapeMetric(metrics + 2, "moe_shard_expert_loads_total{source=\"peer\"}"),
@@ -631,17 +641,8 @@ TEST_F(ClusterTest, AnExpertWhoseOnlyReplicaRestartedIsReportedAsHavingLostItsTr
   }
   const std::string lost = "moe_router_experts_lost_training_total";
   EXPECT_EQ(ScrapeMetric(metrics, lost), 0);
-  cluster->shard(0).Signal(SIGKILL);
-  ASSERT_TRUE(cluster->shard(0).Wait(absl::Seconds(5)).ok());
-  const absl::Status restarted = cluster->RestartShard(0);
-  ASSERT_TRUE(restarted.ok()) << restarted;
-  const auto start = Clock::now();
-  grpc::Status next = Train(stub.get(), 4050, 20000, 0.005f);
-  while (next.error_code() == grpc::StatusCode::UNAVAILABLE && Since(start) < 20) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    next = Train(stub.get(), 4050, 20000, 0.005f);
-  }
-  ASSERT_TRUE(next.ok()) << next.error_message();
+  const absl::Status next = KillRestartAndTrain(*cluster, 0, stub.get(), 4050);
+  ASSERT_TRUE(next.ok()) << next;
   // Shard 0 held half of the experts, each its only replica.
   EXPECT_EQ(ScrapeMetric(metrics, lost), Config().num_experts / 2);
   ASSERT_TRUE(Train(stub.get(), 4060, 20000, 0.005f).ok());
