@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "client/local_cluster.h"
 #include "client/router_client.h"
+#include "expert_server/expert_ffn.h"
 #include "router/moe_layer.h"
 #include "services/common/random_checkpoint.h"
 #include "services/common/tensor_codec.h"
@@ -71,6 +72,28 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "in-process N=%lld: %.0f tokens/s\n", static_cast<long long>(n),
                  local_tps.back());
   }
+
+  // One expert's forward of 1 row on 1 thread, back to back and a while after the previous one:
+  // how long its 12 MiB of weights stay in cache decides most of a shard's time at N = 1.
+  omp_set_num_threads(1);
+  std::vector<std::pair<int, double>> by_gap;
+  {
+    auto ffn = moe::expert::ExpertFfn::Create(c, ck.experts[0]).value();
+    std::vector<float> x(c.d_model, 0.1f), y(c.d_model);
+    for (int gap_us : {0, 1000, 5000}) {
+      std::vector<double> lat;
+      for (int i = 0; i < 200; ++i) {
+        if (gap_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(gap_us));
+        const auto t = Clock::now();
+        (void)ffn->Forward(x.data(), 1, y.data());
+        lat.push_back(Since(t));
+      }
+      by_gap.emplace_back(gap_us, Median(lat));
+      std::fprintf(stderr, "one expert, 1 row, %d us after the previous: %.0f us\n", gap_us,
+                   Median(lat) * 1e6);
+    }
+  }
+  omp_set_num_threads(cores);
 
   // The cluster.
   moe::client::LocalClusterOptions o;
@@ -143,11 +166,15 @@ int main(int argc, char** argv) {
                          ", \"ratio\": ", cluster_tps[i] / local_tps[i], "}");
   }
   const double bare_p50 = Median(bare);
+  std::string gaps;
+  for (const auto& [gap_us, p50] : by_gap) {
+    gaps += absl::StrCat(gaps.empty() ? "" : ", ", "{\"gap_us\": ", gap_us, ", \"p50_s\": ", p50, "}");
+  }
   std::printf(
       "{\"shards\": 4, \"shard_threads\": 1, \"in_process_threads\": %d, \"throughput\": [%s], "
       "\"latency_n1\": {\"cluster_p50_s\": %g, \"in_process_p50_s\": %g, \"bare_rtt_p50_s\": %g, "
-      "\"added_in_round_trips\": %g}}\n",
+      "\"added_in_round_trips\": %g, \"expert_forward_1row_by_gap\": [%s]}}\n",
       cores, rows.c_str(), cluster_p50_n1, local_p50_n1, bare_p50,
-      (cluster_p50_n1 - local_p50_n1) / bare_p50);
+      (cluster_p50_n1 - local_p50_n1) / bare_p50, gaps.c_str());
   return 0;
 }
