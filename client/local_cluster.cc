@@ -55,6 +55,36 @@ absl::StatusOr<common::Subprocess> LocalCluster::SpawnShard(int i, int port) {
   return common::Subprocess::Spawn(args);
 }
 
+absl::StatusOr<common::Subprocess> LocalCluster::SpawnRouter(int port) {
+  std::vector<std::string> args = {options_.bin_dir + "/moe-router", "--checkpoint",
+                                    options_.checkpoint, "--host", "127.0.0.1", "--port",
+                                    std::to_string(port), "--shards",
+                                    absl::StrJoin(RouterShardAddresses(), ","), "--placement",
+                                    options_.placement};
+  if (options_.metrics_port >= 0) {
+    args.insert(args.end(), {"--metrics-port", std::to_string(options_.metrics_port)});
+  }
+  if (!coordinator_address_.empty()) {
+    args.insert(args.end(), {"--coordinator", coordinator_address_});
+  }
+  args.insert(args.end(), options_.router_args.begin(), options_.router_args.end());
+  args.insert(args.end(), options_.common_args.begin(), options_.common_args.end());
+  return common::Subprocess::Spawn(args);
+}
+
+absl::Status LocalCluster::WaitUntilRouterServes(absl::Time deadline) {
+  auto channel = grpc::CreateChannel(router_address_, common::ChannelCredentials());
+  while (true) {
+    auto h = common::CheckHealth(channel.get(), absl::Seconds(1));
+    if (h.ok() && *h == common::HealthState::kServing) return absl::OkStatus();
+    if (router_.Exited()) return absl::InternalError("the router exited during start-up");
+    if (absl::Now() > deadline) {
+      return absl::DeadlineExceededError("the router did not become SERVING in time");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
 absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
     const LocalClusterOptions& options, absl::Duration timeout) {
   auto c = std::unique_ptr<LocalCluster>(new LocalCluster());
@@ -84,61 +114,49 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
     c->shard_addresses_.push_back(absl::StrCat(c->ShardHost(i), ":", port));
     c->shards_.push_back(std::move(p));
   }
-  std::vector<std::string> args = {c->options_.bin_dir + "/moe-router", "--checkpoint",
-                                    options.checkpoint, "--host", "127.0.0.1", "--port",
-                                    std::to_string(options.router_port), "--shards",
-                                    absl::StrJoin(c->RouterShardAddresses(), ","), "--placement",
-                                    options.placement};
-  if (options.metrics_port >= 0) {
-    args.insert(args.end(), {"--metrics-port", std::to_string(options.metrics_port)});
-  }
-  if (!c->coordinator_address_.empty()) {
-    args.insert(args.end(), {"--coordinator", c->coordinator_address_});
-  }
-  args.insert(args.end(), options.router_args.begin(), options.router_args.end());
-  args.insert(args.end(), options.common_args.begin(), options.common_args.end());
   if (options.verbose) std::fprintf(stderr, "moe-cluster: starting the router\n");
-  ASSIGN_OR_RETURN(c->router_, common::Subprocess::Spawn(args));
+  ASSIGN_OR_RETURN(c->router_, c->SpawnRouter(options.router_port));
   ASSIGN_OR_RETURN(int port, c->router_.ReadListeningPort(absl::Seconds(60)));
   c->router_address_ = absl::StrCat("127.0.0.1:", port);
-  auto channel = grpc::CreateChannel(c->router_address_, common::ChannelCredentials());
-  const absl::Time deadline = absl::Now() + timeout;
   if (options.verbose) std::fprintf(stderr, "moe-cluster: waiting for the placement to load\n");
-  while (true) {
-    auto h = common::CheckHealth(channel.get(), absl::Seconds(1));
-    if (h.ok() && *h == common::HealthState::kServing) break;
-    if (c->router_.Exited()) return absl::InternalError("the router exited during start-up");
-    if (absl::Now() > deadline) {
-      return absl::DeadlineExceededError("the router did not become SERVING in time");
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
+  RETURN_IF_ERROR(c->WaitUntilRouterServes(absl::Now() + timeout));
   return c;
+}
+
+absl::StatusOr<common::Subprocess> LocalCluster::RespawnOnPort(
+    const std::function<absl::StatusOr<common::Subprocess>()>& spawn, int port,
+    const std::string& name) {
+  // The port came from the ephemeral range, and while nothing listens on it, the connections
+  // that keep trying to reach it can briefly take it as their own local port (a loopback
+  // connect may even pick it and connect to itself). Such a connection fails and goes within
+  // moments, so a process that cannot bind yet is started again, for up to 10 s.
+  const absl::Time until = absl::Now() + absl::Seconds(10);
+  absl::Status last;
+  do {
+    ASSIGN_OR_RETURN(common::Subprocess p, spawn());
+    absl::StatusOr<int> got = p.ReadListeningPort(absl::Seconds(60));
+    if (got.ok() && *got == port) return p;
+    last = got.ok() ? absl::InternalError("it took another port") : got.status();
+    p.Signal(SIGKILL);
+    p.Wait(absl::Seconds(5)).IgnoreError();
+    absl::SleepFor(absl::Milliseconds(200));
+  } while (absl::Now() < until);
+  return absl::UnavailableError(
+      absl::StrCat(name, " could not listen on port ", port, " again: ", last.message()));
 }
 
 absl::Status LocalCluster::RestartShard(int i) {
   const std::string& addr = shard_addresses_[i];
   const int port = std::atoi(addr.c_str() + addr.rfind(':') + 1);
-  // The port came from the ephemeral range, and while nothing listens on it, the connections
-  // that keep trying to reach it can briefly take it as their own local port (a loopback
-  // connect may even pick it and connect to itself). Such a connection fails and goes within
-  // moments, so a shard that cannot bind yet is started again, for up to 10 s.
-  const absl::Time until = absl::Now() + absl::Seconds(10);
-  absl::Status last;
-  do {
-    ASSIGN_OR_RETURN(common::Subprocess p, SpawnShard(i, port));
-    absl::StatusOr<int> got = p.ReadListeningPort(absl::Seconds(60));
-    if (got.ok() && *got == port) {
-      shards_[i] = std::move(p);
-      return absl::OkStatus();
-    }
-    last = got.ok() ? absl::InternalError("restarted shard took another port") : got.status();
-    p.Signal(SIGKILL);
-    p.Wait(absl::Seconds(5)).IgnoreError();
-    absl::SleepFor(absl::Milliseconds(200));
-  } while (absl::Now() < until);
-  return absl::UnavailableError(absl::StrCat("shard ", i, " could not listen on port ", port,
-                                             " again: ", last.message()));
+  ASSIGN_OR_RETURN(shards_[i], RespawnOnPort([&] { return SpawnShard(i, port); }, port,
+                                             absl::StrCat("shard ", i)));
+  return absl::OkStatus();
+}
+
+absl::Status LocalCluster::RestartRouter(absl::Duration timeout) {
+  const int port = std::atoi(router_address_.c_str() + router_address_.rfind(':') + 1);
+  ASSIGN_OR_RETURN(router_, RespawnOnPort([&] { return SpawnRouter(port); }, port, "the router"));
+  return WaitUntilRouterServes(absl::Now() + timeout);
 }
 
 absl::Status LocalCluster::Stop(absl::Duration grace) {

@@ -59,9 +59,17 @@ class LocalCluster {
   // Starts shard i again (after it was killed) on the same port; it loads nothing until the
   // router gives it its experts back.
   absl::Status RestartShard(int i);
+  // Starts the router again (after it was killed) on the same port; returns once it is SERVING.
+  absl::Status RestartRouter(absl::Duration timeout = absl::Minutes(1));
 
  private:
   absl::StatusOr<common::Subprocess> SpawnShard(int i, int port);
+  absl::StatusOr<common::Subprocess> SpawnRouter(int port);
+  // Starts a process with `spawn` until it listens on `port` again (for up to 10 s).
+  static absl::StatusOr<common::Subprocess> RespawnOnPort(
+      const std::function<absl::StatusOr<common::Subprocess>()>& spawn, int port,
+      const std::string& name);
+  absl::Status WaitUntilRouterServes(absl::Time deadline);
   std::string ShardHost(int i) const;
   std::vector<std::string> RouterShardAddresses() const;
   LocalClusterOptions options_;

@@ -447,11 +447,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return absl::OkStatus();
   }
 
-  // Loads `missing[s]` on each shard s of `t`, with train_mu held. Trained weights come from a live
-  // replica (chosen per expert; experts with none stay missing, their trained weights are gone),
-  // untrained ones from the checkpoint.
-  void ReloadMissing(const RoutingTable& t, const std::vector<std::vector<int>>& missing) {
-    const bool trained = steps_done.load() > 0;
+  // Loads `missing[s]` on each shard s of `t`, with train_mu held. Trained weights (`trained`)
+  // come from a live replica (chosen per expert; experts with none stay missing, their trained
+  // weights are gone), untrained ones from the checkpoint.
+  void ReloadMissing(const RoutingTable& t, const std::vector<std::vector<int>>& missing,
+                     bool trained) {
     for (int s = 0; s < static_cast<int>(t.shards.size()); ++s) {
       std::map<std::string, std::vector<int>> by_source;
       for (int e : missing[s]) {
@@ -600,8 +600,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         // applied that update, none may be the source of a copy.
         // The table read before the lock may have been replaced meanwhile: next tick, then.
         if (Table() == t && (trainer == nullptr || trainer->RetryConfirmations(*t).ok())) {
-          ReloadMissing(*t, missing);
-          if (trainer != nullptr) ReloadStale(*t).IgnoreError();  // logged; again next tick
+          // Replicas behind first: then every live replica is a right source for what is
+          // missing, and the shards' steps tell whether it was trained (after a router restart
+          // steps_done is 0; reading the checkpoint then would serve untrained weights).
+          bool trained = steps_done.load() > 0;
+          if (trainer != nullptr) ReloadStale(*t, &trained).IgnoreError();  // logged; next tick
+          ReloadMissing(*t, missing, trained);
         }
       }
     }

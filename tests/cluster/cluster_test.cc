@@ -650,6 +650,46 @@ TEST_F(ClusterTest, AnExpertWhoseOnlyReplicaRestartedIsReportedAsHavingLostItsTr
   EXPECT_EQ(ScrapeMetric(metrics, "moe_router_stale_replicas_total"), 0) << "no copy to make";
 }
 
+// A router started again over a trained cluster has taken no step itself, but the shards' steps
+// tell it the experts were trained: a shard that then restarts empty gets its experts copied
+// from a trained replica, never read from the checkpoint (which would serve untrained weights
+// until the stale check copied them again).
+TEST_F(ClusterTest, ARestartedRouterGivesARestartedShardTrainedWeights) {
+  const int metrics = testing::FreePortBlock(5);
+  auto cluster = Start("replicated", 3, {}, {}, metrics);
+  ASSERT_NE(cluster, nullptr);
+  {
+    auto stub = client::MakeRouterStub(cluster->router_address());
+    for (int step = 0; step < 2; ++step) {
+      ASSERT_TRUE(Train(stub.get(), 5000 + step, 20000, 0.005f).ok()) << "step " << step;
+    }
+  }
+  cluster->router().Signal(SIGKILL);
+  ASSERT_TRUE(cluster->router().Wait(absl::Seconds(5)).ok());
+  const absl::Status router_back = cluster->RestartRouter();
+  ASSERT_TRUE(router_back.ok()) << router_back;
+  cluster->shard(1).Signal(SIGKILL);
+  ASSERT_TRUE(cluster->shard(1).Wait(absl::Seconds(5)).ok());
+  const absl::Status shard_back = cluster->RestartShard(1);
+  ASSERT_TRUE(shard_back.ok()) << shard_back;
+  const auto start = Clock::now();
+  while (ScrapeMetric(metrics + 2, "moe_shard_experts_loaded") < Config().num_experts &&
+         Since(start) < 20) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_EQ(ScrapeMetric(metrics + 2, "moe_shard_experts_loaded"), Config().num_experts);
+  EXPECT_EQ(ScrapeMetric(metrics + 2, "moe_shard_expert_loads_total{source=\"checkpoint\"}"), 0)
+      << "the restarted shard read untrained weights from the checkpoint";
+  EXPECT_EQ(ScrapeMetric(metrics + 2, "moe_shard_expert_loads_total{source=\"peer\"}"),
+            Config().num_experts);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  absl::StatusOr<common::Checkpoint> saved = SaveIdentical(stub.get(), "router_back.safetensors");
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  for (int e = 0; e < Config().num_experts; ++e) {
+    EXPECT_NE(saved->experts[e].w1, ck_->experts[e].w1) << "expert " << e << " lost its training";
+  }
+}
+
 // The coordinator's second phase is bounded (5 s): a shard that does not confirm the commit in
 // time is named in unconfirmed_shards (the router sends it FinishStep again) and does not hold
 // up the others.
