@@ -74,7 +74,8 @@ int main(int argc, char** argv) {
   }
 
   // One expert's forward of 1 row on 1 thread, back to back and a while after the previous one:
-  // how long its 12 MiB of weights stay in cache decides most of a shard's time at N = 1.
+  // how much slower it gets once its 12 MiB of weights have had time to leave the cache (a
+  // shard computes its expert once per request at N = 1).
   omp_set_num_threads(1);
   std::vector<std::pair<int, double>> by_gap;
   {

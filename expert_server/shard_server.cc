@@ -50,8 +50,8 @@ const char* ReasonFor(absl::StatusCode code) {
 // Copies expert `e`'s current weights, and the step they are at, from the shard at `peer`
 // through ExportExpert.
 absl::StatusOr<LoadedExpert> CopyFromPeer(const common::ModelConfig& config,
-                                                   const common::RpcLimits& limits,
-                                                   const std::string& peer, int e) {
+                                          const common::RpcLimits& limits,
+                                          const std::string& peer, int e) {
   auto channel = grpc::CreateCustomChannel(peer, common::ChannelCredentials(),
                                            common::ClientChannelArgs(limits));
   auto stub = v1::ExpertShard::NewStub(channel);

@@ -514,9 +514,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                      e, static_cast<unsigned long long>(at[latest][e]),
                      static_cast<unsigned long long>(reached));
         metrics->ExpertLostTraining();
-        reached = at[latest][e];
+        reached = at[latest][e];  // reported once: this is where the expert stands now
+      } else {
+        reached = std::max(reached, at[latest][e]);
       }
-      reached = std::max(reached, at[latest][e]);
       for (int r : t.placement.replicas[e]) {
         if (!at[r].count(e) || at[r][e] >= at[latest][e]) continue;
         std::fprintf(stderr,

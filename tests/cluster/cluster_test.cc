@@ -579,6 +579,19 @@ TEST_F(ClusterTest, ATrainedClusterWithEveryShardWholeCopiesNoExpert) {
   }
 }
 
+// `n` training steps at a small rate, seeded `first_seed`, `first_seed` + 1, ...; the first that
+// fails is named.
+absl::Status TrainSteps(v1::Router::Stub* stub, uint64_t first_seed, int n) {
+  for (int step = 0; step < n; ++step) {
+    grpc::Status st = Train(stub, first_seed + step, 20000, 0.005f);
+    if (!st.ok()) {
+      const absl::Status failed = common::FromGrpcStatus(st);
+      return absl::Status(failed.code(), absl::StrCat("step ", step, ": ", failed.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
 // Kills shard `s` and starts it again on its port, then trains one step (seed `seed`) as soon as
 // the router takes steps again (UNAVAILABLE until the shard is back in rotation).
 absl::Status KillRestartAndTrain(client::LocalCluster& cluster, int s, v1::Router::Stub* stub,
@@ -608,10 +621,8 @@ TEST_F(ClusterTest, AShardBackWithTheCheckpointsWeightsIsCopiedFromATrainedRepli
   auto cluster = Start("replicated", 3, {}, {"--experts", "all"}, metrics);
   ASSERT_NE(cluster, nullptr);
   auto stub = client::MakeRouterStub(cluster->router_address());
-  for (int step = 0; step < 3; ++step) {
-    grpc::Status st = Train(stub.get(), 3000 + step, 20000, 0.005f);
-    ASSERT_TRUE(st.ok()) << "step " << step << ": " << st.error_message();
-  }
+  const absl::Status trained = TrainSteps(stub.get(), 3000, 3);
+  ASSERT_TRUE(trained.ok()) << trained;
   const absl::Status next = KillRestartAndTrain(*cluster, 1, stub.get(), 3050);
   ASSERT_TRUE(next.ok()) << next;
   EXPECT_EQ(ScrapeMetric(metrics, "moe_router_stale_replicas_total"), Config().num_experts)
@@ -636,9 +647,8 @@ TEST_F(ClusterTest, AnExpertWhoseOnlyReplicaRestartedIsReportedAsHavingLostItsTr
   auto cluster = Start("sharded", 2, {}, {"--experts", "all"}, metrics);
   ASSERT_NE(cluster, nullptr);
   auto stub = client::MakeRouterStub(cluster->router_address());
-  for (int step = 0; step < 2; ++step) {
-    ASSERT_TRUE(Train(stub.get(), 4000 + step, 20000, 0.005f).ok()) << "step " << step;
-  }
+  const absl::Status trained = TrainSteps(stub.get(), 4000, 2);
+  ASSERT_TRUE(trained.ok()) << trained;
   const std::string lost = "moe_router_experts_lost_training_total";
   EXPECT_EQ(ScrapeMetric(metrics, lost), 0);
   const absl::Status next = KillRestartAndTrain(*cluster, 0, stub.get(), 4050);
@@ -660,9 +670,8 @@ TEST_F(ClusterTest, ARestartedRouterGivesARestartedShardTrainedWeights) {
   ASSERT_NE(cluster, nullptr);
   {
     auto stub = client::MakeRouterStub(cluster->router_address());
-    for (int step = 0; step < 2; ++step) {
-      ASSERT_TRUE(Train(stub.get(), 5000 + step, 20000, 0.005f).ok()) << "step " << step;
-    }
+    const absl::Status trained = TrainSteps(stub.get(), 5000, 2);
+    ASSERT_TRUE(trained.ok()) << trained;
   }
   cluster->router().Signal(SIGKILL);
   ASSERT_TRUE(cluster->router().Wait(absl::Seconds(5)).ok());
