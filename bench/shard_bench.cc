@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdio>
 #include <thread>
 
 #include <benchmark/benchmark.h>
@@ -55,6 +56,7 @@ void BM_Shard(benchmark::State& state) {
   auto server = moe::expert::ShardServer::Start(o);
   if (!server.ok() || !(*server)->WaitUntilLoaded(absl::Seconds(60)).ok()) {
     state.SkipWithError("server");
+    std::remove(path.c_str());
     return;
   }
   auto channel = grpc::CreateCustomChannel((*server)->address(), grpc::InsecureChannelCredentials(),
@@ -86,6 +88,7 @@ void BM_Shard(benchmark::State& state) {
   state.counters["rows_per_s"] = benchmark::Counter(static_cast<double>(rows),
                                                     benchmark::Counter::kIsIterationInvariantRate);
   (*server)->Shutdown();
+  std::remove(path.c_str());
 }
 
 }  // namespace

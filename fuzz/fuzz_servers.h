@@ -36,9 +36,11 @@ inline void Die(const char* what, const absl::Status& st) {
 
 inline const std::string& FuzzCheckpoint() {
   static const std::string* path = [] {
-    auto* p = new std::string("/tmp/moe_fuzz_" + std::to_string(getpid()) + ".safetensors");
+    static std::string* p = new std::string("/tmp/moe_fuzz_" + std::to_string(getpid()) +
+                                            ".safetensors");
     absl::Status st = common::SaveCheckpoint(*p, common::MakeRandomCheckpoint({FuzzConfig(), true, 7}));
     if (!st.ok()) Die("checkpoint", st);
+    std::atexit([] { std::remove(p->c_str()); });  // libFuzzer ends a timed run with exit()
     return p;
   }();
   return *path;

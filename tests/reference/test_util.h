@@ -4,19 +4,37 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <ctime>
+#include <filesystem>
 #include <string>
+#include <system_error>
 
 #include <gtest/gtest.h>
 
 namespace moe::testing {
 
-// A path in the test temp directory that no other test process uses (ctest runs in parallel).
-inline std::string TempPath(const std::string& name) {
-  return ::testing::TempDir() + "/moe_" + std::to_string(getpid()) + "_" + name;
+// A directory of this test process's own in the test temp directory (ctest runs tests in
+// parallel, one process each), removed with everything in it when the process exits normally,
+// so test runs leave no checkpoints, certificates or peer files behind.
+inline const std::string& TestTempDir() {
+  struct Dir {
+    const pid_t owner = getpid();
+    const std::string path = ::testing::TempDir() + "/moe_" + std::to_string(owner);
+    Dir() { mkdir(path.c_str(), 0700); }
+    ~Dir() {
+      std::error_code ec;  // a forked child that exits must not take its parent's files along
+      if (getpid() == owner) std::filesystem::remove_all(path, ec);
+    }
+  };
+  static const Dir dir;
+  return dir.path;
 }
+
+// A path in this test process's temp directory.
+inline std::string TempPath(const std::string& name) { return TestTempDir() + "/" + name; }
 
 // The first of `n` consecutive loopback ports that nothing uses now, for services a test starts
 // on fixed ports (metrics endpoints, which the test then scrapes). Below Linux's ephemeral range
