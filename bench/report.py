@@ -157,6 +157,33 @@ def main():
                   "shard computes its expert once per request, about every "
                   f"{lat['cluster_p50_s'] * 1e3:.1f} ms and beside the other processes, while the "
                   "in-process layer runs its two experts back to back."]
+    parts = []
+    varied, tiny = lat.get("varied_tokens"), lat.get("negligible_compute")
+    if varied:
+        parts.append(f"| a new token per request (experts vary, as in serving) | "
+                     f"{varied['cluster_p50_s'] * 1e3:.3f} | {varied['in_process_p50_s'] * 1e3:.3f} | "
+                     f"{lat['bare_rtt_p50_s'] * 1e6:.0f} | {varied['added_in_round_trips']:.1f} |")
+    if tiny:
+        parts.append(f"| one token, d_ff {tiny['d_ff']}: experts cost next to nothing | "
+                     f"{tiny['cluster_p50_s'] * 1e3:.3f} | {tiny['in_process_p50_s'] * 1e3:.3f} | "
+                     f"{tiny['bare_rtt_p50_s'] * 1e6:.0f} | {tiny['added_in_round_trips']:.1f} |")
+    if parts:
+        lines += ["", "The same N = 1 latency three ways, to tell its parts apart (p50, one request "
+                  "at a time):", "",
+                  "| requests | cluster ms | in-process ms | round trip us | added round trips |",
+                  "|---|---:|---:|---:|---:|",
+                  f"| one token repeated (the figure above) | {lat['cluster_p50_s'] * 1e3:.3f} | "
+                  f"{lat['in_process_p50_s'] * 1e3:.3f} | {lat['bare_rtt_p50_s'] * 1e6:.0f} | "
+                  f"{lat['added_in_round_trips']:.1f} |"] + parts
+        if tiny:
+            lines += ["", "With experts that cost nothing the cluster still adds "
+                      f"{tiny['cluster_p50_s'] * 1e6 - tiny['in_process_p50_s'] * 1e6:.0f} us: "
+                      "its own path, a request through three processes (client, router, two "
+                      "shards in parallel) and back, each hop a gRPC message whose thread must "
+                      "wake on two cores that the five processes share. The experts' compute "
+                      "adds the rest: at 1 row an expert reads its 12 MiB of weights, which "
+                      "takes longer in a shard, where they have gone cold since the last request, "
+                      "than in the in-process layer's back-to-back loop."]
     lines += ["", "## Ring all-reduce against Gloo and Open MPI", "",
               "Bus bandwidth 2 (N-1)/N * bytes / time in GB/s, ranks as processes on this machine.",
               "Ours: the gRPC ring (moe-ring-rank), back-to-back collectives on one stream per",
