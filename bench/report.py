@@ -178,12 +178,14 @@ def main():
         if tiny:
             lines += ["", "With experts that cost nothing the cluster still adds "
                       f"{tiny['cluster_p50_s'] * 1e6 - tiny['in_process_p50_s'] * 1e6:.0f} us: "
-                      "its own path, a request through three processes (client, router, two "
-                      "shards in parallel) and back, each hop a gRPC message whose thread must "
-                      "wake on two cores that the five processes share. The experts' compute "
-                      "adds the rest: at 1 row an expert reads its 12 MiB of weights, which "
-                      "takes longer in a shard, where they have gone cold since the last request, "
-                      "than in the in-process layer's back-to-back loop."]
+                      "its own path. A request crosses three processes (client, router, two "
+                      "shards) and back, and each message is handed between gRPC's callback "
+                      "threads (perf sched on the router: about 7 thread switches per request) on "
+                      "two cores that the five processes share; at one request at a time the path "
+                      "keeps both cores busy. The experts' compute adds the rest: at 1 row an "
+                      "expert reads its 12 MiB of weights, which takes longer in a shard, where "
+                      "they have gone cold since the last request, than in the in-process layer's "
+                      "back-to-back loop."]
     lines += ["", "## Ring all-reduce against Gloo and Open MPI", "",
               "Bus bandwidth 2 (N-1)/N * bytes / time in GB/s, ranks as processes on this machine.",
               "Ours: the gRPC ring (moe-ring-rank), back-to-back collectives on one stream per",
