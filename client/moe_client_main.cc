@@ -258,8 +258,10 @@ absl::StatusOr<v1::ClusterInfo> GetInfo(v1::Router::Stub* stub, const std::strin
     if (attempt == 0) first = st;
   }
   if (st.error_code() == grpc::StatusCode::UNAVAILABLE) {
-    return absl::UnavailableError(absl::StrCat("cannot reach the router at ", addr, ": ",
-                                               first.error_message()));
+    return absl::UnavailableError(absl::StrCat(
+        "cannot reach the router at ", addr, ": ", first.error_message(),
+        " (is it running there? `make run` or `moe-cluster --checkpoint PATH` starts a local "
+        "one and prints its address)"));
   }
   if (!st.ok()) return common::FromGrpcStatus(st);
   return info;
