@@ -27,12 +27,14 @@ void Encode(const float* src, int64_t n, WireFormat wire, Payload* out) {
   }
 }
 
-// dst[i] += the m floats at p (unaligned bytes). The reduce-scatter's inner loop: at -O2 GCC keeps
-// the plain loop scalar (p and dst may alias), so it adds 16 floats at a time as one vector, in
-// the widest registers the CPU has (target_clones picks AVX-512, AVX2 or the SSE2 baseline at load
-// time). Each element is still one IEEE add, so the sums are the scalar loop's to the bit.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void AddFloats(const unsigned char* p, int64_t m, float* dst) {
+// dst[i] += the m floats at p (unaligned bytes): the reduce-scatter's inner loop. At -O2 GCC keeps
+// the plain loop scalar (p and dst may alias), so it adds 16 floats at a time as one vector, and
+// is compiled three times: for AVX-512, AVX2 and the SSE2 baseline, picked once by what the CPU
+// has. (By hand rather than target_clones: an ifunc resolver runs before ThreadSanitizer's runtime
+// is up and crashes an instrumented binary at load.) Each element is still one IEEE add, so the
+// sums are the scalar loop's to the bit.
+__attribute__((always_inline)) inline void AddFloatsBody(const unsigned char* p, int64_t m,
+                                                         float* dst) {
   typedef float Floats16 __attribute__((vector_size(64)));
   int64_t i = 0;
   for (; i + 16 <= m; i += 16) {
@@ -47,6 +49,28 @@ void AddFloats(const unsigned char* p, int64_t m, float* dst) {
     std::memcpy(&v, p + 4 * i, sizeof v);
     dst[i] += v;
   }
+}
+
+__attribute__((target("avx512f"))) void AddFloatsAvx512(const unsigned char* p, int64_t m,
+                                                        float* dst) {
+  AddFloatsBody(p, m, dst);
+}
+
+__attribute__((target("avx2"))) void AddFloatsAvx2(const unsigned char* p, int64_t m, float* dst) {
+  AddFloatsBody(p, m, dst);
+}
+
+void AddFloatsBaseline(const unsigned char* p, int64_t m, float* dst) { AddFloatsBody(p, m, dst); }
+
+void AddFloats(const unsigned char* p, int64_t m, float* dst) {
+  using Fn = void (*)(const unsigned char*, int64_t, float*);
+  static const Fn fn = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return static_cast<Fn>(AddFloatsAvx512);
+    if (__builtin_cpu_supports("avx2")) return static_cast<Fn>(AddFloatsAvx2);
+    return static_cast<Fn>(AddFloatsBaseline);
+  }();
+  fn(p, m, dst);
 }
 
 // dst[i] (+)= the m elements at p. FP32 adds straight from the bytes; BF16 decodes a block at a
