@@ -163,17 +163,30 @@ absl::Status MakeTokens(const Flags& f) {
   return absl::OkStatus();
 }
 
+// A file the user named that is not there: the error says which command makes one.
+template <typename T>
+absl::StatusOr<T> HintIfMissing(absl::StatusOr<T> r, const char* maker) {
+  if (r.status().code() != absl::StatusCode::kNotFound) return r;
+  return absl::NotFoundError(absl::StrCat(r.status().message(), " (make one with ", maker, ")"));
+}
+
+absl::StatusOr<common::Checkpoint> ReadCheckpoint(const std::string& path,
+                                                  const common::LoadOptions& opts) {
+  return HintIfMissing(common::LoadCheckpoint(path, opts), "moe-client init-checkpoint");
+}
+
 absl::StatusOr<std::unique_ptr<router::MoeLayer>> LoadLayer(const Flags& f) {
   ASSIGN_OR_RETURN(std::string path, f.Require("checkpoint"));
   ASSIGN_OR_RETURN(double cf, f.GetDouble("capacity-factor", 0.0));
   common::LoadOptions opts;
   opts.tensor_prefix = f.Get("tensor-prefix");
-  ASSIGN_OR_RETURN(common::Checkpoint ck, common::LoadCheckpoint(path, opts));
+  ASSIGN_OR_RETURN(common::Checkpoint ck, ReadCheckpoint(path, opts));
   return router::MoeLayer::Create(std::move(ck), router::MoeLayerOptions{cf});
 }
 
 absl::StatusOr<std::pair<std::vector<float>, int64_t>> ReadTokens(const std::string& path) {
-  ASSIGN_OR_RETURN(auto reader, common::SafetensorsReader::Open(path));
+  ASSIGN_OR_RETURN(auto reader,
+                   HintIfMissing(common::SafetensorsReader::Open(path), "moe-client make-tokens"));
   const common::StTensor* t = reader->Find("tokens");
   if (t == nullptr || t->shape.size() != 2) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": needs a tensor 'tokens' [N, d_model]"));
@@ -510,7 +523,7 @@ absl::Status Load(const Flags& f) {
     common::LoadOptions lo;
     lo.experts = std::vector<int>{};
     lo.tensor_prefix = f.Get("tensor-prefix");
-    ASSIGN_OR_RETURN(common::Checkpoint ck, common::LoadCheckpoint(f.Get("checkpoint"), lo));
+    ASSIGN_OR_RETURN(common::Checkpoint ck, ReadCheckpoint(f.Get("checkpoint"), lo));
     gate = std::move(ck.gate);
   } else if (zipf > 0) {
     return absl::InvalidArgumentError("--zipf needs --checkpoint (the gate decides the routing)");
