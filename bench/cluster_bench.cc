@@ -158,12 +158,13 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "in-process N=%lld: %.0f tokens/s\n", static_cast<long long>(n),
                  local_tps.back());
   }
-  // N = 1 with a new token per request (cycling through 256), so each request's two experts vary
-  // as in serving and are seldom still in cache; the loop above repeats one token, which keeps
-  // its two experts' weights hot back to back (the in-process layer's best case).
-  const auto varied = moe::common::RandomMatrix(256, c.d_model, 7);
+  // N = 1 with a new token per request (cycling through kVaried), so each request's two experts
+  // vary as in serving and are seldom still in cache; the loop above repeats one token, which
+  // keeps its two experts' weights hot back to back (the in-process layer's best case).
+  constexpr int64_t kVaried = 256;
+  const auto varied = moe::common::RandomMatrix(kVaried, c.d_model, 7);
   const double local_p50_n1_varied = P50For(seconds, [&](int64_t i) {
-    return layer->Forward(varied.data() + (i % 256) * c.d_model, 1).ok();
+    return layer->Forward(varied.data() + (i % kVaried) * c.d_model, 1).ok();
   });
 
   // One expert's forward of 1 row on 1 thread, back to back and a while after the previous one:

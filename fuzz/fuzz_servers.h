@@ -36,11 +36,11 @@ inline void Die(const char* what, const absl::Status& st) {
 
 inline const std::string& FuzzCheckpoint() {
   static const std::string* path = [] {
-    static std::string* p = new std::string("/tmp/moe_fuzz_" + std::to_string(getpid()) +
-                                            ".safetensors");
+    auto* p = new std::string("/tmp/moe_fuzz_" + std::to_string(getpid()) + ".safetensors");
     absl::Status st = common::SaveCheckpoint(*p, common::MakeRandomCheckpoint({FuzzConfig(), true, 7}));
     if (!st.ok()) Die("checkpoint", st);
-    std::atexit([] { std::remove(p->c_str()); });  // libFuzzer ends a timed run with exit()
+    // libFuzzer ends a timed run with exit(); by then `path` is set.
+    std::atexit([] { std::remove(FuzzCheckpoint().c_str()); });
     return p;
   }();
   return *path;
