@@ -8,6 +8,7 @@
 // and prints
 // "RESULT code=CODE ms=MS correct=0|1 seconds_per_op=S". With --persistent, every collective
 // shares one stream to the next rank (a warm-up, --repeat timed back to back, one checked).
+// --piece-bytes sets the largest piece on the wire (default 1 MiB), to measure that trade-off.
 
 
 #include <chrono>
@@ -37,7 +38,7 @@ absl::Status Run(int argc, char** argv) {
                                          {{"rank", true}, {"world", true}, {"peers-file", true},
                                           {"length", true}, {"deadline-ms", true},
                                           {"repeat", true}, {"wire", true}, {"host", true},
-                                          {"persistent", false}}));
+                                          {"persistent", false}, {"piece-bytes", true}}));
   ASSIGN_OR_RETURN(int64_t rank, f.GetInt("rank", 0));
   ASSIGN_OR_RETURN(int64_t world, f.GetInt("world", 1));
   ASSIGN_OR_RETURN(std::string peers_file, f.Require("peers-file"));
@@ -47,6 +48,7 @@ absl::Status Run(int argc, char** argv) {
   const bool persistent = f.Has("persistent");
   moe::collective::AllReduceOptions opts;
   if (f.Get("wire", "fp32") == "bf16") opts.wire = moe::collective::WireFormat::kBFloat16;
+  ASSIGN_OR_RETURN(opts.max_piece_bytes, f.GetInt("piece-bytes", opts.max_piece_bytes));
 
   moe::collective::CollectiveHub hub;
   moe::collective::CollectiveService service(&hub);
