@@ -50,6 +50,9 @@ absl::StatusOr<common::Subprocess> LocalCluster::SpawnShard(int i, int port) {
   if (!coordinator_address_.empty()) {
     args.insert(args.end(), {"--coordinator", coordinator_address_});  // membership
   }
+  if (!options_.state_dir.empty()) {
+    args.insert(args.end(), {"--state-dir", absl::StrCat(options_.state_dir, "/shard-", i)});
+  }
   args.insert(args.end(), options_.shard_args.begin(), options_.shard_args.end());
   args.insert(args.end(), options_.common_args.begin(), options_.common_args.end());
   return common::Subprocess::Spawn(args);

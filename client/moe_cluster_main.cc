@@ -47,6 +47,8 @@ usage: moe-cluster --checkpoint PATH [flags]
   --shard-cpus C           limit each shard to C CPUs (a cgroup CPU quota each, like machines
                            of that size; for benchmarks; needs root)
   --router-args "ARGS"     more flags for the router, space-separated
+  --state-dir DIR          shard i keeps its trained experts in DIR/shard-i, and a shard started
+                           again loads them from there (training survives a restart)
 )";
 
 absl::Status Run(int argc, char** argv) {
@@ -59,7 +61,7 @@ absl::Status Run(int argc, char** argv) {
                              {"overflow", true}, {"wire", true}, {"bin-dir", true},
                              {"tls-dir", true}, {"require-client-cert", false},
                              {"pin-shards", false}, {"shard-cpus", true}, {"router-args", true},
-                             {"auth-token-file", true}}));
+                             {"auth-token-file", true}, {"state-dir", true}}));
   ASSIGN_OR_RETURN(std::string checkpoint, f.Require("checkpoint"));
   ASSIGN_OR_RETURN(int64_t num_shards, f.GetInt("shards", 4));
   ASSIGN_OR_RETURN(int64_t router_port, f.GetInt("router-port", 50051));
@@ -76,6 +78,7 @@ absl::Status Run(int argc, char** argv) {
   o.router_port = static_cast<int>(router_port);
   o.metrics_port = static_cast<int>(metrics_port);
   o.shard_args = {"--threads", std::to_string(shard_threads)};
+  o.state_dir = f.Get("state-dir");
   for (const char* pass : {"capacity-factor", "overflow", "wire"}) {
     if (f.Has(pass)) o.router_args.insert(o.router_args.end(), {absl::StrCat("--", pass), f.Get(pass)});
   }

@@ -21,7 +21,7 @@ common::ModelConfig Config() {
 struct Fixture {
   Fixture()
       : ck(common::MakeRandomCheckpoint({Config(), true, 5})),
-        store(Config(), [this](int e) { return absl::StatusOr<common::ExpertWeights>(ck.experts[e]); },
+        store(Config(), [this](int e) { return absl::StatusOr<LoadedExpert>({ck.experts[e], 0}); },
               nullptr) {
     common::Notification n;
     EXPECT_TRUE(store.Load({0, 1}, 0, "", [&](absl::Status) { n.Notify(); }).ok());

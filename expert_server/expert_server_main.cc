@@ -34,6 +34,8 @@ usage: moe-expert-server --checkpoint PATH [flags]
   --max-message-mb N       gRPC message size limit (default 64)
   --coordinator HOST:PORT  register with moe-coordinator and keep a lease (membership)
   --advertise HOST:PORT    the address to register (default 127.0.0.1:<port>)
+  --state-dir DIR          keep trained experts in DIR and load them from there after a restart
+                           (one directory per shard; created if missing)
   --tls-cert F --tls-key F serve TLS (and present this certificate to peers)
   --tls-ca F               trust this CA; --require-client-cert refuses callers without one
 )";
@@ -46,7 +48,7 @@ absl::Status Run(int argc, char** argv) {
                              {"experts", true}, {"threads", true}, {"max-coalesced-rows", true},
                              {"batch-delay-us", true}, {"max-queue-rows", true},
                              {"max-batch-rows", true}, {"max-message-mb", true},
-                             {"coordinator", true}, {"advertise", true}})));
+                             {"coordinator", true}, {"advertise", true}, {"state-dir", true}})));
   moe::expert::ShardServerOptions o;
   ASSIGN_OR_RETURN(o.checkpoint, f.Require("checkpoint"));
   RETURN_IF_ERROR(f.ListenAddresses(50061, &o.address, &o.metrics_address));
@@ -54,6 +56,7 @@ absl::Status Run(int argc, char** argv) {
   o.load.tensor_prefix = f.Get("tensor-prefix");
   o.coordinator = f.Get("coordinator");
   o.advertise_address = f.Get("advertise");
+  o.state_dir = f.Get("state-dir");
   if (f.Has("activation")) {
     ASSIGN_OR_RETURN(auto act, moe::common::ParseActivation(f.Get("activation")));
     o.load.activation = act;

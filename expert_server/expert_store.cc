@@ -61,13 +61,22 @@ void ExpertStore::SetOnChange(std::function<void()> on_change) {
   on_change_ = std::move(on_change);
 }
 
-void ExpertStore::NotifyChange() {
+void ExpertStore::SetOnWeights(
+    std::function<void(std::shared_ptr<const ExpertHandle>)> on_weights) {
+  std::lock_guard<std::mutex> lock(mu_);
+  on_weights_ = std::move(on_weights);
+}
+
+void ExpertStore::NotifyChange(std::shared_ptr<const ExpertHandle> installed) {
   std::function<void()> cb;
+  std::function<void(std::shared_ptr<const ExpertHandle>)> weights_cb;
   {
     std::lock_guard<std::mutex> lock(mu_);
     cb = on_change_;
+    weights_cb = on_weights_;
   }
   if (cb) cb();
+  if (installed != nullptr && weights_cb) weights_cb(std::move(installed));
 }
 
 absl::Status ExpertStore::CheckVersion(uint64_t version) {
@@ -121,12 +130,6 @@ void ExpertStore::StopLoading() {
   if (loader_.joinable()) loader_.join();
 }
 
-absl::StatusOr<LoadedExpert> ExpertStore::ReadCheckpoint(int expert) const {
-  absl::StatusOr<common::ExpertWeights> w = checkpoint_(expert);
-  if (!w.ok()) return w.status();
-  return LoadedExpert{std::move(*w), 0};
-}
-
 void ExpertStore::LoaderLoop() {
   while (true) {
     Job job;
@@ -146,9 +149,10 @@ void ExpertStore::LoaderLoop() {
           break;
         }
       }
-      absl::StatusOr<LoadedExpert> w = job.peer.empty() ? ReadCheckpoint(e) : peer_(job.peer, e);
+      absl::StatusOr<LoadedExpert> w = job.peer.empty() ? checkpoint_(e) : peer_(job.peer, e);
       absl::StatusOr<std::unique_ptr<ExpertFfn>> ffn =
           w.ok() ? ExpertFfn::Create(config_, std::move(w->weights)) : w.status();
+      std::shared_ptr<const ExpertHandle> installed;
       {
         std::lock_guard<std::mutex> lock(mu_);
         auto found = entries_.find(e);
@@ -162,6 +166,7 @@ void ExpertStore::LoaderLoop() {
           handle->id = e;
           handle->ffn = std::move(*ffn);
           handle->trained_step = w->trained_step;
+          installed = handle;
           entry = Entry{ExpertState::kReady, std::move(handle), ""};
         } else {
           const std::string msg = absl::StrCat("expert ", e, ": ", ffn.status().message());
@@ -170,7 +175,7 @@ void ExpertStore::LoaderLoop() {
           if (entry.handle == nullptr) entry = Entry{ExpertState::kFailed, nullptr, msg};
         }
       }
-      NotifyChange();
+      NotifyChange(std::move(installed));
     }
     if (job.done) job.done(first_error);
   }
@@ -240,6 +245,7 @@ absl::StatusOr<ExpertLease> ExpertStore::Acquire(int expert, int64_t rows) {
 
 absl::Status ExpertStore::ReplaceExpert(int expert, std::unique_ptr<ExpertFfn> ffn,
                                         uint64_t trained_step, const ExpertHandle* expected) {
+  std::shared_ptr<const ExpertHandle> installed;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = entries_.find(expert);
@@ -256,9 +262,10 @@ absl::Status ExpertStore::ReplaceExpert(int expert, std::unique_ptr<ExpertFfn> f
     handle->id = expert;
     handle->ffn = std::move(ffn);
     handle->trained_step = trained_step;
+    installed = handle;
     it->second.handle = std::move(handle);
   }
-  NotifyChange();
+  NotifyChange(std::move(installed));
   return absl::OkStatus();
 }
 

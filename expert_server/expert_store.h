@@ -68,8 +68,9 @@ struct LoadedExpert {
 
 class ExpertStore {
  public:
-  // Reads expert e's weights (from the checkpoint, or from a peer shard at `peer`).
-  using CheckpointLoader = std::function<absl::StatusOr<common::ExpertWeights>(int expert)>;
+  // Reads expert e's weights: from the shard's own storage (the checkpoint, or trained weights
+  // kept on disk), or from a peer shard at `peer`.
+  using CheckpointLoader = std::function<absl::StatusOr<LoadedExpert>(int expert)>;
   using PeerLoader =
       std::function<absl::StatusOr<LoadedExpert>(const std::string& peer, int expert)>;
 
@@ -109,6 +110,9 @@ class ExpertStore {
 
   // Called (without locks held) whenever an expert changes state.
   void SetOnChange(std::function<void()> on_change);
+  // Called (without locks held) with an expert's new weights whenever some are installed (a load
+  // or ReplaceExpert).
+  void SetOnWeights(std::function<void(std::shared_ptr<const ExpertHandle>)> on_weights);
 
  private:
   friend class ExpertLease;
@@ -124,9 +128,9 @@ class ExpertStore {
   };
 
   void LoaderLoop();
-  absl::StatusOr<LoadedExpert> ReadCheckpoint(int expert) const;
   void Released(ExpertHandle* handle);
-  void NotifyChange();
+  // Runs on_change_, and on_weights_ with `installed` when given.
+  void NotifyChange(std::shared_ptr<const ExpertHandle> installed = nullptr);
   absl::Status CheckVersion(uint64_t version);  // mu_ held
 
   const common::ModelConfig config_;
@@ -142,6 +146,7 @@ class ExpertStore {
   std::deque<Job> jobs_;
   bool stopping_ = false;
   std::function<void()> on_change_;
+  std::function<void(std::shared_ptr<const ExpertHandle>)> on_weights_;
   std::thread loader_;
 };
 

@@ -24,9 +24,9 @@ class ExpertStoreTest : public ::testing::Test {
       : ck_(common::MakeRandomCheckpoint({Config(), false, 3})),
         store_(
             Config(),
-            [this](int e) -> absl::StatusOr<common::ExpertWeights> {
+            [this](int e) -> absl::StatusOr<LoadedExpert> {
               if (e == 2) return absl::DataLossError("disk on fire");
-              return ck_.experts[e];
+              return LoadedExpert{ck_.experts[e], 0};
             },
             [this](const std::string& peer, int e) -> absl::StatusOr<LoadedExpert> {
               if (peer != "peer:1") return absl::UnavailableError("no such peer");

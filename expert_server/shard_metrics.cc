@@ -67,10 +67,18 @@ ShardMetrics::ShardMetrics(prometheus::Registry& registry, int num_experts) {
                             .Add({});
   auto& loads = prometheus::BuildCounter()
                     .Name("moe_shard_expert_loads_total")
-                    .Help("Experts' weights read by this shard, by source (checkpoint or peer)")
+                    .Help("Experts' weights read by this shard, by source (checkpoint, peer, "
+                          "or state_dir: its own trained weights kept on disk)")
                     .Register(registry);
   loads_checkpoint_ = &loads.Add({{"source", "checkpoint"}});
   loads_peer_ = &loads.Add({{"source", "peer"}});
+  loads_state_dir_ = &loads.Add({{"source", "state_dir"}});
+  auto& writes = prometheus::BuildCounter()
+                     .Name("moe_shard_state_writes_total")
+                     .Help("Trained experts written to the shard's --state-dir, by result")
+                     .Register(registry);
+  state_writes_ok_ = &writes.Add({{"result", "ok"}});
+  state_writes_failed_ = &writes.Add({{"result", "failed"}});
 }
 
 void ShardMetrics::ObserveCompute(int expert, int batches, int64_t rows, double seconds) {

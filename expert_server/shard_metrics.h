@@ -29,8 +29,17 @@ class ShardMetrics {
   void BytesOut(double n) { bytes_out_->Increment(n); }
   void SetExpertsLoaded(int n) { experts_loaded_->Set(n); }
   void SetPlacementVersion(double v) { placement_version_->Set(v); }
-  // One expert's weights read, from the checkpoint or copied from a peer shard.
-  void ExpertRead(bool from_peer) { (from_peer ? loads_peer_ : loads_checkpoint_)->Increment(); }
+  enum class Source { kCheckpoint, kPeer, kStateDir };
+  // One expert's weights read: from the checkpoint, copied from a peer shard, or the trained
+  // weights this shard kept in its --state-dir.
+  void ExpertRead(Source source) {
+    (source == Source::kPeer       ? loads_peer_
+     : source == Source::kStateDir ? loads_state_dir_
+                                   : loads_checkpoint_)
+        ->Increment();
+  }
+  // One expert's trained weights written to the --state-dir (or failed to).
+  void StateWritten(bool ok) { (ok ? state_writes_ok_ : state_writes_failed_)->Increment(); }
 
  private:
   std::vector<prometheus::Counter*> tokens_;
@@ -48,6 +57,9 @@ class ShardMetrics {
   prometheus::Gauge* placement_version_;
   prometheus::Counter* loads_checkpoint_;
   prometheus::Counter* loads_peer_;
+  prometheus::Counter* loads_state_dir_;
+  prometheus::Counter* state_writes_ok_;
+  prometheus::Counter* state_writes_failed_;
 };
 
 }  // namespace moe::expert

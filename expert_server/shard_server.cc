@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "expert_server/state_dir.h"
 #include "services/common/notification.h"
 #include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
@@ -113,6 +114,7 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
   std::unique_ptr<common::SafetensorsReader> checkpoint;
   std::shared_ptr<prometheus::Registry> registry;
   std::unique_ptr<ShardMetrics> metrics;
+  std::unique_ptr<StateDir> state;  // before `store`: the store's threads write to it
   std::unique_ptr<ExpertStore> store;
   std::unique_ptr<ComputePool> pool;
   std::unique_ptr<grpc::Server> server;
@@ -958,20 +960,40 @@ absl::StatusOr<std::unique_ptr<ShardServer>> ShardServer::Start(ShardServerOptio
   impl->registry = o.registry ? o.registry : std::make_shared<prometheus::Registry>();
   impl->metrics = std::make_unique<ShardMetrics>(*impl->registry, impl->config.num_experts);
   Impl* raw = impl.get();
+  auto read_checkpoint = [raw](int e) {
+    return common::ReadExpert(*raw->checkpoint, raw->options.load.tensor_prefix, raw->config, e);
+  };
+  if (!o.state_dir.empty()) {
+    ASSIGN_OR_RETURN(impl->state,
+                     StateDir::Open(o.state_dir, impl->config, read_checkpoint,
+                                    [raw](int, uint64_t, const absl::Status& st) {
+                                      raw->metrics->StateWritten(st.ok());
+                                    }));
+  }
   impl->store = std::make_unique<ExpertStore>(
       impl->config,
-      [raw](int e) {
-        absl::StatusOr<common::ExpertWeights> w = common::ReadExpert(
-            *raw->checkpoint, raw->options.load.tensor_prefix, raw->config, e);
-        if (w.ok()) raw->metrics->ExpertRead(/*from_peer=*/false);
-        return w;
+      [raw, read_checkpoint](int e) -> absl::StatusOr<LoadedExpert> {
+        if (raw->state != nullptr) {
+          if (std::optional<LoadedExpert> kept = raw->state->Read(e)) {
+            raw->metrics->ExpertRead(ShardMetrics::Source::kStateDir);
+            return std::move(*kept);
+          }
+        }
+        absl::StatusOr<common::ExpertWeights> w = read_checkpoint(e);
+        if (!w.ok()) return w.status();
+        raw->metrics->ExpertRead(ShardMetrics::Source::kCheckpoint);
+        return LoadedExpert{std::move(*w), 0};
       },
       [raw](const std::string& peer, int e) {
         absl::StatusOr<LoadedExpert> w = CopyFromPeer(raw->config, raw->options.limits, peer, e);
-        if (w.ok()) raw->metrics->ExpertRead(/*from_peer=*/true);
+        if (w.ok()) raw->metrics->ExpertRead(ShardMetrics::Source::kPeer);
         return w;
       });
   impl->store->SetOnChange([raw] { raw->OnStoreChange(); });
+  if (impl->state != nullptr) {
+    impl->store->SetOnWeights(
+        [raw](std::shared_ptr<const ExpertHandle> h) { raw->state->Save(std::move(h)); });
+  }
   impl->pool =
       std::make_unique<ComputePool>(impl->config.d_model, o.pool, impl->metrics.get());
   impl->train_pool = std::make_unique<common::ThreadPool>(std::max(1, o.pool.threads));

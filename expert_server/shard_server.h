@@ -42,6 +42,9 @@ struct ShardServerOptions {
   // first forward arrived, when no FinishStep came (a router that died, or whose abort did not
   // get through). Swept whenever a new step starts. Far longer than any step's deadline.
   absl::Duration step_ttl = absl::Minutes(10);
+  // Directory to keep this shard's trained experts in, so a restart keeps their training
+  // (state_dir.h); empty: none.
+  std::string state_dir;
 };
 
 class ShardServer {

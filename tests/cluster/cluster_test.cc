@@ -4,10 +4,13 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <map>
+
 #include "absl/strings/str_join.h"
 #include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/common/grpc_status.h"
+#include "services/common/safetensors.h"
 #include "services/common/status_macros.h"
 #include "tests/cluster/cluster_fixture.h"
 
@@ -658,6 +661,95 @@ TEST_F(ClusterTest, AnExpertWhoseOnlyReplicaRestartedIsReportedAsHavingLostItsTr
   ASSERT_TRUE(Train(stub.get(), 4060, 20000, 0.005f).ok());
   EXPECT_EQ(ScrapeMetric(metrics, lost), Config().num_experts / 2) << "reported once per expert";
   EXPECT_EQ(ScrapeMetric(metrics, "moe_router_stale_replicas_total"), 0) << "no copy to make";
+}
+
+// Each READY expert's training step on the shard at `address`.
+std::map<int, uint64_t> TrainedSteps(const std::string& address) {
+  auto stub = v1::ExpertShard::NewStub(
+      grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  v1::ShardStatus status;
+  std::map<int, uint64_t> steps;
+  if (!stub->GetStatus(&ctx, v1::GetShardStatusRequest(), &status).ok()) return steps;
+  for (const v1::ExpertStatus& e : status.experts()) {
+    if (e.state() == v1::ExpertStatus::READY) steps[e.expert()] = e.trained_step();
+  }
+  return steps;
+}
+
+// The training step in a state dir's file for an expert, 0 when there is none (yet).
+uint64_t SavedStep(const std::string& path) {
+  auto reader = common::SafetensorsReader::Open(path);
+  if (!reader.ok()) return 0;
+  auto it = (*reader)->metadata().find("moe_trained_step");
+  return it == (*reader)->metadata().end() ? 0 : std::stoull(it->second);
+}
+
+// With --state-dir (moe-cluster --state-dir), a shard keeps its trained experts on disk. Under
+// `sharded` an expert's only replica that is killed and started again, as in the test above,
+// comes back with its training, read from its state dir rather than the checkpoint: answers
+// after the restart equal those before it bit for bit, and no training is reported lost.
+TEST_F(ClusterTest, AShardWithAStateDirKeepsItsTrainingAcrossARestart) {
+  const int metrics = testing::FreePortBlock(4);
+  client::LocalClusterOptions o;
+  o.shards = 2;
+  o.placement = "sharded";
+  o.shard_args = {"--experts", "all"};
+  o.metrics_port = metrics;
+  o.state_dir = testing::TempPath("cluster_state");
+  auto cluster = StartWith(o);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  const absl::Status trained = TrainSteps(stub.get(), 6000, 2);
+  ASSERT_TRUE(trained.ok()) << trained;
+  const int64_t n = 64;
+  const v1::InferRequest req = Request(common::RandomMatrix(n, Config().d_model, 61), n, "same");
+  v1::InferResponse before;
+  ASSERT_TRUE(Infer(stub.get(), req, &before).ok());
+  // Shard 0's trained experts reach its state dir (written in the background).
+  const std::map<int, uint64_t> steps = TrainedSteps(cluster->shard_addresses()[0]);
+  int trained_experts = 0;
+  for (const auto& [e, step] : steps) {
+    if (step == 0) continue;
+    ++trained_experts;
+    const std::string file = absl::StrCat(o.state_dir, "/shard-0/expert-", e, ".safetensors");
+    const auto start = Clock::now();
+    while (SavedStep(file) != step && Since(start) < 10) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    ASSERT_EQ(SavedStep(file), step) << file;
+  }
+  ASSERT_EQ(trained_experts, Config().num_experts / 2) << "shard 0 holds half of the experts";
+
+  cluster->shard(0).Signal(SIGKILL);
+  ASSERT_TRUE(cluster->shard(0).Wait(absl::Seconds(5)).ok());
+  const absl::Status back = cluster->RestartShard(0);
+  ASSERT_TRUE(back.ok()) << back;
+  v1::InferResponse after;
+  grpc::Status st = Infer(stub.get(), req, &after);
+  for (const auto start = Clock::now();
+       st.error_code() == grpc::StatusCode::UNAVAILABLE && Since(start) < 20;
+       st = Infer(stub.get(), req, &after)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_TRUE(after.output().data() == before.output().data())
+      << "the restarted shard answers with other weights than the trained ones";
+  EXPECT_EQ(ScrapeMetric(metrics + 1, "moe_shard_expert_loads_total{source=\"state_dir\"}"),
+            trained_experts);
+  EXPECT_EQ(TrainedSteps(cluster->shard_addresses()[0]), steps);
+  // Training goes on from there (once the router takes steps again), with nothing lost or
+  // copied.
+  st = Train(stub.get(), 6050, 20000, 0.005f);
+  for (const auto start = Clock::now();
+       st.error_code() == grpc::StatusCode::UNAVAILABLE && Since(start) < 20;
+       st = Train(stub.get(), 6050, 20000, 0.005f)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(ScrapeMetric(metrics, "moe_router_experts_lost_training_total"), 0);
+  EXPECT_EQ(ScrapeMetric(metrics, "moe_router_stale_replicas_total"), 0);
 }
 
 // A router started again over a trained cluster has taken no step itself, but the shards' steps

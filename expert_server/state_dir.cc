@@ -1,0 +1,188 @@
+#include "expert_server/state_dir.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <string_view>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "services/common/safetensors.h"
+#include "services/common/status_macros.h"
+
+namespace moe::expert {
+
+namespace {
+
+constexpr char kStepKey[] = "moe_trained_step";
+constexpr char kBaseKey[] = "moe_checkpoint_fingerprint";
+
+// Writes `bytes` to `path` through a temporary file that is flushed to disk and renamed over it.
+absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes) {
+  const std::string tmp = path + ".tmp";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    return absl::UnavailableError(absl::StrCat("cannot write ", tmp, ": ", std::strerror(errno)));
+  }
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int err = errno;
+      ::close(fd);
+      return absl::UnavailableError(absl::StrCat("cannot write ", tmp, ": ", std::strerror(err)));
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0 || ::close(fd) != 0) {
+    return absl::UnavailableError(absl::StrCat("cannot flush ", tmp, ": ", std::strerror(errno)));
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    return absl::UnavailableError(absl::StrCat("cannot rename ", tmp, " to ", path, ": ",
+                                               std::strerror(errno)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<StateDir>> StateDir::Open(std::string dir,
+                                                         common::ModelConfig config,
+                                                         CheckpointReader checkpoint,
+                                                         OnWritten on_written) {
+  if (dir.empty()) return absl::InvalidArgumentError("--state-dir: empty path");
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec || !std::filesystem::is_directory(dir, ec)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--state-dir ", dir, ": not a directory, and cannot be created",
+        ec ? absl::StrCat(" (", ec.message(), ")") : std::string()));
+  }
+  return std::unique_ptr<StateDir>(
+      new StateDir(std::move(dir), std::move(config), std::move(checkpoint), std::move(on_written)));
+}
+
+StateDir::StateDir(std::string dir, common::ModelConfig config, CheckpointReader checkpoint,
+                   OnWritten on_written)
+    : dir_(std::move(dir)),
+      config_(std::move(config)),
+      checkpoint_(std::move(checkpoint)),
+      on_written_(std::move(on_written)) {
+  writer_ = std::thread([this] { WriterLoop(); });
+}
+
+StateDir::~StateDir() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  writer_.join();
+}
+
+std::string StateDir::PathOf(int expert) const {
+  return absl::StrCat(dir_, "/expert-", expert, ".safetensors");
+}
+
+void StateDir::Save(std::shared_ptr<const ExpertHandle> handle) {
+  if (handle == nullptr || handle->trained_step == 0) return;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    uint64_t& newest = newest_[handle->id];
+    if (handle->trained_step <= newest) return;  // as new or newer is queued or written
+    newest = handle->trained_step;
+    queued_[handle->id] = std::move(handle);
+  }
+  cv_.notify_all();
+}
+
+void StateDir::Flush() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [this] { return queued_.empty() && !writing_; });
+}
+
+void StateDir::WriterLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (true) {
+    cv_.wait(lock, [this] { return stopping_ || !queued_.empty(); });
+    if (queued_.empty()) return;  // stopping, and everything is written
+    auto next = queued_.begin();
+    std::shared_ptr<const ExpertHandle> handle = std::move(next->second);
+    queued_.erase(next);
+    writing_ = true;
+    lock.unlock();
+    const absl::Status st = Write(*handle);
+    if (!st.ok()) {
+      std::fprintf(stderr, "moe-expert-server: state dir: expert %d at step %llu not saved: %s\n",
+                   handle->id, static_cast<unsigned long long>(handle->trained_step),
+                   std::string(st.message()).c_str());
+    }
+    if (on_written_) on_written_(handle->id, handle->trained_step, st);
+    handle.reset();
+    lock.lock();
+    writing_ = false;
+    cv_.notify_all();
+  }
+}
+
+absl::StatusOr<std::string> StateDir::BaseFingerprint(int expert) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = fingerprints_.find(expert);
+    if (it != fingerprints_.end()) return it->second;
+  }
+  ASSIGN_OR_RETURN(common::ExpertWeights w, checkpoint_(expert));
+  ASSIGN_OR_RETURN(std::string bytes, common::SerializeExpert(config_, expert, w));
+  const std::string print =
+      absl::StrCat(bytes.size(), ":", std::hash<std::string_view>{}(bytes));
+  std::lock_guard<std::mutex> lock(mu_);
+  fingerprints_[expert] = print;
+  return print;
+}
+
+absl::Status StateDir::Write(const ExpertHandle& handle) {
+  ASSIGN_OR_RETURN(std::string base, BaseFingerprint(handle.id));
+  ASSIGN_OR_RETURN(std::string bytes,
+                   common::SerializeExpert(config_, handle.id, handle.ffn->weights(),
+                                           {{kStepKey, absl::StrCat(handle.trained_step)},
+                                            {kBaseKey, base}}));
+  return WriteFileAtomically(PathOf(handle.id), bytes);
+}
+
+std::optional<LoadedExpert> StateDir::Read(int expert) {
+  const std::string path = PathOf(expert);
+  if (::access(path.c_str(), F_OK) != 0) return std::nullopt;
+  auto skip = [&](absl::string_view why) -> std::optional<LoadedExpert> {
+    std::fprintf(stderr, "moe-expert-server: state dir: %s ignored, expert %d read from the "
+                 "checkpoint: %s\n", path.c_str(), expert, std::string(why).c_str());
+    return std::nullopt;
+  };
+  absl::StatusOr<std::unique_ptr<common::SafetensorsReader>> reader =
+      common::SafetensorsReader::Open(path);
+  if (!reader.ok()) return skip(reader.status().message());
+  const auto& meta = (*reader)->metadata();
+  auto step = meta.find(kStepKey);
+  auto base = meta.find(kBaseKey);
+  uint64_t trained_step = 0;
+  if (step == meta.end() || base == meta.end() ||
+      !absl::SimpleAtoi(step->second, &trained_step) || trained_step == 0) {
+    return skip("no training step or checkpoint fingerprint in its metadata");
+  }
+  absl::StatusOr<std::string> expected = BaseFingerprint(expert);
+  if (!expected.ok()) return skip(expected.status().message());
+  if (*expected != base->second) {
+    return skip("it was trained from other weights than this checkpoint's (another model?); "
+                "delete it to silence this");
+  }
+  absl::StatusOr<common::ExpertWeights> w = common::ReadExpert(**reader, "", config_, expert);
+  if (!w.ok()) return skip(w.status().message());
+  return LoadedExpert{std::move(*w), trained_step};
+}
+
+}  // namespace moe::expert

@@ -1,0 +1,141 @@
+#include "expert_server/state_dir.h"
+
+#include <gtest/gtest.h>
+
+#include <fstream>
+
+#include "services/common/random_checkpoint.h"
+#include "tests/reference/test_util.h"
+
+namespace moe::expert {
+namespace {
+
+common::ModelConfig Config() {
+  common::ModelConfig c;
+  c.num_experts = 3;
+  c.d_model = 8;
+  c.d_ff = 16;
+  c.top_k = 1;
+  c.activation = common::Activation::kSilu;
+  c.gated = true;
+  return c;
+}
+
+// An expert handle holding `w` as trained up to `step`.
+std::shared_ptr<const ExpertHandle> Trained(int expert, const common::ExpertWeights& w,
+                                            uint64_t step) {
+  auto h = std::make_shared<ExpertHandle>();
+  h->id = expert;
+  h->ffn = *ExpertFfn::Create(Config(), w);
+  h->trained_step = step;
+  return h;
+}
+
+// Weights unlike the checkpoint's, as training would leave them.
+common::ExpertWeights Moved(common::ExpertWeights w, float by) {
+  for (float& v : w.w1) v += by;
+  for (float& v : w.w2) v -= by;
+  for (float& v : w.w3) v *= 1 + by;
+  return w;
+}
+
+class StateDirTest : public ::testing::Test {
+ protected:
+  StateDirTest() : ck_(common::MakeRandomCheckpoint({Config(), false, 4})) {}
+
+  std::unique_ptr<StateDir> Open(const std::string& dir, const common::Checkpoint& ck) {
+    auto s = StateDir::Open(
+        dir, Config(), [&ck](int e) { return absl::StatusOr<common::ExpertWeights>(ck.experts[e]); },
+        [this](int e, uint64_t step, const absl::Status& st) {
+          std::lock_guard<std::mutex> lock(mu_);
+          written_.push_back({e, step, st.ok()});
+        });
+    EXPECT_TRUE(s.ok()) << s.status();
+    return s.ok() ? std::move(*s) : nullptr;
+  }
+
+  struct Written {
+    int expert;
+    uint64_t step;
+    bool ok;
+  };
+  common::Checkpoint ck_;
+  std::mutex mu_;
+  std::vector<Written> written_;
+};
+
+TEST_F(StateDirTest, AnExpertSavedIsReadBackWithItsStepAfterARestart) {
+  const std::string dir = testing::TempPath("state_roundtrip/shard-0");  // parents created too
+  const common::ExpertWeights trained = Moved(ck_.experts[1], 0.25f);
+  {
+    auto state = Open(dir, ck_);
+    ASSERT_NE(state, nullptr);
+    EXPECT_FALSE(state->Read(1).has_value()) << "nothing saved yet";
+    state->Save(Trained(1, trained, 42));
+    state->Flush();
+  }
+  auto again = Open(dir, ck_);  // as a restarted shard does
+  ASSERT_NE(again, nullptr);
+  std::optional<LoadedExpert> read = again->Read(1);
+  ASSERT_TRUE(read.has_value());
+  EXPECT_EQ(read->trained_step, 42u);
+  EXPECT_EQ(read->weights.w1, trained.w1);
+  EXPECT_EQ(read->weights.w2, trained.w2);
+  EXPECT_EQ(read->weights.w3, trained.w3);
+  EXPECT_FALSE(again->Read(0).has_value()) << "expert 0 was never saved";
+  std::lock_guard<std::mutex> lock(mu_);
+  ASSERT_EQ(written_.size(), 1u);
+  EXPECT_EQ(written_[0].expert, 1);
+  EXPECT_EQ(written_[0].step, 42u);
+  EXPECT_TRUE(written_[0].ok);
+}
+
+TEST_F(StateDirTest, OnlyTrainedWeightsAreSavedAndTheLatestWins) {
+  const std::string dir = testing::TempPath("state_latest");
+  auto state = Open(dir, ck_);
+  ASSERT_NE(state, nullptr);
+  state->Save(Trained(0, ck_.experts[0], 0));  // the checkpoint's weights: nothing to keep
+  state->Flush();
+  EXPECT_FALSE(state->Read(0).has_value());
+  const common::ExpertWeights later = Moved(ck_.experts[2], 0.5f);
+  state->Save(Trained(2, Moved(ck_.experts[2], 0.1f), 5));
+  state->Save(Trained(2, later, 9));
+  state->Save(Trained(2, Moved(ck_.experts[2], 0.2f), 7));  // older than what is queued or kept
+  state->Flush();
+  std::optional<LoadedExpert> read = state->Read(2);
+  ASSERT_TRUE(read.has_value());
+  EXPECT_EQ(read->trained_step, 9u);
+  EXPECT_EQ(read->weights.w1, later.w1);
+}
+
+TEST_F(StateDirTest, FilesThatDoNotBelongToThisCheckpointAreIgnored) {
+  const std::string dir = testing::TempPath("state_other_model");
+  {
+    auto state = Open(dir, ck_);
+    ASSERT_NE(state, nullptr);
+    state->Save(Trained(0, Moved(ck_.experts[0], 0.3f), 3));
+    state->Flush();
+  }
+  // The same directory under a checkpoint with other weights: the file is not this model's.
+  const common::Checkpoint other = common::MakeRandomCheckpoint({Config(), false, 99});
+  auto state = Open(dir, other);
+  ASSERT_NE(state, nullptr);
+  EXPECT_FALSE(state->Read(0).has_value());
+  // A damaged file is ignored too, and the expert comes from the checkpoint.
+  std::ofstream(state->PathOf(1)) << "not a safetensors file";
+  EXPECT_FALSE(state->Read(1).has_value());
+}
+
+TEST_F(StateDirTest, APathThatIsAFileIsRefusedWithItsName) {
+  const std::string file = testing::TempPath("state_is_a_file");
+  std::ofstream(file) << "x";
+  auto state = StateDir::Open(file, Config(), [this](int e) {
+    return absl::StatusOr<common::ExpertWeights>(ck_.experts[e]);
+  });
+  ASSERT_FALSE(state.ok());
+  EXPECT_EQ(state.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(state.status().message().find(file), std::string::npos) << state.status();
+}
+
+}  // namespace
+}  // namespace moe::expert
