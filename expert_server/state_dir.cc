@@ -5,6 +5,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <functional>
@@ -182,6 +183,12 @@ std::optional<LoadedExpert> StateDir::Read(int expert) {
   }
   absl::StatusOr<common::ExpertWeights> w = common::ReadExpert(**reader, "", config_, expert);
   if (!w.ok()) return skip(w.status().message());
+  {
+    // The file already holds these weights: installing them needs no write.
+    std::lock_guard<std::mutex> lock(mu_);
+    uint64_t& newest = newest_[expert];
+    newest = std::max(newest, trained_step);
+  }
   return LoadedExpert{std::move(*w), trained_step};
 }
 

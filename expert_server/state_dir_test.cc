@@ -83,6 +83,9 @@ TEST_F(StateDirTest, AnExpertSavedIsReadBackWithItsStepAfterARestart) {
   EXPECT_EQ(read->weights.w2, trained.w2);
   EXPECT_EQ(read->weights.w3, trained.w3);
   EXPECT_FALSE(again->Read(0).has_value()) << "expert 0 was never saved";
+  // Installing what was just read writes nothing again.
+  again->Save(Trained(1, read->weights, read->trained_step));
+  again->Flush();
   std::lock_guard<std::mutex> lock(mu_);
   ASSERT_EQ(written_.size(), 1u);
   EXPECT_EQ(written_[0].expert, 1);
