@@ -193,6 +193,9 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
   grpc::ServerUnaryReactor* FinishStep(grpc::CallbackServerContext* ctx,
                                        const v1::FinishStepRequest* req,
                                        v1::FinishStepResponse* resp) override;
+  grpc::ServerUnaryReactor* GetStep(grpc::CallbackServerContext* ctx,
+                                    const v1::GetStepRequest* req,
+                                    v1::StepOutcome* resp) override;
 
   // ---- training state: per step, the kept forwards and the accumulated gradients ----
   struct CachedForward {
@@ -203,15 +206,19 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
     std::map<std::pair<uint64_t, int>, CachedForward> forwards;  // (batch, expert)
     std::map<int, common::ExpertWeights> grads;
     bool failed = false;  // a reduction failed: only an abort may end the step
+    bool commit_seen = false;  // a commit arrived and is applied in part (the rest on a repeat)
     std::chrono::steady_clock::time_point opened;
   };
   std::mutex train_mu;
   std::map<uint64_t, StepState> steps;
-  // Steps already finished (the most recent ones): late forwards of them are not kept.
-  std::set<uint64_t> finished_steps;
+  // Steps already finished (the most recent ones), with the verdict that ended them (the first
+  // one: nothing is applied after a step ends): late forwards of them are not kept, and GetStep
+  // reports the verdict.
+  enum class Verdict { kCommit, kAbort, kDropped };
+  std::map<uint64_t, Verdict> finished_steps;
   std::deque<uint64_t> finished_order;
-  void MarkFinishedLocked(uint64_t step) {
-    if (finished_steps.insert(step).second) finished_order.push_back(step);
+  void MarkFinishedLocked(uint64_t step, Verdict verdict) {
+    if (finished_steps.emplace(step, verdict).second) finished_order.push_back(step);
     while (finished_order.size() > 4096) {
       finished_steps.erase(finished_order.front());
       finished_order.pop_front();
@@ -225,7 +232,7 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
     it->second.opened = now;
     for (auto s = steps.begin(); s != steps.end();) {
       if (now - s->second.opened > absl::ToChronoNanoseconds(options.step_ttl)) {
-        MarkFinishedLocked(s->first);
+        MarkFinishedLocked(s->first, Verdict::kDropped);
         s = steps.erase(s);
       } else {
         ++s;
@@ -701,13 +708,13 @@ absl::StatusOr<std::vector<int>> ShardServer::Impl::RunFinishStep(const v1::Fini
   finish_cv.wait(lock, [&] { return !applying_steps.count(step_id); });
   auto it = steps.find(step_id);
   if (it == steps.end()) {  // applied or dropped before, or never seen here (a restarted shard)
-    MarkFinishedLocked(step_id);
+    MarkFinishedLocked(step_id, req.commit() ? Verdict::kCommit : Verdict::kAbort);
     return std::vector<int>{};
   }
   if (!req.commit() || it->second.failed) {
     const bool failed = it->second.failed;
     steps.erase(it);
-    MarkFinishedLocked(step_id);
+    MarkFinishedLocked(step_id, Verdict::kAbort);
     if (req.commit() && failed) {
       return absl::AbortedError(absl::StrCat(
           "step ", step_id, ": a gradient reduction failed; the step was dropped"));
@@ -730,10 +737,11 @@ absl::StatusOr<std::vector<int>> ShardServer::Impl::RunFinishStep(const v1::Fini
   applying_steps.erase(step_id);
   if (st.ok()) {
     steps.erase(step_id);
-    MarkFinishedLocked(step_id);
+    MarkFinishedLocked(step_id, Verdict::kCommit);
   } else {
     // Keep what is not applied yet: a repeat applies the rest, not the whole step again.
     steps[step_id].grads = std::move(grads);
+    steps[step_id].commit_seen = true;
   }
   finish_cv.notify_all();
   if (!st.ok()) return st;
@@ -893,6 +901,30 @@ grpc::ServerUnaryReactor* ShardServer::Impl::FinishStep(grpc::CallbackServerCont
       })) {
     reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "shard is shutting down"));
   }
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ShardServer::Impl::GetStep(grpc::CallbackServerContext* ctx,
+                                                     const v1::GetStepRequest* req,
+                                                     v1::StepOutcome* resp) {
+  {
+    std::lock_guard<std::mutex> lock(train_mu);
+    auto done = finished_steps.find(req->train_step());
+    if (done != finished_steps.end()) {
+      resp->set_state(done->second == Verdict::kCommit  ? v1::StepOutcome::COMMITTED
+                      : done->second == Verdict::kAbort ? v1::StepOutcome::ABORTED
+                                                        : v1::StepOutcome::UNKNOWN);
+    } else if (applying_steps.count(req->train_step())) {
+      resp->set_state(v1::StepOutcome::COMMITTED);
+    } else if (auto open = steps.find(req->train_step()); open != steps.end()) {
+      // A failed reduction means the coordinator cannot have decided to commit.
+      resp->set_state(open->second.failed        ? v1::StepOutcome::ABORTED
+                      : open->second.commit_seen ? v1::StepOutcome::COMMITTED
+                                                 : v1::StepOutcome::OPEN);
+    }
+  }
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
   return reactor;
 }
 

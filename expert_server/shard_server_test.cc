@@ -680,6 +680,17 @@ TEST_F(ShardServerTest, TrainingForwardBackwardCommitAndAbort) {
     EXPECT_EQ(st.error_code(), grpc::FAILED_PRECONDITION);
     EXPECT_NE(st.error_message().find("no training forward of batch 5"), std::string::npos);
   }
+  // What the shard reports of a step (GetStep, asked when a coordinator's verdict was lost).
+  auto outcome = [&](uint64_t step) {
+    grpc::ClientContext octx;
+    v1::GetStepRequest q;
+    q.set_train_step(step);
+    v1::StepOutcome o;
+    EXPECT_TRUE(stub->GetStep(&octx, q, &o).ok());
+    return o.state();
+  };
+  EXPECT_EQ(outcome(1), v1::StepOutcome::OPEN);
+  EXPECT_EQ(outcome(99), v1::StepOutcome::UNKNOWN);
   v1::FinishStepRequest fin;
   fin.set_train_step(1);
   fin.set_commit(true);
@@ -702,6 +713,7 @@ TEST_F(ShardServerTest, TrainingForwardBackwardCommitAndAbort) {
     EXPECT_NE(st.error_message().find("expert 2 left this shard before its update"),
               std::string::npos)
         << st.error_message();
+    EXPECT_EQ(outcome(1), v1::StepOutcome::COMMITTED) << "a commit applied in part";
     grpc::ClientContext lctx;
     v1::LoadExpertsRequest load;
     load.add_experts(2);
@@ -722,6 +734,7 @@ TEST_F(ShardServerTest, TrainingForwardBackwardCommitAndAbort) {
     EXPECT_EQ(a.updated_experts_size() ? a.updated_experts(0) : b.updated_experts(0), 2);
     ASSERT_TRUE(finish(&c).ok());
     EXPECT_EQ(c.updated_experts_size(), 0);
+    EXPECT_EQ(outcome(1), v1::StepOutcome::COMMITTED);
   }
   for (int e : {1, 2}) {
     const common::ExpertWeights now = Export(stub.get(), e);
@@ -762,8 +775,10 @@ TEST_F(ShardServerTest, TrainingForwardBackwardCommitAndAbort) {
     fin.set_train_step(2);
     fin.set_commit(false);
     v1::FinishStepResponse fresp;
+    EXPECT_EQ(outcome(2), v1::StepOutcome::OPEN);
     ASSERT_TRUE(stub->FinishStep(&fctx, fin, &fresp).ok());
     EXPECT_EQ(fresp.updated_experts_size(), 0);
+    EXPECT_EQ(outcome(2), v1::StepOutcome::ABORTED);
   }
   EXPECT_EQ(Export(stub.get(), 1).w1, kept.w1);
   EXPECT_EQ(trained_steps(), (std::map<int, uint64_t>{{0, 0}, {1, 1}, {2, 1}, {3, 0}}));

@@ -100,6 +100,15 @@ class FakeShard : public ShardClient {
     }
     return absl::OkStatus();
   }
+  // The verdict of the last FinishStep of `step` (OPEN before any).
+  absl::StatusOr<v1::StepOutcome::State> GetStep(uint64_t step, absl::Duration) override {
+    ++step_queries;
+    v1::StepOutcome::State state = v1::StepOutcome::OPEN;
+    for (const Finish& f : finishes) {
+      if (f.step == step) state = f.commit ? v1::StepOutcome::COMMITTED : v1::StepOutcome::ABORTED;
+    }
+    return state;
+  }
   absl::StatusOr<std::string> ExportExpert(int, absl::Duration) override {
     return absl::UnimplementedError("fake");
   }
@@ -110,6 +119,7 @@ class FakeShard : public ShardClient {
   int64_t outstanding = 0;  // what outstanding_rows() reports
   int finish_failures = 0;  // FinishStep fails this many more times
   std::vector<Finish> finishes;
+  int step_queries = 0;
   int batches = 0;
   std::vector<v1::DispatchRequest> requests;
   std::vector<DispatchDone> parked;
@@ -533,6 +543,82 @@ TEST(Trainer, AnUnconfirmedShardThatLeftThePlacementIsDropped) {
   without.placement = *ComputePlacement(Strategy::kReplicated, 4, 2, std::vector<double>(4, 1.0));
   const absl::Status dropped = t.trainer.RetryConfirmations(without);
   EXPECT_TRUE(dropped.ok()) << dropped;
+}
+
+// The coordinator dies (or is cut off) after deciding, so the router's CommitStep fails: the
+// stand-in sends FinishStep with `verdict` to the first `reached` shards, then fails the call.
+struct LostVerdictRig {
+  LostVerdictRig(int reached, bool verdict)
+      : rig(Strategy::kReplicated, 3),
+        trainer(
+            Config(),
+            [this, reached, verdict](const v1::CommitStepRequest& req)
+                -> absl::StatusOr<v1::CommitStepResponse> {
+              for (int s = 0; s < reached; ++s) {
+                rig.fakes[s]
+                    ->FinishStep(req.train_step(), verdict, req.learning_rate(), absl::Seconds(1))
+                    .IgnoreError();
+              }
+              return absl::UnavailableError("coordinator: connection reset");
+            },
+            /*coordinator_grace=*/absl::Milliseconds(300)) {}
+  // A step with a 1 s timeout: the coordinator's window closes 1.3 s after the commit was sent.
+  absl::StatusOr<TrainResult> Step() {
+    const int64_t n = 12;
+    const std::vector<float> x = common::RandomMatrix(n, Config().d_model, 31);
+    const std::vector<float> dy = common::RandomMatrix(n, Config().d_model, 32);
+    return trainer.Step(rig.table, rig.ck.gate, x.data(), dy.data(), n, TrainParams{0.5f},
+                        absl::Now() + absl::Seconds(1));
+  }
+  Rig rig;
+  Trainer trainer;
+};
+
+TEST(Trainer, ACommitThatReachedOneShardBeforeTheVerdictWasLostIsFinishedEverywhere) {
+  LostVerdictRig t(/*reached=*/1, /*verdict=*/true);
+  absl::StatusOr<TrainResult> r = t.Step();
+  ASSERT_TRUE(r.ok()) << r.status();  // committed: the caller updates the gate
+  EXPECT_FALSE(r->gate_weight.empty());
+  for (int s = 0; s < 3; ++s) {
+    const auto& f = t.rig.fakes[s]->finishes;
+    ASSERT_FALSE(f.empty()) << "shard " << s;
+    for (const FakeShard::Finish& one : f) {
+      EXPECT_EQ(one.step, r->step);
+      EXPECT_TRUE(one.commit) << "shard " << s << " was told to abort a committed step";
+      EXPECT_EQ(one.learning_rate, 0.5f);
+    }
+  }
+  EXPECT_TRUE(t.trainer.RetryConfirmations(t.rig.table).ok()) << "every shard confirmed";
+}
+
+TEST(Trainer, AVerdictLostBeforeAnyShardSawItIsAbortedOnceTheCoordinatorsWindowHasPassed) {
+  LostVerdictRig t(/*reached=*/0, /*verdict=*/true);
+  const absl::Time start = absl::Now();
+  absl::StatusOr<TrainResult> r = t.Step();
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kAborted);
+  EXPECT_NE(r.status().message().find("no shard had committed it"), std::string::npos)
+      << r.status();
+  EXPECT_NE(r.status().message().find("connection reset"), std::string::npos) << r.status();
+  // The coordinator could still have sent a commit until its window closed: the router waited.
+  EXPECT_GE(took, absl::Seconds(1)) << "aborted while a commit could still arrive";
+  for (int s = 0; s < 3; ++s) {
+    ASSERT_EQ(t.rig.fakes[s]->finishes.size(), 1u) << "shard " << s;
+    EXPECT_FALSE(t.rig.fakes[s]->finishes[0].commit);
+    EXPECT_GT(t.rig.fakes[s]->step_queries, 1) << "shard " << s << " was asked once only";
+  }
+}
+
+TEST(Trainer, ALostVerdictThatAShardSawAsAnAbortIsAbortedAtOnce) {
+  LostVerdictRig t(/*reached=*/1, /*verdict=*/false);
+  const absl::Time start = absl::Now();
+  absl::StatusOr<TrainResult> r = t.Step();
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kAborted) << r.status();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1)) << "waited though the verdict was known";
+  for (int s = 0; s < 3; ++s) {
+    for (const FakeShard::Finish& f : t.rig.fakes[s]->finishes) EXPECT_FALSE(f.commit);
+    EXPECT_FALSE(t.rig.fakes[s]->finishes.empty()) << "shard " << s << " kept the step";
+  }
 }
 
 }  // namespace

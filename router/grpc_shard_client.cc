@@ -331,6 +331,22 @@ absl::Status GrpcShardClient::FinishStep(uint64_t step, bool commit, float learn
   return common::FromGrpcStatus(stub_->FinishStep(&ctx, req, &resp));
 }
 
+absl::StatusOr<v1::StepOutcome::State> GrpcShardClient::GetStep(uint64_t step,
+                                                                 absl::Duration timeout) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  v1::GetStepRequest req;
+  req.set_train_step(step);
+  v1::StepOutcome resp;
+  const grpc::Status st = stub_->GetStep(&ctx, req, &resp);
+  if (!st.ok()) {
+    absl::Status s = common::FromGrpcStatus(st);
+    return absl::Status(s.code(), absl::StrCat("step ", step, " on shard ", address_, ": ",
+                                               s.message()));
+  }
+  return resp.state();
+}
+
 absl::StatusOr<std::string> GrpcShardClient::ExportExpert(int expert, absl::Duration timeout) {
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));

@@ -47,6 +47,7 @@ class GrpcShardClient final : public ShardClient {
                                                 absl::Duration timeout) override;
   absl::Status FinishStep(uint64_t step, bool commit, float learning_rate,
                           absl::Duration timeout) override;
+  absl::StatusOr<v1::StepOutcome::State> GetStep(uint64_t step, absl::Duration timeout) override;
   absl::StatusOr<std::string> ExportExpert(int expert, absl::Duration timeout) override;
 
   class Stream;

@@ -47,6 +47,9 @@ class ShardClient {
                                                         absl::Duration timeout) = 0;
   virtual absl::Status FinishStep(uint64_t step, bool commit, float learning_rate,
                                   absl::Duration timeout) = 0;
+  // What the shard knows of a step's outcome (asked when the coordinator's verdict was lost).
+  virtual absl::StatusOr<v1::StepOutcome::State> GetStep(uint64_t step,
+                                                          absl::Duration timeout) = 0;
   // The expert's current weights as safetensors bytes (ExportExpert).
   virtual absl::StatusOr<std::string> ExportExpert(int expert, absl::Duration timeout) = 0;
 };

@@ -1,5 +1,6 @@
 #include "router/trainer.h"
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
@@ -9,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "services/common/status_macros.h"
 
 namespace moe::router {
@@ -29,9 +31,11 @@ std::vector<v1::ReplicaGroup> ReplicaGroups(const RoutingTable& table) {
   return out;
 }
 
-Trainer::Trainer(const common::ModelConfig& config, Committer committer)
+Trainer::Trainer(const common::ModelConfig& config, Committer committer,
+                 absl::Duration coordinator_grace)
     : config_(config),
       committer_(std::move(committer)),
+      coordinator_grace_(coordinator_grace),
       // Steps of different router lifetimes must not collide on a shard.
       next_step_(static_cast<uint64_t>(absl::ToUnixMillis(absl::Now())) << 16) {}
 
@@ -79,6 +83,53 @@ void Trainer::AbortEverywhere(const RoutingTable& table, uint64_t step) {
     });
   }
   for (auto& t : aborts) t.join();
+}
+
+bool Trainer::ResolveLostVerdict(const RoutingTable& table, uint64_t step, absl::Time until) {
+  while (true) {
+    const bool last = absl::Now() >= until;
+    std::vector<absl::StatusOr<v1::StepOutcome::State>> seen(table.shards.size(),
+                                                              v1::StepOutcome::UNKNOWN);
+    std::vector<std::thread> asks;
+    asks.reserve(table.shards.size());
+    for (size_t i = 0; i < table.shards.size(); ++i) {
+      asks.emplace_back([&, i] { seen[i] = table.shards[i]->GetStep(step, kAbortTimeout); });
+    }
+    for (auto& t : asks) t.join();
+    bool aborted = false;
+    for (size_t i = 0; i < seen.size(); ++i) {
+      if (!seen[i].ok()) continue;
+      if (*seen[i] == v1::StepOutcome::COMMITTED) {
+        std::fprintf(stderr,
+                     "moe-router: step %llu: the coordinator's verdict was lost, but %s had "
+                     "received a commit: finishing the commit on every shard\n",
+                     static_cast<unsigned long long>(step), table.shards[i]->address().c_str());
+        return true;
+      }
+      aborted |= *seen[i] == v1::StepOutcome::ABORTED;
+    }
+    if (aborted || last) return false;
+    absl::SleepFor(std::min(absl::Milliseconds(100), until - absl::Now()));
+  }
+}
+
+void Trainer::CommitEverywhere(const RoutingTable& table, uint64_t step, float learning_rate,
+                               const std::string& reason) {
+  std::vector<absl::Status> st(table.shards.size());
+  std::vector<std::thread> commits;
+  commits.reserve(table.shards.size());
+  for (size_t i = 0; i < table.shards.size(); ++i) {
+    commits.emplace_back([&, i] {
+      st[i] = table.shards[i]->FinishStep(step, /*commit=*/true, learning_rate, kAbortTimeout);
+    });
+  }
+  for (auto& t : commits) t.join();
+  std::lock_guard<std::mutex> lock(unconfirmed_mu_);
+  for (size_t i = 0; i < st.size(); ++i) {
+    if (!st[i].ok()) {
+      unconfirmed_[table.shards[i]->address()] = PendingCommit{step, learning_rate, reason};
+    }
+  }
 }
 
 absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
@@ -285,11 +336,21 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   for (const auto& s : table.shards) commit.add_shards(s->address());
   commit.set_timeout_ms(static_cast<uint32_t>(
       std::max<int64_t>(1000, absl::ToInt64Milliseconds(deadline - absl::Now()))));
+  const absl::Time sent = absl::Now();
   absl::StatusOr<v1::CommitStepResponse> done = committer_(commit);
   if (!done.ok()) {
+    const std::string lost = absl::StrCat("the coordinator's verdict was lost: ",
+                                          done.status().message());
+    const absl::Time until =
+        sent + absl::Milliseconds(commit.timeout_ms()) + coordinator_grace_;
+    if (ResolveLostVerdict(table, result.step, until)) {
+      CommitEverywhere(table, result.step, params.learning_rate, lost);
+      return result;
+    }
     AbortEverywhere(table, result.step);
-    return absl::AbortedError(absl::StrCat("commit of step ", result.step, " failed: ",
-                                           done.status().message()));
+    return absl::AbortedError(absl::StrCat("commit of step ", result.step, " failed (", lost,
+                                           "); no shard had committed it, so it was aborted "
+                                           "everywhere and no weight changed"));
   }
   if (!done->committed()) {
     return absl::AbortedError(absl::StrCat("step ", result.step, " aborted, no weight changed: ",

@@ -45,13 +45,22 @@ class Trainer {
   using Committer =
       std::function<absl::StatusOr<v1::CommitStepResponse>(const v1::CommitStepRequest&)>;
 
-  Trainer(const common::ModelConfig& config, Committer committer);
+  // After a CommitStep that failed (the coordinator died or could not be reached), how long past
+  // the step's timeout the coordinator may still send its verdict: its reductions are bounded by
+  // the timeout + 1 s and its FinishStep calls by 5 s more (coordinator_server.cc), and 0.5 s is
+  // left for messages in flight.
+  static constexpr absl::Duration kCoordinatorGrace = absl::Milliseconds(6500);
+
+  Trainer(const common::ModelConfig& config, Committer committer,
+          absl::Duration coordinator_grace = kCoordinatorGrace);
 
   // One step on tokens x [n, d_model] with dL/dy = dy. On success the step is committed: every
   // shard has applied its update, or one that did not confirm it is asked again (see
   // RetryConfirmations); the caller applies `gate_weight`/`gate_bias` to the gate. On failure no
   // shard changed a weight: ABORTED (or UNAVAILABLE when an expert has no healthy replica, or
-  // while a shard has not confirmed the previous commit).
+  // while a shard has not confirmed the previous commit). When the coordinator's verdict is lost,
+  // the shards are asked what they saw (ResolveLostVerdict), and the step ends committed or
+  // aborted everywhere accordingly.
   absl::StatusOr<TrainResult> Step(const RoutingTable& table, const common::GateWeights& gate,
                                    const float* x, const float* dy, int64_t n,
                                    const TrainParams& params, absl::Time deadline);
@@ -73,9 +82,20 @@ class Trainer {
   // pins) for longer. A shard the abort does not reach drops the step itself once it is stale.
   static constexpr absl::Duration kAbortTimeout = absl::Seconds(2);
   void AbortEverywhere(const RoutingTable& table, uint64_t step);
+  // Two-phase commit's cooperative termination, for a step whose CommitStep failed. A shard that
+  // saw a commit proves the coordinator decided to commit; it did so only once every shard had
+  // reduced its gradients, so every shard still holds them: true, finish the commit everywhere.
+  // A shard that saw an abort (or whose reduction failed) proves the verdict was abort: false.
+  // With neither, the shards are asked again every 100 ms until `until`, after which the
+  // coordinator can send nothing more: false, abort everywhere.
+  bool ResolveLostVerdict(const RoutingTable& table, uint64_t step, absl::Time until);
+  // FinishStep{commit} to every shard at once; one that does not confirm is asked again later.
+  void CommitEverywhere(const RoutingTable& table, uint64_t step, float learning_rate,
+                        const std::string& reason);
 
   const common::ModelConfig config_;
   Committer committer_;
+  const absl::Duration coordinator_grace_;
   struct PendingCommit {
     uint64_t step = 0;
     float learning_rate = 0.f;
