@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <mutex>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -22,6 +25,16 @@
 #include "services/common/thread_pool.h"
 
 namespace moe::coordinator {
+
+namespace {
+
+// A failpoint for the multi-process tests of failures at one exact moment: MOE_FAILPOINT=name.
+bool Failpoint(std::string_view name) {
+  const char* set = std::getenv("MOE_FAILPOINT");
+  return set != nullptr && name == set;
+}
+
+}  // namespace
 
 class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
  public:
@@ -254,20 +267,27 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     // Second phase: every shard commits, or every shard aborts. Bounded by kFinishTimeout: a
     // shard that does not confirm in time is reported, not waited for.
     const auto finish_deadline = std::chrono::system_clock::now() + kFinishTimeout;
+    auto finish_on = [&](int s) {
+      v1::FinishStepRequest fr;
+      fr.set_train_step(req.train_step());
+      fr.set_commit(commit);
+      fr.set_learning_rate(req.learning_rate());
+      v1::FinishStepResponse fresp;
+      grpc::ClientContext cctx;
+      cctx.set_deadline(finish_deadline);
+      cctx.set_wait_for_ready(true);
+      return ShardStub(req.shards(s))->FinishStep(&cctx, fr, &fresp);
+    };
+    if (commit && req.shards_size() > 0 && Failpoint("coordinator_exit_mid_commit")) {
+      // As if killed between the decision and the answer: the commit reaches one shard only.
+      (void)finish_on(0);
+      std::fprintf(stderr, "moe-coordinator: failpoint coordinator_exit_mid_commit: exiting\n");
+      std::_Exit(3);
+    }
     std::vector<grpc::Status> finish(req.shards_size());
     threads.clear();
     for (int s = 0; s < req.shards_size(); ++s) {
-      threads.emplace_back([&, s, this] {
-        v1::FinishStepRequest fr;
-        fr.set_train_step(req.train_step());
-        fr.set_commit(commit);
-        fr.set_learning_rate(req.learning_rate());
-        v1::FinishStepResponse fresp;
-        grpc::ClientContext cctx;
-        cctx.set_deadline(finish_deadline);
-        cctx.set_wait_for_ready(true);
-        finish[s] = ShardStub(req.shards(s))->FinishStep(&cctx, fr, &fresp);
-      });
+      threads.emplace_back([&, s] { finish[s] = finish_on(s); });
     }
     for (auto& t : threads) t.join();
     for (int s = 0; s < req.shards_size() && commit; ++s) {
