@@ -1,12 +1,9 @@
 #include "expert_server/state_dir.h"
 
-#include <fcntl.h>
 #include <unistd.h>
 
-#include <cerrno>
-#include <cstdio>
 #include <algorithm>
-#include <cstring>
+#include <cstdio>
 #include <filesystem>
 #include <functional>
 #include <string_view>
@@ -22,34 +19,6 @@ namespace {
 
 constexpr char kStepKey[] = "moe_trained_step";
 constexpr char kBaseKey[] = "moe_checkpoint_fingerprint";
-
-// Writes `bytes` to `path` through a temporary file that is flushed to disk and renamed over it.
-absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes) {
-  const std::string tmp = path + ".tmp";
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) {
-    return absl::UnavailableError(absl::StrCat("cannot write ", tmp, ": ", std::strerror(errno)));
-  }
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const int err = errno;
-      ::close(fd);
-      return absl::UnavailableError(absl::StrCat("cannot write ", tmp, ": ", std::strerror(err)));
-    }
-    done += static_cast<size_t>(n);
-  }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    return absl::UnavailableError(absl::StrCat("cannot flush ", tmp, ": ", std::strerror(errno)));
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    return absl::UnavailableError(absl::StrCat("cannot rename ", tmp, " to ", path, ": ",
-                                               std::strerror(errno)));
-  }
-  return absl::OkStatus();
-}
 
 }  // namespace
 
@@ -149,11 +118,8 @@ absl::StatusOr<std::string> StateDir::BaseFingerprint(int expert) {
 
 absl::Status StateDir::Write(const ExpertHandle& handle) {
   ASSIGN_OR_RETURN(std::string base, BaseFingerprint(handle.id));
-  ASSIGN_OR_RETURN(std::string bytes,
-                   common::SerializeExpert(config_, handle.id, handle.ffn->weights(),
-                                           {{kStepKey, absl::StrCat(handle.trained_step)},
-                                            {kBaseKey, base}}));
-  return WriteFileAtomically(PathOf(handle.id), bytes);
+  return common::SaveExpert(PathOf(handle.id), config_, handle.id, handle.ffn->weights(),
+                            {{kStepKey, absl::StrCat(handle.trained_step)}, {kBaseKey, base}});
 }
 
 std::optional<LoadedExpert> StateDir::Read(int expert) {

@@ -4,6 +4,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -74,15 +75,22 @@ absl::Status Trainer::Unconfirmed() const {
       "); steps resume once it has applied that update (the router asks it again every second)"));
 }
 
+namespace {
+
+// Runs fn(i) for every shard i of `table` at once, one thread each, and waits for all.
+void OnEveryShard(const RoutingTable& table, const std::function<void(size_t)>& fn) {
+  std::vector<std::thread> calls;
+  calls.reserve(table.shards.size());
+  for (size_t i = 0; i < table.shards.size(); ++i) calls.emplace_back([&fn, i] { fn(i); });
+  for (auto& t : calls) t.join();
+}
+
+}  // namespace
+
 void Trainer::AbortEverywhere(const RoutingTable& table, uint64_t step) {
-  std::vector<std::thread> aborts;
-  aborts.reserve(table.shards.size());
-  for (const auto& s : table.shards) {
-    aborts.emplace_back([&s, step] {
-      s->FinishStep(step, /*commit=*/false, 0.f, kAbortTimeout).IgnoreError();
-    });
-  }
-  for (auto& t : aborts) t.join();
+  OnEveryShard(table, [&](size_t i) {
+    table.shards[i]->FinishStep(step, /*commit=*/false, 0.f, kAbortTimeout).IgnoreError();
+  });
 }
 
 bool Trainer::ResolveLostVerdict(const RoutingTable& table, uint64_t step, absl::Time until) {
@@ -90,12 +98,8 @@ bool Trainer::ResolveLostVerdict(const RoutingTable& table, uint64_t step, absl:
     const bool last = absl::Now() >= until;
     std::vector<absl::StatusOr<v1::StepOutcome::State>> seen(table.shards.size(),
                                                               v1::StepOutcome::UNKNOWN);
-    std::vector<std::thread> asks;
-    asks.reserve(table.shards.size());
-    for (size_t i = 0; i < table.shards.size(); ++i) {
-      asks.emplace_back([&, i] { seen[i] = table.shards[i]->GetStep(step, kAbortTimeout); });
-    }
-    for (auto& t : asks) t.join();
+    OnEveryShard(table,
+                 [&](size_t i) { seen[i] = table.shards[i]->GetStep(step, kAbortTimeout); });
     bool aborted = false;
     for (size_t i = 0; i < seen.size(); ++i) {
       if (!seen[i].ok()) continue;
@@ -116,14 +120,9 @@ bool Trainer::ResolveLostVerdict(const RoutingTable& table, uint64_t step, absl:
 void Trainer::CommitEverywhere(const RoutingTable& table, uint64_t step, float learning_rate,
                                const std::string& reason) {
   std::vector<absl::Status> st(table.shards.size());
-  std::vector<std::thread> commits;
-  commits.reserve(table.shards.size());
-  for (size_t i = 0; i < table.shards.size(); ++i) {
-    commits.emplace_back([&, i] {
-      st[i] = table.shards[i]->FinishStep(step, /*commit=*/true, learning_rate, kAbortTimeout);
-    });
-  }
-  for (auto& t : commits) t.join();
+  OnEveryShard(table, [&](size_t i) {
+    st[i] = table.shards[i]->FinishStep(step, /*commit=*/true, learning_rate, kAbortTimeout);
+  });
   std::lock_guard<std::mutex> lock(unconfirmed_mu_);
   for (size_t i = 0; i < st.size(); ++i) {
     if (!st[i].ok()) {

@@ -207,12 +207,19 @@ absl::Status AddExpert(SafetensorsWriter* w, const std::string& p, const ModelCo
 }  // namespace
 
 absl::StatusOr<std::string> SerializeExpert(const ModelConfig& config, int expert,
-                                            const ExpertWeights& weights,
-                                            const std::map<std::string, std::string>& metadata) {
+                                            const ExpertWeights& weights) {
+  SafetensorsWriter w;
+  RETURN_IF_ERROR(AddExpert(&w, "", config, expert, weights));
+  return w.Serialize();
+}
+
+absl::Status SaveExpert(const std::string& path, const ModelConfig& config, int expert,
+                        const ExpertWeights& weights,
+                        const std::map<std::string, std::string>& metadata) {
   SafetensorsWriter w;
   for (const auto& [k, v] : metadata) w.SetMetadata(k, v);
   RETURN_IF_ERROR(AddExpert(&w, "", config, expert, weights));
-  return w.Serialize();
+  return w.Write(path);
 }
 
 absl::StatusOr<ExpertWeights> ParseExpert(absl::string_view bytes, const ModelConfig& config,

@@ -84,11 +84,14 @@ absl::StatusOr<Checkpoint> LoadCheckpoint(const SafetensorsReader& reader,
 absl::Status SaveCheckpoint(const std::string& path, const Checkpoint& checkpoint,
                             absl::string_view tensor_prefix = "");
 
-// One expert's weights as an in-memory safetensors file (checkpoint tensor names, F32, with
-// `metadata`), and back; ParseExpert checks every shape against `config`.
+// One expert's weights as an in-memory safetensors file (checkpoint tensor names, F32), and
+// back; ParseExpert checks every shape against `config`.
 absl::StatusOr<std::string> SerializeExpert(const ModelConfig& config, int expert,
-                                            const ExpertWeights& weights,
-                                            const std::map<std::string, std::string>& metadata = {});
+                                            const ExpertWeights& weights);
+// The same written to `path` (SafetensorsWriter::Write: whole or not at all), with `metadata`.
+absl::Status SaveExpert(const std::string& path, const ModelConfig& config, int expert,
+                        const ExpertWeights& weights,
+                        const std::map<std::string, std::string>& metadata);
 absl::StatusOr<ExpertWeights> ParseExpert(absl::string_view bytes, const ModelConfig& config,
                                           int expert);
 

@@ -8,8 +8,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
-#include <fstream>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -319,16 +319,24 @@ std::string SafetensorsWriter::Serialize() const {
 }
 
 absl::Status SafetensorsWriter::Write(const std::string& path) const {
-  // A temporary name of our own, so concurrent writers of one path cannot collide.
+  // A temporary name of our own, so concurrent writers of one path cannot collide; flushed to
+  // disk before it is renamed into place, so a reader (or a restart) sees a whole file.
   static std::atomic<uint64_t> counter{0};
   const std::string tmp = absl::StrCat(path, ".tmp.", getpid(), ".", counter.fetch_add(1));
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) return absl::PermissionDeniedError(absl::StrCat(path, ": cannot open for writing"));
-    const std::string bytes = Serialize();
-    f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    f.flush();
-    if (!f) return absl::DataLossError(absl::StrCat(path, ": write failed (disk full?)"));
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return absl::PermissionDeniedError(absl::StrCat(path, ": cannot open for writing"));
+  const std::string bytes = Serialize();
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    done += static_cast<size_t>(n);
+  }
+  const bool written = done == bytes.size() && ::fsync(fd) == 0;
+  if (::close(fd) != 0 || !written) {
+    std::remove(tmp.c_str());
+    return absl::DataLossError(absl::StrCat(path, ": write failed (disk full?)"));
   }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
     return absl::PermissionDeniedError(
