@@ -480,13 +480,21 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // every shard confirmed, so no update is on its way to any replica: before each step (which
   // would otherwise stamp its step on a stale replica too), before a placement change copies
   // replicas, and on each control-loop tick. UNAVAILABLE when a copy failed; `trained` (if not
-  // null) tells whether any replica has been trained.
-  absl::Status ReloadStale(const RoutingTable& t, bool* trained = nullptr) {
+  // null) tells whether any replica has been trained. With `before_step`, also UNAVAILABLE when
+  // the status of a shard in rotation cannot be read: the step would train its replicas
+  // unchecked, and one may be stale (elsewhere such a shard is left for the next check).
+  absl::Status ReloadStale(const RoutingTable& t, bool* trained = nullptr,
+                           bool before_step = false) {
     const int S = static_cast<int>(t.shards.size());
     std::vector<std::map<int, uint64_t>> at(S);  // READY experts' steps, per shard in rotation
     for (int s = 0; s < S; ++s) {
       if (!t.shards[s]->healthy()) continue;  // neither a source nor a target now
       absl::StatusOr<v1::ShardStatus> st = t.shards[s]->GetStatus(absl::Milliseconds(500));
+      if (!st.ok() && before_step) {
+        return absl::UnavailableError(absl::StrCat(
+            "cannot check the replicas on ", t.shards[s]->address(), " before the step (",
+            st.status().message(), "); the step is refused, try again"));
+      }
       if (!st.ok()) continue;
       for (const auto& e : st->experts()) {
         if (e.state() != v1::ExpertStatus::READY) continue;
@@ -751,7 +759,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (t == nullptr) return absl::UnavailableError("the router is still loading its placement");
     // Every replica at the same step first: the step stamps its id on each one it updates.
     RETURN_IF_ERROR(trainer->RetryConfirmations(*t));
-    RETURN_IF_ERROR(ReloadStale(*t));
+    RETURN_IF_ERROR(ReloadStale(*t, /*trained=*/nullptr, /*before_step=*/true));
     std::shared_ptr<const common::GateWeights> gw = Gate();
     TrainParams p{req.learning_rate(), req.aux_loss_coef(), req.z_loss_coef(),
                   options.capacity_factor};
