@@ -51,6 +51,11 @@ void Progress::Update(int64_t done, const std::string& extra) {
   std::fflush(stderr);
 }
 
+void Progress::Note(const std::string& line) {
+  std::fprintf(stderr, "%s%s\n", tty_ ? "\r\033[K" : "", line.c_str());
+  std::fflush(stderr);
+}
+
 void Progress::Finish() {
   if (tty_) std::fprintf(stderr, "\n");
 }

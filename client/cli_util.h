@@ -19,6 +19,8 @@ class Progress {
  public:
   Progress(std::string label, int64_t total);
   void Update(int64_t done, const std::string& extra = "");
+  // A line of its own above the bar (which is drawn again at the next Update).
+  void Note(const std::string& line);
   void Finish();
 
  private:

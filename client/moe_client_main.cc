@@ -460,9 +460,22 @@ absl::Status Train(const Flags& f) {
     req.set_aux_loss_coef(static_cast<float>(aux));
     req.set_z_loss_coef(static_cast<float>(z));
     v1::TrainStepResponse resp;
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
-    grpc::Status st = stub->TrainStep(&ctx, req, &resp);
+    grpc::Status st;
+    // A step refused (UNAVAILABLE: a shard out of rotation or not readable) or aborted (ABORTED:
+    // a replica's reduction failed) changed no weight: it is sent again a few times, with a
+    // growing pause, while the cluster settles.
+    constexpr int kAttempts = 8;
+    for (int attempt = 1;; ++attempt) {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+      st = stub->TrainStep(&ctx, req, &resp);
+      const bool retry = st.error_code() == grpc::StatusCode::UNAVAILABLE ||
+                         st.error_code() == grpc::StatusCode::ABORTED;
+      if (!retry || attempt == kAttempts) break;
+      progress.Note(absl::StrCat("step ", s + 1, " not taken (", st.error_message(),
+                                 "); trying again, attempt ", attempt + 1, " of ", kAttempts));
+      std::this_thread::sleep_for(std::chrono::milliseconds(250 * attempt));
+    }
     if (!st.ok()) {
       absl::Status e = common::FromGrpcStatus(st);
       return absl::Status(e.code(), absl::StrCat("step ", s + 1, ": ",

@@ -1,7 +1,11 @@
 #include "expert_server/shard_server.h"
 
+#include <algorithm>
+#include <atomic>
 #include <condition_variable>
+#include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <deque>
 #include <mutex>
 #include <set>
@@ -12,6 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "expert_server/state_dir.h"
+#include "services/common/failpoint.h"
 #include "services/common/notification.h"
 #include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
@@ -207,6 +212,8 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
     std::map<int, common::ExpertWeights> grads;
     bool failed = false;  // a reduction failed: only an abort may end the step
     bool commit_seen = false;  // a commit arrived and is applied in part (the rest on a repeat)
+    // The step's reductions under way here, (group, generation): an abort breaks them.
+    std::vector<std::pair<std::string, uint64_t>> rings;
     std::chrono::steady_clock::time_point opened;
   };
   std::mutex train_mu;
@@ -530,6 +537,13 @@ grpc::ServerUnaryReactor* ShardServer::Impl::GetStatus(grpc::CallbackServerConte
                                                        const v1::GetShardStatusRequest*,
                                                        v1::ShardStatus* resp) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (common::Failpoint("shard_status_unavailable")) {
+    // As if every status call timed out while the shard serves: the router's check of the
+    // replicas' training steps before a step cannot read this shard.
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                 "failpoint shard_status_unavailable"));
+    return reactor;
+  }
   FillStatus(resp);
   reactor->Finish(grpc::Status::OK);
   return reactor;
@@ -628,6 +642,40 @@ grpc::ServerWriteReactor<v1::ExpertChunk>* ShardServer::Impl::ExportExpert(
 
 namespace {
 
+// Failpoints for the multi-process tests of a rank lost during a training step's reduction:
+//   reduce_exit_before_ring  the shard exits as its reduction starts, before any message;
+//   reduce_exit_mid_ring     it exits once its first piece from the previous rank has arrived
+//                            (the ring is under way on every rank), as if killed;
+//   reduce_stall_mid_ring    at that point it stops itself (SIGSTOP), as if stalled, once per
+//                            process: it carries on after a SIGCONT.
+bool ReduceFailpointSet() {
+  return common::Failpoint("reduce_exit_before_ring") ||
+         common::Failpoint("reduce_exit_mid_ring") || common::Failpoint("reduce_stall_mid_ring");
+}
+
+class FailpointTransport final : public collective::PeerTransport {
+ public:
+  explicit FailpointTransport(collective::PeerTransport* inner) : inner_(inner) {}
+  absl::Status Send(collective::Chunk chunk) override { return inner_->Send(std::move(chunk)); }
+  absl::StatusOr<collective::Chunk> Recv(uint64_t generation, absl::Time deadline) override {
+    absl::StatusOr<collective::Chunk> c = inner_->Recv(generation, deadline);
+    if (c.ok() && common::Failpoint("reduce_exit_mid_ring")) {
+      std::fprintf(stderr, "moe-expert-server: failpoint reduce_exit_mid_ring: exiting\n");
+      std::_Exit(3);
+    }
+    static std::atomic<bool> stalled{false};
+    if (c.ok() && common::Failpoint("reduce_stall_mid_ring") && !stalled.exchange(true)) {
+      std::fprintf(stderr, "moe-expert-server: failpoint reduce_stall_mid_ring: stopping\n");
+      std::raise(SIGSTOP);
+    }
+    return c;
+  }
+  bool CanBorrow() const override { return inner_->CanBorrow(); }
+
+ private:
+  collective::PeerTransport* inner_;
+};
+
 void AddInto(std::vector<float>& acc, const std::vector<float>& g) {
   if (acc.empty()) {
     acc = g;
@@ -713,6 +761,8 @@ absl::StatusOr<std::vector<int>> ShardServer::Impl::RunFinishStep(const v1::Fini
   }
   if (!req.commit() || it->second.failed) {
     const bool failed = it->second.failed;
+    // Reductions of the step still under way fail now, and so do their rings' other ranks.
+    for (const auto& [group, generation] : it->second.rings) hub.Break(group, generation);
     steps.erase(it);
     MarkFinishedLocked(step_id, Verdict::kAbort);
     if (req.commit() && failed) {
@@ -776,6 +826,10 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
   if (req.rank() < 0 || req.rank() >= world) {
     return absl::InvalidArgumentError(absl::StrCat("rank ", req.rank(), " of ", world));
   }
+  if (common::Failpoint("reduce_exit_before_ring")) {
+    std::fprintf(stderr, "moe-expert-server: failpoint reduce_exit_before_ring: exiting\n");
+    std::_Exit(3);
+  }
   // Take this shard's gradients of the group's experts out of the step (zeros where it computed
   // no rows), reduce them without holding the lock, and put the sums back.
   std::map<int, common::ExpertWeights> grads;
@@ -786,6 +840,7 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
           absl::StrCat("step ", req.train_step(), " has already ended on this shard"));
     }
     StepState& step = OpenStepLocked(req.train_step());
+    step.rings.emplace_back(req.group(), req.generation());
     for (int e : req.experts()) {
       std::shared_ptr<ExpertHandle> h = store->Find(e);
       if (h == nullptr) {
@@ -834,17 +889,26 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
   absl::Status st;
   {
     collective::GrpcPeerTransport transport(&hub, req.group(), req.rank(), next, deadline);
+    FailpointTransport failpoint(&transport);
     // The step's accumulators are only touched by this step's calls, which the coordinator
     // serialises: reduce in place without holding the lock across the network.
-    st = collective::RingAllReduceFused(spans, req.rank(), world, req.generation(), deadline,
-                                        &transport, opts);
+    st = collective::RingAllReduceFused(
+        spans, req.rank(), world, req.generation(), deadline,
+        ReduceFailpointSet() ? static_cast<collective::PeerTransport*>(&failpoint) : &transport,
+        opts);
   }
-  hub.Forget(req.group(), req.generation());
   resp->set_elements(elements);
   resp->set_seconds(
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   std::lock_guard<std::mutex> lock(train_mu);
   auto step = steps.find(req.train_step());
+  if (step != steps.end()) {
+    auto& rings = step->second.rings;
+    rings.erase(std::remove(rings.begin(), rings.end(), std::make_pair(req.group(), req.generation())),
+                rings.end());
+  }
+  // Under train_mu: an abort breaks the ring before this (and the mailbox goes here) or not at all.
+  hub.Forget(req.group(), req.generation());
   if (step == steps.end()) {
     return st.ok() ? absl::AbortedError(absl::StrCat("step ", req.train_step(),
                                                      " ended during its reduction"))

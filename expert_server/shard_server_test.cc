@@ -14,6 +14,7 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/common/random_checkpoint.h"
 #include "services/common/tensor_codec.h"
@@ -786,6 +787,57 @@ TEST_F(ShardServerTest, TrainingForwardBackwardCommitAndAbort) {
   while (stream->Read(&resp)) {
   }
   stream->Finish();
+}
+
+// An abort of a step (from the coordinator as soon as one member's reduction failed, or from
+// the router) breaks the step's reduction still waiting on a peer here: it fails with ABORTED in
+// moments instead of at its deadline, and the step reports ABORTED.
+TEST_F(ShardServerTest, AnAbortBreaksTheStepsReductionStillWaitingOnItsPeer) {
+  auto server = StartServer();
+  auto stub = Stub(*server);
+  v1::ReduceGradientsRequest rr;
+  rr.set_train_step(7);
+  rr.set_group("step7-group0");
+  rr.set_generation(1);
+  rr.set_rank(0);
+  rr.add_members(absl::StrCat("127.0.0.1:", server->port()));
+  rr.add_members("127.0.0.1:1");  // a peer that never answers: the ring waits for it
+  rr.add_experts(1);
+  rr.set_timeout_ms(20000);
+  grpc::Status reduced;
+  double took = 0;
+  std::thread reduce([&] {
+    grpc::ClientContext ctx;
+    v1::ReduceGradientsResponse resp;
+    const auto start = std::chrono::steady_clock::now();
+    reduced = stub->ReduceGradients(&ctx, rr, &resp);
+    took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  });
+  auto outcome = [&] {
+    grpc::ClientContext octx;
+    v1::GetStepRequest q;
+    q.set_train_step(7);
+    v1::StepOutcome o;
+    EXPECT_TRUE(stub->GetStep(&octx, q, &o).ok());
+    return o.state();
+  };
+  // The reduction has opened the step.
+  for (int i = 0; i < 200 && outcome() != v1::StepOutcome::OPEN; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_EQ(outcome(), v1::StepOutcome::OPEN);
+  grpc::ClientContext fctx;
+  v1::FinishStepRequest fin;
+  fin.set_train_step(7);
+  fin.set_commit(false);
+  v1::FinishStepResponse fresp;
+  ASSERT_TRUE(stub->FinishStep(&fctx, fin, &fresp).ok());
+  reduce.join();
+  EXPECT_EQ(reduced.error_code(), grpc::StatusCode::ABORTED) << reduced.error_message();
+  EXPECT_NE(reduced.error_message().find("ring step7-group0"), std::string::npos)
+      << reduced.error_message();
+  EXPECT_LT(took, 5.0);
+  EXPECT_EQ(outcome(), v1::StepOutcome::ABORTED);
 }
 
 TEST_F(ShardServerTest, AStepNobodyFinishesIsDroppedOnceStale) {

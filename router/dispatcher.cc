@@ -136,6 +136,7 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
       }
     }
     excluded_.assign(S, false);
+    excluded_by_.assign(S, absl::OkStatus());
     if (absl::Now() >= deadline_) {
       Finish(absl::DeadlineExceededError("deadline passed before the batch reached the shards"));
       return;
@@ -217,12 +218,29 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
       if (cands.empty()) cands = unhealthy;
       if (cands.empty()) {
         std::vector<std::string> where;
+        std::vector<std::string> errors;
+        bool all_full = true;  // every replica refused the rows for a full queue
         for (int s : table.placement.replicas[e]) {
-          where.push_back(s < S && table.shards[s] ? table.shards[s]->address() : "?");
+          const bool known = s < S && table.shards[s];
+          where.push_back(known ? table.shards[s]->address() : "?");
+          if (known && excluded_[s]) {
+            errors.push_back(absl::StrCat(table.shards[s]->address(), ": ",
+                                          excluded_by_[s].message()));
+          }
+          all_full = all_full && known && excluded_[s] &&
+                     excluded_by_[s].code() == absl::StatusCode::kResourceExhausted;
+        }
+        if (all_full) {
+          // Busy, not down: the client should slow down and retry, not look for a dead shard.
+          Finish(absl::ResourceExhaustedError(absl::StrCat(
+              "expert ", e, ": every replica's queue is full (", absl::StrJoin(errors, "; "),
+              "); retry later or send smaller batches")));
+          return;
         }
         Finish(absl::UnavailableError(absl::StrCat(
             "expert ", e, " has no healthy replica (placement version ", table.placement.version,
-            ", hosted on ", absl::StrJoin(where, ", "), ")")));
+            ", hosted on ", absl::StrJoin(where, ", "), ")",
+            errors.empty() ? "" : absl::StrCat(": ", absl::StrJoin(errors, "; ")))));
         return;
       }
       const int64_t chunk =
@@ -363,6 +381,7 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
       }
       // Fail over: this shard is out for the rest of the batch; its rows go elsewhere.
       excluded_[s] = true;
+      excluded_by_[s] = err;
       {
         std::lock_guard<std::mutex> lock(mu_);
         ++stats_.failovers;
@@ -419,6 +438,7 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
   std::vector<float> eo_;
   std::vector<std::vector<int64_t>> remaining_;  // positions still to compute, per expert
   std::vector<bool> excluded_;
+  std::vector<absl::Status> excluded_by_;  // the error that took each excluded shard out
   std::vector<std::map<int, std::vector<int64_t>>> plan_;
   int round_ = 0;
   DispatchStats stats_;

@@ -308,6 +308,28 @@ TEST(Dispatcher, ExpertWithoutHealthyReplicaIsUnavailableByName) {
   EXPECT_NE(z.status().message().find("expert "), std::string::npos);
 }
 
+// Replicas that refuse a batch for a full queue are busy, not down: when every replica of an
+// expert did, the request fails with RESOURCE_EXHAUSTED naming the expert and the shards' own
+// errors, so the client backs off rather than looking for a failure.
+TEST(Dispatcher, ExpertWhoseReplicasAreAllFullIsResourceExhausted) {
+  Rig setup(Strategy::kReplicated, 2);
+  for (auto& f : setup.fakes) f->fail_with = absl::StatusCode::kResourceExhausted;
+  auto y = setup.Run(common::RandomMatrix(5, 16, 9), 5);
+  EXPECT_EQ(y.status().code(), absl::StatusCode::kResourceExhausted) << y.status();
+  EXPECT_NE(y.status().message().find("every replica's queue is full"), std::string::npos)
+      << y.status();
+  EXPECT_NE(y.status().message().find("shard0: shard0 failed"), std::string::npos) << y.status();
+  EXPECT_NE(y.status().message().find("shard1: shard1 failed"), std::string::npos) << y.status();
+  // One replica full and the other down: the expert is unavailable, with both reasons.
+  Rig mixed(Strategy::kReplicated, 2);
+  mixed.fakes[0]->fail_with = absl::StatusCode::kResourceExhausted;
+  mixed.fakes[1]->fail_with = absl::StatusCode::kUnavailable;
+  auto z = mixed.Run(common::RandomMatrix(5, 16, 9), 5);
+  EXPECT_EQ(z.status().code(), absl::StatusCode::kUnavailable) << z.status();
+  EXPECT_NE(z.status().message().find("has no healthy replica"), std::string::npos);
+  EXPECT_NE(z.status().message().find("shard0: shard0 failed"), std::string::npos) << z.status();
+}
+
 TEST(Dispatcher, OutOfRotationReplicaIsTriedWhenItIsTheOnlyOne) {
   Rig setup(Strategy::kSharded, 2);
   setup.fakes[1]->healthy_ = false;  // a slow health check, but the shard answers

@@ -759,6 +759,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (t == nullptr) return absl::UnavailableError("the router is still loading its placement");
     // Every replica at the same step first: the step stamps its id on each one it updates.
     RETURN_IF_ERROR(trainer->RetryConfirmations(*t));
+    // A shard out of rotation now is not read below: were it back by the time the step starts,
+    // its replicas would train unchecked. Step would refuse it anyway; refuse it before the read.
+    RETURN_IF_ERROR(Trainer::EveryReplicaInRotation(*t));
     RETURN_IF_ERROR(ReloadStale(*t, /*trained=*/nullptr, /*before_step=*/true));
     std::shared_ptr<const common::GateWeights> gw = Gate();
     TrainParams p{req.learning_rate(), req.aux_loss_coef(), req.z_loss_coef(),

@@ -131,6 +131,21 @@ void Trainer::CommitEverywhere(const RoutingTable& table, uint64_t step, float l
   }
 }
 
+absl::Status Trainer::EveryReplicaInRotation(const RoutingTable& table) {
+  const int S = static_cast<int>(table.shards.size());
+  for (size_t e = 0; e < table.placement.replicas.size(); ++e) {
+    for (int s : table.placement.replicas[e]) {
+      if (s < S && !table.shards[s]->healthy()) {
+        return absl::UnavailableError(absl::StrCat(
+            "replica of expert ", e, " on ", table.shards[s]->address(),
+            " is out of rotation: the step could not commit; retry once the shard is back or "
+            "the placement has moved off it"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
                                           const common::GateWeights& gate, const float* x,
                                           const float* dy, int64_t n, const TrainParams& params,
@@ -144,16 +159,7 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   result.step = next_step_.fetch_add(1);
   // Every replica must apply the update: with one out of rotation the step could not commit, so
   // refuse it now rather than after the ring has timed out.
-  for (size_t e = 0; e < table.placement.replicas.size(); ++e) {
-    for (int s : table.placement.replicas[e]) {
-      if (s < S && !table.shards[s]->healthy()) {
-        return absl::UnavailableError(absl::StrCat(
-            "replica of expert ", e, " on ", table.shards[s]->address(),
-            " is out of rotation: the step could not commit; retry once the shard is back or "
-            "the placement has moved off it"));
-      }
-    }
-  }
+  RETURN_IF_ERROR(EveryReplicaInRotation(table));
   GateParams gp{gate.weight.data(), gate.bias.empty() ? nullptr : gate.bias.data(), E,
                 config_.d_model};
   result.gating = Route(gp, x, n, GatingOptions{k, config_.normalize_topk, params.capacity_factor, {}});

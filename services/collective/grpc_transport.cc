@@ -61,7 +61,7 @@ absl::StatusOr<Chunk> CollectiveHub::Take(const std::string& group, uint64_t gen
     }
     if (box.broken_generation >= generation) {
       return absl::AbortedError(absl::StrCat("ring ", group, ": the previous rank's stream of "
-                                             "generation ", generation, " broke"));
+                                             "generation ", generation, " broke (it failed, gave up or was cut off)"));
     }
     if (cv_.wait_until(lock, absl::ToChronoTime(deadline)) == std::cv_status::timeout &&
         absl::Now() >= deadline) {
@@ -272,8 +272,8 @@ void GrpcPeerTransport::WriterLoop() {
                                                                     &ack));
   std::unique_lock<std::mutex> lock(mu_);
   while (true) {
-    cv_.wait(lock, [this] { return closing_ || !queue_.empty(); });
-    if (queue_.empty()) break;
+    cv_.wait(lock, [this] { return closing_ || aborted_ || !queue_.empty(); });
+    if (aborted_ || queue_.empty()) break;
     Chunk c = std::move(queue_.front());
     queue_.pop_front();
     lock.unlock();
@@ -286,15 +286,25 @@ void GrpcPeerTransport::WriterLoop() {
       break;
     }
   }
-  const bool broken = broken_;
+  const bool half_close = !broken_ && !aborted_;
   lock.unlock();
-  if (!broken) writer->WritesDone();
+  if (half_close) writer->WritesDone();
   grpc::Status st = writer->Finish();
   if (!st.ok()) {
     std::lock_guard<std::mutex> l(mu_);
     broken_ = true;
     broken_reason_ = st.error_message();
   }
+}
+
+void GrpcPeerTransport::Abort() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    aborted_ = true;
+    queue_.clear();
+  }
+  ctx_.TryCancel();  // also before the writer has started the call: it starts cancelled
+  cv_.notify_all();
 }
 
 absl::Status GrpcPeerTransport::Send(Chunk chunk) {
@@ -305,6 +315,7 @@ absl::Status GrpcPeerTransport::Send(Chunk chunk) {
                                              ": link to the next rank is broken (",
                                              broken_reason_, ")"));
     }
+    if (aborted_) return absl::AbortedError(absl::StrCat("ring ", group_, " was aborted"));
     queue_.push_back(std::move(chunk));
   }
   cv_.notify_all();

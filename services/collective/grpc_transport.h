@@ -77,6 +77,9 @@ class GrpcPeerTransport final : public PeerTransport {
   // gRPC copies a message's bytes into the socket before the next rank can have them, and drops
   // its slices (and so the payload's owner) once written.
   bool CanBorrow() const override { return true; }
+  // Cancels the outgoing stream (the next rank's Push sees the cancellation and breaks the
+  // collective there) and drops what was still queued.
+  void Abort() override;
 
  private:
   void WriterLoop();
@@ -90,6 +93,7 @@ class GrpcPeerTransport final : public PeerTransport {
   std::condition_variable cv_;
   std::deque<Chunk> queue_;
   bool closing_ = false;
+  bool aborted_ = false;
   bool broken_ = false;
   std::string broken_reason_;
   std::thread writer_;

@@ -143,9 +143,11 @@ std::pair<int64_t, int64_t> Segment(int64_t length, int world, int i) {
   return {begin, begin + base + (i < extra ? 1 : 0)};
 }
 
-absl::Status RingAllReduce(absl::Span<float> data, int rank, int world, uint64_t generation,
-                           absl::Time deadline, PeerTransport* transport,
-                           const AllReduceOptions& options) {
+namespace {
+
+absl::Status RunRing(absl::Span<float> data, int rank, int world, uint64_t generation,
+                     absl::Time deadline, PeerTransport* transport,
+                     const AllReduceOptions& options) {
   if (world < 1 || rank < 0 || rank >= world) {
     return absl::InvalidArgumentError(absl::StrCat("rank ", rank, " of ", world, " is invalid"));
   }
@@ -262,6 +264,16 @@ absl::Status RingAllReduce(absl::Span<float> data, int rank, int world, uint64_t
     for (float& v : data) v = common::Bf16ToFloat(common::FloatToBf16(v));
   }
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status RingAllReduce(absl::Span<float> data, int rank, int world, uint64_t generation,
+                           absl::Time deadline, PeerTransport* transport,
+                           const AllReduceOptions& options) {
+  absl::Status st = RunRing(data, rank, world, generation, deadline, transport, options);
+  if (!st.ok()) transport->Abort();  // the neighbours need not wait for their deadline
+  return st;
 }
 
 absl::Status RingAllReduceFused(const std::vector<absl::Span<float>>& tensors, int rank,

@@ -59,6 +59,10 @@ class PeerTransport {
   // memory alive) until it no longer reads it. A transport that hands the bytes themselves to
   // the receiver (in memory) must not.
   virtual bool CanBorrow() const { return false; }
+  // Called when this rank gives up the collective (any error, its own or a neighbour's): tells
+  // the next rank, whose Recv then fails with ABORTED at once instead of at its deadline, so that
+  // one failure goes round the ring in moments. Nothing is sent after it.
+  virtual void Abort() {}
 };
 
 }  // namespace moe::collective

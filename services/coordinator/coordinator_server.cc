@@ -6,7 +6,6 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
-#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -19,22 +18,13 @@
 #include "absl/strings/str_cat.h"
 #include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
+#include "services/common/failpoint.h"
 #include "services/common/security.h"
 #include "services/common/grpc_status.h"
 #include "services/common/status_macros.h"
 #include "services/common/thread_pool.h"
 
 namespace moe::coordinator {
-
-namespace {
-
-// A failpoint for the multi-process tests of failures at one exact moment: MOE_FAILPOINT=name.
-bool Failpoint(std::string_view name) {
-  const char* set = std::getenv("MOE_FAILPOINT");
-  return set != nullptr && name == set;
-}
-
-}  // namespace
 
 class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
  public:
@@ -195,6 +185,37 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
   // everywhere if all succeeded, else abort everywhere. Takes at most the request's timeout plus
   // 1 s for the reductions and kFinishTimeout for the second phase (the router waits that long).
   static constexpr auto kFinishTimeout = std::chrono::seconds(5);
+  static constexpr auto kAbortTimeout = std::chrono::milliseconds(500);
+
+  // The second phase on one shard. A commit is retried until `deadline`; an abort is not, and
+  // waits at most kAbortTimeout: a shard it misses changes no weight either (it drops the step
+  // when it goes stale, and the router aborts everywhere too), and a dead or stalled member of a
+  // failed ring must not hold the answer back.
+  grpc::Status FinishOn(const std::string& shard, uint64_t step, bool commit, float learning_rate,
+                        std::chrono::system_clock::time_point deadline) {
+    v1::FinishStepRequest fr;
+    fr.set_train_step(step);
+    fr.set_commit(commit);
+    fr.set_learning_rate(learning_rate);
+    v1::FinishStepResponse fresp;
+    grpc::ClientContext cctx;
+    cctx.set_deadline(commit ? deadline : std::chrono::system_clock::now() + kAbortTimeout);
+    cctx.set_wait_for_ready(commit);
+    return ShardStub(shard)->FinishStep(&cctx, fr, &fresp);
+  }
+
+  // Aborts `step` on every shard of the request at once (each shard also breaks the reductions
+  // of the step still running there) and returns when all have answered.
+  void AbortEverywhere(const v1::CommitStepRequest& req) {
+    std::vector<std::thread> threads;
+    for (const std::string& shard : req.shards()) {
+      threads.emplace_back([&, shard] {
+        (void)FinishOn(shard, req.train_step(), /*commit=*/false, 0.f, {});
+      });
+    }
+    for (auto& t : threads) t.join();
+  }
+
   void RunStep(const v1::CommitStepRequest& req, v1::CommitStepResponse* resp) {
     std::lock_guard<std::mutex> step_lock(step_mu);
     const uint32_t timeout_ms = req.timeout_ms() > 0 ? req.timeout_ms() : 30000;
@@ -211,6 +232,7 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     }
     std::vector<uint64_t> generations(req.groups_size());
     for (auto& gen : generations) gen = generation.fetch_add(1) + 1;
+    std::atomic<bool> aborting{false};
     std::vector<std::thread> threads;
     for (Call& c : calls) {
       threads.emplace_back([&, this] {
@@ -230,6 +252,12 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
         // Ride out a connection attempt that fails transiently; the deadline still bounds it.
         cctx.set_wait_for_ready(true);
         c.status = ShardStub(group.shards(c.rank))->ReduceGradients(&cctx, rr, &c.resp);
+        if (!c.status.ok() && !aborting.exchange(true)) {
+          // The step cannot commit now. Abort it everywhere at once: the members still in a
+          // reduction (waiting on a rank that died before sending anything, or on a stalled
+          // one) then fail in moments rather than at their deadline.
+          AbortEverywhere(req);
+        }
       });
     }
     for (auto& t : threads) t.join();
@@ -268,17 +296,10 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     // shard that does not confirm in time is reported, not waited for.
     const auto finish_deadline = std::chrono::system_clock::now() + kFinishTimeout;
     auto finish_on = [&](int s) {
-      v1::FinishStepRequest fr;
-      fr.set_train_step(req.train_step());
-      fr.set_commit(commit);
-      fr.set_learning_rate(req.learning_rate());
-      v1::FinishStepResponse fresp;
-      grpc::ClientContext cctx;
-      cctx.set_deadline(finish_deadline);
-      cctx.set_wait_for_ready(true);
-      return ShardStub(req.shards(s))->FinishStep(&cctx, fr, &fresp);
+      return FinishOn(req.shards(s), req.train_step(), commit, req.learning_rate(),
+                      finish_deadline);
     };
-    if (commit && req.shards_size() > 0 && Failpoint("coordinator_exit_mid_commit")) {
+    if (commit && req.shards_size() > 0 && common::Failpoint("coordinator_exit_mid_commit")) {
       // As if killed between the decision and the answer: the commit reaches one shard only.
       (void)finish_on(0);
       std::fprintf(stderr, "moe-coordinator: failpoint coordinator_exit_mid_commit: exiting\n");
@@ -286,7 +307,8 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     }
     std::vector<grpc::Status> finish(req.shards_size());
     threads.clear();
-    for (int s = 0; s < req.shards_size(); ++s) {
+    // An abort went everywhere as the first reduction failed.
+    for (int s = 0; s < req.shards_size() && commit; ++s) {
       threads.emplace_back([&, s] { finish[s] = finish_on(s); });
     }
     for (auto& t : threads) t.join();

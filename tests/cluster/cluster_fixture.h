@@ -14,6 +14,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <thread>
 
 #include <grpcpp/grpcpp.h>
@@ -102,6 +103,16 @@ class ClusterTest : public ::testing::Test {
     o.shard_args = std::move(shard_args);
     o.metrics_port = metrics_port;
     return StartWith(std::move(o));
+  }
+
+  // Start with MOE_FAILPOINT=`failpoint` in the environment of every process it starts.
+  std::unique_ptr<client::LocalCluster> StartWithFailpoint(const char* failpoint,
+                                                           const std::string& placement,
+                                                           int shards) {
+    EXPECT_EQ(setenv("MOE_FAILPOINT", failpoint, 1), 0);
+    auto cluster = Start(placement, shards);
+    unsetenv("MOE_FAILPOINT");
+    return cluster;
   }
 
   static v1::InferRequest Request(const std::vector<float>& x, int64_t n, const std::string& id) {

@@ -314,9 +314,37 @@ TEST_F(ClusterTest, BadRequestsGetClearErrors) {
   EXPECT_NE(got[1].message().find("NaN"), std::string::npos);
   EXPECT_EQ(got[2].code(), 0);
   EXPECT_TRUE(Matches(good, 3, got[2], *layer_));
-  // The router still serves after all of that.
+  // TrainStep's inputs are checked the same way, and nothing trains on them.
+  struct TrainCase {
+    const char* name;
+    int64_t n_dy;     // rows of grad_output (tokens have 3)
+    int nan_at;       // an element of grad_output set to NaN, or -1
+    float lr;
+    const char* needle;
+  };
+  const TrainCase train_cases[] = {
+      {"grad_output rows", 2, -1, 0.1f, "grad_output has 2 rows, tokens has 3"},
+      {"grad_output NaN", 3, d + 1, 0.1f, "grad_output[1, 1] is NaN"},
+      {"learning rate", 3, -1, INFINITY, "learning_rate and loss coefficients must be finite"},
+  };
+  for (const TrainCase& c : train_cases) {
+    v1::TrainStepRequest req;
+    common::EncodeTensor(good, {3, d}, common::WireType::kFloat32, req.mutable_tokens());
+    std::vector<float> dy = common::RandomMatrix(c.n_dy, d, 6);
+    if (c.nan_at >= 0) dy[c.nan_at] = std::nanf("");
+    common::EncodeTensor(dy, {c.n_dy, d}, common::WireType::kFloat32, req.mutable_grad_output());
+    req.set_learning_rate(c.lr);
+    grpc::ClientContext tctx;
+    v1::TrainStepResponse tresp;
+    const grpc::Status st = stub->TrainStep(&tctx, req, &tresp);
+    EXPECT_EQ(st.error_code(), grpc::INVALID_ARGUMENT) << c.name << ": " << st.error_message();
+    EXPECT_NE(st.error_message().find(c.needle), std::string::npos)
+        << c.name << ": " << st.error_message();
+  }
+  // The router still serves after all of that, with the checkpoint's weights.
   v1::InferResponse resp;
   EXPECT_TRUE(Infer(stub.get(), Request(good, 3, "after"), &resp).ok());
+  EXPECT_TRUE(Matches(good, 3, resp, *layer_));
 }
 
 TEST_F(ClusterTest, ClientDeadlineReachesTheShards) {
@@ -437,6 +465,28 @@ struct MembershipCluster {
     shards.push_back(std::move(*p));
     return absl::OkStatus();
   }
+
+  // The coordinator (members leave 1 s after their last heartbeat), `n` shards, and a router
+  // following the membership with `placement`.
+  absl::Status Start(const std::string& checkpoint, int n, const std::string& placement) {
+    auto c = common::Subprocess::Spawn({MOE_BIN_DIR "/moe-coordinator", "--host", "127.0.0.1",
+                                        "--port", "0", "--lease-ms", "1000"});
+    if (!c.ok()) return c.status();
+    coordinator = std::move(*c);
+    auto cport = coordinator.ReadListeningPort(absl::Seconds(30));
+    if (!cport.ok()) return cport.status();
+    coordinator_addr = absl::StrCat("127.0.0.1:", *cport);
+    for (int i = 0; i < n; ++i) RETURN_IF_ERROR(AddShard(checkpoint));
+    auto r = common::Subprocess::Spawn({MOE_BIN_DIR "/moe-router", "--checkpoint", checkpoint,
+                                        "--host", "127.0.0.1", "--port", "0", "--coordinator",
+                                        coordinator_addr, "--placement", placement});
+    if (!r.ok()) return r.status();
+    router = std::move(*r);
+    auto rport = router.ReadListeningPort(absl::Seconds(30));
+    if (!rport.ok()) return rport.status();
+    router_addr = absl::StrCat("127.0.0.1:", *rport);
+    return absl::OkStatus();
+  }
 };
 
 // One TrainStep of 24 random tokens (from `seed`).
@@ -479,33 +529,37 @@ int ShardCount(v1::Router::Stub* stub, bool healthy_only) {
   return n;
 }
 
+// Seconds until the router has exactly `shards` shards, all in rotation; -1 after `seconds`.
+double WaitForShards(v1::Router::Stub* stub, int shards, double seconds) {
+  const auto start = Clock::now();
+  while (Since(start) < seconds) {
+    if (ShardCount(stub, true) == shards && ShardCount(stub, false) == shards) {
+      return Since(start);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return -1.0;
+}
+
+// Every weight of `a` and `b`, the gate's and each expert's, bit for bit.
+void ExpectSameWeights(const common::Checkpoint& a, const common::Checkpoint& b) {
+  EXPECT_EQ(a.gate.weight, b.gate.weight);
+  EXPECT_EQ(a.gate.bias, b.gate.bias);
+  ASSERT_EQ(a.experts.size(), b.experts.size());
+  for (size_t e = 0; e < a.experts.size(); ++e) {
+    const common::ExpertWeights &x = a.experts[e], &y = b.experts[e];
+    EXPECT_TRUE(x.w1 == y.w1 && x.w2 == y.w2 && x.w3 == y.w3 && x.b1 == y.b1 && x.b2 == y.b2 &&
+                x.b3 == y.b3)
+        << "expert " << e << " differs";
+  }
+}
+
 TEST_F(ClusterTest, RouterFollowsMembershipAndTrainingSurvivesAShardLoss) {
   MembershipCluster mc;
-  auto c = common::Subprocess::Spawn({MOE_BIN_DIR "/moe-coordinator", "--host", "127.0.0.1",
-                                      "--port", "0", "--lease-ms", "1000"});
-  ASSERT_TRUE(c.ok());
-  mc.coordinator = std::move(*c);
-  auto cport = mc.coordinator.ReadListeningPort(absl::Seconds(30));
-  ASSERT_TRUE(cport.ok());
-  mc.coordinator_addr = absl::StrCat("127.0.0.1:", *cport);
-  for (int i = 0; i < 2; ++i) ASSERT_TRUE(mc.AddShard(*path_).ok());
-  auto r = common::Subprocess::Spawn({MOE_BIN_DIR "/moe-router", "--checkpoint", *path_, "--host",
-                                      "127.0.0.1", "--port", "0", "--coordinator",
-                                      mc.coordinator_addr, "--placement", "replicated"});
-  ASSERT_TRUE(r.ok());
-  mc.router = std::move(*r);
-  auto rport = mc.router.ReadListeningPort(absl::Seconds(30));
-  ASSERT_TRUE(rport.ok());
-  auto stub = client::MakeRouterStub(absl::StrCat("127.0.0.1:", *rport));
+  ASSERT_TRUE(mc.Start(*path_, 2, "replicated").ok());
+  auto stub = client::MakeRouterStub(mc.router_addr);
   auto wait_for = [&](int shards, double seconds) {
-    const auto start = Clock::now();
-    while (Since(start) < seconds) {
-      if (ShardCount(stub.get(), true) == shards && ShardCount(stub.get(), false) == shards) {
-        return Since(start);
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    return -1.0;
+    return WaitForShards(stub.get(), shards, seconds);
   };
   ASSERT_GE(wait_for(2, 20), 0) << "the router did not pick up the two shards";
   // A shard that joins is seen without restarts.
@@ -531,10 +585,7 @@ TEST_F(ClusterTest, RouterFollowsMembershipAndTrainingSurvivesAShardLoss) {
   EXPECT_GE(wait_for(3, 10), 0);
   auto unchanged = save("member_unchanged.safetensors");
   ASSERT_TRUE(unchanged.ok());
-  for (int e = 0; e < Config().num_experts; ++e) {
-    EXPECT_EQ(unchanged->experts[e].w1, before->experts[e].w1) << "expert " << e << " changed";
-  }
-  EXPECT_EQ(unchanged->gate.weight, before->gate.weight);
+  ExpectSameWeights(*unchanged, *before);
   // A shard that leaves is seen too, and training goes on with the others.
   mc.shards[0].Signal(SIGKILL);
   EXPECT_GE(wait_for(2, 10), 0) << "the killed shard did not leave the membership";
@@ -546,6 +597,75 @@ TEST_F(ClusterTest, RouterFollowsMembershipAndTrainingSurvivesAShardLoss) {
   EXPECT_NE(after->experts[0].w1, before->experts[0].w1);
   ASSERT_TRUE(Infer(stub.get(), Request(x, 16, "m2"), &resp).ok());
 }
+
+// A rank lost during a training step's reduction: killed mid all-reduce, stopped with SIGSTOP
+// mid all-reduce, or gone before the first message (MOE_FAILPOINT in one shard's environment
+// picks the moment, see shard_server.cc). The step fails with ABORTED long before its deadline,
+// no weight changes anywhere, and once the membership has settled the next step trains every
+// replica alike.
+class RingFaultTest : public ClusterTest, public ::testing::WithParamInterface<const char*> {};
+
+TEST_P(RingFaultTest, ARankLostDuringTheReductionAbortsTheStepInTime) {
+  const std::string failpoint = GetParam();
+  const bool stall = failpoint == "reduce_stall_mid_ring";
+  MembershipCluster mc;
+  ASSERT_TRUE(mc.Start(*path_, 2, "replicated").ok());
+  ASSERT_EQ(setenv("MOE_FAILPOINT", failpoint.c_str(), 1), 0);
+  const absl::Status third = mc.AddShard(*path_);
+  unsetenv("MOE_FAILPOINT");
+  ASSERT_TRUE(third.ok()) << third;
+  auto stub = client::MakeRouterStub(mc.router_addr);
+  ASSERT_GE(WaitForShards(stub.get(), 3, 20), 0) << "the router did not pick up three shards";
+  absl::StatusOr<common::Checkpoint> before = SaveIdentical(stub.get(), failpoint + "_0");
+  ASSERT_TRUE(before.ok()) << before.status();
+
+  // The step is aborted everywhere as soon as one member's reduction fails (the coordinator
+  // aborts the step on every shard, which breaks the reductions still waiting there), well
+  // before its deadline: at once when the rank died, within the keepalive timeout (1.5 s) when
+  // it stalled. The deadline (8 s) only bounds what the test waits.
+  constexpr int kDeadlineMs = 8000;
+  const auto start = Clock::now();
+  grpc::Status st = Train(stub.get(), 8000, kDeadlineMs);
+  const double took = Since(start);
+  std::fprintf(stderr, "%s: the step failed after %.2f s: %s\n", failpoint.c_str(), took,
+               st.error_message().c_str());
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::ABORTED) << st.error_message();
+  EXPECT_NE(st.error_message().find("aborted, no weight changed"), std::string::npos)
+      << st.error_message();
+  EXPECT_LT(took, stall ? 4.0 : 2.0);
+  if (stall) {
+    mc.shards[2].Signal(SIGCONT);
+  } else {
+    EXPECT_TRUE(mc.shards[2].Wait(absl::Seconds(5)).ok()) << "the failpoint did not fire";
+  }
+  ASSERT_GE(WaitForShards(stub.get(), stall ? 3 : 2, 20), 0) << "the membership did not settle";
+  absl::StatusOr<common::Checkpoint> unchanged = SaveIdentical(stub.get(), failpoint + "_1");
+  ASSERT_TRUE(unchanged.ok()) << unchanged.status();
+  ExpectSameWeights(*unchanged, *before);
+
+  // The next step succeeds (a shard's last step may still be ending: retried for a while).
+  st = Train(stub.get(), 8100, 20000);
+  for (const auto again = Clock::now(); !st.ok() && Since(again) < 20;
+       st = Train(stub.get(), 8100, 20000)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  absl::StatusOr<common::Checkpoint> after = SaveIdentical(stub.get(), failpoint + "_2");
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_NE(after->gate.weight, before->gate.weight);
+  int trained = 0;  // an expert that got no token keeps its weights
+  for (int e = 0; e < Config().num_experts; ++e) {
+    trained += after->experts[e].w1 != before->experts[e].w1;
+  }
+  EXPECT_GT(trained, Config().num_experts / 2);
+}
+
+INSTANTIATE_TEST_SUITE_P(Failpoints, RingFaultTest,
+                         ::testing::Values("reduce_exit_before_ring", "reduce_exit_mid_ring",
+                                           "reduce_stall_mid_ring"),
+                         [](const ::testing::TestParamInfo<const char*>& info) {
+                           return std::string(info.param);
+                         });
 
 // A trained cluster whose shards all hold their experts copies none of them. The router's control
 // loop once read every shard's status as empty, so each second it saw every expert missing
@@ -766,9 +886,7 @@ TEST_F(ClusterTest, AShardWithAStateDirKeepsItsTrainingAcrossARestart) {
 // from that shard that the verdict was commit and finishes the commit on the other: the step
 // succeeds, and both replicas of every expert hold the same trained weights.
 TEST_F(ClusterTest, ACoordinatorThatDiesMidCommitLeavesTheStepCommittedEverywhere) {
-  ASSERT_EQ(setenv("MOE_FAILPOINT", "coordinator_exit_mid_commit", 1), 0);
-  auto cluster = Start("replicated", 2);
-  unsetenv("MOE_FAILPOINT");
+  auto cluster = StartWithFailpoint("coordinator_exit_mid_commit", "replicated", 2);
   ASSERT_NE(cluster, nullptr);
   auto stub = client::MakeRouterStub(cluster->router_address());
   const grpc::Status st = Train(stub.get(), 7000, 20000, 0.005f);
@@ -777,6 +895,35 @@ TEST_F(ClusterTest, ACoordinatorThatDiesMidCommitLeavesTheStepCommittedEverywher
   ASSERT_TRUE(saved.ok()) << saved.status();
   for (int e = 0; e < Config().num_experts; ++e) {
     EXPECT_NE(saved->experts[e].w1, ck_->experts[e].w1) << "expert " << e << " did not train";
+  }
+}
+
+// Before a step the router reads every replica's training step (a replica behind is copied
+// first); a shard in rotation whose status cannot be read (MOE_FAILPOINT=shard_status_unavailable
+// makes every status call fail while the shard serves) might hold stale weights, so the step is
+// refused with UNAVAILABLE naming the shard, no weight changes, and inference goes on.
+TEST_F(ClusterTest, AStepIsRefusedWhileAShardsReplicasCannotBeChecked) {
+  auto cluster = StartWithFailpoint("shard_status_unavailable", "replicated", 2);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  const grpc::Status st = Train(stub.get(), 7100, 20000);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+  for (const std::string& part :
+       {absl::StrCat("cannot check the replicas on ", cluster->shard_addresses()[0],
+                     " before the step"),
+        std::string("the step is refused, try again")}) {
+    EXPECT_NE(st.error_message().find(part), std::string::npos) << st.error_message();
+  }
+  const std::vector<float> x = common::RandomMatrix(8, Config().d_model, 7102);
+  v1::InferResponse resp;
+  ASSERT_TRUE(Infer(stub.get(), Request(x, 8, "serving"), &resp).ok());
+  EXPECT_TRUE(Matches(x, 8, resp, *layer_));
+  absl::StatusOr<common::Checkpoint> saved = SaveIdentical(stub.get(), "refused.safetensors");
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  EXPECT_EQ(saved->gate.weight, ck_->gate.weight);
+  for (int e = 0; e < Config().num_experts; ++e) {
+    EXPECT_EQ(saved->experts[e].w1, ck_->experts[e].w1) << "expert " << e << " changed";
+    EXPECT_EQ(saved->experts[e].w2, ck_->experts[e].w2) << "expert " << e << " changed";
   }
 }
 

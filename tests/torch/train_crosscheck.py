@@ -12,6 +12,7 @@ usage: train_crosscheck.py BUILD_DIR WORK_DIR
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -45,6 +46,21 @@ def rel(ours, ref):
     return np.abs(ours - ref).max() / scale
 
 
+def train_step(stub, request):
+    """TrainStep, asked again while the router refuses it with UNAVAILABLE (a shard briefly out
+    of rotation or slow to show its replicas on a loaded machine): a refused step changed no
+    weight, and the router says to try again."""
+    start = time.monotonic()
+    while True:
+        try:
+            return stub.TrainStep(request, timeout=60)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() - start > 30:
+                raise
+            print(f"TrainStep refused, asking again: {e.details()}")
+            time.sleep(0.1)
+
+
 def run(placement):
     ck = os.path.join(work, f"train_{placement}.safetensors")
     subprocess.run([f"{bin_dir}/moe-client", "init-checkpoint", "--out", ck, "--experts", str(E),
@@ -58,9 +74,9 @@ def run(placement):
         rng = np.random.default_rng(17)
         x = rng.uniform(-1, 1, (N, D)).astype(np.float32)
         dy = rng.uniform(-1, 1, (N, D)).astype(np.float32)
-        resp = stub.TrainStep(router_pb2.TrainStepRequest(
+        resp = train_step(stub, router_pb2.TrainStepRequest(
             tokens=tensor(x), grad_output=tensor(dy), learning_rate=LR, aux_loss_coef=AUX,
-            z_loss_coef=ZC), timeout=60)
+            z_loss_coef=ZC))
         grad_input = np.frombuffer(resp.grad_input.data, "<f4").reshape(N, D)
         saved = os.path.join(work, f"after_{placement}.safetensors")
         sresp = stub.SaveCheckpoint(router_pb2.SaveCheckpointRequest(path=saved), timeout=60)
@@ -79,8 +95,8 @@ def run(placement):
         for i in range(10):
             xi = rng.uniform(-1, 1, (N, D)).astype(np.float32)
             dyi = rng.uniform(-1, 1, (N, D)).astype(np.float32)
-            stub.TrainStep(router_pb2.TrainStepRequest(tokens=tensor(xi), grad_output=tensor(dyi),
-                                                       learning_rate=LR), timeout=60)
+            train_step(stub, router_pb2.TrainStepRequest(tokens=tensor(xi), grad_output=tensor(dyi),
+                                                         learning_rate=LR))
         sresp = stub.SaveCheckpoint(router_pb2.SaveCheckpointRequest(path=saved), timeout=60)
         if not sresp.replicas_identical or sresp.step != 11:
             failures.append(f"{placement}: after 11 steps identical={sresp.replicas_identical} "
