@@ -218,6 +218,11 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
   };
   std::mutex train_mu;
   std::map<uint64_t, StepState> steps;
+  // ReduceGradients calls under way (each on a thread of its own), and whether shutdown has
+  // closed the door to new ones; shutdown breaks their rings and waits for their answers.
+  int running_reductions = 0;
+  bool reductions_closed = false;
+  std::condition_variable reductions_cv;
   // Steps already finished (the most recent ones), with the verdict that ended them (the first
   // one: nothing is applied after a step ends): late forwards of them are not kept, and GetStep
   // reports the verdict.
@@ -835,6 +840,7 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
   std::map<int, common::ExpertWeights> grads;
   {
     std::lock_guard<std::mutex> lock(train_mu);
+    if (reductions_closed) return absl::UnavailableError("shard is shutting down");
     if (finished_steps.count(req.train_step())) {
       return absl::FailedPreconditionError(
           absl::StrCat("step ", req.train_step(), " has already ended on this shard"));
@@ -934,8 +940,19 @@ grpc::ServerUnaryReactor* ShardServer::Impl::ReduceGradients(
     v1::ReduceGradientsResponse* resp) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   // The ring blocks on its peers: run it on a thread of its own, not on a gRPC or compute thread.
+  {
+    std::lock_guard<std::mutex> lock(train_mu);
+    if (reductions_closed) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "shard is shutting down"));
+      return reactor;
+    }
+    ++running_reductions;
+  }
   std::thread([this, reactor, req, resp] {
     reactor->Finish(common::ToGrpcStatus(RunReduce(*req, resp)));
+    std::lock_guard<std::mutex> lock(train_mu);
+    --running_reductions;
+    reductions_cv.notify_all();
   }).detach();
   return reactor;
 }
@@ -1031,6 +1048,17 @@ void ShardServer::Impl::DoShutdown(absl::Duration grace) {
     for (auto& s : open) {
       s->cancelled->store(true);
       s->End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "shard is shutting down"));
+    }
+    {
+      // Reductions under way fail now (their rings break) and have answered before the server
+      // goes; none starts from here on.
+      std::unique_lock<std::mutex> lock(train_mu);
+      reductions_closed = true;
+      for (const auto& [id, step] : steps) {
+        for (const auto& [group, generation] : step.rings) hub.Break(group, generation);
+      }
+      reductions_cv.wait_for(lock, std::chrono::seconds(5),
+                             [this] { return running_reductions == 0; });
     }
     store->StopLoading();
     pool->Shutdown();

@@ -38,6 +38,8 @@ usage: moe-router --checkpoint PATH (--shards HOST:PORT[,...] | --coordinator HO
   --min-split-rows N         an expert's rows in a batch go to its replicas in pieces of at
                              least N (default 64; 1: pieces of rows / (4 x replicas))
   --wire fp32|bf16           row format towards the shards (default fp32)
+  --allreduce-wire fp32|bf16 gradient format on the replicas' ring all-reduce (default fp32;
+                             bf16 halves the bytes and rounds the summed gradients to BF16)
   --timeout-s N              deadline for requests that come without one (default 30)
   --coordinator HOST:PORT    moe-coordinator, needed for TrainStep
   --auth-token-file F        require "authorization: Bearer <token in F>" on every Router call
@@ -55,7 +57,7 @@ absl::Status Run(int argc, char** argv) {
                              {"dynamic-slots", true}, {"imbalance-threshold", true},
                              {"rebalance-cooldown-s", true}, {"max-batch-tokens", true},
                              {"min-split-rows", true},
-                             {"wire", true}, {"timeout-s", true}, {"coordinator", true}, {"auth-token-file", true}})));
+                             {"wire", true}, {"allreduce-wire", true}, {"timeout-s", true}, {"coordinator", true}, {"auth-token-file", true}})));
   moe::router::RouterServerOptions o;
   ASSIGN_OR_RETURN(o.checkpoint, f.Require("checkpoint"));
   const std::string shards = f.Get("shards");
@@ -93,6 +95,10 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(double timeout, f.GetDouble("timeout-s", 30));
   const std::string wire = f.Get("wire", "fp32");
   if (wire != "fp32" && wire != "bf16") return absl::InvalidArgumentError("--wire must be fp32 or bf16");
+  const std::string allreduce_wire = f.Get("allreduce-wire", "fp32");
+  if (allreduce_wire != "fp32" && allreduce_wire != "bf16") {
+    return absl::InvalidArgumentError("--allreduce-wire must be fp32 or bf16");
+  }
   if (threads < 1 || slots < 0 || o.max_batch_tokens < 1 || o.min_split_rows < 1 || timeout <= 0 ||
       cooldown < 0) {
     return absl::InvalidArgumentError(
@@ -104,6 +110,7 @@ absl::Status Run(int argc, char** argv) {
   o.rebalance_cooldown = absl::Seconds(cooldown);
   o.default_timeout = absl::Seconds(timeout);
   o.wire = wire == "bf16" ? moe::common::WireType::kBFloat16 : moe::common::WireType::kFloat32;
+  o.bf16_allreduce = allreduce_wire == "bf16";
 
   moe::common::TuneAllocatorForLargeBuffers();
   RETURN_IF_ERROR(moe::common::ConfigureTlsFromFlags(f));

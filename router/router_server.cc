@@ -669,19 +669,34 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // ---- RPC handlers ----
 
   // Checks the token, then runs `work` (which returns the call's status) on the worker pool and
-  // finishes the unary call with it; `method`, when given, is recorded in the request metrics.
+  // finishes the unary call with it, recorded under `method` in the request metrics.
+  // Checks the call's token. A call refused is answered UNAUTHENTICATED and counted under
+  // `method` in the request metrics.
+  bool Admit(grpc::CallbackServerContext* ctx, grpc::ServerUnaryReactor* reactor,
+             const char* method) {
+    if (Authorized(ctx)) return true;
+    metrics->Request(method, CodeName(absl::StatusCode::kUnauthenticated), 0.0);
+    reactor->Finish(Unauthenticated());
+    return false;
+  }
+
+  // Finishes a unary call answered on the gRPC thread, counted under `method`.
+  void Answer(grpc::ServerUnaryReactor* reactor, const char* method,
+              std::chrono::steady_clock::time_point start, const grpc::Status& st) {
+    metrics->Request(method, CodeName(static_cast<absl::StatusCode>(st.error_code())),
+                     Seconds(start));
+    reactor->Finish(st);
+  }
+
   template <typename Work>
   grpc::ServerUnaryReactor* Offload(grpc::CallbackServerContext* ctx, const char* method,
                                     Work work) {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-    if (!Authorized(ctx)) {
-      reactor->Finish(Unauthenticated());
-      return reactor;
-    }
+    if (!Admit(ctx, reactor, method)) return reactor;
     const auto start = std::chrono::steady_clock::now();
     if (!pool->Submit([this, reactor, method, start, work = std::move(work)] {
           const absl::Status st = work();
-          if (method != nullptr) metrics->Request(method, CodeName(st.code()), Seconds(start));
+          metrics->Request(method, CodeName(st.code()), Seconds(start));
           reactor->Finish(common::ToGrpcStatus(st));
         })) {
       reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "router is shutting down"));
@@ -692,10 +707,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   grpc::ServerUnaryReactor* Infer(grpc::CallbackServerContext* ctx, const v1::InferRequest* req,
                                   v1::InferResponse* resp) override {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-    if (!Authorized(ctx)) {
-      reactor->Finish(Unauthenticated());
-      return reactor;
-    }
+    if (!Admit(ctx, reactor, "Infer")) return reactor;
     const auto start = std::chrono::steady_clock::now();
     Forward(req, resp, DeadlineOf(ctx), [this, reactor, start](absl::Status st) {
       metrics->Request("Infer", CodeName(st.code()), Seconds(start));
@@ -765,7 +777,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     RETURN_IF_ERROR(ReloadStale(*t, /*trained=*/nullptr, /*before_step=*/true));
     std::shared_ptr<const common::GateWeights> gw = Gate();
     TrainParams p{req.learning_rate(), req.aux_loss_coef(), req.z_loss_coef(),
-                  options.capacity_factor};
+                  options.capacity_factor, options.bf16_allreduce};
     ASSIGN_OR_RETURN(TrainResult r, trainer->Step(*t, *gw, x.data(), dy.data(), n, p, deadline));
     auto next = std::make_shared<common::GateWeights>(*gw);
     for (size_t i = 0; i < next->weight.size(); ++i) {
@@ -842,10 +854,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                            const v1::GetClusterInfoRequest*,
                                            v1::ClusterInfo* info) override {
     auto* reactor = ctx->DefaultReactor();
-    if (!Authorized(ctx)) {
-      reactor->Finish(Unauthenticated());
-      return reactor;
-    }
+    if (!Admit(ctx, reactor, "GetClusterInfo")) return reactor;
+    const auto start = std::chrono::steady_clock::now();
     info->set_d_model(config.d_model);
     info->set_d_ff(config.d_ff);
     info->set_num_experts(config.num_experts);
@@ -864,7 +874,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       for (int e : t->placement.ExpertsOn(s)) si->add_experts(e);
       si->set_placement_version(t->placement.version);
     }
-    reactor->Finish(grpc::Status::OK);
+    Answer(reactor, "GetClusterInfo", start, grpc::Status::OK);
     return reactor;
   }
 
@@ -872,18 +882,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                          const v1::GetPlacementRequest*,
                                          v1::Placement* out) override {
     auto* reactor = ctx->DefaultReactor();
-    if (!Authorized(ctx)) {
-      reactor->Finish(Unauthenticated());
-      return reactor;
-    }
+    if (!Admit(ctx, reactor, "GetPlacement")) return reactor;
+    const auto start = std::chrono::steady_clock::now();
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) {
-      reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                   "the initial placement is still loading"));
+      Answer(reactor, "GetPlacement", start,
+             grpc::Status(grpc::StatusCode::UNAVAILABLE, "the initial placement is still loading"));
       return reactor;
     }
     *out = ToProto(t->placement, true);
-    reactor->Finish(grpc::Status::OK);
+    Answer(reactor, "GetPlacement", start, grpc::Status::OK);
     return reactor;
   }
 
@@ -974,6 +982,7 @@ class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest
     core_->reactor = this;
     core_->resume_read = [this] { StartRead(&request_); };
     if (!impl_->Authorized(ctx)) {
+      impl_->metrics->Request("InferStream", CodeName(absl::StatusCode::kUnauthenticated), 0.0);
       core_->End(RouterServer::Impl::Unauthenticated());
       return;
     }

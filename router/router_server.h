@@ -45,6 +45,8 @@ struct RouterServerOptions {
   absl::Duration reconcile_interval = absl::Seconds(1);
   int64_t max_batch_tokens = 8192;
   common::WireType wire = common::WireType::kFloat32;
+  // Replicas reduce their gradients with BF16 on the wire (CommitStepRequest.bf16_wire).
+  bool bf16_allreduce = false;
   int64_t min_split_rows = DispatcherOptions().min_split_rows;
   // Deadline applied to requests that come without one.
   absl::Duration default_timeout = absl::Seconds(30);

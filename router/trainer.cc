@@ -337,6 +337,7 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   v1::CommitStepRequest commit;
   commit.set_train_step(result.step);
   commit.set_learning_rate(params.learning_rate);
+  commit.set_bf16_wire(params.bf16_allreduce);
   for (auto& grp : ReplicaGroups(table)) *commit.add_groups() = std::move(grp);
   for (const auto& s : table.shards) commit.add_shards(s->address());
   commit.set_timeout_ms(static_cast<uint32_t>(

@@ -29,6 +29,7 @@ struct TrainParams {
   float aux_loss_coef = 0.f;
   float z_loss_coef = 0.f;
   double capacity_factor = 0.0;
+  bool bf16_allreduce = false;  // BF16 on the replicas' ring (the sums are rounded to BF16)
 };
 
 struct TrainResult {

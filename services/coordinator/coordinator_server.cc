@@ -281,7 +281,8 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
         }
       } else if (c.rank == 0) {
         const int n = req.groups(c.group).shards_size();
-        const double bytes = 4.0 * static_cast<double>(c.resp.elements());
+        const double bytes =
+            (req.bf16_wire() ? 2.0 : 4.0) * static_cast<double>(c.resp.elements());
         allreduce_seconds->Observe(c.resp.seconds());
         allreduce_bytes->Increment(bytes);
         resp->set_allreduce_bytes(resp->allreduce_bytes() + static_cast<int64_t>(bytes));

@@ -7,6 +7,7 @@
 #include <map>
 
 #include "absl/strings/str_join.h"
+#include "expert_server/expert_ffn.h"
 #include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/common/grpc_status.h"
@@ -87,11 +88,31 @@ TEST_F(ClusterTest, CapacityDropMatchesTheLayerAndSpillDropsLess) {
   EXPECT_GT(resp.stats().dropped_assignments(), 0);
   const int64_t dropped = resp.stats().dropped_assignments();
   cluster.reset();
-  auto spill = Start("replicated", 2, {"--capacity-factor", "0.5", "--overflow", "spill"});
+  const int metrics = testing::FreePortBlock(3);
+  auto spill = Start("replicated", 2, {"--capacity-factor", "0.5", "--overflow", "spill"}, {},
+                     metrics);
   ASSERT_NE(spill, nullptr);
   auto stub2 = client::MakeRouterStub(spill->router_address());
   ASSERT_TRUE(Infer(stub2.get(), Request(x, n, "spill"), &resp).ok());
   EXPECT_LT(resp.stats().dropped_assignments(), dropped);
+  // What spill took past the first replica's capacity is counted, and the answer is still the
+  // gate-weighted sum of the experts each token reached (the routing says which).
+  EXPECT_GT(ScrapeMetric(metrics, "moe_router_assignments_total{outcome=\"spilled\"}"), 0);
+  const int64_t d = Config().d_model;
+  const std::vector<float> y = common::ViewToFloat(*common::DecodeTensor(resp.output(), "y"));
+  const int k = static_cast<int>(resp.routing().top_k());
+  std::vector<std::unique_ptr<expert::ExpertFfn>> experts;
+  for (const auto& w : ck_->experts) experts.push_back(*expert::ExpertFfn::Create(Config(), w));
+  for (int64_t t = 0; t < n; ++t) {
+    std::vector<float> want(d, 0.f), out(d);
+    for (int j = 0; j < k; ++j) {
+      const int e = resp.routing().expert_ids(t * k + j);
+      if (e < 0) continue;
+      ASSERT_TRUE(experts[e]->Forward(&x[t * d], 1, out.data()).ok());
+      for (int64_t c = 0; c < d; ++c) want[c] += resp.routing().weights(t * k + j) * out[c];
+    }
+    for (int64_t c = 0; c < d; ++c) ASSERT_NEAR(y[t * d + c], want[c], 1e-5) << t << "," << c;
+  }
 }
 
 TEST_F(ClusterTest, KilledShardWithReplicasLosesNoRequest) {
@@ -239,6 +260,9 @@ TEST_F(ClusterTest, RebalanceUnderLoadNeverFailsARequest) {
   v1::Placement p;
   ASSERT_TRUE(stub->Rebalance(&ctx, dry, &p).ok());
   EXPECT_FALSE(p.applied());
+  EXPECT_EQ(p.strategy(), "replicated");  // the proposal, scored
+  EXPECT_EQ(p.experts_size(), Config().num_experts);
+  for (const auto& e : p.experts()) EXPECT_EQ(e.shards_size(), 3) << "expert " << e.expert();
   grpc::ClientContext ctx2;
   ASSERT_TRUE(stub->GetPlacement(&ctx2, v1::GetPlacementRequest(), &p).ok());
   EXPECT_EQ(p.strategy(), "sharded");
@@ -376,30 +400,51 @@ TEST_F(ClusterTest, RouterMetricsCoverRequestsStagesExpertsAndShards) {
   auto cluster = Start("hybrid", 2, {"--capacity-factor", "0.3"}, {}, metrics);
   ASSERT_NE(cluster, nullptr);
   auto stub = client::MakeRouterStub(cluster->router_address());
+  std::vector<int64_t> assigned(Config().num_experts, 0);  // from the answers' routing
+  int64_t dropped = 0;
   for (int i = 0; i < 5; ++i) {
     const std::vector<float> x = common::RandomMatrix(40, Config().d_model, 300 + i);
     v1::InferResponse resp;
     ASSERT_TRUE(Infer(stub.get(), Request(x, 40, "m"), &resp).ok());
+    for (int e : resp.routing().expert_ids()) (e >= 0 ? assigned[e] : dropped) += 1;
   }
   v1::InferResponse resp;
   EXPECT_FALSE(Infer(stub.get(), Request({}, 0, "bad"), &resp).ok());
+  {
+    grpc::ClientContext ctx;
+    v1::ClusterInfo info;
+    ASSERT_TRUE(stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info).ok());
+    grpc::ClientContext pctx;
+    v1::Placement p;
+    ASSERT_TRUE(stub->GetPlacement(&pctx, v1::GetPlacementRequest(), &p).ok());
+    grpc::ClientContext rctx;
+    v1::RebalanceRequest r;
+    r.set_strategy("sharded");
+    ASSERT_TRUE(stub->Rebalance(&rctx, r, &p).ok());
+  }
   const std::string body = ScrapeBody(metrics);
   for (const char* series :
        {"moe_router_requests_total{code=\"OK\",method=\"Infer\"} 5",
         "moe_router_requests_total{code=\"INVALID_ARGUMENT\",method=\"Infer\"} 1",
+        "moe_router_requests_total{code=\"OK\",method=\"GetClusterInfo\"} 1",
+        "moe_router_requests_total{code=\"OK\",method=\"GetPlacement\"} 1",
+        "moe_router_requests_total{code=\"OK\",method=\"Rebalance\"} 1",
         "moe_router_request_seconds_count{method=\"Infer\"} 6",
         "moe_router_stage_seconds_count{stage=\"gate\"} 5",
         "moe_router_stage_seconds_count{stage=\"dispatch\"} 5",
         "moe_router_stage_seconds_count{stage=\"combine\"} 5", "moe_router_tokens_total 200",
-        "moe_router_placement_version 1", "moe_router_failovers_total 0"}) {
+        "moe_router_placement_version 2", "moe_router_failovers_total 0",
+        "moe_router_assignments_total{outcome=\"spilled\"} 0"}) {
     EXPECT_NE(body.find(std::string("\n") + series), std::string::npos) << series;
   }
-  for (const char* prefix : {"moe_expert_tokens_total{expert=\"0\"}", "moe_router_load_imbalance",
-                             "moe_router_assignments_total{outcome=\"dropped\"}",
-                             "moe_router_assignments_total{outcome=\"spilled\"}"}) {
-    EXPECT_GE(ScrapeMetric(metrics, prefix), 0) << prefix;
+  // Each expert's count is what the answers' routing says it computed; the rest were dropped.
+  for (int e = 0; e < Config().num_experts; ++e) {
+    EXPECT_EQ(ScrapeMetric(metrics, absl::StrCat("moe_expert_tokens_total{expert=\"", e, "\"}")),
+              assigned[e])
+        << "expert " << e;
   }
-  EXPECT_GT(ScrapeMetric(metrics, "moe_router_assignments_total{outcome=\"dropped\"}"), 0);
+  EXPECT_GT(dropped, 0);
+  EXPECT_EQ(ScrapeMetric(metrics, "moe_router_assignments_total{outcome=\"dropped\"}"), dropped);
   for (const std::string& shard : cluster->shard_addresses()) {
     EXPECT_EQ(ScrapeMetric(metrics, "moe_shard_up{shard=\"" + shard + "\"}"), 1) << shard;
   }
@@ -896,6 +941,46 @@ TEST_F(ClusterTest, ACoordinatorThatDiesMidCommitLeavesTheStepCommittedEverywher
   for (int e = 0; e < Config().num_experts; ++e) {
     EXPECT_NE(saved->experts[e].w1, ck_->experts[e].w1) << "expert " << e << " did not train";
   }
+}
+
+// `--allreduce-wire bf16`: the replicas' ring carries BF16, half the bytes (the coordinator
+// counts them), every replica still ends bit-identical, and the update is FP32's within BF16's
+// rounding of the summed gradients.
+TEST_F(ClusterTest, ABf16AllReduceHalvesTheBytesAndTrainsReplicasAlike) {
+  int64_t elements = 0;  // every expert's parameters: replicated, one group holds them all
+  for (const auto& w : ck_->experts) {
+    elements += static_cast<int64_t>(w.w1.size() + w.w2.size() + w.w3.size() + w.b1.size() +
+                                     w.b2.size() + w.b3.size());
+  }
+  std::map<std::string, common::Checkpoint> trained;
+  std::map<std::string, double> bytes;
+  for (const std::string wire : {"fp32", "bf16"}) {
+    const int metrics = testing::FreePortBlock(4);
+    auto cluster = Start("replicated", 2, {"--allreduce-wire", wire}, {}, metrics);
+    ASSERT_NE(cluster, nullptr);
+    auto stub = client::MakeRouterStub(cluster->router_address());
+    const grpc::Status st = Train(stub.get(), 9000, 20000);
+    ASSERT_TRUE(st.ok()) << wire << ": " << st.error_message();
+    absl::StatusOr<common::Checkpoint> saved = SaveIdentical(stub.get(), "wire_" + wire);
+    ASSERT_TRUE(saved.ok()) << saved.status();
+    trained[wire] = *std::move(saved);
+    bytes[wire] = ScrapeMetric(metrics + 3, "moe_coordinator_allreduce_bytes_total");
+  }
+  EXPECT_EQ(bytes["fp32"], 4.0 * static_cast<double>(elements));
+  EXPECT_EQ(bytes["bf16"], 2.0 * static_cast<double>(elements));
+  double diff = 0, norm = 0;
+  for (int e = 0; e < Config().num_experts; ++e) {
+    const auto& base = ck_->experts[e].w1;
+    for (size_t i = 0; i < base.size(); ++i) {
+      const double want = trained["fp32"].experts[e].w1[i] - base[i];
+      const double got = trained["bf16"].experts[e].w1[i] - base[i];
+      diff += (got - want) * (got - want);
+      norm += want * want;
+    }
+  }
+  ASSERT_GT(norm, 0);
+  EXPECT_GT(diff, 0) << "BF16 on the wire changed nothing: was it used?";
+  EXPECT_LT(std::sqrt(diff / norm), 1e-2);
 }
 
 // Before a step the router reads every replica's training step (a replica behind is copied

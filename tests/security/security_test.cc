@@ -143,6 +143,9 @@ TEST_F(SecurityTest, EveryWrongWayInIsRefused) {
   };
   EXPECT_GE(count("moe_router_auth_refused_total{reason=\"missing_token\"} "), 1);
   EXPECT_GE(count("moe_router_auth_refused_total{reason=\"wrong_token\"} "), 2);
+  EXPECT_GE(
+      count("moe_router_requests_total{code=\"UNAUTHENTICATED\",method=\"GetClusterInfo\"} "),
+      3);
   // Health checks need no token.
   auto h = common::CheckHealth(good.get(), absl::Seconds(5));
   ASSERT_TRUE(h.ok()) << h.status();
