@@ -267,9 +267,10 @@ void GrpcPeerTransport::WriterLoop() {
   const grpc::internal::RpcMethod method(kMethod, grpc::internal::RpcMethod::CLIENT_STREAMING,
                                          channel_);
   grpc::ByteBuffer ack;
-  std::unique_ptr<grpc::ClientWriter<grpc::ByteBuffer>> writer(
-      grpc::internal::ClientWriterFactory<grpc::ByteBuffer>::Create(channel_.get(), method, &ctx_,
-                                                                    &ack));
+  // The stream opens with the first chunk. A collective that sends nothing (an empty buffer)
+  // opens none, so it never waits for a next rank that, having nothing to wait for either, may
+  // be gone already.
+  std::unique_ptr<grpc::ClientWriter<grpc::ByteBuffer>> writer;
   std::unique_lock<std::mutex> lock(mu_);
   while (true) {
     cv_.wait(lock, [this] { return closing_ || aborted_ || !queue_.empty(); });
@@ -277,6 +278,10 @@ void GrpcPeerTransport::WriterLoop() {
     Chunk c = std::move(queue_.front());
     queue_.pop_front();
     lock.unlock();
+    if (writer == nullptr) {
+      writer.reset(grpc::internal::ClientWriterFactory<grpc::ByteBuffer>::Create(
+          channel_.get(), method, &ctx_, &ack));
+    }
     const bool ok = writer->Write(ChunkToWire(group_, rank_, std::move(c)));
     lock.lock();
     if (!ok) {
@@ -288,6 +293,7 @@ void GrpcPeerTransport::WriterLoop() {
   }
   const bool half_close = !broken_ && !aborted_;
   lock.unlock();
+  if (writer == nullptr) return;
   if (half_close) writer->WritesDone();
   grpc::Status st = writer->Finish();
   if (!st.ok()) {

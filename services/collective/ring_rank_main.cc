@@ -9,6 +9,8 @@
 // "RESULT code=CODE ms=MS correct=0|1 seconds_per_op=S". With --persistent, every collective
 // shares one stream to the next rank (a warm-up, --repeat timed back to back, one checked).
 // --piece-bytes sets the largest piece on the wire (default 1 MiB), to measure that trade-off.
+// --wire bf16 and --op avg are checked too: the expected value is the exact sum, divided by the
+// world for avg, rounded to BF16 for bf16 (the inputs are small integers, exact in BF16).
 
 
 #include <chrono>
@@ -21,6 +23,7 @@
 #include "absl/strings/str_cat.h"
 #include "services/collective/grpc_transport.h"
 #include "services/collective/ring_allreduce.h"
+#include "services/common/bf16.h"
 #include "services/common/security.h"
 #include "services/common/flags.h"
 #include "services/common/server_util.h"
@@ -38,7 +41,8 @@ absl::Status Run(int argc, char** argv) {
                                          {{"rank", true}, {"world", true}, {"peers-file", true},
                                           {"length", true}, {"deadline-ms", true},
                                           {"repeat", true}, {"wire", true}, {"host", true},
-                                          {"persistent", false}, {"piece-bytes", true}}));
+                                          {"persistent", false}, {"piece-bytes", true},
+                                          {"op", true}}));
   ASSIGN_OR_RETURN(int64_t rank, f.GetInt("rank", 0));
   ASSIGN_OR_RETURN(int64_t world, f.GetInt("world", 1));
   ASSIGN_OR_RETURN(std::string peers_file, f.Require("peers-file"));
@@ -48,6 +52,9 @@ absl::Status Run(int argc, char** argv) {
   const bool persistent = f.Has("persistent");
   moe::collective::AllReduceOptions opts;
   if (f.Get("wire", "fp32") == "bf16") opts.wire = moe::collective::WireFormat::kBFloat16;
+  const std::string op = f.Get("op", "sum");
+  if (op != "sum" && op != "avg") return absl::InvalidArgumentError("--op must be sum or avg");
+  if (op == "avg") opts.op = moe::collective::ReduceOp::kAvg;
   ASSIGN_OR_RETURN(opts.max_piece_bytes, f.GetInt("piece-bytes", opts.max_piece_bytes));
 
   moe::collective::CollectiveHub hub;
@@ -130,6 +137,10 @@ absl::Status Run(int argc, char** argv) {
   for (int64_t i = 0; correct && i < length; ++i) {
     float want = 0;
     for (int q = 0; q < world; ++q) want += Init(q, i);
+    if (opts.op == moe::collective::ReduceOp::kAvg) want /= static_cast<float>(world);
+    if (opts.wire == moe::collective::WireFormat::kBFloat16) {
+      want = moe::common::Bf16ToFloat(moe::common::FloatToBf16(want));
+    }
     correct = data[i] == want;
   }
   std::printf("RESULT code=%s ms=%.1f correct=%d seconds_per_op=%.6f\n",

@@ -12,6 +12,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "services/collective/grpc_transport.h"
 #include "services/common/subprocess.h"
 #include "tests/reference/test_util.h"
@@ -81,7 +82,7 @@ struct Ring {
 // Starts `world` ranks; the peers file is written once all have ports (or, with `skip`, that
 // rank's address is one nobody listens on).
 Ring StartRing(int world, int64_t length, int64_t deadline_ms, int skip = -1,
-               const std::string& name = "ring") {
+               const std::string& name = "ring", std::vector<std::string> extra = {}) {
   Ring ring;
   ring.peers_file = moe::testing::TempPath(name + ".peers");
   std::remove(ring.peers_file.c_str());
@@ -91,10 +92,12 @@ Ring StartRing(int world, int64_t length, int64_t deadline_ms, int skip = -1,
       addrs.push_back("127.0.0.1:1");  // nothing listens there
       continue;
     }
-    auto p = common::Subprocess::Spawn(
-        {MOE_BIN_DIR "/moe-ring-rank", "--rank", std::to_string(r), "--world",
-         std::to_string(world), "--peers-file", ring.peers_file, "--length",
-         std::to_string(length), "--deadline-ms", std::to_string(deadline_ms)});
+    std::vector<std::string> args = {
+        MOE_BIN_DIR "/moe-ring-rank", "--rank", std::to_string(r), "--world",
+        std::to_string(world), "--peers-file", ring.peers_file, "--length",
+        std::to_string(length), "--deadline-ms", std::to_string(deadline_ms)};
+    args.insert(args.end(), extra.begin(), extra.end());
+    auto p = common::Subprocess::Spawn(args);
     EXPECT_TRUE(p.ok());
     auto port = p->ReadListeningPort(absl::Seconds(20));
     EXPECT_TRUE(port.ok()) << port.status();
@@ -131,14 +134,30 @@ Result ReadResult(common::Subprocess& p, absl::Duration timeout) {
 }
 
 TEST(GrpcRing, ExactSumsAcrossProcesses) {
-  for (int world : {2, 3, 4}) {
-    for (int64_t length : {1L, 7L, 300001L}) {
+  for (int world : {1, 2, 3, 4, 7}) {
+    // Empty, shorter than the ring, not divisible by it, and several 1 MiB pieces per segment.
+    for (int64_t length : {0L, 1L, 7L, 300001L}) {
       Ring ring = StartRing(world, length, 20000, -1, absl::StrCat("ok", world, "_", length));
       for (auto& p : ring.ranks) {
         Result r = ReadResult(p, absl::Seconds(30));
         EXPECT_EQ(r.code, "OK") << "world " << world << " length " << length;
         EXPECT_TRUE(r.correct) << "world " << world << " length " << length;
       }
+    }
+  }
+}
+
+TEST(GrpcRing, AverageAndBf16OnTheWireAcrossProcesses) {
+  for (const std::vector<std::string>& extra :
+       std::vector<std::vector<std::string>>{{"--op", "avg"},
+                                             {"--wire", "bf16"},
+                                             {"--op", "avg", "--wire", "bf16"}}) {
+    const std::string what = absl::StrJoin(extra, " ");
+    Ring ring = StartRing(3, 300001, 20000, -1, absl::StrCat("opts", what.size()), extra);
+    for (auto& p : ring.ranks) {
+      Result r = ReadResult(p, absl::Seconds(30));
+      EXPECT_EQ(r.code, "OK") << what;
+      EXPECT_TRUE(r.correct) << what;
     }
   }
 }
