@@ -652,7 +652,9 @@ namespace {
 //   reduce_exit_mid_ring     it exits once its first piece from the previous rank has arrived
 //                            (the ring is under way on every rank), as if killed;
 //   reduce_stall_mid_ring    at that point it stops itself (SIGSTOP), as if stalled, once per
-//                            process: it carries on after a SIGCONT.
+//                            process: it carries on after a SIGCONT;
+//   commit_skip_update_once  (in RunFinishStep) the first commit stamps its step on the experts
+//                            without moving their weights, so the replicas differ unnoticed.
 bool ReduceFailpointSet() {
   return common::Failpoint("reduce_exit_before_ring") ||
          common::Failpoint("reduce_exit_mid_ring") || common::Failpoint("reduce_stall_mid_ring");
@@ -776,6 +778,15 @@ absl::StatusOr<std::vector<int>> ShardServer::Impl::RunFinishStep(const v1::Fini
     }
     return std::vector<int>{};
   }
+  float learning_rate = req.learning_rate();
+  static std::atomic<bool> skipped{false};
+  if (common::Failpoint("commit_skip_update_once") && !skipped.exchange(true)) {
+    // As if the update were lost on this replica unnoticed: the step is stamped on its experts
+    // and their weights do not move.
+    std::fprintf(stderr, "moe-expert-server: failpoint commit_skip_update_once: step %llu\n",
+                 static_cast<unsigned long long>(step_id));
+    learning_rate = 0.f;
+  }
   std::map<int, common::ExpertWeights> grads = std::move(it->second.grads);
   it->second.grads.clear();
   applying_steps.insert(step_id);
@@ -783,7 +794,7 @@ absl::StatusOr<std::vector<int>> ShardServer::Impl::RunFinishStep(const v1::Fini
   std::vector<int> updated;
   absl::Status st;
   for (auto g = grads.begin(); g != grads.end();) {
-    st = ApplyUpdate(g->first, g->second, req.learning_rate(), step_id);
+    st = ApplyUpdate(g->first, g->second, learning_rate, step_id);
     if (!st.ok()) break;
     updated.push_back(g->first);
     g = grads.erase(g);

@@ -4,10 +4,33 @@
 
 #include <gtest/gtest.h>
 
+#include "router/load_stats.h"
+
 namespace moe::router {
 namespace {
 
 std::vector<double> Uniform(int e) { return std::vector<double>(e, 1.0); }
+
+// The live load is an exponential moving average: the first batch as it is, then
+// ema = 0.9 ema + 0.1 x per expert, against the same recurrence written out.
+TEST(LoadStats, IsAnExponentialMovingAverageOfEachExpertsAssignments) {
+  LoadStats stats(3);
+  EXPECT_EQ(stats.batches(), 0);
+  EXPECT_EQ(stats.Load(), (std::vector<double>{0, 0, 0}));
+  const std::vector<std::vector<int64_t>> batches = {{10, 0, 4}, {0, 20, 4}, {5, 5, 4}, {7}};
+  std::vector<double> want(3, 0.0);
+  for (size_t b = 0; b < batches.size(); ++b) {
+    stats.Record(batches[b]);
+    for (size_t e = 0; e < batches[b].size(); ++e) {
+      const double x = static_cast<double>(batches[b][e]);
+      want[e] = b == 0 ? x : 0.9 * want[e] + 0.1 * x;
+    }
+    const std::vector<double> got = stats.Load();
+    for (size_t e = 0; e < 3; ++e) EXPECT_NEAR(got[e], want[e], 1e-12) << b << " " << e;
+  }
+  EXPECT_EQ(stats.batches(), 4);
+  EXPECT_NEAR(stats.Load()[2], 4.0, 1e-12);  // a steady load stays where it is
+}
 
 TEST(Placement, Replicated) {
   auto p = ComputePlacement(Strategy::kReplicated, 5, 3, Uniform(5));

@@ -214,6 +214,10 @@ TEST_F(ClusterTest, StalledShardLeavesRotationAndComesBack) {
     return info.shards(shard).healthy();
   };
   ASSERT_TRUE(healthy(2));
+  // Under load: what was in flight on the stalled shard is sent again to another replica once
+  // the shard is out (its stream's keepalive times out), so no request fails.
+  BackgroundLoad load(cluster->router_address(), 3);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
   cluster->shard(2).Signal(SIGSTOP);
   auto start = Clock::now();
   while (healthy(2) && Since(start) < 5) std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -230,6 +234,10 @@ TEST_F(ClusterTest, StalledShardLeavesRotationAndComesBack) {
   while (!healthy(2) && Since(start) < 5) std::this_thread::sleep_for(std::chrono::milliseconds(20));
   EXPECT_LT(Since(start), 2.0);
   EXPECT_TRUE(healthy(2));
+  const LoadResult& result = load.Stop();
+  EXPECT_EQ(result.failed.load(), 0) << result.first_error;
+  EXPECT_EQ(result.wrong.load(), 0);
+  EXPECT_GT(result.ok.load(), 10);
 }
 
 TEST_F(ClusterTest, RebalanceUnderLoadNeverFailsARequest) {
@@ -453,6 +461,37 @@ TEST_F(ClusterTest, RouterMetricsCoverRequestsStagesExpertsAndShards) {
   EXPECT_NE(ScrapeBody(metrics + 1).find("moe_shard_compute_seconds_count"), std::string::npos);
 }
 
+// The same skew leaves the placement alone within the cooldown, and below the threshold.
+TEST_F(ClusterTest, DynamicPlacementHoldsStillWithinItsCooldownOrBelowItsThreshold) {
+  for (const std::vector<std::string>& args :
+       std::vector<std::vector<std::string>>{
+           {"--rebalance-cooldown-s", "1000", "--dynamic-slots", "3"},
+           {"--rebalance-cooldown-s", "0.2", "--dynamic-slots", "3", "--imbalance-threshold",
+            "100"}}) {
+    auto cluster = Start("dynamic", 4, args);
+    ASSERT_NE(cluster, nullptr);
+    auto stub = client::MakeRouterStub(cluster->router_address());
+    auto placement = [&] {
+      grpc::ClientContext ctx;
+      v1::Placement p;
+      EXPECT_TRUE(stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &p).ok());
+      return p;
+    };
+    const v1::Placement before = placement();
+    client::ZipfTokens gen(ck_->gate, Config().num_experts, Config().d_model, 1.5, 5);
+    // Three ticks of the control loop (one a second) under the skew.
+    for (const auto start = Clock::now(); Since(start) < 3.2;) {
+      const std::vector<float> x = gen.Next(64);
+      v1::InferResponse resp;
+      ASSERT_TRUE(Infer(stub.get(), Request(x, 64, "zipf"), &resp).ok());
+    }
+    const v1::Placement after = placement();
+    EXPECT_EQ(after.version(), before.version()) << absl::StrJoin(args, " ");
+    // The skew was there: past the default threshold of 0.2.
+    EXPECT_GT(after.imbalance(), 0.2) << absl::StrJoin(args, " ");
+  }
+}
+
 TEST_F(ClusterTest, DynamicPlacementRebalancesItselfUnderSkew) {
   auto cluster = Start("dynamic", 4,
                        {"--rebalance-cooldown-s", "0.2", "--dynamic-slots", "3",
@@ -586,16 +625,18 @@ double WaitForShards(v1::Router::Stub* stub, int shards, double seconds) {
   return -1.0;
 }
 
+bool SameWeights(const common::ExpertWeights& x, const common::ExpertWeights& y) {
+  return x.w1 == y.w1 && x.w2 == y.w2 && x.w3 == y.w3 && x.b1 == y.b1 && x.b2 == y.b2 &&
+         x.b3 == y.b3;
+}
+
 // Every weight of `a` and `b`, the gate's and each expert's, bit for bit.
 void ExpectSameWeights(const common::Checkpoint& a, const common::Checkpoint& b) {
   EXPECT_EQ(a.gate.weight, b.gate.weight);
   EXPECT_EQ(a.gate.bias, b.gate.bias);
   ASSERT_EQ(a.experts.size(), b.experts.size());
   for (size_t e = 0; e < a.experts.size(); ++e) {
-    const common::ExpertWeights &x = a.experts[e], &y = b.experts[e];
-    EXPECT_TRUE(x.w1 == y.w1 && x.w2 == y.w2 && x.w3 == y.w3 && x.b1 == y.b1 && x.b2 == y.b2 &&
-                x.b3 == y.b3)
-        << "expert " << e << " differs";
+    EXPECT_TRUE(SameWeights(a.experts[e], b.experts[e])) << "expert " << e << " differs";
   }
 }
 
@@ -941,6 +982,57 @@ TEST_F(ClusterTest, ACoordinatorThatDiesMidCommitLeavesTheStepCommittedEverywher
   for (int e = 0; e < Config().num_experts; ++e) {
     EXPECT_NE(saved->experts[e].w1, ck_->experts[e].w1) << "expert " << e << " did not train";
   }
+}
+
+// Replicas that differ are reported by SaveCheckpoint, expert by expert. One shard of two
+// stamps its first commit on its experts without moving their weights
+// (MOE_FAILPOINT=commit_skip_update_once), so nothing else notices: the save names exactly the
+// experts whose weights differ between the two shards, read from each shard directly.
+TEST_F(ClusterTest, SaveCheckpointNamesTheExpertsWhoseReplicasDiffer) {
+  MembershipCluster mc;
+  ASSERT_TRUE(mc.Start(*path_, 1, "replicated").ok());
+  ASSERT_EQ(setenv("MOE_FAILPOINT", "commit_skip_update_once", 1), 0);
+  const absl::Status second = mc.AddShard(*path_);
+  unsetenv("MOE_FAILPOINT");
+  ASSERT_TRUE(second.ok()) << second;
+  auto stub = client::MakeRouterStub(mc.router_addr);
+  ASSERT_GE(WaitForShards(stub.get(), 2, 20), 0) << "the router did not pick up two shards";
+  const grpc::Status st = Train(stub.get(), 9100, 20000);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  grpc::ClientContext ctx;
+  v1::SaveCheckpointRequest req;
+  req.set_path(moe::testing::TempPath("divergent"));
+  v1::SaveCheckpointResponse resp;
+  ASSERT_TRUE(stub->SaveCheckpoint(&ctx, req, &resp).ok());
+  EXPECT_FALSE(resp.replicas_identical());
+  // The reference: each expert's bytes as each shard exports them.
+  grpc::ClientContext ictx;
+  v1::ClusterInfo info;
+  ASSERT_TRUE(stub->GetClusterInfo(&ictx, v1::GetClusterInfoRequest(), &info).ok());
+  ASSERT_EQ(info.shards_size(), 2);
+  std::vector<int> differ;
+  for (int e = 0; e < Config().num_experts; ++e) {
+    std::vector<common::ExpertWeights> weights;
+    for (const auto& shard : info.shards()) {
+      auto peer = v1::ExpertShard::NewStub(
+          grpc::CreateChannel(shard.address(), grpc::InsecureChannelCredentials()));
+      grpc::ClientContext ectx;
+      v1::ExportExpertRequest er;
+      er.set_expert(e);
+      auto reader = peer->ExportExpert(&ectx, er);
+      std::string all;
+      v1::ExpertChunk chunk;
+      while (reader->Read(&chunk)) all += chunk.data();
+      ASSERT_TRUE(reader->Finish().ok()) << shard.address() << " expert " << e;
+      absl::StatusOr<common::ExpertWeights> w = common::ParseExpert(all, Config(), e);
+      ASSERT_TRUE(w.ok()) << w.status();
+      weights.push_back(*std::move(w));
+    }
+    if (!SameWeights(weights[0], weights[1])) differ.push_back(e);
+  }
+  EXPECT_FALSE(differ.empty());
+  EXPECT_EQ(std::vector<int>(resp.divergent_experts().begin(), resp.divergent_experts().end()),
+            differ);
 }
 
 // `--allreduce-wire bf16`: the replicas' ring carries BF16, half the bytes (the coordinator
