@@ -461,6 +461,13 @@ TEST_F(ClusterTest, RouterMetricsCoverRequestsStagesExpertsAndShards) {
   EXPECT_NE(ScrapeBody(metrics + 1).find("moe_shard_compute_seconds_count"), std::string::npos);
 }
 
+v1::Placement PlacementOf(v1::Router::Stub* stub) {
+  grpc::ClientContext ctx;
+  v1::Placement p;
+  EXPECT_TRUE(stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &p).ok());
+  return p;
+}
+
 // The same skew leaves the placement alone within the cooldown, and below the threshold.
 TEST_F(ClusterTest, DynamicPlacementHoldsStillWithinItsCooldownOrBelowItsThreshold) {
   for (const std::vector<std::string>& args :
@@ -471,13 +478,7 @@ TEST_F(ClusterTest, DynamicPlacementHoldsStillWithinItsCooldownOrBelowItsThresho
     auto cluster = Start("dynamic", 4, args);
     ASSERT_NE(cluster, nullptr);
     auto stub = client::MakeRouterStub(cluster->router_address());
-    auto placement = [&] {
-      grpc::ClientContext ctx;
-      v1::Placement p;
-      EXPECT_TRUE(stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &p).ok());
-      return p;
-    };
-    const v1::Placement before = placement();
+    const v1::Placement before = PlacementOf(stub.get());
     client::ZipfTokens gen(ck_->gate, Config().num_experts, Config().d_model, 1.5, 5);
     // Three ticks of the control loop (one a second) under the skew.
     for (const auto start = Clock::now(); Since(start) < 3.2;) {
@@ -485,7 +486,7 @@ TEST_F(ClusterTest, DynamicPlacementHoldsStillWithinItsCooldownOrBelowItsThresho
       v1::InferResponse resp;
       ASSERT_TRUE(Infer(stub.get(), Request(x, 64, "zipf"), &resp).ok());
     }
-    const v1::Placement after = placement();
+    const v1::Placement after = PlacementOf(stub.get());
     EXPECT_EQ(after.version(), before.version()) << absl::StrJoin(args, " ");
     // The skew was there: past the default threshold of 0.2.
     EXPECT_GT(after.imbalance(), 0.2) << absl::StrJoin(args, " ");
@@ -498,12 +499,7 @@ TEST_F(ClusterTest, DynamicPlacementRebalancesItselfUnderSkew) {
                         "--imbalance-threshold", "0.2"});
   ASSERT_NE(cluster, nullptr);
   auto stub = client::MakeRouterStub(cluster->router_address());
-  auto placement = [&] {
-    grpc::ClientContext ctx;
-    v1::Placement p;
-    EXPECT_TRUE(stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &p).ok());
-    return p;
-  };
+  auto placement = [&] { return PlacementOf(stub.get()); };
   const v1::Placement before = placement();
   // Expert 0 of a Zipf(1.5) popularity gets most of the tokens.
   client::ZipfTokens gen(ck_->gate, Config().num_experts, Config().d_model, 1.5, 5);
