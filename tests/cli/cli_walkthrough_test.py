@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""A user's walk through the command-line tools against a real local cluster, as the README
+shows them: moe-cluster, then every moe-client command on its success path, each checked by
+what it prints or writes, and SIGINT ending the cluster with exit code 0.
+
+- `info` and `placement` print the model and the placement table the router reports;
+- `forward --router` writes the same numbers as `forward --local` (1e-5) on the same tokens;
+- `load` prints its closing table, every request OK;
+- `train` runs from a tokens and a grad_output file and from a synthetic target, a row per step;
+- `save-checkpoint` writes a checkpoint whose replicas are identical, and whose weights moved
+  by the steps taken.
+
+usage: cli_walkthrough_test.py BUILD_DIR WORK_DIR
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import numpy as np
+
+build, work = sys.argv[1], sys.argv[2]
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(here, "../../client/python"))
+sys.path.insert(0, os.path.join(here, "../torch"))
+import local_cluster  # noqa: E402
+import st  # noqa: E402
+
+bin_dir = os.path.join(build, "bin")
+client = os.path.join(bin_dir, "moe-client")
+os.makedirs(work, exist_ok=True)
+failures = []
+
+
+def path(name):
+    return os.path.join(work, name)
+
+
+def run(*args):
+    """moe-client ARGS; its stdout, or a failure recorded with its stderr."""
+    p = subprocess.run([client, *args], capture_output=True, text=True, timeout=120)
+    if p.returncode != 0:
+        failures.append(f"moe-client {' '.join(args)}: exit {p.returncode}: {p.stderr.strip()}")
+    return p.stdout
+
+
+def expect(cond, what):
+    if not cond:
+        failures.append(what)
+
+
+E, D = 8, 32
+run("init-checkpoint", "--out", path("ck.safetensors"), "--experts", str(E), "--d-model", str(D),
+    "--d-ff", "48", "--top-k", "2", "--gated", "--seed", "11")
+cluster, router = local_cluster.start(bin_dir, path("ck.safetensors"), "--shards", "3",
+                                      "--placement", "hybrid")
+try:
+    info = run("info", "--router", router)
+    expect(f"model: {E} experts, d_model {D}, d_ff 48, top-2" in info, f"info:\n{info}")
+    expect("placement: hybrid, version 1" in info, f"info placement:\n{info}")
+    expect(len(re.findall(r"^\d+\s+127\.0\.0\.1:\d+\s+up\s", info, re.M)) == 3,
+           f"info should list 3 shards up:\n{info}")
+
+    placement = run("placement", "--router", router)
+    rows = re.findall(r"^(\d+)\s+([\d,]+)\s+[\d.]+$", placement, re.M)
+    expect(len(rows) == E, f"placement table: {len(rows)} expert rows:\n{placement}")
+    expect(len(re.findall(r"^\d+\s+127\.0\.0\.1:\d+\s+[\d.]+$", placement, re.M)) == 3,
+           f"placement table should list 3 shards:\n{placement}")
+    # hybrid: the first half of the experts on every shard, the rest on one each.
+    replicas = {int(e): s.split(",") for e, s in rows}
+    expect(all(len(replicas[e]) == 3 for e in range(E // 2)) and
+           all(len(replicas[e]) == 1 for e in range(E // 2, E)),
+           f"hybrid placement wrong: {replicas}")
+
+    run("make-tokens", "--out", path("in.safetensors"), "--tokens", "20", "--d-model", str(D))
+    run("forward", "--input", path("in.safetensors"), "--output", path("remote.safetensors"),
+        "--router", router)
+    run("forward", "--input", path("in.safetensors"), "--output", path("local.safetensors"),
+        "--local", "--checkpoint", path("ck.safetensors"))
+    remote, _ = st.load(path("remote.safetensors"))
+    local, _ = st.load(path("local.safetensors"))
+    expect(remote["output"].shape == (20, D), f"forward output shape {remote['output'].shape}")
+    expect(np.allclose(remote["output"], local["output"], rtol=1e-5, atol=1e-5),
+           "forward --router and --local differ")
+    expect((remote["expert_ids"] == local["expert_ids"]).all(), "expert_ids differ")
+
+    load = run("load", "--router", router, "--requests", "30", "--concurrency", "2",
+               "--batch-size", "8")
+    for line in ("requests             30", "errors                0"):
+        expect(line in load, f"load table lacks {line!r}:\n{load}")
+    expect(re.search(r"^p99 latency \(ms\)\s+[\d.]+$", load, re.M) is not None,
+           f"load table lacks p99:\n{load}")
+    expect(re.search(r"^OK\s+30$", load, re.M) is not None, f"load codes:\n{load}")
+
+    tokens, _ = st.load(path("in.safetensors"))
+    rng = np.random.default_rng(3)
+    st.save(path("grad.safetensors"),
+            {"grad_output": rng.uniform(-1, 1, tokens["tokens"].shape).astype(np.float32)})
+    trained = run("train", "--router", router, "--steps", "2", "--learning-rate", "0.05",
+                  "--tokens", path("in.safetensors"), "--grad-output", path("grad.safetensors"))
+    expect(len(re.findall(r"^\d+\s+-\s+[\d.]+\s+[\d.]+$", trained, re.M)) == 2,
+           f"train from files should print 2 steps:\n{trained}")
+    synthetic = run("train", "--router", router, "--steps", "3", "--synthetic",
+                    "--batch-size", "16")
+    losses = [float(m) for m in re.findall(r"^\d+\s+([\d.]+)\s+[\d.]+\s+[\d.]+$", synthetic,
+                                           re.M)]
+    expect(len(losses) == 3, f"synthetic train should print 3 losses:\n{synthetic}")
+
+    saved = run("save-checkpoint", "--router", router, "--path", path("trained.safetensors"))
+    expect("after step 5; replicas identical: yes" in saved, f"save-checkpoint: {saved}")
+    before, _ = st.load(path("ck.safetensors"))
+    after, _ = st.load(path("trained.safetensors"))
+    expect(set(before) == set(after), "the saved checkpoint has other tensors")
+    moved = [n for n in before if not np.array_equal(before[n], after[n])]
+    expect(len(moved) > 0, "no weight moved after 5 steps")
+finally:
+    cluster.send_signal(signal.SIGINT)
+    try:
+        code = cluster.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        cluster.kill()
+        code = "none (killed after 30 s)"
+    expect(code == 0, f"moe-cluster exited with {code} on SIGINT")
+
+for f in failures:
+    print("FAIL:", f)
+print("CLI walk-through:", "all commands behaved" if not failures else f"{len(failures)} failures")
+sys.exit(1 if failures else 0)
