@@ -198,7 +198,9 @@ TEST_F(ClusterTest, KilledShardWithoutReplicasFailsFastNamingTheExpert) {
   EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
   // The message names the doomed token's expert on shard 1, and where it was hosted.
   int lost = Config().num_experts;  // the lowest of its experts on shard 1 is reported
-  for (int e : layer_->Forward(doomed.data(), 1)->gating.expert_ids) {
+  const auto doomed_ref = layer_->Forward(doomed.data(), 1);
+  ASSERT_TRUE(doomed_ref.ok());
+  for (int e : doomed_ref->gating.expert_ids) {
     if (e >= 4) lost = std::min(lost, e);
   }
   EXPECT_NE(st.error_message().find(absl::StrCat("expert ", lost, " has no healthy replica")),
