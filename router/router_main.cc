@@ -35,6 +35,8 @@ usage: moe-router --checkpoint PATH (--shards HOST:PORT[,...] | --coordinator HO
   --imbalance-threshold X    dynamic: rebalance when max/mean - 1 of shard load exceeds X (0.2)
   --rebalance-cooldown-s N   dynamic: at least N seconds between rebalances (default 5)
   --max-batch-tokens N       tokens one request may carry (default 8192)
+  --max-inflight-requests N  Infer requests answered at once; more get RESOURCE_EXHAUSTED
+                             (default 1024)
   --min-split-rows N         an expert's rows in a batch go to its replicas in pieces of at
                              least N (default 64; 1: pieces of rows / (4 x replicas))
   --wire fp32|bf16           row format towards the shards (default fp32)
@@ -56,6 +58,7 @@ absl::Status Run(int argc, char** argv) {
                              {"capacity-factor", true}, {"overflow", true}, {"threads", true},
                              {"dynamic-slots", true}, {"imbalance-threshold", true},
                              {"rebalance-cooldown-s", true}, {"max-batch-tokens", true},
+                             {"max-inflight-requests", true},
                              {"min-split-rows", true},
                              {"wire", true}, {"allreduce-wire", true}, {"timeout-s", true}, {"coordinator", true}, {"auth-token-file", true}})));
   moe::router::RouterServerOptions o;
@@ -91,6 +94,8 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(o.imbalance_threshold, f.GetDouble("imbalance-threshold", 0.2));
   ASSIGN_OR_RETURN(double cooldown, f.GetDouble("rebalance-cooldown-s", 5));
   ASSIGN_OR_RETURN(o.max_batch_tokens, f.GetInt("max-batch-tokens", 8192));
+  ASSIGN_OR_RETURN(o.max_inflight_requests,
+                   f.GetInt("max-inflight-requests", o.max_inflight_requests));
   ASSIGN_OR_RETURN(o.min_split_rows, f.GetInt("min-split-rows", o.min_split_rows));
   ASSIGN_OR_RETURN(double timeout, f.GetDouble("timeout-s", 30));
   const std::string wire = f.Get("wire", "fp32");
@@ -100,10 +105,10 @@ absl::Status Run(int argc, char** argv) {
     return absl::InvalidArgumentError("--allreduce-wire must be fp32 or bf16");
   }
   if (threads < 1 || slots < 0 || o.max_batch_tokens < 1 || o.min_split_rows < 1 || timeout <= 0 ||
-      cooldown < 0) {
+      cooldown < 0 || o.max_inflight_requests < 1) {
     return absl::InvalidArgumentError(
-        "--threads, --max-batch-tokens, --min-split-rows and --timeout-s must be positive, "
-        "--dynamic-slots and --rebalance-cooldown-s not negative");
+        "--threads, --max-batch-tokens, --max-inflight-requests, --min-split-rows and "
+        "--timeout-s must be positive, --dynamic-slots and --rebalance-cooldown-s not negative");
   }
   o.worker_threads = static_cast<int>(threads);
   o.dynamic_slots_per_shard = static_cast<int>(slots);

@@ -135,6 +135,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                ForwardDone done) {
     {
       std::lock_guard<std::mutex> lock(inflight_mu);
+      if (inflight >= options.max_inflight_requests) {
+        // Shed load rather than queue without bound: the client backs off and retries.
+        return done(absl::ResourceExhaustedError(absl::StrCat(
+            "the router has ", inflight, " requests in flight, its limit "
+            "(--max-inflight-requests); retry with backoff")));
+      }
       ++inflight;
     }
     ForwardDone finish = [this, done = std::move(done)](absl::Status st) {

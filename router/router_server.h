@@ -44,6 +44,8 @@ struct RouterServerOptions {
   absl::Duration rebalance_cooldown = absl::Seconds(5);
   absl::Duration reconcile_interval = absl::Seconds(1);
   int64_t max_batch_tokens = 8192;
+  // Infer requests (InferStream's included) being answered at once; past it, RESOURCE_EXHAUSTED.
+  int64_t max_inflight_requests = 1024;
   common::WireType wire = common::WireType::kFloat32;
   // Replicas reduce their gradients with BF16 on the wire (CommitStepRequest.bf16_wire).
   bool bf16_allreduce = false;

@@ -414,6 +414,33 @@ TEST_F(ClusterTest, ClientDeadlineReachesTheShards) {
   EXPECT_EQ(ScrapeMetric(metrics + 1, "moe_shard_tokens_total{expert=\"0\"}"), 0);
 }
 
+// Past --max-inflight-requests the router sheds load at once with RESOURCE_EXHAUSTED instead of
+// queueing without bound; the request in flight is answered, and the next one goes through.
+TEST_F(ClusterTest, RequestsPastTheInFlightLimitAreShedAndTheRestServed) {
+  // The shard holds each batch 800 ms, so the first request is still in flight.
+  auto cluster = Start("replicated", 1, {"--max-inflight-requests", "1"},
+                       {"--batch-delay-us", "800000"});
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  const std::vector<float> x = common::RandomMatrix(4, Config().d_model, 41);
+  grpc::Status first;
+  v1::InferResponse first_resp;
+  std::thread held([&] { first = Infer(stub.get(), Request(x, 4, "held"), &first_resp); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the first is at the shard
+  v1::InferResponse resp;
+  const auto start = Clock::now();
+  const grpc::Status shed = Infer(stub.get(), Request(x, 4, "shed"), &resp);
+  EXPECT_LT(Since(start), 0.2);
+  held.join();
+  EXPECT_EQ(shed.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << shed.error_message();
+  EXPECT_NE(shed.error_message().find("1 requests in flight, its limit"), std::string::npos)
+      << shed.error_message();
+  ASSERT_TRUE(first.ok()) << first.error_message();
+  EXPECT_TRUE(Matches(x, 4, first_resp, *layer_));
+  ASSERT_TRUE(Infer(stub.get(), Request(x, 4, "after"), &resp).ok());
+  EXPECT_TRUE(Matches(x, 4, resp, *layer_));
+}
+
 TEST_F(ClusterTest, RouterMetricsCoverRequestsStagesExpertsAndShards) {
   const int metrics = testing::FreePortBlock(4);
   auto cluster = Start("hybrid", 2, {"--capacity-factor", "0.3"}, {}, metrics);
