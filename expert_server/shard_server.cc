@@ -678,6 +678,7 @@ class FailpointTransport final : public collective::PeerTransport {
     return c;
   }
   bool CanBorrow() const override { return inner_->CanBorrow(); }
+  void Abort() override { inner_->Abort(); }
 
  private:
   collective::PeerTransport* inner_;
@@ -851,19 +852,23 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
   std::map<int, common::ExpertWeights> grads;
   {
     std::lock_guard<std::mutex> lock(train_mu);
-    if (reductions_closed) return absl::UnavailableError("shard is shutting down");
+    // A reduction refused here runs no ring: what its peers send it is dropped on arrival.
+    auto refuse = [&](absl::Status st) {
+      hub.Forget(req.group(), req.generation());
+      return st;
+    };
+    if (reductions_closed) return refuse(absl::UnavailableError("shard is shutting down"));
     if (finished_steps.count(req.train_step())) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("step ", req.train_step(), " has already ended on this shard"));
+      return refuse(absl::FailedPreconditionError(
+          absl::StrCat("step ", req.train_step(), " has already ended on this shard")));
     }
     StepState& step = OpenStepLocked(req.train_step());
-    step.rings.emplace_back(req.group(), req.generation());
     for (int e : req.experts()) {
       std::shared_ptr<ExpertHandle> h = store->Find(e);
       if (h == nullptr) {
         step.failed = true;
-        return absl::FailedPreconditionError(
-            absl::StrCat("expert ", e, " is not loaded on this shard"));
+        return refuse(absl::FailedPreconditionError(
+            absl::StrCat("expert ", e, " is not loaded on this shard")));
       }
       common::ExpertWeights g;
       auto it = step.grads.find(e);
@@ -883,6 +888,7 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
       fit(g.b3, w.b3.size());
       grads[e] = std::move(g);
     }
+    step.rings.emplace_back(req.group(), req.generation());  // an abort breaks it from here on
   }
   std::vector<absl::Span<float>> spans;
   int64_t elements = 0;
@@ -1068,8 +1074,16 @@ void ShardServer::Impl::DoShutdown(absl::Duration grace) {
       for (const auto& [id, step] : steps) {
         for (const auto& [group, generation] : step.rings) hub.Break(group, generation);
       }
-      reductions_cv.wait_for(lock, std::chrono::seconds(5),
-                             [this] { return running_reductions == 0; });
+      // Unbounded: a reduction thread uses this server to the end. Each one is bounded by its
+      // own deadline (at most 120 s), and a broken ring ends at once.
+      if (!reductions_cv.wait_for(lock, std::chrono::seconds(5),
+                                  [this] { return running_reductions == 0; })) {
+        std::fprintf(stderr,
+                     "moe-expert-server: waiting for %d gradient reductions to reach their "
+                     "deadlines before stopping\n",
+                     running_reductions);
+        reductions_cv.wait(lock, [this] { return running_reductions == 0; });
+      }
     }
     store->StopLoading();
     pool->Shutdown();

@@ -219,7 +219,8 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
       if (cands.empty()) {
         std::vector<std::string> where;
         std::vector<std::string> errors;
-        bool all_full = true;  // every replica refused the rows for a full queue
+        // Every replica (there is at least one) refused the rows for a full queue.
+        bool all_full = !table.placement.replicas[e].empty();
         for (int s : table.placement.replicas[e]) {
           const bool known = s < S && table.shards[s];
           where.push_back(known ? table.shards[s]->address() : "?");

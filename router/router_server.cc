@@ -133,15 +133,20 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // `resp` after it.
   void Forward(const v1::InferRequest* req, v1::InferResponse* resp, absl::Time deadline,
                ForwardDone done) {
+    int64_t refused_at = -1;
     {
       std::lock_guard<std::mutex> lock(inflight_mu);
       if (inflight >= options.max_inflight_requests) {
-        // Shed load rather than queue without bound: the client backs off and retries.
-        return done(absl::ResourceExhaustedError(absl::StrCat(
-            "the router has ", inflight, " requests in flight, its limit "
-            "(--max-inflight-requests); retry with backoff")));
+        refused_at = inflight;
+      } else {
+        ++inflight;
       }
-      ++inflight;
+    }
+    if (refused_at >= 0) {
+      // Shed load rather than queue without bound: the client backs off and retries.
+      return done(absl::ResourceExhaustedError(absl::StrCat(
+          "the router has ", refused_at, " requests in flight, its limit "
+          "(--max-inflight-requests); retry with backoff")));
     }
     ForwardDone finish = [this, done = std::move(done)](absl::Status st) {
       done(st);
@@ -494,7 +499,18 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     const int S = static_cast<int>(t.shards.size());
     std::vector<std::map<int, uint64_t>> at(S);  // READY experts' steps, per shard in rotation
     for (int s = 0; s < S; ++s) {
-      if (!t.shards[s]->healthy()) continue;  // neither a source nor a target now
+      if (!t.shards[s]->healthy()) {
+        // Before a step, a shard with replicas out of rotation refuses it: back by the time the
+        // step starts, its replicas would train unchecked. Otherwise it is neither a source nor
+        // a target now.
+        if (before_step && !t.placement.ExpertsOn(s).empty()) {
+          return absl::UnavailableError(absl::StrCat(
+              "replicas on ", t.shards[s]->address(),
+              " are out of rotation: the step could not commit; retry once the shard is back or "
+              "the placement has moved off it"));
+        }
+        continue;
+      }
       absl::StatusOr<v1::ShardStatus> st = t.shards[s]->GetStatus(absl::Milliseconds(500));
       if (!st.ok() && before_step) {
         return absl::UnavailableError(absl::StrCat(
@@ -777,9 +793,6 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (t == nullptr) return absl::UnavailableError("the router is still loading its placement");
     // Every replica at the same step first: the step stamps its id on each one it updates.
     RETURN_IF_ERROR(trainer->RetryConfirmations(*t));
-    // A shard out of rotation now is not read below: were it back by the time the step starts,
-    // its replicas would train unchecked. Step would refuse it anyway; refuse it before the read.
-    RETURN_IF_ERROR(Trainer::EveryReplicaInRotation(*t));
     RETURN_IF_ERROR(ReloadStale(*t, /*trained=*/nullptr, /*before_step=*/true));
     std::shared_ptr<const common::GateWeights> gw = Gate();
     TrainParams p{req.learning_rate(), req.aux_loss_coef(), req.z_loss_coef(),

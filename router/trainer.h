@@ -76,13 +76,10 @@ class Trainer {
   // else UNAVAILABLE naming a shard that has not.
   absl::Status RetryConfirmations(const RoutingTable& table);
 
-  // OK when every replica of every expert is on a shard in rotation, else UNAVAILABLE naming one
-  // that is not: such a step could not commit. Step checks it first; the router checks it before
-  // it reads the replicas' training steps, so that no shard comes back into rotation unchecked
-  // between that read and the step.
-  static absl::Status EveryReplicaInRotation(const RoutingTable& table);
-
  private:
+  // OK when every replica of every expert is on a shard in rotation, else UNAVAILABLE naming one
+  // that is not: such a step could not commit, so Step refuses it first.
+  static absl::Status EveryReplicaInRotation(const RoutingTable& table);
   absl::Status Unconfirmed() const;
   // Tells every shard to drop the step's kept activations and gradients, all at once and for at
   // most kAbortTimeout: a stalled shard must not hold the failed call (and the routing table it

@@ -10,9 +10,18 @@
 
 namespace moe::collective {
 
+bool CollectiveHub::ForgottenLocked(const std::string& group, uint64_t generation) const {
+  auto it = forgotten_.find(group);
+  return it != forgotten_.end() && generation <= it->second;
+}
+
 void CollectiveHub::Deliver(const std::string& group, Chunk chunk) {
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (ForgottenLocked(group, chunk.generation)) {
+      ++refused_;  // a late chunk of a collective that has ended here
+      return;
+    }
     boxes_[group].chunks.push_back(std::move(chunk));
   }
   cv_.notify_all();
@@ -21,14 +30,30 @@ void CollectiveHub::Deliver(const std::string& group, Chunk chunk) {
 void CollectiveHub::Break(const std::string& group, uint64_t generation) {
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (ForgottenLocked(group, generation)) return;
     Mailbox& box = boxes_[group];
     box.broken_generation = std::max(box.broken_generation, generation);
   }
   cv_.notify_all();
 }
 
+size_t CollectiveHub::mailboxes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return boxes_.size();
+}
+
 void CollectiveHub::Forget(const std::string& group, uint64_t generation) {
   std::lock_guard<std::mutex> lock(mu_);
+  auto [f, fresh] = forgotten_.try_emplace(group, generation);
+  if (fresh) {
+    forgotten_order_.push_back(group);
+    if (forgotten_order_.size() > kForgottenGroups) {
+      forgotten_.erase(forgotten_order_.front());
+      forgotten_order_.pop_front();
+    }
+  } else {
+    f->second = std::max(f->second, generation);
+  }
   auto it = boxes_.find(group);
   if (it == boxes_.end()) return;
   auto& chunks = it->second.chunks;

@@ -37,18 +37,29 @@ class CollectiveHub {
   // The incoming stream of `generation` for `group` broke: its Take fails with ABORTED.
   void Break(const std::string& group, uint64_t generation);
   absl::StatusOr<Chunk> Take(const std::string& group, uint64_t generation, absl::Time deadline);
-  // Drops a finished collective's leftovers (chunks of `generation` and older).
+  // Drops a finished collective's leftovers (chunks of `generation` and older). Chunks and
+  // breaks of it that arrive later are dropped too: they would otherwise open a mailbox nobody
+  // takes from (a training step's group names are used once).
   void Forget(const std::string& group, uint64_t generation);
   int64_t refused() const;
+  // Mailboxes open (for tests: none is left once every collective is forgotten).
+  size_t mailboxes() const;
 
  private:
   struct Mailbox {
     std::deque<Chunk> chunks;
     uint64_t broken_generation = 0;  // 0: none
   };
+  // Whether `generation` of `group` was forgotten (mu_ held).
+  bool ForgottenLocked(const std::string& group, uint64_t generation) const;
+
+  static constexpr size_t kForgottenGroups = 4096;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::map<std::string, Mailbox> boxes_;
+  // The newest forgotten generation of the most recent groups, oldest group first out.
+  std::map<std::string, uint64_t> forgotten_;
+  std::deque<std::string> forgotten_order_;
   int64_t refused_ = 0;
 };
 

@@ -224,11 +224,14 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
       int rank;
       grpc::Status status;
       v1::ReduceGradientsResponse resp;
+      bool first_failure = false;  // the failed call that aborted the step
     };
     std::vector<Call> calls;
     for (int g = 0; g < req.groups_size(); ++g) {
       if (req.groups(g).shards_size() < 2) continue;
-      for (int r = 0; r < req.groups(g).shards_size(); ++r) calls.push_back({g, r, {}, {}});
+      for (int r = 0; r < req.groups(g).shards_size(); ++r) {
+        calls.push_back({g, r, {}, {}, false});
+      }
     }
     std::vector<uint64_t> generations(req.groups_size());
     for (auto& gen : generations) gen = generation.fetch_add(1) + 1;
@@ -256,19 +259,23 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
           // The step cannot commit now. Abort it everywhere at once: the members still in a
           // reduction (waiting on a rank that died before sending anything, or on a stalled
           // one) then fail in moments rather than at their deadline.
+          c.first_failure = true;
           AbortEverywhere(req);
         }
       });
     }
     for (auto& t : threads) t.join();
     std::string reason;
-    // Report the root cause: a member that failed by itself, rather than one that then waited
-    // for it until the deadline.
-    std::stable_sort(calls.begin(), calls.end(), [](const Call& a, const Call& b) {
-      return (a.status.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED &&
-              !a.status.ok()) > (b.status.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED &&
-                                 !b.status.ok());
-    });
+    // Report the root cause: the member that failed first (the others failed because of the
+    // abort that followed), else one that failed by itself rather than one that then waited for
+    // it until the deadline.
+    auto rank_of = [](const Call& c) {
+      if (c.first_failure) return 2;
+      return c.status.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED && !c.status.ok() ? 1
+                                                                                           : 0;
+    };
+    std::stable_sort(calls.begin(), calls.end(),
+                     [&](const Call& a, const Call& b) { return rank_of(a) > rank_of(b); });
     for (const Call& c : calls) {
       if (!c.status.ok()) {
         failures_family

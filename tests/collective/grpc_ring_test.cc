@@ -74,6 +74,30 @@ TEST(ChunkWire, RoundTripsThroughAnySlicingAndRefusesMalformedMessages) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// A collective forgotten on a rank (finished, or refused before its ring ran) leaves nothing
+// behind: its late chunks and the break of its stream are dropped instead of opening a mailbox
+// that nobody would take from (a training step's group names are used once).
+TEST(CollectiveHub, LateChunksAndBreaksOfAForgottenCollectiveLeaveNoMailbox) {
+  collective::CollectiveHub hub;
+  collective::Chunk c;
+  c.generation = 3;
+  c.payload = collective::Payload::Copy("abcd");
+  hub.Deliver("step9-group0", c);
+  EXPECT_EQ(hub.mailboxes(), 1u);
+  hub.Forget("step9-group0", 3);
+  EXPECT_EQ(hub.mailboxes(), 0u);
+  hub.Deliver("step9-group0", c);  // late
+  hub.Break("step9-group0", 3);    // the sender's stream ends after the rank is done
+  EXPECT_EQ(hub.mailboxes(), 0u);
+  EXPECT_EQ(hub.refused(), 1);
+  // A newer generation of the same group is delivered as usual.
+  c.generation = 4;
+  hub.Deliver("step9-group0", c);
+  auto got = hub.Take("step9-group0", 4, absl::Now() + absl::Seconds(1));
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->generation, 4u);
+}
+
 struct Ring {
   std::vector<common::Subprocess> ranks;
   std::string peers_file;
