@@ -31,6 +31,7 @@
 #include "services/common/status_macros.h"
 #include "services/common/stream_outbox.h"
 #include "services/common/thread_pool.h"
+#include "services/common/timed_mutex.h"
 
 namespace moe::router {
 
@@ -72,7 +73,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::unique_ptr<v1::Coordinator::Stub> coordinator;
   // One training step at a time. Copies of an expert to a new or restarted replica hold it too:
   // a copy taken while a step commits could miss that step's update on one replica only.
-  std::timed_mutex train_mu;
+  common::TimedMutex train_mu;
   // How long a placement change or a reload waits for a running training step before it gives up
   // (the control loop tries again on its next tick).
   static constexpr auto kTrainWait = std::chrono::seconds(5);
@@ -344,7 +345,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // Apply's work, with placement_mu held.
   absl::Status SwitchLocked(Placement next, std::vector<std::shared_ptr<ShardClient>> next_shards) {
     // No training step runs while replicas are copied and the table switches.
-    std::unique_lock<std::timed_mutex> train_lock(train_mu, std::defer_lock);
+    std::unique_lock<common::TimedMutex> train_lock(train_mu, std::defer_lock);
     if (!train_lock.try_lock_for(kTrainWait)) {
       return absl::UnavailableError(
           "a training step is still running; the placement is unchanged, try again once it ends");
@@ -625,7 +626,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     if (trainer != nullptr || any_missing) {
       // Not while a step runs: a copy could miss its update (tried again next tick).
-      std::unique_lock<std::timed_mutex> train_lock(train_mu, std::defer_lock);
+      std::unique_lock<common::TimedMutex> train_lock(train_mu, std::defer_lock);
       if (train_lock.try_lock_for(any_missing ? kTrainWait : std::chrono::seconds(0))) {
         // Shards that missed a commit's confirmation are asked again first: until each has
         // applied that update, none may be the source of a copy.
@@ -783,7 +784,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         return absl::InvalidArgumentError("learning_rate and loss coefficients must be finite");
       }
     }
-    std::unique_lock<std::timed_mutex> lock(train_mu, std::defer_lock);
+    std::unique_lock<common::TimedMutex> lock(train_mu, std::defer_lock);
     if (!lock.try_lock_until(absl::ToChronoTime(deadline))) {
       return absl::DeadlineExceededError(
           "the deadline passed while waiting for the previous training step or an expert copy "
@@ -821,7 +822,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   absl::Status Save(const v1::SaveCheckpointRequest& req, v1::SaveCheckpointResponse* resp) {
     if (req.path().empty()) return absl::InvalidArgumentError("path is empty");
-    std::lock_guard<std::timed_mutex> lock(train_mu);  // weights do not move while we read them
+    std::lock_guard<common::TimedMutex> lock(train_mu);  // weights do not move while we read them
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return absl::UnavailableError("the router is still loading its placement");
     if (trainer != nullptr) {  // a replica that has not confirmed the last commit may be stale
