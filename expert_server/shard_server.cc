@@ -927,8 +927,9 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
   auto step = steps.find(req.train_step());
   if (step != steps.end()) {
     auto& rings = step->second.rings;
-    rings.erase(std::remove(rings.begin(), rings.end(), std::make_pair(req.group(), req.generation())),
-                rings.end());
+    rings.erase(
+        std::remove(rings.begin(), rings.end(), std::make_pair(req.group(), req.generation())),
+        rings.end());
   }
   // Under train_mu: an abort breaks the ring before this (and the mailbox goes here) or not at all.
   hub.Forget(req.group(), req.generation());

@@ -18,6 +18,7 @@
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/common/random_checkpoint.h"
 #include "services/common/tensor_codec.h"
+#include "tests/reference/shard_export.h"
 #include "tests/reference/test_util.h"
 
 namespace moe::expert {
@@ -614,15 +615,7 @@ TEST_F(ShardServerTest, HealthFollowsLoadingAndShutdown) {
 
 // Reads expert e's current weights from a shard through ExportExpert.
 common::ExpertWeights Export(v1::ExpertShard::Stub* stub, int e) {
-  grpc::ClientContext ctx;
-  v1::ExportExpertRequest req;
-  req.set_expert(e);
-  auto reader = stub->ExportExpert(&ctx, req);
-  std::string bytes;
-  v1::ExpertChunk chunk;
-  while (reader->Read(&chunk)) bytes += chunk.data();
-  EXPECT_TRUE(reader->Finish().ok());
-  auto w = common::ParseExpert(bytes, TestConfig(), e);
+  absl::StatusOr<common::ExpertWeights> w = testing::ExportedWeights(stub, TestConfig(), e);
   EXPECT_TRUE(w.ok()) << w.status();
   return w.ok() ? *w : common::ExpertWeights();
 }

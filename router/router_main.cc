@@ -60,7 +60,8 @@ absl::Status Run(int argc, char** argv) {
                              {"rebalance-cooldown-s", true}, {"max-batch-tokens", true},
                              {"max-inflight-requests", true},
                              {"min-split-rows", true},
-                             {"wire", true}, {"allreduce-wire", true}, {"timeout-s", true}, {"coordinator", true}, {"auth-token-file", true}})));
+                             {"wire", true}, {"allreduce-wire", true}, {"timeout-s", true},
+                             {"coordinator", true}, {"auth-token-file", true}})));
   moe::router::RouterServerOptions o;
   ASSIGN_OR_RETURN(o.checkpoint, f.Require("checkpoint"));
   const std::string shards = f.Get("shards");
@@ -98,12 +99,16 @@ absl::Status Run(int argc, char** argv) {
                    f.GetInt("max-inflight-requests", o.max_inflight_requests));
   ASSIGN_OR_RETURN(o.min_split_rows, f.GetInt("min-split-rows", o.min_split_rows));
   ASSIGN_OR_RETURN(double timeout, f.GetDouble("timeout-s", 30));
-  const std::string wire = f.Get("wire", "fp32");
-  if (wire != "fp32" && wire != "bf16") return absl::InvalidArgumentError("--wire must be fp32 or bf16");
-  const std::string allreduce_wire = f.Get("allreduce-wire", "fp32");
-  if (allreduce_wire != "fp32" && allreduce_wire != "bf16") {
-    return absl::InvalidArgumentError("--allreduce-wire must be fp32 or bf16");
-  }
+  // --wire and --allreduce-wire: fp32 (the default) or bf16; true for bf16.
+  auto bf16_flag = [&f](const char* name) -> absl::StatusOr<bool> {
+    const std::string v = f.Get(name, "fp32");
+    if (v != "fp32" && v != "bf16") {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, " must be fp32 or bf16"));
+    }
+    return v == "bf16";
+  };
+  ASSIGN_OR_RETURN(const bool bf16_rows, bf16_flag("wire"));
+  ASSIGN_OR_RETURN(o.bf16_allreduce, bf16_flag("allreduce-wire"));
   if (threads < 1 || slots < 0 || o.max_batch_tokens < 1 || o.min_split_rows < 1 || timeout <= 0 ||
       cooldown < 0 || o.max_inflight_requests < 1) {
     return absl::InvalidArgumentError(
@@ -114,8 +119,7 @@ absl::Status Run(int argc, char** argv) {
   o.dynamic_slots_per_shard = static_cast<int>(slots);
   o.rebalance_cooldown = absl::Seconds(cooldown);
   o.default_timeout = absl::Seconds(timeout);
-  o.wire = wire == "bf16" ? moe::common::WireType::kBFloat16 : moe::common::WireType::kFloat32;
-  o.bf16_allreduce = allreduce_wire == "bf16";
+  o.wire = bf16_rows ? moe::common::WireType::kBFloat16 : moe::common::WireType::kFloat32;
 
   moe::common::TuneAllocatorForLargeBuffers();
   RETURN_IF_ERROR(moe::common::ConfigureTlsFromFlags(f));

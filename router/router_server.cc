@@ -691,8 +691,6 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   // ---- RPC handlers ----
 
-  // Checks the token, then runs `work` (which returns the call's status) on the worker pool and
-  // finishes the unary call with it, recorded under `method` in the request metrics.
   // Checks the call's token. A call refused is answered UNAUTHENTICATED and counted under
   // `method` in the request metrics.
   bool Admit(grpc::CallbackServerContext* ctx, grpc::ServerUnaryReactor* reactor,
@@ -711,6 +709,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     reactor->Finish(st);
   }
 
+  // Checks the token, then runs `work` (which returns the call's status) on the worker pool and
+  // finishes the unary call with it, recorded under `method` in the request metrics.
   template <typename Work>
   grpc::ServerUnaryReactor* Offload(grpc::CallbackServerContext* ctx, const char* method,
                                     Work work) {

@@ -85,8 +85,9 @@ absl::StatusOr<Chunk> CollectiveHub::Take(const std::string& group, uint64_t gen
       }
     }
     if (box.broken_generation >= generation) {
-      return absl::AbortedError(absl::StrCat("ring ", group, ": the previous rank's stream of "
-                                             "generation ", generation, " broke (it failed, gave up or was cut off)"));
+      return absl::AbortedError(absl::StrCat(
+          "ring ", group, ": the previous rank's stream of generation ", generation,
+          " broke (it failed, gave up or was cut off)"));
     }
     if (cv_.wait_until(lock, absl::ToChronoTime(deadline)) == std::cv_status::timeout &&
         absl::Now() >= deadline) {

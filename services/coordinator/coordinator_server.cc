@@ -188,8 +188,8 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
   static constexpr auto kAbortTimeout = std::chrono::milliseconds(500);
 
   // The second phase on one shard. A commit is retried until `deadline`; an abort is not, and
-  // waits at most kAbortTimeout: a shard it misses changes no weight either (it drops the step
-  // when it goes stale, and the router aborts everywhere too), and a dead or stalled member of a
+  // waits at most kAbortTimeout (`deadline` unused): a shard it misses changes no weight either
+  // (it drops the step when it goes stale, after step_ttl), and a dead or stalled member of a
   // failed ring must not hold the answer back.
   grpc::Status FinishOn(const std::string& shard, uint64_t step, bool commit, float learning_rate,
                         std::chrono::system_clock::time_point deadline) {

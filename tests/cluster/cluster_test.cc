@@ -14,6 +14,7 @@
 #include "services/common/safetensors.h"
 #include "services/common/status_macros.h"
 #include "tests/cluster/cluster_fixture.h"
+#include "tests/reference/shard_export.h"
 
 namespace moe {
 namespace {
@@ -573,10 +574,15 @@ struct MembershipCluster {
   std::vector<common::Subprocess> shards;
   std::string coordinator_addr, router_addr;
 
-  absl::Status AddShard(const std::string& checkpoint) {
+  // A shard that registers; with `failpoint`, started with MOE_FAILPOINT=failpoint.
+  absl::Status AddShard(const std::string& checkpoint, const std::string& failpoint = "") {
+    if (!failpoint.empty() && setenv("MOE_FAILPOINT", failpoint.c_str(), 1) != 0) {
+      return absl::InternalError("setenv MOE_FAILPOINT failed");
+    }
     auto p = common::Subprocess::Spawn({MOE_BIN_DIR "/moe-expert-server", "--checkpoint",
                                         checkpoint, "--host", "127.0.0.1", "--port", "0",
                                         "--experts", "none", "--coordinator", coordinator_addr});
+    if (!failpoint.empty()) unsetenv("MOE_FAILPOINT");
     if (!p.ok()) return p.status();
     auto port = p->ReadListeningPort(absl::Seconds(30));
     if (!port.ok()) return port.status();
@@ -730,9 +736,7 @@ TEST_P(RingFaultTest, ARankLostDuringTheReductionAbortsTheStepInTime) {
   const bool stall = failpoint == "reduce_stall_mid_ring";
   MembershipCluster mc;
   ASSERT_TRUE(mc.Start(*path_, 2, "replicated").ok());
-  ASSERT_EQ(setenv("MOE_FAILPOINT", failpoint.c_str(), 1), 0);
-  const absl::Status third = mc.AddShard(*path_);
-  unsetenv("MOE_FAILPOINT");
+  const absl::Status third = mc.AddShard(*path_, failpoint);
   ASSERT_TRUE(third.ok()) << third;
   auto stub = client::MakeRouterStub(mc.router_addr);
   ASSERT_GE(WaitForShards(stub.get(), 3, 20), 0) << "the router did not pick up three shards";
@@ -1025,9 +1029,7 @@ TEST_F(ClusterTest, ACoordinatorThatDiesMidCommitLeavesTheStepCommittedEverywher
 TEST_F(ClusterTest, SaveCheckpointNamesTheExpertsWhoseReplicasDiffer) {
   MembershipCluster mc;
   ASSERT_TRUE(mc.Start(*path_, 1, "replicated").ok());
-  ASSERT_EQ(setenv("MOE_FAILPOINT", "commit_skip_update_once", 1), 0);
-  const absl::Status second = mc.AddShard(*path_);
-  unsetenv("MOE_FAILPOINT");
+  const absl::Status second = mc.AddShard(*path_, "commit_skip_update_once");
   ASSERT_TRUE(second.ok()) << second;
   auto stub = client::MakeRouterStub(mc.router_addr);
   ASSERT_GE(WaitForShards(stub.get(), 2, 20), 0) << "the router did not pick up two shards";
@@ -1050,16 +1052,8 @@ TEST_F(ClusterTest, SaveCheckpointNamesTheExpertsWhoseReplicasDiffer) {
     for (const auto& shard : info.shards()) {
       auto peer = v1::ExpertShard::NewStub(
           grpc::CreateChannel(shard.address(), grpc::InsecureChannelCredentials()));
-      grpc::ClientContext ectx;
-      v1::ExportExpertRequest er;
-      er.set_expert(e);
-      auto reader = peer->ExportExpert(&ectx, er);
-      std::string all;
-      v1::ExpertChunk chunk;
-      while (reader->Read(&chunk)) all += chunk.data();
-      ASSERT_TRUE(reader->Finish().ok()) << shard.address() << " expert " << e;
-      absl::StatusOr<common::ExpertWeights> w = common::ParseExpert(all, Config(), e);
-      ASSERT_TRUE(w.ok()) << w.status();
+      absl::StatusOr<common::ExpertWeights> w = testing::ExportedWeights(peer.get(), Config(), e);
+      ASSERT_TRUE(w.ok()) << shard.address() << " expert " << e << ": " << w.status();
       weights.push_back(*std::move(w));
     }
     if (!SameWeights(weights[0], weights[1])) differ.push_back(e);
