@@ -114,6 +114,8 @@ try:
     expect(set(before) == set(after), "the saved checkpoint has other tensors")
     moved = [n for n in before if not np.array_equal(before[n], after[n])]
     expect(len(moved) > 0, "no weight moved after 5 steps")
+except Exception as e:  # e.g. a file a failed command did not write: report it with the rest
+    failures.append(f"{type(e).__name__}: {e}")
 finally:
     cluster.send_signal(signal.SIGINT)
     try:
