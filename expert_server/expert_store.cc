@@ -106,10 +106,8 @@ absl::Status ExpertStore::Load(const std::vector<int>& experts, uint64_t version
       auto it = entries_.find(e);
       const bool have = it != entries_.end() && (it->second.state == ExpertState::kReady ||
                                                  it->second.state == ExpertState::kDraining);
-      if (have && peer.empty()) {
-        it->second.state = ExpertState::kReady;  // cancels a drain
-        continue;
-      }
+      if (have) it->second.state = ExpertState::kReady;  // wanted again: cancels a drain
+      if (have && peer.empty()) continue;
       if (!have) entries_[e] = Entry{ExpertState::kLoading, nullptr, ""};
       todo.push_back(e);
     }
@@ -156,7 +154,13 @@ void ExpertStore::LoaderLoop() {
       {
         std::lock_guard<std::mutex> lock(mu_);
         auto found = entries_.find(e);
-        if (found == entries_.end()) continue;  // unloaded while it was loading
+        if (found == entries_.end()) {  // unloaded while it was loading
+          if (first_error.ok()) {
+            first_error =
+                absl::AbortedError(absl::StrCat("expert ", e, " was unloaded while it loaded"));
+          }
+          continue;
+        }
         Entry& entry = found->second;
         if (ffn.ok() && entry.handle != nullptr && entry.handle->trained_step > w->trained_step) {
           // A copy older than the weights it would replace (trained meanwhile): keep these.

@@ -136,6 +136,83 @@ TEST_F(ExpertStoreTest, ReplacedWeightsCarryTheirTrainingStep) {
   EXPECT_EQ(store_.Snapshot()[0].state, ExpertState::kReady);
 }
 
+// A store whose loaders wait for the test: `entered` when one starts, until `release`.
+struct GatedStore {
+  GatedStore()
+      : ck(common::MakeRandomCheckpoint({Config(), false, 3})),
+        store(
+            Config(),
+            [this](int e) -> absl::StatusOr<LoadedExpert> {
+              if (gate_checkpoint) Wait();
+              return LoadedExpert{ck.experts[e], 0};
+            },
+            [this](const std::string&, int e) -> absl::StatusOr<LoadedExpert> {
+              Wait();
+              common::ExpertWeights w = ck.experts[e];
+              w.w1[0] += 1.f;
+              return LoadedExpert{std::move(w), 17};
+            }) {}
+  void Wait() {
+    entered.Notify();
+    release.WaitForNotification();
+  }
+  struct Outcome {
+    common::Notification done;
+    absl::Status status;
+  };
+  // Starts a load; its status once `done` is notified.
+  std::shared_ptr<Outcome> Load(std::vector<int> experts, uint64_t version,
+                                const std::string& peer) {
+    auto out = std::make_shared<Outcome>();
+    absl::Status st = store.Load(experts, version, peer, [out](absl::Status s) {
+      out->status = s;
+      out->done.Notify();
+    });
+    if (!st.ok()) {
+      out->status = st;
+      out->done.Notify();
+    }
+    return out;
+  }
+  common::Checkpoint ck;
+  bool gate_checkpoint = false;
+  common::Notification entered, release;
+  ExpertStore store;
+};
+
+TEST(ExpertStoreOrder, APeerCopyOfADrainingExpertKeepsItWhenItsLastLeaseEnds) {
+  GatedStore g;
+  auto first = g.Load({0}, 1, "");
+  first->done.WaitForNotification();
+  ASSERT_TRUE(first->status.ok()) << first->status;
+  auto lease = g.store.Acquire(0, 3);
+  ASSERT_TRUE(lease.ok());
+  ASSERT_TRUE(g.store.Unload({0}, 2).ok());   // draining
+  auto copy = g.Load({0}, 3, "peer:1");       // wanted again, copied from a peer
+  g.entered.WaitForNotification();
+  *lease = ExpertLease();  // its last lease ends while the copy is under way
+  g.release.Notify();
+  copy->done.WaitForNotification();
+  EXPECT_TRUE(copy->status.ok()) << copy->status;
+  ASSERT_NE(g.store.Find(0), nullptr) << "the load answered OK but the expert is gone";
+  EXPECT_EQ(g.store.Find(0)->trained_step, 17u);
+  EXPECT_EQ(g.store.Snapshot()[0].state, ExpertState::kReady);
+}
+
+TEST(ExpertStoreOrder, AnExpertUnloadedWhileItLoadsFailsItsLoad) {
+  GatedStore g;
+  g.gate_checkpoint = true;
+  auto load = g.Load({0}, 1, "");
+  g.entered.WaitForNotification();
+  ASSERT_TRUE(g.store.Unload({0}, 1).ok());
+  g.release.Notify();
+  load->done.WaitForNotification();
+  EXPECT_EQ(load->status.code(), absl::StatusCode::kAborted) << load->status;
+  EXPECT_NE(load->status.message().find("expert 0 was unloaded while it loaded"),
+            std::string::npos);
+  EXPECT_EQ(g.store.Find(0), nullptr);
+}
+
 TEST_F(ExpertStoreTest, StopLoadingAnswersQueuedJobs) {
   store_.StopLoading();
   EXPECT_EQ(store_.Load({0}, 1, "", nullptr).code(), absl::StatusCode::kUnavailable);

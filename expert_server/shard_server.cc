@@ -23,6 +23,7 @@
 #include "services/common/security.h"
 #include "services/common/grpc_status.h"
 #include "services/common/status_macros.h"
+#include "services/common/expert_copy.h"
 #include "services/common/stream_outbox.h"
 #include "services/common/tensor_codec.h"
 #include "services/common/thread_pool.h"
@@ -70,21 +71,20 @@ absl::StatusOr<LoadedExpert> CopyFromPeer(const common::ModelConfig& config,
   v1::ExportExpertRequest req;
   req.set_expert(e);
   auto reader = stub->ExportExpert(&ctx, req);
-  std::string bytes;
-  uint64_t trained_step = 0;
+  // The largest copy an expert of `config` makes: a gated one with every bias, and the
+  // safetensors header.
+  common::ExpertCopy copy(4 * (3 * static_cast<uint64_t>(config.d_ff) * config.d_model +
+                               2 * static_cast<uint64_t>(config.d_ff) + config.d_model) +
+                          (uint64_t{64} << 10));
   v1::ExpertChunk chunk;
   while (reader->Read(&chunk)) {
-    trained_step = chunk.trained_step();
-    if (chunk.offset() != bytes.size() || chunk.total_bytes() > (uint64_t{8} << 30) ||
-        chunk.offset() + chunk.data().size() > chunk.total_bytes()) {
+    absl::Status added = copy.Add(chunk);
+    if (!added.ok()) {
       ctx.TryCancel();
       reader->Finish();
-      return absl::DataLossError(absl::StrCat("expert ", e, " from ", peer,
-                                              ": chunk at offset ", chunk.offset(),
-                                              " does not continue the copy"));
+      return absl::DataLossError(
+          absl::StrCat("expert ", e, " from ", peer, ": ", added.message()));
     }
-    if (bytes.empty()) bytes.reserve(chunk.total_bytes());
-    bytes += chunk.data();
   }
   grpc::Status st = reader->Finish();
   if (!st.ok()) {
@@ -92,6 +92,13 @@ absl::StatusOr<LoadedExpert> CopyFromPeer(const common::ModelConfig& config,
     return absl::Status(s.code(), absl::StrCat("copying expert ", e, " from ", peer, ": ",
                                                s.message()));
   }
+  absl::Status complete = copy.Complete();
+  if (!complete.ok()) {
+    return absl::DataLossError(
+        absl::StrCat("expert ", e, " from ", peer, ": ", complete.message()));
+  }
+  const std::string& bytes = copy.bytes;
+  const uint64_t trained_step = copy.trained_step;
   ASSIGN_OR_RETURN(common::ExpertWeights w, common::ParseExpert(bytes, config, e));
   return LoadedExpert{std::move(w), trained_step};
 }
@@ -863,6 +870,13 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
           absl::StrCat("step ", req.train_step(), " has already ended on this shard")));
     }
     StepState& step = OpenStepLocked(req.train_step());
+    // An expert listed twice would have its gradient taken once and zeros reduced the second
+    // time, over the same buffers.
+    if (std::set<int>(req.experts().begin(), req.experts().end()).size() !=
+        static_cast<size_t>(req.experts_size())) {
+      step.failed = true;
+      return refuse(absl::InvalidArgumentError("an expert is listed twice in the reduction"));
+    }
     for (int e : req.experts()) {
       std::shared_ptr<ExpertHandle> h = store->Find(e);
       if (h == nullptr) {

@@ -833,6 +833,36 @@ TEST_F(ShardServerTest, AnAbortBreaksTheStepsReductionStillWaitingOnItsPeer) {
   EXPECT_EQ(outcome(), v1::StepOutcome::ABORTED);
 }
 
+// An expert listed twice would have its gradient taken once and zeros reduced in its place over
+// the same buffers: the reduction is refused, and the step can no longer commit.
+TEST_F(ShardServerTest, AReductionThatListsAnExpertTwiceIsRefused) {
+  auto server = StartServer();
+  auto stub = Stub(*server);
+  v1::ReduceGradientsRequest rr;
+  rr.set_train_step(9);
+  rr.set_group("step9-group0");
+  rr.set_generation(1);
+  rr.set_rank(0);
+  rr.add_members(absl::StrCat("127.0.0.1:", server->port()));
+  rr.add_members("127.0.0.1:1");
+  rr.add_experts(1);
+  rr.add_experts(1);
+  rr.set_timeout_ms(2000);
+  grpc::ClientContext ctx;
+  v1::ReduceGradientsResponse resp;
+  const grpc::Status st = stub->ReduceGradients(&ctx, rr, &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+  EXPECT_NE(st.error_message().find("an expert is listed twice"), std::string::npos)
+      << st.error_message();
+  grpc::ClientContext fctx;
+  v1::FinishStepRequest fin;
+  fin.set_train_step(9);
+  fin.set_commit(true);
+  fin.set_learning_rate(0.1f);
+  v1::FinishStepResponse fresp;
+  EXPECT_FALSE(stub->FinishStep(&fctx, fin, &fresp).ok()) << "a failed step committed";
+}
+
 TEST_F(ShardServerTest, AStepNobodyFinishesIsDroppedOnceStale) {
   ShardServerOptions o;
   o.step_ttl = absl::Seconds(1);

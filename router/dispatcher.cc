@@ -45,7 +45,9 @@ void AppendRow(const float* row, int64_t d, common::WireType wire, std::string* 
 std::shared_ptr<v1::DispatchRequest> BuildShardRequest(
     const std::map<int, std::vector<int64_t>>& plan, const ExpertGroups& groups, int k,
     const float* x, int64_t d, common::WireType wire, std::vector<int32_t>* local) {
+  static std::atomic<uint64_t> next_batch_id{1};
   auto req = std::make_shared<v1::DispatchRequest>();
+  req->set_batch_id(next_batch_id.fetch_add(1, std::memory_order_relaxed));
   req->set_output_dtype(wire == common::WireType::kBFloat16 ? v1::BFLOAT16 : v1::FLOAT32);
   v1::Tensor* rows = req->mutable_rows();
   std::string* bytes = rows->mutable_data();
@@ -72,11 +74,29 @@ std::shared_ptr<v1::DispatchRequest> BuildShardRequest(
   return req;
 }
 
+absl::Status CheckShardAnswer(const google::protobuf::RepeatedPtrField<v1::ExpertOutput>& outputs,
+                              const std::map<int, std::vector<int64_t>>& plan, int64_t d,
+                              const std::string& shard) {
+  std::vector<int> seen;
+  for (const v1::ExpertOutput& out : outputs) {
+    auto it = plan.find(out.expert());
+    absl::StatusOr<common::TensorView> v = common::DecodeMatrix(out.output(), "output", d);
+    if (it == plan.end() || !v.ok() || v->dim(0) != static_cast<int64_t>(it->second.size()) ||
+        std::find(seen.begin(), seen.end(), out.expert()) != seen.end()) {
+      return absl::InternalError(absl::StrCat("shard ", shard, " answered with a malformed output",
+                                              " for expert ", out.expert()));
+    }
+    seen.push_back(out.expert());
+  }
+  if (seen.size() != plan.size()) {
+    return absl::InternalError(absl::StrCat("shard ", shard, " left experts unanswered"));
+  }
+  return absl::OkStatus();
+}
+
 struct Dispatcher::Shared {
   common::ModelConfig config;
   DispatcherOptions options;
-  std::atomic<uint64_t> next_batch_id{1};
-
   // Calls not yet finished, held here (shard callbacks only hold weak references, so a shard
   // that never answers keeps nothing alive), and the number of Call objects not yet destroyed.
   std::mutex mu;
@@ -285,7 +305,6 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
       if (plan_[s].empty()) continue;
       auto req = BuildShardRequest(plan_[s], groups_, k, x_.data(), d, shared_->options.wire,
                                    &local);
-      req->set_batch_id(shared_->next_batch_id.fetch_add(1));
       req->set_timeout_ms(timeout_ms);
       req->set_placement_version(table.placement.version);
       int64_t total = 0;
@@ -337,21 +356,7 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
                                                     result->message())
                                      : result.status();
       if (err.ok()) {
-        // Copy each expert's rows back to their positions, checking the shapes.
-        for (const v1::ExpertOutput& out : result->outputs()) {
-          auto it = plan_[s].find(out.expert());
-          absl::StatusOr<common::TensorView> v = common::DecodeMatrix(out.output(), "output", d);
-          if (it == plan_[s].end() || !v.ok() ||
-              v->dim(0) != static_cast<int64_t>(it->second.size())) {
-            err = absl::InternalError(absl::StrCat("shard ", table.shards[s]->address(),
-                                                   " answered with a malformed output"));
-            break;
-          }
-        }
-        if (err.ok() && result->outputs_size() != static_cast<int>(plan_[s].size())) {
-          err = absl::InternalError(absl::StrCat("shard ", table.shards[s]->address(),
-                                                 " left experts unanswered"));
-        }
+        err = CheckShardAnswer(result->outputs(), plan_[s], d, table.shards[s]->address());
         if (err.ok()) {
           for (const v1::ExpertOutput& out : result->outputs()) {
             const std::vector<int64_t>& pos = plan_[s][out.expert()];

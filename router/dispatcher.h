@@ -56,9 +56,18 @@ struct DispatcherOptions {
 
 // The Dispatch request for one shard: each token row once, then per expert (ascending) the
 // positions of `plan` in order. `local` is scratch of size n filled with -1 (restored on return).
+// Its batch_id is new in the process: serving and training batches share each shard's stream,
+// whose answers are matched to their batches by id.
 std::shared_ptr<v1::DispatchRequest> BuildShardRequest(
     const std::map<int, std::vector<int64_t>>& plan, const ExpertGroups& groups, int k,
     const float* x, int64_t d, common::WireType wire, std::vector<int32_t>* local);
+
+// OK when `outputs` answer `plan` exactly: one per planned expert, none twice and none
+// unplanned, each a [rows of the plan, d] matrix; else INTERNAL naming the shard. A shard that
+// answered otherwise would leave rows of the combine (or of grad_input) unfilled or filled twice.
+absl::Status CheckShardAnswer(const google::protobuf::RepeatedPtrField<v1::ExpertOutput>& outputs,
+                              const std::map<int, std::vector<int64_t>>& plan, int64_t d,
+                              const std::string& shard);
 
 class Dispatcher {
  public:

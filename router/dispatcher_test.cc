@@ -55,6 +55,9 @@ class FakeShard : public ShardClient {
       o->set_expert(er.expert());
       common::EncodeTensor(out, {er.rows_size(), d}, common::WireType::kFloat32, o->mutable_output());
     }
+    if (repeat_first_output && resp.outputs_size() > 1) {
+      *resp.mutable_outputs(1) = resp.outputs(0);  // the first expert twice, the second never
+    }
     done(resp);
   }
   bool healthy() const override { return healthy_; }
@@ -116,6 +119,7 @@ class FakeShard : public ShardClient {
   bool healthy_ = true;
   absl::StatusCode fail_with = absl::StatusCode::kOk;
   bool never_answer = false;
+  bool repeat_first_output = false;  // answers a batch of several experts malformed
   int64_t outstanding = 0;  // what outstanding_rows() reports
   int finish_failures = 0;  // FinishStep fails this many more times
   std::vector<Finish> finishes;
@@ -289,6 +293,32 @@ TEST(Dispatcher, FailsOverToAnotherReplica) {
   EXPECT_EQ(stats.failovers, 2);
   auto ref = setup.layer->Forward(x.data(), n);
   for (size_t i = 0; i < y->size(); ++i) EXPECT_NEAR((*y)[i], ref->y[i], 1e-5);
+}
+
+// A shard whose answer names one expert twice and leaves another out would have the second's
+// rows combined as zeros: the answer is refused and the batch goes to another replica.
+TEST(Dispatcher, AnAnswerThatRepeatsAnExpertIsRefusedAndTheBatchFailsOver) {
+  Rig setup(Strategy::kReplicated, 2);
+  setup.fakes[0]->repeat_first_output = true;
+  setup.fakes[1]->outstanding = 1000;  // the bad replica gets the batch first
+  const int64_t n = 10;
+  const std::vector<float> x = common::RandomMatrix(n, 16, 8);
+  DispatchStats stats;
+  auto y = setup.Run(x, n, absl::Seconds(10), &stats);
+  ASSERT_TRUE(y.ok()) << y.status();
+  EXPECT_GE(setup.fakes[0]->batches, 1);
+  EXPECT_GE(stats.failovers, 1);
+  auto ref = setup.layer->Forward(x.data(), n);
+  for (size_t i = 0; i < y->size(); ++i) EXPECT_NEAR((*y)[i], ref->y[i], 1e-5);
+
+  Rig alone(Strategy::kSharded, 1);
+  alone.fakes[0]->repeat_first_output = true;
+  auto bad = alone.Run(x, n);
+  // The expert's only replica failed it: UNAVAILABLE, with the shard's error.
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kUnavailable) << bad.status();
+  EXPECT_NE(bad.status().message().find("answered with a malformed output for expert"),
+            std::string::npos)
+      << bad.status();
 }
 
 TEST(Dispatcher, ExpertWithoutHealthyReplicaIsUnavailableByName) {
@@ -553,6 +583,25 @@ TEST(Trainer, AShardThatDidNotConfirmACommitIsAskedAgainAndHoldsBackTheNextStep)
   absl::StatusOr<TrainResult> third = t.Step(9);
   ASSERT_TRUE(third.ok()) << third.status();
   EXPECT_EQ(t.commits, 2);
+}
+
+// Serving and training send on the same stream to each shard, whose answers are matched to
+// their batches by id: the two never use the same id.
+TEST(Trainer, ServingAndTrainingBatchesOnAShardNeverShareAnId) {
+  TrainRig t(/*unconfirmed_commits=*/0);
+  const std::vector<float> x = common::RandomMatrix(12, Config().d_model, 3);
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(t.rig.Run(x, 12).ok());
+    ASSERT_TRUE(t.Step(5 + i).ok());
+  }
+  for (const auto& fake : t.rig.fakes) {
+    std::set<uint64_t> ids;
+    for (const v1::DispatchRequest& req : fake->requests) {
+      EXPECT_TRUE(ids.insert(req.batch_id()).second)
+          << fake->address() << " got batch id " << req.batch_id() << " twice";
+    }
+    EXPECT_GE(ids.size(), 4u) << fake->address();
+  }
 }
 
 TEST(Trainer, AnUnconfirmedShardThatLeftThePlacementIsDropped) {

@@ -4,6 +4,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "services/common/expert_copy.h"
 #include "services/common/security.h"
 #include "services/common/grpc_status.h"
 
@@ -23,9 +24,16 @@ class GrpcShardClient::Stream final
 
   // False when the stream no longer takes batches.
   bool Send(std::shared_ptr<const v1::DispatchRequest> req, DispatchDone done) {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::mutex> lock(mu_);
     if (closed_) return false;
-    pending_[req->batch_id()] = std::move(done);
+    // Answers are matched by batch id, which BuildShardRequest makes unique in the process; a
+    // second batch of the same id would take the first one's answer.
+    if (!pending_.try_emplace(req->batch_id(), std::move(done)).second) {
+      lock.unlock();
+      done(absl::InternalError(absl::StrCat("batch id ", req->batch_id(),
+                                            " is already in flight to shard ", owner_->address_)));
+      return true;
+    }
     outbox_.push_back(std::move(req));
     if (!writing_) {
       writing_ = true;
@@ -353,16 +361,23 @@ absl::StatusOr<std::string> GrpcShardClient::ExportExpert(int expert, absl::Dura
   v1::ExportExpertRequest req;
   req.set_expert(expert);
   auto reader = stub_->ExportExpert(&ctx, req);
-  std::string bytes;
+  common::ExpertCopy copy(uint64_t{8} << 30);  // the caller parses it against the model
   v1::ExpertChunk chunk;
-  while (reader->Read(&chunk)) bytes += chunk.data();
+  absl::Status added;
+  while (added.ok() && reader->Read(&chunk)) added = copy.Add(chunk);
+  if (!added.ok()) ctx.TryCancel();
   grpc::Status st = reader->Finish();
+  if (added.ok() && st.ok()) added = copy.Complete();
+  if (!added.ok()) {
+    return absl::DataLossError(absl::StrCat("export of expert ", expert, " from ", address_,
+                                            ": ", added.message()));
+  }
   if (!st.ok()) {
     absl::Status s = common::FromGrpcStatus(st);
     return absl::Status(s.code(), absl::StrCat("export of expert ", expert, " from ", address_,
                                                ": ", s.message()));
   }
-  return bytes;
+  return std::move(copy.bytes);
 }
 
 }  // namespace moe::router

@@ -201,8 +201,7 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   for (int s = 0; s < S; ++s) {
     if (plan[s].empty()) continue;
     auto req = BuildShardRequest(plan[s], groups, k, x, d, common::WireType::kFloat32, &local);
-    batch_of[s] = next_batch_id_.fetch_add(1);
-    req->set_batch_id(batch_of[s]);
+    batch_of[s] = req->batch_id();
     req->set_train_step(result.step);
     req->set_timeout_ms(timeout_ms);
     req->set_placement_version(table.placement.version);
@@ -232,9 +231,7 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   for (auto& [s, r] : wait->results) {
     absl::Status err = r.ok() ? absl::Status(static_cast<absl::StatusCode>(r->code()), r->message())
                               : r.status();
-    if (err.ok() && r->outputs_size() != static_cast<int>(plan[s].size())) {
-      err = absl::InternalError("a shard left experts unanswered");
-    }
+    if (err.ok()) err = CheckShardAnswer(r->outputs(), plan[s], d, table.shards[s]->address());
     if (!err.ok()) {
       AbortEverywhere(table, result.step);
       return absl::AbortedError(absl::StrCat("training forward on shard ",
@@ -242,13 +239,9 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
                                              err.message(), "; step aborted, no weight changed"));
     }
     for (const v1::ExpertOutput& out : r->outputs()) {
-      const std::vector<int64_t>& pos = plan[s][out.expert()];
-      auto v = common::DecodeMatrix(out.output(), "output", d);
-      if (!v.ok() || v->dim(0) != static_cast<int64_t>(pos.size())) {
-        AbortEverywhere(table, result.step);
-        return absl::AbortedError("a shard answered a malformed training forward");
-      }
-      const std::vector<float> vals = common::ViewToFloat(*v);
+      const std::vector<int64_t>& pos = plan[s].at(out.expert());  // CheckShardAnswer
+      const std::vector<float> vals =
+          common::ViewToFloat(*common::DecodeMatrix(out.output(), "output", d));
       for (size_t i = 0; i < pos.size(); ++i) {
         std::memcpy(&eo[pos[i] * d], &vals[i * d], sizeof(float) * d);
       }
@@ -293,16 +286,15 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
         back_status[s] = resp.status();
         return;
       }
+      back_status[s] =
+          CheckShardAnswer(resp->grad_inputs(), plan[s], d, table.shards[s]->address());
+      if (!back_status[s].ok()) return;
       for (const v1::ExpertOutput& gi : resp->grad_inputs()) {
-        auto it = plan[s].find(gi.expert());
-        auto v = common::DecodeMatrix(gi.output(), "grad_input", d);
-        if (it == plan[s].end() || !v.ok() || v->dim(0) != static_cast<int64_t>(it->second.size())) {
-          back_status[s] = absl::InternalError("malformed backward answer");
-          return;
-        }
-        const std::vector<float> vals = common::ViewToFloat(*v);
-        for (size_t i = 0; i < it->second.size(); ++i) {
-          std::memcpy(&dxe[it->second[i] * d], &vals[i * d], sizeof(float) * d);
+        const std::vector<int64_t>& pos = plan[s].at(gi.expert());
+        const std::vector<float> vals =
+            common::ViewToFloat(*common::DecodeMatrix(gi.output(), "grad_input", d));
+        for (size_t i = 0; i < pos.size(); ++i) {
+          std::memcpy(&dxe[pos[i] * d], &vals[i * d], sizeof(float) * d);
         }
       }
     });

@@ -108,7 +108,6 @@ class Trainer {
   mutable std::mutex unconfirmed_mu_;
   std::map<std::string, PendingCommit> unconfirmed_;  // by shard address
   std::atomic<uint64_t> next_step_;
-  std::atomic<uint64_t> next_batch_id_{1};
 };
 
 // Replicated experts grouped by their replica set (ring order = shard order).

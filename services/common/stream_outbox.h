@@ -9,6 +9,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 
 #include <grpcpp/grpcpp.h>
 
@@ -23,6 +24,7 @@ struct StreamOutbox {
   bool reads_done = false;
   bool finished = false;
   int pending = 0;  // requests accepted and not yet answered
+  std::optional<grpc::Status> finish_after_write;  // a Finish waiting for the write in flight
 
   void PushLocked(std::unique_ptr<Response> r) {
     if (reactor == nullptr || finished) return;
@@ -40,6 +42,13 @@ struct StreamOutbox {
   void FinishLocked(const grpc::Status& status) {
     if (finished || reactor == nullptr) return;
     finished = true;
+    if (writing) {
+      // gRPC takes no Finish while a write is outstanding: it follows in WriteDone. What is
+      // queued behind the write in flight is dropped.
+      finish_after_write = status;
+      outbox.resize(1);
+      return;
+    }
     reactor->Finish(status);
   }
   void End(const grpc::Status& status) {
@@ -56,6 +65,11 @@ struct StreamOutbox {
     std::lock_guard<std::mutex> lock(mu);
     writing = false;
     if (!outbox.empty()) outbox.pop_front();
+    if (finish_after_write.has_value()) {
+      if (reactor != nullptr) reactor->Finish(*finish_after_write);
+      finish_after_write.reset();
+      return;
+    }
     if (!ok) {
       FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "stream broken"));
       return;
