@@ -9,7 +9,9 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include <algorithm>
@@ -68,9 +70,9 @@ commands:
   placement --router HOST:PORT [--rebalance STRATEGY] [--dry-run]
       the placement table; --rebalance switches strategy (replicated|sharded|hybrid|dynamic),
       --dry-run only scores the proposal
-  train --router HOST:PORT --steps K [--learning-rate LR] [--aux-loss-coef A] [--z-loss-coef Z]
+  train --router HOST:PORT [--steps K] [--learning-rate LR] [--aux-loss-coef A] [--z-loss-coef Z]
         (--tokens T.safetensors --grad-output G.safetensors | --synthetic --batch-size N [--seed S])
-      K training steps; with files, the same batch every step (`tokens` and `grad_output`
+      K training steps (10); with files, the same batch every step (`tokens` and `grad_output`
       [N, d_model]); --synthetic regresses the layer onto a fixed random linear target
       (loss = mean squared error, grad_output = 2 (y - target) / N). Prints the loss per step.
   save-checkpoint --router HOST:PORT --path PATH
@@ -87,13 +89,33 @@ commands:
       run the in-process layer on random batches; print tokens/s and per-expert load
 )";
 
+// A flag the command cannot do without, as an integer.
+absl::StatusOr<int64_t> RequiredInt(const Flags& f, const char* name) {
+  RETURN_IF_ERROR(f.Require(name).status());
+  return f.GetInt(name, 0);
+}
+
+// The lines of kUsage about `cmd` (an alias names its command's lines), or "" if none.
+std::string CommandHelp(const std::string& cmd) {
+  const std::string name = cmd == "infer" ? "forward" : cmd;
+  std::string out;
+  bool in = false;
+  for (absl::string_view line : absl::StrSplit(kUsage, '\n')) {
+    const bool starts_command = line.size() > 2 && line.substr(0, 2) == "  " && line[2] != ' ';
+    if (starts_command) in = line.substr(2, name.size() + 1) == name + " ";
+    if (line.empty()) in = false;
+    if (in) absl::StrAppend(&out, line, "\n");
+  }
+  return out.empty() ? "" : absl::StrCat("usage: moe-client\n", out);
+}
+
 absl::Status InitCheckpoint(const Flags& f) {
   common::RandomCheckpointSpec spec;
   ASSIGN_OR_RETURN(std::string out, f.Require("out"));
-  ASSIGN_OR_RETURN(int64_t experts, f.GetInt("experts", 0));
-  ASSIGN_OR_RETURN(int64_t d_model, f.GetInt("d-model", 0));
-  ASSIGN_OR_RETURN(int64_t d_ff, f.GetInt("d-ff", 0));
-  ASSIGN_OR_RETURN(int64_t top_k, f.GetInt("top-k", 0));
+  ASSIGN_OR_RETURN(int64_t experts, RequiredInt(f, "experts"));
+  ASSIGN_OR_RETURN(int64_t d_model, RequiredInt(f, "d-model"));
+  ASSIGN_OR_RETURN(int64_t d_ff, RequiredInt(f, "d-ff"));
+  ASSIGN_OR_RETURN(int64_t top_k, RequiredInt(f, "top-k"));
   ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 1));
   if (experts < 1 || experts > 4096) return absl::InvalidArgumentError("--experts must be in [1, 4096]");
   if (d_model < 1 || d_model > 65536) return absl::InvalidArgumentError("--d-model must be in [1, 65536]");
@@ -149,8 +171,8 @@ absl::Status InitCheckpoint(const Flags& f) {
 
 absl::Status MakeTokens(const Flags& f) {
   ASSIGN_OR_RETURN(std::string out, f.Require("out"));
-  ASSIGN_OR_RETURN(int64_t n, f.GetInt("tokens", 0));
-  ASSIGN_OR_RETURN(int64_t d, f.GetInt("d-model", 0));
+  ASSIGN_OR_RETURN(int64_t n, RequiredInt(f, "tokens"));
+  ASSIGN_OR_RETURN(int64_t d, RequiredInt(f, "d-model"));
   ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 7));
   if (n < 1 || d < 1 || n * d > (int64_t{1} << 30)) {
     return absl::InvalidArgumentError("--tokens and --d-model must be positive (and not huge)");
@@ -173,6 +195,12 @@ absl::StatusOr<T> HintIfMissing(absl::StatusOr<T> r, const char* maker) {
 absl::StatusOr<common::Checkpoint> ReadCheckpoint(const std::string& path,
                                                   const common::LoadOptions& opts) {
   return HintIfMissing(common::LoadCheckpoint(path, opts), "moe-client init-checkpoint");
+}
+
+// INVALID_ARGUMENT naming --NAME when it was given below `least`.
+absl::Status AtLeast(const Flags& f, const char* name, int64_t value, int64_t least) {
+  if (!f.Has(name) || value >= least) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("--", name, " must be >= ", least, ", got ", value));
 }
 
 absl::StatusOr<std::unique_ptr<router::MoeLayer>> LoadLayer(const Flags& f) {
@@ -209,6 +237,19 @@ absl::Status WriteForward(const std::string& out_path, int64_t n, int64_t d, int
   return absl::OkStatus();
 }
 
+// A router call's failure as the user's error: a router that cannot be reached (after the
+// attempts of CallWithReconnects) is named, with how to start one.
+absl::Status RouterError(const grpc::Status& st, const std::string& addr) {
+  if (st.error_code() == grpc::StatusCode::UNAVAILABLE &&
+      absl::StartsWith(st.error_message(), "failed to connect")) {
+    return absl::UnavailableError(absl::StrCat(
+        "cannot reach the router at ", addr, ": ", st.error_message(),
+        " (is it running there? `make run` or `moe-cluster --checkpoint PATH` starts a local "
+        "one and prints its address)"));
+  }
+  return common::FromGrpcStatus(st);
+}
+
 absl::Status Forward(const Flags& f) {
   if (f.Has("local") == f.Has("router")) {
     return absl::InvalidArgumentError("forward needs exactly one of --local or --router HOST:PORT");
@@ -228,11 +269,10 @@ absl::Status Forward(const Flags& f) {
                          f.Has("bf16") ? common::WireType::kBFloat16 : common::WireType::kFloat32,
                          req.mutable_tokens());
     v1::InferResponse resp;
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-    grpc::Status st = stub->Infer(&ctx, req, &resp);
+    const grpc::Status st = CallWithReconnects(
+        absl::Seconds(60), [&](grpc::ClientContext* ctx) { return stub->Infer(ctx, req, &resp); });
     if (!st.ok()) {
-      absl::Status s = common::FromGrpcStatus(st);
+      absl::Status s = RouterError(st, f.Get("router"));
       return absl::Status(s.code(), absl::StrCat(absl::StatusCodeToString(s.code()), ": ",
                                                  s.message()));
     }
@@ -249,34 +289,19 @@ absl::Status Forward(const Flags& f) {
     return absl::InvalidArgumentError(absl::StrCat(in_path, ": 'tokens' must be [N, ", c.d_model,
                                                    "] for this checkpoint"));
   }
+  // What the router refuses, --local refuses too.
+  RETURN_IF_ERROR(common::CheckTokens(x, n, d, absl::StrCat(in_path, ": tokens")));
   ASSIGN_OR_RETURN(router::LayerOutput out, layer->Forward(x.data(), n));
   return WriteForward(out_path, n, d, c.top_k, out.y, out.gating.expert_ids, out.gating.weights,
                       out.gating.dropped);
 }
 
-// The router's ClusterInfo; an unreachable router is named in the error. A connection that
-// fails is tried twice more, 300 ms apart (past the channel's reconnect backoff): one failed
-// TLS handshake on a loaded machine is not an unreachable router. The first failure's message
-// is the one reported: later attempts only say that a reconnect was cut short. Not
-// wait_for_ready, whose DEADLINE_EXCEEDED would hide why the router could not be reached.
 absl::StatusOr<v1::ClusterInfo> GetInfo(v1::Router::Stub* stub, const std::string& addr) {
   v1::ClusterInfo info;
-  grpc::Status st, first;
-  for (int attempt = 0; attempt < 3; ++attempt) {
-    if (attempt > 0) std::this_thread::sleep_for(std::chrono::milliseconds(300));
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-    st = stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info);
-    if (st.error_code() != grpc::StatusCode::UNAVAILABLE) break;
-    if (attempt == 0) first = st;
-  }
-  if (st.error_code() == grpc::StatusCode::UNAVAILABLE) {
-    return absl::UnavailableError(absl::StrCat(
-        "cannot reach the router at ", addr, ": ", first.error_message(),
-        " (is it running there? `make run` or `moe-cluster --checkpoint PATH` starts a local "
-        "one and prints its address)"));
-  }
-  if (!st.ok()) return common::FromGrpcStatus(st);
+  const grpc::Status st = CallWithReconnects(absl::Seconds(10), [&](grpc::ClientContext* ctx) {
+    return stub->GetClusterInfo(ctx, v1::GetClusterInfoRequest(), &info);
+  });
+  if (!st.ok()) return RouterError(st, addr);
   return info;
 }
 
@@ -285,7 +310,8 @@ absl::StatusOr<v1::ClusterInfo> GetInfo(v1::Router::Stub* stub, const std::strin
 absl::Status Health(const Flags& f) {
   ASSIGN_OR_RETURN(std::string addr, f.Require("addr"));
   ASSIGN_OR_RETURN(int64_t timeout_ms, f.GetInt("timeout-ms", 2000));
-  auto channel = common::CreateAuthorizedChannel(addr, common::ClientChannelArgs(), "");
+  RETURN_IF_ERROR(AtLeast(f, "timeout-ms", timeout_ms, 1));
+  auto channel = common::CreateAuthorizedChannel(addr, common::UserChannelArgs(), "");
   absl::StatusOr<common::HealthState> state =
       common::CheckHealth(channel.get(), absl::Milliseconds(timeout_ms));
   if (!state.ok()) {
@@ -308,14 +334,16 @@ absl::Status DrainCmd(const Flags& f) {
   }
   const int64_t waits_ms = timeout_ms == 0 ? 10000 : timeout_ms;
   auto stub = v1::ExpertShard::NewStub(
-      common::CreateAuthorizedChannel(addr, common::ClientChannelArgs(), ""));
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(waits_ms + 5000));
+      common::CreateAuthorizedChannel(addr, common::UserChannelArgs(), ""));
   v1::DrainRequest req;
   req.set_timeout_ms(timeout_ms);
   v1::DrainResponse resp;
   const absl::Time start = absl::Now();
-  grpc::Status st = stub->Drain(&ctx, req, &resp);
+  // Draining is idempotent: a shard already draining answers when its streams have closed.
+  const grpc::Status st =
+      CallWithReconnects(absl::Milliseconds(waits_ms + 5000), [&](grpc::ClientContext* ctx) {
+        return stub->Drain(ctx, req, &resp);
+      });
   if (!st.ok()) {
     return absl::Status(common::FromGrpcStatus(st).code(),
                         absl::StrCat("drain of ", addr, ": ", st.error_message()));
@@ -374,19 +402,18 @@ void PrintPlacement(const v1::Placement& p) {
 absl::Status PlacementCmd(const Flags& f) {
   ASSIGN_OR_RETURN(std::string addr, f.Require("router"));
   auto stub = MakeRouterStub(addr);
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(300));
   v1::Placement p;
-  grpc::Status st;
-  if (f.Has("rebalance") || f.Has("dry-run")) {
-    v1::RebalanceRequest req;
-    req.set_strategy(f.Get("rebalance"));
-    req.set_dry_run(f.Has("dry-run"));
-    st = stub->Rebalance(&ctx, req, &p);
-  } else {
-    st = stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &p);
-  }
-  if (!st.ok()) return common::FromGrpcStatus(st);
+  // A rebalance to a strategy is idempotent: sent again, it finds the placement applied.
+  const grpc::Status st = CallWithReconnects(absl::Seconds(300), [&](grpc::ClientContext* ctx) {
+    if (f.Has("rebalance") || f.Has("dry-run")) {
+      v1::RebalanceRequest req;
+      req.set_strategy(f.Get("rebalance"));
+      req.set_dry_run(f.Has("dry-run"));
+      return stub->Rebalance(ctx, req, &p);
+    }
+    return stub->GetPlacement(ctx, v1::GetPlacementRequest(), &p);
+  });
+  if (!st.ok()) return RouterError(st, addr);
   PrintPlacement(p);
   return absl::OkStatus();
 }
@@ -399,15 +426,18 @@ absl::Status Train(const Flags& f) {
   ASSIGN_OR_RETURN(double z, f.GetDouble("z-loss-coef", 0.0));
   ASSIGN_OR_RETURN(int64_t batch, f.GetInt("batch-size", 64));
   ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 1));
-  if (steps < 1 || batch < 1) return absl::InvalidArgumentError("--steps and --batch-size must be >= 1");
+  RETURN_IF_ERROR(AtLeast(f, "steps", steps, 1));
+  RETURN_IF_ERROR(AtLeast(f, "batch-size", batch, 1));
   auto stub = MakeRouterStub(addr);
   ASSIGN_OR_RETURN(v1::ClusterInfo info, GetInfo(stub.get(), addr));
   const int64_t d = info.d_model();
   std::vector<float> x, dy_fixed, target;
   const bool synthetic = f.Has("synthetic");
-  if (synthetic == (f.Has("tokens") || f.Has("grad-output"))) {
+  if (synthetic == (f.Has("tokens") || f.Has("grad-output")) ||
+      (!synthetic && !(f.Has("tokens") && f.Has("grad-output")))) {
     return absl::InvalidArgumentError("train needs --synthetic, or --tokens and --grad-output");
   }
+  if (lr < 0) return absl::InvalidArgumentError("--learning-rate must be >= 0");
   if (synthetic) {
     x = common::RandomMatrix(batch, d, seed);
     // A fixed random linear target T x, the layer regresses onto it.
@@ -440,9 +470,8 @@ absl::Status Train(const Flags& f) {
       v1::InferRequest req;
       common::EncodeTensor(x, {batch, d}, common::WireType::kFloat32, req.mutable_tokens());
       v1::InferResponse resp;
-      grpc::ClientContext ctx;
-      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-      grpc::Status st = stub->Infer(&ctx, req, &resp);
+      const grpc::Status st = CallWithReconnects(
+          absl::Seconds(60), [&](grpc::ClientContext* ctx) { return stub->Infer(ctx, req, &resp); });
       if (!st.ok()) return common::FromGrpcStatus(st);
       ASSIGN_OR_RETURN(common::TensorView v, common::DecodeMatrix(resp.output(), "output", d));
       const std::vector<float> y = common::ViewToFloat(v);
@@ -499,10 +528,10 @@ absl::Status SaveCheckpointCmd(const Flags& f) {
   v1::SaveCheckpointRequest req;
   req.set_path(path);
   v1::SaveCheckpointResponse resp;
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(300));
-  grpc::Status st = stub->SaveCheckpoint(&ctx, req, &resp);
-  if (!st.ok()) return common::FromGrpcStatus(st);
+  const grpc::Status st = CallWithReconnects(absl::Seconds(300), [&](grpc::ClientContext* ctx) {
+    return stub->SaveCheckpoint(ctx, req, &resp);
+  });
+  if (!st.ok()) return RouterError(st, addr);
   std::printf("wrote %s after step %llu; replicas identical: %s%s\n", resp.path().c_str(),
               static_cast<unsigned long long>(resp.step()),
               resp.replicas_identical() ? "yes" : "NO, divergent experts ",
@@ -520,8 +549,16 @@ absl::Status Load(const Flags& f) {
   ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 1));
   ASSIGN_OR_RETURN(int64_t window, f.GetInt("window", 2));
   ASSIGN_OR_RETURN(int64_t hot_order, f.GetInt("hot-order", 0));
-  if (concurrency < 1 || batch < 1 || duration <= 0 || max_requests < 0 || window < 1) {
-    return absl::InvalidArgumentError("--concurrency, --batch-size, --duration and --window must be positive");
+  RETURN_IF_ERROR(AtLeast(f, "concurrency", concurrency, 1));
+  RETURN_IF_ERROR(AtLeast(f, "batch-size", batch, 1));
+  RETURN_IF_ERROR(AtLeast(f, "window", window, 1));
+  RETURN_IF_ERROR(AtLeast(f, "requests", max_requests, 1));
+  if (duration <= 0) return absl::InvalidArgumentError("--duration must be > 0 seconds");
+  // --requests alone runs until they are answered; with --duration, whichever comes first.
+  if (f.Has("requests") && !f.Has("duration")) duration = 1e7;
+  if (zipf < 0) {
+    return absl::InvalidArgumentError(
+        "--zipf must be >= 0 (0: uniform; --hot-order changes which experts are popular)");
   }
   if (hot_order < -1) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -537,6 +574,12 @@ absl::Status Load(const Flags& f) {
     lo.experts = std::vector<int>{};
     lo.tensor_prefix = f.Get("tensor-prefix");
     ASSIGN_OR_RETURN(common::Checkpoint ck, ReadCheckpoint(f.Get("checkpoint"), lo));
+    if (ck.config.num_experts != info.num_experts() || ck.config.d_model != d) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          f.Get("checkpoint"), " has ", ck.config.num_experts, " experts of d_model ",
+          ck.config.d_model, ", the cluster at ", addr, " ", info.num_experts(),
+          " of d_model ", d, ": give the checkpoint the cluster was started with"));
+    }
     gate = std::move(ck.gate);
   } else if (zipf > 0) {
     return absl::InvalidArgumentError("--zipf needs --checkpoint (the gate decides the routing)");
@@ -558,6 +601,7 @@ absl::Status Load(const Flags& f) {
   std::mutex mu;
   std::vector<double> latencies;
   std::map<std::string, int64_t> codes;
+  std::map<std::string, std::string> first_error;  // by code
   std::atomic<int64_t> issued{0}, tokens_ok{0}, completed{0};
   auto worker = [&](int w) {
     std::unique_ptr<ZipfTokens> gen;
@@ -603,6 +647,7 @@ absl::Status Load(const Flags& f) {
       std::lock_guard<std::mutex> lock(mu);
       const std::string code = absl::StatusCodeToString(static_cast<absl::StatusCode>(resp.code()));
       ++codes[code];
+      if (resp.code() != 0) first_error.emplace(code, resp.message());
       if (resp.code() == 0) {
         latencies.push_back(lat);
         tokens_ok += batch;
@@ -612,8 +657,11 @@ absl::Status Load(const Flags& f) {
     stream->WritesDone();
     grpc::Status st = stream->Finish();
     std::lock_guard<std::mutex> lock(mu);
-    for (size_t i = 0; i < sent.size(); ++i) {
-      ++codes[absl::StatusCodeToString(static_cast<absl::StatusCode>(st.ok() ? 14 : st.error_code()))];
+    const std::string lost =
+        absl::StatusCodeToString(static_cast<absl::StatusCode>(st.ok() ? 14 : st.error_code()));
+    for (size_t i = 0; i < sent.size(); ++i) ++codes[lost];
+    if (!sent.empty()) {
+      first_error.emplace(lost, st.ok() ? "the stream ended before the answer" : st.error_message());
     }
   };
   std::vector<std::thread> workers;
@@ -635,10 +683,12 @@ absl::Status Load(const Flags& f) {
   const double elapsed =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::sort(latencies.begin(), latencies.end());
-  auto pct = [&](double q) {
-    if (latencies.empty()) return 0.0;
-    return 1e3 * latencies[std::min(latencies.size() - 1,
-                                    static_cast<size_t>(q * static_cast<double>(latencies.size())))];
+  auto pct = [&](double q) -> std::string {
+    if (latencies.empty()) return "-";  // no request answered
+    return absl::StrFormat(
+        "%.2f", 1e3 * latencies[std::min(latencies.size() - 1,
+                                         static_cast<size_t>(q * static_cast<double>(
+                                                                     latencies.size())))]);
   };
   int64_t total = 0, errors = 0;
   for (const auto& [code, n] : codes) {
@@ -648,13 +698,21 @@ absl::Status Load(const Flags& f) {
   PrintTable({"metric", "value"},
              {{"requests", absl::StrCat(total)},
               {"tokens/s", absl::StrFormat("%.0f", tokens_ok.load() / elapsed)},
-              {"p50 latency (ms)", absl::StrFormat("%.2f", pct(0.50))},
-              {"p95 latency (ms)", absl::StrFormat("%.2f", pct(0.95))},
-              {"p99 latency (ms)", absl::StrFormat("%.2f", pct(0.99))},
+              {"p50 latency (ms)", pct(0.50)},
+              {"p95 latency (ms)", pct(0.95)},
+              {"p99 latency (ms)", pct(0.99)},
               {"errors", absl::StrCat(errors)}});
+  // With errors, the first message of each code: enough to tell what went wrong.
   std::vector<std::vector<std::string>> rows;
-  for (const auto& [code, n] : codes) rows.push_back({code, absl::StrCat(n)});
-  PrintTable({"code", "requests"}, rows);
+  for (const auto& [code, n] : codes) {
+    rows.push_back({code, absl::StrCat(n)});
+    if (!first_error.empty()) rows.back().push_back(first_error[code]);
+  }
+  if (first_error.empty()) {
+    PrintTable({"code", "requests"}, rows);
+  } else {
+    PrintTable({"code", "requests", "first error"}, rows);
+  }
   return absl::OkStatus();
 }
 
@@ -694,10 +752,20 @@ absl::Status Demo(const Flags& f) {
 
 int Main(int argc, char** argv) {
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "help") {
-    std::fputs(kUsage, argc < 2 ? stderr : stdout);
+    // `moe-client help COMMAND`: that command's lines.
+    const std::string one = argc > 2 ? CommandHelp(argv[2]) : "";
+    std::fputs(one.empty() ? kUsage : one.c_str(), argc < 2 ? stderr : stdout);
     return argc < 2 ? 2 : 0;
   }
   const std::string cmd = argv[1];
+  for (int i = 2; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      const std::string one = CommandHelp(cmd);
+      std::fputs(one.empty() ? kUsage : one.c_str(), stdout);
+      return 0;
+    }
+  }
   struct Command {
     std::map<std::string, bool> flags;
     absl::Status (*run)(const Flags&);

@@ -64,9 +64,14 @@ absl::Status Run(int argc, char** argv) {
                              {"auth-token-file", true}, {"state-dir", true}}));
   ASSIGN_OR_RETURN(std::string checkpoint, f.Require("checkpoint"));
   ASSIGN_OR_RETURN(int64_t num_shards, f.GetInt("shards", 4));
-  ASSIGN_OR_RETURN(int64_t router_port, f.GetInt("router-port", 50051));
+  ASSIGN_OR_RETURN(int64_t router_port, f.GetPort("router-port", 50051));
   ASSIGN_OR_RETURN(int64_t shard_threads, f.GetInt("shard-threads", 1));
   ASSIGN_OR_RETURN(int64_t metrics_port, f.GetInt("metrics-port", -1));
+  if (metrics_port < -1 || metrics_port > 65535 - 2 - num_shards) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--metrics-port must leave room for ", num_shards + 2,
+        " ports below 65536 (router, shards, coordinator), got ", metrics_port));
+  }
   if (num_shards < 1 || num_shards > 64) return absl::InvalidArgumentError("--shards must be in [1, 64]");
   const std::string bin = f.Get("bin-dir", moe::client::ExecutableDir());
   moe::common::BlockTerminationSignals();

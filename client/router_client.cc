@@ -1,10 +1,13 @@
 #include "client/router_client.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <thread>
 
 #include <grpcpp/grpcpp.h>
 
+#include "absl/strings/str_cat.h"
 #include "services/common/security.h"
 #include "services/common/server_util.h"
 
@@ -21,7 +24,28 @@ void SetAuthToken(std::string token) { Token() = std::move(token); }
 
 std::unique_ptr<v1::Router::Stub> MakeRouterStub(const std::string& address) {
   return v1::Router::NewStub(
-      common::CreateAuthorizedChannel(address, common::ClientChannelArgs(), Token()));
+      common::CreateAuthorizedChannel(address, common::UserChannelArgs(), Token()));
+}
+
+grpc::Status CallWithReconnects(absl::Duration timeout,
+                                const std::function<grpc::Status(grpc::ClientContext*)>& call) {
+  grpc::Status first;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    if (attempt > 0) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+    grpc::Status st = call(&ctx);
+    if (st.error_code() == grpc::StatusCode::UNIMPLEMENTED && st.error_message().empty()) {
+      // gRPC's own answer for a service the server does not have: say so.
+      return grpc::Status(st.error_code(),
+                          absl::StrCat("the server at ", ctx.peer(), " does not serve this call: "
+                                       "is that the address of another of the cluster's services? "
+                                       "(moe-cluster prints the router's as READY router=...)"));
+    }
+    if (st.error_code() != grpc::StatusCode::UNAVAILABLE) return st;
+    if (attempt == 0) first = st;
+  }
+  return first;
 }
 
 ZipfTokens::ZipfTokens(const common::GateWeights& gate, int num_experts, int d_model, double s,

@@ -4,11 +4,13 @@
 // A small C++ client library for moe.v1.Router: channels, and token generators for load.
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "absl/time/time.h"
 #include "moe/v1/router.grpc.pb.h"
 #include "services/common/checkpoint.h"
 
@@ -18,6 +20,16 @@ namespace moe::client {
 void SetAuthToken(std::string token);
 // A stub over the process's TLS configuration (common::ConfigureTls) and auth token.
 std::unique_ptr<v1::Router::Stub> MakeRouterStub(const std::string& address);
+
+// One idempotent unary call, `call(ctx)`, each attempt with a fresh context of `timeout`. A call
+// that fails UNAVAILABLE is made twice more, 300 ms apart (past the channel's reconnect
+// backoff): the channels give up on a connection whose handshake takes over 100 ms
+// (common::ClientChannelArgs), which on a loaded machine is not a server gone. Returns the first
+// failure when every attempt fails (later ones only say that a reconnect was cut short). Not
+// wait_for_ready, whose DEADLINE_EXCEEDED would hide why the server could not be reached. A
+// server without the service (UNIMPLEMENTED with no message) is named in the message.
+grpc::Status CallWithReconnects(absl::Duration timeout,
+                                const std::function<grpc::Status(grpc::ClientContext*)>& call);
 
 // Tokens whose experts follow a Zipf law: each token's `picks` experts (the layer's top-k) are
 // drawn without replacement, the expert of popularity rank r with weight 1 / (r + 1)^s, and the

@@ -187,19 +187,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       return done(view.status());
     }
     const int64_t n = view->dim(0);
-    if (n == 0) return done(absl::InvalidArgumentError("tokens: the batch is empty (0 tokens)"));
     if (n > options.max_batch_tokens) {
       return done(absl::ResourceExhaustedError(absl::StrCat(
           "tokens: ", n, " tokens exceed the limit of ", options.max_batch_tokens,
           " per request; split the batch")));
     }
     std::vector<float> x = common::ViewToFloat(*view);
-    for (int64_t i = 0; i < n * d; ++i) {
-      if (!std::isfinite(x[i])) {
-        return done(absl::InvalidArgumentError(absl::StrCat(
-            "tokens[", i / d, ", ", i % d, "] is ", std::isnan(x[i]) ? "NaN" : "infinite")));
-      }
-    }
+    if (absl::Status bad = common::CheckTokens(x, n, d, "tokens"); !bad.ok()) return done(bad);
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) {
       return done(absl::UnavailableError("the router is still loading its placement"));
@@ -755,14 +749,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     limits.max_elements = options.max_batch_tokens * d;
     ASSIGN_OR_RETURN(common::TensorView v, common::DecodeMatrix(t, what, d, limits));
     *n = v.dim(0);
-    if (*n == 0) return absl::InvalidArgumentError(absl::StrCat(what, ": the batch is empty"));
     std::vector<float> x = common::ViewToFloat(v);
-    for (size_t i = 0; i < x.size(); ++i) {
-      if (!std::isfinite(x[i])) {
-        return absl::InvalidArgumentError(absl::StrCat(what, "[", i / d, ", ", i % d, "] is ",
-                                                       std::isnan(x[i]) ? "NaN" : "infinite"));
-      }
-    }
+    RETURN_IF_ERROR(common::CheckTokens(x, *n, d, what));
     return x;
   }
 

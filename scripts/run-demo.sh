@@ -5,7 +5,7 @@
 set -euo pipefail
 BUILD=${1:-build}
 BIN="$BUILD/bin"
-RUN_DIR="$BUILD/run"
+RUN_DIR=${MOE_RUN_DIR:-$BUILD/run}  # the checkpoint and moe-cluster's output
 PORT=${MOE_ROUTER_PORT:-50051}
 DURATION=${MOE_DEMO_SECONDS:-20}
 mkdir -p "$RUN_DIR"

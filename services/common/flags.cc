@@ -1,5 +1,7 @@
 #include "services/common/flags.h"
 
+#include <cmath>
+
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -34,7 +36,7 @@ absl::StatusOr<Flags> Flags::Parse(int argc, char** argv, int first,
     } else if (!it->second && !has_value) {
       value = "true";
     }
-    flags.values_[name] = value;
+    flags.values_[name] = value;  // given twice, the last one counts (as an override)
   }
   return flags;
 }
@@ -57,9 +59,18 @@ absl::StatusOr<int64_t> Flags::GetInt(const std::string& name, int64_t def) cons
 absl::StatusOr<double> Flags::GetDouble(const std::string& name, double def) const {
   if (!Has(name)) return def;
   double v;
-  if (!absl::SimpleAtod(Get(name), &v)) {
+  if (!absl::SimpleAtod(Get(name), &v) || !std::isfinite(v)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--", name, " must be a number, got '", Get(name), "'"));
+        absl::StrCat("--", name, " must be a finite number, got '", Get(name), "'"));
+  }
+  return v;
+}
+
+absl::StatusOr<int64_t> Flags::GetPort(const std::string& name, int64_t def) const {
+  absl::StatusOr<int64_t> v = GetInt(name, def);
+  if (v.ok() && (*v < 0 || *v > 65535)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " must be a port in [0, 65535] (0 picks a free one), got ", *v));
   }
   return v;
 }
@@ -72,11 +83,11 @@ absl::StatusOr<std::string> Flags::Require(const std::string& name) const {
 absl::Status Flags::ListenAddresses(int64_t default_port, std::string* address,
                                     std::string* metrics_address) const {
   const std::string host = Get("host", "0.0.0.0");
-  absl::StatusOr<int64_t> port = GetInt("port", default_port);
+  absl::StatusOr<int64_t> port = GetPort("port", default_port);
   if (!port.ok()) return port.status();
   *address = absl::StrCat(host, ":", *port);
   if (Has("metrics-port")) {
-    absl::StatusOr<int64_t> mp = GetInt("metrics-port", 0);
+    absl::StatusOr<int64_t> mp = GetPort("metrics-port", 0);
     if (!mp.ok()) return mp.status();
     *metrics_address = absl::StrCat(host, ":", *mp);
   }

@@ -15,13 +15,17 @@ namespace moe::common {
 class Flags {
  public:
   // `known` maps each accepted flag to whether it takes a value. Unknown flags and stray
-  // arguments are INVALID_ARGUMENT naming them.
+  // arguments are INVALID_ARGUMENT naming them. A flag given twice takes the last value, so that
+  // a launcher (or a manifest) can append an override to its defaults.
   static absl::StatusOr<Flags> Parse(int argc, char** argv, int first,
                                      const std::map<std::string, bool>& known);
   bool Has(const std::string& name) const { return values_.count(name) > 0; }
   std::string Get(const std::string& name, const std::string& def = "") const;
   absl::StatusOr<int64_t> GetInt(const std::string& name, int64_t def) const;
+  // A finite number: "nan" and "inf" are refused.
   absl::StatusOr<double> GetDouble(const std::string& name, double def) const;
+  // An integer in [0, 65535].
+  absl::StatusOr<int64_t> GetPort(const std::string& name, int64_t def) const;
   absl::StatusOr<std::string> Require(const std::string& name) const;
   // --host (default 0.0.0.0) with --port (default `default_port`) as `address`, and, when
   // --metrics-port is given, --host with it as `metrics_address`.

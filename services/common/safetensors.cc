@@ -339,8 +339,10 @@ absl::Status SafetensorsWriter::Write(const std::string& path) const {
     return absl::DataLossError(absl::StrCat(path, ": write failed (disk full?)"));
   }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    std::remove(tmp.c_str());
     return absl::PermissionDeniedError(
-        absl::StrCat(path, ": cannot rename into place: ", std::strerror(errno)));
+        absl::StrCat(path, ": cannot rename into place: ", std::strerror(err)));
   }
   return absl::OkStatus();
 }

@@ -26,17 +26,24 @@ void ConfigureServerBuilder(grpc::ServerBuilder* builder, const RpcLimits& limit
   builder->AddChannelArgument(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 8 << 20);
 }
 
-grpc::ChannelArguments ClientChannelArgs(const RpcLimits& limits) {
+namespace {
+
+// The channel arguments of ClientChannelArgs and UserChannelArgs, which differ in how long a
+// connection attempt may take and how keepalive pings go. Each key is set once: with a key set
+// twice, gRPC uses the first.
+grpc::ChannelArguments ChannelArgs(const RpcLimits& limits, int keepalive_ms,
+                                   int keepalive_timeout_ms, int min_connect_ms) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(limits.max_message_bytes);
   args.SetMaxSendMessageSize(limits.max_message_bytes);
-  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 500);
-  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 1000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, keepalive_ms);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, keepalive_timeout_ms);
   args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
-  // Reconnect quickly once a shard is back.
+  // Reconnect quickly once a server is back. The minimum backoff is also the least time a
+  // connection attempt gets (gRPC's MIN_CONNECT_TIMEOUT, doc/connection-backoff.md).
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, min_connect_ms);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   // Each client gets its own connection rather than sharing a subchannel with other channels.
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
@@ -45,6 +52,18 @@ grpc::ChannelArguments ClientChannelArgs(const RpcLimits& limits) {
   // to every message of a stream's first 256 KiB (the ring's borrowed buffers among them).
   args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
   return args;
+}
+
+}  // namespace
+
+grpc::ChannelArguments ClientChannelArgs(const RpcLimits& limits) {
+  // Pings every 500 ms with 1 s to answer (a stalled peer leaves rotation within 2 s); 100 ms
+  // for a connection attempt, so a shard back after a cut link is found fast.
+  return ChannelArgs(limits, 500, 1000, 100);
+}
+
+grpc::ChannelArguments UserChannelArgs(const RpcLimits& limits) {
+  return ChannelArgs(limits, 10000, 10000, 2000);
 }
 
 namespace {

@@ -28,6 +28,13 @@ void ConfigureServerBuilder(grpc::ServerBuilder* builder, const RpcLimits& limit
 
 // Channel arguments for internal clients (router -> shard, shard -> peer), matching the above.
 grpc::ChannelArguments ClientChannelArgs(const RpcLimits& limits = {});
+// Channel arguments for a user's client of the cluster (moe-client, load generators, probes): the
+// limits of ClientChannelArgs, but a connection attempt gets 2 s instead of 100 ms and keepalive
+// pings go every 10 s with 10 s to answer. A loaded machine can take over 100 ms for a handshake
+// or a ping, which inside the cluster must not hold up failover (a stalled shard leaves rotation
+// within 2 s) but from a user's client is a slow answer, not a dead router: the call's deadline
+// bounds the wait instead.
+grpc::ChannelArguments UserChannelArgs(const RpcLimits& limits = {});
 
 struct StartedServer {
   std::unique_ptr<grpc::Server> server;

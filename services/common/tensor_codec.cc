@@ -1,5 +1,7 @@
 #include "services/common/tensor_codec.h"
 
+#include <cmath>
+
 #include <cstring>
 
 #include "absl/status/status.h"
@@ -109,6 +111,20 @@ void EncodeTensor(absl::Span<const float> data, absl::Span<const int64_t> shape,
     const uint16_t h = FloatToBf16(data[i]);
     std::memcpy(dst + 2 * i, &h, 2);
   }
+}
+
+absl::Status CheckTokens(const std::vector<float>& x, int64_t n, int64_t d,
+                         const std::string& what) {
+  if (n == 0) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": the batch is empty (0 tokens)"));
+  }
+  for (int64_t i = 0; i < n * d; ++i) {
+    if (!std::isfinite(x[i])) {
+      return absl::InvalidArgumentError(absl::StrCat(what, "[", i / d, ", ", i % d, "] is ",
+                                                     std::isnan(x[i]) ? "NaN" : "infinite"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace moe::common

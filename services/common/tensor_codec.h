@@ -4,6 +4,7 @@
 // Validating decoder and encoder between moe.v1.Tensor and FP32 host buffers.
 
 #include <cstdint>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -48,6 +49,11 @@ absl::StatusOr<TensorView> DecodeMatrix(const moe::v1::Tensor& tensor, absl::str
 
 // Converts a checked view to FP32 (BF16 widened exactly). `out` must hold num_elements floats.
 void ViewToFloat(const TensorView& view, float* out);
+
+// INVALID_ARGUMENT unless `x` ([n, d] row-major) holds at least one row and only finite values:
+// "WHAT: the batch is empty (0 tokens)" or "WHAT[i, j] is NaN" (or "infinite").
+absl::Status CheckTokens(const std::vector<float>& x, int64_t n, int64_t d,
+                         const std::string& what);
 std::vector<float> ViewToFloat(const TensorView& view);
 
 // Fills `out` with `data` in `shape`, as FP32 or BF16 (round to nearest even). Reuses the

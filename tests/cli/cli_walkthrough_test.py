@@ -8,7 +8,10 @@ what it prints or writes, and SIGINT ending the cluster with exit code 0.
 - `load` prints its closing table, every request OK;
 - `train` runs from a tokens and a grad_output file and from a synthetic target, a row per step;
 - `save-checkpoint` writes a checkpoint whose replicas are identical, and whose weights moved
-  by the steps taken.
+  by the steps taken;
+- a user's mistakes (a shard's address for the router's, a checkpoint of another model, NaN
+  tokens, bad flag values, an output path that is a directory, a port out of range) each get an
+  error saying what went wrong, and a failed write leaves no temporary file.
 
 usage: cli_walkthrough_test.py BUILD_DIR WORK_DIR
 """
@@ -114,6 +117,40 @@ try:
     expect(set(before) == set(after), "the saved checkpoint has other tensors")
     moved = [n for n in before if not np.array_equal(before[n], after[n])]
     expect(len(moved) > 0, "no weight moved after 5 steps")
+
+    # A user's mistakes: each gets an error that says what went wrong, and a non-zero exit.
+    def fails(*args, says):
+        p = subprocess.run([client, *args], capture_output=True, text=True, timeout=120)
+        expect(p.returncode != 0 and says in p.stderr,
+               f"moe-client {' '.join(args)}: exit {p.returncode}, stderr {p.stderr.strip()!r}; "
+               f"expected an error saying {says!r}")
+
+    shard = re.search(r"^\d+\s+(127\.0\.0\.1:\d+)\s+up\s", info, re.M).group(1)
+    fails("info", "--router", shard, says="does not serve this call")
+    run("init-checkpoint", "--out", path("other.safetensors"), "--experts", "4", "--d-model",
+        str(D), "--d-ff", "8", "--top-k", "2")
+    fails("load", "--router", router, "--checkpoint", path("other.safetensors"), "--zipf", "1.2",
+          "--requests", "2", says="give the checkpoint the cluster was started with")
+    st.save(path("nan.safetensors"), {"tokens": np.full((2, D), np.nan, np.float32)})
+    fails("forward", "--input", path("nan.safetensors"), "--output", path("nan-out.safetensors"),
+          "--local", "--checkpoint", path("ck.safetensors"), says="tokens[0, 0] is NaN")
+    fails("load", "--router", router, "--zipf", "nan", says="--zipf must be a finite number")
+    fails("load", "--router", router, "--requests", "0", says="--requests must be >= 1")
+    fails("train", "--router", router, "--tokens", path("in.safetensors"),
+          says="train needs --synthetic, or --tokens and --grad-output")
+    fails("init-checkpoint", "--out", work, "--experts", "2", "--d-model", "4", "--d-ff", "4",
+          "--top-k", "1", says="cannot rename into place")
+    left = [n for n in os.listdir(os.path.dirname(os.path.abspath(work)))
+            if n.startswith(os.path.basename(os.path.abspath(work)) + ".tmp.")]
+    expect(not left, f"a failed write left its temporary file: {left}")
+    helped = subprocess.run([client, "info", "--help"], capture_output=True, text=True)
+    expect(helped.returncode == 0 and "info --router HOST:PORT" in helped.stdout,
+           f"info --help: exit {helped.returncode}: {helped.stdout}{helped.stderr}")
+    port = subprocess.run([os.path.join(bin_dir, "moe-cluster"), "--checkpoint",
+                           path("ck.safetensors"), "--router-port", "70000"],
+                          capture_output=True, text=True, timeout=60)
+    expect(port.returncode != 0 and "--router-port must be a port in [0, 65535]" in port.stderr,
+           f"moe-cluster --router-port 70000: exit {port.returncode}: {port.stderr.strip()}")
 except Exception as e:  # e.g. a file a failed command did not write: report it with the rest
     failures.append(f"{type(e).__name__}: {e}")
 finally:

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""`make run`'s demo (scripts/run-demo.sh) as a user meets it, after set-up and build: the
+cluster comes up, the load runs with a progress bar and ends in its table with every request OK,
+the placement table follows, the router's metrics answer on the port the demo names, and Ctrl-C
+(SIGINT to the terminal's process group) stops every process and exits 0.
+
+The load runs 3 s instead of 20 (MOE_DEMO_SECONDS); the ports are free ones found here, and the
+demo's files go to WORK_DIR (MOE_RUN_DIR), so the test does not touch build/run.
+
+usage: run_demo_test.py BUILD_DIR WORK_DIR
+"""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+build, work = sys.argv[1], sys.argv[2]
+root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "../..")
+os.makedirs(work, exist_ok=True)
+failures = []
+
+
+def expect(cond, what):
+    if not cond:
+        failures.append(what)
+
+
+def free_port_run(n):
+    """The first of n consecutive free loopback ports (router, 4 shards, coordinator)."""
+    for base in range(20000 + os.getpid() % 20000, 60000, 7):
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no run of free ports")
+
+
+metrics = free_port_run(6)
+env = dict(os.environ, MOE_RUN_DIR=work, MOE_ROUTER_PORT="0", MOE_METRICS_PORT=str(metrics),
+           MOE_DEMO_SECONDS="3")
+env.pop("MOE_DEMO_EXIT", None)
+# A terminal's foreground job: its own process group, which Ctrl-C signals as a whole.
+demo = subprocess.Popen(["bash", "scripts/run-demo.sh", build], cwd=root, env=env,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                        start_new_session=True)
+lines = []
+deadline = time.monotonic() + 240
+for line in demo.stdout:
+    lines.append(line)
+    if "press Ctrl-C to stop" in line or time.monotonic() > deadline:
+        break
+out = "".join(lines)
+serving = "press Ctrl-C to stop" in out
+expect(serving, "the demo never said it keeps serving")
+if serving:
+    router = re.search(r"cluster ready: router at (\S+)", out)
+    expect(router is not None, "no 'cluster ready: router at' line")
+    expect("model: 16 experts, d_model 512, d_ff 2048, top-2" in out, "info's model line is missing")
+    expect(re.search(r"load \[#+\] 100%", out) is not None, "the load's progress bar never reached 100%")
+    requests = re.search(r"^requests +(\d+)$", out, re.M)
+    expect(requests is not None and int(requests.group(1)) > 0, "the load table has no requests")
+    expect(re.search(r"^errors +0$", out, re.M) is not None, "the load table reports errors")
+    expect(re.search(r"^placement hybrid, version \d+", out, re.M) is not None,
+           "no placement table")
+    # Every expert appears in the placement table: experts 0-7 on every shard (hybrid).
+    for e in range(8):
+        expect(re.search(rf"^{e} +0,1,2,3 ", out, re.M) is not None,
+               f"expert {e} is not on every shard")
+    # The router's metrics are where the README says (MOE_METRICS_PORT), counting the load.
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        ok = re.search(r'^moe_router_requests_total\{code="OK",method="InferStream"\} (\S+)$',
+                       text, re.M)
+        expect(ok is not None and float(ok.group(1)) == int(requests.group(1)),
+               f"router metrics count {ok and ok.group(1)} OK InferStream requests, "
+               f"the load table {requests and requests.group(1)}")
+    except OSError as e:
+        failures.append(f"router metrics on port {metrics}: {e}")
+    for i in range(4):  # each shard's metrics on the next ports
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics + 1 + i}/metrics", timeout=10).read()
+        except OSError as e:
+            failures.append(f"shard {i} metrics on port {metrics + 1 + i}: {e}")
+    # Ctrl-C.
+    os.killpg(demo.pid, signal.SIGINT)
+try:
+    rest, _ = demo.communicate(timeout=60)
+    out += rest
+    expect(demo.returncode == 0, f"the demo exited {demo.returncode} after Ctrl-C")
+    expect("moe-cluster: stopped" in rest, "moe-cluster did not say it stopped")
+except subprocess.TimeoutExpired:
+    failures.append("the demo did not exit within 60 s of Ctrl-C")
+# Nothing of the demo is left running: every process it started is in its process group.
+left = subprocess.run(["pgrep", "-g", str(demo.pid), "-a"], capture_output=True, text=True).stdout
+expect(left.strip() == "", f"processes left after Ctrl-C:\n{left}")
+if left.strip():
+    os.killpg(demo.pid, signal.SIGKILL)
+
+if failures:
+    print(out)
+    print("FAILED:\n  " + "\n  ".join(failures))
+    sys.exit(1)
+print(f"make run's demo: served, tables printed, metrics on {metrics}, Ctrl-C stopped everything")
