@@ -536,6 +536,11 @@ absl::Status SaveCheckpointCmd(const Flags& f) {
               static_cast<unsigned long long>(resp.step()),
               resp.replicas_identical() ? "yes" : "NO, divergent experts ",
               resp.replicas_identical() ? "" : absl::StrJoin(resp.divergent_experts(), ",").c_str());
+  if (resp.unread_replicas_size() > 0) {
+    std::printf("%d replica(s) could not be read, and were not compared (the checkpoint has "
+                "each of their experts from a replica that was):\n  %s\n",
+                resp.unread_replicas_size(), absl::StrJoin(resp.unread_replicas(), "\n  ").c_str());
+  }
   return absl::OkStatus();
 }
 

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <deque>
 #include <string>
 #include <thread>
 #include <vector>
@@ -49,6 +50,8 @@ usage: moe-cluster --checkpoint PATH [flags]
   --router-args "ARGS"     more flags for the router, space-separated
   --state-dir DIR          shard i keeps its trained experts in DIR/shard-i, and a shard started
                            again loads them from there (training survives a restart)
+  --no-restart             leave a shard or the router that exits on its own stopped (by
+                           default it is started again on its port, at most 5 times a minute)
 )";
 
 absl::Status Run(int argc, char** argv) {
@@ -61,7 +64,7 @@ absl::Status Run(int argc, char** argv) {
                              {"overflow", true}, {"wire", true}, {"bin-dir", true},
                              {"tls-dir", true}, {"require-client-cert", false},
                              {"pin-shards", false}, {"shard-cpus", true}, {"router-args", true},
-                             {"auth-token-file", true}, {"state-dir", true}}));
+                             {"auth-token-file", true}, {"state-dir", true}, {"no-restart", false}}));
   ASSIGN_OR_RETURN(std::string checkpoint, f.Require("checkpoint"));
   ASSIGN_OR_RETURN(int64_t num_shards, f.GetInt("shards", 4));
   ASSIGN_OR_RETURN(int64_t router_port, f.GetPort("router-port", 50051));
@@ -135,14 +138,41 @@ absl::Status Run(int argc, char** argv) {
     if (sig != 0) std::fprintf(stderr, "moe-cluster: signal %d, stopping\n", sig);
     stop = true;
   });
-  std::vector<bool> reported(o.shards + 1, false);
+  // A service that exits on its own is named with how it ended, and started again on its port
+  // (the router gives a shard its experts back, trained ones copied from a replica), unless
+  // --no-restart or it has crashed 5 times within a minute.
+  const bool restart = !f.Has("no-restart");
+  std::vector<bool> given_up(o.shards + 1, false);
+  std::vector<std::deque<absl::Time>> restarts(o.shards + 1);
   while (!stop) {
-    for (int i = 0; i <= o.shards; ++i) {
-      moe::common::Subprocess& p = i == o.shards ? cluster->router() : cluster->shard(i);
-      if (!reported[i] && p.Exited()) {
-        reported[i] = true;
-        std::fprintf(stderr, "moe-cluster: %s (pid %d) exited\n",
-                     i == o.shards ? "the router" : absl::StrCat("shard ", i).c_str(), p.pid());
+    for (int i = 0; i <= o.shards && !stop; ++i) {
+      const bool is_router = i == o.shards;
+      moe::common::Subprocess& p = is_router ? cluster->router() : cluster->shard(i);
+      if (given_up[i] || !p.Exited()) continue;
+      const std::string name = is_router ? "the router" : absl::StrCat("shard ", i);
+      const absl::StatusOr<int> status = p.Wait(absl::ZeroDuration());
+      std::string why = status.ok() ? moe::common::DescribeWaitStatus(*status) : "exited";
+      const absl::Time now = absl::Now();
+      while (!restarts[i].empty() && now - restarts[i].front() > absl::Minutes(1)) {
+        restarts[i].pop_front();
+      }
+      if (!restart || restarts[i].size() >= 5) {
+        given_up[i] = true;
+        std::fprintf(stderr, "moe-cluster: %s (pid %d) %s; %s\n", name.c_str(), p.pid(),
+                     why.c_str(),
+                     restart ? "it failed 5 times within a minute: not started again"
+                             : "not started again (--no-restart)");
+        continue;
+      }
+      restarts[i].push_back(now);
+      std::fprintf(stderr, "moe-cluster: %s (pid %d) %s; starting it again\n", name.c_str(),
+                   p.pid(), why.c_str());
+      const absl::Status again = is_router ? cluster->RestartRouter() : cluster->RestartShard(i);
+      if (again.ok()) {
+        std::fprintf(stderr, "moe-cluster: %s is back (pid %d)\n", name.c_str(), p.pid());
+      } else {
+        std::fprintf(stderr, "moe-cluster: %s could not be started again: %s\n", name.c_str(),
+                     std::string(again.message()).c_str());
       }
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));

@@ -822,17 +822,40 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     ck.experts.resize(config.num_experts);
     bool identical = true;
     for (int e = 0; e < config.num_experts; ++e) {
+      // Every replica in rotation is read and compared. One out of rotation (a dead or stalled
+      // shard) is tried only while no replica has been read; a replica that cannot be read is
+      // reported, and the expert fails the save only when none could be.
+      std::vector<int> order = t->placement.replicas[e];
+      std::stable_partition(order.begin(), order.end(),
+                            [&](int s) { return t->shards[s]->healthy(); });
       bool divergent = false;
-      for (size_t i = 0; i < t->placement.replicas[e].size(); ++i) {
-        const int s = t->placement.replicas[e][i];
-        ASSIGN_OR_RETURN(std::string bytes, t->shards[s]->ExportExpert(e, absl::Seconds(60)));
-        ASSIGN_OR_RETURN(common::ExpertWeights w, common::ParseExpert(bytes, config, e));
-        if (i == 0) {
+      int read = 0;
+      std::vector<std::string> unread;
+      for (int s : order) {
+        const std::string& address = t->shards[s]->address();
+        absl::StatusOr<std::string> bytes =
+            read > 0 && !t->shards[s]->healthy()
+                ? absl::UnavailableError("out of rotation")
+                : t->shards[s]->ExportExpert(e, absl::Seconds(60));
+        if (!bytes.ok() && (bytes.status().code() == absl::StatusCode::kUnavailable ||
+                            bytes.status().code() == absl::StatusCode::kDeadlineExceeded)) {
+          unread.push_back(absl::StrCat("expert ", e, " on ", address, ": ",
+                                        bytes.status().message()));
+          continue;
+        }
+        if (!bytes.ok()) return bytes.status();
+        ASSIGN_OR_RETURN(common::ExpertWeights w, common::ParseExpert(*bytes, config, e));
+        if (read++ == 0) {
           ck.experts[e] = std::move(w);
         } else if (!SameBits(w, ck.experts[e])) {
           divergent = true;
         }
       }
+      if (read == 0) {
+        return absl::UnavailableError(absl::StrCat("no replica of expert ", e,
+                                                   " could be read: ", absl::StrJoin(unread, "; ")));
+      }
+      for (std::string& u : unread) resp->add_unread_replicas(std::move(u));
       if (divergent) {
         identical = false;
         resp->add_divergent_experts(e);

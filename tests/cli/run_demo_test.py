@@ -2,7 +2,8 @@
 """`make run`'s demo (scripts/run-demo.sh) as a user meets it, after set-up and build: the
 cluster comes up, the load runs with a progress bar and ends in its table with every request OK,
 the placement table follows, the router's metrics answer on the port the demo names, and Ctrl-C
-(SIGINT to the terminal's process group) stops every process and exits 0.
+(SIGINT to the terminal's process group) stops every process and exits 0. A shard killed while
+the demo serves is started again by moe-cluster, and the router has all four shards up again.
 
 The load runs 3 s instead of 20 (MOE_DEMO_SECONDS); the ports are free ones found here, and the
 demo's files go to WORK_DIR (MOE_RUN_DIR), so the test does not touch build/run.
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -56,13 +58,22 @@ demo = subprocess.Popen(["bash", "scripts/run-demo.sh", build], cwd=root, env=en
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                         start_new_session=True)
 lines = []
-deadline = time.monotonic() + 240
-for line in demo.stdout:
-    lines.append(line)
-    if "press Ctrl-C to stop" in line or time.monotonic() > deadline:
-        break
+reader = threading.Thread(target=lambda: lines.extend(demo.stdout), daemon=True)
+reader.start()
+
+
+def wait_for(text, seconds):
+    """True once the demo has printed `text` (within `seconds`)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if text in "".join(lines):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+serving = wait_for("press Ctrl-C to stop", 240)
 out = "".join(lines)
-serving = "press Ctrl-C to stop" in out
 expect(serving, "the demo never said it keeps serving")
 if serving:
     router = re.search(r"cluster ready: router at (\S+)", out)
@@ -94,11 +105,31 @@ if serving:
             urllib.request.urlopen(f"http://127.0.0.1:{metrics + 1 + i}/metrics", timeout=10).read()
         except OSError as e:
             failures.append(f"shard {i} metrics on port {metrics + 1 + i}: {e}")
+    # A shard dies: moe-cluster starts it again and the router takes it back into rotation.
+    shard3 = re.search(r"^shard 3 addr=\S+ pid=(\d+)$",
+                       open(os.path.join(work, "cluster.out")).read(), re.M)
+    expect(shard3 is not None, "moe-cluster's output names no pid for shard 3")
+    if shard3:
+        os.kill(int(shard3.group(1)), signal.SIGKILL)
+        expect(wait_for("moe-cluster: shard 3 (pid " + shard3.group(1) +
+                        ") killed by signal", 10), "moe-cluster did not report the killed shard")
+        expect(wait_for("moe-cluster: shard 3 is back", 30), "moe-cluster did not restart shard 3")
+        up = 0
+        for _ in range(100):
+            info = subprocess.run([os.path.join(build, "bin", "moe-client"), "info", "--router",
+                                   router.group(1)], capture_output=True, text=True).stdout
+            up = len(re.findall(r"^\d+\s+127\.0\.0\.1:\d+\s+up\s", info, re.M))
+            if up == 4:
+                break
+            time.sleep(0.2)
+        expect(up == 4, f"after the restart, {up} of 4 shards are up")
     # Ctrl-C.
     os.killpg(demo.pid, signal.SIGINT)
 try:
-    rest, _ = demo.communicate(timeout=60)
-    out += rest
+    demo.wait(timeout=60)
+    reader.join(timeout=10)
+    rest = "".join(lines)[len(out):]
+    out = "".join(lines)
     expect(demo.returncode == 0, f"the demo exited {demo.returncode} after Ctrl-C")
     expect("moe-cluster: stopped" in rest, "moe-cluster did not say it stopped")
 except subprocess.TimeoutExpired:

@@ -665,6 +665,8 @@ double WaitForShards(v1::Router::Stub* stub, int shards, double seconds) {
   return -1.0;
 }
 
+
+
 bool SameWeights(const common::ExpertWeights& x, const common::ExpertWeights& y) {
   return x.w1 == y.w1 && x.w2 == y.w2 && x.w3 == y.w3 && x.b1 == y.b1 && x.b2 == y.b2 &&
          x.b3 == y.b3;
@@ -677,6 +679,38 @@ void ExpectSameWeights(const common::Checkpoint& a, const common::Checkpoint& b)
   ASSERT_EQ(a.experts.size(), b.experts.size());
   for (size_t e = 0; e < a.experts.size(); ++e) {
     EXPECT_TRUE(SameWeights(a.experts[e], b.experts[e])) << "expert " << e << " differs";
+  }
+}
+
+// SaveCheckpoint with a shard gone: the experts it held have live replicas elsewhere, which the
+// checkpoint is read from; the dead shard's replicas are reported as unread, not an error.
+TEST_F(ClusterTest, SaveCheckpointReadsTheLiveReplicasOfAKilledShard) {
+  auto cluster = Start("replicated", 3);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  const std::string dead = cluster->shard_addresses()[2];
+  cluster->shard(2).Signal(SIGKILL);
+  for (int i = 0; i < 100 && ShardCount(stub.get(), true) != 2; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_EQ(ShardCount(stub.get(), true), 2) << "the killed shard never left rotation";
+  grpc::ClientContext ctx;
+  v1::SaveCheckpointRequest req;
+  req.set_path(moe::testing::TempPath("live_replicas"));
+  v1::SaveCheckpointResponse resp;
+  const grpc::Status st = stub->SaveCheckpoint(&ctx, req, &resp);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_TRUE(resp.replicas_identical());
+  ASSERT_EQ(resp.unread_replicas_size(), Config().num_experts) << "one per expert on " << dead;
+  for (int e = 0; e < Config().num_experts; ++e) {
+    EXPECT_EQ(resp.unread_replicas(e).rfind(absl::StrCat("expert ", e, " on ", dead, ": "), 0), 0u)
+        << resp.unread_replicas(e);
+  }
+  absl::StatusOr<common::Checkpoint> saved = common::LoadCheckpoint(req.path(), {});
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  for (int e = 0; e < Config().num_experts; ++e) {
+    EXPECT_TRUE(SameWeights(saved->experts[e], ck_->experts[e]))
+        << "expert " << e << " differs from the checkpoint's";
   }
 }
 
