@@ -366,9 +366,11 @@ absl::Status Info(const Flags& f) {
               info.num_experts(), info.d_model(), info.d_ff(), info.top_k(),
               info.activation().c_str(), info.gated() ? " gated" : "",
               info.normalize_topk() ? "true" : "false");
-  std::printf("placement: %s, version %llu, capacity factor %g\n",
+  std::printf("placement: %s, version %llu, capacity factor %s\n",
               info.placement_strategy().c_str(),
-              static_cast<unsigned long long>(info.placement_version()), info.capacity_factor());
+              static_cast<unsigned long long>(info.placement_version()),
+              info.capacity_factor() > 0 ? absl::StrCat(info.capacity_factor()).c_str()
+                                         : "off (no assignment dropped)");
   std::vector<std::vector<std::string>> rows;
   for (int s = 0; s < info.shards_size(); ++s) {
     const v1::ShardInfo& si = info.shards(s);

@@ -8,6 +8,7 @@
 #include <mutex>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "router/moe_layer.h"
@@ -245,8 +246,11 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
           const bool known = s < S && table.shards[s];
           where.push_back(known ? table.shards[s]->address() : "?");
           if (known && excluded_[s]) {
-            errors.push_back(absl::StrCat(table.shards[s]->address(), ": ",
-                                          excluded_by_[s].message()));
+            // Named once: most shard errors name their shard already.
+            const absl::string_view why = excluded_by_[s].message();
+            errors.push_back(absl::StrContains(why, table.shards[s]->address())
+                                 ? std::string(why)
+                                 : absl::StrCat(table.shards[s]->address(), ": ", why));
           }
           all_full = all_full && known && excluded_[s] &&
                      excluded_by_[s].code() == absl::StatusCode::kResourceExhausted;

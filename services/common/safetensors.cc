@@ -104,8 +104,10 @@ absl::Status SafetensorsReader::ParseHeader(absl::string_view file) {
   const auto* base = reinterpret_cast<const unsigned char*>(file.data());
   const uint64_t header_len = ReadLe64(base);
   if (header_len > kMaxSafetensorsHeader) {
-    return bad("header length ", header_len, " exceeds the limit of ", kMaxSafetensorsHeader,
-               " bytes");
+    // A safetensors file starts with its JSON header's length; so large a length means this is
+    // most likely some other kind of file.
+    return bad("not a safetensors file (its first 8 bytes give a header length of ", header_len,
+               ", over the limit of ", kMaxSafetensorsHeader, " bytes)");
   }
   if (header_len > file.size() - 8) {
     return bad("header length ", header_len, " runs past the end of the ", file.size(),
@@ -116,7 +118,7 @@ absl::Status SafetensorsReader::ParseHeader(absl::string_view file) {
   const uint64_t data_size = file.size() - 8 - header_len;
 
   Json json = Json::parse(header.begin(), header.end(), nullptr, /*allow_exceptions=*/false);
-  if (json.is_discarded()) return bad("header is not valid JSON");
+  if (json.is_discarded()) return bad("not a safetensors file (its header is not valid JSON)");
   if (!json.is_object()) return bad("header must be a JSON object");
 
   struct Range {
