@@ -869,7 +869,16 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
       return refuse(absl::FailedPreconditionError(
           absl::StrCat("step ", req.train_step(), " has already ended on this shard")));
     }
+    const bool known = steps.count(req.train_step()) > 0;
     StepState& step = OpenStepLocked(req.train_step());
+    if (req.expect_step_state() && !known) {
+      // The router sent this shard rows of the step, yet it has no record of them: it restarted
+      // since. Reducing zeros in their place would commit a wrong sum.
+      step.failed = true;
+      return refuse(absl::AbortedError(absl::StrCat(
+          "step ", req.train_step(), " has no state on this shard (it restarted since the "
+          "step's forward?)")));
+    }
     // An expert listed twice would have its gradient taken once and zeros reduced the second
     // time, over the same buffers.
     if (std::set<int>(req.experts().begin(), req.experts().end()).size() !=
@@ -963,6 +972,10 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
     std::fprintf(stderr, "moe-expert-server: step %llu: gradient reduction %s failed: %s\n",
                  static_cast<unsigned long long>(req.train_step()), req.group().c_str(),
                  std::string(st.message()).c_str());
+  }
+  if (st.ok() && step->second.failed) {  // the step cannot commit here: say so to the coordinator
+    return absl::AbortedError(absl::StrCat("step ", req.train_step(),
+                                           " failed on this shard during its reduction"));
   }
   return st;
 }

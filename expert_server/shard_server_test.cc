@@ -782,21 +782,29 @@ TEST_F(ShardServerTest, TrainingForwardBackwardCommitAndAbort) {
   stream->Finish();
 }
 
+// A reduction of `step` for expert 1 in which this shard (rank 0 of `server`) waits on a peer
+// that never answers.
+v1::ReduceGradientsRequest ReduceWithSilentPeer(const ShardServer& server, uint64_t step,
+                                                uint32_t timeout_ms) {
+  v1::ReduceGradientsRequest rr;
+  rr.set_train_step(step);
+  rr.set_group(absl::StrCat("step", step, "-group0"));
+  rr.set_generation(1);
+  rr.set_rank(0);
+  rr.add_members(absl::StrCat("127.0.0.1:", server.port()));
+  rr.add_members("127.0.0.1:1");  // a peer that never answers: the ring waits for it
+  rr.add_experts(1);
+  rr.set_timeout_ms(timeout_ms);
+  return rr;
+}
+
 // An abort of a step (from the coordinator as soon as one member's reduction failed, or from
 // the router) breaks the step's reduction still waiting on a peer here: it fails with ABORTED in
 // moments instead of at its deadline, and the step reports ABORTED.
 TEST_F(ShardServerTest, AnAbortBreaksTheStepsReductionStillWaitingOnItsPeer) {
   auto server = StartServer();
   auto stub = Stub(*server);
-  v1::ReduceGradientsRequest rr;
-  rr.set_train_step(7);
-  rr.set_group("step7-group0");
-  rr.set_generation(1);
-  rr.set_rank(0);
-  rr.add_members(absl::StrCat("127.0.0.1:", server->port()));
-  rr.add_members("127.0.0.1:1");  // a peer that never answers: the ring waits for it
-  rr.add_experts(1);
-  rr.set_timeout_ms(20000);
+  const v1::ReduceGradientsRequest rr = ReduceWithSilentPeer(*server, 7, 20000);
   grpc::Status reduced;
   double took = 0;
   std::thread reduce([&] {
@@ -838,16 +846,8 @@ TEST_F(ShardServerTest, AnAbortBreaksTheStepsReductionStillWaitingOnItsPeer) {
 TEST_F(ShardServerTest, AReductionThatListsAnExpertTwiceIsRefused) {
   auto server = StartServer();
   auto stub = Stub(*server);
-  v1::ReduceGradientsRequest rr;
-  rr.set_train_step(9);
-  rr.set_group("step9-group0");
-  rr.set_generation(1);
-  rr.set_rank(0);
-  rr.add_members(absl::StrCat("127.0.0.1:", server->port()));
-  rr.add_members("127.0.0.1:1");
+  v1::ReduceGradientsRequest rr = ReduceWithSilentPeer(*server, 9, 2000);
   rr.add_experts(1);
-  rr.add_experts(1);
-  rr.set_timeout_ms(2000);
   grpc::ClientContext ctx;
   v1::ReduceGradientsResponse resp;
   const grpc::Status st = stub->ReduceGradients(&ctx, rr, &resp);
@@ -861,6 +861,21 @@ TEST_F(ShardServerTest, AReductionThatListsAnExpertTwiceIsRefused) {
   fin.set_learning_rate(0.1f);
   v1::FinishStepResponse fresp;
   EXPECT_FALSE(stub->FinishStep(&fctx, fin, &fresp).ok()) << "a failed step committed";
+}
+
+// A shard the router sent rows of a step, asked to reduce it without any record of it (it
+// restarted in between), refuses: zeros in place of its gradients would commit a wrong sum.
+TEST_F(ShardServerTest, AReductionOfAStepThisShardHasNoRecordOfIsRefused) {
+  auto server = StartServer();
+  auto stub = Stub(*server);
+  v1::ReduceGradientsRequest rr = ReduceWithSilentPeer(*server, 11, 2000);
+  rr.set_expect_step_state(true);
+  grpc::ClientContext ctx;
+  v1::ReduceGradientsResponse resp;
+  const grpc::Status st = stub->ReduceGradients(&ctx, rr, &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::ABORTED) << st.error_message();
+  EXPECT_NE(st.error_message().find("has no state on this shard"), std::string::npos)
+      << st.error_message();
 }
 
 TEST_F(ShardServerTest, AStepNobodyFinishesIsDroppedOnceStale) {

@@ -614,7 +614,13 @@ TEST(Trainer, AnUnconfirmedShardThatLeftThePlacementIsDropped) {
   RoutingTable without = t.rig.table;
   without.shards.erase(without.shards.begin() + 1);
   without.placement = *ComputePlacement(Strategy::kReplicated, 4, 2, std::vector<double>(4, 1.0));
-  const absl::Status dropped = t.trainer.RetryConfirmations(without);
+  // Before a switch to `without` is applied, the leaving shard does not hold it up, but it is
+  // kept: the switch may fail and leave it in the live table, where it must still be asked.
+  EXPECT_TRUE(t.trainer.RetryConfirmations(without, /*drop_absent=*/false).ok());
+  EXPECT_FALSE(t.trainer.RetryConfirmations(t.rig.table, /*drop_absent=*/false).ok());
+  // Once the switch is applied, it is forgotten.
+  t.trainer.DropUnconfirmedOutside(without);
+  const absl::Status dropped = t.trainer.RetryConfirmations(t.rig.table);
   EXPECT_TRUE(dropped.ok()) << dropped;
 }
 

@@ -100,7 +100,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::shared_ptr<const RoutingTable> table;  // null until the first placement is live
   std::mutex placement_mu;                     // serialises placement changes
   uint64_t version = 0;
-  std::chrono::steady_clock::time_point last_rebalance = std::chrono::steady_clock::now();
+  // Written by Rebalance (a pool thread), read by the control loop.
+  std::atomic<std::chrono::steady_clock::time_point> last_rebalance{
+      std::chrono::steady_clock::now()};
   std::atomic<Strategy> strategy{Strategy::kHybrid};
 
   common::Notification ready;
@@ -345,9 +347,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           "a training step is still running; the placement is unchanged, try again once it ends");
     }
     // A shard that has not confirmed the last commit may lack its update: it must confirm (or be
-    // leaving) before any copy. Shards not in `next_shards` are dropped from the list.
+    // leaving) before any copy. One leaving is forgotten only once the switch is applied: if
+    // the switch fails it stays in the table, and must still be asked.
     if (trainer != nullptr) {
-      RETURN_IF_ERROR(trainer->RetryConfirmations(RoutingTable{next, next_shards}));
+      RETURN_IF_ERROR(trainer->RetryConfirmations(RoutingTable{next, next_shards},
+                                                  /*drop_absent=*/false));
     }
     std::shared_ptr<const RoutingTable> old = Table();
     // Replicas behind their expert's latest step are brought up to it first, so that any live
@@ -430,6 +434,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       std::lock_guard<std::mutex> tl(table_mu);
       table = std::make_shared<RoutingTable>(RoutingTable{next, next_shards});
     }
+    if (trainer != nullptr) trainer->DropUnconfirmedOutside(*Table());
     train_lock.unlock();  // steps now use the new table
     metrics->SetPlacementVersion(static_cast<double>(next.version));
     metrics->SetImbalance(Imbalance(next, load_stats->Load()));
@@ -639,7 +644,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     const double imbalance = Imbalance(t->placement, load);
     metrics->SetImbalance(imbalance);
     if (strategy.load() != Strategy::kDynamic || load_stats->batches() == 0) return;
-    if (std::chrono::steady_clock::now() - last_rebalance <
+    if (std::chrono::steady_clock::now() - last_rebalance.load() <
         absl::ToChronoNanoseconds(options.rebalance_cooldown)) {
       return;
     }
@@ -837,17 +842,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
             read > 0 && !t->shards[s]->healthy()
                 ? absl::UnavailableError("out of rotation")
                 : t->shards[s]->ExportExpert(e, absl::Seconds(60));
-        if (!bytes.ok() && (bytes.status().code() == absl::StatusCode::kUnavailable ||
-                            bytes.status().code() == absl::StatusCode::kDeadlineExceeded)) {
+        absl::StatusOr<common::ExpertWeights> w =
+            bytes.ok() ? common::ParseExpert(*bytes, config, e) : bytes.status();
+        if (!w.ok()) {  // unreachable, not loaded there, or a bad copy: another replica may do
           unread.push_back(absl::StrCat("expert ", e, " on ", address, ": ",
-                                        bytes.status().message()));
+                                        w.status().message()));
           continue;
         }
-        if (!bytes.ok()) return bytes.status();
-        ASSIGN_OR_RETURN(common::ExpertWeights w, common::ParseExpert(*bytes, config, e));
         if (read++ == 0) {
-          ck.experts[e] = std::move(w);
-        } else if (!SameBits(w, ck.experts[e])) {
+          ck.experts[e] = std::move(*w);
+        } else if (!SameBits(*w, ck.experts[e])) {
           divergent = true;
         }
       }

@@ -40,7 +40,7 @@ Trainer::Trainer(const common::ModelConfig& config, Committer committer,
       // Steps of different router lifetimes must not collide on a shard.
       next_step_(static_cast<uint64_t>(absl::ToUnixMillis(absl::Now())) << 16) {}
 
-absl::Status Trainer::RetryConfirmations(const RoutingTable& table) {
+absl::Status Trainer::RetryConfirmations(const RoutingTable& table, bool drop_absent) {
   std::map<std::string, PendingCommit> todo;
   {
     std::lock_guard<std::mutex> lock(unconfirmed_mu_);
@@ -56,6 +56,7 @@ absl::Status Trainer::RetryConfirmations(const RoutingTable& table) {
       break;
     }
     if (found != nullptr && !st.ok()) continue;
+    if (found == nullptr && !drop_absent) continue;
     std::fprintf(stderr, "moe-router: step %llu: %s %s\n", static_cast<unsigned long long>(u.step),
                  address.c_str(),
                  found ? "has now confirmed the commit"
@@ -63,16 +64,39 @@ absl::Status Trainer::RetryConfirmations(const RoutingTable& table) {
     std::lock_guard<std::mutex> lock(unconfirmed_mu_);
     unconfirmed_.erase(address);
   }
-  return Unconfirmed();
+  return Unconfirmed(drop_absent ? nullptr : &table);
 }
 
-absl::Status Trainer::Unconfirmed() const {
+void Trainer::DropUnconfirmedOutside(const RoutingTable& table) {
   std::lock_guard<std::mutex> lock(unconfirmed_mu_);
-  if (unconfirmed_.empty()) return absl::OkStatus();
-  const auto& [address, u] = *unconfirmed_.begin();
-  return absl::UnavailableError(absl::StrCat(
-      "shard ", address, " has not confirmed step ", u.step, " (", u.reason,
-      "); steps resume once it has applied that update (the router asks it again every second)"));
+  for (auto it = unconfirmed_.begin(); it != unconfirmed_.end();) {
+    const bool present = std::any_of(table.shards.begin(), table.shards.end(),
+                                     [&](const auto& s) { return s->address() == it->first; });
+    if (present) {
+      ++it;
+      continue;
+    }
+    std::fprintf(stderr, "moe-router: step %llu: %s left the placement before confirming the "
+                 "commit; dropped\n", static_cast<unsigned long long>(it->second.step),
+                 it->first.c_str());
+    it = unconfirmed_.erase(it);
+  }
+}
+
+absl::Status Trainer::Unconfirmed(const RoutingTable* table) const {
+  std::lock_guard<std::mutex> lock(unconfirmed_mu_);
+  for (const auto& [address, u] : unconfirmed_) {
+    if (table != nullptr &&
+        std::none_of(table->shards.begin(), table->shards.end(),
+                     [&](const auto& s) { return s->address() == address; })) {
+      continue;
+    }
+    return absl::UnavailableError(absl::StrCat(
+        "shard ", address, " has not confirmed step ", u.step, " (", u.reason,
+        "); steps resume once it has applied that update (the router asks it again every "
+        "second)"));
+  }
+  return absl::OkStatus();
 }
 
 namespace {
@@ -332,6 +356,9 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   commit.set_bf16_wire(params.bf16_allreduce);
   for (auto& grp : ReplicaGroups(table)) *commit.add_groups() = std::move(grp);
   for (const auto& s : table.shards) commit.add_shards(s->address());
+  for (int s = 0; s < S; ++s) {
+    if (!plan[s].empty()) commit.add_computed_shards(table.shards[s]->address());
+  }
   commit.set_timeout_ms(static_cast<uint32_t>(
       std::max<int64_t>(1000, absl::ToInt64Milliseconds(deadline - absl::Now()))));
   const absl::Time sent = absl::Now();

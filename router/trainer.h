@@ -73,14 +73,20 @@ class Trainer {
   // its experts copied from live replicas). No step starts while one is unconfirmed: that
   // shard's weights may lack the update. Called by Step, by the router's control loop, and
   // before any copy of an expert or checkpoint save. Returns OK once every shard has confirmed,
-  // else UNAVAILABLE naming a shard that has not.
-  absl::Status RetryConfirmations(const RoutingTable& table);
+  // else UNAVAILABLE naming a shard that has not. With `drop_absent` false (a placement switch
+  // not yet applied), a shard absent from `table` is kept, and only `table`'s shards count: the
+  // switch may still fail and leave it in the live table, where it must still be asked.
+  absl::Status RetryConfirmations(const RoutingTable& table, bool drop_absent = true);
+  // Forgets the unconfirmed commits of shards absent from `table` (the live table, after a
+  // switch that left them out was applied).
+  void DropUnconfirmedOutside(const RoutingTable& table);
 
  private:
   // OK when every replica of every expert is on a shard in rotation, else UNAVAILABLE naming one
   // that is not: such a step could not commit, so Step refuses it first.
   static absl::Status EveryReplicaInRotation(const RoutingTable& table);
-  absl::Status Unconfirmed() const;
+  // UNAVAILABLE naming a shard that has not confirmed its commit (of `table`'s, when given).
+  absl::Status Unconfirmed(const RoutingTable* table = nullptr) const;
   // Tells every shard to drop the step's kept activations and gradients, all at once and for at
   // most kAbortTimeout: a stalled shard must not hold the failed call (and the routing table it
   // pins) for longer. A shard the abort does not reach drops the step itself once it is stale.

@@ -159,8 +159,18 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
                                        const v1::CommitStepRequest* req,
                                        v1::CommitStepResponse* resp) override {
     auto* reactor = ctx->DefaultReactor();
-    if (!pool->Submit([this, reactor, req, resp] {
-          RunStep(*req, resp);
+    // The latest moment to decide a commit. The router's call ends 8 s after the step's timeout;
+    // from 1.5 s before that it settles a verdict it has not received itself, from the shards
+    // (Trainer::kCoordinatorGrace), and a commit's FinishStep calls take up to kFinishTimeout,
+    // with 0.5 s for messages in flight. A step that only starts after this (queued behind
+    // another router's) or whose reductions end after it is aborted, never committed late.
+    const auto deadline = ctx->deadline();
+    const auto decide_by =
+        deadline > std::chrono::system_clock::now() + std::chrono::hours(24 * 365)
+            ? deadline
+            : deadline - kFinishTimeout - std::chrono::milliseconds(2000);
+    if (!pool->Submit([this, reactor, req, resp, decide_by] {
+          RunStep(*req, resp, decide_by);
           reactor->Finish(grpc::Status::OK);
         })) {
       reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "coordinator is shutting down"));
@@ -216,8 +226,19 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     for (auto& t : threads) t.join();
   }
 
-  void RunStep(const v1::CommitStepRequest& req, v1::CommitStepResponse* resp) {
+  void RunStep(const v1::CommitStepRequest& req, v1::CommitStepResponse* resp,
+               std::chrono::system_clock::time_point decide_by) {
     std::lock_guard<std::mutex> step_lock(step_mu);
+    if (std::chrono::system_clock::now() > decide_by) {
+      AbortEverywhere(req);
+      failures_family->Add({{"code", "DEADLINE_EXCEEDED"}}).Increment();
+      aborts->Increment();
+      resp->set_committed(false);
+      resp->set_reason(
+          "the step started too late to commit within the router's wait (it was queued behind "
+          "another step)");
+      return;
+    }
     const uint32_t timeout_ms = req.timeout_ms() > 0 ? req.timeout_ms() : 30000;
     struct Call {
       int group;
@@ -249,6 +270,9 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
         rr.set_generation(generations[c.group]);
         rr.set_timeout_ms(timeout_ms);
         rr.set_bf16_wire(req.bf16_wire());
+        rr.set_expect_step_state(std::find(req.computed_shards().begin(),
+                                           req.computed_shards().end(),
+                                           group.shards(c.rank)) != req.computed_shards().end());
         grpc::ClientContext cctx;
         cctx.set_deadline(std::chrono::system_clock::now() +
                           std::chrono::milliseconds(timeout_ms + 1000));
@@ -298,6 +322,10 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
           bus_bandwidth->Set(2.0 * (n - 1) / n * bytes / c.resp.seconds());
         }
       }
+    }
+    if (reason.empty() && std::chrono::system_clock::now() > decide_by) {
+      reason = "the reductions ended too late to commit within the router's wait";
+      AbortEverywhere(req);
     }
     const bool commit = reason.empty();
     // Second phase: every shard commits, or every shard aborts. Bounded by kFinishTimeout: a
