@@ -374,6 +374,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     std::set<std::string> next_addrs;
     for (const auto& c : next_shards) next_addrs.insert(c->address());
+    std::set<int> lost_reported;
     // to_load[s]: source peer ("" = checkpoint) -> experts.
     std::vector<std::map<std::string, std::vector<int>>> to_load(S);
     std::vector<std::vector<int>> to_unload(old ? old->shards.size() : 0);
@@ -383,15 +384,25 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         if (had.count(e)) continue;
         std::string source;
         if (trained) {
+          bool staying = false;  // a shard that held it is still a member (maybe out of rotation)
           for (const auto& a : old_replicas[e]) {
+            staying = staying || next_addrs.count(a) > 0;
             if (next_addrs.count(a) && ClientFor(a)->healthy()) {
               source = a;
               break;
             }
           }
-          if (source.empty()) {
+          if (source.empty() && staying) {
             return absl::UnavailableError(absl::StrCat(
                 "expert ", e, " has no live replica to copy its trained weights from"));
+          }
+          if (source.empty() && lost_reported.insert(e).second) {
+            // Every shard that held it has left for good: its training went with them. Waiting
+            // would hold the placement (and training) on a shard that is not coming back.
+            std::fprintf(stderr,
+                         "moe-router: expert %d lost its training: every shard that held it has "
+                         "left; it is loaded from the checkpoint and trains from there\n", e);
+            metrics->ExpertLostTraining();
           }
         }
         to_load[s][source].push_back(e);

@@ -758,6 +758,26 @@ TEST_F(ClusterTest, RouterFollowsMembershipAndTrainingSurvivesAShardLoss) {
   ASSERT_TRUE(Infer(stub.get(), Request(x, 16, "m2"), &resp).ok());
 }
 
+// Under `sharded` every expert has one replica. After training, a shard that leaves for good
+// takes its experts' training with it: once the membership has dropped it, the router places
+// them on the others from the checkpoint (reported as lost training) instead of waiting for
+// ever, and serving and training go on.
+TEST_F(ClusterTest, ExpertsOfAShardThatLeftForGoodAreReloadedAndTrainingGoesOn) {
+  MembershipCluster mc;
+  ASSERT_TRUE(mc.Start(*path_, 3, "sharded").ok());
+  auto stub = client::MakeRouterStub(mc.router_addr);
+  ASSERT_GE(WaitForShards(stub.get(), 3, 20), 0) << "the router did not pick up three shards";
+  ASSERT_TRUE(Train(stub.get(), 400, 20000).ok());
+  mc.shards[0].Signal(SIGKILL);
+  EXPECT_GE(WaitForShards(stub.get(), 2, 15), 0) << "the router kept the shard that left";
+  const std::vector<float> x = common::RandomMatrix(16, Config().d_model, 71);
+  v1::InferResponse resp;
+  const grpc::Status served = Infer(stub.get(), Request(x, 16, "left"), &resp);
+  EXPECT_TRUE(served.ok()) << served.error_message();
+  const grpc::Status trained = Train(stub.get(), 401, 20000);
+  EXPECT_TRUE(trained.ok()) << trained.error_message();
+}
+
 // A rank lost during a training step's reduction: killed mid all-reduce, stopped with SIGSTOP
 // mid all-reduce, or gone before the first message (MOE_FAILPOINT in one shard's environment
 // picks the moment, see shard_server.cc). The step fails with ABORTED long before its deadline,
