@@ -85,7 +85,9 @@ void Trainer::DropUnconfirmedOutside(const RoutingTable& table) {
 
 absl::Status Trainer::Unconfirmed(const RoutingTable* table) const {
   std::lock_guard<std::mutex> lock(unconfirmed_mu_);
-  for (const auto& [address, u] : unconfirmed_) {
+  for (const auto& entry : unconfirmed_) {
+    const std::string& address = entry.first;
+    const PendingCommit& u = entry.second;
     if (table != nullptr &&
         std::none_of(table->shards.begin(), table->shards.end(),
                      [&](const auto& s) { return s->address() == address; })) {
