@@ -435,8 +435,8 @@ absl::Status Train(const Flags& f) {
   const int64_t d = info.d_model();
   std::vector<float> x, dy_fixed, target;
   const bool synthetic = f.Has("synthetic");
-  if (synthetic == (f.Has("tokens") || f.Has("grad-output")) ||
-      (!synthetic && !(f.Has("tokens") && f.Has("grad-output")))) {
+  if (synthetic ? f.Has("tokens") || f.Has("grad-output")
+                : !(f.Has("tokens") && f.Has("grad-output"))) {
     return absl::InvalidArgumentError("train needs --synthetic, or --tokens and --grad-output");
   }
   if (lr < 0) return absl::InvalidArgumentError("--learning-rate must be >= 0");

@@ -40,39 +40,41 @@ Trainer::Trainer(const common::ModelConfig& config, Committer committer,
       // Steps of different router lifetimes must not collide on a shard.
       next_step_(static_cast<uint64_t>(absl::ToUnixMillis(absl::Now())) << 16) {}
 
+namespace {
+
+// Whether `address` is one of `table`'s shards.
+bool HasShard(const RoutingTable& table, const std::string& address) {
+  return std::any_of(table.shards.begin(), table.shards.end(),
+                     [&](const auto& s) { return s->address() == address; });
+}
+
+}  // namespace
+
 absl::Status Trainer::RetryConfirmations(const RoutingTable& table, bool drop_absent) {
+  if (drop_absent) DropUnconfirmedOutside(table);
   std::map<std::string, PendingCommit> todo;
   {
     std::lock_guard<std::mutex> lock(unconfirmed_mu_);
     todo = unconfirmed_;
   }
   for (const auto& [address, u] : todo) {
-    const ShardClient* found = nullptr;
-    absl::Status st;
     for (const auto& s : table.shards) {
       if (s->address() != address) continue;
-      found = s.get();
-      st = s->FinishStep(u.step, /*commit=*/true, u.learning_rate, kAbortTimeout);
+      if (!s->FinishStep(u.step, /*commit=*/true, u.learning_rate, kAbortTimeout).ok()) break;
+      std::fprintf(stderr, "moe-router: step %llu: %s has now confirmed the commit\n",
+                   static_cast<unsigned long long>(u.step), address.c_str());
+      std::lock_guard<std::mutex> lock(unconfirmed_mu_);
+      unconfirmed_.erase(address);
       break;
     }
-    if (found != nullptr && !st.ok()) continue;
-    if (found == nullptr && !drop_absent) continue;
-    std::fprintf(stderr, "moe-router: step %llu: %s %s\n", static_cast<unsigned long long>(u.step),
-                 address.c_str(),
-                 found ? "has now confirmed the commit"
-                       : "left the placement before confirming the commit; dropped");
-    std::lock_guard<std::mutex> lock(unconfirmed_mu_);
-    unconfirmed_.erase(address);
   }
-  return Unconfirmed(drop_absent ? nullptr : &table);
+  return Unconfirmed(table);
 }
 
 void Trainer::DropUnconfirmedOutside(const RoutingTable& table) {
   std::lock_guard<std::mutex> lock(unconfirmed_mu_);
   for (auto it = unconfirmed_.begin(); it != unconfirmed_.end();) {
-    const bool present = std::any_of(table.shards.begin(), table.shards.end(),
-                                     [&](const auto& s) { return s->address() == it->first; });
-    if (present) {
+    if (HasShard(table, it->first)) {
       ++it;
       continue;
     }
@@ -83,18 +85,13 @@ void Trainer::DropUnconfirmedOutside(const RoutingTable& table) {
   }
 }
 
-absl::Status Trainer::Unconfirmed(const RoutingTable* table) const {
+absl::Status Trainer::Unconfirmed(const RoutingTable& table) const {
   std::lock_guard<std::mutex> lock(unconfirmed_mu_);
   for (const auto& entry : unconfirmed_) {
-    const std::string& address = entry.first;
-    const PendingCommit& u = entry.second;
-    if (table != nullptr &&
-        std::none_of(table->shards.begin(), table->shards.end(),
-                     [&](const auto& s) { return s->address() == address; })) {
-      continue;
-    }
+    if (!HasShard(table, entry.first)) continue;
     return absl::UnavailableError(absl::StrCat(
-        "shard ", address, " has not confirmed step ", u.step, " (", u.reason,
+        "shard ", entry.first, " has not confirmed step ", entry.second.step, " (",
+        entry.second.reason,
         "); steps resume once it has applied that update (the router asks it again every "
         "second)"));
   }

@@ -85,8 +85,8 @@ class Trainer {
   // OK when every replica of every expert is on a shard in rotation, else UNAVAILABLE naming one
   // that is not: such a step could not commit, so Step refuses it first.
   static absl::Status EveryReplicaInRotation(const RoutingTable& table);
-  // UNAVAILABLE naming a shard that has not confirmed its commit (of `table`'s, when given).
-  absl::Status Unconfirmed(const RoutingTable* table = nullptr) const;
+  // UNAVAILABLE naming one of `table`'s shards that has not confirmed its commit.
+  absl::Status Unconfirmed(const RoutingTable& table) const;
   // Tells every shard to drop the step's kept activations and gradients, all at once and for at
   // most kAbortTimeout: a stalled shard must not hold the failed call (and the routing table it
   // pins) for longer. A shard the abort does not reach drops the step itself once it is stale.
