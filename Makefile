@@ -53,10 +53,13 @@ test-asan: deps
 # Python client and CLI tests) run one at a time after the others, so that TSan's slowdown on two
 # cores does not break their wall-clock bounds (failure detection within 2 s, a ring's deadline +
 # 0.5 s). Left out: the deployment checks (no service code), the rolling restart (it counts
-# requests lost to an overloaded machine's keepalive timeouts) and the 96 MiB memory cgroup
-# (TSan's shadow memory); `make test` and `make test-asan` run them.
+# requests lost to an overloaded machine's keepalive timeouts), the 96 MiB memory cgroup
+# (TSan's shadow memory) and the in-process copy of a 3 MiB expert in several 1 MiB pieces
+# (ATrainedExpertStillBeingReadBack: TSan starts a race report on a piece's 1 MiB copy, whose
+# writer it cannot see through the uninstrumented gRPC, and the report does not finish within
+# the test's 60 s); `make test` and `make test-asan` run them.
 TSAN_SERIAL = ClusterTest|StrategyTest|FaultTest|GrpcRing|SecurityTest|torch_|python_|cli_
-TSAN_EXCLUDE = deploy_|RollingRestartOfEveryShard|MemoryLimitedShard
+TSAN_EXCLUDE = deploy_|RollingRestartOfEveryShard|MemoryLimitedShard|ATrainedExpertStillBeingReadBack
 TSAN_ENV = OMP_NUM_THREADS=1 \
   TSAN_OPTIONS="suppressions=$(CURDIR)/tests/tsan.supp halt_on_error=1 second_deadlock_stack=1"
 test-tsan: deps

@@ -22,6 +22,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -217,11 +218,22 @@ class CallbackLink final : public Link,
     StartRead(&resp_);
     StartCall();
   }
+  // A backend's answer can arrive before gRPC reports the write of its request done, so the
+  // next request may come while that write is still outstanding: requests queue, one write at a
+  // time (a second StartWrite would abort the process).
   void Send(uint64_t id, const moe::v1::Tensor& rows, Fanout* fanout) override {
     Remember(id, fanout);
-    req_.set_batch_id(id);
-    *req_.mutable_rows() = rows;
-    StartWrite(&req_);
+    DispatchRequest req;
+    req.set_batch_id(id);
+    *req.mutable_rows() = rows;
+    std::lock_guard<std::recursive_mutex> lock(write_mu_);  // OnWriteDone may run inline
+    queued_.push_back(std::move(req));
+    if (queued_.size() == 1) StartWrite(&queued_.front());
+  }
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::recursive_mutex> lock(write_mu_);
+    queued_.pop_front();
+    if (ok && !queued_.empty()) StartWrite(&queued_.front());
   }
   void OnReadDone(bool ok) override {
     if (!ok) return;
@@ -233,7 +245,8 @@ class CallbackLink final : public Link,
 
  private:
   grpc::ClientContext ctx_;
-  DispatchRequest req_;
+  std::recursive_mutex write_mu_;
+  std::deque<DispatchRequest> queued_;  // the front one is being written
   DispatchResponse resp_;
 };
 
@@ -273,14 +286,23 @@ class AsyncLink final : public Link {
       : stream_(stub->PrepareAsyncDispatch(&ctx_, cq)) {
     stream_->StartCall(&started_);
   }
+  // As CallbackLink: one write outstanding at a time. Send and Handle run on the relay's one
+  // queue thread.
   void Send(uint64_t id, const moe::v1::Tensor& rows, Fanout* fanout) override {
     Remember(id, fanout);
-    req_.set_batch_id(id);
-    *req_.mutable_rows() = rows;
-    stream_->Write(req_, &written_);
+    DispatchRequest req;
+    req.set_batch_id(id);
+    *req.mutable_rows() = rows;
+    queued_.push_back(std::move(req));
+    if (queued_.size() == 1) stream_->Write(queued_.front(), &written_);
   }
   void Handle(const Tag& tag, bool ok) {
-    if (tag.what == Tag::kWritten || !ok) return;
+    if (tag.what == Tag::kWritten) {
+      queued_.pop_front();
+      if (ok && !queued_.empty()) stream_->Write(queued_.front(), &written_);
+      return;
+    }
+    if (!ok) return;
     if (tag.what == Tag::kRead) {
       const uint64_t id = resp_.batch_id();
       stream_->Read(&resp_, &read_);
@@ -293,7 +315,7 @@ class AsyncLink final : public Link {
  private:
   grpc::ClientContext ctx_;
   std::unique_ptr<grpc::ClientAsyncReaderWriter<DispatchRequest, DispatchResponse>> stream_;
-  DispatchRequest req_;
+  std::deque<DispatchRequest> queued_;  // the front one is being written
   DispatchResponse resp_;
   Tag started_{this, Tag::kStarted}, written_{this, Tag::kWritten}, read_{this, Tag::kRead};
 };

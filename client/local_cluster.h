@@ -56,6 +56,8 @@ class LocalCluster {
   const std::vector<std::string>& shard_addresses() const { return shard_addresses_; }
   common::Subprocess& shard(int i) { return shards_[i]; }
   common::Subprocess& router() { return router_; }
+  // Not running when started without a coordinator.
+  common::Subprocess& coordinator() { return coordinator_; }
   // Empty when started without a coordinator.
   const std::string& coordinator_address() const { return coordinator_address_; }
 

@@ -52,9 +52,10 @@ commands:
   init-checkpoint --out PATH --experts E --d-model D --d-ff F --top-k K
                   [--activation relu|gelu|silu] [--gated] [--bias] [--seed S]
                   [--normalize-topk true|false] [--bf16]
-      write a seeded random checkpoint (safetensors, Mixtral tensor names)
+      write a seeded random checkpoint (safetensors, Mixtral tensor names; seed 1 unless
+      given)
   make-tokens --out PATH --tokens N --d-model D [--seed S]
-      write a random tokens [N, D] file for `forward`
+      write a random tokens [N, D] file for `forward` (seed 7 unless given)
   forward --input IN.safetensors --output OUT.safetensors
           (--router HOST:PORT [--bf16] | --local --checkpoint PATH [--tensor-prefix P]
            [--capacity-factor C])
@@ -71,10 +72,11 @@ commands:
       the placement table; --rebalance switches strategy (replicated|sharded|hybrid|dynamic),
       --dry-run only scores the proposal
   train --router HOST:PORT [--steps K] [--learning-rate LR] [--aux-loss-coef A] [--z-loss-coef Z]
-        (--tokens T.safetensors --grad-output G.safetensors | --synthetic --batch-size N [--seed S])
-      K training steps (10); with files, the same batch every step (`tokens` and `grad_output`
+        (--tokens T.safetensors --grad-output G.safetensors | --synthetic [--batch-size N] [--seed S])
+      K training steps; with files, the same batch every step (`tokens` and `grad_output`
       [N, d_model]); --synthetic regresses the layer onto a fixed random linear target
       (loss = mean squared error, grad_output = 2 (y - target) / N). Prints the loss per step.
+      Defaults: K 10, LR 0.01, A and Z 0 (no auxiliary losses), N 64, S 1.
   save-checkpoint --router HOST:PORT --path PATH
       the current (trained) weights as a safetensors checkpoint on the router's file system
   load --router HOST:PORT [--checkpoint PATH --zipf S] [--concurrency C] [--batch-size N]
@@ -84,9 +86,10 @@ commands:
       experts are drawn by it without replacement (expert 0 the most popular; with
       --hot-order K > 0 a shuffle of the experts seeded by K, with --hot-order -1 the
       reverse: expert E-1 the most popular). Prints tokens/s, p50/p95/p99 latency and
-      errors by code
+      errors by code. Defaults: C 4, N 64, 10 seconds, random tokens without --zipf, seed 1.
   demo --checkpoint PATH [--batches B] [--batch-size N] [--tensor-prefix P]
       run the in-process layer on random batches; print tokens/s and per-expert load
+      (defaults: B 20, N 256)
 )";
 
 // A flag the command cannot do without, as an integer.
@@ -374,7 +377,13 @@ absl::Status Info(const Flags& f) {
   std::vector<std::vector<std::string>> rows;
   for (int s = 0; s < info.shards_size(); ++s) {
     const v1::ShardInfo& si = info.shards(s);
-    rows.push_back({absl::StrCat(s), si.address(), si.healthy() ? "up" : "DOWN",
+    // A shard that answers NOT_SERVING is out of rotation on purpose, not down.
+    const std::string health = si.healthy()                   ? "up"
+                               : si.state() == "not_serving"  ? (si.experts().empty()
+                                                                     ? "idle (no experts)"
+                                                                     : "not serving")
+                                                              : "DOWN";
+    rows.push_back({absl::StrCat(s), si.address(), health,
                     absl::StrJoin(si.experts(), ",")});
   }
   PrintTable({"shard", "address", "health", "experts"}, rows);

@@ -27,9 +27,12 @@
 
 namespace {
 
-constexpr char kUsage[] = R"(moe-cluster: runs a local moe-cluster (expert shards + router) on loopback.
+constexpr char kUsage[] = R"(moe-cluster: runs a local moe-cluster (coordinator, expert shards, router) on loopback.
 
 usage: moe-cluster --checkpoint PATH [flags]
+
+  Prints "READY router=HOST:PORT" once every service is SERVING, and stops them all on
+  SIGINT or SIGTERM.
 
   --shards N               expert-shard servers to start (default 4)
   --placement S            replicated | sharded | hybrid (default) | dynamic
@@ -37,10 +40,11 @@ usage: moe-cluster --checkpoint PATH [flags]
   --shard-threads N        compute threads per shard (default 1)
   --metrics-port N         router /metrics on N, shard i on N+1+i, coordinator on N+1+shards
                            (default: off)
-  --capacity-factor C      passed to the router
-  --overflow drop|spill    passed to the router
-  --wire fp32|bf16         passed to the router
-  --bin-dir DIR            where moe-router and moe-expert-server are (default: beside this)
+  --capacity-factor C      passed to the router (default 0: unlimited)
+  --overflow drop|spill    passed to the router (default drop)
+  --wire fp32|bf16         passed to the router (default fp32)
+  --bin-dir DIR            where moe-coordinator, moe-expert-server and moe-router are
+                           (default: beside this program)
   --tls-dir DIR            TLS everywhere with the files of scripts/make-certs.sh DIR
   --require-client-cert    mutual TLS: services refuse callers without DIR's client certificate
   --auth-token-file F      the router requires "authorization: Bearer <token in F>"

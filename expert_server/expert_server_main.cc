@@ -96,8 +96,14 @@ absl::Status Run(int argc, char** argv) {
       "moe-expert-server", [&] { server->Shutdown(absl::Milliseconds(500)); },
       [&] {
         absl::Status loaded = server->WaitUntilLoaded(absl::InfiniteDuration());
-        if (!loaded.ok()) {
-          std::fprintf(stderr, "moe-expert-server: loading experts failed: %s\n",
+        if (loaded.code() == absl::StatusCode::kAborted) {
+          // The router's placement unloaded an expert of --experts before it was loaded.
+          std::fprintf(stderr, "moe-expert-server: initial load cut short by the placement: %s\n",
+                       std::string(loaded.message()).c_str());
+        } else if (!loaded.ok()) {
+          std::fprintf(stderr,
+                       "moe-expert-server: loading experts failed: %s (serving the experts that "
+                       "loaded; fix the checkpoint or state directory and restart the shard)\n",
                        std::string(loaded.message()).c_str());
         }
         server->Wait();

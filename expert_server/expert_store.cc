@@ -89,7 +89,8 @@ absl::Status ExpertStore::CheckVersion(uint64_t version) {
 }
 
 absl::Status ExpertStore::Load(const std::vector<int>& experts, uint64_t version,
-                               const std::string& peer, std::function<void(absl::Status)> done) {
+                               const std::string& peer, std::function<void(absl::Status)> done,
+                               bool replace_newer) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (int e : experts) {
@@ -111,7 +112,7 @@ absl::Status ExpertStore::Load(const std::vector<int>& experts, uint64_t version
       if (!have) entries_[e] = Entry{ExpertState::kLoading, nullptr, ""};
       todo.push_back(e);
     }
-    jobs_.push_back(Job{std::move(todo), peer, std::move(done)});
+    jobs_.push_back(Job{std::move(todo), peer, std::move(done), replace_newer});
   }
   jobs_cv_.notify_all();
   NotifyChange();
@@ -162,7 +163,8 @@ void ExpertStore::LoaderLoop() {
           continue;
         }
         Entry& entry = found->second;
-        if (ffn.ok() && entry.handle != nullptr && entry.handle->trained_step > w->trained_step) {
+        if (ffn.ok() && !job.replace_newer && entry.handle != nullptr &&
+            entry.handle->trained_step > w->trained_step) {
           // A copy older than the weights it would replace (trained meanwhile): keep these.
           entry.state = ExpertState::kReady;
         } else if (ffn.ok()) {
@@ -295,10 +297,14 @@ uint64_t ExpertStore::placement_version() const {
   return version_;
 }
 
-int ExpertStore::ready_count() const {
+int ExpertStore::ready_count() const { return CountInState(ExpertState::kReady); }
+
+int ExpertStore::loading_count() const { return CountInState(ExpertState::kLoading); }
+
+int ExpertStore::CountInState(ExpertState state) const {
   std::lock_guard<std::mutex> lock(mu_);
   int n = 0;
-  for (const auto& [e, entry] : entries_) n += entry.state == ExpertState::kReady;
+  for (const auto& [e, entry] : entries_) n += entry.state == state;
   return n;
 }
 

@@ -80,9 +80,10 @@ class ExpertStore {
   // Schedules `experts` for loading under `version` (from `peer` when not empty). `done` runs on
   // the loader thread once all finished, with the first failure if any. An expert already ready
   // is reloaded only when copying from a peer. Errors now: INVALID_ARGUMENT for an expert out of
-  // range, FAILED_PRECONDITION for a version older than the shard's.
+  // range, FAILED_PRECONDITION for a version older than the shard's. A loaded expert keeps its
+  // weights where they are of a later training step than the copy's, unless `replace_newer`.
   absl::Status Load(const std::vector<int>& experts, uint64_t version, const std::string& peer,
-                    std::function<void(absl::Status)> done);
+                    std::function<void(absl::Status)> done, bool replace_newer = false);
 
   // Swaps in new weights for a loaded expert (after training step `trained_step`); work in
   // flight keeps the old ones. FAILED_PRECONDITION when the expert is not loaded; ABORTED when
@@ -106,6 +107,7 @@ class ExpertStore {
   std::vector<ExpertInfo> Snapshot() const;
   uint64_t placement_version() const;
   int ready_count() const;
+  int loading_count() const;
   const common::ModelConfig& config() const { return config_; }
 
   // Called (without locks held) whenever an expert changes state.
@@ -125,9 +127,11 @@ class ExpertStore {
     std::vector<int> experts;
     std::string peer;
     std::function<void(absl::Status)> done;
+    bool replace_newer = false;
   };
 
   void LoaderLoop();
+  int CountInState(ExpertState state) const;
   void Released(ExpertHandle* handle);
   // Runs on_change_, and on_weights_ with `installed` when given.
   void NotifyChange(std::shared_ptr<const ExpertHandle> installed = nullptr);

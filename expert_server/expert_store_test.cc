@@ -35,13 +35,17 @@ class ExpertStoreTest : public ::testing::Test {
               return LoadedExpert{std::move(w), 17};  // trained up to step 17 on the peer
             }) {}
 
-  absl::Status LoadAndWait(std::vector<int> experts, uint64_t version, std::string peer = "") {
+  absl::Status LoadAndWait(std::vector<int> experts, uint64_t version, std::string peer = "",
+                           bool replace_newer = false) {
     common::Notification done;
     absl::Status result;
-    absl::Status st = store_.Load(experts, version, peer, [&](absl::Status s) {
-      result = s;
-      done.Notify();
-    });
+    absl::Status st = store_.Load(
+        experts, version, peer,
+        [&](absl::Status s) {
+          result = s;
+          done.Notify();
+        },
+        replace_newer);
     if (!st.ok()) return st;
     done.WaitForNotification();
     return result;
@@ -134,6 +138,12 @@ TEST_F(ExpertStoreTest, ReplacedWeightsCarryTheirTrainingStep) {
   EXPECT_EQ(store_.Find(0)->trained_step, 44u);
   EXPECT_EQ(store_.Find(0)->ffn->weights().w1, ck_.experts[2].w1);
   EXPECT_EQ(store_.Snapshot()[0].state, ExpertState::kReady);
+  // Unless told to replace newer weights: the router gives back an aborted step's update so.
+  ASSERT_TRUE(LoadAndWait({0}, 2, "peer:1", /*replace_newer=*/true).ok());
+  EXPECT_EQ(store_.Find(0)->trained_step, 17u);
+  common::ExpertWeights copy = ck_.experts[0];
+  copy.w1[0] += 1.f;
+  EXPECT_EQ(store_.Find(0)->ffn->weights().w1, copy.w1);
 }
 
 // A store whose loaders wait for the test: `entered` when one starts, until `release`.

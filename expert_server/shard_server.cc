@@ -34,6 +34,9 @@ namespace moe::expert {
 namespace {
 
 constexpr size_t kChunkBytes = 1 << 20;
+// The longest a ReduceGradients ring may run, whatever its caller asks: shutdown never waits
+// longer on a stuck ring.
+constexpr absl::Duration kMaxRingTime = absl::Seconds(120);
 
 v1::ExpertStatus::State ToProto(ExpertState s) {
   switch (s) {
@@ -266,7 +269,9 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
   grpc::ServerUnaryReactor* ReduceGradients(grpc::CallbackServerContext* ctx,
                                             const v1::ReduceGradientsRequest* req,
                                             v1::ReduceGradientsResponse* resp) override;
-  collective::CollectiveHub hub;
+  // A mailbox unclaimed for longer than any ring may run (kMaxRingTime) belongs to a ring its
+  // peers have given up on: this shard's part never ran. Dropped then.
+  collective::CollectiveHub hub{kMaxRingTime + absl::Seconds(30)};
   std::unique_ptr<collective::CollectiveService> collective_service;
   absl::StatusOr<std::vector<int>> RunFinishStep(const v1::FinishStepRequest& req);
   // SGD on `expert` for training step `step`: weights -= learning_rate * grad.
@@ -510,6 +515,7 @@ void ShardServer::Impl::FillStatus(v1::ShardStatus* s) const {
   s->set_d_ff(config.d_ff);
   std::lock_guard<std::mutex> lock(const_cast<std::mutex&>(mu));
   s->set_serving(serving && !shutting_down);
+  s->set_draining(draining || shutting_down);  // neither serves again
 }
 
 grpc::ServerUnaryReactor* ShardServer::Impl::LoadExperts(grpc::CallbackServerContext* ctx,
@@ -524,7 +530,13 @@ grpc::ServerUnaryReactor* ShardServer::Impl::LoadExperts(grpc::CallbackServerCon
       reactor->Finish(common::ToGrpcStatus(st));
     };
   }
-  absl::Status st = store->Load(experts, req->placement_version(), req->source_peer(), done);
+  if (req->replace_newer() && req->source_peer().empty()) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                 "replace_newer needs a source_peer to copy from"));
+    return reactor;
+  }
+  absl::Status st = store->Load(experts, req->placement_version(), req->source_peer(), done,
+                                req->replace_newer());
   if (!st.ok()) {
     reactor->Finish(common::ToGrpcStatus(st));
   } else if (!req->wait()) {
@@ -924,8 +936,9 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
   }
   // Bounded whatever the caller asks, so shutdown never waits long on a stuck ring.
   const absl::Time deadline =
-      absl::Now() + absl::Milliseconds(std::min<uint32_t>(
-                        req.timeout_ms() > 0 ? req.timeout_ms() : 30000, 120000));
+      absl::Now() + std::min(req.timeout_ms() > 0 ? absl::Milliseconds(req.timeout_ms())
+                                                  : absl::Seconds(30),
+                             kMaxRingTime);
   auto next = grpc::CreateCustomChannel(req.members((req.rank() + 1) % world),
                                         common::ChannelCredentials(),
                                         common::ClientChannelArgs(options.limits));
@@ -1166,7 +1179,18 @@ absl::StatusOr<std::unique_ptr<ShardServer>> ShardServer::Start(ShardServerOptio
         if (w.ok()) raw->metrics->ExpertRead(ShardMetrics::Source::kPeer);
         return w;
       });
-  impl->store->SetOnChange([raw] { raw->OnStoreChange(); });
+  // Once the initial load has ended, the shard serves once it holds experts and loads none:
+  // the router may load experts onto a shard that started with none, or whose initial load was
+  // cut short (ABORTED: the router's first placement unloaded an expert of it mid-load) or
+  // failed. Not while a load runs: the placement going live would send rows to an expert
+  // still loading.
+  auto serve_if_settled = [raw] {
+    if (raw->store->ready_count() > 0 && raw->store->loading_count() == 0) raw->SetServing(true);
+  };
+  impl->store->SetOnChange([raw, serve_if_settled] {
+    raw->OnStoreChange();
+    if (raw->initial_loaded.HasBeenNotified()) serve_if_settled();
+  });
   if (impl->state != nullptr) {
     impl->store->SetOnWeights(
         [raw](std::shared_ptr<const ExpertHandle> h) { raw->state->Save(std::move(h)); });
@@ -1191,18 +1215,16 @@ absl::StatusOr<std::unique_ptr<ShardServer>> ShardServer::Start(ShardServerOptio
   } else {
     for (int e = 0; e < impl->config.num_experts; ++e) initial.push_back(e);
   }
-  auto on_loaded = [raw](absl::Status st) {
+  // A load that failed for some experts (a malformed tensor, an unreadable --state-dir file) or
+  // was cut short still serves the experts it holds; the others are FAILED in GetStatus, and
+  // the router loads them again where its placement wants them.
+  auto on_loaded = [raw, serve_if_settled](absl::Status st) {
     raw->initial_status = st;
-    if (st.ok()) raw->SetServing(true);
-    raw->initial_loaded.Notify();
+    serve_if_settled();  // an initial load that succeeded holds experts
+    raw->initial_loaded.Notify();  // after SetServing: a caller woken by it sees SERVING
   };
   if (initial.empty()) {
-    // Serving once the router has loaded something.
-    raw->initial_loaded.Notify();
-    impl->store->SetOnChange([raw] {
-      raw->OnStoreChange();
-      if (raw->store->ready_count() > 0) raw->SetServing(true);
-    });
+    raw->initial_loaded.Notify();  // serving once the router has loaded something
   } else {
     absl::Status st = impl->store->Load(initial, 0, "", on_loaded);
     if (!st.ok()) {

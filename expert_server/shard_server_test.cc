@@ -17,6 +17,8 @@
 #include "absl/strings/str_cat.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/common/random_checkpoint.h"
+#include "services/common/safetensors.h"
+#include "services/common/server_util.h"
 #include "services/common/tensor_codec.h"
 #include "tests/reference/shard_export.h"
 #include "tests/reference/test_util.h"
@@ -106,6 +108,16 @@ class ShardServerTest : public ::testing::Test {
     return {};
   }
 
+  // Each listed expert's output in `resp` is bit-identical to the in-process kernel's.
+  static void ExpectBitIdentical(const v1::DispatchRequest& req, const v1::DispatchResponse& resp,
+                                 std::initializer_list<int> experts) {
+    for (int e : experts) {
+      const std::vector<float> got = Output(resp, e), want = Reference(req, e);
+      ASSERT_EQ(got.size(), want.size()) << "expert " << e;
+      EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * 4), 0) << "expert " << e;
+    }
+  }
+
   static double Metric(prometheus::Registry& reg, const std::string& name,
                        const std::map<std::string, std::string>& labels = {}) {
     for (const auto& fam : reg.Collect()) {
@@ -150,11 +162,7 @@ TEST_F(ShardServerTest, OutputsBitIdenticalToInProcessKernel) {
   EXPECT_EQ(resp.batch_id(), 7u);
   EXPECT_EQ(resp.code(), 0) << resp.message();
   ASSERT_EQ(resp.outputs_size(), 2);
-  for (int e : {0, 1}) {
-    const std::vector<float> got = Output(resp, e), want = Reference(req, e);
-    ASSERT_EQ(got.size(), want.size());
-    EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * 4), 0) << "expert " << e;
-  }
+  ExpectBitIdentical(req, resp, {0, 1});
   stream->WritesDone();
   EXPECT_TRUE(stream->Finish().ok());
 }
@@ -532,6 +540,15 @@ TEST_F(ShardServerTest, SecondShardCopiesAnExpertFromAPeer) {
   old.set_placement_version(2);
   v1::ShardStatus st;
   EXPECT_EQ(stub_b->LoadExperts(&ctx, old, &st).error_code(), grpc::FAILED_PRECONDITION);
+  // Replacing newer weights is a copy's option: there is nothing to replace them with otherwise.
+  grpc::ClientContext rctx;
+  v1::LoadExpertsRequest back;
+  back.add_experts(2);
+  back.set_placement_version(3);
+  back.set_replace_newer(true);
+  const grpc::Status refused = stub_b->LoadExperts(&rctx, back, &st);
+  EXPECT_EQ(refused.error_code(), grpc::INVALID_ARGUMENT);
+  EXPECT_EQ(refused.error_message(), "replace_newer needs a source_peer to copy from");
 }
 
 TEST_F(ShardServerTest, ACopyFromAPeerThatIsGoneFailsAtOnce) {
@@ -589,7 +606,7 @@ TEST_F(ShardServerTest, UnloadDrainsAndStatusReportsState) {
 
 TEST_F(ShardServerTest, HealthFollowsLoadingAndShutdown) {
   ShardServerOptions o;
-  o.initial_experts = std::vector<int>{};
+  o.initial_experts.emplace();  // none
   auto server = StartServer(o);
   auto channel = grpc::CreateChannel(server->address(), grpc::InsecureChannelCredentials());
   auto health = [&] {
@@ -611,6 +628,117 @@ TEST_F(ShardServerTest, HealthFollowsLoadingAndShutdown) {
   if (after.ok()) {
     EXPECT_EQ(*after, common::HealthState::kNotServing);
   }
+}
+
+// A placement that unloads experts of the shard's initial load while that load runs (the
+// router's first placement does not want them here) cuts the load short with ABORTED; the shard
+// still turns SERVING with what it holds, or, holding nothing, once the router loads an expert.
+// Until 2026-12-01 it stayed NOT_SERVING for good.
+TEST_F(ShardServerTest, AnInitialLoadCutShortByAnUnloadStillServesWhatItHolds) {
+  // Experts large enough (3 MiB each) that the unload lands while the first is being read.
+  common::ModelConfig c = TestConfig();
+  c.num_experts = 8;
+  c.d_model = 256;
+  c.d_ff = 1024;
+  const std::string path = ::moe::testing::TempPath("shard_test_big.safetensors");
+  ASSERT_TRUE(
+      common::SaveCheckpoint(path, common::MakeRandomCheckpoint({c, false, 5})).ok());
+  const std::vector<int> all = {0, 1, 2, 3, 4, 5, 6, 7};
+  ShardServerOptions o;
+  o.checkpoint = path;
+  o.initial_experts = all;
+  for (const bool unload_all : {false, true}) {
+    SCOPED_TRACE(unload_all ? "every expert unloaded" : "one expert unloaded");
+    auto started = ShardServer::Start(o);
+    ASSERT_TRUE(started.ok()) << started.status();
+    ShardServer& server = **started;
+    const std::vector<int> unload = unload_all ? all : std::vector<int>{7};
+    ASSERT_TRUE(server.store().Unload(unload, 0).ok());
+    const absl::Status loaded = server.WaitUntilLoaded(absl::Seconds(60));
+    EXPECT_EQ(loaded.code(), absl::StatusCode::kAborted) << loaded;
+    EXPECT_EQ(server.store().ready_count(), unload_all ? 0 : 7);
+    auto channel = grpc::CreateChannel(server.address(), grpc::InsecureChannelCredentials());
+    auto health = [&] {
+      auto h = common::CheckHealth(channel.get(), absl::Seconds(5));
+      EXPECT_TRUE(h.ok()) << h.status();
+      return h.ok() ? *h : common::HealthState::kUnknown;
+    };
+    if (unload_all) {
+      EXPECT_EQ(health(), common::HealthState::kNotServing);
+      grpc::ClientContext ctx;
+      v1::LoadExpertsRequest req;
+      req.add_experts(3);
+      req.set_wait(true);
+      v1::ShardStatus st;
+      ASSERT_TRUE(v1::ExpertShard::NewStub(channel)->LoadExperts(&ctx, req, &st).ok());
+    }
+    EXPECT_EQ(health(), common::HealthState::kServing);
+  }
+  std::remove(path.c_str());
+}
+
+// A shard whose initial load fails for one expert (a malformed tensor of expert 2) serves the
+// experts it did load and reports the failed one FAILED with the reason. Until 2026-12-01 it
+// stayed NOT_SERVING until the router happened to load an expert onto it: a placement that
+// left its other experts where they were left them unserved for good.
+TEST_F(ShardServerTest, AnExpertThatFailsToLoadLeavesTheShardServingTheOthers) {
+  const std::string bad = ::moe::testing::TempPath("shard_test_bad_expert.safetensors");
+  {
+    auto reader = common::SafetensorsReader::Open(*path_);
+    ASSERT_TRUE(reader.ok()) << reader.status();
+    common::SafetensorsWriter w;
+    for (const auto& [k, v] : (*reader)->metadata()) w.SetMetadata(k, v);
+    for (const common::StTensor& t : (*reader)->tensors()) {
+      if (t.name == "experts.2.w1.bias") continue;
+      auto v = (*reader)->ReadFloat(t.name);
+      ASSERT_TRUE(v.ok()) << v.status();
+      ASSERT_TRUE(w.AddF32(t.name, t.shape, *v).ok());
+    }
+    ASSERT_TRUE(w.AddF32("experts.2.w1.bias", {7}, std::vector<float>(7)).ok());
+    ASSERT_TRUE(w.Write(bad).ok());
+  }
+  ShardServerOptions o;
+  o.checkpoint = bad;  // initial_experts unset: every expert
+  auto started = ShardServer::Start(o);
+  ASSERT_TRUE(started.ok()) << started.status();
+  ShardServer& server = **started;
+  const absl::Status loaded = server.WaitUntilLoaded(absl::Seconds(30));
+  EXPECT_EQ(loaded.code(), absl::StatusCode::kInvalidArgument) << loaded;
+  EXPECT_NE(loaded.message().find("experts.2.w1.bias"), std::string::npos) << loaded;
+  auto channel = grpc::CreateChannel(server.address(), grpc::InsecureChannelCredentials());
+  auto health = common::CheckHealth(channel.get(), absl::Seconds(5));
+  ASSERT_TRUE(health.ok()) << health.status();
+  EXPECT_EQ(*health, common::HealthState::kServing);
+  auto stub = v1::ExpertShard::NewStub(channel);
+  {
+    grpc::ClientContext ctx;
+    v1::ShardStatus status;
+    ASSERT_TRUE(stub->GetStatus(&ctx, v1::GetShardStatusRequest(), &status).ok());
+    std::map<int, v1::ExpertStatus::State> states;
+    for (const auto& e : status.experts()) {
+      states[e.expert()] = e.state();
+      if (e.expert() == 2) {
+        EXPECT_NE(e.error().find("experts.2.w1.bias"), std::string::npos) << e.error();
+      }
+    }
+    EXPECT_EQ(states, (std::map<int, v1::ExpertStatus::State>{{0, v1::ExpertStatus::READY},
+                                                             {1, v1::ExpertStatus::READY},
+                                                             {2, v1::ExpertStatus::FAILED},
+                                                             {3, v1::ExpertStatus::READY}}));
+  }
+  // The experts that loaded compute, bit for bit as the in-process kernel.
+  grpc::ClientContext ctx;
+  auto stream = stub->Dispatch(&ctx);
+  const v1::DispatchRequest req = Batch(3, 6, {{0, {0, 4}}, {3, {1, 2, 5}}});
+  ASSERT_TRUE(stream->Write(req));
+  v1::DispatchResponse resp;
+  ASSERT_TRUE(stream->Read(&resp));
+  EXPECT_EQ(resp.code(), 0) << resp.message();
+  ExpectBitIdentical(req, resp, {0, 3});
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+  server.Shutdown(absl::Milliseconds(100));
+  std::remove(bad.c_str());
 }
 
 // Reads expert e's current weights from a shard through ExportExpert.

@@ -1,6 +1,7 @@
 #include "router/dispatcher.h"
 
 #include <atomic>
+#include <map>
 #include <set>
 #include <thread>
 
@@ -64,15 +65,46 @@ class FakeShard : public ShardClient {
   void CheckHealthNow() override {}
   int64_t outstanding_rows() const override { return outstanding; }
   const std::string& address() const override { return name_; }
-  absl::StatusOr<v1::ShardStatus> LoadExperts(const std::vector<int>&, uint64_t,
-                                              const std::string&, absl::Duration) override {
+  absl::StatusOr<v1::ShardStatus> LoadExperts(const std::vector<int>& experts, uint64_t,
+                                              const std::string& source, absl::Duration) override {
+    loads.push_back({experts, source});
+    return v1::ShardStatus();
+  }
+  // Gives the experts the weights (the steps) of their replicas on `source`, one of `peers`.
+  absl::StatusOr<v1::ShardStatus> RollBackExperts(const std::vector<int>& experts, uint64_t,
+                                                  const std::string& source,
+                                                  absl::Duration) override {
+    rollbacks.push_back({experts, source});
+    const FakeShard* from = peers != nullptr && peers->count(source) ? peers->at(source) : nullptr;
+    for (int e : experts) {
+      if (from != nullptr && from->trained.count(e)) {
+        trained[e] = from->trained.at(e);
+      } else {
+        trained.erase(e);
+      }
+    }
     return v1::ShardStatus();
   }
   absl::StatusOr<v1::ShardStatus> UnloadExperts(const std::vector<int>&, uint64_t,
                                                 absl::Duration) override {
     return v1::ShardStatus();
   }
-  absl::StatusOr<v1::ShardStatus> GetStatus(absl::Duration) override { return v1::ShardStatus(); }
+  // Every expert, with the last step whose commit this fake applied to it.
+  absl::StatusOr<v1::ShardStatus> GetStatus(absl::Duration) override {
+    v1::ShardStatus st;
+    for (int e = 0; e < Config().num_experts; ++e) {
+      v1::ExpertStatus* x = st.add_experts();
+      x->set_expert(e);
+      if (loading.count(e)) {  // a loading expert's step is not known yet
+        x->set_state(v1::ExpertStatus::LOADING);
+        continue;
+      }
+      x->set_state(v1::ExpertStatus::READY);
+      auto it = trained.find(e);
+      x->set_trained_step(it == trained.end() ? 0 : it->second);
+    }
+    return st;
+  }
   // dX of zeros, shaped like each expert's gradient rows (the trainer's plumbing, not its math).
   absl::StatusOr<v1::BackwardResponse> Backward(const v1::BackwardRequest& req,
                                                 absl::Duration) override {
@@ -101,16 +133,22 @@ class FakeShard : public ShardClient {
       --finish_failures;
       return absl::DeadlineExceededError(name_ + " did not answer");
     }
+    if (commit) {
+      for (int e = 0; e < Config().num_experts; ++e) trained[e] = step;
+    }
     return absl::OkStatus();
   }
-  // The verdict of the last FinishStep of `step` (OPEN before any).
+  // The verdict of the first FinishStep of `step`, as a shard keeps it (OPEN before any).
   absl::StatusOr<v1::StepOutcome::State> GetStep(uint64_t step, absl::Duration) override {
     ++step_queries;
-    v1::StepOutcome::State state = v1::StepOutcome::OPEN;
-    for (const Finish& f : finishes) {
-      if (f.step == step) state = f.commit ? v1::StepOutcome::COMMITTED : v1::StepOutcome::ABORTED;
+    if (step_failures > 0) {
+      --step_failures;
+      return absl::UnavailableError(name_ + " is unreachable");
     }
-    return state;
+    for (const Finish& f : finishes) {
+      if (f.step == step) return f.commit ? v1::StepOutcome::COMMITTED : v1::StepOutcome::ABORTED;
+    }
+    return v1::StepOutcome::OPEN;
   }
   absl::StatusOr<std::string> ExportExpert(int, absl::Duration) override {
     return absl::UnimplementedError("fake");
@@ -122,6 +160,12 @@ class FakeShard : public ShardClient {
   bool repeat_first_output = false;  // answers a batch of several experts malformed
   int64_t outstanding = 0;  // what outstanding_rows() reports
   int finish_failures = 0;  // FinishStep fails this many more times
+  int step_failures = 0;    // GetStep fails this many more times
+  std::vector<std::pair<std::vector<int>, std::string>> loads;  // experts, source peer
+  std::vector<std::pair<std::vector<int>, std::string>> rollbacks;  // experts, source peer
+  std::map<int, uint64_t> trained;  // expert -> the step of the last commit applied to it
+  std::set<int> loading;             // experts GetStatus reports LOADING
+  const std::map<std::string, FakeShard*>* peers = nullptr;  // by address, for copies
   std::vector<Finish> finishes;
   int step_queries = 0;
   int batches = 0;
@@ -141,8 +185,11 @@ struct Rig {
     for (int i = 0; i < shards; ++i) {
       fakes.push_back(std::make_shared<FakeShard>("shard" + std::to_string(i), ck));
       table.shards.push_back(fakes.back());
+      by_address[fakes.back()->address()] = fakes.back().get();
+      fakes.back()->peers = &by_address;
     }
   }
+  Rig(const Rig&) = delete;  // the fakes point at by_address
   absl::StatusOr<std::vector<float>> Run(const std::vector<float>& x, int64_t n,
                                          absl::Duration timeout = absl::Seconds(10),
                                          DispatchStats* stats = nullptr) {
@@ -153,6 +200,7 @@ struct Rig {
   std::unique_ptr<MoeLayer> layer;
   RoutingTable table;
   std::vector<std::shared_ptr<FakeShard>> fakes;
+  std::map<std::string, FakeShard*> by_address;
   Dispatcher dispatcher{Config(), DispatcherOptions{}};
 };
 
@@ -698,6 +746,139 @@ TEST(Trainer, ALostVerdictThatAShardSawAsAnAbortIsAbortedAtOnce) {
     for (const FakeShard::Finish& f : t.rig.fakes[s]->finishes) EXPECT_FALSE(f.commit);
     EXPECT_FALSE(t.rig.fakes[s]->finishes.empty()) << "shard " << s << " kept the step";
   }
+}
+
+// The verdict is lost and a shard cannot be asked what it saw: the others saw nothing, so the
+// step is aborted, but that shard may have applied a commit. It is settled before the next
+// step: asked again until it answers; had it committed, its replicas are copied back from the
+// others; had it not, it aborts the step.
+TEST(Trainer, AnAbortWhileAShardCouldNotBeAskedIsSettledBeforeTheNextStep) {
+  for (const bool committed : {true, false}) {
+    SCOPED_TRACE(committed ? "the shard had committed" : "the shard had seen nothing");
+    LostVerdictRig t(/*reached=*/committed ? 1 : 0, /*verdict=*/true);
+    t.rig.fakes[0]->step_failures = 1000;  // cannot be asked
+    absl::StatusOr<TrainResult> r = t.Step();
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kAborted) << r.status();
+    EXPECT_NE(r.status().message().find("shard0 could not be asked"), std::string::npos)
+        << r.status();
+    for (int s = 1; s < 3; ++s) {
+      ASSERT_EQ(t.rig.fakes[s]->finishes.size(), 1u) << "shard " << s;
+      EXPECT_FALSE(t.rig.fakes[s]->finishes[0].commit) << "shard " << s;
+    }
+    // Nothing starts while shard0 cannot answer.
+    const absl::Status held = t.trainer.RetryConfirmations(t.rig.table);
+    EXPECT_EQ(held.code(), absl::StatusCode::kUnavailable) << held;
+    EXPECT_NE(held.message().find("shard0 could not be asked whether it had committed step"),
+              std::string::npos)
+        << held;
+    t.rig.fakes[0]->step_failures = 0;
+    const absl::Status settled = t.trainer.RetryConfirmations(t.rig.table);
+    EXPECT_TRUE(settled.ok()) << settled;
+    const auto& finishes = t.rig.fakes[0]->finishes;
+    const auto& back = t.rig.fakes[0]->rollbacks;
+    if (committed) {
+      // Replicated: every expert has other replicas; all are given back their weights from one
+      // of them, once the shard has finished applying the commit (a repeated commit waits for
+      // that), replacing the newer ones.
+      ASSERT_EQ(back.size(), 1u);
+      EXPECT_EQ(back[0].first, (std::vector<int>{0, 1, 2, 3}));
+      EXPECT_EQ(back[0].second, "shard1");
+      ASSERT_EQ(finishes.size(), 3u);  // the coordinator's commit, the abort, the wait
+      EXPECT_TRUE(finishes[2].commit);
+    } else {
+      EXPECT_TRUE(back.empty());
+      ASSERT_EQ(finishes.size(), 2u);  // the abort of the step, then the settling one
+      EXPECT_FALSE(finishes[1].commit);
+    }
+    EXPECT_TRUE(t.rig.fakes[0]->loads.empty()) << "a load keeps the newer weights";
+    EXPECT_TRUE(t.rig.fakes[0]->trained.empty()) << "an expert kept the aborted update";
+    EXPECT_TRUE(t.trainer.RetryConfirmations(t.rig.table).ok());
+    EXPECT_EQ(back.size(), committed ? 1u : 0u) << "settled twice";
+  }
+}
+
+// A shard that applied the commit, kept it in --state-dir and restarted before it could be
+// asked no longer knows the step; its weights still carry the update, and are given back.
+TEST(Trainer, AnUpdateKeptAcrossARestartIsGivenBackThoughTheShardForgotTheStep) {
+  LostVerdictRig t(/*reached=*/1, /*verdict=*/true);
+  t.rig.fakes[0]->step_failures = 1000;
+  EXPECT_EQ(t.Step().status().code(), absl::StatusCode::kAborted);
+  ASSERT_FALSE(t.rig.fakes[0]->trained.empty());
+  // The restart: the fake forgets every verdict but keeps its weights, and is still reading
+  // one of them back: that one's step is not known, so nothing is settled yet.
+  t.rig.fakes[0]->finishes.clear();
+  t.rig.fakes[0]->step_failures = 0;
+  t.rig.fakes[0]->loading = {2};
+  const absl::Status reading = t.trainer.RetryConfirmations(t.rig.table);
+  EXPECT_EQ(reading.code(), absl::StatusCode::kUnavailable) << reading;
+  EXPECT_NE(reading.message().find("still loading expert 2"), std::string::npos) << reading;
+  EXPECT_TRUE(t.rig.fakes[0]->rollbacks.empty());
+  t.rig.fakes[0]->loading.clear();
+  t.rig.fakes[0]->finishes.clear();
+  EXPECT_TRUE(t.trainer.RetryConfirmations(t.rig.table).ok());
+  ASSERT_EQ(t.rig.fakes[0]->rollbacks.size(), 1u);
+  EXPECT_EQ(t.rig.fakes[0]->rollbacks[0].first, (std::vector<int>{0, 1, 2, 3}));
+  EXPECT_TRUE(t.rig.fakes[0]->trained.empty());
+  ASSERT_EQ(t.rig.fakes[0]->finishes.size(), 1u);
+  EXPECT_FALSE(t.rig.fakes[0]->finishes[0].commit) << "it was told to abort the step it forgot";
+}
+
+// Two shards that could not be asked had both applied the commit: neither is a source for the
+// other's copy back, which comes from the shard that aborted.
+TEST(Trainer, AnUnsettledShardIsNoSourceForAnothersCopyBack) {
+  LostVerdictRig t(/*reached=*/2, /*verdict=*/true);
+  t.rig.fakes[0]->step_failures = 1000;
+  t.rig.fakes[1]->step_failures = 1000;
+  EXPECT_EQ(t.Step().status().code(), absl::StatusCode::kAborted);
+  t.rig.fakes[0]->step_failures = 0;
+  t.rig.fakes[1]->step_failures = 0;
+  const absl::Status settled = t.trainer.RetryConfirmations(t.rig.table);
+  EXPECT_TRUE(settled.ok()) << settled;
+  ASSERT_EQ(t.rig.fakes[0]->rollbacks.size(), 1u);
+  EXPECT_EQ(t.rig.fakes[0]->rollbacks[0].second, "shard2");
+  // shard1 is settled after shard0, which by then holds the weights from before the step.
+  ASSERT_EQ(t.rig.fakes[1]->rollbacks.size(), 1u);
+  EXPECT_EQ(t.rig.fakes[1]->rollbacks[0].second, "shard0");
+  EXPECT_TRUE(t.rig.fakes[0]->trained.empty());
+  EXPECT_TRUE(t.rig.fakes[1]->trained.empty());
+}
+
+// A replica that carries the aborted update itself (however it came by it) is no source for
+// giving it back: the copy would give nothing back. With no replica from before the step, the
+// shard stays unsettled and steps stay refused.
+TEST(Trainer, AReplicaThatCarriesTheUpdateIsNoSourceForGivingItBack) {
+  LostVerdictRig t(/*reached=*/1, /*verdict=*/true);
+  t.rig.fakes[0]->step_failures = 1000;
+  EXPECT_EQ(t.Step().status().code(), absl::StatusCode::kAborted);
+  t.rig.fakes[0]->step_failures = 0;
+  ASSERT_FALSE(t.rig.fakes[0]->trained.empty());
+  t.rig.fakes[1]->trained = t.rig.fakes[0]->trained;
+  t.rig.fakes[2]->trained = t.rig.fakes[0]->trained;
+  const absl::Status none = t.trainer.RetryConfirmations(t.rig.table);
+  EXPECT_EQ(none.code(), absl::StatusCode::kUnavailable) << none;
+  EXPECT_NE(none.message().find("no other replica can give its weights back"), std::string::npos)
+      << none;
+  EXPECT_TRUE(t.rig.fakes[0]->rollbacks.empty());
+  // shard2 gets its weights from before the step back; shard1 still carries the update.
+  t.rig.fakes[2]->trained.clear();
+  const absl::Status settled = t.trainer.RetryConfirmations(t.rig.table);
+  EXPECT_TRUE(settled.ok()) << settled;
+  ASSERT_EQ(t.rig.fakes[0]->rollbacks.size(), 1u);
+  EXPECT_EQ(t.rig.fakes[0]->rollbacks[0].second, "shard2");
+  EXPECT_TRUE(t.rig.fakes[0]->trained.empty()) << "an expert kept the aborted update";
+}
+
+// A switch not yet applied does not settle: its table may not list what the shard holds.
+TEST(Trainer, AnUnsettledAbortIsSettledAgainstTheLiveTableOnly) {
+  LostVerdictRig t(/*reached=*/1, /*verdict=*/true);
+  t.rig.fakes[0]->step_failures = 1000;
+  EXPECT_EQ(t.Step().status().code(), absl::StatusCode::kAborted);
+  t.rig.fakes[0]->step_failures = 0;
+  EXPECT_EQ(t.trainer.RetryConfirmations(t.rig.table, /*drop_absent=*/false).code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_TRUE(t.rig.fakes[0]->rollbacks.empty());
+  EXPECT_TRUE(t.trainer.RetryConfirmations(t.rig.table).ok());
+  EXPECT_EQ(t.rig.fakes[0]->rollbacks.size(), 1u);
 }
 
 }  // namespace

@@ -180,14 +180,26 @@ void GrpcShardClient::SetHealthy(bool healthy) {
   if (healthy_.exchange(healthy) != healthy && on_health_change_) on_health_change_(healthy);
 }
 
-absl::StatusOr<common::HealthState> GrpcShardClient::ProbeHealth() {
+absl::StatusOr<common::HealthState> GrpcShardClient::ProbeHealth(uint64_t* seq) {
+  *seq = ++probes_started_;
   return common::CheckHealth(channel_.get(),
                              std::max(health_interval_ * 2, absl::Milliseconds(500)));
 }
 
+bool GrpcShardClient::FreshLocked(uint64_t seq) {
+  if (seq < newest_applied_) return false;
+  newest_applied_ = seq;
+  return true;
+}
+
 void GrpcShardClient::CheckHealthNow() {
-  const auto h = ProbeHealth();
-  if (h.ok() && *h == common::HealthState::kServing) SetHealthy(true);
+  uint64_t seq = 0;
+  const auto h = ProbeHealth(&seq);
+  if (!h.ok()) return;
+  std::lock_guard<std::mutex> hl(health_mu_);
+  if (!FreshLocked(seq)) return;
+  answering_ = true;
+  if (*h == common::HealthState::kServing) SetHealthy(true);
 }
 
 void GrpcShardClient::HealthLoop() {
@@ -199,8 +211,14 @@ void GrpcShardClient::HealthLoop() {
   std::unique_lock<std::mutex> lock(mu_);
   while (!stopping_) {
     lock.unlock();
-    const auto h = ProbeHealth();
-    if (h.ok() && *h == common::HealthState::kServing) {
+    uint64_t seq = 0;
+    const auto h = ProbeHealth(&seq);
+    std::unique_lock<std::mutex> hl(health_mu_);
+    const bool fresh = FreshLocked(seq);
+    if (fresh && h.ok()) answering_ = true;
+    if (!fresh) {
+      // A check that started later was applied meanwhile: this answer is out of date.
+    } else if (h.ok() && *h == common::HealthState::kServing) {
       failures = 0;
       SetHealthy(true);
     } else if (h.ok() && *h == common::HealthState::kNotServing) {
@@ -212,8 +230,10 @@ void GrpcShardClient::HealthLoop() {
         stream_ = nullptr;
       }
     } else if (++failures >= 2) {
+      answering_ = false;
       SetHealthy(false);
     }
+    hl.unlock();
     lock.lock();
     stop_cv_.wait_for(lock, absl::ToChronoNanoseconds(health_interval_), [this] { return stopping_; });
   }
@@ -263,6 +283,37 @@ void GrpcShardClient::Dispatch(std::shared_ptr<const v1::DispatchRequest> reques
   wrapped(absl::UnavailableError(absl::StrCat("shard ", address_, " is not accepting batches")));
 }
 
+// A placement call's context, registered with the client while the call runs so that
+// CancelAdminCalls can end it. Registering and checking admin_cancelled_ under one lock leaves
+// no window for a call that starts during the cancellation (and TryCancel before the call
+// starts cancels it when it does).
+class GrpcShardClient::AdminCall {
+ public:
+  AdminCall(GrpcShardClient* client, absl::Duration timeout) : client_(client) {
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+    std::lock_guard<std::mutex> lock(client_->admin_mu_);
+    client_->admin_calls_.insert(&ctx);
+    if (client_->admin_cancelled_) ctx.TryCancel();
+  }
+  ~AdminCall() {
+    std::lock_guard<std::mutex> lock(client_->admin_mu_);
+    client_->admin_calls_.erase(&ctx);
+  }
+  AdminCall(const AdminCall&) = delete;
+  AdminCall& operator=(const AdminCall&) = delete;
+
+  grpc::ClientContext ctx;
+
+ private:
+  GrpcShardClient* client_;
+};
+
+void GrpcShardClient::CancelAdminCalls() {
+  std::lock_guard<std::mutex> lock(admin_mu_);
+  admin_cancelled_ = true;
+  for (grpc::ClientContext* ctx : admin_calls_) ctx->TryCancel();
+}
+
 namespace {
 
 // The RPC's answer, or its error naming the shard. Callers make the call in a statement of its
@@ -281,23 +332,39 @@ absl::StatusOr<v1::ShardStatus> GrpcShardClient::LoadExperts(const std::vector<i
                                                              uint64_t version,
                                                              const std::string& peer,
                                                              absl::Duration timeout) {
-  grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  return Load(experts, version, peer, /*replace_newer=*/false, timeout);
+}
+
+absl::StatusOr<v1::ShardStatus> GrpcShardClient::RollBackExperts(const std::vector<int>& experts,
+                                                                 uint64_t version,
+                                                                 const std::string& peer,
+                                                                 absl::Duration timeout) {
+  return Load(experts, version, peer, /*replace_newer=*/true, timeout);
+}
+
+absl::StatusOr<v1::ShardStatus> GrpcShardClient::Load(const std::vector<int>& experts,
+                                                      uint64_t version, const std::string& peer,
+                                                      bool replace_newer,
+                                                      absl::Duration timeout) {
+  AdminCall call(this, timeout);
+  grpc::ClientContext& ctx = call.ctx;
   v1::LoadExpertsRequest req;
   for (int e : experts) req.add_experts(e);
   req.set_placement_version(version);
   req.set_source_peer(peer);
   req.set_wait(true);
+  req.set_replace_newer(replace_newer);
   v1::ShardStatus status;
   const grpc::Status st = stub_->LoadExperts(&ctx, req, &status);
-  return Result(st, std::move(status), address_, "loading experts");
+  return Result(st, std::move(status), address_,
+                replace_newer ? "giving back an update" : "loading experts");
 }
 
 absl::StatusOr<v1::ShardStatus> GrpcShardClient::UnloadExperts(const std::vector<int>& experts,
                                                                uint64_t version,
                                                                absl::Duration timeout) {
-  grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  AdminCall call(this, timeout);
+  grpc::ClientContext& ctx = call.ctx;
   v1::UnloadExpertsRequest req;
   for (int e : experts) req.add_experts(e);
   req.set_placement_version(version);
@@ -307,8 +374,8 @@ absl::StatusOr<v1::ShardStatus> GrpcShardClient::UnloadExperts(const std::vector
 }
 
 absl::StatusOr<v1::ShardStatus> GrpcShardClient::GetStatus(absl::Duration timeout) {
-  grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  AdminCall call(this, timeout);
+  grpc::ClientContext& ctx = call.ctx;
   v1::ShardStatus status;
   const grpc::Status st = stub_->GetStatus(&ctx, v1::GetShardStatusRequest(), &status);
   return Result(st, std::move(status), address_, "status");
@@ -356,8 +423,8 @@ absl::StatusOr<v1::StepOutcome::State> GrpcShardClient::GetStep(uint64_t step,
 }
 
 absl::StatusOr<std::string> GrpcShardClient::ExportExpert(int expert, absl::Duration timeout) {
-  grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  AdminCall call(this, timeout);
+  grpc::ClientContext& ctx = call.ctx;
   v1::ExportExpertRequest req;
   req.set_expert(expert);
   auto reader = stub_->ExportExpert(&ctx, req);

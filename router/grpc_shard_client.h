@@ -33,12 +33,16 @@ class GrpcShardClient final : public ShardClient {
   void Dispatch(std::shared_ptr<const v1::DispatchRequest> request, int64_t rows,
                 DispatchDone done) override;
   bool healthy() const override { return healthy_.load(); }
+  bool answering() const override { return answering_.load(); }
   void CheckHealthNow() override;
   int64_t outstanding_rows() const override { return outstanding_rows_.load(); }
   const std::string& address() const override { return address_; }
   absl::StatusOr<v1::ShardStatus> LoadExperts(const std::vector<int>& experts, uint64_t version,
                                               const std::string& peer,
                                               absl::Duration timeout) override;
+  absl::StatusOr<v1::ShardStatus> RollBackExperts(const std::vector<int>& experts,
+                                                  uint64_t version, const std::string& peer,
+                                                  absl::Duration timeout) override;
   absl::StatusOr<v1::ShardStatus> UnloadExperts(const std::vector<int>& experts,
                                                 uint64_t version,
                                                 absl::Duration timeout) override;
@@ -49,16 +53,26 @@ class GrpcShardClient final : public ShardClient {
                           absl::Duration timeout) override;
   absl::StatusOr<v1::StepOutcome::State> GetStep(uint64_t step, absl::Duration timeout) override;
   absl::StatusOr<std::string> ExportExpert(int expert, absl::Duration timeout) override;
+  void CancelAdminCalls() override;
 
   class Stream;
+  class AdminCall;
 
  private:
   friend class Stream;
+  absl::StatusOr<v1::ShardStatus> Load(const std::vector<int>& experts, uint64_t version,
+                                       const std::string& peer, bool replace_newer,
+                                       absl::Duration timeout);
   void SetHealthy(bool healthy);
   void StreamEnded(Stream* stream, const grpc::Status& status);
   void StreamReleased();  // the stream's object (and its hold on the channel) is gone
   void HealthLoop();
-  absl::StatusOr<common::HealthState> ProbeHealth();
+  // One health check, numbered in `*seq` in the order the checks start.
+  absl::StatusOr<common::HealthState> ProbeHealth(uint64_t* seq);
+  // Whether check `seq` may be applied (health_mu_ held): no check that started later has been
+  // applied. An older answer (NOT_SERVING, read before the shard's first load ended) must not
+  // undo a newer one (SERVING, read by CheckHealthNow once the load had ended).
+  bool FreshLocked(uint64_t seq);
 
   const std::string address_;
   std::shared_ptr<grpc::Channel> channel_;
@@ -67,6 +81,10 @@ class GrpcShardClient final : public ShardClient {
   const absl::Duration health_interval_;
 
   std::atomic<bool> healthy_{false};
+  std::atomic<bool> answering_{false};
+  std::atomic<uint64_t> probes_started_{0};
+  std::mutex health_mu_;          // applies one check's answer at a time; before mu_
+  uint64_t newest_applied_ = 0;  // health_mu_
   std::atomic<int64_t> outstanding_rows_{0};
 
   std::mutex mu_;
@@ -77,6 +95,10 @@ class GrpcShardClient final : public ShardClient {
   bool stopping_ = false;
   std::condition_variable stop_cv_;
   std::thread health_thread_;
+
+  std::mutex admin_mu_;
+  std::set<grpc::ClientContext*> admin_calls_;  // placement calls in progress
+  bool admin_cancelled_ = false;
 };
 
 }  // namespace moe::router

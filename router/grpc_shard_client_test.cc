@@ -1,14 +1,28 @@
 // GrpcShardClient against a real shard server in this process: the control calls return the
-// shard's own answer.
+// shard's own answer. And against a shard whose loads never end: the router's shutdown cancels
+// them instead of waiting for their deadline.
 
 #include "router/grpc_shard_client.h"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
 #include <map>
+#include <optional>
+#include <set>
+#include <thread>
 
+#include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include "expert_server/expert_ffn.h"
 #include "expert_server/shard_server.h"
+#include "expert_server/state_dir.h"
+#include "moe/v1/expert_shard.grpc.pb.h"
+#include "moe/v1/router.grpc.pb.h"
+#include "router/router_server.h"
 #include "services/common/random_checkpoint.h"
 #include "tests/reference/test_util.h"
 
@@ -17,6 +31,23 @@ namespace {
 
 constexpr common::ModelConfig kConfig{.num_experts = 4, .d_model = 16, .d_ff = 32, .top_k = 2,
                                       .activation = common::Activation::kSilu, .gated = true};
+
+// Polls `done` every 5 ms for up to 30 s; returns its last value.
+template <typename Done>
+bool Eventually(Done done) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!done() && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return done();
+}
+
+// Waits (up to 30 s) until the client's health checks reach the shard: its channel is connected.
+// A call made before may fail on the cluster's 100 ms connection timeout on a loaded machine
+// (the router's callers retry; these tests make one call).
+bool WaitAnswering(const GrpcShardClient& client) {
+  return Eventually([&] { return client.answering(); });
+}
 
 // expert -> state name, from a shard's status.
 std::map<int, std::string> States(const v1::ShardStatus& s) {
@@ -40,6 +71,7 @@ TEST(GrpcShardClient, LoadUnloadAndStatusReturnTheShardsAnswer) {
   auto server = expert::ShardServer::Start(o);
   ASSERT_TRUE(server.ok()) << server.status();
   GrpcShardClient client((*server)->address(), common::RpcLimits{});
+  ASSERT_TRUE(WaitAnswering(client));
 
   absl::StatusOr<v1::ShardStatus> loaded = client.LoadExperts({0, 2}, 1, "", absl::Seconds(30));
   ASSERT_TRUE(loaded.ok()) << loaded.status();
@@ -66,6 +98,303 @@ TEST(GrpcShardClient, LoadUnloadAndStatusReturnTheShardsAnswer) {
   EXPECT_NE(stale.status().message().find("older than the shard's version"), std::string::npos)
       << stale.status();
   (*server)->Shutdown();
+}
+
+// A shard whose LoadExperts never answers on its own (a load stuck on a slow disk or a stalled
+// peer): it returns only when the caller cancels, or after a minute.
+class StuckLoadShard final : public v1::ExpertShard::Service {
+ public:
+  grpc::Status LoadExperts(grpc::ServerContext* ctx, const v1::LoadExpertsRequest*,
+                           v1::ShardStatus*) override {
+    ++entered;
+    const auto until = std::chrono::steady_clock::now() + std::chrono::minutes(1);
+    while (!ctx->IsCancelled() && std::chrono::steady_clock::now() < until) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "stuck load gave up");
+  }
+  std::atomic<int> entered{0};
+};
+
+struct StuckShardServer {
+  StuckShardServer() {
+    grpc::EnableDefaultHealthCheckService(true);
+    grpc::ServerBuilder b;
+    b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    b.RegisterService(&service);
+    server = b.BuildAndStart();
+  }
+  ~StuckShardServer() { server->Shutdown(std::chrono::system_clock::now()); }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port); }
+  bool WaitEntered(int n) {
+    return Eventually([&] { return service.entered.load() >= n; });
+  }
+  StuckLoadShard service;
+  int port = 0;
+  std::unique_ptr<grpc::Server> server;
+};
+
+double SecondsSince(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+TEST(GrpcShardClient, CancelAdminCallsEndsALoadInProgressAndRefusesTheNext) {
+  StuckShardServer shard;
+  ASSERT_NE(shard.server, nullptr);
+  GrpcShardClient client(shard.address(), common::RpcLimits{});
+  ASSERT_TRUE(WaitAnswering(client));
+  absl::Status loaded;
+  std::chrono::steady_clock::time_point cancelled_at;
+  std::thread t([&] { loaded = client.LoadExperts({0}, 1, "", absl::Minutes(5)).status(); });
+  const bool entered = shard.WaitEntered(1);
+  cancelled_at = std::chrono::steady_clock::now();
+  client.CancelAdminCalls();
+  t.join();  // also when the load never reached the shard: the cancel ends it either way
+  ASSERT_TRUE(entered) << "the load never reached the shard";
+  EXPECT_LT(SecondsSince(cancelled_at), 2.0);
+  EXPECT_EQ(loaded.code(), absl::StatusCode::kCancelled) << loaded;
+  EXPECT_NE(loaded.message().find(shard.address()), std::string::npos) << loaded;
+  // Every later placement call fails at once, and the shard never sees it.
+  const auto again = std::chrono::steady_clock::now();
+  EXPECT_EQ(client.LoadExperts({1}, 2, "", absl::Minutes(5)).status().code(),
+            absl::StatusCode::kCancelled);
+  EXPECT_EQ(client.GetStatus(absl::Minutes(5)).status().code(), absl::StatusCode::kCancelled);
+  EXPECT_LT(SecondsSince(again), 1.0);
+  EXPECT_EQ(shard.service.entered.load(), 1);
+}
+
+// The router's control loop is inside its first placement, loading on a shard that never
+// answers: the router's shutdown ends that load and returns in moments, not after the load's
+// five-minute deadline.
+TEST(RouterShutdown, DoesNotWaitForAnExpertLoadInProgress) {
+  const std::string path = ::moe::testing::TempPath("router_shutdown_test.safetensors");
+  ASSERT_TRUE(
+      common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
+  StuckShardServer shard;
+  ASSERT_NE(shard.server, nullptr);
+  RouterServerOptions o;
+  o.checkpoint = path;
+  o.shards = {shard.address()};
+  o.strategy = Strategy::kReplicated;
+  auto router = RouterServer::Start(o);
+  ASSERT_TRUE(router.ok()) << router.status();
+  ASSERT_TRUE(shard.WaitEntered(1)) << "the router never asked the shard to load";
+  const auto start = std::chrono::steady_clock::now();
+  (*router)->Shutdown(absl::Milliseconds(100));
+  EXPECT_LT(SecondsSince(start), 3.0);
+}
+
+struct RouterWithShards {
+  std::vector<std::unique_ptr<expert::ShardServer>> shards;
+  std::unique_ptr<RouterServer> router;  // null when something failed to start
+};
+
+// Shards in this process (one per entry of `shard_options`, whose checkpoint is set here) and
+// a router over them, started together; returns once the router's first placement is live.
+RouterWithShards StartRouterWithShards(const std::string& checkpoint, Strategy strategy,
+                                       std::vector<expert::ShardServerOptions> shard_options) {
+  RouterWithShards c;
+  RouterServerOptions o;
+  o.checkpoint = checkpoint;
+  o.strategy = strategy;
+  for (expert::ShardServerOptions& so : shard_options) {
+    so.checkpoint = checkpoint;
+    auto s = expert::ShardServer::Start(so);
+    EXPECT_TRUE(s.ok()) << s.status();
+    if (!s.ok()) return c;
+    o.shards.push_back((*s)->address());
+    c.shards.push_back(*std::move(s));
+  }
+  auto router = RouterServer::Start(o);
+  EXPECT_TRUE(router.ok()) << router.status();
+  if (!router.ok()) return c;
+  const absl::Status ready = (*router)->WaitUntilReady(absl::Seconds(60));
+  EXPECT_TRUE(ready.ok()) << ready;
+  if (ready.ok()) c.router = *std::move(router);
+  return c;
+}
+
+// Options for a shard that starts with `initial` experts (nullopt: every expert).
+expert::ShardServerOptions Starting(std::optional<std::vector<int>> initial) {
+  expert::ShardServerOptions so;
+  so.initial_experts = std::move(initial);
+  return so;
+}
+
+// The experts a shard has READY.
+std::set<int> ReadyExperts(expert::ShardServer& shard) {
+  std::set<int> out;
+  for (const expert::ExpertInfo& x : shard.store().Snapshot()) {
+    if (x.state == expert::ExpertState::kReady) out.insert(x.expert);
+  }
+  return out;
+}
+
+// A router that starts while its shards still load every expert (`--experts all`, what a
+// Kubernetes deployment runs) unloads from each what its placement does not put there. Until
+// 2026-12-01 a shard caught loading kept every expert for the router's lifetime.
+TEST(RouterFirstPlacement, UnloadsWhatShardsThatWereStillLoadingDoNotNeed) {
+  common::ModelConfig c = kConfig;
+  c.num_experts = 8;
+  c.d_model = 256;
+  c.d_ff = 1024;  // 3 MiB an expert: the shards are still loading when the router reads them
+  const std::string path = ::moe::testing::TempPath("first_placement_test.safetensors");
+  ASSERT_TRUE(common::SaveCheckpoint(path, common::MakeRandomCheckpoint({c, false, 5})).ok());
+  // initial_experts unset: every expert
+  RouterWithShards cluster =
+      StartRouterWithShards(path, Strategy::kSharded,
+                            {Starting(std::nullopt), Starting(std::nullopt)});
+  ASSERT_NE(cluster.router, nullptr);
+  auto& shards = cluster.shards;
+  auto& router = cluster.router;
+  const std::set<int> want[2] = {{0, 1, 2, 3}, {4, 5, 6, 7}};
+  // The unloads follow the switch: wait for them.
+  Eventually([&] {
+    return ReadyExperts(*shards[0]) == want[0] && ReadyExperts(*shards[1]) == want[1];
+  });
+  EXPECT_EQ(ReadyExperts(*shards[0]), want[0]);
+  EXPECT_EQ(ReadyExperts(*shards[1]), want[1]);
+  router->Shutdown(absl::Milliseconds(100));
+  for (auto& s : shards) s->Shutdown(absl::Milliseconds(100));
+  std::remove(path.c_str());
+}
+
+// A router that starts while a shard still reads a trained expert back from its --state-dir
+// waits for it: the first placement then copies that expert, with its training, to where it
+// places it. Until 2026-12-01 the shard counted as holding nothing while it loaded, so the
+// expert was read from the checkpoint on its new shard and its training lost without a word.
+TEST(RouterFirstPlacement, ATrainedExpertStillBeingReadBackKeepsItsTraining) {
+  common::ModelConfig c = kConfig;
+  c.num_experts = 8;
+  c.d_model = 256;
+  c.d_ff = 1024;  // 3 MiB an expert: shard 0 is still loading when the router reads it
+  const common::Checkpoint ck = common::MakeRandomCheckpoint({c, false, 5});
+  const std::string path = ::moe::testing::TempPath("first_placement_state.safetensors");
+  ASSERT_TRUE(common::SaveCheckpoint(path, ck).ok());
+  const std::string dir = ::moe::testing::TempPath("first_placement_state_dir");
+  std::filesystem::remove_all(dir);
+  common::ExpertWeights trained = ck.experts[7];
+  trained.w1[0] += 1.f;  // expert 7 as training left it, at step 5, on shard 0 only
+  {
+    auto state = expert::StateDir::Open(
+        dir, c, [&ck](int e) { return absl::StatusOr<common::ExpertWeights>(ck.experts[e]); });
+    ASSERT_TRUE(state.ok()) << state.status();
+    auto h = std::make_shared<expert::ExpertHandle>();
+    h->id = 7;
+    auto ffn = expert::ExpertFfn::Create(c, trained);
+    ASSERT_TRUE(ffn.ok()) << ffn.status();
+    h->ffn = *std::move(ffn);
+    h->trained_step = 5;
+    (*state)->Save(h);
+    (*state)->Flush();
+  }
+  expert::ShardServerOptions reading = Starting(std::nullopt);  // every expert
+  reading.state_dir = dir;                                      // 7 from the state dir
+  // Sharded: expert 7 goes to shard 1.
+  RouterWithShards cluster = StartRouterWithShards(path, Strategy::kSharded,
+                                                   {reading, Starting(std::vector<int>{})});
+  ASSERT_NE(cluster.router, nullptr);
+  auto& shards = cluster.shards;
+  auto& router = cluster.router;
+  std::shared_ptr<expert::ExpertHandle> moved = shards[1]->store().Find(7);
+  ASSERT_NE(moved, nullptr) << "expert 7 is not on shard 1";
+  EXPECT_EQ(moved->trained_step, 5u) << "expert 7 lost its training";
+  EXPECT_EQ(moved->ffn->weights().w1, trained.w1);
+  router->Shutdown(absl::Milliseconds(100));
+  for (auto& sh : shards) sh->Shutdown(absl::Milliseconds(100));
+  std::remove(path.c_str());
+  std::filesystem::remove_all(dir);
+}
+
+// A shard that has seen a later placement version (under a router before this one) refuses
+// this router's loads; the switch that was refused numbers the next one past the shard's
+// version, instead of counting up to it one refused switch (a second) at a time.
+TEST(RouterPlacementVersion, AShardAheadOfTheRouterIsCaughtUpWithAfterOneRefusal) {
+  const std::string path = ::moe::testing::TempPath("placement_version_test.safetensors");
+  ASSERT_TRUE(
+      common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
+  // 4 experts: {0, 1} on shard 0, {2, 3} on shard 1
+  RouterWithShards cluster = StartRouterWithShards(
+      path, Strategy::kSharded, {Starting(std::vector<int>{}), Starting(std::vector<int>{})});
+  ASSERT_NE(cluster.router, nullptr);
+  auto& shards = cluster.shards;
+  auto& router = cluster.router;
+  // Another router's placement reaches shard 1 at version 50.
+  ASSERT_TRUE(shards[1]->store().Unload({}, 50).ok());
+  auto stub = v1::Router::NewStub(
+      grpc::CreateChannel(router->address(), grpc::InsecureChannelCredentials()));
+  auto replicate = [&](v1::Placement* p) {
+    grpc::ClientContext ctx;
+    v1::RebalanceRequest req;
+    req.set_strategy("replicated");  // loads experts 0 and 1 on shard 1
+    return stub->Rebalance(&ctx, req, p);
+  };
+  v1::Placement p;
+  const grpc::Status refused = replicate(&p);
+  EXPECT_EQ(refused.error_code(), grpc::FAILED_PRECONDITION) << refused.error_message();
+  EXPECT_NE(refused.error_message().find("older than the shard's version 50"), std::string::npos)
+      << refused.error_message();
+  const grpc::Status applied = replicate(&p);
+  ASSERT_TRUE(applied.ok()) << applied.error_message();
+  EXPECT_GT(p.version(), 50u);
+  EXPECT_TRUE(p.applied());
+  router->Shutdown(absl::Milliseconds(100));
+  for (auto& s : shards) s->Shutdown(absl::Milliseconds(100));
+  std::remove(path.c_str());
+}
+
+
+// SIGTERM with a long grace period (Kubernetes gives 25 s) while clients hold InferStreams open:
+// a stream idle between requests ends at once with UNAVAILABLE, a stream with a request in
+// flight gets its answer and then UNAVAILABLE, and the router is gone in moments instead of
+// holding on for the whole grace period (until 2026-12-01 it waited for the clients to hang up).
+TEST(RouterShutdown, EndsOpenStreamsOnceTheyHaveAnsweredWhatTheyHold) {
+  const std::string path = ::moe::testing::TempPath("router_stream_shutdown_test.safetensors");
+  ASSERT_TRUE(
+      common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
+  expert::ShardServerOptions slow = Starting(std::nullopt);
+  slow.pool.batch_delay = absl::Seconds(1);  // a request stays in flight for a second
+  RouterWithShards cluster = StartRouterWithShards(path, Strategy::kReplicated, {slow});
+  ASSERT_NE(cluster.router, nullptr);
+  auto stub = v1::Router::NewStub(
+      grpc::CreateChannel(cluster.router->address(), grpc::InsecureChannelCredentials()));
+  v1::InferRequest req;
+  common::EncodeTensor(common::RandomMatrix(3, kConfig.d_model, 7), {3, kConfig.d_model},
+                       common::WireType::kFloat32, req.mutable_tokens());
+  // Stream A answers one request, then sits idle.
+  grpc::ClientContext idle_ctx;
+  auto idle = stub->InferStream(&idle_ctx);
+  ASSERT_TRUE(idle->Write(req));
+  v1::InferResponse first;
+  ASSERT_TRUE(idle->Read(&first));
+  ASSERT_EQ(first.code(), 0) << first.message();
+  // Stream B has the same request in flight (held by the shard's batch delay) at shutdown.
+  grpc::ClientContext busy_ctx;
+  auto busy = stub->InferStream(&busy_ctx);
+  ASSERT_TRUE(busy->Write(req));
+  // In flight once the shard holds it (for its batch delay of a second).
+  ASSERT_TRUE(Eventually([&] { return cluster.shards[0]->pool().queued_batches() > 0; }))
+      << "the request never reached the shard";
+  const auto start = std::chrono::steady_clock::now();
+  std::thread stop([&] { cluster.router->Shutdown(absl::Seconds(30)); });
+  const grpc::Status idle_end = idle->Finish();
+  EXPECT_EQ(idle_end.error_code(), grpc::UNAVAILABLE) << idle_end.error_message();
+  EXPECT_NE(idle_end.error_message().find("router is shutting down"), std::string::npos)
+      << idle_end.error_message();
+  v1::InferResponse answer;
+  const bool answered = busy->Read(&answer);  // EXPECT, not ASSERT: `stop` must be joined
+  EXPECT_TRUE(answered) << "the request in flight was not answered";
+  EXPECT_EQ(answer.code(), 0) << answer.message();
+  EXPECT_EQ(answer.output().data(), first.output().data());  // the same tokens, the same answer
+  if (answered) {
+    EXPECT_FALSE(busy->Read(&answer));
+  }
+  const grpc::Status busy_end = busy->Finish();
+  EXPECT_EQ(busy_end.error_code(), grpc::UNAVAILABLE) << busy_end.error_message();
+  stop.join();
+  EXPECT_LT(SecondsSince(start), 10.0) << "the router waited for its open streams' grace period";
+  for (auto& s : cluster.shards) s->Shutdown(absl::Milliseconds(100));
+  std::remove(path.c_str());
 }
 
 }  // namespace

@@ -45,16 +45,18 @@ namespace {
 
 int CeilDiv(int a, int b) { return (a + b - 1) / b; }
 
-void Dynamic(Placement* p, int E, int S, const std::vector<double>& raw, int slots) {
+// `usable[s]`: whether shard s may hold replicas; U of the S shards are (U >= 1).
+void Dynamic(Placement* p, int E, int S, const std::vector<double>& raw, int slots,
+             const std::vector<bool>& usable, int U) {
   std::vector<double> load(raw.begin(), raw.end());
   const double total = std::accumulate(load.begin(), load.end(), 0.0);
   if (total <= 0) std::fill(load.begin(), load.end(), 1.0);
   const double sum = std::accumulate(load.begin(), load.end(), 0.0);
-  const int budget = std::max(slots * S, E);
-  // Replica counts proportional to load, at least 1 and at most S each.
+  const int budget = std::max(slots * U, E);
+  // Replica counts proportional to load, at least 1 and at most U each.
   std::vector<int> count(E);
   for (int e = 0; e < E; ++e) {
-    count[e] = std::clamp(static_cast<int>(std::lround(load[e] / sum * budget)), 1, S);
+    count[e] = std::clamp(static_cast<int>(std::lround(load[e] / sum * budget)), 1, U);
   }
   int used = std::accumulate(count.begin(), count.end(), 0);
   while (used > budget) {
@@ -80,11 +82,11 @@ void Dynamic(Placement* p, int E, int S, const std::vector<double>& raw, int slo
                    [](const Rep& a, const Rep& b) { return a.load > b.load; });
   std::vector<double> shard_load(S, 0.0);
   std::vector<int> shard_slots(S, 0);
-  const int cap = std::max(slots, CeilDiv(E, S));
+  const int cap = std::max(slots, CeilDiv(E, U));
   for (const Rep& rep : reps) {
     int best = -1;
     for (int s = 0; s < S; ++s) {
-      if (p->Holds(s, rep.expert)) continue;
+      if (!usable[s] || p->Holds(s, rep.expert)) continue;
       const bool room = shard_slots[s] < cap;
       if (best < 0) {
         best = s;
@@ -109,11 +111,14 @@ void Dynamic(Placement* p, int E, int S, const std::vector<double>& raw, int slo
 
 absl::StatusOr<Placement> ComputePlacement(Strategy strategy, int E, int S,
                                            const std::vector<double>& load,
-                                           int slots_per_shard) {
+                                           int slots_per_shard, const std::vector<bool>& usable) {
   if (E < 1) return absl::InvalidArgumentError("placement needs at least one expert");
   if (S < 1) return absl::UnavailableError("placement needs at least one shard");
   if (static_cast<int>(load.size()) != E) {
     return absl::InvalidArgumentError("placement: one load value per expert is needed");
+  }
+  if (!usable.empty() && static_cast<int>(usable.size()) != S) {
+    return absl::InvalidArgumentError("placement: one usable flag per shard is needed");
   }
   Placement p;
   p.strategy = strategy;
@@ -138,8 +143,18 @@ absl::StatusOr<Placement> ComputePlacement(Strategy strategy, int E, int S,
       break;
     }
     case Strategy::kDynamic:
-      Dynamic(&p, E, S, load, slots_per_shard > 0 ? slots_per_shard : CeilDiv(5 * E, 4 * S));
+    {
+      // With no shard usable (all down), place as if all were: nothing better is known.
+      std::vector<bool> use = usable;
+      int U = static_cast<int>(std::count(use.begin(), use.end(), true));
+      if (use.empty() || U == 0) {
+        use.assign(S, true);
+        U = S;
+      }
+      Dynamic(&p, E, S, load, slots_per_shard > 0 ? slots_per_shard : CeilDiv(5 * E, 4 * U), use,
+              U);
       break;
+    }
   }
   return p;
 }

@@ -36,10 +36,14 @@ struct Placement {
 
 // `slots_per_shard` bounds how many experts one shard may host under `dynamic`; 0 picks
 // ceil(5 E / 4 S): one replica of every expert and a quarter more for the hot ones. `load` is
-// per-expert tokens per batch (any scale; all zero means uniform).
+// per-expert tokens per batch (any scale; all zero means uniform). `usable` (empty: every
+// shard) marks the shards `dynamic` may place on: those in rotation, so that a rebalance never
+// moves load onto a shard that is down, and moves it off one. The fixed strategies ignore it.
+// ceil(5 E / 4 S) then counts the usable shards only.
 absl::StatusOr<Placement> ComputePlacement(Strategy strategy, int num_experts, int num_shards,
                                            const std::vector<double>& load,
-                                           int slots_per_shard = 0);
+                                           int slots_per_shard = 0,
+                                           const std::vector<bool>& usable = {});
 
 // Expected load per shard when each expert's load is split evenly over its replicas.
 std::vector<double> ShardLoads(const Placement& p, const std::vector<double>& load);

@@ -91,6 +91,42 @@ TEST(Placement, DynamicWithNoLoadIsStillComplete) {
   for (const auto& r : p->replicas) EXPECT_FALSE(r.empty());
 }
 
+// A shard out of rotation gets no replica from dynamic placement: every expert lands on the
+// shards in rotation, within the slot budget they have between them.
+TEST(Placement, DynamicPlacesNothingOnShardsOutOfRotation) {
+  std::vector<double> load(16);
+  for (int e = 0; e < 16; ++e) load[e] = 100.0 / (e + 1);
+  const std::vector<bool> usable = {true, false, true, true};
+  auto p = ComputePlacement(Strategy::kDynamic, 16, 4, load, 7, usable);
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->num_shards, 4);
+  EXPECT_TRUE(p->ExpertsOn(1).empty());
+  int total = 0;
+  for (int e = 0; e < 16; ++e) {
+    EXPECT_GE(p->replicas[e].size(), 1u) << e;
+    EXPECT_LE(p->replicas[e].size(), 3u) << e;
+    total += static_cast<int>(p->replicas[e].size());
+  }
+  EXPECT_LE(total, 3 * 7);
+  for (int s : {0, 2, 3}) EXPECT_LE(p->ExpertsOn(s).size(), 7u) << s;
+  EXPECT_GT(p->replicas[0].size(), 1u);  // the hot expert is still replicated
+  // The default budget counts the usable shards: ceil(5 * 16 / (4 * 3)) = 7 each.
+  auto d = ComputePlacement(Strategy::kDynamic, 16, 4, load, 0, usable);
+  ASSERT_TRUE(d.ok());
+  EXPECT_TRUE(d->ExpertsOn(1).empty());
+  for (int s : {0, 2, 3}) EXPECT_LE(d->ExpertsOn(s).size(), 7u) << s;
+  // No shard usable: placed over all of them (nothing better is known); the fixed strategies
+  // ignore the flags; a wrong number of flags is refused.
+  auto none = ComputePlacement(Strategy::kDynamic, 16, 4, load, 0, {false, false, false, false});
+  ASSERT_TRUE(none.ok());
+  for (int s = 0; s < 4; ++s) EXPECT_FALSE(none->ExpertsOn(s).empty()) << s;
+  auto sharded = ComputePlacement(Strategy::kSharded, 16, 4, load, 0, usable);
+  ASSERT_TRUE(sharded.ok());
+  EXPECT_EQ(sharded->ExpertsOn(1), (std::vector<int>{4, 5, 6, 7}));
+  EXPECT_EQ(ComputePlacement(Strategy::kDynamic, 16, 4, load, 0, {true}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(Placement, ImbalanceAndErrors) {
   auto p = ComputePlacement(Strategy::kSharded, 4, 2, Uniform(4));
   EXPECT_DOUBLE_EQ(Imbalance(*p, {1, 1, 1, 1}), 0.0);

@@ -32,7 +32,8 @@ usage: moe-router --checkpoint PATH (--shards HOST:PORT[,...] | --coordinator HO
   --overflow drop|spill      what happens past capacity (default drop)
   --threads N                request worker threads (default 16)
   --dynamic-slots N          experts per shard under dynamic placement (default ceil(5E/4S))
-  --imbalance-threshold X    dynamic: rebalance when max/mean - 1 of shard load exceeds X (0.2)
+  --imbalance-threshold X    dynamic: rebalance when max/mean - 1 of shard load exceeds X
+                             (default 0.2)
   --rebalance-cooldown-s N   dynamic: at least N seconds between rebalances (default 5)
   --max-batch-tokens N       tokens one request may carry (default 8192)
   --max-inflight-requests N  Infer requests answered at once; more get RESOURCE_EXHAUSTED
@@ -43,6 +44,11 @@ usage: moe-router --checkpoint PATH (--shards HOST:PORT[,...] | --coordinator HO
   --allreduce-wire fp32|bf16 gradient format on the replicas' ring all-reduce (default fp32;
                              bf16 halves the bytes and rounds the summed gradients to BF16)
   --timeout-s N              deadline for requests that come without one (default 30)
+  --shutdown-grace-s N       on SIGTERM or SIGINT: NOT_SERVING at once, no new calls, and up
+                             to N seconds for the calls in flight to finish; those still
+                             running then end UNAVAILABLE. An open InferStream reads no more
+                             requests and ends UNAVAILABLE once it has answered what it read
+                             (default 0.5)
   --coordinator HOST:PORT    moe-coordinator, needed for TrainStep
   --auth-token-file F        require "authorization: Bearer <token in F>" on every Router call
   --tls-cert F --tls-key F   serve TLS (and present this certificate to shards)
@@ -61,6 +67,7 @@ absl::Status Run(int argc, char** argv) {
                              {"max-inflight-requests", true},
                              {"min-split-rows", true},
                              {"wire", true}, {"allreduce-wire", true}, {"timeout-s", true},
+                             {"shutdown-grace-s", true},
                              {"coordinator", true}, {"auth-token-file", true}})));
   moe::router::RouterServerOptions o;
   ASSIGN_OR_RETURN(o.checkpoint, f.Require("checkpoint"));
@@ -99,6 +106,7 @@ absl::Status Run(int argc, char** argv) {
                    f.GetInt("max-inflight-requests", o.max_inflight_requests));
   ASSIGN_OR_RETURN(o.min_split_rows, f.GetInt("min-split-rows", o.min_split_rows));
   ASSIGN_OR_RETURN(double timeout, f.GetDouble("timeout-s", 30));
+  ASSIGN_OR_RETURN(double grace, f.GetDouble("shutdown-grace-s", 0.5));
   // --wire and --allreduce-wire: fp32 (the default) or bf16; true for bf16.
   auto bf16_flag = [&f](const char* name) -> absl::StatusOr<bool> {
     const std::string v = f.Get(name, "fp32");
@@ -110,10 +118,11 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(const bool bf16_rows, bf16_flag("wire"));
   ASSIGN_OR_RETURN(o.bf16_allreduce, bf16_flag("allreduce-wire"));
   if (threads < 1 || slots < 0 || o.max_batch_tokens < 1 || o.min_split_rows < 1 || timeout <= 0 ||
-      cooldown < 0 || o.max_inflight_requests < 1) {
+      cooldown < 0 || o.max_inflight_requests < 1 || grace < 0) {
     return absl::InvalidArgumentError(
         "--threads, --max-batch-tokens, --max-inflight-requests, --min-split-rows and "
-        "--timeout-s must be positive, --dynamic-slots and --rebalance-cooldown-s not negative");
+        "--timeout-s must be positive, --dynamic-slots, --rebalance-cooldown-s and "
+        "--shutdown-grace-s not negative");
   }
   o.worker_threads = static_cast<int>(threads);
   o.dynamic_slots_per_shard = static_cast<int>(slots);
@@ -130,7 +139,7 @@ absl::Status Run(int argc, char** argv) {
                                      : "");
   std::fflush(stdout);
   moe::common::ServeUntilSignal(
-      "moe-router", [&] { server->Shutdown(absl::Milliseconds(500)); }, [&] { server->Wait(); });
+      "moe-router", [&] { server->Shutdown(absl::Seconds(grace)); }, [&] { server->Wait(); });
   return absl::OkStatus();
 }
 

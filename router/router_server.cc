@@ -48,6 +48,11 @@ bool SameBits(const common::ExpertWeights& a, const common::ExpertWeights& b) {
          same(a.b2, b.b2) && same(a.b3, b.b3);
 }
 
+// Threads for training, save and rebalance calls (Impl::admin_pool). Steps run one at a time
+// and switches one at a time, so a few threads are enough to keep any one kind from waiting
+// behind another.
+constexpr int kAdminThreads = 4;
+
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }
@@ -57,6 +62,8 @@ std::string CodeName(absl::StatusCode code) {
 }
 
 }  // namespace
+
+struct InferStreamCore;
 
 class RouterServer::Impl final : public v1::Router::CallbackService {
  public:
@@ -92,6 +99,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::unique_ptr<Dispatcher> dispatcher;
   std::unique_ptr<LoadStats> load_stats;
   std::unique_ptr<common::ThreadPool> pool;
+  // Training, saves and rebalances: calls that block for seconds (a step waits for the
+  // coordinator, a switch for expert loads). Their own threads, so that however many of them
+  // wait, inference never queues behind them on `pool`.
+  std::unique_ptr<common::ThreadPool> admin_pool;
   std::unique_ptr<grpc::Server> server;
   std::unique_ptr<common::MetricsEndpoint> metrics_endpoint;
   int port = 0;
@@ -109,6 +120,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::mutex control_mu;
   std::condition_variable control_cv;
   bool stopping = false;
+  // Set once shutdown has begun: a switch then stops waiting for requests on the old table.
+  std::atomic<bool> shutting_down{false};
   std::thread control;
   std::once_flag shutdown_once;
 
@@ -118,6 +131,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     std::lock_guard<std::mutex> lock(table_mu);
     return table;
   }
+
+  // Open InferStreams. DoShutdown ends each once it has answered what it read: a stream idle
+  // between requests would otherwise hold the router up for the whole grace period.
+  std::mutex streams_mu;
+  std::set<std::shared_ptr<InferStreamCore>> streams;  // erased in the reactor's OnDone
+  void CloseStreams();  // defined after InferStreamCore
 
   // Requests being forwarded; DoShutdown waits for none to be left before the router goes.
   std::mutex inflight_mu;
@@ -258,6 +277,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                         "missing or wrong bearer token (send authorization: Bearer <token>)");
   }
 
+  // How a stream ends when the router goes away: the client resends what was not answered.
+  static grpc::Status GoingAway() {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                        "router is shutting down; send the requests not answered on this stream "
+                        "to another router");
+  }
+
   absl::Time DeadlineOf(grpc::CallbackServerContext* ctx) const {
     const absl::Time client = absl::FromChrono(ctx->deadline());
     return std::min(client, absl::Now() + options.default_timeout);
@@ -272,6 +298,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                  ? options.shard_factory(address, on_change)
                  : std::make_shared<GrpcShardClient>(address, options.limits, on_change);
     clients[address] = c;
+    // One made during shutdown (the control loop read the membership meanwhile) starts out
+    // cancelled: DoShutdown set shutting_down before it read `clients`.
+    if (shutting_down.load()) c->CancelAdminCalls();
     return c;
   }
 
@@ -315,9 +344,30 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return out;
   }
 
-  absl::StatusOr<Placement> Propose(Strategy s, int num_shards) {
+  // `usable`: see ComputePlacement (empty: every shard).
+  absl::StatusOr<Placement> Propose(Strategy s, int num_shards,
+                                    const std::vector<bool>& usable = {}) {
     return ComputePlacement(s, config.num_experts, num_shards, load_stats->Load(),
-                            options.dynamic_slots_per_shard);
+                            options.dynamic_slots_per_shard, usable);
+  }
+
+  // Where a rebalance from table `t` may place replicas: the shards in rotation, and those that
+  // answer NOT_SERVING only because `t` gives them nothing to serve (a shard turns SERVING once
+  // it holds an expert: left out, an empty one would stay empty for good).
+  static std::vector<bool> Usable(const RoutingTable& t) {
+    std::vector<bool> up;
+    for (size_t s = 0; s < t.shards.size(); ++s) {
+      const ShardClient& c = *t.shards[s];
+      bool usable = c.healthy();
+      if (!usable && c.answering() && t.placement.ExpertsOn(static_cast<int>(s)).empty()) {
+        // NOT_SERVING and holding nothing: waiting for experts, unless it is draining (it will
+        // not serve again: experts placed there could not be served).
+        absl::StatusOr<v1::ShardStatus> st = t.shards[s]->GetStatus(absl::Milliseconds(500));
+        usable = st.ok() && !st->draining();
+      }
+      up.push_back(usable);
+    }
+    return up;
   }
 
   // Loads the new replicas everywhere (copied from a live replica once the model has trained,
@@ -338,6 +388,97 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return st;
   }
 
+  // What `shards` hold now, as a routing table of this router's first placement's "old" one:
+  // each expert on the shards that have it READY, at the highest placement version any shard
+  // has seen. From it the first placement
+  //   - numbers its version past every shard's (a shard refuses a version older than its own,
+  //     so a restarted router counting from 1 again was refused until it had counted up);
+  //   - leaves in place what a shard already holds, copies what moves from a live replica when
+  //     the shards were trained (`*trained` is set when any replica has a committed step), and
+  //     unloads what the new placement drops;
+  //   - brings replicas behind their expert's latest step up to it (ReloadStale).
+  // While a shard has experts LOADING (a fresh shard of `--experts all`, one reading its
+  // --state-dir, or a copy an earlier router asked for), what it holds is not known yet: an
+  // expert being read from --state-dir may carry training no other replica has. So the shards
+  // are read again every 100 ms until none is loading and each that holds experts serves
+  // (UNAVAILABLE after 10 s: the first placement is tried again). A shard that does not answer
+  // counts as holding nothing, unless the others were trained: it may hold the only trained
+  // replica of an expert, so the placement waits for it (UNAVAILABLE, tried again).
+  absl::StatusOr<RoutingTable> ObserveShards(
+      const std::vector<std::shared_ptr<ShardClient>>& shards, bool* trained) {
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    // Kept across passes: a shard seen loading and unreadable since is still waited for, and
+    // training seen once (on an expert since unloaded or unreadable) is not forgotten.
+    std::set<std::string> seen_loading;
+    bool any_trained = false;
+    while (true) {
+      RoutingTable seen;
+      seen.shards = shards;
+      seen.placement.strategy = strategy.load();
+      seen.placement.num_shards = static_cast<int>(shards.size());
+      seen.placement.replicas.assign(config.num_experts, {});
+      std::vector<std::pair<std::string, std::string>> unread;  // address, why
+      std::string loading;
+      for (int s = 0; s < static_cast<int>(shards.size()); ++s) {
+        const std::string& address = shards[s]->address();
+        absl::StatusOr<v1::ShardStatus> st = shards[s]->GetStatus(absl::Seconds(2));
+        if (!st.ok()) {
+          unread.emplace_back(address, std::string(st.status().message()));
+          if (seen_loading.count(address) && loading.empty()) loading = address;
+          continue;
+        }
+        seen.placement.version =
+            std::max<uint64_t>(seen.placement.version, st->placement_version());
+        // Loading: an expert LOADING, or experts READY on a shard not serving yet (its initial
+        // load is about to end; going live before it serves would leave them unserved). Not a
+        // draining shard, nor one whose load failed (neither will turn SERVING by itself).
+        int ready = 0;
+        bool failed = false, is_loading = false;
+        for (const auto& e : st->experts()) {
+          ready += e.state() == v1::ExpertStatus::READY;
+          failed = failed || e.state() == v1::ExpertStatus::FAILED;
+          is_loading = is_loading || e.state() == v1::ExpertStatus::LOADING;
+        }
+        is_loading = is_loading || (ready > 0 && !st->serving() && !st->draining() && !failed);
+        if (is_loading) {
+          seen_loading.insert(address);
+          if (loading.empty()) loading = address;
+        }
+        for (const auto& e : st->experts()) {
+          if (e.state() != v1::ExpertStatus::READY || e.expert() < 0 ||
+              e.expert() >= config.num_experts) {
+            continue;
+          }
+          if (e.trained_step() > 0) any_trained = true;
+          seen.placement.replicas[e.expert()].push_back(s);  // s ascending: sorted
+        }
+        // ReloadStale reads the shards in rotation: see those holding experts as they are now.
+        if (!shards[s]->healthy()) shards[s]->CheckHealthNow();
+      }
+      if (!loading.empty()) {
+        if (std::chrono::steady_clock::now() >= give_up || shutting_down.load()) {
+          return absl::UnavailableError(absl::StrCat(
+              loading, " is still loading experts; the first placement waits until what every "
+              "shard holds is known"));
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        continue;
+      }
+      for (const auto& [address, why] : unread) {
+        std::fprintf(stderr, "moe-router: cannot read what %s holds (%s); placing as if it held "
+                     "nothing\n", address.c_str(), why.c_str());
+      }
+      *trained = *trained || any_trained;
+      if (*trained && !unread.empty()) {
+        return absl::UnavailableError(absl::StrCat(
+            "the shards were trained, and what ", unread.front().first, " holds cannot be read: "
+            "it may hold the only trained replica of an expert"));
+      }
+      version = std::max(version, seen.placement.version);
+      return seen;
+    }
+  }
+
   // Apply's work, with placement_mu held.
   absl::Status SwitchLocked(Placement next, std::vector<std::shared_ptr<ShardClient>> next_shards) {
     // No training step runs while replicas are copied and the table switches.
@@ -354,11 +495,18 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                                   /*drop_absent=*/false));
     }
     std::shared_ptr<const RoutingTable> old = Table();
+    // The first placement of this router starts from what the shards hold (they may have served
+    // and trained under a router before this one): see ObserveShards.
+    bool trained = steps_done.load() > 0;
+    if (old == nullptr) {
+      ASSIGN_OR_RETURN(RoutingTable seen, ObserveShards(next_shards, &trained));
+      old = std::make_shared<const RoutingTable>(std::move(seen));
+    }
+    if (shutting_down.load()) return absl::CancelledError("the router is shutting down");
     // Replicas behind their expert's latest step are brought up to it first, so that any live
     // replica is a right source, and one that stays is not left behind. After a router restart
     // steps_done is 0, but the shards' weights tell whether they were trained.
-    bool trained = steps_done.load() > 0;
-    if (trainer != nullptr && old != nullptr) RETURN_IF_ERROR(ReloadStale(*old, &trained));
+    if (trainer != nullptr) RETURN_IF_ERROR(ReloadStale(*old, &trained));
     next.version = ++version;
     const int S = static_cast<int>(next_shards.size());
     // What each address held under the old placement.
@@ -435,6 +583,15 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     for (auto& th : loaders) th.join();
     for (int s = 0; s < S; ++s) {
+      if (results[s].code() == absl::StatusCode::kFailedPrecondition) {
+        // The shard has seen a later placement version (under a router before this one, and
+        // joined after this router's first placement read the shards): the next attempt is
+        // numbered past it, rather than counting up to it one refused attempt at a time.
+        absl::StatusOr<v1::ShardStatus> st = next_shards[s]->GetStatus(absl::Seconds(2));
+        if (st.ok()) version = std::max<uint64_t>(version, st->placement_version());
+      }
+    }
+    for (int s = 0; s < S; ++s) {
       if (!results[s].ok()) return results[s];
     }
     // A shard that just loaded its first experts turned SERVING: see it before switching.
@@ -458,10 +615,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     const bool unloads = std::any_of(to_unload.begin(), to_unload.end(),
                                      [](const std::vector<int>& u) { return !u.empty(); });
     const auto drain_until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-    while (unloads && old.use_count() > 1 && std::chrono::steady_clock::now() < drain_until) {
+    while (unloads && old.use_count() > 1 && std::chrono::steady_clock::now() < drain_until &&
+           !shutting_down.load()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
-    for (size_t s = 0; s < to_unload.size(); ++s) {
+    // Not while shutting down: requests on the old table may still be finishing, and what is
+    // left loaded is unloaded by the next router's first placement.
+    for (size_t s = 0; s < to_unload.size() && !shutting_down.load(); ++s) {
       if (!to_unload[s].empty()) {
         old->shards[s]->UnloadExperts(to_unload[s], next.version, absl::Seconds(10)).IgnoreError();
       }
@@ -661,13 +821,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     if (imbalance <= options.imbalance_threshold) return;
     t.reset();  // Apply waits for every holder of the current table to let go of it
-    std::vector<std::shared_ptr<ShardClient>> current;
+    RoutingTable now;  // a copy: Usable may ask shards, and a switch waits for the table
     {
-      std::shared_ptr<const RoutingTable> now = Table();
-      if (now == nullptr) return;
-      current = now->shards;
+      std::shared_ptr<const RoutingTable> live = Table();
+      if (live == nullptr) return;
+      now = *live;
     }
-    absl::StatusOr<Placement> next = Propose(Strategy::kDynamic, static_cast<int>(current.size()));
+    const std::vector<bool> usable = Usable(now);
+    std::vector<std::shared_ptr<ShardClient>> current = std::move(now.shards);
+    absl::StatusOr<Placement> next =
+        Propose(Strategy::kDynamic, static_cast<int>(current.size()), usable);
     if (next.ok() && Imbalance(*next, load) < imbalance - 0.05) {
       Apply(*next, std::move(current)).IgnoreError();
     }
@@ -719,16 +882,23 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     reactor->Finish(st);
   }
 
-  // Checks the token, then runs `work` (which returns the call's status) on the worker pool and
-  // finishes the unary call with it, recorded under `method` in the request metrics.
+  // Checks the token, then runs `work` (which returns the call's status) on the admin pool and
+  // finishes the unary call with it, recorded under `method` in the request metrics. A call
+  // whose deadline passed while it waited for a thread is not started.
   template <typename Work>
   grpc::ServerUnaryReactor* Offload(grpc::CallbackServerContext* ctx, const char* method,
                                     Work work) {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
     if (!Admit(ctx, reactor, method)) return reactor;
     const auto start = std::chrono::steady_clock::now();
-    if (!pool->Submit([this, reactor, method, start, work = std::move(work)] {
-          const absl::Status st = work();
+    const absl::Time deadline = DeadlineOf(ctx);
+    if (!admin_pool->Submit([this, reactor, method, start, deadline, work = std::move(work)] {
+          const absl::Status st =
+              absl::Now() < deadline
+                  ? work()
+                  : absl::DeadlineExceededError(absl::StrCat(
+                        method, ": the deadline passed while the call waited behind other "
+                        "training, save and rebalance calls; try again with a longer deadline"));
           metrics->Request(method, CodeName(st.code()), Seconds(start));
           reactor->Finish(common::ToGrpcStatus(st));
         })) {
@@ -826,7 +996,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   absl::Status Save(const v1::SaveCheckpointRequest& req, v1::SaveCheckpointResponse* resp) {
     if (req.path().empty()) return absl::InvalidArgumentError("path is empty");
-    std::lock_guard<common::TimedMutex> lock(train_mu);  // weights do not move while we read them
+    // Weights do not move while we read them. Bounded: a step stuck on the coordinator must not
+    // hold this call (and its admin thread) past the step's own wait.
+    std::unique_lock<common::TimedMutex> lock(train_mu, std::defer_lock);
+    if (!lock.try_lock_for(kTrainWait)) {
+      return absl::UnavailableError(
+          "a training step is still running; try the save again once it ends");
+    }
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return absl::UnavailableError("the router is still loading its placement");
     if (trainer != nullptr) {  // a replica that has not confirmed the last commit may be stale
@@ -916,7 +1092,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     for (int s = 0; t && s < static_cast<int>(t->shards.size()); ++s) {
       v1::ShardInfo* si = info->add_shards();
       si->set_address(t->shards[s]->address());
-      si->set_healthy(t->shards[s]->healthy());
+      const bool healthy = t->shards[s]->healthy();
+      si->set_healthy(healthy);
+      si->set_state(healthy                          ? "serving"
+                    : t->shards[s]->answering()      ? "not_serving"
+                                                     : "unreachable");
       for (int e : t->placement.ExpertsOn(s)) si->add_experts(e);
       si->set_placement_version(t->placement.version);
     }
@@ -949,11 +1129,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (!req->strategy().empty()) {
         ASSIGN_OR_RETURN(s, ParseStrategy(req->strategy()));
       }
-      std::shared_ptr<const RoutingTable> now = Table();
-      if (now == nullptr) return absl::UnavailableError("the initial placement is still loading");
-      std::vector<std::shared_ptr<ShardClient>> current = now->shards;
-      now.reset();  // Apply waits for every holder of the current table
-      ASSIGN_OR_RETURN(Placement p, Propose(s, static_cast<int>(current.size())));
+      std::shared_ptr<const RoutingTable> live = Table();
+      if (live == nullptr) return absl::UnavailableError("the initial placement is still loading");
+      // A copy: Usable may ask shards, and Apply waits for every holder of the current table.
+      RoutingTable now = *live;
+      live.reset();
+      std::vector<std::shared_ptr<ShardClient>> current = now.shards;
+      const std::vector<bool> usable = Usable(now);
+      ASSIGN_OR_RETURN(Placement p, Propose(s, static_cast<int>(current.size()), usable));
       if (!req->dry_run()) {
         RETURN_IF_ERROR(Apply(p, std::move(current)));
         p = Table()->placement;
@@ -971,6 +1154,20 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         stopping = true;
       }
       control_cv.notify_all();
+      // The control loop may be inside a switch, loading experts (minutes at most): end those
+      // calls, so that it returns now, leaving the current placement as it is.
+      shutting_down = true;
+      CloseStreams();
+      std::vector<std::shared_ptr<ShardClient>> all;
+      {
+        std::lock_guard<std::mutex> lock(clients_mu);
+        for (const auto& [address, client] : clients) all.push_back(client);
+      }
+      if (std::shared_ptr<const RoutingTable> t = Table()) {
+        all.insert(all.end(), t->shards.begin(), t->shards.end());
+      }
+      for (const auto& c : all) c->CancelAdminCalls();
+      all.clear();
       if (control.joinable()) control.join();
       // Requests in flight may finish within the grace period; after it, whatever still waits
       // for a shard fails with UNAVAILABLE, so the server's shutdown (which waits for every
@@ -985,6 +1182,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       });
       server->Shutdown(absl::ToChronoTime(until));
       pool->Shutdown();
+      admin_pool->Shutdown();
       cancel_late.join();
       // Forwards use this object until their `done` has run.
       std::unique_lock<std::mutex> lock(inflight_mu);
@@ -1007,7 +1205,7 @@ struct InferStreamCore : common::StreamOutbox<v1::InferRequest, v1::InferRespons
   void Complete(uint64_t seq, std::unique_ptr<v1::InferResponse> resp) {
     std::lock_guard<std::mutex> lock(mu);
     --pending;
-    if (read_paused && !finished && reactor != nullptr && pending < kMaxInFlight) {
+    if (read_paused && ReadingLocked() && reactor != nullptr && pending < kMaxInFlight) {
       read_paused = false;
       resume_read();
     }
@@ -1032,6 +1230,16 @@ class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest
       core_->End(RouterServer::Impl::Unauthenticated());
       return;
     }
+    {
+      std::lock_guard<std::mutex> lock(impl_->streams_mu);
+      impl_->streams.insert(core_);
+    }
+    // Registered before the check: a shutdown that began since either sees this stream or is
+    // seen here.
+    if (impl_->shutting_down.load()) {
+      core_->CloseWhenIdle(RouterServer::Impl::GoingAway());  // nothing pending: ends it now
+      return;
+    }
     StartRead(&request_);
   }
 
@@ -1044,8 +1252,11 @@ class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest
     const uint64_t seq = next_seq_++;
     {
       std::lock_guard<std::mutex> lock(core_->mu);
+      // A read started before the stream was ended (a shutdown closing it while idle): its
+      // answer could not be written, and the client was told to send it elsewhere.
+      if (core_->finished) return;
       ++core_->pending;
-      if (!core_->finished) {
+      if (core_->ReadingLocked()) {
         if (core_->pending < InferStreamCore::kMaxInFlight) {
           StartRead(&request_);
         } else {
@@ -1080,6 +1291,10 @@ class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest
   }
 
   void OnDone() override {
+    {
+      std::lock_guard<std::mutex> lock(impl_->streams_mu);
+      impl_->streams.erase(core_);
+    }
     core_->Detach();
     delete this;
   }
@@ -1095,6 +1310,16 @@ class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest
 grpc::ServerBidiReactor<v1::InferRequest, v1::InferResponse>* RouterServer::Impl::InferStream(
     grpc::CallbackServerContext* ctx) {
   return new InferStreamReactor(this, ctx);
+}
+
+void RouterServer::Impl::CloseStreams() {
+  std::vector<std::shared_ptr<InferStreamCore>> open;
+  {
+    std::lock_guard<std::mutex> lock(streams_mu);
+    open.assign(streams.begin(), streams.end());
+  }
+  // Outside streams_mu: a Finish may run the reactor's OnDone, which takes it.
+  for (const auto& core : open) core->CloseWhenIdle(GoingAway());
 }
 
 RouterServer::RouterServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -1151,6 +1376,7 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   impl->strategy.store(o.strategy);
   for (const std::string& a : o.shards) impl->ClientFor(a);
   impl->pool = std::make_unique<common::ThreadPool>(std::max(1, o.worker_threads));
+  impl->admin_pool = std::make_unique<common::ThreadPool>(kAdminThreads);
 
   if (!o.metrics_address.empty()) {
     ASSIGN_OR_RETURN(impl->metrics_endpoint,

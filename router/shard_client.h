@@ -28,6 +28,9 @@ class ShardClient {
 
   // In rotation: reachable, SERVING, and no stream failure since the last good health check.
   virtual bool healthy() const = 0;
+  // Answered its last health check (SERVING or NOT_SERVING): out of rotation but not down
+  // when it answers NOT_SERVING (draining, or holding no experts yet).
+  virtual bool answering() const { return healthy(); }
   // Asks the shard's health now (instead of at the next periodic check) and updates healthy().
   virtual void CheckHealthNow() = 0;
   // Rows sent and not yet answered.
@@ -38,6 +41,13 @@ class ShardClient {
   virtual absl::StatusOr<v1::ShardStatus> LoadExperts(const std::vector<int>& experts,
                                                       uint64_t version, const std::string& peer,
                                                       absl::Duration timeout) = 0;
+  // Like LoadExperts from `peer`, but the peer's weights replace the shard's also where these are
+  // of a later training step: gives back the update of a step that this shard applied and the
+  // other replicas aborted (LoadExperts keeps the newer weights).
+  virtual absl::StatusOr<v1::ShardStatus> RollBackExperts(const std::vector<int>& experts,
+                                                          uint64_t version,
+                                                          const std::string& peer,
+                                                          absl::Duration timeout) = 0;
   virtual absl::StatusOr<v1::ShardStatus> UnloadExperts(const std::vector<int>& experts,
                                                         uint64_t version,
                                                         absl::Duration timeout) = 0;
@@ -52,6 +62,11 @@ class ShardClient {
                                                           absl::Duration timeout) = 0;
   // The expert's current weights as safetensors bytes (ExportExpert).
   virtual absl::StatusOr<std::string> ExportExpert(int expert, absl::Duration timeout) = 0;
+  // For the router's shutdown: ends the placement calls in progress (LoadExperts,
+  // UnloadExperts, GetStatus, ExportExpert) with CANCELLED, and makes every later one fail so
+  // at once, so that no expert load (up to minutes) holds the router's exit. Training calls
+  // are left to finish: a step cut off between commit and confirmation is worse than a wait.
+  virtual void CancelAdminCalls() {}
 };
 
 }  // namespace moe::router

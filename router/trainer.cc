@@ -7,10 +7,13 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <numeric>
+#include <set>
 #include <thread>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "services/common/status_macros.h"
 
@@ -58,17 +61,128 @@ absl::Status Trainer::RetryConfirmations(const RoutingTable& table, bool drop_ab
     todo = unconfirmed_;
   }
   for (const auto& [address, u] : todo) {
-    for (const auto& s : table.shards) {
+    for (size_t i = 0; i < table.shards.size(); ++i) {
+      const auto& s = table.shards[i];
       if (s->address() != address) continue;
-      if (!s->FinishStep(u.step, /*commit=*/true, u.learning_rate, kAbortTimeout).ok()) break;
-      std::fprintf(stderr, "moe-router: step %llu: %s has now confirmed the commit\n",
-                   static_cast<unsigned long long>(u.step), address.c_str());
+      if (u.unsettled_abort) {
+        // Settled against the live table only: a proposed one (a switch not yet applied) may
+        // not list what the shard holds now, nor hold it where it names a source.
+        if (!drop_absent) break;
+        const absl::Status settled = SettleAbort(table, i, u.step, u.learning_rate);
+        if (!settled.ok()) {
+          // What keeps it unsettled now, for the error of the steps refused meanwhile.
+          std::lock_guard<std::mutex> lock(unconfirmed_mu_);
+          auto it = unconfirmed_.find(address);
+          if (it != unconfirmed_.end()) it->second.settle_error = std::string(settled.message());
+          break;
+        }
+      } else {
+        if (!s->FinishStep(u.step, /*commit=*/true, u.learning_rate, kAbortTimeout).ok()) break;
+        std::fprintf(stderr, "moe-router: step %llu: %s has now confirmed the commit\n",
+                     static_cast<unsigned long long>(u.step), address.c_str());
+      }
       std::lock_guard<std::mutex> lock(unconfirmed_mu_);
       unconfirmed_.erase(address);
       break;
     }
   }
   return Unconfirmed(table);
+}
+
+absl::Status Trainer::SettleAbort(const RoutingTable& table, size_t shard, uint64_t step,
+                                  float learning_rate) {
+  const auto& s = table.shards[shard];
+  ASSIGN_OR_RETURN(v1::StepOutcome::State state, s->GetStep(step, kAbortTimeout));
+  if (state == v1::StepOutcome::COMMITTED) {
+    // It received the commit: let it finish applying the update (a repeated commit waits for
+    // the one under way and applies nothing twice), or a copy made now would be updated again.
+    RETURN_IF_ERROR(s->FinishStep(step, /*commit=*/true, learning_rate, kAbortTimeout));
+  } else {
+    RETURN_IF_ERROR(s->FinishStep(step, /*commit=*/false, 0.f, kAbortTimeout));
+  }
+  // Which of its experts carry the update is read from their weights: that also finds an update
+  // applied, kept in --state-dir and brought back by a restart, after which the shard no longer
+  // knows the step (UNKNOWN above).
+  ASSIGN_OR_RETURN(v1::ShardStatus status, s->GetStatus(kAbortTimeout));
+  std::set<int> updated;
+  for (const v1::ExpertStatus& x : status.experts()) {
+    if (x.state() == v1::ExpertStatus::LOADING) {
+      // Its step is not known until it is read (a restart reading --state-dir).
+      return absl::UnavailableError(absl::StrCat(
+          s->address(), " is still loading expert ", x.expert(),
+          "; whether it holds the update of aborted step ", step, " is known once it is read"));
+    }
+    if (x.trained_step() >= step) updated.insert(x.expert());
+  }
+  if (updated.empty()) {
+    std::fprintf(stderr, "moe-router: step %llu: %s had not applied it, and has now aborted it\n",
+                 static_cast<unsigned long long>(step), s->address().c_str());
+    return absl::OkStatus();
+  }
+  // Its replicas of experts held elsewhere take those replicas' weights again, replacing its
+  // newer ones. A source must be in rotation, settled itself (another unsettled shard may hold
+  // the same update), and its own replica must be from before the step (read, not assumed: a
+  // copy back from a replica that carries the update would give nothing back).
+  std::set<std::string> unsettled;
+  {
+    std::lock_guard<std::mutex> lock(unconfirmed_mu_);
+    for (const auto& [address, u] : unconfirmed_) unsettled.insert(address);
+  }
+  std::map<int, std::map<int, uint64_t>> steps_on;  // shard -> expert -> trained step
+  auto before_step = [&](int r, int e) {
+    auto it = steps_on.find(r);
+    if (it == steps_on.end()) {
+      it = steps_on.emplace(r, std::map<int, uint64_t>()).first;
+      absl::StatusOr<v1::ShardStatus> st = table.shards[r]->GetStatus(kAbortTimeout);
+      if (st.ok()) {
+        for (const v1::ExpertStatus& x : st->experts()) {
+          if (x.state() == v1::ExpertStatus::READY) it->second[x.expert()] = x.trained_step();
+        }
+      }
+    }
+    auto found = it->second.find(e);
+    return found != it->second.end() && found->second < step;
+  };
+  std::map<std::string, std::vector<int>> by_source;
+  std::vector<int> alone;
+  for (int e : updated) {
+    if (e < 0 || static_cast<size_t>(e) >= table.placement.replicas.size()) continue;
+    const auto& where = table.placement.replicas[e];
+    if (std::find(where.begin(), where.end(), static_cast<int>(shard)) == where.end()) continue;
+    if (where.size() == 1) {
+      alone.push_back(e);
+      continue;
+    }
+    std::string source;
+    for (int r : where) {
+      const auto& c = table.shards[r];
+      if (r != static_cast<int>(shard) && c->healthy() && !unsettled.count(c->address()) &&
+          before_step(r, e)) {
+        source = c->address();
+        break;
+      }
+    }
+    if (source.empty()) {
+      return absl::UnavailableError(absl::StrCat(
+          "expert ", e, " on ", s->address(), " holds the update of aborted step ", step,
+          " and no other replica can give its weights back now"));
+    }
+    by_source[source].push_back(e);
+  }
+  for (const auto& [source, experts] : by_source) {
+    RETURN_IF_ERROR(
+        s->RollBackExperts(experts, table.placement.version, source, absl::Minutes(5)).status());
+  }
+  std::fprintf(stderr,
+               "moe-router: step %llu: %s had applied it although every other shard aborted "
+               "it; its replicas of %zu expert(s) were copied back from their other replicas%s%s\n",
+               static_cast<unsigned long long>(step), s->address().c_str(),
+               static_cast<size_t>(std::accumulate(
+                   by_source.begin(), by_source.end(), size_t{0},
+                   [](size_t n, const auto& b) { return n + b.second.size(); })),
+               alone.empty() ? "" : "; experts with no other replica keep the update: ",
+               absl::StrJoin(alone, ",").c_str());
+  return absl::OkStatus();
 }
 
 void Trainer::DropUnconfirmedOutside(const RoutingTable& table) {
@@ -78,8 +192,10 @@ void Trainer::DropUnconfirmedOutside(const RoutingTable& table) {
       ++it;
       continue;
     }
-    std::fprintf(stderr, "moe-router: step %llu: %s left the placement before confirming the "
-                 "commit; dropped\n", static_cast<unsigned long long>(it->second.step),
+    std::fprintf(stderr, "moe-router: step %llu: %s left the placement before %s; dropped\n",
+                 static_cast<unsigned long long>(it->second.step),
+                 it->second.unsettled_abort ? "telling whether it had committed the step"
+                                            : "confirming the commit",
                  it->first.c_str());
     it = unconfirmed_.erase(it);
   }
@@ -89,6 +205,13 @@ absl::Status Trainer::Unconfirmed(const RoutingTable& table) const {
   std::lock_guard<std::mutex> lock(unconfirmed_mu_);
   for (const auto& entry : unconfirmed_) {
     if (!HasShard(table, entry.first)) continue;
+    if (entry.second.unsettled_abort) {
+      return absl::UnavailableError(absl::StrCat(
+          "shard ", entry.first, " could not be asked whether it had committed step ",
+          entry.second.step, ", which was aborted (", entry.second.reason, ")",
+          entry.second.settle_error.empty() ? "" : "; asked again: ", entry.second.settle_error,
+          "; steps resume once it is settled (the router asks it again every second)"));
+    }
     return absl::UnavailableError(absl::StrCat(
         "shard ", entry.first, " has not confirmed step ", entry.second.step, " (",
         entry.second.reason,
@@ -116,7 +239,8 @@ void Trainer::AbortEverywhere(const RoutingTable& table, uint64_t step) {
   });
 }
 
-bool Trainer::ResolveLostVerdict(const RoutingTable& table, uint64_t step, absl::Time until) {
+bool Trainer::ResolveLostVerdict(const RoutingTable& table, uint64_t step, absl::Time until,
+                                 std::vector<std::string>* unanswered) {
   while (true) {
     const bool last = absl::Now() >= until;
     std::vector<absl::StatusOr<v1::StepOutcome::State>> seen(table.shards.size(),
@@ -124,8 +248,12 @@ bool Trainer::ResolveLostVerdict(const RoutingTable& table, uint64_t step, absl:
     OnEveryShard(table,
                  [&](size_t i) { seen[i] = table.shards[i]->GetStep(step, kAbortTimeout); });
     bool aborted = false;
+    unanswered->clear();
     for (size_t i = 0; i < seen.size(); ++i) {
-      if (!seen[i].ok()) continue;
+      if (!seen[i].ok()) {
+        unanswered->push_back(table.shards[i]->address());
+        continue;
+      }
       if (*seen[i] == v1::StepOutcome::COMMITTED) {
         std::fprintf(stderr,
                      "moe-router: step %llu: the coordinator's verdict was lost, but %s had "
@@ -135,7 +263,11 @@ bool Trainer::ResolveLostVerdict(const RoutingTable& table, uint64_t step, absl:
       }
       aborted |= *seen[i] == v1::StepOutcome::ABORTED;
     }
-    if (aborted || last) return false;
+    if (aborted) {
+      unanswered->clear();  // the verdict was abort: a shard that did not answer saw no commit
+      return false;
+    }
+    if (last) return false;
     absl::SleepFor(std::min(absl::Milliseconds(100), until - absl::Now()));
   }
 }
@@ -149,7 +281,8 @@ void Trainer::CommitEverywhere(const RoutingTable& table, uint64_t step, float l
   std::lock_guard<std::mutex> lock(unconfirmed_mu_);
   for (size_t i = 0; i < st.size(); ++i) {
     if (!st[i].ok()) {
-      unconfirmed_[table.shards[i]->address()] = PendingCommit{step, learning_rate, reason};
+      unconfirmed_[table.shards[i]->address()] =
+          PendingCommit{step, learning_rate, reason, /*unsettled_abort=*/false, ""};
     }
   }
 }
@@ -367,11 +500,28 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
                                           done.status().message());
     const absl::Time until =
         sent + absl::Milliseconds(commit.timeout_ms()) + coordinator_grace_;
-    if (ResolveLostVerdict(table, result.step, until)) {
+    std::vector<std::string> unanswered;
+    if (ResolveLostVerdict(table, result.step, until, &unanswered)) {
       CommitEverywhere(table, result.step, params.learning_rate, lost);
       return result;
     }
     AbortEverywhere(table, result.step);
+    if (!unanswered.empty()) {
+      // Any of them may have received the lost verdict, a commit: settled before the next step
+      // (RetryConfirmations), which is refused until then.
+      {
+        std::lock_guard<std::mutex> lock(unconfirmed_mu_);
+        for (const std::string& address : unanswered) {
+          unconfirmed_[address] = PendingCommit{result.step, params.learning_rate, lost,
+                                                /*unsettled_abort=*/true, ""};
+        }
+      }
+      return absl::AbortedError(absl::StrCat(
+          "commit of step ", result.step, " failed (", lost, "); no shard that answered had "
+          "committed it, so it was aborted; ", absl::StrJoin(unanswered, ", "),
+          " could not be asked: had it committed, its replicas are copied back from the others "
+          "before the next step"));
+    }
     return absl::AbortedError(absl::StrCat("commit of step ", result.step, " failed (", lost,
                                            "); no shard had committed it, so it was aborted "
                                            "everywhere and no weight changed"));
@@ -383,7 +533,8 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   if (done->unconfirmed_shards_size() > 0) {
     std::lock_guard<std::mutex> lock(unconfirmed_mu_);
     for (const std::string& address : done->unconfirmed_shards()) {
-      unconfirmed_[address] = PendingCommit{result.step, params.learning_rate, done->reason()};
+      unconfirmed_[address] = PendingCommit{result.step, params.learning_rate, done->reason(),
+                                            /*unsettled_abort=*/false, ""};
     }
     std::fprintf(stderr,
                  "moe-router: step %llu committed, but %d shard(s) did not confirm it (%s); "

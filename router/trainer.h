@@ -61,7 +61,9 @@ class Trainer {
   // shard changed a weight: ABORTED (or UNAVAILABLE when an expert has no healthy replica, or
   // while a shard has not confirmed the previous commit). When the coordinator's verdict is lost,
   // the shards are asked what they saw (ResolveLostVerdict), and the step ends committed or
-  // aborted everywhere accordingly.
+  // aborted everywhere accordingly. A shard that could not be asked may have applied a commit
+  // nobody else saw: the step is aborted, and that shard settled before the next step (it
+  // aborts too, or its replicas are copied back from the others; see SettleAbort).
   absl::StatusOr<TrainResult> Step(const RoutingTable& table, const common::GateWeights& gate,
                                    const float* x, const float* dy, int64_t n,
                                    const TrainParams& params, absl::Time deadline);
@@ -97,8 +99,15 @@ class Trainer {
   // reduced its gradients, so every shard still holds them: true, finish the commit everywhere.
   // A shard that saw an abort (or whose reduction failed) proves the verdict was abort: false.
   // With neither, the shards are asked again every 100 ms until `until`, after which the
-  // coordinator can send nothing more: false, abort everywhere.
-  bool ResolveLostVerdict(const RoutingTable& table, uint64_t step, absl::Time until);
+  // coordinator can send nothing more: false, abort everywhere. `unanswered` gets the shards
+  // that did not answer the last round: any of them may have received a commit.
+  bool ResolveLostVerdict(const RoutingTable& table, uint64_t step, absl::Time until,
+                          std::vector<std::string>* unanswered);
+  // For an unsettled abort (PendingCommit::unsettled_abort) on `shard`: OK once the shard has
+  // dropped the step, or, had it applied the step, once its replicas of experts held elsewhere
+  // are copied back from a settled replica in rotation (UNAVAILABLE while there is none).
+  absl::Status SettleAbort(const RoutingTable& table, size_t shard, uint64_t step,
+                           float learning_rate);
   // FinishStep{commit} to every shard at once; one that does not confirm is asked again later.
   void CommitEverywhere(const RoutingTable& table, uint64_t step, float learning_rate,
                         const std::string& reason);
@@ -110,6 +119,12 @@ class Trainer {
     uint64_t step = 0;
     float learning_rate = 0.f;
     std::string reason;
+    // Not a commit to confirm but an abort to settle: the step was aborted while this shard
+    // could not be asked whether it had received the lost verdict, a commit. Until it answers
+    // it may hold an update no other replica has, so no step starts (and no copy is made).
+    bool unsettled_abort = false;
+    // Why the last attempt to settle it failed (empty before the first).
+    std::string settle_error;
   };
   mutable std::mutex unconfirmed_mu_;
   std::map<std::string, PendingCommit> unconfirmed_;  // by shard address

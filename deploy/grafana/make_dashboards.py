@@ -34,9 +34,9 @@ def panel(title, targets, kind="timeseries", unit="short", desc="", width=12):
     }
 
 
-def quantiles(metric, by=""):
+def quantiles(metric, by="", match=""):
     extra = f", {by}" if by else ""
-    return [(f"histogram_quantile({q}, sum by (le{extra}) (rate({metric}_bucket[{RI}])))",
+    return [(f"histogram_quantile({q}, sum by (le{extra}) (rate({metric}_bucket{match}[{RI}])))",
              f"p{int(q * 100)}" + (f" {{{{{by}}}}}" if by else "")) for q in (0.5, 0.95, 0.99)]
 
 
@@ -54,7 +54,9 @@ SERVING = [
     panel("Error rate by code",
           [(f'sum by (code) (rate(moe_router_requests_total{{code!="OK"}}[{RI}]))', "{{code}}")],
           unit="reqps", desc="Requests that ended with a gRPC status other than OK"),
-    panel("Request latency p50/p95/p99", quantiles("moe_router_request_seconds"), unit="s"),
+    panel("Request latency p50/p95/p99",
+          quantiles("moe_router_request_seconds", match='{method=~"Infer|InferStream"}'), unit="s",
+          desc="Infer and InferStream requests (training steps and saves take seconds)"),
     panel("Stage latency p99 (gate, dispatch, combine)",
           [(f"histogram_quantile(0.99, sum by (le, stage) (rate(moe_router_stage_seconds_bucket[{RI}])))",
             "{{stage}}")], unit="s"),

@@ -1,5 +1,7 @@
 #include "services/collective/grpc_transport.h"
 
+#include <chrono>
+
 #include <google/protobuf/io/coded_stream.h>
 #include <google/protobuf/wire_format_lite.h>
 #include <grpcpp/support/proto_buffer_reader.h>
@@ -10,40 +12,22 @@
 
 namespace moe::collective {
 
+CollectiveHub::CollectiveHub(absl::Duration unclaimed_ttl, std::function<absl::Time()> now)
+    : unclaimed_ttl_(unclaimed_ttl),
+      now_(now ? std::move(now) : [] {
+        // Steady time as an absl::Time: only differences of it are used.
+        return absl::FromUnixNanos(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                       std::chrono::steady_clock::now().time_since_epoch())
+                                       .count());
+      }),
+      last_sweep_(now_()) {}
+
 bool CollectiveHub::ForgottenLocked(const std::string& group, uint64_t generation) const {
   auto it = forgotten_.find(group);
   return it != forgotten_.end() && generation <= it->second;
 }
 
-void CollectiveHub::Deliver(const std::string& group, Chunk chunk) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (ForgottenLocked(group, chunk.generation)) {
-      ++refused_;  // a late chunk of a collective that has ended here
-      return;
-    }
-    boxes_[group].chunks.push_back(std::move(chunk));
-  }
-  cv_.notify_all();
-}
-
-void CollectiveHub::Break(const std::string& group, uint64_t generation) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (ForgottenLocked(group, generation)) return;
-    Mailbox& box = boxes_[group];
-    box.broken_generation = std::max(box.broken_generation, generation);
-  }
-  cv_.notify_all();
-}
-
-size_t CollectiveHub::mailboxes() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return boxes_.size();
-}
-
-void CollectiveHub::Forget(const std::string& group, uint64_t generation) {
-  std::lock_guard<std::mutex> lock(mu_);
+void CollectiveHub::RememberForgottenLocked(const std::string& group, uint64_t generation) {
   auto [f, fresh] = forgotten_.try_emplace(group, generation);
   if (fresh) {
     forgotten_order_.push_back(group);
@@ -54,13 +38,79 @@ void CollectiveHub::Forget(const std::string& group, uint64_t generation) {
   } else {
     f->second = std::max(f->second, generation);
   }
+}
+
+CollectiveHub::Mailbox& CollectiveHub::BoxLocked(const std::string& group) {
+  auto [it, fresh] = boxes_.try_emplace(group);
+  if (fresh) it->second.claimed = now_();
+  return it->second;
+}
+
+void CollectiveHub::SweepLocked() {
+  const absl::Time now = now_();
+  if (now - last_sweep_ < unclaimed_ttl_ / 4) return;
+  last_sweep_ = now;
+  for (auto it = boxes_.begin(); it != boxes_.end();) {
+    const Mailbox& box = it->second;
+    if (box.takers > 0 || now - box.claimed <= unclaimed_ttl_) {
+      ++it;
+      continue;
+    }
+    // What later arrives for it is refused too, as for a collective that ended here.
+    uint64_t newest = box.broken_generation;
+    for (const Chunk& c : box.chunks) newest = std::max(newest, c.generation);
+    RememberForgottenLocked(it->first, newest);
+    it = boxes_.erase(it);
+    ++swept_;
+  }
+}
+
+void CollectiveHub::Deliver(const std::string& group, Chunk chunk) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    SweepLocked();
+    if (ForgottenLocked(group, chunk.generation)) {
+      ++refused_;  // a late chunk of a collective that has ended here
+      return;
+    }
+    BoxLocked(group).chunks.push_back(std::move(chunk));
+  }
+  cv_.notify_all();
+}
+
+void CollectiveHub::Break(const std::string& group, uint64_t generation) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    SweepLocked();
+    if (ForgottenLocked(group, generation)) return;
+    Mailbox& box = BoxLocked(group);
+    box.broken_generation = std::max(box.broken_generation, generation);
+  }
+  cv_.notify_all();
+}
+
+int64_t CollectiveHub::swept() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return swept_;
+}
+
+size_t CollectiveHub::mailboxes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return boxes_.size();
+}
+
+void CollectiveHub::Forget(const std::string& group, uint64_t generation) {
+  std::lock_guard<std::mutex> lock(mu_);
+  RememberForgottenLocked(group, generation);
   auto it = boxes_.find(group);
   if (it == boxes_.end()) return;
   auto& chunks = it->second.chunks;
   for (auto c = chunks.begin(); c != chunks.end();) {
     c = c->generation <= generation ? chunks.erase(c) : std::next(c);
   }
-  if (chunks.empty() && it->second.broken_generation <= generation) boxes_.erase(it);
+  if (chunks.empty() && it->second.broken_generation <= generation && it->second.takers == 0) {
+    boxes_.erase(it);
+  }
 }
 
 int64_t CollectiveHub::refused() const {
@@ -71,30 +121,39 @@ int64_t CollectiveHub::refused() const {
 absl::StatusOr<Chunk> CollectiveHub::Take(const std::string& group, uint64_t generation,
                                           absl::Time deadline) {
   std::unique_lock<std::mutex> lock(mu_);
+  // Claimed while this call runs (a sweep leaves it alone); erased only by Forget, which the
+  // rank calls after its last Take.
+  Mailbox& box = BoxLocked(group);
+  ++box.takers;
+  absl::StatusOr<Chunk> result;
   while (true) {
-    Mailbox& box = boxes_[group];
     while (!box.chunks.empty() && box.chunks.front().generation < generation) {
       box.chunks.pop_front();  // a message of an older, abandoned collective
       ++refused_;
     }
-    for (auto it = box.chunks.begin(); it != box.chunks.end(); ++it) {
-      if (it->generation == generation) {
-        Chunk c = std::move(*it);
-        box.chunks.erase(it);
-        return c;
-      }
+    auto it = std::find_if(box.chunks.begin(), box.chunks.end(),
+                           [&](const Chunk& c) { return c.generation == generation; });
+    if (it != box.chunks.end()) {
+      result = std::move(*it);
+      box.chunks.erase(it);
+      break;
     }
     if (box.broken_generation >= generation) {
-      return absl::AbortedError(absl::StrCat(
+      result = absl::AbortedError(absl::StrCat(
           "ring ", group, ": the previous rank's stream of generation ", generation,
           " broke (it failed, gave up or was cut off)"));
+      break;
     }
     if (cv_.wait_until(lock, absl::ToChronoTime(deadline)) == std::cv_status::timeout &&
         absl::Now() >= deadline) {
-      return absl::DeadlineExceededError(absl::StrCat(
+      result = absl::DeadlineExceededError(absl::StrCat(
           "ring ", group, ": nothing from the previous rank before the deadline"));
+      break;
     }
   }
+  --box.takers;
+  box.claimed = now_();
+  return result;
 }
 
 Chunk ChunkFromProto(v1::CollectiveChunk&& msg) {

@@ -7,6 +7,7 @@
 
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -33,6 +34,14 @@ absl::StatusOr<Chunk> ChunkFromWire(grpc::ByteBuffer wire, std::string* group);
 
 class CollectiveHub {
  public:
+  // A mailbox no rank has taken from for `unclaimed_ttl` (since it opened, or since the last
+  // Take on it ended: a rank polls in short Takes, see GrpcPeerTransport::Recv) is dropped, and its
+  // collective forgotten: chunks sent to a rank that never joined (its part of an aborted step
+  // never ran) would otherwise be kept until the process exits, a whole reduce-scatter's worth
+  // per step. It must outlast any collective's deadline. `now` is the clock (tests move it);
+  // null: a monotonic one, so that a change of the wall clock drops nothing early.
+  explicit CollectiveHub(absl::Duration unclaimed_ttl = absl::Seconds(150),
+                         std::function<absl::Time()> now = nullptr);
   void Deliver(const std::string& group, Chunk chunk);
   // The incoming stream of `generation` for `group` broke: its Take fails with ABORTED.
   void Break(const std::string& group, uint64_t generation);
@@ -44,14 +53,29 @@ class CollectiveHub {
   int64_t refused() const;
   // Mailboxes open (for tests: none is left once every collective is forgotten).
   size_t mailboxes() const;
+  // Mailboxes dropped unclaimed so far.
+  int64_t swept() const;
 
  private:
   struct Mailbox {
     std::deque<Chunk> chunks;
     uint64_t broken_generation = 0;  // 0: none
+    absl::Time claimed;  // when it opened, or the last Take on it ended
+    int takers = 0;      // Take calls waiting on it: never swept while one is
   };
   // Whether `generation` of `group` was forgotten (mu_ held).
   bool ForgottenLocked(const std::string& group, uint64_t generation) const;
+  // Marks `generation` and older of `group` as forgotten (mu_ held).
+  void RememberForgottenLocked(const std::string& group, uint64_t generation);
+  // The mailbox of `group`, opened now if there is none (mu_ held).
+  Mailbox& BoxLocked(const std::string& group);
+  // Drops mailboxes unclaimed past the ttl; runs at most once per quarter ttl (mu_ held).
+  void SweepLocked();
+
+  const absl::Duration unclaimed_ttl_;
+  const std::function<absl::Time()> now_;
+  absl::Time last_sweep_;
+  int64_t swept_ = 0;
 
   static constexpr size_t kForgottenGroups = 4096;
   mutable std::mutex mu_;

@@ -33,13 +33,17 @@ class InMemoryRing::Transport : public PeerTransport {
         return absl::AbortedError(
             absl::StrCat("rank ", rank_, ": link from the previous rank is broken"));
       }
-      if (!box.chunks.empty()) {
-        Chunk c = std::move(box.chunks.front());
-        box.chunks.pop_front();
-        return c;
+      // A chunk of a newer generation (the previous rank is already in the next collective)
+      // waits in the mailbox for that collective, as on the gRPC transport.
+      for (auto it = box.chunks.begin(); it != box.chunks.end(); ++it) {
+        if (it->generation == generation) {
+          Chunk c = std::move(*it);
+          box.chunks.erase(it);
+          return c;
+        }
       }
       if (box.cv.wait_until(lock, absl::ToChronoTime(deadline)) == std::cv_status::timeout &&
-          box.chunks.empty() && !box.broken) {
+          !box.broken) {
         return absl::DeadlineExceededError(
             absl::StrCat("rank ", rank_, ": no data from the previous rank before the deadline"));
       }

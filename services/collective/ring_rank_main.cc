@@ -32,6 +32,27 @@
 
 namespace {
 
+constexpr char kUsage[] = R"(moe-ring-rank: one rank of a ring all-reduce over gRPC (tests and benchmarks).
+
+usage: moe-ring-rank --rank R --world N --peers-file F [flags]
+
+  Serves moe.v1.Collective on --host, port 0, and prints "listening on HOST:PORT"; waits for
+  F to list every rank's address (one per line, rank order); all-reduces --length
+  integer-valued floats --repeat times, checks the result and prints
+  "RESULT code=CODE ms=MS correct=0|1 seconds_per_op=S".
+
+  --rank R, --world N        this rank and the number of ranks (defaults 0 and 1)
+  --peers-file F             the ranks' addresses, written by whoever starts them
+  --length N                 floats to reduce (default 1000)
+  --repeat N                 collectives to run (default 1), each on a stream of its own
+  --persistent               all on one stream to the next rank, after a warm-up (timing)
+  --deadline-ms N            each collective's deadline (default 10000)
+  --piece-bytes N            largest piece on the wire (default 1 MiB)
+  --wire fp32|bf16           wire format (default fp32)
+  --op sum|avg               reduction (default sum)
+  --host H                   address to bind (default 127.0.0.1)
+)";
+
 float Init(int rank, int64_t i) { return static_cast<float>((rank + 1) * 3 + (i % 11) - 5); }
 
 absl::Status Run(int argc, char** argv) {
@@ -154,10 +175,5 @@ absl::Status Run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::Status st = Run(argc, argv);
-  if (!st.ok()) {
-    std::fprintf(stderr, "moe-ring-rank: %s\n", std::string(st.message()).c_str());
-    return 1;
-  }
-  return 0;
+  return moe::common::RunMain(argc, argv, "moe-ring-rank", kUsage, Run);
 }

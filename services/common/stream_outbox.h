@@ -4,6 +4,8 @@
 // The write side of a bidirectional server stream whose responses are produced on other threads:
 // responses queue and are written one at a time (the next one started from OnWriteDone), and the
 // RPC finishes once the client has half-closed, nothing is pending and everything is written.
+// A server going away calls CloseWhenIdle: the reactor reads no more requests (ReadingLocked) and
+// the RPC finishes with the given status once what was accepted is answered.
 // It outlives its reactor: `reactor` is cleared in OnDone, after which responses are dropped.
 
 #include <deque>
@@ -25,6 +27,10 @@ struct StreamOutbox {
   bool finished = false;
   int pending = 0;  // requests accepted and not yet answered
   std::optional<grpc::Status> finish_after_write;  // a Finish waiting for the write in flight
+  std::optional<grpc::Status> close_when_idle;     // set by CloseWhenIdle
+
+  // Whether the reactor should read another request (under `mu`).
+  bool ReadingLocked() const { return !finished && !close_when_idle.has_value(); }
 
   void PushLocked(std::unique_ptr<Response> r) {
     if (reactor == nullptr || finished) return;
@@ -37,7 +43,12 @@ struct StreamOutbox {
     reactor->StartWrite(outbox.front().get());
   }
   void MaybeFinishLocked() {
-    if (reads_done && pending == 0 && outbox.empty() && !writing) FinishLocked(grpc::Status::OK);
+    if (pending != 0 || !outbox.empty() || writing) return;
+    if (reads_done) {
+      FinishLocked(grpc::Status::OK);
+    } else if (close_when_idle.has_value()) {
+      FinishLocked(*close_when_idle);
+    }
   }
   void FinishLocked(const grpc::Status& status) {
     if (finished || reactor == nullptr) return;
@@ -54,6 +65,15 @@ struct StreamOutbox {
   void End(const grpc::Status& status) {
     std::lock_guard<std::mutex> lock(mu);
     FinishLocked(status);
+  }
+  // Ends the stream with `status` once every accepted request is answered and written (at once
+  // when none is); no request is read after this. A read already started may still deliver one:
+  // answered if the stream has not ended yet, dropped by the reactor if it has (the status tells
+  // the client to resend). A client that half-closed first gets OK as usual.
+  void CloseWhenIdle(const grpc::Status& status) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!close_when_idle.has_value()) close_when_idle = status;
+    MaybeFinishLocked();
   }
   // The reactor's OnReadDone(false), OnWriteDone and OnDone.
   void ReadsDone() {

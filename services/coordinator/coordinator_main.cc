@@ -13,9 +13,21 @@
 namespace {
 
 
-constexpr char kUsage[] =
-    "moe-coordinator [--port 50041] [--host 0.0.0.0] [--metrics-port N] [--lease-ms 3000]\n"
-    "  shard membership (register/heartbeat with leases) and training-step commit/abort\n";
+constexpr char kUsage[] = R"(moe-coordinator: shard membership and the commit or abort of training steps.
+
+usage: moe-coordinator [flags]
+
+  Shards register with it (moe-expert-server --coordinator) and heartbeat; a router with
+  --coordinator follows the membership and asks it to commit or abort each training step.
+
+  --port N                   gRPC port (default 50041; 0 picks a free one and prints it)
+  --host H                   address to bind (default 0.0.0.0)
+  --metrics-port N           Prometheus /metrics port (default: off; 0 picks one)
+  --lease-ms N               a shard not heard from for N ms leaves the membership (default
+                             3000, at least 100; shards heartbeat every quarter lease)
+  --tls-cert F --tls-key F   serve TLS (and present this certificate to shards)
+  --tls-ca F                 trust this CA for peers; --require-client-cert: mutual TLS
+)";
 
 absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(moe::common::Flags f,

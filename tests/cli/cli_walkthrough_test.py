@@ -9,6 +9,7 @@ what it prints or writes, and SIGINT ending the cluster with exit code 0.
 - `train` runs from a tokens and a grad_output file and from a synthetic target, a row per step;
 - `save-checkpoint` writes a checkpoint whose replicas are identical, and whose weights moved
   by the steps taken;
+- `drain` takes a shard out of rotation, and `info` then shows it "not serving", not DOWN;
 - a user's mistakes (a shard's address for the router's, a checkpoint of another model, NaN
   tokens, bad flag values, an output path that is a directory, a port out of range) each get an
   error saying what went wrong, and a failed write leaves no temporary file.
@@ -151,6 +152,13 @@ try:
                           capture_output=True, text=True, timeout=60)
     expect(port.returncode != 0 and "--router-port must be a port in [0, 65535]" in port.stderr,
            f"moe-cluster --router-port 70000: exit {port.returncode}: {port.stderr.strip()}")
+    # A drained shard answers NOT_SERVING: `info` shows it out of rotation, not DOWN.
+    drained = run("drain", "--addr", shard, "--timeout-ms", "5000")
+    expect("drained in" in drained, f"drain: {drained}")
+    info = run("info", "--router", router)
+    expect(re.search(rf"^\d+\s+{re.escape(shard)}\s+not serving\s", info, re.M) is not None and
+           len(re.findall(r"^\d+\s+127\.0\.0\.1:\d+\s+up\s", info, re.M)) == 2,
+           f"info after draining {shard}: it should read 'not serving', the others 'up':\n{info}")
 except Exception as e:  # e.g. a file a failed command did not write: report it with the rest
     failures.append(f"{type(e).__name__}: {e}")
 finally:

@@ -130,6 +130,28 @@ TEST_F(ClusterTest, KilledShardWithReplicasLosesNoRequest) {
   EXPECT_GT(result.ok.load(), 20);
 }
 
+// The router's view of the shard at `address` (ShardInfo.state), polled until it reads `want` or
+// `seconds` pass; the last state read.
+std::string AwaitShardState(const std::string& router, const std::string& address,
+                            const std::string& want, double seconds) {
+  auto stub = client::MakeRouterStub(router);
+  std::string state;
+  const auto start = Clock::now();
+  do {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    v1::ClusterInfo info;
+    if (stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info).ok()) {
+      for (const auto& s : info.shards()) {
+        if (s.address() == address) state = s.state();
+      }
+    }
+    if (state == want) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  } while (Since(start) < seconds);
+  return state;
+}
+
 // The planned stop of Kubernetes' preStop: `moe-client drain` turns the shard NOT_SERVING, the
 // router closes its stream once the batches on it are answered, and the SIGTERM that follows
 // interrupts nothing: no failed request, and not even a failover.
@@ -155,10 +177,17 @@ TEST_F(ClusterTest, DrainedShardStopsWithoutAFailover) {
   EXPECT_EQ(ScrapeMetric(metrics,
                          "moe_shard_up{shard=\"" + cluster->shard_addresses()[1] + "\"}"), 0);
 
+  // `moe-client info` tells a drained shard (it answers NOT_SERVING) from a stopped one.
+  const std::string drained = cluster->shard_addresses()[1];
+  EXPECT_EQ(AwaitShardState(cluster->router_address(), drained, "not_serving", 0), "not_serving");
+  EXPECT_EQ(AwaitShardState(cluster->router_address(), cluster->shard_addresses()[0], "serving", 0),
+            "serving");
+
   const int ok_at_drain = result.ok.load();
   cluster->shard(1).Signal(SIGTERM);
   std::this_thread::sleep_for(std::chrono::milliseconds(1000));
   load.Stop();
+  EXPECT_EQ(AwaitShardState(cluster->router_address(), drained, "unreachable", 10), "unreachable");
   EXPECT_EQ(result.failed.load(), 0) << result.first_error;
   EXPECT_EQ(result.wrong.load(), 0);
   EXPECT_GT(result.ok.load(), ok_at_drain + 10) << "serving went on after the drain";
@@ -241,6 +270,23 @@ TEST_F(ClusterTest, StalledShardLeavesRotationAndComesBack) {
   grpc::Status st = Infer(stub.get(), Request(x, 16, "stalled"), &resp);
   EXPECT_TRUE(st.ok()) << st.error_message();
   EXPECT_TRUE(Matches(x, 16, resp, *layer_));
+  {
+    // A dynamic placement proposed now leaves the stalled shard out: nothing is moved onto a
+    // shard out of rotation.
+    grpc::ClientContext ctx;
+    v1::RebalanceRequest dry;
+    dry.set_strategy("dynamic");
+    dry.set_dry_run(true);
+    v1::Placement p;
+    const grpc::Status dst = stub->Rebalance(&ctx, dry, &p);
+    EXPECT_TRUE(dst.ok()) << dst.error_message();  // no ASSERT: the shard must be let go on
+    EXPECT_FALSE(p.applied());
+    EXPECT_EQ(p.experts_size(), dst.ok() ? Config().num_experts : 0);
+    for (const auto& e : p.experts()) {
+      EXPECT_GT(e.shards_size(), 0) << "expert " << e.expert();
+      for (int s : e.shards()) EXPECT_NE(s, 2) << "expert " << e.expert() << " on the stalled shard";
+    }
+  }
   cluster->shard(2).Signal(SIGCONT);
   start = Clock::now();
   while (!healthy(2) && Since(start) < 5) std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -250,6 +296,61 @@ TEST_F(ClusterTest, StalledShardLeavesRotationAndComesBack) {
   EXPECT_EQ(result.failed.load(), 0) << result.first_error;
   EXPECT_EQ(result.wrong.load(), 0);
   EXPECT_GT(result.ok.load(), 10);
+}
+
+// Dynamic placement moves load off a dead shard; once it is back, empty and so NOT_SERVING
+// (a shard turns SERVING when it holds an expert), the next dynamic placement gives it
+// experts again instead of leaving it out for good.
+TEST_F(ClusterTest, DynamicPlacementUsesAShardBackEmptyAfterItsLoadWasMovedOff) {
+  auto cluster = Start("dynamic", 3);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  auto rebalance = [&](bool dry_run, v1::Placement* p) {
+    grpc::ClientContext ctx;
+    v1::RebalanceRequest req;
+    req.set_strategy("dynamic");
+    req.set_dry_run(dry_run);
+    return stub->Rebalance(&ctx, req, p);
+  };
+  auto holds = [](const v1::Placement& p, int shard) {
+    int n = 0;
+    for (const auto& e : p.experts()) n += std::count(e.shards().begin(), e.shards().end(), shard);
+    return n;
+  };
+  const std::string dead = cluster->shard_addresses()[2];
+  cluster->shard(2).Signal(SIGKILL);
+  ASSERT_TRUE(cluster->shard(2).Wait(absl::Seconds(5)).ok());
+  EXPECT_EQ(AwaitShardState(cluster->router_address(), dead, "unreachable", 10), "unreachable");
+  v1::Placement off;
+  const grpc::Status moved = rebalance(false, &off);
+  ASSERT_TRUE(moved.ok()) << moved.error_message();
+  EXPECT_EQ(holds(off, 2), 0) << "load left on the dead shard";
+  ASSERT_TRUE(cluster->RestartShard(2).ok());
+  EXPECT_EQ(AwaitShardState(cluster->router_address(), dead, "not_serving", 10), "not_serving");
+  v1::Placement back;
+  const grpc::Status proposed = rebalance(true, &back);
+  ASSERT_TRUE(proposed.ok()) << proposed.error_message();
+  EXPECT_GT(holds(back, 2), 0) << "the shard back, empty, was left out";
+
+  // A drained shard is empty too once its load has moved off, but it will not serve again:
+  // nothing is placed on it.
+  const std::string drained = cluster->shard_addresses()[1];
+  auto drain = common::Subprocess::Spawn({std::string(MOE_BIN_DIR) + "/moe-client", "drain",
+                                          "--addr", drained, "--timeout-ms", "10000"});
+  ASSERT_TRUE(drain.ok()) << drain.status();
+  ASSERT_TRUE(drain->ReadLineWith("drained", absl::Seconds(15)).ok());
+  ASSERT_TRUE(drain->Wait(absl::Seconds(5)).ok());
+  EXPECT_EQ(AwaitShardState(cluster->router_address(), drained, "not_serving", 10),
+            "not_serving");
+  v1::Placement without;
+  const grpc::Status moved_off = rebalance(false, &without);
+  ASSERT_TRUE(moved_off.ok()) << moved_off.error_message();
+  EXPECT_EQ(holds(without, 1), 0) << "load left on the drained shard";
+  v1::Placement after;
+  const grpc::Status again = rebalance(true, &after);
+  ASSERT_TRUE(again.ok()) << again.error_message();
+  EXPECT_EQ(holds(after, 1), 0) << "load proposed for the drained shard";
+  EXPECT_GT(holds(after, 2), 0);
 }
 
 TEST_F(ClusterTest, RebalanceUnderLoadNeverFailsARequest) {
@@ -627,6 +728,36 @@ grpc::Status Train(v1::Router::Stub* stub, uint64_t seed, int deadline_ms,
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms));
   v1::TrainStepResponse resp;
   return stub->TrainStep(&ctx, req, &resp);
+}
+
+// Training calls block for as long as a step takes; inference must not wait behind them. With
+// the coordinator stopped, four steps wait (one on the coordinator, three for the first) while a
+// batch large enough to be gated on the router's worker pool, here of 2 threads, is served.
+TEST_F(ClusterTest, TrainingCallsStuckOnAStoppedCoordinatorDoNotHoldUpInference) {
+  auto cluster = Start("replicated", 2, {"--threads", "2"});
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  cluster->coordinator().Signal(SIGSTOP);
+  std::atomic<int> answered{0};
+  std::vector<std::thread> steps;
+  for (int i = 0; i < 4; ++i) {
+    steps.emplace_back([&, i] {
+      Train(stub.get(), 8200 + 10 * i, 6000, 0.01f);  // fails: its outcome is not the point
+      ++answered;
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  const int64_t n = 300;  // over the router's inline limit of 256 tokens
+  const std::vector<float> x = common::RandomMatrix(n, Config().d_model, 8300);
+  v1::InferResponse resp;
+  const grpc::Status st = Infer(stub.get(), Request(x, n, "beside-training"), &resp, 3000);
+  const int answered_by_then = answered.load();
+  cluster->coordinator().Signal(SIGCONT);
+  for (auto& t : steps) t.join();
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_TRUE(Matches(x, n, resp, *layer_));
+  // At least two were still waiting: on a shared pool they would hold both of its threads.
+  EXPECT_LE(answered_by_then, 2) << "the steps did not wait, so the test showed nothing";
 }
 
 // SaveCheckpoint to a temporary file `name`; expects every expert's replicas identical and
@@ -1219,6 +1350,61 @@ TEST_F(ClusterTest, ARestartedRouterGivesARestartedShardTrainedWeights) {
             Config().num_experts);
   auto stub = client::MakeRouterStub(cluster->router_address());
   absl::StatusOr<common::Checkpoint> saved = SaveIdentical(stub.get(), "router_back.safetensors");
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  for (int e = 0; e < Config().num_experts; ++e) {
+    EXPECT_NE(saved->experts[e].w1, ck_->experts[e].w1) << "expert " << e << " lost its training";
+  }
+}
+
+// A restarted router starts from what the shards hold. Here the shards were switched to sharded
+// placement and trained; the router comes back with --placement hybrid, which moves experts:
+// - its first placement version is past every shard's (the shards reached version 6 by the
+//   rebalances; a router counting from 1 again was refused until it had counted up to 6);
+// - every expert that moves is copied from its trained replica, none read from the checkpoint
+//   (experts 4 and 5 had their only replica on shard 1: they lost their training silently);
+// - what hybrid drops from a shard is unloaded.
+TEST_F(ClusterTest, ARestartedRouterContinuesFromWhatTheShardsHold) {
+  const int metrics = testing::FreePortBlock(5);
+  auto cluster = Start("hybrid", 2, {}, {}, metrics);
+  ASSERT_NE(cluster, nullptr);
+  {
+    auto stub = client::MakeRouterStub(cluster->router_address());
+    for (const char* s : {"sharded", "hybrid", "sharded", "hybrid", "sharded"}) {
+      grpc::ClientContext ctx;
+      v1::RebalanceRequest req;
+      req.set_strategy(s);
+      v1::Placement p;
+      const grpc::Status st = stub->Rebalance(&ctx, req, &p);
+      ASSERT_TRUE(st.ok()) << s << ": " << st.error_message();
+    }
+    const absl::Status trained = TrainSteps(stub.get(), 5500, 2);
+    ASSERT_TRUE(trained.ok()) << trained;
+  }
+  const double shard_version = ScrapeMetric(metrics + 1, "moe_shard_placement_version");
+  EXPECT_EQ(shard_version, 6);
+  const double from_checkpoint =
+      ScrapeMetric(metrics + 1, "moe_shard_expert_loads_total{source=\"checkpoint\"}") +
+      ScrapeMetric(metrics + 2, "moe_shard_expert_loads_total{source=\"checkpoint\"}");
+  cluster->router().Signal(SIGKILL);
+  ASSERT_TRUE(cluster->router().Wait(absl::Seconds(5)).ok());
+  const absl::Status router_back = cluster->RestartRouter();
+  ASSERT_TRUE(router_back.ok()) << router_back;
+
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  grpc::ClientContext ctx;
+  v1::ClusterInfo info;
+  ASSERT_TRUE(stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info).ok());
+  EXPECT_EQ(info.placement_strategy(), "hybrid");
+  EXPECT_EQ(info.placement_version(), shard_version + 1);
+  EXPECT_EQ(ScrapeMetric(metrics + 1, "moe_shard_expert_loads_total{source=\"checkpoint\"}") +
+                ScrapeMetric(metrics + 2, "moe_shard_expert_loads_total{source=\"checkpoint\"}"),
+            from_checkpoint)
+      << "the restarted router read experts from the checkpoint over trained replicas";
+  // hybrid over 2 shards: experts 0-3 on both, 4-5 on shard 0, 6-7 on shard 1.
+  EXPECT_EQ(ScrapeMetric(metrics + 1, "moe_shard_experts_loaded"), 6);
+  EXPECT_EQ(ScrapeMetric(metrics + 2, "moe_shard_experts_loaded"), 6);
+  absl::StatusOr<common::Checkpoint> saved =
+      SaveIdentical(stub.get(), "router_continues.safetensors");
   ASSERT_TRUE(saved.ok()) << saved.status();
   for (int e = 0; e < Config().num_experts; ++e) {
     EXPECT_NE(saved->experts[e].w1, ck_->experts[e].w1) << "expert " << e << " lost its training";

@@ -3,6 +3,7 @@
 
 #include <signal.h>
 
+#include <atomic>
 #include <chrono>
 #include <fstream>
 #include <thread>
@@ -96,6 +97,63 @@ TEST(CollectiveHub, LateChunksAndBreaksOfAForgottenCollectiveLeaveNoMailbox) {
   auto got = hub.Take("step9-group0", 4, absl::Now() + absl::Seconds(1));
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(got->generation, 4u);
+}
+
+// A rank that never joins its collective (its part of an aborted step never ran) leaves its
+// mailbox unclaimed: it is dropped once older than the hub's ttl, with what it held, and what
+// arrives for it later is refused. A mailbox a rank waits on is never dropped.
+TEST(CollectiveHub, AMailboxNobodyClaimsIsDroppedAfterItsTtl) {
+  const absl::Time start = absl::Now();
+  std::atomic<int64_t> elapsed_s{0};  // the hub's clock, moved by the test (read by the taker)
+  collective::CollectiveHub hub(absl::Seconds(150),
+                                [&] { return start + absl::Seconds(elapsed_s.load()); });
+  collective::Chunk c;
+  c.generation = 3;
+  c.payload = collective::Payload::Copy(std::string(1 << 20, 'x'));
+  hub.Deliver("step9-group0", c);
+  hub.Break("step9-group0", 3);  // the sender gave up: this rank never ran its part
+  elapsed_s += 100;
+  c.generation = 4;
+  hub.Deliver("step10-group0", c);  // within the ttl: nothing dropped
+  EXPECT_EQ(hub.mailboxes(), 2u);
+  EXPECT_EQ(hub.swept(), 0);
+
+  // A rank waits on a third group across the ttl.
+  c.generation = 5;
+  std::atomic<bool> waiting{false};
+  absl::StatusOr<collective::Chunk> taken;
+  std::thread taker([&] {
+    waiting = true;
+    taken = hub.Take("step11-group0", 5, absl::Now() + absl::Seconds(20));
+  });
+  while (!waiting.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // inside Take, waiting
+  elapsed_s += 200;  // step9 is 300 s old, step10 200 s, step11's wait 200 s
+  hub.Deliver("step12-group0", c);  // triggers the sweep
+  EXPECT_EQ(hub.swept(), 2);  // step9 and step10; step11 has a taker
+  hub.Deliver("step11-group0", c);
+  taker.join();
+  ASSERT_TRUE(taken.ok()) << taken.status();
+  EXPECT_EQ(taken->generation, 5u);
+  hub.Forget("step11-group0", 5);
+  EXPECT_EQ(hub.mailboxes(), 1u);  // step12's
+  // Late chunks of a dropped collective are refused, not kept.
+  const int64_t refused = hub.refused();
+  c.generation = 3;
+  hub.Deliver("step9-group0", c);
+  EXPECT_EQ(hub.refused(), refused + 1);
+  EXPECT_EQ(hub.mailboxes(), 1u);
+  // A rank polls in short Takes (GrpcPeerTransport::Recv: 50 ms each): the ttl counts from the
+  // last one, not from when the mailbox opened.
+  c.generation = 6;
+  hub.Deliver("step13-group0", c);
+  elapsed_s += 100;
+  EXPECT_EQ(hub.Take("step13-group0", 7, absl::Now() + absl::Milliseconds(10)).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  elapsed_s += 100;  // 200 s since it opened, 100 s since it was last claimed
+  hub.Deliver("step14-group0", c);  // triggers the sweep: step12 goes, step13 stays
+  EXPECT_EQ(hub.swept(), 3);
+  EXPECT_EQ(hub.mailboxes(), 2u);
 }
 
 struct Ring {

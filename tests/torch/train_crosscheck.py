@@ -48,14 +48,16 @@ def rel(ours, ref):
 
 def train_step(stub, request):
     """TrainStep, asked again while the router refuses it with UNAVAILABLE (a shard briefly out
-    of rotation or slow to show its replicas on a loaded machine): a refused step changed no
-    weight, and the router says to try again."""
+    of rotation or slow to show its replicas on a loaded machine) or aborts it (ABORTED: e.g. the
+    coordinator's verdict lost to a connection attempt that timed out under ThreadSanitizer):
+    either way the step changed no weight, as moe-client train also assumes when it retries."""
     start = time.monotonic()
     while True:
         try:
             return stub.TrainStep(request, timeout=60)
         except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() - start > 30:
+            if (e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
+                    or time.monotonic() - start > 30):
                 raise
             print(f"TrainStep refused, asking again: {e.details()}")
             time.sleep(0.1)
