@@ -474,24 +474,29 @@ TEST_F(ShardServerTest, FullQueueRejectsExactlyWhatDoesNotFitAtOnce) {
 TEST_F(ShardServerTest, CancelledStreamStopsItsPendingWork) {
   ShardServerOptions o;
   o.pool.threads = 1;
-  o.pool.batch_delay = absl::Milliseconds(300);
+  // Long enough that all five batches are queued before the worker would compute the first, also
+  // under TSan (where reading five batches took more than 50 ms).
+  o.pool.batch_delay = absl::Seconds(2);
   auto server = StartServer(o);
   auto stub = Stub(*server);
   {
     grpc::ClientContext ctx;
     auto stream = stub->Dispatch(&ctx);
     for (int i = 0; i < 5; ++i) ASSERT_TRUE(stream->Write(Batch(i, 4, {{1, {0, 1, 2, 3}}})));
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // let the server read them
+    // Items stay queued while the worker waits out the delay.
+    ASSERT_TRUE(::moe::testing::Eventually([&] { return server->pool().queued_batches() == 5; }))
+        << "the shard queued " << server->pool().queued_batches() << " of the 5 batches";
     ctx.TryCancel();
     stream->Finish();
   }
-  // Wait past the delay: the worker must have dropped the items rather than computed them.
-  for (int i = 0; i < 50 && Metric(*server->registry(), "moe_shard_rejected_batches_total",
-                                   {{"reason", "cancelled"}}) < 5; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  EXPECT_EQ(Metric(*server->registry(), "moe_shard_rejected_batches_total", {{"reason", "cancelled"}}), 5);
+  // Past the delay the worker must drop the items rather than compute them.
+  auto cancelled = [&] {
+    return Metric(*server->registry(), "moe_shard_rejected_batches_total", {{"reason", "cancelled"}});
+  };
+  EXPECT_TRUE(::moe::testing::Eventually([&] { return cancelled() >= 5; }));
+  EXPECT_EQ(cancelled(), 5);
   EXPECT_EQ(Metric(*server->registry(), "moe_shard_tokens_total", {{"expert", "1"}}), 0);
+  EXPECT_EQ(server->pool().queued_batches(), 0);
 }
 
 TEST_F(ShardServerTest, PassedDeadlineStopsPendingWork) {

@@ -29,18 +29,10 @@
 namespace moe::router {
 namespace {
 
+using moe::testing::Eventually;
+
 constexpr common::ModelConfig kConfig{.num_experts = 4, .d_model = 16, .d_ff = 32, .top_k = 2,
                                       .activation = common::Activation::kSilu, .gated = true};
-
-// Polls `done` every 5 ms for up to 30 s; returns its last value.
-template <typename Done>
-bool Eventually(Done done) {
-  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (!done() && std::chrono::steady_clock::now() < until) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  return done();
-}
 
 // Waits (up to 30 s) until the client's health checks reach the shard: its channel is connected.
 // A call made before may fail on the cluster's 100 ms connection timeout on a loaded machine

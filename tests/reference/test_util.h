@@ -7,10 +7,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <ctime>
 #include <filesystem>
 #include <string>
 #include <system_error>
+#include <thread>
 
 #include <gtest/gtest.h>
 
@@ -81,6 +83,17 @@ inline std::string ScrapeMetrics(int port) {
   while ((n = read(fd, buf, sizeof(buf))) > 0) body.append(buf, static_cast<size_t>(n));
   close(fd);
   return body;
+}
+
+// Polls `done` every 5 ms for up to 30 s; returns its last value. For tests that wait on what a
+// server does instead of sleeping for a time that a loaded or instrumented machine may overrun.
+template <typename Done>
+bool Eventually(Done done) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!done() && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return done();
 }
 
 }  // namespace moe::testing
