@@ -1356,6 +1356,12 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
           grpc::ClientContext ctx;
           ctx.set_deadline(std::chrono::system_clock::now() +
                            std::chrono::milliseconds(req.timeout_ms() + 8000));
+          // Wait for the channel rather than fail on a connection attempt that timed out: a
+          // call that never left is no lost verdict, but the router cannot tell it from one,
+          // and would wait out the coordinator's window (the first step of a router under
+          // TSan failed so, its first connection slower than the cluster's 100 ms attempt).
+          // gRPC sends the call at most once either way.
+          ctx.set_wait_for_ready(true);
           v1::CommitStepResponse resp;
           grpc::Status st = stub->CommitStep(&ctx, req, &resp);
           if (!st.ok()) return common::FromGrpcStatus(st);
