@@ -370,6 +370,22 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return up;
   }
 
+  // A placement of strategy `s` over the live table's shards (returned in `*shards`), on those
+  // Usable allows. Works on a copy of the table: Usable may ask shards, and a switch waits for
+  // every holder of the live one to let go of it.
+  absl::StatusOr<Placement> ProposeOverLiveTable(
+      Strategy s, std::vector<std::shared_ptr<ShardClient>>* shards) {
+    RoutingTable now;
+    {
+      std::shared_ptr<const RoutingTable> live = Table();
+      if (live == nullptr) return absl::UnavailableError("the initial placement is still loading");
+      now = *live;
+    }
+    const std::vector<bool> usable = Usable(now);
+    *shards = std::move(now.shards);
+    return Propose(s, static_cast<int>(shards->size()), usable);
+  }
+
   // Loads the new replicas everywhere (copied from a live replica once the model has trained,
   // else from the checkpoint), switches, then lets the old ones drain away.
   absl::Status Apply(Placement next, std::vector<std::shared_ptr<ShardClient>> next_shards) {
@@ -821,16 +837,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     if (imbalance <= options.imbalance_threshold) return;
     t.reset();  // Apply waits for every holder of the current table to let go of it
-    RoutingTable now;  // a copy: Usable may ask shards, and a switch waits for the table
-    {
-      std::shared_ptr<const RoutingTable> live = Table();
-      if (live == nullptr) return;
-      now = *live;
-    }
-    const std::vector<bool> usable = Usable(now);
-    std::vector<std::shared_ptr<ShardClient>> current = std::move(now.shards);
-    absl::StatusOr<Placement> next =
-        Propose(Strategy::kDynamic, static_cast<int>(current.size()), usable);
+    std::vector<std::shared_ptr<ShardClient>> current;
+    absl::StatusOr<Placement> next = ProposeOverLiveTable(Strategy::kDynamic, &current);
     if (next.ok() && Imbalance(*next, load) < imbalance - 0.05) {
       Apply(*next, std::move(current)).IgnoreError();
     }
@@ -1129,14 +1137,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (!req->strategy().empty()) {
         ASSIGN_OR_RETURN(s, ParseStrategy(req->strategy()));
       }
-      std::shared_ptr<const RoutingTable> live = Table();
-      if (live == nullptr) return absl::UnavailableError("the initial placement is still loading");
-      // A copy: Usable may ask shards, and Apply waits for every holder of the current table.
-      RoutingTable now = *live;
-      live.reset();
-      std::vector<std::shared_ptr<ShardClient>> current = now.shards;
-      const std::vector<bool> usable = Usable(now);
-      ASSIGN_OR_RETURN(Placement p, Propose(s, static_cast<int>(current.size()), usable));
+      std::vector<std::shared_ptr<ShardClient>> current;
+      ASSIGN_OR_RETURN(Placement p, ProposeOverLiveTable(s, &current));
       if (!req->dry_run()) {
         RETURN_IF_ERROR(Apply(p, std::move(current)));
         p = Table()->placement;

@@ -39,6 +39,15 @@ std::vector<std::vector<float>> RunRing(int world, int64_t length, const AllRedu
 
 float IntegerInit(int r, int64_t i) { return static_cast<float>((r + 1) * 3 + (i % 11) - 5); }
 
+// A one-float chunk of collective `generation`, its four bytes all `fill`, as a peer would send.
+Chunk OneElementChunk(uint64_t generation, char fill) {
+  Chunk c;
+  c.generation = generation;
+  c.count = 1;
+  c.payload = Payload::Copy(std::string(4, fill));
+  return c;
+}
+
 class RingTest : public ::testing::TestWithParam<int> {};
 
 TEST_P(RingTest, SumIsExactForEveryLength) {
@@ -199,11 +208,7 @@ TEST(Ring, BorrowedSendsAreWaitedForBeforeReturning) {
 TEST(Ring, OlderGenerationMessagesAreRefused) {
   const int world = 3;
   InMemoryRing ring(world);
-  Chunk stale;
-  stale.generation = 4;
-  stale.count = 1;
-  stale.payload = Payload::Copy(std::string(4, '\0'));
-  ring.Inject(0, stale);
+  ring.Inject(0, OneElementChunk(/*generation=*/4, '\0'));
   std::vector<absl::Status> st;
   auto out = RunRing(world, 100, AllReduceOptions{}, IntegerInit, &st, &ring, /*generation=*/5);
   for (int r = 0; r < world; ++r) ASSERT_TRUE(st[r].ok()) << st[r];
@@ -218,11 +223,7 @@ TEST(Ring, OlderGenerationMessagesAreRefused) {
 TEST(Ring, NewerGenerationMessagesWaitForTheirCollective) {
   const int world = 3;
   InMemoryRing ring(world);
-  Chunk early;
-  early.generation = 6;
-  early.count = 1;
-  early.payload = Payload::Copy(std::string(4, '\x7f'));
-  ring.Inject(0, early);
+  ring.Inject(0, OneElementChunk(/*generation=*/6, '\x7f'));
   std::vector<absl::Status> st;
   auto out = RunRing(world, 100, AllReduceOptions{}, IntegerInit, &st, &ring, /*generation=*/5);
   for (int r = 0; r < world; ++r) ASSERT_TRUE(st[r].ok()) << st[r];
