@@ -22,8 +22,12 @@ import time
 out_path, bin_dir = sys.argv[1], sys.argv[2]
 SIZES = [1, 16, 64]
 WORLDS = [2, 4]
-REPEAT = {1: 20, 16: 6, 64: 3}
+REPEAT = {1: 50, 16: 20, 64: 10}  # timed collectives per run, after the warm-up
 ROUNDS = 3
+# Before timing, each side's links carry 32 MiB: gloo_allreduce warms every pair with one 32 MiB
+# message (Gloo sizes SO_SNDBUF from it), moe-ring-rank --persistent runs warm-up collectives
+# until as much crossed each link. ours_stream_per_op sets up a new stream for each collective.
+WARM_MIB = 32
 
 
 def seconds(text):
@@ -39,7 +43,8 @@ def ours(world, elements, repeat, persistent):
         p = subprocess.Popen([f"{bin_dir}/moe-ring-rank", "--rank", str(r), "--world", str(world),
                               "--peers-file", peers, "--length", str(elements), "--repeat",
                               str(repeat), "--deadline-ms", "120000"]
-                             + (["--persistent"] if persistent else []),
+                             + (["--persistent", "--warm-mib", str(WARM_MIB)] if persistent
+                                else []),
                              stdout=subprocess.PIPE, text=True)
         line = p.stdout.readline()
         addrs.append(line.strip().split("listening on ")[1])

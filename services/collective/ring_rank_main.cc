@@ -7,7 +7,8 @@
 // floats --repeat times, each over a stream of its own (as a training step does), checks the sums
 // and prints
 // "RESULT code=CODE ms=MS correct=0|1 seconds_per_op=S". With --persistent, every collective
-// shares one stream to the next rank (a warm-up, --repeat timed back to back, one checked).
+// shares one stream to the next rank (warm-up collectives until --warm-mib MiB crossed each link,
+// at least one; then --repeat timed back to back, one checked).
 // --piece-bytes sets the largest piece on the wire (default 1 MiB), to measure that trade-off.
 // --wire bf16 and --op avg are checked too: the expected value is the exact sum, divided by the
 // world for avg, rounded to BF16 for bf16 (the inputs are small integers, exact in BF16).
@@ -46,6 +47,8 @@ usage: moe-ring-rank --rank R --world N --peers-file F [flags]
   --length N                 floats to reduce (default 1000)
   --repeat N                 collectives to run (default 1), each on a stream of its own
   --persistent               all on one stream to the next rank, after a warm-up (timing)
+  --warm-mib N               with --persistent, warm up until N MiB crossed each link
+                             (default 0: one collective), as a peer benchmark warms its own
   --deadline-ms N            each collective's deadline (default 10000)
   --piece-bytes N            largest piece on the wire (default 1 MiB)
   --wire fp32|bf16           wire format (default fp32)
@@ -63,7 +66,7 @@ absl::Status Run(int argc, char** argv) {
                                           {"length", true}, {"deadline-ms", true},
                                           {"repeat", true}, {"wire", true}, {"host", true},
                                           {"persistent", false}, {"piece-bytes", true},
-                                          {"op", true}}));
+                                          {"op", true}, {"warm-mib", true}}));
   ASSIGN_OR_RETURN(int64_t rank, f.GetInt("rank", 0));
   ASSIGN_OR_RETURN(int64_t world, f.GetInt("world", 1));
   ASSIGN_OR_RETURN(std::string peers_file, f.Require("peers-file"));
@@ -71,6 +74,7 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(int64_t deadline_ms, f.GetInt("deadline-ms", 10000));
   ASSIGN_OR_RETURN(int64_t repeat, f.GetInt("repeat", 1));
   const bool persistent = f.Has("persistent");
+  ASSIGN_OR_RETURN(int64_t warm_mib, f.GetInt("warm-mib", 0));
   moe::collective::AllReduceOptions opts;
   if (f.Get("wire", "fp32") == "bf16") opts.wire = moe::collective::WireFormat::kBFloat16;
   const std::string op = f.Get("op", "sum");
@@ -129,8 +133,16 @@ absl::Status Run(int argc, char** argv) {
                                             static_cast<int>(world), g++, deadline, &transport,
                                             opts);
     };
+    // Each collective sends 2 (N-1)/N of the buffer over each link.
+    const double link_bytes = 2.0 * static_cast<double>((world - 1) * length) * sizeof(float) /
+                              static_cast<double>(world);
     fresh_inputs();
     st = reduce();
+    const double warm_bytes = static_cast<double>(warm_mib << 20);
+    for (double sent = link_bytes; st.ok() && link_bytes > 0 && sent < warm_bytes;
+         sent += link_bytes) {
+      st = reduce();
+    }
     const auto t = std::chrono::steady_clock::now();
     for (int64_t r = 0; r < repeat && st.ok(); ++r) st = reduce();
     total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();

@@ -24,6 +24,10 @@ void ConfigureServerBuilder(grpc::ServerBuilder* builder, const RpcLimits& limit
   // Large initial flow-control windows: bulk streams (expert copies, the ring) need not wait for
   // the BDP probe to grow them.
   builder->AddChannelArgument(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 8 << 20);
+  // And no BDP probe, which sizes the windows from its estimate of the link instead: with it, a
+  // 4-rank ring on loopback ran at 0.6 of the speed, and a new connection's first collectives
+  // slower still (DECISIONS.md). A stream may have 8 MiB in flight, no more.
+  builder->AddChannelArgument(GRPC_ARG_HTTP2_BDP_PROBE, 0);
 }
 
 namespace {
@@ -48,6 +52,7 @@ grpc::ChannelArguments ChannelArgs(const RpcLimits& limits, int keepalive_ms,
   // Each client gets its own connection rather than sharing a subchannel with other channels.
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 8 << 20);
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);  // as in ConfigureServerBuilder
   // No transparent retries: the callers fail over themselves, and the retry layer would hold on
   // to every message of a stream's first 256 KiB (the ring's borrowed buffers among them).
   args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
