@@ -16,7 +16,7 @@ void TuneAllocatorForLargeBuffers() {
   // One arena for every thread. glibc otherwise gives threads their own arenas, whose 64 MiB heaps
   // it unmaps (or MADV_DONTNEEDs) as soon as they empty whatever the trim threshold: gRPC's
   // receive buffers then land on fresh pages, and the kernel's copy into them page-faults, which on
-  // a paravirtualized guest cost a ring all-reduce half its time (docs/PERFORMANCE.md). The main
+  // a paravirtualized guest cost a ring all-reduce half its time (docs/DECISIONS.md). The main
   // arena keeps its pages (trim threshold above); small blocks still come from per-thread caches.
   mallopt(M_ARENA_MAX, 1);
 }
