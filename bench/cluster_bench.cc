@@ -4,7 +4,11 @@
 // trip to the same router (GetClusterInfo), all measured in this run. N = 1 is measured three
 // ways, to tell its parts apart: one token repeated (the headline figure), a new token per
 // request, and one token on a model of d_ff 32 whose experts cost next to nothing (what the
-// cluster's own path adds). Prints one JSON object.
+// cluster's own path adds). Throughput is measured in rounds, each timing the in-process layer
+// and the cluster back to back (in alternating order) at every N, and each N's ratio is the
+// median of its rounds' ratios: this VM's speed drifts by 10-20 % over a minute (other tenants),
+// and a ratio of two figures taken a minute apart measured the drift as much as the cluster.
+// Prints one JSON object.
 
 #include <omp.h>
 #include <unistd.h>
@@ -19,6 +23,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "client/local_cluster.h"
 #include "client/router_client.h"
 #include "expert_server/expert_ffn.h"
@@ -29,6 +34,9 @@
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// Rounds of the throughput comparison; each measurement takes seconds / kRounds.
+constexpr int kRounds = 3;
 
 double Since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
@@ -83,6 +91,59 @@ double BareRoundTrip(moe::v1::Router::Stub* stub) {
     if (i >= 50) bare.push_back(Since(t));
   }
   return Median(bare);
+}
+
+// Tokens/s of the in-process layer on `x` [n, d], forward after forward for `seconds`.
+double LocalTokensPerSecond(moe::router::MoeLayer* layer, const std::vector<float>& x, int64_t n,
+                            double seconds) {
+  (void)layer->Forward(x.data(), n);
+  int64_t calls = 0;
+  const auto start = Clock::now();
+  while (Since(start) < seconds) {
+    (void)layer->Forward(x.data(), n);
+    ++calls;
+  }
+  return static_cast<double>(n * calls) / Since(start);
+}
+
+// Tokens/s of the cluster on `x` [n, d] in steady state: a window of requests in flight on one
+// InferStream, a new one written as each response is read; the clock starts once a window's
+// worth of responses has come back (the pipeline full) and counts the responses read in
+// `seconds`. -1 on an error.
+double ClusterTokensPerSecond(moe::v1::Router::Stub* stub, const std::vector<float>& x, int64_t n,
+                              int64_t d, double seconds) {
+  moe::v1::InferRequest req;
+  moe::common::EncodeTensor(x, {n, d}, moe::common::WireType::kFloat32, req.mutable_tokens());
+  const int window = n >= 256 ? 4 : 16;
+  grpc::ClientContext ctx;
+  auto stream = stub->InferStream(&ctx);
+  moe::v1::InferResponse resp;
+  int64_t sent = 0, done = 0;
+  bool ok = true;
+  for (; sent < window; ++sent) ok = ok && stream->Write(req);
+  // One response read, one request written; false on an error.
+  auto turn = [&] {
+    if (!stream->Read(&resp) || resp.code() != 0) return false;
+    ++done;
+    ++sent;
+    return stream->Write(req);
+  };
+  for (int i = 0; ok && i < window; ++i) ok = turn();
+  const int64_t done_before = done;
+  const auto start = Clock::now();
+  while (ok && Since(start) < seconds) ok = turn();
+  const double el = Since(start);
+  const int64_t counted = done - done_before;
+  stream->WritesDone();
+  while (done < sent && stream->Read(&resp)) ++done;
+  const grpc::Status st = stream->Finish();
+  if (!st.ok() || !ok) {
+    std::fprintf(stderr, "cluster_bench: InferStream at N=%lld failed: %s%s\n",
+                 static_cast<long long>(n), st.error_message().c_str(),
+                 st.ok() ? resp.message().c_str() : "");
+    return -1;
+  }
+  return static_cast<double>(n * counted) / el;
 }
 
 std::string SaveBenchCheckpoint(const moe::common::Checkpoint& ck, const std::string& name) {
@@ -141,22 +202,11 @@ int main(int argc, char** argv) {
   // In process.
   omp_set_num_threads(cores);
   auto layer = moe::router::MoeLayer::Create(ck).value();
-  std::vector<double> local_tps;
   double local_p50_n1 = 0;
-  for (int64_t n : sizes) {
-    const auto x = moe::common::RandomMatrix(n, c.d_model, n);
-    (void)layer->Forward(x.data(), n);
-    std::vector<double> lat;
-    const auto start = Clock::now();
-    while (Since(start) < seconds) {
-      const auto t = Clock::now();
-      (void)layer->Forward(x.data(), n);
-      lat.push_back(Since(t));
-    }
-    local_tps.push_back(static_cast<double>(n * lat.size()) / Since(start));
-    if (n == 1) local_p50_n1 = Median(lat);
-    std::fprintf(stderr, "in-process N=%lld: %.0f tokens/s\n", static_cast<long long>(n),
-                 local_tps.back());
+  {
+    const auto x = moe::common::RandomMatrix(1, c.d_model, 1);
+    (void)layer->Forward(x.data(), 1);
+    local_p50_n1 = P50For(seconds, [&](int64_t) { return layer->Forward(x.data(), 1).ok(); });
   }
   // N = 1 with a new token per request (cycling through kVaried), so each request's two experts
   // vary as in serving and are seldom still in cache; the loop above repeats one token, which
@@ -201,39 +251,37 @@ int main(int argc, char** argv) {
   const double cluster_p50_n1_varied =
       InferP50(stub.get(), OneTokenRequests(varied, c.d_model), seconds);
   if (cluster_p50_n1_varied < 0) return 1;
-  std::vector<double> cluster_tps;
   double cluster_p50_n1 = 0;
-  for (int64_t n : sizes) {
-    const auto x = moe::common::RandomMatrix(n, c.d_model, n);
-    moe::v1::InferRequest req;
-    moe::common::EncodeTensor(x, {n, c.d_model}, moe::common::WireType::kFloat32,
-                              req.mutable_tokens());
-    if (n == 1) {
-      cluster_p50_n1 = InferP50(stub.get(), OneTokenRequests(x, c.d_model), seconds);
-      if (cluster_p50_n1 < 0) return 1;
-    }
-    // Throughput: a window of requests in flight on one stream.
-    const int window = n >= 256 ? 4 : 16;
-    grpc::ClientContext ctx;
-    auto stream = stub->InferStream(&ctx);
-    int64_t sent = 0, done = 0;
-    moe::v1::InferResponse resp;
-    const auto start = Clock::now();
-    while (Since(start) < seconds) {
-      while (sent - done < window) {
-        stream->Write(req);
-        ++sent;
+  {
+    const auto x = moe::common::RandomMatrix(1, c.d_model, 1);
+    cluster_p50_n1 = InferP50(stub.get(), OneTokenRequests(x, c.d_model), seconds);
+    if (cluster_p50_n1 < 0) return 1;
+  }
+  // Throughput, in rounds (see the top of the file). The idle cluster stays up while the
+  // in-process layer runs: its processes wait on their sockets and timers.
+  struct Point {
+    std::vector<double> local, cluster, ratio;
+  };
+  std::vector<Point> points(sizes.size());
+  for (int round = 0; round < kRounds; ++round) {
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      const int64_t n = sizes[i];
+      const auto x = moe::common::RandomMatrix(n, c.d_model, n);
+      double local = 0, remote = 0;
+      for (int turn = 0; turn < 2; ++turn) {
+        if ((turn == 0) == (round % 2 == 0)) {
+          local = LocalTokensPerSecond(layer.get(), x, n, seconds / kRounds);
+        } else {
+          remote = ClusterTokensPerSecond(stub.get(), x, n, c.d_model, seconds / kRounds);
+          if (remote < 0) return 1;
+        }
       }
-      if (!stream->Read(&resp) || resp.code() != 0) return 1;
-      ++done;
+      points[i].local.push_back(local);
+      points[i].cluster.push_back(remote);
+      points[i].ratio.push_back(remote / local);
+      std::fprintf(stderr, "round %d/%d N=%lld: in-process %.0f, cluster %.0f tokens/s (%.2f)\n",
+                   round + 1, kRounds, static_cast<long long>(n), local, remote, remote / local);
     }
-    const double el = Since(start);
-    stream->WritesDone();
-    while (done < sent && stream->Read(&resp)) ++done;
-    stream->Finish();
-    cluster_tps.push_back(static_cast<double>(n * (done - (sent - done))) / el);
-    std::fprintf(stderr, "cluster N=%lld: %.0f tokens/s\n", static_cast<long long>(n),
-                 cluster_tps.back());
   }
   if (const absl::Status st = (*cluster)->Stop(); !st.ok()) {
     std::fprintf(stderr, "cluster_bench: %s\n", std::string(st.message()).c_str());
@@ -243,23 +291,26 @@ int main(int argc, char** argv) {
   if (tiny_cluster < 0) return 1;
   std::string rows;
   for (size_t i = 0; i < sizes.size(); ++i) {
+    const Point& p = points[i];
     rows += absl::StrCat(i ? ", " : "", "{\"N\": ", sizes[i], ", \"in_process_tokens_per_s\": ",
-                         local_tps[i], ", \"cluster_tokens_per_s\": ", cluster_tps[i],
-                         ", \"ratio\": ", cluster_tps[i] / local_tps[i], "}");
+                         Median(p.local), ", \"cluster_tokens_per_s\": ", Median(p.cluster),
+                         ", \"ratio\": ", Median(p.ratio), ", \"round_ratios\": [",
+                         absl::StrJoin(p.ratio, ", "), "]}");
   }
   std::string gaps;
   for (const auto& [gap_us, p50] : by_gap) {
     gaps += absl::StrCat(gaps.empty() ? "" : ", ", "{\"gap_us\": ", gap_us, ", \"p50_s\": ", p50, "}");
   }
   std::printf(
-      "{\"shards\": 4, \"shard_threads\": 1, \"in_process_threads\": %d, \"throughput\": [%s], "
+      "{\"shards\": 4, \"shard_threads\": 1, \"in_process_threads\": %d, \"rounds\": %d, "
+      "\"throughput\": [%s], "
       "\"latency_n1\": {\"cluster_p50_s\": %g, \"in_process_p50_s\": %g, \"bare_rtt_p50_s\": %g, "
       "\"added_in_round_trips\": %g, \"expert_forward_1row_by_gap\": [%s], "
       "\"varied_tokens\": {\"cluster_p50_s\": %g, \"in_process_p50_s\": %g, "
       "\"added_in_round_trips\": %g}, "
       "\"negligible_compute\": {\"d_ff\": 32, \"cluster_p50_s\": %g, \"in_process_p50_s\": %g, "
       "\"bare_rtt_p50_s\": %g, \"added_in_round_trips\": %g}}}\n",
-      cores, rows.c_str(), cluster_p50_n1, local_p50_n1, bare_p50,
+      cores, kRounds, rows.c_str(), cluster_p50_n1, local_p50_n1, bare_p50,
       (cluster_p50_n1 - local_p50_n1) / bare_p50, gaps.c_str(), cluster_p50_n1_varied,
       local_p50_n1_varied, (cluster_p50_n1_varied - local_p50_n1_varied) / bare_p50,
       tiny_cluster, tiny_local, tiny_bare, (tiny_cluster - tiny_local) / tiny_bare);

@@ -22,7 +22,7 @@ done
 echo "[4/7] one shard on loopback against the in-process kernel (bench/shard_bench)" >&2
 "$BUILD/bin/shard_bench" --benchmark_out="$OUT/shard.json" --benchmark_out_format=json >/dev/null 2>&1
 echo "[5/7] the cluster against the in-process layer (bench/cluster_bench)" >&2
-"$BUILD/bin/cluster_bench" 2 >"$OUT/cluster.json" 2>"$OUT/cluster.err" || { cat "$OUT/cluster.err" >&2; exit 1; }
+"$BUILD/bin/cluster_bench" 4 >"$OUT/cluster.json" 2>"$OUT/cluster.err" || { cat "$OUT/cluster.err" >&2; exit 1; }
 echo "[5/7] what gRPC alone costs for a request of the cluster's shape (bench/grpc_floor)" >&2
 "$BUILD/bin/grpc_floor" 2 >"$OUT/grpc_floor.json" 2>"$OUT/grpc_floor.err" || { cat "$OUT/grpc_floor.err" >&2; exit 1; }
 echo "[6/7] ring all-reduce against Gloo and Open MPI (bench/allreduce_bench.py)" >&2

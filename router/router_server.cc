@@ -1391,7 +1391,8 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
                      common::MetricsEndpoint::Start(o.metrics_address, impl->registry));
   }
   ASSIGN_OR_RETURN(common::StartedServer started,
-                   common::StartServer(o.address, {impl.get()}, o.limits));
+                   common::StartServer(o.address, {impl.get()}, o.limits,
+                                       common::Clients::kUsers));
   impl->server = std::move(started.server);
   impl->port = started.port;
   Impl* raw = impl.get();

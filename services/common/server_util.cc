@@ -10,12 +10,14 @@
 
 namespace moe::common {
 
-void ConfigureServerBuilder(grpc::ServerBuilder* builder, const RpcLimits& limits) {
+void ConfigureServerBuilder(grpc::ServerBuilder* builder, const RpcLimits& limits,
+                            Clients clients) {
+  const bool users = clients == Clients::kUsers;
   builder->SetMaxReceiveMessageSize(limits.max_message_bytes);
   builder->SetMaxSendMessageSize(limits.max_message_bytes);
   builder->AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-  builder->AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 500);
-  builder->AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 1000);
+  builder->AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, users ? 10000 : 500);
+  builder->AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, users ? 10000 : 1000);
   builder->AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   builder->AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
   // Accept the clients' 500 ms pings instead of answering them with GOAWAY.
@@ -83,10 +85,10 @@ void EnableHealthAndReflection() {
 
 absl::StatusOr<StartedServer> StartServer(const std::string& address,
                                           const std::vector<grpc::Service*>& services,
-                                          const RpcLimits& limits) {
+                                          const RpcLimits& limits, Clients clients) {
   EnableHealthAndReflection();
   grpc::ServerBuilder builder;
-  ConfigureServerBuilder(&builder, limits);
+  ConfigureServerBuilder(&builder, limits, clients);
   StartedServer started;
   builder.AddListeningPort(address, ServerCredentials(), &started.port);
   for (grpc::Service* s : services) builder.RegisterService(s);

@@ -22,9 +22,23 @@ struct RpcLimits {
   int max_message_bytes = 64 << 20;
 };
 
-// Keepalive pings every 500 ms with a 1 s timeout on both sides: a peer that stops answering is
-// detected within 2 s. Disables SO_REUSEPORT so a stale server cannot take a share of connections.
-void ConfigureServerBuilder(grpc::ServerBuilder* builder, const RpcLimits& limits = {});
+// Who a server's clients are, which sets how it pings them.
+enum class Clients {
+  // The cluster's own services (ClientChannelArgs below): the server pings every 500 ms with 1 s
+  // to answer, as they ping it, so a peer that stops answering is detected within 2 s.
+  kCluster,
+  // Users (the router's public port; UserChannelArgs): pings every 10 s with 10 s to answer. A
+  // user's client may sit idle between calls with no thread reading its connection (a
+  // synchronous gRPC client reads it only during a call, and otherwise every 5 s), and 1 s to
+  // answer then closed the connection under it: its next call, 2 s later, failed UNAVAILABLE
+  // ("Socket closed", "Broken pipe").
+  kUsers,
+};
+
+// Keepalive as `clients` says, message size limits, and SO_REUSEPORT off so a stale server
+// cannot take a share of connections.
+void ConfigureServerBuilder(grpc::ServerBuilder* builder, const RpcLimits& limits = {},
+                            Clients clients = Clients::kCluster);
 
 // Channel arguments for internal clients (router -> shard, shard -> peer), matching the above.
 grpc::ChannelArguments ClientChannelArgs(const RpcLimits& limits = {});
@@ -46,7 +60,8 @@ struct StartedServer {
 // otherwise. UNAVAILABLE naming the address when it cannot listen.
 absl::StatusOr<StartedServer> StartServer(const std::string& address,
                                           const std::vector<grpc::Service*>& services,
-                                          const RpcLimits& limits);
+                                          const RpcLimits& limits,
+                                          Clients clients = Clients::kCluster);
 
 // Serves `registry` on http://ADDRESS/metrics. `address` is host:port; port 0 picks one.
 class MetricsEndpoint {

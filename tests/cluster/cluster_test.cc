@@ -394,6 +394,25 @@ TEST_F(ClusterTest, RebalanceUnderLoadNeverFailsARequest) {
   EXPECT_GT(result.ok.load(), 10);
 }
 
+// A user's synchronous client reads its connection only during a call (and otherwise every 5 s,
+// gRPC's backup poller), so between calls it cannot answer the router's keepalive pings. The
+// router gives users 10 s to answer: a call after 2 or 3 s of idling goes through, where with
+// the cluster's 1 s it found its connection closed (UNAVAILABLE "Socket closed").
+TEST_F(ClusterTest, AClientIdleBetweenCallsIsNotCutOff) {
+  auto cluster = Start("hybrid", 2);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  for (int gap_ms : {0, 2000, 3000}) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(gap_ms));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    v1::ClusterInfo info;
+    const grpc::Status st = stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info);
+    EXPECT_TRUE(st.ok()) << "after " << gap_ms << " ms idle: " << st.error_code() << " "
+                         << st.error_message();
+  }
+}
+
 TEST_F(ClusterTest, BadRequestsGetClearErrors) {
   auto cluster = Start("hybrid", 2, {"--max-batch-tokens", "100"});
   ASSERT_NE(cluster, nullptr);
