@@ -84,7 +84,7 @@ absl::Status Run(int argc, char** argv) {
   o.pool.batch_delay = absl::Microseconds(delay_us);
   o.limits.max_message_bytes = static_cast<int>(mb << 20);
 
-  moe::common::TuneAllocatorForLargeBuffers();
+  moe::common::TuneServiceProcess();
   RETURN_IF_ERROR(moe::common::ConfigureTlsFromFlags(f));
   moe::common::BlockTerminationSignals();
   ASSIGN_OR_RETURN(auto server, moe::expert::ShardServer::Start(o));

@@ -130,7 +130,7 @@ absl::Status Run(int argc, char** argv) {
   o.default_timeout = absl::Seconds(timeout);
   o.wire = bf16_rows ? moe::common::WireType::kBFloat16 : moe::common::WireType::kFloat32;
 
-  moe::common::TuneAllocatorForLargeBuffers();
+  moe::common::TuneServiceProcess();
   RETURN_IF_ERROR(moe::common::ConfigureTlsFromFlags(f));
   moe::common::BlockTerminationSignals();
   ASSIGN_OR_RETURN(auto server, moe::router::RouterServer::Start(o));

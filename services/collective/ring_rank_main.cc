@@ -59,7 +59,7 @@ usage: moe-ring-rank --rank R --world N --peers-file F [flags]
 float Init(int rank, int64_t i) { return static_cast<float>((rank + 1) * 3 + (i % 11) - 5); }
 
 absl::Status Run(int argc, char** argv) {
-  moe::common::TuneAllocatorForLargeBuffers();
+  moe::common::TuneServiceProcess();
   using moe::common::Flags;
   ASSIGN_OR_RETURN(Flags f, Flags::Parse(argc, argv, 1,
                                          {{"rank", true}, {"world", true}, {"peers-file", true},

@@ -8,9 +8,11 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include "absl/synchronization/mutex.h"
+
 namespace moe::common {
 
-void TuneAllocatorForLargeBuffers() {
+void TuneServiceProcess() {
   mallopt(M_MMAP_THRESHOLD, 256 << 20);
   mallopt(M_TRIM_THRESHOLD, 512 << 20);
   // One arena for every thread. glibc otherwise gives threads their own arenas, whose 64 MiB heaps
@@ -19,6 +21,7 @@ void TuneAllocatorForLargeBuffers() {
   // a paravirtualized guest cost a ring all-reduce half its time (docs/DECISIONS.md). The main
   // arena keeps its pages (trim threshold above); small blocks still come from per-thread caches.
   mallopt(M_ARENA_MAX, 1);
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 }
 
 void BlockTerminationSignals() {

@@ -12,10 +12,15 @@ namespace moe::common {
 
 void BlockTerminationSignals();
 
-// Keeps large transient buffers (MiB-sized batches and chunks) on one heap that is never given
-// back, instead of a fresh mmap, munmap and page faults for each one: no mmap below 256 MiB, no
-// trim below 512 MiB free, one malloc arena for all threads. Call first in main, before threads.
-void TuneAllocatorForLargeBuffers();
+// Settings for a service process (moe-router, moe-expert-server, moe-ring-rank); call first in
+// main, before threads.
+// - Keeps large transient buffers (MiB-sized batches and chunks) on one heap that is never given
+//   back, instead of a fresh mmap, munmap and page faults for each one: no mmap below 256 MiB, no
+//   trim below 512 MiB free, one malloc arena for all threads.
+// - Turns off Abseil's mutex deadlock detection, which Debian's Abseil runs on every
+//   absl::Mutex (gRPC's included): each lock of a mutex went through a process-wide lock and a
+//   graph lookup (about 1 % of a loaded cluster's CPU). Tests keep it: they do not call this.
+void TuneServiceProcess();
 // Returns the signal received (SIGTERM or SIGINT), or 0 after WakeSignalWaiter().
 int WaitForTerminationSignal();
 // Makes a pending WaitForTerminationSignal() return 0 (when the server stopped by itself).
