@@ -54,13 +54,14 @@ def main():
             break
         layer_runs.append(json.load(open(lp)))
         torch_runs.append([json.loads(l) for l in open(tp) if l.strip()])
-    peak = None
     ffn_rows = []
     for b in ffn["benchmarks"]:
+        if b.get("run_type") == "aggregate" and b.get("aggregate_name") != "median":
+            continue
         m = re.match(r"ExpertForward/(\w+)/(\d+)", b["name"])
-        peak = b["peak_GFLOPs"]
         ffn_rows.append({"variant": m.group(1), "M": int(m.group(2)), "gflops": b["GFLOPs"],
-                         "of_peak": b["GFLOPs"] / b["peak_GFLOPs"]})
+                         "of_peak": b["of_peak"], "peak_gflops": b["peak_GFLOPs"]})
+    peak = statistics.median(r["peak_gflops"] for r in ffn_rows) if ffn_rows else None
     # Per (variant, N, threads): each side's median over the pairs, and the median of the pairs'
     # ratios (against PyTorch at the same thread count, and at its better one).
     pairs = {}
@@ -86,6 +87,8 @@ def main():
     shard = json.load(open(os.path.join(src, "shard.json")))
     shard_rows = {}
     for b in shard["benchmarks"]:
+        if b.get("run_type") == "aggregate" and b.get("aggregate_name") != "median":
+            continue
         m = re.match(r"BM_(\w+)/rows:(\d+)", b["name"])
         shard_rows.setdefault(int(m.group(2)), {})[m.group(1)] = b["rows_per_s"]
     shard_table = [{"rows": r, "in_process_rows_per_s": v["InProcess"], "shard_rows_per_s": v["Shard"],
@@ -105,10 +108,13 @@ def main():
              "compares two measurements taken in that run on the same machine.", "",
              f"Machine: {machine}", "",
              "## Expert FFN forward against this machine's FP32 FMA peak", "",
-             f"d_model 512, d_ff 2048, 1 thread. Peak measured in the run: {peak:.1f} GFLOP/s.", "",
-             "| variant | M | GFLOP/s | of peak |", "|---|---:|---:|---:|"]
+             "d_model 512, d_ff 2048, 1 thread. The peak is measured for 0.1 s just before each "
+             "run of the FFN, and each row is the median of 3 runs (this VM's speed drifts "
+             f"within a minute); the peaks' median: {peak:.1f} GFLOP/s.", "",
+             "| variant | M | GFLOP/s | peak GFLOP/s | of peak |", "|---|---:|---:|---:|---:|"]
     for r in ffn_rows:
-        lines.append(f"| {r['variant']} | {r['M']} | {r['gflops']:.1f} | {r['of_peak']:.2f} |")
+        lines.append(f"| {r['variant']} | {r['M']} | {r['gflops']:.1f} | {r['peak_gflops']:.1f} | "
+                     f"{r['of_peak']:.2f} |")
     lines += ["", "## In-process layer against PyTorch", "",
               "16 experts, d_model 512, d_ff 2048, top-2, N tokens per batch. PyTorch: Debian's torch,",
               "the usual loop over experts with index_add (bench/torch_layer.py). Ours and PyTorch",
@@ -127,7 +133,8 @@ def main():
     lines += ["", "## One shard on loopback against the in-process kernel", "",
               "One expert (d_model 512, d_ff 2048, gated SiLU), 1 compute thread both ways; the",
               "client keeps 8 batches in flight on one Dispatch stream, so the shard coalesces",
-              "small batches into one matmul (dynamic batching) where the kernel runs them singly.", "",
+              "small batches into one matmul (dynamic batching) where the kernel runs them singly.",
+              "Each figure is the median of 3 runs, the runs of both sides interleaved in a random order.", "",
               "| rows per batch | in-process rows/s | shard rows/s | ratio |", "|---:|---:|---:|---:|"]
     for r in shard_table:
         lines.append(f"| {r['rows']} | {r['in_process_rows_per_s']:.0f} | {r['shard_rows_per_s']:.0f} | "
@@ -137,12 +144,18 @@ def main():
               f"Router + {cluster['shards']} shards ({cluster['shard_threads']} compute thread each) "
               f"on loopback, against the in-process layer with {cluster['in_process_threads']} "
               "OpenMP threads, on the same machine (all processes share its cores). 16 experts, "
-              "d_model 512, d_ff 2048, top-2, hybrid placement.", "",
-              "| N tokens per request | in-process tokens/s | cluster tokens/s | ratio |",
-              "|---:|---:|---:|---:|"]
+              "d_model 512, d_ff 2048, top-2, hybrid placement. The cluster keeps a window of "
+              "requests in flight on one InferStream (16 below N = 256, 4 from it) and is timed in "
+              "steady state. Measured in "
+              f"{cluster.get('rounds', 1)} rounds, each timing the in-process layer and the cluster "
+              "back to back at every N (this VM's speed drifts by 10-20 % within a minute): "
+              "tokens/s are the medians of the rounds, the ratio the median of the rounds' ratios.", "",
+              "| N tokens per request | in-process tokens/s | cluster tokens/s | ratio | ratio by round |",
+              "|---:|---:|---:|---:|---|"]
     for r in cluster["throughput"]:
+        each = ", ".join(f"{x:.2f}" for x in r.get("round_ratios", []))
         lines.append(f"| {r['N']} | {r['in_process_tokens_per_s']:.0f} | "
-                     f"{r['cluster_tokens_per_s']:.0f} | {r['ratio']:.2f} |")
+                     f"{r['cluster_tokens_per_s']:.0f} | {r['ratio']:.2f} | {each} |")
     lines += ["", f"Latency at N = 1 (p50): cluster {lat['cluster_p50_s'] * 1e3:.3f} ms, in-process "
               f"{lat['in_process_p50_s'] * 1e3:.3f} ms, bare gRPC unary round trip to the router "
               f"{lat['bare_rtt_p50_s'] * 1e6:.0f} us: the cluster adds "
@@ -223,12 +236,16 @@ def main():
         lines.append(f"| {r['ranks']} | {r['MiB']} | {fmt(r.get('ours'))} | "
                      f"{fmt(r.get('ours_stream_per_op'))} | {fmt(r.get('gloo'))} | "
                      f"{ratio} | {fmt(r.get('mpi_tcp'))} | {fmt(r.get('mpi_shm'))} |")
-    by = {(r.get("order", "by_id"), r["placement"]): r for r in placement}
     lines += ["", "## Hybrid against dynamic placement under Zipf(1.2) load", "",
               placement_limit_text(placement),
               "`moe-client load` with",
               "4 streams of 64 tokens and expert popularity Zipf(1.2); measured after a warm-up in",
-              "which dynamic placement sees the skew and rebalances. Three popularity orders:",
+              "which dynamic placement sees the skew and rebalances (`dynamic` with its default slot",
+              "budget, ceil(5E/4S) = 5 experts a shard, half the memory of `hybrid`'s 10). The two",
+              "clusters are up at once and each of 3 rounds loads one and then the other, so that the figures of a",
+              "round see the same machine (this VM's speed drifts by 10-20 % within a minute);",
+              "tokens/s and p99 are the medians of the rounds, a ratio the median of the rounds'",
+              "ratios. Three popularity orders:",
               "by expert id (expert 0 the most popular), the hot experts are exactly the ones",
               "`hybrid` replicates everywhere, its best case; shuffled (`--hot-order 7`), an",
               "arbitrary order (here the hottest expert, 10, is one `hybrid` keeps on one shard);",
@@ -240,15 +257,18 @@ def main():
               "than their rows, and `hybrid` fills every shard's spare capacity with its",
               "replicated experts: a static guess costs it most where the hot experts sit together",
               "on one shard.", "",
-              "| popularity | placement | tokens/s | p99 ms | errors | placement version |",
-              "|---|---|---:|---:|---:|---:|"]
+              "| popularity | placement | tokens/s | tokens/s by round | p99 ms | errors | placement version |",
+              "|---|---|---:|---|---:|---:|---:|"]
     for r in placement:
-        lines.append(f"| {r.get('order', 'by_id')} | {r['placement']} | {r['tokens_per_s']:.0f} | "
-                     f"{r['p99_ms']:.1f} | {r['errors']} | {r['placement_version']} |")
-    for order in ("by_id", "shuffled", "reversed"):
-        if (order, "hybrid") in by and (order, "dynamic") in by:
-            ratio = by[(order, "dynamic")]["tokens_per_s"] / by[(order, "hybrid")]["tokens_per_s"]
-            lines += ["", f"dynamic / hybrid, popularity {order}: **{ratio:.2f}x**"]
+        rounds = ", ".join(f"{t:.0f}" for t in r.get("round_tokens_per_s", []))
+        lines.append(f"| {r.get('order', 'by_id')} | {r.get('variant', r['placement'])} | "
+                     f"{r['tokens_per_s']:.0f} | {rounds} | {r['p99_ms']:.1f} | {r['errors']} | "
+                     f"{r['placement_version']} |")
+    lines += ["", "| popularity | placement | / hybrid | by round |", "|---|---|---:|---|"]
+    for r in placement:
+        if "over_hybrid" in r:
+            each = ", ".join(f"{x:.2f}" for x in r.get("round_ratios", []))
+            lines.append(f"| {r['order']} | {r['variant']} | **{r['over_hybrid']:.2f}x** | {each} |")
     plot = plot_cluster(cluster, os.path.join(os.path.dirname(md_path) or ".", "cluster_throughput.png"))
     if plot:
         lines += ["", "## Cluster throughput against batch size", "",
@@ -266,7 +286,9 @@ def placement_limit_text(placement):
                 "can borrow its core-mate's idle time),")
     return (f"4 shards, each limited to {cpus} CPUs by a cgroup CPU quota of its own "
             "(`moe-cluster --shard-cpus`: like a machine of that size, a shard cannot borrow a "
-            "neighbour's idle time),")
+            "neighbour's idle time; the quotas add up to 60 % of the cores, and the router and "
+            "the load generator take about 0.45 of a core between them: with 80 % the machine, "
+            "not the quotas, was the limit),")
 
 
 def scale_table(d):

@@ -20,7 +20,11 @@ for pair in 1 2 3; do
   /usr/bin/python3 bench/torch_layer.py 256 1.0 >"$OUT/torch_$pair.jsonl"
 done
 echo "[4/7] one shard on loopback against the in-process kernel (bench/shard_bench)" >&2
-"$BUILD/bin/shard_bench" --benchmark_out="$OUT/shard.json" --benchmark_out_format=json >/dev/null 2>&1
+# 3 runs of each, in a random interleaved order, medians reported: run one after the other, the
+# in-process and the shard figures were up to a minute apart on a VM whose speed drifts.
+"$BUILD/bin/shard_bench" --benchmark_repetitions=3 --benchmark_enable_random_interleaving=true \
+  --benchmark_report_aggregates_only=true --benchmark_out="$OUT/shard.json" \
+  --benchmark_out_format=json >/dev/null 2>&1
 echo "[5/7] the cluster against the in-process layer (bench/cluster_bench)" >&2
 "$BUILD/bin/cluster_bench" 4 >"$OUT/cluster.json" 2>"$OUT/cluster.err" || { cat "$OUT/cluster.err" >&2; exit 1; }
 echo "[5/7] what gRPC alone costs for a request of the cluster's shape (bench/grpc_floor)" >&2
