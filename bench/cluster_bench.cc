@@ -93,17 +93,18 @@ double BareRoundTrip(moe::v1::Router::Stub* stub) {
   return Median(bare);
 }
 
-// Tokens/s of the in-process layer on `x` [n, d], forward after forward for `seconds`.
+// Tokens/s of the in-process layer on `x` [n, d], forward after forward for `seconds`; -1 if a
+// forward fails or none finished.
 double LocalTokensPerSecond(moe::router::MoeLayer* layer, const std::vector<float>& x, int64_t n,
                             double seconds) {
-  (void)layer->Forward(x.data(), n);
+  if (!layer->Forward(x.data(), n).ok()) return -1;
   int64_t calls = 0;
   const auto start = Clock::now();
   while (Since(start) < seconds) {
-    (void)layer->Forward(x.data(), n);
+    if (!layer->Forward(x.data(), n).ok()) return -1;
     ++calls;
   }
-  return static_cast<double>(n * calls) / Since(start);
+  return calls > 0 ? static_cast<double>(n * calls) / Since(start) : -1;
 }
 
 // Tokens/s of the cluster on `x` [n, d] in steady state: a window of requests in flight on one
@@ -120,10 +121,15 @@ double ClusterTokensPerSecond(moe::v1::Router::Stub* stub, const std::vector<flo
   moe::v1::InferResponse resp;
   int64_t sent = 0, done = 0;
   bool ok = true;
+  std::string failed;  // the first response that failed, "code N: message"
   for (; sent < window; ++sent) ok = ok && stream->Write(req);
   // One response read, one request written; false on an error.
   auto turn = [&] {
-    if (!stream->Read(&resp) || resp.code() != 0) return false;
+    if (!stream->Read(&resp)) return false;
+    if (resp.code() != 0) {
+      failed = absl::StrCat("code ", resp.code(), ": ", resp.message());
+      return false;
+    }
     ++done;
     ++sent;
     return stream->Write(req);
@@ -138,9 +144,11 @@ double ClusterTokensPerSecond(moe::v1::Router::Stub* stub, const std::vector<flo
   while (done < sent && stream->Read(&resp)) ++done;
   const grpc::Status st = stream->Finish();
   if (!st.ok() || !ok) {
-    std::fprintf(stderr, "cluster_bench: InferStream at N=%lld failed: %s%s\n",
-                 static_cast<long long>(n), st.error_message().c_str(),
-                 st.ok() ? resp.message().c_str() : "");
+    std::fprintf(stderr, "cluster_bench: InferStream at N=%lld failed: %s\n",
+                 static_cast<long long>(n),
+                 !st.ok()          ? st.error_message().c_str()
+                 : !failed.empty() ? failed.c_str()
+                                   : "the stream ended early");
     return -1;
   }
   return static_cast<double>(n * counted) / el;
@@ -267,7 +275,7 @@ int main(int argc, char** argv) {
   // per row count where the kernel wants them) on the shards and in process.
   for (int64_t n : sizes) {
     const auto x = moe::common::RandomMatrix(n, c.d_model, n);
-    (void)LocalTokensPerSecond(layer.get(), x, n, 0.3);
+    if (LocalTokensPerSecond(layer.get(), x, n, 0.3) < 0) return 1;
     if (ClusterTokensPerSecond(stub.get(), x, n, c.d_model, 0.3) < 0) return 1;
   }
   for (int round = 0; round < kRounds; ++round) {
@@ -278,6 +286,7 @@ int main(int argc, char** argv) {
       for (int turn = 0; turn < 2; ++turn) {
         if ((turn == 0) == (round % 2 == 0)) {
           local = LocalTokensPerSecond(layer.get(), x, n, seconds / kRounds);
+          if (local <= 0) return 1;
         } else {
           remote = ClusterTokensPerSecond(stub.get(), x, n, c.d_model, seconds / kRounds);
           if (remote < 0) return 1;

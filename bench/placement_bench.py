@@ -6,7 +6,7 @@ rounds that load the two clusters in turn (both are up at once). Three
 popularity orders: by expert id (expert 0 the most popular: the hot experts are exactly the ones
 hybrid replicates everywhere, hybrid's best case), a seeded shuffle (which experts are hot is
 not known in advance, what dynamic placement is for), and reversed (the hot experts are the ones
-hybrid does not replicate, its worst case). Prints a line per run and writes JSON
+hybrid does not replicate, its worst case). Prints a line per round and per placement and writes JSON
 lines to the file given as the first argument.
 
 usage: placement_bench.py OUT.jsonl BIN_DIR [SECONDS]
@@ -94,7 +94,7 @@ with open(out_path, "w") as out:
             for name, placement, extra in VARIANTS:
                 clusters[name], routers[name] = local_cluster.start(
                     bin_dir, ck, "--shards", str(SHARDS), "--placement", placement, *SHARD_LIMIT,
-                    "--router-args", ROUTER_ARGS + extra, stderr=subprocess.DEVNULL)
+                    "--router-args", f"{ROUTER_ARGS} {extra}".strip(), stderr=subprocess.DEVNULL)
             # Warm-up: dynamic placement sees the skew and rebalances (an idle router keeps its
             # placement: its load estimate moves with batches only).
             for name, _, _ in VARIANTS:
@@ -120,12 +120,14 @@ with open(out_path, "w") as out:
         for name, placement, extra in VARIANTS:
             tps = [x[0] for x in runs[name]]
             row = {"order": order, "placement": placement, "variant": name,
-                   "router_args": ROUTER_ARGS + extra, "tokens_per_s": median(tps),
+                   "router_args": f"{ROUTER_ARGS} {extra}".strip(), "tokens_per_s": median(tps),
                    "round_tokens_per_s": tps, "p99_ms": median([x[1] for x in runs[name]]),
                    "errors": sum(x[2] for x in runs[name]),
-                   "placement_version": versions[name], "shard_cpus": SHARD_CPUS}
+                   "placement_version": versions[name], "shard_cpus": SHARD_CPUS,
+                   "rounds": ROUNDS}
             if name != "hybrid":
-                round_ratios = [d[0] / h[0] for h, d in zip(runs["hybrid"], runs[name])]
+                round_ratios = [d[0] / h[0] if h[0] > 0 else 0.0
+                                for h, d in zip(runs["hybrid"], runs[name])]
                 ratios[(order, name)] = median(round_ratios)
                 row["over_hybrid"] = ratios[(order, name)]
                 row["round_ratios"] = round_ratios

@@ -110,7 +110,8 @@ def main():
              "## Expert FFN forward against this machine's FP32 FMA peak", "",
              "d_model 512, d_ff 2048, 1 thread. The peak is measured for 0.1 s just before each "
              "run of the FFN, and each row is the median of 3 runs (this VM's speed drifts "
-             f"within a minute); the peaks' median: {peak:.1f} GFLOP/s.", "",
+             "within a minute); \"of peak\" is the median of the runs' ratios. The peaks' median: "
+             + (f"{peak:.1f} GFLOP/s." if peak else "none measured."), "",
              "| variant | M | GFLOP/s | peak GFLOP/s | of peak |", "|---|---:|---:|---:|---:|"]
     for r in ffn_rows:
         lines.append(f"| {r['variant']} | {r['M']} | {r['gflops']:.1f} | {r['peak_gflops']:.1f} | "
@@ -242,7 +243,8 @@ def main():
               "4 streams of 64 tokens and expert popularity Zipf(1.2); measured after a warm-up in",
               "which dynamic placement sees the skew and rebalances (`dynamic` with its default slot",
               "budget, ceil(5E/4S) = 5 experts a shard, half the memory of `hybrid`'s 10). The two",
-              "clusters are up at once and each of 3 rounds loads one and then the other, so that the figures of a",
+              f"clusters are up at once and each of {len(placement[0].get('round_tokens_per_s', [])) if placement else 0} "
+              "rounds loads one and then the other, so that the figures of a",
               "round see the same machine (this VM's speed drifts by 10-20 % within a minute);",
               "tokens/s and p99 are the medians of the rounds, a ratio the median of the rounds'",
               "ratios. Three popularity orders:",
@@ -264,7 +266,8 @@ def main():
         lines.append(f"| {r.get('order', 'by_id')} | {r.get('variant', r['placement'])} | "
                      f"{r['tokens_per_s']:.0f} | {rounds} | {r['p99_ms']:.1f} | {r['errors']} | "
                      f"{r['placement_version']} |")
-    lines += ["", "| popularity | placement | / hybrid | by round |", "|---|---|---:|---|"]
+    if any("over_hybrid" in r for r in placement):
+        lines += ["", "| popularity | placement | / hybrid | by round |", "|---|---|---:|---|"]
     for r in placement:
         if "over_hybrid" in r:
             each = ", ".join(f"{x:.2f}" for x in r.get("round_ratios", []))

@@ -23,8 +23,8 @@ std::unique_ptr<v1::Router::Stub> MakeRouterStub(const std::string& address);
 
 // One idempotent unary call, `call(ctx)`, each attempt with a fresh context of `timeout`. A call
 // that fails UNAVAILABLE is made twice more, 300 ms apart (past the channel's reconnect
-// backoff): the channels give up on a connection whose handshake takes over 100 ms
-// (common::ClientChannelArgs), which on a loaded machine is not a server gone. Returns the first
+// backoff): a connection attempt can fail on a loaded machine (common::UserChannelArgs gives
+// a handshake 2 s) without the server being gone. Returns the first
 // failure when every attempt fails (later ones only say that a reconnect was cut short). Not
 // wait_for_ready, whose DEADLINE_EXCEEDED would hide why the server could not be reached. A
 // server without the service (UNIMPLEMENTED with no message) is named in the message.

@@ -40,7 +40,8 @@ enum class Clients {
 void ConfigureServerBuilder(grpc::ServerBuilder* builder, const RpcLimits& limits = {},
                             Clients clients = Clients::kCluster);
 
-// Channel arguments for internal clients (router -> shard, shard -> peer), matching the above.
+// Channel arguments for internal clients (router -> shard, shard -> peer), matching
+// Clients::kCluster.
 grpc::ChannelArguments ClientChannelArgs(const RpcLimits& limits = {});
 // Channel arguments for a user's client of the cluster (moe-client, load generators, probes): the
 // limits of ClientChannelArgs, but a connection attempt gets 2 s instead of 100 ms and keepalive

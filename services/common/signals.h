@@ -12,14 +12,15 @@ namespace moe::common {
 
 void BlockTerminationSignals();
 
-// Settings for a service process (moe-router, moe-expert-server, moe-ring-rank); call first in
-// main, before threads.
+// Settings for a service process (moe-router, moe-expert-server, moe-coordinator,
+// moe-ring-rank); call first in main, before threads.
 // - Keeps large transient buffers (MiB-sized batches and chunks) on one heap that is never given
 //   back, instead of a fresh mmap, munmap and page faults for each one: no mmap below 256 MiB, no
 //   trim below 512 MiB free, one malloc arena for all threads.
 // - Turns off Abseil's mutex deadlock detection, which Debian's Abseil runs on every
 //   absl::Mutex (gRPC's included): each lock of a mutex went through a process-wide lock and a
-//   graph lookup (about 1 % of a loaded cluster's CPU). Tests keep it: they do not call this.
+//   graph lookup (about 1 % of a loaded cluster's CPU). Servers run inside a test binary keep
+//   it; the service binaries that the cluster and fault tests launch do not.
 void TuneServiceProcess();
 // Returns the signal received (SIGTERM or SIGINT), or 0 after WakeSignalWaiter().
 int WaitForTerminationSignal();

@@ -40,6 +40,7 @@ absl::Status Run(int argc, char** argv) {
   if (lease < 100) return absl::InvalidArgumentError("--lease-ms must be at least 100");
   o.lease = absl::Milliseconds(lease);
   RETURN_IF_ERROR(moe::common::ConfigureTlsFromFlags(f));
+  moe::common::TuneServiceProcess();
   moe::common::BlockTerminationSignals();
   ASSIGN_OR_RETURN(auto server, moe::coordinator::CoordinatorServer::Start(o));
   std::printf("moe-coordinator listening on %s:%d\n", host.c_str(), server->port());

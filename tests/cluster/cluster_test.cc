@@ -395,14 +395,16 @@ TEST_F(ClusterTest, RebalanceUnderLoadNeverFailsARequest) {
 }
 
 // A user's synchronous client reads its connection only during a call (and otherwise every 5 s,
-// gRPC's backup poller), so between calls it cannot answer the router's keepalive pings. The
-// router gives users 10 s to answer: a call after 2 or 3 s of idling goes through, where with
-// the cluster's 1 s it found its connection closed (UNAVAILABLE "Socket closed").
+// gRPC's backup poller), so between calls it answers the router's keepalive pings late. The
+// router pings users every 10 s with 10 s to answer: a call after 2 or 3 s of idling goes
+// through, where with the cluster's 500 ms and 1 s it found its connection closed (UNAVAILABLE
+// "Socket closed"); and so does one after 12 s, past a ping that the idle client answered from
+// its backup poller within the 10 s.
 TEST_F(ClusterTest, AClientIdleBetweenCallsIsNotCutOff) {
   auto cluster = Start("hybrid", 2);
   ASSERT_NE(cluster, nullptr);
   auto stub = client::MakeRouterStub(cluster->router_address());
-  for (int gap_ms : {0, 2000, 3000}) {
+  for (int gap_ms : {0, 2000, 3000, 12000}) {
     std::this_thread::sleep_for(std::chrono::milliseconds(gap_ms));
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
