@@ -553,7 +553,9 @@ TEST_F(ClusterTest, RequestsPastTheInFlightLimitAreShedAndTheRestServed) {
   v1::InferResponse resp;
   const auto start = Clock::now();
   const grpc::Status shed = Infer(stub.get(), Request(x, 4, "shed"), &resp);
-  EXPECT_LT(Since(start), 0.2);
+  // At once: queued behind the first, it would take the 500 ms the shard still holds that one.
+  // 0.4 s, not less: under ThreadSanitizer on 2 cores a refused call took 0.28 s.
+  EXPECT_LT(Since(start), 0.4);
   held.join();
   EXPECT_EQ(shed.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << shed.error_message();
   EXPECT_NE(shed.error_message().find("1 requests in flight, its limit"), std::string::npos)
