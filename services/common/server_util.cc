@@ -9,15 +9,27 @@
 #include "services/common/security.h"
 
 namespace moe::common {
+namespace {
+
+// How keepalive pings go, the same on both ends of a connection: a server's for its Clients and
+// the channels of ClientChannelArgs / UserChannelArgs.
+struct Keepalive {
+  int time_ms;
+  int timeout_ms;
+};
+constexpr Keepalive kClusterKeepalive{500, 1000};
+constexpr Keepalive kUserKeepalive{10000, 10000};
+
+}  // namespace
 
 void ConfigureServerBuilder(grpc::ServerBuilder* builder, const RpcLimits& limits,
                             Clients clients) {
-  const bool users = clients == Clients::kUsers;
+  const Keepalive keepalive = clients == Clients::kUsers ? kUserKeepalive : kClusterKeepalive;
   builder->SetMaxReceiveMessageSize(limits.max_message_bytes);
   builder->SetMaxSendMessageSize(limits.max_message_bytes);
   builder->AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-  builder->AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, users ? 10000 : 500);
-  builder->AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, users ? 10000 : 1000);
+  builder->AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, keepalive.time_ms);
+  builder->AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, keepalive.timeout_ms);
   builder->AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   builder->AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
   // Accept internal clients' 500 ms pings (users' come every 10 s) instead of answering them with
@@ -37,13 +49,13 @@ namespace {
 // The channel arguments of ClientChannelArgs and UserChannelArgs, which differ in how long a
 // connection attempt may take and how keepalive pings go. Each key is set once: with a key set
 // twice, gRPC uses the first.
-grpc::ChannelArguments ChannelArgs(const RpcLimits& limits, int keepalive_ms,
-                                   int keepalive_timeout_ms, int min_connect_ms) {
+grpc::ChannelArguments ChannelArgs(const RpcLimits& limits, Keepalive keepalive,
+                                   int min_connect_ms) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(limits.max_message_bytes);
   args.SetMaxSendMessageSize(limits.max_message_bytes);
-  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, keepalive_ms);
-  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, keepalive_timeout_ms);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, keepalive.time_ms);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, keepalive.timeout_ms);
   args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
   // Reconnect quickly once a server is back. The minimum backoff is also the least time a
@@ -66,11 +78,11 @@ grpc::ChannelArguments ChannelArgs(const RpcLimits& limits, int keepalive_ms,
 grpc::ChannelArguments ClientChannelArgs(const RpcLimits& limits) {
   // Pings every 500 ms with 1 s to answer (a stalled peer leaves rotation within 2 s); 100 ms
   // for a connection attempt, so a shard back after a cut link is found fast.
-  return ChannelArgs(limits, 500, 1000, 100);
+  return ChannelArgs(limits, kClusterKeepalive, 100);
 }
 
 grpc::ChannelArguments UserChannelArgs(const RpcLimits& limits) {
-  return ChannelArgs(limits, 10000, 10000, 2000);
+  return ChannelArgs(limits, kUserKeepalive, 2000);
 }
 
 namespace {
