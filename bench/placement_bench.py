@@ -72,10 +72,9 @@ if not cpu_quota_possible():
     SHARD_CPUS = "pinned"
     SHARD_LIMIT = ["--pin-shards"]
 ORDERS = [("by_id", 0), ("shuffled", 7), ("reversed", -1)]
-# (name, --placement, extra router flags).
-VARIANTS = [("hybrid", "hybrid", ""), ("dynamic", "dynamic", "")]
-# Rounds per order: the clusters are up at once, and each round loads one after the other (in
-# an order that turns each round) for seconds / ROUNDS; a ratio is the median of the rounds'
+PLACEMENTS = ("hybrid", "dynamic")
+# Rounds per order: both clusters are up at once, and each round loads one and then the other
+# (in alternating order) for seconds / ROUNDS; a ratio is the median of the rounds'
 # ratios. This VM's speed drifts by 10-20 % within a minute, and one cluster measured a minute
 # after the other gave dynamic / hybrid anywhere from 0.90 to 1.12 for the same order.
 ROUNDS = 3
@@ -89,51 +88,47 @@ ratios = {}
 with open(out_path, "w") as out:
     for order, hot_order in ORDERS:
         clusters, routers = {}, {}
-        runs = {v[0]: [] for v in VARIANTS}
+        runs = {p: [] for p in PLACEMENTS}
         try:
-            for name, placement, extra in VARIANTS:
-                clusters[name], routers[name] = local_cluster.start(
-                    bin_dir, ck, "--shards", str(SHARDS), "--placement", placement, *SHARD_LIMIT,
-                    "--router-args", f"{ROUTER_ARGS} {extra}".strip(), stderr=subprocess.DEVNULL)
+            for p in PLACEMENTS:
+                clusters[p], routers[p] = local_cluster.start(
+                    bin_dir, ck, "--shards", str(SHARDS), "--placement", p, *SHARD_LIMIT,
+                    "--router-args", ROUTER_ARGS, stderr=subprocess.DEVNULL)
             # Warm-up: dynamic placement sees the skew and rebalances (an idle router keeps its
             # placement: its load estimate moves with batches only).
-            for name, _, _ in VARIANTS:
-                load(routers[name], max(3.0, seconds / 2), hot_order)
+            for p in PLACEMENTS:
+                load(routers[p], max(3.0, seconds / 2), hot_order)
             for r in range(ROUNDS):
-                turn = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
-                for name, _, _ in turn:
-                    runs[name].append(load(routers[name], seconds / ROUNDS, hot_order))
+                for p in (PLACEMENTS if r % 2 == 0 else PLACEMENTS[::-1]):
+                    runs[p].append(load(routers[p], seconds / ROUNDS, hot_order))
                 print(f"{order:8s} round {r + 1}/{ROUNDS}: " + ", ".join(
-                    f"{v[0]} {runs[v[0]][-1][0]:.0f}" for v in VARIANTS) + " tokens/s",
+                    f"{p} {runs[p][-1][0]:.0f}" for p in PLACEMENTS) + " tokens/s",
                     file=sys.stderr, flush=True)
             versions = {}
-            for name, _, _ in VARIANTS:
+            for p in PLACEMENTS:
                 placement_out = subprocess.run([f"{bin_dir}/moe-client", "placement", "--router",
-                                                routers[name]], capture_output=True,
-                                               text=True).stdout
-                versions[name] = int(re.search(r"version (\d+)", placement_out).group(1))
+                                                routers[p]], capture_output=True, text=True).stdout
+                versions[p] = int(re.search(r"version (\d+)", placement_out).group(1))
         finally:
             for c in clusters.values():
                 c.terminate()
             for c in clusters.values():
                 c.wait(timeout=30)
-        for name, placement, extra in VARIANTS:
-            tps = [x[0] for x in runs[name]]
-            row = {"order": order, "placement": placement, "variant": name,
-                   "router_args": f"{ROUTER_ARGS} {extra}".strip(), "tokens_per_s": median(tps),
-                   "round_tokens_per_s": tps, "p99_ms": median([x[1] for x in runs[name]]),
-                   "errors": sum(x[2] for x in runs[name]),
-                   "placement_version": versions[name], "shard_cpus": SHARD_CPUS,
-                   "rounds": ROUNDS}
-            if name != "hybrid":
+        for p in PLACEMENTS:
+            tps = [x[0] for x in runs[p]]
+            row = {"order": order, "placement": p, "router_args": ROUTER_ARGS,
+                   "tokens_per_s": median(tps), "round_tokens_per_s": tps,
+                   "p99_ms": median([x[1] for x in runs[p]]), "errors": sum(x[2] for x in runs[p]),
+                   "placement_version": versions[p], "shard_cpus": SHARD_CPUS}
+            if p != "hybrid":
                 round_ratios = [d[0] / h[0] if h[0] > 0 else 0.0
-                                for h, d in zip(runs["hybrid"], runs[name])]
-                ratios[(order, name)] = median(round_ratios)
-                row["over_hybrid"] = ratios[(order, name)]
+                                for h, d in zip(runs["hybrid"], runs[p])]
+                ratios[(order, p)] = median(round_ratios)
+                row["over_hybrid"] = ratios[(order, p)]
                 row["round_ratios"] = round_ratios
             out.write(json.dumps(row) + "\n")
-            print(f"{order:8s} {name:16s}: {row['tokens_per_s']:8.0f} tokens/s, p99 "
+            print(f"{order:8s} {p:8s}: {row['tokens_per_s']:8.0f} tokens/s, p99 "
                   f"{row['p99_ms']:.1f} ms, {row['errors']} errors, placement version "
                   f"{row['placement_version']}", file=sys.stderr, flush=True)
-for (order, name), ratio in ratios.items():
-    print(f"{order}: {name} / hybrid {ratio:.2f}x (median of {ROUNDS} rounds)", file=sys.stderr)
+for (order, p), ratio in ratios.items():
+    print(f"{order}: {p} / hybrid {ratio:.2f}x (median of {ROUNDS} rounds)", file=sys.stderr)

@@ -44,6 +44,12 @@ def plot_cluster(cluster, path):
     return path
 
 
+def medians(benchmarks):
+    """Google Benchmark's runs, keeping only the median where repetitions were aggregated."""
+    return [b for b in benchmarks
+            if b.get("run_type") != "aggregate" or b.get("aggregate_name") == "median"]
+
+
 def main():
     src, md_path, json_path = sys.argv[1:4]
     ffn = json.load(open(os.path.join(src, "ffn.json")))
@@ -55,9 +61,7 @@ def main():
         layer_runs.append(json.load(open(lp)))
         torch_runs.append([json.loads(l) for l in open(tp) if l.strip()])
     ffn_rows = []
-    for b in ffn["benchmarks"]:
-        if b.get("run_type") == "aggregate" and b.get("aggregate_name") != "median":
-            continue
+    for b in medians(ffn["benchmarks"]):
         m = re.match(r"ExpertForward/(\w+)/(\d+)", b["name"])
         ffn_rows.append({"variant": m.group(1), "M": int(m.group(2)), "gflops": b["GFLOPs"],
                          "of_peak": b["of_peak"], "peak_gflops": b["peak_GFLOPs"]})
@@ -86,9 +90,7 @@ def main():
                            "pair_ratios": ratios, "pairs": len(runs)})
     shard = json.load(open(os.path.join(src, "shard.json")))
     shard_rows = {}
-    for b in shard["benchmarks"]:
-        if b.get("run_type") == "aggregate" and b.get("aggregate_name") != "median":
-            continue
+    for b in medians(shard["benchmarks"]):
         m = re.match(r"BM_(\w+)/rows:(\d+)", b["name"])
         shard_rows.setdefault(int(m.group(2)), {})[m.group(1)] = b["rows_per_s"]
     shard_table = [{"rows": r, "in_process_rows_per_s": v["InProcess"], "shard_rows_per_s": v["Shard"],
@@ -263,7 +265,7 @@ def main():
               "|---|---|---:|---|---:|---:|---:|"]
     for r in placement:
         rounds = ", ".join(f"{t:.0f}" for t in r.get("round_tokens_per_s", []))
-        lines.append(f"| {r.get('order', 'by_id')} | {r.get('variant', r['placement'])} | "
+        lines.append(f"| {r.get('order', 'by_id')} | {r['placement']} | "
                      f"{r['tokens_per_s']:.0f} | {rounds} | {r['p99_ms']:.1f} | {r['errors']} | "
                      f"{r['placement_version']} |")
     if any("over_hybrid" in r for r in placement):
@@ -271,7 +273,7 @@ def main():
     for r in placement:
         if "over_hybrid" in r:
             each = ", ".join(f"{x:.2f}" for x in r.get("round_ratios", []))
-            lines.append(f"| {r['order']} | {r['variant']} | **{r['over_hybrid']:.2f}x** | {each} |")
+            lines.append(f"| {r['order']} | {r['placement']} | **{r['over_hybrid']:.2f}x** | {each} |")
     plot = plot_cluster(cluster, os.path.join(os.path.dirname(md_path) or ".", "cluster_throughput.png"))
     if plot:
         lines += ["", "## Cluster throughput against batch size", "",
