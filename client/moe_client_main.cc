@@ -86,7 +86,8 @@ commands:
       experts are drawn by it without replacement (expert 0 the most popular; with
       --hot-order K > 0 a shuffle of the experts seeded by K, with --hot-order -1 the
       reverse: expert E-1 the most popular). Prints tokens/s, p50/p95/p99 latency and
-      errors by code. Defaults: C 4, N 64, 10 seconds, random tokens without --zipf, seed 1.
+      errors by code; exits 1 when no request succeeded. Defaults: C 4, N 64, 10 seconds,
+      random tokens without --zipf, seed 1.
   demo --checkpoint PATH [--batches B] [--batch-size N] [--tensor-prefix P]
       run the in-process layer on random batches; print tokens/s and per-expert load
       (defaults: B 20, N 256)
@@ -728,6 +729,14 @@ absl::Status Load(const Flags& f) {
     PrintTable({"code", "requests"}, rows);
   } else {
     PrintTable({"code", "requests", "first error"}, rows);
+  }
+  // Some errors are what a load test is run to see (a shard killed under load); none answered
+  // is a broken setup, which a script should not take for a result.
+  if (errors == total) {
+    return absl::UnavailableError(
+        total == 0 ? std::string("no request completed")
+                   : absl::StrCat("all ", total, " requests failed (the table above gives the "
+                                  "first error of each code)"));
   }
   return absl::OkStatus();
 }

@@ -74,6 +74,12 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(int64_t router_port, f.GetPort("router-port", 50051));
   ASSIGN_OR_RETURN(int64_t shard_threads, f.GetInt("shard-threads", 1));
   ASSIGN_OR_RETURN(int64_t metrics_port, f.GetInt("metrics-port", -1));
+  if (metrics_port == 0) {
+    // Each service takes its own port from the block at N; there is no "pick a free one" here.
+    return absl::InvalidArgumentError(
+        "--metrics-port 0 is not supported: the services' /metrics take a block of ports from N "
+        "(router N, shard i N+1+i, coordinator N+1+shards); give a free N, such as 9400");
+  }
   if (metrics_port < -1 || metrics_port > 65535 - 2 - num_shards) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--metrics-port must leave room for ", num_shards + 2,

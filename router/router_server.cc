@@ -371,10 +371,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   }
 
   // A placement of strategy `s` over the live table's shards (returned in `*shards`), on those
-  // Usable allows. Works on a copy of the table: Usable may ask shards, and a switch waits for
-  // every holder of the live one to let go of it.
+  // Usable allows (returned in `*usable` when given; `dynamic` alone keeps to them). Works on a
+  // copy of the table: Usable may ask shards, and a switch waits for every holder of the live
+  // one to let go of it.
   absl::StatusOr<Placement> ProposeOverLiveTable(
-      Strategy s, std::vector<std::shared_ptr<ShardClient>>* shards) {
+      Strategy s, std::vector<std::shared_ptr<ShardClient>>* shards,
+      std::vector<bool>* usable_out = nullptr) {
     RoutingTable now;
     {
       std::shared_ptr<const RoutingTable> live = Table();
@@ -383,6 +385,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     const std::vector<bool> usable = Usable(now);
     *shards = std::move(now.shards);
+    if (usable_out != nullptr) *usable_out = usable;
     return Propose(s, static_cast<int>(shards->size()), usable);
   }
 
@@ -645,11 +648,23 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return absl::OkStatus();
   }
 
-  // Loads `missing[s]` on each shard s of `t`, with train_mu held. Trained weights (`trained`)
-  // come from a live replica (chosen per expert; experts with none stay missing, their trained
-  // weights are gone), untrained ones from the checkpoint.
+  // What a shard answered of its experts in one control-loop tick: nothing when its status could
+  // not be read.
+  struct Holding {
+    bool read = false;
+    std::set<int> ready, loading;
+  };
+
+  // Loads `missing[s]` on each shard s of `t`, with train_mu held. Untrained weights come from
+  // the checkpoint. Trained ones (`trained`) come from a replica that has the expert READY
+  // (`held`). When every other replica answered without it, loading or ready (or there is none:
+  // a restarted shard held the only one, as under `sharded` or half of `hybrid`), nothing holds
+  // that training any more: the expert is loaded from the checkpoint, said once in a line and
+  // moe_router_experts_lost_training_total. Left missing, it had no replica for good. While a
+  // replica that may still hold it is unread or loading it, it waits (the next tick).
   void ReloadMissing(const RoutingTable& t, const std::vector<std::vector<int>>& missing,
-                     bool trained) {
+                     const std::vector<Holding>& held, bool trained) {
+    std::set<int> lost;
     for (int s = 0; s < static_cast<int>(t.shards.size()); ++s) {
       std::map<std::string, std::vector<int>> by_source;
       for (int e : missing[s]) {
@@ -657,11 +672,30 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           by_source[""].push_back(e);
           continue;
         }
+        std::string source;
+        bool may_hold = false;  // a replica that might hold the training but cannot be a source
         for (int r : t.placement.replicas[e]) {
-          if (r != s && t.shards[r]->healthy()) {
-            by_source[t.shards[r]->address()].push_back(e);
+          if (r == s) continue;
+          if (held[r].ready.count(e)) {
+            source = t.shards[r]->address();
             break;
           }
+          may_hold = may_hold || !held[r].read || held[r].loading.count(e);
+        }
+        if (!source.empty()) {
+          by_source[source].push_back(e);
+        } else if (!may_hold) {
+          if (lost.insert(e).second) {
+            std::fprintf(stderr,
+                         "moe-router: expert %d lost its training: no replica holds its trained "
+                         "weights any more (the shards that held them restarted empty; start "
+                         "shards with --state-dir to keep them); it serves and trains from the "
+                         "checkpoint's weights now\n",
+                         e);
+            metrics->ExpertLostTraining();
+            reached_step[e] = 0;  // reported here: ReloadStale would report it again
+          }
+          by_source[""].push_back(e);
         }
       }
       for (const auto& [source, experts] : by_source) {
@@ -795,18 +829,19 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     // What each shard is missing of its placement (a restarted shard: everything).
     std::vector<std::vector<int>> missing(t->shards.size());
+    std::vector<Holding> held(t->shards.size());
     bool any_missing = false;
     for (int s = 0; s < static_cast<int>(t->shards.size()); ++s) {
       absl::StatusOr<v1::ShardStatus> st = t->shards[s]->GetStatus(absl::Milliseconds(500));
       if (!st.ok()) continue;
-      std::set<int> have;
+      Holding& h = held[s];
+      h.read = true;
       for (const auto& e : st->experts()) {
-        if (e.state() == v1::ExpertStatus::READY || e.state() == v1::ExpertStatus::LOADING) {
-          have.insert(e.expert());
-        }
+        if (e.state() == v1::ExpertStatus::READY) h.ready.insert(e.expert());
+        if (e.state() == v1::ExpertStatus::LOADING) h.loading.insert(e.expert());
       }
       for (int e : t->placement.ExpertsOn(s)) {
-        if (!have.count(e)) missing[s].push_back(e);
+        if (!h.ready.count(e) && !h.loading.count(e)) missing[s].push_back(e);
       }
       any_missing = any_missing || !missing[s].empty();
     }
@@ -823,7 +858,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           // steps_done is 0; reading the checkpoint then would serve untrained weights).
           bool trained = steps_done.load() > 0;
           if (trainer != nullptr) ReloadStale(*t, &trained).IgnoreError();  // logged; next tick
-          ReloadMissing(*t, missing, trained);
+          ReloadMissing(*t, missing, held, trained);
         }
       }
     }
@@ -1138,8 +1173,28 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         ASSIGN_OR_RETURN(s, ParseStrategy(req->strategy()));
       }
       std::vector<std::shared_ptr<ShardClient>> current;
-      ASSIGN_OR_RETURN(Placement p, ProposeOverLiveTable(s, &current));
+      std::vector<bool> usable;
+      ASSIGN_OR_RETURN(Placement p, ProposeOverLiveTable(s, &current, &usable));
       if (!req->dry_run()) {
+        // The static strategies place by formula, down shards included: refuse one that would
+        // leave an expert with every replica out of rotation (its requests would all fail).
+        std::vector<int> stranded;
+        std::set<std::string> down;
+        for (int e = 0; e < static_cast<int>(p.replicas.size()); ++e) {
+          bool served = false;
+          for (int r : p.replicas[e]) {
+            served = served || usable[r];
+            if (!usable[r]) down.insert(current[r]->address());
+          }
+          if (!served) stranded.push_back(e);
+        }
+        if (!stranded.empty()) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              StrategyName(s), " placement would leave experts ", absl::StrJoin(stranded, ","),
+              " with no replica on a shard in rotation (out of rotation: ",
+              absl::StrJoin(down, ", "), "); the current placement stays. Bring the shard back, "
+              "or choose dynamic, which places replicas only on shards in rotation"));
+        }
         RETURN_IF_ERROR(Apply(p, std::move(current)));
         p = Table()->placement;
       }

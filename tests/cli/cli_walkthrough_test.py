@@ -11,8 +11,9 @@ what it prints or writes, and SIGINT ending the cluster with exit code 0.
   by the steps taken;
 - `drain` takes a shard out of rotation, and `info` then shows it "not serving", not DOWN;
 - a user's mistakes (a shard's address for the router's, a checkpoint of another model, NaN
-  tokens, bad flag values, an output path that is a directory, a port out of range) each get an
-  error saying what went wrong, and a failed write leaves no temporary file.
+  tokens, bad flag values, an output path that is a directory, a port out of range, a load whose
+  every request fails) each get an error saying what went wrong, and a failed write leaves no
+  temporary file.
 
 usage: cli_walkthrough_test.py BUILD_DIR WORK_DIR
 """
@@ -137,6 +138,9 @@ try:
           "--local", "--checkpoint", path("ck.safetensors"), says="tokens[0, 0] is NaN")
     fails("load", "--router", router, "--zipf", "nan", says="--zipf must be a finite number")
     fails("load", "--router", router, "--requests", "0", says="--requests must be >= 1")
+    # Every request refused (too many tokens for the router): the table, then exit 1.
+    fails("load", "--router", router, "--batch-size", "9000", "--requests", "2",
+          says="all 2 requests failed")
     fails("train", "--router", router, "--tokens", path("in.safetensors"),
           says="train needs --synthetic, or --tokens and --grad-output")
     fails("init-checkpoint", "--out", work, "--experts", "2", "--d-model", "4", "--d-ff", "4",
@@ -152,6 +156,11 @@ try:
                           capture_output=True, text=True, timeout=60)
     expect(port.returncode != 0 and "--router-port must be a port in [0, 65535]" in port.stderr,
            f"moe-cluster --router-port 70000: exit {port.returncode}: {port.stderr.strip()}")
+    metrics = subprocess.run([os.path.join(bin_dir, "moe-cluster"), "--checkpoint",
+                              path("ck.safetensors"), "--metrics-port", "0"],
+                             capture_output=True, text=True, timeout=60)
+    expect(metrics.returncode != 0 and "--metrics-port 0 is not supported" in metrics.stderr,
+           f"moe-cluster --metrics-port 0: exit {metrics.returncode}: {metrics.stderr.strip()}")
     # A drained shard answers NOT_SERVING: `info` shows it out of rotation, not DOWN.
     drained = run("drain", "--addr", shard, "--timeout-ms", "5000")
     expect("drained in" in drained, f"drain: {drained}")

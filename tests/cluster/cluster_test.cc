@@ -5,6 +5,8 @@
 #include <unistd.h>
 
 #include <map>
+#include <numeric>
+#include <set>
 
 #include "absl/strings/str_join.h"
 #include "expert_server/expert_ffn.h"
@@ -1113,6 +1115,120 @@ TEST_F(ClusterTest, AnExpertWhoseOnlyReplicaRestartedIsReportedAsHavingLostItsTr
   ASSERT_TRUE(Train(stub.get(), 4060, 20000, 0.005f).ok());
   EXPECT_EQ(ScrapeMetric(metrics, lost), Config().num_experts / 2) << "reported once per expert";
   EXPECT_EQ(ScrapeMetric(metrics, "moe_router_stale_replicas_total"), 0) << "no copy to make";
+}
+
+// The experts placed on shard `s` alone, and those placed on it and elsewhere.
+std::pair<std::set<int>, std::set<int>> OnlyAndSharedOn(v1::Router::Stub* stub, int s) {
+  grpc::ClientContext ctx;
+  v1::Placement p;
+  std::pair<std::set<int>, std::set<int>> out;
+  if (!stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &p).ok()) return out;
+  for (const v1::ExpertPlacement& ep : p.experts()) {
+    if (std::find(ep.shards().begin(), ep.shards().end(), s) == ep.shards().end()) continue;
+    (ep.shards_size() == 1 ? out.first : out.second).insert(ep.expert());
+  }
+  return out;
+}
+
+std::map<int, uint64_t> TrainedSteps(const std::string& address);
+
+// moe-cluster starts its shards with --experts none, so one that is killed and started again
+// comes back empty. After training, the experts it held alone (half of `hybrid`'s) have no
+// replica to be copied from: the router loads them from the checkpoint and reports the training
+// lost, once per expert, where it used to leave them unloaded for good (every request naming
+// one failed UNAVAILABLE "expert 8 is not loaded on this shard"). Those another shard holds are
+// copied from it, trained.
+TEST_F(ClusterTest, AShardRestartedEmptyAfterTrainingGetsEveryExpertBack) {
+  const int metrics = testing::FreePortBlock(4);
+  auto cluster = Start("hybrid", 2, {}, {}, metrics);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  const auto [alone, shared] = OnlyAndSharedOn(stub.get(), 0);
+  ASSERT_FALSE(alone.empty());
+  ASSERT_FALSE(shared.empty());
+  const absl::Status trained = TrainSteps(stub.get(), 5000, 2);
+  ASSERT_TRUE(trained.ok()) << trained;
+  const absl::Status next = KillRestartAndTrain(*cluster, 0, stub.get(), 5050);
+  ASSERT_TRUE(next.ok()) << next;
+  const std::string lost = "moe_router_experts_lost_training_total";
+  EXPECT_EQ(ScrapeMetric(metrics, lost), static_cast<double>(alone.size()));
+  // Shard 0 holds its whole placement again, every expert at the latest step, as on shard 1.
+  const std::map<int, uint64_t> steps = TrainedSteps(cluster->shard_addresses()[0]);
+  const std::map<int, uint64_t> other = TrainedSteps(cluster->shard_addresses()[1]);
+  ASSERT_FALSE(other.empty());
+  const uint64_t latest = other.begin()->second;
+  for (const std::set<int>& experts : {alone, shared}) {
+    for (int e : experts) {
+      ASSERT_TRUE(steps.count(e)) << "expert " << e << " is not loaded on the restarted shard";
+      EXPECT_EQ(steps.at(e), latest) << "expert " << e;
+    }
+  }
+  // Every expert answers.
+  const auto x = common::RandomMatrix(64, Config().d_model, 5100);
+  v1::InferResponse resp;
+  grpc::Status st = Infer(stub.get(), Request(x, 64, "after"), &resp);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  ASSERT_TRUE(Train(stub.get(), 5060, 20000, 0.005f).ok());
+  EXPECT_EQ(ScrapeMetric(metrics, lost), static_cast<double>(alone.size()))
+      << "reported once per expert";
+}
+
+// A Rebalance to a static strategy places by formula, down shards included. One that would leave
+// an expert with every replica on a shard out of rotation is refused (FAILED_PRECONDITION,
+// naming the experts and the shard) and the placement stays; a dry run still shows it, and
+// `dynamic` places on the shards in rotation.
+TEST_F(ClusterTest, ARebalanceThatWouldStrandExpertsOnADownShardIsRefused) {
+  client::LocalClusterOptions o;
+  o.shards = 2;
+  o.placement = "hybrid";
+  o.coordinator = false;  // a fixed --shards list: the dead shard stays in the table
+  auto cluster = StartWith(o);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  const std::string down = cluster->shard_addresses()[0];
+  cluster->shard(0).Signal(SIGKILL);
+  ASSERT_TRUE(cluster->shard(0).Wait(absl::Seconds(5)).ok());
+  const auto start = Clock::now();
+  for (bool seen = false; !seen && Since(start) < 10;) {  // until the router has it out
+    grpc::ClientContext ctx;
+    v1::ClusterInfo info;
+    ASSERT_TRUE(stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info).ok());
+    seen = !info.shards(0).healthy();
+    if (!seen) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  auto rebalance = [&](const std::string& strategy, bool dry_run, v1::Placement* p) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    v1::RebalanceRequest req;
+    req.set_strategy(strategy);
+    req.set_dry_run(dry_run);
+    return stub->Rebalance(&ctx, req, p);
+  };
+  v1::Placement p;
+  grpc::Status st = rebalance("sharded", false, &p);
+  ASSERT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  std::vector<int> first_half(Config().num_experts / 2);  // sharded's block on shard 0
+  std::iota(first_half.begin(), first_half.end(), 0);
+  EXPECT_NE(st.error_message().find(absl::StrCat("sharded placement would leave experts ",
+                                                 absl::StrJoin(first_half, ","),
+                                                 " with no replica on a shard in rotation")),
+            std::string::npos)
+      << st.error_message();
+  EXPECT_NE(st.error_message().find(down), std::string::npos) << st.error_message();
+  grpc::ClientContext ctx;
+  v1::Placement now;
+  ASSERT_TRUE(stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &now).ok());
+  EXPECT_EQ(now.strategy(), "hybrid");
+  ASSERT_TRUE(rebalance("sharded", true, &p).ok());
+  EXPECT_FALSE(p.applied());
+  ASSERT_TRUE(rebalance("dynamic", false, &p).ok());
+  for (const v1::ExpertPlacement& ep : p.experts()) {
+    EXPECT_EQ(absl::StrJoin(ep.shards(), ","), "1") << "expert " << ep.expert();
+  }
+  const auto x = common::RandomMatrix(16, Config().d_model, 5200);
+  v1::InferResponse resp;
+  st = Infer(stub.get(), Request(x, 16, "dynamic"), &resp);
+  EXPECT_TRUE(st.ok()) << st.error_message();
 }
 
 // Each READY expert's training step on the shard at `address`.
