@@ -1,5 +1,8 @@
 // moe-client: the command-line tool for moe-cluster. Run without arguments for usage.
 
+#include <signal.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <deque>
 #include <numeric>
@@ -80,14 +83,15 @@ commands:
   save-checkpoint --router HOST:PORT --path PATH
       the current (trained) weights as a safetensors checkpoint on the router's file system
   load --router HOST:PORT [--checkpoint PATH --zipf S] [--concurrency C] [--batch-size N]
-       [--duration SECONDS | --requests R] [--seed S] [--hot-order K]
+       [--duration SECONDS] [--requests R] [--seed S] [--hot-order K]
       a load generator: C concurrent InferStream streams of N-token requests; with a checkpoint
       and --zipf, expert popularity follows a Zipf law of exponent S: each token's top-k
       experts are drawn by it without replacement (expert 0 the most popular; with
       --hot-order K > 0 a shuffle of the experts seeded by K, with --hot-order -1 the
       reverse: expert E-1 the most popular). Prints tokens/s, p50/p95/p99 latency and
-      errors by code; exits 1 when no request succeeded. Defaults: C 4, N 64, 10 seconds,
-      random tokens without --zipf, seed 1.
+      errors by code; exits 1 when no request succeeded. Runs for the duration, or until R
+      requests are answered, whichever comes first; Ctrl-C stops it early, with the table of
+      the run so far. Defaults: C 4, N 64, 10 seconds, random tokens without --zipf, seed 1.
   demo --checkpoint PATH [--batches B] [--batch-size N] [--tensor-prefix P]
       run the in-process layer on random batches; print tokens/s and per-expert load
       (defaults: B 20, N 256)
@@ -131,6 +135,21 @@ absl::Status InitCheckpoint(const Flags& f) {
   const std::string norm = f.Get("normalize-topk", "true");
   if (norm != "true" && norm != "false") {
     return absl::InvalidArgumentError("--normalize-topk must be true or false");
+  }
+  {
+    // The checkpoint is built in memory before it is written: refuse one that cannot fit, rather
+    // than die of bad_alloc.
+    const double bytes = 4.0 * static_cast<double>(experts) * static_cast<double>(d_model) *
+                         (static_cast<double>(d_ff) * (f.Has("gated") ? 3 : 2) + 1);
+    const double memory = static_cast<double>(sysconf(_SC_PHYS_PAGES)) *
+                          static_cast<double>(sysconf(_SC_PAGE_SIZE));
+    if (memory > 0 && bytes > memory / 2) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "a checkpoint of %lld experts, d_model %lld and d_ff %lld takes %.1f GiB, and this tool "
+          "builds it in memory (this machine has %.1f GiB): make it smaller",
+          static_cast<long long>(experts), static_cast<long long>(d_model),
+          static_cast<long long>(d_ff), bytes / (1 << 30), memory / (1 << 30)));
+    }
   }
   spec.config.num_experts = static_cast<int>(experts);
   spec.config.d_model = static_cast<int>(d_model);
@@ -468,8 +487,11 @@ absl::Status Train(const Flags& f) {
     ASSIGN_OR_RETURN(dy_fixed, reader->ReadFloat("grad_output"));
     x = std::move(tok.first);
     if (tok.second != d || dy_fixed.size() != x.size()) {
-      return absl::InvalidArgumentError(absl::StrCat("tokens and grad_output must both be [N, ",
-                                                     d, "]"));
+      const std::vector<int64_t> dy_shape = reader->Find("grad_output")->shape;
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tokens and grad_output must both be [N, ", d, "] (the cluster's d_model), got tokens [",
+          tok.second > 0 ? static_cast<int64_t>(x.size()) / tok.second : 0, ", ", tok.second,
+          "] and grad_output [", absl::StrJoin(dy_shape, ", "), "]"));
     }
     batch = static_cast<int64_t>(x.size()) / d;
   }
@@ -556,6 +578,10 @@ absl::Status SaveCheckpointCmd(const Flags& f) {
   return absl::OkStatus();
 }
 
+// Set by the first SIGINT during `load` (a second one ends the process as usual).
+std::atomic<bool> load_interrupted{false};
+void OnLoadInterrupt(int) { load_interrupted.store(true); }
+
 absl::Status Load(const Flags& f) {
   ASSIGN_OR_RETURN(std::string addr, f.Require("router"));
   ASSIGN_OR_RETURN(int64_t concurrency, f.GetInt("concurrency", 4));
@@ -577,6 +603,10 @@ absl::Status Load(const Flags& f) {
     return absl::InvalidArgumentError(
         "--zipf must be >= 0 (0: uniform; --hot-order changes which experts are popular)");
   }
+  if (f.Has("hot-order") && zipf == 0) {
+    return absl::InvalidArgumentError(
+        "--hot-order orders the Zipf law's popularity: give --zipf S (and --checkpoint) with it");
+  }
   if (hot_order < -1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--hot-order ", hot_order, ": use 0 (by id), K > 0 (a shuffle seeded by K) or -1 "
@@ -585,6 +615,15 @@ absl::Status Load(const Flags& f) {
   auto stub = MakeRouterStub(addr);
   ASSIGN_OR_RETURN(v1::ClusterInfo info, GetInfo(stub.get(), addr));
   const int d = info.d_model();
+  const double request_bytes = 4.0 * static_cast<double>(batch) * d;
+  const int max_message = common::RpcLimits().max_message_bytes;
+  if (request_bytes > max_message - (1 << 20)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--batch-size %lld of d_model %d makes requests of %.0f MiB, more than one may carry "
+        "(%d MiB); send fewer tokens per request (the router also caps them: "
+        "--max-batch-tokens, 8192 by default)",
+        static_cast<long long>(batch), d, request_bytes / (1 << 20), max_message >> 20));
+  }
   common::GateWeights gate;
   if (f.Has("checkpoint")) {
     common::LoadOptions lo;
@@ -613,6 +652,12 @@ absl::Status Load(const Flags& f) {
       std::shuffle(order.begin(), order.end(), std::mt19937_64(static_cast<uint64_t>(hot_order)));
     }
   }
+  // Ctrl-C stops sending; what is in flight is answered and the table covers the run so far.
+  struct sigaction on_int = {};
+  on_int.sa_handler = OnLoadInterrupt;
+  on_int.sa_flags = SA_RESETHAND;
+  sigemptyset(&on_int.sa_mask);
+  sigaction(SIGINT, &on_int, nullptr);
   const auto start = std::chrono::steady_clock::now();
   const auto end = start + std::chrono::milliseconds(static_cast<int64_t>(duration * 1000));
   std::mutex mu;
@@ -620,6 +665,7 @@ absl::Status Load(const Flags& f) {
   std::map<std::string, int64_t> codes;
   std::map<std::string, std::string> first_error;  // by code
   std::atomic<int64_t> issued{0}, tokens_ok{0}, completed{0};
+  std::atomic<int> workers_done{0};
   auto worker = [&](int w) {
     std::unique_ptr<ZipfTokens> gen;
     if (!gate.weight.empty()) {
@@ -632,7 +678,7 @@ absl::Status Load(const Flags& f) {
     auto stream = stub->InferStream(&ctx);
     std::deque<std::chrono::steady_clock::time_point> sent;
     auto more = [&] {
-      return std::chrono::steady_clock::now() < end &&
+      return !load_interrupted.load() && std::chrono::steady_clock::now() < end &&
              (max_requests == 0 || issued.load() < max_requests);
     };
     bool open = true;
@@ -677,9 +723,11 @@ absl::Status Load(const Flags& f) {
     const std::string lost =
         absl::StatusCodeToString(static_cast<absl::StatusCode>(st.ok() ? 14 : st.error_code()));
     for (size_t i = 0; i < sent.size(); ++i) ++codes[lost];
+    completed += static_cast<int64_t>(sent.size());
     if (!sent.empty()) {
       first_error.emplace(lost, st.ok() ? "the stream ended before the answer" : st.error_message());
     }
+    ++workers_done;
   };
   std::vector<std::thread> workers;
   for (int w = 0; w < concurrency; ++w) workers.emplace_back(worker, w);
@@ -690,6 +738,7 @@ absl::Status Load(const Flags& f) {
     const int64_t done = max_requests > 0 ? completed.load() : static_cast<int64_t>(el * 10);
     progress.Update(done, absl::StrFormat("%.0f tokens/s", tokens_ok.load() / std::max(el, 1e-9)));
     if (std::chrono::steady_clock::now() >= end + std::chrono::seconds(60)) break;
+    if (load_interrupted.load() || workers_done.load() == concurrency) break;
     if ((max_requests > 0 && completed.load() >= max_requests) ||
         (max_requests == 0 && std::chrono::steady_clock::now() >= end)) {
       break;
@@ -699,6 +748,11 @@ absl::Status Load(const Flags& f) {
   progress.Finish();
   const double elapsed =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  signal(SIGINT, SIG_DFL);
+  if (load_interrupted.load()) {
+    std::printf("interrupted after %.1f s: the figures cover the requests sent until then\n",
+                elapsed);
+  }
   std::sort(latencies.begin(), latencies.end());
   auto pct = [&](double q) -> std::string {
     if (latencies.empty()) return "-";  // no request answered
@@ -775,6 +829,29 @@ absl::Status Demo(const Flags& f) {
   return absl::OkStatus();
 }
 
+// --router and --addr as HOST:PORT with a port in [1, 65535] (gRPC would take 127.0.0.1 as port
+// 0, and wrap 99999 round to another port); gRPC's other forms (unix:PATH, dns:///HOST:PORT)
+// pass as they are.
+absl::Status CheckAddresses(const Flags& f) {
+  for (const char* flag : {"router", "addr"}) {
+    if (!f.Has(flag)) continue;
+    const std::string a = f.Get(flag);
+    if (absl::StrContains(a, "unix:") || absl::StrContains(a, "///")) continue;
+    const size_t colon = a.rfind(':');
+    const std::string port = colon == std::string::npos ? "" : a.substr(colon + 1);
+    int value = 0;
+    if (colon == 0 || port.empty() || port.size() > 5 ||
+        !std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; }) ||
+        (value = std::stoi(port)) < 1 || value > 65535) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--", flag, " ", a, ": give HOST:PORT with a port in [1, 65535] (moe-cluster prints ",
+          std::string(flag) == "router" ? "the router's as READY router=HOST:PORT)"
+                                        : "each shard's as shard I addr=HOST:PORT)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 int Main(int argc, char** argv) {
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "help") {
     // `moe-client help COMMAND`: that command's lines.
@@ -843,7 +920,8 @@ int Main(int argc, char** argv) {
                  std::string(flags.status().message()).c_str());
     return 2;
   }
-  absl::Status st = common::ConfigureTlsFromFlags(*flags);
+  absl::Status st = CheckAddresses(*flags);
+  if (st.ok()) st = common::ConfigureTlsFromFlags(*flags);
   if (st.ok() && flags->Has("auth-token-file")) {
     absl::StatusOr<std::string> token = common::ReadTokenFile(flags->Get("auth-token-file"));
     st = token.status();

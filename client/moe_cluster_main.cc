@@ -5,10 +5,12 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <deque>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <grpcpp/grpcpp.h>
@@ -86,6 +88,21 @@ absl::Status Run(int argc, char** argv) {
         " ports below 65536 (router, shards, coordinator), got ", metrics_port));
   }
   if (num_shards < 1 || num_shards > 64) return absl::InvalidArgumentError("--shards must be in [1, 64]");
+  // Checked here, not by the services: a mistake is told before a single process starts.
+  if (shard_threads < 1 || shard_threads > 256) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--shard-threads must be in [1, 256], got ", shard_threads));
+  }
+  for (const auto& [flag, allowed] : std::vector<std::pair<const char*, std::vector<std::string>>>{
+           {"placement", {"replicated", "sharded", "hybrid", "dynamic"}},
+           {"overflow", {"drop", "spill"}},
+           {"wire", {"fp32", "bf16"}}}) {
+    if (f.Has(flag) &&
+        std::find(allowed.begin(), allowed.end(), f.Get(flag)) == allowed.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("--", flag, " ", f.Get(flag),
+                                                     ": use one of ", absl::StrJoin(allowed, ", ")));
+    }
+  }
   const std::string bin = f.Get("bin-dir", moe::client::ExecutableDir());
   moe::common::BlockTerminationSignals();
   moe::client::LocalClusterOptions o;

@@ -40,7 +40,8 @@ grpc::Status CallWithReconnects(absl::Duration timeout,
       return grpc::Status(st.error_code(),
                           absl::StrCat("the server at ", ctx.peer(), " does not serve this call: "
                                        "is that the address of another of the cluster's services? "
-                                       "(moe-cluster prints the router's as READY router=...)"));
+                                       "(moe-cluster prints each one's: READY router=... and "
+                                       "a line per shard)"));
     }
     if (st.error_code() != grpc::StatusCode::UNAVAILABLE) return st;
     if (attempt == 0) first = st;

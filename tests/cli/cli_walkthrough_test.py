@@ -5,7 +5,7 @@ what it prints or writes, and SIGINT ending the cluster with exit code 0.
 
 - `info` and `placement` print the model and the placement table the router reports;
 - `forward --router` writes the same numbers as `forward --local` (1e-5) on the same tokens;
-- `load` prints its closing table, every request OK;
+- `load` prints its closing table, every request OK, also when Ctrl-C stops it early;
 - `train` runs from a tokens and a grad_output file and from a synthetic target, a row per step;
 - `save-checkpoint` writes a checkpoint whose replicas are identical, and whose weights moved
   by the steps taken;
@@ -22,6 +22,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -97,6 +98,15 @@ try:
     expect(re.search(r"^p99 latency \(ms\)\s+[\d.]+$", load, re.M) is not None,
            f"load table lacks p99:\n{load}")
     expect(re.search(r"^OK\s+30$", load, re.M) is not None, f"load codes:\n{load}")
+    # Ctrl-C stops a load early: what was sent is answered, and the table still comes.
+    p = subprocess.Popen([client, "load", "--router", router, "--duration", "60",
+                          "--batch-size", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    time.sleep(1.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    expect(p.returncode == 0 and "interrupted after" in out and "errors                0" in out,
+           f"load stopped by SIGINT: exit {p.returncode}:\n{out}{err}")
 
     tokens, _ = st.load(path("in.safetensors"))
     rng = np.random.default_rng(3)
@@ -138,6 +148,10 @@ try:
           "--local", "--checkpoint", path("ck.safetensors"), says="tokens[0, 0] is NaN")
     fails("load", "--router", router, "--zipf", "nan", says="--zipf must be a finite number")
     fails("load", "--router", router, "--requests", "0", says="--requests must be >= 1")
+    fails("info", "--router", "127.0.0.1", says="give HOST:PORT with a port in [1, 65535]")
+    fails("info", "--router", "127.0.0.1:99999", says="give HOST:PORT with a port in [1, 65535]")
+    fails("load", "--router", router, "--hot-order", "3", says="give --zipf S")
+    fails("load", "--router", router, "--batch-size", "1000000", says="more than one may carry")
     # Every request refused (too many tokens for the router): the table, then exit 1.
     fails("load", "--router", router, "--batch-size", "9000", "--requests", "2",
           says="all 2 requests failed")
@@ -156,11 +170,15 @@ try:
                           capture_output=True, text=True, timeout=60)
     expect(port.returncode != 0 and "--router-port must be a port in [0, 65535]" in port.stderr,
            f"moe-cluster --router-port 70000: exit {port.returncode}: {port.stderr.strip()}")
-    metrics = subprocess.run([os.path.join(bin_dir, "moe-cluster"), "--checkpoint",
-                              path("ck.safetensors"), "--metrics-port", "0"],
+    # moe-cluster's mistakes are told before any service starts.
+    for args, says in [(["--metrics-port", "0"], "--metrics-port 0 is not supported"),
+                       (["--placement", "bogus"], "--placement bogus: use one of replicated"),
+                       (["--shard-threads", "0"], "--shard-threads must be in [1, 256]")]:
+        bad = subprocess.run([os.path.join(bin_dir, "moe-cluster"), "--checkpoint",
+                              path("ck.safetensors"), *args],
                              capture_output=True, text=True, timeout=60)
-    expect(metrics.returncode != 0 and "--metrics-port 0 is not supported" in metrics.stderr,
-           f"moe-cluster --metrics-port 0: exit {metrics.returncode}: {metrics.stderr.strip()}")
+        expect(bad.returncode != 0 and says in bad.stderr and "starting" not in bad.stderr,
+               f"moe-cluster {' '.join(args)}: exit {bad.returncode}: {bad.stderr.strip()}")
     # A drained shard answers NOT_SERVING: `info` shows it out of rotation, not DOWN.
     drained = run("drain", "--addr", shard, "--timeout-ms", "5000")
     expect("drained in" in drained, f"drain: {drained}")

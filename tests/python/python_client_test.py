@@ -41,6 +41,18 @@ try:
                          capture_output=True, text=True)
     if out.returncode != 0 or "token 0: expert" not in out.stdout:
         failures.append(f"example failed: {out.stdout} {out.stderr}")
+    # A user's mistakes: one line saying what is wrong, no traceback.
+    script = os.path.join(os.path.dirname(moe_client.__file__), "moe_client.py")
+    for args, says in [(["--tokens", "0"], "--tokens must be >= 1"),
+                       (["--tokens", "2", "--save", os.path.join(work, "no-such-dir", "x.npz")],
+                        "cannot write"),
+                       (["--tokens", "1000000"], "make more than one request carries")]:
+        bad = subprocess.run([sys.executable, script, "--router", router, *args],
+                             env=dict(os.environ, PYTHONPATH=os.path.join(build, "python")),
+                             capture_output=True, text=True)
+        if bad.returncode == 0 or says not in bad.stderr or "Traceback" in bad.stderr:
+            failures.append(f"moe_client.py {' '.join(args)}: exit {bad.returncode}, "
+                            f"stderr {bad.stderr.strip()!r}; expected {says!r}")
     saved = np.load(os.path.join(work, "py.npz"))
     # Same tokens through the in-process layer.
     inp = os.path.join(work, "py_in.safetensors")
