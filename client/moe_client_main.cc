@@ -89,9 +89,9 @@ commands:
       experts are drawn by it without replacement (expert 0 the most popular; with
       --hot-order K > 0 a shuffle of the experts seeded by K, with --hot-order -1 the
       reverse: expert E-1 the most popular). Prints tokens/s, p50/p95/p99 latency and
-      errors by code; exits 1 when no request succeeded. Runs for the duration, or until R
-      requests are answered, whichever comes first; Ctrl-C stops it early, with the table of
-      the run so far. Defaults: C 4, N 64, 10 seconds, random tokens without --zipf, seed 1.
+      errors by code; exits 1 when no request succeeded. --requests alone runs until R are
+      answered; with --duration, whichever comes first. Ctrl-C stops it early, with the table
+      of the run so far. Defaults: C 4, N 64, 10 seconds, random tokens without --zipf, seed 1.
   demo --checkpoint PATH [--batches B] [--batch-size N] [--tensor-prefix P]
       run the in-process layer on random batches; print tokens/s and per-expert load
       (defaults: B 20, N 256)
@@ -137,16 +137,17 @@ absl::Status InitCheckpoint(const Flags& f) {
     return absl::InvalidArgumentError("--normalize-topk must be true or false");
   }
   {
-    // The checkpoint is built in memory before it is written: refuse one that cannot fit, rather
-    // than die of bad_alloc.
+    // The checkpoint is built in memory before it is written, and held about three times at
+    // the end (the tensors, the writer's copy, the file's bytes): refuse one that cannot fit,
+    // rather than die of bad_alloc.
     const double bytes = 4.0 * static_cast<double>(experts) * static_cast<double>(d_model) *
                          (static_cast<double>(d_ff) * (f.Has("gated") ? 3 : 2) + 1);
     const double memory = static_cast<double>(sysconf(_SC_PHYS_PAGES)) *
                           static_cast<double>(sysconf(_SC_PAGE_SIZE));
-    if (memory > 0 && bytes > memory / 2) {
+    if (memory > 0 && 3 * bytes > memory) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "a checkpoint of %lld experts, d_model %lld and d_ff %lld takes %.1f GiB, and this tool "
-          "builds it in memory (this machine has %.1f GiB): make it smaller",
+          "builds it in memory, about 3 times over (this machine has %.1f GiB): make it smaller",
           static_cast<long long>(experts), static_cast<long long>(d_model),
           static_cast<long long>(d_ff), bytes / (1 << 30), memory / (1 << 30)));
     }
@@ -829,22 +830,31 @@ absl::Status Demo(const Flags& f) {
   return absl::OkStatus();
 }
 
-// --router and --addr as HOST:PORT with a port in [1, 65535] (gRPC would take 127.0.0.1 as port
-// 0, and wrap 99999 round to another port); gRPC's other forms (unix:PATH, dns:///HOST:PORT)
-// pass as they are.
+// --router and --addr as HOST:PORT with a port in [1, 65535], an IPv6 host in brackets: gRPC
+// took `127.0.0.1` without a port to mean another port than a cluster's, wrapped 99999 round to
+// another port, and read `::1:50051` as a host without a port. Targets in gRPC's other forms
+// (unix:PATH, dns:///HOST:PORT, ipv4:..., and so on) pass as they are.
 absl::Status CheckAddresses(const Flags& f) {
   for (const char* flag : {"router", "addr"}) {
     if (!f.Has(flag)) continue;
     const std::string a = f.Get(flag);
-    if (absl::StrContains(a, "unix:") || absl::StrContains(a, "///")) continue;
+    bool scheme = false;
+    for (const char* s : {"unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:", "xds:"}) {
+      scheme = scheme || absl::StartsWith(a, s);
+    }
+    if (scheme) continue;
     const size_t colon = a.rfind(':');
+    const std::string host = colon == std::string::npos ? a : a.substr(0, colon);
     const std::string port = colon == std::string::npos ? "" : a.substr(colon + 1);
+    const bool bracketed = host.size() > 2 && host.front() == '[' && host.back() == ']';
     int value = 0;
-    if (colon == 0 || port.empty() || port.size() > 5 ||
+    if (host.empty() || (absl::StrContains(host, ":") && !bracketed) || port.empty() ||
+        port.size() > 5 ||
         !std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; }) ||
         (value = std::stoi(port)) < 1 || value > 65535) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "--", flag, " ", a, ": give HOST:PORT with a port in [1, 65535] (moe-cluster prints ",
+          "--", flag, " ", a, ": give HOST:PORT with a port in [1, 65535], an IPv6 host in "
+          "brackets ([::1]:PORT) (moe-cluster prints ",
           std::string(flag) == "router" ? "the router's as READY router=HOST:PORT)"
                                         : "each shard's as shard I addr=HOST:PORT)"));
     }

@@ -652,19 +652,21 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // not be read.
   struct Holding {
     bool read = false;
-    std::set<int> ready, loading;
+    std::map<int, uint64_t> ready;  // READY experts and their training steps
+    std::set<int> loading;
   };
 
   // Loads `missing[s]` on each shard s of `t`, with train_mu held. Untrained weights come from
-  // the checkpoint. Trained ones (`trained`) come from a replica that has the expert READY
-  // (`held`). When every other replica answered without it, loading or ready (or there is none:
-  // a restarted shard held the only one, as under `sharded` or half of `hybrid`), nothing holds
-  // that training any more: the expert is loaded from the checkpoint, said once in a line and
-  // moe_router_experts_lost_training_total. Left missing, it had no replica for good. While a
-  // replica that may still hold it is unread or loading it, it waits (the next tick).
+  // the checkpoint. Trained ones (`trained`) come from the replica that has the expert READY at
+  // the latest step (`held`; one in rotation on a tie). When every other replica answered
+  // without it, loading or ready (or there is none: a restarted shard held the only one, as
+  // under `sharded` or half of `hybrid`), no replica holds that training: the shard loads the
+  // expert as it would at start, from its --state-dir when it keeps one, else from the
+  // checkpoint; ReloadStale reports the training lost if the step it comes back at is behind the
+  // one the expert had reached. Left missing, it had no replica for good. While a replica that
+  // may still hold it is unread or loading it, it waits (the next tick).
   void ReloadMissing(const RoutingTable& t, const std::vector<std::vector<int>>& missing,
                      const std::vector<Holding>& held, bool trained) {
-    std::set<int> lost;
     for (int s = 0; s < static_cast<int>(t.shards.size()); ++s) {
       std::map<std::string, std::vector<int>> by_source;
       for (int e : missing[s]) {
@@ -672,29 +674,24 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           by_source[""].push_back(e);
           continue;
         }
-        std::string source;
+        int source = -1;
         bool may_hold = false;  // a replica that might hold the training but cannot be a source
         for (int r : t.placement.replicas[e]) {
           if (r == s) continue;
-          if (held[r].ready.count(e)) {
-            source = t.shards[r]->address();
-            break;
+          auto it = held[r].ready.find(e);
+          if (it == held[r].ready.end()) {
+            may_hold = may_hold || !held[r].read || held[r].loading.count(e);
+            continue;
           }
-          may_hold = may_hold || !held[r].read || held[r].loading.count(e);
+          const uint64_t best = source < 0 ? 0 : held[source].ready.at(e);
+          if (source < 0 || it->second > best ||
+              (it->second == best && t.shards[r]->healthy() && !t.shards[source]->healthy())) {
+            source = r;
+          }
         }
-        if (!source.empty()) {
-          by_source[source].push_back(e);
+        if (source >= 0) {
+          by_source[t.shards[source]->address()].push_back(e);
         } else if (!may_hold) {
-          if (lost.insert(e).second) {
-            std::fprintf(stderr,
-                         "moe-router: expert %d lost its training: no replica holds its trained "
-                         "weights any more (the shards that held them restarted empty; start "
-                         "shards with --state-dir to keep them); it serves and trains from the "
-                         "checkpoint's weights now\n",
-                         e);
-            metrics->ExpertLostTraining();
-            reached_step[e] = 0;  // reported here: ReloadStale would report it again
-          }
           by_source[""].push_back(e);
         }
       }
@@ -837,7 +834,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       Holding& h = held[s];
       h.read = true;
       for (const auto& e : st->experts()) {
-        if (e.state() == v1::ExpertStatus::READY) h.ready.insert(e.expert());
+        if (e.state() == v1::ExpertStatus::READY) h.ready[e.expert()] = e.trained_step();
         if (e.state() == v1::ExpertStatus::LOADING) h.loading.insert(e.expert());
       }
       for (int e : t->placement.ExpertsOn(s)) {
@@ -1016,6 +1013,15 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     TrainParams p{req.learning_rate(), req.aux_loss_coef(), req.z_loss_coef(),
                   options.capacity_factor, options.bf16_allreduce};
     ASSIGN_OR_RETURN(TrainResult r, trainer->Step(*t, *gw, x.data(), dy.data(), n, p, deadline));
+    // The experts that had rows reached this step (their replicas carry its id): known now, not
+    // only once a later status read sees it, so a replica restarting right after still has its
+    // loss reported (ReloadStale).
+    for (size_t e = 0; e < r.gating.expert_load.size(); ++e) {
+      if (r.gating.expert_load[e] > 0) {
+        uint64_t& reached = reached_step[static_cast<int>(e)];
+        reached = std::max(reached, r.step);
+      }
+    }
     auto next = std::make_shared<common::GateWeights>(*gw);
     for (size_t i = 0; i < next->weight.size(); ++i) {
       next->weight[i] -= req.learning_rate() * r.gate_weight[i];
@@ -1192,8 +1198,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           return absl::FailedPreconditionError(absl::StrCat(
               StrategyName(s), " placement would leave experts ", absl::StrJoin(stranded, ","),
               " with no replica on a shard in rotation (out of rotation: ",
-              absl::StrJoin(down, ", "), "); the current placement stays. Bring the shard back, "
-              "or choose dynamic, which places replicas only on shards in rotation"));
+              absl::StrJoin(down, ", "), "); the current placement stays. Bring the shard back",
+              s == Strategy::kDynamic
+                  ? ""
+                  : ", or choose dynamic, which places replicas only on shards in rotation"));
         }
         RETURN_IF_ERROR(Apply(p, std::move(current)));
         p = Table()->placement;

@@ -1131,46 +1131,77 @@ std::pair<std::set<int>, std::set<int>> OnlyAndSharedOn(v1::Router::Stub* stub, 
 }
 
 std::map<int, uint64_t> TrainedSteps(const std::string& address);
+uint64_t SavedStep(const std::string& path);
 
 // moe-cluster starts its shards with --experts none, so one that is killed and started again
 // comes back empty. After training, the experts it held alone (half of `hybrid`'s) have no
-// replica to be copied from: the router loads them from the checkpoint and reports the training
-// lost, once per expert, where it used to leave them unloaded for good (every request naming
-// one failed UNAVAILABLE "expert 8 is not loaded on this shard"). Those another shard holds are
-// copied from it, trained.
+// replica to be copied from: the shard loads them as at start, from the checkpoint (the router
+// reports the training of those that had any lost, once per expert) or, with --state-dir, from
+// its state dir (nothing lost). The router used to leave them unloaded for good (every request
+// gating to one failed UNAVAILABLE "expert 8 is not loaded on this shard"). Those another shard
+// holds are copied from it, trained.
 TEST_F(ClusterTest, AShardRestartedEmptyAfterTrainingGetsEveryExpertBack) {
-  const int metrics = testing::FreePortBlock(4);
-  auto cluster = Start("hybrid", 2, {}, {}, metrics);
-  ASSERT_NE(cluster, nullptr);
-  auto stub = client::MakeRouterStub(cluster->router_address());
-  const auto [alone, shared] = OnlyAndSharedOn(stub.get(), 0);
-  ASSERT_FALSE(alone.empty());
-  ASSERT_FALSE(shared.empty());
-  const absl::Status trained = TrainSteps(stub.get(), 5000, 2);
-  ASSERT_TRUE(trained.ok()) << trained;
-  const absl::Status next = KillRestartAndTrain(*cluster, 0, stub.get(), 5050);
-  ASSERT_TRUE(next.ok()) << next;
-  const std::string lost = "moe_router_experts_lost_training_total";
-  EXPECT_EQ(ScrapeMetric(metrics, lost), static_cast<double>(alone.size()));
-  // Shard 0 holds its whole placement again, every expert at the latest step, as on shard 1.
-  const std::map<int, uint64_t> steps = TrainedSteps(cluster->shard_addresses()[0]);
-  const std::map<int, uint64_t> other = TrainedSteps(cluster->shard_addresses()[1]);
-  ASSERT_FALSE(other.empty());
-  const uint64_t latest = other.begin()->second;
-  for (const std::set<int>& experts : {alone, shared}) {
-    for (int e : experts) {
-      ASSERT_TRUE(steps.count(e)) << "expert " << e << " is not loaded on the restarted shard";
-      EXPECT_EQ(steps.at(e), latest) << "expert " << e;
+  for (const bool keep : {false, true}) {
+    SCOPED_TRACE(keep ? "with --state-dir" : "without a state dir");
+    const int metrics = testing::FreePortBlock(4);
+    client::LocalClusterOptions o;
+    o.shards = 2;
+    o.placement = "hybrid";
+    o.metrics_port = metrics;
+    if (keep) o.state_dir = testing::TempPath("restarted_empty_state");
+    auto cluster = StartWith(o);
+    ASSERT_NE(cluster, nullptr);
+    auto stub = client::MakeRouterStub(cluster->router_address());
+    const auto [alone, shared] = OnlyAndSharedOn(stub.get(), 0);
+    ASSERT_FALSE(alone.empty());
+    ASSERT_FALSE(shared.empty());
+    const absl::Status trained = TrainSteps(stub.get(), 5000, 2);
+    ASSERT_TRUE(trained.ok()) << trained;
+    // The experts shard 0 held alone that training moved (an expert given no rows stays at 0).
+    int moved = 0;
+    const std::map<int, uint64_t> before = TrainedSteps(cluster->shard_addresses()[0]);
+    for (const auto& [e, step] : before) {
+      if (!alone.count(e) || step == 0) continue;
+      ++moved;
+      if (!keep) continue;
+      // Written to the state dir in the background: wait for it before the kill.
+      const std::string file = absl::StrCat(o.state_dir, "/shard-0/expert-", e, ".safetensors");
+      const auto start = Clock::now();
+      while (SavedStep(file) != step && Since(start) < 10) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+      ASSERT_EQ(SavedStep(file), step) << file;
     }
+    ASSERT_GT(moved, 0);
+    const absl::Status next = KillRestartAndTrain(*cluster, 0, stub.get(), 5050);
+    ASSERT_TRUE(next.ok()) << next;
+    const std::string lost = "moe_router_experts_lost_training_total";
+    EXPECT_EQ(ScrapeMetric(metrics, lost), keep ? 0 : moved);
+    // Shard 0 holds its whole placement again, every expert at the latest step, as on shard 1.
+    const std::map<int, uint64_t> steps = TrainedSteps(cluster->shard_addresses()[0]);
+    const std::map<int, uint64_t> other = TrainedSteps(cluster->shard_addresses()[1]);
+    ASSERT_FALSE(other.empty());
+    uint64_t latest = 0;
+    for (const auto& [e, step] : other) latest = std::max(latest, step);
+    for (const std::set<int>& experts : {alone, shared}) {
+      for (int e : experts) {
+        ASSERT_TRUE(steps.count(e)) << "expert " << e << " is not loaded on the restarted shard";
+        EXPECT_LE(steps.at(e), latest) << "expert " << e;
+        if (shared.count(e)) {
+          EXPECT_EQ(steps.at(e), other.at(e)) << "expert " << e << ": copied from shard 1";
+        } else if (keep) {
+          EXPECT_GE(steps.at(e), before.at(e)) << "expert " << e << ": read back from the state dir";
+        }
+      }
+    }
+    // Every expert answers.
+    const auto x = common::RandomMatrix(64, Config().d_model, 5100);
+    v1::InferResponse resp;
+    grpc::Status st = Infer(stub.get(), Request(x, 64, "after"), &resp);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    ASSERT_TRUE(Train(stub.get(), 5060, 20000, 0.005f).ok());
+    EXPECT_EQ(ScrapeMetric(metrics, lost), keep ? 0 : moved) << "reported once per expert";
   }
-  // Every expert answers.
-  const auto x = common::RandomMatrix(64, Config().d_model, 5100);
-  v1::InferResponse resp;
-  grpc::Status st = Infer(stub.get(), Request(x, 64, "after"), &resp);
-  EXPECT_TRUE(st.ok()) << st.error_message();
-  ASSERT_TRUE(Train(stub.get(), 5060, 20000, 0.005f).ok());
-  EXPECT_EQ(ScrapeMetric(metrics, lost), static_cast<double>(alone.size()))
-      << "reported once per expert";
 }
 
 // A Rebalance to a static strategy places by formula, down shards included. One that would leave
@@ -1189,13 +1220,15 @@ TEST_F(ClusterTest, ARebalanceThatWouldStrandExpertsOnADownShardIsRefused) {
   cluster->shard(0).Signal(SIGKILL);
   ASSERT_TRUE(cluster->shard(0).Wait(absl::Seconds(5)).ok());
   const auto start = Clock::now();
-  for (bool seen = false; !seen && Since(start) < 10;) {  // until the router has it out
+  bool out = false;
+  while (!out && Since(start) < 10) {  // until the router has it out of rotation
     grpc::ClientContext ctx;
     v1::ClusterInfo info;
     ASSERT_TRUE(stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info).ok());
-    seen = !info.shards(0).healthy();
-    if (!seen) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    out = !info.shards(0).healthy();
+    if (!out) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
+  ASSERT_TRUE(out) << "the router still had the killed shard in rotation after 10 s";
   auto rebalance = [&](const std::string& strategy, bool dry_run, v1::Placement* p) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
