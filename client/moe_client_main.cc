@@ -90,11 +90,16 @@ commands:
       --hot-order K > 0 a shuffle of the experts seeded by K, with --hot-order -1 the
       reverse: expert E-1 the most popular). Prints tokens/s, p50/p95/p99 latency and
       errors by code; exits 1 when no request succeeded. --requests alone runs until R are
-      answered; with --duration, whichever comes first. Ctrl-C stops it early, with the table
-      of the run so far. Defaults: C 4, N 64, 10 seconds, random tokens without --zipf, seed 1.
+      answered; with --duration, whichever comes first. Ctrl-C stops it early: the table of
+      the run so far, then exit by SIGINT (status 130). Defaults: C 4, N 64, 10 seconds,
+      random tokens without --zipf, seed 1.
   demo --checkpoint PATH [--batches B] [--batch-size N] [--tensor-prefix P]
       run the in-process layer on random batches; print tokens/s and per-expert load
       (defaults: B 20, N 256)
+
+Exit status: 0 done; 1 the command failed, or a flag it needs is missing or wrong (the line
+on stderr says which); 2 the command line could not be read (an unknown command or flag);
+after Ctrl-C, `load` ends by SIGINT (130 in a shell).
 )";
 
 // A flag the command cannot do without, as an integer.
@@ -784,6 +789,11 @@ absl::Status Load(const Flags& f) {
     PrintTable({"code", "requests"}, rows);
   } else {
     PrintTable({"code", "requests", "first error"}, rows);
+  }
+  if (load_interrupted.load()) {
+    // Ended by Ctrl-C, as a shell expects (exit status 130): a loop around `load` stops too.
+    std::fflush(stdout);
+    raise(SIGINT);  // SIG_DFL again
   }
   // Some errors are what a load test is run to see (a shard killed under load); none answered
   // is a broken setup, which a script should not take for a result.

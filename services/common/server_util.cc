@@ -3,8 +3,15 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <netdb.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "services/common/security.h"
 
@@ -94,11 +101,61 @@ void EnableHealthAndReflection() {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
 }
 
+// Binds (and at once closes) a socket on each of `address`'s local addresses, so that a port
+// another process listens on is reported in one line before gRPC (or civetweb) tries, and logs a
+// long error of its own. Only a port in use or a privileged one is reported here; anything else
+// (an address this probe cannot read, a host with no IPv6) is left to gRPC.
+absl::Status ProbeListenAddress(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  if (colon == std::string::npos || absl::StrContains(address, "//") ||
+      absl::StartsWith(address, "unix:")) {
+    return absl::OkStatus();
+  }
+  std::string host = address.substr(0, colon);
+  const std::string port = address.substr(colon + 1);
+  int port_number = 0;
+  if (!absl::SimpleAtoi(port, &port_number) || port_number == 0) return absl::OkStatus();
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  if (getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &found) != 0) {
+    return absl::OkStatus();
+  }
+  int error = 0;
+  for (addrinfo* a = found; a != nullptr && error == 0; a = a->ai_next) {
+    const int fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) continue;
+    const int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));  // as gRPC binds
+    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 && (errno == EADDRINUSE || errno == EACCES)) {
+      error = errno;
+    }
+    close(fd);
+  }
+  freeaddrinfo(found);
+  if (error == EADDRINUSE) {
+    return absl::UnavailableError(absl::StrCat(
+        "cannot listen on ", address, ": port ", port,
+        " is in use by another process (stop it, or choose another port; 0 picks a free one)"));
+  }
+  if (error == EACCES) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", address, ": port ", port,
+                                               " needs privileges (choose a port above 1023)"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<StartedServer> StartServer(const std::string& address,
                                           const std::vector<grpc::Service*>& services,
                                           const RpcLimits& limits, Clients clients) {
+  if (absl::Status probe = ProbeListenAddress(address); !probe.ok()) return probe;
   EnableHealthAndReflection();
   grpc::ServerBuilder builder;
   ConfigureServerBuilder(&builder, limits, clients);
@@ -116,6 +173,9 @@ absl::StatusOr<StartedServer> StartServer(const std::string& address,
 
 absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
     const std::string& address, std::shared_ptr<prometheus::Registry> registry) {
+  if (absl::Status probe = ProbeListenAddress(address); !probe.ok()) {
+    return probe;
+  }
   auto ep = std::unique_ptr<MetricsEndpoint>(new MetricsEndpoint());
   try {
     ep->exposer_ = std::make_unique<prometheus::Exposer>(address, 1);

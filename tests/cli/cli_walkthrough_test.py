@@ -97,14 +97,15 @@ try:
     expect(re.search(r"^p99 latency \(ms\)\s+[\d.]+$", load, re.M) is not None,
            f"load table lacks p99:\n{load}")
     expect(re.search(r"^OK\s+30$", load, re.M) is not None, f"load codes:\n{load}")
-    # Ctrl-C stops a load early: what was sent is answered, and the table still comes.
+    # Ctrl-C stops a load early: what was sent is answered, the table still comes, and then the
+    # process ends by SIGINT, as a shell loop around it expects.
     p = subprocess.Popen([client, "load", "--router", router, "--duration", "20",
                           "--batch-size", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     first = p.stderr.readline()  # the progress line at 10 %: answers have come back by then
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=30)
-    expect(p.returncode == 0 and "interrupted after" in out and
+    expect(p.returncode == -signal.SIGINT and "interrupted after" in out and
            re.search(r"^errors\s+0$", out, re.M) is not None,
            f"load stopped by SIGINT: exit {p.returncode}:\n{out}{first}{err}")
 
@@ -179,6 +180,18 @@ try:
                              capture_output=True, text=True, timeout=60)
         expect(bad.returncode != 0 and says in bad.stderr and "starting" not in bad.stderr,
                f"moe-cluster {' '.join(args)}: exit {bad.returncode}: {bad.stderr.strip()}")
+    # A port another process holds: one line that says so, not gRPC's log.
+    router_port = router.rsplit(":", 1)[1]
+    for binary, args in [("moe-router", ["--checkpoint", path("ck.safetensors"), "--shards",
+                                         shard, "--port", router_port]),
+                         ("moe-expert-server", ["--checkpoint", path("ck.safetensors"),
+                                                "--port", router_port])]:
+        taken = subprocess.run([os.path.join(bin_dir, binary), *args], capture_output=True,
+                               text=True, timeout=60)
+        expect(taken.returncode == 1 and
+               f"port {router_port} is in use by another process" in taken.stderr and
+               max(len(line) for line in taken.stderr.splitlines()) < 300,
+               f"{binary} on a port in use: exit {taken.returncode}: {taken.stderr.strip()}")
     # A drained shard answers NOT_SERVING: `info` shows it out of rotation, not DOWN.
     drained = run("drain", "--addr", shard, "--timeout-ms", "5000")
     expect("drained in" in drained, f"drain: {drained}")
