@@ -58,6 +58,10 @@ usage: moe-cluster --checkpoint PATH [flags]
                            again loads them from there (training survives a restart)
   --no-restart             leave a shard or the router that exits on its own stopped (by
                            default it is started again on its port, at most 5 times a minute)
+
+A service that exits on its own is reported on stderr when it does. The exit status is 0 when
+every service still running at Ctrl-C (or SIGTERM) stopped cleanly, else 1 with a line naming
+the ones that did not.
 )";
 
 absl::Status Run(int argc, char** argv) {
@@ -189,6 +193,7 @@ absl::Status Run(int argc, char** argv) {
                      why.c_str(),
                      restart ? "it failed 5 times within a minute: not started again"
                              : "not started again (--no-restart)");
+        p = moe::common::Subprocess();  // told now: the stop at the end leaves it out
         continue;
       }
       restarts[i].push_back(now);

@@ -6,11 +6,14 @@ import subprocess
 def start(bin_dir, checkpoint, *args, stderr=None):
     """Runs `moe-cluster --checkpoint CHECKPOINT --router-port 0 ARGS...` and returns
     (process, router address) once it printed READY; raises RuntimeError if it exits first.
+    process.services holds the lines before READY ("shard I addr=HOST:PORT pid=PID", ...).
     Stop it with process.terminate() (SIGTERM stops every service)."""
     p = subprocess.Popen([f"{bin_dir}/moe-cluster", "--checkpoint", checkpoint,
                           "--router-port", "0", *args],
                          stdout=subprocess.PIPE, stderr=stderr, text=True)
+    p.services = []
     for line in p.stdout:
+        p.services.append(line.strip())
         if line.startswith("READY router="):
             return p, line.strip().split("=", 1)[1]
     p.wait()

@@ -69,10 +69,14 @@ class MetricsEndpoint {
  public:
   static absl::StatusOr<std::unique_ptr<MetricsEndpoint>> Start(
       const std::string& address, std::shared_ptr<prometheus::Registry> registry);
+  // Stops serving within milliseconds (civetweb alone takes up to 2 s: see the definition).
+  ~MetricsEndpoint();
   int port() const { return port_; }
 
  private:
+  MetricsEndpoint() = default;
   std::unique_ptr<prometheus::Exposer> exposer_;
+  std::string host_;  // as given to Start
   int port_ = 0;
 };
 

@@ -22,6 +22,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -58,8 +59,10 @@ def expect(cond, what):
 E, D = 8, 32
 run("init-checkpoint", "--out", path("ck.safetensors"), "--experts", str(E), "--d-model", str(D),
     "--d-ff", "48", "--top-k", "2", "--gated", "--seed", "11")
+cluster_err = open(path("cluster.err"), "w")
 cluster, router = local_cluster.start(bin_dir, path("ck.safetensors"), "--shards", "3",
-                                      "--placement", "hybrid")
+                                      "--placement", "hybrid", "--no-restart",
+                                      stderr=cluster_err)
 try:
     info = run("info", "--router", router)
     expect(f"model: {E} experts, d_model {D}, d_ff 48, top-2" in info, f"info:\n{info}")
@@ -202,13 +205,35 @@ try:
 except Exception as e:  # e.g. a file a failed command did not write: report it with the rest
     failures.append(f"{type(e).__name__}: {e}")
 finally:
+    # A shard killed under --no-restart is told when it dies and stays down; the stop then ends
+    # cleanly (exit 0) and soon: each service used to take up to 2 s, its metrics endpoint's.
+    pids = [int(m.group(1)) for m in (re.match(r"shard \d+ addr=\S+ pid=(\d+)$", line)
+                                      for line in cluster.services) if m]
+    expect(len(pids) == 3, f"moe-cluster's shard lines: {cluster.services}")
+    if pids:
+        os.kill(pids[-1], signal.SIGKILL)
+        for _ in range(500):
+            if "not started again (--no-restart)" in open(path("cluster.err")).read():
+                break
+            time.sleep(0.02)
+        else:
+            failures.append("moe-cluster did not report the killed shard within 10 s")
+    started = time.monotonic()
     cluster.send_signal(signal.SIGINT)
     try:
         code = cluster.wait(timeout=30)
     except subprocess.TimeoutExpired:
         cluster.kill()
         code = "none (killed after 30 s)"
-    expect(code == 0, f"moe-cluster exited with {code} on SIGINT")
+    took = time.monotonic() - started
+    cluster_err.close()
+    err = open(path("cluster.err")).read()
+    expect(code == 0 and "moe-cluster: stopped" in err,
+           f"moe-cluster exited with {code} on SIGINT:\n{err[-2000:]}")
+    # Sanitized services run several times slower.
+    limit = 15 if "TSAN_OPTIONS" in os.environ or "ASAN_OPTIONS" in os.environ else 3
+    expect(took < limit, f"moe-cluster took {took:.1f} s to stop (more than {limit} s)")
+    print(f"moe-cluster stopped in {took:.2f} s after a shard was killed")
 
 for f in failures:
     print("FAIL:", f)
