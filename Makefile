@@ -52,7 +52,7 @@ test-asan: deps
 # start clusters of instrumented processes (TSAN_SERIAL: cluster, fault, ring, security, PyTorch,
 # Python client and CLI tests) run one at a time after the others, so that TSan's slowdown on two
 # cores does not break their wall-clock bounds (failure detection within 2 s, a ring's deadline +
-# 0.5 s). Left out: the deployment checks (no service code), the rolling restart (it counts
+# 1.5 s). Left out: the deployment checks (no service code), the rolling restart (it counts
 # requests lost to an overloaded machine's keepalive timeouts), the 96 MiB memory cgroup
 # (TSan's shadow memory) and the in-process copy of a 3 MiB expert in several 1 MiB pieces
 # (ATrainedExpertStillBeingReadBack: TSan starts a race report on a piece's 1 MiB copy, whose
@@ -64,15 +64,21 @@ TSAN_SERIAL = ClusterTest|StrategyTest|FaultTest|GrpcRing|SecurityTest|torch_|py
 TSAN_EXCLUDE = deploy_|RollingRestartOfEveryShard|MemoryLimitedShard|ATrainedExpertStillBeingReadBack
 TSAN_ENV = OMP_NUM_THREADS=1 \
   TSAN_OPTIONS="suppressions=$(CURDIR)/tests/tsan.supp halt_on_error=1 second_deadlock_stack=1"
+# Fails when ctest's log of the last run (every attempt of every test, with the output of the
+# processes it started) holds a ThreadSanitizer report, or is missing.
+TSAN_LOG = build-tsan/Testing/Temporary/LastTest.log
+TSAN_NO_REPORT = test -f $(TSAN_LOG) || { echo "test-tsan: no $(TSAN_LOG)"; exit 1; }; \
+  ! grep -n "WARNING: ThreadSanitizer" $(TSAN_LOG) || \
+  { echo "test-tsan: ThreadSanitizer reported the lines above (in $(TSAN_LOG))"; exit 1; }
 test-tsan: deps
 	@test -f build-tsan/CMakeCache.txt || \
 	  cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOE_SANITIZE=thread
 	cmake --build build-tsan -j $(JOBS)
 	cd build-tsan && $(TSAN_ENV) ctest --output-on-failure -j $(JOBS) -E "$(TSAN_SERIAL)|$(TSAN_EXCLUDE)"
+	@$(TSAN_NO_REPORT)
 	cd build-tsan && $(TSAN_ENV) ctest --output-on-failure -j 1 --repeat until-pass:2 \
 	  -R "$(TSAN_SERIAL)" -E "$(TSAN_EXCLUDE)"
-	@! grep -n "WARNING: ThreadSanitizer" build-tsan/Testing/Temporary/LastTest.log || \
-	  { echo "test-tsan: ThreadSanitizer reported the above in a test that then passed when run again"; exit 1; }
+	@$(TSAN_NO_REPORT)
 
 # The container path: the image from deploy/docker/Dockerfile, docker-compose.yml on the host's
 # network, token batches checked against the in-process layer (tests/deploy/compose_smoke.sh).

@@ -60,8 +60,8 @@ usage: moe-cluster --checkpoint PATH [flags]
                            default it is started again on its port, at most 5 times a minute)
 
 A service that exits on its own is reported on stderr when it does. The exit status is 0 when
-every service still running at Ctrl-C (or SIGTERM) stopped cleanly, else 1 with a line naming
-the ones that did not.
+every service still running at Ctrl-C (or SIGTERM) stopped cleanly and none was given up for
+failing 5 times within a minute, else 1 with a line naming the ones that did not.
 )";
 
 absl::Status Run(int argc, char** argv) {
@@ -193,7 +193,9 @@ absl::Status Run(int argc, char** argv) {
                      why.c_str(),
                      restart ? "it failed 5 times within a minute: not started again"
                              : "not started again (--no-restart)");
-        p = moe::common::Subprocess();  // told now: the stop at the end leaves it out
+        // Left down on purpose (--no-restart): told now, and the stop at the end leaves it out.
+        // One given up for failing 5 times a minute still fails the stop.
+        if (!restart) p = moe::common::Subprocess();
         continue;
       }
       restarts[i].push_back(now);

@@ -4,6 +4,7 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <netdb.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -128,18 +129,26 @@ absl::Status ProbeListenAddress(const std::string& address) {
   if (getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &found) != 0) {
     return absl::OkStatus();
   }
+  // gRPC listens if any of the addresses binds, so the port counts as taken only when every one
+  // of them is (for the services' own 0.0.0.0 or 127.0.0.1 there is one).
   int error = 0;
-  for (addrinfo* a = found; a != nullptr && error == 0; a = a->ai_next) {
+  bool any_free = false;
+  for (addrinfo* a = found; a != nullptr && !any_free; a = a->ai_next) {
     const int fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
     if (fd < 0) continue;
     const int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));  // as gRPC binds
-    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 && (errno == EADDRINUSE || errno == EACCES)) {
+    if (bind(fd, a->ai_addr, a->ai_addrlen) == 0) {
+      any_free = true;
+    } else if (errno == EADDRINUSE || errno == EACCES) {
       error = errno;
+    } else {
+      any_free = true;  // not ours to judge: gRPC will say
     }
     close(fd);
   }
   freeaddrinfo(found);
+  if (any_free) return absl::OkStatus();
   if (error == EADDRINUSE) {
     return absl::UnavailableError(absl::StrCat(
         "cannot listen on ", address, ": port ", port,
@@ -213,10 +222,18 @@ MetricsEndpoint::~MetricsEndpoint() {
   std::atomic<bool> stopped{false};
   std::thread waker([&] {
     while (to != nullptr && !stopped.load()) {
-      const int fd = socket(to->ai_family, to->ai_socktype | SOCK_CLOEXEC, to->ai_protocol);
-      if (fd >= 0) {
-        connect(fd, to->ai_addr, to->ai_addrlen);  // refused once the socket is closed: fine
-        close(fd);
+      // Each of the host's addresses (localhost has two; civetweb listens on one of them), and
+      // never waiting more than 50 ms on one: a connection that is dropped rather than refused
+      // would otherwise hold the stop for the kernel's two minutes.
+      for (addrinfo* a = to; a != nullptr; a = a->ai_next) {
+        const int fd =
+            socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, a->ai_protocol);
+        if (fd < 0) continue;
+        if (connect(fd, a->ai_addr, a->ai_addrlen) != 0 && errno == EINPROGRESS) {
+          pollfd p{fd, POLLOUT, 0};
+          poll(&p, 1, 50);
+        }
+        close(fd);  // refused once civetweb's socket is closed: fine
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }

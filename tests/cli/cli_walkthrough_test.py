@@ -212,8 +212,9 @@ finally:
     expect(len(pids) == 3, f"moe-cluster's shard lines: {cluster.services}")
     if pids:
         os.kill(pids[-1], signal.SIGKILL)
+        told = f"(pid {pids[-1]}) killed by signal 9 (SIGKILL); not started again (--no-restart)"
         for _ in range(500):
-            if "not started again (--no-restart)" in open(path("cluster.err")).read():
+            if told in open(path("cluster.err")).read():
                 break
             time.sleep(0.02)
         else:
@@ -228,6 +229,11 @@ finally:
     took = time.monotonic() - started
     cluster_err.close()
     err = open(path("cluster.err")).read()
+    # The services' stderr, for the test's log (and the sanitizer builds' check of it).
+    print("moe-cluster's stderr:\n" + err)
+    expect("Sanitizer" not in err, "a sanitizer reported on a service (its stderr is above)")
+    expect(err.count("not started again") == 1,
+           f"exactly one service should have been left down:\n{err[-2000:]}")
     expect(code == 0 and "moe-cluster: stopped" in err,
            f"moe-cluster exited with {code} on SIGINT:\n{err[-2000:]}")
     # Sanitized services run several times slower.
