@@ -104,22 +104,32 @@ void EnableHealthAndReflection() {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
 }
 
+// HOST and PORT of a listen address HOST:PORT, without the brackets of an IPv6 host ([::]:PORT);
+// false for an address in another form (unix:PATH, a URI).
+bool SplitListenAddress(const std::string& address, std::string* host, std::string* port) {
+  const size_t colon = address.rfind(':');
+  if (colon == std::string::npos || absl::StrContains(address, "//") ||
+      absl::StartsWith(address, "unix:")) {
+    return false;
+  }
+  *host = address.substr(0, colon);
+  *port = address.substr(colon + 1);
+  if (host->size() >= 2 && host->front() == '[' && host->back() == ']') {
+    *host = host->substr(1, host->size() - 2);
+  }
+  return true;
+}
+
 // Binds (and at once closes) a socket on each of `address`'s local addresses, so that a port
 // another process listens on is reported in one line before gRPC (or civetweb) tries, and logs a
 // long error of its own. Only a port in use or a privileged one is reported here; anything else
 // (an address this probe cannot read, a host with no IPv6) is left to gRPC.
 absl::Status ProbeListenAddress(const std::string& address) {
-  const size_t colon = address.rfind(':');
-  if (colon == std::string::npos || absl::StrContains(address, "//") ||
-      absl::StartsWith(address, "unix:")) {
-    return absl::OkStatus();
-  }
-  std::string host = address.substr(0, colon);
-  const std::string port = address.substr(colon + 1);
+  std::string host, port;
   int port_number = 0;
-  if (!absl::SimpleAtoi(port, &port_number) || port_number == 0) return absl::OkStatus();
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
-    host = host.substr(1, host.size() - 2);
+  if (!SplitListenAddress(address, &host, &port) || !absl::SimpleAtoi(port, &port_number) ||
+      port_number == 0) {
+    return absl::OkStatus();
   }
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
@@ -197,7 +207,8 @@ absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
   ep->exposer_->RegisterCollectable(registry);
   const std::vector<int> ports = ep->exposer_->GetListeningPorts();
   ep->port_ = ports.empty() ? 0 : ports.front();
-  ep->host_ = address.substr(0, address.rfind(':'));
+  std::string port;
+  SplitListenAddress(address, &ep->host_, &port);
   return ep;
 }
 
@@ -209,10 +220,7 @@ MetricsEndpoint::~MetricsEndpoint() {
   // a thread connects (and hangs up) every 10 ms until the stop is done.
   std::string host = host_;
   if (host.empty() || host == "0.0.0.0" || host == "*") host = "127.0.0.1";
-  if (host == "[::]" || host == "::") host = "::1";
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
-    host = host.substr(1, host.size() - 2);
-  }
+  if (host == "::") host = "::1";
   addrinfo hints{};
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_NUMERICSERV;

@@ -76,7 +76,7 @@ class MetricsEndpoint {
  private:
   MetricsEndpoint() = default;
   std::unique_ptr<prometheus::Exposer> exposer_;
-  std::string host_;  // as given to Start
+  std::string host_;  // the host Start was given, without IPv6 brackets
   int port_ = 0;
 };
 
