@@ -16,7 +16,6 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "services/common/flags.h"
 #include "services/common/security.h"
@@ -26,6 +25,7 @@
 #include "services/common/subprocess.h"
 #include "client/cpu_limit.h"
 #include "client/local_cluster.h"
+#include "router/router_flags.h"
 
 namespace {
 
@@ -97,16 +97,7 @@ absl::Status Run(int argc, char** argv) {
     return absl::InvalidArgumentError(
         absl::StrCat("--shard-threads must be in [1, 256], got ", shard_threads));
   }
-  for (const auto& [flag, allowed] : std::vector<std::pair<const char*, std::vector<std::string>>>{
-           {"placement", {"replicated", "sharded", "hybrid", "dynamic"}},
-           {"overflow", {"drop", "spill"}},
-           {"wire", {"fp32", "bf16"}}}) {
-    if (f.Has(flag) &&
-        std::find(allowed.begin(), allowed.end(), f.Get(flag)) == allowed.end()) {
-      return absl::InvalidArgumentError(absl::StrCat("--", flag, " ", f.Get(flag),
-                                                     ": use one of ", absl::StrJoin(allowed, ", ")));
-    }
-  }
+  RETURN_IF_ERROR(moe::router::ParseRouterChoices(f).status());  // the router's own check
   const std::string bin = f.Get("bin-dir", moe::client::ExecutableDir());
   moe::common::BlockTerminationSignals();
   moe::client::LocalClusterOptions o;

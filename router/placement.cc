@@ -6,6 +6,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 
 namespace moe::router {
 
@@ -19,13 +20,19 @@ absl::string_view StrategyName(Strategy s) {
   return "?";
 }
 
+const std::vector<std::string>& StrategyNames() {
+  static const auto* names = new std::vector<std::string>{
+      std::string(StrategyName(Strategy::kReplicated)), std::string(StrategyName(Strategy::kSharded)),
+      std::string(StrategyName(Strategy::kHybrid)), std::string(StrategyName(Strategy::kDynamic))};
+  return *names;
+}
+
 absl::StatusOr<Strategy> ParseStrategy(absl::string_view name) {
-  if (name == "replicated") return Strategy::kReplicated;
-  if (name == "sharded") return Strategy::kSharded;
-  if (name == "hybrid") return Strategy::kHybrid;
-  if (name == "dynamic") return Strategy::kDynamic;
-  return absl::InvalidArgumentError(absl::StrCat(
-      "placement strategy '", name, "' is not one of replicated, sharded, hybrid, dynamic"));
+  for (Strategy s : {Strategy::kReplicated, Strategy::kSharded, Strategy::kHybrid, Strategy::kDynamic}) {
+    if (name == StrategyName(s)) return s;
+  }
+  return absl::InvalidArgumentError(absl::StrCat("placement strategy '", name, "' is not one of ",
+                                                 absl::StrJoin(StrategyNames(), ", ")));
 }
 
 std::vector<int> Placement::ExpertsOn(int shard) const {

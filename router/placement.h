@@ -21,6 +21,8 @@ namespace moe::router {
 enum class Strategy { kReplicated, kSharded, kHybrid, kDynamic };
 
 absl::string_view StrategyName(Strategy s);
+// The strategies' names, in the order of `Strategy`.
+const std::vector<std::string>& StrategyNames();
 absl::StatusOr<Strategy> ParseStrategy(absl::string_view name);
 
 struct Placement {

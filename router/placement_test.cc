@@ -136,6 +136,8 @@ TEST(Placement, ImbalanceAndErrors) {
   EXPECT_EQ(ComputePlacement(Strategy::kSharded, 4, 2, Uniform(3)).status().code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ParseStrategy("random").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseStrategy("random").status().message(),
+            "placement strategy 'random' is not one of replicated, sharded, hybrid, dynamic");
   EXPECT_EQ(*ParseStrategy("dynamic"), Strategy::kDynamic);
 }
 

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "router/router_flags.h"
 #include "router/router_server.h"
 #include "services/common/flags.h"
 #include "services/common/security.h"
@@ -90,13 +91,11 @@ absl::Status Run(int argc, char** argv) {
     ASSIGN_OR_RETURN(int64_t k, f.GetInt("top-k", 2));
     o.load.top_k = static_cast<int>(k);
   }
-  ASSIGN_OR_RETURN(o.strategy, moe::router::ParseStrategy(f.Get("placement", "hybrid")));
+  ASSIGN_OR_RETURN(const moe::router::RouterChoices choices, moe::router::ParseRouterChoices(f));
+  o.strategy = choices.strategy;
+  o.overflow = choices.spill ? moe::router::Overflow::kSpill : moe::router::Overflow::kDrop;
+  o.bf16_allreduce = choices.bf16_allreduce;
   ASSIGN_OR_RETURN(o.capacity_factor, f.GetDouble("capacity-factor", 0.0));
-  const std::string overflow = f.Get("overflow", "drop");
-  if (overflow != "drop" && overflow != "spill") {
-    return absl::InvalidArgumentError("--overflow must be drop or spill");
-  }
-  o.overflow = overflow == "spill" ? moe::router::Overflow::kSpill : moe::router::Overflow::kDrop;
   ASSIGN_OR_RETURN(int64_t threads, f.GetInt("threads", 16));
   ASSIGN_OR_RETURN(int64_t slots, f.GetInt("dynamic-slots", 0));
   ASSIGN_OR_RETURN(o.imbalance_threshold, f.GetDouble("imbalance-threshold", 0.2));
@@ -107,16 +106,6 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(o.min_split_rows, f.GetInt("min-split-rows", o.min_split_rows));
   ASSIGN_OR_RETURN(double timeout, f.GetDouble("timeout-s", 30));
   ASSIGN_OR_RETURN(double grace, f.GetDouble("shutdown-grace-s", 0.5));
-  // --wire and --allreduce-wire: fp32 (the default) or bf16; true for bf16.
-  auto bf16_flag = [&f](const char* name) -> absl::StatusOr<bool> {
-    const std::string v = f.Get(name, "fp32");
-    if (v != "fp32" && v != "bf16") {
-      return absl::InvalidArgumentError(absl::StrCat("--", name, " must be fp32 or bf16"));
-    }
-    return v == "bf16";
-  };
-  ASSIGN_OR_RETURN(const bool bf16_rows, bf16_flag("wire"));
-  ASSIGN_OR_RETURN(o.bf16_allreduce, bf16_flag("allreduce-wire"));
   if (threads < 1 || slots < 0 || o.max_batch_tokens < 1 || o.min_split_rows < 1 || timeout <= 0 ||
       cooldown < 0 || o.max_inflight_requests < 1 || grace < 0) {
     return absl::InvalidArgumentError(
@@ -128,7 +117,7 @@ absl::Status Run(int argc, char** argv) {
   o.dynamic_slots_per_shard = static_cast<int>(slots);
   o.rebalance_cooldown = absl::Seconds(cooldown);
   o.default_timeout = absl::Seconds(timeout);
-  o.wire = bf16_rows ? moe::common::WireType::kBFloat16 : moe::common::WireType::kFloat32;
+  o.wire = choices.bf16_rows ? moe::common::WireType::kBFloat16 : moe::common::WireType::kFloat32;
 
   moe::common::TuneServiceProcess();
   RETURN_IF_ERROR(moe::common::ConfigureTlsFromFlags(f));

@@ -1,10 +1,12 @@
 #include "services/common/flags.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 
 namespace moe::common {
@@ -78,6 +80,17 @@ absl::StatusOr<int64_t> Flags::GetPort(const std::string& name, int64_t def) con
 absl::StatusOr<std::string> Flags::Require(const std::string& name) const {
   if (!Has(name)) return absl::InvalidArgumentError(absl::StrCat("--", name, " is required"));
   return Get(name);
+}
+
+absl::StatusOr<std::string> Flags::GetChoice(const std::string& name,
+                                             const std::vector<std::string>& allowed,
+                                             const std::string& def) const {
+  const std::string v = Get(name, def);
+  if (std::find(allowed.begin(), allowed.end(), v) == allowed.end()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " ", v, ": use one of ", absl::StrJoin(allowed, ", ")));
+  }
+  return v;
 }
 
 absl::Status Flags::ListenAddresses(int64_t default_port, std::string* address,

@@ -27,6 +27,10 @@ class Flags {
   // An integer in [0, 65535].
   absl::StatusOr<int64_t> GetPort(const std::string& name, int64_t def) const;
   absl::StatusOr<std::string> Require(const std::string& name) const;
+  // One of `allowed` (`def` when absent); anything else is INVALID_ARGUMENT listing them.
+  absl::StatusOr<std::string> GetChoice(const std::string& name,
+                                        const std::vector<std::string>& allowed,
+                                        const std::string& def) const;
   // --host (default 0.0.0.0) with --port (default `default_port`) as `address`, and, when
   // --metrics-port is given, --host with it as `metrics_address`.
   absl::Status ListenAddresses(int64_t default_port, std::string* address,

@@ -1,0 +1,86 @@
+// Flags: parsing, typed getters, and the one-line errors they give.
+
+#include "services/common/flags.h"
+
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+namespace moe::common {
+namespace {
+
+// Parses `args` (without a program name) against a fixed set of known flags.
+absl::StatusOr<Flags> ParseArgs(std::vector<std::string> args) {
+  std::vector<char*> argv;
+  std::string prog = "prog";
+  argv.push_back(prog.data());
+  for (auto& a : args) argv.push_back(a.data());
+  return Flags::Parse(static_cast<int>(argv.size()), argv.data(), 1,
+                      {{"n", true}, {"x", true}, {"mode", true}, {"list", true}, {"port", true},
+                       {"verbose", false}});
+}
+
+TEST(Flags, ParsesBothFormsAndTheLastValueCounts) {
+  auto f = ParseArgs({"--n", "3", "--x=2.5", "--verbose", "--n=7"});
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(*f->GetInt("n", 0), 7);
+  EXPECT_DOUBLE_EQ(*f->GetDouble("x", 0), 2.5);
+  EXPECT_EQ(f->Get("verbose"), "true");
+  EXPECT_FALSE(f->Has("mode"));
+  EXPECT_EQ(f->Get("mode", "def"), "def");
+  EXPECT_EQ(*f->GetInt("port", 42), 42);
+}
+
+TEST(Flags, RefusesWhatItDoesNotKnow) {
+  struct Case {
+    std::vector<std::string> args;
+    std::string message;
+  };
+  for (const Case& c : std::vector<Case>{{{"stray"}, "unexpected argument 'stray'"},
+                                         {{"--bogus", "1"}, "unknown flag --bogus"},
+                                         {{"--n"}, "flag --n needs a value"}}) {
+    auto f = ParseArgs(c.args);
+    ASSERT_FALSE(f.ok()) << c.message;
+    EXPECT_EQ(f.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(f.status().message(), c.message);
+  }
+}
+
+TEST(Flags, TypedGettersNameTheFlagAndTheValue) {
+  auto f = ParseArgs({"--n", "three", "--x", "nan", "--port", "70000", "--list", "1,a"});
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(f->GetInt("n", 0).status().message(), "--n must be an integer, got 'three'");
+  EXPECT_EQ(f->GetDouble("x", 0).status().message(), "--x must be a finite number, got 'nan'");
+  EXPECT_EQ(f->GetPort("port", 0).status().message(),
+            "--port must be a port in [0, 65535] (0 picks a free one), got 70000");
+  EXPECT_EQ(f->GetIntList("list").status().message(),
+            "--list must be a comma-separated list of integers, got '1,a'");
+  EXPECT_EQ(f->Require("mode").status().message(), "--mode is required");
+}
+
+TEST(Flags, IntListAndPort) {
+  auto f = ParseArgs({"--list", "4,-1,0", "--port", "0"});
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(*f->GetIntList("list"), (std::vector<int>{4, -1, 0}));
+  EXPECT_EQ(*f->GetPort("port", 1), 0);
+  EXPECT_TRUE(f->GetIntList("mode")->empty());
+}
+
+TEST(Flags, GetChoiceTakesOnlyTheAllowedValues) {
+  const std::vector<std::string> modes = {"fast", "safe"};
+  auto f = ParseArgs({"--mode", "safe"});
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(*f->GetChoice("mode", modes, "fast"), "safe");
+  auto g = ParseArgs({});
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_EQ(*g->GetChoice("mode", modes, "fast"), "fast");
+  auto h = ParseArgs({"--mode", "Safe"});
+  ASSERT_TRUE(h.ok()) << h.status();
+  const absl::Status bad = h->GetChoice("mode", modes, "fast").status();
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(bad.message(), "--mode Safe: use one of fast, safe");
+}
+
+}  // namespace
+}  // namespace moe::common
