@@ -91,8 +91,10 @@ commands:
       reverse: expert E-1 the most popular). Prints tokens/s, p50/p95/p99 latency and
       errors by code; exits 1 when no request succeeded. --requests alone runs until R are
       answered; with --duration, whichever comes first. Ctrl-C stops it early: the table of
-      the run so far, then exit by SIGINT (status 130). Defaults: C 4, N 64, 10 seconds,
-      random tokens without --zipf, seed 1.
+      the run so far, then exit by SIGINT (status 130). A stream the router ends with
+      UNAVAILABLE (a restart, a shutdown) is opened again once the router can be reached;
+      its unanswered requests count as errors. Defaults: C 4, N 64, 10 seconds, random
+      tokens without --zipf, seed 1.
   demo --checkpoint PATH [--batches B] [--batch-size N] [--tensor-prefix P]
       run the in-process layer on random batches; print tokens/s and per-expert load
       (defaults: B 20, N 256)
@@ -618,7 +620,8 @@ absl::Status Load(const Flags& f) {
         "--hot-order ", hot_order, ": use 0 (by id), K > 0 (a shuffle seeded by K) or -1 "
         "(reversed)"));
   }
-  auto stub = MakeRouterStub(addr);
+  const std::shared_ptr<grpc::Channel> channel = MakeRouterChannel(addr);
+  auto stub = v1::Router::NewStub(channel);
   ASSIGN_OR_RETURN(v1::ClusterInfo info, GetInfo(stub.get(), addr));
   const int d = info.d_model();
   const double request_bytes = 4.0 * static_cast<double>(batch) * d;
@@ -670,8 +673,8 @@ absl::Status Load(const Flags& f) {
   std::vector<double> latencies;
   std::map<std::string, int64_t> codes;
   std::map<std::string, std::string> first_error;  // by code
-  std::atomic<int64_t> issued{0}, tokens_ok{0}, completed{0};
-  std::atomic<int> workers_done{0};
+  std::atomic<int64_t> issued{0}, tokens_ok{0}, completed{0}, reopened{0};
+  std::atomic<int> workers_done{0}, reconnecting{0};
   auto worker = [&](int w) {
     std::unique_ptr<ZipfTokens> gen;
     if (!gate.weight.empty()) {
@@ -680,58 +683,91 @@ absl::Status Load(const Flags& f) {
     }
     std::mt19937_64 rng(seed * 7919 + w);
     std::uniform_real_distribution<float> u(-1.f, 1.f);
-    grpc::ClientContext ctx;
-    auto stream = stub->InferStream(&ctx);
-    std::deque<std::chrono::steady_clock::time_point> sent;
     auto more = [&] {
       return !load_interrupted.load() && std::chrono::steady_clock::now() < end &&
              (max_requests == 0 || issued.load() < max_requests);
     };
-    bool open = true;
-    while (open) {
-      while (static_cast<int64_t>(sent.size()) < window && more()) {
-        if (max_requests > 0 && issued.fetch_add(1) >= max_requests) break;
-        if (max_requests == 0) issued.fetch_add(1);
-        v1::InferRequest req;
-        std::vector<float> x;
-        if (gen) {
-          x = gen->Next(batch);
-        } else {
-          x.resize(static_cast<size_t>(batch * d));
-          for (float& v : x) v = u(rng);
+    // A stream that the router ends with UNAVAILABLE while the run has time left (the router
+    // restarted, or shut down with another behind its address) is opened again once the
+    // router can be reached, so that the load keeps its concurrency through the outage. What
+    // was in flight on it counts as failed, with the router's message. Any other ending (a
+    // wrong token, ...) would end every new stream alike: the worker stops.
+    std::chrono::milliseconds backoff(0);
+    while (true) {
+      grpc::ClientContext ctx;
+      auto stream = stub->InferStream(&ctx);
+      std::deque<std::chrono::steady_clock::time_point> sent;
+      int64_t answered = 0;
+      bool open = true;
+      while (open) {
+        while (static_cast<int64_t>(sent.size()) < window && more()) {
+          if (max_requests > 0 && issued.fetch_add(1) >= max_requests) break;
+          if (max_requests == 0) issued.fetch_add(1);
+          v1::InferRequest req;
+          std::vector<float> x;
+          if (gen) {
+            x = gen->Next(batch);
+          } else {
+            x.resize(static_cast<size_t>(batch * d));
+            for (float& v : x) v = u(rng);
+          }
+          common::EncodeTensor(x, {batch, d}, common::WireType::kFloat32, req.mutable_tokens());
+          sent.push_back(std::chrono::steady_clock::now());
+          if (!stream->Write(req)) {
+            open = false;
+            break;
+          }
         }
-        common::EncodeTensor(x, {batch, d}, common::WireType::kFloat32, req.mutable_tokens());
-        sent.push_back(std::chrono::steady_clock::now());
-        if (!stream->Write(req)) {
-          open = false;
-          break;
+        if (sent.empty()) break;
+        v1::InferResponse resp;
+        if (!stream->Read(&resp)) break;
+        ++answered;
+        const double lat = std::chrono::duration<double>(std::chrono::steady_clock::now() -
+                                                         sent.front()).count();
+        sent.pop_front();
+        std::lock_guard<std::mutex> lock(mu);
+        const std::string code =
+            absl::StatusCodeToString(static_cast<absl::StatusCode>(resp.code()));
+        ++codes[code];
+        if (resp.code() != 0) first_error.emplace(code, resp.message());
+        if (resp.code() == 0) {
+          latencies.push_back(lat);
+          tokens_ok += batch;
+        }
+        ++completed;
+      }
+      stream->WritesDone();
+      grpc::Status st = stream->Finish();
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        const std::string lost = absl::StatusCodeToString(
+            static_cast<absl::StatusCode>(st.ok() ? 14 : st.error_code()));
+        for (size_t i = 0; i < sent.size(); ++i) ++codes[lost];
+        completed += static_cast<int64_t>(sent.size());
+        if (!sent.empty()) {
+          first_error.emplace(lost,
+                              st.ok() ? "the stream ended before the answer" : st.error_message());
         }
       }
-      if (sent.empty()) break;
-      v1::InferResponse resp;
-      if (!stream->Read(&resp)) break;
-      const double lat = std::chrono::duration<double>(std::chrono::steady_clock::now() -
-                                                       sent.front()).count();
-      sent.pop_front();
-      std::lock_guard<std::mutex> lock(mu);
-      const std::string code = absl::StatusCodeToString(static_cast<absl::StatusCode>(resp.code()));
-      ++codes[code];
-      if (resp.code() != 0) first_error.emplace(code, resp.message());
-      if (resp.code() == 0) {
-        latencies.push_back(lat);
-        tokens_ok += batch;
+      if (st.error_code() != grpc::StatusCode::UNAVAILABLE || !more()) break;
+      // A stream that answered nothing waits longer each time (up to 1 s), so that a router
+      // that takes streams and ends them at once is not hammered.
+      backoff = answered > 0 ? std::chrono::milliseconds(0)
+                             : std::min(std::chrono::milliseconds(1000),
+                                        std::max(std::chrono::milliseconds(100), 2 * backoff));
+      ++reconnecting;
+      const auto resume = std::chrono::steady_clock::now() + backoff;
+      while (more() && std::chrono::steady_clock::now() < resume) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
       }
-      ++completed;
-    }
-    stream->WritesDone();
-    grpc::Status st = stream->Finish();
-    std::lock_guard<std::mutex> lock(mu);
-    const std::string lost =
-        absl::StatusCodeToString(static_cast<absl::StatusCode>(st.ok() ? 14 : st.error_code()));
-    for (size_t i = 0; i < sent.size(); ++i) ++codes[lost];
-    completed += static_cast<int64_t>(sent.size());
-    if (!sent.empty()) {
-      first_error.emplace(lost, st.ok() ? "the stream ended before the answer" : st.error_message());
+      // Checked every 100 ms so that the end of the run or Ctrl-C is not kept waiting.
+      while (more() &&
+             !channel->WaitForConnected(std::chrono::system_clock::now() +
+                                        std::chrono::milliseconds(100))) {
+      }
+      --reconnecting;
+      if (!more()) break;
+      ++reopened;
     }
     ++workers_done;
   };
@@ -742,7 +778,10 @@ absl::Status Load(const Flags& f) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     const int64_t done = max_requests > 0 ? completed.load() : static_cast<int64_t>(el * 10);
-    progress.Update(done, absl::StrFormat("%.0f tokens/s", tokens_ok.load() / std::max(el, 1e-9)));
+    progress.Update(done, absl::StrFormat("%.0f tokens/s%s", tokens_ok.load() / std::max(el, 1e-9),
+                                          reconnecting.load() > 0
+                                              ? ", router unreachable: reconnecting"
+                                              : ""));
     if (std::chrono::steady_clock::now() >= end + std::chrono::seconds(60)) break;
     if (load_interrupted.load() || workers_done.load() == concurrency) break;
     if ((max_requests > 0 && completed.load() >= max_requests) ||
@@ -772,13 +811,16 @@ absl::Status Load(const Flags& f) {
     total += n;
     if (code != "OK") errors += n;
   }
-  PrintTable({"metric", "value"},
-             {{"requests", absl::StrCat(total)},
-              {"tokens/s", absl::StrFormat("%.0f", tokens_ok.load() / elapsed)},
-              {"p50 latency (ms)", pct(0.50)},
-              {"p95 latency (ms)", pct(0.95)},
-              {"p99 latency (ms)", pct(0.99)},
-              {"errors", absl::StrCat(errors)}});
+  std::vector<std::vector<std::string>> summary = {
+      {"requests", absl::StrCat(total)},
+      {"tokens/s", absl::StrFormat("%.0f", tokens_ok.load() / elapsed)},
+      {"p50 latency (ms)", pct(0.50)},
+      {"p95 latency (ms)", pct(0.95)},
+      {"p99 latency (ms)", pct(0.99)},
+      {"errors", absl::StrCat(errors)}};
+  // Only when it happened: streams the router ended (UNAVAILABLE) and load opened again.
+  if (reopened.load() > 0) summary.push_back({"streams reopened", absl::StrCat(reopened.load())});
+  PrintTable({"metric", "value"}, summary);
   // With errors, the first message of each code: enough to tell what went wrong.
   std::vector<std::vector<std::string>> rows;
   for (const auto& [code, n] : codes) {

@@ -22,9 +22,12 @@ std::string& Token() {
 
 void SetAuthToken(std::string token) { Token() = std::move(token); }
 
+std::shared_ptr<grpc::Channel> MakeRouterChannel(const std::string& address) {
+  return common::CreateAuthorizedChannel(address, common::UserChannelArgs(), Token());
+}
+
 std::unique_ptr<v1::Router::Stub> MakeRouterStub(const std::string& address) {
-  return v1::Router::NewStub(
-      common::CreateAuthorizedChannel(address, common::UserChannelArgs(), Token()));
+  return v1::Router::NewStub(MakeRouterChannel(address));
 }
 
 grpc::Status CallWithReconnects(absl::Duration timeout,

@@ -20,6 +20,8 @@ namespace moe::client {
 void SetAuthToken(std::string token);
 // A stub over the process's TLS configuration (common::ConfigureTls) and auth token.
 std::unique_ptr<v1::Router::Stub> MakeRouterStub(const std::string& address);
+// The channel under such a stub, for a caller that also watches the connection.
+std::shared_ptr<grpc::Channel> MakeRouterChannel(const std::string& address);
 
 // One idempotent unary call, `call(ctx)`, each attempt with a fresh context of `timeout`. A call
 // that fails UNAVAILABLE is made twice more, 300 ms apart (past the channel's reconnect

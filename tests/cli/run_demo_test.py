@@ -13,7 +13,6 @@ usage: run_demo_test.py BUILD_DIR WORK_DIR
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,8 @@ import urllib.request
 build, work = sys.argv[1], sys.argv[2]
 root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "../..")
 os.makedirs(work, exist_ok=True)
+sys.path.insert(0, os.path.join(root, "client/python"))
+import local_cluster  # noqa: E402
 failures = []
 
 
@@ -31,25 +32,7 @@ def expect(cond, what):
         failures.append(what)
 
 
-def free_port_run(n):
-    """The first of n consecutive free loopback ports (router, 4 shards, coordinator)."""
-    for base in range(20000 + os.getpid() % 20000, 60000, 7):
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no run of free ports")
-
-
-metrics = free_port_run(6)
+metrics = local_cluster.free_port_run(6)
 env = dict(os.environ, MOE_RUN_DIR=work, MOE_ROUTER_PORT="0", MOE_METRICS_PORT=str(metrics),
            MOE_DEMO_SECONDS="3")
 env.pop("MOE_DEMO_EXIT", None)

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""`moe-client load` through a router crash: moe-cluster starts the router again on its port, and
+load, whose streams the crash broke, opens them again and goes on loading the new router until
+its duration ends, instead of stopping early with every stream gone.
+
+Checked: load exits 0 at about its duration; its table counts the requests cut off by the crash
+as UNAVAILABLE and nothing else as an error, says how many streams it reopened, and its OK
+requests include ones the restarted router answered (that router's own request counter, which
+starts from zero, shows them). No service's stderr holds a sanitizer report.
+
+usage: load_router_restart_test.py BUILD_DIR WORK_DIR
+"""
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+
+build, work = sys.argv[1], sys.argv[2]
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(here, "../../client/python"))
+import local_cluster  # noqa: E402
+
+bin_dir = os.path.join(build, "bin")
+client = os.path.join(bin_dir, "moe-client")
+os.makedirs(work, exist_ok=True)
+failures = []
+
+
+def expect(cond, what):
+    if not cond:
+        failures.append(what)
+
+
+def router_stream_ok(port):
+    """The router's count of InferStream requests answered OK (0 when it cannot be read)."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return 0
+    m = re.search(r'^moe_router_requests_total\{code="OK",method="InferStream"\} (\S+)$', text,
+                  re.M)
+    return float(m.group(1)) if m else 0
+
+
+def wait_until(cond, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+ck = os.path.join(work, "ck.safetensors")
+subprocess.run([client, "init-checkpoint", "--out", ck, "--experts", "8", "--d-model", "64",
+                "--d-ff", "128", "--top-k", "2", "--seed", "3"], check=True,
+               stdout=subprocess.DEVNULL)
+metrics = local_cluster.free_port_run(4)  # router, 2 shards, coordinator
+cluster_log = open(os.path.join(work, "moe-cluster.stderr"), "w+")
+cluster, router = local_cluster.start(bin_dir, ck, "--shards", "2", "--metrics-port",
+                                      str(metrics), stderr=cluster_log)
+try:
+    pid = int(re.search(r"^router addr=\S+ pid=(\d+)$", "\n".join(cluster.services),
+                        re.M).group(1))
+    duration = 12
+    start = time.monotonic()
+    load = subprocess.Popen([client, "load", "--router", router, "--duration", str(duration),
+                             "--concurrency", "2", "--batch-size", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    expect(wait_until(lambda: router_stream_ok(metrics) > 0, 10),
+           "the router answered no request of the load before the crash")
+    os.kill(pid, 9)
+    back = wait_until(lambda: "the router is back" in open(cluster_log.name).read(), 60)
+    expect(back, "moe-cluster did not start the router again:\n" + open(cluster_log.name).read())
+    out, err = load.communicate(timeout=duration + 60)
+    took = time.monotonic() - start
+    expect(load.returncode == 0, f"load exit {load.returncode}:\n{out}{err[-2000:]}")
+    expect(took < duration + 15, f"load took {took:.1f} s for a {duration} s run")
+    # The restarted router's counter started from zero: what it shows, load sent after the crash.
+    if back:
+        expect(router_stream_ok(metrics) > 0,
+               f"the restarted router answered no request of the load:\n{out}")
+    reopened = re.search(r"^streams reopened\s+(\d+)$", out, re.M)
+    expect(reopened is not None and int(reopened.group(1)) >= 2,
+           f"both of load's streams should have been reopened:\n{out}")
+    codes = dict(re.findall(r"^([A-Z_]+)\s+(\d+)\b", out, re.M))
+    expect(int(codes.get("OK", 0)) > 0, f"no request OK:\n{out}")
+    expect(set(codes) <= {"OK", "UNAVAILABLE"}, f"errors other than UNAVAILABLE:\n{out}")
+finally:
+    cluster.terminate()
+    cluster.wait(timeout=30)
+    cluster_log.close()
+# The services' stderr, into the test's log; a sanitizer build's report in it fails the test.
+services_err = open(cluster_log.name).read()
+print(services_err)
+expect("Sanitizer" not in services_err, "a service's stderr holds a sanitizer report")
+
+if failures:
+    print("FAILED:\n- " + "\n- ".join(failures))
+    sys.exit(1)
+print("load went on through a router restart")
