@@ -5,9 +5,11 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <thread>
 
 #include <grpcpp/generic/generic_stub.h>
@@ -642,6 +644,101 @@ TEST_F(ShardServerTest, HealthFollowsLoadingAndShutdown) {
   if (after.ok()) {
     EXPECT_EQ(*after, common::HealthState::kNotServing);
   }
+}
+
+// A peer for copies: it forwards expert 0 from a real shard, and holds the copy of any other
+// expert until Release(), then fails it.
+class HeldPeer final : public v1::ExpertShard::Service {
+ public:
+  explicit HeldPeer(std::string source) : source_(std::move(source)) {}
+  void Release() {
+    std::lock_guard<std::mutex> lock(mu_);
+    released_ = true;
+    cv_.notify_all();
+  }
+  grpc::Status ExportExpert(grpc::ServerContext*, const v1::ExportExpertRequest* req,
+                            grpc::ServerWriter<v1::ExpertChunk>* writer) override {
+    if (req->expert() != 0) {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return released_; });
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE, "held peer released");
+    }
+    auto stub = v1::ExpertShard::NewStub(
+        grpc::CreateChannel(source_, grpc::InsecureChannelCredentials()));
+    grpc::ClientContext ctx;
+    auto reader = stub->ExportExpert(&ctx, *req);
+    v1::ExpertChunk chunk;
+    while (reader->Read(&chunk)) writer->Write(chunk);
+    return reader->Finish();
+  }
+
+ private:
+  const std::string source_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool released_ = false;
+};
+
+// A shard turns SERVING once it holds an expert and no load runs: the placement going live would
+// otherwise send rows to an expert still loading. Here a shard that started empty copies
+// experts 0 and 1 in one load; with 0 READY and 1 still copying it stays NOT_SERVING, and once
+// the copy of 1 has ended (failed, here) it serves 0.
+TEST_F(ShardServerTest, TurnsServingOnlyOnceNoLoadRuns) {
+  auto source = StartServer();
+  HeldPeer peer(source->address());
+  int peer_port = 0;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &peer_port);
+  builder.RegisterService(&peer);
+  std::unique_ptr<grpc::Server> peer_server = builder.BuildAndStart();
+  ASSERT_NE(peer_server, nullptr);
+  ShardServerOptions o;
+  o.initial_experts.emplace();  // none
+  auto shard = StartServer(o);
+  auto stub = Stub(*shard);
+  auto channel = grpc::CreateChannel(shard->address(), grpc::InsecureChannelCredentials());
+  auto health = [&] {
+    auto h = common::CheckHealth(channel.get(), absl::Seconds(5));
+    EXPECT_TRUE(h.ok()) << h.status();
+    return h.ok() ? *h : common::HealthState::kUnknown;
+  };
+  auto state_of = [&](int expert) {
+    grpc::ClientContext ctx;
+    v1::ShardStatus st;
+    EXPECT_TRUE(stub->GetStatus(&ctx, v1::GetShardStatusRequest(), &st).ok());
+    for (const auto& e : st.experts()) {
+      if (e.expert() == expert) return e.state();
+    }
+    return v1::ExpertStatus::STATE_UNSPECIFIED;
+  };
+  EXPECT_EQ(health(), common::HealthState::kNotServing);
+  {
+    grpc::ClientContext ctx;
+    v1::LoadExpertsRequest req;
+    req.add_experts(0);
+    req.add_experts(1);
+    req.set_placement_version(1);
+    req.set_source_peer(absl::StrCat("127.0.0.1:", peer_port));
+    v1::ShardStatus st;
+    ASSERT_TRUE(stub->LoadExperts(&ctx, req, &st).ok());  // answers at once (no wait)
+  }
+  const auto start = std::chrono::steady_clock::now();
+  while (state_of(0) != v1::ExpertStatus::READY &&
+         std::chrono::steady_clock::now() - start < std::chrono::seconds(30)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_EQ(state_of(0), v1::ExpertStatus::READY);
+  EXPECT_EQ(state_of(1), v1::ExpertStatus::LOADING);
+  EXPECT_EQ(health(), common::HealthState::kNotServing) << "SERVING with expert 1 still loading";
+  peer.Release();
+  while (state_of(1) == v1::ExpertStatus::LOADING &&
+         std::chrono::steady_clock::now() - start < std::chrono::seconds(30)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(state_of(1), v1::ExpertStatus::FAILED);
+  EXPECT_EQ(health(), common::HealthState::kServing);
+  shard->Shutdown(absl::Milliseconds(100));
+  peer_server->Shutdown();
 }
 
 // A placement that unloads experts of the shard's initial load while that load runs (the
