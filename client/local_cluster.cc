@@ -70,6 +70,9 @@ absl::StatusOr<common::Subprocess> LocalCluster::SpawnRouter(int port) {
   if (!coordinator_address_.empty()) {
     args.insert(args.end(), {"--coordinator", coordinator_address_});
   }
+  if (!options_.state_dir.empty()) {
+    args.insert(args.end(), {"--state-dir", absl::StrCat(options_.state_dir, "/router")});
+  }
   args.insert(args.end(), options_.router_args.begin(), options_.router_args.end());
   args.insert(args.end(), options_.common_args.begin(), options_.common_args.end());
   return common::Subprocess::Spawn(args);

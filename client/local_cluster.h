@@ -33,8 +33,9 @@ struct LocalClusterOptions {
   // Given shard i's address, the address the router is to use for it (e.g. a test's proxy in
   // front of it); unset: the shard's own.
   std::function<std::string(int, const std::string&)> route_shard;
-  // Shard i keeps its trained experts in STATE_DIR/shard-i (moe-expert-server --state-dir), so
-  // that a restart keeps their training; empty: none.
+  // Shard i keeps its trained experts in STATE_DIR/shard-i (moe-expert-server --state-dir) and
+  // the router its trained gate in STATE_DIR/router (moe-router --state-dir), so that a
+  // restart keeps their training; empty: none.
   std::string state_dir;
   bool coordinator = true;  // start moe-coordinator and point the router at it
   bool verbose = false;     // print progress to stderr

@@ -54,8 +54,9 @@ usage: moe-cluster --checkpoint PATH [flags]
   --shard-cpus C           limit each shard to C CPUs (a cgroup CPU quota each, like machines
                            of that size; for benchmarks; needs root)
   --router-args "ARGS"     more flags for the router, space-separated
-  --state-dir DIR          shard i keeps its trained experts in DIR/shard-i, and a shard started
-                           again loads them from there (training survives a restart)
+  --state-dir DIR          shard i keeps its trained experts in DIR/shard-i, the router its
+                           trained gate in DIR/router, and each started again loads them from
+                           there (training survives a restart)
   --no-restart             leave a shard or the router that exits on its own stopped (by
                            default it is started again on its port, at most 5 times a minute)
 

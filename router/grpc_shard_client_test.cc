@@ -24,6 +24,7 @@
 #include "moe/v1/router.grpc.pb.h"
 #include "router/router_server.h"
 #include "services/common/random_checkpoint.h"
+#include "services/common/safetensors.h"
 #include "tests/reference/test_util.h"
 
 namespace moe::router {
@@ -174,6 +175,62 @@ TEST(RouterShutdown, DoesNotWaitForAnExpertLoadInProgress) {
   const auto start = std::chrono::steady_clock::now();
   (*router)->Shutdown(absl::Milliseconds(100));
   EXPECT_LT(SecondsSince(start), 3.0);
+}
+
+// A gate kept in --state-dir that does not fit the checkpoint (another model's, or a file
+// without its step) stops the router at start with a line that says what to do; a router
+// whose state dir holds none starts on the checkpoint's gate.
+TEST(RouterGateState, AKeptGateOfAnotherModelIsRefusedAtStart) {
+  const std::string path = ::moe::testing::TempPath("router_gate_state.safetensors");
+  ASSERT_TRUE(
+      common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
+  const std::string dir = ::moe::testing::TempPath("router_gate_state_dir");
+  std::filesystem::remove_all(dir);
+  const std::string kept = dir + "/gate.safetensors";
+  RouterServerOptions o;
+  o.checkpoint = path;
+  o.shards = {"127.0.0.1:1"};  // never reached: the start fails first, or is shut down at once
+  o.state_dir = dir;
+  {
+    auto router = RouterServer::Start(o);  // an empty state dir: the checkpoint's gate
+    ASSERT_TRUE(router.ok()) << router.status();
+    (*router)->Shutdown(absl::Milliseconds(100));
+  }
+  EXPECT_TRUE(std::filesystem::is_directory(dir));
+  {
+    common::SafetensorsWriter w;
+    w.SetMetadata("train_step", "7");
+    w.SetMetadata("steps_done", "1");
+    ASSERT_TRUE(w.AddF32("gate.weight", {kConfig.num_experts + 1, kConfig.d_model},
+                         std::vector<float>((kConfig.num_experts + 1) * kConfig.d_model))
+                    .ok());
+    ASSERT_TRUE(w.Write(kept).ok());
+  }
+  auto refused = RouterServer::Start(o);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(refused.status().message().find(kept + " keeps the gate of another model than " +
+                                            path),
+            std::string::npos)
+      << refused.status();
+  EXPECT_NE(refused.status().message().find("remove it, or give the checkpoint it was trained "
+                                            "from"),
+            std::string::npos)
+      << refused.status();
+  {
+    common::SafetensorsWriter w;  // the right shape, but no step
+    ASSERT_TRUE(w.AddF32("gate.weight", {kConfig.num_experts, kConfig.d_model},
+                         std::vector<float>(kConfig.num_experts * kConfig.d_model))
+                    .ok());
+    ASSERT_TRUE(
+        w.AddF32("gate.bias", {kConfig.num_experts}, std::vector<float>(kConfig.num_experts)).ok());
+    ASSERT_TRUE(w.Write(kept).ok());
+  }
+  refused = RouterServer::Start(o);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().message(),
+            kept + " lacks the train_step and steps_done of its gate: remove it");
+  std::filesystem::remove_all(dir);
 }
 
 struct RouterWithShards {

@@ -26,6 +26,9 @@ usage: moe-router --checkpoint PATH (--shards HOST:PORT[,...] | --coordinator HO
   --host H                   address to bind (default 0.0.0.0)
   --metrics-port N           Prometheus /metrics port (default: off; 0 picks one)
   --checkpoint PATH          safetensors checkpoint (the router reads the gate)
+  --state-dir DIR            keep the trained gate in DIR/gate.safetensors after each training
+                             step and serve it from there when started again (default: not
+                             kept; the shards' --state-dir keeps their experts)
   --tensor-prefix P          tensor name prefix
   --activation A / --top-k K override the checkpoint's metadata
   --placement S              replicated | sharded | hybrid (default) | dynamic
@@ -69,7 +72,7 @@ absl::Status Run(int argc, char** argv) {
                              {"min-split-rows", true},
                              {"wire", true}, {"allreduce-wire", true}, {"timeout-s", true},
                              {"shutdown-grace-s", true},
-                             {"coordinator", true}, {"auth-token-file", true}})));
+                             {"coordinator", true}, {"auth-token-file", true}, {"state-dir", true}})));
   moe::router::RouterServerOptions o;
   ASSIGN_OR_RETURN(o.checkpoint, f.Require("checkpoint"));
   const std::string shards = f.Get("shards");
@@ -80,6 +83,7 @@ absl::Status Run(int argc, char** argv) {
   const std::string host = f.Get("host", "0.0.0.0");
   o.load.tensor_prefix = f.Get("tensor-prefix");
   o.coordinator = f.Get("coordinator");
+  o.state_dir = f.Get("state-dir");
   if (f.Has("auth-token-file")) {
     ASSIGN_OR_RETURN(o.auth_token, moe::common::ReadTokenFile(f.Get("auth-token-file")));
   }

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 #include <deque>
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <set>
@@ -15,6 +16,7 @@
 #include <grpcpp/health_check_service_interface.h>
 
 #include "absl/status/status.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "services/common/notification.h"
@@ -26,6 +28,7 @@
 #include "router/router_metrics.h"
 #include "router/trainer.h"
 #include "moe/v1/coordinator.grpc.pb.h"
+#include "services/common/safetensors.h"
 #include "services/common/security.h"
 #include "services/common/grpc_status.h"
 #include "services/common/status_macros.h"
@@ -85,6 +88,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // (the control loop tries again on its next tick).
   static constexpr auto kTrainWait = std::chrono::seconds(5);
   std::atomic<uint64_t> steps_done{0};
+  // The training step (Trainer's id) of the gate: the last one this router took, or the one
+  // read back from --state-dir; 0 for the checkpoint's gate.
+  uint64_t gate_step = 0;
+  // Path of the kept gate (--state-dir), empty when none is kept.
+  std::string gate_state_path;
   // The latest training step each expert's replicas were seen at (train_mu held): an expert
   // whose replicas are all back below it lost its training.
   std::map<int, uint64_t> reached_step;
@@ -407,6 +415,85 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return st;
   }
 
+  // The first placement found replicas trained up to `latest_step`: a gate of an earlier step
+  // (the checkpoint's, or a kept one the router did not get to write after its last step)
+  // serves those experts with a gate they were not trained with. Said once, at start.
+  void WarnIfGateBehind(uint64_t latest_step) {
+    if (latest_step <= gate_step) return;
+    if (gate_state_path.empty()) {
+      std::fprintf(stderr,
+                   "moe-router: warning: the shards' experts were trained, but this router "
+                   "serves the checkpoint's gate, which was trained with them and is not kept "
+                   "without --state-dir; give the router the --state-dir of the one that "
+                   "trained them, or start the cluster from a checkpoint written by "
+                   "save-checkpoint\n");
+    } else {
+      std::fprintf(stderr,
+                   "moe-router: warning: the shards' experts carry a later training step than "
+                   "the gate kept in %s (the router that trained them stopped before it kept "
+                   "its gate): the gate lags them by at least one step\n",
+                   gate_state_path.c_str());
+    }
+  }
+
+  // At start, with --state-dir: the gate kept there by an earlier router replaces the
+  // checkpoint's `gate`; none kept leaves it. A kept gate of another shape is refused: it
+  // belongs to another model.
+  absl::Status ReadKeptGate(common::GateWeights* gate) {
+    std::error_code ec;
+    std::filesystem::create_directories(options.state_dir, ec);
+    if (ec || !std::filesystem::is_directory(options.state_dir, ec)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "--state-dir ", options.state_dir, " is not a directory the router can use",
+          ec ? absl::StrCat(": ", ec.message()) : ""));
+    }
+    gate_state_path = (std::filesystem::path(options.state_dir) / "gate.safetensors").string();
+    if (!std::filesystem::exists(gate_state_path, ec)) return absl::OkStatus();
+    ASSIGN_OR_RETURN(auto reader, common::SafetensorsReader::Open(gate_state_path));
+    const std::vector<int64_t> weight_shape = {config.num_experts, config.d_model};
+    const std::vector<int64_t> bias_shape = {config.num_experts};
+    absl::StatusOr<std::vector<float>> weight = reader->ReadFloat("gate.weight", &weight_shape);
+    absl::StatusOr<std::vector<float>> bias = std::vector<float>();
+    if (!gate->bias.empty()) bias = reader->ReadFloat("gate.bias", &bias_shape);
+    if (!weight.ok() || !bias.ok()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          gate_state_path, " keeps the gate of another model than ", options.checkpoint, " (",
+          (weight.ok() ? bias : weight).status().message(),
+          "): remove it, or give the checkpoint it was trained from"));
+    }
+    uint64_t step = 0, done = 0;
+    const auto& meta = reader->metadata();
+    if (meta.count("train_step") == 0 || !absl::SimpleAtoi(meta.at("train_step"), &step) ||
+        meta.count("steps_done") == 0 || !absl::SimpleAtoi(meta.at("steps_done"), &done)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          gate_state_path, " lacks the train_step and steps_done of its gate: remove it"));
+    }
+    gate->weight = std::move(*weight);
+    if (!gate->bias.empty()) gate->bias = std::move(*bias);
+    gate_step = step;
+    steps_done = done;
+    std::fprintf(stderr, "moe-router: serving the gate kept in %s (after %llu training steps)\n",
+                 gate_state_path.c_str(), static_cast<unsigned long long>(done));
+    return absl::OkStatus();
+  }
+
+  // Writes the gate of training step `step` to --state-dir (whole or not at all). A failure is
+  // told and does not fail the step, which the shards have committed.
+  void KeepGate(const common::GateWeights& g, uint64_t step) {
+    if (gate_state_path.empty()) return;
+    common::SafetensorsWriter w;
+    w.SetMetadata("train_step", absl::StrCat(step));
+    w.SetMetadata("steps_done", absl::StrCat(steps_done.load()));
+    absl::Status st = w.AddF32("gate.weight", {config.num_experts, config.d_model}, g.weight);
+    if (st.ok() && !g.bias.empty()) st = w.AddF32("gate.bias", {config.num_experts}, g.bias);
+    if (st.ok()) st = w.Write(gate_state_path);
+    if (!st.ok()) {
+      std::fprintf(stderr, "moe-router: the gate of training step %llu was not kept in %s: %s\n",
+                   static_cast<unsigned long long>(step), gate_state_path.c_str(),
+                   std::string(st.message()).c_str());
+    }
+  }
+
   // What `shards` hold now, as a routing table of this router's first placement's "old" one:
   // each expert on the shards that have it READY, at the highest placement version any shard
   // has seen. From it the first placement
@@ -429,7 +516,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // Kept across passes: a shard seen loading and unreadable since is still waited for, and
     // training seen once (on an expert since unloaded or unreadable) is not forgotten.
     std::set<std::string> seen_loading;
-    bool any_trained = false;
+    uint64_t latest_step = 0;  // the latest training step any replica holds
     while (true) {
       RoutingTable seen;
       seen.shards = shards;
@@ -468,7 +555,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
               e.expert() >= config.num_experts) {
             continue;
           }
-          if (e.trained_step() > 0) any_trained = true;
+          latest_step = std::max<uint64_t>(latest_step, e.trained_step());
           seen.placement.replicas[e.expert()].push_back(s);  // s ascending: sorted
         }
         // ReloadStale reads the shards in rotation: see those holding experts as they are now.
@@ -487,7 +574,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         std::fprintf(stderr, "moe-router: cannot read what %s holds (%s); placing as if it held "
                      "nothing\n", address.c_str(), why.c_str());
       }
-      *trained = *trained || any_trained;
+      *trained = *trained || latest_step > 0;
+      WarnIfGateBehind(latest_step);
       if (*trained && !unread.empty()) {
         return absl::UnavailableError(absl::StrCat(
             "the shards were trained, and what ", unread.front().first, " holds cannot be read: "
@@ -755,12 +843,15 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (all_seen && at[latest][e] < reached) {
         // Every replica is behind a step this expert had reached: the one that held it restarted
         // (the only replica, under sharded or hybrid). Nothing holds those weights any more.
+        // Steps are told as what the replicas hold, not by their ids (large numbers that
+        // mean nothing to a user: see Trainer).
         std::fprintf(stderr,
-                     "moe-router: expert %d lost its training: every replica is at step %llu, it "
-                     "had reached step %llu or later (its only trained replica restarted); it "
-                     "serves and trains from those weights now\n",
-                     e, static_cast<unsigned long long>(at[latest][e]),
-                     static_cast<unsigned long long>(reached));
+                     "moe-router: expert %d lost its training: every replica holds %s, older than "
+                     "the training it had reached (its only trained replica restarted without "
+                     "it; a shard's --state-dir keeps it); it serves and trains from those "
+                     "weights now\n",
+                     e, at[latest][e] == 0 ? "the checkpoint's weights"
+                                           : "the weights of an earlier training step");
         metrics->ExpertLostTraining();
         reached = at[latest][e];  // reported once: this is where the expert stands now
       } else {
@@ -1029,13 +1120,15 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     for (size_t i = 0; i < next->bias.size(); ++i) {
       next->bias[i] -= req.learning_rate() * r.gate_bias[i];
     }
+    resp->set_step(++steps_done);
+    gate_step = r.step;
+    KeepGate(*next, r.step);
     {
       std::lock_guard<std::mutex> gl(gate_mu);
       gate = std::move(next);
     }
     common::EncodeTensor(r.grad_input, {n, config.d_model}, common::WireType::kFloat32,
                          resp->mutable_grad_input());
-    resp->set_step(++steps_done);
     v1::RoutingStats* s = resp->mutable_stats();
     s->set_dropped_assignments(r.gating.dropped);
     s->set_load_balance_loss(r.gating.load_balance_loss);
@@ -1408,6 +1501,7 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   lo.experts = std::vector<int>{};  // the router needs the gate only
   ASSIGN_OR_RETURN(common::Checkpoint ck, common::LoadCheckpoint(o.checkpoint, lo));
   impl->config = ck.config;
+  if (!o.state_dir.empty()) RETURN_IF_ERROR(impl->ReadKeptGate(&ck.gate));
   impl->gate = std::make_shared<const common::GateWeights>(std::move(ck.gate));
   if (!o.coordinator.empty()) {
     impl->coordinator = v1::Coordinator::NewStub(grpc::CreateCustomChannel(

@@ -32,6 +32,10 @@ struct RouterServerOptions {
   // host:port of each expert shard; empty follows the coordinator's membership instead.
   std::vector<std::string> shards;
   std::string coordinator;  // host:port of moe-coordinator; needed by TrainStep
+  // Non-empty: the trained gate is kept in STATE_DIR/gate.safetensors (written after each
+  // training step) and read back at start, so a restarted router serves the gate that the
+  // shards' trained experts were trained with.
+  std::string state_dir;
   // Non-empty: every Router call must carry "authorization: Bearer <auth_token>" (health and
   // reflection are exempt).
   std::string auth_token;

@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <filesystem>
 #include <map>
 #include <numeric>
 #include <set>
@@ -1528,6 +1529,52 @@ TEST_F(ClusterTest, ARestartedRouterGivesARestartedShardTrainedWeights) {
   for (int e = 0; e < Config().num_experts; ++e) {
     EXPECT_NE(saved->experts[e].w1, ck_->experts[e].w1) << "expert " << e << " lost its training";
   }
+}
+
+// The router keeps its trained gate in --state-dir: started again after a crash it serves the
+// trained gate with the shards' trained experts (the same answers, bit for bit), and its
+// checkpoint has the trained gate and the step count. Until 2026-12-02 it went back to the
+// checkpoint's gate without a word: trained experts behind an untrained gate.
+TEST_F(ClusterTest, ARestartedRouterWithAStateDirServesItsTrainedGate) {
+  client::LocalClusterOptions o;
+  o.shards = 2;
+  o.placement = "sharded";
+  o.state_dir = testing::TempPath("router_gate_state");
+  std::filesystem::remove_all(o.state_dir);
+  auto cluster = StartWith(o);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  const absl::Status trained = TrainSteps(stub.get(), 6100, 2);
+  ASSERT_TRUE(trained.ok()) << trained;
+  absl::StatusOr<common::Checkpoint> before_ck = SaveIdentical(stub.get(), "gate_state_0");
+  ASSERT_TRUE(before_ck.ok()) << before_ck.status();
+  ASSERT_NE(before_ck->gate.weight, ck_->gate.weight) << "training left the gate as it was";
+  const int64_t n = 32;
+  const v1::InferRequest req = Request(common::RandomMatrix(n, Config().d_model, 62), n, "gate");
+  v1::InferResponse before;
+  ASSERT_TRUE(Infer(stub.get(), req, &before).ok());
+
+  cluster->router().Signal(SIGKILL);
+  ASSERT_TRUE(cluster->router().Wait(absl::Seconds(5)).ok());
+  const absl::Status back = cluster->RestartRouter();
+  ASSERT_TRUE(back.ok()) << back;
+  stub = client::MakeRouterStub(cluster->router_address());
+  v1::InferResponse after;
+  ASSERT_TRUE(Infer(stub.get(), req, &after).ok());
+  EXPECT_TRUE(after.output().data() == before.output().data())
+      << "the restarted router answers with another gate than the trained one";
+  grpc::ClientContext ctx;
+  v1::SaveCheckpointRequest save;
+  save.set_path(testing::TempPath("gate_state_1"));
+  v1::SaveCheckpointResponse saved;
+  const grpc::Status st = stub->SaveCheckpoint(&ctx, save, &saved);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(saved.step(), 2u) << "the restarted router lost its count of training steps";
+  absl::StatusOr<common::Checkpoint> after_ck = common::LoadCheckpoint(save.path(), {});
+  ASSERT_TRUE(after_ck.ok()) << after_ck.status();
+  EXPECT_EQ(after_ck->gate.weight, before_ck->gate.weight);
+  EXPECT_EQ(after_ck->gate.bias, before_ck->gate.bias);
+  std::filesystem::remove_all(o.state_dir);
 }
 
 // A restarted router starts from what the shards hold. Here the shards were switched to sharded
