@@ -166,21 +166,38 @@ absl::StatusOr<Placement> ComputePlacement(Strategy strategy, int E, int S,
   return p;
 }
 
-std::vector<double> ShardLoads(const Placement& p, const std::vector<double>& load) {
+namespace {
+bool IsUsable(const std::vector<bool>& usable, int s) {
+  return usable.empty() || (s < static_cast<int>(usable.size()) && usable[s]);
+}
+}  // namespace
+
+std::vector<double> ShardLoads(const Placement& p, const std::vector<double>& load,
+                               const std::vector<bool>& usable) {
   std::vector<double> out(p.num_shards, 0.0);
   for (size_t e = 0; e < p.replicas.size() && e < load.size(); ++e) {
     const auto& r = p.replicas[e];
-    for (int s : r) out[s] += load[e] / static_cast<double>(r.size());
+    const auto live = std::count_if(r.begin(), r.end(), [&](int s) { return IsUsable(usable, s); });
+    for (int s : r) {
+      if (IsUsable(usable, s)) out[s] += load[e] / static_cast<double>(live);
+    }
   }
   return out;
 }
 
-double Imbalance(const Placement& p, const std::vector<double>& load) {
-  const std::vector<double> s = ShardLoads(p, load);
-  if (s.empty()) return 0.0;
-  const double mean = std::accumulate(s.begin(), s.end(), 0.0) / static_cast<double>(s.size());
-  if (mean <= 0) return 0.0;
-  return *std::max_element(s.begin(), s.end()) / mean - 1.0;
+double Imbalance(const Placement& p, const std::vector<double>& load,
+                 const std::vector<bool>& usable) {
+  const std::vector<double> loads = ShardLoads(p, load, usable);
+  double total = 0, most = 0;
+  int counted = 0;
+  for (int s = 0; s < static_cast<int>(loads.size()); ++s) {
+    if (!IsUsable(usable, s)) continue;
+    total += loads[s];
+    most = std::max(most, loads[s]);
+    ++counted;
+  }
+  if (counted == 0 || total <= 0) return 0.0;
+  return most / (total / counted) - 1.0;
 }
 
 }  // namespace moe::router

@@ -47,11 +47,17 @@ absl::StatusOr<Placement> ComputePlacement(Strategy strategy, int num_experts, i
                                            int slots_per_shard = 0,
                                            const std::vector<bool>& usable = {});
 
-// Expected load per shard when each expert's load is split evenly over its replicas.
-std::vector<double> ShardLoads(const Placement& p, const std::vector<double>& load);
+// Expected load per shard when each expert's load is split evenly over its replicas on the
+// `usable` shards (empty: every shard): a shard out of rotation carries none, and an expert
+// with no usable replica is counted nowhere.
+std::vector<double> ShardLoads(const Placement& p, const std::vector<double>& load,
+                               const std::vector<bool>& usable = {});
 
-// max/mean - 1 of ShardLoads; 0 when there is no load.
-double Imbalance(const Placement& p, const std::vector<double>& load);
+// max/mean - 1 of ShardLoads over the usable shards; 0 when there is no load. A shard that is
+// down is left out of the mean: counted as an idle shard, it made a balanced cluster look
+// imbalanced, and `dynamic` rebalanced for nothing.
+double Imbalance(const Placement& p, const std::vector<double>& load,
+                 const std::vector<bool>& usable = {});
 
 }  // namespace moe::router
 

@@ -135,6 +135,17 @@ TEST(Placement, ImbalanceAndErrors) {
             absl::StatusCode::kUnavailable);
   EXPECT_EQ(ComputePlacement(Strategy::kSharded, 4, 2, Uniform(3)).status().code(),
             absl::StatusCode::kInvalidArgument);
+  // A shard out of rotation is left out of the mean. Shard 1 is down and holds nothing; the two
+  // others share the load evenly. Counted as an idle shard it read 3 / 2 - 1 = 0.5.
+  Placement live;
+  live.num_shards = 3;
+  live.replicas = {{0}, {2}, {0, 2}, {0, 2}};
+  const std::vector<double> load = {1, 1, 2, 2};
+  EXPECT_DOUBLE_EQ(Imbalance(live, load), 0.5);
+  EXPECT_DOUBLE_EQ(Imbalance(live, load, {true, false, true}), 0.0);
+  // An expert's load goes to its usable replicas only, and is counted nowhere without one.
+  EXPECT_EQ(ShardLoads(live, load, {true, false, false}), (std::vector<double>{5, 0, 0}));
+  EXPECT_DOUBLE_EQ(Imbalance(live, load, {false, false, false}), 0.0);
   EXPECT_EQ(ParseStrategy("random").status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ParseStrategy("random").status().message(),
             "placement strategy 'random' is not one of replicated, sharded, hybrid, dynamic");

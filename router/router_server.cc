@@ -346,8 +346,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       for (int s : p.replicas[e]) ep->add_shards(s);
       ep->set_load(load[e]);
     }
-    out.set_imbalance(Imbalance(p, load));
-    for (double l : ShardLoads(p, load)) out.add_shard_load(l);
+    std::vector<bool> up;  // the live table's shards in rotation, when `p` is over them
+    if (std::shared_ptr<const RoutingTable> t = Table();
+        t != nullptr && static_cast<int>(t->shards.size()) == p.num_shards) {
+      up = InRotation(*t);
+    }
+    out.set_imbalance(Imbalance(p, load, up));
+    for (double l : ShardLoads(p, load, up)) out.add_shard_load(l);
     out.set_applied(applied);
     return out;
   }
@@ -357,6 +362,19 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                     const std::vector<bool>& usable = {}) {
     return ComputePlacement(s, config.num_experts, num_shards, load_stats->Load(),
                             options.dynamic_slots_per_shard, usable);
+  }
+
+  // The shards of `t` that take load, without a call: those in rotation, and those that answer
+  // and hold nothing (waiting for experts; Usable also asks them whether they drain). What the
+  // imbalance is measured over: a shard that is down takes none.
+  static std::vector<bool> InRotation(const RoutingTable& t) {
+    std::vector<bool> up;
+    for (size_t s = 0; s < t.shards.size(); ++s) {
+      const ShardClient& c = *t.shards[s];
+      up.push_back(c.healthy() ||
+                   (c.answering() && t.placement.ExpertsOn(static_cast<int>(s)).empty()));
+    }
+    return up;
   }
 
   // Where a rebalance from table `t` may place replicas: the shards in rotation, and those that
@@ -712,7 +730,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (trainer != nullptr) trainer->DropUnconfirmedOutside(*Table());
     train_lock.unlock();  // steps now use the new table
     metrics->SetPlacementVersion(static_cast<double>(next.version));
-    metrics->SetImbalance(Imbalance(next, load_stats->Load()));
+    metrics->SetImbalance(Imbalance(next, load_stats->Load(), InRotation(*Table())));
     metrics->Rebalanced();
     last_rebalance = std::chrono::steady_clock::now();
     strategy.store(next.strategy);
@@ -951,7 +969,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
     }
     const std::vector<double> load = load_stats->Load();
-    const double imbalance = Imbalance(t->placement, load);
+    const double imbalance = Imbalance(t->placement, load, InRotation(*t));
     metrics->SetImbalance(imbalance);
     if (strategy.load() != Strategy::kDynamic || load_stats->batches() == 0) return;
     if (std::chrono::steady_clock::now() - last_rebalance.load() <
@@ -961,8 +979,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (imbalance <= options.imbalance_threshold) return;
     t.reset();  // Apply waits for every holder of the current table to let go of it
     std::vector<std::shared_ptr<ShardClient>> current;
-    absl::StatusOr<Placement> next = ProposeOverLiveTable(Strategy::kDynamic, &current);
-    if (next.ok() && Imbalance(*next, load) < imbalance - 0.05) {
+    std::vector<bool> usable;
+    absl::StatusOr<Placement> next = ProposeOverLiveTable(Strategy::kDynamic, &current, &usable);
+    if (next.ok() && Imbalance(*next, load, usable) < imbalance - 0.05) {
       Apply(*next, std::move(current)).IgnoreError();
     }
   }
@@ -1295,6 +1314,26 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
               s == Strategy::kDynamic
                   ? ""
                   : ", or choose dynamic, which places replicas only on shards in rotation"));
+        }
+        // Nor one that loads experts onto a shard out of rotation (`replicated` with a shard
+        // down): the load would fail there, and the switch with it.
+        std::set<std::string> onto_down;
+        if (std::shared_ptr<const RoutingTable> live = Table();
+            live != nullptr && live->shards.size() == current.size()) {
+          for (int e = 0; e < static_cast<int>(p.replicas.size()); ++e) {
+            for (int r : p.replicas[e]) {
+              if (!usable[r] && !live->placement.Holds(r, e)) {
+                onto_down.insert(current[r]->address());
+              }
+            }
+          }
+        }
+        if (!onto_down.empty()) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              StrategyName(s), " placement would load experts onto ",
+              absl::StrJoin(onto_down, ", "), ", out of rotation; the current placement stays. "
+              "Bring the shard back, or choose dynamic, which places replicas only on shards in "
+              "rotation"));
         }
         RETURN_IF_ERROR(Apply(p, std::move(current)));
         p = Table()->placement;

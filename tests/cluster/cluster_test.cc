@@ -1210,7 +1210,8 @@ TEST_F(ClusterTest, AShardRestartedEmptyAfterTrainingGetsEveryExpertBack) {
 // A Rebalance to a static strategy places by formula, down shards included. One that would leave
 // an expert with every replica on a shard out of rotation is refused (FAILED_PRECONDITION,
 // naming the experts and the shard) and the placement stays; a dry run still shows it, and
-// `dynamic` places on the shards in rotation.
+// `dynamic` places on the shards in rotation. So is one that would load experts onto the down
+// shard (`replicated`). The imbalance leaves the down shard out.
 TEST_F(ClusterTest, ARebalanceThatWouldStrandExpertsOnADownShardIsRefused) {
   client::LocalClusterOptions o;
   o.shards = 2;
@@ -1265,6 +1266,27 @@ TEST_F(ClusterTest, ARebalanceThatWouldStrandExpertsOnADownShardIsRefused) {
   v1::InferResponse resp;
   st = Infer(stub.get(), Request(x, 16, "dynamic"), &resp);
   EXPECT_TRUE(st.ok()) << st.error_message();
+  // The load is measured over the shards in rotation: all of it on shard 1 is balanced. The
+  // down shard counted as an idle one read 1.0 here, and `dynamic` rebalanced for nothing.
+  grpc::ClientContext pctx;
+  ASSERT_TRUE(stub->GetPlacement(&pctx, v1::GetPlacementRequest(), &now).ok());
+  ASSERT_EQ(now.shard_load_size(), 2);
+  EXPECT_EQ(now.shard_load(0), 0.0);
+  EXPECT_GT(now.shard_load(1), 0.0);
+  EXPECT_EQ(now.imbalance(), 0.0);
+  // `replicated` strands no expert, but would load every expert onto the down shard, where the
+  // load fails: refused the same way, before any version is spent.
+  st = rebalance("replicated", false, &p);
+  ASSERT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  EXPECT_NE(st.error_message().find(absl::StrCat("replicated placement would load experts onto ",
+                                                 down, ", out of rotation")),
+            std::string::npos)
+      << st.error_message();
+  grpc::ClientContext actx;
+  v1::Placement after;
+  ASSERT_TRUE(stub->GetPlacement(&actx, v1::GetPlacementRequest(), &after).ok());
+  EXPECT_EQ(after.strategy(), "dynamic");
+  EXPECT_EQ(after.version(), now.version());
 }
 
 // Each READY expert's training step on the shard at `address`.
