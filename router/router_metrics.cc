@@ -47,7 +47,7 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, int num_experts,
   spilled_ = &assignments.Add({{"outcome", "spilled"}});
   failovers_ = &prometheus::BuildCounter()
                     .Name("moe_router_failovers_total")
-                    .Help("Shard failures recovered by re-sending to another replica")
+                    .Help("Shard failures recovered by re-sending to another replica, in answered requests")
                     .Register(registry)
                     .Add({});
   rebalances_ = &prometheus::BuildCounter()

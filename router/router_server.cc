@@ -246,7 +246,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
             absl::StatusOr<std::vector<float>> y, const GatingResult& g,
             const DispatchStats& stats) {
           metrics->Stage("dispatch", Seconds(start));
-          if (stats.failovers > 0) metrics->Failovers(stats.failovers);
+          // Recovered only when the request was answered: a last try on a shard out of
+          // rotation before UNAVAILABLE recovered nothing.
+          if (stats.failovers > 0 && y.ok()) metrics->Failovers(stats.failovers);
           if (!y.ok()) return done(y.status());
           const auto combine = std::chrono::steady_clock::now();
           load_stats->Record(g.expert_load);

@@ -209,8 +209,13 @@ TEST_F(ClusterTest, DrainedShardStopsWithoutAFailover) {
       << st.error_message();
 }
 
+// An expert whose only replica is killed fails its requests at once, UNAVAILABLE naming it and
+// where it was; the others keep serving. Those failures are no failovers: the metric counts
+// shard failures that were recovered (it counted each doomed request's last try on the dead
+// shard).
 TEST_F(ClusterTest, KilledShardWithoutReplicasFailsFastNamingTheExpert) {
-  auto cluster = Start("sharded", 2);  // experts 0-3 on shard 0, 4-7 on shard 1
+  const int metrics = testing::FreePortBlock(4);
+  auto cluster = Start("sharded", 2, {}, {}, metrics);  // experts 0-3 on shard 0, 4-7 on shard 1
   ASSERT_NE(cluster, nullptr);
   auto stub = client::MakeRouterStub(cluster->router_address());
   // Find tokens routed only to shard 0's experts, and tokens that need shard 1.
@@ -245,6 +250,11 @@ TEST_F(ClusterTest, KilledShardWithoutReplicasFailsFastNamingTheExpert) {
   st = Infer(stub.get(), Request(safe, 4, "safe"), &resp);
   EXPECT_TRUE(st.ok()) << st.error_message();
   EXPECT_TRUE(Matches(safe, 4, resp, *layer_));
+  for (int i = 0; i < 5; ++i) {
+    EXPECT_EQ(Infer(stub.get(), Request(doomed, 1, "doomed"), &resp).error_code(),
+              grpc::StatusCode::UNAVAILABLE);
+  }
+  EXPECT_EQ(ScrapeMetric(metrics, "moe_router_failovers_total"), 0);
 }
 
 TEST_F(ClusterTest, StalledShardLeavesRotationAndComesBack) {
