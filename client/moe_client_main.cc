@@ -410,9 +410,12 @@ absl::Status Info(const Flags& f) {
                                : si.state() == "not_serving"  ? (si.experts().empty()
                                                                      ? "idle (no experts)"
                                                                      : "not serving")
+                               : si.state() == "incompatible" ? "INCOMPATIBLE"
                                                               : "DOWN";
-    rows.push_back({absl::StrCat(s), si.address(), health,
-                    absl::StrJoin(si.experts(), ",")});
+    // A shard of another model is no shard of the placement: no index, and why instead of
+    // experts.
+    rows.push_back({si.state() == "incompatible" ? "-" : absl::StrCat(s), si.address(), health,
+                    si.state() == "incompatible" ? si.detail() : absl::StrJoin(si.experts(), ",")});
   }
   PrintTable({"shard", "address", "health", "experts"}, rows);
   return absl::OkStatus();

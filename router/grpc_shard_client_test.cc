@@ -263,6 +263,61 @@ RouterWithShards StartRouterWithShards(const std::string& checkpoint, Strategy s
   return c;
 }
 
+// A shard started from another model's checkpoint is left out of the placement (every batch
+// sent to it would fail as if the client's tokens were wrong): the router serves on the others,
+// and GetClusterInfo lists it as "incompatible", saying why.
+TEST(RouterShardModel, AShardOfAnotherModelIsLeftOut) {
+  const std::string path = ::moe::testing::TempPath("shard_model_router.safetensors");
+  const common::Checkpoint ck = common::MakeRandomCheckpoint({kConfig, true, 5});
+  ASSERT_TRUE(common::SaveCheckpoint(path, ck).ok());
+  common::ModelConfig other = kConfig;
+  other.d_model = 8;
+  const std::string other_path = ::moe::testing::TempPath("shard_model_other.safetensors");
+  ASSERT_TRUE(common::SaveCheckpoint(other_path, common::MakeRandomCheckpoint({other, true, 6})).ok());
+  expert::ShardServerOptions so;
+  so.checkpoint = path;
+  auto good = expert::ShardServer::Start(so);
+  ASSERT_TRUE(good.ok()) << good.status();
+  so.checkpoint = other_path;
+  auto wrong = expert::ShardServer::Start(so);
+  ASSERT_TRUE(wrong.ok()) << wrong.status();
+  ASSERT_TRUE((*good)->WaitUntilLoaded(absl::Seconds(30)).ok());
+  ASSERT_TRUE((*wrong)->WaitUntilLoaded(absl::Seconds(30)).ok());
+  RouterServerOptions o;
+  o.checkpoint = path;
+  o.strategy = Strategy::kReplicated;
+  o.shards = {(*good)->address(), (*wrong)->address()};
+  auto router = RouterServer::Start(o);
+  ASSERT_TRUE(router.ok()) << router.status();
+  ASSERT_TRUE((*router)->WaitUntilReady(absl::Seconds(60)).ok());
+  auto stub = v1::Router::NewStub(
+      grpc::CreateChannel((*router)->address(), grpc::InsecureChannelCredentials()));
+  {
+    grpc::ClientContext ctx;
+    v1::ClusterInfo info;
+    ASSERT_TRUE(stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info).ok());
+    ASSERT_EQ(info.shards_size(), 2);
+    EXPECT_EQ(info.shards(0).address(), (*good)->address());
+    EXPECT_EQ(info.shards(0).state(), "serving");
+    EXPECT_EQ(info.shards(1).address(), (*wrong)->address());
+    EXPECT_EQ(info.shards(1).state(), "incompatible");
+    EXPECT_FALSE(info.shards(1).healthy());
+    EXPECT_EQ(info.shards(1).detail(),
+              absl::StrCat("it serves 4 experts of d_model 8, this router's ", path,
+                           " has 4 of d_model 16"));
+  }
+  const std::vector<float> x = common::RandomMatrix(6, kConfig.d_model, 77);
+  v1::InferRequest req;
+  common::EncodeTensor(x, {6, kConfig.d_model}, common::WireType::kFloat32, req.mutable_tokens());
+  for (int i = 0; i < 4; ++i) {  // never sent to the wrong shard
+    grpc::ClientContext ctx;
+    v1::InferResponse resp;
+    const grpc::Status st = stub->Infer(&ctx, req, &resp);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+  }
+  (*router)->Shutdown(absl::Milliseconds(100));
+}
+
 // Options for a shard that starts with `initial` experts (nullopt: every expert).
 expert::ShardServerOptions Starting(std::optional<std::vector<int>> initial) {
   expert::ShardServerOptions so;

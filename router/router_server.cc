@@ -117,6 +117,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   std::mutex table_mu;
   std::shared_ptr<const RoutingTable> table;  // null until the first placement is live
+  // Shards whose model was read (ServesThisModel), and those of another model, with why.
+  std::mutex models_mu;
+  std::set<std::string> model_checked;
+  std::map<std::string, std::string> incompatible;
   std::mutex placement_mu;                     // serialises placement changes
   uint64_t version = 0;
   // Written by Rebalance (a pool thread), read by the control loop.
@@ -328,8 +332,41 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (addrs.empty()) return absl::UnavailableError("no shard has joined yet");
     }
     std::vector<std::shared_ptr<ShardClient>> out;
-    for (const auto& a : addrs) out.push_back(ClientFor(a));
+    for (const auto& a : addrs) {
+      std::shared_ptr<ShardClient> c = ClientFor(a);
+      if (ServesThisModel(*c)) out.push_back(std::move(c));
+    }
+    if (out.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "no shard serves this router's model (", config.num_experts, " experts of d_model ",
+          config.d_model, ", ", options.checkpoint, "); start the shards from its checkpoint"));
+    }
     return out;
+  }
+
+  // Whether the shard's model is this router's (its number of experts and d_model, from
+  // GetStatus): a shard started from another checkpoint would fail every batch sent to it, as
+  // if the client's tokens were wrong. Such a shard is left out of the placement, named once in
+  // the log and as "incompatible" in GetClusterInfo; checked once per address that answers (an
+  // unreachable one is placed as before and checked when it answers).
+  bool ServesThisModel(ShardClient& c) {
+    {
+      std::lock_guard<std::mutex> lock(models_mu);
+      if (model_checked.count(c.address())) return incompatible.count(c.address()) == 0;
+    }
+    absl::StatusOr<v1::ShardStatus> st = c.GetStatus(absl::Seconds(2));
+    if (!st.ok()) return true;
+    std::lock_guard<std::mutex> lock(models_mu);
+    model_checked.insert(c.address());
+    if (st->num_experts() == config.num_experts && st->d_model() == config.d_model) return true;
+    const std::string why = absl::StrCat(
+        "it serves ", st->num_experts(), " experts of d_model ", st->d_model(), ", this router's ",
+        options.checkpoint, " has ", config.num_experts, " of d_model ", config.d_model);
+    incompatible[c.address()] = why;
+    std::fprintf(stderr,
+                 "moe-router: shard %s left out: %s (start it from the router's checkpoint)\n",
+                 c.address().c_str(), why.c_str());
+    return false;
   }
 
   // ---- placement ----
@@ -1262,6 +1299,15 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                                      : "unreachable");
       for (int e : t->placement.ExpertsOn(s)) si->add_experts(e);
       si->set_placement_version(t->placement.version);
+    }
+    {
+      std::lock_guard<std::mutex> lock(models_mu);
+      for (const auto& [address, why] : incompatible) {
+        v1::ShardInfo* si = info->add_shards();
+        si->set_address(address);
+        si->set_state("incompatible");
+        si->set_detail(why);
+      }
     }
     Answer(reactor, "GetClusterInfo", start, grpc::Status::OK);
     return reactor;
