@@ -84,6 +84,9 @@ absl::Status LocalCluster::WaitUntilRouterServes(absl::Time deadline) {
     auto h = common::CheckHealth(channel.get(), absl::Seconds(1));
     if (h.ok() && *h == common::HealthState::kServing) return absl::OkStatus();
     if (router_.Exited()) return absl::InternalError("the router exited during start-up");
+    if (options_.stop_requested && options_.stop_requested()) {
+      return absl::CancelledError("stopped before the cluster was ready");
+    }
     if (absl::Now() > deadline) {
       return absl::DeadlineExceededError("the router did not become SERVING in time");
     }
@@ -93,7 +96,20 @@ absl::Status LocalCluster::WaitUntilRouterServes(absl::Time deadline) {
 
 absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
     const LocalClusterOptions& options, absl::Duration timeout) {
-  auto c = std::unique_ptr<LocalCluster>(new LocalCluster());
+  std::unique_ptr<LocalCluster> c;
+  absl::Status st = StartInto(options, timeout, &c);
+  if (st.code() == absl::StatusCode::kCancelled && c != nullptr) {
+    c->Stop(absl::Seconds(10)).IgnoreError();  // what started stops as on a stop after ready
+  }
+  if (!st.ok()) return st;
+  return c;
+}
+
+absl::Status LocalCluster::StartInto(const LocalClusterOptions& options, absl::Duration timeout,
+                                     std::unique_ptr<LocalCluster>* out) {
+  *out = std::unique_ptr<LocalCluster>(new LocalCluster());
+  LocalCluster* c = out->get();
+  auto stopping = [&] { return options.stop_requested && options.stop_requested(); };
   c->options_ = options;
   if (c->options_.bin_dir.empty()) c->options_.bin_dir = ExecutableDir();
   if (access(options.checkpoint.c_str(), R_OK) != 0) {
@@ -114,19 +130,20 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
     c->coordinator_address_ = absl::StrCat("127.0.0.1:", cport);
   }
   for (int i = 0; i < options.shards; ++i) {
+    if (stopping()) return absl::CancelledError("stopped before the cluster was ready");
     if (options.verbose) std::fprintf(stderr, "moe-cluster: starting shard %d\n", i);
     ASSIGN_OR_RETURN(common::Subprocess p, c->SpawnShard(i, 0));
     ASSIGN_OR_RETURN(int port, p.ReadListeningPort(absl::Seconds(60)));
     c->shard_addresses_.push_back(absl::StrCat(c->ShardHost(i), ":", port));
     c->shards_.push_back(std::move(p));
   }
+  if (stopping()) return absl::CancelledError("stopped before the cluster was ready");
   if (options.verbose) std::fprintf(stderr, "moe-cluster: starting the router\n");
   ASSIGN_OR_RETURN(c->router_, c->SpawnRouter(options.router_port));
   ASSIGN_OR_RETURN(int port, c->router_.ReadListeningPort(absl::Seconds(60)));
   c->router_address_ = absl::StrCat("127.0.0.1:", port);
   if (options.verbose) std::fprintf(stderr, "moe-cluster: waiting for the placement to load\n");
-  RETURN_IF_ERROR(c->WaitUntilRouterServes(absl::Now() + timeout));
-  return c;
+  return c->WaitUntilRouterServes(absl::Now() + timeout);
 }
 
 absl::StatusOr<common::Subprocess> LocalCluster::RespawnOnPort(

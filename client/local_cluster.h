@@ -39,6 +39,10 @@ struct LocalClusterOptions {
   std::string state_dir;
   bool coordinator = true;  // start moe-coordinator and point the router at it
   bool verbose = false;     // print progress to stderr
+  // Asked while the cluster starts: true stops what has started (SIGTERM, as Stop does) and
+  // fails Start with CANCELLED, instead of waiting until the cluster is ready (moe-cluster: a
+  // Ctrl-C during start-up). Unset: never.
+  std::function<bool()> stop_requested;
 };
 
 class LocalCluster {
@@ -69,6 +73,9 @@ class LocalCluster {
   absl::Status RestartRouter(absl::Duration timeout = absl::Minutes(1));
 
  private:
+  // Start's work into `*out` (set first, so that what started can be stopped on CANCELLED).
+  static absl::Status StartInto(const LocalClusterOptions& options, absl::Duration timeout,
+                                std::unique_ptr<LocalCluster>* out);
   absl::StatusOr<common::Subprocess> SpawnShard(int i, int port);
   absl::StatusOr<common::Subprocess> SpawnRouter(int port);
   // Starts a process with `spawn` until it listens on `port` again (for up to 10 s).

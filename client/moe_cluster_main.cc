@@ -62,7 +62,8 @@ usage: moe-cluster --checkpoint PATH [flags]
 
 A service that exits on its own is reported on stderr when it does. The exit status is 0 when
 every service still running at Ctrl-C (or SIGTERM) stopped cleanly and none was given up for
-failing 5 times within a minute, else 1 with a line naming the ones that did not.
+failing 5 times within a minute, else 1 with a line naming the ones that did not. Ctrl-C
+before READY stops what has started at once (exit 0).
 )";
 
 absl::Status Run(int argc, char** argv) {
@@ -145,7 +146,16 @@ absl::Status Run(int argc, char** argv) {
     o.router_args.emplace_back(a);
   }
   o.verbose = true;
-  ASSIGN_OR_RETURN(auto cluster, moe::client::LocalCluster::Start(o, absl::Minutes(5)));
+  // Ctrl-C or SIGTERM while the services start stops them then, not once all are ready.
+  o.stop_requested = [] { return moe::common::PendingTerminationSignal() != 0; };
+  absl::StatusOr<std::unique_ptr<moe::client::LocalCluster>> started =
+      moe::client::LocalCluster::Start(o, absl::Minutes(5));
+  if (started.status().code() == absl::StatusCode::kCancelled) {
+    std::fprintf(stderr, "moe-cluster: signal %d before the cluster was ready; stopped\n",
+                 moe::common::PendingTerminationSignal());
+    return absl::OkStatus();
+  }
+  ASSIGN_OR_RETURN(auto cluster, std::move(started));
   for (int i = 0; i < o.shards; ++i) {
     std::printf("shard %d addr=%s pid=%d\n", i, cluster->shard_addresses()[i].c_str(),
                 cluster->shard(i).pid());

@@ -44,6 +44,15 @@ int WaitForTerminationSignal() {
   return sig == SIGUSR1 ? 0 : sig;
 }
 
+int PendingTerminationSignal() {
+  sigset_t pending;
+  sigemptyset(&pending);
+  if (sigpending(&pending) != 0) return 0;
+  if (sigismember(&pending, SIGINT)) return SIGINT;
+  if (sigismember(&pending, SIGTERM)) return SIGTERM;
+  return 0;
+}
+
 void WakeSignalWaiter() { kill(getpid(), SIGUSR1); }
 
 void ServeUntilSignal(const char* name, const std::function<void()>& shutdown,

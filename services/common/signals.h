@@ -24,6 +24,9 @@ void BlockTerminationSignals();
 void TuneServiceProcess();
 // Returns the signal received (SIGTERM or SIGINT), or 0 after WakeSignalWaiter().
 int WaitForTerminationSignal();
+// SIGTERM or SIGINT when one is pending (blocked by BlockTerminationSignals and not yet waited
+// for), else 0. It stays pending.
+int PendingTerminationSignal();
 // Makes a pending WaitForTerminationSignal() return 0 (when the server stopped by itself).
 void WakeSignalWaiter();
 

@@ -202,6 +202,29 @@ try:
     expect(re.search(rf"^\d+\s+{re.escape(shard)}\s+not serving\s", info, re.M) is not None and
            len(re.findall(r"^\d+\s+127\.0\.0\.1:\d+\s+up\s", info, re.M)) == 2,
            f"info after draining {shard}: it should read 'not serving', the others 'up':\n{info}")
+    # Ctrl-C while the services start stops them then, not once the cluster is ready: here the
+    # router's only shard cannot be reached (its --shards given again: the last one counts), so
+    # it never turns SERVING, and moe-cluster used to wait the 5 minutes of its start-up.
+    starting = subprocess.Popen([os.path.join(bin_dir, "moe-cluster"), "--checkpoint",
+                                 path("ck.safetensors"), "--router-port", "0", "--shards", "1",
+                                 "--router-args", "--shards 127.0.0.1:1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in starting.stderr:
+        seen.append(line)
+        if "waiting for the placement to load" in line:
+            break
+    t0 = time.monotonic()
+    starting.send_signal(signal.SIGINT)
+    rest = starting.communicate(timeout=60)[1]
+    took = time.monotonic() - t0
+    said = "".join(seen) + rest
+    print("moe-cluster stopped while starting:\n" + said)
+    expect(starting.returncode == 0 and "before the cluster was ready; stopped" in said and
+           "Sanitizer" not in said,
+           f"Ctrl-C while starting: exit {starting.returncode}:\n{said[-2000:]}")
+    expect(took < (15 if "TSAN_OPTIONS" in os.environ or "ASAN_OPTIONS" in os.environ else 3),
+           f"Ctrl-C while starting took {took:.1f} s to stop the services")
 except Exception as e:  # e.g. a file a failed command did not write: report it with the rest
     failures.append(f"{type(e).__name__}: {e}")
 finally:
