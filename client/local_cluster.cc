@@ -17,6 +17,17 @@
 
 namespace moe::client {
 
+namespace {
+
+// A service that did not come up, named as the user knows it (its own line above says why).
+absl::StatusOr<int> Named(const std::string& name, absl::StatusOr<int> port) {
+  if (port.ok()) return port;
+  return absl::Status(port.status().code(),
+                      absl::StrCat(name, " did not start: ", port.status().message()));
+}
+
+}  // namespace
+
 std::string ExecutableDir() {
   char buf[4096];
   const ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
@@ -126,21 +137,23 @@ absl::Status LocalCluster::StartInto(const LocalClusterOptions& options, absl::D
                    {"--metrics-port", std::to_string(options.metrics_port + 1 + options.shards)});
     }
     ASSIGN_OR_RETURN(c->coordinator_, common::Subprocess::Spawn(cargs));
-    ASSIGN_OR_RETURN(int cport, c->coordinator_.ReadListeningPort(absl::Seconds(60)));
+    ASSIGN_OR_RETURN(int cport, Named("the coordinator",
+                                      c->coordinator_.ReadListeningPort(absl::Seconds(60))));
     c->coordinator_address_ = absl::StrCat("127.0.0.1:", cport);
   }
   for (int i = 0; i < options.shards; ++i) {
     if (stopping()) return absl::CancelledError("stopped before the cluster was ready");
     if (options.verbose) std::fprintf(stderr, "moe-cluster: starting shard %d\n", i);
     ASSIGN_OR_RETURN(common::Subprocess p, c->SpawnShard(i, 0));
-    ASSIGN_OR_RETURN(int port, p.ReadListeningPort(absl::Seconds(60)));
+    ASSIGN_OR_RETURN(int port,
+                     Named(absl::StrCat("shard ", i), p.ReadListeningPort(absl::Seconds(60))));
     c->shard_addresses_.push_back(absl::StrCat(c->ShardHost(i), ":", port));
     c->shards_.push_back(std::move(p));
   }
   if (stopping()) return absl::CancelledError("stopped before the cluster was ready");
   if (options.verbose) std::fprintf(stderr, "moe-cluster: starting the router\n");
   ASSIGN_OR_RETURN(c->router_, c->SpawnRouter(options.router_port));
-  ASSIGN_OR_RETURN(int port, c->router_.ReadListeningPort(absl::Seconds(60)));
+  ASSIGN_OR_RETURN(int port, Named("the router", c->router_.ReadListeningPort(absl::Seconds(60))));
   c->router_address_ = absl::StrCat("127.0.0.1:", port);
   if (options.verbose) std::fprintf(stderr, "moe-cluster: waiting for the placement to load\n");
   return c->WaitUntilRouterServes(absl::Now() + timeout);

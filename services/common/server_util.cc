@@ -124,7 +124,8 @@ bool SplitListenAddress(const std::string& address, std::string* host, std::stri
 // another process listens on is reported in one line before gRPC (or civetweb) tries, and logs a
 // long error of its own. Only a port in use or a privileged one is reported here; anything else
 // (an address this probe cannot read, a host with no IPv6) is left to gRPC.
-absl::Status ProbeListenAddress(const std::string& address) {
+// `flag` names the flag that set the port, for the message.
+absl::Status ProbeListenAddress(const std::string& address, const char* flag) {
   std::string host, port;
   int port_number = 0;
   if (!SplitListenAddress(address, &host, &port) || !absl::SimpleAtoi(port, &port_number) ||
@@ -161,11 +162,12 @@ absl::Status ProbeListenAddress(const std::string& address) {
   if (any_free) return absl::OkStatus();
   if (error == EADDRINUSE) {
     return absl::UnavailableError(absl::StrCat(
-        "cannot listen on ", address, ": port ", port,
+        "cannot listen on ", address, " (", flag, "): port ", port,
         " is in use by another process (stop it, or choose another port; 0 picks a free one)"));
   }
   if (error == EACCES) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", address, ": port ", port,
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", address, " (", flag,
+                                               "): port ", port,
                                                " needs privileges (choose a port above 1023)"));
   }
   return absl::OkStatus();
@@ -176,7 +178,7 @@ absl::Status ProbeListenAddress(const std::string& address) {
 absl::StatusOr<StartedServer> StartServer(const std::string& address,
                                           const std::vector<grpc::Service*>& services,
                                           const RpcLimits& limits, Clients clients) {
-  if (absl::Status probe = ProbeListenAddress(address); !probe.ok()) return probe;
+  if (absl::Status probe = ProbeListenAddress(address, "--port"); !probe.ok()) return probe;
   EnableHealthAndReflection();
   grpc::ServerBuilder builder;
   ConfigureServerBuilder(&builder, limits, clients);
@@ -194,7 +196,7 @@ absl::StatusOr<StartedServer> StartServer(const std::string& address,
 
 absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
     const std::string& address, std::shared_ptr<prometheus::Registry> registry) {
-  if (absl::Status probe = ProbeListenAddress(address); !probe.ok()) {
+  if (absl::Status probe = ProbeListenAddress(address, "--metrics-port"); !probe.ok()) {
     return probe;
   }
   auto ep = std::unique_ptr<MetricsEndpoint>(new MetricsEndpoint());
