@@ -1,6 +1,6 @@
 """Starts `moe-cluster` (coordinator, expert shards and router on loopback) for scripts, tests and
 benchmarks, and waits until it is ready."""
-import os
+import random
 import socket
 import subprocess
 
@@ -24,8 +24,13 @@ def start(bin_dir, checkpoint, *args, stderr=None):
 
 def free_port_run(n):
     """The first of n consecutive free loopback ports (for --metrics-port: router, shards,
-    coordinator)."""
-    for base in range(20000 + os.getpid() % 20000, 60000, 7):
+    coordinator), from a random start in 10000-32000: below Linux's ephemeral range, where
+    outgoing connections take their ports, and apart from the runs that other tests started at
+    the same time pick (a start derived from the pid put two tests run together on the same
+    ports)."""
+    rng = random.Random()  # seeded from the OS
+    for _ in range(200):
+        base = rng.randrange(10000, 32000 - n)
         socks = []
         try:
             for p in range(base, base + n):

@@ -46,11 +46,15 @@ reader.start()
 
 
 def wait_for(text, seconds):
-    """True once the demo has printed `text` (within `seconds`)."""
+    """True once the demo has printed `text` (within `seconds`); False at once when it exited
+    without printing it."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if text in "".join(lines):
             return True
+        if demo.poll() is not None:
+            reader.join(timeout=5)  # what it printed last
+            return text in "".join(lines)
         time.sleep(0.1)
     return False
 
