@@ -5,6 +5,10 @@
 #include <algorithm>
 #include <cstdio>
 
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/string_view.h"
+
 
 namespace moe::client {
 
@@ -17,15 +21,29 @@ void PrintTable(const std::vector<std::string>& header,
       width[c] = std::max(width[c], r[c].size());
     }
   }
+  // A column of numbers ("-" and "" count as numbers, a trailing x or % is allowed) is
+  // right-aligned; the first column and columns of text are left-aligned, so that a long
+  // message in one row does not push the others' cells to the right.
+  std::vector<bool> numeric(width.size(), true);
+  numeric[0] = false;
+  for (const auto& r : rows) {
+    for (size_t c = 1; c < r.size() && c < width.size(); ++c) {
+      absl::string_view v = r[c];
+      if (v.empty() || v == "-") continue;
+      if (absl::EndsWith(v, "x") || absl::EndsWith(v, "%")) v.remove_suffix(1);
+      double unused;
+      numeric[c] = numeric[c] && absl::SimpleAtod(v, &unused);
+    }
+  }
   auto line = [&](const std::vector<std::string>& cells) {
     std::string out;
     for (size_t c = 0; c < width.size(); ++c) {
       const std::string cell = c < cells.size() ? cells[c] : "";
       if (c > 0) out += "  ";
-      // First column left-aligned, numbers right-aligned.
-      if (c == 0) out += cell + std::string(width[c] - cell.size(), ' ');
-      else out += std::string(width[c] - cell.size(), ' ') + cell;
+      if (numeric[c]) out += std::string(width[c] - cell.size(), ' ') + cell;
+      else out += cell + std::string(width[c] - cell.size(), ' ');
     }
+    out.erase(out.find_last_not_of(' ') + 1);  // no trailing blanks
     std::printf("%s\n", out.c_str());
   };
   line(header);

@@ -8,6 +8,7 @@
 #include <numeric>
 #include <random>
 #include <cstdio>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -73,7 +74,7 @@ commands:
       the model and the shards with their health and experts
   placement --router HOST:PORT [--rebalance STRATEGY] [--dry-run]
       the placement table; --rebalance switches strategy (replicated|sharded|hybrid|dynamic),
-      --dry-run only scores the proposal
+      --dry-run only scores the proposal (alone: a rebalance of the current strategy)
   train --router HOST:PORT [--steps K] [--learning-rate LR] [--aux-loss-coef A] [--z-loss-coef Z]
         (--tokens T.safetensors --grad-output G.safetensors | --synthetic [--batch-size N] [--seed S])
       K training steps; with files, the same batch every step (`tokens` and `grad_output`
@@ -273,10 +274,18 @@ absl::Status WriteForward(const std::string& out_path, int64_t n, int64_t d, int
 absl::Status RouterError(const grpc::Status& st, const std::string& addr) {
   if (st.error_code() == grpc::StatusCode::UNAVAILABLE &&
       absl::StartsWith(st.error_message(), "failed to connect")) {
+    // Something listens there but closed the connection at once: a TLS server meeting a
+    // plaintext client, or one that wants a client certificate.
+    const bool closed = absl::StrContains(st.error_message(), "Socket closed") ||
+                        absl::StrContains(st.error_message(), "andshake") ||
+                        absl::StrContains(st.error_message(), "SSL");
     return absl::UnavailableError(absl::StrCat(
         "cannot reach the router at ", addr, ": ", st.error_message(),
-        " (is it running there? `make run` or `moe-cluster --checkpoint PATH` starts a local "
-        "one and prints its address)"));
+        closed ? " (something listens there and closed the connection: does the router use "
+                 "TLS? give --tls-ca CA, and --tls-cert and --tls-key when it wants a client "
+                 "certificate)"
+               : " (is it running there? `make run` or `moe-cluster --checkpoint PATH` starts a "
+                 "local one and prints its address)"));
   }
   return common::FromGrpcStatus(st);
 }
@@ -287,6 +296,14 @@ absl::Status Forward(const Flags& f) {
   }
   ASSIGN_OR_RETURN(std::string in_path, f.Require("input"));
   ASSIGN_OR_RETURN(std::string out_path, f.Require("output"));
+  {
+    std::error_code ec;
+    if (in_path == out_path || std::filesystem::equivalent(in_path, out_path, ec)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--output ", out_path, " is the --input file: give another path (the tokens would be "
+          "overwritten by the outputs)"));
+    }
+  }
   ASSIGN_OR_RETURN(auto tokens, ReadTokens(in_path));
   const std::vector<float>& x = tokens.first;
   const int64_t d = tokens.second;
@@ -652,6 +669,11 @@ absl::Status Load(const Flags& f) {
   } else if (zipf > 0) {
     return absl::InvalidArgumentError("--zipf needs --checkpoint (the gate decides the routing)");
   }
+  if (f.Has("checkpoint") && zipf == 0) {
+    return absl::InvalidArgumentError(
+        "--checkpoint is read for --zipf S only (its gate routes the Zipf-drawn tokens): give "
+        "--zipf, or leave --checkpoint out for uniform random tokens");
+  }
   // Which experts are popular: by id (expert 0 most), a shuffle seeded by --hot-order, or the
   // reverse of the ids (-1).
   std::vector<int> order;
@@ -676,7 +698,8 @@ absl::Status Load(const Flags& f) {
   std::vector<double> latencies;
   std::map<std::string, int64_t> codes;
   std::map<std::string, std::string> first_error;  // by code
-  std::atomic<int64_t> issued{0}, tokens_ok{0}, completed{0}, reopened{0};
+  std::atomic<int64_t> issued{0}, tokens_ok{0}, completed{0}, reopened{0}, failed{0},
+      dropped{0};
   std::atomic<int> workers_done{0}, reconnecting{0};
   auto worker = [&](int w) {
     std::unique_ptr<ZipfTokens> gen;
@@ -732,10 +755,14 @@ absl::Status Load(const Flags& f) {
         const std::string code =
             absl::StatusCodeToString(static_cast<absl::StatusCode>(resp.code()));
         ++codes[code];
-        if (resp.code() != 0) first_error.emplace(code, resp.message());
+        if (resp.code() != 0) {
+          first_error.emplace(code, resp.message());
+          ++failed;
+        }
         if (resp.code() == 0) {
           latencies.push_back(lat);
           tokens_ok += batch;
+          dropped += resp.stats().dropped_assignments();
         }
         ++completed;
       }
@@ -747,6 +774,7 @@ absl::Status Load(const Flags& f) {
             static_cast<absl::StatusCode>(st.ok() ? 14 : st.error_code()));
         for (size_t i = 0; i < sent.size(); ++i) ++codes[lost];
         completed += static_cast<int64_t>(sent.size());
+        failed += static_cast<int64_t>(sent.size());
         if (!sent.empty()) {
           first_error.emplace(lost,
                               st.ok() ? "the stream ended before the answer" : st.error_message());
@@ -781,7 +809,10 @@ absl::Status Load(const Flags& f) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     const int64_t done = max_requests > 0 ? completed.load() : static_cast<int64_t>(el * 10);
-    progress.Update(done, absl::StrFormat("%.0f tokens/s%s", tokens_ok.load() / std::max(el, 1e-9),
+    progress.Update(done, absl::StrFormat("%.0f tokens/s%s%s", tokens_ok.load() / std::max(el, 1e-9),
+                                          failed.load() > 0
+                                              ? absl::StrCat(", ", failed.load(), " errors")
+                                              : "",
                                           reconnecting.load() > 0
                                               ? ", router unreachable: reconnecting"
                                               : ""));
@@ -821,7 +852,11 @@ absl::Status Load(const Flags& f) {
       {"p95 latency (ms)", pct(0.95)},
       {"p99 latency (ms)", pct(0.99)},
       {"errors", absl::StrCat(errors)}};
-  // Only when it happened: streams the router ended (UNAVAILABLE) and load opened again.
+  // Only when they happened: assignments past the router's capacity factor (tokens that went
+  // to fewer experts), and streams the router ended (UNAVAILABLE) that load opened again.
+  if (dropped.load() > 0) {
+    summary.push_back({"dropped assignments", absl::StrCat(dropped.load())});
+  }
   if (reopened.load() > 0) summary.push_back({"streams reopened", absl::StrCat(reopened.load())});
   PrintTable({"metric", "value"}, summary);
   // With errors, the first message of each code: enough to tell what went wrong.

@@ -160,7 +160,8 @@ absl::Status Run(int argc, char** argv) {
     std::printf("shard %d addr=%s pid=%d\n", i, cluster->shard_addresses()[i].c_str(),
                 cluster->shard(i).pid());
   }
-  std::printf("coordinator addr=%s\n", cluster->coordinator_address().c_str());
+  std::printf("coordinator addr=%s pid=%d\n", cluster->coordinator_address().c_str(),
+              cluster->coordinator().pid());
   std::printf("router addr=%s pid=%d\n", cluster->router_address().c_str(), cluster->router().pid());
   std::printf("READY router=%s\n", cluster->router_address().c_str());
   std::fflush(stdout);

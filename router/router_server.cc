@@ -459,7 +459,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   absl::Status Apply(Placement next, std::vector<std::shared_ptr<ShardClient>> next_shards) {
     std::lock_guard<std::mutex> lock(placement_mu);
     const std::string what = absl::StrCat(StrategyName(next.strategy), " placement over ",
-                                          next_shards.size(), " shards");
+                                          next_shards.size(),
+                                          next_shards.size() == 1 ? " shard" : " shards");
     absl::Status st = SwitchLocked(std::move(next), std::move(next_shards));
     // One line per change for the operator (the placement table is in GetPlacement).
     if (st.ok()) {
