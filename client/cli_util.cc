@@ -25,7 +25,7 @@ void PrintTable(const std::vector<std::string>& header,
   // right-aligned; the first column and columns of text are left-aligned, so that a long
   // message in one row does not push the others' cells to the right.
   std::vector<bool> numeric(width.size(), true);
-  numeric[0] = false;
+  if (!numeric.empty()) numeric[0] = false;
   for (const auto& r : rows) {
     for (size_t c = 1; c < r.size() && c < width.size(); ++c) {
       absl::string_view v = r[c];

@@ -110,7 +110,12 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
   std::unique_ptr<LocalCluster> c;
   absl::Status st = StartInto(options, timeout, &c);
   if (st.code() == absl::StatusCode::kCancelled && c != nullptr) {
-    c->Stop(absl::Seconds(10)).IgnoreError();  // what started stops as on a stop after ready
+    // What started stops as on a stop after ready; one that did not stop cleanly is told.
+    const absl::Status stopped = c->Stop(absl::Seconds(10));
+    if (!stopped.ok()) {
+      return absl::InternalError(
+          absl::StrCat("stopped before the cluster was ready: ", stopped.message()));
+    }
   }
   if (!st.ok()) return st;
   return c;

@@ -93,8 +93,8 @@ commands:
       errors by code; exits 1 when no request succeeded. --requests alone runs until R are
       answered; with --duration, whichever comes first. Ctrl-C stops it early: the table of
       the run so far, then exit by SIGINT (status 130). A stream the router ends with
-      UNAVAILABLE (a restart, a shutdown) is opened again once the router can be reached;
-      its unanswered requests count as errors. Defaults: C 4, N 64, 10 seconds, random
+      UNAVAILABLE (a restart, a shutdown) is opened again once the router serves again (up
+      to 30 s); its unanswered requests count as errors. Defaults: C 4, N 64, 10 seconds, random
       tokens without --zipf, seed 1.
   demo --checkpoint PATH [--batches B] [--batch-size N] [--tensor-prefix P]
       run the in-process layer on random batches; print tokens/s and per-expert load
@@ -279,6 +279,12 @@ absl::Status RouterError(const grpc::Status& st, const std::string& addr) {
     const bool closed = absl::StrContains(st.error_message(), "Socket closed") ||
                         absl::StrContains(st.error_message(), "andshake") ||
                         absl::StrContains(st.error_message(), "SSL");
+    if (closed && common::TlsEnabled()) {
+      return absl::UnavailableError(absl::StrCat(
+          "cannot reach the router at ", addr, ": ", st.error_message(),
+          " (the TLS handshake failed: does the router use TLS, with a certificate signed by "
+          "--tls-ca? does it want a client certificate, --tls-cert and --tls-key?)"));
+    }
     return absl::UnavailableError(absl::StrCat(
         "cannot reach the router at ", addr, ": ", st.error_message(),
         closed ? " (something listens there and closed the connection: does the router use "
@@ -610,6 +616,9 @@ absl::Status SaveCheckpointCmd(const Flags& f) {
 std::atomic<bool> load_interrupted{false};
 void OnLoadInterrupt(int) { load_interrupted.store(true); }
 
+// How long a `load` worker whose stream the router ended waits for the router to serve again.
+constexpr auto kReconnectWait = std::chrono::seconds(30);
+
 absl::Status Load(const Flags& f) {
   ASSIGN_OR_RETURN(std::string addr, f.Require("router"));
   ASSIGN_OR_RETURN(int64_t concurrency, f.GetInt("concurrency", 4));
@@ -701,6 +710,7 @@ absl::Status Load(const Flags& f) {
   std::atomic<int64_t> issued{0}, tokens_ok{0}, completed{0}, reopened{0}, failed{0},
       dropped{0};
   std::atomic<int> workers_done{0}, reconnecting{0};
+  std::atomic<bool> gave_up{false};  // a worker's router did not serve again within the wait
   auto worker = [&](int w) {
     std::unique_ptr<ZipfTokens> gen;
     if (!gate.weight.empty()) {
@@ -781,8 +791,8 @@ absl::Status Load(const Flags& f) {
         }
       }
       if (st.error_code() != grpc::StatusCode::UNAVAILABLE || !more()) break;
-      // A stream that answered nothing waits longer each time (up to 1 s), so that a router
-      // that takes streams and ends them at once is not hammered.
+      // A stream that answered nothing waits longer each time (100 ms, doubled up to 1 s), so
+      // that a router that takes streams and ends them at once is not hammered.
       backoff = answered > 0 ? std::chrono::milliseconds(0)
                              : std::min(std::chrono::milliseconds(1000),
                                         std::max(std::chrono::milliseconds(100), 2 * backoff));
@@ -791,12 +801,24 @@ absl::Status Load(const Flags& f) {
       while (more() && std::chrono::steady_clock::now() < resume) {
         std::this_thread::sleep_for(std::chrono::milliseconds(20));
       }
-      // Checked every 100 ms so that the end of the run or Ctrl-C is not kept waiting.
-      while (more() &&
-             !channel->WaitForConnected(std::chrono::system_clock::now() +
-                                        std::chrono::milliseconds(100))) {
+      // Until the router serves again (its health check says SERVING: a restarted router
+      // listens before its placement is live, and would answer every request UNAVAILABLE
+      // until then), asked every 100 ms or so that the end of the run and Ctrl-C are not kept
+      // waiting. A router not serving within kReconnectWait ends the worker: with --requests
+      // alone the run would otherwise wait for it for good.
+      const auto give_up = std::chrono::steady_clock::now() + kReconnectWait;
+      bool serving = false;
+      while (more() && !serving && std::chrono::steady_clock::now() < give_up) {
+        absl::StatusOr<common::HealthState> h =
+            common::CheckHealth(channel.get(), absl::Milliseconds(250));
+        serving = h.ok() && *h == common::HealthState::kServing;
+        if (!serving) std::this_thread::sleep_for(std::chrono::milliseconds(100));
       }
       --reconnecting;
+      if (!serving) {
+        if (more()) gave_up = true;
+        break;
+      }
       if (!more()) break;
       ++reopened;
     }
@@ -814,7 +836,7 @@ absl::Status Load(const Flags& f) {
                                               ? absl::StrCat(", ", failed.load(), " errors")
                                               : "",
                                           reconnecting.load() > 0
-                                              ? ", router unreachable: reconnecting"
+                                              ? ", stream ended: waiting for the router"
                                               : ""));
     if (std::chrono::steady_clock::now() >= end + std::chrono::seconds(60)) break;
     if (load_interrupted.load() || workers_done.load() == concurrency) break;
@@ -831,6 +853,11 @@ absl::Status Load(const Flags& f) {
   if (load_interrupted.load()) {
     std::printf("interrupted after %.1f s: the figures cover the requests sent until then\n",
                 elapsed);
+  }
+  if (gave_up.load()) {
+    std::printf("the router ended a stream and did not serve again within %lld s: the figures "
+                "cover the requests sent until then\n",
+                static_cast<long long>(kReconnectWait.count()));
   }
   std::sort(latencies.begin(), latencies.end());
   auto pct = [&](double q) -> std::string {

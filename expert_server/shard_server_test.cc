@@ -692,6 +692,11 @@ TEST_F(ShardServerTest, TurnsServingOnlyOnceNoLoadRuns) {
   builder.RegisterService(&peer);
   std::unique_ptr<grpc::Server> peer_server = builder.BuildAndStart();
   ASSERT_NE(peer_server, nullptr);
+  // Released however the test ends: the server's shutdown waits for the held copy.
+  struct ReleaseAtEnd {
+    HeldPeer* peer;
+    ~ReleaseAtEnd() { peer->Release(); }
+  } release_at_end{&peer};
   ShardServerOptions o;
   o.initial_experts.emplace();  // none
   auto shard = StartServer(o);
@@ -736,6 +741,11 @@ TEST_F(ShardServerTest, TurnsServingOnlyOnceNoLoadRuns) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   EXPECT_EQ(state_of(1), v1::ExpertStatus::FAILED);
+  // The shard turns SERVING just after the store reports the copy's end (outside its lock).
+  while (health() != common::HealthState::kServing &&
+         std::chrono::steady_clock::now() - start < std::chrono::seconds(30)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
   EXPECT_EQ(health(), common::HealthState::kServing);
   shard->Shutdown(absl::Milliseconds(100));
   peer_server->Shutdown();

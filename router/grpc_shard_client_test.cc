@@ -229,7 +229,7 @@ TEST(RouterGateState, AKeptGateOfAnotherModelIsRefusedAtStart) {
   refused = RouterServer::Start(o);
   ASSERT_FALSE(refused.ok());
   EXPECT_EQ(refused.status().message(),
-            kept + " lacks the train_step and steps_done of its gate: remove it");
+            kept + " lacks the train_step, steps_done and checkpoint_gate of its gate: remove it");
   std::filesystem::remove_all(dir);
 }
 

@@ -8,9 +8,11 @@
 #include <cstring>
 #include <deque>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <set>
+#include <string_view>
 #include <thread>
 
 #include <grpcpp/health_check_service_interface.h>
@@ -87,12 +89,19 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // How long a placement change or a reload waits for a running training step before it gives up
   // (the control loop tries again on its next tick).
   static constexpr auto kTrainWait = std::chrono::seconds(5);
-  std::atomic<uint64_t> steps_done{0};
+  std::atomic<uint64_t> steps_done{0};  // by this process (whether it trained: see SwitchLocked)
+  // Steps taken before this process, read with the kept gate (--state-dir): counted in the
+  // step numbers reported, never taken as this router's training.
+  uint64_t restored_steps = 0;
   // The training step (Trainer's id) of the gate: the last one this router took, or the one
   // read back from --state-dir; 0 for the checkpoint's gate.
   uint64_t gate_step = 0;
+  bool gate_warned = false;  // WarnIfGateBehind said it (train_mu held)
   // Path of the kept gate (--state-dir), empty when none is kept.
   std::string gate_state_path;
+  // Of the checkpoint's gate, kept with the trained one: a kept gate trained from another
+  // checkpoint of the same shape (a model volume made again with another seed) is not served.
+  std::string checkpoint_gate_print;
   // The latest training step each expert's replicas were seen at (train_mu held): an expert
   // whose replicas are all back below it lost its training.
   std::map<int, uint64_t> reached_step;
@@ -441,7 +450,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // one to let go of it.
   absl::StatusOr<Placement> ProposeOverLiveTable(
       Strategy s, std::vector<std::shared_ptr<ShardClient>>* shards,
-      std::vector<bool>* usable_out = nullptr) {
+      std::vector<bool>* usable_out = nullptr, Placement* live_out = nullptr) {
     RoutingTable now;
     {
       std::shared_ptr<const RoutingTable> live = Table();
@@ -451,6 +460,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     const std::vector<bool> usable = Usable(now);
     *shards = std::move(now.shards);
     if (usable_out != nullptr) *usable_out = usable;
+    if (live_out != nullptr) *live_out = now.placement;  // the placement `*shards` belong to
     return Propose(s, static_cast<int>(shards->size()), usable);
   }
 
@@ -477,13 +487,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // (the checkpoint's, or a kept one the router did not get to write after its last step)
   // serves those experts with a gate they were not trained with. Said once, at start.
   void WarnIfGateBehind(uint64_t latest_step) {
-    if (latest_step <= gate_step) return;
+    if (latest_step <= gate_step || gate_warned) return;
+    gate_warned = true;  // the first placement may be tried many times
     if (gate_state_path.empty()) {
       std::fprintf(stderr,
                    "moe-router: warning: the shards' experts were trained, but this router "
-                   "serves the checkpoint's gate, which was trained with them and is not kept "
-                   "without --state-dir; give the router the --state-dir of the one that "
-                   "trained them, or start the cluster from a checkpoint written by "
+                   "serves its checkpoint's gate, not the gate trained with them (a router "
+                   "keeps that only with --state-dir); give the router the --state-dir of the "
+                   "one that trained them, or start the cluster from a checkpoint written by "
                    "save-checkpoint\n");
     } else {
       std::fprintf(stderr,
@@ -522,14 +533,24 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     uint64_t step = 0, done = 0;
     const auto& meta = reader->metadata();
     if (meta.count("train_step") == 0 || !absl::SimpleAtoi(meta.at("train_step"), &step) ||
-        meta.count("steps_done") == 0 || !absl::SimpleAtoi(meta.at("steps_done"), &done)) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          gate_state_path, " lacks the train_step and steps_done of its gate: remove it"));
+        meta.count("steps_done") == 0 || !absl::SimpleAtoi(meta.at("steps_done"), &done) ||
+        meta.count("checkpoint_gate") == 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(gate_state_path,
+                       " lacks the train_step, steps_done and checkpoint_gate of its gate: remove "
+                       "it"));
+    }
+    if (meta.at("checkpoint_gate") != checkpoint_gate_print) {
+      std::fprintf(stderr,
+                   "moe-router: the gate kept in %s was trained from another checkpoint than %s; "
+                   "serving the checkpoint's gate (the next training step replaces the file)\n",
+                   gate_state_path.c_str(), options.checkpoint.c_str());
+      return absl::OkStatus();
     }
     gate->weight = std::move(*weight);
     if (!gate->bias.empty()) gate->bias = std::move(*bias);
     gate_step = step;
-    steps_done = done;
+    restored_steps = done;
     std::fprintf(stderr, "moe-router: serving the gate kept in %s (after %llu training steps)\n",
                  gate_state_path.c_str(), static_cast<unsigned long long>(done));
     return absl::OkStatus();
@@ -541,7 +562,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (gate_state_path.empty()) return;
     common::SafetensorsWriter w;
     w.SetMetadata("train_step", absl::StrCat(step));
-    w.SetMetadata("steps_done", absl::StrCat(steps_done.load()));
+    w.SetMetadata("steps_done", absl::StrCat(restored_steps + steps_done.load()));
+    w.SetMetadata("checkpoint_gate", checkpoint_gate_print);
     absl::Status st = w.AddF32("gate.weight", {config.num_experts, config.d_model}, g.weight);
     if (st.ok() && !g.bias.empty()) st = w.AddF32("gate.bias", {config.num_experts}, g.bias);
     if (st.ok()) st = w.Write(gate_state_path);
@@ -1020,8 +1042,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     t.reset();  // Apply waits for every holder of the current table to let go of it
     std::vector<std::shared_ptr<ShardClient>> current;
     std::vector<bool> usable;
-    absl::StatusOr<Placement> next = ProposeOverLiveTable(Strategy::kDynamic, &current, &usable);
-    if (next.ok() && Imbalance(*next, load, usable) < imbalance - 0.05) {
+    Placement live;
+    absl::StatusOr<Placement> next =
+        ProposeOverLiveTable(Strategy::kDynamic, &current, &usable, &live);
+    // Both sides over the same shards (Usable also leaves out a drained one, which InRotation
+    // cannot tell without a call), and never the placement that is live already: a drained,
+    // empty shard otherwise read as idle, and every cooldown applied a new version for nothing.
+    if (next.ok() && next->replicas != live.replicas &&
+        Imbalance(*next, load, usable) < Imbalance(live, load, usable) - 0.05) {
       Apply(*next, std::move(current)).IgnoreError();
     }
   }
@@ -1179,7 +1207,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     for (size_t i = 0; i < next->bias.size(); ++i) {
       next->bias[i] -= req.learning_rate() * r.gate_bias[i];
     }
-    resp->set_step(++steps_done);
+    resp->set_step(restored_steps + ++steps_done);
     gate_step = r.step;
     KeepGate(*next, r.step);
     {
@@ -1256,7 +1284,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     RETURN_IF_ERROR(common::SaveCheckpoint(req.path(), ck, options.load.tensor_prefix));
     resp->set_path(req.path());
     resp->set_replicas_identical(identical);
-    resp->set_step(steps_done.load());
+    resp->set_step(restored_steps + steps_done.load());
     return absl::OkStatus();
   }
 
@@ -1341,7 +1369,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
       std::vector<std::shared_ptr<ShardClient>> current;
       std::vector<bool> usable;
-      ASSIGN_OR_RETURN(Placement p, ProposeOverLiveTable(s, &current, &usable));
+      Placement live;
+      ASSIGN_OR_RETURN(Placement p, ProposeOverLiveTable(s, &current, &usable, &live));
       if (!req->dry_run()) {
         // The static strategies place by formula, down shards included: refuse one that would
         // leave an expert with every replica out of rotation (its requests would all fail).
@@ -1367,14 +1396,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         // Nor one that loads experts onto a shard out of rotation (`replicated` with a shard
         // down): the load would fail there, and the switch with it.
         std::set<std::string> onto_down;
-        if (std::shared_ptr<const RoutingTable> live = Table();
-            live != nullptr && live->shards.size() == current.size()) {
-          for (int e = 0; e < static_cast<int>(p.replicas.size()); ++e) {
-            for (int r : p.replicas[e]) {
-              if (!usable[r] && !live->placement.Holds(r, e)) {
-                onto_down.insert(current[r]->address());
-              }
-            }
+        for (int e = 0; e < static_cast<int>(p.replicas.size()); ++e) {
+          for (int r : p.replicas[e]) {
+            if (!usable[r] && !live.Holds(r, e)) onto_down.insert(current[r]->address());
           }
         }
         if (!onto_down.empty()) {
@@ -1589,7 +1613,15 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   lo.experts = std::vector<int>{};  // the router needs the gate only
   ASSIGN_OR_RETURN(common::Checkpoint ck, common::LoadCheckpoint(o.checkpoint, lo));
   impl->config = ck.config;
-  if (!o.state_dir.empty()) RETURN_IF_ERROR(impl->ReadKeptGate(&ck.gate));
+  if (!o.state_dir.empty()) {
+    std::string bytes(reinterpret_cast<const char*>(ck.gate.weight.data()),
+                      ck.gate.weight.size() * sizeof(float));
+    bytes.append(reinterpret_cast<const char*>(ck.gate.bias.data()),
+                 ck.gate.bias.size() * sizeof(float));
+    impl->checkpoint_gate_print =
+        absl::StrCat(bytes.size(), ":", std::hash<std::string_view>{}(bytes));
+    RETURN_IF_ERROR(impl->ReadKeptGate(&ck.gate));
+  }
   impl->gate = std::make_shared<const common::GateWeights>(std::move(ck.gate));
   if (!o.coordinator.empty()) {
     impl->coordinator = v1::Coordinator::NewStub(grpc::CreateCustomChannel(
