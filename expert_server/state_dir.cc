@@ -5,8 +5,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
-#include <functional>
-#include <string_view>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -109,8 +107,7 @@ absl::StatusOr<std::string> StateDir::BaseFingerprint(int expert) {
   }
   ASSIGN_OR_RETURN(common::ExpertWeights w, checkpoint_(expert));
   ASSIGN_OR_RETURN(std::string bytes, common::SerializeExpert(config_, expert, w));
-  const std::string print =
-      absl::StrCat(bytes.size(), ":", std::hash<std::string_view>{}(bytes));
+  const std::string print = common::Fingerprint(bytes);
   std::lock_guard<std::mutex> lock(mu_);
   fingerprints_[expert] = print;
   return print;

@@ -3,21 +3,19 @@
 #include "router/router_flags.h"
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
+
+#include "tests/reference/test_util.h"
 
 namespace moe::router {
 namespace {
 
 absl::StatusOr<RouterChoices> Choices(std::vector<std::string> args) {
-  std::vector<char*> argv;
-  std::string prog = "moe-router";
-  argv.push_back(prog.data());
-  for (auto& a : args) argv.push_back(a.data());
-  auto f = common::Flags::Parse(static_cast<int>(argv.size()), argv.data(), 1,
-                                {{"placement", true}, {"overflow", true}, {"wire", true},
-                                 {"allreduce-wire", true}});
+  auto f = testing::ParseFlags(std::move(args), {{"placement", true}, {"overflow", true},
+                                                 {"wire", true}, {"allreduce-wire", true}});
   if (!f.ok()) return f.status();
   return ParseRouterChoices(*f);
 }

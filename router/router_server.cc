@@ -12,7 +12,6 @@
 #include <map>
 #include <mutex>
 #include <set>
-#include <string_view>
 #include <thread>
 
 #include <grpcpp/health_check_service_interface.h>
@@ -429,17 +428,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // answer NOT_SERVING only because `t` gives them nothing to serve (a shard turns SERVING once
   // it holds an expert: left out, an empty one would stay empty for good).
   static std::vector<bool> Usable(const RoutingTable& t) {
-    std::vector<bool> up;
+    std::vector<bool> up = InRotation(t);
     for (size_t s = 0; s < t.shards.size(); ++s) {
-      const ShardClient& c = *t.shards[s];
-      bool usable = c.healthy();
-      if (!usable && c.answering() && t.placement.ExpertsOn(static_cast<int>(s)).empty()) {
-        // NOT_SERVING and holding nothing: waiting for experts, unless it is draining (it will
-        // not serve again: experts placed there could not be served).
-        absl::StatusOr<v1::ShardStatus> st = t.shards[s]->GetStatus(absl::Milliseconds(500));
-        usable = st.ok() && !st->draining();
-      }
-      up.push_back(usable);
+      if (!up[s] || t.shards[s]->healthy()) continue;
+      // NOT_SERVING and holding nothing: waiting for experts, unless it is draining (it will
+      // not serve again: experts placed there could not be served).
+      absl::StatusOr<v1::ShardStatus> st = t.shards[s]->GetStatus(absl::Milliseconds(500));
+      up[s] = st.ok() && !st->draining();
     }
     return up;
   }
@@ -1614,12 +1609,7 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   ASSIGN_OR_RETURN(common::Checkpoint ck, common::LoadCheckpoint(o.checkpoint, lo));
   impl->config = ck.config;
   if (!o.state_dir.empty()) {
-    std::string bytes(reinterpret_cast<const char*>(ck.gate.weight.data()),
-                      ck.gate.weight.size() * sizeof(float));
-    bytes.append(reinterpret_cast<const char*>(ck.gate.bias.data()),
-                 ck.gate.bias.size() * sizeof(float));
-    impl->checkpoint_gate_print =
-        absl::StrCat(bytes.size(), ":", std::hash<std::string_view>{}(bytes));
+    impl->checkpoint_gate_print = common::GateFingerprint(ck.gate);
     RETURN_IF_ERROR(impl->ReadKeptGate(&ck.gate));
   }
   impl->gate = std::make_shared<const common::GateWeights>(std::move(ck.gate));

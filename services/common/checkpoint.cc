@@ -1,5 +1,6 @@
 #include "services/common/checkpoint.h"
 
+#include <functional>
 #include <limits>
 
 #include "absl/status/status.h"
@@ -205,6 +206,17 @@ absl::Status AddExpert(SafetensorsWriter* w, const std::string& p, const ModelCo
 }
 
 }  // namespace
+
+std::string Fingerprint(std::string_view bytes) {
+  return absl::StrCat(bytes.size(), ":", std::hash<std::string_view>{}(bytes));
+}
+
+std::string GateFingerprint(const GateWeights& gate) {
+  std::string bytes(reinterpret_cast<const char*>(gate.weight.data()),
+                    gate.weight.size() * sizeof(float));
+  bytes.append(reinterpret_cast<const char*>(gate.bias.data()), gate.bias.size() * sizeof(float));
+  return Fingerprint(bytes);
+}
 
 absl::StatusOr<std::string> SerializeExpert(const ModelConfig& config, int expert,
                                             const ExpertWeights& weights) {

@@ -95,6 +95,13 @@ absl::Status SaveExpert(const std::string& path, const ModelConfig& config, int 
 absl::StatusOr<ExpertWeights> ParseExpert(absl::string_view bytes, const ModelConfig& config,
                                           int expert);
 
+// A short fingerprint of some weights' bytes, "SIZE:HASH", kept beside state trained from a
+// checkpoint so that state trained from another one is recognised (not cryptographic: it tells
+// checkpoints apart, it does not defend against forgery). Stable across runs of one build.
+std::string Fingerprint(std::string_view bytes);
+// Fingerprint of the gate's weight then bias bytes.
+std::string GateFingerprint(const GateWeights& gate);
+
 // Checks internal consistency of sizes (used before building kernels from weights that did not
 // come from a file, e.g. copied from a peer).
 absl::Status ValidateExpert(const ModelConfig& config, const ExpertWeights& w);

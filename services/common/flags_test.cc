@@ -3,22 +3,21 @@
 #include "services/common/flags.h"
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
+
+#include "tests/reference/test_util.h"
 
 namespace moe::common {
 namespace {
 
 // Parses `args` (without a program name) against a fixed set of known flags.
 absl::StatusOr<Flags> ParseArgs(std::vector<std::string> args) {
-  std::vector<char*> argv;
-  std::string prog = "prog";
-  argv.push_back(prog.data());
-  for (auto& a : args) argv.push_back(a.data());
-  return Flags::Parse(static_cast<int>(argv.size()), argv.data(), 1,
-                      {{"n", true}, {"x", true}, {"mode", true}, {"list", true}, {"port", true},
-                       {"verbose", false}});
+  return testing::ParseFlags(std::move(args), {{"n", true}, {"x", true}, {"mode", true},
+                                               {"list", true}, {"port", true},
+                                               {"verbose", false}});
 }
 
 TEST(Flags, ParsesBothFormsAndTheLastValueCounts) {

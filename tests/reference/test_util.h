@@ -10,11 +10,15 @@
 #include <chrono>
 #include <ctime>
 #include <filesystem>
+#include <map>
 #include <string>
 #include <system_error>
 #include <thread>
+#include <vector>
 
 #include <gtest/gtest.h>
+
+#include "services/common/flags.h"
 
 namespace moe::testing {
 
@@ -94,6 +98,15 @@ bool Eventually(Done done) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   return done();
+}
+
+// common::Flags::Parse over `args` (without a program name), as a main would call it.
+inline absl::StatusOr<common::Flags> ParseFlags(std::vector<std::string> args,
+                                                const std::map<std::string, bool>& known) {
+  std::string prog = "prog";
+  std::vector<char*> argv{prog.data()};
+  for (auto& a : args) argv.push_back(a.data());
+  return common::Flags::Parse(static_cast<int>(argv.size()), argv.data(), 1, known);
 }
 
 }  // namespace moe::testing
