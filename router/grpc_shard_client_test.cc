@@ -318,6 +318,97 @@ TEST(RouterShardModel, AShardOfAnotherModelIsLeftOut) {
   (*router)->Shutdown(absl::Milliseconds(100));
 }
 
+// The shard at one address of a fixed --shards list changes under the router: it stops, then a
+// shard of another model starts there (left out of the placement: before 2026-12-02 only the
+// first placement checked, and this one got the router's experts loaded and every batch sent
+// there failed), then one of the router's model (back in the placement and given its experts:
+// the verdict once lasted for the router's lifetime).
+TEST(RouterShardModel, AShardRestartedFromAnotherModelLeavesAndComesBack) {
+  const std::string path = ::moe::testing::TempPath("shard_model_restart.safetensors");
+  ASSERT_TRUE(
+      common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
+  common::ModelConfig other = kConfig;
+  other.d_model = 8;
+  const std::string other_path = ::moe::testing::TempPath("shard_model_restart_other.safetensors");
+  ASSERT_TRUE(
+      common::SaveCheckpoint(other_path, common::MakeRandomCheckpoint({other, true, 6})).ok());
+  expert::ShardServerOptions so;
+  so.checkpoint = path;
+  auto good = expert::ShardServer::Start(so);
+  ASSERT_TRUE(good.ok()) << good.status();
+  ASSERT_TRUE((*good)->WaitUntilLoaded(absl::Seconds(30)).ok());
+  const int port = ::moe::testing::FreePortBlock(1);
+  ASSERT_GT(port, 0);
+  const std::string changing = absl::StrCat("127.0.0.1:", port);
+  so.address = changing;
+  so.initial_experts = std::vector<int>{};  // the router loads them
+  auto first = expert::ShardServer::Start(so);
+  ASSERT_TRUE(first.ok()) << first.status();
+  RouterServerOptions o;
+  o.checkpoint = path;
+  o.strategy = Strategy::kReplicated;
+  o.shards = {(*good)->address(), changing};
+  o.reconcile_interval = absl::Milliseconds(200);
+  auto router = RouterServer::Start(o);
+  ASSERT_TRUE(router.ok()) << router.status();
+  ASSERT_TRUE((*router)->WaitUntilReady(absl::Seconds(60)).ok());
+  auto stub = v1::Router::NewStub(
+      grpc::CreateChannel((*router)->address(), grpc::InsecureChannelCredentials()));
+  // The changing address's entry in GetClusterInfo (empty if not listed).
+  auto entry = [&]() {
+    grpc::ClientContext ctx;
+    v1::ClusterInfo info;
+    v1::ShardInfo out;
+    if (!stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info).ok()) return out;
+    for (const v1::ShardInfo& si : info.shards()) {
+      if (si.address() == changing) out = si;
+    }
+    return out;
+  };
+  const std::vector<float> x = common::RandomMatrix(6, kConfig.d_model, 77);
+  v1::InferRequest req;
+  common::EncodeTensor(x, {6, kConfig.d_model}, common::WireType::kFloat32, req.mutable_tokens());
+  auto infer_ok = [&]() {
+    for (int i = 0; i < 4; ++i) {
+      grpc::ClientContext ctx;
+      v1::InferResponse resp;
+      const grpc::Status st = stub->Infer(&ctx, req, &resp);
+      EXPECT_TRUE(st.ok()) << st.error_message();
+    }
+  };
+  EXPECT_EQ(entry().state(), "serving");
+  EXPECT_EQ(entry().experts_size(), 4);
+  (*first)->Shutdown(absl::Milliseconds(100));
+  first->reset();
+  ASSERT_TRUE(Eventually([&] { return entry().state() == "unreachable"; }));
+
+  so.checkpoint = other_path;
+  so.initial_experts = std::nullopt;  // its own experts
+  auto wrong = expert::ShardServer::Start(so);
+  ASSERT_TRUE(wrong.ok()) << wrong.status();
+  ASSERT_TRUE(Eventually([&] {
+    const v1::ShardInfo e = entry();
+    return e.state() == "incompatible" && e.experts_size() == 0;
+  })) << entry().DebugString();
+  EXPECT_EQ(entry().detail(), absl::StrCat("it serves 4 experts of d_model 8, this router's ",
+                                           path, " has 4 of d_model 16"));
+  infer_ok();
+  (*wrong)->Shutdown(absl::Milliseconds(100));
+  wrong->reset();
+
+  so.checkpoint = path;
+  so.initial_experts = std::vector<int>{};
+  auto right = expert::ShardServer::Start(so);
+  ASSERT_TRUE(right.ok()) << right.status();
+  ASSERT_TRUE(Eventually([&] {
+    const v1::ShardInfo e = entry();
+    return e.state() == "serving" && e.experts_size() == 4;
+  })) << entry().DebugString();
+  EXPECT_TRUE(entry().detail().empty());
+  infer_ok();
+  (*router)->Shutdown(absl::Milliseconds(100));
+}
+
 // Options for a shard that starts with `initial` experts (nullopt: every expert).
 expert::ShardServerOptions Starting(std::optional<std::vector<int>> initial) {
   expert::ShardServerOptions so;

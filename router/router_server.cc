@@ -339,6 +339,15 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       std::sort(addrs.begin(), addrs.end());
       if (addrs.empty()) return absl::UnavailableError("no shard has joined yet");
     }
+    {
+      // A member that left is no longer listed, whatever its model was.
+      std::lock_guard<std::mutex> lock(models_mu);
+      for (auto it = incompatible.begin(); it != incompatible.end();) {
+        const bool member = std::find(addrs.begin(), addrs.end(), it->first) != addrs.end();
+        if (!member) model_checked.erase(it->first);
+        it = member ? std::next(it) : incompatible.erase(it);
+      }
+    }
     std::vector<std::shared_ptr<ShardClient>> out;
     for (const auto& a : addrs) {
       std::shared_ptr<ShardClient> c = ClientFor(a);
@@ -354,27 +363,56 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   // Whether the shard's model is this router's (its number of experts and d_model, from
   // GetStatus): a shard started from another checkpoint would fail every batch sent to it, as
-  // if the client's tokens were wrong. Such a shard is left out of the placement, named once in
-  // the log and as "incompatible" in GetClusterInfo; checked once per address that answers (an
-  // unreachable one is placed as before and checked when it answers).
+  // if the client's tokens were wrong. Such a shard is left out of the placement, named in the
+  // log and as "incompatible" in GetClusterInfo. A shard found compatible is asked again only
+  // by Reconcile's status reads (ServesModel), which also catch one restarted from another
+  // model; one found incompatible is asked on every call, so that it comes back once restarted
+  // from the right checkpoint. One that does not answer keeps its verdict (placed if none yet).
   bool ServesThisModel(ShardClient& c) {
+    bool known = false;
     {
       std::lock_guard<std::mutex> lock(models_mu);
-      if (model_checked.count(c.address())) return incompatible.count(c.address()) == 0;
+      known = model_checked.count(c.address()) > 0;
+      if (known && incompatible.count(c.address()) == 0) return true;
     }
-    absl::StatusOr<v1::ShardStatus> st = c.GetStatus(absl::Seconds(2));
-    if (!st.ok()) return true;
+    absl::StatusOr<v1::ShardStatus> st = c.GetStatus(absl::Seconds(known ? 1 : 2));
+    if (!st.ok()) {
+      std::lock_guard<std::mutex> lock(models_mu);
+      return incompatible.count(c.address()) == 0;
+    }
+    return ServesModel(c.address(), *st);
+  }
+
+  // Records the model a shard's status names (see ServesThisModel) and says whether it is this
+  // router's; a change either way is logged once.
+  bool ServesModel(const std::string& address, const v1::ShardStatus& st) {
+    const bool same = st.num_experts() == config.num_experts && st.d_model() == config.d_model;
     std::lock_guard<std::mutex> lock(models_mu);
-    model_checked.insert(c.address());
-    if (st->num_experts() == config.num_experts && st->d_model() == config.d_model) return true;
+    model_checked.insert(address);
+    auto it = incompatible.find(address);
+    if (same) {
+      if (it != incompatible.end()) {
+        incompatible.erase(it);
+        std::fprintf(stderr, "moe-router: shard %s serves this router's model again\n",
+                     address.c_str());
+      }
+      return true;
+    }
     const std::string why = absl::StrCat(
-        "it serves ", st->num_experts(), " experts of d_model ", st->d_model(), ", this router's ",
+        "it serves ", st.num_experts(), " experts of d_model ", st.d_model(), ", this router's ",
         options.checkpoint, " has ", config.num_experts, " of d_model ", config.d_model);
-    incompatible[c.address()] = why;
-    std::fprintf(stderr,
-                 "moe-router: shard %s left out: %s (start it from the router's checkpoint)\n",
-                 c.address().c_str(), why.c_str());
+    if (it == incompatible.end() || it->second != why) {
+      std::fprintf(stderr,
+                   "moe-router: shard %s left out: %s (start it from the router's checkpoint)\n",
+                   address.c_str(), why.c_str());
+    }
+    incompatible[address] = why;
     return false;
+  }
+
+  bool AnyIncompatible() {
+    std::lock_guard<std::mutex> lock(models_mu);
+    return !incompatible.empty();
   }
 
   // ---- placement ----
@@ -973,8 +1011,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   void Reconcile() {
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return;
-    if (options.shards.empty()) {
-      // Follow membership: a shard that joined or left changes the placement.
+    if (options.shards.empty() || AnyIncompatible()) {
+      // Follow membership: a shard that joined or left changes the placement; so does one
+      // found serving another model (read below) or one back with this router's.
       absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> members = Members();
       if (members.ok()) {
         bool same = members->size() == t->shards.size();
@@ -996,7 +1035,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     bool any_missing = false;
     for (int s = 0; s < static_cast<int>(t->shards.size()); ++s) {
       absl::StatusOr<v1::ShardStatus> st = t->shards[s]->GetStatus(absl::Milliseconds(500));
-      if (!st.ok()) continue;
+      // A shard restarted from another model gets nothing loaded: it leaves the placement on
+      // the next tick (above).
+      if (!st.ok() || !ServesModel(t->shards[s]->address(), *st)) continue;
       Holding& h = held[s];
       h.read = true;
       for (const auto& e : st->experts()) {
@@ -1327,7 +1368,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     {
       std::lock_guard<std::mutex> lock(models_mu);
       for (const auto& [address, why] : incompatible) {
-        v1::ShardInfo* si = info->add_shards();
+        // One still placed (found by the last status read, taken out on the next tick).
+        v1::ShardInfo* si = nullptr;
+        for (auto& placed : *info->mutable_shards()) {
+          if (placed.address() == address) si = &placed;
+        }
+        if (si == nullptr) si = info->add_shards();
+        si->set_healthy(false);
         si->set_address(address);
         si->set_state("incompatible");
         si->set_detail(why);
