@@ -6,6 +6,7 @@
 #include <chrono>
 #include <deque>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <cstdio>
 #include <filesystem>
@@ -618,6 +619,9 @@ void OnLoadInterrupt(int) { load_interrupted.store(true); }
 
 // How long a `load` worker whose stream the router ended waits for the router to serve again.
 constexpr auto kReconnectWait = std::chrono::seconds(30);
+// How long `load` waits, once its run is over, for the answers still in flight: a router that
+// stalls (stopped, or its host hung) answers none, and a stream has no deadline of its own.
+constexpr auto kDrainWait = std::chrono::seconds(10);
 
 absl::Status Load(const Flags& f) {
   ASSIGN_OR_RETURN(std::string addr, f.Require("router"));
@@ -711,6 +715,12 @@ absl::Status Load(const Flags& f) {
       dropped{0};
   std::atomic<int> workers_done{0}, reconnecting{0};
   std::atomic<bool> gave_up{false};  // a worker's router did not serve again within the wait
+  // Each worker's open stream, so that answers still missing kDrainWait after the run can be
+  // given up (TryCancel); `cancelled` tells a stream opened after that to end at once.
+  std::mutex streams_mu;
+  std::vector<grpc::ClientContext*> streams(static_cast<size_t>(concurrency), nullptr);
+  bool cancelled = false;
+  std::atomic<int64_t> last_answer_ms{0};  // since start: the progress line tells a stall
   auto worker = [&](int w) {
     std::unique_ptr<ZipfTokens> gen;
     if (!gate.weight.empty()) {
@@ -731,6 +741,11 @@ absl::Status Load(const Flags& f) {
     std::chrono::milliseconds backoff(0);
     while (true) {
       grpc::ClientContext ctx;
+      {
+        std::lock_guard<std::mutex> lock(streams_mu);
+        if (cancelled) break;
+        streams[static_cast<size_t>(w)] = &ctx;
+      }
       auto stream = stub->InferStream(&ctx);
       std::deque<std::chrono::steady_clock::time_point> sent;
       int64_t answered = 0;
@@ -758,6 +773,9 @@ absl::Status Load(const Flags& f) {
         v1::InferResponse resp;
         if (!stream->Read(&resp)) break;
         ++answered;
+        last_answer_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                             std::chrono::steady_clock::now() - start)
+                             .count();
         const double lat = std::chrono::duration<double>(std::chrono::steady_clock::now() -
                                                          sent.front()).count();
         sent.pop_front();
@@ -778,6 +796,12 @@ absl::Status Load(const Flags& f) {
       }
       stream->WritesDone();
       grpc::Status st = stream->Finish();
+      bool given_up = false;
+      {
+        std::lock_guard<std::mutex> lock(streams_mu);
+        streams[static_cast<size_t>(w)] = nullptr;
+        given_up = cancelled;
+      }
       {
         std::lock_guard<std::mutex> lock(mu);
         const std::string lost = absl::StatusCodeToString(
@@ -786,8 +810,11 @@ absl::Status Load(const Flags& f) {
         completed += static_cast<int64_t>(sent.size());
         failed += static_cast<int64_t>(sent.size());
         if (!sent.empty()) {
-          first_error.emplace(lost,
-                              st.ok() ? "the stream ended before the answer" : st.error_message());
+          first_error.emplace(
+              lost, given_up ? absl::StrFormat("no answer %lld s after the run ended: given up",
+                                               static_cast<long long>(kDrainWait.count()))
+                    : st.ok() ? "the stream ended before the answer"
+                              : st.error_message());
         }
       }
       if (st.error_code() != grpc::StatusCode::UNAVAILABLE || !more()) break;
@@ -827,32 +854,59 @@ absl::Status Load(const Flags& f) {
   std::vector<std::thread> workers;
   for (int w = 0; w < concurrency; ++w) workers.emplace_back(worker, w);
   Progress progress("load", max_requests > 0 ? max_requests : static_cast<int64_t>(duration * 10));
-  while (true) {
+  // Until the run is over (its duration, its requests, Ctrl-C, or every worker ended), then
+  // until the answers in flight are in, for up to kDrainWait.
+  std::optional<std::chrono::steady_clock::time_point> drain_until;
+  bool drain_noted = false;
+  while (workers_done.load() < concurrency) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const auto now = std::chrono::steady_clock::now();
+    const double el = std::chrono::duration<double>(now - start).count();
     const int64_t done = max_requests > 0 ? completed.load() : static_cast<int64_t>(el * 10);
+    const double silent = el - static_cast<double>(last_answer_ms.load()) / 1e3;
     progress.Update(done, absl::StrFormat("%.0f tokens/s%s%s", tokens_ok.load() / std::max(el, 1e-9),
                                           failed.load() > 0
                                               ? absl::StrCat(", ", failed.load(), " errors")
                                               : "",
                                           reconnecting.load() > 0
                                               ? ", stream ended: waiting for the router"
+                                          : silent >= 5
+                                              ? absl::StrFormat(", no answer for %.0f s", silent)
                                               : ""));
-    if (std::chrono::steady_clock::now() >= end + std::chrono::seconds(60)) break;
-    if (load_interrupted.load() || workers_done.load() == concurrency) break;
-    if ((max_requests > 0 && completed.load() >= max_requests) ||
-        (max_requests == 0 && std::chrono::steady_clock::now() >= end)) {
+    if (!drain_until && (load_interrupted.load() || now >= end ||
+                         (max_requests > 0 && completed.load() >= max_requests))) {
+      drain_until = now + kDrainWait;
+    }
+    if (drain_until && !drain_noted && now >= *drain_until - kDrainWait + std::chrono::seconds(1)) {
+      drain_noted = true;
+      progress.Note(absl::StrFormat("the run is over; waiting up to %lld s for the answers in flight",
+                                    static_cast<long long>(kDrainWait.count())));
+    }
+    if (drain_until && now >= *drain_until) {
+      std::lock_guard<std::mutex> lock(streams_mu);
+      cancelled = true;
+      for (grpc::ClientContext* c : streams) {
+        if (c != nullptr) c->TryCancel();
+      }
       break;
     }
   }
   for (auto& w : workers) w.join();
   progress.Finish();
-  const double elapsed =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  // Answers given up: tokens/s over the run without the wait for them (none came in it).
+  const double elapsed = std::chrono::duration<double>(
+                             (cancelled ? *drain_until - kDrainWait : std::chrono::steady_clock::now()) -
+                             start)
+                             .count();
   signal(SIGINT, SIG_DFL);
   if (load_interrupted.load()) {
     std::printf("interrupted after %.1f s: the figures cover the requests sent until then\n",
                 elapsed);
+  }
+  if (cancelled) {
+    std::printf("answers still missing %lld s after the run ended were given up (counted as "
+                "CANCELLED): is the router stalled?\n",
+                static_cast<long long>(kDrainWait.count()));
   }
   if (gave_up.load()) {
     std::printf("the router ended a stream and did not serve again within %lld s: the figures "

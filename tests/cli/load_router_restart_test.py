@@ -17,20 +17,11 @@ import sys
 import time
 import urllib.request
 
-build, work = sys.argv[1], sys.argv[2]
-here = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(here, "../../client/python"))
-import local_cluster  # noqa: E402
+from cli_harness import Checks, codes, local_cluster, router_pid, setup, small_checkpoint
 
-bin_dir = os.path.join(build, "bin")
-client = os.path.join(bin_dir, "moe-client")
-os.makedirs(work, exist_ok=True)
-failures = []
-
-
-def expect(cond, what):
-    if not cond:
-        failures.append(what)
+bin_dir, client, work = setup(sys.argv)
+checks = Checks()
+expect = checks.expect
 
 
 def router_stream_ok(port):
@@ -53,17 +44,13 @@ def wait_until(cond, seconds):
     return False
 
 
-ck = os.path.join(work, "ck.safetensors")
-subprocess.run([client, "init-checkpoint", "--out", ck, "--experts", "8", "--d-model", "64",
-                "--d-ff", "128", "--top-k", "2", "--seed", "3"], check=True,
-               stdout=subprocess.DEVNULL)
+ck = small_checkpoint(client, work)
 metrics = local_cluster.free_port_run(4)  # router, 2 shards, coordinator
-cluster_log = open(os.path.join(work, "moe-cluster.stderr"), "w+")
+cluster_log = open(f"{work}/moe-cluster.stderr", "w+")
 cluster, router = local_cluster.start(bin_dir, ck, "--shards", "2", "--metrics-port",
                                       str(metrics), stderr=cluster_log)
 try:
-    pid = int(re.search(r"^router addr=\S+ pid=(\d+)$", "\n".join(cluster.services),
-                        re.M).group(1))
+    pid = router_pid(cluster)
     duration = 12
     start = time.monotonic()
     load = subprocess.Popen([client, "load", "--router", router, "--duration", str(duration),
@@ -85,24 +72,17 @@ try:
     reopened = re.search(r"^streams reopened\s+(\d+)$", out, re.M)
     expect(reopened is not None and int(reopened.group(1)) >= 2,
            f"both of load's streams should have been reopened:\n{out}")
-    codes = dict(re.findall(r"^([A-Z_]+)\s+(\d+)\b", out, re.M))
-    expect(int(codes.get("OK", 0)) > 0, f"no request OK:\n{out}")
-    expect(set(codes) <= {"OK", "UNAVAILABLE"}, f"errors other than UNAVAILABLE:\n{out}")
+    by_code = codes(out)
+    expect(by_code.get("OK", 0) > 0, f"no request OK:\n{out}")
+    expect(set(by_code) <= {"OK", "UNAVAILABLE"}, f"errors other than UNAVAILABLE:\n{out}")
     # Only what was in flight when the router died fails: each of the 2 streams holds at most
     # its window of 2 requests. A stream reopened before the restarted router served got every
     # request answered UNAVAILABLE ("still loading its placement"), as fast as they came back.
-    expect(int(codes.get("UNAVAILABLE", 0)) <= 4,
+    expect(by_code.get("UNAVAILABLE", 0) <= 4,
            f"more requests failed than the crash cut off:\n{out}")
 finally:
     cluster.terminate()
     cluster.wait(timeout=30)
     cluster_log.close()
-# The services' stderr, into the test's log; a sanitizer build's report in it fails the test.
-services_err = open(cluster_log.name).read()
-print(services_err)
-expect("Sanitizer" not in services_err, "a service's stderr holds a sanitizer report")
-
-if failures:
-    print("FAILED:\n- " + "\n- ".join(failures))
-    sys.exit(1)
-print("load went on through a router restart")
+checks.services_clean(cluster_log.name)
+checks.finish("load went on through a router restart")
