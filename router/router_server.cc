@@ -129,6 +129,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::mutex models_mu;
   std::set<std::string> model_checked;
   std::map<std::string, std::string> incompatible;
+  // Why Reconcile could not follow the last change of the shards (logged once per reason).
+  std::string membership_wait;
   std::mutex placement_mu;                     // serialises placement changes
   uint64_t version = 0;
   // Written by Rebalance (a pool thread), read by the control loop.
@@ -1006,6 +1008,27 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return result;
   }
 
+  // The addresses of the shards of `shards` outside `usable` onto which placement `p` loads
+  // an expert that `live` (over `live_shards`) does not place there already: the load would
+  // fail there, and the switch with it (after taking a placement version).
+  static std::set<std::string> LoadsOntoDown(
+      const Placement& p, const std::vector<std::shared_ptr<ShardClient>>& shards,
+      const std::vector<bool>& usable, const Placement& live,
+      const std::vector<std::shared_ptr<ShardClient>>& live_shards) {
+    std::set<std::string> out;
+    for (int e = 0; e < static_cast<int>(p.replicas.size()); ++e) {
+      for (int r : p.replicas[e]) {
+        if (usable[r]) continue;
+        bool held = false;
+        for (int s : live.replicas[e]) {
+          held = held || live_shards[s]->address() == shards[r]->address();
+        }
+        if (!held) out.insert(shards[r]->address());
+      }
+    }
+    return out;
+  }
+
   // Reloads what a restarted shard lost, copies replicas left behind by training again, and
   // rebalances a dynamic placement past the threshold.
   void Reconcile() {
@@ -1021,11 +1044,32 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           same = (*members)[i]->address() == t->shards[i]->address();
         }
         if (!same) {
-          t.reset();
+          // A member that does not answer (it joined the coordinator but the router cannot
+          // reach it) would fail the switch at the load, every tick: dynamic keeps off it, and
+          // a placement that would load onto it waits (said once), the rest of the tick runs.
+          std::vector<bool> reachable;
+          for (const auto& c : *members) reachable.push_back(c->healthy() || c->answering());
           absl::StatusOr<Placement> p =
-              Propose(strategy.load(), static_cast<int>(members->size()));
-          if (p.ok()) Apply(*p, *members).IgnoreError();
-          return;
+              Propose(strategy.load(), static_cast<int>(members->size()), reachable);
+          std::set<std::string> onto_down;
+          if (p.ok()) onto_down = LoadsOntoDown(*p, *members, reachable, t->placement, t->shards);
+          if (p.ok() && onto_down.empty()) {
+            t.reset();
+            Apply(*p, *members).IgnoreError();
+            return;
+          }
+          const std::string why =
+              p.ok() ? absl::StrCat("it would load experts onto ", absl::StrJoin(onto_down, ", "),
+                                    ", which do not answer")
+                     : std::string(p.status().message());
+          if (why != membership_wait) {
+            membership_wait = why;
+            std::fprintf(stderr,
+                         "moe-router: the shards changed, but the placement waits: %s\n",
+                         why.c_str());
+          }
+        } else {
+          membership_wait.clear();
         }
       }
     }
@@ -1437,12 +1481,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         }
         // Nor one that loads experts onto a shard out of rotation (`replicated` with a shard
         // down): the load would fail there, and the switch with it.
-        std::set<std::string> onto_down;
-        for (int e = 0; e < static_cast<int>(p.replicas.size()); ++e) {
-          for (int r : p.replicas[e]) {
-            if (!usable[r] && !live.Holds(r, e)) onto_down.insert(current[r]->address());
-          }
-        }
+        const std::set<std::string> onto_down = LoadsOntoDown(p, current, usable, live, current);
         if (!onto_down.empty()) {
           return absl::FailedPreconditionError(absl::StrCat(
               StrategyName(s), " placement would load experts onto ",

@@ -947,6 +947,52 @@ TEST_F(ClusterTest, ExpertsOfAShardThatLeftForGoodAreReloadedAndTrainingGoesOn) 
   EXPECT_TRUE(trained.ok()) << trained.error_message();
 }
 
+// A member the router cannot reach (it registered with the coordinator and heartbeats, but its
+// address does not answer the router) would fail every switch at the load: before 2026-12-02
+// the router tried one each second, and each took a placement version. Now it waits, and the
+// next real change (a shard that joins) is the next version.
+TEST_F(ClusterTest, AMemberTheRouterCannotReachTakesNoPlacementVersion) {
+  MembershipCluster mc;
+  ASSERT_TRUE(mc.Start(*path_, 2, "replicated").ok());
+  auto stub = client::MakeRouterStub(mc.router_addr);
+  ASSERT_GE(WaitForShards(stub.get(), 2, 20), 0) << "the router did not pick up two shards";
+  auto version = [&]() -> uint64_t {
+    grpc::ClientContext ctx;
+    v1::Placement p;
+    return stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &p).ok() ? p.version() : 0;
+  };
+  const uint64_t before = version();
+  ASSERT_GT(before, 0u);
+  auto coordinator = v1::Coordinator::NewStub(
+      grpc::CreateChannel(mc.coordinator_addr, grpc::InsecureChannelCredentials()));
+  const std::string ghost = "127.0.0.1:1";  // nothing listens there
+  {
+    grpc::ClientContext ctx;
+    v1::RegisterRequest req;
+    req.set_address(ghost);
+    v1::RegisterResponse resp;
+    ASSERT_TRUE(coordinator->Register(&ctx, req, &resp).ok());
+  }
+  // Kept a member for 3.5 s (the router's control loop looks every second), then let go.
+  for (int i = 0; i < 14; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    grpc::ClientContext ctx;
+    v1::HeartbeatRequest req;
+    req.set_address(ghost);
+    v1::HeartbeatResponse resp;
+    ASSERT_TRUE(coordinator->Heartbeat(&ctx, req, &resp).ok());
+    ASSERT_TRUE(resp.known());
+  }
+  const std::vector<float> x = common::RandomMatrix(16, Config().d_model, 73);
+  v1::InferResponse resp;
+  ASSERT_TRUE(Infer(stub.get(), Request(x, 16, "ghost"), &resp).ok());
+  EXPECT_TRUE(Matches(x, 16, resp, *layer_));
+  EXPECT_EQ(version(), before);
+  ASSERT_TRUE(mc.AddShard(*path_).ok());
+  ASSERT_GE(WaitForShards(stub.get(), 3, 20), 0) << "the third shard was not picked up";
+  EXPECT_EQ(version(), before + 1) << "placement versions were spent on the unreachable member";
+}
+
 // A rank lost during a training step's reduction: killed mid all-reduce, stopped with SIGSTOP
 // mid all-reduce, or gone before the first message (MOE_FAILPOINT in one shard's environment
 // picks the moment, see shard_server.cc). The step fails with ABORTED long before its deadline,
