@@ -966,14 +966,16 @@ TEST_F(ClusterTest, AMemberTheRouterCannotReachTakesNoPlacementVersion) {
   auto coordinator = v1::Coordinator::NewStub(
       grpc::CreateChannel(mc.coordinator_addr, grpc::InsecureChannelCredentials()));
   const std::string ghost = "127.0.0.1:1";  // nothing listens there
-  {
+  auto join = [&] {
     grpc::ClientContext ctx;
     v1::RegisterRequest req;
     req.set_address(ghost);
     v1::RegisterResponse resp;
-    ASSERT_TRUE(coordinator->Register(&ctx, req, &resp).ok());
-  }
-  // Kept a member for 3.5 s (the router's control loop looks every second), then let go.
+    return coordinator->Register(&ctx, req, &resp).ok();
+  };
+  ASSERT_TRUE(join());
+  // Kept a member for 3.5 s (the router's control loop looks every second), then let go. A
+  // heartbeat late past the 1 s lease (a loaded or instrumented run) registers it again.
   for (int i = 0; i < 14; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(250));
     grpc::ClientContext ctx;
@@ -981,7 +983,9 @@ TEST_F(ClusterTest, AMemberTheRouterCannotReachTakesNoPlacementVersion) {
     req.set_address(ghost);
     v1::HeartbeatResponse resp;
     ASSERT_TRUE(coordinator->Heartbeat(&ctx, req, &resp).ok());
-    ASSERT_TRUE(resp.known());
+    if (!resp.known()) {
+      ASSERT_TRUE(join());
+    }
   }
   const std::vector<float> x = common::RandomMatrix(16, Config().d_model, 73);
   v1::InferResponse resp;
