@@ -1457,6 +1457,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       std::vector<bool> usable;
       Placement live;
       ASSIGN_OR_RETURN(Placement p, ProposeOverLiveTable(s, &current, &usable, &live));
+      // The live placement again (a rebalance to the current strategy with nothing changed,
+      // or one resent after a reconnect) is answered with it: a new version would move nothing.
+      const bool unchanged = p.strategy == live.strategy && p.replicas == live.replicas;
+      if (!req->dry_run() && unchanged) {
+        *out = ToProto(live, true);
+        return absl::OkStatus();
+      }
       if (!req->dry_run()) {
         // The static strategies place by formula, down shards included: refuse one that would
         // leave an expert with every replica out of rotation (its requests would all fail).

@@ -401,6 +401,14 @@ TEST_F(ClusterTest, RebalanceUnderLoadNeverFailsARequest) {
   ASSERT_TRUE(stub->GetPlacement(&ctx2, v1::GetPlacementRequest(), &p).ok());
   EXPECT_EQ(p.strategy(), "sharded");
   EXPECT_EQ(p.version(), last_version);
+  // A rebalance to the live strategy that moves nothing (or one resent after a reconnect) is
+  // answered with the live placement, without a new version.
+  grpc::ClientContext ctx3;
+  v1::RebalanceRequest same;
+  same.set_strategy("sharded");
+  ASSERT_TRUE(stub->Rebalance(&ctx3, same, &p).ok());
+  EXPECT_TRUE(p.applied());
+  EXPECT_EQ(p.version(), last_version);
   load.Stop();
   EXPECT_EQ(result.failed.load(), 0) << result.first_error;
   EXPECT_EQ(result.wrong.load(), 0);
