@@ -39,6 +39,7 @@
 #include "services/common/server_util.h"
 #include "services/common/random_checkpoint.h"
 #include "services/common/safetensors.h"
+#include "services/common/signals.h"
 #include "services/common/status_macros.h"
 
 namespace moe::client {
@@ -48,7 +49,7 @@ using common::Flags;
 
 constexpr char kUsage[] = R"(moe-client: talk to a moe-cluster, or run the MoE layer in process.
 
-usage: moe-client COMMAND [flags]
+usage: moe-client COMMAND [flags]    (moe-client --version: the version)
 
 every command also takes --tls-ca F [--tls-cert F --tls-key F] (TLS, mutual with a client
 certificate) and --auth-token-file F (sends "authorization: Bearer <token>").
@@ -134,16 +135,16 @@ absl::Status InitCheckpoint(const Flags& f) {
   ASSIGN_OR_RETURN(int64_t d_ff, RequiredInt(f, "d-ff"));
   ASSIGN_OR_RETURN(int64_t top_k, RequiredInt(f, "top-k"));
   ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 1));
-  if (experts < 1 || experts > 4096) return absl::InvalidArgumentError("--experts must be in [1, 4096]");
-  if (d_model < 1 || d_model > 65536) return absl::InvalidArgumentError("--d-model must be in [1, 65536]");
-  if (d_ff < 1 || d_ff > 262144) return absl::InvalidArgumentError("--d-ff must be in [1, 262144]");
+  if (experts < 1 || experts > 4096) return common::UsageError("--experts must be in [1, 4096]");
+  if (d_model < 1 || d_model > 65536) return common::UsageError("--d-model must be in [1, 65536]");
+  if (d_ff < 1 || d_ff > 262144) return common::UsageError("--d-ff must be in [1, 262144]");
   if (top_k < 1 || top_k > experts) {
-    return absl::InvalidArgumentError(absl::StrCat("--top-k must be in [1, ", experts, "]"));
+    return common::UsageError(absl::StrCat("--top-k must be in [1, ", experts, "]"));
   }
   ASSIGN_OR_RETURN(spec.config.activation, common::ParseActivation(f.Get("activation", "silu")));
   const std::string norm = f.Get("normalize-topk", "true");
   if (norm != "true" && norm != "false") {
-    return absl::InvalidArgumentError("--normalize-topk must be true or false");
+    return common::UsageError("--normalize-topk must be true or false");
   }
   {
     // The checkpoint is built in memory before it is written, and held about three times at
@@ -208,7 +209,7 @@ absl::Status MakeTokens(const Flags& f) {
   ASSIGN_OR_RETURN(int64_t d, RequiredInt(f, "d-model"));
   ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 7));
   if (n < 1 || d < 1 || n * d > (int64_t{1} << 30)) {
-    return absl::InvalidArgumentError("--tokens and --d-model must be positive (and not huge)");
+    return common::UsageError("--tokens and --d-model must be positive (and not huge)");
   }
   common::SafetensorsWriter w;
   RETURN_IF_ERROR(w.AddF32("tokens", {n, d}, common::RandomMatrix(n, d, seed)));
@@ -233,7 +234,7 @@ absl::StatusOr<common::Checkpoint> ReadCheckpoint(const std::string& path,
 // INVALID_ARGUMENT naming --NAME when it was given below `least`.
 absl::Status AtLeast(const Flags& f, const char* name, int64_t value, int64_t least) {
   if (!f.Has(name) || value >= least) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat("--", name, " must be >= ", least, ", got ", value));
+  return common::UsageError(absl::StrCat("--", name, " must be >= ", least, ", got ", value));
 }
 
 absl::StatusOr<std::unique_ptr<router::MoeLayer>> LoadLayer(const Flags& f) {
@@ -299,14 +300,14 @@ absl::Status RouterError(const grpc::Status& st, const std::string& addr) {
 
 absl::Status Forward(const Flags& f) {
   if (f.Has("local") == f.Has("router")) {
-    return absl::InvalidArgumentError("forward needs exactly one of --local or --router HOST:PORT");
+    return common::UsageError("forward needs exactly one of --local or --router HOST:PORT");
   }
   ASSIGN_OR_RETURN(std::string in_path, f.Require("input"));
   ASSIGN_OR_RETURN(std::string out_path, f.Require("output"));
   {
     std::error_code ec;
     if (in_path == out_path || std::filesystem::equivalent(in_path, out_path, ec)) {
-      return absl::InvalidArgumentError(absl::StrCat(
+      return common::UsageError(absl::StrCat(
           "--output ", out_path, " is the --input file: give another path (the tokens would be "
           "overwritten by the outputs)"));
     }
@@ -385,7 +386,7 @@ absl::Status DrainCmd(const Flags& f) {
   ASSIGN_OR_RETURN(std::string addr, f.Require("addr"));
   ASSIGN_OR_RETURN(int64_t timeout_ms, f.GetInt("timeout-ms", 10000));
   if (timeout_ms < 0 || timeout_ms > 60000) {
-    return absl::InvalidArgumentError("--timeout-ms must be in [0, 60000] (0: the shard's 10 s)");
+    return common::UsageError("--timeout-ms must be in [0, 60000] (0: the shard's 10 s)");
   }
   const int64_t waits_ms = timeout_ms == 0 ? 10000 : timeout_ms;
   auto stub = v1::ExpertShard::NewStub(
@@ -501,9 +502,9 @@ absl::Status Train(const Flags& f) {
   const bool synthetic = f.Has("synthetic");
   if (synthetic ? f.Has("tokens") || f.Has("grad-output")
                 : !(f.Has("tokens") && f.Has("grad-output"))) {
-    return absl::InvalidArgumentError("train needs --synthetic, or --tokens and --grad-output");
+    return common::UsageError("train needs --synthetic, or --tokens and --grad-output");
   }
-  if (lr < 0) return absl::InvalidArgumentError("--learning-rate must be >= 0");
+  if (lr < 0) return common::UsageError("--learning-rate must be >= 0");
   if (synthetic) {
     x = common::RandomMatrix(batch, d, seed);
     // A fixed random linear target T x, the layer regresses onto it.
@@ -637,19 +638,19 @@ absl::Status Load(const Flags& f) {
   RETURN_IF_ERROR(AtLeast(f, "batch-size", batch, 1));
   RETURN_IF_ERROR(AtLeast(f, "window", window, 1));
   RETURN_IF_ERROR(AtLeast(f, "requests", max_requests, 1));
-  if (duration <= 0) return absl::InvalidArgumentError("--duration must be > 0 seconds");
+  if (duration <= 0) return common::UsageError("--duration must be > 0 seconds");
   // --requests alone runs until they are answered; with --duration, whichever comes first.
   if (f.Has("requests") && !f.Has("duration")) duration = 1e7;
   if (zipf < 0) {
-    return absl::InvalidArgumentError(
+    return common::UsageError(
         "--zipf must be >= 0 (0: uniform; --hot-order changes which experts are popular)");
   }
   if (f.Has("hot-order") && zipf == 0) {
-    return absl::InvalidArgumentError(
+    return common::UsageError(
         "--hot-order orders the Zipf law's popularity: give --zipf S (and --checkpoint) with it");
   }
   if (hot_order < -1) {
-    return absl::InvalidArgumentError(absl::StrCat(
+    return common::UsageError(absl::StrCat(
         "--hot-order ", hot_order, ": use 0 (by id), K > 0 (a shuffle seeded by K) or -1 "
         "(reversed)"));
   }
@@ -660,7 +661,7 @@ absl::Status Load(const Flags& f) {
   const double request_bytes = 4.0 * static_cast<double>(batch) * d;
   const int max_message = common::RpcLimits().max_message_bytes;
   if (request_bytes > max_message - (1 << 20)) {
-    return absl::InvalidArgumentError(absl::StrFormat(
+    return common::UsageError(absl::StrFormat(
         "--batch-size %lld of d_model %d makes requests of %.0f MiB, more than one may carry "
         "(%d MiB); send fewer tokens per request (the router also caps them: "
         "--max-batch-tokens, 8192 by default)",
@@ -680,10 +681,10 @@ absl::Status Load(const Flags& f) {
     }
     gate = std::move(ck.gate);
   } else if (zipf > 0) {
-    return absl::InvalidArgumentError("--zipf needs --checkpoint (the gate decides the routing)");
+    return common::UsageError("--zipf needs --checkpoint (the gate decides the routing)");
   }
   if (f.Has("checkpoint") && zipf == 0) {
-    return absl::InvalidArgumentError(
+    return common::UsageError(
         "--checkpoint is read for --zipf S only (its gate routes the Zipf-drawn tokens): give "
         "--zipf, or leave --checkpoint out for uniform random tokens");
   }
@@ -970,7 +971,7 @@ absl::Status Load(const Flags& f) {
 absl::Status Demo(const Flags& f) {
   ASSIGN_OR_RETURN(int64_t batches, f.GetInt("batches", 20));
   ASSIGN_OR_RETURN(int64_t n, f.GetInt("batch-size", 256));
-  if (batches < 1 || n < 1) return absl::InvalidArgumentError("--batches and --batch-size must be >= 1");
+  if (batches < 1 || n < 1) return common::UsageError("--batches and --batch-size must be >= 1");
   ASSIGN_OR_RETURN(auto layer, LoadLayer(f));
   const common::ModelConfig& c = layer->config();
   std::printf("in-process MoE layer: %d experts, d_model %d, d_ff %d, top-%d, %s%s\n",
@@ -1023,7 +1024,7 @@ absl::Status CheckAddresses(const Flags& f) {
         port.size() > 5 ||
         !std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; }) ||
         (value = std::stoi(port)) < 1 || value > 65535) {
-      return absl::InvalidArgumentError(absl::StrCat(
+      return common::UsageError(absl::StrCat(
           "--", flag, " ", a, ": give HOST:PORT with a port in [1, 65535], an IPv6 host in "
           "brackets ([::1]:PORT) (moe-cluster prints ",
           std::string(flag) == "router" ? "the router's as READY router=HOST:PORT)"
@@ -1041,6 +1042,10 @@ int Main(int argc, char** argv) {
     return argc < 2 ? 2 : 0;
   }
   const std::string cmd = argv[1];
+  if (cmd == "--version" || cmd == "version") {
+    std::printf("moe-client %s\n", common::kVersion);
+    return 0;
+  }
   for (int i = 2; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--help" || arg == "-h") {
@@ -1110,8 +1115,11 @@ int Main(int argc, char** argv) {
   }
   if (st.ok()) st = it->second.run(*flags);
   if (!st.ok()) {
-    std::fprintf(stderr, "moe-client %s: %s\n", cmd.c_str(), std::string(st.message()).c_str());
-    return 1;
+    // A bad command line (as from Flags::Parse above) exits 2 and points to the command's help.
+    const bool usage_error = common::IsUsageError(st);
+    std::fprintf(stderr, "moe-client %s: %s%s\n", cmd.c_str(), std::string(st.message()).c_str(),
+                 usage_error ? absl::StrCat(" (run `moe-client help ", cmd, "`)").c_str() : "");
+    return usage_error ? 2 : 1;
   }
   return 0;
 }

@@ -84,19 +84,19 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(int64_t metrics_port, f.GetInt("metrics-port", -1));
   if (metrics_port == 0) {
     // Each service takes its own port from the block at N; there is no "pick a free one" here.
-    return absl::InvalidArgumentError(
+    return moe::common::UsageError(
         "--metrics-port 0 is not supported: the services' /metrics take a block of ports from N "
         "(router N, shard i N+1+i, coordinator N+1+shards); give a free N, such as 9400");
   }
   if (metrics_port < -1 || metrics_port > 65535 - 2 - num_shards) {
-    return absl::InvalidArgumentError(absl::StrCat(
+    return moe::common::UsageError(absl::StrCat(
         "--metrics-port must leave room for ", num_shards + 2,
         " ports below 65536 (router, shards, coordinator), got ", metrics_port));
   }
-  if (num_shards < 1 || num_shards > 64) return absl::InvalidArgumentError("--shards must be in [1, 64]");
+  if (num_shards < 1 || num_shards > 64) return moe::common::UsageError("--shards must be in [1, 64]");
   // Checked here, not by the services: a mistake is told before a single process starts.
   if (shard_threads < 1 || shard_threads > 256) {
-    return absl::InvalidArgumentError(
+    return moe::common::UsageError(
         absl::StrCat("--shard-threads must be in [1, 256], got ", shard_threads));
   }
   RETURN_IF_ERROR(moe::router::ParseRouterChoices(f).status());  // the router's own check
@@ -136,7 +136,7 @@ absl::Status Run(int argc, char** argv) {
   moe::client::CpuLimits cpu_limits;  // outlives the cluster: its cgroups go once it stopped
   if (f.Has("shard-cpus")) {
     if (f.Has("pin-shards")) {
-      return absl::InvalidArgumentError("--shard-cpus and --pin-shards exclude each other");
+      return moe::common::UsageError("--shard-cpus and --pin-shards exclude each other");
     }
     ASSIGN_OR_RETURN(double cpus, f.GetDouble("shard-cpus", 1));
     ASSIGN_OR_RETURN(cpu_limits, moe::client::CpuLimits::Create(o.shards, cpus));

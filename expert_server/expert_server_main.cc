@@ -75,10 +75,11 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(o.pool.max_queue_rows, f.GetInt("max-queue-rows", 65536));
   ASSIGN_OR_RETURN(o.max_batch_rows, f.GetInt("max-batch-rows", 8192));
   ASSIGN_OR_RETURN(int64_t mb, f.GetInt("max-message-mb", 64));
-  if (threads < 1 || threads > 256) return absl::InvalidArgumentError("--threads must be in [1, 256]");
+  if (threads < 1 || threads > 256) return moe::common::UsageError("--threads must be in [1, 256]");
   if (o.pool.max_coalesced_rows < 1 || o.pool.max_queue_rows < 1 || o.max_batch_rows < 1 ||
       delay_us < 0 || mb < 1 || mb > 2000) {
-    return absl::InvalidArgumentError("row limits, --batch-delay-us and --max-message-mb must be positive");
+    return moe::common::UsageError(
+        "row limits, --batch-delay-us and --max-message-mb must be positive");
   }
   o.pool.threads = static_cast<int>(threads);
   o.pool.batch_delay = absl::Microseconds(delay_us);

@@ -16,6 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "expert_server/state_dir.h"
+#include "services/common/flags.h"
 #include "services/common/failpoint.h"
 #include "services/common/notification.h"
 #include "moe/v1/coordinator.grpc.pb.h"
@@ -1144,7 +1145,7 @@ absl::StatusOr<std::unique_ptr<ShardServer>> ShardServer::Start(ShardServerOptio
   auto impl = std::make_unique<Impl>();
   impl->options = std::move(options);
   const ShardServerOptions& o = impl->options;
-  if (o.checkpoint.empty()) return absl::InvalidArgumentError("--checkpoint is required");
+  if (o.checkpoint.empty()) return common::UsageError("--checkpoint is required");
   ASSIGN_OR_RETURN(impl->checkpoint, common::SafetensorsReader::Open(o.checkpoint));
   ASSIGN_OR_RETURN(impl->config, common::ReadModelConfig(*impl->checkpoint, o.load));
   impl->registry = o.registry ? o.registry : std::make_shared<prometheus::Registry>();

@@ -8,6 +8,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "services/common/flags.h"
 #include "services/common/safetensors.h"
 #include "services/common/status_macros.h"
 
@@ -24,7 +25,7 @@ absl::StatusOr<std::unique_ptr<StateDir>> StateDir::Open(std::string dir,
                                                          common::ModelConfig config,
                                                          CheckpointReader checkpoint,
                                                          OnWritten on_written) {
-  if (dir.empty()) return absl::InvalidArgumentError("--state-dir: empty path");
+  if (dir.empty()) return common::UsageError("--state-dir: empty path");
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec || !std::filesystem::is_directory(dir, ec)) {

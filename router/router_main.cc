@@ -112,7 +112,7 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(double grace, f.GetDouble("shutdown-grace-s", 0.5));
   if (threads < 1 || slots < 0 || o.max_batch_tokens < 1 || o.min_split_rows < 1 || timeout <= 0 ||
       cooldown < 0 || o.max_inflight_requests < 1 || grace < 0) {
-    return absl::InvalidArgumentError(
+    return moe::common::UsageError(
         "--threads, --max-batch-tokens, --max-inflight-requests, --min-split-rows and "
         "--timeout-s must be positive, --dynamic-slots, --rebalance-cooldown-s and "
         "--shutdown-grace-s not negative");

@@ -20,6 +20,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "services/common/flags.h"
 #include "services/common/notification.h"
 #include "moe/v1/router.grpc.pb.h"
 #include "router/dispatcher.h"
@@ -1691,12 +1692,12 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   auto impl = std::make_unique<Impl>();
   impl->options = std::move(options);
   RouterServerOptions& o = impl->options;
-  if (o.checkpoint.empty()) return absl::InvalidArgumentError("--checkpoint is required");
+  if (o.checkpoint.empty()) return common::UsageError("--checkpoint is required");
   if (o.shards.empty() && o.coordinator.empty()) {
     return absl::InvalidArgumentError(
         "give --shards HOST:PORT,... or --coordinator HOST:PORT to follow its membership");
   }
-  if (o.capacity_factor < 0) return absl::InvalidArgumentError("--capacity-factor must be >= 0");
+  if (o.capacity_factor < 0) return common::UsageError("--capacity-factor must be >= 0");
   common::LoadOptions lo = o.load;
   lo.experts = std::vector<int>{};  // the router needs the gate only
   ASSIGN_OR_RETURN(common::Checkpoint ck, common::LoadCheckpoint(o.checkpoint, lo));

@@ -78,7 +78,7 @@ absl::Status Run(int argc, char** argv) {
   moe::collective::AllReduceOptions opts;
   if (f.Get("wire", "fp32") == "bf16") opts.wire = moe::collective::WireFormat::kBFloat16;
   const std::string op = f.Get("op", "sum");
-  if (op != "sum" && op != "avg") return absl::InvalidArgumentError("--op must be sum or avg");
+  if (op != "sum" && op != "avg") return moe::common::UsageError("--op must be sum or avg");
   if (op == "avg") opts.op = moe::collective::ReduceOp::kAvg;
   ASSIGN_OR_RETURN(opts.max_piece_bytes, f.GetInt("piece-bytes", opts.max_piece_bytes));
 

@@ -5,6 +5,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "services/common/status_macros.h"
@@ -62,8 +63,28 @@ absl::StatusOr<ModelConfig> ReadModelConfig(const SafetensorsReader& reader,
   const std::string gate_name = p + "gate.weight";
   const StTensor* gate = reader.Find(gate_name);
   if (gate == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        origin, ": tensor '", gate_name, "' is missing (wrong --tensor-prefix?)"));
+    // Whether the file holds a gate under another prefix (then say which), or none at all (then
+    // it is not an MoE checkpoint: a tokens file, another model's weights).
+    std::vector<std::string> prefixes, names;
+    for (const StTensor& t : reader.tensors()) {
+      if (names.size() < 4) names.push_back(t.name);
+      if (absl::EndsWith(t.name, "gate.weight")) {
+        prefixes.push_back(t.name.substr(0, t.name.size() - std::string("gate.weight").size()));
+      }
+    }
+    std::string hint;
+    if (!prefixes.empty()) {
+      hint = absl::StrCat("; it has '", prefixes[0], "gate.weight': give --tensor-prefix '",
+                          prefixes[0], "'", prefixes.size() > 1 ? " (or another layer's)" : "");
+    } else {
+      hint = absl::StrCat("; it holds no gate under any prefix, so it is not an MoE checkpoint (",
+                          reader.tensors().size(),
+                          reader.tensors().size() == 1 ? " tensor" : " tensors",
+                          names.empty() ? "" : absl::StrCat(": ", absl::StrJoin(names, ", ")),
+                          reader.tensors().size() > names.size() ? ", ..." : "", ")");
+    }
+    return absl::InvalidArgumentError(
+        absl::StrCat(origin, ": tensor '", gate_name, "' is missing", hint));
   }
   if (gate->shape.size() != 2 || gate->shape[0] <= 0 || gate->shape[1] <= 0) {
     return absl::InvalidArgumentError(absl::StrCat(origin, ": tensor '", gate_name,

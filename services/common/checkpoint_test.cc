@@ -59,7 +59,24 @@ TEST(Checkpoint, NonGatedWithoutBiasAndPrefix) {
   ASSERT_TRUE(SaveCheckpoint(path, ck, prefix).ok());
   auto no_prefix = LoadCheckpoint(path, {});
   EXPECT_EQ(no_prefix.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(no_prefix.status().message().find("'gate.weight' is missing"), std::string::npos);
+  // The error gives the prefix the file's gate is under.
+  EXPECT_NE(no_prefix.status().message().find(
+                "'gate.weight' is missing; it has 'model.layers.0.block_sparse_moe.gate.weight': "
+                "give --tensor-prefix 'model.layers.0.block_sparse_moe.'"),
+            std::string::npos)
+      << no_prefix.status();
+  // A file with no gate under any prefix (a tokens file given as the checkpoint) is told so.
+  const std::string tokens = TempPath("ck_tokens.safetensors");
+  SafetensorsWriter w;
+  ASSERT_TRUE(w.AddF32("tokens", {2, 3}, std::vector<float>(6)).ok());
+  ASSERT_TRUE(w.Write(tokens).ok());
+  auto not_moe = LoadCheckpoint(tokens, {});
+  EXPECT_EQ(not_moe.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(not_moe.status().message().find("'gate.weight' is missing; it holds no gate under "
+                                            "any prefix, so it is not an MoE checkpoint (1 "
+                                            "tensor: tokens)"),
+            std::string::npos)
+      << not_moe.status();
   LoadOptions opts;
   opts.tensor_prefix = prefix;
   auto loaded = LoadCheckpoint(path, opts);

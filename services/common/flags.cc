@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "absl/status/status.h"
+#include "absl/strings/cord.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -11,13 +12,28 @@
 
 namespace moe::common {
 
+namespace {
+constexpr char kUsagePayload[] = "moe.dev/usage";
+}  // namespace
+
+absl::Status UsageError(absl::string_view message) {
+  absl::Status st = absl::InvalidArgumentError(message);
+  st.SetPayload(kUsagePayload, absl::Cord("1"));
+  return st;
+}
+
+bool IsUsageError(const absl::Status& status) {
+  return status.code() == absl::StatusCode::kInvalidArgument &&
+         status.GetPayload(kUsagePayload).has_value();
+}
+
 absl::StatusOr<Flags> Flags::Parse(int argc, char** argv, int first,
                                    const std::map<std::string, bool>& known) {
   Flags flags;
   for (int i = first; i < argc; ++i) {
     std::string arg = argv[i];
     if (arg.rfind("--", 0) != 0) {
-      return absl::InvalidArgumentError(absl::StrCat("unexpected argument '", arg, "'"));
+      return UsageError(absl::StrCat("unexpected argument '", arg, "'"));
     }
     std::string name = arg.substr(2), value;
     bool has_value = false;
@@ -28,11 +44,11 @@ absl::StatusOr<Flags> Flags::Parse(int argc, char** argv, int first,
     }
     auto it = known.find(name);
     if (it == known.end()) {
-      return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name));
+      return UsageError(absl::StrCat("unknown flag --", name));
     }
     if (it->second && !has_value) {
       if (i + 1 >= argc) {
-        return absl::InvalidArgumentError(absl::StrCat("flag --", name, " needs a value"));
+        return UsageError(absl::StrCat("flag --", name, " needs a value"));
       }
       value = argv[++i];
     } else if (!it->second && !has_value) {
@@ -52,7 +68,7 @@ absl::StatusOr<int64_t> Flags::GetInt(const std::string& name, int64_t def) cons
   if (!Has(name)) return def;
   int64_t v;
   if (!absl::SimpleAtoi(Get(name), &v)) {
-    return absl::InvalidArgumentError(
+    return UsageError(
         absl::StrCat("--", name, " must be an integer, got '", Get(name), "'"));
   }
   return v;
@@ -62,7 +78,7 @@ absl::StatusOr<double> Flags::GetDouble(const std::string& name, double def) con
   if (!Has(name)) return def;
   double v;
   if (!absl::SimpleAtod(Get(name), &v) || !std::isfinite(v)) {
-    return absl::InvalidArgumentError(
+    return UsageError(
         absl::StrCat("--", name, " must be a finite number, got '", Get(name), "'"));
   }
   return v;
@@ -71,14 +87,14 @@ absl::StatusOr<double> Flags::GetDouble(const std::string& name, double def) con
 absl::StatusOr<int64_t> Flags::GetPort(const std::string& name, int64_t def) const {
   absl::StatusOr<int64_t> v = GetInt(name, def);
   if (v.ok() && (*v < 0 || *v > 65535)) {
-    return absl::InvalidArgumentError(
+    return UsageError(
         absl::StrCat("--", name, " must be a port in [0, 65535] (0 picks a free one), got ", *v));
   }
   return v;
 }
 
 absl::StatusOr<std::string> Flags::Require(const std::string& name) const {
-  if (!Has(name)) return absl::InvalidArgumentError(absl::StrCat("--", name, " is required"));
+  if (!Has(name)) return UsageError(absl::StrCat("--", name, " is required"));
   return Get(name);
 }
 
@@ -87,7 +103,7 @@ absl::StatusOr<std::string> Flags::GetChoice(const std::string& name,
                                              const std::string& def) const {
   const std::string v = Get(name, def);
   if (std::find(allowed.begin(), allowed.end(), v) == allowed.end()) {
-    return absl::InvalidArgumentError(
+    return UsageError(
         absl::StrCat("--", name, " ", v, ": use one of ", absl::StrJoin(allowed, ", ")));
   }
   return v;
@@ -114,7 +130,7 @@ absl::StatusOr<std::vector<int>> Flags::GetIntList(const std::string& name) cons
   for (absl::string_view part : absl::StrSplit(v, ',')) {
     int x;
     if (!absl::SimpleAtoi(part, &x)) {
-      return absl::InvalidArgumentError(
+      return UsageError(
           absl::StrCat("--", name, " must be a comma-separated list of integers, got '", v, "'"));
     }
     out.push_back(x);

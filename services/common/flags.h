@@ -8,9 +8,17 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace moe::common {
+
+// An error in the command line itself (an unknown flag, a missing or malformed value, flags that
+// exclude each other): INVALID_ARGUMENT, marked so that a main can tell it from an error about
+// the data or the cluster, point to --help and exit 2 (RunMain; moe-client).
+absl::Status UsageError(absl::string_view message);
+bool IsUsageError(const absl::Status& status);
 
 class Flags {
  public:

@@ -43,7 +43,21 @@ TEST(Flags, RefusesWhatItDoesNotKnow) {
     ASSERT_FALSE(f.ok()) << c.message;
     EXPECT_EQ(f.status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_EQ(f.status().message(), c.message);
+    EXPECT_TRUE(IsUsageError(f.status())) << "a main would not point to --help";
   }
+}
+
+// Usage errors (the command line) are told apart from other INVALID_ARGUMENTs (the data), for
+// which a main neither points to --help nor exits 2.
+TEST(Flags, UsageErrorsAreMarked) {
+  auto f = ParseArgs({"--n", "x"});
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_TRUE(IsUsageError(f->GetInt("n", 0).status()));
+  EXPECT_TRUE(IsUsageError(f->Require("mode").status()));
+  EXPECT_TRUE(IsUsageError(UsageError("--a and --b exclude each other")));
+  EXPECT_EQ(UsageError("m").code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_FALSE(IsUsageError(absl::InvalidArgumentError("tokens[0, 0] is NaN")));
+  EXPECT_FALSE(IsUsageError(absl::OkStatus()));
 }
 
 TEST(Flags, TypedGettersNameTheFlagAndTheValue) {

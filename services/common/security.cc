@@ -1,3 +1,4 @@
+#include "services/common/flags.h"
 #include "services/common/security.h"
 
 #include <fstream>
@@ -70,9 +71,9 @@ absl::Status ConfigureTls(const TlsOptions& o) {
   std::lock_guard<std::mutex> lock(s.mu);
   s.enabled = false;
   if (o.cert_file.empty() && o.key_file.empty() && o.ca_file.empty()) return absl::OkStatus();
-  if (o.ca_file.empty()) return absl::InvalidArgumentError("--tls-ca is required for TLS");
+  if (o.ca_file.empty()) return UsageError("--tls-ca is required for TLS");
   if (o.cert_file.empty() != o.key_file.empty()) {
-    return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
+    return UsageError("--tls-cert and --tls-key go together");
   }
   ASSIGN_OR_RETURN(s.ca, ReadFile(o.ca_file, "--tls-ca"));
   if (!o.cert_file.empty()) {
@@ -128,7 +129,7 @@ absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
   ASSIGN_OR_RETURN(std::string text, ReadFile(path, "--auth-token-file"));
   std::string token(absl::StripAsciiWhitespace(text));
   if (token.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat("--auth-token-file ", path, " is empty"));
+    return UsageError(absl::StrCat("--auth-token-file ", path, " is empty"));
   }
   return token;
 }

@@ -9,8 +9,11 @@
 #include <unistd.h>
 
 #include "absl/synchronization/mutex.h"
+#include "services/common/flags.h"
 
 namespace moe::common {
+
+const char kVersion[] = MOE_VERSION;
 
 void TuneServiceProcess() {
   mallopt(M_MMAP_THRESHOLD, 256 << 20);
@@ -75,12 +78,17 @@ int RunMain(int argc, char** argv, const char* name, const char* usage,
     std::fputs(usage, stdout);
     return 0;
   }
+  if (argc > 1 && std::string(argv[1]) == "--version") {
+    std::printf("%s %s\n", name, kVersion);
+    return 0;
+  }
   const absl::Status st = run(argc, argv);
   if (!st.ok()) {
-    // Only a bad command line is helped by the usage text.
+    // Only a bad command line is helped by the usage text; it exits 2, as getopt's users do.
+    const bool usage_error = IsUsageError(st);
     std::fprintf(stderr, "%s: %s%s\n", name, std::string(st.message()).c_str(),
-                 st.code() == absl::StatusCode::kInvalidArgument ? " (see --help)" : "");
-    return 1;
+                 usage_error ? " (see --help)" : "");
+    return usage_error ? 2 : 1;
   }
   return 0;
 }

@@ -35,8 +35,12 @@ void WakeSignalWaiter();
 void ServeUntilSignal(const char* name, const std::function<void()>& shutdown,
                       const std::function<void()>& wait);
 
-// A binary's main: --help/-h prints `usage`; an error from `run` prints
-// "NAME: message (see --help)" and exits 1.
+// This build's version (the project's, from CMake), printed by --version.
+extern const char kVersion[];
+
+// A binary's main: --help/-h prints `usage`, --version "NAME VERSION"; an error from `run`
+// prints "NAME: message" and exits 1, or, for a UsageError, "NAME: message (see --help)" and
+// exits 2.
 int RunMain(int argc, char** argv, const char* name, const char* usage,
             absl::Status (*run)(int, char**));
 

@@ -37,7 +37,7 @@ absl::Status Run(int argc, char** argv) {
   RETURN_IF_ERROR(f.ListenAddresses(50041, &o.address, &o.metrics_address));
   const std::string host = f.Get("host", "0.0.0.0");
   ASSIGN_OR_RETURN(int64_t lease, f.GetInt("lease-ms", 3000));
-  if (lease < 100) return absl::InvalidArgumentError("--lease-ms must be at least 100");
+  if (lease < 100) return moe::common::UsageError("--lease-ms must be at least 100");
   o.lease = absl::Milliseconds(lease);
   RETURN_IF_ERROR(moe::common::ConfigureTlsFromFlags(f));
   moe::common::TuneServiceProcess();

@@ -134,12 +134,14 @@ try:
     moved = [n for n in before if not np.array_equal(before[n], after[n])]
     expect(len(moved) > 0, "no weight moved after 5 steps")
 
-    # A user's mistakes: each gets an error that says what went wrong, and a non-zero exit.
-    def fails(*args, says):
+    # A user's mistakes: each gets an error that says what went wrong, and exit 2 for a bad
+    # command line (pointing to the command's help) or 1 for anything else (no help hint).
+    def fails(*args, says, code=1):
         p = subprocess.run([client, *args], capture_output=True, text=True, timeout=120)
-        expect(p.returncode != 0 and says in p.stderr,
+        hinted = "(run `moe-client help" in p.stderr
+        expect(p.returncode == code and says in p.stderr and hinted == (code == 2),
                f"moe-client {' '.join(args)}: exit {p.returncode}, stderr {p.stderr.strip()!r}; "
-               f"expected an error saying {says!r}")
+               f"expected exit {code} and an error saying {says!r}")
 
     shard = re.search(r"^\d+\s+(127\.0\.0\.1:\d+)\s+up\s", info, re.M).group(1)
     fails("info", "--router", shard, says="does not serve this call")
@@ -150,17 +152,18 @@ try:
     st.save(path("nan.safetensors"), {"tokens": np.full((2, D), np.nan, np.float32)})
     fails("forward", "--input", path("nan.safetensors"), "--output", path("nan-out.safetensors"),
           "--local", "--checkpoint", path("ck.safetensors"), says="tokens[0, 0] is NaN")
-    fails("load", "--router", router, "--zipf", "nan", says="--zipf must be a finite number")
-    fails("load", "--router", router, "--requests", "0", says="--requests must be >= 1")
-    fails("info", "--router", "127.0.0.1", says="give HOST:PORT with a port in [1, 65535]")
-    fails("info", "--router", "127.0.0.1:99999", says="give HOST:PORT with a port in [1, 65535]")
-    fails("load", "--router", router, "--hot-order", "3", says="give --zipf S")
-    fails("load", "--router", router, "--batch-size", "1000000", says="more than one may carry")
+    fails("load", "--router", router, "--zipf", "nan", says="--zipf must be a finite number", code=2)
+    fails("load", "--router", router, "--requests", "0", says="--requests must be >= 1", code=2)
+    fails("info", "--router", "127.0.0.1", says="give HOST:PORT with a port in [1, 65535]", code=2)
+    fails("info", "--router", "127.0.0.1:99999", says="give HOST:PORT with a port in [1, 65535]",
+          code=2)
+    fails("load", "--router", router, "--hot-order", "3", says="give --zipf S", code=2)
+    fails("load", "--router", router, "--batch-size", "1000000", says="more than one may carry", code=2)
     # Every request refused (too many tokens for the router): the table, then exit 1.
     fails("load", "--router", router, "--batch-size", "9000", "--requests", "2",
           says="all 2 requests failed")
     fails("train", "--router", router, "--tokens", path("in.safetensors"),
-          says="train needs --synthetic, or --tokens and --grad-output")
+          says="train needs --synthetic, or --tokens and --grad-output", code=2)
     fails("init-checkpoint", "--out", work, "--experts", "2", "--d-model", "4", "--d-ff", "4",
           "--top-k", "1", says="cannot rename into place")
     left = [n for n in os.listdir(os.path.dirname(os.path.abspath(work)))
@@ -172,7 +175,7 @@ try:
     port = subprocess.run([os.path.join(bin_dir, "moe-cluster"), "--checkpoint",
                            path("ck.safetensors"), "--router-port", "70000"],
                           capture_output=True, text=True, timeout=60)
-    expect(port.returncode != 0 and "--router-port must be a port in [0, 65535]" in port.stderr,
+    expect(port.returncode == 2 and "--router-port must be a port in [0, 65535]" in port.stderr,
            f"moe-cluster --router-port 70000: exit {port.returncode}: {port.stderr.strip()}")
     # moe-cluster's mistakes are told before any service starts.
     for args, says in [(["--metrics-port", "0"], "--metrics-port 0 is not supported"),
@@ -181,8 +184,29 @@ try:
         bad = subprocess.run([os.path.join(bin_dir, "moe-cluster"), "--checkpoint",
                               path("ck.safetensors"), *args],
                              capture_output=True, text=True, timeout=60)
-        expect(bad.returncode != 0 and says in bad.stderr and "starting" not in bad.stderr,
+        expect(bad.returncode == 2 and says in bad.stderr and "starting" not in bad.stderr and
+               "(see --help)" in bad.stderr,
                f"moe-cluster {' '.join(args)}: exit {bad.returncode}: {bad.stderr.strip()}")
+    # Every binary says its version; a service given an unknown flag exits 2, pointing to
+    # --help, and one given a file that is not a checkpoint exits 1, without that hint.
+    for binary in ["moe-client", "moe-cluster", "moe-router", "moe-expert-server",
+                   "moe-coordinator"]:
+        v = subprocess.run([os.path.join(bin_dir, binary), "--version"], capture_output=True,
+                           text=True, timeout=60)
+        expect(v.returncode == 0 and re.fullmatch(rf"{binary} \d+\.\d+\.\d+\n", v.stdout),
+               f"{binary} --version: exit {v.returncode}: {v.stdout!r} {v.stderr.strip()}")
+    for binary in ["moe-router", "moe-expert-server", "moe-coordinator"]:
+        u = subprocess.run([os.path.join(bin_dir, binary), "--bogus"], capture_output=True,
+                           text=True, timeout=60)
+        expect(u.returncode == 2 and u.stderr == f"{binary}: unknown flag --bogus (see --help)\n",
+               f"{binary} --bogus: exit {u.returncode}: {u.stderr.strip()}")
+    not_ck = subprocess.run([os.path.join(bin_dir, "moe-expert-server"), "--checkpoint",
+                             path("in.safetensors"), "--port", "0"], capture_output=True,
+                            text=True, timeout=60)
+    expect(not_ck.returncode == 1 and "it holds no gate under any prefix" in not_ck.stderr and
+           "--help" not in not_ck.stderr,
+           f"moe-expert-server given a tokens file: exit {not_ck.returncode}: "
+           f"{not_ck.stderr.strip()}")
     # A port another process holds: one line that says so, not gRPC's log.
     router_port = router.rsplit(":", 1)[1]
     for binary, args in [("moe-router", ["--checkpoint", path("ck.safetensors"), "--shards",
