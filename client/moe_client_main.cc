@@ -60,8 +60,9 @@ commands:
                   [--normalize-topk true|false] [--bf16]
       write a seeded random checkpoint (safetensors, Mixtral tensor names; seed 1 unless
       given)
-  make-tokens --out PATH --tokens N --d-model D [--seed S]
-      write a random tokens [N, D] file for `forward` (seed 7 unless given)
+  make-tokens --out PATH --tokens N --d-model D [--seed S] [--name tokens|grad_output]
+      write a random [N, D] file for `forward` (seed 7 unless given); --name grad_output
+      writes one for `train --grad-output` (give it another seed than the tokens')
   forward --input IN.safetensors --output OUT.safetensors
           (--router HOST:PORT [--bf16] | --local --checkpoint PATH [--tensor-prefix P]
            [--capacity-factor C])
@@ -208,14 +209,15 @@ absl::Status MakeTokens(const Flags& f) {
   ASSIGN_OR_RETURN(int64_t n, RequiredInt(f, "tokens"));
   ASSIGN_OR_RETURN(int64_t d, RequiredInt(f, "d-model"));
   ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 7));
+  ASSIGN_OR_RETURN(std::string name, f.GetChoice("name", {"tokens", "grad_output"}, "tokens"));
   if (n < 1 || d < 1 || n * d > (int64_t{1} << 30)) {
     return common::UsageError("--tokens and --d-model must be positive (and not huge)");
   }
   common::SafetensorsWriter w;
-  RETURN_IF_ERROR(w.AddF32("tokens", {n, d}, common::RandomMatrix(n, d, seed)));
+  RETURN_IF_ERROR(w.AddF32(name, {n, d}, common::RandomMatrix(n, d, seed)));
   RETURN_IF_ERROR(w.Write(out));
-  std::printf("wrote %s: tokens [%lld, %lld]\n", out.c_str(), static_cast<long long>(n),
-              static_cast<long long>(d));
+  std::printf("wrote %s: %s [%lld, %lld]\n", out.c_str(), name.c_str(),
+              static_cast<long long>(n), static_cast<long long>(d));
   return absl::OkStatus();
 }
 
@@ -519,7 +521,14 @@ absl::Status Train(const Flags& f) {
     }
   } else {
     ASSIGN_OR_RETURN(auto tok, ReadTokens(f.Get("tokens")));
-    ASSIGN_OR_RETURN(auto reader, common::SafetensorsReader::Open(f.Get("grad-output")));
+    constexpr char kMaker[] = "moe-client make-tokens --name grad_output";
+    ASSIGN_OR_RETURN(auto reader, HintIfMissing(common::SafetensorsReader::Open(f.Get("grad-output")),
+                                                kMaker));
+    if (reader->Find("grad_output") == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          f.Get("grad-output"), ": needs a tensor 'grad_output' [N, d_model] (make one with ",
+          kMaker, ")"));
+    }
     ASSIGN_OR_RETURN(dy_fixed, reader->ReadFloat("grad_output"));
     x = std::move(tok.first);
     if (tok.second != d || dy_fixed.size() != x.size()) {
@@ -1064,7 +1073,9 @@ int Main(int argc, char** argv) {
          {"activation", true}, {"gated", false}, {"bias", false}, {"seed", true},
          {"normalize-topk", true}, {"bf16", false}},
         InitCheckpoint}},
-      {"make-tokens", {{{"out", true}, {"tokens", true}, {"d-model", true}, {"seed", true}}, MakeTokens}},
+      {"make-tokens",
+       {{{"out", true}, {"tokens", true}, {"d-model", true}, {"seed", true}, {"name", true}},
+        MakeTokens}},
       {"forward",
        {{{"checkpoint", true}, {"input", true}, {"output", true}, {"local", false},
          {"router", true}, {"bf16", false}, {"tensor-prefix", true}, {"capacity-factor", true}},

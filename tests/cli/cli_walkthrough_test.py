@@ -120,6 +120,13 @@ try:
                   "--tokens", path("in.safetensors"), "--grad-output", path("grad.safetensors"))
     expect(len(re.findall(r"^\d+\s+-\s+[\d.]+\s+[\d.]+$", trained, re.M)) == 2,
            f"train from files should print 2 steps:\n{trained}")
+    # The same with a grad_output file that moe-client makes.
+    run("make-tokens", "--out", path("grad2.safetensors"), "--tokens", "20", "--d-model", str(D),
+        "--seed", "8", "--name", "grad_output")
+    trained = run("train", "--router", router, "--steps", "1", "--learning-rate", "0.05",
+                  "--tokens", path("in.safetensors"), "--grad-output", path("grad2.safetensors"))
+    expect(len(re.findall(r"^\d+\s+-\s+[\d.]+\s+[\d.]+$", trained, re.M)) == 1,
+           f"train from a made grad_output file should print 1 step:\n{trained}")
     synthetic = run("train", "--router", router, "--steps", "3", "--synthetic",
                     "--batch-size", "16")
     losses = [float(m) for m in re.findall(r"^\d+\s+([\d.]+)\s+[\d.]+\s+[\d.]+$", synthetic,
@@ -127,7 +134,7 @@ try:
     expect(len(losses) == 3, f"synthetic train should print 3 losses:\n{synthetic}")
 
     saved = run("save-checkpoint", "--router", router, "--path", path("trained.safetensors"))
-    expect("after step 5; replicas identical: yes" in saved, f"save-checkpoint: {saved}")
+    expect("after step 6; replicas identical: yes" in saved, f"save-checkpoint: {saved}")
     before, _ = st.load(path("ck.safetensors"))
     after, _ = st.load(path("trained.safetensors"))
     expect(set(before) == set(after), "the saved checkpoint has other tensors")
@@ -164,6 +171,10 @@ try:
           says="all 2 requests failed")
     fails("train", "--router", router, "--tokens", path("in.safetensors"),
           says="train needs --synthetic, or --tokens and --grad-output", code=2)
+    fails("train", "--router", router, "--tokens", path("in.safetensors"), "--grad-output",
+          path("in.safetensors"),
+          says="needs a tensor 'grad_output' [N, d_model] (make one with moe-client make-tokens "
+               "--name grad_output)")
     fails("init-checkpoint", "--out", work, "--experts", "2", "--d-model", "4", "--d-ff", "4",
           "--top-k", "1", says="cannot rename into place")
     left = [n for n in os.listdir(os.path.dirname(os.path.abspath(work)))
