@@ -132,6 +132,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::map<std::string, std::string> incompatible;
   // Why Reconcile could not follow the last change of the shards (logged once per reason).
   std::string membership_wait;
+  // Experts that lost their training while this router ran (SaveCheckpoint names them).
+  std::mutex lost_mu;
+  std::set<int> lost_training;
   std::mutex placement_mu;                     // serialises placement changes
   uint64_t version = 0;
   // Written by Rebalance (a pool thread), read by the control loop.
@@ -774,6 +777,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                          "moe-router: expert %d lost its training: every shard that held it has "
                          "left; it is loaded from the checkpoint and trains from there\n", e);
             metrics->ExpertLostTraining();
+            NoteLostTraining(e);
           }
         }
         to_load[s][source].push_back(e);
@@ -969,6 +973,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                      e, at[latest][e] == 0 ? "the checkpoint's weights"
                                            : "the weights of an earlier training step");
         metrics->ExpertLostTraining();
+        NoteLostTraining(e);
         reached = at[latest][e];  // reported once: this is where the expert stands now
       } else {
         reached = std::max(reached, at[latest][e]);
@@ -1028,6 +1033,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
     }
     return out;
+  }
+
+  void NoteLostTraining(int expert) {
+    std::lock_guard<std::mutex> lock(lost_mu);
+    lost_training.insert(expert);
   }
 
   // Reloads what a restarted shard lost, copies replicas left behind by training again, and
@@ -1366,6 +1376,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     resp->set_path(req.path());
     resp->set_replicas_identical(identical);
     resp->set_step(restored_steps + steps_done.load());
+    std::lock_guard<std::mutex> lost_lock(lost_mu);
+    for (int e : lost_training) resp->add_lost_training_experts(e);
     return absl::OkStatus();
   }
 

@@ -953,6 +953,16 @@ TEST_F(ClusterTest, ExpertsOfAShardThatLeftForGoodAreReloadedAndTrainingGoesOn) 
   EXPECT_TRUE(served.ok()) << served.error_message();
   const grpc::Status trained = Train(stub.get(), 401, 20000);
   EXPECT_TRUE(trained.ok()) << trained.error_message();
+  // A checkpoint saved now names the experts that lost their training: those the killed
+  // shard held (sharded over 3 shards: some, not all).
+  grpc::ClientContext ctx;
+  v1::SaveCheckpointRequest req;
+  req.set_path(moe::testing::TempPath("left_for_good.safetensors"));
+  v1::SaveCheckpointResponse saved;
+  const grpc::Status st = stub->SaveCheckpoint(&ctx, req, &saved);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_GT(saved.lost_training_experts_size(), 0);
+  EXPECT_LT(saved.lost_training_experts_size(), Config().num_experts);
 }
 
 // A member the router cannot reach (it registered with the coordinator and heartbeats, but its
