@@ -142,7 +142,7 @@ absl::Status InitCheckpoint(const Flags& f) {
   if (top_k < 1 || top_k > experts) {
     return common::UsageError(absl::StrCat("--top-k must be in [1, ", experts, "]"));
   }
-  ASSIGN_OR_RETURN(spec.config.activation, common::ParseActivation(f.Get("activation", "silu")));
+  ASSIGN_OR_RETURN(spec.config.activation, common::AsUsage(common::ParseActivation(f.Get("activation", "silu"))));
   const std::string norm = f.Get("normalize-topk", "true");
   if (norm != "true" && norm != "false") {
     return common::UsageError("--normalize-topk must be true or false");
@@ -635,9 +635,14 @@ void OnLoadInterrupt(int) { load_interrupted.store(true); }
 
 // How long a `load` worker whose stream the router ended waits for the router to serve again.
 constexpr auto kReconnectWait = std::chrono::seconds(30);
-// How long `load` waits, once its run is over, for the answers still in flight: a router that
-// stalls (stopped, or its host hung) answers none, and a stream has no deadline of its own.
+// How long `load` waits without an answer, once its run is over, for the answers still in
+// flight: a router that stalls (stopped, or its host hung) answers none, and a stream has no
+// deadline of its own. A slow router that still answers is waited for.
 constexpr auto kDrainWait = std::chrono::seconds(10);
+// No answer for this long ends a run early (`--requests N` would otherwise wait for a stalled
+// router for good): longer than the router's default deadline (--timeout-s 30), within which a
+// router that serves answers every request, if only with an error.
+constexpr auto kStallWait = std::chrono::seconds(35);
 
 absl::Status Load(const Flags& f) {
   ASSIGN_OR_RETURN(std::string addr, f.Require("router"));
@@ -827,7 +832,7 @@ absl::Status Load(const Flags& f) {
         failed += static_cast<int64_t>(sent.size());
         if (!sent.empty()) {
           first_error.emplace(
-              lost, given_up ? absl::StrFormat("no answer %lld s after the run ended: given up",
+              lost, given_up ? absl::StrFormat("no answer for %lld s once the run was over: given up",
                                                static_cast<long long>(kDrainWait.count()))
                     : st.ok() ? "the stream ended before the answer"
                               : st.error_message());
@@ -870,10 +875,12 @@ absl::Status Load(const Flags& f) {
   std::vector<std::thread> workers;
   for (int w = 0; w < concurrency; ++w) workers.emplace_back(worker, w);
   Progress progress("load", max_requests > 0 ? max_requests : static_cast<int64_t>(duration * 10));
-  // Until the run is over (its duration, its requests, Ctrl-C, or every worker ended), then
-  // until the answers in flight are in, for up to kDrainWait.
-  std::optional<std::chrono::steady_clock::time_point> drain_until;
+  // Until the run is over (its duration, its requests sent, Ctrl-C, or every worker ended),
+  // then until the answers in flight are in, unless none comes for kDrainWait.
+  std::optional<std::chrono::steady_clock::time_point> over;
+  std::chrono::steady_clock::time_point last_word;  // over, or the last answer after it
   bool drain_noted = false;
+  bool stalled = false;  // no answer for kStallWait ended the run
   while (workers_done.load() < concurrency) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     const auto now = std::chrono::steady_clock::now();
@@ -889,16 +896,26 @@ absl::Status Load(const Flags& f) {
                                           : silent >= 5
                                               ? absl::StrFormat(", no answer for %.0f s", silent)
                                               : ""));
-    if (!drain_until && (load_interrupted.load() || now >= end ||
-                         (max_requests > 0 && completed.load() >= max_requests))) {
-      drain_until = now + kDrainWait;
+    if (!over && (load_interrupted.load() || now >= end ||
+                  (max_requests > 0 && issued.load() >= max_requests))) {
+      over = now;
     }
-    if (drain_until && !drain_noted && now >= *drain_until - kDrainWait + std::chrono::seconds(1)) {
+    if (!over && reconnecting.load() == 0 &&
+        now - (start + std::chrono::milliseconds(last_answer_ms.load())) >= kStallWait) {
+      over = now;
+      stalled = true;
+      progress.Note(absl::StrFormat("no answer for %lld s: the run ends here",
+                                    static_cast<long long>(kStallWait.count())));
+    }
+    if (!over) continue;
+    last_word = std::max(*over, start + std::chrono::milliseconds(last_answer_ms.load()));
+    if (!drain_noted && now >= *over + std::chrono::seconds(1)) {
       drain_noted = true;
-      progress.Note(absl::StrFormat("the run is over; waiting up to %lld s for the answers in flight",
-                                    static_cast<long long>(kDrainWait.count())));
+      progress.Note(absl::StrFormat(
+          "the run is over; waiting for the answers in flight (given up after %lld s without one)",
+          static_cast<long long>(kDrainWait.count())));
     }
-    if (drain_until && now >= *drain_until) {
+    if (now >= last_word + kDrainWait) {
       std::lock_guard<std::mutex> lock(streams_mu);
       cancelled = true;
       for (grpc::ClientContext* c : streams) {
@@ -909,19 +926,27 @@ absl::Status Load(const Flags& f) {
   }
   for (auto& w : workers) w.join();
   progress.Finish();
-  // Answers given up: tokens/s over the run without the wait for them (none came in it).
-  const double elapsed = std::chrono::duration<double>(
-                             (cancelled ? *drain_until - kDrainWait : std::chrono::steady_clock::now()) -
-                             start)
-                             .count();
+  // Answers given up, or a run ended by silence: tokens/s without the silent wait.
+  const double elapsed =
+      std::chrono::duration<double>(
+          (stalled     ? start + std::chrono::milliseconds(last_answer_ms.load())
+           : cancelled ? last_word
+                       : std::chrono::steady_clock::now()) -
+          start)
+          .count();
   signal(SIGINT, SIG_DFL);
   if (load_interrupted.load()) {
     std::printf("interrupted after %.1f s: the figures cover the requests sent until then\n",
                 elapsed);
   }
+  if (stalled) {
+    std::printf("the router answered nothing for %lld s, so the run ended early: the figures "
+                "cover the requests sent until then\n",
+                static_cast<long long>(kStallWait.count()));
+  }
   if (cancelled) {
-    std::printf("answers still missing %lld s after the run ended were given up (counted as "
-                "CANCELLED): is the router stalled?\n",
+    std::printf("answers still missing after %lld s without one, once the run was over, were "
+                "given up (counted as CANCELLED): is the router stalled?\n",
                 static_cast<long long>(kDrainWait.count()));
   }
   if (gave_up.load()) {

@@ -139,7 +139,7 @@ absl::Status Run(int argc, char** argv) {
       return moe::common::UsageError("--shard-cpus and --pin-shards exclude each other");
     }
     ASSIGN_OR_RETURN(double cpus, f.GetDouble("shard-cpus", 1));
-    ASSIGN_OR_RETURN(cpu_limits, moe::client::CpuLimits::Create(o.shards, cpus));
+    ASSIGN_OR_RETURN(cpu_limits, moe::common::AsUsage(moe::client::CpuLimits::Create(o.shards, cpus)));
     for (int i = 0; i < o.shards; ++i) o.shard_wrappers.push_back(cpu_limits.Wrapper(i));
   }
   for (absl::string_view a : absl::StrSplit(f.Get("router-args"), ' ', absl::SkipEmpty())) {

@@ -58,7 +58,7 @@ absl::Status Run(int argc, char** argv) {
   o.advertise_address = f.Get("advertise");
   o.state_dir = f.Get("state-dir");
   if (f.Has("activation")) {
-    ASSIGN_OR_RETURN(auto act, moe::common::ParseActivation(f.Get("activation")));
+    ASSIGN_OR_RETURN(auto act, moe::common::AsUsage(moe::common::ParseActivation(f.Get("activation"))));
     o.load.activation = act;
   }
   const std::string experts = f.Get("experts", "all");

@@ -395,6 +395,11 @@ TEST(RouterShardModel, AShardRestartedFromAnotherModelLeavesAndComesBack) {
   infer_ok();
   (*wrong)->Shutdown(absl::Milliseconds(100));
   wrong->reset();
+  // The port stays closed past a few of the router's health checks (every 250 ms), so that the
+  // router's client no longer counts it as answering: the shard back is then read by its
+  // status before its health check has seen it (a switch that would load onto it waits one
+  // tick, and must be tried again).
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
 
   so.checkpoint = path;
   so.initial_experts = std::vector<int>{};

@@ -88,7 +88,7 @@ absl::Status Run(int argc, char** argv) {
     ASSIGN_OR_RETURN(o.auth_token, moe::common::ReadTokenFile(f.Get("auth-token-file")));
   }
   if (f.Has("activation")) {
-    ASSIGN_OR_RETURN(auto act, moe::common::ParseActivation(f.Get("activation")));
+    ASSIGN_OR_RETURN(auto act, moe::common::AsUsage(moe::common::ParseActivation(f.Get("activation"))));
     o.load.activation = act;
   }
   if (f.Has("top-k")) {

@@ -333,7 +333,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   }
 
   // The shards the next placement spreads over: --shards, or the coordinator's members.
-  absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> Members() {
+  // `status_timeout`: how long a shard whose model is not known to be this router's is asked.
+  absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> Members(
+      absl::Duration status_timeout) {
     std::vector<std::string> addrs = options.shards;
     if (addrs.empty()) {
       grpc::ClientContext ctx;
@@ -346,18 +348,23 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (addrs.empty()) return absl::UnavailableError("no shard has joined yet");
     }
     {
-      // A member that left is no longer listed, whatever its model was.
+      // A member that left is forgotten, whatever its model was: one that joins again at the
+      // same address may have been started from another checkpoint.
       std::lock_guard<std::mutex> lock(models_mu);
+      auto member = [&](const std::string& a) {
+        return std::find(addrs.begin(), addrs.end(), a) != addrs.end();
+      };
       for (auto it = incompatible.begin(); it != incompatible.end();) {
-        const bool member = std::find(addrs.begin(), addrs.end(), it->first) != addrs.end();
-        if (!member) model_checked.erase(it->first);
-        it = member ? std::next(it) : incompatible.erase(it);
+        it = member(it->first) ? std::next(it) : incompatible.erase(it);
+      }
+      for (auto it = model_checked.begin(); it != model_checked.end();) {
+        it = member(*it) ? std::next(it) : model_checked.erase(it);
       }
     }
     std::vector<std::shared_ptr<ShardClient>> out;
     for (const auto& a : addrs) {
       std::shared_ptr<ShardClient> c = ClientFor(a);
-      if (ServesThisModel(*c)) out.push_back(std::move(c));
+      if (ServesThisModel(*c, status_timeout)) out.push_back(std::move(c));
     }
     if (out.empty()) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -372,16 +379,17 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // if the client's tokens were wrong. Such a shard is left out of the placement, named in the
   // log and as "incompatible" in GetClusterInfo. A shard found compatible is asked again only
   // by Reconcile's status reads (ServesModel), which also catch one restarted from another
-  // model; one found incompatible is asked on every call, so that it comes back once restarted
-  // from the right checkpoint. One that does not answer keeps its verdict (placed if none yet).
-  bool ServesThisModel(ShardClient& c) {
+  // model; one found incompatible, or never read, is asked on every call, so that it comes back
+  // once restarted from the right checkpoint. One that does not answer keeps its verdict (placed
+  // if none yet). A member that leaves is forgotten (Members).
+  bool ServesThisModel(ShardClient& c, absl::Duration timeout) {
     bool known = false;
     {
       std::lock_guard<std::mutex> lock(models_mu);
       known = model_checked.count(c.address()) > 0;
       if (known && incompatible.count(c.address()) == 0) return true;
     }
-    absl::StatusOr<v1::ShardStatus> st = c.GetStatus(absl::Seconds(known ? 1 : 2));
+    absl::StatusOr<v1::ShardStatus> st = c.GetStatus(timeout);
     if (!st.ok()) {
       std::lock_guard<std::mutex> lock(models_mu);
       return incompatible.count(c.address()) == 0;
@@ -414,11 +422,6 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     incompatible[address] = why;
     return false;
-  }
-
-  bool AnyIncompatible() {
-    std::lock_guard<std::mutex> lock(models_mu);
-    return !incompatible.empty();
   }
 
   // ---- placement ----
@@ -1045,10 +1048,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   void Reconcile() {
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return;
-    if (options.shards.empty() || AnyIncompatible()) {
+    {
       // Follow membership: a shard that joined or left changes the placement; so does one
-      // found serving another model (read below) or one back with this router's.
-      absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> members = Members();
+      // found serving another model (read below) or one back with this router's (with a fixed
+      // --shards list, only those). Until a switch to the members succeeds, asked every tick.
+      absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> members =
+          Members(absl::Milliseconds(500));
       if (members.ok()) {
         bool same = members->size() == t->shards.size();
         for (size_t i = 0; same && i < members->size(); ++i) {
@@ -1150,7 +1155,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     while (!stopping) {
       lock.unlock();
       if (!ready.HasBeenNotified()) {
-        absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> members = Members();
+        absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> members =
+            Members(absl::Seconds(2));
         absl::StatusOr<Placement> p =
             members.ok() ? Propose(strategy.load(), static_cast<int>(members->size()))
                          : absl::StatusOr<Placement>(members.status());
@@ -1706,7 +1712,7 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   RouterServerOptions& o = impl->options;
   if (o.checkpoint.empty()) return common::UsageError("--checkpoint is required");
   if (o.shards.empty() && o.coordinator.empty()) {
-    return absl::InvalidArgumentError(
+    return common::UsageError(
         "give --shards HOST:PORT,... or --coordinator HOST:PORT to follow its membership");
   }
   if (o.capacity_factor < 0) return common::UsageError("--capacity-factor must be >= 0");

@@ -68,12 +68,16 @@ absl::StatusOr<ModelConfig> ReadModelConfig(const SafetensorsReader& reader,
     std::vector<std::string> prefixes, names;
     for (const StTensor& t : reader.tensors()) {
       if (names.size() < 4) names.push_back(t.name);
-      if (absl::EndsWith(t.name, "gate.weight")) {
+      // "gate.weight" itself, or under a prefix ending in '.' ("mlp.shared_expert_gate.weight"
+      // is another model's tensor, not an MoE gate).
+      if (t.name == "gate.weight" || absl::EndsWith(t.name, ".gate.weight")) {
         prefixes.push_back(t.name.substr(0, t.name.size() - std::string("gate.weight").size()));
       }
     }
     std::string hint;
-    if (!prefixes.empty()) {
+    if (!prefixes.empty() && prefixes[0].empty()) {
+      hint = "; it has 'gate.weight': leave --tensor-prefix out";
+    } else if (!prefixes.empty()) {
       hint = absl::StrCat("; it has '", prefixes[0], "gate.weight': give --tensor-prefix '",
                           prefixes[0], "'", prefixes.size() > 1 ? " (or another layer's)" : "");
     } else {

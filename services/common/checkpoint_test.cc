@@ -65,6 +65,16 @@ TEST(Checkpoint, NonGatedWithoutBiasAndPrefix) {
                 "give --tensor-prefix 'model.layers.0.block_sparse_moe.'"),
             std::string::npos)
       << no_prefix.status();
+  // One whose gate is at the root, read with a prefix, is told to leave the prefix out.
+  const std::string root = TempPath("ck_root.safetensors");
+  ASSERT_TRUE(SaveCheckpoint(root, ck).ok());
+  LoadOptions wrong;
+  wrong.tensor_prefix = "model.";
+  auto rooted = LoadCheckpoint(root, wrong);
+  EXPECT_NE(rooted.status().message().find(
+                "'model.gate.weight' is missing; it has 'gate.weight': leave --tensor-prefix out"),
+            std::string::npos)
+      << rooted.status();
   // A file with no gate under any prefix (a tokens file given as the checkpoint) is told so.
   const std::string tokens = TempPath("ck_tokens.safetensors");
   SafetensorsWriter w;

@@ -19,6 +19,13 @@ namespace moe::common {
 // the data or the cluster, point to --help and exit 2 (RunMain; moe-client).
 absl::Status UsageError(absl::string_view message);
 bool IsUsageError(const absl::Status& status);
+// `r`, with an INVALID_ARGUMENT made a UsageError (other errors pass): for a parser shared with
+// data (an activation name read from a flag here, from a checkpoint's metadata elsewhere).
+template <typename T>
+absl::StatusOr<T> AsUsage(absl::StatusOr<T> r) {
+  if (r.ok() || r.status().code() != absl::StatusCode::kInvalidArgument) return r;
+  return UsageError(r.status().message());
+}
 
 class Flags {
  public:

@@ -129,7 +129,7 @@ absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
   ASSIGN_OR_RETURN(std::string text, ReadFile(path, "--auth-token-file"));
   std::string token(absl::StripAsciiWhitespace(text));
   if (token.empty()) {
-    return UsageError(absl::StrCat("--auth-token-file ", path, " is empty"));
+    return absl::InvalidArgumentError(absl::StrCat("--auth-token-file ", path, " is empty"));
   }
   return token;
 }

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """`moe-client load` against a router that stalls (SIGSTOP: a hung host, a process stopped in a
 debugger): its streams have no deadline, and until 2026-12-02 load waited for their answers for
-good once its duration was over. Now it waits 10 s for the answers in flight, then gives them
-up.
+good once its duration was over. Now it waits for the answers in flight until none has come for
+10 s, then gives them up.
 
 Checked: load exits 0 within its duration plus that wait (and some slack); it says the answers
 were given up and asks whether the router is stalled; its table counts them as CANCELLED (at
