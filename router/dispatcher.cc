@@ -231,7 +231,9 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
       if (pos.empty()) continue;
       std::vector<int> cands, unhealthy;
       for (int s : table.placement.replicas[e]) {
-        if (s >= S || !table.shards[s] || excluded_[s]) continue;
+        if (s >= S || !table.shards[s] || excluded_[s] || table.shards[s]->serves_other_model()) {
+          continue;
+        }
         (table.shards[s]->healthy() ? cands : unhealthy).push_back(s);
       }
       // With no replica in rotation, still try the ones out of it that this batch has not seen

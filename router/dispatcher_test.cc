@@ -421,6 +421,29 @@ TEST(Dispatcher, OutOfRotationReplicaIsTriedWhenItIsTheOnlyOne) {
   for (size_t i = 0; i < y->size(); ++i) EXPECT_NEAR((*y)[i], ref->y[i], 1e-5);
 }
 
+// A shard that serves another model (restarted from another checkpoint) gets no batch: its
+// experts' rows go to their other replicas, and an expert whose only replica it is fails
+// UNAVAILABLE naming it, where an out-of-rotation shard would still be tried.
+TEST(Dispatcher, AShardOfAnotherModelIsNeverSentABatch) {
+  Rig setup(Strategy::kReplicated, 2);
+  setup.fakes[0]->SetServesOtherModel(true);
+  setup.fakes[1]->outstanding = 1000;  // the other one would get the batch first
+  const int64_t n = 30;
+  const std::vector<float> x = common::RandomMatrix(n, 16, 6);
+  auto y = setup.Run(x, n);
+  ASSERT_TRUE(y.ok()) << y.status();
+  EXPECT_EQ(setup.fakes[0]->batches, 0);
+  auto ref = setup.layer->Forward(x.data(), n);
+  for (size_t i = 0; i < y->size(); ++i) EXPECT_NEAR((*y)[i], ref->y[i], 1e-5);
+
+  Rig alone(Strategy::kSharded, 2);  // experts 0,1 on shard 0; 2,3 on shard 1
+  alone.fakes[1]->SetServesOtherModel(true);
+  auto z = alone.Run(x, n);
+  EXPECT_EQ(z.status().code(), absl::StatusCode::kUnavailable) << z.status();
+  EXPECT_NE(z.status().message().find("has no healthy replica"), std::string::npos) << z.status();
+  EXPECT_EQ(alone.fakes[1]->batches, 0);
+}
+
 TEST(Dispatcher, NeverWaitsPastTheDeadline) {
   Rig setup(Strategy::kReplicated, 1);
   setup.fakes[0]->never_answer = true;

@@ -401,6 +401,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // router's; a change either way is logged once.
   bool ServesModel(const std::string& address, const v1::ShardStatus& st) {
     const bool same = st.num_experts() == config.num_experts && st.d_model() == config.d_model;
+    ClientFor(address)->SetServesOtherModel(!same);  // the dispatcher sends it nothing
     std::lock_guard<std::mutex> lock(models_mu);
     model_checked.insert(address);
     auto it = incompatible.find(address);
@@ -465,8 +466,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     std::vector<bool> up;
     for (size_t s = 0; s < t.shards.size(); ++s) {
       const ShardClient& c = *t.shards[s];
-      up.push_back(c.healthy() ||
-                   (c.answering() && t.placement.ExpertsOn(static_cast<int>(s)).empty()));
+      up.push_back(!c.serves_other_model() &&
+                   (c.healthy() ||
+                    (c.answering() && t.placement.ExpertsOn(static_cast<int>(s)).empty())));
     }
     return up;
   }

@@ -4,6 +4,7 @@
 // The router's view of one expert-shard server. The gRPC implementation keeps one long-lived
 // Dispatch stream; tests use in-memory fakes.
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -35,6 +36,12 @@ class ShardClient {
   virtual void CheckHealthNow() = 0;
   // Rows sent and not yet answered.
   virtual int64_t outstanding_rows() const = 0;
+  // Set by the router when the shard's status shows another model than its own (a shard
+  // restarted from another checkpoint): never sent a batch, even as a last resort, until it
+  // serves the router's model again (every batch would fail as if the client's tokens were
+  // wrong).
+  void SetServesOtherModel(bool other) { other_model_.store(other); }
+  bool serves_other_model() const { return other_model_.load(); }
   virtual const std::string& address() const = 0;
 
   // Blocking admin calls (used by the placement manager, never on a request path).
@@ -67,6 +74,9 @@ class ShardClient {
   // at once, so that no expert load (up to minutes) holds the router's exit. Training calls
   // are left to finish: a step cut off between commit and confirmation is worse than a wait.
   virtual void CancelAdminCalls() {}
+
+ private:
+  std::atomic<bool> other_model_{false};
 };
 
 }  // namespace moe::router
