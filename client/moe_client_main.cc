@@ -70,9 +70,10 @@ commands:
       writes `output`, `expert_ids`, `weights` (`infer` is the same command)
   health --addr HOST:PORT [--timeout-ms 2000]
       grpc.health.v1 check of a router, shard or coordinator; exits 0 only when SERVING
-  drain --addr SHARD_HOST:PORT [--timeout-ms 10000]
+  drain --addr SHARD_HOST:PORT [--timeout-ms 10000] [--undo]
       before stopping a shard: it turns NOT_SERVING, routers move their work away and close
-      their streams; returns once none is open (exit 1 if the timeout passed first)
+      their streams; returns once none is open (exit 1 if the timeout passed first);
+      --undo takes a drain back (the shard was not stopped): it serves again
   info --router HOST:PORT
       the model and the shards with their health and experts
   placement --router HOST:PORT [--rebalance STRATEGY] [--dry-run]
@@ -395,6 +396,7 @@ absl::Status DrainCmd(const Flags& f) {
       common::CreateAuthorizedChannel(addr, common::UserChannelArgs(), ""));
   v1::DrainRequest req;
   req.set_timeout_ms(timeout_ms);
+  req.set_undo(f.Has("undo"));
   v1::DrainResponse resp;
   const absl::Time start = absl::Now();
   // Draining is idempotent: a shard already draining answers when its streams have closed.
@@ -405,6 +407,12 @@ absl::Status DrainCmd(const Flags& f) {
   if (!st.ok()) {
     return absl::Status(common::FromGrpcStatus(st).code(),
                         absl::StrCat("drain of ", addr, ": ", st.error_message()));
+  }
+  if (req.undo()) {
+    std::printf("%s: drain undone: %s\n", addr.c_str(),
+                resp.serving() ? "SERVING, routers send it work again"
+                               : "NOT_SERVING until it holds experts (a router places them)");
+    return absl::OkStatus();
   }
   if (!resp.drained()) {
     return absl::DeadlineExceededError(absl::StrCat(
@@ -1117,7 +1125,7 @@ int Main(int argc, char** argv) {
         Forward}},
       {"info", {{{"router", true}}, Info}},
       {"health", {{{"addr", true}, {"timeout-ms", true}}, Health}},
-      {"drain", {{{"addr", true}, {"timeout-ms", true}}, DrainCmd}},
+      {"drain", {{{"addr", true}, {"timeout-ms", true}, {"undo", false}}, DrainCmd}},
       {"train",
        {{{"router", true}, {"steps", true}, {"learning-rate", true}, {"aux-loss-coef", true},
          {"z-loss-coef", true}, {"tokens", true}, {"grad-output", true}, {"synthetic", false},

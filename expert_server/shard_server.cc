@@ -578,6 +578,29 @@ grpc::ServerUnaryReactor* ShardServer::Impl::Drain(grpc::CallbackServerContext* 
                                                    const v1::DrainRequest* req,
                                                    v1::DrainResponse* resp) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (req->undo()) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (shutting_down) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                   "shard is shutting down: a drain cannot be undone now"));
+      return reactor;
+    }
+    const bool was = draining;
+    draining = false;
+    // As the store's change handler decides (SetServing): experts held and none loading.
+    serving = initial_loaded.HasBeenNotified() && store->ready_count() > 0 &&
+              store->loading_count() == 0;
+    server->GetHealthCheckService()->SetServingStatus(serving);
+    resp->set_serving(serving);
+    resp->set_open_streams(static_cast<int32_t>(streams.size()));
+    if (was) {
+      std::printf("moe-expert-server: drain undone: %s\n",
+                  serving ? "SERVING" : "NOT_SERVING until it holds experts");
+      std::fflush(stdout);
+    }
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
   if (req->timeout_ms() < 0 || req->timeout_ms() > 60000) {
     reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                                  absl::StrCat("drain timeout_ms must be in [0, 60000], got ",

@@ -209,6 +209,44 @@ TEST_F(ClusterTest, DrainedShardStopsWithoutAFailover) {
       << st.error_message();
 }
 
+// A drain that was not followed by a stop can be taken back (`drain --undo`): the shard serves
+// again, the router puts it back in rotation, and it answers requests as before.
+TEST_F(ClusterTest, AnUndoneDrainServesAgain) {
+  auto cluster = Start("replicated", 2);
+  ASSERT_NE(cluster, nullptr);
+  const std::string shard = cluster->shard_addresses()[1];
+  auto client = [&](std::vector<std::string> args, const std::string& says) {
+    args.insert(args.begin(), std::string(MOE_BIN_DIR) + "/moe-client");
+    auto p = common::Subprocess::Spawn(args);
+    EXPECT_TRUE(p.ok()) << p.status();
+    if (!p.ok()) return;
+    auto line = p->ReadLineWith(says, absl::Seconds(15));
+    EXPECT_TRUE(line.ok()) << line.status();
+    auto exit = p->Wait(absl::Seconds(5));
+    ASSERT_TRUE(exit.ok());
+    EXPECT_TRUE(WIFEXITED(*exit) && WEXITSTATUS(*exit) == 0);
+  };
+  client({"drain", "--addr", shard, "--timeout-ms", "10000"}, "drained");
+  EXPECT_EQ(AwaitShardState(cluster->router_address(), shard, "not_serving", 10), "not_serving");
+  client({"drain", "--addr", shard, "--undo"}, "drain undone: SERVING");
+  EXPECT_EQ(AwaitShardState(cluster->router_address(), shard, "serving", 10), "serving");
+  auto stub = v1::ExpertShard::NewStub(
+      grpc::CreateChannel(shard, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  v1::ShardStatus status;
+  ASSERT_TRUE(stub->GetStatus(&ctx, v1::GetShardStatusRequest(), &status).ok());
+  EXPECT_FALSE(status.draining());
+  EXPECT_TRUE(status.serving());
+  // Requests are answered right with the shard back in rotation.
+  auto router = client::MakeRouterStub(cluster->router_address());
+  for (int i = 0; i < 4; ++i) {
+    const std::vector<float> x = common::RandomMatrix(32, Config().d_model, 950 + i);
+    v1::InferResponse resp;
+    ASSERT_TRUE(Infer(router.get(), Request(x, 32, "undone"), &resp).ok());
+    EXPECT_TRUE(Matches(x, 32, resp, *layer_));
+  }
+}
+
 // An expert whose only replica is killed fails its requests at once, UNAVAILABLE naming it and
 // where it was; the others keep serving. Those failures are no failovers: the metric counts
 // shard failures that were recovered (it counted each doomed request's last try on the dead
