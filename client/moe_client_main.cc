@@ -744,6 +744,7 @@ absl::Status Load(const Flags& f) {
       dropped{0};
   std::atomic<int> workers_done{0}, reconnecting{0};
   std::atomic<bool> gave_up{false};  // a worker's router did not serve again within the wait
+  std::atomic<bool> ended{false};    // no answer for kStallWait: workers send no more
   // Each worker's open stream, so that answers still missing kDrainWait after the run can be
   // given up (TryCancel); `cancelled` tells a stream opened after that to end at once.
   std::mutex streams_mu;
@@ -759,7 +760,7 @@ absl::Status Load(const Flags& f) {
     std::mt19937_64 rng(seed * 7919 + w);
     std::uniform_real_distribution<float> u(-1.f, 1.f);
     auto more = [&] {
-      return !load_interrupted.load() && std::chrono::steady_clock::now() < end &&
+      return !load_interrupted.load() && !ended.load() && std::chrono::steady_clock::now() < end &&
              (max_requests == 0 || issued.load() < max_requests);
     };
     // A stream that the router ends with UNAVAILABLE while the run has time left (the router
@@ -904,14 +905,17 @@ absl::Status Load(const Flags& f) {
                                           : silent >= 5
                                               ? absl::StrFormat(", no answer for %.0f s", silent)
                                               : ""));
+    // With --requests, over once all are answered (a slow router is waited for: a stalled one
+    // is caught by kStallWait below).
     if (!over && (load_interrupted.load() || now >= end ||
-                  (max_requests > 0 && issued.load() >= max_requests))) {
+                  (max_requests > 0 && completed.load() >= max_requests))) {
       over = now;
     }
     if (!over && reconnecting.load() == 0 &&
         now - (start + std::chrono::milliseconds(last_answer_ms.load())) >= kStallWait) {
       over = now;
       stalled = true;
+      ended = true;
       progress.Note(absl::StrFormat("no answer for %lld s: the run ends here",
                                     static_cast<long long>(kStallWait.count())));
     }
@@ -941,7 +945,8 @@ absl::Status Load(const Flags& f) {
            : cancelled ? last_word
                        : std::chrono::steady_clock::now()) -
           start)
-          .count();
+          .count() +
+      1e-9;  // no answer at all: a rate of 0, not 0/0
   signal(SIGINT, SIG_DFL);
   if (load_interrupted.load()) {
     std::printf("interrupted after %.1f s: the figures cover the requests sent until then\n",

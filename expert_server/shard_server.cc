@@ -183,7 +183,7 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
   std::set<std::shared_ptr<StreamCore>> streams;
   std::condition_variable streams_cv;  // a stream ended, or shutting down
   bool serving = false;
-  bool draining = false;  // Drain was called: NOT_SERVING until the process ends
+  bool draining = false;  // Drain was called (and not undone): NOT_SERVING
   bool shutting_down = false;
   std::vector<std::thread> drain_waiters;  // joined by DoShutdown
   std::once_flag shutdown_once;
@@ -516,7 +516,7 @@ void ShardServer::Impl::FillStatus(v1::ShardStatus* s) const {
   s->set_d_ff(config.d_ff);
   std::lock_guard<std::mutex> lock(const_cast<std::mutex&>(mu));
   s->set_serving(serving && !shutting_down);
-  s->set_draining(draining || shutting_down);  // neither serves again
+  s->set_draining(draining || shutting_down);  // neither serves (unless a drain is undone)
 }
 
 grpc::ServerUnaryReactor* ShardServer::Impl::LoadExperts(grpc::CallbackServerContext* ctx,
@@ -586,11 +586,13 @@ grpc::ServerUnaryReactor* ShardServer::Impl::Drain(grpc::CallbackServerContext* 
       return reactor;
     }
     const bool was = draining;
-    draining = false;
-    // As the store's change handler decides (SetServing): experts held and none loading.
-    serving = initial_loaded.HasBeenNotified() && store->ready_count() > 0 &&
-              store->loading_count() == 0;
-    server->GetHealthCheckService()->SetServingStatus(serving);
+    if (was) {
+      draining = false;
+      // As the store's change handler decides (SetServing): experts held and none loading.
+      serving = initial_loaded.HasBeenNotified() && store->ready_count() > 0 &&
+                store->loading_count() == 0;
+      server->GetHealthCheckService()->SetServingStatus(serving);
+    }  // not draining: nothing to take back, the state stays as it is
     resp->set_serving(serving);
     resp->set_open_streams(static_cast<int32_t>(streams.size()));
     if (was) {

@@ -1249,11 +1249,16 @@ TEST_F(ShardServerTest, SigtermEndsOpenStreamsAndExitsPromptly) {
   }
   const grpc::Status st = stream->Finish();
   EXPECT_EQ(st.error_code(), grpc::UNAVAILABLE) << st.error_message();
+  auto since = [&] {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  // The stream ends within the shutdown's grace (500 ms) and some slack.
+  EXPECT_LT(since(), 2.0);
   int status = 0;
   ASSERT_EQ(waitpid(pid, &status, 0), pid);
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  EXPECT_LT(seconds, 2.0);
+  // The process exits soon after; a ThreadSanitizer build's exit alone has taken over 1.5 s on
+  // a loaded 2-core machine (a stuck thread would hold it for the 10 s of a drain or more).
+  EXPECT_LT(since(), 5.0);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
   fclose(f);
 }

@@ -347,6 +347,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       std::sort(addrs.begin(), addrs.end());
       if (addrs.empty()) return absl::UnavailableError("no shard has joined yet");
     }
+    std::vector<std::string> forgotten;
     {
       // A member that left is forgotten, whatever its model was: one that joins again at the
       // same address may have been started from another checkpoint.
@@ -358,9 +359,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         it = member(it->first) ? std::next(it) : incompatible.erase(it);
       }
       for (auto it = model_checked.begin(); it != model_checked.end();) {
-        it = member(*it) ? std::next(it) : model_checked.erase(it);
+        if (member(*it)) {
+          ++it;
+        } else {
+          forgotten.push_back(*it);
+          it = model_checked.erase(it);
+        }
       }
     }
+    // Nor is its client kept off by the dispatcher (clients outlive their members).
+    for (const std::string& a : forgotten) ClientFor(a)->SetServesOtherModel(false);
     std::vector<std::shared_ptr<ShardClient>> out;
     for (const auto& a : addrs) {
       std::shared_ptr<ShardClient> c = ClientFor(a);
