@@ -751,6 +751,7 @@ absl::Status Load(const Flags& f) {
   std::vector<grpc::ClientContext*> streams(static_cast<size_t>(concurrency), nullptr);
   bool cancelled = false;
   std::atomic<int64_t> last_answer_ms{0};  // since start: the progress line tells a stall
+  auto last_answer = [&] { return start + std::chrono::milliseconds(last_answer_ms.load()); };
   auto worker = [&](int w) {
     std::unique_ptr<ZipfTokens> gen;
     if (!gate.weight.empty()) {
@@ -895,7 +896,7 @@ absl::Status Load(const Flags& f) {
     const auto now = std::chrono::steady_clock::now();
     const double el = std::chrono::duration<double>(now - start).count();
     const int64_t done = max_requests > 0 ? completed.load() : static_cast<int64_t>(el * 10);
-    const double silent = el - static_cast<double>(last_answer_ms.load()) / 1e3;
+    const double silent = std::chrono::duration<double>(now - last_answer()).count();
     progress.Update(done, absl::StrFormat("%.0f tokens/s%s%s", tokens_ok.load() / std::max(el, 1e-9),
                                           failed.load() > 0
                                               ? absl::StrCat(", ", failed.load(), " errors")
@@ -912,7 +913,7 @@ absl::Status Load(const Flags& f) {
       over = now;
     }
     if (!over && reconnecting.load() == 0 &&
-        now - (start + std::chrono::milliseconds(last_answer_ms.load())) >= kStallWait) {
+        now - last_answer() >= kStallWait) {
       over = now;
       stalled = true;
       ended = true;
@@ -920,7 +921,7 @@ absl::Status Load(const Flags& f) {
                                     static_cast<long long>(kStallWait.count())));
     }
     if (!over) continue;
-    last_word = std::max(*over, start + std::chrono::milliseconds(last_answer_ms.load()));
+    last_word = std::max(*over, last_answer());
     if (!drain_noted && now >= *over + std::chrono::seconds(1)) {
       drain_noted = true;
       progress.Note(absl::StrFormat(
@@ -941,7 +942,7 @@ absl::Status Load(const Flags& f) {
   // Answers given up, or a run ended by silence: tokens/s without the silent wait.
   const double elapsed =
       std::chrono::duration<double>(
-          (stalled     ? start + std::chrono::milliseconds(last_answer_ms.load())
+          (stalled     ? last_answer()
            : cancelled ? last_word
                        : std::chrono::steady_clock::now()) -
           start)

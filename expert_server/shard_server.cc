@@ -284,6 +284,9 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
 
   void FillStatus(v1::ShardStatus* s) const;
   void SetServing(bool serving);
+  // Whether the shard may serve: it holds experts and loads none (not while a load runs: a
+  // placement going live would send rows to an expert still loading).
+  bool Settled() const { return store->ready_count() > 0 && store->loading_count() == 0; }
   void OnStoreChange();
   void DoShutdown(absl::Duration grace);
 };
@@ -585,21 +588,17 @@ grpc::ServerUnaryReactor* ShardServer::Impl::Drain(grpc::CallbackServerContext* 
                                    "shard is shutting down: a drain cannot be undone now"));
       return reactor;
     }
-    const bool was = draining;
-    if (was) {
+    if (draining) {  // not draining: nothing to take back, the state stays as it is
       draining = false;
-      // As the store's change handler decides (SetServing): experts held and none loading.
-      serving = initial_loaded.HasBeenNotified() && store->ready_count() > 0 &&
-                store->loading_count() == 0;
+      // As the store's change handler decides once the initial load has ended.
+      serving = initial_loaded.HasBeenNotified() && Settled();
       server->GetHealthCheckService()->SetServingStatus(serving);
-    }  // not draining: nothing to take back, the state stays as it is
-    resp->set_serving(serving);
-    resp->set_open_streams(static_cast<int32_t>(streams.size()));
-    if (was) {
       std::printf("moe-expert-server: drain undone: %s\n",
                   serving ? "SERVING" : "NOT_SERVING until it holds experts");
       std::fflush(stdout);
     }
+    resp->set_serving(serving);
+    resp->set_open_streams(static_cast<int32_t>(streams.size()));
     reactor->Finish(grpc::Status::OK);
     return reactor;
   }
@@ -1211,7 +1210,7 @@ absl::StatusOr<std::unique_ptr<ShardServer>> ShardServer::Start(ShardServerOptio
   // failed. Not while a load runs: the placement going live would send rows to an expert
   // still loading.
   auto serve_if_settled = [raw] {
-    if (raw->store->ready_count() > 0 && raw->store->loading_count() == 0) raw->SetServing(true);
+    if (raw->Settled()) raw->SetServing(true);
   };
   impl->store->SetOnChange([raw, serve_if_settled] {
     raw->OnStoreChange();

@@ -365,6 +365,13 @@ TEST(RouterShardModel, AShardRestartedFromAnotherModelLeavesAndComesBack) {
     }
     return out;
   };
+  // Whether the entry reaches `state` with `experts` placed on it (within Eventually's wait).
+  auto reaches = [&](const std::string& state, int experts) {
+    return Eventually([&] {
+      const v1::ShardInfo e = entry();
+      return e.state() == state && e.experts_size() == experts;
+    });
+  };
   const std::vector<float> x = common::RandomMatrix(6, kConfig.d_model, 77);
   v1::InferRequest req;
   common::EncodeTensor(x, {6, kConfig.d_model}, common::WireType::kFloat32, req.mutable_tokens());
@@ -386,10 +393,7 @@ TEST(RouterShardModel, AShardRestartedFromAnotherModelLeavesAndComesBack) {
   so.initial_experts = std::nullopt;  // its own experts
   auto wrong = expert::ShardServer::Start(so);
   ASSERT_TRUE(wrong.ok()) << wrong.status();
-  ASSERT_TRUE(Eventually([&] {
-    const v1::ShardInfo e = entry();
-    return e.state() == "incompatible" && e.experts_size() == 0;
-  })) << entry().DebugString();
+  ASSERT_TRUE(reaches("incompatible", 0)) << entry().DebugString();
   EXPECT_EQ(entry().detail(), absl::StrCat("it serves 4 experts of d_model 8, this router's ",
                                            path, " has 4 of d_model 16"));
   infer_ok();
@@ -405,10 +409,7 @@ TEST(RouterShardModel, AShardRestartedFromAnotherModelLeavesAndComesBack) {
   so.initial_experts = std::vector<int>{};
   auto right = expert::ShardServer::Start(so);
   ASSERT_TRUE(right.ok()) << right.status();
-  ASSERT_TRUE(Eventually([&] {
-    const v1::ShardInfo e = entry();
-    return e.state() == "serving" && e.experts_size() == 4;
-  })) << entry().DebugString();
+  ASSERT_TRUE(reaches("serving", 4)) << entry().DebugString();
   EXPECT_TRUE(entry().detail().empty());
   infer_ok();
   (*router)->Shutdown(absl::Milliseconds(100));

@@ -11,6 +11,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -126,10 +127,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   std::mutex table_mu;
   std::shared_ptr<const RoutingTable> table;  // null until the first placement is live
-  // Shards whose model was read (ServesThisModel), and those of another model, with why.
+  // The model of each shard read (ServesThisModel): address -> "" for this router's model, or
+  // why it is another's.
   std::mutex models_mu;
-  std::set<std::string> model_checked;
-  std::map<std::string, std::string> incompatible;
+  std::map<std::string, std::string> models;
   // Why Reconcile could not follow the last change of the shards (logged once per reason).
   std::string membership_wait;
   // Experts that lost their training while this router ran (SaveCheckpoint names them).
@@ -352,18 +353,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       // A member that left is forgotten, whatever its model was: one that joins again at the
       // same address may have been started from another checkpoint.
       std::lock_guard<std::mutex> lock(models_mu);
-      auto member = [&](const std::string& a) {
-        return std::find(addrs.begin(), addrs.end(), a) != addrs.end();
-      };
-      for (auto it = incompatible.begin(); it != incompatible.end();) {
-        it = member(it->first) ? std::next(it) : incompatible.erase(it);
-      }
-      for (auto it = model_checked.begin(); it != model_checked.end();) {
-        if (member(*it)) {
+      for (auto it = models.begin(); it != models.end();) {
+        if (std::find(addrs.begin(), addrs.end(), it->first) != addrs.end()) {
           ++it;
         } else {
-          forgotten.push_back(*it);
-          it = model_checked.erase(it);
+          forgotten.push_back(it->first);
+          it = models.erase(it);
         }
       }
     }
@@ -391,17 +386,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // once restarted from the right checkpoint. One that does not answer keeps its verdict (placed
   // if none yet). A member that leaves is forgotten (Members).
   bool ServesThisModel(ShardClient& c, absl::Duration timeout) {
-    bool known = false;
-    {
+    auto verdict = [&]() -> std::optional<std::string> {
       std::lock_guard<std::mutex> lock(models_mu);
-      known = model_checked.count(c.address()) > 0;
-      if (known && incompatible.count(c.address()) == 0) return true;
-    }
+      auto it = models.find(c.address());
+      return it == models.end() ? std::nullopt : std::optional<std::string>(it->second);
+    };
+    if (verdict() == "") return true;  // read before, and this router's model
     absl::StatusOr<v1::ShardStatus> st = c.GetStatus(timeout);
-    if (!st.ok()) {
-      std::lock_guard<std::mutex> lock(models_mu);
-      return incompatible.count(c.address()) == 0;
-    }
+    if (!st.ok()) return !verdict().has_value();  // no verdict yet: placed as before
     return ServesModel(c.address(), *st);
   }
 
@@ -411,25 +403,24 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     const bool same = st.num_experts() == config.num_experts && st.d_model() == config.d_model;
     ClientFor(address)->SetServesOtherModel(!same);  // the dispatcher sends it nothing
     std::lock_guard<std::mutex> lock(models_mu);
-    model_checked.insert(address);
-    auto it = incompatible.find(address);
+    auto it = models.find(address);
     if (same) {
-      if (it != incompatible.end()) {
-        incompatible.erase(it);
+      if (it != models.end() && !it->second.empty()) {
         std::fprintf(stderr, "moe-router: shard %s serves this router's model again\n",
                      address.c_str());
       }
+      models[address] = "";
       return true;
     }
     const std::string why = absl::StrCat(
         "it serves ", st.num_experts(), " experts of d_model ", st.d_model(), ", this router's ",
         options.checkpoint, " has ", config.num_experts, " of d_model ", config.d_model);
-    if (it == incompatible.end() || it->second != why) {
+    if (it == models.end() || it->second != why) {
       std::fprintf(stderr,
                    "moe-router: shard %s left out: %s (start it from the router's checkpoint)\n",
                    address.c_str(), why.c_str());
     }
-    incompatible[address] = why;
+    models[address] = why;
     return false;
   }
 
@@ -1440,7 +1431,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     {
       std::lock_guard<std::mutex> lock(models_mu);
-      for (const auto& [address, why] : incompatible) {
+      for (const auto& [address, why] : models) {
+        if (why.empty()) continue;  // this router's model
         // One still placed (found by the last status read, taken out on the next tick).
         v1::ShardInfo* si = nullptr;
         for (auto& placed : *info->mutable_shards()) {

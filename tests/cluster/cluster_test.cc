@@ -844,18 +844,23 @@ TEST_F(ClusterTest, TrainingCallsStuckOnAStoppedCoordinatorDoNotHoldUpInference)
   EXPECT_LE(answered_by_then, 2) << "the steps did not wait, so the test showed nothing";
 }
 
-// SaveCheckpoint to a temporary file `name`; expects every expert's replicas identical and
-// returns the checkpoint read back.
-absl::StatusOr<common::Checkpoint> SaveIdentical(v1::Router::Stub* stub, const std::string& name) {
+// SaveCheckpoint to a temporary file `name`.
+grpc::Status SaveTo(v1::Router::Stub* stub, const std::string& name,
+                    v1::SaveCheckpointResponse* resp) {
   grpc::ClientContext ctx;
   v1::SaveCheckpointRequest req;
   req.set_path(moe::testing::TempPath(name));
+  return stub->SaveCheckpoint(&ctx, req, resp);
+}
+
+// SaveTo; expects every expert's replicas identical and returns the checkpoint read back.
+absl::StatusOr<common::Checkpoint> SaveIdentical(v1::Router::Stub* stub, const std::string& name) {
   v1::SaveCheckpointResponse resp;
-  grpc::Status st = stub->SaveCheckpoint(&ctx, req, &resp);
+  grpc::Status st = SaveTo(stub, name, &resp);
   EXPECT_TRUE(st.ok()) << st.error_message();
   EXPECT_TRUE(resp.replicas_identical())
       << "replicas differ for experts " << absl::StrJoin(resp.divergent_experts(), ", ");
-  return common::LoadCheckpoint(req.path(), {});
+  return common::LoadCheckpoint(moe::testing::TempPath(name), {});
 }
 
 int ShardCount(v1::Router::Stub* stub, bool healthy_only) {
@@ -909,11 +914,8 @@ TEST_F(ClusterTest, SaveCheckpointReadsTheLiveReplicasOfAKilledShard) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   ASSERT_EQ(ShardCount(stub.get(), true), 2) << "the killed shard never left rotation";
-  grpc::ClientContext ctx;
-  v1::SaveCheckpointRequest req;
-  req.set_path(moe::testing::TempPath("live_replicas"));
   v1::SaveCheckpointResponse resp;
-  const grpc::Status st = stub->SaveCheckpoint(&ctx, req, &resp);
+  const grpc::Status st = SaveTo(stub.get(), "live_replicas", &resp);
   ASSERT_TRUE(st.ok()) << st.error_message();
   EXPECT_TRUE(resp.replicas_identical());
   ASSERT_EQ(resp.unread_replicas_size(), Config().num_experts) << "one per expert on " << dead;
@@ -921,7 +923,8 @@ TEST_F(ClusterTest, SaveCheckpointReadsTheLiveReplicasOfAKilledShard) {
     EXPECT_EQ(resp.unread_replicas(e).rfind(absl::StrCat("expert ", e, " on ", dead, ": "), 0), 0u)
         << resp.unread_replicas(e);
   }
-  absl::StatusOr<common::Checkpoint> saved = common::LoadCheckpoint(req.path(), {});
+  absl::StatusOr<common::Checkpoint> saved =
+      common::LoadCheckpoint(moe::testing::TempPath("live_replicas"), {});
   ASSERT_TRUE(saved.ok()) << saved.status();
   for (int e = 0; e < Config().num_experts; ++e) {
     EXPECT_TRUE(SameWeights(saved->experts[e], ck_->experts[e]))
@@ -993,11 +996,8 @@ TEST_F(ClusterTest, ExpertsOfAShardThatLeftForGoodAreReloadedAndTrainingGoesOn) 
   EXPECT_TRUE(trained.ok()) << trained.error_message();
   // A checkpoint saved now names the experts that lost their training: those the killed
   // shard held (sharded over 3 shards: some, not all).
-  grpc::ClientContext ctx;
-  v1::SaveCheckpointRequest req;
-  req.set_path(moe::testing::TempPath("left_for_good.safetensors"));
   v1::SaveCheckpointResponse saved;
-  const grpc::Status st = stub->SaveCheckpoint(&ctx, req, &saved);
+  const grpc::Status st = SaveTo(stub.get(), "left_for_good.safetensors", &saved);
   ASSERT_TRUE(st.ok()) << st.error_message();
   EXPECT_GT(saved.lost_training_experts_size(), 0);
   EXPECT_LT(saved.lost_training_experts_size(), Config().num_experts);
@@ -1533,11 +1533,8 @@ TEST_F(ClusterTest, SaveCheckpointNamesTheExpertsWhoseReplicasDiffer) {
   ASSERT_GE(WaitForShards(stub.get(), 2, 20), 0) << "the router did not pick up two shards";
   const grpc::Status st = Train(stub.get(), 9100, 20000);
   ASSERT_TRUE(st.ok()) << st.error_message();
-  grpc::ClientContext ctx;
-  v1::SaveCheckpointRequest req;
-  req.set_path(moe::testing::TempPath("divergent"));
   v1::SaveCheckpointResponse resp;
-  ASSERT_TRUE(stub->SaveCheckpoint(&ctx, req, &resp).ok());
+  ASSERT_TRUE(SaveTo(stub.get(), "divergent", &resp).ok());
   EXPECT_FALSE(resp.replicas_identical());
   // The reference: each expert's bytes as each shard exports them.
   grpc::ClientContext ictx;
