@@ -72,7 +72,8 @@ commands:
       grpc.health.v1 check of a router, shard or coordinator; exits 0 only when SERVING
   drain --addr SHARD_HOST:PORT [--timeout-ms 10000] [--undo]
       before stopping a shard: it turns NOT_SERVING, routers move their work away and close
-      their streams; returns once none is open (exit 1 if the timeout passed first);
+      their streams; returns once none is open (exit 1 if the timeout passed first, or an
+      undo came meanwhile);
       --undo takes a drain back (the shard was not stopped): it serves again
   info --router HOST:PORT
       the model and the shards with their health and experts
@@ -408,11 +409,20 @@ absl::Status DrainCmd(const Flags& f) {
     return absl::Status(common::FromGrpcStatus(st).code(),
                         absl::StrCat("drain of ", addr, ": ", st.error_message()));
   }
+  if (req.undo() && !resp.undone()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        addr, " did not take the undo: its moe-expert-server is older than this client and read "
+              "the call as a drain, so it is draining now; restart it to serve again"));
+  }
   if (req.undo()) {
     std::printf("%s: drain undone: %s\n", addr.c_str(),
                 resp.serving() ? "SERVING, routers send it work again"
                                : "NOT_SERVING until it holds experts (a router places them)");
     return absl::OkStatus();
+  }
+  if (resp.undone()) {
+    return absl::AbortedError(absl::StrCat(
+        addr, ": the drain was undone (drain --undo) while it waited: the shard serves again"));
   }
   if (!resp.drained()) {
     return absl::DeadlineExceededError(absl::StrCat(

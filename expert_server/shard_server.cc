@@ -181,11 +181,18 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
 
   std::mutex mu;
   std::set<std::shared_ptr<StreamCore>> streams;
-  std::condition_variable streams_cv;  // a stream ended, or shutting down
+  std::condition_variable streams_cv;  // a stream ended, a drain was undone, or shutting down
   bool serving = false;
   bool draining = false;  // Drain was called (and not undone): NOT_SERVING
+  uint64_t undos = 0;     // drains taken back: a Drain still waiting sees its drain undone
   bool shutting_down = false;
-  std::vector<std::thread> drain_waiters;  // joined by DoShutdown
+  // One per Drain call still waiting for streams. A finished one is joined by the next Drain, the
+  // rest by DoShutdown, so the threads are as many as the calls waiting.
+  struct DrainWaiter {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+  std::vector<DrainWaiter> drain_waiters;
   std::once_flag shutdown_once;
 
   grpc::ServerBidiReactor<v1::DispatchRequest, v1::DispatchResponse>* Dispatch(
@@ -590,6 +597,8 @@ grpc::ServerUnaryReactor* ShardServer::Impl::Drain(grpc::CallbackServerContext* 
     }
     if (draining) {  // not draining: nothing to take back, the state stays as it is
       draining = false;
+      ++undos;
+      streams_cv.notify_all();  // a Drain still waiting answers at once: undone, not drained
       // As the store's change handler decides once the initial load has ended.
       serving = initial_loaded.HasBeenNotified() && Settled();
       server->GetHealthCheckService()->SetServingStatus(serving);
@@ -597,6 +606,7 @@ grpc::ServerUnaryReactor* ShardServer::Impl::Drain(grpc::CallbackServerContext* 
                   serving ? "SERVING" : "NOT_SERVING until it holds experts");
       std::fflush(stdout);
     }
+    resp->set_undone(true);  // an older shard leaves this unset: it took the call as a drain
     resp->set_serving(serving);
     resp->set_open_streams(static_cast<int32_t>(streams.size()));
     reactor->Finish(grpc::Status::OK);
@@ -621,16 +631,33 @@ grpc::ServerUnaryReactor* ShardServer::Impl::Drain(grpc::CallbackServerContext* 
   std::printf("moe-expert-server: draining: NOT_SERVING, waiting for %zu Dispatch streams\n",
               streams.size());
   std::fflush(stdout);
-  // The wait runs on its own thread (joined by DoShutdown) so no gRPC thread blocks on it.
-  drain_waiters.emplace_back([this, reactor, resp, timeout] {
-    std::unique_lock<std::mutex> l(mu);
-    streams_cv.wait_for(l, absl::ToChronoNanoseconds(timeout),
-                        [this] { return streams.empty() || shutting_down; });
-    resp->set_open_streams(static_cast<int32_t>(streams.size()));
-    resp->set_drained(streams.empty());
-    l.unlock();
-    reactor->Finish(grpc::Status::OK);
-  });
+  // The wait runs on its own thread so no gRPC thread blocks on it.
+  for (auto it = drain_waiters.begin(); it != drain_waiters.end();) {
+    if (!it->done->load()) {
+      ++it;
+      continue;
+    }
+    it->thread.join();  // it has answered and takes no lock again: returns at once
+    it = drain_waiters.erase(it);
+  }
+  auto done = std::make_shared<std::atomic<bool>>(false);
+  const uint64_t undos_before = undos;
+  drain_waiters.push_back({std::thread([this, reactor, resp, timeout, done, undos_before] {
+                             std::unique_lock<std::mutex> l(mu);
+                             streams_cv.wait_for(l, absl::ToChronoNanoseconds(timeout), [&] {
+                               return streams.empty() || shutting_down || undos != undos_before;
+                             });
+                             // Undone: the shard serves again, so it is not drained whatever
+                             // its streams (a preStop hook must not go on to stop it).
+                             const bool undone = undos != undos_before;
+                             resp->set_undone(undone);
+                             resp->set_open_streams(static_cast<int32_t>(streams.size()));
+                             resp->set_drained(!undone && streams.empty());
+                             l.unlock();
+                             reactor->Finish(grpc::Status::OK);
+                             done->store(true);
+                           }),
+                           done});
   return reactor;
 }
 
@@ -1116,12 +1143,12 @@ void ShardServer::Impl::DoShutdown(absl::Duration grace) {
     }
     server->GetHealthCheckService()->Shutdown();
     streams_cv.notify_all();
-    std::vector<std::thread> waiters;
+    std::vector<DrainWaiter> waiters;
     {
       std::lock_guard<std::mutex> lock(mu);
       waiters.swap(drain_waiters);
     }
-    for (std::thread& t : waiters) t.join();
+    for (DrainWaiter& w : waiters) w.thread.join();
     {
       std::lock_guard<std::mutex> lock(hb_mu);
       hb_stop = true;

@@ -646,6 +646,64 @@ TEST_F(ShardServerTest, HealthFollowsLoadingAndShutdown) {
   }
 }
 
+// A drain waits for the open Dispatch streams. An undo meanwhile ends that wait at once: the
+// Drain call answers undone and not drained (a preStop hook must not go on to stop a shard that
+// serves again), the undo's answer says it was taken, and the stream kept open serves on.
+TEST_F(ShardServerTest, AnUndoEndsAWaitingDrainAtOnce) {
+  auto server = StartServer();
+  auto stub = Stub(*server);
+  grpc::ClientContext stream_ctx;
+  auto stream = stub->Dispatch(&stream_ctx);
+  v1::DispatchResponse out;
+  ASSERT_TRUE(stream->Write(Batch(1, 2, {{0, {0, 1}}})));
+  ASSERT_TRUE(stream->Read(&out));  // the stream is open on the shard
+  ASSERT_EQ(out.code(), 0) << out.message();
+
+  v1::DrainResponse drained;
+  grpc::Status drain_status;
+  std::thread drain([&] {
+    grpc::ClientContext ctx;
+    v1::DrainRequest req;
+    req.set_timeout_ms(30000);
+    drain_status = stub->Drain(&ctx, req, &drained);
+  });
+  auto draining = [&] {
+    grpc::ClientContext ctx;
+    v1::ShardStatus st;
+    return stub->GetStatus(&ctx, v1::GetShardStatusRequest(), &st).ok() && st.draining();
+  };
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!draining() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(draining()) << "the drain did not start";
+
+  const auto t0 = std::chrono::steady_clock::now();
+  grpc::ClientContext ctx;
+  v1::DrainRequest undo;
+  undo.set_undo(true);
+  v1::DrainResponse undone;
+  ASSERT_TRUE(stub->Drain(&ctx, undo, &undone).ok());
+  EXPECT_TRUE(undone.undone());
+  EXPECT_TRUE(undone.serving());
+  drain.join();
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_LT(waited, 5.0) << "the drain went on waiting (for up to 30 s) after the undo";
+  ASSERT_TRUE(drain_status.ok()) << drain_status.error_message();
+  EXPECT_TRUE(drained.undone());
+  EXPECT_FALSE(drained.drained());
+  EXPECT_EQ(drained.open_streams(), 1);
+  EXPECT_FALSE(draining());
+
+  const v1::DispatchRequest again = Batch(2, 3, {{1, {0, 2}}});
+  ASSERT_TRUE(stream->Write(again));
+  ASSERT_TRUE(stream->Read(&out));
+  ASSERT_EQ(out.code(), 0) << out.message();
+  ExpectBitIdentical(again, out, {1});
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
 // A peer for copies: it forwards expert 0 from a real shard, and holds the copy of any other
 // expert until Release(), then fails it.
 class HeldPeer final : public v1::ExpertShard::Service {

@@ -23,6 +23,7 @@
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "moe/v1/router.grpc.pb.h"
 #include "router/router_server.h"
+#include "services/coordinator/coordinator_server.h"
 #include "services/common/random_checkpoint.h"
 #include "services/common/safetensors.h"
 #include "tests/reference/test_util.h"
@@ -318,12 +319,13 @@ TEST(RouterShardModel, AShardOfAnotherModelIsLeftOut) {
   (*router)->Shutdown(absl::Milliseconds(100));
 }
 
-// The shard at one address of a fixed --shards list changes under the router: it stops, then a
-// shard of another model starts there (left out of the placement: before 2026-12-02 only the
-// first placement checked, and this one got the router's experts loaded and every batch sent
-// there failed), then one of the router's model (back in the placement and given its experts:
-// the verdict once lasted for the router's lifetime).
-TEST(RouterShardModel, AShardRestartedFromAnotherModelLeavesAndComesBack) {
+// The shard at one address changes under the router: it stops, then a shard of another model
+// starts there (left out of the placement: before 2026-12-02 only the first placement checked,
+// and this one got the router's experts loaded and every batch sent there failed), then one of
+// the router's model (back in the placement and given its experts: the verdict once lasted for
+// the router's lifetime). With `coordinator`, the shards come from its membership, and each
+// stopped shard's lease runs out (it leaves) before the next one joins at its address.
+void RestartFromAnotherModel(bool coordinator) {
   const std::string path = ::moe::testing::TempPath("shard_model_restart.safetensors");
   ASSERT_TRUE(
       common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
@@ -332,8 +334,17 @@ TEST(RouterShardModel, AShardRestartedFromAnotherModelLeavesAndComesBack) {
   const std::string other_path = ::moe::testing::TempPath("shard_model_restart_other.safetensors");
   ASSERT_TRUE(
       common::SaveCheckpoint(other_path, common::MakeRandomCheckpoint({other, true, 6})).ok());
+  std::unique_ptr<coordinator::CoordinatorServer> coord;
   expert::ShardServerOptions so;
   so.checkpoint = path;
+  if (coordinator) {
+    coordinator::CoordinatorOptions co;
+    co.lease = absl::Seconds(1);
+    auto c = coordinator::CoordinatorServer::Start(co);
+    ASSERT_TRUE(c.ok()) << c.status();
+    coord = *std::move(c);
+    so.coordinator = coord->address();
+  }
   auto good = expert::ShardServer::Start(so);
   ASSERT_TRUE(good.ok()) << good.status();
   ASSERT_TRUE((*good)->WaitUntilLoaded(absl::Seconds(30)).ok());
@@ -347,7 +358,11 @@ TEST(RouterShardModel, AShardRestartedFromAnotherModelLeavesAndComesBack) {
   RouterServerOptions o;
   o.checkpoint = path;
   o.strategy = Strategy::kReplicated;
-  o.shards = {(*good)->address(), changing};
+  if (coordinator) {
+    o.coordinator = coord->address();
+  } else {
+    o.shards = {(*good)->address(), changing};
+  }
   o.reconcile_interval = absl::Milliseconds(200);
   auto router = RouterServer::Start(o);
   ASSERT_TRUE(router.ok()) << router.status();
@@ -372,6 +387,14 @@ TEST(RouterShardModel, AShardRestartedFromAnotherModelLeavesAndComesBack) {
       return e.state() == state && e.experts_size() == experts;
     });
   };
+  // Stops `shard`; under the coordinator, returns once the router no longer lists it (it left).
+  auto stop = [&](std::unique_ptr<expert::ShardServer>& shard) {
+    shard->Shutdown(absl::Milliseconds(100));
+    shard.reset();
+    if (coordinator) {
+      EXPECT_TRUE(Eventually([&] { return entry().address().empty(); })) << entry().DebugString();
+    }
+  };
   const std::vector<float> x = common::RandomMatrix(6, kConfig.d_model, 77);
   v1::InferRequest req;
   common::EncodeTensor(x, {6, kConfig.d_model}, common::WireType::kFloat32, req.mutable_tokens());
@@ -383,11 +406,11 @@ TEST(RouterShardModel, AShardRestartedFromAnotherModelLeavesAndComesBack) {
       EXPECT_TRUE(st.ok()) << st.error_message();
     }
   };
-  EXPECT_EQ(entry().state(), "serving");
-  EXPECT_EQ(entry().experts_size(), 4);
-  (*first)->Shutdown(absl::Milliseconds(100));
-  first->reset();
-  ASSERT_TRUE(Eventually([&] { return entry().state() == "unreachable"; }));
+  ASSERT_TRUE(reaches("serving", 4)) << entry().DebugString();
+  stop(*first);
+  if (!coordinator) {
+    ASSERT_TRUE(Eventually([&] { return entry().state() == "unreachable"; }));
+  }
 
   so.checkpoint = other_path;
   so.initial_experts = std::nullopt;  // its own experts
@@ -397,13 +420,12 @@ TEST(RouterShardModel, AShardRestartedFromAnotherModelLeavesAndComesBack) {
   EXPECT_EQ(entry().detail(), absl::StrCat("it serves 4 experts of d_model 8, this router's ",
                                            path, " has 4 of d_model 16"));
   infer_ok();
-  (*wrong)->Shutdown(absl::Milliseconds(100));
-  wrong->reset();
-  // The port stays closed past a few of the router's health checks (every 250 ms), so that the
-  // router's client no longer counts it as answering: the shard back is then read by its
-  // status before its health check has seen it (a switch that would load onto it waits one
-  // tick, and must be tried again).
-  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  stop(*wrong);
+  // With a fixed list, the port stays closed past a few of the router's health checks (every
+  // 250 ms), so that the router's client no longer counts it as answering: the shard back is
+  // then read by its status before its health check has seen it (a switch that would load onto
+  // it waits one tick, and must be tried again).
+  if (!coordinator) std::this_thread::sleep_for(std::chrono::milliseconds(1500));
 
   so.checkpoint = path;
   so.initial_experts = std::vector<int>{};
@@ -413,6 +435,14 @@ TEST(RouterShardModel, AShardRestartedFromAnotherModelLeavesAndComesBack) {
   EXPECT_TRUE(entry().detail().empty());
   infer_ok();
   (*router)->Shutdown(absl::Milliseconds(100));
+}
+
+TEST(RouterShardModel, AShardRestartedFromAnotherModelLeavesAndComesBack) {
+  RestartFromAnotherModel(false);
+}
+
+TEST(RouterShardModel, AMemberRejoiningFromAnotherModelLeavesAndComesBack) {
+  RestartFromAnotherModel(true);
 }
 
 // Options for a shard that starts with `initial` experts (nullopt: every expert).

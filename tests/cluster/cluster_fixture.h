@@ -202,6 +202,17 @@ class ClusterTest : public ::testing::Test {
     std::thread thread_;
   };
 
+  // Token rows the shard whose /metrics is on `port` computed, over every expert (one scrape).
+  static double ShardTokens(int port) {
+    const std::string body = ScrapeBody(port);
+    double sum = 0;
+    for (int e = 0; e < Config().num_experts; ++e) {
+      sum += std::max(0.0, MetricValue(body, "moe_shard_tokens_total{expert=\"" +
+                                                          std::to_string(e) + "\"}"));
+    }
+    return sum;
+  }
+
   static common::Checkpoint* ck_;
   static std::string* path_;
   static router::MoeLayer* layer_;

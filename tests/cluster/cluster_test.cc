@@ -212,7 +212,8 @@ TEST_F(ClusterTest, DrainedShardStopsWithoutAFailover) {
 // A drain that was not followed by a stop can be taken back (`drain --undo`): the shard serves
 // again, the router puts it back in rotation, and it answers requests as before.
 TEST_F(ClusterTest, AnUndoneDrainServesAgain) {
-  auto cluster = Start("replicated", 2);
+  const int metrics = testing::FreePortBlock(3);
+  auto cluster = Start("replicated", 2, {}, {}, metrics);
   ASSERT_NE(cluster, nullptr);
   const std::string shard = cluster->shard_addresses()[1];
   auto client = [&](std::vector<std::string> args, const std::string& says) {
@@ -237,7 +238,8 @@ TEST_F(ClusterTest, AnUndoneDrainServesAgain) {
   ASSERT_TRUE(stub->GetStatus(&ctx, v1::GetShardStatusRequest(), &status).ok());
   EXPECT_FALSE(status.draining());
   EXPECT_TRUE(status.serving());
-  // Requests are answered right with the shard back in rotation.
+  // Requests are answered right with the shard back in rotation, and it computes its share.
+  const double before = ShardTokens(metrics + 2);
   auto router = client::MakeRouterStub(cluster->router_address());
   for (int i = 0; i < 4; ++i) {
     const std::vector<float> x = common::RandomMatrix(32, Config().d_model, 950 + i);
@@ -245,6 +247,7 @@ TEST_F(ClusterTest, AnUndoneDrainServesAgain) {
     ASSERT_TRUE(Infer(router.get(), Request(x, 32, "undone"), &resp).ok());
     EXPECT_TRUE(Matches(x, 32, resp, *layer_));
   }
+  EXPECT_GT(ShardTokens(metrics + 2), before) << "the undone shard was sent no work";
 }
 
 // An expert whose only replica is killed fails its requests at once, UNAVAILABLE naming it and

@@ -96,17 +96,6 @@ class FaultTest : public ClusterTest {
   // The router's port, then each shard's.
   static int MetricsBase(int shards) { return testing::FreePortBlock(1 + shards); }
 
-  // Token rows the shard whose /metrics is on `port` computed, over every expert (one scrape).
-  static double ShardTokens(int port) {
-    const std::string body = testing::ScrapeBody(port);
-    double sum = 0;
-    for (int e = 0; e < Config().num_experts; ++e) {
-      sum += std::max(0.0, testing::MetricValue(body, "moe_shard_tokens_total{expert=\"" +
-                                                          std::to_string(e) + "\"}"));
-    }
-    return sum;
-  }
-
   static double ShardUp(int router_metrics, const std::string& shard) {
     return ScrapeMetric(router_metrics, "moe_shard_up{shard=\"" + shard + "\"}");
   }
