@@ -40,7 +40,7 @@ ShardMetrics::ShardMetrics(prometheus::Registry& registry, int num_experts) {
                           .Help("Batches answered with an error, by reason")
                           .Register(registry);
   for (const char* r : {"queue_full", "invalid", "not_loaded", "cancelled", "deadline",
-                        "too_large", "shutdown", "internal"}) {
+                        "too_large", "shutdown", "other_model", "internal"}) {
     rejected_[r] = &rejected_family_->Add({{"reason", r}});
   }
   auto& queue = prometheus::BuildGauge()

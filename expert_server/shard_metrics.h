@@ -22,7 +22,8 @@ class ShardMetrics {
 
   // One coalesced matmul for `expert`: `batches` dispatched batches, `rows` rows, `seconds`.
   void ObserveCompute(int expert, int batches, int64_t rows, double seconds);
-  // reason: queue_full, invalid, not_loaded, cancelled, deadline, too_large, shutdown.
+  // reason: queue_full, invalid, not_loaded, cancelled, deadline, too_large, shutdown,
+  // other_model.
   void Rejected(const std::string& reason);
   void SetQueue(int64_t rows, int64_t batches);
   void BytesIn(double n) { bytes_in_->Increment(n); }

@@ -367,6 +367,18 @@ class DispatchReactor final
              "invalid");
       return;
     }
+    // Before the rows are read: a router of another model sends rows of another width, which
+    // is no bad input of its client's but a shard in the wrong place.
+    const int64_t width = req.rows().shape_size() == 2 ? req.rows().shape(1) : d;
+    if (req.num_experts() != 0 && (req.num_experts() != impl_->config.num_experts || width != d)) {
+      Reject(id, absl::FailedPreconditionError(absl::StrCat(
+                     "batch ", id, " is for a model of ", req.num_experts(),
+                     " experts of d_model ", width, "; this shard serves ",
+                     impl_->config.num_experts, " of d_model ", d,
+                     ": start it from the router's checkpoint")),
+             "other_model");
+      return;
+    }
     common::DecodeLimits limits;
     limits.max_rank = 2;
     limits.max_elements = max_rows * d;

@@ -22,6 +22,7 @@
 #include "services/common/safetensors.h"
 #include "services/common/server_util.h"
 #include "services/common/tensor_codec.h"
+#include "tests/reference/registry_value.h"
 #include "tests/reference/shard_export.h"
 #include "tests/reference/test_util.h"
 
@@ -122,24 +123,7 @@ class ShardServerTest : public ::testing::Test {
 
   static double Metric(prometheus::Registry& reg, const std::string& name,
                        const std::map<std::string, std::string>& labels = {}) {
-    for (const auto& fam : reg.Collect()) {
-      if (fam.name != name) continue;
-      for (const auto& m : fam.metric) {
-        bool match = true;
-        for (const auto& [k, v] : labels) {
-          bool found = false;
-          for (const auto& l : m.label) found |= l.name == k && l.value == v;
-          match &= found;
-        }
-        if (!match) continue;
-        if (fam.type == prometheus::MetricType::Counter) return m.counter.value;
-        if (fam.type == prometheus::MetricType::Gauge) return m.gauge.value;
-        if (fam.type == prometheus::MetricType::Histogram) {
-          return static_cast<double>(m.histogram.sample_count);
-        }
-      }
-    }
-    return -1;
+    return ::moe::testing::RegistryValue(reg, name, labels);
   }
 
   static common::Checkpoint* ck_;
@@ -345,6 +329,23 @@ TEST_F(ShardServerTest, BadBatchesGetClearErrorsAndTheStreamKeepsServing) {
     r.mutable_rows()->set_dtype(static_cast<v1::DataType>(9));
     cases.push_back({"unknown dtype", r, grpc::INVALID_ARGUMENT, "dtype 9"});
   }
+  // From a router of another model (DispatchRequest.num_experts set): refused as a shard in the
+  // wrong place, which the router fails over, not as the client's bad input.
+  {
+    v1::DispatchRequest r = Batch(12, 2, {{0, {0}}});
+    r.set_num_experts(5);
+    cases.push_back({"another model's experts", r, grpc::FAILED_PRECONDITION,
+                     "batch 12 is for a model of 5 experts of d_model 32; this shard serves 4 of "
+                     "d_model 32: start it from the router's checkpoint"});
+  }
+  {
+    v1::DispatchRequest r = Batch(13, 2, {{0, {0}}});
+    r.set_num_experts(4);
+    r.mutable_rows()->set_shape(1, 31);
+    r.mutable_rows()->mutable_data()->resize(2 * 31 * 4);
+    cases.push_back({"another model's width", r, grpc::FAILED_PRECONDITION,
+                     "is for a model of 4 experts of d_model 31; this shard serves 4 of d_model 32"});
+  }
   for (const Case& c : cases) ASSERT_TRUE(stream->Write(c.req)) << c.name;
   // A good batch after all of them.
   const v1::DispatchRequest good = Batch(50, 3, {{1, {0, 1, 2}}});
@@ -365,6 +366,7 @@ TEST_F(ShardServerTest, BadBatchesGetClearErrorsAndTheStreamKeepsServing) {
   EXPECT_EQ(Output(got[50], 1), Reference(good, 1));
   EXPECT_GE(Metric(*server->registry(), "moe_shard_rejected_batches_total", {{"reason", "invalid"}}), 7);
   EXPECT_EQ(Metric(*server->registry(), "moe_shard_rejected_batches_total", {{"reason", "not_loaded"}}), 1);
+  EXPECT_EQ(Metric(*server->registry(), "moe_shard_rejected_batches_total", {{"reason", "other_model"}}), 2);
 }
 
 TEST_F(ShardServerTest, GarbageThenVanishingStreamDoesNotHurtOthers) {

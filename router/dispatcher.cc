@@ -50,6 +50,7 @@ std::shared_ptr<v1::DispatchRequest> BuildShardRequest(
   auto req = std::make_shared<v1::DispatchRequest>();
   req->set_batch_id(next_batch_id.fetch_add(1, std::memory_order_relaxed));
   req->set_output_dtype(wire == common::WireType::kBFloat16 ? v1::BFLOAT16 : v1::FLOAT32);
+  req->set_num_experts(static_cast<int32_t>(groups.offsets.size()) - 1);
   v1::Tensor* rows = req->mutable_rows();
   std::string* bytes = rows->mutable_data();
   int32_t num_rows = 0;

@@ -22,10 +22,12 @@
 #include "expert_server/state_dir.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "moe/v1/router.grpc.pb.h"
+#include "router/moe_layer.h"
 #include "router/router_server.h"
 #include "services/coordinator/coordinator_server.h"
 #include "services/common/random_checkpoint.h"
 #include "services/common/safetensors.h"
+#include "tests/reference/registry_value.h"
 #include "tests/reference/test_util.h"
 
 namespace moe::router {
@@ -264,17 +266,36 @@ RouterWithShards StartRouterWithShards(const std::string& checkpoint, Strategy s
   return c;
 }
 
+// A checkpoint of the tests' model and one of another model (d_model 8), saved as
+// `name`.safetensors and `name`_other.safetensors; `ok` is false if either could not be saved.
+struct TwoModels {
+  common::Checkpoint ck = common::MakeRandomCheckpoint({kConfig, true, 5});
+  std::string path, other_path;
+  bool ok = false;
+};
+TwoModels SaveTwoModels(const std::string& name) {
+  TwoModels m;
+  m.path = ::moe::testing::TempPath(name + ".safetensors");
+  m.other_path = ::moe::testing::TempPath(name + "_other.safetensors");
+  common::ModelConfig other = kConfig;
+  other.d_model = 8;
+  const absl::Status a = common::SaveCheckpoint(m.path, m.ck);
+  const absl::Status b =
+      common::SaveCheckpoint(m.other_path, common::MakeRandomCheckpoint({other, true, 6}));
+  EXPECT_TRUE(a.ok()) << a;
+  EXPECT_TRUE(b.ok()) << b;
+  m.ok = a.ok() && b.ok();
+  return m;
+}
+
 // A shard started from another model's checkpoint is left out of the placement (every batch
 // sent to it would fail as if the client's tokens were wrong): the router serves on the others,
 // and GetClusterInfo lists it as "incompatible", saying why.
 TEST(RouterShardModel, AShardOfAnotherModelIsLeftOut) {
-  const std::string path = ::moe::testing::TempPath("shard_model_router.safetensors");
-  const common::Checkpoint ck = common::MakeRandomCheckpoint({kConfig, true, 5});
-  ASSERT_TRUE(common::SaveCheckpoint(path, ck).ok());
-  common::ModelConfig other = kConfig;
-  other.d_model = 8;
-  const std::string other_path = ::moe::testing::TempPath("shard_model_other.safetensors");
-  ASSERT_TRUE(common::SaveCheckpoint(other_path, common::MakeRandomCheckpoint({other, true, 6})).ok());
+  const TwoModels models = SaveTwoModels("shard_model_router");
+  ASSERT_TRUE(models.ok);
+  const std::string& path = models.path;
+  const std::string& other_path = models.other_path;
   expert::ShardServerOptions so;
   so.checkpoint = path;
   auto good = expert::ShardServer::Start(so);
@@ -326,14 +347,10 @@ TEST(RouterShardModel, AShardOfAnotherModelIsLeftOut) {
 // the router's lifetime). With `coordinator`, the shards come from its membership, and each
 // stopped shard's lease runs out (it leaves) before the next one joins at its address.
 void RestartFromAnotherModel(bool coordinator) {
-  const std::string path = ::moe::testing::TempPath("shard_model_restart.safetensors");
-  ASSERT_TRUE(
-      common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
-  common::ModelConfig other = kConfig;
-  other.d_model = 8;
-  const std::string other_path = ::moe::testing::TempPath("shard_model_restart_other.safetensors");
-  ASSERT_TRUE(
-      common::SaveCheckpoint(other_path, common::MakeRandomCheckpoint({other, true, 6})).ok());
+  const TwoModels models = SaveTwoModels("shard_model_restart");
+  ASSERT_TRUE(models.ok);
+  const std::string& path = models.path;
+  const std::string& other_path = models.other_path;
   std::unique_ptr<coordinator::CoordinatorServer> coord;
   expert::ShardServerOptions so;
   so.checkpoint = path;
@@ -443,6 +460,81 @@ TEST(RouterShardModel, AShardRestartedFromAnotherModelLeavesAndComesBack) {
 
 TEST(RouterShardModel, AMemberRejoiningFromAnotherModelLeavesAndComesBack) {
   RestartFromAnotherModel(true);
+}
+
+// Between a shard's restart from another model and the router's next status read (a second by
+// default) the shard's health check can put it back in rotation. A batch sent to it then is
+// refused FAILED_PRECONDITION (the batch names the router's model: DispatchRequest.num_experts
+// and the rows' width) and goes to another replica: no request fails, and every answer is the
+// layer's. Here the router reads no status after its first placement, so the window stays open.
+TEST(RouterShardModel, ABatchSentToAShardOfAnotherModelGoesToAnotherReplica) {
+  const TwoModels models = SaveTwoModels("shard_model_window");
+  ASSERT_TRUE(models.ok);
+  const std::string& path = models.path;
+  const std::string& other_path = models.other_path;
+  expert::ShardServerOptions so;
+  so.checkpoint = path;
+  auto good = expert::ShardServer::Start(so);
+  ASSERT_TRUE(good.ok()) << good.status();
+  const int port = ::moe::testing::FreePortBlock(1);
+  ASSERT_GT(port, 0);
+  so.address = absl::StrCat("127.0.0.1:", port);
+  auto first = expert::ShardServer::Start(so);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE((*good)->WaitUntilLoaded(absl::Seconds(30)).ok());
+  ASSERT_TRUE((*first)->WaitUntilLoaded(absl::Seconds(30)).ok());
+  RouterServerOptions o;
+  o.checkpoint = path;
+  o.strategy = Strategy::kReplicated;
+  o.shards = {(*good)->address(), so.address};
+  o.reconcile_interval = absl::Hours(1);
+  auto router = RouterServer::Start(o);
+  ASSERT_TRUE(router.ok()) << router.status();
+  ASSERT_TRUE((*router)->WaitUntilReady(absl::Seconds(60)).ok());
+  auto stub = v1::Router::NewStub(
+      grpc::CreateChannel((*router)->address(), grpc::InsecureChannelCredentials()));
+  auto healthy = [&](bool want) {
+    return Eventually([&] {
+      grpc::ClientContext ctx;
+      v1::ClusterInfo info;
+      if (!stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info).ok()) return false;
+      for (const v1::ShardInfo& si : info.shards()) {
+        if (si.address() == so.address) return si.healthy() == want;
+      }
+      return false;
+    });
+  };
+  (*first)->Shutdown(absl::Milliseconds(100));
+  first->reset();
+  ASSERT_TRUE(healthy(false));
+  so.checkpoint = other_path;
+  auto wrong = expert::ShardServer::Start(so);
+  ASSERT_TRUE(wrong.ok()) << wrong.status();
+  ASSERT_TRUE((*wrong)->WaitUntilLoaded(absl::Seconds(30)).ok());
+  ASSERT_TRUE(healthy(true)) << "the router's health check did not see the shard back";
+
+  auto layer = router::MoeLayer::Create(models.ck);
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  for (int i = 0; i < 8; ++i) {
+    const std::vector<float> x = common::RandomMatrix(6, kConfig.d_model, 300 + i);
+    v1::InferRequest req;
+    common::EncodeTensor(x, {6, kConfig.d_model}, common::WireType::kFloat32,
+                         req.mutable_tokens());
+    grpc::ClientContext ctx;
+    v1::InferResponse resp;
+    const grpc::Status st = stub->Infer(&ctx, req, &resp);
+    ASSERT_TRUE(st.ok()) << "request " << i << ": " << st.error_message();
+    const std::vector<float> got = common::ViewToFloat(*common::DecodeTensor(resp.output(), "y"));
+    const std::vector<float> want = (*layer)->Forward(x.data(), 6)->y;
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t j = 0; j < got.size(); ++j) ASSERT_NEAR(got[j], want[j], 1e-5) << "request " << i;
+  }
+  // The batches did reach the shard of another model, and were refused there.
+  EXPECT_GT(::moe::testing::RegistryValue(*(*wrong)->registry(), "moe_shard_rejected_batches_total",
+                                          {{"reason", "other_model"}}),
+            0);
+  EXPECT_GT(::moe::testing::RegistryValue(*(*router)->registry(), "moe_router_failovers_total"), 0);
+  (*router)->Shutdown(absl::Milliseconds(100));
 }
 
 // Options for a shard that starts with `initial` experts (nullopt: every expert).
