@@ -383,15 +383,21 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // log and as "incompatible" in GetClusterInfo. A shard found compatible is asked again only
   // by Reconcile's status reads (ServesModel), which also catch one restarted from another
   // model; one found incompatible, or never read, is asked on every call, so that it comes back
-  // once restarted from the right checkpoint. One that does not answer keeps its verdict (placed
-  // if none yet). A member that leaves is forgotten (Members).
+  // once restarted from the right checkpoint (one found incompatible only while it answers its
+  // health checks). One that does not answer keeps its verdict (placed if none yet). A member
+  // that leaves is forgotten (Members).
   bool ServesThisModel(ShardClient& c, absl::Duration timeout) {
     auto verdict = [&]() -> std::optional<std::string> {
       std::lock_guard<std::mutex> lock(models_mu);
       auto it = models.find(c.address());
       return it == models.end() ? std::nullopt : std::optional<std::string>(it->second);
     };
-    if (verdict() == "") return true;  // read before, and this router's model
+    const std::optional<std::string> before = verdict();
+    if (before == "") return true;  // read before, and this router's model
+    // Found incompatible and not answering its health checks (stopped, or cut off): not asked,
+    // as each call would hold the control loop for its timeout, every tick. It is asked again
+    // once its health checks are answered.
+    if (before.has_value() && !c.answering()) return false;
     absl::StatusOr<v1::ShardStatus> st = c.GetStatus(timeout);
     if (!st.ok()) return !verdict().has_value();  // no verdict yet: placed as before
     return ServesModel(c.address(), *st);
