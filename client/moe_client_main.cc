@@ -457,10 +457,11 @@ absl::Status Info(const Flags& f) {
                                                                      : "not serving")
                                : si.state() == "incompatible" ? "INCOMPATIBLE"
                                                               : "DOWN";
-    // A shard of another model is no shard of the placement: no index, and why instead of
-    // experts.
-    rows.push_back({si.state() == "incompatible" ? "-" : absl::StrCat(s), si.address(), health,
-                    si.state() == "incompatible" ? si.detail() : absl::StrJoin(si.experts(), ",")});
+    // A shard of another model, or one not placed because it does not answer, is no shard of
+    // the placement (the router says why): no index, and why instead of experts.
+    const bool placed = si.detail().empty();
+    rows.push_back({placed ? absl::StrCat(s) : "-", si.address(), health,
+                    placed ? absl::StrJoin(si.experts(), ",") : si.detail()});
   }
   PrintTable({"shard", "address", "health", "experts"}, rows);
   return absl::OkStatus();

@@ -288,6 +288,31 @@ TwoModels SaveTwoModels(const std::string& name) {
   return m;
 }
 
+// `address`'s entry in the router's GetClusterInfo (empty if not listed).
+v1::ShardInfo ShardEntry(v1::Router::Stub* router, const std::string& address) {
+  grpc::ClientContext ctx;
+  v1::ClusterInfo info;
+  v1::ShardInfo out;
+  if (!router->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info).ok()) return out;
+  for (const v1::ShardInfo& si : info.shards()) {
+    if (si.address() == address) out = si;
+  }
+  return out;
+}
+
+// Four requests of 6 tokens of kConfig's model, each answered OK.
+void ExpectInfersOk(v1::Router::Stub* router) {
+  const std::vector<float> x = common::RandomMatrix(6, kConfig.d_model, 77);
+  v1::InferRequest req;
+  common::EncodeTensor(x, {6, kConfig.d_model}, common::WireType::kFloat32, req.mutable_tokens());
+  for (int i = 0; i < 4; ++i) {
+    grpc::ClientContext ctx;
+    v1::InferResponse resp;
+    const grpc::Status st = router->Infer(&ctx, req, &resp);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+  }
+}
+
 // A shard started from another model's checkpoint is left out of the placement (every batch
 // sent to it would fail as if the client's tokens were wrong): the router serves on the others,
 // and GetClusterInfo lists it as "incompatible", saying why.
@@ -386,17 +411,7 @@ void RestartFromAnotherModel(bool coordinator) {
   ASSERT_TRUE((*router)->WaitUntilReady(absl::Seconds(60)).ok());
   auto stub = v1::Router::NewStub(
       grpc::CreateChannel((*router)->address(), grpc::InsecureChannelCredentials()));
-  // The changing address's entry in GetClusterInfo (empty if not listed).
-  auto entry = [&]() {
-    grpc::ClientContext ctx;
-    v1::ClusterInfo info;
-    v1::ShardInfo out;
-    if (!stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info).ok()) return out;
-    for (const v1::ShardInfo& si : info.shards()) {
-      if (si.address() == changing) out = si;
-    }
-    return out;
-  };
+  auto entry = [&]() { return ShardEntry(stub.get(), changing); };
   // Whether the entry reaches `state` with `experts` placed on it (within Eventually's wait).
   auto reaches = [&](const std::string& state, int experts) {
     return Eventually([&] {
@@ -412,17 +427,7 @@ void RestartFromAnotherModel(bool coordinator) {
       EXPECT_TRUE(Eventually([&] { return entry().address().empty(); })) << entry().DebugString();
     }
   };
-  const std::vector<float> x = common::RandomMatrix(6, kConfig.d_model, 77);
-  v1::InferRequest req;
-  common::EncodeTensor(x, {6, kConfig.d_model}, common::WireType::kFloat32, req.mutable_tokens());
-  auto infer_ok = [&]() {
-    for (int i = 0; i < 4; ++i) {
-      grpc::ClientContext ctx;
-      v1::InferResponse resp;
-      const grpc::Status st = stub->Infer(&ctx, req, &resp);
-      EXPECT_TRUE(st.ok()) << st.error_message();
-    }
-  };
+  auto infer_ok = [&]() { ExpectInfersOk(stub.get()); };
   ASSERT_TRUE(reaches("serving", 4)) << entry().DebugString();
   stop(*first);
   if (!coordinator) {
@@ -580,6 +585,52 @@ TEST(RouterFirstPlacement, UnloadsWhatShardsThatWereStillLoadingDoNotNeed) {
   router->Shutdown(absl::Milliseconds(100));
   for (auto& s : shards) s->Shutdown(absl::Milliseconds(100));
   std::remove(path.c_str());
+}
+
+// A shard of a fixed --shards list that does not answer when the router starts is left out of
+// the first placement, as the coordinator lists only the shards that have joined: the router
+// serves over the others (before 2026-12-02 it never served, and said so twice every 250 ms).
+// GetClusterInfo lists the shard as not placed, and once it answers it is given its experts.
+TEST(RouterFirstPlacement, AShardThatDoesNotAnswerIsLeftOutUntilItDoes) {
+  const std::string path = ::moe::testing::TempPath("first_placement_down.safetensors");
+  ASSERT_TRUE(
+      common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
+  expert::ShardServerOptions so;
+  so.checkpoint = path;
+  auto up = expert::ShardServer::Start(so);
+  ASSERT_TRUE(up.ok()) << up.status();
+  ASSERT_TRUE((*up)->WaitUntilLoaded(absl::Seconds(30)).ok());
+  const int port = ::moe::testing::FreePortBlock(1);
+  ASSERT_GT(port, 0);
+  const std::string down = absl::StrCat("127.0.0.1:", port);
+  RouterServerOptions o;
+  o.checkpoint = path;
+  o.strategy = Strategy::kReplicated;
+  o.shards = {(*up)->address(), down};
+  o.reconcile_interval = absl::Milliseconds(200);
+  auto router = RouterServer::Start(o);
+  ASSERT_TRUE(router.ok()) << router.status();
+  ASSERT_TRUE((*router)->WaitUntilReady(absl::Seconds(60)).ok()) << "it waited for " << down;
+  auto stub = v1::Router::NewStub(
+      grpc::CreateChannel((*router)->address(), grpc::InsecureChannelCredentials()));
+  EXPECT_EQ(ShardEntry(stub.get(), (*up)->address()).experts_size(), 4);
+  const v1::ShardInfo left_out = ShardEntry(stub.get(), down);
+  EXPECT_EQ(left_out.state(), "unreachable");
+  EXPECT_EQ(left_out.experts_size(), 0);
+  EXPECT_EQ(left_out.detail(), "not placed: it does not answer, and is given experts once it does");
+  ExpectInfersOk(stub.get());
+
+  so.address = down;
+  so.initial_experts = std::vector<int>{};  // the router loads them
+  auto late = expert::ShardServer::Start(so);
+  ASSERT_TRUE(late.ok()) << late.status();
+  ASSERT_TRUE(Eventually([&] {
+    const v1::ShardInfo e = ShardEntry(stub.get(), down);
+    return e.state() == "serving" && e.experts_size() == 4 && e.detail().empty();
+  })) << ShardEntry(stub.get(), down).DebugString();
+  EXPECT_EQ(ReadyExperts(**late), (std::set<int>{0, 1, 2, 3}));
+  ExpectInfersOk(stub.get());
+  (*router)->Shutdown(absl::Milliseconds(100));
 }
 
 // A router that starts while a shard still reads a trained expert back from its --state-dir

@@ -131,8 +131,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // why it is another's.
   std::mutex models_mu;
   std::map<std::string, std::string> models;
+  // Shards (members, or of a fixed --shards list) left out of the placement because they do
+  // not answer: GetClusterInfo lists them (models_mu).
+  std::set<std::string> not_placed;
   // Why Reconcile could not follow the last change of the shards (logged once per reason).
   std::string membership_wait;
+  // The shards the first placement could not read on its last try (placement_mu): the control
+  // loop tries again at once without them (see ControlLoop).
+  std::vector<std::string> first_unread;
+  // The last "not applied" line Apply wrote (placement_mu): the same failure is said once.
+  std::string last_not_applied;
   // Experts that lost their training while this router ran (SaveCheckpoint names them).
   std::mutex lost_mu;
   std::set<int> lost_training;
@@ -523,11 +531,15 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     absl::Status st = SwitchLocked(std::move(next), std::move(next_shards));
     // One line per change for the operator (the placement table is in GetPlacement).
     if (st.ok()) {
+      last_not_applied.clear();
       std::fprintf(stderr, "moe-router: placement version %llu applied: %s\n",
                    static_cast<unsigned long long>(version), what.c_str());
     } else {
-      std::fprintf(stderr, "moe-router: %s not applied, the current placement stays: %s\n",
-                   what.c_str(), std::string(st.message()).c_str());
+      // The first placement and Reconcile try again every tick: a failure is said once.
+      const std::string line = absl::StrCat(what, " not applied, the current placement stays: ",
+                                            st.message());
+      if (line != last_not_applied) std::fprintf(stderr, "moe-router: %s\n", line.c_str());
+      last_not_applied = line;
     }
     return st;
   }
@@ -636,11 +648,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // --state-dir, or a copy an earlier router asked for), what it holds is not known yet: an
   // expert being read from --state-dir may carry training no other replica has. So the shards
   // are read again every 100 ms until none is loading and each that holds experts serves
-  // (UNAVAILABLE after 10 s: the first placement is tried again). A shard that does not answer
-  // counts as holding nothing, unless the others were trained: it may hold the only trained
-  // replica of an expert, so the placement waits for it (UNAVAILABLE, tried again).
+  // (UNAVAILABLE after 10 s: the first placement is tried again). A shard whose status cannot
+  // be read makes the placement wait when the others were trained: it may hold the only
+  // trained replica of an expert (UNAVAILABLE, tried again). Otherwise one that does not answer
+  // at all is listed in `*unread_out` (address, why), and one that answers counts as holding
+  // nothing.
   absl::StatusOr<RoutingTable> ObserveShards(
-      const std::vector<std::shared_ptr<ShardClient>>& shards, bool* trained) {
+      const std::vector<std::shared_ptr<ShardClient>>& shards, bool* trained,
+      std::vector<std::pair<std::string, std::string>>* unread_out) {
     const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
     // Kept across passes: a shard seen loading and unreadable since is still waited for, and
     // training seen once (on an expert since unloaded or unreadable) is not forgotten.
@@ -699,16 +714,25 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         std::this_thread::sleep_for(std::chrono::milliseconds(100));
         continue;
       }
-      for (const auto& [address, why] : unread) {
-        std::fprintf(stderr, "moe-router: cannot read what %s holds (%s); placing as if it held "
-                     "nothing\n", address.c_str(), why.c_str());
-      }
       *trained = *trained || latest_step > 0;
       WarnIfGateBehind(latest_step);
       if (*trained && !unread.empty()) {
         return absl::UnavailableError(absl::StrCat(
             "the shards were trained, and what ", unread.front().first, " holds cannot be read: "
             "it may hold the only trained replica of an expert"));
+      }
+      // Of those not read, the ones that do not answer at all (nor a health check) are for the
+      // caller to leave out; one that answers (its status failing alone) holds nothing here.
+      unread_out->clear();
+      for (const auto& [address, why] : unread) {
+        std::shared_ptr<ShardClient> c = ClientFor(address);
+        c->CheckHealthNow();
+        if (!c->answering()) {
+          unread_out->emplace_back(address, why);
+        } else {
+          std::fprintf(stderr, "moe-router: cannot read what %s holds (%s); placing as if it "
+                       "held nothing\n", address.c_str(), why.c_str());
+        }
       }
       version = std::max(version, seen.placement.version);
       return seen;
@@ -735,7 +759,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // and trained under a router before this one): see ObserveShards.
     bool trained = steps_done.load() > 0;
     if (old == nullptr) {
-      ASSIGN_OR_RETURN(RoutingTable seen, ObserveShards(next_shards, &trained));
+      std::vector<std::pair<std::string, std::string>> unread;
+      ASSIGN_OR_RETURN(RoutingTable seen, ObserveShards(next_shards, &trained, &unread));
+      first_unread.clear();
+      if (!unread.empty()) {
+        // Not trained (ObserveShards waits otherwise): the control loop places without them.
+        for (const auto& [address, why] : unread) first_unread.push_back(address);
+        return absl::UnavailableError(absl::StrCat(absl::StrJoin(first_unread, ", "),
+                                                   unread.size() == 1 ? " does" : " do",
+                                                   " not answer (", unread.front().second, ")"));
+      }
       old = std::make_shared<const RoutingTable>(std::move(seen));
     }
     if (shutting_down.load()) return absl::CancelledError("the router is shutting down");
@@ -1045,6 +1078,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return out;
   }
 
+  void SetNotPlaced(std::set<std::string> addresses) {
+    std::lock_guard<std::mutex> lock(models_mu);
+    not_placed = std::move(addresses);
+  }
+
   void NoteLostTraining(int expert) {
     std::lock_guard<std::mutex> lock(lost_mu);
     lost_training.insert(expert);
@@ -1078,12 +1116,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           if (p.ok()) onto_down = LoadsOntoDown(*p, *members, reachable, t->placement, t->shards);
           if (p.ok() && onto_down.empty()) {
             t.reset();
-            Apply(*p, *members).IgnoreError();
+            if (Apply(*p, *members).ok()) SetNotPlaced({});
             return;
           }
+          SetNotPlaced(onto_down);
           const std::string why =
               p.ok() ? absl::StrCat("it would load experts onto ", absl::StrJoin(onto_down, ", "),
-                                    ", which do not answer")
+                                    onto_down.size() == 1 ? ", which does not answer"
+                                                          : ", which do not answer")
                      : std::string(p.status().message());
           if (why != membership_wait) {
             membership_wait = why;
@@ -1093,6 +1133,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           }
         } else {
           membership_wait.clear();
+          SetNotPlaced({});
         }
       }
     }
@@ -1164,10 +1205,35 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (!ready.HasBeenNotified()) {
         absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> members =
             Members(absl::Seconds(2));
-        absl::StatusOr<Placement> p =
-            members.ok() ? Propose(strategy.load(), static_cast<int>(members->size()))
-                         : absl::StatusOr<Placement>(members.status());
-        absl::Status st = p.ok() ? Apply(*p, *members) : p.status();
+        absl::Status st = members.status();
+        // Shards that cannot be read are left out of the first placement, as the coordinator
+        // lists only the shards that have joined: the router serves over those that answer,
+        // and Reconcile gives the others experts once they do (a fixed --shards list with one
+        // shard down never served). Not when the shards were trained (ObserveShards waits).
+        for (int attempt = 0; members.ok() && attempt < 2; ++attempt) {
+          absl::StatusOr<Placement> p =
+              Propose(strategy.load(), static_cast<int>(members->size()));
+          st = p.ok() ? Apply(*p, *members) : p.status();
+          std::vector<std::string> unread;
+          {
+            std::lock_guard<std::mutex> l(placement_mu);
+            unread.swap(first_unread);
+          }
+          if (st.ok() || unread.empty()) break;
+          SetNotPlaced({unread.begin(), unread.end()});
+          if (unread.size() >= members->size()) break;  // none answers: tried again next tick
+          std::erase_if(*members, [&](const std::shared_ptr<ShardClient>& c) {
+            return std::find(unread.begin(), unread.end(), c->address()) != unread.end();
+          });
+          std::fprintf(stderr,
+                       "moe-router: the first placement goes ahead over the %zu %s, "
+                       "without %s; %s given experts once %s\n",
+                       members->size(), members->size() == 1 ? "shard that answers"
+                                                            : "shards that answer",
+                       absl::StrJoin(unread, ", ").c_str(),
+                       unread.size() == 1 ? "it is" : "they are",
+                       unread.size() == 1 ? "it answers" : "they answer");
+        }
         if (st.ok()) {
           server->GetHealthCheckService()->SetServingStatus(true);
           ready.Notify();
@@ -1449,6 +1515,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         si->set_address(address);
         si->set_state("incompatible");
         si->set_detail(why);
+      }
+      for (const std::string& address : not_placed) {
+        bool listed = false;
+        for (const auto& placed : info->shards()) listed = listed || placed.address() == address;
+        if (listed) continue;
+        v1::ShardInfo* si = info->add_shards();
+        si->set_address(address);
+        si->set_healthy(false);
+        si->set_state("unreachable");
+        si->set_detail("not placed: it does not answer, and is given experts once it does");
       }
     }
     Answer(reactor, "GetClusterInfo", start, grpc::Status::OK);
