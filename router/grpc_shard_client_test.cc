@@ -633,6 +633,39 @@ TEST(RouterFirstPlacement, AShardThatDoesNotAnswerIsLeftOutUntilItDoes) {
   (*router)->Shutdown(absl::Milliseconds(100));
 }
 
+// A shard that comes back after the first placement holding every expert (`--experts all`, the
+// default) is unloaded down to its part of the placement. Before 2026-12-02 only the first
+// placement unloaded, and a restarted shard kept every expert loaded for good.
+TEST(RouterReconcile, AShardBackWithEveryExpertKeepsOnlyItsPart) {
+  const std::string path = ::moe::testing::TempPath("reconcile_extras.safetensors");
+  ASSERT_TRUE(
+      common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
+  RouterWithShards cluster = StartRouterWithShards(
+      path, Strategy::kSharded, {Starting(std::nullopt), Starting(std::nullopt)});
+  ASSERT_NE(cluster.router, nullptr);
+  auto& shards = cluster.shards;
+  const std::set<int> want[2] = {{0, 1}, {2, 3}};
+  ASSERT_TRUE(Eventually([&] {
+    return ReadyExperts(*shards[0]) == want[0] && ReadyExperts(*shards[1]) == want[1];
+  }));
+  const std::string address = shards[1]->address();
+  shards[1]->Shutdown(absl::Milliseconds(100));
+  shards[1].reset();
+  expert::ShardServerOptions so = Starting(std::nullopt);
+  so.checkpoint = path;
+  so.address = address;
+  auto back = expert::ShardServer::Start(so);
+  ASSERT_TRUE(back.ok()) << back.status();
+  ASSERT_TRUE((*back)->WaitUntilLoaded(absl::Seconds(30)).ok());
+  EXPECT_TRUE(Eventually([&] { return ReadyExperts(**back) == want[1]; }))
+      << "shard back with every expert still holds " << ReadyExperts(**back).size();
+  EXPECT_EQ(ReadyExperts(*shards[0]), want[0]);
+  auto stub = v1::Router::NewStub(
+      grpc::CreateChannel(cluster.router->address(), grpc::InsecureChannelCredentials()));
+  ExpectInfersOk(stub.get());
+  cluster.router->Shutdown(absl::Milliseconds(100));
+}
+
 // A router that starts while a shard still reads a trained expert back from its --state-dir
 // waits for it: the first placement then copies that expert, with its training, to where it
 // places it. Until 2026-12-01 the shard counted as holding nothing while it loaded, so the

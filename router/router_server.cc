@@ -907,6 +907,46 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     std::set<int> loading;
   };
 
+  // Unloads what a shard holds beyond its part of placement `t` (`held`: this tick's statuses).
+  // A shard that joins or comes back after the first placement with experts of its own (the
+  // default `--experts all`, or ones read back from --state-dir) kept them loaded for good:
+  // only the first placement unloaded. So do the loads of a switch that failed half-way. Not
+  // while a switch runs or after one ran since `held` was read (placement_mu, and the table
+  // still `t`): its new replicas would look like extras. Kept: a replica trained past every
+  // placed replica of its expert read READY this tick (it may hold training they lack).
+  void UnloadExtras(const std::shared_ptr<const RoutingTable>& t,
+                    const std::vector<Holding>& held) {
+    const int S = static_cast<int>(t->shards.size());
+    std::vector<std::vector<int>> extras(S);
+    bool any = false;
+    for (int s = 0; s < S; ++s) {
+      for (const auto& [e, step] : held[s].ready) {
+        if (e < 0 || e >= config.num_experts || t->placement.Holds(s, e)) continue;
+        bool covered = step == 0;
+        for (int r : t->placement.replicas[e]) {
+          auto it = held[r].ready.find(e);
+          covered = covered || (it != held[r].ready.end() && it->second >= step);
+        }
+        if (!covered) continue;
+        extras[s].push_back(e);
+        any = true;
+      }
+    }
+    if (!any || shutting_down.load()) return;
+    std::unique_lock<std::mutex> lock(placement_mu, std::try_to_lock);
+    if (!lock.owns_lock() || Table() != t) return;  // a switch runs or ran: next tick
+    for (int s = 0; s < S; ++s) {
+      if (extras[s].empty()) continue;
+      const absl::Status st =
+          t->shards[s]->UnloadExperts(extras[s], t->placement.version, absl::Seconds(10)).status();
+      std::fprintf(stderr, "moe-router: shard %s held experts %s beyond its part of placement "
+                   "version %llu: %s\n", t->shards[s]->address().c_str(),
+                   absl::StrJoin(extras[s], ",").c_str(),
+                   static_cast<unsigned long long>(t->placement.version),
+                   st.ok() ? "unloaded" : std::string(st.message()).c_str());
+    }
+  }
+
   // Loads `missing[s]` on each shard s of `t`, with train_mu held. Untrained weights come from
   // the checkpoint. Trained ones (`trained`) come from the replica that has the expert READY at
   // the latest step (`held`; one in rotation on a tie). When every other replica answered
@@ -1174,6 +1214,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         }
       }
     }
+    UnloadExtras(t, held);
     const std::vector<double> load = load_stats->Load();
     const double imbalance = Imbalance(t->placement, load, InRotation(*t));
     metrics->SetImbalance(imbalance);
