@@ -422,7 +422,8 @@ absl::Status DrainCmd(const Flags& f) {
   }
   if (resp.undone()) {
     return absl::AbortedError(absl::StrCat(
-        addr, ": the drain was undone (drain --undo) while it waited: the shard serves again"));
+        addr, ": the drain was undone (drain --undo) while it waited; drain it again before "
+              "stopping it"));
   }
   if (!resp.drained()) {
     return absl::DeadlineExceededError(absl::StrCat(

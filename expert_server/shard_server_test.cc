@@ -663,12 +663,23 @@ TEST_F(ShardServerTest, AnUndoEndsAWaitingDrainAtOnce) {
 
   v1::DrainResponse drained;
   grpc::Status drain_status;
+  grpc::ClientContext drain_ctx;
   std::thread drain([&] {
-    grpc::ClientContext ctx;
     v1::DrainRequest req;
     req.set_timeout_ms(30000);
-    drain_status = stub->Drain(&ctx, req, &drained);
+    drain_status = stub->Drain(&drain_ctx, req, &drained);
   });
+  // Joined however the test ends (a failed ASSERT returns early): cancelled first if still
+  // waiting.
+  struct Joiner {
+    std::thread& t;
+    grpc::ClientContext& ctx;
+    ~Joiner() {
+      if (!t.joinable()) return;
+      ctx.TryCancel();
+      t.join();
+    }
+  } joiner{drain, drain_ctx};
   auto draining = [&] {
     grpc::ClientContext ctx;
     v1::ShardStatus st;

@@ -381,7 +381,7 @@ void RestartFromAnotherModel(bool coordinator) {
   so.checkpoint = path;
   if (coordinator) {
     coordinator::CoordinatorOptions co;
-    co.lease = absl::Seconds(1);
+    co.lease = absl::Seconds(2);  // a stopped shard leaves within it; heartbeats every 500 ms
     auto c = coordinator::CoordinatorServer::Start(co);
     ASSERT_TRUE(c.ok()) << c.status();
     coord = *std::move(c);
@@ -588,13 +588,31 @@ TEST(RouterFirstPlacement, UnloadsWhatShardsThatWereStillLoadingDoNotNeed) {
 }
 
 // A shard of a fixed --shards list that does not answer when the router starts is left out of
-// the first placement, as the coordinator lists only the shards that have joined: the router
-// serves over the others (before 2026-12-02 it never served, and said so twice every 250 ms).
-// GetClusterInfo lists the shard as not placed, and once it answers it is given its experts.
-TEST(RouterFirstPlacement, AShardThatDoesNotAnswerIsLeftOutUntilItDoes) {
+// the first placement once it has not answered for `leave_out_after`, as the coordinator lists
+// only the shards that have joined: the router serves over the others (before 2026-12-02 it
+// never served, and said so twice every 250 ms). GetClusterInfo lists the shard as not placed,
+// and once it answers it is given its experts. With `trained`, the router's --state-dir keeps
+// a gate of a training step: the down shard may hold an expert's only trained replica, so the
+// first placement waits for it instead.
+void LeaveOutAShardThatDoesNotAnswer(bool trained) {
   const std::string path = ::moe::testing::TempPath("first_placement_down.safetensors");
-  ASSERT_TRUE(
-      common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
+  const common::Checkpoint ck = common::MakeRandomCheckpoint({kConfig, true, 5});
+  ASSERT_TRUE(common::SaveCheckpoint(path, ck).ok());
+  const std::string dir = ::moe::testing::TempPath("first_placement_down_state");
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  if (trained) {
+    common::SafetensorsWriter w;  // as KeepGate writes it after step 7
+    w.SetMetadata("train_step", "7");
+    w.SetMetadata("steps_done", "1");
+    w.SetMetadata("checkpoint_gate", common::GateFingerprint(ck.gate));
+    ASSERT_TRUE(w.AddF32("gate.weight", {kConfig.num_experts, kConfig.d_model}, ck.gate.weight)
+                    .ok());
+    if (!ck.gate.bias.empty()) {
+      ASSERT_TRUE(w.AddF32("gate.bias", {kConfig.num_experts}, ck.gate.bias).ok());
+    }
+    ASSERT_TRUE(w.Write(dir + "/gate.safetensors").ok());
+  }
   expert::ShardServerOptions so;
   so.checkpoint = path;
   auto up = expert::ShardServer::Start(so);
@@ -608,22 +626,30 @@ TEST(RouterFirstPlacement, AShardThatDoesNotAnswerIsLeftOutUntilItDoes) {
   o.strategy = Strategy::kReplicated;
   o.shards = {(*up)->address(), down};
   o.reconcile_interval = absl::Milliseconds(200);
+  o.leave_out_after = absl::Seconds(1);
+  o.state_dir = dir;
   auto router = RouterServer::Start(o);
   ASSERT_TRUE(router.ok()) << router.status();
-  ASSERT_TRUE((*router)->WaitUntilReady(absl::Seconds(60)).ok()) << "it waited for " << down;
   auto stub = v1::Router::NewStub(
       grpc::CreateChannel((*router)->address(), grpc::InsecureChannelCredentials()));
-  EXPECT_EQ(ShardEntry(stub.get(), (*up)->address()).experts_size(), 4);
+  if (trained) {
+    EXPECT_FALSE((*router)->WaitUntilReady(absl::Seconds(3)).ok())
+        << "a trained model was served without " << down;
+  } else {
+    ASSERT_TRUE((*router)->WaitUntilReady(absl::Seconds(60)).ok()) << "it waited for " << down;
+    EXPECT_EQ(ShardEntry(stub.get(), (*up)->address()).experts_size(), 4);
+    ExpectInfersOk(stub.get());
+  }
   const v1::ShardInfo left_out = ShardEntry(stub.get(), down);
   EXPECT_EQ(left_out.state(), "unreachable");
   EXPECT_EQ(left_out.experts_size(), 0);
   EXPECT_EQ(left_out.detail(), "not placed: it does not answer, and is given experts once it does");
-  ExpectInfersOk(stub.get());
 
   so.address = down;
   so.initial_experts = std::vector<int>{};  // the router loads them
   auto late = expert::ShardServer::Start(so);
   ASSERT_TRUE(late.ok()) << late.status();
+  ASSERT_TRUE((*router)->WaitUntilReady(absl::Seconds(60)).ok());
   ASSERT_TRUE(Eventually([&] {
     const v1::ShardInfo e = ShardEntry(stub.get(), down);
     return e.state() == "serving" && e.experts_size() == 4 && e.detail().empty();
@@ -631,6 +657,15 @@ TEST(RouterFirstPlacement, AShardThatDoesNotAnswerIsLeftOutUntilItDoes) {
   EXPECT_EQ(ReadyExperts(**late), (std::set<int>{0, 1, 2, 3}));
   ExpectInfersOk(stub.get());
   (*router)->Shutdown(absl::Milliseconds(100));
+  std::filesystem::remove_all(dir);
+}
+
+TEST(RouterFirstPlacement, AShardThatDoesNotAnswerIsLeftOutUntilItDoes) {
+  LeaveOutAShardThatDoesNotAnswer(false);
+}
+
+TEST(RouterFirstPlacement, AShardThatDoesNotAnswerIsWaitedForWhenTheGateWasTrained) {
+  LeaveOutAShardThatDoesNotAnswer(true);
 }
 
 // A shard that comes back after the first placement holding every expert (`--experts all`, the
@@ -640,8 +675,14 @@ TEST(RouterReconcile, AShardBackWithEveryExpertKeepsOnlyItsPart) {
   const std::string path = ::moe::testing::TempPath("reconcile_extras.safetensors");
   ASSERT_TRUE(
       common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
-  RouterWithShards cluster = StartRouterWithShards(
-      path, Strategy::kSharded, {Starting(std::nullopt), Starting(std::nullopt)});
+  // The shard that restarts listens on a port of a block set aside, not one the kernel picked:
+  // a kernel-picked port can be taken meanwhile by a connection of the router's (self-connect).
+  const int port = ::moe::testing::FreePortBlock(1);
+  ASSERT_GT(port, 0);
+  expert::ShardServerOptions second = Starting(std::nullopt);
+  second.address = absl::StrCat("127.0.0.1:", port);
+  RouterWithShards cluster =
+      StartRouterWithShards(path, Strategy::kSharded, {Starting(std::nullopt), second});
   ASSERT_NE(cluster.router, nullptr);
   auto& shards = cluster.shards;
   const std::set<int> want[2] = {{0, 1}, {2, 3}};
@@ -662,6 +703,52 @@ TEST(RouterReconcile, AShardBackWithEveryExpertKeepsOnlyItsPart) {
   EXPECT_EQ(ReadyExperts(*shards[0]), want[0]);
   auto stub = v1::Router::NewStub(
       grpc::CreateChannel(cluster.router->address(), grpc::InsecureChannelCredentials()));
+  ExpectInfersOk(stub.get());
+  cluster.router->Shutdown(absl::Milliseconds(100));
+}
+
+// A switch that fails half-way leaves its new replicas on the shards it reached, which have
+// taken its version number. Reconcile unloads them, with the router's latest version number:
+// the table's is older than theirs, and was refused (said every tick) until 2026-12-02.
+TEST(RouterReconcile, TheReplicasOfAFailedSwitchAreUnloaded) {
+  const std::string path = ::moe::testing::TempPath("reconcile_failed_switch.safetensors");
+  ASSERT_TRUE(
+      common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
+  RouterWithShards cluster =
+      StartRouterWithShards(path, Strategy::kSharded,
+                            {Starting(std::nullopt), Starting(std::nullopt)});
+  ASSERT_NE(cluster.router, nullptr);
+  auto& shards = cluster.shards;
+  const std::set<int> want[2] = {{0, 1}, {2, 3}};
+  ASSERT_TRUE(Eventually([&] {
+    return ReadyExperts(*shards[0]) == want[0] && ReadyExperts(*shards[1]) == want[1];
+  }));
+  {
+    // Shard 1 has seen a later placement (as under another router): it refuses the switch's
+    // loads, after shard 0 has taken them.
+    auto shard = v1::ExpertShard::NewStub(
+        grpc::CreateChannel(shards[1]->address(), grpc::InsecureChannelCredentials()));
+    grpc::ClientContext ctx;
+    v1::UnloadExpertsRequest req;
+    req.set_placement_version(1000);
+    v1::ShardStatus st;
+    ASSERT_TRUE(shard->UnloadExperts(&ctx, req, &st).ok());
+  }
+  auto stub = v1::Router::NewStub(
+      grpc::CreateChannel(cluster.router->address(), grpc::InsecureChannelCredentials()));
+  {
+    grpc::ClientContext ctx;
+    v1::RebalanceRequest req;
+    req.set_strategy("replicated");
+    v1::Placement p;
+    const grpc::Status st = stub->Rebalance(&ctx, req, &p);
+    ASSERT_FALSE(st.ok()) << "the switch was meant to fail";
+    EXPECT_NE(st.error_message().find("older than the shard's version 1000"), std::string::npos)
+        << st.error_message();
+  }
+  EXPECT_TRUE(Eventually([&] { return ReadyExperts(*shards[0]) == want[0]; }))
+      << "shard 0 keeps the failed switch's replicas: " << ReadyExperts(*shards[0]).size();
+  EXPECT_EQ(ReadyExperts(*shards[1]), want[1]);
   ExpectInfersOk(stub.get());
   cluster.router->Shutdown(absl::Milliseconds(100));
 }

@@ -139,8 +139,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // The shards the first placement could not read on its last try (placement_mu): the control
   // loop tries again at once without them (see ControlLoop).
   std::vector<std::string> first_unread;
+  std::string first_wait;  // why the first placement last waited (said once; control loop)
   // The last "not applied" line Apply wrote (placement_mu): the same failure is said once.
   std::string last_not_applied;
+  std::string extras_failed;  // UnloadExtras' last failure (said once; placement_mu)
   // Experts that lost their training while this router ran (SaveCheckpoint names them).
   std::mutex lost_mu;
   std::set<int> lost_training;
@@ -536,8 +538,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                    static_cast<unsigned long long>(version), what.c_str());
     } else {
       // The first placement and Reconcile try again every tick: a failure is said once.
-      const std::string line = absl::StrCat(what, " not applied, the current placement stays: ",
-                                            st.message());
+      const std::string line = absl::StrCat(
+          what, " not applied, ",
+          Table() == nullptr ? "the router serves once one is" : "the current placement stays",
+          ": ", st.message());
       if (line != last_not_applied) std::fprintf(stderr, "moe-router: %s\n", line.c_str());
       last_not_applied = line;
     }
@@ -937,13 +941,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (!lock.owns_lock() || Table() != t) return;  // a switch runs or ran: next tick
     for (int s = 0; s < S; ++s) {
       if (extras[s].empty()) continue;
+      // The router's latest version number, not the table's: a switch that failed had the
+      // shards that it reached raise theirs to its number, and they refuse any older one.
       const absl::Status st =
-          t->shards[s]->UnloadExperts(extras[s], t->placement.version, absl::Seconds(10)).status();
-      std::fprintf(stderr, "moe-router: shard %s held experts %s beyond its part of placement "
-                   "version %llu: %s\n", t->shards[s]->address().c_str(),
-                   absl::StrJoin(extras[s], ",").c_str(),
-                   static_cast<unsigned long long>(t->placement.version),
-                   st.ok() ? "unloaded" : std::string(st.message()).c_str());
+          t->shards[s]->UnloadExperts(extras[s], version, absl::Seconds(10)).status();
+      const std::string line = absl::StrCat(
+          "shard ", t->shards[s]->address(), " held experts ", absl::StrJoin(extras[s], ","),
+          " beyond its part of placement version ", t->placement.version, ": ",
+          st.ok() ? "unloaded" : st.message());
+      if (st.ok() || line != extras_failed) std::fprintf(stderr, "moe-router: %s\n", line.c_str());
+      extras_failed = st.ok() ? "" : line;  // a failure is said once
     }
   }
 
@@ -1159,7 +1166,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
             if (Apply(*p, *members).ok()) SetNotPlaced({});
             return;
           }
-          SetNotPlaced(onto_down);
+          if (p.ok()) SetNotPlaced(onto_down);
           const std::string why =
               p.ok() ? absl::StrCat("it would load experts onto ", absl::StrJoin(onto_down, ", "),
                                     onto_down.size() == 1 ? ", which does not answer"
@@ -1239,42 +1246,82 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
   }
 
+  // One try of the first placement. Shards that do not answer (ObserveShards) are left out once
+  // none of them has answered for `leave_out_after`, as the coordinator lists only the shards that
+  // have joined: the router serves over those that answer, and Reconcile gives the others
+  // experts once they do (before, a fixed --shards list with one shard down never served).
+  // Until then a slow shard is waited for. Never when this router's kept gate says the model
+  // was trained: a shard that is down may hold an expert's only trained replica (ObserveShards
+  // waits already when a shard that answers holds trained experts).
+  absl::Status FirstPlacement(
+      std::map<std::string, std::chrono::steady_clock::time_point>* unread_since) {
+    absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> members = Members(absl::Seconds(2));
+    if (!members.ok()) return members.status();
+    std::vector<std::string> left_out;
+    absl::Status st;
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      absl::StatusOr<Placement> p = Propose(strategy.load(), static_cast<int>(members->size()));
+      st = p.ok() ? Apply(*p, *members) : p.status();
+      std::vector<std::string> unread;
+      {
+        std::lock_guard<std::mutex> l(placement_mu);
+        unread.swap(first_unread);
+      }
+      const auto now = std::chrono::steady_clock::now();
+      for (auto it = unread_since->begin(); it != unread_since->end();) {
+        const bool still = std::find(unread.begin(), unread.end(), it->first) != unread.end();
+        it = still ? std::next(it) : unread_since->erase(it);
+      }
+      for (const std::string& a : unread) unread_since->try_emplace(a, now);
+      if (st.ok() || unread.empty()) break;
+      SetNotPlaced({unread.begin(), unread.end()});
+      if (unread.size() >= members->size()) break;  // none answers: Apply said why
+      std::string wait;
+      if (restored_steps > 0 || gate_step > 0) {
+        wait = absl::StrCat("the model was trained (the gate kept in --state-dir is at step ",
+                            gate_step, "), and ", absl::StrJoin(unread, ", "),
+                            " may hold the only trained replica of an expert");
+      } else {
+        for (const std::string& a : unread) {
+          if (now - unread_since->at(a) < absl::ToChronoNanoseconds(options.leave_out_after)) {
+            wait = absl::StrCat(a, " does not answer, and may only be slow: a shard is left out "
+                                "once it has not answered for ",
+                                absl::FormatDuration(options.leave_out_after));
+          }
+        }
+      }
+      if (!wait.empty()) {
+        if (wait != first_wait) std::fprintf(stderr, "moe-router: the first placement waits: %s\n",
+                                             wait.c_str());
+        first_wait = wait;
+        break;
+      }
+      std::erase_if(*members, [&](const std::shared_ptr<ShardClient>& c) {
+        return std::find(unread.begin(), unread.end(), c->address()) != unread.end();
+      });
+      left_out.insert(left_out.end(), unread.begin(), unread.end());
+    }
+    if (st.ok() && !left_out.empty()) {
+      std::fprintf(stderr,
+                   "moe-router: the first placement went ahead over the %zu %s, without %s; "
+                   "%s given experts once %s\n",
+                   members->size(), members->size() == 1 ? "shard that answers"
+                                                        : "shards that answer",
+                   absl::StrJoin(left_out, ", ").c_str(),
+                   left_out.size() == 1 ? "it is" : "they are",
+                   left_out.size() == 1 ? "it answers" : "they answer");
+    }
+    return st;
+  }
+
   void ControlLoop() {
+    // Since when each shard the first placement could not read has not answered.
+    std::map<std::string, std::chrono::steady_clock::time_point> unread_since;
     std::unique_lock<std::mutex> lock(control_mu);
     while (!stopping) {
       lock.unlock();
       if (!ready.HasBeenNotified()) {
-        absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> members =
-            Members(absl::Seconds(2));
-        absl::Status st = members.status();
-        // Shards that cannot be read are left out of the first placement, as the coordinator
-        // lists only the shards that have joined: the router serves over those that answer,
-        // and Reconcile gives the others experts once they do (a fixed --shards list with one
-        // shard down never served). Not when the shards were trained (ObserveShards waits).
-        for (int attempt = 0; members.ok() && attempt < 2; ++attempt) {
-          absl::StatusOr<Placement> p =
-              Propose(strategy.load(), static_cast<int>(members->size()));
-          st = p.ok() ? Apply(*p, *members) : p.status();
-          std::vector<std::string> unread;
-          {
-            std::lock_guard<std::mutex> l(placement_mu);
-            unread.swap(first_unread);
-          }
-          if (st.ok() || unread.empty()) break;
-          SetNotPlaced({unread.begin(), unread.end()});
-          if (unread.size() >= members->size()) break;  // none answers: tried again next tick
-          std::erase_if(*members, [&](const std::shared_ptr<ShardClient>& c) {
-            return std::find(unread.begin(), unread.end(), c->address()) != unread.end();
-          });
-          std::fprintf(stderr,
-                       "moe-router: the first placement goes ahead over the %zu %s, "
-                       "without %s; %s given experts once %s\n",
-                       members->size(), members->size() == 1 ? "shard that answers"
-                                                            : "shards that answer",
-                       absl::StrJoin(unread, ", ").c_str(),
-                       unread.size() == 1 ? "it is" : "they are",
-                       unread.size() == 1 ? "it answers" : "they answer");
-        }
+        const absl::Status st = FirstPlacement(&unread_since);
         if (st.ok()) {
           server->GetHealthCheckService()->SetServingStatus(true);
           ready.Notify();

@@ -47,6 +47,9 @@ struct RouterServerOptions {
   double imbalance_threshold = 0.2;
   absl::Duration rebalance_cooldown = absl::Seconds(5);
   absl::Duration reconcile_interval = absl::Seconds(1);
+  // The first placement leaves out a shard that has not answered for this long (a slow one is
+  // waited for until then); not when the router's kept gate says the model was trained.
+  absl::Duration leave_out_after = absl::Seconds(10);
   int64_t max_batch_tokens = 8192;
   // Infer requests (InferStream's included) being answered at once; past it, RESOURCE_EXHAUSTED.
   int64_t max_inflight_requests = 1024;
