@@ -89,7 +89,7 @@ commands:
   save-checkpoint --router HOST:PORT --path PATH
       the current (trained) weights as a safetensors checkpoint on the router's file system
   load --router HOST:PORT [--checkpoint PATH --zipf S] [--concurrency C] [--batch-size N]
-       [--duration SECONDS] [--requests R] [--seed S] [--hot-order K]
+       [--duration SECONDS] [--requests R] [--seed S] [--hot-order K] [--stall-s 35]
       a load generator: C concurrent InferStream streams of N-token requests; with a checkpoint
       and --zipf, expert popularity follows a Zipf law of exponent S: each token's top-k
       experts are drawn by it without replacement (expert 0 the most popular; with
@@ -99,8 +99,9 @@ commands:
       answered; with --duration, whichever comes first. Ctrl-C stops it early: the table of
       the run so far, then exit by SIGINT (status 130). A stream the router ends with
       UNAVAILABLE (a restart, a shutdown) is opened again once the router serves again (up
-      to 30 s); its unanswered requests count as errors. Defaults: C 4, N 64, 10 seconds, random
-      tokens without --zipf, seed 1.
+      to 30 s); its unanswered requests count as errors. No answer at all for --stall-s
+      seconds (default 35, past the router's 30 s deadline) ends the run early. Defaults: C 4,
+      N 64, 10 seconds, random tokens without --zipf, seed 1.
   demo --checkpoint PATH [--batches B] [--batch-size N] [--tensor-prefix P]
       run the in-process layer on random batches; print tokens/s and per-expert load
       (defaults: B 20, N 256)
@@ -660,9 +661,10 @@ constexpr auto kReconnectWait = std::chrono::seconds(30);
 // deadline of its own. A slow router that still answers is waited for.
 constexpr auto kDrainWait = std::chrono::seconds(10);
 // No answer for this long ends a run early (`--requests N` would otherwise wait for a stalled
-// router for good): longer than the router's default deadline (--timeout-s 30), within which a
-// router that serves answers every request, if only with an error.
-constexpr auto kStallWait = std::chrono::seconds(35);
+// router for good), unless --stall-s says otherwise: longer than the router's default deadline
+// (--timeout-s 30), within which a router that serves answers every request, if only with an
+// error.
+constexpr int64_t kStallSeconds = 35;
 
 absl::Status Load(const Flags& f) {
   ASSIGN_OR_RETURN(std::string addr, f.Require("router"));
@@ -674,6 +676,9 @@ absl::Status Load(const Flags& f) {
   ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 1));
   ASSIGN_OR_RETURN(int64_t window, f.GetInt("window", 2));
   ASSIGN_OR_RETURN(int64_t hot_order, f.GetInt("hot-order", 0));
+  ASSIGN_OR_RETURN(int64_t stall_s, f.GetInt("stall-s", kStallSeconds));
+  RETURN_IF_ERROR(AtLeast(f, "stall-s", stall_s, 1));
+  const auto stall_wait = std::chrono::seconds(stall_s);
   RETURN_IF_ERROR(AtLeast(f, "concurrency", concurrency, 1));
   RETURN_IF_ERROR(AtLeast(f, "batch-size", batch, 1));
   RETURN_IF_ERROR(AtLeast(f, "window", window, 1));
@@ -756,7 +761,7 @@ absl::Status Load(const Flags& f) {
       dropped{0};
   std::atomic<int> workers_done{0}, reconnecting{0};
   std::atomic<bool> gave_up{false};  // a worker's router did not serve again within the wait
-  std::atomic<bool> ended{false};    // no answer for kStallWait: workers send no more
+  std::atomic<bool> ended{false};    // no answer for stall_wait: workers send no more
   // Each worker's open stream, so that answers still missing kDrainWait after the run can be
   // given up (TryCancel); `cancelled` tells a stream opened after that to end at once.
   std::mutex streams_mu;
@@ -902,7 +907,7 @@ absl::Status Load(const Flags& f) {
   std::optional<std::chrono::steady_clock::time_point> over;
   std::chrono::steady_clock::time_point last_word;  // over, or the last answer after it
   bool drain_noted = false;
-  bool stalled = false;  // no answer for kStallWait ended the run
+  bool stalled = false;  // no answer for stall_wait ended the run
   while (workers_done.load() < concurrency) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     const auto now = std::chrono::steady_clock::now();
@@ -919,18 +924,18 @@ absl::Status Load(const Flags& f) {
                                               ? absl::StrFormat(", no answer for %.0f s", silent)
                                               : ""));
     // With --requests, over once all are answered (a slow router is waited for: a stalled one
-    // is caught by kStallWait below).
+    // is caught by stall_wait below).
     if (!over && (load_interrupted.load() || now >= end ||
                   (max_requests > 0 && completed.load() >= max_requests))) {
       over = now;
     }
     if (!over && reconnecting.load() == 0 &&
-        now - last_answer() >= kStallWait) {
+        now - last_answer() >= stall_wait) {
       over = now;
       stalled = true;
       ended = true;
       progress.Note(absl::StrFormat("no answer for %lld s: the run ends here",
-                                    static_cast<long long>(kStallWait.count())));
+                                    static_cast<long long>(stall_s)));
     }
     if (!over) continue;
     last_word = std::max(*over, last_answer());
@@ -968,7 +973,7 @@ absl::Status Load(const Flags& f) {
   if (stalled) {
     std::printf("the router answered nothing for %lld s, so the run ended early: the figures "
                 "cover the requests sent until then\n",
-                static_cast<long long>(kStallWait.count()));
+                static_cast<long long>(stall_s));
   }
   if (cancelled) {
     std::printf("answers still missing after %lld s without one, once the run was over, were "
@@ -1154,7 +1159,7 @@ int Main(int argc, char** argv) {
       {"load",
        {{{"router", true}, {"checkpoint", true}, {"tensor-prefix", true}, {"zipf", true},
          {"hot-order", true}, {"concurrency", true}, {"batch-size", true}, {"duration", true},
-         {"requests", true}, {"seed", true}, {"window", true}},
+         {"requests", true}, {"seed", true}, {"window", true}, {"stall-s", true}},
         Load}},
       {"demo",
        {{{"checkpoint", true}, {"batches", true}, {"batch-size", true}, {"tensor-prefix", true},

@@ -6,7 +6,9 @@ good once its duration was over. Now it waits for the answers in flight until no
 
 Checked: load exits 0 within its duration plus that wait (and some slack); it says the answers
 were given up and asks whether the router is stalled; its table counts them as CANCELLED (at
-most the streams' windows) and nothing else as an error.
+most the streams' windows) and nothing else as an error. Then the same with `--requests` and no
+duration, which would wait for good: no answer for `--stall-s` (3 s here, 35 by default) ends
+the run, and load says so.
 
 usage: load_router_stall_test.py BUILD_DIR WORK_DIR
 """
@@ -25,35 +27,51 @@ ck = small_checkpoint(client, work)
 cluster_log = open(f"{work}/moe-cluster.stderr", "w+")
 cluster, router = local_cluster.start(bin_dir, ck, "--shards", "2", stderr=cluster_log)
 pid = router_pid(cluster)
+
+
+def stalled_run(args, limit, says):
+    """Runs load with `args`, stops the router 1.5 s in, and checks that load ends within
+    `limit` s, exit 0, saying `says`, its errors the CANCELLED answers in flight only."""
+    start = time.monotonic()
+    load = subprocess.Popen([client, "load", "--router", router, "--concurrency", "2",
+                             "--batch-size", "8"] + args,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)  # the load runs for a while (its table must show OK requests)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            out, err = load.communicate(timeout=limit + 30)
+        except subprocess.TimeoutExpired:
+            load.kill()
+            out, err = load.communicate()
+            checks.failures.append(f"load {args} still ran {limit + 30} s after it started:\n"
+                                   f"{out}{err[-2000:]}")
+            return
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    took = time.monotonic() - start
+    expect(load.returncode == 0, f"load {args} exit {load.returncode}:\n{out}{err[-2000:]}")
+    expect(took < limit, f"load {args} took {took:.1f} s (at most {limit} s expected)")
+    for line in says:
+        expect(line in out, f"load {args} did not say {line!r}:\n{out}")
+    by_code = codes(out)
+    expect(by_code.get("OK", 0) > 0, f"no request OK:\n{out}")
+    expect(set(by_code) <= {"OK", "CANCELLED"}, f"errors other than CANCELLED:\n{out}")
+    expect(1 <= by_code.get("CANCELLED", 0) <= 4,
+           f"the requests in flight (1 to 4) should be counted CANCELLED:\n{out}")
+
+
 try:
     duration = 4
-    start = time.monotonic()
-    load = subprocess.Popen([client, "load", "--router", router, "--duration", str(duration),
-                             "--concurrency", "2", "--batch-size", "8"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)  # the load runs for a while (its table must show OK requests)
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        out, err = load.communicate(timeout=duration + 40)
-    except subprocess.TimeoutExpired:
-        load.kill()
-        out, err = load.communicate()
-        checks.failures.append(f"load still ran {duration + 40} s after it started:\n{out}{err[-2000:]}")
-    took = time.monotonic() - start
-    if not checks.failures:
-        expect(load.returncode == 0, f"load exit {load.returncode}:\n{out}{err[-2000:]}")
-        expect(took < duration + 10 + 10, f"load took {took:.1f} s for a {duration} s run")
-        expect("given up" in out and "is the router stalled?" in out,
-               f"load did not say it gave up the answers in flight:\n{out}")
-        by_code = codes(out)
-        expect(by_code.get("OK", 0) > 0, f"no request OK:\n{out}")
-        expect(set(by_code) <= {"OK", "CANCELLED"}, f"errors other than CANCELLED:\n{out}")
-        expect(1 <= by_code.get("CANCELLED", 0) <= 4,
-               f"the requests in flight (1 to 4) should be counted CANCELLED:\n{out}")
+    # The duration, then 10 s without an answer, and slack.
+    stalled_run(["--duration", str(duration)], duration + 10 + 10,
+                ["given up", "is the router stalled?"])
+    # 1.5 s, then --stall-s 3 without an answer, then 10 s more for the answers in flight.
+    stalled_run(["--requests", "1000000", "--stall-s", "3"], 1.5 + 3 + 10 + 10,
+                ["the router answered nothing for 3 s, so the run ended early", "given up"])
 finally:
-    os.kill(pid, signal.SIGCONT)
     cluster.terminate()
     cluster.wait(timeout=30)
     cluster_log.close()
 checks.services_clean(cluster_log.name)
-checks.finish("load gave up the answers of a stalled router and ended")
+checks.finish("load gave up the answers of a stalled router and ended (by --duration and by --stall-s)")
