@@ -147,7 +147,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::mutex lost_mu;
   std::set<int> lost_training;
   std::mutex placement_mu;                     // serialises placement changes
-  uint64_t version = 0;
+  // The latest placement version a switch took (written under placement_mu). A switch that failed
+  // took one too, and the shards it reached have it: calls to them send at least this.
+  std::atomic<uint64_t> version{0};
   // Written by Rebalance (a pool thread), read by the control loop.
   std::atomic<std::chrono::steady_clock::time_point> last_rebalance{
       std::chrono::steady_clock::now()};
@@ -525,7 +527,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   // Loads the new replicas everywhere (copied from a live replica once the model has trained,
   // else from the checkpoint), switches, then lets the old ones drain away.
-  absl::Status Apply(Placement next, std::vector<std::shared_ptr<ShardClient>> next_shards) {
+  // `user`: asked for by a Rebalance call, whose failure is said every time (the control loop
+  // tries again every tick, and says a failure once per reason).
+  absl::Status Apply(Placement next, std::vector<std::shared_ptr<ShardClient>> next_shards,
+                     bool user = false) {
     std::lock_guard<std::mutex> lock(placement_mu);
     const std::string what = absl::StrCat(StrategyName(next.strategy), " placement over ",
                                           next_shards.size(),
@@ -535,15 +540,17 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (st.ok()) {
       last_not_applied.clear();
       std::fprintf(stderr, "moe-router: placement version %llu applied: %s\n",
-                   static_cast<unsigned long long>(version), what.c_str());
+                   static_cast<unsigned long long>(version.load()), what.c_str());
     } else {
       // The first placement and Reconcile try again every tick: a failure is said once.
       const std::string line = absl::StrCat(
           what, " not applied, ",
           Table() == nullptr ? "the router serves once one is" : "the current placement stays",
           ": ", st.message());
-      if (line != last_not_applied) std::fprintf(stderr, "moe-router: %s\n", line.c_str());
-      last_not_applied = line;
+      if (user || line != last_not_applied) {
+        std::fprintf(stderr, "moe-router: %s\n", line.c_str());
+      }
+      if (!user) last_not_applied = line;
     }
     return st;
   }
@@ -738,7 +745,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                        "held nothing\n", address.c_str(), why.c_str());
         }
       }
-      version = std::max(version, seen.placement.version);
+      version = std::max(version.load(), seen.placement.version);
       return seen;
     }
   }
@@ -862,7 +869,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         // joined after this router's first placement read the shards): the next attempt is
         // numbered past it, rather than counting up to it one refused attempt at a time.
         absl::StatusOr<v1::ShardStatus> st = next_shards[s]->GetStatus(absl::Seconds(2));
-        if (st.ok()) version = std::max<uint64_t>(version, st->placement_version());
+        if (st.ok()) version = std::max<uint64_t>(version.load(), st->placement_version());
       }
     }
     for (int s = 0; s < S; ++s) {
@@ -944,7 +951,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       // The router's latest version number, not the table's: a switch that failed had the
       // shards that it reached raise theirs to its number, and they refuse any older one.
       const absl::Status st =
-          t->shards[s]->UnloadExperts(extras[s], version, absl::Seconds(10)).status();
+          t->shards[s]->UnloadExperts(extras[s], version.load(), absl::Seconds(10)).status();
       const std::string line = absl::StrCat(
           "shard ", t->shards[s]->address(), " held experts ", absl::StrJoin(extras[s], ","),
           " beyond its part of placement version ", t->placement.version, ": ",
@@ -994,7 +1001,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         }
       }
       for (const auto& [source, experts] : by_source) {
-        t.shards[s]->LoadExperts(experts, t.placement.version, source, absl::Minutes(5))
+        t.shards[s]->LoadExperts(experts, std::max(t.placement.version, version.load()), source,
+                                 absl::Minutes(5))
             .IgnoreError();
       }
     }
@@ -1084,7 +1092,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     for (int s = 0; s < S; ++s) {
       for (const auto& [source, experts] : stale[s]) {
         absl::Status st =
-            t.shards[s]->LoadExperts(experts, t.placement.version, source, absl::Minutes(5))
+            t.shards[s]->LoadExperts(experts, std::max(t.placement.version, version.load()),
+                                     source, absl::Minutes(5))
                 .status();
         if (st.ok()) {
           metrics->StaleReplicasRecopied(static_cast<int>(experts.size()));
@@ -1687,7 +1696,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
               "Bring the shard back, or choose dynamic, which places replicas only on shards in "
               "rotation"));
         }
-        RETURN_IF_ERROR(Apply(p, std::move(current)));
+        RETURN_IF_ERROR(Apply(p, std::move(current), /*user=*/true));
         p = Table()->placement;
       }
       *out = ToProto(p, !req->dry_run());
