@@ -142,7 +142,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::string first_wait;  // why the first placement last waited (said once; control loop)
   // The last "not applied" line Apply wrote (placement_mu): the same failure is said once.
   std::string last_not_applied;
-  std::string extras_failed;  // UnloadExtras' last failure (said once; placement_mu)
+  // UnloadExtras' last failure on each shard (said once; placement_mu).
+  std::map<std::string, std::string> extras_failed;
   // Experts that lost their training while this router ran (SaveCheckpoint names them).
   std::mutex lost_mu;
   std::set<int> lost_training;
@@ -956,8 +957,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           "shard ", t->shards[s]->address(), " held experts ", absl::StrJoin(extras[s], ","),
           " beyond its part of placement version ", t->placement.version, ": ",
           st.ok() ? "unloaded" : st.message());
-      if (st.ok() || line != extras_failed) std::fprintf(stderr, "moe-router: %s\n", line.c_str());
-      extras_failed = st.ok() ? "" : line;  // a failure is said once
+      std::string& said = extras_failed[t->shards[s]->address()];
+      if (st.ok() || line != said) std::fprintf(stderr, "moe-router: %s\n", line.c_str());
+      said = st.ok() ? "" : line;  // a failure is said once
     }
   }
 
@@ -1266,7 +1268,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       std::map<std::string, std::chrono::steady_clock::time_point>* unread_since) {
     absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> members = Members(absl::Seconds(2));
     if (!members.ok()) return members.status();
-    std::vector<std::string> left_out;
+    std::vector<std::string> all;  // the members of this try, before any is left out
+    for (const auto& c : *members) all.push_back(c->address());
+    std::set<std::string> left_out;
+    std::string wait;
     absl::Status st;
     for (int attempt = 0; attempt < 2; ++attempt) {
       absl::StatusOr<Placement> p = Propose(strategy.load(), static_cast<int>(members->size()));
@@ -1276,19 +1281,25 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         std::lock_guard<std::mutex> l(placement_mu);
         unread.swap(first_unread);
       }
+      // A shard stops counting as silent once it has left the members or answers its health
+      // checks; not because this attempt did not read it (it was left out, or the attempt
+      // failed before reading).
       const auto now = std::chrono::steady_clock::now();
       for (auto it = unread_since->begin(); it != unread_since->end();) {
-        const bool still = std::find(unread.begin(), unread.end(), it->first) != unread.end();
-        it = still ? std::next(it) : unread_since->erase(it);
+        const bool member = std::find(all.begin(), all.end(), it->first) != all.end();
+        it = member && !ClientFor(it->first)->answering() ? std::next(it)
+                                                          : unread_since->erase(it);
       }
       for (const std::string& a : unread) unread_since->try_emplace(a, now);
       if (st.ok() || unread.empty()) break;
-      SetNotPlaced({unread.begin(), unread.end()});
+      std::set<std::string> not_answering = left_out;
+      not_answering.insert(unread.begin(), unread.end());
+      SetNotPlaced(not_answering);
       if (unread.size() >= members->size()) break;  // none answers: Apply said why
-      std::string wait;
       if (restored_steps > 0 || gate_step > 0) {
-        wait = absl::StrCat("the model was trained (the gate kept in --state-dir is at step ",
-                            gate_step, "), and ", absl::StrJoin(unread, ", "),
+        wait = absl::StrCat("the model was trained (the gate kept in --state-dir has ",
+                            restored_steps, " training steps), and ",
+                            absl::StrJoin(unread, ", "),
                             " may hold the only trained replica of an expert");
       } else {
         for (const std::string& a : unread) {
@@ -1299,17 +1310,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           }
         }
       }
-      if (!wait.empty()) {
-        if (wait != first_wait) std::fprintf(stderr, "moe-router: the first placement waits: %s\n",
-                                             wait.c_str());
-        first_wait = wait;
-        break;
-      }
+      if (!wait.empty()) break;
       std::erase_if(*members, [&](const std::shared_ptr<ShardClient>& c) {
         return std::find(unread.begin(), unread.end(), c->address()) != unread.end();
       });
-      left_out.insert(left_out.end(), unread.begin(), unread.end());
+      left_out.insert(unread.begin(), unread.end());
     }
+    if (!wait.empty() && wait != first_wait) {
+      std::fprintf(stderr, "moe-router: the first placement waits: %s\n", wait.c_str());
+    }
+    first_wait = wait;  // said again if it comes back after something else
     if (st.ok() && !left_out.empty()) {
       std::fprintf(stderr,
                    "moe-router: the first placement went ahead over the %zu %s, without %s; "

@@ -169,9 +169,10 @@ absl::Status Trainer::SettleAbort(const RoutingTable& table, size_t shard, uint6
     }
     by_source[source].push_back(e);
   }
+  // Version 0: a roll-back changes no placement, and the shard may have taken a later version
+  // than the table's (from a switch that failed), which would refuse the table's.
   for (const auto& [source, experts] : by_source) {
-    RETURN_IF_ERROR(
-        s->RollBackExperts(experts, table.placement.version, source, absl::Minutes(5)).status());
+    RETURN_IF_ERROR(s->RollBackExperts(experts, 0, source, absl::Minutes(5)).status());
   }
   std::fprintf(stderr,
                "moe-router: step %llu: %s had applied it although every other shard aborted "

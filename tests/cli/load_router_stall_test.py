@@ -29,26 +29,42 @@ cluster, router = local_cluster.start(bin_dir, ck, "--shards", "2", stderr=clust
 pid = router_pid(cluster)
 
 
-def stalled_run(args, limit, says):
-    """Runs load with `args`, stops the router 1.5 s in, and checks that load ends within
-    `limit` s, exit 0, saying `says`, its errors the CANCELLED answers in flight only."""
+def serving_again():
+    """Waits (up to 30 s) until the router lists every shard up again: a stopped router's
+    streams to the shards broke meanwhile, and their shards come back with a health check."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        info = subprocess.run([client, "info", "--router", router], capture_output=True,
+                              text=True)
+        up = [line for line in info.stdout.splitlines()
+              if len(line.split()) >= 3 and line.split()[2] == "up"]
+        if info.returncode == 0 and len(up) == 2:
+            return
+        time.sleep(0.2)
+    checks.failures.append(f"the router's shards did not come back up:\n{info.stdout}")
+
+
+def stalled_run(args, stop_after, limit, says):
+    """Runs load with `args`, stops the router `stop_after` s in, and checks that load ends
+    within `limit` s, exit 0, saying `says`, its errors the CANCELLED answers in flight only."""
     start = time.monotonic()
     load = subprocess.Popen([client, "load", "--router", router, "--concurrency", "2",
                              "--batch-size", "8"] + args,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.5)  # the load runs for a while (its table must show OK requests)
+        time.sleep(stop_after)  # the load runs for a while (its table must show OK requests)
         os.kill(pid, signal.SIGSTOP)
         try:
-            out, err = load.communicate(timeout=limit + 30)
+            out, err = load.communicate(timeout=limit + 10)
         except subprocess.TimeoutExpired:
             load.kill()
             out, err = load.communicate()
-            checks.failures.append(f"load {args} still ran {limit + 30} s after it started:\n"
+            checks.failures.append(f"load {args} still ran {limit + 10} s after it started:\n"
                                    f"{out}{err[-2000:]}")
             return
     finally:
         os.kill(pid, signal.SIGCONT)
+        serving_again()
     took = time.monotonic() - start
     expect(load.returncode == 0, f"load {args} exit {load.returncode}:\n{out}{err[-2000:]}")
     expect(took < limit, f"load {args} took {took:.1f} s (at most {limit} s expected)")
@@ -64,10 +80,11 @@ def stalled_run(args, limit, says):
 try:
     duration = 4
     # The duration, then 10 s without an answer, and slack.
-    stalled_run(["--duration", str(duration)], duration + 10 + 10,
+    stalled_run(["--duration", str(duration)], 1.5, duration + 10 + 10,
                 ["given up", "is the router stalled?"])
-    # 1.5 s, then --stall-s 3 without an answer, then 10 s more for the answers in flight.
-    stalled_run(["--requests", "1000000", "--stall-s", "3"], 1.5 + 3 + 10 + 10,
+    # Stopped 4.5 s in (past --stall-s 3: the silence counts from the last answer, not from
+    # the start), then 3 s without an answer, then 10 s more for the answers in flight.
+    stalled_run(["--requests", "1000000", "--stall-s", "3"], 4.5, 4.5 + 3 + 10 + 10,
                 ["the router answered nothing for 3 s, so the run ended early", "given up"])
 finally:
     cluster.terminate()
