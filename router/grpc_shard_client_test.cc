@@ -500,13 +500,8 @@ TEST(RouterShardModel, ABatchSentToAShardOfAnotherModelGoesToAnotherReplica) {
       grpc::CreateChannel((*router)->address(), grpc::InsecureChannelCredentials()));
   auto healthy = [&](bool want) {
     return Eventually([&] {
-      grpc::ClientContext ctx;
-      v1::ClusterInfo info;
-      if (!stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info).ok()) return false;
-      for (const v1::ShardInfo& si : info.shards()) {
-        if (si.address() == so.address) return si.healthy() == want;
-      }
-      return false;
+      const v1::ShardInfo e = ShardEntry(stub.get(), so.address);
+      return e.address() == so.address && e.healthy() == want;  // listed, and as `want`
     });
   };
   (*first)->Shutdown(absl::Milliseconds(100));

@@ -1609,14 +1609,18 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       si->set_placement_version(t->placement.version);
     }
     {
+      // The entry of `address` among those listed so far, or null.
+      auto listed = [&](const std::string& address) -> v1::ShardInfo* {
+        for (auto& placed : *info->mutable_shards()) {
+          if (placed.address() == address) return &placed;
+        }
+        return nullptr;
+      };
       std::lock_guard<std::mutex> lock(models_mu);
       for (const auto& [address, why] : models) {
         if (why.empty()) continue;  // this router's model
         // One still placed (found by the last status read, taken out on the next tick).
-        v1::ShardInfo* si = nullptr;
-        for (auto& placed : *info->mutable_shards()) {
-          if (placed.address() == address) si = &placed;
-        }
+        v1::ShardInfo* si = listed(address);
         if (si == nullptr) si = info->add_shards();
         si->set_healthy(false);
         si->set_address(address);
@@ -1624,9 +1628,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         si->set_detail(why);
       }
       for (const std::string& address : not_placed) {
-        bool listed = false;
-        for (const auto& placed : info->shards()) listed = listed || placed.address() == address;
-        if (listed) continue;
+        if (listed(address) != nullptr) continue;
         v1::ShardInfo* si = info->add_shards();
         si->set_address(address);
         si->set_healthy(false);
