@@ -1,5 +1,6 @@
 #include "router/dispatcher.h"
 
+#include <algorithm>
 #include <atomic>
 #include <map>
 #include <set>
@@ -11,6 +12,7 @@
 #include "router/trainer.h"
 #include "services/common/notification.h"
 #include "services/common/random_checkpoint.h"
+#include "services/common/status_macros.h"
 
 namespace moe::router {
 namespace {
@@ -65,15 +67,17 @@ class FakeShard : public ShardClient {
   void CheckHealthNow() override {}
   int64_t outstanding_rows() const override { return outstanding; }
   const std::string& address() const override { return name_; }
-  absl::StatusOr<v1::ShardStatus> LoadExperts(const std::vector<int>& experts, uint64_t,
+  absl::StatusOr<v1::ShardStatus> LoadExperts(const std::vector<int>& experts, uint64_t version,
                                               const std::string& source, absl::Duration) override {
+    RETURN_IF_ERROR(CheckVersion(version));
     loads.push_back({experts, source});
     return v1::ShardStatus();
   }
   // Gives the experts the weights (the steps) of their replicas on `source`, one of `peers`.
-  absl::StatusOr<v1::ShardStatus> RollBackExperts(const std::vector<int>& experts, uint64_t,
-                                                  const std::string& source,
+  absl::StatusOr<v1::ShardStatus> RollBackExperts(const std::vector<int>& experts,
+                                                  uint64_t version, const std::string& source,
                                                   absl::Duration) override {
+    RETURN_IF_ERROR(CheckVersion(version));
     rollbacks.push_back({experts, source});
     const FakeShard* from = peers != nullptr && peers->count(source) ? peers->at(source) : nullptr;
     for (int e : experts) {
@@ -85,9 +89,19 @@ class FakeShard : public ShardClient {
     }
     return v1::ShardStatus();
   }
-  absl::StatusOr<v1::ShardStatus> UnloadExperts(const std::vector<int>&, uint64_t,
+  absl::StatusOr<v1::ShardStatus> UnloadExperts(const std::vector<int>&, uint64_t version,
                                                 absl::Duration) override {
+    RETURN_IF_ERROR(CheckVersion(version));
     return v1::ShardStatus();
+  }
+  // A placement version as a shard's store checks it: an older one is refused, 0 never is.
+  absl::Status CheckVersion(uint64_t v) {
+    if (v != 0 && v < version) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          name_, ": placement version ", v, " is older than the shard's version ", version));
+    }
+    version = std::max(version, v);
+    return absl::OkStatus();
   }
   // Every expert, with the last step whose commit this fake applied to it.
   absl::StatusOr<v1::ShardStatus> GetStatus(absl::Duration) override {
@@ -159,6 +173,7 @@ class FakeShard : public ShardClient {
   bool never_answer = false;
   bool repeat_first_output = false;  // answers a batch of several experts malformed
   int64_t outstanding = 0;  // what outstanding_rows() reports
+  uint64_t version = 0;     // the highest placement version taken
   int finish_failures = 0;  // FinishStep fails this many more times
   int step_failures = 0;    // GetStep fails this many more times
   std::vector<std::pair<std::vector<int>, std::string>> loads;  // experts, source peer
@@ -889,6 +904,27 @@ TEST(Trainer, AReplicaThatCarriesTheUpdateIsNoSourceForGivingItBack) {
   ASSERT_EQ(t.rig.fakes[0]->rollbacks.size(), 1u);
   EXPECT_EQ(t.rig.fakes[0]->rollbacks[0].second, "shard2");
   EXPECT_TRUE(t.rig.fakes[0]->trained.empty()) << "an expert kept the aborted update";
+}
+
+// A shard that took the loads of a switch that failed half-way holds that switch's placement
+// version, above the table's, and refuses the table's. Giving an aborted update back changes no
+// placement and carries version 0, which no shard refuses: with the table's version the shard
+// stayed unsettled, and every step waited for it until it restarted.
+TEST(Trainer, AnUpdateIsGivenBackToAShardAheadOfTheTablesPlacementVersion) {
+  LostVerdictRig t(/*reached=*/1, /*verdict=*/true);
+  t.rig.fakes[0]->step_failures = 1000;
+  EXPECT_EQ(t.Step().status().code(), absl::StatusCode::kAborted);
+  t.rig.fakes[0]->step_failures = 0;
+  ASSERT_FALSE(t.rig.fakes[0]->trained.empty());
+  t.rig.fakes[0]->version = t.rig.table.placement.version + 5;  // the failed switch's
+  const absl::Status settled = t.trainer.RetryConfirmations(t.rig.table);
+  EXPECT_TRUE(settled.ok()) << settled;
+  ASSERT_EQ(t.rig.fakes[0]->rollbacks.size(), 1u);
+  EXPECT_TRUE(t.rig.fakes[0]->trained.empty()) << "an expert kept the aborted update";
+  EXPECT_EQ(t.rig.fakes[0]->version, t.rig.table.placement.version + 5);
+  absl::StatusOr<TrainResult> next = t.Step();
+  EXPECT_NE(next.status().code(), absl::StatusCode::kUnavailable)
+      << "the next step still waits for the shard: " << next.status();
 }
 
 // A switch not yet applied does not settle: its table may not list what the shard holds.
