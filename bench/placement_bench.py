@@ -6,11 +6,14 @@ rounds that load the two clusters in turn (both are up at once). Three
 popularity orders: by expert id (expert 0 the most popular: the hot experts are exactly the ones
 hybrid replicates everywhere, hybrid's best case), a seeded shuffle (which experts are hot is
 not known in advance, what dynamic placement is for), and reversed (the hot experts are the ones
-hybrid does not replicate, its worst case). Prints a line per round and per placement and writes JSON
-lines to the file given as the first argument.
+hybrid does not replicate, its worst case). Each at two request sizes, 64 and 256 tokens: at 64 an
+expert's weight read (12 MiB, whatever its rows) is most of a shard's time for it, at 256 its
+rows are. Prints a line per round and per placement and writes JSON lines to the file given as
+the first argument.
 
 usage: placement_bench.py OUT.jsonl BIN_DIR [SECONDS]
 """
+import itertools
 import json
 import os
 import re
@@ -31,10 +34,10 @@ subprocess.run([f"{bin_dir}/moe-client", "init-checkpoint", "--out", ck, "--expe
                 "--gated", "--seed", "1"], check=True, stdout=subprocess.DEVNULL)
 
 
-def load(router, duration, hot_order):
+def load(router, duration, hot_order, batch):
     r = subprocess.run([f"{bin_dir}/moe-client", "load", "--router", router, "--checkpoint", ck,
                         "--zipf", "1.2", "--hot-order", str(hot_order), "--concurrency", "4",
-                        "--batch-size", "64", "--duration", str(duration)],
+                        "--batch-size", str(batch), "--duration", str(duration)],
                        capture_output=True, text=True, check=True)
     tps = float(re.search(r"tokens/s\s+([0-9.]+)", r.stdout).group(1))
     p99 = float(re.search(r"p99 latency \(ms\)\s+([0-9.]+)", r.stdout).group(1))
@@ -72,6 +75,11 @@ if not cpu_quota_possible():
     SHARD_CPUS = "pinned"
     SHARD_LIMIT = ["--pin-shards"]
 ORDERS = [("by_id", 0), ("shuffled", 7), ("reversed", -1)]
+# Tokens per request. At 64 an expert's rows in a batch are few, and a shard's time follows the
+# experts it is sent (each one a read of 12 MiB of weights) more than their rows: `hybrid` then
+# evens out its shards by sending its replicated experts away from the one with the hot expert.
+# At 256 the hot expert's rows are most of its shard's time, and only more replicas spread them.
+BATCHES = (64, 256)
 PLACEMENTS = ("hybrid", "dynamic")
 # Rounds per order: both clusters are up at once, and each round loads one and then the other
 # (in alternating order) for seconds / ROUNDS; a ratio is the median of the rounds'
@@ -86,7 +94,7 @@ def median(v):
 
 ratios = {}
 with open(out_path, "w") as out:
-    for order, hot_order in ORDERS:
+    for batch, (order, hot_order) in itertools.product(BATCHES, ORDERS):
         clusters, routers = {}, {}
         runs = {p: [] for p in PLACEMENTS}
         try:
@@ -97,11 +105,11 @@ with open(out_path, "w") as out:
             # Warm-up: dynamic placement sees the skew and rebalances (an idle router keeps its
             # placement: its load estimate moves with batches only).
             for p in PLACEMENTS:
-                load(routers[p], max(3.0, seconds / 2), hot_order)
+                load(routers[p], max(3.0, seconds / 2), hot_order, batch)
             for r in range(ROUNDS):
                 for p in (PLACEMENTS if r % 2 == 0 else PLACEMENTS[::-1]):
-                    runs[p].append(load(routers[p], seconds / ROUNDS, hot_order))
-                print(f"{order:8s} round {r + 1}/{ROUNDS}: " + ", ".join(
+                    runs[p].append(load(routers[p], seconds / ROUNDS, hot_order, batch))
+                print(f"{batch:3d} tokens, {order:8s} round {r + 1}/{ROUNDS}: " + ", ".join(
                     f"{p} {runs[p][-1][0]:.0f}" for p in PLACEMENTS) + " tokens/s",
                     file=sys.stderr, flush=True)
             versions = {}
@@ -116,19 +124,20 @@ with open(out_path, "w") as out:
                 c.wait(timeout=30)
         for p in PLACEMENTS:
             tps = [x[0] for x in runs[p]]
-            row = {"order": order, "placement": p, "router_args": ROUTER_ARGS,
+            row = {"batch": batch, "order": order, "placement": p, "router_args": ROUTER_ARGS,
                    "tokens_per_s": median(tps), "round_tokens_per_s": tps,
                    "p99_ms": median([x[1] for x in runs[p]]), "errors": sum(x[2] for x in runs[p]),
                    "placement_version": versions[p], "shard_cpus": SHARD_CPUS}
             if p != "hybrid":
                 round_ratios = [d[0] / h[0] if h[0] > 0 else 0.0
                                 for h, d in zip(runs["hybrid"], runs[p])]
-                ratios[(order, p)] = median(round_ratios)
-                row["over_hybrid"] = ratios[(order, p)]
+                ratios[(batch, order, p)] = median(round_ratios)
+                row["over_hybrid"] = ratios[(batch, order, p)]
                 row["round_ratios"] = round_ratios
             out.write(json.dumps(row) + "\n")
-            print(f"{order:8s} {p:8s}: {row['tokens_per_s']:8.0f} tokens/s, p99 "
+            print(f"{batch:3d} tokens, {order:8s} {p:8s}: {row['tokens_per_s']:8.0f} tokens/s, p99 "
                   f"{row['p99_ms']:.1f} ms, {row['errors']} errors, placement version "
                   f"{row['placement_version']}", file=sys.stderr, flush=True)
-for (order, p), ratio in ratios.items():
-    print(f"{order}: {p} / hybrid {ratio:.2f}x (median of {ROUNDS} rounds)", file=sys.stderr)
+for (batch, order, p), ratio in ratios.items():
+    print(f"{batch} tokens, {order}: {p} / hybrid {ratio:.2f}x (median of {ROUNDS} rounds)",
+          file=sys.stderr)

@@ -242,7 +242,7 @@ def main():
     lines += ["", "## Hybrid against dynamic placement under Zipf(1.2) load", "",
               placement_limit_text(placement),
               "`moe-client load` with",
-              "4 streams of 64 tokens and expert popularity Zipf(1.2); measured after a warm-up in",
+              "4 streams of 64 or 256 tokens and expert popularity Zipf(1.2); measured after a warm-up in",
               "which dynamic placement sees the skew and rebalances (`dynamic` with its default slot",
               "budget, ceil(5E/4S) = 5 experts a shard, half the memory of `hybrid`'s 10). The two",
               f"clusters are up at once and each of {len(placement[0].get('round_tokens_per_s', [])) if placement else 0} "
@@ -252,28 +252,33 @@ def main():
               "ratios. Three popularity orders:",
               "by expert id (expert 0 the most popular), the hot experts are exactly the ones",
               "`hybrid` replicates everywhere, its best case; shuffled (`--hot-order 7`), an",
-              "arbitrary order (here the hottest expert, 10, is one `hybrid` keeps on one shard);",
+              "arbitrary order (here the hottest expert, 10, is one `hybrid` keeps on one shard),",
+              "the case a user meets, whose model's hot experts are not known in advance;",
               "reversed (`--hot-order -1`), the hot experts are the ones `hybrid` does not",
               "replicate, its worst case. Both of a token's experts are drawn from the Zipf law",
               "(without replacement), so the hottest expert gets 31 % of the assignments, the next",
               "16 %. Each expert a shard computes for a batch costs a read of its 12 MiB of",
-              "weights, whatever its rows, so a shard's time follows the experts it is sent more",
-              "than their rows, and `hybrid` fills every shard's spare capacity with its",
-              "replicated experts: a static guess costs it most where the hot experts sit together",
-              "on one shard.", "",
-              "| popularity | placement | tokens/s | tokens/s by round | p99 ms | errors | placement version |",
-              "|---|---|---:|---|---:|---:|---:|"]
+              "weights, whatever its rows. At 64 tokens a request that read is most of a shard's",
+              "time for an expert, so a shard's time follows the experts it is sent more than",
+              "their rows, and `hybrid` evens its shards out by sending its replicated experts",
+              "away from the one that holds the hot expert. At 256 tokens the hot expert's rows",
+              "(about 160 a request) are most of its shard's time, more than a quarter of the",
+              "cluster's, and only more replicas of it spread them: that is where `dynamic` gains.", "",
+              "| tokens a request | popularity | placement | tokens/s | tokens/s by round | p99 ms | errors | placement version |",
+              "|---:|---|---|---:|---|---:|---:|---:|"]
     for r in placement:
         rounds = ", ".join(f"{t:.0f}" for t in r.get("round_tokens_per_s", []))
-        lines.append(f"| {r.get('order', 'by_id')} | {r['placement']} | "
+        lines.append(f"| {r.get('batch', 64)} | {r.get('order', 'by_id')} | {r['placement']} | "
                      f"{r['tokens_per_s']:.0f} | {rounds} | {r['p99_ms']:.1f} | {r['errors']} | "
                      f"{r['placement_version']} |")
     if any("over_hybrid" in r for r in placement):
-        lines += ["", "| popularity | placement | / hybrid | by round |", "|---|---|---:|---|"]
+        lines += ["", "| tokens a request | popularity | placement | / hybrid | by round |",
+                  "|---:|---|---|---:|---|"]
     for r in placement:
         if "over_hybrid" in r:
             each = ", ".join(f"{x:.2f}" for x in r.get("round_ratios", []))
-            lines.append(f"| {r['order']} | {r['placement']} | **{r['over_hybrid']:.2f}x** | {each} |")
+            lines.append(f"| {r.get('batch', 64)} | {r['order']} | {r['placement']} | "
+                         f"**{r['over_hybrid']:.2f}x** | {each} |")
     plot = plot_cluster(cluster, os.path.join(os.path.dirname(md_path) or ".", "cluster_throughput.png"))
     if plot:
         lines += ["", "## Cluster throughput against batch size", "",
