@@ -134,14 +134,7 @@ absl::Status LocalCluster::StartInto(const LocalClusterOptions& options, absl::D
   }
   if (options.coordinator) {
     if (options.verbose) std::fprintf(stderr, "moe-cluster: starting the coordinator\n");
-    std::vector<std::string> cargs = {c->options_.bin_dir + "/moe-coordinator", "--host",
-                                      "127.0.0.1", "--port", "0"};
-    cargs.insert(cargs.end(), options.common_args.begin(), options.common_args.end());
-    if (options.metrics_port >= 0) {
-      cargs.insert(cargs.end(),
-                   {"--metrics-port", std::to_string(options.metrics_port + 1 + options.shards)});
-    }
-    ASSIGN_OR_RETURN(c->coordinator_, common::Subprocess::Spawn(cargs));
+    ASSIGN_OR_RETURN(c->coordinator_, c->SpawnCoordinator(0));
     ASSIGN_OR_RETURN(int cport, Named("the coordinator",
                                       c->coordinator_.ReadListeningPort(absl::Seconds(60))));
     c->coordinator_address_ = absl::StrCat("127.0.0.1:", cport);
@@ -191,6 +184,24 @@ absl::Status LocalCluster::RestartShard(int i) {
   const int port = std::atoi(addr.c_str() + addr.rfind(':') + 1);
   ASSIGN_OR_RETURN(shards_[i], RespawnOnPort([&] { return SpawnShard(i, port); }, port,
                                              absl::StrCat("shard ", i)));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<common::Subprocess> LocalCluster::SpawnCoordinator(int port) {
+  std::vector<std::string> args = {options_.bin_dir + "/moe-coordinator", "--host", "127.0.0.1",
+                                   "--port", std::to_string(port)};
+  args.insert(args.end(), options_.common_args.begin(), options_.common_args.end());
+  if (options_.metrics_port >= 0) {
+    args.insert(args.end(),
+                {"--metrics-port", std::to_string(options_.metrics_port + 1 + options_.shards)});
+  }
+  return common::Subprocess::Spawn(args);
+}
+
+absl::Status LocalCluster::RestartCoordinator() {
+  const int port = std::atoi(coordinator_address_.c_str() + coordinator_address_.rfind(':') + 1);
+  ASSIGN_OR_RETURN(coordinator_,
+                   RespawnOnPort([&] { return SpawnCoordinator(port); }, port, "the coordinator"));
   return absl::OkStatus();
 }
 

@@ -71,6 +71,9 @@ class LocalCluster {
   absl::Status RestartShard(int i);
   // Starts the router again (after it was killed) on the same port; returns once it is SERVING.
   absl::Status RestartRouter(absl::Duration timeout = absl::Minutes(1));
+  // Starts the coordinator again (after it was killed) on the same port. It knows no members
+  // until the shards, told so by their next heartbeat, register again.
+  absl::Status RestartCoordinator();
 
  private:
   // Start's work into `*out` (set first, so that what started can be stopped on CANCELLED).
@@ -78,6 +81,7 @@ class LocalCluster {
                                 std::unique_ptr<LocalCluster>* out);
   absl::StatusOr<common::Subprocess> SpawnShard(int i, int port);
   absl::StatusOr<common::Subprocess> SpawnRouter(int port);
+  absl::StatusOr<common::Subprocess> SpawnCoordinator(int port);
   // Starts a process with `spawn` until it listens on `port` again (for up to 10 s).
   static absl::StatusOr<common::Subprocess> RespawnOnPort(
       const std::function<absl::StatusOr<common::Subprocess>()>& spawn, int port,

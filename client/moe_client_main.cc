@@ -108,9 +108,9 @@ commands:
       run the in-process layer on random batches; print tokens/s and per-expert load
       (defaults: B 20, N 256)
 
-Exit status: 0 done; 1 the command failed, or a flag it needs is missing or wrong (the line
-on stderr says which); 2 the command line could not be read (an unknown command or flag);
-after Ctrl-C, `load` ends by SIGINT (130 in a shell).
+Exit status: 0 done; 1 the command failed (the line on stderr says why); 2 the command line
+is wrong: an unknown command or flag, or a flag missing or with a bad value (the line says
+which); after Ctrl-C, `load` ends by SIGINT (130 in a shell).
 )";
 
 // A flag the command cannot do without, as an integer.
@@ -308,6 +308,18 @@ absl::Status RouterError(const grpc::Status& st, const std::string& addr) {
 absl::Status Forward(const Flags& f) {
   if (f.Has("local") == f.Has("router")) {
     return common::UsageError("forward needs exactly one of --local or --router HOST:PORT");
+  }
+  // A flag of the other mode would be ignored without a word (the router's capacity factor is
+  // its own --capacity-factor, its model its own --checkpoint).
+  const char* mode = f.Has("local") ? "--router" : "--local";
+  for (const char* flag : f.Has("local") ? std::vector<const char*>{"bf16"}
+                                         : std::vector<const char*>{"checkpoint", "tensor-prefix",
+                                                                    "capacity-factor"}) {
+    if (f.Has(flag)) {
+      return common::UsageError(absl::StrCat(
+          "--", flag, " applies to forward ", mode, " only",
+          f.Has("local") ? "" : " (the router serves its own checkpoint, with its own flags)"));
+    }
   }
   ASSIGN_OR_RETURN(std::string in_path, f.Require("input"));
   ASSIGN_OR_RETURN(std::string out_path, f.Require("output"));
@@ -1077,34 +1089,15 @@ absl::Status Demo(const Flags& f) {
   return absl::OkStatus();
 }
 
-// --router and --addr as HOST:PORT with a port in [1, 65535], an IPv6 host in brackets: gRPC
-// took `127.0.0.1` without a port to mean another port than a cluster's, wrapped 99999 round to
-// another port, and read `::1:50051` as a host without a port. Targets in gRPC's other forms
-// (unix:PATH, dns:///HOST:PORT, ipv4:..., and so on) pass as they are.
+// --router and --addr as gRPC targets (common::CheckTarget).
 absl::Status CheckAddresses(const Flags& f) {
   for (const char* flag : {"router", "addr"}) {
     if (!f.Has(flag)) continue;
-    const std::string a = f.Get(flag);
-    bool scheme = false;
-    for (const char* s : {"unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:", "xds:"}) {
-      scheme = scheme || absl::StartsWith(a, s);
-    }
-    if (scheme) continue;
-    const size_t colon = a.rfind(':');
-    const std::string host = colon == std::string::npos ? a : a.substr(0, colon);
-    const std::string port = colon == std::string::npos ? "" : a.substr(colon + 1);
-    const bool bracketed = host.size() > 2 && host.front() == '[' && host.back() == ']';
-    int value = 0;
-    if (host.empty() || (absl::StrContains(host, ":") && !bracketed) || port.empty() ||
-        port.size() > 5 ||
-        !std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; }) ||
-        (value = std::stoi(port)) < 1 || value > 65535) {
-      return common::UsageError(absl::StrCat(
-          "--", flag, " ", a, ": give HOST:PORT with a port in [1, 65535], an IPv6 host in "
-          "brackets ([::1]:PORT) (moe-cluster prints ",
-          std::string(flag) == "router" ? "the router's as READY router=HOST:PORT)"
-                                        : "each shard's as shard I addr=HOST:PORT)"));
-    }
+    RETURN_IF_ERROR(common::CheckTarget(
+        flag, f.Get(flag),
+        std::string(flag) == "router"
+            ? "(moe-cluster prints the router's as READY router=HOST:PORT)"
+            : "(moe-cluster prints each shard's as shard I addr=HOST:PORT)"));
   }
   return absl::OkStatus();
 }

@@ -2,34 +2,35 @@
 // every service is SERVING, prints `READY router=HOST:PORT`, and stops everything on SIGINT or
 // SIGTERM. Run with --help for the flags.
 
+#include <grpcpp/grpcpp.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <deque>
+#include <functional>
 #include <string>
 #include <thread>
 #include <utility>
 #include <vector>
 
-#include <grpcpp/grpcpp.h>
-
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "client/cpu_limit.h"
+#include "client/local_cluster.h"
+#include "router/router_flags.h"
 #include "services/common/flags.h"
 #include "services/common/security.h"
 #include "services/common/server_util.h"
 #include "services/common/signals.h"
 #include "services/common/status_macros.h"
 #include "services/common/subprocess.h"
-#include "client/cpu_limit.h"
-#include "client/local_cluster.h"
-#include "router/router_flags.h"
 
 namespace {
 
-constexpr char kUsage[] = R"(moe-cluster: runs a local moe-cluster (coordinator, expert shards, router) on loopback.
+constexpr char kUsage[] =
+    R"(moe-cluster: runs a local moe-cluster (coordinator, expert shards, router) on loopback.
 
 usage: moe-cluster --checkpoint PATH [flags]
 
@@ -57,8 +58,9 @@ usage: moe-cluster --checkpoint PATH [flags]
   --state-dir DIR          shard i keeps its trained experts in DIR/shard-i, the router its
                            trained gate in DIR/router, and each started again loads them from
                            there (training survives a restart)
-  --no-restart             leave a shard or the router that exits on its own stopped (by
-                           default it is started again on its port, at most 5 times a minute)
+  --no-restart             leave a service (shard, router, coordinator) that exits on its own
+                           stopped (by default it is started again on its port, at most 5
+                           times a minute)
 
 A service that exits on its own is reported on stderr when it does. The exit status is 0 when
 every service still running at Ctrl-C (or SIGTERM) stopped cleanly and none was given up for
@@ -173,25 +175,56 @@ absl::Status Run(int argc, char** argv) {
     stop = true;
   });
   // A service that exits on its own is named with how it ended, and started again on its port
-  // (the router gives a shard its experts back, trained ones copied from a replica), unless
-  // --no-restart or it has crashed 5 times within a minute.
+  // (the router gives a shard its experts back, trained ones copied from a replica; the shards
+  // register again with a coordinator started again), unless --no-restart or it has crashed 5
+  // times within a minute.
   const bool restart = !f.Has("no-restart");
-  std::vector<bool> given_up(o.shards + 1, false);
-  std::vector<std::deque<absl::Time>> restarts(o.shards + 1);
+  // Watched: the shards, the router, and the coordinator when there is one.
+  struct Watched {
+    std::string name;
+    std::function<moe::common::Subprocess&()> process;
+    std::function<absl::Status()> start_again;
+    bool given_up = false;
+    std::deque<absl::Time> restarts;  // within the last minute
+  };
+  std::vector<Watched> watched;
+  auto watch = [&watched](std::string name, std::function<moe::common::Subprocess&()> process,
+                          std::function<absl::Status()> start_again) {
+    Watched w;
+    w.name = std::move(name);
+    w.process = std::move(process);
+    w.start_again = std::move(start_again);
+    watched.push_back(std::move(w));
+  };
+  for (int i = 0; i < o.shards; ++i) {
+    watch(
+        absl::StrCat("shard ", i),
+        [&cluster, i]() -> moe::common::Subprocess& { return cluster->shard(i); },
+        [&cluster, i] { return cluster->RestartShard(i); });
+  }
+  watch(
+      "the router", [&cluster]() -> moe::common::Subprocess& { return cluster->router(); },
+      [&cluster] { return cluster->RestartRouter(); });
+  if (!cluster->coordinator_address().empty()) {
+    watch(
+        "the coordinator",
+        [&cluster]() -> moe::common::Subprocess& { return cluster->coordinator(); },
+        [&cluster] { return cluster->RestartCoordinator(); });
+  }
   while (!stop) {
-    for (int i = 0; i <= o.shards && !stop; ++i) {
-      const bool is_router = i == o.shards;
-      moe::common::Subprocess& p = is_router ? cluster->router() : cluster->shard(i);
-      if (given_up[i] || !p.Exited()) continue;
-      const std::string name = is_router ? "the router" : absl::StrCat("shard ", i);
+    for (Watched& w : watched) {
+      if (stop) break;
+      moe::common::Subprocess& p = w.process();
+      if (w.given_up || !p.Exited()) continue;
+      const std::string& name = w.name;
       const absl::StatusOr<int> status = p.Wait(absl::ZeroDuration());
       std::string why = status.ok() ? moe::common::DescribeWaitStatus(*status) : "exited";
       const absl::Time now = absl::Now();
-      while (!restarts[i].empty() && now - restarts[i].front() > absl::Minutes(1)) {
-        restarts[i].pop_front();
+      while (!w.restarts.empty() && now - w.restarts.front() > absl::Minutes(1)) {
+        w.restarts.pop_front();
       }
-      if (!restart || restarts[i].size() >= 5) {
-        given_up[i] = true;
+      if (!restart || w.restarts.size() >= 5) {
+        w.given_up = true;
         std::fprintf(stderr, "moe-cluster: %s (pid %d) %s; %s\n", name.c_str(), p.pid(),
                      why.c_str(),
                      restart ? "it failed 5 times within a minute: not started again"
@@ -201,12 +234,12 @@ absl::Status Run(int argc, char** argv) {
         if (!restart) p = moe::common::Subprocess();
         continue;
       }
-      restarts[i].push_back(now);
+      w.restarts.push_back(now);
       std::fprintf(stderr, "moe-cluster: %s (pid %d) %s; starting it again\n", name.c_str(),
                    p.pid(), why.c_str());
-      const absl::Status again = is_router ? cluster->RestartRouter() : cluster->RestartShard(i);
+      const absl::Status again = w.start_again();
       if (again.ok()) {
-        std::fprintf(stderr, "moe-cluster: %s is back (pid %d)\n", name.c_str(), p.pid());
+        std::fprintf(stderr, "moe-cluster: %s is back (pid %d)\n", name.c_str(), w.process().pid());
       } else {
         std::fprintf(stderr, "moe-cluster: %s could not be started again: %s\n", name.c_str(),
                      std::string(again.message()).c_str());

@@ -54,6 +54,9 @@ absl::Status Run(int argc, char** argv) {
   RETURN_IF_ERROR(f.ListenAddresses(50061, &o.address, &o.metrics_address));
   const std::string host = f.Get("host", "0.0.0.0");
   o.load.tensor_prefix = f.Get("tensor-prefix");
+  for (const char* flag : {"coordinator", "advertise"}) {
+    if (f.Has(flag)) RETURN_IF_ERROR(moe::common::CheckTarget(flag, f.Get(flag)));
+  }
   o.coordinator = f.Get("coordinator");
   o.advertise_address = f.Get("advertise");
   o.state_dir = f.Get("state-dir");

@@ -153,6 +153,7 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
                                  ? absl::StrCat("127.0.0.1:", port)
                                  : options.advertise_address;
     bool registered = false;
+    bool trouble = false;  // Register failed: said once until one succeeds
     std::chrono::milliseconds period(300);
     std::unique_lock<std::mutex> lock(hb_mu);
     while (!hb_stop) {
@@ -163,9 +164,21 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
         v1::RegisterRequest req;
         req.set_address(self);
         v1::RegisterResponse resp;
-        if (stub->Register(&ctx, req, &resp).ok()) {
+        const grpc::Status st = stub->Register(&ctx, req, &resp);
+        if (st.ok()) {
           registered = true;
           period = std::chrono::milliseconds(std::max<int64_t>(100, resp.lease_ms() / 4));
+          if (trouble) {
+            std::fprintf(stderr, "moe-expert-server: registered with coordinator %s as %s\n",
+                         options.coordinator.c_str(), self.c_str());
+            trouble = false;
+          }
+        } else if (!trouble) {
+          trouble = true;
+          std::fprintf(stderr,
+                       "moe-expert-server: cannot register with coordinator %s (%s); check that "
+                       "it runs and that --coordinator names it (tried again until it answers)\n",
+                       options.coordinator.c_str(), st.error_message().c_str());
         }
       } else {
         v1::HeartbeatRequest req;

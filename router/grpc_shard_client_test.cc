@@ -20,6 +20,7 @@
 #include "expert_server/expert_ffn.h"
 #include "expert_server/shard_server.h"
 #include "expert_server/state_dir.h"
+#include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "moe/v1/router.grpc.pb.h"
 #include "router/moe_layer.h"
@@ -465,6 +466,158 @@ TEST(RouterShardModel, AShardRestartedFromAnotherModelLeavesAndComesBack) {
 
 TEST(RouterShardModel, AMemberRejoiningFromAnotherModelLeavesAndComesBack) {
   RestartFromAnotherModel(true);
+}
+
+// A training step while the coordinator cannot be reached is refused before it starts, in a
+// few seconds and naming the coordinator: its commit would wait out the step's deadline, and
+// come back as a lost verdict (one the user could do nothing about). Serving goes on.
+TEST(RouterTraining, AStepWhileTheCoordinatorIsDownIsRefusedBeforeItStarts) {
+  const std::string path = ::moe::testing::TempPath("coordinator_down.safetensors");
+  ASSERT_TRUE(
+      common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 7})).ok());
+  coordinator::CoordinatorOptions co;
+  auto coord = coordinator::CoordinatorServer::Start(co);
+  ASSERT_TRUE(coord.ok()) << coord.status();
+  const std::string coordinator_address = (*coord)->address();
+  expert::ShardServerOptions so;
+  so.checkpoint = path;
+  so.coordinator = coordinator_address;
+  auto shard = expert::ShardServer::Start(so);
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  RouterServerOptions o;
+  o.checkpoint = path;
+  o.coordinator = coordinator_address;
+  auto router = RouterServer::Start(o);
+  ASSERT_TRUE(router.ok()) << router.status();
+  ASSERT_TRUE((*router)->WaitUntilReady(absl::Seconds(60)).ok());
+  auto stub = v1::Router::NewStub(
+      grpc::CreateChannel((*router)->address(), grpc::InsecureChannelCredentials()));
+  v1::TrainStepRequest req;
+  common::EncodeTensor(common::RandomMatrix(4, kConfig.d_model, 11), {4, kConfig.d_model},
+                       common::WireType::kFloat32, req.mutable_tokens());
+  common::EncodeTensor(common::RandomMatrix(4, kConfig.d_model, 12), {4, kConfig.d_model},
+                       common::WireType::kFloat32, req.mutable_grad_output());
+  req.set_learning_rate(0.1f);
+  auto train = [&]() {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    v1::TrainStepResponse resp;
+    return stub->TrainStep(&ctx, req, &resp);
+  };
+  const grpc::Status first = train();
+  ASSERT_TRUE(first.ok()) << first.error_message();
+  (*coord)->Shutdown(absl::Milliseconds(100));
+  coord->reset();
+  const auto start = std::chrono::steady_clock::now();
+  const grpc::Status refused = train();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE) << refused.error_message();
+  EXPECT_NE(refused.error_message().find(absl::StrCat("coordinator ", coordinator_address,
+                                                      " does not answer")),
+            std::string::npos)
+      << refused.error_message();
+  EXPECT_NE(refused.error_message().find("the step was not started and no weight changed"),
+            std::string::npos)
+      << refused.error_message();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20))
+      << "the step waited for the coordinator";
+  ExpectInfersOk(stub.get());
+  (*router)->Shutdown(absl::Milliseconds(100));
+}
+
+// A coordinator started again knows no member until each heartbeats again (every quarter lease):
+// for a lease it lists some placed shards and not others. The router does not take that for a
+// departure (which would move the unlisted shards' experts away, and back once they register);
+// a shard still unlisted once the lease has passed has left, and is placed without.
+TEST(RouterMembership, ACoordinatorStartedAgainDoesNotMoveTheExpertsOfShardsStillRegistering) {
+  const std::string path = ::moe::testing::TempPath("coordinator_again.safetensors");
+  ASSERT_TRUE(
+      common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 6})).ok());
+  const int port = ::moe::testing::FreePortBlock(1);
+  ASSERT_GT(port, 0);
+  coordinator::CoordinatorOptions co;
+  co.address = absl::StrCat("127.0.0.1:", port);
+  co.lease = absl::Seconds(2);
+  auto coord = coordinator::CoordinatorServer::Start(co);
+  ASSERT_TRUE(coord.ok()) << coord.status();
+  // Shard a heartbeats itself; shard b's membership is kept by this test (`b_joins`).
+  expert::ShardServerOptions so;
+  so.checkpoint = path;
+  so.coordinator = co.address;
+  auto a = expert::ShardServer::Start(so);
+  ASSERT_TRUE(a.ok()) << a.status();
+  so.coordinator.clear();
+  auto b = expert::ShardServer::Start(so);
+  ASSERT_TRUE(b.ok()) << b.status();
+  const std::string b_address = (*b)->address();
+  std::atomic<bool> b_joins{true}, done{false};
+  std::thread b_heartbeat([&] {
+    auto stub = v1::Coordinator::NewStub(
+        grpc::CreateChannel(co.address, grpc::InsecureChannelCredentials()));
+    while (!done) {
+      if (b_joins) {
+        grpc::ClientContext ctx;
+        ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+        v1::RegisterRequest req;
+        req.set_address(b_address);
+        v1::RegisterResponse resp;
+        stub->Register(&ctx, req, &resp).IgnoreError();  // registers again, or renews
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+  });
+  struct Joiner {
+    std::atomic<bool>* done;
+    std::thread* t;
+    ~Joiner() {
+      *done = true;
+      t->join();
+    }
+  } joiner{&done, &b_heartbeat};
+  RouterServerOptions o;
+  o.checkpoint = path;
+  o.strategy = Strategy::kSharded;
+  o.coordinator = co.address;
+  o.reconcile_interval = absl::Milliseconds(100);
+  auto router = RouterServer::Start(o);
+  ASSERT_TRUE(router.ok()) << router.status();
+  ASSERT_TRUE((*router)->WaitUntilReady(absl::Seconds(60)).ok());
+  auto stub = v1::Router::NewStub(
+      grpc::CreateChannel((*router)->address(), grpc::InsecureChannelCredentials()));
+  auto placement = [&]() {
+    grpc::ClientContext ctx;
+    v1::Placement p;
+    EXPECT_TRUE(stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &p).ok());
+    return p;
+  };
+  ASSERT_TRUE(Eventually([&] { return ShardEntry(stub.get(), b_address).experts_size() == 2; }));
+  const uint64_t version = placement().version();
+
+  // Started again, with shard b kept from registering for most of the lease.
+  b_joins = false;
+  (*coord)->Shutdown(absl::Milliseconds(100));
+  coord->reset();
+  coord = coordinator::CoordinatorServer::Start(co);
+  ASSERT_TRUE(coord.ok()) << coord.status();
+  const auto started = std::chrono::steady_clock::now();
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // 15 of the router's ticks
+  b_joins = true;
+  EXPECT_EQ(placement().version(), version) << "the experts of a shard still registering moved";
+  EXPECT_EQ(ShardEntry(stub.get(), b_address).experts_size(), 2);
+  EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(2))
+      << "the lease had passed: the check proves nothing";
+  ExpectInfersOk(stub.get());
+
+  // Started again, and shard b never registers: once the lease has passed, it has left.
+  b_joins = false;
+  (*coord)->Shutdown(absl::Milliseconds(100));
+  coord->reset();
+  coord = coordinator::CoordinatorServer::Start(co);
+  ASSERT_TRUE(coord.ok()) << coord.status();
+  EXPECT_TRUE(Eventually([&] { return ShardEntry(stub.get(), b_address).address().empty(); }))
+      << "a shard that did not register again within the lease stayed placed";
+  EXPECT_GT(placement().version(), version);
+  ExpectInfersOk(stub.get());
+  (*router)->Shutdown(absl::Milliseconds(100));
 }
 
 // Between a shard's restart from another model and the router's next status read (a second by

@@ -17,7 +17,10 @@ namespace {
 
 constexpr char kUsage[] = R"(moe-router: gates tokens and serves the MoE layer over its expert shards.
 
-usage: moe-router --checkpoint PATH (--shards HOST:PORT[,...] | --coordinator HOST:PORT) [flags]
+usage: moe-router --checkpoint PATH (--shards HOST:PORT[,...] [--coordinator HOST:PORT] |
+                  --coordinator HOST:PORT) [flags]
+
+Training (TrainStep) needs --coordinator, with or without --shards.
 
   --shards LIST              the expert shards; without it the router follows the shards that
                              registered with --coordinator (joins and leaves seen live)
@@ -77,7 +80,11 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(o.checkpoint, f.Require("checkpoint"));
   const std::string shards = f.Get("shards");
   for (absl::string_view s : absl::StrSplit(shards, ',', absl::SkipEmpty())) {
+    RETURN_IF_ERROR(moe::common::CheckTarget("shards", s, "(each entry of the comma-separated list)"));
     o.shards.emplace_back(s);
+  }
+  if (f.Has("coordinator")) {
+    RETURN_IF_ERROR(moe::common::CheckTarget("coordinator", f.Get("coordinator")));
   }
   RETURN_IF_ERROR(f.ListenAddresses(50051, &o.address, &o.metrics_address));
   const std::string host = f.Get("host", "0.0.0.0");

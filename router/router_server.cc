@@ -83,7 +83,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return gate;
   }
   std::unique_ptr<Trainer> trainer;
+  std::shared_ptr<grpc::Channel> coordinator_channel;
   std::unique_ptr<v1::Coordinator::Stub> coordinator;
+  // How long a training step waits for a connection to the coordinator before it is refused.
+  static constexpr absl::Duration kCoordinatorConnectWait = absl::Seconds(5);
   // One training step at a time. Copies of an expert to a new or restarted replica hold it too:
   // a copy taken while a step commits could miss that step's update on one replica only.
   common::TimedMutex train_mu;
@@ -136,6 +139,29 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::set<std::string> not_placed;
   // Why Reconcile could not follow the last change of the shards (logged once per reason).
   std::string membership_wait;
+  // Why the last try of the first placement failed (models_mu): said to requests until it is
+  // applied.
+  std::string not_ready_why;
+  absl::Status NotReady() {
+    std::lock_guard<std::mutex> l(models_mu);
+    return absl::UnavailableError(
+        not_ready_why.empty()
+            ? std::string("the router is still loading its placement")
+            : absl::StrCat("the router is still loading its placement: ", not_ready_why));
+  }
+  // What kept the last read of the coordinator's members from listing shards: "" (nothing),
+  // "unreachable" or "empty" (control loop).
+  std::string coordinator_trouble;
+  // Says `why` once per `kind` of trouble (until the members are read again) and returns `st`
+  // with it as its message.
+  absl::Status CoordinatorTrouble(const absl::Status& st, const std::string& kind,
+                                  const std::string& why) {
+    if (kind != coordinator_trouble) {
+      std::fprintf(stderr, "moe-router: %s (asked again every second)\n", why.c_str());
+      coordinator_trouble = kind;
+    }
+    return absl::Status(st.code(), why);
+  }
   // The shards the first placement could not read on its last try (placement_mu): the control
   // loop tries again at once without them (see ControlLoop).
   std::vector<std::string> first_unread;
@@ -257,7 +283,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (absl::Status bad = common::CheckTokens(x, n, d, "tokens"); !bad.ok()) return done(bad);
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) {
-      return done(absl::UnavailableError("the router is still loading its placement"));
+      return done(NotReady());
     }
     auto start = std::chrono::steady_clock::now();
     GatingOptions gopt{config.top_k, config.normalize_topk, options.capacity_factor, {}};
@@ -316,7 +342,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   }
   static grpc::Status Unauthenticated() {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
-                        "missing or wrong bearer token (send authorization: Bearer <token>)");
+                        "missing or wrong bearer token: moe-client takes it from --auth-token-file F (other "
+                        "clients send the header authorization: Bearer <token>)");
   }
 
   // How a stream ends when the router goes away: the client resends what was not answered.
@@ -348,18 +375,45 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   // The shards the next placement spreads over: --shards, or the coordinator's members.
   // `status_timeout`: how long a shard whose model is not known to be this router's is asked.
-  absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> Members(
-      absl::Duration status_timeout) {
+  // `settling` (may be null) is set when the coordinator started less than a lease ago: a shard
+  // it does not list may only not have registered again yet.
+  absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> Members(absl::Duration status_timeout,
+                                                                    bool* settling = nullptr) {
     std::vector<std::string> addrs = options.shards;
+    if (settling != nullptr) *settling = false;
     if (addrs.empty()) {
       grpc::ClientContext ctx;
       ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
       v1::Membership m;
       grpc::Status st = coordinator->ListMembers(&ctx, v1::ListMembersRequest(), &m);
-      if (!st.ok()) return common::FromGrpcStatus(st);
+      if (!st.ok()) {
+        return CoordinatorTrouble(
+            common::FromGrpcStatus(st), "unreachable",
+            absl::StrCat("cannot read the shards from coordinator ", options.coordinator, " (",
+                         st.error_message(),
+                         "); check that it runs and that --coordinator names it"));
+      }
       for (const auto& mem : m.members()) addrs.push_back(mem.address());
       std::sort(addrs.begin(), addrs.end());
-      if (addrs.empty()) return absl::UnavailableError("no shard has joined yet");
+      if (addrs.empty() && m.settling()) {
+        // Started again moments ago: its members have not heartbeated yet (not worth a line).
+        return absl::UnavailableError(absl::StrCat("coordinator ", options.coordinator,
+                                                   " has just started; no shard has registered "
+                                                   "with it yet"));
+      }
+      if (addrs.empty()) {
+        return CoordinatorTrouble(absl::UnavailableError("no shard has joined yet"), "empty",
+                                  absl::StrCat("coordinator ", options.coordinator,
+                                               " lists no shard yet; start shards with "
+                                               "--coordinator ",
+                                               options.coordinator));
+      }
+      if (!coordinator_trouble.empty()) {
+        std::fprintf(stderr, "moe-router: coordinator %s now lists %zu shard(s)\n",
+                     options.coordinator.c_str(), addrs.size());
+        coordinator_trouble.clear();
+      }
+      if (settling != nullptr) *settling = m.settling();
     }
     std::vector<std::string> forgotten;
     {
@@ -1155,14 +1209,26 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       // Follow membership: a shard that joined or left changes the placement; so does one
       // found serving another model (read below) or one back with this router's (with a fixed
       // --shards list, only those). Until a switch to the members succeeds, asked every tick.
+      bool settling = false;
       absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> members =
-          Members(absl::Milliseconds(500));
+          Members(absl::Milliseconds(500), &settling);
       if (members.ok()) {
         bool same = members->size() == t->shards.size();
         for (size_t i = 0; same && i < members->size(); ++i) {
           same = (*members)[i]->address() == t->shards[i]->address();
         }
-        if (!same) {
+        // A coordinator started again knows a member only from its next heartbeat: until a
+        // lease has passed, a placed shard it does not list has not left (a placement without
+        // it would move its experts away and back).
+        bool unlisted = false;
+        for (const auto& placed : t->shards) {
+          unlisted |= std::none_of(members->begin(), members->end(), [&](const auto& c) {
+            return c->address() == placed->address();
+          });
+        }
+        if (!same && settling && unlisted) {
+          // Asked again next tick.
+        } else if (!same) {
           // A member that does not answer (it joined the coordinator but the router cannot
           // reach it) would fail the switch at the load, every tick: dynamic keeps off it, and
           // a placement that would load onto it waits (said once), the rest of the tick runs.
@@ -1344,6 +1410,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         if (st.ok()) {
           server->GetHealthCheckService()->SetServingStatus(true);
           ready.Notify();
+        } else {
+          std::lock_guard<std::mutex> l(models_mu);
+          not_ready_why = std::string(st.message());
         }
       } else {
         Reconcile();
@@ -1460,7 +1529,17 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           "to finish");
     }
     std::shared_ptr<const RoutingTable> t = Table();
-    if (t == nullptr) return absl::UnavailableError("the router is still loading its placement");
+    if (t == nullptr) return NotReady();
+    // A coordinator that cannot be reached fails the step before it starts: its commit would
+    // wait out the step's whole deadline, then be settled as a lost verdict.
+    if (!coordinator_channel->WaitForConnected(
+            absl::ToChronoTime(std::min(deadline, absl::Now() + kCoordinatorConnectWait)))) {
+      return absl::UnavailableError(absl::StrCat(
+          "coordinator ", options.coordinator, " does not answer (",
+          absl::FormatDuration(kCoordinatorConnectWait),
+          " without a connection): the step was not started and no weight changed; check that "
+          "it runs and that the router's --coordinator names it"));
+    }
     // Every replica at the same step first: the step stamps its id on each one it updates.
     RETURN_IF_ERROR(trainer->RetryConfirmations(*t));
     RETURN_IF_ERROR(ReloadStale(*t, /*trained=*/nullptr, /*before_step=*/true));
@@ -1510,7 +1589,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           "a training step is still running; try the save again once it ends");
     }
     std::shared_ptr<const RoutingTable> t = Table();
-    if (t == nullptr) return absl::UnavailableError("the router is still loading its placement");
+    if (t == nullptr) return NotReady();
     if (trainer != nullptr) {  // a replica that has not confirmed the last commit may be stale
       RETURN_IF_ERROR(trainer->RetryConfirmations(*t));
     }
@@ -1919,11 +1998,12 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   }
   impl->gate = std::make_shared<const common::GateWeights>(std::move(ck.gate));
   if (!o.coordinator.empty()) {
-    impl->coordinator = v1::Coordinator::NewStub(grpc::CreateCustomChannel(
-        o.coordinator, common::ChannelCredentials(), common::ClientChannelArgs(o.limits)));
+    impl->coordinator_channel = grpc::CreateCustomChannel(
+        o.coordinator, common::ChannelCredentials(), common::ClientChannelArgs(o.limits));
+    impl->coordinator = v1::Coordinator::NewStub(impl->coordinator_channel);
     v1::Coordinator::Stub* stub = impl->coordinator.get();
     impl->trainer = std::make_unique<Trainer>(
-        impl->config, [stub](const v1::CommitStepRequest& req)
+        impl->config, [stub, address = o.coordinator](const v1::CommitStepRequest& req)
                           -> absl::StatusOr<v1::CommitStepResponse> {
           // Longer than the coordinator can take (the reductions' timeout + 1 s, then 5 s for
           // the second phase): giving up first would abort a step it may be committing.
@@ -1938,7 +2018,10 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
           ctx.set_wait_for_ready(true);
           v1::CommitStepResponse resp;
           grpc::Status st = stub->CommitStep(&ctx, req, &resp);
-          if (!st.ok()) return common::FromGrpcStatus(st);
+          if (!st.ok()) {
+            const absl::Status e = common::FromGrpcStatus(st);
+            return absl::Status(e.code(), absl::StrCat("coordinator ", address, ": ", e.message()));
+          }
           return resp;
         });
   }

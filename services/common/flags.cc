@@ -5,6 +5,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/cord.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -15,6 +16,28 @@ namespace moe::common {
 namespace {
 constexpr char kUsagePayload[] = "moe.dev/usage";
 }  // namespace
+
+absl::Status CheckTarget(absl::string_view flag, absl::string_view a, absl::string_view hint) {
+  for (const char* s : {"unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:", "xds:"}) {
+    if (absl::StartsWith(a, s)) return absl::OkStatus();
+  }
+  const size_t colon = a.rfind(':');
+  const absl::string_view host = colon == absl::string_view::npos ? a : a.substr(0, colon);
+  const absl::string_view port =
+      colon == absl::string_view::npos ? absl::string_view() : a.substr(colon + 1);
+  const bool bracketed = host.size() > 2 && host.front() == '[' && host.back() == ']';
+  int value = 0;
+  if (host.empty() || (absl::StrContains(host, ":") && !bracketed) || port.empty() ||
+      port.size() > 5 || !absl::SimpleAtoi(port, &value) ||
+      !std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; }) ||
+      value < 1 || value > 65535) {
+    return UsageError(absl::StrCat("--", flag, " ", a,
+                                   ": give HOST:PORT with a port in [1, 65535], an IPv6 host in "
+                                   "brackets ([::1]:PORT)",
+                                   hint.empty() ? "" : " ", hint));
+  }
+  return absl::OkStatus();
+}
 
 absl::Status UsageError(absl::string_view message) {
   absl::Status st = absl::InvalidArgumentError(message);

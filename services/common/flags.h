@@ -27,6 +27,14 @@ absl::StatusOr<T> AsUsage(absl::StatusOr<T> r) {
   return UsageError(r.status().message());
 }
 
+// `value` of --`flag` as a gRPC target: HOST:PORT with a port in [1, 65535] and an IPv6 host in
+// brackets ([::1]:PORT). gRPC took `127.0.0.1` without a port to mean another port, wrapped
+// 99999 round to another port, and read `::1:50051` as a host without a port. Targets in
+// gRPC's other forms (unix:PATH, dns:///HOST:PORT, ipv4:..., and so on) pass as they are. A
+// usage error otherwise, ending with `hint` (where the right value can be found).
+absl::Status CheckTarget(absl::string_view flag, absl::string_view value,
+                         absl::string_view hint = "");
+
 class Flags {
  public:
   // `known` maps each accepted flag to whether it takes a value. Unknown flags and stray

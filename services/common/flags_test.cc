@@ -8,6 +8,7 @@
 
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
 #include "tests/reference/test_util.h"
 
 namespace moe::common {
@@ -58,6 +59,21 @@ TEST(Flags, UsageErrorsAreMarked) {
   EXPECT_EQ(UsageError("m").code(), absl::StatusCode::kInvalidArgument);
   EXPECT_FALSE(IsUsageError(absl::InvalidArgumentError("tokens[0, 0] is NaN")));
   EXPECT_FALSE(IsUsageError(absl::OkStatus()));
+}
+
+TEST(Flags, CheckTargetTakesHostPortAndGrpcsOwnForms) {
+  for (const char* good : {"127.0.0.1:50051", "shard-0.moe:1", "[::1]:65535", "unix:/tmp/s",
+                           "dns:///router.moe:50051", "ipv4:127.0.0.1:1"}) {
+    EXPECT_TRUE(CheckTarget("shards", good).ok()) << good;
+  }
+  for (const char* bad : {"127.0.0.1", "127.0.0.1:", ":50051", "127.0.0.1:0", "127.0.0.1:99999",
+                          "127.0.0.1:5x", "::1:50051", "h:123456", "h:+1"}) {
+    const absl::Status st = CheckTarget("coordinator", bad, "(a hint)");
+    EXPECT_TRUE(IsUsageError(st)) << bad;
+    EXPECT_EQ(st.message(), absl::StrCat("--coordinator ", bad,
+                                         ": give HOST:PORT with a port in [1, 65535], an IPv6 "
+                                         "host in brackets ([::1]:PORT) (a hint)"));
+  }
 }
 
 TEST(Flags, TypedGettersNameTheFlagAndTheValue) {

@@ -326,7 +326,11 @@ absl::Status SafetensorsWriter::Write(const std::string& path) const {
   static std::atomic<uint64_t> counter{0};
   const std::string tmp = absl::StrCat(path, ".tmp.", getpid(), ".", counter.fetch_add(1));
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return absl::PermissionDeniedError(absl::StrCat(path, ": cannot open for writing"));
+  if (fd < 0) {
+    const int err = errno;
+    return absl::PermissionDeniedError(
+        absl::StrCat(path, ": cannot open for writing: ", std::strerror(err)));
+  }
   const std::string bytes = Serialize();
   size_t done = 0;
   while (done < bytes.size()) {

@@ -43,7 +43,10 @@ absl::Status Run(int argc, char** argv) {
   moe::common::TuneServiceProcess();
   moe::common::BlockTerminationSignals();
   ASSIGN_OR_RETURN(auto server, moe::coordinator::CoordinatorServer::Start(o));
-  std::printf("moe-coordinator listening on %s:%d\n", host.c_str(), server->port());
+  std::printf("moe-coordinator listening on %s:%d%s\n", host.c_str(), server->port(),
+              server->metrics_port()
+                  ? absl::StrCat(", metrics on :", server->metrics_port()).c_str()
+                  : "");
   std::fflush(stdout);
   moe::common::ServeUntilSignal(
       "moe-coordinator", [&] { server->Shutdown(); }, [&] { server->Wait(); });

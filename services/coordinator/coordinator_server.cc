@@ -38,6 +38,7 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
   std::mutex mu;
   std::map<std::string, absl::Time> members;
   uint64_t membership_version = 0;
+  const absl::Time started = absl::Now();  // a lease from it, members are still registering
   std::atomic<uint64_t> generation{0};
   std::mutex step_mu;  // one step at a time
 
@@ -146,6 +147,7 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     std::lock_guard<std::mutex> lock(mu);
     ExpireLocked();
     out->set_version(membership_version);
+    out->set_settling(absl::Now() - started < options.lease);
     for (const auto& [addr, seen] : members) {
       v1::Member* m = out->add_members();
       m->set_address(addr);

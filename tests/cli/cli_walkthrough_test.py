@@ -165,6 +165,14 @@ try:
     fails("info", "--router", "127.0.0.1:99999", says="give HOST:PORT with a port in [1, 65535]",
           code=2)
     fails("load", "--router", router, "--hot-order", "3", says="give --zipf S", code=2)
+    # A flag of forward's other mode is refused, not ignored: the router drops nothing for a
+    # client's --capacity-factor (it has its own), and --local sends nothing as BF16.
+    fails("forward", "--input", path("in.safetensors"), "--output", path("cf.safetensors"),
+          "--router", router, "--capacity-factor", "1.0",
+          says="--capacity-factor applies to forward --local only", code=2)
+    fails("forward", "--input", path("in.safetensors"), "--output", path("bf.safetensors"),
+          "--local", "--checkpoint", path("ck.safetensors"), "--bf16",
+          says="--bf16 applies to forward --router only", code=2)
     fails("load", "--router", router, "--batch-size", "1000000", says="more than one may carry", code=2)
     # Every request refused (too many tokens for the router): the table, then exit 1.
     fails("load", "--router", router, "--batch-size", "9000", "--requests", "2",
@@ -211,6 +219,18 @@ try:
                            text=True, timeout=60)
         expect(u.returncode == 2 and u.stderr == f"{binary}: unknown flag --bogus (see --help)\n",
                f"{binary} --bogus: exit {u.returncode}: {u.stderr.strip()}")
+    # A service's HOST:PORT flags are checked before it starts: a shard without its port was
+    # retried for good (gRPC took it as port 0), a bad --coordinator or --advertise said nothing.
+    for binary, args in [("moe-router", ["--shards", f"{shard},127.0.0.1"]),
+                         ("moe-router", ["--coordinator", "127.0.0.1:99999"]),
+                         ("moe-expert-server", ["--coordinator", "127.0.0.1"]),
+                         ("moe-expert-server", ["--advertise", "shard-0"])]:
+        bad = subprocess.run([os.path.join(bin_dir, binary), "--checkpoint",
+                              path("ck.safetensors"), "--port", "0", *args],
+                             capture_output=True, text=True, timeout=60)
+        expect(bad.returncode == 2 and "give HOST:PORT with a port in [1, 65535]" in bad.stderr
+               and "listening" not in bad.stdout,
+               f"{binary} {' '.join(args)}: exit {bad.returncode}: {bad.stderr.strip()}")
     not_ck = subprocess.run([os.path.join(bin_dir, "moe-expert-server"), "--checkpoint",
                              path("in.safetensors"), "--port", "0"], capture_output=True,
                             text=True, timeout=60)
