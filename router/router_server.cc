@@ -381,6 +381,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                                                     bool* settling = nullptr) {
     std::vector<std::string> addrs = options.shards;
     if (settling != nullptr) *settling = false;
+    bool listed_all = true;  // every member is listed (the coordinator is not settling)
     if (addrs.empty()) {
       grpc::ClientContext ctx;
       ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
@@ -414,11 +415,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         coordinator_trouble.clear();
       }
       if (settling != nullptr) *settling = m.settling();
+      listed_all = !m.settling();
     }
     std::vector<std::string> forgotten;
-    {
+    if (listed_all) {
       // A member that left is forgotten, whatever its model was: one that joins again at the
-      // same address may have been started from another checkpoint.
+      // same address may have been started from another checkpoint. Not while the coordinator
+      // is settling: one it does not list yet has not left.
       std::lock_guard<std::mutex> lock(models_mu);
       for (auto it = models.begin(); it != models.end();) {
         if (std::find(addrs.begin(), addrs.end(), it->first) != addrs.end()) {
@@ -1532,8 +1535,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (t == nullptr) return NotReady();
     // A coordinator that cannot be reached fails the step before it starts: its commit would
     // wait out the step's whole deadline, then be settled as a lost verdict.
-    if (!coordinator_channel->WaitForConnected(
-            absl::ToChronoTime(std::min(deadline, absl::Now() + kCoordinatorConnectWait)))) {
+    const absl::Time connect_by = std::min(deadline, absl::Now() + kCoordinatorConnectWait);
+    if (!coordinator_channel->WaitForConnected(absl::ToChronoTime(connect_by))) {
+      if (connect_by == deadline) {
+        return absl::DeadlineExceededError(absl::StrCat(
+            "the deadline passed while waiting for a connection to coordinator ",
+            options.coordinator, ": the step was not started and no weight changed"));
+      }
       return absl::UnavailableError(absl::StrCat(
           "coordinator ", options.coordinator, " does not answer (",
           absl::FormatDuration(kCoordinatorConnectWait),

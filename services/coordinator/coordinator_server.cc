@@ -147,7 +147,10 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     std::lock_guard<std::mutex> lock(mu);
     ExpireLocked();
     out->set_version(membership_version);
-    out->set_settling(absl::Now() - started < options.lease);
+    // A lease, and at least what a shard takes to register again: its next heartbeat (a
+    // quarter lease) after its channel's reconnect backoff (at most 1 s, ClientChannelArgs).
+    out->set_settling(absl::Now() - started <
+                      std::max(options.lease, options.lease / 4 + absl::Milliseconds(1500)));
     for (const auto& [addr, seen] : members) {
       v1::Member* m = out->add_members();
       m->set_address(addr);
