@@ -803,6 +803,12 @@ absl::Status Load(const Flags& f) {
     // was in flight on it counts as failed, with the router's message. Any other ending (a
     // wrong token, ...) would end every new stream alike: the worker stops.
     std::chrono::milliseconds backoff(0);
+    // The worker's channel: the shared one until its first outage, then the one that found the
+    // router serving again. Each probe is a new channel: after a router restart a channel
+    // whose connection attempt was refused hung about 2 s in the TCP handshake of its next
+    // ones, where a new channel connected at once.
+    std::shared_ptr<grpc::Channel> own_channel = channel;
+    std::unique_ptr<v1::Router::Stub> own_stub;
     while (true) {
       grpc::ClientContext ctx;
       {
@@ -810,7 +816,7 @@ absl::Status Load(const Flags& f) {
         if (cancelled) break;
         streams[static_cast<size_t>(w)] = &ctx;
       }
-      auto stream = stub->InferStream(&ctx);
+      auto stream = (own_stub ? own_stub : stub)->InferStream(&ctx);
       std::deque<std::chrono::steady_clock::time_point> sent;
       int64_t answered = 0;
       bool open = true;
@@ -900,9 +906,14 @@ absl::Status Load(const Flags& f) {
       const auto give_up = std::chrono::steady_clock::now() + kReconnectWait;
       bool serving = false;
       while (more() && !serving && std::chrono::steady_clock::now() < give_up) {
+        std::shared_ptr<grpc::Channel> probe = MakeRouterChannel(addr);
         absl::StatusOr<common::HealthState> h =
-            common::CheckHealth(channel.get(), absl::Milliseconds(250));
+            common::CheckHealth(probe.get(), absl::Milliseconds(250));
         serving = h.ok() && *h == common::HealthState::kServing;
+        if (serving) {
+          own_channel = std::move(probe);
+          own_stub = v1::Router::NewStub(own_channel);
+        }
         if (!serving) std::this_thread::sleep_for(std::chrono::milliseconds(100));
       }
       --reconnecting;

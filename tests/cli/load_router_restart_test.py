@@ -61,6 +61,16 @@ try:
     os.kill(pid, 9)
     back = wait_until(lambda: "the router is back" in open(cluster_log.name).read(), 60)
     expect(back, "moe-cluster did not start the router again:\n" + open(cluster_log.name).read())
+    # Load is back on the restarted router (it serves when moe-cluster says so) at once: its
+    # probes are new channels each. Probing on the channel of the broken streams, it came back
+    # 2-4 s later, that channel's connection attempts hanging in the TCP handshake.
+    if back:
+        since = time.monotonic()
+        resumed = wait_until(lambda: router_stream_ok(metrics) > 0, 1.5)
+        expect(resumed, "load was not back on the restarted router 1.5 s after it served (it "
+               f"was after {time.monotonic() - since:.1f} s)" if
+               wait_until(lambda: router_stream_ok(metrics) > 0, 10) else
+               "load did not come back to the restarted router within 10 s")
     out, err = load.communicate(timeout=duration + 60)
     took = time.monotonic() - start
     expect(load.returncode == 0, f"load exit {load.returncode}:\n{out}{err[-2000:]}")
