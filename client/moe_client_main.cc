@@ -84,7 +84,8 @@ commands:
         (--tokens T.safetensors --grad-output G.safetensors | --synthetic [--batch-size N] [--seed S])
       K training steps; with files, the same batch every step (`tokens` and `grad_output`
       [N, d_model]); --synthetic regresses the layer onto a fixed random linear target
-      (loss = mean squared error, grad_output = 2 (y - target) / N). Prints the loss per step.
+      (loss = mean squared error, grad_output = 2 (y - target) / N). Prints each step's
+      auxiliary losses, and its loss with --synthetic (with files the target is not known: -).
       Defaults: K 10, LR 0.01, A and Z 0 (no auxiliary losses), N 64, S 1.
   save-checkpoint --router HOST:PORT --path PATH
       the current (trained) weights as a safetensors checkpoint on the router's file system
@@ -104,7 +105,7 @@ commands:
       (--stall-s, default 35: past the router's 30 s deadline) ends the run early, and the
       answers in flight then get those 10 s. Defaults: C 4, N 64, 10 seconds, random tokens
       without --zipf, seed 1.
-  demo --checkpoint PATH [--batches B] [--batch-size N] [--tensor-prefix P]
+  demo --checkpoint PATH [--batches B] [--batch-size N] [--tensor-prefix P] [--capacity-factor C]
       run the in-process layer on random batches; print tokens/s and per-expert load
       (defaults: B 20, N 256)
 
@@ -537,8 +538,11 @@ absl::Status Train(const Flags& f) {
   const int64_t d = info.d_model();
   std::vector<float> x, dy_fixed, target;
   const bool synthetic = f.Has("synthetic");
-  if (synthetic ? f.Has("tokens") || f.Has("grad-output")
-                : !(f.Has("tokens") && f.Has("grad-output"))) {
+  if (synthetic && (f.Has("tokens") || f.Has("grad-output"))) {
+    return common::UsageError("--synthetic makes its own batches: give it without --tokens and "
+                              "--grad-output");
+  }
+  if (!synthetic && !(f.Has("tokens") && f.Has("grad-output"))) {
     return common::UsageError("train needs --synthetic, or --tokens and --grad-output");
   }
   if (lr < 0) return common::UsageError("--learning-rate must be >= 0");

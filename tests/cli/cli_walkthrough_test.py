@@ -179,6 +179,8 @@ try:
           says="all 2 requests failed")
     fails("train", "--router", router, "--tokens", path("in.safetensors"),
           says="train needs --synthetic, or --tokens and --grad-output", code=2)
+    fails("train", "--router", router, "--synthetic", "--tokens", path("in.safetensors"),
+          says="--synthetic makes its own batches: give it without --tokens", code=2)
     fails("train", "--router", router, "--tokens", path("in.safetensors"), "--grad-output",
           path("in.safetensors"),
           says="needs a tensor 'grad_output' [N, d_model] (make one with moe-client make-tokens "
@@ -209,7 +211,7 @@ try:
     # Every binary says its version; a service given an unknown flag exits 2, pointing to
     # --help, and one given a file that is not a checkpoint exits 1, without that hint.
     for binary in ["moe-client", "moe-cluster", "moe-router", "moe-expert-server",
-                   "moe-coordinator"]:
+                   "moe-coordinator", "moe-layer-dump"]:
         v = subprocess.run([os.path.join(bin_dir, binary), "--version"], capture_output=True,
                            text=True, timeout=60)
         expect(v.returncode == 0 and re.fullmatch(rf"{binary} \d+\.\d+\.\d+\n", v.stdout),

@@ -10,13 +10,26 @@
 
 #include "absl/strings/str_cat.h"
 #include "router/moe_layer.h"
+#include "services/common/flags.h"
 #include "services/common/safetensors.h"
+#include "services/common/signals.h"
 #include "services/common/status_macros.h"
 
 namespace {
 
+constexpr char kUsage[] = R"(moe-layer-dump: runs the in-process MoE layer forward and backward on a
+checkpoint and writes every result to one safetensors file (for tests/torch/crosscheck.py).
+
+usage: moe-layer-dump CHECKPOINT INPUT OUTPUT AUX_COEF Z_COEF CAPACITY_FACTOR
+
+INPUT holds `tokens` [N, d_model] and `grad_output` [N, d_model].
+)";
+
 absl::Status Run(int argc, char** argv) {
-  if (argc != 7) return absl::InvalidArgumentError("usage: moe-layer-dump CK IN OUT AUX Z CF");
+  if (argc != 7) {
+    return moe::common::UsageError(
+        "give CHECKPOINT INPUT OUTPUT AUX_COEF Z_COEF CAPACITY_FACTOR");
+  }
   ASSIGN_OR_RETURN(moe::common::Checkpoint ck, moe::common::LoadCheckpoint(argv[1], {}));
   const moe::common::ModelConfig c = ck.config;
   ASSIGN_OR_RETURN(auto layer, moe::router::MoeLayer::Create(
@@ -54,10 +67,5 @@ absl::Status Run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::Status st = Run(argc, argv);
-  if (!st.ok()) {
-    std::fprintf(stderr, "moe-layer-dump: %s\n", std::string(st.message()).c_str());
-    return 1;
-  }
-  return 0;
+  return moe::common::RunMain(argc, argv, "moe-layer-dump", kUsage, Run);
 }
