@@ -811,7 +811,6 @@ absl::Status Load(const Flags& f) {
     // router serving again. Each probe is a new channel: after a router restart a channel
     // whose connection attempt was refused hung about 2 s in the TCP handshake of its next
     // ones, where a new channel connected at once.
-    std::shared_ptr<grpc::Channel> own_channel = channel;
     std::unique_ptr<v1::Router::Stub> own_stub;
     while (true) {
       grpc::ClientContext ctx;
@@ -915,8 +914,7 @@ absl::Status Load(const Flags& f) {
             common::CheckHealth(probe.get(), absl::Milliseconds(250));
         serving = h.ok() && *h == common::HealthState::kServing;
         if (serving) {
-          own_channel = std::move(probe);
-          own_stub = v1::Router::NewStub(own_channel);
+          own_stub = v1::Router::NewStub(std::move(probe));
         }
         if (!serving) std::this_thread::sleep_for(std::chrono::milliseconds(100));
       }

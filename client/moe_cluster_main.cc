@@ -2,7 +2,6 @@
 // every service is SERVING, prints `READY router=HOST:PORT`, and stops everything on SIGINT or
 // SIGTERM. Run with --help for the flags.
 
-#include <grpcpp/grpcpp.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -15,22 +14,23 @@
 #include <utility>
 #include <vector>
 
+#include <grpcpp/grpcpp.h>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "client/cpu_limit.h"
-#include "client/local_cluster.h"
-#include "router/router_flags.h"
 #include "services/common/flags.h"
 #include "services/common/security.h"
 #include "services/common/server_util.h"
 #include "services/common/signals.h"
 #include "services/common/status_macros.h"
 #include "services/common/subprocess.h"
+#include "client/cpu_limit.h"
+#include "client/local_cluster.h"
+#include "router/router_flags.h"
 
 namespace {
 
-constexpr char kUsage[] =
-    R"(moe-cluster: runs a local moe-cluster (coordinator, expert shards, router) on loopback.
+constexpr char kUsage[] = R"(moe-cluster: runs a local moe-cluster (coordinator, expert shards, router) on loopback.
 
 usage: moe-cluster --checkpoint PATH [flags]
 

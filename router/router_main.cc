@@ -80,7 +80,8 @@ absl::Status Run(int argc, char** argv) {
   ASSIGN_OR_RETURN(o.checkpoint, f.Require("checkpoint"));
   const std::string shards = f.Get("shards");
   for (absl::string_view s : absl::StrSplit(shards, ',', absl::SkipEmpty())) {
-    RETURN_IF_ERROR(moe::common::CheckTarget("shards", s, "(each entry of the comma-separated list)"));
+    RETURN_IF_ERROR(
+        moe::common::CheckTarget("shards", s, "(each entry of the comma-separated list)"));
     o.shards.emplace_back(s);
   }
   if (f.Has("coordinator")) {

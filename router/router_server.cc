@@ -342,8 +342,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   }
   static grpc::Status Unauthenticated() {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
-                        "missing or wrong bearer token: moe-client takes it from --auth-token-file F (other "
-                        "clients send the header authorization: Bearer <token>)");
+                        "missing or wrong bearer token: moe-client takes it from "
+                        "--auth-token-file F (other clients send the header authorization: "
+                        "Bearer <token>)");
   }
 
   // How a stream ends when the router goes away: the client resends what was not answered.
@@ -380,8 +381,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> Members(absl::Duration status_timeout,
                                                                     bool* settling = nullptr) {
     std::vector<std::string> addrs = options.shards;
-    if (settling != nullptr) *settling = false;
-    bool listed_all = true;  // every member is listed (the coordinator is not settling)
+    bool coordinator_settling = false;
     if (addrs.empty()) {
       grpc::ClientContext ctx;
       ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
@@ -414,11 +414,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                      options.coordinator.c_str(), addrs.size());
         coordinator_trouble.clear();
       }
-      if (settling != nullptr) *settling = m.settling();
-      listed_all = !m.settling();
+      coordinator_settling = m.settling();
     }
+    if (settling != nullptr) *settling = coordinator_settling;
     std::vector<std::string> forgotten;
-    if (listed_all) {
+    if (!coordinator_settling) {
       // A member that left is forgotten, whatever its model was: one that joins again at the
       // same address may have been started from another checkpoint. Not while the coordinator
       // is settling: one it does not list yet has not left.
