@@ -86,6 +86,9 @@ commands:
       [N, d_model]); --synthetic regresses the layer onto a fixed random linear target
       (loss = mean squared error, grad_output = 2 (y - target) / N). Prints each step's
       auxiliary losses, and its loss with --synthetic (with files the target is not known: -).
+      The step column counts the cluster's steps since its checkpoint; a step refused or
+      aborted (no weight changed) is sent again, up to 8 times; errors name the router's
+      own number for a step as "step id".
       Defaults: K 10, LR 0.01, A and Z 0 (no auxiliary losses), N 64, S 1.
   save-checkpoint --router HOST:PORT --path PATH
       the current (trained) weights as a safetensors checkpoint on the router's file system

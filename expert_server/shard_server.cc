@@ -809,9 +809,9 @@ absl::Status ShardServer::Impl::RunBackward(const v1::BackwardRequest& req,
         }
       }
       if (!found) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "no training forward of batch ", req.batch_id(), " for expert ", g.expert(),
-            " in step ", req.train_step(), " on this shard"));
+        return absl::FailedPreconditionError(
+            absl::StrCat("no training forward of batch ", req.batch_id(), " for expert ",
+                         g.expert(), " in step id ", req.train_step(), " on this shard"));
       }
     }
     ASSIGN_OR_RETURN(common::TensorView view,
@@ -835,7 +835,7 @@ absl::Status ShardServer::Impl::RunBackward(const v1::BackwardRequest& req,
       auto st = steps.find(req.train_step());
       if (st == steps.end()) {
         return absl::FailedPreconditionError(
-            absl::StrCat("step ", req.train_step(), " ended during its backward"));
+            absl::StrCat("step id ", req.train_step(), " ended during its backward"));
       }
       common::ExpertWeights& acc = st->second.grads[g.expert()];
       AddInto(acc.w1, grads.w1);
@@ -870,8 +870,8 @@ absl::StatusOr<std::vector<int>> ShardServer::Impl::RunFinishStep(const v1::Fini
     steps.erase(it);
     MarkFinishedLocked(step_id, Verdict::kAbort);
     if (req.commit() && failed) {
-      return absl::AbortedError(absl::StrCat(
-          "step ", step_id, ": a gradient reduction failed; the step was dropped"));
+      return absl::AbortedError(
+          absl::StrCat("step id ", step_id, ": a gradient reduction failed; the step was dropped"));
     }
     return std::vector<int>{};
   }
@@ -956,7 +956,7 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
     if (reductions_closed) return refuse(absl::UnavailableError("shard is shutting down"));
     if (finished_steps.count(req.train_step())) {
       return refuse(absl::FailedPreconditionError(
-          absl::StrCat("step ", req.train_step(), " has already ended on this shard")));
+          absl::StrCat("step id ", req.train_step(), " has already ended on this shard")));
     }
     const bool known = steps.count(req.train_step()) > 0;
     StepState& step = OpenStepLocked(req.train_step());
@@ -964,9 +964,10 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
       // The router sent this shard rows of the step, yet it has no record of them: it restarted
       // since. Reducing zeros in their place would commit a wrong sum.
       step.failed = true;
-      return refuse(absl::AbortedError(absl::StrCat(
-          "step ", req.train_step(), " has no state on this shard (it restarted since the "
-          "step's forward?)")));
+      return refuse(
+          absl::AbortedError(absl::StrCat("step id ", req.train_step(),
+                                          " has no state on this shard (it restarted since the "
+                                          "step's forward?)")));
     }
     // An expert listed twice would have its gradient taken once and zeros reduced the second
     // time, over the same buffers.
@@ -1047,8 +1048,8 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
   // Under train_mu: an abort breaks the ring before this (and the mailbox goes here) or not at all.
   hub.Forget(req.group(), req.generation());
   if (step == steps.end()) {
-    return st.ok() ? absl::AbortedError(absl::StrCat("step ", req.train_step(),
-                                                     " ended during its reduction"))
+    return st.ok() ? absl::AbortedError(
+                         absl::StrCat("step id ", req.train_step(), " ended during its reduction"))
                    : st;
   }
   for (auto& [e, g] : grads) {
@@ -1064,8 +1065,8 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
                  std::string(st.message()).c_str());
   }
   if (st.ok() && step->second.failed) {  // the step cannot commit here: say so to the coordinator
-    return absl::AbortedError(absl::StrCat("step ", req.train_step(),
-                                           " failed on this shard during its reduction"));
+    return absl::AbortedError(
+        absl::StrCat("step id ", req.train_step(), " failed on this shard during its reduction"));
   }
   return st;
 }

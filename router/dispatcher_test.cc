@@ -650,7 +650,7 @@ TEST(Trainer, AShardThatDidNotConfirmACommitIsAskedAgainAndHoldsBackTheNextStep)
   absl::StatusOr<TrainResult> second = t.Step(7);
   EXPECT_EQ(second.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_NE(second.status().message().find(
-                absl::StrCat("shard shard1 has not confirmed step ", first->step)),
+                absl::StrCat("shard shard1 has not confirmed step id ", first->step)),
             std::string::npos)
       << second.status();
   EXPECT_EQ(t.commits, 1);
@@ -734,6 +734,13 @@ struct LostVerdictRig {
     const std::vector<float> dy = common::RandomMatrix(n, Config().d_model, 32);
     return trainer.Step(rig.table, rig.ck.gate, x.data(), dy.data(), n, TrainParams{0.5f},
                         absl::Now() + absl::Seconds(1));
+  }
+  // A step aborted while shard0 could not be asked what it saw (it had applied the commit when
+  // `reached` > 0): shard0 is left unsettled, and answers again afterwards.
+  void AbortWhileShard0CannotBeAsked() {
+    rig.fakes[0]->step_failures = 1000;
+    EXPECT_EQ(Step().status().code(), absl::StatusCode::kAborted);
+    rig.fakes[0]->step_failures = 0;
   }
   Rig rig;
   Trainer trainer;
@@ -839,13 +846,11 @@ TEST(Trainer, AnAbortWhileAShardCouldNotBeAskedIsSettledBeforeTheNextStep) {
 // asked no longer knows the step; its weights still carry the update, and are given back.
 TEST(Trainer, AnUpdateKeptAcrossARestartIsGivenBackThoughTheShardForgotTheStep) {
   LostVerdictRig t(/*reached=*/1, /*verdict=*/true);
-  t.rig.fakes[0]->step_failures = 1000;
-  EXPECT_EQ(t.Step().status().code(), absl::StatusCode::kAborted);
+  t.AbortWhileShard0CannotBeAsked();
   ASSERT_FALSE(t.rig.fakes[0]->trained.empty());
   // The restart: the fake forgets every verdict but keeps its weights, and is still reading
   // one of them back: that one's step is not known, so nothing is settled yet.
   t.rig.fakes[0]->finishes.clear();
-  t.rig.fakes[0]->step_failures = 0;
   t.rig.fakes[0]->loading = {2};
   const absl::Status reading = t.trainer.RetryConfirmations(t.rig.table);
   EXPECT_EQ(reading.code(), absl::StatusCode::kUnavailable) << reading;
@@ -886,9 +891,7 @@ TEST(Trainer, AnUnsettledShardIsNoSourceForAnothersCopyBack) {
 // shard stays unsettled and steps stay refused.
 TEST(Trainer, AReplicaThatCarriesTheUpdateIsNoSourceForGivingItBack) {
   LostVerdictRig t(/*reached=*/1, /*verdict=*/true);
-  t.rig.fakes[0]->step_failures = 1000;
-  EXPECT_EQ(t.Step().status().code(), absl::StatusCode::kAborted);
-  t.rig.fakes[0]->step_failures = 0;
+  t.AbortWhileShard0CannotBeAsked();
   ASSERT_FALSE(t.rig.fakes[0]->trained.empty());
   t.rig.fakes[1]->trained = t.rig.fakes[0]->trained;
   t.rig.fakes[2]->trained = t.rig.fakes[0]->trained;
@@ -912,9 +915,7 @@ TEST(Trainer, AReplicaThatCarriesTheUpdateIsNoSourceForGivingItBack) {
 // stayed unsettled, and every step waited for it until it restarted.
 TEST(Trainer, AnUpdateIsGivenBackToAShardAheadOfTheTablesPlacementVersion) {
   LostVerdictRig t(/*reached=*/1, /*verdict=*/true);
-  t.rig.fakes[0]->step_failures = 1000;
-  EXPECT_EQ(t.Step().status().code(), absl::StatusCode::kAborted);
-  t.rig.fakes[0]->step_failures = 0;
+  t.AbortWhileShard0CannotBeAsked();
   ASSERT_FALSE(t.rig.fakes[0]->trained.empty());
   t.rig.fakes[0]->version = t.rig.table.placement.version + 5;  // the failed switch's
   const absl::Status settled = t.trainer.RetryConfirmations(t.rig.table);
@@ -930,9 +931,7 @@ TEST(Trainer, AnUpdateIsGivenBackToAShardAheadOfTheTablesPlacementVersion) {
 // A switch not yet applied does not settle: its table may not list what the shard holds.
 TEST(Trainer, AnUnsettledAbortIsSettledAgainstTheLiveTableOnly) {
   LostVerdictRig t(/*reached=*/1, /*verdict=*/true);
-  t.rig.fakes[0]->step_failures = 1000;
-  EXPECT_EQ(t.Step().status().code(), absl::StatusCode::kAborted);
-  t.rig.fakes[0]->step_failures = 0;
+  t.AbortWhileShard0CannotBeAsked();
   EXPECT_EQ(t.trainer.RetryConfirmations(t.rig.table, /*drop_absent=*/false).code(),
             absl::StatusCode::kUnavailable);
   EXPECT_TRUE(t.rig.fakes[0]->rollbacks.empty());

@@ -416,8 +416,8 @@ absl::StatusOr<v1::StepOutcome::State> GrpcShardClient::GetStep(uint64_t step,
   const grpc::Status st = stub_->GetStep(&ctx, req, &resp);
   if (!st.ok()) {
     absl::Status s = common::FromGrpcStatus(st);
-    return absl::Status(s.code(), absl::StrCat("step ", step, " on shard ", address_, ": ",
-                                               s.message()));
+    return absl::Status(s.code(),
+                        absl::StrCat("step id ", step, " on shard ", address_, ": ", s.message()));
   }
   return resp.state();
 }

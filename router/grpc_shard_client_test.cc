@@ -524,61 +524,97 @@ TEST(RouterTraining, AStepWhileTheCoordinatorIsDownIsRefusedBeforeItStarts) {
   (*router)->Shutdown(absl::Milliseconds(100));
 }
 
+// A shard's membership kept by a test instead of the shard's own heartbeats: `address` is
+// registered with `coordinator` every 200 ms while `joins` is set.
+class HeldMember {
+ public:
+  HeldMember(const std::string& coordinator, const std::string& address)
+      : stub_(v1::Coordinator::NewStub(
+            grpc::CreateChannel(coordinator, grpc::InsecureChannelCredentials()))),
+        thread_([this, address] {
+          while (!done_) {
+            if (joins) {
+              grpc::ClientContext ctx;
+              ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+              v1::RegisterRequest req;
+              req.set_address(address);
+              v1::RegisterResponse resp;
+              stub_->Register(&ctx, req, &resp).IgnoreError();  // registers again, or renews
+            }
+            std::this_thread::sleep_for(std::chrono::milliseconds(200));
+          }
+        }) {}
+  ~HeldMember() {
+    done_ = true;
+    thread_.join();
+  }
+  std::atomic<bool> joins{true};
+
+ private:
+  std::unique_ptr<v1::Coordinator::Stub> stub_;
+  std::atomic<bool> done_{false};
+  std::thread thread_;  // last: it reads the members above
+};
+
+// A coordinator with a lease of `lease`; shard a, which registers with it by its own heartbeats,
+// and shard b, whose membership the test keeps (`b_member->joins`); and the options of a sharded
+// router over the coordinator's members. Started by StartCoordinatedShards.
+struct CoordinatedShards {
+  coordinator::CoordinatorOptions co;
+  std::unique_ptr<coordinator::CoordinatorServer> coord;
+  std::unique_ptr<expert::ShardServer> a, b;
+  std::unique_ptr<HeldMember> b_member;
+  RouterServerOptions router;
+
+  // Stops the coordinator and starts it again on its port, with shard b kept from registering:
+  // it knows no member then.
+  void RestartCoordinator() {
+    b_member->joins = false;
+    coord->Shutdown(absl::Milliseconds(100));
+    coord.reset();
+    auto again = coordinator::CoordinatorServer::Start(co);
+    ASSERT_TRUE(again.ok()) << again.status();
+    coord = *std::move(again);
+  }
+};
+
+void StartCoordinatedShards(const std::string& name, absl::Duration lease, CoordinatedShards* out) {
+  const std::string path = ::moe::testing::TempPath(name + ".safetensors");
+  ASSERT_TRUE(
+      common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 6})).ok());
+  const int port = ::moe::testing::FreePortBlock(1);
+  ASSERT_GT(port, 0);
+  out->co.address = absl::StrCat("127.0.0.1:", port);
+  out->co.lease = lease;
+  auto coord = coordinator::CoordinatorServer::Start(out->co);
+  ASSERT_TRUE(coord.ok()) << coord.status();
+  out->coord = *std::move(coord);
+  expert::ShardServerOptions so;
+  so.checkpoint = path;
+  so.coordinator = out->co.address;
+  auto a = expert::ShardServer::Start(so);
+  ASSERT_TRUE(a.ok()) << a.status();
+  out->a = *std::move(a);
+  so.coordinator.clear();
+  auto b = expert::ShardServer::Start(so);
+  ASSERT_TRUE(b.ok()) << b.status();
+  out->b = *std::move(b);
+  out->b_member = std::make_unique<HeldMember>(out->co.address, out->b->address());
+  out->router.checkpoint = path;
+  out->router.strategy = Strategy::kSharded;
+  out->router.coordinator = out->co.address;
+  out->router.reconcile_interval = absl::Milliseconds(100);
+}
+
 // A coordinator started again knows no member until each heartbeats again (every quarter lease):
 // for a lease it lists some placed shards and not others. The router does not take that for a
 // departure (which would move the unlisted shards' experts away, and back once they register);
 // a shard still unlisted once the lease has passed has left, and is placed without.
 TEST(RouterMembership, ACoordinatorStartedAgainDoesNotMoveTheExpertsOfShardsStillRegistering) {
-  const std::string path = ::moe::testing::TempPath("coordinator_again.safetensors");
-  ASSERT_TRUE(
-      common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 6})).ok());
-  const int port = ::moe::testing::FreePortBlock(1);
-  ASSERT_GT(port, 0);
-  coordinator::CoordinatorOptions co;
-  co.address = absl::StrCat("127.0.0.1:", port);
-  co.lease = absl::Seconds(2);
-  auto coord = coordinator::CoordinatorServer::Start(co);
-  ASSERT_TRUE(coord.ok()) << coord.status();
-  // Shard a heartbeats itself; shard b's membership is kept by this test (`b_joins`).
-  expert::ShardServerOptions so;
-  so.checkpoint = path;
-  so.coordinator = co.address;
-  auto a = expert::ShardServer::Start(so);
-  ASSERT_TRUE(a.ok()) << a.status();
-  so.coordinator.clear();
-  auto b = expert::ShardServer::Start(so);
-  ASSERT_TRUE(b.ok()) << b.status();
-  const std::string b_address = (*b)->address();
-  std::atomic<bool> b_joins{true}, done{false};
-  std::thread b_heartbeat([&] {
-    auto stub = v1::Coordinator::NewStub(
-        grpc::CreateChannel(co.address, grpc::InsecureChannelCredentials()));
-    while (!done) {
-      if (b_joins) {
-        grpc::ClientContext ctx;
-        ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
-        v1::RegisterRequest req;
-        req.set_address(b_address);
-        v1::RegisterResponse resp;
-        stub->Register(&ctx, req, &resp).IgnoreError();  // registers again, or renews
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(200));
-    }
-  });
-  struct Joiner {
-    std::atomic<bool>* done;
-    std::thread* t;
-    ~Joiner() {
-      *done = true;
-      t->join();
-    }
-  } joiner{&done, &b_heartbeat};
-  RouterServerOptions o;
-  o.checkpoint = path;
-  o.strategy = Strategy::kSharded;
-  o.coordinator = co.address;
-  o.reconcile_interval = absl::Milliseconds(100);
-  auto router = RouterServer::Start(o);
+  CoordinatedShards c;
+  ASSERT_NO_FATAL_FAILURE(StartCoordinatedShards("coordinator_again", absl::Seconds(2), &c));
+  const std::string b_address = c.b->address();
+  auto router = RouterServer::Start(c.router);
   ASSERT_TRUE(router.ok()) << router.status();
   ASSERT_TRUE((*router)->WaitUntilReady(absl::Seconds(60)).ok());
   auto stub = v1::Router::NewStub(
@@ -593,14 +629,10 @@ TEST(RouterMembership, ACoordinatorStartedAgainDoesNotMoveTheExpertsOfShardsStil
   const uint64_t version = placement().version();
 
   // Started again, with shard b kept from registering for most of the lease.
-  b_joins = false;
-  (*coord)->Shutdown(absl::Milliseconds(100));
-  coord->reset();
-  coord = coordinator::CoordinatorServer::Start(co);
-  ASSERT_TRUE(coord.ok()) << coord.status();
+  ASSERT_NO_FATAL_FAILURE(c.RestartCoordinator());
   const auto started = std::chrono::steady_clock::now();
   std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // 15 of the router's ticks
-  b_joins = true;
+  c.b_member->joins = true;
   EXPECT_EQ(placement().version(), version) << "the experts of a shard still registering moved";
   EXPECT_EQ(ShardEntry(stub.get(), b_address).experts_size(), 2);
   EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(2))
@@ -608,11 +640,7 @@ TEST(RouterMembership, ACoordinatorStartedAgainDoesNotMoveTheExpertsOfShardsStil
   ExpectInfersOk(stub.get());
 
   // Started again, and shard b never registers: once the lease has passed, it has left.
-  b_joins = false;
-  (*coord)->Shutdown(absl::Milliseconds(100));
-  coord->reset();
-  coord = coordinator::CoordinatorServer::Start(co);
-  ASSERT_TRUE(coord.ok()) << coord.status();
+  ASSERT_NO_FATAL_FAILURE(c.RestartCoordinator());
   EXPECT_TRUE(Eventually([&] { return ShardEntry(stub.get(), b_address).address().empty(); }))
       << "a shard that did not register again within the lease stayed placed";
   EXPECT_GT(placement().version(), version);
@@ -704,6 +732,61 @@ std::set<int> ReadyExperts(expert::ShardServer& shard) {
     if (x.state == expert::ExpertState::kReady) out.insert(x.expert);
   }
   return out;
+}
+
+// A router started with its coordinator (both restarted, as when their host restarts) does not
+// place while the coordinator settles if the shards it lists were placed before: one it does not
+// list yet may only not have registered again, and hold experts. Before 2026-12-02 the router
+// placed over the shards listed, loading the others' experts onto them from the checkpoint
+// (trained ones lost their training), and moved them back once the others had registered.
+TEST(RouterMembership, ARouterStartedWithItsCoordinatorWaitsForShardsStillRegistering) {
+  CoordinatedShards c;
+  // A lease of 5 s: shard a registers again within its heartbeat, 1.25 s.
+  ASSERT_NO_FATAL_FAILURE(StartCoordinatedShards("coordinator_with_router", absl::Seconds(5), &c));
+  expert::ShardServer& a = *c.a;
+  expert::ShardServer& b = *c.b;
+  std::set<int> held[2];
+  uint64_t version = 0;
+  {
+    auto router = RouterServer::Start(c.router);
+    ASSERT_TRUE(router.ok()) << router.status();
+    ASSERT_TRUE((*router)->WaitUntilReady(absl::Seconds(60)).ok());
+    ASSERT_TRUE(
+        Eventually([&] { return ReadyExperts(a).size() == 2 && ReadyExperts(b).size() == 2; }));
+    held[0] = ReadyExperts(a);
+    held[1] = ReadyExperts(b);
+    version = a.store().placement_version();
+    (*router)->Shutdown(absl::Milliseconds(100));
+  }
+
+  // Both started again; shard b kept from registering until the router has waited a second.
+  ASSERT_NO_FATAL_FAILURE(c.RestartCoordinator());
+  const auto started = std::chrono::steady_clock::now();
+  auto members = v1::Coordinator::NewStub(
+      grpc::CreateChannel(c.co.address, grpc::InsecureChannelCredentials()));
+  ASSERT_TRUE(Eventually([&] {
+    grpc::ClientContext ctx;
+    v1::Membership m;
+    return members->ListMembers(&ctx, v1::ListMembersRequest(), &m).ok() && m.members_size() == 1;
+  })) << "shard a did not register again";
+  auto router = RouterServer::Start(c.router);
+  ASSERT_TRUE(router.ok()) << router.status();
+  EXPECT_FALSE((*router)->WaitUntilReady(absl::Seconds(1)).ok())
+      << "placed over shard a while shard b was still registering";
+  EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(5))
+      << "the lease had passed: the check proves nothing";
+  c.b_member->joins = true;
+  ASSERT_TRUE((*router)->WaitUntilReady(absl::Seconds(60)).ok());
+  EXPECT_EQ(ReadyExperts(a), held[0]);
+  EXPECT_EQ(ReadyExperts(b), held[1]);
+  // Each shard already held its part: nothing was loaded or unloaded, so no shard saw the new
+  // router's placement version (shard a did when it was given shard b's experts).
+  EXPECT_EQ(a.store().placement_version(), version) << "shard b's experts moved";
+  EXPECT_EQ(b.store().placement_version(), version) << "shard b's experts moved";
+  auto stub = v1::Router::NewStub(
+      grpc::CreateChannel((*router)->address(), grpc::InsecureChannelCredentials()));
+  ExpectInfersOk(stub.get());
+  (*router)->Shutdown(absl::Milliseconds(100));
 }
 
 // A router that starts while its shards still load every expert (`--experts all`, what a

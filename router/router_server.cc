@@ -165,6 +165,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // The shards the first placement could not read on its last try (placement_mu): the control
   // loop tries again at once without them (see ControlLoop).
   std::vector<std::string> first_unread;
+  // Whether the coordinator was settling when the first placement read its members
+  // (placement_mu): see SwitchLocked.
+  bool first_settling = false;
   std::string first_wait;  // why the first placement last waited (said once; control loop)
   // The last "not applied" line Apply wrote (placement_mu): the same failure is said once.
   std::string last_not_applied;
@@ -831,6 +834,19 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       std::vector<std::pair<std::string, std::string>> unread;
       ASSIGN_OR_RETURN(RoutingTable seen, ObserveShards(next_shards, &trained, &unread));
       first_unread.clear();
+      if (first_settling && (trained || seen.placement.version > 0)) {
+        // The coordinator started again moments ago (with the router, or while it was down):
+        // a shard it does not list yet may only not have registered again, and may hold
+        // experts, trained ones among them. Placed over the others, its experts would move
+        // (trained ones loaded from the checkpoint), and back once it registers.
+        return absl::UnavailableError(
+            absl::StrCat("coordinator ", options.coordinator,
+                         " has just started, and the shards it lists "
+                         "were placed before (placement version ",
+                         seen.placement.version, trained ? ", trained" : "",
+                         "): the first placement waits a lease for the others "
+                         "to register again, as they may hold experts"));
+      }
       if (!unread.empty()) {
         // Not trained (ObserveShards waits otherwise): the control loop places without them.
         for (const auto& [address, why] : unread) first_unread.push_back(address);
@@ -1335,8 +1351,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // waits already when a shard that answers holds trained experts).
   absl::Status FirstPlacement(
       std::map<std::string, std::chrono::steady_clock::time_point>* unread_since) {
-    absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> members = Members(absl::Seconds(2));
+    bool settling = false;
+    absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> members =
+        Members(absl::Seconds(2), &settling);
     if (!members.ok()) return members.status();
+    {
+      std::lock_guard<std::mutex> l(placement_mu);
+      first_settling = settling;
+    }
     std::vector<std::string> all;  // the members of this try, before any is left out
     for (const auto& c : *members) all.push_back(c->address());
     std::set<std::string> left_out;
@@ -1645,7 +1667,15 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         resp->add_divergent_experts(e);
       }
     }
-    RETURN_IF_ERROR(common::SaveCheckpoint(req.path(), ck, options.load.tensor_prefix));
+    if (absl::Status st = common::SaveCheckpoint(req.path(), ck, options.load.tensor_prefix);
+        !st.ok()) {
+      return absl::Status(st.code(),
+                          absl::StrCat("the router could not write the checkpoint on its own "
+                                       "host: ",
+                                       st.message(),
+                                       " (the path is on the router's "
+                                       "file system)"));
+    }
     resp->set_path(req.path());
     resp->set_replicas_identical(identical);
     resp->set_step(restored_steps + steps_done.load());

@@ -110,7 +110,7 @@ absl::Status Trainer::SettleAbort(const RoutingTable& table, size_t shard, uint6
       // Its step is not known until it is read (a restart reading --state-dir).
       return absl::UnavailableError(absl::StrCat(
           s->address(), " is still loading expert ", x.expert(),
-          "; whether it holds the update of aborted step ", step, " is known once it is read"));
+          "; whether it holds the update of aborted step id ", step, " is known once it is read"));
     }
     if (x.trained_step() >= step) updated.insert(x.expert());
   }
@@ -163,9 +163,9 @@ absl::Status Trainer::SettleAbort(const RoutingTable& table, size_t shard, uint6
       }
     }
     if (source.empty()) {
-      return absl::UnavailableError(absl::StrCat(
-          "expert ", e, " on ", s->address(), " holds the update of aborted step ", step,
-          " and no other replica can give its weights back now"));
+      return absl::UnavailableError(
+          absl::StrCat("expert ", e, " on ", s->address(), " holds the update of aborted step id ",
+                       step, " and no other replica can give its weights back now"));
     }
     by_source[source].push_back(e);
   }
@@ -208,13 +208,13 @@ absl::Status Trainer::Unconfirmed(const RoutingTable& table) const {
     if (!HasShard(table, entry.first)) continue;
     if (entry.second.unsettled_abort) {
       return absl::UnavailableError(absl::StrCat(
-          "shard ", entry.first, " could not be asked whether it had committed step ",
+          "shard ", entry.first, " could not be asked whether it had committed step id ",
           entry.second.step, ", which was aborted (", entry.second.reason, ")",
           entry.second.settle_error.empty() ? "" : "; asked again: ", entry.second.settle_error,
           "; steps resume once it is settled (the router asks it again every second)"));
     }
     return absl::UnavailableError(absl::StrCat(
-        "shard ", entry.first, " has not confirmed step ", entry.second.step, " (",
+        "shard ", entry.first, " has not confirmed step id ", entry.second.step, " (",
         entry.second.reason,
         "); steps resume once it has applied that update (the router asks it again every "
         "second)"));
@@ -518,18 +518,18 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
         }
       }
       return absl::AbortedError(absl::StrCat(
-          "commit of step ", result.step, " failed (", lost, "); no shard that answered had "
-          "committed it, so it was aborted; ", absl::StrJoin(unanswered, ", "),
+          "commit of step id ", result.step, " failed (", lost, "); no shard that answered "
+          "had committed it, so it was aborted; ", absl::StrJoin(unanswered, ", "),
           " could not be asked: had it committed, its replicas are copied back from the others "
           "before the next step"));
     }
-    return absl::AbortedError(absl::StrCat("commit of step ", result.step, " failed (", lost,
+    return absl::AbortedError(absl::StrCat("commit of step id ", result.step, " failed (", lost,
                                            "); no shard had committed it, so it was aborted "
                                            "everywhere and no weight changed"));
   }
   if (!done->committed()) {
-    return absl::AbortedError(absl::StrCat("step ", result.step, " aborted, no weight changed: ",
-                                           done->reason()));
+    return absl::AbortedError(
+        absl::StrCat("step id ", result.step, " aborted, no weight changed: ", done->reason()));
   }
   if (done->unconfirmed_shards_size() > 0) {
     std::lock_guard<std::mutex> lock(unconfirmed_mu_);

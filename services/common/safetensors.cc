@@ -328,8 +328,12 @@ absl::Status SafetensorsWriter::Write(const std::string& path) const {
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) {
     const int err = errno;
-    return absl::PermissionDeniedError(
-        absl::StrCat(path, ": cannot open for writing: ", std::strerror(err)));
+    std::string why = absl::StrCat(path, ": cannot open for writing: ", std::strerror(err));
+    if (err == EACCES || err == EPERM || err == EROFS) {
+      return absl::PermissionDeniedError(std::move(why));
+    }
+    // A directory that does not exist, or a path that is not one.
+    return absl::FailedPreconditionError(std::move(why));
   }
   const std::string bytes = Serialize();
   size_t done = 0;

@@ -165,6 +165,11 @@ try:
     fails("info", "--router", "127.0.0.1:99999", says="give HOST:PORT with a port in [1, 65535]",
           code=2)
     fails("load", "--router", router, "--hot-order", "3", says="give --zipf S", code=2)
+    # The path is the router's: a directory the router's host lacks is said to be there.
+    missing = path("no-such-dir/x.safetensors")
+    fails("save-checkpoint", "--router", router, "--path", missing,
+          says=f"the router could not write the checkpoint on its own host: {missing}: cannot "
+               "open for writing: No such file or directory")
     # A flag of forward's other mode is refused, not ignored: the router drops nothing for a
     # client's --capacity-factor (it has its own), and --local sends nothing as BF16.
     fails("forward", "--input", path("in.safetensors"), "--output", path("cf.safetensors"),
