@@ -1119,6 +1119,7 @@ absl::Status CheckAddresses(const Flags& f) {
 }
 
 int Main(int argc, char** argv) {
+  common::SetGrpcProcessDefaults();
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "help") {
     // `moe-client help COMMAND`: that command's lines.
     const std::string one = argc > 2 ? CommandHelp(argv[2]) : "";

@@ -9,9 +9,15 @@ the first few tokens. The functions below are the library part: import moe_clien
 connect(), cluster_info(), infer().
 """
 import argparse
+import os
 import sys
 
-import grpc
+# gRPC sees a reconnect attempt end only while a thread polls, which in a process that only
+# calls is its backup poller, every 5 s by default: a channel whose router restarted came back
+# 4-5 s after the router did. Read once, when grpc starts (DECISIONS.md, "backup poller").
+os.environ.setdefault("GRPC_CLIENT_CHANNEL_BACKUP_POLL_INTERVAL_MS", "100")
+
+import grpc  # noqa: E402 (after the setting above)
 import numpy as np
 
 try:

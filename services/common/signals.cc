@@ -2,6 +2,7 @@
 
 #include <malloc.h>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <thread>
 #include <pthread.h>
@@ -72,8 +73,14 @@ void ServeUntilSignal(const char* name, const std::function<void()>& shutdown,
   waiter.join();
 }
 
+void SetGrpcProcessDefaults() {
+  // Read once, by the process's first grpc_init.
+  setenv("GRPC_CLIENT_CHANNEL_BACKUP_POLL_INTERVAL_MS", "100", /*overwrite=*/0);
+}
+
 int RunMain(int argc, char** argv, const char* name, const char* usage,
             absl::Status (*run)(int, char**)) {
+  SetGrpcProcessDefaults();
   if (argc > 1 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h")) {
     std::fputs(usage, stdout);
     return 0;

@@ -38,9 +38,19 @@ void ServeUntilSignal(const char* name, const std::function<void()>& shutdown,
 // This build's version (the project's, from CMake), printed by --version.
 extern const char kVersion[];
 
+// Process-wide gRPC settings; call before the process's first gRPC object (RunMain and
+// moe-client do). gRPC sees that a client channel's connection attempt has ended only while some
+// thread polls for it. A process that serves always has such a thread, but one that only calls
+// (moe-client, a user's client) has none between fail-fast calls: the end of an attempt was
+// seen by gRPC's backup poller alone, every 5 s by default, and the attempt's own timer
+// meanwhile took it for timed out. A channel whose server had restarted came back 4-5 s after
+// the server did. Sets that poller's interval (GRPC_CLIENT_CHANNEL_BACKUP_POLL_INTERVAL_MS) to
+// 100 ms, unless the environment sets it.
+void SetGrpcProcessDefaults();
+
 // A binary's main: --help/-h prints `usage`, --version "NAME VERSION"; an error from `run`
 // prints "NAME: message" and exits 1, or, for a UsageError, "NAME: message (see --help)" and
-// exits 2.
+// exits 2. Calls SetGrpcProcessDefaults first.
 int RunMain(int argc, char** argv, const char* name, const char* usage,
             absl::Status (*run)(int, char**));
 

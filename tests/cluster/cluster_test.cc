@@ -15,6 +15,8 @@
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/common/grpc_status.h"
 #include "services/common/safetensors.h"
+#include "services/common/server_util.h"
+#include "services/common/signals.h"
 #include "services/common/status_macros.h"
 #include "tests/cluster/cluster_fixture.h"
 #include "tests/reference/shard_export.h"
@@ -1805,6 +1807,54 @@ TEST_F(ClusterTest, CoordinatorNamesAShardThatDidNotConfirmACommit) {
   EXPECT_EQ(resp.unconfirmed_shards(0), gone);
   EXPECT_NE(resp.reason().find("commit on " + gone + " not confirmed"), std::string::npos)
       << resp.reason();
+}
+
+// gRPC sees that a client channel's connection attempt has ended only while a thread polls for
+// it, and a process that serves nothing (moe-client, a user's client; this test process) has
+// none between fail-fast calls. gRPC's backup poller, every 5 s by default, then was the one to
+// see it, and the attempt's timer took it for timed out meanwhile: a channel whose server had
+// restarted came back 4-5 s after the server served. common::SetGrpcProcessDefaults has the
+// poller run every 100 ms. Three restarts: without the setting one may be back soon by luck.
+TEST_F(ClusterTest, AChannelOfAProcessThatOnlyCallsIsBackSoonAfterItsServerRestarts) {
+  common::SetGrpcProcessDefaults();
+  const int port = testing::FreePortBlock(1);
+  ASSERT_GT(port, 0);
+  const std::string address = absl::StrCat("127.0.0.1:", port);
+  auto start = [&]() -> absl::StatusOr<common::Subprocess> {
+    ASSIGN_OR_RETURN(
+        common::Subprocess p,
+        common::Subprocess::Spawn({MOE_BIN_DIR "/moe-expert-server", "--checkpoint", *path_,
+                                   "--host", "127.0.0.1", "--port", absl::StrCat(port)}));
+    RETURN_IF_ERROR(p.ReadListeningPort(absl::Seconds(30)).status());
+    return p;
+  };
+  auto serving = [](grpc::Channel* channel) {
+    absl::StatusOr<common::HealthState> h = common::CheckHealth(channel, absl::Milliseconds(200));
+    return h.ok() && *h == common::HealthState::kServing;
+  };
+  absl::StatusOr<common::Subprocess> shard = start();
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  auto channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(),
+                                           common::UserChannelArgs());
+  ASSERT_TRUE(testing::Eventually([&] { return serving(channel.get()); }));
+  for (int restart = 0; restart < 3; ++restart) {
+    shard->Signal(SIGKILL);
+    ASSERT_TRUE(shard->Wait(absl::Seconds(10)).ok());
+    // Calls while it is down fail at once: the channel backs off between attempts.
+    const auto down = Clock::now();
+    while (Since(down) < 0.5) {
+      EXPECT_FALSE(serving(channel.get()));
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    shard = start();  // listening; it serves its few small experts moments later
+    ASSERT_TRUE(shard.ok()) << shard.status();
+    // Only this channel's calls: another channel's connection would be polled for, and the
+    // poll would see this channel's attempt end too.
+    const auto back = Clock::now();
+    ASSERT_TRUE(testing::Eventually([&] { return serving(channel.get()); }));
+    EXPECT_LT(Since(back), 1.5) << "restart " << restart
+                                << ": the channel came back long after its server";
+  }
 }
 
 }  // namespace
