@@ -880,7 +880,7 @@ absl::StatusOr<std::vector<int>> ShardServer::Impl::RunFinishStep(const v1::Fini
   if (common::Failpoint("commit_skip_update_once") && !skipped.exchange(true)) {
     // As if the update were lost on this replica unnoticed: the step is stamped on its experts
     // and their weights do not move.
-    std::fprintf(stderr, "moe-expert-server: failpoint commit_skip_update_once: step %llu\n",
+    std::fprintf(stderr, "moe-expert-server: failpoint commit_skip_update_once: step id %llu\n",
                  static_cast<unsigned long long>(step_id));
     learning_rate = 0.f;
   }
@@ -1060,7 +1060,7 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
   // A failed reduction leaves partial sums: the step must be aborted, never committed.
   if (!st.ok()) {
     step->second.failed = true;
-    std::fprintf(stderr, "moe-expert-server: step %llu: gradient reduction %s failed: %s\n",
+    std::fprintf(stderr, "moe-expert-server: step id %llu: gradient reduction %s failed: %s\n",
                  static_cast<unsigned long long>(req.train_step()), req.group().c_str(),
                  std::string(st.message()).c_str());
   }

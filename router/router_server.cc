@@ -834,7 +834,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       std::vector<std::pair<std::string, std::string>> unread;
       ASSIGN_OR_RETURN(RoutingTable seen, ObserveShards(next_shards, &trained, &unread));
       first_unread.clear();
-      if (first_settling && (trained || seen.placement.version > 0)) {
+      // Trained: as the shards listed say, or as this router's gate kept in --state-dir says
+      // (the listed shards may hold none of the training).
+      const bool was_trained = trained || restored_steps > 0 || gate_step > 0;
+      if (first_settling && (was_trained || seen.placement.version > 0)) {
         // The coordinator started again moments ago (with the router, or while it was down):
         // a shard it does not list yet may only not have registered again, and may hold
         // experts, trained ones among them. Placed over the others, its experts would move
@@ -843,7 +846,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
             absl::StrCat("coordinator ", options.coordinator,
                          " has just started, and the shards it lists "
                          "were placed before (placement version ",
-                         seen.placement.version, trained ? ", trained" : "",
+                         seen.placement.version, was_trained ? ", trained" : "",
                          "): the first placement waits a lease for the others "
                          "to register again, as they may hold experts"));
       }
@@ -1669,12 +1672,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     if (absl::Status st = common::SaveCheckpoint(req.path(), ck, options.load.tensor_prefix);
         !st.ok()) {
-      return absl::Status(st.code(),
-                          absl::StrCat("the router could not write the checkpoint on its own "
-                                       "host: ",
-                                       st.message(),
-                                       " (the path is on the router's "
-                                       "file system)"));
+      // The file could not be written: the path is the router's, which a client on another
+      // host may not have in mind.
+      const bool writing = st.code() == absl::StatusCode::kPermissionDenied ||
+                           st.code() == absl::StatusCode::kFailedPrecondition ||
+                           st.code() == absl::StatusCode::kDataLoss;
+      if (!writing) return st;
+      return absl::Status(st.code(), absl::StrCat("on the router's host, ", st.message()));
     }
     resp->set_path(req.path());
     resp->set_replicas_identical(identical);

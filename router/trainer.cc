@@ -78,7 +78,7 @@ absl::Status Trainer::RetryConfirmations(const RoutingTable& table, bool drop_ab
         }
       } else {
         if (!s->FinishStep(u.step, /*commit=*/true, u.learning_rate, kAbortTimeout).ok()) break;
-        std::fprintf(stderr, "moe-router: step %llu: %s has now confirmed the commit\n",
+        std::fprintf(stderr, "moe-router: step id %llu: %s has now confirmed the commit\n",
                      static_cast<unsigned long long>(u.step), address.c_str());
       }
       std::lock_guard<std::mutex> lock(unconfirmed_mu_);
@@ -115,7 +115,8 @@ absl::Status Trainer::SettleAbort(const RoutingTable& table, size_t shard, uint6
     if (x.trained_step() >= step) updated.insert(x.expert());
   }
   if (updated.empty()) {
-    std::fprintf(stderr, "moe-router: step %llu: %s had not applied it, and has now aborted it\n",
+    std::fprintf(stderr,
+                 "moe-router: step id %llu: %s had not applied it, and has now aborted it\n",
                  static_cast<unsigned long long>(step), s->address().c_str());
     return absl::OkStatus();
   }
@@ -175,12 +176,12 @@ absl::Status Trainer::SettleAbort(const RoutingTable& table, size_t shard, uint6
     RETURN_IF_ERROR(s->RollBackExperts(experts, 0, source, absl::Minutes(5)).status());
   }
   std::fprintf(stderr,
-               "moe-router: step %llu: %s had applied it although every other shard aborted "
+               "moe-router: step id %llu: %s had applied it although every other shard aborted "
                "it; its replicas of %zu expert(s) were copied back from their other replicas%s%s\n",
                static_cast<unsigned long long>(step), s->address().c_str(),
-               static_cast<size_t>(std::accumulate(
-                   by_source.begin(), by_source.end(), size_t{0},
-                   [](size_t n, const auto& b) { return n + b.second.size(); })),
+               static_cast<size_t>(
+                   std::accumulate(by_source.begin(), by_source.end(), size_t{0},
+                                   [](size_t n, const auto& b) { return n + b.second.size(); })),
                alone.empty() ? "" : "; experts with no other replica keep the update: ",
                absl::StrJoin(alone, ",").c_str());
   return absl::OkStatus();
@@ -193,7 +194,7 @@ void Trainer::DropUnconfirmedOutside(const RoutingTable& table) {
       ++it;
       continue;
     }
-    std::fprintf(stderr, "moe-router: step %llu: %s left the placement before %s; dropped\n",
+    std::fprintf(stderr, "moe-router: step id %llu: %s left the placement before %s; dropped\n",
                  static_cast<unsigned long long>(it->second.step),
                  it->second.unsettled_abort ? "telling whether it had committed the step"
                                             : "confirming the commit",
@@ -257,7 +258,7 @@ bool Trainer::ResolveLostVerdict(const RoutingTable& table, uint64_t step, absl:
       }
       if (*seen[i] == v1::StepOutcome::COMMITTED) {
         std::fprintf(stderr,
-                     "moe-router: step %llu: the coordinator's verdict was lost, but %s had "
+                     "moe-router: step id %llu: the coordinator's verdict was lost, but %s had "
                      "received a commit: finishing the commit on every shard\n",
                      static_cast<unsigned long long>(step), table.shards[i]->address().c_str());
         return true;
@@ -538,7 +539,7 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
                                             /*unsettled_abort=*/false, ""};
     }
     std::fprintf(stderr,
-                 "moe-router: step %llu committed, but %d shard(s) did not confirm it (%s); "
+                 "moe-router: step id %llu committed, but %d shard(s) did not confirm it (%s); "
                  "FinishStep is sent again until they do, and no step starts before\n",
                  static_cast<unsigned long long>(result.step), done->unconfirmed_shards_size(),
                  done->reason().c_str());

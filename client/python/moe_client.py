@@ -14,11 +14,12 @@ import sys
 
 # gRPC sees a reconnect attempt end only while a thread polls, which in a process that only
 # calls is its backup poller, every 5 s by default: a channel whose router restarted came back
-# 4-5 s after the router did. Read once, when grpc starts (DECISIONS.md, "backup poller").
+# 4-5 s after the router did. Read once, when grpc starts (DECISIONS.md, "backup poller"): a
+# program that made a channel before importing this module sets it itself, before that.
 os.environ.setdefault("GRPC_CLIENT_CHANNEL_BACKUP_POLL_INTERVAL_MS", "100")
 
 import grpc  # noqa: E402 (after the setting above)
-import numpy as np
+import numpy as np  # noqa: E402
 
 try:
     from moe.v1 import router_pb2, router_pb2_grpc, tensor_pb2

@@ -320,6 +320,19 @@ std::string SafetensorsWriter::Serialize() const {
   return out;
 }
 
+namespace {
+
+// PERMISSION_DENIED for a file system that refuses the write; FAILED_PRECONDITION otherwise (a
+// directory that does not exist, a path that is a directory).
+absl::Status WriteError(int err, std::string why) {
+  if (err == EACCES || err == EPERM || err == EROFS) {
+    return absl::PermissionDeniedError(std::move(why));
+  }
+  return absl::FailedPreconditionError(std::move(why));
+}
+
+}  // namespace
+
 absl::Status SafetensorsWriter::Write(const std::string& path) const {
   // A temporary name of our own, so concurrent writers of one path cannot collide; flushed to
   // disk before it is renamed into place, so a reader (or a restart) sees a whole file.
@@ -328,12 +341,7 @@ absl::Status SafetensorsWriter::Write(const std::string& path) const {
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) {
     const int err = errno;
-    std::string why = absl::StrCat(path, ": cannot open for writing: ", std::strerror(err));
-    if (err == EACCES || err == EPERM || err == EROFS) {
-      return absl::PermissionDeniedError(std::move(why));
-    }
-    // A directory that does not exist, or a path that is not one.
-    return absl::FailedPreconditionError(std::move(why));
+    return WriteError(err, absl::StrCat(path, ": cannot open for writing: ", std::strerror(err)));
   }
   const std::string bytes = Serialize();
   size_t done = 0;
@@ -351,8 +359,7 @@ absl::Status SafetensorsWriter::Write(const std::string& path) const {
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
     const int err = errno;
     std::remove(tmp.c_str());
-    return absl::PermissionDeniedError(
-        absl::StrCat(path, ": cannot rename into place: ", std::strerror(err)));
+    return WriteError(err, absl::StrCat(path, ": cannot rename into place: ", std::strerror(err)));
   }
   return absl::OkStatus();
 }

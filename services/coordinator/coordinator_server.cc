@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -36,9 +37,12 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
   int port = 0;
 
   std::mutex mu;
-  std::map<std::string, absl::Time> members;
+  // Leases and the settling window run on the steady clock: a step of the wall clock (NTP
+  // after a host restart) neither expires every member nor keeps the coordinator settling.
+  using Clock = std::chrono::steady_clock;
+  std::map<std::string, Clock::time_point> members;
   uint64_t membership_version = 0;
-  const absl::Time started = absl::Now();  // a lease from it, members are still registering
+  const Clock::time_point started = Clock::now();  // a lease from it, members still register
   std::atomic<uint64_t> generation{0};
   std::mutex step_mu;  // one step at a time
 
@@ -92,9 +96,9 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
   }
 
   void ExpireLocked() {
-    const absl::Time now = absl::Now();
+    const Clock::time_point now = Clock::now();
     for (auto it = members.begin(); it != members.end();) {
-      if (now - it->second > options.lease) {
+      if (absl::FromChrono(now - it->second) > options.lease) {
         it = members.erase(it);
         ++membership_version;
       } else {
@@ -114,10 +118,10 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     }
     std::lock_guard<std::mutex> lock(mu);
     ExpireLocked();
-    if (members.emplace(req->address(), absl::Now()).second) {
+    if (members.emplace(req->address(), Clock::now()).second) {
       ++membership_version;
     } else {
-      members[req->address()] = absl::Now();
+      members[req->address()] = Clock::now();
     }
     members_gauge->Set(static_cast<double>(members.size()));
     resp->set_membership_version(membership_version);
@@ -133,7 +137,7 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     std::lock_guard<std::mutex> lock(mu);
     ExpireLocked();
     auto it = members.find(req->address());
-    if (it != members.end()) it->second = absl::Now();
+    if (it != members.end()) it->second = Clock::now();
     resp->set_known(it != members.end());
     resp->set_membership_version(membership_version);
     reactor->Finish(grpc::Status::OK);
@@ -149,12 +153,12 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     out->set_version(membership_version);
     // A lease, and at least what a shard takes to register again: its next heartbeat (a
     // quarter lease) after its channel's reconnect backoff (at most 1 s, ClientChannelArgs).
-    out->set_settling(absl::Now() - started <
+    out->set_settling(absl::FromChrono(Clock::now() - started) <
                       std::max(options.lease, options.lease / 4 + absl::Milliseconds(1500)));
     for (const auto& [addr, seen] : members) {
       v1::Member* m = out->add_members();
       m->set_address(addr);
-      m->set_last_seen_ms_ago(absl::ToInt64Milliseconds(absl::Now() - seen));
+      m->set_last_seen_ms_ago(absl::ToInt64Milliseconds(absl::FromChrono(Clock::now() - seen)));
     }
     reactor->Finish(grpc::Status::OK);
     return reactor;

@@ -168,8 +168,8 @@ try:
     # The path is the router's: a directory the router's host lacks is said to be there.
     missing = path("no-such-dir/x.safetensors")
     fails("save-checkpoint", "--router", router, "--path", missing,
-          says=f"the router could not write the checkpoint on its own host: {missing}: cannot "
-               "open for writing: No such file or directory")
+          says=f"on the router's host, {missing}: cannot open for writing: No such file or "
+               "directory")
     # A flag of forward's other mode is refused, not ignored: the router drops nothing for a
     # client's --capacity-factor (it has its own), and --local sends nothing as BF16.
     fails("forward", "--input", path("in.safetensors"), "--output", path("cf.safetensors"),
