@@ -89,11 +89,7 @@ class WeightsMatmul {
     if (per_rows_) {
       weights_md = probe.weights_desc();
     } else {
-      // gemm:jit (AVX2) reads W^T as W's own rows ([n, k] row-major, `ba` of [k, n]) up to 1.8x
-      // faster than as [k, n] row-major below 512 rows, and as fast from there (2026-12-02, an
-      // AMD EPYC: 79 against 44 GFLOP/s at 64 rows of d_model 512, d_ff 2048).
-      weights_md = memory::desc({k, n}, Dt::f32, Tag::ba);
-      runtime_pd_ = MakePd(kRt, Tag::ba);
+      runtime_pd_ = MakePd(kRt, Tag::ab);
       runtime_prim_ = dnnl::matmul(runtime_pd_);
     }
     memory src({{k, n}, Dt::f32, Tag::ba}, CpuEngine(), const_cast<float*>(w));
