@@ -53,7 +53,7 @@ TEST_P(ExpertFfnTest, ForwardMatchesNaiveLoops) {
   const common::Checkpoint ck = common::MakeRandomCheckpoint({c, GetParam().bias, 11});
   auto ffn = ExpertFfn::Create(c, ck.experts[0]);
   ASSERT_TRUE(ffn.ok()) << ffn.status();
-  for (int64_t m : {0, 1, 7, 64}) {
+  for (int64_t m : {0, 1, 7, 64, 100, 4100}) {
     const std::vector<float> x = common::RandomMatrix(m, c.d_model, 100 + m);
     std::vector<float> y(m * c.d_model, -1.f);
     ASSERT_TRUE((*ffn)->Forward(x.data(), m, y.data()).ok());
