@@ -168,6 +168,24 @@ TEST(ExpertFfn, ConcurrentCallersGetIdenticalResults) {
   for (int t = 0; t < kThreads; ++t) EXPECT_EQ(parallel[t], serial[t]) << "thread " << t;
 }
 
+// Shapes past the kernels' register and cache blocks (the packed sgemm's 24-row blocks, its
+// k blocks of a few hundred): the tests above stay inside one block of each.
+TEST(ExpertFfn, LargerShapesMatchNaiveLoops) {
+  common::ModelConfig c = Config({Activation::kSilu, true, true});
+  c.d_model = 600;
+  c.d_ff = 1000;
+  const common::Checkpoint ck = common::MakeRandomCheckpoint({c, true, 31});
+  auto ffn = ExpertFfn::Create(c, ck.experts[0]);
+  ASSERT_TRUE(ffn.ok()) << ffn.status();
+  for (int64_t m : {1, 5, 70}) {
+    const std::vector<float> x = common::RandomMatrix(m, c.d_model, 200 + m);
+    std::vector<float> y(m * c.d_model, -1.f);
+    ASSERT_TRUE((*ffn)->Forward(x.data(), m, y.data()).ok());
+    ExpectClose(y, testing::NaiveExpertForward(c, ck.experts[0], x, m), 1e-5,
+                "forward m=" + std::to_string(m));
+  }
+}
+
 TEST(ExpertFfn, RejectsWrongWeightSizes) {
   common::ModelConfig c = Config({Activation::kRelu, false, false});
   common::ExpertWeights w = common::MakeRandomCheckpoint({c, false, 1}).experts[0];
