@@ -1,7 +1,5 @@
 #include "expert_server/expert_ffn.h"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -17,24 +15,6 @@
 #include "expert_server/activation.h"
 #include "oneapi/dnnl/dnnl.hpp"
 #include "services/common/status_macros.h"
-
-// oneDNN's packed sgemm: exported by libdnnl 2.x (its RNN primitives pack their weights with it)
-// but not declared in its public headers. Column-major, BLAS conventions; transa "P" in
-// sgemm_compute means A was packed by sgemm_pack. A signature change shows as a link error.
-namespace dnnl::impl::cpu {
-dnnl_status_t sgemm_pack_get_size(const char* identifier, const char* transa, const char* transb,
-                                  const dnnl_dim_t* m, const dnnl_dim_t* n, const dnnl_dim_t* k,
-                                  const dnnl_dim_t* lda, const dnnl_dim_t* ldb, size_t* size,
-                                  bool* pack);
-dnnl_status_t sgemm_pack(const char* identifier, const char* transa, const char* transb,
-                         const dnnl_dim_t* m, const dnnl_dim_t* n, const dnnl_dim_t* k,
-                         const dnnl_dim_t* lda, const dnnl_dim_t* ldb, const float* src,
-                         float* dst);
-dnnl_status_t sgemm_compute(const char* transa, const char* transb, const dnnl_dim_t* m,
-                            const dnnl_dim_t* n, const dnnl_dim_t* k, const float* a,
-                            const dnnl_dim_t* lda, const float* b, const dnnl_dim_t* ldb,
-                            const float* beta, float* c, const dnnl_dim_t* ldc);
-}  // namespace dnnl::impl::cpu
 
 namespace moe::expert {
 namespace {
@@ -88,84 +68,35 @@ dnnl::primitive_attr UserScratchpadAttr() {
 
 using Eltwise = std::optional<std::pair<dnnl::algorithm, float>>;
 
-// dst[rows, n] = act(dst) in place, for any row count: one eltwise primitive per power of two up
-// to 64 rows (oneDNN's eltwise takes no run-time shape), shared process-wide by shape.
-class RowsEltwise {
- public:
-  RowsEltwise(int64_t n, dnnl::algorithm alg, float alpha) : n_(n), alg_(alg), alpha_(alpha) {}
-
-  void Run(float* dst, int64_t rows) const {
-    dnnl::stream& s = ThreadStream();
-    for (int64_t done = 0; done < rows;) {
-      int64_t r = kMaxRows;
-      while (r > rows - done) r /= 2;
-      const memory mem({{r, n_}, Dt::f32, Tag::ab}, CpuEngine(), dst + done * n_);
-      PrimitiveFor(r).execute(s, {{DNNL_ARG_SRC, mem}, {DNNL_ARG_DST, mem}});
-      done += r;
-    }
-    s.wait();
-  }
-
- private:
-  static constexpr int64_t kMaxRows = 64;
-
-  const dnnl::eltwise_forward& PrimitiveFor(int64_t rows) const {
-    static std::mutex mu;  // std, not absl: visible to ThreadSanitizer
-    static auto* cache =
-        new std::map<std::tuple<int64_t, int64_t, int, float>, dnnl::eltwise_forward>();
-    const auto key = std::make_tuple(n_, rows, static_cast<int>(alg_), alpha_);
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = cache->find(key);
-    if (it == cache->end()) {
-      const memory::desc md({rows, n_}, Dt::f32, Tag::ab);
-      const dnnl::eltwise_forward::primitive_desc pd(
-          dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_inference, alg_, md, alpha_, 0.f),
-          CpuEngine());
-      it = cache->emplace(key, dnnl::eltwise_forward(pd)).first;
-    }
-    return it->second;  // std::map never moves its elements
-  }
-
-  int64_t n_;
-  dnnl::algorithm alg_;
-  float alpha_;
-};
-
-// dst[rows, n] = src[rows, k] * W^T (+ bias) (then eltwise), W stored [n, k] row-major.
+// dst[rows, n] = src[rows, k] * W^T (+ bias) (then eltwise), W stored [n, k] row-major and
+// reordered once into the layout oneDNN's best kernel for this CPU wants.
 //
-// Three ways, the fastest this CPU has:
-// - brgemm (AVX-512): the matmul wants blocked weights; they are reordered once into that layout,
-//   which is the same for every row count, and a primitive per distinct row count is created on
-//   first use and shared by every expert of the same shape (creation takes about 0.2 ms). Up to
-//   2.5x faster than gemm:jit at 8-32 rows, because it does not repack the weights on every call.
-// - packed sgemm (where the matmul would be gemm:jit, as on AVX2): W is packed once into the
-//   kernel's own layout and every call runs on it single-threaded; bias is added by starting from
-//   it (beta = 1), the activation by an eltwise primitive over the result. Against gemm:jit's
-//   matmul over plain weights, on an AMD EPYC (AVX2, 1 thread): 2-4x faster at 2-16 rows, 1.1-1.3x
-//   at 32-256 rows (92-96 GFLOP/s against 80-88, where gemm:jit picks its no-copy kernels), as fast
-//   at one row and at 512.
-// - gemm:jit over plain [k, n] weights, with the row count left open (DNNL_RUNTIME_DIM_VAL):
-//   where packing is not available.
+// Where that kernel takes the row count at run time (gemm:jit, plain weights), one primitive
+// with DNNL_RUNTIME_DIM_VAL rows serves every batch. Its weights are stored [k, n] with each row
+// padded (PaddedStride): at a stride of 2048 or 512 floats, a power of two, the rows it reads
+// together fall into the same cache sets and evict each other. Padded to 2064 and 528, the
+// expert's matmuls ran 2-4x faster at 2-16 rows and 1.1-1.2x at 32-256 (92-96 GFLOP/s against
+// 80-88) on an AMD EPYC (AVX2, 1 thread), as fast at 1 and 512 rows.
+//
+// Where it does not (brgemm on AVX-512, which wants blocked weights and is up to 2.5x faster than
+// gemm:jit at 8-32 rows because it does not repack the weights on every call), the weights are
+// reordered once into the blocked layout, which is the same for every row count, and a primitive
+// per distinct row count is created on first use and shared by every expert of the same shape
+// (creation takes about 0.2 ms).
 class WeightsMatmul {
  public:
   WeightsMatmul(int64_t k, int64_t n, const float* w, const float* bias, Eltwise eltwise)
       : k_(k), n_(n), eltwise_(eltwise), has_bias_(bias != nullptr) {
-    if (bias != nullptr) {
-      bias_.assign(bias, bias + n);
-      bias_mem_ = memory({{1, n}, Dt::f32, Tag::ab}, CpuEngine(), bias_.data());
-    }
     const memory::desc plain_md({k, n}, Dt::f32, Tag::ab);
     // Probe the layout the fixed-shape kernel wants.
-    const dnnl::matmul::primitive_desc probe = MakePd(kProbeRows, Tag::any);
+    const dnnl::matmul::primitive_desc probe = MakePd(kProbeRows, {{k, n}, Dt::f32, Tag::any});
     per_rows_ = probe.weights_desc() != plain_md;
-    memory::desc weights_md = plain_md;
+    memory::desc weights_md;
     if (per_rows_) {
       weights_md = probe.weights_desc();
-    } else if (Pack(w)) {
-      if (eltwise_) act_.emplace(n_, eltwise_->first, eltwise_->second);
-      return;
     } else {
-      runtime_pd_ = MakePd(kRt, Tag::ab);
+      weights_md = memory::desc({k, n}, Dt::f32, memory::dims{PaddedStride(n), 1});
+      runtime_pd_ = MakePd(kRt, weights_md);
       runtime_prim_ = dnnl::matmul(runtime_pd_);
     }
     memory src({{k, n}, Dt::f32, Tag::ba}, CpuEngine(), const_cast<float*>(w));
@@ -173,16 +104,16 @@ class WeightsMatmul {
     dnnl::stream s(CpuEngine());
     dnnl::reorder(src, weights_).execute(s, src, weights_);
     s.wait();
+    if (bias != nullptr) {
+      bias_.assign(bias, bias + n);
+      bias_mem_ = memory({{1, n}, Dt::f32, Tag::ab}, CpuEngine(), bias_.data());
+    }
   }
 
   void Run(const float* src, int64_t rows, float* dst) const {
     for (int64_t done = 0; done < rows; done += kMaxRows) {
       const int64_t m = std::min(kMaxRows, rows - done);
-      if (packed_) {
-        RunPacked(src + done * k_, m, dst + done * n_);
-      } else {
-        RunChunk(src + done * k_, m, dst + done * n_);
-      }
+      RunChunk(src + done * k_, m, dst + done * n_);
     }
   }
 
@@ -191,48 +122,14 @@ class WeightsMatmul {
   static constexpr int64_t kMaxRows = 4096;
   static constexpr int64_t kProbeRows = 32;
 
-  struct FreeDeleter {
-    void operator()(float* p) const { std::free(p); }
-  };
-
-  // Packs W for sgemm_compute as A = W ([n, k] row-major is column-major [k, n], so "T"): the
-  // column-major product C[n, rows] = A B with B = src^T is dst[rows, n] row-major. Packed for
-  // one thread: a packed matrix carries the thread split it was packed for, and every caller
-  // runs experts single-threaded (the layer's OpenMP loop, the shard's compute threads).
-  bool Pack(const float* w) {
-    const dnnl_dim_t m = n_, cols = kProbeRows, k = k_, lda = k_, ldb = k_;
-    const int threads = omp_get_max_threads();
-    omp_set_num_threads(1);
-    size_t bytes = 0;
-    bool ok = dnnl::impl::cpu::sgemm_pack_get_size("A", "T", "N", &m, &cols, &k, &lda, &ldb, &bytes,
-                                                   nullptr) == dnnl_success;
-    if (ok && bytes > 0) {
-      packed_.reset(static_cast<float*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
-    }
-    ok = packed_ != nullptr && dnnl::impl::cpu::sgemm_pack("A", "T", "N", &m, &cols, &k, &lda, &ldb,
-                                                           w, packed_.get()) == dnnl_success;
-    if (!ok) packed_.reset();
-    omp_set_num_threads(threads);
-    return ok;
+  // n rounded up to 16 floats (a cache line), plus 16 where that is a multiple of 256 (1 KiB).
+  static int64_t PaddedStride(int64_t n) {
+    const int64_t ld = (n + 15) / 16 * 16;
+    return ld % 256 == 0 ? ld + 16 : ld;
   }
 
-  void RunPacked(const float* src, int64_t rows, float* dst) const {
-    float beta = 0.f;
-    if (has_bias_) {
-      for (int64_t r = 0; r < rows; ++r)
-        std::memcpy(dst + r * n_, bias_.data(), n_ * sizeof(float));
-      beta = 1.f;
-    }
-    const dnnl_dim_t m = n_, k = k_, ld = k_, ldc = n_;
-    const dnnl_status_t st = dnnl::impl::cpu::sgemm_compute("P", "N", &m, &rows, &k, packed_.get(),
-                                                            &ld, src, &ld, &beta, dst, &ldc);
-    if (st != dnnl_success) throw dnnl::error(st, "packed sgemm_compute");
-    if (act_) act_->Run(dst, rows);
-  }
-
-  dnnl::matmul::primitive_desc MakePd(memory::dim rows, Tag weights_tag) const {
+  dnnl::matmul::primitive_desc MakePd(memory::dim rows, const memory::desc& wei) const {
     const memory::desc src({rows, k_}, Dt::f32, Tag::ab);
-    const memory::desc wei({k_, n_}, Dt::f32, weights_tag);
     const memory::desc dst({rows, n_}, Dt::f32, Tag::ab);
     const memory::desc bias_md =
         has_bias_ ? memory::desc({1, n_}, Dt::f32, Tag::ab) : memory::desc();
@@ -265,7 +162,7 @@ class WeightsMatmul {
       if (it != cache->end()) return it->second;
     }
     auto fixed = std::make_shared<Fixed>();
-    fixed->pd = MakePd(rows, Tag::any);
+    fixed->pd = MakePd(rows, {{k_, n_}, Dt::f32, Tag::any});
     if (fixed->pd.weights_desc() != weights_.get_desc()) {
       throw dnnl::error(dnnl_unimplemented, "weights layout differs between row counts");
     }
@@ -300,8 +197,6 @@ class WeightsMatmul {
   dnnl::matmul::primitive_desc runtime_pd_;
   dnnl::matmul runtime_prim_;
   memory weights_;
-  std::unique_ptr<float, FreeDeleter> packed_;
-  std::optional<RowsEltwise> act_;
   std::vector<float> bias_;
   memory bias_mem_;
 };

@@ -3,10 +3,10 @@
 
 // One expert's feed-forward network on oneDNN:
 //   E(x) = W2 act(W1 x + b1) + b2, or gated: W2 (act(W1 x + b1) * (W3 x + b3)) + b2.
-// The weights are put once into the layout of this CPU's fastest kernel (blocked for brgemm on
-// AVX-512, packed for oneDNN's sgemm elsewhere; expert_ffn.cc says why), and the kernels take any
-// row count. Every const method is safe to call from several threads at once (each call uses its
-// own stream and scratchpad).
+// The weights are reordered once into the layout of this CPU's fastest matmul (blocked for brgemm
+// on AVX-512, plain with padded rows for gemm:jit elsewhere; expert_ffn.cc says why), and the
+// matmuls take any row count. Every const method is safe to call from several threads at once
+// (each call uses its own stream and scratchpad).
 
 #include <cstdint>
 #include <memory>

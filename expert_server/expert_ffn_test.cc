@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
 #include "services/common/random_checkpoint.h"
 #include "tests/reference/naive_moe.h"
 
@@ -168,21 +169,24 @@ TEST(ExpertFfn, ConcurrentCallersGetIdenticalResults) {
   for (int t = 0; t < kThreads; ++t) EXPECT_EQ(parallel[t], serial[t]) << "thread " << t;
 }
 
-// Shapes past the kernels' register and cache blocks (the packed sgemm's 24-row blocks, its
-// k blocks of a few hundred): the tests above stay inside one block of each.
+// Shapes past the kernels' register and cache blocks, whose weights' rows are padded (gemm:jit
+// path): 600 and 1000 to a cache line (608, 1008), 256 and 768 one line past a multiple of 1 KiB
+// (272, 784). The tests above stay inside one block of each.
 TEST(ExpertFfn, LargerShapesMatchNaiveLoops) {
-  common::ModelConfig c = Config({Activation::kSilu, true, true});
-  c.d_model = 600;
-  c.d_ff = 1000;
-  const common::Checkpoint ck = common::MakeRandomCheckpoint({c, true, 31});
-  auto ffn = ExpertFfn::Create(c, ck.experts[0]);
-  ASSERT_TRUE(ffn.ok()) << ffn.status();
-  for (int64_t m : {1, 5, 70}) {
-    const std::vector<float> x = common::RandomMatrix(m, c.d_model, 200 + m);
-    std::vector<float> y(m * c.d_model, -1.f);
-    ASSERT_TRUE((*ffn)->Forward(x.data(), m, y.data()).ok());
-    ExpectClose(y, testing::NaiveExpertForward(c, ck.experts[0], x, m), 1e-5,
-                "forward m=" + std::to_string(m));
+  for (auto [d, f] : {std::pair<int64_t, int64_t>{600, 1000}, {256, 768}}) {
+    common::ModelConfig c = Config({Activation::kSilu, true, true});
+    c.d_model = d;
+    c.d_ff = f;
+    const common::Checkpoint ck = common::MakeRandomCheckpoint({c, true, 31});
+    auto ffn = ExpertFfn::Create(c, ck.experts[0]);
+    ASSERT_TRUE(ffn.ok()) << ffn.status();
+    for (int64_t m : {1, 5, 70}) {
+      const std::vector<float> x = common::RandomMatrix(m, c.d_model, 200 + m);
+      std::vector<float> y(m * c.d_model, -1.f);
+      ASSERT_TRUE((*ffn)->Forward(x.data(), m, y.data()).ok());
+      ExpectClose(y, testing::NaiveExpertForward(c, ck.experts[0], x, m), 1e-5,
+                  absl::StrCat("forward ", d, " x ", f, " m=", m));
+    }
   }
 }
 
