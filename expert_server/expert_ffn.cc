@@ -76,7 +76,7 @@ using Eltwise = std::optional<std::pair<dnnl::algorithm, float>>;
 // padded (PaddedStride): at a stride of 2048 or 512 floats, a power of two, the rows it reads
 // together fall into the same cache sets and evict each other. Padded to 2064 and 528, the
 // expert's matmuls ran 2-4x faster at 2-16 rows and 1.1-1.2x at 32-256 (92-96 GFLOP/s against
-// 80-88) on an AMD EPYC (AVX2, 1 thread), as fast at 1 and 512 rows.
+// 80-88), as fast at 1 and 512 rows (stand-alone, AMD EPYC, AVX2, 1 thread).
 //
 // Where it does not (brgemm on AVX-512, which wants blocked weights and is up to 2.5x faster than
 // gemm:jit at 8-32 rows because it does not repack the weights on every call), the weights are
@@ -101,6 +101,8 @@ class WeightsMatmul {
     }
     memory src({{k, n}, Dt::f32, Tag::ba}, CpuEngine(), const_cast<float*>(w));
     weights_ = memory(weights_md, CpuEngine());
+    // The padding of padded rows is never read; zeroed so that no byte is left uninitialised.
+    std::memset(weights_.get_data_handle(), 0, weights_md.get_size());
     dnnl::stream s(CpuEngine());
     dnnl::reorder(src, weights_).execute(s, src, weights_);
     s.wait();

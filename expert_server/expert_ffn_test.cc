@@ -1,11 +1,14 @@
 #include "expert_server/expert_ffn.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <thread>
 
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
+#include "oneapi/dnnl/dnnl.hpp"
 #include "services/common/random_checkpoint.h"
 #include "tests/reference/naive_moe.h"
 
@@ -188,6 +191,19 @@ TEST(ExpertFfn, LargerShapesMatchNaiveLoops) {
                   absl::StrCat("forward ", d, " x ", f, " m=", m));
     }
   }
+}
+
+// The ctest ExpertFfnOnAvx2 runs these tests with ONEDNN_MAX_CPU_ISA=AVX2, so that an AVX-512
+// machine tests the gemm:jit path too: check that the cap took effect.
+TEST(ExpertFfn, OneDnnHeldToAvx2WhenAsked) {
+  const char* cap = std::getenv("ONEDNN_MAX_CPU_ISA");
+  if (cap == nullptr || std::string(cap) != "AVX2") {
+    GTEST_SKIP() << "ONEDNN_MAX_CPU_ISA is not AVX2";
+  }
+  const dnnl::cpu_isa isa = dnnl::get_effective_cpu_isa();
+  EXPECT_TRUE(isa == dnnl::cpu_isa::avx2 || isa == dnnl::cpu_isa::avx ||
+              isa == dnnl::cpu_isa::sse41)
+      << "oneDNN runs ISA " << static_cast<int>(isa);
 }
 
 TEST(ExpertFfn, RejectsWrongWeightSizes) {
