@@ -13,7 +13,8 @@
 namespace moe::client {
 
 void PrintTable(const std::vector<std::string>& header,
-                const std::vector<std::vector<std::string>>& rows) {
+                const std::vector<std::vector<std::string>>& rows,
+                const std::vector<size_t>& text_columns) {
   std::vector<size_t> width(header.size());
   for (size_t c = 0; c < header.size(); ++c) width[c] = header[c].size();
   for (const auto& r : rows) {
@@ -26,6 +27,9 @@ void PrintTable(const std::vector<std::string>& header,
   // message in one row does not push the others' cells to the right.
   std::vector<bool> numeric(width.size(), true);
   if (!numeric.empty()) numeric[0] = false;
+  for (size_t c : text_columns) {
+    if (c < numeric.size()) numeric[c] = false;
+  }
   for (const auto& r : rows) {
     for (size_t c = 1; c < r.size() && c < width.size(); ++c) {
       absl::string_view v = r[c];

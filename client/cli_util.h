@@ -10,9 +10,12 @@
 
 namespace moe::client {
 
-// Prints rows as an aligned text table with a header rule.
+// Prints rows as an aligned text table with a header rule. Columns of numbers are
+// right-aligned, others left-aligned; `text_columns` are left-aligned whatever they hold (a
+// list such as "0,2" that may happen to be one number in every row).
 void PrintTable(const std::vector<std::string>& header,
-                const std::vector<std::vector<std::string>>& rows);
+                const std::vector<std::vector<std::string>>& rows,
+                const std::vector<size_t>& text_columns = {});
 
 // A one-line progress bar on stderr, redrawn in place when stderr is a terminal.
 class Progress {
@@ -27,7 +30,7 @@ class Progress {
   std::string label_;
   int64_t total_;
   bool tty_;
-  int64_t last_percent_ = -1;
+  int64_t last_percent_ = -10;  // so that the first Update draws (0 %), also when not a terminal
 };
 
 }  // namespace moe::client

@@ -8,9 +8,11 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "services/common/checkpoint.h"
 #include "services/common/security.h"
 #include "services/common/server_util.h"
 #include "services/common/status_macros.h"
@@ -131,6 +133,21 @@ absl::Status LocalCluster::StartInto(const LocalClusterOptions& options, absl::D
   if (access(options.checkpoint.c_str(), R_OK) != 0) {
     return absl::NotFoundError(absl::StrCat("checkpoint ", options.checkpoint,
                                             " not found (make one with moe-client init-checkpoint)"));
+  }
+  {
+    // Read (its header and gate) before anything starts: a file that is not a checkpoint is
+    // told in one line, not as a shard that failed to start.
+    common::LoadOptions header_only;
+    header_only.experts = std::vector<int>{};
+    absl::StatusOr<common::Checkpoint> ck = common::LoadCheckpoint(options.checkpoint, header_only);
+    if (!ck.ok()) {
+      // Its errors mostly name the file already.
+      const absl::string_view m = ck.status().message();
+      return absl::Status(ck.status().code(),
+                          absl::StartsWith(m, options.checkpoint)
+                              ? absl::StrCat("checkpoint ", m)
+                              : absl::StrCat("checkpoint ", options.checkpoint, ": ", m));
+    }
   }
   if (options.coordinator) {
     if (options.verbose) std::fprintf(stderr, "moe-cluster: starting the coordinator\n");

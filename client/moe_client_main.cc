@@ -3,44 +3,44 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <deque>
+#include <filesystem>
+#include <map>
+#include <mutex>
 #include <numeric>
 #include <optional>
 #include <random>
-#include <cstdio>
-#include <filesystem>
 #include <string>
+#include <thread>
 #include <vector>
+
+#include <grpcpp/grpcpp.h>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include <algorithm>
-#include <atomic>
-#include <map>
-#include <mutex>
-#include <thread>
-
-#include <grpcpp/grpcpp.h>
-
+#include "absl/strings/str_split.h"
 #include "client/cli_util.h"
 #include "client/router_client.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
-#include "services/common/grpc_status.h"
-#include "services/common/tensor_codec.h"
 #include "router/moe_layer.h"
+#include "router/placement.h"
 #include "services/common/checkpoint.h"
 #include "services/common/flags.h"
-#include "services/common/security.h"
-#include "services/common/server_util.h"
+#include "services/common/grpc_status.h"
 #include "services/common/random_checkpoint.h"
 #include "services/common/safetensors.h"
+#include "services/common/security.h"
+#include "services/common/server_util.h"
 #include "services/common/signals.h"
 #include "services/common/status_macros.h"
+#include "services/common/tensor_codec.h"
 
 namespace moe::client {
 namespace {
@@ -89,13 +89,17 @@ commands:
       The step column counts the cluster's steps since its checkpoint; a step refused or
       aborted (no weight changed) is sent again, up to 8 times; errors name the router's
       own number for a step as "step id".
+      Ctrl-C stops it between steps (a step in flight finishes): the table of the steps
+      taken, then exit by SIGINT (status 130).
       Defaults: K 10, LR 0.01, A and Z 0 (no auxiliary losses), N 64, S 1.
   save-checkpoint --router HOST:PORT --path PATH
-      the current (trained) weights as a safetensors checkpoint on the router's file system
+      the current (trained) weights as a safetensors checkpoint, written by the router on its
+      host's file system; a relative PATH is made absolute from this directory first
   load --router HOST:PORT [--checkpoint PATH --zipf S] [--concurrency C] [--batch-size N]
        [--duration SECONDS] [--requests R] [--seed S] [--hot-order K] [--stall-s T]
       a load generator: C concurrent InferStream streams of N-token requests; with a checkpoint
-      and --zipf, expert popularity follows a Zipf law of exponent S: each token's top-k
+      and --zipf, expert popularity follows a Zipf law of exponent S (0: every expert equally
+      popular): each token's top-k
       experts are drawn by it without replacement (expert 0 the most popular; with
       --hot-order K > 0 a shuffle of the experts seeded by K, with --hot-order -1 the
       reverse: expert E-1 the most popular). Prints tokens/s, p50/p95/p99 latency and
@@ -107,17 +111,39 @@ commands:
       missing after 10 s without one are given up (CANCELLED). No answer at all for T seconds
       (--stall-s, default 35: past the router's 30 s deadline) ends the run early, and the
       answers in flight then get those 10 s. Defaults: C 4, N 64, 10 seconds, random tokens
-      without --zipf, seed 1.
+      without --zipf, seed 1; C at most 1024.
   demo --checkpoint PATH [--batches B] [--batch-size N] [--tensor-prefix P] [--capacity-factor C]
       run the in-process layer on random batches; print tokens/s and per-expert load
       (defaults: B 20, N 256)
 
 Exit status: 0 done; 1 the command failed (the line on stderr says why); 2 the command line
 is wrong: an unknown command or flag, or a flag missing or with a bad value (the line says
-which); after Ctrl-C, `load` ends by SIGINT (130 in a shell).
+which); after Ctrl-C, `load` and `train` end by SIGINT (130 in a shell).
 )";
 
 // A flag the command cannot do without, as an integer.
+// Set by the first SIGINT during `load` or `train` (a second one ends the process as usual).
+std::atomic<bool> interrupted{false};
+void OnInterrupt(int) { interrupted.store(true); }
+
+// From now on the first Ctrl-C only sets `interrupted`: the command ends its work in order and
+// then EndByInterrupt.
+void CatchInterrupt() {
+  struct sigaction on_int = {};
+  on_int.sa_handler = OnInterrupt;
+  on_int.sa_flags = SA_RESETHAND;
+  sigemptyset(&on_int.sa_mask);
+  sigaction(SIGINT, &on_int, nullptr);
+}
+
+// Ends the process by SIGINT, as a shell expects after Ctrl-C (exit status 130), so that a loop
+// around the command stops too.
+void EndByInterrupt() {
+  std::fflush(stdout);
+  signal(SIGINT, SIG_DFL);
+  raise(SIGINT);
+}
+
 absl::StatusOr<int64_t> RequiredInt(const Flags& f, const char* name) {
   RETURN_IF_ERROR(f.Require(name).status());
   return f.GetInt(name, 0);
@@ -248,9 +274,26 @@ absl::Status AtLeast(const Flags& f, const char* name, int64_t value, int64_t le
   return common::UsageError(absl::StrCat("--", name, " must be >= ", least, ", got ", value));
 }
 
+// INVALID_ARGUMENT when `rows` rows of `d` floats (`what` says whose) make a request larger
+// than a gRPC message may be: said here, in the user's terms, rather than as gRPC's "Sent
+// message larger than max".
+absl::Status CheckRequestFits(int64_t rows, int64_t d, const std::string& what) {
+  const double bytes = 4.0 * static_cast<double>(rows) * static_cast<double>(d);
+  const int max_message = common::RpcLimits().max_message_bytes;
+  if (bytes <= max_message - (1 << 20)) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "%s: %.0f MiB in one request, more than one may carry (%d MiB); send fewer tokens per "
+      "request (the router also caps them: --max-batch-tokens, 8192 by default)",
+      what, bytes / (1 << 20), max_message >> 20));
+}
+
 absl::StatusOr<std::unique_ptr<router::MoeLayer>> LoadLayer(const Flags& f) {
   ASSIGN_OR_RETURN(std::string path, f.Require("checkpoint"));
   ASSIGN_OR_RETURN(double cf, f.GetDouble("capacity-factor", 0.0));
+  if (cf < 0) {
+    return common::UsageError(
+        absl::StrCat("--capacity-factor must be >= 0 (0: no limit), got ", cf));
+  }
   common::LoadOptions opts;
   opts.tensor_prefix = f.Get("tensor-prefix");
   ASSIGN_OR_RETURN(common::Checkpoint ck, ReadCheckpoint(path, opts));
@@ -285,6 +328,23 @@ absl::Status WriteForward(const std::string& out_path, int64_t n, int64_t d, int
 // A router call's failure as the user's error: a router that cannot be reached (after the
 // attempts of CallWithReconnects) is named, with how to start one.
 absl::Status RouterError(const grpc::Status& st, const std::string& addr) {
+  const std::string& m = st.error_message();
+  if (st.error_code() == grpc::StatusCode::UNAVAILABLE &&
+      absl::StartsWith(m, "DNS resolution failed")) {
+    // "DNS resolution failed for H:P: C-ares status is not ARES_SUCCESS ...: REASON"
+    const size_t last = m.rfind(": ");
+    return absl::UnavailableError(absl::StrCat(
+        "cannot reach the router at ", addr, ": its host name does not resolve (",
+        last == std::string::npos ? m : m.substr(last + 2),
+        "); check it (moe-cluster prints the router's address as READY router=HOST:PORT)"));
+  }
+  if (st.error_code() == grpc::StatusCode::UNAVAILABLE &&
+      (absl::StrContains(m, "Failed parsing HTTP/2") || absl::StrContains(m, "http1.x"))) {
+    return absl::UnavailableError(absl::StrCat(
+        "cannot reach the router at ", addr,
+        ": something listens there but does not speak gRPC (a /metrics port?); moe-cluster "
+        "prints the router's address as READY router=HOST:PORT"));
+  }
   if (st.error_code() == grpc::StatusCode::UNAVAILABLE &&
       absl::StartsWith(st.error_message(), "failed to connect")) {
     // Something listens there but closed the connection at once: a TLS server meeting a
@@ -340,6 +400,8 @@ absl::Status Forward(const Flags& f) {
   const int64_t d = tokens.second;
   const int64_t n = d > 0 ? static_cast<int64_t>(x.size()) / d : 0;
   if (f.Has("router")) {
+    RETURN_IF_ERROR(
+        CheckRequestFits(n, d, absl::StrCat(in_path, ": ", n, " tokens of d_model ", d)));
     auto stub = MakeRouterStub(f.Get("router"));
     v1::InferRequest req;
     req.set_request_id("forward");
@@ -351,7 +413,10 @@ absl::Status Forward(const Flags& f) {
     const grpc::Status st = CallWithReconnects(
         absl::Seconds(60), [&](grpc::ClientContext* ctx) { return stub->Infer(ctx, req, &resp); });
     if (!st.ok()) {
+      // The router's answer with its code (INVALID_ARGUMENT: ...); a router not reached as
+      // the other commands say it.
       absl::Status s = RouterError(st, f.Get("router"));
+      if (absl::StartsWith(s.message(), "cannot reach")) return s;
       return absl::Status(s.code(), absl::StrCat(absl::StatusCodeToString(s.code()), ": ",
                                                  s.message()));
     }
@@ -498,7 +563,8 @@ void PrintPlacement(const v1::Placement& p) {
     rows.push_back({absl::StrCat(e.expert()), absl::StrJoin(where, ","),
                     absl::StrFormat("%.1f", e.load())});
   }
-  PrintTable({"expert", "shards", "load (tokens/batch)"}, rows);
+  PrintTable({"expert", "shards", "load (tokens/batch)"}, rows, {1});
+  std::printf("\n");
   rows.clear();
   for (int s = 0; s < p.shard_addresses_size(); ++s) {
     rows.push_back({absl::StrCat(s), p.shard_addresses(s),
@@ -509,6 +575,12 @@ void PrintPlacement(const v1::Placement& p) {
 
 absl::Status PlacementCmd(const Flags& f) {
   ASSIGN_OR_RETURN(std::string addr, f.Require("router"));
+  if (f.Has("rebalance")) {
+    // The router says the same; said here, it is a command-line mistake (exit 2).
+    if (absl::Status known = router::ParseStrategy(f.Get("rebalance")).status(); !known.ok()) {
+      return common::UsageError(absl::StrCat("--rebalance: ", known.message()));
+    }
+  }
   auto stub = MakeRouterStub(addr);
   v1::Placement p;
   // A rebalance to a strategy is idempotent: sent again, it finds the placement applied.
@@ -549,7 +621,15 @@ absl::Status Train(const Flags& f) {
     return common::UsageError("train needs --synthetic, or --tokens and --grad-output");
   }
   if (lr < 0) return common::UsageError("--learning-rate must be >= 0");
+  // A step's request carries the tokens and their grad_output.
+  auto step_fits = [&](int64_t n) {
+    return CheckRequestFits(2 * n, d,
+                            absl::StrCat("a training step of ", n, " tokens of d_model ", d,
+                                         " (sent with their grad_output)"));
+  };
   if (synthetic) {
+    // From --batch-size: a flag to change.
+    if (absl::Status fits = step_fits(batch); !fits.ok()) return common::UsageError(fits.message());
     x = common::RandomMatrix(batch, d, seed);
     // A fixed random linear target T x, the layer regresses onto it.
     const std::vector<float> t = common::RandomMatrix(d, d, seed + 1);
@@ -581,10 +661,19 @@ absl::Status Train(const Flags& f) {
           "] and grad_output [", absl::StrJoin(dy_shape, ", "), "]"));
     }
     batch = static_cast<int64_t>(x.size()) / d;
+    RETURN_IF_ERROR(step_fits(batch));  // from files: files to split
   }
+  // Ctrl-C ends the run between steps (a step in flight is finished: it changes the weights
+  // all at once or not at all) and the table tells what was done.
+  CatchInterrupt();
   Progress progress("train", steps);
   std::vector<std::vector<std::string>> rows;
-  for (int64_t s = 0; s < steps; ++s) {
+  auto print_steps = [&] {
+    progress.Finish();
+    PrintTable({"step", "loss", "load_balance_loss", "router_z_loss"}, rows);
+  };
+  int64_t taken = 0;
+  for (int64_t s = 0; s < steps && !interrupted.load(); ++s) {
     std::vector<float> dy = dy_fixed;
     double loss = 0;
     if (synthetic) {
@@ -593,7 +682,12 @@ absl::Status Train(const Flags& f) {
       v1::InferResponse resp;
       const grpc::Status st = CallWithReconnects(
           absl::Seconds(60), [&](grpc::ClientContext* ctx) { return stub->Infer(ctx, req, &resp); });
-      if (!st.ok()) return common::FromGrpcStatus(st);
+      if (!st.ok()) {
+        if (!rows.empty()) print_steps();
+        absl::Status e = RouterError(st, addr);
+        return absl::Status(e.code(),
+                            absl::StrCat("step ", s + 1, ": forward for the loss: ", e.message()));
+      }
       ASSIGN_OR_RETURN(common::TensorView v, common::DecodeMatrix(resp.output(), "output", d));
       const std::vector<float> y = common::ViewToFloat(v);
       dy.resize(y.size());
@@ -621,30 +715,56 @@ absl::Status Train(const Flags& f) {
       st = stub->TrainStep(&ctx, req, &resp);
       const bool retry = st.error_code() == grpc::StatusCode::UNAVAILABLE ||
                          st.error_code() == grpc::StatusCode::ABORTED;
-      if (!retry || attempt == kAttempts) break;
+      if (!retry || attempt == kAttempts || interrupted.load()) break;
       progress.Note(absl::StrCat("step ", s + 1, " not taken (", st.error_message(),
                                  "); trying again, attempt ", attempt + 1, " of ", kAttempts));
       std::this_thread::sleep_for(std::chrono::milliseconds(250 * attempt));
     }
+    if (!st.ok() && interrupted.load() &&
+        (st.error_code() == grpc::StatusCode::UNAVAILABLE ||
+         st.error_code() == grpc::StatusCode::ABORTED)) {
+      break;  // not taken, and not tried again after Ctrl-C
+    }
     if (!st.ok()) {
-      absl::Status e = common::FromGrpcStatus(st);
+      // The steps taken stay taken: their table first, then what stopped the run.
+      if (!rows.empty()) print_steps();
+      absl::Status e = RouterError(st, addr);
       return absl::Status(e.code(), absl::StrCat("step ", s + 1, ": ",
                                                  absl::StatusCodeToString(e.code()), ": ",
                                                  e.message()));
     }
+    ++taken;
     rows.push_back({absl::StrCat(resp.step()), synthetic ? absl::StrFormat("%.6f", loss) : "-",
                     absl::StrFormat("%.5f", resp.stats().load_balance_loss()),
                     absl::StrFormat("%.4f", resp.stats().router_z_loss())});
     progress.Update(s + 1, synthetic ? absl::StrFormat("loss %.5f", loss) : "");
   }
-  progress.Finish();
-  PrintTable({"step", "loss", "load_balance_loss", "router_z_loss"}, rows);
+  if (interrupted.load()) {
+    progress.Finish();
+    std::printf("interrupted after %lld of %lld steps: the table covers the steps taken\n",
+                static_cast<long long>(taken), static_cast<long long>(steps));
+    PrintTable({"step", "loss", "load_balance_loss", "router_z_loss"}, rows);
+    EndByInterrupt();
+  }
+  print_steps();
   return absl::OkStatus();
 }
 
 absl::Status SaveCheckpointCmd(const Flags& f) {
   ASSIGN_OR_RETURN(std::string addr, f.Require("router"));
   ASSIGN_OR_RETURN(std::string path, f.Require("path"));
+  // The router writes the file. A relative path would be taken from the router's working
+  // directory, which the user does not see: it is made absolute from this one, as for a local
+  // file, and the message names it whole.
+  if (!path.empty() && path[0] != '/') {
+    std::error_code ec;
+    const std::filesystem::path whole = std::filesystem::absolute(path, ec);
+    if (ec) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--path ", path, ": cannot make it absolute: ", ec.message()));
+    }
+    path = whole.lexically_normal().string();
+  }
   auto stub = MakeRouterStub(addr);
   v1::SaveCheckpointRequest req;
   req.set_path(path);
@@ -653,10 +773,11 @@ absl::Status SaveCheckpointCmd(const Flags& f) {
     return stub->SaveCheckpoint(ctx, req, &resp);
   });
   if (!st.ok()) return RouterError(st, addr);
-  std::printf("wrote %s after step %llu; replicas identical: %s%s\n", resp.path().c_str(),
-              static_cast<unsigned long long>(resp.step()),
-              resp.replicas_identical() ? "yes" : "NO, divergent experts ",
-              resp.replicas_identical() ? "" : absl::StrJoin(resp.divergent_experts(), ",").c_str());
+  std::printf(
+      "wrote %s (on the router's host) after step %llu; replicas identical: %s%s\n",
+      resp.path().c_str(), static_cast<unsigned long long>(resp.step()),
+      resp.replicas_identical() ? "yes" : "NO, divergent experts ",
+      resp.replicas_identical() ? "" : absl::StrJoin(resp.divergent_experts(), ",").c_str());
   if (resp.lost_training_experts_size() > 0) {
     std::printf("expert(s) %s lost their training while this router ran (every replica that "
                 "held it went away): the checkpoint has them as they serve now, from the "
@@ -670,10 +791,6 @@ absl::Status SaveCheckpointCmd(const Flags& f) {
   }
   return absl::OkStatus();
 }
-
-// Set by the first SIGINT during `load` (a second one ends the process as usual).
-std::atomic<bool> load_interrupted{false};
-void OnLoadInterrupt(int) { load_interrupted.store(true); }
 
 // How long a `load` worker whose stream the router ended waits for the router to serve again.
 constexpr auto kReconnectWait = std::chrono::seconds(30);
@@ -703,6 +820,11 @@ absl::Status Load(const Flags& f) {
   }
   const auto stall_wait = std::chrono::seconds(stall_s);
   RETURN_IF_ERROR(AtLeast(f, "concurrency", concurrency, 1));
+  if (concurrency > 1024) {
+    // A thread and a stream each.
+    return common::UsageError(absl::StrCat(
+        "--concurrency must be at most 1024 (a thread and a stream each), got ", concurrency));
+  }
   RETURN_IF_ERROR(AtLeast(f, "batch-size", batch, 1));
   RETURN_IF_ERROR(AtLeast(f, "window", window, 1));
   RETURN_IF_ERROR(AtLeast(f, "requests", max_requests, 1));
@@ -726,14 +848,10 @@ absl::Status Load(const Flags& f) {
   auto stub = v1::Router::NewStub(channel);
   ASSIGN_OR_RETURN(v1::ClusterInfo info, GetInfo(stub.get(), addr));
   const int d = info.d_model();
-  const double request_bytes = 4.0 * static_cast<double>(batch) * d;
-  const int max_message = common::RpcLimits().max_message_bytes;
-  if (request_bytes > max_message - (1 << 20)) {
-    return common::UsageError(absl::StrFormat(
-        "--batch-size %lld of d_model %d makes requests of %.0f MiB, more than one may carry "
-        "(%d MiB); send fewer tokens per request (the router also caps them: "
-        "--max-batch-tokens, 8192 by default)",
-        static_cast<long long>(batch), d, request_bytes / (1 << 20), max_message >> 20));
+  if (absl::Status fits =
+          CheckRequestFits(batch, d, absl::StrCat("--batch-size ", batch, " of d_model ", d));
+      !fits.ok()) {
+    return common::UsageError(fits.message());
   }
   common::GateWeights gate;
   if (f.Has("checkpoint")) {
@@ -751,10 +869,11 @@ absl::Status Load(const Flags& f) {
   } else if (zipf > 0) {
     return common::UsageError("--zipf needs --checkpoint (the gate decides the routing)");
   }
-  if (f.Has("checkpoint") && zipf == 0) {
+  if (f.Has("checkpoint") && !f.Has("zipf")) {
     return common::UsageError(
         "--checkpoint is read for --zipf S only (its gate routes the Zipf-drawn tokens): give "
-        "--zipf, or leave --checkpoint out for uniform random tokens");
+        "--zipf S (0: every expert equally popular), or leave --checkpoint out for random "
+        "tokens");
   }
   // Which experts are popular: by id (expert 0 most), a shuffle seeded by --hot-order, or the
   // reverse of the ids (-1).
@@ -769,11 +888,7 @@ absl::Status Load(const Flags& f) {
     }
   }
   // Ctrl-C stops sending; what is in flight is answered and the table covers the run so far.
-  struct sigaction on_int = {};
-  on_int.sa_handler = OnLoadInterrupt;
-  on_int.sa_flags = SA_RESETHAND;
-  sigemptyset(&on_int.sa_mask);
-  sigaction(SIGINT, &on_int, nullptr);
+  CatchInterrupt();
   const auto start = std::chrono::steady_clock::now();
   const auto end = start + std::chrono::milliseconds(static_cast<int64_t>(duration * 1000));
   std::mutex mu;
@@ -801,7 +916,7 @@ absl::Status Load(const Flags& f) {
     std::mt19937_64 rng(seed * 7919 + w);
     std::uniform_real_distribution<float> u(-1.f, 1.f);
     auto more = [&] {
-      return !load_interrupted.load() && !ended.load() && std::chrono::steady_clock::now() < end &&
+      return !interrupted.load() && !ended.load() && std::chrono::steady_clock::now() < end &&
              (max_requests == 0 || issued.load() < max_requests);
     };
     // A stream that the router ends with UNAVAILABLE while the run has time left (the router
@@ -957,7 +1072,7 @@ absl::Status Load(const Flags& f) {
                                               : ""));
     // With --requests, over once all are answered (a slow router is waited for: a stalled one
     // is caught by stall_wait below).
-    if (!over && (load_interrupted.load() || now >= end ||
+    if (!over && (interrupted.load() || now >= end ||
                   (max_requests > 0 && completed.load() >= max_requests))) {
       over = now;
     }
@@ -998,7 +1113,7 @@ absl::Status Load(const Flags& f) {
           .count() +
       1e-9;  // no answer at all: a rate of 0, not 0/0
   signal(SIGINT, SIG_DFL);
-  if (load_interrupted.load()) {
+  if (interrupted.load()) {
     std::printf("interrupted after %.1f s: the figures cover the requests sent until then\n",
                 elapsed);
   }
@@ -1044,6 +1159,7 @@ absl::Status Load(const Flags& f) {
   }
   if (reopened.load() > 0) summary.push_back({"streams reopened", absl::StrCat(reopened.load())});
   PrintTable({"metric", "value"}, summary);
+  std::printf("\n");
   // With errors, the first message of each code: enough to tell what went wrong.
   std::vector<std::vector<std::string>> rows;
   for (const auto& [code, n] : codes) {
@@ -1055,11 +1171,7 @@ absl::Status Load(const Flags& f) {
   } else {
     PrintTable({"code", "requests", "first error"}, rows);
   }
-  if (load_interrupted.load()) {
-    // Ended by Ctrl-C, as a shell expects (exit status 130): a loop around `load` stops too.
-    std::fflush(stdout);
-    raise(SIGINT);  // SIG_DFL again
-  }
+  if (interrupted.load()) EndByInterrupt();
   // Some errors are what a load test is run to see (a shard killed under load); none answered
   // is a broken setup, which a script should not take for a result.
   if (errors == total) {
@@ -1082,14 +1194,15 @@ absl::Status Demo(const Flags& f) {
               std::string(common::ActivationName(c.activation)).c_str(), c.gated ? ", gated" : "");
   std::vector<int64_t> load(c.num_experts, 0);
   Progress progress("forward", batches);
-  double seconds = 0;
+  std::vector<double> seconds;  // each batch's
   for (int64_t b = 0; b < batches; ++b) {
     std::vector<float> x = common::RandomMatrix(n, c.d_model, 1000 + b);
     const auto start = std::chrono::steady_clock::now();
     ASSIGN_OR_RETURN(router::LayerOutput out, layer->Forward(x.data(), n));
-    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    seconds.push_back(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     for (int e = 0; e < c.num_experts; ++e) load[e] += out.gating.expert_load[e];
-    progress.Update(b + 1, absl::StrFormat("%.0f tokens/s", (b + 1) * n / seconds));
+    progress.Update(b + 1, absl::StrFormat("%.0f tokens/s (this batch)", n / seconds.back()));
   }
   progress.Finish();
   const double total = static_cast<double>(batches * n * c.top_k);
@@ -1099,9 +1212,16 @@ absl::Status Demo(const Flags& f) {
                     absl::StrFormat("%.1f%%", 100.0 * load[e] / total)});
   }
   PrintTable({"expert", "assignments", "share"}, rows);
-  std::printf("%lld batches of %lld tokens: %.0f tokens/s (%.3f ms per batch)\n",
-              static_cast<long long>(batches), static_cast<long long>(n),
-              batches * n / seconds, 1e3 * seconds / batches);
+  // The median batch: the first ones pay for warming up (weights into cache, oneDNN's kernels
+  // generated), which an average would spread over the run.
+  const double first = seconds.front();
+  std::sort(seconds.begin(), seconds.end());
+  const double median = seconds[seconds.size() / 2];
+  std::printf(
+      "%lld batches of %lld tokens: %.0f tokens/s at the median batch's %.3f ms (the "
+      "first, warming up, %.3f ms)\n",
+      static_cast<long long>(batches), static_cast<long long>(n), n / median, 1e3 * median,
+      1e3 * first);
   return absl::OkStatus();
 }
 
@@ -1123,6 +1243,11 @@ int Main(int argc, char** argv) {
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "help") {
     // `moe-client help COMMAND`: that command's lines.
     const std::string one = argc > 2 ? CommandHelp(argv[2]) : "";
+    if (argc > 2 && one.empty()) {
+      std::fprintf(stderr, "moe-client help: unknown command '%s' (run `moe-client help`)\n",
+                   argv[2]);
+      return 2;
+    }
     std::fputs(one.empty() ? kUsage : one.c_str(), argc < 2 ? stderr : stdout);
     return argc < 2 ? 2 : 0;
   }
@@ -1189,8 +1314,8 @@ int Main(int argc, char** argv) {
   known["auth-token-file"] = true;
   absl::StatusOr<Flags> flags = Flags::Parse(argc, argv, 2, known);
   if (!flags.ok()) {
-    std::fprintf(stderr, "moe-client %s: %s (run `moe-client help`)\n", cmd.c_str(),
-                 std::string(flags.status().message()).c_str());
+    std::fprintf(stderr, "moe-client %s: %s (run `moe-client help %s`)\n", cmd.c_str(),
+                 std::string(flags.status().message()).c_str(), cmd.c_str());
     return 2;
   }
   absl::Status st = CheckAddresses(*flags);

@@ -102,6 +102,26 @@ absl::Status Run(int argc, char** argv) {
         absl::StrCat("--shard-threads must be in [1, 256], got ", shard_threads));
   }
   RETURN_IF_ERROR(moe::router::ParseRouterChoices(f).status());  // the router's own check
+  // Ports in use are told before anything starts, by this program's flags (the service that
+  // failed to listen would name its own, and a port the user never typed).
+  if (router_port != 0) {
+    RETURN_IF_ERROR(
+        moe::common::ProbeListenAddress(absl::StrCat("127.0.0.1:", router_port), "--router-port"));
+  }
+  for (int64_t i = 0; metrics_port > 0 && i < num_shards + 2; ++i) {
+    const int64_t port = metrics_port + i;
+    if (moe::common::ProbeListenAddress(absl::StrCat("127.0.0.1:", port), "--metrics-port").ok()) {
+      continue;
+    }
+    const std::string whose = i == 0            ? "the router's"
+                              : i <= num_shards ? absl::StrCat("shard ", i - 1, "'s")
+                                                : "the coordinator's";
+    return absl::UnavailableError(absl::StrCat(
+        "--metrics-port ", metrics_port, ": port ", port, " (", whose,
+        " /metrics) is in use by another process or needs privileges; give another N (ports N "
+        "to N+",
+        num_shards + 1, " must be free)"));
+  }
   const std::string bin = f.Get("bin-dir", moe::client::ExecutableDir());
   moe::common::BlockTerminationSignals();
   moe::client::LocalClusterOptions o;
@@ -240,6 +260,22 @@ absl::Status Run(int argc, char** argv) {
       const absl::Status again = w.start_again();
       if (again.ok()) {
         std::fprintf(stderr, "moe-cluster: %s is back (pid %d)\n", name.c_str(), w.process().pid());
+        // The listing of READY again, for the one that changed (same address, new pid).
+        for (int i = 0; i < o.shards; ++i) {
+          if (&w.process() == &cluster->shard(i)) {
+            std::printf("shard %d addr=%s pid=%d\n", i, cluster->shard_addresses()[i].c_str(),
+                        cluster->shard(i).pid());
+          }
+        }
+        if (&w.process() == &cluster->router()) {
+          std::printf("router addr=%s pid=%d\n", cluster->router_address().c_str(),
+                      cluster->router().pid());
+        }
+        if (&w.process() == &cluster->coordinator()) {
+          std::printf("coordinator addr=%s pid=%d\n", cluster->coordinator_address().c_str(),
+                      cluster->coordinator().pid());
+        }
+        std::fflush(stdout);
       } else {
         std::fprintf(stderr, "moe-cluster: %s could not be started again: %s\n", name.c_str(),
                      std::string(again.message()).c_str());

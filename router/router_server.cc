@@ -1680,7 +1680,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (!writing) return st;
       return absl::Status(st.code(), absl::StrCat("on the router's host, ", st.message()));
     }
-    resp->set_path(req.path());
+    {
+      // Where it went, whole: a relative path is the router's working directory's.
+      std::error_code ec;
+      const std::filesystem::path whole = std::filesystem::absolute(req.path(), ec);
+      resp->set_path(ec ? req.path() : whole.lexically_normal().string());
+    }
     resp->set_replicas_identical(identical);
     resp->set_step(restored_steps + steps_done.load());
     std::lock_guard<std::mutex> lost_lock(lost_mu);

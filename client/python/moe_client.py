@@ -18,8 +18,15 @@ import sys
 # program that made a channel before importing this module sets it itself, before that.
 os.environ.setdefault("GRPC_CLIENT_CHANNEL_BACKUP_POLL_INTERVAL_MS", "100")
 
-import grpc  # noqa: E402 (after the setting above)
-import numpy as np  # noqa: E402
+try:
+    import grpc  # noqa: E402 (after the setting above)
+    import numpy as np  # noqa: E402
+except ImportError as e:
+    if __name__ != "__main__":
+        raise  # imported as a library: the importer decides
+    sys.exit(f"moe_client.py: {e}: it needs Debian's python3-grpcio and python3-numpy "
+             "(scripts/install-deps.sh installs them) and the python they are installed for: "
+             "run it with /usr/bin/python3")
 
 try:
     from moe.v1 import router_pb2, router_pb2_grpc, tensor_pb2

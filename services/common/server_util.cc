@@ -120,11 +120,8 @@ bool SplitListenAddress(const std::string& address, std::string* host, std::stri
   return true;
 }
 
-// Binds (and at once closes) a socket on each of `address`'s local addresses, so that a port
-// another process listens on is reported in one line before gRPC (or civetweb) tries, and logs a
-// long error of its own. Only a port in use or a privileged one is reported here; anything else
-// (an address this probe cannot read, a host with no IPv6) is left to gRPC.
-// `flag` names the flag that set the port, for the message.
+}  // namespace
+
 absl::Status ProbeListenAddress(const std::string& address, const char* flag) {
   std::string host, port;
   int port_number = 0;
@@ -172,8 +169,6 @@ absl::Status ProbeListenAddress(const std::string& address, const char* flag) {
   }
   return absl::OkStatus();
 }
-
-}  // namespace
 
 absl::StatusOr<StartedServer> StartServer(const std::string& address,
                                           const std::vector<grpc::Service*>& services,

@@ -56,6 +56,13 @@ struct StartedServer {
   int port = 0;
 };
 
+// Binds (and at once closes) a socket on each of `address`'s local addresses, so that a port
+// another process listens on is reported in one line before gRPC (or civetweb) tries, and logs a
+// long error of its own. Only a port in use or a privileged one is reported here (UNAVAILABLE);
+// anything else (an address this probe cannot read, a host with no IPv6) is left to gRPC. `flag`
+// names the flag that set the port, for the message.
+absl::Status ProbeListenAddress(const std::string& address, const char* flag);
+
 // Builds and starts a server on `address` (port 0 picks one) serving `services`, with the settings
 // above, the process's TLS credentials, reflection, and grpc.health.v1 NOT_SERVING until the caller says
 // otherwise. UNAVAILABLE naming the address when it cannot listen.

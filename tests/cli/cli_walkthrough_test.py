@@ -6,22 +6,26 @@ what it prints or writes, and SIGINT ending the cluster with exit code 0.
 - `info` and `placement` print the model and the placement table the router reports;
 - `forward --router` writes the same numbers as `forward --local` (1e-5) on the same tokens;
 - `load` prints its closing table, every request OK, also when Ctrl-C stops it early;
-- `train` runs from a tokens and a grad_output file and from a synthetic target, a row per step;
+- `train` runs from a tokens and a grad_output file and from a synthetic target, a row per step,
+  and Ctrl-C stops it between steps with the table of the steps taken;
 - `save-checkpoint` writes a checkpoint whose replicas are identical, and whose weights moved
-  by the steps taken;
+  by the steps taken; a relative path is the client's directory's;
 - `drain` takes a shard out of rotation, and `info` then shows it "not serving", not DOWN;
 - a user's mistakes (a shard's address for the router's, a checkpoint of another model, NaN
-  tokens, bad flag values, an output path that is a directory, a port out of range, a load whose
-  every request fails) each get an error saying what went wrong, and a failed write leaves no
-  temporary file.
+  tokens, bad flag values, an output path that is a directory, a port out of range or in use,
+  a router address that does not resolve or is not gRPC, a request too large to send, a load
+  whose every request fails) each get an error saying what went wrong, and a failed write
+  leaves no temporary file.
 
 usage: cli_walkthrough_test.py BUILD_DIR WORK_DIR
 """
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -105,7 +109,11 @@ try:
     p = subprocess.Popen([client, "load", "--router", router, "--duration", "20",
                           "--batch-size", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
-    first = p.stderr.readline()  # the progress line at 10 %: answers have come back by then
+    first = ""
+    while " 10%" not in first:  # the progress line at 10 %: answers have come back by then
+        first = p.stderr.readline()
+        if not first:
+            break
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=30)
     expect(p.returncode == -signal.SIGINT and "interrupted after" in out and
@@ -140,6 +148,28 @@ try:
     expect(set(before) == set(after), "the saved checkpoint has other tensors")
     moved = [n for n in before if not np.array_equal(before[n], after[n])]
     expect(len(moved) > 0, "no weight moved after 5 steps")
+    # A relative path is the client's directory's, not the router's working directory's, and
+    # the line names the file whole.
+    rel = subprocess.run([client, "save-checkpoint", "--router", router, "--path",
+                          "rel.safetensors"], capture_output=True, text=True, timeout=120,
+                         cwd=work)
+    whole = os.path.join(os.path.abspath(work), "rel.safetensors")
+    expect(rel.returncode == 0 and os.path.exists(whole) and
+           f"wrote {whole} (on the router's host)" in rel.stdout,
+           f"save-checkpoint --path rel.safetensors from {work}: exit {rel.returncode}: "
+           f"{rel.stdout}{rel.stderr}")
+    # Ctrl-C stops a training run between steps: the table of the steps taken, then SIGINT.
+    p = subprocess.Popen([client, "train", "--router", router, "--synthetic", "--steps",
+                          "100000", "--batch-size", "8"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    first = p.stderr.readline()  # the progress line after the first step
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    stopped = re.search(r"^interrupted after (\d+) of 100000 steps", out, re.M)
+    steps_shown = re.findall(r"^\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M)
+    expect(p.returncode == -signal.SIGINT and stopped is not None and
+           int(stopped.group(1)) >= 1 and len(steps_shown) == int(stopped.group(1)),
+           f"train stopped by SIGINT: exit {p.returncode}:\n{out[-2000:]}{first}{err}")
 
     # A user's mistakes: each gets an error that says what went wrong, and exit 2 for a bad
     # command line (pointing to the command's help) or 1 for anything else (no help hint).
@@ -165,6 +195,34 @@ try:
     fails("info", "--router", "127.0.0.1:99999", says="give HOST:PORT with a port in [1, 65535]",
           code=2)
     fails("load", "--router", router, "--hot-order", "3", says="give --zipf S", code=2)
+    fails("load", "--router", router, "--concurrency", "99999999999",
+          says="--concurrency must be at most 1024", code=2)
+    fails("placement", "--router", router, "--rebalance", "bogus",
+          says="--rebalance: placement strategy 'bogus' is not one of", code=2)
+    fails("forward", "--input", path("in.safetensors"), "--output", path("neg.safetensors"),
+          "--local", "--checkpoint", path("ck.safetensors"), "--capacity-factor", "-1",
+          says="--capacity-factor must be >= 0", code=2)
+    fails("train", "--router", router, "--synthetic", "--batch-size", "2000000",
+          says="a training step of 2000000 tokens of d_model 32 (sent with their grad_output): "
+               "488 MiB in one request, more than one may carry", code=2)
+    fails("help", "bogus", says="unknown command 'bogus'", code=2)
+    fails("info", "--router", router, "--bogus", "1", says="(run `moe-client help info`)",
+          code=2)
+    fails("info", "--router", "no-such-host.invalid:50051", says="its host name does not resolve")
+    # Something that is not gRPC (an HTTP/1 server, such as a /metrics port).
+    with socket.socket() as http:
+        http.bind(("127.0.0.1", 0))
+        http.listen()
+        answer = threading.Thread(target=lambda: [
+            c.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n") or c.close()
+            for c in [http.accept()[0]]], daemon=True)
+        answer.start()
+        fails("info", "--router", f"127.0.0.1:{http.getsockname()[1]}",
+              says="something listens there but does not speak gRPC")
+    # --zipf 0 with the checkpoint: every expert equally popular, through the gate.
+    uniform = run("load", "--router", router, "--checkpoint", path("ck.safetensors"), "--zipf",
+                  "0", "--requests", "4", "--batch-size", "8")
+    expect(re.search(r"^errors\s+0$", uniform, re.M) is not None, f"load --zipf 0:\n{uniform}")
     # The path is the router's: a directory the router's host lacks is said to be there.
     missing = path("no-such-dir/x.safetensors")
     fails("save-checkpoint", "--router", router, "--path", missing,
@@ -203,6 +261,25 @@ try:
                           capture_output=True, text=True, timeout=60)
     expect(port.returncode == 2 and "--router-port must be a port in [0, 65535]" in port.stderr,
            f"moe-cluster --router-port 70000: exit {port.returncode}: {port.stderr.strip()}")
+    # Ports in use and a file that is not a checkpoint: one line naming moe-cluster's own flag
+    # or file, before any service starts.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        held_port = held.getsockname()[1]
+        for args, says in [
+                (["--router-port", router.rsplit(":", 1)[1]],
+                 f"(--router-port): port {router.rsplit(':', 1)[1]} is in use by another process"),
+                (["--router-port", "0", "--metrics-port", str(held_port - 1)],
+                 "/metrics) is in use by another process"),
+                (["--router-port", "0", "--checkpoint", path("in.safetensors")],
+                 "it holds no gate under any prefix")]:
+            bad = subprocess.run([os.path.join(bin_dir, "moe-cluster"), "--checkpoint",
+                                  path("ck.safetensors"), *args],
+                                 capture_output=True, text=True, timeout=60)
+            expect(bad.returncode == 1 and says in bad.stderr and "starting" not in bad.stderr
+                   and len(bad.stderr.strip().splitlines()) == 1,
+                   f"moe-cluster {' '.join(args)}: exit {bad.returncode}: {bad.stderr.strip()}")
     # moe-cluster's mistakes are told before any service starts.
     for args, says in [(["--metrics-port", "0"], "--metrics-port 0 is not supported"),
                        (["--placement", "bogus"], "--placement bogus: use one of replicated"),
