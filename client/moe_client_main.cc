@@ -94,7 +94,8 @@ commands:
       Defaults: K 10, LR 0.01, A and Z 0 (no auxiliary losses), N 64, S 1.
   save-checkpoint --router HOST:PORT --path PATH
       the current (trained) weights as a safetensors checkpoint, written by the router on its
-      host's file system; a relative PATH is made absolute from this directory first
+      host's file system (a relative PATH from the router's working directory; the line
+      printed names the file whole)
   load --router HOST:PORT [--checkpoint PATH --zipf S] [--concurrency C] [--batch-size N]
        [--duration SECONDS] [--requests R] [--seed S] [--hot-order K] [--stall-s T]
       a load generator: C concurrent InferStream streams of N-token requests; with a checkpoint
@@ -682,6 +683,7 @@ absl::Status Train(const Flags& f) {
       v1::InferResponse resp;
       const grpc::Status st = CallWithReconnects(
           absl::Seconds(60), [&](grpc::ClientContext* ctx) { return stub->Infer(ctx, req, &resp); });
+      if (!st.ok() && interrupted.load()) break;  // the step was not begun
       if (!st.ok()) {
         if (!rows.empty()) print_steps();
         absl::Status e = RouterError(st, addr);
@@ -696,6 +698,7 @@ absl::Status Train(const Flags& f) {
         loss += static_cast<double>(r) * r / static_cast<double>(batch);
         dy[i] = 2.f * r / static_cast<float>(batch);
       }
+      if (interrupted.load()) break;  // Ctrl-C during the forward: no step begun
     }
     v1::TrainStepRequest req;
     common::EncodeTensor(x, {batch, d}, common::WireType::kFloat32, req.mutable_tokens());
@@ -718,7 +721,13 @@ absl::Status Train(const Flags& f) {
       if (!retry || attempt == kAttempts || interrupted.load()) break;
       progress.Note(absl::StrCat("step ", s + 1, " not taken (", st.error_message(),
                                  "); trying again, attempt ", attempt + 1, " of ", kAttempts));
-      std::this_thread::sleep_for(std::chrono::milliseconds(250 * attempt));
+      // The pause in slices, so that Ctrl-C during it sends no further attempt.
+      const auto resume =
+          std::chrono::steady_clock::now() + std::chrono::milliseconds(250 * attempt);
+      while (!interrupted.load() && std::chrono::steady_clock::now() < resume) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+      if (interrupted.load()) break;
     }
     if (!st.ok() && interrupted.load() &&
         (st.error_code() == grpc::StatusCode::UNAVAILABLE ||
@@ -739,7 +748,7 @@ absl::Status Train(const Flags& f) {
                     absl::StrFormat("%.4f", resp.stats().router_z_loss())});
     progress.Update(s + 1, synthetic ? absl::StrFormat("loss %.5f", loss) : "");
   }
-  if (interrupted.load()) {
+  if (interrupted.load() && taken < steps) {
     progress.Finish();
     std::printf("interrupted after %lld of %lld steps: the table covers the steps taken\n",
                 static_cast<long long>(taken), static_cast<long long>(steps));
@@ -753,18 +762,6 @@ absl::Status Train(const Flags& f) {
 absl::Status SaveCheckpointCmd(const Flags& f) {
   ASSIGN_OR_RETURN(std::string addr, f.Require("router"));
   ASSIGN_OR_RETURN(std::string path, f.Require("path"));
-  // The router writes the file. A relative path would be taken from the router's working
-  // directory, which the user does not see: it is made absolute from this one, as for a local
-  // file, and the message names it whole.
-  if (!path.empty() && path[0] != '/') {
-    std::error_code ec;
-    const std::filesystem::path whole = std::filesystem::absolute(path, ec);
-    if (ec) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--path ", path, ": cannot make it absolute: ", ec.message()));
-    }
-    path = whole.lexically_normal().string();
-  }
   auto stub = MakeRouterStub(addr);
   v1::SaveCheckpointRequest req;
   req.set_path(path);
@@ -773,9 +770,12 @@ absl::Status SaveCheckpointCmd(const Flags& f) {
     return stub->SaveCheckpoint(ctx, req, &resp);
   });
   if (!st.ok()) return RouterError(st, addr);
+  // The router writes the file, and takes a relative path from its own working directory (in
+  // the container image, the /data volume): its answer names the file whole.
   std::printf(
-      "wrote %s (on the router's host) after step %llu; replicas identical: %s%s\n",
-      resp.path().c_str(), static_cast<unsigned long long>(resp.step()),
+      "wrote %s (on the router's host%s) after step %llu; replicas identical: %s%s\n",
+      resp.path().c_str(), !path.empty() && path[0] != '/' ? ", in its working directory" : "",
+      static_cast<unsigned long long>(resp.step()),
       resp.replicas_identical() ? "yes" : "NO, divergent experts ",
       resp.replicas_identical() ? "" : absl::StrJoin(resp.divergent_experts(), ",").c_str());
   if (resp.lost_training_experts_size() > 0) {
@@ -1243,7 +1243,9 @@ int Main(int argc, char** argv) {
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "help") {
     // `moe-client help COMMAND`: that command's lines.
     const std::string one = argc > 2 ? CommandHelp(argv[2]) : "";
-    if (argc > 2 && one.empty()) {
+    const bool version =
+        argc > 2 && (std::string(argv[2]) == "version" || std::string(argv[2]) == "--version");
+    if (argc > 2 && one.empty() && !version) {
       std::fprintf(stderr, "moe-client help: unknown command '%s' (run `moe-client help`)\n",
                    argv[2]);
       return 2;

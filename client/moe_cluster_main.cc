@@ -62,10 +62,12 @@ usage: moe-cluster --checkpoint PATH [flags]
                            stopped (by default it is started again on its port, at most 5
                            times a minute)
 
-A service that exits on its own is reported on stderr when it does. The exit status is 0 when
-every service still running at Ctrl-C (or SIGTERM) stopped cleanly and none was given up for
-failing 5 times within a minute, else 1 with a line naming the ones that did not. Ctrl-C
-before READY stops what has started at once (exit 0).
+A service that exits on its own is reported on stderr when it does, and so is its new pid
+once it is started again (stdout carries only the lines up to READY: a caller that stops
+reading it then never blocks this program). The exit status is 0 when every service still
+running at Ctrl-C (or SIGTERM) stopped cleanly and none was given up for failing 5 times
+within a minute, else 1 with a line naming the ones that did not. Ctrl-C before READY stops
+what has started at once (exit 0).
 )";
 
 absl::Status Run(int argc, char** argv) {
@@ -102,6 +104,13 @@ absl::Status Run(int argc, char** argv) {
         absl::StrCat("--shard-threads must be in [1, 256], got ", shard_threads));
   }
   RETURN_IF_ERROR(moe::router::ParseRouterChoices(f).status());  // the router's own check
+  if (metrics_port > 0 && router_port >= metrics_port &&
+      router_port <= metrics_port + num_shards + 1) {
+    return moe::common::UsageError(
+        absl::StrCat("--router-port ", router_port, " is in the block of --metrics-port ",
+                     metrics_port, " (ports ", metrics_port, " to ", metrics_port + num_shards + 1,
+                     ": router, shards, coordinator); give ports apart"));
+  }
   // Ports in use are told before anything starts, by this program's flags (the service that
   // failed to listen would name its own, and a port the user never typed).
   if (router_port != 0) {
@@ -260,22 +269,6 @@ absl::Status Run(int argc, char** argv) {
       const absl::Status again = w.start_again();
       if (again.ok()) {
         std::fprintf(stderr, "moe-cluster: %s is back (pid %d)\n", name.c_str(), w.process().pid());
-        // The listing of READY again, for the one that changed (same address, new pid).
-        for (int i = 0; i < o.shards; ++i) {
-          if (&w.process() == &cluster->shard(i)) {
-            std::printf("shard %d addr=%s pid=%d\n", i, cluster->shard_addresses()[i].c_str(),
-                        cluster->shard(i).pid());
-          }
-        }
-        if (&w.process() == &cluster->router()) {
-          std::printf("router addr=%s pid=%d\n", cluster->router_address().c_str(),
-                      cluster->router().pid());
-        }
-        if (&w.process() == &cluster->coordinator()) {
-          std::printf("coordinator addr=%s pid=%d\n", cluster->coordinator_address().c_str(),
-                      cluster->coordinator().pid());
-        }
-        std::fflush(stdout);
       } else {
         std::fprintf(stderr, "moe-cluster: %s could not be started again: %s\n", name.c_str(),
                      std::string(again.message()).c_str());

@@ -1684,7 +1684,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       // Where it went, whole: a relative path is the router's working directory's.
       std::error_code ec;
       const std::filesystem::path whole = std::filesystem::absolute(req.path(), ec);
-      resp->set_path(ec ? req.path() : whole.lexically_normal().string());
+      resp->set_path(ec ? req.path() : whole.string());
     }
     resp->set_replicas_identical(identical);
     resp->set_step(restored_steps + steps_done.load());

@@ -8,7 +8,8 @@ import subprocess
 def start(bin_dir, checkpoint, *args, stderr=None):
     """Runs `moe-cluster --checkpoint CHECKPOINT --router-port 0 ARGS...` and returns
     (process, router address) once it printed READY; raises RuntimeError if it exits first.
-    process.services holds the lines before READY ("shard I addr=HOST:PORT pid=PID", ...).
+    process.services holds the lines before READY ("shard I addr=HOST:PORT pid=PID", ...); a
+    service started again later is reported on stderr with its new pid.
     Stop it with process.terminate() (SIGTERM stops every service)."""
     p = subprocess.Popen([f"{bin_dir}/moe-cluster", "--checkpoint", checkpoint,
                           "--router-port", "0", *args],

@@ -148,16 +148,20 @@ try:
     expect(set(before) == set(after), "the saved checkpoint has other tensors")
     moved = [n for n in before if not np.array_equal(before[n], after[n])]
     expect(len(moved) > 0, "no weight moved after 5 steps")
-    # A relative path is the client's directory's, not the router's working directory's, and
+    # A relative path is the router's working directory's (the cluster's here, this test's):
     # the line names the file whole.
     rel = subprocess.run([client, "save-checkpoint", "--router", router, "--path",
-                          "rel.safetensors"], capture_output=True, text=True, timeout=120,
-                         cwd=work)
-    whole = os.path.join(os.path.abspath(work), "rel.safetensors")
-    expect(rel.returncode == 0 and os.path.exists(whole) and
-           f"wrote {whole} (on the router's host)" in rel.stdout,
-           f"save-checkpoint --path rel.safetensors from {work}: exit {rel.returncode}: "
+                          "cli-walkthrough-rel.safetensors"], capture_output=True, text=True,
+                         timeout=120, cwd=work)
+    wrote = re.search(r"^wrote (/\S+) \(on the router's host, in its working directory\)",
+                      rel.stdout, re.M)
+    expect(rel.returncode == 0 and wrote is not None and
+           os.path.basename(wrote.group(1)) == "cli-walkthrough-rel.safetensors" and
+           os.path.samefile(os.path.dirname(wrote.group(1)), os.getcwd()),
+           f"save-checkpoint --path cli-walkthrough-rel.safetensors: exit {rel.returncode}: "
            f"{rel.stdout}{rel.stderr}")
+    if wrote is not None and os.path.exists(wrote.group(1)):
+        os.remove(wrote.group(1))
     # Ctrl-C stops a training run between steps: the table of the steps taken, then SIGINT.
     p = subprocess.Popen([client, "train", "--router", router, "--synthetic", "--steps",
                           "100000", "--batch-size", "8"], stdout=subprocess.PIPE,
@@ -208,7 +212,19 @@ try:
     fails("help", "bogus", says="unknown command 'bogus'", code=2)
     fails("info", "--router", router, "--bogus", "1", says="(run `moe-client help info`)",
           code=2)
-    fails("info", "--router", "no-such-host.invalid:50051", says="its host name does not resolve")
+    # Only where this machine's resolver answers at once (a resolver that drops the query
+    # outlasts the call's deadline, and the error is then a deadline, not a name).
+    resolved = []
+    probe = threading.Thread(target=lambda: resolved.append(
+        subprocess.run(["getent", "hosts", "no-such-host.invalid"], capture_output=True,
+                       timeout=10).returncode), daemon=True)
+    probe.start()
+    probe.join(2)
+    if resolved and resolved[0] != 0:
+        fails("info", "--router", "no-such-host.invalid:50051",
+              says="its host name does not resolve")
+    else:
+        print("skipped the unresolvable host check: this machine's resolver is slow to answer")
     # Something that is not gRPC (an HTTP/1 server, such as a /metrics port).
     with socket.socket() as http:
         http.bind(("127.0.0.1", 0))
@@ -282,6 +298,8 @@ try:
                    f"moe-cluster {' '.join(args)}: exit {bad.returncode}: {bad.stderr.strip()}")
     # moe-cluster's mistakes are told before any service starts.
     for args, says in [(["--metrics-port", "0"], "--metrics-port 0 is not supported"),
+                       (["--router-port", "9401", "--metrics-port", "9400"],
+                        "--router-port 9401 is in the block of --metrics-port 9400"),
                        (["--placement", "bogus"], "--placement bogus: use one of replicated"),
                        (["--shard-threads", "0"], "--shard-threads must be in [1, 256]")]:
         bad = subprocess.run([os.path.join(bin_dir, "moe-cluster"), "--checkpoint",
