@@ -197,7 +197,9 @@ double Imbalance(const Placement& p, const std::vector<double>& load,
     ++counted;
   }
   if (counted == 0 || total <= 0) return 0.0;
-  return most / (total / counted) - 1.0;
+  const double imbalance = most / (total / counted) - 1.0;
+  // Equal loads come out as a rounding error (2.2e-16), not 0, which a gauge would show.
+  return imbalance < 1e-9 ? 0.0 : imbalance;
 }
 
 }  // namespace moe::router

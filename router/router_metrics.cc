@@ -34,7 +34,9 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, int num_experts,
                  .Add({});
   auto& per_expert = prometheus::BuildCounter()
                          .Name("moe_expert_tokens_total")
-                         .Help("Admitted token assignments per expert")
+                         .Help(
+                             "Admitted token assignments per expert, of Infer and "
+                             "InferStream (training steps are not counted)")
                          .Register(registry);
   for (int e = 0; e < num_experts; ++e) {
     expert_tokens_.push_back(&per_expert.Add({{"expert", std::to_string(e)}}));
@@ -126,11 +128,34 @@ void RouterMetrics::AuthRefused(const std::string& reason) {
 
 void RouterMetrics::SetShardUp(const std::string& shard, bool up) {
   std::lock_guard<std::mutex> lock(mu_);
+  if (kept_shards_ && kept_shards_->count(shard) == 0) return;  // not a member (any more)
   auto it = shard_up_.find(shard);
   if (it == shard_up_.end()) {
     it = shard_up_.emplace(shard, &shard_up_family_->Add({{"shard", shard}})).first;
   }
   it->second->Set(up ? 1 : 0);
+}
+
+void RouterMetrics::KeepShards(const std::vector<std::pair<std::string, bool>>& shards) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::set<std::string> keep;
+  for (const auto& [address, up] : shards) {
+    keep.insert(address);
+    auto it = shard_up_.find(address);
+    if (it == shard_up_.end()) {
+      it = shard_up_.emplace(address, &shard_up_family_->Add({{"shard", address}})).first;
+      it->second->Set(up ? 1 : 0);
+    }
+  }
+  for (auto it = shard_up_.begin(); it != shard_up_.end();) {
+    if (keep.count(it->first) != 0) {
+      ++it;
+      continue;
+    }
+    shard_up_family_->Remove(it->second);
+    it = shard_up_.erase(it);
+  }
+  kept_shards_ = std::move(keep);
 }
 
 }  // namespace moe::router

@@ -3,15 +3,17 @@
 
 // The router's Prometheus metrics; families built once, labelled handles cached.
 
-#include <map>
-#include <mutex>
-#include <string>
-#include <vector>
-
 #include <prometheus/counter.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
+
+#include <map>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
 
 namespace moe::router {
 
@@ -31,6 +33,11 @@ class RouterMetrics {
   void SetImbalance(double v) { imbalance_->Set(v); }
   void SetPlacementVersion(double v) { placement_version_->Set(v); }
   void SetShardUp(const std::string& shard, bool up);
+  // The shards whose moe_shard_up is exported from now on (the current members, each with
+  // whether it is up): the series of one that left is removed, so that an alert on
+  // moe_shard_up == 0 does not fire for good after a planned scale-down, and SetShardUp for
+  // an address not kept is ignored until it is kept again.
+  void KeepShards(const std::vector<std::pair<std::string, bool>>& shards);
   // reason: missing_token, wrong_token.
   void AuthRefused(const std::string& reason);
 
@@ -54,6 +61,7 @@ class RouterMetrics {
   prometheus::Family<prometheus::Gauge>* shard_up_family_;
   std::map<std::string, prometheus::Counter*> auth_refused_;
   std::map<std::string, prometheus::Gauge*> shard_up_;
+  std::optional<std::set<std::string>> kept_shards_;  // none: every shard SetShardUp names
 };
 
 }  // namespace moe::router

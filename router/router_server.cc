@@ -437,6 +437,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     // Nor is its client kept off by the dispatcher (clients outlive their members).
     for (const std::string& a : forgotten) ClientFor(a)->SetServesOtherModel(false);
+    if (!coordinator_settling) {
+      // moe_shard_up follows the members: one that left has no series any more.
+      std::vector<std::pair<std::string, bool>> up;
+      for (const auto& a : addrs) up.emplace_back(a, ClientFor(a)->healthy());
+      metrics->KeepShards(up);
+    }
     std::vector<std::shared_ptr<ShardClient>> out;
     for (const auto& a : addrs) {
       std::shared_ptr<ShardClient> c = ClientFor(a);

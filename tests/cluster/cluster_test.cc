@@ -762,6 +762,7 @@ TEST_F(ClusterTest, DynamicPlacementRebalancesItselfUnderSkew) {
 struct MembershipCluster {
   common::Subprocess coordinator, router;
   std::vector<common::Subprocess> shards;
+  std::vector<std::string> shard_addrs;  // of `shards`
   std::string coordinator_addr, router_addr;
 
   // A shard that registers; with `failpoint`, started with MOE_FAILPOINT=failpoint.
@@ -777,12 +778,14 @@ struct MembershipCluster {
     auto port = p->ReadListeningPort(absl::Seconds(30));
     if (!port.ok()) return port.status();
     shards.push_back(std::move(*p));
+    shard_addrs.push_back(absl::StrCat("127.0.0.1:", *port));
     return absl::OkStatus();
   }
 
   // The coordinator (members leave 1 s after their last heartbeat), `n` shards, and a router
-  // following the membership with `placement`.
-  absl::Status Start(const std::string& checkpoint, int n, const std::string& placement) {
+  // following the membership with `placement` (and `router_args`).
+  absl::Status Start(const std::string& checkpoint, int n, const std::string& placement,
+                     const std::vector<std::string>& router_args = {}) {
     auto c = common::Subprocess::Spawn({MOE_BIN_DIR "/moe-coordinator", "--host", "127.0.0.1",
                                         "--port", "0", "--lease-ms", "1000"});
     if (!c.ok()) return c.status();
@@ -791,9 +794,19 @@ struct MembershipCluster {
     if (!cport.ok()) return cport.status();
     coordinator_addr = absl::StrCat("127.0.0.1:", *cport);
     for (int i = 0; i < n; ++i) RETURN_IF_ERROR(AddShard(checkpoint));
-    auto r = common::Subprocess::Spawn({MOE_BIN_DIR "/moe-router", "--checkpoint", checkpoint,
-                                        "--host", "127.0.0.1", "--port", "0", "--coordinator",
-                                        coordinator_addr, "--placement", placement});
+    std::vector<std::string> args = {MOE_BIN_DIR "/moe-router",
+                                     "--checkpoint",
+                                     checkpoint,
+                                     "--host",
+                                     "127.0.0.1",
+                                     "--port",
+                                     "0",
+                                     "--coordinator",
+                                     coordinator_addr,
+                                     "--placement",
+                                     placement};
+    args.insert(args.end(), router_args.begin(), router_args.end());
+    auto r = common::Subprocess::Spawn(args);
     if (!r.ok()) return r.status();
     router = std::move(*r);
     auto rport = router.ReadListeningPort(absl::Seconds(30));
@@ -939,7 +952,11 @@ TEST_F(ClusterTest, SaveCheckpointReadsTheLiveReplicasOfAKilledShard) {
 
 TEST_F(ClusterTest, RouterFollowsMembershipAndTrainingSurvivesAShardLoss) {
   MembershipCluster mc;
-  ASSERT_TRUE(mc.Start(*path_, 2, "replicated").ok());
+  const int metrics = testing::FreePortBlock(1);
+  ASSERT_TRUE(mc.Start(*path_, 2, "replicated", {"--metrics-port", std::to_string(metrics)}).ok());
+  auto shard_up = [&](const std::string& shard) {
+    return ScrapeMetric(metrics, "moe_shard_up{shard=\"" + shard + "\"}");
+  };
   auto stub = client::MakeRouterStub(mc.router_addr);
   auto wait_for = [&](int shards, double seconds) {
     return WaitForShards(stub.get(), shards, seconds);
@@ -969,10 +986,16 @@ TEST_F(ClusterTest, RouterFollowsMembershipAndTrainingSurvivesAShardLoss) {
   auto unchanged = save("member_unchanged.safetensors");
   ASSERT_TRUE(unchanged.ok());
   ExpectSameWeights(*unchanged, *before);
+  for (const std::string& shard : mc.shard_addrs) EXPECT_EQ(shard_up(shard), 1) << shard;
   // A shard that leaves is seen too, and training goes on with the others.
   mc.shards[0].Signal(SIGKILL);
   EXPECT_GE(wait_for(2, 10), 0) << "the killed shard did not leave the membership";
   EXPECT_EQ(ShardCount(stub.get(), false), 2);
+  // Its moe_shard_up is gone with it (an alert on moe_shard_up == 0 would fire for good after
+  // a planned scale-down); the others' stay.
+  EXPECT_EQ(shard_up(mc.shard_addrs[0]), -1) << "the departed shard still has moe_shard_up";
+  EXPECT_EQ(shard_up(mc.shard_addrs[1]), 1);
+  EXPECT_EQ(shard_up(mc.shard_addrs[2]), 1);
   st = train(300, 20000);
   EXPECT_TRUE(st.ok()) << st.error_message();
   auto after = save("member_after.safetensors");
