@@ -122,7 +122,6 @@ is wrong: an unknown command or flag, or a flag missing or with a bad value (the
 which); after Ctrl-C, `load` and `train` end by SIGINT (130 in a shell).
 )";
 
-// A flag the command cannot do without, as an integer.
 // Set by the first SIGINT during `load` or `train` (a second one ends the process as usual).
 std::atomic<bool> interrupted{false};
 void OnInterrupt(int) { interrupted.store(true); }
@@ -145,6 +144,7 @@ void EndByInterrupt() {
   raise(SIGINT);
 }
 
+// A flag the command cannot do without, as an integer.
 absl::StatusOr<int64_t> RequiredInt(const Flags& f, const char* name) {
   RETURN_IF_ERROR(f.Require(name).status());
   return f.GetInt(name, 0);
@@ -669,11 +669,17 @@ absl::Status Train(const Flags& f) {
   CatchInterrupt();
   Progress progress("train", steps);
   std::vector<std::vector<std::string>> rows;
-  auto print_steps = [&] {
+  auto print_steps = [&](const std::string& preface) {
     progress.Finish();
+    if (!preface.empty()) std::printf("%s\n", preface.c_str());
     PrintTable({"step", "loss", "load_balance_loss", "router_z_loss"}, rows);
   };
-  int64_t taken = 0;
+  // A step refused (UNAVAILABLE: a shard out of rotation or not readable) or aborted (ABORTED:
+  // a replica's reduction failed) changed no weight.
+  auto not_taken = [](const grpc::Status& st) {
+    return st.error_code() == grpc::StatusCode::UNAVAILABLE ||
+           st.error_code() == grpc::StatusCode::ABORTED;
+  };
   for (int64_t s = 0; s < steps && !interrupted.load(); ++s) {
     std::vector<float> dy = dy_fixed;
     double loss = 0;
@@ -685,7 +691,7 @@ absl::Status Train(const Flags& f) {
           absl::Seconds(60), [&](grpc::ClientContext* ctx) { return stub->Infer(ctx, req, &resp); });
       if (!st.ok() && interrupted.load()) break;  // the step was not begun
       if (!st.ok()) {
-        if (!rows.empty()) print_steps();
+        if (!rows.empty()) print_steps("");
         absl::Status e = RouterError(st, addr);
         return absl::Status(e.code(),
                             absl::StrCat("step ", s + 1, ": forward for the loss: ", e.message()));
@@ -708,17 +714,14 @@ absl::Status Train(const Flags& f) {
     req.set_z_loss_coef(static_cast<float>(z));
     v1::TrainStepResponse resp;
     grpc::Status st;
-    // A step refused (UNAVAILABLE: a shard out of rotation or not readable) or aborted (ABORTED:
-    // a replica's reduction failed) changed no weight: it is sent again a few times, with a
-    // growing pause, while the cluster settles.
+    // A step not taken is sent again a few times, with a growing pause, while the cluster
+    // settles.
     constexpr int kAttempts = 8;
     for (int attempt = 1;; ++attempt) {
       grpc::ClientContext ctx;
       ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
       st = stub->TrainStep(&ctx, req, &resp);
-      const bool retry = st.error_code() == grpc::StatusCode::UNAVAILABLE ||
-                         st.error_code() == grpc::StatusCode::ABORTED;
-      if (!retry || attempt == kAttempts || interrupted.load()) break;
+      if (!not_taken(st) || attempt == kAttempts || interrupted.load()) break;
       progress.Note(absl::StrCat("step ", s + 1, " not taken (", st.error_message(),
                                  "); trying again, attempt ", attempt + 1, " of ", kAttempts));
       // The pause in slices, so that Ctrl-C during it sends no further attempt.
@@ -729,33 +732,27 @@ absl::Status Train(const Flags& f) {
       }
       if (interrupted.load()) break;
     }
-    if (!st.ok() && interrupted.load() &&
-        (st.error_code() == grpc::StatusCode::UNAVAILABLE ||
-         st.error_code() == grpc::StatusCode::ABORTED)) {
-      break;  // not taken, and not tried again after Ctrl-C
-    }
+    if (interrupted.load() && not_taken(st)) break;  // not tried again after Ctrl-C
     if (!st.ok()) {
       // The steps taken stay taken: their table first, then what stopped the run.
-      if (!rows.empty()) print_steps();
+      if (!rows.empty()) print_steps("");
       absl::Status e = RouterError(st, addr);
       return absl::Status(e.code(), absl::StrCat("step ", s + 1, ": ",
                                                  absl::StatusCodeToString(e.code()), ": ",
                                                  e.message()));
     }
-    ++taken;
     rows.push_back({absl::StrCat(resp.step()), synthetic ? absl::StrFormat("%.6f", loss) : "-",
                     absl::StrFormat("%.5f", resp.stats().load_balance_loss()),
                     absl::StrFormat("%.4f", resp.stats().router_z_loss())});
     progress.Update(s + 1, synthetic ? absl::StrFormat("loss %.5f", loss) : "");
   }
+  const int64_t taken = static_cast<int64_t>(rows.size());
   if (interrupted.load() && taken < steps) {
-    progress.Finish();
-    std::printf("interrupted after %lld of %lld steps: the table covers the steps taken\n",
-                static_cast<long long>(taken), static_cast<long long>(steps));
-    PrintTable({"step", "loss", "load_balance_loss", "router_z_loss"}, rows);
+    print_steps(absl::StrCat("interrupted after ", taken, " of ", steps,
+                             " steps: the table covers the steps taken"));
     EndByInterrupt();
   }
-  print_steps();
+  print_steps("");
   return absl::OkStatus();
 }
 

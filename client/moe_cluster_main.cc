@@ -125,11 +125,11 @@ absl::Status Run(int argc, char** argv) {
     const std::string whose = i == 0            ? "the router's"
                               : i <= num_shards ? absl::StrCat("shard ", i - 1, "'s")
                                                 : "the coordinator's";
-    return absl::UnavailableError(absl::StrCat(
-        "--metrics-port ", metrics_port, ": port ", port, " (", whose,
-        " /metrics) is in use by another process or needs privileges; give another N (ports N "
-        "to N+",
-        num_shards + 1, " must be free)"));
+    return absl::UnavailableError(
+        absl::StrCat("--metrics-port ", metrics_port, ": port ", port, " (", whose,
+                     " /metrics) is in use by another process or needs privileges; give "
+                     "another N (ports N to N+",
+                     num_shards + 1, " must be free)"));
   }
   const std::string bin = f.Get("bin-dir", moe::client::ExecutableDir());
   moe::common::BlockTerminationSignals();

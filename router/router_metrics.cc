@@ -129,11 +129,15 @@ void RouterMetrics::AuthRefused(const std::string& reason) {
 void RouterMetrics::SetShardUp(const std::string& shard, bool up) {
   std::lock_guard<std::mutex> lock(mu_);
   if (kept_shards_ && kept_shards_->count(shard) == 0) return;  // not a member (any more)
+  ShardUpLocked(shard).Set(up ? 1 : 0);
+}
+
+prometheus::Gauge& RouterMetrics::ShardUpLocked(const std::string& shard) {
   auto it = shard_up_.find(shard);
   if (it == shard_up_.end()) {
     it = shard_up_.emplace(shard, &shard_up_family_->Add({{"shard", shard}})).first;
   }
-  it->second->Set(up ? 1 : 0);
+  return *it->second;
 }
 
 void RouterMetrics::KeepShards(const std::vector<std::pair<std::string, bool>>& shards) {
@@ -141,11 +145,8 @@ void RouterMetrics::KeepShards(const std::vector<std::pair<std::string, bool>>& 
   std::set<std::string> keep;
   for (const auto& [address, up] : shards) {
     keep.insert(address);
-    auto it = shard_up_.find(address);
-    if (it == shard_up_.end()) {
-      it = shard_up_.emplace(address, &shard_up_family_->Add({{"shard", address}})).first;
-      it->second->Set(up ? 1 : 0);
-    }
+    // A series that exists already keeps the value SetShardUp gave it.
+    if (shard_up_.count(address) == 0) ShardUpLocked(address).Set(up ? 1 : 0);
   }
   for (auto it = shard_up_.begin(); it != shard_up_.end();) {
     if (keep.count(it->first) != 0) {

@@ -3,17 +3,17 @@
 
 // The router's Prometheus metrics; families built once, labelled handles cached.
 
-#include <prometheus/counter.h>
-#include <prometheus/gauge.h>
-#include <prometheus/histogram.h>
-#include <prometheus/registry.h>
-
 #include <map>
 #include <mutex>
 #include <optional>
 #include <set>
 #include <string>
 #include <vector>
+
+#include <prometheus/counter.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
 
 namespace moe::router {
 
@@ -42,6 +42,9 @@ class RouterMetrics {
   void AuthRefused(const std::string& reason);
 
  private:
+  // The moe_shard_up series of `shard`, made (at 0) if it has none (mu_ held).
+  prometheus::Gauge& ShardUpLocked(const std::string& shard);
+
   prometheus::Family<prometheus::Counter>* requests_;
   prometheus::Family<prometheus::Histogram>* request_seconds_;
   std::mutex mu_;
