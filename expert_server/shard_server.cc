@@ -549,6 +549,7 @@ void ShardServer::Impl::FillStatus(v1::ShardStatus* s) const {
   s->set_num_experts(config.num_experts);
   s->set_d_model(config.d_model);
   s->set_d_ff(config.d_ff);
+  s->set_max_batch_rows(options.max_batch_rows);
   std::lock_guard<std::mutex> lock(const_cast<std::mutex&>(mu));
   s->set_serving(serving && !shutting_down);
   s->set_draining(draining || shutting_down);  // neither serves (unless a drain is undone)

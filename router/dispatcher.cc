@@ -76,6 +76,40 @@ std::shared_ptr<v1::DispatchRequest> BuildShardRequest(
   return req;
 }
 
+int64_t MaxBatchAssignments(const ShardClient& shard, int64_t d_model, int64_t max_bytes) {
+  const int64_t limit =
+      shard.max_batch_rows() > 0 ? shard.max_batch_rows() : kDefaultShardBatchRows;
+  const int64_t row_bytes = std::max<int64_t>(1, d_model) * static_cast<int64_t>(sizeof(float));
+  return std::max<int64_t>(1, std::min(limit, max_bytes / row_bytes));
+}
+
+std::vector<std::map<int, std::vector<int64_t>>> SplitShardPlan(
+    std::map<int, std::vector<int64_t>> plan, int64_t max_rows) {
+  int64_t total = 0;
+  for (const auto& [e, pos] : plan) total += static_cast<int64_t>(pos.size());
+  std::vector<std::map<int, std::vector<int64_t>>> parts;
+  if (total <= max_rows) {
+    if (total > 0) parts.push_back(std::move(plan));
+    return parts;
+  }
+  int64_t room = 0;
+  for (const auto& [e, pos] : plan) {
+    for (size_t i = 0; i < pos.size();) {
+      if (room == 0) {
+        parts.emplace_back();
+        room = max_rows;
+      }
+      const size_t take = std::min(pos.size() - i, static_cast<size_t>(room));
+      auto& dst = parts.back()[e];
+      dst.insert(dst.end(), pos.begin() + static_cast<int64_t>(i),
+                 pos.begin() + static_cast<int64_t>(i + take));
+      i += take;
+      room -= static_cast<int64_t>(take);
+    }
+  }
+  return parts;
+}
+
 absl::Status CheckShardAnswer(const google::protobuf::RepeatedPtrField<v1::ExpertOutput>& outputs,
                               const std::map<int, std::vector<int64_t>>& plan, int64_t d,
                               const std::string& shard) {
@@ -217,7 +251,7 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
     }
     ++round_;
     // Plan: each expert's rows over its healthy replicas, evening out outstanding rows.
-    plan_.assign(S, {});
+    std::vector<std::map<int, std::vector<int64_t>>> plan(S);
     std::vector<int64_t> planned(S, 0);
     for (int s = 0; s < S; ++s) {
       if (table.shards[s]) planned[s] = table.shards[s]->outstanding_rows();
@@ -284,7 +318,7 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
           if (planned[s] < planned[best]) best = s;
         }
         const size_t end = std::min(pos.size(), i + static_cast<size_t>(chunk));
-        auto& dst = plan_[best][e];
+        auto& dst = plan[best][e];
         dst.insert(dst.end(), pos.begin() + static_cast<int64_t>(i),
                    pos.begin() + static_cast<int64_t>(end));
         planned[best] += static_cast<int64_t>(end - i);
@@ -305,37 +339,49 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
       waiting_ = 1;  // the sender's own count, dropped after the last send
       sending_ = true;
     }
-    // One batch per shard; a token row used by several of its experts travels once.
+    // One batch per shard (more where its share passes the batch limits); a token row used by
+    // several of a batch's experts travels once.
+    parts_.clear();
+    for (int s = 0; s < S; ++s) {
+      if (plan[s].empty()) continue;
+      const int64_t max_rows =
+          MaxBatchAssignments(*table.shards[s], d, shared_->options.max_batch_bytes);
+      for (auto& part : SplitShardPlan(std::move(plan[s]), max_rows)) {
+        parts_.push_back(Part{s, std::move(part)});
+      }
+    }
     std::vector<int32_t> local(n_, -1);
     std::weak_ptr<Call> weak = weak_from_this();
-    for (int s = 0; s < S; ++s) {
-      if (plan_[s].empty()) continue;
-      auto req = BuildShardRequest(plan_[s], groups_, k, x_.data(), d, shared_->options.wire,
-                                   &local);
+    for (int b = 0; b < static_cast<int>(parts_.size()); ++b) {
+      const Part& part = parts_[b];
+      auto req =
+          BuildShardRequest(part.plan, groups_, k, x_.data(), d, shared_->options.wire, &local);
       req->set_timeout_ms(timeout_ms);
       req->set_placement_version(table.placement.version);
       int64_t total = 0;
-      for (const auto& [e, pos] : plan_[s]) total += static_cast<int64_t>(pos.size());
+      for (const auto& [e, pos] : part.plan) total += static_cast<int64_t>(pos.size());
       {
         std::lock_guard<std::mutex> lock(mu_);
         ++waiting_;
         ++stats_.shard_batches;
       }
-      table.shards[s]->Dispatch(req, total, [weak, s](absl::StatusOr<v1::DispatchResponse> r) {
-        if (std::shared_ptr<Call> self = weak.lock()) self->Answer(s, std::move(r));
-      });
+      table.shards[part.shard]->Dispatch(req, total,
+                                         [weak, b](absl::StatusOr<v1::DispatchResponse> r) {
+                                           if (std::shared_ptr<Call> self = weak.lock())
+                                             self->Answer(b, std::move(r));
+                                         });
     }
     Answer(-1, absl::StatusOr<v1::DispatchResponse>());  // the sender's count
   }
 
-  // One answer of the round (shard -1: the sender is done sending).
-  void Answer(int s, absl::StatusOr<v1::DispatchResponse> r) {
+  // One answer of the round (part -1: the sender is done sending).
+  void Answer(int b, absl::StatusOr<v1::DispatchResponse> r) {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (s < 0) {
+      if (b < 0) {
         sending_ = false;
       } else {
-        results_.emplace_back(s, std::move(r));
+        results_.emplace_back(b, std::move(r));
       }
       if (--waiting_ > 0 || finished_) return;
     }
@@ -358,15 +404,17 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
       if (finished_) return;
       results.swap(results_);
     }
-    for (auto& [s, result] : results) {
+    for (auto& [b, result] : results) {
+      const int s = parts_[b].shard;
+      const std::map<int, std::vector<int64_t>>& plan = parts_[b].plan;
       absl::Status err = result.ok() ? absl::Status(static_cast<absl::StatusCode>(result->code()),
                                                     result->message())
                                      : result.status();
       if (err.ok()) {
-        err = CheckShardAnswer(result->outputs(), plan_[s], d, table.shards[s]->address());
+        err = CheckShardAnswer(result->outputs(), plan, d, table.shards[s]->address());
         if (err.ok()) {
           for (const v1::ExpertOutput& out : result->outputs()) {
-            const std::vector<int64_t>& pos = plan_[s][out.expert()];
+            const std::vector<int64_t>& pos = plan.at(out.expert());  // CheckShardAnswer
             const common::TensorView v = *common::DecodeMatrix(out.output(), "output", d);
             // FP32 rows are copied straight from the message; BF16 ones are decoded first.
             std::vector<float> decoded;
@@ -399,7 +447,7 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
         std::lock_guard<std::mutex> lock(mu_);
         ++stats_.failovers;
       }
-      for (const auto& [e, pos] : plan_[s]) {
+      for (const auto& [e, pos] : plan) {
         remaining_[e].insert(remaining_[e].end(), pos.begin(), pos.end());
       }
     }
@@ -452,7 +500,11 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
   std::vector<std::vector<int64_t>> remaining_;  // positions still to compute, per expert
   std::vector<bool> excluded_;
   std::vector<absl::Status> excluded_by_;  // the error that took each excluded shard out
-  std::vector<std::map<int, std::vector<int64_t>>> plan_;
+  struct Part {
+    int shard;
+    std::map<int, std::vector<int64_t>> plan;  // per expert, the positions this batch computes
+  };
+  std::vector<Part> parts_;  // the round's batches
   int round_ = 0;
   DispatchStats stats_;
 

@@ -32,6 +32,23 @@ struct RoutingTable {
   std::vector<std::shared_ptr<ShardClient>> shards;  // indexed like placement's shard indexes
 };
 
+// The most token-expert assignments one Dispatch batch may carry when the shard's own limit has
+// not been read yet: the shard's default --max-batch-rows.
+inline constexpr int64_t kDefaultShardBatchRows = 8192;
+// The most bytes of rows one Dispatch batch (and its answer, one output row per assignment) may
+// carry: a quarter of the channels' 64 MiB message limit, so that no request the router accepts
+// makes a message that gRPC refuses (which ends the whole stream, and every batch on it).
+inline constexpr int64_t kMaxDispatchBytes = 16 << 20;
+
+// The most token-expert assignments one batch to `shard` may carry: its --max-batch-rows (the
+// default until read), and no more FP32 rows of d_model than `max_bytes` hold.
+int64_t MaxBatchAssignments(const ShardClient& shard, int64_t d_model, int64_t max_bytes);
+
+// A shard's plan (per expert, the assignment positions it computes) cut into plans of at most
+// `max_rows` positions in all, in order; an expert's positions may be cut between two of them.
+std::vector<std::map<int, std::vector<int64_t>>> SplitShardPlan(
+    std::map<int, std::vector<int64_t>> plan, int64_t max_rows);
+
 struct DispatchStats {
   int failovers = 0;  // shard failures recovered by re-sending to another replica
   int64_t shard_batches = 0;
@@ -52,6 +69,8 @@ struct DispatcherOptions {
   // it runs at half of it, at 1 row at a tenth), so a few rows are not scattered over every
   // replica. Batches still alternate between replicas as their outstanding work changes.
   int64_t min_split_rows = 64;
+  // A shard's share of a batch is cut into Dispatch batches of at most MaxBatchAssignments rows.
+  int64_t max_batch_bytes = kMaxDispatchBytes;
 };
 
 // The Dispatch request for one shard: each token row once, then per expert (ascending) the

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <map>
+#include <mutex>
 #include <set>
 #include <thread>
 
@@ -122,6 +123,10 @@ class FakeShard : public ShardClient {
   // dX of zeros, shaped like each expert's gradient rows (the trainer's plumbing, not its math).
   absl::StatusOr<v1::BackwardResponse> Backward(const v1::BackwardRequest& req,
                                                 absl::Duration) override {
+    {
+      std::lock_guard<std::mutex> lock(backward_mu);  // the trainer's threads, one per batch
+      backward_batches.push_back(req.batch_id());
+    }
     v1::BackwardResponse resp;
     resp.set_batch_id(req.batch_id());
     for (const v1::ExpertOutput& g : req.grads()) {
@@ -186,6 +191,8 @@ class FakeShard : public ShardClient {
   int batches = 0;
   std::vector<v1::DispatchRequest> requests;
   std::vector<DispatchDone> parked;
+  std::mutex backward_mu;
+  std::vector<uint64_t> backward_batches;  // the batch id of each Backward, backward_mu
 
  private:
   std::string name_;
@@ -244,6 +251,73 @@ TEST(Dispatcher, EachTokenRowTravelsOncePerShard) {
   EXPECT_EQ(assigned, 2 * n);
   EXPECT_EQ(req.placement_version(), 3u);
   EXPECT_GT(req.timeout_ms(), 0u);
+}
+
+int Assigned(const v1::DispatchRequest& req) {
+  int assigned = 0;
+  for (const auto& er : req.experts()) assigned += er.rows_size();
+  return assigned;
+}
+
+TEST(SplitShardPlan, CutsInOrderWithinTheLimitAndKeepsEveryPosition) {
+  const std::map<int, std::vector<int64_t>> plan = {{1, {0, 1, 2, 3, 4}}, {4, {5, 6}}, {7, {7}}};
+  EXPECT_EQ(SplitShardPlan(plan, 8), (std::vector<std::map<int, std::vector<int64_t>>>{plan}));
+  EXPECT_EQ(SplitShardPlan(plan, 3),
+            (std::vector<std::map<int, std::vector<int64_t>>>{
+                {{1, {0, 1, 2}}}, {{1, {3, 4}}, {4, {5}}}, {{4, {6}}, {7, {7}}}}));
+  EXPECT_EQ(SplitShardPlan(plan, 1).size(), 8u);
+  EXPECT_TRUE(SplitShardPlan({}, 3).empty());
+}
+
+TEST(MaxBatchAssignments, TheShardsLimitThenTheBytesOfItsRows) {
+  const common::Checkpoint ck = common::MakeRandomCheckpoint({Config(), false, 9});
+  FakeShard shard("s", ck);
+  EXPECT_EQ(MaxBatchAssignments(shard, 16, kMaxDispatchBytes), kDefaultShardBatchRows);
+  shard.SetMaxBatchRows(100);
+  EXPECT_EQ(MaxBatchAssignments(shard, 16, kMaxDispatchBytes), 100);
+  // Mixtral's d_model 4096: 1024 FP32 rows fill 16 MiB.
+  shard.SetMaxBatchRows(8192);
+  EXPECT_EQ(MaxBatchAssignments(shard, 4096, kMaxDispatchBytes), 1024);
+  EXPECT_EQ(MaxBatchAssignments(shard, 1 << 30, kMaxDispatchBytes), 1);
+}
+
+// A request whose share for one shard passes the shard's --max-batch-rows (a one-shard cluster,
+// or a replica down) goes as several batches, where one would be refused "split it" every time.
+TEST(Dispatcher, AShardsShareIsCutIntoBatchesWithinItsLimit) {
+  Rig setup(Strategy::kSharded, 1);
+  setup.fakes[0]->SetMaxBatchRows(7);
+  const int64_t n = 20;  // 40 assignments: 6 batches
+  const std::vector<float> x = common::RandomMatrix(n, 16, 31);
+  DispatchStats stats;
+  auto y = setup.Run(x, n, absl::Seconds(10), &stats);
+  ASSERT_TRUE(y.ok()) << y.status();
+  auto ref = setup.layer->Forward(x.data(), n);
+  for (size_t i = 0; i < y->size(); ++i) EXPECT_NEAR((*y)[i], ref->y[i], 1e-5);
+  ASSERT_EQ(setup.fakes[0]->requests.size(), 6u);
+  EXPECT_EQ(stats.shard_batches, 6);
+  int total = 0;
+  for (const auto& req : setup.fakes[0]->requests) {
+    EXPECT_LE(Assigned(req), 7);
+    total += Assigned(req);
+  }
+  EXPECT_EQ(total, 2 * n);
+}
+
+// The same by bytes: no batch, nor its answer (a row per assignment), passes max_batch_bytes.
+TEST(Dispatcher, NoBatchPassesTheByteLimit) {
+  Rig setup(Strategy::kSharded, 1);
+  DispatcherOptions o;
+  o.max_batch_bytes = 5 * 16 * sizeof(float);  // five rows of d_model 16
+  Dispatcher dispatcher(Config(), o);
+  const int64_t n = 9;
+  const std::vector<float> x = common::RandomMatrix(n, 16, 32);
+  GatingResult g = Route(setup.layer->gate_params(), x.data(), n, GatingOptions{2, true, 0, {}});
+  auto y = dispatcher.Run(setup.table, x.data(), n, g, absl::Now() + absl::Seconds(10), nullptr);
+  ASSERT_TRUE(y.ok()) << y.status();
+  auto ref = setup.layer->Forward(x.data(), n);
+  for (size_t i = 0; i < y->size(); ++i) EXPECT_NEAR((*y)[i], ref->y[i], 1e-5);
+  ASSERT_EQ(setup.fakes[0]->requests.size(), 4u);  // 18 assignments
+  for (const auto& req : setup.fakes[0]->requests) EXPECT_LE(Assigned(req), 5);
 }
 
 int64_t RowsSent(const FakeShard& s) {
@@ -690,6 +764,36 @@ TEST(Trainer, ServingAndTrainingBatchesOnAShardNeverShareAnId) {
     }
     EXPECT_GE(ids.size(), 4u) << fake->address();
   }
+}
+
+// A training step's share for a shard past its batch limit goes as several forwards, each with a
+// backward of its own, and gives the gradients of the step sent whole.
+TEST(Trainer, AShardsShareIsCutIntoBatchesWithinItsLimit) {
+  TrainRig whole(/*unconfirmed_commits=*/0);
+  TrainRig cut(/*unconfirmed_commits=*/0);
+  for (auto& fake : cut.rig.fakes) fake->SetMaxBatchRows(3);
+  absl::StatusOr<TrainResult> a = whole.Step(5);
+  absl::StatusOr<TrainResult> b = cut.Step(5);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  ASSERT_EQ(a->gate_weight.size(), b->gate_weight.size());
+  for (size_t i = 0; i < a->gate_weight.size(); ++i) {
+    EXPECT_NEAR(a->gate_weight[i], b->gate_weight[i], 1e-5) << i;
+  }
+  int forwards = 0;
+  for (const auto& fake : cut.rig.fakes) {
+    std::multiset<uint64_t> sent;
+    const std::multiset<uint64_t> back(fake->backward_batches.begin(),
+                                       fake->backward_batches.end());
+    for (const v1::DispatchRequest& req : fake->requests) {
+      EXPECT_LE(Assigned(req), 3) << fake->address();
+      EXPECT_NE(req.train_step(), 0u);
+      sent.insert(req.batch_id());
+    }
+    EXPECT_EQ(sent, back) << fake->address() << ": each forward gets exactly one backward";
+    forwards += static_cast<int>(sent.size());
+  }
+  EXPECT_GE(forwards, 8);  // 24 assignments in pieces of at most 3
 }
 
 TEST(Trainer, AnUnconfirmedShardThatLeftThePlacementIsDropped) {

@@ -177,6 +177,9 @@ GrpcShardClient::~GrpcShardClient() {
 }
 
 void GrpcShardClient::SetHealthy(bool healthy) {
+  // The flip and its report in one order: a health check's SERVING and a broken stream's flip
+  // racing would otherwise report up after down, and leave moe_shard_up at 1 for a dead shard.
+  std::lock_guard<std::mutex> lock(flip_mu_);
   if (healthy_.exchange(healthy) != healthy && on_health_change_) on_health_change_(healthy);
 }
 

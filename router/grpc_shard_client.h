@@ -78,6 +78,7 @@ class GrpcShardClient final : public ShardClient {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::ExpertShard::Stub> stub_;
   std::function<void(bool)> on_health_change_;
+  std::mutex flip_mu_;  // SetHealthy's flip and its report; taken last, held only by them
   const absl::Duration health_interval_;
 
   std::atomic<bool> healthy_{false};

@@ -357,9 +357,20 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                         "to another router");
   }
 
+  // A request's deadline: the client's, and at most --timeout-s from now (also the deadline of
+  // one that comes without any, and of each request on a stream).
   absl::Time DeadlineOf(grpc::CallbackServerContext* ctx) const {
     const absl::Time client = absl::FromChrono(ctx->deadline());
     return std::min(client, absl::Now() + options.default_timeout);
+  }
+
+  // DEADLINE_EXCEEDED of a request whose deadline DeadlineOf shortened says so: the client set
+  // a longer one (or none), and the message would otherwise blame it.
+  absl::Status NameCap(absl::Status st, absl::Time client_deadline, absl::Time used) const {
+    if (st.code() != absl::StatusCode::kDeadlineExceeded || client_deadline <= used) return st;
+    return absl::DeadlineExceededError(
+        absl::StrCat(st.message(), " (the router gives one request at most --timeout-s, ",
+                     absl::FormatDuration(options.default_timeout), ")"));
   }
 
   std::shared_ptr<ShardClient> ClientFor(const std::string& address) {
@@ -487,6 +498,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   bool ServesModel(const std::string& address, const v1::ShardStatus& st) {
     const bool same = st.num_experts() == config.num_experts && st.d_model() == config.d_model;
     ClientFor(address)->SetServesOtherModel(!same);  // the dispatcher sends it nothing
+    ClientFor(address)->SetMaxBatchRows(st.max_batch_rows());
     std::lock_guard<std::mutex> lock(models_mu);
     auto it = models.find(address);
     if (same) {
@@ -594,11 +606,27 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   // Loads the new replicas everywhere (copied from a live replica once the model has trained,
   // else from the checkpoint), switches, then lets the old ones drain away.
+  // `based_on`: the version of the live placement that `next` was worked out over (none for the
+  // first placement). When another switch has come in between (an operator's Rebalance, a
+  // membership change, the dynamic control loop), `next` is not applied: ABORTED, and nothing
+  // changes. It would otherwise undo that switch, or leave out the shards it added.
   // `user`: asked for by a Rebalance call, whose failure is said every time (the control loop
   // tries again every tick, and says a failure once per reason).
   absl::Status Apply(Placement next, std::vector<std::shared_ptr<ShardClient>> next_shards,
-                     bool user = false) {
+                     std::optional<uint64_t> based_on, bool user = false) {
     std::lock_guard<std::mutex> lock(placement_mu);
+    if (based_on.has_value()) {
+      uint64_t live = 0;
+      {
+        std::shared_ptr<const RoutingTable> t = Table();  // let go of before the switch
+        if (t != nullptr) live = t->placement.version;
+      }
+      if (live != *based_on) {
+        return absl::AbortedError(absl::StrCat("the placement changed to version ", live,
+                                               " while this one was worked out over ", "version ",
+                                               *based_on, "; nothing was applied"));
+      }
+    }
     const std::string what = absl::StrCat(StrategyName(next.strategy), " placement over ",
                                           next_shards.size(),
                                           next_shards.size() == 1 ? " shard" : " shards");
@@ -1267,8 +1295,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           std::set<std::string> onto_down;
           if (p.ok()) onto_down = LoadsOntoDown(*p, *members, reachable, t->placement, t->shards);
           if (p.ok() && onto_down.empty()) {
+            const uint64_t based_on = t->placement.version;
             t.reset();
-            if (Apply(*p, *members).ok()) SetNotPlaced({});
+            if (Apply(*p, *members, based_on).ok()) SetNotPlaced({});
             return;
           }
           if (p.ok()) SetNotPlaced(onto_down);
@@ -1347,7 +1376,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // empty shard otherwise read as idle, and every cooldown applied a new version for nothing.
     if (next.ok() && next->replicas != live.replicas &&
         Imbalance(*next, load, usable) < Imbalance(live, load, usable) - 0.05) {
-      Apply(*next, std::move(current)).IgnoreError();
+      Apply(*next, std::move(current), live.version).IgnoreError();
     }
   }
 
@@ -1375,7 +1404,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     absl::Status st;
     for (int attempt = 0; attempt < 2; ++attempt) {
       absl::StatusOr<Placement> p = Propose(strategy.load(), static_cast<int>(members->size()));
-      st = p.ok() ? Apply(*p, *members) : p.status();
+      st = p.ok() ? Apply(*p, *members, std::nullopt) : p.status();
       std::vector<std::string> unread;
       {
         std::lock_guard<std::mutex> l(placement_mu);
@@ -1490,13 +1519,17 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (!Admit(ctx, reactor, method)) return reactor;
     const auto start = std::chrono::steady_clock::now();
     const absl::Time deadline = DeadlineOf(ctx);
-    if (!admin_pool->Submit([this, reactor, method, start, deadline, work = std::move(work)] {
-          const absl::Status st =
+    const absl::Time client_deadline = absl::FromChrono(ctx->deadline());
+    if (!admin_pool->Submit([this, reactor, method, start, deadline, client_deadline,
+                             work = std::move(work)] {
+          const absl::Status st = NameCap(
               absl::Now() < deadline
                   ? work()
                   : absl::DeadlineExceededError(absl::StrCat(
-                        method, ": the deadline passed while the call waited behind other "
-                        "training, save and rebalance calls; try again with a longer deadline"));
+                        method,
+                        ": the deadline passed while the call waited behind other "
+                        "training, save and rebalance calls; try again with a longer deadline")),
+              client_deadline, deadline);
           metrics->Request(method, CodeName(st.code()), Seconds(start));
           reactor->Finish(common::ToGrpcStatus(st));
         })) {
@@ -1510,10 +1543,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
     if (!Admit(ctx, reactor, "Infer")) return reactor;
     const auto start = std::chrono::steady_clock::now();
-    Forward(req, resp, DeadlineOf(ctx), [this, reactor, start](absl::Status st) {
-      metrics->Request("Infer", CodeName(st.code()), Seconds(start));
-      reactor->Finish(common::ToGrpcStatus(st));
-    });
+    const absl::Time deadline = DeadlineOf(ctx);
+    const absl::Time client_deadline = absl::FromChrono(ctx->deadline());
+    Forward(req, resp, deadline,
+            [this, reactor, start, deadline, client_deadline](absl::Status st) {
+              st = NameCap(std::move(st), client_deadline, deadline);
+              metrics->Request("Infer", CodeName(st.code()), Seconds(start));
+              reactor->Finish(common::ToGrpcStatus(st));
+            });
     return reactor;
   }
 
@@ -1797,54 +1834,60 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (!req->strategy().empty()) {
         ASSIGN_OR_RETURN(s, ParseStrategy(req->strategy()));
       }
-      std::vector<std::shared_ptr<ShardClient>> current;
-      std::vector<bool> usable;
-      Placement live;
-      ASSIGN_OR_RETURN(Placement p, ProposeOverLiveTable(s, &current, &usable, &live));
-      // The live placement again (a rebalance to the current strategy with nothing changed,
-      // or one resent after a reconnect) is answered with it: a new version would move nothing.
-      const bool unchanged = p.strategy == live.strategy && p.replicas == live.replicas;
-      if (!req->dry_run() && unchanged) {
-        *out = ToProto(live, true);
+      // Worked out again over the new placement when another switch came in meanwhile.
+      for (int attempt = 1;; ++attempt) {
+        std::vector<std::shared_ptr<ShardClient>> current;
+        std::vector<bool> usable;
+        Placement live;
+        ASSIGN_OR_RETURN(Placement p, ProposeOverLiveTable(s, &current, &usable, &live));
+        // The live placement again (a rebalance to the current strategy with nothing changed,
+        // or one resent after a reconnect) is answered with it: a new version would move nothing.
+        const bool unchanged = p.strategy == live.strategy && p.replicas == live.replicas;
+        if (!req->dry_run() && unchanged) {
+          *out = ToProto(live, true);
+          return absl::OkStatus();
+        }
+        if (!req->dry_run()) {
+          // The static strategies place by formula, down shards included: refuse one that would
+          // leave an expert with every replica out of rotation (its requests would all fail).
+          std::vector<int> stranded;
+          std::set<std::string> down;
+          for (int e = 0; e < static_cast<int>(p.replicas.size()); ++e) {
+            bool served = false;
+            for (int r : p.replicas[e]) {
+              served = served || usable[r];
+              if (!usable[r]) down.insert(current[r]->address());
+            }
+            if (!served) stranded.push_back(e);
+          }
+          if (!stranded.empty()) {
+            return absl::FailedPreconditionError(absl::StrCat(
+                StrategyName(s), " placement would leave experts ", absl::StrJoin(stranded, ","),
+                " with no replica on a shard in rotation (out of rotation: ",
+                absl::StrJoin(down, ", "), "); the current placement stays. Bring the shard back",
+                s == Strategy::kDynamic
+                    ? ""
+                    : ", or choose dynamic, which places replicas only on shards in rotation"));
+          }
+          // Nor one that loads experts onto a shard out of rotation (`replicated` with a shard
+          // down): the load would fail there, and the switch with it.
+          const std::set<std::string> onto_down = LoadsOntoDown(p, current, usable, live, current);
+          if (!onto_down.empty()) {
+            return absl::FailedPreconditionError(absl::StrCat(
+                StrategyName(s), " placement would load experts onto ",
+                absl::StrJoin(onto_down, ", "),
+                ", out of rotation; the current placement stays. "
+                "Bring the shard back, or choose dynamic, which places replicas only on shards in "
+                "rotation"));
+          }
+          const absl::Status st = Apply(p, std::move(current), live.version, /*user=*/true);
+          if (absl::IsAborted(st) && attempt < 3) continue;
+          RETURN_IF_ERROR(st);
+          p = Table()->placement;
+        }
+        *out = ToProto(p, !req->dry_run());
         return absl::OkStatus();
       }
-      if (!req->dry_run()) {
-        // The static strategies place by formula, down shards included: refuse one that would
-        // leave an expert with every replica out of rotation (its requests would all fail).
-        std::vector<int> stranded;
-        std::set<std::string> down;
-        for (int e = 0; e < static_cast<int>(p.replicas.size()); ++e) {
-          bool served = false;
-          for (int r : p.replicas[e]) {
-            served = served || usable[r];
-            if (!usable[r]) down.insert(current[r]->address());
-          }
-          if (!served) stranded.push_back(e);
-        }
-        if (!stranded.empty()) {
-          return absl::FailedPreconditionError(absl::StrCat(
-              StrategyName(s), " placement would leave experts ", absl::StrJoin(stranded, ","),
-              " with no replica on a shard in rotation (out of rotation: ",
-              absl::StrJoin(down, ", "), "); the current placement stays. Bring the shard back",
-              s == Strategy::kDynamic
-                  ? ""
-                  : ", or choose dynamic, which places replicas only on shards in rotation"));
-        }
-        // Nor one that loads experts onto a shard out of rotation (`replicated` with a shard
-        // down): the load would fail there, and the switch with it.
-        const std::set<std::string> onto_down = LoadsOntoDown(p, current, usable, live, current);
-        if (!onto_down.empty()) {
-          return absl::FailedPreconditionError(absl::StrCat(
-              StrategyName(s), " placement would load experts onto ",
-              absl::StrJoin(onto_down, ", "), ", out of rotation; the current placement stays. "
-              "Bring the shard back, or choose dynamic, which places replicas only on shards in "
-              "rotation"));
-        }
-        RETURN_IF_ERROR(Apply(p, std::move(current), /*user=*/true));
-        p = Table()->placement;
-      }
-      *out = ToProto(p, !req->dry_run());
-      return absl::OkStatus();
     });
   }
 
@@ -1967,12 +2010,14 @@ class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest
       }
     }
     const absl::Time deadline = impl_->DeadlineOf(ctx_);
+    const absl::Time client_deadline = absl::FromChrono(ctx_->deadline());
     const auto start = std::chrono::steady_clock::now();
     RouterServer::Impl* impl = impl_;
     std::shared_ptr<InferStreamCore> core = core_;
     auto resp = std::make_shared<v1::InferResponse>();
     impl->Forward(req.get(), resp.get(), deadline,
-                  [impl, core, req, resp, seq, start](absl::Status st) {
+                  [impl, core, req, resp, seq, start, deadline, client_deadline](absl::Status st) {
+                    st = impl->NameCap(std::move(st), client_deadline, deadline);
                     impl->metrics->Request("InferStream", CodeName(st.code()), Seconds(start));
                     auto out = std::make_unique<v1::InferResponse>();
                     if (st.ok()) {

@@ -57,7 +57,7 @@ struct RouterServerOptions {
   // Replicas reduce their gradients with BF16 on the wire (CommitStepRequest.bf16_wire).
   bool bf16_allreduce = false;
   int64_t min_split_rows = DispatcherOptions().min_split_rows;
-  // Deadline applied to requests that come without one.
+  // The longest deadline one request gets: a client's longer deadline (or none) is cut to it.
   absl::Duration default_timeout = absl::Seconds(30);
   common::RpcLimits limits;
   std::shared_ptr<prometheus::Registry> registry;

@@ -42,6 +42,10 @@ class ShardClient {
   // wrong).
   void SetServesOtherModel(bool other) { other_model_.store(other); }
   bool serves_other_model() const { return other_model_.load(); }
+  // The most token-expert assignments the shard takes in one batch (its --max-batch-rows), set
+  // by the router from the shard's status; 0 until read.
+  void SetMaxBatchRows(int64_t rows) { max_batch_rows_.store(rows); }
+  int64_t max_batch_rows() const { return max_batch_rows_.load(); }
   virtual const std::string& address() const = 0;
 
   // Blocking admin calls (used by the placement manager, never on a request path).
@@ -77,6 +81,7 @@ class ShardClient {
 
  private:
   std::atomic<bool> other_model_{false};
+  std::atomic<int64_t> max_batch_rows_{0};
 };
 
 }  // namespace moe::router

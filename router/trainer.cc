@@ -344,6 +344,21 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
       for (int64_t p = b; p < en; ++p) dst.push_back(p);
     }
   }
+  // A shard's share in batches within its limits (as the dispatcher cuts them).
+  struct Part {
+    int shard;
+    std::map<int, std::vector<int64_t>> plan;
+    uint64_t batch = 0;  // the forward's batch id, which its backward names
+  };
+  std::vector<Part> parts;
+  for (int s = 0; s < S; ++s) {
+    if (plan[s].empty()) continue;
+    const int64_t max_rows = MaxBatchAssignments(*table.shards[s], d, kMaxDispatchBytes);
+    for (auto& p : SplitShardPlan(std::move(plan[s]), max_rows)) {
+      parts.push_back(Part{s, std::move(p)});
+    }
+  }
+  const int P = static_cast<int>(parts.size());
   // Training forwards.
   struct Wait {
     std::mutex mu;
@@ -352,26 +367,26 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
     std::vector<std::pair<int, absl::StatusOr<v1::DispatchResponse>>> results;
   };
   auto wait = std::make_shared<Wait>();
-  std::vector<uint64_t> batch_of(S, 0);
   std::vector<int32_t> local(n, -1);
   const uint32_t timeout_ms = static_cast<uint32_t>(
       std::max<int64_t>(1, absl::ToInt64Milliseconds(deadline - absl::Now())));
-  for (int s = 0; s < S; ++s) {
-    if (plan[s].empty()) continue;
-    auto req = BuildShardRequest(plan[s], groups, k, x, d, common::WireType::kFloat32, &local);
-    batch_of[s] = req->batch_id();
+  for (int b = 0; b < P; ++b) {
+    const int s = parts[b].shard;
+    auto req =
+        BuildShardRequest(parts[b].plan, groups, k, x, d, common::WireType::kFloat32, &local);
+    parts[b].batch = req->batch_id();
     req->set_train_step(result.step);
     req->set_timeout_ms(timeout_ms);
     req->set_placement_version(table.placement.version);
     int64_t rows = 0;
-    for (const auto& [e, pos] : plan[s]) rows += static_cast<int64_t>(pos.size());
+    for (const auto& [e, pos] : parts[b].plan) rows += static_cast<int64_t>(pos.size());
     {
       std::lock_guard<std::mutex> lock(wait->mu);
       ++wait->waiting;
     }
-    table.shards[s]->Dispatch(req, rows, [wait, s](absl::StatusOr<v1::DispatchResponse> r) {
+    table.shards[s]->Dispatch(req, rows, [wait, b](absl::StatusOr<v1::DispatchResponse> r) {
       std::lock_guard<std::mutex> lock(wait->mu);
-      wait->results.emplace_back(s, std::move(r));
+      wait->results.emplace_back(b, std::move(r));
       --wait->waiting;
       wait->cv.notify_all();
     });
@@ -386,10 +401,13 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
       return absl::DeadlineExceededError("deadline passed during the training forward");
     }
   }
-  for (auto& [s, r] : wait->results) {
+  for (auto& [b, r] : wait->results) {
+    const int s = parts[b].shard;
     absl::Status err = r.ok() ? absl::Status(static_cast<absl::StatusCode>(r->code()), r->message())
                               : r.status();
-    if (err.ok()) err = CheckShardAnswer(r->outputs(), plan[s], d, table.shards[s]->address());
+    if (err.ok()) {
+      err = CheckShardAnswer(r->outputs(), parts[b].plan, d, table.shards[s]->address());
+    }
     if (!err.ok()) {
       AbortEverywhere(table, result.step);
       return absl::AbortedError(absl::StrCat("training forward on shard ",
@@ -397,7 +415,7 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
                                              err.message(), "; step aborted, no weight changed"));
     }
     for (const v1::ExpertOutput& out : r->outputs()) {
-      const std::vector<int64_t>& pos = plan[s].at(out.expert());  // CheckShardAnswer
+      const std::vector<int64_t>& pos = parts[b].plan.at(out.expert());  // CheckShardAnswer
       const std::vector<float> vals =
           common::ViewToFloat(*common::DecodeMatrix(out.output(), "output", d));
       for (size_t i = 0; i < pos.size(); ++i) {
@@ -417,15 +435,16 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
     dweights[a] = dot;
   }
   std::vector<float> dxe(groups.assignment.size() * d);
-  std::vector<absl::Status> back_status(S);
+  std::vector<absl::Status> back_status(P);
   std::vector<std::thread> threads;
-  for (int s = 0; s < S; ++s) {
-    if (plan[s].empty()) continue;
-    threads.emplace_back([&, s] {
+  for (int b = 0; b < P; ++b) {
+    threads.emplace_back([&, b] {
+      const int s = parts[b].shard;
+      const std::map<int, std::vector<int64_t>>& plan_b = parts[b].plan;
       v1::BackwardRequest req;
       req.set_train_step(result.step);
-      req.set_batch_id(batch_of[s]);
-      for (const auto& [e, pos] : plan[s]) {
+      req.set_batch_id(parts[b].batch);
+      for (const auto& [e, pos] : plan_b) {
         std::vector<float> rows(pos.size() * d);
         for (size_t i = 0; i < pos.size(); ++i) {
           const int64_t a = groups.assignment[pos[i]];
@@ -441,14 +460,13 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
       absl::StatusOr<v1::BackwardResponse> resp =
           table.shards[s]->Backward(req, std::max(deadline - absl::Now(), absl::Milliseconds(1)));
       if (!resp.ok()) {
-        back_status[s] = resp.status();
+        back_status[b] = resp.status();
         return;
       }
-      back_status[s] =
-          CheckShardAnswer(resp->grad_inputs(), plan[s], d, table.shards[s]->address());
-      if (!back_status[s].ok()) return;
+      back_status[b] = CheckShardAnswer(resp->grad_inputs(), plan_b, d, table.shards[s]->address());
+      if (!back_status[b].ok()) return;
       for (const v1::ExpertOutput& gi : resp->grad_inputs()) {
-        const std::vector<int64_t>& pos = plan[s].at(gi.expert());
+        const std::vector<int64_t>& pos = plan_b.at(gi.expert());
         const std::vector<float> vals =
             common::ViewToFloat(*common::DecodeMatrix(gi.output(), "grad_input", d));
         for (size_t i = 0; i < pos.size(); ++i) {
@@ -458,12 +476,12 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
     });
   }
   for (auto& t : threads) t.join();
-  for (int s = 0; s < S; ++s) {
-    if (!back_status[s].ok()) {
+  for (int b = 0; b < P; ++b) {
+    if (!back_status[b].ok()) {
       AbortEverywhere(table, result.step);
-      return absl::AbortedError(absl::StrCat("backward on shard ", table.shards[s]->address(),
-                                             " failed: ", back_status[s].message(),
-                                             "; step aborted, no weight changed"));
+      return absl::AbortedError(
+          absl::StrCat("backward on shard ", table.shards[parts[b].shard]->address(),
+                       " failed: ", back_status[b].message(), "; step aborted, no weight changed"));
     }
   }
   result.grad_input.assign(n * d, 0.f);
@@ -490,8 +508,10 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   commit.set_bf16_wire(params.bf16_allreduce);
   for (auto& grp : ReplicaGroups(table)) *commit.add_groups() = std::move(grp);
   for (const auto& s : table.shards) commit.add_shards(s->address());
+  std::vector<bool> computed(S, false);
+  for (const Part& p : parts) computed[p.shard] = true;
   for (int s = 0; s < S; ++s) {
-    if (!plan[s].empty()) commit.add_computed_shards(table.shards[s]->address());
+    if (computed[s]) commit.add_computed_shards(table.shards[s]->address());
   }
   commit.set_timeout_ms(static_cast<uint32_t>(
       std::max<int64_t>(1000, absl::ToInt64Milliseconds(deadline - absl::Now()))));

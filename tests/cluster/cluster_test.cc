@@ -121,6 +121,21 @@ TEST_F(ClusterTest, CapacityDropMatchesTheLayerAndSpillDropsLess) {
   }
 }
 
+// A shard's share of a request past the shard's --max-batch-rows (here all of it: one shard) is
+// sent in batches within the limit, which the router reads from the shard's status; before, the
+// shard refused the one batch ("split it") and the request failed every time.
+TEST_F(ClusterTest, ARequestPastAShardsBatchLimitIsSentInSeveralBatches) {
+  auto cluster = Start("sharded", 1, {}, {"--max-batch-rows", "50"});
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  const int64_t n = 120;  // 240 assignments
+  const std::vector<float> x = common::RandomMatrix(n, Config().d_model, 78);
+  v1::InferResponse resp;
+  const grpc::Status st = Infer(stub.get(), Request(x, n, "cut"), &resp);
+  ASSERT_TRUE(st.ok()) << st.error_code() << " " << st.error_message();
+  EXPECT_TRUE(Matches(x, n, resp, *layer_));
+}
+
 TEST_F(ClusterTest, KilledShardWithReplicasLosesNoRequest) {
   auto cluster = Start("replicated", 3);
   ASSERT_NE(cluster, nullptr);
