@@ -169,9 +169,9 @@ void ComputePool::Compute(ExpertHandle* expert, std::vector<Item>& items) {
   for (Item& it : items) {
     DispatchTask& t = *it.task;
     if (t.finished_.load()) continue;
-    if (t.cancelled && t.cancelled->load()) {
+    if ((t.cancelled && t.cancelled->load()) || t.batch_cancelled.load()) {
       if (metrics_) metrics_->Rejected("cancelled");
-      Finish(t, absl::CancelledError("the caller cancelled the batch"));
+      Finish(t, absl::CancelledError(absl::StrCat("the caller cancelled batch ", t.batch_id)));
       continue;
     }
     if (now > t.deadline) {

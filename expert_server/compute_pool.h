@@ -45,6 +45,8 @@ struct DispatchTask {
   uint64_t train_step = 0;
   // Set by the owner (e.g. when its stream is cancelled); pending items are then dropped.
   std::shared_ptr<std::atomic<bool>> cancelled;
+  // Set when the batch alone is cancelled (DispatchRequest.cancel); pending items are dropped.
+  std::atomic<bool> batch_cancelled{false};
   // Runs exactly once, on a pool thread, with OK and every Part's output filled, or an error.
   std::function<void(DispatchTask& task, const absl::Status& status)> done;
 

@@ -114,12 +114,28 @@ class DispatchReactor;
 // What a Dispatch stream shares with the tasks it submitted; outlives the reactor.
 struct StreamCore : common::StreamOutbox<v1::DispatchRequest, v1::DispatchResponse> {
   std::shared_ptr<std::atomic<bool>> cancelled = std::make_shared<std::atomic<bool>>(false);
+  // The batches submitted and not yet answered, by id (mu), for their cancellations.
+  std::map<uint64_t, std::weak_ptr<DispatchTask>> submitted;
 
   // Queues a response (from any thread); `accepted` marks the answer to a submitted batch.
   void Deliver(std::unique_ptr<v1::DispatchResponse> response, bool accepted) {
     std::lock_guard<std::mutex> lock(mu);
-    if (accepted) --pending;
+    if (accepted) {
+      --pending;
+      submitted.erase(response->batch_id());
+    }
     PushLocked(std::move(response));
+  }
+
+  // DispatchRequest.cancel: what of the batch is still queued is dropped (the pool answers it).
+  void CancelBatch(uint64_t batch_id) {
+    std::shared_ptr<DispatchTask> task;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      auto it = submitted.find(batch_id);
+      if (it != submitted.end()) task = it->second.lock();
+    }
+    if (task != nullptr) task->batch_cancelled.store(true);
   }
 };
 
@@ -372,6 +388,10 @@ class DispatchReactor final
   void Handle(const v1::DispatchRequest& req) {
     impl_->metrics->BytesIn(static_cast<double>(req.ByteSizeLong()));
     const uint64_t id = req.batch_id();
+    if (req.cancel()) {
+      core_->CancelBatch(id);
+      return;
+    }
     const int64_t d = impl_->config.d_model;
     const int64_t max_rows = impl_->options.max_batch_rows;
     if (req.experts_size() == 0) {
@@ -510,12 +530,14 @@ class DispatchReactor final
     {
       std::lock_guard<std::mutex> lock(core_->mu);
       ++core_->pending;
+      core_->submitted[id] = task;
     }
     absl::Status st = impl_->pool->Submit(task);
     if (!st.ok()) {
       {
         std::lock_guard<std::mutex> lock(core_->mu);
         --core_->pending;
+        core_->submitted.erase(id);
       }
       Reject(id, absl::Status(st.code(), absl::StrCat("batch ", id, ": ", st.message())),
              st.code() == absl::StatusCode::kResourceExhausted ? "queue_full" : "shutdown");

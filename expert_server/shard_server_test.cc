@@ -503,6 +503,51 @@ TEST_F(ShardServerTest, CancelledStreamStopsItsPendingWork) {
   EXPECT_EQ(server->pool().queued_batches(), 0);
 }
 
+// DispatchRequest.cancel drops the one batch it names: answered CANCELLED, never computed, while
+// the stream and its other batches go on. A cancel of a batch already answered does nothing.
+TEST_F(ShardServerTest, ACancelledBatchIsDroppedAndTheStreamGoesOn) {
+  ShardServerOptions o;
+  o.pool.threads = 1;
+  o.pool.batch_delay = absl::Seconds(1);  // both batches queued before the first is computed
+  auto server = StartServer(o);
+  auto stub = Stub(*server);
+  grpc::ClientContext ctx;
+  auto stream = stub->Dispatch(&ctx);
+  ASSERT_TRUE(stream->Write(Batch(7, 4, {{1, {0, 1, 2, 3}}})));
+  ASSERT_TRUE(stream->Write(Batch(8, 2, {{2, {0, 1}}})));
+  ASSERT_TRUE(::moe::testing::Eventually([&] { return server->pool().queued_batches() == 2; }));
+  v1::DispatchRequest cancel;
+  cancel.set_batch_id(7);
+  cancel.set_cancel(true);
+  ASSERT_TRUE(stream->Write(cancel));
+  std::map<uint64_t, v1::DispatchResponse> answers;
+  for (int i = 0; i < 2; ++i) {
+    v1::DispatchResponse r;
+    ASSERT_TRUE(stream->Read(&r));
+    answers[r.batch_id()] = r;
+  }
+  EXPECT_EQ(answers[7].code(), grpc::CANCELLED) << answers[7].message();
+  EXPECT_NE(answers[7].message().find("cancelled batch 7"), std::string::npos)
+      << answers[7].message();
+  EXPECT_EQ(answers[8].code(), grpc::OK) << answers[8].message();
+  EXPECT_EQ(answers[8].outputs_size(), 1);
+  // Answered already: the second cancel of 7 and one of 8 change nothing; the stream serves on.
+  ASSERT_TRUE(stream->Write(cancel));
+  cancel.set_batch_id(8);
+  ASSERT_TRUE(stream->Write(cancel));
+  ASSERT_TRUE(stream->Write(Batch(9, 1, {{2, {0}}})));
+  v1::DispatchResponse r;
+  ASSERT_TRUE(stream->Read(&r));
+  EXPECT_EQ(r.batch_id(), 9u);
+  EXPECT_EQ(r.code(), grpc::OK) << r.message();
+  EXPECT_EQ(
+      Metric(*server->registry(), "moe_shard_rejected_batches_total", {{"reason", "cancelled"}}),
+      1);
+  EXPECT_EQ(Metric(*server->registry(), "moe_shard_tokens_total", {{"expert", "1"}}), 0);
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
 TEST_F(ShardServerTest, PassedDeadlineStopsPendingWork) {
   ShardServerOptions o;
   o.pool.threads = 1;

@@ -364,23 +364,24 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
         std::lock_guard<std::mutex> lock(mu_);
         ++waiting_;
         ++stats_.shard_batches;
+        unanswered_[req->batch_id()] = part.shard;
       }
-      table.shards[part.shard]->Dispatch(req, total,
-                                         [weak, b](absl::StatusOr<v1::DispatchResponse> r) {
-                                           if (std::shared_ptr<Call> self = weak.lock())
-                                             self->Answer(b, std::move(r));
-                                         });
+      table.shards[part.shard]->Dispatch(
+          req, total, [weak, b, id = req->batch_id()](absl::StatusOr<v1::DispatchResponse> r) {
+            if (std::shared_ptr<Call> self = weak.lock()) self->Answer(b, id, std::move(r));
+          });
     }
-    Answer(-1, absl::StatusOr<v1::DispatchResponse>());  // the sender's count
+    Answer(-1, 0, absl::StatusOr<v1::DispatchResponse>());  // the sender's count
   }
 
-  // One answer of the round (part -1: the sender is done sending).
-  void Answer(int b, absl::StatusOr<v1::DispatchResponse> r) {
+  // One answer of the round, to batch `id` of part `b` (part -1: the sender is done sending).
+  void Answer(int b, uint64_t id, absl::StatusOr<v1::DispatchResponse> r) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (b < 0) {
         sending_ = false;
       } else {
+        unanswered_.erase(id);
         results_.emplace_back(b, std::move(r));
       }
       if (--waiting_ > 0 || finished_) return;
@@ -457,14 +458,20 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
   void Finish(absl::StatusOr<std::vector<float>> y) {
     uint64_t timer = 0;
     DispatchStats stats;
+    std::map<uint64_t, int> unanswered;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (finished_) return;
       finished_ = true;
       timer = timer_id_;
       stats = stats_;
+      unanswered.swap(unanswered_);
     }
     if (timer != 0) common::DeadlineTimer::Process().Cancel(timer);
+    // Ended before every shard answered (the deadline, a failure elsewhere, the client's
+    // cancellation, shutdown): the shards drop what they have not begun of it. A shard that
+    // was stalled would otherwise compute it once it runs again, for nobody.
+    for (const auto& [id, s] : unanswered) table_->shards[s]->CancelBatch(id);
     Done done = std::move(done_);
     done(std::move(y), gating_, stats);
     // No longer held for its answers: it goes once the method that finished it returns.
@@ -480,8 +487,8 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
   }
 
  public:
-  // Dispatcher::Shutdown: fails the call now.
-  void Cancel() { Finish(absl::UnavailableError("router is shutting down")); }
+  // Dispatcher::Cancel and Shutdown: fails the call now.
+  void End(absl::Status why) { Finish(std::move(why)); }
 
  private:
   const std::shared_ptr<Shared> shared_;
@@ -514,6 +521,7 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
   bool finished_ = false;
   uint64_t timer_id_ = 0;
   std::vector<std::pair<int, absl::StatusOr<v1::DispatchResponse>>> results_;
+  std::map<uint64_t, int> unanswered_;  // batches sent and not answered: id -> shard
 };
 
 Dispatcher::Dispatcher(const common::ModelConfig& config, DispatcherOptions options)
@@ -524,8 +532,8 @@ Dispatcher::Dispatcher(const common::ModelConfig& config, DispatcherOptions opti
 
 Dispatcher::~Dispatcher() { Shutdown(); }
 
-void Dispatcher::Start(std::shared_ptr<const RoutingTable> table, std::vector<float> x, int64_t n,
-                       GatingResult gating, absl::Time deadline, Done done) {
+uint64_t Dispatcher::Start(std::shared_ptr<const RoutingTable> table, std::vector<float> x,
+                           int64_t n, GatingResult gating, absl::Time deadline, Done done) {
   const uint64_t id = ++shared_->next_call;
   auto call = std::make_shared<Call>(shared_, id, std::move(table), std::move(x), n,
                                      std::move(gating), deadline, std::move(done));
@@ -534,6 +542,18 @@ void Dispatcher::Start(std::shared_ptr<const RoutingTable> table, std::vector<fl
     shared_->unfinished[id] = call;
   }
   call->Begin();
+  return id;
+}
+
+void Dispatcher::Cancel(uint64_t id, absl::Status why) {
+  std::shared_ptr<Call> call;
+  {
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    auto it = shared_->unfinished.find(id);
+    if (it == shared_->unfinished.end()) return;
+    call = it->second;
+  }
+  call->End(std::move(why));
 }
 
 void Dispatcher::Shutdown() {
@@ -543,7 +563,7 @@ void Dispatcher::Shutdown() {
     shared_->stopping = true;
     for (auto& [id, call] : shared_->unfinished) calls.push_back(call);
   }
-  for (auto& call : calls) call->Cancel();
+  for (auto& call : calls) call->End(absl::UnavailableError("router is shutting down"));
   calls.clear();
   std::unique_lock<std::mutex> lock(shared_->mu);
   shared_->idle.wait(lock, [this] { return shared_->alive == 0; });

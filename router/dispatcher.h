@@ -102,9 +102,13 @@ class Dispatcher {
   // thread when `deadline` passes first (late answers are then ignored), on an `offload` thread,
   // or on this thread when the batch fails before anything is sent. Batches in flight keep what
   // they need (table, tokens, gating) alive themselves until they finish; a shard that never
-  // answers keeps nothing alive.
-  void Start(std::shared_ptr<const RoutingTable> table, std::vector<float> x, int64_t n,
-             GatingResult gating, absl::Time deadline, Done done);
+  // answers keeps nothing alive. Returns the batch's id for Cancel.
+  uint64_t Start(std::shared_ptr<const RoutingTable> table, std::vector<float> x, int64_t n,
+                 GatingResult gating, absl::Time deadline, Done done);
+
+  // Ends batch `id` with `why` if it has not finished (its `done` runs now), and asks its shards
+  // to drop what they have not begun of it. Nothing when it has finished.
+  void Cancel(uint64_t id, absl::Status why);
 
   // The same, waiting for the answer.
   absl::StatusOr<std::vector<float>> Run(const RoutingTable& table, const float* x, int64_t n,

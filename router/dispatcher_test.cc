@@ -64,6 +64,7 @@ class FakeShard : public ShardClient {
     }
     done(resp);
   }
+  void CancelBatch(uint64_t batch_id) override { cancelled.push_back(batch_id); }
   bool healthy() const override { return healthy_; }
   void CheckHealthNow() override {}
   int64_t outstanding_rows() const override { return outstanding; }
@@ -191,6 +192,7 @@ class FakeShard : public ShardClient {
   int batches = 0;
   std::vector<v1::DispatchRequest> requests;
   std::vector<DispatchDone> parked;
+  std::vector<uint64_t> cancelled;  // CancelBatch's ids
   std::mutex backward_mu;
   std::vector<uint64_t> backward_batches;  // the batch id of each Backward, backward_mu
 
@@ -642,8 +644,45 @@ TEST(Dispatcher, DeadlineFiresWhileAnswersAreOutstandingAndLateOnesAreIgnored) {
   EXPECT_GE(took, absl::Milliseconds(150));
   EXPECT_LT(took, absl::Milliseconds(400));
   ASSERT_FALSE(setup.fakes[1]->parked.empty());
+  // The silent shard is asked to drop the batch (were it only stalled, it would compute it once
+  // it ran again); the one that answered is asked nothing.
+  std::vector<uint64_t> sent;
+  for (const auto& req : setup.fakes[1]->requests) sent.push_back(req.batch_id());
+  EXPECT_EQ(setup.fakes[1]->cancelled, sent);
+  EXPECT_TRUE(setup.fakes[0]->cancelled.empty());
   for (auto& done : setup.fakes[1]->parked) done(absl::UnavailableError("late"));
   setup.fakes[1]->parked.clear();  // they hold the batch, which holds the table and the fakes
+  EXPECT_EQ(calls, 1);
+}
+
+// The client's cancellation (Dispatcher::Cancel) ends a batch in flight at once and cancels it on
+// the shards that have not answered; a batch that has finished is not touched.
+TEST(Dispatcher, ACancelledBatchEndsAtOnceAndIsCancelledOnItsShards) {
+  Rig setup(Strategy::kReplicated, 1);
+  setup.fakes[0]->never_answer = true;
+  const int64_t n = 4;
+  const auto x = common::RandomMatrix(n, 16, 14);
+  GatingResult g = Route(setup.layer->gate_params(), x.data(), n, GatingOptions{2, true, 0, {}});
+  absl::Status status;
+  int calls = 0;
+  const uint64_t id = setup.dispatcher.Start(
+      std::make_shared<const RoutingTable>(setup.table), x, n, g, absl::Now() + absl::Seconds(30),
+      [&](absl::StatusOr<std::vector<float>> out, const GatingResult&, const DispatchStats&) {
+        ++calls;
+        status = out.status();
+      });
+  EXPECT_EQ(calls, 0);
+  setup.dispatcher.Cancel(id, absl::CancelledError("the client cancelled the request"));
+  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(status.code(), absl::StatusCode::kCancelled) << status;
+  ASSERT_EQ(setup.fakes[0]->requests.size(), 1u);
+  EXPECT_EQ(setup.fakes[0]->cancelled,
+            std::vector<uint64_t>{setup.fakes[0]->requests[0].batch_id()});
+  setup.dispatcher.Cancel(id, absl::CancelledError("again"));
+  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(setup.fakes[0]->cancelled.size(), 1u);
+  for (auto& done : setup.fakes[0]->parked) done(absl::CancelledError("late"));
+  setup.fakes[0]->parked.clear();
   EXPECT_EQ(calls, 1);
 }
 

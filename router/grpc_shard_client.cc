@@ -34,12 +34,18 @@ class GrpcShardClient::Stream final
                                             " is already in flight to shard ", owner_->address_)));
       return true;
     }
-    outbox_.push_back(std::move(req));
-    if (!writing_) {
-      writing_ = true;
-      StartWrite(outbox_.front().get());
-    }
+    WriteLocked(std::move(req));
     return true;
+  }
+
+  // A DispatchRequest.cancel for a batch still waiting for its answer on this stream.
+  void Cancel(uint64_t batch_id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_ || !pending_.count(batch_id)) return;
+    auto cancel = std::make_shared<v1::DispatchRequest>();
+    cancel->set_batch_id(batch_id);
+    cancel->set_cancel(true);
+    WriteLocked(std::move(cancel));
   }
 
   void Close() {
@@ -119,6 +125,15 @@ class GrpcShardClient::Stream final
   }
 
  private:
+  // Writes `req` after what is already queued.
+  void WriteLocked(std::shared_ptr<const v1::DispatchRequest> req) {
+    outbox_.push_back(std::move(req));
+    if (!writing_) {
+      writing_ = true;
+      StartWrite(outbox_.front().get());
+    }
+  }
+
   void CloseLocked() {
     closed_ = true;
     graceful_ = false;
@@ -284,6 +299,12 @@ void GrpcShardClient::Dispatch(std::shared_ptr<const v1::DispatchRequest> reques
     if (stream_ == s) stream_ = nullptr;  // closed: open a fresh one
   }
   wrapped(absl::UnavailableError(absl::StrCat("shard ", address_, " is not accepting batches")));
+}
+
+void GrpcShardClient::CancelBatch(uint64_t batch_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  // A batch sent on a stream that has closed since is answered by its end already.
+  if (stream_ != nullptr) stream_->Cancel(batch_id);
 }
 
 // A placement call's context, registered with the client while the call runs so that

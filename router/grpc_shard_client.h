@@ -32,6 +32,7 @@ class GrpcShardClient final : public ShardClient {
 
   void Dispatch(std::shared_ptr<const v1::DispatchRequest> request, int64_t rows,
                 DispatchDone done) override;
+  void CancelBatch(uint64_t batch_id) override;
   bool healthy() const override { return healthy_.load(); }
   bool answering() const override { return answering_.load(); }
   void CheckHealthNow() override;

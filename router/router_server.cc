@@ -71,6 +71,60 @@ std::string CodeName(absl::StatusCode code) {
 
 struct InferStreamCore;
 
+// A request's cancellation by its client (Infer's or InferStream's OnCancel, which also comes
+// when the client's deadline passes), whenever it comes: one cancelled before it reaches the
+// dispatcher is not dispatched; one in flight ends CANCELLED at once, and its shards drop what
+// they have not begun of it.
+class RequestCancel {
+ public:
+  // `client_deadline`: the deadline the client set (for a stream, the stream's).
+  RequestCancel(Dispatcher* dispatcher, absl::Time client_deadline)
+      : dispatcher_(dispatcher), client_deadline_(client_deadline) {}
+
+  void Cancel() {
+    // gRPC reports the client's deadline passing as a cancellation too, and this side's copy of
+    // the deadline (set from the call's relative timeout when it arrived) lies a transit time
+    // after the client's: a cancellation within kDeadlineSlack of it is counted as the deadline
+    // (DEADLINE_EXCEEDED is a failure to alert on; CANCELLED is the client's own choice).
+    absl::Status why = absl::Now() + kDeadlineSlack >= client_deadline_
+                           ? absl::DeadlineExceededError("the client's deadline passed")
+                           : absl::CancelledError("the client cancelled the request");
+    uint64_t call = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!why_.ok()) return;
+      why_ = why;
+      call = call_;
+    }
+    if (call != 0) dispatcher_->Cancel(call, std::move(why));
+  }
+
+  // OK, or why the request ended before it was dispatched.
+  absl::Status status() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return why_;
+  }
+
+  // The request's dispatch started as `call`.
+  void Started(uint64_t call) {
+    absl::Status why;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      call_ = call;
+      why = why_;
+    }
+    if (!why.ok()) dispatcher_->Cancel(call, std::move(why));
+  }
+
+ private:
+  static constexpr absl::Duration kDeadlineSlack = absl::Milliseconds(250);
+  Dispatcher* const dispatcher_;
+  const absl::Time client_deadline_;
+  std::mutex mu_;
+  absl::Status why_;  // set once cancelled
+  uint64_t call_ = 0;
+};
+
 class RouterServer::Impl final : public v1::Router::CallbackService {
  public:
   RouterServerOptions options;
@@ -222,8 +276,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // Validates and gates `req`, fans it out to the shards and fills `resp`. Returns at once;
   // `done` runs exactly once (perhaps before Forward returns), and nothing here touches `req` or
   // `resp` after it.
+  // `cancel` (may be null): the client's cancellation of the request.
   void Forward(const v1::InferRequest* req, v1::InferResponse* resp, absl::Time deadline,
-               ForwardDone done) {
+               std::shared_ptr<RequestCancel> cancel, ForwardDone done) {
     int64_t refused_at = -1;
     {
       std::lock_guard<std::mutex> lock(inflight_mu);
@@ -246,18 +301,21 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     };
     const int64_t tokens = req->tokens().shape_size() == 2 ? req->tokens().shape(0) : 0;
     if (tokens > kInlineTokens) {
-      if (!pool->Submit([this, req, resp, deadline, finish] {
-            ForwardNow(req, resp, deadline, finish);
+      if (!pool->Submit([this, req, resp, deadline, cancel, finish] {
+            ForwardNow(req, resp, deadline, cancel, finish);
           })) {
         finish(absl::UnavailableError("router is shutting down"));
       }
       return;
     }
-    ForwardNow(req, resp, deadline, std::move(finish));
+    ForwardNow(req, resp, deadline, std::move(cancel), std::move(finish));
   }
 
   void ForwardNow(const v1::InferRequest* req, v1::InferResponse* resp, absl::Time deadline,
-                  ForwardDone done) {
+                  std::shared_ptr<RequestCancel> cancel, ForwardDone done) {
+    if (cancel != nullptr) {
+      if (absl::Status ended = cancel->status(); !ended.ok()) return done(ended);
+    }
     const int64_t d = config.d_model;
     if (req->tokens().shape_size() == 2 && req->tokens().shape(0) > options.max_batch_tokens) {
       return done(absl::ResourceExhaustedError(absl::StrCat(
@@ -301,11 +359,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     GatingResult g = Route(gp, x.data(), n, gopt);
     metrics->Stage("gate", Seconds(start));
     start = std::chrono::steady_clock::now();
-    dispatcher->Start(
+    const uint64_t call = dispatcher->Start(
         std::move(t), std::move(x), n, std::move(g), deadline,
-        [this, req, resp, n, start, done = std::move(done)](
-            absl::StatusOr<std::vector<float>> y, const GatingResult& g,
-            const DispatchStats& stats) {
+        [this, req, resp, n, start, done = std::move(done)](absl::StatusOr<std::vector<float>> y,
+                                                            const GatingResult& g,
+                                                            const DispatchStats& stats) {
           metrics->Stage("dispatch", Seconds(start));
           // Recovered only when the request was answered: a last try on a shard out of
           // rotation before UNAVAILABLE recovered nothing.
@@ -332,6 +390,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           metrics->Stage("combine", Seconds(combine));
           done(absl::OkStatus());
         });
+    if (cancel != nullptr) cancel->Started(call);
   }
 
   // Whether the call carries the bearer token (always, when none is configured); refusals are
@@ -1538,14 +1597,27 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return reactor;
   }
 
+  // Infer's reactor: the default one, but for the client's cancellation.
+  class InferReactor final : public grpc::ServerUnaryReactor {
+   public:
+    explicit InferReactor(std::shared_ptr<RequestCancel> cancel) : cancel_(std::move(cancel)) {}
+    void OnCancel() override { cancel_->Cancel(); }
+    void OnDone() override { delete this; }
+
+   private:
+    const std::shared_ptr<RequestCancel> cancel_;
+  };
+
   grpc::ServerUnaryReactor* Infer(grpc::CallbackServerContext* ctx, const v1::InferRequest* req,
                                   v1::InferResponse* resp) override {
-    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    auto cancel =
+        std::make_shared<RequestCancel>(dispatcher.get(), absl::FromChrono(ctx->deadline()));
+    grpc::ServerUnaryReactor* reactor = new InferReactor(cancel);
     if (!Admit(ctx, reactor, "Infer")) return reactor;
     const auto start = std::chrono::steady_clock::now();
     const absl::Time deadline = DeadlineOf(ctx);
     const absl::Time client_deadline = absl::FromChrono(ctx->deadline());
-    Forward(req, resp, deadline,
+    Forward(req, resp, deadline, std::move(cancel),
             [this, reactor, start, deadline, client_deadline](absl::Status st) {
               st = NameCap(std::move(st), client_deadline, deadline);
               metrics->Request("Infer", CodeName(st.code()), Seconds(start));
@@ -1947,9 +2019,23 @@ struct InferStreamCore : common::StreamOutbox<v1::InferRequest, v1::InferRespons
   bool read_paused = false;
   std::function<void()> resume_read;  // the reactor's StartRead; valid while reactor is set
 
+  // The requests in flight, for the client's cancellation of the stream (mu).
+  std::map<uint64_t, std::shared_ptr<RequestCancel>> cancels;
+
+  // The client cancelled the stream: so are the requests in flight.
+  void CancelRequests() {
+    std::map<uint64_t, std::shared_ptr<RequestCancel>> all;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      all.swap(cancels);
+    }
+    for (auto& [seq, cancel] : all) cancel->Cancel();
+  }
+
   void Complete(uint64_t seq, std::unique_ptr<v1::InferResponse> resp) {
     std::lock_guard<std::mutex> lock(mu);
     --pending;
+    cancels.erase(seq);
     if (read_paused && ReadingLocked() && reactor != nullptr && pending < kMaxInFlight) {
       read_paused = false;
       resume_read();
@@ -2015,7 +2101,12 @@ class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest
     RouterServer::Impl* impl = impl_;
     std::shared_ptr<InferStreamCore> core = core_;
     auto resp = std::make_shared<v1::InferResponse>();
-    impl->Forward(req.get(), resp.get(), deadline,
+    auto cancel = std::make_shared<RequestCancel>(impl->dispatcher.get(), client_deadline);
+    {
+      std::lock_guard<std::mutex> lock(core->mu);
+      core->cancels[seq] = cancel;
+    }
+    impl->Forward(req.get(), resp.get(), deadline, std::move(cancel),
                   [impl, core, req, resp, seq, start, deadline, client_deadline](absl::Status st) {
                     st = impl->NameCap(std::move(st), client_deadline, deadline);
                     impl->metrics->Request("InferStream", CodeName(st.code()), Seconds(start));
@@ -2035,6 +2126,7 @@ class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest
 
   void OnCancel() override {
     core_->End(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the caller"));
+    core_->CancelRequests();
   }
 
   void OnDone() override {

@@ -27,6 +27,10 @@ class ShardClient {
   virtual void Dispatch(std::shared_ptr<const v1::DispatchRequest> request, int64_t rows,
                         DispatchDone done) = 0;
 
+  // Asks the shard to drop batch `batch_id`, sent by Dispatch and not answered yet, whose
+  // request has ended: the shard answers it CANCELLED unless it has begun computing it. Nothing
+  // when it has been answered.
+  virtual void CancelBatch(uint64_t /*batch_id*/) {}
   // In rotation: reachable, SERVING, and no stream failure since the last good health check.
   virtual bool healthy() const = 0;
   // Answered its last health check (SERVING or NOT_SERVING): out of rotation but not down

@@ -136,6 +136,84 @@ TEST_F(ClusterTest, ARequestPastAShardsBatchLimitIsSentInSeveralBatches) {
   EXPECT_TRUE(Matches(x, n, resp, *layer_));
 }
 
+// A request whose deadline passes while its shard is stalled (stopped, and not yet out of
+// rotation) ends DEADLINE_EXCEEDED on time; the router cancels its batch there, and the shard,
+// running again, drops the batch instead of computing it for nobody (before, it computed it in
+// full: its deadline only starts when the shard reads it).
+TEST_F(ClusterTest, AShardRunningAgainDropsTheBatchOfARequestThatEndedMeanwhile) {
+  const int metrics = testing::FreePortBlock(3);
+  // Rows wait 200 ms in the shard's queue: the cancellation, read just after the batch, finds
+  // it there however the shard's threads are scheduled.
+  auto cluster = Start("sharded", 1, {}, {"--batch-delay-us", "200000"}, metrics);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  auto shard_tokens = [&] { return ShardTokens(metrics + 1); };
+  const std::string cancelled = "moe_shard_rejected_batches_total{reason=\"cancelled\"}";
+  // Counted as what ended it (gRPC tells the router of the client's deadline as a cancellation).
+  auto router_counted = [&](const char* method, const char* code) {
+    return ScrapeMetric(metrics, absl::StrCat("moe_router_requests_total{code=\"", code,
+                                              "\",method=\"", method, "\"}"));
+  };
+  // The shard runs again once the router has ended the request (and so sent the cancellation):
+  // the batch and its cancellation are then read back to back.
+  auto resume_once_ended = [&](const char* method, const char* code) {
+    EXPECT_TRUE(testing::Eventually([&] { return router_counted(method, code) == 1; }))
+        << "the router did not end the request: " << ScrapeBody(metrics);
+    cluster->shard(0).Signal(SIGCONT);
+  };
+  const int64_t n = 16;
+  const std::vector<float> x = common::RandomMatrix(n, Config().d_model, 79);
+  v1::InferResponse resp;
+  ASSERT_TRUE(Infer(stub.get(), Request(x, n, "warm"), &resp).ok());
+  const double tokens = shard_tokens();
+  EXPECT_GT(tokens, 0);
+  EXPECT_EQ(ScrapeMetric(metrics + 1, cancelled), 0);
+  cluster->shard(0).Signal(SIGSTOP);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(300));
+  const grpc::Status st = stub->Infer(&ctx, Request(x, n, "late"), &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << st.error_message();
+  resume_once_ended("Infer", "DEADLINE_EXCEEDED");
+  EXPECT_TRUE(testing::Eventually([&] { return ScrapeMetric(metrics + 1, cancelled) == 1; }))
+      << ScrapeMetric(metrics + 1, cancelled);
+  EXPECT_EQ(shard_tokens(), tokens) << "the shard computed the ended request's batch";
+  // The same for a request its client cancels: the router ends it at once (before, it waited
+  // for the shard's answer) and cancels its batch.
+  cluster->shard(0).Signal(SIGSTOP);
+  grpc::ClientContext cancelled_ctx;
+  cancelled_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+  grpc::Status cancelled_st;
+  std::thread call([&] {
+    v1::InferResponse r;
+    cancelled_st = stub->Infer(&cancelled_ctx, Request(x, n, "cancelled"), &r);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the request is on the shard
+  cancelled_ctx.TryCancel();
+  call.join();
+  EXPECT_EQ(cancelled_st.error_code(), grpc::StatusCode::CANCELLED);
+  resume_once_ended("Infer", "CANCELLED");  // before, only once the shard had answered
+  EXPECT_TRUE(testing::Eventually([&] { return ScrapeMetric(metrics + 1, cancelled) == 2; }))
+      << ScrapeMetric(metrics + 1, cancelled);
+  EXPECT_EQ(shard_tokens(), tokens) << "the shard computed the cancelled request's batch";
+  // And for the requests in flight on a stream its client cancels.
+  cluster->shard(0).Signal(SIGSTOP);
+  {
+    grpc::ClientContext sctx;
+    auto stream = stub->InferStream(&sctx);
+    ASSERT_TRUE(stream->Write(Request(x, n, "on a stream")));
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the request is on the shard
+    sctx.TryCancel();
+    EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  resume_once_ended("InferStream", "CANCELLED");
+  EXPECT_TRUE(testing::Eventually([&] { return ScrapeMetric(metrics + 1, cancelled) == 3; }))
+      << ScrapeMetric(metrics + 1, cancelled);
+  EXPECT_EQ(shard_tokens(), tokens) << "the shard computed the cancelled stream's batch";
+  // It serves on.
+  ASSERT_TRUE(Infer(stub.get(), Request(x, n, "after"), &resp).ok());
+  EXPECT_TRUE(Matches(x, n, resp, *layer_));
+}
+
 TEST_F(ClusterTest, KilledShardWithReplicasLosesNoRequest) {
   auto cluster = Start("replicated", 3);
   ASSERT_NE(cluster, nullptr);
@@ -607,12 +685,17 @@ TEST_F(ClusterTest, ClientDeadlineReachesTheShards) {
   const double took = Since(start);
   EXPECT_EQ(st.error_code(), grpc::DEADLINE_EXCEEDED) << st.error_message();
   EXPECT_LT(took, 2.0) << "the call outlived its deadline: it waited for the shard's hold";
-  // The shard dropped the queued work when the deadline passed instead of computing it.
-  const std::string series = "moe_shard_rejected_batches_total{reason=\"deadline\"}";
+  // The shard dropped the queued work when the deadline passed instead of computing it: by its
+  // own deadline, or by the router's cancellation, which the deadline set off (sent at once, it
+  // is usually read first).
+  auto dropped_by = [&](const char* reason) {
+    return ScrapeMetric(metrics + 1,
+                        absl::StrCat("moe_shard_rejected_batches_total{reason=\"", reason, "\"}"));
+  };
   double dropped = -1;
   for (int i = 0; i < 300 && dropped < 1; ++i) {  // the hold ends about 2 s after the call
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    dropped = ScrapeMetric(metrics + 1, series);
+    dropped = dropped_by("deadline") + dropped_by("cancelled");
   }
   EXPECT_GE(dropped, 1);
   EXPECT_EQ(ScrapeMetric(metrics + 1, "moe_shard_tokens_total{expert=\"0\"}"), 0);
