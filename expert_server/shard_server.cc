@@ -572,6 +572,7 @@ void ShardServer::Impl::FillStatus(v1::ShardStatus* s) const {
   s->set_d_model(config.d_model);
   s->set_d_ff(config.d_ff);
   s->set_max_batch_rows(options.max_batch_rows);
+  s->set_max_message_bytes(options.limits.max_message_bytes);
   std::lock_guard<std::mutex> lock(const_cast<std::mutex&>(mu));
   s->set_serving(serving && !shutting_down);
   s->set_draining(draining || shutting_down);  // neither serves (unless a drain is undone)

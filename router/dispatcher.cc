@@ -6,6 +6,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <set>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
@@ -79,6 +80,7 @@ std::shared_ptr<v1::DispatchRequest> BuildShardRequest(
 int64_t MaxBatchAssignments(const ShardClient& shard, int64_t d_model, int64_t max_bytes) {
   const int64_t limit =
       shard.max_batch_rows() > 0 ? shard.max_batch_rows() : kDefaultShardBatchRows;
+  if (shard.max_message_bytes() > 0) max_bytes = std::min(max_bytes, shard.max_message_bytes() / 4);
   const int64_t row_bytes = std::max<int64_t>(1, d_model) * static_cast<int64_t>(sizeof(float));
   return std::max<int64_t>(1, std::min(limit, max_bytes / row_bytes));
 }
@@ -210,13 +212,13 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
 
  private:
   void Expire() {
-    int waiting = 0;
+    std::set<int> waiting;  // shards with a batch not answered (a shard may have several)
     {
       std::lock_guard<std::mutex> lock(mu_);
-      waiting = waiting_ > 0 ? waiting_ - (sending_ ? 1 : 0) : 0;
+      for (const auto& [id, s] : unanswered_) waiting.insert(s);
     }
     Finish(absl::DeadlineExceededError(
-        absl::StrCat("deadline passed waiting for ", waiting, " shard(s) to answer")));
+        absl::StrCat("deadline passed waiting for ", waiting.size(), " shard(s) to answer")));
   }
 
   // Plans what is left over the healthy replicas and sends one batch per shard.
@@ -362,6 +364,9 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
       for (const auto& [e, pos] : part.plan) total += static_cast<int64_t>(pos.size());
       {
         std::lock_guard<std::mutex> lock(mu_);
+        // Finished meanwhile (deadline, cancellation, shutdown): Finish has cancelled what was
+        // sent, and nothing more goes out.
+        if (finished_) return;
         ++waiting_;
         ++stats_.shard_batches;
         unanswered_[req->batch_id()] = part.shard;

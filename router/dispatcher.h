@@ -41,7 +41,8 @@ inline constexpr int64_t kDefaultShardBatchRows = 8192;
 inline constexpr int64_t kMaxDispatchBytes = 16 << 20;
 
 // The most token-expert assignments one batch to `shard` may carry: its --max-batch-rows (the
-// default until read), and no more FP32 rows of d_model than `max_bytes` hold.
+// default until read), and no more FP32 rows of d_model than `max_bytes` hold, nor than a
+// quarter of the shard's largest message.
 int64_t MaxBatchAssignments(const ShardClient& shard, int64_t d_model, int64_t max_bytes);
 
 // A shard's plan (per expert, the assignment positions it computes) cut into plans of at most

@@ -275,19 +275,22 @@ TEST(MaxBatchAssignments, TheShardsLimitThenTheBytesOfItsRows) {
   const common::Checkpoint ck = common::MakeRandomCheckpoint({Config(), false, 9});
   FakeShard shard("s", ck);
   EXPECT_EQ(MaxBatchAssignments(shard, 16, kMaxDispatchBytes), kDefaultShardBatchRows);
-  shard.SetMaxBatchRows(100);
+  shard.SetBatchLimits(100, 64 << 20);
   EXPECT_EQ(MaxBatchAssignments(shard, 16, kMaxDispatchBytes), 100);
   // Mixtral's d_model 4096: 1024 FP32 rows fill 16 MiB.
-  shard.SetMaxBatchRows(8192);
+  shard.SetBatchLimits(8192, 64 << 20);
   EXPECT_EQ(MaxBatchAssignments(shard, 4096, kMaxDispatchBytes), 1024);
   EXPECT_EQ(MaxBatchAssignments(shard, 1 << 30, kMaxDispatchBytes), 1);
+  // A shard run with --max-message-mb 8: a quarter of it, 2 MiB, is 128 rows.
+  shard.SetBatchLimits(8192, 8 << 20);
+  EXPECT_EQ(MaxBatchAssignments(shard, 4096, kMaxDispatchBytes), 128);
 }
 
 // A request whose share for one shard passes the shard's --max-batch-rows (a one-shard cluster,
 // or a replica down) goes as several batches, where one would be refused "split it" every time.
 TEST(Dispatcher, AShardsShareIsCutIntoBatchesWithinItsLimit) {
   Rig setup(Strategy::kSharded, 1);
-  setup.fakes[0]->SetMaxBatchRows(7);
+  setup.fakes[0]->SetBatchLimits(7, 64 << 20);
   const int64_t n = 20;  // 40 assignments: 6 batches
   const std::vector<float> x = common::RandomMatrix(n, 16, 31);
   DispatchStats stats;
@@ -810,7 +813,7 @@ TEST(Trainer, ServingAndTrainingBatchesOnAShardNeverShareAnId) {
 TEST(Trainer, AShardsShareIsCutIntoBatchesWithinItsLimit) {
   TrainRig whole(/*unconfirmed_commits=*/0);
   TrainRig cut(/*unconfirmed_commits=*/0);
-  for (auto& fake : cut.rig.fakes) fake->SetMaxBatchRows(3);
+  for (auto& fake : cut.rig.fakes) fake->SetBatchLimits(3, 64 << 20);
   absl::StatusOr<TrainResult> a = whole.Step(5);
   absl::StatusOr<TrainResult> b = cut.Step(5);
   ASSERT_TRUE(a.ok()) << a.status();

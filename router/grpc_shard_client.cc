@@ -302,6 +302,9 @@ void GrpcShardClient::Dispatch(std::shared_ptr<const v1::DispatchRequest> reques
 }
 
 void GrpcShardClient::CancelBatch(uint64_t batch_id) {
+  // A shard that does not report its batch limits is older than DispatchRequest.cancel: it
+  // would take the cancellation for an empty batch, and answer the batch with that error.
+  if (max_batch_rows() <= 0) return;
   std::lock_guard<std::mutex> lock(mu_);
   // A batch sent on a stream that has closed since is answered by its end already.
   if (stream_ != nullptr) stream_->Cancel(batch_id);

@@ -78,15 +78,18 @@ struct InferStreamCore;
 class RequestCancel {
  public:
   // `client_deadline`: the deadline the client set (for a stream, the stream's).
-  RequestCancel(Dispatcher* dispatcher, absl::Time client_deadline)
-      : dispatcher_(dispatcher), client_deadline_(client_deadline) {}
+  // `shutting_down`: the router's flag; gRPC cancels the calls a shutdown cuts off.
+  RequestCancel(Dispatcher* dispatcher, absl::Time client_deadline,
+                const std::atomic<bool>* shutting_down)
+      : dispatcher_(dispatcher), client_deadline_(client_deadline), shutting_down_(shutting_down) {}
 
   void Cancel() {
     // gRPC reports the client's deadline passing as a cancellation too, and this side's copy of
     // the deadline (set from the call's relative timeout when it arrived) lies a transit time
     // after the client's: a cancellation within kDeadlineSlack of it is counted as the deadline
     // (DEADLINE_EXCEEDED is a failure to alert on; CANCELLED is the client's own choice).
-    absl::Status why = absl::Now() + kDeadlineSlack >= client_deadline_
+    absl::Status why = shutting_down_->load() ? absl::UnavailableError("router is shutting down")
+                       : absl::Now() + kDeadlineSlack >= client_deadline_
                            ? absl::DeadlineExceededError("the client's deadline passed")
                            : absl::CancelledError("the client cancelled the request");
     uint64_t call = 0;
@@ -120,6 +123,7 @@ class RequestCancel {
   static constexpr absl::Duration kDeadlineSlack = absl::Milliseconds(250);
   Dispatcher* const dispatcher_;
   const absl::Time client_deadline_;
+  const std::atomic<bool>* const shutting_down_;
   std::mutex mu_;
   absl::Status why_;  // set once cancelled
   uint64_t call_ = 0;
@@ -557,7 +561,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   bool ServesModel(const std::string& address, const v1::ShardStatus& st) {
     const bool same = st.num_experts() == config.num_experts && st.d_model() == config.d_model;
     ClientFor(address)->SetServesOtherModel(!same);  // the dispatcher sends it nothing
-    ClientFor(address)->SetMaxBatchRows(st.max_batch_rows());
+    ClientFor(address)->SetBatchLimits(st.max_batch_rows(), st.max_message_bytes());
     std::lock_guard<std::mutex> lock(models_mu);
     auto it = models.find(address);
     if (same) {
@@ -1610,8 +1614,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   grpc::ServerUnaryReactor* Infer(grpc::CallbackServerContext* ctx, const v1::InferRequest* req,
                                   v1::InferResponse* resp) override {
-    auto cancel =
-        std::make_shared<RequestCancel>(dispatcher.get(), absl::FromChrono(ctx->deadline()));
+    auto cancel = std::make_shared<RequestCancel>(
+        dispatcher.get(), absl::FromChrono(ctx->deadline()), &shutting_down);
     grpc::ServerUnaryReactor* reactor = new InferReactor(cancel);
     if (!Admit(ctx, reactor, "Infer")) return reactor;
     const auto start = std::chrono::steady_clock::now();
@@ -2081,12 +2085,18 @@ class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest
     }
     auto req = std::make_shared<v1::InferRequest>(std::move(request_));
     const uint64_t seq = next_seq_++;
+    const absl::Time client_deadline = absl::FromChrono(ctx_->deadline());
+    auto cancel = std::make_shared<RequestCancel>(impl_->dispatcher.get(), client_deadline,
+                                                  &impl_->shutting_down);
     {
       std::lock_guard<std::mutex> lock(core_->mu);
-      // A read started before the stream was ended (a shutdown closing it while idle): its
-      // answer could not be written, and the client was told to send it elsewhere.
+      // A read started before the stream was ended (a shutdown closing it while idle, or the
+      // client's cancellation): its answer could not be written, and the client was told to
+      // send it elsewhere.
       if (core_->finished) return;
       ++core_->pending;
+      // With the check above: a cancellation of the stream either came first or finds it.
+      core_->cancels[seq] = cancel;
       if (core_->ReadingLocked()) {
         if (core_->pending < InferStreamCore::kMaxInFlight) {
           StartRead(&request_);
@@ -2096,16 +2106,10 @@ class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest
       }
     }
     const absl::Time deadline = impl_->DeadlineOf(ctx_);
-    const absl::Time client_deadline = absl::FromChrono(ctx_->deadline());
     const auto start = std::chrono::steady_clock::now();
     RouterServer::Impl* impl = impl_;
     std::shared_ptr<InferStreamCore> core = core_;
     auto resp = std::make_shared<v1::InferResponse>();
-    auto cancel = std::make_shared<RequestCancel>(impl->dispatcher.get(), client_deadline);
-    {
-      std::lock_guard<std::mutex> lock(core->mu);
-      core->cancels[seq] = cancel;
-    }
     impl->Forward(req.get(), resp.get(), deadline, std::move(cancel),
                   [impl, core, req, resp, seq, start, deadline, client_deadline](absl::Status st) {
                     st = impl->NameCap(std::move(st), client_deadline, deadline);

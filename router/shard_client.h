@@ -46,10 +46,15 @@ class ShardClient {
   // wrong).
   void SetServesOtherModel(bool other) { other_model_.store(other); }
   bool serves_other_model() const { return other_model_.load(); }
-  // The most token-expert assignments the shard takes in one batch (its --max-batch-rows), set
-  // by the router from the shard's status; 0 until read.
-  void SetMaxBatchRows(int64_t rows) { max_batch_rows_.store(rows); }
+  // The most token-expert assignments the shard takes in one batch (its --max-batch-rows) and
+  // the largest message it takes, set by the router from the shard's status; 0 until read, or
+  // from a shard too old to report them (which does not know DispatchRequest.cancel either).
+  void SetBatchLimits(int64_t rows, int64_t message_bytes) {
+    max_batch_rows_.store(rows);
+    max_message_bytes_.store(message_bytes);
+  }
   int64_t max_batch_rows() const { return max_batch_rows_.load(); }
+  int64_t max_message_bytes() const { return max_message_bytes_.load(); }
   virtual const std::string& address() const = 0;
 
   // Blocking admin calls (used by the placement manager, never on a request path).
@@ -86,6 +91,7 @@ class ShardClient {
  private:
   std::atomic<bool> other_model_{false};
   std::atomic<int64_t> max_batch_rows_{0};
+  std::atomic<int64_t> max_message_bytes_{0};
 };
 
 }  // namespace moe::router

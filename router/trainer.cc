@@ -436,42 +436,54 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   }
   std::vector<float> dxe(groups.assignment.size() * d);
   std::vector<absl::Status> back_status(P);
+  // A thread per shard, which sends its parts one after another: a shard builds a whole set of
+  // gradients per expert a backward covers, so parts of one shard at once would multiply that.
   std::vector<std::thread> threads;
-  for (int b = 0; b < P; ++b) {
-    threads.emplace_back([&, b] {
-      const int s = parts[b].shard;
-      const std::map<int, std::vector<int64_t>>& plan_b = parts[b].plan;
-      v1::BackwardRequest req;
-      req.set_train_step(result.step);
-      req.set_batch_id(parts[b].batch);
-      for (const auto& [e, pos] : plan_b) {
-        std::vector<float> rows(pos.size() * d);
-        for (size_t i = 0; i < pos.size(); ++i) {
-          const int64_t a = groups.assignment[pos[i]];
-          const float w = g.weights[a];
-          const float* dyt = dy + (a / k) * d;
-          for (int64_t j = 0; j < d; ++j) rows[i * d + j] = w * dyt[j];
-        }
-        v1::ExpertOutput* out = req.add_grads();
-        out->set_expert(e);
-        common::EncodeTensor(rows, {static_cast<int64_t>(pos.size()), d},
-                             common::WireType::kFloat32, out->mutable_output());
+  std::vector<bool> computed(S, false);
+  for (const Part& p : parts) computed[p.shard] = true;
+  auto backward = [&](int b) {
+    const int s = parts[b].shard;
+    const std::map<int, std::vector<int64_t>>& plan_b = parts[b].plan;
+    v1::BackwardRequest req;
+    req.set_train_step(result.step);
+    req.set_batch_id(parts[b].batch);
+    for (const auto& [e, pos] : plan_b) {
+      std::vector<float> rows(pos.size() * d);
+      for (size_t i = 0; i < pos.size(); ++i) {
+        const int64_t a = groups.assignment[pos[i]];
+        const float w = g.weights[a];
+        const float* dyt = dy + (a / k) * d;
+        for (int64_t j = 0; j < d; ++j) rows[i * d + j] = w * dyt[j];
       }
-      absl::StatusOr<v1::BackwardResponse> resp =
-          table.shards[s]->Backward(req, std::max(deadline - absl::Now(), absl::Milliseconds(1)));
-      if (!resp.ok()) {
-        back_status[b] = resp.status();
-        return;
+      v1::ExpertOutput* out = req.add_grads();
+      out->set_expert(e);
+      common::EncodeTensor(rows, {static_cast<int64_t>(pos.size()), d}, common::WireType::kFloat32,
+                           out->mutable_output());
+    }
+    absl::StatusOr<v1::BackwardResponse> resp =
+        table.shards[s]->Backward(req, std::max(deadline - absl::Now(), absl::Milliseconds(1)));
+    if (!resp.ok()) {
+      back_status[b] = resp.status();
+      return;
+    }
+    back_status[b] = CheckShardAnswer(resp->grad_inputs(), plan_b, d, table.shards[s]->address());
+    if (!back_status[b].ok()) return;
+    for (const v1::ExpertOutput& gi : resp->grad_inputs()) {
+      const std::vector<int64_t>& pos = plan_b.at(gi.expert());
+      const std::vector<float> vals =
+          common::ViewToFloat(*common::DecodeMatrix(gi.output(), "grad_input", d));
+      for (size_t i = 0; i < pos.size(); ++i) {
+        std::memcpy(&dxe[pos[i] * d], &vals[i * d], sizeof(float) * d);
       }
-      back_status[b] = CheckShardAnswer(resp->grad_inputs(), plan_b, d, table.shards[s]->address());
-      if (!back_status[b].ok()) return;
-      for (const v1::ExpertOutput& gi : resp->grad_inputs()) {
-        const std::vector<int64_t>& pos = plan_b.at(gi.expert());
-        const std::vector<float> vals =
-            common::ViewToFloat(*common::DecodeMatrix(gi.output(), "grad_input", d));
-        for (size_t i = 0; i < pos.size(); ++i) {
-          std::memcpy(&dxe[pos[i] * d], &vals[i * d], sizeof(float) * d);
-        }
+    }
+  };
+  for (int s = 0; s < S; ++s) {
+    if (!computed[s]) continue;
+    threads.emplace_back([&, s] {
+      for (int b = 0; b < P; ++b) {
+        if (parts[b].shard != s) continue;
+        backward(b);
+        if (!back_status[b].ok()) return;  // the step fails: no more of this shard's parts
       }
     });
   }
@@ -508,8 +520,6 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   commit.set_bf16_wire(params.bf16_allreduce);
   for (auto& grp : ReplicaGroups(table)) *commit.add_groups() = std::move(grp);
   for (const auto& s : table.shards) commit.add_shards(s->address());
-  std::vector<bool> computed(S, false);
-  for (const Part& p : parts) computed[p.shard] = true;
   for (int s = 0; s < S; ++s) {
     if (computed[s]) commit.add_computed_shards(table.shards[s]->address());
   }
