@@ -301,6 +301,10 @@ void GrpcShardClient::Dispatch(std::shared_ptr<const v1::DispatchRequest> reques
   wrapped(absl::UnavailableError(absl::StrCat("shard ", address_, " is not accepting batches")));
 }
 
+void GrpcShardClient::NoteLimits(const v1::ShardStatus& status) {
+  SetBatchLimits(status.max_batch_rows(), status.max_message_bytes());
+}
+
 void GrpcShardClient::CancelBatch(uint64_t batch_id) {
   // A shard that does not report its batch limits is older than DispatchRequest.cancel: it
   // would take the cancellation for an empty batch, and answer the batch with that error.
@@ -383,6 +387,7 @@ absl::StatusOr<v1::ShardStatus> GrpcShardClient::Load(const std::vector<int>& ex
   req.set_replace_newer(replace_newer);
   v1::ShardStatus status;
   const grpc::Status st = stub_->LoadExperts(&ctx, req, &status);
+  if (st.ok()) NoteLimits(status);
   return Result(st, std::move(status), address_,
                 replace_newer ? "giving back an update" : "loading experts");
 }
@@ -397,6 +402,7 @@ absl::StatusOr<v1::ShardStatus> GrpcShardClient::UnloadExperts(const std::vector
   req.set_placement_version(version);
   v1::ShardStatus status;
   const grpc::Status st = stub_->UnloadExperts(&ctx, req, &status);
+  if (st.ok()) NoteLimits(status);
   return Result(st, std::move(status), address_, "unloading experts");
 }
 
@@ -405,6 +411,7 @@ absl::StatusOr<v1::ShardStatus> GrpcShardClient::GetStatus(absl::Duration timeou
   grpc::ClientContext& ctx = call.ctx;
   v1::ShardStatus status;
   const grpc::Status st = stub_->GetStatus(&ctx, v1::GetShardStatusRequest(), &status);
+  if (st.ok()) NoteLimits(status);
   return Result(st, std::move(status), address_, "status");
 }
 

@@ -65,6 +65,9 @@ class GrpcShardClient final : public ShardClient {
                                        const std::string& peer, bool replace_newer,
                                        absl::Duration timeout);
   void SetHealthy(bool healthy);
+  // The shard's batch limits, from any status it answers with (a placement's first loads
+  // bring them before it serves).
+  void NoteLimits(const v1::ShardStatus& status);
   void StreamEnded(Stream* stream, const grpc::Status& status);
   void StreamReleased();  // the stream's object (and its hold on the channel) is gone
   void HealthLoop();

@@ -561,7 +561,6 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   bool ServesModel(const std::string& address, const v1::ShardStatus& st) {
     const bool same = st.num_experts() == config.num_experts && st.d_model() == config.d_model;
     ClientFor(address)->SetServesOtherModel(!same);  // the dispatcher sends it nothing
-    ClientFor(address)->SetBatchLimits(st.max_batch_rows(), st.max_message_bytes());
     std::lock_guard<std::mutex> lock(models_mu);
     auto it = models.find(address);
     if (same) {

@@ -47,8 +47,9 @@ class ShardClient {
   void SetServesOtherModel(bool other) { other_model_.store(other); }
   bool serves_other_model() const { return other_model_.load(); }
   // The most token-expert assignments the shard takes in one batch (its --max-batch-rows) and
-  // the largest message it takes, set by the router from the shard's status; 0 until read, or
-  // from a shard too old to report them (which does not know DispatchRequest.cancel either).
+  // the largest message it takes, from the shard's status (the gRPC client reads them from every
+  // status the shard answers with); 0 until read, or from a shard too old to report them
+  // (which does not know DispatchRequest.cancel either).
   void SetBatchLimits(int64_t rows, int64_t message_bytes) {
     max_batch_rows_.store(rows);
     max_message_bytes_.store(message_bytes);
