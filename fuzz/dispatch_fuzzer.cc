@@ -1,7 +1,8 @@
 // Structure-aware fuzzing of the shard's Dispatch stream: moe.v1.DispatchRequest messages,
 // mutated through reflection, written to one long-lived stream of an in-process expert shard.
 // Every batch must get its answer (an error code for a bad one) and the stream must stay open:
-// a stream that ends, or a missing answer, aborts.
+// a stream that ends, or a missing answer, aborts. A cancellation (DispatchRequest.cancel) gets
+// no answer of its own: it is written, and the next batch must still be answered.
 
 #include <cstdlib>
 
@@ -42,6 +43,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     std::fprintf(stderr, "the shard closed the Dispatch stream\n");
     std::abort();
   }
+  if (req.cancel()) return 0;  // of a batch answered already (each is, before the next input)
   moe::v1::DispatchResponse resp;
   if (!s->rw->Read(&resp)) {
     std::fprintf(stderr, "the shard ended the Dispatch stream: %s\n",
