@@ -339,7 +339,6 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
       if (finished_) return;
       results_.clear();
       waiting_ = 1;  // the sender's own count, dropped after the last send
-      sending_ = true;
     }
     // One batch per shard (more where its share passes the batch limits); a token row used by
     // several of a batch's experts travels once.
@@ -383,9 +382,7 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
   void Answer(int b, uint64_t id, absl::StatusOr<v1::DispatchResponse> r) {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (b < 0) {
-        sending_ = false;
-      } else {
+      if (b >= 0) {
         unanswered_.erase(id);
         results_.emplace_back(b, std::move(r));
       }
@@ -522,7 +519,6 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
 
   std::mutex mu_;
   int waiting_ = 0;
-  bool sending_ = false;
   bool finished_ = false;
   uint64_t timer_id_ = 0;
   std::vector<std::pair<int, absl::StatusOr<v1::DispatchResponse>>> results_;
