@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "services/common/clock.h"
 
 namespace moe::expert {
 
@@ -27,7 +28,7 @@ ComputePool::~ComputePool() { Shutdown(); }
 
 absl::Status ComputePool::Submit(std::shared_ptr<DispatchTask> task) {
   const int64_t rows = task->total_rows();
-  const absl::Time now = absl::Now();
+  const absl::Time now = common::MonotonicNow();
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) return absl::UnavailableError("shard is shutting down");
@@ -125,8 +126,9 @@ void ComputePool::WorkerLoop() {
     if (options_.batch_delay > absl::ZeroDuration()) {
       // Wait for more rows until the oldest item has waited batch_delay or the matmul is full.
       const absl::Time until = queues_[h].front().enqueued + options_.batch_delay;
-      while (!stopping_ && rows_queued() < options_.max_coalesced_rows && absl::Now() < until) {
-        cv_.wait_for(lock, absl::ToChronoNanoseconds(until - absl::Now()));
+      while (!stopping_ && rows_queued() < options_.max_coalesced_rows &&
+             common::MonotonicNow() < until) {
+        cv_.wait_for(lock, absl::ToChronoNanoseconds(until - common::MonotonicNow()));
       }
       if (stopping_) return;
     }
@@ -164,7 +166,7 @@ void ComputePool::WorkerLoop() {
 
 void ComputePool::Compute(ExpertHandle* expert, std::vector<Item>& items) {
   // Drop work nobody waits for any more.
-  const absl::Time now = absl::Now();
+  const absl::Time now = common::MonotonicNow();
   std::vector<Item*> live;
   for (Item& it : items) {
     DispatchTask& t = *it.task;

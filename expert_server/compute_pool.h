@@ -40,7 +40,7 @@ struct DispatchTask {
     std::shared_ptr<ForwardCache> cache;
   };
   std::vector<Part> parts;
-  absl::Time deadline = absl::InfiniteFuture();
+  absl::Time deadline = absl::InfiniteFuture();  // on common::MonotonicNow's clock
   // Non-zero: a training forward (computed per batch, not coalesced, keeping its cache).
   uint64_t train_step = 0;
   // Set by the owner (e.g. when its stream is cancelled); pending items are then dropped.

@@ -1,6 +1,7 @@
 #include "expert_server/shard_server.h"
 
 #include <algorithm>
+
 #include <atomic>
 #include <condition_variable>
 #include <csignal>
@@ -10,7 +11,6 @@
 #include <mutex>
 #include <set>
 #include <thread>
-
 #include <grpcpp/health_check_service_interface.h>
 
 #include "absl/status/status.h"
@@ -28,6 +28,7 @@
 #include "services/common/stream_outbox.h"
 #include "services/common/tensor_codec.h"
 #include "services/common/thread_pool.h"
+#include "services/common/clock.h"
 #include "services/collective/grpc_transport.h"
 #include "services/collective/ring_allreduce.h"
 
@@ -481,9 +482,9 @@ class DispatchReactor final
     task->num_rows = num_rows;
     task->rows.resize(static_cast<size_t>(num_rows * d));
     common::ViewToFloat(*view, task->rows.data());
-    absl::Time deadline = absl::FromChrono(ctx_->deadline());
+    absl::Time deadline = common::FromWallDeadline(ctx_->deadline());
     if (req.timeout_ms() > 0) {
-      deadline = std::min(deadline, absl::Now() + absl::Milliseconds(req.timeout_ms()));
+      deadline = std::min(deadline, common::MonotonicNow() + absl::Milliseconds(req.timeout_ms()));
     }
     task->deadline = deadline;
     task->train_step = req.train_step();

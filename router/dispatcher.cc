@@ -14,6 +14,7 @@
 #include "absl/strings/str_join.h"
 #include "router/moe_layer.h"
 #include "services/common/bf16.h"
+#include "services/common/clock.h"
 #include "services/common/deadline_timer.h"
 #include "services/common/notification.h"
 
@@ -195,7 +196,7 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
     }
     excluded_.assign(S, false);
     excluded_by_.assign(S, absl::OkStatus());
-    if (absl::Now() >= deadline_) {
+    if (common::MonotonicNow() >= deadline_) {
       Finish(absl::DeadlineExceededError("deadline passed before the batch reached the shards"));
       return;
     }
@@ -327,7 +328,7 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
       }
     }
     for (auto& r : remaining_) r.clear();
-    const absl::Duration left = deadline_ - absl::Now();
+    const absl::Duration left = deadline_ - common::MonotonicNow();
     if (left <= absl::ZeroDuration()) {
       Finish(absl::DeadlineExceededError("deadline passed before the batch reached the shards"));
       return;

@@ -103,7 +103,8 @@ class Dispatcher {
   // thread when `deadline` passes first (late answers are then ignored), on an `offload` thread,
   // or on this thread when the batch fails before anything is sent. Batches in flight keep what
   // they need (table, tokens, gating) alive themselves until they finish; a shard that never
-  // answers keeps nothing alive. Returns the batch's id for Cancel.
+  // answers keeps nothing alive. Returns the batch's id for Cancel. `deadline` is on
+  // common::MonotonicNow's clock, as every deadline in the router is.
   uint64_t Start(std::shared_ptr<const RoutingTable> table, std::vector<float> x, int64_t n,
                  GatingResult gating, absl::Time deadline, Done done);
 

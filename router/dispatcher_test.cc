@@ -1,12 +1,12 @@
 #include "router/dispatcher.h"
 
 #include <algorithm>
+
 #include <atomic>
 #include <map>
 #include <mutex>
 #include <set>
 #include <thread>
-
 #include <gtest/gtest.h>
 
 #include "router/moe_layer.h"
@@ -14,6 +14,7 @@
 #include "services/common/notification.h"
 #include "services/common/random_checkpoint.h"
 #include "services/common/status_macros.h"
+#include "services/common/clock.h"
 
 namespace moe::router {
 namespace {
@@ -218,7 +219,7 @@ struct Rig {
                                          absl::Duration timeout = absl::Seconds(10),
                                          DispatchStats* stats = nullptr) {
     GatingResult g = Route(layer->gate_params(), x.data(), n, GatingOptions{2, true, 0, {}});
-    return dispatcher.Run(table, x.data(), n, g, absl::Now() + timeout, stats);
+    return dispatcher.Run(table, x.data(), n, g, common::MonotonicNow() + timeout, stats);
   }
   common::Checkpoint ck;
   std::unique_ptr<MoeLayer> layer;
@@ -317,7 +318,8 @@ TEST(Dispatcher, NoBatchPassesTheByteLimit) {
   const int64_t n = 9;
   const std::vector<float> x = common::RandomMatrix(n, 16, 32);
   GatingResult g = Route(setup.layer->gate_params(), x.data(), n, GatingOptions{2, true, 0, {}});
-  auto y = dispatcher.Run(setup.table, x.data(), n, g, absl::Now() + absl::Seconds(10), nullptr);
+  auto y = dispatcher.Run(setup.table, x.data(), n, g, common::MonotonicNow() + absl::Seconds(10),
+                          nullptr);
   ASSERT_TRUE(y.ok()) << y.status();
   auto ref = setup.layer->Forward(x.data(), n);
   for (size_t i = 0; i < y->size(); ++i) EXPECT_NEAR((*y)[i], ref->y[i], 1e-5);
@@ -541,10 +543,10 @@ TEST(Dispatcher, AShardOfAnotherModelIsNeverSentABatch) {
 TEST(Dispatcher, NeverWaitsPastTheDeadline) {
   Rig setup(Strategy::kReplicated, 1);
   setup.fakes[0]->never_answer = true;
-  const auto start = absl::Now();
+  const auto start = common::MonotonicNow();
   auto y = setup.Run(common::RandomMatrix(5, 16, 7), 5, absl::Milliseconds(100));
   EXPECT_EQ(y.status().code(), absl::StatusCode::kDeadlineExceeded);
-  EXPECT_LT(absl::Now() - start, absl::Milliseconds(300));
+  EXPECT_LT(common::MonotonicNow() - start, absl::Milliseconds(300));
   // A late answer after the deadline is harmless.
   for (auto& done : setup.fakes[0]->parked) done(absl::UnavailableError("late"));
   setup.fakes[0]->parked.clear();  // they hold the batch, which holds the table and the fakes
@@ -568,7 +570,7 @@ TEST(Dispatcher, StartReturnsBeforeTheAnswersAndCombinesOnTheAnsweringThread) {
   absl::StatusOr<std::vector<float>> y;
   std::thread::id done_on;
   setup.dispatcher.Start(std::make_shared<const RoutingTable>(setup.table), x, n, g,
-                         absl::Now() + absl::Seconds(10),
+                         common::MonotonicNow() + absl::Seconds(10),
                          [&](absl::StatusOr<std::vector<float>> out, const GatingResult& gating,
                              const DispatchStats& stats) {
                            EXPECT_EQ(gating.tokens, n);
@@ -614,7 +616,8 @@ TEST(Dispatcher, LargeBatchesAreCombinedThroughOffload) {
   for (int64_t n : {2, 8}) {  // 4 and 16 assignments
     const auto x = common::RandomMatrix(n, 16, 12);
     GatingResult g = Route(setup.layer->gate_params(), x.data(), n, GatingOptions{2, true, 0, {}});
-    auto y = dispatcher.Run(setup.table, x.data(), n, g, absl::Now() + absl::Seconds(10), nullptr);
+    auto y = dispatcher.Run(setup.table, x.data(), n, g, common::MonotonicNow() + absl::Seconds(10),
+                            nullptr);
     ASSERT_TRUE(y.ok()) << y.status();
     const auto want = setup.layer->Forward(x.data(), n);
     for (size_t i = 0; i < y->size(); ++i) EXPECT_NEAR((*y)[i], want->y[i], 1e-5);
@@ -631,7 +634,7 @@ TEST(Dispatcher, DeadlineFiresWhileAnswersAreOutstandingAndLateOnesAreIgnored) {
   common::Notification answered;
   absl::Status status;
   int calls = 0;
-  const absl::Time start = absl::Now();
+  const absl::Time start = common::MonotonicNow();
   setup.dispatcher.Start(std::make_shared<const RoutingTable>(setup.table), x, n, g,
                          start + absl::Milliseconds(150),
                          [&](absl::StatusOr<std::vector<float>> out, const GatingResult&,
@@ -641,7 +644,7 @@ TEST(Dispatcher, DeadlineFiresWhileAnswersAreOutstandingAndLateOnesAreIgnored) {
                            answered.Notify();
                          });
   ASSERT_TRUE(answered.WaitForNotificationWithTimeout(absl::Seconds(5)));
-  const absl::Duration took = absl::Now() - start;
+  const absl::Duration took = common::MonotonicNow() - start;
   EXPECT_EQ(status.code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_NE(status.message().find("waiting for 1 shard(s)"), absl::string_view::npos) << status;
   EXPECT_GE(took, absl::Milliseconds(150));
@@ -669,7 +672,8 @@ TEST(Dispatcher, ACancelledBatchEndsAtOnceAndIsCancelledOnItsShards) {
   absl::Status status;
   int calls = 0;
   const uint64_t id = setup.dispatcher.Start(
-      std::make_shared<const RoutingTable>(setup.table), x, n, g, absl::Now() + absl::Seconds(30),
+      std::make_shared<const RoutingTable>(setup.table), x, n, g,
+      common::MonotonicNow() + absl::Seconds(30),
       [&](absl::StatusOr<std::vector<float>> out, const GatingResult&, const DispatchStats&) {
         ++calls;
         status = out.status();
@@ -699,12 +703,12 @@ TEST(Dispatcher, ShutdownFailsBatchesInFlightAndASilentShardKeepsNothingAlive) {
   std::weak_ptr<const RoutingTable> watch = table;
   absl::Status status;
   int calls = 0;
-  dispatcher.Start(std::move(table), x, 3, g, absl::Now() + absl::Seconds(30),
-                   [&](absl::StatusOr<std::vector<float>> y, const GatingResult&,
-                       const DispatchStats&) {
-                     ++calls;
-                     status = y.status();
-                   });
+  dispatcher.Start(
+      std::move(table), x, 3, g, common::MonotonicNow() + absl::Seconds(30),
+      [&](absl::StatusOr<std::vector<float>> y, const GatingResult&, const DispatchStats&) {
+        ++calls;
+        status = y.status();
+      });
   ASSERT_EQ(setup.fakes[0]->parked.size(), 1u);  // sent, never answered
   EXPECT_FALSE(watch.expired());                  // the batch in flight holds its table
   dispatcher.Shutdown();
@@ -717,13 +721,13 @@ TEST(Dispatcher, ShutdownFailsBatchesInFlightAndASilentShardKeepsNothingAlive) {
   setup.fakes[0]->parked[0](absl::UnavailableError("late"));
   EXPECT_EQ(calls, 1);
   // Later batches fail at once.
-  dispatcher.Start(std::make_shared<const RoutingTable>(setup.table), x, 3, g,
-                   absl::Now() + absl::Seconds(30),
-                   [&](absl::StatusOr<std::vector<float>> y, const GatingResult&,
-                       const DispatchStats&) {
-                     ++calls;
-                     status = y.status();
-                   });
+  dispatcher.Start(
+      std::make_shared<const RoutingTable>(setup.table), x, 3, g,
+      common::MonotonicNow() + absl::Seconds(30),
+      [&](absl::StatusOr<std::vector<float>> y, const GatingResult&, const DispatchStats&) {
+        ++calls;
+        status = y.status();
+      });
   EXPECT_EQ(calls, 2);
   EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable);
 }
@@ -749,7 +753,7 @@ struct TrainRig {
     const std::vector<float> x = common::RandomMatrix(n, Config().d_model, seed);
     const std::vector<float> dy = common::RandomMatrix(n, Config().d_model, seed + 1);
     return trainer.Step(rig.table, rig.ck.gate, x.data(), dy.data(), n, TrainParams{0.25f},
-                        absl::Now() + absl::Seconds(10));
+                        common::MonotonicNow() + absl::Seconds(10));
   }
   Rig rig;
   int commits = 0;
@@ -879,7 +883,7 @@ struct LostVerdictRig {
     const std::vector<float> x = common::RandomMatrix(n, Config().d_model, 31);
     const std::vector<float> dy = common::RandomMatrix(n, Config().d_model, 32);
     return trainer.Step(rig.table, rig.ck.gate, x.data(), dy.data(), n, TrainParams{0.5f},
-                        absl::Now() + absl::Seconds(1));
+                        common::MonotonicNow() + absl::Seconds(1));
   }
   // A step aborted while shard0 could not be asked what it saw (it had applied the commit when
   // `reached` > 0): shard0 is left unsettled, and answers again afterwards.
@@ -911,9 +915,9 @@ TEST(Trainer, ACommitThatReachedOneShardBeforeTheVerdictWasLostIsFinishedEverywh
 
 TEST(Trainer, AVerdictLostBeforeAnyShardSawItIsAbortedOnceTheCoordinatorsWindowHasPassed) {
   LostVerdictRig t(/*reached=*/0, /*verdict=*/true);
-  const absl::Time start = absl::Now();
+  const absl::Time start = common::MonotonicNow();
   absl::StatusOr<TrainResult> r = t.Step();
-  const absl::Duration took = absl::Now() - start;
+  const absl::Duration took = common::MonotonicNow() - start;
   EXPECT_EQ(r.status().code(), absl::StatusCode::kAborted);
   EXPECT_NE(r.status().message().find("no shard had committed it"), std::string::npos)
       << r.status();
@@ -929,10 +933,11 @@ TEST(Trainer, AVerdictLostBeforeAnyShardSawItIsAbortedOnceTheCoordinatorsWindowH
 
 TEST(Trainer, ALostVerdictThatAShardSawAsAnAbortIsAbortedAtOnce) {
   LostVerdictRig t(/*reached=*/1, /*verdict=*/false);
-  const absl::Time start = absl::Now();
+  const absl::Time start = common::MonotonicNow();
   absl::StatusOr<TrainResult> r = t.Step();
   EXPECT_EQ(r.status().code(), absl::StatusCode::kAborted) << r.status();
-  EXPECT_LT(absl::Now() - start, absl::Seconds(1)) << "waited though the verdict was known";
+  EXPECT_LT(common::MonotonicNow() - start, absl::Seconds(1))
+      << "waited though the verdict was known";
   for (int s = 0; s < 3; ++s) {
     for (const FakeShard::Finish& f : t.rig.fakes[s]->finishes) EXPECT_FALSE(f.commit);
     EXPECT_FALSE(t.rig.fakes[s]->finishes.empty()) << "shard " << s << " kept the step";

@@ -1,6 +1,7 @@
 #include "router/router_server.h"
 
 #include <algorithm>
+
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -14,7 +15,6 @@
 #include <optional>
 #include <set>
 #include <thread>
-
 #include <grpcpp/health_check_service_interface.h>
 
 #include "absl/status/status.h"
@@ -38,6 +38,7 @@
 #include "services/common/stream_outbox.h"
 #include "services/common/thread_pool.h"
 #include "services/common/timed_mutex.h"
+#include "services/common/clock.h"
 
 namespace moe::router {
 
@@ -89,7 +90,7 @@ class RequestCancel {
     // after the client's: a cancellation within kDeadlineSlack of it is counted as the deadline
     // (DEADLINE_EXCEEDED is a failure to alert on; CANCELLED is the client's own choice).
     absl::Status why = shutting_down_->load() ? absl::UnavailableError("router is shutting down")
-                       : absl::Now() + kDeadlineSlack >= client_deadline_
+                       : common::MonotonicNow() + kDeadlineSlack >= client_deadline_
                            ? absl::DeadlineExceededError("the client's deadline passed")
                            : absl::CancelledError("the client cancelled the request");
     uint64_t call = 0;
@@ -423,8 +424,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // A request's deadline: the client's, and at most --timeout-s from now (also the deadline of
   // one that comes without any, and of each request on a stream).
   absl::Time DeadlineOf(grpc::CallbackServerContext* ctx) const {
-    const absl::Time client = absl::FromChrono(ctx->deadline());
-    return std::min(client, absl::Now() + options.default_timeout);
+    const absl::Time client = common::FromWallDeadline(ctx->deadline());
+    return std::min(client, common::MonotonicNow() + options.default_timeout);
   }
 
   // DEADLINE_EXCEEDED of a request whose deadline DeadlineOf shortened says so: the client set
@@ -1581,11 +1582,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (!Admit(ctx, reactor, method)) return reactor;
     const auto start = std::chrono::steady_clock::now();
     const absl::Time deadline = DeadlineOf(ctx);
-    const absl::Time client_deadline = absl::FromChrono(ctx->deadline());
+    const absl::Time client_deadline = common::FromWallDeadline(ctx->deadline());
     if (!admin_pool->Submit([this, reactor, method, start, deadline, client_deadline,
                              work = std::move(work)] {
           const absl::Status st = NameCap(
-              absl::Now() < deadline
+              common::MonotonicNow() < deadline
                   ? work()
                   : absl::DeadlineExceededError(absl::StrCat(
                         method,
@@ -1614,12 +1615,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   grpc::ServerUnaryReactor* Infer(grpc::CallbackServerContext* ctx, const v1::InferRequest* req,
                                   v1::InferResponse* resp) override {
     auto cancel = std::make_shared<RequestCancel>(
-        dispatcher.get(), absl::FromChrono(ctx->deadline()), &shutting_down);
+        dispatcher.get(), common::FromWallDeadline(ctx->deadline()), &shutting_down);
     grpc::ServerUnaryReactor* reactor = new InferReactor(cancel);
     if (!Admit(ctx, reactor, "Infer")) return reactor;
     const auto start = std::chrono::steady_clock::now();
     const absl::Time deadline = DeadlineOf(ctx);
-    const absl::Time client_deadline = absl::FromChrono(ctx->deadline());
+    const absl::Time client_deadline = common::FromWallDeadline(ctx->deadline());
     Forward(req, resp, deadline, std::move(cancel),
             [this, reactor, start, deadline, client_deadline](absl::Status st) {
               st = NameCap(std::move(st), client_deadline, deadline);
@@ -1669,7 +1670,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
     }
     std::unique_lock<common::TimedMutex> lock(train_mu, std::defer_lock);
-    if (!lock.try_lock_until(absl::ToChronoTime(deadline))) {
+    if (!lock.try_lock_until(common::ToWallDeadline(deadline))) {
       return absl::DeadlineExceededError(
           "the deadline passed while waiting for the previous training step or an expert copy "
           "to finish");
@@ -1678,8 +1679,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (t == nullptr) return NotReady();
     // A coordinator that cannot be reached fails the step before it starts: its commit would
     // wait out the step's whole deadline, then be settled as a lost verdict.
-    const absl::Time connect_by = std::min(deadline, absl::Now() + kCoordinatorConnectWait);
-    if (!coordinator_channel->WaitForConnected(absl::ToChronoTime(connect_by))) {
+    const absl::Time connect_by =
+        std::min(deadline, common::MonotonicNow() + kCoordinatorConnectWait);
+    if (!coordinator_channel->WaitForConnected(common::ToWallDeadline(connect_by))) {
       if (connect_by == deadline) {
         return absl::DeadlineExceededError(absl::StrCat(
             "the deadline passed while waiting for a connection to coordinator ",
@@ -2084,7 +2086,7 @@ class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest
     }
     auto req = std::make_shared<v1::InferRequest>(std::move(request_));
     const uint64_t seq = next_seq_++;
-    const absl::Time client_deadline = absl::FromChrono(ctx_->deadline());
+    const absl::Time client_deadline = common::FromWallDeadline(ctx_->deadline());
     auto cancel = std::make_shared<RequestCancel>(impl_->dispatcher.get(), client_deadline,
                                                   &impl_->shutting_down);
     {

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "services/common/clock.h"
 #include "services/common/status_macros.h"
 
 namespace moe::router {
@@ -244,7 +245,7 @@ void Trainer::AbortEverywhere(const RoutingTable& table, uint64_t step) {
 bool Trainer::ResolveLostVerdict(const RoutingTable& table, uint64_t step, absl::Time until,
                                  std::vector<std::string>* unanswered) {
   while (true) {
-    const bool last = absl::Now() >= until;
+    const bool last = common::MonotonicNow() >= until;
     std::vector<absl::StatusOr<v1::StepOutcome::State>> seen(table.shards.size(),
                                                               v1::StepOutcome::UNKNOWN);
     OnEveryShard(table,
@@ -270,7 +271,7 @@ bool Trainer::ResolveLostVerdict(const RoutingTable& table, uint64_t step, absl:
       return false;
     }
     if (last) return false;
-    absl::SleepFor(std::min(absl::Milliseconds(100), until - absl::Now()));
+    absl::SleepFor(std::min(absl::Milliseconds(100), until - common::MonotonicNow()));
   }
 }
 
@@ -369,7 +370,7 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   auto wait = std::make_shared<Wait>();
   std::vector<int32_t> local(n, -1);
   const uint32_t timeout_ms = static_cast<uint32_t>(
-      std::max<int64_t>(1, absl::ToInt64Milliseconds(deadline - absl::Now())));
+      std::max<int64_t>(1, absl::ToInt64Milliseconds(deadline - common::MonotonicNow())));
   for (int b = 0; b < P; ++b) {
     const int s = parts[b].shard;
     auto req =
@@ -394,7 +395,7 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   std::vector<float> eo(groups.assignment.size() * d);
   {
     std::unique_lock<std::mutex> lock(wait->mu);
-    if (!wait->cv.wait_until(lock, absl::ToChronoTime(deadline),
+    if (!wait->cv.wait_until(lock, common::ToWallDeadline(deadline),
                              [&] { return wait->waiting == 0; })) {
       lock.unlock();
       AbortEverywhere(table, result.step);
@@ -460,8 +461,8 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
       common::EncodeTensor(rows, {static_cast<int64_t>(pos.size()), d}, common::WireType::kFloat32,
                            out->mutable_output());
     }
-    absl::StatusOr<v1::BackwardResponse> resp =
-        table.shards[s]->Backward(req, std::max(deadline - absl::Now(), absl::Milliseconds(1)));
+    absl::StatusOr<v1::BackwardResponse> resp = table.shards[s]->Backward(
+        req, std::max(deadline - common::MonotonicNow(), absl::Milliseconds(1)));
     if (!resp.ok()) {
       back_status[b] = resp.status();
       return;
@@ -524,8 +525,8 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
     if (computed[s]) commit.add_computed_shards(table.shards[s]->address());
   }
   commit.set_timeout_ms(static_cast<uint32_t>(
-      std::max<int64_t>(1000, absl::ToInt64Milliseconds(deadline - absl::Now()))));
-  const absl::Time sent = absl::Now();
+      std::max<int64_t>(1000, absl::ToInt64Milliseconds(deadline - common::MonotonicNow()))));
+  const absl::Time sent = common::MonotonicNow();
   absl::StatusOr<v1::CommitStepResponse> done = committer_(commit);
   if (!done.ok()) {
     const std::string lost = absl::StrCat("the coordinator's verdict was lost: ",

@@ -63,7 +63,8 @@ class Trainer {
   // the shards are asked what they saw (ResolveLostVerdict), and the step ends committed or
   // aborted everywhere accordingly. A shard that could not be asked may have applied a commit
   // nobody else saw: the step is aborted, and that shard settled before the next step (it
-  // aborts too, or its replicas are copied back from the others; see SettleAbort).
+  // aborts too, or its replicas are copied back from the others; see SettleAbort). `deadline`
+  // is on common::MonotonicNow's clock.
   absl::StatusOr<TrainResult> Step(const RoutingTable& table, const common::GateWeights& gate,
                                    const float* x, const float* dy, int64_t n,
                                    const TrainParams& params, absl::Time deadline);

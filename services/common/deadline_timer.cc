@@ -2,7 +2,7 @@
 
 #include <vector>
 
-#include "absl/time/clock.h"
+#include "services/common/clock.h"
 
 namespace moe::common {
 
@@ -56,7 +56,7 @@ size_t DeadlineTimer::pending() const {
 void DeadlineTimer::Loop() {
   std::unique_lock<std::mutex> lock(mu_);
   while (!stopping_) {
-    const absl::Time now = absl::Now();
+    const absl::Time now = MonotonicNow();
     std::vector<std::function<void()>> due;
     while (!timers_.empty() && timers_.begin()->first.first <= now) {
       when_.erase(timers_.begin()->first.second);

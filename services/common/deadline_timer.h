@@ -30,7 +30,8 @@ class DeadlineTimer {
   // to anything without ever joining the timer's own thread).
   static DeadlineTimer& Process();
 
-  // `fn` runs on the timer's thread at `when` (at once if it has passed) unless cancelled first.
+  // `fn` runs on the timer's thread at `when`, a time on MonotonicNow's clock (clock.h), at once
+  // if it has passed, unless cancelled first.
   // Returns an id for Cancel.
   uint64_t Schedule(absl::Time when, std::function<void()> fn);
   // True when `fn` was removed before it ran; false when it ran, is running or is unknown.

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include "absl/time/clock.h"
+#include "services/common/clock.h"
 #include "services/common/notification.h"
 
 namespace moe::common {
@@ -16,12 +17,12 @@ TEST(DeadlineTimer, FiresAtTheDeadlineInOrder) {
   std::mutex mu;
   std::vector<int> order;
   Notification last;
-  const absl::Time start = absl::Now();
+  const absl::Time start = MonotonicNow();
   absl::Time fired_second;
   timer.Schedule(start + absl::Milliseconds(60), [&] {
     std::lock_guard<std::mutex> lock(mu);
     order.push_back(2);
-    fired_second = absl::Now();
+    fired_second = MonotonicNow();
     last.Notify();
   });
   timer.Schedule(start + absl::Milliseconds(20), [&] {
@@ -42,10 +43,10 @@ TEST(DeadlineTimer, ALaterDeadlineBeyondTheTickStillFiresOnTime) {
   DeadlineTimer timer(absl::Milliseconds(50));
   absl::SleepFor(absl::Milliseconds(10));
   Notification fired;
-  const absl::Time start = absl::Now();
+  const absl::Time start = MonotonicNow();
   absl::Time at;
   timer.Schedule(start + absl::Milliseconds(130), [&] {
-    at = absl::Now();
+    at = MonotonicNow();
     fired.Notify();
   });
   ASSERT_TRUE(fired.WaitForNotificationWithTimeout(absl::Seconds(5)));
@@ -56,11 +57,11 @@ TEST(DeadlineTimer, ALaterDeadlineBeyondTheTickStillFiresOnTime) {
 TEST(DeadlineTimer, CancelledCallbacksNeverRun) {
   DeadlineTimer timer;
   std::atomic<int> ran{0};
-  const uint64_t a = timer.Schedule(absl::Now() + absl::Milliseconds(30), [&] { ++ran; });
+  const uint64_t a = timer.Schedule(MonotonicNow() + absl::Milliseconds(30), [&] { ++ran; });
   EXPECT_TRUE(timer.Cancel(a));
   EXPECT_FALSE(timer.Cancel(a));  // already gone
   Notification fired;
-  const uint64_t b = timer.Schedule(absl::Now(), [&] { fired.Notify(); });  // already due
+  const uint64_t b = timer.Schedule(MonotonicNow(), [&] { fired.Notify(); });  // already due
   ASSERT_TRUE(fired.WaitForNotificationWithTimeout(absl::Seconds(5)));
   EXPECT_FALSE(timer.Cancel(b));  // ran
   absl::SleepFor(absl::Milliseconds(60));
