@@ -113,6 +113,20 @@ std::vector<std::map<int, std::vector<int64_t>>> SplitShardPlan(
   return parts;
 }
 
+std::vector<ShardBatch> CutIntoBatches(std::vector<std::map<int, std::vector<int64_t>>> plan,
+                                       const std::vector<std::shared_ptr<ShardClient>>& shards,
+                                       int64_t d_model, int64_t max_bytes) {
+  std::vector<ShardBatch> batches;
+  for (size_t s = 0; s < plan.size(); ++s) {
+    if (plan[s].empty()) continue;
+    const int64_t max_rows = MaxBatchAssignments(*shards[s], d_model, max_bytes);
+    for (auto& part : SplitShardPlan(std::move(plan[s]), max_rows)) {
+      batches.push_back(ShardBatch{static_cast<int>(s), std::move(part)});
+    }
+  }
+  return batches;
+}
+
 absl::Status CheckShardAnswer(const google::protobuf::RepeatedPtrField<v1::ExpertOutput>& outputs,
                               const std::map<int, std::vector<int64_t>>& plan, int64_t d,
                               const std::string& shard) {
@@ -343,19 +357,11 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
     }
     // One batch per shard (more where its share passes the batch limits); a token row used by
     // several of a batch's experts travels once.
-    parts_.clear();
-    for (int s = 0; s < S; ++s) {
-      if (plan[s].empty()) continue;
-      const int64_t max_rows =
-          MaxBatchAssignments(*table.shards[s], d, shared_->options.max_batch_bytes);
-      for (auto& part : SplitShardPlan(std::move(plan[s]), max_rows)) {
-        parts_.push_back(Part{s, std::move(part)});
-      }
-    }
+    parts_ = CutIntoBatches(std::move(plan), table.shards, d, shared_->options.max_batch_bytes);
     std::vector<int32_t> local(n_, -1);
     std::weak_ptr<Call> weak = weak_from_this();
     for (int b = 0; b < static_cast<int>(parts_.size()); ++b) {
-      const Part& part = parts_[b];
+      const ShardBatch& part = parts_[b];
       auto req =
           BuildShardRequest(part.plan, groups_, k, x_.data(), d, shared_->options.wire, &local);
       req->set_timeout_ms(timeout_ms);
@@ -510,11 +516,7 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
   std::vector<std::vector<int64_t>> remaining_;  // positions still to compute, per expert
   std::vector<bool> excluded_;
   std::vector<absl::Status> excluded_by_;  // the error that took each excluded shard out
-  struct Part {
-    int shard;
-    std::map<int, std::vector<int64_t>> plan;  // per expert, the positions this batch computes
-  };
-  std::vector<Part> parts_;  // the round's batches
+  std::vector<ShardBatch> parts_;          // the round's batches
   int round_ = 0;
   DispatchStats stats_;
 

@@ -50,6 +50,19 @@ int64_t MaxBatchAssignments(const ShardClient& shard, int64_t d_model, int64_t m
 std::vector<std::map<int, std::vector<int64_t>>> SplitShardPlan(
     std::map<int, std::vector<int64_t>> plan, int64_t max_rows);
 
+// One Dispatch batch: the shard it goes to (an index of the routing table's shards) and, per
+// expert, the assignment positions it computes.
+struct ShardBatch {
+  int shard;
+  std::map<int, std::vector<int64_t>> plan;
+};
+
+// Every shard's plan (indexed like `shards`) cut into batches within that shard's limits
+// (MaxBatchAssignments of `max_bytes`, then SplitShardPlan), in shard order.
+std::vector<ShardBatch> CutIntoBatches(std::vector<std::map<int, std::vector<int64_t>>> plan,
+                                       const std::vector<std::shared_ptr<ShardClient>>& shards,
+                                       int64_t d_model, int64_t max_bytes);
+
 struct DispatchStats {
   int failovers = 0;  // shard failures recovered by re-sending to another replica
   int64_t shard_batches = 0;

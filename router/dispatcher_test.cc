@@ -287,6 +287,29 @@ TEST(MaxBatchAssignments, TheShardsLimitThenTheBytesOfItsRows) {
   EXPECT_EQ(MaxBatchAssignments(shard, 4096, kMaxDispatchBytes), 128);
 }
 
+// Each shard's plan is cut by that shard's own limit, in shard order; a shard with nothing planned
+// gets no batch, and every position is kept, once, in order.
+TEST(CutIntoBatches, EachShardByItsOwnLimit) {
+  const common::Checkpoint ck = common::MakeRandomCheckpoint({Config(), false, 9});
+  auto a = std::make_shared<FakeShard>("a", ck);
+  auto b = std::make_shared<FakeShard>("b", ck);
+  auto c = std::make_shared<FakeShard>("c", ck);
+  a->SetBatchLimits(3, 64 << 20);
+  c->SetBatchLimits(100, 64 << 20);
+  const std::vector<std::shared_ptr<ShardClient>> shards = {a, b, c};
+  std::vector<std::map<int, std::vector<int64_t>>> plan(3);
+  plan[0] = {{0, {0, 1}}, {2, {5, 6, 7, 8}}};  // 6 positions, 3 at most per batch
+  plan[2] = {{1, {2, 3, 4}}};
+  const std::vector<ShardBatch> batches = CutIntoBatches(plan, shards, 16, kMaxDispatchBytes);
+  ASSERT_EQ(batches.size(), 3u);
+  EXPECT_EQ(batches[0].shard, 0);
+  EXPECT_EQ(batches[0].plan, (std::map<int, std::vector<int64_t>>{{0, {0, 1}}, {2, {5}}}));
+  EXPECT_EQ(batches[1].shard, 0);
+  EXPECT_EQ(batches[1].plan, (std::map<int, std::vector<int64_t>>{{2, {6, 7, 8}}}));
+  EXPECT_EQ(batches[2].shard, 2);
+  EXPECT_EQ(batches[2].plan, plan[2]);
+}
+
 // A request whose share for one shard passes the shard's --max-batch-rows (a one-shard cluster,
 // or a replica down) goes as several batches, where one would be refused "split it" every time.
 TEST(Dispatcher, AShardsShareIsCutIntoBatchesWithinItsLimit) {

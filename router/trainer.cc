@@ -346,20 +346,10 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
     }
   }
   // A shard's share in batches within its limits (as the dispatcher cuts them).
-  struct Part {
-    int shard;
-    std::map<int, std::vector<int64_t>> plan;
-    uint64_t batch = 0;  // the forward's batch id, which its backward names
-  };
-  std::vector<Part> parts;
-  for (int s = 0; s < S; ++s) {
-    if (plan[s].empty()) continue;
-    const int64_t max_rows = MaxBatchAssignments(*table.shards[s], d, kMaxDispatchBytes);
-    for (auto& p : SplitShardPlan(std::move(plan[s]), max_rows)) {
-      parts.push_back(Part{s, std::move(p)});
-    }
-  }
+  const std::vector<ShardBatch> parts =
+      CutIntoBatches(std::move(plan), table.shards, d, kMaxDispatchBytes);
   const int P = static_cast<int>(parts.size());
+  std::vector<uint64_t> batch_ids(P);  // each forward's, which its backward names
   // Training forwards.
   struct Wait {
     std::mutex mu;
@@ -375,7 +365,7 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
     const int s = parts[b].shard;
     auto req =
         BuildShardRequest(parts[b].plan, groups, k, x, d, common::WireType::kFloat32, &local);
-    parts[b].batch = req->batch_id();
+    batch_ids[b] = req->batch_id();
     req->set_train_step(result.step);
     req->set_timeout_ms(timeout_ms);
     req->set_placement_version(table.placement.version);
@@ -441,13 +431,13 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   // gradients per expert a backward covers, so parts of one shard at once would multiply that.
   std::vector<std::thread> threads;
   std::vector<bool> computed(S, false);
-  for (const Part& p : parts) computed[p.shard] = true;
+  for (const ShardBatch& p : parts) computed[p.shard] = true;
   auto backward = [&](int b) {
     const int s = parts[b].shard;
     const std::map<int, std::vector<int64_t>>& plan_b = parts[b].plan;
     v1::BackwardRequest req;
     req.set_train_step(result.step);
-    req.set_batch_id(parts[b].batch);
+    req.set_batch_id(batch_ids[b]);
     for (const auto& [e, pos] : plan_b) {
       std::vector<float> rows(pos.size() * d);
       for (size_t i = 0; i < pos.size(); ++i) {

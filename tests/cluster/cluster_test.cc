@@ -168,9 +168,13 @@ TEST_F(ClusterTest, AShardRunningAgainDropsTheBatchOfARequestThatEndedMeanwhile)
   const double tokens = shard_tokens();
   EXPECT_GT(tokens, 0);
   EXPECT_EQ(ScrapeMetric(metrics + 1, cancelled), 0);
+  // The request must reach the shard before it ends: 600 ms leave room for a slow router (an
+  // ASan build with other tests running took more than 300 ms), and the router takes the
+  // stopped shard out of rotation only after two failed health checks (1.25 s or more).
+  const auto on_the_shard = std::chrono::milliseconds(600);
   cluster->shard(0).Signal(SIGSTOP);
   grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(300));
+  ctx.set_deadline(std::chrono::system_clock::now() + on_the_shard);
   const grpc::Status st = stub->Infer(&ctx, Request(x, n, "late"), &resp);
   EXPECT_EQ(st.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << st.error_message();
   resume_once_ended("Infer", "DEADLINE_EXCEEDED");
@@ -187,7 +191,7 @@ TEST_F(ClusterTest, AShardRunningAgainDropsTheBatchOfARequestThatEndedMeanwhile)
     v1::InferResponse r;
     cancelled_st = stub->Infer(&cancelled_ctx, Request(x, n, "cancelled"), &r);
   });
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the request is on the shard
+  std::this_thread::sleep_for(on_the_shard);  // the request is on the shard
   cancelled_ctx.TryCancel();
   call.join();
   EXPECT_EQ(cancelled_st.error_code(), grpc::StatusCode::CANCELLED);
@@ -201,7 +205,7 @@ TEST_F(ClusterTest, AShardRunningAgainDropsTheBatchOfARequestThatEndedMeanwhile)
     grpc::ClientContext sctx;
     auto stream = stub->InferStream(&sctx);
     ASSERT_TRUE(stream->Write(Request(x, n, "on a stream")));
-    std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the request is on the shard
+    std::this_thread::sleep_for(on_the_shard);  // the request is on the shard
     sctx.TryCancel();
     EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
   }
