@@ -1,7 +1,6 @@
 #include "expert_server/shard_server.h"
 
 #include <algorithm>
-
 #include <atomic>
 #include <condition_variable>
 #include <csignal>
@@ -11,11 +10,13 @@
 #include <mutex>
 #include <set>
 #include <thread>
+
 #include <grpcpp/health_check_service_interface.h>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "expert_server/state_dir.h"
+#include "services/common/clock.h"
 #include "services/common/flags.h"
 #include "services/common/failpoint.h"
 #include "services/common/notification.h"
@@ -28,7 +29,6 @@
 #include "services/common/stream_outbox.h"
 #include "services/common/tensor_codec.h"
 #include "services/common/thread_pool.h"
-#include "services/common/clock.h"
 #include "services/collective/grpc_transport.h"
 #include "services/collective/ring_allreduce.h"
 

@@ -1,20 +1,20 @@
 #include "router/dispatcher.h"
 
 #include <algorithm>
-
 #include <atomic>
 #include <map>
 #include <mutex>
 #include <set>
 #include <thread>
+
 #include <gtest/gtest.h>
 
 #include "router/moe_layer.h"
 #include "router/trainer.h"
+#include "services/common/clock.h"
 #include "services/common/notification.h"
 #include "services/common/random_checkpoint.h"
 #include "services/common/status_macros.h"
-#include "services/common/clock.h"
 
 namespace moe::router {
 namespace {

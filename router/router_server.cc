@@ -1,7 +1,6 @@
 #include "router/router_server.h"
 
 #include <algorithm>
-
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -15,12 +14,14 @@
 #include <optional>
 #include <set>
 #include <thread>
+
 #include <grpcpp/health_check_service_interface.h>
 
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "services/common/clock.h"
 #include "services/common/flags.h"
 #include "services/common/notification.h"
 #include "moe/v1/router.grpc.pb.h"
@@ -38,7 +39,6 @@
 #include "services/common/stream_outbox.h"
 #include "services/common/thread_pool.h"
 #include "services/common/timed_mutex.h"
-#include "services/common/clock.h"
 
 namespace moe::router {
 
@@ -421,14 +421,18 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                         "to another router");
   }
 
+  // The deadline the client set (for a stream, the stream's), on MonotonicNow's clock.
+  static absl::Time ClientDeadline(grpc::CallbackServerContext* ctx) {
+    return common::FromWallDeadline(ctx->deadline());
+  }
   // A request's deadline: the client's, and at most --timeout-s from now (also the deadline of
-  // one that comes without any, and of each request on a stream).
-  absl::Time DeadlineOf(grpc::CallbackServerContext* ctx) const {
-    const absl::Time client = common::FromWallDeadline(ctx->deadline());
-    return std::min(client, common::MonotonicNow() + options.default_timeout);
+  // one that comes without any, and of each request on a stream). Made from the very value
+  // that NameCap is given as the client's, which a second conversion would not equal.
+  absl::Time Capped(absl::Time client_deadline) const {
+    return std::min(client_deadline, common::MonotonicNow() + options.default_timeout);
   }
 
-  // DEADLINE_EXCEEDED of a request whose deadline DeadlineOf shortened says so: the client set
+  // DEADLINE_EXCEEDED of a request whose deadline Capped shortened says so: the client set
   // a longer one (or none), and the message would otherwise blame it.
   absl::Status NameCap(absl::Status st, absl::Time client_deadline, absl::Time used) const {
     if (st.code() != absl::StatusCode::kDeadlineExceeded || client_deadline <= used) return st;
@@ -1581,8 +1585,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
     if (!Admit(ctx, reactor, method)) return reactor;
     const auto start = std::chrono::steady_clock::now();
-    const absl::Time deadline = DeadlineOf(ctx);
-    const absl::Time client_deadline = common::FromWallDeadline(ctx->deadline());
+    const absl::Time client_deadline = ClientDeadline(ctx);
+    const absl::Time deadline = Capped(client_deadline);
     if (!admin_pool->Submit([this, reactor, method, start, deadline, client_deadline,
                              work = std::move(work)] {
           const absl::Status st = NameCap(
@@ -1614,13 +1618,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   grpc::ServerUnaryReactor* Infer(grpc::CallbackServerContext* ctx, const v1::InferRequest* req,
                                   v1::InferResponse* resp) override {
-    auto cancel = std::make_shared<RequestCancel>(
-        dispatcher.get(), common::FromWallDeadline(ctx->deadline()), &shutting_down);
+    const absl::Time client_deadline = ClientDeadline(ctx);
+    auto cancel =
+        std::make_shared<RequestCancel>(dispatcher.get(), client_deadline, &shutting_down);
     grpc::ServerUnaryReactor* reactor = new InferReactor(cancel);
     if (!Admit(ctx, reactor, "Infer")) return reactor;
     const auto start = std::chrono::steady_clock::now();
-    const absl::Time deadline = DeadlineOf(ctx);
-    const absl::Time client_deadline = common::FromWallDeadline(ctx->deadline());
+    const absl::Time deadline = Capped(client_deadline);
     Forward(req, resp, deadline, std::move(cancel),
             [this, reactor, start, deadline, client_deadline](absl::Status st) {
               st = NameCap(std::move(st), client_deadline, deadline);
@@ -1670,7 +1674,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
     }
     std::unique_lock<common::TimedMutex> lock(train_mu, std::defer_lock);
-    if (!lock.try_lock_until(common::ToWallDeadline(deadline))) {
+    if (!lock.try_lock_for(common::TimeLeft(deadline))) {
       return absl::DeadlineExceededError(
           "the deadline passed while waiting for the previous training step or an expert copy "
           "to finish");
@@ -1816,7 +1820,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   grpc::ServerUnaryReactor* TrainStep(grpc::CallbackServerContext* ctx,
                                       const v1::TrainStepRequest* req,
                                       v1::TrainStepResponse* resp) override {
-    const absl::Time deadline = DeadlineOf(ctx);
+    const absl::Time deadline = Capped(ClientDeadline(ctx));
     return Offload(ctx, "TrainStep", [this, req, resp, deadline] { return Train(*req, resp, deadline); });
   }
 
@@ -2086,7 +2090,7 @@ class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest
     }
     auto req = std::make_shared<v1::InferRequest>(std::move(request_));
     const uint64_t seq = next_seq_++;
-    const absl::Time client_deadline = common::FromWallDeadline(ctx_->deadline());
+    const absl::Time client_deadline = RouterServer::Impl::ClientDeadline(ctx_);
     auto cancel = std::make_shared<RequestCancel>(impl_->dispatcher.get(), client_deadline,
                                                   &impl_->shutting_down);
     {
@@ -2106,7 +2110,7 @@ class InferStreamReactor final : public grpc::ServerBidiReactor<v1::InferRequest
         }
       }
     }
-    const absl::Time deadline = impl_->DeadlineOf(ctx_);
+    const absl::Time deadline = impl_->Capped(client_deadline);
     const auto start = std::chrono::steady_clock::now();
     RouterServer::Impl* impl = impl_;
     std::shared_ptr<InferStreamCore> core = core_;

@@ -385,8 +385,7 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   std::vector<float> eo(groups.assignment.size() * d);
   {
     std::unique_lock<std::mutex> lock(wait->mu);
-    if (!wait->cv.wait_until(lock, common::ToWallDeadline(deadline),
-                             [&] { return wait->waiting == 0; })) {
+    if (!wait->cv.wait_for(lock, common::TimeLeft(deadline), [&] { return wait->waiting == 0; })) {
       lock.unlock();
       AbortEverywhere(table, result.step);
       return absl::DeadlineExceededError("deadline passed during the training forward");

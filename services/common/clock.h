@@ -9,6 +9,7 @@
 // converted once, where they come in, to MonotonicNow's clock, and back where a wall-clock
 // time point must go out (a gRPC deadline, a standard wait).
 
+#include <algorithm>
 #include <chrono>
 
 #include "absl/time/time.h"
@@ -35,15 +36,26 @@ inline absl::Time FromWallDeadline(std::chrono::system_clock::time_point deadlin
   return now + (absl::FromChrono(deadline) - absl::FromChrono(std::chrono::system_clock::now()));
 }
 
-// And back: a MonotonicNow deadline as a wall-clock time point, for gRPC and standard waits.
+// And back: a MonotonicNow deadline as a wall-clock time point, for what must take one (a gRPC
+// deadline, which gRPC turns into time left at once). Not for a standard wait_until: that
+// watches the wall clock, and a step of it would end the wait early or late; wait for TimeLeft.
 inline std::chrono::system_clock::time_point ToWallDeadline(absl::Time deadline) {
   if (deadline == absl::InfiniteFuture()) return std::chrono::system_clock::time_point::max();
   const auto wall = std::chrono::system_clock::now();  // read first, for the same reason
   const absl::Duration left = deadline - MonotonicNow();
   // Far deadlines stay far without overflowing the time point.
   if (left > absl::Hours(24 * 365)) return std::chrono::system_clock::time_point::max();
+  if (left < -absl::Hours(24 * 365)) return std::chrono::system_clock::time_point::min();
   return wall + std::chrono::duration_cast<std::chrono::system_clock::duration>(
              absl::ToChronoNanoseconds(left));
+}
+
+// The time left until a MonotonicNow deadline, for a relative wait (wait_for, try_lock_for, both
+// on the steady clock): none once it has passed, and at most a year (no deadline).
+inline std::chrono::nanoseconds TimeLeft(absl::Time deadline) {
+  const absl::Duration left = deadline - MonotonicNow();
+  if (left <= absl::ZeroDuration()) return std::chrono::nanoseconds(0);
+  return absl::ToChronoNanoseconds(std::min(left, absl::Hours(24 * 365)));
 }
 
 }  // namespace moe::common

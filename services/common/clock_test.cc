@@ -31,6 +31,20 @@ TEST(Clock, AWallDeadlineKeepsTheTimeItLeaves) {
   EXPECT_LE(back, std::chrono::seconds(3));
 }
 
+TEST(Clock, TimeLeftIsNeverNegativeNorEndless) {
+  EXPECT_EQ(TimeLeft(MonotonicNow() - absl::Seconds(1)), std::chrono::nanoseconds(0));
+  EXPECT_EQ(TimeLeft(absl::InfinitePast()), std::chrono::nanoseconds(0));
+  const auto left = TimeLeft(MonotonicNow() + absl::Seconds(2));
+  EXPECT_GT(left, std::chrono::milliseconds(1900));
+  EXPECT_LE(left, std::chrono::seconds(2));
+  // No deadline waits a year at most, which a steady_clock time point holds.
+  EXPECT_EQ(TimeLeft(absl::InfiniteFuture()), std::chrono::hours(24 * 365));
+  EXPECT_GT(std::chrono::steady_clock::now() + TimeLeft(absl::InfiniteFuture()),
+            std::chrono::steady_clock::now());
+  // Long passed converts without overflowing.
+  EXPECT_EQ(ToWallDeadline(absl::InfinitePast()), std::chrono::system_clock::time_point::min());
+}
+
 TEST(Clock, MonotonicNowNeverGoesBack) {
   absl::Time last = MonotonicNow();
   for (int i = 0; i < 100000; ++i) {

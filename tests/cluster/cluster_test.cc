@@ -136,6 +136,31 @@ TEST_F(ClusterTest, ARequestPastAShardsBatchLimitIsSentInSeveralBatches) {
   EXPECT_TRUE(Matches(x, n, resp, *layer_));
 }
 
+// A request whose deadline the router's --timeout-s cuts (the client's is longer) ends
+// DEADLINE_EXCEEDED at the cut, and the message names the flag rather than blaming the client;
+// one that ends on the client's own deadline does not name it.
+TEST_F(ClusterTest, ADeadlineCutToTheRoutersTimeoutSaysSo) {
+  // Rows wait 1.5 s in the shard's queue: the request outlives the router's 0.5 s.
+  auto cluster = Start("sharded", 1, {"--timeout-s", "0.5"}, {"--batch-delay-us", "1500000"});
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  const int64_t n = 4;
+  const std::vector<float> x = common::RandomMatrix(n, Config().d_model, 80);
+  v1::InferResponse resp;
+  const auto start = std::chrono::steady_clock::now();
+  const grpc::Status st = Infer(stub.get(), Request(x, n, "cut"), &resp, 10000);
+  const auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << st.error_message();
+  EXPECT_NE(st.error_message().find("the router gives one request at most --timeout-s, 500ms"),
+            std::string::npos)
+      << st.error_message();
+  EXPECT_LT(took, std::chrono::milliseconds(1400)) << "it waited for the shard's answer";
+  // A client's own, shorter deadline is not put on the flag (whichever side reports it first).
+  const grpc::Status own = Infer(stub.get(), Request(x, n, "own"), &resp, 300);
+  EXPECT_EQ(own.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << own.error_message();
+  EXPECT_EQ(own.error_message().find("--timeout-s"), std::string::npos) << own.error_message();
+}
+
 // A request whose deadline passes while its shard is stalled (stopped, and not yet out of
 // rotation) ends DEADLINE_EXCEEDED on time; the router cancels its batch there, and the shard,
 // running again, drops the batch instead of computing it for nobody (before, it computed it in
