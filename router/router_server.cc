@@ -1576,9 +1576,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     reactor->Finish(st);
   }
 
-  // Checks the token, then runs `work` (which returns the call's status) on the admin pool and
-  // finishes the unary call with it, recorded under `method` in the request metrics. A call
-  // whose deadline passed while it waited for a thread is not started.
+  // Checks the token, then runs `work(deadline)` (which returns the call's status) on the admin
+  // pool and finishes the unary call with it, recorded under `method` in the request metrics. A
+  // call whose deadline passed while it waited for a thread is not started.
   template <typename Work>
   grpc::ServerUnaryReactor* Offload(grpc::CallbackServerContext* ctx, const char* method,
                                     Work work) {
@@ -1591,7 +1591,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                              work = std::move(work)] {
           const absl::Status st = NameCap(
               common::MonotonicNow() < deadline
-                  ? work()
+                  ? work(deadline)
                   : absl::DeadlineExceededError(absl::StrCat(
                         method,
                         ": the deadline passed while the call waited behind other "
@@ -1820,14 +1820,15 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   grpc::ServerUnaryReactor* TrainStep(grpc::CallbackServerContext* ctx,
                                       const v1::TrainStepRequest* req,
                                       v1::TrainStepResponse* resp) override {
-    const absl::Time deadline = Capped(ClientDeadline(ctx));
-    return Offload(ctx, "TrainStep", [this, req, resp, deadline] { return Train(*req, resp, deadline); });
+    return Offload(ctx, "TrainStep",
+                   [this, req, resp](absl::Time deadline) { return Train(*req, resp, deadline); });
   }
 
   grpc::ServerUnaryReactor* SaveCheckpoint(grpc::CallbackServerContext* ctx,
                                            const v1::SaveCheckpointRequest* req,
                                            v1::SaveCheckpointResponse* resp) override {
-    return Offload(ctx, "SaveCheckpoint", [this, req, resp] { return Save(*req, resp); });
+    return Offload(ctx, "SaveCheckpoint",
+                   [this, req, resp](absl::Time) { return Save(*req, resp); });
   }
 
   grpc::ServerUnaryReactor* GetClusterInfo(grpc::CallbackServerContext* ctx,
@@ -1910,7 +1911,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   grpc::ServerUnaryReactor* Rebalance(grpc::CallbackServerContext* ctx,
                                       const v1::RebalanceRequest* req,
                                       v1::Placement* out) override {
-    return Offload(ctx, "Rebalance", [this, req, out]() -> absl::Status {
+    return Offload(ctx, "Rebalance", [this, req, out](absl::Time) -> absl::Status {
       Strategy s = strategy.load();
       if (!req->strategy().empty()) {
         ASSIGN_OR_RETURN(s, ParseStrategy(req->strategy()));

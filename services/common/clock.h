@@ -45,7 +45,8 @@ inline std::chrono::system_clock::time_point ToWallDeadline(absl::Time deadline)
   const absl::Duration left = deadline - MonotonicNow();
   // Far deadlines stay far without overflowing the time point.
   if (left > absl::Hours(24 * 365)) return std::chrono::system_clock::time_point::max();
-  if (left < -absl::Hours(24 * 365)) return std::chrono::system_clock::time_point::min();
+  // Long passed: the epoch, since gRPC reads a time point before it as no deadline at all.
+  if (left < -absl::Hours(24 * 365)) return std::chrono::system_clock::time_point{};
   return wall + std::chrono::duration_cast<std::chrono::system_clock::duration>(
              absl::ToChronoNanoseconds(left));
 }

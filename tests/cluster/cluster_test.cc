@@ -155,7 +155,9 @@ TEST_F(ClusterTest, ADeadlineCutToTheRoutersTimeoutSaysSo) {
             std::string::npos)
       << st.error_message();
   EXPECT_LT(took, std::chrono::milliseconds(1400)) << "it waited for the shard's answer";
-  // A client's own, shorter deadline is not put on the flag (whichever side reports it first).
+  // A client's own, shorter deadline is not put on the flag. gRPC mostly reports the client's
+  // deadline on the client's side first ("Deadline Exceeded"); when the router's answer comes
+  // first, it must not name the flag (the router's side of this is Capped's single reading).
   const grpc::Status own = Infer(stub.get(), Request(x, n, "own"), &resp, 300);
   EXPECT_EQ(own.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << own.error_message();
   EXPECT_EQ(own.error_message().find("--timeout-s"), std::string::npos) << own.error_message();
