@@ -128,7 +128,7 @@ void ComputePool::WorkerLoop() {
       const absl::Time until = queues_[h].front().enqueued + options_.batch_delay;
       while (!stopping_ && rows_queued() < options_.max_coalesced_rows &&
              common::MonotonicNow() < until) {
-        cv_.wait_for(lock, absl::ToChronoNanoseconds(until - common::MonotonicNow()));
+        cv_.wait_for(lock, common::TimeLeft(until));
       }
       if (stopping_) return;
     }
