@@ -1039,9 +1039,9 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
   }
   // Bounded whatever the caller asks, so shutdown never waits long on a stuck ring.
   const absl::Time deadline =
-      absl::Now() + std::min(req.timeout_ms() > 0 ? absl::Milliseconds(req.timeout_ms())
-                                                  : absl::Seconds(30),
-                             kMaxRingTime);
+      common::MonotonicNow() +
+      std::min(req.timeout_ms() > 0 ? absl::Milliseconds(req.timeout_ms()) : absl::Seconds(30),
+               kMaxRingTime);
   auto next = grpc::CreateCustomChannel(req.members((req.rank() + 1) % world),
                                         common::ChannelCredentials(),
                                         common::ClientChannelArgs(options.limits));

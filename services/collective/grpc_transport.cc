@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "services/common/clock.h"
 
 namespace moe::collective {
 
@@ -144,8 +145,8 @@ absl::StatusOr<Chunk> CollectiveHub::Take(const std::string& group, uint64_t gen
           " broke (it failed, gave up or was cut off)"));
       break;
     }
-    if (cv_.wait_until(lock, absl::ToChronoTime(deadline)) == std::cv_status::timeout &&
-        absl::Now() >= deadline) {
+    if (cv_.wait_for(lock, common::TimeLeft(deadline)) == std::cv_status::timeout &&
+        common::MonotonicNow() >= deadline) {
       result = absl::DeadlineExceededError(absl::StrCat(
           "ring ", group, ": nothing from the previous rank before the deadline"));
       break;
@@ -330,7 +331,7 @@ grpc::ServerReadReactor<grpc::ByteBuffer>* CollectiveService::Push(
 GrpcPeerTransport::GrpcPeerTransport(CollectiveHub* hub, std::string group, int rank,
                                      std::shared_ptr<grpc::Channel> next, absl::Time deadline)
     : hub_(hub), group_(std::move(group)), rank_(rank), channel_(std::move(next)) {
-  ctx_.set_deadline(absl::ToChronoTime(deadline));
+  ctx_.set_deadline(common::ToWallDeadline(deadline));
   // A next rank that is not reachable yet (starting, or a transient connect failure) is retried
   // until the deadline; a stream that breaks once open still fails at once.
   ctx_.set_wait_for_ready(true);
@@ -416,7 +417,7 @@ absl::Status GrpcPeerTransport::Send(Chunk chunk) {
 absl::StatusOr<Chunk> GrpcPeerTransport::Recv(uint64_t generation, absl::Time deadline) {
   // Wake up periodically to notice a broken outgoing link too: the ring is dead either way.
   while (true) {
-    const absl::Time until = std::min(deadline, absl::Now() + absl::Milliseconds(50));
+    const absl::Time until = std::min(deadline, common::MonotonicNow() + absl::Milliseconds(50));
     absl::StatusOr<Chunk> c = hub_->Take(group_, generation, until);
     if (c.ok() || c.status().code() != absl::StatusCode::kDeadlineExceeded || until >= deadline) {
       return c;

@@ -2,6 +2,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "services/common/clock.h"
 
 namespace moe::collective {
 
@@ -42,7 +43,7 @@ class InMemoryRing::Transport : public PeerTransport {
           return c;
         }
       }
-      if (box.cv.wait_until(lock, absl::ToChronoTime(deadline)) == std::cv_status::timeout &&
+      if (box.cv.wait_for(lock, common::TimeLeft(deadline)) == std::cv_status::timeout &&
           !box.broken) {
         return absl::DeadlineExceededError(
             absl::StrCat("rank ", rank_, ": no data from the previous rank before the deadline"));

@@ -4,8 +4,8 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
-#include "absl/time/clock.h"
 #include "services/common/bf16.h"
+#include "services/common/clock.h"
 #include "services/common/notification.h"
 
 namespace moe::collective {
@@ -254,7 +254,7 @@ absl::Status RunRing(absl::Span<float> data, int rank, int world, uint64_t gener
   if (loan != nullptr) {
     // Every piece that left from `data` must be off it before the caller may change it.
     loan.reset();
-    if (!returned->WaitForNotificationWithTimeout(deadline - absl::Now())) {
+    if (!returned->WaitForNotificationWithTimeout(deadline - common::MonotonicNow())) {
       return absl::DeadlineExceededError(absl::StrCat(
           "rank ", rank, ": the last pieces had not left for the next rank by the deadline"));
     }

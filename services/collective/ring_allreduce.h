@@ -41,7 +41,8 @@ struct AllReduceOptions {
 
 // Reduces `data` in place across `world` ranks; this process is `rank`. Every rank must call it
 // with the same length, generation and options. Errors: ABORTED when a link breaks,
-// DEADLINE_EXCEEDED at `deadline`, INVALID_ARGUMENT for inconsistent chunks. On error `data` is
+// DEADLINE_EXCEEDED at `deadline` (a time on common::MonotonicNow's clock, as every deadline of
+// the ring and its transports), INVALID_ARGUMENT for inconsistent chunks. On error `data` is
 // left partly reduced: callers must not apply it.
 absl::Status RingAllReduce(absl::Span<float> data, int rank, int world, uint64_t generation,
                            absl::Time deadline, PeerTransport* transport,

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include "services/collective/in_memory_transport.h"
+#include "services/common/clock.h"
 
 namespace moe::collective {
 namespace {
@@ -26,7 +27,7 @@ std::vector<std::vector<float>> RunRing(int world, int64_t length, const AllRedu
   }
   status->assign(world, absl::OkStatus());
   std::vector<std::thread> threads;
-  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  const absl::Time deadline = common::MonotonicNow() + absl::Seconds(30);
   for (int r = 0; r < world; ++r) {
     threads.emplace_back([&, r] {
       (*status)[r] = RingAllReduce(absl::MakeSpan(data[r]), r, world, generation, deadline,
@@ -120,7 +121,7 @@ TEST(Ring, FusedTensorsComeBackReduced) {
     for (int i = 0; i < 2; ++i) b[r][i] = static_cast<float>(10 * r - i);
     threads.emplace_back([&, r] {
       st[r] = RingAllReduceFused({absl::MakeSpan(a[r]), absl::MakeSpan(b[r])}, r, world, 1,
-                                 absl::Now() + absl::Seconds(10), ring.transport(r));
+                                 common::MonotonicNow() + absl::Seconds(10), ring.transport(r));
     });
   }
   for (auto& t : threads) t.join();
@@ -181,10 +182,10 @@ TEST(Ring, BorrowedSendsAreWaitedForBeforeReturning) {
       AllReduceOptions o;
       o.max_piece_bytes = 400;  // several pieces per segment
       o.keepalive = data[r];
-      const absl::Time start = absl::Now();
+      const absl::Time start = common::MonotonicNow();
       st[r] = RingAllReduce(absl::MakeSpan(*data[r]), r, world, 1,
-                            absl::Now() + absl::Seconds(10), transports[r].get(), o);
-      took[r] = absl::Now() - start;
+                            common::MonotonicNow() + absl::Seconds(10), transports[r].get(), o);
+      took[r] = common::MonotonicNow() - start;
       for (int64_t i = 0; i < length; ++i) {
         float want = 0;
         for (int q = 0; q < world; ++q) want += IntegerInit(q, i);
@@ -269,7 +270,7 @@ void RunWithVictim(const std::function<void(InMemoryRing&, std::vector<float>&, 
   const int world = 4;
   InMemoryRing ring(world);
   const absl::Duration timeout = absl::Milliseconds(400);
-  const absl::Time deadline = absl::Now() + timeout;
+  const absl::Time deadline = common::MonotonicNow() + timeout;
   std::vector<std::vector<float>> data(world, std::vector<float>(100000, 1.f));
   std::vector<absl::Status> st(world);
   std::vector<absl::Time> ended(world);
@@ -284,7 +285,7 @@ void RunWithVictim(const std::function<void(InMemoryRing&, std::vector<float>&, 
       }
       st[r] = RingAllReduce(absl::MakeSpan(data[r]), r, world, 1, deadline, ring.transport(r),
                             opts);
-      ended[r] = absl::Now();
+      ended[r] = common::MonotonicNow();
     });
   }
   for (auto& t : threads) t.join();
@@ -308,7 +309,7 @@ TEST(Ring, SurvivorsReturnWhenARankDiesMidway) {
 
 TEST(Ring, SurvivorsReturnWhenARankStalls) {
   RunWithVictim([](InMemoryRing&, std::vector<float>&, absl::Time deadline) {
-    std::this_thread::sleep_until(absl::ToChronoTime(deadline + absl::Milliseconds(600)));
+    std::this_thread::sleep_for(common::TimeLeft(deadline) + std::chrono::milliseconds(600));
   });
 }
 

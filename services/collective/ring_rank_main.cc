@@ -25,6 +25,7 @@
 #include "services/collective/grpc_transport.h"
 #include "services/collective/ring_allreduce.h"
 #include "services/common/bf16.h"
+#include "services/common/clock.h"
 #include "services/common/security.h"
 #include "services/common/flags.h"
 #include "services/common/server_util.h"
@@ -124,7 +125,7 @@ absl::Status Run(int argc, char** argv) {
     // Like a training loop on established links (and like Gloo's benchmark): one stream to the
     // next rank for every collective, a warm-up one, then `repeat` back to back, timed; the
     // values are checked on one more collective from fresh inputs.
-    const absl::Time deadline = absl::Now() + absl::Milliseconds(deadline_ms);
+    const absl::Time deadline = moe::common::MonotonicNow() + absl::Milliseconds(deadline_ms);
     moe::collective::GrpcPeerTransport transport(&hub, "bench", static_cast<int>(rank), next,
                                                  deadline);
     uint64_t g = 1;
@@ -154,7 +155,7 @@ absl::Status Run(int argc, char** argv) {
   for (int64_t g = 1; !persistent && g <= repeat && st.ok(); ++g) {
     fresh_inputs();
     const auto start = std::chrono::steady_clock::now();
-    const absl::Time deadline = absl::Now() + absl::Milliseconds(deadline_ms);
+    const absl::Time deadline = moe::common::MonotonicNow() + absl::Milliseconds(deadline_ms);
     {
       moe::collective::GrpcPeerTransport transport(&hub, "bench", static_cast<int>(rank), next,
                                                    deadline);

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "services/collective/grpc_transport.h"
+#include "services/common/clock.h"
 #include "services/common/subprocess.h"
 #include "tests/reference/test_util.h"
 
@@ -94,7 +95,7 @@ TEST(CollectiveHub, LateChunksAndBreaksOfAForgottenCollectiveLeaveNoMailbox) {
   // A newer generation of the same group is delivered as usual.
   c.generation = 4;
   hub.Deliver("step9-group0", c);
-  auto got = hub.Take("step9-group0", 4, absl::Now() + absl::Seconds(1));
+  auto got = hub.Take("step9-group0", 4, common::MonotonicNow() + absl::Seconds(1));
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(got->generation, 4u);
 }
@@ -103,7 +104,7 @@ TEST(CollectiveHub, LateChunksAndBreaksOfAForgottenCollectiveLeaveNoMailbox) {
 // mailbox unclaimed: it is dropped once older than the hub's ttl, with what it held, and what
 // arrives for it later is refused. A mailbox a rank waits on is never dropped.
 TEST(CollectiveHub, AMailboxNobodyClaimsIsDroppedAfterItsTtl) {
-  const absl::Time start = absl::Now();
+  const absl::Time start = common::MonotonicNow();
   std::atomic<int64_t> elapsed_s{0};  // the hub's clock, moved by the test (read by the taker)
   collective::CollectiveHub hub(absl::Seconds(150),
                                 [&] { return start + absl::Seconds(elapsed_s.load()); });
@@ -124,7 +125,7 @@ TEST(CollectiveHub, AMailboxNobodyClaimsIsDroppedAfterItsTtl) {
   absl::StatusOr<collective::Chunk> taken;
   std::thread taker([&] {
     waiting = true;
-    taken = hub.Take("step11-group0", 5, absl::Now() + absl::Seconds(20));
+    taken = hub.Take("step11-group0", 5, common::MonotonicNow() + absl::Seconds(20));
   });
   while (!waiting.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   std::this_thread::sleep_for(std::chrono::milliseconds(50));  // inside Take, waiting
@@ -148,8 +149,9 @@ TEST(CollectiveHub, AMailboxNobodyClaimsIsDroppedAfterItsTtl) {
   c.generation = 6;
   hub.Deliver("step13-group0", c);
   elapsed_s += 100;
-  EXPECT_EQ(hub.Take("step13-group0", 7, absl::Now() + absl::Milliseconds(10)).status().code(),
-            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(
+      hub.Take("step13-group0", 7, common::MonotonicNow() + absl::Milliseconds(10)).status().code(),
+      absl::StatusCode::kDeadlineExceeded);
   elapsed_s += 100;  // 200 s since it opened, 100 s since it was last claimed
   hub.Deliver("step14-group0", c);  // triggers the sweep: step12 goes, step13 stays
   EXPECT_EQ(hub.swept(), 3);

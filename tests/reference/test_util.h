@@ -10,7 +10,9 @@
 #include <chrono>
 #include <ctime>
 #include <filesystem>
+#include <fstream>
 #include <map>
+#include <sstream>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -66,6 +68,34 @@ inline int FreePortBlock(int n) {
     if (free) return base;
   }
   return -1;
+}
+
+// The sockets the kernel lists on local TCP port `port` (/proc/net/tcp and tcp6), one line each
+// with its state and inode: for a test that found a port in use to say what held it. "" if none.
+inline std::string SocketsOnPort(int port) {
+  static const char* const kStates[] = {"",           "ESTABLISHED", "SYN_SENT",  "SYN_RECV",
+                                        "FIN_WAIT1",  "FIN_WAIT2",   "TIME_WAIT", "CLOSE",
+                                        "CLOSE_WAIT", "LAST_ACK",    "LISTEN",    "CLOSING"};
+  std::string found;
+  for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+    std::ifstream in(table);
+    std::string line;
+    std::getline(in, line);  // the header
+    while (std::getline(in, line)) {
+      std::istringstream fields(line);
+      std::string slot, local, remote, state, queues, timer, retr, uid, timeout, inode;
+      fields >> slot >> local >> remote >> state >> queues >> timer >> retr >> uid >> timeout >>
+          inode;
+      const size_t colon = local.rfind(':');
+      if (colon == std::string::npos || std::stoi(local.substr(colon + 1), nullptr, 16) != port) {
+        continue;
+      }
+      const int s = std::stoi(state, nullptr, 16);
+      found += std::string(table) + " " + local + " -> " + remote + " " +
+               (s > 0 && s < 12 ? kStates[s] : state) + " uid " + uid + " inode " + inode + "\n";
+    }
+  }
+  return found;
 }
 
 // The body of http://127.0.0.1:port/metrics (headers included), "" when nothing listens.
