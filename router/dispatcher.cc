@@ -450,13 +450,14 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
                                                      err.message())));
         return;
       }
-      // Fail over: this shard is out for the rest of the batch; its rows go elsewhere.
-      excluded_[s] = true;
-      excluded_by_[s] = err;
-      {
+      // Fail over: this shard is out for the rest of the batch; its rows go elsewhere. One
+      // failover per shard, however many of its batches the failure took down.
+      if (!excluded_[s]) {
         std::lock_guard<std::mutex> lock(mu_);
         ++stats_.failovers;
       }
+      excluded_[s] = true;
+      excluded_by_[s] = err;
       for (const auto& [e, pos] : plan) {
         remaining_[e].insert(remaining_[e].end(), pos.begin(), pos.end());
       }

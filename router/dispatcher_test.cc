@@ -462,6 +462,24 @@ TEST(Dispatcher, FailsOverToAnotherReplica) {
   for (size_t i = 0; i < y->size(); ++i) EXPECT_NEAR((*y)[i], ref->y[i], 1e-5);
 }
 
+// A shard that fails takes out all its batches of the round at once: one failover, not one per
+// batch (moe_router_failovers_total counts shard failures recovered).
+TEST(Dispatcher, AShardFailingWithSeveralBatchesIsOneFailover) {
+  Rig setup(Strategy::kReplicated, 2);
+  setup.fakes[0]->fail_with = absl::StatusCode::kUnavailable;
+  setup.fakes[0]->SetBatchLimits(7, 64 << 20);
+  setup.fakes[1]->outstanding = 1000;  // the failing replica gets every row first
+  const int64_t n = 20;                // 40 assignments: 6 batches of at most 7
+  const std::vector<float> x = common::RandomMatrix(n, 16, 33);
+  DispatchStats stats;
+  auto y = setup.Run(x, n, absl::Seconds(10), &stats);
+  ASSERT_TRUE(y.ok()) << y.status();
+  EXPECT_EQ(setup.fakes[0]->batches, 6);
+  EXPECT_EQ(stats.failovers, 1);
+  auto ref = setup.layer->Forward(x.data(), n);
+  for (size_t i = 0; i < y->size(); ++i) EXPECT_NEAR((*y)[i], ref->y[i], 1e-5);
+}
+
 // A shard whose answer names one expert twice and leaves another out would have the second's
 // rows combined as zeros: the answer is refused and the batch goes to another replica.
 TEST(Dispatcher, AnAnswerThatRepeatsAnExpertIsRefusedAndTheBatchFailsOver) {

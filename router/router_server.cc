@@ -1058,7 +1058,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (!to_load[s].empty() && !next_shards[s]->healthy()) next_shards[s]->CheckHealthNow();
     }
     {
+      // The strategy with its table: the control loop, which reads the table and then proposes
+      // for `strategy`, never proposes the old strategy over the new table (based_on would let
+      // that through, and undo an operator's Rebalance).
       std::lock_guard<std::mutex> tl(table_mu);
+      strategy.store(next.strategy);
       table = std::make_shared<RoutingTable>(RoutingTable{next, next_shards});
     }
     if (trainer != nullptr) trainer->DropUnconfirmedOutside(*Table());
@@ -1067,13 +1071,18 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     metrics->SetImbalance(Imbalance(next, load_stats->Load(), InRotation(*Table())));
     metrics->Rebalanced();
     last_rebalance = std::chrono::steady_clock::now();
-    strategy.store(next.strategy);
     // Requests routed with the old table still hold it: let them finish before its replicas go.
     // With nothing to unload (shards only joined or left) there is nothing to wait for, and
     // waiting would hold up the control loop behind a slow request.
     const bool unloads = std::any_of(to_unload.begin(), to_unload.end(),
                                      [](const std::vector<int>& u) { return !u.empty(); });
-    const auto drain_until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    // Every request on the old table ends by its deadline, which --timeout-s caps: wait that
+    // long (at least the 60 s the cap defaults to below it), so no replica goes under one.
+    const auto drain_until =
+        std::chrono::steady_clock::now() +
+        std::max<std::chrono::nanoseconds>(
+            std::chrono::seconds(60),
+            absl::ToChronoNanoseconds(options.default_timeout + absl::Seconds(1)));
     while (unloads && old.use_count() > 1 && std::chrono::steady_clock::now() < drain_until &&
            !shutting_down.load()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
@@ -1426,7 +1435,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     const std::vector<double> load = load_stats->Load();
     const double imbalance = Imbalance(t->placement, load, InRotation(*t));
     metrics->SetImbalance(imbalance);
-    if (strategy.load() != Strategy::kDynamic || load_stats->batches() == 0) return;
+    // The strategy of the table this tick read (Apply stores both together).
+    if (t->placement.strategy != Strategy::kDynamic || load_stats->batches() == 0) return;
     if (std::chrono::steady_clock::now() - last_rebalance.load() <
         absl::ToChronoNanoseconds(options.rebalance_cooldown)) {
       return;
@@ -1438,6 +1448,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     Placement live;
     absl::StatusOr<Placement> next =
         ProposeOverLiveTable(Strategy::kDynamic, &current, &usable, &live);
+    // A switch away from dynamic since the check above: it stays (Apply's based_on is then
+    // the switch's own version, and would not refuse this proposal).
+    if (live.strategy != Strategy::kDynamic) return;
     // Both sides over the same shards (Usable also leaves out a drained one, which InRotation
     // cannot tell without a call), and never the placement that is live already: a drained,
     // empty shard otherwise read as idle, and every cooldown applied a new version for nothing.
@@ -1999,15 +2012,15 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       // Requests in flight may finish within the grace period; after it, whatever still waits
       // for a shard fails with UNAVAILABLE, so the server's shutdown (which waits for every
       // call to finish) ends, and no batch is left holding a shard client.
-      const absl::Time until = absl::Now() + grace;
+      const absl::Time until = common::MonotonicNow() + grace;
       std::thread cancel_late([this, until] {
         {
           std::unique_lock<std::mutex> lock(inflight_mu);
-          inflight_cv.wait_until(lock, absl::ToChronoTime(until), [this] { return inflight == 0; });
+          inflight_cv.wait_for(lock, common::TimeLeft(until), [this] { return inflight == 0; });
         }
         dispatcher->Shutdown();
       });
-      server->Shutdown(absl::ToChronoTime(until));
+      server->Shutdown(common::ToWallDeadline(until));
       pool->Shutdown();
       admin_pool->Shutdown();
       cancel_late.join();
