@@ -15,6 +15,7 @@
 #include "fuzz/proto_mutator.h"
 #include "services/collective/grpc_transport.h"
 #include "services/collective/ring_allreduce.h"
+#include "services/common/clock.h"
 
 MOE_PROTO_FUZZER(moe::fuzz::CollectiveInput)
 
@@ -69,8 +70,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   opts.wire = in.bf16() ? moe::collective::WireFormat::kBFloat16
                         : moe::collective::WireFormat::kFloat32;
   // The deadline has passed: whatever did not arrive ends the collective at once.
-  absl::Status st = moe::collective::RingAllReduce(absl::MakeSpan(buf), rank, world,
-                                                   in.generation(), absl::Now(), &transport, opts);
+  absl::Status st =
+      moe::collective::RingAllReduce(absl::MakeSpan(buf), rank, world, in.generation(),
+                                     moe::common::MonotonicNow(), &transport, opts);
   (void)st;
   return 0;
 }

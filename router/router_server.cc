@@ -651,13 +651,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return up;
   }
 
-  // A placement of strategy `s` over the live table's shards (returned in `*shards`), on those
-  // Usable allows (returned in `*usable` when given; `dynamic` alone keeps to them). Works on a
-  // copy of the table: Usable may ask shards, and a switch waits for every holder of the live
-  // one to let go of it.
-  absl::StatusOr<Placement> ProposeOverLiveTable(
-      Strategy s, std::vector<std::shared_ptr<ShardClient>>* shards,
-      std::vector<bool>* usable_out = nullptr, Placement* live_out = nullptr) {
+  // A placement of strategy `s` (none: the live table's own) over the live table's shards
+  // (returned in `*shards`), on those Usable allows (returned in `*usable` when given; `dynamic`
+  // alone keeps to them). Works on a copy of the table: Usable may ask shards, and a switch waits
+  // for every holder of the live one to let go of it.
+  absl::StatusOr<Placement> ProposeOverLiveTable(std::optional<Strategy> s,
+                                                 std::vector<std::shared_ptr<ShardClient>>* shards,
+                                                 std::vector<bool>* usable_out = nullptr,
+                                                 Placement* live_out = nullptr) {
     RoutingTable now;
     {
       std::shared_ptr<const RoutingTable> live = Table();
@@ -668,7 +669,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     *shards = std::move(now.shards);
     if (usable_out != nullptr) *usable_out = usable;
     if (live_out != nullptr) *live_out = now.placement;  // the placement `*shards` belong to
-    return Propose(s, static_cast<int>(shards->size()), usable);
+    return Propose(s.value_or(now.placement.strategy), static_cast<int>(shards->size()), usable);
   }
 
   // Loads the new replicas everywhere (copied from a live replica once the model has trained,
@@ -1082,7 +1083,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         std::chrono::steady_clock::now() +
         std::max<std::chrono::nanoseconds>(
             std::chrono::seconds(60),
-            absl::ToChronoNanoseconds(options.default_timeout + absl::Seconds(1)));
+            absl::ToChronoNanoseconds(
+                std::min(options.default_timeout + absl::Seconds(1), absl::Hours(24 * 365))));
     while (unloads && old.use_count() > 1 && std::chrono::steady_clock::now() < drain_until &&
            !shutting_down.load()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
@@ -1367,7 +1369,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           std::vector<bool> reachable;
           for (const auto& c : *members) reachable.push_back(c->healthy() || c->answering());
           absl::StatusOr<Placement> p =
-              Propose(strategy.load(), static_cast<int>(members->size()), reachable);
+              Propose(t->placement.strategy, static_cast<int>(members->size()), reachable);
           std::set<std::string> onto_down;
           if (p.ok()) onto_down = LoadsOntoDown(*p, *members, reachable, t->placement, t->shards);
           if (p.ok() && onto_down.empty()) {
@@ -1859,7 +1861,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     info->set_normalize_topk(config.normalize_topk);
     info->set_capacity_factor(options.capacity_factor);
     std::shared_ptr<const RoutingTable> t = Table();
-    info->set_placement_strategy(std::string(StrategyName(strategy.load())));
+    info->set_placement_strategy(
+        std::string(StrategyName(t ? t->placement.strategy : strategy.load())));
     if (t) info->set_placement_version(t->placement.version);
     for (int s = 0; t && s < static_cast<int>(t->shards.size()); ++s) {
       v1::ShardInfo* si = info->add_shards();
@@ -1925,16 +1928,19 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                       const v1::RebalanceRequest* req,
                                       v1::Placement* out) override {
     return Offload(ctx, "Rebalance", [this, req, out](absl::Time) -> absl::Status {
-      Strategy s = strategy.load();
+      // No strategy: the one of the table each attempt reads, so that a retry after another
+      // operator's switch keeps that switch's strategy instead of undoing it.
+      std::optional<Strategy> asked;
       if (!req->strategy().empty()) {
-        ASSIGN_OR_RETURN(s, ParseStrategy(req->strategy()));
+        ASSIGN_OR_RETURN(asked, ParseStrategy(req->strategy()));
       }
       // Worked out again over the new placement when another switch came in meanwhile.
       for (int attempt = 1;; ++attempt) {
         std::vector<std::shared_ptr<ShardClient>> current;
         std::vector<bool> usable;
         Placement live;
-        ASSIGN_OR_RETURN(Placement p, ProposeOverLiveTable(s, &current, &usable, &live));
+        ASSIGN_OR_RETURN(Placement p, ProposeOverLiveTable(asked, &current, &usable, &live));
+        const Strategy s = p.strategy;
         // The live placement again (a rebalance to the current strategy with nothing changed,
         // or one resent after a reconnect) is answered with it: a new version would move nothing.
         const bool unchanged = p.strategy == live.strategy && p.replicas == live.replicas;
