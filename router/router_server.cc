@@ -1081,10 +1081,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // long (at least the 60 s the cap defaults to below it), so no replica goes under one.
     const auto drain_until =
         std::chrono::steady_clock::now() +
-        std::max<std::chrono::nanoseconds>(
-            std::chrono::seconds(60),
-            absl::ToChronoNanoseconds(
-                std::min(options.default_timeout + absl::Seconds(1), absl::Hours(24 * 365))));
+        absl::ToChronoNanoseconds(std::clamp(options.default_timeout + absl::Seconds(1),
+                                             absl::Seconds(60), absl::Hours(24 * 365)));
     while (unloads && old.use_count() > 1 && std::chrono::steady_clock::now() < drain_until &&
            !shutting_down.load()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(2));

@@ -1,7 +1,5 @@
 #include "services/collective/grpc_transport.h"
 
-#include <chrono>
-
 #include <google/protobuf/io/coded_stream.h>
 #include <google/protobuf/wire_format_lite.h>
 #include <grpcpp/support/proto_buffer_reader.h>
@@ -15,12 +13,7 @@ namespace moe::collective {
 
 CollectiveHub::CollectiveHub(absl::Duration unclaimed_ttl, std::function<absl::Time()> now)
     : unclaimed_ttl_(unclaimed_ttl),
-      now_(now ? std::move(now) : [] {
-        // Steady time as an absl::Time: only differences of it are used.
-        return absl::FromUnixNanos(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                       std::chrono::steady_clock::now().time_since_epoch())
-                                       .count());
-      }),
+      now_(now ? std::move(now) : common::MonotonicNow),
       last_sweep_(now_()) {}
 
 bool CollectiveHub::ForgottenLocked(const std::string& group, uint64_t generation) const {
