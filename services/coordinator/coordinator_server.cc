@@ -19,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
+#include "services/common/clock.h"
 #include "services/common/failpoint.h"
 #include "services/common/security.h"
 #include "services/common/grpc_status.h"
@@ -64,7 +65,9 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     aborts = &steps_family->Add({{"outcome", "abort"}});
     failures_family = &prometheus::BuildCounter()
                            .Name("moe_coordinator_allreduce_failures_total")
-                           .Help("Failed gradient reductions by status code")
+                           .Help(
+                               "Failed gradient reductions by status code; DEADLINE_EXCEEDED "
+                               "also counts a step aborted as too late to commit")
                            .Register(*registry);
     // The codes a reduction fails with, present at zero so that dashboards and alerts see the
     // series before the first failure; any other code is added when it happens.
@@ -173,11 +176,13 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     // (Trainer::kCoordinatorGrace), and a commit's FinishStep calls take up to kFinishTimeout,
     // with 0.5 s for messages in flight. A step that only starts after this (queued behind
     // another router's) or whose reductions end after it is aborted, never committed late.
-    const auto deadline = ctx->deadline();
-    const auto decide_by =
-        deadline > std::chrono::system_clock::now() + std::chrono::hours(24 * 365)
+    // On MonotonicNow's clock: a step of the wall clock must not commit a step late or abort
+    // one in time.
+    const absl::Time deadline = common::FromWallDeadline(ctx->deadline());
+    const absl::Time decide_by =
+        deadline == absl::InfiniteFuture()
             ? deadline
-            : deadline - kFinishTimeout - std::chrono::milliseconds(2000);
+            : deadline - absl::FromChrono(kFinishTimeout) - absl::Milliseconds(2000);
     if (!pool->Submit([this, reactor, req, resp, decide_by] {
           RunStep(*req, resp, decide_by);
           reactor->Finish(grpc::Status::OK);
@@ -236,9 +241,9 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
   }
 
   void RunStep(const v1::CommitStepRequest& req, v1::CommitStepResponse* resp,
-               std::chrono::system_clock::time_point decide_by) {
+               absl::Time decide_by) {
     std::lock_guard<std::mutex> step_lock(step_mu);
-    if (std::chrono::system_clock::now() > decide_by) {
+    if (common::MonotonicNow() > decide_by) {
       AbortEverywhere(req);
       failures_family->Add({{"code", "DEADLINE_EXCEEDED"}}).Increment();
       aborts->Increment();
@@ -332,7 +337,9 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
         }
       }
     }
-    if (reason.empty() && std::chrono::system_clock::now() > decide_by) {
+    if (reason.empty() && common::MonotonicNow() > decide_by) {
+      // Counted as a reduction that failed its deadline, as a step that started too late is.
+      failures_family->Add({{"code", "DEADLINE_EXCEEDED"}}).Increment();
       reason = "the reductions ended too late to commit within the router's wait";
       AbortEverywhere(req);
     }

@@ -1,12 +1,18 @@
 #include "services/coordinator/coordinator_server.h"
 
 #include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
 
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
 #include "moe/v1/coordinator.grpc.pb.h"
+#include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/common/security.h"
+#include "tests/reference/registry_value.h"
 
 namespace moe::coordinator {
 namespace {
@@ -37,6 +43,96 @@ TEST(Coordinator, AStepThatCannotBeDecidedWithinTheRoutersWaitIsAbortedNotCommit
   ASSERT_TRUE(Commit(stub.get(), 6, &late).ok());  // 6 s: under the 7 s a commit needs
   EXPECT_FALSE(late.committed());
   EXPECT_NE(late.reason().find("too late to commit"), std::string::npos) << late.reason();
+  EXPECT_EQ(
+      testing::RegistryValue(*(*server)->registry(), "moe_coordinator_allreduce_failures_total",
+                             {{"code", "DEADLINE_EXCEEDED"}}),
+      1);
+}
+
+// A shard whose gradient reduction answers, successfully, only after `hold` (or once released);
+// every FinishStep (the coordinator's abort) is counted.
+class SlowReduceShard final : public v1::ExpertShard::Service {
+ public:
+  explicit SlowReduceShard(std::chrono::milliseconds hold) : hold_(hold) {
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("127.0.0.1:0", common::ServerCredentials(), &port_);
+    builder.RegisterService(this);
+    server_ = builder.BuildAndStart();
+  }
+  ~SlowReduceShard() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      released_ = true;
+    }
+    cv_.notify_all();
+    server_->Shutdown();
+  }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  int aborts() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return aborts_;
+  }
+
+  grpc::Status ReduceGradients(grpc::ServerContext*, const v1::ReduceGradientsRequest*,
+                               v1::ReduceGradientsResponse* resp) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, hold_, [this] { return released_; });
+    resp->set_elements(1);
+    resp->set_seconds(0.001);
+    return grpc::Status::OK;
+  }
+  grpc::Status FinishStep(grpc::ServerContext*, const v1::FinishStepRequest* req,
+                          v1::FinishStepResponse*) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!req->commit()) ++aborts_;
+    return grpc::Status::OK;
+  }
+
+ private:
+  const std::chrono::milliseconds hold_;
+  int port_ = 0;
+  std::unique_ptr<grpc::Server> server_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool released_ = false;
+  int aborts_ = 0;
+};
+
+// Reductions that succeed, but only after the moment the step had to be decided by, abort the
+// step on every shard; the abort is counted as a reduction past its deadline.
+TEST(Coordinator, ReductionsThatEndAfterTheDecisionAbortTheStepAndAreCounted) {
+  auto server = CoordinatorServer::Start(CoordinatorOptions{});
+  ASSERT_TRUE(server.ok()) << server.status();
+  // The call's deadline is 8 s away: the step must be decided within 1 s (a commit's 5 s and
+  // 2 s for messages are kept back). The reductions answer after 2 s, inside their own 6 s.
+  SlowReduceShard a(std::chrono::seconds(2)), b(std::chrono::seconds(2));
+  v1::CommitStepRequest req;
+  req.set_train_step(7);
+  req.set_learning_rate(0.1f);
+  req.set_timeout_ms(5000);
+  v1::ReplicaGroup* group = req.add_groups();
+  group->add_experts(0);
+  for (const SlowReduceShard* s : {&a, &b}) {
+    group->add_shards(s->address());
+    req.add_shards(s->address());
+    req.add_computed_shards(s->address());
+  }
+  auto stub = v1::Coordinator::NewStub(
+      grpc::CreateChannel((*server)->address(), common::ChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(8));
+  v1::CommitStepResponse resp;
+  ASSERT_TRUE(stub->CommitStep(&ctx, req, &resp).ok());
+  EXPECT_FALSE(resp.committed());
+  EXPECT_NE(resp.reason().find("reductions ended too late to commit"), std::string::npos)
+      << resp.reason();
+  EXPECT_EQ(a.aborts(), 1);
+  EXPECT_EQ(b.aborts(), 1);
+  prometheus::Registry& reg = *(*server)->registry();
+  EXPECT_EQ(testing::RegistryValue(reg, "moe_coordinator_allreduce_failures_total",
+                                   {{"code", "DEADLINE_EXCEEDED"}}),
+            1);
+  EXPECT_EQ(testing::RegistryValue(reg, "moe_coordinator_steps_total", {{"outcome", "abort"}}), 1);
 }
 
 }  // namespace
