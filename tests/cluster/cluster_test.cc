@@ -223,6 +223,10 @@ TEST_F(ClusterTest, AShardRunningAgainDropsTheBatchOfARequestThatEndedMeanwhile)
       cluster->shard(0).Signal(SIGSTOP);
       const auto stopped_at = Clock::now();
       end();
+      if (HasFatalFailure()) {
+        cluster->shard(0).Signal(SIGCONT);
+        return;
+      }
       EXPECT_TRUE(testing::Eventually(
           [&] { return router_counted(method, code) == counted_before + 1; }))
           << what << ": the router did not end the request: " << ScrapeBody(metrics);
@@ -249,6 +253,7 @@ TEST_F(ClusterTest, AShardRunningAgainDropsTheBatchOfARequestThatEndedMeanwhile)
     const grpc::Status st = stub->Infer(&ctx, Request(x, n, "late"), &resp);
     EXPECT_EQ(st.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << st.error_message();
   });
+  if (HasFatalFailure()) return;  // an ASSERT in a case ends only its lambda
   // The same for a request its client cancels: the router ends it at once (before, it waited
   // for the shard's answer) and cancels its batch.
   check_case("the batch of a cancelled request", "Infer", "CANCELLED", [&] {
@@ -264,6 +269,7 @@ TEST_F(ClusterTest, AShardRunningAgainDropsTheBatchOfARequestThatEndedMeanwhile)
     call.join();
     EXPECT_EQ(st.error_code(), grpc::StatusCode::CANCELLED);
   });
+  if (HasFatalFailure()) return;  // an ASSERT in a case ends only its lambda
   // And for the requests in flight on a stream its client cancels.
   check_case("the batch of a cancelled stream", "InferStream", "CANCELLED", [&] {
     grpc::ClientContext ctx;
@@ -273,6 +279,7 @@ TEST_F(ClusterTest, AShardRunningAgainDropsTheBatchOfARequestThatEndedMeanwhile)
     ctx.TryCancel();
     EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
   });
+  if (HasFatalFailure()) return;  // an ASSERT in a case ends only its lambda
   // It serves on.
   ASSERT_TRUE(Infer(stub.get(), Request(x, n, "after"), &resp).ok());
   EXPECT_TRUE(Matches(x, n, resp, *layer_));
