@@ -177,12 +177,9 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     // with 0.5 s for messages in flight. A step that only starts after this (queued behind
     // another router's) or whose reductions end after it is aborted, never committed late.
     // On MonotonicNow's clock: a step of the wall clock must not commit a step late or abort
-    // one in time.
-    const absl::Time deadline = common::FromWallDeadline(ctx->deadline());
-    const absl::Time decide_by =
-        deadline == absl::InfiniteFuture()
-            ? deadline
-            : deadline - absl::FromChrono(kFinishTimeout) - absl::Milliseconds(2000);
+    // one in time. No deadline stays none (absl::Time saturates at InfiniteFuture).
+    const absl::Time decide_by = common::FromWallDeadline(ctx->deadline()) -
+                                 absl::FromChrono(kFinishTimeout) - absl::Milliseconds(2000);
     if (!pool->Submit([this, reactor, req, resp, decide_by] {
           RunStep(*req, resp, decide_by);
           reactor->Finish(grpc::Status::OK);
