@@ -7,8 +7,10 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -245,12 +247,16 @@ struct RouterWithShards {
 
 // Shards in this process (one per entry of `shard_options`, whose checkpoint is set here) and
 // a router over them, started together; returns once the router's first placement is live.
-RouterWithShards StartRouterWithShards(const std::string& checkpoint, Strategy strategy,
-                                       std::vector<expert::ShardServerOptions> shard_options) {
+// `customize` (if set) sees the router's options before it starts.
+RouterWithShards StartRouterWithShards(
+    const std::string& checkpoint, Strategy strategy,
+    std::vector<expert::ShardServerOptions> shard_options,
+    const std::function<void(RouterServerOptions&)>& customize = nullptr) {
   RouterWithShards c;
   RouterServerOptions o;
   o.checkpoint = checkpoint;
   o.strategy = strategy;
+  if (customize) customize(o);
   for (expert::ShardServerOptions& so : shard_options) {
     so.checkpoint = checkpoint;
     auto s = expert::ShardServer::Start(so);
@@ -996,6 +1002,191 @@ TEST(RouterReconcile, TheReplicasOfAFailedSwitchAreUnloaded) {
   EXPECT_TRUE(Eventually([&] { return ReadyExperts(*shards[0]) == want[0]; }))
       << "shard 0 keeps the failed switch's replicas: " << ReadyExperts(*shards[0]).size();
   EXPECT_EQ(ReadyExperts(*shards[1]), want[1]);
+  ExpectInfersOk(stub.get());
+  cluster.router->Shutdown(absl::Milliseconds(100));
+}
+
+// A shard client whose placement loads can be held, as a load stuck on a slow disk or a busy
+// peer: while held, LoadExperts returns when released (and then loads) or, failing with
+// DEADLINE_EXCEEDED, once its timeout has passed. Everything else goes to the gRPC client.
+class HeldLoads final : public ShardClient {
+ public:
+  explicit HeldLoads(std::shared_ptr<ShardClient> inner) : inner_(std::move(inner)) {}
+  void Hold(bool held) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      held_ = held;
+    }
+    cv_.notify_all();
+  }
+  int held_calls() const { return held_calls_.load(); }
+
+  absl::StatusOr<v1::ShardStatus> LoadExperts(const std::vector<int>& experts, uint64_t version,
+                                              const std::string& peer,
+                                              absl::Duration timeout) override {
+    const auto start = std::chrono::steady_clock::now();
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      if (held_) {
+        ++held_calls_;
+        if (!cv_.wait_for(l, absl::ToChronoNanoseconds(timeout), [&] { return !held_; })) {
+          return absl::DeadlineExceededError(
+              absl::StrCat("loading experts on shard ", address(), ": held by the test"));
+        }
+      }
+    }
+    return inner_->LoadExperts(
+        experts, version, peer,
+        timeout - absl::FromChrono(std::chrono::steady_clock::now() - start));
+  }
+
+  void Dispatch(std::shared_ptr<const v1::DispatchRequest> request, int64_t rows,
+                DispatchDone done) override {
+    inner_->Dispatch(std::move(request), rows, std::move(done));
+  }
+  void CancelBatch(uint64_t batch_id) override { inner_->CancelBatch(batch_id); }
+  bool healthy() const override { return inner_->healthy(); }
+  bool answering() const override { return inner_->answering(); }
+  void CheckHealthNow() override { inner_->CheckHealthNow(); }
+  int64_t outstanding_rows() const override { return inner_->outstanding_rows(); }
+  const std::string& address() const override { return inner_->address(); }
+  absl::StatusOr<v1::ShardStatus> RollBackExperts(const std::vector<int>& experts, uint64_t version,
+                                                  const std::string& peer,
+                                                  absl::Duration timeout) override {
+    return inner_->RollBackExperts(experts, version, peer, timeout);
+  }
+  absl::StatusOr<v1::ShardStatus> UnloadExperts(const std::vector<int>& experts, uint64_t version,
+                                                absl::Duration timeout) override {
+    return inner_->UnloadExperts(experts, version, timeout);
+  }
+  absl::StatusOr<v1::ShardStatus> GetStatus(absl::Duration timeout) override {
+    return inner_->GetStatus(timeout);
+  }
+  absl::StatusOr<v1::BackwardResponse> Backward(const v1::BackwardRequest& request,
+                                                absl::Duration timeout) override {
+    return inner_->Backward(request, timeout);
+  }
+  absl::Status FinishStep(uint64_t step, bool commit, float learning_rate,
+                          absl::Duration timeout) override {
+    return inner_->FinishStep(step, commit, learning_rate, timeout);
+  }
+  absl::StatusOr<v1::StepOutcome::State> GetStep(uint64_t step, absl::Duration timeout) override {
+    return inner_->GetStep(step, timeout);
+  }
+  absl::StatusOr<std::string> ExportExpert(int expert, absl::Duration timeout) override {
+    return inner_->ExportExpert(expert, timeout);
+  }
+  void CancelAdminCalls() override {
+    inner_->CancelAdminCalls();
+    Hold(false);
+  }
+
+ private:
+  const std::shared_ptr<ShardClient> inner_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool held_ = false;
+  std::atomic<int> held_calls_{0};
+};
+
+// A Rebalance ends by its deadline: its loads are given the time it has left, and its wait for
+// another switch ends with it. Nothing is applied then, also once the loads could go on. Until
+// 2026-12-04 the loads had five minutes whatever the call's deadline, and a second call waited
+// for the placement lock without one: both went on after their clients had given up, and
+// applied their switches once the loads ended.
+TEST(RouterRebalance, ACallWhoseDeadlinePassesAppliesNothing) {
+  const std::string path = ::moe::testing::TempPath("rebalance_deadline.safetensors");
+  ASSERT_TRUE(common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
+  std::mutex clients_mu;
+  std::vector<std::shared_ptr<HeldLoads>> clients;
+  auto registry = std::make_shared<prometheus::Registry>();
+  RouterWithShards cluster = StartRouterWithShards(
+      path, Strategy::kSharded, {Starting(std::nullopt), Starting(std::nullopt)},
+      [&](RouterServerOptions& o) {
+        o.registry = registry;
+        o.default_timeout = absl::Seconds(2);  // --timeout-s: a call without a deadline gets 2 s
+        o.shard_factory = [&, limits = o.limits](const std::string& address,
+                                                 std::function<void(bool)> on_change) {
+          auto c = std::make_shared<HeldLoads>(
+              std::make_shared<GrpcShardClient>(address, limits, std::move(on_change)));
+          std::lock_guard<std::mutex> l(clients_mu);
+          clients.push_back(c);
+          return c;
+        };
+      });
+  ASSERT_NE(cluster.router, nullptr);
+  auto stub = v1::Router::NewStub(
+      grpc::CreateChannel(cluster.router->address(), grpc::InsecureChannelCredentials()));
+  auto placement = [&] {
+    grpc::ClientContext ctx;
+    v1::Placement p;
+    EXPECT_TRUE(stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &p).ok());
+    return p;
+  };
+  const v1::Placement before = placement();
+  ASSERT_EQ(before.strategy(), "sharded");
+  auto held_calls = [&] {
+    std::lock_guard<std::mutex> l(clients_mu);
+    int n = 0;
+    for (const auto& c : clients) n += c->held_calls();
+    return n;
+  };
+  auto hold = [&](bool held) {
+    std::lock_guard<std::mutex> l(clients_mu);
+    for (const auto& c : clients) c->Hold(held);
+  };
+  auto rebalance = [&](const std::string& strategy, absl::Duration deadline, double* seconds) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + deadline));
+    v1::RebalanceRequest req;
+    req.set_strategy(strategy);
+    v1::Placement p;
+    const auto start = std::chrono::steady_clock::now();
+    const grpc::Status st = stub->Rebalance(&ctx, req, &p);
+    if (seconds != nullptr) *seconds = SecondsSince(start);
+    return st;
+  };
+
+  hold(true);
+  // The first call's deadline is longer than the router's 2 s cap: the cap ends its held loads,
+  // and its answer says why (its own 8 s only end a router that would wait longer).
+  grpc::Status first;
+  double first_seconds = 0;
+  std::thread t([&] { first = rebalance("replicated", absl::Seconds(8), &first_seconds); });
+  const bool loading = Eventually([&] { return held_calls() >= 1; });
+  // The second waits for the placement lock that the first holds, for its own 0.6 s.
+  double second_seconds = 0;
+  const grpc::Status second =
+      loading ? rebalance("replicated", absl::Milliseconds(600), &second_seconds) : grpc::Status();
+  t.join();
+  hold(false);
+  ASSERT_TRUE(loading) << "the switch never loaded";
+  EXPECT_EQ(first.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << first.error_message();
+  EXPECT_NE(first.error_message().find("the call's deadline passed while loading experts on shard"),
+            std::string::npos)
+      << first.error_message();
+  EXPECT_NE(first.error_message().find("nothing was applied"), std::string::npos)
+      << first.error_message();
+  EXPECT_NE(first.error_message().find("--timeout-s"), std::string::npos) << first.error_message();
+  EXPECT_LT(first_seconds, 4.0);
+  EXPECT_EQ(second.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << second.error_message();
+  EXPECT_LT(second_seconds, 1.5);
+  // The router's own verdicts (the second call's client ends it at its deadline whatever the
+  // router does).
+  EXPECT_TRUE(Eventually([&] {
+    return ::moe::testing::RegistryValue(
+               *registry, "moe_router_requests_total",
+               {{"method", "Rebalance"}, {"code", "DEADLINE_EXCEEDED"}}) == 2;
+  })) << ::moe::testing::RegistryValue(*registry, "moe_router_requests_total",
+                                       {{"method", "Rebalance"}, {"code", "DEADLINE_EXCEEDED"}});
+  // Neither switch was applied, nor is later: the loads may go on now, and a call to the live
+  // strategy (which takes the placement lock after any switch still running) finds the
+  // placement as it was.
+  const grpc::Status third = rebalance("sharded", absl::Seconds(10), nullptr);
+  EXPECT_TRUE(third.ok()) << third.error_message();
+  const v1::Placement after = placement();
+  EXPECT_EQ(after.strategy(), "sharded");
+  EXPECT_EQ(after.version(), before.version());
   ExpectInfersOk(stub.get());
   cluster.router->Shutdown(absl::Milliseconds(100));
 }

@@ -235,7 +235,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // Experts that lost their training while this router ran (SaveCheckpoint names them).
   std::mutex lost_mu;
   std::set<int> lost_training;
-  std::mutex placement_mu;                     // serialises placement changes
+  // Serialises placement changes; timed, so that a Rebalance waits for another switch only as
+  // long as its deadline allows.
+  common::TimedMutex placement_mu;
   // The latest placement version a switch took (written under placement_mu). A switch that failed
   // took one too, and the shards it reached have it: calls to them send at least this.
   std::atomic<uint64_t> version{0};
@@ -430,6 +432,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // that NameCap is given as the client's, which a second conversion would not equal.
   absl::Time Capped(absl::Time client_deadline) const {
     return std::min(client_deadline, common::MonotonicNow() + options.default_timeout);
+  }
+
+  // A placement load's timeout: five minutes (a copy of a large expert from a busy peer), or the
+  // time a call with `deadline` has left, if less (none left: the load fails at once).
+  static absl::Duration LoadTimeout(absl::Time deadline) {
+    return std::min(absl::Minutes(5), deadline - common::MonotonicNow());
   }
 
   // DEADLINE_EXCEEDED of a request whose deadline Capped shortened says so: the client set
@@ -680,9 +688,26 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // changes. It would otherwise undo that switch, or leave out the shards it added.
   // `user`: asked for by a Rebalance call, whose failure is said every time (the control loop
   // tries again every tick, and says a failure once per reason).
+  // `deadline` (MonotonicNow's clock): the call's. Waiting for another switch, for a training
+  // step and for the loads ends by it (DEADLINE_EXCEEDED, nothing applied); the drain after an
+  // applied switch does not (see SwitchLocked). The control loop has none.
   absl::Status Apply(Placement next, std::vector<std::shared_ptr<ShardClient>> next_shards,
-                     std::optional<uint64_t> based_on, bool user = false) {
-    std::lock_guard<std::mutex> lock(placement_mu);
+                     std::optional<uint64_t> based_on, bool user = false,
+                     absl::Time deadline = absl::InfiniteFuture()) {
+    const std::string what =
+        absl::StrCat(StrategyName(next.strategy), " placement over ", next_shards.size(),
+                     next_shards.size() == 1 ? " shard" : " shards");
+    std::unique_lock<common::TimedMutex> lock(placement_mu, std::defer_lock);
+    if (deadline == absl::InfiniteFuture()) {
+      lock.lock();
+    } else if (!lock.try_lock_for(common::TimeLeft(deadline))) {
+      absl::Status st = absl::DeadlineExceededError(
+          "another placement change was still running when the call's deadline passed (a switch "
+          "loads its new replicas before it applies); nothing was applied");
+      std::fprintf(stderr, "moe-router: %s not applied, the current placement stays: %s\n",
+                   what.c_str(), std::string(st.message()).c_str());
+      return st;
+    }
     if (based_on.has_value()) {
       uint64_t live = 0;
       {
@@ -695,10 +720,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                                *based_on, "; nothing was applied"));
       }
     }
-    const std::string what = absl::StrCat(StrategyName(next.strategy), " placement over ",
-                                          next_shards.size(),
-                                          next_shards.size() == 1 ? " shard" : " shards");
-    absl::Status st = SwitchLocked(std::move(next), std::move(next_shards));
+    absl::Status st = SwitchLocked(std::move(next), std::move(next_shards), deadline);
     // One line per change for the operator (the placement table is in GetPlacement).
     if (st.ok()) {
       last_not_applied.clear();
@@ -914,12 +936,19 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   }
 
   // Apply's work, with placement_mu held.
-  absl::Status SwitchLocked(Placement next, std::vector<std::shared_ptr<ShardClient>> next_shards) {
+  absl::Status SwitchLocked(Placement next, std::vector<std::shared_ptr<ShardClient>> next_shards,
+                            absl::Time deadline) {
     // No training step runs while replicas are copied and the table switches.
     std::unique_lock<common::TimedMutex> train_lock(train_mu, std::defer_lock);
-    if (!train_lock.try_lock_for(kTrainWait)) {
-      return absl::UnavailableError(
-          "a training step is still running; the placement is unchanged, try again once it ends");
+    const std::chrono::nanoseconds left = common::TimeLeft(deadline);
+    if (!train_lock.try_lock_for(std::min<std::chrono::nanoseconds>(kTrainWait, left))) {
+      return left < kTrainWait
+                 ? absl::DeadlineExceededError(
+                       "a training step was still running when the call's deadline passed; the "
+                       "placement is unchanged")
+                 : absl::UnavailableError(
+                       "a training step is still running; the placement is unchanged, try "
+                       "again once it ends");
     }
     // A shard that has not confirmed the last commit may lack its update: it must confirm (or be
     // leaving) before any copy. One leaving is forgotten only once the switch is applied: if
@@ -965,7 +994,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // Replicas behind their expert's latest step are brought up to it first, so that any live
     // replica is a right source, and one that stays is not left behind. After a router restart
     // steps_done is 0, but the shards' weights tell whether they were trained.
-    if (trainer != nullptr) RETURN_IF_ERROR(ReloadStale(*old, &trained));
+    if (trainer != nullptr) {
+      RETURN_IF_ERROR(ReloadStale(*old, &trained, /*before_step=*/false, deadline));
+    }
     next.version = ++version;
     const int S = static_cast<int>(next_shards.size());
     // What each address held under the old placement.
@@ -1035,8 +1066,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (to_load[s].empty()) continue;
       loaders.emplace_back([&, s] {
         for (const auto& [source, experts] : to_load[s]) {
-          results[s] = next_shards[s]->LoadExperts(experts, next.version, source,
-                                                   absl::Minutes(5)).status();
+          results[s] = next_shards[s]
+                           ->LoadExperts(experts, next.version, source, LoadTimeout(deadline))
+                           .status();
           if (!results[s].ok()) return;
         }
       });
@@ -1052,7 +1084,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
     }
     for (int s = 0; s < S; ++s) {
-      if (!results[s].ok()) return results[s];
+      if (results[s].ok()) continue;
+      if (absl::IsDeadlineExceeded(results[s]) && deadline != absl::InfiniteFuture()) {
+        // Cut to the call's time left: what did load is an extra, which the control loop
+        // unloads (UnloadExtras), as after any failed switch.
+        return absl::DeadlineExceededError(absl::StrCat(
+            "the call's deadline passed while ", results[s].message(), "; nothing was applied"));
+      }
+      return results[s];
     }
     // A shard that just loaded its first experts turned SERVING: see it before switching.
     for (int s = 0; s < S; ++s) {
@@ -1079,6 +1118,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                      [](const std::vector<int>& u) { return !u.empty(); });
     // Every request on the old table ends by its deadline, which --timeout-s caps: wait that
     // long (at least the 60 s the cap defaults to below it), so no replica goes under one.
+    // Not cut to the call's deadline: the switch is applied, and the old replicas must outlive
+    // the requests that hold them (a Rebalance answered late still applied: DECISIONS.md).
     const auto drain_until =
         std::chrono::steady_clock::now() +
         absl::ToChronoNanoseconds(std::clamp(options.default_timeout + absl::Seconds(1),
@@ -1131,7 +1172,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
     }
     if (!any || shutting_down.load()) return;
-    std::unique_lock<std::mutex> lock(placement_mu, std::try_to_lock);
+    std::unique_lock<common::TimedMutex> lock(placement_mu, std::try_to_lock);
     if (!lock.owns_lock() || Table() != t) return;  // a switch runs or ran: next tick
     for (int s = 0; s < S; ++s) {
       if (extras[s].empty()) continue;
@@ -1206,8 +1247,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // null) tells whether any replica has been trained. With `before_step`, also UNAVAILABLE when
   // the status of a shard in rotation cannot be read: the step would train its replicas
   // unchecked, and one may be stale (elsewhere such a shard is left for the next check).
-  absl::Status ReloadStale(const RoutingTable& t, bool* trained = nullptr,
-                           bool before_step = false) {
+  absl::Status ReloadStale(const RoutingTable& t, bool* trained = nullptr, bool before_step = false,
+                           absl::Time deadline = absl::InfiniteFuture()) {
     const int S = static_cast<int>(t.shards.size());
     std::vector<std::map<int, uint64_t>> at(S);  // READY experts' steps, per shard in rotation
     for (int s = 0; s < S; ++s) {
@@ -1279,10 +1320,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     absl::Status result;
     for (int s = 0; s < S; ++s) {
       for (const auto& [source, experts] : stale[s]) {
-        absl::Status st =
-            t.shards[s]->LoadExperts(experts, std::max(t.placement.version, version.load()),
-                                     source, absl::Minutes(5))
-                .status();
+        absl::Status st = t.shards[s]
+                              ->LoadExperts(experts, std::max(t.placement.version, version.load()),
+                                            source, LoadTimeout(deadline))
+                              .status();
         if (st.ok()) {
           metrics->StaleReplicasRecopied(static_cast<int>(experts.size()));
           continue;
@@ -1474,7 +1515,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         Members(absl::Seconds(2), &settling);
     if (!members.ok()) return members.status();
     {
-      std::lock_guard<std::mutex> l(placement_mu);
+      std::lock_guard<common::TimedMutex> l(placement_mu);
       first_settling = settling;
     }
     std::vector<std::string> all;  // the members of this try, before any is left out
@@ -1487,7 +1528,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       st = p.ok() ? Apply(*p, *members, std::nullopt) : p.status();
       std::vector<std::string> unread;
       {
-        std::lock_guard<std::mutex> l(placement_mu);
+        std::lock_guard<common::TimedMutex> l(placement_mu);
         unread.swap(first_unread);
       }
       // A shard stops counting as silent once it has left the members or answers its health
@@ -1925,7 +1966,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   grpc::ServerUnaryReactor* Rebalance(grpc::CallbackServerContext* ctx,
                                       const v1::RebalanceRequest* req,
                                       v1::Placement* out) override {
-    return Offload(ctx, "Rebalance", [this, req, out](absl::Time) -> absl::Status {
+    return Offload(ctx, "Rebalance", [this, req, out](absl::Time deadline) -> absl::Status {
       // No strategy: the one of the table each attempt reads, so that a retry after another
       // operator's switch keeps that switch's strategy instead of undoing it.
       std::optional<Strategy> asked;
@@ -1979,7 +2020,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                 "Bring the shard back, or choose dynamic, which places replicas only on shards in "
                 "rotation"));
           }
-          const absl::Status st = Apply(p, std::move(current), live.version, /*user=*/true);
+          const absl::Status st =
+              Apply(p, std::move(current), live.version, /*user=*/true, deadline);
           if (absl::IsAborted(st) && attempt < 3) continue;
           RETURN_IF_ERROR(st);
           p = Table()->placement;
