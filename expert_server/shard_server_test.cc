@@ -22,6 +22,7 @@
 #include "services/common/safetensors.h"
 #include "services/common/server_util.h"
 #include "services/common/tensor_codec.h"
+#include "tests/reference/loopback_server.h"
 #include "tests/reference/registry_value.h"
 #include "tests/reference/shard_export.h"
 #include "tests/reference/test_util.h"
@@ -802,12 +803,8 @@ class HeldPeer final : public v1::ExpertShard::Service {
 TEST_F(ShardServerTest, TurnsServingOnlyOnceNoLoadRuns) {
   auto source = StartServer();
   HeldPeer peer(source->address());
-  int peer_port = 0;
-  grpc::ServerBuilder builder;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &peer_port);
-  builder.RegisterService(&peer);
-  std::unique_ptr<grpc::Server> peer_server = builder.BuildAndStart();
-  ASSERT_NE(peer_server, nullptr);
+  moe::testing::LoopbackServer peer_server(&peer);
+  ASSERT_TRUE(peer_server.ok());
   // Released however the test ends: the server's shutdown waits for the held copy.
   struct ReleaseAtEnd {
     HeldPeer* peer;
@@ -839,7 +836,7 @@ TEST_F(ShardServerTest, TurnsServingOnlyOnceNoLoadRuns) {
     req.add_experts(0);
     req.add_experts(1);
     req.set_placement_version(1);
-    req.set_source_peer(absl::StrCat("127.0.0.1:", peer_port));
+    req.set_source_peer(peer_server.address());
     v1::ShardStatus st;
     ASSERT_TRUE(stub->LoadExperts(&ctx, req, &st).ok());  // answers at once (no wait)
   }
@@ -864,7 +861,6 @@ TEST_F(ShardServerTest, TurnsServingOnlyOnceNoLoadRuns) {
   }
   EXPECT_EQ(health(), common::HealthState::kServing);
   shard->Shutdown(absl::Milliseconds(100));
-  peer_server->Shutdown();
 }
 
 // A placement that unloads experts of the shard's initial load while that load runs (the

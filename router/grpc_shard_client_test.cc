@@ -31,6 +31,7 @@
 #include "services/coordinator/coordinator_server.h"
 #include "services/common/random_checkpoint.h"
 #include "services/common/safetensors.h"
+#include "tests/reference/loopback_server.h"
 #include "tests/reference/registry_value.h"
 #include "tests/reference/test_util.h"
 
@@ -116,22 +117,19 @@ class StuckLoadShard final : public v1::ExpertShard::Service {
   std::atomic<int> entered{0};
 };
 
+// Served with gRPC's health service, as a shard is (the router's health checks read it).
 struct StuckShardServer {
-  StuckShardServer() {
+  static bool EnableHealth() {
     grpc::EnableDefaultHealthCheckService(true);
-    grpc::ServerBuilder b;
-    b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-    b.RegisterService(&service);
-    server = b.BuildAndStart();
+    return true;
   }
-  ~StuckShardServer() { server->Shutdown(std::chrono::system_clock::now()); }
-  std::string address() const { return "127.0.0.1:" + std::to_string(port); }
+  std::string address() const { return server.address(); }
   bool WaitEntered(int n) {
     return Eventually([&] { return service.entered.load() >= n; });
   }
+  const bool health = EnableHealth();  // before the server is built
   StuckLoadShard service;
-  int port = 0;
-  std::unique_ptr<grpc::Server> server;
+  moe::testing::LoopbackServer server{&service};
 };
 
 double SecondsSince(std::chrono::steady_clock::time_point t) {
@@ -140,7 +138,7 @@ double SecondsSince(std::chrono::steady_clock::time_point t) {
 
 TEST(GrpcShardClient, CancelAdminCallsEndsALoadInProgressAndRefusesTheNext) {
   StuckShardServer shard;
-  ASSERT_NE(shard.server, nullptr);
+  ASSERT_TRUE(shard.server.ok());
   GrpcShardClient client(shard.address(), common::RpcLimits{});
   ASSERT_TRUE(WaitAnswering(client));
   absl::Status loaded;
@@ -171,7 +169,7 @@ TEST(RouterShutdown, DoesNotWaitForAnExpertLoadInProgress) {
   ASSERT_TRUE(
       common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
   StuckShardServer shard;
-  ASSERT_NE(shard.server, nullptr);
+  ASSERT_TRUE(shard.server.ok());
   RouterServerOptions o;
   o.checkpoint = path;
   o.shards = {shard.address()};

@@ -12,6 +12,7 @@
 #include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/common/security.h"
+#include "tests/reference/loopback_server.h"
 #include "tests/reference/registry_value.h"
 #include "tests/reference/test_util.h"
 
@@ -54,21 +55,15 @@ TEST(Coordinator, AStepThatCannotBeDecidedWithinTheRoutersWaitIsAbortedNotCommit
 // every FinishStep (the coordinator's abort) is counted.
 class SlowReduceShard final : public v1::ExpertShard::Service {
  public:
-  explicit SlowReduceShard(std::chrono::milliseconds hold) : hold_(hold) {
-    grpc::ServerBuilder builder;
-    builder.AddListeningPort("127.0.0.1:0", common::ServerCredentials(), &port_);
-    builder.RegisterService(this);
-    server_ = builder.BuildAndStart();
-  }
-  ~SlowReduceShard() override {
+  explicit SlowReduceShard(std::chrono::milliseconds hold) : hold_(hold) {}
+  ~SlowReduceShard() override {  // the held reductions end before the server does
     {
       std::lock_guard<std::mutex> lock(mu_);
       released_ = true;
     }
     cv_.notify_all();
-    server_->Shutdown();
   }
-  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  std::string address() const { return server_.address(); }
   int aborts() {
     std::lock_guard<std::mutex> lock(mu_);
     return aborts_;
@@ -91,12 +86,11 @@ class SlowReduceShard final : public v1::ExpertShard::Service {
 
  private:
   const std::chrono::milliseconds hold_;
-  int port_ = 0;
-  std::unique_ptr<grpc::Server> server_;
   std::mutex mu_;
   std::condition_variable cv_;
   bool released_ = false;
   int aborts_ = 0;
+  moe::testing::LoopbackServer server_{this, common::ServerCredentials()};  // last: it serves them
 };
 
 // Reductions that succeed, but only after the moment the step had to be decided by, abort the
