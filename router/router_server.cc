@@ -1632,15 +1632,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   // Checks the token, then runs `work(deadline)` (which returns the call's status) on the admin
   // pool and finishes the unary call with it, recorded under `method` in the request metrics. A
-  // call whose deadline passed while it waited for a thread is not started.
+  // call whose deadline passed while it waited for a thread is not started. `capped`: the
+  // deadline is cut to --timeout-s (else it is the client's own).
   template <typename Work>
   grpc::ServerUnaryReactor* Offload(grpc::CallbackServerContext* ctx, const char* method,
-                                    Work work) {
+                                    Work work, bool capped = true) {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
     if (!Admit(ctx, reactor, method)) return reactor;
     const auto start = std::chrono::steady_clock::now();
     const absl::Time client_deadline = ClientDeadline(ctx);
-    const absl::Time deadline = Capped(client_deadline);
+    const absl::Time deadline = capped ? Capped(client_deadline) : client_deadline;
     if (!admin_pool->Submit([this, reactor, method, start, deadline, client_deadline,
                              work = std::move(work)] {
           const absl::Status st = NameCap(
@@ -1966,7 +1967,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   grpc::ServerUnaryReactor* Rebalance(grpc::CallbackServerContext* ctx,
                                       const v1::RebalanceRequest* req,
                                       v1::Placement* out) override {
-    return Offload(ctx, "Rebalance", [this, req, out](absl::Time deadline) -> absl::Status {
+    // Not cut to --timeout-s: a switch's loads take what the experts' size needs, and a model
+    // whose loads outlast the cap could never switch (each attempt's loads unloaded again). It
+    // ends by the client's own deadline; without one, each load has its own 5 minutes.
+    auto work = [this, req, out](absl::Time deadline) -> absl::Status {
       // No strategy: the one of the table each attempt reads, so that a retry after another
       // operator's switch keeps that switch's strategy instead of undoing it.
       std::optional<Strategy> asked;
@@ -2029,7 +2033,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         *out = ToProto(p, !req->dry_run());
         return absl::OkStatus();
       }
-    });
+    };
+    return Offload(ctx, "Rebalance", std::move(work), /*capped=*/false);
   }
 
   void DoShutdown(absl::Duration grace) {
