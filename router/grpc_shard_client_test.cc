@@ -1177,9 +1177,9 @@ TEST(RouterRebalance, ACallWhoseDeadlinePassesAppliesNothing) {
                       "stays: the call's deadline passed while loading experts on shard"),
             std::string::npos)
       << said;
-  // Neither switch was applied, nor is later: the loads may go on now, and a call to the live
-  // strategy (which takes the placement lock after any switch still running) finds the
-  // placement as it was.
+  // Neither switch was applied, nor is later: both calls have ended on the router (the count
+  // above), and the loads may go on now. The placement is as it was (a call to its strategy
+  // finds nothing to do).
   const grpc::Status third = rebalance("sharded", absl::Seconds(10));
   EXPECT_TRUE(third.ok()) << third.error_message();
   const v1::Placement after = placement();

@@ -440,6 +440,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return std::min(absl::Minutes(5), deadline - common::MonotonicNow());
   }
 
+  // Whether a call's deadline (MonotonicNow's clock) has passed. A gRPC call given the time left
+  // until it may end a hair before it on this clock (absl::Now() and the steady clock are read
+  // apart): within a millisecond counts.
+  static bool Passed(absl::Time deadline) {
+    return deadline != absl::InfiniteFuture() &&
+           common::MonotonicNow() + absl::Milliseconds(1) >= deadline;
+  }
+
   // DEADLINE_EXCEEDED of a request whose deadline Capped shortened says so: the client set
   // a longer one (or none), and the message would otherwise blame it.
   absl::Status NameCap(absl::Status st, absl::Time client_deadline, absl::Time used) const {
@@ -995,7 +1003,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // replica is a right source, and one that stays is not left behind. After a router restart
     // steps_done is 0, but the shards' weights tell whether they were trained.
     if (trainer != nullptr) {
-      RETURN_IF_ERROR(ReloadStale(*old, &trained, /*before_step=*/false, deadline));
+      const absl::Status st = ReloadStale(*old, &trained, /*before_step=*/false, deadline);
+      if (!st.ok() && Passed(deadline)) {
+        return absl::DeadlineExceededError(absl::StrCat(
+            "the call's deadline passed while replicas behind their expert's latest training "
+            "step were copied up to it (",
+            st.message(), "); nothing was applied"));
+      }
+      RETURN_IF_ERROR(st);
     }
     next.version = ++version;
     const int S = static_cast<int>(next_shards.size());
@@ -1085,7 +1100,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     for (int s = 0; s < S; ++s) {
       if (results[s].ok()) continue;
-      if (absl::IsDeadlineExceeded(results[s]) && deadline != absl::InfiniteFuture()) {
+      if (absl::IsDeadlineExceeded(results[s]) && Passed(deadline)) {
         // Cut to the call's time left: what did load is an extra, which the control loop
         // unloads (UnloadExtras), as after any failed switch.
         return absl::DeadlineExceededError(absl::StrCat(
@@ -1096,6 +1111,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // A shard that just loaded its first experts turned SERVING: see it before switching.
     for (int s = 0; s < S; ++s) {
       if (!to_load[s].empty() && !next_shards[s]->healthy()) next_shards[s]->CheckHealthNow();
+    }
+    // Nor once the deadline has passed with every load done: the client has been told
+    // DEADLINE_EXCEEDED, or is about to be (what loaded is unloaded, as above).
+    if (Passed(deadline)) {
+      return absl::DeadlineExceededError(
+          "the call's deadline passed as the new replicas finished loading; nothing was applied");
     }
     {
       // The strategy with its table: the control loop, which reads the table and then proposes
