@@ -52,7 +52,8 @@ Training (TrainStep) needs --coordinator, with or without --shards.
                              bf16 halves the bytes and rounds the summed gradients to BF16)
   --timeout-s N              the longest deadline one request gets, and the deadline of
                              requests that come without one (default 30); not Rebalance's,
-                             which ends by its client's deadline (placement loads can be long)
+                             which ends by its client's deadline, or in 10 minutes without one
+                             (placement loads can be long)
   --shutdown-grace-s N       on SIGTERM or SIGINT: NOT_SERVING at once, no new calls, and up
                              to N seconds for the calls in flight to finish; those still
                              running then end UNAVAILABLE. An open InferStream reads no more

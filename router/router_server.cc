@@ -448,6 +448,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
            common::MonotonicNow() + absl::Milliseconds(1) >= deadline;
   }
 
+  // How long a Rebalance that comes without a deadline may run (its waits and loads): not
+  // --timeout-s, which a large model's copies can outlast, but not for good either, so that
+  // calls whose clients have gone do not hold the admin pool.
+  static constexpr absl::Duration kRebalanceWithoutDeadline = absl::Minutes(10);
+
   // DEADLINE_EXCEEDED of a request whose deadline Capped shortened says so: the client set
   // a longer one (or none), and the message would otherwise blame it.
   absl::Status NameCap(absl::Status st, absl::Time client_deadline, absl::Time used) const {
@@ -698,10 +703,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // tries again every tick, and says a failure once per reason).
   // `deadline` (MonotonicNow's clock): the call's. Waiting for another switch, for a training
   // step and for the loads ends by it (DEADLINE_EXCEEDED, nothing applied); the drain after an
-  // applied switch does not (see SwitchLocked). The control loop has none.
+  // applied switch does not (see SwitchLocked). `cancelled` (may be null): whether the call's
+  // client has cancelled it; then nothing is applied either (CANCELLED). The control loop has
+  // neither.
   absl::Status Apply(Placement next, std::vector<std::shared_ptr<ShardClient>> next_shards,
                      std::optional<uint64_t> based_on, bool user = false,
-                     absl::Time deadline = absl::InfiniteFuture()) {
+                     absl::Time deadline = absl::InfiniteFuture(),
+                     const std::function<bool()>& cancelled = nullptr) {
     const std::string what =
         absl::StrCat(StrategyName(next.strategy), " placement over ", next_shards.size(),
                      next_shards.size() == 1 ? " shard" : " shards");
@@ -716,6 +724,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                    what.c_str(), std::string(st.message()).c_str());
       return st;
     }
+    if (cancelled && cancelled()) {
+      return absl::CancelledError(
+          "the caller cancelled the call while it waited for another placement change; nothing "
+          "was applied");
+    }
     if (based_on.has_value()) {
       uint64_t live = 0;
       {
@@ -728,7 +741,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                                *based_on, "; nothing was applied"));
       }
     }
-    absl::Status st = SwitchLocked(std::move(next), std::move(next_shards), deadline);
+    absl::Status st = SwitchLocked(std::move(next), std::move(next_shards), deadline, cancelled);
     // One line per change for the operator (the placement table is in GetPlacement).
     if (st.ok()) {
       last_not_applied.clear();
@@ -945,7 +958,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   // Apply's work, with placement_mu held.
   absl::Status SwitchLocked(Placement next, std::vector<std::shared_ptr<ShardClient>> next_shards,
-                            absl::Time deadline) {
+                            absl::Time deadline, const std::function<bool()>& cancelled) {
     // No training step runs while replicas are copied and the table switches.
     std::unique_lock<common::TimedMutex> train_lock(train_mu, std::defer_lock);
     const std::chrono::nanoseconds left = common::TimeLeft(deadline);
@@ -1112,11 +1125,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     for (int s = 0; s < S; ++s) {
       if (!to_load[s].empty() && !next_shards[s]->healthy()) next_shards[s]->CheckHealthNow();
     }
-    // Nor once the deadline has passed with every load done: the client has been told
-    // DEADLINE_EXCEEDED, or is about to be (what loaded is unloaded, as above).
+    // Nor once the deadline has passed with every load done, or the client has cancelled: it
+    // has been told DEADLINE_EXCEEDED or CANCELLED, or is about to be (what loaded is unloaded,
+    // as above).
     if (Passed(deadline)) {
       return absl::DeadlineExceededError(
           "the call's deadline passed as the new replicas finished loading; nothing was applied");
+    }
+    if (cancelled && cancelled()) {
+      return absl::CancelledError(
+          "the caller cancelled the call while the new replicas loaded; nothing was applied");
     }
     {
       // The strategy with its table: the control loop, which reads the table and then proposes
@@ -1653,26 +1671,35 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   // Checks the token, then runs `work(deadline)` (which returns the call's status) on the admin
   // pool and finishes the unary call with it, recorded under `method` in the request metrics. A
-  // call whose deadline passed while it waited for a thread is not started. `capped`: the
-  // deadline is cut to --timeout-s (else it is the client's own).
+  // call whose deadline passed while it waited for a thread is not started. The deadline is cut
+  // to --timeout-s; with `uncapped`, it is the client's own, or that long without one.
   template <typename Work>
-  grpc::ServerUnaryReactor* Offload(grpc::CallbackServerContext* ctx, const char* method,
-                                    Work work, bool capped = true) {
+  grpc::ServerUnaryReactor* Offload(grpc::CallbackServerContext* ctx, const char* method, Work work,
+                                    std::optional<absl::Duration> uncapped = std::nullopt) {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
     if (!Admit(ctx, reactor, method)) return reactor;
     const auto start = std::chrono::steady_clock::now();
     const absl::Time client_deadline = ClientDeadline(ctx);
-    const absl::Time deadline = capped ? Capped(client_deadline) : client_deadline;
-    if (!admin_pool->Submit([this, reactor, method, start, deadline, client_deadline,
+    const absl::Time deadline = !uncapped.has_value() ? Capped(client_deadline)
+                                : client_deadline != absl::InfiniteFuture()
+                                    ? client_deadline
+                                    : common::MonotonicNow() + *uncapped;
+    if (!admin_pool->Submit([this, reactor, method, start, deadline, client_deadline, uncapped,
                              work = std::move(work)] {
-          const absl::Status st = NameCap(
+          absl::Status st =
               common::MonotonicNow() < deadline
                   ? work(deadline)
                   : absl::DeadlineExceededError(absl::StrCat(
                         method,
                         ": the deadline passed while the call waited behind other "
-                        "training, save and rebalance calls; try again with a longer deadline")),
-              client_deadline, deadline);
+                        "training, save and rebalance calls; try again with a longer deadline"));
+          if (!uncapped.has_value()) {
+            st = NameCap(std::move(st), client_deadline, deadline);
+          } else if (absl::IsDeadlineExceeded(st) && client_deadline == absl::InfiniteFuture()) {
+            st = absl::DeadlineExceededError(
+                absl::StrCat(st.message(), " (a ", method, " that comes without a deadline gets ",
+                             absl::FormatDuration(*uncapped), "; give it a longer one)"));
+          }
           metrics->Request(method, CodeName(st.code()), Seconds(start));
           reactor->Finish(common::ToGrpcStatus(st));
         })) {
@@ -1990,8 +2017,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                       v1::Placement* out) override {
     // Not cut to --timeout-s: a switch's loads take what the experts' size needs, and a model
     // whose loads outlast the cap could never switch (each attempt's loads unloaded again). It
-    // ends by the client's own deadline; without one, each load has its own 5 minutes.
-    auto work = [this, req, out](absl::Time deadline) -> absl::Status {
+    // ends by the client's own deadline (kRebalanceWithoutDeadline without one), and a call its
+    // client cancels applies nothing either.
+    auto work = [this, req, out, ctx](absl::Time deadline) -> absl::Status {
       // No strategy: the one of the table each attempt reads, so that a retry after another
       // operator's switch keeps that switch's strategy instead of undoing it.
       std::optional<Strategy> asked;
@@ -2045,8 +2073,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                 "Bring the shard back, or choose dynamic, which places replicas only on shards in "
                 "rotation"));
           }
-          const absl::Status st =
-              Apply(p, std::move(current), live.version, /*user=*/true, deadline);
+          const absl::Status st = Apply(p, std::move(current), live.version, /*user=*/true,
+                                        deadline, [ctx] { return ctx->IsCancelled(); });
           if (absl::IsAborted(st) && attempt < 3) continue;
           RETURN_IF_ERROR(st);
           p = Table()->placement;
@@ -2055,7 +2083,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         return absl::OkStatus();
       }
     };
-    return Offload(ctx, "Rebalance", std::move(work), /*capped=*/false);
+    return Offload(ctx, "Rebalance", std::move(work), kRebalanceWithoutDeadline);
   }
 
   void DoShutdown(absl::Duration grace) {
