@@ -1,5 +1,6 @@
 #include "router/grpc_shard_client.h"
 
+#include <cstdio>
 #include <deque>
 
 #include "absl/status/status.h"
@@ -191,11 +192,22 @@ GrpcShardClient::~GrpcShardClient() {
   streams_done_.wait(lock, [this] { return live_streams_ == 0; });
 }
 
-void GrpcShardClient::SetHealthy(bool healthy) {
+void GrpcShardClient::SetHealthy(bool healthy, const std::string& why) {
   // The flip and its report in one order: a health check's SERVING and a broken stream's flip
   // racing would otherwise report up after down, and leave moe_shard_up at 1 for a dead shard.
   std::lock_guard<std::mutex> lock(flip_mu_);
-  if (healthy_.exchange(healthy) != healthy && on_health_change_) on_health_change_(healthy);
+  if (healthy_.exchange(healthy) == healthy) return;
+  // Each flip is logged, with its cause, but for the first SERVING (every shard starts out).
+  if (!healthy) {
+    std::fprintf(stderr, "moe-router: shard %s is out of rotation: %s\n", address_.c_str(),
+                 why.c_str());
+    was_out_ = true;
+  } else if (was_out_) {
+    std::fprintf(stderr,
+                 "moe-router: shard %s is back in rotation (its health check says SERVING)\n",
+                 address_.c_str());
+  }
+  if (on_health_change_) on_health_change_(healthy);
 }
 
 absl::StatusOr<common::HealthState> GrpcShardClient::ProbeHealth(uint64_t* seq) {
@@ -241,7 +253,7 @@ void GrpcShardClient::HealthLoop() {
       SetHealthy(true);
     } else if (h.ok() && *h == common::HealthState::kNotServing) {
       failures = 0;
-      SetHealthy(false);
+      SetHealthy(false, "its health check says NOT_SERVING (draining, or no expert loaded)");
       std::lock_guard<std::mutex> l(mu_);
       if (stream_ != nullptr) {
         stream_->CloseGracefully();
@@ -249,7 +261,9 @@ void GrpcShardClient::HealthLoop() {
       }
     } else if (++failures >= 2) {
       answering_ = false;
-      SetHealthy(false);
+      SetHealthy(false, absl::StrCat("two health checks in a row failed, the last: ",
+                                     h.ok() ? "it answers neither SERVING nor NOT_SERVING"
+                                            : h.status().ToString()));
     }
     hl.unlock();
     lock.lock();
@@ -265,7 +279,10 @@ void GrpcShardClient::StreamEnded(Stream* stream, const grpc::Status& status) {
   }
   // A broken stream takes the shard out of rotation until a health check says SERVING again.
   // Done before the stream counts as released: the destructor waits for that, then frees us.
-  if (failed) SetHealthy(false);
+  if (failed) {
+    SetHealthy(false, absl::StrCat("its Dispatch stream broke (",
+                                   common::FromGrpcStatus(status).ToString(), ")"));
+  }
   std::lock_guard<std::mutex> lock(mu_);
   if (stream_ == stream) stream_ = nullptr;
   live_.erase(stream);

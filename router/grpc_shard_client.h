@@ -64,7 +64,8 @@ class GrpcShardClient final : public ShardClient {
   absl::StatusOr<v1::ShardStatus> Load(const std::vector<int>& experts, uint64_t version,
                                        const std::string& peer, bool replace_newer,
                                        absl::Duration timeout);
-  void SetHealthy(bool healthy);
+  // Flips healthy() and reports the flip; a shard taken out is logged with `why`.
+  void SetHealthy(bool healthy, const std::string& why = "");
   // The shard's batch limits, from any status it answers with (a placement's first loads
   // bring them before it serves).
   void NoteLimits(const v1::ShardStatus& status);
@@ -84,6 +85,7 @@ class GrpcShardClient final : public ShardClient {
   std::function<void(bool)> on_health_change_;
   std::mutex flip_mu_;  // SetHealthy's flip and its report; taken last, held only by them
   const absl::Duration health_interval_;
+  bool was_out_ = false;  // flip_mu_: the shard has been out of rotation since it first served
 
   std::atomic<bool> healthy_{false};
   std::atomic<bool> answering_{false};

@@ -20,6 +20,10 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
 #include "expert_server/expert_ffn.h"
 #include "expert_server/shard_server.h"
 #include "expert_server/state_dir.h"
@@ -31,6 +35,7 @@
 #include "services/coordinator/coordinator_server.h"
 #include "services/common/random_checkpoint.h"
 #include "services/common/safetensors.h"
+#include "services/common/status_macros.h"
 #include "tests/reference/loopback_server.h"
 #include "tests/reference/registry_value.h"
 #include "tests/reference/test_util.h"
@@ -59,17 +64,21 @@ std::map<int, std::string> States(const v1::ShardStatus& s) {
   return out;
 }
 
+// A shard server in this process over a random checkpoint (saved as `name`), holding no expert.
+absl::StatusOr<std::unique_ptr<expert::ShardServer>> StartEmptyShard(const std::string& name) {
+  const std::string path = ::moe::testing::TempPath(name);
+  RETURN_IF_ERROR(common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})));
+  expert::ShardServerOptions o;
+  o.checkpoint = path;
+  o.initial_experts = std::vector<int>{};
+  return expert::ShardServer::Start(o);
+}
+
 // The status calls once filled the answer after it had been moved into the result: every
 // status came back empty, and the router's control loop then saw every expert as missing on
 // every shard and copied them all again each second, over training steps in flight.
 TEST(GrpcShardClient, LoadUnloadAndStatusReturnTheShardsAnswer) {
-  const std::string path = ::moe::testing::TempPath("grpc_shard_client_test.safetensors");
-  ASSERT_TRUE(
-      common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
-  expert::ShardServerOptions o;
-  o.checkpoint = path;
-  o.initial_experts = std::vector<int>{};
-  auto server = expert::ShardServer::Start(o);
+  auto server = StartEmptyShard("grpc_shard_client_test.safetensors");
   ASSERT_TRUE(server.ok()) << server.status();
   GrpcShardClient client((*server)->address(), common::RpcLimits{});
   ASSERT_TRUE(WaitAnswering(client));
@@ -99,6 +108,66 @@ TEST(GrpcShardClient, LoadUnloadAndStatusReturnTheShardsAnswer) {
   EXPECT_NE(stale.status().message().find("older than the shard's version"), std::string::npos)
       << stale.status();
   (*server)->Shutdown();
+}
+
+// Each time a shard leaves rotation the router says so, with the cause, and again when it comes
+// back (not when it first serves); moe_shard_up follows the same flips (`on_health_change`).
+TEST(GrpcShardClient, SaysWhyAShardLeavesRotationAndWhenItComesBack) {
+  auto server = StartEmptyShard("grpc_shard_client_flips.safetensors");
+  ASSERT_TRUE(server.ok()) << server.status();
+  const std::string address = (*server)->address();
+  auto stub =
+      v1::ExpertShard::NewStub(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  auto drain = [&](bool undo) {
+    v1::DrainRequest req;
+    req.set_undo(undo);
+    v1::DrainResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    return stub->Drain(&ctx, req, &resp).ok();
+  };
+  std::mutex mu;
+  std::vector<bool> flips;
+  std::string failed;  // the first step that failed (no ASSERT while stderr is captured)
+  ::testing::internal::CaptureStderr();
+  {
+    GrpcShardClient client(
+        address, common::RpcLimits{},
+        [&](bool up) {
+          std::lock_guard<std::mutex> lock(mu);
+          flips.push_back(up);
+        },
+        absl::Milliseconds(50));
+    auto step = [&](const char* what, bool ok) {
+      if (!ok && failed.empty()) failed = what;
+      return ok;
+    };
+    (void)(step("answering", WaitAnswering(client)) &&
+           step("load", client.LoadExperts({0}, 1, "", absl::Seconds(30)).ok()) &&
+           step("first SERVING", Eventually([&] { return client.healthy(); })) &&
+           step("drain", drain(false)) &&
+           step("out on NOT_SERVING", Eventually([&] { return !client.healthy(); })) &&
+           step("undo", drain(true)) && step("back", Eventually([&] { return client.healthy(); })));
+    (*server)->Shutdown(absl::ZeroDuration());
+    step("out once stopped", Eventually([&] { return !client.healthy(); }));
+  }
+  const std::string said = ::testing::internal::GetCapturedStderr();
+  std::fputs(said.c_str(), stderr);  // also whatever else was said (a sanitizer's report)
+  ASSERT_TRUE(failed.empty()) << "failed at: " << failed;
+  const std::string prefix = absl::StrCat("moe-router: shard ", address, " ");
+  std::vector<std::string> lines;
+  for (absl::string_view line : absl::StrSplit(said, '\n')) {
+    if (absl::StartsWith(line, prefix)) lines.emplace_back(line.substr(prefix.size()));
+  }
+  ASSERT_EQ(lines.size(), 3u) << said;
+  EXPECT_EQ(lines[0],
+            "is out of rotation: its health check says NOT_SERVING (draining, or no expert "
+            "loaded)");
+  EXPECT_EQ(lines[1], "is back in rotation (its health check says SERVING)");
+  EXPECT_TRUE(absl::StartsWith(lines[2], "is out of rotation: ")) << lines[2];
+  EXPECT_GT(lines[2].size(), std::string("is out of rotation: ").size()) << "no cause given";
+  std::lock_guard<std::mutex> lock(mu);
+  EXPECT_EQ(flips, (std::vector<bool>{true, false, true, false}));
 }
 
 // A shard whose LoadExperts never answers on its own (a load stuck on a slow disk or a stalled
