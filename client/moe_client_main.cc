@@ -550,6 +550,13 @@ absl::Status Info(const Flags& f) {
                     placed ? absl::StrJoin(si.experts(), ",") : si.detail()});
   }
   PrintTable({"shard", "address", "health", "experts"}, rows);
+  for (int s = 0; s < info.shards_size(); ++s) {
+    const v1::ShardInfo& si = info.shards(s);
+    if (si.out_of_rotation_reason().empty()) continue;
+    std::printf("shard %d (%s) out of rotation for %.1f s: %s\n", s, si.address().c_str(),
+                static_cast<double>(si.out_of_rotation_ms()) / 1000.0,
+                si.out_of_rotation_reason().c_str());
+  }
   return absl::OkStatus();
 }
 

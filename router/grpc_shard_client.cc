@@ -5,6 +5,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "services/common/clock.h"
 #include "services/common/expert_copy.h"
 #include "services/common/security.h"
 #include "services/common/grpc_status.h"
@@ -196,7 +197,15 @@ void GrpcShardClient::SetHealthy(bool healthy, const std::string& why) {
   // The flip and its report in one order: a health check's SERVING and a broken stream's flip
   // racing would otherwise report up after down, and leave moe_shard_up at 1 for a dead shard.
   std::lock_guard<std::mutex> lock(flip_mu_);
-  if (healthy_.exchange(healthy) == healthy) return;
+  const bool was = healthy_.exchange(healthy);
+  // The cause kept is the latest (a drained shard that is then stopped: its checks now fail).
+  if (healthy) {
+    out_ = {};
+  } else {
+    if (was || out_.why.empty()) out_.since = common::MonotonicNow();
+    out_.why = why;
+  }
+  if (was == healthy) return;
   // Each flip is logged, with its cause, but for the first SERVING (every shard starts out).
   if (!healthy) {
     std::fprintf(stderr, "moe-router: shard %s is out of rotation: %s\n", address_.c_str(),
@@ -208,6 +217,11 @@ void GrpcShardClient::SetHealthy(bool healthy, const std::string& why) {
                  address_.c_str());
   }
   if (on_health_change_) on_health_change_(healthy);
+}
+
+ShardClient::OutOfRotation GrpcShardClient::out_of_rotation() const {
+  std::lock_guard<std::mutex> lock(flip_mu_);
+  return out_;
 }
 
 absl::StatusOr<common::HealthState> GrpcShardClient::ProbeHealth(uint64_t* seq) {
@@ -260,10 +274,11 @@ void GrpcShardClient::HealthLoop() {
         stream_ = nullptr;
       }
     } else if (++failures >= 2) {
-      answering_ = false;
+      // The reason first: one who sees the shard no longer answering reads why.
       SetHealthy(false, absl::StrCat("two health checks in a row failed, the last: ",
                                      h.ok() ? "it answers neither SERVING nor NOT_SERVING"
                                             : h.status().ToString()));
+      answering_ = false;
     }
     hl.unlock();
     lock.lock();

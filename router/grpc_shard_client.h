@@ -36,6 +36,7 @@ class GrpcShardClient final : public ShardClient {
   bool healthy() const override { return healthy_.load(); }
   bool answering() const override { return answering_.load(); }
   void CheckHealthNow() override;
+  OutOfRotation out_of_rotation() const override;
   int64_t outstanding_rows() const override { return outstanding_rows_.load(); }
   const std::string& address() const override { return address_; }
   absl::StatusOr<v1::ShardStatus> LoadExperts(const std::vector<int>& experts, uint64_t version,
@@ -64,7 +65,8 @@ class GrpcShardClient final : public ShardClient {
   absl::StatusOr<v1::ShardStatus> Load(const std::vector<int>& experts, uint64_t version,
                                        const std::string& peer, bool replace_newer,
                                        absl::Duration timeout);
-  // Flips healthy() and reports the flip; a shard taken out is logged with `why`.
+  // Flips healthy() and reports the flip; a shard taken out is logged with `why`, which
+  // out_of_rotation() then tells.
   void SetHealthy(bool healthy, const std::string& why = "");
   // The shard's batch limits, from any status it answers with (a placement's first loads
   // bring them before it serves).
@@ -83,9 +85,10 @@ class GrpcShardClient final : public ShardClient {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::ExpertShard::Stub> stub_;
   std::function<void(bool)> on_health_change_;
-  std::mutex flip_mu_;  // SetHealthy's flip and its report; taken last, held only by them
+  mutable std::mutex flip_mu_;  // SetHealthy's flip and its report; taken last, held only by them
   const absl::Duration health_interval_;
   bool was_out_ = false;  // flip_mu_: the shard has been out of rotation since it first served
+  OutOfRotation out_;     // flip_mu_
 
   std::atomic<bool> healthy_{false};
   std::atomic<bool> answering_{false};

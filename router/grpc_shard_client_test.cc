@@ -33,6 +33,7 @@
 #include "router/moe_layer.h"
 #include "router/router_server.h"
 #include "services/coordinator/coordinator_server.h"
+#include "services/common/clock.h"
 #include "services/common/random_checkpoint.h"
 #include "services/common/safetensors.h"
 #include "services/common/status_macros.h"
@@ -111,7 +112,8 @@ TEST(GrpcShardClient, LoadUnloadAndStatusReturnTheShardsAnswer) {
 }
 
 // Each time a shard leaves rotation the router says so, with the cause, and again when it comes
-// back (not when it first serves); moe_shard_up follows the same flips (`on_health_change`).
+// back (not when it first serves); moe_shard_up follows the same flips (`on_health_change`), and
+// out_of_rotation() (GetClusterInfo's reason) tells the cause while the shard is out.
 TEST(GrpcShardClient, SaysWhyAShardLeavesRotationAndWhenItComesBack) {
   auto server = StartEmptyShard("grpc_shard_client_flips.safetensors");
   ASSERT_TRUE(server.ok()) << server.status();
@@ -147,7 +149,13 @@ TEST(GrpcShardClient, SaysWhyAShardLeavesRotationAndWhenItComesBack) {
            step("first SERVING", Eventually([&] { return client.healthy(); })) &&
            step("drain", drain(false)) &&
            step("out on NOT_SERVING", Eventually([&] { return !client.healthy(); })) &&
-           step("undo", drain(true)) && step("back", Eventually([&] { return client.healthy(); })));
+           step("why, while out",
+                client.out_of_rotation().why ==
+                        "its health check says NOT_SERVING (draining, or no expert loaded)" &&
+                    client.out_of_rotation().since <= common::MonotonicNow()) &&
+           step("undo", drain(true)) &&
+           step("back", Eventually([&] { return client.healthy(); })) &&
+           step("no why once back", client.out_of_rotation().why.empty()));
     (*server)->Shutdown(absl::ZeroDuration());
     step("out once stopped", Eventually([&] { return !client.healthy(); }));
   }

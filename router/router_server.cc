@@ -1962,6 +1962,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                                      : "unreachable");
       for (int e : t->placement.ExpertsOn(s)) si->add_experts(e);
       si->set_placement_version(t->placement.version);
+      if (!healthy) {
+        const ShardClient::OutOfRotation out = t->shards[s]->out_of_rotation();
+        if (!out.why.empty()) {
+          si->set_out_of_rotation_reason(out.why);
+          si->set_out_of_rotation_ms(absl::ToInt64Milliseconds(common::MonotonicNow() - out.since));
+        }
+      }
     }
     {
       // The entry of `address` among those listed so far, or null.

@@ -38,6 +38,14 @@ class ShardClient {
   virtual bool answering() const { return healthy(); }
   // Asks the shard's health now (instead of at the next periodic check) and updates healthy().
   virtual void CheckHealthNow() = 0;
+  // Why the shard is out of rotation, as its health and stream last said, and since when
+  // (common::MonotonicNow's clock: the flip out, or the first failure of a shard that has not
+  // served yet); `why` is empty while it is in rotation, or when nothing has said.
+  struct OutOfRotation {
+    std::string why;
+    absl::Time since = absl::InfinitePast();
+  };
+  virtual OutOfRotation out_of_rotation() const { return {}; }
   // Rows sent and not yet answered.
   virtual int64_t outstanding_rows() const = 0;
   // Set by the router when the shard's status shows another model than its own (a shard

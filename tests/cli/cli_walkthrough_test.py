@@ -359,6 +359,11 @@ try:
     expect(re.search(rf"^\d+\s+{re.escape(shard)}\s+not serving\s", info, re.M) is not None and
            len(re.findall(r"^\d+\s+127\.0\.0\.1:\d+\s+up\s", info, re.M)) == 2,
            f"info after draining {shard}: it should read 'not serving', the others 'up':\n{info}")
+    # ... and says why, under the table.
+    expect(re.search(rf"^shard \d+ \({re.escape(shard)}\) out of rotation for \d+\.\d s: its "
+                     r"health check says NOT_SERVING \(draining, or no expert loaded\)$",
+                     info, re.M) is not None and info.count("out of rotation") == 1,
+           f"info after draining {shard}: one line should say why it is out:\n{info}")
     # Ctrl-C while the services start stops them then, not once the cluster is ready: here the
     # router's only shard cannot be reached (its --shards given again: the last one counts), so
     # it never turns SERVING, and moe-cluster used to wait the 5 minutes of its start-up.

@@ -300,9 +300,10 @@ TEST_F(ClusterTest, KilledShardWithReplicasLosesNoRequest) {
 }
 
 // The router's view of the shard at `address` (ShardInfo.state), polled until it reads `want` or
-// `seconds` pass; the last state read.
+// `seconds` pass; the last state read, and the last entry in `*last` if given.
 std::string AwaitShardState(const std::string& router, const std::string& address,
-                            const std::string& want, double seconds) {
+                            const std::string& want, double seconds,
+                            v1::ShardInfo* last = nullptr) {
   auto stub = client::MakeRouterStub(router);
   std::string state;
   const auto start = Clock::now();
@@ -312,7 +313,9 @@ std::string AwaitShardState(const std::string& router, const std::string& addres
     v1::ClusterInfo info;
     if (stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info).ok()) {
       for (const auto& s : info.shards()) {
-        if (s.address() == address) state = s.state();
+        if (s.address() != address) continue;
+        state = s.state();
+        if (last != nullptr) *last = s;
       }
     }
     if (state == want) break;
@@ -347,16 +350,33 @@ TEST_F(ClusterTest, DrainedShardStopsWithoutAFailover) {
                          "moe_shard_up{shard=\"" + cluster->shard_addresses()[1] + "\"}"), 0);
 
   // `moe-client info` tells a drained shard (it answers NOT_SERVING) from a stopped one.
+  // Its entry says why it is out, and since when; a shard in rotation has no reason.
   const std::string drained = cluster->shard_addresses()[1];
-  EXPECT_EQ(AwaitShardState(cluster->router_address(), drained, "not_serving", 0), "not_serving");
-  EXPECT_EQ(AwaitShardState(cluster->router_address(), cluster->shard_addresses()[0], "serving", 0),
-            "serving");
+  v1::ShardInfo out;
+  EXPECT_EQ(AwaitShardState(cluster->router_address(), drained, "not_serving", 0, &out),
+            "not_serving");
+  EXPECT_EQ(out.out_of_rotation_reason(),
+            "its health check says NOT_SERVING (draining, or no expert loaded)");
+  EXPECT_GE(out.out_of_rotation_ms(), 0);
+  EXPECT_LT(out.out_of_rotation_ms(), 10000);
+  v1::ShardInfo in;
+  EXPECT_EQ(
+      AwaitShardState(cluster->router_address(), cluster->shard_addresses()[0], "serving", 0, &in),
+      "serving");
+  EXPECT_EQ(in.out_of_rotation_reason(), "");
+  EXPECT_EQ(in.out_of_rotation_ms(), 0);
 
   const int ok_at_drain = result.ok.load();
   cluster->shard(1).Signal(SIGTERM);
   std::this_thread::sleep_for(std::chrono::milliseconds(1000));
   load.Stop();
-  EXPECT_EQ(AwaitShardState(cluster->router_address(), drained, "unreachable", 10), "unreachable");
+  // Stopped now: the reason is the latest (its checks fail), the time still counts from the drain.
+  EXPECT_EQ(AwaitShardState(cluster->router_address(), drained, "unreachable", 10, &out),
+            "unreachable");
+  EXPECT_TRUE(absl::StartsWith(out.out_of_rotation_reason(),
+                               "two health checks in a row failed, the last: "))
+      << out.out_of_rotation_reason();
+  EXPECT_GE(out.out_of_rotation_ms(), 1000);
   EXPECT_EQ(result.failed.load(), 0) << result.first_error;
   EXPECT_EQ(result.wrong.load(), 0);
   EXPECT_GT(result.ok.load(), ok_at_drain + 10) << "serving went on after the drain";
