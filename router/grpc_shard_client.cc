@@ -206,12 +206,33 @@ void GrpcShardClient::SetHealthy(bool healthy, const std::string& why) {
     out_.why = why;
   }
   if (was == healthy) return;
-  // Each flip is logged, with its cause, but for the first SERVING (every shard starts out).
+  // Each flip is logged, with its cause, but for the first SERVING (every shard starts out). A
+  // shard whose streams break while its health says SERVING flips up to four times a second:
+  // its first kFlipsLogged flips of a minute are logged, then one line says the rest are not,
+  // and the next line logged counts them.
   if (!healthy) {
-    std::fprintf(stderr, "moe-router: shard %s is out of rotation: %s\n", address_.c_str(),
-                 why.c_str());
+    const absl::Time now = common::MonotonicNow();
+    if (now - log_window_ >= absl::Minutes(1)) {
+      log_window_ = now;
+      logged_in_window_ = 0;
+    }
+    log_back_ = logged_in_window_ < kFlipsLogged;
+    if (log_back_) {
+      ++logged_in_window_;
+      const std::string unlogged =
+          unlogged_ == 0 ? ""
+                         : absl::StrCat(" (it left ", unlogged_, " more times before, not logged)");
+      std::fprintf(stderr, "moe-router: shard %s is out of rotation: %s%s\n", address_.c_str(),
+                   why.c_str(), unlogged.c_str());
+      unlogged_ = 0;
+    } else if (unlogged_++ == 0) {
+      std::fprintf(stderr,
+                   "moe-router: shard %s keeps leaving rotation: not logged again for up to a "
+                   "minute\n",
+                   address_.c_str());
+    }
     was_out_ = true;
-  } else if (was_out_) {
+  } else if (was_out_ && log_back_) {
     std::fprintf(stderr,
                  "moe-router: shard %s is back in rotation (its health check says SERVING)\n",
                  address_.c_str());

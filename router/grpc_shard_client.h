@@ -85,10 +85,18 @@ class GrpcShardClient final : public ShardClient {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::ExpertShard::Stub> stub_;
   std::function<void(bool)> on_health_change_;
-  mutable std::mutex flip_mu_;  // SetHealthy's flip and its report; taken last, held only by them
+  // SetHealthy's flip and its report, held only by them and out_of_rotation(); under it
+  // on_health_change_ takes the router's metrics lock, which calls nothing back.
+  mutable std::mutex flip_mu_;
   const absl::Duration health_interval_;
   bool was_out_ = false;  // flip_mu_: the shard has been out of rotation since it first served
   OutOfRotation out_;     // flip_mu_
+  // The lines of flips (flip_mu_): at most kFlipsLogged flips out a minute, from log_window_.
+  static constexpr int kFlipsLogged = 5;
+  absl::Time log_window_ = absl::InfinitePast();
+  int logged_in_window_ = 0;
+  int unlogged_ = 0;      // flips out since the last one logged
+  bool log_back_ = true;  // the last flip out was logged: so is the return
 
   std::atomic<bool> healthy_{false};
   std::atomic<bool> answering_{false};

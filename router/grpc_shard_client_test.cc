@@ -213,6 +213,85 @@ double SecondsSince(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
 
+// A shard whose Dispatch streams end with UNAVAILABLE at their first batch while `end` is set,
+// and otherwise stay open until the client goes; its health says SERVING throughout.
+class EndingStreamsShard final : public v1::ExpertShard::Service {
+ public:
+  std::atomic<bool> end{true};
+  std::atomic<int> open{0};
+  grpc::Status Dispatch(
+      grpc::ServerContext*,
+      grpc::ServerReaderWriter<v1::DispatchResponse, v1::DispatchRequest>* stream) override {
+    v1::DispatchRequest req;
+    if (!stream->Read(&req)) return grpc::Status::OK;
+    if (end.load()) {
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE, "this test's shard ends the stream");
+    }
+    ++open;
+    while (stream->Read(&req)) {
+    }
+    --open;
+    return grpc::Status::OK;
+  }
+};
+
+// The stream path of the same lines: a stream the shard breaks takes it out, with the shard's
+// status, and the next health check brings it back; one that the client ends itself, by going
+// away with a stream open, says nothing. A shard that keeps breaking its streams (7 times here)
+// has its first 5 flips of a minute logged, then one line saying the rest are not.
+TEST(GrpcShardClient, SaysWhenAShardBreaksItsStreamButNotWhenTheClientEndsIt) {
+  const bool health = StuckShardServer::EnableHealth();
+  ASSERT_TRUE(health);
+  EndingStreamsShard service;
+  moe::testing::LoopbackServer server(&service);
+  ASSERT_TRUE(server.ok());
+  auto batch = [](uint64_t id) {
+    auto r = std::make_shared<v1::DispatchRequest>();
+    r->set_batch_id(id);
+    return r;
+  };
+  std::atomic<int> answered{0};
+  std::string failed;
+  ::testing::internal::CaptureStderr();
+  {
+    GrpcShardClient client(server.address(), common::RpcLimits{}, nullptr, absl::Milliseconds(50));
+    auto step = [&](const char* what, bool ok) {
+      if (!ok && failed.empty()) failed = what;
+      return ok;
+    };
+    auto dispatch = [&](uint64_t id) {
+      client.Dispatch(batch(id), 1, [&](absl::StatusOr<v1::DispatchResponse>) { ++answered; });
+    };
+    bool ok = step("first SERVING", Eventually([&] { return client.healthy(); }));
+    for (int i = 1; ok && i <= 7; ++i) {
+      ok = step("broken", (dispatch(i), Eventually([&] { return !client.healthy(); }))) &&
+           step("answered", Eventually([&] { return answered.load() == i; })) &&
+           step("back", Eventually([&] { return client.healthy(); }));
+    }
+    (void)(ok && step("open", (service.end = false, dispatch(8),
+                               Eventually([&] { return service.open.load() == 1; }))));
+  }
+  const std::string said = ::testing::internal::GetCapturedStderr();
+  std::fputs(said.c_str(), stderr);
+  ASSERT_TRUE(failed.empty()) << "failed at: " << failed;
+  EXPECT_TRUE(Eventually([&] { return service.open.load() == 0; }));
+  EXPECT_EQ(answered.load(), 8) << "the open stream's batch was not answered";
+  const std::string prefix = absl::StrCat("moe-router: shard ", server.address(), " ");
+  std::vector<std::string> lines;
+  for (absl::string_view line : absl::StrSplit(said, '\n')) {
+    if (absl::StartsWith(line, prefix)) lines.emplace_back(line.substr(prefix.size()));
+  }
+  std::vector<std::string> want;
+  for (int i = 0; i < 5; ++i) {
+    want.push_back(
+        "is out of rotation: its Dispatch stream broke (UNAVAILABLE: this test's shard ends the "
+        "stream)");
+    want.push_back("is back in rotation (its health check says SERVING)");
+  }
+  want.push_back("keeps leaving rotation: not logged again for up to a minute");
+  EXPECT_EQ(lines, want) << said;
+}
+
 TEST(GrpcShardClient, CancelAdminCallsEndsALoadInProgressAndRefusesTheNext) {
   StuckShardServer shard;
   ASSERT_TRUE(shard.server.ok());
@@ -1095,6 +1174,10 @@ class HeldLoads final : public ShardClient {
     cv_.notify_all();
   }
   int held_calls() const { return held_calls_.load(); }
+  // While kept out, the shard reads as out of rotation whatever its health says, and
+  // CheckHealthNow is counted.
+  void KeepOut(bool out) { kept_out_ = out; }
+  int checks_while_out() const { return checks_while_out_.load(); }
 
   absl::StatusOr<v1::ShardStatus> LoadExperts(const std::vector<int>& experts, uint64_t version,
                                               const std::string& peer,
@@ -1120,9 +1203,12 @@ class HeldLoads final : public ShardClient {
     inner_->Dispatch(std::move(request), rows, std::move(done));
   }
   void CancelBatch(uint64_t batch_id) override { inner_->CancelBatch(batch_id); }
-  bool healthy() const override { return inner_->healthy(); }
+  bool healthy() const override { return !kept_out_.load() && inner_->healthy(); }
   bool answering() const override { return inner_->answering(); }
-  void CheckHealthNow() override { inner_->CheckHealthNow(); }
+  void CheckHealthNow() override {
+    if (kept_out_.load()) ++checks_while_out_;
+    inner_->CheckHealthNow();
+  }
   int64_t outstanding_rows() const override { return inner_->outstanding_rows(); }
   const std::string& address() const override { return inner_->address(); }
   absl::StatusOr<v1::ShardStatus> RollBackExperts(const std::vector<int>& experts, uint64_t version,
@@ -1162,7 +1248,64 @@ class HeldLoads final : public ShardClient {
   std::condition_variable cv_;
   bool held_ = false;
   std::atomic<int> held_calls_{0};
+  std::atomic<bool> kept_out_{false};
+  std::atomic<int> checks_while_out_{0};
 };
+
+// The router says SERVING only once each shard of its first placement is seen in rotation (for
+// up to 5 s). Until 2026-12-04 it served as soon as the placement was loaded: a shard whose one
+// health check after its loads timed out (a busy machine) stayed out until its next periodic
+// check, and a training step sent at READY was refused "out of rotation" with no shard down.
+TEST(RouterFirstPlacement, ServesOnceItsShardsAreInRotation) {
+  const std::string path = ::moe::testing::TempPath("serves_in_rotation.safetensors");
+  ASSERT_TRUE(common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
+  std::vector<std::unique_ptr<expert::ShardServer>> shards;
+  RouterServerOptions o;
+  o.checkpoint = path;
+  o.strategy = Strategy::kReplicated;
+  for (int s = 0; s < 2; ++s) {
+    expert::ShardServerOptions so = Starting(std::nullopt);
+    so.checkpoint = path;
+    auto shard = expert::ShardServer::Start(so);
+    ASSERT_TRUE(shard.ok()) << shard.status();
+    o.shards.push_back((*shard)->address());
+    shards.push_back(*std::move(shard));
+  }
+  std::mutex clients_mu;
+  std::vector<std::weak_ptr<HeldLoads>> clients;  // weak: the router owns them
+  auto registry = std::make_shared<prometheus::Registry>();
+  o.registry = registry;
+  o.shard_factory = [&, limits = o.limits](const std::string& address,
+                                           std::function<void(bool)> on_change) {
+    auto c = std::make_shared<HeldLoads>(
+        std::make_shared<GrpcShardClient>(address, limits, std::move(on_change)));
+    std::lock_guard<std::mutex> l(clients_mu);
+    if (clients.empty()) c->KeepOut(true);  // the first shard's check "times out"
+    clients.push_back(c);
+    return c;
+  };
+  auto checks_while_out = [&] {
+    std::lock_guard<std::mutex> l(clients_mu);
+    auto c = clients.empty() ? nullptr : clients[0].lock();
+    return c ? c->checks_while_out() : 0;
+  };
+  auto router = RouterServer::Start(o);
+  ASSERT_TRUE(router.ok()) << router.status();
+  // The placement is loaded and the router asks the kept-out shard's health again and again ...
+  EXPECT_TRUE(Eventually([&] { return checks_while_out() >= 4; }));
+  // ... and does not serve meanwhile.
+  const absl::Status early = (*router)->WaitUntilReady(absl::ZeroDuration());
+  EXPECT_EQ(early.code(), absl::StatusCode::kDeadlineExceeded) << early;
+  {
+    std::lock_guard<std::mutex> l(clients_mu);
+    for (const auto& w : clients) {
+      if (auto c = w.lock()) c->KeepOut(false);
+    }
+  }
+  const absl::Status ready = (*router)->WaitUntilReady(absl::Seconds(30));
+  EXPECT_TRUE(ready.ok()) << ready;
+  (*router)->Shutdown();
+}
 
 // A Rebalance ends by its deadline: its loads are given the time it has left, and its wait for
 // another switch ends with it. Nothing is applied then, also once the loads could go on. Until

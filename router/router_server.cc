@@ -1622,6 +1622,34 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return st;
   }
 
+  // Before the router says SERVING: each shard of the first placement is seen in rotation, up to
+  // `limit` in all. The placement checked each shard's health once after its loads; on a busy
+  // machine that check can time out, and the shard stayed out until its next periodic check, so
+  // a training step sent at READY was refused ("out of rotation") with no shard down. A shard
+  // still out after `limit` is said in a line, and serving starts anyway (its requests go to
+  // the other replicas, or to it as a last resort).
+  void AwaitPlacedShardsInRotation(absl::Duration limit) {
+    const std::shared_ptr<const RoutingTable> t = Table();
+    if (t == nullptr) return;
+    const absl::Time until = common::MonotonicNow() + limit;
+    for (int s = 0; s < static_cast<int>(t->shards.size()); ++s) {
+      ShardClient& c = *t->shards[s];
+      if (t->placement.ExpertsOn(s).empty()) continue;
+      while (!c.healthy() && common::MonotonicNow() < until && !shutting_down.load()) {
+        c.CheckHealthNow();
+        if (!c.healthy()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+      if (!c.healthy() && !shutting_down.load()) {
+        const ShardClient::OutOfRotation out = c.out_of_rotation();
+        std::fprintf(stderr,
+                     "moe-router: serving, but shard %s is not in rotation yet (%s); its "
+                     "replicas are used once its health check says SERVING\n",
+                     c.address().c_str(),
+                     out.why.empty() ? "no health check has answered" : out.why.c_str());
+      }
+    }
+  }
+
   void ControlLoop() {
     // Since when each shard the first placement could not read has not answered.
     std::map<std::string, std::chrono::steady_clock::time_point> unread_since;
@@ -1631,6 +1659,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (!ready.HasBeenNotified()) {
         const absl::Status st = FirstPlacement(&unread_since);
         if (st.ok()) {
+          AwaitPlacedShardsInRotation(absl::Seconds(5));
           server->GetHealthCheckService()->SetServingStatus(true);
           ready.Notify();
         } else {

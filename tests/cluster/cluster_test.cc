@@ -1374,16 +1374,18 @@ TEST_F(ClusterTest, ATrainedClusterWithEveryShardWholeCopiesNoExpert) {
 
 // `n` training steps at a small rate, seeded `first_seed`, `first_seed` + 1, ...; the first that
 // fails is named. A step refused because a shard is out of rotation (it changes nothing) is sent
-// again for up to 20 s, as `moe-client train` does: on a loaded machine (ThreadSanitizer) a
-// shard's health checks can time out just after the cluster is READY, and the router's log then
-// says why ("shard ... is out of rotation: ...").
+// again for up to 20 s, as `moe-client train` does, and each refusal is printed: on a loaded
+// machine (ThreadSanitizer) two of a shard's health checks in a row can time out, and the
+// router's log then says so ("shard ... is out of rotation: ...").
 absl::Status TrainSteps(v1::Router::Stub* stub, uint64_t first_seed, int n) {
   for (int step = 0; step < n; ++step) {
     const auto start = Clock::now();
     grpc::Status st = Train(stub, first_seed + step, 20000, 0.005f);
     while (st.error_code() == grpc::StatusCode::UNAVAILABLE &&
-           st.error_message().find("are out of rotation") != std::string::npos &&
+           st.error_message().find("out of rotation: the step could not commit") !=
+               std::string::npos &&
            Since(start) < 20) {
+      std::fprintf(stderr, "step %d refused, sent again: %s\n", step, st.error_message().c_str());
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
       st = Train(stub, first_seed + step, 20000, 0.005f);
     }
