@@ -231,8 +231,7 @@ void GrpcShardClient::SetHealthy(bool healthy, const std::string& why) {
                    "minute\n",
                    address_.c_str());
     }
-    was_out_ = true;
-  } else if (was_out_ && log_back_) {
+  } else if (log_back_) {
     std::fprintf(stderr,
                  "moe-router: shard %s is back in rotation (its health check says SERVING)\n",
                  address_.c_str());

@@ -89,14 +89,15 @@ class GrpcShardClient final : public ShardClient {
   // on_health_change_ takes the router's metrics lock, which calls nothing back.
   mutable std::mutex flip_mu_;
   const absl::Duration health_interval_;
-  bool was_out_ = false;  // flip_mu_: the shard has been out of rotation since it first served
-  OutOfRotation out_;     // flip_mu_
+  OutOfRotation out_;  // flip_mu_
   // The lines of flips (flip_mu_): at most kFlipsLogged flips out a minute, from log_window_.
   static constexpr int kFlipsLogged = 5;
   absl::Time log_window_ = absl::InfinitePast();
   int logged_in_window_ = 0;
   int unlogged_ = 0;      // flips out since the last one logged
-  bool log_back_ = true;  // the last flip out was logged: so is the return
+  // The last flip out was logged, so the return is (none before the first: a shard's first
+  // SERVING is not logged).
+  bool log_back_ = false;
 
   std::atomic<bool> healthy_{false};
   std::atomic<bool> answering_{false};

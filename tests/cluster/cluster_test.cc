@@ -1372,23 +1372,34 @@ TEST_F(ClusterTest, ATrainedClusterWithEveryShardWholeCopiesNoExpert) {
   }
 }
 
+// One training step at a small rate (seed `seed`), sent again every 20 ms for up to 20 s while
+// its answer is UNAVAILABLE and `refused` (if set) says that answer is a refusal that changed
+// nothing; each refusal is printed.
+grpc::Status TrainWhileRefused(v1::Router::Stub* stub, uint64_t seed,
+                               const std::function<bool(const grpc::Status&)>& refused = nullptr) {
+  const auto start = Clock::now();
+  grpc::Status st = Train(stub, seed, 20000, 0.005f);
+  while (st.error_code() == grpc::StatusCode::UNAVAILABLE && (!refused || refused(st)) &&
+         Since(start) < 20) {
+    std::fprintf(stderr, "step of seed %llu refused, sent again: %s\n",
+                 static_cast<unsigned long long>(seed), st.error_message().c_str());
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    st = Train(stub, seed, 20000, 0.005f);
+  }
+  return st;
+}
+
 // `n` training steps at a small rate, seeded `first_seed`, `first_seed` + 1, ...; the first that
 // fails is named. A step refused because a shard is out of rotation (it changes nothing) is sent
-// again for up to 20 s, as `moe-client train` does, and each refusal is printed: on a loaded
-// machine (ThreadSanitizer) two of a shard's health checks in a row can time out, and the
-// router's log then says so ("shard ... is out of rotation: ...").
+// again for up to 20 s, as `moe-client train` does: on a loaded machine (ThreadSanitizer) two of
+// a shard's health checks in a row can time out, and the router's log then says so ("shard ...
+// is out of rotation: ...").
 absl::Status TrainSteps(v1::Router::Stub* stub, uint64_t first_seed, int n) {
   for (int step = 0; step < n; ++step) {
-    const auto start = Clock::now();
-    grpc::Status st = Train(stub, first_seed + step, 20000, 0.005f);
-    while (st.error_code() == grpc::StatusCode::UNAVAILABLE &&
-           st.error_message().find("out of rotation: the step could not commit") !=
-               std::string::npos &&
-           Since(start) < 20) {
-      std::fprintf(stderr, "step %d refused, sent again: %s\n", step, st.error_message().c_str());
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      st = Train(stub, first_seed + step, 20000, 0.005f);
-    }
+    const grpc::Status st = TrainWhileRefused(stub, first_seed + step, [](const grpc::Status& s) {
+      return s.error_message().find("out of rotation: the step could not commit") !=
+             std::string::npos;
+    });
     if (!st.ok()) {
       const absl::Status failed = common::FromGrpcStatus(st);
       return absl::Status(failed.code(), absl::StrCat("step ", step, ": ", failed.message()));
@@ -1406,13 +1417,7 @@ absl::Status KillRestartAndTrain(client::LocalCluster& cluster, int s, v1::Route
     return absl::DeadlineExceededError("the killed shard did not exit");
   }
   RETURN_IF_ERROR(cluster.RestartShard(s));
-  const auto start = Clock::now();
-  grpc::Status st = Train(stub, seed, 20000, 0.005f);
-  while (st.error_code() == grpc::StatusCode::UNAVAILABLE && Since(start) < 20) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    st = Train(stub, seed, 20000, 0.005f);
-  }
-  return common::FromGrpcStatus(st);
+  return common::FromGrpcStatus(TrainWhileRefused(stub, seed));
 }
 
 // A shard of a trained cluster killed and started again with --experts all (as Kubernetes and
