@@ -175,7 +175,8 @@ GrpcShardClient::GrpcShardClient(std::string address, const common::RpcLimits& l
                                          common::ClientChannelArgs(limits))),
       stub_(v1::ExpertShard::NewStub(channel_)),
       on_health_change_(std::move(on_health_change)),
-      health_interval_(health_interval) {
+      health_interval_(health_interval),
+      flip_lines_(address_) {
   health_thread_ = std::thread([this] { HealthLoop(); });
 }
 
@@ -193,6 +194,33 @@ GrpcShardClient::~GrpcShardClient() {
   streams_done_.wait(lock, [this] { return live_streams_ == 0; });
 }
 
+std::string FlipLines::Out(absl::Time now, const std::string& why) {
+  if (now - window_ >= absl::Minutes(1)) {
+    window_ = now;
+    logged_in_window_ = 0;
+  }
+  log_back_ = logged_in_window_ < kLogged;
+  if (!log_back_) {
+    return unlogged_++ == 0 ? absl::StrCat("moe-router: shard ", address_,
+                                           " keeps leaving rotation: not logged again for up to "
+                                           "a minute")
+                            : "";
+  }
+  ++logged_in_window_;
+  std::string line = absl::StrCat("moe-router: shard ", address_, " is out of rotation: ", why);
+  if (unlogged_ > 0) {
+    absl::StrAppend(&line, " (it left ", unlogged_, " more times before, not logged)");
+  }
+  unlogged_ = 0;
+  return line;
+}
+
+std::string FlipLines::Back() const {
+  return log_back_ ? absl::StrCat("moe-router: shard ", address_,
+                                  " is back in rotation (its health check says SERVING)")
+                   : "";
+}
+
 void GrpcShardClient::SetHealthy(bool healthy, const std::string& why) {
   // The flip and its report in one order: a health check's SERVING and a broken stream's flip
   // racing would otherwise report up after down, and leave moe_shard_up at 1 for a dead shard.
@@ -206,36 +234,9 @@ void GrpcShardClient::SetHealthy(bool healthy, const std::string& why) {
     out_.why = why;
   }
   if (was == healthy) return;
-  // Each flip is logged, with its cause, but for the first SERVING (every shard starts out). A
-  // shard whose streams break while its health says SERVING flips up to four times a second:
-  // its first kFlipsLogged flips of a minute are logged, then one line says the rest are not,
-  // and the next line logged counts them.
-  if (!healthy) {
-    const absl::Time now = common::MonotonicNow();
-    if (now - log_window_ >= absl::Minutes(1)) {
-      log_window_ = now;
-      logged_in_window_ = 0;
-    }
-    log_back_ = logged_in_window_ < kFlipsLogged;
-    if (log_back_) {
-      ++logged_in_window_;
-      const std::string unlogged =
-          unlogged_ == 0 ? ""
-                         : absl::StrCat(" (it left ", unlogged_, " more times before, not logged)");
-      std::fprintf(stderr, "moe-router: shard %s is out of rotation: %s%s\n", address_.c_str(),
-                   why.c_str(), unlogged.c_str());
-      unlogged_ = 0;
-    } else if (unlogged_++ == 0) {
-      std::fprintf(stderr,
-                   "moe-router: shard %s keeps leaving rotation: not logged again for up to a "
-                   "minute\n",
-                   address_.c_str());
-    }
-  } else if (log_back_) {
-    std::fprintf(stderr,
-                 "moe-router: shard %s is back in rotation (its health check says SERVING)\n",
-                 address_.c_str());
-  }
+  const std::string line =
+      healthy ? flip_lines_.Back() : flip_lines_.Out(common::MonotonicNow(), why);
+  if (!line.empty()) std::fprintf(stderr, "%s\n", line.c_str());
   if (on_health_change_) on_health_change_(healthy);
 }
 

@@ -22,6 +22,28 @@
 
 namespace moe::router {
 
+// The log lines of one shard's flips in and out of rotation. A shard whose streams break while
+// its health says SERVING flips up to four times a second, so the lines are limited: the first
+// kLogged flips out of a minute are logged, with their returns; the first past them says the
+// rest are not, and the next one logged counts them.
+class FlipLines {
+ public:
+  static constexpr int kLogged = 5;
+  explicit FlipLines(std::string address) : address_(std::move(address)) {}
+  // The line for the shard leaving rotation at `now` for `why`; "" when none is logged.
+  std::string Out(absl::Time now, const std::string& why);
+  // The line for the shard coming back; "" for a shard's first SERVING and for the return from a
+  // flip out that was not logged.
+  std::string Back() const;
+
+ private:
+  const std::string address_;
+  absl::Time window_ = absl::InfinitePast();  // when the current minute began
+  int logged_in_window_ = 0;
+  int unlogged_ = 0;       // flips out since the last one logged
+  bool log_back_ = false;  // the last flip out was logged (none before the first)
+};
+
 class GrpcShardClient final : public ShardClient {
  public:
   // `on_health_change` runs (from the watcher thread or a gRPC thread) when healthy() flips.
@@ -90,14 +112,7 @@ class GrpcShardClient final : public ShardClient {
   mutable std::mutex flip_mu_;
   const absl::Duration health_interval_;
   OutOfRotation out_;  // flip_mu_
-  // The lines of flips (flip_mu_): at most kFlipsLogged flips out a minute, from log_window_.
-  static constexpr int kFlipsLogged = 5;
-  absl::Time log_window_ = absl::InfinitePast();
-  int logged_in_window_ = 0;
-  int unlogged_ = 0;      // flips out since the last one logged
-  // The last flip out was logged, so the return is (none before the first: a shard's first
-  // SERVING is not logged).
-  bool log_back_ = false;
+  FlipLines flip_lines_;  // flip_mu_
 
   std::atomic<bool> healthy_{false};
   std::atomic<bool> answering_{false};

@@ -235,6 +235,38 @@ class EndingStreamsShard final : public v1::ExpertShard::Service {
   }
 };
 
+// The limit on a flapping shard's lines, on a clock of the test's: the first 5 flips out of a
+// minute are logged with their returns; the sixth says the rest are not; once the minute has
+// passed, the next line logged counts the flips that were not.
+TEST(FlipLines, LogsFiveFlipsAMinuteAndCountsTheRest) {
+  FlipLines lines("h:1");
+  EXPECT_EQ(lines.Back(), "") << "a shard's first SERVING";
+  const absl::Time t0 = absl::UnixEpoch() + absl::Hours(1);
+  for (int i = 0; i < 5; ++i) {
+    EXPECT_EQ(lines.Out(t0 + absl::Seconds(i), "why " + std::to_string(i)),
+              "moe-router: shard h:1 is out of rotation: why " + std::to_string(i));
+    EXPECT_EQ(lines.Back(),
+              "moe-router: shard h:1 is back in rotation (its health check says "
+              "SERVING)");
+  }
+  EXPECT_EQ(lines.Out(t0 + absl::Seconds(10), "sixth"),
+            "moe-router: shard h:1 keeps leaving rotation: not logged again for up to a minute");
+  EXPECT_EQ(lines.Back(), "");
+  EXPECT_EQ(lines.Out(t0 + absl::Seconds(59), "seventh"), "");
+  EXPECT_EQ(lines.Back(), "");
+  EXPECT_EQ(lines.Out(t0 + absl::Seconds(60), "eighth"),
+            "moe-router: shard h:1 is out of rotation: eighth (it left 2 more times before, not "
+            "logged)");
+  EXPECT_NE(lines.Back(), "");
+  // A new minute from the eighth: four more are logged, without a count.
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(lines.Out(t0 + absl::Seconds(61 + i), "again"),
+              "moe-router: shard h:1 is out of rotation: again");
+  }
+  EXPECT_NE(lines.Out(t0 + absl::Seconds(119), "not"), "");  // the "keeps leaving" line
+  EXPECT_EQ(lines.Back(), "");
+}
+
 // The stream path of the same lines: a stream the shard breaks takes it out, with the shard's
 // status, and the next health check brings it back; one that the client ends itself, by going
 // away with a stream open, says nothing. A shard that keeps breaking its streams (7 times here)
@@ -405,12 +437,13 @@ struct RouterWithShards {
 };
 
 // Shards in this process (one per entry of `shard_options`, whose checkpoint is set here) and
-// a router over them, started together; returns once the router's first placement is live.
-// `customize` (if set) sees the router's options before it starts.
+// a router over them, started together; returns once the router's first placement is live, or
+// with `wait_ready` false once the router has started. `customize` (if set) sees the router's
+// options before it starts.
 RouterWithShards StartRouterWithShards(
     const std::string& checkpoint, Strategy strategy,
     std::vector<expert::ShardServerOptions> shard_options,
-    const std::function<void(RouterServerOptions&)>& customize = nullptr) {
+    const std::function<void(RouterServerOptions&)>& customize = nullptr, bool wait_ready = true) {
   RouterWithShards c;
   RouterServerOptions o;
   o.checkpoint = checkpoint;
@@ -427,7 +460,8 @@ RouterWithShards StartRouterWithShards(
   auto router = RouterServer::Start(o);
   EXPECT_TRUE(router.ok()) << router.status();
   if (!router.ok()) return c;
-  const absl::Status ready = (*router)->WaitUntilReady(absl::Seconds(60));
+  const absl::Status ready =
+      wait_ready ? (*router)->WaitUntilReady(absl::Seconds(60)) : absl::OkStatus();
   EXPECT_TRUE(ready.ok()) << ready;
   if (ready.ok()) c.router = *std::move(router);
   return c;
@@ -1257,6 +1291,42 @@ class HeldLoads final : public ShardClient {
   std::atomic<int> checks_while_out_{0};
 };
 
+// The HeldLoads clients a router makes through `Factory` (its `shard_factory`), each around a
+// GrpcShardClient, in the order it made them. Held weakly: the router owns its shard clients,
+// and one that outlived it would report its health to the router's freed metrics.
+class HeldClients {
+ public:
+  // `on_new` (if set) sees each client as it is made, with how many were made before it.
+  decltype(RouterServerOptions::shard_factory) Factory(
+      const RouterServerOptions& o, std::function<void(HeldLoads&, size_t)> on_new = nullptr) {
+    return [this, limits = o.limits, on_new = std::move(on_new)](
+               const std::string& address, std::function<void(bool)> on_change) {
+      auto c = std::make_shared<HeldLoads>(
+          std::make_shared<GrpcShardClient>(address, limits, std::move(on_change)));
+      std::lock_guard<std::mutex> l(mu_);
+      if (on_new) on_new(*c, clients_.size());
+      clients_.push_back(c);
+      return c;
+    };
+  }
+  // Calls `fn` on each client still alive.
+  void ForEach(const std::function<void(HeldLoads&)>& fn) {
+    std::lock_guard<std::mutex> l(mu_);
+    for (const auto& w : clients_) {
+      if (auto c = w.lock()) fn(*c);
+    }
+  }
+  // Calls `fn` on the first client made, if it is still alive.
+  void First(const std::function<void(HeldLoads&)>& fn) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (auto c = clients_.empty() ? nullptr : clients_[0].lock()) fn(*c);
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::weak_ptr<HeldLoads>> clients_;
+};
+
 // The router says SERVING only once each shard of its first placement is seen in rotation (for
 // up to 5 s). Until 2026-12-04 it served as soon as the placement was loaded: a shard whose one
 // health check after its loads timed out (a busy machine) stayed out until its next periodic
@@ -1264,52 +1334,32 @@ class HeldLoads final : public ShardClient {
 TEST(RouterFirstPlacement, ServesOnceItsShardsAreInRotation) {
   const std::string path = ::moe::testing::TempPath("serves_in_rotation.safetensors");
   ASSERT_TRUE(common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
-  std::vector<std::unique_ptr<expert::ShardServer>> shards;
-  RouterServerOptions o;
-  o.checkpoint = path;
-  o.strategy = Strategy::kReplicated;
-  for (int s = 0; s < 2; ++s) {
-    expert::ShardServerOptions so = Starting(std::nullopt);
-    so.checkpoint = path;
-    auto shard = expert::ShardServer::Start(so);
-    ASSERT_TRUE(shard.ok()) << shard.status();
-    o.shards.push_back((*shard)->address());
-    shards.push_back(*std::move(shard));
-  }
-  std::mutex clients_mu;
-  std::vector<std::weak_ptr<HeldLoads>> clients;  // weak: the router owns them
+  HeldClients clients;
   auto registry = std::make_shared<prometheus::Registry>();
-  o.registry = registry;
-  o.shard_factory = [&, limits = o.limits](const std::string& address,
-                                           std::function<void(bool)> on_change) {
-    auto c = std::make_shared<HeldLoads>(
-        std::make_shared<GrpcShardClient>(address, limits, std::move(on_change)));
-    std::lock_guard<std::mutex> l(clients_mu);
-    if (clients.empty()) c->KeepOut(true);  // the first shard's check "times out"
-    clients.push_back(c);
-    return c;
-  };
+  RouterWithShards cluster = StartRouterWithShards(
+      path, Strategy::kReplicated, {Starting(std::nullopt), Starting(std::nullopt)},
+      [&](RouterServerOptions& o) {
+        o.registry = registry;
+        o.shard_factory = clients.Factory(o, [](HeldLoads& c, size_t made_before) {
+          if (made_before == 0) c.KeepOut(true);  // the first shard's check "times out"
+        });
+      },
+      /*wait_ready=*/false);
+  ASSERT_NE(cluster.router, nullptr);
   auto checks_while_out = [&] {
-    std::lock_guard<std::mutex> l(clients_mu);
-    auto c = clients.empty() ? nullptr : clients[0].lock();
-    return c ? c->checks_while_out() : 0;
+    int n = 0;
+    clients.First([&](HeldLoads& c) { n = c.checks_while_out(); });
+    return n;
   };
-  auto router = RouterServer::Start(o);
-  ASSERT_TRUE(router.ok()) << router.status();
   // The placement is loaded and the router asks the kept-out shard's health again and again ...
   EXPECT_TRUE(Eventually([&] { return checks_while_out() >= 4; }));
   // ... and does not serve meanwhile.
-  const absl::Status early = (*router)->WaitUntilReady(absl::ZeroDuration());
+  const absl::Status early = cluster.router->WaitUntilReady(absl::ZeroDuration());
   EXPECT_EQ(early.code(), absl::StatusCode::kDeadlineExceeded) << early;
-  {
-    std::lock_guard<std::mutex> l(clients_mu);
-    for (const auto& w : clients) {
-      if (auto c = w.lock()) c->KeepOut(false);
-    }
-  }
-  const absl::Status ready = (*router)->WaitUntilReady(absl::Seconds(30));
+  clients.ForEach([](HeldLoads& c) { c.KeepOut(false); });
+  const absl::Status ready = cluster.router->WaitUntilReady(absl::Seconds(30));
   EXPECT_TRUE(ready.ok()) << ready;
-  (*router)->Shutdown();
+  cluster.router->Shutdown();
 }
 
 // A Rebalance ends by its deadline: its loads are given the time it has left, and its wait for
@@ -1321,24 +1371,14 @@ TEST(RouterFirstPlacement, ServesOnceItsShardsAreInRotation) {
 TEST(RouterRebalance, ACallWhoseDeadlinePassesAppliesNothing) {
   const std::string path = ::moe::testing::TempPath("rebalance_deadline.safetensors");
   ASSERT_TRUE(common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
-  // Weak: the router owns its shard clients, and one that outlived it would report its
-  // health to the router's freed metrics.
-  std::mutex clients_mu;
-  std::vector<std::weak_ptr<HeldLoads>> clients;
+  HeldClients clients;
   auto registry = std::make_shared<prometheus::Registry>();
   RouterWithShards cluster = StartRouterWithShards(
       path, Strategy::kSharded, {Starting(std::nullopt), Starting(std::nullopt)},
       [&](RouterServerOptions& o) {
         o.registry = registry;
         o.default_timeout = absl::Seconds(1);  // --timeout-s
-        o.shard_factory = [&, limits = o.limits](const std::string& address,
-                                                 std::function<void(bool)> on_change) {
-          auto c = std::make_shared<HeldLoads>(
-              std::make_shared<GrpcShardClient>(address, limits, std::move(on_change)));
-          std::lock_guard<std::mutex> l(clients_mu);
-          clients.push_back(c);
-          return c;
-        };
+        o.shard_factory = clients.Factory(o);
       });
   ASSERT_NE(cluster.router, nullptr);
   auto stub = v1::Router::NewStub(
@@ -1352,19 +1392,11 @@ TEST(RouterRebalance, ACallWhoseDeadlinePassesAppliesNothing) {
   const v1::Placement before = placement();
   ASSERT_EQ(before.strategy(), "sharded");
   auto held_calls = [&] {
-    std::lock_guard<std::mutex> l(clients_mu);
     int n = 0;
-    for (const auto& w : clients) {
-      if (auto c = w.lock()) n += c->held_calls();
-    }
+    clients.ForEach([&](HeldLoads& c) { n += c.held_calls(); });
     return n;
   };
-  auto hold = [&](bool held) {
-    std::lock_guard<std::mutex> l(clients_mu);
-    for (const auto& w : clients) {
-      if (auto c = w.lock()) c->Hold(held);
-    }
-  };
+  auto hold = [&](bool held) { clients.ForEach([&](HeldLoads& c) { c.Hold(held); }); };
   auto rebalance = [&](const std::string& strategy, absl::Duration deadline) {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + deadline));
