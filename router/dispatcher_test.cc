@@ -783,6 +783,7 @@ struct TrainRig {
                               -> absl::StatusOr<v1::CommitStepResponse> {
           v1::CommitStepResponse r;
           r.set_committed(true);
+          committed_on.assign(req.shards().begin(), req.shards().end());
           if (++commits <= unconfirmed_commits) {
             r.add_unconfirmed_shards(req.shards(1));
             r.set_reason("commit on shard1 not confirmed: deadline exceeded");
@@ -798,6 +799,7 @@ struct TrainRig {
   }
   Rig rig;
   int commits = 0;
+  std::vector<std::string> committed_on;  // the last CommitStepRequest's shards
   Trainer trainer;
 };
 
@@ -899,6 +901,46 @@ TEST(Trainer, AnUnconfirmedShardThatLeftThePlacementIsDropped) {
   t.trainer.DropUnconfirmedOutside(without);
   const absl::Status dropped = t.trainer.RetryConfirmations(t.rig.table);
   EXPECT_TRUE(dropped.ok()) << dropped;
+}
+
+// A shard that holds no replica (here a dead one the placement has moved off) takes no part in
+// a step: its commit is not asked of it, and a commit it did not confirm while it held replicas
+// holds no step or save back once it holds none; it must still confirm before a switch gives
+// it replicas again. Until 2026-12-04 every shard of the table was sent the commit: a dead one
+// left out of the placement failed it, and every later step and save was refused for good.
+TEST(Trainer, AShardThatHoldsNoReplicaTakesNoPartInASteps) {
+  TrainRig t(/*unconfirmed_commits=*/1);  // the first commit: shard1 does not confirm
+  t.rig.fakes[1]->finish_failures = 1000;
+  ASSERT_TRUE(t.Step(5).ok());
+  EXPECT_EQ(t.committed_on, (std::vector<std::string>{"shard0", "shard1", "shard2"}));
+  EXPECT_FALSE(t.trainer.RetryConfirmations(t.rig.table).ok());
+  // shard1 dies; the placement moves off it (replicated over shards 0 and 2).
+  t.rig.fakes[1]->healthy_ = false;
+  RoutingTable moved = t.rig.table;
+  moved.placement = *ComputePlacement(Strategy::kReplicated, 4, 2, std::vector<double>(4, 1.0));
+  for (auto& where : moved.placement.replicas) {
+    for (int& r : where) r = r == 1 ? 2 : r;
+  }
+  const size_t asked = t.rig.fakes[1]->finishes.size();  // every FinishStep, failed or not
+  const absl::Status clear = t.trainer.RetryConfirmations(moved);
+  EXPECT_TRUE(clear.ok()) << clear;
+  absl::StatusOr<TrainResult> second =
+      t.trainer.Step(moved, t.rig.ck.gate, common::RandomMatrix(12, Config().d_model, 7).data(),
+                     common::RandomMatrix(12, Config().d_model, 8).data(), 12, TrainParams{0.25f},
+                     common::MonotonicNow() + absl::Seconds(10));
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(t.committed_on, (std::vector<std::string>{"shard0", "shard2"}));
+  EXPECT_EQ(t.rig.fakes[1]->finishes.size(), asked)
+      << "a dead shard holding no replica was asked to confirm";
+  // A switch that gives it replicas again waits for its confirmation.
+  EXPECT_FALSE(t.trainer.RetryConfirmations(t.rig.table, /*drop_absent=*/false).ok());
+  // Back up (it answers), it is asked again even while it holds none, and confirms.
+  t.rig.fakes[1]->healthy_ = true;
+  t.rig.fakes[1]->finish_failures = 0;
+  EXPECT_TRUE(t.trainer.RetryConfirmations(moved).ok());
+  ASSERT_FALSE(t.rig.fakes[1]->finishes.empty());
+  EXPECT_TRUE(t.rig.fakes[1]->finishes.back().commit);
+  EXPECT_TRUE(t.trainer.RetryConfirmations(t.rig.table).ok());
 }
 
 // The coordinator dies (or is cut off) after deciding, so the router's CommitStep fails: the

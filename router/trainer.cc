@@ -52,6 +52,31 @@ bool HasShard(const RoutingTable& table, const std::string& address) {
                      [&](const auto& s) { return s->address() == address; });
 }
 
+// The shards of `table` that hold a replica of some expert in its placement, in order: those
+// that take part in a step (its commit or abort must reach them). A shard that holds none (a
+// dead one the placement has moved off, or one not given experts yet) has no weight to update.
+std::vector<size_t> Participants(const RoutingTable& table) {
+  std::vector<bool> holds(table.shards.size(), false);
+  for (const auto& where : table.placement.replicas) {
+    for (int s : where) {
+      if (s >= 0 && static_cast<size_t>(s) < holds.size()) holds[s] = true;
+    }
+  }
+  std::vector<size_t> out;
+  for (size_t i = 0; i < holds.size(); ++i) {
+    if (holds[i]) out.push_back(i);
+  }
+  return out;
+}
+
+// Whether shard `address` of `table` takes part in its steps (see Participants).
+bool Participates(const RoutingTable& table, const std::string& address) {
+  for (size_t i : Participants(table)) {
+    if (table.shards[i]->address() == address) return true;
+  }
+  return false;
+}
+
 }  // namespace
 
 absl::Status Trainer::RetryConfirmations(const RoutingTable& table, bool drop_absent) {
@@ -65,6 +90,10 @@ absl::Status Trainer::RetryConfirmations(const RoutingTable& table, bool drop_ab
     for (size_t i = 0; i < table.shards.size(); ++i) {
       const auto& s = table.shards[i];
       if (s->address() != address) continue;
+      // One that holds no replica now does not hold steps back (Unconfirmed), and is asked
+      // only while it answers: a dead one would cost every step the call's timeout. It is
+      // still asked before a switch gives it replicas, as that switch's table lists it.
+      if (!s->answering() && !Participates(table, address)) break;
       if (u.unsettled_abort) {
         // Settled against the live table only: a proposed one (a switch not yet applied) may
         // not list what the shard holds now, nor hold it where it names a source.
@@ -207,7 +236,7 @@ void Trainer::DropUnconfirmedOutside(const RoutingTable& table) {
 absl::Status Trainer::Unconfirmed(const RoutingTable& table) const {
   std::lock_guard<std::mutex> lock(unconfirmed_mu_);
   for (const auto& entry : unconfirmed_) {
-    if (!HasShard(table, entry.first)) continue;
+    if (!Participates(table, entry.first)) continue;
     if (entry.second.unsettled_abort) {
       return absl::UnavailableError(absl::StrCat(
           "shard ", entry.first, " could not be asked whether it had committed step id ",
@@ -226,11 +255,11 @@ absl::Status Trainer::Unconfirmed(const RoutingTable& table) const {
 
 namespace {
 
-// Runs fn(i) for every shard i of `table` at once, one thread each, and waits for all.
+// Runs fn(i) for every shard i of `table` that takes part in its steps (Participants) at once,
+// one thread each, and waits for all.
 void OnEveryShard(const RoutingTable& table, const std::function<void(size_t)>& fn) {
   std::vector<std::thread> calls;
-  calls.reserve(table.shards.size());
-  for (size_t i = 0; i < table.shards.size(); ++i) calls.emplace_back([&fn, i] { fn(i); });
+  for (size_t i : Participants(table)) calls.emplace_back([&fn, i] { fn(i); });
   for (auto& t : calls) t.join();
 }
 
@@ -509,7 +538,7 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   commit.set_learning_rate(params.learning_rate);
   commit.set_bf16_wire(params.bf16_allreduce);
   for (auto& grp : ReplicaGroups(table)) *commit.add_groups() = std::move(grp);
-  for (const auto& s : table.shards) commit.add_shards(s->address());
+  for (size_t s : Participants(table)) commit.add_shards(table.shards[s]->address());
   for (int s = 0; s < S; ++s) {
     if (computed[s]) commit.add_computed_shards(table.shards[s]->address());
   }
