@@ -305,8 +305,14 @@ absl::StatusOr<std::pair<std::vector<float>, int64_t>> ReadTokens(const std::str
   ASSIGN_OR_RETURN(auto reader,
                    HintIfMissing(common::SafetensorsReader::Open(path), "moe-client make-tokens"));
   const common::StTensor* t = reader->Find("tokens");
-  if (t == nullptr || t->shape.size() != 2) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": needs a tensor 'tokens' [N, d_model]"));
+  if (t == nullptr) {
+    // Named what it holds: another kind of file (a checkpoint, forward's output) is recognised.
+    return absl::InvalidArgumentError(absl::StrCat(path, ": needs a tensor 'tokens' [N, d_model] (",
+                                                   reader->DescribeTensors(), ")"));
+  }
+  if (t->shape.size() != 2) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": needs a tensor 'tokens' [N, d_model], got [", absl::StrJoin(t->shape, ", "), "]"));
   }
   ASSIGN_OR_RETURN(std::vector<float> x, reader->ReadFloat("tokens"));
   return std::make_pair(std::move(x), t->shape[1]);

@@ -82,7 +82,8 @@ absl::Status Run(int argc, char** argv) {
                              {"pin-shards", false}, {"shard-cpus", true}, {"router-args", true},
                              {"auth-token-file", true}, {"state-dir", true}, {"no-restart", false}}));
   ASSIGN_OR_RETURN(std::string checkpoint, f.Require("checkpoint"));
-  ASSIGN_OR_RETURN(int64_t num_shards, f.GetInt("shards", 4));
+  // Checked first: the checks below compute ports from it.
+  ASSIGN_OR_RETURN(int64_t num_shards, f.GetIntInRange("shards", 4, 1, 64));
   ASSIGN_OR_RETURN(int64_t router_port, f.GetPort("router-port", 50051));
   ASSIGN_OR_RETURN(int64_t shard_threads, f.GetInt("shard-threads", 1));
   ASSIGN_OR_RETURN(int64_t metrics_port, f.GetInt("metrics-port", -1));
@@ -97,13 +98,16 @@ absl::Status Run(int argc, char** argv) {
         "--metrics-port must leave room for ", num_shards + 2,
         " ports below 65536 (router, shards, coordinator), got ", metrics_port));
   }
-  if (num_shards < 1 || num_shards > 64) return moe::common::UsageError("--shards must be in [1, 64]");
   // Checked here, not by the services: a mistake is told before a single process starts.
   if (shard_threads < 1 || shard_threads > 256) {
     return moe::common::UsageError(
         absl::StrCat("--shard-threads must be in [1, 256], got ", shard_threads));
   }
   RETURN_IF_ERROR(moe::router::ParseRouterChoices(f).status());  // the router's own check
+  if (f.Has("require-client-cert") && !f.Has("tls-dir")) {
+    // Without TLS the services would serve plaintext and ask no caller for a certificate.
+    return moe::common::UsageError("--require-client-cert needs --tls-dir");
+  }
   if (metrics_port > 0 && router_port >= metrics_port &&
       router_port <= metrics_port + num_shards + 1) {
     return moe::common::UsageError(
@@ -155,6 +159,8 @@ absl::Status Run(int argc, char** argv) {
         {dir + "/client.crt", dir + "/client.key", dir + "/ca.crt", false}));
   }
   if (f.Has("auth-token-file")) {
+    // Read as the router will, so that a file it cannot use is told before anything starts.
+    RETURN_IF_ERROR(moe::common::ReadTokenFile(f.Get("auth-token-file")).status());
     o.router_args.insert(o.router_args.end(), {"--auth-token-file", f.Get("auth-token-file")});
   }
   if (f.Has("pin-shards")) {

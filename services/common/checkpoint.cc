@@ -65,9 +65,8 @@ absl::StatusOr<ModelConfig> ReadModelConfig(const SafetensorsReader& reader,
   if (gate == nullptr) {
     // Whether the file holds a gate under another prefix (then say which), or none at all (then
     // it is not an MoE checkpoint: a tokens file, another model's weights).
-    std::vector<std::string> prefixes, names;
+    std::vector<std::string> prefixes;
     for (const StTensor& t : reader.tensors()) {
-      if (names.size() < 4) names.push_back(t.name);
       // "gate.weight" itself, or under a prefix ending in '.' ("mlp.shared_expert_gate.weight"
       // is another model's tensor, not an MoE gate).
       if (t.name == "gate.weight" || absl::EndsWith(t.name, ".gate.weight")) {
@@ -82,10 +81,7 @@ absl::StatusOr<ModelConfig> ReadModelConfig(const SafetensorsReader& reader,
                           prefixes[0], "'", prefixes.size() > 1 ? " (or another layer's)" : "");
     } else {
       hint = absl::StrCat("; it holds no gate under any prefix, so it is not an MoE checkpoint (",
-                          reader.tensors().size(),
-                          reader.tensors().size() == 1 ? " tensor" : " tensors",
-                          names.empty() ? "" : absl::StrCat(": ", absl::StrJoin(names, ", ")),
-                          reader.tensors().size() > names.size() ? ", ..." : "", ")");
+                          reader.DescribeTensors(), ")");
     }
     return absl::InvalidArgumentError(
         absl::StrCat(origin, ": tensor '", gate_name, "' is missing", hint));

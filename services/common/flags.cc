@@ -97,6 +97,20 @@ absl::StatusOr<int64_t> Flags::GetInt(const std::string& name, int64_t def) cons
   return v;
 }
 
+absl::StatusOr<int64_t> Flags::GetIntInRange(const std::string& name, int64_t def, int64_t min,
+                                             int64_t max) const {
+  absl::StatusOr<int64_t> v = GetInt(name, def);
+  if (v.ok() && *v >= min && *v <= max) return v;
+  // An integer that SimpleAtoi refused (a sign, then digits) is one past int64's range.
+  const std::string text = Get(name);
+  absl::string_view digits = text;
+  if (!digits.empty() && (digits.front() == '-' || digits.front() == '+')) digits.remove_prefix(1);
+  const bool integer = !digits.empty() && std::all_of(digits.begin(), digits.end(),
+                                                      [](char c) { return c >= '0' && c <= '9'; });
+  if (!v.ok() && !integer) return v;
+  return UsageError(absl::StrCat("--", name, " must be in [", min, ", ", max, "]"));
+}
+
 absl::StatusOr<double> Flags::GetDouble(const std::string& name, double def) const {
   if (!Has(name)) return def;
   double v;

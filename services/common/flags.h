@@ -45,6 +45,10 @@ class Flags {
   bool Has(const std::string& name) const { return values_.count(name) > 0; }
   std::string Get(const std::string& name, const std::string& def = "") const;
   absl::StatusOr<int64_t> GetInt(const std::string& name, int64_t def) const;
+  // An integer in [min, max] (`def` when absent); any other integer, one past int64's range too,
+  // is the usage error "--NAME must be in [MIN, MAX]".
+  absl::StatusOr<int64_t> GetIntInRange(const std::string& name, int64_t def, int64_t min,
+                                        int64_t max) const;
   // A finite number: "nan" and "inf" are refused.
   absl::StatusOr<double> GetDouble(const std::string& name, double def) const;
   // An integer in [0, 65535].

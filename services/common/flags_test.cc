@@ -88,6 +88,25 @@ TEST(Flags, TypedGettersNameTheFlagAndTheValue) {
   EXPECT_EQ(f->Require("mode").status().message(), "--mode is required");
 }
 
+// Out of range is one message whatever the value, one past int64's range too (which GetInt
+// calls not an integer).
+TEST(Flags, GetIntInRangeRefusesEveryIntegerOutside) {
+  for (const char* out :
+       {"0", "65", "-5", "100000", "2147483648", "9223372036854775807", "-9223372036854775808",
+        "99999999999999999999", "-99999999999999999999"}) {
+    auto f = ParseArgs({"--n", out});
+    ASSERT_TRUE(f.ok()) << f.status();
+    const absl::Status st = f->GetIntInRange("n", 4, 1, 64).status();
+    EXPECT_TRUE(IsUsageError(st)) << out;
+    EXPECT_EQ(st.message(), "--n must be in [1, 64]") << out;
+  }
+  auto f = ParseArgs({"--n", "64", "--x", "1x"});
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(*f->GetIntInRange("n", 4, 1, 64), 64);
+  EXPECT_EQ(*f->GetIntInRange("port", 4, 1, 64), 4);
+  EXPECT_EQ(f->GetIntInRange("x", 4, 1, 64).status().message(), "--x must be an integer, got '1x'");
+}
+
 TEST(Flags, IntListAndPort) {
   auto f = ParseArgs({"--list", "4,-1,0", "--port", "0"});
   ASSERT_TRUE(f.ok()) << f.status();

@@ -86,6 +86,16 @@ absl::StatusOr<std::unique_ptr<SafetensorsReader>> SafetensorsReader::Open(
   return reader;
 }
 
+std::string SafetensorsReader::DescribeTensors() const {
+  constexpr size_t kShown = 4;
+  std::string out = absl::StrCat(tensors_.size(), tensors_.size() == 1 ? " tensor" : " tensors");
+  for (size_t i = 0; i < tensors_.size() && i < kShown; ++i) {
+    absl::StrAppend(&out, i == 0 ? ": " : ", ", tensors_[i].name);
+  }
+  if (tensors_.size() > kShown) absl::StrAppend(&out, ", ...");
+  return out;
+}
+
 absl::StatusOr<std::unique_ptr<SafetensorsReader>> SafetensorsReader::Parse(
     absl::string_view bytes, absl::string_view origin) {
   auto reader = std::unique_ptr<SafetensorsReader>(new SafetensorsReader());
@@ -99,7 +109,8 @@ absl::Status SafetensorsReader::ParseHeader(absl::string_view file) {
     return absl::InvalidArgumentError(absl::StrCat(origin_, ": ", parts...));
   };
   if (file.size() < 8) {
-    return bad("truncated: ", file.size(), " bytes, shorter than the 8-byte header length");
+    return bad("not a safetensors file (", file.size(),
+               " bytes, shorter than the 8-byte header length)");
   }
   const auto* base = reinterpret_cast<const unsigned char*>(file.data());
   const uint64_t header_len = ReadLe64(base);

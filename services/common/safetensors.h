@@ -49,6 +49,9 @@ class SafetensorsReader {
   // Null when absent.
   const StTensor* Find(absl::string_view name) const;
   const std::vector<StTensor>& tensors() const { return tensors_; }
+  // What the file holds, for an error about a tensor it lacks: "1 tensor: tokens", or
+  // "12 tensors: a, b, c, d, ..." (the first 4 names).
+  std::string DescribeTensors() const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const std::string& origin() const { return origin_; }
 

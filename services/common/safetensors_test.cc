@@ -86,14 +86,40 @@ TEST(Safetensors, MissingFileIsNotFound) {
   EXPECT_NE(r.status().message().find("/nonexistent/dir/x.safetensors"), std::string::npos);
 }
 
+// Shorter than the header length: not a safetensors file (a text file, "hello\n").
 TEST(Safetensors, EmptyAndTruncatedFiles) {
   const std::string path = ::moe::testing::TempPath("st_empty.safetensors");
   { std::ofstream f(path); }
   auto r = SafetensorsReader::Open(path);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(r.status().message().find("truncated"), std::string::npos);
+  EXPECT_EQ(r.status().message(),
+            path + ": not a safetensors file (0 bytes, shorter than the 8-byte header length)");
   std::remove(path.c_str());
-  ExpectInvalid(std::string("\x10\0\0", 3), "truncated");
+  ExpectInvalid(std::string("\x10\0\0", 3),
+                "not a safetensors file (3 bytes, shorter than the 8-byte header length)");
+  ExpectInvalid("hello\n",
+                "not a safetensors file (6 bytes, shorter than the 8-byte header length)");
+}
+
+TEST(Safetensors, DescribeTensorsNamesTheFirstFour) {
+  SafetensorsWriter w;
+  for (const char* name : {"a", "b", "c", "d", "e"}) {
+    ASSERT_TRUE(w.AddF32(name, {1}, std::vector<float>{1}).ok());
+  }
+  const std::string five = w.Serialize();
+  auto r = SafetensorsReader::Parse(five, "mem");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ((*r)->DescribeTensors(), "5 tensors: a, b, c, d, ...");
+  SafetensorsWriter one;
+  ASSERT_TRUE(one.AddF32("tokens", {1, 1}, std::vector<float>{1}).ok());
+  const std::string bytes = one.Serialize();
+  r = SafetensorsReader::Parse(bytes, "mem");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ((*r)->DescribeTensors(), "1 tensor: tokens");
+  const std::string none = SafetensorsWriter().Serialize();
+  r = SafetensorsReader::Parse(none, "mem");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ((*r)->DescribeTensors(), "0 tensors");
 }
 
 TEST(Safetensors, HeaderLengthPastTheEnd) {

@@ -70,6 +70,10 @@ absl::Status ConfigureTls(const TlsOptions& o) {
   TlsState& s = State();
   std::lock_guard<std::mutex> lock(s.mu);
   s.enabled = false;
+  if (o.require_client_cert && o.cert_file.empty()) {
+    // Without a certificate of its own a server serves plaintext and asks no caller for one.
+    return UsageError("--require-client-cert needs --tls-cert, --tls-key and --tls-ca");
+  }
   if (o.cert_file.empty() && o.key_file.empty() && o.ca_file.empty()) return absl::OkStatus();
   if (o.ca_file.empty()) return UsageError("--tls-ca is required for TLS");
   if (o.cert_file.empty() != o.key_file.empty()) {

@@ -24,6 +24,7 @@ struct TlsOptions {
 };
 
 // Reads the files (errors name the file) and makes them the process-wide configuration.
+// require_client_cert without cert_file is a usage error (it would serve plaintext).
 absl::Status ConfigureTls(const TlsOptions& options);
 bool TlsEnabled();
 

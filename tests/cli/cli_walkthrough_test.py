@@ -12,10 +12,11 @@ what it prints or writes, and SIGINT ending the cluster with exit code 0.
   by the steps taken; a relative path is the client's directory's;
 - `drain` takes a shard out of rotation, and `info` then shows it "not serving", not DOWN;
 - a user's mistakes (a shard's address for the router's, a checkpoint of another model, NaN
-  tokens, bad flag values, an output path that is a directory, a port out of range or in use,
-  a router address that does not resolve or is not gRPC, a request too large to send, a load
-  whose every request fails) each get an error saying what went wrong, and a failed write
-  leaves no temporary file.
+  tokens, tokens from a file that is not safetensors or holds no 'tokens', bad flag values, an
+  output path that is a directory, a port out of range or in use, --shards out of range,
+  --require-client-cert without TLS, a token file that cannot be read, a router address that
+  does not resolve or is not gRPC, a request too large to send, a load whose every request
+  fails) each get an error saying what went wrong, and a failed write leaves no temporary file.
 
 usage: cli_walkthrough_test.py BUILD_DIR WORK_DIR
 """
@@ -193,6 +194,23 @@ try:
     st.save(path("nan.safetensors"), {"tokens": np.full((2, D), np.nan, np.float32)})
     fails("forward", "--input", path("nan.safetensors"), "--output", path("nan-out.safetensors"),
           "--local", "--checkpoint", path("ck.safetensors"), says="tokens[0, 0] is NaN")
+    # Another kind of file given as the tokens: said not to be safetensors at all (it was
+    # "truncated"), or what it holds instead of 'tokens' (here forward's own output).
+    with open(path("hello.txt"), "w") as hello:
+        hello.write("hello\n")
+    fails("forward", "--input", path("hello.txt"), "--output", path("hello-out.safetensors"),
+          "--local", "--checkpoint", path("ck.safetensors"),
+          says=f"moe-client forward: {path('hello.txt')}: not a safetensors file (6 bytes, "
+               "shorter than the 8-byte header length)\n")
+    fails("infer", "--input", path("remote.safetensors"), "--output", path("again.safetensors"),
+          "--router", router,
+          says=f"moe-client infer: {path('remote.safetensors')}: needs a tensor 'tokens' "
+               "[N, d_model] (3 tensors: expert_ids, output, weights)\n")
+    st.save(path("rank3.safetensors"), {"tokens": np.zeros((2, 2, D), np.float32)})
+    fails("forward", "--input", path("rank3.safetensors"), "--output", path("r3.safetensors"),
+          "--local", "--checkpoint", path("ck.safetensors"),
+          says=f"moe-client forward: {path('rank3.safetensors')}: needs a tensor 'tokens' "
+               f"[N, d_model], got [2, 2, {D}]\n")
     fails("load", "--router", router, "--zipf", "nan", says="--zipf must be a finite number", code=2)
     fails("load", "--router", router, "--requests", "0", says="--requests must be >= 1", code=2)
     fails("info", "--router", "127.0.0.1", says="give HOST:PORT with a port in [1, 65535]", code=2)
@@ -210,6 +228,9 @@ try:
           says="a training step of 2000000 tokens of d_model 32 (sent with their grad_output): "
                "488 MiB in one request, more than one may carry", code=2)
     fails("help", "bogus", says="unknown command 'bogus'", code=2)
+    fails("health", "--addr", shard, "--require-client-cert",
+          says="moe-client health: --require-client-cert needs --tls-cert, --tls-key and "
+               "--tls-ca (run `moe-client help health`)\n", code=2)
     fails("info", "--router", router, "--bogus", "1", says="(run `moe-client help info`)",
           code=2)
     # Only where this machine's resolver answers at once (a resolver that drops the query
@@ -308,6 +329,37 @@ try:
         expect(bad.returncode == 2 and says in bad.stderr and "starting" not in bad.stderr and
                "(see --help)" in bad.stderr,
                f"moe-cluster {' '.join(args)}: exit {bad.returncode}: {bad.stderr.strip()}")
+
+    def cluster_fails(args, says, code):
+        """moe-cluster ARGS exits `code` before any service starts, its stderr the one line
+        `says` (with --help's hint for a usage error)."""
+        try:
+            bad = subprocess.run([os.path.join(bin_dir, "moe-cluster"), "--checkpoint",
+                                  path("ck.safetensors"), "--router-port", "0", *args],
+                                 capture_output=True, text=True, timeout=20)
+        except subprocess.TimeoutExpired:  # it started the cluster and served
+            failures.append(f"moe-cluster {' '.join(args)}: still running after 20 s; expected "
+                            f"exit {code} saying {says!r}")
+            return
+        line = f"moe-cluster: {says}{' (see --help)' if code == 2 else ''}\n"
+        expect(bad.returncode == code and bad.stderr == line,
+               f"moe-cluster {' '.join(args)}: exit {bad.returncode}, stderr {bad.stderr!r}; "
+               f"expected exit {code} and {line!r}")
+
+    # Every --shards out of range is told so, before a port is computed from it (a --metrics-port
+    # never given was said to need room for 100002 ports, and int64 overflowed).
+    for n in ["0", "65", "100000", "2147483648", "9223372036854775807", "-9223372036854775808",
+              "99999999999999999999"]:
+        cluster_fails(["--shards", n], "--shards must be in [1, 64]", 2)
+    # Mutual TLS without TLS: refused (the cluster served plaintext).
+    cluster_fails(["--require-client-cert"], "--require-client-cert needs --tls-dir", 2)
+    # A token file the router cannot use is told as the router tells it, before anything starts
+    # (the coordinator and every shard were started first).
+    cluster_fails(["--auth-token-file", path("no-such-token")],
+                  f"--auth-token-file {path('no-such-token')} cannot be read", 1)
+    open(path("empty-token"), "w").close()
+    cluster_fails(["--auth-token-file", path("empty-token")],
+                  f"--auth-token-file {path('empty-token')} is empty", 1)
     # Every binary says its version; a service given an unknown flag exits 2, pointing to
     # --help, and one given a file that is not a checkpoint exits 1, without that hint.
     for binary in ["moe-client", "moe-cluster", "moe-router", "moe-expert-server",
@@ -321,6 +373,26 @@ try:
                            text=True, timeout=60)
         expect(u.returncode == 2 and u.stderr == f"{binary}: unknown flag --bogus (see --help)\n",
                f"{binary} --bogus: exit {u.returncode}: {u.stderr.strip()}")
+    # --require-client-cert without a certificate to serve (no --tls-cert): refused, where each
+    # service served plaintext and asked no caller for a certificate.
+    for binary, args in [("moe-router", ["--checkpoint", path("ck.safetensors"), "--shards",
+                                         "127.0.0.1:1"]),
+                         ("moe-expert-server", ["--checkpoint", path("ck.safetensors")]),
+                         ("moe-coordinator", []),
+                         ("moe-coordinator", ["--tls-ca", path("no-such-ca.crt")])]:
+        try:
+            mtls = subprocess.run([os.path.join(bin_dir, binary), "--port", "0", *args,
+                                   "--require-client-cert"], capture_output=True, text=True,
+                                  timeout=20)
+        except subprocess.TimeoutExpired:  # it served
+            failures.append(f"{binary} {' '.join(args)} --require-client-cert: still running "
+                            "after 20 s")
+            continue
+        expect(mtls.returncode == 2 and "listening" not in mtls.stdout and
+               mtls.stderr == f"{binary}: --require-client-cert needs --tls-cert, --tls-key and "
+                              "--tls-ca (see --help)\n",
+               f"{binary} {' '.join(args)} --require-client-cert: exit {mtls.returncode}: "
+               f"{mtls.stderr.strip()}")
     # A service's HOST:PORT flags are checked before it starts: a shard without its port was
     # retried for good (gRPC took it as port 0), a bad --coordinator or --advertise said nothing.
     for binary, args in [("moe-router", ["--shards", f"{shard},127.0.0.1"]),
