@@ -1,11 +1,13 @@
 // moe-client: the command-line tool for moe-cluster. Run without arguments for usage.
 
+#include <grpcpp/grpcpp.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <deque>
 #include <filesystem>
@@ -17,8 +19,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
@@ -612,6 +612,13 @@ absl::Status PlacementCmd(const Flags& f) {
   return absl::OkStatus();
 }
 
+// A loss in the train table: fixed-point with `decimals` while that reads well, else
+// scientific ("2.18694e+35", where a diverging model's loss was printed with 36 digits).
+std::string LossText(double v, int decimals) {
+  if (std::isfinite(v) && std::fabs(v) < 1e6) return absl::StrFormat("%.*f", decimals, v);
+  return absl::StrFormat("%.*g", decimals, v);
+}
+
 absl::Status Train(const Flags& f) {
   ASSIGN_OR_RETURN(std::string addr, f.Require("router"));
   ASSIGN_OR_RETURN(int64_t steps, f.GetInt("steps", 10));
@@ -706,8 +713,8 @@ absl::Status Train(const Flags& f) {
       if (!st.ok()) {
         if (!rows.empty()) print_steps("");
         absl::Status e = RouterError(st, addr);
-        return absl::Status(e.code(),
-                            absl::StrCat("step ", s + 1, ": forward for the loss: ", e.message()));
+        return absl::Status(e.code(), absl::StrCat("step ", s + 1, " of ", steps,
+                                                   ": forward for the loss: ", e.message()));
       }
       ASSIGN_OR_RETURN(common::TensorView v, common::DecodeMatrix(resp.output(), "output", d));
       const std::vector<float> y = common::ViewToFloat(v);
@@ -718,6 +725,14 @@ absl::Status Train(const Flags& f) {
         dy[i] = 2.f * r / static_cast<float>(batch);
       }
       if (interrupted.load()) break;  // Ctrl-C during the forward: no step begun
+      if (!std::isfinite(loss)) {
+        // Its gradient would be too: the cluster would refuse the step, and the run is over.
+        if (!rows.empty()) print_steps("");
+        return absl::FailedPreconditionError(absl::StrCat(
+            "step ", s + 1, " of ", steps, ": the loss is not finite (", loss,
+            "): the model has diverged; no step was sent. Lower --learning-rate, and start again "
+            "from a checkpoint saved before (moe-client save-checkpoint)"));
+      }
     }
     v1::TrainStepRequest req;
     common::EncodeTensor(x, {batch, d}, common::WireType::kFloat32, req.mutable_tokens());
@@ -735,7 +750,7 @@ absl::Status Train(const Flags& f) {
       ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
       st = stub->TrainStep(&ctx, req, &resp);
       if (!not_taken(st) || attempt == kAttempts || interrupted.load()) break;
-      progress.Note(absl::StrCat("step ", s + 1, " not taken (", st.error_message(),
+      progress.Note(absl::StrCat("step ", s + 1, " of ", steps, " not taken (", st.error_message(),
                                  "); trying again, attempt ", attempt + 1, " of ", kAttempts));
       // The pause in slices, so that Ctrl-C during it sends no further attempt.
       const auto resume =
@@ -750,14 +765,14 @@ absl::Status Train(const Flags& f) {
       // The steps taken stay taken: their table first, then what stopped the run.
       if (!rows.empty()) print_steps("");
       absl::Status e = RouterError(st, addr);
-      return absl::Status(e.code(), absl::StrCat("step ", s + 1, ": ",
-                                                 absl::StatusCodeToString(e.code()), ": ",
-                                                 e.message()));
+      return absl::Status(e.code(),
+                          absl::StrCat("step ", s + 1, " of ", steps, ": ",
+                                       absl::StatusCodeToString(e.code()), ": ", e.message()));
     }
-    rows.push_back({absl::StrCat(resp.step()), synthetic ? absl::StrFormat("%.6f", loss) : "-",
-                    absl::StrFormat("%.5f", resp.stats().load_balance_loss()),
-                    absl::StrFormat("%.4f", resp.stats().router_z_loss())});
-    progress.Update(s + 1, synthetic ? absl::StrFormat("loss %.5f", loss) : "");
+    rows.push_back({absl::StrCat(resp.step()), synthetic ? LossText(loss, 6) : "-",
+                    LossText(resp.stats().load_balance_loss(), 5),
+                    LossText(resp.stats().router_z_loss(), 4)});
+    progress.Update(s + 1, synthetic ? absl::StrCat("loss ", LossText(loss, 5)) : "");
   }
   const int64_t taken = static_cast<int64_t>(rows.size());
   if (interrupted.load() && taken < steps) {

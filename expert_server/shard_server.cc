@@ -1,7 +1,10 @@
 #include "expert_server/shard_server.h"
 
+#include <grpcpp/health_check_service_interface.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <csignal>
 #include <cstdio>
@@ -11,26 +14,24 @@
 #include <set>
 #include <thread>
 
-#include <grpcpp/health_check_service_interface.h>
-
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "expert_server/state_dir.h"
-#include "services/common/clock.h"
-#include "services/common/flags.h"
-#include "services/common/failpoint.h"
-#include "services/common/notification.h"
 #include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
-#include "services/common/security.h"
-#include "services/common/grpc_status.h"
-#include "services/common/status_macros.h"
+#include "services/collective/grpc_transport.h"
+#include "services/collective/ring_allreduce.h"
+#include "services/common/clock.h"
 #include "services/common/expert_copy.h"
+#include "services/common/failpoint.h"
+#include "services/common/flags.h"
+#include "services/common/grpc_status.h"
+#include "services/common/notification.h"
+#include "services/common/security.h"
+#include "services/common/status_macros.h"
 #include "services/common/stream_outbox.h"
 #include "services/common/tensor_codec.h"
 #include "services/common/thread_pool.h"
-#include "services/collective/grpc_transport.h"
-#include "services/collective/ring_allreduce.h"
 
 namespace moe::expert {
 namespace {
@@ -855,6 +856,21 @@ absl::Status ShardServer::Impl::RunBackward(const v1::BackwardRequest& req,
     std::vector<float> dx(dy.size());
     common::ExpertWeights grads;
     RETURN_IF_ERROR(h->ffn->Backward(fwd.input.data(), dy.data(), *fwd.cache, dx.data(), &grads));
+    // An update that is not finite would leave the expert's weights NaN for good: refused, so
+    // the router aborts the step and no weight changes.
+    for (const auto& [name, v] : {std::pair{"w1", &grads.w1},
+                                  {"w2", &grads.w2},
+                                  {"w3", &grads.w3},
+                                  {"b1", &grads.b1},
+                                  {"b2", &grads.b2},
+                                  {"b3", &grads.b3}}) {
+      if (const int64_t i = common::FirstNonFinite(*v); i >= 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "the gradient of expert ", g.expert(), " is not finite (", name, "[", i, "] is ",
+            std::isnan((*v)[i]) ? "NaN" : "infinite",
+            "): the model has diverged or grad_output is too large; lower the learning rate"));
+      }
+    }
     {
       std::lock_guard<std::mutex> lock(train_mu);
       auto st = steps.find(req.train_step());

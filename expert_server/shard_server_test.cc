@@ -1,5 +1,8 @@
 #include "expert_server/shard_server.h"
 
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -8,13 +11,10 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <thread>
-
-#include <grpcpp/generic/generic_stub.h>
-#include <grpcpp/health_check_service_interface.h>
-#include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
@@ -982,6 +982,44 @@ common::ExpertWeights Export(v1::ExpertShard::Stub* stub, int e) {
 }
 
 // A commit's update is applied once per expert, also when FinishStep comes again.
+// A backward whose gradient overflows (here a grad_output at float's largest) is refused
+// INVALID_ARGUMENT, naming the expert and the first value that is not finite: committed, it
+// would leave the expert's weights NaN for good. The step's other experts are unaffected.
+TEST_F(ShardServerTest, ABackwardWhoseGradientIsNotFiniteIsRefused) {
+  auto server = StartServer();
+  auto stub = Stub(*server);
+  const int64_t d = TestConfig().d_model;
+  grpc::ClientContext ctx;
+  auto stream = stub->Dispatch(&ctx);
+  v1::DispatchRequest req = Batch(7, 6, {{1, {0, 2, 3}}});
+  req.set_train_step(1);
+  ASSERT_TRUE(stream->Write(req));
+  v1::DispatchResponse resp;
+  ASSERT_TRUE(stream->Read(&resp));
+  ASSERT_EQ(resp.code(), 0) << resp.message();
+  v1::BackwardRequest back;
+  back.set_train_step(1);
+  back.set_batch_id(7);
+  v1::ExpertOutput* g = back.add_grads();
+  g->set_expert(1);
+  const std::vector<float> dy(3 * d, std::numeric_limits<float>::max());
+  common::EncodeTensor(dy, {3, d}, common::WireType::kFloat32, g->mutable_output());
+  grpc::ClientContext bctx;
+  v1::BackwardResponse bresp;
+  const grpc::Status st = stub->Backward(&bctx, back, &bresp);
+  EXPECT_EQ(st.error_code(), grpc::INVALID_ARGUMENT) << st.error_message();
+  EXPECT_EQ(st.error_message().rfind("the gradient of expert 1 is not finite (w", 0), 0u)
+      << st.error_message();
+  EXPECT_NE(st.error_message().find("lower the learning rate"), std::string::npos);
+  // It keeps serving.
+  v1::DispatchRequest again = Batch(8, 6, {{1, {0}}});
+  ASSERT_TRUE(stream->Write(again));
+  ASSERT_TRUE(stream->Read(&resp));
+  EXPECT_EQ(resp.code(), 0) << resp.message();
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
 TEST_F(ShardServerTest, TrainingForwardBackwardCommitAndAbort) {
   auto server = StartServer();
   auto stub = Stub(*server);

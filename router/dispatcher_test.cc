@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <set>
@@ -901,6 +902,27 @@ TEST(Trainer, AnUnconfirmedShardThatLeftThePlacementIsDropped) {
   t.trainer.DropUnconfirmedOutside(without);
   const absl::Status dropped = t.trainer.RetryConfirmations(t.rig.table);
   EXPECT_TRUE(dropped.ok()) << dropped;
+}
+
+// A step whose gate gradient is not finite (a grad_output at float's largest: the shards here
+// are fakes that do not check their own) is aborted before its commit, INVALID_ARGUMENT: the
+// caller's to change, not a step to retry.
+TEST(Trainer, AGateGradientThatIsNotFiniteAbortsTheStep) {
+  TrainRig t(/*unconfirmed_commits=*/0);
+  const int64_t n = 12;
+  const std::vector<float> x = common::RandomMatrix(n, Config().d_model, 5);
+  const std::vector<float> dy(n * Config().d_model, std::numeric_limits<float>::max());
+  absl::StatusOr<TrainResult> r =
+      t.trainer.Step(t.rig.table, t.rig.ck.gate, x.data(), dy.data(), n, TrainParams{0.25f},
+                     common::MonotonicNow() + absl::Seconds(10));
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+  EXPECT_EQ(r.status().message().rfind("the gradient of the gate's weight is not finite", 0), 0u)
+      << r.status();
+  EXPECT_EQ(t.commits, 0);
+  for (const auto& fake : t.rig.fakes) {
+    ASSERT_FALSE(fake->finishes.empty()) << fake->address();
+    EXPECT_FALSE(fake->finishes.back().commit) << fake->address();
+  }
 }
 
 // A shard that holds no replica (here a dead one the placement has moved off) takes no part in

@@ -17,6 +17,7 @@
 #include "absl/time/clock.h"
 #include "services/common/clock.h"
 #include "services/common/status_macros.h"
+#include "services/common/tensor_codec.h"
 
 namespace moe::router {
 
@@ -510,9 +511,14 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   for (int b = 0; b < P; ++b) {
     if (!back_status[b].ok()) {
       AbortEverywhere(table, result.step);
-      return absl::AbortedError(
-          absl::StrCat("backward on shard ", table.shards[parts[b].shard]->address(),
-                       " failed: ", back_status[b].message(), "; step aborted, no weight changed"));
+      // A gradient that is not finite would be again if the step were sent again: the caller's
+      // to change (INVALID_ARGUMENT), not a step to retry (ABORTED). The shard client's message
+      // names the shard ("backward on shard ADDRESS: ...").
+      return absl::Status(
+          back_status[b].code() == absl::StatusCode::kInvalidArgument
+              ? absl::StatusCode::kInvalidArgument
+              : absl::StatusCode::kAborted,
+          absl::StrCat(back_status[b].message(), "; step aborted, no weight changed"));
     }
   }
   result.grad_input.assign(n * d, 0.f);
@@ -532,6 +538,16 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   GateParamBackward(gp, x, dlogits.data(), n, result.gate_weight.data(),
                     gate.bias.empty() ? nullptr : result.gate_bias.data(),
                     result.grad_input.data());
+  for (const auto& [name, v] :
+       {std::pair{"weight", &result.gate_weight}, {"bias", &result.gate_bias}}) {
+    if (const int64_t i = common::FirstNonFinite(*v); i >= 0) {
+      AbortEverywhere(table, result.step);
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the gradient of the gate's ", name, " is not finite (", name, "[", i,
+          "]): the model has diverged or grad_output is too large; lower the learning rate. "
+          "Step aborted, no weight changed"));
+    }
+  }
   // Commit: replicas sum their gradients, then every shard applies its update, or none does.
   v1::CommitStepRequest commit;
   commit.set_train_step(result.step);

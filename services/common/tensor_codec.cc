@@ -113,16 +113,22 @@ void EncodeTensor(absl::Span<const float> data, absl::Span<const int64_t> shape,
   }
 }
 
+int64_t FirstNonFinite(const std::vector<float>& x) {
+  for (size_t i = 0; i < x.size(); ++i) {
+    if (!std::isfinite(x[i])) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
 absl::Status CheckTokens(const std::vector<float>& x, int64_t n, int64_t d,
                          const std::string& what) {
   if (n == 0) {
     return absl::InvalidArgumentError(absl::StrCat(what, ": the batch is empty (0 tokens)"));
   }
-  for (int64_t i = 0; i < n * d; ++i) {
-    if (!std::isfinite(x[i])) {
-      return absl::InvalidArgumentError(absl::StrCat(what, "[", i / d, ", ", i % d, "] is ",
-                                                     std::isnan(x[i]) ? "NaN" : "infinite"));
-    }
+  const int64_t i = FirstNonFinite(x);
+  if (i >= 0 && i < n * d) {
+    return absl::InvalidArgumentError(absl::StrCat(what, "[", i / d, ", ", i % d, "] is ",
+                                                   std::isnan(x[i]) ? "NaN" : "infinite"));
   }
   return absl::OkStatus();
 }

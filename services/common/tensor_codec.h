@@ -50,6 +50,9 @@ absl::StatusOr<TensorView> DecodeMatrix(const moe::v1::Tensor& tensor, absl::str
 // Converts a checked view to FP32 (BF16 widened exactly). `out` must hold num_elements floats.
 void ViewToFloat(const TensorView& view, float* out);
 
+// The index of the first NaN or infinite value of `x`, or -1 when every value is finite.
+int64_t FirstNonFinite(const std::vector<float>& x);
+
 // INVALID_ARGUMENT unless `x` ([n, d] row-major) holds at least one row and only finite values:
 // "WHAT: the batch is empty (0 tokens)" or "WHAT[i, j] is NaN" (or "infinite").
 absl::Status CheckTokens(const std::vector<float>& x, int64_t n, int64_t d,

@@ -141,6 +141,22 @@ try:
     losses = [float(m) for m in re.findall(r"^\d+\s+([\d.]+)\s+[\d.]+\s+[\d.]+$", synthetic,
                                            re.M)]
     expect(len(losses) == 3, f"synthetic train should print 3 losses:\n{synthetic}")
+    # A grad_output so large that the gradient overflows: the step is refused at once (not
+    # retried), naming the expert, and no weight changes (the save below still reads step 6).
+    st.save(path("huge-grad.safetensors"),
+            {"grad_output": np.full(tokens["tokens"].shape, np.finfo(np.float32).max,
+                                    np.float32)})
+    huge = subprocess.run([client, "train", "--router", router, "--steps", "1",
+                           "--learning-rate", "0.05", "--tokens", path("in.safetensors"),
+                           "--grad-output", path("huge-grad.safetensors")],
+                          capture_output=True, text=True, timeout=120)
+    expect(huge.returncode == 1 and
+           re.search(r"^moe-client train: step 1 of 1: INVALID_ARGUMENT: backward on shard "
+                     r"\S+: the gradient of expert \d+ is not finite \(\w+\[\d+\] is "
+                     r"(NaN|infinite)\): the model has diverged or grad_output is too large; "
+                     r"lower the learning rate; step aborted, no weight changed$",
+                     huge.stderr, re.M) is not None and "not taken" not in huge.stderr,
+           f"train with an overflowing gradient: exit {huge.returncode}: {huge.stderr.strip()}")
 
     saved = run("save-checkpoint", "--router", router, "--path", path("trained.safetensors"))
     expect("after step 6; replicas identical: yes" in saved, f"save-checkpoint: {saved}")
