@@ -585,6 +585,9 @@ void PrintPlacement(const v1::Placement& p) {
                     s < p.shard_load_size() ? absl::StrFormat("%.1f", p.shard_load(s)) : "-"});
   }
   PrintTable({"shard", "address", "expected load"}, rows);
+  if (!p.refusal().empty()) {
+    std::printf("\nthis proposal would be refused now: %s\n", p.refusal().c_str());
+  }
 }
 
 absl::Status PlacementCmd(const Flags& f) {

@@ -2048,6 +2048,45 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return reactor;
   }
 
+  // FAILED_PRECONDITION when a user's switch to `p` (from `live`, over `current` shards of
+  // which `usable` are in rotation) must be refused: the static strategies place by formula,
+  // down shards included, so one could leave an expert with every replica out of rotation (its
+  // requests would all fail), or load experts onto a shard out of rotation (`replicated` with a
+  // shard down: the load would fail there, and the switch with it).
+  absl::Status CheckSwitchable(const Placement& p,
+                               const std::vector<std::shared_ptr<ShardClient>>& current,
+                               const std::vector<bool>& usable, const Placement& live) {
+    std::vector<int> stranded;
+    std::set<std::string> down;
+    for (int e = 0; e < static_cast<int>(p.replicas.size()); ++e) {
+      bool served = false;
+      for (int r : p.replicas[e]) {
+        served = served || usable[r];
+        if (!usable[r]) down.insert(current[r]->address());
+      }
+      if (!served) stranded.push_back(e);
+    }
+    if (!stranded.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          StrategyName(p.strategy), " placement would leave experts ", absl::StrJoin(stranded, ","),
+          " with no replica on a shard in rotation (out of rotation: ", absl::StrJoin(down, ", "),
+          "); the current placement stays. Bring the shard back",
+          p.strategy == Strategy::kDynamic
+              ? ""
+              : ", or choose dynamic, which places replicas only on shards in rotation"));
+    }
+    const std::set<std::string> onto_down = LoadsOntoDown(p, current, usable, live, current);
+    if (!onto_down.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          StrategyName(p.strategy), " placement would load experts onto ",
+          absl::StrJoin(onto_down, ", "),
+          ", out of rotation; the current placement stays. "
+          "Bring the shard back, or choose dynamic, which places replicas only on shards in "
+          "rotation"));
+    }
+    return absl::OkStatus();
+  }
+
   grpc::ServerUnaryReactor* Rebalance(grpc::CallbackServerContext* ctx,
                                       const v1::RebalanceRequest* req,
                                       v1::Placement* out) override {
@@ -2068,7 +2107,6 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         std::vector<bool> usable;
         Placement live;
         ASSIGN_OR_RETURN(Placement p, ProposeOverLiveTable(asked, &current, &usable, &live));
-        const Strategy s = p.strategy;
         // The live placement again (a rebalance to the current strategy with nothing changed,
         // or one resent after a reconnect) is answered with it: a new version would move nothing.
         const bool unchanged = p.strategy == live.strategy && p.replicas == live.replicas;
@@ -2076,46 +2114,19 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           *out = ToProto(live, true);
           return absl::OkStatus();
         }
-        if (!req->dry_run()) {
-          // The static strategies place by formula, down shards included: refuse one that would
-          // leave an expert with every replica out of rotation (its requests would all fail).
-          std::vector<int> stranded;
-          std::set<std::string> down;
-          for (int e = 0; e < static_cast<int>(p.replicas.size()); ++e) {
-            bool served = false;
-            for (int r : p.replicas[e]) {
-              served = served || usable[r];
-              if (!usable[r]) down.insert(current[r]->address());
-            }
-            if (!served) stranded.push_back(e);
-          }
-          if (!stranded.empty()) {
-            return absl::FailedPreconditionError(absl::StrCat(
-                StrategyName(s), " placement would leave experts ", absl::StrJoin(stranded, ","),
-                " with no replica on a shard in rotation (out of rotation: ",
-                absl::StrJoin(down, ", "), "); the current placement stays. Bring the shard back",
-                s == Strategy::kDynamic
-                    ? ""
-                    : ", or choose dynamic, which places replicas only on shards in rotation"));
-          }
-          // Nor one that loads experts onto a shard out of rotation (`replicated` with a shard
-          // down): the load would fail there, and the switch with it.
-          const std::set<std::string> onto_down = LoadsOntoDown(p, current, usable, live, current);
-          if (!onto_down.empty()) {
-            return absl::FailedPreconditionError(absl::StrCat(
-                StrategyName(s), " placement would load experts onto ",
-                absl::StrJoin(onto_down, ", "),
-                ", out of rotation; the current placement stays. "
-                "Bring the shard back, or choose dynamic, which places replicas only on shards in "
-                "rotation"));
-          }
-          const absl::Status st = Apply(p, std::move(current), live.version, /*user=*/true,
-                                        deadline, [ctx] { return ctx->IsCancelled(); });
-          if (absl::IsAborted(st) && attempt < 3) continue;
-          RETURN_IF_ERROR(st);
-          p = Table()->placement;
+        const absl::Status refusal =
+            unchanged ? absl::OkStatus() : CheckSwitchable(p, current, usable, live);
+        if (req->dry_run()) {  // the proposal, and why the call itself would be refused
+          *out = ToProto(p, false);
+          out->set_refusal(std::string(refusal.message()));
+          return absl::OkStatus();
         }
-        *out = ToProto(p, !req->dry_run());
+        RETURN_IF_ERROR(refusal);
+        const absl::Status st = Apply(p, std::move(current), live.version, /*user=*/true, deadline,
+                                      [ctx] { return ctx->IsCancelled(); });
+        if (absl::IsAborted(st) && attempt < 3) continue;
+        RETURN_IF_ERROR(st);
+        *out = ToProto(Table()->placement, true);
         return absl::OkStatus();
       }
     };

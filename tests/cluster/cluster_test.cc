@@ -1559,7 +1559,8 @@ TEST_F(ClusterTest, AShardRestartedEmptyAfterTrainingGetsEveryExpertBack) {
 
 // A Rebalance to a static strategy places by formula, down shards included. One that would leave
 // an expert with every replica on a shard out of rotation is refused (FAILED_PRECONDITION,
-// naming the experts and the shard) and the placement stays; a dry run still shows it, and
+// naming the experts and the shard) and the placement stays; a dry run still shows it, with
+// the refusal the call would get (Placement.refusal; until 2026-12-04 it said nothing), and
 // `dynamic` places on the shards in rotation. So is one that would load experts onto the down
 // shard (`replicated`). The imbalance leaves the down shard out.
 TEST_F(ClusterTest, ARebalanceThatWouldStrandExpertsOnADownShardIsRefused) {
@@ -1606,8 +1607,12 @@ TEST_F(ClusterTest, ARebalanceThatWouldStrandExpertsOnADownShardIsRefused) {
   v1::Placement now;
   ASSERT_TRUE(stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &now).ok());
   EXPECT_EQ(now.strategy(), "hybrid");
+  // The dry run shows the proposal, and says it would be refused, with the call's own error.
   ASSERT_TRUE(rebalance("sharded", true, &p).ok());
   EXPECT_FALSE(p.applied());
+  EXPECT_EQ(p.refusal(), st.error_message());
+  ASSERT_TRUE(rebalance("dynamic", true, &p).ok());
+  EXPECT_EQ(p.refusal(), "") << "dynamic places on the shards in rotation";
   ASSERT_TRUE(rebalance("dynamic", false, &p).ok());
   for (const v1::ExpertPlacement& ep : p.experts()) {
     EXPECT_EQ(absl::StrJoin(ep.shards(), ","), "1") << "expert " << ep.expert();
@@ -1632,6 +1637,9 @@ TEST_F(ClusterTest, ARebalanceThatWouldStrandExpertsOnADownShardIsRefused) {
                                                  down, ", out of rotation")),
             std::string::npos)
       << st.error_message();
+  const std::string refused = st.error_message();
+  ASSERT_TRUE(rebalance("replicated", true, &p).ok());
+  EXPECT_EQ(p.refusal(), refused);
   grpc::ClientContext actx;
   v1::Placement after;
   ASSERT_TRUE(stub->GetPlacement(&actx, v1::GetPlacementRequest(), &after).ok());
