@@ -155,6 +155,10 @@ absl::Status Run(int argc, char** argv) {
     o.common_args = {"--tls-cert", dir + "/server.crt", "--tls-key", dir + "/server.key",
                      "--tls-ca", dir + "/ca.crt"};
     if (f.Has("require-client-cert")) o.common_args.push_back("--require-client-cert");
+    // The services' files, checked as each service will, before any of them starts.
+    RETURN_IF_ERROR(moe::common::ReadTlsFiles({dir + "/server.crt", dir + "/server.key",
+                                               dir + "/ca.crt", f.Has("require-client-cert")})
+                        .status());
     RETURN_IF_ERROR(moe::common::ConfigureTls(
         {dir + "/client.crt", dir + "/client.key", dir + "/ca.crt", false}));
   }

@@ -12,7 +12,7 @@ set -euo pipefail
 BUILD_PACKAGES=(
   build-essential cmake pkg-config
   libgrpc++-dev libgrpc-dev protobuf-compiler protobuf-compiler-grpc libprotobuf-dev
-  libabsl-dev libdnnl-dev prometheus-cpp-dev nlohmann-json3-dev
+  libabsl-dev libdnnl-dev prometheus-cpp-dev nlohmann-json3-dev libssl-dev
 )
 TEST_PACKAGES=(
   git libgtest-dev libgmock-dev googletest libbenchmark-dev

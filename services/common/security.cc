@@ -1,15 +1,21 @@
-#include "services/common/flags.h"
 #include "services/common/security.h"
+
+#include <grpcpp/support/client_interceptor.h>
+#include <openssl/asn1.h>
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 
 #include <fstream>
 #include <mutex>
 #include <sstream>
 
-#include <grpcpp/support/client_interceptor.h>
-
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "services/common/flags.h"
 #include "services/common/status_macros.h"
 
 namespace moe::common {
@@ -35,6 +41,36 @@ absl::StatusOr<std::string> ReadFile(const std::string& path, const char* what) 
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();
+}
+
+template <typename T>
+using Owned = std::unique_ptr<T, void (*)(T*)>;
+
+int NoPassphrase(char*, int, int, void*) { return 0; }
+
+// The first certificate of `pem`, or INVALID_ARGUMENT naming `flag` and `path`.
+absl::StatusOr<Owned<X509>> ReadCertificate(const std::string& pem, const char* flag,
+                                            const std::string& path) {
+  auto* bio = BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size()));
+  Owned<X509> cert(PEM_read_bio_X509(bio, nullptr, NoPassphrase, nullptr), X509_free);
+  BIO_free(bio);
+  ERR_clear_error();
+  if (cert == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        flag, " ", path, " holds no PEM certificate (\"-----BEGIN CERTIFICATE-----\")"));
+  }
+  return cert;
+}
+
+// An ASN1 time as OpenSSL prints it ("Dec  4 14:27:55 2026 GMT").
+std::string TimeText(const ASN1_TIME* t) {
+  BIO* bio = BIO_new(BIO_s_mem());
+  ASN1_TIME_print(bio, t);
+  char* data = nullptr;
+  const long n = BIO_get_mem_data(bio, &data);
+  std::string out(data, static_cast<size_t>(n));
+  BIO_free(bio);
+  return out;
 }
 
 class BearerInterceptor : public grpc::experimental::Interceptor {
@@ -66,24 +102,58 @@ class BearerInterceptorFactory : public grpc::experimental::ClientInterceptorFac
 
 }  // namespace
 
-absl::Status ConfigureTls(const TlsOptions& o) {
-  TlsState& s = State();
-  std::lock_guard<std::mutex> lock(s.mu);
-  s.enabled = false;
+absl::StatusOr<TlsFiles> ReadTlsFiles(const TlsOptions& o) {
   if (o.require_client_cert && o.cert_file.empty()) {
     // Without a certificate of its own a server serves plaintext and asks no caller for one.
     return UsageError("--require-client-cert needs --tls-cert, --tls-key and --tls-ca");
   }
-  if (o.cert_file.empty() && o.key_file.empty() && o.ca_file.empty()) return absl::OkStatus();
+  TlsFiles f;
+  if (o.cert_file.empty() && o.key_file.empty() && o.ca_file.empty()) return f;
   if (o.ca_file.empty()) return UsageError("--tls-ca is required for TLS");
   if (o.cert_file.empty() != o.key_file.empty()) {
     return UsageError("--tls-cert and --tls-key go together");
   }
-  ASSIGN_OR_RETURN(s.ca, ReadFile(o.ca_file, "--tls-ca"));
+  ASSIGN_OR_RETURN(f.ca, ReadFile(o.ca_file, "--tls-ca"));
+  RETURN_IF_ERROR(ReadCertificate(f.ca, "--tls-ca", o.ca_file).status());
   if (!o.cert_file.empty()) {
-    ASSIGN_OR_RETURN(s.cert, ReadFile(o.cert_file, "--tls-cert"));
-    ASSIGN_OR_RETURN(s.key, ReadFile(o.key_file, "--tls-key"));
+    ASSIGN_OR_RETURN(f.cert, ReadFile(o.cert_file, "--tls-cert"));
+    ASSIGN_OR_RETURN(f.key, ReadFile(o.key_file, "--tls-key"));
+    ASSIGN_OR_RETURN(Owned<X509> cert, ReadCertificate(f.cert, "--tls-cert", o.cert_file));
+    if (X509_cmp_current_time(X509_get0_notAfter(cert.get())) < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--tls-cert ", o.cert_file, " expired on ", TimeText(X509_get0_notAfter(cert.get())),
+          ": make new certificates (scripts/make-certs.sh DIR)"));
+    }
+    auto* bio = BIO_new_mem_buf(f.key.data(), static_cast<int>(f.key.size()));
+    // No passphrase is asked (gRPC takes none): a protected key reads as no key.
+    Owned<EVP_PKEY> key(PEM_read_bio_PrivateKey(bio, nullptr, NoPassphrase, nullptr),
+                        EVP_PKEY_free);
+    BIO_free(bio);
+    ERR_clear_error();
+    if (key == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--tls-key ", o.key_file,
+          " holds no PEM private key (or one protected by a passphrase, which is not supported)"));
+    }
+    if (X509_check_private_key(cert.get(), key.get()) != 1) {
+      ERR_clear_error();
+      return absl::InvalidArgumentError(absl::StrCat("--tls-key ", o.key_file,
+                                                     " is not the key of --tls-cert ", o.cert_file,
+                                                     ": give the pair made together"));
+    }
   }
+  return f;
+}
+
+absl::Status ConfigureTls(const TlsOptions& o) {
+  TlsState& s = State();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.enabled = false;
+  ASSIGN_OR_RETURN(TlsFiles f, ReadTlsFiles(o));
+  if (f.ca.empty()) return absl::OkStatus();
+  s.ca = std::move(f.ca);
+  s.cert = std::move(f.cert);
+  s.key = std::move(f.key);
   s.require_client_cert = o.require_client_cert;
   s.enabled = true;
   return absl::OkStatus();

@@ -23,8 +23,22 @@ struct TlsOptions {
   bool require_client_cert = false;  // servers refuse callers without a certificate from ca_file
 };
 
-// Reads the files (errors name the file) and makes them the process-wide configuration.
-// require_client_cert without cert_file is a usage error (it would serve plaintext).
+// The PEM contents of a TlsOptions' files.
+struct TlsFiles {
+  std::string cert, key, ca;
+};
+
+// Reads the files and checks them before gRPC sees them (gRPC logs several internal lines
+// instead, then fails a server's start as if its port were in use, or a client's first call
+// with "empty address list"). INVALID_ARGUMENT in one line naming the flag and file when the CA
+// or the certificate holds no PEM certificate, the key no PEM private key (or one protected by
+// a passphrase), the key is not the certificate's, or the certificate has expired; a usage
+// error for flags that do not go together (require_client_cert without cert_file would serve
+// plaintext).
+absl::StatusOr<TlsFiles> ReadTlsFiles(const TlsOptions& options);
+
+// ReadTlsFiles, then makes the files the process-wide configuration (none when no file is
+// given: plaintext).
 absl::Status ConfigureTls(const TlsOptions& options);
 bool TlsEnabled();
 

@@ -376,6 +376,20 @@ try:
     open(path("empty-token"), "w").close()
     cluster_fails(["--auth-token-file", path("empty-token")],
                   f"--auth-token-file {path('empty-token')} is empty", 1)
+    # TLS files gRPC cannot use are told by flag and file before anything starts (the
+    # coordinator logged gRPC's lines, then "cannot listen ... (port in use or bad address)").
+    bad_certs = path("bad-certs")
+    subprocess.run(["bash", os.path.join(here, "../../scripts/make-certs.sh"), bad_certs],
+                   check=True, capture_output=True)
+    with open(os.path.join(bad_certs, "client.key"), "rb") as src, \
+            open(os.path.join(bad_certs, "server.key"), "wb") as dst:
+        dst.write(src.read())
+    cluster_fails(["--tls-dir", bad_certs],
+                  f"--tls-key {bad_certs}/server.key is not the key of --tls-cert "
+                  f"{bad_certs}/server.crt: give the pair made together", 1)
+    fails("info", "--router", router, "--tls-ca", os.path.join(bad_certs, "token"),
+          says=f"moe-client info: --tls-ca {bad_certs}/token holds no PEM certificate "
+               "(\"-----BEGIN CERTIFICATE-----\")\n")
     # Every binary says its version; a service given an unknown flag exits 2, pointing to
     # --help, and one given a file that is not a checkpoint exits 1, without that hint.
     for binary in ["moe-client", "moe-cluster", "moe-router", "moe-expert-server",

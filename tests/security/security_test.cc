@@ -169,6 +169,43 @@ TEST_F(SecurityTest, InternalServicesRefuseCallersWithoutTheClusterCertificate) 
             grpc::StatusCode::UNAVAILABLE);
 }
 
+// TLS files gRPC cannot use are told in one line naming the flag and file, before gRPC is given
+// them: it logged several internal lines, then failed a server's start as if its port were in
+// use, and a client's first call with "empty address list". The good files read.
+TEST_F(SecurityTest, TlsFilesThatCannotBeUsedAreToldByFlagAndFile) {
+  const std::string& d = *dir_;
+  auto error = [](const common::TlsOptions& o) {
+    return std::string(common::ReadTlsFiles(o).status().message());
+  };
+  EXPECT_TRUE(
+      common::ReadTlsFiles({d + "/server.crt", d + "/server.key", d + "/ca.crt", true}).ok());
+  EXPECT_TRUE(common::ReadTlsFiles({"", "", d + "/ca.crt", false}).ok());  // a client, no mTLS
+  EXPECT_EQ(error({"", "", d + "/token", false}),
+            "--tls-ca " + d + "/token holds no PEM certificate (\"-----BEGIN CERTIFICATE-----\")");
+  EXPECT_EQ(error({d + "/server.key", d + "/server.key", d + "/ca.crt", false}),
+            "--tls-cert " + d +
+                "/server.key holds no PEM certificate "
+                "(\"-----BEGIN CERTIFICATE-----\")");
+  EXPECT_EQ(error({d + "/client.crt", d + "/token", d + "/ca.crt", false}),
+            "--tls-key " + d +
+                "/token holds no PEM private key (or one protected by a "
+                "passphrase, which is not supported)");
+  EXPECT_EQ(error({d + "/client.crt", d + "/server.key", d + "/ca.crt", false}),
+            "--tls-key " + d + "/server.key is not the key of --tls-cert " + d +
+                "/client.crt: give the pair made together");
+  // A certificate that expired yesterday.
+  const std::string old = moe::testing::TempPath("expired");
+  const std::string cmd =
+      absl::StrCat("openssl req -newkey rsa:2048 -nodes -subj /CN=old -keyout ", old, ".key -out ",
+                   old, ".csr 2>/dev/null && openssl x509 -req -in ", old, ".csr -signkey ", old,
+                   ".key -days -1 -out ", old, ".crt 2>/dev/null");
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  const std::string expired = error({old + ".crt", old + ".key", d + "/ca.crt", false});
+  EXPECT_EQ(expired.rfind("--tls-cert " + old + ".crt expired on ", 0), 0u) << expired;
+  EXPECT_NE(expired.find(": make new certificates (scripts/make-certs.sh DIR)"), std::string::npos)
+      << expired;
+}
+
 TEST_F(SecurityTest, MetricsExposeNoSecrets) {
   ASSERT_NE(cluster_, nullptr);
   for (int port : {metrics_, metrics_ + 1, metrics_ + 2, metrics_ + 3}) {
