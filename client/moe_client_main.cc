@@ -73,7 +73,8 @@ commands:
   drain --addr SHARD_HOST:PORT [--timeout-ms 10000] [--undo]
       before stopping a shard: it turns NOT_SERVING, routers move their work away and close
       their streams; returns once none is open (exit 1 if the timeout passed first, or an
-      undo came meanwhile);
+      undo came meanwhile; a router with no stream open to it then sees the drain at its
+      next health check of the shard, within 250 ms);
       --undo takes a drain back (the shard was not stopped): it serves again
   info --router HOST:PORT
       the model and the shards with their health and experts
@@ -880,6 +881,12 @@ absl::Status Load(const Flags& f) {
           CheckRequestFits(batch, d, absl::StrCat("--batch-size ", batch, " of d_model ", d));
       !fits.ok()) {
     return common::UsageError(fits.message());
+  }
+  if (info.max_request_tokens() > 0 && batch > info.max_request_tokens()) {
+    // Every request would be refused RESOURCE_EXHAUSTED, for the whole run.
+    return common::UsageError(
+        absl::StrCat("--batch-size ", batch, " is over the router's limit of ",
+                     info.max_request_tokens(), " tokens a request (its --max-batch-tokens)"));
   }
   common::GateWeights gate;
   if (f.Has("checkpoint")) {

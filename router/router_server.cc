@@ -1977,6 +1977,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     info->set_gated(config.gated);
     info->set_normalize_topk(config.normalize_topk);
     info->set_capacity_factor(options.capacity_factor);
+    info->set_max_request_tokens(options.max_batch_tokens);
     std::shared_ptr<const RoutingTable> t = Table();
     info->set_placement_strategy(
         std::string(StrategyName(t ? t->placement.strategy : strategy.load())));

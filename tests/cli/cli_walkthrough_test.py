@@ -290,9 +290,26 @@ try:
           "--local", "--checkpoint", path("ck.safetensors"), "--bf16",
           says="--bf16 applies to forward --router only", code=2)
     fails("load", "--router", router, "--batch-size", "1000000", says="more than one may carry", code=2)
-    # Every request refused (too many tokens for the router): the table, then exit 1.
-    fails("load", "--router", router, "--batch-size", "9000", "--requests", "2",
-          says="all 2 requests failed")
+    # Over the router's own limit (8192 by default): told before a request is sent (each was
+    # refused RESOURCE_EXHAUSTED for the whole run).
+    fails("load", "--router", router, "--batch-size", "10000", "--duration", "2",
+          says="moe-client load: --batch-size 10000 is over the router's limit of 8192 tokens a "
+               "request (its --max-batch-tokens) (run `moe-client help load`)\n", code=2)
+    # Every request refused (a router still loading its placement: its one shard does not
+    # answer): the table, then exit 1.
+    lonely = subprocess.Popen([os.path.join(bin_dir, "moe-router"), "--checkpoint",
+                               path("ck.safetensors"), "--shards", "127.0.0.1:1", "--host",
+                               "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        listening = re.search(r"listening on \S+:(\d+)", lonely.stdout.readline())
+        expect(listening is not None, "moe-router did not say where it listens")
+        if listening:
+            fails("load", "--router", f"127.0.0.1:{listening.group(1)}", "--batch-size", "8",
+                  "--requests", "2", says="all 2 requests failed")
+    finally:
+        lonely.terminate()
+        lonely.wait(timeout=30)
     fails("train", "--router", router, "--tokens", path("in.safetensors"),
           says="train needs --synthetic, or --tokens and --grad-output", code=2)
     fails("train", "--router", router, "--synthetic", "--tokens", path("in.safetensors"),
@@ -457,7 +474,12 @@ try:
     # A drained shard answers NOT_SERVING: `info` shows it out of rotation, not DOWN.
     drained = run("drain", "--addr", shard, "--timeout-ms", "5000")
     expect("drained in" in drained, f"drain: {drained}")
-    info = run("info", "--router", router)
+    # The router sees it at its next health check of the shard (every 250 ms).
+    for _ in range(60):
+        info = run("info", "--router", router)
+        if re.search(rf"^\d+\s+{re.escape(shard)}\s+not serving\s", info, re.M):
+            break
+        time.sleep(0.05)
     expect(re.search(rf"^\d+\s+{re.escape(shard)}\s+not serving\s", info, re.M) is not None and
            len(re.findall(r"^\d+\s+127\.0\.0\.1:\d+\s+up\s", info, re.M)) == 2,
            f"info after draining {shard}: it should read 'not serving', the others 'up':\n{info}")
