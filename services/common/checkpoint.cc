@@ -1,14 +1,16 @@
 #include "services/common/checkpoint.h"
 
+#include <cmath>
 #include <functional>
 #include <limits>
 
 #include "absl/status/status.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "services/common/status_macros.h"
+#include "services/common/tensor_codec.h"
 
 namespace moe::common {
 namespace {
@@ -20,6 +22,19 @@ absl::StatusOr<std::vector<float>> ReadOptional(const SafetensorsReader& reader,
                                                 const std::string& name, const Shape& shape) {
   if (reader.Find(name) == nullptr) return std::vector<float>{};
   return reader.ReadFloat(name, &shape);
+}
+
+// INVALID_ARGUMENT naming tensor `name` of `reader` when `v` holds a NaN or an infinity: a
+// model's weights are finite, and one that is not answers NaN for every token that reaches it.
+absl::Status CheckFinite(const SafetensorsReader& reader, const std::string& name,
+                         const std::vector<float>& v) {
+  const int64_t i = FirstNonFinite(v);
+  if (i < 0) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(reader.origin(), ": tensor '", name, "' holds ",
+                   std::isnan(v[i]) ? "NaN" : "an infinity", " (at flat index ", i,
+                   "): the weights are corrupt, or were saved from a model that "
+                   "diverged"));
 }
 
 absl::Status CheckSize(const std::vector<float>& v, size_t expected, absl::string_view what,
@@ -166,6 +181,14 @@ absl::StatusOr<ExpertWeights> ReadExpert(const SafetensorsReader& reader, absl::
         reader.origin(), ": tensor '", name("w3.weight"),
         "' is present but expert 0 has no w3: every expert must be gated or none"));
   }
+  for (const auto& [tensor, v] : {std::pair{"w1.weight", &w.w1},
+                                  {"w2.weight", &w.w2},
+                                  {"w3.weight", &w.w3},
+                                  {"w1.bias", &w.b1},
+                                  {"w2.bias", &w.b2},
+                                  {"w3.bias", &w.b3}}) {
+    RETURN_IF_ERROR(CheckFinite(reader, name(tensor), *v));
+  }
   return w;
 }
 
@@ -178,6 +201,8 @@ absl::StatusOr<Checkpoint> LoadCheckpoint(const SafetensorsReader& reader,
   const Shape gshape{c.num_experts, c.d_model}, gbias{c.num_experts};
   ASSIGN_OR_RETURN(ck.gate.weight, reader.ReadFloat(p + "gate.weight", &gshape));
   ASSIGN_OR_RETURN(ck.gate.bias, ReadOptional(reader, p + "gate.bias", gbias));
+  RETURN_IF_ERROR(CheckFinite(reader, p + "gate.weight", ck.gate.weight));
+  RETURN_IF_ERROR(CheckFinite(reader, p + "gate.bias", ck.gate.bias));
   ck.experts.resize(c.num_experts);
   std::vector<int> which;
   if (options.experts) {

@@ -1,8 +1,9 @@
 #include "services/common/checkpoint.h"
 
-#include <cstdio>
-
 #include <gtest/gtest.h>
+
+#include <cstdio>
+#include <limits>
 
 #include "services/common/random_checkpoint.h"
 #include "tests/reference/test_util.h"
@@ -191,6 +192,21 @@ TEST(Checkpoint, ErrorsNameTheTensor) {
     EXPECT_TRUE(w.AddF32("experts.2.w3.weight", {10, 6}, std::vector<float>(60)).ok());
   };
   ExpectError(LoadBytes(Serialized(ck, w3)), "'experts.2.w3.weight' is present");
+}
+
+// Weights that are not finite are refused, naming the tensor and the first such value: served,
+// every token reaching them would answer NaN. The same reader checks expert copies and a
+// shard's --state-dir.
+TEST(Checkpoint, WeightsThatAreNotFiniteAreRefused) {
+  Checkpoint ck = MakeRandomCheckpoint({SmallConfig(false), false, 1});
+  ck.experts[2].w2[5] = std::numeric_limits<float>::quiet_NaN();
+  ExpectError(LoadBytes(Serialized(ck, nullptr)),
+              ": tensor 'experts.2.w2.weight' holds NaN (at flat index 5): the weights are "
+              "corrupt, or were saved from a model that diverged");
+  ck = MakeRandomCheckpoint({SmallConfig(false), false, 1});
+  ck.gate.weight[7] = -std::numeric_limits<float>::infinity();
+  ExpectError(LoadBytes(Serialized(ck, nullptr)),
+              ": tensor 'gate.weight' holds an infinity (at flat index 7)");
 }
 
 TEST(Checkpoint, BadMetadata) {
