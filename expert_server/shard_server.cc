@@ -816,6 +816,29 @@ void AddInto(std::vector<float>& acc, const std::vector<float>& g) {
 
 }  // namespace
 
+namespace {
+
+// OUT_OF_RANGE when `g`, expert `expert`'s `what` in a step, holds a NaN or an infinity: applied,
+// it would leave the expert's weights NaN for good, so the step must be aborted.
+absl::Status CheckGradientFinite(int expert, const common::ExpertWeights& g, const char* what) {
+  for (const auto& [name, v] : {std::pair{"w1", &g.w1},
+                                {"w2", &g.w2},
+                                {"w3", &g.w3},
+                                {"b1", &g.b1},
+                                {"b2", &g.b2},
+                                {"b3", &g.b3}}) {
+    if (const int64_t i = common::FirstNonFinite(*v); i >= 0) {
+      return absl::OutOfRangeError(absl::StrCat(
+          "the ", what, " of expert ", expert, " is not finite (", name, "[", i, "] is ",
+          std::isnan((*v)[i]) ? "NaN" : "infinite",
+          "): the model has diverged or grad_output is too large; lower the learning rate"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status ShardServer::Impl::RunBackward(const v1::BackwardRequest& req,
                                             v1::BackwardResponse* resp) {
   const int64_t d = config.d_model;
@@ -856,21 +879,6 @@ absl::Status ShardServer::Impl::RunBackward(const v1::BackwardRequest& req,
     std::vector<float> dx(dy.size());
     common::ExpertWeights grads;
     RETURN_IF_ERROR(h->ffn->Backward(fwd.input.data(), dy.data(), *fwd.cache, dx.data(), &grads));
-    // An update that is not finite would leave the expert's weights NaN for good: refused, so
-    // the router aborts the step and no weight changes.
-    for (const auto& [name, v] : {std::pair{"w1", &grads.w1},
-                                  {"w2", &grads.w2},
-                                  {"w3", &grads.w3},
-                                  {"b1", &grads.b1},
-                                  {"b2", &grads.b2},
-                                  {"b3", &grads.b3}}) {
-      if (const int64_t i = common::FirstNonFinite(*v); i >= 0) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "the gradient of expert ", g.expert(), " is not finite (", name, "[", i, "] is ",
-            std::isnan((*v)[i]) ? "NaN" : "infinite",
-            "): the model has diverged or grad_output is too large; lower the learning rate"));
-      }
-    }
     {
       std::lock_guard<std::mutex> lock(train_mu);
       auto st = steps.find(req.train_step());
@@ -885,6 +893,11 @@ absl::Status ShardServer::Impl::RunBackward(const v1::BackwardRequest& req,
       AddInto(acc.b1, grads.b1);
       AddInto(acc.b2, grads.b2);
       AddInto(acc.b3, grads.b3);
+      // The step's sum so far (this batch's own gradient included): the router aborts it.
+      if (absl::Status finite = CheckGradientFinite(g.expert(), acc, "gradient"); !finite.ok()) {
+        st->second.failed = true;
+        return finite;
+      }
     }
     v1::ExpertOutput* out = resp->add_grad_inputs();
     out->set_expert(g.expert());
@@ -1093,10 +1106,17 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
                          absl::StrCat("step id ", req.train_step(), " ended during its reduction"))
                    : st;
   }
+  absl::Status finite = absl::OkStatus();
   for (auto& [e, g] : grads) {
     // A backward that arrived during the reduction would be lost: that step cannot commit.
     if (step->second.grads.count(e)) step->second.failed = true;
+    // Finite on every replica, the sum can still overflow; every ring member finds it alike.
+    if (st.ok() && finite.ok()) finite = CheckGradientFinite(e, g, "summed gradient");
     step->second.grads[e] = std::move(g);
+  }
+  if (!finite.ok()) {
+    step->second.failed = true;
+    return finite;
   }
   // A failed reduction leaves partial sums: the step must be aborted, never committed.
   if (!st.ok()) {

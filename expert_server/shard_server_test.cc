@@ -981,10 +981,9 @@ common::ExpertWeights Export(v1::ExpertShard::Stub* stub, int e) {
   return w.ok() ? *w : common::ExpertWeights();
 }
 
-// A commit's update is applied once per expert, also when FinishStep comes again.
 // A backward whose gradient overflows (here a grad_output at float's largest) is refused
-// INVALID_ARGUMENT, naming the expert and the first value that is not finite: committed, it
-// would leave the expert's weights NaN for good. The step's other experts are unaffected.
+// OUT_OF_RANGE, naming the expert and the first value that is not finite: committed, it would
+// leave the expert's weights NaN for good.
 TEST_F(ShardServerTest, ABackwardWhoseGradientIsNotFiniteIsRefused) {
   auto server = StartServer();
   auto stub = Stub(*server);
@@ -1007,7 +1006,7 @@ TEST_F(ShardServerTest, ABackwardWhoseGradientIsNotFiniteIsRefused) {
   grpc::ClientContext bctx;
   v1::BackwardResponse bresp;
   const grpc::Status st = stub->Backward(&bctx, back, &bresp);
-  EXPECT_EQ(st.error_code(), grpc::INVALID_ARGUMENT) << st.error_message();
+  EXPECT_EQ(st.error_code(), grpc::OUT_OF_RANGE) << st.error_message();
   EXPECT_EQ(st.error_message().rfind("the gradient of expert 1 is not finite (w", 0), 0u)
       << st.error_message();
   EXPECT_NE(st.error_message().find("lower the learning rate"), std::string::npos);
@@ -1020,6 +1019,7 @@ TEST_F(ShardServerTest, ABackwardWhoseGradientIsNotFiniteIsRefused) {
   EXPECT_TRUE(stream->Finish().ok());
 }
 
+// A commit's update is applied once per expert, also when FinishStep comes again.
 TEST_F(ShardServerTest, TrainingForwardBackwardCommitAndAbort) {
   auto server = StartServer();
   auto stub = Stub(*server);

@@ -1,5 +1,7 @@
 #include "router/router_server.h"
 
+#include <grpcpp/health_check_service_interface.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -15,15 +17,11 @@
 #include <set>
 #include <thread>
 
-#include <grpcpp/health_check_service_interface.h>
-
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "services/common/clock.h"
-#include "services/common/flags.h"
-#include "services/common/notification.h"
+#include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/router.grpc.pb.h"
 #include "router/dispatcher.h"
 #include "router/gating.h"
@@ -31,12 +29,15 @@
 #include "router/load_stats.h"
 #include "router/router_metrics.h"
 #include "router/trainer.h"
-#include "moe/v1/coordinator.grpc.pb.h"
+#include "services/common/clock.h"
+#include "services/common/flags.h"
+#include "services/common/grpc_status.h"
+#include "services/common/notification.h"
 #include "services/common/safetensors.h"
 #include "services/common/security.h"
-#include "services/common/grpc_status.h"
 #include "services/common/status_macros.h"
 #include "services/common/stream_outbox.h"
+#include "services/common/tensor_codec.h"
 #include "services/common/thread_pool.h"
 #include "services/common/timed_mutex.h"
 
@@ -808,6 +809,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           (weight.ok() ? bias : weight).status().message(),
           "): remove it, or give the checkpoint it was trained from"));
     }
+    for (const auto& [name, v] : {std::pair{"gate.weight", &*weight}, {"gate.bias", &*bias}}) {
+      if (const int64_t i = common::FirstNonFinite(*v); i >= 0) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            gate_state_path, " keeps a gate that is not finite (", name, "[", i,
+            "]): the model it was trained with diverged; remove it to serve the checkpoint's "
+            "gate"));
+      }
+    }
     uint64_t step = 0, done = 0;
     const auto& meta = reader->metadata();
     if (meta.count("train_step") == 0 || !absl::SimpleAtoi(meta.at("train_step"), &step) ||
@@ -974,11 +983,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // A shard that has not confirmed the last commit may lack its update: it must confirm (or be
     // leaving) before any copy. One leaving is forgotten only once the switch is applied: if
     // the switch fails it stays in the table, and must still be asked.
-    if (trainer != nullptr) {
-      RETURN_IF_ERROR(trainer->RetryConfirmations(RoutingTable{next, next_shards},
-                                                  /*drop_absent=*/false));
-    }
     std::shared_ptr<const RoutingTable> old = Table();
+    if (trainer != nullptr) {
+      // With the live table: a shard the switch moves its replicas off may be a copy's source.
+      RETURN_IF_ERROR(trainer->RetryConfirmations(RoutingTable{next, next_shards},
+                                                  /*drop_absent=*/false, old.get()));
+    }
     // The first placement of this router starts from what the shards hold (they may have served
     // and trained under a router before this one): see ObserveShards.
     bool trained = steps_done.load() > 0;

@@ -1,6 +1,7 @@
 #include "router/trainer.h"
 
 #include <algorithm>
+#include <cmath>
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
@@ -10,6 +11,7 @@
 #include <numeric>
 #include <set>
 #include <thread>
+#include <tuple>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -80,7 +82,17 @@ bool Participates(const RoutingTable& table, const std::string& address) {
 
 }  // namespace
 
-absl::Status Trainer::RetryConfirmations(const RoutingTable& table, bool drop_absent) {
+bool Trainer::Counts(const RoutingTable& table, const RoutingTable* live,
+                     const std::string& address, const PendingCommit& u) {
+  // A commit it lacks matters where it holds a replica; an update it may hold that the others
+  // aborted, wherever it is listed (its copies could still spread it).
+  if (!HasShard(table, address)) return false;
+  return u.unsettled_abort || Participates(table, address) ||
+         (live != nullptr && Participates(*live, address));
+}
+
+absl::Status Trainer::RetryConfirmations(const RoutingTable& table, bool drop_absent,
+                                         const RoutingTable* live) {
   if (drop_absent) DropUnconfirmedOutside(table);
   std::map<std::string, PendingCommit> todo;
   {
@@ -91,10 +103,7 @@ absl::Status Trainer::RetryConfirmations(const RoutingTable& table, bool drop_ab
     for (size_t i = 0; i < table.shards.size(); ++i) {
       const auto& s = table.shards[i];
       if (s->address() != address) continue;
-      // One that holds no replica now does not hold steps back (Unconfirmed), and is asked
-      // only while it answers: a dead one would cost every step the call's timeout. It is
-      // still asked before a switch gives it replicas, as that switch's table lists it.
-      if (!s->answering() && !Participates(table, address)) break;
+      if (!Counts(table, live, address, u)) break;
       if (u.unsettled_abort) {
         // Settled against the live table only: a proposed one (a switch not yet applied) may
         // not list what the shard holds now, nor hold it where it names a source.
@@ -117,7 +126,7 @@ absl::Status Trainer::RetryConfirmations(const RoutingTable& table, bool drop_ab
       break;
     }
   }
-  return Unconfirmed(table);
+  return Unconfirmed(table, live);
 }
 
 absl::Status Trainer::SettleAbort(const RoutingTable& table, size_t shard, uint64_t step,
@@ -221,23 +230,26 @@ absl::Status Trainer::SettleAbort(const RoutingTable& table, size_t shard, uint6
 void Trainer::DropUnconfirmedOutside(const RoutingTable& table) {
   std::lock_guard<std::mutex> lock(unconfirmed_mu_);
   for (auto it = unconfirmed_.begin(); it != unconfirmed_.end();) {
-    if (HasShard(table, it->first)) {
+    const bool listed = HasShard(table, it->first);
+    if (listed && (it->second.unsettled_abort || Participates(table, it->first))) {
       ++it;
       continue;
     }
-    std::fprintf(stderr, "moe-router: step id %llu: %s left the placement before %s; dropped\n",
-                 static_cast<unsigned long long>(it->second.step),
+    std::fprintf(stderr, "moe-router: step id %llu: %s %s before %s; dropped\n",
+                 static_cast<unsigned long long>(it->second.step), it->first.c_str(),
+                 listed ? "holds no replica any more (one placed on it later is copied from a "
+                          "replica that has the update)"
+                        : "left the placement",
                  it->second.unsettled_abort ? "telling whether it had committed the step"
-                                            : "confirming the commit",
-                 it->first.c_str());
+                                            : "confirming the commit");
     it = unconfirmed_.erase(it);
   }
 }
 
-absl::Status Trainer::Unconfirmed(const RoutingTable& table) const {
+absl::Status Trainer::Unconfirmed(const RoutingTable& table, const RoutingTable* live) const {
   std::lock_guard<std::mutex> lock(unconfirmed_mu_);
   for (const auto& entry : unconfirmed_) {
-    if (!Participates(table, entry.first)) continue;
+    if (!Counts(table, live, entry.first, entry.second)) continue;
     if (entry.second.unsettled_abort) {
       return absl::UnavailableError(absl::StrCat(
           "shard ", entry.first, " could not be asked whether it had committed step id ",
@@ -511,13 +523,12 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   for (int b = 0; b < P; ++b) {
     if (!back_status[b].ok()) {
       AbortEverywhere(table, result.step);
-      // A gradient that is not finite would be again if the step were sent again: the caller's
-      // to change (INVALID_ARGUMENT), not a step to retry (ABORTED). The shard client's message
-      // names the shard ("backward on shard ADDRESS: ...").
+      // A gradient that is not finite (OUT_OF_RANGE) would be again if the step were sent
+      // again: the caller's to change, not a step to retry (ABORTED). The shard client's
+      // message names the shard ("backward on shard ADDRESS: ...").
       return absl::Status(
-          back_status[b].code() == absl::StatusCode::kInvalidArgument
-              ? absl::StatusCode::kInvalidArgument
-              : absl::StatusCode::kAborted,
+          back_status[b].code() == absl::StatusCode::kOutOfRange ? absl::StatusCode::kOutOfRange
+                                                                 : absl::StatusCode::kAborted,
           absl::StrCat(back_status[b].message(), "; step aborted, no weight changed"));
     }
   }
@@ -538,12 +549,17 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   GateParamBackward(gp, x, dlogits.data(), n, result.gate_weight.data(),
                     gate.bias.empty() ? nullptr : result.gate_bias.data(),
                     result.grad_input.data());
-  for (const auto& [name, v] :
-       {std::pair{"weight", &result.gate_weight}, {"bias", &result.gate_bias}}) {
-    if (const int64_t i = common::FirstNonFinite(*v); i >= 0) {
+  // The gate's update, as the router applies it once the step commits (w -= lr * g), must leave
+  // finite weights: checked now, while the step can still be aborted.
+  for (const auto& [name, g, w] : {std::tuple{"weight", &result.gate_weight, &gate.weight},
+                                   std::tuple{"bias", &result.gate_bias, &gate.bias}}) {
+    for (size_t i = 0; i < g->size() && i < w->size(); ++i) {
+      const float next = (*w)[i] - params.learning_rate * (*g)[i];
+      if (std::isfinite((*g)[i]) && std::isfinite(next)) continue;
       AbortEverywhere(table, result.step);
-      return absl::InvalidArgumentError(absl::StrCat(
-          "the gradient of the gate's ", name, " is not finite (", name, "[", i,
+      return absl::OutOfRangeError(absl::StrCat(
+          std::isfinite((*g)[i]) ? "the update of the gate's " : "the gradient of the gate's ",
+          name, " is not finite (", name, "[", i,
           "]): the model has diverged or grad_output is too large; lower the learning rate. "
           "Step aborted, no weight changed"));
     }

@@ -79,17 +79,24 @@ class Trainer {
   // else UNAVAILABLE naming a shard that has not. With `drop_absent` false (a placement switch
   // not yet applied), a shard absent from `table` is kept, and only `table`'s shards count: the
   // switch may still fail and leave it in the live table, where it must still be asked.
-  absl::Status RetryConfirmations(const RoutingTable& table, bool drop_absent = true);
+  // A commit counts only for a shard that holds a replica in `table`: one that holds none has
+  // no weight to update; with `live` (a switch's check, `table` its proposal), also for one of
+  // `table`'s shards that holds a replica in `live` (it may be the source of a copy). A lost
+  // verdict a shard could not be asked about counts wherever the shard is listed.
+  absl::Status RetryConfirmations(const RoutingTable& table, bool drop_absent = true,
+                                  const RoutingTable* live = nullptr);
   // Forgets the unconfirmed commits of shards absent from `table` (the live table, after a
-  // switch that left them out was applied).
+  // switch that left them out was applied), and of shards that hold no replica in it: a replica
+  // placed on one later is copied from a replica that has the update (a load replaces older
+  // weights), so it has nothing left to confirm.
   void DropUnconfirmedOutside(const RoutingTable& table);
 
  private:
   // OK when every replica of every expert is on a shard in rotation, else UNAVAILABLE naming one
   // that is not: such a step could not commit, so Step refuses it first.
   static absl::Status EveryReplicaInRotation(const RoutingTable& table);
-  // UNAVAILABLE naming one of `table`'s shards that has not confirmed its commit.
-  absl::Status Unconfirmed(const RoutingTable& table) const;
+  // UNAVAILABLE naming one of `table`'s shards that has not confirmed its commit (Counts).
+  absl::Status Unconfirmed(const RoutingTable& table, const RoutingTable* live) const;
   // Tells every shard to drop the step's kept activations and gradients, all at once and for at
   // most kAbortTimeout: a stalled shard must not hold the failed call (and the routing table it
   // pins) for longer. A shard the abort does not reach drops the step itself once it is stale.
@@ -127,6 +134,9 @@ class Trainer {
     // Why the last attempt to settle it failed (empty before the first).
     std::string settle_error;
   };
+  // Whether `address`'s entry `u` holds back `table` (see RetryConfirmations).
+  static bool Counts(const RoutingTable& table, const RoutingTable* live,
+                     const std::string& address, const PendingCommit& u);
   mutable std::mutex unconfirmed_mu_;
   std::map<std::string, PendingCommit> unconfirmed_;  // by shard address
   std::atomic<uint64_t> next_step_;

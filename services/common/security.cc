@@ -52,7 +52,9 @@ int NoPassphrase(char*, int, int, void*) { return 0; }
 absl::StatusOr<Owned<X509>> ReadCertificate(const std::string& pem, const char* flag,
                                             const std::string& path) {
   auto* bio = BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size()));
-  Owned<X509> cert(PEM_read_bio_X509(bio, nullptr, NoPassphrase, nullptr), X509_free);
+  if (bio == nullptr) return absl::ResourceExhaustedError("out of memory reading a certificate");
+  // _AUX, as gRPC reads them: "TRUSTED CERTIFICATE" blocks too.
+  Owned<X509> cert(PEM_read_bio_X509_AUX(bio, nullptr, NoPassphrase, nullptr), X509_free);
   BIO_free(bio);
   ERR_clear_error();
   if (cert == nullptr) {
@@ -125,6 +127,7 @@ absl::StatusOr<TlsFiles> ReadTlsFiles(const TlsOptions& o) {
           ": make new certificates (scripts/make-certs.sh DIR)"));
     }
     auto* bio = BIO_new_mem_buf(f.key.data(), static_cast<int>(f.key.size()));
+    if (bio == nullptr) return absl::ResourceExhaustedError("out of memory reading a key");
     // No passphrase is asked (gRPC takes none): a protected key reads as no key.
     Owned<EVP_PKEY> key(PEM_read_bio_PrivateKey(bio, nullptr, NoPassphrase, nullptr),
                         EVP_PKEY_free);
