@@ -814,10 +814,6 @@ void AddInto(std::vector<float>& acc, const std::vector<float>& g) {
   for (size_t i = 0; i < acc.size() && i < g.size(); ++i) acc[i] += g[i];
 }
 
-}  // namespace
-
-namespace {
-
 // OUT_OF_RANGE when `g`, expert `expert`'s `what` in a step, holds a NaN or an infinity: applied,
 // it would leave the expert's weights NaN for good, so the step must be aborted.
 absl::Status CheckGradientFinite(int expert, const common::ExpertWeights& g, const char* what) {
