@@ -726,16 +726,19 @@ absl::Status Train(const Flags& f) {
       for (size_t i = 0; i < y.size(); ++i) {
         const float r = y[i] - target[i];
         loss += static_cast<double>(r) * r / static_cast<double>(batch);
-        dy[i] = 2.f * r / static_cast<float>(batch);
+        dy[i] = static_cast<float>(2.0 * r / static_cast<double>(batch));
       }
       if (interrupted.load()) break;  // Ctrl-C during the forward: no step begun
-      if (!std::isfinite(loss)) {
-        // Its gradient would be too: the cluster would refuse the step, and the run is over.
+      // A residual near float's largest leaves the loss (a double) finite and its gradient (a
+      // float) not: the cluster would refuse the step either way, and the run is over.
+      if (!std::isfinite(loss) || common::FirstNonFinite(dy) >= 0) {
         if (!rows.empty()) print_steps("");
         return absl::FailedPreconditionError(absl::StrCat(
-            "step ", s + 1, " of ", steps, ": the loss is not finite (", loss,
-            "): the model has diverged; no step was sent. Lower --learning-rate, and start again "
-            "from a checkpoint saved before (moe-client save-checkpoint)"));
+            "step ", s + 1, " of ", steps, ": the loss ",
+            std::isfinite(loss) ? absl::StrCat("(", LossText(loss, 6), ") has a gradient that")
+                                : absl::StrCat("(", loss, ")"),
+            " is not finite: the model has diverged; no step was sent. Lower --learning-rate, "
+            "and start again from a checkpoint saved before (moe-client save-checkpoint)"));
       }
     }
     v1::TrainStepRequest req;

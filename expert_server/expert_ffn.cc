@@ -409,16 +409,13 @@ absl::Status ExpertFfn::ApplySgd(const common::ExpertWeights& g, float lr) {
     }
     return absl::OkStatus();
   };
-  common::ExpertWeights& w = weights_;
-  RETURN_IF_ERROR(check(w.w1, g.w1, "w1.weight"));
-  RETURN_IF_ERROR(check(w.w2, g.w2, "w2.weight"));
-  RETURN_IF_ERROR(check(w.w3, g.w3, "w3.weight"));
-  RETURN_IF_ERROR(check(w.b1, g.b1, "w1.bias"));
-  RETURN_IF_ERROR(check(w.b2, g.b2, "w2.bias"));
-  RETURN_IF_ERROR(check(w.b3, g.b3, "w3.bias"));
-  for (auto [p, q] : {std::pair{&w.w1, &g.w1}, {&w.w2, &g.w2}, {&w.w3, &g.w3}, {&w.b1, &g.b1},
-                      {&w.b2, &g.b2}, {&w.b3, &g.b3}}) {
-    for (size_t i = 0; i < p->size(); ++i) (*p)[i] -= lr * (*q)[i];
+  const auto w = weights_.Tensors();
+  const auto q = g.Tensors();
+  for (size_t t = 0; t < w.size(); ++t)
+    RETURN_IF_ERROR(check(*w[t].second, *q[t].second, w[t].first));
+  for (size_t t = 0; t < w.size(); ++t) {
+    std::vector<float>& p = *w[t].second;
+    for (size_t i = 0; i < p.size(); ++i) p[i] = SgdStep(p[i], lr, (*q[t].second)[i]);
   }
   return Rebuild();
 }

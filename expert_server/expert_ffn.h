@@ -17,6 +17,10 @@
 
 namespace moe::expert {
 
+// One parameter's SGD update, w - lr * g: ExpertFfn::ApplySgd applies it, and a training step
+// checks with it, before the step commits, that the update leaves every weight finite.
+inline float SgdStep(float w, float lr, float g) { return w - lr * g; }
+
 // What ForwardTrain keeps for Backward, for one batch of rows.
 struct ForwardCache {
   int64_t rows = 0;
@@ -43,7 +47,8 @@ class ExpertFfn {
   absl::Status Backward(const float* x, const float* dy, const ForwardCache& cache, float* dx,
                         common::ExpertWeights* grads) const;
 
-  // W -= lr * grad for every parameter, then re-reorders. Not safe concurrently with Forward.
+  // W = SgdStep(W, lr, grad) for every parameter, then re-reorders. Not safe concurrently with
+  // Forward.
   absl::Status ApplySgd(const common::ExpertWeights& grads, float lr);
 
   const common::ExpertWeights& weights() const { return weights_; }

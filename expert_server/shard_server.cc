@@ -814,20 +814,31 @@ void AddInto(std::vector<float>& acc, const std::vector<float>& g) {
   for (size_t i = 0; i < acc.size() && i < g.size(); ++i) acc[i] += g[i];
 }
 
-// OUT_OF_RANGE when `g`, expert `expert`'s `what` in a step, holds a NaN or an infinity: applied,
-// it would leave the expert's weights NaN for good, so the step must be aborted.
-absl::Status CheckGradientFinite(int expert, const common::ExpertWeights& g, const char* what) {
-  for (const auto& [name, v] : {std::pair{"w1", &g.w1},
-                                {"w2", &g.w2},
-                                {"w3", &g.w3},
-                                {"b1", &g.b1},
-                                {"b2", &g.b2},
-                                {"b3", &g.b3}}) {
+// OUT_OF_RANGE when `g`, expert `expert`'s `what` in a step, holds a NaN or an infinity, or when
+// its update at `learning_rate` (0: not known) would leave a weight of `w` that is not finite:
+// applied, either would leave the expert's weights NaN or infinite for good, so the step must be
+// aborted.
+absl::Status CheckStepFinite(int expert, const common::ExpertWeights& w,
+                             const common::ExpertWeights& g, float learning_rate,
+                             const char* what) {
+  constexpr absl::string_view kAdvice =
+      "): the model has diverged or grad_output is too large; lower the learning rate";
+  const auto weights = w.Tensors();
+  const auto grads = g.Tensors();
+  for (size_t t = 0; t < grads.size(); ++t) {
+    const auto& [name, v] = grads[t];
     if (const int64_t i = common::FirstNonFinite(*v); i >= 0) {
-      return absl::OutOfRangeError(absl::StrCat(
-          "the ", what, " of expert ", expert, " is not finite (", name, "[", i, "] is ",
-          std::isnan((*v)[i]) ? "NaN" : "infinite",
-          "): the model has diverged or grad_output is too large; lower the learning rate"));
+      return absl::OutOfRangeError(absl::StrCat("the ", what, " of expert ", expert,
+                                                " is not finite (", name, "[", i, "] is ",
+                                                std::isnan((*v)[i]) ? "NaN" : "infinite", kAdvice));
+    }
+    if (learning_rate == 0.f) continue;
+    const std::vector<float>& p = *weights[t].second;
+    for (size_t i = 0; i < v->size() && i < p.size(); ++i) {
+      if (std::isfinite(expert::SgdStep(p[i], learning_rate, (*v)[i]))) continue;
+      return absl::OutOfRangeError(absl::StrCat("the update of expert ", expert, " by its ", what,
+                                                " at learning rate ", learning_rate,
+                                                " is not finite (", name, "[", i, "]", kAdvice));
     }
   }
   return absl::OkStatus();
@@ -883,14 +894,15 @@ absl::Status ShardServer::Impl::RunBackward(const v1::BackwardRequest& req,
             absl::StrCat("step id ", req.train_step(), " ended during its backward"));
       }
       common::ExpertWeights& acc = st->second.grads[g.expert()];
-      AddInto(acc.w1, grads.w1);
-      AddInto(acc.w2, grads.w2);
-      AddInto(acc.w3, grads.w3);
-      AddInto(acc.b1, grads.b1);
-      AddInto(acc.b2, grads.b2);
-      AddInto(acc.b3, grads.b3);
-      // The step's sum so far (this batch's own gradient included): the router aborts it.
-      if (absl::Status finite = CheckGradientFinite(g.expert(), acc, "gradient"); !finite.ok()) {
+      const auto sum = acc.Tensors();
+      const auto add = grads.Tensors();
+      for (size_t t = 0; t < sum.size(); ++t) AddInto(*sum[t].second, *add[t].second);
+      // The step's sum so far (this batch's own gradient included), and its update: the router
+      // aborts the step. For an expert with replicas the sum is this shard's part; the whole is
+      // checked again after the reduction.
+      if (absl::Status finite =
+              CheckStepFinite(g.expert(), h->ffn->weights(), acc, req.learning_rate(), "gradient");
+          !finite.ok()) {
         st->second.failed = true;
         return finite;
       }
@@ -921,7 +933,9 @@ absl::StatusOr<std::vector<int>> ShardServer::Impl::RunFinishStep(const v1::Fini
     MarkFinishedLocked(step_id, Verdict::kAbort);
     if (req.commit() && failed) {
       return absl::AbortedError(
-          absl::StrCat("step id ", step_id, ": a gradient reduction failed; the step was dropped"));
+          absl::StrCat("step id ", step_id,
+                       " failed on this shard (a gradient or update that is not finite, or a "
+                       "reduction that failed); the step was dropped"));
     }
     return std::vector<int>{};
   }
@@ -1039,16 +1053,13 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
         g = std::move(it->second);
         step.grads.erase(it);
       }
-      const common::ExpertWeights& w = h->ffn->weights();
-      auto fit = [](std::vector<float>& v, size_t n) {
-        if (v.size() != n) v.assign(n, 0.f);
-      };
-      fit(g.w1, w.w1.size());
-      fit(g.w2, w.w2.size());
-      fit(g.w3, w.w3.size());
-      fit(g.b1, w.b1.size());
-      fit(g.b2, w.b2.size());
-      fit(g.b3, w.b3.size());
+      const auto w = h->ffn->weights().Tensors();
+      const auto v = g.Tensors();
+      for (size_t t = 0; t < v.size(); ++t) {
+        if (v[t].second->size() != w[t].second->size()) {
+          v[t].second->assign(w[t].second->size(), 0.f);
+        }
+      }
       grads[e] = std::move(g);
     }
     step.rings.emplace_back(req.group(), req.generation());  // an abort breaks it from here on
@@ -1057,7 +1068,7 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
   int64_t elements = 0;
   for (int e : req.experts()) {
     common::ExpertWeights& g = grads[e];
-    for (auto* v : {&g.w1, &g.w2, &g.w3, &g.b1, &g.b2, &g.b3}) {
+    for (const auto& [name, v] : g.Tensors()) {
       spans.push_back(absl::MakeSpan(*v));
       elements += static_cast<int64_t>(v->size());
     }
@@ -1106,8 +1117,14 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
   for (auto& [e, g] : grads) {
     // A backward that arrived during the reduction would be lost: that step cannot commit.
     if (step->second.grads.count(e)) step->second.failed = true;
-    // Finite on every replica, the sum can still overflow; every ring member finds it alike.
-    if (st.ok() && finite.ok()) finite = CheckGradientFinite(e, g, "summed gradient");
+    // Finite on every replica, the sum can still overflow, and so can its update; every ring
+    // member finds it alike.
+    if (st.ok() && finite.ok()) {
+      static const common::ExpertWeights kLeft;  // the expert left: its gradient alone
+      const std::shared_ptr<ExpertHandle> h = store->Find(e);
+      finite = CheckStepFinite(e, h != nullptr ? h->ffn->weights() : kLeft, g, req.learning_rate(),
+                               "summed gradient");
+    }
     step->second.grads[e] = std::move(g);
   }
   if (!finite.ok()) {

@@ -55,6 +55,13 @@ class ShardServerTest : public ::testing::Test {
   // A failure in SetUpTestSuite would only skip the tests; fail them instead.
   void SetUp() override { ASSERT_TRUE(setup_ok_) << "suite set-up failed"; }
 
+  // Options for a shard that starts holding no expert.
+  static ShardServerOptions WithoutExperts() {
+    ShardServerOptions o;
+    o.initial_experts = std::vector<int>{};
+    return o;
+  }
+
   std::unique_ptr<ShardServer> StartServer(ShardServerOptions o = {}) {
     o.checkpoint = *path_;
     auto s = ShardServer::Start(o);
@@ -669,9 +676,7 @@ TEST_F(ShardServerTest, UnloadDrainsAndStatusReportsState) {
 }
 
 TEST_F(ShardServerTest, HealthFollowsLoadingAndShutdown) {
-  ShardServerOptions o;
-  o.initial_experts.emplace();  // none
-  auto server = StartServer(o);
+  auto server = StartServer(WithoutExperts());
   auto channel = grpc::CreateChannel(server->address(), grpc::InsecureChannelCredentials());
   auto health = [&] {
     auto h = common::CheckHealth(channel.get(), absl::Seconds(5));
@@ -810,9 +815,7 @@ TEST_F(ShardServerTest, TurnsServingOnlyOnceNoLoadRuns) {
     HeldPeer* peer;
     ~ReleaseAtEnd() { peer->Release(); }
   } release_at_end{&peer};
-  ShardServerOptions o;
-  o.initial_experts.emplace();  // none
-  auto shard = StartServer(o);
+  auto shard = StartServer(WithoutExperts());
   auto stub = Stub(*shard);
   auto channel = grpc::CreateChannel(shard->address(), grpc::InsecureChannelCredentials());
   auto health = [&] {
@@ -1015,6 +1018,47 @@ TEST_F(ShardServerTest, ABackwardWhoseGradientIsNotFiniteIsRefused) {
   ASSERT_TRUE(stream->Write(again));
   ASSERT_TRUE(stream->Read(&resp));
   EXPECT_EQ(resp.code(), 0) << resp.message();
+
+  // A finite gradient whose update at the step's learning rate overflows is refused alike, and
+  // the step can then only be dropped: a commit would leave weights that are not finite.
+  v1::DispatchRequest step2 = Batch(9, 6, {{1, {0, 2, 3}}});
+  step2.set_train_step(2);
+  ASSERT_TRUE(stream->Write(step2));
+  ASSERT_TRUE(stream->Read(&resp));
+  ASSERT_EQ(resp.code(), 0) << resp.message();
+  back.set_train_step(2);
+  back.set_batch_id(9);
+  back.set_learning_rate(1e36f);
+  std::vector<float> big = common::RandomMatrix(3, d, 71);
+  for (float& v : big) v *= 1e6f;  // gradients near 1e5, finite; times 1e36 they are not
+  common::EncodeTensor(big, {3, d}, common::WireType::kFloat32, g->mutable_output());
+  grpc::ClientContext uctx;
+  const grpc::Status up = stub->Backward(&uctx, back, &bresp);
+  EXPECT_EQ(up.error_code(), grpc::OUT_OF_RANGE) << up.error_message();
+  EXPECT_EQ(
+      up.error_message().rfind(
+          "the update of expert 1 by its gradient at learning rate 1e+36 is not finite (w", 0),
+      0u)
+      << up.error_message();
+  v1::FinishStepRequest commit;
+  commit.set_train_step(2);
+  commit.set_commit(true);
+  commit.set_learning_rate(1e36f);
+  v1::FinishStepResponse fresp;
+  grpc::ClientContext fctx;
+  const grpc::Status fin = stub->FinishStep(&fctx, commit, &fresp);
+  EXPECT_EQ(fin.error_code(), grpc::ABORTED) << fin.error_message();
+  EXPECT_NE(fin.error_message().find("not finite"), std::string::npos) << fin.error_message();
+  // The expert still answers as the checkpoint's.
+  const v1::DispatchRequest after = Batch(10, 6, {{1, {0}}});
+  ASSERT_TRUE(stream->Write(after));
+  ASSERT_TRUE(stream->Read(&resp));
+  ASSERT_EQ(resp.code(), 0) << resp.message();
+  const std::vector<float> x = common::ViewToFloat(*common::DecodeTensor(after.rows(), "rows"));
+  auto ffn = ExpertFfn::Create(TestConfig(), ck_->experts[1]);
+  std::vector<float> y(d);
+  ASSERT_TRUE((*ffn)->Forward(x.data(), 1, y.data()).ok());
+  EXPECT_EQ(Output(resp, 1), y);
   stream->WritesDone();
   EXPECT_TRUE(stream->Finish().ok());
 }
@@ -1238,6 +1282,75 @@ TEST_F(ShardServerTest, AnAbortBreaksTheStepsReductionStillWaitingOnItsPeer) {
       << reduced.error_message();
   EXPECT_LT(took, 5.0);
   EXPECT_EQ(outcome(), v1::StepOutcome::ABORTED);
+}
+
+// Replicas' gradients, each finite and each with a finite update when sent (no learning rate
+// given with the backward, as a router that predates the field), whose sum's update at the
+// step's learning rate is not finite: both ring members refuse the reduction, OUT_OF_RANGE, and
+// the step can no longer commit.
+TEST_F(ShardServerTest, AReducedGradientWhoseUpdateIsNotFiniteIsRefused) {
+  const int64_t d = TestConfig().d_model;
+  std::unique_ptr<ShardServer> servers[2] = {StartServer(), StartServer()};
+  for (int r = 0; r < 2; ++r) {
+    auto stub = Stub(*servers[r]);
+    grpc::ClientContext ctx;
+    auto stream = stub->Dispatch(&ctx);
+    v1::DispatchRequest req = Batch(3, 4, {{1, {0, 1}}}, /*seed=*/10 + r);
+    req.set_train_step(5);
+    ASSERT_TRUE(stream->Write(req));
+    v1::DispatchResponse resp;
+    ASSERT_TRUE(stream->Read(&resp));
+    ASSERT_EQ(resp.code(), 0) << resp.message();
+    stream->WritesDone();
+    ASSERT_TRUE(stream->Finish().ok());
+    v1::BackwardRequest back;
+    back.set_train_step(5);
+    back.set_batch_id(3);
+    v1::ExpertOutput* g = back.add_grads();
+    g->set_expert(1);
+    std::vector<float> dy = common::RandomMatrix(2, d, 80 + r);
+    for (float& v : dy) v *= 1e6f;
+    common::EncodeTensor(dy, {2, d}, common::WireType::kFloat32, g->mutable_output());
+    grpc::ClientContext bctx;
+    v1::BackwardResponse bresp;
+    const grpc::Status st = stub->Backward(&bctx, back, &bresp);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+  }
+  grpc::Status reduced[2];
+  std::vector<std::thread> ranks;
+  for (int r = 0; r < 2; ++r) {
+    ranks.emplace_back([&, r] {
+      v1::ReduceGradientsRequest rr;
+      rr.set_train_step(5);
+      rr.set_group("step5-group0");
+      rr.set_generation(1);
+      rr.set_rank(r);
+      for (const auto& s : servers) rr.add_members(absl::StrCat("127.0.0.1:", s->port()));
+      rr.add_experts(1);
+      rr.set_timeout_ms(20000);
+      rr.set_learning_rate(1e36f);
+      grpc::ClientContext ctx;
+      v1::ReduceGradientsResponse resp;
+      reduced[r] = Stub(*servers[r])->ReduceGradients(&ctx, rr, &resp);
+    });
+  }
+  for (auto& t : ranks) t.join();
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(reduced[r].error_code(), grpc::OUT_OF_RANGE) << reduced[r].error_message();
+    EXPECT_EQ(reduced[r].error_message().rfind("the update of expert 1 by its summed gradient at "
+                                               "learning rate 1e+36 is not finite (w",
+                                               0),
+              0u)
+        << reduced[r].error_message();
+    grpc::ClientContext fctx;
+    v1::FinishStepRequest fin;
+    fin.set_train_step(5);
+    fin.set_commit(true);
+    fin.set_learning_rate(1e36f);
+    v1::FinishStepResponse fresp;
+    const grpc::Status st = Stub(*servers[r])->FinishStep(&fctx, fin, &fresp);
+    EXPECT_EQ(st.error_code(), grpc::ABORTED) << st.error_message();
+  }
 }
 
 // An expert listed twice would have its gradient taken once and zeros reduced in its place over

@@ -48,12 +48,17 @@ namespace {
 // Whether two copies of an expert are bit-identical: compares bytes, so that a NaN equals itself
 // and -0 differs from +0 (float == would say the opposite of both).
 bool SameBits(const common::ExpertWeights& a, const common::ExpertWeights& b) {
-  auto same = [](const std::vector<float>& x, const std::vector<float>& y) {
-    return x.size() == y.size() &&
-           (x.empty() || std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0);
-  };
-  return same(a.w1, b.w1) && same(a.w2, b.w2) && same(a.w3, b.w3) && same(a.b1, b.b1) &&
-         same(a.b2, b.b2) && same(a.b3, b.b3);
+  const auto x = a.Tensors();
+  const auto y = b.Tensors();
+  for (size_t t = 0; t < x.size(); ++t) {
+    const std::vector<float>& u = *x[t].second;
+    const std::vector<float>& v = *y[t].second;
+    if (u.size() != v.size() ||
+        (!u.empty() && std::memcmp(u.data(), v.data(), u.size() * sizeof(float)) != 0)) {
+      return false;
+    }
+  }
+  return true;
 }
 
 // Threads for training, save and rebalance calls (Impl::admin_pool). Steps run one at a time

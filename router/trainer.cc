@@ -479,6 +479,7 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
     v1::BackwardRequest req;
     req.set_train_step(result.step);
     req.set_batch_id(batch_ids[b]);
+    req.set_learning_rate(params.learning_rate);
     for (const auto& [e, pos] : plan_b) {
       std::vector<float> rows(pos.size() * d);
       for (size_t i = 0; i < pos.size(); ++i) {

@@ -181,12 +181,7 @@ absl::StatusOr<ExpertWeights> ReadExpert(const SafetensorsReader& reader, absl::
         reader.origin(), ": tensor '", name("w3.weight"),
         "' is present but expert 0 has no w3: every expert must be gated or none"));
   }
-  for (const auto& [tensor, v] : {std::pair{"w1.weight", &w.w1},
-                                  {"w2.weight", &w.w2},
-                                  {"w3.weight", &w.w3},
-                                  {"w1.bias", &w.b1},
-                                  {"w2.bias", &w.b2},
-                                  {"w3.bias", &w.b3}}) {
+  for (const auto& [tensor, v] : w.Tensors()) {
     RETURN_IF_ERROR(CheckFinite(reader, name(tensor), *v));
   }
   return w;

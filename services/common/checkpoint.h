@@ -4,16 +4,19 @@
 // The MoE layer's checkpoint (DESIGN.md "The model and its math"): Mixtral tensor names under an
 // optional prefix, metadata for activation, top_k and normalize_topk.
 
+#include <array>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
-#include "absl/strings/string_view.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "services/common/safetensors.h"
 
 namespace moe::common {
@@ -41,6 +44,25 @@ struct ExpertWeights {
   std::vector<float> b1;  // [d_ff]
   std::vector<float> b2;  // [d_model]
   std::vector<float> b3;  // [d_ff]
+
+ private:
+  template <typename Self>
+  static auto TensorsOf(Self& w) {
+    using V = std::remove_reference_t<decltype((w.w1))>;  // const for a const ExpertWeights
+    return std::array<std::pair<const char*, V*>, 6>{{{"w1.weight", &w.w1},
+                                                      {"w2.weight", &w.w2},
+                                                      {"w3.weight", &w.w3},
+                                                      {"w1.bias", &w.b1},
+                                                      {"w2.bias", &w.b2},
+                                                      {"w3.bias", &w.b3}}};
+  }
+
+ public:
+  // The six tensors with their checkpoint names ("w1.weight" ... "w3.bias"), always in the order
+  // w1, w2, w3, b1, b2, b3 (the gradient reduction fuses them in it): for code that treats each
+  // tensor alike.
+  auto Tensors() { return TensorsOf(*this); }
+  auto Tensors() const { return TensorsOf(*this); }
 };
 
 struct GateWeights {

@@ -281,6 +281,7 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
         rr.set_generation(generations[c.group]);
         rr.set_timeout_ms(timeout_ms);
         rr.set_bf16_wire(req.bf16_wire());
+        rr.set_learning_rate(req.learning_rate());
         rr.set_expect_step_state(std::find(req.computed_shards().begin(),
                                            req.computed_shards().end(),
                                            group.shards(c.rank)) != req.computed_shards().end());

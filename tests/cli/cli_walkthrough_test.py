@@ -141,22 +141,29 @@ try:
     losses = [float(m) for m in re.findall(r"^\d+\s+([\d.]+)\s+[\d.]+\s+[\d.]+$", synthetic,
                                            re.M)]
     expect(len(losses) == 3, f"synthetic train should print 3 losses:\n{synthetic}")
-    # A grad_output so large that the gradient overflows: the step is refused at once (not
-    # retried), naming the expert, and no weight changes (the save below still reads step 6).
-    st.save(path("huge-grad.safetensors"),
-            {"grad_output": np.full(tokens["tokens"].shape, np.finfo(np.float32).max,
-                                    np.float32)})
-    huge = subprocess.run([client, "train", "--router", router, "--steps", "1",
-                           "--learning-rate", "0.05", "--tokens", path("in.safetensors"),
-                           "--grad-output", path("huge-grad.safetensors")],
-                          capture_output=True, text=True, timeout=120)
-    expect(huge.returncode == 1 and
-           re.search(r"^moe-client train: step 1 of 1: OUT_OF_RANGE: backward on shard "
-                     r"\S+: the gradient of expert \d+ is not finite \(\w+\[\d+\] is "
-                     r"(NaN|infinite)\): the model has diverged or grad_output is too large; "
-                     r"lower the learning rate; step aborted, no weight changed$",
-                     huge.stderr, re.M) is not None and "not taken" not in huge.stderr,
-           f"train with an overflowing gradient: exit {huge.returncode}: {huge.stderr.strip()}")
+    # A step whose gradient, or its update at the learning rate, would not be finite: refused
+    # at once (not retried), naming the expert, and no weight changes (the save below still
+    # reads step 6).
+    def refused_step(name, grad_output, rate, why):
+        st.save(path(name), {"grad_output": grad_output})
+        p = subprocess.run([client, "train", "--router", router, "--steps", "1",
+                            "--learning-rate", rate, "--tokens", path("in.safetensors"),
+                            "--grad-output", path(name)],
+                           capture_output=True, text=True, timeout=120)
+        expect(p.returncode == 1 and
+               re.search(r"^moe-client train: step 1 of 1: OUT_OF_RANGE: backward on shard "
+                         r"\S+: the " + why + r": the model has diverged or grad_output is too "
+                         r"large; lower the learning rate; step aborted, no weight changed$",
+                         p.stderr, re.M) is not None and "not taken" not in p.stderr,
+               f"train with {name}: exit {p.returncode}: {p.stderr.strip()}")
+
+    shape = tokens["tokens"].shape
+    refused_step("huge-grad.safetensors", np.full(shape, np.finfo(np.float32).max, np.float32),
+                 "0.05", r"gradient of expert \d+ is not finite \([\w.]+\[\d+\] is "
+                 r"(NaN|infinite)\)")
+    refused_step("large-grad.safetensors", rng.uniform(-1e30, 1e30, shape).astype(np.float32),
+                 "1e10", r"update of expert \d+ by its gradient at learning rate 1e\+10 is not "
+                 r"finite \([\w.]+\[\d+\]\)")
 
     saved = run("save-checkpoint", "--router", router, "--path", path("trained.safetensors"))
     expect("after step 6; replicas identical: yes" in saved, f"save-checkpoint: {saved}")
