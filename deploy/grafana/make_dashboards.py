@@ -83,9 +83,12 @@ SERVING = [
 TRAINING = [
     panel("Members", [("max(moe_coordinator_members)", "shards with a lease")], kind="stat",
           width=6),
-    panel("Steps committed", [("sum(moe_coordinator_steps_total{outcome=\"commit\"})", "commits")],
+    # Over the dashboard's time range: the counters restart at 0 with the coordinator.
+    panel("Steps committed in range",
+          [("sum(increase(moe_coordinator_steps_total{outcome=\"commit\"}[$__range]))", "commits")],
           kind="stat", width=6),
-    panel("Steps aborted", [("sum(moe_coordinator_steps_total{outcome=\"abort\"})", "aborts")],
+    panel("Steps aborted in range",
+          [("sum(increase(moe_coordinator_steps_total{outcome=\"abort\"}[$__range]))", "aborts")],
           kind="stat", width=6),
     panel("Bus bandwidth", [("max(moe_coordinator_allreduce_bus_bandwidth_bytes_per_second)",
                              "last all-reduce")], kind="stat", unit="Bps", width=6),

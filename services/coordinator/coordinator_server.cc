@@ -80,7 +80,7 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
                              .Register(*registry)
                              .Add({}, prometheus::Histogram::BucketBoundaries{
                                           1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25,
-                                          0.5, 1, 2.5, 5, 10});
+                                          0.5, 1, 2.5, 5, 10, 20, 30, 60});
     allreduce_bytes = &prometheus::BuildCounter()
                            .Name("moe_coordinator_allreduce_bytes_total")
                            .Help("Gradient bytes all-reduced (buffer size per group)")

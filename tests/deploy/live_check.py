@@ -175,7 +175,9 @@ try:
         dash = json.load(open(path))
         for p in dash["panels"]:
             for t in p["targets"]:
-                expr = t["expr"].replace("$__rate_interval", "1m").replace("$shard", ".*")
+                expr = t["expr"]
+                for var, value in (("$__rate_interval", "1m"), ("$__range", "5m"), ("$shard", ".*")):
+                    expr = expr.replace(var, value)
                 try:
                     res = query(prom_url, expr)
                 except Exception as e:  # a PromQL error is a failure too

@@ -127,12 +127,20 @@ for (const pdb of ofKind("PodDisruptionBudget")) {
   if (!workloads.some((w) => matches(pdb.spec.selector.matchLabels, podLabels(w)))) fail(pdb, "selector matches no workload");
 }
 
-// 6. The ServiceMonitor finds a `metrics` port on every Service it selects, and selects them all.
+// 6. The ServiceMonitor selects exactly the Services with a `metrics` port; each workload that
+//    opens a metrics port is behind exactly one of them (scraped once), which publishes its pods
+//    while they are not ready (scraped while starting).
 for (const sm of ofKind("ServiceMonitor")) {
   const picked = services.filter((s) => matches(sm.spec.selector.matchLabels, s.metadata.labels));
-  if (picked.length !== services.length) fail(sm, `selects ${picked.length} of ${services.length} Services`);
+  const withMetrics = services.filter((s) => s.spec.ports.some((p) => p.name === "metrics"));
+  for (const s of withMetrics) if (!picked.includes(s)) fail(sm, `does not select ${id(s)}, which has a metrics port`);
   for (const ep of sm.spec.endpoints) {
     for (const s of picked) if (!s.spec.ports.some((p) => p.name === ep.port)) fail(sm, `${id(s)} has no port '${ep.port}'`);
+  }
+  for (const w of workloads.filter((w) => ports(w).some((p) => p.name === "metrics"))) {
+    const behind = picked.filter((s) => matches(s.spec.selector, podLabels(w)));
+    if (behind.length !== 1) fail(w, `its metrics port is behind ${behind.length} scraped Services, not 1`);
+    for (const s of behind) if (!s.spec.publishNotReadyAddresses) fail(s, "does not publish pods that are not ready: a starting pod is not scraped");
   }
 }
 
