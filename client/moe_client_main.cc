@@ -721,25 +721,18 @@ absl::Status Train(const Flags& f) {
                                                    ": forward for the loss: ", e.message()));
       }
       ASSIGN_OR_RETURN(common::TensorView v, common::DecodeMatrix(resp.output(), "output", d));
-      const std::vector<float> y = common::ViewToFloat(v);
-      dy.resize(y.size());
-      for (size_t i = 0; i < y.size(); ++i) {
-        const float r = y[i] - target[i];
-        loss += static_cast<double>(r) * r / static_cast<double>(batch);
-        dy[i] = static_cast<float>(2.0 * r / static_cast<double>(batch));
-      }
+      const absl::StatusOr<double> l = RegressionLoss(common::ViewToFloat(v), target, batch, &dy);
       if (interrupted.load()) break;  // Ctrl-C during the forward: no step begun
-      // A residual near float's largest leaves the loss (a double) finite and its gradient (a
-      // float) not: the cluster would refuse the step either way, and the run is over.
-      if (!std::isfinite(loss) || common::FirstNonFinite(dy) >= 0) {
+      if (!l.ok()) {
+        // The cluster would refuse the step, and the run is over.
         if (!rows.empty()) print_steps("");
-        return absl::FailedPreconditionError(absl::StrCat(
-            "step ", s + 1, " of ", steps, ": the loss ",
-            std::isfinite(loss) ? absl::StrCat("(", LossText(loss, 6), ") has a gradient that")
-                                : absl::StrCat("(", loss, ")"),
-            " is not finite: the model has diverged; no step was sent. Lower --learning-rate, "
-            "and start again from a checkpoint saved before (moe-client save-checkpoint)"));
+        return absl::Status(l.status().code(),
+                            absl::StrCat("step ", s + 1, " of ", steps, ": ", l.status().message(),
+                                         ": the model has diverged; no step was sent. Lower "
+                                         "--learning-rate, and start again from a checkpoint "
+                                         "saved before (moe-client save-checkpoint)"));
       }
+      loss = *l;
     }
     v1::TrainStepRequest req;
     common::EncodeTensor(x, {batch, d}, common::WireType::kFloat32, req.mutable_tokens());

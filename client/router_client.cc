@@ -1,15 +1,16 @@
 #include "client/router_client.h"
 
+#include <grpcpp/grpcpp.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <thread>
 
-#include <grpcpp/grpcpp.h>
-
 #include "absl/strings/str_cat.h"
 #include "services/common/security.h"
 #include "services/common/server_util.h"
+#include "services/common/tensor_codec.h"
 
 namespace moe::client {
 
@@ -92,6 +93,29 @@ std::vector<float> ZipfTokens::Next(int64_t n) {
     }
   }
   return x;
+}
+
+absl::StatusOr<double> RegressionLoss(const std::vector<float>& y, const std::vector<float>& target,
+                                      int64_t tokens, std::vector<float>* dy) {
+  if (y.size() != target.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the output has ", y.size(), " values, the target ", target.size()));
+  }
+  double loss = 0;
+  dy->resize(y.size());
+  for (size_t i = 0; i < y.size(); ++i) {
+    const double r = static_cast<double>(y[i]) - target[i];
+    loss += r * r / static_cast<double>(tokens);
+    (*dy)[i] = static_cast<float>(2.0 * r / static_cast<double>(tokens));
+  }
+  if (!std::isfinite(loss)) {
+    return absl::FailedPreconditionError(absl::StrCat("the loss (", loss, ") is not finite"));
+  }
+  if (common::FirstNonFinite(*dy) >= 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the loss (", loss, ") has a gradient that is not finite"));
+  }
+  return loss;
 }
 
 }  // namespace moe::client

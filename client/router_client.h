@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "moe/v1/router.grpc.pb.h"
 #include "services/common/checkpoint.h"
@@ -53,6 +54,14 @@ class ZipfTokens {
   std::mt19937_64 rng_;
   int d_model_;
 };
+
+// `moe-client train --synthetic`'s objective for a batch of `tokens` outputs `y` against
+// `target`: returns the loss, the mean over tokens of |y - target|^2 (in double), and sets `dy`
+// to its gradient 2 (y - target) / tokens (in float, as the step sends it). FAILED_PRECONDITION
+// when the loss, or its gradient, is not finite: a residual near float's largest overflows the
+// gradient where the loss does not.
+absl::StatusOr<double> RegressionLoss(const std::vector<float>& y, const std::vector<float>& target,
+                                      int64_t tokens, std::vector<float>* dy);
 
 }  // namespace moe::client
 

@@ -69,5 +69,29 @@ TEST(ZipfTokens, ThePopularityOrderIsTheOneGiven) {
   CheckShares(2, reversed);
 }
 
+// The synthetic objective against a naive loop in double; and a residual that leaves the loss
+// finite but overflows its float gradient, or a NaN output, is refused rather than sent.
+TEST(RegressionLoss, IsTheMeanSquaredErrorAndItsGradient) {
+  const std::vector<float> y = {1.f, -2.f, 0.5f, 4.f, 3.f, 0.f};
+  const std::vector<float> target = {0.f, 1.f, 0.5f, -1.f, 2.f, 2.f};
+  std::vector<float> dy;
+  const absl::StatusOr<double> loss = RegressionLoss(y, target, 2, &dy);
+  ASSERT_TRUE(loss.ok()) << loss.status();
+  double want = 0;
+  for (size_t i = 0; i < y.size(); ++i) want += (y[i] - target[i]) * (y[i] - target[i]) / 2.0;
+  EXPECT_DOUBLE_EQ(*loss, want);
+  ASSERT_EQ(dy.size(), y.size());
+  for (size_t i = 0; i < y.size(); ++i) EXPECT_FLOAT_EQ(dy[i], y[i] - target[i]) << i;
+
+  const float big = 2e38f;  // r^2 fits a double; 2 r / 1 is past float's largest
+  const absl::StatusOr<double> over = RegressionLoss({big}, {0.f}, 1, &dy);
+  EXPECT_EQ(over.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(over.status().message(), "the loss (4e+76) has a gradient that is not finite");
+
+  const absl::StatusOr<double> nan = RegressionLoss({std::nanf("")}, {0.f}, 1, &dy);
+  EXPECT_EQ(nan.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(nan.status().message(), "the loss (nan) is not finite");
+}
+
 }  // namespace
 }  // namespace moe::client
