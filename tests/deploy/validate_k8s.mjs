@@ -166,7 +166,8 @@ for (const w of workloads) {
 
 // 8. What the deployment must have.
 for (const [kind, n] of [["StatefulSet", "moe-shard"], ["Deployment", "moe-router"], ["Deployment", "moe-coordinator"],
-                         ["PodDisruptionBudget", "moe-shard"], ["ServiceMonitor", "moe-cluster"], ["ConfigMap", "moe-config"]]) {
+                         ["PodDisruptionBudget", "moe-shard"], ["ServiceMonitor", "moe-cluster"], ["PrometheusRule", "moe-cluster"],
+                         ["ConfigMap", "moe-config"]]) {
   if (!objects.some((o) => o.kind === kind && o.metadata.name === n)) problems.push(`${kind}/${n}: missing`);
 }
 
