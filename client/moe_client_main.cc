@@ -804,10 +804,12 @@ absl::Status SaveCheckpointCmd(const Flags& f) {
       resp.replicas_identical() ? "yes" : "NO, divergent experts ",
       resp.replicas_identical() ? "" : absl::StrJoin(resp.divergent_experts(), ",").c_str());
   if (resp.lost_training_experts_size() > 0) {
-    std::printf("expert(s) %s lost their training while this router ran (every replica that "
-                "held it went away): the checkpoint has them as they serve now, from the "
-                "checkpoint's weights or an earlier step's\n",
-                absl::StrJoin(resp.lost_training_experts(), ",").c_str());
+    std::printf(
+        "expert(s) %s lost their training (every replica that held it went away, or the "
+        "cluster was started again on shards that do not hold it; the router's log "
+        "says which): the checkpoint has them as they serve now, from the checkpoint's "
+        "weights or an earlier step's\n",
+        absl::StrJoin(resp.lost_training_experts(), ",").c_str());
   }
   if (resp.unread_replicas_size() > 0) {
     std::printf("%d replica(s) could not be read, and were not compared (the checkpoint has "

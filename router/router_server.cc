@@ -21,6 +21,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/router.grpc.pb.h"
 #include "router/dispatcher.h"
@@ -172,7 +173,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // checkpoint of the same shape (a model volume made again with another seed) is not served.
   std::string checkpoint_gate_print;
   // The latest training step each expert's replicas were seen at (train_mu held): an expert
-  // whose replicas are all back below it lost its training.
+  // whose replicas are all back below it lost its training. Kept with the gate (--state-dir), so
+  // that a cluster started again on shards that do not hold its training (other --shards or
+  // another placement: a shard's --state-dir keeps only the experts it held) says so.
   std::map<int, uint64_t> reached_step;
   std::shared_ptr<prometheus::Registry> registry;
   std::unique_ptr<RouterMetrics> metrics;
@@ -382,6 +385,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           // rotation before UNAVAILABLE recovered nothing.
           if (stats.failovers > 0 && y.ok()) metrics->Failovers(stats.failovers);
           if (!y.ok()) return done(y.status());
+          // A model whose weights have diverged (trained at too high a rate), or tokens too large
+          // for it, answer values that are not finite: said, not served (2026-12-04; a new
+          // user's forward wrote NaN and exited 0).
+          if (const int64_t i = common::FirstNonFinite(*y); i >= 0) {
+            return done(absl::OutOfRangeError(absl::StrCat(
+                "the output of token ", i / config.d_model, " is not finite (",
+                std::isnan((*y)[i]) ? "NaN" : "infinite",
+                "): the model's weights have diverged (trained at too high a learning rate: "
+                "serve a checkpoint saved before), or the token is too large for them")));
+          }
           const auto combine = std::chrono::steady_clock::now();
           load_stats->Record(g.expert_load);
           metrics->Tokens(n, g.expert_load, g.dropped, g.spilled);
@@ -839,10 +852,27 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                    gate_state_path.c_str(), options.checkpoint.c_str());
       return absl::OkStatus();
     }
+    // Written since 2026-12-04: "expert:step,..." (an older file has none, and nothing is known).
+    std::map<int, uint64_t> expert_steps;
+    if (meta.count("expert_steps") > 0 && !meta.at("expert_steps").empty()) {
+      for (absl::string_view item : absl::StrSplit(meta.at("expert_steps"), ',')) {
+        std::pair<absl::string_view, absl::string_view> kv = absl::StrSplit(item, ':');
+        int e = -1;
+        uint64_t at = 0;
+        if (!absl::SimpleAtoi(kv.first, &e) || !absl::SimpleAtoi(kv.second, &at) || e < 0 ||
+            e >= config.num_experts) {
+          return absl::FailedPreconditionError(
+              absl::StrCat(gate_state_path, " has expert_steps that cannot be read (\"", item,
+                           "\"): remove it"));
+        }
+        expert_steps[e] = at;
+      }
+    }
     gate->weight = std::move(*weight);
     if (!gate->bias.empty()) gate->bias = std::move(*bias);
     gate_step = step;
     restored_steps = done;
+    reached_step = std::move(expert_steps);
     std::fprintf(stderr, "moe-router: serving the gate kept in %s (after %llu training steps)\n",
                  gate_state_path.c_str(), static_cast<unsigned long long>(done));
     return absl::OkStatus();
@@ -856,6 +886,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     w.SetMetadata("train_step", absl::StrCat(step));
     w.SetMetadata("steps_done", absl::StrCat(restored_steps + steps_done.load()));
     w.SetMetadata("checkpoint_gate", checkpoint_gate_print);
+    std::vector<std::string> expert_steps;
+    for (const auto& [e, at] : reached_step) {
+      if (at > 0) expert_steps.push_back(absl::StrCat(e, ":", at));
+    }
+    w.SetMetadata("expert_steps", absl::StrJoin(expert_steps, ","));
     absl::Status st = w.AddF32("gate.weight", {config.num_experts, config.d_model}, g.weight);
     if (st.ok() && !g.bias.empty()) st = w.AddF32("gate.bias", {config.num_experts}, g.bias);
     if (st.ok()) st = w.Write(gate_state_path);
@@ -1301,6 +1336,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // null) tells whether any replica has been trained. With `before_step`, also UNAVAILABLE when
   // the status of a shard in rotation cannot be read: the step would train its replicas
   // unchecked, and one may be stale (elsewhere such a shard is left for the next check).
+  // What a replica at training step `step` holds, for a user.
+  static const char* HeldText(uint64_t step) {
+    return step == 0 ? "the checkpoint's weights" : "the weights of an earlier training step";
+  }
+
   absl::Status ReloadStale(const RoutingTable& t, bool* trained = nullptr, bool before_step = false,
                            absl::Time deadline = absl::InfiniteFuture()) {
     const int S = static_cast<int>(t.shards.size());
@@ -1332,6 +1372,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
     }
     std::vector<std::map<std::string, std::vector<int>>> stale(S);  // shard -> source -> experts
+    // Experts that lost their training, by whether they are back at the checkpoint's weights.
+    // Steps are told as what the replicas hold, not by their ids (large numbers that mean nothing
+    // to a user: see Trainer).
+    std::map<bool, std::vector<int>> lost;
     for (int e = 0; e < static_cast<int>(t.placement.replicas.size()); ++e) {
       int latest = -1;
       bool all_seen = true;
@@ -1343,16 +1387,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       uint64_t& reached = reached_step[e];
       if (all_seen && at[latest][e] < reached) {
         // Every replica is behind a step this expert had reached: the one that held it restarted
-        // (the only replica, under sharded or hybrid). Nothing holds those weights any more.
-        // Steps are told as what the replicas hold, not by their ids (large numbers that
-        // mean nothing to a user: see Trainer).
-        std::fprintf(stderr,
-                     "moe-router: expert %d lost its training: every replica holds %s, older than "
-                     "the training it had reached (its only trained replica restarted without "
-                     "it; a shard's --state-dir keeps it); it serves and trains from those "
-                     "weights now\n",
-                     e, at[latest][e] == 0 ? "the checkpoint's weights"
-                                           : "the weights of an earlier training step");
+        // (the only replica, under sharded or hybrid), or the cluster started again on shards
+        // that do not hold it (the step read back with the kept gate). Nothing serves those
+        // weights now.
+        lost[at[latest][e] == 0].push_back(e);
         metrics->ExpertLostTraining();
         NoteLostTraining(e);
         reached = at[latest][e];  // reported once: this is where the expert stands now
@@ -1362,14 +1400,22 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       for (int r : t.placement.replicas[e]) {
         if (!at[r].count(e) || at[r][e] >= at[latest][e]) continue;
         std::fprintf(stderr,
-                     "moe-router: expert %d on %s is at training step %llu, its replica on %s at "
-                     "%llu: copying it again\n",
-                     e, t.shards[r]->address().c_str(),
-                     static_cast<unsigned long long>(at[r][e]),
-                     t.shards[latest]->address().c_str(),
-                     static_cast<unsigned long long>(at[latest][e]));
+                     "moe-router: expert %d on %s holds %s, its replica on %s a later training "
+                     "step: copying it again\n",
+                     e, t.shards[r]->address().c_str(), HeldText(at[r][e]),
+                     t.shards[latest]->address().c_str());
         stale[r][t.shards[latest]->address()].push_back(e);
       }
+    }
+    for (const auto& [from_checkpoint, experts] : lost) {
+      std::fprintf(stderr,
+                   "moe-router: expert(s) %s lost their training: every replica holds %s, older "
+                   "than the training reached (the only trained replica restarted without it, "
+                   "or the cluster started again on shards that do not hold it: a shard's "
+                   "--state-dir keeps the experts that shard held, so start again with the "
+                   "--shards and --placement that trained them, or from a checkpoint written by "
+                   "save-checkpoint); they serve and train from those weights now\n",
+                   absl::StrJoin(experts, ",").c_str(), HeldText(from_checkpoint ? 0 : 1));
     }
     absl::Status result;
     for (int s = 0; s < S; ++s) {
@@ -1896,6 +1942,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (t == nullptr) return NotReady();
     if (trainer != nullptr) {  // a replica that has not confirmed the last commit may be stale
       RETURN_IF_ERROR(trainer->RetryConfirmations(*t));
+      // Replicas behind their expert's latest step are copied up to it, and an expert whose
+      // every replica is behind is reported as having lost its training, before they are read
+      // (as on the control loop's next tick). A failure is logged; the replicas are compared.
+      ReloadStale(*t).IgnoreError();
     }
     common::Checkpoint ck;
     ck.config = config;

@@ -694,6 +694,10 @@ TEST_F(ClusterTest, BadRequestsGetClearErrors) {
     cases.push_back({"NaN", Request(x, 3, "nan"), grpc::INVALID_ARGUMENT, "tokens[1, 4] is NaN"});
     x[d + 4] = INFINITY;
     cases.push_back({"Inf", Request(x, 3, "inf"), grpc::INVALID_ARGUMENT, "is infinite"});
+    // Finite, but so large that the gated experts' product overflows: the answer is not served.
+    const std::vector<float> large(2 * d, 1e36f);
+    cases.push_back({"overflowing", Request(large, 2, "large"), grpc::OUT_OF_RANGE,
+                     "the output of token 0 is not finite"});
   }
   cases.push_back({"empty", Request({}, 0, "empty"), grpc::INVALID_ARGUMENT, "empty"});
   cases.push_back({"oversized", Request(common::RandomMatrix(101, d, 3), 101, "big"),
@@ -1995,6 +1999,62 @@ TEST_F(ClusterTest, ARestartedRouterWithAStateDirServesItsTrainedGate) {
   ASSERT_TRUE(after_ck.ok()) << after_ck.status();
   EXPECT_EQ(after_ck->gate.weight, before_ck->gate.weight);
   EXPECT_EQ(after_ck->gate.bias, before_ck->gate.bias);
+  std::filesystem::remove_all(o.state_dir);
+}
+
+// A cluster started again with fewer shards, on the same --state-dir: a shard reads only its
+// own directory, so of the experts sharded placement now puts on shards 0 and 1 (0-3 and 4-7),
+// those their directories do not keep (2-7: they held 0-1 and 2-3) are served from the
+// checkpoint. The router, which keeps each expert's training step with its gate, says so: its
+// checkpoint names those experts as having lost their training, and its metric counts them.
+// Until 2026-12-04 it said nothing, and saved the trained gate with untrained experts as a
+// trained model (found by a new user's walk-through).
+TEST_F(ClusterTest, AClusterStartedAgainOnShardsThatDoNotHoldItsTrainingSaysSo) {
+  client::LocalClusterOptions o;
+  o.shards = 4;
+  o.placement = "sharded";  // experts 2s and 2s+1 on shard s only
+  o.state_dir = testing::TempPath("fewer_shards_state");
+  std::filesystem::remove_all(o.state_dir);
+  std::set<int> trained;
+  {
+    auto cluster = StartWith(o);
+    ASSERT_NE(cluster, nullptr);
+    auto stub = client::MakeRouterStub(cluster->router_address());
+    const absl::Status st = TrainSteps(stub.get(), 6200, 2);
+    ASSERT_TRUE(st.ok()) << st;
+    absl::StatusOr<common::Checkpoint> ck = SaveIdentical(stub.get(), "fewer_shards_0");
+    ASSERT_TRUE(ck.ok()) << ck.status();
+    for (int e = 0; e < Config().num_experts; ++e) {
+      if (ck->experts[e].w1 != ck_->experts[e].w1) trained.insert(e);
+    }
+  }
+  std::set<int> lost_expected;
+  for (int e : trained) {
+    if (e >= 2) lost_expected.insert(e);  // not kept in the directory of its shard now
+  }
+  ASSERT_FALSE(lost_expected.empty()) << "no expert of shards 1-3 was trained";
+  o.shards = 2;
+  o.metrics_port = testing::FreePortBlock(3);
+  auto cluster = StartWith(o);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  v1::SaveCheckpointResponse resp;
+  const grpc::Status st = SaveTo(stub.get(), "fewer_shards_1", &resp);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  const std::set<int> lost(resp.lost_training_experts().begin(),
+                           resp.lost_training_experts().end());
+  EXPECT_EQ(lost, lost_expected);
+  EXPECT_EQ(ScrapeMetric(o.metrics_port, "moe_router_experts_lost_training_total"),
+            static_cast<double>(lost_expected.size()));
+  // The experts shard 0 kept are served trained.
+  absl::StatusOr<common::Checkpoint> ck =
+      common::LoadCheckpoint(testing::TempPath("fewer_shards_1"), {});
+  ASSERT_TRUE(ck.ok()) << ck.status();
+  for (int e : trained) {
+    if (e < 2) {
+      EXPECT_NE(ck->experts[e].w1, ck_->experts[e].w1) << "expert " << e;
+    }
+  }
   std::filesystem::remove_all(o.state_dir);
 }
 
