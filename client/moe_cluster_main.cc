@@ -155,12 +155,18 @@ absl::Status Run(int argc, char** argv) {
     o.common_args = {"--tls-cert", dir + "/server.crt", "--tls-key", dir + "/server.key",
                      "--tls-ca", dir + "/ca.crt"};
     if (f.Has("require-client-cert")) o.common_args.push_back("--require-client-cert");
-    // The services' files, checked as each service will, before any of them starts.
-    RETURN_IF_ERROR(moe::common::ReadTlsFiles({dir + "/server.crt", dir + "/server.key",
-                                               dir + "/ca.crt", f.Has("require-client-cert")})
-                        .status());
-    RETURN_IF_ERROR(moe::common::ConfigureTls(
-        {dir + "/client.crt", dir + "/client.key", dir + "/ca.crt", false}));
+    // The services' files, checked as each service will, before any of them starts. The
+    // message names the flag the user gave, not the services' flags it becomes.
+    auto told = [&](const absl::Status& st) {
+      if (st.ok()) return st;
+      return absl::Status(st.code(), absl::StrCat("--tls-dir ", dir, ": ", st.message(),
+                                                  " (scripts/make-certs.sh DIR makes the files)"));
+    };
+    RETURN_IF_ERROR(told(moe::common::ReadTlsFiles({dir + "/server.crt", dir + "/server.key",
+                                                    dir + "/ca.crt", f.Has("require-client-cert")})
+                             .status()));
+    RETURN_IF_ERROR(told(moe::common::ConfigureTls(
+        {dir + "/client.crt", dir + "/client.key", dir + "/ca.crt", false})));
   }
   if (f.Has("auth-token-file")) {
     // Read as the router will, so that a file it cannot use is told before anything starts.

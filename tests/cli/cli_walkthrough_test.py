@@ -413,8 +413,13 @@ try:
             open(os.path.join(bad_certs, "server.key"), "wb") as dst:
         dst.write(src.read())
     cluster_fails(["--tls-dir", bad_certs],
-                  f"--tls-key {bad_certs}/server.key is not the key of --tls-cert "
-                  f"{bad_certs}/server.crt: give the pair made together", 1)
+                  f"--tls-dir {bad_certs}: --tls-key {bad_certs}/server.key is not the key of "
+                  f"--tls-cert {bad_certs}/server.crt: give the pair made together "
+                  "(scripts/make-certs.sh DIR makes the files)", 1)
+    missing = path("no-certs")
+    cluster_fails(["--tls-dir", missing],
+                  f"--tls-dir {missing}: --tls-ca {missing}/ca.crt cannot be read "
+                  "(scripts/make-certs.sh DIR makes the files)", 1)
     fails("info", "--router", router, "--tls-ca", os.path.join(bad_certs, "token"),
           says=f"moe-client info: --tls-ca {bad_certs}/token holds no PEM certificate "
                "(\"-----BEGIN CERTIFICATE-----\")\n")
