@@ -444,6 +444,10 @@ absl::Status Forward(const Flags& f) {
   // What the router refuses, --local refuses too.
   RETURN_IF_ERROR(common::CheckTokens(x, n, d, absl::StrCat(in_path, ": tokens")));
   ASSIGN_OR_RETURN(router::LayerOutput out, layer->Forward(x.data(), n));
+  if (absl::Status finite = common::CheckOutputFinite(out.y, d); !finite.ok()) {
+    return absl::Status(finite.code(), absl::StrCat(absl::StatusCodeToString(finite.code()), ": ",
+                                                    finite.message()));
+  }
   return WriteForward(out_path, n, d, c.top_k, out.y, out.gating.expert_ids, out.gating.weights,
                       out.gating.dropped);
 }

@@ -1351,9 +1351,9 @@ absl::StatusOr<std::unique_ptr<ShardServer>> ShardServer::Start(ShardServerOptio
       std::make_unique<ComputePool>(impl->config.d_model, o.pool, impl->metrics.get());
   impl->train_pool = std::make_unique<common::ThreadPool>(std::max(1, o.pool.threads));
 
+  // The metrics address is checked before the server starts, and served once its port is known.
   if (!o.metrics_address.empty()) {
-    ASSIGN_OR_RETURN(impl->metrics_endpoint,
-                     common::MetricsEndpoint::Start(o.metrics_address, impl->registry));
+    RETURN_IF_ERROR(common::ProbeListenAddress(o.metrics_address, "--metrics-port"));
   }
   impl->collective_service = std::make_unique<collective::CollectiveService>(&impl->hub);
   ASSIGN_OR_RETURN(common::StartedServer started,
@@ -1361,6 +1361,20 @@ absl::StatusOr<std::unique_ptr<ShardServer>> ShardServer::Start(ShardServerOptio
                                        o.limits));
   impl->server = std::move(started.server);
   impl->port = started.port;
+  if (!o.metrics_address.empty()) {
+    // Every series is labelled as the router knows the shard (its moe_shard_up{shard}): the
+    // --advertise address, else 127.0.0.1:<port>, as the shard registers.
+    const std::string shard =
+        o.advertise_address.empty() ? absl::StrCat("127.0.0.1:", impl->port) : o.advertise_address;
+    absl::StatusOr<std::unique_ptr<common::MetricsEndpoint>> ep =
+        common::MetricsEndpoint::Start(o.metrics_address, impl->registry, {{"shard", shard}});
+    if (!ep.ok()) {
+      impl->DoShutdown(absl::ZeroDuration());
+      impl->server->Wait();
+      return ep.status();
+    }
+    impl->metrics_endpoint = std::move(*ep);
+  }
   std::vector<int> initial;
   if (o.initial_experts) {
     initial = *o.initial_experts;

@@ -129,6 +129,7 @@ class FakeShard : public ShardClient {
     {
       std::lock_guard<std::mutex> lock(backward_mu);  // the trainer's threads, one per batch
       backward_batches.push_back(req.batch_id());
+      backward_rates.push_back(req.learning_rate());
     }
     v1::BackwardResponse resp;
     resp.set_batch_id(req.batch_id());
@@ -197,6 +198,7 @@ class FakeShard : public ShardClient {
   std::vector<uint64_t> cancelled;  // CancelBatch's ids
   std::mutex backward_mu;
   std::vector<uint64_t> backward_batches;  // the batch id of each Backward, backward_mu
+  std::vector<float> backward_rates;       // the learning rate each Backward carried, backward_mu
 
  private:
   std::string name_;
@@ -783,6 +785,14 @@ struct TrainRig {
         trainer(Config(), [this, unconfirmed_commits](const v1::CommitStepRequest& req)
                               -> absl::StatusOr<v1::CommitStepResponse> {
           v1::CommitStepResponse r;
+          if (abort_code != 0) {  // a member's reduction failed with it
+            r.set_committed(false);
+            r.set_code(abort_code);
+            r.set_reason(
+                "group 0 rank 1 (shard1): the update of expert 0 by its summed gradient "
+                "at learning rate 0.25 is not finite (w1.weight[0])");
+            return r;
+          }
           r.set_committed(true);
           committed_on.assign(req.shards().begin(), req.shards().end());
           if (++commits <= unconfirmed_commits) {
@@ -800,6 +810,7 @@ struct TrainRig {
   }
   Rig rig;
   int commits = 0;
+  int abort_code = 0;                     // the coordinator aborts with this code (0: commits)
   std::vector<std::string> committed_on;  // the last CommitStepRequest's shards
   Trainer trainer;
 };
@@ -933,6 +944,33 @@ TEST(Trainer, AGateGradientThatIsNotFiniteAbortsTheStep) {
   EXPECT_EQ(r.status().message().rfind("the update of the gate's weight is not finite", 0), 0u)
       << r.status();
   EXPECT_EQ(t.commits, 0);
+}
+
+// The step's learning rate goes with each backward (the shard checks the update it would
+// apply), and a coordinator's abort for a sum that is not finite (OUT_OF_RANGE, from a
+// member's reduction) stays OUT_OF_RANGE: the same step sent again would be again, so
+// moe-client does not retry it. Other aborts stay ABORTED.
+TEST(Trainer, ACoordinatorsAbortForASumThatIsNotFiniteIsOutOfRange) {
+  TrainRig t(/*unconfirmed_commits=*/0);
+  t.abort_code = static_cast<int>(absl::StatusCode::kOutOfRange);
+  absl::StatusOr<TrainResult> r = t.Step(5);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kOutOfRange) << r.status();
+  EXPECT_NE(r.status().message().find("aborted, no weight changed: group 0 rank 1 (shard1): the "
+                                      "update of expert 0"),
+            std::string::npos)
+      << r.status();
+  bool backward = false;
+  for (const auto& fake : t.rig.fakes) {
+    std::lock_guard<std::mutex> lock(fake->backward_mu);
+    for (float rate : fake->backward_rates) {
+      backward = true;
+      EXPECT_EQ(rate, 0.25f) << fake->address();
+    }
+  }
+  EXPECT_TRUE(backward);
+  t.abort_code = static_cast<int>(absl::StatusCode::kAborted);
+  r = t.Step(7);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kAborted) << r.status();
 }
 
 // A shard that holds no replica (here a dead one the placement has moved off) takes no part in

@@ -388,12 +388,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           // A model whose weights have diverged (trained at too high a rate), or tokens too large
           // for it, answer values that are not finite: said, not served (2026-12-04; a new
           // user's forward wrote NaN and exited 0).
-          if (const int64_t i = common::FirstNonFinite(*y); i >= 0) {
-            return done(absl::OutOfRangeError(absl::StrCat(
-                "the output of token ", i / config.d_model, " is not finite (",
-                std::isnan((*y)[i]) ? "NaN" : "infinite",
-                "): the model's weights have diverged (trained at too high a learning rate: "
-                "serve a checkpoint saved before), or the token is too large for them")));
+          if (absl::Status finite = common::CheckOutputFinite(*y, config.d_model); !finite.ok()) {
+            return done(finite);
           }
           const auto combine = std::chrono::steady_clock::now();
           load_stats->Record(g.expert_load);
@@ -861,9 +857,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         uint64_t at = 0;
         if (!absl::SimpleAtoi(kv.first, &e) || !absl::SimpleAtoi(kv.second, &at) || e < 0 ||
             e >= config.num_experts) {
-          return absl::FailedPreconditionError(
-              absl::StrCat(gate_state_path, " has expert_steps that cannot be read (\"", item,
-                           "\"): remove it"));
+          // Only a check leans on it: the gate is served all the same.
+          std::fprintf(stderr,
+                       "moe-router: %s has expert_steps that cannot be read (\"%s\"); serving "
+                       "its gate without them (an expert that lost its training is not told)\n",
+                       gate_state_path.c_str(), std::string(item).c_str());
+          expert_steps.clear();
+          break;
         }
         expert_steps[e] = at;
       }
@@ -899,6 +899,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                    static_cast<unsigned long long>(step), gate_state_path.c_str(),
                    std::string(st.message()).c_str());
     }
+  }
+
+  // Writes the kept gate again, for the experts' training steps kept with it: once an expert's
+  // training was found lost, a router started again does not report it again. Nothing when no
+  // trained gate is kept (no step was read back at start either).
+  void KeepStepsWithGate() {
+    if (gate_step == 0) return;
+    KeepGate(*Gate(), gate_step);
   }
 
   // What `shards` hold now, as a routing table of this router's first placement's "old" one:
@@ -1080,6 +1088,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // What each address held under the old placement.
     std::map<std::string, std::set<int>> held;
     std::map<int, std::vector<std::string>> old_replicas;
+    bool lowered_steps = false;  // an expert's training was found lost: its step is kept again
     if (old != nullptr) {
       for (int s = 0; s < static_cast<int>(old->shards.size()); ++s) {
         for (int e : old->placement.ExpertsOn(s)) {
@@ -1120,11 +1129,15 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                          "left; it is loaded from the checkpoint and trains from there\n", e);
             metrics->ExpertLostTraining();
             NoteLostTraining(e);
+            // Where it stands now: not reported again by ReloadStale, here or after a restart.
+            reached_step[e] = 0;
+            lowered_steps = true;
           }
         }
         to_load[s][source].push_back(e);
       }
     }
+    if (lowered_steps) KeepStepsWithGate();
     if (old != nullptr) {
       for (int s = 0; s < static_cast<int>(old->shards.size()); ++s) {
         const std::string& a = old->shards[s]->address();
@@ -1407,14 +1420,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         stale[r][t.shards[latest]->address()].push_back(e);
       }
     }
+    if (!lost.empty()) KeepStepsWithGate();
     for (const auto& [from_checkpoint, experts] : lost) {
       std::fprintf(stderr,
                    "moe-router: expert(s) %s lost their training: every replica holds %s, older "
                    "than the training reached (the only trained replica restarted without it, "
                    "or the cluster started again on shards that do not hold it: a shard's "
-                   "--state-dir keeps the experts that shard held, so start again with the "
-                   "--shards and --placement that trained them, or from a checkpoint written by "
-                   "save-checkpoint); they serve and train from those weights now\n",
+                   "--state-dir keeps the experts that shard held, so start again from a "
+                   "checkpoint written by save-checkpoint, or with the --shards and the fixed "
+                   "--placement that trained them; a dynamic or rebalanced placement is not "
+                   "found again); they serve and train from those weights now\n",
                    absl::StrJoin(experts, ",").c_str(), HeldText(from_checkpoint ? 0 : 1));
     }
     absl::Status result;
@@ -1929,7 +1944,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return absl::OkStatus();
   }
 
-  absl::Status Save(const v1::SaveCheckpointRequest& req, v1::SaveCheckpointResponse* resp) {
+  absl::Status Save(const v1::SaveCheckpointRequest& req, v1::SaveCheckpointResponse* resp,
+                    absl::Time deadline = absl::InfiniteFuture()) {
     if (req.path().empty()) return absl::InvalidArgumentError("path is empty");
     // Weights do not move while we read them. Bounded: a step stuck on the coordinator must not
     // hold this call (and its admin thread) past the step's own wait.
@@ -1944,8 +1960,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       RETURN_IF_ERROR(trainer->RetryConfirmations(*t));
       // Replicas behind their expert's latest step are copied up to it, and an expert whose
       // every replica is behind is reported as having lost its training, before they are read
-      // (as on the control loop's next tick). A failure is logged; the replicas are compared.
-      ReloadStale(*t).IgnoreError();
+      // (as on the control loop's next tick), within the call's deadline. A failure is logged;
+      // the replicas are compared.
+      ReloadStale(*t, /*trained=*/nullptr, /*before_step=*/false, deadline).IgnoreError();
     }
     common::Checkpoint ck;
     ck.config = config;
@@ -2025,7 +2042,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                            const v1::SaveCheckpointRequest* req,
                                            v1::SaveCheckpointResponse* resp) override {
     return Offload(ctx, "SaveCheckpoint",
-                   [this, req, resp](absl::Time) { return Save(*req, resp); });
+                   [this, req, resp](absl::Time deadline) { return Save(*req, resp, deadline); });
   }
 
   grpc::ServerUnaryReactor* GetClusterInfo(grpc::CallbackServerContext* ctx,

@@ -611,7 +611,11 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
                                            "everywhere and no weight changed"));
   }
   if (!done->committed()) {
-    return absl::AbortedError(
+    // Not finite (OUT_OF_RANGE) is the caller's to change, as a backward's: not to retry.
+    return absl::Status(
+        done->code() == static_cast<int>(absl::StatusCode::kOutOfRange)
+            ? absl::StatusCode::kOutOfRange
+            : absl::StatusCode::kAborted,
         absl::StrCat("step id ", result.step, " aborted, no weight changed: ", done->reason()));
   }
   if (done->unconfirmed_shards_size() > 0) {

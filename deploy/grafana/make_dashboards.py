@@ -69,15 +69,21 @@ SERVING = [
     panel("Dropped and spilled assignments",
           [(f"sum by (outcome) (rate(moe_router_assignments_total[{RI}]))", "{{outcome}}")],
           unit="ops", desc="Assignments past an expert's capacity (--capacity-factor)"),
+    # A shard's own series carry shard="ADDRESS", as the router's moe_shard_up names it: $shard
+    # picks the same shards in every panel.
     panel("Shard compute time p99",
-          [(f"histogram_quantile(0.99, sum by (le, instance) (rate(moe_shard_compute_seconds_bucket[{RI}])))",
-            "{{instance}}")], unit="s", desc="One coalesced expert matmul"),
-    panel("Shard queue depth (rows)", [('moe_shard_queue_depth{unit="rows"}', "{{instance}}")]),
+          [("histogram_quantile(0.99, sum by (le, shard) "
+            f"(rate(moe_shard_compute_seconds_bucket{{shard=~\"$shard\"}}[{RI}])))", "{{shard}}")],
+          unit="s", desc="One coalesced expert matmul"),
+    panel("Shard queue depth (rows)",
+          [('moe_shard_queue_depth{unit="rows", shard=~"$shard"}', "{{shard}}")]),
     panel("Shard rejections by reason",
-          [(f"sum by (reason) (rate(moe_shard_rejected_batches_total[{RI}]))", "{{reason}}")],
+          [("sum by (reason) "
+            f"(rate(moe_shard_rejected_batches_total{{shard=~\"$shard\"}}[{RI}]))", "{{reason}}")],
           unit="ops"),
-    panel("Shard traffic", [(f"sum by (instance, direction) (rate(moe_shard_bytes_total[{RI}]))",
-                             "{{instance}} {{direction}}")], unit="Bps"),
+    panel("Shard traffic",
+          [(f"sum by (shard, direction) (rate(moe_shard_bytes_total{{shard=~\"$shard\"}}[{RI}]))",
+            "{{shard}} {{direction}}")], unit="Bps"),
 ]
 
 TRAINING = [

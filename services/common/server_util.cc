@@ -189,8 +189,36 @@ absl::StatusOr<StartedServer> StartServer(const std::string& address,
   return started;
 }
 
+namespace {
+
+// `inner`'s series, each with `labels` added.
+class LabelledCollectable : public prometheus::Collectable {
+ public:
+  LabelledCollectable(std::shared_ptr<prometheus::Collectable> inner,
+                      const std::map<std::string, std::string>& labels)
+      : inner_(std::move(inner)) {
+    for (const auto& [name, value] : labels) labels_.push_back({name, value});
+  }
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    std::vector<prometheus::MetricFamily> families = inner_->Collect();
+    for (prometheus::MetricFamily& f : families) {
+      for (prometheus::ClientMetric& m : f.metric) {
+        m.label.insert(m.label.end(), labels_.begin(), labels_.end());
+      }
+    }
+    return families;
+  }
+
+ private:
+  std::shared_ptr<prometheus::Collectable> inner_;
+  std::vector<prometheus::ClientMetric::Label> labels_;
+};
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
-    const std::string& address, std::shared_ptr<prometheus::Registry> registry) {
+    const std::string& address, std::shared_ptr<prometheus::Registry> registry,
+    std::map<std::string, std::string> labels) {
   if (absl::Status probe = ProbeListenAddress(address, "--metrics-port"); !probe.ok()) {
     return probe;
   }
@@ -201,7 +229,12 @@ absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
     return absl::UnavailableError(
         absl::StrCat("cannot serve metrics on ", address, ": ", e.what(), " (port in use?)"));
   }
-  ep->exposer_->RegisterCollectable(registry);
+  if (labels.empty()) {
+    ep->exposer_->RegisterCollectable(registry);
+  } else {
+    ep->labelled_ = std::make_shared<LabelledCollectable>(std::move(registry), labels);
+    ep->exposer_->RegisterCollectable(ep->labelled_);
+  }
   const std::vector<int> ports = ep->exposer_->GetListeningPorts();
   ep->port_ = ports.empty() ? 0 : ports.front();
   std::string port;

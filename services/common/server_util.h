@@ -4,13 +4,15 @@
 // Server bootstrap shared by every service: keepalive, message sizes, health and reflection,
 // client channel settings, and the Prometheus /metrics endpoint.
 
+#include <grpcpp/grpcpp.h>
+#include <prometheus/collectable.h>
+#include <prometheus/exposer.h>
+#include <prometheus/registry.h>
+
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <grpcpp/grpcpp.h>
-#include <prometheus/exposer.h>
-#include <prometheus/registry.h>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -74,8 +76,11 @@ absl::StatusOr<StartedServer> StartServer(const std::string& address,
 // Serves `registry` on http://ADDRESS/metrics. `address` is host:port; port 0 picks one.
 class MetricsEndpoint {
  public:
+  // `labels` are added to every series served (the shard's address, say, known only once its
+  // server has a port), after the registry's own.
   static absl::StatusOr<std::unique_ptr<MetricsEndpoint>> Start(
-      const std::string& address, std::shared_ptr<prometheus::Registry> registry);
+      const std::string& address, std::shared_ptr<prometheus::Registry> registry,
+      std::map<std::string, std::string> labels = {});
   // Stops serving within milliseconds (civetweb alone takes up to 2 s: see the definition).
   ~MetricsEndpoint();
   int port() const { return port_; }
@@ -83,6 +88,7 @@ class MetricsEndpoint {
  private:
   MetricsEndpoint() = default;
   std::unique_ptr<prometheus::Exposer> exposer_;
+  std::shared_ptr<prometheus::Collectable> labelled_;  // the registry with `labels`, if any
   std::string host_;  // the host Start was given, without IPv6 brackets
   int port_ = 0;
 };

@@ -133,4 +133,13 @@ absl::Status CheckTokens(const std::vector<float>& x, int64_t n, int64_t d,
   return absl::OkStatus();
 }
 
+absl::Status CheckOutputFinite(const std::vector<float>& y, int64_t d) {
+  const int64_t i = FirstNonFinite(y);
+  if (i < 0) return absl::OkStatus();
+  return absl::OutOfRangeError(absl::StrCat(
+      "the output of token ", i / d, " is not finite (", std::isnan(y[i]) ? "NaN" : "infinite",
+      "): the model's weights have diverged (trained at too high a learning rate: serve a "
+      "checkpoint saved before), or the token is too large for them"));
+}
+
 }  // namespace moe::common

@@ -57,6 +57,11 @@ int64_t FirstNonFinite(const std::vector<float>& x);
 // "WHAT: the batch is empty (0 tokens)" or "WHAT[i, j] is NaN" (or "infinite").
 absl::Status CheckTokens(const std::vector<float>& x, int64_t n, int64_t d,
                          const std::string& what);
+
+// OUT_OF_RANGE when the layer's output `y` ([n, d] row-major) holds a value that is not finite:
+// weights grown large (trained at too high a rate), or tokens too large for them. Served by
+// neither the router nor moe-client --local.
+absl::Status CheckOutputFinite(const std::vector<float>& y, int64_t d);
 std::vector<float> ViewToFloat(const TensorView& view);
 
 // Fills `out` with `data` in `shape`, as FP32 or BF16 (round to nearest even). Reuses the

@@ -321,6 +321,7 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
         if (reason.empty()) {
           reason = absl::StrCat("group ", c.group, " rank ", c.rank, " (",
                                 req.groups(c.group).shards(c.rank), "): ", c.status.error_message());
+          resp->set_code(c.status.error_code());
         }
       } else if (c.rank == 0) {
         const int n = req.groups(c.group).shards_size();

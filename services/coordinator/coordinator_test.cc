@@ -1,4 +1,5 @@
-#include "services/coordinator/coordinator_server.h"
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
 
 #include <chrono>
 #include <condition_variable>
@@ -6,12 +7,11 @@
 #include <mutex>
 #include <string>
 
-#include <grpcpp/grpcpp.h>
-#include <gtest/gtest.h>
-
+#include "absl/strings/str_cat.h"
 #include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/common/security.h"
+#include "services/coordinator/coordinator_server.h"
 #include "tests/reference/loopback_server.h"
 #include "tests/reference/registry_value.h"
 #include "tests/reference/test_util.h"
@@ -69,13 +69,24 @@ class SlowReduceShard final : public v1::ExpertShard::Service {
     return aborts_;
   }
 
-  grpc::Status ReduceGradients(grpc::ServerContext*, const v1::ReduceGradientsRequest*,
+  float rate() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return rate_;
+  }
+  // What its reductions answer, after the hold (OK unless set).
+  void Answer(grpc::Status st) {
+    std::lock_guard<std::mutex> lock(mu_);
+    answer_ = std::move(st);
+  }
+
+  grpc::Status ReduceGradients(grpc::ServerContext*, const v1::ReduceGradientsRequest* req,
                                v1::ReduceGradientsResponse* resp) override {
     std::unique_lock<std::mutex> lock(mu_);
+    rate_ = req->learning_rate();
     cv_.wait_for(lock, hold_, [this] { return released_; });
     resp->set_elements(1);
     resp->set_seconds(0.001);
-    return grpc::Status::OK;
+    return answer_;
   }
   grpc::Status FinishStep(grpc::ServerContext*, const v1::FinishStepRequest* req,
                           v1::FinishStepResponse*) override {
@@ -90,6 +101,8 @@ class SlowReduceShard final : public v1::ExpertShard::Service {
   std::condition_variable cv_;
   bool released_ = false;
   int aborts_ = 0;
+  float rate_ = -1;  // the last reduction's learning rate
+  grpc::Status answer_;
   moe::testing::LoopbackServer server_{this, common::ServerCredentials()};  // last: it serves them
 };
 
@@ -135,6 +148,43 @@ TEST(Coordinator, ReductionsThatEndAfterTheDecisionAbortTheStepAndAreCounted) {
                                    {{"code", "DEADLINE_EXCEEDED"}}),
             1);
   EXPECT_EQ(testing::RegistryValue(reg, "moe_coordinator_steps_total", {{"outcome", "abort"}}), 1);
+}
+
+// A member whose reduction refuses the step because the sum, or its update at the step's
+// learning rate (sent with each reduction), is not finite: the step is aborted, and the answer
+// carries OUT_OF_RANGE, which the router passes on (not to be retried) rather than ABORTED.
+TEST(Coordinator, AReductionRefusedAsNotFiniteAbortsTheStepWithItsCode) {
+  auto server = CoordinatorServer::Start(CoordinatorOptions{});
+  ASSERT_TRUE(server.ok()) << server.status();
+  SlowReduceShard a(std::chrono::milliseconds(0)), b(std::chrono::milliseconds(0));
+  b.Answer(
+      grpc::Status(grpc::StatusCode::OUT_OF_RANGE,
+                   "the summed gradient of expert 0 is not finite (w1.weight[3] is infinite)"));
+  v1::CommitStepRequest req;
+  req.set_train_step(9);
+  req.set_learning_rate(0.1f);
+  req.set_timeout_ms(5000);
+  v1::ReplicaGroup* group = req.add_groups();
+  group->add_experts(0);
+  for (const SlowReduceShard* s : {&a, &b}) {
+    group->add_shards(s->address());
+    req.add_shards(s->address());
+    req.add_computed_shards(s->address());
+  }
+  auto stub = v1::Coordinator::NewStub(
+      grpc::CreateChannel((*server)->address(), common::ChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+  v1::CommitStepResponse resp;
+  ASSERT_TRUE(stub->CommitStep(&ctx, req, &resp).ok());
+  EXPECT_FALSE(resp.committed());
+  EXPECT_EQ(resp.code(), grpc::StatusCode::OUT_OF_RANGE) << resp.reason();
+  EXPECT_NE(resp.reason().find(absl::StrCat("rank 1 (", b.address(),
+                                            "): the summed gradient of expert 0 is not finite")),
+            std::string::npos)
+      << resp.reason();
+  EXPECT_EQ(a.rate(), 0.1f);
+  EXPECT_EQ(b.rate(), 0.1f);
 }
 
 }  // namespace

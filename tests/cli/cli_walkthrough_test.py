@@ -210,6 +210,13 @@ try:
 
     shard = re.search(r"^\d+\s+(127\.0\.0\.1:\d+)\s+up\s", info, re.M).group(1)
     fails("info", "--router", shard, says="does not serve this call")
+    # Finite tokens so large that the gated experts overflow: no output is written that is not
+    # finite, through the router or locally (a forward wrote NaN and exited 0).
+    st.save(path("large-in.safetensors"), {"tokens": np.full((2, D), 1e36, np.float32)})
+    for where in (["--router", router], ["--local", "--checkpoint", path("ck.safetensors")]):
+        fails("forward", *where, "--input", path("large-in.safetensors"), "--output",
+              path("large-out.safetensors"),
+              says="forward: OUT_OF_RANGE: the output of token 0 is not finite")
     run("init-checkpoint", "--out", path("other.safetensors"), "--experts", "4", "--d-model",
         str(D), "--d-ff", "8", "--top-k", "2")
     fails("load", "--router", router, "--checkpoint", path("other.safetensors"), "--zipf", "1.2",

@@ -6,6 +6,8 @@
 // every answer against the in-process MoeLayer, and metric scraping.
 
 #include <arpa/inet.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -15,20 +17,21 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <string>
 #include <thread>
+#include <vector>
 
-#include <grpcpp/grpcpp.h>
-#include <gtest/gtest.h>
-
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
 #include "client/local_cluster.h"
 #include "client/router_client.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "moe/v1/router.grpc.pb.h"
 #include "router/moe_layer.h"
 #include "services/common/random_checkpoint.h"
-#include "services/common/tensor_codec.h"
 #include "services/common/subprocess.h"
-#include "absl/strings/str_cat.h"
+#include "services/common/tensor_codec.h"
 #include "tests/reference/test_util.h"
 
 namespace moe::testing {
@@ -52,15 +55,33 @@ inline double Since(Clock::time_point t) {
 
 inline std::string ScrapeBody(int port) { return ScrapeMetrics(port); }
 
-// The value of the first line of a /metrics `body` starting with `series`
-// (e.g. `moe_shard_rejected_batches_total{reason="deadline"}`), or -1.
+// The value of the first series of a /metrics `body` that `series` names: its metric name and,
+// of its labels, those `series` gives, whatever others it has (a shard's series carry
+// shard="ADDRESS"); e.g. `moe_shard_rejected_batches_total{reason="deadline"}`. -1 when none.
 inline double MetricValue(const std::string& body, const std::string& series) {
-  size_t at = 0;
-  while ((at = body.find(series, at)) != std::string::npos) {
-    if (at == 0 || body[at - 1] == '\n') {
-      return std::atof(body.c_str() + at + series.size());
+  const size_t brace = series.find('{');
+  const std::string name = series.substr(0, brace);
+  std::vector<std::string> wanted;  // label="value", none with a comma in it
+  if (brace != std::string::npos) {
+    wanted = absl::StrSplit(series.substr(brace + 1, series.rfind('}') - brace - 1), ',');
+  }
+  for (absl::string_view line : absl::StrSplit(body, '\n')) {
+    if (line.empty() || line[0] == '#') continue;
+    const size_t end = line.find_first_of("{ ");
+    if (end == absl::string_view::npos || line.substr(0, end) != name) continue;
+    std::string labels = ",";
+    size_t value = end;
+    if (line[end] == '{') {
+      const size_t close = line.find('}', end);
+      if (close == absl::string_view::npos) continue;
+      labels = absl::StrCat(",", line.substr(end + 1, close - end - 1), ",");
+      value = close + 1;
     }
-    at += series.size();
+    bool all = true;
+    for (const std::string& w : wanted) {
+      all = all && labels.find(absl::StrCat(",", w, ",")) != std::string::npos;
+    }
+    if (all) return std::atof(std::string(line.substr(value)).c_str());
   }
   return -1;
 }
