@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -106,6 +107,23 @@ class SlowReduceShard final : public v1::ExpertShard::Service {
   moe::testing::LoopbackServer server_{this, common::ServerCredentials()};  // last: it serves them
 };
 
+// Step `step` at learning rate 0.1 over one replica group of expert 0 on `shards`, each of
+// which computed rows of it.
+v1::CommitStepRequest StepOf(uint64_t step, std::initializer_list<const SlowReduceShard*> shards) {
+  v1::CommitStepRequest req;
+  req.set_train_step(step);
+  req.set_learning_rate(0.1f);
+  req.set_timeout_ms(5000);
+  v1::ReplicaGroup* group = req.add_groups();
+  group->add_experts(0);
+  for (const SlowReduceShard* s : shards) {
+    group->add_shards(s->address());
+    req.add_shards(s->address());
+    req.add_computed_shards(s->address());
+  }
+  return req;
+}
+
 // Reductions that succeed, but only after the moment the step had to be decided by, abort the
 // step on every shard; the abort is counted as a reduction past its deadline.
 TEST(Coordinator, ReductionsThatEndAfterTheDecisionAbortTheStepAndAreCounted) {
@@ -115,17 +133,7 @@ TEST(Coordinator, ReductionsThatEndAfterTheDecisionAbortTheStepAndAreCounted) {
   // router's 1.5 s to settle a verdict and 0.5 s for messages are kept back). The reductions
   // answer after 3 s, inside their own 6 s.
   SlowReduceShard a(std::chrono::seconds(3)), b(std::chrono::seconds(3));
-  v1::CommitStepRequest req;
-  req.set_train_step(7);
-  req.set_learning_rate(0.1f);
-  req.set_timeout_ms(5000);
-  v1::ReplicaGroup* group = req.add_groups();
-  group->add_experts(0);
-  for (const SlowReduceShard* s : {&a, &b}) {
-    group->add_shards(s->address());
-    req.add_shards(s->address());
-    req.add_computed_shards(s->address());
-  }
+  const v1::CommitStepRequest req = StepOf(7, {&a, &b});
   auto channel = grpc::CreateChannel((*server)->address(), common::ChannelCredentials());
   // Connected first: a slow connection (a sanitizer build on a busy machine) must not make the
   // step start past its decision time, which is another abort.
@@ -160,17 +168,7 @@ TEST(Coordinator, AReductionRefusedAsNotFiniteAbortsTheStepWithItsCode) {
   b.Answer(
       grpc::Status(grpc::StatusCode::OUT_OF_RANGE,
                    "the summed gradient of expert 0 is not finite (w1.weight[3] is infinite)"));
-  v1::CommitStepRequest req;
-  req.set_train_step(9);
-  req.set_learning_rate(0.1f);
-  req.set_timeout_ms(5000);
-  v1::ReplicaGroup* group = req.add_groups();
-  group->add_experts(0);
-  for (const SlowReduceShard* s : {&a, &b}) {
-    group->add_shards(s->address());
-    req.add_shards(s->address());
-    req.add_computed_shards(s->address());
-  }
+  const v1::CommitStepRequest req = StepOf(9, {&a, &b});
   auto stub = v1::Coordinator::NewStub(
       grpc::CreateChannel((*server)->address(), common::ChannelCredentials()));
   grpc::ClientContext ctx;
