@@ -377,6 +377,13 @@ absl::Status RouterError(const grpc::Status& st, const std::string& addr) {
   return common::FromGrpcStatus(st);
 }
 
+// `s` with its code's name leading its message ("INVALID_ARGUMENT: ..."), as forward tells the
+// model's refusals.
+absl::Status WithCodeName(const absl::Status& s) {
+  return absl::Status(s.code(),
+                      absl::StrCat(absl::StatusCodeToString(s.code()), ": ", s.message()));
+}
+
 absl::Status Forward(const Flags& f) {
   if (f.Has("local") == f.Has("router")) {
     return common::UsageError("forward needs exactly one of --local or --router HOST:PORT");
@@ -425,8 +432,7 @@ absl::Status Forward(const Flags& f) {
       // the other commands say it.
       absl::Status s = RouterError(st, f.Get("router"));
       if (absl::StartsWith(s.message(), "cannot reach")) return s;
-      return absl::Status(s.code(), absl::StrCat(absl::StatusCodeToString(s.code()), ": ",
-                                                 s.message()));
+      return WithCodeName(s);
     }
     ASSIGN_OR_RETURN(common::TensorView v, common::DecodeMatrix(resp.output(), "output", d));
     const int k = static_cast<int>(resp.routing().top_k());
@@ -444,9 +450,9 @@ absl::Status Forward(const Flags& f) {
   // What the router refuses, --local refuses too.
   RETURN_IF_ERROR(common::CheckTokens(x, n, d, absl::StrCat(in_path, ": tokens")));
   ASSIGN_OR_RETURN(router::LayerOutput out, layer->Forward(x.data(), n));
+  // As the router's refusal reads through --router.
   if (absl::Status finite = common::CheckOutputFinite(out.y, d); !finite.ok()) {
-    return absl::Status(finite.code(), absl::StrCat(absl::StatusCodeToString(finite.code()), ": ",
-                                                    finite.message()));
+    return WithCodeName(finite);
   }
   return WriteForward(out_path, n, d, c.top_k, out.y, out.gating.expert_ids, out.gating.weights,
                       out.gating.dropped);

@@ -1339,6 +1339,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
   }
 
+  // What a replica at training step `step` holds, for a user.
+  static const char* HeldText(uint64_t step) {
+    return step == 0 ? "the checkpoint's weights" : "the weights of an earlier training step";
+  }
+
   // Copies again, from a replica at the latest training step, every replica of an expert whose
   // weights are at an older step (ExpertStatus.trained_step): a shard that came back with the
   // checkpoint's weights (restarted with --experts all), or one that confirmed a commit whose
@@ -1349,11 +1354,6 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // null) tells whether any replica has been trained. With `before_step`, also UNAVAILABLE when
   // the status of a shard in rotation cannot be read: the step would train its replicas
   // unchecked, and one may be stale (elsewhere such a shard is left for the next check).
-  // What a replica at training step `step` holds, for a user.
-  static const char* HeldText(uint64_t step) {
-    return step == 0 ? "the checkpoint's weights" : "the weights of an earlier training step";
-  }
-
   absl::Status ReloadStale(const RoutingTable& t, bool* trained = nullptr, bool before_step = false,
                            absl::Time deadline = absl::InfiniteFuture()) {
     const int S = static_cast<int>(t.shards.size());
@@ -1385,10 +1385,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
     }
     std::vector<std::map<std::string, std::vector<int>>> stale(S);  // shard -> source -> experts
-    // Experts that lost their training, by whether they are back at the checkpoint's weights.
-    // Steps are told as what the replicas hold, not by their ids (large numbers that mean nothing
-    // to a user: see Trainer).
-    std::map<bool, std::vector<int>> lost;
+    // Experts that lost their training, by what their replicas hold now (HeldText). Steps are
+    // told so, not by their ids (large numbers that mean nothing to a user: see Trainer).
+    std::map<std::string, std::vector<int>> lost;
     for (int e = 0; e < static_cast<int>(t.placement.replicas.size()); ++e) {
       int latest = -1;
       bool all_seen = true;
@@ -1403,7 +1402,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         // (the only replica, under sharded or hybrid), or the cluster started again on shards
         // that do not hold it (the step read back with the kept gate). Nothing serves those
         // weights now.
-        lost[at[latest][e] == 0].push_back(e);
+        lost[HeldText(at[latest][e])].push_back(e);
         metrics->ExpertLostTraining();
         NoteLostTraining(e);
         reached = at[latest][e];  // reported once: this is where the expert stands now
@@ -1421,7 +1420,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
     }
     if (!lost.empty()) KeepStepsWithGate();
-    for (const auto& [from_checkpoint, experts] : lost) {
+    for (const auto& [held, experts] : lost) {
       std::fprintf(stderr,
                    "moe-router: expert(s) %s lost their training: every replica holds %s, older "
                    "than the training reached (the only trained replica restarted without it, "
@@ -1430,7 +1429,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                    "checkpoint written by save-checkpoint, or with the --shards and the fixed "
                    "--placement that trained them; a dynamic or rebalanced placement is not "
                    "found again); they serve and train from those weights now\n",
-                   absl::StrJoin(experts, ",").c_str(), HeldText(from_checkpoint ? 0 : 1));
+                   absl::StrJoin(experts, ",").c_str(), held.c_str());
     }
     absl::Status result;
     for (int s = 0; s < S; ++s) {

@@ -72,6 +72,14 @@ std::vector<size_t> Participants(const RoutingTable& table) {
   return out;
 }
 
+// The code of a step that failed for `cause`: a gradient or update that is not finite
+// (OUT_OF_RANGE) would be again if the step were sent again, the caller's to change; any other
+// failure is ABORTED, a step to retry.
+absl::StatusCode StepFailure(absl::StatusCode cause) {
+  return cause == absl::StatusCode::kOutOfRange ? absl::StatusCode::kOutOfRange
+                                                : absl::StatusCode::kAborted;
+}
+
 // Whether shard `address` of `table` takes part in its steps (see Participants).
 bool Participates(const RoutingTable& table, const std::string& address) {
   for (size_t i : Participants(table)) {
@@ -524,12 +532,9 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   for (int b = 0; b < P; ++b) {
     if (!back_status[b].ok()) {
       AbortEverywhere(table, result.step);
-      // A gradient that is not finite (OUT_OF_RANGE) would be again if the step were sent
-      // again: the caller's to change, not a step to retry (ABORTED). The shard client's
-      // message names the shard ("backward on shard ADDRESS: ...").
+      // The shard client's message names the shard ("backward on shard ADDRESS: ...").
       return absl::Status(
-          back_status[b].code() == absl::StatusCode::kOutOfRange ? absl::StatusCode::kOutOfRange
-                                                                 : absl::StatusCode::kAborted,
+          StepFailure(back_status[b].code()),
           absl::StrCat(back_status[b].message(), "; step aborted, no weight changed"));
     }
   }
@@ -611,11 +616,9 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
                                            "everywhere and no weight changed"));
   }
   if (!done->committed()) {
-    // Not finite (OUT_OF_RANGE) is the caller's to change, as a backward's: not to retry.
+    // The code of the member's failure that aborted it (a sum that is not finite, say).
     return absl::Status(
-        done->code() == static_cast<int>(absl::StatusCode::kOutOfRange)
-            ? absl::StatusCode::kOutOfRange
-            : absl::StatusCode::kAborted,
+        StepFailure(static_cast<absl::StatusCode>(done->code())),
         absl::StrCat("step id ", result.step, " aborted, no weight changed: ", done->reason()));
   }
   if (done->unconfirmed_shards_size() > 0) {
