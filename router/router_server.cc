@@ -241,7 +241,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::string last_not_applied;
   // UnloadExtras' last failure on each shard (said once; placement_mu).
   std::map<std::string, std::string> extras_failed;
-  // Experts that lost their training while this router ran (SaveCheckpoint names them).
+  // Experts that lost their training while this router ran, or before it started as its kept
+  // gate tells (SaveCheckpoint names them).
   std::mutex lost_mu;
   std::set<int> lost_training;
   // Serialises placement changes; timed, so that a Rebalance waits for another switch only as
