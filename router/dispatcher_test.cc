@@ -1242,5 +1242,146 @@ TEST(Trainer, AnUnsettledAbortIsSettledAgainstTheLiveTableOnly) {
   EXPECT_EQ(t.rig.fakes[0]->rollbacks.size(), 1u);
 }
 
+// The step of the last update each fake applied to each of its experts (all READY), as the
+// router's stale check reads them from GetStatus.
+std::vector<std::map<int, uint64_t>> StepsHeld(const Rig& rig) {
+  std::vector<std::map<int, uint64_t>> at;
+  for (const auto& fake : rig.fakes) {
+    at.emplace_back();
+    for (int e = 0; e < Config().num_experts; ++e) {
+      at.back()[e] = fake->trained.count(e) ? fake->trained.at(e) : 0;
+    }
+  }
+  return at;
+}
+
+// A shard that applied a lost commit and left the table before it could be asked about it
+// comes back with replicas that carry the update every other shard aborted. Its replicas are
+// at the latest step there is, so the stale check took them as the latest and copied the
+// aborted update to every other replica. They are given back the others' weights instead, or
+// copied from a later step once training has gone on without them.
+TEST(Trainer, AShardThatLeftWithAnAbortUnsettledIsGivenBackTheOthersWeightsWhenItReturns) {
+  LostVerdictRig t(/*reached=*/1, /*verdict=*/true);
+  t.AbortWhileShard0CannotBeAsked();
+  ASSERT_EQ(t.rig.fakes[0]->trained.size(), 4u);
+  const uint64_t aborted = t.rig.fakes[0]->trained.at(0);
+  EXPECT_TRUE(t.trainer.AbortedUpdate(aborted));
+  EXPECT_FALSE(t.trainer.AbortedUpdate(aborted + 1));
+  EXPECT_FALSE(t.trainer.AbortedUpdate(0));
+  // It leaves the table, unsettled, and is forgotten there.
+  RoutingTable without = t.rig.table;
+  without.shards.erase(without.shards.begin());
+  without.placement = *ComputePlacement(Strategy::kReplicated, 4, 2, std::vector<double>(4, 1.0));
+  t.trainer.DropUnconfirmedOutside(without);
+  EXPECT_TRUE(t.trainer.RetryConfirmations(without).ok());
+  // Back in the table, holding what it held.
+  auto is_aborted = [&](uint64_t step) { return t.trainer.AbortedUpdate(step); };
+  std::map<int, uint64_t> reached;
+  StalePlan plan = PlanStaleReplicas(t.rig.table.placement, StepsHeld(t.rig), is_aborted, &reached);
+  for (int s = 0; s < 3; ++s) {
+    EXPECT_TRUE(plan.copy[s].empty()) << "shard " << s << " would be copied the update";
+  }
+  EXPECT_EQ(plan.give_back[0], (std::map<int, std::vector<int>>{{1, {0, 1, 2, 3}}}));
+  EXPECT_TRUE(plan.lost.empty());
+  for (int e = 0; e < 4; ++e) EXPECT_EQ(reached[e], 0u) << "expert " << e;
+  // Carried out: given back from shard1 with RollBackExperts (LoadExperts keeps newer weights),
+  // at version 0 (the shard may hold a failed switch's later version), and nothing else is
+  // copied.
+  t.rig.fakes[0]->version = t.rig.table.placement.version + 5;
+  int done = 0;
+  const absl::Status carried =
+      CarryOutStalePlan(t.rig.table, plan, t.rig.table.placement.version, absl::Seconds(1), &done);
+  EXPECT_TRUE(carried.ok()) << carried;
+  EXPECT_EQ(done, 4);
+  ASSERT_EQ(t.rig.fakes[0]->rollbacks.size(), 1u);
+  EXPECT_EQ(t.rig.fakes[0]->rollbacks[0].second, "shard1");
+  EXPECT_TRUE(t.rig.fakes[0]->trained.empty()) << "an expert kept the aborted update";
+  for (const auto& fake : t.rig.fakes) {
+    EXPECT_TRUE(fake->loads.empty()) << fake->address();
+    EXPECT_TRUE(fake->trained.empty()) << fake->address() << " carries the aborted update";
+  }
+  plan = PlanStaleReplicas(t.rig.table.placement, StepsHeld(t.rig), is_aborted, &reached);
+  for (int s = 0; s < 3; ++s) {
+    EXPECT_TRUE(plan.copy[s].empty() && plan.give_back[s].empty()) << "copied twice: " << s;
+  }
+  t.rig.fakes[0]->trained = {{0, aborted}, {1, aborted}, {2, aborted}, {3, aborted}};
+  // Training went on without it: its replicas are simply behind, and copied from a later step.
+  for (int s = 1; s < 3; ++s) {
+    for (int e = 0; e < 4; ++e) t.rig.fakes[s]->trained[e] = aborted + 7;
+  }
+  plan = PlanStaleReplicas(t.rig.table.placement, StepsHeld(t.rig), is_aborted, &reached);
+  EXPECT_TRUE(plan.give_back[0].empty());
+  EXPECT_EQ(plan.copy[0], (std::map<int, std::vector<int>>{{1, {0, 1, 2, 3}}}));
+  for (int e = 0; e < 4; ++e) EXPECT_EQ(reached[e], aborted + 7) << "expert " << e;
+  // A copy carries the router's latest version, which is at least the failed switch's.
+  done = 0;
+  const absl::Status copied = CarryOutStalePlan(
+      t.rig.table, plan, t.rig.table.placement.version + 5, absl::Seconds(1), &done);
+  EXPECT_TRUE(copied.ok()) << copied;
+  ASSERT_EQ(t.rig.fakes[0]->loads.size(), 1u);
+  EXPECT_EQ(t.rig.fakes[0]->loads[0],
+            (std::pair<std::vector<int>, std::string>{{0, 1, 2, 3}, "shard1"}));
+}
+
+// Where the replicas without the aborted update are behind the training the expert reached
+// (they restarted while the shard with the update was away), giving theirs back would lose
+// that training: the replica with the update is the latest then, and the expert keeps it, as
+// one whose only replica carries it does.
+TEST(PlanStaleReplicas, AnAbortedUpdateIsKeptRatherThanTheTrainingLost) {
+  Placement p;
+  p.replicas = {{0, 1}, {1}};
+  const uint64_t aborted = 50;
+  std::vector<std::map<int, uint64_t>> at(2);
+  at[0] = {{0, 0}};  // restarted with the checkpoint's weights
+  at[1] = {{0, aborted}, {1, aborted}};
+  std::map<int, uint64_t> reached = {{0, 40}, {1, 40}};
+  StalePlan plan = PlanStaleReplicas(
+      p, at, [&](uint64_t step) { return step == aborted; }, &reached);
+  EXPECT_TRUE(plan.lost.empty());
+  for (const auto& back : plan.give_back) EXPECT_TRUE(back.empty());
+  EXPECT_EQ(plan.copy[0], (std::map<int, std::vector<int>>{{1, {0}}}));
+  EXPECT_TRUE(plan.copy[1].empty());
+  // Expert 1's only replica carries the update: nothing to copy, and its step is not reached.
+  EXPECT_EQ(reached[1], 40u);
+  // With the training reached no later than what the others hold, the update is given back.
+  reached = {{0, 0}};
+  plan = PlanStaleReplicas(
+      p, at, [&](uint64_t step) { return step == aborted; }, &reached);
+  EXPECT_EQ(plan.give_back[1], (std::map<int, std::vector<int>>{{0, {0}}}));
+  EXPECT_TRUE(plan.copy[0].empty());
+}
+
+// The stale check's plan, step by step: older replicas are copied from the latest; an expert
+// whose every replica is behind the step it reached is reported lost once; one whose only
+// replica read carries an aborted update keeps it; a replica not read is neither a source
+// nor a target.
+TEST(PlanStaleReplicas, CopiesOlderReplicasReportsLostTrainingOnceAndSkipsAbortedUpdates) {
+  Placement p;
+  p.replicas = {{0, 1}, {0, 1, 2}, {2}, {1, 2}};
+  std::vector<std::map<int, uint64_t>> at(3);
+  at[0] = {{0, 5}, {1, 9}};
+  at[1] = {{0, 5}, {1, 4}, {3, 20}};  // expert 3 at an aborted step
+  at[2] = {{2, 3}};                   // expert 1 not read; expert 3 not read either
+  std::map<int, uint64_t> reached = {{0, 8}, {2, 3}};
+  auto aborted = [](uint64_t step) { return step == 20; };
+  StalePlan plan = PlanStaleReplicas(p, at, aborted, &reached);
+  // Expert 0: both replicas at 5, behind the 8 it reached: lost, and where it stands now.
+  ASSERT_EQ(plan.lost.size(), 1u);
+  EXPECT_EQ(plan.lost[0], (std::pair<int, uint64_t>{0, 5}));
+  EXPECT_EQ(reached[0], 5u);
+  // Expert 1: shard 1 behind shard 0; shard 2 not read (and so no loss either way).
+  EXPECT_EQ(plan.copy[1], (std::map<int, std::vector<int>>{{0, {1}}}));
+  EXPECT_EQ(reached[1], 9u);
+  EXPECT_TRUE(plan.copy[0].empty());
+  EXPECT_TRUE(plan.copy[2].empty());
+  // Expert 3: its only replica read carries an aborted update: left as it is, and its step is
+  // not taken as reached.
+  for (const auto& back : plan.give_back) EXPECT_TRUE(back.empty());
+  EXPECT_EQ(reached.count(3) ? reached[3] : 0u, 0u);
+  // Reported once.
+  plan = PlanStaleReplicas(p, at, aborted, &reached);
+  EXPECT_TRUE(plan.lost.empty());
+}
+
 }  // namespace
 }  // namespace moe::router

@@ -59,8 +59,10 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, int num_experts,
                      .Add({});
   stale_replicas_ = &prometheus::BuildCounter()
                          .Name("moe_router_stale_replicas_total")
-                         .Help("Replicas found behind their expert's latest training step and "
-                               "copied again from an up-to-date replica")
+                         .Help(
+                             "Replicas found behind their expert's latest training step, or "
+                             "carrying the update of an aborted step, and copied again from "
+                             "an up-to-date replica")
                          .Register(registry)
                          .Add({});
   lost_training_ = &prometheus::BuildCounter()

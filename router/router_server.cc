@@ -16,6 +16,7 @@
 #include <optional>
 #include <set>
 #include <thread>
+#include <tuple>
 
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
@@ -1295,7 +1296,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   // Loads `missing[s]` on each shard s of `t`, with train_mu held. Untrained weights come from
   // the checkpoint. Trained ones (`trained`) come from the replica that has the expert READY at
-  // the latest step (`held`; one in rotation on a tie). When every other replica answered
+  // the latest step (`held`; one without an aborted update first, then one in rotation on a
+  // tie: see ReloadStale). When every other replica answered
   // without it, loading or ready (or there is none: a restarted shard held the only one, as
   // under `sharded` or half of `hybrid`), no replica holds that training: the shard loads the
   // expert as it would at start, from its --state-dir when it keeps one, else from the
@@ -1313,18 +1315,19 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         }
         int source = -1;
         bool may_hold = false;  // a replica that might hold the training but cannot be a source
+        // Preferred: no aborted update (see ReloadStale), the latest step, in rotation.
+        auto rank = [&](int r) {
+          const uint64_t step = held[r].ready.at(e);
+          return std::tuple(trainer == nullptr || !trainer->AbortedUpdate(step), step,
+                            t.shards[r]->healthy());
+        };
         for (int r : t.placement.replicas[e]) {
           if (r == s) continue;
-          auto it = held[r].ready.find(e);
-          if (it == held[r].ready.end()) {
+          if (!held[r].ready.count(e)) {
             may_hold = may_hold || !held[r].read || held[r].loading.count(e);
             continue;
           }
-          const uint64_t best = source < 0 ? 0 : held[source].ready.at(e);
-          if (source < 0 || it->second > best ||
-              (it->second == best && t.shards[r]->healthy() && !t.shards[source]->healthy())) {
-            source = r;
-          }
+          if (source < 0 || rank(r) > rank(source)) source = r;
         }
         if (source >= 0) {
           by_source[t.shards[source]->address()].push_back(e);
@@ -1348,7 +1351,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // Copies again, from a replica at the latest training step, every replica of an expert whose
   // weights are at an older step (ExpertStatus.trained_step): a shard that came back with the
   // checkpoint's weights (restarted with --experts all), or one that confirmed a commit whose
-  // step it no longer had (restarted, or dropped after step_ttl). Runs with train_mu held and
+  // step it no longer had (restarted, or dropped after step_ttl). A replica that carries the
+  // update of a step the others aborted (a shard that applied a lost commit and left the table
+  // before it was settled, then came back) is never a source, and is given back the weights of
+  // the latest other replica (PlanStaleReplicas). Runs with train_mu held and
   // every shard confirmed, so no update is on its way to any replica: before each step (which
   // would otherwise stamp its step on a stale replica too), before a placement change copies
   // replicas, and on each control-loop tick. UNAVAILABLE when a copy failed; `trained` (if not
@@ -1385,39 +1391,40 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         if (trained != nullptr && e.trained_step() > 0) *trained = true;
       }
     }
-    std::vector<std::map<std::string, std::vector<int>>> stale(S);  // shard -> source -> experts
+    const StalePlan plan = PlanStaleReplicas(
+        t.placement, at,
+        [this](uint64_t step) { return trainer != nullptr && trainer->AbortedUpdate(step); },
+        &reached_step);
     // Experts that lost their training, by what their replicas hold now (HeldText). Steps are
     // told so, not by their ids (large numbers that mean nothing to a user: see Trainer).
     std::map<std::string, std::vector<int>> lost;
-    for (int e = 0; e < static_cast<int>(t.placement.replicas.size()); ++e) {
-      int latest = -1;
-      bool all_seen = true;
-      for (int r : t.placement.replicas[e]) {
-        all_seen = all_seen && at[r].count(e);
-        if (at[r].count(e) && (latest < 0 || at[r][e] > at[latest][e])) latest = r;
+    for (const auto& [e, held] : plan.lost) {
+      // Every replica is behind a step this expert had reached: the one that held it restarted
+      // (the only replica, under sharded or hybrid), or the cluster started again on shards
+      // that do not hold it (the step read back with the kept gate). Nothing serves those
+      // weights now.
+      lost[HeldText(held)].push_back(e);
+      metrics->ExpertLostTraining();
+      NoteLostTraining(e);
+    }
+    for (int s = 0; s < S; ++s) {
+      for (const auto& [source, experts] : plan.copy[s]) {
+        for (int e : experts) {
+          std::fprintf(stderr,
+                       "moe-router: expert %d on %s holds %s, its replica on %s a later training "
+                       "step: copying it again\n",
+                       e, t.shards[s]->address().c_str(), HeldText(at[s].at(e)),
+                       t.shards[source]->address().c_str());
+        }
       }
-      if (latest < 0) continue;
-      uint64_t& reached = reached_step[e];
-      if (all_seen && at[latest][e] < reached) {
-        // Every replica is behind a step this expert had reached: the one that held it restarted
-        // (the only replica, under sharded or hybrid), or the cluster started again on shards
-        // that do not hold it (the step read back with the kept gate). Nothing serves those
-        // weights now.
-        lost[HeldText(at[latest][e])].push_back(e);
-        metrics->ExpertLostTraining();
-        NoteLostTraining(e);
-        reached = at[latest][e];  // reported once: this is where the expert stands now
-      } else {
-        reached = std::max(reached, at[latest][e]);
-      }
-      for (int r : t.placement.replicas[e]) {
-        if (!at[r].count(e) || at[r][e] >= at[latest][e]) continue;
+      for (const auto& [source, experts] : plan.give_back[s]) {
         std::fprintf(stderr,
-                     "moe-router: expert %d on %s holds %s, its replica on %s a later training "
-                     "step: copying it again\n",
-                     e, t.shards[r]->address().c_str(), HeldText(at[r][e]),
-                     t.shards[latest]->address().c_str());
-        stale[r][t.shards[latest]->address()].push_back(e);
+                     "moe-router: expert(s) %s on %s carry the update of a step that the "
+                     "other shards aborted (the shard applied it while it could not be asked, "
+                     "and was not settled while listed): giving them back the weights of their "
+                     "replicas on %s\n",
+                     absl::StrJoin(experts, ",").c_str(), t.shards[s]->address().c_str(),
+                     t.shards[source]->address().c_str());
       }
     }
     if (!lost.empty()) KeepStepsWithGate();
@@ -1432,28 +1439,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                    "found again); they serve and train from those weights now\n",
                    absl::StrJoin(experts, ",").c_str(), held.c_str());
     }
-    absl::Status result;
-    for (int s = 0; s < S; ++s) {
-      for (const auto& [source, experts] : stale[s]) {
-        absl::Status st = t.shards[s]
-                              ->LoadExperts(experts, std::max(t.placement.version, version.load()),
-                                            source, LoadTimeout(deadline))
-                              .status();
-        if (st.ok()) {
-          metrics->StaleReplicasRecopied(static_cast<int>(experts.size()));
-          continue;
-        }
-        std::fprintf(stderr, "moe-router: copying experts %s from %s to %s failed: %s\n",
-                     absl::StrJoin(experts, ",").c_str(), source.c_str(),
-                     t.shards[s]->address().c_str(), std::string(st.message()).c_str());
-        if (result.ok()) {
-          result = absl::UnavailableError(absl::StrCat(
-              "replicas of experts ", absl::StrJoin(experts, ","), " on ", t.shards[s]->address(),
-              " are behind their latest training step and copying them from ", source,
-              " failed: ", st.message()));
-        }
-      }
-    }
+    int copied = 0;
+    const absl::Status result = CarryOutStalePlan(
+        t, plan, std::max(t.placement.version, version.load()), LoadTimeout(deadline), &copied);
+    metrics->StaleReplicasRecopied(copied);
     return result;
   }
 

@@ -243,15 +243,105 @@ void Trainer::DropUnconfirmedOutside(const RoutingTable& table) {
       ++it;
       continue;
     }
-    std::fprintf(stderr, "moe-router: step id %llu: %s %s before %s; dropped\n",
+    std::fprintf(stderr, "moe-router: step id %llu: %s %s before %s; dropped%s\n",
                  static_cast<unsigned long long>(it->second.step), it->first.c_str(),
                  listed ? "holds no replica any more (one placed on it later is copied from a "
                           "replica that has the update)"
                         : "left the placement",
                  it->second.unsettled_abort ? "telling whether it had committed the step"
-                                            : "confirming the commit");
+                                            : "confirming the commit",
+                 it->second.unsettled_abort
+                     ? " (should it come back with the update, its replicas are given back the "
+                       "others' weights)"
+                     : "");
     it = unconfirmed_.erase(it);
   }
+}
+
+bool Trainer::AbortedUpdate(uint64_t step) const {
+  std::lock_guard<std::mutex> lock(unconfirmed_mu_);
+  return step != 0 && aborted_updates_.count(step) > 0;
+}
+
+StalePlan PlanStaleReplicas(const Placement& p, const std::vector<std::map<int, uint64_t>>& at,
+                            const std::function<bool(uint64_t)>& aborted,
+                            std::map<int, uint64_t>* reached) {
+  StalePlan plan;
+  plan.copy.resize(at.size());
+  plan.give_back.resize(at.size());
+  auto held = [&](int r, int e) -> const uint64_t* {
+    if (r < 0 || static_cast<size_t>(r) >= at.size()) return nullptr;
+    auto it = at[r].find(e);
+    return it == at[r].end() ? nullptr : &it->second;
+  };
+  for (int e = 0; e < static_cast<int>(p.replicas.size()); ++e) {
+    int latest = -1;
+    bool all_seen = true;
+    for (int r : p.replicas[e]) {
+      const uint64_t* step = held(r, e);
+      all_seen = all_seen && step != nullptr;
+      if (step == nullptr || aborted(*step)) continue;
+      if (latest < 0 || *step > *held(latest, e)) latest = r;
+    }
+    uint64_t& was = (*reached)[e];
+    if (latest >= 0 && *held(latest, e) < was) {
+      // The replicas without an aborted update are behind the training this expert reached
+      // (restarted meanwhile): giving theirs back would lose it all. A replica with the aborted
+      // update is taken as the latest, as when it is the only one: the expert keeps the update.
+      for (int r : p.replicas[e]) {
+        const uint64_t* step = held(r, e);
+        if (step != nullptr && *step > *held(latest, e)) latest = r;
+      }
+    }
+    if (latest < 0) continue;
+    const uint64_t step = *held(latest, e);
+    if (all_seen && step < was) {
+      plan.lost.push_back({e, step});
+      was = step;  // reported once: this is where the expert stands now
+    } else {
+      was = std::max(was, step);
+    }
+    for (int r : p.replicas[e]) {
+      const uint64_t* mine = held(r, e);
+      if (mine == nullptr || *mine == step) continue;
+      if (aborted(*mine) && *mine > step && !aborted(step)) {
+        plan.give_back[r][latest].push_back(e);
+      } else if (*mine < step) {
+        plan.copy[r][latest].push_back(e);
+      }
+    }
+  }
+  return plan;
+}
+
+absl::Status CarryOutStalePlan(const RoutingTable& t, const StalePlan& plan, uint64_t version,
+                               absl::Duration timeout, int* done) {
+  absl::Status result;
+  for (size_t s = 0; s < t.shards.size() && s < plan.copy.size(); ++s) {
+    for (const bool back : {false, true}) {
+      for (const auto& [r, experts] : back ? plan.give_back[s] : plan.copy[s]) {
+        const std::string& source = t.shards[r]->address();
+        // A give-back changes no placement: version 0, as SettleAbort's.
+        absl::Status st = (back ? t.shards[s]->RollBackExperts(experts, 0, source, timeout)
+                                : t.shards[s]->LoadExperts(experts, version, source, timeout))
+                              .status();
+        if (st.ok()) {
+          *done += static_cast<int>(experts.size());
+          continue;
+        }
+        std::fprintf(stderr, "moe-router: copying experts %s from %s to %s failed: %s\n",
+                     absl::StrJoin(experts, ",").c_str(), source.c_str(),
+                     t.shards[s]->address().c_str(), std::string(st.message()).c_str());
+        if (result.ok()) {
+          result = absl::UnavailableError(absl::StrCat(
+              "replicas of experts ", absl::StrJoin(experts, ","), " on ", t.shards[s]->address(),
+              back ? " carry an aborted step's update" : " are behind their latest training step",
+              " and copying them from ", source, " failed: ", st.message()));
+        }
+      }
+    }
+  }
+  return result;
 }
 
 absl::Status Trainer::Unconfirmed(const RoutingTable& table, const RoutingTable* live) const {
@@ -604,6 +694,8 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
           unconfirmed_[address] = PendingCommit{result.step, params.learning_rate, lost,
                                                 /*unsettled_abort=*/true, ""};
         }
+        aborted_updates_.insert(result.step);
+        if (aborted_updates_.size() > kKeptAborts) aborted_updates_.erase(aborted_updates_.begin());
       }
       return absl::AbortedError(absl::StrCat(
           "commit of step id ", result.step, " failed (", lost, "); no shard that answered "

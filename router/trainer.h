@@ -12,6 +12,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -91,6 +92,15 @@ class Trainer {
   // weights), so it has nothing left to confirm.
   void DropUnconfirmedOutside(const RoutingTable& table);
 
+  // Whether `step` is the id of a step aborted while a shard could not be asked whether it had
+  // received the lost verdict, a commit: a replica stamped with it (ExpertStatus.trained_step)
+  // carries an update that the other replicas aborted. A listed shard is settled before the next
+  // step (SettleAbort); one that left the table first, and came back holding such a replica, is
+  // found by the replica's step instead (PlanStaleReplicas). The last kKeptAborts such ids are
+  // known, for this router's lifetime.
+  bool AbortedUpdate(uint64_t step) const;
+  static constexpr size_t kKeptAborts = 1024;
+
  private:
   // OK when every replica of every expert is on a shard in rotation, else UNAVAILABLE naming one
   // that is not: such a step could not commit, so Step refuses it first.
@@ -139,11 +149,45 @@ class Trainer {
                      const std::string& address, const PendingCommit& u);
   mutable std::mutex unconfirmed_mu_;
   std::map<std::string, PendingCommit> unconfirmed_;  // by shard address
+  std::set<uint64_t> aborted_updates_;                // see AbortedUpdate, unconfirmed_mu_
   std::atomic<uint64_t> next_step_;
 };
 
 // Replicated experts grouped by their replica set (ring order = shard order).
 std::vector<v1::ReplicaGroup> ReplicaGroups(const RoutingTable& table);
+
+// What the router's stale check (before each step, on each control-loop tick, before a save or
+// a placement change) does, from the training steps that the replicas of placement `p` hold:
+// `at[s]` maps each READY expert of shard s to its ExpertStatus.trained_step (empty for a shard
+// not read). For each expert, the latest replica is the one at the latest step that is not an
+// aborted update (`aborted`, Trainer::AbortedUpdate); every other replica that was read and
+// holds something else is brought to it.
+struct StalePlan {
+  // Target shard -> source shard -> experts whose target replica is of an older step than the
+  // source's: copied again (LoadExperts from the source).
+  std::vector<std::map<int, std::vector<int>>> copy;
+  // Target shard -> source shard -> experts whose target replica carries an aborted update
+  // and whose latest replica is of an older step: given back the source's weights
+  // (RollBackExperts, which replaces newer ones; LoadExperts keeps them).
+  std::vector<std::map<int, std::vector<int>>> give_back;
+  // Experts whose every replica was read and is behind the step the expert had reached (the
+  // replica that held it restarted without it), with the step their latest replica holds.
+  std::vector<std::pair<int, uint64_t>> lost;
+};
+// `reached` (expert -> the latest step known to have reached it) is raised to what the latest
+// replicas hold, or lowered to it for a lost expert, which is so reported once. An expert keeps
+// an aborted update when every replica read carries it (a single replica: see SettleAbort), and
+// when the replicas without it are behind `reached` (restarted meanwhile): giving theirs back
+// would lose the expert's training, so the replica with the update is the latest then.
+StalePlan PlanStaleReplicas(const Placement& p, const std::vector<std::map<int, uint64_t>>& at,
+                            const std::function<bool(uint64_t)>& aborted,
+                            std::map<int, uint64_t>* reached);
+// Makes the copies of `plan` on `t`'s shards: LoadExperts at placement `version` for `copy`,
+// RollBackExperts at version 0 (it changes no placement) for `give_back`, each bounded by
+// `timeout`. Adds the replicas copied to `*done`; the first failure (each is logged) is
+// returned as UNAVAILABLE, after the others have been tried.
+absl::Status CarryOutStalePlan(const RoutingTable& t, const StalePlan& plan, uint64_t version,
+                               absl::Duration timeout, int* done);
 
 }  // namespace moe::router
 
