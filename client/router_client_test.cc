@@ -75,13 +75,17 @@ TEST(RegressionLoss, IsTheMeanSquaredErrorAndItsGradient) {
   const std::vector<float> y = {1.f, -2.f, 0.5f, 4.f, 3.f, 0.f};
   const std::vector<float> target = {0.f, 1.f, 0.5f, -1.f, 2.f, 2.f};
   std::vector<float> dy;
-  const absl::StatusOr<double> loss = RegressionLoss(y, target, 2, &dy);
+  // 3 tokens of 2 values: the loss is the sum of squares over the tokens, its gradient 2 r / 3
+  // (with 2 tokens, 2 r / tokens would be r, and a lost division would pass).
+  const absl::StatusOr<double> loss = RegressionLoss(y, target, 3, &dy);
   ASSERT_TRUE(loss.ok()) << loss.status();
   double want = 0;
-  for (size_t i = 0; i < y.size(); ++i) want += (y[i] - target[i]) * (y[i] - target[i]) / 2.0;
-  EXPECT_DOUBLE_EQ(*loss, want);
+  for (size_t i = 0; i < y.size(); ++i) want += (y[i] - target[i]) * (y[i] - target[i]);
+  EXPECT_DOUBLE_EQ(*loss, want / 3.0);
   ASSERT_EQ(dy.size(), y.size());
-  for (size_t i = 0; i < y.size(); ++i) EXPECT_FLOAT_EQ(dy[i], y[i] - target[i]) << i;
+  for (size_t i = 0; i < y.size(); ++i) {
+    EXPECT_FLOAT_EQ(dy[i], static_cast<float>(2.0 * (y[i] - target[i]) / 3.0)) << i;
+  }
 
   const float big = 2e38f;  // r^2 fits a double; 2 r / 1 is past float's largest
   const absl::StatusOr<double> over = RegressionLoss({big}, {0.f}, 1, &dy);

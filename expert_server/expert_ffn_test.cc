@@ -114,18 +114,24 @@ TEST_P(ExpertFfnTest, SgdUpdatesWeightsAndKernel) {
   ASSERT_TRUE((*ffn)->Backward(x.data(), dy.data(), cache, dx.data(), &g).ok());
   const float lr = 0.5f;
   ASSERT_TRUE((*ffn)->ApplySgd(g, lr).ok());
+  // Each of the six tensors, by the plain SGD loop (empty where the model has none).
   common::ExpertWeights expected = ck.experts[0];
-  for (size_t i = 0; i < expected.w1.size(); ++i) expected.w1[i] -= lr * g.w1[i];
-  for (size_t i = 0; i < expected.w2.size(); ++i) expected.w2[i] -= lr * g.w2[i];
-  for (size_t i = 0; i < expected.w3.size(); ++i) expected.w3[i] -= lr * g.w3[i];
-  for (size_t i = 0; i < expected.b1.size(); ++i) expected.b1[i] -= lr * g.b1[i];
-  for (size_t i = 0; i < expected.b2.size(); ++i) expected.b2[i] -= lr * g.b2[i];
+  for (auto [w, gw] : {std::pair{&expected.w1, &g.w1}, std::pair{&expected.w2, &g.w2},
+                       std::pair{&expected.w3, &g.w3}, std::pair{&expected.b1, &g.b1},
+                       std::pair{&expected.b2, &g.b2}, std::pair{&expected.b3, &g.b3}}) {
+    ASSERT_EQ(w->size(), gw->size());
+    for (size_t i = 0; i < w->size(); ++i) (*w)[i] -= lr * (*gw)[i];
+  }
+  EXPECT_NE(expected.w1, ck.experts[0].w1) << "the step changed nothing: the test proves nothing";
   EXPECT_EQ((*ffn)->weights().w1, expected.w1);
   EXPECT_EQ((*ffn)->weights().w2, expected.w2);
+  EXPECT_EQ((*ffn)->weights().w3, expected.w3);
+  EXPECT_EQ((*ffn)->weights().b1, expected.b1);
   EXPECT_EQ((*ffn)->weights().b2, expected.b2);
+  EXPECT_EQ((*ffn)->weights().b3, expected.b3);
   // The primitives use the new weights.
   ASSERT_TRUE((*ffn)->Forward(x.data(), m, y.data()).ok());
-  ExpectClose(y, testing::NaiveExpertForward(c, (*ffn)->weights(), x, m), 1e-5, "after sgd");
+  ExpectClose(y, testing::NaiveExpertForward(c, expected, x, m), 1e-5, "after sgd");
   // Mismatched gradient sizes are refused.
   common::ExpertWeights short_grad = g;
   short_grad.w1.pop_back();

@@ -554,15 +554,27 @@ TEST(RouterShardModel, AShardOfAnotherModelIsLeftOut) {
               absl::StrCat("it serves 4 experts of d_model 8, this router's ", path,
                            " has 4 of d_model 16"));
   }
-  const std::vector<float> x = common::RandomMatrix(6, kConfig.d_model, 77);
-  v1::InferRequest req;
-  common::EncodeTensor(x, {6, kConfig.d_model}, common::WireType::kFloat32, req.mutable_tokens());
-  for (int i = 0; i < 4; ++i) {  // never sent to the wrong shard
+  auto layer = router::MoeLayer::Create(models.ck);
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  for (int i = 0; i < 4; ++i) {
+    const std::vector<float> x = common::RandomMatrix(6, kConfig.d_model, 77 + i);
+    v1::InferRequest req;
+    common::EncodeTensor(x, {6, kConfig.d_model}, common::WireType::kFloat32, req.mutable_tokens());
     grpc::ClientContext ctx;
     v1::InferResponse resp;
     const grpc::Status st = stub->Infer(&ctx, req, &resp);
-    EXPECT_TRUE(st.ok()) << st.error_message();
+    ASSERT_TRUE(st.ok()) << "request " << i << ": " << st.error_message();
+    const std::vector<float> got = common::ViewToFloat(*common::DecodeTensor(resp.output(), "y"));
+    const std::vector<float> want = (*layer)->Forward(x.data(), 6)->y;
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t j = 0; j < got.size(); ++j) ASSERT_NEAR(got[j], want[j], 1e-5) << "request " << i;
   }
+  // Never sent to the wrong shard: a batch there would be refused and failed over, the
+  // request still answered.
+  EXPECT_EQ(::moe::testing::RegistryValue(*(*wrong)->registry(), "moe_shard_rejected_batches_total",
+                                          {{"reason", "other_model"}}),
+            0);
+  EXPECT_EQ(::moe::testing::RegistryValue(*(*router)->registry(), "moe_router_failovers_total"), 0);
   (*router)->Shutdown(absl::Milliseconds(100));
 }
 
@@ -1208,7 +1220,8 @@ TEST(RouterReconcile, TheReplicasOfAFailedSwitchAreUnloaded) {
     req.set_strategy("replicated");
     v1::Placement p;
     const grpc::Status st = stub->Rebalance(&ctx, req, &p);
-    ASSERT_FALSE(st.ok()) << "the switch was meant to fail";
+    ASSERT_EQ(st.error_code(), grpc::FAILED_PRECONDITION)
+        << "the switch was meant to fail: " << st.error_message();
     EXPECT_NE(st.error_message().find("older than the shard's version 1000"), std::string::npos)
         << st.error_message();
   }

@@ -35,6 +35,7 @@ TEST(LoadStats, IsAnExponentialMovingAverageOfEachExpertsAssignments) {
 TEST(Placement, Replicated) {
   auto p = ComputePlacement(Strategy::kReplicated, 5, 3, Uniform(5));
   ASSERT_TRUE(p.ok());
+  ASSERT_EQ(p->replicas.size(), 5u);
   for (const auto& r : p->replicas) EXPECT_EQ(r, (std::vector<int>{0, 1, 2}));
 }
 
@@ -88,6 +89,7 @@ TEST(Placement, DynamicReplicatesHotExpertsWithinBudget) {
 TEST(Placement, DynamicWithNoLoadIsStillComplete) {
   auto p = ComputePlacement(Strategy::kDynamic, 7, 3, std::vector<double>(7, 0.0));
   ASSERT_TRUE(p.ok());
+  ASSERT_EQ(p->replicas.size(), 7u);
   for (const auto& r : p->replicas) EXPECT_FALSE(r.empty());
 }
 

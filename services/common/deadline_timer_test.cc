@@ -38,20 +38,21 @@ TEST(DeadlineTimer, FiresAtTheDeadlineInOrder) {
 }
 
 TEST(DeadlineTimer, ALaterDeadlineBeyondTheTickStillFiresOnTime) {
-  // The thread sleeps a tick (50 ms) without being woken for deadlines after it; one 130 ms out
-  // must still fire at 130 ms, not at a tick boundary after it.
-  DeadlineTimer timer(absl::Milliseconds(50));
+  // The thread sleeps a tick (500 ms) without being woken for deadlines after it; one 600 ms
+  // out must still fire at 600 ms, not at the next tick boundary after it (about 990 ms here:
+  // far enough apart for the check to tell them on a loaded machine).
+  DeadlineTimer timer(absl::Milliseconds(500));
   absl::SleepFor(absl::Milliseconds(10));
   Notification fired;
   const absl::Time start = MonotonicNow();
   absl::Time at;
-  timer.Schedule(start + absl::Milliseconds(130), [&] {
+  timer.Schedule(start + absl::Milliseconds(600), [&] {
     at = MonotonicNow();
     fired.Notify();
   });
   ASSERT_TRUE(fired.WaitForNotificationWithTimeout(absl::Seconds(5)));
-  EXPECT_GE(at - start, absl::Milliseconds(130));
-  EXPECT_LT(at - start, absl::Milliseconds(300));
+  EXPECT_GE(at - start, absl::Milliseconds(600));
+  EXPECT_LT(at - start, absl::Milliseconds(850));
 }
 
 TEST(DeadlineTimer, CancelledCallbacksNeverRun) {

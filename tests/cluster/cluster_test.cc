@@ -497,8 +497,14 @@ TEST_F(ClusterTest, StalledShardLeavesRotationAndComesBack) {
   auto stub = client::MakeRouterStub(cluster->router_address());
   auto healthy = [&](int shard) {
     grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
     v1::ClusterInfo info;
-    if (!stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info).ok()) return true;
+    const grpc::Status st = stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info);
+    if (!st.ok() || info.shards_size() <= shard) {  // the router must answer throughout
+      ADD_FAILURE() << "GetClusterInfo: " << st.error_message() << " (" << info.shards_size()
+                    << " shards)";
+      return false;
+    }
     return info.shards(shard).healthy();
   };
   ASSERT_TRUE(healthy(2));
@@ -1803,6 +1809,10 @@ TEST_F(ClusterTest, ACoordinatorThatDiesMidCommitLeavesTheStepCommittedEverywher
   auto stub = client::MakeRouterStub(cluster->router_address());
   const grpc::Status st = Train(stub.get(), 7000, 20000, 0.005f);
   ASSERT_TRUE(st.ok()) << st.error_message();
+  // The failpoint did fire: the coordinator exited between the commit's first shard and the rest.
+  const absl::StatusOr<int> exited = cluster->coordinator().Wait(absl::Seconds(5));
+  ASSERT_TRUE(exited.ok()) << exited.status();
+  EXPECT_EQ(common::DescribeWaitStatus(*exited), "exited with status 3");
   absl::StatusOr<common::Checkpoint> saved = SaveIdentical(stub.get(), "mid_commit.safetensors");
   ASSERT_TRUE(saved.ok()) << saved.status();
   for (int e = 0; e < Config().num_experts; ++e) {

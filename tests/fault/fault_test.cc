@@ -11,14 +11,15 @@
 
 #include <cstdlib>
 #include <fstream>
-#include <sstream>
 #include <iterator>
+#include <sstream>
 
-#include "moe/v1/expert_shard.grpc.pb.h"
 #include "client/cpu_limit.h"
-#include "tests/cluster/cluster_fixture.h"
+#include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/common/server_util.h"
+#include "tests/cluster/cluster_fixture.h"
 #include "tests/fault/delay_proxy.h"
+#include "tests/reference/naive_moe.h"
 
 namespace moe {
 namespace {
@@ -359,6 +360,14 @@ TEST_F(FaultTest, MemoryLimitedShardRefusesAnOversizedBatch) {
   ASSERT_TRUE(stream->Read(&resp));
   EXPECT_EQ(resp.code(), 0) << resp.message();
   EXPECT_EQ(resp.batch_id(), 2u);
+  ASSERT_EQ(resp.outputs_size(), 1);
+  EXPECT_EQ(resp.outputs(0).expert(), 0);
+  auto y = common::DecodeMatrix(resp.outputs(0).output(), "output", Config().d_model);
+  ASSERT_TRUE(y.ok()) << y.status();
+  const std::vector<float> got = common::ViewToFloat(*y);
+  const std::vector<double> want = testing::NaiveExpertForward(Config(), ck_->experts[0], x, 3);
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-4) << "value " << i;
   stream->WritesDone();
   stream->Finish().IgnoreError();
 
