@@ -501,7 +501,30 @@ v1::ShardInfo ShardEntry(v1::Router::Stub* router, const std::string& address) {
   return out;
 }
 
-// Four requests of 6 tokens of kConfig's model, each answered OK.
+// `requests` requests of 6 tokens, each answered with what the in-process layer over `ck`
+// computes.
+void ExpectInfersAsTheLayer(v1::Router::Stub* router, const common::Checkpoint& ck, int seed,
+                            int requests) {
+  auto layer = router::MoeLayer::Create(ck);
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  for (int i = 0; i < requests; ++i) {
+    const std::vector<float> x = common::RandomMatrix(6, kConfig.d_model, seed + i);
+    v1::InferRequest req;
+    common::EncodeTensor(x, {6, kConfig.d_model}, common::WireType::kFloat32,
+                         req.mutable_tokens());
+    grpc::ClientContext ctx;
+    v1::InferResponse resp;
+    const grpc::Status st = router->Infer(&ctx, req, &resp);
+    ASSERT_TRUE(st.ok()) << "request " << i << ": " << st.error_message();
+    const std::vector<float> got = common::ViewToFloat(*common::DecodeTensor(resp.output(), "y"));
+    const std::vector<float> want = (*layer)->Forward(x.data(), 6)->y;
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t j = 0; j < got.size(); ++j) ASSERT_NEAR(got[j], want[j], 1e-5) << "request " << i;
+  }
+}
+
+// Four requests of 6 tokens of kConfig's model, each answered OK: for the tests about whether
+// the router serves (the values are ExpectInfersAsTheLayer's).
 void ExpectInfersOk(v1::Router::Stub* router) {
   const std::vector<float> x = common::RandomMatrix(6, kConfig.d_model, 77);
   v1::InferRequest req;
@@ -554,21 +577,7 @@ TEST(RouterShardModel, AShardOfAnotherModelIsLeftOut) {
               absl::StrCat("it serves 4 experts of d_model 8, this router's ", path,
                            " has 4 of d_model 16"));
   }
-  auto layer = router::MoeLayer::Create(models.ck);
-  ASSERT_TRUE(layer.ok()) << layer.status();
-  for (int i = 0; i < 4; ++i) {
-    const std::vector<float> x = common::RandomMatrix(6, kConfig.d_model, 77 + i);
-    v1::InferRequest req;
-    common::EncodeTensor(x, {6, kConfig.d_model}, common::WireType::kFloat32, req.mutable_tokens());
-    grpc::ClientContext ctx;
-    v1::InferResponse resp;
-    const grpc::Status st = stub->Infer(&ctx, req, &resp);
-    ASSERT_TRUE(st.ok()) << "request " << i << ": " << st.error_message();
-    const std::vector<float> got = common::ViewToFloat(*common::DecodeTensor(resp.output(), "y"));
-    const std::vector<float> want = (*layer)->Forward(x.data(), 6)->y;
-    ASSERT_EQ(got.size(), want.size());
-    for (size_t j = 0; j < got.size(); ++j) ASSERT_NEAR(got[j], want[j], 1e-5) << "request " << i;
-  }
+  ExpectInfersAsTheLayer(stub.get(), models.ck, /*seed=*/77, /*requests=*/4);
   // Never sent to the wrong shard: a batch there would be refused and failed over, the
   // request still answered.
   EXPECT_EQ(::moe::testing::RegistryValue(*(*wrong)->registry(), "moe_shard_rejected_batches_total",
@@ -937,22 +946,7 @@ TEST(RouterShardModel, ABatchSentToAShardOfAnotherModelGoesToAnotherReplica) {
   ASSERT_TRUE((*wrong)->WaitUntilLoaded(absl::Seconds(30)).ok());
   ASSERT_TRUE(healthy(true)) << "the router's health check did not see the shard back";
 
-  auto layer = router::MoeLayer::Create(models.ck);
-  ASSERT_TRUE(layer.ok()) << layer.status();
-  for (int i = 0; i < 8; ++i) {
-    const std::vector<float> x = common::RandomMatrix(6, kConfig.d_model, 300 + i);
-    v1::InferRequest req;
-    common::EncodeTensor(x, {6, kConfig.d_model}, common::WireType::kFloat32,
-                         req.mutable_tokens());
-    grpc::ClientContext ctx;
-    v1::InferResponse resp;
-    const grpc::Status st = stub->Infer(&ctx, req, &resp);
-    ASSERT_TRUE(st.ok()) << "request " << i << ": " << st.error_message();
-    const std::vector<float> got = common::ViewToFloat(*common::DecodeTensor(resp.output(), "y"));
-    const std::vector<float> want = (*layer)->Forward(x.data(), 6)->y;
-    ASSERT_EQ(got.size(), want.size());
-    for (size_t j = 0; j < got.size(); ++j) ASSERT_NEAR(got[j], want[j], 1e-5) << "request " << i;
-  }
+  ExpectInfersAsTheLayer(stub.get(), models.ck, /*seed=*/300, /*requests=*/8);
   // The batches did reach the shard of another model, and were refused there.
   EXPECT_GT(::moe::testing::RegistryValue(*(*wrong)->registry(), "moe_shard_rejected_batches_total",
                                           {{"reason", "other_model"}}),
