@@ -2,6 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <thread>
+
 #include "services/common/notification.h"
 #include "services/common/random_checkpoint.h"
 
@@ -223,9 +226,34 @@ TEST(ExpertStoreOrder, AnExpertUnloadedWhileItLoadsFailsItsLoad) {
   EXPECT_EQ(g.store.Find(0), nullptr);
 }
 
-TEST_F(ExpertStoreTest, StopLoadingAnswersQueuedJobs) {
-  store_.StopLoading();
-  EXPECT_EQ(store_.Load({0}, 1, "", nullptr).code(), absl::StatusCode::kUnavailable);
+// Stopping while a load runs: that load finishes, the one queued behind it is answered
+// UNAVAILABLE (not left waiting), and later loads are refused at once.
+TEST(ExpertStoreOrder, StopLoadingAnswersQueuedJobs) {
+  GatedStore g;
+  g.gate_checkpoint = true;
+  auto running = g.Load({0}, 1, "");
+  g.entered.WaitForNotification();
+  auto queued = g.Load({1}, 2, "");
+  std::thread stopper([&] { g.store.StopLoading(); });  // waits for the running load
+  // Stopped once a new load is refused (one accepted before is queued, and answered too).
+  absl::Status later;
+  for (int i = 0; i < 2000 && later.code() != absl::StatusCode::kUnavailable; ++i) {
+    later = g.store.Load({2}, 3, "", nullptr);
+    if (later.code() != absl::StatusCode::kUnavailable) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }
+  EXPECT_EQ(later.code(), absl::StatusCode::kUnavailable) << later;
+  EXPECT_EQ(later.message(), "shard is shutting down");
+  EXPECT_FALSE(queued->done.HasBeenNotified()) << "answered before the running load ended";
+  g.release.Notify();
+  stopper.join();
+  ASSERT_TRUE(running->done.HasBeenNotified());
+  EXPECT_TRUE(running->status.ok()) << running->status;
+  ASSERT_TRUE(queued->done.HasBeenNotified()) << "a queued load was left waiting";
+  EXPECT_EQ(queued->status.code(), absl::StatusCode::kUnavailable) << queued->status;
+  EXPECT_EQ(queued->status.message(), "shard is shutting down");
+  EXPECT_EQ(g.store.Find(1), nullptr);
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 #include <map>
 #include <mutex>
 #include <thread>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
@@ -654,6 +655,8 @@ TEST_F(ShardServerTest, ACopyFromAPeerThatIsGoneFailsAtOnce) {
       << s.error_message();
 }
 
+// An unloaded expert leaves the status (its last batch has long finished: nothing to drain), and
+// a batch of it names the placement version that took it away.
 TEST_F(ShardServerTest, UnloadDrainsAndStatusReportsState) {
   auto server = StartServer();
   auto stub = Stub(*server);
@@ -665,6 +668,7 @@ TEST_F(ShardServerTest, UnloadDrainsAndStatusReportsState) {
     v1::ShardStatus st;
     ASSERT_TRUE(stub->UnloadExperts(&ctx, req, &st).ok());
     EXPECT_EQ(st.placement_version(), 5u);
+    ASSERT_EQ(st.experts_size(), 3) << "experts 0, 1 and 2 stay";
     for (const auto& e : st.experts()) EXPECT_NE(e.expert(), 3);
     EXPECT_EQ(st.num_experts(), 4);
     EXPECT_EQ(st.d_model(), 32);
@@ -1175,14 +1179,19 @@ TEST_F(ShardServerTest, TrainingForwardBackwardCommitAndAbort) {
     EXPECT_EQ(outcome(1), v1::StepOutcome::COMMITTED);
   }
   for (int e : {1, 2}) {
+    // Every tensor, updated once by SGD with the kernel's own gradients.
     const common::ExpertWeights now = Export(stub.get(), e);
-    const common::ExpertWeights& before = ck_->experts[e];
-    ASSERT_EQ(now.w1.size(), before.w1.size());
-    for (size_t i = 0; i < now.w1.size(); ++i) {
-      ASSERT_EQ(now.w1[i], before.w1[i] - 0.25f * ref_grads[e].w1[i]) << e << " w1 " << i;
-    }
-    for (size_t i = 0; i < now.b2.size(); ++i) {
-      ASSERT_EQ(now.b2[i], before.b2[i] - 0.25f * ref_grads[e].b2[i]) << e << " b2 " << i;
+    const auto got = now.Tensors();
+    const auto was = ck_->experts[e].Tensors();
+    const auto grad = std::as_const(ref_grads[e]).Tensors();
+    for (size_t t = 0; t < got.size(); ++t) {
+      const auto& [name, w] = got[t];
+      ASSERT_EQ(w->size(), was[t].second->size()) << e << " " << name;
+      ASSERT_EQ(w->size(), grad[t].second->size()) << e << " " << name;
+      for (size_t i = 0; i < w->size(); ++i) {
+        ASSERT_EQ((*w)[i], (*was[t].second)[i] - 0.25f * (*grad[t].second)[i])
+            << e << " " << name << " " << i;
+      }
     }
   }
   EXPECT_EQ(Export(stub.get(), 0).w1, ck_->experts[0].w1);  // untouched
@@ -1373,7 +1382,10 @@ TEST_F(ShardServerTest, AReductionThatListsAnExpertTwiceIsRefused) {
   fin.set_commit(true);
   fin.set_learning_rate(0.1f);
   v1::FinishStepResponse fresp;
-  EXPECT_FALSE(stub->FinishStep(&fctx, fin, &fresp).ok()) << "a failed step committed";
+  const grpc::Status fst = stub->FinishStep(&fctx, fin, &fresp);
+  EXPECT_EQ(fst.error_code(), grpc::StatusCode::ABORTED) << "a failed step committed";
+  EXPECT_NE(fst.error_message().find("step id 9 failed on this shard"), std::string::npos)
+      << fst.error_message();
 }
 
 // A shard the router sent rows of a step, asked to reduce it without any record of it (it

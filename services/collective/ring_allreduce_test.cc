@@ -206,6 +206,10 @@ TEST(Ring, BorrowedSendsAreWaitedForBeforeReturning) {
   }
 }
 
+// The ring asks its transport for its own generation's chunks, and completes with a stray chunk
+// of another collective in its mailbox. The filter itself is the transport's: the in-memory
+// one's here, the gRPC hub's in CollectiveHub.TakeDropsOlderGenerationsAndKeepsNewerOnes...
+// (tests/collective/grpc_ring_test.cc).
 TEST(Ring, OlderGenerationMessagesAreRefused) {
   const int world = 3;
   InMemoryRing ring(world);

@@ -1,13 +1,11 @@
 #include "services/common/safetensors.h"
 
+#include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <fstream>
 
-#include <gtest/gtest.h>
-
-#include "services/common/bf16.h"
 #include "tests/reference/test_util.h"
 
 namespace moe::common {
@@ -46,7 +44,7 @@ TEST(Safetensors, RoundTripEveryDtypeAndMetadata) {
   EXPECT_EQ(*(*r)->ReadFloat("a"), (std::vector<float>{1, 2, 3, 4, 5, 6}));
   const std::vector<float> b = *(*r)->ReadFloat("b");
   EXPECT_EQ(b[0], 1.f);
-  EXPECT_EQ(b[1], Bf16ToFloat(FloatToBf16(-0.1f)));
+  EXPECT_EQ(b[1], -0.10009765625f);  // -0.1 rounded to BF16 (0xBDCD), nearest even
   EXPECT_EQ(b[2], 100.f);
   EXPECT_EQ(*(*r)->ReadInt32("c"), (std::vector<int32_t>{-1, 0, 7, 1 << 30}));
   EXPECT_EQ((*r)->Find("empty")->num_elements, 0);
@@ -209,7 +207,10 @@ TEST(Safetensors, WriterRejectsMismatchAndDuplicates) {
 TEST(Safetensors, WriteToUnwritablePathFails) {
   SafetensorsWriter w;
   ASSERT_TRUE(w.AddF32("a", {1}, std::vector<float>{1}).ok());
-  EXPECT_FALSE(w.Write("/nonexistent/dir/out.safetensors").ok());
+  const absl::Status st = w.Write("/nonexistent/dir/out.safetensors");
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+  EXPECT_EQ(st.message(),
+            "/nonexistent/dir/out.safetensors: cannot open for writing: No such file or directory");
 }
 
 }  // namespace

@@ -100,6 +100,36 @@ TEST(CollectiveHub, LateChunksAndBreaksOfAForgottenCollectiveLeaveNoMailbox) {
   EXPECT_EQ(got->generation, 4u);
 }
 
+// The hub's own generation filter (the ring tests run on an in-memory transport with its own):
+// a chunk of an older, abandoned collective is dropped when a newer one takes from the mailbox;
+// one of a newer collective, whose sender has moved on, waits there for its own Take.
+TEST(CollectiveHub, TakeDropsOlderGenerationsAndKeepsNewerOnesForTheirCollective) {
+  collective::CollectiveHub hub;
+  collective::Chunk c;
+  for (const uint64_t generation : {uint64_t{4}, uint64_t{6}, uint64_t{5}}) {
+    c.generation = generation;
+    c.payload = collective::Payload::Copy(absl::StrCat("gen", generation));
+    hub.Deliver("ring", c);
+  }
+  auto got = hub.Take("ring", 5, common::MonotonicNow() + absl::Seconds(1));
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->generation, 5u);
+  ASSERT_EQ(got->payload.pieces.size(), 1u);
+  EXPECT_EQ(got->payload.pieces[0], "gen5");
+  EXPECT_EQ(hub.refused(), 1) << "generation 4 was not dropped";
+  // Generation 6's chunk is not generation 5's: a second Take of 5 finds nothing.
+  auto none = hub.Take("ring", 5, common::MonotonicNow() + absl::Milliseconds(50));
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kDeadlineExceeded) << none.status();
+  EXPECT_NE(none.status().message().find("nothing from the previous rank before the deadline"),
+            std::string::npos)
+      << none.status();
+  got = hub.Take("ring", 6, common::MonotonicNow() + absl::Seconds(1));
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_EQ(got->payload.pieces.size(), 1u);
+  EXPECT_EQ(got->payload.pieces[0], "gen6");
+  EXPECT_EQ(hub.refused(), 1);
+}
+
 // A rank that never joins its collective (its part of an aborted step never ran) leaves its
 // mailbox unclaimed: it is dropped once older than the hub's ttl, with what it held, and what
 // arrives for it later is refused. A mailbox a rank waits on is never dropped.
