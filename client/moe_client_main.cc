@@ -714,6 +714,24 @@ absl::Status Train(const Flags& f) {
     return st.error_code() == grpc::StatusCode::UNAVAILABLE ||
            st.error_code() == grpc::StatusCode::ABORTED;
   };
+  // A call refused while the cluster settles (a shard restarting, a step aborted) is sent again
+  // a few times, with a growing pause, saying so; Ctrl-C during a pause sends no further one.
+  constexpr int kAttempts = 8;
+  auto with_retries = [&](const std::string& what, auto retryable, auto call) {
+    grpc::Status st;
+    for (int attempt = 1;; ++attempt) {
+      st = call();
+      if (!retryable(st) || attempt == kAttempts || interrupted.load()) return st;
+      progress.Note(absl::StrCat(what, " (", st.error_message(), "); trying again, attempt ",
+                                 attempt + 1, " of ", kAttempts));
+      const auto resume =
+          std::chrono::steady_clock::now() + std::chrono::milliseconds(250 * attempt);
+      while (!interrupted.load() && std::chrono::steady_clock::now() < resume) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+      if (interrupted.load()) return st;
+    }
+  };
   for (int64_t s = 0; s < steps && !interrupted.load(); ++s) {
     std::vector<float> dy = dy_fixed;
     double loss = 0;
@@ -721,8 +739,15 @@ absl::Status Train(const Flags& f) {
       v1::InferRequest req;
       common::EncodeTensor(x, {batch, d}, common::WireType::kFloat32, req.mutable_tokens());
       v1::InferResponse resp;
-      const grpc::Status st = CallWithReconnects(
-          absl::Seconds(60), [&](grpc::ClientContext* ctx) { return stub->Infer(ctx, req, &resp); });
+      // UNAVAILABLE: an expert has no replica in rotation now (its shard restarting).
+      const grpc::Status st = with_retries(
+          absl::StrCat("step ", s + 1, " of ", steps, ": the forward for the loss failed"),
+          [](const grpc::Status& r) { return r.error_code() == grpc::StatusCode::UNAVAILABLE; },
+          [&] {
+            return CallWithReconnects(absl::Seconds(60), [&](grpc::ClientContext* ctx) {
+              return stub->Infer(ctx, req, &resp);
+            });
+          });
       if (!st.ok() && interrupted.load()) break;  // the step was not begun
       if (!st.ok()) {
         if (!rows.empty()) print_steps("");
@@ -751,25 +776,12 @@ absl::Status Train(const Flags& f) {
     req.set_aux_loss_coef(static_cast<float>(aux));
     req.set_z_loss_coef(static_cast<float>(z));
     v1::TrainStepResponse resp;
-    grpc::Status st;
-    // A step not taken is sent again a few times, with a growing pause, while the cluster
-    // settles.
-    constexpr int kAttempts = 8;
-    for (int attempt = 1;; ++attempt) {
-      grpc::ClientContext ctx;
-      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
-      st = stub->TrainStep(&ctx, req, &resp);
-      if (!not_taken(st) || attempt == kAttempts || interrupted.load()) break;
-      progress.Note(absl::StrCat("step ", s + 1, " of ", steps, " not taken (", st.error_message(),
-                                 "); trying again, attempt ", attempt + 1, " of ", kAttempts));
-      // The pause in slices, so that Ctrl-C during it sends no further attempt.
-      const auto resume =
-          std::chrono::steady_clock::now() + std::chrono::milliseconds(250 * attempt);
-      while (!interrupted.load() && std::chrono::steady_clock::now() < resume) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-      }
-      if (interrupted.load()) break;
-    }
+    const grpc::Status st =
+        with_retries(absl::StrCat("step ", s + 1, " of ", steps, " not taken"), not_taken, [&] {
+          grpc::ClientContext ctx;
+          ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+          return stub->TrainStep(&ctx, req, &resp);
+        });
     if (interrupted.load() && not_taken(st)) break;  // not tried again after Ctrl-C
     if (!st.ok()) {
       // The steps taken stay taken: their table first, then what stopped the run.
