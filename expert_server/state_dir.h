@@ -55,6 +55,10 @@ class StateDir {
   void Flush();
 
   std::string PathOf(int expert) const;
+  // Removes the temporary files of writes that a process no longer running left in `dir` (Open
+  // does, so that a shard killed while writing leaves nothing behind once it is back); returns
+  // how many.
+  static int RemoveUnfinishedWrites(const std::string& dir);
 
  private:
   StateDir(std::string dir, common::ModelConfig config, CheckpointReader checkpoint,

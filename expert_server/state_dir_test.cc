@@ -1,9 +1,12 @@
 #include "expert_server/state_dir.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
+#include <filesystem>
 #include <fstream>
 
+#include "absl/strings/str_cat.h"
 #include "services/common/random_checkpoint.h"
 #include "tests/reference/test_util.h"
 
@@ -91,6 +94,27 @@ TEST_F(StateDirTest, AnExpertSavedIsReadBackWithItsStepAfterARestart) {
   EXPECT_EQ(written_[0].expert, 1);
   EXPECT_EQ(written_[0].step, 42u);
   EXPECT_TRUE(written_[0].ok);
+}
+
+// A shard killed while writing leaves its temporary file; the next Open removes it, but not one
+// of a process that still runs, nor any other file.
+TEST_F(StateDirTest, TemporaryFilesOfUnfinishedWritesAreRemovedAtOpen) {
+  const std::string dir = testing::TempPath("state_unfinished");
+  std::filesystem::create_directories(dir);
+  auto touch = [&](const std::string& name) {
+    std::ofstream(dir + "/" + name) << "partial";
+    return dir + "/" + name;
+  };
+  // Pids are below the kernel's pid_max, at most 2^22: this one never runs.
+  const std::string dead = touch("expert-3.safetensors.tmp.4194305.7");
+  const std::string live = touch(absl::StrCat("expert-4.safetensors.tmp.", getppid(), ".1"));
+  const std::string other = touch("notes.tmp.4194305.1");
+  auto state = Open(dir, ck_);
+  ASSERT_NE(state, nullptr);
+  EXPECT_FALSE(std::filesystem::exists(dead)) << "a dead writer's temporary file stayed";
+  EXPECT_TRUE(std::filesystem::exists(live)) << "a running process's write was removed";
+  EXPECT_TRUE(std::filesystem::exists(other)) << "a file that is not a write was removed";
+  EXPECT_EQ(StateDir::RemoveUnfinishedWrites(dir), 0);
 }
 
 TEST_F(StateDirTest, OnlyTrainedWeightsAreSavedAndTheLatestWins) {
