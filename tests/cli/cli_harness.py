@@ -9,7 +9,8 @@ here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(here, "../../client/python"))
 import local_cluster  # noqa: E402,F401  (re-exported for the tests)
 
-__all__ = ["Checks", "codes", "local_cluster", "router_pid", "setup", "small_checkpoint"]
+__all__ = ["Checks", "codes", "local_cluster", "router_pid", "setup", "shard_pid",
+           "small_checkpoint", "start_cluster", "stop_cluster"]
 
 
 class Checks:
@@ -52,10 +53,37 @@ def small_checkpoint(client, work):
     return ck
 
 
-def router_pid(cluster):
-    """The router's pid, from the lines moe-cluster printed before READY."""
-    return int(re.search(r"^router addr=\S+ pid=(\d+)$", "\n".join(cluster.services),
+def start_cluster(bin_dir, ck, work, *args):
+    """`moe-cluster --checkpoint CK ARGS...` (local_cluster.start), its services' stderr in
+    WORK/moe-cluster.stderr, kept as process.log; returns (process, router address)."""
+    log = open(f"{work}/moe-cluster.stderr", "w+")
+    cluster, router = local_cluster.start(bin_dir, ck, *args, stderr=log)
+    cluster.log = log
+    return cluster, router
+
+
+def stop_cluster(cluster, checks):
+    """Stops a start_cluster cluster (SIGTERM stops every service), then copies its services'
+    stderr into the test's log, failing `checks` on a sanitizer report in it."""
+    cluster.terminate()
+    cluster.wait(timeout=30)
+    cluster.log.close()
+    checks.services_clean(cluster.log.name)
+
+
+def service_pid(cluster, service):
+    """The pid of `service` ("router", "shard 1", ...), from the lines moe-cluster printed
+    before READY."""
+    return int(re.search(rf"^{service} addr=\S+ pid=(\d+)$", "\n".join(cluster.services),
                          re.M).group(1))
+
+
+def router_pid(cluster):
+    return service_pid(cluster, "router")
+
+
+def shard_pid(cluster, i):
+    return service_pid(cluster, f"shard {i}")
 
 
 def codes(table):

@@ -17,7 +17,8 @@ import sys
 import time
 import urllib.request
 
-from cli_harness import Checks, codes, local_cluster, router_pid, setup, small_checkpoint
+from cli_harness import (Checks, codes, local_cluster, router_pid, setup, small_checkpoint,
+                         start_cluster, stop_cluster)
 
 bin_dir, client, work = setup(sys.argv)
 checks = Checks()
@@ -46,9 +47,8 @@ def wait_until(cond, seconds):
 
 ck = small_checkpoint(client, work)
 metrics = local_cluster.free_port_run(4)  # router, 2 shards, coordinator
-cluster_log = open(f"{work}/moe-cluster.stderr", "w+")
-cluster, router = local_cluster.start(bin_dir, ck, "--shards", "2", "--metrics-port",
-                                      str(metrics), stderr=cluster_log)
+cluster, router = start_cluster(bin_dir, ck, work, "--shards", "2", "--metrics-port",
+                                str(metrics))
 try:
     pid = router_pid(cluster)
     duration = 12
@@ -59,8 +59,8 @@ try:
     expect(wait_until(lambda: router_stream_ok(metrics) > 0, 10),
            "the router answered no request of the load before the crash")
     os.kill(pid, 9)
-    back = wait_until(lambda: "the router is back" in open(cluster_log.name).read(), 60)
-    expect(back, "moe-cluster did not start the router again:\n" + open(cluster_log.name).read())
+    back = wait_until(lambda: "the router is back" in open(cluster.log.name).read(), 60)
+    expect(back, "moe-cluster did not start the router again:\n" + open(cluster.log.name).read())
     # Load is back on the restarted router (it serves when moe-cluster says so) at once: its
     # probes are new channels each. Probing on the channel of the broken streams, it came back
     # 2-4 s later, that channel's connection attempts hanging in the TCP handshake.
@@ -91,8 +91,5 @@ try:
     expect(by_code.get("UNAVAILABLE", 0) <= 4,
            f"more requests failed than the crash cut off:\n{out}")
 finally:
-    cluster.terminate()
-    cluster.wait(timeout=30)
-    cluster_log.close()
-checks.services_clean(cluster_log.name)
+    stop_cluster(cluster, checks)
 checks.finish("load went on through a router restart")

@@ -18,14 +18,14 @@ import subprocess
 import sys
 import time
 
-from cli_harness import Checks, codes, local_cluster, router_pid, setup, small_checkpoint
+from cli_harness import (Checks, codes, router_pid, setup, small_checkpoint, start_cluster,
+                         stop_cluster)
 
 bin_dir, client, work = setup(sys.argv)
 checks = Checks()
 expect = checks.expect
 ck = small_checkpoint(client, work)
-cluster_log = open(f"{work}/moe-cluster.stderr", "w+")
-cluster, router = local_cluster.start(bin_dir, ck, "--shards", "2", stderr=cluster_log)
+cluster, router = start_cluster(bin_dir, ck, work, "--shards", "2")
 pid = router_pid(cluster)
 
 
@@ -87,8 +87,5 @@ try:
     stalled_run(["--requests", "1000000", "--stall-s", "3"], 4.5, 4.5 + 3 + 10 + 10,
                 ["the router answered nothing for 3 s, so the run ended early", "given up"])
 finally:
-    cluster.terminate()
-    cluster.wait(timeout=30)
-    cluster_log.close()
-checks.services_clean(cluster_log.name)
+    stop_cluster(cluster, checks)
 checks.finish("load gave up the answers of a stalled router and ended (by --duration and by --stall-s)")

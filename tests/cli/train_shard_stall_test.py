@@ -16,18 +16,15 @@ import subprocess
 import sys
 import threading
 
-from cli_harness import Checks, local_cluster, setup, small_checkpoint
+from cli_harness import Checks, setup, shard_pid, small_checkpoint, start_cluster, stop_cluster
 
 bin_dir, client, work = setup(sys.argv)
 checks = Checks()
 expect = checks.expect
 ck = small_checkpoint(client, work)
-cluster_log = open(f"{work}/moe-cluster.stderr", "w+")
-cluster, router = local_cluster.start(bin_dir, ck, "--shards", "2", "--placement", "sharded",
-                                      stderr=cluster_log)
-shard = int(re.search(r"^shard 1 addr=\S+ pid=(\d+)$", "\n".join(cluster.services),
-                      re.M).group(1))
+cluster, router = start_cluster(bin_dir, ck, work, "--shards", "2", "--placement", "sharded")
 try:
+    shard = shard_pid(cluster, 1)
     os.kill(shard, signal.SIGSTOP)
     resume = threading.Timer(3.0, os.kill, (shard, signal.SIGCONT))
     resume.start()
@@ -49,8 +46,5 @@ try:
              if re.match(r"^\d+\s+\d", line)]
     expect(steps == ["1", "2"], f"the table's steps: {steps}:\n{train.stdout}")
 finally:
-    cluster.terminate()
-    cluster.wait(timeout=30)
-    cluster_log.close()
-checks.services_clean(cluster_log.name)
+    stop_cluster(cluster, checks)
 checks.finish("train tried the loss's forward again while a shard was stalled, and took every step")
