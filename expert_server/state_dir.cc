@@ -33,34 +33,15 @@ absl::StatusOr<std::unique_ptr<StateDir>> StateDir::Open(std::string dir,
         "--state-dir ", dir, ": not a directory, and cannot be created",
         ec ? absl::StrCat(" (", ec.message(), ")") : std::string()));
   }
-  RemoveUnfinishedWrites(dir);
-  return std::unique_ptr<StateDir>(
-      new StateDir(std::move(dir), std::move(config), std::move(checkpoint), std::move(on_written)));
-}
-
-int StateDir::RemoveUnfinishedWrites(const std::string& dir) {
-  // A write goes to "expert-E.safetensors.tmp.PID.N" and is renamed into place: one left behind
-  // is a write its process did not finish (killed, or out of disk). Those of a process that
-  // still runs (a shard wrongly given the same directory) are left to it.
-  int removed = 0;
-  std::error_code ec;
-  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
-    const std::string name = entry.path().filename().string();
-    const size_t at = name.find(".safetensors.tmp.");
-    if (name.rfind("expert-", 0) != 0 || at == std::string::npos) continue;
-    const std::string rest = name.substr(at + std::string(".safetensors.tmp.").size());
-    int pid = 0;
-    if (!absl::SimpleAtoi(rest.substr(0, rest.find('.')), &pid) || pid <= 0) continue;
-    if (pid == getpid() || std::filesystem::exists(absl::StrCat("/proc/", pid), ec)) continue;
-    if (std::filesystem::remove(entry.path(), ec)) ++removed;
-  }
-  if (removed > 0) {
+  // A shard killed while writing leaves its write's temporary file: nothing is left behind.
+  if (const int removed = common::RemoveUnfinishedWrites(dir); removed > 0) {
     std::fprintf(stderr,
                  "moe-expert-server: --state-dir %s: removed %d temporary file(s) of writes that "
                  "did not finish (the shard stopped while writing)\n",
                  dir.c_str(), removed);
   }
-  return removed;
+  return std::unique_ptr<StateDir>(new StateDir(std::move(dir), std::move(config),
+                                                std::move(checkpoint), std::move(on_written)));
 }
 
 StateDir::StateDir(std::string dir, common::ModelConfig config, CheckpointReader checkpoint,

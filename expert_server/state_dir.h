@@ -38,7 +38,9 @@ class StateDir {
   // Runs after each write, with its result.
   using OnWritten = std::function<void(int expert, uint64_t step, const absl::Status&)>;
 
-  // Creates `dir` if missing. INVALID_ARGUMENT when it cannot be created or is not a directory.
+  // Creates `dir` if missing, and removes the temporary files of writes that did not finish
+  // (common::RemoveUnfinishedWrites). INVALID_ARGUMENT when it cannot be created or is not a
+  // directory.
   static absl::StatusOr<std::unique_ptr<StateDir>> Open(std::string dir,
                                                         common::ModelConfig config,
                                                         CheckpointReader checkpoint,
@@ -55,10 +57,6 @@ class StateDir {
   void Flush();
 
   std::string PathOf(int expert) const;
-  // Removes the temporary files of writes that a process no longer running left in `dir` (Open
-  // does, so that a shard killed while writing leaves nothing behind once it is back); returns
-  // how many.
-  static int RemoveUnfinishedWrites(const std::string& dir);
 
  private:
   StateDir(std::string dir, common::ModelConfig config, CheckpointReader checkpoint,

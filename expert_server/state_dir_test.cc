@@ -114,7 +114,7 @@ TEST_F(StateDirTest, TemporaryFilesOfUnfinishedWritesAreRemovedAtOpen) {
   EXPECT_FALSE(std::filesystem::exists(dead)) << "a dead writer's temporary file stayed";
   EXPECT_TRUE(std::filesystem::exists(live)) << "a running process's write was removed";
   EXPECT_TRUE(std::filesystem::exists(other)) << "a file that is not a write was removed";
-  EXPECT_EQ(StateDir::RemoveUnfinishedWrites(dir), 0);
+  EXPECT_EQ(common::RemoveUnfinishedWrites(dir), 0);
 }
 
 TEST_F(StateDirTest, OnlyTrainedWeightsAreSavedAndTheLatestWins) {

@@ -812,6 +812,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           ec ? absl::StrCat(": ", ec.message()) : ""));
     }
     gate_state_path = (std::filesystem::path(options.state_dir) / "gate.safetensors").string();
+    // A router killed while writing its gate leaves the write's temporary file.
+    if (const int removed = common::RemoveUnfinishedWrites(options.state_dir); removed > 0) {
+      std::fprintf(stderr,
+                   "moe-router: --state-dir %s: removed %d temporary file(s) of writes that did "
+                   "not finish (the router stopped while writing)\n",
+                   options.state_dir.c_str(), removed);
+    }
     if (!std::filesystem::exists(gate_state_path, ec)) return absl::OkStatus();
     ASSIGN_OR_RETURN(auto reader, common::SafetensorsReader::Open(gate_state_path));
     const std::vector<int64_t> weight_shape = {config.num_experts, config.d_model};

@@ -10,8 +10,10 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 
 #include "absl/status/status.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "nlohmann/json.hpp"
@@ -343,6 +345,23 @@ absl::Status WriteError(int err, std::string why) {
 }
 
 }  // namespace
+
+int RemoveUnfinishedWrites(const std::string& dir) {
+  const std::string temp = ".safetensors.tmp.";  // as Write names its temporary files
+  int removed = 0;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    const size_t at = name.find(temp);
+    if (at == std::string::npos) continue;
+    const std::string rest = name.substr(at + temp.size());
+    int pid = 0;
+    if (!absl::SimpleAtoi(rest.substr(0, rest.find('.')), &pid) || pid <= 0) continue;
+    if (pid == getpid() || std::filesystem::exists(absl::StrCat("/proc/", pid), ec)) continue;
+    if (std::filesystem::remove(entry.path(), ec)) ++removed;
+  }
+  return removed;
+}
 
 absl::Status SafetensorsWriter::Write(const std::string& path) const {
   // A temporary name of our own, so concurrent writers of one path cannot collide; flushed to

@@ -100,6 +100,11 @@ class SafetensorsWriter {
   std::map<std::string, std::string> metadata_;
 };
 
+// Removes from `dir` the temporary files ("NAME.safetensors.tmp.PID.N") of Writes whose process
+// no longer runs (killed while writing, or out of disk); those of a process that still runs are
+// left to it. Returns how many were removed.
+int RemoveUnfinishedWrites(const std::string& dir);
+
 }  // namespace moe::common
 
 #endif  // MOE_SERVICES_COMMON_SAFETENSORS_H_
