@@ -550,6 +550,17 @@ absl::Status Info(const Flags& f) {
               static_cast<unsigned long long>(info.placement_version()),
               info.capacity_factor() > 0 ? absl::StrCat(info.capacity_factor()).c_str()
                                          : "off (no assignment dropped)");
+  if (info.coordinator().empty()) {
+    std::printf("training: off (the router has no --coordinator)\n");
+  } else if (info.coordinator_state() == "unreachable") {
+    std::printf(
+        "training: coordinator %s is UNREACHABLE from the router: train steps are "
+        "refused until it answers; check that it runs\n",
+        info.coordinator().c_str());
+  } else {
+    std::printf("training: coordinator %s, %s\n", info.coordinator().c_str(),
+                info.coordinator_state().c_str());
+  }
   std::vector<std::vector<std::string>> rows;
   for (int s = 0; s < info.shards_size(); ++s) {
     const v1::ShardInfo& si = info.shards(s);
@@ -643,6 +654,9 @@ absl::Status Train(const Flags& f) {
   ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 1));
   RETURN_IF_ERROR(AtLeast(f, "steps", steps, 1));
   RETURN_IF_ERROR(AtLeast(f, "batch-size", batch, 1));
+  if (lr < 0) return common::UsageError("--learning-rate must be >= 0");
+  if (aux < 0) return common::UsageError("--aux-loss-coef must be >= 0");
+  if (z < 0) return common::UsageError("--z-loss-coef must be >= 0");
   auto stub = MakeRouterStub(addr);
   ASSIGN_OR_RETURN(v1::ClusterInfo info, GetInfo(stub.get(), addr));
   const int64_t d = info.d_model();
@@ -655,16 +669,31 @@ absl::Status Train(const Flags& f) {
   if (!synthetic && !(f.Has("tokens") && f.Has("grad-output"))) {
     return common::UsageError("train needs --synthetic, or --tokens and --grad-output");
   }
-  if (lr < 0) return common::UsageError("--learning-rate must be >= 0");
+  // The router would refuse every step: said at once, where trying again would take a while.
+  if (info.coordinator_state() == "unreachable") {
+    return absl::UnavailableError(
+        absl::StrCat("router ", addr, " cannot reach coordinator ", info.coordinator(),
+                     ": no step was sent; check that the coordinator runs, and that the router's "
+                     "--coordinator names it (moe-client info --router ",
+                     addr, " shows when it answers)"));
+  }
   // A step's request carries the tokens and their grad_output.
-  auto step_fits = [&](int64_t n) {
+  // `remedy` ends the message when the router's cap is the limit.
+  auto step_fits = [&](int64_t n, const std::string& remedy) {
+    if (info.max_request_tokens() > 0 && n > info.max_request_tokens()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "a training step of ", n, " tokens is more than router ", addr, " takes in one (",
+          info.max_request_tokens(), ", its --max-batch-tokens): ", remedy));
+    }
     return CheckRequestFits(2 * n, d,
                             absl::StrCat("a training step of ", n, " tokens of d_model ", d,
                                          " (sent with their grad_output)"));
   };
   if (synthetic) {
     // From --batch-size: a flag to change.
-    if (absl::Status fits = step_fits(batch); !fits.ok()) return common::UsageError(fits.message());
+    if (absl::Status fits = step_fits(batch, "lower --batch-size"); !fits.ok()) {
+      return common::UsageError(fits.message());
+    }
     x = common::RandomMatrix(batch, d, seed);
     // A fixed random linear target T x, the layer regresses onto it.
     const std::vector<float> t = common::RandomMatrix(d, d, seed + 1);
@@ -696,7 +725,7 @@ absl::Status Train(const Flags& f) {
           "] and grad_output [", absl::StrJoin(dy_shape, ", "), "]"));
     }
     batch = static_cast<int64_t>(x.size()) / d;
-    RETURN_IF_ERROR(step_fits(batch));  // from files: files to split
+    RETURN_IF_ERROR(step_fits(batch, "split the files"));  // from files: files to split
   }
   // Ctrl-C ends the run between steps (a step in flight is finished: it changes the weights
   // all at once or not at all) and the table tells what was done.

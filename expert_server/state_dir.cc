@@ -131,8 +131,18 @@ std::optional<LoadedExpert> StateDir::Read(int expert) {
   const std::string path = PathOf(expert);
   if (::access(path.c_str(), F_OK) != 0) return std::nullopt;
   auto skip = [&](absl::string_view why) -> std::optional<LoadedExpert> {
-    std::fprintf(stderr, "moe-expert-server: state dir: %s ignored, expert %d read from the "
-                 "checkpoint: %s\n", path.c_str(), expert, std::string(why).c_str());
+    bool first;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      first = ignored_why_.insert(std::string(why)).second;
+    }
+    if (first) {
+      std::fprintf(stderr,
+                   "moe-expert-server: state dir: %s ignored, expert %d read from the "
+                   "checkpoint: %s (said once: other files ignored for this reason are not "
+                   "logged)\n",
+                   path.c_str(), expert, std::string(why).c_str());
+    }
     return std::nullopt;
   };
   absl::StatusOr<std::unique_ptr<common::SafetensorsReader>> reader =

@@ -22,6 +22,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 
@@ -78,6 +79,9 @@ class StateDir {
   bool writing_ = false;
   bool stopping_ = false;
   std::map<int, std::string> fingerprints_;
+  // Why files were ignored (Read), each said once: a directory of another model's training
+  // would otherwise log the same line for every expert the shard loads.
+  std::set<std::string> ignored_why_;
   std::thread writer_;
 };
 

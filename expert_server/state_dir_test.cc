@@ -5,8 +5,11 @@
 
 #include <filesystem>
 #include <fstream>
+#include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "services/common/random_checkpoint.h"
 #include "tests/reference/test_util.h"
 
@@ -147,10 +150,29 @@ TEST_F(StateDirTest, FilesThatDoNotBelongToThisCheckpointAreIgnored) {
   const common::Checkpoint other = common::MakeRandomCheckpoint({Config(), false, 99});
   auto state = Open(dir, other);
   ASSERT_NE(state, nullptr);
-  EXPECT_FALSE(state->Read(0).has_value());
+  ::testing::internal::CaptureStderr();
+  const bool read_other = state->Read(0).has_value();
   // A damaged file is ignored too, and the expert comes from the checkpoint.
   std::ofstream(state->PathOf(1)) << "not a safetensors file";
-  EXPECT_FALSE(state->Read(1).has_value());
+  const bool read_damaged = state->Read(1).has_value();
+  // Each reason is logged once: read again, or another expert's file of the same model.
+  const bool read_again = state->Read(0).has_value();
+  std::filesystem::copy_file(state->PathOf(0), state->PathOf(2));
+  const bool read_second = state->Read(2).has_value();
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_FALSE(read_other);
+  EXPECT_FALSE(read_damaged);
+  EXPECT_FALSE(read_again);
+  EXPECT_FALSE(read_second);
+  const std::vector<std::string> lines = absl::StrSplit(log, '\n', absl::SkipEmpty());
+  ASSERT_EQ(lines.size(), 2u) << log;
+  EXPECT_NE(lines[0].find(absl::StrCat(state->PathOf(0),
+                                       " ignored, expert 0 read from the "
+                                       "checkpoint: it was trained from other weights")),
+            std::string::npos)
+      << lines[0];
+  EXPECT_NE(lines[1].find(absl::StrCat(state->PathOf(1), " ignored, expert 1")), std::string::npos)
+      << lines[1];
 }
 
 TEST_F(StateDirTest, APathThatIsAFileIsRefusedWithItsName) {

@@ -746,8 +746,18 @@ TEST(RouterTraining, AStepWhileTheCoordinatorIsDownIsRefusedBeforeItStarts) {
     v1::TrainStepResponse resp;
     return stub->TrainStep(&ctx, req, &resp);
   };
+  // GetClusterInfo names the coordinator and says whether the router reaches it.
+  auto coordinator_state = [&]() {
+    grpc::ClientContext ctx;
+    v1::ClusterInfo info;
+    const grpc::Status st = stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    EXPECT_EQ(info.coordinator(), coordinator_address);
+    return info.coordinator_state();
+  };
   const grpc::Status first = train();
   ASSERT_TRUE(first.ok()) << first.error_message();
+  EXPECT_EQ(coordinator_state(), "connected");
   (*coord)->Shutdown(absl::Milliseconds(100));
   coord->reset();
   const auto start = std::chrono::steady_clock::now();
@@ -762,6 +772,21 @@ TEST(RouterTraining, AStepWhileTheCoordinatorIsDownIsRefusedBeforeItStarts) {
       << refused.error_message();
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20))
       << "the step waited for the coordinator";
+  // Once a connection attempt has failed, info says so, and a step tried again is refused
+  // after one more attempt (at most 1 s later), not after the first wait of 5 s.
+  const auto info_by = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  std::string state;
+  while ((state = coordinator_state()) != "unreachable" &&
+         std::chrono::steady_clock::now() < info_by) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(state, "unreachable");
+  const auto again = std::chrono::steady_clock::now();
+  const grpc::Status refused_again = train();
+  EXPECT_EQ(refused_again.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << refused_again.error_message();
+  EXPECT_LT(std::chrono::steady_clock::now() - again, std::chrono::milliseconds(4000))
+      << refused_again.error_message();
   ExpectInfersOk(stub.get());
   (*router)->Shutdown(absl::Milliseconds(100));
 }

@@ -152,8 +152,25 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::unique_ptr<Trainer> trainer;
   std::shared_ptr<grpc::Channel> coordinator_channel;
   std::unique_ptr<v1::Coordinator::Stub> coordinator;
-  // How long a training step waits for a connection to the coordinator before it is refused.
+  // How long a training step waits for a connection to the coordinator before it is refused:
+  // a connection being made may take a while (a slow host), but after a failed attempt one
+  // more (at most 1 s later, ClientChannelArgs' backoff) is enough to tell, so that a client
+  // trying again while the coordinator is down is told soon each time.
   static constexpr absl::Duration kCoordinatorConnectWait = absl::Seconds(5);
+  static constexpr absl::Duration kCoordinatorReconnectWait = absl::Milliseconds(1500);
+  // ClusterInfo.coordinator_state: the channel's state, without waiting (a call from an idle
+  // channel starts a connection, so the next read tells).
+  std::string CoordinatorState() const {
+    switch (coordinator_channel->GetState(/*try_to_connect=*/true)) {
+      case GRPC_CHANNEL_READY:
+        return "connected";
+      case GRPC_CHANNEL_TRANSIENT_FAILURE:
+      case GRPC_CHANNEL_SHUTDOWN:
+        return "unreachable";
+      default:
+        return "connecting";
+    }
+  }
   // One training step at a time. Copies of an expert to a new or restarted replica hold it too:
   // a copy taken while a step commits could miss that step's update on one replica only.
   common::TimedMutex train_mu;
@@ -1872,9 +1889,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       return absl::InvalidArgumentError(absl::StrCat("grad_output has ", n_dy,
                                                      " rows, tokens has ", n));
     }
-    for (float v : {req.learning_rate(), req.aux_loss_coef(), req.z_loss_coef()}) {
-      if (!std::isfinite(v)) {
-        return absl::InvalidArgumentError("learning_rate and loss coefficients must be finite");
+    // A negative rate would climb the loss, a negative coefficient reward imbalance.
+    for (auto [name, v] : {std::pair<const char*, float>{"learning_rate", req.learning_rate()},
+                           {"aux_loss_coef", req.aux_loss_coef()},
+                           {"z_loss_coef", req.z_loss_coef()}}) {
+      if (!std::isfinite(v) || v < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(name, " must be a finite number >= 0, got ", v));
       }
     }
     std::unique_lock<common::TimedMutex> lock(train_mu, std::defer_lock);
@@ -1887,8 +1908,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (t == nullptr) return NotReady();
     // A coordinator that cannot be reached fails the step before it starts: its commit would
     // wait out the step's whole deadline, then be settled as a lost verdict.
-    const absl::Time connect_by =
-        std::min(deadline, common::MonotonicNow() + kCoordinatorConnectWait);
+    const absl::Duration connect_wait =
+        coordinator_channel->GetState(/*try_to_connect=*/true) == GRPC_CHANNEL_TRANSIENT_FAILURE
+            ? kCoordinatorReconnectWait
+            : kCoordinatorConnectWait;
+    const absl::Time connect_by = std::min(deadline, common::MonotonicNow() + connect_wait);
     if (!coordinator_channel->WaitForConnected(common::ToWallDeadline(connect_by))) {
       if (connect_by == deadline) {
         return absl::DeadlineExceededError(absl::StrCat(
@@ -1897,7 +1921,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
       return absl::UnavailableError(absl::StrCat(
           "coordinator ", options.coordinator, " does not answer (",
-          absl::FormatDuration(kCoordinatorConnectWait),
+          absl::FormatDuration(connect_wait),
           " without a connection): the step was not started and no weight changed; check that "
           "it runs and that the router's --coordinator names it"));
     }
@@ -2056,6 +2080,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     info->set_normalize_topk(config.normalize_topk);
     info->set_capacity_factor(options.capacity_factor);
     info->set_max_request_tokens(options.max_batch_tokens);
+    if (coordinator_channel != nullptr) {
+      info->set_coordinator(options.coordinator);
+      info->set_coordinator_state(CoordinatorState());
+    }
     std::shared_ptr<const RoutingTable> t = Table();
     info->set_placement_strategy(
         std::string(StrategyName(t ? t->placement.strategy : strategy.load())));

@@ -132,6 +132,7 @@ absl::StatusOr<int64_t> Flags::GetPort(const std::string& name, int64_t def) con
 
 absl::StatusOr<std::string> Flags::Require(const std::string& name) const {
   if (!Has(name)) return UsageError(absl::StrCat("--", name, " is required"));
+  if (Get(name).empty()) return UsageError(absl::StrCat("--", name, " is empty: give it a value"));
   return Get(name);
 }
 

@@ -16,8 +16,12 @@ namespace {
 
 // Parses `args` (without a program name) against a fixed set of known flags.
 absl::StatusOr<Flags> ParseArgs(std::vector<std::string> args) {
-  return testing::ParseFlags(std::move(args), {{"n", true}, {"x", true}, {"mode", true},
-                                               {"list", true}, {"port", true},
+  return testing::ParseFlags(std::move(args), {{"n", true},
+                                               {"x", true},
+                                               {"mode", true},
+                                               {"list", true},
+                                               {"port", true},
+                                               {"path", true},
                                                {"verbose", false}});
 }
 
@@ -77,7 +81,8 @@ TEST(Flags, CheckTargetTakesHostPortAndGrpcsOwnForms) {
 }
 
 TEST(Flags, TypedGettersNameTheFlagAndTheValue) {
-  auto f = ParseArgs({"--n", "three", "--x", "nan", "--port", "70000", "--list", "1,a"});
+  auto f =
+      ParseArgs({"--n", "three", "--x", "nan", "--port", "70000", "--list", "1,a", "--path", ""});
   ASSERT_TRUE(f.ok()) << f.status();
   EXPECT_EQ(f->GetInt("n", 0).status().message(), "--n must be an integer, got 'three'");
   EXPECT_EQ(f->GetDouble("x", 0).status().message(), "--x must be a finite number, got 'nan'");
@@ -86,6 +91,8 @@ TEST(Flags, TypedGettersNameTheFlagAndTheValue) {
   EXPECT_EQ(f->GetIntList("list").status().message(),
             "--list must be a comma-separated list of integers, got '1,a'");
   EXPECT_EQ(f->Require("mode").status().message(), "--mode is required");
+  EXPECT_TRUE(IsUsageError(f->Require("path").status()));
+  EXPECT_EQ(f->Require("path").status().message(), "--path is empty: give it a value");
 }
 
 // Out of range is one message whatever the value, one past int64's range too (which GetInt

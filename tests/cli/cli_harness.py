@@ -9,7 +9,7 @@ here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(here, "../../client/python"))
 import local_cluster  # noqa: E402,F401  (re-exported for the tests)
 
-__all__ = ["Checks", "codes", "local_cluster", "router_pid", "setup", "shard_pid",
+__all__ = ["Checks", "codes", "local_cluster", "router_pid", "service_pid", "setup", "shard_pid",
            "small_checkpoint", "start_cluster", "stop_cluster"]
 
 

@@ -72,6 +72,8 @@ try:
     info = run("info", "--router", router)
     expect(f"model: {E} experts, d_model {D}, d_ff 48, top-2" in info, f"info:\n{info}")
     expect("placement: hybrid, version 1" in info, f"info placement:\n{info}")
+    expect(re.search(r"^training: coordinator 127\.0\.0\.1:\d+, (connected|connecting)$", info,
+                     re.M), f"info should name the coordinator:\n{info}")
     expect(len(re.findall(r"^\d+\s+127\.0\.0\.1:\d+\s+up\s", info, re.M)) == 3,
            f"info should list 3 shards up:\n{info}")
 
@@ -255,8 +257,12 @@ try:
           "--local", "--checkpoint", path("ck.safetensors"), "--capacity-factor", "-1",
           says="--capacity-factor must be >= 0", code=2)
     fails("train", "--router", router, "--synthetic", "--batch-size", "2000000",
-          says="a training step of 2000000 tokens of d_model 32 (sent with their grad_output): "
-               "488 MiB in one request, more than one may carry", code=2)
+          says=f"a training step of 2000000 tokens is more than router {router} takes in one "
+               "(8192, its --max-batch-tokens): lower --batch-size", code=2)
+    fails("train", "--router", router, "--synthetic", "--aux-loss-coef", "-1",
+          says="--aux-loss-coef must be >= 0", code=2)
+    fails("save-checkpoint", "--router", router, "--path", "",
+          says="--path is empty: give it a value", code=2)
     fails("help", "bogus", says="unknown command 'bogus'", code=2)
     fails("health", "--addr", shard, "--require-client-cert",
           says="moe-client health: --require-client-cert needs --tls-cert, --tls-key and "

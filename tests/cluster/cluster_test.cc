@@ -772,13 +772,20 @@ TEST_F(ClusterTest, BadRequestsGetClearErrors) {
     const char* name;
     int64_t n_dy;     // rows of grad_output (tokens have 3)
     int nan_at;       // an element of grad_output set to NaN, or -1
-    float lr;
+    float lr, aux, z;
     const char* needle;
   };
   const TrainCase train_cases[] = {
-      {"grad_output rows", 2, -1, 0.1f, "grad_output has 2 rows, tokens has 3"},
-      {"grad_output NaN", 3, d + 1, 0.1f, "grad_output[1, 1] is NaN"},
-      {"learning rate", 3, -1, INFINITY, "learning_rate and loss coefficients must be finite"},
+      {"grad_output rows", 2, -1, 0.1f, 0, 0, "grad_output has 2 rows, tokens has 3"},
+      {"grad_output NaN", 3, d + 1, 0.1f, 0, 0, "grad_output[1, 1] is NaN"},
+      {"learning rate", 3, -1, INFINITY, 0, 0,
+       "learning_rate must be a finite number >= 0, got inf"},
+      {"negative learning rate", 3, -1, -0.5f, 0, 0,
+       "learning_rate must be a finite number >= 0, got -0.5"},
+      {"negative aux coefficient", 3, -1, 0.1f, -1, 0,
+       "aux_loss_coef must be a finite number >= 0, got -1"},
+      {"z coefficient NaN", 3, -1, 0.1f, 0, std::nanf(""),
+       "z_loss_coef must be a finite number >= 0, got nan"},
   };
   for (const TrainCase& c : train_cases) {
     v1::TrainStepRequest req;
@@ -787,6 +794,8 @@ TEST_F(ClusterTest, BadRequestsGetClearErrors) {
     if (c.nan_at >= 0) dy[c.nan_at] = std::nanf("");
     common::EncodeTensor(dy, {c.n_dy, d}, common::WireType::kFloat32, req.mutable_grad_output());
     req.set_learning_rate(c.lr);
+    req.set_aux_loss_coef(c.aux);
+    req.set_z_loss_coef(c.z);
     grpc::ClientContext tctx;
     v1::TrainStepResponse tresp;
     const grpc::Status st = stub->TrainStep(&tctx, req, &tresp);
