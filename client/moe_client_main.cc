@@ -16,6 +16,7 @@
 #include <numeric>
 #include <optional>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -732,10 +733,18 @@ absl::Status Train(const Flags& f) {
   CatchInterrupt();
   Progress progress("train", steps);
   std::vector<std::vector<std::string>> rows;
+  std::set<int> lost;  // experts the router said lost their training during the run
+  auto lost_text = [](const std::string& experts) {
+    return absl::StrCat("expert(s) ", experts,
+                        " lost their training (the only replica that held it restarted "
+                        "without it; the router's log says more): they train on from the "
+                        "weights they hold now");
+  };
   auto print_steps = [&](const std::string& preface) {
     progress.Finish();
     if (!preface.empty()) std::printf("%s\n", preface.c_str());
     PrintTable({"step", "loss", "load_balance_loss", "router_z_loss"}, rows);
+    if (!lost.empty()) std::printf("%s\n", lost_text(absl::StrJoin(lost, ",")).c_str());
   };
   // A step refused (UNAVAILABLE: a shard out of rotation or not readable) or aborted (ABORTED:
   // a replica's reduction failed) changed no weight.
@@ -819,6 +828,11 @@ absl::Status Train(const Flags& f) {
       return absl::Status(e.code(),
                           absl::StrCat("step ", s + 1, " of ", steps, ": ",
                                        absl::StatusCodeToString(e.code()), ": ", e.message()));
+    }
+    if (resp.lost_training_experts_size() > 0) {
+      lost.insert(resp.lost_training_experts().begin(), resp.lost_training_experts().end());
+      progress.Note(absl::StrCat("before step ", s + 1, " of ", steps, ": ",
+                                 lost_text(absl::StrJoin(resp.lost_training_experts(), ","))));
     }
     rows.push_back({absl::StrCat(resp.step()), synthetic ? LossText(loss, 6) : "-",
                     LossText(resp.stats().load_balance_loss(), 5),

@@ -263,6 +263,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // gate tells (SaveCheckpoint names them).
   std::mutex lost_mu;
   std::set<int> lost_training;
+  // Those not yet named to a TrainStep (TrainStepResponse.lost_training_experts).
+  std::set<int> lost_untold;
   // Serialises placement changes; timed, so that a Rebalance waits for another switch only as
   // long as its deadline allows.
   common::TimedMutex placement_mu;
@@ -1499,6 +1501,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   void NoteLostTraining(int expert) {
     std::lock_guard<std::mutex> lock(lost_mu);
     lost_training.insert(expert);
+    lost_untold.insert(expert);
   }
 
   // Reloads what a restarted shard lost, copies replicas left behind by training again, and
@@ -1961,6 +1964,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     s->set_dropped_assignments(r.gating.dropped);
     s->set_load_balance_loss(r.gating.load_balance_loss);
     s->set_router_z_loss(r.gating.router_z_loss);
+    std::lock_guard<std::mutex> lost_lock(lost_mu);
+    for (int e : lost_untold) resp->add_lost_training_experts(e);
+    lost_untold.clear();
     return absl::OkStatus();
   }
 

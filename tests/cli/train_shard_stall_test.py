@@ -5,7 +5,8 @@ UNAVAILABLE ("expert E has no healthy replica"). Until 2026-12-04 that ended the
 at once, where a step refused the same way was tried again; found by a new user's walk-through.
 
 Checked: train says the forward failed and that it tries again, then takes every step (exit
-0, the table's steps 1 and 2).
+0, the table's steps 1 and 2). Then the shard is killed, and moe-cluster starts it again with
+the checkpoint's weights: the next train names the experts that lost their training.
 
 usage: train_shard_stall_test.py BUILD_DIR WORK_DIR
 """
@@ -45,6 +46,17 @@ try:
     steps = [line.split()[0] for line in train.stdout.splitlines()
              if re.match(r"^\d+\s+\d", line)]
     expect(steps == ["1", "2"], f"the table's steps: {steps}:\n{train.stdout}")
+    # Killed, the shard is started again by moe-cluster with the checkpoint's weights (no
+    # --state-dir): the experts it held alone lost their training, and train says which.
+    os.kill(shard, signal.SIGKILL)
+    again = subprocess.run([client, "train", "--router", router, "--synthetic", "--steps",
+                            "1", "--batch-size", "16"],
+                           capture_output=True, text=True, timeout=90)
+    said = again.stdout + again.stderr
+    expect(again.returncode == 0, f"train after the kill: exit {again.returncode}:\n{said[-3000:]}")
+    told = re.search(r"^expert\(s\) ([\d,]+) lost their training \(the only replica", again.stdout,
+                     re.M)
+    expect(told is not None, f"train did not say which experts lost their training:\n{said}")
 finally:
     stop_cluster(cluster, checks)
 checks.finish("train tried the loss's forward again while a shard was stalled, and took every step")

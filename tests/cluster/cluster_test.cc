@@ -1055,7 +1055,7 @@ struct MembershipCluster {
 
 // One TrainStep of 24 random tokens (from `seed`).
 grpc::Status Train(v1::Router::Stub* stub, uint64_t seed, int deadline_ms,
-                   float learning_rate = 0.1f) {
+                   float learning_rate = 0.1f, v1::TrainStepResponse* out = nullptr) {
   v1::TrainStepRequest req;
   common::EncodeTensor(common::RandomMatrix(24, Config().d_model, seed), {24, Config().d_model},
                        common::WireType::kFloat32, req.mutable_tokens());
@@ -1066,7 +1066,7 @@ grpc::Status Train(v1::Router::Stub* stub, uint64_t seed, int deadline_ms,
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms));
   v1::TrainStepResponse resp;
-  return stub->TrainStep(&ctx, req, &resp);
+  return stub->TrainStep(&ctx, req, out != nullptr ? out : &resp);
 }
 
 // Training calls block for as long as a step takes; inference must not wait behind them. With
@@ -1424,15 +1424,16 @@ TEST_F(ClusterTest, ATrainedClusterWithEveryShardWholeCopiesNoExpert) {
 // its answer is UNAVAILABLE and `refused` (if set) says that answer is a refusal that changed
 // nothing; each refusal is printed.
 grpc::Status TrainWhileRefused(v1::Router::Stub* stub, uint64_t seed,
-                               const std::function<bool(const grpc::Status&)>& refused = nullptr) {
+                               const std::function<bool(const grpc::Status&)>& refused = nullptr,
+                               v1::TrainStepResponse* out = nullptr) {
   const auto start = Clock::now();
-  grpc::Status st = Train(stub, seed, 20000, 0.005f);
+  grpc::Status st = Train(stub, seed, 20000, 0.005f, out);
   while (st.error_code() == grpc::StatusCode::UNAVAILABLE && (!refused || refused(st)) &&
          Since(start) < 20) {
     std::fprintf(stderr, "step of seed %llu refused, sent again: %s\n",
                  static_cast<unsigned long long>(seed), st.error_message().c_str());
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    st = Train(stub, seed, 20000, 0.005f);
+    st = Train(stub, seed, 20000, 0.005f, out);
   }
   return st;
 }
@@ -1459,13 +1460,13 @@ absl::Status TrainSteps(v1::Router::Stub* stub, uint64_t first_seed, int n) {
 // Kills shard `s` and starts it again on its port, then trains one step (seed `seed`) as soon as
 // the router takes steps again (UNAVAILABLE until the shard is back in rotation).
 absl::Status KillRestartAndTrain(client::LocalCluster& cluster, int s, v1::Router::Stub* stub,
-                                 uint64_t seed) {
+                                 uint64_t seed, v1::TrainStepResponse* out = nullptr) {
   cluster.shard(s).Signal(SIGKILL);
   if (!cluster.shard(s).Wait(absl::Seconds(5)).ok()) {
     return absl::DeadlineExceededError("the killed shard did not exit");
   }
   RETURN_IF_ERROR(cluster.RestartShard(s));
-  return common::FromGrpcStatus(TrainWhileRefused(stub, seed));
+  return common::FromGrpcStatus(TrainWhileRefused(stub, seed, nullptr, out));
 }
 
 // A shard of a trained cluster killed and started again with --experts all (as Kubernetes and
@@ -1497,6 +1498,8 @@ TEST_F(ClusterTest, AShardBackWithTheCheckpointsWeightsIsCopiedFromATrainedRepli
   EXPECT_TRUE(SaveIdentical(stub.get(), "stale_back_next.safetensors").ok());
 }
 
+std::pair<std::set<int>, std::set<int>> OnlyAndSharedOn(v1::Router::Stub* stub, int s);
+
 // Under `sharded`, a trained expert's only replica that restarts with --experts all has nothing
 // to be copied from: the router cannot bring the training back, but says so (a log line and
 // moe_router_experts_lost_training_total, once per expert) instead of training on silently.
@@ -1509,12 +1512,21 @@ TEST_F(ClusterTest, AnExpertWhoseOnlyReplicaRestartedIsReportedAsHavingLostItsTr
   ASSERT_TRUE(trained.ok()) << trained;
   const std::string lost = "moe_router_experts_lost_training_total";
   EXPECT_EQ(ScrapeMetric(metrics, lost), 0);
-  const absl::Status next = KillRestartAndTrain(*cluster, 0, stub.get(), 4050);
+  const auto [on_killed, shared] = OnlyAndSharedOn(stub.get(), 0);
+  ASSERT_FALSE(on_killed.empty());
+  ASSERT_TRUE(shared.empty());
+  v1::TrainStepResponse after;
+  const absl::Status next = KillRestartAndTrain(*cluster, 0, stub.get(), 4050, &after);
   ASSERT_TRUE(next.ok()) << next;
-  // Shard 0 held half of the experts, each its only replica.
+  // Shard 0 held half of the experts, each its only replica. The step after names them.
   EXPECT_EQ(ScrapeMetric(metrics, lost), Config().num_experts / 2);
-  ASSERT_TRUE(Train(stub.get(), 4060, 20000, 0.005f).ok());
+  EXPECT_EQ(
+      std::set<int>(after.lost_training_experts().begin(), after.lost_training_experts().end()),
+      on_killed);
+  v1::TrainStepResponse later;
+  ASSERT_TRUE(Train(stub.get(), 4060, 20000, 0.005f, &later).ok());
   EXPECT_EQ(ScrapeMetric(metrics, lost), Config().num_experts / 2) << "reported once per expert";
+  EXPECT_EQ(later.lost_training_experts_size(), 0) << "named to one step only";
   EXPECT_EQ(ScrapeMetric(metrics, "moe_router_stale_replicas_total"), 0) << "no copy to make";
 }
 
