@@ -334,6 +334,14 @@ absl::Status WriteForward(const std::string& out_path, int64_t n, int64_t d, int
   return absl::OkStatus();
 }
 
+// Whether a call's error says that what answered is no gRPC server (an HTTP/1 server: a
+// /metrics port given for a service's).
+bool NotGrpc(absl::string_view message) {
+  return absl::StrContains(message, "Failed parsing HTTP/2") ||
+         absl::StrContains(message, "http1.x");
+}
+constexpr char kNotGrpc[] = "something listens there but does not speak gRPC (a /metrics port?)";
+
 // A router call's failure as the user's error: a router that cannot be reached (after the
 // attempts of CallWithReconnects) is named, with how to start one.
 absl::Status RouterError(const grpc::Status& st, const std::string& addr) {
@@ -347,12 +355,10 @@ absl::Status RouterError(const grpc::Status& st, const std::string& addr) {
         last == std::string::npos ? m : m.substr(last + 2),
         "); check it (moe-cluster prints the router's address as READY router=HOST:PORT)"));
   }
-  if (st.error_code() == grpc::StatusCode::UNAVAILABLE &&
-      (absl::StrContains(m, "Failed parsing HTTP/2") || absl::StrContains(m, "http1.x"))) {
-    return absl::UnavailableError(absl::StrCat(
-        "cannot reach the router at ", addr,
-        ": something listens there but does not speak gRPC (a /metrics port?); moe-cluster "
-        "prints the router's address as READY router=HOST:PORT"));
+  if (st.error_code() == grpc::StatusCode::UNAVAILABLE && NotGrpc(m)) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot reach the router at ", addr, ": ", kNotGrpc,
+                     "; moe-cluster prints the router's address as READY router=HOST:PORT"));
   }
   if (st.error_code() == grpc::StatusCode::UNAVAILABLE &&
       absl::StartsWith(st.error_message(), "failed to connect")) {
@@ -478,8 +484,10 @@ absl::Status Health(const Flags& f) {
   absl::StatusOr<common::HealthState> state =
       common::CheckHealth(channel.get(), absl::Milliseconds(timeout_ms));
   if (!state.ok()) {
-    return absl::UnavailableError(
-        absl::StrCat("no health answer from ", addr, ": ", state.status().message()));
+    return absl::UnavailableError(absl::StrCat(
+        "no health answer from ", addr, ": ",
+        NotGrpc(state.status().message()) ? absl::StrCat(kNotGrpc, "; give the service's gRPC port")
+                                          : std::string(state.status().message())));
   }
   if (*state != common::HealthState::kServing) {
     return absl::UnavailableError(absl::StrCat(addr, " is up but NOT_SERVING"));
@@ -509,8 +517,14 @@ absl::Status DrainCmd(const Flags& f) {
         return stub->Drain(ctx, req, &resp);
       });
   if (!st.ok()) {
-    return absl::Status(common::FromGrpcStatus(st).code(),
-                        absl::StrCat("drain of ", addr, ": ", st.error_message()));
+    return absl::Status(
+        common::FromGrpcStatus(st).code(),
+        absl::StrCat("drain of ", addr, ": ",
+                     NotGrpc(st.error_message())
+                         ? absl::StrCat(kNotGrpc,
+                                        "; give the shard's gRPC port (moe-cluster prints it "
+                                        "as shard N addr=HOST:PORT)")
+                         : st.error_message()));
   }
   if (req.undo() && !resp.undone()) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -1203,11 +1217,10 @@ absl::Status Load(const Flags& f) {
   progress.Finish();
   // Answers given up, or a run ended by silence: tokens/s without the silent wait.
   const double elapsed =
-      std::chrono::duration<double>(
-          (stalled     ? last_answer()
-           : cancelled ? last_word
-                       : std::chrono::steady_clock::now()) -
-          start)
+      std::chrono::duration<double>((stalled || gave_up.load() ? last_answer()
+                                     : cancelled               ? last_word
+                                                               : std::chrono::steady_clock::now()) -
+                                    start)
           .count() +
       1e-9;  // no answer at all: a rate of 0, not 0/0
   signal(SIGINT, SIG_DFL);
@@ -1271,7 +1284,15 @@ absl::Status Load(const Flags& f) {
   }
   if (interrupted.load()) EndByInterrupt();
   // Some errors are what a load test is run to see (a shard killed under load); none answered
-  // is a broken setup, which a script should not take for a result.
+  // is a broken setup, and a run the router cut short is no result: a script should not take
+  // either for one.
+  if (stalled || gave_up.load()) {
+    return absl::UnavailableError(absl::StrCat(
+        "the run was cut short: the router ",
+        stalled ? absl::StrCat("answered nothing for ", stall_s, " s")
+                : absl::StrCat("did not serve again within ", kReconnectWait.count(), " s"),
+        " (the table covers the requests until then)"));
+  }
   if (errors == total) {
     return absl::UnavailableError(
         total == 0 ? std::string("no request completed")

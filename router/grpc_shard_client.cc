@@ -271,7 +271,9 @@ void GrpcShardClient::HealthLoop() {
   // Two failed checks in a row take the shard out (one slow answer on a busy machine does not);
   // one good check brings it back. A broken stream takes it out at once (StreamEnded). A shard
   // that answers NOT_SERVING says so on purpose (draining, or no experts loaded): it leaves at
-  // once and its stream is closed gracefully, so the batches on it are answered, not re-sent.
+  // once and its stream is closed gracefully, so the batches on it are answered, not re-sent;
+  // not while it is an expert's only holder (sole_holder): its stream stays open, the expert's
+  // last resort, until the router has moved the expert off it.
   int failures = 0;
   std::unique_lock<std::mutex> lock(mu_);
   while (!stopping_) {
@@ -290,7 +292,7 @@ void GrpcShardClient::HealthLoop() {
       failures = 0;
       SetHealthy(false, "its health check says NOT_SERVING (draining, or no expert loaded)");
       std::lock_guard<std::mutex> l(mu_);
-      if (stream_ != nullptr) {
+      if (stream_ != nullptr && !sole_holder()) {
         stream_->CloseGracefully();
         stream_ = nullptr;
       }

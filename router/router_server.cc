@@ -255,6 +255,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // (placement_mu): see SwitchLocked.
   bool first_settling = false;
   std::string first_wait;  // why the first placement last waited (said once; control loop)
+  std::string drain_wait;  // what MoveOffDraining last said (said once; control loop)
   // The last "not applied" line Apply wrote (placement_mu): the same failure is said once.
   std::string last_not_applied;
   // UnloadExtras' last failure on each shard (said once; placement_mu).
@@ -1145,6 +1146,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
               break;
             }
           }
+          // A draining shard is out of rotation but still answers, and its replica is current
+          // (no step runs while a replica is out of rotation): moving its experts off copies
+          // them from it (MoveOffDraining).
+          for (size_t i = 0; source.empty() && i < old_replicas[e].size(); ++i) {
+            const std::string& a = old_replicas[e][i];
+            if (next_addrs.count(a) && DrainingHolder(a, e)) source = a;
+          }
           if (source.empty() && staying) {
             return absl::UnavailableError(absl::StrCat(
                 "expert ", e, " has no live replica to copy its trained weights from"));
@@ -1236,6 +1244,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       table = std::make_shared<RoutingTable>(RoutingTable{next, next_shards});
     }
     if (trainer != nullptr) trainer->DropUnconfirmedOutside(*Table());
+    MarkSoleHolders(*Table());  // and again on each tick, as shards come and go
     train_lock.unlock();  // steps now use the new table
     metrics->SetPlacementVersion(static_cast<double>(next.version));
     metrics->SetImbalance(Imbalance(next, load_stats->Load(), InRotation(*Table())));
@@ -1504,9 +1513,112 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     lost_untold.insert(expert);
   }
 
+  // Whether the shard at `address` drains and holds expert `e` READY at the latest step that
+  // expert reached: a source for moving it off (SwitchLocked, with train_mu held).
+  bool DrainingHolder(const std::string& address, int e) {
+    absl::StatusOr<v1::ShardStatus> st = ClientFor(address)->GetStatus(absl::Milliseconds(500));
+    if (!st.ok() || !st->draining()) return false;
+    auto reached = reached_step.find(e);
+    for (const auto& x : st->experts()) {
+      if (x.expert() == e && x.state() == v1::ExpertStatus::READY) {
+        return reached == reached_step.end() || x.trained_step() >= reached->second;
+      }
+    }
+    return false;
+  }
+
+  // Marks each shard of `t` that holds an expert no other shard in rotation holds
+  // (ShardClient::SetSoleHolder): a drain keeps its stream open until the expert has moved.
+  static void MarkSoleHolders(const RoutingTable& t) {
+    for (int s = 0; s < static_cast<int>(t.shards.size()); ++s) {
+      bool sole = false;
+      for (int e : t.placement.ExpertsOn(s)) {
+        const std::vector<int>& where = t.placement.replicas[e];
+        sole = std::none_of(where.begin(), where.end(),
+                            [&](int r) { return r != s && t.shards[r]->healthy(); });
+        if (sole) break;
+      }
+      t.shards[s]->SetSoleHolder(sole);
+    }
+  }
+
+  // A shard that drains (ShardStatus.draining: its preStop hook, or `moe-client drain`) is out
+  // of rotation for good: an expert it holds that no usable shard also holds gets a replica on
+  // the usable shard that holds the fewest experts, copied from the draining shard (or from the
+  // checkpoint, untrained). The placement keeps the draining replicas (unused while the shard
+  // is out of rotation; an undone drain serves them again) and the rest as they are: the
+  // strategy's own layout comes back at the next rebalance or membership change. Returns
+  // whether a switch was tried (the tick ends there).
+  bool MoveOffDraining(std::shared_ptr<const RoutingTable>& t, const std::vector<bool>& draining) {
+    const int S = static_cast<int>(t->shards.size());
+    if (std::none_of(draining.begin(), draining.end(), [](bool d) { return d; })) {
+      drain_wait.clear();
+      return false;
+    }
+    std::vector<bool> usable = Usable(*t);
+    std::vector<int> count(S, 0);
+    for (int s = 0; s < S; ++s) {
+      usable[s] = usable[s] && !draining[s];
+      count[s] = static_cast<int>(t->placement.ExpertsOn(s).size());
+    }
+    Placement next = t->placement;
+    std::map<int, std::vector<int>> moved;  // target shard -> experts given to it
+    std::vector<int> stuck;                 // experts no usable shard can take
+    for (int e = 0; e < static_cast<int>(next.replicas.size()); ++e) {
+      std::vector<int>& where = next.replicas[e];
+      if (std::none_of(where.begin(), where.end(), [&](int r) { return draining[r]; }) ||
+          std::any_of(where.begin(), where.end(), [&](int r) { return usable[r]; })) {
+        continue;
+      }
+      int best = -1;
+      for (int s = 0; s < S; ++s) {
+        if (usable[s] && (best < 0 || count[s] < count[best])) best = s;
+      }
+      if (best < 0) {
+        stuck.push_back(e);  // served from the draining shard as a last resort
+        continue;
+      }
+      where.push_back(best);
+      std::sort(where.begin(), where.end());
+      ++count[best];
+      moved[best].push_back(e);
+    }
+    if (moved.empty() && stuck.empty()) return false;
+    std::vector<std::string> drains;
+    for (int s = 0; s < S; ++s) {
+      if (draining[s]) drains.push_back(t->shards[s]->address());
+    }
+    std::vector<std::string> plan;
+    for (const auto& [target, experts] : moved) {
+      plan.push_back(absl::StrCat("expert(s) ", absl::StrJoin(experts, ","), " onto ",
+                                  t->shards[target]->address()));
+    }
+    const std::string why = absl::StrCat(
+        absl::StrJoin(drains, ", "), drains.size() == 1 ? " drains" : " drain",
+        plan.empty() ? "" : absl::StrCat(": copying ", absl::StrJoin(plan, "; ")),
+        stuck.empty()
+            ? ""
+            : absl::StrCat("; no shard in rotation can take expert(s) ", absl::StrJoin(stuck, ","),
+                           ", served from the draining shard meanwhile (its drain "
+                           "waits: start another shard, or undo the drain)"));
+    if (why != drain_wait) {
+      drain_wait = why;
+      std::fprintf(stderr, "moe-router: %s\n", why.c_str());
+    }
+    if (moved.empty()) return false;
+    const uint64_t based_on = t->placement.version;
+    std::vector<std::shared_ptr<ShardClient>> shards = t->shards;
+    t.reset();  // Apply waits for every holder of the live table to let go of it
+    Apply(std::move(next), std::move(shards), based_on).IgnoreError();  // logged; next tick
+    return true;
+  }
+
   // Reloads what a restarted shard lost, copies replicas left behind by training again, and
   // rebalances a dynamic placement past the threshold.
   void Reconcile() {
+    // Keeps the coordinator's channel connected (an idle channel connects only when asked): a
+    // step finds it ready, and `info` reads its state as it is, not "connecting".
+    if (coordinator_channel != nullptr) coordinator_channel->GetState(/*try_to_connect=*/true);
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return;
     {
@@ -1569,12 +1681,15 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // What each shard is missing of its placement (a restarted shard: everything).
     std::vector<std::vector<int>> missing(t->shards.size());
     std::vector<Holding> held(t->shards.size());
+    std::vector<bool> draining(t->shards.size(), false);
     bool any_missing = false;
+    MarkSoleHolders(*t);
     for (int s = 0; s < static_cast<int>(t->shards.size()); ++s) {
       absl::StatusOr<v1::ShardStatus> st = t->shards[s]->GetStatus(absl::Milliseconds(500));
       // A shard restarted from another model gets nothing loaded: it leaves the placement on
       // the next tick (above).
       if (!st.ok() || !ServesModel(t->shards[s]->address(), *st)) continue;
+      draining[s] = st->draining();
       Holding& h = held[s];
       h.read = true;
       for (const auto& e : st->experts()) {
@@ -1586,6 +1701,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
       any_missing = any_missing || !missing[s].empty();
     }
+    if (MoveOffDraining(t, draining)) return;
     if (trainer != nullptr || any_missing) {
       // Not while a step runs: a copy could miss its update (tried again next tick).
       std::unique_lock<common::TimedMutex> train_lock(train_mu, std::defer_lock);
@@ -2474,6 +2590,7 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
     impl->coordinator_channel = grpc::CreateCustomChannel(
         o.coordinator, common::ChannelCredentials(), common::ClientChannelArgs(o.limits));
     impl->coordinator = v1::Coordinator::NewStub(impl->coordinator_channel);
+    impl->coordinator_channel->GetState(/*try_to_connect=*/true);  // connected by READY
     v1::Coordinator::Stub* stub = impl->coordinator.get();
     impl->trainer = std::make_unique<Trainer>(
         impl->config, [stub, address = o.coordinator](const v1::CommitStepRequest& req)

@@ -8,7 +8,8 @@ Checked: load exits 0 within its duration plus that wait (and some slack); it sa
 were given up and asks whether the router is stalled; its table counts them as CANCELLED (at
 most the streams' windows) and nothing else as an error. Then the same with `--requests` and no
 duration, which would wait for good: no answer for `--stall-s` (3 s here, 35 by default) ends
-the run, and load says so.
+the run, and load says so and exits 1 (a run cut short is no result; it exited 0 until
+2026-12-05).
 
 usage: load_router_stall_test.py BUILD_DIR WORK_DIR
 """
@@ -44,9 +45,10 @@ def serving_again():
     checks.failures.append(f"the router's shards did not come back up:\n{info.stdout}")
 
 
-def stalled_run(args, stop_after, limit, says):
+def stalled_run(args, stop_after, limit, says, code):
     """Runs load with `args`, stops the router `stop_after` s in, and checks that load ends
-    within `limit` s, exit 0, saying `says`, its errors the CANCELLED answers in flight only."""
+    within `limit` s, exit `code`, saying `says`, its errors the CANCELLED answers in flight
+    only."""
     start = time.monotonic()
     load = subprocess.Popen([client, "load", "--router", router, "--concurrency", "2",
                              "--batch-size", "8"] + args,
@@ -66,7 +68,11 @@ def stalled_run(args, stop_after, limit, says):
         os.kill(pid, signal.SIGCONT)
         serving_again()
     took = time.monotonic() - start
-    expect(load.returncode == 0, f"load {args} exit {load.returncode}:\n{out}{err[-2000:]}")
+    expect(load.returncode == code, f"load {args} exit {load.returncode}, not {code}:\n"
+           f"{out}{err[-2000:]}")
+    if code == 1:
+        expect("the run was cut short: the router answered nothing for" in err,
+               f"load {args} did not say the run was cut short:\n{err[-2000:]}")
     expect(took < limit, f"load {args} took {took:.1f} s (at most {limit} s expected)")
     for line in says:
         expect(line in out, f"load {args} did not say {line!r}:\n{out}")
@@ -81,11 +87,11 @@ try:
     duration = 4
     # The duration, then 10 s without an answer, and slack.
     stalled_run(["--duration", str(duration)], 1.5, duration + 10 + 10,
-                ["given up", "is the router stalled?"])
+                ["given up", "is the router stalled?"], 0)
     # Stopped 4.5 s in (past --stall-s 3: the silence counts from the last answer, not from
     # the start), then 3 s without an answer, then 10 s more for the answers in flight.
     stalled_run(["--requests", "1000000", "--stall-s", "3"], 4.5, 4.5 + 3 + 10 + 10,
-                ["the router answered nothing for 3 s, so the run ended early", "given up"])
+                ["the router answered nothing for 3 s, so the run ended early", "given up"], 1)
 finally:
     stop_cluster(cluster, checks)
 checks.finish("load gave up the answers of a stalled router and ended (by --duration and by --stall-s)")

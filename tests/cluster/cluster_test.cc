@@ -353,6 +353,23 @@ std::string AwaitShardState(const std::string& router, const std::string& addres
   return state;
 }
 
+// `moe-client drain --addr address` with a timeout of `seconds`: whether it said "drained" and
+// exited 0 (failures are reported).
+bool DrainWithClient(const std::string& address, int seconds) {
+  auto drain =
+      common::Subprocess::Spawn({std::string(MOE_BIN_DIR) + "/moe-client", "drain", "--addr",
+                                 address, "--timeout-ms", std::to_string(seconds * 1000)});
+  EXPECT_TRUE(drain.ok()) << drain.status();
+  if (!drain.ok()) return false;
+  auto line = drain->ReadLineWith("drained", absl::Seconds(seconds + 5));
+  EXPECT_TRUE(line.ok()) << line.status();
+  auto exit = drain->Wait(absl::Seconds(5));
+  EXPECT_TRUE(exit.ok());
+  const bool clean = exit.ok() && WIFEXITED(*exit) && WEXITSTATUS(*exit) == 0;
+  EXPECT_TRUE(clean) << (line.ok() ? *line : "");
+  return line.ok() && clean;
+}
+
 // The planned stop of Kubernetes' preStop: `moe-client drain` turns the shard NOT_SERVING, the
 // router closes its stream once the batches on it are answered, and the SIGTERM that follows
 // interrupts nothing: no failed request, and not even a failover.
@@ -365,15 +382,7 @@ TEST_F(ClusterTest, DrainedShardStopsWithoutAFailover) {
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
 
   const auto t0 = Clock::now();
-  auto drain = common::Subprocess::Spawn({std::string(MOE_BIN_DIR) + "/moe-client", "drain",
-                                          "--addr", cluster->shard_addresses()[1],
-                                          "--timeout-ms", "10000"});
-  ASSERT_TRUE(drain.ok()) << drain.status();
-  auto line = drain->ReadLineWith("drained", absl::Seconds(15));
-  ASSERT_TRUE(line.ok()) << line.status();
-  auto exit = drain->Wait(absl::Seconds(5));
-  ASSERT_TRUE(exit.ok());
-  EXPECT_TRUE(WIFEXITED(*exit) && WEXITSTATUS(*exit) == 0) << *line;
+  ASSERT_TRUE(DrainWithClient(cluster->shard_addresses()[1], 10));
   EXPECT_LT(Since(t0), 3.0) << "drain took too long";
   EXPECT_EQ(ScrapeMetric(metrics,
                          "moe_shard_up{shard=\"" + cluster->shard_addresses()[1] + "\"}"), 0);
@@ -422,6 +431,67 @@ TEST_F(ClusterTest, DrainedShardStopsWithoutAFailover) {
   EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(st.error_message().find("timeout_ms must be in [0, 60000]"), std::string::npos)
       << st.error_message();
+}
+
+std::pair<std::set<int>, std::set<int>> OnlyAndSharedOn(v1::Router::Stub* stub, int s);
+absl::Status TrainSteps(v1::Router::Stub* stub, uint64_t first_seed, int n);
+absl::StatusOr<common::Checkpoint> SaveIdentical(v1::Router::Stub* stub, const std::string& name);
+
+// A drained shard that holds an expert's only replica (half of `hybrid`'s experts): the router
+// copies each such expert to another shard (from the draining one: trained weights stay
+// trained) and only then closes its stream, so the drain answers "drained" once nothing needs
+// the shard, and the SIGTERM that follows fails no request. Until 2026-12-05 the drain answered
+// at once, the router kept sending those experts to the drained shard as a last resort, and
+// its stop failed every request that gated to them ("expert 4 has no healthy replica"); found
+// by a new user's walk-through.
+TEST_F(ClusterTest, ADrainedShardsOnlyReplicasMoveOffBeforeTheDrainEnds) {
+  for (const bool trained : {false, true}) {
+    SCOPED_TRACE(trained ? "trained" : "untrained");
+    const int metrics = testing::FreePortBlock(5);
+    auto cluster = Start("hybrid", 3, {}, {}, metrics);
+    ASSERT_NE(cluster, nullptr);
+    auto stub = client::MakeRouterStub(cluster->router_address());
+    const auto [alone, shared] = OnlyAndSharedOn(stub.get(), 1);
+    ASSERT_FALSE(alone.empty());
+    if (trained) {
+      const absl::Status st = TrainSteps(stub.get(), 9100, 2);
+      ASSERT_TRUE(st.ok()) << st;
+    }
+    BackgroundLoad load(cluster->router_address(), 3);
+    const LoadResult& result = load.result();
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    ASSERT_TRUE(DrainWithClient(cluster->shard_addresses()[1], 30));
+    // Each expert shard 1 held alone now also has a replica on another shard.
+    grpc::ClientContext pctx;
+    v1::Placement p;
+    ASSERT_TRUE(stub->GetPlacement(&pctx, v1::GetPlacementRequest(), &p).ok());
+    for (int e : alone) {
+      const auto& where = p.experts(e).shards();
+      EXPECT_TRUE(std::any_of(where.begin(), where.end(), [](int r) { return r != 1; }))
+          << "expert " << e << " is still only on the drained shard";
+    }
+    const int ok_at_drain = result.ok.load();
+    cluster->shard(1).Signal(SIGTERM);
+    ASSERT_TRUE(cluster->shard(1).Wait(absl::Seconds(10)).ok());
+    std::this_thread::sleep_for(std::chrono::milliseconds(1000));
+    load.Stop();
+    EXPECT_EQ(result.failed.load(), 0) << result.first_error;
+    if (!trained) {
+      EXPECT_EQ(result.wrong.load(), 0);
+    }
+    EXPECT_GT(result.ok.load() + result.wrong.load(), ok_at_drain + 10)
+        << "serving went on after the stop";
+    if (trained) {
+      // Copied from the draining shard, trained: nothing lost, every replica alike, and the
+      // moved experts are not the checkpoint's any more.
+      EXPECT_EQ(ScrapeMetric(metrics, "moe_router_experts_lost_training_total"), 0);
+      absl::StatusOr<common::Checkpoint> saved = SaveIdentical(stub.get(), "drained_moved");
+      ASSERT_TRUE(saved.ok()) << saved.status();
+      int moved = 0;
+      for (int e : alone) moved += saved->experts[e].w1 != ck_->experts[e].w1;
+      EXPECT_GT(moved, 0) << "the moved experts came back untrained";
+    }
+  }
 }
 
 // A drain that was not followed by a stop can be taken back (`drain --undo`): the shard serves
@@ -1497,8 +1567,6 @@ TEST_F(ClusterTest, AShardBackWithTheCheckpointsWeightsIsCopiedFromATrainedRepli
   ASSERT_TRUE(Train(stub.get(), 3100, 20000, 0.005f).ok());
   EXPECT_TRUE(SaveIdentical(stub.get(), "stale_back_next.safetensors").ok());
 }
-
-std::pair<std::set<int>, std::set<int>> OnlyAndSharedOn(v1::Router::Stub* stub, int s);
 
 // Under `sharded`, a trained expert's only replica that restarts with --experts all has nothing
 // to be copied from: the router cannot bring the training back, but says so (a log line and

@@ -87,6 +87,50 @@ finally:
     if cluster.wait(timeout=20) != 0:
         failures.append(f"moe-cluster exited with {cluster.returncode} on SIGTERM")
 
+# A secured router (moe-cluster --tls-dir with mutual TLS, and --auth-token-file): the example
+# connects with --tls-ca, --tls-cert, --tls-key and --auth-token-file, and says what is missing
+# without the token or with the wrong one.
+certs = os.path.join(work, "certs")
+subprocess.run(["bash", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                     "../../scripts/make-certs.sh"), certs],
+               check=True, stdout=subprocess.DEVNULL)
+token_file = os.path.join(certs, "token")
+wrong_file = os.path.join(work, "wrong-token")
+with open(wrong_file, "w") as f:
+    f.write("not-it\n")
+cluster, router = local_cluster.start(bin_dir, ck, "--shards", "1", "--tls-dir", certs,
+                                      "--require-client-cert", "--auth-token-file", token_file)
+try:
+    script = os.path.join(os.path.dirname(moe_client.__file__), "moe_client.py")
+    env = dict(os.environ, PYTHONPATH=os.path.join(build, "python"))
+    run = [sys.executable, script, "--router", router, "--tokens", "3",
+           "--tls-ca", os.path.join(certs, "ca.crt"), "--tls-cert",
+           os.path.join(certs, "client.crt"), "--tls-key", os.path.join(certs, "client.key")]
+    ok = subprocess.run(run + ["--auth-token-file", token_file], env=env, capture_output=True,
+                        text=True)
+    if ok.returncode != 0 or "token 0: expert" not in ok.stdout:
+        failures.append(f"with the token: exit {ok.returncode}: {ok.stdout} {ok.stderr}")
+    for extra, says in [([], "UNAUTHENTICATED"),
+                        ([], "give the router's token with --auth-token-file F"),
+                        (["--auth-token-file", wrong_file],
+                         "--auth-token-file does not hold the router's token")]:
+        bad = subprocess.run(run + extra, env=env, capture_output=True, text=True)
+        if bad.returncode != 1 or says not in bad.stderr or "cannot reach" in bad.stderr:
+            failures.append(f"moe_client.py {' '.join(extra)} against a secured router: exit "
+                            f"{bad.returncode}, stderr {bad.stderr.strip()!r}; expected {says!r}")
+    # The library call, as a program would make it.
+    pem = {k: open(os.path.join(certs, f), "rb").read()
+           for k, f in [("tls_ca", "ca.crt"), ("tls_cert", "client.crt"), ("tls_key", "client.key")]}
+    secret = open(token_file).read().strip()
+    y, _, _, _ = moe_client.infer(moe_client.connect(router, token=secret, **pem),
+                                  np.zeros((2, 24), dtype=np.float32))
+    if y.shape != (2, 24):
+        failures.append(f"connect(token=...): output shape {y.shape}")
+finally:
+    cluster.terminate()
+    if cluster.wait(timeout=20) != 0:
+        failures.append(f"moe-cluster with TLS exited with {cluster.returncode} on SIGTERM")
+
 for f in failures:
     print("FAIL:", f)
 print("python client:", "ok" if not failures else f"{len(failures)} failures")
