@@ -40,6 +40,10 @@ constexpr size_t kChunkBytes = 1 << 20;
 // The longest a ReduceGradients ring may run, whatever its caller asks: shutdown never waits
 // longer on a stuck ring.
 constexpr absl::Duration kMaxRingTime = absl::Seconds(120);
+// How long a Drain waits before it trusts that no Dispatch stream is open: routers check a
+// shard's health every 250 ms, and one that still needs the shard opens a stream on seeing
+// NOT_SERVING (router/grpc_shard_client.cc, HealthLoop).
+constexpr std::chrono::milliseconds kRoutersNotice{1000};
 
 v1::ExpertStatus::State ToProto(ExpertState s) {
   switch (s) {
@@ -693,22 +697,30 @@ grpc::ServerUnaryReactor* ShardServer::Impl::Drain(grpc::CallbackServerContext* 
   }
   auto done = std::make_shared<std::atomic<bool>>(false);
   const uint64_t undos_before = undos;
-  drain_waiters.push_back({std::thread([this, reactor, resp, timeout, done, undos_before] {
-                             std::unique_lock<std::mutex> l(mu);
-                             streams_cv.wait_for(l, absl::ToChronoNanoseconds(timeout), [&] {
-                               return streams.empty() || shutting_down || undos != undos_before;
-                             });
-                             // Undone: the shard serves again, so it is not drained whatever
-                             // its streams (a preStop hook must not go on to stop it).
-                             const bool undone = undos != undos_before;
-                             resp->set_undone(undone);
-                             resp->set_open_streams(static_cast<int32_t>(streams.size()));
-                             resp->set_drained(!undone && streams.empty());
-                             l.unlock();
-                             reactor->Finish(grpc::Status::OK);
-                             done->store(true);
-                           }),
-                           done});
+  drain_waiters.push_back(
+      {std::thread([this, reactor, resp, timeout, done, undos_before] {
+         const auto until = std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(timeout);
+         std::unique_lock<std::mutex> l(mu);
+         // Routers see NOT_SERVING at their next health check (every
+         // 250 ms); one that still needs this shard (an expert only it
+         // holds) opens a stream then, if it had none: until then no
+         // stream open means nothing.
+         streams_cv.wait_until(l,
+                               std::min(until, std::chrono::steady_clock::now() + kRoutersNotice),
+                               [&] { return shutting_down || undos != undos_before; });
+         streams_cv.wait_until(
+             l, until, [&] { return streams.empty() || shutting_down || undos != undos_before; });
+         // Undone: the shard serves again, so it is not drained whatever
+         // its streams (a preStop hook must not go on to stop it).
+         const bool undone = undos != undos_before;
+         resp->set_undone(undone);
+         resp->set_open_streams(static_cast<int32_t>(streams.size()));
+         resp->set_drained(!undone && streams.empty());
+         l.unlock();
+         reactor->Finish(grpc::Status::OK);
+         done->store(true);
+       }),
+       done});
   return reactor;
 }
 

@@ -272,8 +272,10 @@ void GrpcShardClient::HealthLoop() {
   // one good check brings it back. A broken stream takes it out at once (StreamEnded). A shard
   // that answers NOT_SERVING says so on purpose (draining, or no experts loaded): it leaves at
   // once and its stream is closed gracefully, so the batches on it are answered, not re-sent;
-  // not while it is an expert's only holder (sole_holder): its stream stays open, the expert's
-  // last resort, until the router has moved the expert off it.
+  // not while it is an expert's only holder in rotation (StillNeeded, asked after it left
+  // rotation, so that of two holders draining at once one stays): its stream stays open, or is
+  // opened, as the expert's last resort, until the router has given the expert another
+  // replica.
   int failures = 0;
   std::unique_lock<std::mutex> lock(mu_);
   while (!stopping_) {
@@ -291,8 +293,13 @@ void GrpcShardClient::HealthLoop() {
     } else if (h.ok() && *h == common::HealthState::kNotServing) {
       failures = 0;
       SetHealthy(false, "its health check says NOT_SERVING (draining, or no expert loaded)");
+      const bool needed = StillNeeded();
       std::lock_guard<std::mutex> l(mu_);
-      if (stream_ != nullptr && !sole_holder()) {
+      if (needed && stream_ == nullptr && !stopping_) {
+        stream_ = new Stream(this);  // counted by the shard's Drain: it waits
+        live_.insert(stream_);
+        ++live_streams_;
+      } else if (!needed && stream_ != nullptr) {
         stream_->CloseGracefully();
         stream_ = nullptr;
       }

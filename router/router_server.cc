@@ -507,6 +507,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     auto c = options.shard_factory
                  ? options.shard_factory(address, on_change)
                  : std::make_shared<GrpcShardClient>(address, options.limits, on_change);
+    c->SetStillNeeded([this, address] { return StillNeeded(address); });
     clients[address] = c;
     // One made during shutdown (the control loop read the membership meanwhile) starts out
     // cancelled: DoShutdown set shutting_down before it read `clients`.
@@ -1129,6 +1130,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     std::set<std::string> next_addrs;
     for (const auto& c : next_shards) next_addrs.insert(c->address());
     std::set<int> lost_reported;
+    std::map<std::string, absl::StatusOr<v1::ShardStatus>> drain_status;  // DrainingHolder's
     // to_load[s]: source peer ("" = checkpoint) -> experts.
     std::vector<std::map<std::string, std::vector<int>>> to_load(S);
     std::vector<std::vector<int>> to_unload(old ? old->shards.size() : 0);
@@ -1151,7 +1153,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           // them from it (MoveOffDraining).
           for (size_t i = 0; source.empty() && i < old_replicas[e].size(); ++i) {
             const std::string& a = old_replicas[e][i];
-            if (next_addrs.count(a) && DrainingHolder(a, e)) source = a;
+            if (next_addrs.count(a) && DrainingHolder(a, e, &drain_status)) source = a;
           }
           if (source.empty() && staying) {
             return absl::UnavailableError(absl::StrCat(
@@ -1244,7 +1246,6 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       table = std::make_shared<RoutingTable>(RoutingTable{next, next_shards});
     }
     if (trainer != nullptr) trainer->DropUnconfirmedOutside(*Table());
-    MarkSoleHolders(*Table());  // and again on each tick, as shards come and go
     train_lock.unlock();  // steps now use the new table
     metrics->SetPlacementVersion(static_cast<double>(next.version));
     metrics->SetImbalance(Imbalance(next, load_stats->Load(), InRotation(*Table())));
@@ -1502,6 +1503,23 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return out;
   }
 
+  // The experts that proposal `p` (over shards whose `usable` is given) places on no usable
+  // shard, where the live table `t` has a replica of them in rotation.
+  static std::vector<int> LeftUnserved(const Placement& p, const std::vector<bool>& usable,
+                                       const RoutingTable& t) {
+    std::vector<int> out;
+    for (int e = 0; e < static_cast<int>(p.replicas.size()); ++e) {
+      const bool served =
+          std::any_of(p.replicas[e].begin(), p.replicas[e].end(), [&](int r) { return usable[r]; });
+      const bool served_now =
+          e < static_cast<int>(t.placement.replicas.size()) &&
+          std::any_of(t.placement.replicas[e].begin(), t.placement.replicas[e].end(),
+                      [&](int r) { return t.shards[r]->healthy(); });
+      if (!served && served_now) out.push_back(e);
+    }
+    return out;
+  }
+
   void SetNotPlaced(std::set<std::string> addresses) {
     std::lock_guard<std::mutex> lock(models_mu);
     not_placed = std::move(addresses);
@@ -1514,32 +1532,44 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   }
 
   // Whether the shard at `address` drains and holds expert `e` READY at the latest step that
-  // expert reached: a source for moving it off (SwitchLocked, with train_mu held).
-  bool DrainingHolder(const std::string& address, int e) {
-    absl::StatusOr<v1::ShardStatus> st = ClientFor(address)->GetStatus(absl::Milliseconds(500));
+  // expert reached, with no update of an aborted step: a source for moving it off (SwitchLocked,
+  // with train_mu held). `seen` keeps each shard's status for the switch (one read each).
+  bool DrainingHolder(const std::string& address, int e,
+                      std::map<std::string, absl::StatusOr<v1::ShardStatus>>* seen) {
+    std::shared_ptr<ShardClient> c = ClientFor(address);
+    if (!c->answering()) return false;
+    auto it = seen->find(address);
+    if (it == seen->end()) {
+      it = seen->emplace(address, c->GetStatus(absl::Milliseconds(500))).first;
+    }
+    const absl::StatusOr<v1::ShardStatus>& st = it->second;
     if (!st.ok() || !st->draining()) return false;
     auto reached = reached_step.find(e);
     for (const auto& x : st->experts()) {
-      if (x.expert() == e && x.state() == v1::ExpertStatus::READY) {
-        return reached == reached_step.end() || x.trained_step() >= reached->second;
-      }
+      if (x.expert() != e || x.state() != v1::ExpertStatus::READY) continue;
+      if (trainer != nullptr && trainer->AbortedUpdate(x.trained_step())) return false;
+      return reached == reached_step.end() || x.trained_step() >= reached->second;
     }
     return false;
   }
 
-  // Marks each shard of `t` that holds an expert no other shard in rotation holds
-  // (ShardClient::SetSoleHolder): a drain keeps its stream open until the expert has moved.
-  static void MarkSoleHolders(const RoutingTable& t) {
-    for (int s = 0; s < static_cast<int>(t.shards.size()); ++s) {
-      bool sole = false;
-      for (int e : t.placement.ExpertsOn(s)) {
-        const std::vector<int>& where = t.placement.replicas[e];
-        sole = std::none_of(where.begin(), where.end(),
-                            [&](int r) { return r != s && t.shards[r]->healthy(); });
-        if (sole) break;
+  // Whether the shard at `address` holds, in the live placement, an expert that no other shard
+  // in rotation holds (ShardClient::SetStillNeeded): a drain keeps its stream open until
+  // MoveOffDraining has given the expert another replica.
+  bool StillNeeded(const std::string& address) {
+    std::shared_ptr<const RoutingTable> t = Table();
+    if (t == nullptr) return false;
+    for (int s = 0; s < static_cast<int>(t->shards.size()); ++s) {
+      if (t->shards[s]->address() != address) continue;
+      for (int e : t->placement.ExpertsOn(s)) {
+        const std::vector<int>& where = t->placement.replicas[e];
+        if (std::none_of(where.begin(), where.end(),
+                         [&](int r) { return r != s && t->shards[r]->healthy(); })) {
+          return true;
+        }
       }
-      t.shards[s]->SetSoleHolder(sole);
     }
+    return false;
   }
 
   // A shard that drains (ShardStatus.draining: its preStop hook, or `moe-client drain`) is out
@@ -1548,7 +1578,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // checkpoint, untrained). The placement keeps the draining replicas (unused while the shard
   // is out of rotation; an undone drain serves them again) and the rest as they are: the
   // strategy's own layout comes back at the next rebalance or membership change. Returns
-  // whether a switch was tried (the tick ends there).
+  // whether a switch was applied (the tick ends there); `t` is the live table after it.
   bool MoveOffDraining(std::shared_ptr<const RoutingTable>& t, const std::vector<bool>& draining) {
     const int S = static_cast<int>(t->shards.size());
     if (std::none_of(draining.begin(), draining.end(), [](bool d) { return d; })) {
@@ -1609,8 +1639,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     const uint64_t based_on = t->placement.version;
     std::vector<std::shared_ptr<ShardClient>> shards = t->shards;
     t.reset();  // Apply waits for every holder of the live table to let go of it
-    Apply(std::move(next), std::move(shards), based_on).IgnoreError();  // logged; next tick
-    return true;
+    // A failure is logged and tried again next tick; the rest of this tick runs meanwhile (it
+    // may settle what held the switch back: a commit a shard has not confirmed).
+    const bool applied = Apply(std::move(next), std::move(shards), based_on).ok();
+    t = Table();
+    // Another switch meanwhile: what the tick read is out of date, the next one reads again.
+    return applied || t == nullptr || t->placement.version != based_on;
   }
 
   // Reloads what a restarted shard lost, copies replicas left behind by training again, and
@@ -1648,24 +1682,43 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           // A member that does not answer (it joined the coordinator but the router cannot
           // reach it) would fail the switch at the load, every tick: dynamic keeps off it, and
           // a placement that would load onto it waits (said once), the rest of the tick runs.
+          // A draining member is no place for experts either: it will not serve again.
           std::vector<bool> reachable;
-          for (const auto& c : *members) reachable.push_back(c->healthy() || c->answering());
+          for (const auto& c : *members) {
+            bool r = c->healthy() || c->answering();
+            if (r && !c->healthy()) {
+              absl::StatusOr<v1::ShardStatus> st = c->GetStatus(absl::Milliseconds(500));
+              r = st.ok() && !st->draining();
+            }
+            reachable.push_back(r);
+          }
           absl::StatusOr<Placement> p =
               Propose(t->placement.strategy, static_cast<int>(members->size()), reachable);
           std::set<std::string> onto_down;
-          if (p.ok()) onto_down = LoadsOntoDown(*p, *members, reachable, t->placement, t->shards);
-          if (p.ok() && onto_down.empty()) {
+          std::vector<int> unserved;
+          if (p.ok()) {
+            onto_down = LoadsOntoDown(*p, *members, reachable, t->placement, t->shards);
+            unserved = LeftUnserved(*p, reachable, *t);
+          }
+          if (p.ok() && onto_down.empty() && unserved.empty()) {
             const uint64_t based_on = t->placement.version;
             t.reset();
             if (Apply(*p, *members, based_on).ok()) SetNotPlaced({});
             return;
           }
-          if (p.ok()) SetNotPlaced(onto_down);
+          if (p.ok() && !onto_down.empty()) SetNotPlaced(onto_down);
+          // A proposal that would leave an expert only on shards that drain or are down, where
+          // a shard in rotation serves it now (MoveOffDraining's replica, when a shard joins
+          // while another drains), waits for those shards to leave.
           const std::string why =
-              p.ok() ? absl::StrCat("it would load experts onto ", absl::StrJoin(onto_down, ", "),
-                                    onto_down.size() == 1 ? ", which does not answer"
-                                                          : ", which do not answer")
-                     : std::string(p.status().message());
+              !p.ok() ? std::string(p.status().message())
+              : !onto_down.empty()
+                  ? absl::StrCat(
+                        "it would load experts onto ", absl::StrJoin(onto_down, ", "),
+                        onto_down.size() == 1 ? ", which does not answer" : ", which do not answer")
+                  : absl::StrCat("it would leave expert(s) ", absl::StrJoin(unserved, ","),
+                                 " only on shards that drain or are down, where a shard in "
+                                 "rotation serves them now");
           if (why != membership_wait) {
             membership_wait = why;
             std::fprintf(stderr,
@@ -1683,7 +1736,6 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     std::vector<Holding> held(t->shards.size());
     std::vector<bool> draining(t->shards.size(), false);
     bool any_missing = false;
-    MarkSoleHolders(*t);
     for (int s = 0; s < static_cast<int>(t->shards.size()); ++s) {
       absl::StatusOr<v1::ShardStatus> st = t->shards[s]->GetStatus(absl::Milliseconds(500));
       // A shard restarted from another model gets nothing loaded: it leaves the placement on

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -54,12 +55,23 @@ class ShardClient {
   // wrong).
   void SetServesOtherModel(bool other) { other_model_.store(other); }
   bool serves_other_model() const { return other_model_.load(); }
-  // Set by the router while the live placement has an expert that no other shard in rotation
-  // holds: a shard that turns NOT_SERVING (draining) keeps its Dispatch stream open then, as the
-  // expert's last resort, so that its Drain does not answer "drained" until the router has
-  // moved such experts off it.
-  void SetSoleHolder(bool sole) { sole_holder_.store(sole); }
-  bool sole_holder() const { return sole_holder_.load(); }
+  // Set by the router once, before the client is used: whether the shard, out of rotation,
+  // is still an expert's only holder in rotation in the live placement (asked when the shard
+  // answers NOT_SERVING, after it left rotation). Such a shard (draining) keeps a Dispatch
+  // stream open, as the expert's last resort, so that its Drain does not answer "drained"
+  // until the router has given the expert another replica.
+  void SetStillNeeded(std::function<bool()> needed) {
+    std::lock_guard<std::mutex> lock(needed_mu_);
+    needed_ = std::move(needed);
+  }
+  bool StillNeeded() const {
+    std::function<bool()> needed;
+    {
+      std::lock_guard<std::mutex> lock(needed_mu_);
+      needed = needed_;
+    }
+    return needed && needed();
+  }
   // The most token-expert assignments the shard takes in one batch (its --max-batch-rows) and
   // the largest message it takes, from the shard's status (the gRPC client reads them from every
   // status the shard answers with); 0 until read, or from a shard too old to report them
@@ -105,7 +117,8 @@ class ShardClient {
 
  private:
   std::atomic<bool> other_model_{false};
-  std::atomic<bool> sole_holder_{false};
+  mutable std::mutex needed_mu_;
+  std::function<bool()> needed_;
   std::atomic<int64_t> max_batch_rows_{0};
   std::atomic<int64_t> max_message_bytes_{0};
 };
