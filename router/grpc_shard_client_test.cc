@@ -925,6 +925,69 @@ TEST(RouterMembership, ACoordinatorStartedAgainDoesNotMoveTheExpertsOfShardsStil
   (*router)->Shutdown(absl::Milliseconds(100));
 }
 
+// A shard that drains while another joins: the router has copied the drained shard's experts
+// to the shard in rotation (MoveOffDraining), and the placement over the new members (sharded:
+// by formula, some experts on the drained shard alone) waits rather than take their served
+// replica away, until the drained shard leaves; then it places over the others. Every expert
+// keeps a replica on a shard that does not drain throughout, and requests are answered.
+TEST(RouterMembership, AShardThatJoinsWhileAnotherDrainsDoesNotPutExpertsBackOnIt) {
+  CoordinatedShards c;
+  ASSERT_NO_FATAL_FAILURE(StartCoordinatedShards("join_while_draining", absl::Seconds(2), &c));
+  const std::string b_address = c.b->address();
+  auto router = RouterServer::Start(c.router);
+  ASSERT_TRUE(router.ok()) << router.status();
+  ASSERT_TRUE((*router)->WaitUntilReady(absl::Seconds(60)).ok());
+  auto stub = v1::Router::NewStub(
+      grpc::CreateChannel((*router)->address(), grpc::InsecureChannelCredentials()));
+  ASSERT_TRUE(Eventually([&] { return ShardEntry(stub.get(), b_address).experts_size() == 2; }));
+  // Every expert has a replica on a shard other than b.
+  auto served_off_b = [&]() {
+    grpc::ClientContext ctx;
+    v1::Placement p;
+    if (!stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &p).ok()) return false;
+    for (const v1::ExpertPlacement& e : p.experts()) {
+      if (std::none_of(e.shards().begin(), e.shards().end(),
+                       [&](int s) { return p.shard_addresses(s) != b_address; })) {
+        return false;
+      }
+    }
+    return true;
+  };
+  auto b_stub =
+      v1::ExpertShard::NewStub(grpc::CreateChannel(b_address, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext dctx;
+  v1::DrainRequest dreq;
+  dreq.set_timeout_ms(30000);
+  v1::DrainResponse drained;
+  const grpc::Status st = b_stub->Drain(&dctx, dreq, &drained);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_TRUE(drained.drained());
+  EXPECT_TRUE(served_off_b()) << "the drain ended before b's experts had another replica";
+  // Shard c joins; b is still a member.
+  expert::ShardServerOptions so;
+  so.checkpoint = c.router.checkpoint;
+  so.coordinator = c.co.address;
+  auto joined = expert::ShardServer::Start(so);
+  ASSERT_TRUE(joined.ok()) << joined.status();
+  const std::string c_address = (*joined)->address();
+  for (int i = 0; i < 15; ++i) {  // 15 of the router's ticks, c listed from the first
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    EXPECT_TRUE(served_off_b()) << "tick " << i << ": an expert is left only on the drained shard";
+  }
+  ExpectInfersOk(stub.get());
+  // b leaves: placed over a and c. (c may have been given experts already, where the formula
+  // over three shards gave b none.)
+  c.b_member->SetJoining(false);
+  c.b->Shutdown(absl::Milliseconds(100));
+  EXPECT_TRUE(Eventually([&] { return ShardEntry(stub.get(), b_address).address().empty(); }))
+      << "b is still placed after it left";
+  EXPECT_GT(ShardEntry(stub.get(), c_address).experts_size(), 0)
+      << "the joined shard was not given experts once the drained one left";
+  ExpectInfersOk(stub.get());
+  (*router)->Shutdown(absl::Milliseconds(100));
+  (*joined)->Shutdown(absl::Milliseconds(100));
+}
+
 // Between a shard's restart from another model and the router's next status read (a second by
 // default) the shard's health check can put it back in rotation. A batch sent to it then is
 // refused FAILED_PRECONDITION (the batch names the router's model: DispatchRequest.num_experts

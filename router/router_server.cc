@@ -1682,13 +1682,15 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           // A member that does not answer (it joined the coordinator but the router cannot
           // reach it) would fail the switch at the load, every tick: dynamic keeps off it, and
           // a placement that would load onto it waits (said once), the rest of the tick runs.
-          // A draining member is no place for experts either: it will not serve again.
+          // A draining member is no place for experts either: it will not serve again (asked
+          // of every member: one still in rotation may have begun to drain since its last
+          // health check).
           std::vector<bool> reachable;
           for (const auto& c : *members) {
             bool r = c->healthy() || c->answering();
-            if (r && !c->healthy()) {
+            if (r) {
               absl::StatusOr<v1::ShardStatus> st = c->GetStatus(absl::Milliseconds(500));
-              r = st.ok() && !st->draining();
+              r = st.ok() ? !st->draining() : c->healthy();
             }
             reachable.push_back(r);
           }
