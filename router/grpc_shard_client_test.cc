@@ -842,6 +842,18 @@ struct CoordinatedShards {
   std::unique_ptr<expert::ShardServer> a, b;
   std::unique_ptr<HeldMember> b_member;
   RouterServerOptions router;
+  std::unique_ptr<RouterServer> server;  // StartRouter's, and a stub of it
+  std::unique_ptr<v1::Router::Stub> stub;
+
+  // Starts a router with `router`, and waits until it serves.
+  void StartRouter() {
+    auto started = RouterServer::Start(router);
+    ASSERT_TRUE(started.ok()) << started.status();
+    server = *std::move(started);
+    ASSERT_TRUE(server->WaitUntilReady(absl::Seconds(60)).ok());
+    stub = v1::Router::NewStub(
+        grpc::CreateChannel(server->address(), grpc::InsecureChannelCredentials()));
+  }
 
   // Stops the coordinator and starts it again on its port, with shard b kept from registering:
   // it knows no member then.
@@ -891,11 +903,9 @@ TEST(RouterMembership, ACoordinatorStartedAgainDoesNotMoveTheExpertsOfShardsStil
   CoordinatedShards c;
   ASSERT_NO_FATAL_FAILURE(StartCoordinatedShards("coordinator_again", absl::Seconds(2), &c));
   const std::string b_address = c.b->address();
-  auto router = RouterServer::Start(c.router);
-  ASSERT_TRUE(router.ok()) << router.status();
-  ASSERT_TRUE((*router)->WaitUntilReady(absl::Seconds(60)).ok());
-  auto stub = v1::Router::NewStub(
-      grpc::CreateChannel((*router)->address(), grpc::InsecureChannelCredentials()));
+  ASSERT_NO_FATAL_FAILURE(c.StartRouter());
+  std::unique_ptr<RouterServer>& router = c.server;
+  std::unique_ptr<v1::Router::Stub>& stub = c.stub;
   auto placement = [&]() {
     grpc::ClientContext ctx;
     v1::Placement p;
@@ -922,7 +932,7 @@ TEST(RouterMembership, ACoordinatorStartedAgainDoesNotMoveTheExpertsOfShardsStil
       << "a shard that did not register again within the lease stayed placed";
   EXPECT_GT(placement().version(), version);
   ExpectInfersOk(stub.get());
-  (*router)->Shutdown(absl::Milliseconds(100));
+  router->Shutdown(absl::Milliseconds(100));
 }
 
 // A shard that drains while another joins: the router has copied the drained shard's experts
@@ -934,11 +944,9 @@ TEST(RouterMembership, AShardThatJoinsWhileAnotherDrainsDoesNotPutExpertsBackOnI
   CoordinatedShards c;
   ASSERT_NO_FATAL_FAILURE(StartCoordinatedShards("join_while_draining", absl::Seconds(2), &c));
   const std::string b_address = c.b->address();
-  auto router = RouterServer::Start(c.router);
-  ASSERT_TRUE(router.ok()) << router.status();
-  ASSERT_TRUE((*router)->WaitUntilReady(absl::Seconds(60)).ok());
-  auto stub = v1::Router::NewStub(
-      grpc::CreateChannel((*router)->address(), grpc::InsecureChannelCredentials()));
+  ASSERT_NO_FATAL_FAILURE(c.StartRouter());
+  std::unique_ptr<RouterServer>& router = c.server;
+  std::unique_ptr<v1::Router::Stub>& stub = c.stub;
   ASSERT_TRUE(Eventually([&] { return ShardEntry(stub.get(), b_address).experts_size() == 2; }));
   // Every expert has a replica on a shard other than b.
   auto served_off_b = [&]() {
@@ -984,7 +992,7 @@ TEST(RouterMembership, AShardThatJoinsWhileAnotherDrainsDoesNotPutExpertsBackOnI
   EXPECT_GT(ShardEntry(stub.get(), c_address).experts_size(), 0)
       << "the joined shard was not given experts once the drained one left";
   ExpectInfersOk(stub.get());
-  (*router)->Shutdown(absl::Milliseconds(100));
+  router->Shutdown(absl::Milliseconds(100));
   (*joined)->Shutdown(absl::Milliseconds(100));
 }
 
