@@ -971,7 +971,8 @@ TEST(RouterMembership, AShardThatJoinsWhileAnotherDrainsDoesNotPutExpertsBackOnI
   ASSERT_TRUE(st.ok()) << st.error_message();
   EXPECT_TRUE(drained.drained());
   EXPECT_TRUE(served_off_b()) << "the drain ended before b's experts had another replica";
-  // Shard c joins; b is still a member.
+  // Shard c joins; b is still a member. The router says why it waits (its log, captured).
+  ::testing::internal::CaptureStderr();
   expert::ShardServerOptions so;
   so.checkpoint = c.router.checkpoint;
   so.coordinator = c.co.address;
@@ -982,6 +983,11 @@ TEST(RouterMembership, AShardThatJoinsWhileAnotherDrainsDoesNotPutExpertsBackOnI
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     EXPECT_TRUE(served_off_b()) << "tick " << i << ": an expert is left only on the drained shard";
   }
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(log.find("the placement waits: "), std::string::npos) << log;
+  EXPECT_NE(log.find(absl::StrCat("(", b_address, " drains: stop it, or undo the drain)")),
+            std::string::npos)
+      << log;
   ExpectInfersOk(stub.get());
   // b leaves: placed over a and c. (c may have been given experts already, where the formula
   // over three shards gave b none.)

@@ -507,7 +507,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     auto c = options.shard_factory
                  ? options.shard_factory(address, on_change)
                  : std::make_shared<GrpcShardClient>(address, options.limits, on_change);
-    c->SetStillNeeded([this, address] { return StillNeeded(address); });
+    // Not on one made during shutdown, which clears it on the others (it calls into this).
+    if (!shutting_down.load()) c->SetStillNeeded([this, address] { return StillNeeded(address); });
     clients[address] = c;
     // One made during shutdown (the control loop read the membership meanwhile) starts out
     // cancelled: DoShutdown set shutting_down before it read `clients`.
@@ -1557,6 +1558,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // in rotation holds (ShardClient::SetStillNeeded): a drain keeps its stream open until
   // MoveOffDraining has given the expert another replica.
   bool StillNeeded(const std::string& address) {
+    if (shutting_down.load()) return false;  // it keeps no stream, and holds up no drain
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return false;
     for (int s = 0; s < static_cast<int>(t->shards.size()); ++s) {
@@ -1686,11 +1688,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           // of every member: one still in rotation may have begun to drain since its last
           // health check).
           std::vector<bool> reachable;
+          std::set<std::string> drains;
           for (const auto& c : *members) {
             bool r = c->healthy() || c->answering();
             if (r) {
               absl::StatusOr<v1::ShardStatus> st = c->GetStatus(absl::Milliseconds(500));
               r = st.ok() ? !st->draining() : c->healthy();
+              if (st.ok() && st->draining()) drains.insert(c->address());
             }
             reachable.push_back(r);
           }
@@ -1708,19 +1712,36 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
             if (Apply(*p, *members, based_on).ok()) SetNotPlaced({});
             return;
           }
-          if (p.ok() && !onto_down.empty()) SetNotPlaced(onto_down);
+          // A draining member answers: it is no "not placed, does not answer" shard.
+          std::set<std::string> silent;
+          for (const std::string& a : onto_down) {
+            if (!drains.count(a)) silent.insert(a);
+          }
+          if (p.ok() && !onto_down.empty()) SetNotPlaced(silent);
           // A proposal that would leave an expert only on shards that drain or are down, where
           // a shard in rotation serves it now (MoveOffDraining's replica, when a shard joins
           // while another drains), waits for those shards to leave.
+          const std::string until_drained =
+              drains.empty() ? ""
+                             : absl::StrCat(" (", absl::StrJoin(drains, ", "),
+                                            drains.size() == 1 ? " drains" : " drain",
+                                            ": stop it, or undo the drain)");
+          std::vector<std::string> onto;  // who it would load onto, and why not
+          if (!silent.empty()) {
+            onto.push_back(absl::StrCat(
+                absl::StrJoin(silent, ", "),
+                silent.size() == 1 ? ", which does not answer" : ", which do not answer"));
+          }
+          if (silent.size() < onto_down.size()) onto.push_back("a shard that drains");
           const std::string why =
               !p.ok() ? std::string(p.status().message())
               : !onto_down.empty()
-                  ? absl::StrCat(
-                        "it would load experts onto ", absl::StrJoin(onto_down, ", "),
-                        onto_down.size() == 1 ? ", which does not answer" : ", which do not answer")
+                  ? absl::StrCat("it would load experts onto ", absl::StrJoin(onto, ", and "),
+                                 until_drained)
                   : absl::StrCat("it would leave expert(s) ", absl::StrJoin(unserved, ","),
                                  " only on shards that drain or are down, where a shard in "
-                                 "rotation serves them now");
+                                 "rotation serves them now",
+                                 until_drained);
           if (why != membership_wait) {
             membership_wait = why;
             std::fprintf(stderr,
@@ -2437,6 +2458,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         all.insert(all.end(), t->shards.begin(), t->shards.end());
       }
       for (const auto& c : all) c->CancelAdminCalls();
+      // Their health threads outlive this object's members (they stop with the clients, which
+      // are destroyed last): no call into it from them after this.
+      for (const auto& c : all) c->SetStillNeeded(nullptr);
       all.clear();
       if (control.joinable()) control.join();
       // Requests in flight may finish within the grace period; after it, whatever still waits

@@ -60,17 +60,15 @@ class ShardClient {
   // answers NOT_SERVING, after it left rotation). Such a shard (draining) keeps a Dispatch
   // stream open, as the expert's last resort, so that its Drain does not answer "drained"
   // until the router has given the expert another replica.
+  // Called under needed_mu_, so that SetStillNeeded(nullptr) (the router's shutdown) returns
+  // only once no call of the old function is running.
   void SetStillNeeded(std::function<bool()> needed) {
     std::lock_guard<std::mutex> lock(needed_mu_);
     needed_ = std::move(needed);
   }
   bool StillNeeded() const {
-    std::function<bool()> needed;
-    {
-      std::lock_guard<std::mutex> lock(needed_mu_);
-      needed = needed_;
-    }
-    return needed && needed();
+    std::lock_guard<std::mutex> lock(needed_mu_);
+    return needed_ && needed_();
   }
   // The most token-expert assignments the shard takes in one batch (its --max-batch-rows) and
   // the largest message it takes, from the shard's status (the gRPC client reads them from every
