@@ -971,14 +971,28 @@ TEST(RouterMembership, AShardThatJoinsWhileAnotherDrainsDoesNotPutExpertsBackOnI
   ASSERT_TRUE(st.ok()) << st.error_message();
   EXPECT_TRUE(drained.drained());
   EXPECT_TRUE(served_off_b()) << "the drain ended before b's experts had another replica";
-  // Shard c joins; b is still a member. The router says why it waits (its log, captured).
+  // Shard c joins; b is still a member. The router orders members by address and `sharded`
+  // gives 4 experts over 3 shards in blocks of 2: the last shard gets none. c listens on a port
+  // whose address sorts after b's, so the formula gives b experts (on b alone) and the
+  // placement must wait. The router says why (its log, captured).
   ::testing::internal::CaptureStderr();
   expert::ShardServerOptions so;
   so.checkpoint = c.router.checkpoint;
   so.coordinator = c.co.address;
-  auto joined = expert::ShardServer::Start(so);
+  absl::StatusOr<std::unique_ptr<expert::ShardServer>> joined =
+      absl::FailedPreconditionError("no port above b's tried");
+  int tries = 0;
+  for (int port = c.b->port() + 1; port <= 65535 && !joined.ok() && tries < 50; ++port) {
+    so.address = absl::StrCat("127.0.0.1:", port);
+    if (so.address <= b_address) continue;  // a port of fewer digits than b's
+    ++tries;
+    joined = expert::ShardServer::Start(so);  // fails where the port is taken: the next one
+  }
   ASSERT_TRUE(joined.ok()) << joined.status();
   const std::string c_address = (*joined)->address();
+  std::vector<std::string> members = {c.a->address(), b_address, c_address};
+  std::sort(members.begin(), members.end());
+  ASSERT_NE(members.back(), b_address) << "the formula would give b no expert: nothing to wait for";
   for (int i = 0; i < 15; ++i) {  // 15 of the router's ticks, c listed from the first
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     EXPECT_TRUE(served_off_b()) << "tick " << i << ": an expert is left only on the drained shard";
