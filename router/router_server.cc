@@ -1504,6 +1504,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return out;
   }
 
+  // "A drains" or "A, B drain": the router's lines that name draining shards.
+  template <typename Addresses>
+  static std::string ShardsThatDrain(const Addresses& addresses) {
+    return absl::StrCat(absl::StrJoin(addresses, ", "),
+                        addresses.size() == 1 ? " drains" : " drain");
+  }
+
   // The experts that proposal `p` (over shards whose `usable` is given) places on no usable
   // shard, where the live table `t` has a replica of them in rotation.
   static std::vector<int> LeftUnserved(const Placement& p, const std::vector<bool>& usable,
@@ -1626,7 +1633,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                   t->shards[target]->address()));
     }
     const std::string why = absl::StrCat(
-        absl::StrJoin(drains, ", "), drains.size() == 1 ? " drains" : " drain",
+        ShardsThatDrain(drains),
         plan.empty() ? "" : absl::StrCat(": copying ", absl::StrJoin(plan, "; ")),
         stuck.empty()
             ? ""
@@ -1722,10 +1729,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           // a shard in rotation serves it now (MoveOffDraining's replica, when a shard joins
           // while another drains), waits for those shards to leave.
           const std::string until_drained =
-              drains.empty() ? ""
-                             : absl::StrCat(" (", absl::StrJoin(drains, ", "),
-                                            drains.size() == 1 ? " drains" : " drain",
-                                            ": stop it, or undo the drain)");
+              drains.empty()
+                  ? ""
+                  : absl::StrCat(" (", ShardsThatDrain(drains), ": stop it, or undo the drain)");
           std::vector<std::string> onto;  // who it would load onto, and why not
           if (!silent.empty()) {
             onto.push_back(absl::StrCat(
