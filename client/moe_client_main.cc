@@ -580,10 +580,11 @@ absl::Status Info(const Flags& f) {
   for (int s = 0; s < info.shards_size(); ++s) {
     const v1::ShardInfo& si = info.shards(s);
     // A shard that answers NOT_SERVING is out of rotation on purpose, not down.
-    const std::string health = si.healthy()                   ? "up"
-                               : si.state() == "not_serving"  ? (si.experts().empty()
-                                                                     ? "idle (no experts)"
-                                                                     : "not serving")
+    const std::string health = si.healthy() ? "up"
+                               : si.state() == "not_serving"
+                                   ? (si.draining()          ? "not serving (drains)"
+                                      : si.experts().empty() ? "idle (no experts)"
+                                                             : "not serving")
                                : si.state() == "incompatible" ? "INCOMPATIBLE"
                                                               : "DOWN";
     // A shard of another model, or one not placed because it does not answer, is no shard of

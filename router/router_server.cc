@@ -223,6 +223,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // Shards (members, or of a fixed --shards list) left out of the placement because they do
   // not answer: GetClusterInfo lists them (models_mu).
   std::set<std::string> not_placed;
+  std::set<std::string> draining_now;  // shards the last tick read as draining (models_mu)
   // Why Reconcile could not follow the last change of the shards (logged once per reason).
   std::string membership_wait;
   // Why the last try of the first placement failed (models_mu): said to requests until it is
@@ -256,6 +257,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   bool first_settling = false;
   std::string first_wait;  // why the first placement last waited (said once; control loop)
   std::string drain_wait;  // what MoveOffDraining last said (said once; control loop)
+  // Shards MoveOffDraining took out of the placement, until they hold experts again or leave
+  // the table: the only empty shards PlaceUndrained gives experts (control loop).
+  std::set<std::string> drained_off;
   // The last "not applied" line Apply wrote (placement_mu): the same failure is said once.
   std::string last_not_applied;
   // UnloadExtras' last failure on each shard (said once; placement_mu).
@@ -1561,34 +1565,31 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return false;
   }
 
-  // Whether the shard at `address` holds, in the live placement, an expert that no other shard
-  // in rotation holds (ShardClient::SetStillNeeded): a drain keeps its stream open until
-  // MoveOffDraining has given the expert another replica.
+  // Whether the shard at `address` holds any replica in the live placement
+  // (ShardClient::SetStillNeeded): a drain keeps its stream open until MoveOffDraining has taken
+  // the shard out of the placement (its experts moved or served elsewhere), so that "drained"
+  // means that nothing is placed on it.
   bool StillNeeded(const std::string& address) {
     if (shutting_down.load()) return false;  // it keeps no stream, and holds up no drain
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return false;
     for (int s = 0; s < static_cast<int>(t->shards.size()); ++s) {
-      if (t->shards[s]->address() != address) continue;
-      for (int e : t->placement.ExpertsOn(s)) {
-        const std::vector<int>& where = t->placement.replicas[e];
-        if (std::none_of(where.begin(), where.end(),
-                         [&](int r) { return r != s && t->shards[r]->healthy(); })) {
-          return true;
-        }
-      }
+      if (t->shards[s]->address() == address && !t->placement.ExpertsOn(s).empty()) return true;
     }
     return false;
   }
 
   // A shard that drains (ShardStatus.draining: its preStop hook, or `moe-client drain`) is out
-  // of rotation for good: an expert it holds that no usable shard also holds gets a replica on
-  // the usable shard that holds the fewest experts, copied from the draining shard (or from the
-  // checkpoint, untrained). The placement keeps the draining replicas (unused while the shard
-  // is out of rotation; an undone drain serves them again) and the rest as they are: the
-  // strategy's own layout comes back at the next rebalance or membership change. Returns
-  // whether a switch was applied (the tick ends there); `t` is the live table after it.
-  bool MoveOffDraining(std::shared_ptr<const RoutingTable>& t, const std::vector<bool>& draining) {
+  // of rotation for good, and leaves the placement: a training step refuses to run while a
+  // shard out of rotation holds replicas. Its replica of an expert is dropped where a shard in
+  // rotation holds that expert READY at the draining replica's step (no aborted update);
+  // where no usable shard holds it, it moves, in the same switch, to the usable shard that
+  // holds the fewest experts, copied from the draining shard (or from the checkpoint,
+  // untrained). The shard keeps its stream (StillNeeded) until it holds no replica, so its
+  // drain ends once it has left the placement. Returns whether a switch was applied (the tick
+  // ends there); `t` is the live table after it.
+  bool MoveOffDraining(std::shared_ptr<const RoutingTable>& t, const std::vector<bool>& draining,
+                       const std::vector<Holding>& held) {
     const int S = static_cast<int>(t->shards.size());
     if (std::none_of(draining.begin(), draining.end(), [](bool d) { return d; })) {
       drain_wait.clear();
@@ -1602,11 +1603,38 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     Placement next = t->placement;
     std::map<int, std::vector<int>> moved;  // target shard -> experts given to it
+    std::vector<int> dropped;               // experts served elsewhere, off the draining shards
     std::vector<int> stuck;                 // experts no usable shard can take
+    std::vector<int> waiting;  // held by a usable shard, not READY at the draining one's step
     for (int e = 0; e < static_cast<int>(next.replicas.size()); ++e) {
       std::vector<int>& where = next.replicas[e];
-      if (std::none_of(where.begin(), where.end(), [&](int r) { return draining[r]; }) ||
-          std::any_of(where.begin(), where.end(), [&](int r) { return usable[r]; })) {
+      if (std::none_of(where.begin(), where.end(), [&](int r) { return draining[r]; })) continue;
+      uint64_t step = 0;  // the latest step a draining replica holds (an aborted one's: none)
+      for (int d : where) {
+        if (!draining[d]) continue;
+        auto it = held[d].ready.find(e);
+        if (it != held[d].ready.end() &&
+            !(trainer != nullptr && trainer->AbortedUpdate(it->second))) {
+          step = std::max(step, it->second);
+        }
+      }
+      const bool served = std::any_of(where.begin(), where.end(), [&](int r) {
+        if (draining[r] || !held[r].read || !t->shards[r]->healthy()) return false;
+        auto it = held[r].ready.find(e);
+        return it != held[r].ready.end() && it->second >= step &&
+               !(trainer != nullptr && trainer->AbortedUpdate(it->second));
+      });
+      std::vector<int> kept;
+      for (int r : where) {
+        if (!draining[r]) kept.push_back(r);
+      }
+      if (served) {
+        where = kept;
+        dropped.push_back(e);
+        continue;
+      }
+      if (std::any_of(where.begin(), where.end(), [&](int r) { return usable[r]; })) {
+        waiting.push_back(e);  // a usable replica not READY (or behind): asked again next tick
         continue;
       }
       int best = -1;
@@ -1617,16 +1645,18 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         stuck.push_back(e);  // served from the draining shard as a last resort
         continue;
       }
-      where.push_back(best);
-      std::sort(where.begin(), where.end());
+      kept.push_back(best);
+      std::sort(kept.begin(), kept.end());
+      where = kept;
       ++count[best];
       moved[best].push_back(e);
     }
-    if (moved.empty() && stuck.empty()) return false;
+    if (moved.empty() && dropped.empty() && stuck.empty() && waiting.empty()) return false;
     std::vector<std::string> drains;
     for (int s = 0; s < S; ++s) {
       if (draining[s]) drains.push_back(t->shards[s]->address());
     }
+    if (!moved.empty() || !dropped.empty()) drained_off.insert(drains.begin(), drains.end());
     std::vector<std::string> plan;
     for (const auto& [target, experts] : moved) {
       plan.push_back(absl::StrCat("expert(s) ", absl::StrJoin(experts, ","), " onto ",
@@ -1635,16 +1665,25 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     const std::string why = absl::StrCat(
         ShardsThatDrain(drains),
         plan.empty() ? "" : absl::StrCat(": copying ", absl::StrJoin(plan, "; ")),
+        dropped.empty() ? ""
+                        : absl::StrCat(plan.empty() ? ": " : "; ", "its replica(s) of expert(s) ",
+                                       absl::StrJoin(dropped, ","),
+                                       " leave the placement (served by shards in rotation)"),
         stuck.empty()
             ? ""
             : absl::StrCat("; no shard in rotation can take expert(s) ", absl::StrJoin(stuck, ","),
                            ", served from the draining shard meanwhile (its drain "
-                           "waits: start another shard, or undo the drain)"));
+                           "waits: start another shard, or undo the drain)"),
+        waiting.empty()
+            ? ""
+            : absl::StrCat("; expert(s) ", absl::StrJoin(waiting, ","),
+                           " stay on the draining shard until a replica in rotation is READY at "
+                           "its step (its drain waits meanwhile)"));
     if (why != drain_wait) {
       drain_wait = why;
       std::fprintf(stderr, "moe-router: %s\n", why.c_str());
     }
-    if (moved.empty()) return false;
+    if (moved.empty() && dropped.empty()) return false;
     const uint64_t based_on = t->placement.version;
     std::vector<std::shared_ptr<ShardClient>> shards = t->shards;
     t.reset();  // Apply waits for every holder of the live table to let go of it
@@ -1656,6 +1695,52 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return applied || t == nullptr || t->placement.version != based_on;
   }
 
+  // A shard that MoveOffDraining took out of the placement and that answers again, not
+  // draining, with none draining and the membership settled: a drain undone, or a drained
+  // shard stopped and started again at its address (a StatefulSet's rolling restart within the
+  // coordinator's lease, or a fixed --shards list). The strategy's own layout over the table's
+  // shards is applied again where it gives such a shard experts, loads nothing onto a shard
+  // that is down or drains, and leaves no expert without a shard in rotation. Only those
+  // shards: one the strategy leaves empty (`sharded` with more shards than experts, `dynamic`)
+  // would otherwise have `dynamic` re-proposed each tick, past its cooldown and threshold.
+  // Returns whether a switch was applied (the tick ends there).
+  bool PlaceUndrained(std::shared_ptr<const RoutingTable>& t, const std::vector<bool>& draining,
+                      const std::vector<Holding>& held, bool membership_changes) {
+    const int S = static_cast<int>(t->shards.size());
+    for (auto it = drained_off.begin(); it != drained_off.end();) {
+      int s = 0;
+      while (s < S && t->shards[s]->address() != *it) ++s;
+      const bool placed_again = s < S && !draining[s] && !t->placement.ExpertsOn(s).empty();
+      it = (s == S || placed_again) ? drained_off.erase(it) : std::next(it);
+    }
+    if (std::any_of(draining.begin(), draining.end(), [](bool d) { return d; }) ||
+        !membership_wait.empty() || membership_changes) {
+      return false;
+    }
+    std::vector<int> empty;
+    for (int s = 0; s < S; ++s) {
+      if (drained_off.count(t->shards[s]->address()) > 0 && held[s].read &&
+          t->shards[s]->answering() && t->placement.ExpertsOn(s).empty()) {
+        empty.push_back(s);
+      }
+    }
+    if (empty.empty()) return false;
+    const std::vector<bool> usable = Usable(*t);
+    absl::StatusOr<Placement> p = Propose(t->placement.strategy, S, usable);
+    if (!p.ok() || p->replicas == t->placement.replicas ||
+        std::none_of(empty.begin(), empty.end(), [&](int s) { return !p->ExpertsOn(s).empty(); }) ||
+        !LoadsOntoDown(*p, t->shards, usable, t->placement, t->shards).empty() ||
+        !LeftUnserved(*p, usable, *t).empty()) {
+      return false;
+    }
+    const uint64_t based_on = t->placement.version;
+    std::vector<std::shared_ptr<ShardClient>> shards = t->shards;
+    t.reset();  // Apply waits for every holder of the live table to let go of it
+    const bool applied = Apply(*std::move(p), std::move(shards), based_on).ok();
+    t = Table();
+    return applied || t == nullptr || t->placement.version != based_on;
+  }
+
   // Reloads what a restarted shard lost, copies replicas left behind by training again, and
   // rebalances a dynamic placement past the threshold.
   void Reconcile() {
@@ -1664,6 +1749,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (coordinator_channel != nullptr) coordinator_channel->GetState(/*try_to_connect=*/true);
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return;
+    bool membership_changes = false;  // the members differ from the table's shards
     {
       // Follow membership: a shard that joined or left changes the placement; so does one
       // found serving another model (read below) or one back with this router's (with a fixed
@@ -1676,6 +1762,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         for (size_t i = 0; same && i < members->size(); ++i) {
           same = (*members)[i]->address() == t->shards[i]->address();
         }
+        membership_changes = !same;
         // A coordinator started again knows a member only from its next heartbeat: until a
         // lease has passed, a placed shard it does not list has not left (a placement without
         // it would move its experts away and back).
@@ -1782,7 +1869,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
       any_missing = any_missing || !missing[s].empty();
     }
-    if (MoveOffDraining(t, draining)) return;
+    {
+      std::set<std::string> drains;
+      for (int s = 0; s < static_cast<int>(t->shards.size()); ++s) {
+        if (draining[s]) drains.insert(t->shards[s]->address());
+      }
+      std::lock_guard<std::mutex> lock(models_mu);
+      draining_now = std::move(drains);
+    }
+    if (MoveOffDraining(t, draining, held)) return;
+    if (PlaceUndrained(t, draining, held, membership_changes)) return;
     if (trainer != nullptr || any_missing) {
       // Not while a step runs: a copy could miss its update (tried again next tick).
       std::unique_lock<common::TimedMutex> train_lock(train_mu, std::defer_lock);
@@ -2318,6 +2414,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         return nullptr;
       };
       std::lock_guard<std::mutex> lock(models_mu);
+      for (auto& placed : *info->mutable_shards()) {
+        placed.set_draining(!placed.healthy() && draining_now.count(placed.address()) > 0);
+      }
       for (const auto& [address, why] : models) {
         if (why.empty()) continue;  // this router's model
         // One still placed (found by the last status read, taken out on the next tick).

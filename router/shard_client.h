@@ -56,10 +56,10 @@ class ShardClient {
   void SetServesOtherModel(bool other) { other_model_.store(other); }
   bool serves_other_model() const { return other_model_.load(); }
   // Set by the router once, before the client is used: whether the shard, out of rotation,
-  // is still an expert's only holder in rotation in the live placement (asked when the shard
-  // answers NOT_SERVING, after it left rotation). Such a shard (draining) keeps a Dispatch
-  // stream open, as the expert's last resort, so that its Drain does not answer "drained"
-  // until the router has given the expert another replica.
+  // still holds a replica in the live placement (asked when the shard answers NOT_SERVING,
+  // after it left rotation). Such a shard (draining) keeps a Dispatch stream open, as the last
+  // resort of an expert it holds alone, so that its Drain does not answer "drained" until the
+  // router has taken it out of the placement.
   // Called under needed_mu_, so that SetStillNeeded(nullptr) (the router's shutdown) returns
   // only once no call of the old function is running.
   void SetStillNeeded(std::function<bool()> needed) {

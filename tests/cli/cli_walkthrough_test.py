@@ -10,7 +10,7 @@ what it prints or writes, and SIGINT ending the cluster with exit code 0.
   and Ctrl-C stops it between steps with the table of the steps taken;
 - `save-checkpoint` writes a checkpoint whose replicas are identical, and whose weights moved
   by the steps taken; a relative path is the client's directory's;
-- `drain` takes a shard out of rotation, and `info` then shows it "not serving", not DOWN;
+- `drain` takes a shard out of rotation, and `info` then shows it "not serving (drains)", not DOWN;
 - a user's mistakes (a shard's address for the router's, a checkpoint of another model, NaN
   tokens, tokens from a file that is not safetensors or holds no 'tokens', bad flag values, an
   output path that is a directory, a port out of range or in use, --shards out of range,
@@ -519,12 +519,14 @@ try:
     # The router sees it at its next health check of the shard (every 250 ms).
     for _ in range(60):
         info = run("info", "--router", router)
-        if re.search(rf"^\d+\s+{re.escape(shard)}\s+not serving\s", info, re.M):
+        if re.search(rf"^\d+\s+{re.escape(shard)}\s+not serving \(drains\)\s", info, re.M):
             break
         time.sleep(0.05)
-    expect(re.search(rf"^\d+\s+{re.escape(shard)}\s+not serving\s", info, re.M) is not None and
+    expect(re.search(rf"^\d+\s+{re.escape(shard)}\s+not serving \(drains\)\s", info, re.M)
+           is not None and
            len(re.findall(r"^\d+\s+127\.0\.0\.1:\d+\s+up\s", info, re.M)) == 2,
-           f"info after draining {shard}: it should read 'not serving', the others 'up':\n{info}")
+           f"info after draining {shard}: it should read 'not serving (drains)', the others "
+           f"'up':\n{info}")
     # ... and says why, under the table.
     expect(re.search(rf"^shard \d+ \({re.escape(shard)}\) out of rotation for \d+\.\d s: its "
                      r"health check says NOT_SERVING \(draining, or no expert loaded\)$",

@@ -436,6 +436,9 @@ TEST_F(ClusterTest, DrainedShardStopsWithoutAFailover) {
 
 std::pair<std::set<int>, std::set<int>> OnlyAndSharedOn(v1::Router::Stub* stub, int s);
 absl::Status TrainSteps(v1::Router::Stub* stub, uint64_t first_seed, int n);
+grpc::Status TrainWhileRefused(v1::Router::Stub* stub, uint64_t seed,
+                               const std::function<bool(const grpc::Status&)>& refused = nullptr,
+                               v1::TrainStepResponse* out = nullptr);
 absl::StatusOr<common::Checkpoint> SaveIdentical(v1::Router::Stub* stub, const std::string& name);
 
 // A drained shard that holds an expert's only replica (half of `hybrid`'s experts): the router
@@ -502,44 +505,80 @@ TEST_F(ClusterTest, ADrainedShardsOnlyReplicasMoveOffBeforeTheDrainEnds) {
 }
 
 // A drain that was not followed by a stop can be taken back (`drain --undo`): the shard serves
-// again, the router puts it back in rotation, and it answers requests as before.
+// again, the router puts it back in rotation, and it answers requests as before. While it
+// drains, its replicas leave the placement, so training steps run (until 2026-12-05 every step
+// was refused for the whole drain: "replicas on ... are out of rotation"); once undone, the
+// strategy's own layout comes back, with the trained weights.
 TEST_F(ClusterTest, AnUndoneDrainServesAgain) {
-  const int metrics = testing::FreePortBlock(3);
-  auto cluster = Start("replicated", 2, {}, {}, metrics);
-  ASSERT_NE(cluster, nullptr);
-  const std::string shard = cluster->shard_addresses()[1];
-  auto client = [&](std::vector<std::string> args, const std::string& says) {
-    args.insert(args.begin(), std::string(MOE_BIN_DIR) + "/moe-client");
-    auto p = common::Subprocess::Spawn(args);
-    EXPECT_TRUE(p.ok()) << p.status();
-    if (!p.ok()) return;
-    auto line = p->ReadLineWith(says, absl::Seconds(15));
-    EXPECT_TRUE(line.ok()) << line.status();
-    auto exit = p->Wait(absl::Seconds(5));
-    ASSERT_TRUE(exit.ok());
-    EXPECT_TRUE(WIFEXITED(*exit) && WEXITSTATUS(*exit) == 0);
-  };
-  client({"drain", "--addr", shard, "--timeout-ms", "10000"}, "drained");
-  EXPECT_EQ(AwaitShardState(cluster->router_address(), shard, "not_serving", 10), "not_serving");
-  client({"drain", "--addr", shard, "--undo"}, "drain undone: SERVING");
-  EXPECT_EQ(AwaitShardState(cluster->router_address(), shard, "serving", 10), "serving");
-  auto stub = v1::ExpertShard::NewStub(
-      grpc::CreateChannel(shard, grpc::InsecureChannelCredentials()));
-  grpc::ClientContext ctx;
-  v1::ShardStatus status;
-  ASSERT_TRUE(stub->GetStatus(&ctx, v1::GetShardStatusRequest(), &status).ok());
-  EXPECT_FALSE(status.draining());
-  EXPECT_TRUE(status.serving());
-  // Requests are answered right with the shard back in rotation, and it computes its share.
-  const double before = ShardTokens(metrics + 2);
-  auto router = client::MakeRouterStub(cluster->router_address());
-  for (int i = 0; i < 4; ++i) {
-    const std::vector<float> x = common::RandomMatrix(32, Config().d_model, 950 + i);
-    v1::InferResponse resp;
-    ASSERT_TRUE(Infer(router.get(), Request(x, 32, "undone"), &resp).ok());
-    EXPECT_TRUE(Matches(x, 32, resp, *layer_));
+  for (const std::string strategy : {"replicated", "hybrid"}) {
+    SCOPED_TRACE(strategy);
+    const int shards = strategy == "hybrid" ? 3 : 2;
+    const int metrics = testing::FreePortBlock(shards + 1);
+    auto cluster = Start(strategy, shards, {}, {}, metrics);
+    ASSERT_NE(cluster, nullptr);
+    const std::string shard = cluster->shard_addresses()[1];
+    auto client = [&](std::vector<std::string> args, const std::string& says) {
+      args.insert(args.begin(), std::string(MOE_BIN_DIR) + "/moe-client");
+      auto p = common::Subprocess::Spawn(args);
+      EXPECT_TRUE(p.ok()) << p.status();
+      if (!p.ok()) return;
+      auto line = p->ReadLineWith(says, absl::Seconds(15));
+      EXPECT_TRUE(line.ok()) << line.status();
+      auto exit = p->Wait(absl::Seconds(5));
+      ASSERT_TRUE(exit.ok());
+      EXPECT_TRUE(WIFEXITED(*exit) && WEXITSTATUS(*exit) == 0);
+    };
+    auto router = client::MakeRouterStub(cluster->router_address());
+    const auto placed = OnlyAndSharedOn(router.get(), 1);  // the strategy's layout on shard 1
+    ASSERT_FALSE(placed.first.empty() && placed.second.empty());
+    absl::Status trained = TrainSteps(router.get(), 9290, 1);
+    ASSERT_TRUE(trained.ok()) << trained;
+    client({"drain", "--addr", shard, "--timeout-ms", "10000"}, "drained");
+    EXPECT_EQ(AwaitShardState(cluster->router_address(), shard, "not_serving", 10), "not_serving");
+    // The drain ends once the shard has left the placement (what it held alone was copied off
+    // first), and training steps run.
+    const auto drained = OnlyAndSharedOn(router.get(), 1);
+    EXPECT_TRUE(drained.first.empty() && drained.second.empty())
+        << drained.first.size() << " expert(s) alone and " << drained.second.size()
+        << " shared are still placed on the drained shard";
+    // Refused because of the drained shard, a step is not sent again (one refused for a slow
+    // health check of another shard is, as TrainSteps does).
+    for (uint64_t seed : {9300, 9301}) {
+      const grpc::Status st = TrainWhileRefused(router.get(), seed, [&](const grpc::Status& s) {
+        return absl::StrContains(s.error_message(), "out of rotation: the step could not commit") &&
+               !absl::StrContains(s.error_message(), shard);
+      });
+      EXPECT_TRUE(st.ok()) << "step of seed " << seed << ": " << st.error_message();
+    }
+    // Undone, it holds nothing: NOT_SERVING until the router places the strategy's layout
+    // again (or SERVING, where the undo came before the router had unloaded it).
+    client({"drain", "--addr", shard, "--undo"}, "drain undone: ");
+    EXPECT_EQ(AwaitShardState(cluster->router_address(), shard, "serving", 10), "serving");
+    EXPECT_EQ(OnlyAndSharedOn(router.get(), 1), placed) << "not the strategy's layout again";
+    // Placed again with the trained weights: the next step trains every replica alike.
+    trained = TrainSteps(router.get(), 9310, 1);
+    EXPECT_TRUE(trained.ok()) << trained;
+    absl::StatusOr<common::Checkpoint> saved = SaveIdentical(router.get(), "undone_drain");
+    ASSERT_TRUE(saved.ok()) << saved.status();
+    auto trained_layer = router::MoeLayer::Create(*saved);
+    ASSERT_TRUE(trained_layer.ok()) << trained_layer.status();
+    auto stub =
+        v1::ExpertShard::NewStub(grpc::CreateChannel(shard, grpc::InsecureChannelCredentials()));
+    grpc::ClientContext ctx;
+    v1::ShardStatus status;
+    ASSERT_TRUE(stub->GetStatus(&ctx, v1::GetShardStatusRequest(), &status).ok());
+    EXPECT_FALSE(status.draining());
+    EXPECT_TRUE(status.serving());
+    // Requests are answered right with the shard back in rotation, and it computes its share.
+    const double before = ShardTokens(metrics + 2);
+    for (int i = 0; i < 4; ++i) {
+      const std::vector<float> x = common::RandomMatrix(32, Config().d_model, 950 + i);
+      v1::InferResponse resp;
+      ASSERT_TRUE(Infer(router.get(), Request(x, 32, "undone"), &resp).ok());
+      EXPECT_TRUE(Matches(x, 32, resp, **trained_layer));
+    }
+    EXPECT_GT(ShardTokens(metrics + 2), before) << "the undone shard was sent no work";
   }
-  EXPECT_GT(ShardTokens(metrics + 2), before) << "the undone shard was sent no work";
 }
 
 // An expert whose only replica is killed fails its requests at once, UNAVAILABLE naming it and
@@ -1501,8 +1540,8 @@ TEST_F(ClusterTest, ATrainedClusterWithEveryShardWholeCopiesNoExpert) {
 // its answer is UNAVAILABLE and `refused` (if set) says that answer is a refusal that changed
 // nothing; each refusal is printed.
 grpc::Status TrainWhileRefused(v1::Router::Stub* stub, uint64_t seed,
-                               const std::function<bool(const grpc::Status&)>& refused = nullptr,
-                               v1::TrainStepResponse* out = nullptr) {
+                               const std::function<bool(const grpc::Status&)>& refused,
+                               v1::TrainStepResponse* out) {
   const auto start = Clock::now();
   grpc::Status st = Train(stub, seed, 20000, 0.005f, out);
   while (st.error_code() == grpc::StatusCode::UNAVAILABLE && (!refused || refused(st)) &&
