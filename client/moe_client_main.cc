@@ -532,7 +532,8 @@ absl::Status DrainCmd(const Flags& f) {
               "the call as a drain, so it is draining now; restart it to serve again"));
   }
   if (req.undo()) {
-    std::printf("%s: drain undone: %s\n", addr.c_str(),
+    std::printf("%s: %s: %s\n", addr.c_str(),
+                resp.not_draining() ? "not draining, nothing to undo" : "drain undone",
                 resp.serving() ? "SERVING, routers send it work again"
                                : "NOT_SERVING until it holds experts (a router places them)");
     return absl::OkStatus();
@@ -544,8 +545,11 @@ absl::Status DrainCmd(const Flags& f) {
   }
   if (!resp.drained()) {
     return absl::DeadlineExceededError(absl::StrCat(
-        addr, ": ", resp.open_streams(), " Dispatch streams still open after ", waits_ms,
-        " ms; their batches are re-sent to other replicas when the shard stops"));
+        addr, ": ", resp.open_streams(),
+        resp.open_streams() == 1 ? " Dispatch stream still open" : " Dispatch streams still open",
+        " after ", waits_ms,
+        " ms: a router still needs the shard (its log says why); stopped now, what is sent to "
+        "it goes to another replica where its expert has one, and fails where it has none"));
   }
   std::printf("%s drained in %.0f ms: NOT_SERVING, no Dispatch stream open\n", addr.c_str(),
               absl::ToDoubleMilliseconds(absl::Now() - start));

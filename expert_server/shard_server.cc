@@ -650,6 +650,7 @@ grpc::ServerUnaryReactor* ShardServer::Impl::Drain(grpc::CallbackServerContext* 
                                    "shard is shutting down: a drain cannot be undone now"));
       return reactor;
     }
+    resp->set_not_draining(!draining);
     if (draining) {  // not draining: nothing to take back, the state stays as it is
       draining = false;
       ++undos;

@@ -754,6 +754,7 @@ TEST_F(ShardServerTest, AnUndoEndsAWaitingDrainAtOnce) {
   ASSERT_TRUE(stub->Drain(&ctx, undo, &undone).ok());
   EXPECT_TRUE(undone.undone());
   EXPECT_TRUE(undone.serving());
+  EXPECT_FALSE(undone.not_draining());
   drain.join();
   const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_LT(waited, 5.0) << "the drain went on waiting (for up to 30 s) after the undo";
@@ -761,6 +762,14 @@ TEST_F(ShardServerTest, AnUndoEndsAWaitingDrainAtOnce) {
   EXPECT_TRUE(drained.undone());
   EXPECT_FALSE(drained.drained());
   EXPECT_EQ(drained.open_streams(), 1);
+  EXPECT_FALSE(draining());
+  // An undo with no drain to take back says so and changes nothing.
+  grpc::ClientContext again_ctx;
+  v1::DrainResponse nothing;
+  ASSERT_TRUE(stub->Drain(&again_ctx, undo, &nothing).ok());
+  EXPECT_TRUE(nothing.undone());
+  EXPECT_TRUE(nothing.not_draining());
+  EXPECT_TRUE(nothing.serving());
   EXPECT_FALSE(draining());
 
   const v1::DispatchRequest again = Batch(2, 3, {{1, {0, 2}}});

@@ -257,6 +257,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   bool first_settling = false;
   std::string first_wait;  // why the first placement last waited (said once; control loop)
   std::string drain_wait;  // what MoveOffDraining last said (said once; control loop)
+  // The table a switch replaced, while it waits for the requests routed on it (StillNeeded).
+  // Weak: the switch waits for the old table's use count to fall.
+  std::mutex retiring_mu;
+  std::weak_ptr<const RoutingTable> retiring;
   // Shards MoveOffDraining took out of the placement, until they hold experts again or leave
   // the table: the only empty shards PlaceUndrained gives experts (control loop).
   std::set<std::string> drained_off;
@@ -1269,9 +1273,19 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         std::chrono::steady_clock::now() +
         absl::ToChronoNanoseconds(std::clamp(options.default_timeout + absl::Seconds(1),
                                              absl::Seconds(60), absl::Hours(24 * 365)));
+    {
+      // Until then a shard the old table places replicas on is still needed (StillNeeded): a
+      // request routed on it may yet send there, a drained shard's last resort among others.
+      std::lock_guard<std::mutex> lock(retiring_mu);
+      retiring = old;
+    }
     while (unloads && old.use_count() > 1 && std::chrono::steady_clock::now() < drain_until &&
            !shutting_down.load()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    {
+      std::lock_guard<std::mutex> lock(retiring_mu);
+      retiring.reset();
     }
     // Not while shutting down: requests on the old table may still be finishing, and what is
     // left loaded is unloaded by the next router's first placement.
@@ -1565,16 +1579,23 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return false;
   }
 
-  // Whether the shard at `address` holds any replica in the live placement
-  // (ShardClient::SetStillNeeded): a drain keeps its stream open until MoveOffDraining has taken
-  // the shard out of the placement (its experts moved or served elsewhere), so that "drained"
-  // means that nothing is placed on it.
+  // Whether the shard at `address` holds any replica in the live placement, or in the one a
+  // switch has just replaced while requests routed on it still run (ShardClient::
+  // SetStillNeeded): a drain keeps its stream open until MoveOffDraining has taken the shard
+  // out of the placement (its experts moved or served elsewhere) and those requests are done,
+  // so that "drained" means that nothing is placed on it and nothing will be sent to it.
   bool StillNeeded(const std::string& address) {
     if (shutting_down.load()) return false;  // it keeps no stream, and holds up no drain
-    std::shared_ptr<const RoutingTable> t = Table();
-    if (t == nullptr) return false;
-    for (int s = 0; s < static_cast<int>(t->shards.size()); ++s) {
-      if (t->shards[s]->address() == address && !t->placement.ExpertsOn(s).empty()) return true;
+    std::shared_ptr<const RoutingTable> old;
+    {
+      std::lock_guard<std::mutex> lock(retiring_mu);
+      old = retiring.lock();
+    }
+    for (const std::shared_ptr<const RoutingTable>& t : {Table(), old}) {
+      if (t == nullptr) continue;
+      for (int s = 0; s < static_cast<int>(t->shards.size()); ++s) {
+        if (t->shards[s]->address() == address && !t->placement.ExpertsOn(s).empty()) return true;
+      }
     }
     return false;
   }
@@ -1665,10 +1686,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     const std::string why = absl::StrCat(
         ShardsThatDrain(drains),
         plan.empty() ? "" : absl::StrCat(": copying ", absl::StrJoin(plan, "; ")),
-        dropped.empty() ? ""
-                        : absl::StrCat(plan.empty() ? ": " : "; ", "its replica(s) of expert(s) ",
-                                       absl::StrJoin(dropped, ","),
-                                       " leave the placement (served by shards in rotation)"),
+        dropped.empty()
+            ? ""
+            : absl::StrCat(plan.empty() ? ": " : "; ", drains.size() == 1 ? "its" : "their",
+                           " replica(s) of expert(s) ", absl::StrJoin(dropped, ","),
+                           " leave the placement (served by shards in rotation)"),
         stuck.empty()
             ? ""
             : absl::StrCat("; no shard in rotation can take expert(s) ", absl::StrJoin(stuck, ","),

@@ -554,6 +554,7 @@ TEST_F(ClusterTest, AnUndoneDrainServesAgain) {
     // again (or SERVING, where the undo came before the router had unloaded it).
     client({"drain", "--addr", shard, "--undo"}, "drain undone: ");
     EXPECT_EQ(AwaitShardState(cluster->router_address(), shard, "serving", 10), "serving");
+    client({"drain", "--addr", shard, "--undo"}, "not draining, nothing to undo: SERVING");
     EXPECT_EQ(OnlyAndSharedOn(router.get(), 1), placed) << "not the strategy's layout again";
     // Placed again with the trained weights: the next step trains every replica alike.
     trained = TrainSteps(router.get(), 9310, 1);
