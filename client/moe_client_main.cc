@@ -548,8 +548,9 @@ absl::Status DrainCmd(const Flags& f) {
         addr, ": ", resp.open_streams(),
         resp.open_streams() == 1 ? " Dispatch stream still open" : " Dispatch streams still open",
         " after ", waits_ms,
-        " ms: a router still needs the shard (its log says why); stopped now, what is sent to "
-        "it goes to another replica where its expert has one, and fails where it has none"));
+        " ms: a router still places experts on the shard (its log says why) or has requests "
+        "routed there running; if it is stopped now, what is sent to it goes to another "
+        "replica where its expert has one, and fails where it has none"));
   }
   std::printf("%s drained in %.0f ms: NOT_SERVING, no Dispatch stream open\n", addr.c_str(),
               absl::ToDoubleMilliseconds(absl::Now() - start));

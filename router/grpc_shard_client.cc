@@ -272,9 +272,10 @@ void GrpcShardClient::HealthLoop() {
   // one good check brings it back. A broken stream takes it out at once (StreamEnded). A shard
   // that answers NOT_SERVING says so on purpose (draining, or no experts loaded): it leaves at
   // once and its stream is closed gracefully, so the batches on it are answered, not re-sent;
-  // not while the live placement still puts a replica on it (StillNeeded, asked after it left
-  // rotation): its stream stays open, or is opened, as the last resort of an expert it holds
-  // alone, until the router has moved its experts off it or found them served elsewhere.
+  // not while the live placement (or the one a switch replaced, while requests routed on it
+  // run) still puts a replica on it (StillNeeded, asked after it left rotation): its stream
+  // stays open, or is opened, as the last resort of an expert it holds alone, until the router
+  // has moved its experts off it or found them served elsewhere.
   int failures = 0;
   std::unique_lock<std::mutex> lock(mu_);
   while (!stopping_) {

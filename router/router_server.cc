@@ -257,9 +257,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   bool first_settling = false;
   std::string first_wait;  // why the first placement last waited (said once; control loop)
   std::string drain_wait;  // what MoveOffDraining last said (said once; control loop)
-  // The table a switch replaced, while it waits for the requests routed on it (StillNeeded).
-  // Weak: the switch waits for the old table's use count to fall.
-  std::mutex retiring_mu;
+  // The table a switch replaced, while it waits for the requests routed on it (StillNeeded;
+  // table_mu). Weak: the switch waits for the old table's use count to fall.
   std::weak_ptr<const RoutingTable> retiring;
   // Shards MoveOffDraining took out of the placement, until they hold experts again or leave
   // the table: the only empty shards PlaceUndrained gives experts (control loop).
@@ -1250,9 +1249,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       // The strategy with its table: the control loop, which reads the table and then proposes
       // for `strategy`, never proposes the old strategy over the new table (based_on would let
       // that through, and undo an operator's Rebalance).
+      // The old table is `retiring` in the same step: StillNeeded, which reads both under
+      // table_mu, never sees the new table without it.
       std::lock_guard<std::mutex> tl(table_mu);
       strategy.store(next.strategy);
       table = std::make_shared<RoutingTable>(RoutingTable{next, next_shards});
+      retiring = old;
     }
     if (trainer != nullptr) trainer->DropUnconfirmedOutside(*Table());
     train_lock.unlock();  // steps now use the new table
@@ -1273,18 +1275,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         std::chrono::steady_clock::now() +
         absl::ToChronoNanoseconds(std::clamp(options.default_timeout + absl::Seconds(1),
                                              absl::Seconds(60), absl::Hours(24 * 365)));
-    {
-      // Until then a shard the old table places replicas on is still needed (StillNeeded): a
-      // request routed on it may yet send there, a drained shard's last resort among others.
-      std::lock_guard<std::mutex> lock(retiring_mu);
-      retiring = old;
-    }
+    // Until then a shard the old table places replicas on is still needed (StillNeeded): a
+    // request routed on it may yet send there, a drained shard's last resort among others.
     while (unloads && old.use_count() > 1 && std::chrono::steady_clock::now() < drain_until &&
            !shutting_down.load()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
     {
-      std::lock_guard<std::mutex> lock(retiring_mu);
+      std::lock_guard<std::mutex> lock(table_mu);
       retiring.reset();
     }
     // Not while shutting down: requests on the old table may still be finishing, and what is
@@ -1586,12 +1584,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // so that "drained" means that nothing is placed on it and nothing will be sent to it.
   bool StillNeeded(const std::string& address) {
     if (shutting_down.load()) return false;  // it keeps no stream, and holds up no drain
-    std::shared_ptr<const RoutingTable> old;
+    std::shared_ptr<const RoutingTable> live, old;
     {
-      std::lock_guard<std::mutex> lock(retiring_mu);
+      std::lock_guard<std::mutex> lock(table_mu);
+      live = table;
       old = retiring.lock();
     }
-    for (const std::shared_ptr<const RoutingTable>& t : {Table(), old}) {
+    for (const std::shared_ptr<const RoutingTable>& t : {live, old}) {
       if (t == nullptr) continue;
       for (int s = 0; s < static_cast<int>(t->shards.size()); ++s) {
         if (t->shards[s]->address() == address && !t->placement.ExpertsOn(s).empty()) return true;

@@ -56,8 +56,9 @@ class ShardClient {
   void SetServesOtherModel(bool other) { other_model_.store(other); }
   bool serves_other_model() const { return other_model_.load(); }
   // Set by the router once, before the client is used: whether the shard, out of rotation,
-  // still holds a replica in the live placement (asked when the shard answers NOT_SERVING,
-  // after it left rotation). Such a shard (draining) keeps a Dispatch stream open, as the last
+  // still holds a replica in the live placement, or in the one a switch replaced while
+  // requests routed on it run (asked when the shard answers NOT_SERVING, after it left
+  // rotation). Such a shard (draining) keeps a Dispatch stream open, as the last
   // resort of an expert it holds alone, so that its Drain does not answer "drained" until the
   // router has taken it out of the placement.
   // Called under needed_mu_, so that SetStillNeeded(nullptr) (the router's shutdown) returns
