@@ -117,8 +117,9 @@ void Dynamic(Placement* p, int E, int S, const std::vector<double>& raw, int slo
 }  // namespace
 
 absl::StatusOr<Placement> ComputePlacement(Strategy strategy, int E, int S,
-                                           const std::vector<double>& load,
-                                           int slots_per_shard, const std::vector<bool>& usable) {
+                                           const std::vector<double>& load, int slots_per_shard,
+                                           const std::vector<bool>& usable,
+                                           const std::vector<bool>& drains) {
   if (E < 1) return absl::InvalidArgumentError("placement needs at least one expert");
   if (S < 1) return absl::UnavailableError("placement needs at least one shard");
   if (static_cast<int>(load.size()) != E) {
@@ -127,26 +128,37 @@ absl::StatusOr<Placement> ComputePlacement(Strategy strategy, int E, int S,
   if (!usable.empty() && static_cast<int>(usable.size()) != S) {
     return absl::InvalidArgumentError("placement: one usable flag per shard is needed");
   }
+  if (!drains.empty() && static_cast<int>(drains.size()) != S) {
+    return absl::InvalidArgumentError("placement: one drains flag per shard is needed");
+  }
   Placement p;
   p.strategy = strategy;
   p.num_shards = S;
   p.replicas.assign(E, {});
-  std::vector<int> all(S);
-  std::iota(all.begin(), all.end(), 0);
+  // The formula's positions: the shards that do not drain (all, where every one drains).
+  std::vector<int> all;
+  for (int s = 0; s < S; ++s) {
+    if (drains.empty() || !drains[s]) all.push_back(s);
+  }
+  if (all.empty()) {
+    all.resize(S);
+    std::iota(all.begin(), all.end(), 0);
+  }
+  const int F = static_cast<int>(all.size());
   switch (strategy) {
     case Strategy::kReplicated:
       for (int e = 0; e < E; ++e) p.replicas[e] = all;
       break;
     case Strategy::kSharded: {
-      const int block = CeilDiv(E, S);
-      for (int e = 0; e < E; ++e) p.replicas[e] = {e / block};
+      const int block = CeilDiv(E, F);
+      for (int e = 0; e < E; ++e) p.replicas[e] = {all[e / block]};
       break;
     }
     case Strategy::kHybrid: {
       const int h = E / 2, rest = E - h;
-      const int block = CeilDiv(rest, S);
+      const int block = CeilDiv(rest, F);
       for (int e = 0; e < h; ++e) p.replicas[e] = all;
-      for (int e = h; e < E; ++e) p.replicas[e] = {(e - h) / block};
+      for (int e = h; e < E; ++e) p.replicas[e] = {all[(e - h) / block]};
       break;
     }
     case Strategy::kDynamic:

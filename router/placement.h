@@ -41,11 +41,14 @@ struct Placement {
 // per-expert tokens per batch (any scale; all zero means uniform). `usable` (empty: every
 // shard) marks the shards `dynamic` may place on: those in rotation, so that a rebalance never
 // moves load onto a shard that is down, and moves it off one. The fixed strategies ignore it.
-// ceil(5 E / 4 S) then counts the usable shards only.
+// ceil(5 E / 4 S) then counts the usable shards only. `drains` (empty: none) marks shards that
+// drain and hold nothing: they will not serve again, so the fixed strategies' formula runs over
+// the others (position i on the i-th shard that does not drain; over every shard where all
+// drain). A shard that is down keeps its position: it comes back.
 absl::StatusOr<Placement> ComputePlacement(Strategy strategy, int num_experts, int num_shards,
-                                           const std::vector<double>& load,
-                                           int slots_per_shard = 0,
-                                           const std::vector<bool>& usable = {});
+                                           const std::vector<double>& load, int slots_per_shard = 0,
+                                           const std::vector<bool>& usable = {},
+                                           const std::vector<bool>& drains = {});
 
 // Expected load per shard when each expert's load is split evenly over its replicas on the
 // `usable` shards (empty: every shard): a shard out of rotation carries none, and an expert

@@ -129,6 +129,33 @@ TEST(Placement, DynamicPlacesNothingOnShardsOutOfRotation) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// A shard that drains (and holds nothing) will not serve again: the fixed formulas run over
+// the others, position i on the i-th shard that does not drain. Where every shard drains, over
+// all of them.
+TEST(Placement, FixedFormulasRunOverTheShardsThatDoNotDrain) {
+  const std::vector<bool> one = {false, true, false};
+  auto h = ComputePlacement(Strategy::kHybrid, 8, 3, Uniform(8), 0, {}, one);
+  ASSERT_TRUE(h.ok()) << h.status();
+  // Experts 0-3 on shards 0 and 2; 4-7 in blocks of 2 over them.
+  const std::vector<std::vector<int>> want_h = {{0, 2}, {0, 2}, {0, 2}, {0, 2}, {0}, {0}, {2}, {2}};
+  EXPECT_EQ(h->replicas, want_h);
+  EXPECT_TRUE(h->ExpertsOn(1).empty());
+  auto s = ComputePlacement(Strategy::kSharded, 5, 3, Uniform(5), 0, {}, one);
+  ASSERT_TRUE(s.ok());
+  const std::vector<std::vector<int>> want_s = {{0}, {0}, {0}, {2}, {2}};
+  EXPECT_EQ(s->replicas, want_s);
+  auto r = ComputePlacement(Strategy::kReplicated, 2, 3, Uniform(2), 0, {}, one);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->replicas, (std::vector<std::vector<int>>{{0, 2}, {0, 2}}));
+  // Every shard drains: over all of them, as with none.
+  auto all = ComputePlacement(Strategy::kSharded, 4, 2, Uniform(4), 0, {}, {true, true});
+  auto none = ComputePlacement(Strategy::kSharded, 4, 2, Uniform(4));
+  ASSERT_TRUE(all.ok() && none.ok());
+  EXPECT_EQ(all->replicas, none->replicas);
+  EXPECT_EQ(ComputePlacement(Strategy::kSharded, 4, 2, Uniform(4), 0, {}, {true}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(Placement, ImbalanceAndErrors) {
   auto p = ComputePlacement(Strategy::kSharded, 4, 2, Uniform(4));
   EXPECT_DOUBLE_EQ(Imbalance(*p, {1, 1, 1, 1}), 0.0);

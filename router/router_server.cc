@@ -684,9 +684,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   // `usable`: see ComputePlacement (empty: every shard).
   absl::StatusOr<Placement> Propose(Strategy s, int num_shards,
-                                    const std::vector<bool>& usable = {}) {
+                                    const std::vector<bool>& usable = {},
+                                    const std::vector<bool>& drains = {}) {
     return ComputePlacement(s, config.num_experts, num_shards, load_stats->Load(),
-                            options.dynamic_slots_per_shard, usable);
+                            options.dynamic_slots_per_shard, usable, drains);
   }
 
   // The shards of `t` that take load, without a call: those in rotation, and those that answer
@@ -705,15 +706,18 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   // Where a rebalance from table `t` may place replicas: the shards in rotation, and those that
   // answer NOT_SERVING only because `t` gives them nothing to serve (a shard turns SERVING once
-  // it holds an expert: left out, an empty one would stay empty for good).
-  static std::vector<bool> Usable(const RoutingTable& t) {
+  // it holds an expert: left out, an empty one would stay empty for good). `drains` (if given):
+  // the shards that hold nothing in `t` and drain, which the fixed formulas leave out.
+  static std::vector<bool> Usable(const RoutingTable& t, std::vector<bool>* drains = nullptr) {
     std::vector<bool> up = InRotation(t);
+    if (drains != nullptr) drains->assign(t.shards.size(), false);
     for (size_t s = 0; s < t.shards.size(); ++s) {
       if (!up[s] || t.shards[s]->healthy()) continue;
       // NOT_SERVING and holding nothing: waiting for experts, unless it is draining (it will
       // not serve again: experts placed there could not be served).
       absl::StatusOr<v1::ShardStatus> st = t.shards[s]->GetStatus(absl::Milliseconds(500));
       up[s] = st.ok() && !st->draining();
+      if (drains != nullptr) (*drains)[s] = st.ok() && st->draining();
     }
     return up;
   }
@@ -732,11 +736,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (live == nullptr) return absl::UnavailableError("the initial placement is still loading");
       now = *live;
     }
-    const std::vector<bool> usable = Usable(now);
+    std::vector<bool> drains;
+    const std::vector<bool> usable = Usable(now, &drains);
     *shards = std::move(now.shards);
     if (usable_out != nullptr) *usable_out = usable;
     if (live_out != nullptr) *live_out = now.placement;  // the placement `*shards` belong to
-    return Propose(s.value_or(now.placement.strategy), static_cast<int>(shards->size()), usable);
+    return Propose(s.value_or(now.placement.strategy), static_cast<int>(shards->size()), usable,
+                   drains);
   }
 
   // Loads the new replicas everywhere (copied from a live replica once the model has trained,
@@ -1813,8 +1819,21 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
             }
             reachable.push_back(r);
           }
-          absl::StatusOr<Placement> p =
-              Propose(t->placement.strategy, static_cast<int>(members->size()), reachable);
+          // A draining member that holds nothing in the live placement (MoveOffDraining has
+          // taken it out) is left out of the fixed formulas: placed over the others, the change
+          // need not wait for it to stop. One that still holds replicas keeps its position
+          // (MoveOffDraining moves them first, and waits for replicas that are not READY).
+          std::vector<bool> drained_empty;
+          for (const auto& c : *members) {
+            bool placed = false;
+            for (int s = 0; s < static_cast<int>(t->shards.size()); ++s) {
+              placed = placed || (t->shards[s]->address() == c->address() &&
+                                  !t->placement.ExpertsOn(s).empty());
+            }
+            drained_empty.push_back(drains.count(c->address()) > 0 && !placed);
+          }
+          absl::StatusOr<Placement> p = Propose(
+              t->placement.strategy, static_cast<int>(members->size()), reachable, drained_empty);
           std::set<std::string> onto_down;
           std::vector<int> unserved;
           if (p.ok()) {

@@ -582,6 +582,64 @@ TEST_F(ClusterTest, AnUndoneDrainServesAgain) {
   }
 }
 
+// A rebalance to a fixed strategy while a shard stays drained (not stopped) runs the formula
+// over the shards that do not drain: the dry run is not refused, and applied, it puts nothing
+// on the drained shard; training and requests go on. Until 2026-12-05 it was refused ("hybrid
+// placement would leave experts 6,7 with no replica on a shard in rotation"), from a new
+// user's walk-through. Undone, the shard gets the formula over all shards again.
+TEST_F(ClusterTest, ARebalanceWhileAShardDrainsPlacesOverTheOthers) {
+  auto cluster = Start("hybrid", 3);
+  ASSERT_NE(cluster, nullptr);
+  auto router = client::MakeRouterStub(cluster->router_address());
+  const std::string shard = cluster->shard_addresses()[1];
+  ASSERT_TRUE(DrainWithClient(shard, 10));
+  auto rebalance = [&](const std::string& strategy, bool dry, v1::Placement* p) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    v1::RebalanceRequest req;
+    req.set_strategy(strategy);
+    req.set_dry_run(dry);
+    return router->Rebalance(&ctx, req, p);
+  };
+  for (const std::string strategy : {"hybrid", "sharded", "replicated"}) {
+    SCOPED_TRACE(strategy);
+    v1::Placement dry;
+    const grpc::Status st = rebalance(strategy, true, &dry);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    EXPECT_EQ(dry.refusal(), "");
+    for (const v1::ExpertPlacement& e : dry.experts()) {
+      EXPECT_TRUE(std::find(e.shards().begin(), e.shards().end(), 1) == e.shards().end())
+          << "expert " << e.expert() << " proposed on the drained shard";
+    }
+  }
+  v1::Placement applied;
+  grpc::Status st = rebalance("sharded", false, &applied);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  const auto on_drained = OnlyAndSharedOn(router.get(), 1);
+  EXPECT_TRUE(on_drained.first.empty() && on_drained.second.empty());
+  // Experts 0-3 on shard 0, 4-7 on shard 2: the formula over the two that do not drain.
+  EXPECT_EQ(OnlyAndSharedOn(router.get(), 0).first, (std::set<int>{0, 1, 2, 3}));
+  EXPECT_EQ(OnlyAndSharedOn(router.get(), 2).first, (std::set<int>{4, 5, 6, 7}));
+  for (int i = 0; i < 3; ++i) {
+    const std::vector<float> x = common::RandomMatrix(16, Config().d_model, 970 + i);
+    v1::InferResponse resp;
+    ASSERT_TRUE(Infer(router.get(), Request(x, 16, "drained"), &resp).ok());
+    EXPECT_TRUE(Matches(x, 16, resp, *layer_));
+  }
+  const absl::Status trained = TrainSteps(router.get(), 9400, 1);
+  EXPECT_TRUE(trained.ok()) << trained;
+  // Undone: the formula over all three again (blocks of 3: shard 1 holds experts 3-5).
+  grpc::ClientContext uctx;
+  v1::DrainRequest undo;
+  undo.set_undo(true);
+  v1::DrainResponse undone;
+  auto stub =
+      v1::ExpertShard::NewStub(grpc::CreateChannel(shard, grpc::InsecureChannelCredentials()));
+  ASSERT_TRUE(stub->Drain(&uctx, undo, &undone).ok());
+  EXPECT_EQ(AwaitShardState(cluster->router_address(), shard, "serving", 10), "serving");
+  EXPECT_EQ(OnlyAndSharedOn(router.get(), 1).first, (std::set<int>{3, 4, 5}));
+}
+
 // An expert whose only replica is killed fails its requests at once, UNAVAILABLE naming it and
 // where it was; the others keep serving. Those failures are no failovers: the metric counts
 // shard failures that were recovered (it counted each doomed request's last try on the dead
