@@ -1843,7 +1843,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           if (p.ok() && onto_down.empty() && unserved.empty()) {
             const uint64_t based_on = t->placement.version;
             t.reset();
-            if (Apply(*p, *members, based_on).ok()) SetNotPlaced({});
+            if (Apply(*p, *members, based_on).ok()) {
+              SetNotPlaced({});
+              // Left out while they drain: an undo places them (PlaceUndrained), also one that
+              // joined draining and was never placed.
+              for (size_t i = 0; i < members->size(); ++i) {
+                if (drained_empty[i]) drained_off.insert((*members)[i]->address());
+              }
+            }
             return;
           }
           // A draining member answers: it is no "not placed, does not answer" shard.
@@ -1853,12 +1860,22 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           }
           if (p.ok() && !onto_down.empty()) SetNotPlaced(silent);
           // A proposal that would leave an expert only on shards that drain or are down, where
-          // a shard in rotation serves it now (MoveOffDraining's replica, when a shard joins
-          // while another drains), waits for those shards to leave.
+          // a shard in rotation serves it now, or load onto a draining shard that still holds
+          // replicas (it keeps its position in the formula until MoveOffDraining has moved
+          // them off), waits for that.
+          std::set<std::string> holding;  // draining members the formula still counts
+          for (size_t i = 0; i < members->size(); ++i) {
+            if (drains.count((*members)[i]->address()) && !drained_empty[i]) {
+              holding.insert((*members)[i]->address());
+            }
+          }
           const std::string until_drained =
-              drains.empty()
+              holding.empty()
                   ? ""
-                  : absl::StrCat(" (", ShardsThatDrain(drains), ": stop it, or undo the drain)");
+                  : absl::StrCat(" (", ShardsThatDrain(holding),
+                                 holding.size() == 1
+                                     ? ": its experts move off first, or undo the drain)"
+                                     : ": their experts move off first, or undo the drains)");
           std::vector<std::string> onto;  // who it would load onto, and why not
           if (!silent.empty()) {
             onto.push_back(absl::StrCat(
