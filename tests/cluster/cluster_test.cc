@@ -435,6 +435,17 @@ TEST_F(ClusterTest, DrainedShardStopsWithoutAFailover) {
 }
 
 std::pair<std::set<int>, std::set<int>> OnlyAndSharedOn(v1::Router::Stub* stub, int s);
+
+// A Rebalance to `strategy` (a dry run where `dry_run`) with a deadline `within` from now.
+grpc::Status RebalanceWithin(v1::Router::Stub* stub, const std::string& strategy, bool dry_run,
+                             v1::Placement* p, std::chrono::seconds within) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + within);
+  v1::RebalanceRequest req;
+  req.set_strategy(strategy);
+  req.set_dry_run(dry_run);
+  return stub->Rebalance(&ctx, req, p);
+}
 absl::Status TrainSteps(v1::Router::Stub* stub, uint64_t first_seed, int n);
 grpc::Status TrainWhileRefused(v1::Router::Stub* stub, uint64_t seed,
                                const std::function<bool(const grpc::Status&)>& refused = nullptr,
@@ -594,12 +605,7 @@ TEST_F(ClusterTest, ARebalanceWhileAShardDrainsPlacesOverTheOthers) {
   const std::string shard = cluster->shard_addresses()[1];
   ASSERT_TRUE(DrainWithClient(shard, 10));
   auto rebalance = [&](const std::string& strategy, bool dry, v1::Placement* p) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-    v1::RebalanceRequest req;
-    req.set_strategy(strategy);
-    req.set_dry_run(dry);
-    return router->Rebalance(&ctx, req, p);
+    return RebalanceWithin(router.get(), strategy, dry, p, std::chrono::seconds(30));
   };
   for (const std::string strategy : {"hybrid", "sharded", "replicated"}) {
     SCOPED_TRACE(strategy);
@@ -1825,12 +1831,7 @@ TEST_F(ClusterTest, ARebalanceThatWouldStrandExpertsOnADownShardIsRefused) {
   ASSERT_TRUE(WaitOutOfRotation(stub.get(), 0))
       << "the router still had the killed shard in rotation after 10 s";
   auto rebalance = [&](const std::string& strategy, bool dry_run, v1::Placement* p) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-    v1::RebalanceRequest req;
-    req.set_strategy(strategy);
-    req.set_dry_run(dry_run);
-    return stub->Rebalance(&ctx, req, p);
+    return RebalanceWithin(stub.get(), strategy, dry_run, p, std::chrono::seconds(60));
   };
   v1::Placement p;
   grpc::Status st = rebalance("sharded", false, &p);
