@@ -217,7 +217,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::mutex table_mu;
   std::shared_ptr<const RoutingTable> table;  // null until the first placement is live
   // The model of each shard read (ServesThisModel): address -> "" for this router's model, or
-  // why it is another's.
+  // why it is another's. Also guards not_placed, draining_now and drained_off (a leaf lock:
+  // nothing else is taken while it is held).
   std::mutex models_mu;
   std::map<std::string, std::string> models;
   // Shards (members, or of a fixed --shards list) left out of the placement because they do
@@ -261,7 +262,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // table_mu). Weak: the switch waits for the old table's use count to fall.
   std::weak_ptr<const RoutingTable> retiring;
   // Shards MoveOffDraining took out of the placement, until they hold experts again or leave
-  // the table: the only empty shards PlaceUndrained gives experts (control loop).
+  // the table: the only empty shards PlaceUndrained gives experts. Written by the control loop;
+  // Usable reads it too (a drained shard that is then stopped stays out of the formulas), so
+  // under models_mu.
   std::set<std::string> drained_off;
   // The last "not applied" line Apply wrote (placement_mu): the same failure is said once.
   std::string last_not_applied;
@@ -674,7 +677,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     std::vector<bool> up;  // the live table's shards in rotation, when `p` is over them
     if (std::shared_ptr<const RoutingTable> t = Table();
         t != nullptr && static_cast<int>(t->shards.size()) == p.num_shards) {
-      up = InRotation(*t);
+      up = TakesLoad(*t);
     }
     out.set_imbalance(Imbalance(p, load, up));
     for (double l : ShardLoads(p, load, up)) out.add_shard_load(l);
@@ -691,8 +694,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   }
 
   // The shards of `t` that take load, without a call: those in rotation, and those that answer
-  // and hold nothing (waiting for experts; Usable also asks them whether they drain). What the
-  // imbalance is measured over: a shard that is down takes none.
+  // and hold nothing (waiting for experts; Usable also asks them whether they drain, TakesLoad
+  // leaves out those known to). A shard that is down takes none.
   static std::vector<bool> InRotation(const RoutingTable& t) {
     std::vector<bool> up;
     for (size_t s = 0; s < t.shards.size(); ++s) {
@@ -704,15 +707,46 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return up;
   }
 
+  // The shards of `t` whose load the imbalance counts: InRotation's, less those the last tick
+  // read as draining and those MoveOffDraining took out that still hold nothing (also on a tick
+  // whose status read of it failed). A drained shard answers and holds nothing: counted, it
+  // read as an idle shard, and a cluster balanced over the others as imbalanced.
+  std::vector<bool> TakesLoad(const RoutingTable& t) {
+    std::vector<bool> up = InRotation(t);
+    std::lock_guard<std::mutex> lock(models_mu);
+    for (size_t s = 0; s < t.shards.size(); ++s) {
+      const std::string& a = t.shards[s]->address();
+      if (draining_now.count(a) > 0 ||
+          (drained_off.count(a) > 0 && t.placement.ExpertsOn(static_cast<int>(s)).empty())) {
+        up[s] = false;
+      }
+    }
+    return up;
+  }
+
   // Where a rebalance from table `t` may place replicas: the shards in rotation, and those that
   // answer NOT_SERVING only because `t` gives them nothing to serve (a shard turns SERVING once
   // it holds an expert: left out, an empty one would stay empty for good). `drains` (if given):
-  // the shards that hold nothing in `t` and drain, which the fixed formulas leave out.
-  static std::vector<bool> Usable(const RoutingTable& t, std::vector<bool>* drains = nullptr) {
+  // the shards that hold nothing in `t` and that the fixed formulas leave out: those that
+  // drain, and those that drained and have stopped since (out of rotation and in drained_off:
+  // an operator drained the shard, then stopped it; started again, PlaceUndrained places it).
+  std::vector<bool> Usable(const RoutingTable& t, std::vector<bool>* drains = nullptr) {
     std::vector<bool> up = InRotation(t);
     if (drains != nullptr) drains->assign(t.shards.size(), false);
+    std::set<std::string> off;
+    if (drains != nullptr) {
+      std::lock_guard<std::mutex> lock(models_mu);
+      off = drained_off;
+    }
     for (size_t s = 0; s < t.shards.size(); ++s) {
-      if (!up[s] || t.shards[s]->healthy()) continue;
+      if (!up[s]) {
+        if (drains != nullptr && off.count(t.shards[s]->address()) > 0 &&
+            t.placement.ExpertsOn(static_cast<int>(s)).empty()) {
+          (*drains)[s] = true;
+        }
+        continue;
+      }
+      if (t.shards[s]->healthy()) continue;
       // NOT_SERVING and holding nothing: waiting for experts, unless it is draining (it will
       // not serve again: experts placed there could not be served).
       absl::StatusOr<v1::ShardStatus> st = t.shards[s]->GetStatus(absl::Milliseconds(500));
@@ -762,9 +796,15 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                      std::optional<uint64_t> based_on, bool user = false,
                      absl::Time deadline = absl::InfiniteFuture(),
                      const std::function<bool()>& cancelled = nullptr) {
-    const std::string what =
-        absl::StrCat(StrategyName(next.strategy), " placement over ", next_shards.size(),
-                     next_shards.size() == 1 ? " shard" : " shards");
+    // "over 3 of 4 shards" where some hold nothing (drained, or left empty by the strategy).
+    int holding = 0;
+    for (int s = 0; s < static_cast<int>(next_shards.size()); ++s) {
+      holding += !next.ExpertsOn(s).empty();
+    }
+    const std::string what = absl::StrCat(
+        StrategyName(next.strategy), " placement over ",
+        holding < static_cast<int>(next_shards.size()) ? absl::StrCat(holding, " of ") : "",
+        next_shards.size(), next_shards.size() == 1 ? " shard" : " shards");
     std::unique_lock<common::TimedMutex> lock(placement_mu, std::defer_lock);
     if (deadline == absl::InfiniteFuture()) {
       lock.lock();
@@ -1265,7 +1305,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (trainer != nullptr) trainer->DropUnconfirmedOutside(*Table());
     train_lock.unlock();  // steps now use the new table
     metrics->SetPlacementVersion(static_cast<double>(next.version));
-    metrics->SetImbalance(Imbalance(next, load_stats->Load(), InRotation(*Table())));
+    metrics->SetImbalance(Imbalance(next, load_stats->Load(), TakesLoad(*Table())));
     metrics->Rebalanced();
     last_rebalance = std::chrono::steady_clock::now();
     // Requests routed with the old table still hold it: let them finish before its replicas go.
@@ -1605,6 +1645,23 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return false;
   }
 
+  // A switch the control loop works out over the live table `t`: applied unless another came
+  // in between (Apply's based_on). `t` is let go of for it (Apply waits for every holder of the
+  // live table) and is the live table after it. A failure is logged and tried again next tick.
+  // Returns whether the tick ends here: the switch was applied, or the table changed anyway
+  // (what the tick read is out of date: the next one reads again). `*applied`: whether it was.
+  // `next` and `shards` stay by value: a caller passes `t->shards`, and `t` may be the last
+  // holder of that table when it is let go of.
+  bool SwitchFromTick(std::shared_ptr<const RoutingTable>& t, Placement next,
+                      std::vector<std::shared_ptr<ShardClient>> shards, bool* applied = nullptr) {
+    const uint64_t based_on = t->placement.version;
+    t.reset();
+    const bool ok = Apply(std::move(next), std::move(shards), based_on).ok();
+    if (applied != nullptr) *applied = ok;
+    t = Table();
+    return ok || t == nullptr || t->placement.version != based_on;
+  }
+
   // A shard that drains (ShardStatus.draining: its preStop hook, or `moe-client drain`) is out
   // of rotation for good, and leaves the placement: a training step refuses to run while a
   // shard out of rotation holds replicas. Its replica of an expert is dropped where a shard in
@@ -1682,7 +1739,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     for (int s = 0; s < S; ++s) {
       if (draining[s]) drains.push_back(t->shards[s]->address());
     }
-    if (!moved.empty() || !dropped.empty()) drained_off.insert(drains.begin(), drains.end());
+    if (!moved.empty() || !dropped.empty()) {
+      std::lock_guard<std::mutex> lock(models_mu);
+      drained_off.insert(drains.begin(), drains.end());
+    }
     std::vector<std::string> plan;
     for (const auto& [target, experts] : moved) {
       plan.push_back(absl::StrCat("expert(s) ", absl::StrJoin(experts, ","), " onto ",
@@ -1711,15 +1771,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       std::fprintf(stderr, "moe-router: %s\n", why.c_str());
     }
     if (moved.empty() && dropped.empty()) return false;
-    const uint64_t based_on = t->placement.version;
-    std::vector<std::shared_ptr<ShardClient>> shards = t->shards;
-    t.reset();  // Apply waits for every holder of the live table to let go of it
-    // A failure is logged and tried again next tick; the rest of this tick runs meanwhile (it
-    // may settle what held the switch back: a commit a shard has not confirmed).
-    const bool applied = Apply(std::move(next), std::move(shards), based_on).ok();
-    t = Table();
-    // Another switch meanwhile: what the tick read is out of date, the next one reads again.
-    return applied || t == nullptr || t->placement.version != based_on;
+    // A failure: the rest of this tick runs meanwhile (it may settle what held the switch back:
+    // a commit a shard has not confirmed).
+    return SwitchFromTick(t, std::move(next), t->shards);
   }
 
   // A shard that MoveOffDraining took out of the placement and that answers again, not
@@ -1734,11 +1788,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   bool PlaceUndrained(std::shared_ptr<const RoutingTable>& t, const std::vector<bool>& draining,
                       const std::vector<Holding>& held, bool membership_changes) {
     const int S = static_cast<int>(t->shards.size());
-    for (auto it = drained_off.begin(); it != drained_off.end();) {
-      int s = 0;
-      while (s < S && t->shards[s]->address() != *it) ++s;
-      const bool placed_again = s < S && !draining[s] && !t->placement.ExpertsOn(s).empty();
-      it = (s == S || placed_again) ? drained_off.erase(it) : std::next(it);
+    std::set<std::string> off;
+    {
+      std::lock_guard<std::mutex> lock(models_mu);
+      for (auto it = drained_off.begin(); it != drained_off.end();) {
+        int s = 0;
+        while (s < S && t->shards[s]->address() != *it) ++s;
+        const bool placed_again = s < S && !draining[s] && !t->placement.ExpertsOn(s).empty();
+        it = (s == S || placed_again) ? drained_off.erase(it) : std::next(it);
+      }
+      off = drained_off;
     }
     if (std::any_of(draining.begin(), draining.end(), [](bool d) { return d; }) ||
         !membership_wait.empty() || membership_changes) {
@@ -1746,26 +1805,23 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     std::vector<int> empty;
     for (int s = 0; s < S; ++s) {
-      if (drained_off.count(t->shards[s]->address()) > 0 && held[s].read &&
-          t->shards[s]->answering() && t->placement.ExpertsOn(s).empty()) {
+      if (off.count(t->shards[s]->address()) > 0 && held[s].read && t->shards[s]->answering() &&
+          t->placement.ExpertsOn(s).empty()) {
         empty.push_back(s);
       }
     }
     if (empty.empty()) return false;
-    const std::vector<bool> usable = Usable(*t);
-    absl::StatusOr<Placement> p = Propose(t->placement.strategy, S, usable);
+    // Another drained shard that has stopped since keeps out of the formula (Usable).
+    std::vector<bool> drains;
+    const std::vector<bool> usable = Usable(*t, &drains);
+    absl::StatusOr<Placement> p = Propose(t->placement.strategy, S, usable, drains);
     if (!p.ok() || p->replicas == t->placement.replicas ||
         std::none_of(empty.begin(), empty.end(), [&](int s) { return !p->ExpertsOn(s).empty(); }) ||
         !LoadsOntoDown(*p, t->shards, usable, t->placement, t->shards).empty() ||
         !LeftUnserved(*p, usable, *t).empty()) {
       return false;
     }
-    const uint64_t based_on = t->placement.version;
-    std::vector<std::shared_ptr<ShardClient>> shards = t->shards;
-    t.reset();  // Apply waits for every holder of the live table to let go of it
-    const bool applied = Apply(*std::move(p), std::move(shards), based_on).ok();
-    t = Table();
-    return applied || t == nullptr || t->placement.version != based_on;
+    return SwitchFromTick(t, *std::move(p), t->shards);
   }
 
   // Reloads what a restarted shard lost, copies replicas left behind by training again, and
@@ -1823,14 +1879,25 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           // taken it out) is left out of the fixed formulas: placed over the others, the change
           // need not wait for it to stop. One that still holds replicas keeps its position
           // (MoveOffDraining moves them first, and waits for replicas that are not READY).
+          // A member that drained and has stopped since (in drained_off, of the live table, and
+          // unreachable) is left out as well, as in Usable.
+          std::set<std::string> off;
+          {
+            std::lock_guard<std::mutex> lock(models_mu);
+            for (const auto& c : t->shards) {
+              if (drained_off.count(c->address()) > 0) off.insert(c->address());
+            }
+          }
           std::vector<bool> drained_empty;
-          for (const auto& c : *members) {
+          for (size_t i = 0; i < members->size(); ++i) {
+            const std::string& a = (*members)[i]->address();
             bool placed = false;
             for (int s = 0; s < static_cast<int>(t->shards.size()); ++s) {
-              placed = placed || (t->shards[s]->address() == c->address() &&
-                                  !t->placement.ExpertsOn(s).empty());
+              placed =
+                  placed || (t->shards[s]->address() == a && !t->placement.ExpertsOn(s).empty());
             }
-            drained_empty.push_back(drains.count(c->address()) > 0 && !placed);
+            drained_empty.push_back(!placed &&
+                                    (drains.count(a) > 0 || (off.count(a) > 0 && !reachable[i])));
           }
           absl::StatusOr<Placement> p = Propose(
               t->placement.strategy, static_cast<int>(members->size()), reachable, drained_empty);
@@ -1841,12 +1908,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
             unserved = LeftUnserved(*p, reachable, *t);
           }
           if (p.ok() && onto_down.empty() && unserved.empty()) {
-            const uint64_t based_on = t->placement.version;
-            t.reset();
-            if (Apply(*p, *members, based_on).ok()) {
+            bool applied = false;
+            SwitchFromTick(t, *std::move(p), *members, &applied);
+            if (applied) {
               SetNotPlaced({});
               // Left out while they drain: an undo places them (PlaceUndrained), also one that
               // joined draining and was never placed.
+              std::lock_guard<std::mutex> lock(models_mu);
               for (size_t i = 0; i < members->size(); ++i) {
                 if (drained_empty[i]) drained_off.insert((*members)[i]->address());
               }
@@ -1955,7 +2023,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     UnloadExtras(t, held);
     const std::vector<double> load = load_stats->Load();
-    const double imbalance = Imbalance(t->placement, load, InRotation(*t));
+    const double imbalance = Imbalance(t->placement, load, TakesLoad(*t));
     metrics->SetImbalance(imbalance);
     // The strategy of the table this tick read (Apply stores both together).
     if (t->placement.strategy != Strategy::kDynamic || load_stats->batches() == 0) return;
@@ -1973,9 +2041,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // A switch away from dynamic since the check above: it stays (Apply's based_on is then
     // the switch's own version, and would not refuse this proposal).
     if (live.strategy != Strategy::kDynamic) return;
-    // Both sides over the same shards (Usable also leaves out a drained one, which InRotation
-    // cannot tell without a call), and never the placement that is live already: a drained,
-    // empty shard otherwise read as idle, and every cooldown applied a new version for nothing.
+    // Both sides over the same shards (Usable asks an empty one whether it drains, where
+    // TakesLoad knows only what the last tick read), and never the placement that is live
+    // already: a drained, empty shard otherwise read as idle, and every cooldown applied a new
+    // version for nothing.
     if (next.ok() && next->replicas != live.replicas &&
         Imbalance(*next, load, usable) < Imbalance(live, load, usable) - 0.05) {
       Apply(*next, std::move(current), live.version).IgnoreError();

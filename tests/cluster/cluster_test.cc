@@ -436,6 +436,20 @@ TEST_F(ClusterTest, DrainedShardStopsWithoutAFailover) {
 
 std::pair<std::set<int>, std::set<int>> OnlyAndSharedOn(v1::Router::Stub* stub, int s);
 
+// OnlyAndSharedOn read until it is `want` or `seconds` pass (a shard placed again reads
+// "serving" a moment before the switch that places it is live); the last read.
+std::pair<std::set<int>, std::set<int>> AwaitOnlyAndSharedOn(
+    v1::Router::Stub* stub, int s, const std::pair<std::set<int>, std::set<int>>& want,
+    double seconds) {
+  const auto start = Clock::now();
+  std::pair<std::set<int>, std::set<int>> got = OnlyAndSharedOn(stub, s);
+  while (got != want && Since(start) < seconds) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    got = OnlyAndSharedOn(stub, s);
+  }
+  return got;
+}
+
 // A Rebalance to `strategy` (a dry run where `dry_run`) with a deadline `within` from now.
 grpc::Status RebalanceWithin(v1::Router::Stub* stub, const std::string& strategy, bool dry_run,
                              v1::Placement* p, std::chrono::seconds within) {
@@ -607,6 +621,12 @@ TEST_F(ClusterTest, ARebalanceWhileAShardDrainsPlacesOverTheOthers) {
   auto rebalance = [&](const std::string& strategy, bool dry, v1::Placement* p) {
     return RebalanceWithin(router.get(), strategy, dry, p, std::chrono::seconds(30));
   };
+  // Some load for the proposals' imbalance to measure.
+  for (int i = 0; i < 3; ++i) {
+    const std::vector<float> x = common::RandomMatrix(16, Config().d_model, 960 + i);
+    v1::InferResponse resp;
+    ASSERT_TRUE(Infer(router.get(), Request(x, 16, "load"), &resp).ok());
+  }
   for (const std::string strategy : {"hybrid", "sharded", "replicated"}) {
     SCOPED_TRACE(strategy);
     v1::Placement dry;
@@ -617,6 +637,13 @@ TEST_F(ClusterTest, ARebalanceWhileAShardDrainsPlacesOverTheOthers) {
       EXPECT_TRUE(std::find(e.shards().begin(), e.shards().end(), 1) == e.shards().end())
           << "expert " << e.expert() << " proposed on the drained shard";
     }
+    // The imbalance is over the two shards that take load: the drained one, which holds
+    // nothing, is no idle shard (max/mean - 1 of shards 0 and 2's loads).
+    ASSERT_EQ(dry.shard_load_size(), 3);
+    EXPECT_EQ(dry.shard_load(1), 0.0);
+    const double a = dry.shard_load(0), b = dry.shard_load(2);
+    ASSERT_GT(a + b, 0.0);
+    EXPECT_NEAR(dry.imbalance(), std::max(a, b) / ((a + b) / 2) - 1, 1e-9);
   }
   v1::Placement applied;
   grpc::Status st = rebalance("sharded", false, &applied);
@@ -643,7 +670,43 @@ TEST_F(ClusterTest, ARebalanceWhileAShardDrainsPlacesOverTheOthers) {
       v1::ExpertShard::NewStub(grpc::CreateChannel(shard, grpc::InsecureChannelCredentials()));
   ASSERT_TRUE(stub->Drain(&uctx, undo, &undone).ok());
   EXPECT_EQ(AwaitShardState(cluster->router_address(), shard, "serving", 10), "serving");
-  EXPECT_EQ(OnlyAndSharedOn(router.get(), 1).first, (std::set<int>{3, 4, 5}));
+  EXPECT_EQ(AwaitOnlyAndSharedOn(router.get(), 1, {{3, 4, 5}, {}}, 10),
+            (std::pair<std::set<int>, std::set<int>>{{3, 4, 5}, {}}));
+
+  // Drained again, and then stopped (a fixed --shards list keeps it in the table, down): it
+  // stays out of the formulas, so a Rebalance to hybrid is applied over the other two instead
+  // of refused ("would load experts onto it"). Started again, it gets its position back.
+  // The answers (the model has trained a step: the layer is no reference) stay the same.
+  const std::vector<float> x = common::RandomMatrix(16, Config().d_model, 980);
+  v1::InferResponse before;
+  ASSERT_TRUE(Infer(router.get(), Request(x, 16, "before"), &before).ok());
+  ASSERT_TRUE(DrainWithClient(shard, 10));
+  cluster->shard(1).Signal(SIGKILL);
+  ASSERT_TRUE(cluster->shard(1).Wait(absl::Seconds(5)).ok());
+  EXPECT_EQ(AwaitShardState(cluster->router_address(), shard, "unreachable", 10), "unreachable");
+  st = rebalance("hybrid", false, &applied);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(applied.strategy(), "hybrid");
+  // Hybrid over shards 0 and 2: experts 0-3 on both, 4-5 on shard 0 and 6-7 on shard 2.
+  EXPECT_EQ(OnlyAndSharedOn(router.get(), 0),
+            (std::pair<std::set<int>, std::set<int>>{{4, 5}, {0, 1, 2, 3}}));
+  EXPECT_EQ(OnlyAndSharedOn(router.get(), 2),
+            (std::pair<std::set<int>, std::set<int>>{{6, 7}, {0, 1, 2, 3}}));
+  const auto on_stopped = OnlyAndSharedOn(router.get(), 1);
+  EXPECT_TRUE(on_stopped.first.empty() && on_stopped.second.empty());
+  v1::InferResponse after;
+  ASSERT_TRUE(Infer(router.get(), Request(x, 16, "stopped"), &after).ok());
+  const std::vector<float> y0 = common::ViewToFloat(*common::DecodeTensor(before.output(), "y"));
+  const std::vector<float> y1 = common::ViewToFloat(*common::DecodeTensor(after.output(), "y"));
+  ASSERT_EQ(y0.size(), y1.size());
+  for (size_t i = 0; i < y0.size(); ++i) {
+    ASSERT_NEAR(y1[i], y0[i], 1e-5 * (1 + std::fabs(y0[i]))) << "output " << i;
+  }
+  // Hybrid over all three (blocks of 2): shard 1 holds experts 6 and 7 alone.
+  ASSERT_TRUE(cluster->RestartShard(1).ok());
+  EXPECT_EQ(AwaitShardState(cluster->router_address(), shard, "serving", 15), "serving");
+  EXPECT_EQ(AwaitOnlyAndSharedOn(router.get(), 1, {{6, 7}, {0, 1, 2, 3}}, 10),
+            (std::pair<std::set<int>, std::set<int>>{{6, 7}, {0, 1, 2, 3}}));
 }
 
 // An expert whose only replica is killed fails its requests at once, UNAVAILABLE naming it and
