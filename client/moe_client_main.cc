@@ -543,6 +543,13 @@ absl::Status DrainCmd(const Flags& f) {
         addr, ": the drain was undone (drain --undo) while it waited; drain it again before "
               "stopping it"));
   }
+  if (!resp.drained() && resp.open_streams() == 0) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        addr, ": not known to be drained after ", waits_ms,
+        " ms: routers notice a drain at their next health check (every 250 ms), and one that "
+        "still places experts on the shard opens a stream to it then; give --timeout-ms 1000 "
+        "or more"));
+  }
   if (!resp.drained()) {
     return absl::DeadlineExceededError(absl::StrCat(
         addr, ": ", resp.open_streams(),

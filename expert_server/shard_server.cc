@@ -700,7 +700,8 @@ grpc::ServerUnaryReactor* ShardServer::Impl::Drain(grpc::CallbackServerContext* 
   const uint64_t undos_before = undos;
   drain_waiters.push_back(
       {std::thread([this, reactor, resp, timeout, done, undos_before] {
-         const auto until = std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(timeout);
+         const auto start = std::chrono::steady_clock::now();
+         const auto until = start + absl::ToChronoNanoseconds(timeout);
          std::unique_lock<std::mutex> l(mu);
          // Routers see NOT_SERVING at their next health check (every
          // 250 ms); one that still needs this shard (an expert only it
@@ -712,13 +713,21 @@ grpc::ServerUnaryReactor* ShardServer::Impl::Drain(grpc::CallbackServerContext* 
          streams_cv.wait_until(
              l, until, [&] { return streams.empty() || shutting_down || undos != undos_before; });
          // Undone: the shard serves again, so it is not drained whatever
-         // its streams (a preStop hook must not go on to stop it).
+         // its streams (a preStop hook must not go on to stop it). Nor
+         // is it where the timeout ended before routers could notice
+         // the drain (no stream then means nothing), or the shard began
+         // shutting down: that ends the wait, not the routers' use of it.
          const bool undone = undos != undos_before;
+         const bool noticed = std::chrono::steady_clock::now() - start >= kRoutersNotice;
+         const bool stopping = shutting_down;
          resp->set_undone(undone);
          resp->set_open_streams(static_cast<int32_t>(streams.size()));
-         resp->set_drained(!undone && streams.empty());
+         resp->set_drained(!undone && !stopping && noticed && streams.empty());
          l.unlock();
-         reactor->Finish(grpc::Status::OK);
+         reactor->Finish(stopping ? grpc::Status(grpc::StatusCode::ABORTED,
+                                                 "shard is shutting down: the drain ended "
+                                                 "before routers were done with it")
+                                  : grpc::Status::OK);
          done->store(true);
        }),
        done});

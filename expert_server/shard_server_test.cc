@@ -703,48 +703,106 @@ TEST_F(ShardServerTest, HealthFollowsLoadingAndShutdown) {
   }
 }
 
+// With no stream open, a drain is not known to be done before routers have had 1 s to see the
+// shard NOT_SERVING (one that still places experts on it opens a stream then): a shorter timeout
+// answers not drained, with no stream open (it answered "drained" at once, before any router
+// had moved its experts off). From 1 s on it is drained.
+TEST_F(ShardServerTest, ADrainShorterThanRoutersTakeToNoticeIsNotDrained) {
+  auto server = StartServer();
+  auto stub = Stub(*server);
+  v1::DrainRequest req;
+  req.set_timeout_ms(50);
+  v1::DrainResponse resp;
+  grpc::ClientContext ctx;
+  ASSERT_TRUE(stub->Drain(&ctx, req, &resp).ok());
+  EXPECT_FALSE(resp.drained());
+  EXPECT_EQ(resp.open_streams(), 0);
+  req.set_timeout_ms(1000);
+  grpc::ClientContext again;
+  ASSERT_TRUE(stub->Drain(&again, req, &resp).ok());
+  EXPECT_TRUE(resp.drained());
+}
+
+// A Dispatch stream open on a shard (one batch answered), and a Drain of 30 s waiting for it on
+// a thread of its own. The thread is joined however the test ends (a failed ASSERT returns
+// early), the call cancelled first if still waiting.
+class DrainWaitingOnAStream {
+ public:
+  explicit DrainWaitingOnAStream(v1::ExpertShard::Stub* stub) : stub_(stub) {}
+  ~DrainWaitingOnAStream() {
+    if (!thread_.joinable()) return;
+    drain_ctx_.TryCancel();
+    thread_.join();
+  }
+  // Opens the stream, starts the drain, and returns whether the shard reads draining within
+  // 10 s (failures are reported).
+  bool Start(const v1::DispatchRequest& batch) {
+    stream_ = stub_->Dispatch(&stream_ctx_);
+    v1::DispatchResponse out;
+    if (!stream_->Write(batch) || !stream_->Read(&out) || out.code() != 0) {
+      ADD_FAILURE() << "the stream did not answer its first batch: " << out.message();
+      return false;
+    }
+    thread_ = std::thread([this] {
+      v1::DrainRequest req;
+      req.set_timeout_ms(30000);
+      status_ = stub_->Drain(&drain_ctx_, req, &resp_);
+    });
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (!Draining() && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    EXPECT_TRUE(Draining()) << "the drain did not start";
+    return Draining();
+  }
+  bool Draining() {
+    grpc::ClientContext ctx;
+    v1::ShardStatus st;
+    return stub_->GetStatus(&ctx, v1::GetShardStatusRequest(), &st).ok() && st.draining();
+  }
+  // Waits for the Drain's answer.
+  void Join() { thread_.join(); }
+  const grpc::Status& status() const { return status_; }
+  const v1::DrainResponse& response() const { return resp_; }
+  grpc::ClientReaderWriter<v1::DispatchRequest, v1::DispatchResponse>& stream() { return *stream_; }
+  void CancelStream() { stream_ctx_.TryCancel(); }
+
+ private:
+  v1::ExpertShard::Stub* stub_;
+  grpc::ClientContext stream_ctx_;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::DispatchRequest, v1::DispatchResponse>> stream_;
+  grpc::ClientContext drain_ctx_;
+  grpc::Status status_;
+  v1::DrainResponse resp_;
+  std::thread thread_;
+};
+
+// A shard that begins shutting down while a drain waits ends that wait: ABORTED, not drained
+// (the streams it waited for were cut, not closed by their routers).
+TEST_F(ShardServerTest, AShutdownEndsAWaitingDrainAborted) {
+  auto server = StartServer();
+  auto stub = Stub(*server);
+  DrainWaitingOnAStream drain(stub.get());
+  ASSERT_TRUE(drain.Start(Batch(1, 2, {{0, {0, 1}}})));
+  server->Shutdown(absl::Milliseconds(100));
+  drain.Join();
+  EXPECT_EQ(drain.status().error_code(), grpc::StatusCode::ABORTED)
+      << drain.status().error_message();
+  EXPECT_NE(drain.status().error_message().find("shard is shutting down"), std::string::npos)
+      << drain.status().error_message();
+  EXPECT_FALSE(drain.response().drained());
+  drain.CancelStream();
+  drain.stream().Finish();  // cut by the shutdown: its status is not the point
+}
+
 // A drain waits for the open Dispatch streams. An undo meanwhile ends that wait at once: the
 // Drain call answers undone and not drained (a preStop hook must not go on to stop a shard that
 // serves again), the undo's answer says it was taken, and the stream kept open serves on.
 TEST_F(ShardServerTest, AnUndoEndsAWaitingDrainAtOnce) {
   auto server = StartServer();
   auto stub = Stub(*server);
-  grpc::ClientContext stream_ctx;
-  auto stream = stub->Dispatch(&stream_ctx);
-  v1::DispatchResponse out;
-  ASSERT_TRUE(stream->Write(Batch(1, 2, {{0, {0, 1}}})));
-  ASSERT_TRUE(stream->Read(&out));  // the stream is open on the shard
-  ASSERT_EQ(out.code(), 0) << out.message();
-
-  v1::DrainResponse drained;
-  grpc::Status drain_status;
-  grpc::ClientContext drain_ctx;
-  std::thread drain([&] {
-    v1::DrainRequest req;
-    req.set_timeout_ms(30000);
-    drain_status = stub->Drain(&drain_ctx, req, &drained);
-  });
-  // Joined however the test ends (a failed ASSERT returns early): cancelled first if still
-  // waiting.
-  struct Joiner {
-    std::thread& t;
-    grpc::ClientContext& ctx;
-    ~Joiner() {
-      if (!t.joinable()) return;
-      ctx.TryCancel();
-      t.join();
-    }
-  } joiner{drain, drain_ctx};
-  auto draining = [&] {
-    grpc::ClientContext ctx;
-    v1::ShardStatus st;
-    return stub->GetStatus(&ctx, v1::GetShardStatusRequest(), &st).ok() && st.draining();
-  };
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (!draining() && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  ASSERT_TRUE(draining()) << "the drain did not start";
+  DrainWaitingOnAStream drain(stub.get());
+  ASSERT_TRUE(drain.Start(Batch(1, 2, {{0, {0, 1}}})));
 
   const auto t0 = std::chrono::steady_clock::now();
   grpc::ClientContext ctx;
@@ -755,14 +813,14 @@ TEST_F(ShardServerTest, AnUndoEndsAWaitingDrainAtOnce) {
   EXPECT_TRUE(undone.undone());
   EXPECT_TRUE(undone.serving());
   EXPECT_FALSE(undone.not_draining());
-  drain.join();
+  drain.Join();
   const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_LT(waited, 5.0) << "the drain went on waiting (for up to 30 s) after the undo";
-  ASSERT_TRUE(drain_status.ok()) << drain_status.error_message();
-  EXPECT_TRUE(drained.undone());
-  EXPECT_FALSE(drained.drained());
-  EXPECT_EQ(drained.open_streams(), 1);
-  EXPECT_FALSE(draining());
+  ASSERT_TRUE(drain.status().ok()) << drain.status().error_message();
+  EXPECT_TRUE(drain.response().undone());
+  EXPECT_FALSE(drain.response().drained());
+  EXPECT_EQ(drain.response().open_streams(), 1);
+  EXPECT_FALSE(drain.Draining());
   // An undo with no drain to take back says so and changes nothing.
   grpc::ClientContext again_ctx;
   v1::DrainResponse nothing;
@@ -770,15 +828,16 @@ TEST_F(ShardServerTest, AnUndoEndsAWaitingDrainAtOnce) {
   EXPECT_TRUE(nothing.undone());
   EXPECT_TRUE(nothing.not_draining());
   EXPECT_TRUE(nothing.serving());
-  EXPECT_FALSE(draining());
+  EXPECT_FALSE(drain.Draining());
 
   const v1::DispatchRequest again = Batch(2, 3, {{1, {0, 2}}});
-  ASSERT_TRUE(stream->Write(again));
-  ASSERT_TRUE(stream->Read(&out));
+  v1::DispatchResponse out;
+  ASSERT_TRUE(drain.stream().Write(again));
+  ASSERT_TRUE(drain.stream().Read(&out));
   ASSERT_EQ(out.code(), 0) << out.message();
   ExpectBitIdentical(again, out, {1});
-  stream->WritesDone();
-  EXPECT_TRUE(stream->Finish().ok());
+  drain.stream().WritesDone();
+  EXPECT_TRUE(drain.stream().Finish().ok());
 }
 
 // A peer for copies: it forwards expert 0 from a real shard, and holds the copy of any other

@@ -797,14 +797,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                      absl::Time deadline = absl::InfiniteFuture(),
                      const std::function<bool()>& cancelled = nullptr) {
     // "over 3 of 4 shards" where some hold nothing (drained, or left empty by the strategy).
-    int holding = 0;
-    for (int s = 0; s < static_cast<int>(next_shards.size()); ++s) {
-      holding += !next.ExpertsOn(s).empty();
-    }
-    const std::string what = absl::StrCat(
-        StrategyName(next.strategy), " placement over ",
-        holding < static_cast<int>(next_shards.size()) ? absl::StrCat(holding, " of ") : "",
-        next_shards.size(), next_shards.size() == 1 ? " shard" : " shards");
+    const auto describe = [](const Placement& p, int shards) {
+      int holding = 0;
+      for (int s = 0; s < shards; ++s) holding += !p.ExpertsOn(s).empty();
+      return absl::StrCat(StrategyName(p.strategy), " placement over ",
+                          holding < shards ? absl::StrCat(holding, " of ") : "", shards,
+                          shards == 1 ? " shard" : " shards");
+    };
+    const std::string what = describe(next, static_cast<int>(next_shards.size()));
     std::unique_lock<common::TimedMutex> lock(placement_mu, std::defer_lock);
     if (deadline == absl::InfiniteFuture()) {
       lock.lock();
@@ -837,8 +837,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // One line per change for the operator (the placement table is in GetPlacement).
     if (st.ok()) {
       last_not_applied.clear();
-      std::fprintf(stderr, "moe-router: placement version %llu applied: %s\n",
-                   static_cast<unsigned long long>(version.load()), what.c_str());
+      // As applied: a first placement leaves out shards found drained (PlaceWithoutTheDrained).
+      const std::shared_ptr<const RoutingTable> live = Table();
+      std::fprintf(
+          stderr, "moe-router: placement version %llu applied: %s\n",
+          static_cast<unsigned long long>(version.load()),
+          (live ? describe(live->placement, static_cast<int>(live->shards.size())) : what).c_str());
     } else {
       // The first placement and Reconcile try again every tick: a failure is said once.
       const std::string line = absl::StrCat(
@@ -1010,10 +1014,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // be read makes the placement wait when the others were trained: it may hold the only
   // trained replica of an expert (UNAVAILABLE, tried again). Otherwise one that does not answer
   // at all is listed in `*unread_out` (address, why), and one that answers counts as holding
-  // nothing.
+  // nothing. `*draining_out`: the shards read draining.
   absl::StatusOr<RoutingTable> ObserveShards(
       const std::vector<std::shared_ptr<ShardClient>>& shards, bool* trained,
-      std::vector<std::pair<std::string, std::string>>* unread_out) {
+      std::vector<std::pair<std::string, std::string>>* unread_out,
+      std::set<std::string>* draining_out) {
     const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
     // Kept across passes: a shard seen loading and unreadable since is still waited for, and
     // training seen once (on an expert since unloaded or unreadable) is not forgotten.
@@ -1026,6 +1031,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       seen.placement.num_shards = static_cast<int>(shards.size());
       seen.placement.replicas.assign(config.num_experts, {});
       std::vector<std::pair<std::string, std::string>> unread;  // address, why
+      std::set<std::string> draining;
       std::string loading;
       for (int s = 0; s < static_cast<int>(shards.size()); ++s) {
         const std::string& address = shards[s]->address();
@@ -1037,6 +1043,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         }
         seen.placement.version =
             std::max<uint64_t>(seen.placement.version, st->placement_version());
+        if (st->draining()) draining.insert(address);
         // Loading: an expert LOADING, or experts READY on a shard not serving yet (its initial
         // load is about to end; going live before it serves would leave them unserved). Not a
         // draining shard, nor one whose load failed (neither will turn SERVING by itself).
@@ -1093,8 +1100,38 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         }
       }
       version = std::max(version.load(), seen.placement.version);
+      *draining_out = std::move(draining);
       return seen;
     }
+  }
+
+  // The first placement over shards of which some drain and hold nothing (drained before this
+  // router started: a restart while a shard stays drained) is worked out again without them,
+  // as a Rebalance or a membership change places: the fixed formulas over the shards that do
+  // not drain (`drains`), `dynamic` on those that do not drain. Placed by the formula over all,
+  // such a shard was loaded, held up SERVING for 5 s (AwaitPlacedShardsInRotation), and then
+  // had its experts moved off again (MoveOffDraining). A draining shard that holds experts
+  // keeps its position in the formulas: MoveOffDraining moves them. Returns the shards left
+  // out, for drained_off once the switch is applied (an undo places them: PlaceUndrained).
+  std::set<std::string> PlaceWithoutTheDrained(const RoutingTable& seen,
+                                               const std::set<std::string>& draining,
+                                               Placement* next) {
+    const int S = static_cast<int>(seen.shards.size());
+    std::vector<bool> drains(S, false), usable(S, true);
+    std::set<std::string> left_out;
+    for (int s = 0; s < S; ++s) {
+      const bool drain = draining.count(seen.shards[s]->address()) > 0;
+      drains[s] = drain && seen.placement.ExpertsOn(s).empty();
+      usable[s] = !drain;
+      if (drains[s]) left_out.insert(seen.shards[s]->address());
+    }
+    if (left_out.empty() || static_cast<int>(left_out.size()) == S || next->num_shards != S) {
+      return {};
+    }
+    absl::StatusOr<Placement> p = Propose(next->strategy, S, usable, drains);
+    if (!p.ok()) return {};  // placed as it was: MoveOffDraining takes them out
+    *next = *std::move(p);
+    return left_out;
   }
 
   // Apply's work, with placement_mu held.
@@ -1116,6 +1153,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // leaving) before any copy. One leaving is forgotten only once the switch is applied: if
     // the switch fails it stays in the table, and must still be asked.
     std::shared_ptr<const RoutingTable> old = Table();
+    std::set<std::string> drained_left_out;  // by the first placement: PlaceWithoutTheDrained
     if (trainer != nullptr) {
       // With the live table: a shard the switch moves its replicas off may be a copy's source.
       RETURN_IF_ERROR(trainer->RetryConfirmations(RoutingTable{next, next_shards},
@@ -1126,7 +1164,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     bool trained = steps_done.load() > 0;
     if (old == nullptr) {
       std::vector<std::pair<std::string, std::string>> unread;
-      ASSIGN_OR_RETURN(RoutingTable seen, ObserveShards(next_shards, &trained, &unread));
+      std::set<std::string> draining;
+      ASSIGN_OR_RETURN(RoutingTable seen, ObserveShards(next_shards, &trained, &unread, &draining));
       first_unread.clear();
       // Trained: as the shards listed say, or as this router's gate kept in --state-dir says
       // (the listed shards may hold none of the training).
@@ -1152,6 +1191,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                                    " not answer (", unread.front().second, ")"));
       }
       old = std::make_shared<const RoutingTable>(std::move(seen));
+      drained_left_out = PlaceWithoutTheDrained(*old, draining, &next);
     }
     if (shutting_down.load()) return absl::CancelledError("the router is shutting down");
     // Replicas behind their expert's latest step are brought up to it first, so that any live
@@ -1301,6 +1341,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       strategy.store(next.strategy);
       table = std::make_shared<RoutingTable>(RoutingTable{next, next_shards});
       retiring = old;
+    }
+    if (!drained_left_out.empty()) {
+      std::lock_guard<std::mutex> lock(models_mu);
+      drained_off.insert(drained_left_out.begin(), drained_left_out.end());
     }
     if (trainer != nullptr) trainer->DropUnconfirmedOutside(*Table());
     train_lock.unlock();  // steps now use the new table

@@ -2403,6 +2403,49 @@ TEST_F(ClusterTest, ARestartedRouterContinuesFromWhatTheShardsHold) {
   }
 }
 
+// A router started again while a shard stays drained leaves that shard out from its first
+// placement, as the running router did. It used to place by the formula over all the shards:
+// it loaded experts onto the drained shard, held up SERVING 5 s waiting for it to come into
+// rotation, and then moved them off again. An undo places it.
+TEST_F(ClusterTest, ARouterStartedAgainWhileAShardStaysDrainedLeavesItOut) {
+  auto cluster = Start("hybrid", 3);
+  ASSERT_NE(cluster, nullptr);
+  const std::string shard = cluster->shard_addresses()[1];
+  ASSERT_TRUE(DrainWithClient(shard, 10));
+  // The drain ends once the shard has left the placement; its replicas are unloaded just after.
+  const auto drained = Clock::now();
+  while (!TrainedSteps(shard).empty() && Since(drained) < 10) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_TRUE(TrainedSteps(shard).empty()) << "the drained shard still holds experts";
+  cluster->router().Signal(SIGKILL);
+  ASSERT_TRUE(cluster->router().Wait(absl::Seconds(5)).ok());
+  const absl::Status back = cluster->RestartRouter();
+  ASSERT_TRUE(back.ok()) << back;
+  auto router = client::MakeRouterStub(cluster->router_address());
+  // Nothing placed on it, nor loaded onto it; hybrid over shards 0 and 2.
+  using Held = std::pair<std::set<int>, std::set<int>>;
+  EXPECT_EQ(OnlyAndSharedOn(router.get(), 1), Held({}, {}));
+  EXPECT_TRUE(TrainedSteps(shard).empty()) << "experts were loaded onto the drained shard";
+  EXPECT_EQ(OnlyAndSharedOn(router.get(), 0), Held({4, 5}, {0, 1, 2, 3}));
+  EXPECT_EQ(OnlyAndSharedOn(router.get(), 2), Held({6, 7}, {0, 1, 2, 3}));
+  const std::vector<float> x = common::RandomMatrix(16, Config().d_model, 9900);
+  v1::InferResponse resp;
+  ASSERT_TRUE(Infer(router.get(), Request(x, 16, "restarted"), &resp).ok());
+  EXPECT_TRUE(Matches(x, 16, resp, *layer_));
+  // Undone: hybrid over all three again (blocks of 2: shard 1 holds experts 6 and 7 alone).
+  auto stub =
+      v1::ExpertShard::NewStub(grpc::CreateChannel(shard, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext uctx;
+  v1::DrainRequest undo;
+  undo.set_undo(true);
+  v1::DrainResponse undone;
+  ASSERT_TRUE(stub->Drain(&uctx, undo, &undone).ok());
+  EXPECT_FALSE(undone.not_draining());
+  EXPECT_EQ(AwaitOnlyAndSharedOn(router.get(), 1, Held({6, 7}, {0, 1, 2, 3}), 15),
+            Held({6, 7}, {0, 1, 2, 3}));
+}
+
 // The coordinator's second phase is bounded (5 s): a shard that does not confirm the commit in
 // time is named in unconfirmed_shards (the router sends it FinishStep again) and does not hold
 // up the others.
