@@ -354,6 +354,17 @@ std::string AwaitShardState(const std::string& router, const std::string& addres
   return state;
 }
 
+// A Drain of `address` with `undo` set (`drain --undo`): the call's status, its answer in `*out`.
+grpc::Status UndoDrain(const std::string& address, v1::DrainResponse* out) {
+  auto stub =
+      v1::ExpertShard::NewStub(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  v1::DrainRequest undo;
+  undo.set_undo(true);
+  return stub->Drain(&ctx, undo, out);
+}
+
 // `moe-client drain --addr address` with a timeout of `seconds`: whether it said "drained" and
 // exited 0 (failures are reported).
 bool DrainWithClient(const std::string& address, int seconds) {
@@ -662,13 +673,8 @@ TEST_F(ClusterTest, ARebalanceWhileAShardDrainsPlacesOverTheOthers) {
   const absl::Status trained = TrainSteps(router.get(), 9400, 1);
   EXPECT_TRUE(trained.ok()) << trained;
   // Undone: the formula over all three again (blocks of 3: shard 1 holds experts 3-5).
-  grpc::ClientContext uctx;
-  v1::DrainRequest undo;
-  undo.set_undo(true);
   v1::DrainResponse undone;
-  auto stub =
-      v1::ExpertShard::NewStub(grpc::CreateChannel(shard, grpc::InsecureChannelCredentials()));
-  ASSERT_TRUE(stub->Drain(&uctx, undo, &undone).ok());
+  ASSERT_TRUE(UndoDrain(shard, &undone).ok());
   EXPECT_EQ(AwaitShardState(cluster->router_address(), shard, "serving", 10), "serving");
   EXPECT_EQ(AwaitOnlyAndSharedOn(router.get(), 1, {{3, 4, 5}, {}}, 10),
             (std::pair<std::set<int>, std::set<int>>{{3, 4, 5}, {}}));
@@ -2434,13 +2440,8 @@ TEST_F(ClusterTest, ARouterStartedAgainWhileAShardStaysDrainedLeavesItOut) {
   ASSERT_TRUE(Infer(router.get(), Request(x, 16, "restarted"), &resp).ok());
   EXPECT_TRUE(Matches(x, 16, resp, *layer_));
   // Undone: hybrid over all three again (blocks of 2: shard 1 holds experts 6 and 7 alone).
-  auto stub =
-      v1::ExpertShard::NewStub(grpc::CreateChannel(shard, grpc::InsecureChannelCredentials()));
-  grpc::ClientContext uctx;
-  v1::DrainRequest undo;
-  undo.set_undo(true);
   v1::DrainResponse undone;
-  ASSERT_TRUE(stub->Drain(&uctx, undo, &undone).ok());
+  ASSERT_TRUE(UndoDrain(shard, &undone).ok());
   EXPECT_FALSE(undone.not_draining());
   EXPECT_EQ(AwaitOnlyAndSharedOn(router.get(), 1, Held({6, 7}, {0, 1, 2, 3}), 15),
             Held({6, 7}, {0, 1, 2, 3}));
