@@ -504,8 +504,8 @@ absl::Status DrainCmd(const Flags& f) {
     return common::UsageError("--timeout-ms must be in [0, 60000] (0: the shard's 10 s)");
   }
   const int64_t waits_ms = timeout_ms == 0 ? 10000 : timeout_ms;
-  auto stub = v1::ExpertShard::NewStub(
-      common::CreateAuthorizedChannel(addr, common::UserChannelArgs(), ""));
+  auto channel = common::CreateAuthorizedChannel(addr, common::UserChannelArgs(), "");
+  auto stub = v1::ExpertShard::NewStub(channel);
   v1::DrainRequest req;
   req.set_timeout_ms(timeout_ms);
   req.set_undo(f.Has("undo"));
@@ -532,10 +532,34 @@ absl::Status DrainCmd(const Flags& f) {
               "the call as a drain, so it is draining now; restart it to serve again"));
   }
   if (req.undo()) {
-    std::printf("%s: %s: %s\n", addr.c_str(),
-                resp.not_draining() ? "not draining, nothing to undo" : "drain undone",
-                resp.serving() ? "SERVING, routers send it work again"
-                               : "NOT_SERVING until it holds experts (a router places them)");
+    const char* what = resp.not_draining() ? "not draining, nothing to undo" : "drain undone";
+    if (resp.serving()) {
+      std::printf("%s: %s: SERVING, routers send it work again\n", addr.c_str(), what);
+      return absl::OkStatus();
+    }
+    if (resp.not_draining()) {
+      std::printf("%s: %s: NOT_SERVING until it holds experts (a router places them)\n",
+                  addr.c_str(), what);
+      return absl::OkStatus();
+    }
+    // Its experts were moved off: it serves once a router places some there again (at its next
+    // tick), which `undo && health` would otherwise race. Waited for up to the timeout.
+    const absl::Time until = start + absl::Milliseconds(waits_ms);
+    for (;;) {
+      absl::StatusOr<common::HealthState> h = common::CheckHealth(
+          channel.get(), std::max(absl::Milliseconds(100), until - absl::Now()));
+      if (h.ok() && *h == common::HealthState::kServing) {
+        std::printf("%s: %s: SERVING after %.0f ms (a router placed experts on it)\n", addr.c_str(),
+                    what, absl::ToDoubleMilliseconds(absl::Now() - start));
+        return absl::OkStatus();
+      }
+      if (absl::Now() >= until) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    std::printf(
+        "%s: %s: still NOT_SERVING after %lld ms: it serves once a router places "
+        "experts on it (does a running router list this shard?)\n",
+        addr.c_str(), what, static_cast<long long>(waits_ms));
     return absl::OkStatus();
   }
   if (resp.undone()) {
@@ -631,8 +655,12 @@ void PrintPlacement(const v1::Placement& p) {
   std::printf("\n");
   rows.clear();
   for (int s = 0; s < p.shard_addresses_size(); ++s) {
+    // A shard down, draining or drained takes no load: not an idle shard's 0.0.
+    const bool out = s < p.shard_takes_load_size() && !p.shard_takes_load(s);
     rows.push_back({absl::StrCat(s), p.shard_addresses(s),
-                    s < p.shard_load_size() ? absl::StrFormat("%.1f", p.shard_load(s)) : "-"});
+                    out                       ? "- (out of rotation)"
+                    : s < p.shard_load_size() ? absl::StrFormat("%.1f", p.shard_load(s))
+                                              : "-"});
   }
   PrintTable({"shard", "address", "expected load"}, rows);
   if (!p.refusal().empty()) {

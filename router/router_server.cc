@@ -178,6 +178,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // (the control loop tries again on its next tick).
   static constexpr auto kTrainWait = std::chrono::seconds(5);
   std::atomic<uint64_t> steps_done{0};  // by this process (whether it trained: see SwitchLocked)
+  // A switch or a tick found trained replicas (after a restart, steps_done is 0 although the
+  // shards were trained): CheckSwitchable then needs a source for each copy.
+  std::atomic<bool> seen_trained{false};
   // Steps taken before this process, read with the kept gate (--state-dir): counted in the
   // step numbers reported, never taken as this router's training.
   uint64_t restored_steps = 0;
@@ -681,6 +684,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     out.set_imbalance(Imbalance(p, load, up));
     for (double l : ShardLoads(p, load, up)) out.add_shard_load(l);
+    for (bool u : up) out.add_shard_takes_load(u);
     out.set_applied(applied);
     return out;
   }
@@ -1207,6 +1211,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
       RETURN_IF_ERROR(st);
     }
+    if (trained) seen_trained.store(true);
     next.version = ++version;
     const int S = static_cast<int>(next_shards.size());
     // What each address held under the old placement.
@@ -2061,6 +2066,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           // steps_done is 0; reading the checkpoint then would serve untrained weights).
           bool trained = steps_done.load() > 0;
           if (trainer != nullptr) ReloadStale(*t, &trained).IgnoreError();  // logged; next tick
+          if (trained) seen_trained.store(true);
           ReloadMissing(*t, missing, held, trained);
         }
       }
@@ -2631,26 +2637,60 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // which `usable` are in rotation) must be refused: the static strategies place by formula,
   // down shards included, so one could leave an expert with every replica out of rotation (its
   // requests would all fail), or load experts onto a shard out of rotation (`replicated` with a
-  // shard down: the load would fail there, and the switch with it).
+  // shard down: the load would fail there, and the switch with it). A trained expert copied
+  // onto a shard needs a replica to copy from, in rotation or draining: where its only holders
+  // are down, SwitchLocked would refuse (UNAVAILABLE) after taking a version, and a dry run
+  // would not have said so. `p` the same as `live` is checked too: a strategy asked for again
+  // that leaves experts unserved is no answer to give without a word.
   absl::Status CheckSwitchable(const Placement& p,
                                const std::vector<std::shared_ptr<ShardClient>>& current,
                                const std::vector<bool>& usable, const Placement& live) {
+    const bool same = p.strategy == live.strategy && p.replicas == live.replicas;
+    const bool trained = seen_trained.load() || steps_done.load() > 0;
+    // Whether expert e's trained weights may be read from a replica `live` places: one in
+    // rotation, or a READY one on a shard that drains (asked, as DrainingHolder asks; whether
+    // it is at the expert's latest step SwitchLocked tells); always, for an untrained model
+    // (the checkpoint's).
+    std::map<std::string, absl::StatusOr<v1::ShardStatus>> statuses;
+    auto has_source = [&](int e) {
+      if (!trained || live.replicas[e].empty()) return true;
+      for (int s : live.replicas[e]) {
+        if (usable[s]) return true;
+        if (!current[s]->answering()) continue;
+        auto it = statuses.find(current[s]->address());
+        if (it == statuses.end()) {
+          it = statuses
+                   .emplace(current[s]->address(), current[s]->GetStatus(absl::Milliseconds(500)))
+                   .first;
+        }
+        if (!it->second.ok() || !it->second->draining()) continue;
+        for (const v1::ExpertStatus& x : it->second->experts()) {
+          if (x.expert() == e && x.state() == v1::ExpertStatus::READY) return true;
+        }
+      }
+      return false;
+    };
     std::vector<int> stranded;
     std::set<std::string> down;
+    bool dynamic_serves = true;  // dynamic would place every stranded expert somewhere in rotation
     for (int e = 0; e < static_cast<int>(p.replicas.size()); ++e) {
       bool served = false;
       for (int r : p.replicas[e]) {
         served = served || usable[r];
         if (!usable[r]) down.insert(current[r]->address());
       }
-      if (!served) stranded.push_back(e);
+      if (served) continue;
+      stranded.push_back(e);
+      dynamic_serves = dynamic_serves && has_source(e);
     }
+    const char* bring = down.size() == 1 ? "Bring the shard back" : "Bring the shards back";
     if (!stranded.empty()) {
       return absl::FailedPreconditionError(absl::StrCat(
-          StrategyName(p.strategy), " placement would leave experts ", absl::StrJoin(stranded, ","),
+          StrategyName(p.strategy), " placement ", same ? "(the live one) leaves" : "would leave",
+          " experts ", absl::StrJoin(stranded, ","),
           " with no replica on a shard in rotation (out of rotation: ", absl::StrJoin(down, ", "),
-          "); the current placement stays. Bring the shard back",
-          p.strategy == Strategy::kDynamic
+          same ? "): their requests fail UNAVAILABLE. " : "); the current placement stays. ", bring,
+          p.strategy == Strategy::kDynamic || !dynamic_serves
               ? ""
               : ", or choose dynamic, which places replicas only on shards in rotation"));
     }
@@ -2658,10 +2698,31 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (!onto_down.empty()) {
       return absl::FailedPreconditionError(absl::StrCat(
           StrategyName(p.strategy), " placement would load experts onto ",
-          absl::StrJoin(onto_down, ", "),
-          ", out of rotation; the current placement stays. "
-          "Bring the shard back, or choose dynamic, which places replicas only on shards in "
-          "rotation"));
+          absl::StrJoin(onto_down, ", "), ", out of rotation; the current placement stays. ",
+          onto_down.size() == 1 ? "Bring the shard back" : "Bring the shards back",
+          ", or choose dynamic, which places replicas only on shards in rotation"));
+    }
+    std::vector<int> no_source;
+    std::set<std::string> holders;
+    for (int e = 0; e < static_cast<int>(p.replicas.size()); ++e) {
+      bool copied = false;  // p places e on a shard that live does not
+      for (int r : p.replicas[e]) {
+        copied = copied || std::find(live.replicas[e].begin(), live.replicas[e].end(), r) ==
+                               live.replicas[e].end();
+      }
+      if (!copied || has_source(e)) continue;
+      no_source.push_back(e);
+      for (int s : live.replicas[e]) holders.insert(current[s]->address());
+    }
+    if (!no_source.empty()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(StrategyName(p.strategy), " placement would copy trained experts ",
+                       absl::StrJoin(no_source, ","),
+                       " onto other shards, but every shard that holds them is "
+                       "out of rotation (",
+                       absl::StrJoin(holders, ", "), "); the current placement stays. ",
+                       holders.size() == 1 ? "Bring the shard back" : "Bring the shards back",
+                       " first: their training is on it"));
     }
     return absl::OkStatus();
   }
@@ -2688,19 +2749,19 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         ASSIGN_OR_RETURN(Placement p, ProposeOverLiveTable(asked, &current, &usable, &live));
         // The live placement again (a rebalance to the current strategy with nothing changed,
         // or one resent after a reconnect) is answered with it: a new version would move nothing.
+        // Unless it leaves experts with no replica in rotation (CheckSwitchable says so).
         const bool unchanged = p.strategy == live.strategy && p.replicas == live.replicas;
-        if (!req->dry_run() && unchanged) {
-          *out = ToProto(live, true);
-          return absl::OkStatus();
-        }
-        const absl::Status refusal =
-            unchanged ? absl::OkStatus() : CheckSwitchable(p, current, usable, live);
+        const absl::Status refusal = CheckSwitchable(p, current, usable, live);
         if (req->dry_run()) {  // the proposal, and why the call itself would be refused
           *out = ToProto(p, false);
           out->set_refusal(std::string(refusal.message()));
           return absl::OkStatus();
         }
         RETURN_IF_ERROR(refusal);
+        if (unchanged) {
+          *out = ToProto(live, true);
+          return absl::OkStatus();
+        }
         const absl::Status st = Apply(p, std::move(current), live.version, /*user=*/true, deadline,
                                       [ctx] { return ctx->IsCancelled(); });
         if (absl::IsAborted(st) && attempt < 3) continue;

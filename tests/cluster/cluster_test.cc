@@ -588,7 +588,10 @@ TEST_F(ClusterTest, AnUndoneDrainServesAgain) {
     }
     // Undone, it holds nothing: NOT_SERVING until the router places the strategy's layout
     // again (or SERVING, where the undo came before the router had unloaded it).
-    client({"drain", "--addr", shard, "--undo"}, "drain undone: ");
+    // The undo returns once the router has placed experts on it again and it serves (it
+    // returned before, and `undo && health` failed): health says SERVING at once.
+    client({"drain", "--addr", shard, "--undo"}, "drain undone: SERVING");
+    client({"health", "--addr", shard}, "SERVING");
     EXPECT_EQ(AwaitShardState(cluster->router_address(), shard, "serving", 10), "serving");
     client({"drain", "--addr", shard, "--undo"}, "not draining, nothing to undo: SERVING");
     EXPECT_EQ(OnlyAndSharedOn(router.get(), 1), placed) << "not the strategy's layout again";
@@ -1880,6 +1883,21 @@ bool WaitOutOfRotation(v1::Router::Stub* stub, int s) {
   return false;
 }
 
+// SIGKILLs shard `s` of `cluster` and waits until the router behind `stub` lists it out of
+// rotation; a failure says which step did not happen.
+::testing::AssertionResult KillOutOfRotation(client::LocalCluster* cluster,
+                                             v1::Router::Stub* stub, int s) {
+  cluster->shard(s).Signal(SIGKILL);
+  if (!cluster->shard(s).Wait(absl::Seconds(5)).ok()) {
+    return ::testing::AssertionFailure() << "shard " << s << " did not exit within 5 s";
+  }
+  if (!WaitOutOfRotation(stub, s)) {
+    return ::testing::AssertionFailure()
+           << "the router still had the killed shard " << s << " in rotation after 10 s";
+  }
+  return ::testing::AssertionSuccess();
+}
+
 // A Rebalance to a static strategy places by formula, down shards included. One that would leave
 // an expert with every replica on a shard out of rotation is refused (FAILED_PRECONDITION,
 // naming the experts and the shard) and the placement stays; a dry run still shows it, with
@@ -1895,15 +1913,24 @@ TEST_F(ClusterTest, ARebalanceThatWouldStrandExpertsOnADownShardIsRefused) {
   ASSERT_NE(cluster, nullptr);
   auto stub = client::MakeRouterStub(cluster->router_address());
   const std::string down = cluster->shard_addresses()[0];
-  cluster->shard(0).Signal(SIGKILL);
-  ASSERT_TRUE(cluster->shard(0).Wait(absl::Seconds(5)).ok());
-  ASSERT_TRUE(WaitOutOfRotation(stub.get(), 0))
-      << "the router still had the killed shard in rotation after 10 s";
+  ASSERT_TRUE(KillOutOfRotation(cluster.get(), stub.get(), 0));
   auto rebalance = [&](const std::string& strategy, bool dry_run, v1::Placement* p) {
     return RebalanceWithin(stub.get(), strategy, dry_run, p, std::chrono::seconds(60));
   };
   v1::Placement p;
-  grpc::Status st = rebalance("sharded", false, &p);
+  // hybrid again, the live strategy, leaves shard 0's singles unserved: said, not answered
+  // with the table as if the call had done its work (it was, until 2026-12-05).
+  const std::set<int> singles = OnlyAndSharedOn(stub.get(), 0).first;
+  ASSERT_FALSE(singles.empty());
+  grpc::Status st = rebalance("hybrid", false, &p);
+  ASSERT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  EXPECT_EQ(
+      st.error_message(),
+      absl::StrCat("hybrid placement (the live one) leaves experts ", absl::StrJoin(singles, ","),
+                   " with no replica on a shard in rotation (out of rotation: ", down,
+                   "): their requests fail UNAVAILABLE. Bring the shard back, or choose "
+                   "dynamic, which places replicas only on shards in rotation"));
+  st = rebalance("sharded", false, &p);
   ASSERT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
   std::vector<int> first_half(Config().num_experts / 2);  // sharded's block on shard 0
   std::iota(first_half.begin(), first_half.end(), 0);
@@ -1939,6 +1966,10 @@ TEST_F(ClusterTest, ARebalanceThatWouldStrandExpertsOnADownShardIsRefused) {
   EXPECT_EQ(now.shard_load(0), 0.0);
   EXPECT_GT(now.shard_load(1), 0.0);
   EXPECT_EQ(now.imbalance(), 0.0);
+  // The table tells the down shard from an idle one (both read 0.0 before).
+  ASSERT_EQ(now.shard_takes_load_size(), 2);
+  EXPECT_FALSE(now.shard_takes_load(0));
+  EXPECT_TRUE(now.shard_takes_load(1));
   // `replicated` strands no expert, but would load every expert onto the down shard, where the
   // load fails: refused the same way, before any version is spent.
   st = rebalance("replicated", false, &p);
@@ -1957,6 +1988,51 @@ TEST_F(ClusterTest, ARebalanceThatWouldStrandExpertsOnADownShardIsRefused) {
   EXPECT_EQ(after.version(), now.version());
 }
 
+// Trained experts whose every replica is on a down shard have no weights to copy: a Rebalance
+// that would copy them elsewhere is refused before it takes a version (FAILED_PRECONDITION,
+// naming the experts and the shard), and its dry run says so. Until 2026-12-05 the switch
+// itself refused, UNAVAILABLE, after the dry run had passed clean, and moe-client sent the
+// call three times (walk-through helper-72). `dynamic` is not offered where it cannot help.
+TEST_F(ClusterTest, ARebalanceThatWouldCopyTrainedExpertsFromADownShardIsRefused) {
+  client::LocalClusterOptions o;
+  o.shards = 2;
+  o.placement = "hybrid";  // with the coordinator, and --shards: the dead shard stays listed
+  auto cluster = StartWith(o);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  const absl::Status trained = TrainSteps(stub.get(), 7100, 1);
+  ASSERT_TRUE(trained.ok()) << trained;
+  const std::set<int> singles = OnlyAndSharedOn(stub.get(), 0).first;
+  ASSERT_FALSE(singles.empty());
+  const std::string down = cluster->shard_addresses()[0];
+  ASSERT_TRUE(KillOutOfRotation(cluster.get(), stub.get(), 0));
+  grpc::ClientContext bctx;
+  v1::Placement before;
+  ASSERT_TRUE(stub->GetPlacement(&bctx, v1::GetPlacementRequest(), &before).ok());
+  const std::string no_source = absl::StrCat(
+      "dynamic placement would copy trained experts ", absl::StrJoin(singles, ","),
+      " onto other shards, but every shard that holds them is out of rotation (", down,
+      "); the current placement stays. Bring the shard back first: their training is on it");
+  v1::Placement p;
+  ASSERT_TRUE(RebalanceWithin(stub.get(), "dynamic", true, &p, std::chrono::seconds(60)).ok());
+  EXPECT_EQ(p.refusal(), no_source);
+  grpc::Status st = RebalanceWithin(stub.get(), "dynamic", false, &p, std::chrono::seconds(60));
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  EXPECT_EQ(st.error_message(), no_source);
+  st = RebalanceWithin(stub.get(), "hybrid", false, &p, std::chrono::seconds(60));
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  EXPECT_EQ(
+      st.error_message(),
+      absl::StrCat("hybrid placement (the live one) leaves experts ", absl::StrJoin(singles, ","),
+                   " with no replica on a shard in rotation (out of rotation: ", down,
+                   "): their requests fail UNAVAILABLE. Bring the shard back"));
+  grpc::ClientContext actx;
+  v1::Placement after;
+  ASSERT_TRUE(stub->GetPlacement(&actx, v1::GetPlacementRequest(), &after).ok());
+  EXPECT_EQ(after.version(), before.version());
+  EXPECT_EQ(after.strategy(), "hybrid");
+}
+
 // A dead shard that the placement has moved off holds no replica, and takes no part in a step.
 // Until 2026-12-04 every shard of the table was sent each step's commit: with a fixed --shards
 // list (the dead shard stays in the table) the first step waited out its commit on the dead
@@ -1968,9 +2044,7 @@ TEST_F(ClusterTest, ADeadShardThePlacementMovedOffHoldsNoStepOrSaveBack) {
   auto cluster = StartWith(o);
   ASSERT_NE(cluster, nullptr);
   auto stub = client::MakeRouterStub(cluster->router_address());
-  cluster->shard(2).Signal(SIGKILL);
-  ASSERT_TRUE(cluster->shard(2).Wait(absl::Seconds(5)).ok());
-  ASSERT_TRUE(WaitOutOfRotation(stub.get(), 2)) << "the killed shard still in rotation after 10 s";
+  ASSERT_TRUE(KillOutOfRotation(cluster.get(), stub.get(), 2));
   grpc::ClientContext rctx;
   rctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
   v1::RebalanceRequest req;
