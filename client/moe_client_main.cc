@@ -116,8 +116,9 @@ commands:
       answers in flight then get those 10 s. Defaults: C 4, N 64, 10 seconds, random tokens
       without --zipf, seed 1; C at most 1024.
   demo --checkpoint PATH [--batches B] [--batch-size N] [--tensor-prefix P] [--capacity-factor C]
-      run the in-process layer on random batches; print tokens/s and per-expert load
-      (defaults: B 20, N 256)
+       [--zipf S [--hot-order K]]
+      run the in-process layer on random batches (with --zipf, the tokens load --zipf sends);
+      print tokens/s and per-expert load (defaults: B 20, N 256)
 
 Exit status: 0 done; 1 the command failed (the line on stderr says why); 2 the command line
 is wrong: an unknown command or flag, or a flag missing or with a bad value (the line says
@@ -556,11 +557,11 @@ absl::Status DrainCmd(const Flags& f) {
       if (absl::Now() >= until) break;
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
-    std::printf(
-        "%s: %s: still NOT_SERVING after %lld ms: it serves once a router places "
-        "experts on it (does a running router list this shard?)\n",
-        addr.c_str(), what, static_cast<long long>(waits_ms));
-    return absl::OkStatus();
+    return absl::UnavailableError(absl::StrCat(
+        addr, ": drain undone, but still NOT_SERVING after ", waits_ms,
+        " ms: it serves once a router places experts on it, which a router holds back while "
+        "another shard drains, while its members settle, or where its strategy's layout gives "
+        "this shard nothing or cannot be applied (the router's log says why)"));
   }
   if (resp.undone()) {
     return absl::AbortedError(absl::StrCat(
@@ -951,16 +952,46 @@ constexpr auto kDrainWait = std::chrono::seconds(10);
 // error.
 constexpr int64_t kStallSeconds = 35;
 
+// --zipf and --hot-order, as load and demo take them: the Zipf exponent, and which experts are
+// popular (by rank: empty for by id, expert 0 the most; a shuffle seeded by K > 0; -1 the ids
+// reversed). Checked as the command line's (exit 2).
+absl::StatusOr<std::pair<double, std::vector<int>>> ZipfFlags(const Flags& f, int num_experts) {
+  ASSIGN_OR_RETURN(double zipf, f.GetDouble("zipf", 0));
+  ASSIGN_OR_RETURN(int64_t hot_order, f.GetInt("hot-order", 0));
+  if (zipf < 0) {
+    return common::UsageError(
+        "--zipf must be >= 0 (0: uniform; --hot-order changes which experts are popular)");
+  }
+  if (f.Has("hot-order") && zipf == 0) {
+    return common::UsageError(
+        "--hot-order orders the Zipf law's popularity: give --zipf S (and --checkpoint) with it");
+  }
+  if (hot_order < -1) {
+    return common::UsageError(absl::StrCat("--hot-order ", hot_order,
+                                           ": use 0 (by id), K > 0 (a shuffle seeded by K) or -1 "
+                                           "(reversed)"));
+  }
+  std::vector<int> order;
+  if (hot_order != 0) {
+    order.resize(num_experts);
+    std::iota(order.begin(), order.end(), 0);
+    if (hot_order == -1) {
+      std::reverse(order.begin(), order.end());
+    } else {
+      std::shuffle(order.begin(), order.end(), std::mt19937_64(static_cast<uint64_t>(hot_order)));
+    }
+  }
+  return std::make_pair(zipf, std::move(order));
+}
+
 absl::Status Load(const Flags& f) {
   ASSIGN_OR_RETURN(std::string addr, f.Require("router"));
   ASSIGN_OR_RETURN(int64_t concurrency, f.GetInt("concurrency", 4));
   ASSIGN_OR_RETURN(int64_t batch, f.GetInt("batch-size", 64));
   ASSIGN_OR_RETURN(double duration, f.GetDouble("duration", 10));
   ASSIGN_OR_RETURN(int64_t max_requests, f.GetInt("requests", 0));
-  ASSIGN_OR_RETURN(double zipf, f.GetDouble("zipf", 0));
   ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 1));
   ASSIGN_OR_RETURN(int64_t window, f.GetInt("window", 2));
-  ASSIGN_OR_RETURN(int64_t hot_order, f.GetInt("hot-order", 0));
   ASSIGN_OR_RETURN(int64_t stall_s, f.GetInt("stall-s", kStallSeconds));
   if (stall_s < 1 || stall_s > 86400) {
     return common::UsageError(absl::StrCat("--stall-s ", stall_s, ": give 1 to 86400 seconds"));
@@ -978,22 +1009,15 @@ absl::Status Load(const Flags& f) {
   if (duration <= 0) return common::UsageError("--duration must be > 0 seconds");
   // --requests alone runs until they are answered; with --duration, whichever comes first.
   if (f.Has("requests") && !f.Has("duration")) duration = 1e7;
-  if (zipf < 0) {
-    return common::UsageError(
-        "--zipf must be >= 0 (0: uniform; --hot-order changes which experts are popular)");
-  }
-  if (f.Has("hot-order") && zipf == 0) {
-    return common::UsageError(
-        "--hot-order orders the Zipf law's popularity: give --zipf S (and --checkpoint) with it");
-  }
-  if (hot_order < -1) {
-    return common::UsageError(absl::StrCat(
-        "--hot-order ", hot_order, ": use 0 (by id), K > 0 (a shuffle seeded by K) or -1 "
-        "(reversed)"));
-  }
+  // Checked before the router is asked (a flag's mistake is said first); the order again below
+  // with the cluster's expert count.
+  RETURN_IF_ERROR(ZipfFlags(f, 0).status());
   const std::shared_ptr<grpc::Channel> channel = MakeRouterChannel(addr);
   auto stub = v1::Router::NewStub(channel);
   ASSIGN_OR_RETURN(v1::ClusterInfo info, GetInfo(stub.get(), addr));
+  ASSIGN_OR_RETURN(const auto zipf_order, ZipfFlags(f, info.num_experts()));
+  const double zipf = zipf_order.first;
+  const std::vector<int>& order = zipf_order.second;
   const int d = info.d_model();
   if (absl::Status fits =
           CheckRequestFits(batch, d, absl::StrCat("--batch-size ", batch, " of d_model ", d));
@@ -1027,18 +1051,6 @@ absl::Status Load(const Flags& f) {
         "--checkpoint is read for --zipf S only (its gate routes the Zipf-drawn tokens): give "
         "--zipf S (0: every expert equally popular), or leave --checkpoint out for random "
         "tokens");
-  }
-  // Which experts are popular: by id (expert 0 most), a shuffle seeded by --hot-order, or the
-  // reverse of the ids (-1).
-  std::vector<int> order;
-  if (hot_order != 0) {
-    order.resize(info.num_experts());
-    std::iota(order.begin(), order.end(), 0);
-    if (hot_order == -1) {
-      std::reverse(order.begin(), order.end());
-    } else {
-      std::shuffle(order.begin(), order.end(), std::mt19937_64(static_cast<uint64_t>(hot_order)));
-    }
   }
   // Ctrl-C stops sending; what is in flight is answered and the table covers the run so far.
   CatchInterrupt();
@@ -1347,16 +1359,28 @@ absl::Status Demo(const Flags& f) {
   ASSIGN_OR_RETURN(int64_t batches, f.GetInt("batches", 20));
   ASSIGN_OR_RETURN(int64_t n, f.GetInt("batch-size", 256));
   if (batches < 1 || n < 1) return common::UsageError("--batches and --batch-size must be >= 1");
+  RETURN_IF_ERROR(ZipfFlags(f, 0).status());
   ASSIGN_OR_RETURN(auto layer, LoadLayer(f));
   const common::ModelConfig& c = layer->config();
+  ASSIGN_OR_RETURN(const auto zipf_order, ZipfFlags(f, c.num_experts));
   std::printf("in-process MoE layer: %d experts, d_model %d, d_ff %d, top-%d, %s%s\n",
               c.num_experts, c.d_model, c.d_ff, c.top_k,
               std::string(common::ActivationName(c.activation)).c_str(), c.gated ? ", gated" : "");
+  // With --zipf, the tokens `load --zipf` sends (its first worker's): the in-process layer on
+  // the cluster's load, as bench/placement_bench.py compares them.
+  std::unique_ptr<ZipfTokens> gen;
+  if (f.Has("zipf")) {
+    const router::GateParams g = layer->gate_params();
+    common::GateWeights gate;
+    gate.weight.assign(g.weight, g.weight + static_cast<int64_t>(c.num_experts) * c.d_model);
+    gen = std::make_unique<ZipfTokens>(gate, c.num_experts, c.d_model, zipf_order.first, 1000,
+                                       zipf_order.second, c.top_k);
+  }
   std::vector<int64_t> load(c.num_experts, 0);
   Progress progress("forward", batches);
   std::vector<double> seconds;  // each batch's
   for (int64_t b = 0; b < batches; ++b) {
-    std::vector<float> x = common::RandomMatrix(n, c.d_model, 1000 + b);
+    std::vector<float> x = gen ? gen->Next(n) : common::RandomMatrix(n, c.d_model, 1000 + b);
     const auto start = std::chrono::steady_clock::now();
     ASSIGN_OR_RETURN(router::LayerOutput out, layer->Forward(x.data(), n));
     seconds.push_back(
@@ -1432,9 +1456,17 @@ int Main(int argc, char** argv) {
   };
   const std::map<std::string, Command> commands = {
       {"init-checkpoint",
-       {{{"out", true}, {"experts", true}, {"d-model", true}, {"d-ff", true}, {"top-k", true},
-         {"activation", true}, {"gated", false}, {"bias", false}, {"seed", true},
-         {"normalize-topk", true}, {"bf16", false}},
+       {{{"out", true},
+         {"experts", true},
+         {"d-model", true},
+         {"d-ff", true},
+         {"top-k", true},
+         {"activation", true},
+         {"gated", false},
+         {"bias", false},
+         {"seed", true},
+         {"normalize-topk", true},
+         {"bf16", false}},
         InitCheckpoint}},
       {"make-tokens",
        {{{"out", true}, {"tokens", true}, {"d-model", true}, {"seed", true}, {"name", true}},
@@ -1464,7 +1496,7 @@ int Main(int argc, char** argv) {
         Load}},
       {"demo",
        {{{"checkpoint", true}, {"batches", true}, {"batch-size", true}, {"tensor-prefix", true},
-         {"capacity-factor", true}},
+         {"capacity-factor", true}, {"zipf", true}, {"hot-order", true}},
         Demo}},
   };
   auto it = commands.find(cmd);

@@ -7,7 +7,6 @@
 #include <cmath>
 #include <thread>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "services/common/security.h"
 #include "services/common/server_util.h"
@@ -49,9 +48,6 @@ grpc::Status CallWithReconnects(absl::Duration timeout,
                                        "a line per shard)"));
     }
     if (st.error_code() != grpc::StatusCode::UNAVAILABLE) return st;
-    // The server's own UNAVAILABLE (a router refusing for now, with why) is its answer:
-    // asked again at once it answers the same, and a change would be tried three times.
-    if (absl::StrContains(ctx.debug_error_string(), "Error received from peer")) return st;
     if (attempt == 0) first = st;
   }
   return first;

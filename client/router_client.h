@@ -25,10 +25,9 @@ std::unique_ptr<v1::Router::Stub> MakeRouterStub(const std::string& address);
 std::shared_ptr<grpc::Channel> MakeRouterChannel(const std::string& address);
 
 // One idempotent unary call, `call(ctx)`, each attempt with a fresh context of `timeout`. A call
-// that fails UNAVAILABLE without reaching the server is made twice more, 300 ms apart (past the
-// channel's reconnect backoff): a connection attempt can fail on a loaded machine
-// (common::UserChannelArgs gives a handshake 2 s) without the server being gone. An UNAVAILABLE
-// the server answered (a router refusing for now) is returned at once. Returns the first
+// that fails UNAVAILABLE is made twice more, 300 ms apart (past the channel's reconnect
+// backoff): a connection attempt can fail on a loaded machine (common::UserChannelArgs gives
+// a handshake 2 s) without the server being gone. Returns the first
 // failure when every attempt fails (later ones only say that a reconnect was cut short). Not
 // wait_for_ready, whose DEADLINE_EXCEEDED would hide why the server could not be reached. A
 // server without the service (UNIMPLEMENTED with no message) is named in the message.

@@ -4,14 +4,11 @@
 
 #include "client/router_client.h"
 
-#include <grpcpp/grpcpp.h>
-#include <gtest/gtest.h>
-
-#include <atomic>
 #include <cmath>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
+#include <gtest/gtest.h>
+
 #include "router/gating.h"
 #include "services/common/random_checkpoint.h"
 
@@ -98,55 +95,6 @@ TEST(RegressionLoss, IsTheMeanSquaredErrorAndItsGradient) {
   const absl::StatusOr<double> nan = RegressionLoss({std::nanf("")}, {0.f}, 1, &dy);
   EXPECT_EQ(nan.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(nan.status().message(), "the loss (nan) is not finite");
-}
-
-// A router that refuses every GetClusterInfo UNAVAILABLE, as one refuses a change it cannot make
-// now, and counts the calls.
-class RefusingRouter final : public v1::Router::Service {
- public:
-  grpc::Status GetClusterInfo(grpc::ServerContext*, const v1::GetClusterInfoRequest*,
-                              v1::ClusterInfo*) override {
-    ++calls;
-    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "expert 4 has no live replica");
-  }
-  std::atomic<int> calls{0};
-};
-
-// The server's own UNAVAILABLE is its answer: made once (a Rebalance the router refused was
-// tried three times, and logged three times). One that never reached a server is tried again.
-TEST(CallWithReconnects, ReturnsTheServersOwnUnavailableAtOnce) {
-  RefusingRouter service;
-  int port = 0;
-  grpc::ServerBuilder builder;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  builder.RegisterService(&service);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  ASSERT_GT(port, 0);
-  auto stub = v1::Router::NewStub(
-      grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
-  int attempts = 0;
-  v1::ClusterInfo info;
-  const grpc::Status st = CallWithReconnects(absl::Seconds(10), [&](grpc::ClientContext* ctx) {
-    ++attempts;
-    return stub->GetClusterInfo(ctx, v1::GetClusterInfoRequest(), &info);
-  });
-  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE);
-  EXPECT_EQ(st.error_message(), "expert 4 has no live replica");
-  EXPECT_EQ(attempts, 1);
-  EXPECT_EQ(service.calls.load(), 1);
-  server->Shutdown();
-
-  // Nothing listens on port 1: the connection fails, and every attempt is made.
-  auto nowhere =
-      v1::Router::NewStub(grpc::CreateChannel("127.0.0.1:1", grpc::InsecureChannelCredentials()));
-  attempts = 0;
-  const grpc::Status unreached =
-      CallWithReconnects(absl::Seconds(10), [&](grpc::ClientContext* ctx) {
-        ++attempts;
-        return nowhere->GetClusterInfo(ctx, v1::GetClusterInfoRequest(), &info);
-      });
-  EXPECT_EQ(unreached.error_code(), grpc::StatusCode::UNAVAILABLE);
-  EXPECT_EQ(attempts, 3);
 }
 
 }  // namespace

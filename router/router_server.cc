@@ -181,6 +181,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // A switch or a tick found trained replicas (after a restart, steps_done is 0 although the
   // shards were trained): CheckSwitchable then needs a source for each copy.
   std::atomic<bool> seen_trained{false};
+  // Whether the model has trained, as far as this router knows without asking the shards.
+  bool KnownTrained() const { return steps_done.load() > 0 || seen_trained.load(); }
   // Steps taken before this process, read with the kept gate (--state-dir): counted in the
   // step numbers reported, never taken as this router's training.
   uint64_t restored_steps = 0;
@@ -1165,7 +1167,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     // The first placement of this router starts from what the shards hold (they may have served
     // and trained under a router before this one): see ObserveShards.
-    bool trained = steps_done.load() > 0;
+    bool trained = KnownTrained();
     if (old == nullptr) {
       std::vector<std::pair<std::string, std::string>> unread;
       std::set<std::string> draining;
@@ -2064,7 +2066,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           // Replicas behind first: then every live replica is a right source for what is
           // missing, and the shards' steps tell whether it was trained (after a router restart
           // steps_done is 0; reading the checkpoint then would serve untrained weights).
-          bool trained = steps_done.load() > 0;
+          bool trained = KnownTrained();
           if (trainer != nullptr) ReloadStale(*t, &trained).IgnoreError();  // logged; next tick
           if (trained) seen_trained.store(true);
           ReloadMissing(*t, missing, held, trained);
@@ -2640,13 +2642,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // shard down: the load would fail there, and the switch with it). A trained expert copied
   // onto a shard needs a replica to copy from, in rotation or draining: where its only holders
   // are down, SwitchLocked would refuse (UNAVAILABLE) after taking a version, and a dry run
-  // would not have said so. `p` the same as `live` is checked too: a strategy asked for again
-  // that leaves experts unserved is no answer to give without a word.
+  // would not have said so (UNAVAILABLE here too where a holder answers without serving yet,
+  // likely a moment: a client tries again). `deadline` bounds the status reads. `p` the same as
+  // `live` is checked too: a strategy asked for again that leaves experts unserved is no answer to
+  // give without a word.
   absl::Status CheckSwitchable(const Placement& p,
                                const std::vector<std::shared_ptr<ShardClient>>& current,
-                               const std::vector<bool>& usable, const Placement& live) {
+                               const std::vector<bool>& usable, const Placement& live,
+                               absl::Time deadline) {
     const bool same = p.strategy == live.strategy && p.replicas == live.replicas;
-    const bool trained = seen_trained.load() || steps_done.load() > 0;
+    const bool trained = KnownTrained();
     // Whether expert e's trained weights may be read from a replica `live` places: one in
     // rotation, or a READY one on a shard that drains (asked, as DrainingHolder asks; whether
     // it is at the expert's latest step SwitchLocked tells); always, for an untrained model
@@ -2659,9 +2664,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         if (!current[s]->answering()) continue;
         auto it = statuses.find(current[s]->address());
         if (it == statuses.end()) {
-          it = statuses
-                   .emplace(current[s]->address(), current[s]->GetStatus(absl::Milliseconds(500)))
-                   .first;
+          const absl::Duration wait =
+              std::min(absl::Milliseconds(500), deadline - common::MonotonicNow());
+          it = statuses.emplace(current[s]->address(), current[s]->GetStatus(wait)).first;
         }
         if (!it->second.ok() || !it->second->draining()) continue;
         for (const v1::ExpertStatus& x : it->second->experts()) {
@@ -2670,40 +2675,44 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
       return false;
     };
+    // `dynamic` places on the shards in rotation, copying there what it must: offered where
+    // every expert has a replica to copy from (else it is refused too).
+    bool dynamic_serves = true;
+    for (int e = 0; e < static_cast<int>(p.replicas.size()) && dynamic_serves; ++e) {
+      dynamic_serves = has_source(e);
+    }
+    const char* or_dynamic = p.strategy == Strategy::kDynamic || !dynamic_serves
+                                 ? ""
+                                 : ", or choose dynamic, which places replicas only on shards "
+                                   "in rotation";
     std::vector<int> stranded;
     std::set<std::string> down;
-    bool dynamic_serves = true;  // dynamic would place every stranded expert somewhere in rotation
     for (int e = 0; e < static_cast<int>(p.replicas.size()); ++e) {
       bool served = false;
       for (int r : p.replicas[e]) {
         served = served || usable[r];
         if (!usable[r]) down.insert(current[r]->address());
       }
-      if (served) continue;
-      stranded.push_back(e);
-      dynamic_serves = dynamic_serves && has_source(e);
+      if (!served) stranded.push_back(e);
     }
-    const char* bring = down.size() == 1 ? "Bring the shard back" : "Bring the shards back";
     if (!stranded.empty()) {
       return absl::FailedPreconditionError(absl::StrCat(
           StrategyName(p.strategy), " placement ", same ? "(the live one) leaves" : "would leave",
           " experts ", absl::StrJoin(stranded, ","),
           " with no replica on a shard in rotation (out of rotation: ", absl::StrJoin(down, ", "),
-          same ? "): their requests fail UNAVAILABLE. " : "); the current placement stays. ", bring,
-          p.strategy == Strategy::kDynamic || !dynamic_serves
-              ? ""
-              : ", or choose dynamic, which places replicas only on shards in rotation"));
+          same ? "): their requests fail UNAVAILABLE. " : "); the current placement stays. ",
+          down.size() == 1 ? "Bring the shard back" : "Bring the shards back", or_dynamic));
     }
     const std::set<std::string> onto_down = LoadsOntoDown(p, current, usable, live, current);
     if (!onto_down.empty()) {
       return absl::FailedPreconditionError(absl::StrCat(
           StrategyName(p.strategy), " placement would load experts onto ",
           absl::StrJoin(onto_down, ", "), ", out of rotation; the current placement stays. ",
-          onto_down.size() == 1 ? "Bring the shard back" : "Bring the shards back",
-          ", or choose dynamic, which places replicas only on shards in rotation"));
+          onto_down.size() == 1 ? "Bring the shard back" : "Bring the shards back", or_dynamic));
     }
     std::vector<int> no_source;
     std::set<std::string> holders;
+    bool some_answer = false;  // a holder's status read answered: not serving yet (loading)
     for (int e = 0; e < static_cast<int>(p.replicas.size()); ++e) {
       bool copied = false;  // p places e on a shard that live does not
       for (int r : p.replicas[e]) {
@@ -2712,17 +2721,29 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
       if (!copied || has_source(e)) continue;
       no_source.push_back(e);
-      for (int s : live.replicas[e]) holders.insert(current[s]->address());
+      for (int s : live.replicas[e]) {
+        holders.insert(current[s]->address());
+        auto it = statuses.find(current[s]->address());  // read by has_source if it answers
+        some_answer = some_answer || (it != statuses.end() && it->second.ok());
+      }
+    }
+    if (!no_source.empty() && some_answer) {
+      // Most likely for a moment: said as UNAVAILABLE, which a client tries again.
+      return absl::UnavailableError(absl::StrCat(
+          StrategyName(p.strategy), " placement would copy trained experts ",
+          absl::StrJoin(no_source, ","), " onto other shards, and the shards that hold them (",
+          absl::StrJoin(holders, ", "),
+          ") are out of rotation; one answers but does not serve yet: nothing was applied, "
+          "try again once it serves"));
     }
     if (!no_source.empty()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(StrategyName(p.strategy), " placement would copy trained experts ",
-                       absl::StrJoin(no_source, ","),
-                       " onto other shards, but every shard that holds them is "
-                       "out of rotation (",
-                       absl::StrJoin(holders, ", "), "); the current placement stays. ",
-                       holders.size() == 1 ? "Bring the shard back" : "Bring the shards back",
-                       " first: their training is on it"));
+      return absl::FailedPreconditionError(absl::StrCat(
+          StrategyName(p.strategy), " placement would copy trained experts ",
+          absl::StrJoin(no_source, ","),
+          " onto other shards, but every shard that holds them is out of rotation (",
+          absl::StrJoin(holders, ", "), "); the current placement stays. ",
+          holders.size() == 1 ? "Bring the shard back first: their training is on it"
+                              : "Bring the shards back first: their training is on them"));
     }
     return absl::OkStatus();
   }
@@ -2751,7 +2772,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         // or one resent after a reconnect) is answered with it: a new version would move nothing.
         // Unless it leaves experts with no replica in rotation (CheckSwitchable says so).
         const bool unchanged = p.strategy == live.strategy && p.replicas == live.replicas;
-        const absl::Status refusal = CheckSwitchable(p, current, usable, live);
+        const absl::Status refusal = CheckSwitchable(p, current, usable, live, deadline);
         if (req->dry_run()) {  // the proposal, and why the call itself would be refused
           *out = ToProto(p, false);
           out->set_refusal(std::string(refusal.message()));

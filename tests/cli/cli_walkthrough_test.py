@@ -20,6 +20,7 @@ what it prints or writes, and SIGINT ending the cluster with exit code 0.
 
 usage: cli_walkthrough_test.py BUILD_DIR WORK_DIR
 """
+import contextlib
 import os
 import re
 import signal
@@ -59,6 +60,27 @@ def run(*args):
 def expect(cond, what):
     if not cond:
         failures.append(what)
+
+
+@contextlib.contextmanager
+def alone(binary, *args):
+    """BINARY (moe-router or moe-expert-server) started on its own on a free loopback port, with
+    the checkpoint and ARGS: yields its HOST:PORT (None, a failure recorded, if it did not say
+    where it listens); stopped after."""
+    proc = subprocess.Popen([os.path.join(bin_dir, binary), "--checkpoint", path("ck.safetensors"),
+                             *args, "--host", "127.0.0.1", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    # Killed if it says nothing for 30 s, so that the readline below cannot wait for good.
+    guard = threading.Timer(30, proc.kill)
+    guard.start()
+    try:
+        listening = re.search(r"listening on \S+:(\d+)", proc.stdout.readline())
+        expect(listening is not None, f"{binary} did not say where it listens")
+        yield f"127.0.0.1:{listening.group(1)}" if listening else None
+    finally:
+        guard.cancel()
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 E, D = 8, 32
@@ -330,23 +352,23 @@ try:
                "request (its --max-batch-tokens) (run `moe-client help load`)\n", code=2)
     # Every request refused (a router still loading its placement: its one shard does not
     # answer): the table, then exit 1.
-    lonely = subprocess.Popen([os.path.join(bin_dir, "moe-router"), "--checkpoint",
-                               path("ck.safetensors"), "--shards", "127.0.0.1:1", "--host",
-                               "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
-    # Killed if it says nothing for 30 s, so that the readline below cannot wait for good.
-    guard = threading.Timer(30, lonely.kill)
-    guard.start()
-    try:
-        listening = re.search(r"listening on \S+:(\d+)", lonely.stdout.readline())
-        expect(listening is not None, "moe-router did not say where it listens")
-        if listening:
-            fails("load", "--router", f"127.0.0.1:{listening.group(1)}", "--batch-size", "8",
-                  "--requests", "2", says="all 2 requests failed")
-    finally:
-        guard.cancel()
-        lonely.terminate()
-        lonely.wait(timeout=30)
+    with alone("moe-router", "--shards", "127.0.0.1:1") as lonely:
+        if lonely:
+            fails("load", "--router", lonely, "--batch-size", "8", "--requests", "2",
+                  says="all 2 requests failed")
+    # A drain undone on a shard that holds nothing, and that no router places experts on,
+    # leaves it NOT_SERVING: `drain --undo` waits for SERVING up to --timeout-ms, then exits 1
+    # saying the undo stands (it exited 0 at once, and `undo && health` failed).
+    with alone("moe-expert-server", "--experts", "none") as lone:
+        if lone:
+            drained_lone = run("drain", "--addr", lone, "--timeout-ms", "1000")
+            expect("drained in" in drained_lone, f"drain of a lone shard: {drained_lone}")
+            fails("drain", "--addr", lone, "--undo", "--timeout-ms", "300",
+                  says=f"{lone}: drain undone, but still NOT_SERVING after 300 ms: it serves once "
+                       "a router places experts on it")
+            undone = run("drain", "--addr", lone, "--undo")
+            expect("not draining, nothing to undo: NOT_SERVING until it holds experts" in undone,
+                   f"a second undo: {undone}")
     fails("train", "--router", router, "--tokens", path("in.safetensors"),
           says="train needs --synthetic, or --tokens and --grad-output", code=2)
     fails("train", "--router", router, "--synthetic", "--tokens", path("in.safetensors"),

@@ -586,10 +586,9 @@ TEST_F(ClusterTest, AnUndoneDrainServesAgain) {
       });
       EXPECT_TRUE(st.ok()) << "step of seed " << seed << ": " << st.error_message();
     }
-    // Undone, it holds nothing: NOT_SERVING until the router places the strategy's layout
-    // again (or SERVING, where the undo came before the router had unloaded it).
-    // The undo returns once the router has placed experts on it again and it serves (it
-    // returned before, and `undo && health` failed): health says SERVING at once.
+    // Undone, it holds nothing until the router places the strategy's layout again (or it
+    // still holds it, where the undo came before the router had unloaded it). The undo returns
+    // once it serves (it returned before, and `undo && health` failed): health says SERVING.
     client({"drain", "--addr", shard, "--undo"}, "drain undone: SERVING");
     client({"health", "--addr", shard}, "SERVING");
     EXPECT_EQ(AwaitShardState(cluster->router_address(), shard, "serving", 10), "serving");
@@ -2026,6 +2025,19 @@ TEST_F(ClusterTest, ARebalanceThatWouldCopyTrainedExpertsFromADownShardIsRefused
       absl::StrCat("hybrid placement (the live one) leaves experts ", absl::StrJoin(singles, ","),
                    " with no replica on a shard in rotation (out of rotation: ", down,
                    "): their requests fail UNAVAILABLE. Bring the shard back"));
+  // The other refusals do not offer dynamic either: it would be refused as above.
+  st = RebalanceWithin(stub.get(), "sharded", false, &p, std::chrono::seconds(60));
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  EXPECT_TRUE(absl::StartsWith(st.error_message(), "sharded placement would leave experts "))
+      << st.error_message();
+  EXPECT_TRUE(
+      absl::EndsWith(st.error_message(), "the current placement stays. Bring the shard back"))
+      << st.error_message();
+  st = RebalanceWithin(stub.get(), "replicated", false, &p, std::chrono::seconds(60));
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  EXPECT_EQ(st.error_message(),
+            absl::StrCat("replicated placement would load experts onto ", down,
+                         ", out of rotation; the current placement stays. Bring the shard back"));
   grpc::ClientContext actx;
   v1::Placement after;
   ASSERT_TRUE(stub->GetPlacement(&actx, v1::GetPlacementRequest(), &after).ok());
