@@ -642,9 +642,11 @@ absl::Status Info(const Flags& f) {
 }
 
 void PrintPlacement(const v1::Placement& p) {
-  std::printf("placement %s, version %llu%s, imbalance %.3f\n", p.strategy().c_str(),
-              static_cast<unsigned long long>(p.version()), p.applied() ? "" : " (proposal, not applied)",
-              p.imbalance());
+  // A dry run's proposal has no version of its own (it read "version 0").
+  std::printf(
+      "placement %s, %s, imbalance %.3f\n", p.strategy().c_str(),
+      p.applied() ? absl::StrCat("version ", p.version()).c_str() : "a proposal, not applied",
+      p.imbalance());
   std::vector<std::vector<std::string>> rows;
   for (const v1::ExpertPlacement& e : p.experts()) {
     std::vector<std::string> where;

@@ -719,15 +719,28 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // read as an idle shard, and a cluster balanced over the others as imbalanced.
   std::vector<bool> TakesLoad(const RoutingTable& t) {
     std::vector<bool> up = InRotation(t);
+    const std::set<std::string> drained = DrainedAndEmpty(t);
     std::lock_guard<std::mutex> lock(models_mu);
     for (size_t s = 0; s < t.shards.size(); ++s) {
       const std::string& a = t.shards[s]->address();
-      if (draining_now.count(a) > 0 ||
-          (drained_off.count(a) > 0 && t.placement.ExpertsOn(static_cast<int>(s)).empty())) {
-        up[s] = false;
-      }
+      if (draining_now.count(a) > 0 || drained.count(a) > 0) up[s] = false;
     }
     return up;
+  }
+
+  // The addresses of `t`'s shards that drained (drained_off) and hold nothing in `t`: the fixed
+  // formulas leave them out while they are out of rotation (Usable, the membership change),
+  // and the imbalance does not count them (TakesLoad). Takes models_mu.
+  std::set<std::string> DrainedAndEmpty(const RoutingTable& t) {
+    std::set<std::string> out;
+    std::lock_guard<std::mutex> lock(models_mu);
+    for (size_t s = 0; s < t.shards.size(); ++s) {
+      const std::string& a = t.shards[s]->address();
+      if (drained_off.count(a) > 0 && t.placement.ExpertsOn(static_cast<int>(s)).empty()) {
+        out.insert(a);
+      }
+    }
+    return out;
   }
 
   // Where a rebalance from table `t` may place replicas: the shards in rotation, and those that
@@ -738,18 +751,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // an operator drained the shard, then stopped it; started again, PlaceUndrained places it).
   std::vector<bool> Usable(const RoutingTable& t, std::vector<bool>* drains = nullptr) {
     std::vector<bool> up = InRotation(t);
-    if (drains != nullptr) drains->assign(t.shards.size(), false);
-    std::set<std::string> off;
+    std::set<std::string> drained;
     if (drains != nullptr) {
-      std::lock_guard<std::mutex> lock(models_mu);
-      off = drained_off;
+      drains->assign(t.shards.size(), false);
+      drained = DrainedAndEmpty(t);
     }
     for (size_t s = 0; s < t.shards.size(); ++s) {
       if (!up[s]) {
-        if (drains != nullptr && off.count(t.shards[s]->address()) > 0 &&
-            t.placement.ExpertsOn(static_cast<int>(s)).empty()) {
-          (*drains)[s] = true;
-        }
+        if (drains != nullptr && drained.count(t.shards[s]->address()) > 0) (*drains)[s] = true;
         continue;
       }
       if (t.shards[s]->healthy()) continue;
@@ -1930,15 +1939,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           // taken it out) is left out of the fixed formulas: placed over the others, the change
           // need not wait for it to stop. One that still holds replicas keeps its position
           // (MoveOffDraining moves them first, and waits for replicas that are not READY).
-          // A member that drained and has stopped since (in drained_off, of the live table, and
+          // A member that drained and has stopped since (DrainedAndEmpty in the live table, and
           // unreachable) is left out as well, as in Usable.
-          std::set<std::string> off;
-          {
-            std::lock_guard<std::mutex> lock(models_mu);
-            for (const auto& c : t->shards) {
-              if (drained_off.count(c->address()) > 0) off.insert(c->address());
-            }
-          }
+          const std::set<std::string> drained = DrainedAndEmpty(*t);
           std::vector<bool> drained_empty;
           for (size_t i = 0; i < members->size(); ++i) {
             const std::string& a = (*members)[i]->address();
@@ -1947,8 +1950,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
               placed =
                   placed || (t->shards[s]->address() == a && !t->placement.ExpertsOn(s).empty());
             }
-            drained_empty.push_back(!placed &&
-                                    (drains.count(a) > 0 || (off.count(a) > 0 && !reachable[i])));
+            drained_empty.push_back((!placed && drains.count(a) > 0) ||
+                                    (drained.count(a) > 0 && !reachable[i]));
           }
           absl::StatusOr<Placement> p = Propose(
               t->placement.strategy, static_cast<int>(members->size()), reachable, drained_empty);

@@ -109,6 +109,13 @@ try:
     expect(all(len(replicas[e]) == 3 for e in range(E // 2)) and
            all(len(replicas[e]) == 1 for e in range(E // 2, E)),
            f"hybrid placement wrong: {replicas}")
+    # A dry run's proposal has no version (it read "version 0"), and says it is not applied.
+    proposal = run("placement", "--router", router, "--rebalance", "sharded", "--dry-run")
+    expect(re.match(r"placement sharded, a proposal, not applied, imbalance \d+\.\d+\n",
+                    proposal) is not None and "version" not in proposal,
+           f"placement --dry-run:\n{proposal}")
+    expect(run("placement", "--router", router).startswith("placement hybrid, version 1, "),
+           "a dry run applied its proposal")
 
     run("make-tokens", "--out", path("in.safetensors"), "--tokens", "20", "--d-model", str(D))
     run("forward", "--input", path("in.safetensors"), "--output", path("remote.safetensors"),
