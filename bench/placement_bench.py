@@ -8,8 +8,13 @@ hybrid replicates everywhere, hybrid's best case), a seeded shuffle (which exper
 not known in advance, what dynamic placement is for), and reversed (the hot experts are the ones
 hybrid does not replicate, its worst case). Each at two request sizes, 64 and 256 tokens: at 64 an
 expert's weight read (12 MiB, whatever its rows) is most of a shard's time for it, at 256 its
-rows are. Prints a line per round and per placement and writes JSON lines to the file given as
-the first argument.
+rows are. Each round also runs the in-process layer on one core (one thread, pinned) on the
+same Zipf tokens (`moe-client demo --zipf`), in batches of all the streams' tokens at once (a
+shard gathers the rows of the requests in flight into one matmul, so a request's own size would
+undercount what it can do): its tokens/s times the CPUs the shards have together is what those
+CPUs would do with the expert math alone and nothing spent on distributing it, the ceiling of
+either placement. Prints a line per round and per placement and
+writes JSON lines to the file given as the first argument.
 
 usage: placement_bench.py OUT.jsonl BIN_DIR [SECONDS]
 """
@@ -34,9 +39,27 @@ subprocess.run([f"{bin_dir}/moe-client", "init-checkpoint", "--out", ck, "--expe
                 "--gated", "--seed", "1"], check=True, stdout=subprocess.DEVNULL)
 
 
+CONCURRENCY = 4  # moe-client load's streams
+
+
+def in_process(hot_order, batch):
+    """The in-process layer's tokens/s on one core (pinned, one thread) on the Zipf tokens, in
+    batches of every stream's request at once, at the median of about 5 s of batches: on
+    AVX-512 a matmul primitive is made for each new row count on first use, which slows a cold
+    layer's first batches by up to a third (the shards were warmed up before the rounds)."""
+    n = CONCURRENCY * batch
+    r = subprocess.run(["taskset", "-c", "0", f"{bin_dir}/moe-client", "demo", "--checkpoint", ck,
+                        "--zipf", "1.2", "--hot-order", str(hot_order), "--batch-size", str(n),
+                        "--batches", str(max(40, 61440 // n))],
+                       capture_output=True, text=True, check=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return float(re.search(r"([0-9.]+) tokens/s at the median batch", r.stdout).group(1))
+
+
 def load(router, duration, hot_order, batch):
     r = subprocess.run([f"{bin_dir}/moe-client", "load", "--router", router, "--checkpoint", ck,
-                        "--zipf", "1.2", "--hot-order", str(hot_order), "--concurrency", "4",
+                        "--zipf", "1.2", "--hot-order", str(hot_order),
+                        "--concurrency", str(CONCURRENCY),
                         "--batch-size", str(batch), "--duration", str(duration)],
                        capture_output=True, text=True, check=True)
     tps = float(re.search(r"tokens/s\s+([0-9.]+)", r.stdout).group(1))
@@ -97,6 +120,7 @@ with open(out_path, "w") as out:
     for batch, (order, hot_order) in itertools.product(BATCHES, ORDERS):
         clusters, routers = {}, {}
         runs = {p: [] for p in PLACEMENTS}
+        one_core = []  # the in-process layer's tokens/s on one core, a figure per round
         try:
             for p in PLACEMENTS:
                 clusters[p], routers[p] = local_cluster.start(
@@ -109,8 +133,10 @@ with open(out_path, "w") as out:
             for r in range(ROUNDS):
                 for p in (PLACEMENTS if r % 2 == 0 else PLACEMENTS[::-1]):
                     runs[p].append(load(routers[p], seconds / ROUNDS, hot_order, batch))
+                one_core.append(in_process(hot_order, batch))
                 print(f"{batch:3d} tokens, {order:8s} round {r + 1}/{ROUNDS}: " + ", ".join(
-                    f"{p} {runs[p][-1][0]:.0f}" for p in PLACEMENTS) + " tokens/s",
+                    f"{p} {runs[p][-1][0]:.0f}" for p in PLACEMENTS) +
+                    f" tokens/s; in-process, one core {one_core[-1]:.0f}",
                     file=sys.stderr, flush=True)
             versions = {}
             for p in PLACEMENTS:
@@ -128,6 +154,14 @@ with open(out_path, "w") as out:
                    "tokens_per_s": median(tps), "round_tokens_per_s": tps,
                    "p99_ms": median([x[1] for x in runs[p]]), "errors": sum(x[2] for x in runs[p]),
                    "placement_version": versions[p], "shard_cpus": SHARD_CPUS}
+            if SHARD_CPUS != "pinned":
+                # The shards' CPUs (SHARDS x SHARD_CPUS) doing the in-process layer's work at its
+                # one-core speed: the round's placement against that.
+                cpus = SHARDS * SHARD_CPUS
+                row["shards_cpus"] = cpus
+                row["in_process_one_core"] = median(one_core)
+                row["ceiling_tokens_per_s"] = median(one_core) * cpus
+                row["of_ceiling"] = median([x[0] / (c * cpus) for x, c in zip(runs[p], one_core)])
             if p != "hybrid":
                 round_ratios = [d[0] / h[0] if h[0] > 0 else 0.0
                                 for h, d in zip(runs["hybrid"], runs[p])]
