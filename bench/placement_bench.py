@@ -9,11 +9,12 @@ not known in advance, what dynamic placement is for), and reversed (the hot expe
 hybrid does not replicate, its worst case). Each at two request sizes, 64 and 256 tokens: at 64 an
 expert's weight read (12 MiB, whatever its rows) is most of a shard's time for it, at 256 its
 rows are. Each round also runs the in-process layer on one core (one thread, pinned) on the
-same Zipf tokens (`moe-client demo --zipf`), in batches of all the streams' tokens at once (a
-shard gathers the rows of the requests in flight into one matmul, so a request's own size would
-undercount what it can do): its tokens/s times the CPUs the shards have together is what those
-CPUs would do with the expert math alone and nothing spent on distributing it, the ceiling of
-either placement. Prints a line per round and per placement and
+same Zipf tokens (`moe-client demo --zipf`), in batches of the 4 streams' requests together: its
+tokens/s times the CPUs the shards have together is a reference for what those CPUs do with
+the expert math alone, nothing spent on distributing it. A reference, not a strict bound: a
+shard gathers the rows of the requests queued for an expert into one matmul (up to its
+--max-coalesced-rows, 256), and load keeps up to 2 requests in flight per stream, so a shard
+may amortise a weight read over more rows, or fewer, than the reference's 4 requests do. Prints a line per round and per placement and
 writes JSON lines to the file given as the first argument.
 
 usage: placement_bench.py OUT.jsonl BIN_DIR [SECONDS]
@@ -48,7 +49,8 @@ def in_process(hot_order, batch):
     AVX-512 a matmul primitive is made for each new row count on first use, which slows a cold
     layer's first batches by up to a third (the shards were warmed up before the rounds)."""
     n = CONCURRENCY * batch
-    r = subprocess.run(["taskset", "-c", "0", f"{bin_dir}/moe-client", "demo", "--checkpoint", ck,
+    r = subprocess.run(["taskset", "-c", str(min(os.sched_getaffinity(0))), f"{bin_dir}/moe-client",
+                        "demo", "--checkpoint", ck,
                         "--zipf", "1.2", "--hot-order", str(hot_order), "--batch-size", str(n),
                         "--batches", str(max(40, 61440 // n))],
                        capture_output=True, text=True, check=True,
@@ -133,10 +135,11 @@ with open(out_path, "w") as out:
             for r in range(ROUNDS):
                 for p in (PLACEMENTS if r % 2 == 0 else PLACEMENTS[::-1]):
                     runs[p].append(load(routers[p], seconds / ROUNDS, hot_order, batch))
-                one_core.append(in_process(hot_order, batch))
+                if SHARD_CPUS != "pinned":  # no CPU share to scale it by
+                    one_core.append(in_process(hot_order, batch))
                 print(f"{batch:3d} tokens, {order:8s} round {r + 1}/{ROUNDS}: " + ", ".join(
-                    f"{p} {runs[p][-1][0]:.0f}" for p in PLACEMENTS) +
-                    f" tokens/s; in-process, one core {one_core[-1]:.0f}",
+                    f"{p} {runs[p][-1][0]:.0f}" for p in PLACEMENTS) + " tokens/s" +
+                    (f"; in-process, one core {one_core[-1]:.0f}" if one_core else ""),
                     file=sys.stderr, flush=True)
             versions = {}
             for p in PLACEMENTS:
@@ -159,7 +162,9 @@ with open(out_path, "w") as out:
                 # one-core speed: the round's placement against that.
                 cpus = SHARDS * SHARD_CPUS
                 row["shards_cpus"] = cpus
+                row["in_process_batch"] = CONCURRENCY * batch
                 row["in_process_one_core"] = median(one_core)
+                row["in_process_one_core_by_round"] = one_core
                 row["ceiling_tokens_per_s"] = median(one_core) * cpus
                 row["of_ceiling"] = median([x[0] / (c * cpus) for x, c in zip(runs[p], one_core)])
             if p != "hybrid":

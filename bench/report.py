@@ -265,15 +265,22 @@ def main():
     ceiling = any("ceiling_tokens_per_s" in r for r in placement)
     if ceiling:
         cpus = next(r["shards_cpus"] for r in placement if "shards_cpus" in r)
+        sizes = sorted({(r["batch"], r["in_process_batch"]) for r in placement
+                        if "in_process_batch" in r})
         lines += ["The ceiling: each round also runs the in-process layer on one core (one thread,",
-                  "pinned; `moe-client demo --zipf 1.2` on the same tokens) in batches of the 4",
-                  "streams' requests together (a shard gathers the rows of the requests in flight",
-                  "into one matmul), and its tokens/s times",
-                  f"the {cpus:g} CPUs the shards have together is what those CPUs would do with the",
-                  "expert math alone, nothing spent on distributing it. \"of ceiling\" is the median",
-                  "of the rounds' ratios; a placement can gain over another at most the ceiling over",
-                  "the other's tokens/s (the last column of the second table), and in practice",
-                  "less: the shards' share of the gRPC work runs on the same CPUs. Here the best",
+                  "pinned; `moe-client demo --zipf` on the same tokens) in batches of the streams'",
+                  "requests together (" + ", ".join(f"{m} tokens for requests of {b}"
+                                                     for b, m in sizes) + "), and its tokens/s",
+                  f"times the {cpus:g} CPUs the shards have together is a reference for what those",
+                  "CPUs do with the expert math alone, nothing spent on distributing it. A",
+                  "reference, not a strict bound: a shard gathers the rows queued for an expert",
+                  "into one matmul (up to 256), and `load` keeps up to 2 requests in flight per",
+                  "stream, so a shard may read an expert's weights once for more rows, or fewer,",
+                  "than the reference does; and the reference's core runs alone, where the",
+                  "shards share the machine's caches and memory with the router and the load",
+                  "generator. \"of ceiling\" is the median of the rounds' ratios, and \"ceiling /",
+                  "hybrid\" its inverse for hybrid: about as much as another placement could gain",
+                  "over hybrid with nothing more spent on distributing the work. Here the best",
                   f"row reaches {max(r.get('of_ceiling', 0) for r in placement):.2f} of its ceiling.", ""]
     lines += ["| tokens a request | popularity | placement | tokens/s | tokens/s by round | p99 ms | errors | placement version |"
               + (" ceiling tokens/s | of ceiling |" if ceiling else ""),
@@ -291,7 +298,7 @@ def main():
                  for r in placement if r["placement"] == "hybrid"}
     if any("over_hybrid" in r for r in placement):
         lines += ["", "| tokens a request | popularity | placement | / hybrid | by round |"
-                  + (" most over hybrid (ceiling / hybrid) |" if ceiling else ""),
+                  + (" ceiling / hybrid |" if ceiling else ""),
                   "|---:|---|---|---:|---|" + ("---:|" if ceiling else "")]
     for r in placement:
         if "over_hybrid" in r:

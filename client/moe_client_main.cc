@@ -992,6 +992,8 @@ absl::Status Load(const Flags& f) {
   ASSIGN_OR_RETURN(int64_t batch, f.GetInt("batch-size", 64));
   ASSIGN_OR_RETURN(double duration, f.GetDouble("duration", 10));
   ASSIGN_OR_RETURN(int64_t max_requests, f.GetInt("requests", 0));
+  // Checked before the router is asked; the order again below with the cluster's expert count.
+  RETURN_IF_ERROR(ZipfFlags(f, 0).status());
   ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 1));
   ASSIGN_OR_RETURN(int64_t window, f.GetInt("window", 2));
   ASSIGN_OR_RETURN(int64_t stall_s, f.GetInt("stall-s", kStallSeconds));
@@ -1011,9 +1013,6 @@ absl::Status Load(const Flags& f) {
   if (duration <= 0) return common::UsageError("--duration must be > 0 seconds");
   // --requests alone runs until they are answered; with --duration, whichever comes first.
   if (f.Has("requests") && !f.Has("duration")) duration = 1e7;
-  // Checked before the router is asked (a flag's mistake is said first); the order again below
-  // with the cluster's expert count.
-  RETURN_IF_ERROR(ZipfFlags(f, 0).status());
   const std::shared_ptr<grpc::Channel> channel = MakeRouterChannel(addr);
   auto stub = v1::Router::NewStub(channel);
   ASSIGN_OR_RETURN(v1::ClusterInfo info, GetInfo(stub.get(), addr));
@@ -1368,8 +1367,8 @@ absl::Status Demo(const Flags& f) {
   std::printf("in-process MoE layer: %d experts, d_model %d, d_ff %d, top-%d, %s%s\n",
               c.num_experts, c.d_model, c.d_ff, c.top_k,
               std::string(common::ActivationName(c.activation)).c_str(), c.gated ? ", gated" : "");
-  // With --zipf, the tokens `load --zipf` sends (its first worker's): the in-process layer on
-  // the cluster's load, as bench/placement_bench.py compares them.
+  // With --zipf, the tokens `load --zipf` sends (its first worker's, at load's default --seed
+  // 1): the in-process layer on the cluster's load, as bench/placement_bench.py compares them.
   std::unique_ptr<ZipfTokens> gen;
   if (f.Has("zipf")) {
     const router::GateParams g = layer->gate_params();

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <vector>
 
+#include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
 #include "router/gating.h"
@@ -95,6 +96,29 @@ TEST(RegressionLoss, IsTheMeanSquaredErrorAndItsGradient) {
   const absl::StatusOr<double> nan = RegressionLoss({std::nanf("")}, {0.f}, 1, &dy);
   EXPECT_EQ(nan.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(nan.status().message(), "the loss (nan) is not finite");
+}
+
+// A call that never reaches a server (nothing listens on port 1) is made three times, the first
+// failure returned; one answered with another code is made once.
+TEST(CallWithReconnects, TriesAgainOnlyWhatFailedUnavailable) {
+  auto nowhere =
+      v1::Router::NewStub(grpc::CreateChannel("127.0.0.1:1", grpc::InsecureChannelCredentials()));
+  int attempts = 0;
+  v1::ClusterInfo info;
+  const grpc::Status unreached =
+      CallWithReconnects(absl::Seconds(10), [&](grpc::ClientContext* ctx) {
+        ++attempts;
+        return nowhere->GetClusterInfo(ctx, v1::GetClusterInfoRequest(), &info);
+      });
+  EXPECT_EQ(unreached.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(attempts, 3);
+  attempts = 0;
+  const grpc::Status refused = CallWithReconnects(absl::Seconds(10), [&](grpc::ClientContext*) {
+    ++attempts;
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "refused");
+  });
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(attempts, 1);
 }
 
 }  // namespace

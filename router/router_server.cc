@@ -719,8 +719,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // read as an idle shard, and a cluster balanced over the others as imbalanced.
   std::vector<bool> TakesLoad(const RoutingTable& t) {
     std::vector<bool> up = InRotation(t);
-    const std::set<std::string> drained = DrainedAndEmpty(t);
     std::lock_guard<std::mutex> lock(models_mu);
+    const std::set<std::string> drained = DrainedAndEmptyLocked(t);
     for (size_t s = 0; s < t.shards.size(); ++s) {
       const std::string& a = t.shards[s]->address();
       if (draining_now.count(a) > 0 || drained.count(a) > 0) up[s] = false;
@@ -730,10 +730,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   // The addresses of `t`'s shards that drained (drained_off) and hold nothing in `t`: the fixed
   // formulas leave them out while they are out of rotation (Usable, the membership change),
-  // and the imbalance does not count them (TakesLoad). Takes models_mu.
+  // and the imbalance does not count them (TakesLoad).
   std::set<std::string> DrainedAndEmpty(const RoutingTable& t) {
-    std::set<std::string> out;
     std::lock_guard<std::mutex> lock(models_mu);
+    return DrainedAndEmptyLocked(t);
+  }
+  std::set<std::string> DrainedAndEmptyLocked(const RoutingTable& t) {  // models_mu held
+    std::set<std::string> out;
     for (size_t s = 0; s < t.shards.size(); ++s) {
       const std::string& a = t.shards[s]->address();
       if (drained_off.count(a) > 0 && t.placement.ExpertsOn(static_cast<int>(s)).empty()) {
@@ -2645,10 +2648,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // shard down: the load would fail there, and the switch with it). A trained expert copied
   // onto a shard needs a replica to copy from, in rotation or draining: where its only holders
   // are down, SwitchLocked would refuse (UNAVAILABLE) after taking a version, and a dry run
-  // would not have said so (UNAVAILABLE here too where a holder answers without serving yet,
-  // likely a moment: a client tries again). `deadline` bounds the status reads. `p` the same as
-  // `live` is checked too: a strategy asked for again that leaves experts unserved is no answer to
-  // give without a word.
+  // would not have said so. `deadline` bounds the status reads of holders out of rotation. `p` the
+  // same as `live` is checked too: a strategy asked for again that leaves experts unserved is no
+  // answer to give without a word.
   absl::Status CheckSwitchable(const Placement& p,
                                const std::vector<std::shared_ptr<ShardClient>>& current,
                                const std::vector<bool>& usable, const Placement& live,
@@ -2715,7 +2717,6 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     std::vector<int> no_source;
     std::set<std::string> holders;
-    bool some_answer = false;  // a holder's status read answered: not serving yet (loading)
     for (int e = 0; e < static_cast<int>(p.replicas.size()); ++e) {
       bool copied = false;  // p places e on a shard that live does not
       for (int r : p.replicas[e]) {
@@ -2724,29 +2725,20 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
       if (!copied || has_source(e)) continue;
       no_source.push_back(e);
-      for (int s : live.replicas[e]) {
-        holders.insert(current[s]->address());
-        auto it = statuses.find(current[s]->address());  // read by has_source if it answers
-        some_answer = some_answer || (it != statuses.end() && it->second.ok());
-      }
-    }
-    if (!no_source.empty() && some_answer) {
-      // Most likely for a moment: said as UNAVAILABLE, which a client tries again.
-      return absl::UnavailableError(absl::StrCat(
-          StrategyName(p.strategy), " placement would copy trained experts ",
-          absl::StrJoin(no_source, ","), " onto other shards, and the shards that hold them (",
-          absl::StrJoin(holders, ", "),
-          ") are out of rotation; one answers but does not serve yet: nothing was applied, "
-          "try again once it serves"));
+      for (int s : live.replicas[e]) holders.insert(current[s]->address());
     }
     if (!no_source.empty()) {
+      // Also where a holder is only starting again (it serves once it has loaded them): the
+      // call cannot tell that from a shard that is gone, and says what to wait for.
       return absl::FailedPreconditionError(absl::StrCat(
           StrategyName(p.strategy), " placement would copy trained experts ",
           absl::StrJoin(no_source, ","),
           " onto other shards, but every shard that holds them is out of rotation (",
           absl::StrJoin(holders, ", "), "); the current placement stays. ",
-          holders.size() == 1 ? "Bring the shard back first: their training is on it"
-                              : "Bring the shards back first: their training is on them"));
+          holders.size() == 1 ? "Bring the shard back first (or wait until it serves again, if "
+                                "it is starting): their training is on it"
+                              : "Bring the shards back first (or wait until they serve again, if "
+                                "they are starting): their training is on them"));
     }
     return absl::OkStatus();
   }

@@ -75,6 +75,7 @@ def alone(binary, *args):
     guard.start()
     try:
         listening = re.search(r"listening on \S+:(\d+)", proc.stdout.readline())
+        guard.cancel()
         expect(listening is not None, f"{binary} did not say where it listens")
         yield f"127.0.0.1:{listening.group(1)}" if listening else None
     finally:
@@ -109,6 +110,13 @@ try:
     expect(all(len(replicas[e]) == 3 for e in range(E // 2)) and
            all(len(replicas[e]) == 1 for e in range(E // 2, E)),
            f"hybrid placement wrong: {replicas}")
+    # demo --zipf runs the in-process layer on the tokens `load --zipf` sends: reversed
+    # popularity makes the last expert the most assigned.
+    demo = run("demo", "--checkpoint", path("ck.safetensors"), "--zipf", "1.2", "--hot-order",
+               "-1", "--batches", "4", "--batch-size", "256")
+    shares = {int(e): float(p) for e, p in re.findall(r"^(\d+)\s+\d+\s+([\d.]+)%$", demo, re.M)}
+    expect(len(shares) == E and max(shares, key=shares.get) == E - 1 and
+           shares[E - 1] > 2 * shares[0], f"demo --zipf 1.2 --hot-order -1:\n{demo}")
     # A dry run's proposal has no version (it read "version 0"), and says it is not applied.
     proposal = run("placement", "--router", router, "--rebalance", "sharded", "--dry-run")
     expect(re.match(r"placement sharded, a proposal, not applied, imbalance \d+\.\d+\n",

@@ -2011,7 +2011,8 @@ TEST_F(ClusterTest, ARebalanceThatWouldCopyTrainedExpertsFromADownShardIsRefused
   const std::string no_source = absl::StrCat(
       "dynamic placement would copy trained experts ", absl::StrJoin(singles, ","),
       " onto other shards, but every shard that holds them is out of rotation (", down,
-      "); the current placement stays. Bring the shard back first: their training is on it");
+      "); the current placement stays. Bring the shard back first (or wait until it serves "
+      "again, if it is starting): their training is on it");
   v1::Placement p;
   ASSERT_TRUE(RebalanceWithin(stub.get(), "dynamic", true, &p, std::chrono::seconds(60)).ok());
   EXPECT_EQ(p.refusal(), no_source);
