@@ -1243,7 +1243,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     std::set<std::string> next_addrs;
     for (const auto& c : next_shards) next_addrs.insert(c->address());
     std::set<int> lost_reported;
-    std::map<std::string, absl::StatusOr<v1::ShardStatus>> drain_status;  // DrainingHolder's
+    StatusReads drain_status;  // DrainingHolder's
     // to_load[s]: source peer ("" = checkpoint) -> experts.
     std::vector<std::map<std::string, std::vector<int>>> to_load(S);
     std::vector<std::vector<int>> to_unload(old ? old->shards.size() : 0);
@@ -1664,26 +1664,35 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     lost_untold.insert(expert);
   }
 
+  // Each shard's status, read once for a switch or a check (keyed by address).
+  using StatusReads = std::map<std::string, absl::StatusOr<v1::ShardStatus>>;
+
+  // Expert `e`'s READY replica on shard `c` while `c` drains, from its status (read into
+  // `seen` on first use, within `wait`); null where it does not answer, does not drain, or
+  // holds no READY replica of `e`.
+  static const v1::ExpertStatus* ReadyWhileDraining(ShardClient& c, int e, absl::Duration wait,
+                                                    StatusReads* seen) {
+    if (!c.answering()) return nullptr;
+    auto it = seen->find(c.address());
+    if (it == seen->end()) it = seen->emplace(c.address(), c.GetStatus(wait)).first;
+    const absl::StatusOr<v1::ShardStatus>& st = it->second;
+    if (!st.ok() || !st->draining()) return nullptr;
+    for (const v1::ExpertStatus& x : st->experts()) {
+      if (x.expert() == e && x.state() == v1::ExpertStatus::READY) return &x;
+    }
+    return nullptr;
+  }
+
   // Whether the shard at `address` drains and holds expert `e` READY at the latest step that
   // expert reached, with no update of an aborted step: a source for moving it off (SwitchLocked,
   // with train_mu held). `seen` keeps each shard's status for the switch (one read each).
-  bool DrainingHolder(const std::string& address, int e,
-                      std::map<std::string, absl::StatusOr<v1::ShardStatus>>* seen) {
-    std::shared_ptr<ShardClient> c = ClientFor(address);
-    if (!c->answering()) return false;
-    auto it = seen->find(address);
-    if (it == seen->end()) {
-      it = seen->emplace(address, c->GetStatus(absl::Milliseconds(500))).first;
-    }
-    const absl::StatusOr<v1::ShardStatus>& st = it->second;
-    if (!st.ok() || !st->draining()) return false;
+  bool DrainingHolder(const std::string& address, int e, StatusReads* seen) {
+    const v1::ExpertStatus* x =
+        ReadyWhileDraining(*ClientFor(address), e, absl::Milliseconds(500), seen);
+    if (x == nullptr) return false;
+    if (trainer != nullptr && trainer->AbortedUpdate(x->trained_step())) return false;
     auto reached = reached_step.find(e);
-    for (const auto& x : st->experts()) {
-      if (x.expert() != e || x.state() != v1::ExpertStatus::READY) continue;
-      if (trainer != nullptr && trainer->AbortedUpdate(x.trained_step())) return false;
-      return reached == reached_step.end() || x.trained_step() >= reached->second;
-    }
-    return false;
+    return reached == reached_step.end() || x->trained_step() >= reached->second;
   }
 
   // Whether the shard at `address` holds any replica in the live placement, or in the one a
@@ -2641,6 +2650,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return reactor;
   }
 
+  // Whether placements `a` and `b` are the same strategy placing the same replicas.
+  static bool SameLayout(const Placement& a, const Placement& b) {
+    return a.strategy == b.strategy && a.replicas == b.replicas;
+  }
+
   // FAILED_PRECONDITION when a user's switch to `p` (from `live`, over `current` shards of
   // which `usable` are in rotation) must be refused: the static strategies place by formula,
   // down shards included, so one could leave an expert with every replica out of rotation (its
@@ -2655,28 +2669,20 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                const std::vector<std::shared_ptr<ShardClient>>& current,
                                const std::vector<bool>& usable, const Placement& live,
                                absl::Time deadline) {
-    const bool same = p.strategy == live.strategy && p.replicas == live.replicas;
+    const bool same = SameLayout(p, live);
     const bool trained = KnownTrained();
     // Whether expert e's trained weights may be read from a replica `live` places: one in
-    // rotation, or a READY one on a shard that drains (asked, as DrainingHolder asks; whether
-    // it is at the expert's latest step SwitchLocked tells); always, for an untrained model
-    // (the checkpoint's).
-    std::map<std::string, absl::StatusOr<v1::ShardStatus>> statuses;
+    // rotation, or a READY one on a shard that drains (whether it is at the expert's latest
+    // step, DrainingHolder tells in the switch); always, for an untrained model (the
+    // checkpoint's).
+    StatusReads statuses;
     auto has_source = [&](int e) {
       if (!trained || live.replicas[e].empty()) return true;
       for (int s : live.replicas[e]) {
         if (usable[s]) return true;
-        if (!current[s]->answering()) continue;
-        auto it = statuses.find(current[s]->address());
-        if (it == statuses.end()) {
-          const absl::Duration wait =
-              std::min(absl::Milliseconds(500), deadline - common::MonotonicNow());
-          it = statuses.emplace(current[s]->address(), current[s]->GetStatus(wait)).first;
-        }
-        if (!it->second.ok() || !it->second->draining()) continue;
-        for (const v1::ExpertStatus& x : it->second->experts()) {
-          if (x.expert() == e && x.state() == v1::ExpertStatus::READY) return true;
-        }
+        const absl::Duration wait =
+            std::min(absl::Milliseconds(500), deadline - common::MonotonicNow());
+        if (ReadyWhileDraining(*current[s], e, wait, &statuses) != nullptr) return true;
       }
       return false;
     };
@@ -2766,7 +2772,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         // The live placement again (a rebalance to the current strategy with nothing changed,
         // or one resent after a reconnect) is answered with it: a new version would move nothing.
         // Unless it leaves experts with no replica in rotation (CheckSwitchable says so).
-        const bool unchanged = p.strategy == live.strategy && p.replicas == live.replicas;
+        const bool unchanged = SameLayout(p, live);
         const absl::Status refusal = CheckSwitchable(p, current, usable, live, deadline);
         if (req->dry_run()) {  // the proposal, and why the call itself would be refused
           *out = ToProto(p, false);

@@ -1993,10 +1993,8 @@ TEST_F(ClusterTest, ARebalanceThatWouldStrandExpertsOnADownShardIsRefused) {
 // itself refused, UNAVAILABLE, after the dry run had passed clean, and moe-client sent the
 // call three times (walk-through helper-72). `dynamic` is not offered where it cannot help.
 TEST_F(ClusterTest, ARebalanceThatWouldCopyTrainedExpertsFromADownShardIsRefused) {
-  client::LocalClusterOptions o;
-  o.shards = 2;
-  o.placement = "hybrid";  // with the coordinator, and --shards: the dead shard stays listed
-  auto cluster = StartWith(o);
+  // With the coordinator, and --shards: the dead shard stays listed.
+  auto cluster = Start("hybrid", 2);
   ASSERT_NE(cluster, nullptr);
   auto stub = client::MakeRouterStub(cluster->router_address());
   const absl::Status trained = TrainSteps(stub.get(), 7100, 1);
@@ -2051,10 +2049,8 @@ TEST_F(ClusterTest, ARebalanceThatWouldCopyTrainedExpertsFromADownShardIsRefused
 // list (the dead shard stays in the table) the first step waited out its commit on the dead
 // shard, left it "unconfirmed", and every later step and save was refused for good.
 TEST_F(ClusterTest, ADeadShardThePlacementMovedOffHoldsNoStepOrSaveBack) {
-  client::LocalClusterOptions o;
-  o.shards = 3;
-  o.placement = "hybrid";  // with the coordinator, and --shards: the dead shard stays listed
-  auto cluster = StartWith(o);
+  // With the coordinator, and --shards: the dead shard stays listed.
+  auto cluster = Start("hybrid", 3);
   ASSERT_NE(cluster, nullptr);
   auto stub = client::MakeRouterStub(cluster->router_address());
   ASSERT_TRUE(KillOutOfRotation(cluster.get(), stub.get(), 2));
