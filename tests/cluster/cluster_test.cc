@@ -1987,6 +1987,16 @@ TEST_F(ClusterTest, ARebalanceThatWouldStrandExpertsOnADownShardIsRefused) {
   EXPECT_EQ(after.version(), now.version());
 }
 
+// The refusal of a switch to `dynamic` that would copy trained experts `experts`, whose every
+// replica is on the down shard `down`.
+std::string NoSourceRefusal(const std::set<int>& experts, const std::string& down) {
+  return absl::StrCat(
+      "dynamic placement would copy trained experts ", absl::StrJoin(experts, ","),
+      " onto other shards, but every shard that holds them is out of rotation (", down,
+      "); the current placement stays. Bring the shard back first (or wait until it serves "
+      "again, if it is starting): their training is on it");
+}
+
 // Trained experts whose every replica is on a down shard have no weights to copy: a Rebalance
 // that would copy them elsewhere is refused before it takes a version (FAILED_PRECONDITION,
 // naming the experts and the shard), and its dry run says so. Until 2026-12-05 the switch
@@ -2006,11 +2016,7 @@ TEST_F(ClusterTest, ARebalanceThatWouldCopyTrainedExpertsFromADownShardIsRefused
   grpc::ClientContext bctx;
   v1::Placement before;
   ASSERT_TRUE(stub->GetPlacement(&bctx, v1::GetPlacementRequest(), &before).ok());
-  const std::string no_source = absl::StrCat(
-      "dynamic placement would copy trained experts ", absl::StrJoin(singles, ","),
-      " onto other shards, but every shard that holds them is out of rotation (", down,
-      "); the current placement stays. Bring the shard back first (or wait until it serves "
-      "again, if it is starting): their training is on it");
+  const std::string no_source = NoSourceRefusal(singles, down);
   v1::Placement p;
   ASSERT_TRUE(RebalanceWithin(stub.get(), "dynamic", true, &p, std::chrono::seconds(60)).ok());
   EXPECT_EQ(p.refusal(), no_source);
@@ -2041,6 +2047,41 @@ TEST_F(ClusterTest, ARebalanceThatWouldCopyTrainedExpertsFromADownShardIsRefused
   v1::Placement after;
   ASSERT_TRUE(stub->GetPlacement(&actx, v1::GetPlacementRequest(), &after).ok());
   EXPECT_EQ(after.version(), before.version());
+  EXPECT_EQ(after.strategy(), "hybrid");
+}
+
+// The same refusal from a router started again over the trained cluster: it has taken no step
+// itself (steps_done 0, no --state-dir), and knows the experts were trained only from the
+// shards' steps, read at its first placement (seen_trained). Without that it took the model
+// for untrained: the switch then found no replica to copy from, after taking a version, and
+// refused UNAVAILABLE, which moe-client sends again.
+TEST_F(ClusterTest, ARestartedRouterKnowsTheDownShardsExpertsWereTrained) {
+  auto cluster = Start("hybrid", 2);
+  ASSERT_NE(cluster, nullptr);
+  {
+    auto stub = client::MakeRouterStub(cluster->router_address());
+    const absl::Status trained = TrainSteps(stub.get(), 7300, 1);
+    ASSERT_TRUE(trained.ok()) << trained;
+  }
+  cluster->router().Signal(SIGKILL);
+  ASSERT_TRUE(cluster->router().Wait(absl::Seconds(5)).ok());
+  const absl::Status back = cluster->RestartRouter();
+  ASSERT_TRUE(back.ok()) << back;
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  const std::set<int> singles = OnlyAndSharedOn(stub.get(), 0).first;
+  ASSERT_FALSE(singles.empty());
+  ASSERT_TRUE(KillOutOfRotation(cluster.get(), stub.get(), 0));
+  const uint64_t before = PlacementOf(stub.get()).version();
+  const std::string no_source = NoSourceRefusal(singles, cluster->shard_addresses()[0]);
+  v1::Placement p;
+  ASSERT_TRUE(RebalanceWithin(stub.get(), "dynamic", true, &p, std::chrono::seconds(60)).ok());
+  EXPECT_EQ(p.refusal(), no_source);
+  const grpc::Status st =
+      RebalanceWithin(stub.get(), "dynamic", false, &p, std::chrono::seconds(60));
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  EXPECT_EQ(st.error_message(), no_source);
+  const v1::Placement after = PlacementOf(stub.get());
+  EXPECT_EQ(after.version(), before);
   EXPECT_EQ(after.strategy(), "hybrid");
 }
 
