@@ -83,21 +83,47 @@ using Eltwise = std::optional<std::pair<dnnl::algorithm, float>>;
 // reordered once into the blocked layout, which is the same for every row count, and a primitive
 // per distinct row count is created on first use and shared by every expert of the same shape
 // (creation takes about 0.2 ms).
+//
+// One object per weight matrix, whatever is done after the product: Run's `post` picks the
+// primitive (plain, the expert's activation fused, or a product with another [rows, n] tensor
+// fused), all reading the same reordered weights. The up projection W1 served both the forward
+// pass (activation fused) and training (plain) from two objects, each with its own reordered
+// copy of W1 (4 MiB more per expert at d_model 512, d_ff 2048).
 class WeightsMatmul {
  public:
+  // What Run does to the product (after the bias).
+  enum class Post {
+    kNone,
+    kAct,  // the eltwise given to the constructor
+    kMul,  // times `mul`, a [rows, n] tensor (the gated FFN's act(W1 x) * (W3 x))
+  };
+  static constexpr int kPosts = 3;
+
   WeightsMatmul(int64_t k, int64_t n, const float* w, const float* bias, Eltwise eltwise)
       : k_(k), n_(n), eltwise_(eltwise), has_bias_(bias != nullptr) {
     const memory::desc plain_md({k, n}, Dt::f32, Tag::ab);
     // Probe the layout the fixed-shape kernel wants.
-    const dnnl::matmul::primitive_desc probe = MakePd(kProbeRows, {{k, n}, Dt::f32, Tag::any});
+    const dnnl::matmul::primitive_desc probe =
+        MakePd(kProbeRows, {{k, n}, Dt::f32, Tag::any}, Post::kNone);
     per_rows_ = probe.weights_desc() != plain_md;
     memory::desc weights_md;
     if (per_rows_) {
       weights_md = probe.weights_desc();
     } else {
       weights_md = memory::desc({k, n}, Dt::f32, memory::dims{PaddedStride(n), 1});
-      runtime_pd_ = MakePd(kRt, weights_md);
-      runtime_prim_ = dnnl::matmul(runtime_pd_);
+      for (int i = 0; i < kPosts; ++i) {
+        const Post post = static_cast<Post>(i);
+        if (post == Post::kAct && !eltwise_) continue;
+        try {
+          runtime_[i].pd = MakePd(kRt, weights_md, post);
+          runtime_[i].prim = dnnl::matmul(runtime_[i].pd);
+          runtime_ok_[i] = true;
+        } catch (const dnnl::error&) {
+          // The fused product has no kernel with the row count given at run time: Supports
+          // says so, and the caller multiplies itself. The plain one always has one.
+          if (post == Post::kNone) throw;
+        }
+      }
     }
     memory src({{k, n}, Dt::f32, Tag::ba}, CpuEngine(), const_cast<float*>(w));
     weights_ = memory(weights_md, CpuEngine());
@@ -112,10 +138,19 @@ class WeightsMatmul {
     }
   }
 
-  void Run(const float* src, int64_t rows, float* dst) const {
+  // Whether Run can fuse `post` (kAct needs an eltwise; kMul may lack a runtime-rows kernel).
+  bool Supports(Post post) const {
+    if (post == Post::kAct && !eltwise_) return false;
+    return per_rows_ || runtime_ok_[static_cast<int>(post)];
+  }
+
+  // dst = post(src W^T + bias); `mul` ([rows, n]) only for Post::kMul.
+  void Run(const float* src, int64_t rows, float* dst, Post post = Post::kNone,
+           const float* mul = nullptr) const {
     for (int64_t done = 0; done < rows; done += kMaxRows) {
       const int64_t m = std::min(kMaxRows, rows - done);
-      RunChunk(src + done * k_, m, dst + done * n_);
+      RunChunk(src + done * k_, m, dst + done * n_, post,
+               post == Post::kMul ? mul + done * n_ : nullptr);
     }
   }
 
@@ -130,15 +165,19 @@ class WeightsMatmul {
     return ld % 256 == 0 ? ld + 16 : ld;
   }
 
-  dnnl::matmul::primitive_desc MakePd(memory::dim rows, const memory::desc& wei) const {
+  dnnl::matmul::primitive_desc MakePd(memory::dim rows, const memory::desc& wei, Post post) const {
     const memory::desc src({rows, k_}, Dt::f32, Tag::ab);
     const memory::desc dst({rows, n_}, Dt::f32, Tag::ab);
     const memory::desc bias_md =
         has_bias_ ? memory::desc({1, n_}, Dt::f32, Tag::ab) : memory::desc();
     dnnl::primitive_attr attr = UserScratchpadAttr();
-    if (eltwise_) {
+    if (post != Post::kNone) {
       dnnl::post_ops po;
-      po.append_eltwise(1.f, eltwise_->first, eltwise_->second, 0.f);
+      if (post == Post::kAct) {
+        po.append_eltwise(1.f, eltwise_->first, eltwise_->second, 0.f);
+      } else {
+        po.append_binary(dnnl::algorithm::binary_mul, dst);
+      }
       attr.set_post_ops(po);
     }
     return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, wei, bias_md, dst), attr,
@@ -151,20 +190,21 @@ class WeightsMatmul {
   };
 
   // The fixed-shape primitive for `rows`, from a process-wide cache keyed by the whole shape.
-  std::shared_ptr<const Fixed> FixedFor(int64_t rows) const {
+  std::shared_ptr<const Fixed> FixedFor(int64_t rows, Post post) const {
     static std::mutex mu;  // std, not absl: visible to ThreadSanitizer
-    static auto* cache = new std::map<std::tuple<int64_t, int64_t, int64_t, bool, int, float>,
+    static auto* cache = new std::map<std::tuple<int64_t, int64_t, int64_t, bool, int, int, float>,
                                       std::shared_ptr<const Fixed>>();
-    const auto key = std::make_tuple(k_, n_, rows, has_bias_,
-                                     eltwise_ ? static_cast<int>(eltwise_->first) : -1,
-                                     eltwise_ ? eltwise_->second : 0.f);
+    const bool act = post == Post::kAct;
+    const auto key =
+        std::make_tuple(k_, n_, rows, has_bias_, static_cast<int>(post),
+                        act ? static_cast<int>(eltwise_->first) : -1, act ? eltwise_->second : 0.f);
     {
       std::lock_guard<std::mutex> lock(mu);
       auto it = cache->find(key);
       if (it != cache->end()) return it->second;
     }
     auto fixed = std::make_shared<Fixed>();
-    fixed->pd = MakePd(rows, {{k_, n_}, Dt::f32, Tag::any});
+    fixed->pd = MakePd(rows, {{k_, n_}, Dt::f32, Tag::any}, post);
     if (fixed->pd.weights_desc() != weights_.get_desc()) {
       throw dnnl::error(dnnl_unimplemented, "weights layout differs between row counts");
     }
@@ -173,31 +213,42 @@ class WeightsMatmul {
     return cache->emplace(key, std::move(fixed)).first->second;
   }
 
-  void RunChunk(const float* src, int64_t rows, float* dst) const {
+  void RunChunk(const float* src, int64_t rows, float* dst, Post post, const float* mul) const {
     std::unordered_map<int, memory> args;
     args[DNNL_ARG_SRC] =
         memory({{rows, k_}, Dt::f32, Tag::ab}, CpuEngine(), const_cast<float*>(src));
     args[DNNL_ARG_WEIGHTS] = weights_;
     args[DNNL_ARG_DST] = memory({{rows, n_}, Dt::f32, Tag::ab}, CpuEngine(), dst);
     if (!bias_.empty()) args[DNNL_ARG_BIAS] = bias_mem_;
+    if (post == Post::kMul) {
+      args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] =
+          memory({{rows, n_}, Dt::f32, Tag::ab}, CpuEngine(), const_cast<float*>(mul));
+    }
     dnnl::stream& s = ThreadStream();
     if (per_rows_) {
-      const std::shared_ptr<const Fixed> fixed = FixedFor(rows);
+      const std::shared_ptr<const Fixed> fixed = FixedFor(rows, post);
       AddScratchpad(fixed->pd, &args);
       fixed->prim.execute(s, args);
     } else {
-      AddScratchpad(runtime_pd_, &args);
-      runtime_prim_.execute(s, args);
+      const Runtime& r = runtime_[static_cast<int>(post)];
+      AddScratchpad(r.pd, &args);
+      r.prim.execute(s, args);
     }
     s.wait();
   }
+
+  struct Runtime {
+    dnnl::matmul::primitive_desc pd;
+    dnnl::matmul prim;
+  };
 
   int64_t k_, n_;
   Eltwise eltwise_;
   bool has_bias_;
   bool per_rows_ = false;
-  dnnl::matmul::primitive_desc runtime_pd_;
-  dnnl::matmul runtime_prim_;
+  // Where the kernel takes the row count at run time: a primitive per Post, if it has one.
+  Runtime runtime_[kPosts];
+  bool runtime_ok_[kPosts] = {false, false, false};
   memory weights_;
   std::vector<float> bias_;
   memory bias_mem_;
@@ -278,10 +329,9 @@ absl::Status Guard(const char* what, Fn&& fn) {
 }  // namespace
 
 struct ExpertFfn::Impl {
-  std::unique_ptr<WeightsMatmul> up_act;  // act(W1 x + b1)
-  std::unique_ptr<WeightsMatmul> up_raw;  // W1 x + b1
-  std::unique_ptr<WeightsMatmul> up3;     // W3 x + b3
-  std::unique_ptr<WeightsMatmul> down;    // W2 a + b2
+  std::unique_ptr<WeightsMatmul> up;    // W1 x + b1, or act(W1 x + b1)
+  std::unique_ptr<WeightsMatmul> up3;   // W3 x + b3, or (W3 x + b3) * act(W1 x + b1)
+  std::unique_ptr<WeightsMatmul> down;  // W2 a + b2
   RuntimeGemm gemm_nn{false, false, false};
   RuntimeGemm gemm_nn_acc{false, false, true};
   RuntimeGemm gemm_tn{true, false, false};
@@ -307,10 +357,8 @@ absl::Status ExpertFfn::Rebuild() {
     const int64_t d = config_.d_model, f = config_.d_ff;
     auto impl = std::make_unique<Impl>();
     const common::ExpertWeights& w = weights_;
-    impl->up_act = std::make_unique<WeightsMatmul>(d, f, w.w1.data(), DataOrNull(w.b1),
-                                                   EltwiseFor(config_.activation));
-    impl->up_raw = std::make_unique<WeightsMatmul>(d, f, w.w1.data(), DataOrNull(w.b1),
-                                                   std::nullopt);
+    impl->up = std::make_unique<WeightsMatmul>(d, f, w.w1.data(), DataOrNull(w.b1),
+                                               EltwiseFor(config_.activation));
     if (config_.gated) {
       impl->up3 = std::make_unique<WeightsMatmul>(d, f, w.w3.data(), DataOrNull(w.b3),
                                                   std::nullopt);
@@ -330,12 +378,20 @@ absl::Status ExpertFfn::Forward(const float* x, int64_t rows, float* y) const {
   if (rows == 0) return absl::OkStatus();
   return Guard("forward", [&] {
     const size_t hidden = static_cast<size_t>(rows) * config_.d_ff;
+    using Post = WeightsMatmul::Post;
     float* a = ThreadBuffer(0, hidden);
-    impl_->up_act->Run(x, rows, a);
+    impl_->up->Run(x, rows, a, Post::kAct);
     if (config_.gated) {
+      // The product fused into W3's matmul (one pass over the hidden rows less; the same
+      // float products as the loop, which stays for a kernel that cannot fuse it).
       float* g = ThreadBuffer(1, hidden);
-      impl_->up3->Run(x, rows, g);
-      for (size_t i = 0; i < hidden; ++i) a[i] *= g[i];
+      if (impl_->up3->Supports(Post::kMul)) {
+        impl_->up3->Run(x, rows, g, Post::kMul, a);
+        a = g;
+      } else {
+        impl_->up3->Run(x, rows, g);
+        for (size_t i = 0; i < hidden; ++i) a[i] *= g[i];
+      }
     }
     impl_->down->Run(a, rows, y);
   });
@@ -352,7 +408,7 @@ absl::Status ExpertFfn::ForwardTrain(const float* x, int64_t rows, float* y,
   if (rows == 0) return absl::OkStatus();
   return Guard("forward", [&] {
     const common::Activation act = config_.activation;
-    impl_->up_raw->Run(x, rows, cache->h1.data());
+    impl_->up->Run(x, rows, cache->h1.data());
     if (config_.gated) {
       impl_->up3->Run(x, rows, cache->h3.data());
       for (size_t i = 0; i < hidden; ++i) cache->a[i] = Activate(act, cache->h1[i]) * cache->h3[i];
