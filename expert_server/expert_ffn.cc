@@ -97,7 +97,6 @@ class WeightsMatmul {
     kAct,  // the eltwise given to the constructor
     kMul,  // times `mul`, a [rows, n] tensor (the gated FFN's act(W1 x) * (W3 x))
   };
-  static constexpr int kPosts = 3;
 
   WeightsMatmul(int64_t k, int64_t n, const float* w, const float* bias, Eltwise eltwise)
       : k_(k), n_(n), eltwise_(eltwise), has_bias_(bias != nullptr) {
@@ -109,21 +108,18 @@ class WeightsMatmul {
     memory::desc weights_md;
     if (per_rows_) {
       weights_md = probe.weights_desc();
+      // The fused product reads the same blocked weights where its kernel wants them so (a row
+      // count whose kernel does not is caught in FixedFor): else Run multiplies after the
+      // plain matmul.
+      const std::optional<dnnl::matmul::primitive_desc> mul_probe =
+          MulPd(kProbeRows, {{k, n}, Dt::f32, Tag::any});
+      fuse_mul_ = mul_probe && mul_probe->weights_desc() == weights_md;
     } else {
       weights_md = memory::desc({k, n}, Dt::f32, memory::dims{PaddedStride(n), 1});
-      for (int i = 0; i < kPosts; ++i) {
-        const Post post = static_cast<Post>(i);
-        if (post == Post::kAct && !eltwise_) continue;
-        try {
-          runtime_[i].pd = MakePd(kRt, weights_md, post);
-          runtime_[i].prim = dnnl::matmul(runtime_[i].pd);
-          runtime_ok_[i] = true;
-        } catch (const dnnl::error&) {
-          // The fused product has no kernel with the row count given at run time: Supports
-          // says so, and the caller multiplies itself. The plain one always has one.
-          if (post == Post::kNone) throw;
-        }
-      }
+      runtime_[0] = MakeRuntime(weights_md, Post::kNone);
+      if (eltwise_) runtime_[1] = MakeRuntime(weights_md, Post::kAct);
+      // No fused product here: oneDNN 2.6's append_binary takes no src1 with a run-time
+      // dimension, so Run multiplies after the plain matmul (fuse_mul_ stays false).
     }
     memory src({{k, n}, Dt::f32, Tag::ba}, CpuEngine(), const_cast<float*>(w));
     weights_ = memory(weights_md, CpuEngine());
@@ -138,13 +134,8 @@ class WeightsMatmul {
     }
   }
 
-  // Whether Run can fuse `post` (kAct needs an eltwise; kMul may lack a runtime-rows kernel).
-  bool Supports(Post post) const {
-    if (post == Post::kAct && !eltwise_) return false;
-    return per_rows_ || runtime_ok_[static_cast<int>(post)];
-  }
-
-  // dst = post(src W^T + bias); `mul` ([rows, n]) only for Post::kMul.
+  // dst = post(src W^T + bias); `mul` ([rows, n]) only for Post::kMul, fused into the matmul
+  // where its kernel allows (the same float products either way). kAct needs the eltwise.
   void Run(const float* src, int64_t rows, float* dst, Post post = Post::kNone,
            const float* mul = nullptr) const {
     for (int64_t done = 0; done < rows; done += kMaxRows) {
@@ -188,6 +179,25 @@ class WeightsMatmul {
     dnnl::matmul::primitive_desc pd;
     dnnl::matmul prim;
   };
+  using Runtime = Fixed;  // the runtime-rows primitive of one Post
+
+  // The fused product's primitive desc, or none where oneDNN has no kernel for it.
+  std::optional<dnnl::matmul::primitive_desc> MulPd(memory::dim rows,
+                                                    const memory::desc& wei) const {
+    try {
+      return MakePd(rows, wei, Post::kMul);
+    } catch (const dnnl::error& e) {
+      if (e.status != dnnl_unimplemented) throw;
+      return std::nullopt;
+    }
+  }
+
+  Runtime MakeRuntime(const memory::desc& weights_md, Post post) const {
+    Runtime r;
+    r.pd = MakePd(kRt, weights_md, post);
+    r.prim = dnnl::matmul(r.pd);
+    return r;
+  }
 
   // The fixed-shape primitive for `rows`, from a process-wide cache keyed by the whole shape.
   std::shared_ptr<const Fixed> FixedFor(int64_t rows, Post post) const {
@@ -204,16 +214,36 @@ class WeightsMatmul {
       if (it != cache->end()) return it->second;
     }
     auto fixed = std::make_shared<Fixed>();
-    fixed->pd = MakePd(rows, {{k_, n_}, Dt::f32, Tag::any}, post);
-    if (fixed->pd.weights_desc() != weights_.get_desc()) {
-      throw dnnl::error(dnnl_unimplemented, "weights layout differs between row counts");
+    const memory::desc any({k_, n_}, Dt::f32, Tag::any);
+    std::optional<dnnl::matmul::primitive_desc> pd =
+        post == Post::kMul ? MulPd(rows, any) : MakePd(rows, any, post);
+    if (!pd || pd->weights_desc() != weights_.get_desc()) {
+      // The fused product is optional: none for this row count (kept as such), and Run
+      // multiplies after the plain matmul.
+      if (post != Post::kMul) {
+        throw dnnl::error(dnnl_unimplemented, "weights layout differs between row counts");
+      }
+      fixed = nullptr;
+    } else {
+      fixed->pd = *pd;
+      fixed->prim = dnnl::matmul(fixed->pd);
     }
-    fixed->prim = dnnl::matmul(fixed->pd);
     std::lock_guard<std::mutex> lock(mu);
     return cache->emplace(key, std::move(fixed)).first->second;
   }
 
   void RunChunk(const float* src, int64_t rows, float* dst, Post post, const float* mul) const {
+    if (post == Post::kAct && !eltwise_) {
+      throw dnnl::error(dnnl_invalid_arguments, "no activation to fuse into this matmul");
+    }
+    const std::shared_ptr<const Fixed> fused_mul =
+        post == Post::kMul && fuse_mul_ ? FixedFor(rows, Post::kMul) : nullptr;
+    if (post == Post::kMul && fused_mul == nullptr) {
+      RunChunk(src, rows, dst, Post::kNone, nullptr);
+      const size_t size = static_cast<size_t>(rows * n_);
+      for (size_t i = 0; i < size; ++i) dst[i] *= mul[i];
+      return;
+    }
     std::unordered_map<int, memory> args;
     args[DNNL_ARG_SRC] =
         memory({{rows, k_}, Dt::f32, Tag::ab}, CpuEngine(), const_cast<float*>(src));
@@ -226,7 +256,7 @@ class WeightsMatmul {
     }
     dnnl::stream& s = ThreadStream();
     if (per_rows_) {
-      const std::shared_ptr<const Fixed> fixed = FixedFor(rows, post);
+      const std::shared_ptr<const Fixed> fixed = fused_mul ? fused_mul : FixedFor(rows, post);
       AddScratchpad(fixed->pd, &args);
       fixed->prim.execute(s, args);
     } else {
@@ -237,18 +267,13 @@ class WeightsMatmul {
     s.wait();
   }
 
-  struct Runtime {
-    dnnl::matmul::primitive_desc pd;
-    dnnl::matmul prim;
-  };
-
   int64_t k_, n_;
   Eltwise eltwise_;
   bool has_bias_;
   bool per_rows_ = false;
-  // Where the kernel takes the row count at run time: a primitive per Post, if it has one.
-  Runtime runtime_[kPosts];
-  bool runtime_ok_[kPosts] = {false, false, false};
+  // Where the kernel takes the row count at run time: the plain and the activation's.
+  Runtime runtime_[2];
+  bool fuse_mul_ = false;  // kMul fused into the matmul (the per-row-count kernels only)
   memory weights_;
   std::vector<float> bias_;
   memory bias_mem_;
@@ -382,16 +407,11 @@ absl::Status ExpertFfn::Forward(const float* x, int64_t rows, float* y) const {
     float* a = ThreadBuffer(0, hidden);
     impl_->up->Run(x, rows, a, Post::kAct);
     if (config_.gated) {
-      // The product fused into W3's matmul (one pass over the hidden rows less; the same
-      // float products as the loop, which stays for a kernel that cannot fuse it).
+      // The product fused into W3's matmul where the kernel allows (one pass over the hidden
+      // rows less).
       float* g = ThreadBuffer(1, hidden);
-      if (impl_->up3->Supports(Post::kMul)) {
-        impl_->up3->Run(x, rows, g, Post::kMul, a);
-        a = g;
-      } else {
-        impl_->up3->Run(x, rows, g);
-        for (size_t i = 0; i < hidden; ++i) a[i] *= g[i];
-      }
+      impl_->up3->Run(x, rows, g, Post::kMul, a);
+      a = g;
     }
     impl_->down->Run(a, rows, y);
   });
