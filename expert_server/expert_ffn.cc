@@ -108,18 +108,12 @@ class WeightsMatmul {
     memory::desc weights_md;
     if (per_rows_) {
       weights_md = probe.weights_desc();
-      // The fused product reads the same blocked weights where its kernel wants them so (a row
-      // count whose kernel does not is caught in FixedFor): else Run multiplies after the
-      // plain matmul.
-      const std::optional<dnnl::matmul::primitive_desc> mul_probe =
-          MulPd(kProbeRows, {{k, n}, Dt::f32, Tag::any});
-      fuse_mul_ = mul_probe && mul_probe->weights_desc() == weights_md;
     } else {
       weights_md = memory::desc({k, n}, Dt::f32, memory::dims{PaddedStride(n), 1});
       runtime_[0] = MakeRuntime(weights_md, Post::kNone);
       if (eltwise_) runtime_[1] = MakeRuntime(weights_md, Post::kAct);
       // No fused product here: oneDNN 2.6's append_binary takes no src1 with a run-time
-      // dimension, so Run multiplies after the plain matmul (fuse_mul_ stays false).
+      // dimension, so Run multiplies after the plain matmul.
     }
     memory src({{k, n}, Dt::f32, Tag::ba}, CpuEngine(), const_cast<float*>(w));
     weights_ = memory(weights_md, CpuEngine());
@@ -213,20 +207,16 @@ class WeightsMatmul {
       auto it = cache->find(key);
       if (it != cache->end()) return it->second;
     }
-    auto fixed = std::make_shared<Fixed>();
     const memory::desc any({k_, n_}, Dt::f32, Tag::any);
     std::optional<dnnl::matmul::primitive_desc> pd =
         post == Post::kMul ? MulPd(rows, any) : MakePd(rows, any, post);
-    if (!pd || pd->weights_desc() != weights_.get_desc()) {
-      // The fused product is optional: none for this row count (kept as such), and Run
-      // multiplies after the plain matmul.
-      if (post != Post::kMul) {
-        throw dnnl::error(dnnl_unimplemented, "weights layout differs between row counts");
-      }
-      fixed = nullptr;
-    } else {
+    std::shared_ptr<Fixed> fixed;  // null: no fused product for this row count (kept as such)
+    if (pd && pd->weights_desc() == weights_.get_desc()) {
+      fixed = std::make_shared<Fixed>();
       fixed->pd = *pd;
       fixed->prim = dnnl::matmul(fixed->pd);
+    } else if (post != Post::kMul) {
+      throw dnnl::error(dnnl_unimplemented, "weights layout differs between row counts");
     }
     std::lock_guard<std::mutex> lock(mu);
     return cache->emplace(key, std::move(fixed)).first->second;
@@ -236,8 +226,10 @@ class WeightsMatmul {
     if (post == Post::kAct && !eltwise_) {
       throw dnnl::error(dnnl_invalid_arguments, "no activation to fuse into this matmul");
     }
+    // The fused product where the kernel takes it (per row count: FixedFor keeps a null for one
+    // that does not); else the plain matmul, then the product.
     const std::shared_ptr<const Fixed> fused_mul =
-        post == Post::kMul && fuse_mul_ ? FixedFor(rows, Post::kMul) : nullptr;
+        post == Post::kMul && per_rows_ ? FixedFor(rows, Post::kMul) : nullptr;
     if (post == Post::kMul && fused_mul == nullptr) {
       RunChunk(src, rows, dst, Post::kNone, nullptr);
       const size_t size = static_cast<size_t>(rows * n_);
@@ -273,7 +265,6 @@ class WeightsMatmul {
   bool per_rows_ = false;
   // Where the kernel takes the row count at run time: the plain and the activation's.
   Runtime runtime_[2];
-  bool fuse_mul_ = false;  // kMul fused into the matmul (the per-row-count kernels only)
   memory weights_;
   std::vector<float> bias_;
   memory bias_mem_;
