@@ -1897,6 +1897,18 @@ bool WaitOutOfRotation(v1::Router::Stub* stub, int s) {
   return ::testing::AssertionSuccess();
 }
 
+// SIGKILLs the router of `cluster` and starts it again on its port (as after a crash); a failure
+// says which step did not happen.
+::testing::AssertionResult CrashAndRestartRouter(client::LocalCluster* cluster) {
+  cluster->router().Signal(SIGKILL);
+  if (!cluster->router().Wait(absl::Seconds(5)).ok()) {
+    return ::testing::AssertionFailure() << "the router did not exit within 5 s";
+  }
+  const absl::Status back = cluster->RestartRouter();
+  if (!back.ok()) return ::testing::AssertionFailure() << back;
+  return ::testing::AssertionSuccess();
+}
+
 // A Rebalance to a static strategy places by formula, down shards included. One that would leave
 // an expert with every replica on a shard out of rotation is refused (FAILED_PRECONDITION,
 // naming the experts and the shard) and the placement stays; a dry run still shows it, with
@@ -2063,10 +2075,7 @@ TEST_F(ClusterTest, ARestartedRouterKnowsTheDownShardsExpertsWereTrained) {
     const absl::Status trained = TrainSteps(stub.get(), 7300, 1);
     ASSERT_TRUE(trained.ok()) << trained;
   }
-  cluster->router().Signal(SIGKILL);
-  ASSERT_TRUE(cluster->router().Wait(absl::Seconds(5)).ok());
-  const absl::Status back = cluster->RestartRouter();
-  ASSERT_TRUE(back.ok()) << back;
+  ASSERT_TRUE(CrashAndRestartRouter(cluster.get()));
   auto stub = client::MakeRouterStub(cluster->router_address());
   const std::set<int> singles = OnlyAndSharedOn(stub.get(), 0).first;
   ASSERT_FALSE(singles.empty());
@@ -2350,10 +2359,7 @@ TEST_F(ClusterTest, ARestartedRouterGivesARestartedShardTrainedWeights) {
     const absl::Status trained = TrainSteps(stub.get(), 5000, 2);
     ASSERT_TRUE(trained.ok()) << trained;
   }
-  cluster->router().Signal(SIGKILL);
-  ASSERT_TRUE(cluster->router().Wait(absl::Seconds(5)).ok());
-  const absl::Status router_back = cluster->RestartRouter();
-  ASSERT_TRUE(router_back.ok()) << router_back;
+  ASSERT_TRUE(CrashAndRestartRouter(cluster.get()));
   cluster->shard(1).Signal(SIGKILL);
   ASSERT_TRUE(cluster->shard(1).Wait(absl::Seconds(5)).ok());
   const absl::Status shard_back = cluster->RestartShard(1);
@@ -2399,10 +2405,7 @@ TEST_F(ClusterTest, ARestartedRouterWithAStateDirServesItsTrainedGate) {
   v1::InferResponse before;
   ASSERT_TRUE(Infer(stub.get(), req, &before).ok());
 
-  cluster->router().Signal(SIGKILL);
-  ASSERT_TRUE(cluster->router().Wait(absl::Seconds(5)).ok());
-  const absl::Status back = cluster->RestartRouter();
-  ASSERT_TRUE(back.ok()) << back;
+  ASSERT_TRUE(CrashAndRestartRouter(cluster.get()));
   stub = client::MakeRouterStub(cluster->router_address());
   v1::InferResponse after;
   ASSERT_TRUE(Infer(stub.get(), req, &after).ok());
@@ -2507,10 +2510,7 @@ TEST_F(ClusterTest, ARestartedRouterContinuesFromWhatTheShardsHold) {
   const double from_checkpoint =
       ScrapeMetric(metrics + 1, "moe_shard_expert_loads_total{source=\"checkpoint\"}") +
       ScrapeMetric(metrics + 2, "moe_shard_expert_loads_total{source=\"checkpoint\"}");
-  cluster->router().Signal(SIGKILL);
-  ASSERT_TRUE(cluster->router().Wait(absl::Seconds(5)).ok());
-  const absl::Status router_back = cluster->RestartRouter();
-  ASSERT_TRUE(router_back.ok()) << router_back;
+  ASSERT_TRUE(CrashAndRestartRouter(cluster.get()));
 
   auto stub = client::MakeRouterStub(cluster->router_address());
   grpc::ClientContext ctx;
@@ -2548,10 +2548,7 @@ TEST_F(ClusterTest, ARouterStartedAgainWhileAShardStaysDrainedLeavesItOut) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   ASSERT_TRUE(TrainedSteps(shard).empty()) << "the drained shard still holds experts";
-  cluster->router().Signal(SIGKILL);
-  ASSERT_TRUE(cluster->router().Wait(absl::Seconds(5)).ok());
-  const absl::Status back = cluster->RestartRouter();
-  ASSERT_TRUE(back.ok()) << back;
+  ASSERT_TRUE(CrashAndRestartRouter(cluster.get()));
   auto router = client::MakeRouterStub(cluster->router_address());
   // Nothing placed on it, nor loaded onto it; hybrid over shards 0 and 2.
   using Held = std::pair<std::set<int>, std::set<int>>;
