@@ -57,6 +57,16 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, int num_experts,
                      .Help("Placement changes applied")
                      .Register(registry)
                      .Add({});
+  auto& skipped = prometheus::BuildCounter()
+                      .Name("moe_router_rebalances_skipped_total")
+                      .Help(
+                          "Rebalances of dynamic placement past the imbalance threshold that "
+                          "were not applied, by reason: refused (trained experts to copy "
+                          "whose holders are all out of rotation), failed (the switch "
+                          "failed); each is tried again after the cooldown")
+                      .Register(registry);
+  skipped_refused_ = &skipped.Add({{"reason", "refused"}});
+  skipped_failed_ = &skipped.Add({{"reason", "failed"}});
   stale_replicas_ = &prometheus::BuildCounter()
                          .Name("moe_router_stale_replicas_total")
                          .Help(
@@ -126,6 +136,10 @@ void RouterMetrics::Tokens(int64_t tokens, const std::vector<int64_t>& per_exper
 void RouterMetrics::AuthRefused(const std::string& reason) {
   auto it = auth_refused_.find(reason);
   if (it != auth_refused_.end()) it->second->Increment();
+}
+
+void RouterMetrics::RebalanceSkipped(const std::string& reason) {
+  (reason == "refused" ? skipped_refused_ : skipped_failed_)->Increment();
 }
 
 void RouterMetrics::SetShardUp(const std::string& shard, bool up) {

@@ -28,6 +28,9 @@ class RouterMetrics {
               int64_t spilled);
   void Failovers(int n) { failovers_->Increment(n); }
   void Rebalanced() { rebalances_->Increment(); }
+  // reason: refused (the switch would copy trained experts from no holder in rotation, or leave
+  // experts unserved), failed (the switch itself failed).
+  void RebalanceSkipped(const std::string& reason);
   void StaleReplicasRecopied(int n) { stale_replicas_->Increment(n); }
   void ExpertLostTraining() { lost_training_->Increment(); }
   void SetImbalance(double v) { imbalance_->Set(v); }
@@ -57,6 +60,8 @@ class RouterMetrics {
   prometheus::Counter* spilled_;
   prometheus::Counter* failovers_;
   prometheus::Counter* rebalances_;
+  prometheus::Counter* skipped_refused_;
+  prometheus::Counter* skipped_failed_;
   prometheus::Counter* stale_replicas_;
   prometheus::Counter* lost_training_;
   prometheus::Gauge* imbalance_;

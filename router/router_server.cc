@@ -177,6 +177,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // How long a placement change or a reload waits for a running training step before it gives up
   // (the control loop tries again on its next tick).
   static constexpr auto kTrainWait = std::chrono::seconds(5);
+  // How long the control loop's check of its own rebalance may read the status of holders out
+  // of rotation (CheckSwitchable; 500 ms a holder at most).
+  static constexpr absl::Duration kAutoCheckWait = absl::Seconds(2);
   std::atomic<uint64_t> steps_done{0};  // by this process (whether it trained: see SwitchLocked)
   // A switch or a tick found trained replicas (after a restart, steps_done is 0 although the
   // shards were trained): CheckSwitchable then needs a source for each copy.
@@ -288,8 +291,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // took one too, and the shards it reached have it: calls to them send at least this.
   std::atomic<uint64_t> version{0};
   // Written by Rebalance (a pool thread), read by the control loop.
+  // Also by the control loop when its own switch was refused or failed: tried again after the
+  // cooldown.
   std::atomic<std::chrono::steady_clock::time_point> last_rebalance{
       std::chrono::steady_clock::now()};
+  // The control loop's last refusal of its own rebalance (control loop only): said once.
+  std::string auto_refused;
   std::atomic<Strategy> strategy{Strategy::kHybrid};
 
   common::Notification ready;
@@ -2112,9 +2119,34 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // TakesLoad knows only what the last tick read), and never the placement that is live
     // already: a drained, empty shard otherwise read as idle, and every cooldown applied a new
     // version for nothing.
-    if (next.ok() && next->replicas != live.replicas &&
-        Imbalance(*next, load, usable) < Imbalance(live, load, usable) - 0.05) {
-      Apply(*next, std::move(current), live.version).IgnoreError();
+    if (!next.ok() || next->replicas == live.replicas ||
+        Imbalance(*next, load, usable) >= Imbalance(live, load, usable) - 0.05) {
+      return;
+    }
+    // Checked as an operator's switch is: where a trained expert's holders are all out of
+    // rotation, the proposal copies it from nowhere, and SwitchLocked would fail it after
+    // taking a version and re-reading every replica's step. Either way, refused or failed, the
+    // next try waits out the cooldown, not the next tick (ABORTED: another switch came in and
+    // set the cooldown itself).
+    absl::Status st =
+        CheckSwitchable(*next, current, usable, live, common::MonotonicNow() + kAutoCheckWait);
+    const bool refused = !st.ok();
+    if (refused) {
+      // The same reason is said once (the imbalance in it moves with every tick).
+      if (st.message() != auto_refused) {
+        std::fprintf(stderr,
+                     "moe-router: dynamic rebalance skipped (load imbalance %.2f, threshold %.2f), "
+                     "tried again after each cooldown: %s\n",
+                     imbalance, options.imbalance_threshold, std::string(st.message()).c_str());
+      }
+      auto_refused = std::string(st.message());
+    } else {
+      auto_refused.clear();
+      st = Apply(*next, std::move(current), live.version);
+    }
+    if (!st.ok() && !absl::IsAborted(st)) {
+      last_rebalance = std::chrono::steady_clock::now();
+      metrics->RebalanceSkipped(refused ? "refused" : "failed");
     }
   }
 

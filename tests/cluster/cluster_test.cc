@@ -2094,6 +2094,66 @@ TEST_F(ClusterTest, ARestartedRouterKnowsTheDownShardsExpertsWereTrained) {
   EXPECT_EQ(after.strategy(), "hybrid");
 }
 
+// The control loop's own rebalance is checked as an operator's is. With a trained expert's only
+// holder down, a dynamic placement past its threshold would copy that expert from nowhere: until
+// 2026-12-05 the loop tried that switch on every tick, each try failing after it had taken a
+// placement version. Now it is refused without one (counted, said once in the log) and tried
+// again after each cooldown, and applied as the next version once the holder is back.
+TEST_F(ClusterTest, TheControlLoopSkipsARebalanceThatWouldCopyTrainedExpertsFromNowhere) {
+  const int metrics = testing::FreePortBlock(4);
+  auto cluster = Start(
+      "dynamic", 3, {"--rebalance-cooldown-s", "0.2", "--imbalance-threshold", "0.1"}, {}, metrics);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  const absl::Status trained = TrainSteps(stub.get(), 7400, 1);
+  ASSERT_TRUE(trained.ok()) << trained;
+  // A shard holding some experts alone (dynamic's idle placement replicates only some).
+  int down = -1;
+  std::set<int> singles;
+  for (int s = 0; s < 3 && singles.empty(); ++s) {
+    singles = OnlyAndSharedOn(stub.get(), s).first;
+    down = s;
+  }
+  ASSERT_FALSE(singles.empty());
+  ASSERT_TRUE(KillOutOfRotation(cluster.get(), stub.get(), down));
+  const uint64_t before = PlacementOf(stub.get()).version();
+  // Popularity skewed over the experts still served, those on the dead shard coldest: both of
+  // a token's experts drawn from it, in requests of 4 tokens, most of which do not reach them
+  // (those that do fail UNAVAILABLE, naming the expert, and count no load).
+  std::vector<int> order;
+  for (int e = 0; e < Config().num_experts; ++e) {
+    if (singles.count(e) == 0) order.push_back(e);
+  }
+  order.insert(order.end(), singles.begin(), singles.end());
+  client::ZipfTokens gen(ck_->gate, Config().num_experts, Config().d_model, 1.5, 5, order, 2);
+  const std::string skipped = "moe_router_rebalances_skipped_total{reason=\"refused\"}";
+  auto load_until = [&](const std::function<bool()>& done, double limit) {
+    for (const auto start = Clock::now(); !done() && Since(start) < limit;) {
+      const std::vector<float> x = gen.Next(4);
+      v1::InferResponse resp;
+      const grpc::Status st = Infer(stub.get(), Request(x, 4, "zipf"), &resp);
+      if (!st.ok() && st.error_code() != grpc::StatusCode::UNAVAILABLE) return st;
+    }
+    return grpc::Status::OK;
+  };
+  // Several ticks of the control loop (one a second), each past the 0.2 s cooldown.
+  grpc::Status st = load_until([&] { return ScrapeMetric(metrics, skipped) >= 2; }, 20);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_GE(ScrapeMetric(metrics, skipped), 2) << "the skewed load did not ask for a rebalance";
+  EXPECT_EQ(ScrapeMetric(metrics, "moe_router_rebalances_skipped_total{reason=\"failed\"}"), 0);
+  EXPECT_GT(ScrapeMetric(metrics, "moe_router_load_imbalance"), 0.1);
+  EXPECT_EQ(PlacementOf(stub.get()).version(), before);
+  // Back (empty, as moe-cluster starts shards: the router loads its experts again, their training
+  // lost), the holder is a source again, and the waiting rebalance is the next version.
+  const absl::Status back = cluster->RestartShard(down);
+  ASSERT_TRUE(back.ok()) << back;
+  st = load_until([&] { return PlacementOf(stub.get()).version() != before; }, 30);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  const v1::Placement after = PlacementOf(stub.get());
+  EXPECT_EQ(after.version(), before + 1) << "placement versions were taken by failed switches";
+  EXPECT_EQ(after.strategy(), "dynamic");
+}
+
 // A dead shard that the placement has moved off holds no replica, and takes no part in a step.
 // Until 2026-12-04 every shard of the table was sent each step's commit: with a fixed --shards
 // list (the dead shard stays in the table) the first step waited out its commit on the dead
