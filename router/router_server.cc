@@ -759,7 +759,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // the shards that hold nothing in `t` and that the fixed formulas leave out: those that
   // drain, and those that drained and have stopped since (out of rotation and in drained_off:
   // an operator drained the shard, then stopped it; started again, PlaceUndrained places it).
-  std::vector<bool> Usable(const RoutingTable& t, std::vector<bool>* drains = nullptr) {
+  // `deadline` (MonotonicNow's clock) bounds the status reads of NOT_SERVING shards (500 ms
+  // each at most); one not read by then is left out.
+  std::vector<bool> Usable(const RoutingTable& t, std::vector<bool>* drains = nullptr,
+                           absl::Time deadline = absl::InfiniteFuture()) {
     std::vector<bool> up = InRotation(t);
     std::set<std::string> drained;
     if (drains != nullptr) {
@@ -774,7 +777,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (t.shards[s]->healthy()) continue;
       // NOT_SERVING and holding nothing: waiting for experts, unless it is draining (it will
       // not serve again: experts placed there could not be served).
-      absl::StatusOr<v1::ShardStatus> st = t.shards[s]->GetStatus(absl::Milliseconds(500));
+      const absl::Duration wait =
+          std::min(absl::Milliseconds(500), deadline - common::MonotonicNow());
+      absl::StatusOr<v1::ShardStatus> st =
+          wait > absl::ZeroDuration()
+              ? t.shards[s]->GetStatus(wait)
+              : absl::StatusOr<v1::ShardStatus>(absl::DeadlineExceededError("not read"));
       up[s] = st.ok() && !st->draining();
       if (drains != nullptr) (*drains)[s] = st.ok() && st->draining();
     }
@@ -783,12 +791,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   // A placement of strategy `s` (none: the live table's own) over the live table's shards
   // (returned in `*shards`), on those Usable allows (returned in `*usable` when given; `dynamic`
-  // alone keeps to them). Works on a copy of the table: Usable may ask shards, and a switch waits
-  // for every holder of the live one to let go of it.
+  // alone keeps to them). Works on a copy of the table: Usable may ask shards (until `deadline`),
+  // and a switch waits for every holder of the live one to let go of it.
   absl::StatusOr<Placement> ProposeOverLiveTable(std::optional<Strategy> s,
                                                  std::vector<std::shared_ptr<ShardClient>>* shards,
                                                  std::vector<bool>* usable_out = nullptr,
-                                                 Placement* live_out = nullptr) {
+                                                 Placement* live_out = nullptr,
+                                                 absl::Time deadline = absl::InfiniteFuture()) {
     RoutingTable now;
     {
       std::shared_ptr<const RoutingTable> live = Table();
@@ -796,7 +805,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       now = *live;
     }
     std::vector<bool> drains;
-    const std::vector<bool> usable = Usable(now, &drains);
+    const std::vector<bool> usable = Usable(now, &drains, deadline);
     *shards = std::move(now.shards);
     if (usable_out != nullptr) *usable_out = usable;
     if (live_out != nullptr) *live_out = now.placement;  // the placement `*shards` belong to
@@ -2800,7 +2809,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         std::vector<std::shared_ptr<ShardClient>> current;
         std::vector<bool> usable;
         Placement live;
-        ASSIGN_OR_RETURN(Placement p, ProposeOverLiveTable(asked, &current, &usable, &live));
+        ASSIGN_OR_RETURN(Placement p,
+                         ProposeOverLiveTable(asked, &current, &usable, &live, deadline));
         // The live placement again (a rebalance to the current strategy with nothing changed,
         // or one resent after a reconnect) is answered with it: a new version would move nothing.
         // Unless it leaves experts with no replica in rotation (CheckSwitchable says so).
