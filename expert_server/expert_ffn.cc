@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "expert_server/activation.h"
 #include "oneapi/dnnl/dnnl.hpp"
+#include "services/common/failpoint.h"
 #include "services/common/status_macros.h"
 
 namespace moe::expert {
@@ -178,6 +179,10 @@ class WeightsMatmul {
   // The fused product's primitive desc, or none where oneDNN has no kernel for it.
   std::optional<dnnl::matmul::primitive_desc> MulPd(memory::dim rows,
                                                     const memory::desc& wei) const {
+    // Failpoint "unfused_product": as if no row count had the fused kernel, so that the tests
+    // run the fallback (the plain matmul, then the product) on this path too (ExpertFfnUnfused;
+    // read once per row count and shape, as the primitive is made).
+    if (common::Failpoint("unfused_product")) return std::nullopt;
     try {
       return MakePd(rows, wei, Post::kMul);
     } catch (const dnnl::error& e) {
