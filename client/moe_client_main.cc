@@ -98,8 +98,9 @@ commands:
       the current (trained) weights as a safetensors checkpoint, written by the router on its
       host's file system (a relative PATH from the router's working directory; the line
       printed names the file whole)
-  load --router HOST:PORT [--checkpoint PATH --zipf S] [--concurrency C] [--batch-size N]
-       [--duration SECONDS] [--requests R] [--seed S] [--hot-order K] [--stall-s T]
+  load --router HOST:PORT [--checkpoint PATH [--tensor-prefix P] --zipf S] [--concurrency C]
+       [--batch-size N] [--duration SECONDS] [--requests R] [--seed S] [--hot-order K]
+       [--window W] [--stall-s T]
       a load generator: C concurrent InferStream streams of N-token requests; with a checkpoint
       and --zipf, expert popularity follows a Zipf law of exponent S (0: every expert equally
       popular): each token's top-k
@@ -114,7 +115,8 @@ commands:
       missing after 10 s without one are given up (CANCELLED). No answer at all for T seconds
       (--stall-s, default 35: past the router's 30 s deadline) ends the run early, and the
       answers in flight then get those 10 s. Defaults: C 4, N 64, 10 seconds, random tokens
-      without --zipf, seed 1; C at most 1024.
+      without --zipf, seed 1; C at most 1024. --window: requests each stream keeps in flight
+      (default 2, at least 1).
   demo --checkpoint PATH [--batches B] [--batch-size N] [--tensor-prefix P] [--capacity-factor C]
        [--zipf S [--hot-order K]]
       run the in-process layer on random batches (with --zipf, the tokens load --zipf sends);

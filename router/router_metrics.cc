@@ -138,10 +138,6 @@ void RouterMetrics::AuthRefused(const std::string& reason) {
   if (it != auth_refused_.end()) it->second->Increment();
 }
 
-void RouterMetrics::RebalanceSkipped(const std::string& reason) {
-  (reason == "refused" ? skipped_refused_ : skipped_failed_)->Increment();
-}
-
 void RouterMetrics::SetShardUp(const std::string& shard, bool up) {
   std::lock_guard<std::mutex> lock(mu_);
   if (kept_shards_ && kept_shards_->count(shard) == 0) return;  // not a member (any more)

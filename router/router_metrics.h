@@ -28,9 +28,11 @@ class RouterMetrics {
               int64_t spilled);
   void Failovers(int n) { failovers_->Increment(n); }
   void Rebalanced() { rebalances_->Increment(); }
-  // reason: refused (the switch would copy trained experts from no holder in rotation, or leave
-  // experts unserved), failed (the switch itself failed).
-  void RebalanceSkipped(const std::string& reason);
+  // A dynamic rebalance not applied: `refused` (it would copy trained experts whose holders are
+  // all out of rotation), else failed (the switch itself failed).
+  void RebalanceSkipped(bool refused) {
+    (refused ? skipped_refused_ : skipped_failed_)->Increment();
+  }
   void StaleReplicasRecopied(int n) { stale_replicas_->Increment(n); }
   void ExpertLostTraining() { lost_training_->Increment(); }
   void SetImbalance(double v) { imbalance_->Set(v); }

@@ -175,7 +175,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // a copy taken while a step commits could miss that step's update on one replica only.
   common::TimedMutex train_mu;
   // How long a placement change or a reload waits for a running training step before it gives up
-  // (the control loop tries again on its next tick).
+  // (the control loop tries again: a reload or a membership switch on its next tick, its own
+  // dynamic rebalance after the cooldown).
   static constexpr auto kTrainWait = std::chrono::seconds(5);
   // How long the control loop's check of its own rebalance may read the status of holders out
   // of rotation (CheckSwitchable; 500 ms a holder at most).
@@ -290,12 +291,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // The latest placement version a switch took (written under placement_mu). A switch that failed
   // took one too, and the shards it reached have it: calls to them send at least this.
   std::atomic<uint64_t> version{0};
-  // Written by Rebalance (a pool thread), read by the control loop.
-  // Also by the control loop when its own switch was refused or failed: tried again after the
-  // cooldown.
+  // When the last switch was applied (SwitchLocked, on any thread), or the control loop's own
+  // dynamic rebalance was refused or failed: the control loop's next one waits the cooldown
+  // from it.
   std::atomic<std::chrono::steady_clock::time_point> last_rebalance{
       std::chrono::steady_clock::now()};
-  // The control loop's last refusal of its own rebalance (control loop only): said once.
+  // Why the control loop last refused its own rebalance (control loop only): said once while
+  // it lasts; cleared once the loop finds nothing to rebalance or a proposal that passes.
   std::string auto_refused;
   std::atomic<Strategy> strategy{Strategy::kHybrid};
 
@@ -820,7 +822,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // membership change, the dynamic control loop), `next` is not applied: ABORTED, and nothing
   // changes. It would otherwise undo that switch, or leave out the shards it added.
   // `user`: asked for by a Rebalance call, whose failure is said every time (the control loop
-  // tries again every tick, and says a failure once per reason).
+  // tries again, each tick or after the cooldown, and says a failure once per reason).
   // `deadline` (MonotonicNow's clock): the call's. Waiting for another switch, for a training
   // step and for the loads ends by it (DEADLINE_EXCEEDED, nothing applied); the drain after an
   // applied switch does not (see SwitchLocked). `cancelled` (may be null): whether the call's
@@ -2114,7 +2116,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         absl::ToChronoNanoseconds(options.rebalance_cooldown)) {
       return;
     }
-    if (imbalance <= options.imbalance_threshold) return;
+    if (imbalance <= options.imbalance_threshold) {
+      auto_refused.clear();
+      return;
+    }
     t.reset();  // Apply waits for every holder of the current table to let go of it
     std::vector<std::shared_ptr<ShardClient>> current;
     std::vector<bool> usable;
@@ -2130,22 +2135,24 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // version for nothing.
     if (!next.ok() || next->replicas == live.replicas ||
         Imbalance(*next, load, usable) >= Imbalance(live, load, usable) - 0.05) {
+      auto_refused.clear();
       return;
     }
     // Checked as an operator's switch is: where a trained expert's holders are all out of
     // rotation, the proposal copies it from nowhere, and SwitchLocked would fail it after
     // taking a version and re-reading every replica's step. Either way, refused or failed, the
-    // next try waits out the cooldown, not the next tick (ABORTED: another switch came in and
-    // set the cooldown itself).
+    // next try waits out the cooldown, not the next tick: a failed switch has loaded replicas and
+    // unloaded them again. (Unless another switch came in meanwhile: it set the cooldown.)
     absl::Status st =
         CheckSwitchable(*next, current, usable, live, common::MonotonicNow() + kAutoCheckWait);
     const bool refused = !st.ok();
     if (refused) {
-      // The same reason is said once (the imbalance in it moves with every tick).
+      // The same reason is said once (the imbalance moves with every tick).
       if (st.message() != auto_refused) {
         std::fprintf(stderr,
                      "moe-router: dynamic rebalance skipped (load imbalance %.2f, threshold %.2f), "
-                     "tried again after each cooldown: %s\n",
+                     "tried again after each --rebalance-cooldown-s; until then the experts it "
+                     "names fail UNAVAILABLE: %s\n",
                      imbalance, options.imbalance_threshold, std::string(st.message()).c_str());
       }
       auto_refused = std::string(st.message());
@@ -2153,9 +2160,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       auto_refused.clear();
       st = Apply(*next, std::move(current), live.version);
     }
-    if (!st.ok() && !absl::IsAborted(st)) {
+    std::shared_ptr<const RoutingTable> now = Table();
+    if (!st.ok() && now != nullptr && now->placement.version == live.version) {
       last_rebalance = std::chrono::steady_clock::now();
-      metrics->RebalanceSkipped(refused ? "refused" : "failed");
+      metrics->RebalanceSkipped(refused);
     }
   }
 

@@ -69,13 +69,6 @@ SERVING = [
     panel("Dropped and spilled assignments",
           [(f"sum by (outcome) (rate(moe_router_assignments_total[{RI}]))", "{{outcome}}")],
           unit="ops", desc="Assignments past an expert's capacity (--capacity-factor)"),
-    panel("Placement changes",
-          [(f"sum(increase(moe_router_rebalances_total[{RI}]))", "applied"),
-           (f"sum by (reason) (increase(moe_router_rebalances_skipped_total[{RI}]))",
-            "dynamic skipped: {{reason}}")],
-          desc="Applied placements, and dynamic rebalances not applied: refused (trained "
-               "experts whose holders are all out of rotation: bring them back) or failed; "
-               "each is tried again after the cooldown"),
     # A shard's own series carry shard="ADDRESS", as the router's moe_shard_up names it: $shard
     # picks the same shards in every panel.
     panel("Shard compute time p99",
@@ -91,6 +84,14 @@ SERVING = [
     panel("Shard traffic",
           [(f"sum by (shard, direction) (rate(moe_shard_bytes_total{{shard=~\"$shard\"}}[{RI}]))",
             "{{shard}} {{direction}}")], unit="Bps"),
+    # Added last, so that links to the panels above (viewPanel=ID) keep working.
+    panel("Placement changes",
+          [(f"sum(increase(moe_router_rebalances_total[{RI}]))", "applied"),
+           (f"sum by (reason) (increase(moe_router_rebalances_skipped_total[{RI}]))",
+            "dynamic skipped: {{reason}}")],
+          desc="Applied placements, and dynamic rebalances not applied: refused (trained "
+               "experts whose holders are all out of rotation: bring them back) or failed; "
+               "each is tried again after the cooldown"),
 ]
 
 TRAINING = [
