@@ -4,6 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${1:-build}
+# Debian's torch calls the libblas.so.3 alternative: without OpenBLAS that is the reference BLAS,
+# and PyTorch ran 25x slower (445 tokens/s against 10382 on the same Xeon, 2026-12-05).
+if ! dpkg-query -W -f='${Status}' libopenblas0-pthread 2>/dev/null | grep -q 'ok installed'; then
+  echo "run_all.sh: PyTorch would run on Debian's reference BLAS (libopenblas0-pthread is" \
+    "missing) and its figures would be about 25x too slow: run \`make bench\`, which installs" \
+    "the benchmarks' packages" >&2
+  exit 2
+fi
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 echo "[1/7] expert FFN against the FMA peak (bench/ffn_bench)" >&2
