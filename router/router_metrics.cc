@@ -61,9 +61,10 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, int num_experts,
                       .Name("moe_router_rebalances_skipped_total")
                       .Help(
                           "Rebalances of dynamic placement past the imbalance threshold that "
-                          "were not applied, by reason: refused (trained experts to copy "
-                          "whose holders are all out of rotation), failed (the switch "
-                          "failed); each is tried again after the cooldown")
+                          "were not applied, by reason: refused (as an operator's Rebalance "
+                          "would be: trained experts to copy whose holders are all out of "
+                          "rotation, or experts left with no replica in rotation), failed (the "
+                          "switch failed); each is tried again after the cooldown")
                       .Register(registry);
   skipped_refused_ = &skipped.Add({{"reason", "refused"}});
   skipped_failed_ = &skipped.Add({{"reason", "failed"}});

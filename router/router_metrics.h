@@ -28,8 +28,9 @@ class RouterMetrics {
               int64_t spilled);
   void Failovers(int n) { failovers_->Increment(n); }
   void Rebalanced() { rebalances_->Increment(); }
-  // A dynamic rebalance not applied: `refused` (it would copy trained experts whose holders are
-  // all out of rotation), else failed (the switch itself failed).
+  // A dynamic rebalance not applied: `refused` (by CheckSwitchable, as an operator's would be:
+  // e.g. it would copy trained experts whose holders are all out of rotation), else failed (the
+  // switch itself failed).
   void RebalanceSkipped(bool refused) {
     (refused ? skipped_refused_ : skipped_failed_)->Increment();
   }

@@ -1692,7 +1692,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                                     StatusReads* seen) {
     if (!c.answering()) return nullptr;
     auto it = seen->find(c.address());
-    if (it == seen->end()) it = seen->emplace(c.address(), c.GetStatus(wait)).first;
+    if (it == seen->end()) {
+      // No time left to ask: not known to hold it (the control loop asks again after its
+      // cooldown; a call ends by its deadline anyway).
+      if (wait <= absl::ZeroDuration()) return nullptr;
+      it = seen->emplace(c.address(), c.GetStatus(wait)).first;
+    }
     const absl::StatusOr<v1::ShardStatus>& st = it->second;
     if (!st.ok() || !st->draining()) return nullptr;
     for (const v1::ExpertStatus& x : st->experts()) {

@@ -2110,7 +2110,8 @@ TEST_F(ClusterTest, TheControlLoopSkipsARebalanceThatWouldCopyTrainedExpertsFrom
   auto stub = client::MakeRouterStub(cluster->router_address());
   const absl::Status trained = TrainSteps(stub.get(), 7400, 1);
   ASSERT_TRUE(trained.ok()) << trained;
-  // A shard holding some experts alone (dynamic's idle placement replicates only some).
+  // A shard holding some experts alone (dynamic's idle placement replicates only some). Training
+  // steps count no load: nothing rebalances before the load below.
   int down = -1;
   std::set<int> singles;
   for (int s = 0; s < 3 && singles.empty(); ++s) {
