@@ -779,12 +779,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (t.shards[s]->healthy()) continue;
       // NOT_SERVING and holding nothing: waiting for experts, unless it is draining (it will
       // not serve again: experts placed there could not be served).
-      const absl::Duration wait =
-          std::min(absl::Milliseconds(500), deadline - common::MonotonicNow());
-      absl::StatusOr<v1::ShardStatus> st =
-          wait > absl::ZeroDuration()
-              ? t.shards[s]->GetStatus(wait)
-              : absl::StatusOr<v1::ShardStatus>(absl::DeadlineExceededError("not read"));
+      absl::StatusOr<v1::ShardStatus> st = StatusBy(*t.shards[s], deadline);
       up[s] = st.ok() && !st->draining();
       if (drains != nullptr) (*drains)[s] = st.ok() && st->draining();
     }
@@ -1682,22 +1677,29 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     lost_untold.insert(expert);
   }
 
+  // Shard `c`'s status, read within 500 ms and not past `deadline` (MonotonicNow's clock); with
+  // no time left, not read (DEADLINE_EXCEEDED): the control loop asks again after its cooldown,
+  // and a call ends by its deadline anyway.
+  static absl::StatusOr<v1::ShardStatus> StatusBy(ShardClient& c, absl::Time deadline) {
+    const absl::Duration wait =
+        std::min(absl::Milliseconds(500), deadline - common::MonotonicNow());
+    if (wait <= absl::ZeroDuration()) {
+      return absl::DeadlineExceededError("no time left to read the shard's status");
+    }
+    return c.GetStatus(wait);
+  }
+
   // Each shard's status, read once for a switch or a check (keyed by address).
   using StatusReads = std::map<std::string, absl::StatusOr<v1::ShardStatus>>;
 
   // Expert `e`'s READY replica on shard `c` while `c` drains, from its status (read into
-  // `seen` on first use, within `wait`); null where it does not answer, does not drain, or
-  // holds no READY replica of `e`.
-  static const v1::ExpertStatus* ReadyWhileDraining(ShardClient& c, int e, absl::Duration wait,
+  // `seen` on first use, by StatusBy `deadline`); null where it does not answer, does not drain,
+  // or holds no READY replica of `e`.
+  static const v1::ExpertStatus* ReadyWhileDraining(ShardClient& c, int e, absl::Time deadline,
                                                     StatusReads* seen) {
     if (!c.answering()) return nullptr;
     auto it = seen->find(c.address());
-    if (it == seen->end()) {
-      // No time left to ask: not known to hold it (the control loop asks again after its
-      // cooldown; a call ends by its deadline anyway).
-      if (wait <= absl::ZeroDuration()) return nullptr;
-      it = seen->emplace(c.address(), c.GetStatus(wait)).first;
-    }
+    if (it == seen->end()) it = seen->emplace(c.address(), StatusBy(c, deadline)).first;
     const absl::StatusOr<v1::ShardStatus>& st = it->second;
     if (!st.ok() || !st->draining()) return nullptr;
     for (const v1::ExpertStatus& x : st->experts()) {
@@ -1711,7 +1713,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // with train_mu held). `seen` keeps each shard's status for the switch (one read each).
   bool DrainingHolder(const std::string& address, int e, StatusReads* seen) {
     const v1::ExpertStatus* x =
-        ReadyWhileDraining(*ClientFor(address), e, absl::Milliseconds(500), seen);
+        ReadyWhileDraining(*ClientFor(address), e, absl::InfiniteFuture(), seen);
     if (x == nullptr) return false;
     if (trainer != nullptr && trainer->AbortedUpdate(x->trained_step())) return false;
     auto reached = reached_step.find(e);
@@ -2734,9 +2736,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (!trained || live.replicas[e].empty()) return true;
       for (int s : live.replicas[e]) {
         if (usable[s]) return true;
-        const absl::Duration wait =
-            std::min(absl::Milliseconds(500), deadline - common::MonotonicNow());
-        if (ReadyWhileDraining(*current[s], e, wait, &statuses) != nullptr) return true;
+        if (ReadyWhileDraining(*current[s], e, deadline, &statuses) != nullptr) return true;
       }
       return false;
     };
