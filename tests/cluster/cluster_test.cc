@@ -1198,11 +1198,22 @@ TEST_F(ClusterTest, DynamicPlacementHoldsStillWithinItsCooldownOrBelowItsThresho
     auto stub = client::MakeRouterStub(cluster->router_address());
     const v1::Placement before = PlacementOf(stub.get());
     client::ZipfTokens gen(ck_->gate, Config().num_experts, Config().d_model, 1.5, 5);
-    // Three ticks of the control loop (one a second) under the skew.
+    // Three ticks of the control loop (one a second) under the skew. In sanitizer builds a
+    // request answered UNAVAILABLE is sent once more: there a shard's process can pause past the
+    // 1 s keepalive timeout (seen once under TSan on two cores), its stream is broken, and the
+    // experts it alone holds fail the request in flight, as they should; what this test checks is
+    // the placement.
     for (const auto start = Clock::now(); Since(start) < 3.2;) {
       const std::vector<float> x = gen.Next(64);
       v1::InferResponse resp;
-      ASSERT_TRUE(Infer(stub.get(), Request(x, 64, "zipf"), &resp).ok());
+      grpc::Status st = Infer(stub.get(), Request(x, 64, "zipf"), &resp);
+#ifdef MOE_SANITIZED
+      if (st.error_code() == grpc::StatusCode::UNAVAILABLE) {
+        std::printf("retried once: %s\n", st.error_message().c_str());
+        st = Infer(stub.get(), Request(x, 64, "zipf"), &resp);
+      }
+#endif
+      ASSERT_TRUE(st.ok()) << st.error_code() << ": " << st.error_message();
     }
     const v1::Placement after = PlacementOf(stub.get());
     EXPECT_EQ(after.version(), before.version()) << absl::StrJoin(args, " ");

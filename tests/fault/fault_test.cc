@@ -103,8 +103,15 @@ class FaultTest : public ClusterTest {
 };
 
 // Router-to-shard link cut (iptables DROP inside the shard's namespace) and healed: out of
-// rotation within 2 s, back within 2 s of healing; the replicas answer meanwhile.
+// rotation within 2 s, back within 2 s of healing (4 s in sanitizer builds: the reconnect and the
+// health check that follows run in slowed processes; once 2.78 s under TSan on two cores); the
+// replicas answer meanwhile.
 TEST_F(FaultTest, CutLinkIsDetectedAndHealed) {
+#ifdef MOE_SANITIZED
+  constexpr double kBackWithin = 4.0;
+#else
+  constexpr double kBackWithin = 2.0;
+#endif
   NetNs ns;
   ASSERT_TRUE(ns.ok()) << "could not make a network namespace";
   const int metrics = MetricsBase(3);
@@ -136,7 +143,7 @@ TEST_F(FaultTest, CutLinkIsDetectedAndHealed) {
   EXPECT_GE(detected, 0) << "the cut link was never detected";
   EXPECT_LT(detected, 2.0);
   EXPECT_GE(back, 0) << "the healed shard never came back";
-  EXPECT_LT(back, 2.0);
+  EXPECT_LT(back, kBackWithin);
   EXPECT_EQ(result.failed.load(), 0) << result.first_error;
   EXPECT_EQ(result.wrong.load(), 0);
   EXPECT_GT(ok_while_cut, 10);
