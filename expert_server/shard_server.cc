@@ -739,6 +739,13 @@ grpc::ServerUnaryReactor* ShardServer::Impl::Drain(grpc::CallbackServerContext* 
 class ExportReactor final : public grpc::ServerWriteReactor<v1::ExpertChunk> {
  public:
   ExportReactor(ShardServer::Impl* impl, int expert) : expert_(expert) {
+    // Failpoint `export_fails`: every copy from this shard fails, as if its weights could not be
+    // read (a multi-process test of a placement switch whose loads fail).
+    if (common::Failpoint("export_fails")) {
+      Finish(grpc::Status(grpc::StatusCode::INTERNAL,
+                          absl::StrCat("expert ", expert, " could not be read (failpoint)")));
+      return;
+    }
     std::shared_ptr<ExpertHandle> h = impl->store->Find(expert);
     if (h == nullptr) {
       Finish(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,

@@ -2223,6 +2223,75 @@ std::map<int, uint64_t> TrainedSteps(const std::string& address) {
   return steps;
 }
 
+// A switch of the control loop's own that fails: here every copy of a trained expert between
+// shards fails (failpoint export_fails on every shard). It is counted as skipped (reason
+// "failed"), leaves the placement version as it was, and is tried again a cooldown later, not on
+// the next tick (a failed switch has loaded replicas and unloads them again); the requests
+// meanwhile are all answered.
+TEST_F(ClusterTest, TheControlLoopWaitsItsCooldownAfterItsOwnSwitchFails) {
+  const int metrics = testing::FreePortBlock(5);  // the router, 3 shards, the coordinator
+  const double cooldown = 3;                      // seconds; the loop ticks every second
+  ASSERT_EQ(setenv("MOE_FAILPOINT", "export_fails", 1), 0);
+  auto cluster =
+      Start("dynamic", 3,
+            {"--rebalance-cooldown-s", absl::StrCat(cooldown), "--imbalance-threshold", "0.1"}, {},
+            metrics);
+  unsetenv("MOE_FAILPOINT");
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  // Trained: a new replica is copied from a live one, not read from the checkpoint.
+  const absl::Status trained = TrainSteps(stub.get(), 7500, 1);
+  ASSERT_TRUE(trained.ok()) << trained;
+  const v1::Placement placed = PlacementOf(stub.get());
+  // The hottest expert is one that a single shard holds: more replicas of it would even the load
+  // out, and each would be a copy.
+  std::vector<int> order;
+  for (const v1::ExpertPlacement& ep : placed.experts()) {
+    if (ep.shards_size() == 1 && order.empty()) order.push_back(ep.expert());
+  }
+  ASSERT_EQ(order.size(), 1u) << "dynamic's first placement holds every expert twice or more";
+  for (int e = 0; e < Config().num_experts; ++e) {
+    if (e != order[0]) order.push_back(e);
+  }
+  client::ZipfTokens gen(ck_->gate, Config().num_experts, Config().d_model, 2.0, 5, order, 2);
+  const std::string failed = "moe_router_rebalances_skipped_total{reason=\"failed\"}";
+  int answered = 0;
+  auto load_until = [&](const std::function<bool()>& done, double limit) {
+    for (const auto start = Clock::now(); !done() && Since(start) < limit; ++answered) {
+      const std::vector<float> x = gen.Next(4);
+      v1::InferResponse resp;
+      const grpc::Status st = Infer(stub.get(), Request(x, 4, "zipf"), &resp);
+      if (!st.ok()) return st;
+    }
+    return grpc::Status::OK;
+  };
+  grpc::Status st = load_until([&] { return ScrapeMetric(metrics, failed) >= 1; }, 30);
+  ASSERT_TRUE(st.ok()) << st.error_code() << ": " << st.error_message();
+  ASSERT_GE(ScrapeMetric(metrics, failed), 1)
+      << "no failed switch after " << answered << " requests";
+  const auto first = Clock::now();
+  st = load_until([&] { return ScrapeMetric(metrics, failed) >= 2; }, 30);
+  ASSERT_TRUE(st.ok()) << st.error_code() << ": " << st.error_message();
+  EXPECT_EQ(ScrapeMetric(metrics, failed), 2);
+  EXPECT_GE(Since(first), cooldown - 0.5) << "tried again before the cooldown";
+  EXPECT_EQ(ScrapeMetric(metrics, "moe_router_rebalances_skipped_total{reason=\"refused\"}"), 0)
+      << "the check before the switch refused it (the holders are all live)";
+  const v1::Placement after = PlacementOf(stub.get());
+  EXPECT_EQ(after.version(), placed.version()) << "a failed switch was applied";
+  EXPECT_EQ(after.strategy(), "dynamic");
+  // What the failed switches did load (nothing: every copy failed) is not left behind: each
+  // shard holds what the placement gives it.
+  for (int s = 0; s < 3; ++s) {
+    std::set<int> want;
+    for (const v1::ExpertPlacement& ep : after.experts()) {
+      if (std::count(ep.shards().begin(), ep.shards().end(), s)) want.insert(ep.expert());
+    }
+    std::set<int> held;
+    for (const auto& [e, step] : TrainedSteps(cluster->shard_addresses()[s])) held.insert(e);
+    EXPECT_EQ(held, want) << "shard " << s;
+  }
+}
+
 // The training step in a state dir's file for an expert, 0 when there is none (yet).
 uint64_t SavedStep(const std::string& path) {
   auto reader = common::SafetensorsReader::Open(path);
