@@ -103,15 +103,15 @@ commands:
        [--window W] [--stall-s T]
       a load generator: C concurrent InferStream streams of N-token requests; with a checkpoint
       and --zipf, expert popularity follows a Zipf law of exponent S (0: every expert equally
-      popular): each token's top-k
-      experts are drawn by it without replacement (expert 0 the most popular; with
-      --hot-order K > 0 a shuffle of the experts seeded by K, with --hot-order -1 the
-      reverse: expert E-1 the most popular). Prints tokens/s, p50/p95/p99 latency and
-      errors by code; exits 1 when no request succeeded. --requests alone runs until R are
-      answered; with --duration, whichever comes first. Ctrl-C stops it early: the table of
-      the run so far, then exit by SIGINT (status 130). A stream the router ends with
-      UNAVAILABLE (a restart, a shutdown) is opened again once the router serves again (up
-      to 30 s); its unanswered requests count as errors. Once the run is over, answers still
+      popular): each token's top-k experts are drawn by it without replacement (expert 0 the
+      most popular; with --hot-order K > 0 a shuffle of the experts seeded by K, with
+      --hot-order -1 the reverse: expert E-1 the most popular). Prints tokens/s, p50/p95/p99
+      latency and errors by code; exits 1 when no request succeeded, or when the router cut the
+      run short (below). --requests alone runs until R are answered; with --duration,
+      whichever comes first. Ctrl-C stops it early: the table of the run so far, then exit by
+      SIGINT (status 130). A stream the router ends with UNAVAILABLE (a restart, a shutdown) is
+      opened again once the router serves again (up to 30 s; a run that ends first is cut
+      short); its unanswered requests count as errors. Once the run is over, answers still
       missing after 10 s without one are given up (CANCELLED). No answer at all for T seconds
       (--stall-s, default 35: past the router's 30 s deadline) ends the run early, and the
       answers in flight then get those 10 s. Defaults: C 4, N 64, 10 seconds, random tokens
@@ -1067,6 +1067,9 @@ absl::Status Load(const Flags& f) {
       dropped{0};
   std::atomic<int> workers_done{0}, reconnecting{0};
   std::atomic<bool> gave_up{false};  // a worker's router did not serve again within the wait
+  // The run ended while a worker still waited for the router to serve again: from when (since
+  // start) the first such worker's stream ended; -1 when none did.
+  std::atomic<int64_t> unserved_since_ms{-1};
   std::atomic<bool> ended{false};    // no answer for stall_wait: workers send no more
   // Each worker's open stream, so that answers still missing kDrainWait after the run can be
   // given up (TryCancel); `cancelled` tells a stream opened after that to end at once.
@@ -1183,7 +1186,8 @@ absl::Status Load(const Flags& f) {
                              : std::min(std::chrono::milliseconds(1000),
                                         std::max(std::chrono::milliseconds(100), 2 * backoff));
       ++reconnecting;
-      const auto resume = std::chrono::steady_clock::now() + backoff;
+      const auto stream_ended = std::chrono::steady_clock::now();
+      const auto resume = stream_ended + backoff;
       while (more() && std::chrono::steady_clock::now() < resume) {
         std::this_thread::sleep_for(std::chrono::milliseconds(20));
       }
@@ -1206,7 +1210,15 @@ absl::Status Load(const Flags& f) {
       }
       --reconnecting;
       if (!serving) {
-        if (more()) gave_up = true;
+        if (more()) {
+          gave_up = true;
+        } else if (!interrupted.load()) {
+          const int64_t ms =
+              std::chrono::duration_cast<std::chrono::milliseconds>(stream_ended - start).count();
+          int64_t was = unserved_since_ms.load();
+          while ((was < 0 || ms < was) && !unserved_since_ms.compare_exchange_weak(was, ms)) {
+          }
+        }
         break;
       }
       if (!more()) break;
@@ -1271,11 +1283,12 @@ absl::Status Load(const Flags& f) {
   }
   for (auto& w : workers) w.join();
   progress.Finish();
-  // Answers given up, or a run ended by silence: tokens/s without the silent wait.
+  // Answers given up, or a run ended by silence or an outage: tokens/s without the silent wait.
+  const bool unserved = unserved_since_ms.load() >= 0;
   const double elapsed =
-      std::chrono::duration<double>((stalled || gave_up.load() ? last_answer()
-                                     : cancelled               ? last_word
-                                                               : std::chrono::steady_clock::now()) -
+      std::chrono::duration<double>((stalled || gave_up.load() || unserved ? last_answer()
+                                     : cancelled                           ? last_word
+                                                 : std::chrono::steady_clock::now()) -
                                     start)
           .count() +
       1e-9;  // no answer at all: a rate of 0, not 0/0
@@ -1298,6 +1311,21 @@ absl::Status Load(const Flags& f) {
     std::printf("the router ended a stream and did not serve again within %lld s: the figures "
                 "cover the requests sent until then\n",
                 static_cast<long long>(kReconnectWait.count()));
+  }
+  // The run's time ran out while the router was away (a router stopped for good, or restarting
+  // slowly): tokens/s above would otherwise count the outage as a quiet part of the run.
+  const double ended_s =
+      std::chrono::duration<double>(over.value_or(std::chrono::steady_clock::now()) - start)
+          .count();
+  const std::string unserved_for =
+      unserved ? absl::StrFormat(
+                     "stopped serving %.1f s into the run and was not serving again "
+                     "when it ended, %.1f s in",
+                     static_cast<double>(unserved_since_ms.load()) / 1000.0, ended_s)
+               : "";
+  if (unserved) {
+    std::printf("the router %s: the figures cover the requests sent until then\n",
+                unserved_for.c_str());
   }
   std::sort(latencies.begin(), latencies.end());
   auto pct = [&](double q) -> std::string {
@@ -1342,11 +1370,12 @@ absl::Status Load(const Flags& f) {
   // Some errors are what a load test is run to see (a shard killed under load); none answered
   // is a broken setup, and a run the router cut short is no result: a script should not take
   // either for one.
-  if (stalled || gave_up.load()) {
+  if (stalled || gave_up.load() || unserved) {
     return absl::UnavailableError(absl::StrCat(
         "the run was cut short: the router ",
-        stalled ? absl::StrCat("answered nothing for ", stall_s, " s")
-                : absl::StrCat("did not serve again within ", kReconnectWait.count(), " s"),
+        stalled          ? absl::StrCat("answered nothing for ", stall_s, " s")
+        : gave_up.load() ? absl::StrCat("did not serve again within ", kReconnectWait.count(), " s")
+                         : unserved_for,
         " (the table covers the requests until then)"));
   }
   if (errors == total) {

@@ -4,9 +4,11 @@ load, whose streams the crash broke, opens them again and goes on loading the ne
 its duration ends, instead of stopping early with every stream gone.
 
 Checked: load exits 0 at about its duration; its table counts the requests cut off by the crash
-(at most the streams' windows) as UNAVAILABLE and nothing else as an error, says how many streams it reopened, and its OK
-requests include ones the restarted router answered (that router's own request counter, which
-starts from zero, shows them). No service's stderr holds a sanitizer report.
+(at most the streams' windows) as UNAVAILABLE and nothing else as an error, says how many streams
+it reopened, and its OK requests include ones the restarted router answered (that router's own
+request counter, which starts from zero, shows them). Then the cluster is stopped under a second
+load: load ends at its duration, says when the router stopped serving, and exits 1. No service's
+stderr holds a sanitizer report.
 
 usage: load_router_restart_test.py BUILD_DIR WORK_DIR
 """
@@ -90,6 +92,37 @@ try:
     # request answered UNAVAILABLE ("still loading its placement"), as fast as they came back.
     expect(by_code.get("UNAVAILABLE", 0) <= 4,
            f"more requests failed than the crash cut off:\n{out}")
-finally:
+
+    # The cluster stopped for good under a load with time left: load waits for the router until
+    # its duration ends, then says the run was cut short, and exits 1 (it exited 0 until
+    # 2026-12-06, its tokens/s counting the outage as quiet time).
+    duration = 6
+    answered_before = router_stream_ok(metrics)
+    start = time.monotonic()
+    load = subprocess.Popen([client, "load", "--router", router, "--duration", str(duration),
+                             "--concurrency", "2", "--batch-size", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    expect(wait_until(lambda: router_stream_ok(metrics) > answered_before, 10),
+           "the router answered no request of the second load")
+    stopped_at = time.monotonic() - start
     stop_cluster(cluster, checks)
-checks.finish("load went on through a router restart")
+    cluster = None
+    out, err = load.communicate(timeout=duration + 60)
+    took = time.monotonic() - start
+    expect(load.returncode == 1, f"load exit {load.returncode}, not 1:\n{out}{err[-2000:]}")
+    expect(took < duration + 5, f"load took {took:.1f} s for a {duration} s run")
+    says = re.search(r"^the router stopped serving ([0-9.]+) s into the run and was not serving "
+                     r"again when it ended, ([0-9.]+) s in: the figures cover", out, re.M)
+    expect(says is not None, f"load did not say the router stopped serving:\n{out}")
+    if says:
+        expect(float(says.group(1)) <= stopped_at + 2 and float(says.group(2)) >= duration - 0.5,
+               f"stopped {stopped_at:.1f} s in, a {duration} s run, but load says:\n{out}")
+    expect("the run was cut short: the router stopped serving" in err,
+           f"load's error line does not say the run was cut short:\n{err[-2000:]}")
+    by_code = codes(out)
+    expect(by_code.get("OK", 0) > 0, f"no request OK:\n{out}")
+    expect(set(by_code) <= {"OK", "UNAVAILABLE"}, f"errors other than UNAVAILABLE:\n{out}")
+finally:
+    if cluster is not None:
+        stop_cluster(cluster, checks)
+checks.finish("load went on through a router restart, and said so when the router stayed away")
