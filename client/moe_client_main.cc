@@ -615,15 +615,31 @@ absl::Status Info(const Flags& f) {
     std::printf("training: coordinator %s, %s\n", info.coordinator().c_str(),
                 info.coordinator_state().c_str());
   }
+  // A draining shard's experts that no shard in rotation holds: the router still sends them
+  // there, their last resort, and the drain waits until another shard can take them.
+  std::vector<std::vector<int>> last_resort(info.shards_size());
+  for (int s = 0; s < info.shards_size(); ++s) {
+    if (!info.shards(s).draining()) continue;
+    for (int e : info.shards(s).experts()) {
+      bool elsewhere = false;
+      for (const v1::ShardInfo& other : info.shards()) {
+        elsewhere = elsewhere ||
+                    (other.healthy() && std::find(other.experts().begin(), other.experts().end(),
+                                                  e) != other.experts().end());
+      }
+      if (!elsewhere) last_resort[s].push_back(e);
+    }
+  }
   std::vector<std::vector<std::string>> rows;
   for (int s = 0; s < info.shards_size(); ++s) {
     const v1::ShardInfo& si = info.shards(s);
     // A shard that answers NOT_SERVING is out of rotation on purpose, not down.
     const std::string health = si.healthy() ? "up"
                                : si.state() == "not_serving"
-                                   ? (si.draining()          ? "not serving (drains)"
-                                      : si.experts().empty() ? "idle (no experts)"
-                                                             : "not serving")
+                                   ? (!last_resort[s].empty() ? "drains, still serving"
+                                      : si.draining()         ? "not serving (drains)"
+                                      : si.experts().empty()  ? "idle (no experts)"
+                                                              : "not serving")
                                : si.state() == "incompatible" ? "INCOMPATIBLE"
                                                               : "DOWN";
     // A shard of another model, or one not placed because it does not answer, is no shard of
@@ -639,6 +655,15 @@ absl::Status Info(const Flags& f) {
     std::printf("shard %d (%s) out of rotation for %.1f s: %s\n", s, si.address().c_str(),
                 static_cast<double>(si.out_of_rotation_ms()) / 1000.0,
                 si.out_of_rotation_reason().c_str());
+  }
+  for (int s = 0; s < info.shards_size(); ++s) {
+    if (last_resort[s].empty()) continue;
+    std::printf(
+        "shard %d (%s) drains but still serves expert(s) %s: no shard in rotation holds them, so "
+        "its drain waits for one that can take them (start another shard, or undo the drain: "
+        "moe-client drain --addr %s --undo)\n",
+        s, info.shards(s).address().c_str(), absl::StrJoin(last_resort[s], ",").c_str(),
+        info.shards(s).address().c_str());
   }
   return absl::OkStatus();
 }
@@ -662,8 +687,10 @@ void PrintPlacement(const v1::Placement& p) {
   for (int s = 0; s < p.shard_addresses_size(); ++s) {
     // A shard down, draining or drained takes no load: not an idle shard's 0.0.
     const bool out = s < p.shard_takes_load_size() && !p.shard_takes_load(s);
+    const bool drains = s < p.shard_draining_size() && p.shard_draining(s);
     rows.push_back({absl::StrCat(s), p.shard_addresses(s),
-                    out                       ? "- (out of rotation)"
+                    out && drains             ? "- (drains)"
+                    : out                     ? "- (out of rotation)"
                     : s < p.shard_load_size() ? absl::StrFormat("%.1f", p.shard_load(s))
                                               : "-"});
   }

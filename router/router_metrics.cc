@@ -101,7 +101,14 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, int num_experts,
                          .Name("moe_shard_up")
                          .Help("1 when the shard is in rotation")
                          .Register(registry);
-  for (const std::string& s : shards) shard_up_[s] = &shard_up_family_->Add({{"shard", s}});
+  shard_draining_family_ =
+      &prometheus::BuildGauge()
+           .Name("moe_shard_draining")
+           .Help(
+               "1 while the shard drains (moe-client drain, a pod's preStop): out of rotation "
+               "on purpose, its experts moving off (read once a second)")
+           .Register(registry);
+  for (const std::string& s : shards) ShardUpLocked(s);
 }
 
 void RouterMetrics::Request(const std::string& method, const std::string& code, double seconds) {
@@ -149,8 +156,14 @@ prometheus::Gauge& RouterMetrics::ShardUpLocked(const std::string& shard) {
   auto it = shard_up_.find(shard);
   if (it == shard_up_.end()) {
     it = shard_up_.emplace(shard, &shard_up_family_->Add({{"shard", shard}})).first;
+    shard_draining_[shard] = &shard_draining_family_->Add({{"shard", shard}});
   }
   return *it->second;
+}
+
+void RouterMetrics::SetShardsDraining(const std::set<std::string>& draining) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& [address, gauge] : shard_draining_) gauge->Set(draining.count(address) ? 1 : 0);
 }
 
 void RouterMetrics::KeepShards(const std::vector<std::pair<std::string, bool>>& shards) {
@@ -167,6 +180,8 @@ void RouterMetrics::KeepShards(const std::vector<std::pair<std::string, bool>>& 
       continue;
     }
     shard_up_family_->Remove(it->second);
+    shard_draining_family_->Remove(shard_draining_[it->first]);
+    shard_draining_.erase(it->first);
     it = shard_up_.erase(it);
   }
   kept_shards_ = std::move(keep);

@@ -44,11 +44,15 @@ class RouterMetrics {
   // moe_shard_up == 0 does not fire for good after a planned scale-down, and SetShardUp for
   // an address not kept is ignored until it is kept again.
   void KeepShards(const std::vector<std::pair<std::string, bool>>& shards);
+  // moe_shard_draining: 1 for the shards in `draining` (as the control loop last read them), 0
+  // for the others with a moe_shard_up series (the two series come and go together).
+  void SetShardsDraining(const std::set<std::string>& draining);
   // reason: missing_token, wrong_token.
   void AuthRefused(const std::string& reason);
 
  private:
-  // The moe_shard_up series of `shard`, made (at 0) if it has none (mu_ held).
+  // The moe_shard_up series of `shard`, made (at 0) if it has none, with its moe_shard_draining
+  // series (mu_ held).
   prometheus::Gauge& ShardUpLocked(const std::string& shard);
 
   prometheus::Family<prometheus::Counter>* requests_;
@@ -70,8 +74,10 @@ class RouterMetrics {
   prometheus::Gauge* imbalance_;
   prometheus::Gauge* placement_version_;
   prometheus::Family<prometheus::Gauge>* shard_up_family_;
+  prometheus::Family<prometheus::Gauge>* shard_draining_family_;
   std::map<std::string, prometheus::Counter*> auth_refused_;
   std::map<std::string, prometheus::Gauge*> shard_up_;
+  std::map<std::string, prometheus::Gauge*> shard_draining_;  // the same keys as shard_up_
   std::optional<std::set<std::string>> kept_shards_;  // none: every shard SetShardUp names
 };
 

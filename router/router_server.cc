@@ -692,6 +692,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (std::shared_ptr<const RoutingTable> t = Table();
         t != nullptr && static_cast<int>(t->shards.size()) == p.num_shards) {
       up = TakesLoad(*t);
+      std::lock_guard<std::mutex> lock(models_mu);
+      for (const auto& s : t->shards) out.add_shard_draining(draining_now.count(s->address()) > 0);
     }
     out.set_imbalance(Imbalance(p, load, up));
     for (double l : ShardLoads(p, load, up)) out.add_shard_load(l);
@@ -2090,6 +2092,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       for (int s = 0; s < static_cast<int>(t->shards.size()); ++s) {
         if (draining[s]) drains.insert(t->shards[s]->address());
       }
+      metrics->SetShardsDraining(drains);
       std::lock_guard<std::mutex> lock(models_mu);
       draining_now = std::move(drains);
     }

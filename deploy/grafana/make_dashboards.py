@@ -41,8 +41,10 @@ def quantiles(metric, by="", match=""):
 
 
 SERVING = [
-    panel("Shards up", [("sum(moe_shard_up)", "in rotation"), ("count(moe_shard_up)", "known")],
-          kind="stat", desc="Shards in the router's rotation, of those it knows", width=6),
+    panel("Shards up", [("sum(moe_shard_up)", "in rotation"), ("count(moe_shard_up)", "known"),
+                        ("sum(moe_shard_draining)", "draining")],
+          kind="stat", desc="Shards in the router's rotation, of those it knows, and those that "
+                            "drain (out of rotation on purpose)", width=6),
     panel("Placement version", [("max(moe_router_placement_version)", "version")], kind="stat",
           desc="Bumped by every applied placement (Rebalance or dynamic)", width=6),
     panel("Load imbalance", [("max(moe_router_load_imbalance)", "max/mean - 1")], kind="stat",

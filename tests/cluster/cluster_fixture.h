@@ -53,6 +53,17 @@ inline double Since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
+// Polls `done` every 20 ms for up to `limit` seconds; returns the seconds it took, or -1.
+template <typename F>
+double WaitFor(F done, double limit) {
+  const auto start = Clock::now();
+  while (Since(start) < limit) {
+    if (done()) return Since(start);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return -1;
+}
+
 inline std::string ScrapeBody(int port) { return ScrapeMetrics(port); }
 
 // The value of the first series of a /metrics `body` that `series` names: its metric name and,

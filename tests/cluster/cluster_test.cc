@@ -35,6 +35,7 @@ using testing::Config;
 using testing::ScrapeBody;
 using testing::ScrapeMetric;
 using testing::Since;
+using testing::WaitFor;
 
 class StrategyTest : public ClusterTest, public ::testing::WithParamInterface<const char*> {};
 
@@ -398,6 +399,14 @@ TEST_F(ClusterTest, DrainedShardStopsWithoutAFailover) {
   EXPECT_LT(Since(t0), 3.0) << "drain took too long";
   EXPECT_EQ(ScrapeMetric(metrics,
                          "moe_shard_up{shard=\"" + cluster->shard_addresses()[1] + "\"}"), 0);
+  // Out of rotation on purpose: moe_shard_draining says so (the control loop reads it once a
+  // second), and MoeShardDown leaves it out.
+  auto draining = [&](int s) {
+    return ScrapeMetric(metrics,
+                        "moe_shard_draining{shard=\"" + cluster->shard_addresses()[s] + "\"}");
+  };
+  EXPECT_GE(WaitFor([&] { return draining(1) == 1; }, 5), 0) << "moe_shard_draining never read 1";
+  EXPECT_EQ(draining(0), 0);
 
   // `moe-client info` tells a drained shard (it answers NOT_SERVING) from a stopped one.
   // Its entry says why it is out, and since when; a shard in rotation has no reason.
@@ -427,6 +436,8 @@ TEST_F(ClusterTest, DrainedShardStopsWithoutAFailover) {
                                "two health checks in a row failed, the last: "))
       << out.out_of_rotation_reason();
   EXPECT_GE(out.out_of_rotation_ms(), 1000);
+  // Stopped, it no longer drains: down (MoeShardDown pages if it stays a member for a minute).
+  EXPECT_GE(WaitFor([&] { return draining(1) == 0; }, 5), 0) << "a stopped shard still drains";
   EXPECT_EQ(result.failed.load(), 0) << result.first_error;
   EXPECT_EQ(result.wrong.load(), 0);
   EXPECT_GT(result.ok.load(), ok_at_drain + 10) << "serving went on after the drain";
@@ -443,6 +454,82 @@ TEST_F(ClusterTest, DrainedShardStopsWithoutAFailover) {
   EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(st.error_message().find("timeout_ms must be in [0, 60000]"), std::string::npos)
       << st.error_message();
+}
+
+// The first line of `moe-client ARGS...` holding `needle`, or the error.
+absl::StatusOr<std::string> ClientLineWith(const std::vector<std::string>& args,
+                                           const std::string& needle) {
+  std::vector<std::string> argv = {std::string(MOE_BIN_DIR) + "/moe-client"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  absl::StatusOr<common::Subprocess> p = common::Subprocess::Spawn(argv);
+  if (!p.ok()) return p.status();
+  return p->ReadLineWith(needle, absl::Seconds(10));
+}
+
+// A drain whose shard is the last to hold its experts (no shard in rotation can take them) waits,
+// and the router serves those experts from the draining shard meanwhile, their last resort.
+// Operators are told so: `info` says the shard drains but still serves them (it read "not
+// serving (drains)" while the shard answered every request: a helper's walk-through,
+// 2026-12-06), `placement` marks it as draining, and moe_shard_draining reads 1, which keeps
+// MoeShardDown from paging for a planned drain.
+TEST_F(ClusterTest, ADrainThatCannotMoveItsExpertsSaysTheShardStillServesThem) {
+  const int metrics = testing::FreePortBlock(4);  // the router, 2 shards, the coordinator
+  auto cluster = Start("sharded", 2, {}, {}, metrics);
+  ASSERT_NE(cluster, nullptr);
+  const std::string first = cluster->shard_addresses()[0], last = cluster->shard_addresses()[1];
+  ASSERT_TRUE(DrainWithClient(first, 30));  // its experts move onto the other shard
+  {
+    auto shard =
+        v1::ExpertShard::NewStub(grpc::CreateChannel(last, grpc::InsecureChannelCredentials()));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(15));
+    v1::DrainRequest req;
+    req.set_timeout_ms(2000);
+    v1::DrainResponse resp;
+    const grpc::Status st = shard->Drain(&ctx, req, &resp);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    EXPECT_FALSE(resp.drained()) << "nowhere to move its experts, yet the drain ended";
+  }
+  auto router = client::MakeRouterStub(cluster->router_address());
+  for (int i = 0; i < 4; ++i) {
+    const std::vector<float> x = common::RandomMatrix(16, Config().d_model, 960 + i);
+    v1::InferResponse resp;
+    const grpc::Status st = Infer(router.get(), Request(x, 16, "last resort"), &resp);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    EXPECT_TRUE(Matches(x, 16, resp, *layer_));
+  }
+  auto draining = [&](const std::string& shard) {
+    return ScrapeMetric(metrics, "moe_shard_draining{shard=\"" + shard + "\"}");
+  };
+  EXPECT_GE(WaitFor([&] { return draining(last) == 1 && draining(first) == 1; }, 5), 0)
+      << "moe_shard_draining: " << draining(first) << " and " << draining(last);
+  EXPECT_EQ(ScrapeMetric(metrics, "moe_shard_up{shard=\"" + last + "\"}"), 0);
+  std::vector<std::string> all;
+  for (int e = 0; e < Config().num_experts; ++e) all.push_back(absl::StrCat(e));
+  const absl::StatusOr<std::string> row =
+      ClientLineWith({"info", "--router", cluster->router_address()}, last);
+  ASSERT_TRUE(row.ok()) << row.status();
+  EXPECT_NE(row->find("drains, still serving"), std::string::npos) << *row;
+  const absl::StatusOr<std::string> why =
+      ClientLineWith({"info", "--router", cluster->router_address()}, "drains but still serves");
+  ASSERT_TRUE(why.ok()) << why.status();
+  EXPECT_EQ(*why, absl::StrCat("shard 1 (", last, ") drains but still serves expert(s) ",
+                               absl::StrJoin(all, ","),
+                               ": no shard in rotation holds them, so its drain waits for one "
+                               "that can take them (start another shard, or undo the drain: "
+                               "moe-client drain --addr ",
+                               last, " --undo)"));
+  // The first shard holds nothing: drained, not serving anything.
+  const absl::StatusOr<std::string> drained =
+      ClientLineWith({"info", "--router", cluster->router_address()}, first);
+  ASSERT_TRUE(drained.ok()) << drained.status();
+  EXPECT_NE(drained->find("not serving (drains)"), std::string::npos) << *drained;
+  for (const std::string& shard : {first, last}) {
+    const absl::StatusOr<std::string> line =
+        ClientLineWith({"placement", "--router", cluster->router_address()}, shard);
+    ASSERT_TRUE(line.ok()) << line.status();
+    EXPECT_NE(line->find("- (drains)"), std::string::npos) << *line;
+  }
 }
 
 std::pair<std::set<int>, std::set<int>> OnlyAndSharedOn(v1::Router::Stub* stub, int s);

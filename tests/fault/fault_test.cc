@@ -29,6 +29,7 @@ using testing::ClusterTest;
 using testing::Config;
 using testing::ScrapeMetric;
 using testing::Since;
+using testing::WaitFor;
 
 // /proc/PID/NAME, whole ("" when unreadable).
 std::string ProcFile(pid_t pid, const std::string& name) {
@@ -37,17 +38,6 @@ std::string ProcFile(pid_t pid, const std::string& name) {
 }
 
 int Sh(const std::string& cmd) { return std::system(cmd.c_str()); }
-
-// Polls `done` every 20 ms for up to `limit` seconds; returns the seconds it took, or -1.
-template <typename F>
-double WaitFor(F done, double limit) {
-  const auto start = Clock::now();
-  while (Since(start) < limit) {
-    if (done()) return Since(start);
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  return -1;
-}
 
 // A network namespace joined to the host by a veth pair: host side 10.231.K.1, namespace side
 // 10.231.K.2. Removing the namespace removes the pair.
