@@ -107,11 +107,11 @@ commands:
       most popular; with --hot-order K > 0 a shuffle of the experts seeded by K, with
       --hot-order -1 the reverse: expert E-1 the most popular). Prints tokens/s, p50/p95/p99
       latency and errors by code; exits 1 when no request succeeded, or when the router cut the
-      run short (below). --requests alone runs until R are answered; with --duration,
-      whichever comes first. Ctrl-C stops it early: the table of the run so far, then exit by
-      SIGINT (status 130). A stream the router ends with UNAVAILABLE (a restart, a shutdown) is
-      opened again once the router serves again (up to 30 s; a run that ends first is cut
-      short); its unanswered requests count as errors. Once the run is over, answers still
+      run short or was not serving when it ended (below). --requests alone runs until R are
+      answered; with --duration, whichever comes first. Ctrl-C stops it early: the table of the
+      run so far, then exit by SIGINT (status 130). A stream the router ends with UNAVAILABLE (a restart, a shutdown) is
+      opened again once the router serves again (up to 30 s; a run that ends while it waits
+      exits 1); its unanswered requests count as errors. Once the run is over, answers still
       missing after 10 s without one are given up (CANCELLED). No answer at all for T seconds
       (--stall-s, default 35: past the router's 30 s deadline) ends the run early, and the
       answers in flight then get those 10 s. Defaults: C 4, N 64, 10 seconds, random tokens
@@ -619,7 +619,8 @@ absl::Status Info(const Flags& f) {
   // there, their last resort, and the drain waits until another shard can take them.
   std::vector<std::vector<int>> last_resort(info.shards_size());
   for (int s = 0; s < info.shards_size(); ++s) {
-    if (!info.shards(s).draining()) continue;
+    // Answering (a shard stopped after its drain reads DOWN until the next status read).
+    if (!info.shards(s).draining() || info.shards(s).state() != "not_serving") continue;
     for (int e : info.shards(s).experts()) {
       bool elsewhere = false;
       for (const v1::ShardInfo& other : info.shards()) {
@@ -658,12 +659,24 @@ absl::Status Info(const Flags& f) {
   }
   for (int s = 0; s < info.shards_size(); ++s) {
     if (last_resort[s].empty()) continue;
+    // What lets the drain end: a drained shard that still answers serving again, or this
+    // drain undone.
+    std::vector<std::string> ways;
+    for (int d = 0; d < info.shards_size(); ++d) {
+      const v1::ShardInfo& other = info.shards(d);
+      if (d != s && other.draining() && other.state() == "not_serving" && last_resort[d].empty()) {
+        ways.push_back(absl::StrCat("undo the drain of ", other.address(),
+                                    ": moe-client drain --addr ", other.address(), " --undo"));
+      }
+    }
+    ways.push_back(absl::StrCat(ways.empty() ? "" : "or ",
+                                "undo this drain: moe-client drain --addr ",
+                                info.shards(s).address(), " --undo"));
     std::printf(
         "shard %d (%s) drains but still serves expert(s) %s: no shard in rotation holds them, so "
-        "its drain waits for one that can take them (start another shard, or undo the drain: "
-        "moe-client drain --addr %s --undo)\n",
+        "its drain waits for one that can take them (%s)\n",
         s, info.shards(s).address().c_str(), absl::StrJoin(last_resort[s], ",").c_str(),
-        info.shards(s).address().c_str());
+        absl::StrJoin(ways, "; ").c_str());
   }
   return absl::OkStatus();
 }
@@ -688,11 +701,21 @@ void PrintPlacement(const v1::Placement& p) {
     // A shard down, draining or drained takes no load: not an idle shard's 0.0.
     const bool out = s < p.shard_takes_load_size() && !p.shard_takes_load(s);
     const bool drains = s < p.shard_draining_size() && p.shard_draining(s);
+    // A draining shard that holds an expert no shard taking load holds: the router still sends
+    // that expert there, its last resort (`info` names them).
+    bool last_resort = false;
+    for (const v1::ExpertPlacement& e : p.experts()) {
+      if (std::find(e.shards().begin(), e.shards().end(), s) == e.shards().end()) continue;
+      last_resort = last_resort || std::none_of(e.shards().begin(), e.shards().end(), [&](int r) {
+                      return r < p.shard_takes_load_size() && p.shard_takes_load(r);
+                    });
+    }
     rows.push_back({absl::StrCat(s), p.shard_addresses(s),
-                    out && drains             ? "- (drains)"
-                    : out                     ? "- (out of rotation)"
-                    : s < p.shard_load_size() ? absl::StrFormat("%.1f", p.shard_load(s))
-                                              : "-"});
+                    out && drains && last_resort ? "- (drains, still serving)"
+                    : out && drains              ? "- (drains)"
+                    : out                        ? "- (out of rotation)"
+                    : s < p.shard_load_size()    ? absl::StrFormat("%.1f", p.shard_load(s))
+                                                 : "-"});
   }
   PrintTable({"shard", "address", "expected load"}, rows);
   if (!p.refusal().empty()) {
@@ -1224,22 +1247,27 @@ absl::Status Load(const Flags& f) {
       // waiting. A router not serving within kReconnectWait ends the worker: with --requests
       // alone the run would otherwise wait for it for good.
       const auto give_up = std::chrono::steady_clock::now() + kReconnectWait;
-      bool serving = false;
-      while (more() && !serving && std::chrono::steady_clock::now() < give_up) {
+      // Whether the router serves, on a new channel (kept for the next stream when it does).
+      auto probe_serving = [&] {
         std::shared_ptr<grpc::Channel> probe = MakeRouterChannel(addr);
         absl::StatusOr<common::HealthState> h =
             common::CheckHealth(probe.get(), absl::Milliseconds(250));
-        serving = h.ok() && *h == common::HealthState::kServing;
-        if (serving) {
-          own_stub = v1::Router::NewStub(std::move(probe));
-        }
+        const bool yes = h.ok() && *h == common::HealthState::kServing;
+        if (yes) own_stub = v1::Router::NewStub(std::move(probe));
+        return yes;
+      };
+      bool serving = false;
+      while (more() && !serving && std::chrono::steady_clock::now() < give_up) {
+        serving = probe_serving();
         if (!serving) std::this_thread::sleep_for(std::chrono::milliseconds(100));
       }
       --reconnecting;
       if (!serving) {
         if (more()) {
           gave_up = true;
-        } else if (!interrupted.load()) {
+        } else if (!interrupted.load() && !probe_serving()) {
+          // The run ended while this worker waited for the router, which one last look (the run
+          // may have ended within the backoff, before any probe) finds still not serving.
           const int64_t ms =
               std::chrono::duration_cast<std::chrono::milliseconds>(stream_ended - start).count();
           int64_t was = unserved_since_ms.load();
@@ -1341,13 +1369,14 @@ absl::Status Load(const Flags& f) {
   }
   // The run's time ran out while the router was away (a router stopped for good, or restarting
   // slowly): tokens/s above would otherwise count the outage as a quiet part of the run.
+  // (Reaching its duration, the run is not "cut short"; its figures are short of it all the same.)
   const double ended_s =
       std::chrono::duration<double>(over.value_or(std::chrono::steady_clock::now()) - start)
           .count();
   const std::string unserved_for =
       unserved ? absl::StrFormat(
-                     "stopped serving %.1f s into the run and was not serving again "
-                     "when it ended, %.1f s in",
+                     "stopped serving %.1f s into the run and was not serving when "
+                     "the run ended, %.1f s in",
                      static_cast<double>(unserved_since_ms.load()) / 1000.0, ended_s)
                : "";
   if (unserved) {
@@ -1397,13 +1426,16 @@ absl::Status Load(const Flags& f) {
   // Some errors are what a load test is run to see (a shard killed under load); none answered
   // is a broken setup, and a run the router cut short is no result: a script should not take
   // either for one.
-  if (stalled || gave_up.load() || unserved) {
+  if (stalled || gave_up.load()) {
     return absl::UnavailableError(absl::StrCat(
         "the run was cut short: the router ",
-        stalled          ? absl::StrCat("answered nothing for ", stall_s, " s")
-        : gave_up.load() ? absl::StrCat("did not serve again within ", kReconnectWait.count(), " s")
-                         : unserved_for,
+        stalled ? absl::StrCat("answered nothing for ", stall_s, " s")
+                : absl::StrCat("did not serve again within ", kReconnectWait.count(), " s"),
         " (the table covers the requests until then)"));
+  }
+  if (unserved) {
+    return absl::UnavailableError(
+        absl::StrCat("the router ", unserved_for, " (the table covers the requests until then)"));
   }
   if (errors == total) {
     return absl::UnavailableError(

@@ -11,6 +11,7 @@
 #include <optional>
 #include <set>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -436,8 +437,10 @@ TEST_F(ClusterTest, DrainedShardStopsWithoutAFailover) {
                                "two health checks in a row failed, the last: "))
       << out.out_of_rotation_reason();
   EXPECT_GE(out.out_of_rotation_ms(), 1000);
-  // Stopped, it no longer drains: down (MoeShardDown pages if it stays a member for a minute).
-  EXPECT_GE(WaitFor([&] { return draining(1) == 0; }, 5), 0) << "a stopped shard still drains";
+  // Stopped, it no longer drains: down (MoeShardDown pages if it stays a member for a minute),
+  // or gone from the metrics once its lease has ended (-1: no series).
+  EXPECT_GE(WaitFor([&] { return draining(1) != 1; }, 5), 0)
+      << "moe_shard_draining still reads 1 for the stopped shard";
   EXPECT_EQ(result.failed.load(), 0) << result.first_error;
   EXPECT_EQ(result.wrong.load(), 0);
   EXPECT_GT(result.ok.load(), ok_at_drain + 10) << "serving went on after the drain";
@@ -516,19 +519,21 @@ TEST_F(ClusterTest, ADrainThatCannotMoveItsExpertsSaysTheShardStillServesThem) {
   EXPECT_EQ(*why, absl::StrCat("shard 1 (", last, ") drains but still serves expert(s) ",
                                absl::StrJoin(all, ","),
                                ": no shard in rotation holds them, so its drain waits for one "
-                               "that can take them (start another shard, or undo the drain: "
-                               "moe-client drain --addr ",
-                               last, " --undo)"));
+                               "that can take them (undo the drain of ",
+                               first, ": moe-client drain --addr ", first,
+                               " --undo; or undo this drain: moe-client drain --addr ", last,
+                               " --undo)"));
   // The first shard holds nothing: drained, not serving anything.
   const absl::StatusOr<std::string> drained =
       ClientLineWith({"info", "--router", cluster->router_address()}, first);
   ASSERT_TRUE(drained.ok()) << drained.status();
   EXPECT_NE(drained->find("not serving (drains)"), std::string::npos) << *drained;
-  for (const std::string& shard : {first, last}) {
+  for (const auto& [shard, says] : std::vector<std::pair<std::string, std::string>>{
+           {first, "- (drains)"}, {last, "- (drains, still serving)"}}) {
     const absl::StatusOr<std::string> line =
         ClientLineWith({"placement", "--router", cluster->router_address()}, shard);
     ASSERT_TRUE(line.ok()) << line.status();
-    EXPECT_NE(line->find("- (drains)"), std::string::npos) << *line;
+    EXPECT_TRUE(absl::EndsWith(absl::StripTrailingAsciiWhitespace(*line), says)) << *line;
   }
 }
 
@@ -1286,7 +1291,7 @@ TEST_F(ClusterTest, DynamicPlacementHoldsStillWithinItsCooldownOrBelowItsThresho
     const v1::Placement before = PlacementOf(stub.get());
     client::ZipfTokens gen(ck_->gate, Config().num_experts, Config().d_model, 1.5, 5);
     // Three ticks of the control loop (one a second) under the skew. In sanitizer builds a
-    // request answered UNAVAILABLE is sent once more: there a shard's process can pause past the
+    // request answered UNAVAILABLE is sent again for up to 3 s: there a shard can pause past the
     // 1 s keepalive timeout (seen once under TSan on two cores), its stream is broken, and the
     // experts it alone holds fail the request in flight, as they should; what this test checks is
     // the placement.
@@ -1295,8 +1300,10 @@ TEST_F(ClusterTest, DynamicPlacementHoldsStillWithinItsCooldownOrBelowItsThresho
       v1::InferResponse resp;
       grpc::Status st = Infer(stub.get(), Request(x, 64, "zipf"), &resp);
 #ifdef MOE_SANITIZED
-      if (st.error_code() == grpc::StatusCode::UNAVAILABLE) {
-        std::printf("retried once: %s\n", st.error_message().c_str());
+      for (const auto retry = Clock::now();
+           st.error_code() == grpc::StatusCode::UNAVAILABLE && Since(retry) < 3;) {
+        std::printf("sent again: %s\n", st.error_message().c_str());
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
         st = Infer(stub.get(), Request(x, 64, "zipf"), &resp);
       }
 #endif
@@ -2360,7 +2367,9 @@ TEST_F(ClusterTest, TheControlLoopWaitsItsCooldownAfterItsOwnSwitchFails) {
   st = load_until([&] { return ScrapeMetric(metrics, failed) >= 2; }, 30);
   ASSERT_TRUE(st.ok()) << st.error_code() << ": " << st.error_message();
   EXPECT_EQ(ScrapeMetric(metrics, failed), 2);
-  EXPECT_GE(Since(first), cooldown - 0.5) << "tried again before the cooldown";
+  // (Noticed up to a request and a scrape after it happened: the margin is 1 s, where a try each
+  // tick would come 1 s after the first.)
+  EXPECT_GE(Since(first), cooldown - 1.0) << "tried again before the cooldown";
   EXPECT_EQ(ScrapeMetric(metrics, "moe_router_rebalances_skipped_total{reason=\"refused\"}"), 0)
       << "the check before the switch refused it (the holders are all live)";
   const v1::Placement after = PlacementOf(stub.get());
