@@ -109,14 +109,14 @@ commands:
       latency and errors by code; exits 1 when no request succeeded, or when the router cut the
       run short or was not serving when it ended (below). --requests alone runs until R are
       answered; with --duration, whichever comes first. Ctrl-C stops it early: the table of the
-      run so far, then exit by SIGINT (status 130). A stream the router ends with UNAVAILABLE (a restart, a shutdown) is
-      opened again once the router serves again (up to 30 s; a run that ends while it waits
-      exits 1); its unanswered requests count as errors. Once the run is over, answers still
-      missing after 10 s without one are given up (CANCELLED). No answer at all for T seconds
-      (--stall-s, default 35: past the router's 30 s deadline) ends the run early, and the
-      answers in flight then get those 10 s. Defaults: C 4, N 64, 10 seconds, random tokens
-      without --zipf, seed 1; C at most 1024. --window: requests each stream keeps in flight
-      (default 2, at least 1).
+      run so far, then exit by SIGINT (status 130). A stream the router ends with UNAVAILABLE
+      (a restart, a shutdown) is opened again once the router serves again (up to 30 s; a run
+      that ends while it waits exits 1); its unanswered requests count as errors. Once the run
+      is over, answers still missing after 10 s without one are given up (CANCELLED). No
+      answer at all for T seconds (--stall-s, default 35: past the router's 30 s deadline) ends
+      the run early, and the answers in flight then get those 10 s. Defaults: C 4, N 64, 10
+      seconds, random tokens without --zipf, seed 1; C at most 1024. --window: requests each
+      stream keeps in flight (default 2, at least 1).
   demo --checkpoint PATH [--batches B] [--batch-size N] [--tensor-prefix P] [--capacity-factor C]
        [--zipf S [--hot-order K]]
       run the in-process layer on random batches (with --zipf, the tokens load --zipf sends);
