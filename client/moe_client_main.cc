@@ -81,7 +81,8 @@ commands:
       the model and the shards with their health and experts
   placement --router HOST:PORT [--rebalance STRATEGY] [--dry-run]
       the placement table; --rebalance switches strategy (replicated|sharded|hybrid|dynamic),
-      --dry-run only scores the proposal (alone: a rebalance of the current strategy)
+      --dry-run only scores the proposal (alone: a rebalance of the current strategy), and
+      exits 1 where the router would refuse it, saying why under the table
   train --router HOST:PORT [--steps K] [--learning-rate LR] [--aux-loss-coef A] [--z-loss-coef Z]
         (--tokens T.safetensors --grad-output G.safetensors | --synthetic [--batch-size N] [--seed S])
       K training steps; with files, the same batch every step (`tokens` and `grad_output`
@@ -745,6 +746,12 @@ absl::Status PlacementCmd(const Flags& f) {
   });
   if (!st.ok()) return RouterError(st, addr);
   PrintPlacement(p);
+  // A dry run asks whether the switch would go through: a script's `--dry-run && --rebalance`
+  // must not go on where it would not (why is printed under the table).
+  if (!p.refusal().empty()) {
+    return absl::FailedPreconditionError(
+        "the router would refuse this rebalance (why is said above); nothing was applied");
+  }
   return absl::OkStatus();
 }
 

@@ -6,7 +6,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <deque>
 #include <functional>
 #include <string>
@@ -136,6 +138,17 @@ absl::Status Run(int argc, char** argv) {
                      num_shards + 1, " must be free)"));
   }
   const std::string bin = f.Get("bin-dir", moe::client::ExecutableDir());
+  // Checked before any service starts: a missing one was a progress line, the shell's "cannot
+  // run" and "did not start" (three lines for one mistake).
+  for (const char* service : {"moe-coordinator", "moe-expert-server", "moe-router"}) {
+    const std::string path = absl::StrCat(bin, "/", service);
+    if (access(path.c_str(), X_OK) != 0) {
+      return absl::NotFoundError(absl::StrCat(
+          "no program ", path, " to run (", std::strerror(errno), "); ",
+          f.Has("bin-dir") ? "--bin-dir must name the directory of the built binaries (build/bin)"
+                           : "moe-cluster runs the services beside it: give --bin-dir DIR"));
+    }
+  }
   moe::common::BlockTerminationSignals();
   moe::client::LocalClusterOptions o;
   o.bin_dir = bin;

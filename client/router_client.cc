@@ -5,9 +5,13 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "moe/v1/coordinator.grpc.pb.h"
+#include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/common/security.h"
 #include "services/common/server_util.h"
 #include "services/common/tensor_codec.h"
@@ -31,6 +35,54 @@ std::unique_ptr<v1::Router::Stub> MakeRouterStub(const std::string& address) {
   return v1::Router::NewStub(MakeRouterChannel(address));
 }
 
+namespace {
+
+// A peer as gRPC names it ("ipv4:H:P") as an address to dial ("H:P").
+std::string PeerAddress(std::string peer) {
+  for (const char* scheme : {"ipv4:", "ipv6:"}) {
+    if (absl::StartsWith(peer, scheme)) return peer.substr(std::strlen(scheme));
+  }
+  return peer;
+}
+
+// Which of the cluster's services answers at `target`: "a router", "an expert shard", "the
+// coordinator", or "" where none does within 1 s each. Any answer but UNIMPLEMENTED (an empty
+// table, a refusal for want of a token) is the service.
+std::string ServiceAt(const std::string& target) {
+  auto channel = MakeRouterChannel(target);
+  auto answers = [](const grpc::Status& st) {
+    return st.error_code() != grpc::StatusCode::UNIMPLEMENTED &&
+           st.error_code() != grpc::StatusCode::UNAVAILABLE &&
+           st.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED;
+  };
+  auto context = [](grpc::ClientContext* ctx) {
+    ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  };
+  {
+    grpc::ClientContext ctx;
+    context(&ctx);
+    v1::Placement p;
+    if (answers(v1::Router::NewStub(channel)->GetPlacement(&ctx, {}, &p))) return "a router";
+  }
+  {
+    grpc::ClientContext ctx;
+    context(&ctx);
+    v1::ShardStatus status;
+    if (answers(v1::ExpertShard::NewStub(channel)->GetStatus(&ctx, {}, &status))) {
+      return "an expert shard";
+    }
+  }
+  grpc::ClientContext ctx;
+  context(&ctx);
+  v1::Membership members;
+  if (answers(v1::Coordinator::NewStub(channel)->ListMembers(&ctx, {}, &members))) {
+    return "the coordinator";
+  }
+  return "";
+}
+
+}  // namespace
+
 grpc::Status CallWithReconnects(absl::Duration timeout,
                                 const std::function<grpc::Status(grpc::ClientContext*)>& call) {
   grpc::Status first;
@@ -40,12 +92,16 @@ grpc::Status CallWithReconnects(absl::Duration timeout,
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
     grpc::Status st = call(&ctx);
     if (st.error_code() == grpc::StatusCode::UNIMPLEMENTED && st.error_message().empty()) {
-      // gRPC's own answer for a service the server does not have: say so.
-      return grpc::Status(st.error_code(),
-                          absl::StrCat("the server at ", ctx.peer(), " does not serve this call: "
-                                       "is that the address of another of the cluster's services? "
-                                       "(moe-cluster prints each one's: READY router=... and "
-                                       "a line per shard)"));
+      // gRPC's own answer for a service the server does not have: say so, and what it is.
+      const std::string peer = PeerAddress(ctx.peer());
+      const std::string what = ServiceAt(peer);
+      return grpc::Status(
+          st.error_code(),
+          absl::StrCat("the server at ", peer, " does not serve this call: ",
+                       what.empty() ? "is that the address of another of the cluster's services?"
+                                    : absl::StrCat("that is ", what, "'s address"),
+                       " (moe-cluster prints each one's: READY router=... and a line per shard; "
+                       "moe-client info --router ROUTER lists the shards)"));
     }
     if (st.error_code() != grpc::StatusCode::UNAVAILABLE) return st;
     if (attempt == 0) first = st;

@@ -248,7 +248,10 @@ try:
                f"expected exit {code} and an error saying {says!r}")
 
     shard = re.search(r"^\d+\s+(127\.0\.0\.1:\d+)\s+up\s", info, re.M).group(1)
-    fails("info", "--router", shard, says="does not serve this call")
+    # Another service's address: said which one it is.
+    fails("info", "--router", shard,
+          says="does not serve this call: that is an expert shard's address")
+    fails("drain", "--addr", router, says="does not serve this call: that is a router's address")
     # Finite tokens so large that the gated experts overflow: no output is written that is not
     # finite, through the router or locally (a forward wrote NaN and exited 0).
     st.save(path("large-in.safetensors"), {"tokens": np.full((2, D), 1e36, np.float32)})
@@ -467,6 +470,11 @@ try:
     open(path("empty-token"), "w").close()
     cluster_fails(["--auth-token-file", path("empty-token")],
                   f"--auth-token-file {path('empty-token')} is empty", 1)
+    # A --bin-dir without the services: one line naming the program (it was three: a progress
+    # line, the shell's "cannot run" and "the coordinator did not start").
+    cluster_fails(["--bin-dir", work],
+                  f"no program {work}/moe-coordinator to run (No such file or directory); "
+                  "--bin-dir must name the directory of the built binaries (build/bin)", 1)
     # TLS files gRPC cannot use are told by flag and file before anything starts (the
     # coordinator logged gRPC's lines, then "cannot listen ... (port in use or bad address)").
     bad_certs = path("bad-certs")

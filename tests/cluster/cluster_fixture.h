@@ -17,6 +17,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <functional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -178,6 +179,24 @@ class ClusterTest : public ::testing::Test {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms));
     return stub->Infer(&ctx, req, resp);
+  }
+
+  // Requests of 4 tokens from `gen`, one at a time, until `done()` or `limit_s` seconds; the first
+  // failure ends it and is returned, except UNAVAILABLE where `tolerate_unavailable` (an expert
+  // whose holders are out of rotation). `sent`, when given, counts the requests.
+  static grpc::Status LoadUntil(v1::Router::Stub* stub, client::ZipfTokens* gen,
+                                const std::function<bool()>& done, double limit_s,
+                                bool tolerate_unavailable, int* sent = nullptr) {
+    for (const auto start = Clock::now(); !done() && Since(start) < limit_s;) {
+      const std::vector<float> x = gen->Next(4);
+      v1::InferResponse resp;
+      const grpc::Status st = Infer(stub, Request(x, 4, "zipf"), &resp);
+      if (sent != nullptr) ++*sent;
+      if (!st.ok() && !(tolerate_unavailable && st.error_code() == grpc::StatusCode::UNAVAILABLE)) {
+        return st;
+      }
+    }
+    return grpc::Status::OK;
   }
 
   // Load from `threads` clients until `stop`; counts successes, failures and wrong answers.

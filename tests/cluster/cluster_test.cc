@@ -2064,6 +2064,20 @@ TEST_F(ClusterTest, ARebalanceThatWouldStrandExpertsOnADownShardIsRefused) {
   ASSERT_TRUE(rebalance("sharded", true, &p).ok());
   EXPECT_FALSE(p.applied());
   EXPECT_EQ(p.refusal(), st.error_message());
+  {
+    // moe-client prints the proposal with why, and exits 1: a script's `--dry-run && --rebalance`
+    // stops there (it exited 0, 2026-12-06).
+    auto dry = common::Subprocess::Spawn({std::string(MOE_BIN_DIR) + "/moe-client", "placement",
+                                          "--router", cluster->router_address(), "--rebalance",
+                                          "sharded", "--dry-run"});
+    ASSERT_TRUE(dry.ok()) << dry.status();
+    const auto line = dry->ReadLineWith("this proposal would be refused now", absl::Seconds(15));
+    ASSERT_TRUE(line.ok()) << line.status();
+    EXPECT_NE(line->find(st.error_message()), std::string::npos) << *line;
+    const auto exit = dry->Wait(absl::Seconds(10));
+    ASSERT_TRUE(exit.ok()) << exit.status();
+    EXPECT_TRUE(WIFEXITED(*exit) && WEXITSTATUS(*exit) == 1) << "wait status " << *exit;
+  }
   ASSERT_TRUE(rebalance("dynamic", true, &p).ok());
   EXPECT_EQ(p.refusal(), "") << "dynamic places on the shards in rotation";
   ASSERT_TRUE(rebalance("dynamic", false, &p).ok());
@@ -2245,14 +2259,9 @@ TEST_F(ClusterTest, TheControlLoopSkipsARebalanceThatWouldCopyTrainedExpertsFrom
   order.insert(order.end(), singles.begin(), singles.end());
   client::ZipfTokens gen(ck_->gate, Config().num_experts, Config().d_model, 2.0, 5, order, 2);
   const std::string skipped = "moe_router_rebalances_skipped_total{reason=\"refused\"}";
+  // UNAVAILABLE is expected: the killed shard held experts alone.
   auto load_until = [&](const std::function<bool()>& done, double limit) {
-    for (const auto start = Clock::now(); !done() && Since(start) < limit;) {
-      const std::vector<float> x = gen.Next(4);
-      v1::InferResponse resp;
-      const grpc::Status st = Infer(stub.get(), Request(x, 4, "zipf"), &resp);
-      if (!st.ok() && st.error_code() != grpc::StatusCode::UNAVAILABLE) return st;
-    }
-    return grpc::Status::OK;
+    return LoadUntil(stub.get(), &gen, done, limit, /*tolerate_unavailable=*/true);
   };
   // Two refusals, a cooldown apart (not one a tick).
   grpc::Status st = load_until([&] { return ScrapeMetric(metrics, skipped) >= 1; }, 30);
@@ -2351,13 +2360,7 @@ TEST_F(ClusterTest, TheControlLoopWaitsItsCooldownAfterItsOwnSwitchFails) {
   const std::string failed = "moe_router_rebalances_skipped_total{reason=\"failed\"}";
   int answered = 0;
   auto load_until = [&](const std::function<bool()>& done, double limit) {
-    for (const auto start = Clock::now(); !done() && Since(start) < limit; ++answered) {
-      const std::vector<float> x = gen.Next(4);
-      v1::InferResponse resp;
-      const grpc::Status st = Infer(stub.get(), Request(x, 4, "zipf"), &resp);
-      if (!st.ok()) return st;
-    }
-    return grpc::Status::OK;
+    return LoadUntil(stub.get(), &gen, done, limit, /*tolerate_unavailable=*/false, &answered);
   };
   grpc::Status st = load_until([&] { return ScrapeMetric(metrics, failed) >= 1; }, 30);
   ASSERT_TRUE(st.ok()) << st.error_code() << ": " << st.error_message();
