@@ -853,9 +853,9 @@ absl::Status Train(const Flags& f) {
   std::set<int> lost;  // experts the router said lost their training during the run
   auto lost_text = [](const std::string& experts) {
     return absl::StrCat("expert(s) ", experts,
-                        " lost their training (the only replica that held it restarted "
-                        "without it; the router's log says more): they train on from the "
-                        "weights they hold now");
+                        " lost their training (every replica that held it went away or "
+                        "restarted without it; the router's log says which): they train on "
+                        "from the weights they hold now");
   };
   auto print_steps = [&](const std::string& preface) {
     progress.Finish();

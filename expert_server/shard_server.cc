@@ -150,6 +150,7 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
   ShardServerOptions options;
   common::ModelConfig config;
   std::unique_ptr<common::SafetensorsReader> checkpoint;
+  std::string model_fingerprint;  // of `checkpoint` (ShardStatus.model_fingerprint)
   std::shared_ptr<prometheus::Registry> registry;
   std::unique_ptr<ShardMetrics> metrics;
   std::unique_ptr<StateDir> state;  // before `store`: the store's threads write to it
@@ -577,6 +578,7 @@ void ShardServer::Impl::FillStatus(v1::ShardStatus* s) const {
   s->set_num_experts(config.num_experts);
   s->set_d_model(config.d_model);
   s->set_d_ff(config.d_ff);
+  s->set_model_fingerprint(model_fingerprint);
   s->set_max_batch_rows(options.max_batch_rows);
   s->set_max_message_bytes(options.limits.max_message_bytes);
   std::lock_guard<std::mutex> lock(const_cast<std::mutex&>(mu));
@@ -1328,6 +1330,8 @@ absl::StatusOr<std::unique_ptr<ShardServer>> ShardServer::Start(ShardServerOptio
   if (o.checkpoint.empty()) return common::UsageError("--checkpoint is required");
   ASSIGN_OR_RETURN(impl->checkpoint, common::SafetensorsReader::Open(o.checkpoint));
   ASSIGN_OR_RETURN(impl->config, common::ReadModelConfig(*impl->checkpoint, o.load));
+  ASSIGN_OR_RETURN(impl->model_fingerprint,
+                   common::ModelFingerprint(*impl->checkpoint, impl->config, o.load.tensor_prefix));
   impl->registry = o.registry ? o.registry : std::make_shared<prometheus::Registry>();
   impl->metrics = std::make_unique<ShardMetrics>(*impl->registry, impl->config.num_experts);
   Impl* raw = impl.get();

@@ -552,12 +552,23 @@ TEST(RouterShardModel, AShardOfAnotherModelIsLeftOut) {
   so.checkpoint = other_path;
   auto wrong = expert::ShardServer::Start(so);
   ASSERT_TRUE(wrong.ok()) << wrong.status();
+  // The same shape, other weights (another seed): its every answer would be a wrong number, and
+  // it was placed (a helper's walk-through, 2026-12-06).
+  const std::string same_shape_path =
+      ::moe::testing::TempPath("shard_model_same_shape.safetensors");
+  ASSERT_TRUE(
+      common::SaveCheckpoint(same_shape_path, common::MakeRandomCheckpoint({kConfig, true, 6}))
+          .ok());
+  so.checkpoint = same_shape_path;
+  auto same_shape = expert::ShardServer::Start(so);
+  ASSERT_TRUE(same_shape.ok()) << same_shape.status();
   ASSERT_TRUE((*good)->WaitUntilLoaded(absl::Seconds(30)).ok());
   ASSERT_TRUE((*wrong)->WaitUntilLoaded(absl::Seconds(30)).ok());
+  ASSERT_TRUE((*same_shape)->WaitUntilLoaded(absl::Seconds(30)).ok());
   RouterServerOptions o;
   o.checkpoint = path;
   o.strategy = Strategy::kReplicated;
-  o.shards = {(*good)->address(), (*wrong)->address()};
+  o.shards = {(*good)->address(), (*wrong)->address(), (*same_shape)->address()};
   auto router = RouterServer::Start(o);
   ASSERT_TRUE(router.ok()) << router.status();
   ASSERT_TRUE((*router)->WaitUntilReady(absl::Seconds(60)).ok());
@@ -567,22 +578,36 @@ TEST(RouterShardModel, AShardOfAnotherModelIsLeftOut) {
     grpc::ClientContext ctx;
     v1::ClusterInfo info;
     ASSERT_TRUE(stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info).ok());
-    ASSERT_EQ(info.shards_size(), 2);
+    ASSERT_EQ(info.shards_size(), 3);
     EXPECT_EQ(info.shards(0).address(), (*good)->address());
     EXPECT_EQ(info.shards(0).state(), "serving");
-    EXPECT_EQ(info.shards(1).address(), (*wrong)->address());
-    EXPECT_EQ(info.shards(1).state(), "incompatible");
-    EXPECT_FALSE(info.shards(1).healthy());
-    EXPECT_EQ(info.shards(1).detail(),
-              absl::StrCat("it serves 4 experts of d_model 8, this router's ", path,
-                           " has 4 of d_model 16"));
+  }
+  {
+    const v1::ShardInfo other = ShardEntry(stub.get(), (*wrong)->address());
+    EXPECT_EQ(other.state(), "incompatible");
+    EXPECT_FALSE(other.healthy());
+    EXPECT_EQ(other.detail(), absl::StrCat("it serves 4 experts of d_model 8, this router's ", path,
+                                           " has 4 of d_model 16"));
+    const v1::ShardInfo same = ShardEntry(stub.get(), (*same_shape)->address());
+    EXPECT_EQ(same.state(), "incompatible");
+    EXPECT_FALSE(same.healthy());
+    EXPECT_EQ(same.detail(),
+              absl::StrCat("it serves experts of other weights than this router's ", path,
+                           " (another checkpoint of the same shape, or another --activation or "
+                           "--tensor-prefix)"));
   }
   ExpectInfersAsTheLayer(stub.get(), models.ck, /*seed=*/77, /*requests=*/4);
-  // Never sent to the wrong shard: a batch there would be refused and failed over, the
-  // request still answered.
+  // Never sent to the wrong shards: a batch to the first would be refused and failed over, the
+  // request still answered; one to the second answered with other numbers.
   EXPECT_EQ(::moe::testing::RegistryValue(*(*wrong)->registry(), "moe_shard_rejected_batches_total",
                                           {{"reason", "other_model"}}),
             0);
+  for (int e = 0; e < kConfig.num_experts; ++e) {
+    EXPECT_EQ(::moe::testing::RegistryValue(*(*same_shape)->registry(), "moe_shard_tokens_total",
+                                            {{"expert", std::to_string(e)}}),
+              0)
+        << "expert " << e;
+  }
   EXPECT_EQ(::moe::testing::RegistryValue(*(*router)->registry(), "moe_router_failovers_total"), 0);
   (*router)->Shutdown(absl::Milliseconds(100));
 }

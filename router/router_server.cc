@@ -1,6 +1,7 @@
 #include "router/router_server.h"
 
 #include <grpcpp/health_check_service_interface.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <chrono>
@@ -142,6 +143,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
  public:
   RouterServerOptions options;
   common::ModelConfig config;
+  std::string model_fingerprint;  // common::ModelFingerprint of the checkpoint (ServesModel)
   // The gate, replaced as a whole after each training step (requests keep the one they read).
   std::mutex gate_mu;
   std::shared_ptr<const common::GateWeights> gate;
@@ -181,6 +183,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // How long the control loop's check of its own rebalance may read the status of holders out
   // of rotation (CheckSwitchable; 500 ms a holder at most).
   static constexpr absl::Duration kAutoCheckWait = absl::Seconds(2);
+  // How long a switch waits for a joining member to finish loading an expert it may be the
+  // only trained holder of (JoiningHolder: its initial load, from its --state-dir).
+  static constexpr absl::Duration kJoinLoadWait = absl::Seconds(10);
   std::atomic<uint64_t> steps_done{0};  // by this process (whether it trained: see SwitchLocked)
   // A switch or a tick found trained replicas (after a restart, steps_done is 0 although the
   // shards were trained): CheckSwitchable then needs a source for each copy.
@@ -648,7 +653,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // Records the model a shard's status names (see ServesThisModel) and says whether it is this
   // router's; a change either way is logged once.
   bool ServesModel(const std::string& address, const v1::ShardStatus& st) {
-    const bool same = st.num_experts() == config.num_experts && st.d_model() == config.d_model;
+    const bool shape = st.num_experts() == config.num_experts && st.d_model() == config.d_model;
+    // Same shape, other weights (another seed, a saved training, another d_ff): every answer
+    // would be a wrong number, not an error (a helper's walk-through, 2026-12-06: accepted).
+    const bool weights = st.model_fingerprint().empty() ||  // a shard older than the field
+                         st.model_fingerprint() == model_fingerprint;
+    const bool same = shape && weights;
     ClientFor(address)->SetServesOtherModel(!same);  // the dispatcher sends it nothing
     std::lock_guard<std::mutex> lock(models_mu);
     auto it = models.find(address);
@@ -660,9 +670,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       models[address] = "";
       return true;
     }
-    const std::string why = absl::StrCat(
-        "it serves ", st.num_experts(), " experts of d_model ", st.d_model(), ", this router's ",
-        options.checkpoint, " has ", config.num_experts, " of d_model ", config.d_model);
+    const std::string why =
+        !shape ? absl::StrCat("it serves ", st.num_experts(), " experts of d_model ", st.d_model(),
+                              ", this router's ", options.checkpoint, " has ", config.num_experts,
+                              " of d_model ", config.d_model)
+               : absl::StrCat("it serves experts of other weights than this router's ",
+                              options.checkpoint,
+                              st.d_ff() != config.d_ff
+                                  ? absl::StrCat(" (d_ff ", st.d_ff(), ", not ", config.d_ff, ")")
+                                  : std::string(" (another checkpoint of the same shape, or "
+                                                "another --activation or --tensor-prefix)"));
     if (it == models.end() || it->second != why) {
       std::fprintf(stderr,
                    "moe-router: shard %s left out: %s (start it from the router's checkpoint)\n",
@@ -896,13 +913,19 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   void WarnIfGateBehind(uint64_t latest_step) {
     if (latest_step <= gate_step || gate_warned) return;
     gate_warned = true;  // the first placement may be tried many times
-    if (gate_state_path.empty()) {
-      std::fprintf(stderr,
-                   "moe-router: warning: the shards' experts were trained, but this router "
-                   "serves its checkpoint's gate, not the gate trained with them (a router "
-                   "keeps that only with --state-dir); give the router the --state-dir of the "
-                   "one that trained them, or start the cluster from a checkpoint written by "
-                   "save-checkpoint\n");
+    // gate_step 0: no kept gate is served (none in --state-dir, or one of another checkpoint's):
+    // "lags" would blame a file that is not there (a helper's walk-through, 2026-12-06).
+    if (gate_state_path.empty() || gate_step == 0) {
+      std::fprintf(
+          stderr,
+          "moe-router: warning: the shards' experts were trained, but this router "
+          "serves its checkpoint's gate, not the gate trained with them (%s); give the "
+          "router the --state-dir of the one that trained them, or start the cluster "
+          "from a checkpoint written by save-checkpoint\n",
+          gate_state_path.empty()
+              ? "a router keeps that only with --state-dir"
+              : absl::StrCat(gate_state_path, " keeps none trained from ", options.checkpoint)
+                    .c_str());
     } else {
       std::fprintf(stderr,
                    "moe-router: warning: the shards' experts carry a later training step than "
@@ -1257,8 +1280,17 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     std::set<std::string> next_addrs;
     for (const auto& c : next_shards) next_addrs.insert(c->address());
+    std::vector<std::shared_ptr<ShardClient>> joining;  // members this switch adds
+    if (old != nullptr) {
+      std::set<std::string> old_addrs;
+      for (const auto& c : old->shards) old_addrs.insert(c->address());
+      for (const auto& c : next_shards) {
+        if (old_addrs.count(c->address()) == 0) joining.push_back(c);
+      }
+    }
     std::set<int> lost_reported;
     StatusReads drain_status;  // DrainingHolder's
+    StatusReads join_status;   // JoiningHolder's
     // to_load[s]: source peer ("" = checkpoint) -> experts.
     std::vector<std::map<std::string, std::vector<int>>> to_load(S);
     std::vector<std::vector<int>> to_unload(old ? old->shards.size() : 0);
@@ -1287,6 +1319,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
             return absl::UnavailableError(absl::StrCat(
                 "expert ", e, " has no live replica to copy its trained weights from"));
           }
+          if (source.empty()) source = JoiningHolder(joining, e, deadline, &join_status);
+          // The joining holder itself keeps what it holds (loaded from its --state-dir at start).
+          if (source == next_shards[s]->address()) continue;
           if (source.empty() && lost_reported.insert(e).second) {
             // Every shard that held it has left for good: its training went with them. Waiting
             // would hold the placement (and training) on a shard that is not coming back.
@@ -1720,6 +1755,50 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (trainer != nullptr && trainer->AbortedUpdate(x->trained_step())) return false;
     auto reached = reached_step.find(e);
     return reached == reached_step.end() || x->trained_step() >= reached->second;
+  }
+
+  // The best source among shards that join with this switch (`joining`: in the next table, not
+  // the old one) for trained expert `e` whose every old holder has left: one that holds it READY
+  // at the latest step it reached (any trained step where that is not known), the highest step
+  // first; "" where none does. Such a member was started again at another address with the
+  // --state-dir of a shard that left, and loaded its trained experts from it (a helper's
+  // walk-through, 2026-12-06: they were called lost and loaded from the checkpoint elsewhere).
+  // Statuses are read into `seen` (once a shard, by `deadline`). train_mu held.
+  std::string JoiningHolder(const std::vector<std::shared_ptr<ShardClient>>& joining, int e,
+                            absl::Time deadline, StatusReads* seen) {
+    std::string best;
+    uint64_t best_step = 0;
+    auto reached = reached_step.find(e);
+    const uint64_t need =
+        reached == reached_step.end() ? 1 : std::max<uint64_t>(1, reached->second);
+    // Loading (a member registers while its initial experts load, from its --state-dir among
+    // others): read again until it is not, for up to kJoinLoadWait.
+    auto loading = [e](const absl::StatusOr<v1::ShardStatus>& st) {
+      return st.ok() && std::any_of(st->experts().begin(), st->experts().end(),
+                                    [e](const v1::ExpertStatus& x) {
+                                      return x.expert() == e &&
+                                             x.state() == v1::ExpertStatus::LOADING;
+                                    });
+    };
+    for (const auto& c : joining) {
+      if (!c->answering()) continue;
+      auto it = seen->find(c->address());
+      if (it == seen->end()) it = seen->emplace(c->address(), StatusBy(*c, deadline)).first;
+      for (const absl::Time until = std::min(deadline, common::MonotonicNow() + kJoinLoadWait);
+           loading(it->second) && common::MonotonicNow() < until;) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));  // no event to wait on
+        it->second = StatusBy(*c, until);
+      }
+      if (!it->second.ok() || it->second->draining()) continue;
+      for (const v1::ExpertStatus& x : it->second->experts()) {
+        if (x.expert() != e || x.state() != v1::ExpertStatus::READY) continue;
+        if (x.trained_step() < need || x.trained_step() <= best_step) continue;
+        if (trainer != nullptr && trainer->AbortedUpdate(x.trained_step())) continue;
+        best = c->address();
+        best_step = x.trained_step();
+      }
+    }
+    return best;
   }
 
   // Whether the shard at `address` holds any replica in the live placement, or in the one a
@@ -2518,6 +2597,19 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   absl::Status Save(const v1::SaveCheckpointRequest& req, v1::SaveCheckpointResponse* resp,
                     absl::Time deadline = absl::InfiniteFuture()) {
     if (req.path().empty()) return absl::InvalidArgumentError("path is empty");
+    // Over the file this router serves from (a helper's walk-through, 2026-12-06: written without
+    // a word), every --state-dir kept from it, the router's gate and the shards' experts, would be
+    // ignored at the next start as trained from other weights, and the model would read as
+    // trained from a checkpoint it was not.
+    struct stat to, from;
+    if (stat(req.path().c_str(), &to) == 0 && stat(options.checkpoint.c_str(), &from) == 0 &&
+        to.st_dev == from.st_dev && to.st_ino == from.st_ino) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          req.path(), " is the checkpoint this router serves (--checkpoint ", options.checkpoint,
+          "): written over, the training its shards and router keep in their --state-dir would "
+          "be ignored at their next start; save to another path, and start the cluster from "
+          "that file"));
+    }
     // Weights do not move while we read them. Bounded: a step stuck on the coordinator must not
     // hold this call (and its admin thread) past the step's own wait.
     std::unique_lock<common::TimedMutex> lock(train_mu, std::defer_lock);
@@ -3073,8 +3165,12 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   if (o.capacity_factor < 0) return common::UsageError("--capacity-factor must be >= 0");
   common::LoadOptions lo = o.load;
   lo.experts = std::vector<int>{};  // the router needs the gate only
-  ASSIGN_OR_RETURN(common::Checkpoint ck, common::LoadCheckpoint(o.checkpoint, lo));
+  ASSIGN_OR_RETURN(std::unique_ptr<common::SafetensorsReader> reader,
+                   common::SafetensorsReader::Open(o.checkpoint));
+  ASSIGN_OR_RETURN(common::Checkpoint ck, common::LoadCheckpoint(*reader, lo));
   impl->config = ck.config;
+  ASSIGN_OR_RETURN(impl->model_fingerprint,
+                   common::ModelFingerprint(*reader, ck.config, lo.tensor_prefix));
   if (!o.state_dir.empty()) {
     impl->checkpoint_gate_print = common::GateFingerprint(ck.gate);
     RETURN_IF_ERROR(impl->ReadKeptGate(&ck.gate));

@@ -1,6 +1,8 @@
 #include "services/common/checkpoint.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
 
@@ -9,6 +11,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "services/common/bf16.h"
 #include "services/common/status_macros.h"
 #include "services/common/tensor_codec.h"
 
@@ -256,6 +259,41 @@ std::string GateFingerprint(const GateWeights& gate) {
   std::string bytes(reinterpret_cast<const char*>(gate.weight.data()),
                     gate.weight.size() * sizeof(float));
   bytes.append(reinterpret_cast<const char*>(gate.bias.data()), gate.bias.size() * sizeof(float));
+  return Fingerprint(bytes);
+}
+
+absl::StatusOr<std::string> ModelFingerprint(const SafetensorsReader& reader,
+                                             const ModelConfig& config, absl::string_view prefix) {
+  std::string bytes = absl::StrCat(config.num_experts, ",", config.d_model, ",", config.d_ff, ",",
+                                   config.gated, ",", ActivationName(config.activation), ";");
+  auto append = [&](float v) { bytes.append(reinterpret_cast<const char*>(&v), sizeof(v)); };
+  constexpr int64_t kRun = 16;
+  for (int e = 0; e < config.num_experts; ++e) {
+    for (const char* suffix :
+         {"w1.weight", "w2.weight", "w3.weight", "w1.bias", "w2.bias", "w3.bias"}) {
+      const StTensor* t = reader.Find(ExpertTensorName(prefix, e, suffix));
+      if (t == nullptr) continue;
+      if (t->dtype == StDType::kI32) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(reader.origin(), ": tensor '", t->name, "' is I32, expected F32 or BF16"));
+      }
+      bytes.append(suffix);
+      const int64_t n = t->num_elements;
+      for (int64_t start : {int64_t{0}, n / 2, n - kRun}) {
+        for (int64_t i = std::max<int64_t>(start, 0); i < std::min(n, start + kRun); ++i) {
+          if (t->dtype == StDType::kF32) {
+            float v;
+            std::memcpy(&v, t->data + 4 * i, 4);
+            append(v);
+          } else {
+            uint16_t h;
+            std::memcpy(&h, t->data + 2 * i, 2);
+            append(Bf16ToFloat(h));
+          }
+        }
+      }
+    }
+  }
   return Fingerprint(bytes);
 }
 

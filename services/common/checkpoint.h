@@ -124,6 +124,15 @@ std::string Fingerprint(std::string_view bytes);
 // Fingerprint of the gate's weight then bias bytes.
 std::string GateFingerprint(const GateWeights& gate);
 
+// A fingerprint of the model the experts of a checkpoint compute: the config (E, d_model, d_ff,
+// gated, activation) and, for every expert tensor, 16 values at each of its start, middle and
+// end, read as FP32 (no full read of the weights: a shard serving a few experts of a large
+// model does not read the others). The router compares its checkpoint's with each shard's
+// (ShardStatus.model_fingerprint): a shard started from another model of the same shape (another
+// seed, a saved training) computes other numbers, and is left out as incompatible.
+absl::StatusOr<std::string> ModelFingerprint(const SafetensorsReader& reader,
+                                             const ModelConfig& config, absl::string_view prefix);
+
 // Checks internal consistency of sizes (used before building kernels from weights that did not
 // come from a file, e.g. copied from a peer).
 absl::Status ValidateExpert(const ModelConfig& config, const ExpertWeights& w);

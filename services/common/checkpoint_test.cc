@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <limits>
+#include <optional>
 
 #include "services/common/random_checkpoint.h"
 #include "tests/reference/test_util.h"
@@ -50,6 +51,49 @@ TEST(Checkpoint, SaveLoadRoundTripGatedWithBias) {
     EXPECT_EQ(loaded->experts[e].b3, ck.experts[e].b3);
   }
   std::remove(path.c_str());
+}
+
+// The fingerprint of the experts' model: the same for the same experts (whatever the gate or
+// tensor prefix), another for other weights, another d_ff, another activation.
+TEST(Checkpoint, ModelFingerprintTellsTheExpertsApart) {
+  auto print = [](const Checkpoint& ck, const std::string& prefix = "",
+                  std::optional<Activation> activation = std::nullopt) -> std::string {
+    const std::string path = TempPath("ck_print.safetensors");
+    EXPECT_TRUE(SaveCheckpoint(path, ck, prefix).ok());
+    auto reader = SafetensorsReader::Open(path);
+    EXPECT_TRUE(reader.ok()) << reader.status();
+    if (!reader.ok()) return "";
+    LoadOptions lo;
+    lo.tensor_prefix = prefix;
+    lo.activation = activation;
+    auto config = ReadModelConfig(**reader, lo);
+    EXPECT_TRUE(config.ok()) << config.status();
+    if (!config.ok()) return "";
+    auto p = ModelFingerprint(**reader, *config, prefix);
+    EXPECT_TRUE(p.ok()) << p.status();
+    std::remove(path.c_str());
+    return p.ok() ? *p : "";
+  };
+  const Checkpoint ck = MakeRandomCheckpoint({SmallConfig(true), true, 3});
+  const std::string base = print(ck);
+  ASSERT_FALSE(base.empty());
+  EXPECT_EQ(print(ck), base);
+  EXPECT_EQ(print(ck, "model.layers.0.block_sparse_moe."), base);
+  Checkpoint other_gate = ck;
+  other_gate.gate.weight[0] += 1;
+  EXPECT_EQ(print(other_gate), base) << "the gate is the router's, not the experts'";
+  EXPECT_NE(print(MakeRandomCheckpoint({SmallConfig(true), true, 4})), base);
+  for (auto pick : {&ExpertWeights::w1, &ExpertWeights::w2, &ExpertWeights::w3, &ExpertWeights::b1,
+                    &ExpertWeights::b2, &ExpertWeights::b3}) {
+    Checkpoint trained = ck;
+    std::vector<float>& w = trained.experts[3].*pick;
+    w[w.size() / 2] += 0.5f;  // one value in the middle of one tensor of the last expert
+    EXPECT_NE(print(trained), base);
+  }
+  EXPECT_NE(print(ck, "", Activation::kRelu), base);
+  ModelConfig wider = SmallConfig(true);
+  wider.d_ff = 12;
+  EXPECT_NE(print(MakeRandomCheckpoint({wider, true, 3})), base);
 }
 
 TEST(Checkpoint, NonGatedWithoutBiasAndPrefix) {

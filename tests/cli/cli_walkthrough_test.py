@@ -354,6 +354,14 @@ try:
     fails("save-checkpoint", "--router", router, "--path", missing,
           says=f"on the router's host, {missing}: cannot open for writing: No such file or "
                "directory")
+    # Over the checkpoint the cluster serves: refused (every --state-dir kept from it would be
+    # ignored at the next start), and the file is left as it was.
+    before = open(path("ck.safetensors"), "rb").read()
+    fails("save-checkpoint", "--router", router, "--path", path("ck.safetensors"),
+          says=f"save-checkpoint: {path('ck.safetensors')} is the checkpoint this router "
+               "serves (--checkpoint ")
+    expect(open(path("ck.safetensors"), "rb").read() == before,
+           "a refused save-checkpoint changed the cluster's checkpoint")
     # A flag of forward's other mode is refused, not ignored: the router drops nothing for a
     # client's --capacity-factor (it has its own), and --local sends nothing as BF16.
     fails("forward", "--input", path("in.safetensors"), "--output", path("cf.safetensors"),

@@ -54,7 +54,7 @@ try:
                            capture_output=True, text=True, timeout=90)
     said = again.stdout + again.stderr
     expect(again.returncode == 0, f"train after the kill: exit {again.returncode}:\n{said[-3000:]}")
-    told = re.search(r"^expert\(s\) ([\d,]+) lost their training \(the only replica", again.stdout,
+    told = re.search(r"^expert\(s\) ([\d,]+) lost their training \(every replica", again.stdout,
                      re.M)
     expect(told is not None, f"train did not say which experts lost their training:\n{said}")
 finally:

@@ -2399,6 +2399,26 @@ uint64_t SavedStep(const std::string& path) {
   return it == (*reader)->metadata().end() ? 0 : std::stoull(it->second);
 }
 
+// Waits (10 s at most) until `dir` keeps each expert of `steps` trained (step > 0) at its step;
+// returns how many are, or which one is not.
+absl::StatusOr<int> AwaitKept(const std::string& dir, const std::map<int, uint64_t>& steps) {
+  int kept = 0;
+  for (const auto& [e, step] : steps) {
+    if (step == 0) continue;
+    ++kept;
+    const std::string file = absl::StrCat(dir, "/expert-", e, ".safetensors");
+    const auto start = Clock::now();
+    while (SavedStep(file) != step && Since(start) < 10) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    if (SavedStep(file) != step) {
+      return absl::DeadlineExceededError(
+          absl::StrCat(file, " keeps step ", SavedStep(file), ", not ", step, ", after 10 s"));
+    }
+  }
+  return kept;
+}
+
 // With --state-dir (moe-cluster --state-dir), a shard keeps its trained experts on disk. Under
 // `sharded` an expert's only replica that is killed and started again, as in the test above,
 // comes back with its training, read from its state dir rather than the checkpoint: answers
@@ -2422,18 +2442,9 @@ TEST_F(ClusterTest, AShardWithAStateDirKeepsItsTrainingAcrossARestart) {
   ASSERT_TRUE(Infer(stub.get(), req, &before).ok());
   // Shard 0's trained experts reach its state dir (written in the background).
   const std::map<int, uint64_t> steps = TrainedSteps(cluster->shard_addresses()[0]);
-  int trained_experts = 0;
-  for (const auto& [e, step] : steps) {
-    if (step == 0) continue;
-    ++trained_experts;
-    const std::string file = absl::StrCat(o.state_dir, "/shard-0/expert-", e, ".safetensors");
-    const auto start = Clock::now();
-    while (SavedStep(file) != step && Since(start) < 10) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    ASSERT_EQ(SavedStep(file), step) << file;
-  }
-  ASSERT_EQ(trained_experts, Config().num_experts / 2) << "shard 0 holds half of the experts";
+  const absl::StatusOr<int> trained_experts = AwaitKept(o.state_dir + "/shard-0", steps);
+  ASSERT_TRUE(trained_experts.ok()) << trained_experts.status();
+  ASSERT_EQ(*trained_experts, Config().num_experts / 2) << "shard 0 holds half of the experts";
 
   cluster->shard(0).Signal(SIGKILL);
   ASSERT_TRUE(cluster->shard(0).Wait(absl::Seconds(5)).ok());
@@ -2450,7 +2461,7 @@ TEST_F(ClusterTest, AShardWithAStateDirKeepsItsTrainingAcrossARestart) {
   EXPECT_TRUE(after.output().data() == before.output().data())
       << "the restarted shard answers with other weights than the trained ones";
   EXPECT_EQ(ScrapeMetric(metrics + 1, "moe_shard_expert_loads_total{source=\"state_dir\"}"),
-            trained_experts);
+            *trained_experts);
   // The trained experts are back at their steps (others, which --experts all also loads, come
   // and go with the router's unloads and are left out).
   std::map<int, uint64_t> trained_before, trained_after;
@@ -2472,6 +2483,93 @@ TEST_F(ClusterTest, AShardWithAStateDirKeepsItsTrainingAcrossARestart) {
   ASSERT_TRUE(st.ok()) << st.error_message();
   EXPECT_EQ(ScrapeMetric(metrics, "moe_router_experts_lost_training_total"), 0);
   EXPECT_EQ(ScrapeMetric(metrics, "moe_router_stale_replicas_total"), 0);
+}
+
+// Options of a cluster of 2 shards under `sharded` whose services keep their training in
+// STATE_DIR `name` (emptied first).
+client::LocalClusterOptions TwoShardedWithStateDir(const std::string& name) {
+  client::LocalClusterOptions o;
+  o.shards = 2;
+  o.placement = "sharded";
+  o.state_dir = testing::TempPath(name);
+  std::filesystem::remove_all(o.state_dir);
+  return o;
+}
+
+// A shard gone for good whose --state-dir is given to a new shard at another address (a pod
+// rescheduled with its volume): the new member registers holding the trained experts it read
+// from there, and the router copies them from it. Until 2026-12-06 (a helper's walk-through) it
+// said they had lost their training ("every shard that held it has left"), loaded the
+// checkpoint's weights onto the shard the placement gave them, and answered with them.
+TEST_F(ClusterTest, AShardStartedAtAnotherAddressWithItsStateDirBringsItsTraining) {
+  const client::LocalClusterOptions o = TwoShardedWithStateDir("moved_state");
+  auto cluster = StartWith(o);
+  ASSERT_NE(cluster, nullptr);
+  // A router that follows the coordinator alone (LocalCluster's also has a fixed --shards list,
+  // which keeps the dead shard in the table), in place of the cluster's.
+  cluster->router().Signal(SIGKILL);
+  ASSERT_TRUE(cluster->router().Wait(absl::Seconds(5)).ok());
+  const int metrics = testing::FreePortBlock(1);
+  auto router = common::Subprocess::Spawn({std::string(MOE_BIN_DIR) + "/moe-router", "--checkpoint",
+                                           *path_, "--port", "0", "--coordinator",
+                                           cluster->coordinator_address(), "--placement", "sharded",
+                                           "--metrics-port", std::to_string(metrics)});
+  ASSERT_TRUE(router.ok()) << router.status();
+  const absl::StatusOr<int> router_port = router->ReadListeningPort(absl::Seconds(30));
+  ASSERT_TRUE(router_port.ok()) << router_port.status();
+  auto stub = client::MakeRouterStub(absl::StrCat("127.0.0.1:", *router_port));
+  const auto serves = [&] {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    v1::Placement p;
+    return stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &p).ok() && p.version() > 0;
+  };
+  ASSERT_GE(WaitFor(serves, 30), 0) << "the router placed nothing within 30 s";
+  const absl::Status trained = TrainSteps(stub.get(), 6300, 2);
+  ASSERT_TRUE(trained.ok()) << trained;
+  const int64_t n = 64;
+  const v1::InferRequest req = Request(common::RandomMatrix(n, Config().d_model, 63), n, "moved");
+  v1::InferResponse before;
+  ASSERT_TRUE(Infer(stub.get(), req, &before).ok());
+  const absl::StatusOr<int> kept =
+      AwaitKept(o.state_dir + "/shard-0", TrainedSteps(cluster->shard_addresses()[0]));
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  ASSERT_EQ(*kept, Config().num_experts / 2);
+
+  cluster->shard(0).Signal(SIGKILL);
+  ASSERT_TRUE(cluster->shard(0).Wait(absl::Seconds(5)).ok());
+  const int port = testing::FreePortBlock(1);
+  auto moved = common::Subprocess::Spawn({std::string(MOE_BIN_DIR) + "/moe-expert-server",
+                                          "--checkpoint", *path_, "--port", std::to_string(port),
+                                          "--coordinator", cluster->coordinator_address(),
+                                          "--state-dir", o.state_dir + "/shard-0"});
+  ASSERT_TRUE(moved.ok()) << moved.status();
+  const std::string moved_address = absl::StrCat("127.0.0.1:", port);
+  // Once the old member's lease has passed and the new one is placed, every request is answered
+  // as before the kill, bit for bit.
+  v1::InferResponse after;
+  grpc::Status st;
+  const auto start = Clock::now();
+  bool placed = false;
+  do {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    const v1::Placement p = PlacementOf(stub.get());
+    placed = std::count(p.shard_addresses().begin(), p.shard_addresses().end(), moved_address) &&
+             !std::count(p.shard_addresses().begin(), p.shard_addresses().end(),
+                         cluster->shard_addresses()[0]);
+    if (placed) st = Infer(stub.get(), req, &after);
+  } while ((!placed || !st.ok()) && Since(start) < 30);
+  ASSERT_TRUE(placed) << "the new member did not replace the old one within 30 s: "
+                      << PlacementOf(stub.get()).DebugString();
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_TRUE(after.output().data() == before.output().data())
+      << "the cluster answers with other weights than the trained ones";
+  EXPECT_EQ(ScrapeMetric(metrics, "moe_router_experts_lost_training_total"), 0);
+  absl::StatusOr<common::Checkpoint> saved = SaveIdentical(stub.get(), "moved_state_saved");
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  moved->Signal(SIGTERM);
+  EXPECT_TRUE(moved->Wait(absl::Seconds(10)).ok());
+  std::filesystem::remove_all(o.state_dir);
 }
 
 // The coordinator dies after its commit reached one shard and before it answered the router
@@ -2643,11 +2741,7 @@ TEST_F(ClusterTest, ARestartedRouterGivesARestartedShardTrainedWeights) {
 // checkpoint has the trained gate and the step count. Until 2026-12-02 it went back to the
 // checkpoint's gate without a word: trained experts behind an untrained gate.
 TEST_F(ClusterTest, ARestartedRouterWithAStateDirServesItsTrainedGate) {
-  client::LocalClusterOptions o;
-  o.shards = 2;
-  o.placement = "sharded";
-  o.state_dir = testing::TempPath("router_gate_state");
-  std::filesystem::remove_all(o.state_dir);
+  const client::LocalClusterOptions o = TwoShardedWithStateDir("router_gate_state");
   auto cluster = StartWith(o);
   ASSERT_NE(cluster, nullptr);
   auto stub = client::MakeRouterStub(cluster->router_address());
