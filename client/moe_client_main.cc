@@ -605,6 +605,12 @@ absl::Status Info(const Flags& f) {
               static_cast<unsigned long long>(info.placement_version()),
               info.capacity_factor() > 0 ? absl::StrCat(info.capacity_factor()).c_str()
                                          : "off (no assignment dropped)");
+  // No shards listed and version 0 said nothing of why (a router started before its
+  // coordinator: a helper's walk-through, 2026-12-06).
+  if (!info.not_ready().empty()) {
+    std::printf("NOT SERVING: %s\n", info.not_ready().c_str());
+  }
+  for (const std::string& w : info.warnings()) std::printf("WARNING: %s\n", w.c_str());
   if (info.coordinator().empty()) {
     std::printf("training: off (the router has no --coordinator)\n");
   } else if (info.coordinator_state() == "unreachable") {
@@ -777,6 +783,8 @@ absl::Status Train(const Flags& f) {
   if (z < 0) return common::UsageError("--z-loss-coef must be >= 0");
   auto stub = MakeRouterStub(addr);
   ASSIGN_OR_RETURN(v1::ClusterInfo info, GetInfo(stub.get(), addr));
+  // Training on from a gate that is not the one trained with the experts: said before any step.
+  for (const std::string& w : info.warnings()) std::printf("WARNING: %s\n", w.c_str());
   const int64_t d = info.d_model();
   std::vector<float> x, dy_fixed, target;
   const bool synthetic = f.Has("synthetic");

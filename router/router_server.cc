@@ -20,6 +20,7 @@
 #include <tuple>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -199,6 +200,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // read back from --state-dir; 0 for the checkpoint's gate.
   uint64_t gate_step = 0;
   bool gate_warned = false;  // WarnIfGateBehind said it (train_mu held)
+  std::string gate_warning;  // what it said, for GetClusterInfo (models_mu)
   // Path of the kept gate (--state-dir), empty when none is kept.
   std::string gate_state_path;
   // Of the checkpoint's gate, kept with the trained one: a kept gate trained from another
@@ -656,8 +658,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     const bool shape = st.num_experts() == config.num_experts && st.d_model() == config.d_model;
     // Same shape, other weights (another seed, a saved training, another d_ff): every answer
     // would be a wrong number, not an error (a helper's walk-through, 2026-12-06: accepted).
-    const bool weights = st.model_fingerprint().empty() ||  // a shard older than the field
-                         st.model_fingerprint() == model_fingerprint;
+    // Not compared with a shard older than the field (empty), or one that fingerprints another
+    // way (another version prefix: a rollout of mixed builds).
+    const bool weights =
+        !absl::StartsWith(st.model_fingerprint(), common::kModelFingerprintVersion) ||
+        st.model_fingerprint() == model_fingerprint;
     const bool same = shape && weights;
     ClientFor(address)->SetServesOtherModel(!same);  // the dispatcher sends it nothing
     std::lock_guard<std::mutex> lock(models_mu);
@@ -915,24 +920,28 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     gate_warned = true;  // the first placement may be tried many times
     // gate_step 0: no kept gate is served (none in --state-dir, or one of another checkpoint's):
     // "lags" would blame a file that is not there (a helper's walk-through, 2026-12-06).
-    if (gate_state_path.empty() || gate_step == 0) {
-      std::fprintf(
-          stderr,
-          "moe-router: warning: the shards' experts were trained, but this router "
-          "serves its checkpoint's gate, not the gate trained with them (%s); give the "
-          "router the --state-dir of the one that trained them, or start the cluster "
-          "from a checkpoint written by save-checkpoint\n",
-          gate_state_path.empty()
-              ? "a router keeps that only with --state-dir"
-              : absl::StrCat(gate_state_path, " keeps none trained from ", options.checkpoint)
-                    .c_str());
-    } else {
-      std::fprintf(stderr,
-                   "moe-router: warning: the shards' experts carry a later training step than "
-                   "the gate kept in %s (the router that trained them stopped before it kept "
-                   "its gate): the gate lags them by at least one step\n",
-                   gate_state_path.c_str());
-    }
+    const std::string warning =
+        gate_state_path.empty() || gate_step == 0
+            ? absl::StrCat(
+                  "the shards' experts were trained, but this router serves its checkpoint's "
+                  "gate, not the gate trained with them (",
+                  gate_state_path.empty()
+                      ? std::string("a router keeps that only with --state-dir")
+                      : absl::StrCat(gate_state_path, " keeps none trained from ",
+                                     options.checkpoint),
+                  "); give the router the --state-dir of the one that trained them, or start "
+                  "the cluster from a checkpoint written by save-checkpoint")
+            : absl::StrCat(
+                  "the shards' experts carry a later training step than the gate kept "
+                  "in ",
+                  gate_state_path,
+                  " (the router that trained them stopped before it kept its gate): the "
+                  "gate lags them by at least one step");
+    std::fprintf(stderr, "moe-router: warning: %s\n", warning.c_str());
+    // Also in GetClusterInfo: an operator who reads only `moe-client info` or `train` sees it
+    // (a helper's walk-through, 2026-12-06).
+    std::lock_guard<std::mutex> lock(models_mu);
+    gate_warning = warning;
   }
 
   // At start, with --state-dir: the gate kept there by an earlier router replaces the
@@ -1291,6 +1300,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     std::set<int> lost_reported;
     StatusReads drain_status;  // DrainingHolder's
     StatusReads join_status;   // JoiningHolder's
+    // Each expert's joining source, chosen once for all its replicas (reached_step[e] may be
+    // lowered below as it is chosen), and the switch's one budget for members still loading.
+    std::map<int, JoinedCopy> joined;
+    const absl::Time join_until = std::min(deadline, common::MonotonicNow() + kJoinLoadWait);
     // to_load[s]: source peer ("" = checkpoint) -> experts.
     std::vector<std::map<std::string, std::vector<int>>> to_load(S);
     std::vector<std::vector<int>> to_unload(old ? old->shards.size() : 0);
@@ -1319,21 +1332,41 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
             return absl::UnavailableError(absl::StrCat(
                 "expert ", e, " has no live replica to copy its trained weights from"));
           }
-          if (source.empty()) source = JoiningHolder(joining, e, deadline, &join_status);
-          // The joining holder itself keeps what it holds (loaded from its --state-dir at start).
-          if (source == next_shards[s]->address()) continue;
-          if (source.empty() && lost_reported.insert(e).second) {
-            // Every shard that held it has left for good: its training went with them. Waiting
-            // would hold the placement (and training) on a shard that is not coming back.
+          std::optional<JoinedCopy> copy;
+          if (source.empty()) {
+            auto j = joined.find(e);
+            if (j == joined.end()) {
+              j = joined
+                      .emplace(e, JoiningHolder(joining, e, next_shards[s]->address(), join_until,
+                                                &join_status))
+                      .first;
+            }
+            copy = j->second;
+            source = copy->address;
+          }
+          auto reached = reached_step.find(e);
+          const bool behind =
+              copy.has_value() && reached != reached_step.end() && copy->step < reached->second;
+          if ((source.empty() || behind) && lost_reported.insert(e).second) {
+            // Every shard that held it has left for good: its training went with them (all of
+            // it, or the steps after a joining member's copy). Waiting would hold the placement
+            // (and training) on a shard that is not coming back.
             std::fprintf(stderr,
-                         "moe-router: expert %d lost its training: every shard that held it has "
-                         "left; it is loaded from the checkpoint and trains from there\n", e);
+                         "moe-router: expert %d lost its training%s: every shard that held it has "
+                         "left; it is %s and trains from there\n",
+                         e, behind ? absl::StrCat(" after step ", copy->step).c_str() : "",
+                         source.empty() ? "loaded from the checkpoint"
+                                        : absl::StrCat("copied from ", source,
+                                                       ", which joined holding that step")
+                                              .c_str());
             metrics->ExpertLostTraining();
             NoteLostTraining(e);
             // Where it stands now: not reported again by ReloadStale, here or after a restart.
-            reached_step[e] = 0;
+            reached_step[e] = source.empty() ? 0 : copy->step;
             lowered_steps = true;
           }
+          // The joining holder itself keeps what it holds (loaded from its --state-dir at start).
+          if (!source.empty() && source == next_shards[s]->address()) continue;
         }
         to_load[s][source].push_back(e);
       }
@@ -1387,7 +1420,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     // A shard that just loaded its first experts turned SERVING: see it before switching.
     for (int s = 0; s < S; ++s) {
-      if (!to_load[s].empty() && !next_shards[s]->healthy()) next_shards[s]->CheckHealthNow();
+      // A joining member that keeps what it holds loads nothing here, and serves as soon too.
+      const bool joins = std::find(joining.begin(), joining.end(), next_shards[s]) != joining.end();
+      if ((!to_load[s].empty() || joins) && !next_shards[s]->healthy()) {
+        next_shards[s]->CheckHealthNow();
+      }
     }
     // Nor once the deadline has passed with every load done, or the client has cancelled: it
     // has been told DEADLINE_EXCEEDED or CANCELLED, or is about to be (what loaded is unloaded,
@@ -1757,22 +1794,25 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return reached == reached_step.end() || x->trained_step() >= reached->second;
   }
 
+  // A joining member's copy of a trained expert (JoiningHolder): where, and at which step.
+  struct JoinedCopy {
+    std::string address;  // "" where no joining member holds it trained
+    uint64_t step = 0;
+  };
+
   // The best source among shards that join with this switch (`joining`: in the next table, not
-  // the old one) for trained expert `e` whose every old holder has left: one that holds it READY
-  // at the latest step it reached (any trained step where that is not known), the highest step
-  // first; "" where none does. Such a member was started again at another address with the
-  // --state-dir of a shard that left, and loaded its trained experts from it (a helper's
-  // walk-through, 2026-12-06: they were called lost and loaded from the checkpoint elsewhere).
-  // Statuses are read into `seen` (once a shard, by `deadline`). train_mu held.
-  std::string JoiningHolder(const std::vector<std::shared_ptr<ShardClient>>& joining, int e,
-                            absl::Time deadline, StatusReads* seen) {
-    std::string best;
-    uint64_t best_step = 0;
-    auto reached = reached_step.find(e);
-    const uint64_t need =
-        reached == reached_step.end() ? 1 : std::max<uint64_t>(1, reached->second);
-    // Loading (a member registers while its initial experts load, from its --state-dir among
-    // others): read again until it is not, for up to kJoinLoadWait.
+  // the old one) for trained expert `e` whose every old holder has left: the one that holds it
+  // READY at the highest training step (the shard `prefer` on a tie), none at step 0 or at an
+  // aborted update's. Such a member was started again at another address with the --state-dir
+  // of a shard that left, and loaded its trained experts from it at start (a helper's
+  // walk-through, 2026-12-06: they were called lost and loaded from the checkpoint elsewhere);
+  // its copy may be a step or more behind the latest (a kill during training). A member still
+  // loading `e` is read again until `until` (one budget for the whole switch). Statuses are read
+  // into `seen` (once a shard while not loading). train_mu held.
+  JoinedCopy JoiningHolder(const std::vector<std::shared_ptr<ShardClient>>& joining, int e,
+                           const std::string& prefer, absl::Time until, StatusReads* seen) {
+    JoinedCopy best;
+    // Loading (a member registers while its initial experts load): read again until it is not.
     auto loading = [e](const absl::StatusOr<v1::ShardStatus>& st) {
       return st.ok() && std::any_of(st->experts().begin(), st->experts().end(),
                                     [e](const v1::ExpertStatus& x) {
@@ -1783,19 +1823,21 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     for (const auto& c : joining) {
       if (!c->answering()) continue;
       auto it = seen->find(c->address());
-      if (it == seen->end()) it = seen->emplace(c->address(), StatusBy(*c, deadline)).first;
-      for (const absl::Time until = std::min(deadline, common::MonotonicNow() + kJoinLoadWait);
-           loading(it->second) && common::MonotonicNow() < until;) {
+      if (it == seen->end()) it = seen->emplace(c->address(), StatusBy(*c, until)).first;
+      while (loading(it->second) && common::MonotonicNow() < until) {
         std::this_thread::sleep_for(std::chrono::milliseconds(50));  // no event to wait on
         it->second = StatusBy(*c, until);
       }
       if (!it->second.ok() || it->second->draining()) continue;
       for (const v1::ExpertStatus& x : it->second->experts()) {
-        if (x.expert() != e || x.state() != v1::ExpertStatus::READY) continue;
-        if (x.trained_step() < need || x.trained_step() <= best_step) continue;
+        if (x.expert() != e || x.state() != v1::ExpertStatus::READY || x.trained_step() == 0) {
+          continue;
+        }
         if (trainer != nullptr && trainer->AbortedUpdate(x.trained_step())) continue;
-        best = c->address();
-        best_step = x.trained_step();
+        if (x.trained_step() > best.step ||
+            (x.trained_step() == best.step && c->address() == prefer)) {
+          best = {c->address(), x.trained_step()};
+        }
       }
     }
     return best;
@@ -2731,6 +2773,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     info->set_placement_strategy(
         std::string(StrategyName(t ? t->placement.strategy : strategy.load())));
     if (t) info->set_placement_version(t->placement.version);
+    if (!t) info->set_not_ready(std::string(NotReady().message()));
+    {
+      std::lock_guard<std::mutex> lock(models_mu);
+      if (!gate_warning.empty()) info->add_warnings(gate_warning);
+    }
     for (int s = 0; t && s < static_cast<int>(t->shards.size()); ++s) {
       v1::ShardInfo* si = info->add_shards();
       si->set_address(t->shards[s]->address());

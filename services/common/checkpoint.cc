@@ -294,7 +294,15 @@ absl::StatusOr<std::string> ModelFingerprint(const SafetensorsReader& reader,
       }
     }
   }
-  return Fingerprint(bytes);
+  // FNV-1a over the bytes: a hash of its own definition, as routers and shards of other builds
+  // compare it (std::hash is the library's own). "mf1:" names this way of sampling and hashing:
+  // another one is not compared (ServesModel).
+  uint64_t h = 14695981039346656037ull;
+  for (const char c : bytes) {
+    h ^= static_cast<unsigned char>(c);
+    h *= 1099511628211ull;
+  }
+  return absl::StrCat(kModelFingerprintVersion, absl::Hex(h, absl::kZeroPad16));
 }
 
 absl::StatusOr<std::string> SerializeExpert(const ModelConfig& config, int expert,

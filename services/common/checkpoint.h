@@ -130,6 +130,9 @@ std::string GateFingerprint(const GateWeights& gate);
 // model does not read the others). The router compares its checkpoint's with each shard's
 // (ShardStatus.model_fingerprint): a shard started from another model of the same shape (another
 // seed, a saved training) computes other numbers, and is left out as incompatible.
+// "mf1:" then 16 hex digits (FNV-1a of the samples): fingerprints of another version (prefix)
+// are not compared.
+inline constexpr absl::string_view kModelFingerprintVersion = "mf1:";
 absl::StatusOr<std::string> ModelFingerprint(const SafetensorsReader& reader,
                                              const ModelConfig& config, absl::string_view prefix);
 

@@ -382,6 +382,11 @@ try:
         if lonely:
             fails("load", "--router", lonely, "--batch-size", "8", "--requests", "2",
                   says="all 2 requests failed")
+            # info says why there is no placement (it printed version 0 and no shard, no word).
+            lonely_info = run("info", "--router", lonely)
+            expect(re.search(r"^NOT SERVING: the router is still loading its placement",
+                             lonely_info, re.M) is not None,
+                   f"info of a router with no placement:\n{lonely_info}")
     # A drain undone on a shard that holds nothing, and that no router places experts on,
     # leaves it NOT_SERVING: `drain --undo` waits for SERVING up to --timeout-ms, then exits 1
     # saying the undo stands (it exited 0 at once, and `undo && health` failed).

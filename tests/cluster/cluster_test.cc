@@ -2868,6 +2868,13 @@ TEST_F(ClusterTest, ARestartedRouterContinuesFromWhatTheShardsHold) {
   ASSERT_TRUE(stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info).ok());
   EXPECT_EQ(info.placement_strategy(), "hybrid");
   EXPECT_EQ(info.placement_version(), shard_version + 1);
+  // Without --state-dir it has the checkpoint's gate: said to `info` too, not only in its log.
+  ASSERT_EQ(info.warnings_size(), 1);
+  EXPECT_EQ(info.warnings(0),
+            "the shards' experts were trained, but this router serves its checkpoint's gate, not "
+            "the gate trained with them (a router keeps that only with --state-dir); give the "
+            "router the --state-dir of the one that trained them, or start the cluster from a "
+            "checkpoint written by save-checkpoint");
   EXPECT_EQ(ScrapeMetric(metrics + 1, "moe_shard_expert_loads_total{source=\"checkpoint\"}") +
                 ScrapeMetric(metrics + 2, "moe_shard_expert_loads_total{source=\"checkpoint\"}"),
             from_checkpoint)
