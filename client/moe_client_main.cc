@@ -784,7 +784,9 @@ absl::Status Train(const Flags& f) {
   auto stub = MakeRouterStub(addr);
   ASSIGN_OR_RETURN(v1::ClusterInfo info, GetInfo(stub.get(), addr));
   // Training on from a gate that is not the one trained with the experts: said before any step.
-  for (const std::string& w : info.warnings()) std::printf("WARNING: %s\n", w.c_str());
+  for (const std::string& w : info.warnings()) {
+    std::fprintf(stderr, "moe-client train: WARNING: %s\n", w.c_str());
+  }
   const int64_t d = info.d_model();
   std::vector<float> x, dy_fixed, target;
   const bool synthetic = f.Has("synthetic");

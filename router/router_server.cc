@@ -184,8 +184,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // How long the control loop's check of its own rebalance may read the status of holders out
   // of rotation (CheckSwitchable; 500 ms a holder at most).
   static constexpr absl::Duration kAutoCheckWait = absl::Seconds(2);
-  // How long a switch waits for a joining member to finish loading an expert it may be the
-  // only trained holder of (JoiningHolder: its initial load, from its --state-dir).
+  // How long, in all, a switch waits for joining members to finish loading experts they may be
+  // the only trained holders of (JoiningHolder: their initial load, from their --state-dir).
   static constexpr absl::Duration kJoinLoadWait = absl::Seconds(10);
   std::atomic<uint64_t> steps_done{0};  // by this process (whether it trained: see SwitchLocked)
   // A switch or a tick found trained replicas (after a restart, steps_done is 0 although the
@@ -233,8 +233,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::mutex table_mu;
   std::shared_ptr<const RoutingTable> table;  // null until the first placement is live
   // The model of each shard read (ServesThisModel): address -> "" for this router's model, or
-  // why it is another's. Also guards not_placed, draining_now and drained_off (a leaf lock:
-  // nothing else is taken while it is held).
+  // why it is another's. Also guards not_placed, draining_now, drained_off and gate_warning (a
+  // leaf lock: nothing else is taken while it is held).
   std::mutex models_mu;
   std::map<std::string, std::string> models;
   // Shards (members, or of a fixed --shards list) left out of the placement because they do
@@ -1338,26 +1338,29 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
             if (j == joined.end()) {
               j = joined
                       .emplace(e, JoiningHolder(joining, e, next_shards[s]->address(), join_until,
-                                                &join_status))
+                                                deadline, &join_status))
                       .first;
             }
             copy = j->second;
             source = copy->address;
           }
           auto reached = reached_step.find(e);
-          const bool behind =
-              copy.has_value() && reached != reached_step.end() && copy->step < reached->second;
+          // A joining member's copy (not an old holder's: `copy` is empty then) behind the
+          // latest step.
+          const bool behind = copy.has_value() && !copy->address.empty() &&
+                              reached != reached_step.end() && copy->step < reached->second;
           if ((source.empty() || behind) && lost_reported.insert(e).second) {
             // Every shard that held it has left for good: its training went with them (all of
             // it, or the steps after a joining member's copy). Waiting would hold the placement
             // (and training) on a shard that is not coming back.
+            // (Steps are not told by their ids: large numbers that mean nothing to a user.)
             std::fprintf(stderr,
-                         "moe-router: expert %d lost its training%s: every shard that held it has "
-                         "left; it is %s and trains from there\n",
-                         e, behind ? absl::StrCat(" after step ", copy->step).c_str() : "",
-                         source.empty() ? "loaded from the checkpoint"
-                                        : absl::StrCat("copied from ", source,
-                                                       ", which joined holding that step")
+                         "moe-router: expert %d lost its %s: every shard that held it has left; "
+                         "it %s and trains from there\n",
+                         e, behind ? "latest training steps" : "training",
+                         source.empty() ? "is loaded from the checkpoint"
+                                        : absl::StrCat("is served from the earlier step that ",
+                                                       source, " joined holding")
                                               .c_str());
             metrics->ExpertLostTraining();
             NoteLostTraining(e);
@@ -1810,7 +1813,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // loading `e` is read again until `until` (one budget for the whole switch). Statuses are read
   // into `seen` (once a shard while not loading). train_mu held.
   JoinedCopy JoiningHolder(const std::vector<std::shared_ptr<ShardClient>>& joining, int e,
-                           const std::string& prefer, absl::Time until, StatusReads* seen) {
+                           const std::string& prefer, absl::Time until, absl::Time deadline,
+                           StatusReads* seen) {
     JoinedCopy best;
     // Loading (a member registers while its initial experts load): read again until it is not.
     auto loading = [e](const absl::StatusOr<v1::ShardStatus>& st) {
@@ -1822,11 +1826,17 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     };
     for (const auto& c : joining) {
       if (!c->answering()) continue;
+      // The first read, and one more of a member seen loading before, within the read's own
+      // 500 ms (not the budget: a member that used it up must not leave the others unread).
       auto it = seen->find(c->address());
-      if (it == seen->end()) it = seen->emplace(c->address(), StatusBy(*c, until)).first;
+      if (it == seen->end()) {
+        it = seen->emplace(c->address(), StatusBy(*c, deadline)).first;
+      } else if (loading(it->second)) {
+        it->second = StatusBy(*c, deadline);
+      }
       while (loading(it->second) && common::MonotonicNow() < until) {
         std::this_thread::sleep_for(std::chrono::milliseconds(50));  // no event to wait on
-        it->second = StatusBy(*c, until);
+        it->second = StatusBy(*c, deadline);
       }
       if (!it->second.ok() || it->second->draining()) continue;
       for (const v1::ExpertStatus& x : it->second->experts()) {
@@ -2620,6 +2630,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     resp->set_step(restored_steps + ++steps_done);
     gate_step = r.step;
     KeepGate(*next, r.step);
+    {
+      // The gate now trains with the experts: the warning's advice (the --state-dir of the router
+      // that trained them) would throw this step away.
+      std::lock_guard<std::mutex> lock(models_mu);
+      gate_warning.clear();
+    }
     {
       std::lock_guard<std::mutex> gl(gate_mu);
       gate = std::move(next);

@@ -2888,6 +2888,13 @@ TEST_F(ClusterTest, ARestartedRouterContinuesFromWhatTheShardsHold) {
   for (int e = 0; e < Config().num_experts; ++e) {
     EXPECT_NE(saved->experts[e].w1, ck_->experts[e].w1) << "expert " << e << " lost its training";
   }
+  // Once this router trains, its gate trains with the experts: the warning (whose advice would
+  // throw that step away) is gone.
+  const absl::Status again = TrainSteps(stub.get(), 5600, 1);
+  ASSERT_TRUE(again.ok()) << again;
+  grpc::ClientContext after_ctx;
+  ASSERT_TRUE(stub->GetClusterInfo(&after_ctx, v1::GetClusterInfoRequest(), &info).ok());
+  EXPECT_EQ(info.warnings_size(), 0);
 }
 
 // A router started again while a shard stays drained leaves that shard out from its first
