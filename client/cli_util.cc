@@ -22,7 +22,7 @@ void PrintTable(const std::vector<std::string>& header,
       width[c] = std::max(width[c], r[c].size());
     }
   }
-  // A column of numbers ("-" and "" count as numbers, a trailing x or % is allowed) is
+  // A column of numbers ("-", "- (why)" and "" count as numbers, a trailing x or % is allowed) is
   // right-aligned; the first column and columns of text are left-aligned, so that a long
   // message in one row does not push the others' cells to the right.
   std::vector<bool> numeric(width.size(), true);
@@ -33,7 +33,8 @@ void PrintTable(const std::vector<std::string>& header,
   for (const auto& r : rows) {
     for (size_t c = 1; c < r.size() && c < width.size(); ++c) {
       absl::string_view v = r[c];
-      if (v.empty() || v == "-") continue;
+      // "- (drains)": no number, with why (placement's expected load of a shard out of rotation).
+      if (v.empty() || v == "-" || absl::StartsWith(v, "- (")) continue;
       if (absl::EndsWith(v, "x") || absl::EndsWith(v, "%")) v.remove_suffix(1);
       double unused;
       numeric[c] = numeric[c] && absl::SimpleAtod(v, &unused);

@@ -10,6 +10,7 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include "client/cli_util.h"
 #include "router/gating.h"
 #include "services/common/random_checkpoint.h"
 
@@ -119,6 +120,19 @@ TEST(CallWithReconnects, TriesAgainOnlyWhatFailedUnavailable) {
   });
   EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_EQ(attempts, 1);
+}
+
+// A number's place held by "- (why)" (placement's expected load of a draining shard) keeps the
+// column right-aligned: it turned the column into text, and the numbers beside it moved left.
+TEST(PrintTable, ADashWithWhyKeepsAColumnOfNumbersRightAligned) {
+  ::testing::internal::CaptureStdout();
+  PrintTable({"shard", "load"}, {{"0", "9.2"}, {"1", "- (drains)"}, {"2", "12.5"}});
+  EXPECT_EQ(::testing::internal::GetCapturedStdout(),
+            "shard        load\n"
+            "-----------------\n"
+            "0             9.2\n"
+            "1      - (drains)\n"
+            "2            12.5\n");
 }
 
 }  // namespace

@@ -57,6 +57,12 @@ absl::Status Run(int argc, char** argv) {
   for (const char* flag : {"coordinator", "advertise"}) {
     if (f.Has(flag)) RETURN_IF_ERROR(moe::common::CheckTarget(flag, f.Get(flag)));
   }
+  // Only the coordinator is told the advertised address: without one it would be ignored.
+  if (f.Has("advertise") && !f.Has("coordinator")) {
+    return moe::common::UsageError(
+        "--advertise is the address the shard registers with its coordinator: give --coordinator "
+        "too, or leave --advertise out");
+  }
   o.coordinator = f.Get("coordinator");
   o.advertise_address = f.Get("advertise");
   o.state_dir = f.Get("state-dir");

@@ -483,6 +483,15 @@ try:
     open(path("empty-token"), "w").close()
     cluster_fails(["--auth-token-file", path("empty-token")],
                   f"--auth-token-file {path('empty-token')} is empty", 1)
+    # --advertise is told only to a coordinator: without one it was accepted and ignored.
+    lone_advertise = subprocess.run([os.path.join(bin_dir, "moe-expert-server"), "--checkpoint",
+                                     path("ck.safetensors"), "--advertise", "127.0.0.1:1"],
+                                    capture_output=True, text=True, timeout=60)
+    expect(lone_advertise.returncode == 2 and
+           "--advertise is the address the shard registers with its coordinator: give "
+           "--coordinator too" in lone_advertise.stderr,
+           f"moe-expert-server --advertise alone: exit {lone_advertise.returncode}: "
+           f"{lone_advertise.stderr.strip()}")
     # A --bin-dir without the services: one line naming the program (it was three: a progress
     # line, the shell's "cannot run" and "the coordinator did not start").
     cluster_fails(["--bin-dir", work],
