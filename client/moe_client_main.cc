@@ -622,6 +622,10 @@ absl::Status Info(const Flags& f) {
     std::printf("training: coordinator %s, %s\n", info.coordinator().c_str(),
                 info.coordinator_state().c_str());
   }
+  // One router places the shards of a coordinator at a time: this one, or the one it names.
+  if (!info.placement_lease().empty()) {
+    std::printf("placement lease: %s\n", info.placement_lease().c_str());
+  }
   // A draining shard's experts that no shard in rotation holds: the router still sends them
   // there, their last resort, and the drain waits until another shard can take them.
   std::vector<std::vector<int>> last_resort(info.shards_size());

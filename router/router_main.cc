@@ -20,7 +20,8 @@ constexpr char kUsage[] = R"(moe-router: gates tokens and serves the MoE layer o
 usage: moe-router --checkpoint PATH (--shards HOST:PORT[,...] [--coordinator HOST:PORT] |
                   --coordinator HOST:PORT) [flags]
 
-Training (TrainStep) needs --coordinator, with or without --shards.
+Training (TrainStep) needs --coordinator, with or without --shards. With --coordinator, one
+router places the shards at a time: a second one stands by (NOT_SERVING) until the first stops.
 
   --shards LIST              the expert shards; without it the router follows the shards that
                              registered with --coordinator (joins and leaves seen live)
@@ -142,9 +143,11 @@ absl::Status Run(int argc, char** argv) {
               server->metrics_port() ? absl::StrCat(", metrics on :", server->metrics_port()).c_str()
                                      : "");
   std::fflush(stdout);
+  absl::Status lost;
   moe::common::ServeUntilSignal(
-      "moe-router", [&] { server->Shutdown(absl::Seconds(grace)); }, [&] { server->Wait(); });
-  return absl::OkStatus();
+      "moe-router", [&] { server->Shutdown(absl::Seconds(grace)); },
+      [&] { lost = server->WaitOrLeaseLost(absl::Seconds(grace)); });
+  return lost;
 }
 
 }  // namespace

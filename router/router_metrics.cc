@@ -92,6 +92,13 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, int num_experts,
                             .Help("Version of the placement in use")
                             .Register(registry)
                             .Add({});
+  lease_held_ = &prometheus::BuildGauge()
+                     .Name("moe_router_placement_lease_held")
+                     .Help(
+                         "1 while this router places the shards (it holds the coordinator's "
+                         "placement lease, or needs none), 0 while it stands by")
+                     .Register(registry)
+                     .Add({});
   auto& refused = prometheus::BuildCounter()
                       .Name("moe_router_auth_refused_total")
                       .Help("Calls refused for a missing or wrong bearer token")

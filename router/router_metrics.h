@@ -38,6 +38,9 @@ class RouterMetrics {
   void ExpertLostTraining() { lost_training_->Increment(); }
   void SetImbalance(double v) { imbalance_->Set(v); }
   void SetPlacementVersion(double v) { placement_version_->Set(v); }
+  // moe_router_placement_lease_held: 1 while this router holds the coordinator's placement
+  // lease (or needs none: no coordinator, or one that grants none), 0 while it stands by.
+  void SetPlacementLeaseHeld(bool held) { lease_held_->Set(held ? 1 : 0); }
   void SetShardUp(const std::string& shard, bool up);
   // The shards whose moe_shard_up is exported from now on (the current members, each with
   // whether it is up): the series of one that left is removed, so that an alert on
@@ -73,6 +76,7 @@ class RouterMetrics {
   prometheus::Counter* lost_training_;
   prometheus::Gauge* imbalance_;
   prometheus::Gauge* placement_version_;
+  prometheus::Gauge* lease_held_;
   prometheus::Family<prometheus::Gauge>* shard_up_family_;
   prometheus::Family<prometheus::Gauge>* shard_draining_family_;
   std::map<std::string, prometheus::Counter*> auth_refused_;

@@ -2,6 +2,7 @@
 
 #include <grpcpp/health_check_service_interface.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -15,6 +16,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <set>
 #include <thread>
 #include <tuple>
@@ -76,6 +78,20 @@ double Seconds(std::chrono::steady_clock::time_point since) {
 
 std::string CodeName(absl::StatusCode code) {
   return absl::StatusCodeToString(code);
+}
+
+// One router process among others (the placement lease's holder id).
+std::string RandomId() {
+  std::random_device rd;
+  const uint64_t v = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  return absl::StrCat(absl::Hex(v, absl::kZeroPad16));
+}
+
+// This host's name (a pod's name under Kubernetes), for messages that name the router.
+std::string HostName() {
+  char name[256] = {};
+  if (gethostname(name, sizeof(name) - 1) != 0 || name[0] == '\0') return "localhost";
+  return name;
 }
 
 }  // namespace
@@ -155,6 +171,219 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::unique_ptr<Trainer> trainer;
   std::shared_ptr<grpc::Channel> coordinator_channel;
   std::unique_ptr<v1::Coordinator::Stub> coordinator;
+  // ---- the placement lease ----
+  // With a coordinator, one router at a time places experts on its members: the one that holds
+  // the coordinator's placement lease. A router asks for it before its first placement, and
+  // stands by (NOT_SERVING, saying which router holds it) until it gets it; the holder renews it
+  // every quarter lease. A holder told that another router holds it now (it stalled for a whole
+  // lease, and a router standing by took over) places nothing more and stops: WaitOrLeaseLost.
+  // A coordinator that does not answer changes nothing: the holder keeps serving, and no other
+  // router can take the lease from that coordinator either.
+  std::string router_id;    // random, one per process
+  std::string router_name;  // "HOST:PORT (ID)", for messages
+  std::mutex lease_mu;
+  // The coordinator grants no lease (an older build): the router places without one.
+  bool lease_unsupported = false;
+  bool lease_held = false;
+  std::string lease_standby;         // why it is not held (another holder, or settling); "" if none
+  std::string lease_standby_holder;  // the holder lease_standby names (said once each)
+  // Another router may hold the lease (PlacementLeaseRequest.defer_while_settling).
+  bool lease_other_holder = false;
+  std::chrono::steady_clock::time_point lease_confirmed{};  // the last grant's ask
+  std::chrono::steady_clock::time_point lease_asked{};      // the last ask
+  absl::Duration lease_length = absl::Seconds(3);           // the coordinator's, once told
+  // Lost (another router holds it now): set once, under control_mu too (WaitOrLeaseLost).
+  std::atomic<bool> lease_lost{false};
+  std::string lease_lost_why;  // lease_mu
+  std::thread lease_thread;
+
+  // Whether this router may place experts now.
+  bool MayPlace() {
+    if (coordinator == nullptr) return true;
+    std::lock_guard<std::mutex> lock(lease_mu);
+    return !lease_lost.load() && (lease_unsupported || lease_held);
+  }
+
+  // ClusterInfo.placement_lease.
+  std::string LeaseState() {
+    if (coordinator == nullptr) return "";
+    std::lock_guard<std::mutex> lock(lease_mu);
+    if (lease_lost.load()) return absl::StrCat("lost: ", lease_lost_why);
+    if (lease_unsupported) {
+      return "none: the coordinator grants no placement lease (an older build); a second "
+             "router on it would not be told";
+    }
+    if (lease_held) {
+      return absl::StrCat(
+          "held (renewed ",
+          absl::FormatDuration(absl::Milliseconds(absl::ToInt64Milliseconds(
+              absl::FromChrono(std::chrono::steady_clock::now() - lease_confirmed)))),
+          " ago)");
+    }
+    return lease_standby.empty() ? "asking the coordinator for it"
+                                 : absl::StrCat("standing by: ", lease_standby);
+  }
+
+  // Asks the coordinator for the lease once (or to renew it), and records the answer.
+  void AskLease() {
+    using Clock = std::chrono::steady_clock;
+    v1::PlacementLeaseRequest req;
+    req.set_router_id(router_id);
+    req.set_router_address(router_name.substr(0, router_name.find(' ')));
+    const Clock::time_point asked = Clock::now();
+    {
+      std::lock_guard<std::mutex> lock(lease_mu);
+      if (lease_lost.load()) return;
+      // A holder that went a whole lease without asking (it stalled) may have been replaced.
+      if (lease_held && absl::FromChrono(asked - lease_asked) > lease_length) {
+        lease_other_holder = true;
+      }
+      req.set_defer_while_settling(lease_other_holder);
+      lease_asked = asked;
+    }
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+    v1::PlacementLeaseResponse resp;
+    const grpc::Status st = coordinator->AcquirePlacementLease(&ctx, req, &resp);
+    std::lock_guard<std::mutex> lock(lease_mu);
+    if (lease_lost.load()) return;
+    if (st.error_code() == grpc::StatusCode::UNIMPLEMENTED) {
+      if (!lease_unsupported) {
+        std::fprintf(stderr,
+                     "moe-router: coordinator %s grants no placement lease (an older build): "
+                     "this router places without one, and a second router following it would "
+                     "not be told\n",
+                     options.coordinator.c_str());
+      }
+      lease_unsupported = true;
+      metrics->SetPlacementLeaseHeld(true);
+      return;
+    }
+    if (!st.ok()) {
+      // Unreachable: nothing changes (see above). Before the first grant, the first placement
+      // says why it waits.
+      if (!lease_held) {
+        lease_standby = absl::StrCat("coordinator ", options.coordinator, " does not answer (",
+                                     st.error_message(),
+                                     "); the router places its shards once it has the lease");
+      }
+      return;
+    }
+    lease_unsupported = false;
+    if (resp.lease_ms() > 0) lease_length = absl::Milliseconds(resp.lease_ms());
+    if (resp.granted()) {
+      if (!lease_held && !lease_standby.empty()) {
+        std::fprintf(stderr, "moe-router: this router holds the placement lease now\n");
+      }
+      lease_held = true;
+      lease_standby.clear();
+      lease_confirmed = asked;
+      metrics->SetPlacementLeaseHeld(true);
+      return;
+    }
+    lease_other_holder |= !resp.holder_id().empty();
+    const std::string holder =
+        resp.holder_id().empty()
+            ? ""
+            : absl::StrCat("router ", resp.holder_address(), " (", resp.holder_id(), ")");
+    if (lease_held && !holder.empty()) {
+      lease_lost_why = absl::StrCat(
+          holder, " holds the placement lease at coordinator ", options.coordinator,
+          " now (this router did not renew it for ",
+          absl::FormatDuration(absl::Milliseconds(
+              absl::ToInt64Milliseconds(absl::FromChrono(asked - lease_confirmed)))),
+          ", and that router took over): this router stops, as its placement is no longer "
+          "the shards'; start it again to stand by");
+      lease_held = false;
+      metrics->SetPlacementLeaseHeld(false);
+      {
+        std::lock_guard<std::mutex> l(control_mu);
+        lease_lost = true;
+      }
+      control_cv.notify_all();
+      std::fprintf(stderr, "moe-router: %s\n", lease_lost_why.c_str());
+      return;
+    }
+    if (lease_held) return;  // settling: asked again within a quarter lease
+    const std::string why =
+        holder.empty()
+            ? absl::StrCat("coordinator ", options.coordinator,
+                           " started moments ago, and the router that held its placement lease "
+                           "may ask for it again first")
+            : absl::StrCat(holder, " holds the placement lease at coordinator ",
+                           options.coordinator, " (it lapses ", resp.holder_expires_in_ms(),
+                           " ms from now unless renewed); this router places the shards once that "
+                           "router stops. One router places a cluster's shards at a time");
+    if (holder != lease_standby_holder) {
+      std::fprintf(stderr, "moe-router: standing by: %s\n", why.c_str());
+      lease_standby_holder = holder;
+    }
+    lease_standby = why;
+    metrics->SetPlacementLeaseHeld(false);
+  }
+
+  // Renews the lease every quarter lease once held; asks every 250 ms until then.
+  void LeaseLoop() {
+    std::unique_lock<std::mutex> lock(control_mu);
+    while (!stopping && !lease_lost.load()) {
+      lock.unlock();
+      AskLease();
+      std::chrono::milliseconds wait(250);
+      {
+        std::lock_guard<std::mutex> l(lease_mu);
+        if (lease_held || lease_unsupported) wait = absl::ToChronoMilliseconds(lease_length / 4);
+      }
+      lock.lock();
+      control_cv.wait_for(lock, wait, [this] { return stopping || lease_lost.load(); });
+    }
+    const bool lost = lease_lost.load() && !stopping;
+    lock.unlock();
+    if (lost) OnLeaseLost();
+  }
+
+  // Another router places the shards now: this one answers nothing more from its placement
+  // (requests are refused UNAVAILABLE, saying why) and says NOT_SERVING; WaitOrLeaseLost then
+  // stops it. After a switch that runs, which ends first.
+  void OnLeaseLost() {
+    std::lock_guard<common::TimedMutex> p(placement_mu);
+    {
+      std::lock_guard<std::mutex> lock(table_mu);
+      table.reset();
+    }
+    server->GetHealthCheckService()->SetServingStatus(false);
+  }
+
+  // Before a change of placement: a holder whose last grant is older than a lease (its process
+  // stalled, say) asks again first, so that it learns of a router that took over meanwhile; a
+  // router without the lease asks too (the first placement need not wait for the lease loop).
+  bool MayPlaceNow() {
+    if (coordinator == nullptr) return true;
+    bool ask = false;
+    {
+      std::lock_guard<std::mutex> lock(lease_mu);
+      ask = lease_held ? absl::FromChrono(std::chrono::steady_clock::now() - lease_confirmed) >
+                             lease_length
+                       : !lease_unsupported && !lease_lost.load();
+    }
+    if (ask) AskLease();
+    return MayPlace();
+  }
+
+  // Gives the lease up at shutdown, so that a router standing by takes over at its next ask.
+  void ReleaseLease() {
+    {
+      std::lock_guard<std::mutex> lock(lease_mu);
+      if (!lease_held || lease_lost.load()) return;
+      lease_held = false;
+    }
+    v1::PlacementLeaseRequest req;
+    req.set_router_id(router_id);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+    v1::PlacementLeaseResponse resp;
+    (void)coordinator->ReleasePlacementLease(&ctx, req, &resp);
+  }
+
   // How long a training step waits for a connection to the coordinator before it is refused:
   // a connection being made may take a while (a slow host), but after a failed attempt one
   // more (at most 1 s later, ClientChannelArgs' backoff) is enough to tell, so that a client
@@ -247,6 +476,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // applied.
   std::string not_ready_why;
   absl::Status NotReady() {
+    if (coordinator != nullptr) {
+      std::lock_guard<std::mutex> l(lease_mu);
+      if (lease_lost.load()) return absl::UnavailableError(lease_lost_why);
+      if (!lease_held && !lease_unsupported) {
+        return absl::UnavailableError(absl::StrCat(
+            "the router stands by: ", lease_standby.empty()
+                                          ? "it has not been granted the placement lease yet"
+                                          : lease_standby));
+      }
+    }
     std::lock_guard<std::mutex> l(models_mu);
     return absl::UnavailableError(
         not_ready_why.empty()
@@ -2060,6 +2299,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // Keeps the coordinator's channel connected (an idle channel connects only when asked): a
     // step finds it ready, and `info` reads its state as it is, not "connecting".
     if (coordinator_channel != nullptr) coordinator_channel->GetState(/*try_to_connect=*/true);
+    if (!MayPlaceNow()) return;
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return;
     bool membership_changes = false;  // the members differ from the table's shards
@@ -2425,12 +2665,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     while (!stopping) {
       lock.unlock();
       if (!ready.HasBeenNotified()) {
-        const absl::Status st = FirstPlacement(&unread_since);
+        // Standing by (NotReady says why) until this router holds the placement lease.
+        const absl::Status st =
+            MayPlaceNow() ? FirstPlacement(&unread_since) : absl::UnavailableError("");
         if (st.ok()) {
           AwaitPlacedShardsInRotation(absl::Seconds(5));
           server->GetHealthCheckService()->SetServingStatus(true);
           ready.Notify();
-        } else {
+        } else if (!st.message().empty()) {
           std::lock_guard<std::mutex> l(models_mu);
           not_ready_why = std::string(st.message());
         }
@@ -2784,6 +3026,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (coordinator_channel != nullptr) {
       info->set_coordinator(options.coordinator);
       info->set_coordinator_state(CoordinatorState());
+      info->set_placement_lease(LeaseState());
     }
     std::shared_ptr<const RoutingTable> t = Table();
     info->set_placement_strategy(
@@ -3034,6 +3277,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       for (const auto& c : all) c->SetStillNeeded(nullptr);
       all.clear();
       if (control.joinable()) control.join();
+      if (lease_thread.joinable()) lease_thread.join();
       // Requests in flight may finish within the grace period; after it, whatever still waits
       // for a shard fails with UNAVAILABLE, so the server's shutdown (which waits for every
       // call to finish) ends, and no batch is left holding a shard client.
@@ -3049,6 +3293,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       pool->Shutdown();
       admin_pool->Shutdown();
       cancel_late.join();
+      // No switch can start now (the control loop and Rebalance's pool have ended).
+      if (coordinator != nullptr) ReleaseLease();
       // Forwards use this object until their `done` has run.
       std::unique_lock<std::mutex> lock(inflight_mu);
       inflight_cv.wait(lock, [this] { return inflight == 0; });
@@ -3294,6 +3540,10 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   impl->server = std::move(started.server);
   impl->port = started.port;
   Impl* raw = impl.get();
+  impl->router_id = RandomId();
+  impl->router_name = absl::StrCat(HostName(), ":", impl->port, " (", impl->router_id, ")");
+  impl->metrics->SetPlacementLeaseHeld(impl->coordinator == nullptr);
+  if (impl->coordinator != nullptr) impl->lease_thread = std::thread([raw] { raw->LeaseLoop(); });
   impl->control = std::thread([raw] { raw->ControlLoop(); });
   return std::unique_ptr<RouterServer>(new RouterServer(std::move(impl)));
 }
@@ -3305,6 +3555,21 @@ int RouterServer::metrics_port() const {
 std::string RouterServer::address() const { return absl::StrCat("127.0.0.1:", impl_->port); }
 void RouterServer::Shutdown(absl::Duration grace) { impl_->DoShutdown(grace); }
 void RouterServer::Wait() { impl_->server->Wait(); }
+
+absl::Status RouterServer::WaitOrLeaseLost(absl::Duration grace) {
+  {
+    std::unique_lock<std::mutex> lock(impl_->control_mu);
+    impl_->control_cv.wait(lock, [this] { return impl_->stopping || impl_->lease_lost.load(); });
+  }
+  absl::Status lost;
+  {
+    std::lock_guard<std::mutex> lock(impl_->lease_mu);
+    if (impl_->lease_lost.load()) lost = absl::UnavailableError(impl_->lease_lost_why);
+  }
+  if (!lost.ok()) impl_->DoShutdown(grace);
+  impl_->server->Wait();
+  return lost;
+}
 const std::shared_ptr<prometheus::Registry>& RouterServer::registry() const {
   return impl_->registry;
 }

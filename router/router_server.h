@@ -81,6 +81,10 @@ class RouterServer {
   absl::Status WaitUntilReady(absl::Duration timeout);
   void Shutdown(absl::Duration grace = absl::Seconds(1));
   void Wait();
+  // Blocks until the router shuts down (Shutdown), and returns OK; or, with a coordinator, until
+  // it loses its placement lease to another router: then shuts it down with `grace` and returns
+  // why (moe-router exits 1 with it).
+  absl::Status WaitOrLeaseLost(absl::Duration grace);
   const std::shared_ptr<prometheus::Registry>& registry() const;
 
   class Impl;

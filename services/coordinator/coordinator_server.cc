@@ -46,6 +46,16 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
   const Clock::time_point started = Clock::now();  // a lease from it, members still register
   std::atomic<uint64_t> generation{0};
   std::mutex step_mu;  // one step at a time
+  // The placement lease (mu): the router that places experts on the members, and when it last
+  // asked; empty id: none holds it.
+  struct LeaseHolder {
+    std::string id;
+    std::string address;
+    Clock::time_point renewed;
+  } lease_holder;
+  // Once it has granted the lease, the coordinator knows who holds it (or gave it up, or let it
+  // lapse): a router that defers while settling is refused only before that.
+  bool lease_granted_since_start = false;
 
   prometheus::Family<prometheus::Counter>* steps_family;
   prometheus::Counter* commits;
@@ -55,6 +65,7 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
   prometheus::Counter* allreduce_bytes;
   prometheus::Gauge* bus_bandwidth;
   prometheus::Gauge* members_gauge;
+  prometheus::Counter* lease_changes;
 
   void InitMetrics() {
     steps_family = &prometheus::BuildCounter()
@@ -89,6 +100,13 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     bus_bandwidth = &prometheus::BuildGauge()
                          .Name("moe_coordinator_allreduce_bus_bandwidth_bytes_per_second")
                          .Help("2 (N-1)/N * bytes / time of the last all-reduce")
+                         .Register(*registry)
+                         .Add({});
+    lease_changes = &prometheus::BuildCounter()
+                         .Name("moe_coordinator_placement_lease_changes_total")
+                         .Help(
+                             "Times the placement lease went to another router (a router "
+                             "started, or took over from one that stopped or lapsed)")
                          .Register(*registry)
                          .Add({});
     members_gauge = &prometheus::BuildGauge()
@@ -147,6 +165,79 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     return reactor;
   }
 
+  // The coordinator started less than a lease ago, and at least what a shard takes to register
+  // again: its next heartbeat (a quarter lease) after its channel's reconnect backoff (at most
+  // 1 s, ClientChannelArgs). A restarted coordinator knows no member, nor the lease's holder,
+  // until they ask again.
+  bool Settling() const {
+    return absl::FromChrono(Clock::now() - started) <
+           std::max(options.lease, options.lease / 4 + absl::Milliseconds(1500));
+  }
+
+  static std::string RouterName(const std::string& id, const std::string& address) {
+    return address.empty() ? absl::StrCat("router ", id)
+                           : absl::StrCat("router ", address, " (", id, ")");
+  }
+
+  grpc::ServerUnaryReactor* AcquirePlacementLease(grpc::CallbackServerContext* ctx,
+                                                  const v1::PlacementLeaseRequest* req,
+                                                  v1::PlacementLeaseResponse* resp) override {
+    auto* reactor = ctx->DefaultReactor();
+    if (req->router_id().empty()) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "router_id is empty"));
+      return reactor;
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    const Clock::time_point now = Clock::now();
+    resp->set_lease_ms(absl::ToInt64Milliseconds(options.lease));
+    LeaseHolder& h = lease_holder;
+    if (!h.id.empty() && h.id != req->router_id() &&
+        absl::FromChrono(now - h.renewed) > options.lease) {
+      std::fprintf(
+          stderr, "moe-coordinator: the placement lease of %s lapsed (not renewed for %lld ms)\n",
+          RouterName(h.id, h.address).c_str(),
+          static_cast<long long>(absl::ToInt64Milliseconds(absl::FromChrono(now - h.renewed))));
+      h = LeaseHolder{};
+    }
+    if (h.id.empty() && !lease_granted_since_start && Settling() && req->defer_while_settling()) {
+      resp->set_settling(true);
+      reactor->Finish(grpc::Status::OK);
+      return reactor;
+    }
+    if (h.id.empty() || h.id == req->router_id()) {
+      if (h.id.empty()) {
+        std::fprintf(stderr, "moe-coordinator: %s holds the placement lease\n",
+                     RouterName(req->router_id(), req->router_address()).c_str());
+        lease_changes->Increment();
+      }
+      h = LeaseHolder{req->router_id(), req->router_address(), now};
+      lease_granted_since_start = true;
+      resp->set_granted(true);
+    } else {
+      resp->set_holder_id(h.id);
+      resp->set_holder_address(h.address);
+      resp->set_holder_expires_in_ms(
+          absl::ToInt64Milliseconds(options.lease - absl::FromChrono(now - h.renewed)));
+    }
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+
+  grpc::ServerUnaryReactor* ReleasePlacementLease(grpc::CallbackServerContext* ctx,
+                                                  const v1::PlacementLeaseRequest* req,
+                                                  v1::PlacementLeaseResponse* resp) override {
+    auto* reactor = ctx->DefaultReactor();
+    std::lock_guard<std::mutex> lock(mu);
+    resp->set_lease_ms(absl::ToInt64Milliseconds(options.lease));
+    if (!req->router_id().empty() && lease_holder.id == req->router_id()) {
+      std::fprintf(stderr, "moe-coordinator: %s gave the placement lease up\n",
+                   RouterName(lease_holder.id, lease_holder.address).c_str());
+      lease_holder = LeaseHolder{};
+    }
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+
   grpc::ServerUnaryReactor* ListMembers(grpc::CallbackServerContext* ctx,
                                         const v1::ListMembersRequest*,
                                         v1::Membership* out) override {
@@ -154,10 +245,7 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     std::lock_guard<std::mutex> lock(mu);
     ExpireLocked();
     out->set_version(membership_version);
-    // A lease, and at least what a shard takes to register again: its next heartbeat (a
-    // quarter lease) after its channel's reconnect backoff (at most 1 s, ClientChannelArgs).
-    out->set_settling(absl::FromChrono(Clock::now() - started) <
-                      std::max(options.lease, options.lease / 4 + absl::Milliseconds(1500)));
+    out->set_settling(Settling());
     for (const auto& [addr, seen] : members) {
       v1::Member* m = out->add_members();
       m->set_address(addr);

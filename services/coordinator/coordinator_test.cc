@@ -7,6 +7,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "moe/v1/coordinator.grpc.pb.h"
@@ -183,6 +184,120 @@ TEST(Coordinator, AReductionRefusedAsNotFiniteAbortsTheStepWithItsCode) {
       << resp.reason();
   EXPECT_EQ(a.rate(), 0.1f);
   EXPECT_EQ(b.rate(), 0.1f);
+}
+
+// AcquirePlacementLease as router `id` (defer: PlacementLeaseRequest.defer_while_settling).
+v1::PlacementLeaseResponse AskLease(v1::Coordinator::Stub* stub, const std::string& id,
+                                    bool defer = false) {
+  v1::PlacementLeaseRequest req;
+  req.set_router_id(id);
+  req.set_router_address(id + "-host:50051");
+  req.set_defer_while_settling(defer);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  v1::PlacementLeaseResponse resp;
+  const grpc::Status st = stub->AcquirePlacementLease(&ctx, req, &resp);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  return resp;
+}
+
+void ReleaseLease(v1::Coordinator::Stub* stub, const std::string& id) {
+  v1::PlacementLeaseRequest req;
+  req.set_router_id(id);
+  v1::PlacementLeaseResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  const grpc::Status st = stub->ReleasePlacementLease(&ctx, req, &resp);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+}
+
+bool Settling(v1::Coordinator::Stub* stub) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  v1::Membership m;
+  EXPECT_TRUE(stub->ListMembers(&ctx, v1::ListMembersRequest(), &m).ok());
+  return m.settling();
+}
+
+// One router at a time holds the placement lease: a second is refused and told which router
+// holds it, until the holder gives it up or stops renewing it for a lease. A holder that asks
+// again after another router took over is refused too (the router then stops). While the
+// coordinator settles (it may have restarted, and knows no holder), a router that knows of
+// another holder is refused, so that the holder from before the restart keeps the lease; a
+// router that knows of none (a cluster starting) gets it at once. Once the coordinator has
+// granted the lease, it knows the holder, and one given up goes to the next router to ask.
+TEST(Coordinator, OneRouterAtATimeHoldsThePlacementLease) {
+  CoordinatorOptions o;
+  o.lease = absl::Milliseconds(400);
+  auto server = CoordinatorServer::Start(o);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::Coordinator::NewStub(
+      grpc::CreateChannel((*server)->address(), common::ChannelCredentials()));
+  auto changes = [&] {
+    return testing::RegistryValue(*(*server)->registry(),
+                                  "moe_coordinator_placement_lease_changes_total", {});
+  };
+  {
+    grpc::ClientContext ctx;
+    v1::PlacementLeaseResponse resp;
+    const grpc::Status st = stub->AcquirePlacementLease(&ctx, v1::PlacementLeaseRequest(), &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_EQ(st.error_message(), "router_id is empty");
+  }
+  ASSERT_TRUE(Settling(stub.get()));  // 1.6 s: a quarter lease and 1.5 s
+  v1::PlacementLeaseResponse r = AskLease(stub.get(), "standby", /*defer=*/true);
+  EXPECT_FALSE(r.granted());
+  EXPECT_TRUE(r.settling());
+  EXPECT_EQ(r.holder_id(), "");
+  r = AskLease(stub.get(), "old-holder");
+  EXPECT_TRUE(r.granted());
+  EXPECT_EQ(r.lease_ms(), 400);
+  r = AskLease(stub.get(), "standby", true);
+  EXPECT_FALSE(r.granted());
+  EXPECT_FALSE(r.settling());
+  EXPECT_EQ(r.holder_id(), "old-holder");
+  EXPECT_EQ(r.holder_address(), "old-holder-host:50051");
+  EXPECT_GT(r.holder_expires_in_ms(), 0);
+  EXPECT_LE(r.holder_expires_in_ms(), 400);
+  EXPECT_EQ(changes(), 1);
+
+  // Given up while the coordinator still settles: it knows no other holder.
+  ReleaseLease(stub.get(), "old-holder");
+  ASSERT_TRUE(Settling(stub.get()));
+  r = AskLease(stub.get(), "standby", true);
+  EXPECT_TRUE(r.granted());
+  EXPECT_EQ(changes(), 2);
+  ReleaseLease(stub.get(), "standby");
+  ASSERT_TRUE(AskLease(stub.get(), "old-holder").granted());
+  EXPECT_EQ(changes(), 3);
+
+  // Renewed every quarter lease past the settling window: the holder keeps it throughout.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(2000);
+  while (std::chrono::steady_clock::now() < until) {
+    ASSERT_TRUE(AskLease(stub.get(), "old-holder").granted());
+    ASSERT_EQ(AskLease(stub.get(), "standby", true).holder_id(), "old-holder");
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_FALSE(Settling(stub.get()));
+  // Given up: the next router to ask gets it.
+  ReleaseLease(stub.get(), "standby");  // not the holder: changes nothing
+  EXPECT_EQ(AskLease(stub.get(), "standby").holder_id(), "old-holder");
+  ReleaseLease(stub.get(), "old-holder");
+  EXPECT_TRUE(AskLease(stub.get(), "standby").granted());
+  EXPECT_EQ(changes(), 4);
+  r = AskLease(stub.get(), "old-holder");
+  EXPECT_FALSE(r.granted());
+  EXPECT_EQ(r.holder_id(), "standby");
+
+  // Not renewed for a lease: it lapses, and the router asking gets it; the old holder asking
+  // again is refused and told who holds it now.
+  EXPECT_FALSE(AskLease(stub.get(), "third").granted());
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  EXPECT_TRUE(AskLease(stub.get(), "third").granted());
+  EXPECT_EQ(changes(), 5);
+  r = AskLease(stub.get(), "standby");
+  EXPECT_FALSE(r.granted());
+  EXPECT_EQ(r.holder_id(), "third");
 }
 
 }  // namespace

@@ -4,8 +4,11 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <map>
 #include <numeric>
 #include <optional>
@@ -3020,6 +3023,134 @@ TEST_F(ClusterTest, AChannelOfAProcessThatOnlyCallsIsBackSoonAfterItsServerResta
     EXPECT_LT(Since(back), 2.5) << "restart " << restart
                                 << ": the channel came back long after its server";
   }
+}
+
+// One router places a cluster's shards at a time (the coordinator's placement lease). A second
+// router following the same coordinator stands by: NOT_SERVING, each request refused UNAVAILABLE
+// naming the router that holds the lease, while that one answers right. When the holder stops,
+// it gives the lease up, and the one standing by takes over at once. A holder that stalls for a
+// whole lease is replaced by the router standing by, and once it runs again it learns so and
+// exits 1, saying which router holds the lease (it placed nothing more meanwhile: the new
+// holder's answers stay right). A coordinator that restarts keeps the holder it had.
+TEST_F(ClusterTest, OneRouterPlacesTheShardsAtATimeAndAnotherStandsBy) {
+  auto cluster = Start("hybrid", 2);
+  ASSERT_NE(cluster, nullptr);
+  const std::string bin = std::string(MOE_BIN_DIR) + "/moe-router";
+  const std::vector<std::string> args = {
+      "--checkpoint", *path_,  "--port", "0", "--coordinator", cluster->coordinator_address(),
+      "--placement",  "hybrid"};
+  // Router b's stderr goes to a file: its last line is read once it has exited.
+  const std::string b_log = testing::TempPath("standby_router_b.log");
+  std::string b_cmd = "exec '" + bin + "'";
+  for (const std::string& a : args) b_cmd += " '" + a + "'";
+  const int b_metrics = testing::FreePortBlock(1);
+  b_cmd += " --metrics-port " + std::to_string(b_metrics) + " 2>'" + b_log + "'";
+  auto b = common::Subprocess::Spawn({"/bin/sh", "-c", b_cmd});
+  ASSERT_TRUE(b.ok()) << b.status();
+  const absl::StatusOr<int> b_port = b->ReadListeningPort(absl::Seconds(30));
+  ASSERT_TRUE(b_port.ok()) << b_port.status();
+  auto a_stub = client::MakeRouterStub(cluster->router_address());
+  auto b_stub = client::MakeRouterStub(absl::StrCat("127.0.0.1:", *b_port));
+  auto info = [](v1::Router::Stub* stub) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    v1::ClusterInfo i;
+    EXPECT_TRUE(stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &i).ok());
+    return i;
+  };
+  auto lease_of = [&](v1::Router::Stub* stub) { return info(stub).placement_lease(); };
+  ASSERT_GE(WaitFor([&] { return absl::StartsWith(lease_of(b_stub.get()), "standing by"); }, 20), 0)
+      << lease_of(b_stub.get());
+  const v1::ClusterInfo standby = info(b_stub.get());
+  EXPECT_NE(standby.not_ready().find("the router stands by: router "), std::string::npos)
+      << standby.not_ready();
+  EXPECT_NE(standby.not_ready().find("holds the placement lease at coordinator " +
+                                     cluster->coordinator_address()),
+            std::string::npos)
+      << standby.not_ready();
+  EXPECT_EQ(standby.placement_version(), 0u);
+  EXPECT_EQ(ScrapeMetric(b_metrics, "moe_router_placement_lease_held"), 0);
+  EXPECT_TRUE(absl::StartsWith(lease_of(a_stub.get()), "held")) << lease_of(a_stub.get());
+  const int64_t n = 32;
+  const std::vector<float> x = common::RandomMatrix(n, Config().d_model, 71);
+  v1::InferResponse resp;
+  grpc::Status st = Infer(b_stub.get(), Request(x, n, "standby"), &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_NE(st.error_message().find("stands by"), std::string::npos) << st.error_message();
+  const uint64_t a_version = PlacementOf(a_stub.get()).version();
+  st = Infer(a_stub.get(), Request(x, n, "holder"), &resp);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_TRUE(Matches(x, n, resp, *layer_));
+  EXPECT_EQ(PlacementOf(a_stub.get()).version(), a_version);
+
+  // The coordinator is killed and started again: it knows no holder, and b, which knows of
+  // one, is refused until a has asked again and holds the lease once more.
+  cluster->coordinator().Signal(SIGKILL);
+  ASSERT_TRUE(cluster->coordinator().Wait(absl::Seconds(5)).ok());
+  ASSERT_TRUE(cluster->RestartCoordinator().ok());
+  auto coordinator = v1::Coordinator::NewStub(
+      grpc::CreateChannel(cluster->coordinator_address(), grpc::InsecureChannelCredentials()));
+  auto settling = [&] {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    v1::Membership m;
+    return !coordinator->ListMembers(&ctx, v1::ListMembersRequest(), &m).ok() || m.settling();
+  };
+  ASSERT_GE(WaitFor([&] { return !settling(); }, 20), 0) << "the coordinator still settles";
+  EXPECT_TRUE(absl::StartsWith(lease_of(a_stub.get()), "held")) << lease_of(a_stub.get());
+  EXPECT_NE(lease_of(b_stub.get()).find("standing by: router "), std::string::npos)
+      << lease_of(b_stub.get());
+  st = Infer(a_stub.get(), Request(x, n, "holder"), &resp);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_TRUE(Matches(x, n, resp, *layer_));
+
+  // The holder stops: it gives the lease up, and b takes over within a lease (3 s).
+  cluster->router().Signal(SIGTERM);
+  ASSERT_TRUE(cluster->router().Wait(absl::Seconds(10)).ok());
+  const double took_over =
+      WaitFor([&] { return absl::StartsWith(lease_of(b_stub.get()), "held"); }, 20);
+  ASSERT_GE(took_over, 0) << lease_of(b_stub.get());
+  EXPECT_LT(took_over, 2.5) << "not given up at the holder's shutdown: b waited for it to lapse";
+  auto serves = [&](v1::Router::Stub* stub, const std::string& id) {
+    v1::InferResponse r;
+    return Infer(stub, Request(x, n, id), &r).ok() && Matches(x, n, r, *layer_);
+  };
+  ASSERT_GE(WaitFor([&] { return serves(b_stub.get(), "b"); }, 30), 0)
+      << "b did not serve within 30 s of holding the lease";
+  EXPECT_EQ(ScrapeMetric(b_metrics, "moe_router_placement_lease_held"), 1);
+
+  // c stands by; b stalls past the lease (3 s): c takes over, and b, running again, exits.
+  auto c = common::Subprocess::Spawn([&] {
+    std::vector<std::string> v = {bin};
+    v.insert(v.end(), args.begin(), args.end());
+    return v;
+  }());
+  ASSERT_TRUE(c.ok()) << c.status();
+  const absl::StatusOr<int> c_port = c->ReadListeningPort(absl::Seconds(30));
+  ASSERT_TRUE(c_port.ok()) << c_port.status();
+  auto c_stub = client::MakeRouterStub(absl::StrCat("127.0.0.1:", *c_port));
+  ASSERT_GE(WaitFor([&] { return absl::StartsWith(lease_of(c_stub.get()), "standing by"); }, 20), 0)
+      << lease_of(c_stub.get());
+  b->Signal(SIGSTOP);
+  const bool c_serves = WaitFor([&] { return serves(c_stub.get(), "c"); }, 30) >= 0;
+  b->Signal(SIGCONT);
+  ASSERT_TRUE(c_serves) << "c did not take over within 30 s of b's stall: "
+                        << info(c_stub.get()).not_ready();
+  const absl::StatusOr<int> b_exit = b->Wait(absl::Seconds(15));
+  ASSERT_TRUE(b_exit.ok()) << "b kept running after c took the lease over";
+  EXPECT_TRUE(WIFEXITED(*b_exit) && WEXITSTATUS(*b_exit) == 1) << "wait status " << *b_exit;
+  std::ifstream log_in(b_log);
+  const std::string log((std::istreambuf_iterator<char>(log_in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(log.find("moe-router: router "), std::string::npos) << log;
+  EXPECT_NE(log.find("holds the placement lease at coordinator " + cluster->coordinator_address() +
+                     " now"),
+            std::string::npos)
+      << log;
+  EXPECT_NE(log.find("start it again to stand by"), std::string::npos) << log;
+  for (int i = 0; i < 5; ++i) EXPECT_TRUE(serves(c_stub.get(), "c-after"));
+  c->Signal(SIGTERM);
+  EXPECT_TRUE(c->Wait(absl::Seconds(10)).ok());
+  std::remove(b_log.c_str());
 }
 
 }  // namespace
