@@ -177,17 +177,21 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // stands by (NOT_SERVING, saying which router holds it) until it gets it; the holder renews it
   // every quarter lease. A holder told that another router holds it now (it stalled for a whole
   // lease, and a router standing by took over) places nothing more and stops: WaitOrLeaseLost.
-  // A coordinator that does not answer changes nothing: the holder keeps serving, and no other
-  // router can take the lease from that coordinator either.
+  // A holder whose last grant is older than a lease (the coordinator does not answer) keeps
+  // serving but changes no placement until it is granted again: no other router may place
+  // meanwhile, but this one cannot tell.
   std::string router_id;    // random, one per process
   std::string router_name;  // "HOST:PORT (ID)", for messages
   std::mutex lease_mu;
   // The coordinator grants no lease (an older build): the router places without one.
   bool lease_unsupported = false;
   bool lease_held = false;
-  std::string lease_standby;         // why it is not held (another holder, or settling); "" if none
-  std::string lease_standby_holder;  // the holder lease_standby names (said once each)
-  // Another router may hold the lease (PlacementLeaseRequest.defer_while_settling).
+  // Why the lease is not held, as `info` says it ("standing by: ..." or "waiting for ...");
+  // "" before the first answer. Said once in the log per holder or kind of trouble.
+  std::string lease_wait;
+  std::string lease_wait_said;
+  // Since its last grant, this router was told of another holder
+  // (PlacementLeaseRequest.defer_while_settling).
   bool lease_other_holder = false;
   std::chrono::steady_clock::time_point lease_confirmed{};  // the last grant's ask
   std::chrono::steady_clock::time_point lease_asked{};      // the last ask
@@ -195,13 +199,20 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // Lost (another router holds it now): set once, under control_mu too (WaitOrLeaseLost).
   std::atomic<bool> lease_lost{false};
   std::string lease_lost_why;  // lease_mu
+  bool lease_stop = false;     // control_mu: ends LeaseLoop (DoShutdown, just before the release)
   std::thread lease_thread;
 
-  // Whether this router may place experts now.
+  bool HeldNowLocked() const {
+    return lease_held &&
+           absl::FromChrono(std::chrono::steady_clock::now() - lease_confirmed) <= lease_length;
+  }
+
+  // Whether this router may change the placement now: it holds a lease granted less than a
+  // lease ago (or needs none).
   bool MayPlace() {
     if (coordinator == nullptr) return true;
     std::lock_guard<std::mutex> lock(lease_mu);
-    return !lease_lost.load() && (lease_unsupported || lease_held);
+    return !lease_lost.load() && (lease_unsupported || HeldNowLocked());
   }
 
   // ClusterInfo.placement_lease.
@@ -214,14 +225,22 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
              "router on it would not be told";
     }
     if (lease_held) {
-      return absl::StrCat(
-          "held (renewed ",
-          absl::FormatDuration(absl::Milliseconds(absl::ToInt64Milliseconds(
-              absl::FromChrono(std::chrono::steady_clock::now() - lease_confirmed)))),
-          " ago)");
+      const absl::Duration age = absl::Milliseconds(absl::ToInt64Milliseconds(
+          absl::FromChrono(std::chrono::steady_clock::now() - lease_confirmed)));
+      return absl::StrCat(age <= lease_length ? "held" : "held, not renewed", " (renewed ",
+                          absl::FormatDuration(age), " ago)");
     }
-    return lease_standby.empty() ? "asking the coordinator for it"
-                                 : absl::StrCat("standing by: ", lease_standby);
+    return lease_wait.empty() ? absl::StrCat("asking coordinator ", options.coordinator)
+                              : lease_wait;
+  }
+
+  // The lease is not held: `why` (LeaseState's text) is said once in the log per `kind`.
+  void WaitForLeaseLocked(const std::string& why, const std::string& kind) {
+    lease_wait = why;
+    if (kind != lease_wait_said) {
+      std::fprintf(stderr, "moe-router: %s\n", why.c_str());
+      lease_wait_said = kind;
+    }
   }
 
   // Asks the coordinator for the lease once (or to renew it), and records the answer.
@@ -231,18 +250,19 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     req.set_router_id(router_id);
     req.set_router_address(router_name.substr(0, router_name.find(' ')));
     const Clock::time_point asked = Clock::now();
+    absl::Duration deadline;
     {
       std::lock_guard<std::mutex> lock(lease_mu);
       if (lease_lost.load()) return;
-      // A holder that went a whole lease without asking (it stalled) may have been replaced.
-      if (lease_held && absl::FromChrono(asked - lease_asked) > lease_length) {
-        lease_other_holder = true;
-      }
-      req.set_defer_while_settling(lease_other_holder);
+      // A holder that went a whole lease without asking (it stalled) may have been replaced:
+      // it defers too.
+      const bool stalled = lease_held && absl::FromChrono(asked - lease_asked) > lease_length;
+      req.set_defer_while_settling(lease_other_holder || stalled);
       lease_asked = asked;
+      deadline = std::min(absl::Milliseconds(500), lease_length / 2);
     }
     grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+    ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(deadline));
     v1::PlacementLeaseResponse resp;
     const grpc::Status st = coordinator->AcquirePlacementLease(&ctx, req, &resp);
     std::lock_guard<std::mutex> lock(lease_mu);
@@ -260,39 +280,44 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       return;
     }
     if (!st.ok()) {
-      // Unreachable: nothing changes (see above). Before the first grant, the first placement
-      // says why it waits.
+      // Unreachable: a holder keeps serving (MayPlace: it places again once granted).
       if (!lease_held) {
-        lease_standby = absl::StrCat("coordinator ", options.coordinator, " does not answer (",
-                                     st.error_message(),
-                                     "); the router places its shards once it has the lease");
+        WaitForLeaseLocked(
+            absl::StrCat("waiting for coordinator ", options.coordinator,
+                         ", which does not answer (", st.error_message(),
+                         "): check that it runs and that --coordinator names it; the router "
+                         "places its shards once the coordinator grants it the placement lease"),
+            "unreachable");
       }
       return;
     }
     lease_unsupported = false;
     if (resp.lease_ms() > 0) lease_length = absl::Milliseconds(resp.lease_ms());
     if (resp.granted()) {
-      if (!lease_held && !lease_standby.empty()) {
+      if (!lease_held && !lease_wait_said.empty()) {
         std::fprintf(stderr, "moe-router: this router holds the placement lease now\n");
       }
       lease_held = true;
-      lease_standby.clear();
+      lease_other_holder = false;
+      lease_wait.clear();
+      lease_wait_said.clear();
       lease_confirmed = asked;
       metrics->SetPlacementLeaseHeld(true);
       return;
     }
-    lease_other_holder |= !resp.holder_id().empty();
     const std::string holder =
         resp.holder_id().empty()
             ? ""
             : absl::StrCat("router ", resp.holder_address(), " (", resp.holder_id(), ")");
+    lease_other_holder |= !holder.empty();
     if (lease_held && !holder.empty()) {
+      // Said by moe-router as it exits (WaitOrLeaseLost's status).
       lease_lost_why = absl::StrCat(
           holder, " holds the placement lease at coordinator ", options.coordinator,
-          " now (this router did not renew it for ",
+          " now (this router last renewed it ",
           absl::FormatDuration(absl::Milliseconds(
               absl::ToInt64Milliseconds(absl::FromChrono(asked - lease_confirmed)))),
-          ", and that router took over): this router stops, as its placement is no longer "
+          " ago, and that router took over): this router stops, as its placement is no longer "
           "the shards'; start it again to stand by");
       lease_held = false;
       metrics->SetPlacementLeaseHeld(false);
@@ -301,31 +326,31 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         lease_lost = true;
       }
       control_cv.notify_all();
-      std::fprintf(stderr, "moe-router: %s\n", lease_lost_why.c_str());
       return;
     }
     if (lease_held) return;  // settling: asked again within a quarter lease
-    const std::string why =
-        holder.empty()
-            ? absl::StrCat("coordinator ", options.coordinator,
-                           " started moments ago, and the router that held its placement lease "
-                           "may ask for it again first")
-            : absl::StrCat(holder, " holds the placement lease at coordinator ",
-                           options.coordinator, " (it lapses ", resp.holder_expires_in_ms(),
-                           " ms from now unless renewed); this router places the shards once that "
-                           "router stops. One router places a cluster's shards at a time");
-    if (holder != lease_standby_holder) {
-      std::fprintf(stderr, "moe-router: standing by: %s\n", why.c_str());
-      lease_standby_holder = holder;
+    if (holder.empty()) {
+      WaitForLeaseLocked(
+          absl::StrCat("standing by: coordinator ", options.coordinator,
+                       " started moments ago, and the router that held its placement lease "
+                       "may ask for it again first"),
+          "settling");
+    } else {
+      WaitForLeaseLocked(
+          absl::StrCat("standing by: ", holder, " holds the placement lease at coordinator ",
+                       options.coordinator, " (it lapses ", resp.holder_expires_in_ms(),
+                       " ms from now unless renewed); this router places the shards once that "
+                       "router stops. One router places a cluster's shards at a time"),
+          holder);
     }
-    lease_standby = why;
     metrics->SetPlacementLeaseHeld(false);
   }
 
-  // Renews the lease every quarter lease once held; asks every 250 ms until then.
+  // Renews the lease every quarter lease once held; asks every 250 ms until then. Runs until
+  // DoShutdown gives the lease up, or the lease is lost.
   void LeaseLoop() {
     std::unique_lock<std::mutex> lock(control_mu);
-    while (!stopping && !lease_lost.load()) {
+    while (!lease_stop && !lease_lost.load()) {
       lock.unlock();
       AskLease();
       std::chrono::milliseconds wait(250);
@@ -334,9 +359,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         if (lease_held || lease_unsupported) wait = absl::ToChronoMilliseconds(lease_length / 4);
       }
       lock.lock();
-      control_cv.wait_for(lock, wait, [this] { return stopping || lease_lost.load(); });
+      control_cv.wait_for(lock, wait, [this] { return lease_stop || lease_lost.load(); });
     }
-    const bool lost = lease_lost.load() && !stopping;
+    const bool lost = lease_lost.load();
     lock.unlock();
     if (lost) OnLeaseLost();
   }
@@ -361,12 +386,27 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     bool ask = false;
     {
       std::lock_guard<std::mutex> lock(lease_mu);
-      ask = lease_held ? absl::FromChrono(std::chrono::steady_clock::now() - lease_confirmed) >
-                             lease_length
-                       : !lease_unsupported && !lease_lost.load();
+      ask = lease_held ? !HeldNowLocked() : !lease_unsupported && !lease_lost.load();
     }
     if (ask) AskLease();
     return MayPlace();
+  }
+
+  // Why a change of placement is refused now (!MayPlaceNow()).
+  absl::Status PlacementRefusal() {
+    {
+      std::lock_guard<std::mutex> lock(lease_mu);
+      if (lease_held && !lease_lost.load()) {
+        return absl::UnavailableError(absl::StrCat(
+            "this router's placement lease was last renewed ",
+            absl::FormatDuration(absl::Milliseconds(absl::ToInt64Milliseconds(
+                absl::FromChrono(std::chrono::steady_clock::now() - lease_confirmed)))),
+            " ago (coordinator ", options.coordinator,
+            " does not answer): it serves, but changes no placement until the coordinator "
+            "renews the lease"));
+      }
+    }
+    return NotReady();
   }
 
   // Gives the lease up at shutdown, so that a router standing by takes over at its next ask.
@@ -481,9 +521,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (lease_lost.load()) return absl::UnavailableError(lease_lost_why);
       if (!lease_held && !lease_unsupported) {
         return absl::UnavailableError(absl::StrCat(
-            "the router stands by: ", lease_standby.empty()
-                                          ? "it has not been granted the placement lease yet"
-                                          : lease_standby));
+            "the router does not serve: ",
+            lease_wait.empty() ? "it has not been granted the placement lease yet" : lease_wait));
       }
     }
     std::lock_guard<std::mutex> l(models_mu);
@@ -1441,6 +1480,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // Apply's work, with placement_mu held.
   absl::Status SwitchLocked(Placement next, std::vector<std::shared_ptr<ShardClient>> next_shards,
                             absl::Time deadline, const std::function<bool()>& cancelled) {
+    // Only the holder of a lease renewed less than a lease ago changes the placement.
+    if (!MayPlace()) return PlacementRefusal();
     // No training step runs while replicas are copied and the table switches.
     std::unique_lock<common::TimedMutex> train_lock(train_mu, std::defer_lock);
     const std::chrono::nanoseconds left = common::TimeLeft(deadline);
@@ -1750,6 +1791,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // placed replica of its expert read READY this tick (it may hold training they lack).
   void UnloadExtras(const std::shared_ptr<const RoutingTable>& t,
                     const std::vector<Holding>& held) {
+    if (!MayPlace()) return;  // asked again next tick
     const int S = static_cast<int>(t->shards.size());
     std::vector<std::vector<int>> extras(S);
     bool any = false;
@@ -1797,6 +1839,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // may still hold it is unread or loading it, it waits (the next tick).
   void ReloadMissing(const RoutingTable& t, const std::vector<std::vector<int>>& missing,
                      const std::vector<Holding>& held, bool trained) {
+    if (!MayPlace()) return;  // asked again next tick
     for (int s = 0; s < static_cast<int>(t.shards.size()); ++s) {
       std::map<std::string, std::vector<int>> by_source;
       for (int e : missing[s]) {
@@ -2299,7 +2342,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // Keeps the coordinator's channel connected (an idle channel connects only when asked): a
     // step finds it ready, and `info` reads its state as it is, not "connecting".
     if (coordinator_channel != nullptr) coordinator_channel->GetState(/*try_to_connect=*/true);
-    if (!MayPlaceNow()) return;
+    // A lease not renewed for a lease is asked for again here; until it is granted, the tick's
+    // changes are refused where they are made (SwitchLocked, ReloadMissing, UnloadExtras).
+    if (!MayPlaceNow() && lease_lost.load()) return;
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return;
     bool membership_changes = false;  // the members differ from the table's shards
@@ -2668,7 +2713,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         // Standing by (NotReady says why) until this router holds the placement lease.
         const absl::Status st =
             MayPlaceNow() ? FirstPlacement(&unread_since) : absl::UnavailableError("");
-        if (st.ok()) {
+        if (st.ok() && !lease_lost.load()) {  // lost meanwhile: OnLeaseLost dropped the table
           AwaitPlacedShardsInRotation(absl::Seconds(5));
           server->GetHealthCheckService()->SetServingStatus(true);
           ready.Notify();
@@ -3212,6 +3257,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // ends by the client's own deadline (kRebalanceWithoutDeadline without one), and a call its
     // client cancels applies nothing either.
     auto work = [this, req, out, ctx](absl::Time deadline) -> absl::Status {
+      if (!req->dry_run() && !MayPlaceNow()) return PlacementRefusal();
       // No strategy: the one of the table each attempt reads, so that a retry after another
       // operator's switch keeps that switch's strategy instead of undoing it.
       std::optional<Strategy> asked;
@@ -3277,7 +3323,6 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       for (const auto& c : all) c->SetStillNeeded(nullptr);
       all.clear();
       if (control.joinable()) control.join();
-      if (lease_thread.joinable()) lease_thread.join();
       // Requests in flight may finish within the grace period; after it, whatever still waits
       // for a shard fails with UNAVAILABLE, so the server's shutdown (which waits for every
       // call to finish) ends, and no batch is left holding a shard client.
@@ -3293,7 +3338,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       pool->Shutdown();
       admin_pool->Shutdown();
       cancel_late.join();
-      // No switch can start now (the control loop and Rebalance's pool have ended).
+      // No switch can start now (the control loop and Rebalance's pool have ended): the lease,
+      // renewed until now, is given up.
+      {
+        std::lock_guard<std::mutex> lock(control_mu);
+        lease_stop = true;
+      }
+      control_cv.notify_all();
+      if (lease_thread.joinable()) lease_thread.join();
       if (coordinator != nullptr) ReleaseLease();
       // Forwards use this object until their `done` has run.
       std::unique_lock<std::mutex> lock(inflight_mu);

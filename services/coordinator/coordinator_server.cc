@@ -53,9 +53,9 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     std::string address;
     Clock::time_point renewed;
   } lease_holder;
-  // Once it has granted the lease, the coordinator knows who holds it (or gave it up, or let it
-  // lapse): a router that defers while settling is refused only before that.
-  bool lease_granted_since_start = false;
+  // What became of the last holder: "none" (no grant since the coordinator started; a router
+  // that defers while settling is refused only then), "released" or "lapsed".
+  std::string lease_previous = "none";
 
   prometheus::Family<prometheus::Counter>* steps_family;
   prometheus::Counter* commits;
@@ -65,7 +65,7 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
   prometheus::Counter* allreduce_bytes;
   prometheus::Gauge* bus_bandwidth;
   prometheus::Gauge* members_gauge;
-  prometheus::Counter* lease_changes;
+  std::map<std::string, prometheus::Counter*> lease_grants;  // by `previous`
 
   void InitMetrics() {
     steps_family = &prometheus::BuildCounter()
@@ -102,13 +102,16 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
                          .Help("2 (N-1)/N * bytes / time of the last all-reduce")
                          .Register(*registry)
                          .Add({});
-    lease_changes = &prometheus::BuildCounter()
-                         .Name("moe_coordinator_placement_lease_changes_total")
-                         .Help(
-                             "Times the placement lease went to another router (a router "
-                             "started, or took over from one that stopped or lapsed)")
-                         .Register(*registry)
-                         .Add({});
+    auto& changes = prometheus::BuildCounter()
+                        .Name("moe_coordinator_placement_lease_grants_total")
+                        .Help(
+                            "Placement leases granted to a router that did not hold it, by what "
+                            "became of the last holder: none (the first since the coordinator "
+                            "started), released (it stopped), lapsed (not renewed for a lease)")
+                        .Register(*registry);
+    for (const char* previous : {"none", "released", "lapsed"}) {
+      lease_grants[previous] = &changes.Add({{"previous", previous}});
+    }
     members_gauge = &prometheus::BuildGauge()
                          .Name("moe_coordinator_members")
                          .Help("Shards holding a lease")
@@ -198,8 +201,9 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
           RouterName(h.id, h.address).c_str(),
           static_cast<long long>(absl::ToInt64Milliseconds(absl::FromChrono(now - h.renewed))));
       h = LeaseHolder{};
+      lease_previous = "lapsed";
     }
-    if (h.id.empty() && !lease_granted_since_start && Settling() && req->defer_while_settling()) {
+    if (h.id.empty() && lease_previous == "none" && Settling() && req->defer_while_settling()) {
       resp->set_settling(true);
       reactor->Finish(grpc::Status::OK);
       return reactor;
@@ -208,10 +212,9 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
       if (h.id.empty()) {
         std::fprintf(stderr, "moe-coordinator: %s holds the placement lease\n",
                      RouterName(req->router_id(), req->router_address()).c_str());
-        lease_changes->Increment();
+        lease_grants[lease_previous]->Increment();
       }
       h = LeaseHolder{req->router_id(), req->router_address(), now};
-      lease_granted_since_start = true;
       resp->set_granted(true);
     } else {
       resp->set_holder_id(h.id);
@@ -233,6 +236,7 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
       std::fprintf(stderr, "moe-coordinator: %s gave the placement lease up\n",
                    RouterName(lease_holder.id, lease_holder.address).c_str());
       lease_holder = LeaseHolder{};
+      lease_previous = "released";
     }
     reactor->Finish(grpc::Status::OK);
     return reactor;

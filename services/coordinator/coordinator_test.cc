@@ -228,14 +228,15 @@ bool Settling(v1::Coordinator::Stub* stub) {
 // granted the lease, it knows the holder, and one given up goes to the next router to ask.
 TEST(Coordinator, OneRouterAtATimeHoldsThePlacementLease) {
   CoordinatorOptions o;
-  o.lease = absl::Milliseconds(400);
+  o.lease = absl::Seconds(1);
   auto server = CoordinatorServer::Start(o);
   ASSERT_TRUE(server.ok()) << server.status();
   auto stub = v1::Coordinator::NewStub(
       grpc::CreateChannel((*server)->address(), common::ChannelCredentials()));
-  auto changes = [&] {
+  auto grants = [&](const std::string& previous) {
     return testing::RegistryValue(*(*server)->registry(),
-                                  "moe_coordinator_placement_lease_changes_total", {});
+                                  "moe_coordinator_placement_lease_grants_total",
+                                  {{"previous", previous}});
   };
   {
     grpc::ClientContext ctx;
@@ -244,34 +245,32 @@ TEST(Coordinator, OneRouterAtATimeHoldsThePlacementLease) {
     EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
     EXPECT_EQ(st.error_message(), "router_id is empty");
   }
-  ASSERT_TRUE(Settling(stub.get()));  // 1.6 s: a quarter lease and 1.5 s
+  ASSERT_TRUE(Settling(stub.get()));  // 1.75 s: a quarter lease and 1.5 s
   v1::PlacementLeaseResponse r = AskLease(stub.get(), "standby", /*defer=*/true);
   EXPECT_FALSE(r.granted());
   EXPECT_TRUE(r.settling());
   EXPECT_EQ(r.holder_id(), "");
   r = AskLease(stub.get(), "old-holder");
   EXPECT_TRUE(r.granted());
-  EXPECT_EQ(r.lease_ms(), 400);
+  EXPECT_EQ(r.lease_ms(), 1000);
   r = AskLease(stub.get(), "standby", true);
   EXPECT_FALSE(r.granted());
   EXPECT_FALSE(r.settling());
   EXPECT_EQ(r.holder_id(), "old-holder");
   EXPECT_EQ(r.holder_address(), "old-holder-host:50051");
   EXPECT_GT(r.holder_expires_in_ms(), 0);
-  EXPECT_LE(r.holder_expires_in_ms(), 400);
-  EXPECT_EQ(changes(), 1);
+  EXPECT_LE(r.holder_expires_in_ms(), 1000);
+  EXPECT_EQ(grants("none"), 1);
 
   // Given up while the coordinator still settles: it knows no other holder.
   ReleaseLease(stub.get(), "old-holder");
   ASSERT_TRUE(Settling(stub.get()));
-  r = AskLease(stub.get(), "standby", true);
-  EXPECT_TRUE(r.granted());
-  EXPECT_EQ(changes(), 2);
+  EXPECT_TRUE(AskLease(stub.get(), "standby", true).granted());
   ReleaseLease(stub.get(), "standby");
   ASSERT_TRUE(AskLease(stub.get(), "old-holder").granted());
-  EXPECT_EQ(changes(), 3);
+  EXPECT_EQ(grants("released"), 2);
 
-  // Renewed every quarter lease past the settling window: the holder keeps it throughout.
+  // Renewed every quarter lease and more past the settling window: the holder keeps it.
   const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(2000);
   while (std::chrono::steady_clock::now() < until) {
     ASSERT_TRUE(AskLease(stub.get(), "old-holder").granted());
@@ -284,7 +283,7 @@ TEST(Coordinator, OneRouterAtATimeHoldsThePlacementLease) {
   EXPECT_EQ(AskLease(stub.get(), "standby").holder_id(), "old-holder");
   ReleaseLease(stub.get(), "old-holder");
   EXPECT_TRUE(AskLease(stub.get(), "standby").granted());
-  EXPECT_EQ(changes(), 4);
+  EXPECT_EQ(grants("released"), 3);
   r = AskLease(stub.get(), "old-holder");
   EXPECT_FALSE(r.granted());
   EXPECT_EQ(r.holder_id(), "standby");
@@ -292,12 +291,14 @@ TEST(Coordinator, OneRouterAtATimeHoldsThePlacementLease) {
   // Not renewed for a lease: it lapses, and the router asking gets it; the old holder asking
   // again is refused and told who holds it now.
   EXPECT_FALSE(AskLease(stub.get(), "third").granted());
-  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));
   EXPECT_TRUE(AskLease(stub.get(), "third").granted());
-  EXPECT_EQ(changes(), 5);
+  EXPECT_EQ(grants("lapsed"), 1);
   r = AskLease(stub.get(), "standby");
   EXPECT_FALSE(r.granted());
   EXPECT_EQ(r.holder_id(), "third");
+  EXPECT_EQ(grants("none"), 1);
+  EXPECT_EQ(grants("released"), 3);
 }
 
 }  // namespace

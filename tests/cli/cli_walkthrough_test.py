@@ -97,6 +97,8 @@ try:
     expect("placement: hybrid, version 1" in info, f"info placement:\n{info}")
     expect(re.search(r"^training: coordinator 127\.0\.0\.1:\d+, connected$", info,
                      re.M), f"info should name the coordinator:\n{info}")
+    expect(re.search(r"^placement lease: held \(renewed \d+(\.\d+)?(ms|s)? ago\)$", info, re.M),
+           f"info should say the router holds the placement lease:\n{info}")
     expect(len(re.findall(r"^\d+\s+127\.0\.0\.1:\d+\s+up\s", info, re.M)) == 3,
            f"info should list 3 shards up:\n{info}")
 

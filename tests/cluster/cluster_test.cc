@@ -3027,14 +3027,22 @@ TEST_F(ClusterTest, AChannelOfAProcessThatOnlyCallsIsBackSoonAfterItsServerResta
 
 // One router places a cluster's shards at a time (the coordinator's placement lease). A second
 // router following the same coordinator stands by: NOT_SERVING, each request refused UNAVAILABLE
-// naming the router that holds the lease, while that one answers right. When the holder stops,
-// it gives the lease up, and the one standing by takes over at once. A holder that stalls for a
-// whole lease is replaced by the router standing by, and once it runs again it learns so and
-// exits 1, saying which router holds the lease (it placed nothing more meanwhile: the new
-// holder's answers stay right). A coordinator that restarts keeps the holder it had.
+// naming the router that holds the lease, while that one answers right. A coordinator that
+// restarts keeps the holder it had (also one that took over from another). When the holder
+// stops, it gives the lease up, and the one standing by takes over at once. A holder that stalls
+// for a whole lease is replaced by the router standing by, and once it runs again it learns so
+// and exits 1, saying which router holds the lease (it placed nothing more meanwhile: the new
+// holder's answers stay right).
 TEST_F(ClusterTest, OneRouterPlacesTheShardsAtATimeAndAnotherStandsBy) {
-  auto cluster = Start("hybrid", 2);
+  const int metrics = testing::FreePortBlock(4);  // router, 2 shards, coordinator
+  auto cluster = Start("hybrid", 2, {}, {}, metrics);
   ASSERT_NE(cluster, nullptr);
+  const int coordinator_metrics = metrics + 3;
+  auto grants = [&](const std::string& previous) {
+    return ScrapeMetric(
+        coordinator_metrics,
+        "moe_coordinator_placement_lease_grants_total{previous=\"" + previous + "\"}");
+  };
   const std::string bin = std::string(MOE_BIN_DIR) + "/moe-router";
   const std::vector<std::string> args = {
       "--checkpoint", *path_,  "--port", "0", "--coordinator", cluster->coordinator_address(),
@@ -3059,10 +3067,13 @@ TEST_F(ClusterTest, OneRouterPlacesTheShardsAtATimeAndAnotherStandsBy) {
     return i;
   };
   auto lease_of = [&](v1::Router::Stub* stub) { return info(stub).placement_lease(); };
-  ASSERT_GE(WaitFor([&] { return absl::StartsWith(lease_of(b_stub.get()), "standing by"); }, 20), 0)
-      << lease_of(b_stub.get());
+  auto stands_by = [&](v1::Router::Stub* stub) {
+    return absl::StartsWith(lease_of(stub), "standing by: router ");
+  };
+  ASSERT_GE(WaitFor([&] { return stands_by(b_stub.get()); }, 20), 0) << lease_of(b_stub.get());
   const v1::ClusterInfo standby = info(b_stub.get());
-  EXPECT_NE(standby.not_ready().find("the router stands by: router "), std::string::npos)
+  EXPECT_NE(standby.not_ready().find("the router does not serve: standing by: router "),
+            std::string::npos)
       << standby.not_ready();
   EXPECT_NE(standby.not_ready().find("holds the placement lease at coordinator " +
                                      cluster->coordinator_address()),
@@ -3070,56 +3081,56 @@ TEST_F(ClusterTest, OneRouterPlacesTheShardsAtATimeAndAnotherStandsBy) {
       << standby.not_ready();
   EXPECT_EQ(standby.placement_version(), 0u);
   EXPECT_EQ(ScrapeMetric(b_metrics, "moe_router_placement_lease_held"), 0);
-  EXPECT_TRUE(absl::StartsWith(lease_of(a_stub.get()), "held")) << lease_of(a_stub.get());
+  EXPECT_TRUE(absl::StartsWith(lease_of(a_stub.get()), "held (renewed ")) << lease_of(a_stub.get());
+  EXPECT_EQ(grants("none"), 1);
   const int64_t n = 32;
   const std::vector<float> x = common::RandomMatrix(n, Config().d_model, 71);
   v1::InferResponse resp;
   grpc::Status st = Infer(b_stub.get(), Request(x, n, "standby"), &resp);
   EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE);
-  EXPECT_NE(st.error_message().find("stands by"), std::string::npos) << st.error_message();
+  EXPECT_NE(st.error_message().find("standing by: router "), std::string::npos)
+      << st.error_message();
   const uint64_t a_version = PlacementOf(a_stub.get()).version();
-  st = Infer(a_stub.get(), Request(x, n, "holder"), &resp);
-  ASSERT_TRUE(st.ok()) << st.error_message();
-  EXPECT_TRUE(Matches(x, n, resp, *layer_));
-  EXPECT_EQ(PlacementOf(a_stub.get()).version(), a_version);
-
-  // The coordinator is killed and started again: it knows no holder, and b, which knows of
-  // one, is refused until a has asked again and holds the lease once more.
-  cluster->coordinator().Signal(SIGKILL);
-  ASSERT_TRUE(cluster->coordinator().Wait(absl::Seconds(5)).ok());
-  ASSERT_TRUE(cluster->RestartCoordinator().ok());
-  auto coordinator = v1::Coordinator::NewStub(
-      grpc::CreateChannel(cluster->coordinator_address(), grpc::InsecureChannelCredentials()));
-  auto settling = [&] {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    v1::Membership m;
-    return !coordinator->ListMembers(&ctx, v1::ListMembersRequest(), &m).ok() || m.settling();
-  };
-  ASSERT_GE(WaitFor([&] { return !settling(); }, 20), 0) << "the coordinator still settles";
-  EXPECT_TRUE(absl::StartsWith(lease_of(a_stub.get()), "held")) << lease_of(a_stub.get());
-  EXPECT_NE(lease_of(b_stub.get()).find("standing by: router "), std::string::npos)
-      << lease_of(b_stub.get());
-  st = Infer(a_stub.get(), Request(x, n, "holder"), &resp);
-  ASSERT_TRUE(st.ok()) << st.error_message();
-  EXPECT_TRUE(Matches(x, n, resp, *layer_));
-
-  // The holder stops: it gives the lease up, and b takes over within a lease (3 s).
-  cluster->router().Signal(SIGTERM);
-  ASSERT_TRUE(cluster->router().Wait(absl::Seconds(10)).ok());
-  const double took_over =
-      WaitFor([&] { return absl::StartsWith(lease_of(b_stub.get()), "held"); }, 20);
-  ASSERT_GE(took_over, 0) << lease_of(b_stub.get());
-  EXPECT_LT(took_over, 2.5) << "not given up at the holder's shutdown: b waited for it to lapse";
   auto serves = [&](v1::Router::Stub* stub, const std::string& id) {
     v1::InferResponse r;
     return Infer(stub, Request(x, n, id), &r).ok() && Matches(x, n, r, *layer_);
   };
+  EXPECT_TRUE(serves(a_stub.get(), "holder"));
+  EXPECT_EQ(PlacementOf(a_stub.get()).version(), a_version);
+
+  // The coordinator is killed and started again: it knows no holder, and the router standing
+  // by, which knows of one, is refused until the holder has asked again and holds the lease.
+  auto coordinator = v1::Coordinator::NewStub(
+      grpc::CreateChannel(cluster->coordinator_address(), grpc::InsecureChannelCredentials()));
+  auto restart_coordinator = [&] {
+    cluster->coordinator().Signal(SIGKILL);
+    ASSERT_TRUE(cluster->coordinator().Wait(absl::Seconds(5)).ok());
+    ASSERT_TRUE(cluster->RestartCoordinator().ok());
+    auto settling = [&] {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+      v1::Membership m;
+      return !coordinator->ListMembers(&ctx, v1::ListMembersRequest(), &m).ok() || m.settling();
+    };
+    ASSERT_GE(WaitFor([&] { return !settling(); }, 20), 0) << "the coordinator still settles";
+  };
+  restart_coordinator();
+  EXPECT_TRUE(absl::StartsWith(lease_of(a_stub.get()), "held (renewed ")) << lease_of(a_stub.get());
+  EXPECT_TRUE(stands_by(b_stub.get())) << lease_of(b_stub.get());
+  EXPECT_TRUE(serves(a_stub.get(), "holder"));
+
+  // The holder stops: it gives the lease up, and b takes over.
+  cluster->router().Signal(SIGTERM);
+  ASSERT_TRUE(cluster->router().Wait(absl::Seconds(10)).ok());
+  ASSERT_GE(WaitFor([&] { return absl::StartsWith(lease_of(b_stub.get()), "held"); }, 20), 0)
+      << lease_of(b_stub.get());
+  EXPECT_EQ(grants("released"), 1) << "not given up at the holder's shutdown";
+  EXPECT_EQ(grants("lapsed"), 0);
   ASSERT_GE(WaitFor([&] { return serves(b_stub.get(), "b"); }, 30), 0)
       << "b did not serve within 30 s of holding the lease";
   EXPECT_EQ(ScrapeMetric(b_metrics, "moe_router_placement_lease_held"), 1);
 
-  // c stands by; b stalls past the lease (3 s): c takes over, and b, running again, exits.
+  // c stands by. The coordinator restarts again: b, which stood by before, keeps the lease.
   auto c = common::Subprocess::Spawn([&] {
     std::vector<std::string> v = {bin};
     v.insert(v.end(), args.begin(), args.end());
@@ -3129,23 +3140,28 @@ TEST_F(ClusterTest, OneRouterPlacesTheShardsAtATimeAndAnotherStandsBy) {
   const absl::StatusOr<int> c_port = c->ReadListeningPort(absl::Seconds(30));
   ASSERT_TRUE(c_port.ok()) << c_port.status();
   auto c_stub = client::MakeRouterStub(absl::StrCat("127.0.0.1:", *c_port));
-  ASSERT_GE(WaitFor([&] { return absl::StartsWith(lease_of(c_stub.get()), "standing by"); }, 20), 0)
-      << lease_of(c_stub.get());
+  ASSERT_GE(WaitFor([&] { return stands_by(c_stub.get()); }, 20), 0) << lease_of(c_stub.get());
+  restart_coordinator();
+  EXPECT_TRUE(absl::StartsWith(lease_of(b_stub.get()), "held (renewed ")) << lease_of(b_stub.get());
+  EXPECT_TRUE(stands_by(c_stub.get())) << lease_of(c_stub.get());
+
+  // b stalls past the lease (3 s): c takes over, and b, running again, exits.
   b->Signal(SIGSTOP);
   const bool c_serves = WaitFor([&] { return serves(c_stub.get(), "c"); }, 30) >= 0;
   b->Signal(SIGCONT);
   ASSERT_TRUE(c_serves) << "c did not take over within 30 s of b's stall: "
                         << info(c_stub.get()).not_ready();
+  EXPECT_EQ(grants("lapsed"), 1);
   const absl::StatusOr<int> b_exit = b->Wait(absl::Seconds(15));
   ASSERT_TRUE(b_exit.ok()) << "b kept running after c took the lease over";
   EXPECT_TRUE(WIFEXITED(*b_exit) && WEXITSTATUS(*b_exit) == 1) << "wait status " << *b_exit;
   std::ifstream log_in(b_log);
   const std::string log((std::istreambuf_iterator<char>(log_in)), std::istreambuf_iterator<char>());
-  EXPECT_NE(log.find("moe-router: router "), std::string::npos) << log;
-  EXPECT_NE(log.find("holds the placement lease at coordinator " + cluster->coordinator_address() +
-                     " now"),
-            std::string::npos)
-      << log;
+  const std::string lost = "holds the placement lease at coordinator " +
+                           cluster->coordinator_address() + " now (this router last renewed it ";
+  const size_t at = log.find(lost);
+  EXPECT_NE(at, std::string::npos) << log;
+  EXPECT_EQ(log.find(lost, at + 1), std::string::npos) << "said twice:\n" << log;
   EXPECT_NE(log.find("start it again to stand by"), std::string::npos) << log;
   for (int i = 0; i < 5; ++i) EXPECT_TRUE(serves(c_stub.get(), "c-after"));
   c->Signal(SIGTERM);
