@@ -21,6 +21,7 @@
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/collective/grpc_transport.h"
 #include "services/collective/ring_allreduce.h"
+#include "services/common/checkpoint.h"
 #include "services/common/clock.h"
 #include "services/common/expert_copy.h"
 #include "services/common/failpoint.h"
@@ -350,6 +351,12 @@ class DispatchReactor final
       core_->End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "shard is shutting down"));
       return;
     }
+    // The router's fingerprint of its model (a router older than the key sends none).
+    const auto sent = ctx->client_metadata().find(common::kModelFingerprintKey);
+    if (sent != ctx->client_metadata().end()) {
+      const std::string theirs(sent->second.data(), sent->second.size());
+      if (common::OtherWeights(theirs, impl_->model_fingerprint)) routers_model_ = theirs;
+    }
     StartRead(&request_);
   }
 
@@ -416,6 +423,18 @@ class DispatchReactor final
                      " experts of d_model ", width, "; this shard serves ",
                      impl_->config.num_experts, " of d_model ", d,
                      ": start it from the router's checkpoint")),
+             "other_model");
+      return;
+    }
+    // Of the same shape, but another model's weights (a shard restarted at its address from
+    // another checkpoint): every answer would be a wrong number. The router sends the batch to
+    // another replica, and leaves this shard out once it has read its status.
+    if (!routers_model_.empty()) {
+      Reject(id,
+             absl::FailedPreconditionError(
+                 absl::StrCat("batch ", id, " is for a model of other weights (the router's ",
+                              routers_model_, ", this shard's ", impl_->model_fingerprint,
+                              "): start it from the router's checkpoint")),
              "other_model");
       return;
     }
@@ -555,6 +574,9 @@ class DispatchReactor final
   grpc::CallbackServerContext* ctx_;
   std::shared_ptr<StreamCore> core_;
   v1::DispatchRequest request_;
+  // The router's model fingerprint when it differs from this shard's ("" when the same, or not
+  // sent): every batch is refused.
+  std::string routers_model_;
 };
 
 grpc::ServerBidiReactor<v1::DispatchRequest, v1::DispatchResponse>* ShardServer::Impl::Dispatch(

@@ -1,9 +1,13 @@
 #include "expert_server/state_dir.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 
 #include "absl/strings/numbers.h"
@@ -19,6 +23,40 @@ namespace {
 constexpr char kStepKey[] = "moe_trained_step";
 constexpr char kBaseKey[] = "moe_checkpoint_fingerprint";
 
+// Takes DIR/.lock for this process (flock: released when the process ends, however it ends),
+// and writes its pid there. FAILED_PRECONDITION, naming the holder's pid, when another process
+// (or another StateDir of this one) holds it: two shards writing one directory would each read
+// the other's experts as their own at their next start.
+absl::StatusOr<int> LockDirectory(const std::string& dir) {
+  const std::string path = dir + "/.lock";
+  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--state-dir ", dir, ": cannot open ", path, " (", std::strerror(errno), ")"));
+  }
+  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    char buf[32] = {};
+    const ssize_t n = pread(fd, buf, sizeof(buf) - 1, 0);
+    close(fd);
+    std::string holder(buf, n > 0 ? static_cast<size_t>(n) : 0);
+    holder.erase(holder.find_last_not_of(" \n") + 1);
+    if (err != EWOULDBLOCK) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--state-dir ", dir, ": cannot lock ", path, " (", std::strerror(err), ")"));
+    }
+    return absl::FailedPreconditionError(
+        absl::StrCat("--state-dir ", dir, " is in use by another moe-expert-server",
+                     holder.empty() ? "" : absl::StrCat(" (pid ", holder, ")"),
+                     ": give each shard a directory of its own"));
+  }
+  const std::string pid = absl::StrCat(getpid(), "\n");
+  if (ftruncate(fd, 0) != 0 || pwrite(fd, pid.data(), pid.size(), 0) < 0) {
+    // The lock holds without the pid: only the message of a second shard lacks it.
+  }
+  return fd;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<StateDir>> StateDir::Open(std::string dir,
@@ -33,6 +71,7 @@ absl::StatusOr<std::unique_ptr<StateDir>> StateDir::Open(std::string dir,
         "--state-dir ", dir, ": not a directory, and cannot be created",
         ec ? absl::StrCat(" (", ec.message(), ")") : std::string()));
   }
+  ASSIGN_OR_RETURN(const int lock_fd, LockDirectory(dir));
   // A shard killed while writing leaves its write's temporary file: nothing is left behind.
   if (const int removed = common::RemoveUnfinishedWrites(dir); removed > 0) {
     std::fprintf(stderr,
@@ -40,8 +79,10 @@ absl::StatusOr<std::unique_ptr<StateDir>> StateDir::Open(std::string dir,
                  "did not finish (the shard stopped while writing)\n",
                  dir.c_str(), removed);
   }
-  return std::unique_ptr<StateDir>(new StateDir(std::move(dir), std::move(config),
-                                                std::move(checkpoint), std::move(on_written)));
+  auto state = std::unique_ptr<StateDir>(new StateDir(
+      std::move(dir), std::move(config), std::move(checkpoint), std::move(on_written)));
+  state->lock_fd_ = lock_fd;
+  return state;
 }
 
 StateDir::StateDir(std::string dir, common::ModelConfig config, CheckpointReader checkpoint,
@@ -60,6 +101,7 @@ StateDir::~StateDir() {
   }
   cv_.notify_all();
   writer_.join();
+  if (lock_fd_ >= 0) close(lock_fd_);  // the lock goes with it
 }
 
 std::string StateDir::PathOf(int expert) const {

@@ -39,9 +39,10 @@ class StateDir {
   // Runs after each write, with its result.
   using OnWritten = std::function<void(int expert, uint64_t step, const absl::Status&)>;
 
-  // Creates `dir` if missing, and removes the temporary files of writes that did not finish
-  // (common::RemoveUnfinishedWrites). INVALID_ARGUMENT when it cannot be created or is not a
-  // directory.
+  // Creates `dir` if missing, locks it for this object (DIR/.lock), and removes the temporary
+  // files of writes that did not finish (common::RemoveUnfinishedWrites). INVALID_ARGUMENT when
+  // it cannot be created or is not a directory; FAILED_PRECONDITION when another shard (or
+  // another StateDir) has it locked.
   static absl::StatusOr<std::unique_ptr<StateDir>> Open(std::string dir,
                                                         common::ModelConfig config,
                                                         CheckpointReader checkpoint,
@@ -83,6 +84,7 @@ class StateDir {
   // would otherwise log the same line for every expert the shard loads.
   std::set<std::string> ignored_why_;
   std::thread writer_;
+  int lock_fd_ = -1;  // DIR/.lock, held (flock) while this object lives
 };
 
 }  // namespace moe::expert

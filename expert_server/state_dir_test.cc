@@ -186,5 +186,24 @@ TEST_F(StateDirTest, APathThatIsAFileIsRefusedWithItsName) {
   EXPECT_NE(state.status().message().find(file), std::string::npos) << state.status();
 }
 
+// Two shards given one --state-dir would each read the other's experts as their own at their
+// next start: the second is refused, naming the first's pid, until the first has gone.
+TEST_F(StateDirTest, ADirectoryInUseByAnotherShardIsRefused) {
+  const std::string dir = testing::TempPath("state_shared");
+  std::unique_ptr<StateDir> first = Open(dir, ck_);
+  ASSERT_NE(first, nullptr);
+  auto second = StateDir::Open(dir, Config(), [this](int e) {
+    return absl::StatusOr<common::ExpertWeights>(ck_.experts[e]);
+  });
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(second.status().message(),
+            absl::StrCat("--state-dir ", dir, " is in use by another moe-expert-server (pid ",
+                         getpid(), "): give each shard a directory of its own"));
+  first.reset();
+  EXPECT_NE(Open(dir, ck_), nullptr) << "the lock outlived its StateDir";
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace moe::expert

@@ -5,10 +5,11 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "services/common/checkpoint.h"
 #include "services/common/clock.h"
 #include "services/common/expert_copy.h"
-#include "services/common/security.h"
 #include "services/common/grpc_status.h"
+#include "services/common/security.h"
 
 namespace moe::router {
 
@@ -18,6 +19,9 @@ class GrpcShardClient::Stream final
     : public grpc::ClientBidiReactor<v1::DispatchRequest, v1::DispatchResponse> {
  public:
   explicit Stream(GrpcShardClient* owner) : owner_(owner) {
+    if (!owner_->model_fingerprint_.empty()) {
+      ctx_.AddMetadata(common::kModelFingerprintKey, owner_->model_fingerprint_);
+    }
     owner_->stub_->async()->Dispatch(&ctx_, this);
     AddHold();  // released once no more writes will be made
     StartRead(&response_);
@@ -169,13 +173,14 @@ class GrpcShardClient::Stream final
 
 GrpcShardClient::GrpcShardClient(std::string address, const common::RpcLimits& limits,
                                  std::function<void(bool)> on_health_change,
-                                 absl::Duration health_interval)
+                                 absl::Duration health_interval, std::string model_fingerprint)
     : address_(std::move(address)),
       channel_(grpc::CreateCustomChannel(address_, common::ChannelCredentials(),
                                          common::ClientChannelArgs(limits))),
       stub_(v1::ExpertShard::NewStub(channel_)),
       on_health_change_(std::move(on_health_change)),
       health_interval_(health_interval),
+      model_fingerprint_(std::move(model_fingerprint)),
       flip_lines_(address_) {
   health_thread_ = std::thread([this] { HealthLoop(); });
 }

@@ -47,9 +47,12 @@ class FlipLines {
 class GrpcShardClient final : public ShardClient {
  public:
   // `on_health_change` runs (from the watcher thread or a gRPC thread) when healthy() flips.
+  // `model_fingerprint` (common::ModelFingerprint of the router's checkpoint), when given, goes
+  // with each Dispatch stream: a shard of other weights refuses its batches.
   GrpcShardClient(std::string address, const common::RpcLimits& limits,
                   std::function<void(bool)> on_health_change = nullptr,
-                  absl::Duration health_interval = absl::Milliseconds(250));
+                  absl::Duration health_interval = absl::Milliseconds(250),
+                  std::string model_fingerprint = "");
   ~GrpcShardClient() override;
 
   void Dispatch(std::shared_ptr<const v1::DispatchRequest> request, int64_t rows,
@@ -111,6 +114,7 @@ class GrpcShardClient final : public ShardClient {
   // on_health_change_ takes the router's metrics lock, which calls nothing back.
   mutable std::mutex flip_mu_;
   const absl::Duration health_interval_;
+  const std::string model_fingerprint_;
   OutOfRotation out_;  // flip_mu_
   FlipLines flip_lines_;  // flip_mu_
 

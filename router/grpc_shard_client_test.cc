@@ -474,12 +474,13 @@ struct TwoModels {
   std::string path, other_path;
   bool ok = false;
 };
-TwoModels SaveTwoModels(const std::string& name) {
+// The other model is of another d_model, or (same_shape) of the same shape and another seed.
+TwoModels SaveTwoModels(const std::string& name, bool same_shape = false) {
   TwoModels m;
   m.path = ::moe::testing::TempPath(name + ".safetensors");
   m.other_path = ::moe::testing::TempPath(name + "_other.safetensors");
   common::ModelConfig other = kConfig;
-  other.d_model = 8;
+  if (!same_shape) other.d_model = 8;
   const absl::Status a = common::SaveCheckpoint(m.path, m.ck);
   const absl::Status b =
       common::SaveCheckpoint(m.other_path, common::MakeRandomCheckpoint({other, true, 6}));
@@ -1053,8 +1054,12 @@ TEST(RouterMembership, AShardThatJoinsWhileAnotherDrainsIsPlacedWithoutTheDraine
 // refused FAILED_PRECONDITION (the batch names the router's model: DispatchRequest.num_experts
 // and the rows' width) and goes to another replica: no request fails, and every answer is the
 // layer's. Here the router reads no status after its first placement, so the window stays open.
-TEST(RouterShardModel, ABatchSentToAShardOfAnotherModelGoesToAnotherReplica) {
-  const TwoModels models = SaveTwoModels("shard_model_window");
+// Other weights of the same shape (same_shape) would come back as wrong numbers, not errors:
+// the shard refuses those batches by the model fingerprint the router sends with its Dispatch
+// stream.
+void BatchesToAShardOfAnotherModel(bool same_shape) {
+  const TwoModels models =
+      SaveTwoModels(same_shape ? "shard_weights_window" : "shard_model_window", same_shape);
   ASSERT_TRUE(models.ok);
   const std::string& path = models.path;
   const std::string& other_path = models.other_path;
@@ -1101,6 +1106,14 @@ TEST(RouterShardModel, ABatchSentToAShardOfAnotherModelGoesToAnotherReplica) {
             0);
   EXPECT_GT(::moe::testing::RegistryValue(*(*router)->registry(), "moe_router_failovers_total"), 0);
   (*router)->Shutdown(absl::Milliseconds(100));
+}
+
+TEST(RouterShardModel, ABatchSentToAShardOfAnotherModelGoesToAnotherReplica) {
+  BatchesToAShardOfAnotherModel(/*same_shape=*/false);
+}
+
+TEST(RouterShardModel, ABatchSentToAShardOfOtherWeightsOfTheSameShapeGoesToAnotherReplica) {
+  BatchesToAShardOfAnotherModel(/*same_shape=*/true);
 }
 
 // Options for a shard that starts with `initial` experts (nullopt: every expert).

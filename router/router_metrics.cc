@@ -95,8 +95,9 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, int num_experts,
   lease_held_ = &prometheus::BuildGauge()
                      .Name("moe_router_placement_lease_held")
                      .Help(
-                         "1 while this router places the shards (it holds the coordinator's "
-                         "placement lease, or needs none), 0 while it stands by")
+                         "1 while this router may place the shards (it holds a placement lease "
+                         "renewed less than a lease ago, or needs none), 0 while it stands by or "
+                         "its lease is not renewed")
                      .Register(registry)
                      .Add({});
   auto& refused = prometheus::BuildCounter()

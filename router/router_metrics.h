@@ -38,8 +38,9 @@ class RouterMetrics {
   void ExpertLostTraining() { lost_training_->Increment(); }
   void SetImbalance(double v) { imbalance_->Set(v); }
   void SetPlacementVersion(double v) { placement_version_->Set(v); }
-  // moe_router_placement_lease_held: 1 while this router holds the coordinator's placement
-  // lease (or needs none: no coordinator, or one that grants none), 0 while it stands by.
+  // moe_router_placement_lease_held: 1 while this router may place (it holds the coordinator's
+  // placement lease, renewed less than a lease ago, or needs none: no coordinator, or one that
+  // grants none), 0 while it stands by or its lease is not renewed.
   void SetPlacementLeaseHeld(bool held) { lease_held_->Set(held ? 1 : 0); }
   void SetShardUp(const std::string& shard, bool up);
   // The shards whose moe_shard_up is exported from now on (the current members, each with

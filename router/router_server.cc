@@ -180,9 +180,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // A holder whose last grant is older than a lease (the coordinator does not answer) keeps
   // serving but changes no placement until it is granted again: no other router may place
   // meanwhile, but this one cannot tell.
+  std::mutex lease_mu;
+  // Set once the server has its port (lease_mu: calls may come in before that).
   std::string router_id;    // random, one per process
   std::string router_name;  // "HOST:PORT (ID)", for messages
-  std::mutex lease_mu;
   // The coordinator grants no lease (an older build): the router places without one.
   bool lease_unsupported = false;
   bool lease_held = false;
@@ -247,13 +248,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   void AskLease() {
     using Clock = std::chrono::steady_clock;
     v1::PlacementLeaseRequest req;
-    req.set_router_id(router_id);
-    req.set_router_address(router_name.substr(0, router_name.find(' ')));
     const Clock::time_point asked = Clock::now();
     absl::Duration deadline;
     {
       std::lock_guard<std::mutex> lock(lease_mu);
-      if (lease_lost.load()) return;
+      if (lease_lost.load() || router_id.empty()) return;
+      req.set_router_id(router_id);
+      req.set_router_address(router_name.substr(0, router_name.find(' ')));
       // A holder that went a whole lease without asking (it stalled) may have been replaced:
       // it defers too.
       const bool stalled = lease_held && absl::FromChrono(asked - lease_asked) > lease_length;
@@ -357,6 +358,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       {
         std::lock_guard<std::mutex> l(lease_mu);
         if (lease_held || lease_unsupported) wait = absl::ToChronoMilliseconds(lease_length / 4);
+        // 1 while the router may place: a lease not renewed for a lease reads 0.
+        metrics->SetPlacementLeaseHeld(!lease_lost.load() &&
+                                       (lease_unsupported || HeldNowLocked()));
       }
       lock.lock();
       control_cv.wait_for(lock, wait, [this] { return lease_stop || lease_lost.load(); });
@@ -392,18 +396,17 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return MayPlace();
   }
 
-  // Why a change of placement is refused now (!MayPlaceNow()).
+  // Why a change of placement is refused now (!MayPlaceNow()). The same text each time: Apply
+  // says a refusal once while it lasts.
   absl::Status PlacementRefusal() {
     {
       std::lock_guard<std::mutex> lock(lease_mu);
       if (lease_held && !lease_lost.load()) {
         return absl::UnavailableError(absl::StrCat(
-            "this router's placement lease was last renewed ",
-            absl::FormatDuration(absl::Milliseconds(absl::ToInt64Milliseconds(
-                absl::FromChrono(std::chrono::steady_clock::now() - lease_confirmed)))),
-            " ago (coordinator ", options.coordinator,
-            " does not answer): it serves, but changes no placement until the coordinator "
-            "renews the lease"));
+            "this router's placement lease has not been renewed for over a lease (coordinator ",
+            options.coordinator,
+            " does not answer it in time): the router serves, but changes no placement and "
+            "runs no training step until the lease is renewed"));
       }
     }
     return NotReady();
@@ -415,9 +418,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       std::lock_guard<std::mutex> lock(lease_mu);
       if (!lease_held || lease_lost.load()) return;
       lease_held = false;
+      metrics->SetPlacementLeaseHeld(false);
     }
     v1::PlacementLeaseRequest req;
-    req.set_router_id(router_id);
+    req.set_router_id(router_id);  // set before the lease could be held
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
     v1::PlacementLeaseResponse resp;
@@ -815,7 +819,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     auto on_change = [this, address](bool up) { metrics->SetShardUp(address, up); };
     auto c = options.shard_factory
                  ? options.shard_factory(address, on_change)
-                 : std::make_shared<GrpcShardClient>(address, options.limits, on_change);
+                 : std::make_shared<GrpcShardClient>(address, options.limits, on_change,
+                                                     absl::Milliseconds(250), model_fingerprint);
     // Not on one made during shutdown, which clears it on the others (it calls into this).
     if (!shutting_down.load()) c->SetStillNeeded([this, address] { return StillNeeded(address); });
     clients[address] = c;
@@ -861,8 +866,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                                options.coordinator));
       }
       if (!coordinator_trouble.empty()) {
-        std::fprintf(stderr, "moe-router: coordinator %s now lists %zu shard(s)\n",
-                     options.coordinator.c_str(), addrs.size());
+        // While it settles the shards are still registering: the count is not the last word.
+        std::fprintf(stderr, "moe-router: coordinator %s now lists %zu shard(s)%s\n",
+                     options.coordinator.c_str(), addrs.size(),
+                     m.settling() ? " so far (it started moments ago: more may register within "
+                                    "its first lease)"
+                                  : "");
         coordinator_trouble.clear();
       }
       coordinator_settling = m.settling();
@@ -938,9 +947,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // would be a wrong number, not an error (a helper's walk-through, 2026-12-06: accepted).
     // Not compared with a shard older than the field (empty), or one that fingerprints another
     // way (another version prefix: a rollout of mixed builds).
-    const bool weights =
-        !absl::StartsWith(st.model_fingerprint(), common::kModelFingerprintVersion) ||
-        st.model_fingerprint() == model_fingerprint;
+    const bool weights = !common::OtherWeights(st.model_fingerprint(), model_fingerprint);
     const bool same = shape && weights;
     ClientFor(address)->SetServesOtherModel(!same);  // the dispatcher sends it nothing
     std::lock_guard<std::mutex> lock(models_mu);
@@ -1766,7 +1773,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     // Not while shutting down: requests on the old table may still be finishing, and what is
     // left loaded is unloaded by the next router's first placement.
-    for (size_t s = 0; s < to_unload.size() && !shutting_down.load(); ++s) {
+    // Nor once the lease has run out meanwhile (UnloadExtras does it once it is renewed).
+    for (size_t s = 0; s < to_unload.size() && !shutting_down.load() && MayPlace(); ++s) {
       if (!to_unload[s].empty()) {
         old->shards[s]->UnloadExperts(to_unload[s], next.version, absl::Seconds(10)).IgnoreError();
       }
@@ -1839,8 +1847,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // may still hold it is unread or loading it, it waits (the next tick).
   void ReloadMissing(const RoutingTable& t, const std::vector<std::vector<int>>& missing,
                      const std::vector<Holding>& held, bool trained) {
-    if (!MayPlace()) return;  // asked again next tick
-    for (int s = 0; s < static_cast<int>(t.shards.size()); ++s) {
+    // Each shard's loads take a while: the lease is checked before each (asked again next tick).
+    for (int s = 0; s < static_cast<int>(t.shards.size()) && MayPlace(); ++s) {
       std::map<std::string, std::vector<int>> by_source;
       for (int e : missing[s]) {
         if (!trained) {
@@ -2521,7 +2529,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         // Shards that missed a commit's confirmation are asked again first: until each has
         // applied that update, none may be the source of a copy.
         // The table read before the lock may have been replaced meanwhile: next tick, then.
-        if (Table() == t && (trainer == nullptr || trainer->RetryConfirmations(*t).ok())) {
+        // Copies are placement changes too: only with a current lease (MayPlace).
+        if (Table() == t && MayPlace() &&
+            (trainer == nullptr || trainer->RetryConfirmations(*t).ok())) {
           // Replicas behind first: then every live replica is a right source for what is
           // missing, and the shards' steps tell whether it was trained (after a router restart
           // steps_done is 0; reading the checkpoint then would serve untrained weights).
@@ -2715,8 +2725,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
             MayPlaceNow() ? FirstPlacement(&unread_since) : absl::UnavailableError("");
         if (st.ok() && !lease_lost.load()) {  // lost meanwhile: OnLeaseLost dropped the table
           AwaitPlacedShardsInRotation(absl::Seconds(5));
-          server->GetHealthCheckService()->SetServingStatus(true);
-          ready.Notify();
+          // OnLeaseLost says NOT_SERVING under placement_mu: SERVING is said only before it.
+          std::lock_guard<common::TimedMutex> p(placement_mu);
+          if (!lease_lost.load()) {
+            server->GetHealthCheckService()->SetServingStatus(true);
+            ready.Notify();
+          }
         } else if (!st.message().empty()) {
           std::lock_guard<std::mutex> l(models_mu);
           not_ready_why = std::string(st.message());
@@ -2891,6 +2905,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           " without a connection): the step was not started and no weight changed; check that "
           "it runs and that the router's --coordinator names it"));
     }
+    // A step copies replicas and changes weights: only the holder of a current lease runs one
+    // (a router just woken from a stall learns here that another took over).
+    if (!MayPlaceNow()) return PlacementRefusal();
     // Every replica at the same step first: the step stamps its id on each one it updates.
     RETURN_IF_ERROR(trainer->RetryConfirmations(*t));
     RETURN_IF_ERROR(ReloadStale(*t, /*trained=*/nullptr, /*before_step=*/true));
@@ -2970,7 +2987,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       // every replica is behind is reported as having lost its training, before they are read
       // (as on the control loop's next tick), within the call's deadline. A failure is logged;
       // the replicas are compared.
-      ReloadStale(*t, /*trained=*/nullptr, /*before_step=*/false, deadline).IgnoreError();
+      if (MayPlace()) {
+        ReloadStale(*t, /*trained=*/nullptr, /*before_step=*/false, deadline).IgnoreError();
+      }
     }
     common::Checkpoint ck;
     ck.config = config;
@@ -3543,9 +3562,18 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
     impl->coordinator = v1::Coordinator::NewStub(impl->coordinator_channel);
     impl->coordinator_channel->GetState(/*try_to_connect=*/true);  // connected by READY
     v1::Coordinator::Stub* stub = impl->coordinator.get();
+    Impl* lessee = impl.get();
     impl->trainer = std::make_unique<Trainer>(
-        impl->config, [stub, address = o.coordinator](const v1::CommitStepRequest& req)
-                          -> absl::StatusOr<v1::CommitStepResponse> {
+        impl->config,
+        [stub, lessee, address = o.coordinator](
+            const v1::CommitStepRequest& sent) -> absl::StatusOr<v1::CommitStepResponse> {
+          // Sent with this router's id: the coordinator refuses a step from a router that does
+          // not hold the placement lease.
+          v1::CommitStepRequest req = sent;
+          {
+            std::lock_guard<std::mutex> lock(lessee->lease_mu);
+            req.set_router_id(lessee->router_id);
+          }
           // Longer than the coordinator can take (the reductions' timeout + 1 s, then 5 s for
           // the second phase): giving up first would abort a step it may be committing.
           grpc::ClientContext ctx;
@@ -3592,8 +3620,11 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   impl->server = std::move(started.server);
   impl->port = started.port;
   Impl* raw = impl.get();
-  impl->router_id = RandomId();
-  impl->router_name = absl::StrCat(HostName(), ":", impl->port, " (", impl->router_id, ")");
+  {
+    std::lock_guard<std::mutex> lock(impl->lease_mu);
+    impl->router_id = RandomId();
+    impl->router_name = absl::StrCat(HostName(), ":", impl->port, " (", impl->router_id, ")");
+  }
   impl->metrics->SetPlacementLeaseHeld(impl->coordinator == nullptr);
   if (impl->coordinator != nullptr) impl->lease_thread = std::thread([raw] { raw->LeaseLoop(); });
   impl->control = std::thread([raw] { raw->ControlLoop(); });

@@ -76,8 +76,9 @@ std::vector<size_t> Participants(const RoutingTable& table) {
 // (OUT_OF_RANGE) would be again if the step were sent again, the caller's to change; any other
 // failure is ABORTED, a step to retry.
 absl::StatusCode StepFailure(absl::StatusCode cause) {
-  return cause == absl::StatusCode::kOutOfRange ? absl::StatusCode::kOutOfRange
-                                                : absl::StatusCode::kAborted;
+  return cause == absl::StatusCode::kOutOfRange || cause == absl::StatusCode::kFailedPrecondition
+             ? cause
+             : absl::StatusCode::kAborted;
 }
 
 // Whether shard `address` of `table` takes part in its steps (see Participants).

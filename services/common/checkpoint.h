@@ -135,6 +135,15 @@ std::string GateFingerprint(const GateWeights& gate);
 inline constexpr absl::string_view kModelFingerprintVersion = "mf1:";
 absl::StatusOr<std::string> ModelFingerprint(const SafetensorsReader& reader,
                                              const ModelConfig& config, absl::string_view prefix);
+// Whether two fingerprints tell of other weights: both of this version, and different. An empty
+// one (an older build) or one of another version tells nothing.
+inline bool OtherWeights(absl::string_view a, absl::string_view b) {
+  return a.substr(0, kModelFingerprintVersion.size()) == kModelFingerprintVersion &&
+         b.substr(0, kModelFingerprintVersion.size()) == kModelFingerprintVersion && a != b;
+}
+// The Dispatch stream's metadata key that carries the router's ModelFingerprint: a shard of
+// other weights refuses the stream's batches (FAILED_PRECONDITION), before any status read.
+inline constexpr char kModelFingerprintKey[] = "moe-model-fingerprint";
 
 // Checks internal consistency of sizes (used before building kernels from weights that did not
 // come from a file, e.g. copied from a peer).

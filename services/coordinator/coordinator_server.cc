@@ -332,6 +332,25 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
   void RunStep(const v1::CommitStepRequest& req, v1::CommitStepResponse* resp,
                absl::Time decide_by) {
     std::lock_guard<std::mutex> step_lock(step_mu);
+    std::string other_holder;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      const LeaseHolder& h = lease_holder;
+      if (!req.router_id().empty() && !h.id.empty() && h.id != req.router_id() &&
+          absl::FromChrono(Clock::now() - h.renewed) <= options.lease) {
+        other_holder = RouterName(h.id, h.address);
+      }
+    }
+    if (!other_holder.empty()) {
+      AbortEverywhere(req);  // the shards drop the step's state now
+      aborts->Increment();
+      resp->set_committed(false);
+      resp->set_code(grpc::StatusCode::FAILED_PRECONDITION);
+      resp->set_reason(absl::StrCat(
+          other_holder, " holds the placement lease at this coordinator: a step from router ",
+          req.router_id(), " is refused, as only the router that places the experts trains them"));
+      return;
+    }
     if (common::MonotonicNow() > decide_by) {
       AbortEverywhere(req);
       failures_family->Add({{"code", "DEADLINE_EXCEEDED"}}).Increment();
