@@ -24,15 +24,21 @@ constexpr char kStepKey[] = "moe_trained_step";
 constexpr char kBaseKey[] = "moe_checkpoint_fingerprint";
 
 // Takes DIR/.lock for this process (flock: released when the process ends, however it ends),
-// and writes its pid there. FAILED_PRECONDITION, naming the holder's pid, when another process
-// (or another StateDir of this one) holds it: two shards writing one directory would each read
-// the other's experts as their own at their next start.
+// and writes its pid there; returns its fd, or -1 (logged) where the filesystem cannot lock.
+// FAILED_PRECONDITION, naming the holder's pid, when another process (or another StateDir of
+// this one) holds it: two shards writing one directory would each read the other's experts as
+// their own at their next start.
 absl::StatusOr<int> LockDirectory(const std::string& dir) {
   const std::string path = dir + "/.lock";
   const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--state-dir ", dir, ": cannot open ", path, " (", std::strerror(errno), ")"));
+    // A directory the shard can read but not write (read-only mount) started before the lock
+    // existed, its writes failing with a line each: it still does.
+    std::fprintf(stderr,
+                 "moe-expert-server: --state-dir %s: cannot open %s (%s); going on unlocked: make "
+                 "sure no other shard uses this directory\n",
+                 dir.c_str(), path.c_str(), std::strerror(errno));
+    return -1;
   }
   if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
     const int err = errno;
@@ -42,8 +48,12 @@ absl::StatusOr<int> LockDirectory(const std::string& dir) {
     std::string holder(buf, n > 0 ? static_cast<size_t>(n) : 0);
     holder.erase(holder.find_last_not_of(" \n") + 1);
     if (err != EWOULDBLOCK) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--state-dir ", dir, ": cannot lock ", path, " (", std::strerror(err), ")"));
+      // A filesystem without locks (NFS without lockd, some FUSE ones): not refused for it.
+      std::fprintf(stderr,
+                   "moe-expert-server: --state-dir %s: cannot lock %s (%s); going on unlocked: "
+                   "make sure no other shard uses this directory\n",
+                   dir.c_str(), path.c_str(), std::strerror(err));
+      return -1;
     }
     return absl::FailedPreconditionError(
         absl::StrCat("--state-dir ", dir, " is in use by another moe-expert-server",

@@ -374,13 +374,17 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // (requests are refused UNAVAILABLE, saying why) and says NOT_SERVING; WaitOrLeaseLost then
   // stops it. After a switch that runs, which ends first.
   void OnLeaseLost() {
-    std::lock_guard<common::TimedMutex> p(placement_mu);
     {
+      std::lock_guard<common::TimedMutex> p(placement_mu);
       std::lock_guard<std::mutex> lock(table_mu);
       table.reset();
     }
+    std::lock_guard<std::mutex> s(serving_mu);
     server->GetHealthCheckService()->SetServingStatus(false);
   }
+  // Orders the first SERVING (ControlLoop, only while the lease is not lost) before a loss's
+  // NOT_SERVING.
+  std::mutex serving_mu;
 
   // Before a change of placement: a holder whose last grant is older than a lease (its process
   // stalled, say) asks again first, so that it learns of a router that took over meanwhile; a
@@ -2725,8 +2729,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
             MayPlaceNow() ? FirstPlacement(&unread_since) : absl::UnavailableError("");
         if (st.ok() && !lease_lost.load()) {  // lost meanwhile: OnLeaseLost dropped the table
           AwaitPlacedShardsInRotation(absl::Seconds(5));
-          // OnLeaseLost says NOT_SERVING under placement_mu: SERVING is said only before it.
-          std::lock_guard<common::TimedMutex> p(placement_mu);
+          // OnLeaseLost says NOT_SERVING under serving_mu: SERVING is said only before it.
+          std::lock_guard<std::mutex> s(serving_mu);
           if (!lease_lost.load()) {
             server->GetHealthCheckService()->SetServingStatus(true);
             ready.Notify();

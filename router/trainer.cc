@@ -76,9 +76,8 @@ std::vector<size_t> Participants(const RoutingTable& table) {
 // (OUT_OF_RANGE) would be again if the step were sent again, the caller's to change; any other
 // failure is ABORTED, a step to retry.
 absl::StatusCode StepFailure(absl::StatusCode cause) {
-  return cause == absl::StatusCode::kOutOfRange || cause == absl::StatusCode::kFailedPrecondition
-             ? cause
-             : absl::StatusCode::kAborted;
+  return cause == absl::StatusCode::kOutOfRange ? absl::StatusCode::kOutOfRange
+                                                : absl::StatusCode::kAborted;
 }
 
 // Whether shard `address` of `table` takes part in its steps (see Participants).
@@ -710,8 +709,10 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
   }
   if (!done->committed()) {
     // The code of the member's failure that aborted it (a sum that is not finite, say).
+    // A router that does not hold the placement lease: sent again, the step would be again.
     return absl::Status(
-        StepFailure(static_cast<absl::StatusCode>(done->code())),
+        done->not_lease_holder() ? absl::StatusCode::kFailedPrecondition
+                                 : StepFailure(static_cast<absl::StatusCode>(done->code())),
         absl::StrCat("step id ", result.step, " aborted, no weight changed: ", done->reason()));
   }
   if (done->unconfirmed_shards_size() > 0) {

@@ -345,7 +345,7 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
       AbortEverywhere(req);  // the shards drop the step's state now
       aborts->Increment();
       resp->set_committed(false);
-      resp->set_code(grpc::StatusCode::FAILED_PRECONDITION);
+      resp->set_not_lease_holder(true);
       resp->set_reason(absl::StrCat(
           other_holder, " holds the placement lease at this coordinator: a step from router ",
           req.router_id(), " is refused, as only the router that places the experts trains them"));

@@ -305,7 +305,7 @@ TEST(Coordinator, OneRouterAtATimeHoldsThePlacementLease) {
 }
 
 // Only the router that holds the placement lease trains: a step from another one is aborted
-// everywhere, FAILED_PRECONDITION, naming the holder. An older router (no id) is not checked.
+// everywhere, not_lease_holder, naming the holder. An older router (no id) is not checked.
 TEST(Coordinator, AStepFromARouterThatDoesNotHoldThePlacementLeaseIsRefused) {
   auto server = CoordinatorServer::Start(CoordinatorOptions{});
   ASSERT_TRUE(server.ok()) << server.status();
@@ -326,12 +326,14 @@ TEST(Coordinator, AStepFromARouterThatDoesNotHoldThePlacementLeaseIsRefused) {
   };
   const v1::CommitStepResponse other = commit("other");
   EXPECT_FALSE(other.committed());
-  EXPECT_EQ(other.code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_TRUE(other.not_lease_holder());
   EXPECT_EQ(other.reason(),
             "router holder-host:50051 (holder) holds the placement lease at this coordinator: a "
             "step from router other is refused, as only the router that places the experts "
             "trains them");
-  EXPECT_TRUE(commit("holder").committed());
+  const v1::CommitStepResponse holder = commit("holder");
+  EXPECT_TRUE(holder.committed());
+  EXPECT_FALSE(holder.not_lease_holder());
   EXPECT_TRUE(commit("").committed());
   EXPECT_EQ(testing::RegistryValue(*(*server)->registry(), "moe_coordinator_steps_total",
                                    {{"outcome", "abort"}}),
