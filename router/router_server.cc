@@ -182,8 +182,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // meanwhile, but this one cannot tell.
   std::mutex lease_mu;
   // Set once the server has its port (lease_mu: calls may come in before that).
-  std::string router_id;    // random, one per process
-  std::string router_name;  // "HOST:PORT (ID)", for messages
+  std::string router_id;       // random, one per process
+  std::string router_address;  // "HOST:PORT", for the messages that name this router
   // The coordinator grants no lease (an older build): the router places without one.
   bool lease_unsupported = false;
   bool lease_held = false;
@@ -254,7 +254,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       std::lock_guard<std::mutex> lock(lease_mu);
       if (lease_lost.load() || router_id.empty()) return;
       req.set_router_id(router_id);
-      req.set_router_address(router_name.substr(0, router_name.find(' ')));
+      req.set_router_address(router_address);
       // A holder that went a whole lease without asking (it stalled) may have been replaced:
       // it defers too.
       const bool stalled = lease_held && absl::FromChrono(asked - lease_asked) > lease_length;
@@ -3627,7 +3627,7 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   {
     std::lock_guard<std::mutex> lock(impl->lease_mu);
     impl->router_id = RandomId();
-    impl->router_name = absl::StrCat(HostName(), ":", impl->port, " (", impl->router_id, ")");
+    impl->router_address = absl::StrCat(HostName(), ":", impl->port);
   }
   impl->metrics->SetPlacementLeaseHeld(impl->coordinator == nullptr);
   if (impl->coordinator != nullptr) impl->lease_thread = std::thread([raw] { raw->LeaseLoop(); });
