@@ -2,6 +2,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "services/common/server_util.h"
 
 namespace moe::expert {
 
@@ -79,7 +80,23 @@ void ExpertStore::NotifyChange(std::shared_ptr<const ExpertHandle> installed) {
   if (installed != nullptr && weights_cb) weights_cb(std::move(installed));
 }
 
-absl::Status ExpertStore::CheckVersion(uint64_t version) {
+absl::Status ExpertStore::CheckVersion(uint64_t version, uint64_t lease_epoch) {
+  // The lease first: a router whose lease went to another may number its versions past the
+  // new holder's (it placed longer), so the version alone cannot tell.
+  if (lease_epoch > common::kMaxLeaseEpoch) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("placement lease epoch ", lease_epoch,
+                     " is out of range: a coordinator grants at most ", common::kMaxLeaseEpoch));
+  }
+  if (lease_epoch != 0 && lease_epoch < lease_epoch_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "placement lease epoch ", lease_epoch, " is older than ", lease_epoch_,
+        ", under which this shard was placed since: the sender no longer holds the placement "
+        "lease (or its coordinator restarted with its clock behind, and the sender asks it for "
+        "a later epoch)"));
+  }
+  // Fenced from here, also where the version below is refused (the new holder numbers again).
+  if (lease_epoch > lease_epoch_) lease_epoch_ = lease_epoch;
   if (version != 0 && version < version_) {
     return absl::FailedPreconditionError(absl::StrCat(
         "placement version ", version, " is older than the shard's version ", version_));
@@ -90,7 +107,7 @@ absl::Status ExpertStore::CheckVersion(uint64_t version) {
 
 absl::Status ExpertStore::Load(const std::vector<int>& experts, uint64_t version,
                                const std::string& peer, std::function<void(absl::Status)> done,
-                               bool replace_newer) {
+                               bool replace_newer, uint64_t lease_epoch) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (int e : experts) {
@@ -100,7 +117,7 @@ absl::Status ExpertStore::Load(const std::vector<int>& experts, uint64_t version
       }
     }
     if (stopping_) return absl::UnavailableError("shard is shutting down");
-    absl::Status st = CheckVersion(version);
+    absl::Status st = CheckVersion(version, lease_epoch);
     if (!st.ok()) return st;
     std::vector<int> todo;
     for (int e : experts) {
@@ -112,7 +129,7 @@ absl::Status ExpertStore::Load(const std::vector<int>& experts, uint64_t version
       if (!have) entries_[e] = Entry{ExpertState::kLoading, nullptr, ""};
       todo.push_back(e);
     }
-    jobs_.push_back(Job{std::move(todo), peer, std::move(done), replace_newer});
+    jobs_.push_back(Job{std::move(todo), peer, std::move(done), replace_newer, lease_epoch});
   }
   jobs_cv_.notify_all();
   NotifyChange();
@@ -163,8 +180,21 @@ void ExpertStore::LoaderLoop() {
           continue;
         }
         Entry& entry = found->second;
-        if (ffn.ok() && !job.replace_newer && entry.handle != nullptr &&
-            entry.handle->trained_step > w->trained_step) {
+        if (ffn.ok() && entry.handle != nullptr && job.lease_epoch != 0 &&
+            job.lease_epoch < lease_epoch_) {
+          // Queued by a router whose placement lease has gone to another since (a copy or a
+          // roll-back waiting behind a slow load): the weights here may be the new holder's
+          // training; they stay. (A first load of an expert replaces nothing: at worst an
+          // extra, which the new holder unloads.)
+          entry.state = ExpertState::kReady;
+          if (first_error.ok()) {
+            first_error = absl::FailedPreconditionError(
+                absl::StrCat("expert ", e, ": the copy was not taken: placement lease epoch ",
+                             job.lease_epoch, " is older than ", lease_epoch_,
+                             ", under which this shard was placed while the copy waited"));
+          }
+        } else if (ffn.ok() && !job.replace_newer && entry.handle != nullptr &&
+                   entry.handle->trained_step > w->trained_step) {
           // A copy older than the weights it would replace (trained meanwhile): keep these.
           entry.state = ExpertState::kReady;
         } else if (ffn.ok()) {
@@ -196,11 +226,12 @@ void ExpertStore::LoaderLoop() {
   }
 }
 
-absl::Status ExpertStore::Unload(const std::vector<int>& experts, uint64_t version) {
+absl::Status ExpertStore::Unload(const std::vector<int>& experts, uint64_t version,
+                                 uint64_t lease_epoch) {
   std::vector<std::shared_ptr<ExpertHandle>> idle;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    absl::Status st = CheckVersion(version);
+    absl::Status st = CheckVersion(version, lease_epoch);
     if (!st.ok()) return st;
     for (int e : experts) {
       auto it = entries_.find(e);
@@ -295,6 +326,11 @@ std::vector<ExpertInfo> ExpertStore::Snapshot() const {
 uint64_t ExpertStore::placement_version() const {
   std::lock_guard<std::mutex> lock(mu_);
   return version_;
+}
+
+uint64_t ExpertStore::lease_epoch() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return lease_epoch_;
 }
 
 int ExpertStore::ready_count() const { return CountInState(ExpertState::kReady); }

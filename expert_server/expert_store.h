@@ -80,10 +80,13 @@ class ExpertStore {
   // Schedules `experts` for loading under `version` (from `peer` when not empty). `done` runs on
   // the loader thread once all finished, with the first failure if any. An expert already ready
   // is reloaded only when copying from a peer. Errors now: INVALID_ARGUMENT for an expert out of
-  // range, FAILED_PRECONDITION for a version older than the shard's. A loaded expert keeps its
-  // weights where they are of a later training step than the copy's, unless `replace_newer`.
+  // range, FAILED_PRECONDITION for a version older than the shard's, or a `lease_epoch` older
+  // than the highest sent (the sender's placement lease went to another router; 0: not
+  // checked). A loaded expert keeps its weights where they are of a later training step than
+  // the copy's, unless `replace_newer`.
   absl::Status Load(const std::vector<int>& experts, uint64_t version, const std::string& peer,
-                    std::function<void(absl::Status)> done, bool replace_newer = false);
+                    std::function<void(absl::Status)> done, bool replace_newer = false,
+                    uint64_t lease_epoch = 0);
 
   // Swaps in new weights for a loaded expert (after training step `trained_step`); work in
   // flight keeps the old ones. FAILED_PRECONDITION when the expert is not loaded; ABORTED when
@@ -95,7 +98,8 @@ class ExpertStore {
   void StopLoading();
 
   // Marks `experts` draining; each leaves once its in-flight work is done.
-  absl::Status Unload(const std::vector<int>& experts, uint64_t version);
+  // FAILED_PRECONDITION for a version or a lease epoch as Load refuses.
+  absl::Status Unload(const std::vector<int>& experts, uint64_t version, uint64_t lease_epoch = 0);
 
   // A ready or draining expert, leased for `rows` of work. INVALID_ARGUMENT when out of range,
   // FAILED_PRECONDITION naming the expert and the placement version when not loaded here.
@@ -106,6 +110,7 @@ class ExpertStore {
 
   std::vector<ExpertInfo> Snapshot() const;
   uint64_t placement_version() const;
+  uint64_t lease_epoch() const;  // the highest sent; 0 before any
   int ready_count() const;
   int loading_count() const;
   const common::ModelConfig& config() const { return config_; }
@@ -128,6 +133,7 @@ class ExpertStore {
     std::string peer;
     std::function<void(absl::Status)> done;
     bool replace_newer = false;
+    uint64_t lease_epoch = 0;  // the sender's: checked again before weights are replaced
   };
 
   void LoaderLoop();
@@ -135,7 +141,7 @@ class ExpertStore {
   void Released(ExpertHandle* handle);
   // Runs on_change_, and on_weights_ with `installed` when given.
   void NotifyChange(std::shared_ptr<const ExpertHandle> installed = nullptr);
-  absl::Status CheckVersion(uint64_t version);  // mu_ held
+  absl::Status CheckVersion(uint64_t version, uint64_t lease_epoch);  // mu_ held
 
   const common::ModelConfig config_;
   const CheckpointLoader checkpoint_;
@@ -147,6 +153,7 @@ class ExpertStore {
   std::condition_variable jobs_cv_;  // a job was queued, or stopping
   std::map<int, Entry> entries_;
   uint64_t version_ = 0;
+  uint64_t lease_epoch_ = 0;
   std::deque<Job> jobs_;
   bool stopping_ = false;
   std::function<void()> on_change_;

@@ -5,8 +5,10 @@
 #include <chrono>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "services/common/notification.h"
 #include "services/common/random_checkpoint.h"
+#include "services/common/server_util.h"
 
 namespace moe::expert {
 namespace {
@@ -83,6 +85,62 @@ TEST_F(ExpertStoreTest, RangeAndVersionChecks) {
   EXPECT_EQ(missing.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(missing.status().message().find("expert 1 is not loaded on this shard (placement version 5)"),
             std::string::npos);
+}
+
+// Loads and unloads carry the sender's placement lease epoch: one older than the highest sent
+// is refused, whatever its placement version (the router whose lease went to another may have
+// numbered its versions past the new holder's), and changes nothing. The newer epoch fences
+// from its first call on, even one whose version is refused. 0 is not checked (a router without
+// a coordinator).
+TEST_F(ExpertStoreTest, ALoadOrUnloadOfAnOlderLeaseEpochIsRefused) {
+  auto load = [&](std::vector<int> experts, uint64_t version, uint64_t epoch) {
+    common::Notification done;
+    absl::Status result;
+    const absl::Status st = store_.Load(
+        experts, version, "",
+        [&](absl::Status s) {
+          result = s;
+          done.Notify();
+        },
+        false, epoch);
+    if (!st.ok()) return st;
+    done.WaitForNotification();
+    return result;
+  };
+  EXPECT_EQ(store_.lease_epoch(), 0u);
+  ASSERT_TRUE(load({0}, 7, 10).ok());
+  EXPECT_EQ(store_.lease_epoch(), 10u);
+  // A newer epoch with an older version: refused for the version, but fenced from now on.
+  absl::Status st = load({1}, 3, 11);
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(st.message().find("placement version 3 is older"), std::string::npos) << st;
+  EXPECT_EQ(store_.lease_epoch(), 11u);
+  st = load({1}, 8, 10);
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(st.message(),
+            "placement lease epoch 10 is older than 11, under which this shard was placed since: "
+            "the sender no longer holds the placement lease (or its coordinator restarted with "
+            "its clock behind, and the sender asks it for a later epoch)");
+  st = store_.Unload({0}, 9, 10);
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+  // Refused calls changed nothing: expert 0 still serves, 1 was never loaded, the version is 7.
+  EXPECT_TRUE(store_.Acquire(0, 1).ok());
+  EXPECT_EQ(store_.Acquire(1, 1).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(store_.placement_version(), 7u);
+  // The holder's epoch, and an unchecked 0, go on.
+  EXPECT_TRUE(load({1}, 8, 11).ok());
+  EXPECT_TRUE(store_.Unload({1}, 8, 0).ok());
+  EXPECT_TRUE(store_.Unload({}, 0, 12).ok());  // a router sending its epoch alone
+  EXPECT_EQ(store_.lease_epoch(), 12u);
+  EXPECT_EQ(store_.Unload({0}, 9, 11).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(store_.placement_version(), 8u);
+  // Past what a coordinator grants: refused, and not kept (it would fence every later holder).
+  st = store_.Unload({}, 0, common::kMaxLeaseEpoch + 1);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_EQ(st.message(), absl::StrCat("placement lease epoch ", common::kMaxLeaseEpoch + 1,
+                                       " is out of range: a coordinator grants at most ",
+                                       common::kMaxLeaseEpoch));
+  EXPECT_EQ(store_.lease_epoch(), 12u);
 }
 
 TEST_F(ExpertStoreTest, DrainingExpertStaysUntilItsLeasesEnd) {
@@ -209,6 +267,38 @@ TEST(ExpertStoreOrder, APeerCopyOfADrainingExpertKeepsItWhenItsLastLeaseEnds) {
   EXPECT_TRUE(copy->status.ok()) << copy->status;
   ASSERT_NE(g.store.Find(0), nullptr) << "the load answered OK but the expert is gone";
   EXPECT_EQ(g.store.Find(0)->trained_step, 17u);
+  EXPECT_EQ(g.store.Snapshot()[0].state, ExpertState::kReady);
+}
+
+// A copy queued by a router whose lease then went to another (it waited behind a slow load)
+// replaces nothing once the new holder's epoch has reached the shard: the weights there may be
+// the new holder's training.
+TEST(ExpertStoreOrder, ACopyOfARouterWhoseLeaseWentToAnotherWhileItWaitedReplacesNothing) {
+  GatedStore g;
+  common::Notification loaded, copied;
+  absl::Status copy;
+  auto on_loaded = [&](absl::Status s) {
+    EXPECT_TRUE(s.ok()) << s;
+    loaded.Notify();
+  };
+  auto on_copied = [&](absl::Status s) {
+    copy = s;
+    copied.Notify();
+  };
+  ASSERT_TRUE(g.store.Load({0}, 1, "", on_loaded, false, 10).ok());
+  loaded.WaitForNotification();
+  ASSERT_TRUE(g.store.Load({0}, 2, "peer:1", on_copied, /*replace_newer=*/true, 10).ok());
+  g.entered.WaitForNotification();
+  ASSERT_TRUE(g.store.Unload({}, 0, 11).ok());  // the new holder's epoch
+  g.release.Notify();
+  copied.WaitForNotification();
+  EXPECT_EQ(copy.code(), absl::StatusCode::kFailedPrecondition) << copy;
+  EXPECT_EQ(copy.message(),
+            "expert 0: the copy was not taken: placement lease epoch 10 is older than 11, under "
+            "which this shard was placed while the copy waited");
+  ASSERT_NE(g.store.Find(0), nullptr);
+  EXPECT_EQ(g.store.Find(0)->trained_step, 0u) << "the stale copy replaced the weights";
+  EXPECT_EQ(g.store.Find(0)->ffn->weights().w1, g.ck.experts[0].w1);
   EXPECT_EQ(g.store.Snapshot()[0].state, ExpertState::kReady);
 }
 

@@ -596,6 +596,7 @@ void ShardServer::Impl::FillStatus(v1::ShardStatus* s) const {
   s->set_queue_rows(pool->queued_rows());
   s->set_queue_batches(pool->queued_batches());
   s->set_placement_version(store->placement_version());
+  s->set_lease_epoch(store->lease_epoch());
   s->set_threads(pool->threads());
   s->set_num_experts(config.num_experts);
   s->set_d_model(config.d_model);
@@ -626,7 +627,7 @@ grpc::ServerUnaryReactor* ShardServer::Impl::LoadExperts(grpc::CallbackServerCon
     return reactor;
   }
   absl::Status st = store->Load(experts, req->placement_version(), req->source_peer(), done,
-                                req->replace_newer());
+                                req->replace_newer(), req->lease_epoch());
   if (!st.ok()) {
     reactor->Finish(common::ToGrpcStatus(st));
   } else if (!req->wait()) {
@@ -641,7 +642,7 @@ grpc::ServerUnaryReactor* ShardServer::Impl::UnloadExperts(grpc::CallbackServerC
                                                            v1::ShardStatus* resp) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   absl::Status st = store->Unload(std::vector<int>(req->experts().begin(), req->experts().end()),
-                                  req->placement_version());
+                                  req->placement_version(), req->lease_epoch());
   if (st.ok()) FillStatus(resp);
   reactor->Finish(common::ToGrpcStatus(st));
   return reactor;

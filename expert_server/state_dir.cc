@@ -83,7 +83,9 @@ absl::StatusOr<std::unique_ptr<StateDir>> StateDir::Open(std::string dir,
   }
   ASSIGN_OR_RETURN(const int lock_fd, LockDirectory(dir));
   // A shard killed while writing leaves its write's temporary file: nothing is left behind.
-  if (const int removed = common::RemoveUnfinishedWrites(dir); removed > 0) {
+  // Holding the lock, this shard is the directory's only writer, so every such file is an
+  // earlier run's, whatever pid it names (a container's shard is PID 1 at every start).
+  if (const int removed = common::RemoveUnfinishedWrites(dir, /*all=*/lock_fd >= 0); removed > 0) {
     std::fprintf(stderr,
                  "moe-expert-server: --state-dir %s: removed %d temporary file(s) of writes that "
                  "did not finish (the shard stopped while writing)\n",

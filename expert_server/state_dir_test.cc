@@ -99,8 +99,10 @@ TEST_F(StateDirTest, AnExpertSavedIsReadBackWithItsStepAfterARestart) {
   EXPECT_TRUE(written_[0].ok);
 }
 
-// A shard killed while writing leaves its temporary file; the next Open removes it, but not one
-// of a process that still runs, nor any other file.
+// A shard killed while writing leaves its temporary file; the next Open, holding the directory's
+// lock, removes it, whatever pid it names: a running process's (the directory's writer cannot
+// be another process) and this process's own (a container's shard is PID 1 at every start). Not
+// any other file. Without the lock, only a dead writer's go.
 TEST_F(StateDirTest, TemporaryFilesOfUnfinishedWritesAreRemovedAtOpen) {
   const std::string dir = testing::TempPath("state_unfinished");
   std::filesystem::create_directories(dir);
@@ -111,13 +113,21 @@ TEST_F(StateDirTest, TemporaryFilesOfUnfinishedWritesAreRemovedAtOpen) {
   // Pids are below the kernel's pid_max, at most 2^22: this one never runs.
   const std::string dead = touch("expert-3.safetensors.tmp.4194305.7");
   const std::string live = touch(absl::StrCat("expert-4.safetensors.tmp.", getppid(), ".1"));
+  const std::string own = touch(absl::StrCat("expert-5.safetensors.tmp.", getpid(), ".1"));
   const std::string other = touch("notes.tmp.4194305.1");
+  // Without the lock: a running process's files, this one's included, are left to them.
+  EXPECT_EQ(common::RemoveUnfinishedWrites(dir), 1);
+  EXPECT_FALSE(std::filesystem::exists(dead)) << "a dead writer's temporary file stayed";
+  EXPECT_TRUE(std::filesystem::exists(live)) << "a running process's write was removed";
+  EXPECT_TRUE(std::filesystem::exists(own)) << "this process's write was removed";
+  touch("expert-3.safetensors.tmp.4194305.7");
   auto state = Open(dir, ck_);
   ASSERT_NE(state, nullptr);
   EXPECT_FALSE(std::filesystem::exists(dead)) << "a dead writer's temporary file stayed";
-  EXPECT_TRUE(std::filesystem::exists(live)) << "a running process's write was removed";
+  EXPECT_FALSE(std::filesystem::exists(live)) << "an earlier run's file of a live pid stayed";
+  EXPECT_FALSE(std::filesystem::exists(own)) << "an earlier run's file of this pid stayed";
   EXPECT_TRUE(std::filesystem::exists(other)) << "a file that is not a write was removed";
-  EXPECT_EQ(common::RemoveUnfinishedWrites(dir), 0);
+  EXPECT_EQ(common::RemoveUnfinishedWrites(dir, /*all=*/true), 0);
 }
 
 TEST_F(StateDirTest, OnlyTrainedWeightsAreSavedAndTheLatestWins) {

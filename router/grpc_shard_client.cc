@@ -173,7 +173,8 @@ class GrpcShardClient::Stream final
 
 GrpcShardClient::GrpcShardClient(std::string address, const common::RpcLimits& limits,
                                  std::function<void(bool)> on_health_change,
-                                 absl::Duration health_interval, std::string model_fingerprint)
+                                 absl::Duration health_interval, std::string model_fingerprint,
+                                 std::shared_ptr<LeaseEpochs> lease_epochs)
     : address_(std::move(address)),
       channel_(grpc::CreateCustomChannel(address_, common::ChannelCredentials(),
                                          common::ClientChannelArgs(limits))),
@@ -181,6 +182,7 @@ GrpcShardClient::GrpcShardClient(std::string address, const common::RpcLimits& l
       on_health_change_(std::move(on_health_change)),
       health_interval_(health_interval),
       model_fingerprint_(std::move(model_fingerprint)),
+      lease_epochs_(std::move(lease_epochs)),
       flip_lines_(address_) {
   health_thread_ = std::thread([this] { HealthLoop(); });
 }
@@ -368,8 +370,10 @@ void GrpcShardClient::Dispatch(std::shared_ptr<const v1::DispatchRequest> reques
   wrapped(absl::UnavailableError(absl::StrCat("shard ", address_, " is not accepting batches")));
 }
 
-void GrpcShardClient::NoteLimits(const v1::ShardStatus& status) {
+void GrpcShardClient::NoteStatus(const v1::ShardStatus& status) {
   SetBatchLimits(status.max_batch_rows(), status.max_message_bytes());
+  SetReportedLeaseEpoch(status.lease_epoch());
+  if (lease_epochs_ != nullptr) lease_epochs_->See(status.lease_epoch());
 }
 
 void GrpcShardClient::CancelBatch(uint64_t batch_id) {
@@ -452,9 +456,10 @@ absl::StatusOr<v1::ShardStatus> GrpcShardClient::Load(const std::vector<int>& ex
   req.set_source_peer(peer);
   req.set_wait(true);
   req.set_replace_newer(replace_newer);
+  if (lease_epochs_ != nullptr) req.set_lease_epoch(lease_epochs_->held.load());
   v1::ShardStatus status;
   const grpc::Status st = stub_->LoadExperts(&ctx, req, &status);
-  if (st.ok()) NoteLimits(status);
+  if (st.ok()) NoteStatus(status);
   return Result(st, std::move(status), address_,
                 replace_newer ? "giving back an update" : "loading experts");
 }
@@ -467,9 +472,10 @@ absl::StatusOr<v1::ShardStatus> GrpcShardClient::UnloadExperts(const std::vector
   v1::UnloadExpertsRequest req;
   for (int e : experts) req.add_experts(e);
   req.set_placement_version(version);
+  if (lease_epochs_ != nullptr) req.set_lease_epoch(lease_epochs_->held.load());
   v1::ShardStatus status;
   const grpc::Status st = stub_->UnloadExperts(&ctx, req, &status);
-  if (st.ok()) NoteLimits(status);
+  if (st.ok()) NoteStatus(status);
   return Result(st, std::move(status), address_, "unloading experts");
 }
 
@@ -478,7 +484,7 @@ absl::StatusOr<v1::ShardStatus> GrpcShardClient::GetStatus(absl::Duration timeou
   grpc::ClientContext& ctx = call.ctx;
   v1::ShardStatus status;
   const grpc::Status st = stub_->GetStatus(&ctx, v1::GetShardStatusRequest(), &status);
-  if (st.ok()) NoteLimits(status);
+  if (st.ok()) NoteStatus(status);
   return Result(st, std::move(status), address_, "status");
 }
 

@@ -48,11 +48,14 @@ class GrpcShardClient final : public ShardClient {
  public:
   // `on_health_change` runs (from the watcher thread or a gRPC thread) when healthy() flips.
   // `model_fingerprint` (common::ModelFingerprint of the router's checkpoint), when given, goes
-  // with each Dispatch stream: a shard of other weights refuses its batches.
+  // with each Dispatch stream: a shard of other weights refuses its batches. `lease_epochs`,
+  // when given, is the router's: its epoch goes with each load and unload, and the shard's
+  // reported epoch is seen there.
   GrpcShardClient(std::string address, const common::RpcLimits& limits,
                   std::function<void(bool)> on_health_change = nullptr,
                   absl::Duration health_interval = absl::Milliseconds(250),
-                  std::string model_fingerprint = "");
+                  std::string model_fingerprint = "",
+                  std::shared_ptr<LeaseEpochs> lease_epochs = nullptr);
   ~GrpcShardClient() override;
 
   void Dispatch(std::shared_ptr<const v1::DispatchRequest> request, int64_t rows,
@@ -95,7 +98,7 @@ class GrpcShardClient final : public ShardClient {
   void SetHealthy(bool healthy, const std::string& why = "");
   // The shard's batch limits, from any status it answers with (a placement's first loads
   // bring them before it serves).
-  void NoteLimits(const v1::ShardStatus& status);
+  void NoteStatus(const v1::ShardStatus& status);
   void StreamEnded(Stream* stream, const grpc::Status& status);
   void StreamReleased();  // the stream's object (and its hold on the channel) is gone
   void HealthLoop();
@@ -115,6 +118,7 @@ class GrpcShardClient final : public ShardClient {
   mutable std::mutex flip_mu_;
   const absl::Duration health_interval_;
   const std::string model_fingerprint_;
+  const std::shared_ptr<LeaseEpochs> lease_epochs_;
   OutOfRotation out_;  // flip_mu_
   FlipLines flip_lines_;  // flip_mu_
 

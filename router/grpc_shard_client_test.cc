@@ -1766,6 +1766,46 @@ TEST(RouterPlacementVersion, AShardAheadOfTheRouterIsCaughtUpWithAfterOneRefusal
   std::remove(path.c_str());
 }
 
+// A router sends its placement lease epoch to every shard before its first placement, and with
+// each load and unload. A shard placed under a later epoch (as if the coordinator had restarted
+// with its clock an hour behind) refuses it; the router reads that epoch from the shard's status,
+// asks for its lease past it, places and serves. A router under any earlier epoch is then
+// refused by the shard's service, and changes nothing.
+TEST(RouterLeaseEpoch, AShardPlacedUnderALaterEpochIsCaughtUpWithAndAnOlderOneIsRefused) {
+  CoordinatedShards c;
+  ASSERT_NO_FATAL_FAILURE(StartCoordinatedShards("lease_epoch", absl::Seconds(3), &c));
+  const uint64_t later = static_cast<uint64_t>(absl::ToUnixMillis(absl::Now() + absl::Hours(1)))
+                         << 20;
+  ASSERT_TRUE(c.b->store().Unload({}, 0, later).ok());
+  ASSERT_NO_FATAL_FAILURE(c.StartRouter());
+  // The shards held every expert from their start: the first placement loaded nothing, and the
+  // epoch is raised at a tick after it.
+  EXPECT_TRUE(Eventually([&] { return c.b->store().lease_epoch() == later + 1; }))
+      << "the router's epoch was not raised past shard b's: " << c.b->store().lease_epoch();
+  EXPECT_TRUE(Eventually([&] { return c.a->store().lease_epoch() == later + 1; }))
+      << "the raised epoch did not reach shard a: " << c.a->store().lease_epoch();
+  ExpectInfersOk(c.stub.get());
+
+  const int ready = c.a->store().ready_count();
+  EXPECT_GT(ready, 0);
+  auto shard = v1::ExpertShard::NewStub(
+      grpc::CreateChannel(c.a->address(), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  v1::UnloadExpertsRequest req;
+  for (int e = 0; e < kConfig.num_experts; ++e) req.add_experts(e);
+  req.set_lease_epoch(later);
+  v1::ShardStatus status;
+  const grpc::Status stale = shard->UnloadExperts(&ctx, req, &status);
+  EXPECT_EQ(stale.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(stale.error_message().find(
+                absl::StrCat("placement lease epoch ", later, " is older than ", later + 1)),
+            std::string::npos)
+      << stale.error_message();
+  EXPECT_EQ(c.a->store().ready_count(), ready);
+  ExpectInfersOk(c.stub.get());
+  c.server->Shutdown(absl::Milliseconds(100));
+}
 
 // SIGTERM with a long grace period (Kubernetes gives 25 s) while clients hold InferStreams open:
 // a stream idle between requests ends at once with UNAVAILABLE, a stream with a request in

@@ -200,6 +200,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // Lost (another router holds it now): set once, under control_mu too (WaitOrLeaseLost).
   std::atomic<bool> lease_lost{false};
   std::string lease_lost_why;  // lease_mu
+  // The lease's epoch, sent with each load and unload so that shards refuse those of a router
+  // whose lease has gone to another; and the highest the shards report.
+  const std::shared_ptr<LeaseEpochs> lease_epochs = std::make_shared<LeaseEpochs>();
   bool lease_stop = false;     // control_mu: ends LeaseLoop (DoShutdown, just before the release)
   std::thread lease_thread;
 
@@ -259,6 +262,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       // it defers too.
       const bool stalled = lease_held && absl::FromChrono(asked - lease_asked) > lease_length;
       req.set_defer_while_settling(lease_other_holder || stalled);
+      // The shards were placed under a later epoch than this router's (its coordinator
+      // restarted with its clock behind): the lease, if granted, goes on past it.
+      if (const uint64_t seen = lease_epochs->seen.load(); seen > lease_epochs->held.load()) {
+        req.set_min_epoch(seen);
+      }
       lease_asked = asked;
       deadline = std::min(absl::Milliseconds(500), lease_length / 2);
     }
@@ -303,6 +311,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       lease_wait.clear();
       lease_wait_said.clear();
       lease_confirmed = asked;
+      lease_epochs->held.store(resp.epoch());
       metrics->SetPlacementLeaseHeld(true);
       return;
     }
@@ -388,17 +397,48 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   // Before a change of placement: a holder whose last grant is older than a lease (its process
   // stalled, say) asks again first, so that it learns of a router that took over meanwhile; a
-  // router without the lease asks too (the first placement need not wait for the lease loop).
+  // router without the lease asks too (the first placement need not wait for the lease loop),
+  // and so does a holder whose epoch is behind the shards' (a load was refused for it).
   bool MayPlaceNow() {
     if (coordinator == nullptr) return true;
     bool ask = false;
     {
       std::lock_guard<std::mutex> lock(lease_mu);
-      ask = lease_held ? !HeldNowLocked() : !lease_unsupported && !lease_lost.load();
+      const uint64_t held = lease_epochs->held.load();
+      ask = lease_held ? !HeldNowLocked() || (held != 0 && lease_epochs->seen.load() > held)
+                       : !lease_unsupported && !lease_lost.load();
     }
     if (ask) AskLease();
     return MayPlace();
   }
+
+  // Sends this router's lease epoch to each of `shards` that has not got it (an empty unload,
+  // which a shard answers at once): from then on the shard refuses the loads and unloads of a
+  // router whose lease this one took over (one that stalled mid-switch, say), also where this
+  // router has nothing to load there. Before the first placement reads what the shards hold,
+  // and at each tick after: for a new epoch (a restarted coordinator grants a new one), and
+  // for a shard whose status reports an older one (it restarted). A shard that has seen a
+  // later epoch (the coordinator restarted with its clock behind) refuses it; its status says
+  // which, and the next MayPlaceNow asks for the lease past it. At a tick (`at_tick`), a shard
+  // whose health checks find it silent is skipped: one that hangs would hold every tick up. (The
+  // first placement reads each shard in turn anyway, and a new client has not been checked.)
+  // Control thread only.
+  void SendLeaseEpoch(const std::vector<std::shared_ptr<ShardClient>>& shards, bool at_tick) {
+    const uint64_t epoch = lease_epochs->held.load();
+    if (epoch == 0) return;  // no coordinator, or one without epochs
+    for (const auto& c : shards) {
+      uint64_t& sent = epoch_sent[c->address()];
+      if (sent == epoch && c->reported_lease_epoch() >= epoch) continue;
+      if (at_tick && !c->answering()) continue;
+      const absl::StatusOr<v1::ShardStatus> st = c->UnloadExperts({}, 0, absl::Milliseconds(500));
+      if (st.ok()) {
+        sent = epoch;
+      } else if (absl::IsFailedPrecondition(st.status())) {
+        c->GetStatus(absl::Milliseconds(500)).IgnoreError();  // its epoch, seen by the client
+      }
+    }
+  }
+  std::map<std::string, uint64_t> epoch_sent;  // by shard address; control thread
 
   // Why a change of placement is refused now (!MayPlaceNow()). The same text each time: Apply
   // says a refusal once while it lasts.
@@ -821,10 +861,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     auto it = clients.find(address);
     if (it != clients.end()) return it->second;
     auto on_change = [this, address](bool up) { metrics->SetShardUp(address, up); };
-    auto c = options.shard_factory
-                 ? options.shard_factory(address, on_change)
-                 : std::make_shared<GrpcShardClient>(address, options.limits, on_change,
-                                                     absl::Milliseconds(250), model_fingerprint);
+    auto c = options.shard_factory ? options.shard_factory(address, on_change)
+                                   : std::make_shared<GrpcShardClient>(
+                                         address, options.limits, on_change,
+                                         absl::Milliseconds(250), model_fingerprint, lease_epochs);
     // Not on one made during shutdown, which clears it on the others (it calls into this).
     if (!shutting_down.load()) c->SetStillNeeded([this, address] { return StillNeeded(address); });
     clients[address] = c;
@@ -2359,6 +2399,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (!MayPlaceNow() && lease_lost.load()) return;
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return;
+    SendLeaseEpoch(t->shards, /*at_tick=*/true);
     bool membership_changes = false;  // the members differ from the table's shards
     {
       // Follow membership: a shard that joined or left changes the placement; so does one
@@ -2620,6 +2661,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> members =
         Members(absl::Seconds(2), &settling);
     if (!members.ok()) return members.status();
+    SendLeaseEpoch(*members, /*at_tick=*/false);
     {
       std::lock_guard<common::TimedMutex> l(placement_mu);
       first_settling = settling;

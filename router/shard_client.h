@@ -18,6 +18,20 @@
 
 namespace moe::router {
 
+// A router's placement lease epoch, shared by its shard clients (PlacementLeaseResponse.epoch).
+struct LeaseEpochs {
+  // The router's, sent with each load and unload (LoadExpertsRequest.lease_epoch); 0: none
+  // (no coordinator, or one older than epochs): not checked by the shards.
+  std::atomic<uint64_t> held{0};
+  // The highest a shard reported (ShardStatus.lease_epoch).
+  std::atomic<uint64_t> seen{0};
+  void See(uint64_t epoch) {
+    uint64_t cur = seen.load();
+    while (epoch > cur && !seen.compare_exchange_weak(cur, epoch)) {
+    }
+  }
+};
+
 class ShardClient {
  public:
   using DispatchDone = std::function<void(absl::StatusOr<v1::DispatchResponse>)>;
@@ -80,6 +94,10 @@ class ShardClient {
     max_message_bytes_.store(message_bytes);
   }
   int64_t max_batch_rows() const { return max_batch_rows_.load(); }
+  // The placement lease epoch in the shard's last status (ShardStatus.lease_epoch); the
+  // highest uint64_t until one is read (a test's client never reads one).
+  void SetReportedLeaseEpoch(uint64_t epoch) { reported_lease_epoch_.store(epoch); }
+  uint64_t reported_lease_epoch() const { return reported_lease_epoch_.load(); }
   int64_t max_message_bytes() const { return max_message_bytes_.load(); }
   virtual const std::string& address() const = 0;
 
@@ -116,6 +134,7 @@ class ShardClient {
 
  private:
   std::atomic<bool> other_model_{false};
+  std::atomic<uint64_t> reported_lease_epoch_{UINT64_MAX};
   mutable std::mutex needed_mu_;
   std::function<bool()> needed_;
   std::atomic<int64_t> max_batch_rows_{0};

@@ -346,7 +346,7 @@ absl::Status WriteError(int err, std::string why) {
 
 }  // namespace
 
-int RemoveUnfinishedWrites(const std::string& dir) {
+int RemoveUnfinishedWrites(const std::string& dir, bool all) {
   const std::string temp = ".safetensors.tmp.";  // as Write names its temporary files
   int removed = 0;
   std::error_code ec;
@@ -357,7 +357,9 @@ int RemoveUnfinishedWrites(const std::string& dir) {
     const std::string rest = name.substr(at + temp.size());
     int pid = 0;
     if (!absl::SimpleAtoi(rest.substr(0, rest.find('.')), &pid) || pid <= 0) continue;
-    if (pid == getpid() || std::filesystem::exists(absl::StrCat("/proc/", pid), ec)) continue;
+    if (!all && (pid == getpid() || std::filesystem::exists(absl::StrCat("/proc/", pid), ec))) {
+      continue;
+    }
     if (std::filesystem::remove(entry.path(), ec)) ++removed;
   }
   return removed;

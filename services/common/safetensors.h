@@ -102,8 +102,10 @@ class SafetensorsWriter {
 
 // Removes from `dir` the temporary files ("NAME.safetensors.tmp.PID.N") of Writes whose process
 // no longer runs (killed while writing, or out of disk); those of a process that still runs are
-// left to it. Returns how many were removed.
-int RemoveUnfinishedWrites(const std::string& dir);
+// left to it. With `all`, for a caller that holds the directory's lock and has written nothing
+// there yet, every such file goes: in a container the process is often PID 1 at every start, so
+// a killed run's files carry the pid of the one now reading them. Returns how many were removed.
+int RemoveUnfinishedWrites(const std::string& dir, bool all = false);
 
 }  // namespace moe::common
 

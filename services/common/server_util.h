@@ -9,6 +9,7 @@
 #include <prometheus/exposer.h>
 #include <prometheus/registry.h>
 
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
@@ -18,6 +19,12 @@
 #include "absl/time/time.h"
 
 namespace moe::common {
+
+// The highest placement lease epoch (PlacementLeaseResponse.epoch) a coordinator grants and a
+// shard takes: epochs start from the clock (milliseconds since 1970 times 2^20, below this
+// until the year 2109). A shard refuses one above it; a coordinator does not raise an epoch
+// past it (min_epoch): one bad value would otherwise fence every later holder out.
+inline constexpr uint64_t kMaxLeaseEpoch = uint64_t{1} << 62;
 
 struct RpcLimits {
   // Largest message sent or received; batches are bounded well below this by row limits.

@@ -17,12 +17,15 @@
 #include <prometheus/histogram.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/common/clock.h"
 #include "services/common/failpoint.h"
 #include "services/common/security.h"
 #include "services/common/grpc_status.h"
+#include "services/common/server_util.h"
 #include "services/common/status_macros.h"
 #include "services/common/thread_pool.h"
 
@@ -56,6 +59,11 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
   // What became of the last holder: "none" (no grant since the coordinator started; a router
   // that defers while settling is refused only then), "released" or "lapsed".
   std::string lease_previous = "none";
+  // The epoch of the current (or last) grant: raised for each new holder, and past a router's
+  // PlacementLeaseRequest.min_epoch. It starts from the wall clock (milliseconds since 1970
+  // times 2^20, below 2^64 until the year 2500) so that a restarted coordinator's epochs
+  // are above its last life's; a clock behind that is made up for by min_epoch.
+  uint64_t lease_epoch = static_cast<uint64_t>(absl::ToUnixMillis(absl::Now())) << 20;
 
   prometheus::Family<prometheus::Counter>* steps_family;
   prometheus::Counter* commits;
@@ -210,12 +218,25 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     }
     if (h.id.empty() || h.id == req->router_id()) {
       if (h.id.empty()) {
+        ++lease_epoch;
         std::fprintf(stderr, "moe-coordinator: %s holds the placement lease\n",
                      RouterName(req->router_id(), req->router_address()).c_str());
         lease_grants[lease_previous]->Increment();
       }
+      if (req->min_epoch() >= lease_epoch && req->min_epoch() < common::kMaxLeaseEpoch) {
+        std::fprintf(stderr,
+                     "moe-coordinator: the shards were placed under lease epoch %llu, past this "
+                     "coordinator's %llu (it restarted with its clock behind): the lease of %s "
+                     "goes on under epoch %llu\n",
+                     static_cast<unsigned long long>(req->min_epoch()),
+                     static_cast<unsigned long long>(lease_epoch),
+                     RouterName(req->router_id(), req->router_address()).c_str(),
+                     static_cast<unsigned long long>(req->min_epoch() + 1));
+        lease_epoch = req->min_epoch() + 1;
+      }
       h = LeaseHolder{req->router_id(), req->router_address(), now};
       resp->set_granted(true);
+      resp->set_epoch(lease_epoch);
     } else {
       resp->set_holder_id(h.id);
       resp->set_holder_address(h.address);

@@ -188,8 +188,9 @@ TEST(Coordinator, AReductionRefusedAsNotFiniteAbortsTheStepWithItsCode) {
 
 // AcquirePlacementLease as router `id` (defer: PlacementLeaseRequest.defer_while_settling).
 v1::PlacementLeaseResponse AskLease(v1::Coordinator::Stub* stub, const std::string& id,
-                                    bool defer = false) {
+                                    bool defer = false, uint64_t min_epoch = 0) {
   v1::PlacementLeaseRequest req;
+  req.set_min_epoch(min_epoch);
   req.set_router_id(id);
   req.set_router_address(id + "-host:50051");
   req.set_defer_while_settling(defer);
@@ -302,6 +303,62 @@ TEST(Coordinator, OneRouterAtATimeHoldsThePlacementLease) {
   EXPECT_EQ(r.holder_id(), "third");
   EXPECT_EQ(grants("none"), 1);
   EXPECT_EQ(grants("released"), 3);
+}
+
+// Each new holder of the placement lease gets a higher epoch, which renewals keep; a holder
+// whose shards were placed under a later epoch (min_epoch) has its epoch raised past it, a
+// router refused the lease changes nothing; and a restarted coordinator's epochs are above its
+// last life's (they start from its clock).
+TEST(Coordinator, EachNewHolderOfThePlacementLeaseGetsAHigherEpoch) {
+  // A coordinator, a stub of it, and router a's first ask there.
+  struct Started {
+    std::unique_ptr<CoordinatorServer> server;
+    std::unique_ptr<v1::Coordinator::Stub> stub;
+    v1::PlacementLeaseResponse a;
+  };
+  auto start = [] {
+    Started s;
+    auto server = CoordinatorServer::Start(CoordinatorOptions{});
+    EXPECT_TRUE(server.ok()) << server.status();
+    if (!server.ok()) return s;
+    s.server = *std::move(server);
+    s.stub = v1::Coordinator::NewStub(
+        grpc::CreateChannel(s.server->address(), common::ChannelCredentials()));
+    s.a = AskLease(s.stub.get(), "a");
+    return s;
+  };
+  Started one = start();
+  ASSERT_TRUE(one.a.granted());
+  v1::Coordinator::Stub* stub = one.stub.get();
+  const uint64_t a = one.a.epoch();
+  EXPECT_GT(a, 0u);
+  EXPECT_EQ(AskLease(stub, "a").epoch(), a);  // renewed: the same
+  v1::PlacementLeaseResponse refused = AskLease(stub, "b", false, a + 1000);
+  EXPECT_FALSE(refused.granted());
+  EXPECT_EQ(refused.epoch(), 0u);
+  EXPECT_EQ(AskLease(stub, "a").epoch(), a);  // b's min_epoch changed nothing
+  ReleaseLease(stub, "a");
+  v1::PlacementLeaseResponse b = AskLease(stub, "b");
+  ASSERT_TRUE(b.granted());
+  EXPECT_GT(b.epoch(), a);
+  // b's shards report an epoch past b's: b's goes on past it, and stays there.
+  v1::PlacementLeaseResponse raised = AskLease(stub, "b", false, b.epoch() + 1000);
+  ASSERT_TRUE(raised.granted());
+  EXPECT_EQ(raised.epoch(), b.epoch() + 1001);
+  EXPECT_EQ(AskLease(stub, "b", false, b.epoch()).epoch(), b.epoch() + 1001);
+  // One past what is granted is not taken: it would fence every later holder out.
+  EXPECT_EQ(AskLease(stub, "b", false, common::kMaxLeaseEpoch).epoch(), b.epoch() + 1001);
+  ReleaseLease(stub, "b");
+  v1::PlacementLeaseResponse a2 = AskLease(stub, "a");  // a former holder, again
+  ASSERT_TRUE(a2.granted());
+  EXPECT_EQ(a2.epoch(), b.epoch() + 1002);
+  one.server->Shutdown();
+  one = Started{};
+
+  Started two = start();
+  ASSERT_TRUE(two.a.granted());
+  EXPECT_GT(two.a.epoch(), a2.epoch())
+      << "a restarted coordinator's epoch is below its last life's";
 }
 
 // Only the router that holds the placement lease trains: a step from another one is aborted

@@ -3097,6 +3097,32 @@ TEST_F(ClusterTest, OneRouterPlacesTheShardsAtATimeAndAnotherStandsBy) {
   };
   EXPECT_TRUE(serves(a_stub.get(), "holder"));
   EXPECT_EQ(PlacementOf(a_stub.get()).version(), a_version);
+  // The shards' placement lease epoch (ShardStatus.lease_epoch): one, the holder's, on every
+  // shard, sent also where the holder loads nothing (a router taking over a placed cluster).
+  auto epoch = [&] {
+    std::set<uint64_t> seen;
+    for (const std::string& address : cluster->shard_addresses()) {
+      auto shard = v1::ExpertShard::NewStub(
+          grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+      v1::ShardStatus status;
+      seen.insert(shard->GetStatus(&ctx, v1::GetShardStatusRequest(), &status).ok()
+                      ? status.lease_epoch()
+                      : 0);
+    }
+    return seen.size() == 1 ? *seen.begin() : 0;
+  };
+  uint64_t a_epoch = epoch();
+  EXPECT_GT(a_epoch, 0u) << "the shards do not all have a's epoch";
+  // A holder granted again by a restarted coordinator gets a later epoch, and sends it to every
+  // shard (at a tick: it has nothing to load): returns it.
+  auto epoch_after_restart = [&](uint64_t before) {
+    uint64_t now = 0;
+    EXPECT_GE(WaitFor([&] { return (now = epoch()) > before; }, 10), 0)
+        << "the holder's epoch from the restarted coordinator did not reach every shard";
+    return now;
+  };
 
   // The coordinator is killed and started again: it knows no holder, and the router standing
   // by, which knows of one, is refused until the holder has asked again and holds the lease.
@@ -3118,6 +3144,7 @@ TEST_F(ClusterTest, OneRouterPlacesTheShardsAtATimeAndAnotherStandsBy) {
   EXPECT_TRUE(absl::StartsWith(lease_of(a_stub.get()), "held (renewed ")) << lease_of(a_stub.get());
   EXPECT_TRUE(stands_by(b_stub.get())) << lease_of(b_stub.get());
   EXPECT_TRUE(serves(a_stub.get(), "holder"));
+  a_epoch = epoch_after_restart(a_epoch);
 
   // The holder stops: it gives the lease up, and b takes over.
   cluster->router().Signal(SIGTERM);
@@ -3129,6 +3156,9 @@ TEST_F(ClusterTest, OneRouterPlacesTheShardsAtATimeAndAnotherStandsBy) {
   ASSERT_GE(WaitFor([&] { return serves(b_stub.get(), "b"); }, 30), 0)
       << "b did not serve within 30 s of holding the lease";
   EXPECT_EQ(ScrapeMetric(b_metrics, "moe_router_placement_lease_held"), 1);
+  uint64_t b_epoch = 0;
+  EXPECT_GE(WaitFor([&] { return (b_epoch = epoch()) > a_epoch; }, 10), 0)
+      << "b's epoch did not reach every shard";
 
   // c stands by. The coordinator restarts again: b, which stood by before, keeps the lease.
   auto c = common::Subprocess::Spawn([&] {
@@ -3144,6 +3174,7 @@ TEST_F(ClusterTest, OneRouterPlacesTheShardsAtATimeAndAnotherStandsBy) {
   restart_coordinator();
   EXPECT_TRUE(absl::StartsWith(lease_of(b_stub.get()), "held (renewed ")) << lease_of(b_stub.get());
   EXPECT_TRUE(stands_by(c_stub.get())) << lease_of(c_stub.get());
+  b_epoch = epoch_after_restart(b_epoch);
 
   // b stalls past the lease (3 s): c takes over, and b, running again, exits.
   b->Signal(SIGSTOP);
@@ -3152,6 +3183,27 @@ TEST_F(ClusterTest, OneRouterPlacesTheShardsAtATimeAndAnotherStandsBy) {
   ASSERT_TRUE(c_serves) << "c did not take over within 30 s of b's stall: "
                         << info(c_stub.get()).not_ready();
   EXPECT_EQ(grants("lapsed"), 1);
+  // c's epoch is on every shard: a load or unload of b's (one of a switch b was making when
+  // it stalled) is refused.
+  uint64_t c_epoch = 0;
+  EXPECT_GE(WaitFor([&] { return (c_epoch = epoch()) > b_epoch; }, 10), 0)
+      << "c's epoch did not reach every shard";
+  {
+    auto shard = v1::ExpertShard::NewStub(
+        grpc::CreateChannel(cluster->shard_addresses()[0], grpc::InsecureChannelCredentials()));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    v1::UnloadExpertsRequest req;
+    req.add_experts(0);
+    req.set_lease_epoch(b_epoch);
+    v1::ShardStatus status;
+    const grpc::Status refused = shard->UnloadExperts(&ctx, req, &status);
+    EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_NE(refused.error_message().find(
+                  absl::StrCat("placement lease epoch ", b_epoch, " is older than ", c_epoch)),
+              std::string::npos)
+        << refused.error_message();
+  }
   const absl::StatusOr<int> b_exit = b->Wait(absl::Seconds(15));
   ASSERT_TRUE(b_exit.ok()) << "b kept running after c took the lease over";
   EXPECT_TRUE(WIFEXITED(*b_exit) && WEXITSTATUS(*b_exit) == 1) << "wait status " << *b_exit;
