@@ -1,5 +1,7 @@
 #include "expert_server/expert_store.h"
 
+#include <algorithm>
+
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "services/common/server_util.h"
@@ -83,10 +85,10 @@ void ExpertStore::NotifyChange(std::shared_ptr<const ExpertHandle> installed) {
 absl::Status ExpertStore::CheckVersion(uint64_t version, uint64_t lease_epoch) {
   // The lease first: a router whose lease went to another may number its versions past the
   // new holder's (it placed longer), so the version alone cannot tell.
-  if (lease_epoch > common::kMaxLeaseEpoch) {
+  if (lease_epoch >= common::kMaxLeaseEpoch) {
     return absl::InvalidArgumentError(
         absl::StrCat("placement lease epoch ", lease_epoch,
-                     " is out of range: a coordinator grants at most ", common::kMaxLeaseEpoch));
+                     " is out of range: a coordinator grants less than ", common::kMaxLeaseEpoch));
   }
   if (lease_epoch != 0 && lease_epoch < lease_epoch_) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -125,8 +127,10 @@ absl::Status ExpertStore::Load(const std::vector<int>& experts, uint64_t version
       const bool have = it != entries_.end() && (it->second.state == ExpertState::kReady ||
                                                  it->second.state == ExpertState::kDraining);
       if (have) it->second.state = ExpertState::kReady;  // wanted again: cancels a drain
+      if (!have) entries_[e] = Entry{ExpertState::kLoading, nullptr, "", 0};
+      uint64_t& asked = entries_[e].lease_epoch;
+      asked = std::max(asked, lease_epoch);
       if (have && peer.empty()) continue;
-      if (!have) entries_[e] = Entry{ExpertState::kLoading, nullptr, ""};
       todo.push_back(e);
     }
     jobs_.push_back(Job{std::move(todo), peer, std::move(done), replace_newer, lease_epoch});
@@ -180,18 +184,20 @@ void ExpertStore::LoaderLoop() {
           continue;
         }
         Entry& entry = found->second;
-        if (ffn.ok() && entry.handle != nullptr && job.lease_epoch != 0 &&
-            job.lease_epoch < lease_epoch_) {
-          // Queued by a router whose placement lease has gone to another since (a copy or a
-          // roll-back waiting behind a slow load): the weights here may be the new holder's
-          // training; they stay. (A first load of an expert replaces nothing: at worst an
-          // extra, which the new holder unloads.)
-          entry.state = ExpertState::kReady;
+        // Queued by a router whose placement lease has gone to another since (a copy or a
+        // roll-back waiting behind a slow load): it installs nothing over weights (they may be
+        // the new holder's training), nor into an entry the new holder asked for (its own job
+        // loads that). A first load of an expert nobody asked for since goes ahead: at worst an
+        // extra, which the new holder unloads.
+        const bool superseded =
+            job.lease_epoch != 0 && (job.lease_epoch < entry.lease_epoch ||
+                                     (entry.handle != nullptr && job.lease_epoch < lease_epoch_));
+        if (superseded) {  // nor does it change the entry's state: the new holder's to set
           if (first_error.ok()) {
-            first_error = absl::FailedPreconditionError(
-                absl::StrCat("expert ", e, ": the copy was not taken: placement lease epoch ",
-                             job.lease_epoch, " is older than ", lease_epoch_,
-                             ", under which this shard was placed while the copy waited"));
+            first_error = absl::FailedPreconditionError(absl::StrCat(
+                "expert ", e, ": not installed: placement lease epoch ", job.lease_epoch,
+                " is older than ", std::max(entry.lease_epoch, lease_epoch_),
+                ", under which this shard was placed while the load waited"));
           }
         } else if (ffn.ok() && !job.replace_newer && entry.handle != nullptr &&
                    entry.handle->trained_step > w->trained_step) {
@@ -203,12 +209,14 @@ void ExpertStore::LoaderLoop() {
           handle->ffn = std::move(*ffn);
           handle->trained_step = w->trained_step;
           installed = handle;
-          entry = Entry{ExpertState::kReady, std::move(handle), ""};
+          entry = Entry{ExpertState::kReady, std::move(handle), "", entry.lease_epoch};
         } else {
           const std::string msg = absl::StrCat("expert ", e, ": ", ffn.status().message());
           if (first_error.ok()) first_error = absl::Status(ffn.status().code(), msg);
           // A failed reload keeps the weights it had.
-          if (entry.handle == nullptr) entry = Entry{ExpertState::kFailed, nullptr, msg};
+          if (entry.handle == nullptr) {
+            entry = Entry{ExpertState::kFailed, nullptr, msg, entry.lease_epoch};
+          }
         }
       }
       NotifyChange(std::move(installed));

@@ -127,6 +127,9 @@ class ExpertStore {
     ExpertState state = ExpertState::kLoading;
     std::shared_ptr<ExpertHandle> handle;
     std::string error;
+    // The highest lease epoch of a Load that asked for this expert: a queued job of an older one
+    // installs nothing here.
+    uint64_t lease_epoch = 0;
   };
   struct Job {
     std::vector<int> experts;

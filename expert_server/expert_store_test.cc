@@ -135,12 +135,13 @@ TEST_F(ExpertStoreTest, ALoadOrUnloadOfAnOlderLeaseEpochIsRefused) {
   EXPECT_EQ(store_.Unload({0}, 9, 11).code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(store_.placement_version(), 8u);
   // Past what a coordinator grants: refused, and not kept (it would fence every later holder).
-  st = store_.Unload({}, 0, common::kMaxLeaseEpoch + 1);
+  st = store_.Unload({}, 0, common::kMaxLeaseEpoch);
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
-  EXPECT_EQ(st.message(), absl::StrCat("placement lease epoch ", common::kMaxLeaseEpoch + 1,
-                                       " is out of range: a coordinator grants at most ",
+  EXPECT_EQ(st.message(), absl::StrCat("placement lease epoch ", common::kMaxLeaseEpoch,
+                                       " is out of range: a coordinator grants less than ",
                                        common::kMaxLeaseEpoch));
-  EXPECT_EQ(store_.lease_epoch(), 12u);
+  EXPECT_TRUE(store_.Unload({}, 0, common::kMaxLeaseEpoch - 1).ok());
+  EXPECT_EQ(store_.lease_epoch(), common::kMaxLeaseEpoch - 1);
 }
 
 TEST_F(ExpertStoreTest, DrainingExpertStaysUntilItsLeasesEnd) {
@@ -294,12 +295,42 @@ TEST(ExpertStoreOrder, ACopyOfARouterWhoseLeaseWentToAnotherWhileItWaitedReplace
   copied.WaitForNotification();
   EXPECT_EQ(copy.code(), absl::StatusCode::kFailedPrecondition) << copy;
   EXPECT_EQ(copy.message(),
-            "expert 0: the copy was not taken: placement lease epoch 10 is older than 11, under "
-            "which this shard was placed while the copy waited");
+            "expert 0: not installed: placement lease epoch 10 is older than 11, under which "
+            "this shard was placed while the load waited");
   ASSERT_NE(g.store.Find(0), nullptr);
   EXPECT_EQ(g.store.Find(0)->trained_step, 0u) << "the stale copy replaced the weights";
   EXPECT_EQ(g.store.Find(0)->ffn->weights().w1, g.ck.experts[0].w1);
   EXPECT_EQ(g.store.Snapshot()[0].state, ExpertState::kReady);
+}
+
+// The same copy, where the new holder unloaded the expert and asked for it again meanwhile (from
+// the checkpoint): the stale copy installs nothing into the new holder's entry, and the new
+// holder's load installs its weights (kept, they would have stayed: the copy's are of a later
+// training step).
+TEST(ExpertStoreOrder, ACopyOfARouterWhoseLeaseWentToAnotherLeavesTheNewHoldersLoadAlone) {
+  GatedStore g;
+  common::Notification copied, loaded;
+  absl::Status copy, load;
+  auto on_copied = [&](absl::Status s) {
+    copy = s;
+    copied.Notify();
+  };
+  auto on_loaded = [&](absl::Status s) {
+    load = s;
+    loaded.Notify();
+  };
+  ASSERT_TRUE(g.store.Load({1}, 1, "peer:1", on_copied, /*replace_newer=*/true, 10).ok());
+  g.entered.WaitForNotification();
+  ASSERT_TRUE(g.store.Unload({1}, 0, 11).ok());
+  ASSERT_TRUE(g.store.Load({1}, 0, "", on_loaded, false, 11).ok());
+  g.release.Notify();
+  copied.WaitForNotification();
+  loaded.WaitForNotification();
+  EXPECT_EQ(copy.code(), absl::StatusCode::kFailedPrecondition) << copy;
+  EXPECT_TRUE(load.ok()) << load;
+  ASSERT_NE(g.store.Find(1), nullptr);
+  EXPECT_EQ(g.store.Find(1)->trained_step, 0u) << "the stale copy's weights were installed";
+  EXPECT_EQ(g.store.Find(1)->ffn->weights().w1, g.ck.experts[1].w1);
 }
 
 TEST(ExpertStoreOrder, AnExpertUnloadedWhileItLoadsFailsItsLoad) {

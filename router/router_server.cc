@@ -196,6 +196,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   bool lease_other_holder = false;
   std::chrono::steady_clock::time_point lease_confirmed{};  // the last grant's ask
   std::chrono::steady_clock::time_point lease_asked{};      // the last ask
+  // AskLease runs on several threads (the lease loop, the control thread, Rebalance and
+  // TrainStep): each ask is numbered, and a reply older than one applied is dropped (an older
+  // grant would take the lease's epoch, or its time, back).
+  uint64_t lease_ask_seq = 0;
+  uint64_t lease_reply_seq = 0;
   absl::Duration lease_length = absl::Seconds(3);           // the coordinator's, once told
   // Lost (another router holds it now): set once, under control_mu too (WaitOrLeaseLost).
   std::atomic<bool> lease_lost{false};
@@ -253,9 +258,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     v1::PlacementLeaseRequest req;
     const Clock::time_point asked = Clock::now();
     absl::Duration deadline;
+    uint64_t seq = 0;
     {
       std::lock_guard<std::mutex> lock(lease_mu);
       if (lease_lost.load() || router_id.empty()) return;
+      seq = ++lease_ask_seq;
       req.set_router_id(router_id);
       req.set_router_address(router_address);
       // A holder that went a whole lease without asking (it stalled) may have been replaced:
@@ -275,7 +282,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     v1::PlacementLeaseResponse resp;
     const grpc::Status st = coordinator->AcquirePlacementLease(&ctx, req, &resp);
     std::lock_guard<std::mutex> lock(lease_mu);
-    if (lease_lost.load()) return;
+    if (lease_lost.load() || seq < lease_reply_seq) return;
+    lease_reply_seq = seq;
     if (st.error_code() == grpc::StatusCode::UNIMPLEMENTED) {
       if (!lease_unsupported) {
         std::fprintf(stderr,
@@ -428,17 +436,25 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (epoch == 0) return;  // no coordinator, or one without epochs
     for (const auto& c : shards) {
       uint64_t& sent = epoch_sent[c->address()];
-      if (sent == epoch && c->reported_lease_epoch() >= epoch) continue;
+      // A shard older than epochs reports 0 whatever it is sent: sent again for a new epoch
+      // only (once it reports one, it knows them: a restart of it is seen).
+      const uint64_t reported = c->reported_lease_epoch();
+      bool& unknown = epoch_unknown[c->address()];
+      if (reported != 0) unknown = false;
+      if (sent == epoch && (reported >= epoch || unknown)) continue;
       if (at_tick && !c->answering()) continue;
       const absl::StatusOr<v1::ShardStatus> st = c->UnloadExperts({}, 0, absl::Milliseconds(500));
       if (st.ok()) {
         sent = epoch;
+        unknown = st->lease_epoch() == 0;
       } else if (absl::IsFailedPrecondition(st.status())) {
         c->GetStatus(absl::Milliseconds(500)).IgnoreError();  // its epoch, seen by the client
       }
     }
   }
-  std::map<std::string, uint64_t> epoch_sent;  // by shard address; control thread
+  // By shard address; control thread.
+  std::map<std::string, uint64_t> epoch_sent;
+  std::map<std::string, bool> epoch_unknown;  // it reported 0 right after a send
 
   // Why a change of placement is refused now (!MayPlaceNow()). The same text each time: Apply
   // says a refusal once while it lasts.

@@ -20,10 +20,10 @@
 
 namespace moe::common {
 
-// The highest placement lease epoch (PlacementLeaseResponse.epoch) a coordinator grants and a
-// shard takes: epochs start from the clock (milliseconds since 1970 times 2^20, below this
-// until the year 2109). A shard refuses one above it; a coordinator does not raise an epoch
-// past it (min_epoch): one bad value would otherwise fence every later holder out.
+// Placement lease epochs (PlacementLeaseResponse.epoch) are below this: they start from the
+// clock (milliseconds since 1970 times 2^20, below this until the year 2109). A shard refuses
+// one at or above it; a coordinator raises an epoch past a router's min_epoch only where that
+// leaves 2^32 grants below it: one bad value would otherwise fence every later holder out.
 inline constexpr uint64_t kMaxLeaseEpoch = uint64_t{1} << 62;
 
 struct RpcLimits {

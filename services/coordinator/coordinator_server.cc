@@ -223,7 +223,8 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
                      RouterName(req->router_id(), req->router_address()).c_str());
         lease_grants[lease_previous]->Increment();
       }
-      if (req->min_epoch() >= lease_epoch && req->min_epoch() < common::kMaxLeaseEpoch) {
+      if (req->min_epoch() >= lease_epoch &&
+          req->min_epoch() < common::kMaxLeaseEpoch - (uint64_t{1} << 32)) {
         std::fprintf(stderr,
                      "moe-coordinator: the shards were placed under lease epoch %llu, past this "
                      "coordinator's %llu (it restarted with its clock behind): the lease of %s "
