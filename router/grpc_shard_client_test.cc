@@ -736,6 +736,19 @@ TEST(RouterShardModel, AMemberRejoiningFromAnotherModelLeavesAndComesBack) {
   RestartFromAnotherModel(true);
 }
 
+// A training step of `rows` random tokens of kConfig's model (seed `seed`) and random dL/dy
+// (seed `seed` + 1).
+v1::TrainStepRequest RandomStep(int rows, uint64_t seed, float learning_rate) {
+  v1::TrainStepRequest req;
+  common::EncodeTensor(common::RandomMatrix(rows, kConfig.d_model, seed), {rows, kConfig.d_model},
+                       common::WireType::kFloat32, req.mutable_tokens());
+  common::EncodeTensor(common::RandomMatrix(rows, kConfig.d_model, seed + 1),
+                       {rows, kConfig.d_model}, common::WireType::kFloat32,
+                       req.mutable_grad_output());
+  req.set_learning_rate(learning_rate);
+  return req;
+}
+
 // A training step while the coordinator cannot be reached is refused before it starts, in a
 // few seconds and naming the coordinator: its commit would wait out the step's deadline, and
 // come back as a lost verdict (one the user could do nothing about). Serving goes on.
@@ -760,12 +773,7 @@ TEST(RouterTraining, AStepWhileTheCoordinatorIsDownIsRefusedBeforeItStarts) {
   ASSERT_TRUE((*router)->WaitUntilReady(absl::Seconds(60)).ok());
   auto stub = v1::Router::NewStub(
       grpc::CreateChannel((*router)->address(), grpc::InsecureChannelCredentials()));
-  v1::TrainStepRequest req;
-  common::EncodeTensor(common::RandomMatrix(4, kConfig.d_model, 11), {4, kConfig.d_model},
-                       common::WireType::kFloat32, req.mutable_tokens());
-  common::EncodeTensor(common::RandomMatrix(4, kConfig.d_model, 12), {4, kConfig.d_model},
-                       common::WireType::kFloat32, req.mutable_grad_output());
-  req.set_learning_rate(0.1f);
+  const v1::TrainStepRequest req = RandomStep(4, 11, 0.1f);
   auto train = [&]() {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
@@ -1804,6 +1812,86 @@ TEST(RouterLeaseEpoch, AShardPlacedUnderALaterEpochIsCaughtUpWithAndAnOlderOneIs
       << stale.error_message();
   EXPECT_EQ(c.a->store().ready_count(), ready);
   ExpectInfersOk(c.stub.get());
+  c.server->Shutdown(absl::Milliseconds(100));
+}
+
+// Two routers sharing a --state-dir (a volume both mount): the one standing by takes over with
+// the gate the holder trained and kept there, not the one it read at its own start, so it
+// answers as the holder did.
+TEST(RouterTakeover, ARouterTakingOverServesTheGateTheHolderKeptInTheirStateDir) {
+  CoordinatedShards c;
+  ASSERT_NO_FATAL_FAILURE(StartCoordinatedShards("takeover_gate", absl::Seconds(3), &c));
+  c.router.state_dir = ::moe::testing::TempPath("takeover_gate_state");
+  std::filesystem::remove_all(c.router.state_dir);
+  ASSERT_NO_FATAL_FAILURE(c.StartRouter());
+  auto b = RouterServer::Start(c.router);
+  ASSERT_TRUE(b.ok()) << b.status();
+  auto b_stub =
+      v1::Router::NewStub(grpc::CreateChannel((*b)->address(), grpc::InsecureChannelCredentials()));
+
+  const v1::TrainStepRequest step = RandomStep(8, 21, 0.5f);
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    v1::TrainStepResponse resp;
+    const grpc::Status st = c.stub->TrainStep(&ctx, step, &resp);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+  }
+  const std::vector<float> x = common::RandomMatrix(6, kConfig.d_model, 23);
+  auto infer = [&](v1::Router::Stub* stub) {
+    v1::InferRequest req;
+    common::EncodeTensor(x, {6, kConfig.d_model}, common::WireType::kFloat32, req.mutable_tokens());
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    v1::InferResponse resp;
+    const grpc::Status st = stub->Infer(&ctx, req, &resp);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    return st.ok() ? common::ViewToFloat(*common::DecodeTensor(resp.output(), "y"))
+                   : std::vector<float>();
+  };
+  const std::vector<float> holder = infer(c.stub.get());
+  ASSERT_EQ(holder.size(), x.size());
+  c.server->Shutdown(absl::Milliseconds(100));  // gives the lease up: b takes over
+  ASSERT_TRUE((*b)->WaitUntilReady(absl::Seconds(60)).ok());
+  const std::vector<float> taken_over = infer(b_stub.get());
+  ASSERT_EQ(taken_over.size(), holder.size());
+  for (size_t j = 0; j < holder.size(); ++j) {
+    ASSERT_NEAR(taken_over[j], holder[j], 1e-5) << "value " << j << ": not the trained gate";
+  }
+  (*b)->Shutdown(absl::Milliseconds(100));
+}
+
+// A router started before the one that trained the shards last (a spare taking over, or a host
+// whose clock is behind) numbers its steps past the shards' trained steps: steps are numbered
+// from a router's start, and a shard skips an update not later than its weights' (without this,
+// the step answered OK and no expert changed).
+TEST(RouterTraining, ARouterStartedBeforeTheOneThatTrainedLastNumbersItsStepsPastIt) {
+  CoordinatedShards c;
+  ASSERT_NO_FATAL_FAILURE(StartCoordinatedShards("number_past", absl::Seconds(3), &c));
+  // Trained by a router started an hour from now: the same weights, at that router's step.
+  const uint64_t later = static_cast<uint64_t>(absl::ToUnixMillis(absl::Now() + absl::Hours(1)))
+                         << 16;
+  for (expert::ShardServer* shard : {c.a.get(), c.b.get()}) {
+    ASSERT_TRUE(Eventually([&] { return shard->store().ready_count() == kConfig.num_experts; }));
+    for (int e = 0; e < kConfig.num_experts; ++e) {
+      auto ffn = expert::ExpertFfn::Create(kConfig, shard->store().Find(e)->ffn->weights());
+      ASSERT_TRUE(ffn.ok()) << ffn.status();
+      ASSERT_TRUE(shard->store().ReplaceExpert(e, *std::move(ffn), later).ok());
+    }
+  }
+  ASSERT_NO_FATAL_FAILURE(c.StartRouter());
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  v1::TrainStepResponse resp;
+  const grpc::Status st = c.stub->TrainStep(&ctx, RandomStep(16, 31, 0.1f), &resp);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  int moved = 0;
+  for (expert::ShardServer* shard : {c.a.get(), c.b.get()}) {
+    for (const expert::ExpertInfo& x : shard->store().Snapshot()) {
+      if (x.state == expert::ExpertState::kReady && x.trained_step > later) ++moved;
+    }
+  }
+  EXPECT_GT(moved, 0) << "no expert took the step: its number was not past the shards' steps";
   c.server->Shutdown(absl::Milliseconds(100));
 }
 

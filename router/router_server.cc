@@ -1376,10 +1376,67 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return absl::OkStatus();
   }
 
+  // Before the first placement: a router that stood by while another trained, the two sharing
+  // a --state-dir (a volume both mount), takes over with the gate that router kept there, not
+  // the one it read at its own start. Read again where the file's step is later than the gate
+  // served; a file that cannot be served now is said once per step, and the gate read at start
+  // stays.
+  void ReadKeptGateAgain() {
+    if (gate_state_path.empty()) return;
+    std::lock_guard<common::TimedMutex> t(train_mu);
+    uint64_t step = 0;
+    {
+      std::error_code ec;
+      if (!std::filesystem::exists(gate_state_path, ec)) return;  // none kept
+      absl::StatusOr<std::unique_ptr<common::SafetensorsReader>> r =
+          common::SafetensorsReader::Open(gate_state_path);
+      if (!r.ok()) {
+        const std::string why(r.status().message());
+        if (why != gate_unreadable_said) {
+          std::fprintf(stderr,
+                       "moe-router: the gate kept in %s cannot be read (%s); serving the gate "
+                       "read at start\n",
+                       gate_state_path.c_str(), why.c_str());
+        }
+        gate_unreadable_said = why;
+        return;
+      }
+      const auto& meta = (*r)->metadata();
+      const auto it = meta.find("train_step");
+      if (it == meta.end() || !absl::SimpleAtoi(it->second, &step)) step = UINT64_MAX;
+    }
+    // Another step than the gate's: steps are numbered by the router that took them, so a later
+    // one may carry a lower number (Trainer::NumberPast).
+    if (step == gate_step || step == gate_read_again) return;
+    gate_read_again = step;
+    common::GateWeights g = *Gate();
+    if (const absl::Status st = ReadKeptGate(&g); !st.ok()) {
+      std::fprintf(stderr,
+                   "moe-router: the gate kept in %s changed while this router stood by, and is "
+                   "not served: %s; serving the gate read at start\n",
+                   gate_state_path.c_str(), std::string(st.message()).c_str());
+      return;
+    }
+    std::lock_guard<std::mutex> gl(gate_mu);
+    gate = std::make_shared<const common::GateWeights>(std::move(g));
+  }
+  // train_mu: the kept gate's step ReadKeptGateAgain last read, and why it last could not.
+  uint64_t gate_read_again = 0;
+  std::string gate_unreadable_said;
+
   // Writes the gate of training step `step` to --state-dir (whole or not at all). A failure is
   // told and does not fail the step, which the shards have committed.
   void KeepGate(const common::GateWeights& g, uint64_t step) {
     if (gate_state_path.empty()) return;
+    // A router whose lease has run out since the step committed (it stalled) may share the
+    // directory with the router that took over and trains on: its gate would go over that one's.
+    if (!MayPlace()) {
+      std::fprintf(stderr,
+                   "moe-router: the gate of training step %llu was not kept in %s: this "
+                   "router's placement lease has not been renewed since\n",
+                   static_cast<unsigned long long>(step), gate_state_path.c_str());
+      return;
+    }
     common::SafetensorsWriter w;
     w.SetMetadata("train_step", absl::StrCat(step));
     w.SetMetadata("steps_done", absl::StrCat(restored_steps + steps_done.load()));
@@ -1491,6 +1548,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
       *trained = *trained || latest_step > 0;
       WarnIfGateBehind(latest_step);
+      if (trainer != nullptr) trainer->NumberPast(std::max(latest_step, gate_step));
       if (*trained && !unread.empty()) {
         return absl::UnavailableError(absl::StrCat(
             "the shards were trained, and what ", unread.front().first, " holds cannot be read: "
@@ -2783,8 +2841,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       lock.unlock();
       if (!ready.HasBeenNotified()) {
         // Standing by (NotReady says why) until this router holds the placement lease.
-        const absl::Status st =
-            MayPlaceNow() ? FirstPlacement(&unread_since) : absl::UnavailableError("");
+        absl::Status st = absl::UnavailableError("");
+        if (MayPlaceNow()) {
+          ReadKeptGateAgain();
+          st = FirstPlacement(&unread_since);
+        }
         if (st.ok() && !lease_lost.load()) {  // lost meanwhile: OnLeaseLost dropped the table
           AwaitPlacedShardsInRotation(absl::Seconds(5));
           // OnLeaseLost says NOT_SERVING under serving_mu: SERVING is said only before it.

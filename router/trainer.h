@@ -56,6 +56,16 @@ class Trainer {
   Trainer(const common::ModelConfig& config, Committer committer,
           absl::Duration coordinator_grace = kCoordinatorGrace);
 
+  // Numbers the next step past `step` (a training step the shards or the kept gate carry):
+  // steps are numbered from the router's start, and a router started before the one that
+  // trained last (a spare taking over, a host whose clock is behind) would number below it,
+  // and a shard skips an update not later than its weights'.
+  void NumberPast(uint64_t step) {
+    uint64_t cur = next_step_.load();
+    while (cur <= step && !next_step_.compare_exchange_weak(cur, step + 1)) {
+    }
+  }
+
   // One step on tokens x [n, d_model] with dL/dy = dy. On success the step is committed: every
   // shard has applied its update, or one that did not confirm it is asked again (see
   // RetryConfirmations); the caller applies `gate_weight`/`gate_bias` to the gate. On failure no
