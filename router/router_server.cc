@@ -1428,12 +1428,15 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // told and does not fail the step, which the shards have committed.
   void KeepGate(const common::GateWeights& g, uint64_t step) {
     if (gate_state_path.empty()) return;
-    // A router whose lease has run out since the step committed (it stalled) may share the
-    // directory with the router that took over and trains on: its gate would go over that one's.
-    if (!MayPlace()) {
+    // A router that stalled since the step committed may have lost its lease to a router that
+    // shares the directory and trains on: its gate would go over that one's. Asked again where
+    // the lease is not current; kept unless another router holds it now (a coordinator that
+    // does not answer, after a step whose verdict was settled without it, does not stop it).
+    if (!MayPlace()) MayPlaceNow();
+    if (lease_lost.load()) {
       std::fprintf(stderr,
-                   "moe-router: the gate of training step %llu was not kept in %s: this "
-                   "router's placement lease has not been renewed since\n",
+                   "moe-router: the gate of training step %llu was not kept in %s: another "
+                   "router holds the placement lease now\n",
                    static_cast<unsigned long long>(step), gate_state_path.c_str());
       return;
     }
@@ -1548,7 +1551,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
       *trained = *trained || latest_step > 0;
       WarnIfGateBehind(latest_step);
-      if (trainer != nullptr) trainer->NumberPast(std::max(latest_step, gate_step));
+      if (trainer != nullptr) trainer->NumberAfterAnotherRouter(std::max(latest_step, gate_step));
       if (*trained && !unread.empty()) {
         return absl::UnavailableError(absl::StrCat(
             "the shards were trained, and what ", unread.front().first, " holds cannot be read: "
@@ -2049,6 +2052,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         if (e.state() != v1::ExpertStatus::READY) continue;
         at[s][e.expert()] = e.trained_step();
         if (trained != nullptr && e.trained_step() > 0) *trained = true;
+        // A shard back with a step past this router's (kept in its --state-dir under a router
+        // that numbered higher): later steps are numbered past it, or it would skip them.
+        if (trainer != nullptr) trainer->NumberPast(e.trained_step());
       }
     }
     const StalePlan plan = PlanStaleReplicas(

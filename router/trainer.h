@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "moe/v1/coordinator.pb.h"
 #include "router/dispatcher.h"
@@ -59,11 +60,22 @@ class Trainer {
   // Numbers the next step past `step` (a training step the shards or the kept gate carry):
   // steps are numbered from the router's start, and a router started before the one that
   // trained last (a spare taking over, a host whose clock is behind) would number below it,
-  // and a shard skips an update not later than its weights'.
+  // and a shard skips an update not later than its weights'. A step at or past 2^63 (no
+  // router numbers so: a bad file) is not followed.
   void NumberPast(uint64_t step) {
+    if (step >= (uint64_t{1} << 63)) return;
     uint64_t cur = next_step_.load();
     while (cur <= step && !next_step_.compare_exchange_weak(cur, step + 1)) {
     }
+  }
+  // At the first placement: as at the router's start, from the clock now, and past the latest
+  // `step` the shards and the kept gate carry by a gap of 2^20. The router that placed before
+  // may have taken steps after its last committed one (aborted when this router took over, or
+  // left open by its death, on the shards for a while): a step of this router must not reuse
+  // their ids. The clock covers them where it runs ahead of that router's; the gap where not.
+  void NumberAfterAnotherRouter(uint64_t step) {
+    NumberPast(static_cast<uint64_t>(absl::ToUnixMillis(absl::Now())) << 16);
+    if (step > 0) NumberPast(step + (uint64_t{1} << 20));
   }
 
   // One step on tokens x [n, d_model] with dL/dy = dy. On success the step is committed: every
