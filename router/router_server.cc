@@ -1378,9 +1378,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
 
   // Before the first placement: a router that stood by while another trained, the two sharing
   // a --state-dir (a volume both mount), takes over with the gate that router kept there, not
-  // the one it read at its own start. Read again where the file's step is later than the gate
-  // served; a file that cannot be served now is said once per step, and the gate read at start
-  // stays.
+  // the one it read at its own start. Read again where the file's step is another than the
+  // gate's; a file that cannot be read is said once per reason, one that cannot be served once
+  // per step, and the gate read at start stays.
   void ReadKeptGateAgain() {
     if (gate_state_path.empty()) return;
     std::lock_guard<common::TimedMutex> t(train_mu);
