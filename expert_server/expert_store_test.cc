@@ -41,7 +41,7 @@ class ExpertStoreTest : public ::testing::Test {
             }) {}
 
   absl::Status LoadAndWait(std::vector<int> experts, uint64_t version, std::string peer = "",
-                           bool replace_newer = false) {
+                           bool replace_newer = false, uint64_t lease_epoch = 0) {
     common::Notification done;
     absl::Status result;
     absl::Status st = store_.Load(
@@ -50,7 +50,7 @@ class ExpertStoreTest : public ::testing::Test {
           result = s;
           done.Notify();
         },
-        replace_newer);
+        replace_newer, lease_epoch);
     if (!st.ok()) return st;
     done.WaitForNotification();
     return result;
@@ -94,18 +94,7 @@ TEST_F(ExpertStoreTest, RangeAndVersionChecks) {
 // a coordinator).
 TEST_F(ExpertStoreTest, ALoadOrUnloadOfAnOlderLeaseEpochIsRefused) {
   auto load = [&](std::vector<int> experts, uint64_t version, uint64_t epoch) {
-    common::Notification done;
-    absl::Status result;
-    const absl::Status st = store_.Load(
-        experts, version, "",
-        [&](absl::Status s) {
-          result = s;
-          done.Notify();
-        },
-        false, epoch);
-    if (!st.ok()) return st;
-    done.WaitForNotification();
-    return result;
+    return LoadAndWait(std::move(experts), version, "", false, epoch);
   };
   EXPECT_EQ(store_.lease_epoch(), 0u);
   ASSERT_TRUE(load({0}, 7, 10).ok());
@@ -233,13 +222,14 @@ struct GatedStore {
     absl::Status status;
   };
   // Starts a load; its status once `done` is notified.
-  std::shared_ptr<Outcome> Load(std::vector<int> experts, uint64_t version,
-                                const std::string& peer) {
+  std::shared_ptr<Outcome> Load(std::vector<int> experts, uint64_t version, const std::string& peer,
+                                bool replace_newer = false, uint64_t lease_epoch = 0) {
     auto out = std::make_shared<Outcome>();
-    absl::Status st = store.Load(experts, version, peer, [out](absl::Status s) {
+    auto done = [out](absl::Status s) {
       out->status = s;
       out->done.Notify();
-    });
+    };
+    absl::Status st = store.Load(experts, version, peer, done, replace_newer, lease_epoch);
     if (!st.ok()) {
       out->status = st;
       out->done.Notify();
@@ -276,25 +266,16 @@ TEST(ExpertStoreOrder, APeerCopyOfADrainingExpertKeepsItWhenItsLastLeaseEnds) {
 // the new holder's training.
 TEST(ExpertStoreOrder, ACopyOfARouterWhoseLeaseWentToAnotherWhileItWaitedReplacesNothing) {
   GatedStore g;
-  common::Notification loaded, copied;
-  absl::Status copy;
-  auto on_loaded = [&](absl::Status s) {
-    EXPECT_TRUE(s.ok()) << s;
-    loaded.Notify();
-  };
-  auto on_copied = [&](absl::Status s) {
-    copy = s;
-    copied.Notify();
-  };
-  ASSERT_TRUE(g.store.Load({0}, 1, "", on_loaded, false, 10).ok());
-  loaded.WaitForNotification();
-  ASSERT_TRUE(g.store.Load({0}, 2, "peer:1", on_copied, /*replace_newer=*/true, 10).ok());
+  auto loaded = g.Load({0}, 1, "", false, 10);
+  loaded->done.WaitForNotification();
+  ASSERT_TRUE(loaded->status.ok()) << loaded->status;
+  auto copy = g.Load({0}, 2, "peer:1", /*replace_newer=*/true, 10);
   g.entered.WaitForNotification();
   ASSERT_TRUE(g.store.Unload({}, 0, 11).ok());  // the new holder's epoch
   g.release.Notify();
-  copied.WaitForNotification();
-  EXPECT_EQ(copy.code(), absl::StatusCode::kFailedPrecondition) << copy;
-  EXPECT_EQ(copy.message(),
+  copy->done.WaitForNotification();
+  EXPECT_EQ(copy->status.code(), absl::StatusCode::kFailedPrecondition) << copy->status;
+  EXPECT_EQ(copy->status.message(),
             "expert 0: not installed: placement lease epoch 10 is older than 11, under which "
             "this shard was placed while the load waited");
   ASSERT_NE(g.store.Find(0), nullptr);
@@ -309,25 +290,15 @@ TEST(ExpertStoreOrder, ACopyOfARouterWhoseLeaseWentToAnotherWhileItWaitedReplace
 // training step).
 TEST(ExpertStoreOrder, ACopyOfARouterWhoseLeaseWentToAnotherLeavesTheNewHoldersLoadAlone) {
   GatedStore g;
-  common::Notification copied, loaded;
-  absl::Status copy, load;
-  auto on_copied = [&](absl::Status s) {
-    copy = s;
-    copied.Notify();
-  };
-  auto on_loaded = [&](absl::Status s) {
-    load = s;
-    loaded.Notify();
-  };
-  ASSERT_TRUE(g.store.Load({1}, 1, "peer:1", on_copied, /*replace_newer=*/true, 10).ok());
+  auto copy = g.Load({1}, 1, "peer:1", /*replace_newer=*/true, 10);
   g.entered.WaitForNotification();
   ASSERT_TRUE(g.store.Unload({1}, 0, 11).ok());
-  ASSERT_TRUE(g.store.Load({1}, 0, "", on_loaded, false, 11).ok());
+  auto load = g.Load({1}, 0, "", false, 11);
   g.release.Notify();
-  copied.WaitForNotification();
-  loaded.WaitForNotification();
-  EXPECT_EQ(copy.code(), absl::StatusCode::kFailedPrecondition) << copy;
-  EXPECT_TRUE(load.ok()) << load;
+  copy->done.WaitForNotification();
+  load->done.WaitForNotification();
+  EXPECT_EQ(copy->status.code(), absl::StatusCode::kFailedPrecondition) << copy->status;
+  EXPECT_TRUE(load->status.ok()) << load->status;
   ASSERT_NE(g.store.Find(1), nullptr);
   EXPECT_EQ(g.store.Find(1)->trained_step, 0u) << "the stale copy's weights were installed";
   EXPECT_EQ(g.store.Find(1)->ffn->weights().w1, g.ck.experts[1].w1);

@@ -2314,16 +2314,23 @@ TEST_F(ClusterTest, ADeadShardThePlacementMovedOffHoldsNoStepOrSaveBack) {
   ASSERT_TRUE(saved.ok()) << saved.status();
 }
 
-// Each READY expert's training step on the shard at `address`.
-std::map<int, uint64_t> TrainedSteps(const std::string& address) {
+// The status of the shard at `address` (ExpertShard.GetStatus, 5 s), or nullopt.
+std::optional<v1::ShardStatus> ShardStatusOf(const std::string& address) {
   auto stub = v1::ExpertShard::NewStub(
       grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   v1::ShardStatus status;
+  if (!stub->GetStatus(&ctx, v1::GetShardStatusRequest(), &status).ok()) return std::nullopt;
+  return status;
+}
+
+// Each READY expert's training step on the shard at `address`.
+std::map<int, uint64_t> TrainedSteps(const std::string& address) {
   std::map<int, uint64_t> steps;
-  if (!stub->GetStatus(&ctx, v1::GetShardStatusRequest(), &status).ok()) return steps;
-  for (const v1::ExpertStatus& e : status.experts()) {
+  const std::optional<v1::ShardStatus> status = ShardStatusOf(address);
+  if (!status.has_value()) return steps;
+  for (const v1::ExpertStatus& e : status->experts()) {
     if (e.state() == v1::ExpertStatus::READY) steps[e.expert()] = e.trained_step();
   }
   return steps;
@@ -3102,14 +3109,8 @@ TEST_F(ClusterTest, OneRouterPlacesTheShardsAtATimeAndAnotherStandsBy) {
   auto epoch = [&] {
     std::set<uint64_t> seen;
     for (const std::string& address : cluster->shard_addresses()) {
-      auto shard = v1::ExpertShard::NewStub(
-          grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
-      grpc::ClientContext ctx;
-      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-      v1::ShardStatus status;
-      seen.insert(shard->GetStatus(&ctx, v1::GetShardStatusRequest(), &status).ok()
-                      ? status.lease_epoch()
-                      : 0);
+      const std::optional<v1::ShardStatus> status = ShardStatusOf(address);
+      seen.insert(status.has_value() ? status->lease_epoch() : 0);
     }
     return seen.size() == 1 ? *seen.begin() : 0;
   };
