@@ -21,6 +21,7 @@
 #include <gtest/gtest.h>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
@@ -30,6 +31,7 @@
 #include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "moe/v1/router.grpc.pb.h"
+#include "router/kept_gate.h"
 #include "router/moe_layer.h"
 #include "router/router_server.h"
 #include "services/coordinator/coordinator_server.h"
@@ -1413,6 +1415,19 @@ class HeldLoads final : public ShardClient {
   // CheckHealthNow is counted.
   void KeepOut(bool out) { kept_out_ = out; }
   int checks_while_out() const { return checks_while_out_.load(); }
+  // While its status is held, GetStatus answers as a shard too slow to: DEADLINE_EXCEEDED once
+  // the timeout it was given has passed (or the hold ends), and each such timeout is kept.
+  void HoldStatus(bool held) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      status_held_ = held;
+    }
+    cv_.notify_all();
+  }
+  std::vector<absl::Duration> held_status_timeouts() {
+    std::lock_guard<std::mutex> l(mu_);
+    return held_status_timeouts_;
+  }
 
   absl::StatusOr<v1::ShardStatus> LoadExperts(const std::vector<int>& experts, uint64_t version,
                                               const std::string& peer,
@@ -1456,6 +1471,16 @@ class HeldLoads final : public ShardClient {
     return inner_->UnloadExperts(experts, version, timeout);
   }
   absl::StatusOr<v1::ShardStatus> GetStatus(absl::Duration timeout) override {
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      if (status_held_) {
+        held_status_timeouts_.push_back(timeout);
+        if (!cv_.wait_for(l, absl::ToChronoNanoseconds(timeout), [&] { return !status_held_; })) {
+          return absl::DeadlineExceededError(
+              absl::StrCat("status of shard ", address(), ": held by the test"));
+        }
+      }
+    }
     return inner_->GetStatus(timeout);
   }
   absl::StatusOr<v1::BackwardResponse> Backward(const v1::BackwardRequest& request,
@@ -1475,6 +1500,7 @@ class HeldLoads final : public ShardClient {
   void CancelAdminCalls() override {
     inner_->CancelAdminCalls();
     Hold(false);
+    HoldStatus(false);
   }
 
  private:
@@ -1482,6 +1508,8 @@ class HeldLoads final : public ShardClient {
   std::mutex mu_;
   std::condition_variable cv_;
   bool held_ = false;
+  bool status_held_ = false;
+  std::vector<absl::Duration> held_status_timeouts_;  // while status_held_
   std::atomic<int> held_calls_{0};
   std::atomic<bool> kept_out_{false};
   std::atomic<int> checks_while_out_{0};
@@ -1690,6 +1718,65 @@ TEST(RouterRebalance, ACallWhoseDeadlinePassesAppliesNothing) {
   cluster.router->Shutdown(absl::Milliseconds(100));
 }
 
+// A Rebalance asks each shard out of service that holds nothing whether it drains (a shard that
+// waits for experts may be given some; one that drains may not), and that read ends by the
+// call's deadline: until 2026-12-05 it took up to 500 ms a shard whatever the deadline, and a
+// call with a short one went on past it by that much for each such shard. Here two of six
+// shards hold nothing (sharded placement of 4 experts) and their status reads are held, as a
+// slow shard's: the reads the call makes are given no more than the time it has left.
+TEST(RouterRebalance, ItsStatusReadsOfShardsOutOfServiceEndByItsDeadline) {
+  const std::string path = ::moe::testing::TempPath("rebalance_status_deadline.safetensors");
+  ASSERT_TRUE(common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
+  HeldClients clients;
+  // The last two start with no expert and are placed none: NOT_SERVING, waiting for experts.
+  std::vector<expert::ShardServerOptions> shards(4, Starting(std::nullopt));
+  shards.resize(6, Starting(std::vector<int>{}));
+  RouterWithShards cluster =
+      StartRouterWithShards(path, Strategy::kSharded, std::move(shards),
+                            [&](RouterServerOptions& o) { o.shard_factory = clients.Factory(o); });
+  ASSERT_NE(cluster.router, nullptr);
+  auto stub = v1::Router::NewStub(
+      grpc::CreateChannel(cluster.router->address(), grpc::InsecureChannelCredentials()));
+  {
+    grpc::ClientContext ctx;
+    v1::Placement p;
+    ASSERT_TRUE(stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &p).ok());
+    ASSERT_EQ(p.shard_addresses_size(), 6);
+    std::set<int> holding;
+    for (const auto& e : p.experts()) holding.insert(e.shards().begin(), e.shards().end());
+    ASSERT_EQ(holding.size(), 4u) << p.DebugString();
+  }
+  clients.ForEach([](HeldLoads& c) { c.HoldStatus(true); });
+  constexpr absl::Duration kDeadline = absl::Milliseconds(400);
+  grpc::Status st;
+  v1::Placement proposal;
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + kDeadline));
+    v1::RebalanceRequest req;
+    req.set_strategy("dynamic");
+    req.set_dry_run(true);
+    st = stub->Rebalance(&ctx, req, &proposal);
+  }
+  // The reads of the call are those given less than the 500 ms that reads outside a call (the
+  // control loop's) get: at least one, and none given more than the call had.
+  std::vector<absl::Duration> within_call;
+  clients.ForEach([&](HeldLoads& c) {
+    for (absl::Duration t : c.held_status_timeouts()) {
+      if (t < absl::Milliseconds(500)) within_call.push_back(t);
+    }
+  });
+  clients.ForEach([](HeldLoads& c) { c.HoldStatus(false); });
+  EXPECT_FALSE(within_call.empty()) << "no status read was cut to the call's deadline";
+  // (A little over: the router turns the call's deadline into one on its own clock.)
+  for (absl::Duration t : within_call) EXPECT_LE(t, kDeadline + absl::Milliseconds(50));
+  // The call itself: answered (a proposal over the shards read in time) or past its deadline.
+  EXPECT_TRUE(st.ok() || st.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED)
+      << st.error_code() << ": " << st.error_message();
+  ExpectInfersOk(stub.get());
+  cluster.router->Shutdown(absl::Milliseconds(100));
+}
+
 // A router that starts while a shard still reads a trained expert back from its --state-dir
 // waits for it: the first placement then copies that expert, with its training, to where it
 // places it. Until 2026-12-01 the shard counted as holding nothing while it loaded, so the
@@ -1859,6 +1946,68 @@ TEST(RouterTakeover, ARouterTakingOverServesTheGateTheHolderKeptInTheirStateDir)
     ASSERT_NEAR(taken_over[j], holder[j], 1e-5) << "value " << j << ": not the trained gate";
   }
   (*b)->Shutdown(absl::Milliseconds(100));
+}
+
+// The gate kept in --state-dir carries the lease epoch it was kept under, and a router does not
+// write over one kept under a later epoch (router/kept_gate.h: a router that took the lease over
+// while this one stalled). The holder's own gate may carry a later epoch than the holder's only
+// where the coordinator restarted with its clock behind: the holder then asks for its lease
+// past that epoch, is raised past it, and keeps its gate.
+TEST(RouterTraining, TheHolderKeepsItsGateOverOneKeptUnderALaterEpochOnceRaisedPastIt) {
+  CoordinatedShards c;
+  ASSERT_NO_FATAL_FAILURE(StartCoordinatedShards("kept_gate_epoch", absl::Seconds(3), &c));
+  c.router.state_dir = ::moe::testing::TempPath("kept_gate_epoch_state");
+  std::filesystem::remove_all(c.router.state_dir);
+  ASSERT_NO_FATAL_FAILURE(c.StartRouter());
+  const std::string path = c.router.state_dir + "/gate.safetensors";
+  auto train = [&](uint64_t seed) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    v1::TrainStepResponse resp;
+    const grpc::Status st = c.stub->TrainStep(&ctx, RandomStep(8, seed, 0.5f), &resp);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+  };
+  // The id of the training step whose gate is kept (the file's metadata).
+  auto kept_step = [&] {
+    auto r = common::SafetensorsReader::Open(path);
+    uint64_t step = 0;
+    if (r.ok()) (void)absl::SimpleAtoi((*r)->metadata().at("train_step"), &step);
+    return step;
+  };
+  train(31);
+  const uint64_t first = kept_step();
+  ASSERT_GT(first, 0u) << "no gate kept";
+  const uint64_t epoch = KeptGateEpoch(path);
+  EXPECT_GT(epoch, 0u);
+  EXPECT_EQ(epoch, c.a->store().lease_epoch()) << "not the epoch the shards were placed under";
+
+  // The same file, as if kept under an epoch an hour ahead of this coordinator's clock.
+  const uint64_t later = static_cast<uint64_t>(absl::ToUnixMillis(absl::Now() + absl::Hours(1)))
+                         << 20;
+  {
+    auto r = common::SafetensorsReader::Open(path);
+    ASSERT_TRUE(r.ok()) << r.status();
+    common::SafetensorsWriter w;
+    for (const auto& [k, v] : (*r)->metadata()) w.SetMetadata(k, v);
+    w.SetMetadata(kKeptGateEpochKey, absl::StrCat(later));
+    auto weight = (*r)->ReadFloat("gate.weight");
+    ASSERT_TRUE(weight.ok()) << weight.status();
+    ASSERT_TRUE(w.AddF32("gate.weight", {kConfig.num_experts, kConfig.d_model}, *weight).ok());
+    if ((*r)->Find("gate.bias") != nullptr) {
+      auto bias = (*r)->ReadFloat("gate.bias");
+      ASSERT_TRUE(bias.ok()) << bias.status();
+      ASSERT_TRUE(w.AddF32("gate.bias", {kConfig.num_experts}, *bias).ok());
+    }
+    ASSERT_TRUE(w.Write(path).ok());
+  }
+  train(32);
+  EXPECT_GT(kept_step(), first) << "the holder's gate of the second step was not kept";
+  EXPECT_GT(KeptGateEpoch(path), later);
+  EXPECT_TRUE(Eventually([&] { return c.a->store().lease_epoch() == KeptGateEpoch(path); }))
+      << "the raised epoch did not reach the shards: " << c.a->store().lease_epoch();
+  ExpectInfersOk(c.stub.get());
+  c.server->Shutdown(absl::Milliseconds(100));
+  std::filesystem::remove_all(c.router.state_dir);
 }
 
 // A router started before the one that trained the shards last (a spare taking over, or a host

@@ -32,6 +32,7 @@
 #include "router/dispatcher.h"
 #include "router/gating.h"
 #include "router/grpc_shard_client.h"
+#include "router/kept_gate.h"
 #include "router/load_stats.h"
 #include "router/router_metrics.h"
 #include "router/trainer.h"
@@ -1302,7 +1303,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     gate_state_path = (std::filesystem::path(options.state_dir) / "gate.safetensors").string();
     // A router killed while writing its gate leaves the write's temporary file.
-    if (const int removed = common::RemoveUnfinishedWrites(options.state_dir); removed > 0) {
+    if (const int removed = RemoveUnfinishedGateWrites(options.state_dir, absl::Seconds(2));
+        removed > 0) {
       std::fprintf(stderr,
                    "moe-router: --state-dir %s: removed %d temporary file(s) of writes that did "
                    "not finish (the router stopped while writing)\n",
@@ -1451,7 +1453,18 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     w.SetMetadata("expert_steps", absl::StrJoin(expert_steps, ","));
     absl::Status st = w.AddF32("gate.weight", {config.num_experts, config.d_model}, g.weight);
     if (st.ok() && !g.bias.empty()) st = w.AddF32("gate.bias", {config.num_experts}, g.bias);
-    if (st.ok()) st = w.Write(gate_state_path);
+    // Not over a gate kept under a later lease epoch (router/kept_gate.h): the router that
+    // kept it took the lease over while this one stalled. Unless this router's coordinator
+    // restarted with its clock behind and this router holds the lease: asked past that epoch
+    // (as past a shard's), the coordinator raises the holder's epoch, and the gate is kept.
+    for (int attempt = 0; st.ok(); ++attempt) {
+      uint64_t kept = 0;
+      st = WriteKeptGate(gate_state_path, w, lease_epochs->held.load(), absl::Seconds(2), &kept);
+      if (!absl::IsFailedPrecondition(st) || kept == 0 || attempt > 0) break;
+      lease_epochs->See(kept);
+      if (!MayPlaceNow() || lease_epochs->held.load() <= kept) break;
+      st = absl::OkStatus();
+    }
     if (!st.ok()) {
       std::fprintf(stderr, "moe-router: the gate of training step %llu was not kept in %s: %s\n",
                    static_cast<unsigned long long>(step), gate_state_path.c_str(),

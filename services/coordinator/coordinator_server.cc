@@ -226,9 +226,9 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
       if (req->min_epoch() >= lease_epoch &&
           req->min_epoch() < common::kMaxLeaseEpoch - (uint64_t{1} << 32)) {
         std::fprintf(stderr,
-                     "moe-coordinator: the shards were placed under lease epoch %llu, past this "
-                     "coordinator's %llu (it restarted with its clock behind): the lease of %s "
-                     "goes on under epoch %llu\n",
+                     "moe-coordinator: the shards were placed (or the router's gate kept) under "
+                     "lease epoch %llu, past this coordinator's %llu (it restarted with its clock "
+                     "behind): the lease of %s goes on under epoch %llu\n",
                      static_cast<unsigned long long>(req->min_epoch()),
                      static_cast<unsigned long long>(lease_epoch),
                      RouterName(req->router_id(), req->router_address()).c_str(),
