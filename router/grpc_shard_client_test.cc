@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <functional>
+#include <future>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -891,6 +892,23 @@ struct CoordinatedShards {
         grpc::CreateChannel(server->address(), grpc::InsecureChannelCredentials()));
   }
 
+  // StartRouter with a fresh --state-dir (a temporary directory named `name`); its kept gate's
+  // path.
+  std::string StartRouterKeepingItsGate(const std::string& name) {
+    router.state_dir = ::moe::testing::TempPath(name);
+    std::filesystem::remove_all(router.state_dir);
+    StartRouter();
+    return router.state_dir + "/gate.safetensors";
+  }
+
+  // One training step of 8 random tokens (RandomStep) through the router.
+  grpc::Status Train(uint64_t seed) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    v1::TrainStepResponse resp;
+    return stub->TrainStep(&ctx, RandomStep(8, seed, 0.5f), &resp);
+  }
+
   // Stops the coordinator and starts it again on its port, with shard b kept from registering:
   // it knows no member then.
   void RestartCoordinator() {
@@ -1722,8 +1740,9 @@ TEST(RouterRebalance, ACallWhoseDeadlinePassesAppliesNothing) {
 // waits for experts may be given some; one that drains may not), and that read ends by the
 // call's deadline: until 2026-12-05 it took up to 500 ms a shard whatever the deadline, and a
 // call with a short one went on past it by that much for each such shard. Here two of six
-// shards hold nothing (sharded placement of 4 experts) and their status reads are held, as a
-// slow shard's: the reads the call makes are given no more than the time it has left.
+// shards hold nothing (sharded placement of 4 experts), and every shard's status reads are held,
+// as a slow shard's (the call asks those two): its reads are given no more than the time it has
+// left.
 TEST(RouterRebalance, ItsStatusReadsOfShardsOutOfServiceEndByItsDeadline) {
   const std::string path = ::moe::testing::TempPath("rebalance_status_deadline.safetensors");
   ASSERT_TRUE(common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 5})).ok());
@@ -1948,6 +1967,63 @@ TEST(RouterTakeover, ARouterTakingOverServesTheGateTheHolderKeptInTheirStateDir)
   (*b)->Shutdown(absl::Milliseconds(100));
 }
 
+// Writes the gate file at `path` again with the same tensors, its metadata changed by `set`.
+void RewriteKeptGate(const std::string& path, const std::map<std::string, std::string>& set) {
+  auto r = common::SafetensorsReader::Open(path);
+  ASSERT_TRUE(r.ok()) << r.status();
+  common::SafetensorsWriter w;
+  for (const auto& [k, v] : (*r)->metadata()) w.SetMetadata(k, v);
+  for (const auto& [k, v] : set) w.SetMetadata(k, v);
+  auto weight = (*r)->ReadFloat("gate.weight");
+  ASSERT_TRUE(weight.ok()) << weight.status();
+  ASSERT_TRUE(w.AddF32("gate.weight", {kConfig.num_experts, kConfig.d_model}, *weight).ok());
+  if ((*r)->Find("gate.bias") != nullptr) {
+    auto bias = (*r)->ReadFloat("gate.bias");
+    ASSERT_TRUE(bias.ok()) << bias.status();
+    ASSERT_TRUE(w.AddF32("gate.bias", {kConfig.num_experts}, *bias).ok());
+  }
+  ASSERT_TRUE(w.Write(path).ok());
+}
+
+// A router that finds the gate kept in its --state-dir kept by another router since it last
+// read or wrote it (under a later lease epoch) does not write over it, and stops: that router
+// held the placement lease while this one stalled, and trained (router/kept_gate.h). Here the
+// file is changed by hand to read so.
+TEST(RouterTakeover, ARouterThatFindsAGateAnotherRouterKeptSinceStops) {
+  CoordinatedShards c;
+  ASSERT_NO_FATAL_FAILURE(StartCoordinatedShards("kept_gate_other", absl::Seconds(3), &c));
+  std::string path;
+  ASSERT_NO_FATAL_FAILURE(path = c.StartRouterKeepingItsGate("kept_gate_other_state"));
+  grpc::Status st = c.Train(41);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  const KeptGateMark mine = ReadKeptGateMark(path);
+  ASSERT_GT(mine.epoch, 0u) << "no gate kept";
+  ASSERT_FALSE(mine.kept_by.empty());
+  ASSERT_NO_FATAL_FAILURE(RewriteKeptGate(path, {{kKeptGateByKey, "another-router"},
+                                                 {kKeptGateEpochKey, absl::StrCat(mine.epoch + 1)},
+                                                 {"train_step", "7777"}}));
+  st = c.Train(42);  // committed on the shards: the step itself is answered
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  auto lost = std::async(std::launch::async,
+                         [&] { return c.server->WaitOrLeaseLost(absl::Milliseconds(100)); });
+  const bool stopped = lost.wait_for(std::chrono::seconds(30)) == std::future_status::ready;
+  if (!stopped) c.server->Shutdown(absl::Milliseconds(100));  // WaitOrLeaseLost returns OK
+  const absl::Status why = lost.get();
+  EXPECT_TRUE(stopped) << "the router did not stop";
+  EXPECT_NE(why.message().find(absl::StrCat("router another-router kept its gate there under "
+                                            "placement lease epoch ",
+                                            mine.epoch + 1)),
+            std::string::npos)
+      << why;
+  EXPECT_NE(why.message().find("this router stops"), std::string::npos) << why;
+  EXPECT_EQ(ReadKeptGateMark(path).kept_by, "another-router") << "written over";
+  auto r = common::SafetensorsReader::Open(path);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ((*r)->metadata().at("train_step"), "7777");
+  c.server->Shutdown(absl::Milliseconds(100));
+  std::filesystem::remove_all(c.router.state_dir);
+}
+
 // The gate kept in --state-dir carries the lease epoch it was kept under, and a router does not
 // write over one kept under a later epoch (router/kept_gate.h: a router that took the lease over
 // while this one stalled). The holder's own gate may carry a later epoch than the holder's only
@@ -1956,15 +2032,10 @@ TEST(RouterTakeover, ARouterTakingOverServesTheGateTheHolderKeptInTheirStateDir)
 TEST(RouterTraining, TheHolderKeepsItsGateOverOneKeptUnderALaterEpochOnceRaisedPastIt) {
   CoordinatedShards c;
   ASSERT_NO_FATAL_FAILURE(StartCoordinatedShards("kept_gate_epoch", absl::Seconds(3), &c));
-  c.router.state_dir = ::moe::testing::TempPath("kept_gate_epoch_state");
-  std::filesystem::remove_all(c.router.state_dir);
-  ASSERT_NO_FATAL_FAILURE(c.StartRouter());
-  const std::string path = c.router.state_dir + "/gate.safetensors";
+  std::string path;
+  ASSERT_NO_FATAL_FAILURE(path = c.StartRouterKeepingItsGate("kept_gate_epoch_state"));
   auto train = [&](uint64_t seed) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-    v1::TrainStepResponse resp;
-    const grpc::Status st = c.stub->TrainStep(&ctx, RandomStep(8, seed, 0.5f), &resp);
+    const grpc::Status st = c.Train(seed);
     EXPECT_TRUE(st.ok()) << st.error_message();
   };
   // The id of the training step whose gate is kept (the file's metadata).
@@ -1977,34 +2048,21 @@ TEST(RouterTraining, TheHolderKeepsItsGateOverOneKeptUnderALaterEpochOnceRaisedP
   train(31);
   const uint64_t first = kept_step();
   ASSERT_GT(first, 0u) << "no gate kept";
-  const uint64_t epoch = KeptGateEpoch(path);
+  const uint64_t epoch = ReadKeptGateMark(path).epoch;
   EXPECT_GT(epoch, 0u);
   EXPECT_EQ(epoch, c.a->store().lease_epoch()) << "not the epoch the shards were placed under";
 
   // The same file, as if kept under an epoch an hour ahead of this coordinator's clock.
   const uint64_t later = static_cast<uint64_t>(absl::ToUnixMillis(absl::Now() + absl::Hours(1)))
                          << 20;
-  {
-    auto r = common::SafetensorsReader::Open(path);
-    ASSERT_TRUE(r.ok()) << r.status();
-    common::SafetensorsWriter w;
-    for (const auto& [k, v] : (*r)->metadata()) w.SetMetadata(k, v);
-    w.SetMetadata(kKeptGateEpochKey, absl::StrCat(later));
-    auto weight = (*r)->ReadFloat("gate.weight");
-    ASSERT_TRUE(weight.ok()) << weight.status();
-    ASSERT_TRUE(w.AddF32("gate.weight", {kConfig.num_experts, kConfig.d_model}, *weight).ok());
-    if ((*r)->Find("gate.bias") != nullptr) {
-      auto bias = (*r)->ReadFloat("gate.bias");
-      ASSERT_TRUE(bias.ok()) << bias.status();
-      ASSERT_TRUE(w.AddF32("gate.bias", {kConfig.num_experts}, *bias).ok());
-    }
-    ASSERT_TRUE(w.Write(path).ok());
-  }
+  ASSERT_NO_FATAL_FAILURE(RewriteKeptGate(path, {{kKeptGateEpochKey, absl::StrCat(later)}}));
   train(32);
   EXPECT_GT(kept_step(), first) << "the holder's gate of the second step was not kept";
-  EXPECT_GT(KeptGateEpoch(path), later);
-  EXPECT_TRUE(Eventually([&] { return c.a->store().lease_epoch() == KeptGateEpoch(path); }))
-      << "the raised epoch did not reach the shards: " << c.a->store().lease_epoch();
+  EXPECT_GT(ReadKeptGateMark(path).epoch, later);
+  EXPECT_TRUE(Eventually([&] {
+    return c.a->store().lease_epoch() == ReadKeptGateMark(path).epoch;
+  })) << "the raised epoch did not reach the shards: "
+      << c.a->store().lease_epoch();
   ExpectInfersOk(c.stub.get());
   c.server->Shutdown(absl::Milliseconds(100));
   std::filesystem::remove_all(c.router.state_dir);

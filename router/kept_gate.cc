@@ -4,7 +4,9 @@
 #include <sys/file.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -34,11 +36,13 @@ class GateLock {
   // process holds it for `wait`.
   absl::Status Take(absl::Duration wait) {
     fd_ = open(path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (fd_ < 0) return absl::OkStatus();
+    // Made by a router of another user: flock takes a descriptor opened for reading too.
+    if (fd_ < 0) fd_ = open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd_ < 0) return Unlocked(errno);
     const absl::Time until = common::MonotonicNow() + wait;
     while (flock(fd_, LOCK_EX | LOCK_NB) != 0) {
       if (errno == EINTR) continue;
-      if (errno != EWOULDBLOCK) return absl::OkStatus();  // no locks here
+      if (errno != EWOULDBLOCK) return Unlocked(errno);  // no locks here
       if (common::MonotonicNow() >= until) {
         return absl::DeadlineExceededError(
             absl::StrCat(path_, " is held by another process (a router sharing --state-dir) for ",
@@ -52,42 +56,66 @@ class GateLock {
   }
 
  private:
+  // Goes on without the lock, said once per process.
+  absl::Status Unlocked(int err) {
+    static std::atomic<bool> said{false};
+    if (!said.exchange(true)) {
+      std::fprintf(stderr,
+                   "moe-router: cannot lock %s (%s): the gate is kept without the lock; make sure "
+                   "routers sharing this --state-dir can (a local filesystem, one user)\n",
+                   path_.c_str(), std::strerror(err));
+    }
+    return absl::OkStatus();
+  }
+
   const std::string path_;
   int fd_ = -1;
 };
 
 }  // namespace
 
-uint64_t KeptGateEpoch(const std::string& path) {
+KeptGateMark ReadKeptGateMark(const std::string& path) {
+  KeptGateMark mark;
   absl::StatusOr<std::unique_ptr<common::SafetensorsReader>> r =
       common::SafetensorsReader::Open(path);
-  if (!r.ok()) return 0;
+  if (!r.ok()) return mark;
   const auto& meta = (*r)->metadata();
+  if (const auto by = meta.find(kKeptGateByKey); by != meta.end()) mark.kept_by = by->second;
   const auto it = meta.find(kKeptGateEpochKey);
-  uint64_t epoch = 0;
-  if (it == meta.end() || !absl::SimpleAtoi(it->second, &epoch) ||
-      epoch >= common::kMaxLeaseEpoch) {
-    return 0;
+  // The coordinator's bound on min_epoch (a claim past it could never be asked past).
+  constexpr uint64_t kMaxKept = common::kMaxLeaseEpoch - (uint64_t{1} << 32);
+  if (it == meta.end() || !absl::SimpleAtoi(it->second, &mark.epoch) || mark.epoch >= kMaxKept) {
+    mark.epoch = 0;
   }
-  return epoch;
+  return mark;
 }
 
 absl::Status WriteKeptGate(const std::string& path, common::SafetensorsWriter gate, uint64_t epoch,
-                           absl::Duration lock_wait, uint64_t* kept_epoch) {
+                           const std::string& router_id, uint64_t last_seen,
+                           absl::Duration lock_wait, uint64_t* later) {
   GateLock lock(std::filesystem::path(path).parent_path().string());
   if (absl::Status st = lock.Take(lock_wait); !st.ok()) return st;
   if (epoch != 0) {
     std::error_code ec;
-    const uint64_t kept = std::filesystem::exists(path, ec) ? KeptGateEpoch(path) : 0;
-    if (kept > epoch) {
-      if (kept_epoch != nullptr) *kept_epoch = kept;
+    const KeptGateMark kept =
+        std::filesystem::exists(path, ec) ? ReadKeptGateMark(path) : KeptGateMark();
+    if (kept.kept_by != router_id && kept.epoch > last_seen) {
+      return absl::AbortedError(absl::StrCat(
+          "router ", kept.kept_by.empty() ? "(unnamed)" : kept.kept_by,
+          " kept its gate there under placement lease epoch ", kept.epoch,
+          ", later than the one this router last read or wrote (", last_seen,
+          "): it has held the placement lease since, and this router's gate is not the one "
+          "trained last"));
+    }
+    if (kept.epoch > epoch) {
+      if (later != nullptr) *later = kept.epoch;
       return absl::FailedPreconditionError(
-          absl::StrCat("the gate there was kept under placement lease epoch ", kept,
-                       ", later than this router's ", epoch,
-                       ": another router has taken the placement lease over since"));
+          absl::StrCat("the gate there was kept under placement lease epoch ", kept.epoch,
+                       ", later than this router's ", epoch));
     }
   }
   gate.SetMetadata(kKeptGateEpochKey, absl::StrCat(epoch));
+  gate.SetMetadata(kKeptGateByKey, router_id);
   return gate.Write(path);
 }
 

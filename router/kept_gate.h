@@ -3,11 +3,12 @@
 
 // The trained gate a router keeps in its --state-dir (DIR/gate.safetensors), written so that
 // routers sharing the directory (a volume both mount: the holder of the placement lease and a
-// spare) do not write over each other's newer gate. Each file says under which placement lease
-// epoch it was kept (metadata "lease_epoch"); a router writes only over a file of its own epoch
-// or an earlier one, and it checks and writes under DIR/gate.lock (flock), so another router's
-// write cannot land between the two. A router whose lease went to another while it stalled
-// (between its lease check and its write) so leaves the new holder's gate in place.
+// spare) do not write over each other's newer gate. Each file says which router kept it and
+// under which placement lease epoch (metadata "kept_by" and "lease_epoch"). A router does not
+// write over a file that another router kept under a later epoch than the file it last read or
+// wrote itself: that router has held the lease since (this one stalled meanwhile), and this
+// router's gate is not the one trained last. The check and the write are made under
+// DIR/gate.lock (flock), so another router's write cannot land between the two.
 
 #include <cstdint>
 #include <string>
@@ -18,22 +19,37 @@
 
 namespace moe::router {
 
-// The metadata key of a kept gate's lease epoch.
+// The metadata keys of a kept gate's lease epoch and of the router that kept it.
 inline constexpr char kKeptGateEpochKey[] = "lease_epoch";
+inline constexpr char kKeptGateByKey[] = "kept_by";
 
-// The lease epoch the gate file at `path` was kept under: 0 when it has none (kept without a
-// coordinator, or by an older router), cannot be read, or holds no number below
-// common::kMaxLeaseEpoch (a shard would refuse such an epoch too).
-uint64_t KeptGateEpoch(const std::string& path);
+// Who kept the gate file at `path`, and under which lease epoch. An epoch of 0: none (kept
+// without a coordinator, or by an older router), a file that cannot be read, or a number at or
+// above what a coordinator takes as PlacementLeaseRequest.min_epoch (no lease has such an
+// epoch; a file that claimed one would fence every router out).
+struct KeptGateMark {
+  uint64_t epoch = 0;
+  std::string kept_by;  // the router's id (RouterServer's, one per process); empty if none
+};
+KeptGateMark ReadKeptGateMark(const std::string& path);
 
-// Writes `gate` to `path` under lease epoch `epoch` (0: none, no coordinator; then the file is
-// written whatever epoch it has). FAILED_PRECONDITION, with the file's epoch in `*kept_epoch`,
-// when the file was kept under a later epoch than `epoch`: nothing is written. DEADLINE_EXCEEDED
-// when another process holds the lock for `lock_wait` (a router stalled mid-write; nothing is
-// written, and the next step's gate is kept instead). A directory whose filesystem takes no
-// locks is written without one. Otherwise the write's own status.
+// Writes `gate` to `path`, marked as kept by router `router_id` under lease epoch `epoch`.
+// `last_seen` is the epoch of the file this router last read or wrote there (0: none). With
+// `epoch` 0 (no coordinator: no lease to fence with) the file is written whatever it holds.
+// Otherwise, nothing is written, and:
+// - ABORTED when another router kept the file under an epoch later than `last_seen`: it has
+//   held the lease since this router last looked;
+// - FAILED_PRECONDITION, with the file's epoch in `*later`, when the file's epoch is later than
+//   `epoch` otherwise (this router's own gate, or the one it read when it took over: its
+//   coordinator restarted with its clock behind, and this router may ask for its lease past
+//   that epoch and write again);
+// - DEADLINE_EXCEEDED when another process holds the lock for `lock_wait` (a router stalled
+//   mid-write; the next step's gate is kept instead).
+// A directory whose filesystem takes no locks (or whose lock file cannot be opened) is written
+// without the lock, said once. Otherwise the write's own status.
 absl::Status WriteKeptGate(const std::string& path, common::SafetensorsWriter gate, uint64_t epoch,
-                           absl::Duration lock_wait, uint64_t* kept_epoch);
+                           const std::string& router_id, uint64_t last_seen,
+                           absl::Duration lock_wait, uint64_t* later);
 
 // Removes the temporary files of writes in `dir` whose process has ended
 // (common::RemoveUnfinishedWrites), under DIR/gate.lock: a router sharing the directory that is

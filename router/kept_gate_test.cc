@@ -40,42 +40,61 @@ std::string FreshDir(const std::string& name) {
   return dir;
 }
 
-// A router writes its gate over one kept under its own lease epoch or an earlier one, never over
-// one kept under a later epoch (a router that took the lease over while this one stalled).
-// Without a coordinator (epoch 0) there is no lease to fence with: the gate is written.
-TEST(KeptGate, AGateKeptUnderALaterLeaseEpochIsNotWrittenOver) {
+// A router does not write over a gate that another router kept under a later lease epoch than
+// the file this router last read or wrote (that router has held the lease since, while this one
+// stalled), whatever this router's own epoch is now. Its own file, or the one it read when it
+// took over, under a later epoch than its own is its coordinator's clock gone behind: told
+// apart (FAILED_PRECONDITION, with the epoch to ask past). Without a coordinator (epoch 0)
+// there is no lease to fence with: the gate is written.
+TEST(KeptGate, AGateAnotherRouterKeptSinceIsNotWrittenOver) {
   const std::string dir = FreshDir("kept_gate_epochs");
   const std::string path = dir + "/gate.safetensors";
-  uint64_t kept = 0;
-  ASSERT_TRUE(WriteKeptGate(path, GateOfStep(1), 9, absl::Seconds(1), &kept).ok());
-  EXPECT_EQ(KeptGateEpoch(path), 9u);
+  uint64_t later = 0;
+  ASSERT_TRUE(WriteKeptGate(path, GateOfStep(1), 9, "a", 0, absl::Seconds(1), &later).ok());
+  EXPECT_EQ(ReadKeptGateMark(path).epoch, 9u);
+  EXPECT_EQ(ReadKeptGateMark(path).kept_by, "a");
   EXPECT_EQ(KeptStep(path), 1u);
+  // b took over (reading a's file, epoch 9) and trains.
+  ASSERT_TRUE(WriteKeptGate(path, GateOfStep(2), 12, "b", 9, absl::Seconds(1), &later).ok());
+  EXPECT_EQ(ReadKeptGateMark(path).kept_by, "b");
 
-  const absl::Status older = WriteKeptGate(path, GateOfStep(2), 5, absl::Seconds(1), &kept);
-  EXPECT_EQ(older.code(), absl::StatusCode::kFailedPrecondition) << older;
-  EXPECT_NE(older.message().find("kept under placement lease epoch 9, later than this router's 5"),
-            std::string::npos)
-      << older;
-  EXPECT_EQ(kept, 9u);
-  EXPECT_EQ(KeptStep(path), 1u) << "written over";
-  EXPECT_EQ(KeptGateEpoch(path), 9u);
+  // a wakes from its stall: under its old epoch, and under a later one it was granted after b
+  // gave the lease up. Neither writes over b's gate.
+  for (uint64_t epoch : {uint64_t{9}, uint64_t{15}}) {
+    const absl::Status stale =
+        WriteKeptGate(path, GateOfStep(3), epoch, "a", 9, absl::Seconds(1), &later);
+    EXPECT_EQ(stale.code(), absl::StatusCode::kAborted) << stale;
+    EXPECT_NE(stale.message().find("router b kept its gate there under placement lease epoch 12, "
+                                   "later than the one this router last read or wrote (9)"),
+              std::string::npos)
+        << stale;
+    EXPECT_EQ(KeptStep(path), 2u) << "written over under epoch " << epoch;
+  }
 
-  ASSERT_TRUE(WriteKeptGate(path, GateOfStep(3), 9, absl::Seconds(1), &kept).ok());
-  EXPECT_EQ(KeptStep(path), 3u);
-  ASSERT_TRUE(WriteKeptGate(path, GateOfStep(4), 12, absl::Seconds(1), &kept).ok());
-  EXPECT_EQ(KeptStep(path), 4u);
-  EXPECT_EQ(KeptGateEpoch(path), 12u);
-  ASSERT_TRUE(WriteKeptGate(path, GateOfStep(5), 0, absl::Seconds(1), &kept).ok());
-  EXPECT_EQ(KeptStep(path), 5u);
-  EXPECT_EQ(KeptGateEpoch(path), 0u);
-
-  // An epoch no coordinator grants (a shard would refuse it) fences nothing.
-  common::SafetensorsWriter odd = GateOfStep(6);
-  odd.SetMetadata(kKeptGateEpochKey, absl::StrCat(common::kMaxLeaseEpoch));
-  ASSERT_TRUE(odd.Write(path).ok());
-  EXPECT_EQ(KeptGateEpoch(path), 0u);
-  ASSERT_TRUE(WriteKeptGate(path, GateOfStep(7), 3, absl::Seconds(1), &kept).ok());
+  // b's coordinator restarted with its clock behind: b's own file has a later epoch than b's.
+  later = 0;
+  const absl::Status behind =
+      WriteKeptGate(path, GateOfStep(4), 5, "b", 12, absl::Seconds(1), &later);
+  EXPECT_EQ(behind.code(), absl::StatusCode::kFailedPrecondition) << behind;
+  EXPECT_EQ(later, 12u);
+  EXPECT_EQ(KeptStep(path), 2u);
+  // Raised past it, b writes; so does a router that read the file (c, taking over from b).
+  ASSERT_TRUE(WriteKeptGate(path, GateOfStep(5), 13, "b", 12, absl::Seconds(1), &later).ok());
+  ASSERT_TRUE(WriteKeptGate(path, GateOfStep(6), 20, "c", 13, absl::Seconds(1), &later).ok());
+  EXPECT_EQ(KeptStep(path), 6u);
+  // No coordinator: written whatever the file holds.
+  ASSERT_TRUE(WriteKeptGate(path, GateOfStep(7), 0, "d", 0, absl::Seconds(1), &later).ok());
   EXPECT_EQ(KeptStep(path), 7u);
+  EXPECT_EQ(ReadKeptGateMark(path).epoch, 0u);
+
+  // An epoch past what a coordinator takes as min_epoch fences nothing: no lease has one.
+  common::SafetensorsWriter odd = GateOfStep(8);
+  odd.SetMetadata(kKeptGateEpochKey, absl::StrCat(common::kMaxLeaseEpoch - 1));
+  odd.SetMetadata(kKeptGateByKey, "e");
+  ASSERT_TRUE(odd.Write(path).ok());
+  EXPECT_EQ(ReadKeptGateMark(path).epoch, 0u);
+  ASSERT_TRUE(WriteKeptGate(path, GateOfStep(9), 3, "a", 0, absl::Seconds(1), &later).ok());
+  EXPECT_EQ(KeptStep(path), 9u);
   std::filesystem::remove_all(dir);
 }
 
@@ -86,12 +105,13 @@ TEST(KeptGate, AWriteWaitsWhileAnotherHoldsTheLock) {
   const std::string dir = FreshDir("kept_gate_lock");
   const std::string path = dir + "/gate.safetensors";
   uint64_t kept = 0;
-  ASSERT_TRUE(WriteKeptGate(path, GateOfStep(1), 4, absl::Seconds(1), &kept).ok());
+  ASSERT_TRUE(WriteKeptGate(path, GateOfStep(1), 4, "a", 0, absl::Seconds(1), &kept).ok());
   const int fd = open((dir + "/gate.lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   ASSERT_GE(fd, 0);
   ASSERT_EQ(flock(fd, LOCK_EX | LOCK_NB), 0);
 
-  const absl::Status waited = WriteKeptGate(path, GateOfStep(2), 4, absl::Milliseconds(200), &kept);
+  const absl::Status waited =
+      WriteKeptGate(path, GateOfStep(2), 4, "a", 4, absl::Milliseconds(200), &kept);
   EXPECT_EQ(waited.code(), absl::StatusCode::kDeadlineExceeded) << waited;
   EXPECT_NE(waited.message().find("gate.lock is held by another process"), std::string::npos)
       << waited;
@@ -102,7 +122,8 @@ TEST(KeptGate, AWriteWaitsWhileAnotherHoldsTheLock) {
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
     close(fd);
   });
-  const absl::Status after = WriteKeptGate(path, GateOfStep(3), 4, absl::Seconds(30), &kept);
+  const absl::Status after =
+      WriteKeptGate(path, GateOfStep(3), 4, "a", 4, absl::Seconds(30), &kept);
   release.join();
   EXPECT_TRUE(after.ok()) << after;
   EXPECT_EQ(KeptStep(path), 3u);

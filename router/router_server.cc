@@ -253,6 +253,19 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
   }
 
+  // Another router has placed the shards since this one last did: it stops (LeaseLoop, then
+  // OnLeaseLost). `why` is said by moe-router as it exits (WaitOrLeaseLost's status). lease_mu.
+  void LoseLeaseLocked(std::string why) {
+    lease_lost_why = std::move(why);
+    lease_held = false;
+    metrics->SetPlacementLeaseHeld(false);
+    {
+      std::lock_guard<std::mutex> l(control_mu);
+      lease_lost = true;
+    }
+    control_cv.notify_all();
+  }
+
   // Asks the coordinator for the lease once (or to renew it), and records the answer.
   void AskLease() {
     using Clock = std::chrono::steady_clock;
@@ -330,21 +343,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
             : absl::StrCat("router ", resp.holder_address(), " (", resp.holder_id(), ")");
     lease_other_holder |= !holder.empty();
     if (lease_held && !holder.empty()) {
-      // Said by moe-router as it exits (WaitOrLeaseLost's status).
-      lease_lost_why = absl::StrCat(
+      LoseLeaseLocked(absl::StrCat(
           holder, " holds the placement lease at coordinator ", options.coordinator,
           " now (this router last renewed it ",
           absl::FormatDuration(absl::Milliseconds(
               absl::ToInt64Milliseconds(absl::FromChrono(asked - lease_confirmed)))),
           " ago, and that router took over): this router stops, as its placement is no longer "
-          "the shards'; start it again to stand by");
-      lease_held = false;
-      metrics->SetPlacementLeaseHeld(false);
-      {
-        std::lock_guard<std::mutex> l(control_mu);
-        lease_lost = true;
-      }
-      control_cv.notify_all();
+          "the shards'; start it again to stand by"));
       return;
     }
     if (lease_held) return;  // settling: asked again within a quarter lease
@@ -1311,6 +1316,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                    options.state_dir.c_str(), removed);
     }
     if (!std::filesystem::exists(gate_state_path, ec)) return absl::OkStatus();
+    gate_seen_epoch = ReadKeptGateMark(gate_state_path).epoch;
     ASSIGN_OR_RETURN(auto reader, common::SafetensorsReader::Open(gate_state_path));
     const std::vector<int64_t> weight_shape = {config.num_experts, config.d_model};
     const std::vector<int64_t> bias_shape = {config.num_experts};
@@ -1406,6 +1412,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       const auto& meta = (*r)->metadata();
       const auto it = meta.find("train_step");
       if (it == meta.end() || !absl::SimpleAtoi(it->second, &step)) step = UINT64_MAX;
+      gate_seen_epoch = ReadKeptGateMark(gate_state_path).epoch;
     }
     // Another step than the gate's: steps are numbered by the router that took them, so a later
     // one may carry a lower number (Trainer::NumberPast).
@@ -1424,6 +1431,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   }
   // train_mu: the kept gate's step ReadKeptGateAgain last read, and why it last could not.
   uint64_t gate_read_again = 0;
+  // train_mu (and Start): the lease epoch of the kept gate this router last read or wrote
+  // (KeepGate: another router's later one means it has held the lease since).
+  uint64_t gate_seen_epoch = 0;
   std::string gate_unreadable_said;
 
   // Writes the gate of training step `step` to --state-dir (whole or not at all). A failure is
@@ -1453,16 +1463,31 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     w.SetMetadata("expert_steps", absl::StrJoin(expert_steps, ","));
     absl::Status st = w.AddF32("gate.weight", {config.num_experts, config.d_model}, g.weight);
     if (st.ok() && !g.bias.empty()) st = w.AddF32("gate.bias", {config.num_experts}, g.bias);
-    // Not over a gate kept under a later lease epoch (router/kept_gate.h): the router that
-    // kept it took the lease over while this one stalled. Unless this router's coordinator
-    // restarted with its clock behind and this router holds the lease: asked past that epoch
-    // (as past a shard's), the coordinator raises the holder's epoch, and the gate is kept.
+    // Not over a gate another router kept since this one last read or wrote the file
+    // (router/kept_gate.h): that router held the lease while this one stalled. A later epoch
+    // in this router's own file (or the one it read when it took over) is its coordinator's
+    // clock gone behind in a restart: asked past that epoch (as past a shard's), the
+    // coordinator raises the holder's epoch, and the gate is kept.
     for (int attempt = 0; st.ok(); ++attempt) {
-      uint64_t kept = 0;
-      st = WriteKeptGate(gate_state_path, w, lease_epochs->held.load(), absl::Seconds(2), &kept);
-      if (!absl::IsFailedPrecondition(st) || kept == 0 || attempt > 0) break;
-      lease_epochs->See(kept);
-      if (!MayPlaceNow() || lease_epochs->held.load() <= kept) break;
+      uint64_t later = 0;
+      const uint64_t epoch = lease_epochs->held.load();
+      st = WriteKeptGate(gate_state_path, w, epoch, router_id, gate_seen_epoch, absl::Seconds(2),
+                         &later);
+      if (st.ok()) gate_seen_epoch = epoch;
+      if (absl::IsAborted(st) && coordinator != nullptr) {
+        // Another router kept its gate since this one last looked: it held the lease while
+        // this one stalled, and trained. This router's gate and step numbers are not the
+        // cluster's any more; it stops, and started again reads that router's gate.
+        std::lock_guard<std::mutex> lock(lease_mu);
+        if (!lease_lost.load()) {
+          LoseLeaseLocked(absl::StrCat("the gate kept in ", gate_state_path, ": ", st.message(),
+                                       ": this router stops; start it again to take the kept "
+                                       "gate"));
+        }
+      }
+      if (!absl::IsFailedPrecondition(st) || later == 0 || attempt > 0) break;
+      lease_epochs->See(later);
+      if (!MayPlaceNow() || lease_epochs->held.load() <= later) break;
       st = absl::OkStatus();
     }
     if (!st.ok()) {
