@@ -2024,6 +2024,43 @@ TEST(RouterTakeover, ARouterThatFindsAGateAnotherRouterKeptSinceStops) {
   std::filesystem::remove_all(c.router.state_dir);
 }
 
+// The holder stalled before it kept its gate, the router standing by took over meanwhile (and
+// found no gate kept), and then the old holder's write landed: a late write under an earlier
+// epoch than the new holder's, which the new holder's next step writes over. It does not stop
+// for it (as it would for a gate another router kept under a later epoch than its takeover's).
+TEST(RouterTakeover, TheNewHolderWritesOverALateGateOfTheOneBefore) {
+  CoordinatedShards c;
+  ASSERT_NO_FATAL_FAILURE(StartCoordinatedShards("late_gate", absl::Seconds(3), &c));
+  std::string path;
+  ASSERT_NO_FATAL_FAILURE(path = c.StartRouterKeepingItsGate("late_gate_state"));
+  auto b = RouterServer::Start(c.router);  // the same --state-dir: it stands by
+  ASSERT_TRUE(b.ok()) << b.status();
+  grpc::Status st = c.Train(51);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  const KeptGateMark late = ReadKeptGateMark(path);
+  ASSERT_GT(late.epoch, 0u) << "no gate kept";
+  // As if the write had not landed yet when b took over.
+  std::filesystem::rename(path, path + ".late");
+  c.server->Shutdown(absl::Milliseconds(100));  // gives the lease up: b takes over
+  ASSERT_TRUE((*b)->WaitUntilReady(absl::Seconds(60)).ok());
+  std::filesystem::rename(path + ".late", path);
+  auto b_stub =
+      v1::Router::NewStub(grpc::CreateChannel((*b)->address(), grpc::InsecureChannelCredentials()));
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    v1::TrainStepResponse resp;
+    st = b_stub->TrainStep(&ctx, RandomStep(8, 52, 0.5f), &resp);
+  }
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  const KeptGateMark now = ReadKeptGateMark(path);
+  EXPECT_NE(now.kept_by, late.kept_by) << "b did not keep its gate over the late one";
+  EXPECT_GT(now.epoch, late.epoch);
+  ExpectInfersOk(b_stub.get());
+  (*b)->Shutdown(absl::Milliseconds(100));
+  std::filesystem::remove_all(c.router.state_dir);
+}
+
 // The gate kept in --state-dir carries the lease epoch it was kept under, and a router does not
 // write over one kept under a later epoch (router/kept_gate.h: a router that took the lease over
 // while this one stalled). The holder's own gate may carry a later epoch than the holder's only

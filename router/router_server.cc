@@ -1316,7 +1316,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                    options.state_dir.c_str(), removed);
     }
     if (!std::filesystem::exists(gate_state_path, ec)) return absl::OkStatus();
-    gate_seen_epoch = ReadKeptGateMark(gate_state_path).epoch;
+    gate_seen_epoch = std::max(gate_seen_epoch, ReadKeptGateMark(gate_state_path).epoch);
     ASSIGN_OR_RETURN(auto reader, common::SafetensorsReader::Open(gate_state_path));
     const std::vector<int64_t> weight_shape = {config.num_experts, config.d_model};
     const std::vector<int64_t> bias_shape = {config.num_experts};
@@ -1392,6 +1392,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   void ReadKeptGateAgain() {
     if (gate_state_path.empty()) return;
     std::lock_guard<common::TimedMutex> t(train_mu);
+    // From here the gate this router serves is the cluster's as of its lease epoch: a file that
+    // an earlier holder keeps later under an epoch up to this one (it stalled before its write)
+    // is written over by this router's next step; another router's under a later epoch means
+    // that router has held the lease since (KeepGate).
+    gate_seen_epoch = std::max(gate_seen_epoch, lease_epochs->held.load());
     uint64_t step = 0;
     {
       std::error_code ec;
@@ -1412,7 +1417,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       const auto& meta = (*r)->metadata();
       const auto it = meta.find("train_step");
       if (it == meta.end() || !absl::SimpleAtoi(it->second, &step)) step = UINT64_MAX;
-      gate_seen_epoch = ReadKeptGateMark(gate_state_path).epoch;
+      gate_seen_epoch = std::max(gate_seen_epoch, ReadKeptGateMark(gate_state_path).epoch);
     }
     // Another step than the gate's: steps are numbered by the router that took them, so a later
     // one may carry a lower number (Trainer::NumberPast).
@@ -1431,8 +1436,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   }
   // train_mu: the kept gate's step ReadKeptGateAgain last read, and why it last could not.
   uint64_t gate_read_again = 0;
-  // train_mu (and Start): the lease epoch of the kept gate this router last read or wrote
-  // (KeepGate: another router's later one means it has held the lease since).
+  // train_mu (and Start): the lease epoch as of which this router's gate is the cluster's: of
+  // the kept gate it last read or wrote, and at its takeover its own (KeepGate: another
+  // router's gate kept under a later one means that router has held the lease since).
   uint64_t gate_seen_epoch = 0;
   std::string gate_unreadable_said;
 
@@ -1473,7 +1479,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       const uint64_t epoch = lease_epochs->held.load();
       st = WriteKeptGate(gate_state_path, w, epoch, router_id, gate_seen_epoch, absl::Seconds(2),
                          &later);
-      if (st.ok()) gate_seen_epoch = epoch;
+      if (st.ok()) gate_seen_epoch = std::max(gate_seen_epoch, epoch);
       if (absl::IsAborted(st) && coordinator != nullptr) {
         // Another router kept its gate since this one last looked: it held the lease while
         // this one stalled, and trained. This router's gate and step numbers are not the
