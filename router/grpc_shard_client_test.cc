@@ -873,6 +873,14 @@ class HeldMember {
 // A coordinator with a lease of `lease`; shard a, which registers with it by its own heartbeats,
 // and shard b, whose membership the test keeps (`b_member`); and the options of a sharded
 // router over the coordinator's members. Started by StartCoordinatedShards.
+// One training step of 8 random tokens (RandomStep) through the router behind `stub`.
+grpc::Status TrainThrough(v1::Router::Stub* stub, uint64_t seed) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  v1::TrainStepResponse resp;
+  return stub->TrainStep(&ctx, RandomStep(8, seed, 0.5f), &resp);
+}
+
 struct CoordinatedShards {
   coordinator::CoordinatorOptions co;
   std::unique_ptr<coordinator::CoordinatorServer> coord;
@@ -902,12 +910,7 @@ struct CoordinatedShards {
   }
 
   // One training step of 8 random tokens (RandomStep) through the router.
-  grpc::Status Train(uint64_t seed) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-    v1::TrainStepResponse resp;
-    return stub->TrainStep(&ctx, RandomStep(8, seed, 0.5f), &resp);
-  }
+  grpc::Status Train(uint64_t seed) { return TrainThrough(stub.get(), seed); }
 
   // Stops the coordinator and starts it again on its port, with shard b kept from registering:
   // it knows no member then.
@@ -2046,12 +2049,7 @@ TEST(RouterTakeover, TheNewHolderWritesOverALateGateOfTheOneBefore) {
   std::filesystem::rename(path + ".late", path);
   auto b_stub =
       v1::Router::NewStub(grpc::CreateChannel((*b)->address(), grpc::InsecureChannelCredentials()));
-  {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-    v1::TrainStepResponse resp;
-    st = b_stub->TrainStep(&ctx, RandomStep(8, 52, 0.5f), &resp);
-  }
+  st = TrainThrough(b_stub.get(), 52);
   EXPECT_TRUE(st.ok()) << st.error_message();
   const KeptGateMark now = ReadKeptGateMark(path);
   EXPECT_NE(now.kept_by, late.kept_by) << "b did not keep its gate over the late one";

@@ -75,11 +75,13 @@ class GateLock {
 }  // namespace
 
 KeptGateMark ReadKeptGateMark(const std::string& path) {
-  KeptGateMark mark;
   absl::StatusOr<std::unique_ptr<common::SafetensorsReader>> r =
       common::SafetensorsReader::Open(path);
-  if (!r.ok()) return mark;
-  const auto& meta = (*r)->metadata();
+  return r.ok() ? KeptGateMarkOf((*r)->metadata()) : KeptGateMark();
+}
+
+KeptGateMark KeptGateMarkOf(const std::map<std::string, std::string>& meta) {
+  KeptGateMark mark;
   if (const auto by = meta.find(kKeptGateByKey); by != meta.end()) mark.kept_by = by->second;
   const auto it = meta.find(kKeptGateEpochKey);
   // The coordinator's bound on min_epoch (a claim past it could never be asked past).

@@ -11,6 +11,7 @@
 // DIR/gate.lock (flock), so another router's write cannot land between the two.
 
 #include <cstdint>
+#include <map>
 #include <string>
 
 #include "absl/status/status.h"
@@ -32,6 +33,8 @@ struct KeptGateMark {
   std::string kept_by;  // the router's id (RouterServer's, one per process); empty if none
 };
 KeptGateMark ReadKeptGateMark(const std::string& path);
+// The same, from a gate file's metadata already read.
+KeptGateMark KeptGateMarkOf(const std::map<std::string, std::string>& metadata);
 
 // Writes `gate` to `path`, marked as kept by router `router_id` under lease epoch `epoch`.
 // `last_seen` is the epoch of the file this router last read or wrote there (0: none). With

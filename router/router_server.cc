@@ -1316,8 +1316,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                    options.state_dir.c_str(), removed);
     }
     if (!std::filesystem::exists(gate_state_path, ec)) return absl::OkStatus();
-    gate_seen_epoch = std::max(gate_seen_epoch, ReadKeptGateMark(gate_state_path).epoch);
     ASSIGN_OR_RETURN(auto reader, common::SafetensorsReader::Open(gate_state_path));
+    gate_seen_epoch = std::max(gate_seen_epoch, KeptGateMarkOf(reader->metadata()).epoch);
     const std::vector<int64_t> weight_shape = {config.num_experts, config.d_model};
     const std::vector<int64_t> bias_shape = {config.num_experts};
     absl::StatusOr<std::vector<float>> weight = reader->ReadFloat("gate.weight", &weight_shape);
@@ -1417,7 +1417,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       const auto& meta = (*r)->metadata();
       const auto it = meta.find("train_step");
       if (it == meta.end() || !absl::SimpleAtoi(it->second, &step)) step = UINT64_MAX;
-      gate_seen_epoch = std::max(gate_seen_epoch, ReadKeptGateMark(gate_state_path).epoch);
+      gate_seen_epoch = std::max(gate_seen_epoch, KeptGateMarkOf(meta).epoch);
     }
     // Another step than the gate's: steps are numbered by the router that took them, so a later
     // one may carry a lower number (Trainer::NumberPast).
