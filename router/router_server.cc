@@ -333,6 +333,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       lease_wait.clear();
       lease_wait_said.clear();
       lease_confirmed = asked;
+      if (const uint64_t held = lease_epochs->held.load(); held != 0 && resp.epoch() != held) {
+        lease_regranted = true;
+        {
+          std::lock_guard<std::mutex> l(control_mu);
+          control_wake = true;  // TakeOverAgain now, not at the next tick
+        }
+        control_cv.notify_all();
+      }
       lease_epochs->held.store(resp.epoch());
       metrics->SetPlacementLeaseHeld(true);
       return;
@@ -620,6 +628,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // Whether the coordinator was settling when the first placement read its members
   // (placement_mu): see SwitchLocked.
   bool first_settling = false;
+  // The next switch starts from what the shards hold, as the first placement does, not from
+  // the table (placement_mu; TakeOverAgain).
+  bool observe_shards = false;
   std::string first_wait;  // why the first placement last waited (said once; control loop)
   std::string drain_wait;  // what MoveOffDraining last said (said once; control loop)
   // The table a switch replaced, while it waits for the requests routed on it (StillNeeded;
@@ -660,6 +671,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::mutex control_mu;
   std::condition_variable control_cv;
   bool stopping = false;
+  bool control_wake = false;  // control_mu: the control loop's next tick now (lease_regranted)
   // Set once shutdown has begun: a switch then stops waiting for requests on the old table.
   std::atomic<bool> shutting_down{false};
   std::thread control;
@@ -1434,6 +1446,44 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     std::lock_guard<std::mutex> gl(gate_mu);
     gate = std::make_shared<const common::GateWeights>(std::move(g));
   }
+  // Granted the lease again under another epoch than the one it held (AskLease): this router
+  // went a whole lease without renewing it, and another router may have held the lease
+  // meanwhile, moved experts, trained them and kept its gate (or the coordinator restarted).
+  // Until it has caught up as at a takeover (TakeOverAgain, at the control loop's next tick),
+  // its table and gate may not be the shards': training steps and saves are refused.
+  std::atomic<bool> lease_regranted{false};
+  // After the lease was granted again under a new epoch (lease_regranted), as at a takeover:
+  // the kept gate is read again (another router's training is served from then on), and the
+  // router's placement is applied again starting from what the shards hold, under a version
+  // past theirs. That copies what moved away from the replicas another router left (trained
+  // ones included), unloads what it added, and numbers this router's steps past that router's
+  // (ObserveShards). Tried again each tick until it succeeds. Control thread.
+  void TakeOverAgain() {
+    if (!MayPlaceNow()) return;
+    ReadKeptGateAgain();
+    const std::shared_ptr<const RoutingTable> t = Table();
+    if (t == nullptr) return;
+    {
+      std::lock_guard<common::TimedMutex> l(placement_mu);
+      observe_shards = true;
+    }
+    if (Apply(t->placement, t->shards, t->placement.version).ok()) {
+      lease_regranted = false;
+      std::fprintf(stderr,
+                   "moe-router: granted the placement lease again after going a lease without "
+                   "it: the kept gate was read again and the placement applied again over what "
+                   "the shards hold\n");
+    } else {
+      std::lock_guard<common::TimedMutex> l(placement_mu);
+      observe_shards = false;  // the switch did not run (a newer table)
+    }
+  }
+  absl::Status RegrantRefusal() const {
+    return absl::UnavailableError(
+        "this router was granted the placement lease again after going a lease without it, and "
+        "is reading what the shards hold now (another router may have placed and trained them "
+        "meanwhile); try again in a second");
+  }
   // train_mu: the kept gate's step ReadKeptGateAgain last read, and why it last could not.
   uint64_t gate_read_again = 0;
   // train_mu (and Start): the lease epoch as of which this router's gate is the cluster's: of
@@ -1679,7 +1729,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // The first placement of this router starts from what the shards hold (they may have served
     // and trained under a router before this one): see ObserveShards.
     bool trained = KnownTrained();
-    if (old == nullptr) {
+    const bool observe = old == nullptr || observe_shards;
+    observe_shards = false;
+    if (observe) {
       std::vector<std::pair<std::string, std::string>> unread;
       std::set<std::string> draining;
       ASSIGN_OR_RETURN(RoutingTable seen, ObserveShards(next_shards, &trained, &unread, &draining));
@@ -2893,6 +2945,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         // Standing by (NotReady says why) until this router holds the placement lease.
         absl::Status st = absl::UnavailableError("");
         if (MayPlaceNow()) {
+          lease_regranted = false;  // the first placement starts from the shards anyway
           ReadKeptGateAgain();
           st = FirstPlacement(&unread_since);
         }
@@ -2909,6 +2962,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           not_ready_why = std::string(st.message());
         }
       } else {
+        if (lease_regranted.load()) TakeOverAgain();
         Reconcile();
       }
       lock.lock();
@@ -2916,7 +2970,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                           ready.HasBeenNotified()
                               ? absl::ToChronoNanoseconds(options.reconcile_interval)
                               : std::chrono::milliseconds(250),
-                          [this] { return stopping; });
+                          [this] { return stopping || control_wake; });
+      control_wake = false;
     }
   }
 
@@ -3081,6 +3136,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // A step copies replicas and changes weights: only the holder of a current lease runs one
     // (a router just woken from a stall learns here that another took over).
     if (!MayPlaceNow()) return PlacementRefusal();
+    if (lease_regranted.load()) return RegrantRefusal();
     // Every replica at the same step first: the step stamps its id on each one it updates.
     RETURN_IF_ERROR(trainer->RetryConfirmations(*t));
     RETURN_IF_ERROR(ReloadStale(*t, /*trained=*/nullptr, /*before_step=*/true));
@@ -3154,6 +3210,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return NotReady();
+    if (lease_regranted.load()) return RegrantRefusal();
     if (trainer != nullptr) {  // a replica that has not confirmed the last commit may be stale
       RETURN_IF_ERROR(trainer->RetryConfirmations(*t));
       // Replicas behind their expert's latest step are copied up to it, and an expert whose

@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Two routers sharing a --state-dir, the holder stalled (SIGSTOP) for longer than a lease: the
+router standing by takes the placement lease over, trains and keeps its gate, and stops (giving
+the lease up). The first router, continued, is granted the lease again under a new epoch.
+The second router places `sharded` where the first placed `hybrid`: it unloads the replicas
+the first one's table still lists.
+
+Until 2026-12-06 it went on serving the gate it had before its stall, with experts the other
+router had trained since (answers neither router would give), and its next training step
+found the other router's gate kept under a later epoch, after the step had changed the
+shards: the router stopped, and the step's gate was lost. Its table still listed replicas the
+other router had unloaded, and the shards refused their rows ("expert E is not loaded on this
+shard"). Now it catches up as at a takeover: it reads the kept gate again and applies its
+placement again starting from what the shards hold.
+
+Checked: once continued, the first router answers as the second one did before it stopped
+(the kept gate read again); a training step through it succeeds, and it still serves after
+it (no stop).
+
+usage: router_regrant_test.py BUILD_DIR WORK_DIR
+"""
+import array
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from cli_harness import (Checks, router_pid, service_pid, setup, small_checkpoint, start_cluster,
+                         stop_cluster)
+
+bin_dir, client, work = setup(sys.argv)
+checks = Checks()
+expect = checks.expect
+ck = small_checkpoint(client, work)
+state = os.path.join(work, "state")
+subprocess.run(["rm", "-rf", state], check=True)
+cluster, router_a = start_cluster(bin_dir, ck, work, "--shards", "2", "--state-dir", state,
+                                  "--no-restart")
+coordinator = re.search(r"^coordinator addr=(\S+) ", "\n".join(cluster.services), re.M).group(1)
+tokens = os.path.join(work, "tokens.safetensors")
+subprocess.run([client, "make-tokens", "--out", tokens, "--tokens", "16", "--d-model", "64"],
+               check=True, stdout=subprocess.DEVNULL)
+
+
+def run(*args, timeout=90):
+    return subprocess.run([client, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def output_of(router, name):
+    """The layer's output for `tokens` through `router` (a list of floats), or None."""
+    out = os.path.join(work, f"{name}.safetensors")
+    r = run("forward", "--router", router, "--input", tokens, "--output", out)
+    if r.returncode != 0:
+        return None
+    with open(out, "rb") as f:
+        data = f.read()
+    n = int.from_bytes(data[:8], "little")
+    t = json.loads(data[8:8 + n])["output"]
+    assert t["dtype"] == "F32", t
+    begin, end = t["data_offsets"]
+    return array.array("f", data[8 + n + begin:8 + n + end]).tolist()
+
+
+def same(x, y):
+    return x is not None and y is not None and len(x) == len(y) and \
+        all(abs(a - b) <= 1e-5 for a, b in zip(x, y))
+
+
+def serving(router, within):
+    by = time.monotonic() + within
+    while time.monotonic() < by:
+        if run("health", "--addr", router, "--timeout-ms", "500").returncode == 0:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def kept_step():
+    """The training step of the gate kept in the routers' --state-dir (its metadata)."""
+    with open(os.path.join(state, "router", "gate.safetensors"), "rb") as f:
+        data = f.read()
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]).get("__metadata__", {}).get("train_step")
+
+
+b_log = open(os.path.join(work, "router-b.stderr"), "w+")
+b = subprocess.Popen([os.path.join(bin_dir, "moe-router"), "--checkpoint", ck, "--coordinator",
+                      coordinator, "--state-dir", os.path.join(state, "router"), "--host",
+                      "127.0.0.1", "--port", "0", "--placement", "sharded"],
+                     stdout=subprocess.PIPE, stderr=b_log, text=True)
+a = router_pid(cluster)
+stopped = False
+try:
+    m = re.search(r"listening on (\S+)", b.stdout.readline())
+    router_b = m.group(1) if m else None
+    expect(router_b is not None, "moe-router b printed no address")
+    before = output_of(router_a, "a-before")
+    expect(before is not None, "forward through the holder failed")
+    os.kill(a, signal.SIGSTOP)
+    stopped = True
+    # The holder's lease (3 s) lapses; b takes it over and serves.
+    expect(serving(router_b, 30), "router b did not take over within 30 s of the holder's stall")
+    train = run("train", "--router", router_b, "--synthetic", "--steps", "2", "--batch-size", "16")
+    expect(train.returncode == 0, f"train through b: exit {train.returncode}:\n"
+           f"{train.stdout}{train.stderr}")
+    trained = output_of(router_b, "b-trained")
+    expect(trained is not None and not same(trained, before),
+           "b's answers did not change with its training")
+    b.send_signal(signal.SIGTERM)  # gives the lease up
+    expect(b.wait(timeout=30) == 0, f"router b exited {b.returncode}")
+    os.kill(a, signal.SIGCONT)
+    stopped = False
+    # Granted again, the router reads the gate b kept (at its next tick, or before a step).
+    by = time.monotonic() + 15
+    now = output_of(router_a, "a-again")
+    while not same(now, trained) and time.monotonic() < by:
+        time.sleep(0.3)
+        now = output_of(router_a, "a-again")
+    expect(same(now, trained), "the first router, granted the lease again, does not answer as "
+           "the router that trained meanwhile did (the gate kept since not read again)")
+    kept_by_b = kept_step()
+    train = run("train", "--router", router_a, "--synthetic", "--steps", "1", "--batch-size", "16")
+    expect(train.returncode == 0, f"train through the first router after its stall: exit "
+           f"{train.returncode}:\n{train.stdout}{train.stderr}")
+    time.sleep(2)  # a router that stops for another's gate does so right after its step
+    expect(run("health", "--addr", router_a, "--timeout-ms", "2000").returncode == 0,
+           "the first router stopped serving after its training step")
+    expect(kept_step() != kept_by_b, f"the first router did not keep its step's gate (the kept "
+           f"gate is still of step {kept_by_b})")
+finally:
+    if stopped:
+        os.kill(a, signal.SIGCONT)
+    if b.poll() is None:
+        b.kill()
+        b.wait()
+    b_log.seek(0)
+    sys.stdout.write("--- router b's stderr ---\n" + b_log.read())
+    b_log.close()
+    stop_cluster(cluster, checks)
+checks.finish("a router granted the lease again after another trained serves and keeps that "
+              "router's gate")
