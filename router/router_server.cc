@@ -334,7 +334,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       lease_wait_said.clear();
       lease_confirmed = asked;
       if (const uint64_t held = lease_epochs->held.load(); held != 0 && resp.epoch() != held) {
-        lease_regranted = true;
+        ++lease_regrants;
         {
           std::lock_guard<std::mutex> l(control_mu);
           control_wake = true;  // TakeOverAgain now, not at the next tick
@@ -628,9 +628,6 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // Whether the coordinator was settling when the first placement read its members
   // (placement_mu): see SwitchLocked.
   bool first_settling = false;
-  // The next switch starts from what the shards hold, as the first placement does, not from
-  // the table (placement_mu; TakeOverAgain).
-  bool observe_shards = false;
   std::string first_wait;  // why the first placement last waited (said once; control loop)
   std::string drain_wait;  // what MoveOffDraining last said (said once; control loop)
   // The table a switch replaced, while it waits for the requests routed on it (StillNeeded;
@@ -671,7 +668,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::mutex control_mu;
   std::condition_variable control_cv;
   bool stopping = false;
-  bool control_wake = false;  // control_mu: the control loop's next tick now (lease_regranted)
+  bool control_wake = false;  // control_mu: the control loop's next tick now (RegrantPending)
   // Set once shutdown has begun: a switch then stops waiting for requests on the old table.
   std::atomic<bool> shutting_down{false};
   std::thread control;
@@ -1213,7 +1210,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   absl::Status Apply(Placement next, std::vector<std::shared_ptr<ShardClient>> next_shards,
                      std::optional<uint64_t> based_on, bool user = false,
                      absl::Time deadline = absl::InfiniteFuture(),
-                     const std::function<bool()>& cancelled = nullptr) {
+                     const std::function<bool()>& cancelled = nullptr,
+                     bool observe_shards = false) {
     // "over 3 of 4 shards" where some hold nothing (drained, or left empty by the strategy).
     const auto describe = [](const Placement& p, int shards) {
       int holding = 0;
@@ -1251,7 +1249,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                                *based_on, "; nothing was applied"));
       }
     }
-    absl::Status st = SwitchLocked(std::move(next), std::move(next_shards), deadline, cancelled);
+    absl::Status st =
+        SwitchLocked(std::move(next), std::move(next_shards), deadline, cancelled, observe_shards);
     // One line per change for the operator (the placement table is in GetPlacement).
     if (st.ok()) {
       last_not_applied.clear();
@@ -1389,7 +1388,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     gate->weight = std::move(*weight);
     if (!gate->bias.empty()) gate->bias = std::move(*bias);
     gate_step = step;
-    restored_steps = done;
+    // The file counts every step since the checkpoint, this router's own among them where it
+    // is read again after this router trained (TakeOverAgain: the other router read them).
+    restored_steps = done - std::min(done, steps_done.load());
     reached_step = std::move(expert_steps);
     std::fprintf(stderr, "moe-router: serving the gate kept in %s (after %llu training steps)\n",
                  gate_state_path.c_str(), static_cast<unsigned long long>(done));
@@ -1450,39 +1451,88 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // went a whole lease without renewing it, and another router may have held the lease
   // meanwhile, moved experts, trained them and kept its gate (or the coordinator restarted).
   // Until it has caught up as at a takeover (TakeOverAgain, at the control loop's next tick),
-  // its table and gate may not be the shards': training steps and saves are refused.
-  std::atomic<bool> lease_regranted{false};
-  // After the lease was granted again under a new epoch (lease_regranted), as at a takeover:
-  // the kept gate is read again (another router's training is served from then on), and the
-  // router's placement is applied again starting from what the shards hold, under a version
-  // past theirs. That copies what moved away from the replicas another router left (trained
-  // ones included), unloads what it added, and numbers this router's steps past that router's
-  // (ObserveShards). Tried again each tick until it succeeds. Control thread.
+  // its table and gate may not be the shards': training steps, saves, rebalances and the
+  // control loop's own changes wait. Counted, so that a grant during a catch-up is not lost.
+  std::atomic<uint64_t> lease_regrants{0};  // AskLease: grants under a new epoch
+  std::atomic<uint64_t> regrants_caught_up{0};
+  bool RegrantPending() const { return lease_regrants.load() != regrants_caught_up.load(); }
+  // After the lease was granted again under a new epoch (RegrantPending), as at a takeover:
+  // the kept gate is read again (another router's training is served from then on), and what
+  // the shards hold is read (ObserveShards, which also numbers this router's steps past the
+  // shards'). Where each shard that answers holds the table's part, under no later placement
+  // version than the table's, no other router placed meanwhile, and nothing more is done (a
+  // coordinator restart gives a new epoch too). Otherwise the router's placement is applied
+  // again starting from what the shards hold, under a version past theirs: what another router
+  // moved is copied back from the replicas it left (trained ones included), and what it added
+  // is unloaded. Tried each tick; after kRegrantPatience without success (a shard down, say)
+  // the router goes on from its table, said in a line. Control thread.
+  static constexpr absl::Duration kRegrantPatience = absl::Seconds(10);
   void TakeOverAgain() {
+    const uint64_t regrants = lease_regrants.load();
+    if (regrant_seen != regrants) {
+      regrant_seen = regrants;
+      regrant_since = common::MonotonicNow();
+    }
     if (!MayPlaceNow()) return;
     ReadKeptGateAgain();
-    const std::shared_ptr<const RoutingTable> t = Table();
-    if (t == nullptr) return;
+    Placement placed;
+    std::vector<std::shared_ptr<ShardClient>> shards;
     {
       std::lock_guard<common::TimedMutex> l(placement_mu);
-      observe_shards = true;
+      // As in SwitchLocked: ObserveShards reads and numbers the steps under the training lock.
+      std::unique_lock<common::TimedMutex> train_lock(train_mu, std::defer_lock);
+      if (!train_lock.try_lock_for(kTrainWait)) return;  // next tick
+      // Not held through the switch: requests routed on the table are waited for by its use
+      // count before what the switch unloads goes.
+      const std::shared_ptr<const RoutingTable> t = Table();
+      if (t == nullptr) return;
+      bool trained = false;
+      std::vector<std::pair<std::string, std::string>> unread;
+      std::set<std::string> draining;
+      const absl::StatusOr<RoutingTable> seen =
+          ObserveShards(t->shards, &trained, &unread, &draining);
+      bool same = seen.ok() && seen->placement.version <= t->placement.version;
+      for (int s = 0; same && s < static_cast<int>(t->shards.size()); ++s) {
+        const std::string& address = t->shards[s]->address();
+        const bool read = std::none_of(unread.begin(), unread.end(),
+                                       [&](const auto& u) { return u.first == address; });
+        same = !read || seen->placement.ExpertsOn(s) == t->placement.ExpertsOn(s);
+      }
+      if (same) {
+        regrants_caught_up = regrants;
+        return;
+      }
+      placed = t->placement;
+      shards = t->shards;
     }
-    if (Apply(t->placement, t->shards, t->placement.version).ok()) {
-      lease_regranted = false;
+    const uint64_t based_on = placed.version;
+    const absl::Status st = Apply(std::move(placed), std::move(shards), based_on, /*user=*/false,
+                                  absl::InfiniteFuture(), nullptr, /*observe_shards=*/true);
+    if (st.ok()) {
+      regrants_caught_up = regrants;
       std::fprintf(stderr,
-                   "moe-router: granted the placement lease again after going a lease without "
-                   "it: the kept gate was read again and the placement applied again over what "
-                   "the shards hold\n");
-    } else {
-      std::lock_guard<common::TimedMutex> l(placement_mu);
-      observe_shards = false;  // the switch did not run (a newer table)
+                   "moe-router: granted the placement lease under a new epoch, this router "
+                   "found the shards placed by another since: its placement was applied again "
+                   "over what they hold\n");
+    } else if (common::MonotonicNow() - regrant_since >= kRegrantPatience) {
+      regrants_caught_up = regrants;
+      std::fprintf(stderr,
+                   "moe-router: granted the placement lease under a new epoch, this router "
+                   "found the shards placed by another since, and could not apply its "
+                   "placement again over what they hold within %s (%s): it goes on from its "
+                   "table, and its control loop reloads what a shard lacks\n",
+                   absl::FormatDuration(kRegrantPatience).c_str(),
+                   std::string(st.message()).c_str());
     }
   }
+  uint64_t regrant_seen = 0;  // control thread: the grant count regrant_since is of
+  absl::Time regrant_since;
   absl::Status RegrantRefusal() const {
     return absl::UnavailableError(
-        "this router was granted the placement lease again after going a lease without it, and "
-        "is reading what the shards hold now (another router may have placed and trained them "
-        "meanwhile); try again in a second");
+        "this router was granted the placement lease under a new epoch (another router may "
+        "have placed and trained the shards while this one went a lease without it, or the "
+        "coordinator restarted), and is reading what the shards hold now; try again in a "
+        "second");
   }
   // train_mu: the kept gate's step ReadKeptGateAgain last read, and why it last could not.
   uint64_t gate_read_again = 0;
@@ -1700,8 +1750,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   }
 
   // Apply's work, with placement_mu held.
+  // `observe_shards`: start from what the shards hold, as the first placement does, not from
+  // the table (TakeOverAgain).
   absl::Status SwitchLocked(Placement next, std::vector<std::shared_ptr<ShardClient>> next_shards,
-                            absl::Time deadline, const std::function<bool()>& cancelled) {
+                            absl::Time deadline, const std::function<bool()>& cancelled,
+                            bool observe_shards = false) {
     // Only the holder of a lease renewed less than a lease ago changes the placement.
     if (!MayPlace()) return PlacementRefusal();
     // No training step runs while replicas are copied and the table switches.
@@ -1729,9 +1782,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // The first placement of this router starts from what the shards hold (they may have served
     // and trained under a router before this one): see ObserveShards.
     bool trained = KnownTrained();
-    const bool observe = old == nullptr || observe_shards;
-    observe_shards = false;
-    if (observe) {
+    // Over a live table (TakeOverAgain): the table that requests were routed on, retired and
+    // waited for as any old table; `old` becomes what the shards hold.
+    std::shared_ptr<const RoutingTable> in_use;
+    if (old == nullptr || observe_shards) {
+      const bool first = old == nullptr;
+      in_use = std::move(old);
       std::vector<std::pair<std::string, std::string>> unread;
       std::set<std::string> draining;
       ASSIGN_OR_RETURN(RoutingTable seen, ObserveShards(next_shards, &trained, &unread, &draining));
@@ -1739,7 +1795,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       // Trained: as the shards listed say, or as this router's gate kept in --state-dir says
       // (the listed shards may hold none of the training).
       const bool was_trained = trained || restored_steps > 0 || gate_step > 0;
-      if (first_settling && (was_trained || seen.placement.version > 0)) {
+      if (first && first_settling && (was_trained || seen.placement.version > 0)) {
         // The coordinator started again moments ago (with the router, or while it was down):
         // a shard it does not list yet may only not have registered again, and may hold
         // experts, trained ones among them. Placed over the others, its experts would move
@@ -1953,7 +2009,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       std::lock_guard<std::mutex> tl(table_mu);
       strategy.store(next.strategy);
       table = std::make_shared<RoutingTable>(RoutingTable{next, next_shards});
-      retiring = old;
+      retiring = in_use ? in_use : old;
     }
     if (!drained_left_out.empty()) {
       std::lock_guard<std::mutex> lock(models_mu);
@@ -1980,7 +2036,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                              absl::Seconds(60), absl::Hours(24 * 365)));
     // Until then a shard the old table places replicas on is still needed (StillNeeded): a
     // request routed on it may yet send there, a drained shard's last resort among others.
-    while (unloads && old.use_count() > 1 && std::chrono::steady_clock::now() < drain_until &&
+    const std::shared_ptr<const RoutingTable>& routed = in_use ? in_use : old;
+    while (unloads && routed.use_count() > 1 && std::chrono::steady_clock::now() < drain_until &&
            !shutting_down.load()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
@@ -2945,7 +3002,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         // Standing by (NotReady says why) until this router holds the placement lease.
         absl::Status st = absl::UnavailableError("");
         if (MayPlaceNow()) {
-          lease_regranted = false;  // the first placement starts from the shards anyway
+          regrants_caught_up = lease_regrants.load();  // the first placement reads the shards
           ReadKeptGateAgain();
           st = FirstPlacement(&unread_since);
         }
@@ -2962,8 +3019,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           not_ready_why = std::string(st.message());
         }
       } else {
-        if (lease_regranted.load()) TakeOverAgain();
-        Reconcile();
+        // Reconcile would work from a table that may not be the shards' until then.
+        if (RegrantPending()) TakeOverAgain();
+        if (!RegrantPending()) Reconcile();
       }
       lock.lock();
       control_cv.wait_for(lock,
@@ -3136,7 +3194,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // A step copies replicas and changes weights: only the holder of a current lease runs one
     // (a router just woken from a stall learns here that another took over).
     if (!MayPlaceNow()) return PlacementRefusal();
-    if (lease_regranted.load()) return RegrantRefusal();
+    if (RegrantPending()) return RegrantRefusal();
     // Every replica at the same step first: the step stamps its id on each one it updates.
     RETURN_IF_ERROR(trainer->RetryConfirmations(*t));
     RETURN_IF_ERROR(ReloadStale(*t, /*trained=*/nullptr, /*before_step=*/true));
@@ -3210,7 +3268,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return NotReady();
-    if (lease_regranted.load()) return RegrantRefusal();
+    if (RegrantPending()) return RegrantRefusal();
     if (trainer != nullptr) {  // a replica that has not confirmed the last commit may be stale
       RETURN_IF_ERROR(trainer->RetryConfirmations(*t));
       // Replicas behind their expert's latest step are copied up to it, and an expert whose
@@ -3507,6 +3565,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // client cancels applies nothing either.
     auto work = [this, req, out, ctx](absl::Time deadline) -> absl::Status {
       if (!req->dry_run() && !MayPlaceNow()) return PlacementRefusal();
+      if (!req->dry_run() && RegrantPending()) return RegrantRefusal();
       // No strategy: the one of the table each attempt reads, so that a retry after another
       // operator's switch keeps that switch's strategy instead of undoing it.
       std::optional<Strategy> asked;

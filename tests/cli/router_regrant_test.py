@@ -13,9 +13,11 @@ other router had unloaded, and the shards refused their rows ("expert E is not l
 shard"). Now it catches up as at a takeover: it reads the kept gate again and applies its
 placement again starting from what the shards hold.
 
-Checked: once continued, the first router answers as the second one did before it stopped
-(the kept gate read again); a training step through it succeeds, and it still serves after
-it (no stop).
+Both routers follow the coordinator's membership (no --shards list), and the first one trains
+a step before its stall. Checked: once continued, the first router answers as the second one
+did before it stopped (the kept gate read again, its placement applied again over what the
+shards hold); a training step through it succeeds, is counted after the other's (the steps
+since the checkpoint: its own are not counted twice), and it still serves after it (no stop).
 
 usage: router_regrant_test.py BUILD_DIR WORK_DIR
 """
@@ -28,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from cli_harness import (Checks, router_pid, service_pid, setup, small_checkpoint, start_cluster,
+from cli_harness import (Checks, router_pid, setup, small_checkpoint, start_cluster,
                          stop_cluster)
 
 bin_dir, client, work = setup(sys.argv)
@@ -86,59 +88,92 @@ def kept_step():
     return json.loads(data[8:8 + n]).get("__metadata__", {}).get("train_step")
 
 
-b_log = open(os.path.join(work, "router-b.stderr"), "w+")
-b = subprocess.Popen([os.path.join(bin_dir, "moe-router"), "--checkpoint", ck, "--coordinator",
-                      coordinator, "--state-dir", os.path.join(state, "router"), "--host",
-                      "127.0.0.1", "--port", "0", "--placement", "sharded"],
-                     stdout=subprocess.PIPE, stderr=b_log, text=True)
-a = router_pid(cluster)
+logs = []
+
+
+def start_router(name, *args):
+    """A moe-router on the cluster's coordinator and --state-dir, following the coordinator's
+    membership (no --shards); (process, address)."""
+    log = open(os.path.join(work, f"router-{name}.stderr"), "w+")
+    logs.append((name, log))
+    p = subprocess.Popen([os.path.join(bin_dir, "moe-router"), "--checkpoint", ck,
+                          "--coordinator", coordinator, "--state-dir",
+                          os.path.join(state, "router"), "--host", "127.0.0.1", "--port", "0",
+                          *args], stdout=subprocess.PIPE, stderr=log, text=True)
+    m = re.search(r"listening on (\S+)", p.stdout.readline())
+    return p, m.group(1) if m else None
+
+
+def last_step(out):
+    """The step count of the last row of train's table (TrainStepResponse.step)."""
+    steps = re.findall(r"^\s*(\d+)\s", out, re.M)
+    return int(steps[-1]) if steps else None
+
+
+def train(router, steps):
+    r = run("train", "--router", router, "--synthetic", "--steps", str(steps), "--batch-size",
+            "16")
+    expect(r.returncode == 0, f"train {steps} through {router}: exit {r.returncode}:\n"
+           f"{r.stdout}{r.stderr}")
+    return last_step(r.stdout)
+
+
+a = b = None
 stopped = False
 try:
-    m = re.search(r"listening on (\S+)", b.stdout.readline())
-    router_b = m.group(1) if m else None
-    expect(router_b is not None, "moe-router b printed no address")
+    # The cluster's own router (a fixed --shards list) gives its lease up to a, which follows the
+    # coordinator's membership; b stands by.
+    a, router_a = start_router("a")
+    os.kill(router_pid(cluster), signal.SIGTERM)
+    expect(serving(router_a, 30), "router a did not take over from the cluster's router")
+    b, router_b = start_router("b", "--placement", "sharded")
+    expect(train(router_a, 1) == 1, "a's first step is not counted 1")
     before = output_of(router_a, "a-before")
-    expect(before is not None, "forward through the holder failed")
-    os.kill(a, signal.SIGSTOP)
+    expect(before is not None, "forward through a failed")
+    os.kill(a.pid, signal.SIGSTOP)
     stopped = True
-    # The holder's lease (3 s) lapses; b takes it over and serves.
-    expect(serving(router_b, 30), "router b did not take over within 30 s of the holder's stall")
-    train = run("train", "--router", router_b, "--synthetic", "--steps", "2", "--batch-size", "16")
-    expect(train.returncode == 0, f"train through b: exit {train.returncode}:\n"
-           f"{train.stdout}{train.stderr}")
+    # a's lease (3 s) lapses; b takes it over and serves.
+    expect(serving(router_b, 30), "router b did not take over within 30 s of a's stall")
+    expect(train(router_b, 2) == 3, "b's steps do not count on from a's")
     trained = output_of(router_b, "b-trained")
     expect(trained is not None and not same(trained, before),
            "b's answers did not change with its training")
     b.send_signal(signal.SIGTERM)  # gives the lease up
     expect(b.wait(timeout=30) == 0, f"router b exited {b.returncode}")
-    os.kill(a, signal.SIGCONT)
+    os.kill(a.pid, signal.SIGCONT)
     stopped = False
-    # Granted again, the router reads the gate b kept (at its next tick, or before a step).
+    # Granted again, a reads the gate b kept and places again over what the shards hold.
     by = time.monotonic() + 15
     now = output_of(router_a, "a-again")
     while not same(now, trained) and time.monotonic() < by:
         time.sleep(0.3)
         now = output_of(router_a, "a-again")
-    expect(same(now, trained), "the first router, granted the lease again, does not answer as "
-           "the router that trained meanwhile did (the gate kept since not read again)")
+    expect(same(now, trained), "router a, granted the lease again, does not answer as b, which "
+           "trained meanwhile, did (the gate kept since not read again, or its table not the "
+           "shards')")
     kept_by_b = kept_step()
-    train = run("train", "--router", router_a, "--synthetic", "--steps", "1", "--batch-size", "16")
-    expect(train.returncode == 0, f"train through the first router after its stall: exit "
-           f"{train.returncode}:\n{train.stdout}{train.stderr}")
+    expect(train(router_a, 1) == 4, "a's step after its stall is not counted 4 (1 of a's, 2 of "
+           "b's, this one)")
     time.sleep(2)  # a router that stops for another's gate does so right after its step
     expect(run("health", "--addr", router_a, "--timeout-ms", "2000").returncode == 0,
-           "the first router stopped serving after its training step")
-    expect(kept_step() != kept_by_b, f"the first router did not keep its step's gate (the kept "
-           f"gate is still of step {kept_by_b})")
+           "router a stopped serving after its training step")
+    expect(kept_step() != kept_by_b, f"router a did not keep its step's gate (the kept gate is "
+           f"still of step {kept_by_b})")
 finally:
     if stopped:
-        os.kill(a, signal.SIGCONT)
-    if b.poll() is None:
-        b.kill()
-        b.wait()
-    b_log.seek(0)
-    sys.stdout.write("--- router b's stderr ---\n" + b_log.read())
-    b_log.close()
+        os.kill(a.pid, signal.SIGCONT)
+    for p in (a, b):
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    for name, log in logs:
+        log.close()
+        print(f"--- router {name}'s stderr ---")
+        checks.services_clean(log.name)
     stop_cluster(cluster, checks)
 checks.finish("a router granted the lease again after another trained serves and keeps that "
               "router's gate")
