@@ -1401,10 +1401,17 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // a --state-dir (a volume both mount), takes over with the gate that router kept there, not
   // the one it read at its own start. Read again where the file's step is another than the
   // gate's; a file that cannot be read is said once per reason, one that cannot be served once
-  // per step, and the gate read at start stays.
-  void ReadKeptGateAgain() {
-    if (gate_state_path.empty()) return;
+  // per step, and the gate it has stays. Also at a regrant (TakeOverAgain, `regrant`): then
+  // a file that cannot be read or served leaves the gate's epoch as it was (KeepGate does not
+  // write over a gate kept since that it could not read), and false is returned.
+  bool ReadKeptGateAgain(bool regrant = false) {
+    if (gate_state_path.empty()) return true;
     std::lock_guard<common::TimedMutex> t(train_mu);
+    const uint64_t seen_before = gate_seen_epoch;
+    auto failed = [&] {
+      if (regrant) gate_seen_epoch = seen_before;
+      return false;
+    };
     // From here the gate this router serves is the cluster's as of its lease epoch: a file that
     // an earlier holder keeps later under an epoch up to this one (it stalled before its write)
     // is written over by this router's next step; another router's under a later epoch means
@@ -1413,7 +1420,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     uint64_t step = 0;
     {
       std::error_code ec;
-      if (!std::filesystem::exists(gate_state_path, ec)) return;  // none kept
+      if (!std::filesystem::exists(gate_state_path, ec)) return true;  // none kept
       absl::StatusOr<std::unique_ptr<common::SafetensorsReader>> r =
           common::SafetensorsReader::Open(gate_state_path);
       if (!r.ok()) {
@@ -1421,11 +1428,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         if (why != gate_unreadable_said) {
           std::fprintf(stderr,
                        "moe-router: the gate kept in %s cannot be read (%s); serving the gate "
-                       "read at start\n",
+                       "it has\n",
                        gate_state_path.c_str(), why.c_str());
         }
         gate_unreadable_said = why;
-        return;
+        return failed();
       }
       const auto& meta = (*r)->metadata();
       const auto it = meta.find("train_step");
@@ -1433,19 +1440,23 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       gate_seen_epoch = std::max(gate_seen_epoch, KeptGateMarkOf(meta).epoch);
     }
     // Another step than the gate's: steps are numbered by the router that took them, so a later
-    // one may carry a lower number (Trainer::NumberPast).
-    if (step == gate_step || step == gate_read_again) return;
+    // one may carry a lower number (Trainer::NumberPast). One that failed to be served before
+    // (gate_read_again) is not tried again.
+    if (step == gate_step) return true;
+    if (step == gate_read_again) return failed();
     gate_read_again = step;
     common::GateWeights g = *Gate();
     if (const absl::Status st = ReadKeptGate(&g); !st.ok()) {
       std::fprintf(stderr,
-                   "moe-router: the gate kept in %s changed while this router stood by, and is "
-                   "not served: %s; serving the gate read at start\n",
-                   gate_state_path.c_str(), std::string(st.message()).c_str());
-      return;
+                   "moe-router: the gate kept in %s changed while this router %s, and is not "
+                   "served: %s; serving the gate it has\n",
+                   gate_state_path.c_str(), regrant ? "went without the lease" : "stood by",
+                   std::string(st.message()).c_str());
+      return failed();
     }
     std::lock_guard<std::mutex> gl(gate_mu);
     gate = std::make_shared<const common::GateWeights>(std::move(g));
+    return true;
   }
   // Granted the lease again under another epoch than the one it held (AskLease): this router
   // went a whole lease without renewing it, and another router may have held the lease
@@ -1473,8 +1484,17 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       regrant_seen = regrants;
       regrant_since = common::MonotonicNow();
     }
+    const bool patience_left = common::MonotonicNow() - regrant_since < kRegrantPatience;
     if (!MayPlaceNow()) return;
-    ReadKeptGateAgain();
+    // A gate that cannot be read or served again: tried again next tick, until the patience
+    // ends (the gate fence then stops this router at its next step if another router's is
+    // kept there).
+    if (!ReadKeptGateAgain(/*regrant=*/true)) {
+      if (!patience_left) {
+        GiveUpCatchingUp(regrants, absl::DataLossError("the kept gate was not read again"));
+      }
+      return;
+    }
     Placement placed;
     std::vector<std::shared_ptr<ShardClient>> shards;
     {
@@ -1489,9 +1509,18 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       bool trained = false;
       std::vector<std::pair<std::string, std::string>> unread;
       std::set<std::string> draining;
+      // The latest version this router numbered (a switch that failed raised the shards it
+      // reached to it): another router numbers past it. Before ObserveShards raises it.
+      const uint64_t own = version.load();
       const absl::StatusOr<RoutingTable> seen =
           ObserveShards(t->shards, &trained, &unread, &draining);
-      bool same = seen.ok() && seen->placement.version <= t->placement.version;
+      if (!seen.ok()) {
+        // Not known to differ: read again next tick.
+        if (!patience_left) GiveUpCatchingUp(regrants, seen.status());
+        return;
+      }
+      if (trained) seen_trained.store(true);
+      bool same = seen->placement.version <= own;
       for (int s = 0; same && s < static_cast<int>(t->shards.size()); ++s) {
         const std::string& address = t->shards[s]->address();
         const bool read = std::none_of(unread.begin(), unread.end(),
@@ -1514,16 +1543,18 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                    "moe-router: granted the placement lease under a new epoch, this router "
                    "found the shards placed by another since: its placement was applied again "
                    "over what they hold\n");
-    } else if (common::MonotonicNow() - regrant_since >= kRegrantPatience) {
-      regrants_caught_up = regrants;
-      std::fprintf(stderr,
-                   "moe-router: granted the placement lease under a new epoch, this router "
-                   "found the shards placed by another since, and could not apply its "
-                   "placement again over what they hold within %s (%s): it goes on from its "
-                   "table, and its control loop reloads what a shard lacks\n",
-                   absl::FormatDuration(kRegrantPatience).c_str(),
-                   std::string(st.message()).c_str());
+    } else if (!patience_left) {
+      GiveUpCatchingUp(regrants, st);
     }
+  }
+  void GiveUpCatchingUp(uint64_t regrants, const absl::Status& why) {
+    regrants_caught_up = regrants;
+    std::fprintf(stderr,
+                 "moe-router: granted the placement lease under a new epoch, this router did "
+                 "not catch up with the kept gate and the shards within %s (%s): it goes on "
+                 "from its table and gate\n",
+                 absl::FormatDuration(kRegrantPatience).c_str(),
+                 std::string(why.message()).c_str());
   }
   uint64_t regrant_seen = 0;  // control thread: the grant count regrant_since is of
   absl::Time regrant_since;
@@ -1816,7 +1847,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                                    " not answer (", unread.front().second, ")"));
       }
       old = std::make_shared<const RoutingTable>(std::move(seen));
-      drained_left_out = PlaceWithoutTheDrained(*old, draining, &next);
+      // Not over a live table: its placement (dynamic's, tuned to the load) is applied again.
+      if (first) drained_left_out = PlaceWithoutTheDrained(*old, draining, &next);
     }
     if (shutting_down.load()) return absl::CancelledError("the router is shutting down");
     // Replicas behind their expert's latest step are brought up to it first, so that any live
@@ -2630,6 +2662,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // A lease not renewed for a lease is asked for again here; until it is granted, the tick's
     // changes are refused where they are made (SwitchLocked, ReloadMissing, UnloadExtras).
     if (!MayPlaceNow() && lease_lost.load()) return;
+    if (RegrantPending()) return;  // granted again by that ask: TakeOverAgain first
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return;
     SendLeaseEpoch(t->shards, /*at_tick=*/true);
