@@ -1437,14 +1437,19 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       const auto& meta = (*r)->metadata();
       const auto it = meta.find("train_step");
       if (it == meta.end() || !absl::SimpleAtoi(it->second, &step)) step = UINT64_MAX;
-      gate_seen_epoch = std::max(gate_seen_epoch, KeptGateMarkOf(meta).epoch);
+      const KeptGateMark mark = KeptGateMarkOf(meta);
+      gate_seen_epoch = std::max(gate_seen_epoch, mark.epoch);
+      // This router's own (router ids are one per process): its gate is that one or later (a
+      // step whose gate it failed to write left an older file, which is not served again).
+      if (!router_id.empty() && mark.kept_by == router_id) return true;
     }
     // Another step than the gate's: steps are numbered by the router that took them, so a later
-    // one may carry a lower number (Trainer::NumberPast). One that failed to be served before
-    // (gate_read_again) is not tried again.
+    // one may carry a lower number (Trainer::NumberPast). A step read before (gate_read_again)
+    // is not read again: served, or not (said once).
     if (step == gate_step) return true;
-    if (step == gate_read_again) return failed();
+    if (step == gate_read_again) return gate_read_again_ok ? true : failed();
     gate_read_again = step;
+    gate_read_again_ok = false;
     common::GateWeights g = *Gate();
     if (const absl::Status st = ReadKeptGate(&g); !st.ok()) {
       std::fprintf(stderr,
@@ -1454,6 +1459,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                    std::string(st.message()).c_str());
       return failed();
     }
+    gate_read_again_ok = true;
     std::lock_guard<std::mutex> gl(gate_mu);
     gate = std::make_shared<const common::GateWeights>(std::move(g));
     return true;
@@ -1471,21 +1477,32 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // the kept gate is read again (another router's training is served from then on), and what
   // the shards hold is read (ObserveShards, which also numbers this router's steps past the
   // shards'). Where each shard that answers holds the table's part, under no later placement
-  // version than the table's, no other router placed meanwhile, and nothing more is done (a
-  // coordinator restart gives a new epoch too). Otherwise the router's placement is applied
-  // again starting from what the shards hold, under a version past theirs: what another router
-  // moved is copied back from the replicas it left (trained ones included), and what it added
-  // is unloaded. Tried each tick; after kRegrantPatience without success (a shard down, say)
-  // the router goes on from its table, said in a line. Control thread.
+  // version than the latest this router had numbered, no other router placed meanwhile, and
+  // nothing more is done (a coordinator restart gives a new epoch too). Otherwise the router's
+  // placement is applied again starting from what the shards hold, under a version past
+  // theirs: what another router moved is copied back from the replicas it left (trained ones
+  // included), and what it added is unloaded. Tried each tick; after kRegrantPatience with the
+  // lease and without success (a shard down, say) the router goes on from its table, said in a
+  // line. Control thread.
   static constexpr absl::Duration kRegrantPatience = absl::Seconds(10);
   void TakeOverAgain() {
     const uint64_t regrants = lease_regrants.load();
     if (regrant_seen != regrants) {
       regrant_seen = regrants;
-      regrant_since = common::MonotonicNow();
+      // The latest version this router had numbered (a switch that failed raised the shards it
+      // reached to it): another router numbers past it.
+      regrant_own_version = version.load();
     }
+    if (!MayPlaceNow()) {
+      regrant_since = common::MonotonicNow();  // the patience counts from the lease's return
+      return;
+    }
+    if (regrant_since == absl::InfinitePast()) regrant_since = common::MonotonicNow();
     const bool patience_left = common::MonotonicNow() - regrant_since < kRegrantPatience;
-    if (!MayPlaceNow()) return;
+    if (const std::shared_ptr<const RoutingTable> t = Table(); t != nullptr) {
+      // The shards fence the router before this one at once, as a first placement does first.
+      SendLeaseEpoch(t->shards, /*at_tick=*/true);
+    }
     // A gate that cannot be read or served again: tried again next tick, until the patience
     // ends (the gate fence then stops this router at its next step if another router's is
     // kept there).
@@ -1509,9 +1526,6 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       bool trained = false;
       std::vector<std::pair<std::string, std::string>> unread;
       std::set<std::string> draining;
-      // The latest version this router numbered (a switch that failed raised the shards it
-      // reached to it): another router numbers past it. Before ObserveShards raises it.
-      const uint64_t own = version.load();
       const absl::StatusOr<RoutingTable> seen =
           ObserveShards(t->shards, &trained, &unread, &draining);
       if (!seen.ok()) {
@@ -1520,7 +1534,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         return;
       }
       if (trained) seen_trained.store(true);
-      bool same = seen->placement.version <= own;
+      bool same = seen->placement.version <= regrant_own_version;
       for (int s = 0; same && s < static_cast<int>(t->shards.size()); ++s) {
         const std::string& address = t->shards[s]->address();
         const bool read = std::none_of(unread.begin(), unread.end(),
@@ -1528,7 +1542,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         same = !read || seen->placement.ExpertsOn(s) == t->placement.ExpertsOn(s);
       }
       if (same) {
-        regrants_caught_up = regrants;
+        CaughtUp(regrants);
         return;
       }
       placed = t->placement;
@@ -1538,7 +1552,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     const absl::Status st = Apply(std::move(placed), std::move(shards), based_on, /*user=*/false,
                                   absl::InfiniteFuture(), nullptr, /*observe_shards=*/true);
     if (st.ok()) {
-      regrants_caught_up = regrants;
+      CaughtUp(regrants);
       std::fprintf(stderr,
                    "moe-router: granted the placement lease under a new epoch, this router "
                    "found the shards placed by another since: its placement was applied again "
@@ -1547,8 +1561,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       GiveUpCatchingUp(regrants, st);
     }
   }
-  void GiveUpCatchingUp(uint64_t regrants, const absl::Status& why) {
+  void CaughtUp(uint64_t regrants) {
     regrants_caught_up = regrants;
+    regrant_since = absl::InfinitePast();
+  }
+  void GiveUpCatchingUp(uint64_t regrants, const absl::Status& why) {
+    CaughtUp(regrants);
     std::fprintf(stderr,
                  "moe-router: granted the placement lease under a new epoch, this router did "
                  "not catch up with the kept gate and the shards within %s (%s): it goes on "
@@ -1556,8 +1574,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                  absl::FormatDuration(kRegrantPatience).c_str(),
                  std::string(why.message()).c_str());
   }
-  uint64_t regrant_seen = 0;  // control thread: the grant count regrant_since is of
-  absl::Time regrant_since;
+  // Control thread: the grant count the two below are of; since when the catch-up has had the
+  // lease (InfinitePast: not yet); the version this router had numbered at the grant.
+  uint64_t regrant_seen = 0;
+  absl::Time regrant_since = absl::InfinitePast();
+  uint64_t regrant_own_version = 0;
   absl::Status RegrantRefusal() const {
     return absl::UnavailableError(
         "this router was granted the placement lease under a new epoch (another router may "
@@ -1567,6 +1588,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   }
   // train_mu: the kept gate's step ReadKeptGateAgain last read, and why it last could not.
   uint64_t gate_read_again = 0;
+  bool gate_read_again_ok = false;  // train_mu: whether it was served
   // train_mu (and Start): the lease epoch as of which this router's gate is the cluster's: of
   // the kept gate it last read or wrote, and at its takeover its own (KeepGate: another
   // router's gate kept under a later one means that router has held the lease since).
