@@ -870,9 +870,6 @@ class HeldMember {
   std::thread thread_;  // last: it reads the members above
 };
 
-// A coordinator with a lease of `lease`; shard a, which registers with it by its own heartbeats,
-// and shard b, whose membership the test keeps (`b_member`); and the options of a sharded
-// router over the coordinator's members. Started by StartCoordinatedShards.
 // One training step of 8 random tokens (RandomStep) through the router behind `stub`.
 grpc::Status TrainThrough(v1::Router::Stub* stub, uint64_t seed) {
   grpc::ClientContext ctx;
@@ -881,6 +878,9 @@ grpc::Status TrainThrough(v1::Router::Stub* stub, uint64_t seed) {
   return stub->TrainStep(&ctx, RandomStep(8, seed, 0.5f), &resp);
 }
 
+// A coordinator with a lease of `lease`; shard a, which registers with it by its own heartbeats,
+// and shard b, whose membership the test keeps (`b_member`); and the options of a sharded
+// router over the coordinator's members. Started by StartCoordinatedShards.
 struct CoordinatedShards {
   coordinator::CoordinatorOptions co;
   std::unique_ptr<coordinator::CoordinatorServer> coord;

@@ -21,8 +21,6 @@ since the checkpoint: its own are not counted twice), and it still serves after 
 
 usage: router_regrant_test.py BUILD_DIR WORK_DIR
 """
-import array
-import json
 import os
 import re
 import signal
@@ -30,8 +28,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 from cli_harness import (Checks, router_pid, setup, small_checkpoint, start_cluster,
                          stop_cluster)
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../torch"))
+import st  # noqa: E402
 
 bin_dir, client, work = setup(sys.argv)
 checks = Checks()
@@ -52,23 +55,17 @@ def run(*args, timeout=90):
 
 
 def output_of(router, name):
-    """The layer's output for `tokens` through `router` (a list of floats), or None."""
+    """The layer's output for `tokens` through `router` (an array), or None."""
     out = os.path.join(work, f"{name}.safetensors")
     r = run("forward", "--router", router, "--input", tokens, "--output", out)
     if r.returncode != 0:
         return None
-    with open(out, "rb") as f:
-        data = f.read()
-    n = int.from_bytes(data[:8], "little")
-    t = json.loads(data[8:8 + n])["output"]
-    assert t["dtype"] == "F32", t
-    begin, end = t["data_offsets"]
-    return array.array("f", data[8 + n + begin:8 + n + end]).tolist()
+    return st.load(out)[0]["output"]
 
 
 def same(x, y):
-    return x is not None and y is not None and len(x) == len(y) and \
-        all(abs(a - b) <= 1e-5 for a, b in zip(x, y))
+    return x is not None and y is not None and x.shape == y.shape and \
+        bool(np.all(np.abs(x - y) <= 1e-5))
 
 
 def serving(router, within):
@@ -82,10 +79,7 @@ def serving(router, within):
 
 def kept_step():
     """The training step of the gate kept in the routers' --state-dir (its metadata)."""
-    with open(os.path.join(state, "router", "gate.safetensors"), "rb") as f:
-        data = f.read()
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + n]).get("__metadata__", {}).get("train_step")
+    return st.load(os.path.join(state, "router", "gate.safetensors"))[1].get("train_step")
 
 
 logs = []
