@@ -90,8 +90,8 @@ commands:
       (loss = mean squared error, grad_output = 2 (y - target) / N). Prints each step's
       auxiliary losses, and its loss with --synthetic (with files the target is not known: -).
       The step column counts the cluster's steps since its checkpoint; a step refused or
-      aborted (no weight changed) is sent again, up to 8 times; errors name the router's
-      own number for a step as "step id".
+      aborted (no weight changed) is sent again, for up to 20 s after the first attempt;
+      errors name the router's own number for a step as "step id".
       Ctrl-C stops it between steps (a step in flight finishes): the table of the steps
       taken, then exit by SIGINT (status 130).
       Defaults: K 10, LR 0.01, A and Z 0 (no auxiliary losses), N 64, S 1.
@@ -883,18 +883,28 @@ absl::Status Train(const Flags& f) {
     return st.error_code() == grpc::StatusCode::UNAVAILABLE ||
            st.error_code() == grpc::StatusCode::ABORTED;
   };
-  // A call refused while the cluster settles (a shard restarting, a step aborted) is sent again
-  // a few times, with a growing pause, saying so; Ctrl-C during a pause sends no further one.
-  constexpr int kAttempts = 8;
+  // A call refused while the cluster settles (a shard restarting, a step aborted, a router
+  // catching up after it was granted its lease again, which takes up to 10 s) is sent again,
+  // with a growing pause of up to 1 s, until 20 s have passed since the first attempt; saying so
+  // at the first retry and then every 5 s at most (the reason's ids change every attempt).
+  // Ctrl-C during a pause sends no further one.
+  constexpr auto kRetryFor = std::chrono::seconds(20);
+  constexpr auto kRetrySaidEvery = std::chrono::seconds(5);
   auto with_retries = [&](const std::string& what, auto retryable, auto call) {
+    const auto give_up = std::chrono::steady_clock::now() + kRetryFor;
+    auto said_at = std::chrono::steady_clock::now() - kRetrySaidEvery;  // the first is said
     grpc::Status st;
     for (int attempt = 1;; ++attempt) {
       st = call();
-      if (!retryable(st) || attempt == kAttempts || interrupted.load()) return st;
-      progress.Note(absl::StrCat(what, " (", st.error_message(), "); trying again, attempt ",
-                                 attempt + 1, " of ", kAttempts));
-      const auto resume =
-          std::chrono::steady_clock::now() + std::chrono::milliseconds(250 * attempt);
+      const auto now = std::chrono::steady_clock::now();
+      const auto resume = now + std::chrono::milliseconds(std::min(250 * attempt, 1000));
+      if (!retryable(st) || resume >= give_up || interrupted.load()) return st;
+      if (now - said_at >= kRetrySaidEvery) {
+        said_at = now;
+        progress.Note(absl::StrCat(what, " (", st.error_message(), "); trying again, attempt ",
+                                   attempt + 1, " (retries stop ", kRetryFor.count(),
+                                   " s after the first attempt)"));
+      }
       while (!interrupted.load() && std::chrono::steady_clock::now() < resume) {
         std::this_thread::sleep_for(std::chrono::milliseconds(20));
       }

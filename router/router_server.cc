@@ -1403,14 +1403,21 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // gate's; a file that cannot be read is said once per reason, one that cannot be served once
   // per step, and the gate it has stays. Also at a regrant (TakeOverAgain, `regrant`): then
   // a file that cannot be read or served leaves the gate's epoch as it was (KeepGate does not
-  // write over a gate kept since that it could not read), and false is returned.
-  bool ReadKeptGateAgain(bool regrant = false) {
-    if (gate_state_path.empty()) return true;
-    std::lock_guard<common::TimedMutex> t(train_mu);
+  // write over a gate kept since that it could not read), and the error (DATA_LOSS) says why;
+  // the training lock is then waited for kTrainWait at most (UNAVAILABLE: the control thread's
+  // next tick tries again).
+  absl::Status ReadKeptGateAgain(bool regrant = false) {
+    if (gate_state_path.empty()) return absl::OkStatus();
+    std::unique_lock<common::TimedMutex> t(train_mu, std::defer_lock);
+    if (!regrant) {
+      t.lock();
+    } else if (!t.try_lock_for(kTrainWait)) {
+      return absl::UnavailableError("a training call held the training lock");
+    }
     const uint64_t seen_before = gate_seen_epoch;
-    auto failed = [&] {
+    auto failed = [&](absl::string_view why) {
       if (regrant) gate_seen_epoch = seen_before;
-      return false;
+      return absl::DataLossError(why);
     };
     // From here the gate this router serves is the cluster's as of its lease epoch: a file that
     // an earlier holder keeps later under an epoch up to this one (it stalled before its write)
@@ -1420,7 +1427,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     uint64_t step = 0;
     {
       std::error_code ec;
-      if (!std::filesystem::exists(gate_state_path, ec)) return true;  // none kept
+      if (!std::filesystem::exists(gate_state_path, ec)) return absl::OkStatus();  // none kept
       absl::StatusOr<std::unique_ptr<common::SafetensorsReader>> r =
           common::SafetensorsReader::Open(gate_state_path);
       if (!r.ok()) {
@@ -1432,7 +1439,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                        gate_state_path.c_str(), why.c_str());
         }
         gate_unreadable_said = why;
-        return failed();
+        return failed(absl::StrCat("the gate kept in ", gate_state_path, " cannot be read: ", why));
       }
       const auto& meta = (*r)->metadata();
       const auto it = meta.find("train_step");
@@ -1441,13 +1448,17 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       gate_seen_epoch = std::max(gate_seen_epoch, mark.epoch);
       // This router's own (router ids are one per process): its gate is that one or later (a
       // step whose gate it failed to write left an older file, which is not served again).
-      if (!router_id.empty() && mark.kept_by == router_id) return true;
+      if (!router_id.empty() && mark.kept_by == router_id) return absl::OkStatus();
     }
     // Another step than the gate's: steps are numbered by the router that took them, so a later
     // one may carry a lower number (Trainer::NumberPast). A step read before (gate_read_again)
     // is not read again: served, or not (said once).
-    if (step == gate_step) return true;
-    if (step == gate_read_again) return gate_read_again_ok ? true : failed();
+    if (step == gate_step) return absl::OkStatus();
+    if (step == gate_read_again) {
+      return gate_read_again_ok
+                 ? absl::OkStatus()
+                 : failed(absl::StrCat("the gate kept in ", gate_state_path, " is not served"));
+    }
     gate_read_again = step;
     gate_read_again_ok = false;
     common::GateWeights g = *Gate();
@@ -1457,12 +1468,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                    "served: %s; serving the gate it has\n",
                    gate_state_path.c_str(), regrant ? "went without the lease" : "stood by",
                    std::string(st.message()).c_str());
-      return failed();
+      return failed(
+          absl::StrCat("the gate kept in ", gate_state_path, " is not served: ", st.message()));
     }
     gate_read_again_ok = true;
     std::lock_guard<std::mutex> gl(gate_mu);
     gate = std::make_shared<const common::GateWeights>(std::move(g));
-    return true;
+    return absl::OkStatus();
   }
   // Granted the lease again under another epoch than the one it held (AskLease): this router
   // went a whole lease without renewing it, and another router may have held the lease
@@ -1475,15 +1487,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   bool RegrantPending() const { return lease_regrants.load() != regrants_caught_up.load(); }
   // After the lease was granted again under a new epoch (RegrantPending), as at a takeover:
   // the kept gate is read again (another router's training is served from then on), and what
-  // the shards hold is read (ObserveShards, which also numbers this router's steps past the
-  // shards'). Where each shard that answers holds the table's part, under no later placement
-  // version than the latest this router had numbered, no other router placed meanwhile, and
-  // nothing more is done (a coordinator restart gives a new epoch too). Otherwise the router's
-  // placement is applied again starting from what the shards hold, under a version past
-  // theirs: what another router moved is copied back from the replicas it left (trained ones
-  // included), and what it added is unloaded. Tried each tick; after kRegrantPatience with the
-  // lease and without success (a shard down, say) the router goes on from its table, said in a
-  // line. Control thread.
+  // the members hold is read (ObserveShards, which also numbers this router's steps past the
+  // shards'). Where they are the table's shards and each that answers holds the table's part,
+  // under no later placement version than the latest this router had numbered, no other router
+  // placed meanwhile, and nothing more is done (a coordinator restart gives a new epoch too).
+  // Otherwise the router's placement (the strategy's for the members, where they changed) is
+  // applied starting from what the shards hold, under a version past theirs: what another router
+  // moved is copied back from the replicas it left (trained ones included), and what it added
+  // is unloaded. Tried each tick; after kRegrantPatience with the lease, a gate not read is
+  // given up (the router serves the gate it has), and shards not caught up with too (the router
+  // goes on from its table), each said in a line. Control thread.
   static constexpr absl::Duration kRegrantPatience = absl::Seconds(10);
   void TakeOverAgain() {
     const uint64_t regrants = lease_regrants.load();
@@ -1492,6 +1505,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       // The latest version this router had numbered (a switch that failed raised the shards it
       // reached to it): another router numbers past it.
       regrant_own_version = version.load();
+      regrant_gate_read = false;
+      regrant_shards_done = false;
     }
     if (!MayPlaceNow()) {
       regrant_since = common::MonotonicNow();  // the patience counts from the lease's return
@@ -1503,82 +1518,162 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       // The shards fence the router before this one at once, as a first placement does first.
       SendLeaseEpoch(t->shards, /*at_tick=*/true);
     }
-    // A gate that cannot be read or served again: tried again next tick, until the patience
-    // ends (the gate fence then stops this router at its next step if another router's is
-    // kept there).
-    if (!ReadKeptGateAgain(/*regrant=*/true)) {
-      if (!patience_left) {
-        GiveUpCatchingUp(regrants, absl::DataLossError("the kept gate was not read again"));
-      }
-      return;
+    // The gate, then the shards, each tried every tick until done. A lock held (a step or a
+    // placement change begun before the grant) is waited for next tick, without end: what
+    // holds it ends, and training waits meanwhile anyway. A gate that cannot be read or served
+    // is given up once the patience ends (the router serves the gate it has; the gate fence
+    // stops it at its next step if another router's is kept there), and so are shards that
+    // cannot be caught up with (it goes on from its table).
+    absl::Status gate = absl::OkStatus();
+    if (!regrant_gate_read) {
+      gate = ReadKeptGateAgain(/*regrant=*/true);
+      regrant_gate_read = gate.ok();
     }
+    if (!regrant_shards_done) {
+      bool busy = false;
+      bool placed_again = false;
+      const absl::Status st = CatchUpWithShards(&busy, &placed_again);
+      if (!st.ok()) {
+        if (!busy && !patience_left) {
+          GiveUpCatchingUp(regrants,
+                           gate.ok() || absl::IsUnavailable(gate)
+                               ? std::string(st.message())
+                               : absl::StrCat(st.message(), "; ", gate.message()),
+                           /*table_caught_up=*/false);
+        }
+        return;
+      }
+      regrant_shards_done = true;
+      if (placed_again) {
+        std::fprintf(stderr,
+                     "moe-router: granted the placement lease under a new epoch, this router "
+                     "found the shards holding other than its table (placed by another router "
+                     "meanwhile, or restarted): its placement was applied again over what they "
+                     "hold\n");
+      }
+    }
+    if (regrant_gate_read) {
+      CaughtUp(regrants);
+    } else if (!absl::IsUnavailable(gate) && !patience_left) {
+      GiveUpCatchingUp(regrants, std::string(gate.message()), /*table_caught_up=*/true);
+    }
+  }
+  // The shards' part of TakeOverAgain, one try: OK once the members hold this router's
+  // placement (`placed_again`: by a switch). `busy`: a lock was held (tried again next tick).
+  absl::Status CatchUpWithShards(bool* busy, bool* placed_again) {
+    // The shards now, as a takeover reads them: one may have joined or left while this router
+    // went without the lease (one that left and held the only trained replica of an expert
+    // fails the read until the coordinator lets it go, a lease on).
+    bool settling = false;
+    absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> members =
+        Members(absl::Milliseconds(500), &settling);
     Placement placed;
     std::vector<std::shared_ptr<ShardClient>> shards;
+    uint64_t based_on = 0;
     {
-      std::lock_guard<common::TimedMutex> l(placement_mu);
+      std::unique_lock<common::TimedMutex> l(placement_mu, std::defer_lock);
+      if (!l.try_lock_for(kTrainWait)) {
+        *busy = true;
+        return absl::UnavailableError("a placement change held its lock");
+      }
       // As in SwitchLocked: ObserveShards reads and numbers the steps under the training lock.
       std::unique_lock<common::TimedMutex> train_lock(train_mu, std::defer_lock);
-      if (!train_lock.try_lock_for(kTrainWait)) return;  // next tick
+      if (!train_lock.try_lock_for(kTrainWait)) {
+        *busy = true;
+        return absl::UnavailableError("a training call held the training lock");
+      }
       // Not held through the switch: requests routed on the table are waited for by its use
       // count before what the switch unloads goes.
       const std::shared_ptr<const RoutingTable> t = Table();
-      if (t == nullptr) return;
+      if (t == nullptr) {  // the lease lost meanwhile: asked again
+        *busy = true;
+        return absl::UnavailableError("no placement");
+      }
+      // The table's shards where the members cannot be read, or where the coordinator has just
+      // started and does not list them all yet (as in Reconcile: one not listed yet has not
+      // left).
+      shards = t->shards;
+      if (members.ok()) {
+        const bool unlisted = std::any_of(t->shards.begin(), t->shards.end(), [&](const auto& c) {
+          return std::none_of(members->begin(), members->end(),
+                              [&](const auto& m) { return m->address() == c->address(); });
+        });
+        if (!(settling && unlisted)) shards = *members;
+      }
+      bool same_shards = shards.size() == t->shards.size();
+      for (size_t s = 0; same_shards && s < shards.size(); ++s) {
+        same_shards = shards[s]->address() == t->shards[s]->address();
+      }
       bool trained = false;
       std::vector<std::pair<std::string, std::string>> unread;
       std::set<std::string> draining;
-      const absl::StatusOr<RoutingTable> seen =
-          ObserveShards(t->shards, &trained, &unread, &draining);
-      if (!seen.ok()) {
-        // Not known to differ: read again next tick.
-        if (!patience_left) GiveUpCatchingUp(regrants, seen.status());
-        return;
-      }
+      ASSIGN_OR_RETURN(const RoutingTable seen,
+                       ObserveShards(shards, &trained, &unread, &draining));
       if (trained) seen_trained.store(true);
-      bool same = seen->placement.version <= regrant_own_version;
+      auto answered = [&](const std::string& address) {
+        return std::none_of(unread.begin(), unread.end(),
+                            [&](const auto& u) { return u.first == address; });
+      };
+      bool same = same_shards && seen.placement.version <= regrant_own_version;
       for (int s = 0; same && s < static_cast<int>(t->shards.size()); ++s) {
-        const std::string& address = t->shards[s]->address();
-        const bool read = std::none_of(unread.begin(), unread.end(),
-                                       [&](const auto& u) { return u.first == address; });
-        same = !read || seen->placement.ExpertsOn(s) == t->placement.ExpertsOn(s);
+        same = !answered(t->shards[s]->address()) ||
+               seen.placement.ExpertsOn(s) == t->placement.ExpertsOn(s);
       }
-      if (same) {
-        CaughtUp(regrants);
-        return;
+      if (same) return absl::OkStatus();
+      based_on = t->placement.version;
+      if (same_shards) {
+        placed = t->placement;  // a dynamic one as tuned
+      } else {
+        // Over other shards, the strategy's placement for those that answer, as a membership
+        // change makes it: a draining one is no place for experts, and one that holds nothing
+        // any more is left out of the fixed formulas (Reconcile's `reachable` and
+        // `drained_empty`).
+        std::vector<std::shared_ptr<ShardClient>> over;
+        std::vector<bool> usable;
+        std::vector<bool> drained_empty;
+        for (int s = 0; s < static_cast<int>(shards.size()); ++s) {
+          const std::string& address = shards[s]->address();
+          if (!answered(address)) continue;
+          const bool drains = draining.count(address) > 0;
+          over.push_back(shards[s]);
+          usable.push_back(!drains);
+          drained_empty.push_back(drains && seen.placement.ExpertsOn(s).empty());
+        }
+        shards = std::move(over);
+        ASSIGN_OR_RETURN(placed, Propose(t->placement.strategy, static_cast<int>(shards.size()),
+                                         usable, drained_empty));
       }
-      placed = t->placement;
-      shards = t->shards;
     }
-    const uint64_t based_on = placed.version;
-    const absl::Status st = Apply(std::move(placed), std::move(shards), based_on, /*user=*/false,
-                                  absl::InfiniteFuture(), nullptr, /*observe_shards=*/true);
-    if (st.ok()) {
-      CaughtUp(regrants);
-      std::fprintf(stderr,
-                   "moe-router: granted the placement lease under a new epoch, this router "
-                   "found the shards placed by another since: its placement was applied again "
-                   "over what they hold\n");
-    } else if (!patience_left) {
-      GiveUpCatchingUp(regrants, st);
-    }
+    RETURN_IF_ERROR(Apply(std::move(placed), std::move(shards), based_on, /*user=*/false,
+                          absl::InfiniteFuture(), nullptr, /*observe_shards=*/true));
+    *placed_again = true;
+    return absl::OkStatus();
   }
   void CaughtUp(uint64_t regrants) {
     regrants_caught_up = regrants;
     regrant_since = absl::InfinitePast();
   }
-  void GiveUpCatchingUp(uint64_t regrants, const absl::Status& why) {
-    CaughtUp(regrants);
+  // Said before the catch-up counts as done (a step it let through may end first).
+  // `table_caught_up`: the shards were caught up with, the kept gate not.
+  void GiveUpCatchingUp(uint64_t regrants, const std::string& why, bool table_caught_up) {
     std::fprintf(stderr,
                  "moe-router: granted the placement lease under a new epoch, this router did "
-                 "not catch up with the kept gate and the shards within %s (%s): it goes on "
-                 "from its table and gate\n",
-                 absl::FormatDuration(kRegrantPatience).c_str(),
-                 std::string(why.message()).c_str());
+                 "not catch up with the kept gate%s within %s (%s): it goes on from its %s; if "
+                 "another router placed or trained meanwhile, restart this router once the "
+                 "shards answer and the kept gate can be read (it then reads both again)\n",
+                 table_caught_up ? "" : " and the shards",
+                 absl::FormatDuration(kRegrantPatience).c_str(), why.c_str(),
+                 table_caught_up ? "gate" : "table and gate");
+    CaughtUp(regrants);
   }
-  // Control thread: the grant count the two below are of; since when the catch-up has had the
-  // lease (InfinitePast: not yet); the version this router had numbered at the grant.
+  // Control thread: the grant count the four below are of; since when the catch-up has had the
+  // lease (InfinitePast: not yet); the version this router had numbered at the grant; whether
+  // the kept gate was read again, and the shards caught up with, for this grant.
   uint64_t regrant_seen = 0;
   absl::Time regrant_since = absl::InfinitePast();
   uint64_t regrant_own_version = 0;
+  bool regrant_gate_read = false;
+  bool regrant_shards_done = false;
   absl::Status RegrantRefusal() const {
     return absl::UnavailableError(
         "this router was granted the placement lease under a new epoch (another router may "
@@ -3058,7 +3153,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         absl::Status st = absl::UnavailableError("");
         if (MayPlaceNow()) {
           regrants_caught_up = lease_regrants.load();  // the first placement reads the shards
-          ReadKeptGateAgain();
+          ReadKeptGateAgain().IgnoreError();           // said in the log; the gate it has stays
           st = FirstPlacement(&unread_since);
         }
         if (st.ok() && !lease_lost.load()) {  // lost meanwhile: OnLeaseLost dropped the table

@@ -19,7 +19,20 @@ did before it stopped (the kept gate read again, its placement applied again ove
 shards hold); a training step through it succeeds, is counted after the other's (the steps
 since the checkpoint: its own are not counted twice), and it still serves after it (no stop).
 
-usage: router_regrant_test.py BUILD_DIR WORK_DIR
+With --shard-down, one of the two shards is killed (not started again) before the first
+router is continued: its catch-up reads the members, and places over the shard left once the
+coordinator lets the other go. Checked: `moe-client train` through it, started as it is
+continued, is refused while the router catches up, then takes its step, saying that exactly
+the experts the second router had placed on the killed shard alone lost their training (until
+2026-12-07 the catch-up read the table's shards, gave up after 10 s, and the router's table
+then lost experts that the second router had moved onto the shard left); the log says it caught
+up. With --gate-unreadable, the kept gate is made unreadable instead: the catch-up gives the
+gate up after 10 s, said in a line, and still places over what the shards hold (until
+2026-12-07 it went on from its table, and every request for an expert the second router had
+moved failed from then on); train's retries outlast the 10 s (its step is taken 10 s or more
+after the continuation). In both, the router still serves after.
+
+usage: router_regrant_test.py BUILD_DIR WORK_DIR [--shard-down | --gate-unreadable]
 """
 import os
 import re
@@ -30,13 +43,17 @@ import time
 
 import numpy as np
 
-from cli_harness import (Checks, router_pid, setup, small_checkpoint, start_cluster,
+from cli_harness import (Checks, router_pid, setup, shard_pid, small_checkpoint, start_cluster,
                          stop_cluster)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../torch"))
 import st  # noqa: E402
 
 bin_dir, client, work = setup(sys.argv)
+mode = sys.argv[3] if len(sys.argv) > 3 else ""
+if mode not in ("", "--shard-down", "--gate-unreadable"):
+    sys.exit(f"router_regrant_test.py: unknown mode {mode!r}; use --shard-down or "
+             "--gate-unreadable, or none")
 checks = Checks()
 expect = checks.expect
 ck = small_checkpoint(client, work)
@@ -132,27 +149,77 @@ try:
     trained = output_of(router_b, "b-trained")
     expect(trained is not None and not same(trained, before),
            "b's answers did not change with its training")
+    if mode == "--shard-down":
+        # The experts b placed on the shard about to be killed alone (the placement table's
+        # expert rows list shard indices, its shard rows index and address).
+        placement = run("placement", "--router", router_b).stdout
+        down = re.search(r"^shard 1 addr=(\S+) ", "\n".join(cluster.services), re.M).group(1)
+        index = {address: i for i, address in
+                 re.findall(r"^(\d+)\s+(127\.0\.0\.1:\d+)\s", placement, re.M)}.get(down)
+        only_there = [e for e, s in re.findall(r"^(\d+)\s+([\d,]+)\s+[\d.]+$", placement, re.M)
+                      if s == index]
+        expect(len(only_there) > 0, f"b placed no expert on {down} alone:\n{placement}")
     b.send_signal(signal.SIGTERM)  # gives the lease up
     expect(b.wait(timeout=30) == 0, f"router b exited {b.returncode}")
-    os.kill(a.pid, signal.SIGCONT)
-    stopped = False
-    # Granted again, a reads the gate b kept and places again over what the shards hold.
-    by = time.monotonic() + 15
-    now = output_of(router_a, "a-again")
-    while not same(now, trained) and time.monotonic() < by:
-        time.sleep(0.3)
+    if mode:
+        if mode == "--shard-down":
+            os.kill(shard_pid(cluster, 1), signal.SIGKILL)
+        else:  # --gate-unreadable: an I/O error's, or a write cut short's, file
+            with open(os.path.join(state, "router", "gate.safetensors"), "wb") as f:
+                f.write(b"not a safetensors file")
+        os.kill(a.pid, signal.SIGCONT)
+        stopped = False
+        continued = time.monotonic()
+        r = run("train", "--router", router_a, "--synthetic", "--steps", "1", "--batch-size",
+                "16")
+        took = time.monotonic() - continued
+        said = r.stdout + r.stderr
+        print(f"train through a took {took:.1f} s from a's continuation:\n{said}")
+        expect(r.returncode == 0, f"train through a, continued ({mode}): exit {r.returncode} "
+               f"after {took:.1f} s:\n{said[-3000:]}")
+        # Refused while a catches up: the step ("is reading what the shards hold now"), or the
+        # forward for the loss, routed on a's table of before its stall (a shard refuses the rows
+        # of an expert b moved off it, or is down).
+        expect("trying again, attempt 2 (" in said,
+               f"train was not refused while a caught up:\n{said[-3000:]}")
+        log_a = open(os.path.join(work, "router-a.stderr")).read()
+        if mode == "--shard-down":
+            # Read from the shard left once the coordinator let the killed one go (a lease):
+            # what b trained there is kept; what b placed on the killed shard alone is lost.
+            told = re.search(r"^expert\(s\) ([\d,]+) lost their training", r.stdout, re.M)
+            expect(told is not None and told.group(1).split(",") == only_there,
+                   f"train should say experts {only_there} lost their training:\n{r.stdout}")
+            expect("this router found the shards holding other than its table" in log_a,
+                   "router a's log does not say it caught up")
+            expect("did not catch up" not in log_a, "router a gave up catching up")
+        else:
+            expect(took >= 10, f"train's step was taken {took:.1f} s after a was continued, "
+                   "before its catch-up could have given up")
+            expect("did not catch up with the kept gate within 10s (the gate kept in" in log_a and
+                   "cannot be read" in log_a and "it goes on from its gate;" in log_a,
+                   "router a's log does not say it gave up reading the kept gate again")
+        expect(run("health", "--addr", router_a, "--timeout-ms", "2000").returncode == 0,
+               "router a stopped serving after its catch-up")
+    else:
+        os.kill(a.pid, signal.SIGCONT)
+        stopped = False
+        # Granted again, a reads the gate b kept and places again over what the shards hold.
+        by = time.monotonic() + 15
         now = output_of(router_a, "a-again")
-    expect(same(now, trained), "router a, granted the lease again, does not answer as b, which "
-           "trained meanwhile, did (the gate kept since not read again, or its table not the "
-           "shards')")
-    kept_by_b = kept_step()
-    expect(train(router_a, 1) == 4, "a's step after its stall is not counted 4 (1 of a's, 2 of "
-           "b's, this one)")
-    time.sleep(2)  # a router that stops for another's gate does so right after its step
-    expect(run("health", "--addr", router_a, "--timeout-ms", "2000").returncode == 0,
-           "router a stopped serving after its training step")
-    expect(kept_step() != kept_by_b, f"router a did not keep its step's gate (the kept gate is "
-           f"still of step {kept_by_b})")
+        while not same(now, trained) and time.monotonic() < by:
+            time.sleep(0.3)
+            now = output_of(router_a, "a-again")
+        expect(same(now, trained), "router a, granted the lease again, does not answer as b, "
+               "which trained meanwhile, did (the gate kept since not read again, or its table "
+               "not the shards')")
+        kept_by_b = kept_step()
+        expect(train(router_a, 1) == 4, "a's step after its stall is not counted 4 (1 of a's, 2 "
+               "of b's, this one)")
+        time.sleep(2)  # a router that stops for another's gate does so right after its step
+        expect(run("health", "--addr", router_a, "--timeout-ms", "2000").returncode == 0,
+               "router a stopped serving after its training step")
+        expect(kept_step() != kept_by_b, f"router a did not keep its step's gate (the kept gate "
+               f"is still of step {kept_by_b})")
 finally:
     if stopped:
         os.kill(a.pid, signal.SIGCONT)
