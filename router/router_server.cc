@@ -1507,6 +1507,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       regrant_own_version = version.load();
       regrant_gate_read = false;
       regrant_shards_done = false;
+      regrant_waits_said = false;
+      regrant_since = absl::InfinitePast();  // a grant's patience is its own
     }
     if (!MayPlaceNow()) {
       regrant_since = common::MonotonicNow();  // the patience counts from the lease's return
@@ -1529,17 +1531,31 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       gate = ReadKeptGateAgain(/*regrant=*/true);
       regrant_gate_read = gate.ok();
     }
+    // Waiting for a lock past the patience is said once: training stays refused meanwhile.
+    auto waits = [&](const absl::Status& why) {
+      if (patience_left || regrant_waits_said) return;
+      regrant_waits_said = true;
+      std::fprintf(stderr,
+                   "moe-router: granted the placement lease under a new epoch, this router still "
+                   "waits to catch up with the kept gate and the shards (%s, by a call begun "
+                   "before the grant); training steps, saves and rebalances are refused until "
+                   "it ends\n",
+                   std::string(why.message()).c_str());
+    };
+    if (absl::IsUnavailable(gate)) waits(gate);
     if (!regrant_shards_done) {
       bool busy = false;
       bool placed_again = false;
       const absl::Status st = CatchUpWithShards(&busy, &placed_again);
       if (!st.ok()) {
-        if (!busy && !patience_left) {
+        if (busy) {
+          waits(st);
+        } else if (!patience_left) {
+          const bool gate_failed = !regrant_gate_read && !absl::IsUnavailable(gate);
           GiveUpCatchingUp(regrants,
-                           gate.ok() || absl::IsUnavailable(gate)
-                               ? std::string(st.message())
-                               : absl::StrCat(st.message(), "; ", gate.message()),
-                           /*table_caught_up=*/false);
+                           gate_failed ? absl::StrCat(st.message(), "; ", gate.message())
+                                       : std::string(st.message()),
+                           /*gate=*/!regrant_gate_read, /*shards=*/true);
         }
         return;
       }
@@ -1555,7 +1571,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (regrant_gate_read) {
       CaughtUp(regrants);
     } else if (!absl::IsUnavailable(gate) && !patience_left) {
-      GiveUpCatchingUp(regrants, std::string(gate.message()), /*table_caught_up=*/true);
+      GiveUpCatchingUp(regrants, std::string(gate.message()), /*gate=*/true, /*shards=*/false);
     }
   }
   // The shards' part of TakeOverAgain, one try: OK once the members hold this router's
@@ -1653,17 +1669,19 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     regrants_caught_up = regrants;
     regrant_since = absl::InfinitePast();
   }
-  // Said before the catch-up counts as done (a step it let through may end first).
-  // `table_caught_up`: the shards were caught up with, the kept gate not.
-  void GiveUpCatchingUp(uint64_t regrants, const std::string& why, bool table_caught_up) {
+  // Said before the catch-up counts as done (a step it let through may end first). `gate`,
+  // `shards`: what was not caught up with.
+  void GiveUpCatchingUp(uint64_t regrants, const std::string& why, bool gate, bool shards) {
+    const char* what = gate && shards ? "the kept gate and the shards"
+                       : gate         ? "the kept gate"
+                                      : "the shards";
+    const char* from = gate && shards ? "table and gate" : gate ? "gate" : "table";
     std::fprintf(stderr,
                  "moe-router: granted the placement lease under a new epoch, this router did "
-                 "not catch up with the kept gate%s within %s (%s): it goes on from its %s; if "
-                 "another router placed or trained meanwhile, restart this router once the "
-                 "shards answer and the kept gate can be read (it then reads both again)\n",
-                 table_caught_up ? "" : " and the shards",
-                 absl::FormatDuration(kRegrantPatience).c_str(), why.c_str(),
-                 table_caught_up ? "gate" : "table and gate");
+                 "not catch up with %s within %s (%s): it goes on from its %s; if another "
+                 "router placed or trained meanwhile, restart this router once the shards "
+                 "answer and the kept gate can be read (it then reads both again)\n",
+                 what, absl::FormatDuration(kRegrantPatience).c_str(), why.c_str(), from);
     CaughtUp(regrants);
   }
   // Control thread: the grant count the four below are of; since when the catch-up has had the
@@ -1674,6 +1692,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   uint64_t regrant_own_version = 0;
   bool regrant_gate_read = false;
   bool regrant_shards_done = false;
+  bool regrant_waits_said = false;  // the line of a wait past the patience
   absl::Status RegrantRefusal() const {
     return absl::UnavailableError(
         "this router was granted the placement lease under a new epoch (another router may "
@@ -3314,6 +3333,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
             absl::StrCat(name, " must be a finite number >= 0, got ", v));
       }
     }
+    // Refused before the training lock too, which the catch-up needs (and again below: a grant
+    // may come while the step waits for the lock).
+    if (RegrantPending()) return RegrantRefusal();
     std::unique_lock<common::TimedMutex> lock(train_mu, std::defer_lock);
     if (!lock.try_lock_for(common::TimeLeft(deadline))) {
       return absl::DeadlineExceededError(
@@ -3409,6 +3431,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           "be ignored at their next start; save to another path, and start the cluster from "
           "that file"));
     }
+    if (RegrantPending()) return RegrantRefusal();  // before the lock too, as in Train
     // Weights do not move while we read them. Bounded: a step stuck on the coordinator must not
     // hold this call (and its admin thread) past the step's own wait.
     std::unique_lock<common::TimedMutex> lock(train_mu, std::defer_lock);

@@ -198,6 +198,7 @@ try:
             expect("did not catch up with the kept gate within 10s (the gate kept in" in log_a and
                    "cannot be read" in log_a and "it goes on from its gate;" in log_a,
                    "router a's log does not say it gave up reading the kept gate again")
+        time.sleep(2)  # a router that stops for another's gate does so right after its step
         expect(run("health", "--addr", router_a, "--timeout-ms", "2000").returncode == 0,
                "router a stopped serving after its catch-up")
     else:
