@@ -988,6 +988,21 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     return out;
   }
 
+  // Whether `a` and `b` list the same shards (addresses) in the same order.
+  static bool SameShards(const std::vector<std::shared_ptr<ShardClient>>& a,
+                         const std::vector<std::shared_ptr<ShardClient>>& b) {
+    return std::equal(a.begin(), a.end(), b.begin(), b.end(),
+                      [](const auto& x, const auto& y) { return x->address() == y->address(); });
+  }
+  // Whether a shard of `placed` is not among `members` (by address).
+  static bool AnyUnlisted(const std::vector<std::shared_ptr<ShardClient>>& placed,
+                          const std::vector<std::shared_ptr<ShardClient>>& members) {
+    return std::any_of(placed.begin(), placed.end(), [&](const auto& p) {
+      return std::none_of(members.begin(), members.end(),
+                          [&](const auto& m) { return m->address() == p->address(); });
+    });
+  }
+
   // Whether the shard's model is this router's (its number of experts and d_model, from
   // GetStatus): a shard started from another checkpoint would fail every batch sent to it, as
   // if the client's tokens were wrong. Such a shard is left out of the placement, named in the
@@ -1609,17 +1624,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       // started and does not list them all yet (as in Reconcile: one not listed yet has not
       // left).
       shards = t->shards;
-      if (members.ok()) {
-        const bool unlisted = std::any_of(t->shards.begin(), t->shards.end(), [&](const auto& c) {
-          return std::none_of(members->begin(), members->end(),
-                              [&](const auto& m) { return m->address() == c->address(); });
-        });
-        if (!(settling && unlisted)) shards = *members;
-      }
-      bool same_shards = shards.size() == t->shards.size();
-      for (size_t s = 0; same_shards && s < shards.size(); ++s) {
-        same_shards = shards[s]->address() == t->shards[s]->address();
-      }
+      if (members.ok() && !(settling && AnyUnlisted(t->shards, *members))) shards = *members;
+      const bool same_shards = SameShards(shards, t->shards);
       bool trained = false;
       std::vector<std::pair<std::string, std::string>> unread;
       std::set<std::string> draining;
@@ -2811,20 +2817,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       absl::StatusOr<std::vector<std::shared_ptr<ShardClient>>> members =
           Members(absl::Milliseconds(500), &settling);
       if (members.ok()) {
-        bool same = members->size() == t->shards.size();
-        for (size_t i = 0; same && i < members->size(); ++i) {
-          same = (*members)[i]->address() == t->shards[i]->address();
-        }
+        const bool same = SameShards(*members, t->shards);
         membership_changes = !same;
         // A coordinator started again knows a member only from its next heartbeat: until a
         // lease has passed, a placed shard it does not list has not left (a placement without
         // it would move its experts away and back).
-        bool unlisted = false;
-        for (const auto& placed : t->shards) {
-          unlisted |= std::none_of(members->begin(), members->end(), [&](const auto& c) {
-            return c->address() == placed->address();
-          });
-        }
+        const bool unlisted = AnyUnlisted(t->shards, *members);
         if (!same && settling && unlisted) {
           // Asked again next tick.
         } else if (!same) {

@@ -78,6 +78,12 @@ def service_pid(cluster, service):
                          re.M).group(1))
 
 
+def service_addr(cluster, service):
+    """The address of `service` ("coordinator", "shard 1", ...), from the lines moe-cluster
+    printed before READY."""
+    return re.search(rf"^{service} addr=(\S+) ", "\n".join(cluster.services), re.M).group(1)
+
+
 def router_pid(cluster):
     return service_pid(cluster, "router")
 

@@ -43,8 +43,8 @@ import time
 
 import numpy as np
 
-from cli_harness import (Checks, router_pid, setup, shard_pid, small_checkpoint, start_cluster,
-                         stop_cluster)
+from cli_harness import (Checks, router_pid, service_addr, setup, shard_pid, small_checkpoint,
+                         start_cluster, stop_cluster)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../torch"))
 import st  # noqa: E402
@@ -61,7 +61,7 @@ state = os.path.join(work, "state")
 subprocess.run(["rm", "-rf", state], check=True)
 cluster, router_a = start_cluster(bin_dir, ck, work, "--shards", "2", "--state-dir", state,
                                   "--no-restart")
-coordinator = re.search(r"^coordinator addr=(\S+) ", "\n".join(cluster.services), re.M).group(1)
+coordinator = service_addr(cluster, "coordinator")
 tokens = os.path.join(work, "tokens.safetensors")
 subprocess.run([client, "make-tokens", "--out", tokens, "--tokens", "16", "--d-model", "64"],
                check=True, stdout=subprocess.DEVNULL)
@@ -153,7 +153,7 @@ try:
         # The experts b placed on the shard about to be killed alone (the placement table's
         # expert rows list shard indices, its shard rows index and address).
         placement = run("placement", "--router", router_b).stdout
-        down = re.search(r"^shard 1 addr=(\S+) ", "\n".join(cluster.services), re.M).group(1)
+        down = service_addr(cluster, "shard 1")
         index = {address: i for i, address in
                  re.findall(r"^(\d+)\s+(127\.0\.0\.1:\d+)\s", placement, re.M)}.get(down)
         only_there = [e for e, s in re.findall(r"^(\d+)\s+([\d,]+)\s+[\d.]+$", placement, re.M)
