@@ -381,6 +381,16 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
           req, total, [weak, b, id = req->batch_id()](absl::StatusOr<v1::DispatchResponse> r) {
             if (std::shared_ptr<Call> self = weak.lock()) self->Answer(b, id, std::move(r));
           });
+      // Ended between the registration above and this send (the client's cancellation, the
+      // deadline): Finish's cancellation reached the shard client before the batch did, and a
+      // stream cancels only the batches it has. Cancelled again, now that it has it (a second
+      // cancellation of a batch, or one of a batch answered, changes nothing).
+      bool ended = false;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        ended = finished_;
+      }
+      if (ended) table.shards[part.shard]->CancelBatch(req->batch_id());
     }
     Answer(-1, 0, absl::StatusOr<v1::DispatchResponse>());  // the sender's count
   }

@@ -39,6 +39,7 @@ class FakeShard : public ShardClient {
   }
   void Dispatch(std::shared_ptr<const v1::DispatchRequest> req, int64_t,
                 DispatchDone done) override {
+    if (before_dispatch) before_dispatch();
     ++batches;
     requests.push_back(*req);
     if (fail_with != absl::StatusCode::kOk) {
@@ -67,7 +68,13 @@ class FakeShard : public ShardClient {
     }
     done(resp);
   }
-  void CancelBatch(uint64_t batch_id) override { cancelled.push_back(batch_id); }
+  void CancelBatch(uint64_t batch_id) override {
+    // As GrpcShardClient's stream: a batch not sent yet is not cancelled.
+    const bool sent =
+        std::any_of(requests.begin(), requests.end(),
+                    [&](const v1::DispatchRequest& r) { return r.batch_id() == batch_id; });
+    if (sent || !cancels_only_sent) cancelled.push_back(batch_id);
+  }
   bool healthy() const override { return healthy_; }
   void CheckHealthNow() override {}
   int64_t outstanding_rows() const override { return outstanding; }
@@ -181,6 +188,8 @@ class FakeShard : public ShardClient {
   bool healthy_ = true;
   absl::StatusCode fail_with = absl::StatusCode::kOk;
   bool never_answer = false;
+  std::function<void()> before_dispatch;  // run as a batch is handed over, before it is sent
+  bool cancels_only_sent = false;         // a cancellation before its batch is dropped
   bool repeat_first_output = false;  // answers a batch of several experts malformed
   int64_t outstanding = 0;  // what outstanding_rows() reports
   uint64_t version = 0;     // the highest placement version taken
@@ -738,6 +747,43 @@ TEST(Dispatcher, ACancelledBatchEndsAtOnceAndIsCancelledOnItsShards) {
   EXPECT_EQ(setup.fakes[0]->cancelled.size(), 1u);
   for (auto& done : setup.fakes[0]->parked) done(absl::CancelledError("late"));
   setup.fakes[0]->parked.clear();
+  EXPECT_EQ(calls, 1);
+}
+
+// A request that ends while its batch is handed to the shard client (registered, not yet
+// sent): the cancellation Finish sends then comes before the batch, which a stream drops
+// (GrpcShardClient cancels only the batches it has); the batch is cancelled again once sent.
+// Before 2026-12-07 it was computed for nobody (once in ClusterTest's cancelled request).
+TEST(Dispatcher, ARequestThatEndsWhileItsBatchIsHandedOverIsCancelledOnItsShard) {
+  Rig setup(Strategy::kReplicated, 1);
+  FakeShard& shard = *setup.fakes[0];
+  shard.never_answer = true;
+  shard.cancels_only_sent = true;
+  const int64_t n = 4;
+  const auto x = common::RandomMatrix(n, 16, 15);
+  GatingResult g = Route(setup.layer->gate_params(), x.data(), n, GatingOptions{2, true, 0, {}});
+  absl::Status status;
+  int calls = 0;
+  // The first call of this dispatcher is number 1; it ends as its batch is handed over.
+  shard.before_dispatch = [&] {
+    setup.dispatcher.Cancel(1, absl::CancelledError("the client cancelled the request"));
+  };
+  const uint64_t id = setup.dispatcher.Start(
+      std::make_shared<const RoutingTable>(setup.table), x, n, g,
+      common::MonotonicNow() + absl::Seconds(30),
+      [&](absl::StatusOr<std::vector<float>> out, const GatingResult&, const DispatchStats&) {
+        ++calls;
+        status = out.status();
+      });
+  shard.before_dispatch = nullptr;
+  EXPECT_EQ(id, 1u);
+  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(status.code(), absl::StatusCode::kCancelled) << status;
+  ASSERT_EQ(shard.requests.size(), 1u);
+  EXPECT_EQ(shard.cancelled, std::vector<uint64_t>{shard.requests[0].batch_id()})
+      << "the batch was sent after its request ended, and not cancelled";
+  for (auto& done : shard.parked) done(absl::CancelledError("late"));
+  shard.parked.clear();
   EXPECT_EQ(calls, 1);
 }
 
