@@ -16,6 +16,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "expert_server/state_dir.h"
 #include "moe/v1/coordinator.grpc.pb.h"
 #include "moe/v1/expert_shard.grpc.pb.h"
@@ -389,13 +390,15 @@ class DispatchReactor final
   }
 
  private:
-  void Reject(uint64_t batch_id, const absl::Status& st, const char* reason) {
+  void Reject(uint64_t batch_id, const absl::Status& st, const char* reason,
+              const std::vector<int>& missing = {}) {
     impl_->metrics->Rejected(reason);
     auto r = std::make_unique<v1::DispatchResponse>();
     r->set_batch_id(batch_id);
     r->set_code(static_cast<int>(st.code()));
     r->set_message(std::string(st.message()));
     r->set_placement_version(impl_->store->placement_version());
+    for (int e : missing) r->add_missing_experts(e);
     core_->Deliver(std::move(r), false);
   }
 
@@ -475,6 +478,11 @@ class DispatchReactor final
     auto task = std::make_shared<DispatchTask>();
     task->batch_id = id;
     std::set<int> seen;
+    // Experts of the batch this shard does not hold (a router routing on an older placement):
+    // the batch is refused naming every one, so that the router sends their rows elsewhere and
+    // the rest back here, instead of taking this shard out for the whole request.
+    std::vector<int> missing;
+    absl::Status first_missing;
     for (const v1::ExpertRows& er : req.experts()) {
       if (!seen.insert(er.expert()).second) {
         Reject(id, absl::InvalidArgumentError(absl::StrCat(
@@ -492,6 +500,11 @@ class DispatchReactor final
         }
       }
       absl::StatusOr<ExpertLease> lease = impl_->store->Acquire(er.expert(), er.rows_size());
+      if (absl::IsFailedPrecondition(lease.status())) {
+        if (missing.empty()) first_missing = lease.status();
+        missing.push_back(er.expert());
+        continue;
+      }
       if (!lease.ok()) {
         Reject(id, absl::Status(lease.status().code(),
                                 absl::StrCat("batch ", id, ": ", lease.status().message())),
@@ -503,6 +516,17 @@ class DispatchReactor final
       part.lease = std::move(*lease);
       part.row_index.assign(er.rows().begin(), er.rows().end());
       task->parts.push_back(std::move(part));
+    }
+    if (!missing.empty()) {
+      const std::string more =
+          missing.size() == 1
+              ? ""
+              : absl::StrCat("; the batch's experts not held here: ", absl::StrJoin(missing, ", "));
+      Reject(id,
+             absl::FailedPreconditionError(
+                 absl::StrCat("batch ", id, ": ", first_missing.message(), more)),
+             ReasonFor(absl::StatusCode::kFailedPrecondition), missing);
+      return;
     }
     task->num_rows = num_rows;
     task->rows.resize(static_cast<size_t>(num_rows * d));

@@ -305,6 +305,12 @@ TEST_F(ShardServerTest, BadBatchesGetClearErrorsAndTheStreamKeepsServing) {
                    "unknown expert 99"});
   cases.push_back({"not loaded", Batch(3, 2, {{2, {0}}}), grpc::FAILED_PRECONDITION,
                    "expert 2 is not loaded on this shard (placement version 0)"});
+  // Every expert of the batch not held here is named, in the message and in missing_experts
+  // (checked below): the router sends their rows elsewhere and the rest back here.
+  cases.push_back({"some not loaded", Batch(14, 3, {{3, {0}}, {0, {1}}, {2, {2}}}),
+                   grpc::FAILED_PRECONDITION,
+                   "batch 14: expert 2 is not loaded on this shard (placement version 0); the "
+                   "batch's experts not held here: 2, 3"});
   {
     v1::DispatchRequest r = Batch(4, 2, {{0, {0}}});
     r.mutable_rows()->mutable_data()->resize(7);
@@ -370,11 +376,18 @@ TEST_F(ShardServerTest, BadBatchesGetClearErrorsAndTheStreamKeepsServing) {
     EXPECT_EQ(r.code(), c.code) << c.name << ": " << r.message();
     EXPECT_NE(r.message().find(c.needle), std::string::npos) << c.name << ": " << r.message();
   }
+  EXPECT_EQ(std::vector<int>(got[3].missing_experts().begin(), got[3].missing_experts().end()),
+            std::vector<int>{2});
+  EXPECT_EQ(std::vector<int>(got[14].missing_experts().begin(), got[14].missing_experts().end()),
+            (std::vector<int>{2, 3}));
+  EXPECT_EQ(got[4].missing_experts_size(), 0) << "named for a refusal of another kind";
   ASSERT_TRUE(got.count(50));
   EXPECT_EQ(got[50].code(), 0);
   EXPECT_EQ(Output(got[50], 1), Reference(good, 1));
   EXPECT_GE(Metric(*server->registry(), "moe_shard_rejected_batches_total", {{"reason", "invalid"}}), 7);
-  EXPECT_EQ(Metric(*server->registry(), "moe_shard_rejected_batches_total", {{"reason", "not_loaded"}}), 1);
+  EXPECT_EQ(
+      Metric(*server->registry(), "moe_shard_rejected_batches_total", {{"reason", "not_loaded"}}),
+      2);
   EXPECT_EQ(Metric(*server->registry(), "moe_shard_rejected_batches_total", {{"reason", "other_model"}}), 2);
 }
 

@@ -210,6 +210,8 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
     }
     excluded_.assign(S, false);
     excluded_by_.assign(S, absl::OkStatus());
+    missing_.assign(S, {});
+    missing_by_.assign(S, absl::OkStatus());
     if (common::MonotonicNow() >= deadline_) {
       Finish(absl::DeadlineExceededError("deadline passed before the batch reached the shards"));
       return;
@@ -257,7 +259,9 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
       Finish(CombineOutputs(gating_, groups_, eo_.data(), d));
       return;
     }
-    if (round_ >= shared_->options.max_rounds) {
+    // Rounds that only found experts missing on shards do not count: each took a (shard,
+    // expert) pair out for good, so there are at most shards x experts of them.
+    if (round_ - lack_rounds_ >= shared_->options.max_rounds) {
       for (int e = 0; e < E; ++e) {
         if (!remaining_[e].empty()) {
           Finish(absl::UnavailableError(absl::StrCat("expert ", e, " could not be computed after ",
@@ -283,7 +287,8 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
       if (pos.empty()) continue;
       std::vector<int> cands, unhealthy;
       for (int s : table.placement.replicas[e]) {
-        if (s >= S || !table.shards[s] || excluded_[s] || table.shards[s]->serves_other_model()) {
+        if (s >= S || !table.shards[s] || excluded_[s] || missing_[s].count(e) != 0 ||
+            table.shards[s]->serves_other_model()) {
           continue;
         }
         (table.shards[s]->healthy() ? cands : unhealthy).push_back(s);
@@ -299,9 +304,10 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
         for (int s : table.placement.replicas[e]) {
           const bool known = s < S && table.shards[s];
           where.push_back(known ? table.shards[s]->address() : "?");
-          if (known && excluded_[s]) {
+          const bool lacks = known && !excluded_[s] && missing_[s].count(e) != 0;
+          if (known && (excluded_[s] || lacks)) {
             // Named once: most shard errors name their shard already.
-            const absl::string_view why = excluded_by_[s].message();
+            const absl::string_view why = (lacks ? missing_by_ : excluded_by_)[s].message();
             errors.push_back(absl::StrContains(why, table.shards[s]->address())
                                  ? std::string(why)
                                  : absl::StrCat(table.shards[s]->address(), ": ", why));
@@ -424,6 +430,8 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
       if (finished_) return;
       results.swap(results_);
     }
+    bool lacks = false;   // a shard said it lacks an expert
+    bool failed = false;  // a shard failed otherwise
     for (auto& [b, result] : results) {
       const int s = parts_[b].shard;
       const std::map<int, std::vector<int64_t>>& plan = parts_[b].plan;
@@ -460,6 +468,17 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
                                                      err.message())));
         return;
       }
+      // The shard lacks some of the batch's experts (this router's placement is older than
+      // what the shard was last given, or a load failed there): only those leave it for the
+      // rest of the request; the batch's other experts may go back to it.
+      if (LacksOnly(result, plan, s, err)) {
+        lacks = true;
+        for (const auto& [e, pos] : plan) {
+          remaining_[e].insert(remaining_[e].end(), pos.begin(), pos.end());
+        }
+        continue;
+      }
+      failed = true;
       // Fail over: this shard is out for the rest of the batch; its rows go elsewhere. One
       // failover per shard, however many of its batches the failure took down.
       if (!excluded_[s]) {
@@ -472,7 +491,26 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
         remaining_[e].insert(remaining_[e].end(), pos.begin(), pos.end());
       }
     }
+    if (lacks && !failed) ++lack_rounds_;
     SendRound();
+  }
+
+  // A FAILED_PRECONDITION naming experts of the batch that shard `s` does not hold
+  // (DispatchResponse.missing_experts): records them against `s` and returns true. False for
+  // any other failure, or a list naming none of the batch's experts (the shard then leaves the
+  // request, as for any other failure). The same expert may be named by several batches of a
+  // round (a shard's share cut into batches).
+  bool LacksOnly(const absl::StatusOr<v1::DispatchResponse>& result,
+                 const std::map<int, std::vector<int64_t>>& plan, int s, const absl::Status& err) {
+    if (!result.ok() || !absl::IsFailedPrecondition(err)) return false;
+    bool any = false;
+    for (int e : result->missing_experts()) {
+      if (plan.count(e) == 0) continue;
+      missing_[s].insert(e);
+      any = true;
+    }
+    if (any) missing_by_[s] = err;
+    return any;
   }
 
   void Finish(absl::StatusOr<std::vector<float>> y) {
@@ -527,8 +565,11 @@ class Dispatcher::Call : public std::enable_shared_from_this<Dispatcher::Call> {
   std::vector<std::vector<int64_t>> remaining_;  // positions still to compute, per expert
   std::vector<bool> excluded_;
   std::vector<absl::Status> excluded_by_;  // the error that took each excluded shard out
+  std::vector<std::set<int>> missing_;     // per shard, the experts it said it does not hold
+  std::vector<absl::Status> missing_by_;   // the error that said so last
   std::vector<ShardBatch> parts_;          // the round's batches
   int round_ = 0;
+  int lack_rounds_ = 0;  // rounds whose only failures were experts missing on shards
   DispatchStats stats_;
 
   std::mutex mu_;

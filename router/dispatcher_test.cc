@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "router/moe_layer.h"
 #include "router/trainer.h"
 #include "services/common/clock.h"
@@ -48,6 +49,18 @@ class FakeShard : public ShardClient {
     }
     if (never_answer) {
       parked.push_back(std::move(done));
+      return;
+    }
+    v1::DispatchResponse refusal;  // as the shard server: every expert it lacks, named
+    for (const auto& er : req->experts()) {
+      if (lacks.count(er.expert()) != 0) refusal.add_missing_experts(er.expert());
+    }
+    if (refusal.missing_experts_size() > 0) {
+      refusal.set_batch_id(req->batch_id());
+      refusal.set_code(static_cast<int>(absl::StatusCode::kFailedPrecondition));
+      refusal.set_message(absl::StrCat(name_, ": expert ", refusal.missing_experts(0),
+                                       " is not loaded on this shard"));
+      done(refusal);
       return;
     }
     const int64_t d = Config().d_model;
@@ -188,6 +201,7 @@ class FakeShard : public ShardClient {
   bool healthy_ = true;
   absl::StatusCode fail_with = absl::StatusCode::kOk;
   bool never_answer = false;
+  std::set<int> lacks;  // experts it refuses a batch for, naming them (missing_experts)
   std::function<void()> before_dispatch;  // run as a batch is handed over, before it is sent
   bool cancels_only_sent = false;         // a cancellation before its batch is dropped
   bool repeat_first_output = false;  // answers a batch of several experts malformed
@@ -518,6 +532,92 @@ TEST(Dispatcher, AnAnswerThatRepeatsAnExpertIsRefusedAndTheBatchFailsOver) {
   EXPECT_NE(bad.status().message().find("answered with a malformed output for expert"),
             std::string::npos)
       << bad.status();
+}
+
+// A shard that lacks some of a batch's experts (the router's placement is older than the shard's)
+// names them: only those leave it for the request. The batch's other experts go back to it, and
+// the missing ones to their other replicas; with no other replica, the request fails naming the
+// expert and the shard's refusal. (Before 2026-12-07 the shard was out for the whole request, and
+// an expert held there alone failed it too.)
+TEST(Dispatcher, AShardLackingAnExpertIsSkippedForThatExpertOnly) {
+  // hybrid over 2 shards of 4 experts: 0 and 1 on both, 2 on shard 0 only, 3 on shard 1 only.
+  Rig setup(Strategy::kHybrid, 2);
+  ASSERT_EQ(setup.table.placement.replicas[0], (std::vector<int>{0, 1}));
+  ASSERT_EQ(setup.table.placement.replicas[2], (std::vector<int>{0}));
+  FakeShard& lacking = *setup.fakes[0];
+  lacking.lacks = {0};
+  setup.fakes[1]->outstanding = 1000;  // expert 0's rows go to shard 0 first
+  const int64_t n = 40;
+  const std::vector<float> x = common::RandomMatrix(n, 16, 12);
+  DispatchStats stats;
+  auto y = setup.Run(x, n, absl::Seconds(10), &stats);
+  ASSERT_TRUE(y.ok()) << y.status();
+  ExpectLayerOutput(setup, x, n, *y);
+  EXPECT_EQ(stats.failovers, 0) << "the shard was taken out of the request";
+  ASSERT_EQ(lacking.requests.size(), 2u) << "the refused batch, then its other experts again";
+  std::set<int> first, second;
+  for (const auto& er : lacking.requests[0].experts()) first.insert(er.expert());
+  for (const auto& er : lacking.requests[1].experts()) second.insert(er.expert());
+  EXPECT_EQ(first.count(0), 1u);
+  EXPECT_EQ(second.count(0), 0u) << "expert 0 sent again to the shard that lacks it";
+  EXPECT_EQ(second.count(2), 1u) << "expert 2, held on shard 0 alone, not sent back to it";
+  bool zero_elsewhere = false;
+  for (const auto& r : setup.fakes[1]->requests) {
+    for (const auto& er : r.experts()) zero_elsewhere = zero_elsewhere || er.expert() == 0;
+  }
+  EXPECT_TRUE(zero_elsewhere) << "expert 0's rows never reached its other replica";
+
+  // The same where the shard's share is cut into batches (of 7 assignments): several of them
+  // name expert 0, and the shard is still out for it alone.
+  Rig cut(Strategy::kHybrid, 2);
+  cut.fakes[0]->lacks = {0};
+  cut.fakes[0]->SetBatchLimits(7, 64 << 20);
+  cut.fakes[1]->outstanding = 1000;
+  DispatchStats cut_stats;
+  auto w = cut.Run(x, n, absl::Seconds(10), &cut_stats);
+  ASSERT_TRUE(w.ok()) << w.status();
+  ExpectLayerOutput(cut, x, n, *w);
+  EXPECT_EQ(cut_stats.failovers, 0) << "the shard was taken out of the request";
+  int naming_zero = 0;
+  for (const auto& r : cut.fakes[0]->requests) {
+    for (const auto& er : r.experts()) naming_zero += er.expert() == 0 ? 1 : 0;
+  }
+  EXPECT_GE(naming_zero, 2) << "the case of several batches naming the expert was not made";
+
+  // Expert 2 lacking on its only replica: the request fails, naming it and the shard's refusal.
+  Rig alone(Strategy::kHybrid, 2);
+  alone.fakes[0]->lacks = {2};
+  auto z = alone.Run(x, n);
+  EXPECT_EQ(z.status().code(), absl::StatusCode::kUnavailable) << z.status();
+  EXPECT_NE(z.status().message().find("expert 2 has no healthy replica"), std::string::npos)
+      << z.status();
+  EXPECT_NE(z.status().message().find("shard0: expert 2 is not loaded on this shard"),
+            std::string::npos)
+      << z.status();
+}
+
+// A shard that says it lacks another expert each round (another router unloading them one by
+// one): those rounds do not count toward --max-rounds (each takes a shard-expert pair out for
+// good, so there are at most shards x experts of them).
+TEST(Dispatcher, RoundsThatOnlyFindExpertsMissingDoNotUseUpTheRetries) {
+  Rig setup(Strategy::kHybrid, 2);  // 0 and 1 on both shards
+  FakeShard& shard = *setup.fakes[0];
+  setup.fakes[1]->outstanding = 1000;  // experts 0 and 1 go to shard 0 first
+  int sent = 0;
+  shard.before_dispatch = [&] {
+    if (++sent <= 2) shard.lacks.insert(sent - 1);  // expert 0 in round 1, expert 1 in round 2
+  };
+  DispatcherOptions o;
+  o.max_rounds = 2;
+  Dispatcher dispatcher(Config(), o);
+  const int64_t n = 40;
+  const std::vector<float> x = common::RandomMatrix(n, 16, 14);
+  GatingResult g = Route(setup.layer->gate_params(), x.data(), n, GatingOptions{2, true, 0, {}});
+  auto y = dispatcher.Run(setup.table, x.data(), n, g, common::MonotonicNow() + absl::Seconds(10),
+                          nullptr);
+  ASSERT_TRUE(y.ok()) << y.status();
+  ExpectLayerOutput(setup, x, n, *y);
+  EXPECT_EQ(shard.requests.size(), 3u) << "not three rounds: the case was not made";
 }
 
 TEST(Dispatcher, ExpertWithoutHealthyReplicaIsUnavailableByName) {

@@ -44,10 +44,11 @@ class GrpcShardClient::Stream final
     return true;
   }
 
-  // A DispatchRequest.cancel for a batch still waiting for its answer on this stream.
+  // A DispatchRequest.cancel for a batch still waiting for its answer on this stream, also
+  // while it closes gracefully (it half-closes only once every batch is answered).
   void Cancel(uint64_t batch_id) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (closed_ || !pending_.count(batch_id)) return;
+    if ((closed_ && !graceful_) || writes_done_ || !pending_.count(batch_id)) return;
     auto cancel = std::make_shared<v1::DispatchRequest>();
     cancel->set_batch_id(batch_id);
     cancel->set_cancel(true);
@@ -58,14 +59,16 @@ class GrpcShardClient::Stream final
     ctx_.TryCancel();
   }
 
-  // Takes no more batches, writes those already accepted, then half-closes: the shard answers
-  // what it has and ends the stream with OK (how a draining shard is let go).
+  // Takes no more batches, writes those already accepted and waits for their answers, then
+  // half-closes: the shard ends the stream with OK (how a draining shard is let go). Until the
+  // half-close a batch whose request ended can still be cancelled (the shard would otherwise
+  // compute it for nobody, and the drain wait for it).
   void CloseGracefully() {
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) return;
     closed_ = true;
     graceful_ = true;
-    if (!writing_) StartWritesDoneLocked();
+    MaybeHalfCloseLocked();
   }
 
   void OnWriteDone(bool ok) override {
@@ -79,8 +82,8 @@ class GrpcShardClient::Stream final
     if (!outbox_.empty() && (!closed_ || graceful_)) {
       writing_ = true;
       StartWrite(outbox_.front().get());
-    } else if (graceful_) {
-      StartWritesDoneLocked();
+    } else {
+      MaybeHalfCloseLocked();
     }
   }
 
@@ -104,6 +107,7 @@ class GrpcShardClient::Stream final
         done = std::move(it->second);
         pending_.erase(it);
       }
+      MaybeHalfCloseLocked();
     }
     StartRead(&response_);
     if (done) done(std::move(resp));
@@ -144,6 +148,11 @@ class GrpcShardClient::Stream final
     closed_ = true;
     graceful_ = false;
     ReleaseHoldLocked();
+  }
+
+  // Closing gracefully, with everything written and answered.
+  void MaybeHalfCloseLocked() {
+    if (graceful_ && !writing_ && pending_.empty()) StartWritesDoneLocked();
   }
 
   void StartWritesDoneLocked() {
@@ -381,8 +390,10 @@ void GrpcShardClient::CancelBatch(uint64_t batch_id) {
   // would take the cancellation for an empty batch, and answer the batch with that error.
   if (max_batch_rows() <= 0) return;
   std::lock_guard<std::mutex> lock(mu_);
-  // A batch sent on a stream that has closed since is answered by its end already.
-  if (stream_ != nullptr) stream_->Cancel(batch_id);
+  // Every stream: the batch may be on one closing gracefully (the shard drains), which still
+  // takes cancellations of its batches. A batch sent on a stream that broke since is answered
+  // by its end already.
+  for (Stream* s : live_) s->Cancel(batch_id);
 }
 
 // A placement call's context, registered with the client while the call runs so that

@@ -4,6 +4,10 @@
 
 #include "router/grpc_shard_client.h"
 
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -17,9 +21,6 @@
 #include <optional>
 #include <set>
 #include <thread>
-
-#include <grpcpp/grpcpp.h>
-#include <gtest/gtest.h>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -35,11 +36,11 @@
 #include "router/kept_gate.h"
 #include "router/moe_layer.h"
 #include "router/router_server.h"
-#include "services/coordinator/coordinator_server.h"
 #include "services/common/clock.h"
 #include "services/common/random_checkpoint.h"
 #include "services/common/safetensors.h"
 #include "services/common/status_macros.h"
+#include "services/coordinator/coordinator_server.h"
 #include "tests/reference/loopback_server.h"
 #include "tests/reference/registry_value.h"
 #include "tests/reference/test_util.h"
@@ -330,6 +331,83 @@ TEST(GrpcShardClient, SaysWhenAShardBreaksItsStreamButNotWhenTheClientEndsIt) {
   }
   want.push_back("keeps leaving rotation: not logged again for up to a minute");
   EXPECT_EQ(lines, want) << said;
+}
+
+// A shard's Dispatch that holds each batch unanswered until it is cancelled (answered then
+// with CANCELLED), and answers what it still holds when the client half-closes.
+class HoldingShard final : public v1::ExpertShard::Service {
+ public:
+  std::atomic<int> held{0};
+  std::atomic<int> cancels{0};
+  std::atomic<bool> half_closed{false};
+  grpc::Status Dispatch(
+      grpc::ServerContext*,
+      grpc::ServerReaderWriter<v1::DispatchResponse, v1::DispatchRequest>* stream) override {
+    std::set<uint64_t> holding;
+    v1::DispatchRequest req;
+    while (stream->Read(&req)) {
+      if (!req.cancel()) {
+        holding.insert(req.batch_id());
+        ++held;
+        continue;
+      }
+      ++cancels;
+      if (holding.erase(req.batch_id()) == 0) continue;
+      v1::DispatchResponse resp;
+      resp.set_batch_id(req.batch_id());
+      resp.set_code(grpc::StatusCode::CANCELLED);
+      stream->Write(resp);
+    }
+    half_closed = true;
+    for (uint64_t id : holding) {
+      v1::DispatchResponse resp;
+      resp.set_batch_id(id);
+      stream->Write(resp);
+    }
+    return grpc::Status::OK;
+  }
+};
+
+// A shard that drains while a batch of a request is on it: its stream closes gracefully (no
+// more batches; the router no longer needs it), and the request then ends. The batch is still
+// cancelled on the shard, and the stream half-closes once it is answered. (Before 2026-12-07
+// the cancellation went only to the client's current stream, none then: the draining shard
+// computed the batch for nobody, and its drain waited for it.)
+TEST(GrpcShardClient, ABatchOnAStreamClosingForADrainIsStillCancelled) {
+  const bool health = StuckShardServer::EnableHealth();
+  ASSERT_TRUE(health);
+  HoldingShard service;
+  moe::testing::LoopbackServer server(&service);
+  ASSERT_TRUE(server.ok());
+  std::atomic<int> asked{0};
+  std::atomic<bool> answered{false};
+  std::atomic<int> code{-1};
+  {
+    GrpcShardClient client(server.address(), common::RpcLimits{}, nullptr, absl::Milliseconds(50));
+    client.SetBatchLimits(64, 64 << 20);  // as a shard's status reports them
+    client.SetStillNeeded([&] {
+      ++asked;
+      return false;
+    });
+    ASSERT_TRUE(Eventually([&] { return client.healthy(); }));
+    auto req = std::make_shared<v1::DispatchRequest>();
+    req->set_batch_id(7);
+    client.Dispatch(req, 1, [&](absl::StatusOr<v1::DispatchResponse> r) {
+      code = r.ok() ? r->code() : -2;
+      answered = true;
+    });
+    ASSERT_TRUE(Eventually([&] { return service.held.load() == 1; }));
+    server.server()->GetHealthCheckService()->SetServingStatus(false);
+    // Asked at each check that finds it NOT_SERVING: the first one closed the stream.
+    ASSERT_TRUE(Eventually([&] { return asked.load() >= 2; }));
+    EXPECT_FALSE(service.half_closed.load()) << "half-closed with a batch unanswered";
+    client.CancelBatch(7);
+    EXPECT_TRUE(Eventually([&] { return answered.load(); }));
+    EXPECT_EQ(service.cancels.load(), 1) << "the cancellation did not reach the draining shard";
+    EXPECT_EQ(code.load(), grpc::StatusCode::CANCELLED);
+    EXPECT_TRUE(Eventually([&] { return service.half_closed.load(); }))
+        << "the stream did not half-close once its batch was answered";
+  }
 }
 
 TEST(GrpcShardClient, CancelAdminCallsEndsALoadInProgressAndRefusesTheNext) {
@@ -2085,7 +2163,10 @@ TEST(RouterTraining, TheHolderKeepsItsGateOverOneKeptUnderALaterEpochOnceRaisedP
   ASSERT_GT(first, 0u) << "no gate kept";
   const uint64_t epoch = ReadKeptGateMark(path).epoch;
   EXPECT_GT(epoch, 0u);
-  EXPECT_EQ(epoch, c.a->store().lease_epoch()) << "not the epoch the shards were placed under";
+  // Sent to the shards before the first placement, with a 500 ms deadline: a send that missed
+  // it (a slow machine) is sent again at the next tick.
+  EXPECT_TRUE(Eventually([&] { return c.a->store().lease_epoch() == epoch; }))
+      << "not the epoch the shards were placed under: " << c.a->store().lease_epoch();
 
   // The same file, as if kept under an epoch an hour ahead of this coordinator's clock.
   const uint64_t later = static_cast<uint64_t>(absl::ToUnixMillis(absl::Now() + absl::Hours(1)))

@@ -33,6 +33,7 @@ class LoopbackServer {
 
   bool ok() const { return server_ != nullptr; }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  grpc::Server* server() const { return server_.get(); }  // its health service, for one
 
  private:
   int port_ = 0;
