@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -865,6 +866,65 @@ TEST_F(ClusterTest, KilledShardWithoutReplicasFailsFastNamingTheExpert) {
               grpc::StatusCode::UNAVAILABLE);
   }
   EXPECT_EQ(ScrapeMetric(metrics, "moe_router_failovers_total"), 0);
+}
+
+// A shard that no longer holds one of the replicas this router's placement puts on it (unloaded
+// behind the router's back under a later placement version, as another router placing the shards
+// meanwhile would, so that this router cannot load it back): every request is still answered, and
+// right. The shard refuses a batch naming the experts it lacks, whose rows then go to their other
+// replicas, and its other experts, those it alone holds among them, go back to it. (Before
+// 2026-12-07 the shard was taken out of each request, and the experts it alone held failed.)
+TEST_F(ClusterTest, AShardMissingAReplicaStillServesItsOtherExperts) {
+  const int metrics = testing::FreePortBlock(3);
+  auto cluster = Start("hybrid", 2, {}, {}, metrics);
+  ASSERT_NE(cluster, nullptr);
+  auto stub = client::MakeRouterStub(cluster->router_address());
+  v1::Placement placement;
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &placement).ok());
+  }
+  // An expert on both shards, and the experts shard 0 holds alone.
+  const auto& listed = placement.shard_addresses();
+  const int first = static_cast<int>(
+      std::find(listed.begin(), listed.end(), cluster->shard_addresses()[0]) - listed.begin());
+  ASSERT_LT(first, static_cast<int>(listed.size())) << "shard 0 is not in the placement";
+  int shared = -1;
+  std::vector<int> alone;
+  for (const auto& e : placement.experts()) {
+    if (e.shards_size() == 2 && shared < 0) shared = e.expert();
+    if (e.shards_size() == 1 && e.shards(0) == first) alone.push_back(e.expert());
+  }
+  ASSERT_GE(shared, 0) << "hybrid replicated no expert";
+  ASSERT_FALSE(alone.empty()) << "hybrid placed no expert on shard 0 alone";
+  {
+    auto shard = v1::ExpertShard::NewStub(
+        grpc::CreateChannel(cluster->shard_addresses()[0], grpc::InsecureChannelCredentials()));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    v1::UnloadExpertsRequest req;
+    req.add_experts(shared);
+    req.set_placement_version(placement.version() + 100);
+    v1::ShardStatus status;
+    const grpc::Status st = shard->UnloadExperts(&ctx, req, &status);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+  }
+  const std::string refused = "moe_shard_rejected_batches_total{reason=\"not_loaded\"}";
+  const double refused_before = std::max(0.0, ScrapeMetric(metrics + 1, refused));
+  // Requests that route tokens to the missing replica and to shard 0's own experts: 64 tokens
+  // each, so that every expert is routed to.
+  for (int i = 0; i < 10; ++i) {
+    const int64_t n = 64;
+    const std::vector<float> x = common::RandomMatrix(n, Config().d_model, 77000 + i);
+    v1::InferResponse resp;
+    const grpc::Status st = Infer(stub.get(), Request(x, n, "r" + std::to_string(i)), &resp);
+    ASSERT_TRUE(st.ok()) << "request " << i << ": " << st.error_message();
+    EXPECT_TRUE(Matches(x, n, resp, *layer_)) << "request " << i;
+  }
+  EXPECT_GT(std::max(0.0, ScrapeMetric(metrics + 1, refused)), refused_before)
+      << "shard 0 never refused a batch for the missing replica: the case was not made";
+  EXPECT_EQ(std::max(0.0, ScrapeMetric(metrics, "moe_router_failovers_total")), 0)
+      << "shard 0 was taken out of a request";
 }
 
 TEST_F(ClusterTest, StalledShardLeavesRotationAndComesBack) {
