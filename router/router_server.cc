@@ -1636,10 +1636,18 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         return std::none_of(unread.begin(), unread.end(),
                             [&](const auto& u) { return u.first == address; });
       };
+      // The same where every shard that answered holds at least the table's replicas on it.
+      // More is no sign of another router: this router's own switch may not have unloaded yet
+      // what it replaced (it does not while the lease is not renewed: a coordinator started
+      // again), and the control loop unloads extras (UnloadExtras, which keeps one trained past
+      // the placed replicas). Another router that placed since unloaded, or numbered a version
+      // past this router's on the shards it changed.
       bool same = same_shards && seen.placement.version <= regrant_own_version;
       for (int s = 0; same && s < static_cast<int>(t->shards.size()); ++s) {
+        const std::vector<int> held = seen.placement.ExpertsOn(s);
+        const std::vector<int> placed_here = t->placement.ExpertsOn(s);
         same = !answered(t->shards[s]->address()) ||
-               seen.placement.ExpertsOn(s) == t->placement.ExpertsOn(s);
+               std::includes(held.begin(), held.end(), placed_here.begin(), placed_here.end());
       }
       if (same) return absl::OkStatus();
       based_on = t->placement.version;
