@@ -245,8 +245,14 @@ struct Rig {
   absl::StatusOr<std::vector<float>> Run(const std::vector<float>& x, int64_t n,
                                          absl::Duration timeout = absl::Seconds(10),
                                          DispatchStats* stats = nullptr) {
+    return RunOn(dispatcher, x, n, timeout, stats);
+  }
+  // The same through `d` (a dispatcher of other options).
+  absl::StatusOr<std::vector<float>> RunOn(Dispatcher& d, const std::vector<float>& x, int64_t n,
+                                           absl::Duration timeout = absl::Seconds(10),
+                                           DispatchStats* stats = nullptr) {
     GatingResult g = Route(layer->gate_params(), x.data(), n, GatingOptions{2, true, 0, {}});
-    return dispatcher.Run(table, x.data(), n, g, common::MonotonicNow() + timeout, stats);
+    return d.Run(table, x.data(), n, g, common::MonotonicNow() + timeout, stats);
   }
   common::Checkpoint ck;
   std::unique_ptr<MoeLayer> layer;
@@ -374,9 +380,7 @@ TEST(Dispatcher, NoBatchPassesTheByteLimit) {
   Dispatcher dispatcher(Config(), o);
   const int64_t n = 9;
   const std::vector<float> x = common::RandomMatrix(n, 16, 32);
-  GatingResult g = Route(setup.layer->gate_params(), x.data(), n, GatingOptions{2, true, 0, {}});
-  auto y = dispatcher.Run(setup.table, x.data(), n, g, common::MonotonicNow() + absl::Seconds(10),
-                          nullptr);
+  auto y = setup.RunOn(dispatcher, x, n);
   ASSERT_TRUE(y.ok()) << y.status();
   ExpectLayerOutput(setup, x, n, *y);
   ASSERT_EQ(setup.fakes[0]->requests.size(), 4u);  // 18 assignments
@@ -612,9 +616,7 @@ TEST(Dispatcher, RoundsThatOnlyFindExpertsMissingDoNotUseUpTheRetries) {
   Dispatcher dispatcher(Config(), o);
   const int64_t n = 40;
   const std::vector<float> x = common::RandomMatrix(n, 16, 14);
-  GatingResult g = Route(setup.layer->gate_params(), x.data(), n, GatingOptions{2, true, 0, {}});
-  auto y = dispatcher.Run(setup.table, x.data(), n, g, common::MonotonicNow() + absl::Seconds(10),
-                          nullptr);
+  auto y = setup.RunOn(dispatcher, x, n);
   ASSERT_TRUE(y.ok()) << y.status();
   ExpectLayerOutput(setup, x, n, *y);
   EXPECT_EQ(shard.requests.size(), 3u) << "not three rounds: the case was not made";
