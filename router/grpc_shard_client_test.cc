@@ -1070,6 +1070,88 @@ TEST(RouterMembership, ACoordinatorStartedAgainDoesNotMoveTheExpertsOfShardsStil
   router->Shutdown(absl::Milliseconds(100));
 }
 
+// A router granted its lease again under a new epoch (here: its coordinator started again)
+// catches up with what another router did without the lease meanwhile, even where that router
+// numbered its placement as this one had (a switch that changes nothing on a shard does not
+// tell the shard its version): it put a replica of an expert on shard a, beside this router's
+// on shard b, and trained it there alone. Until 2026-12-07 the catch-up took shards holding at
+// least its table's replicas for caught up with: the router served the expert from b with the
+// weights of before (cli_router_regrant failed so once in a clean-clone make test). Now the
+// trained weights are copied to the table's replica, and the router answers with them.
+TEST(RouterMembership, AGrantAgainCatchesUpWithAReplicaTrainedOutsideItsTable) {
+  CoordinatedShards c;
+  ASSERT_NO_FATAL_FAILURE(StartCoordinatedShards("regrant_trained_outside", absl::Seconds(2), &c));
+  const std::string b_address = c.b->address();
+  ASSERT_NO_FATAL_FAILURE(c.StartRouter());
+  ASSERT_TRUE(Eventually([&] { return ShardEntry(c.stub.get(), b_address).experts_size() == 2; }));
+  v1::Placement placed;
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(c.stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &placed).ok());
+  }
+  const int expert = ShardEntry(c.stub.get(), b_address).experts(0);  // sharded: on b alone
+  ASSERT_EQ(c.a->store().Find(expert), nullptr);
+  auto lease = [&] {
+    grpc::ClientContext ctx;
+    v1::ClusterInfo info;
+    return c.stub->GetClusterInfo(&ctx, v1::GetClusterInfoRequest(), &info).ok()
+               ? info.placement_lease()
+               : std::string();
+  };
+
+  // The coordinator goes; once the router's lease has passed unrenewed it changes nothing.
+  c.b_member->SetJoining(false);
+  c.coord->Shutdown(absl::Milliseconds(100));
+  c.coord.reset();
+  ASSERT_TRUE(Eventually([&] { return absl::StartsWith(lease(), "held, not renewed"); }))
+      << lease();
+  // Meanwhile, as another router would under the same placement version: the expert loaded
+  // on shard a, and trained there.
+  auto loaded = std::make_shared<std::promise<absl::Status>>();
+  std::future<absl::Status> load = loaded->get_future();
+  ASSERT_TRUE(c.a->store()
+                  .Load({expert}, placed.version(), "",
+                        [loaded](absl::Status st) { loaded->set_value(std::move(st)); })
+                  .ok());
+  ASSERT_EQ(load.wait_for(std::chrono::seconds(30)), std::future_status::ready);
+  const absl::Status load_status = load.get();
+  ASSERT_TRUE(load_status.ok()) << load_status;
+  auto ck = common::LoadCheckpoint(c.router.checkpoint, {});
+  ASSERT_TRUE(ck.ok()) << ck.status();
+  for (float& w : ck->experts[expert].w2) w *= 1.5f;
+  auto ffn = expert::ExpertFfn::Create(kConfig, ck->experts[expert]);
+  ASSERT_TRUE(ffn.ok()) << ffn.status();
+  const uint64_t step = static_cast<uint64_t>(absl::ToUnixMillis(absl::Now())) << 16;
+  ASSERT_TRUE(c.a->store().ReplaceExpert(expert, *std::move(ffn), step).ok());
+  EXPECT_EQ(c.b->store().Find(expert)->trained_step, 0u);
+
+  // The coordinator back: a new epoch for the router.
+  auto again = coordinator::CoordinatorServer::Start(c.co);
+  ASSERT_TRUE(again.ok()) << again.status();
+  c.coord = *std::move(again);
+  c.b_member->SetJoining(true);
+  // Every replica the router lists for the expert holds its trained weights.
+  auto served_trained = [&] {
+    grpc::ClientContext ctx;
+    v1::Placement p;
+    if (!c.stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &p).ok() ||
+        p.experts_size() <= expert || p.experts(expert).shards_size() == 0) {
+      return false;
+    }
+    for (int s : p.experts(expert).shards()) {
+      expert::ShardServer* shard = p.shard_addresses(s) == b_address ? c.b.get() : c.a.get();
+      std::shared_ptr<expert::ExpertHandle> h = shard->store().Find(expert);
+      if (h == nullptr || h->trained_step != step) return false;
+    }
+    return true;
+  };
+  EXPECT_TRUE(Eventually(served_trained))
+      << "the router serves expert " << expert << " from a replica without its training";
+  EXPECT_TRUE(Eventually([&] { return absl::StartsWith(lease(), "held ("); })) << lease();
+  ExpectInfersAsTheLayer(c.stub.get(), *ck, 40, 4);
+  c.server->Shutdown(absl::Milliseconds(100));
+}
+
 // A shard that drains while another joins: the router has moved the drained shard out of the
 // placement (MoveOffDraining), and the placement over the new members runs the formula over the
 // members that do not drain (sharded: without that, some experts fell on the drained shard

@@ -1503,9 +1503,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // After the lease was granted again under a new epoch (RegrantPending), as at a takeover:
   // the kept gate is read again (another router's training is served from then on), and what
   // the members hold is read (ObserveShards, which also numbers this router's steps past the
-  // shards'). Where they are the table's shards and each that answers holds the table's part,
-  // under no later placement version than the latest this router had numbered, no other router
-  // placed meanwhile, and nothing more is done (a coordinator restart gives a new epoch too).
+  // shards'). Where they are the table's shards, each that answers holds at least the table's
+  // part, no replica outside it is trained past the table's, and none numbers a later
+  // placement version than the latest this router had numbered, no other router placed in a
+  // way that matters, and nothing more is done (a coordinator restart gives a new epoch too).
   // Otherwise the router's placement (the strategy's for the members, where they changed) is
   // applied starting from what the shards hold, under a version past theirs: what another router
   // moved is copied back from the replicas it left (trained ones included), and what it added
@@ -1518,7 +1519,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (regrant_seen != regrants) {
       regrant_seen = regrants;
       // The latest version this router had numbered (a switch that failed raised the shards it
-      // reached to it): another router numbers past it.
+      // reached to it): another router numbers past it where this router's switch to it told
+      // the shards (one that changed nothing there did not: CatchUpWithShards).
       regrant_own_version = version.load();
       regrant_gate_read = false;
       regrant_shards_done = false;
@@ -1629,8 +1631,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       bool trained = false;
       std::vector<std::pair<std::string, std::string>> unread;
       std::set<std::string> draining;
+      std::vector<std::vector<uint64_t>> steps;
       ASSIGN_OR_RETURN(const RoutingTable seen,
-                       ObserveShards(shards, &trained, &unread, &draining));
+                       ObserveShards(shards, &trained, &unread, &draining, &steps));
       if (trained) seen_trained.store(true);
       auto answered = [&](const std::string& address) {
         return std::none_of(unread.begin(), unread.end(),
@@ -1640,9 +1643,23 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       // More is no sign of another router: this router's own switch may not have unloaded yet
       // what it replaced (it does not while the lease is not renewed: a coordinator started
       // again), and the control loop unloads extras (UnloadExtras, which keeps one trained past
-      // the placed replicas). Another router that placed since unloaded, or numbered a version
-      // past this router's on the shards it changed.
+      // the placed replicas). But not where a replica outside the table carries a later step
+      // than the table's replicas of its expert: another router trained it there (before its
+      // own switch unloaded the replicas this table lists), and the table would serve the
+      // weights of before. A later version on a shard is not the only sign of another router:
+      // one may number its placement as this one did (a switch that changes nothing on a shard
+      // does not tell it its version).
       bool same = same_shards && seen.placement.version <= regrant_own_version;
+      for (int e = 0; same && e < config.num_experts; ++e) {
+        uint64_t placed_step = 0, latest_step = 0;
+        for (size_t k = 0; k < seen.placement.replicas[e].size(); ++k) {
+          latest_step = std::max(latest_step, steps[e][k]);
+          if (t->placement.Holds(seen.placement.replicas[e][k], e)) {
+            placed_step = std::max(placed_step, steps[e][k]);
+          }
+        }
+        same = latest_step <= placed_step;
+      }
       for (int s = 0; same && s < static_cast<int>(t->shards.size()); ++s) {
         const std::vector<int> held = seen.placement.ExpertsOn(s);
         const std::vector<int> placed_here = t->placement.ExpertsOn(s);
@@ -1810,10 +1827,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // trained replica of an expert (UNAVAILABLE, tried again). Otherwise one that does not answer
   // at all is listed in `*unread_out` (address, why), and one that answers counts as holding
   // nothing. `*draining_out`: the shards read draining.
+  // `steps_out`, where given: each replica's training step, in the shape of the table's
+  // `placement.replicas`.
   absl::StatusOr<RoutingTable> ObserveShards(
       const std::vector<std::shared_ptr<ShardClient>>& shards, bool* trained,
       std::vector<std::pair<std::string, std::string>>* unread_out,
-      std::set<std::string>* draining_out) {
+      std::set<std::string>* draining_out,
+      std::vector<std::vector<uint64_t>>* steps_out = nullptr) {
     const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
     // Kept across passes: a shard seen loading and unreadable since is still waited for, and
     // training seen once (on an expert since unloaded or unreadable) is not forgotten.
@@ -1825,6 +1845,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       seen.placement.strategy = strategy.load();
       seen.placement.num_shards = static_cast<int>(shards.size());
       seen.placement.replicas.assign(config.num_experts, {});
+      std::vector<std::vector<uint64_t>> steps(config.num_experts);
       std::vector<std::pair<std::string, std::string>> unread;  // address, why
       std::set<std::string> draining;
       std::string loading;
@@ -1861,6 +1882,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           }
           latest_step = std::max<uint64_t>(latest_step, e.trained_step());
           seen.placement.replicas[e.expert()].push_back(s);  // s ascending: sorted
+          steps[e.expert()].push_back(e.trained_step());
         }
         // ReloadStale reads the shards in rotation: see those holding experts as they are now.
         if (!shards[s]->healthy()) shards[s]->CheckHealthNow();
@@ -1897,6 +1919,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
       version = std::max(version.load(), seen.placement.version);
       *draining_out = std::move(draining);
+      if (steps_out != nullptr) *steps_out = std::move(steps);
       return seen;
     }
   }
