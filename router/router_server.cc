@@ -224,6 +224,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     std::lock_guard<std::mutex> lock(lease_mu);
     return !lease_lost.load() && (lease_unsupported || HeldNowLocked());
   }
+  // Whether a placement lease keeps other routers from placing the shards meanwhile (a
+  // coordinator that grants one).
+  bool LeaseFences() {
+    if (coordinator == nullptr) return false;
+    std::lock_guard<std::mutex> lock(lease_mu);
+    return !lease_unsupported;
+  }
 
   // ClusterInfo.placement_lease.
   std::string LeaseState() {
@@ -640,8 +647,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::set<std::string> drained_off;
   // The last "not applied" line Apply wrote (placement_mu): the same failure is said once.
   std::string last_not_applied;
-  // UnloadExtras' last failure on each shard (said once; placement_mu).
+  // UnloadExtras' last failure on each shard (said once; placement_mu), and ReloadMissing's on
+  // each shard from each source (train_mu).
   std::map<std::string, std::string> extras_failed;
+  std::map<std::string, std::string> reload_failed;
   // Experts that lost their training while this router ran, or before it started as its kept
   // gate tells (SaveCheckpoint names them).
   std::mutex lost_mu;
@@ -651,8 +660,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // Serialises placement changes; timed, so that a Rebalance waits for another switch only as
   // long as its deadline allows.
   common::TimedMutex placement_mu;
-  // The latest placement version a switch took (written under placement_mu). A switch that failed
-  // took one too, and the shards it reached have it: calls to them send at least this.
+  // The latest placement version a switch took (written under placement_mu, or train_mu: the
+  // first placement's read of the shards, ReloadMissing). A switch that failed took one too,
+  // and the shards it reached have it: calls to them send at least this.
   std::atomic<uint64_t> version{0};
   // When the last switch was applied (SwitchLocked, on any thread), or the control loop's own
   // dynamic rebalance was refused or failed: the control loop's next one waits the cooldown
@@ -1653,6 +1663,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       for (int e = 0; same && e < config.num_experts; ++e) {
         uint64_t placed_step = 0, latest_step = 0;
         for (size_t k = 0; k < seen.placement.replicas[e].size(); ++k) {
+          // Not the update of a step the others aborted (PlanStaleReplicas gives it back).
+          if (trainer != nullptr && trainer->AbortedUpdate(steps[e][k])) continue;
           latest_step = std::max(latest_step, steps[e][k]);
           if (t->placement.Holds(seen.placement.replicas[e][k], e)) {
             placed_step = std::max(placed_step, steps[e][k]);
@@ -2326,8 +2338,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // may still hold it is unread or loading it, it waits (the next tick).
   void ReloadMissing(const RoutingTable& t, const std::vector<std::vector<int>>& missing,
                      const std::vector<Holding>& held, bool trained) {
-    // Each shard's loads take a while: the lease is checked before each (asked again next tick).
-    for (int s = 0; s < static_cast<int>(t.shards.size()) && MayPlace(); ++s) {
+    // Each shard's loads take a while: the lease is checked before each (asked again next tick),
+    // and that no grant since wants a catch-up first.
+    for (int s = 0; s < static_cast<int>(t.shards.size()) && MayPlace() && !RegrantPending(); ++s) {
       std::map<std::string, std::vector<int>> by_source;
       for (int e : missing[s]) {
         if (!trained) {
@@ -2357,9 +2370,33 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         }
       }
       for (const auto& [source, experts] : by_source) {
-        t.shards[s]->LoadExperts(experts, std::max(t.placement.version, version.load()), source,
-                                 absl::Minutes(5))
-            .IgnoreError();
+        const uint64_t under = std::max(t.placement.version, version.load());
+        const absl::Status st =
+            t.shards[s]->LoadExperts(experts, under, source, absl::Minutes(5)).status();
+        if (st.code() == absl::StatusCode::kFailedPrecondition && LeaseFences()) {
+          // The shard has seen a later placement version (another router placed it while this
+          // one went without the lease, or a user's call): as in SwitchLocked, this router's
+          // version is raised to the shard's, and the shard's loads from now on are sent under
+          // it (a shard refuses only an older one). Left at the table's, the load was refused
+          // at every tick, and each request paid a round on the missing replica. Only under
+          // the lease, and not where the shard was placed under a later epoch (this router is
+          // the one fenced off: the lease loop stops it): without one, two routers placing the
+          // same shards would load and unload each other's replicas at every tick.
+          absl::StatusOr<v1::ShardStatus> now = t.shards[s]->GetStatus(absl::Seconds(2));
+          if (now.ok() && now->lease_epoch() <= lease_epochs->held.load()) {
+            version = std::max<uint64_t>(version.load(), now->placement_version());
+          }
+        }
+        const std::string line = absl::StrCat(
+            "shard ", t.shards[s]->address(), " lacked experts ", absl::StrJoin(experts, ","),
+            " of placement version ", t.placement.version, ": ",
+            st.ok()
+                ? absl::StrCat("loaded again", source.empty() ? "" : absl::StrCat(" from ", source))
+                : absl::StrCat("loading them again failed (", st.message(),
+                               "); tried again at the next tick"));
+        std::string& said = reload_failed[absl::StrCat(t.shards[s]->address(), " ", source)];
+        if (st.ok() || line != said) std::fprintf(stderr, "moe-router: %s\n", line.c_str());
+        said = st.ok() ? "" : line;  // a failure is said once
       }
     }
   }

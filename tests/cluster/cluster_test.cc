@@ -868,12 +868,17 @@ TEST_F(ClusterTest, KilledShardWithoutReplicasFailsFastNamingTheExpert) {
   EXPECT_EQ(ScrapeMetric(metrics, "moe_router_failovers_total"), 0);
 }
 
+std::map<int, uint64_t> TrainedSteps(const std::string& address);
+
 // A shard that no longer holds one of the replicas this router's placement puts on it (unloaded
 // behind the router's back under a later placement version, as another router placing the shards
-// meanwhile would, so that this router cannot load it back): every request is still answered, and
-// right. The shard refuses a batch naming the experts it lacks, whose rows then go to their other
-// replicas, and its other experts, those it alone holds among them, go back to it. (Before
-// 2026-12-07 the shard was taken out of each request, and the experts it alone held failed.)
+// meanwhile would, so that the router's load at its next tick is refused): every request is
+// still answered, and right. The shard refuses a batch naming the experts it lacks, whose rows
+// then go to their other replicas, and its other experts, those it alone holds among them, go
+// back to it. (Before 2026-12-07 the shard was taken out of each request, and the experts it
+// alone held failed.) The router then raises its placement version to the shard's and loads the
+// replica back (before 2026-12-07 its load was refused at every tick, and each request paid a
+// round).
 TEST_F(ClusterTest, AShardMissingAReplicaStillServesItsOtherExperts) {
   const int metrics = testing::FreePortBlock(3);
   auto cluster = Start("hybrid", 2, {}, {}, metrics);
@@ -925,6 +930,19 @@ TEST_F(ClusterTest, AShardMissingAReplicaStillServesItsOtherExperts) {
       << "shard 0 never refused a batch for the missing replica: the case was not made";
   EXPECT_EQ(ScrapeMetric(metrics, "moe_router_failovers_total"), 0)
       << "shard 0 was taken out of a request";
+  EXPECT_TRUE(testing::Eventually([&] {
+    return TrainedSteps(cluster->shard_addresses()[0]).count(shared) == 1;
+  })) << "the router did not load expert "
+      << shared << " back onto shard 0";
+  const double refused_after = ScrapeMetric(metrics + 1, refused);
+  for (int i = 0; i < 3; ++i) {
+    const std::vector<float> x = common::RandomMatrix(64, Config().d_model, 78000 + i);
+    v1::InferResponse resp;
+    ASSERT_TRUE(Infer(stub.get(), Request(x, 64, "after"), &resp).ok());
+    EXPECT_TRUE(Matches(x, 64, resp, *layer_));
+  }
+  EXPECT_EQ(ScrapeMetric(metrics + 1, refused), refused_after)
+      << "shard 0 still refuses batches once the replica is back";
 }
 
 TEST_F(ClusterTest, StalledShardLeavesRotationAndComesBack) {
