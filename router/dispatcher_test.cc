@@ -1540,5 +1540,31 @@ TEST(PlanStaleReplicas, CopiesOlderReplicasReportsLostTrainingOnceAndSkipsAborte
   EXPECT_TRUE(plan.lost.empty());
 }
 
+// A replica outside the placement trained past the placement's replicas of its expert (another
+// router trained it there) is their source; one that is older, untrained, or carries an aborted
+// update is not; and it is never a target.
+TEST(PlanStaleReplicas, TakesAReplicaOutsideThePlacementTrainedPastItsReplicas) {
+  Placement p;
+  p.replicas = {{0}, {0, 1}, {1}, {1}};
+  const uint64_t aborted = 70;
+  std::vector<std::map<int, uint64_t>> at(3);
+  at[0] = {{0, 5}, {1, 5}};
+  at[1] = {{1, 5}, {2, 5}, {3, 0}};
+  at[2] = {{0, 9}, {1, 3}, {2, aborted}, {3, 0}};  // shard 2 is in no expert's placement
+  std::map<int, uint64_t> reached;
+  StalePlan plan = PlanStaleReplicas(
+      p, at, [&](uint64_t step) { return step == aborted; }, &reached);
+  // Expert 0: shard 2's replica, at 9, is its latest; expert 1: shard 2's is older; expert 2:
+  // shard 2's carries an aborted update; expert 3: shard 2's is untrained.
+  EXPECT_EQ(plan.copy[0], (std::map<int, std::vector<int>>{{2, {0}}}));
+  EXPECT_TRUE(plan.copy[1].empty());
+  EXPECT_TRUE(plan.copy[2].empty());
+  for (const auto& back : plan.give_back) EXPECT_TRUE(back.empty());
+  EXPECT_TRUE(plan.lost.empty());
+  EXPECT_EQ(reached[0], 9u);
+  EXPECT_EQ(reached[1], 5u);
+  EXPECT_EQ(reached[2], 5u);
+}
+
 }  // namespace
 }  // namespace moe::router

@@ -1155,6 +1155,111 @@ TEST(RouterMembership, AGrantAgainCatchesUpWithAReplicaTrainedOutsideItsTable) {
   c.server->Shutdown(absl::Milliseconds(100));
 }
 
+// A replica outside the table trained past the table's replicas of its expert (another router
+// trained it there) holds the expert's latest weights: the control loop copies them to the
+// table's replicas, and then unloads it (UnloadExtras kept it until then); a table replica that
+// a shard lacks is loaded back from it. Before, the table's replicas kept serving what they held
+// (or the checkpoint's weights, loaded back), and the trained replica was kept aside for good.
+TEST(RouterMembership, AReplicaTrainedOutsideTheTableIsWhereItsReplicasGetTheirWeights) {
+  CoordinatedShards c;
+  ASSERT_NO_FATAL_FAILURE(StartCoordinatedShards("trained_outside_table", absl::Seconds(2), &c));
+  const std::string a_address = c.a->address();
+  const std::string b_address = c.b->address();
+  ASSERT_NO_FATAL_FAILURE(c.StartRouter());
+  ASSERT_TRUE(Eventually([&] { return ShardEntry(c.stub.get(), b_address).experts_size() == 2; }));
+  const int expert = ShardEntry(c.stub.get(), b_address).experts(0);  // sharded: on b alone
+  // A placement over shard a alone may have come first (b registered later).
+  ASSERT_TRUE(Eventually([&] { return c.a->store().Find(expert) == nullptr; }))
+      << "shard a still holds expert " << expert;
+  auto ck = common::LoadCheckpoint(c.router.checkpoint, {});
+  ASSERT_TRUE(ck.ok()) << ck.status();
+  auto ready_at = [&](expert::ShardServer* shard, uint64_t step) {
+    for (const expert::ExpertInfo& info : shard->store().Snapshot()) {
+      if (info.expert == expert) {
+        return info.state == expert::ExpertState::kReady && info.trained_step == step;
+      }
+    }
+    return false;
+  };
+  // Shard a is given the expert (from the checkpoint) and trains it at once: its w2 scaled by
+  // `scale`, at a new step, returned. False where a tick of the router read a's replica in the
+  // moment it was untrained, and so unloaded it as an extra no later than the table's (a's
+  // replica is checked still there after the next tick's unloads would have come): again then.
+  auto train_on_a = [&](float scale, uint64_t* step) {
+    common::ExpertWeights w = ck->experts[expert];
+    for (float& v : w.w2) v *= scale;
+    auto ffn = expert::ExpertFfn::Create(kConfig, w);
+    if (!ffn.ok()) return false;
+    auto loaded = std::make_shared<std::promise<absl::Status>>();
+    std::future<absl::Status> load = loaded->get_future();
+    if (!c.a->store()
+             .Load({expert}, c.a->store().placement_version(), "",
+                   [loaded](absl::Status st) { loaded->set_value(std::move(st)); })
+             .ok() ||
+        load.wait_for(std::chrono::seconds(30)) != std::future_status::ready || !load.get().ok()) {
+      return false;
+    }
+    *step = static_cast<uint64_t>(absl::ToUnixMillis(absl::Now())) << 16;
+    if (!c.a->store().ReplaceExpert(expert, *std::move(ffn), *step).ok()) return false;
+    ck->experts[expert] = std::move(w);
+    return true;
+  };
+  ::testing::internal::CaptureStderr();
+  std::string said;
+  auto said_so_far = [&] {
+    said += ::testing::internal::GetCapturedStderr();
+    ::testing::internal::CaptureStderr();
+    return said;
+  };
+
+  // b's replica is brought to a's training, and a's is unloaded.
+  uint64_t step = 0;
+  bool trained = false;
+  for (int attempt = 0; attempt < 5 && !trained; ++attempt) {
+    trained = train_on_a(1.5f, &step) &&
+              Eventually([&] { return ready_at(c.b.get(), step) || !ready_at(c.a.get(), step); }) &&
+              ready_at(c.b.get(), step);
+  }
+  EXPECT_TRUE(trained) << "shard b's replica of expert " << expert
+                       << " was not given shard a's training";
+  EXPECT_TRUE(Eventually([&] { return c.a->store().Find(expert) == nullptr; }))
+      << "shard a's replica was kept after b's had its training";
+  EXPECT_NE(said_so_far().find(absl::StrCat("expert ", expert, " on ", b_address,
+                                            " holds the checkpoint's weights, its replica on ",
+                                            a_address, " a later training step: copying it again")),
+            std::string::npos)
+      << said;
+
+  // Trained on a again, and b's replica gone at once, before a tick reads both: b lacks it and
+  // loads it back from a's ("loaded again from" a: the stale check alone would load the
+  // checkpoint first, then copy a's).
+  const std::string from_a =
+      absl::StrCat("shard ", b_address, " lacked experts ", expert, " of placement version ");
+  bool loaded_from_a = false;
+  for (int attempt = 0; attempt < 5 && !loaded_from_a; ++attempt) {
+    if (!train_on_a(0.5f, &step)) continue;
+    ASSERT_TRUE(c.b->store()
+                    .Unload({expert}, c.b->store().placement_version(), c.b->store().lease_epoch())
+                    .ok());
+    EXPECT_TRUE(
+        Eventually([&] { return ready_at(c.b.get(), step) || !ready_at(c.a.get(), step); }));
+    const std::string now = said_so_far();
+    const size_t line = now.rfind(from_a);
+    loaded_from_a =
+        ready_at(c.b.get(), step) && line != std::string::npos &&
+        now.find(absl::StrCat("loaded again from ", a_address), line) != std::string::npos;
+  }
+  EXPECT_TRUE(loaded_from_a) << "shard b got expert " << expert
+                             << " back without the training of shard a's replica\n"
+                             << said;
+  EXPECT_TRUE(Eventually([&] { return c.a->store().Find(expert) == nullptr; }))
+      << "shard a's replica was kept after b's had its training";
+  ExpectInfersAsTheLayer(c.stub.get(), *ck, 40, 4);
+  c.server->Shutdown(absl::Milliseconds(100));
+  said += ::testing::internal::GetCapturedStderr();
+  std::fputs(said.c_str(), stderr);  // as it came (a sanitizer's report among it stays seen)
+}
+
 // A shard that drains while another joins: the router has moved the drained shard out of the
 // placement (MoveOffDraining), and the placement over the new members runs the formula over the
 // members that do not drain (sharded: without that, some experts fell on the drained shard

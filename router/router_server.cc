@@ -2184,8 +2184,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         // The shard has seen a later placement version (under a router before this one, and
         // joined after this router's first placement read the shards): the next attempt is
         // numbered past it, rather than counting up to it one refused attempt at a time.
-        absl::StatusOr<v1::ShardStatus> st = next_shards[s]->GetStatus(absl::Seconds(2));
-        if (st.ok()) version = std::max<uint64_t>(version.load(), st->placement_version());
+        RaiseVersionTo(*next_shards[s], /*fenced=*/false);
       }
     }
     for (int s = 0; s < S; ++s) {
@@ -2281,13 +2280,31 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     std::set<int> loading;
   };
 
+  // Prints `line` (what a placement action on a shard came to) unless it is the failure
+  // `said` last: a success is always said, a failure once until it changes or passes.
+  static void SayOnce(std::string& said, const std::string& line, bool ok) {
+    if (ok || line != said) std::fprintf(stderr, "moe-router: %s\n", line.c_str());
+    said = ok ? "" : line;
+  }
+
+  // Raises this router's placement version to the one `shard` has seen (read now), after the
+  // shard refused a change as older (FAILED_PRECONDITION): its next change there is numbered
+  // past it, rather than counting up to it one refused attempt at a time. `fenced`: not where
+  // the shard was placed under a later lease epoch than this router holds.
+  void RaiseVersionTo(ShardClient& shard, bool fenced) {
+    absl::StatusOr<v1::ShardStatus> st = shard.GetStatus(absl::Seconds(2));
+    if (!st.ok() || (fenced && st->lease_epoch() > lease_epochs->held.load())) return;
+    version = std::max<uint64_t>(version.load(), st->placement_version());
+  }
+
   // Unloads what a shard holds beyond its part of placement `t` (`held`: this tick's statuses).
   // A shard that joins or comes back after the first placement with experts of its own (the
   // default `--experts all`, or ones read back from --state-dir) kept them loaded for good:
   // only the first placement unloaded. So do the loads of a switch that failed half-way. Not
   // while a switch runs or after one ran since `held` was read (placement_mu, and the table
   // still `t`): its new replicas would look like extras. Kept: a replica trained past every
-  // placed replica of its expert read READY this tick (it may hold training they lack).
+  // placed replica of its expert read READY this tick (it holds training they lack: ReloadStale
+  // copies it to them, ReloadMissing loads a missing one from it, and it goes once they have it).
   void UnloadExtras(const std::shared_ptr<const RoutingTable>& t,
                     const std::vector<Holding>& held) {
     if (!MayPlace()) return;  // asked again next tick
@@ -2320,16 +2337,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           "shard ", t->shards[s]->address(), " held experts ", absl::StrJoin(extras[s], ","),
           " beyond its part of placement version ", t->placement.version, ": ",
           st.ok() ? "unloaded" : st.message());
-      std::string& said = extras_failed[t->shards[s]->address()];
-      if (st.ok() || line != said) std::fprintf(stderr, "moe-router: %s\n", line.c_str());
-      said = st.ok() ? "" : line;  // a failure is said once
+      SayOnce(extras_failed[t->shards[s]->address()], line, st.ok());
     }
   }
 
   // Loads `missing[s]` on each shard s of `t`, with train_mu held. Untrained weights come from
   // the checkpoint. Trained ones (`trained`) come from the replica that has the expert READY at
   // the latest step (`held`; one without an aborted update first, then one in rotation on a
-  // tie: see ReloadStale). When every other replica answered
+  // tie: see ReloadStale), or from a replica outside the table trained past them (one that
+  // UnloadExtras kept), whether or not this router knows of any training. When every other
+  // replica answered
   // without it, loading or ready (or there is none: a restarted shard held the only one, as
   // under `sharded` or half of `hybrid`), no replica holds that training: the shard loads the
   // expert as it would at start, from its --state-dir when it keeps one, else from the
@@ -2338,23 +2355,40 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // may still hold it is unread or loading it, it waits (the next tick).
   void ReloadMissing(const RoutingTable& t, const std::vector<std::vector<int>>& missing,
                      const std::vector<Holding>& held, bool trained) {
+    // A replica read at a training step is training, whether or not this router knows of any
+    // (no trainer without a coordinator: ReloadStale did not read the shards).
+    for (const Holding& h : held) {
+      for (const auto& [e, step] : h.ready) trained = trained || step > 0;
+    }
     // Each shard's loads take a while: the lease is checked before each (asked again next tick),
     // and that no grant since wants a catch-up first.
     for (int s = 0; s < static_cast<int>(t.shards.size()) && MayPlace() && !RegrantPending(); ++s) {
       std::map<std::string, std::vector<int>> by_source;
       for (int e : missing[s]) {
-        if (!trained) {
-          by_source[""].push_back(e);
-          continue;
-        }
-        int source = -1;
-        bool may_hold = false;  // a replica that might hold the training but cannot be a source
         // Preferred: no aborted update (see ReloadStale), the latest step, in rotation.
         auto rank = [&](int r) {
           const uint64_t step = held[r].ready.at(e);
           return std::tuple(trainer == nullptr || !trainer->AbortedUpdate(step), step,
                             t.shards[r]->healthy());
         };
+        // A replica outside the table with training of its own (UnloadExtras keeps one trained
+        // past the table's replicas: another router trained it there, or a user's call did).
+        // Before, the checkpoint or an older table replica was loaded, and its training lost.
+        int extra = -1;
+        for (int r = 0; r < static_cast<int>(t.shards.size()); ++r) {
+          const auto it = held[r].ready.find(e);
+          if (r == s || t.placement.Holds(r, e) || it == held[r].ready.end() || it->second == 0 ||
+              (trainer != nullptr && trainer->AbortedUpdate(it->second))) {
+            continue;
+          }
+          if (extra < 0 || rank(r) > rank(extra)) extra = r;
+        }
+        if (!trained && extra < 0) {
+          by_source[""].push_back(e);
+          continue;
+        }
+        int source = -1;
+        bool may_hold = false;  // a replica that might hold the training but cannot be a source
         for (int r : t.placement.replicas[e]) {
           if (r == s) continue;
           if (!held[r].ready.count(e)) {
@@ -2362,6 +2396,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
             continue;
           }
           if (source < 0 || rank(r) > rank(source)) source = r;
+        }
+        if (extra >= 0 && (source < 0 || rank(extra) > rank(source))) {
+          // Later than any table replica read; where none was read and one may hold the
+          // training (unread, or loading it), the next tick, as without the extra.
+          if (may_hold && source < 0) continue;
+          source = extra;
         }
         if (source >= 0) {
           by_source[t.shards[source]->address()].push_back(e);
@@ -2382,10 +2422,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           // the lease, and not where the shard was placed under a later epoch (this router is
           // the one fenced off: the lease loop stops it): without one, two routers placing the
           // same shards would load and unload each other's replicas at every tick.
-          absl::StatusOr<v1::ShardStatus> now = t.shards[s]->GetStatus(absl::Seconds(2));
-          if (now.ok() && now->lease_epoch() <= lease_epochs->held.load()) {
-            version = std::max<uint64_t>(version.load(), now->placement_version());
-          }
+          RaiseVersionTo(*t.shards[s], /*fenced=*/true);
         }
         const std::string line = absl::StrCat(
             "shard ", t.shards[s]->address(), " lacked experts ", absl::StrJoin(experts, ","),
@@ -2394,9 +2431,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                 ? absl::StrCat("loaded again", source.empty() ? "" : absl::StrCat(" from ", source))
                 : absl::StrCat("loading them again failed (", st.message(),
                                "); tried again at the next tick"));
-        std::string& said = reload_failed[absl::StrCat(t.shards[s]->address(), " ", source)];
-        if (st.ok() || line != said) std::fprintf(stderr, "moe-router: %s\n", line.c_str());
-        said = st.ok() ? "" : line;  // a failure is said once
+        SayOnce(reload_failed[absl::StrCat(t.shards[s]->address(), " ", source)], line, st.ok());
       }
     }
   }
@@ -2409,8 +2444,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // Copies again, from a replica at the latest training step, every replica of an expert whose
   // weights are at an older step (ExpertStatus.trained_step): a shard that came back with the
   // checkpoint's weights (restarted with --experts all), or one that confirmed a commit whose
-  // step it no longer had (restarted, or dropped after step_ttl). A replica that carries the
-  // update of a step the others aborted (a shard that applied a lost commit and left the table
+  // step it no longer had (restarted, or dropped after step_ttl); the latest may be a replica
+  // outside the table (another router trained it there: PlanStaleReplicas). A replica that carries
+  // the update of a step the others aborted (a shard that applied a lost commit and left the table
   // before it was settled, then came back) is never a source, and is given back the weights of
   // the latest other replica (PlanStaleReplicas). Runs with train_mu held and
   // every shard confirmed, so no update is on its way to any replica: before each step (which

@@ -293,6 +293,13 @@ StalePlan PlanStaleReplicas(const Placement& p, const std::vector<std::map<int, 
         if (step != nullptr && *step > *held(latest, e)) latest = r;
       }
     }
+    // A replica outside the placement trained past its replicas (kept by the control loop's
+    // UnloadExtras: another router trained it there) holds the expert's latest weights.
+    for (int r = 0; r < static_cast<int>(at.size()); ++r) {
+      const uint64_t* step = held(r, e);
+      if (step == nullptr || *step == 0 || aborted(*step) || p.Holds(r, e)) continue;
+      if (latest < 0 || *step > *held(latest, e)) latest = r;
+    }
     if (latest < 0) continue;
     const uint64_t step = *held(latest, e);
     if (all_seen && step < was) {

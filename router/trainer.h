@@ -182,8 +182,9 @@ std::vector<v1::ReplicaGroup> ReplicaGroups(const RoutingTable& table);
 // a placement change) does, from the training steps that the replicas of placement `p` hold:
 // `at[s]` maps each READY expert of shard s to its ExpertStatus.trained_step (empty for a shard
 // not read). For each expert, the latest replica is the one at the latest step that is not an
-// aborted update (`aborted`, Trainer::AbortedUpdate); every other replica that was read and
-// holds something else is brought to it.
+// aborted update (`aborted`, Trainer::AbortedUpdate), among `p`'s replicas and any trained one
+// outside `p` (another router's training); every replica of `p` that was read and holds
+// something else is brought to it.
 struct StalePlan {
   // Target shard -> source shard -> experts whose target replica is of an older step than the
   // source's: copied again (LoadExperts from the source).
