@@ -1929,7 +1929,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                        "held nothing\n", address.c_str(), why.c_str());
         }
       }
-      version = std::max(version.load(), seen.placement.version);
+      RaiseVersion(seen.placement.version);
       *draining_out = std::move(draining);
       if (steps_out != nullptr) *steps_out = std::move(steps);
       return seen;
@@ -2294,7 +2294,15 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   void RaiseVersionTo(ShardClient& shard, bool fenced) {
     absl::StatusOr<v1::ShardStatus> st = shard.GetStatus(absl::Seconds(2));
     if (!st.ok() || (fenced && st->lease_epoch() > lease_epochs->held.load())) return;
-    version = std::max<uint64_t>(version.load(), st->placement_version());
+    RaiseVersion(st->placement_version());
+  }
+
+  // Raises `version` to at least `to`, in one atomic step: a load and a store could undo a
+  // switch's increment made between them.
+  void RaiseVersion(uint64_t to) {
+    uint64_t was = version.load();
+    while (was < to && !version.compare_exchange_weak(was, to)) {
+    }
   }
 
   // Unloads what a shard holds beyond its part of placement `t` (`held`: this tick's statuses).

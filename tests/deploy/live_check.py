@@ -12,10 +12,8 @@ import glob
 import json
 import math
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,23 +30,6 @@ bin_dir = os.path.join(build, "bin")
 shutil.rmtree(work, ignore_errors=True)
 os.makedirs(work)
 COMPOSE_METRICS_BASE = 9400  # prometheus-compose.yml's layout: router 9400, shards 9401-9404, coordinator 9405
-
-
-def free(port):
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def pick_ports(count):
-    for _ in range(200):
-        base = random.randrange(20000, 40000)
-        if all(free(base + i) for i in range(count)):
-            return base
-    sys.exit("live_check: no free port range found")
 
 
 def get(url, timeout=5):
@@ -76,8 +57,12 @@ def run(args, **kw):
     return subprocess.run(args, capture_output=True, text=True, **kw)
 
 
-base = pick_ports(6)
-prom_port = pick_ports(1)
+# Seven ports in one run, below Linux's ephemeral range (local_cluster.free_port_run): the
+# cluster's six metrics ports and Prometheus's. Picked apart, in 20000-40000, the second could
+# fall in the first's run, and either where outgoing connections of tests run beside this one
+# take their local ports (32768 and up).
+base = local_cluster.free_port_run(7)
+prom_port = base + 6
 procs = []
 failures = []
 try:
