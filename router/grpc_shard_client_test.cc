@@ -1182,9 +1182,9 @@ TEST(RouterMembership, AReplicaTrainedOutsideTheTableIsWhereItsReplicasGetTheirW
     return false;
   };
   // Shard a is given the expert (from the checkpoint) and trains it at once: its w2 scaled by
-  // `scale`, at a new step, returned. False where a tick of the router read a's replica in the
-  // moment it was untrained, and so unloaded it as an extra no later than the table's (a's
-  // replica is checked still there after the next tick's unloads would have come): again then.
+  // `scale`, at a new step (`*step`). False where the load or the training failed. A tick of the
+  // router that read a's replica in the moment it was untrained unloads it as an extra no later
+  // than the table's: the callers see a's replica gone before b got its step, and try again.
   auto train_on_a = [&](float scale, uint64_t* step) {
     common::ExpertWeights w = ck->experts[expert];
     for (float& v : w.w2) v *= scale;
