@@ -1070,6 +1070,27 @@ TEST(RouterMembership, ACoordinatorStartedAgainDoesNotMoveTheExpertsOfShardsStil
   router->Shutdown(absl::Milliseconds(100));
 }
 
+// Loads `expert` on `shard` at placement `version` (from the checkpoint) and trains it there
+// alone, as another router or a user's call would: its weights become `weights` at a new step,
+// which is returned. The expert is built before the load, so that its training follows the load
+// at once.
+absl::StatusOr<uint64_t> TrainOnShard(expert::ShardServer& shard, int expert, uint64_t version,
+                                      const common::ExpertWeights& weights) {
+  auto ffn = expert::ExpertFfn::Create(kConfig, weights);
+  if (!ffn.ok()) return ffn.status();
+  auto loaded = std::make_shared<std::promise<absl::Status>>();
+  std::future<absl::Status> load = loaded->get_future();
+  RETURN_IF_ERROR(shard.store().Load(
+      {expert}, version, "", [loaded](absl::Status st) { loaded->set_value(std::move(st)); }));
+  if (load.wait_for(std::chrono::seconds(30)) != std::future_status::ready) {
+    return absl::DeadlineExceededError("the load took more than 30 s");
+  }
+  RETURN_IF_ERROR(load.get());
+  const uint64_t step = static_cast<uint64_t>(absl::ToUnixMillis(absl::Now())) << 16;
+  RETURN_IF_ERROR(shard.store().ReplaceExpert(expert, *std::move(ffn), step));
+  return step;
+}
+
 // A router granted its lease again under a new epoch (here: its coordinator started again)
 // catches up with what another router did without the lease meanwhile, even where that router
 // numbered its placement as this one had (a switch that changes nothing on a shard does not
@@ -1110,22 +1131,13 @@ TEST(RouterMembership, AGrantAgainCatchesUpWithAReplicaTrainedOutsideItsTable) {
       << lease();
   // Meanwhile, as another router would under the same placement version: the expert loaded
   // on shard a, and trained there.
-  auto loaded = std::make_shared<std::promise<absl::Status>>();
-  std::future<absl::Status> load = loaded->get_future();
-  ASSERT_TRUE(c.a->store()
-                  .Load({expert}, placed.version(), "",
-                        [loaded](absl::Status st) { loaded->set_value(std::move(st)); })
-                  .ok());
-  ASSERT_EQ(load.wait_for(std::chrono::seconds(30)), std::future_status::ready);
-  const absl::Status load_status = load.get();
-  ASSERT_TRUE(load_status.ok()) << load_status;
   auto ck = common::LoadCheckpoint(c.router.checkpoint, {});
   ASSERT_TRUE(ck.ok()) << ck.status();
   for (float& w : ck->experts[expert].w2) w *= 1.5f;
-  auto ffn = expert::ExpertFfn::Create(kConfig, ck->experts[expert]);
-  ASSERT_TRUE(ffn.ok()) << ffn.status();
-  const uint64_t step = static_cast<uint64_t>(absl::ToUnixMillis(absl::Now())) << 16;
-  ASSERT_TRUE(c.a->store().ReplaceExpert(expert, *std::move(ffn), step).ok());
+  absl::StatusOr<uint64_t> trained =
+      TrainOnShard(*c.a, expert, placed.version(), ck->experts[expert]);
+  ASSERT_TRUE(trained.ok()) << trained.status();
+  const uint64_t step = *trained;
   EXPECT_EQ(c.b->store().Find(expert)->trained_step, 0u);
 
   // The coordinator back: a new epoch for the router.
@@ -1188,19 +1200,10 @@ TEST(RouterMembership, AReplicaTrainedOutsideTheTableIsWhereItsReplicasGetTheirW
   auto train_on_a = [&](float scale, uint64_t* step) {
     common::ExpertWeights w = ck->experts[expert];
     for (float& v : w.w2) v *= scale;
-    auto ffn = expert::ExpertFfn::Create(kConfig, w);
-    if (!ffn.ok()) return false;
-    auto loaded = std::make_shared<std::promise<absl::Status>>();
-    std::future<absl::Status> load = loaded->get_future();
-    if (!c.a->store()
-             .Load({expert}, c.a->store().placement_version(), "",
-                   [loaded](absl::Status st) { loaded->set_value(std::move(st)); })
-             .ok() ||
-        load.wait_for(std::chrono::seconds(30)) != std::future_status::ready || !load.get().ok()) {
-      return false;
-    }
-    *step = static_cast<uint64_t>(absl::ToUnixMillis(absl::Now())) << 16;
-    if (!c.a->store().ReplaceExpert(expert, *std::move(ffn), *step).ok()) return false;
+    absl::StatusOr<uint64_t> trained =
+        TrainOnShard(*c.a, expert, c.a->store().placement_version(), w);
+    if (!trained.ok()) return false;
+    *step = *trained;
     ck->experts[expert] = std::move(w);
     return true;
   };

@@ -2385,8 +2385,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         int extra = -1;
         for (int r = 0; r < static_cast<int>(t.shards.size()); ++r) {
           const auto it = held[r].ready.find(e);
-          if (r == s || t.placement.Holds(r, e) || it == held[r].ready.end() || it->second == 0 ||
-              (trainer != nullptr && trainer->AbortedUpdate(it->second))) {
+          if (r == s || it == held[r].ready.end() ||
+              !TrainedOutside(t.placement, r, e, it->second,
+                              trainer != nullptr && trainer->AbortedUpdate(it->second))) {
             continue;
           }
           if (extra < 0 || rank(r) > rank(extra)) extra = r;

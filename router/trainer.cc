@@ -263,6 +263,10 @@ bool Trainer::AbortedUpdate(uint64_t step) const {
   return step != 0 && aborted_updates_.count(step) > 0;
 }
 
+bool TrainedOutside(const Placement& p, int r, int e, uint64_t step, bool aborted) {
+  return step != 0 && !aborted && !p.Holds(r, e);
+}
+
 StalePlan PlanStaleReplicas(const Placement& p, const std::vector<std::map<int, uint64_t>>& at,
                             const std::function<bool(uint64_t)>& aborted,
                             std::map<int, uint64_t>* reached) {
@@ -297,7 +301,7 @@ StalePlan PlanStaleReplicas(const Placement& p, const std::vector<std::map<int, 
     // UnloadExtras: another router trained it there) holds the expert's latest weights.
     for (int r = 0; r < static_cast<int>(at.size()); ++r) {
       const uint64_t* step = held(r, e);
-      if (step == nullptr || *step == 0 || aborted(*step) || p.Holds(r, e)) continue;
+      if (step == nullptr || !TrainedOutside(p, r, e, *step, aborted(*step))) continue;
       if (latest < 0 || *step > *held(latest, e)) latest = r;
     }
     if (latest < 0) continue;

@@ -197,6 +197,11 @@ struct StalePlan {
   // replica that held it restarted without it), with the step their latest replica holds.
   std::vector<std::pair<int, uint64_t>> lost;
 };
+// Whether shard `r`'s replica of expert `e`, held at `step`, is one outside placement `p` with
+// training of its own: past step 0 and not an aborted update (`aborted`). Where it is later than
+// the placement's replicas of `e`, they get their weights from it (PlanStaleReplicas, and the
+// router's ReloadMissing for a missing one).
+bool TrainedOutside(const Placement& p, int r, int e, uint64_t step, bool aborted);
 // `reached` (expert -> the latest step known to have reached it) is raised to what the latest
 // replicas hold, or lowered to it for a lost expert, which is so reported once. An expert keeps
 // an aborted update when every replica read carries it (a single replica: see SettleAbort), and
