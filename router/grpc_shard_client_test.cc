@@ -1642,6 +1642,74 @@ TEST(RouterReconcile, AShardBackWithEveryExpertKeepsOnlyItsPart) {
   cluster.router->Shutdown(absl::Milliseconds(100));
 }
 
+// Without a coordinator (no trainer), shards can still hold training: started again from their
+// --state-dir after a cluster trained them, under another placement or with `--experts all`
+// loading the checkpoint's weights beside. A replica behind a trained one of its expert is
+// copied up to it, whether that one is in the placement (here under `replicated`) or outside it
+// (under `sharded`, then unloaded once copied). Until 2026-12-07 the stale check ran only with
+// a coordinator: replicas served different weights, and one outside the placement was kept
+// aside unused.
+TEST(RouterReconcile, WithoutACoordinatorReplicasBehindATrainedOneAreCopiedUpToIt) {
+  for (const Strategy strategy : {Strategy::kReplicated, Strategy::kSharded}) {
+    SCOPED_TRACE(strategy == Strategy::kReplicated ? "replicated" : "sharded");
+    const std::string path = ::moe::testing::TempPath("stale_without_coordinator.safetensors");
+    ASSERT_TRUE(
+        common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 7})).ok());
+    RouterWithShards cluster = StartRouterWithShards(
+        path, strategy, {Starting(std::nullopt), Starting(std::nullopt)},
+        [](RouterServerOptions& o) { o.reconcile_interval = absl::Milliseconds(100); });
+    ASSERT_NE(cluster.router, nullptr);
+    expert::ShardServer& a = *cluster.shards[0];
+    expert::ShardServer& b = *cluster.shards[1];
+    const int expert = 2;  // on b under both (sharded: experts 2 and 3)
+    const bool outside = strategy == Strategy::kSharded;
+    if (outside) {
+      ASSERT_TRUE(Eventually([&] {
+        return ReadyExperts(a) == std::set<int>{0, 1};
+      })) << "shard a still holds "
+          << ReadyExperts(a).size() << " experts";
+    }
+    auto ck = common::LoadCheckpoint(path, {});
+    ASSERT_TRUE(ck.ok()) << ck.status();
+    common::ExpertWeights w = ck->experts[expert];
+    for (float& v : w.w2) v *= 1.5f;
+    auto ready_at = [&](expert::ShardServer& shard, uint64_t step) {
+      std::shared_ptr<expert::ExpertHandle> h = shard.store().Find(expert);
+      return h != nullptr && h->trained_step == step;
+    };
+    ::testing::internal::CaptureStderr();
+    // Shard a's replica trained. Outside the placement, a tick that reads it between its load
+    // and its training unloads it (no later than b's): then it is trained again.
+    uint64_t step = 0;
+    bool copied = false;
+    for (int attempt = 0; attempt < 5 && !copied; ++attempt) {
+      absl::StatusOr<uint64_t> trained = TrainOnShard(a, expert, a.store().placement_version(), w);
+      if (!trained.ok()) continue;
+      step = *trained;
+      copied =
+          Eventually([&] { return ready_at(b, step) || !ready_at(a, step); }) && ready_at(b, step);
+    }
+    const std::string said = ::testing::internal::GetCapturedStderr();
+    EXPECT_TRUE(copied) << "shard b's replica of expert " << expert
+                        << " was not given shard a's training\n"
+                        << said;
+    EXPECT_NE(said.find(absl::StrCat("expert ", expert, " on ", b.address(),
+                                     " holds the checkpoint's weights, its replica on ",
+                                     a.address(), " a later training step: copying it again")),
+              std::string::npos)
+        << said;
+    if (outside) {
+      EXPECT_TRUE(Eventually([&] { return a.store().Find(expert) == nullptr; }))
+          << "shard a's replica outside the placement was kept after b's had its training";
+    }
+    ck->experts[expert] = w;
+    auto stub = v1::Router::NewStub(
+        grpc::CreateChannel(cluster.router->address(), grpc::InsecureChannelCredentials()));
+    ExpectInfersAsTheLayer(stub.get(), *ck, 60, 4);
+    cluster.router->Shutdown(absl::Milliseconds(100));
+  }
+}
+
 // A switch that fails half-way leaves its new replicas on the shards it reached, which have
 // taken its version number. Reconcile unloads them, with the router's latest version number:
 // the table's is older than theirs, and was refused (said every tick) until 2026-12-02.

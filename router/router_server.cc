@@ -2038,8 +2038,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (shutting_down.load()) return absl::CancelledError("the router is shutting down");
     // Replicas behind their expert's latest step are brought up to it first, so that any live
     // replica is a right source, and one that stays is not left behind. After a router restart
-    // steps_done is 0, but the shards' weights tell whether they were trained.
-    if (trainer != nullptr) {
+    // steps_done is 0, but the shards' weights tell whether they were trained. Without a
+    // coordinator too: shards started again from their --state-dir can hold training that the
+    // placement's other replicas lack.
+    {
       const absl::Status st = ReloadStale(*old, &trained, /*before_step=*/false, deadline);
       if (!st.ok() && Passed(deadline)) {
         return absl::DeadlineExceededError(absl::StrCat(
@@ -2364,7 +2366,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   void ReloadMissing(const RoutingTable& t, const std::vector<std::vector<int>>& missing,
                      const std::vector<Holding>& held, bool trained) {
     // A replica read at a training step is training, whether or not this router knows of any
-    // (no trainer without a coordinator: ReloadStale did not read the shards).
+    // (without a coordinator, no step of this router's).
     for (const Holding& h : held) {
       for (const auto& [e, step] : h.ready) trained = trained || step > 0;
     }
@@ -3052,6 +3054,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     std::vector<Holding> held(t->shards.size());
     std::vector<bool> draining(t->shards.size(), false);
     bool any_missing = false;
+    bool any_trained = false;  // a replica read at a training step
     for (int s = 0; s < static_cast<int>(t->shards.size()); ++s) {
       absl::StatusOr<v1::ShardStatus> st = t->shards[s]->GetStatus(absl::Milliseconds(500));
       // A shard restarted from another model gets nothing loaded: it leaves the placement on
@@ -3068,6 +3071,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         if (!h.ready.count(e) && !h.loading.count(e)) missing[s].push_back(e);
       }
       any_missing = any_missing || !missing[s].empty();
+      for (const auto& [e, step] : h.ready) any_trained = any_trained || step > 0;
     }
     {
       std::set<std::string> drains;
@@ -3080,7 +3084,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     }
     if (MoveOffDraining(t, draining, held)) return;
     if (PlaceUndrained(t, draining, held, membership_changes)) return;
-    if (trainer != nullptr || any_missing) {
+    if (trainer != nullptr || any_missing || any_trained) {
       // Not while a step runs: a copy could miss its update (tried again next tick).
       std::unique_lock<common::TimedMutex> train_lock(train_mu, std::defer_lock);
       if (train_lock.try_lock_for(any_missing ? kTrainWait : std::chrono::seconds(0))) {
@@ -3093,8 +3097,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           // Replicas behind first: then every live replica is a right source for what is
           // missing, and the shards' steps tell whether it was trained (after a router restart
           // steps_done is 0; reading the checkpoint then would serve untrained weights).
+          // Without a coordinator (no trainer) too, where a replica is trained: shards started
+          // again from their --state-dir can hold training that other replicas lack.
           bool trained = KnownTrained();
-          if (trainer != nullptr) ReloadStale(*t, &trained).IgnoreError();  // logged; next tick
+          if (trainer != nullptr || any_trained) {
+            ReloadStale(*t, &trained).IgnoreError();  // logged; next tick
+          }
           if (trained) seen_trained.store(true);
           ReloadMissing(*t, missing, held, trained);
         }
