@@ -849,8 +849,14 @@ absl::Status Train(const Flags& f) {
     }
     ASSIGN_OR_RETURN(dy_fixed, reader->ReadFloat("grad_output"));
     x = std::move(tok.first);
+    const std::vector<int64_t> dy_shape = reader->Find("grad_output")->shape;
+    if (tok.second == d && dy_shape.size() == 2 && dy_shape[1] == d &&
+        dy_fixed.size() != x.size()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tokens has ", static_cast<int64_t>(x.size()) / d, " rows and grad_output ", dy_shape[0],
+          ": they need as many (one gradient row for each token's output)"));
+    }
     if (tok.second != d || dy_fixed.size() != x.size()) {
-      const std::vector<int64_t> dy_shape = reader->Find("grad_output")->shape;
       return absl::InvalidArgumentError(absl::StrCat(
           "tokens and grad_output must both be [N, ", d, "] (the cluster's d_model), got tokens [",
           tok.second > 0 ? static_cast<int64_t>(x.size()) / tok.second : 0, ", ", tok.second,

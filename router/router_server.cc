@@ -3550,6 +3550,24 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           "be ignored at their next start; save to another path, and start the cluster from "
           "that file"));
     }
+    // Into a --state-dir (a helper's walk-through, 2026-12-07: over a shard's
+    // expert-4.safetensors, whose training the shard lost at its next start): a shard's holds
+    // .lock, the router's gate.lock, while their process runs or after. Refused whatever the
+    // name: a file there could take the place of what the directory keeps.
+    std::filesystem::path into = std::filesystem::path(req.path()).parent_path();
+    if (into.empty()) into = ".";
+    for (const auto& [lock, whose] :
+         {std::pair<const char*, const char*>{".lock", "a shard"},
+          std::pair<const char*, const char*>{"gate.lock", "a router"}}) {
+      std::error_code ec;
+      if (std::filesystem::exists(into / lock, ec)) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            req.path(), " is in ", into.string(), ", the --state-dir of ", whose, " (it holds ",
+            lock,
+            "): a file written there could take the place of the training it keeps; save "
+            "to another directory"));
+      }
+    }
     if (RegrantPending()) return RegrantRefusal();  // before the lock too, as in Train
     // Weights do not move while we read them. Bounded: a step stuck on the coordinator must not
     // hold this call (and its admin thread) past the step's own wait.

@@ -303,6 +303,13 @@ try:
                "(8192, its --max-batch-tokens): lower --batch-size", code=2)
     fails("train", "--router", router, "--synthetic", "--aux-loss-coef", "-1",
           says="--aux-loss-coef must be >= 0", code=2)
+    # grad_output with another number of rows than tokens: said so (it blamed the d_model).
+    rows = tokens["tokens"].shape[0]
+    st.save(path("grad-short.safetensors"),
+            {"grad_output": rng.uniform(-1, 1, (rows - 1, D)).astype(np.float32)})
+    fails("train", "--router", router, "--steps", "1", "--tokens", path("in.safetensors"),
+          "--grad-output", path("grad-short.safetensors"),
+          says=f"tokens has {rows} rows and grad_output {rows - 1}: they need as many")
     fails("save-checkpoint", "--router", router, "--path", "",
           says="--path is empty: give it a value", code=2)
     fails("help", "bogus", says="unknown command 'bogus'", code=2)
@@ -364,6 +371,17 @@ try:
                "serves (--checkpoint ")
     expect(open(path("ck.safetensors"), "rb").read() == before,
            "a refused save-checkpoint changed the cluster's checkpoint")
+    # Into a --state-dir (a shard's holds .lock, a router's gate.lock): refused, nothing written
+    # (over a shard's expert file, the shard lost that expert's training at its next start).
+    for lock, whose in ((".lock", "a shard"), ("gate.lock", "a router")):
+        kept = path("kept-" + whose[2:])
+        os.makedirs(kept, exist_ok=True)
+        open(os.path.join(kept, lock), "w").close()
+        into = os.path.join(kept, "expert-0.safetensors")
+        fails("save-checkpoint", "--router", router, "--path", into,
+              says=f"save-checkpoint: {into} is in {kept}, the --state-dir of {whose} (it holds "
+                   f"{lock}): ")
+        expect(not os.path.exists(into), f"a refused save-checkpoint wrote {into}")
     # A flag of forward's other mode is refused, not ignored: the router drops nothing for a
     # client's --capacity-factor (it has its own), and --local sends nothing as BF16.
     fails("forward", "--input", path("in.safetensors"), "--output", path("cf.safetensors"),
