@@ -2039,9 +2039,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // Replicas behind their expert's latest step are brought up to it first, so that any live
     // replica is a right source, and one that stays is not left behind. After a router restart
     // steps_done is 0, but the shards' weights tell whether they were trained. Without a
-    // coordinator too: shards started again from their --state-dir can hold training that the
-    // placement's other replicas lack.
-    {
+    // coordinator (no trainer), the control loop's next tick does it on the table the switch
+    // applied: run here, it would copy replicas the switch then unloads, and a copy that failed
+    // would fail the switch.
+    if (trainer != nullptr) {
       const absl::Status st = ReloadStale(*old, &trained, /*before_step=*/false, deadline);
       if (!st.ok() && Passed(deadline)) {
         return absl::DeadlineExceededError(absl::StrCat(
@@ -2462,8 +2463,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // the latest other replica (PlanStaleReplicas). Runs with train_mu held and
   // every shard confirmed, so no update is on its way to any replica: before each step (which
   // would otherwise stamp its step on a stale replica too), before a placement change copies
-  // replicas, and on each control-loop tick. UNAVAILABLE when a copy failed; `trained` (if not
-  // null) tells whether any replica has been trained. With `before_step`, also UNAVAILABLE when
+  // replicas, before a save, and on each control-loop tick (without a coordinator: on a tick
+  // that reads a trained replica, and before a save). UNAVAILABLE when a copy failed; `trained` (if
+  // not null) tells whether any replica has been trained. With `before_step`, also UNAVAILABLE when
   // the status of a shard in rotation cannot be read: the step would train its replicas
   // unchecked, and one may be stale (elsewhere such a shard is left for the next check).
   absl::Status ReloadStale(const RoutingTable& t, bool* trained = nullptr, bool before_step = false,
@@ -2475,9 +2477,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         // Before a step, a shard with replicas out of rotation refuses it: back by the time the
         // step starts, its replicas would train unchecked. Otherwise it is neither a source nor
         // a target now.
-        if (before_step && !t.placement.ExpertsOn(s).empty()) {
+        // Its experts are named, as Infer names an expert without a healthy replica.
+        const std::vector<int> on = t.placement.ExpertsOn(s);
+        if (before_step && !on.empty()) {
           return absl::UnavailableError(absl::StrCat(
-              "replicas on ", t.shards[s]->address(),
+              "replicas of expert", on.size() == 1 ? " " : "s ", absl::StrJoin(on, ", "), " on ",
+              t.shards[s]->address(),
               " are out of rotation: the step could not commit; retry once the shard is back or "
               "the placement has moved off it"));
         }
@@ -3551,21 +3556,30 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           "that file"));
     }
     // Into a --state-dir (a helper's walk-through, 2026-12-07: over a shard's
-    // expert-4.safetensors, whose training the shard lost at its next start): a shard's holds
-    // .lock, the router's gate.lock, while their process runs or after. Refused whatever the
-    // name: a file there could take the place of what the directory keeps.
+    // expert-4.safetensors, whose training the shard lost at its next start): this router's,
+    // or a directory holding a shard's .lock or a router's gate.lock (left there after their
+    // process). Refused whatever the name: a file there could take the place of what the
+    // directory keeps.
     std::filesystem::path into = std::filesystem::path(req.path()).parent_path();
     if (into.empty()) into = ".";
-    for (const auto& [lock, whose] :
-         {std::pair<const char*, const char*>{".lock", "a shard"},
-          std::pair<const char*, const char*>{"gate.lock", "a router"}}) {
-      std::error_code ec;
-      if (std::filesystem::exists(into / lock, ec)) {
+    {
+      std::error_code ec, own_ec;
+      std::string why;
+      if (!options.state_dir.empty() &&
+          std::filesystem::weakly_canonical(into, ec) ==
+              std::filesystem::weakly_canonical(options.state_dir, own_ec) &&
+          !ec && !own_ec) {
+        why = "this router's --state-dir";
+      } else if (std::filesystem::exists(into / ".lock", ec)) {
+        why = "a --state-dir: it holds .lock, as a shard's does";
+      } else if (std::filesystem::exists(into / "gate.lock", ec)) {
+        why = "a --state-dir: it holds gate.lock, as a router's does";
+      }
+      if (!why.empty()) {
         return absl::FailedPreconditionError(absl::StrCat(
-            req.path(), " is in ", into.string(), ", the --state-dir of ", whose, " (it holds ",
-            lock,
-            "): a file written there could take the place of the training it keeps; save "
-            "to another directory"));
+            req.path(), " is in ", into.string(), ", ", why,
+            "; a file written there could take the place of the training it keeps: save to "
+            "another directory"));
       }
     }
     if (RegrantPending()) return RegrantRefusal();  // before the lock too, as in Train
@@ -3581,13 +3595,13 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (RegrantPending()) return RegrantRefusal();
     if (trainer != nullptr) {  // a replica that has not confirmed the last commit may be stale
       RETURN_IF_ERROR(trainer->RetryConfirmations(*t));
-      // Replicas behind their expert's latest step are copied up to it, and an expert whose
-      // every replica is behind is reported as having lost its training, before they are read
-      // (as on the control loop's next tick), within the call's deadline. A failure is logged;
-      // the replicas are compared.
-      if (MayPlace()) {
-        ReloadStale(*t, /*trained=*/nullptr, /*before_step=*/false, deadline).IgnoreError();
-      }
+    }
+    // Replicas behind their expert's latest step are copied up to it, and an expert whose every
+    // replica is behind is reported as having lost its training, before they are read (as on
+    // the control loop's next tick), within the call's deadline; without a coordinator too
+    // (shards back from their --state-dir). A failure is logged; the replicas are compared.
+    if (MayPlace()) {
+      ReloadStale(*t, /*trained=*/nullptr, /*before_step=*/false, deadline).IgnoreError();
     }
     common::Checkpoint ck;
     ck.config = config;

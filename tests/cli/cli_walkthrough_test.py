@@ -373,14 +373,15 @@ try:
            "a refused save-checkpoint changed the cluster's checkpoint")
     # Into a --state-dir (a shard's holds .lock, a router's gate.lock): refused, nothing written
     # (over a shard's expert file, the shard lost that expert's training at its next start).
-    for lock, whose in ((".lock", "a shard"), ("gate.lock", "a router")):
-        kept = path("kept-" + whose[2:])
+    for lock, whose in ((".lock", "shard"), ("gate.lock", "router")):
+        kept = path("kept-" + whose)
         os.makedirs(kept, exist_ok=True)
         open(os.path.join(kept, lock), "w").close()
         into = os.path.join(kept, "expert-0.safetensors")
         fails("save-checkpoint", "--router", router, "--path", into,
-              says=f"save-checkpoint: {into} is in {kept}, the --state-dir of {whose} (it holds "
-                   f"{lock}): ")
+              says=f"save-checkpoint: {into} is in {kept}, a --state-dir: it holds {lock}, as a "
+                   f"{whose}'s does; a file written there could take the place of the training "
+                   "it keeps: save to another directory")
         expect(not os.path.exists(into), f"a refused save-checkpoint wrote {into}")
     # A flag of forward's other mode is refused, not ignored: the router drops nothing for a
     # client's --capacity-factor (it has its own), and --local sends nothing as BF16.

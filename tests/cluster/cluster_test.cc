@@ -2267,6 +2267,17 @@ TEST_F(ClusterTest, ARebalanceThatWouldCopyTrainedExpertsFromADownShardIsRefused
   ASSERT_TRUE(stub->GetPlacement(&actx, v1::GetPlacementRequest(), &after).ok());
   EXPECT_EQ(after.version(), before.version());
   EXPECT_EQ(after.strategy(), "hybrid");
+  // A training step is refused at once, naming the experts the down shard holds (a helper's
+  // walk-through, 2026-12-07: it named the shard alone, where Infer names the expert).
+  const auto on_down = OnlyAndSharedOn(stub.get(), 0);
+  std::set<int> held = on_down.first;
+  held.insert(on_down.second.begin(), on_down.second.end());
+  st = Train(stub.get(), 7101, 20000);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+  EXPECT_EQ(st.error_message(),
+            absl::StrCat("replicas of experts ", absl::StrJoin(held, ", "), " on ", down,
+                         " are out of rotation: the step could not commit; retry once the shard "
+                         "is back or the placement has moved off it"));
 }
 
 // The same refusal from a router started again over the trained cluster: it has taken no step
