@@ -2353,11 +2353,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   }
 
   // Loads `missing[s]` on each shard s of `t`, with train_mu held. Untrained weights come from
-  // the checkpoint. Trained ones (`trained`) come from the replica that has the expert READY at
-  // the latest step (`held`; one without an aborted update first, then one in rotation on a
-  // tie: see ReloadStale), or from a replica outside the table trained past them (one that
-  // UnloadExtras kept), whether or not this router knows of any training. When every other
-  // replica answered
+  // the checkpoint. Trained ones (`trained`: this router knows of training, or a replica was read
+  // at a training step) come from the replica that has the expert READY at the latest step
+  // (`held`; one without an aborted update first, then one in rotation on a tie: see
+  // ReloadStale), or from a replica outside the table trained past them (one that UnloadExtras
+  // kept), whether or not this router knows of any training. When every other replica answered
   // without it, loading or ready (or there is none: a restarted shard held the only one, as
   // under `sharded` or half of `hybrid`), no replica holds that training: the shard loads the
   // expert as it would at start, from its --state-dir when it keeps one, else from the
@@ -2366,11 +2366,6 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // may still hold it is unread or loading it, it waits (the next tick).
   void ReloadMissing(const RoutingTable& t, const std::vector<std::vector<int>>& missing,
                      const std::vector<Holding>& held, bool trained) {
-    // A replica read at a training step is training, whether or not this router knows of any
-    // (without a coordinator, no step of this router's).
-    for (const Holding& h : held) {
-      for (const auto& [e, step] : h.ready) trained = trained || step > 0;
-    }
     // Each shard's loads take a while: the lease is checked before each (asked again next tick),
     // and that no grant since wants a catch-up first.
     for (int s = 0; s < static_cast<int>(t.shards.size()) && MayPlace() && !RegrantPending(); ++s) {
@@ -3109,7 +3104,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
             ReloadStale(*t, &trained).IgnoreError();  // logged; next tick
           }
           if (trained) seen_trained.store(true);
-          ReloadMissing(*t, missing, held, trained);
+          // A replica read at a training step is training, whether or not this router knows of
+          // any (without a coordinator, no step of this router's).
+          ReloadMissing(*t, missing, held, trained || any_trained);
         }
       }
     }
