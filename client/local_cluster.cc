@@ -51,7 +51,7 @@ std::vector<std::string> LocalCluster::RouterShardAddresses() const {
   return out;
 }
 
-absl::StatusOr<common::Subprocess> LocalCluster::SpawnShard(int i, int port) {
+std::vector<std::string> LocalCluster::ShardArgs(int i, int port) const {
   std::vector<std::string> args;
   if (i < static_cast<int>(options_.shard_wrappers.size())) args = options_.shard_wrappers[i];
   args.insert(args.end(), {options_.bin_dir + "/moe-expert-server", "--checkpoint",
@@ -68,10 +68,10 @@ absl::StatusOr<common::Subprocess> LocalCluster::SpawnShard(int i, int port) {
   }
   args.insert(args.end(), options_.shard_args.begin(), options_.shard_args.end());
   args.insert(args.end(), options_.common_args.begin(), options_.common_args.end());
-  return common::Subprocess::Spawn(args);
+  return args;
 }
 
-absl::StatusOr<common::Subprocess> LocalCluster::SpawnRouter(int port) {
+std::vector<std::string> LocalCluster::RouterArgs(int port) const {
   std::vector<std::string> args = {options_.bin_dir + "/moe-router", "--checkpoint",
                                     options_.checkpoint, "--host", "127.0.0.1", "--port",
                                     std::to_string(port), "--shards",
@@ -88,7 +88,7 @@ absl::StatusOr<common::Subprocess> LocalCluster::SpawnRouter(int port) {
   }
   args.insert(args.end(), options_.router_args.begin(), options_.router_args.end());
   args.insert(args.end(), options_.common_args.begin(), options_.common_args.end());
-  return common::Subprocess::Spawn(args);
+  return args;
 }
 
 absl::Status LocalCluster::WaitUntilRouterServes(absl::Time deadline) {
@@ -151,7 +151,7 @@ absl::Status LocalCluster::StartInto(const LocalClusterOptions& options, absl::D
   }
   if (options.coordinator) {
     if (options.verbose) std::fprintf(stderr, "moe-cluster: starting the coordinator\n");
-    ASSIGN_OR_RETURN(c->coordinator_, c->SpawnCoordinator(0));
+    ASSIGN_OR_RETURN(c->coordinator_, common::Subprocess::Spawn(c->CoordinatorArgs(0)));
     ASSIGN_OR_RETURN(int cport, Named("the coordinator",
                                       c->coordinator_.ReadListeningPort(absl::Seconds(60))));
     c->coordinator_address_ = absl::StrCat("127.0.0.1:", cport);
@@ -159,7 +159,7 @@ absl::Status LocalCluster::StartInto(const LocalClusterOptions& options, absl::D
   for (int i = 0; i < options.shards; ++i) {
     if (stopping()) return absl::CancelledError("stopped before the cluster was ready");
     if (options.verbose) std::fprintf(stderr, "moe-cluster: starting shard %d\n", i);
-    ASSIGN_OR_RETURN(common::Subprocess p, c->SpawnShard(i, 0));
+    ASSIGN_OR_RETURN(common::Subprocess p, common::Subprocess::Spawn(c->ShardArgs(i, 0)));
     ASSIGN_OR_RETURN(int port,
                      Named(absl::StrCat("shard ", i), p.ReadListeningPort(absl::Seconds(60))));
     c->shard_addresses_.push_back(absl::StrCat(c->ShardHost(i), ":", port));
@@ -167,7 +167,7 @@ absl::Status LocalCluster::StartInto(const LocalClusterOptions& options, absl::D
   }
   if (stopping()) return absl::CancelledError("stopped before the cluster was ready");
   if (options.verbose) std::fprintf(stderr, "moe-cluster: starting the router\n");
-  ASSIGN_OR_RETURN(c->router_, c->SpawnRouter(options.router_port));
+  ASSIGN_OR_RETURN(c->router_, common::Subprocess::Spawn(c->RouterArgs(options.router_port)));
   ASSIGN_OR_RETURN(int port, Named("the router", c->router_.ReadListeningPort(absl::Seconds(60))));
   c->router_address_ = absl::StrCat("127.0.0.1:", port);
   if (options.verbose) std::fprintf(stderr, "moe-cluster: waiting for the placement to load\n");
@@ -196,15 +196,31 @@ absl::StatusOr<common::Subprocess> LocalCluster::RespawnOnPort(
       absl::StrCat(name, " could not listen on port ", port, " again: ", last.message()));
 }
 
+int LocalCluster::PortOf(const std::string& address) {
+  return std::atoi(address.c_str() + address.rfind(':') + 1);
+}
+
+std::vector<std::string> LocalCluster::ShardCommand(int i) const {
+  return ShardArgs(i, PortOf(shard_addresses_[i]));
+}
+
+std::vector<std::string> LocalCluster::RouterCommand() const {
+  return RouterArgs(PortOf(router_address_));
+}
+
+std::vector<std::string> LocalCluster::CoordinatorCommand() const {
+  return CoordinatorArgs(PortOf(coordinator_address_));
+}
+
 absl::Status LocalCluster::RestartShard(int i) {
-  const std::string& addr = shard_addresses_[i];
-  const int port = std::atoi(addr.c_str() + addr.rfind(':') + 1);
-  ASSIGN_OR_RETURN(shards_[i], RespawnOnPort([&] { return SpawnShard(i, port); }, port,
-                                             absl::StrCat("shard ", i)));
+  const int port = PortOf(shard_addresses_[i]);
+  ASSIGN_OR_RETURN(shards_[i],
+                   RespawnOnPort([&] { return common::Subprocess::Spawn(ShardCommand(i)); }, port,
+                                 absl::StrCat("shard ", i)));
   return absl::OkStatus();
 }
 
-absl::StatusOr<common::Subprocess> LocalCluster::SpawnCoordinator(int port) {
+std::vector<std::string> LocalCluster::CoordinatorArgs(int port) const {
   std::vector<std::string> args = {options_.bin_dir + "/moe-coordinator", "--host", "127.0.0.1",
                                    "--port", std::to_string(port)};
   args.insert(args.end(), options_.common_args.begin(), options_.common_args.end());
@@ -212,19 +228,20 @@ absl::StatusOr<common::Subprocess> LocalCluster::SpawnCoordinator(int port) {
     args.insert(args.end(),
                 {"--metrics-port", std::to_string(options_.metrics_port + 1 + options_.shards)});
   }
-  return common::Subprocess::Spawn(args);
+  return args;
 }
 
 absl::Status LocalCluster::RestartCoordinator() {
-  const int port = std::atoi(coordinator_address_.c_str() + coordinator_address_.rfind(':') + 1);
   ASSIGN_OR_RETURN(coordinator_,
-                   RespawnOnPort([&] { return SpawnCoordinator(port); }, port, "the coordinator"));
+                   RespawnOnPort([&] { return common::Subprocess::Spawn(CoordinatorCommand()); },
+                                 PortOf(coordinator_address_), "the coordinator"));
   return absl::OkStatus();
 }
 
 absl::Status LocalCluster::RestartRouter(absl::Duration timeout) {
-  const int port = std::atoi(router_address_.c_str() + router_address_.rfind(':') + 1);
-  ASSIGN_OR_RETURN(router_, RespawnOnPort([&] { return SpawnRouter(port); }, port, "the router"));
+  ASSIGN_OR_RETURN(router_,
+                   RespawnOnPort([&] { return common::Subprocess::Spawn(RouterCommand()); },
+                                 PortOf(router_address_), "the router"));
   return WaitUntilRouterServes(absl::Now() + timeout);
 }
 

@@ -74,14 +74,21 @@ class LocalCluster {
   // Starts the coordinator again (after it was killed) on the same port. It knows no members
   // until the shards, told so by their next heartbeat, register again.
   absl::Status RestartCoordinator();
+  // The command lines that the Restart calls above run: for a user who starts by hand a service
+  // moe-cluster --no-restart left down (it is then not watched nor stopped by this program).
+  std::vector<std::string> ShardCommand(int i) const;
+  std::vector<std::string> RouterCommand() const;
+  std::vector<std::string> CoordinatorCommand() const;
 
  private:
   // Start's work into `*out` (set first, so that what started can be stopped on CANCELLED).
   static absl::Status StartInto(const LocalClusterOptions& options, absl::Duration timeout,
                                 std::unique_ptr<LocalCluster>* out);
-  absl::StatusOr<common::Subprocess> SpawnShard(int i, int port);
-  absl::StatusOr<common::Subprocess> SpawnRouter(int port);
-  absl::StatusOr<common::Subprocess> SpawnCoordinator(int port);
+  // The command lines that start each service on `port` (0: one the system picks).
+  std::vector<std::string> ShardArgs(int i, int port) const;
+  std::vector<std::string> RouterArgs(int port) const;
+  std::vector<std::string> CoordinatorArgs(int port) const;
+  static int PortOf(const std::string& address);
   // Starts a process with `spawn` until it listens on `port` again (for up to 10 s).
   static absl::StatusOr<common::Subprocess> RespawnOnPort(
       const std::function<absl::StatusOr<common::Subprocess>()>& spawn, int port,

@@ -2,6 +2,7 @@
 // every service is SERVING, prints `READY router=HOST:PORT`, and stops everything on SIGINT or
 // SIGTERM. Run with --help for the flags.
 
+#include <grpcpp/grpcpp.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -16,19 +17,19 @@
 #include <utility>
 #include <vector>
 
-#include <grpcpp/grpcpp.h>
-
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
+#include "client/cpu_limit.h"
+#include "client/local_cluster.h"
+#include "router/router_flags.h"
 #include "services/common/flags.h"
 #include "services/common/security.h"
 #include "services/common/server_util.h"
 #include "services/common/signals.h"
 #include "services/common/status_macros.h"
 #include "services/common/subprocess.h"
-#include "client/cpu_limit.h"
-#include "client/local_cluster.h"
-#include "router/router_flags.h"
 
 namespace {
 
@@ -61,8 +62,8 @@ usage: moe-cluster --checkpoint PATH [flags]
                            trained gate in DIR/router, and each started again loads them from
                            there (training survives a restart)
   --no-restart             leave a service (shard, router, coordinator) that exits on its own
-                           stopped (by default it is started again on its port, at most 5
-                           times a minute)
+                           stopped, and say the command that starts it again by hand (by
+                           default it is started again on its port, at most 5 times a minute)
 
 A service that exits on its own is reported on stderr when it does, and so is its new pid
 once it is started again (stdout carries only the lines up to READY: a caller that stops
@@ -71,6 +72,19 @@ running at Ctrl-C (or SIGTERM) stopped cleanly and none was given up for failing
 within a minute, else 1 with a line naming the ones that did not. Ctrl-C before READY stops
 what has started at once (exit 0).
 )";
+
+// `args` as one shell command line: an argument with a character outside a safe set is
+// single-quoted.
+std::string ShellJoin(const std::vector<std::string>& args) {
+  std::vector<std::string> quoted;
+  for (const std::string& a : args) {
+    const bool safe = !a.empty() && a.find_first_not_of(
+                                        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnop"
+                                        "qrstuvwxyz0123456789_-.,:/=@+%") == std::string::npos;
+    quoted.push_back(safe ? a : absl::StrCat("'", absl::StrReplaceAll(a, {{"'", "'\\''"}}), "'"));
+  }
+  return absl::StrJoin(quoted, " ");
+}
 
 absl::Status Run(int argc, char** argv) {
   using moe::common::Flags;
@@ -242,32 +256,38 @@ absl::Status Run(int argc, char** argv) {
     std::string name;
     std::function<moe::common::Subprocess&()> process;
     std::function<absl::Status()> start_again;
+    std::function<std::vector<std::string>()> command;  // what start_again runs
     bool given_up = false;
     std::deque<absl::Time> restarts;  // within the last minute
   };
   std::vector<Watched> watched;
   auto watch = [&watched](std::string name, std::function<moe::common::Subprocess&()> process,
-                          std::function<absl::Status()> start_again) {
+                          std::function<absl::Status()> start_again,
+                          std::function<std::vector<std::string>()> command) {
     Watched w;
     w.name = std::move(name);
     w.process = std::move(process);
     w.start_again = std::move(start_again);
+    w.command = std::move(command);
     watched.push_back(std::move(w));
   };
   for (int i = 0; i < o.shards; ++i) {
     watch(
         absl::StrCat("shard ", i),
         [&cluster, i]() -> moe::common::Subprocess& { return cluster->shard(i); },
-        [&cluster, i] { return cluster->RestartShard(i); });
+        [&cluster, i] { return cluster->RestartShard(i); },
+        [&cluster, i] { return cluster->ShardCommand(i); });
   }
   watch(
       "the router", [&cluster]() -> moe::common::Subprocess& { return cluster->router(); },
-      [&cluster] { return cluster->RestartRouter(); });
+      [&cluster] { return cluster->RestartRouter(); },
+      [&cluster] { return cluster->RouterCommand(); });
   if (!cluster->coordinator_address().empty()) {
     watch(
         "the coordinator",
         [&cluster]() -> moe::common::Subprocess& { return cluster->coordinator(); },
-        [&cluster] { return cluster->RestartCoordinator(); });
+        [&cluster] { return cluster->RestartCoordinator(); },
+        [&cluster] { return cluster->CoordinatorCommand(); });
   }
   while (!stop) {
     for (Watched& w : watched) {
@@ -283,10 +303,15 @@ absl::Status Run(int argc, char** argv) {
       }
       if (!restart || w.restarts.size() >= 5) {
         w.given_up = true;
+        // Left down on purpose, it may be brought back by hand: the command is said.
         std::fprintf(stderr, "moe-cluster: %s (pid %d) %s; %s\n", name.c_str(), p.pid(),
                      why.c_str(),
                      restart ? "it failed 5 times within a minute: not started again"
-                             : "not started again (--no-restart)");
+                             : absl::StrCat("not started again (--no-restart); to start it again "
+                                            "by hand (this program then neither watches nor "
+                                            "stops it): ",
+                                            ShellJoin(w.command()))
+                                   .c_str());
         // Left down on purpose (--no-restart): told now, and the stop at the end leaves it out.
         // One given up for failing 5 times a minute still fails the stop.
         if (!restart) p = moe::common::Subprocess();

@@ -212,11 +212,18 @@ std::optional<LoadedExpert> StateDir::Read(int expert) {
   }
   absl::StatusOr<std::string> expected = BaseFingerprint(expert);
   if (!expected.ok()) return skip(expected.status().message());
-  if (*expected != base->second) {
-    return skip("it was trained from other weights than this checkpoint's (another model?); "
-                "delete it to silence this");
-  }
   absl::StatusOr<common::ExpertWeights> w = common::ReadExpert(**reader, "", config_, expert);
+  if (*expected != base->second) {
+    // Where the checkpoint was saved from this training (save-checkpoint, then a start from that
+    // file with the same --state-dir), it holds these very weights: nothing is lost, nothing said.
+    absl::StatusOr<std::string> bytes =
+        w.ok() ? common::SerializeExpert(config_, expert, *w) : w.status();
+    if (bytes.ok() && common::Fingerprint(*bytes) == *expected) return std::nullopt;
+    return skip(
+        "it was trained from other weights than this checkpoint's (another model's, or "
+        "steps trained after this checkpoint was saved from it: those are not kept); "
+        "delete it to silence this");
+  }
   if (!w.ok()) return skip(w.status().message());
   {
     // The file already holds these weights: installing them needs no write.

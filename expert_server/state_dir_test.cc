@@ -185,6 +185,43 @@ TEST_F(StateDirTest, FilesThatDoNotBelongToThisCheckpointAreIgnored) {
       << lines[1];
 }
 
+// Started again from a checkpoint saved from this training (save-checkpoint) with the same
+// directory: a file holding the saved weights is the checkpoint's own expert, ignored without a
+// line; one trained on after the save is ignored with a line that says its steps are lost.
+TEST_F(StateDirTest, FilesOfTheTrainingACheckpointWasSavedFromAreIgnoredQuietly) {
+  const std::string dir = testing::TempPath("state_saved_from");
+  const common::ExpertWeights saved0 = Moved(ck_.experts[0], 0.3f);
+  const common::ExpertWeights saved1 = Moved(ck_.experts[1], 0.3f);
+  {
+    auto state = Open(dir, ck_);
+    ASSERT_NE(state, nullptr);
+    state->Save(Trained(0, saved0, 3));
+    state->Save(Trained(1, Moved(ck_.experts[1], 0.4f), 4));  // a step after the save
+    state->Flush();
+  }
+  common::Checkpoint saved = ck_;
+  saved.experts[0] = saved0;
+  saved.experts[1] = saved1;
+  auto state = Open(dir, saved);
+  ASSERT_NE(state, nullptr);
+  ::testing::internal::CaptureStderr();
+  const bool read_saved = state->Read(0).has_value();
+  const std::string quiet = ::testing::internal::GetCapturedStderr();
+  ::testing::internal::CaptureStderr();
+  const bool read_later = state->Read(1).has_value();
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_FALSE(read_saved);
+  EXPECT_EQ(quiet, "");
+  EXPECT_FALSE(read_later);
+  EXPECT_NE(log.find(absl::StrCat(state->PathOf(1),
+                                  " ignored, expert 1 read from the checkpoint: it was trained "
+                                  "from other weights than this checkpoint's (another model's, "
+                                  "or steps trained after this checkpoint was saved from it: "
+                                  "those are not kept)")),
+            std::string::npos)
+      << log;
+}
+
 TEST_F(StateDirTest, APathThatIsAFileIsRefusedWithItsName) {
   const std::string file = testing::TempPath("state_is_a_file");
   std::ofstream(file) << "x";

@@ -512,6 +512,54 @@ TEST(RouterGateState, AKeptGateOfAnotherModelIsRefusedAtStart) {
   std::filesystem::remove_all(dir);
 }
 
+// A gate kept from another checkpoint is not served. Where that checkpoint was saved from the
+// kept training (save-checkpoint, then a start from that file with the same --state-dir), the
+// kept gate is the checkpoint's own and nothing is said; otherwise one line says that the kept
+// gate's steps are not served.
+TEST(RouterGateState, AGateKeptFromAnotherCheckpointIsToldOnlyWhereItDiffers) {
+  const common::Checkpoint ck = common::MakeRandomCheckpoint({kConfig, true, 5});
+  const std::string path = ::moe::testing::TempPath("router_gate_saved.safetensors");
+  ASSERT_TRUE(common::SaveCheckpoint(path, ck).ok());
+  const std::string dir = ::moe::testing::TempPath("router_gate_saved_dir");
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const std::string kept = dir + "/gate.safetensors";
+  auto keep = [&](float moved) {
+    common::SafetensorsWriter w;
+    w.SetMetadata("train_step", "3");
+    w.SetMetadata("steps_done", "3");
+    w.SetMetadata("checkpoint_gate", "the fingerprint of the checkpoint it was trained from");
+    std::vector<float> weight = ck.gate.weight;
+    weight[0] += moved;
+    ASSERT_TRUE(w.AddF32("gate.weight", {kConfig.num_experts, kConfig.d_model}, weight).ok());
+    ASSERT_TRUE(w.AddF32("gate.bias", {kConfig.num_experts}, ck.gate.bias).ok());
+    ASSERT_TRUE(w.Write(kept).ok());
+  };
+  RouterServerOptions o;
+  o.checkpoint = path;
+  o.shards = {"127.0.0.1:1"};  // never reached: shut down at once
+  o.state_dir = dir;
+  auto start_logs = [&]() {
+    ::testing::internal::CaptureStderr();
+    auto router = RouterServer::Start(o);
+    EXPECT_TRUE(router.ok()) << router.status();
+    if (router.ok()) (*router)->Shutdown(absl::Milliseconds(100));
+    return ::testing::internal::GetCapturedStderr();
+  };
+  keep(0.0f);  // the checkpoint was saved from it
+  std::string log = start_logs();
+  EXPECT_EQ(log.find("gate kept"), std::string::npos) << log;
+  keep(0.5f);  // trained on after the save
+  log = start_logs();
+  EXPECT_NE(log.find("moe-router: the gate kept in " + kept +
+                     " was trained from another checkpoint than " + path +
+                     " (another model's, or steps trained after this checkpoint was saved from "
+                     "it: those are not kept); serving the checkpoint's gate"),
+            std::string::npos)
+      << log;
+  std::filesystem::remove_all(dir);
+}
+
 struct RouterWithShards {
   std::vector<std::unique_ptr<expert::ShardServer>> shards;
   std::unique_ptr<RouterServer> router;  // null when something failed to start

@@ -560,6 +560,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // Of the checkpoint's gate, kept with the trained one: a kept gate trained from another
   // checkpoint of the same shape (a model volume made again with another seed) is not served.
   std::string checkpoint_gate_print;
+  bool gate_other_checkpoint_said = false;  // ReadKeptGate's line, said once
   // The latest training step each expert's replicas were seen at (train_mu held): an expert
   // whose replicas are all back below it lost its training. Kept with the gate (--state-dir), so
   // that a cluster started again on shards that do not hold its training (other --shards or
@@ -1384,10 +1385,21 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                        "it"));
     }
     if (meta.at("checkpoint_gate") != checkpoint_gate_print) {
-      std::fprintf(stderr,
-                   "moe-router: the gate kept in %s was trained from another checkpoint than %s; "
-                   "serving the checkpoint's gate (the next training step replaces the file)\n",
-                   gate_state_path.c_str(), options.checkpoint.c_str());
+      // The checkpoint's own gate where it was saved from this training (started again from a
+      // save-checkpoint file with the --state-dir of the cluster that wrote it): nothing to say.
+      // Said once: a router that takes the lease reads the file again.
+      const bool saved_from_it =
+          *weight == gate->weight && (gate->bias.empty() || *bias == gate->bias);
+      if (!saved_from_it && !gate_other_checkpoint_said) {
+        std::fprintf(
+            stderr,
+            "moe-router: the gate kept in %s was trained from another checkpoint than "
+            "%s (another model's, or steps trained after this checkpoint was saved from it: "
+            "those are not kept); serving the checkpoint's gate (the next training step "
+            "replaces the file)\n",
+            gate_state_path.c_str(), options.checkpoint.c_str());
+      }
+      gate_other_checkpoint_said = true;
       return absl::OkStatus();
     }
     // Written since 2026-12-04: "expert:step,..." (an older file has none, and nothing is known).
@@ -2475,11 +2487,25 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         // Its experts are named, as Infer names an expert without a healthy replica.
         const std::vector<int> on = t.placement.ExpertsOn(s);
         if (before_step && !on.empty()) {
+          // Where a trained expert has no other replica in rotation, nothing can move it: its
+          // training is on that shard (a rebalance that would copy it is refused).
+          std::vector<int> only;
+          for (int e : on) {
+            bool elsewhere = false;
+            for (int r : t.placement.replicas[e]) {
+              elsewhere = elsewhere || (r != s && r < S && t.shards[r]->healthy());
+            }
+            if (!elsewhere) only.push_back(e);
+          }
           return absl::UnavailableError(absl::StrCat(
               "replicas of expert", on.size() == 1 ? " " : "s ", absl::StrJoin(on, ", "), " on ",
-              t.shards[s]->address(),
-              " are out of rotation: the step could not commit; retry once the shard is back or "
-              "the placement has moved off it"));
+              t.shards[s]->address(), " are out of rotation: the step could not commit; ",
+              only.empty() || !KnownTrained()
+                  ? "retry once the shard is back or the placement has moved off it"
+                  : absl::StrCat("retry once the shard is back (expert",
+                                 only.size() == 1 ? " " : "s ", absl::StrJoin(only, ", "),
+                                 only.size() == 1 ? " has" : " have",
+                                 " no other replica in rotation, and the training is on it)")));
         }
         continue;
       }

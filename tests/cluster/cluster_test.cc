@@ -2274,10 +2274,16 @@ TEST_F(ClusterTest, ARebalanceThatWouldCopyTrainedExpertsFromADownShardIsRefused
   held.insert(on_down.second.begin(), on_down.second.end());
   st = Train(stub.get(), 7101, 20000);
   EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+  // Its trained experts with no other replica cannot move (the rebalance above was refused):
+  // only the shard's return is offered.
+  ASSERT_FALSE(on_down.first.empty());
   EXPECT_EQ(st.error_message(),
             absl::StrCat("replicas of experts ", absl::StrJoin(held, ", "), " on ", down,
                          " are out of rotation: the step could not commit; retry once the shard "
-                         "is back or the placement has moved off it"));
+                         "is back (expert",
+                         on_down.first.size() == 1 ? " " : "s ", absl::StrJoin(on_down.first, ", "),
+                         on_down.first.size() == 1 ? " has" : " have",
+                         " no other replica in rotation, and the training is on it)"));
 }
 
 // The same refusal from a router started again over the trained cluster: it has taken no step
