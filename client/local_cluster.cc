@@ -51,9 +51,11 @@ std::vector<std::string> LocalCluster::RouterShardAddresses() const {
   return out;
 }
 
-std::vector<std::string> LocalCluster::ShardArgs(int i, int port) const {
+std::vector<std::string> LocalCluster::ShardArgs(int i, int port, bool wrapped) const {
   std::vector<std::string> args;
-  if (i < static_cast<int>(options_.shard_wrappers.size())) args = options_.shard_wrappers[i];
+  if (wrapped && i < static_cast<int>(options_.shard_wrappers.size())) {
+    args = options_.shard_wrappers[i];
+  }
   args.insert(args.end(), {options_.bin_dir + "/moe-expert-server", "--checkpoint",
                            options_.checkpoint, "--host", ShardHost(i), "--port",
                            std::to_string(port), "--experts", "none"});
@@ -200,8 +202,8 @@ int LocalCluster::PortOf(const std::string& address) {
   return std::atoi(address.c_str() + address.rfind(':') + 1);
 }
 
-std::vector<std::string> LocalCluster::ShardCommand(int i) const {
-  return ShardArgs(i, PortOf(shard_addresses_[i]));
+std::vector<std::string> LocalCluster::ShardCommand(int i, bool wrapped) const {
+  return ShardArgs(i, PortOf(shard_addresses_[i]), wrapped);
 }
 
 std::vector<std::string> LocalCluster::RouterCommand() const {

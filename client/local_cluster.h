@@ -76,7 +76,8 @@ class LocalCluster {
   absl::Status RestartCoordinator();
   // The command lines that the Restart calls above run: for a user who starts by hand a service
   // moe-cluster --no-restart left down (it is then not watched nor stopped by this program).
-  std::vector<std::string> ShardCommand(int i) const;
+  // `wrapped` false leaves out the shard's wrapper (LocalClusterOptions::shard_wrappers).
+  std::vector<std::string> ShardCommand(int i, bool wrapped = true) const;
   std::vector<std::string> RouterCommand() const;
   std::vector<std::string> CoordinatorCommand() const;
 
@@ -85,7 +86,7 @@ class LocalCluster {
   static absl::Status StartInto(const LocalClusterOptions& options, absl::Duration timeout,
                                 std::unique_ptr<LocalCluster>* out);
   // The command lines that start each service on `port` (0: one the system picks).
-  std::vector<std::string> ShardArgs(int i, int port) const;
+  std::vector<std::string> ShardArgs(int i, int port, bool wrapped = true) const;
   std::vector<std::string> RouterArgs(int port) const;
   std::vector<std::string> CoordinatorArgs(int port) const;
   static int PortOf(const std::string& address);

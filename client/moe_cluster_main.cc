@@ -11,12 +11,14 @@
 #include <cstdio>
 #include <cstring>
 #include <deque>
+#include <filesystem>
 #include <functional>
 #include <string>
 #include <thread>
 #include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
@@ -276,7 +278,8 @@ absl::Status Run(int argc, char** argv) {
         absl::StrCat("shard ", i),
         [&cluster, i]() -> moe::common::Subprocess& { return cluster->shard(i); },
         [&cluster, i] { return cluster->RestartShard(i); },
-        [&cluster, i] { return cluster->ShardCommand(i); });
+        // Not in a --shard-cpus cgroup, which this program removes when it stops.
+        [&cluster, i, quota = f.Has("shard-cpus")] { return cluster->ShardCommand(i, !quota); });
   }
   watch(
       "the router", [&cluster]() -> moe::common::Subprocess& { return cluster->router(); },
@@ -304,14 +307,23 @@ absl::Status Run(int argc, char** argv) {
       if (!restart || w.restarts.size() >= 5) {
         w.given_up = true;
         // Left down on purpose, it may be brought back by hand: the command is said.
-        std::fprintf(stderr, "moe-cluster: %s (pid %d) %s; %s\n", name.c_str(), p.pid(),
-                     why.c_str(),
-                     restart ? "it failed 5 times within a minute: not started again"
-                             : absl::StrCat("not started again (--no-restart); to start it again "
-                                            "by hand (this program then neither watches nor "
-                                            "stops it): ",
-                                            ShellJoin(w.command()))
-                                   .c_str());
+        // Relative paths are moe-cluster's working directory's: the command starts there.
+        std::string by_hand;
+        if (!restart) {
+          std::error_code ec;
+          const std::filesystem::path here = std::filesystem::current_path(ec);
+          by_hand = absl::StrCat(
+              "not started again (--no-restart); to start it again by hand (this program then "
+              "neither watches nor stops it",
+              f.Has("shard-cpus") && absl::StartsWith(name, "shard ")
+                  ? ", nor holds it to --shard-cpus"
+                  : "",
+              "): ", ec ? "" : absl::StrCat("cd ", ShellJoin({here.string()}), " && "),
+              ShellJoin(w.command()));
+        }
+        std::fprintf(
+            stderr, "moe-cluster: %s (pid %d) %s; %s\n", name.c_str(), p.pid(), why.c_str(),
+            restart ? "it failed 5 times within a minute: not started again" : by_hand.c_str());
         // Left down on purpose (--no-restart): told now, and the stop at the end leaves it out.
         // One given up for failing 5 times a minute still fails the stop.
         if (!restart) p = moe::common::Subprocess();

@@ -551,12 +551,12 @@ TEST(RouterGateState, AGateKeptFromAnotherCheckpointIsToldOnlyWhereItDiffers) {
   EXPECT_EQ(log.find("gate kept"), std::string::npos) << log;
   keep(0.5f);  // trained on after the save
   log = start_logs();
-  EXPECT_NE(log.find("moe-router: the gate kept in " + kept +
-                     " was trained from another checkpoint than " + path +
-                     " (another model's, or steps trained after this checkpoint was saved from "
-                     "it: those are not kept); serving the checkpoint's gate"),
-            std::string::npos)
-      << log;
+  const std::string line = "moe-router: the gate kept in " + kept +
+                           " was trained from another checkpoint than " + path +
+                           " (another model's, or steps trained after this checkpoint was saved "
+                           "from it: those are not kept); serving the checkpoint's gate";
+  EXPECT_NE(log.find(line), std::string::npos) << log;
+  EXPECT_EQ(log.find(line, log.find(line) + 1), std::string::npos) << "said twice:\n" << log;
   std::filesystem::remove_all(dir);
 }
 
@@ -1757,6 +1757,65 @@ TEST(RouterReconcile, WithoutACoordinatorReplicasBehindATrainedOneAreCopiedUpToI
     ExpectInfersAsTheLayer(stub.get(), *ck, 60, 4);
     cluster.router->Shutdown(absl::Milliseconds(100));
   }
+}
+
+// A save without a coordinator copies a replica behind a trained one of its expert up to it
+// first, as the tick does (which does not run here: an hour apart), so that the checkpoint holds
+// the training and the replicas read identical. A path in the router's own --state-dir is
+// refused before anything is read.
+TEST(RouterSave, WithoutACoordinatorAStaleReplicaIsCopiedUpBeforeTheSave) {
+  const std::string path = ::moe::testing::TempPath("save_without_coordinator.safetensors");
+  ASSERT_TRUE(common::SaveCheckpoint(path, common::MakeRandomCheckpoint({kConfig, true, 7})).ok());
+  const std::string dir = ::moe::testing::TempPath("save_without_coordinator_dir");
+  std::filesystem::remove_all(dir);
+  RouterWithShards cluster = StartRouterWithShards(path, Strategy::kReplicated,
+                                                   {Starting(std::nullopt), Starting(std::nullopt)},
+                                                   [&](RouterServerOptions& o) {
+                                                     o.reconcile_interval = absl::Hours(1);
+                                                     o.state_dir = dir;
+                                                   });
+  ASSERT_NE(cluster.router, nullptr);
+  expert::ShardServer& a = *cluster.shards[0];
+  const int expert = 2;
+  auto ck = common::LoadCheckpoint(path, {});
+  ASSERT_TRUE(ck.ok()) << ck.status();
+  common::ExpertWeights w = ck->experts[expert];
+  for (float& v : w.w2) v *= 1.5f;
+  absl::StatusOr<uint64_t> trained = TrainOnShard(a, expert, a.store().placement_version(), w);
+  ASSERT_TRUE(trained.ok()) << trained.status();
+  EXPECT_EQ(cluster.shards[1]->store().Find(expert)->trained_step, 0u);
+  auto stub = v1::Router::NewStub(
+      grpc::CreateChannel(cluster.router->address(), grpc::InsecureChannelCredentials()));
+  {
+    const std::string inside = dir + "/model.safetensors";
+    grpc::ClientContext ctx;
+    v1::SaveCheckpointRequest req;
+    req.set_path(inside);
+    v1::SaveCheckpointResponse resp;
+    const grpc::Status st = stub->SaveCheckpoint(&ctx, req, &resp);
+    EXPECT_EQ(st.error_code(), grpc::FAILED_PRECONDITION) << st.error_message();
+    EXPECT_EQ(st.error_message(),
+              absl::StrCat(inside, " is in ", dir,
+                           ", this router's --state-dir; a file written there could take the "
+                           "place of the training it keeps: save to another directory"));
+    EXPECT_FALSE(std::filesystem::exists(inside));
+  }
+  const std::string saved = ::moe::testing::TempPath("save_without_coordinator_out.safetensors");
+  grpc::ClientContext ctx;
+  v1::SaveCheckpointRequest req;
+  req.set_path(saved);
+  v1::SaveCheckpointResponse resp;
+  const grpc::Status st = stub->SaveCheckpoint(&ctx, req, &resp);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_TRUE(resp.replicas_identical())
+      << "expert " << (resp.divergent_experts().empty() ? -1 : resp.divergent_experts(0))
+      << "'s replicas differ: the stale one was not copied up before the save";
+  auto written = common::LoadCheckpoint(saved, {});
+  ASSERT_TRUE(written.ok()) << written.status();
+  EXPECT_EQ(written->experts[expert].w2, w.w2);
+  EXPECT_EQ(cluster.shards[1]->store().Find(expert)->trained_step, *trained);
+  cluster.router->Shutdown(absl::Milliseconds(100));
+  std::filesystem::remove_all(dir);
 }
 
 // A switch that fails half-way leaves its new replicas on the shards it reached, which have

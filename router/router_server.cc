@@ -1388,9 +1388,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       // The checkpoint's own gate where it was saved from this training (started again from a
       // save-checkpoint file with the --state-dir of the cluster that wrote it): nothing to say.
       // Said once: a router that takes the lease reads the file again.
-      const bool saved_from_it =
-          *weight == gate->weight && (gate->bias.empty() || *bias == gate->bias);
-      if (!saved_from_it && !gate_other_checkpoint_said) {
+      common::GateWeights kept;
+      kept.weight = *weight;
+      kept.bias = *bias;
+      if (common::GateFingerprint(kept) != checkpoint_gate_print && !gate_other_checkpoint_said) {
+        gate_other_checkpoint_said = true;
         std::fprintf(
             stderr,
             "moe-router: the gate kept in %s was trained from another checkpoint than "
@@ -1399,7 +1401,6 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
             "replaces the file)\n",
             gate_state_path.c_str(), options.checkpoint.c_str());
       }
-      gate_other_checkpoint_said = true;
       return absl::OkStatus();
     }
     // Written since 2026-12-04: "expert:step,..." (an older file has none, and nothing is known).
@@ -2487,14 +2488,23 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         // Its experts are named, as Infer names an expert without a healthy replica.
         const std::vector<int> on = t.placement.ExpertsOn(s);
         if (before_step && !on.empty()) {
-          // Where a trained expert has no other replica in rotation, nothing can move it: its
-          // training is on that shard (a rebalance that would copy it is refused).
+          // Where a trained expert has no other replica to copy from (in rotation, or on a
+          // shard that drains), nothing can move it while this shard is gone: its training is
+          // on it (a rebalance that would copy it is refused). A shard that drains is not gone:
+          // its experts move off (as the last tick read them: a killed shard still answers
+          // until two health checks have failed).
+          std::set<std::string> drains;
+          {
+            std::lock_guard<std::mutex> ml(models_mu);
+            drains = draining_now;
+          }
+          auto source = [&](int r) {
+            return r < S && (t.shards[r]->healthy() || drains.count(t.shards[r]->address()) > 0);
+          };
           std::vector<int> only;
           for (int e : on) {
-            bool elsewhere = false;
-            for (int r : t.placement.replicas[e]) {
-              elsewhere = elsewhere || (r != s && r < S && t.shards[r]->healthy());
-            }
+            bool elsewhere = drains.count(t.shards[s]->address()) > 0;
+            for (int r : t.placement.replicas[e]) elsewhere = elsewhere || (r != s && source(r));
             if (!elsewhere) only.push_back(e);
           }
           return absl::UnavailableError(absl::StrCat(

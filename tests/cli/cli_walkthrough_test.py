@@ -661,27 +661,39 @@ finally:
             time.sleep(0.02)
         else:
             failures.append("moe-cluster did not report the killed shard within 10 s")
-        # The line ends with the command that starts the shard again by hand: run, it serves
-        # again and the router takes it back into rotation; stopped, moe-cluster says nothing.
-        by_hand = re.search(r"not started again \(--no-restart\); to start it again by hand "
-                            r"\(this program then neither watches nor stops it\): (.+)$",
-                            open(path("cluster.err")).read(), re.M)
-        expect(by_hand, "moe-cluster's line on the killed shard names no command to start it")
-        addr = re.search(r"^shard 2 addr=(\S+) ", "\n".join(cluster.services), re.M).group(1)
-        if by_hand:
-            again = subprocess.Popen(shlex.split(by_hand.group(1)), stdout=subprocess.DEVNULL,
-                                     stderr=cluster_err)
-            row = ""
-            for _ in range(300 if "TSAN_OPTIONS" in os.environ else 100):
-                row = next((line for line in run("info", "--router", router).splitlines()
-                            if addr in line), "")
-                if re.search(rf"{re.escape(addr)}\s+up\s", row):
-                    break
-                time.sleep(0.2)
-            else:
-                failures.append(f"the shard started by hand is not back in rotation: {row!r}")
-            again.terminate()
-            expect(again.wait(timeout=30) == 0, "the shard started by hand did not stop cleanly")
+        # The line ends with the command that starts the shard again by hand (from moe-cluster's
+        # working directory): run, it serves again and the router takes it back into rotation;
+        # stopped, moe-cluster says nothing.
+        again = None
+        try:
+            by_hand = re.search(r"not started again \(--no-restart\); to start it again by hand "
+                                r"\(this program then neither watches nor stops it\): "
+                                r"cd (\S+) && (.+)$", open(path("cluster.err")).read(), re.M)
+            expect(by_hand, "moe-cluster's line on the killed shard names no command to start it")
+            addr = re.search(r"^shard 2 addr=(\S+) ", "\n".join(cluster.services),
+                             re.M).group(1)
+            if by_hand:
+                again = subprocess.Popen(shlex.split(by_hand.group(2)),
+                                         cwd=shlex.split(by_hand.group(1))[0],
+                                         stdout=subprocess.DEVNULL, stderr=cluster_err)
+                row = ""
+                for _ in range(300 if "TSAN_OPTIONS" in os.environ else 100):
+                    row = next((line for line in run("info", "--router", router).splitlines()
+                                if addr in line.split()), "")
+                    if row.split()[2:3] == ["up"]:
+                        break
+                    time.sleep(0.2)
+                else:
+                    failures.append(f"the shard started by hand is not back in rotation: {row!r}")
+                again.terminate()
+                expect(again.wait(timeout=30) == 0,
+                       "the shard started by hand did not stop cleanly")
+        except Exception as e:
+            failures.append(f"starting the shard again by hand: {type(e).__name__}: {e}")
+        finally:
+            if again is not None and again.poll() is None:
+                again.kill()
+                again.wait()
     started = time.monotonic()
     cluster.send_signal(signal.SIGINT)
     try:
