@@ -161,6 +161,12 @@ void StateDir::WriterLoop() {
   }
 }
 
+absl::StatusOr<std::string> StateDir::FingerprintOf(int expert,
+                                                    const common::ExpertWeights& w) const {
+  ASSIGN_OR_RETURN(std::string bytes, common::SerializeExpert(config_, expert, w));
+  return common::Fingerprint(bytes);
+}
+
 absl::StatusOr<std::string> StateDir::BaseFingerprint(int expert) {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -168,8 +174,7 @@ absl::StatusOr<std::string> StateDir::BaseFingerprint(int expert) {
     if (it != fingerprints_.end()) return it->second;
   }
   ASSIGN_OR_RETURN(common::ExpertWeights w, checkpoint_(expert));
-  ASSIGN_OR_RETURN(std::string bytes, common::SerializeExpert(config_, expert, w));
-  const std::string print = common::Fingerprint(bytes);
+  ASSIGN_OR_RETURN(const std::string print, FingerprintOf(expert, w));
   std::lock_guard<std::mutex> lock(mu_);
   fingerprints_[expert] = print;
   return print;
@@ -216,9 +221,8 @@ std::optional<LoadedExpert> StateDir::Read(int expert) {
   if (*expected != base->second) {
     // Where the checkpoint was saved from this training (save-checkpoint, then a start from that
     // file with the same --state-dir), it holds these very weights: nothing is lost, nothing said.
-    absl::StatusOr<std::string> bytes =
-        w.ok() ? common::SerializeExpert(config_, expert, *w) : w.status();
-    if (bytes.ok() && common::Fingerprint(*bytes) == *expected) return std::nullopt;
+    absl::StatusOr<std::string> print = w.ok() ? FingerprintOf(expert, *w) : w.status();
+    if (print.ok() && *print == *expected) return std::nullopt;
     return skip(
         "it was trained from other weights than this checkpoint's (another model's, or "
         "steps trained after this checkpoint was saved from it: those are not kept); "

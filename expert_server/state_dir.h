@@ -67,6 +67,9 @@ class StateDir {
   absl::Status Write(const ExpertHandle& handle);
   // The fingerprint of the checkpoint's weights of expert e (computed once per expert).
   absl::StatusOr<std::string> BaseFingerprint(int expert);
+  // The fingerprint of expert `expert` holding `w` (of its serialized bytes), as a kept file's
+  // base is told: the checkpoint's weights (BaseFingerprint), or a file's own (Read).
+  absl::StatusOr<std::string> FingerprintOf(int expert, const common::ExpertWeights& w) const;
 
   const std::string dir_;
   const common::ModelConfig config_;

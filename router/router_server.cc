@@ -2501,16 +2501,19 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           auto source = [&](int r) {
             return r < S && (t.shards[r]->healthy() || drains.count(t.shards[r]->address()) > 0);
           };
-          std::vector<int> only;
-          for (int e : on) {
-            bool elsewhere = drains.count(t.shards[s]->address()) > 0;
-            for (int r : t.placement.replicas[e]) elsewhere = elsewhere || (r != s && source(r));
-            if (!elsewhere) only.push_back(e);
+          std::vector<int> only;  // trained experts with no other source, this shard gone
+          if (KnownTrained() && drains.count(t.shards[s]->address()) == 0) {
+            for (int e : on) {
+              const std::vector<int>& rs = t.placement.replicas[e];
+              if (std::none_of(rs.begin(), rs.end(), [&](int r) { return r != s && source(r); })) {
+                only.push_back(e);
+              }
+            }
           }
           return absl::UnavailableError(absl::StrCat(
               "replicas of expert", on.size() == 1 ? " " : "s ", absl::StrJoin(on, ", "), " on ",
               t.shards[s]->address(), " are out of rotation: the step could not commit; ",
-              only.empty() || !KnownTrained()
+              only.empty()
                   ? "retry once the shard is back or the placement has moved off it"
                   : absl::StrCat("retry once the shard is back (expert",
                                  only.size() == 1 ? " " : "s ", absl::StrJoin(only, ", "),
