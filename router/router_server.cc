@@ -34,6 +34,7 @@
 #include "router/grpc_shard_client.h"
 #include "router/kept_gate.h"
 #include "router/load_stats.h"
+#include "router/placement_lease.h"
 #include "router/router_metrics.h"
 #include "router/trainer.h"
 #include "services/common/clock.h"
@@ -172,241 +173,19 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::unique_ptr<Trainer> trainer;
   std::shared_ptr<grpc::Channel> coordinator_channel;
   std::unique_ptr<v1::Coordinator::Stub> coordinator;
-  // ---- the placement lease ----
-  // With a coordinator, one router at a time places experts on its members: the one that holds
-  // the coordinator's placement lease. A router asks for it before its first placement, and
-  // stands by (NOT_SERVING, saying which router holds it) until it gets it; the holder renews it
-  // every quarter lease. A holder told that another router holds it now (it stalled for a whole
-  // lease, and a router standing by took over) places nothing more and stops: WaitOrLeaseLost.
-  // A holder whose last grant is older than a lease (the coordinator does not answer) keeps
-  // serving but changes no placement until it is granted again: no other router may place
-  // meanwhile, but this one cannot tell.
-  std::mutex lease_mu;
-  // Set once the server has its port (lease_mu: calls may come in before that).
-  std::string router_id;       // random, one per process
-  std::string router_address;  // "HOST:PORT", for the messages that name this router
-  // The coordinator grants no lease (an older build): the router places without one.
-  bool lease_unsupported = false;
-  bool lease_held = false;
-  // Why the lease is not held, as `info` says it ("standing by: ..." or "waiting for ...");
-  // "" before the first answer. Said once in the log per holder or kind of trouble.
-  std::string lease_wait;
-  std::string lease_wait_said;
-  // Since its last grant, this router was told of another holder
-  // (PlacementLeaseRequest.defer_while_settling).
-  bool lease_other_holder = false;
-  std::chrono::steady_clock::time_point lease_confirmed{};  // the last grant's ask
-  std::chrono::steady_clock::time_point lease_asked{};      // the last ask
-  // AskLease runs on several threads (the lease loop, the control thread, Rebalance and
-  // TrainStep): each ask is numbered, and a reply older than one applied is dropped (an older
-  // grant would take the lease's epoch, or its time, back).
-  uint64_t lease_ask_seq = 0;
-  uint64_t lease_reply_seq = 0;
-  absl::Duration lease_length = absl::Seconds(3);           // the coordinator's, once told
-  // Lost (another router holds it now): set once, under control_mu too (WaitOrLeaseLost).
-  std::atomic<bool> lease_lost{false};
-  std::string lease_lost_why;  // lease_mu
+  // ---- the placement lease (router/placement_lease.h) ----
+  // Null without a coordinator: the router places without a lease.
+  std::unique_ptr<PlacementLease> lease;
+  // Random, one per process: the lease's holder id, and the kept gate's `kept_by`.
+  std::string router_id;
   // The lease's epoch, sent with each load and unload so that shards refuse those of a router
   // whose lease has gone to another; and the highest the shards report.
   const std::shared_ptr<LeaseEpochs> lease_epochs = std::make_shared<LeaseEpochs>();
-  bool lease_stop = false;     // control_mu: ends LeaseLoop (DoShutdown, just before the release)
-  std::thread lease_thread;
-
-  bool HeldNowLocked() const {
-    return lease_held &&
-           absl::FromChrono(std::chrono::steady_clock::now() - lease_confirmed) <= lease_length;
-  }
-
-  // Whether this router may change the placement now: it holds a lease granted less than a
-  // lease ago (or needs none).
-  bool MayPlace() {
-    if (coordinator == nullptr) return true;
-    std::lock_guard<std::mutex> lock(lease_mu);
-    return !lease_lost.load() && (lease_unsupported || HeldNowLocked());
-  }
-  // Whether a placement lease keeps other routers from placing the shards meanwhile (a
-  // coordinator that grants one).
-  bool LeaseFences() {
-    if (coordinator == nullptr) return false;
-    std::lock_guard<std::mutex> lock(lease_mu);
-    return !lease_unsupported;
-  }
-
-  // ClusterInfo.placement_lease.
-  std::string LeaseState() {
-    if (coordinator == nullptr) return "";
-    std::lock_guard<std::mutex> lock(lease_mu);
-    if (lease_lost.load()) return absl::StrCat("lost: ", lease_lost_why);
-    if (lease_unsupported) {
-      return "none: the coordinator grants no placement lease (an older build); a second "
-             "router on it would not be told";
-    }
-    if (lease_held) {
-      const absl::Duration age = absl::Milliseconds(absl::ToInt64Milliseconds(
-          absl::FromChrono(std::chrono::steady_clock::now() - lease_confirmed)));
-      return absl::StrCat(age <= lease_length ? "held" : "held, not renewed", " (renewed ",
-                          absl::FormatDuration(age), " ago)");
-    }
-    return lease_wait.empty() ? absl::StrCat("asking coordinator ", options.coordinator)
-                              : lease_wait;
-  }
-
-  // The lease is not held: `why` (LeaseState's text) is said once in the log per `kind`.
-  void WaitForLeaseLocked(const std::string& why, const std::string& kind) {
-    lease_wait = why;
-    if (kind != lease_wait_said) {
-      std::fprintf(stderr, "moe-router: %s\n", why.c_str());
-      lease_wait_said = kind;
-    }
-  }
-
-  // Another router has placed the shards since this one last did: it stops (LeaseLoop, then
-  // OnLeaseLost). `why` is said by moe-router as it exits (WaitOrLeaseLost's status). lease_mu.
-  void LoseLeaseLocked(std::string why) {
-    lease_lost_why = std::move(why);
-    lease_held = false;
-    metrics->SetPlacementLeaseHeld(false);
-    {
-      std::lock_guard<std::mutex> l(control_mu);
-      lease_lost = true;
-    }
-    control_cv.notify_all();
-  }
-
-  // Asks the coordinator for the lease once (or to renew it), and records the answer.
-  void AskLease() {
-    using Clock = std::chrono::steady_clock;
-    v1::PlacementLeaseRequest req;
-    const Clock::time_point asked = Clock::now();
-    absl::Duration deadline;
-    uint64_t seq = 0;
-    {
-      std::lock_guard<std::mutex> lock(lease_mu);
-      if (lease_lost.load() || router_id.empty()) return;
-      seq = ++lease_ask_seq;
-      req.set_router_id(router_id);
-      req.set_router_address(router_address);
-      // A holder that went a whole lease without asking (it stalled) may have been replaced:
-      // it defers too.
-      const bool stalled = lease_held && absl::FromChrono(asked - lease_asked) > lease_length;
-      req.set_defer_while_settling(lease_other_holder || stalled);
-      // The shards were placed under a later epoch than this router's (its coordinator
-      // restarted with its clock behind): the lease, if granted, goes on past it.
-      if (const uint64_t seen = lease_epochs->seen.load(); seen > lease_epochs->held.load()) {
-        req.set_min_epoch(seen);
-      }
-      lease_asked = asked;
-      deadline = std::min(absl::Milliseconds(500), lease_length / 2);
-    }
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(deadline));
-    v1::PlacementLeaseResponse resp;
-    const grpc::Status st = coordinator->AcquirePlacementLease(&ctx, req, &resp);
-    std::lock_guard<std::mutex> lock(lease_mu);
-    if (lease_lost.load() || seq < lease_reply_seq) return;
-    lease_reply_seq = seq;
-    if (st.error_code() == grpc::StatusCode::UNIMPLEMENTED) {
-      if (!lease_unsupported) {
-        std::fprintf(stderr,
-                     "moe-router: coordinator %s grants no placement lease (an older build): "
-                     "this router places without one, and a second router following it would "
-                     "not be told\n",
-                     options.coordinator.c_str());
-      }
-      lease_unsupported = true;
-      metrics->SetPlacementLeaseHeld(true);
-      return;
-    }
-    if (!st.ok()) {
-      // Unreachable: a holder keeps serving (MayPlace: it places again once granted).
-      if (!lease_held) {
-        WaitForLeaseLocked(
-            absl::StrCat("waiting for coordinator ", options.coordinator,
-                         ", which does not answer (", st.error_message(),
-                         "): check that it runs and that --coordinator names it; the router "
-                         "places its shards once the coordinator grants it the placement lease"),
-            "unreachable");
-      }
-      return;
-    }
-    lease_unsupported = false;
-    if (resp.lease_ms() > 0) lease_length = absl::Milliseconds(resp.lease_ms());
-    if (resp.granted()) {
-      if (!lease_held && !lease_wait_said.empty()) {
-        std::fprintf(stderr, "moe-router: this router holds the placement lease now\n");
-      }
-      lease_held = true;
-      lease_other_holder = false;
-      lease_wait.clear();
-      lease_wait_said.clear();
-      lease_confirmed = asked;
-      if (const uint64_t held = lease_epochs->held.load(); held != 0 && resp.epoch() != held) {
-        ++lease_regrants;
-        {
-          std::lock_guard<std::mutex> l(control_mu);
-          control_wake = true;  // TakeOverAgain now, not at the next tick
-        }
-        control_cv.notify_all();
-      }
-      lease_epochs->held.store(resp.epoch());
-      metrics->SetPlacementLeaseHeld(true);
-      return;
-    }
-    const std::string holder =
-        resp.holder_id().empty()
-            ? ""
-            : absl::StrCat("router ", resp.holder_address(), " (", resp.holder_id(), ")");
-    lease_other_holder |= !holder.empty();
-    if (lease_held && !holder.empty()) {
-      LoseLeaseLocked(absl::StrCat(
-          holder, " holds the placement lease at coordinator ", options.coordinator,
-          " now (this router last renewed it ",
-          absl::FormatDuration(absl::Milliseconds(
-              absl::ToInt64Milliseconds(absl::FromChrono(asked - lease_confirmed)))),
-          " ago, and that router took over): this router stops, as its placement is no longer "
-          "the shards'; start it again to stand by"));
-      return;
-    }
-    if (lease_held) return;  // settling: asked again within a quarter lease
-    if (holder.empty()) {
-      WaitForLeaseLocked(
-          absl::StrCat("standing by: coordinator ", options.coordinator,
-                       " started moments ago, and the router that held its placement lease "
-                       "may ask for it again first"),
-          "settling");
-    } else {
-      WaitForLeaseLocked(
-          absl::StrCat("standing by: ", holder, " holds the placement lease at coordinator ",
-                       options.coordinator, " (it lapses ", resp.holder_expires_in_ms(),
-                       " ms from now unless renewed); this router places the shards once that "
-                       "router stops. One router places a cluster's shards at a time"),
-          holder);
-    }
-    metrics->SetPlacementLeaseHeld(false);
-  }
-
-  // Renews the lease every quarter lease once held; asks every 250 ms until then. Runs until
-  // DoShutdown gives the lease up, or the lease is lost.
-  void LeaseLoop() {
-    std::unique_lock<std::mutex> lock(control_mu);
-    while (!lease_stop && !lease_lost.load()) {
-      lock.unlock();
-      AskLease();
-      std::chrono::milliseconds wait(250);
-      {
-        std::lock_guard<std::mutex> l(lease_mu);
-        if (lease_held || lease_unsupported) wait = absl::ToChronoMilliseconds(lease_length / 4);
-        // 1 while the router may place: a lease not renewed for a lease reads 0.
-        metrics->SetPlacementLeaseHeld(!lease_lost.load() &&
-                                       (lease_unsupported || HeldNowLocked()));
-      }
-      lock.lock();
-      control_cv.wait_for(lock, wait, [this] { return lease_stop || lease_lost.load(); });
-    }
-    const bool lost = lease_lost.load();
-    lock.unlock();
-    if (lost) OnLeaseLost();
-  }
+  bool MayPlace() { return lease == nullptr || lease->MayPlace(); }
+  bool MayPlaceNow() { return lease == nullptr || lease->MayPlaceNow(); }
+  // Whether a placement lease keeps other routers from placing the shards meanwhile.
+  bool LeaseFences() { return lease != nullptr && lease->Fences(); }
+  bool LeaseLost() const { return lease != nullptr && lease->lost(); }
 
   // Another router places the shards now: this one answers nothing more from its placement
   // (requests are refused UNAVAILABLE, saying why) and says NOT_SERVING; WaitOrLeaseLost then
@@ -423,23 +202,6 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // Orders the first SERVING (ControlLoop, only while the lease is not lost) before a loss's
   // NOT_SERVING.
   std::mutex serving_mu;
-
-  // Before a change of placement: a holder whose last grant is older than a lease (its process
-  // stalled, say) asks again first, so that it learns of a router that took over meanwhile; a
-  // router without the lease asks too (the first placement need not wait for the lease loop),
-  // and so does a holder whose epoch is behind the shards' (a load was refused for it).
-  bool MayPlaceNow() {
-    if (coordinator == nullptr) return true;
-    bool ask = false;
-    {
-      std::lock_guard<std::mutex> lock(lease_mu);
-      const uint64_t held = lease_epochs->held.load();
-      ask = lease_held ? !HeldNowLocked() || (held != 0 && lease_epochs->seen.load() > held)
-                       : !lease_unsupported && !lease_lost.load();
-    }
-    if (ask) AskLease();
-    return MayPlace();
-  }
 
   // Sends this router's lease epoch to each of `shards` that has not got it (an empty unload,
   // which a shard answers at once): from then on the shard refuses the loads and unloads of a
@@ -480,33 +242,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // Why a change of placement is refused now (!MayPlaceNow()). The same text each time: Apply
   // says a refusal once while it lasts.
   absl::Status PlacementRefusal() {
-    {
-      std::lock_guard<std::mutex> lock(lease_mu);
-      if (lease_held && !lease_lost.load()) {
-        return absl::UnavailableError(absl::StrCat(
-            "this router's placement lease has not been renewed for over a lease (coordinator ",
-            options.coordinator,
-            " does not answer it in time): the router serves, but changes no placement and "
-            "runs no training step until the lease is renewed"));
-      }
-    }
+    if (lease != nullptr) RETURN_IF_ERROR(lease->NotRenewed());
     return NotReady();
-  }
-
-  // Gives the lease up at shutdown, so that a router standing by takes over at its next ask.
-  void ReleaseLease() {
-    {
-      std::lock_guard<std::mutex> lock(lease_mu);
-      if (!lease_held || lease_lost.load()) return;
-      lease_held = false;
-      metrics->SetPlacementLeaseHeld(false);
-    }
-    v1::PlacementLeaseRequest req;
-    req.set_router_id(router_id);  // set before the lease could be held
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
-    v1::PlacementLeaseResponse resp;
-    (void)coordinator->ReleasePlacementLease(&ctx, req, &resp);
   }
 
   // How long a training step waits for a connection to the coordinator before it is refused:
@@ -602,15 +339,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // applied.
   std::string not_ready_why;
   absl::Status NotReady() {
-    if (coordinator != nullptr) {
-      std::lock_guard<std::mutex> l(lease_mu);
-      if (lease_lost.load()) return absl::UnavailableError(lease_lost_why);
-      if (!lease_held && !lease_unsupported) {
-        return absl::UnavailableError(absl::StrCat(
-            "the router does not serve: ",
-            lease_wait.empty() ? "it has not been granted the placement lease yet" : lease_wait));
-      }
-    }
+    if (lease != nullptr) RETURN_IF_ERROR(lease->NotServing());
     std::lock_guard<std::mutex> l(models_mu);
     return absl::UnavailableError(
         not_ready_why.empty()
@@ -1514,15 +1243,15 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     gate = std::make_shared<const common::GateWeights>(std::move(g));
     return absl::OkStatus();
   }
-  // Granted the lease again under another epoch than the one it held (AskLease): this router
-  // went a whole lease without renewing it, and another router may have held the lease
+  // Granted the lease again under another epoch than the one it held (PlacementLease::Ask): this
+  // router went a whole lease without renewing it, and another router may have held the lease
   // meanwhile, moved experts, trained them and kept its gate (or the coordinator restarted).
   // Until it has caught up as at a takeover (TakeOverAgain, at the control loop's next tick),
   // its table and gate may not be the shards': training steps, saves, rebalances and the
   // control loop's own changes wait. Counted, so that a grant during a catch-up is not lost.
-  std::atomic<uint64_t> lease_regrants{0};  // AskLease: grants under a new epoch
-  std::atomic<uint64_t> regrants_caught_up{0};
-  bool RegrantPending() const { return lease_regrants.load() != regrants_caught_up.load(); }
+  std::atomic<uint64_t> regrants_caught_up{0};  // PlacementLease::regrants() caught up with
+  uint64_t Regrants() const { return lease == nullptr ? 0 : lease->regrants(); }
+  bool RegrantPending() const { return Regrants() != regrants_caught_up.load(); }
   // After the lease was granted again under a new epoch (RegrantPending), as at a takeover:
   // the kept gate is read again (another router's training is served from then on), and what
   // the members hold is read (ObserveShards, which also numbers this router's steps past the
@@ -1538,7 +1267,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // goes on from its table), each said in a line. Control thread.
   static constexpr absl::Duration kRegrantPatience = absl::Seconds(10);
   void TakeOverAgain() {
-    const uint64_t regrants = lease_regrants.load();
+    const uint64_t regrants = Regrants();
     if (regrant_seen != regrants) {
       regrant_seen = regrants;
       // The latest version this router had numbered (a switch that failed raised the shards it
@@ -1774,7 +1503,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // the lease is not current; kept unless another router holds it now (a coordinator that
     // does not answer, after a step whose verdict was settled without it, does not stop it).
     if (!MayPlace()) MayPlaceNow();
-    if (lease_lost.load()) {
+    if (LeaseLost()) {
       std::fprintf(stderr,
                    "moe-router: the gate of training step %llu was not kept in %s: another "
                    "router holds the placement lease now\n",
@@ -1807,12 +1536,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         // Another router kept its gate since this one last looked: it held the lease while
         // this one stalled, and trained. This router's gate and step numbers are not the
         // cluster's any more; it stops, and started again reads that router's gate.
-        std::lock_guard<std::mutex> lock(lease_mu);
-        if (!lease_lost.load()) {
-          LoseLeaseLocked(absl::StrCat("the gate kept in ", gate_state_path, ": ", st.message(),
-                                       ": this router stops; start it again to take the kept "
-                                       "gate"));
-        }
+        lease->Lose(absl::StrCat("the gate kept in ", gate_state_path, ": ", st.message(),
+                                 ": this router stops; start it again to take the kept gate"));
       }
       if (!absl::IsFailedPrecondition(st) || later == 0 || attempt > 0) break;
       lease_epochs->See(later);
@@ -2957,7 +2682,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (coordinator_channel != nullptr) coordinator_channel->GetState(/*try_to_connect=*/true);
     // A lease not renewed for a lease is asked for again here; until it is granted, the tick's
     // changes are refused where they are made (SwitchLocked, ReloadMissing, UnloadExtras).
-    if (!MayPlaceNow() && lease_lost.load()) return;
+    if (!MayPlaceNow() && LeaseLost()) return;
     if (RegrantPending()) return;  // granted again by that ask: TakeOverAgain first
     std::shared_ptr<const RoutingTable> t = Table();
     if (t == nullptr) return;
@@ -3331,15 +3056,15 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         // Standing by (NotReady says why) until this router holds the placement lease.
         absl::Status st = absl::UnavailableError("");
         if (MayPlaceNow()) {
-          regrants_caught_up = lease_regrants.load();  // the first placement reads the shards
+          regrants_caught_up = Regrants();             // the first placement reads the shards
           ReadKeptGateAgain().IgnoreError();           // said in the log; the gate it has stays
           st = FirstPlacement(&unread_since);
         }
-        if (st.ok() && !lease_lost.load()) {  // lost meanwhile: OnLeaseLost dropped the table
+        if (st.ok() && !LeaseLost()) {  // lost meanwhile: OnLeaseLost dropped the table
           AwaitPlacedShardsInRotation(absl::Seconds(5));
           // OnLeaseLost says NOT_SERVING under serving_mu: SERVING is said only before it.
           std::lock_guard<std::mutex> s(serving_mu);
-          if (!lease_lost.load()) {
+          if (!LeaseLost()) {
             server->GetHealthCheckService()->SetServingStatus(true);
             ready.Notify();
           }
@@ -3738,7 +3463,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (coordinator_channel != nullptr) {
       info->set_coordinator(options.coordinator);
       info->set_coordinator_state(CoordinatorState());
-      info->set_placement_lease(LeaseState());
+      info->set_placement_lease(lease == nullptr ? "" : lease->State());
     }
     std::shared_ptr<const RoutingTable> t = Table();
     info->set_placement_strategy(
@@ -4008,13 +3733,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       cancel_late.join();
       // No switch can start now (the control loop and Rebalance's pool have ended): the lease,
       // renewed until now, is given up.
-      {
-        std::lock_guard<std::mutex> lock(control_mu);
-        lease_stop = true;
+      if (lease != nullptr) {
+        lease->Stop();
+        lease->Release();
       }
-      control_cv.notify_all();
-      if (lease_thread.joinable()) lease_thread.join();
-      if (coordinator != nullptr) ReleaseLease();
       // Forwards use this object until their `done` has run.
       std::unique_lock<std::mutex> lock(inflight_mu);
       inflight_cv.wait(lock, [this] { return inflight == 0; });
@@ -4185,6 +3907,7 @@ RouterServer::~RouterServer() {
 absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOptions options) {
   auto impl = std::make_unique<Impl>();
   impl->options = std::move(options);
+  impl->router_id = RandomId();
   RouterServerOptions& o = impl->options;
   if (o.checkpoint.empty()) return common::UsageError("--checkpoint is required");
   if (o.shards.empty() && o.coordinator.empty()) {
@@ -4219,10 +3942,7 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
           // Sent with this router's id: the coordinator refuses a step from a router that does
           // not hold the placement lease.
           v1::CommitStepRequest req = sent;
-          {
-            std::lock_guard<std::mutex> lock(lessee->lease_mu);
-            req.set_router_id(lessee->router_id);
-          }
+          req.set_router_id(lessee->router_id);
           // Longer than the coordinator can take (the reductions' timeout + 1 s, then 5 s for
           // the second phase): giving up first would abort a step it may be committing.
           grpc::ClientContext ctx;
@@ -4245,6 +3965,26 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   }
   impl->registry = o.registry ? o.registry : std::make_shared<prometheus::Registry>();
   impl->metrics = std::make_unique<RouterMetrics>(*impl->registry, impl->config.num_experts, o.shards);
+  if (impl->coordinator != nullptr) {
+    PlacementLease::Hooks hooks;
+    hooks.regranted = [raw = impl.get()] {
+      {
+        std::lock_guard<std::mutex> l(raw->control_mu);
+        raw->control_wake = true;  // TakeOverAgain now, not at the next tick
+      }
+      raw->control_cv.notify_all();
+    };
+    hooks.lost = [raw = impl.get()] {
+      raw->OnLeaseLost();
+      {
+        std::lock_guard<std::mutex> l(raw->control_mu);  // WaitOrLeaseLost reads it under it
+      }
+      raw->control_cv.notify_all();
+    };
+    impl->lease =
+        std::make_unique<PlacementLease>(impl->coordinator.get(), o.coordinator, impl->router_id,
+                                         impl->lease_epochs, impl->metrics.get(), std::move(hooks));
+  }
   impl->load_stats = std::make_unique<LoadStats>(impl->config.num_experts);
   DispatcherOptions dopt;
   dopt.wire = o.wire;
@@ -4269,13 +4009,11 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
   impl->server = std::move(started.server);
   impl->port = started.port;
   Impl* raw = impl.get();
-  {
-    std::lock_guard<std::mutex> lock(impl->lease_mu);
-    impl->router_id = RandomId();
-    impl->router_address = absl::StrCat(HostName(), ":", impl->port);
-  }
   impl->metrics->SetPlacementLeaseHeld(impl->coordinator == nullptr);
-  if (impl->coordinator != nullptr) impl->lease_thread = std::thread([raw] { raw->LeaseLoop(); });
+  if (impl->lease != nullptr) {
+    impl->lease->SetAddress(absl::StrCat(HostName(), ":", impl->port));
+    impl->lease->Start();
+  }
   impl->control = std::thread([raw] { raw->ControlLoop(); });
   return std::unique_ptr<RouterServer>(new RouterServer(std::move(impl)));
 }
@@ -4291,13 +4029,9 @@ void RouterServer::Wait() { impl_->server->Wait(); }
 absl::Status RouterServer::WaitOrLeaseLost(absl::Duration grace) {
   {
     std::unique_lock<std::mutex> lock(impl_->control_mu);
-    impl_->control_cv.wait(lock, [this] { return impl_->stopping || impl_->lease_lost.load(); });
+    impl_->control_cv.wait(lock, [this] { return impl_->stopping || impl_->LeaseLost(); });
   }
-  absl::Status lost;
-  {
-    std::lock_guard<std::mutex> lock(impl_->lease_mu);
-    if (impl_->lease_lost.load()) lost = absl::UnavailableError(impl_->lease_lost_why);
-  }
+  const absl::Status lost = impl_->lease == nullptr ? absl::OkStatus() : impl_->lease->LostStatus();
   if (!lost.ok()) impl_->DoShutdown(grace);
   impl_->server->Wait();
   return lost;
