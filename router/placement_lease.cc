@@ -1,5 +1,6 @@
 #include "router/placement_lease.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <utility>
 
@@ -126,9 +127,16 @@ void PlacementLease::Lose(std::string why) {
     std::lock_guard<std::mutex> lock(mu_);
     if (!LoseLocked(std::move(why))) return;
   }
-  // Under loop_mu_, so that the loop cannot test lost_ and then wait past this notification.
-  std::lock_guard<std::mutex> lock(loop_mu_);
-  loop_cv_.notify_all();
+  Lost();
+}
+
+void PlacementLease::Lost() {
+  {
+    // Under loop_mu_, so that the loop cannot test lost_ and then wait past this notification.
+    std::lock_guard<std::mutex> lock(loop_mu_);
+    loop_cv_.notify_all();
+  }
+  if (hooks_.lost) hooks_.lost();
 }
 
 void PlacementLease::Ask() {
@@ -242,10 +250,7 @@ void PlacementLease::Ask() {
     }
   }
   if (regranted && hooks_.regranted) hooks_.regranted();
-  if (lost) {
-    std::lock_guard<std::mutex> lock(loop_mu_);
-    loop_cv_.notify_all();
-  }
+  if (lost) Lost();
 }
 
 void PlacementLease::Loop() {
@@ -265,7 +270,7 @@ void PlacementLease::Loop() {
   }
   const bool lost = lost_.load();
   lock.unlock();
-  if (lost && hooks_.lost) hooks_.lost();
+  if (lost && hooks_.loop_ended_lost) hooks_.loop_ended_lost();
 }
 
 void PlacementLease::Release() {

@@ -35,10 +35,15 @@ class PlacementLease {
     // Granted again under another epoch than the one held (this router went a whole lease
     // without renewing it; another may have placed meanwhile): the router catches up.
     std::function<void()> regranted;
-    // Lost: another router places the shards now. Called once, on the thread that runs Start's
-    // loop, as the loop ends.
+    // Lost: another router places the shards now (or Lose was called). Called once, at once,
+    // on the thread that found it, with no lock of the lease held; that thread may hold the
+    // router's own locks (a switch asks), so it must not wait for them.
     std::function<void()> lost;
+    // Called once after `lost`, on Start's thread as its loop ends (not for a loss that comes
+    // after Stop ended it): where the router drops what it placed, taking the locks it needs.
+    std::function<void()> loop_ended_lost;
   };
+  // No hook may call Start, Stop or the destructor.
 
   // `coordinator` (named `coordinator_address` in messages) outlives this object. `epochs`
   // holds the granted epoch (`held`), which the router sends with each load and unload, and
@@ -47,7 +52,8 @@ class PlacementLease {
   PlacementLease(v1::Coordinator::StubInterface* coordinator, std::string coordinator_address,
                  std::string router_id, std::shared_ptr<LeaseEpochs> epochs, RouterMetrics* metrics,
                  Hooks hooks);
-  ~PlacementLease();  // Stop()
+  // Ends Start's thread as Stop does; the lease is not given up.
+  ~PlacementLease();
   PlacementLease(const PlacementLease&) = delete;
   PlacementLease& operator=(const PlacementLease&) = delete;
 
@@ -55,7 +61,7 @@ class PlacementLease {
   // a port: nothing is asked before.
   void SetAddress(std::string address);
   // Asks in a thread of its own: every 250 ms until granted, then every quarter lease, until
-  // Stop or the loss of the lease (then Hooks::lost).
+  // Stop or the loss of the lease (then Hooks::loop_ended_lost). Once at most.
   void Start();
   // Ends Start's thread; the lease is kept until Release or its end.
   void Stop();
@@ -91,11 +97,15 @@ class PlacementLease {
   uint64_t regrants() const { return regrants_.load(); }
 
  private:
+  // Held, and granted less than a lease ago by this router's clock. mu_.
   bool HeldNowLocked() const;
   // The lease is not held: `why` (State's text) is said once in the log per `kind`.
   void WaitLocked(const std::string& why, const std::string& kind);
-  // Sets lost_ with `why`; false where it was lost already.
+  // Sets lost_ with `why`; false where it was lost already. mu_.
   bool LoseLocked(std::string why);
+  // After LoseLocked returned true, with mu_ released: ends the loop and calls Hooks::lost.
+  void Lost();
+  // Start's thread.
   void Loop();
 
   v1::Coordinator::StubInterface* const coordinator_;

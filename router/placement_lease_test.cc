@@ -22,20 +22,29 @@ namespace moe::router {
 namespace {
 
 // One router's lease on a coordinator at `address`, with its own metrics and counted hooks.
+// `connect`: wait until the channel is connected (each ask has 500 ms, connecting included).
 struct Router {
-  Router(const std::string& address, const std::string& id)
-      : stub(v1::Coordinator::NewStub(grpc::CreateCustomChannel(
-            address, common::ChannelCredentials(), common::ClientChannelArgs()))),
+  Router(const std::string& address, const std::string& id, bool connect = true)
+      : channel(grpc::CreateCustomChannel(address, common::ChannelCredentials(),
+                                          common::ClientChannelArgs())),
+        stub(v1::Coordinator::NewStub(channel)),
         metrics(registry, 4, {}),
         lease(stub.get(), address, id, epochs, &metrics,
-              {[this] { ++regranted; }, [this] { ++lost; }}) {}
+              {[this] { ++regranted; }, [this] { ++lost; }, [this] { ++loop_ended_lost; }}) {
+    if (connect) {
+      EXPECT_TRUE(
+          channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(20)));
+    }
+  }
   double HeldGauge() { return testing::RegistryValue(registry, "moe_router_placement_lease_held"); }
+  std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::Coordinator::Stub> stub;
   prometheus::Registry registry;
   RouterMetrics metrics;
   std::shared_ptr<LeaseEpochs> epochs = std::make_shared<LeaseEpochs>();
   std::atomic<int> regranted{0};
   std::atomic<int> lost{0};
+  std::atomic<int> loop_ended_lost{0};
   PlacementLease lease;
 };
 
@@ -116,17 +125,40 @@ TEST(PlacementLease, OneRouterHoldsItAndAnotherStandsBySayingWhichHolds) {
   EXPECT_EQ(a.regranted + a.lost + b.regranted + b.lost, 0);
 }
 
+// Start's loop renews the lease every quarter lease: the holder may place a lease later and
+// after, and the other router stays refused; stopped, the lease is kept (until Release or its
+// lapse) and nothing says it was lost.
+TEST(PlacementLease, TheLoopRenewsTheLeaseUntilStopped) {
+  TwoRouters c(absl::Seconds(1));
+  ASSERT_NE(c.coordinator, nullptr);
+  Router &a = c.a, &b = c.b;
+  a.lease.Start();
+  ASSERT_TRUE(testing::Eventually([&] { return a.lease.MayPlace(); }));
+  const uint64_t epoch = a.epochs->held.load();
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  EXPECT_TRUE(a.lease.MayPlace()) << a.lease.State();
+  EXPECT_EQ(a.HeldGauge(), 1);
+  EXPECT_FALSE(b.lease.MayPlaceNow());
+  a.lease.Stop();
+  EXPECT_TRUE(absl::StartsWith(a.lease.State(), "held")) << a.lease.State();
+  a.lease.Release();
+  EXPECT_TRUE(b.lease.MayPlaceNow());
+  EXPECT_EQ(a.epochs->held.load(), epoch) << "renewals keep the epoch";
+  EXPECT_EQ(a.regranted + a.lost + a.loop_ended_lost, 0);
+}
+
 // A holder that went a whole lease without renewing it may no longer place (the refusal says
 // so); once another router has taken the lease over, the holder's next ask finds it lost: it
-// stops placing for good, its loop ends and says so once (Hooks::lost), and its parting words
-// name the router that holds it now.
+// stops placing for good, says so once (Hooks::lost at once, Hooks::loop_ended_lost as its loop
+// ends), and its parting words name the router that holds it now.
 TEST(PlacementLease, AHolderThatStalledForALeaseFindsItTakenOverAndStops) {
-  TwoRouters c(absl::Seconds(1));
+  // 2 s: a's ask after b's grant must come within b's lease.
+  TwoRouters c(absl::Seconds(2));
   ASSERT_NE(c.coordinator, nullptr);
   const std::string& at = c.at;
   Router &a = c.a, &b = c.b;
   ASSERT_TRUE(a.lease.MayPlaceNow());
-  std::this_thread::sleep_for(std::chrono::milliseconds(1200));  // past a lease, not renewed
+  std::this_thread::sleep_for(std::chrono::milliseconds(2200));  // past a lease, not renewed
   EXPECT_FALSE(a.lease.MayPlace());
   EXPECT_TRUE(absl::StartsWith(a.lease.State(), "held, not renewed (renewed ")) << a.lease.State();
   const absl::Status stale = a.lease.NotRenewed();
@@ -142,6 +174,8 @@ TEST(PlacementLease, AHolderThatStalledForALeaseFindsItTakenOverAndStops) {
   ASSERT_TRUE(b.lease.MayPlaceNow());  // the coordinator's lease lapsed too
   EXPECT_FALSE(a.lease.MayPlaceNow());
   EXPECT_TRUE(a.lease.lost());
+  EXPECT_EQ(a.lost.load(), 1);
+  EXPECT_EQ(a.loop_ended_lost.load(), 0);
   const absl::Status gone = a.lease.LostStatus();
   EXPECT_EQ(gone.code(), absl::StatusCode::kUnavailable);
   EXPECT_TRUE(absl::StartsWith(gone.message(),
@@ -153,14 +187,12 @@ TEST(PlacementLease, AHolderThatStalledForALeaseFindsItTakenOverAndStops) {
   EXPECT_EQ(a.lease.State(), absl::StrCat("lost: ", gone.message()));
   EXPECT_EQ(a.HeldGauge(), 0);
   a.lease.Start();  // ends at once, lost
-  EXPECT_TRUE(testing::Eventually([&] { return a.lost.load() == 1; }));
+  EXPECT_TRUE(testing::Eventually([&] { return a.loop_ended_lost.load() == 1; }));
   a.lease.Lose("once more");
   a.lease.Stop();
   EXPECT_EQ(a.lost.load(), 1);
+  EXPECT_EQ(a.loop_ended_lost.load(), 1);
   EXPECT_EQ(a.lease.LostStatus(), gone) << "the first reason stays";
-  // Lost, it asks no more and gives nothing up: the new holder keeps it.
-  a.lease.Release();
-  EXPECT_TRUE(b.lease.MayPlaceNow());
 }
 
 // Lose (the router found another's kept gate) ends the asking loop and says so once; the lease
@@ -172,14 +204,17 @@ TEST(PlacementLease, LostFromOutsideEndsTheLoop) {
   a.lease.Start();
   ASSERT_TRUE(testing::Eventually([&] { return a.lease.MayPlace(); }));
   a.lease.Lose("the gate kept in DIR: another router kept it");
-  EXPECT_TRUE(testing::Eventually([&] { return a.lost.load() == 1; }));
+  EXPECT_EQ(a.lost.load(), 1);
+  EXPECT_TRUE(testing::Eventually([&] { return a.loop_ended_lost.load() == 1; }));
   EXPECT_FALSE(a.lease.MayPlace());
+  EXPECT_EQ(a.HeldGauge(), 0);
   EXPECT_EQ(a.lease.LostStatus().message(), "the gate kept in DIR: another router kept it");
   a.lease.Release();
   EXPECT_FALSE(b.lease.MayPlaceNow());
   EXPECT_TRUE(absl::StartsWith(b.lease.State(), "standing by: router host-a:1 (id-a)"));
   a.lease.Stop();
   EXPECT_EQ(a.lost.load(), 1);
+  EXPECT_EQ(a.loop_ended_lost.load(), 1);
 }
 
 // A coordinator that does not answer: a router that never held the lease says so (what to check)
@@ -188,7 +223,7 @@ TEST(PlacementLease, ACoordinatorThatDoesNotAnswerIsSaid) {
   const int port = testing::FreePortBlock(1);
   ASSERT_GT(port, 0);
   const std::string at = absl::StrCat("127.0.0.1:", port);
-  Router a(at, "id-a");
+  Router a(at, "id-a", /*connect=*/false);
   a.lease.SetAddress("host-a:1");
   EXPECT_FALSE(a.lease.MayPlaceNow());
   EXPECT_TRUE(absl::StartsWith(a.lease.State(), absl::StrCat("waiting for coordinator ", at,

@@ -173,9 +173,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   std::unique_ptr<Trainer> trainer;
   std::shared_ptr<grpc::Channel> coordinator_channel;
   std::unique_ptr<v1::Coordinator::Stub> coordinator;
-  // ---- the placement lease (router/placement_lease.h) ----
-  // Null without a coordinator: the router places without a lease.
-  std::unique_ptr<PlacementLease> lease;
+  // ---- the placement lease (router/placement_lease.h; `lease`, declared last) ----
   // Random, one per process: the lease's holder id, and the kept gate's `kept_by`.
   std::string router_id;
   // The lease's epoch, sent with each load and unload so that shards refuse those of a router
@@ -1215,7 +1213,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       gate_seen_epoch = std::max(gate_seen_epoch, mark.epoch);
       // This router's own (router ids are one per process): its gate is that one or later (a
       // step whose gate it failed to write left an older file, which is not served again).
-      if (!router_id.empty() && mark.kept_by == router_id) return absl::OkStatus();
+      if (mark.kept_by == router_id) return absl::OkStatus();
     }
     // Another step than the gate's: steps are numbered by the router that took them, so a later
     // one may carry a lower number (Trainer::NumberPast). A step read before (gate_read_again)
@@ -3742,6 +3740,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       inflight_cv.wait(lock, [this] { return inflight == 0; });
     });
   }
+
+  // Null without a coordinator: the router places without a lease. Declared last, so that it is
+  // destroyed first: its thread calls into the members above until it ends (DoShutdown ends it).
+  std::unique_ptr<PlacementLease> lease;
 };
 
 // InferStream: requests are forwarded concurrently (up to kMaxInFlight per stream); responses go
@@ -3975,12 +3977,13 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterServerOp
       raw->control_cv.notify_all();
     };
     hooks.lost = [raw = impl.get()] {
-      raw->OnLeaseLost();
       {
-        std::lock_guard<std::mutex> l(raw->control_mu);  // WaitOrLeaseLost reads it under it
+        // Taken so that WaitOrLeaseLost cannot test LeaseLost() and then wait past this notify.
+        std::lock_guard<std::mutex> l(raw->control_mu);
       }
       raw->control_cv.notify_all();
     };
+    hooks.loop_ended_lost = [raw = impl.get()] { raw->OnLeaseLost(); };
     impl->lease =
         std::make_unique<PlacementLease>(impl->coordinator.get(), o.coordinator, impl->router_id,
                                          impl->lease_epochs, impl->metrics.get(), std::move(hooks));
