@@ -27,6 +27,7 @@
 #include "client/local_cluster.h"
 #include "router/router_flags.h"
 #include "services/common/flags.h"
+#include "services/common/log.h"
 #include "services/common/security.h"
 #include "services/common/server_util.h"
 #include "services/common/signals.h"
@@ -245,7 +246,7 @@ absl::Status Run(int argc, char** argv) {
   std::atomic<bool> stop{false};
   std::thread waiter([&] {
     const int sig = moe::common::WaitForTerminationSignal();
-    if (sig != 0) std::fprintf(stderr, "moe-cluster: signal %d, stopping\n", sig);
+    if (sig != 0) moe::common::Log("moe-cluster: signal %d, stopping\n", sig);
     stop = true;
   });
   // A service that exits on its own is named with how it ended, and started again on its port
@@ -321,8 +322,8 @@ absl::Status Run(int argc, char** argv) {
               "): ", ec ? "" : absl::StrCat("cd ", ShellJoin({here.string()}), " && "),
               ShellJoin(w.command()));
         }
-        std::fprintf(
-            stderr, "moe-cluster: %s (pid %d) %s; %s\n", name.c_str(), p.pid(), why.c_str(),
+        moe::common::Log(
+            "moe-cluster: %s (pid %d) %s; %s\n", name.c_str(), p.pid(), why.c_str(),
             restart ? "it failed 5 times within a minute: not started again" : by_hand.c_str());
         // Left down on purpose (--no-restart): told now, and the stop at the end leaves it out.
         // One given up for failing 5 times a minute still fails the stop.
@@ -330,14 +331,14 @@ absl::Status Run(int argc, char** argv) {
         continue;
       }
       w.restarts.push_back(now);
-      std::fprintf(stderr, "moe-cluster: %s (pid %d) %s; starting it again\n", name.c_str(),
-                   p.pid(), why.c_str());
+      moe::common::Log("moe-cluster: %s (pid %d) %s; starting it again\n", name.c_str(), p.pid(),
+                       why.c_str());
       const absl::Status again = w.start_again();
       if (again.ok()) {
-        std::fprintf(stderr, "moe-cluster: %s is back (pid %d)\n", name.c_str(), w.process().pid());
+        moe::common::Log("moe-cluster: %s is back (pid %d)\n", name.c_str(), w.process().pid());
       } else {
-        std::fprintf(stderr, "moe-cluster: %s could not be started again: %s\n", name.c_str(),
-                     std::string(again.message()).c_str());
+        moe::common::Log("moe-cluster: %s could not be started again: %s\n", name.c_str(),
+                         std::string(again.message()).c_str());
       }
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "expert_server/shard_server.h"
 #include "services/common/flags.h"
+#include "services/common/log.h"
 #include "services/common/security.h"
 #include "services/common/signals.h"
 #include "services/common/status_macros.h"
@@ -108,13 +109,13 @@ absl::Status Run(int argc, char** argv) {
         absl::Status loaded = server->WaitUntilLoaded(absl::InfiniteDuration());
         if (loaded.code() == absl::StatusCode::kAborted) {
           // The router's placement unloaded an expert of --experts before it was loaded.
-          std::fprintf(stderr, "moe-expert-server: initial load cut short by the placement: %s\n",
-                       std::string(loaded.message()).c_str());
+          moe::common::Log("moe-expert-server: initial load cut short by the placement: %s\n",
+                           std::string(loaded.message()).c_str());
         } else if (!loaded.ok()) {
-          std::fprintf(stderr,
-                       "moe-expert-server: loading experts failed: %s (serving the experts that "
-                       "loaded; fix the checkpoint or state directory and restart the shard)\n",
-                       std::string(loaded.message()).c_str());
+          moe::common::Log(
+              "moe-expert-server: loading experts failed: %s (serving the experts that "
+              "loaded; fix the checkpoint or state directory and restart the shard)\n",
+              std::string(loaded.message()).c_str());
         }
         server->Wait();
       });

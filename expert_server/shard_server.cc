@@ -28,6 +28,7 @@
 #include "services/common/failpoint.h"
 #include "services/common/flags.h"
 #include "services/common/grpc_status.h"
+#include "services/common/log.h"
 #include "services/common/notification.h"
 #include "services/common/security.h"
 #include "services/common/status_macros.h"
@@ -194,16 +195,16 @@ class ShardServer::Impl final : public v1::ExpertShard::CallbackService {
           registered = true;
           period = std::chrono::milliseconds(std::max<int64_t>(100, resp.lease_ms() / 4));
           if (trouble) {
-            std::fprintf(stderr, "moe-expert-server: registered with coordinator %s as %s\n",
-                         options.coordinator.c_str(), self.c_str());
+            common::Log("moe-expert-server: registered with coordinator %s as %s\n",
+                        options.coordinator.c_str(), self.c_str());
             trouble = false;
           }
         } else if (!trouble) {
           trouble = true;
-          std::fprintf(stderr,
-                       "moe-expert-server: cannot register with coordinator %s (%s); check that "
-                       "it runs and that --coordinator names it (tried again until it answers)\n",
-                       options.coordinator.c_str(), st.error_message().c_str());
+          common::Log(
+              "moe-expert-server: cannot register with coordinator %s (%s); check that "
+              "it runs and that --coordinator names it (tried again until it answers)\n",
+              options.coordinator.c_str(), st.error_message().c_str());
         }
       } else {
         v1::HeartbeatRequest req;
@@ -707,9 +708,8 @@ grpc::ServerUnaryReactor* ShardServer::Impl::Drain(grpc::CallbackServerContext* 
       // As the store's change handler decides once the initial load has ended.
       serving = initial_loaded.HasBeenNotified() && Settled();
       server->GetHealthCheckService()->SetServingStatus(serving);
-      std::printf("moe-expert-server: drain undone: %s\n",
+      common::Log("moe-expert-server: drain undone: %s\n",
                   serving ? "SERVING" : "NOT_SERVING until it holds experts");
-      std::fflush(stdout);
     }
     resp->set_undone(true);  // an older shard leaves this unset: it took the call as a drain
     resp->set_serving(serving);
@@ -733,9 +733,8 @@ grpc::ServerUnaryReactor* ShardServer::Impl::Drain(grpc::CallbackServerContext* 
   draining = true;
   serving = false;
   server->GetHealthCheckService()->SetServingStatus(false);
-  std::printf("moe-expert-server: draining: NOT_SERVING, waiting for %zu Dispatch streams\n",
+  common::Log("moe-expert-server: draining: NOT_SERVING, waiting for %zu Dispatch streams\n",
               streams.size());
-  std::fflush(stdout);
   // The wait runs on its own thread so no gRPC thread blocks on it.
   for (auto it = drain_waiters.begin(); it != drain_waiters.end();) {
     if (!it->done->load()) {
@@ -867,12 +866,12 @@ class FailpointTransport final : public collective::PeerTransport {
   absl::StatusOr<collective::Chunk> Recv(uint64_t generation, absl::Time deadline) override {
     absl::StatusOr<collective::Chunk> c = inner_->Recv(generation, deadline);
     if (c.ok() && common::Failpoint("reduce_exit_mid_ring")) {
-      std::fprintf(stderr, "moe-expert-server: failpoint reduce_exit_mid_ring: exiting\n");
+      common::Log("moe-expert-server: failpoint reduce_exit_mid_ring: exiting\n");
       std::_Exit(3);
     }
     static std::atomic<bool> stalled{false};
     if (c.ok() && common::Failpoint("reduce_stall_mid_ring") && !stalled.exchange(true)) {
-      std::fprintf(stderr, "moe-expert-server: failpoint reduce_stall_mid_ring: stopping\n");
+      common::Log("moe-expert-server: failpoint reduce_stall_mid_ring: stopping\n");
       std::raise(SIGSTOP);
     }
     return c;
@@ -1022,8 +1021,8 @@ absl::StatusOr<std::vector<int>> ShardServer::Impl::RunFinishStep(const v1::Fini
   if (common::Failpoint("commit_skip_update_once") && !skipped.exchange(true)) {
     // As if the update were lost on this replica unnoticed: the step is stamped on its experts
     // and their weights do not move.
-    std::fprintf(stderr, "moe-expert-server: failpoint commit_skip_update_once: step id %llu\n",
-                 static_cast<unsigned long long>(step_id));
+    common::Log("moe-expert-server: failpoint commit_skip_update_once: step id %llu\n",
+                static_cast<unsigned long long>(step_id));
     learning_rate = 0.f;
   }
   std::map<int, common::ExpertWeights> grads = std::move(it->second.grads);
@@ -1082,7 +1081,7 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
     return absl::InvalidArgumentError(absl::StrCat("rank ", req.rank(), " of ", world));
   }
   if (common::Failpoint("reduce_exit_before_ring")) {
-    std::fprintf(stderr, "moe-expert-server: failpoint reduce_exit_before_ring: exiting\n");
+    common::Log("moe-expert-server: failpoint reduce_exit_before_ring: exiting\n");
     std::_Exit(3);
   }
   // Take this shard's gradients of the group's experts out of the step (zeros where it computed
@@ -1212,9 +1211,9 @@ absl::Status ShardServer::Impl::RunReduce(const v1::ReduceGradientsRequest& req,
   // A failed reduction leaves partial sums: the step must be aborted, never committed.
   if (!st.ok()) {
     step->second.failed = true;
-    std::fprintf(stderr, "moe-expert-server: step id %llu: gradient reduction %s failed: %s\n",
-                 static_cast<unsigned long long>(req.train_step()), req.group().c_str(),
-                 std::string(st.message()).c_str());
+    common::Log("moe-expert-server: step id %llu: gradient reduction %s failed: %s\n",
+                static_cast<unsigned long long>(req.train_step()), req.group().c_str(),
+                std::string(st.message()).c_str());
   }
   if (st.ok() && step->second.failed) {  // the step cannot commit here: say so to the coordinator
     return absl::AbortedError(
@@ -1349,10 +1348,10 @@ void ShardServer::Impl::DoShutdown(absl::Duration grace) {
       // own deadline (at most 120 s), and a broken ring ends at once.
       if (!reductions_cv.wait_for(lock, std::chrono::seconds(5),
                                   [this] { return running_reductions == 0; })) {
-        std::fprintf(stderr,
-                     "moe-expert-server: waiting for %d gradient reductions to reach their "
-                     "deadlines before stopping\n",
-                     running_reductions);
+        common::Log(
+            "moe-expert-server: waiting for %d gradient reductions to reach their "
+            "deadlines before stopping\n",
+            running_reductions);
         reductions_cv.wait(lock, [this] { return running_reductions == 0; });
       }
     }

@@ -13,6 +13,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "services/common/flags.h"
+#include "services/common/log.h"
 #include "services/common/safetensors.h"
 #include "services/common/status_macros.h"
 
@@ -34,10 +35,10 @@ absl::StatusOr<int> LockDirectory(const std::string& dir) {
   if (fd < 0) {
     // A directory the shard can read but not write (read-only mount) started before the lock
     // existed, its writes failing with a line each: it still does.
-    std::fprintf(stderr,
-                 "moe-expert-server: --state-dir %s: cannot open %s (%s); going on unlocked: make "
-                 "sure no other shard uses this directory\n",
-                 dir.c_str(), path.c_str(), std::strerror(errno));
+    common::Log(
+        "moe-expert-server: --state-dir %s: cannot open %s (%s); going on unlocked: make "
+        "sure no other shard uses this directory\n",
+        dir.c_str(), path.c_str(), std::strerror(errno));
     return -1;
   }
   if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
@@ -49,10 +50,10 @@ absl::StatusOr<int> LockDirectory(const std::string& dir) {
     holder.erase(holder.find_last_not_of(" \n") + 1);
     if (err != EWOULDBLOCK) {
       // A filesystem without locks (NFS without lockd, some FUSE ones): not refused for it.
-      std::fprintf(stderr,
-                   "moe-expert-server: --state-dir %s: cannot lock %s (%s); going on unlocked: "
-                   "make sure no other shard uses this directory\n",
-                   dir.c_str(), path.c_str(), std::strerror(err));
+      common::Log(
+          "moe-expert-server: --state-dir %s: cannot lock %s (%s); going on unlocked: "
+          "make sure no other shard uses this directory\n",
+          dir.c_str(), path.c_str(), std::strerror(err));
       return -1;
     }
     return absl::FailedPreconditionError(
@@ -86,10 +87,10 @@ absl::StatusOr<std::unique_ptr<StateDir>> StateDir::Open(std::string dir,
   // Holding the lock, this shard is the directory's only writer, so every such file is an
   // earlier run's, whatever pid it names (a container's shard is PID 1 at every start).
   if (const int removed = common::RemoveUnfinishedWrites(dir, /*all=*/lock_fd >= 0); removed > 0) {
-    std::fprintf(stderr,
-                 "moe-expert-server: --state-dir %s: removed %d temporary file(s) of writes that "
-                 "did not finish (the shard stopped while writing)\n",
-                 dir.c_str(), removed);
+    common::Log(
+        "moe-expert-server: --state-dir %s: removed %d temporary file(s) of writes that "
+        "did not finish (the shard stopped while writing)\n",
+        dir.c_str(), removed);
   }
   auto state = std::unique_ptr<StateDir>(new StateDir(
       std::move(dir), std::move(config), std::move(checkpoint), std::move(on_written)));
@@ -149,9 +150,9 @@ void StateDir::WriterLoop() {
     lock.unlock();
     const absl::Status st = Write(*handle);
     if (!st.ok()) {
-      std::fprintf(stderr, "moe-expert-server: state dir: expert %d at step %llu not saved: %s\n",
-                   handle->id, static_cast<unsigned long long>(handle->trained_step),
-                   std::string(st.message()).c_str());
+      common::Log("moe-expert-server: state dir: expert %d at step %llu not saved: %s\n",
+                  handle->id, static_cast<unsigned long long>(handle->trained_step),
+                  std::string(st.message()).c_str());
     }
     if (on_written_) on_written_(handle->id, handle->trained_step, st);
     handle.reset();
@@ -196,11 +197,11 @@ std::optional<LoadedExpert> StateDir::Read(int expert) {
       first = ignored_why_.insert(std::string(why)).second;
     }
     if (first) {
-      std::fprintf(stderr,
-                   "moe-expert-server: state dir: %s ignored, expert %d read from the "
-                   "checkpoint: %s (said once: other files ignored for this reason are not "
-                   "logged)\n",
-                   path.c_str(), expert, std::string(why).c_str());
+      common::Log(
+          "moe-expert-server: state dir: %s ignored, expert %d read from the "
+          "checkpoint: %s (said once: other files ignored for this reason are not "
+          "logged)\n",
+          path.c_str(), expert, std::string(why).c_str());
     }
     return std::nullopt;
   };

@@ -9,6 +9,7 @@
 #include "services/common/clock.h"
 #include "services/common/expert_copy.h"
 #include "services/common/grpc_status.h"
+#include "services/common/log.h"
 #include "services/common/security.h"
 
 namespace moe::router {
@@ -252,7 +253,7 @@ void GrpcShardClient::SetHealthy(bool healthy, const std::string& why) {
   if (was == healthy) return;
   const std::string line =
       healthy ? flip_lines_.Back() : flip_lines_.Out(common::MonotonicNow(), why);
-  if (!line.empty()) std::fprintf(stderr, "%s\n", line.c_str());
+  if (!line.empty()) common::Log("%s\n", line.c_str());
   if (on_health_change_) on_health_change_(healthy);
 }
 

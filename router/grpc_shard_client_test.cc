@@ -53,6 +53,18 @@ using moe::testing::Eventually;
 constexpr common::ModelConfig kConfig{.num_experts = 4, .d_model = 16, .d_ff = 32, .top_k = 2,
                                       .activation = common::Activation::kSilu, .gated = true};
 
+// The rest of each line of `log` that holds `prefix`, after it (a log line begins with its time:
+// common::Log).
+std::vector<std::string> LogLinesAfter(const std::string& log, const std::string& prefix) {
+  std::vector<std::string> lines;
+  for (absl::string_view line : absl::StrSplit(log, '\n')) {
+    if (const size_t at = line.find(prefix); at != absl::string_view::npos) {
+      lines.emplace_back(line.substr(at + prefix.size()));
+    }
+  }
+  return lines;
+}
+
 // Waits (up to 30 s) until the client's health checks reach the shard: its channel is connected.
 // A call made before may fail on the cluster's 100 ms connection timeout on a loaded machine
 // (the router's callers retry; these tests make one call).
@@ -167,10 +179,7 @@ TEST(GrpcShardClient, SaysWhyAShardLeavesRotationAndWhenItComesBack) {
   std::fputs(said.c_str(), stderr);  // also whatever else was said (a sanitizer's report)
   ASSERT_TRUE(failed.empty()) << "failed at: " << failed;
   const std::string prefix = absl::StrCat("moe-router: shard ", address, " ");
-  std::vector<std::string> lines;
-  for (absl::string_view line : absl::StrSplit(said, '\n')) {
-    if (absl::StartsWith(line, prefix)) lines.emplace_back(line.substr(prefix.size()));
-  }
+  const std::vector<std::string> lines = LogLinesAfter(said, prefix);
   ASSERT_EQ(lines.size(), 3u) << said;
   EXPECT_EQ(lines[0],
             "is out of rotation: its health check says NOT_SERVING (draining, or no expert "
@@ -318,10 +327,7 @@ TEST(GrpcShardClient, SaysWhenAShardBreaksItsStreamButNotWhenTheClientEndsIt) {
   EXPECT_TRUE(Eventually([&] { return service.open.load() == 0; }));
   EXPECT_EQ(answered.load(), 8) << "the open stream's batch was not answered";
   const std::string prefix = absl::StrCat("moe-router: shard ", server.address(), " ");
-  std::vector<std::string> lines;
-  for (absl::string_view line : absl::StrSplit(said, '\n')) {
-    if (absl::StartsWith(line, prefix)) lines.emplace_back(line.substr(prefix.size()));
-  }
+  const std::vector<std::string> lines = LogLinesAfter(said, prefix);
   std::vector<std::string> want;
   for (int i = 0; i < 5; ++i) {
     want.push_back(

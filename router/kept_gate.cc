@@ -14,6 +14,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "services/common/clock.h"
+#include "services/common/log.h"
 #include "services/common/server_util.h"
 
 namespace moe::router {
@@ -60,10 +61,10 @@ class GateLock {
   absl::Status Unlocked(int err) {
     static std::atomic<bool> said{false};
     if (!said.exchange(true)) {
-      std::fprintf(stderr,
-                   "moe-router: cannot lock %s (%s): the gate is kept without the lock; make sure "
-                   "routers sharing this --state-dir can (a local filesystem, one user)\n",
-                   path_.c_str(), std::strerror(err));
+      common::Log(
+          "moe-router: cannot lock %s (%s): the gate is kept without the lock; make sure "
+          "routers sharing this --state-dir can (a local filesystem, one user)\n",
+          path_.c_str(), std::strerror(err));
     }
     return absl::OkStatus();
   }

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "services/common/log.h"
 
 namespace moe::router {
 
@@ -108,7 +109,7 @@ absl::Status PlacementLease::NotRenewed() {
 void PlacementLease::WaitLocked(const std::string& why, const std::string& kind) {
   wait_ = why;
   if (kind != wait_said_) {
-    std::fprintf(stderr, "moe-router: %s\n", why.c_str());
+    common::Log("moe-router: %s\n", why.c_str());
     wait_said_ = kind;
   }
 }
@@ -175,11 +176,11 @@ void PlacementLease::Ask() {
     reply_seq_ = seq;
     if (st.error_code() == grpc::StatusCode::UNIMPLEMENTED) {
       if (!unsupported_) {
-        std::fprintf(stderr,
-                     "moe-router: coordinator %s grants no placement lease (an older build): "
-                     "this router places without one, and a second router following it would "
-                     "not be told\n",
-                     coordinator_address_.c_str());
+        common::Log(
+            "moe-router: coordinator %s grants no placement lease (an older build): "
+            "this router places without one, and a second router following it would "
+            "not be told\n",
+            coordinator_address_.c_str());
       }
       unsupported_ = true;
       metrics_->SetPlacementLeaseHeld(true);
@@ -205,7 +206,7 @@ void PlacementLease::Ask() {
             : absl::StrCat("router ", resp.holder_address(), " (", resp.holder_id(), ")");
     if (resp.granted()) {
       if (!held_ && !wait_said_.empty()) {
-        std::fprintf(stderr, "moe-router: this router holds the placement lease now\n");
+        common::Log("moe-router: this router holds the placement lease now\n");
       }
       held_ = true;
       other_holder_ = false;

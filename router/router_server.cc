@@ -40,6 +40,7 @@
 #include "services/common/clock.h"
 #include "services/common/flags.h"
 #include "services/common/grpc_status.h"
+#include "services/common/log.h"
 #include "services/common/notification.h"
 #include "services/common/safetensors.h"
 #include "services/common/security.h"
@@ -352,7 +353,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   absl::Status CoordinatorTrouble(const absl::Status& st, const std::string& kind,
                                   const std::string& why) {
     if (kind != coordinator_trouble) {
-      std::fprintf(stderr, "moe-router: %s (asked again every second)\n", why.c_str());
+      common::Log("moe-router: %s (asked again every second)\n", why.c_str());
       coordinator_trouble = kind;
     }
     return absl::Status(st.code(), why);
@@ -680,11 +681,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
       if (!coordinator_trouble.empty()) {
         // While it settles the shards are still registering: the count is not the last word.
-        std::fprintf(stderr, "moe-router: coordinator %s now lists %zu shard(s)%s\n",
-                     options.coordinator.c_str(), addrs.size(),
-                     m.settling() ? " so far (it started moments ago: more may register within "
-                                    "its first lease)"
-                                  : "");
+        common::Log("moe-router: coordinator %s now lists %zu shard(s)%s\n",
+                    options.coordinator.c_str(), addrs.size(),
+                    m.settling() ? " so far (it started moments ago: more may register within "
+                                   "its first lease)"
+                                 : "");
         coordinator_trouble.clear();
       }
       coordinator_settling = m.settling();
@@ -782,8 +783,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     auto it = models.find(address);
     if (same) {
       if (it != models.end() && !it->second.empty()) {
-        std::fprintf(stderr, "moe-router: shard %s serves this router's model again\n",
-                     address.c_str());
+        common::Log("moe-router: shard %s serves this router's model again\n", address.c_str());
       }
       models[address] = "";
       return true;
@@ -799,9 +799,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                   : std::string(" (another checkpoint of the same shape, or "
                                                 "another --activation or --tensor-prefix)"));
     if (it == models.end() || it->second != why) {
-      std::fprintf(stderr,
-                   "moe-router: shard %s left out: %s (start it from the router's checkpoint)\n",
-                   address.c_str(), why.c_str());
+      common::Log("moe-router: shard %s left out: %s (start it from the router's checkpoint)\n",
+                  address.c_str(), why.c_str());
     }
     models[address] = why;
     return false;
@@ -981,8 +980,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       absl::Status st = absl::DeadlineExceededError(
           "another placement change was still running when the call's deadline passed (a switch "
           "loads its new replicas before it applies); nothing was applied");
-      std::fprintf(stderr, "moe-router: %s not applied, the current placement stays: %s\n",
-                   what.c_str(), std::string(st.message()).c_str());
+      common::Log("moe-router: %s not applied, the current placement stays: %s\n", what.c_str(),
+                  std::string(st.message()).c_str());
       return st;
     }
     if (cancelled && cancelled()) {
@@ -1009,8 +1008,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       last_not_applied.clear();
       // As applied: a first placement leaves out shards found drained (PlaceWithoutTheDrained).
       const std::shared_ptr<const RoutingTable> live = Table();
-      std::fprintf(
-          stderr, "moe-router: placement version %llu applied: %s\n",
+      common::Log(
+          "moe-router: placement version %llu applied: %s\n",
           static_cast<unsigned long long>(version.load()),
           (live ? describe(live->placement, static_cast<int>(live->shards.size())) : what).c_str());
     } else {
@@ -1020,7 +1019,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
           Table() == nullptr ? "the router serves once one is" : "the current placement stays",
           ": ", st.message());
       if (user || line != last_not_applied) {
-        std::fprintf(stderr, "moe-router: %s\n", line.c_str());
+        common::Log("moe-router: %s\n", line.c_str());
       }
       if (!user) last_not_applied = line;
     }
@@ -1052,7 +1051,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                   gate_state_path,
                   " (the router that trained them stopped before it kept its gate): the "
                   "gate lags them by at least one step");
-    std::fprintf(stderr, "moe-router: warning: %s\n", warning.c_str());
+    common::Log("moe-router: warning: %s\n", warning.c_str());
     // Also in GetClusterInfo: an operator who reads only `moe-client info` or `train` sees it
     // (a helper's walk-through, 2026-12-06).
     std::lock_guard<std::mutex> lock(models_mu);
@@ -1074,10 +1073,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // A router killed while writing its gate leaves the write's temporary file.
     if (const int removed = RemoveUnfinishedGateWrites(options.state_dir, absl::Seconds(2));
         removed > 0) {
-      std::fprintf(stderr,
-                   "moe-router: --state-dir %s: removed %d temporary file(s) of writes that did "
-                   "not finish (the router stopped while writing)\n",
-                   options.state_dir.c_str(), removed);
+      common::Log(
+          "moe-router: --state-dir %s: removed %d temporary file(s) of writes that did "
+          "not finish (the router stopped while writing)\n",
+          options.state_dir.c_str(), removed);
     }
     if (!std::filesystem::exists(gate_state_path, ec)) return absl::OkStatus();
     ASSIGN_OR_RETURN(auto reader, common::SafetensorsReader::Open(gate_state_path));
@@ -1120,8 +1119,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       kept.bias = *bias;
       if (common::GateFingerprint(kept) != checkpoint_gate_print && !gate_other_checkpoint_said) {
         gate_other_checkpoint_said = true;
-        std::fprintf(
-            stderr,
+        common::Log(
             "moe-router: the gate kept in %s was trained from another checkpoint than "
             "%s (another model's, or steps trained after this checkpoint was saved from it: "
             "those are not kept); serving the checkpoint's gate (the next training step "
@@ -1140,10 +1138,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         if (!absl::SimpleAtoi(kv.first, &e) || !absl::SimpleAtoi(kv.second, &at) || e < 0 ||
             e >= config.num_experts) {
           // Only a check leans on it: the gate is served all the same.
-          std::fprintf(stderr,
-                       "moe-router: %s has expert_steps that cannot be read (\"%s\"); serving "
-                       "its gate without them (an expert that lost its training is not told)\n",
-                       gate_state_path.c_str(), std::string(item).c_str());
+          common::Log(
+              "moe-router: %s has expert_steps that cannot be read (\"%s\"); serving "
+              "its gate without them (an expert that lost its training is not told)\n",
+              gate_state_path.c_str(), std::string(item).c_str());
           expert_steps.clear();
           break;
         }
@@ -1157,8 +1155,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // is read again after this router trained (TakeOverAgain: the other router read them).
     restored_steps = done - std::min(done, steps_done.load());
     reached_step = std::move(expert_steps);
-    std::fprintf(stderr, "moe-router: serving the gate kept in %s (after %llu training steps)\n",
-                 gate_state_path.c_str(), static_cast<unsigned long long>(done));
+    common::Log("moe-router: serving the gate kept in %s (after %llu training steps)\n",
+                gate_state_path.c_str(), static_cast<unsigned long long>(done));
     return absl::OkStatus();
   }
 
@@ -1198,10 +1196,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       if (!r.ok()) {
         const std::string why(r.status().message());
         if (why != gate_unreadable_said) {
-          std::fprintf(stderr,
-                       "moe-router: the gate kept in %s cannot be read (%s); serving the gate "
-                       "it has\n",
-                       gate_state_path.c_str(), why.c_str());
+          common::Log(
+              "moe-router: the gate kept in %s cannot be read (%s); serving the gate "
+              "it has\n",
+              gate_state_path.c_str(), why.c_str());
         }
         gate_unreadable_said = why;
         return failed(absl::StrCat("the gate kept in ", gate_state_path, " cannot be read: ", why));
@@ -1228,11 +1226,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     gate_read_again_ok = false;
     common::GateWeights g = *Gate();
     if (const absl::Status st = ReadKeptGate(&g); !st.ok()) {
-      std::fprintf(stderr,
-                   "moe-router: the gate kept in %s changed while this router %s, and is not "
-                   "served: %s; serving the gate it has\n",
-                   gate_state_path.c_str(), regrant ? "went without the lease" : "stood by",
-                   std::string(st.message()).c_str());
+      common::Log(
+          "moe-router: the gate kept in %s changed while this router %s, and is not "
+          "served: %s; serving the gate it has\n",
+          gate_state_path.c_str(), regrant ? "went without the lease" : "stood by",
+          std::string(st.message()).c_str());
       return failed(
           absl::StrCat("the gate kept in ", gate_state_path, " is not served: ", st.message()));
     }
@@ -1302,12 +1300,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     auto waits = [&](const absl::Status& why) {
       if (patience_left || regrant_waits_said) return;
       regrant_waits_said = true;
-      std::fprintf(stderr,
-                   "moe-router: granted the placement lease under a new epoch, this router still "
-                   "waits to catch up with the kept gate and the shards (%s, by a call begun "
-                   "before the grant); training steps, saves and rebalances are refused until "
-                   "it ends\n",
-                   std::string(why.message()).c_str());
+      common::Log(
+          "moe-router: granted the placement lease under a new epoch, this router still "
+          "waits to catch up with the kept gate and the shards (%s, by a call begun "
+          "before the grant); training steps, saves and rebalances are refused until "
+          "it ends\n",
+          std::string(why.message()).c_str());
     };
     if (absl::IsUnavailable(gate)) waits(gate);
     if (!regrant_shards_done) {
@@ -1328,11 +1326,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
       regrant_shards_done = true;
       if (placed_again) {
-        std::fprintf(stderr,
-                     "moe-router: granted the placement lease under a new epoch, this router "
-                     "found the shards holding other than its table (placed by another router "
-                     "meanwhile, or restarted): its placement was applied again over what they "
-                     "hold\n");
+        common::Log(
+            "moe-router: granted the placement lease under a new epoch, this router "
+            "found the shards holding other than its table (placed by another router "
+            "meanwhile, or restarted): its placement was applied again over what they "
+            "hold\n");
       }
     }
     if (regrant_gate_read) {
@@ -1459,12 +1457,12 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                        : gate         ? "the kept gate"
                                       : "the shards";
     const char* from = gate && shards ? "table and gate" : gate ? "gate" : "table";
-    std::fprintf(stderr,
-                 "moe-router: granted the placement lease under a new epoch, this router did "
-                 "not catch up with %s within %s (%s): it goes on from its %s; if another "
-                 "router placed or trained meanwhile, restart this router once the shards "
-                 "answer and the kept gate can be read (it then reads both again)\n",
-                 what, absl::FormatDuration(kRegrantPatience).c_str(), why.c_str(), from);
+    common::Log(
+        "moe-router: granted the placement lease under a new epoch, this router did "
+        "not catch up with %s within %s (%s): it goes on from its %s; if another "
+        "router placed or trained meanwhile, restart this router once the shards "
+        "answer and the kept gate can be read (it then reads both again)\n",
+        what, absl::FormatDuration(kRegrantPatience).c_str(), why.c_str(), from);
     CaughtUp(regrants);
   }
   // Control thread: the grant count the four below are of; since when the catch-up has had the
@@ -1502,10 +1500,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     // does not answer, after a step whose verdict was settled without it, does not stop it).
     if (!MayPlace()) MayPlaceNow();
     if (LeaseLost()) {
-      std::fprintf(stderr,
-                   "moe-router: the gate of training step %llu was not kept in %s: another "
-                   "router holds the placement lease now\n",
-                   static_cast<unsigned long long>(step), gate_state_path.c_str());
+      common::Log(
+          "moe-router: the gate of training step %llu was not kept in %s: another "
+          "router holds the placement lease now\n",
+          static_cast<unsigned long long>(step), gate_state_path.c_str());
       return;
     }
     common::SafetensorsWriter w;
@@ -1543,9 +1541,9 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       st = absl::OkStatus();
     }
     if (!st.ok()) {
-      std::fprintf(stderr, "moe-router: the gate of training step %llu was not kept in %s: %s\n",
-                   static_cast<unsigned long long>(step), gate_state_path.c_str(),
-                   std::string(st.message()).c_str());
+      common::Log("moe-router: the gate of training step %llu was not kept in %s: %s\n",
+                  static_cast<unsigned long long>(step), gate_state_path.c_str(),
+                  std::string(st.message()).c_str());
     }
   }
 
@@ -1661,8 +1659,10 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
         if (!c->answering()) {
           unread_out->emplace_back(address, why);
         } else {
-          std::fprintf(stderr, "moe-router: cannot read what %s holds (%s); placing as if it "
-                       "held nothing\n", address.c_str(), why.c_str());
+          common::Log(
+              "moe-router: cannot read what %s holds (%s); placing as if it "
+              "held nothing\n",
+              address.c_str(), why.c_str());
         }
       }
       RaiseVersion(seen.placement.version);
@@ -1870,14 +1870,14 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
             // it, or the steps after a joining member's copy). Waiting would hold the placement
             // (and training) on a shard that is not coming back.
             // (Steps are not told by their ids: large numbers that mean nothing to a user.)
-            std::fprintf(stderr,
-                         "moe-router: expert %d lost its %s: every shard that held it has left; "
-                         "it %s and trains from there\n",
-                         e, behind ? "latest training steps" : "training",
-                         source.empty() ? "is loaded from the checkpoint"
-                                        : absl::StrCat("is served from the earlier step that ",
-                                                       source, " joined holding")
-                                              .c_str());
+            common::Log(
+                "moe-router: expert %d lost its %s: every shard that held it has left; "
+                "it %s and trains from there\n",
+                e, behind ? "latest training steps" : "training",
+                source.empty() ? "is loaded from the checkpoint"
+                               : absl::StrCat("is served from the earlier step that ", source,
+                                              " joined holding")
+                                     .c_str());
             metrics->ExpertLostTraining();
             NoteLostTraining(e);
             // Where it stands now: not reported again by ReloadStale, here or after a restart.
@@ -2022,7 +2022,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
   // Prints `line` (what a placement action on a shard came to) unless it is the failure
   // `said` last: a success is always said, a failure once until it changes or passes.
   static void SayOnce(std::string& said, const std::string& line, bool ok) {
-    if (ok || line != said) std::fprintf(stderr, "moe-router: %s\n", line.c_str());
+    if (ok || line != said) common::Log("moe-router: %s\n", line.c_str());
     said = ok ? "" : line;
   }
 
@@ -2280,34 +2280,34 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     for (int s = 0; s < S; ++s) {
       for (const auto& [source, experts] : plan.copy[s]) {
         for (int e : experts) {
-          std::fprintf(stderr,
-                       "moe-router: expert %d on %s holds %s, its replica on %s a later training "
-                       "step: copying it again\n",
-                       e, t.shards[s]->address().c_str(), HeldText(at[s].at(e)),
-                       t.shards[source]->address().c_str());
+          common::Log(
+              "moe-router: expert %d on %s holds %s, its replica on %s a later training "
+              "step: copying it again\n",
+              e, t.shards[s]->address().c_str(), HeldText(at[s].at(e)),
+              t.shards[source]->address().c_str());
         }
       }
       for (const auto& [source, experts] : plan.give_back[s]) {
-        std::fprintf(stderr,
-                     "moe-router: expert(s) %s on %s carry the update of a step that the "
-                     "other shards aborted (the shard applied it while it could not be asked, "
-                     "and was not settled while listed): giving them back the weights of their "
-                     "replicas on %s\n",
-                     absl::StrJoin(experts, ",").c_str(), t.shards[s]->address().c_str(),
-                     t.shards[source]->address().c_str());
+        common::Log(
+            "moe-router: expert(s) %s on %s carry the update of a step that the "
+            "other shards aborted (the shard applied it while it could not be asked, "
+            "and was not settled while listed): giving them back the weights of their "
+            "replicas on %s\n",
+            absl::StrJoin(experts, ",").c_str(), t.shards[s]->address().c_str(),
+            t.shards[source]->address().c_str());
       }
     }
     if (!lost.empty()) KeepStepsWithGate();
     for (const auto& [held, experts] : lost) {
-      std::fprintf(stderr,
-                   "moe-router: expert(s) %s lost their training: every replica holds %s, older "
-                   "than the training reached (the only trained replica restarted without it, "
-                   "or the cluster started again on shards that do not hold it: a shard's "
-                   "--state-dir keeps the experts that shard held, so start again from a "
-                   "checkpoint written by save-checkpoint, or with the --shards and the fixed "
-                   "--placement that trained them; a dynamic or rebalanced placement is not "
-                   "found again); they serve and train from those weights now\n",
-                   absl::StrJoin(experts, ",").c_str(), held.c_str());
+      common::Log(
+          "moe-router: expert(s) %s lost their training: every replica holds %s, older "
+          "than the training reached (the only trained replica restarted without it, "
+          "or the cluster started again on shards that do not hold it: a shard's "
+          "--state-dir keeps the experts that shard held, so start again from a "
+          "checkpoint written by save-checkpoint, or with the --shards and the fixed "
+          "--placement that trained them; a dynamic or rebalanced placement is not "
+          "found again); they serve and train from those weights now\n",
+          absl::StrJoin(experts, ",").c_str(), held.c_str());
     }
     int copied = 0;
     const absl::Status result = CarryOutStalePlan(
@@ -2616,7 +2616,7 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                            "its step (its drain waits meanwhile)"));
     if (why != drain_wait) {
       drain_wait = why;
-      std::fprintf(stderr, "moe-router: %s\n", why.c_str());
+      common::Log("moe-router: %s\n", why.c_str());
     }
     if (moved.empty() && dropped.empty()) return false;
     // A failure: the rest of this tick runs meanwhile (it may settle what held the switch back:
@@ -2801,9 +2801,8 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
                                  until_drained);
           if (why != membership_wait) {
             membership_wait = why;
-            std::fprintf(stderr,
-                         "moe-router: the shards changed, but the placement waits: %s\n",
-                         why.c_str());
+            common::Log("moe-router: the shards changed, but the placement waits: %s\n",
+                        why.c_str());
           }
         } else {
           membership_wait.clear();
@@ -2915,11 +2914,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
     if (refused) {
       // The same reason is said once (the imbalance moves with every tick).
       if (st.message() != auto_refused) {
-        std::fprintf(stderr,
-                     "moe-router: dynamic rebalance skipped (load imbalance %.2f, threshold %.2f), "
-                     "tried again after each --rebalance-cooldown-s; until then the experts it "
-                     "names fail UNAVAILABLE: %s\n",
-                     imbalance, options.imbalance_threshold, std::string(st.message()).c_str());
+        common::Log(
+            "moe-router: dynamic rebalance skipped (load imbalance %.2f, threshold %.2f), "
+            "tried again after each --rebalance-cooldown-s; until then the experts it "
+            "names fail UNAVAILABLE: %s\n",
+            imbalance, options.imbalance_threshold, std::string(st.message()).c_str());
       }
       auto_refused = std::string(st.message());
     } else {
@@ -3000,18 +2999,16 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       left_out.insert(unread.begin(), unread.end());
     }
     if (!wait.empty() && wait != first_wait) {
-      std::fprintf(stderr, "moe-router: the first placement waits: %s\n", wait.c_str());
+      common::Log("moe-router: the first placement waits: %s\n", wait.c_str());
     }
     first_wait = wait;  // said again if it comes back after something else
     if (st.ok() && !left_out.empty()) {
-      std::fprintf(stderr,
-                   "moe-router: the first placement went ahead over the %zu %s, without %s; "
-                   "%s given experts once %s\n",
-                   members->size(), members->size() == 1 ? "shard that answers"
-                                                        : "shards that answer",
-                   absl::StrJoin(left_out, ", ").c_str(),
-                   left_out.size() == 1 ? "it is" : "they are",
-                   left_out.size() == 1 ? "it answers" : "they answer");
+      common::Log(
+          "moe-router: the first placement went ahead over the %zu %s, without %s; "
+          "%s given experts once %s\n",
+          members->size(), members->size() == 1 ? "shard that answers" : "shards that answer",
+          absl::StrJoin(left_out, ", ").c_str(), left_out.size() == 1 ? "it is" : "they are",
+          left_out.size() == 1 ? "it answers" : "they answer");
     }
     return st;
   }
@@ -3035,11 +3032,11 @@ class RouterServer::Impl final : public v1::Router::CallbackService {
       }
       if (!c.healthy() && !shutting_down.load()) {
         const ShardClient::OutOfRotation out = c.out_of_rotation();
-        std::fprintf(stderr,
-                     "moe-router: serving, but shard %s is not in rotation yet (%s); its "
-                     "replicas are used once its health check says SERVING\n",
-                     c.address().c_str(),
-                     out.why.empty() ? "no health check has answered" : out.why.c_str());
+        common::Log(
+            "moe-router: serving, but shard %s is not in rotation yet (%s); its "
+            "replicas are used once its health check says SERVING\n",
+            c.address().c_str(),
+            out.why.empty() ? "no health check has answered" : out.why.c_str());
       }
     }
   }

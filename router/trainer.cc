@@ -18,6 +18,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "services/common/clock.h"
+#include "services/common/log.h"
 #include "services/common/status_macros.h"
 #include "services/common/tensor_codec.h"
 
@@ -126,8 +127,8 @@ absl::Status Trainer::RetryConfirmations(const RoutingTable& table, bool drop_ab
         }
       } else {
         if (!s->FinishStep(u.step, /*commit=*/true, u.learning_rate, kAbortTimeout).ok()) break;
-        std::fprintf(stderr, "moe-router: step id %llu: %s has now confirmed the commit\n",
-                     static_cast<unsigned long long>(u.step), address.c_str());
+        common::Log("moe-router: step id %llu: %s has now confirmed the commit\n",
+                    static_cast<unsigned long long>(u.step), address.c_str());
       }
       std::lock_guard<std::mutex> lock(unconfirmed_mu_);
       unconfirmed_.erase(address);
@@ -163,9 +164,8 @@ absl::Status Trainer::SettleAbort(const RoutingTable& table, size_t shard, uint6
     if (x.trained_step() >= step) updated.insert(x.expert());
   }
   if (updated.empty()) {
-    std::fprintf(stderr,
-                 "moe-router: step id %llu: %s had not applied it, and has now aborted it\n",
-                 static_cast<unsigned long long>(step), s->address().c_str());
+    common::Log("moe-router: step id %llu: %s had not applied it, and has now aborted it\n",
+                static_cast<unsigned long long>(step), s->address().c_str());
     return absl::OkStatus();
   }
   // Its replicas of experts held elsewhere take those replicas' weights again, replacing its
@@ -223,15 +223,15 @@ absl::Status Trainer::SettleAbort(const RoutingTable& table, size_t shard, uint6
   for (const auto& [source, experts] : by_source) {
     RETURN_IF_ERROR(s->RollBackExperts(experts, 0, source, absl::Minutes(5)).status());
   }
-  std::fprintf(stderr,
-               "moe-router: step id %llu: %s had applied it although every other shard aborted "
-               "it; its replicas of %zu expert(s) were copied back from their other replicas%s%s\n",
-               static_cast<unsigned long long>(step), s->address().c_str(),
-               static_cast<size_t>(
-                   std::accumulate(by_source.begin(), by_source.end(), size_t{0},
-                                   [](size_t n, const auto& b) { return n + b.second.size(); })),
-               alone.empty() ? "" : "; experts with no other replica keep the update: ",
-               absl::StrJoin(alone, ",").c_str());
+  common::Log(
+      "moe-router: step id %llu: %s had applied it although every other shard aborted "
+      "it; its replicas of %zu expert(s) were copied back from their other replicas%s%s\n",
+      static_cast<unsigned long long>(step), s->address().c_str(),
+      static_cast<size_t>(
+          std::accumulate(by_source.begin(), by_source.end(), size_t{0},
+                          [](size_t n, const auto& b) { return n + b.second.size(); })),
+      alone.empty() ? "" : "; experts with no other replica keep the update: ",
+      absl::StrJoin(alone, ",").c_str());
   return absl::OkStatus();
 }
 
@@ -243,17 +243,17 @@ void Trainer::DropUnconfirmedOutside(const RoutingTable& table) {
       ++it;
       continue;
     }
-    std::fprintf(stderr, "moe-router: step id %llu: %s %s before %s; dropped%s\n",
-                 static_cast<unsigned long long>(it->second.step), it->first.c_str(),
-                 listed ? "holds no replica any more (one placed on it later is copied from a "
-                          "replica that has the update)"
-                        : "left the placement",
-                 it->second.unsettled_abort ? "telling whether it had committed the step"
-                                            : "confirming the commit",
-                 it->second.unsettled_abort
-                     ? " (should it come back with the update, its replicas are given back the "
-                       "others' weights)"
-                     : "");
+    common::Log("moe-router: step id %llu: %s %s before %s; dropped%s\n",
+                static_cast<unsigned long long>(it->second.step), it->first.c_str(),
+                listed ? "holds no replica any more (one placed on it later is copied from a "
+                         "replica that has the update)"
+                       : "left the placement",
+                it->second.unsettled_abort ? "telling whether it had committed the step"
+                                           : "confirming the commit",
+                it->second.unsettled_abort
+                    ? " (should it come back with the update, its replicas are given back the "
+                      "others' weights)"
+                    : "");
     it = unconfirmed_.erase(it);
   }
 }
@@ -340,9 +340,9 @@ absl::Status CarryOutStalePlan(const RoutingTable& t, const StalePlan& plan, uin
           *done += static_cast<int>(experts.size());
           continue;
         }
-        std::fprintf(stderr, "moe-router: copying experts %s from %s to %s failed: %s\n",
-                     absl::StrJoin(experts, ",").c_str(), source.c_str(),
-                     t.shards[s]->address().c_str(), std::string(st.message()).c_str());
+        common::Log("moe-router: copying experts %s from %s to %s failed: %s\n",
+                    absl::StrJoin(experts, ",").c_str(), source.c_str(),
+                    t.shards[s]->address().c_str(), std::string(st.message()).c_str());
         if (result.ok()) {
           result = absl::UnavailableError(absl::StrCat(
               "replicas of experts ", absl::StrJoin(experts, ","), " on ", t.shards[s]->address(),
@@ -409,10 +409,10 @@ bool Trainer::ResolveLostVerdict(const RoutingTable& table, uint64_t step, absl:
         continue;
       }
       if (*seen[i] == v1::StepOutcome::COMMITTED) {
-        std::fprintf(stderr,
-                     "moe-router: step id %llu: the coordinator's verdict was lost, but %s had "
-                     "received a commit: finishing the commit on every shard\n",
-                     static_cast<unsigned long long>(step), table.shards[i]->address().c_str());
+        common::Log(
+            "moe-router: step id %llu: the coordinator's verdict was lost, but %s had "
+            "received a commit: finishing the commit on every shard\n",
+            static_cast<unsigned long long>(step), table.shards[i]->address().c_str());
         return true;
       }
       aborted |= *seen[i] == v1::StepOutcome::ABORTED;
@@ -732,11 +732,11 @@ absl::StatusOr<TrainResult> Trainer::Step(const RoutingTable& table,
       unconfirmed_[address] = PendingCommit{result.step, params.learning_rate, done->reason(),
                                             /*unsettled_abort=*/false, ""};
     }
-    std::fprintf(stderr,
-                 "moe-router: step id %llu committed, but %d shard(s) did not confirm it (%s); "
-                 "FinishStep is sent again until they do, and no step starts before\n",
-                 static_cast<unsigned long long>(result.step), done->unconfirmed_shards_size(),
-                 done->reason().c_str());
+    common::Log(
+        "moe-router: step id %llu committed, but %d shard(s) did not confirm it (%s); "
+        "FinishStep is sent again until they do, and no step starts before\n",
+        static_cast<unsigned long long>(result.step), done->unconfirmed_shards_size(),
+        done->reason().c_str());
   }
   return result;
 }

@@ -1,16 +1,18 @@
 #include "services/common/signals.h"
 
 #include <malloc.h>
-#include <cstdio>
-#include <cstdlib>
-#include <string>
-#include <thread>
 #include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
 
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <thread>
+
 #include "absl/synchronization/mutex.h"
 #include "services/common/flags.h"
+#include "services/common/log.h"
 
 namespace moe::common {
 
@@ -64,7 +66,7 @@ void ServeUntilSignal(const char* name, const std::function<void()>& shutdown,
   std::thread waiter([&] {
     const int sig = WaitForTerminationSignal();
     if (sig != 0) {
-      std::fprintf(stderr, "%s: signal %d, shutting down\n", name, sig);
+      Log("%s: signal %d, shutting down\n", name, sig);
       shutdown();
     }
   });

@@ -1,5 +1,11 @@
 #include "services/coordinator/coordinator_server.h"
 
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <prometheus/counter.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -10,12 +16,6 @@
 #include <thread>
 #include <vector>
 
-#include <grpcpp/grpcpp.h>
-#include <grpcpp/health_check_service_interface.h>
-#include <prometheus/counter.h>
-#include <prometheus/gauge.h>
-#include <prometheus/histogram.h>
-
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -23,8 +23,9 @@
 #include "moe/v1/expert_shard.grpc.pb.h"
 #include "services/common/clock.h"
 #include "services/common/failpoint.h"
-#include "services/common/security.h"
 #include "services/common/grpc_status.h"
+#include "services/common/log.h"
+#include "services/common/security.h"
 #include "services/common/server_util.h"
 #include "services/common/status_macros.h"
 #include "services/common/thread_pool.h"
@@ -204,8 +205,8 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     LeaseHolder& h = lease_holder;
     if (!h.id.empty() && h.id != req->router_id() &&
         absl::FromChrono(now - h.renewed) > options.lease) {
-      std::fprintf(
-          stderr, "moe-coordinator: the placement lease of %s lapsed (not renewed for %lld ms)\n",
+      common::Log(
+          "moe-coordinator: the placement lease of %s lapsed (not renewed for %lld ms)\n",
           RouterName(h.id, h.address).c_str(),
           static_cast<long long>(absl::ToInt64Milliseconds(absl::FromChrono(now - h.renewed))));
       h = LeaseHolder{};
@@ -219,20 +220,20 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     if (h.id.empty() || h.id == req->router_id()) {
       if (h.id.empty()) {
         ++lease_epoch;
-        std::fprintf(stderr, "moe-coordinator: %s holds the placement lease\n",
-                     RouterName(req->router_id(), req->router_address()).c_str());
+        common::Log("moe-coordinator: %s holds the placement lease\n",
+                    RouterName(req->router_id(), req->router_address()).c_str());
         lease_grants[lease_previous]->Increment();
       }
       if (req->min_epoch() >= lease_epoch &&
           req->min_epoch() < common::kMaxLeaseEpoch - (uint64_t{1} << 32)) {
-        std::fprintf(stderr,
-                     "moe-coordinator: the shards were placed (or the router's gate kept) under "
-                     "lease epoch %llu, past this coordinator's %llu (it restarted with its clock "
-                     "behind): the lease of %s goes on under epoch %llu\n",
-                     static_cast<unsigned long long>(req->min_epoch()),
-                     static_cast<unsigned long long>(lease_epoch),
-                     RouterName(req->router_id(), req->router_address()).c_str(),
-                     static_cast<unsigned long long>(req->min_epoch() + 1));
+        common::Log(
+            "moe-coordinator: the shards were placed (or the router's gate kept) under "
+            "lease epoch %llu, past this coordinator's %llu (it restarted with its clock "
+            "behind): the lease of %s goes on under epoch %llu\n",
+            static_cast<unsigned long long>(req->min_epoch()),
+            static_cast<unsigned long long>(lease_epoch),
+            RouterName(req->router_id(), req->router_address()).c_str(),
+            static_cast<unsigned long long>(req->min_epoch() + 1));
         lease_epoch = req->min_epoch() + 1;
       }
       h = LeaseHolder{req->router_id(), req->router_address(), now};
@@ -255,8 +256,8 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     std::lock_guard<std::mutex> lock(mu);
     resp->set_lease_ms(absl::ToInt64Milliseconds(options.lease));
     if (!req->router_id().empty() && lease_holder.id == req->router_id()) {
-      std::fprintf(stderr, "moe-coordinator: %s gave the placement lease up\n",
-                   RouterName(lease_holder.id, lease_holder.address).c_str());
+      common::Log("moe-coordinator: %s gave the placement lease up\n",
+                  RouterName(lease_holder.id, lease_holder.address).c_str());
       lease_holder = LeaseHolder{};
       lease_previous = "released";
     }
@@ -486,7 +487,7 @@ class CoordinatorServer::Impl final : public v1::Coordinator::CallbackService {
     if (commit && req.shards_size() > 0 && common::Failpoint("coordinator_exit_mid_commit")) {
       // As if killed between the decision and the answer: the commit reaches one shard only.
       (void)finish_on(0);
-      std::fprintf(stderr, "moe-coordinator: failpoint coordinator_exit_mid_commit: exiting\n");
+      common::Log("moe-coordinator: failpoint coordinator_exit_mid_commit: exiting\n");
       std::_Exit(3);
     }
     std::vector<grpc::Status> finish(req.shards_size());
